@@ -1,0 +1,67 @@
+"""Attention ops on [B, L, H, D] tensors: softmax(q·kᵀ/√D)·v, bidirectional, no mask."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor
+from .registry import register, resolve
+
+PRECISIONS = ("bf16", "int8", "fp8")
+
+
+def _sdpa(q, k, v):
+    # SDPA wants [B, H, L, D]; the transposes are views, SDPA handles the strides.
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+@register("attention", "torch")
+def _attention_torch(q, k, v, precision):
+    if precision != "bf16":
+        raise OpArgumentError(f"attention: the torch reference has no {precision!r} path; "
+                              f"use precision='bf16' or a backend that provides it")
+    return _sdpa(q, k, v)
+
+
+def _check_qkv(op: str, q, k, v) -> None:
+    check_tensor(op, "q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    B, _, H, D = q.shape
+    check_tensor(op, "k", k, ndim=4, dtypes=(q.dtype,), device=q.device)
+    check_shape(op, "k", k, (B, None, H, D))
+    check_tensor(op, "v", v, ndim=4, dtypes=(q.dtype,), device=q.device)
+    check_shape(op, "v", v, tuple(k.shape))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, precision: str = "bf16",
+              backend: str = "auto") -> torch.Tensor:
+    """q [B, Lq, H, D], k and v [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype, scale 1/√D.
+
+    precision "bf16" attends in the inputs' own dtype (fp32 inputs stay fp32); "int8" and "fp8" are
+    the 8-bit paths of the kernel backends.
+    """
+    if precision not in PRECISIONS:
+        raise OpArgumentError(f"attention: precision must be one of {PRECISIONS}, got {precision!r}")
+    _check_qkv("attention", q, k, v)
+    return resolve("attention", backend, q.device)(q, k, v, precision)
+
+
+@register("cross_attention", "torch")
+def _cross_attention_torch(q, k, v, k_img, v_img):
+    out = _sdpa(q, k, v)
+    if k_img is not None:
+        out = out + _sdpa(q, k_img, v_img)
+    return out
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
+                    v_img: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+    """Wan's cross-attention: attention of q over the text keys plus, for I2V, a second softmax
+    attention of the same q over the image keys; returns their sum [B, Lq, H, D]."""
+    _check_qkv("cross_attention", q, k, v)
+    if (k_img is None) != (v_img is None):
+        raise OpArgumentError("cross_attention: give both k_img and v_img or neither")
+    if k_img is not None:
+        _check_qkv("cross_attention", q, k_img, v_img)
+    return resolve("cross_attention", backend, q.device)(q, k, v, k_img, v_img)

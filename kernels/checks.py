@@ -1,0 +1,44 @@
+"""Argument checks done at the op boundary, before any backend runs."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from dit8.errors import Dit8Error
+
+
+class OpArgumentError(Dit8Error, ValueError):
+    """A tensor passed to an op has the wrong dtype, device or shape."""
+
+
+def check_tensor(op: str, name: str, t: object, *, ndim: int | Iterable[int] | None = None,
+                 dtypes: Iterable[torch.dtype] | None = None, floating: bool = False,
+                 device: torch.device | None = None) -> None:
+    """Raise OpArgumentError naming `op` and argument `name` if `t` does not fit."""
+    if not isinstance(t, torch.Tensor):
+        raise OpArgumentError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            raise OpArgumentError(f"{op}: {name} must have {' or '.join(map(str, allowed))} dimensions, "
+                                  f"got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            raise OpArgumentError(f"{op}: {name} has dtype {t.dtype}; expected one of {dtypes}")
+    if floating and not t.is_floating_point():
+        raise OpArgumentError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise OpArgumentError(f"{op}: {name} is on {t.device} but the other operands are on {device}")
+
+
+def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple) -> None:
+    """Raise unless t.shape matches `expected` (None entries match any size)."""
+    if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected)):
+        want = tuple("*" if e is None else e for e in expected)
+        raise OpArgumentError(f"{op}: {name} has shape {tuple(t.shape)}; expected {want}")
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -1,0 +1,62 @@
+"""Normalisations with fp32 statistics: LayerNorm (+ adaLN modulation) and RMSNorm.
+
+All of them read any float dtype, compute in fp32 and write `out_dtype`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .checks import FLOAT_DTYPES, check_shape, check_tensor
+from .registry import register, resolve
+
+
+@register("layer_norm", "torch")
+def _layer_norm_torch(x, weight, bias, eps, out_dtype):
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), x.shape[-1:], w, b, eps).to(out_dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
+               eps: float, out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
+    """LayerNorm over the last dimension (biased variance), optional affine weight/bias [C]."""
+    check_tensor("layer_norm", "x", x, dtypes=FLOAT_DTYPES)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            check_tensor("layer_norm", name, p, dtypes=FLOAT_DTYPES, device=x.device)
+            check_shape("layer_norm", name, p, (x.shape[-1],))
+    return resolve("layer_norm", backend, x.device)(x, weight, bias, eps, out_dtype or x.dtype)
+
+
+@register("layer_norm_modulate", "torch")
+def _layer_norm_modulate_torch(x, shift, scale, eps, out_dtype):
+    normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    return (normed * (1 + scale[:, None, :]) + shift[:, None, :]).to(out_dtype)
+
+
+def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *, eps: float,
+                        out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
+    """adaLN: `LN(x) · (1 + scale) + shift` with x [B, L, C] and per-sample shift, scale [B, C] (fp32)."""
+    check_tensor("layer_norm_modulate", "x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    B, _, C = x.shape
+    for name, p in (("shift", shift), ("scale", scale)):
+        check_tensor("layer_norm_modulate", name, p, dtypes=(torch.float32,), device=x.device)
+        check_shape("layer_norm_modulate", name, p, (B, C))
+    return resolve("layer_norm_modulate", backend, x.device)(x, shift, scale, eps, out_dtype or x.dtype)
+
+
+@register("rms_norm", "torch")
+def _rms_norm_torch(x, weight, eps, out_dtype):
+    x = x.float()
+    return (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight.float()).to(out_dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float, out_dtype: torch.dtype | None = None,
+             backend: str = "auto") -> torch.Tensor:
+    """RMSNorm over the last dimension: `x · rsqrt(mean(x²) + eps) · weight`."""
+    check_tensor("rms_norm", "x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("rms_norm", "weight", weight, dtypes=FLOAT_DTYPES, device=x.device)
+    check_shape("rms_norm", "weight", weight, (x.shape[-1],))
+    return resolve("rms_norm", backend, x.device)(x, weight, eps, out_dtype or x.dtype)

@@ -1,0 +1,241 @@
+"""Tensor files on disk seen as one mapping from keys to tensors, read one tensor at a time.
+
+Reads a single `.safetensors` file (memory-mapped), a `.pth`/`.pt` file (torch.load with
+weights_only=True, memory-mapped when it is a zip checkpoint), a folder of shards with an index json,
+or a folder of files (per-block checkpoints). Nothing is loaded until `read(key)`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import CheckpointError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+SAFETENSORS_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it is, known without reading its data."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: tensor infos and the `__metadata__` strings.
+
+    Raises CheckpointError naming the file when the header is corrupt or the data is truncated.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated: {size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                raise CheckpointError(f"{path}: corrupt or truncated: header length {n} exceeds the file")
+            header = json.loads(f.read(n))
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read: {err.strerror or err}") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt safetensors header: {err}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    infos: dict[str, TensorInfo] = {}
+    data_end = 0
+    for key, entry in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r}: {entry!r}") from None
+        info = TensorInfo(path, shape, dtype)
+        if end - begin != info.nbytes or begin < 0:
+            raise CheckpointError(f"{path}: corrupt header: tensor {key!r} of shape {shape} {entry['dtype']} "
+                                  f"spans {end - begin} bytes, expected {info.nbytes}")
+        infos[key] = info
+        data_end = max(data_end, end)
+    if 8 + n + data_end > size:
+        raise CheckpointError(f"{path}: truncated: the header promises {8 + n + data_end} bytes, "
+                              f"the file has {size}")
+    return infos, metadata
+
+
+def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    # Training checkpoints often nest the weights one level down.
+    if isinstance(obj, dict) and len(obj) == 1:
+        (only,) = obj.values()
+        if isinstance(only, dict) and next(iter(obj)) in ("state_dict", "model", "module"):
+            obj = only
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+    return obj
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except CheckpointError:
+        raise
+    except Exception as err:  # torch raises many types for corrupt or unsafe pickles
+        raise CheckpointError(f"{path}: cannot load as a weights-only torch checkpoint: "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    return _unwrap_state_dict(obj, path)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint (one file or a folder of files) as a lazy mapping key -> tensor."""
+
+    path: Path
+    infos: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    config_json: Path | None = None
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({info.file for info in self.infos.values()})
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def read(self, key: str) -> torch.Tensor:
+        """Read one tensor into CPU memory (its file is memory-mapped; only this tensor is touched)."""
+        info = self.infos[key]
+        handle = self._handles.get(info.file)
+        if info.file.suffix == SAFETENSORS_SUFFIX:
+            if handle is None:
+                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
+            try:
+                return handle.get_tensor(key)
+            except Exception as err:
+                raise CheckpointError(f"{info.file}: cannot read tensor {key!r}: {err}") from None
+        if handle is None:
+            handle = self._handles[info.file] = _load_pickle(info.file)
+        return handle[key]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _file_infos(path: Path, handles: dict) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return read_safetensors_header(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        # A pickle must be loaded to see its shapes; keep it (memory-mapped) for reading.
+        tensors = handles[path] = _load_pickle(path)
+        return {k: TensorInfo(path, tuple(t.shape), t.dtype) for k, t in tensors.items()}, {}
+    raise CheckpointError(f"{path}: not a checkpoint file (expected {SAFETENSORS_SUFFIX} or "
+                          f"{'/'.join(PICKLE_SUFFIXES)})")
+
+
+def _merge(files: list[Path], handles: dict) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    infos: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    for file in files:
+        file_infos, file_meta = _file_infos(file, handles)
+        for key, info in file_infos.items():
+            if key in infos:
+                raise CheckpointError(f"{file}: tensor {key!r} is also in {infos[key].file}")
+            infos[key] = info
+        metadata.update(file_meta)
+    return infos, metadata
+
+
+def _open_sharded(index: Path, handles: dict) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index}: not a valid shard index: {err}") from None
+    shards = sorted({index.parent / name for name in weight_map.values()})
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"{shard}: shard named in {index.name} is missing")
+    infos, metadata = _merge(shards, handles)
+    for key, name in weight_map.items():
+        info = infos.get(key)
+        if info is None:
+            raise CheckpointError(f"{index.parent / name}: tensor {key!r} listed in {index.name} is missing")
+        if info.file.name != name:
+            raise CheckpointError(f"{info.file}: tensor {key!r} is listed in {index.name} under {name}")
+    for key, info in infos.items():
+        if key not in weight_map:
+            raise CheckpointError(f"{info.file}: tensor {key!r} is not listed in {index.name}")
+    return infos, metadata
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a checkpoint file or folder without reading tensor data.
+
+    A folder holding `*.index.json` is read as shards; otherwise every `.safetensors` (or, failing
+    that, `.pth`/`.pt`) file in it is one part of the checkpoint, as per-block files are. A
+    `config.json` beside the weights is remembered for cross-checking.
+    """
+    path = Path(path)
+    handles: dict[Path, object] = {}
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        indexes = sorted(path.glob("*.index.json"))
+        if len(indexes) > 1:
+            raise CheckpointError(f"{path}: more than one shard index: {[p.name for p in indexes]}")
+        if indexes:
+            infos, metadata = _open_sharded(indexes[0], handles)
+        else:
+            files = sorted(path.glob("*" + SAFETENSORS_SUFFIX))
+            if not files:
+                files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if not files:
+                raise CheckpointError(f"{path}: no {SAFETENSORS_SUFFIX} or .pth files in this folder")
+            infos, metadata = _merge(files, handles)
+        folder = path
+    else:
+        infos, metadata = _file_infos(path, handles)
+        folder = path.parent
+    if not infos:
+        raise CheckpointError(f"{path}: holds no tensors")
+    config_json = folder / "config.json"
+    return Checkpoint(path, infos, metadata, config_json if config_json.is_file() else None, handles)

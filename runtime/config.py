@@ -1,0 +1,140 @@
+"""Model dimensions of a Wan2.1 DiT, read from tensor shapes and cross-checked against config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from .errors import CheckpointError
+
+# Wan2.1 uses 128-wide attention heads in every released size; the head count is not visible in any
+# tensor shape, so it is derived from this unless a config.json or the file's metadata says otherwise.
+WAN_HEAD_DIM = 128
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """Dimensions of one Wan2.1 DiT. `clip_dim` is set for image-to-video models, None for text-to-video."""
+
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_dim: int
+    out_dim: int
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    clip_dim: int | None = None
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def is_i2v(self) -> bool:
+        return self.clip_dim is not None
+
+    @property
+    def variant(self) -> str:
+        return "i2v" if self.is_i2v else "t2v"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "WanConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"unknown WanConfig fields: {sorted(unknown)}")
+        d = dict(d)
+        if "patch_size" in d:
+            d["patch_size"] = tuple(d["patch_size"])
+        return cls(**d)
+
+
+# Fields of the official (WanModel) and diffusers (WanTransformer3DModel) config.json files that
+# correspond to WanConfig fields. Values are compared after the given conversion.
+_OFFICIAL_FIELDS = {
+    "dim": "dim", "ffn_dim": "ffn_dim", "num_heads": "num_heads", "num_layers": "num_layers",
+    "in_dim": "in_dim", "out_dim": "out_dim", "freq_dim": "freq_dim", "text_dim": "text_dim",
+    "text_len": "text_len", "eps": "eps", "patch_size": "patch_size",
+}
+_DIFFUSERS_FIELDS = {
+    "num_attention_heads": "num_heads", "num_layers": "num_layers", "in_channels": "in_dim",
+    "out_channels": "out_dim", "freq_dim": "freq_dim", "text_dim": "text_dim", "ffn_dim": "ffn_dim",
+    "eps": "eps", "patch_size": "patch_size", "image_dim": "clip_dim",
+}
+
+
+def config_json_values(raw: Mapping) -> dict:
+    """WanConfig field values stated by an official or diffusers config.json (only those present)."""
+    diffusers = "num_attention_heads" in raw or "in_channels" in raw
+    table = _DIFFUSERS_FIELDS if diffusers else _OFFICIAL_FIELDS
+    values = {ours: raw[theirs] for theirs, ours in table.items() if theirs in raw}
+    if diffusers and "num_attention_heads" in raw and "attention_head_dim" in raw:
+        values["dim"] = raw["num_attention_heads"] * raw["attention_head_dim"]
+    if not diffusers and "model_type" in raw:
+        values["variant"] = raw["model_type"]
+    if "patch_size" in values:
+        values["patch_size"] = tuple(values["patch_size"])
+    return values
+
+
+def read_config_json(path: Path) -> dict:
+    """Parse a config.json, raising CheckpointError naming the file when it is not valid JSON."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot read config: {err}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: config must be a JSON object")
+    return raw
+
+
+def check_against_config_json(config: WanConfig, raw: Mapping, source: Path) -> WanConfig:
+    """Cross-check dimensions read from shapes against a config.json; returns the config with the
+    fields shapes cannot tell (heads, eps, text_len) taken from the json."""
+    stated = config_json_values(raw)
+    if "variant" in stated and stated.pop("variant") != config.variant:
+        raise CheckpointError(
+            f"{source}: model_type {raw['model_type']!r} disagrees with the weights, which are {config.variant}")
+    adopt = {k: stated.pop(k) for k in ("num_heads", "eps", "text_len") if k in stated}
+    if stated.get("clip_dim", config.clip_dim) is None and config.clip_dim is not None:
+        stated.pop("clip_dim")  # diffusers writes image_dim: null for T2V only
+    for field, value in stated.items():
+        if getattr(config, field) != value:
+            raise CheckpointError(
+                f"{source}: {field} = {value!r} disagrees with the weights ({getattr(config, field)!r})")
+    try:
+        return dataclasses.replace(config, **adopt)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+
+
+def tiny_config(variant: str = "i2v", **overrides) -> WanConfig:
+    """A small configuration of the real architecture, for tests and the demo (runs in ms on a CPU)."""
+    base = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36 if variant == "i2v" else 16,
+                out_dim=16, freq_dim=256, text_dim=64, text_len=32,
+                clip_dim=32 if variant == "i2v" else None)
+    base.update(overrides)
+    return WanConfig(**base)
+
+
+I2V_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, out_dim=16, clip_dim=1280)
+T2V_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16)
+T2V_1_3B = WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, out_dim=16)

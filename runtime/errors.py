@@ -1,0 +1,12 @@
+"""Exceptions dit8 raises for bad input; the CLI prints their message as one line."""
+
+
+class Dit8Error(Exception):
+    """Base class of every error dit8 raises on purpose."""
+
+
+class CheckpointError(Dit8Error):
+    """A checkpoint cannot be used: absent, truncated, corrupt, or with wrong, missing or extra tensors.
+
+    The message always names the file and, where there is one, the tensor key.
+    """

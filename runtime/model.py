@@ -1,0 +1,351 @@
+"""WanDiT: the Wan2.1 diffusion transformer (spec/wan21-dit.md), every computation an op of dit8.kernels.
+
+Module and tensor names follow the official checkpoint, so `model.state_dict()` keys are the official
+keys. Numerics follow the official code: the residual stream, modulation, time embedding, head and
+all norm statistics are fp32; the matmuls and attention run in the model's compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dit8 import kernels as ops
+
+from .config import WanConfig
+from .errors import Dit8Error
+from .rope import rope_table
+
+
+class InputError(Dit8Error, ValueError):
+    """Tensors given to the model do not fit its configuration."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where and how a model's layers compute: device, matmul dtype and op backend."""
+
+    device: torch.device
+    dtype: torch.dtype
+    backend: str
+
+
+def _empty(setup: Setup, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype or setup.dtype, device=setup.device)
+
+
+class Linear(nn.Module):
+    """y = x·Wᵀ + b; `dtype` overrides the setup's compute dtype for the fp32 layers."""
+
+    def __init__(self, in_features: int, out_features: int, setup: Setup, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.backend = setup.backend
+        self.register_buffer("weight", _empty(setup, out_features, in_features, dtype=dtype))
+        self.register_buffer("bias", _empty(setup, out_features, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias, backend=self.backend)
+
+
+class PatchEmbedding(nn.Module):
+    """The Conv3d patch embedding (kernel = stride = patch) applied as a linear map of flattened patches."""
+
+    def __init__(self, config: WanConfig, setup: Setup):
+        super().__init__()
+        self.backend = setup.backend
+        self.register_buffer("weight", _empty(setup, config.dim, config.in_dim, *config.patch_size))
+        self.register_buffer("bias", _empty(setup, config.dim))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return ops.linear(patches, self.weight.flatten(1), self.bias, backend=self.backend)
+
+
+class Activation(nn.Module):
+    def __init__(self, kind: str, setup: Setup):
+        super().__init__()
+        self.kind, self.backend = kind, setup.backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.activation(x, self.kind, backend=self.backend)
+
+
+class LayerNorm(nn.Module):
+    """Affine LayerNorm with fp32 parameters; writes the compute dtype (its output feeds a matmul)."""
+
+    def __init__(self, dim: int, eps: float, setup: Setup):
+        super().__init__()
+        self.eps, self.out_dtype, self.backend = eps, setup.dtype, setup.backend
+        self.register_buffer("weight", _empty(setup, dim, dtype=torch.float32))
+        self.register_buffer("bias", _empty(setup, dim, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, eps=self.eps, out_dtype=self.out_dtype,
+                              backend=self.backend)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, setup: Setup):
+        super().__init__()
+        self.eps, self.backend = eps, setup.backend
+        self.register_buffer("weight", _empty(setup, dim, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, eps=self.eps, out_dtype=out_dtype, backend=self.backend)
+
+
+@dataclass
+class CrossKV:
+    """One block's cross-attention keys and values; they depend only on the context."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_img: torch.Tensor | None = None
+    v_img: torch.Tensor | None = None
+
+
+@dataclass
+class EncodedContext:
+    """The text (and image) conditioning projected to every block's keys and values, computed once per
+    generation by `WanDiT.encode_context` and reused by every sampling step."""
+
+    batch: int
+    blocks: list[CrossKV]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: WanConfig, setup: Setup, precision: str):
+        super().__init__()
+        C = config.dim
+        self.heads, self.precision, self.setup = config.num_heads, precision, setup
+        self.q, self.k, self.v, self.o = (Linear(C, C, setup) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(C, config.eps, setup), RMSNorm(C, config.eps, setup)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        dtype, backend = self.setup.dtype, self.setup.backend
+        # RMSNorm spans all heads together (full width), then heads are split and rotated.
+        q = self.norm_q(self.q(x), torch.float32).unflatten(-1, (self.heads, -1))
+        k = self.norm_k(self.k(x), torch.float32).unflatten(-1, (self.heads, -1))
+        v = self.v(x).unflatten(-1, (self.heads, -1))
+        q = ops.rope(q, cos, sin, out_dtype=dtype, backend=backend)
+        k = ops.rope(k, cos, sin, out_dtype=dtype, backend=backend)
+        out = ops.attention(q, k, v, precision=self.precision, backend=backend)
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, config: WanConfig, setup: Setup):
+        super().__init__()
+        C = config.dim
+        self.heads, self.setup = config.num_heads, setup
+        self.q, self.k, self.v, self.o = (Linear(C, C, setup) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(C, config.eps, setup), RMSNorm(C, config.eps, setup)
+        if config.is_i2v:
+            self.k_img, self.v_img = Linear(C, C, setup), Linear(C, C, setup)
+            self.norm_k_img = RMSNorm(C, config.eps, setup)
+
+    def project_context(self, text: torch.Tensor, image: torch.Tensor | None) -> CrossKV:
+        dtype = self.setup.dtype
+        kv = CrossKV(self.norm_k(self.k(text), dtype).unflatten(-1, (self.heads, -1)),
+                     self.v(text).unflatten(-1, (self.heads, -1)))
+        if image is not None:
+            kv.k_img = self.norm_k_img(self.k_img(image), dtype).unflatten(-1, (self.heads, -1))
+            kv.v_img = self.v_img(image).unflatten(-1, (self.heads, -1))
+        return kv
+
+    def forward(self, x: torch.Tensor, kv: CrossKV) -> torch.Tensor:
+        q = self.norm_q(self.q(x), self.setup.dtype).unflatten(-1, (self.heads, -1))
+        out = ops.cross_attention(q, kv.k, kv.v, kv.k_img, kv.v_img, backend=self.setup.backend)
+        return self.o(out.flatten(2))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, config: WanConfig, setup: Setup, attention: str):
+        super().__init__()
+        C, F = config.dim, config.ffn_dim
+        self.eps, self.setup = config.eps, setup
+        self.register_buffer("modulation", _empty(setup, 1, 6, C, dtype=torch.float32))
+        self.self_attn = SelfAttention(config, setup, attention)
+        self.norm3 = LayerNorm(C, config.eps, setup)
+        self.cross_attn = CrossAttention(config, setup)
+        self.ffn = nn.Sequential(Linear(C, F, setup), Activation("gelu_tanh", setup), Linear(F, C, setup))
+
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: CrossKV) -> torch.Tensor:
+        dtype, backend = self.setup.dtype, self.setup.backend
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation + e0).unbind(1)
+        h = ops.layer_norm_modulate(x, shift_msa, scale_msa, eps=self.eps, out_dtype=dtype, backend=backend)
+        x = ops.residual_add(x, self.self_attn(h, cos, sin), gate_msa, backend=backend)
+        x = ops.residual_add(x, self.cross_attn(self.norm3(x), kv), backend=backend)
+        h = ops.layer_norm_modulate(x, shift_mlp, scale_mlp, eps=self.eps, out_dtype=dtype, backend=backend)
+        return ops.residual_add(x, self.ffn(h), gate_mlp, backend=backend)
+
+
+class Head(nn.Module):
+    """Final adaLN (shift, scale from `e`, not e0) and projection to patch pixels, in fp32."""
+
+    def __init__(self, config: WanConfig, setup: Setup):
+        super().__init__()
+        self.eps, self.backend = config.eps, setup.backend
+        self.register_buffer("modulation", _empty(setup, 1, 2, config.dim, dtype=torch.float32))
+        out = config.out_dim * math.prod(config.patch_size)
+        self.head = Linear(config.dim, out, setup, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation + e[:, None, :]).unbind(1)
+        h = ops.layer_norm_modulate(x, shift, scale, eps=self.eps, out_dtype=torch.float32, backend=self.backend)
+        return self.head(h)
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP features [B, N, clip_dim] -> image tokens [B, N, dim]; keys `img_emb.proj.{0,1,3,4}`."""
+
+    def __init__(self, config: WanConfig, setup: Setup):
+        super().__init__()
+        E, C = config.clip_dim, config.dim
+        self.proj = nn.Sequential(LayerNorm(E, 1e-5, setup), Linear(E, E, setup), Activation("gelu", setup),
+                                  Linear(E, C, setup), LayerNorm(C, 1e-5, setup))
+
+    def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
+        return self.proj(clip_fea)
+
+
+def sinusoidal_embedding(t: torch.Tensor, width: int) -> torch.Tensor:
+    """[cos(t·f_j), sin(t·f_j)] with f_j = 10000^(−j/(width/2)), built in float64, returned fp32."""
+    half = width // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t.to(torch.float64), freqs)
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+
+class WanDiT(nn.Module):
+    """The Wan2.1 DiT. Build it with `dit8.load_dit`; its tensors are allocated here, uninitialised.
+
+    dtype: compute dtype of the matmuls and attention (bf16 or fp32; fp16 works too). The embeddings of
+    time, the modulation tables, norms and the head are always fp32.
+    attention: "bf16" (unquantized, in the compute dtype), or "int8"/"fp8" where a kernel backend has them.
+    """
+
+    def __init__(self, config: WanConfig, *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, backend: str = "auto", attention: str = "bf16"):
+        super().__init__()
+        setup = Setup(torch.device(device), dtype, backend)
+        C = config.dim
+        self.config, self.setup = config, setup
+        self.patch_embedding = PatchEmbedding(config, setup)
+        self.text_embedding = nn.Sequential(Linear(config.text_dim, C, setup), Activation("gelu_tanh", setup),
+                                            Linear(C, C, setup))
+        f32 = torch.float32
+        self.time_embedding = nn.Sequential(Linear(config.freq_dim, C, setup, f32), Activation("silu", setup),
+                                            Linear(C, C, setup, f32))
+        self.time_projection = nn.Sequential(Activation("silu", setup), Linear(C, 6 * C, setup, f32))
+        self.blocks = nn.ModuleList(WanBlock(config, setup, attention) for _ in range(config.num_layers))
+        self.head = Head(config, setup)
+        if config.is_i2v:
+            self.img_emb = ImageEmbedding(config, setup)
+        self._rope_tables: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- conditioning -------------------------------------------------------------------------------
+
+    def encode_context(self, context: torch.Tensor, clip_fea: torch.Tensor | None = None) -> EncodedContext:
+        """Project text context [B, Ltext, text_dim] (and CLIP features [B, N, clip_dim] for I2V) to
+        every block's cross-attention keys and values. Reuse the result across sampling steps."""
+        cfg = self.config
+        _expect(context, "context", (None, None, cfg.text_dim))
+        B, L, _ = context.shape
+        if L > cfg.text_len:
+            raise InputError(f"context has {L} rows; the model takes at most text_len = {cfg.text_len}")
+        # Zero rows pad the text to text_len; they become a constant vector and are attended to.
+        padded = torch.zeros(B, cfg.text_len, cfg.text_dim, dtype=self.setup.dtype, device=self.setup.device)
+        padded[:, :L] = context
+        text = self.text_embedding(padded)
+        image = None
+        if cfg.is_i2v:
+            if clip_fea is None:
+                raise InputError("clip_fea is required by an I2V model")
+            _expect(clip_fea, "clip_fea", (B, None, cfg.clip_dim))
+            image = self.img_emb(clip_fea.to(self.setup.device))
+        elif clip_fea is not None:
+            raise InputError("clip_fea was given but this is a T2V model")
+        return EncodedContext(B, [block.cross_attn.project_context(text, image) for block in self.blocks])
+
+    def rope_table(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for the tokens of a patch grid; built once per grid and kept."""
+        if grid not in self._rope_tables:
+            self._rope_tables[grid] = rope_table(grid, self.config.head_dim, device=self.setup.device)
+        return self._rope_tables[grid]
+
+    # -- forward ------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | EncodedContext,
+                clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity [B, out_dim, T, H, W] fp32 for latents x [B, C, T, H, W] at timesteps t [B] (0..1000).
+
+        `context` is the text encoder output [B, Ltext, text_dim] or an EncodedContext from
+        `encode_context` (then clip_fea is not needed). I2V models also take y [B, in_dim − C, T, H, W].
+        """
+        cfg = self.config
+        x, y, t = self._check_inputs(x, t, y)
+        if not isinstance(context, EncodedContext):
+            context = self.encode_context(context.to(self.setup.device), clip_fea)
+        if context.batch != x.shape[0]:
+            raise InputError(f"context has batch {context.batch} but x has batch {x.shape[0]}")
+        if y is not None:
+            x = torch.cat([x, y], dim=1)
+        tokens, grid = self._patchify(x)
+        h = self.patch_embedding(tokens).float()
+        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim))
+        e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))
+        cos, sin = self.rope_table(grid)
+        for block, kv in zip(self.blocks, context.blocks):
+            h = block(h, e0, cos, sin, kv)
+        return self._unpatchify(self.head(h, e), grid)
+
+    def _check_inputs(self, x, t, y):
+        cfg = self.config
+        dev = self.setup.device
+        x_channels = cfg.out_dim if cfg.is_i2v else cfg.in_dim
+        _expect(x, "x", (None, x_channels, None, None, None))
+        B, _, T, H, W = x.shape
+        pt, ph, pw = cfg.patch_size
+        if T % pt or H % ph or W % pw:
+            raise InputError(f"x has frames/height/width {(T, H, W)}, not multiples of the patch {cfg.patch_size}")
+        if not isinstance(t, torch.Tensor) or t.shape != (B,):
+            raise InputError(f"t must be a tensor of shape ({B},), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if cfg.is_i2v:
+            if y is None:
+                raise InputError("y (mask + image latent) is required by an I2V model")
+            _expect(y, "y", (B, cfg.in_dim - x_channels, T, H, W))
+            y = y.to(dev, torch.float32)
+        elif y is not None:
+            raise InputError("y was given but this is a T2V model")
+        return x.to(dev, torch.float32), y, t.to(dev)
+
+    def _patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        # Conv3d with kernel = stride = patch is a linear map of each patch, channel slowest:
+        # [B, C, F·pt, H·ph, W·pw] -> [B, F·H·W tokens, C·pt·ph·pw].
+        pt, ph, pw = self.config.patch_size
+        B, C, T, H, W = x.shape
+        grid = (T // pt, H // ph, W // pw)
+        x = x.reshape(B, C, grid[0], pt, grid[1], ph, grid[2], pw)
+        x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, math.prod(grid), C * pt * ph * pw)
+        return x, grid
+
+    def _unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        # Head features are ordered (pt, ph, pw, c) with c fastest: the opposite of the patch input.
+        pt, ph, pw = self.config.patch_size
+        f, h, w = grid
+        B, c = out.shape[0], self.config.out_dim
+        out = out.reshape(B, f, h, w, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(B, c, f * pt, h * ph, w * pw)
+
+
+def _expect(t: object, name: str, shape: tuple) -> None:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise InputError(f"{name} must be a floating-point tensor, got {type(t).__name__}")
+    if t.dim() != len(shape) or any(e is not None and s != e for s, e in zip(t.shape, shape)):
+        want = tuple("*" if e is None else e for e in shape)
+        raise InputError(f"{name} has shape {tuple(t.shape)}; expected {want}")
