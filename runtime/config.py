@@ -129,7 +129,7 @@ def check_against_config_json(config: WanConfig, raw: Mapping, source: Path) -> 
 def tiny_config(variant: str = "i2v", **overrides) -> WanConfig:
     """A small configuration of the real architecture, for tests and the demo (runs in ms on a CPU)."""
     base = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36 if variant == "i2v" else 16,
-                out_dim=16, freq_dim=256, text_dim=64, text_len=32,
+                out_dim=16, freq_dim=256, text_dim=64,
                 clip_dim=32 if variant == "i2v" else None)
     base.update(overrides)
     return WanConfig(**base)

@@ -165,6 +165,7 @@ def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
             check_finite(tensor, file_key, dit.file_of(official))
             model.get_buffer(official).copy_(tensor)
             bar.update(tensor.nbytes)
+            del tensor  # free it before the next read, so memory holds the model plus one tensor
     return model
 
 

@@ -1,0 +1,189 @@
+"""Checkpoint reading: every kind of bad input raises CheckpointError naming the file and the key."""
+
+import json
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import dit8
+from dit8 import CheckpointError
+from dit8.checkpoint import Checkpoint
+from dit8.testing import random_weights, tiny_config, write_checkpoint
+
+CONFIG = tiny_config("i2v", num_layers=2)
+
+
+@pytest.fixture
+def weights():
+    return random_weights(CONFIG, seed=2)
+
+
+def load_error(path) -> str:
+    with pytest.raises(CheckpointError) as info:
+        dit8.load_dit(path)
+    return str(info.value)
+
+
+def test_absent_path(tmp_path):
+    assert str(tmp_path / "nope.safetensors") in load_error(tmp_path / "nope.safetensors")
+
+
+def test_missing_tensor_named_in_the_files_layout(tmp_path, weights):
+    del weights["blocks.1.cross_attn.k_img.weight"]
+    path = write_checkpoint(weights, tmp_path / "d", layout="diffusers", fmt="sharded")
+    msg = load_error(path)
+    assert "blocks.1.attn2.add_k_proj.weight" in msg and str(path) in msg
+
+
+def test_missing_block_tensor_in_a_per_block_folder(tmp_path, weights):
+    del weights["blocks.0.ffn.2.bias"]
+    path = write_checkpoint(weights, tmp_path / "pb", fmt="per_block")
+    assert "blocks.0.ffn.2.bias" in load_error(path)
+
+
+def test_unexpected_tensor(tmp_path, weights):
+    weights["blocks.0.self_attn.extra.weight"] = torch.zeros(3)
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+    msg = load_error(path)
+    assert "blocks.0.self_attn.extra.weight" in msg and "m.safetensors" in msg
+
+
+def test_tensor_of_an_unknown_module_in_comfyui_file(tmp_path, weights):
+    weights["vae.decoder.weight"] = torch.zeros(3)
+    path = write_checkpoint(weights, tmp_path / "m.safetensors", layout="comfyui")
+    assert "model.diffusion_model.vae.decoder.weight" in load_error(path)
+
+
+def test_misshaped_tensor(tmp_path, weights):
+    weights["blocks.1.self_attn.q.weight"] = torch.zeros(CONFIG.dim, CONFIG.dim + 1)
+    msg = load_error(write_checkpoint(weights, tmp_path / "m.safetensors"))
+    assert "blocks.1.self_attn.q.weight" in msg and str((CONFIG.dim, CONFIG.dim + 1)) in msg
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values(tmp_path, weights, bad):
+    weights["blocks.0.ffn.0.weight"][3, 4] = bad
+    path = write_checkpoint(weights, tmp_path / "m.pth", fmt="pth")
+    msg = load_error(path)
+    assert "blocks.0.ffn.0.weight" in msg and "m.pth" in msg and ("NaN" if bad != bad else "Inf") in msg
+
+
+def test_truncated_safetensors(tmp_path, weights):
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    msg = load_error(path)
+    assert "m.safetensors" in msg and "truncated" in msg
+
+
+def test_truncated_header(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"\x10\x00")
+    assert "truncated" in load_error(path)
+
+
+def test_corrupt_safetensors_header(tmp_path, weights):
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+    data = bytearray(path.read_bytes())
+    data[8:20] = b"garbage!!!!!"
+    path.write_bytes(bytes(data))
+    msg = load_error(path)
+    assert "m.safetensors" in msg and "corrupt" in msg
+
+
+def test_corrupt_pth(tmp_path, weights):
+    path = write_checkpoint(weights, tmp_path / "m.pth", fmt="pth")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert "m.pth" in load_error(path)
+
+
+def test_pth_with_a_non_tensor_entry(tmp_path, weights):
+    weights["step"] = 3
+    path = tmp_path / "m.pth"
+    torch.save(weights, path)
+    msg = load_error(path)
+    assert "'step'" in msg and "m.pth" in msg
+
+
+def test_pth_nested_state_dict_is_accepted(tmp_path, weights):
+    path = tmp_path / "m.pth"
+    torch.save({"state_dict": weights}, path)
+    assert dit8.load_dit(path).config.num_layers == 2
+
+
+def test_shard_named_in_index_is_missing(tmp_path, weights):
+    path = write_checkpoint(weights, tmp_path / "s", fmt="sharded")
+    (path / "diffusion_pytorch_model-00002-of-00003.safetensors").unlink()
+    assert "diffusion_pytorch_model-00002-of-00003.safetensors" in load_error(path)
+
+
+def test_key_listed_in_index_but_not_in_its_shard(tmp_path, weights):
+    path = write_checkpoint(weights, tmp_path / "s", fmt="sharded")
+    index = path / "diffusion_pytorch_model.safetensors.index.json"
+    raw = json.loads(index.read_text())
+    raw["weight_map"]["blocks.0.ghost.weight"] = "diffusion_pytorch_model-00001-of-00003.safetensors"
+    index.write_text(json.dumps(raw))
+    assert "blocks.0.ghost.weight" in load_error(path)
+
+
+def test_same_key_in_two_files(tmp_path, weights):
+    path = write_checkpoint(weights, tmp_path / "pb", fmt="per_block")
+    save_file({"head.head.bias": weights["head.head.bias"]}, str(path / "extra.safetensors"))
+    msg = load_error(path)
+    assert "head.head.bias" in msg and "extra.safetensors" in msg
+
+
+def test_folder_without_weights(tmp_path):
+    assert "no .safetensors" in load_error(tmp_path)
+
+
+def test_config_json_disagreeing_with_shapes(tmp_path, weights):
+    path = write_checkpoint(weights, tmp_path / "m.safetensors", config=tiny_config("i2v", num_layers=3))
+    msg = load_error(path)
+    assert "config.json" in msg and "num_layers" in msg
+
+
+def test_config_json_of_the_other_variant(tmp_path, weights):
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t2v"}))
+    assert "model_type" in load_error(path)
+
+
+def test_invalid_config_json(tmp_path, weights):
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+    (tmp_path / "config.json").write_text("{not json")
+    assert "config.json" in load_error(path)
+
+
+def test_head_count_needed_when_dim_is_not_a_multiple_of_128(tmp_path):
+    config = tiny_config("t2v", dim=96, num_heads=4, ffn_dim=160)
+    path = write_checkpoint(random_weights(config), tmp_path / "m.safetensors")
+    assert "num_heads" in load_error(path)
+
+
+def test_tensors_are_read_one_at_a_time(tmp_path, weights, monkeypatch):
+    """Each tensor read from disk is released before the next is read: memory holds the model plus one."""
+    path = write_checkpoint(weights, tmp_path / "m.safetensors", dtype=torch.bfloat16)
+    read = Checkpoint.read
+    previous: list[weakref.ref] = []
+
+    def tracked(self, key):
+        assert not previous or previous[-1]() is None, "the previous tensor is still alive"
+        tensor = read(self, key)
+        previous.append(weakref.ref(tensor))
+        return tensor
+
+    monkeypatch.setattr(Checkpoint, "read", tracked)
+    dit8.load_dit(path)
+    assert len(previous) == len(weights)
+
+
+def test_loaded_values_equal_the_file(tmp_path, weights):
+    model = dit8.load_dit(write_checkpoint(weights, tmp_path / "m.safetensors"))
+    state = model.state_dict()
+    assert set(state) == set(weights)
+    for key, value in weights.items():
+        assert torch.equal(state[key], value), key

@@ -1,0 +1,78 @@
+"""WanDiT structure, input checks, the context cache and the RoPE table cache."""
+
+import pytest
+import torch
+
+import dit8
+from dit8 import InputError, WanDiT
+from dit8.layouts import expected_shapes
+from dit8.testing import random_inputs, random_weights, tiny_config, write_checkpoint
+
+
+@pytest.mark.parametrize("variant", ["i2v", "t2v"])
+def test_state_dict_is_the_official_checkpoint(variant):
+    config = tiny_config(variant)
+    state = WanDiT(config).state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected_shapes(config)
+
+
+def test_dtypes_follow_the_official_numerics():
+    state = WanDiT(tiny_config("i2v"), dtype=torch.bfloat16).state_dict()
+    assert state["blocks.0.self_attn.q.weight"].dtype == torch.bfloat16
+    assert state["patch_embedding.weight"].dtype == torch.bfloat16
+    for fp32 in ("blocks.0.modulation", "head.head.weight", "head.modulation", "time_embedding.0.weight",
+                 "time_projection.1.weight", "blocks.0.norm3.weight", "blocks.0.self_attn.norm_q.weight"):
+        assert state[fp32].dtype == torch.float32, fp32
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    config = tiny_config("i2v")
+    path = write_checkpoint(random_weights(config), tmp_path_factory.mktemp("m") / "m.safetensors")
+    return dit8.load_dit(path)
+
+
+def test_encoded_context_gives_the_same_output(model):
+    inputs = random_inputs(model.config)
+    encoded = model.encode_context(inputs["context"], inputs["clip_fea"])
+    assert len(encoded.blocks) == model.config.num_layers
+    torch.testing.assert_close(model(inputs["x"], inputs["t"], encoded, y=inputs["y"]), model(**inputs),
+                               rtol=0, atol=0)
+
+
+def test_rope_table_is_built_once_per_grid(model, monkeypatch):
+    import dit8.model
+
+    built = []
+    real = dit8.model.rope_table
+    monkeypatch.setattr(dit8.model, "rope_table", lambda *a, **k: built.append(a) or real(*a, **k))
+    model._rope_tables.clear()
+    for size in [(2, 4, 6), (2, 4, 6), (3, 4, 6)]:
+        model(**random_inputs(model.config, latent_size=size))
+    assert [a[0] for a in built] == [(2, 2, 3), (3, 2, 3)]
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda i: i.update(x=i["x"][:, :4]), "x has shape"),
+    (lambda i: i.update(x=i["x"][..., :5], y=i["y"][..., :5]), "multiples of the patch"),
+    (lambda i: i.update(t=i["t"][:1]), "t must be"),
+    (lambda i: i.pop("y"), "y .* required"),
+    (lambda i: i.update(y=i["y"][:, :3]), "y has shape"),
+    (lambda i: i.pop("clip_fea"), "clip_fea is required"),
+    (lambda i: i.update(clip_fea=i["clip_fea"][..., :7]), "clip_fea has shape"),
+    (lambda i: i.update(context=torch.randn(2, 513, 64)), "at most text_len"),
+    (lambda i: i.update(context=i["context"][:1], clip_fea=i["clip_fea"][:1]), "batch"),
+])
+def test_bad_inputs_raise_input_error(model, change, match):
+    inputs = random_inputs(model.config)
+    change(inputs)
+    with pytest.raises(InputError, match=match):
+        model(**inputs)
+
+
+def test_t2v_refuses_image_inputs():
+    config = tiny_config("t2v")
+    model = WanDiT(config)
+    inputs = random_inputs(config)
+    with pytest.raises(InputError, match="T2V"):
+        model(**inputs, y=torch.randn(2, 20, 2, 4, 6))

@@ -1,0 +1,128 @@
+"""The op layer: registry and backend selection, argument checks, torch references against float64."""
+
+import math
+
+import pytest
+import torch
+
+from dit8 import kernels as ops
+from dit8.kernels import BackendError, OpArgumentError
+from dit8.rope import rope_axis_widths, rope_table
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_every_op_has_a_torch_reference_on_cpu():
+    backends = ops.available_backends("cpu")
+    for op in ("linear", "layer_norm", "layer_norm_modulate", "rms_norm", "rope", "attention",
+               "cross_attention", "activation", "residual_add"):
+        assert "torch" in backends[op], op
+
+
+def test_explicit_backend_is_strict():
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    assert ops.linear(x, w, backend="torch").shape == (3, 5)
+    with pytest.raises(BackendError, match="cuda"):
+        ops.linear(x, w, backend="cuda")
+    with pytest.raises(BackendError, match="unknown backend"):
+        ops.linear(x, w, backend="fast")
+
+
+def test_environment_variable_sets_the_default(monkeypatch):
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    monkeypatch.setenv("DIT8_BACKEND", "torch")
+    torch.testing.assert_close(ops.linear(x, w), x @ w.T)
+    monkeypatch.setenv("DIT8_BACKEND", "cuda")  # an op without that backend falls back to auto's order
+    torch.testing.assert_close(ops.linear(x, w), x @ w.T)
+    monkeypatch.setenv("DIT8_BACKEND", "bogus")
+    with pytest.raises(BackendError, match="DIT8_BACKEND"):
+        ops.linear(x, w)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: ops.linear(torch.randn(3, 4), torch.randn(5, 6)), r"x has shape \(3, 4\)"),
+    (lambda: ops.linear(torch.randn(3, 4), torch.randint(0, 3, (5, 4))), "weight has dtype"),
+    (lambda: ops.linear(torch.randn(3, 4), torch.randn(5, 4), torch.randn(5, dtype=torch.float64)), "bias"),
+    (lambda: ops.linear(torch.randn(3, 4, device="meta"), torch.randn(5, 4)), "on meta"),
+    (lambda: ops.rms_norm(torch.randn(2, 8), torch.randn(7), eps=1e-6), "weight has shape"),
+    (lambda: ops.rope(torch.randn(1, 3, 2, 8), torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4)), "cos"),
+    (lambda: ops.attention(torch.randn(1, 3, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 5, 2, 8)), "v has shape"),
+    (lambda: ops.attention(torch.randn(1, 3, 2, 8), torch.randn(1, 4, 2, 8).half(), torch.randn(1, 4, 2, 8)), "k has dtype"),
+    (lambda: ops.attention(*(torch.randn(1, 3, 2, 8),) * 3, precision="fp4"), "precision"),
+    (lambda: ops.attention(*(torch.randn(1, 3, 2, 8),) * 3, precision="int8", backend="torch"), "int8"),
+    (lambda: ops.residual_add(torch.randn(1, 3, 4).half(), torch.randn(1, 3, 4)), "x has dtype"),
+    (lambda: ops.residual_add(torch.randn(1, 3, 4), torch.randn(1, 3, 4), torch.randn(2, 4)), "gate"),
+    (lambda: ops.activation(torch.randn(3), "relu"), "kind"),
+    (lambda: ops.cross_attention(*(torch.randn(1, 3, 2, 8),) * 3, k_img=torch.randn(1, 3, 2, 8)), "both"),
+])
+def test_bad_arguments_name_the_op_and_argument(call, match):
+    with pytest.raises(OpArgumentError, match=match):
+        call()
+
+
+def test_layer_norm_modulate_against_float64():
+    x, shift, scale = torch.randn(2, 37, 48) * 3 + 1, torch.randn(2, 48), torch.randn(2, 48)
+    x64 = x.double()
+    normed = (x64 - x64.mean(-1, keepdim=True)) / torch.sqrt(x64.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    ref = normed * (1 + scale.double()[:, None]) + shift.double()[:, None]
+    out = ops.layer_norm_modulate(x.bfloat16(), shift, scale, eps=1e-6, out_dtype=torch.float32)
+    # bf16 input: the only error is the input rounding, which LayerNorm passes through (~2^-9).
+    assert rel_err(out, ref) < 2 * rel_err(x.bfloat16(), x)
+    out32 = ops.layer_norm_modulate(x, shift, scale, eps=1e-6, out_dtype=torch.float32)
+    assert rel_err(out32, ref) < 1e-6
+
+
+def test_rms_norm_against_float64():
+    x, w = torch.randn(5, 33, 64), torch.randn(64)
+    x64 = x.double()
+    ref = x64 / torch.sqrt(x64.square().mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert rel_err(ops.rms_norm(x, w, eps=1e-6), ref) < 1e-6
+
+
+def test_rope_equals_complex_rotation_in_float64():
+    grid, head_dim = (3, 5, 7), 128
+    cos, sin = rope_table(grid, head_dim)
+    x = torch.randn(2, math.prod(grid), 3, head_dim)
+    # Official form: interleaved pairs as complex numbers times polar(1, angle).
+    angles = torch.atan2(sin.double(), cos.double())
+    ref = torch.view_as_real(torch.view_as_complex(x.double().unflatten(-1, (-1, 2)))
+                             * torch.polar(torch.ones_like(angles), angles)[:, None, :]).flatten(-2)
+    assert rel_err(ops.rope(x, cos, sin, out_dtype=torch.float32), ref) < 1e-6
+
+
+def test_rope_table_angles():
+    assert rope_axis_widths(128) == (44, 42, 42)
+    grid = (2, 3, 4)
+    cos, sin = rope_table(grid, 128)
+    assert cos.shape == (24, 64) and cos.dtype == torch.float32
+    token = 1 * 12 + 2 * 4 + 3  # frame 1, row 2, column 3
+    angle = torch.atan2(sin[token].double(), cos[token].double())
+    expected = torch.cat([1 * 10000 ** (-torch.arange(0, 44, 2, dtype=torch.float64) / 44),
+                          2 * 10000 ** (-torch.arange(0, 42, 2, dtype=torch.float64) / 42),
+                          3 * 10000 ** (-torch.arange(0, 42, 2, dtype=torch.float64) / 42)])
+    wrapped = torch.remainder(expected + math.pi, 2 * math.pi) - math.pi
+    torch.testing.assert_close(angle, wrapped, atol=1e-6, rtol=0)
+
+
+def test_attention_against_float64():
+    q, k, v = torch.randn(2, 19, 3, 16), torch.randn(2, 23, 3, 16), torch.randn(2, 23, 3, 16)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / 4
+    ref = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double())
+    assert rel_err(ops.attention(q, k, v), ref) < 1e-6
+    both = ops.cross_attention(q, k, v, k[:, :7], v[:, :7])
+    scores_img = torch.einsum("bqhd,bkhd->bhqk", q.double(), k[:, :7].double()) / 4
+    ref_img = torch.einsum("bhqk,bkhd->bqhd", scores_img.softmax(-1), v[:, :7].double())
+    assert rel_err(both, ref + ref_img) < 1e-6
+
+
+def test_residual_add_and_activations():
+    x, y, gate = torch.randn(2, 5, 8), torch.randn(2, 5, 8).bfloat16(), torch.randn(2, 8)
+    torch.testing.assert_close(ops.residual_add(x, y, gate), x + y.float() * gate[:, None])
+    torch.testing.assert_close(ops.residual_add(x, y), x + y.float())
+    z = torch.randn(100).double()
+    tanh = 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
+    assert rel_err(ops.activation(z.float(), "gelu_tanh"), tanh) < 1e-6
+    assert rel_err(ops.activation(z.float(), "gelu"), 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))) < 1e-6
+    assert rel_err(ops.activation(z.float(), "silu"), z * torch.sigmoid(z)) < 1e-6

@@ -1,0 +1,92 @@
+"""The 4-step distilled sampler: exact sigmas/timesteps and both update rules."""
+
+import pytest
+import torch
+
+from dit8 import DistilledSampler, initial_noise
+from dit8.sampler import shift_sigmas
+
+
+def test_sigmas_and_timesteps_are_exact():
+    sampler = DistilledSampler()
+    expected = torch.tensor([1.0, 0.9375, 5 / 6, 0.625], dtype=torch.float64)
+    assert sampler.sigmas().dtype == torch.float64
+    torch.testing.assert_close(sampler.sigmas(), expected, rtol=0, atol=1e-15)
+    torch.testing.assert_close(sampler.timesteps(), expected * 1000, rtol=0, atol=1e-12)
+
+
+def test_shift_formula():
+    sigma = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(shift_sigmas(sigma, 5.0), 5 * sigma / (1 + 4 * sigma))
+    torch.testing.assert_close(shift_sigmas(sigma, 1.0), sigma)
+
+
+def oracle(x0_true: torch.Tensor, sigmas: list[float], seen: list):
+    """A perfect flow-matching model for data x0_true: v = (x − x0)/σ."""
+
+    def model(x, t):
+        sigma = t[0].item() / 1000
+        seen.append((x.clone(), t.clone()))
+        assert any(abs(sigma - s) < 1e-6 for s in sigmas)
+        return (x - x0_true) / sigma
+
+    return model
+
+
+@pytest.mark.parametrize("update", ["deterministic", "renoise"])
+def test_a_perfect_model_recovers_the_data(update):
+    sampler = DistilledSampler(update=update)
+    x0_true = torch.randn(2, 16, 3, 4, 6)
+    seen = []
+    out = sampler.sample(oracle(x0_true, sampler.sigmas().tolist(), seen), initial_noise((2, 16, 3, 4, 6), 7))
+    torch.testing.assert_close(out, x0_true, rtol=1e-5, atol=1e-5)
+    assert [t[0].item() for _, t in seen] == pytest.approx(sampler.timesteps().tolist())
+    assert all(t.shape == (2,) for _, t in seen)
+
+
+def test_deterministic_update_is_x0_plus_next_sigma_times_v():
+    sampler = DistilledSampler()
+    sigmas = sampler.sigmas().tolist()
+    velocity = torch.randn(1, 4, 2, 2, 2)
+    seen = []
+
+    def model(x, t):
+        seen.append(x.clone())
+        return velocity
+
+    noise = initial_noise(tuple(velocity.shape), 3)
+    out = sampler.sample(model, noise)
+    x = noise
+    for i, sigma in enumerate(sigmas):
+        torch.testing.assert_close(seen[i], x)
+        x0 = x - sigma * velocity
+        x = x0 + sigmas[i + 1] * velocity if i + 1 < len(sigmas) else x0
+    torch.testing.assert_close(out, x)
+
+
+def test_renoise_is_seeded_and_deterministic_ignores_the_seed():
+    model = lambda x, t: 0.5 * x  # noqa: E731
+    noise = initial_noise((1, 4, 2, 2, 2), 0)
+    renoise = DistilledSampler(update="renoise")
+    assert torch.equal(renoise.sample(model, noise, seed=1), renoise.sample(model, noise, seed=1))
+    assert not torch.equal(renoise.sample(model, noise, seed=1), renoise.sample(model, noise, seed=2))
+    det = DistilledSampler()
+    assert torch.equal(det.sample(model, noise, seed=1), det.sample(model, noise, seed=2))
+
+
+def test_callback_sees_every_step():
+    calls = []
+    DistilledSampler().sample(lambda x, t: x, initial_noise((1, 2, 1, 2, 2), 0),
+                              callback=lambda i, n, x0: calls.append((i, n)))
+    assert calls == [(0, 4), (1, 4), (2, 4), (3, 4)]
+
+
+def test_initial_noise_is_reproducible():
+    assert torch.equal(initial_noise((2, 3), 5), initial_noise((2, 3), 5))
+    assert not torch.equal(initial_noise((2, 3), 5), initial_noise((2, 3), 6))
+
+
+@pytest.mark.parametrize("kwargs", [{"update": "euler"}, {"steps": (250, 500)}, {"steps": ()}, {"steps": (1001,)}])
+def test_invalid_settings(kwargs):
+    with pytest.raises(ValueError):
+        DistilledSampler(**kwargs)
