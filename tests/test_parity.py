@@ -5,6 +5,7 @@ import torch
 
 import dit8
 from dit8.testing import FORMATS, LAYOUTS, random_inputs, random_weights, tiny_config, write_checkpoint
+from conftest import DEVICES
 from reference_wan import reference_forward
 
 VARIANTS = ("i2v", "t2v")
@@ -39,19 +40,20 @@ def case():
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_matches_float64_reference(case, tmp_path, variant, layout, fmt, file_dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_float64_reference(case, tmp_path, device, variant, layout, fmt, file_dtype):
     config, stored, inputs, ref, ref_bf16_err = case(variant, file_dtype)
     name = "model.pth" if fmt == "pth" else "model.safetensors" if fmt == "safetensors" else "model"
     path = write_checkpoint(stored, tmp_path / name, layout=layout, fmt=fmt, config=config)
 
-    fp32 = dit8.load_dit(path, dtype=torch.float32)
+    fp32 = dit8.load_dit(path, device=device, dtype=torch.float32)
     assert fp32.config == config
     out = fp32(**inputs)
-    assert out.dtype == torch.float32 and out.shape == ref.shape
-    assert rel_err(out, ref) < 1e-5
+    assert out.dtype == torch.float32 and out.shape == ref.shape and out.device.type == device
+    assert rel_err(out.cpu(), ref) < 1e-5
 
-    bf16 = dit8.load_dit(path, dtype=torch.bfloat16)
-    err = rel_err(bf16(**inputs), ref)
+    bf16 = dit8.load_dit(path, device=device, dtype=torch.bfloat16)
+    err = rel_err(bf16(**inputs).cpu(), ref)
     assert 0 < err <= 2 * ref_bf16_err, (err, ref_bf16_err)
 
 
