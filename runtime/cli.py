@@ -22,6 +22,8 @@ def _run_info(args: argparse.Namespace) -> int:
     print(f"path        {summary['path']} ({summary['files']} file{'s' if summary['files'] != 1 else ''})")
     print(f"layout      {summary['layout']}")
     print(f"variant     {summary['variant']}")
+    quantized = ", ".join(f"{n} {scheme}" for scheme, n in summary["quantized_layers"].items() if n)
+    print(f"format      {summary['format']}" + (f" ({quantized} layers)" if quantized else ""))
     print(f"dimensions  dim {c['dim']}, ffn {c['ffn_dim']}, heads {c['num_heads']} x {c['dim'] // c['num_heads']}, "
           f"layers {c['num_layers']}, in/out {c['in_dim']}/{c['out_dim']}, freq {c['freq_dim']}, "
           f"text {c['text_dim']} x {c['text_len']}" + (f", clip {c['clip_dim']}" if c["clip_dim"] else ""))
@@ -32,6 +34,12 @@ def _run_info(args: argparse.Namespace) -> int:
     for key, value in sorted(summary["metadata"].items()):
         print(f"meta        {key} = {value if len(value) <= 100 else value[:97] + '...'}")
     return 0
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from dit8.converters.cli import run_convert
+
+    return run_convert(args)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -50,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="checkpoint file or folder")
     info.add_argument("--json", action="store_true", help="print the description as JSON")
     info.set_defaults(run=_run_info)
+
+    convert = commands.add_parser("convert", help="convert a float checkpoint to packed fp8/int8 (or bf16)")
+    from dit8.converters.cli import add_convert_arguments
+
+    add_convert_arguments(convert)
+    convert.set_defaults(run=_run_convert)
 
     demo = commands.add_parser("demo", help="run the 4-step sampler on a tiny random I2V model")
     demo.add_argument("--seed", type=int, default=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,22 +13,31 @@ import torch
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import WAN_HEAD_DIM, WanConfig, check_against_config_json, config_json_values, read_config_json
 from .errors import CheckpointError
-from .layouts import detect_layout, expected_shapes, from_official, to_official
+from .layouts import block_linears, detect_layout, expected_shapes, from_official, to_official
 from .model import WanDiT
+from .packed_format import KEY_CONFIG, check_format_version
 from .progress import Progress
 
-# Our packed files carry the model configuration in their header metadata under this key.
-METADATA_CONFIG_KEY = "dit8.config"
+
+# Quantized weight dtypes and the scale tensors that accompany them.
+QUANT_DTYPES = {torch.float8_e4m3fn: "fp8", torch.int8: "int8"}
+CHANNEL_SCALE = ".weight_scale"  # LightX2V and dit8: [out, 1] (or [out]) per output channel
+TENSOR_SCALE = ".scale_weight"   # ComfyUI scaled fp8: one scale per tensor
+SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's marker tensor; carries no weights
+
+FLOAT, DIT8, LIGHTX2V, COMFYUI_FP8 = "float", "dit8 packed", "lightx2v", "comfyui scaled-fp8"
 
 
 @dataclass
 class DitCheckpoint:
-    """An opened, validated DiT checkpoint: its files, layout, configuration and key names."""
+    """An opened, validated DiT checkpoint: its files, layout, format, configuration and key names."""
 
     checkpoint: Checkpoint
     layout: str
     config: WanConfig
     names: dict[str, str]  # official key -> key in the file
+    format: str = FLOAT
+    quantized: dict[str, str] = field(default_factory=dict)  # module -> scale key suffix
 
     @property
     def path(self) -> Path:
@@ -36,6 +45,15 @@ class DitCheckpoint:
 
     def file_of(self, official_key: str) -> Path:
         return self.checkpoint.infos[self.names[official_key]].file
+
+    def info(self, official_key: str):
+        return self.checkpoint.infos[self.names[official_key]]
+
+    def runtime_quantized(self) -> dict[str, torch.dtype]:
+        """The quantized modules the model runs as W8A8 (block linears); others are dequantized on load."""
+        linears = block_linears(self.config)
+        return {module: self.info(module + ".weight").dtype for module in self.quantized
+                if module.startswith("blocks.") and module.split(".", 2)[2] in linears}
 
 
 def _infer_config(shapes: dict[str, tuple[int, ...]], source: Path, layout: str,
@@ -76,17 +94,44 @@ def _infer_config(shapes: dict[str, tuple[int, ...]], source: Path, layout: str,
         raise CheckpointError(f"{source}: {err}") from None
 
 
-def _check_tensor_set(ckpt: Checkpoint, names: dict[str, str], config: WanConfig, layout: str) -> None:
-    expected = expected_shapes(config)
+def _find_quantized(ckpt: Checkpoint, names: dict[str, str]) -> dict[str, str]:
+    """Modules whose weight is 8-bit, each with the suffix of its scale tensor."""
+    quantized: dict[str, str] = {}
+    for official, file_key in names.items():
+        for suffix in (CHANNEL_SCALE, TENSOR_SCALE):
+            if official.endswith(suffix):
+                module = official[: -len(suffix)]
+                if module in quantized:
+                    raise CheckpointError(f"{ckpt.infos[file_key].file}: {module!r} has both "
+                                          f"{CHANNEL_SCALE} and {TENSOR_SCALE}")
+                weight = names.get(module + ".weight")
+                if weight is None or ckpt.infos[weight].dtype not in QUANT_DTYPES:
+                    raise CheckpointError(f"{ckpt.infos[file_key].file}: scale {file_key!r} belongs to no "
+                                          f"8-bit weight")
+                quantized[module] = suffix
+    for official, file_key in names.items():
+        module = official.removesuffix(".weight")
+        if ckpt.infos[file_key].dtype in QUANT_DTYPES and module not in quantized:
+            raise CheckpointError(f"{ckpt.infos[file_key].file}: 8-bit tensor {file_key!r} has no scale "
+                                  f"({module}{CHANNEL_SCALE} or {TENSOR_SCALE})")
+    return quantized
+
+
+def _check_tensor_set(ckpt: Checkpoint, names: dict[str, str], config: WanConfig, layout: str,
+                      quantized: dict[str, str]) -> None:
+    expected: dict[str, tuple[tuple[int, ...], ...]] = {k: (s,) for k, s in expected_shapes(config).items()}
+    for module, suffix in quantized.items():
+        out = expected.get(module + ".weight", ((0,),))[0][0]
+        expected[module + suffix] = ((out, 1), (out,)) if suffix == CHANNEL_SCALE else ((), (1,))
     for official, file_key in names.items():
         info = ckpt.infos[file_key]
         if official not in expected:
             raise CheckpointError(f"{info.file}: unexpected tensor {file_key!r} for a {config.variant} model "
                                   f"of {config.num_layers} blocks")
-        if info.shape != expected[official]:
+        if info.shape not in expected[official]:
             raise CheckpointError(f"{info.file}: tensor {file_key!r} has shape {info.shape}, "
-                                  f"expected {expected[official]}")
-        if not info.dtype.is_floating_point:
+                                  f"expected {' or '.join(map(str, expected[official]))}")
+        if not info.dtype.is_floating_point and info.dtype not in QUANT_DTYPES:
             raise CheckpointError(f"{info.file}: tensor {file_key!r} has dtype {info.dtype}, expected a float")
     missing = [from_official(k, layout) for k in expected if k not in names]
     if missing:
@@ -97,11 +142,11 @@ def _check_tensor_set(ckpt: Checkpoint, names: dict[str, str], config: WanConfig
 def _stated_configs(ckpt: Checkpoint) -> list[tuple[Path, dict]]:
     """The configurations stated beside the weights: our header metadata, then a config.json."""
     stated = []
-    if METADATA_CONFIG_KEY in ckpt.metadata:
+    if KEY_CONFIG in ckpt.metadata:
         try:
-            stated.append((ckpt.path, json.loads(ckpt.metadata[METADATA_CONFIG_KEY])))
+            stated.append((ckpt.path, json.loads(ckpt.metadata[KEY_CONFIG])))
         except ValueError as err:
-            raise CheckpointError(f"{ckpt.path}: corrupt {METADATA_CONFIG_KEY} metadata: {err}") from None
+            raise CheckpointError(f"{ckpt.path}: corrupt {KEY_CONFIG} metadata: {err}") from None
     if ckpt.config_json is not None:
         stated.append((ckpt.config_json, read_config_json(ckpt.config_json)))
     return stated
@@ -110,6 +155,9 @@ def _stated_configs(ckpt: Checkpoint) -> list[tuple[Path, dict]]:
 def open_dit(path: str | Path) -> DitCheckpoint:
     """Open and validate a DiT checkpoint's names, shapes and config without reading tensor data."""
     ckpt = open_checkpoint(path)
+    version = check_format_version(ckpt.metadata, ckpt.path)
+    for key in [k for k in ckpt.infos if k.rpartition(".")[2] == SCALED_FP8_MARKER]:
+        del ckpt.infos[key]
     layout = detect_layout(ckpt.keys())
     names: dict[str, str] = {}
     for key, info in ckpt.infos.items():
@@ -123,12 +171,26 @@ def open_dit(path: str | Path) -> DitCheckpoint:
     config = _infer_config(shapes, ckpt.path, layout, heads[0] if heads else None)
     for source, raw in stated:
         config = check_against_config_json(config, raw, source)
-    _check_tensor_set(ckpt, names, config, layout)
-    return DitCheckpoint(ckpt, layout, config, names)
+    quantized = _find_quantized(ckpt, names)
+    _check_tensor_set(ckpt, names, config, layout, quantized)
+    if version is not None:
+        fmt = DIT8
+    elif any(suffix == TENSOR_SCALE for suffix in quantized.values()):
+        fmt = COMFYUI_FP8
+    else:
+        fmt = LIGHTX2V if quantized else FLOAT
+    return DitCheckpoint(ckpt, layout, config, names, fmt, quantized)
 
 
 def check_finite(tensor: torch.Tensor, key: str, file: Path) -> None:
     """Raise CheckpointError naming the file and key if `tensor` holds NaN or Inf."""
+    if tensor.dtype == torch.float8_e4m3fn:
+        # e4m3fn has no infinities; NaN is every exponent and mantissa bit set. (No isfinite for fp8.)
+        if ((tensor.view(torch.uint8) & 0x7F) == 0x7F).any():
+            raise CheckpointError(f"{file}: tensor {key!r} contains NaN values")
+        return
+    if not tensor.is_floating_point():
+        return
     if not torch.isfinite(tensor).all():
         bad = "NaN" if torch.isnan(tensor).any() else "Inf"
         raise CheckpointError(f"{file}: tensor {key!r} contains {bad} values")
@@ -156,17 +218,42 @@ def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
     """
     device = torch.device(device)
     dit = open_dit(path)
+    runtime_quantized = dit.runtime_quantized()
     model = WanDiT(dit.config, device=device, dtype=dtype or default_dtype(device), backend=backend,
-                   attention=attention)
+                   attention=attention, quantized=runtime_quantized)
+    scales = {module + suffix for module, suffix in dit.quantized.items()}
     total = sum(dit.checkpoint.infos[k].nbytes for k in dit.names.values())
     with dit.checkpoint, Progress(total, "loading", enabled=progress) as bar:
         for official, file_key in dit.names.items():
-            tensor = dit.checkpoint.read(file_key)
-            check_finite(tensor, file_key, dit.file_of(official))
+            if official in scales:
+                continue  # read with its weight
+            tensor = _read_checked(dit, official)
+            module = official.removesuffix(".weight")
+            if module in dit.quantized:
+                scale = _read_scale(dit, module)
+                if module in runtime_quantized:
+                    model.get_buffer(module + CHANNEL_SCALE).copy_(scale)
+                else:  # an 8-bit layer the model runs in high precision
+                    tensor = tensor.float() * scale
             model.get_buffer(official).copy_(tensor)
-            bar.update(tensor.nbytes)
+            bar.update(dit.info(official).nbytes)
             del tensor  # free it before the next read, so memory holds the model plus one tensor
     return model
+
+
+def _read_checked(dit: DitCheckpoint, official: str) -> torch.Tensor:
+    tensor = dit.checkpoint.read(dit.names[official])
+    check_finite(tensor, dit.names[official], dit.file_of(official))
+    return tensor
+
+
+def _read_scale(dit: DitCheckpoint, module: str) -> torch.Tensor:
+    """A quantized layer's scale as [out, 1] or [1, 1] fp32, checked finite and positive."""
+    key = module + dit.quantized[module]
+    scale = _read_checked(dit, key).float().reshape(-1, 1)
+    if not (scale > 0).all():
+        raise CheckpointError(f"{dit.file_of(key)}: scale {dit.names[key]!r} has values <= 0")
+    return scale
 
 
 def summarize(dit: DitCheckpoint) -> dict:
@@ -181,6 +268,9 @@ def summarize(dit: DitCheckpoint) -> dict:
         "files": len(dit.checkpoint.files),
         "layout": dit.layout,
         "variant": dit.config.variant,
+        "format": dit.format,
+        "quantized_layers": {scheme: sum(1 for m in dit.quantized if QUANT_DTYPES[dit.info(m + ".weight").dtype] == scheme)
+                             for scheme in sorted(set(QUANT_DTYPES.values()))} if dit.quantized else {},
         "config": dit.config.to_dict(),
         "parameters": sum(math.prod(i.shape) for i in infos),
         "tensors_by_dtype": dict(tensors),

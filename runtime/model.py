@@ -8,7 +8,8 @@ all norm statistics are fp32; the matmuls and attention run in the model's compu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -26,11 +27,19 @@ class InputError(Dit8Error, ValueError):
 
 @dataclass(frozen=True)
 class Setup:
-    """Where and how a model's layers compute: device, matmul dtype and op backend."""
+    """Where and how a model's layers compute: device, matmul dtype, op backend, and which linear layers
+    hold 8-bit weights (module name -> torch.float8_e4m3fn or torch.int8)."""
 
     device: torch.device
     dtype: torch.dtype
     backend: str
+    quantized: Mapping[str, torch.dtype] = field(default_factory=dict)
+
+    def linear(self, name: str, in_features: int, out_features: int) -> nn.Module:
+        """The layer called `name`: a QuantLinear where the checkpoint quantized it, else a Linear."""
+        if name in self.quantized:
+            return QuantLinear(in_features, out_features, self, self.quantized[name])
+        return Linear(in_features, out_features, self)
 
 
 def _empty(setup: Setup, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -48,6 +57,25 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear(x, self.weight, self.bias, backend=self.backend)
+
+
+class QuantLinear(nn.Module):
+    """W8A8 linear: weight [out, in] fp8/int8 with a per-output-channel scale [out, 1] fp32; the input is
+    quantized per token (row) on every call and the scaled GEMM applies both scales and the bias."""
+
+    def __init__(self, in_features: int, out_features: int, setup: Setup, qdtype: torch.dtype):
+        super().__init__()
+        self.out_dtype, self.backend = setup.dtype, setup.backend
+        self.register_buffer("weight", _empty(setup, out_features, in_features, dtype=qdtype))
+        self.register_buffer("weight_scale", _empty(setup, out_features, 1, dtype=torch.float32))
+        self.register_buffer("bias", _empty(setup, out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        xq, x_scale = ops.quantize_per_token(rows, self.weight.dtype, backend=self.backend)
+        out = ops.scaled_mm(xq, x_scale, self.weight, self.weight_scale.view(-1), self.bias,
+                            out_dtype=self.out_dtype, backend=self.backend)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class PatchEmbedding(nn.Module):
@@ -116,11 +144,11 @@ class EncodedContext:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: WanConfig, setup: Setup, precision: str):
+    def __init__(self, config: WanConfig, setup: Setup, precision: str, prefix: str):
         super().__init__()
         C = config.dim
         self.heads, self.precision, self.setup = config.num_heads, precision, setup
-        self.q, self.k, self.v, self.o = (Linear(C, C, setup) for _ in range(4))
+        self.q, self.k, self.v, self.o = (setup.linear(f"{prefix}.{n}", C, C) for n in "qkvo")
         self.norm_q, self.norm_k = RMSNorm(C, config.eps, setup), RMSNorm(C, config.eps, setup)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -136,14 +164,15 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    def __init__(self, config: WanConfig, setup: Setup):
+    def __init__(self, config: WanConfig, setup: Setup, prefix: str):
         super().__init__()
         C = config.dim
         self.heads, self.setup = config.num_heads, setup
-        self.q, self.k, self.v, self.o = (Linear(C, C, setup) for _ in range(4))
+        self.q, self.k, self.v, self.o = (setup.linear(f"{prefix}.{n}", C, C) for n in "qkvo")
         self.norm_q, self.norm_k = RMSNorm(C, config.eps, setup), RMSNorm(C, config.eps, setup)
         if config.is_i2v:
-            self.k_img, self.v_img = Linear(C, C, setup), Linear(C, C, setup)
+            self.k_img = setup.linear(f"{prefix}.k_img", C, C)
+            self.v_img = setup.linear(f"{prefix}.v_img", C, C)
             self.norm_k_img = RMSNorm(C, config.eps, setup)
 
     def project_context(self, text: torch.Tensor, image: torch.Tensor | None) -> CrossKV:
@@ -162,15 +191,16 @@ class CrossAttention(nn.Module):
 
 
 class WanBlock(nn.Module):
-    def __init__(self, config: WanConfig, setup: Setup, attention: str):
+    def __init__(self, config: WanConfig, setup: Setup, attention: str, index: int):
         super().__init__()
         C, F = config.dim, config.ffn_dim
         self.eps, self.setup = config.eps, setup
         self.register_buffer("modulation", _empty(setup, 1, 6, C, dtype=torch.float32))
-        self.self_attn = SelfAttention(config, setup, attention)
+        self.self_attn = SelfAttention(config, setup, attention, f"blocks.{index}.self_attn")
         self.norm3 = LayerNorm(C, config.eps, setup)
-        self.cross_attn = CrossAttention(config, setup)
-        self.ffn = nn.Sequential(Linear(C, F, setup), Activation("gelu_tanh", setup), Linear(F, C, setup))
+        self.cross_attn = CrossAttention(config, setup, f"blocks.{index}.cross_attn")
+        self.ffn = nn.Sequential(setup.linear(f"blocks.{index}.ffn.0", C, F), Activation("gelu_tanh", setup),
+                                 setup.linear(f"blocks.{index}.ffn.2", F, C))
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: CrossKV) -> torch.Tensor:
@@ -226,12 +256,14 @@ class WanDiT(nn.Module):
     dtype: compute dtype of the matmuls and attention (bf16 or fp32; fp16 works too). The embeddings of
     time, the modulation tables, norms and the head are always fp32.
     attention: "bf16" (unquantized, in the compute dtype), or "int8"/"fp8" where a kernel backend has them.
+    quantized: block linear layers (e.g. "blocks.0.ffn.0") holding fp8/int8 weights, run as W8A8.
     """
 
     def __init__(self, config: WanConfig, *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, backend: str = "auto", attention: str = "bf16"):
+                 dtype: torch.dtype = torch.float32, backend: str = "auto", attention: str = "bf16",
+                 quantized: Mapping[str, torch.dtype] | None = None):
         super().__init__()
-        setup = Setup(torch.device(device), dtype, backend)
+        setup = Setup(torch.device(device), dtype, backend, dict(quantized or {}))
         C = config.dim
         self.config, self.setup = config, setup
         self.patch_embedding = PatchEmbedding(config, setup)
@@ -241,7 +273,7 @@ class WanDiT(nn.Module):
         self.time_embedding = nn.Sequential(Linear(config.freq_dim, C, setup, f32), Activation("silu", setup),
                                             Linear(C, C, setup, f32))
         self.time_projection = nn.Sequential(Activation("silu", setup), Linear(C, 6 * C, setup, f32))
-        self.blocks = nn.ModuleList(WanBlock(config, setup, attention) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(WanBlock(config, setup, attention, n) for n in range(config.num_layers))
         self.head = Head(config, setup)
         if config.is_i2v:
             self.img_emb = ImageEmbedding(config, setup)

@@ -14,6 +14,9 @@ mixed-precision rounding points are emulated while still computing in float64 be
 * ``time_embedding``, ``time_projection``, ``head.head``, all norms, modulation, residual adds and
   RoPE stay float64 (no rounding).
 
+Layers given as 8-bit weights with a per-channel ``weight_scale`` (LightX2V's format) are emulated
+as W8A8: the input is quantized per token to the same 8-bit type and the rest stays float64.
+
 Weights use the official key names (``patch_embedding.weight``, ``blocks.N.self_attn.q.weight``,
 ...). All model dimensions are read from tensor shapes.
 """
@@ -47,8 +50,33 @@ def _w(weights: dict, name: str) -> torch.Tensor:
     return weights[name].to(F64)
 
 
+def _fake_quantize_rows(x: torch.Tensor, qdtype: torch.dtype) -> torch.Tensor:
+    """Symmetric per-row (per-token) quantization to ``qdtype`` and back, in float64."""
+    qmax = 127.0 if qdtype == torch.int8 else 448.0
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax
+    y = x / scale
+    q = y.round().clamp(-128, 127) if qdtype == torch.int8 else y.clamp(-qmax, qmax).to(qdtype).to(F64)
+    return q * scale
+
+
+def _linear_w8a8(weights: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    """W8A8 emulation: an 8-bit weight [out, in] with its per-channel ``weight_scale``; the input is
+    quantized per token to the weight's 8-bit type; everything else is exact float64."""
+    q = weights[prefix + ".weight"]
+    w = q.to(F64) * weights[prefix + ".weight_scale"].to(F64).reshape(-1, 1)
+    out = _fake_quantize_rows(x, q.dtype) @ w.transpose(0, 1)
+    if prefix + ".bias" in weights:
+        out = out + _w(weights, prefix + ".bias")
+    return out
+
+
 def _linear(weights: dict, prefix: str, x: torch.Tensor, md: torch.dtype | None) -> torch.Tensor:
-    """``x @ W^T + b`` with optional mixed-precision rounding of input, weight, bias and output."""
+    """``x @ W^T + b`` with optional mixed-precision rounding of input, weight, bias and output.
+
+    A layer stored 8-bit (with ``<prefix>.weight_scale``) is emulated as W8A8 instead.
+    """
+    if prefix + ".weight_scale" in weights:
+        return _linear_w8a8(weights, prefix, x)
     w = _round(_w(weights, prefix + ".weight"), md)
     out = _round(x, md) @ w.transpose(0, 1)
     if prefix + ".bias" in weights:

@@ -1,0 +1,58 @@
+"""`dit8 convert SRC DST --scheme {fp8,int8,bf16}`: argument parsing and the printed summary.
+
+`dit8.cli` adds these arguments to its `convert` subparser and calls run_convert; dit8 errors and
+OSErrors propagate to it, and it prints them as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+from dit8.packed_format import SCHEMES
+from dit8.progress import format_bytes
+
+from .convert import ConvertResult, convert
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `convert` subcommand's arguments to `parser`."""
+    parser.add_argument("src", metavar="SRC", help="float DiT checkpoint: file, shard folder or per-block folder")
+    parser.add_argument("dst", metavar="DST", help="output .safetensors file (or folder with --per-block)")
+    parser.add_argument("--scheme", choices=SCHEMES, default="fp8",
+                        help="quantize the block linears to fp8 or int8, or only cast to bf16 (default fp8)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                        help="merge a LoRA before quantizing (repeatable; strength defaults to 1)")
+    parser.add_argument("--keep", action="append", default=[], metavar="PATTERN",
+                        help="leave matching block linears in bf16, e.g. 'blocks.0.*' (repeatable)")
+    parser.add_argument("--per-block", action="store_true",
+                        help="write block_N.safetensors + non_block.safetensors + an index into folder DST")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--no-report", dest="report", action="store_false",
+                        help="do not write the per-layer quantization error report")
+
+
+def print_summary(result: ConvertResult, stream: TextIO) -> None:
+    """Output path, sizes, time, speed, and the quantization error summary."""
+    print(f"wrote {result.output} ({len(result.files)} file{'s' if len(result.files) != 1 else ''}, "
+          f"{format_bytes(result.output_bytes)} from {format_bytes(result.source_bytes)} of source)", file=stream)
+    print(f"time {result.seconds:.1f} s, {result.mib_per_s:.1f} MiB/s", file=stream)
+    if result.layers:
+        sqnr = result.mean_sqnr_db
+        print(f"{len(result.layers)} layers quantized to {result.scheme}: mean relative error "
+              f"{result.mean_rel_error:.3e}" + (f", mean SQNR {sqnr:.1f} dB" if sqnr is not None else ""),
+              file=stream)
+        print("worst layers:", file=stream)
+        for e in result.worst:
+            print(f"  {e.layer:<32} rel {e.rel_error:.3e}  SQNR {e.sqnr_db:6.1f} dB", file=stream)
+    if result.report is not None:
+        print(f"report {result.report}", file=stream)
+
+
+def run_convert(args: argparse.Namespace, stream: TextIO | None = None) -> int:
+    """Run `dit8 convert` from parsed arguments; returns the exit status."""
+    result = convert(args.src, args.dst, scheme=args.scheme, lora=args.lora, keep=args.keep,
+                     per_block=args.per_block, force=args.force, report=args.report)
+    print_summary(result, stream or sys.stdout)
+    return 0

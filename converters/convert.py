@@ -1,0 +1,406 @@
+"""convert: a float Wan2.1 DiT checkpoint -> the dit8 packed format (fp8 / int8 / bf16), streaming.
+
+One pass over the source, in file order: read a block of rows of one tensor, check it is finite, merge
+LoRA deltas in fp32, quantize (block linears) or cast (everything else), append to the output file.
+The output headers are written first (shapes and dtypes follow from the source header and the
+scheme), so resident memory is one block plus small per-tensor state, whatever the model size.
+
+Nothing appears at DST until everything succeeded: a single file is written under a temporary name
+beside DST; a per-block folder is built in a temporary folder beside DST; both are renamed at the end
+and deleted on any error (KeyboardInterrupt included).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from dit8.config import WanConfig
+from dit8.errors import CheckpointError, Dit8Error
+from dit8.layouts import block_linears, expected_shapes
+from dit8 import packed_format as fmt
+from dit8.loader import check_finite, open_dit
+from dit8.progress import Progress
+
+from .lora import LoraArg, LoraSet
+from .quantize_weights import SCHEME_DTYPES, error_sums, errors_from_sums, quantize_weight
+from .safetensors_writer import SafetensorsWriter, TensorSpec, fsync_folder, temp_path_beside
+from .source import DIGEST_PLACEHOLDER, SourceReader, SourceTensor
+
+# Rows are processed in blocks of about this many elements: bounds the fp32/float64 temporaries of
+# quantization and error measurement (~4 MiB elements -> at most ~32 MiB each) for any tensor size.
+BLOCK_ELEMENTS = 4 << 20
+OUT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+SOURCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+WORST_COUNT = 5
+
+
+class ConvertError(Dit8Error, ValueError):
+    """convert() was asked for something it cannot do (bad scheme, existing DST, DST inside SRC...)."""
+
+
+@dataclass(frozen=True)
+class LayerError:
+    """Quantization error of one layer's weight against the (LoRA-merged) source."""
+
+    layer: str
+    scheme: str
+    shape: tuple[int, ...]
+    rel_error: float
+    sqnr_db: float
+
+    def to_json(self) -> dict:
+        # JSON has no infinity: an exact layer (SQNR +inf) is written as null.
+        return {"layer": self.layer, "scheme": self.scheme, "shape": list(self.shape),
+                "rel_error": self.rel_error, "sqnr_db": self.sqnr_db if math.isfinite(self.sqnr_db) else None}
+
+
+@dataclass
+class ConvertResult:
+    """What convert() wrote and measured."""
+
+    output: Path  # the file, or the per-block folder
+    files: list[Path]  # every tensor file written
+    report: Path | None  # the quality report json, if written
+    scheme: str
+    source_bytes: int
+    output_bytes: int
+    seconds: float
+    layers: list[LayerError] = field(default_factory=list)
+
+    @property
+    def mib_per_s(self) -> float:
+        """Source bytes converted per second."""
+        return self.source_bytes / (1 << 20) / max(self.seconds, 1e-9)
+
+    @property
+    def mean_rel_error(self) -> float | None:
+        return sum(e.rel_error for e in self.layers) / len(self.layers) if self.layers else None
+
+    @property
+    def mean_sqnr_db(self) -> float | None:
+        finite = [e.sqnr_db for e in self.layers if math.isfinite(e.sqnr_db)]
+        return sum(finite) / len(finite) if finite else None
+
+    @property
+    def worst(self) -> list[LayerError]:
+        """The layers with the largest relative error, worst first."""
+        return sorted(self.layers, key=lambda e: e.rel_error, reverse=True)[:WORST_COUNT]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What becomes of one source tensor: its output tensors, output file and quantization scheme."""
+
+    source: SourceTensor
+    group: str  # output file name
+    outputs: tuple[TensorSpec, ...]
+    scheme: str | None  # "fp8"/"int8" when quantized
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _check_options(scheme: str, out_dtype: torch.dtype, keep: Sequence[str]) -> None:
+    if scheme not in fmt.SCHEMES:
+        raise ConvertError(f"unknown scheme {scheme!r}; expected one of {fmt.SCHEMES}")
+    if out_dtype not in OUT_DTYPES:
+        raise ConvertError(f"out_dtype must be one of {tuple(OUT_DTYPES)}, got {out_dtype}")
+    if scheme == "bf16" and out_dtype != torch.bfloat16:
+        raise ConvertError(f"scheme 'bf16' stores every tensor in bf16; it conflicts with out_dtype {out_dtype}")
+    for pattern in keep:
+        if not isinstance(pattern, str) or not pattern:
+            raise ConvertError(f"--keep patterns must be non-empty strings, got {pattern!r}")
+
+
+def _check_paths(src: Path, dst: Path, per_block: bool, force: bool) -> None:
+    if not per_block and dst.suffix != ".safetensors":
+        raise ConvertError(f"{dst}: a single-file output must end in .safetensors (or use --per-block for a folder)")
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s in d.parents or d in s.parents:
+        raise ConvertError(f"{dst}: the output must not be, contain or lie inside the source {src}")
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise ConvertError(f"{dst}: already exists; pass --force (force=True) to replace it")
+    if not dst.parent.is_dir():
+        raise ConvertError(f"{dst.parent}: the output folder does not exist")
+
+
+def _check_float_source(dit) -> None:
+    """convert reads float checkpoints; an 8-bit weight or a scale tensor means it is already quantized."""
+    for official, file_key in dit.names.items():
+        info = dit.checkpoint.infos[file_key]
+        if info.dtype not in SOURCE_DTYPES or official.endswith((fmt.WEIGHT_SCALE_SUFFIX, ".scale_weight")):
+            raise CheckpointError(f"{info.file}: tensor {file_key!r} ({info.dtype}) shows an already quantized "
+                                  f"checkpoint; convert reads float checkpoints (fp32/bf16/fp16)")
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+def _quantized_layers(config: WanConfig, scheme: str, keep: Sequence[str]) -> set[str]:
+    """Block linears (module names) to quantize: all of them but those matching a keep pattern."""
+    if scheme not in fmt.QUANT_SCHEMES:
+        return set()
+    linears = [f"blocks.{n}.{name}" for n in range(config.num_layers) for name in block_linears(config)]
+    for pattern in keep:
+        if not any(fnmatch.fnmatchcase(layer, pattern) for layer in linears):
+            raise ConvertError(f"--keep pattern {pattern!r} matches no quantizable layer (e.g. "
+                               f"{linears[0]!r}; patterns match layer names without '.weight')")
+    return {layer for layer in linears if not any(fnmatch.fnmatchcase(layer, p) for p in keep)}
+
+
+def _group_of(official: str, per_block: bool, single_name: str) -> str:
+    if not per_block:
+        return single_name
+    parts = official.split(".")
+    return fmt.block_file_name(int(parts[1])) if parts[0] == "blocks" else fmt.NON_BLOCK_NAME
+
+
+def _plan(reader: SourceReader, quantized: set[str], scheme: str, out_dtype: torch.dtype,
+          per_block: bool, single_name: str) -> list[_Plan]:
+    plans = []
+    for t in reader.tensors:
+        layer = t.official.removesuffix(".weight")
+        group = _group_of(t.official, per_block, single_name)
+        if t.official.endswith(".weight") and layer in quantized:
+            out, _ = t.info.shape
+            outputs = (TensorSpec(t.official, t.info.shape, SCHEME_DTYPES[scheme]),
+                       TensorSpec(layer + fmt.WEIGHT_SCALE_SUFFIX, (out, 1), torch.float32))
+            plans.append(_Plan(t, group, outputs, scheme))
+        else:
+            plans.append(_Plan(t, group, (TensorSpec(t.official, t.info.shape, out_dtype),), None))
+    return plans
+
+
+def _schemes_map(config: WanConfig, quantized: set[str], scheme: str, hp: str) -> dict[str, str]:
+    """`dit8.schemes`: one `blocks.*.<linear>` entry where every block agrees, per-layer entries
+    where --keep made them differ, and "*" (everything else) last."""
+    schemes: dict[str, str] = {}
+    groups: dict[str, str] = {}
+    for name in block_linears(config):
+        layers = [f"blocks.{n}.{name}" for n in range(config.num_layers)]
+        hits = [layer for layer in layers if layer in quantized]
+        if hits and len(hits) == len(layers):
+            groups[f"blocks.*.{name}"] = scheme
+        else:
+            schemes.update(dict.fromkeys(hits, scheme))
+    return {**schemes, **groups, "*": hp}
+
+
+def _metadata(dit, scheme: str, hp: str, quantized: set[str], keep: Sequence[str], lora: LoraSet) -> dict[str, str]:
+    from dit8 import __version__
+
+    return {
+        fmt.KEY_FORMAT: fmt.FORMAT_NAME,
+        fmt.KEY_FORMAT_VERSION: str(fmt.FORMAT_VERSION),
+        fmt.KEY_CONFIG: json.dumps(dit.config.to_dict()),
+        fmt.KEY_SCHEME: scheme,
+        fmt.KEY_DTYPE: hp,
+        fmt.KEY_SCHEMES: json.dumps(_schemes_map(dit.config, quantized, scheme, hp)),
+        fmt.KEY_KEPT: json.dumps(list(keep)),
+        fmt.KEY_LORA: json.dumps(lora.describe()),
+        fmt.KEY_SOURCE_LAYOUT: dit.layout,
+        fmt.KEY_SOURCE_DIGEST: DIGEST_PLACEHOLDER,  # replaced once every source byte has been read
+        fmt.KEY_TOOL_VERSION: __version__,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- work
+
+
+def _require_finite(summary: torch.Tensor, block: torch.Tensor, t: SourceTensor) -> None:
+    """Raise if `block` holds NaN/Inf, given `summary`, a NaN-propagating reduction of it (amax, scales).
+
+    torch.isfinite over every element costs 3x a row amax, and quantizing computes one anyway; the full
+    check runs only to word the error."""
+    if bool(torch.isfinite(summary).all()):
+        return
+    check_finite(block, t.file_key, t.info.file)
+    raise CheckpointError(f"{t.info.file}: tensor {t.file_key!r} is not finite after merging LoRA")
+
+
+def _convert_tensor(plan: _Plan, reader: SourceReader, lora: LoraSet, writer: SafetensorsWriter,
+                    progress: Progress) -> LayerError | None:
+    """Stream one source tensor into `writer`; returns its quantization error if it was quantized."""
+    t = plan.source
+    row_elems = max(1, math.prod(t.info.shape[1:]))
+    max_bytes = max(1, BLOCK_ELEMENTS // row_elems) * row_elems * t.info.dtype.itemsize
+    merging = t.official in lora.deltas
+    scales, signal, noise, start = [], 0.0, 0.0, 0
+    for block in reader.blocks(t, max_bytes):
+        rows = lora.merge_rows(t.official, block.float(), start) if merging else block
+        start += block.shape[0] if block.dim() else 1
+        if plan.scheme is None:
+            _require_finite(rows.abs().amax(), block, t)
+            writer.write_rows(plan.outputs[0].key, rows.to(plan.outputs[0].dtype))
+        else:
+            q, scale = quantize_weight(rows, plan.scheme)
+            _require_finite(scale, block, t)  # a row's scale is finite iff all of the row is
+            writer.write_rows(plan.outputs[0].key, q)
+            scales.append(scale)
+            s, n = error_sums(rows, q, scale)
+            signal, noise = signal + s, noise + n
+        progress.update(block.nbytes)
+    if plan.scheme is None:
+        return None
+    writer.write(plan.outputs[1].key, torch.cat(scales))
+    rel, sqnr = errors_from_sums(signal, noise)
+    return LayerError(t.official.removesuffix(".weight"), plan.scheme, t.info.shape, rel, sqnr)
+
+
+def _write_json(path: Path, obj: object) -> None:
+    """Write JSON atomically (temporary sibling, then rename)."""
+    temp = temp_path_beside(path)
+    try:
+        temp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _report(src: Path, dst: Path, scheme: str, layers: list[LayerError]) -> dict:
+    result = ConvertResult(dst, [], None, scheme, 0, 0, 0.0, layers)
+    return {"source": str(src), "output": str(dst), "scheme": scheme, "layers": [e.to_json() for e in layers],
+            "mean_rel_error": result.mean_rel_error, "mean_sqnr_db": result.mean_sqnr_db,
+            "worst": [e.to_json() for e in result.worst]}
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _install(built: Path, dst: Path) -> None:
+    """Move `built` to `dst`, replacing whatever is there; a file onto a file is one atomic rename."""
+    if not (dst.exists() or dst.is_symlink()) or (built.is_file() and dst.is_file() and not dst.is_symlink()):
+        os.replace(built, dst)
+    else:
+        # os.replace cannot put anything onto a non-empty folder: move the old one aside first.
+        trash = temp_path_beside(dst, ".old")
+        os.replace(dst, trash)
+        try:
+            os.replace(built, dst)
+        except BaseException:
+            os.replace(trash, dst)
+            raise
+        _remove(trash)
+    fsync_folder(dst.parent)
+
+
+# ---------------------------------------------------------------------------------------------- API
+
+
+def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
+            lora: Iterable["LoraArg"] | None = None, keep: Sequence[str] = (), per_block: bool = False,
+            force: bool = False, out_dtype: torch.dtype = torch.bfloat16, report: bool = True,
+            progress: bool | None = None) -> ConvertResult:
+    """Convert the float DiT checkpoint `src` to the dit8 packed format at `dst`.
+
+    src: anything dit8.open_dit reads (file, shards, per-block folder, .pth; any layout).
+    dst: a `.safetensors` file, or with per_block=True a folder of `block_N.safetensors`,
+        `non_block.safetensors` and `model.safetensors.index.json`.
+    scheme: "fp8" or "int8" quantizes the block linears (weights [out, in] + `weight_scale` [out, 1]
+        fp32); "bf16" only casts.
+    lora: LoRA files, each "path[:strength]" or (path, strength), merged in fp32 before quantizing.
+    keep: fnmatch patterns of block linears left in high precision, e.g. "blocks.0.*".
+    out_dtype: dtype of every tensor that is not quantized.
+    report: write the per-layer quality report json (`<dst>.quant_report.json`, or `quant_report.json`
+        in a per-block folder) when anything is quantized.
+    progress: draw a progress bar (default: when stderr is a terminal).
+
+    Raises CheckpointError (bad source or LoRA, naming file and key) or ConvertError (bad request);
+    in either case, and on any other error, nothing is left at or beside `dst`.
+    """
+    src, dst = Path(src), Path(dst)
+    keep = list(keep)
+    _check_options(scheme, out_dtype, keep)
+    _check_paths(src, dst, per_block, force)
+    started = time.monotonic()
+    dit = open_dit(src)
+    fmt.check_format_version(dit.checkpoint.metadata, dit.path)
+    _check_float_source(dit)
+    with SourceReader(dit) as reader, LoraSet(lora or (), expected_shapes(dit.config)) as lora_set:
+        quantized = _quantized_layers(dit.config, scheme, keep)
+        hp = OUT_DTYPES[out_dtype]
+        metadata = _metadata(dit, scheme, hp, quantized, keep, lora_set)
+        # Everything is built under a temporary name beside dst and moved there at the very end.
+        build = temp_path_beside(dst, "" if per_block else ".safetensors")
+        plans = _plan(reader, quantized, scheme, out_dtype, per_block, build.name)
+        report_temp = None
+        try:
+            if per_block:
+                os.mkdir(build, 0o777)  # 0o777 & ~umask, like any folder the user makes
+            layers = _write_all(plans, build if per_block else build.parent, metadata, reader, lora_set, progress)
+            report_obj = _report(src, dst, scheme, layers) if report and quantized else None
+            if per_block:
+                _write_index(build, plans, metadata)
+            report_path = dst / fmt.REPORT_NAME if per_block else dst.with_name(dst.name + ".quant_report.json")
+            if report_obj is not None:
+                report_temp = build / fmt.REPORT_NAME if per_block else temp_path_beside(report_path)
+                _write_json(report_temp, report_obj)
+            _install(build, dst)
+        except BaseException:
+            _remove(build)
+            if report_temp is not None:
+                report_temp.unlink(missing_ok=True)
+            raise
+    if not per_block:
+        # The report follows its model file; a stale report of a replaced file must not survive.
+        if report_temp is not None:
+            os.replace(report_temp, report_path)
+        else:
+            report_path.unlink(missing_ok=True)
+    final = sorted({dst / plan.group for plan in plans}) if per_block else [dst]
+    return ConvertResult(dst, final, report_path if report_obj is not None else None, scheme, reader.total_bytes,
+                         sum(f.stat().st_size for f in final), time.monotonic() - started, layers)
+
+
+def _write_all(plans: list[_Plan], folder: Path, metadata: dict[str, str], reader: SourceReader,
+               lora: LoraSet, progress: bool | None) -> list[LayerError]:
+    """Write every output file into `folder` (names: the plans' groups); returns the per-layer errors.
+    All writers are open together (a source file may interleave blocks); all are discarded on error."""
+    specs: dict[str, list[TensorSpec]] = {}
+    for plan in plans:
+        specs.setdefault(plan.group, []).extend(plan.outputs)
+    writers: dict[str, SafetensorsWriter] = {}
+    try:
+        for group, group_specs in specs.items():
+            writers[group] = SafetensorsWriter(folder / group, group_specs, metadata)
+        layers: list[LayerError] = []
+        with Progress(reader.total_bytes, "converting", enabled=progress) as bar:
+            for plan in plans:
+                error = _convert_tensor(plan, reader, lora, writers[plan.group], bar)
+                if error is not None:
+                    layers.append(error)
+        # The digest needs every source byte, so it lands in the headers last (same length as the placeholder).
+        metadata[fmt.KEY_SOURCE_DIGEST] = reader.digest()
+        for writer in writers.values():
+            writer.update_metadata(fmt.KEY_SOURCE_DIGEST, metadata[fmt.KEY_SOURCE_DIGEST])
+        for writer in writers.values():
+            writer.close()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        for group in writers:
+            (folder / group).unlink(missing_ok=True)  # closed ones were renamed into place
+        raise
+    return layers
+
+
+def _write_index(folder: Path, plans: list[_Plan], metadata: dict[str, str]) -> None:
+    """The per-block index: every file's metadata plus total_size, and key -> file."""
+    weight_map = {spec.key: plan.group for plan in plans for spec in plan.outputs}
+    total = sum((folder / name).stat().st_size for name in set(weight_map.values()))
+    _write_json(folder / fmt.INDEX_NAME, {"metadata": {**metadata, "total_size": total}, "weight_map": weight_map})

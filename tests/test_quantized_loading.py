@@ -1,0 +1,206 @@
+"""Loading LightX2V FP8/INT8 and ComfyUI scaled-fp8 files (fixtures built here from
+spec/quant-formats.md) and running them as W8A8 against a float64 W8A8 emulation."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import dit8
+from dit8 import CheckpointError
+from dit8.cli import main
+from dit8.layouts import block_linears
+from dit8.model import QuantLinear
+from dit8.testing import random_inputs, random_weights, tiny_config, write_checkpoint
+from reference_wan import reference_forward
+
+QDTYPE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+def quantize_per_channel(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """LightX2V's weight quantization: symmetric per output channel, scale = max(amax, 1e-5)/qmax."""
+    w = w.float()
+    qmax = 127.0 if scheme == "int8" else 448.0
+    scale = w.abs().amax(1, keepdim=True).clamp_min(1e-5) / qmax
+    y = w / scale
+    q = y.round().clamp(-128, 127).to(torch.int8) if scheme == "int8" else y.clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def lightx2v_weights(weights, config, scheme, *, scale_dtype=torch.float32, flat_scale=False):
+    """The 12 (I2V) block linears 8-bit with `.weight_scale`, everything else bf16."""
+    out = {}
+    quantized = {f"blocks.{n}.{name}" for n in range(config.num_layers) for name in block_linears(config)}
+    for key, value in weights.items():
+        module = key.removesuffix(".weight")
+        if key.endswith(".weight") and module in quantized:
+            q, scale = quantize_per_channel(value, scheme)
+            out[key] = q
+            out[module + ".weight_scale"] = (scale.flatten() if flat_scale else scale).to(scale_dtype)
+        else:
+            out[key] = value.to(torch.bfloat16)
+    return out
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+CONFIG = tiny_config("i2v")
+
+
+@pytest.fixture(scope="module")
+def base():
+    weights = random_weights(CONFIG, seed=21)
+    inputs = random_inputs(CONFIG, seed=22)
+    return weights, inputs
+
+
+@pytest.mark.parametrize("per_block", [False, True], ids=["whole", "per_block"])
+@pytest.mark.parametrize("scale_dtype, flat", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["fp32-scale[out,1]", "bf16-scale[out]"])
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_lightx2v_files_run_as_w8a8(tmp_path, base, scheme, scale_dtype, flat, per_block):
+    weights, inputs = base
+    stored = lightx2v_weights(weights, CONFIG, scheme, scale_dtype=scale_dtype, flat_scale=flat)
+    path = write_checkpoint(stored, tmp_path / ("q" if per_block else "q.safetensors"),
+                            fmt="per_block" if per_block else "safetensors")
+    model = dit8.load_dit(path)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 12 * CONFIG.num_layers
+    assert all(m.weight.dtype == QDTYPE[scheme] for m in layers)
+    assert dit8.open_dit(path).format == "lightx2v"
+
+    hp = {k: v for k, v in stored.items() if ".weight_scale" not in k and v.dtype == torch.bfloat16}
+    dequantized = {k: (v.float() * stored[k.removesuffix(".weight") + ".weight_scale"].float().reshape(-1, 1)
+                       if v.dtype in QDTYPE.values() else v) for k, v in stored.items() if "weight_scale" not in k}
+    assert len(hp) + len(layers) == len(dequantized)
+    ref = reference_forward(dequantized, **inputs, num_heads=CONFIG.num_heads)  # 8-bit weights, exact math
+    emulated = reference_forward(stored, **inputs, num_heads=CONFIG.num_heads)  # + per-token activation quant
+    emulation_err = rel_err(emulated, ref)
+    err = rel_err(model(**inputs), ref)
+    assert 0 < err <= 2 * emulation_err, (err, emulation_err)
+
+
+def comfyui_weights(weights, config):
+    """ComfyUI scaled fp8: prefixed keys, one `.scale_weight` per tensor, a `scaled_fp8` marker; one
+    non-block linear (text_embedding.2) is fp8 too, which the runtime dequantizes on load."""
+    modules = {f"blocks.{n}.{name}" for n in range(config.num_layers) for name in block_linears(config)}
+    modules.add("text_embedding.2")
+    out, reference = {}, {}
+    for key, value in weights.items():
+        module = key.removesuffix(".weight")
+        if key.endswith(".weight") and module in modules:
+            scale = value.abs().amax().clamp_min(1e-5) / 448
+            q = (value / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+            out["model.diffusion_model." + key] = q
+            out[f"model.diffusion_model.{module}.scale_weight"] = scale.reshape(1)
+            if module.startswith("blocks."):
+                reference[key], reference[module + ".weight_scale"] = q, scale.expand(value.shape[0], 1)
+            else:
+                reference[key] = q.float() * scale
+        else:
+            out["model.diffusion_model." + key] = reference[key] = value
+    out["model.diffusion_model.scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    return out, reference
+
+
+def test_comfyui_scaled_fp8_file(tmp_path, base):
+    weights, inputs = base
+    stored, reference = comfyui_weights(weights, CONFIG)
+    path = tmp_path / "wan_comfyui.safetensors"
+    save_file(stored, str(path))
+    dit = dit8.open_dit(path)
+    assert (dit.layout, dit.format, len(dit.quantized)) == ("comfyui", "comfyui scaled-fp8", 12 * 2 + 1)
+    model = dit8.load_dit(path)
+    assert model.text_embedding[2].weight.dtype == torch.float32  # dequantized on load
+    torch.testing.assert_close(model.text_embedding[2].weight, reference["text_embedding.2.weight"].float())
+    emulated = reference_forward(reference, **inputs, num_heads=CONFIG.num_heads)
+    exact = reference_forward({k: v for k, v in reference.items() if "weight_scale" not in k} | {
+        k: v.float() * reference[k.removesuffix(".weight") + ".weight_scale"] for k, v in reference.items()
+        if v.dtype == torch.float8_e4m3fn}, **inputs, num_heads=CONFIG.num_heads)
+    assert 0 < rel_err(model(**inputs), exact) <= 2 * rel_err(emulated, exact)
+
+
+@pytest.fixture
+def int8_file(tmp_path, base):
+    return lightx2v_weights(base[0], CONFIG, "int8"), tmp_path / "q.safetensors"
+
+
+def error_of(stored, path) -> str:
+    save_file(stored, str(path))
+    with pytest.raises(CheckpointError) as info:
+        dit8.load_dit(path)
+    return str(info.value)
+
+
+def test_8bit_weight_without_scale(int8_file):
+    stored, path = int8_file
+    del stored["blocks.1.ffn.0.weight_scale"]
+    msg = error_of(stored, path)
+    assert "blocks.1.ffn.0.weight" in msg and "no scale" in msg
+
+
+def test_scale_without_8bit_weight(int8_file):
+    stored, path = int8_file
+    stored["head.head.weight_scale"] = torch.ones(64, 1)
+    assert "head.head.weight_scale" in error_of(stored, path)
+
+
+def test_misshaped_scale(int8_file):
+    stored, path = int8_file
+    stored["blocks.0.self_attn.q.weight_scale"] = torch.ones(3, 1)
+    assert "blocks.0.self_attn.q.weight_scale" in error_of(stored, path)
+
+
+def test_non_positive_scale(int8_file):
+    stored, path = int8_file
+    stored["blocks.0.self_attn.q.weight_scale"][5] = 0
+    assert "blocks.0.self_attn.q.weight_scale" in error_of(stored, path)
+
+
+def test_nan_in_fp8_weight(tmp_path, base):
+    stored = lightx2v_weights(base[0], CONFIG, "fp8")
+    stored["blocks.0.ffn.2.weight"].view(torch.uint8)[0, 0] = 0x7F
+    msg = error_of(stored, tmp_path / "q.safetensors")
+    assert "blocks.0.ffn.2.weight" in msg and "NaN" in msg
+
+
+def test_unknown_packed_format_version(int8_file):
+    stored, path = int8_file
+    save_file(stored, str(path), metadata={"dit8.format": "dit8.packed", "dit8.format_version": "99"})
+    with pytest.raises(CheckpointError, match="version 99"):
+        dit8.load_dit(path)
+
+
+def test_info_reports_the_quantization(int8_file, capsys):
+    stored, path = int8_file
+    save_file(stored, str(path))
+    assert main(["info", str(path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["format"] == "lightx2v" and summary["quantized_layers"] == {"fp8": 0, "int8": 24}
+
+
+@pytest.mark.parametrize("per_block", [False, True], ids=["whole", "per_block"])
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_converted_model_against_float64(tmp_path, base, scheme, per_block):
+    """dit8 convert -> load_dit -> forward stays within 2x the error of a float64 W8A8 emulation of the
+    converted file, both measured against the float64 forward of the source weights."""
+    from safetensors.torch import load_file
+
+    from dit8.converters import convert
+
+    weights, inputs = base
+    src = write_checkpoint(weights, tmp_path / "src.safetensors", config=CONFIG)
+    result = convert(src, tmp_path / ("out" if per_block else "out.safetensors"), scheme=scheme,
+                     per_block=per_block, report=False)
+    stored = {}
+    for file in result.files:
+        stored.update(load_file(str(file)))
+    ref = reference_forward(weights, **inputs, num_heads=CONFIG.num_heads)
+    emulated = reference_forward(stored, **inputs, num_heads=CONFIG.num_heads)
+    model = dit8.load_dit(result.output)
+    assert dit8.open_dit(result.output).format == "dit8 packed"
+    err, emulation_err = rel_err(model(**inputs), ref), rel_err(emulated, ref)
+    assert 0 < err <= 2 * emulation_err, (err, emulation_err)
