@@ -1,7 +1,8 @@
 """Backend registry: every op has a torch reference and, where written, faster backends.
 
-`backend="auto"` picks the first usable backend in BACKENDS order; the DIT8_BACKEND environment
-variable names a backend to try first for every op that has it. An explicit `backend=` is strict: it
+`backend="auto"` picks the first usable backend in BACKENDS order (on CPU tensors: the torch
+reference); the DIT8_BACKEND environment variable names a backend to try first for every op that
+has it. An explicit `backend=` is strict: it
 runs that backend or raises.
 """
 
@@ -70,7 +71,9 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
         return impl.fn
     preferred = os.environ.get(ENV_VAR, "auto")
     _check_name(preferred, ENV_VAR)
-    order = ([preferred] if preferred != "auto" else []) + list(BACKENDS)
+    # On CPU tensors "auto" means the torch reference: Triton there is the interpreter, a testing tool.
+    fallback = BACKENDS if device.type != "cpu" else ("torch",)
+    order = ([preferred] if preferred != "auto" else []) + list(fallback)
     for name in order:
         impl = impls.get(name)
         if impl is not None and impl.runs_on(device):

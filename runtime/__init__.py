@@ -1,9 +1,9 @@
 """dit8: a quantized inference runtime for the Wan2.1 image-to-video diffusion transformer."""
 
 from .config import WanConfig
-from .errors import CheckpointError, Dit8Error
+from .errors import CheckpointError, Dit8Error, InputError
 from .loader import load_dit, open_dit
-from .model import EncodedContext, InputError, WanDiT
+from .model import EncodedContext, WanDiT
 from .sampler import DistilledSampler, initial_noise
 
 __version__ = "0.1.0"

@@ -10,3 +10,7 @@ class CheckpointError(Dit8Error):
 
     The message always names the file and, where there is one, the tensor key.
     """
+
+
+class InputError(Dit8Error, ValueError):
+    """Inputs given to a model, encoder or pipeline do not fit it (shape, dtype, size, value)."""

@@ -17,12 +17,8 @@ from torch import nn
 from dit8 import kernels as ops
 
 from .config import WanConfig
-from .errors import Dit8Error
+from .errors import InputError
 from .rope import rope_table
-
-
-class InputError(Dit8Error, ValueError):
-    """Tensors given to the model do not fit its configuration."""
 
 
 @dataclass(frozen=True)

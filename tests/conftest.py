@@ -1,7 +1,18 @@
-"""Shared test settings: which devices the device-parametrized tests run on."""
+"""Shared test settings: the Triton interpreter on machines without a GPU, poisoned kernel outputs,
+and the devices the device-parametrized tests run on."""
 
-import pytest
+import os
+
 import torch
+
+# Without a GPU, Triton kernels run in the interpreter on CPU tensors; it must be switched on before
+# triton (and so dit8.kernels' Triton code) is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Kernel outputs start as NaN, so an element a kernel fails to write fails the comparison.
+os.environ.setdefault("DIT8_POISON_OUTPUTS", "1")
+
+import pytest  # noqa: E402
 
 # CPU always; CUDA as well where a GPU is present (the torch reference ops then run on it).
 DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])

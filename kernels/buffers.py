@@ -1,0 +1,24 @@
+"""Output allocation for kernel backends.
+
+Kernels write every element of their outputs, so outputs are allocated uninitialised. With
+DIT8_POISON_OUTPUTS=1 (the test suite sets it) they are filled with NaN (integers: their minimum
+value) first, so an element a kernel forgets to write shows up in the comparison with the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def poisoning() -> bool:
+    return os.environ.get("DIT8_POISON_OUTPUTS") == "1"
+
+
+def new_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer for a kernel to fill completely."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if poisoning():
+        out.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min)
+    return out
