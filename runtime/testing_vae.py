@@ -1,0 +1,53 @@
+"""Random Wan VAE weights under the official `Wan2.1_VAE.pth` key names, at any width, for tests, the
+demo and benchmarks (random weights at the real shapes). No download involved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .vae import VAEConfig, WanVAE
+
+__all__ = ["random_vae_weights", "tiny_vae_config", "write_random_vae"]
+
+
+def tiny_vae_config(dim: int = 8, **overrides) -> VAEConfig:
+    """The Wan2.1 VAE layout (4 levels, 2 residual blocks, 16 latent channels, stride 4x8x8) at base
+    width `dim` instead of 96: the real key names with tiny tensors."""
+    return VAEConfig(dim=dim, **overrides)
+
+
+def random_vae_weights(config: VAEConfig | None = None, *, seed: int = 0,
+                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random weights for `config` (the real Wan2.1 dimensions by default), official names, scaled so
+    activations stay O(1): convs ~ N(0, 1/fan_in), biases small, norm gains near 1, and the decoder's
+    last conv at half gain so most decoded pixels fall inside [-1, 1] rather than on the clamp."""
+    config = config or VAEConfig()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {key: tuple(t.shape) for key, t in WanVAE(config).state_dict().items()}
+    weights = {}
+    for key, shape in shapes.items():
+        if key.endswith(".gamma"):
+            t = 1 + 0.1 * torch.randn(shape, generator=gen)
+        elif key.endswith(".bias"):
+            t = 0.05 * torch.randn(shape, generator=gen)
+        else:
+            fan_in = 1
+            for s in shape[1:]:
+                fan_in *= s
+            t = torch.randn(shape, generator=gen) / fan_in ** 0.5
+            if key == "decoder.head.2.weight":
+                t *= 0.5
+        weights[key] = t.to(dtype)
+    return weights
+
+
+def write_random_vae(path: str | Path, config: VAEConfig | None = None, *, seed: int = 0,
+                     dtype: torch.dtype = torch.float32) -> Path:
+    """Write random weights to `path` as the official release does (a torch-saved state dict)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(random_vae_weights(config, seed=seed, dtype=dtype), path)
+    return path

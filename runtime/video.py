@@ -1,0 +1,160 @@
+"""Video output: frames to an H.264 mp4 (yuv420p, 16 fps, what players and browsers expect) and to
+numbered PNG files, and reading both back (used by the tests).
+
+Everything goes through PyAV (`av`): its wheels carry their own FFmpeg with libx264, so no system
+ffmpeg is needed. PNGs are made by FFmpeg's png encoder through the same library (lossless 8-bit RGB),
+so one media dependency covers both outputs and Pillow is not needed.
+
+Frames are [F, H, W, 3] RGB, either uint8 or float in [-1, 1] (the VAE's range, mapped by
+round((x + 1) · 127.5)); `video_to_frames` turns the VAE's [3, F, H, W] output into that layout.
+yuv420p stores colour at half resolution, so H.264 needs even width and height: odd sizes are refused
+unless `pad_odd=True`, which repeats the last row/column (Wan sizes are multiples of 16, so the
+pipeline never hits this).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from .errors import InputError
+
+__all__ = ["FPS", "VideoFile", "read_png", "read_video", "to_uint8_frames", "video_to_frames",
+           "write_mp4", "write_png_frames"]
+
+FPS = 16  # Wan2.1's frame rate
+H264_ENCODERS = ("libx264", "libopenh264")
+
+
+def to_uint8_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
+    """[F, H, W, 3] uint8, or float in [-1, 1] (clamped), as a numpy uint8 array of the same shape."""
+    if isinstance(frames, torch.Tensor):
+        t = frames.detach()
+        if t.is_floating_point():
+            t = ((t.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        frames = t.cpu().numpy()
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise InputError(f"frames must be [frames, height, width, 3] RGB, got shape {frames.shape}")
+    if np.issubdtype(frames.dtype, np.floating):
+        frames = np.round((np.clip(frames, -1, 1) + 1) * 127.5).astype(np.uint8)
+    elif frames.dtype != np.uint8:
+        raise InputError(f"frames must be uint8 or float in [-1, 1], got {frames.dtype}")
+    return np.ascontiguousarray(frames)
+
+
+def video_to_frames(video: torch.Tensor) -> np.ndarray:
+    """The VAE's output for one video, [3, F, H, W] or [1, 3, F, H, W] in [-1, 1] -> [F, H, W, 3] uint8."""
+    if video.ndim == 5 and video.shape[0] == 1:
+        video = video[0]
+    if video.ndim != 4 or video.shape[0] != 3:
+        raise InputError(f"expected a video [3, frames, height, width] (or with a batch of 1), "
+                         f"got shape {tuple(video.shape)}")
+    return to_uint8_frames(video.permute(1, 2, 3, 0))
+
+
+def _even(frames: np.ndarray, pad_odd: bool) -> np.ndarray:
+    h, w = frames.shape[1:3]
+    if h % 2 == 0 and w % 2 == 0:
+        return frames
+    if not pad_odd:
+        raise InputError(f"H.264 in yuv420p needs an even width and height, the frames are {w}x{h}; crop "
+                         f"them, or pass pad_odd=True to repeat the last row/column")
+    return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+
+def _h264_encoder() -> str:
+    for name in H264_ENCODERS:
+        if name in av.codecs_available:
+            return name
+    raise RuntimeError(f"this PyAV build has no H.264 encoder ({' or '.join(H264_ENCODERS)})")
+
+
+def write_mp4(path: str | Path, frames: torch.Tensor | np.ndarray, *, fps: int = FPS, crf: int = 18,
+              pad_odd: bool = False) -> Path:
+    """Write frames as an H.264 mp4, yuv420p, constant `fps`, quality `crf` (x264's scale: 0 lossless,
+    18 visually lossless, 23 its default). The file appears complete or not at all (it is written
+    beside and renamed), and its index is at the front so it plays while downloading."""
+    path = Path(path)
+    frames = _even(to_uint8_frames(frames), pad_odd)
+    _, height, width, _ = frames.shape
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with av.open(str(partial), mode="w", format="mp4", container_options={"movflags": "+faststart"}) as out:
+            stream = out.add_stream(_h264_encoder(), rate=fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.codec_context.time_base = Fraction(1, fps)
+            stream.options = {"crf": str(crf)}
+            for i, rgb in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                frame.pts = i
+                out.mux(stream.encode(frame))
+            out.mux(stream.encode(None))  # flush the encoder's delayed frames
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def write_png_frames(folder: str | Path, frames: torch.Tensor | np.ndarray, *,
+                     prefix: str = "frame_") -> list[Path]:
+    """Write each frame as `folder/{prefix}{index}.png` (index zero-padded to at least 5 digits, from 0),
+    8-bit RGB; returns the paths in order."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = to_uint8_frames(frames)
+    digits = max(5, len(str(len(frames) - 1)))
+    paths = []
+    for i, rgb in enumerate(frames):
+        codec = av.CodecContext.create("png", "w")
+        codec.width, codec.height, codec.pix_fmt = rgb.shape[1], rgb.shape[0], "rgb24"
+        packets = codec.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")) + codec.encode(None)
+        path = folder / f"{prefix}{i:0{digits}d}.png"
+        path.write_bytes(b"".join(bytes(p) for p in packets))
+        paths.append(path)
+    return paths
+
+
+@dataclass(frozen=True)
+class VideoFile:
+    """A video read back: frames [F, H, W, 3] uint8 RGB and what the file says about itself."""
+
+    frames: np.ndarray
+    fps: float
+    codec: str
+    pix_fmt: str
+
+    @property
+    def num_frames(self) -> int:
+        return self.frames.shape[0]
+
+    @property
+    def height(self) -> int:
+        return self.frames.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.frames.shape[2]
+
+
+def read_video(path: str | Path) -> VideoFile:
+    """Decode every frame of the first video stream of `path` to RGB."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        fps = float(stream.average_rate) if stream.average_rate else float("nan")
+        codec, pix_fmt = stream.codec_context.name, stream.codec_context.pix_fmt
+    if not frames:
+        raise InputError(f"{path}: no video frames")
+    return VideoFile(np.stack(frames), fps, codec, pix_fmt)
+
+
+def read_png(path: str | Path) -> np.ndarray:
+    """One PNG as [H, W, 3] uint8 RGB."""
+    return read_video(path).frames[0]

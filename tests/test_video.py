@@ -1,0 +1,82 @@
+"""Video output: H.264 mp4 (yuv420p, 16 fps) and PNG frames written through PyAV and read back."""
+
+import numpy as np
+import pytest
+import torch
+
+from dit8 import InputError
+from dit8.testing_vae import random_vae_weights, tiny_vae_config
+from dit8.vae import WanVAE
+from dit8.video import FPS, read_png, read_video, to_uint8_frames, video_to_frames, write_mp4, write_png_frames
+
+
+def smooth_frames(frames: int = 17, height: int = 48, width: int = 64) -> np.ndarray:
+    """Gradients that move from frame to frame: compress well, so decoded values stay close."""
+    y, x = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
+    out = np.empty((frames, height, width, 3), np.uint8)
+    for i in range(frames):
+        out[i, ..., 0] = 255 * x
+        out[i, ..., 1] = 255 * y
+        out[i, ..., 2] = 255 * i / max(frames - 1, 1)
+    return out
+
+
+def test_mp4_round_trip(tmp_path):
+    frames = smooth_frames()
+    path = write_mp4(tmp_path / "out.mp4", frames)
+    video = read_video(path)
+    assert (video.num_frames, video.height, video.width) == (17, 48, 64)
+    assert video.fps == FPS == 16
+    assert (video.codec, video.pix_fmt) == ("h264", "yuv420p")
+    assert np.abs(video.frames.astype(int) - frames).mean() < 3
+    assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]  # no partial file left beside it
+
+
+def test_mp4_from_float_frames_in_minus_one_to_one(tmp_path):
+    frames = torch.from_numpy(smooth_frames(5, 32, 32)).float() / 127.5 - 1
+    video = read_video(write_mp4(tmp_path / "f.mp4", frames, fps=8))
+    assert (video.num_frames, video.height, video.width, video.fps) == (5, 32, 32, 8)
+
+
+def test_float_mapping():
+    frames = torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0]).view(1, 1, 5, 1).expand(1, 1, 5, 3)
+    assert to_uint8_frames(frames)[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
+    assert to_uint8_frames(frames.numpy())[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+def test_odd_sizes_are_refused_or_padded(tmp_path):
+    frames = smooth_frames(3, 33, 48)
+    with pytest.raises(InputError, match="even width and height.*48x33"):
+        write_mp4(tmp_path / "odd.mp4", frames)
+    assert not list(tmp_path.iterdir())
+    video = read_video(write_mp4(tmp_path / "odd.mp4", frames, pad_odd=True))
+    assert (video.num_frames, video.height, video.width) == (3, 34, 48)
+
+
+@pytest.mark.parametrize("frames, words", [(np.zeros((4, 8, 8), np.uint8), "frames, height, width, 3"),
+                                           (np.zeros((2, 8, 8, 4), np.uint8), "frames, height, width, 3"),
+                                           (np.zeros((2, 8, 8, 3), np.int32), "uint8 or float")])
+def test_bad_frames(tmp_path, frames, words):
+    with pytest.raises(InputError, match=words):
+        write_mp4(tmp_path / "x.mp4", frames)
+
+
+def test_png_frames(tmp_path):
+    frames = smooth_frames(3, 20, 30)
+    paths = write_png_frames(tmp_path / "frames", frames)
+    assert [p.name for p in paths] == ["frame_00000.png", "frame_00001.png", "frame_00002.png"]
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [p.name for p in paths]
+    for path, frame in zip(paths, frames):
+        assert np.array_equal(read_png(path), frame)  # lossless
+
+
+def test_decoded_video_to_mp4(tmp_path):
+    """The VAE's output layout [1, 3, F, H, W] in [-1, 1] goes to a file with 4k+1 frames."""
+    vae = WanVAE.from_state_dict(random_vae_weights(tiny_vae_config(dim=4), seed=1))
+    decoded = vae.decode(torch.randn(1, 16, 3, 2, 4, generator=torch.Generator().manual_seed(0)))
+    frames = video_to_frames(decoded)
+    assert frames.shape == (9, 16, 32, 3) and frames.dtype == np.uint8
+    video = read_video(write_mp4(tmp_path / "decoded.mp4", frames))
+    assert (video.num_frames, video.height, video.width, video.fps) == (9, 16, 32, 16)
+    with pytest.raises(InputError, match="3, frames, height, width"):
+        video_to_frames(decoded[0, :2])
