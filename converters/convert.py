@@ -328,8 +328,7 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
     _check_options(scheme, out_dtype, keep)
     _check_paths(src, dst, per_block, force)
     started = time.monotonic()
-    dit = open_dit(src)
-    fmt.check_format_version(dit.checkpoint.metadata, dit.path)
+    dit = open_dit(src)  # validates names, shapes, config and the packed-format version
     _check_float_source(dit)
     with SourceReader(dit) as reader, LoraSet(lora or (), expected_shapes(dit.config)) as lora_set:
         quantized = _quantized_layers(dit.config, scheme, keep)
