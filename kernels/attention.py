@@ -1,4 +1,14 @@
-"""Attention ops on [B, L, H, D] tensors: softmax(q·kᵀ/√D)·v, bidirectional, no mask."""
+"""Attention ops on [B, L, H, D] tensors: softmax(q·kᵀ/√D)·v, bidirectional, no mask.
+
+Backends:
+- "torch": the reference, F.scaled_dot_product_attention in the inputs' dtype; no 8-bit paths.
+- "triton" (kernels/attention_triton.py, imported lazily so dit8 imports without triton): flash
+  attention with online softmax for precision "bf16"; the 8-bit paths "int8" (INT8 q·kᵀ, fp16/bf16
+  P·V) and "fp8" (FP8 e4m3 q·kᵀ and P·V), both with K mean-smoothing, Q mean-smoothing (its term added
+  back as a per-key fp32 bias) and per-block scales, statistics and accumulation in fp32; and the fused
+  I2V cross-attention (text and image softmaxes in one launch). It needs head_dim <= 256 (Wan's
+  128 is the tuned case; other widths are padded to a power of two >= 16) and at least one key.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +17,7 @@ import torch.nn.functional as F
 
 from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor
 from .registry import register, resolve
+from .triton_support import triton_runs_on
 
 PRECISIONS = ("bf16", "int8", "fp8")
 
@@ -25,6 +36,16 @@ def _attention_torch(q, k, v, precision):
     return _sdpa(q, k, v)
 
 
+# auto=False until these kernels have passed their tests on a GPU (they are checked in the interpreter).
+@register("attention", "triton", runs_on=triton_runs_on, auto=False)
+def _attention_triton(q, k, v, precision):
+    from . import attention_triton as impl  # lazy: triton is an optional dependency
+
+    if precision == "bf16":
+        return impl.attention_bf16(q, k, v)
+    return impl.attention_8bit(q, k, v, precision)
+
+
 def _check_qkv(op: str, q, k, v) -> None:
     check_tensor(op, "q", q, ndim=4, dtypes=FLOAT_DTYPES)
     B, _, H, D = q.shape
@@ -39,7 +60,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, precision: s
     """q [B, Lq, H, D], k and v [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype, scale 1/√D.
 
     precision "bf16" attends in the inputs' own dtype (fp32 inputs stay fp32); "int8" and "fp8" are
-    the 8-bit paths of the kernel backends.
+    the 8-bit paths of the kernel backends (triton): "int8" keeps the relative error near 1% on
+    Gaussian and on offset (RMS-normed-like) q/k, "fp8" is the all-FP8 fast path with e4m3's larger
+    error (~4-5% on Gaussian inputs); see tests/test_attention_triton.py for the measured budgets.
     """
     if precision not in PRECISIONS:
         raise OpArgumentError(f"attention: precision must be one of {PRECISIONS}, got {precision!r}")
@@ -53,6 +76,13 @@ def _cross_attention_torch(q, k, v, k_img, v_img):
     if k_img is not None:
         out = out + _sdpa(q, k_img, v_img)
     return out
+
+
+@register("cross_attention", "triton", runs_on=triton_runs_on, auto=False)  # see attention above
+def _cross_attention_triton(q, k, v, k_img, v_img):
+    from . import attention_triton as impl  # lazy: triton is an optional dependency
+
+    return impl.cross_attention(q, k, v, k_img, v_img)
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,

@@ -29,6 +29,7 @@ class BackendError(Dit8Error, ValueError):
 class _Impl:
     fn: Callable
     runs_on: Callable[[torch.device], bool]
+    auto: bool
 
 
 _OPS: dict[str, dict[str, _Impl]] = {}
@@ -38,16 +39,19 @@ def _any_device(device: torch.device) -> bool:
     return True
 
 
-def register(op: str, backend: str, runs_on: Callable[[torch.device], bool] = _any_device):
+def register(op: str, backend: str, runs_on: Callable[[torch.device], bool] = _any_device, *,
+             auto: bool = True):
     """Decorator registering `fn` as `backend`'s implementation of `op`.
 
     `runs_on(device)` tells whether it can run on tensors of that device on this machine.
+    `auto=False` keeps it out of "auto" selection (explicit `backend=` and DIT8_BACKEND still reach
+    it): for kernels that have not yet passed their tests on a GPU.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
     def decorate(fn: Callable) -> Callable:
-        _OPS.setdefault(op, {})[backend] = _Impl(fn, runs_on)
+        _OPS.setdefault(op, {})[backend] = _Impl(fn, runs_on, auto)
         return fn
 
     return decorate
@@ -76,7 +80,7 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
     order = ([preferred] if preferred != "auto" else []) + list(fallback)
     for name in order:
         impl = impls.get(name)
-        if impl is not None and impl.runs_on(device):
+        if impl is not None and impl.runs_on(device) and (impl.auto or name == preferred):
             return impl.fn
     raise BackendError(f"{op}: no backend can run on {device.type} tensors here")
 

@@ -126,3 +126,16 @@ def test_residual_add_and_activations():
     assert rel_err(ops.activation(z.float(), "gelu_tanh"), tanh) < 1e-6
     assert rel_err(ops.activation(z.float(), "gelu"), 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))) < 1e-6
     assert rel_err(ops.activation(z.float(), "silu"), z * torch.sigmoid(z)) < 1e-6
+
+
+def test_auto_skips_implementations_registered_out_of_it(monkeypatch):
+    from dit8.kernels import registry
+
+    monkeypatch.setattr(registry, "_OPS", {})
+    registry.register("probe", "torch")(lambda: "torch")
+    registry.register("probe", "cuda", runs_on=lambda d: True, auto=False)(lambda: "cuda")
+    gpu = torch.device("cuda")
+    assert registry.resolve("probe", "auto", gpu)() == "torch"
+    assert registry.resolve("probe", "cuda", gpu)() == "cuda"
+    monkeypatch.setenv("DIT8_BACKEND", "cuda")
+    assert registry.resolve("probe", "auto", gpu)() == "cuda"

@@ -1,0 +1,99 @@
+"""Shared fixtures of the benchmark suites (pytest-benchmark), for any op family.
+
+CUDA: every timed function runs under `triton.testing.do_bench` (CUDA events, L2 flushed between
+runs, median after warm-up); the milliseconds, the rate and the ratio to the baseline measured in the
+same run go into `benchmark.extra_info` (see them with `--benchmark-json`). The pytest-benchmark table
+itself times a few synchronized calls, as a cross-check.
+
+No CUDA: smoke mode. Suites pick tiny shapes and every function runs once (Triton kernels in the
+interpreter), so CI proves the suites still run; the times mean nothing and no rate is reported.
+
+    python -m pytest bench -q                          # the whole suite
+    python -m pytest bench -q --benchmark-json=out.json
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+# As in tests/conftest.py: the interpreter must be switched on before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+def gpu_time_ms(fn, *, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of fn() on CUDA (do_bench); on CPU the wall time of one call."""
+    if CUDA:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    return "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture(scope="session")
+def smoke() -> bool:
+    """True without CUDA: use tiny shapes, run once, report no rates."""
+    return not CUDA
+
+
+@pytest.fixture(scope="session")
+def gpu_time():
+    """The timing function: gpu_time(fn) -> milliseconds."""
+    return gpu_time_ms
+
+
+@pytest.fixture(scope="session")
+def baseline_cache() -> dict:
+    """Baseline times measured once per session, keyed by the suite (e.g. ("attention", shape))."""
+    return {}
+
+
+@pytest.fixture
+def record(benchmark):
+    """record(fn, *, flops=None, nbytes=None, baseline_ms=None, **info) -> ms.
+
+    Times fn, fills benchmark.extra_info (ms; TFLOP/s and GB/s when flops/nbytes are given; the
+    speed-up `ratio` = baseline_ms / ms; any extra info) and runs it under pytest-benchmark."""
+
+    def run(fn, *, flops: float | None = None, nbytes: float | None = None,
+            baseline_ms: float | None = None, **info) -> float:
+        ms = gpu_time_ms(fn)
+        extra = benchmark.extra_info
+        extra["device"] = torch.cuda.get_device_name() if CUDA else "cpu (smoke: interpreter, tiny shapes)"
+        extra["ms"] = round(ms, 4)
+        if CUDA:
+            if flops is not None:
+                extra["tflops"] = round(flops / ms / 1e9, 1)
+            if nbytes is not None:
+                extra["gbps"] = round(nbytes / ms / 1e6, 1)
+            if baseline_ms is not None:
+                extra["baseline_ms"] = round(baseline_ms, 4)
+                extra["ratio"] = round(baseline_ms / ms, 3)
+        extra.update(info)
+
+        def synced():
+            fn()
+            if CUDA:
+                torch.cuda.synchronize()
+
+        if CUDA:
+            benchmark.pedantic(synced, rounds=5, iterations=1, warmup_rounds=1)
+        else:
+            benchmark.pedantic(synced, rounds=1, iterations=1)
+        return ms
+
+    return run

@@ -1,0 +1,163 @@
+"""Attention benchmarks: the Triton kernels against torch SDPA (cuDNN and FlashAttention-2 backends)
+in the same run, at Wan2.1-14B 480P sizes (B=1, H=40, D=128, 32,760 tokens; 512 text and 257 image
+keys for cross-attention).
+
+    python -m pytest bench/test_bench_attention.py -q --benchmark-json=attn.json
+
+extra_info of each benchmark: ms (do_bench median), tflops (4·B·H·Lq·Lk·D per call; for the 8-bit paths
+a bf16-equivalent rate), ratio = cuDNN ms / ms, rel_err against the cuDNN output, and for the 8-bit
+paths quantize_ms (the smoothing and quantization of q, k, v, included in ms); n_regs / n_spills of
+the Triton kernel.
+DIT8_ATTN_SWEEP=1 also times every candidate launch configuration (for tuning the config table).
+Without CUDA: smoke mode (tiny shapes, one run each, Triton in the interpreter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+from dit8 import kernels as ops
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+from dit8.kernels import attention_triton as impl  # noqa: E402
+
+# (B, L, H, D) of the self-attention and (Lq, Ltext, Limage) of the cross-attention.
+FULL = dict(self_shape=(1, 32760, 40, 128), cross=(32760, 512, 257))
+SMOKE = dict(self_shape=(1, 100, 2, 32), cross=(70, 40, 19))
+
+
+def sdpa_backend(name: str, device: str):
+    """Context forcing torch SDPA onto one backend (on CPU: the math backend, smoke mode only)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device != "cuda":
+        return sdpa_kernel([SDPBackend.MATH])
+    return sdpa_kernel([{"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]])
+
+
+def inputs(shape, lk, device, seed=0):
+    B, L, H, D = shape
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, L, H, D, device=device, generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(B, lk, H, D, device=device, generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(B, lk, H, D, device=device, generator=gen, dtype=torch.bfloat16)
+    return q, k, v
+
+
+def kernel_info(name: str) -> dict:
+    """Registers and spills of the last compiled launch of a Triton wrapper (CUDA only)."""
+    compiled = impl.LAST_COMPILED.get(name)
+    return {k: getattr(compiled, k) for k in ("n_regs", "n_spills") if hasattr(compiled, k)}
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _sdpa_call(name, device, q, k, v):
+    def run():
+        with sdpa_backend(name, device):
+            return ops.attention(q, k, v, backend="torch")
+    return run
+
+
+SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "triton_bf16", "triton_int8", "triton_fp8", "triton_int8_pvfp8"]
+
+
+@pytest.mark.parametrize("name", SELF_IMPLS)
+def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
+    shape = (SMOKE if smoke else FULL)["self_shape"]
+    B, L, H, D = shape
+    q, k, v = inputs(shape, L, device)
+    key = ("attention", shape)
+    if key not in baseline_cache:
+        cudnn = _sdpa_call("cudnn", device, q, k, v)
+        baseline_cache[key] = (gpu_time(cudnn), cudnn())
+    base_ms, base_out = baseline_cache[key]
+
+    info = {}
+    if name.startswith("sdpa_"):
+        fn = _sdpa_call(name.removeprefix("sdpa_"), device, q, k, v)
+    elif name == "triton_bf16":
+        fn = lambda: ops.attention(q, k, v, precision="bf16", backend="triton")  # noqa: E731
+    else:
+        precision, pv = {"triton_int8": ("int8", None), "triton_fp8": ("fp8", None),
+                         "triton_int8_pvfp8": ("int8", "fp8")}[name]
+        pv = pv or impl.DEFAULT_PV[precision]
+        fn = lambda: impl.attention_8bit(q, k, v, precision, pv=pv)  # noqa: E731
+        cfg = impl.pick_config("8bit", D)
+        info["quantize_ms"] = round(gpu_time(lambda: impl.quantize_for_attention(
+            q, k, v, qk=precision, pv=pv, block_m=cfg.block_m, block_n=cfg.block_n)), 4)
+        info["pv"] = pv
+    out = fn()
+    if name.startswith("triton_"):
+        info.update(kernel_info("attention" if name == "triton_bf16" else "attention_8bit"))
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    err = rel_err(out, base_out)
+    # A wrong kernel must not produce a benchmark number: 8-bit within its error budget (~5% for
+    # all-FP8, tests/test_attention_triton.py), the others within bf16 rounding of cuDNN.
+    assert err < (0.08 if name.startswith("triton_") and name != "triton_bf16" else 0.02), err
+    record(fn, flops=4 * B * H * L * L * D, baseline_ms=base_ms, rel_err=round(err, 5),
+           shape=list(shape), **info)
+
+
+CROSS_IMPLS = ["cudnn_two_calls", "flash_two_calls", "triton_fused"]
+
+
+@pytest.mark.parametrize("name", CROSS_IMPLS)
+def test_cross_attention(name, device, smoke, record, gpu_time, baseline_cache):
+    lq, lt, li = (SMOKE if smoke else FULL)["cross"]
+    B, _, H, D = (SMOKE if smoke else FULL)["self_shape"]
+    q, k, v = inputs((B, lq, H, D), lt, device)
+    _, k_img, v_img = inputs((B, 1, H, D), li, device, seed=1)
+
+    def two_calls(backend):
+        def run():
+            with sdpa_backend(backend, device):
+                return ops.cross_attention(q, k, v, k_img, v_img, backend="torch")
+        return run
+
+    key = ("cross_attention", (B, lq, lt, li, H, D))
+    if key not in baseline_cache:
+        baseline_cache[key] = (gpu_time(two_calls("cudnn")), two_calls("cudnn")())
+    base_ms, base_out = baseline_cache[key]
+    if name == "triton_fused":
+        fn = lambda: ops.cross_attention(q, k, v, k_img, v_img, backend="triton")  # noqa: E731
+    else:
+        fn = two_calls(name.removesuffix("_two_calls"))
+    out = fn()
+    info = kernel_info("cross_attention") if name == "triton_fused" else {}
+    err = rel_err(out, base_out)
+    assert torch.isfinite(out).all() and err < 0.02, err
+    record(fn, flops=4 * B * H * lq * (lt + li) * D, baseline_ms=base_ms, rel_err=round(err, 5),
+           shape=[B, lq, lt, li, H, D], **info)
+
+
+SWEEP = [impl.AttnConfig(*c) for c in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+                                       (128, 128, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3), (256, 64, 8, 2)]]
+
+
+@pytest.mark.skipif(os.environ.get("DIT8_ATTN_SWEEP") != "1" or not torch.cuda.is_available(),
+                    reason="config sweep: set DIT8_ATTN_SWEEP=1 on a CUDA machine")
+@pytest.mark.parametrize("path", ["bf16", "int8", "fp8"])
+def test_config_sweep(path, device, record, gpu_time):
+    B, L, H, D = FULL["self_shape"]
+    q, k, v = inputs(FULL["self_shape"], L, device)
+    def call(cfg):
+        if path == "bf16":
+            return lambda: impl.attention_bf16(q, k, v, config=cfg)
+        return lambda: impl.attention_8bit(q, k, v, path, config=cfg)
+
+    times = {}
+    for cfg in SWEEP:
+        with contextlib.suppress(Exception):  # a config that does not compile (shared memory) is skipped
+            call(cfg)()
+            times[cfg] = gpu_time(call(cfg))
+    assert times, "no configuration ran"
+    best = min(times, key=times.get)
+    record(call(best), flops=4 * B * H * L * L * D, best=str(best),
+           sweep={str(c): round(t, 3) for c, t in times.items()})

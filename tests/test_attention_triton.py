@@ -1,0 +1,458 @@
+"""The Triton attention kernels (kernels/attention_triton.py) against float64, on fresh random inputs.
+
+Without a GPU they run in the Triton interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1), with small shapes whose lengths are not multiples of the blocks; with a GPU the
+same tests run compiled on CUDA tensors. Outputs are poisoned with NaN (DIT8_POISON_OUTPUTS=1), so an
+element a kernel forgets to write fails every comparison.
+
+The reference is the float64 attention of the very inputs the kernel receives (already rounded to
+their dtype): the error measured is the kernel's, not the input rounding's. Error budgets:
+- bf16/fp16/fp32 path: at most 2x the error of torch SDPA (the reference op) on the same inputs.
+- 8-bit paths: the issue's target (relative error <= 3%, cosine >= 0.999) on Gaussian q/k/v and on
+  q/k with large per-channel offsets (as RMS-normed q/k have). Beside it, a float64 emulation of the
+  same algorithm (`emulate_8bit`: same smoothing, same per-block codes, exact sums) says how much error
+  the quantization itself costs; the kernel must not add to it beyond its fp32 arithmetic.
+- Plain per-tensor FP8 attention (`emulate_per_tensor_fp8`) is shown to fail on the offset inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot run")
+
+from dit8 import kernels as ops  # noqa: E402
+from dit8.kernels import OpArgumentError  # noqa: E402
+from dit8.kernels import attention_triton as impl  # noqa: E402
+from dit8.kernels.triton_support import interpreting  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP8 = torch.float8_e4m3fn
+LOG2E = math.log2(math.e)
+
+# (Lq, Lk, D): lengths off the block sizes (interpreter blocks 64 x 32, GPU 128 x 128), Lq != Lk.
+SHAPES = [(77, 45, 16), (200, 129, 64)]
+B, H = 2, 3
+
+
+def randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def make_qkv(lq, lk, d, *, seed, dtype, offsets=False):
+    """q [B, Lq, H, D], k and v [B, Lk, H, D]; with `offsets`, q and k get a large per-channel offset
+    (8 standard deviations, the same for every token and head) as RMS-normed q/k carry."""
+    q, k, v = randn(B, lq, H, d, seed=seed), randn(B, lk, H, d, seed=seed + 1), randn(B, lk, H, d, seed=seed + 2)
+    if offsets:
+        q = q + 8 * randn(d, seed=seed + 3)
+        k = k + 8 * randn(d, seed=seed + 4)
+    return [t.to(dtype).to(DEVICE) for t in (q, k, v)]
+
+
+def attention64(q, k, v):
+    """softmax(q·kᵀ/√D)·v in float64, [B, Lq, H, D]."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / math.sqrt(q.shape[-1])
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double())
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+def check_output(out, like):
+    assert out.shape == like.shape and out.dtype == like.dtype and out.device == like.device
+    assert torch.isfinite(out).all(), "kernel left elements unwritten (NaN poison) or overflowed"
+
+
+# ----------------------------------------------------------------------------------------------------
+# bf16 / fp16 / fp32 flash attention
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lq, lk, d", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_flash_attention_within_twice_sdpa_error(lq, lk, d, dtype):
+    q, k, v = make_qkv(lq, lk, d, seed=lq + lk + d, dtype=dtype)
+    ref = attention64(q, k, v)
+    out = ops.attention(q, k, v, precision="bf16", backend="triton")
+    check_output(out, q)
+    sdpa_err = rel_err(ops.attention(q, k, v, backend="torch"), ref)
+    # fp32: both errors are a few fp32 roundings (~1e-7); the floor of 16 fp32 ulps (2^-20) keeps the
+    # factor 2 from judging noise.
+    floor = 2.0 ** -20 if dtype == torch.float32 else 0.0
+    assert rel_err(out, ref) <= 2 * sdpa_err + floor
+
+
+def test_single_query_and_single_key():
+    q, k, v = make_qkv(1, 1, 32, seed=5, dtype=torch.bfloat16)
+    out = ops.attention(q, k, v, backend="triton")
+    check_output(out, q)
+    # One key: the softmax weight is exactly 1, the output is v rounded to bf16 (exact here).
+    assert torch.equal(out, v)
+
+
+def fused_qkv(lq, d, *, seed, dtype):
+    """q, k, v as the QKV GEMM leaves them: views into one [B, L, 3, H, D] buffer (row stride 3·H·D)."""
+    qkv = randn(B, lq, 3, H, d, seed=seed).to(dtype).to(DEVICE)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reads_strided_views_without_copies(precision):
+    q, k, v = fused_qkv(70, 32, seed=11, dtype=torch.bfloat16)
+    assert not q.is_contiguous()
+    out = ops.attention(q, k, v, precision=precision, backend="triton")
+    check_output(out, q)
+    assert out.is_contiguous()
+    ref = attention64(q, k, v)
+    if precision == "bf16":
+        contiguous = ops.attention(q.contiguous(), k.contiguous(), v.contiguous(), backend="triton")
+        # The strides change which addresses are read, not the arithmetic: identical results.
+        assert torch.equal(out, contiguous)
+        assert rel_err(out, ref) <= 2 * rel_err(ops.attention(q, k, v, backend="torch"), ref)
+    else:
+        # (the torch mean over a strided view may sum in another order: compare with float64 only)
+        assert rel_err(out, ref) <= 0.03 and cosine(out, ref) >= 0.999
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8", "fp8"])
+def test_head_dim_not_a_power_of_two(precision):
+    # head_dim 24 (a small model's) is padded to 32 inside the kernels; the padding must stay invisible.
+    q, k, v = make_qkv(40, 37, 24, seed=61, dtype=torch.bfloat16, offsets=precision != "bf16")
+    ref = attention64(q, k, v)
+    out = ops.attention(q, k, v, precision=precision, backend="triton")
+    check_output(out, q)
+    if precision == "bf16":
+        assert rel_err(out, ref) <= 2 * rel_err(ops.attention(q, k, v, backend="torch"), ref)
+    else:
+        cfg = impl.pick_config("8bit", 24)
+        emu = emulate_8bit(q, k, v, precision, impl.DEFAULT_PV[precision], cfg.block_m, cfg.block_n)
+        assert rel_err(out, ref) <= 1.2 * rel_err(emu, ref) + 2e-3
+
+
+def test_cross_attention_head_dim_not_a_power_of_two():
+    q, k, v = make_qkv(40, 37, 24, seed=71, dtype=torch.bfloat16)
+    _, k_img, v_img = make_qkv(1, 9, 24, seed=81, dtype=torch.bfloat16)
+    ref = attention64(q, k, v) + attention64(q, k_img, v_img)
+    out = ops.cross_attention(q, k, v, k_img, v_img, backend="triton")
+    check_output(out, q)
+    assert rel_err(out, ref) <= 2 * rel_err(ops.cross_attention(q, k, v, k_img, v_img, backend="torch"), ref)
+
+
+def test_unsupported_arguments_are_refused():
+    with pytest.raises(OpArgumentError, match="head_dim"):
+        ops.attention(*make_qkv(8, 8, 264, seed=0, dtype=torch.float32), backend="triton")
+    with pytest.raises(OpArgumentError, match="no keys"):
+        q, k, v = make_qkv(8, 0, 16, seed=0, dtype=torch.float32)
+        ops.attention(q, k, v, backend="triton")
+
+
+def test_interpreter_rounding_workaround_rounds_to_nearest_even():
+    if not interpreting():
+        pytest.skip("the workaround only runs under the Triton interpreter")
+    # The interpreter's own fp32 -> fp8 cast turns 7.9 into 4.0 and its fp32 -> bf16 cast truncates;
+    # the kernels' pre-rounding must make both agree with torch's round-to-nearest-even casts.
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast(X, Y8, Y16, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        x = tl.load(X + offs)
+        tl.store(Y8 + offs, impl._to_fp8(tl.minimum(tl.maximum(x, -448.0), 448.0), True))
+        tl.store(Y16 + offs, impl._round_mantissa(x, 16).to(tl.bfloat16))
+
+    special = [7.9, -7.9, 447.0, 1.0625, 1.1875, 0.0, 3 * 2.0 ** -10, 5 * 2.0 ** -10, -0.0049, 2.0 ** -6]
+    # Magnitudes from 2^-12 (e4m3 subnormals) to 2^10 (saturation), both signs, and ties.
+    x = randn(4096 - len(special), seed=1) * torch.exp2(torch.linspace(-12, 10, 4096 - len(special)))
+    x = torch.cat([x, torch.tensor(special)])
+    y8, y16 = torch.empty(x.shape, dtype=FP8), torch.empty(x.shape, dtype=torch.bfloat16)
+    cast[(1,)](x, y8, y16, N=x.numel())
+    assert torch.equal(y8.float(), x.clamp(-448, 448).to(FP8).float())
+    assert torch.equal(y16.float(), x.to(torch.bfloat16).float())
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8-bit attention
+# ----------------------------------------------------------------------------------------------------
+
+def _e4m3(x):
+    """Round float64 values to e4m3 (torch's round-to-nearest-even cast), back to float64."""
+    return x.float().clamp(-448, 448).to(FP8).double()
+
+
+def _quantize_blocks64(x, block, qk):
+    """Symmetric per-block codes of x [B, L, H, D] (one scale per `block` rows per head), dequantized."""
+    out = torch.empty_like(x)
+    qmax = 127.0 if qk == "int8" else 448.0
+    for start in range(0, x.shape[1], block):
+        t = x[:, start:start + block]
+        scale = t.abs().amax(dim=(1, 3), keepdim=True).clamp_min(1e-12) / qmax
+        y = t / scale
+        codes = torch.sign(y) * torch.floor(y.abs() + 0.5) if qk == "int8" else _e4m3(y)
+        out[:, start:start + block] = codes * scale
+    return out
+
+
+def emulate_8bit(q, k, v, qk, pv, block_m, block_n):
+    """The 8-bit algorithm in float64: K and Q mean smoothing (q's mean term back as a per-key bias),
+    per-block q/k codes, exact dot products, softmax, P·V with P and v rounded as `pv` does
+    ("fp16": no rounding modelled, P's 16-bit rounding is far below the 8-bit error; "fp8": e4m3 P
+    scaled by 448 and per-channel e4m3 v). [B, Lq, H, D] float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    c = LOG2E / math.sqrt(q.shape[-1])
+    q_mean, k_mean = q.mean(1, keepdim=True), k.mean(1, keepdim=True)
+    qc = _quantize_blocks64((q - q_mean) * c, block_m, qk)
+    kc = _quantize_blocks64(k - k_mean, block_n, qk)
+    bias = torch.einsum("bxhd,bkhd->bhxk", q_mean * c, k - k_mean)
+    s = torch.einsum("bqhd,bkhd->bhqk", qc, kc) + bias  # log2 units
+    p = torch.exp2(s - s.amax(-1, keepdim=True))
+    denom = p.sum(-1, keepdim=True)
+    if pv == "fp8":
+        v_scale = v.abs().amax(1, keepdim=True).clamp_min(1e-12) / 448
+        v = _e4m3(v / v_scale) * v_scale
+        p = _e4m3(p * 448) / 448
+    return torch.einsum("bhqk,bkhd->bqhd", p / denom, v)
+
+
+def emulate_per_tensor_fp8(q, k, v):
+    """Plain FP8 attention: q, k, v each with one e4m3 scale for the whole tensor, P in e4m3, no
+    smoothing. [B, Lq, H, D] float64."""
+    def per_tensor(x):
+        scale = x.double().abs().amax() / 448
+        return _e4m3(x.double() / scale) * scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", per_tensor(q), per_tensor(k)) / math.sqrt(q.shape[-1])
+    p = torch.exp(scores - scores.amax(-1, keepdim=True))
+    weights = _e4m3(p * 448) / 448 / p.sum(-1, keepdim=True)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, per_tensor(v))
+
+
+KINDS = ["gaussian", "offsets"]
+_RESULTS = {}
+
+
+def eight_bit_result(precision, kind):
+    """(errors of the kernel, of the emulation of its algorithm, of per-tensor FP8), each (rel, cos),
+    on bf16 inputs [2, 200, 3, 64] / [2, 129, 3, 64]; computed once per (precision, kind)."""
+    key = (precision, kind)
+    if key not in _RESULTS:
+        q, k, v = make_qkv(200, 129, 64, seed=100 + KINDS.index(kind), dtype=torch.bfloat16,
+                           offsets=kind == "offsets")
+        ref = attention64(q, k, v)
+        out = ops.attention(q, k, v, precision=precision, backend="triton")
+        check_output(out, q)
+        cfg = impl.pick_config("8bit", 64)
+        emu = emulate_8bit(q, k, v, precision, impl.DEFAULT_PV[precision], cfg.block_m, cfg.block_n)
+        naive = emulate_per_tensor_fp8(q, k, v)
+        _RESULTS[key] = tuple((rel_err(x, ref), cosine(x, ref)) for x in (out, emu, naive))
+    return _RESULTS[key]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_int8_meets_the_accuracy_target(kind):
+    (err, cos), _, _ = eight_bit_result("int8", kind)
+    assert err <= 0.03 and cos >= 0.999, (err, cos)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_8bit_error_is_that_of_its_quantization(precision, kind):
+    (err, cos), (emu_err, emu_cos), _ = eight_bit_result(precision, kind)
+    # The kernel differs from the exact-arithmetic emulation by fp32 rounding, the bf16 output rounding
+    # (2^-9 relative, ~1e-3 rms) and, for FP8 P, rounding P against the running instead of the final
+    # row max (same distribution): 20% on top of the emulation's error plus 2e-3 covers them.
+    assert err <= 1.2 * emu_err + 2e-3, (err, emu_err)
+    assert cos >= 0.998, cos
+
+
+@pytest.mark.xfail(strict=True, reason="all-FP8 attention (e4m3: 3 mantissa bits, four roundings of q, k, "
+                   "P and v) measures ~5% relative error on Gaussian inputs: above the 3% target. Use "
+                   "precision='int8' where the target matters.")
+def test_fp8_meets_the_accuracy_target_on_gaussian_inputs():
+    (err, cos), _, _ = eight_bit_result("fp8", "gaussian")
+    assert err <= 0.03 and cos >= 0.999, (err, cos)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_smoothing_beats_per_tensor_fp8_on_offset_inputs(precision):
+    (err, cos), _, (naive_err, naive_cos) = eight_bit_result(precision, "offsets")
+    # Per-tensor scales spend the 8 bits on the offsets: the scores lose their small variations.
+    assert naive_err > 0.1 and naive_cos < 0.99, (naive_err, naive_cos)
+    assert err < naive_err / 5, (err, naive_err)
+
+
+@pytest.mark.parametrize("qk", ["int8", "fp8"])
+def test_8bit_kernel_on_its_quantized_operands(qk):
+    """Quantization kernel and attention kernel separately: the codes against a torch recomputation,
+    then the kernel's output against float64 attention over the dequantized operands (pv="fp16", so
+    the only rounding left is the kernel's own)."""
+    q, k, v = make_qkv(77, 45, 32, seed=7, dtype=torch.bfloat16, offsets=True)
+    cfg = impl.pick_config("8bit", 32)
+    x = impl.quantize_for_attention(q, k, v, qk=qk, pv="fp16", block_m=cfg.block_m, block_n=cfg.block_n)
+
+    # Codes: torch recomputation of the same fp32 arithmetic.
+    c = impl.LOG2E / math.sqrt(32)
+    q_mean = q.mean(dim=1, dtype=torch.float32)
+    k_mean = k.mean(dim=1, dtype=torch.float32)
+    q_centred = ((q.float() - q_mean[:, None]) * c).transpose(1, 2)  # [B, H, L, D]
+    qmax = 127.0 if qk == "int8" else 448.0
+    for i in range(x.q_scale.shape[2]):
+        rows = q_centred[:, :, i * cfg.block_m:(i + 1) * cfg.block_m]
+        scale = rows.abs().amax(dim=(2, 3)) / qmax
+        torch.testing.assert_close(x.q_scale[:, :, i], scale, rtol=2.0 ** -23, atol=0)
+        y = rows / scale[..., None, None]
+        got = x.q[:, :, i * cfg.block_m:(i + 1) * cfg.block_m].double()
+        if qk == "int8":
+            assert ((got - y.double()).abs() <= 0.5 + 1e-4).all()
+        else:
+            # e4m3 round-to-nearest: within half a spacing (|y|·2^-4, subnormals 2^-10).
+            bound = torch.maximum(y.double().abs() * 2.0 ** -4, torch.full_like(got, 2.0 ** -10))
+            assert ((got - y.double()).abs() <= bound * (1 + 1e-6)).all()
+    bias = torch.einsum("bhd,blhd->bhl", q_mean.double() * c, k.double() - k_mean.double()[:, None])
+    torch.testing.assert_close(x.bias.double(), bias, rtol=1e-5, atol=1e-5 * bias.abs().max().item())
+
+    out = impl.attention_from_quantized(x, qk, "fp16", torch.float32)
+    assert torch.isfinite(out).all() and out.shape == q.shape
+    qd, kd, bias, vd = x.dequantized()
+    s = torch.einsum("bhqd,bhkd->bhqk", qd, kd) + bias[:, :, None, :]
+    ref = torch.einsum("bhqk,bhkd->bqhd", torch.softmax(s * math.log(2), -1), vd)
+    # Interpreter: fp32 arithmetic only (exp2, sums). GPU: P is rounded to bf16 (2^-9 relative).
+    assert rel_err(out, ref) <= (1e-5 if interpreting() else 2.0 ** -8)
+
+
+def test_8bit_single_query_is_exact_up_to_its_bias():
+    # Lq = 1: q minus its mean is 0, every score is the fp32 bias; the per-block scale must not be 0/0.
+    q, k, v = make_qkv(1, 45, 16, seed=9, dtype=torch.float32, offsets=True)
+    out = ops.attention(q, k, v, precision="int8", backend="triton")
+    check_output(out, q)
+    assert rel_err(out, attention64(q, k, v)) <= 1e-3  # v rounded to fp16 (2^-11) for P·V
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused I2V cross-attention
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_fused_cross_attention_against_float64(dtype):
+    q, k, v = make_qkv(77, 45, 32, seed=21, dtype=dtype)
+    _, k_img, v_img = make_qkv(1, 19, 32, seed=31, dtype=dtype)
+    ref = attention64(q, k, v) + attention64(q, k_img, v_img)
+    out = ops.cross_attention(q, k, v, k_img, v_img, backend="triton")
+    check_output(out, q)
+    torch_err = rel_err(ops.cross_attention(q, k, v, k_img, v_img, backend="torch"), ref)
+    floor = 2.0 ** -20 if dtype == torch.float32 else 0.0
+    assert rel_err(out, ref) <= 2 * torch_err + floor
+
+
+def test_cross_attention_without_image_keys_is_attention():
+    q, k, v = make_qkv(40, 45, 16, seed=41, dtype=torch.bfloat16)
+    out = ops.cross_attention(q, k, v, backend="triton")
+    check_output(out, q)
+    assert torch.equal(out, ops.attention(q, k, v, backend="triton"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU only: the Hopper configurations at head_dim 128 with sequence tails
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bf16", "int8", "fp8"])
+def test_head_dim_128_long_sequences_on_gpu(precision):
+    q, k, v = make_qkv(1000, 1500, 128, seed=51, dtype=torch.bfloat16, offsets=True)
+    ref = attention64(q, k, v)
+    out = ops.attention(q, k, v, precision=precision, backend="triton")
+    check_output(out, q)
+    err, cos = rel_err(out, ref), cosine(out, ref)
+    if precision == "bf16":
+        assert err <= 2 * rel_err(ops.attention(q, k, v, backend="torch"), ref)
+    elif precision == "int8":
+        assert err <= 0.03 and cos >= 0.999, (err, cos)
+    else:
+        cfg = impl.pick_config("8bit", 128)
+        emu_err = rel_err(emulate_8bit(q, k, v, "fp8", "fp8", cfg.block_m, cfg.block_n), ref)
+        assert err <= 1.2 * emu_err + 2e-3 and cos >= 0.998, (err, emu_err, cos)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Without a GPU: compile for Hopper (sm_90a), which the interpreter never does
+# ----------------------------------------------------------------------------------------------------
+# The interpreter runs the kernels as Python and accepts things the compiler refuses (a global that
+# is not a constexpr, an unsupported dot). triton.compile with an explicit target needs no GPU, only
+# the ptxas bundled with triton; ~6 s per kernel on a small CPU, so it is opt-in:
+#     DIT8_SM90_COMPILE=1 python -m pytest tests/test_attention_triton.py -k hopper
+
+def compile_for_sm90() -> dict[str, bool]:
+    """Compile every kernel at Wan's head_dim 128 with its GPU configuration for sm_90a; returns
+    {kernel variant: whether its PTX uses wgmma}. Must run without TRITON_INTERPRET."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import triton
+
+    def build(kernel, pointers, constexprs, cfg, floats=("qk_scale", "factor")):
+        sig = {n: "constexpr" if n in constexprs else "*" + pointers[n] if n in pointers
+               else "fp32" if n in floats else "i32" for n in kernel.arg_names}
+        src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        return "wgmma" in triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+    d = 128
+    uses_wgmma = {}
+    for dt, tdt in [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)]:
+        uses_wgmma[f"attention {dt}"] = build(
+            impl._attention_kernel, dict.fromkeys(["Q", "K", "V", "Out"], dt),
+            dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=(c := impl.pick_config("bf16", d, tdt)).block_m, BLOCK_N=c.block_n,
+                 DOT_FP32=dt == "fp32", INTERPRET=False), c)
+    for width in (80, 256):  # padded to 128; the wide configuration
+        c = impl.pick_config("bf16", width)
+        uses_wgmma[f"attention bf16, head_dim {width}"] = build(
+            impl._attention_kernel, dict.fromkeys(["Q", "K", "V", "Out"], "bf16"),
+            dict(HEAD_DIM=width, BLOCK_D=impl._block_d("attention", width), BLOCK_M=c.block_m,
+                 BLOCK_N=c.block_n, DOT_FP32=False, INTERPRET=False), c)
+    c = impl.pick_config("cross", d)
+    uses_wgmma["cross_attention bf16"] = build(
+        impl._cross_attention_kernel, dict.fromkeys(["Q", "K", "V", "KI", "VI", "Out"], "bf16"),
+        dict(HAS_IMG=True, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, DOT_FP32=False,
+             INTERPRET=False), c)
+    c = impl.pick_config("8bit", d)
+    for qk, code in [("int8", "i8"), ("fp8", "fp8e4nv")]:
+        for pv in ["fp16", "fp8"]:
+            pointers = dict(Q=code, K=code, V="fp8e4nv" if pv == "fp8" else "bf16", Out="bf16",
+                            **dict.fromkeys(["QScale", "KScale", "Bias", "VScale"], "fp32"))
+            uses_wgmma[f"attention {qk} q·k, {pv} P·V"] = build(
+                impl._attention_8bit_kernel, pointers,
+                dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, QK_INT8=qk == "int8",
+                     PV_FP8=pv == "fp8", DOT_FP32=False, INTERPRET=False), c)
+        build(impl._quantize_blocks_kernel,
+              dict(X="bf16", Xq=code, **dict.fromkeys(["Mean", "Qbar", "Scale", "Bias"], "fp32")),
+              dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=c.block_m, TO_INT8=qk == "int8", HAS_BIAS=True, INTERPRET=False),
+              impl.AttnConfig(0, 0, 4, 1))
+    build(impl._quantize_v_fp8_kernel, dict(V="bf16", Vq="fp8e4nv", VScale="fp32"),
+          dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=64, INTERPRET=False), impl.AttnConfig(0, 0, 4, 1))
+    return uses_wgmma
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available() or __import__("os").environ.get("DIT8_SM90_COMPILE") != "1",
+                    reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
+def test_kernels_compile_for_hopper():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = ("import json, sys; sys.path.insert(0, 'tests'); import test_attention_triton as t; "
+              "print(json.dumps(t.compile_for_sm90()))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    uses_wgmma = json.loads(run.stdout.strip().splitlines()[-1])
+    # Every attention kernel's dots must map to Hopper's warpgroup MMA, fp32 "ieee" dots excepted.
+    assert all(v for k, v in uses_wgmma.items() if "fp32" not in k), uses_wgmma
