@@ -240,7 +240,7 @@ def _convert_tensor(plan: _Plan, reader: SourceReader, lora: LoraSet, writer: Sa
         rows = lora.merge_rows(t.official, block.float(), start) if merging else block
         start += block.shape[0] if block.dim() else 1
         if plan.scheme is None:
-            _require_finite(rows.abs().amax(), block, t)
+            _require_finite(torch.stack(torch.aminmax(rows)), block, t)  # one pass, NaN-propagating
             writer.write_rows(plan.outputs[0].key, rows.to(plan.outputs[0].dtype))
         else:
             q, scale = quantize_weight(rows, plan.scheme)
