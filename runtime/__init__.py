@@ -4,9 +4,13 @@ from .config import WanConfig
 from .errors import CheckpointError, Dit8Error, InputError
 from .loader import load_dit, open_dit
 from .model import EncodedContext, WanDiT
+from .model_folder import ModelFiles, find_model_files
+from .pipeline import DEFAULT_NEGATIVE_PROMPT, Cancelled, I2VPipeline, ProgressEvent, Video
 from .sampler import DistilledSampler, initial_noise
+from .unipc import UniPCSampler
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "Dit8Error", "DistilledSampler", "EncodedContext", "InputError", "WanConfig",
-           "WanDiT", "initial_noise", "load_dit", "open_dit", "__version__"]
+__all__ = ["DEFAULT_NEGATIVE_PROMPT", "Cancelled", "CheckpointError", "Dit8Error", "DistilledSampler",
+           "EncodedContext", "I2VPipeline", "InputError", "ModelFiles", "ProgressEvent", "UniPCSampler", "Video",
+           "WanConfig", "WanDiT", "find_model_files", "initial_noise", "load_dit", "open_dit", "__version__"]

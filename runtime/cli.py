@@ -1,10 +1,11 @@
-"""The `dit8` command line: `info`, `convert`, `demo`. Errors print one line and exit non-zero."""
+"""The `dit8` command line: `info`, `convert`, `generate`, `demo`. Errors print one line and exit non-zero."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import Dit8Error
@@ -45,8 +46,65 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(seed=args.seed, update=args.update, device=args.device)
+    run_demo(seed=args.seed, update=args.update, device=args.device, output=args.out, frames_dir=args.frames_dir)
     return 0
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 832x480, got {text!r}")
+    return int(width), int(height)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .conditioning import check_frames, check_size, image_tensor
+    from .errors import InputError
+    from .pipeline import I2VPipeline
+
+    # What can be checked without the model is checked before the (long) load.
+    image = image_tensor(args.image)
+    check_frames(args.frames)
+    if args.size is not None:
+        check_size(args.size)
+    if not Path(args.out).parent.is_dir():
+        raise InputError(f"{args.out}: its folder does not exist")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    pipe = I2VPipeline.from_pretrained(args.model, device=args.device, dtype=dtypes.get(args.dtype),
+                                       dit=args.dit, scheme=args.scheme, attention=args.attention,
+                                       backend=args.backend, offload_encoders=args.offload_encoders,
+                                       vae_tile=args.vae_tile)
+    for line in pipe.files.describe():
+        print(line)
+    print(f"loaded      in {pipe.load_seconds:.1f} s on {pipe.device}, DiT compute {pipe.dit.setup.dtype}")
+    video = pipe(image, args.prompt, seed=args.seed, frames=args.frames, size=args.size, area=args.area,
+                 steps=args.steps, sampler=args.sampler, guidance=args.guidance, shift=args.shift,
+                 negative_prompt=args.negative_prompt, update=args.update, progress=True)
+    path = video.save(args.out)
+    s = video.settings
+    print(f"video       {video.num_frames} frames {video.width}x{video.height} at {video.fps} fps -> {path} "
+          f"({format_bytes(path.stat().st_size)})")
+    if args.frames_dir is not None:
+        print(f"frames      {len(video.save_frames(args.frames_dir))} PNGs in {args.frames_dir}")
+    print(f"sampler     {s['sampler']}, {s['steps']} steps, guidance {s['guidance']:g}, shift {s['shift']:g}, "
+          f"seed {s['seed']}")
+    t = video.timings
+    per_step = sum(video.step_seconds) / max(len(video.step_seconds), 1)
+    print(f"time        text {t['text']:.2f} s, image {t['image']:.2f} s, vae encode {t['vae_encode']:.2f} s, "
+          f"context k/v {t['context']:.2f} s, denoise {t['denoise']:.2f} s ({per_step:.2f} s/step), "
+          f"decode {t['decode']:.2f} s, total {t['total']:.2f} s")
+    print(f"memory      peak {format_bytes(video.peak_memory)} ({video.peak_memory_source})")
+    return 0
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,11 +123,51 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_arguments(convert)
     convert.set_defaults(run=_run_convert)
 
-    demo = commands.add_parser("demo", help="run the 4-step sampler on a tiny random I2V model")
+    generate = commands.add_parser("generate", help="image + prompt -> mp4 with a model folder")
+    generate.add_argument("--model", required=True, help="model folder (official Wan2.1-I2V-14B-480P or "
+                          "a LightX2V distilled release)")
+    generate.add_argument("--image", required=True, help="input image (PNG, JPEG, ...): the first frame")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--out", required=True, help="output .mp4 (H.264, yuv420p, 16 fps)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--frames", type=int, default=81, help="4k+1 frames (default 81)")
+    size = generate.add_mutually_exclusive_group()
+    size.add_argument("--size", type=_parse_size, help="WIDTHxHEIGHT, multiples of 16 (default: the image's "
+                      "aspect ratio at 480*832 pixels)")
+    size.add_argument("--area", type=int, help="pixel area the size follows the image's aspect ratio at "
+                      "(default 399360 = 480*832)")
+    generate.add_argument("--steps", type=int, help="default 4 (distilled) or 40 (unipc)")
+    generate.add_argument("--sampler", choices=("distilled", "unipc"),
+                          help="default: distilled for LightX2V's distilled models, unipc for the base model")
+    generate.add_argument("--guidance", type=float, help="CFG scale; default 1 (distilled) or 5 (unipc)")
+    generate.add_argument("--shift", type=float, help="sigma shift; default 5 (distilled) or 3 (unipc, 480P)")
+    generate.add_argument("--negative-prompt", help="for CFG (default: Wan's own)")
+    generate.add_argument("--update", choices=("deterministic", "renoise"), default="deterministic",
+                          help="the distilled sampler's step rule")
+    dit = generate.add_mutually_exclusive_group()
+    dit.add_argument("--scheme", choices=("bf16", "fp8", "int8"),
+                     help="which DiT of the folder: bf16 (float), fp8 or int8 (default: the first present)")
+    dit.add_argument("--dit", help="a DiT file or folder to use instead of the folder's")
+    generate.add_argument("--attention", choices=("bf16", "int8", "fp8"), default="bf16",
+                          help="self-attention precision")
+    generate.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    generate.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                          help="DiT and T5 compute dtype (default bf16 on CUDA, fp32 on CPU)")
+    generate.add_argument("--backend", default="auto", help="op backend: auto, torch, triton, cuda")
+    generate.add_argument("--offload-encoders", action="store_true",
+                          help="keep T5 and CLIP off the GPU except while they encode")
+    generate.add_argument("--vae-tile", type=int, help="decode in tiles of N latent pixels to save memory "
+                          "(32: 3.4 GiB of activations at 480P instead of 6.2)")
+    generate.add_argument("--frames-dir", help="also write every frame as a PNG into this folder")
+    generate.set_defaults(run=_run_generate)
+
+    demo = commands.add_parser("demo", help="the whole pipeline on a tiny RANDOM model: writes a short mp4")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--update", choices=("deterministic", "renoise"), default="deterministic",
                       help="how each step moves to the next noise level")
     demo.add_argument("--device", default="cpu")
+    demo.add_argument("--out", default="dit8-demo.mp4", help="output mp4 (default dit8-demo.mp4)")
+    demo.add_argument("--frames-dir", help="also write every frame as a PNG into this folder")
     demo.set_defaults(run=_run_demo)
     return parser
 

@@ -1,13 +1,16 @@
-"""The dit8 command line: info, demo, and one-line errors without tracebacks."""
+"""The dit8 command line: info, generate, demo, and one-line errors without tracebacks."""
 
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from dit8.cli import main
 from dit8.testing import random_weights, tiny_config, write_checkpoint
+from dit8.testing_pipeline import write_tiny_model_folder
+from dit8.video import read_video, write_png_frames
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -53,9 +56,68 @@ def test_usage_error_exits_non_zero():
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
-def test_demo_runs_the_sampler(capsys):
-    assert main(["demo"]) == 0
+def test_demo_runs_the_whole_pipeline(capsys, tmp_path):
+    out_path = tmp_path / "demo.mp4"
+    assert main(["demo", "--out", str(out_path), "--frames-dir", str(tmp_path / "frames")]) == 0
     out = capsys.readouterr().out
     assert "RANDOM WEIGHTS" in out
     assert [line.split()[1] for line in out.splitlines() if line.startswith("step ")] == ["1/4", "2/4", "3/4", "4/4"]
     assert "finite True" in out
+    video = read_video(out_path)
+    assert (video.num_frames, video.width, video.height, video.fps, video.codec) == (9, 80, 48, 16.0, "h264")
+    assert len(list((tmp_path / "frames").glob("*.png"))) == 9
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    return write_tiny_model_folder(tmp_path_factory.mktemp("f") / "model", kind="distill_models", vae_dim=4)
+
+
+def test_generate_writes_the_video_and_a_summary(model_folder, tmp_path, capsys):
+    image = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    (png,) = write_png_frames(tmp_path, image[None])
+    out_path = tmp_path / "out.mp4"
+    assert main(["generate", "--model", str(model_folder), "--image", str(png), "--prompt", "a cat walks",
+                 "--out", str(out_path), "--frames", "5", "--area", "1536", "--seed", "3", "--device", "cpu",
+                 "--frames-dir", str(tmp_path / "frames")]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    for expected in ("distill_models, distilled", "dit         distill_models/distill_model.safetensors",
+                     "5 frames 48x32 at 16 fps", "distilled, 4 steps, guidance 1, shift 5, seed 3",
+                     "vae encode", "s/step", "peak", "5 PNGs"):
+        assert expected in out, expected
+    # Progress bars (stderr is not a terminal here: one line per stage).
+    assert [line.split()[0] for line in captured.err.splitlines()] == ["encode", "denoise", "decode"]
+    video = read_video(out_path)
+    assert (video.num_frames, video.width, video.height) == (5, 48, 32)
+
+
+def test_generate_options(model_folder, tmp_path, capsys):
+    image = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    (png,) = write_png_frames(tmp_path, image[None])
+    assert main(["generate", "--model", str(model_folder), "--image", str(png), "--prompt", "a cat",
+                 "--out", str(tmp_path / "o.mp4"), "--frames", "1", "--size", "32x16", "--sampler", "unipc",
+                 "--steps", "2", "--guidance", "2", "--shift", "4", "--scheme", "bf16", "--attention", "bf16",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "1 frames 32x16" in out and "unipc, 2 steps, guidance 2, shift 4" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nowhere"], "nowhere: no such model folder"),
+    (["--image", "missing.png"], "missing.png: image file not found"),
+    (["--size", "33x16"], "multiples of 16"),
+    (["--frames", "4"], "4k+1"),
+    (["--scheme", "int8"], "no int8 DiT found"),
+    (["--prompt", " ".join(["cat"] * 600)], "prompt is 600 tokens long"),
+])
+def test_generate_errors_are_one_line(model_folder, tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    image = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    base = {"--model": str(model_folder), "--image": str(write_png_frames(tmp_path, image[None])[0]),
+            "--prompt": "a cat", "--out": str(tmp_path / "o.mp4")}
+    argv = ["generate", *[x for k, v in base.items() if k not in args for x in (k, v)], *args, "--device", "cpu"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dit8: error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "o.mp4").exists()

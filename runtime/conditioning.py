@@ -1,0 +1,224 @@
+"""Image-to-video conditioning exactly as the official Wan2.1 I2V code builds it (spec/pipeline.md,
+"Conditioning"), as small functions the pipeline strings together:
+
+    image (PIL, numpy, tensor or file) -> [3, H0, W0] in [-1, 1]                      `image_tensor`
+    output size: the image's aspect ratio at a pixel area (or an explicit size)        `output_size`
+    mask [4, T, h, w]: latent frame 0 known (ones), the rest to generate (zeros)       `frame_mask`
+    image latent: the image bicubic-resized, then 4k ZERO frames (mid grey), VAE-encoded and
+        normalised; with the mask: y [1, 20, T, h, w]                                   `image_condition`
+    CLIP features of the [-1, 1] image at its own size (the encoder resizes to 224)    `clip_features`
+    T5 features of the prompt, trimmed to its real length (EOS included)              `text_features`
+
+The DiT pads the text to 512 rows with zeros itself. Initial noise is `dit8.initial_noise`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .tokenizer import Tokenizer, clean_prompt
+
+__all__ = ["AREA_480P", "check_frames", "check_size", "clip_features", "frame_mask", "image_condition",
+           "image_tensor", "latent_shape", "output_size", "prompt_length", "read_image", "resize_image",
+           "text_features", "vae_input"]
+
+AREA_480P = 480 * 832  # the official "832*480" / "480*832" max area
+MIN_IMAGE_SIDE = 16
+
+
+# -- the input image ---------------------------------------------------------------------------------
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file (PNG, JPEG, WebP, BMP, ... whatever FFmpeg decodes) as [H, W, 3] uint8 RGB.
+
+    Decoded through PyAV (FFmpeg), a dependency already, rather than Pillow. Alpha is dropped, as
+    Pillow's `convert("RGB")` in the reference does; EXIF orientation is not applied (nor is it there).
+    JPEG colour conversion is FFmpeg's and may differ from libjpeg's by a level here and there.
+    """
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: image file not found")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"{path}: not an image (no picture in it)")
+            for frame in container.decode(video=0):
+                return frame.to_ndarray(format="rgb24")
+    except InputError:
+        raise
+    except Exception as err:  # PyAV raises its own error types for undecodable files
+        raise InputError(f"{path}: cannot read the image: {err}") from None
+    raise InputError(f"{path}: not an image (no picture in it)")
+
+
+def image_tensor(image: Any) -> torch.Tensor:
+    """The input image as [3, H, W] fp32 in [-1, 1] (CPU), as `TF.to_tensor(img).sub_(0.5).div_(0.5)`.
+
+    Accepts: a file path (str or Path); a PIL image (any mode, converted to RGB); a numpy array or
+    torch tensor [H, W, 3] uint8; a float torch tensor [3, H, W] in [-1, 1].
+    """
+    if isinstance(image, (str, Path)):
+        image = read_image(image)
+    elif hasattr(image, "convert") and hasattr(image, "mode") and hasattr(image, "size"):  # a PIL image
+        image = np.array(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise InputError(f"a numpy image must be [height, width, 3] uint8 RGB, got shape {image.shape} "
+                             f"{image.dtype}")
+        image = torch.from_numpy(np.array(image, order="C"))  # a copy: the caller keeps theirs
+    if not isinstance(image, torch.Tensor):
+        raise InputError(f"image must be a file path, PIL image, numpy array or torch tensor, got "
+                         f"{type(image).__name__}")
+    if image.dtype == torch.uint8:
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise InputError(f"a uint8 image tensor must be [height, width, 3] RGB, got {tuple(image.shape)}")
+        x = image.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+    elif image.is_floating_point():
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise InputError(f"a float image tensor must be [3, height, width] in [-1, 1], got "
+                             f"{tuple(image.shape)}")
+        x = image.detach().to("cpu", torch.float32)
+        if not torch.isfinite(x).all() or x.min() < -1 or x.max() > 1:
+            raise InputError("a float image tensor must hold finite values in [-1, 1]")
+    else:
+        raise InputError(f"image tensor must be uint8 [H, W, 3] or float [3, H, W], got {image.dtype}")
+    height, width = x.shape[1:]
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise InputError(f"image is {width}x{height}; both sides must be at least {MIN_IMAGE_SIDE} pixels")
+    return x.contiguous()
+
+
+# -- sizes and frames ----------------------------------------------------------------------------------
+
+
+def check_frames(frames: int, time_stride: int = 4) -> int:
+    """Frame counts are 4k + 1 (1, 5, ..., 81): the VAE maps the first frame alone, then 4 per latent."""
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or (frames - 1) % time_stride:
+        raise InputError(f"frames must be {time_stride}k+1 (1, {time_stride + 1}, ..., 81), got {frames!r}")
+    return frames
+
+
+def check_size(size: Any, multiple: int = 16) -> tuple[int, int]:
+    """An explicit output size (width, height): positive multiples of 16 (VAE stride 8 × patch 2)."""
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in size)):
+        raise InputError(f"size must be (width, height) in pixels, got {size!r}")
+    width, height = size
+    if width < multiple or height < multiple or width % multiple or height % multiple:
+        raise InputError(f"size {width}x{height}: width and height must be positive multiples of {multiple}")
+    return width, height
+
+
+def output_size(image_hw: tuple[int, int], area: int = AREA_480P, *, vae_stride: int = 8,
+                patch: int = 2) -> tuple[int, int]:
+    """(height, width) in pixels of the video for an image of `image_hw` at a pixel `area`:
+
+        lat_h = round(sqrt(area·h0/w0) // 8 // 2 · 2),  lat_w = round(sqrt(area·w0/h0) // 8 // 2 · 2)
+
+    and pixels = 8 · latent. 480×832 at area 480·832 gives 480×832 (latent 60×104), as spec/pipeline.md
+    states. Computed in exact integer arithmetic (floor(sqrt(q)/8) = isqrt(floor(q/64))): the
+    reference evaluates it in floats, where 399360·(480/832) = 230399.99999999997, whose square root
+    falls just under 480, so that exact case comes out one patch smaller there (lat_h 58, 464 pixels);
+    elsewhere the two agree."""
+    if isinstance(area, bool) or not isinstance(area, int) or area < 1:
+        raise InputError(f"area must be a positive number of pixels, got {area!r}")
+    h0, w0 = image_hw
+    lat_h = math.isqrt(area * h0 // (vae_stride ** 2 * w0)) // patch * patch
+    lat_w = math.isqrt(area * w0 // (vae_stride ** 2 * h0)) // patch * patch
+    if lat_h < patch or lat_w < patch:
+        raise InputError(f"an image of {w0}x{h0} at an area of {area} pixels gives a {lat_w * vae_stride}x"
+                         f"{lat_h * vae_stride} video; raise the area or use a less extreme aspect ratio")
+    return lat_h * vae_stride, lat_w * vae_stride
+
+
+def latent_shape(frames: int, height: int, width: int, *, channels: int = 16, time_stride: int = 4,
+                 vae_stride: int = 8) -> tuple[int, int, int, int]:
+    """(C, T, h, w) of the latents of a video: T = (frames − 1)//4 + 1, h = H/8, w = W/8."""
+    return channels, (frames - 1) // time_stride + 1, height // vae_stride, width // vae_stride
+
+
+# -- mask and image latent -------------------------------------------------------------------------------
+
+
+def frame_mask(frames: int, lat_h: int, lat_w: int, *, time_stride: int = 4) -> torch.Tensor:
+    """[time_stride, T, lat_h, lat_w] fp32: ones for latent frame 0, zeros after.
+
+    Built as the reference does: a per-pixel-frame mask (first frame 1, others 0) whose first frame is
+    repeated 4 times, so the frames fold by 4 into latent frames, the fold landing in the channels."""
+    mask = torch.ones(1, frames, lat_h, lat_w)
+    mask[:, 1:] = 0
+    mask = torch.cat([mask[:, :1].repeat_interleave(time_stride, dim=1), mask[:, 1:]], dim=1)
+    mask = mask.view(1, mask.shape[1] // time_stride, time_stride, lat_h, lat_w)
+    return mask.transpose(1, 2)[0].contiguous()
+
+
+def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[3, H0, W0] -> [3, height, width]: bicubic, no antialias, no clamp (the reference's F.interpolate)."""
+    return F.interpolate(image[None].float(), size=(height, width), mode="bicubic", align_corners=False)[0]
+
+
+def vae_input(image: torch.Tensor, frames: int) -> torch.Tensor:
+    """[1, 3, frames, h, w]: the (resized) image as frame 0, then zeros, which is mid grey in [-1, 1]."""
+    video = image.new_zeros(1, 3, frames, *image.shape[1:])
+    video[0, :, 0] = image
+    return video
+
+
+def image_condition(vae, image: torch.Tensor, frames: int,
+                    progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """y = cat[mask(4), normalised VAE latents of the image + grey frames (16)]: [1, 20, T, h, w] fp32.
+
+    `image` is already resized to the output size ([3, H, W] in [-1, 1])."""
+    latents = vae.encode(vae_input(image, frames), progress=progress)
+    stride = vae.config.time_stride
+    mask = frame_mask(frames, *latents.shape[3:], time_stride=stride).to(latents.device)
+    return torch.cat([mask[None], latents], dim=1)
+
+
+# -- encoders ----------------------------------------------------------------------------------------------
+
+
+def clip_features(clip, image: torch.Tensor) -> torch.Tensor:
+    """CLIP features [1, 257, 1280] of the [-1, 1] image at its own size (the encoder resizes to 224
+    bicubic without crop, maps to [0, 1] and normalises with CLIP's mean and std)."""
+    return clip.encode(image[None])
+
+
+def prompt_length(tokenizer: Tokenizer, prompt: str) -> int:
+    """Tokens of the cleaned prompt, without truncation and without the EOS."""
+    return len(tokenizer.tokenizer.encode(clean_prompt(prompt), add_special_tokens=False).ids)
+
+
+def check_prompt(tokenizer: Tokenizer, prompt: Any, name: str = "prompt", *, allow_empty: bool = False) -> str:
+    """A prompt must be a string, not empty after cleaning (unless allowed), and fit the text encoder's
+    text_len − 1 tokens plus EOS. Longer prompts are refused rather than cut short silently (the
+    reference truncates); shorten them."""
+    if not isinstance(prompt, str):
+        raise InputError(f"{name} must be a string, got {type(prompt).__name__}")
+    if not allow_empty and not clean_prompt(prompt):
+        raise InputError(f"{name} is empty")
+    n, limit = prompt_length(tokenizer, prompt), tokenizer.text_len - 1
+    if n > limit:
+        raise InputError(f"{name} is {n} tokens long; the text encoder takes at most {limit} (plus the end "
+                         f"token): shorten it")
+    return prompt
+
+
+def text_features(tokenizer: Tokenizer, t5, prompt: str) -> torch.Tensor:
+    """T5 features [1, L, dim] of a prompt, L = its real length with EOS (the reference's trim).
+
+    The encoder masks padding as keys, so running on the first L tokens gives the same rows as running
+    on all text_len and cutting afterwards; the DiT zero-pads back to text_len."""
+    ids, mask, lengths = tokenizer(prompt)
+    length = int(lengths.max())
+    return t5(ids[:, :length], mask[:, :length])[:, :length]

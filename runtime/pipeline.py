@@ -1,0 +1,495 @@
+"""I2VPipeline: image + prompt -> video, with the models loaded once and called many times.
+
+    pipe = dit8.I2VPipeline.from_pretrained("Wan2.1-I2V-14B-480P-StepDistill-CfgDistill-Lightx2v/",
+                                            device="cuda")
+    video = pipe("cat.png", "a cat walks through the snow", seed=42)
+    video.save("cat.mp4")            # H.264, yuv420p, 16 fps;  video.frames: uint8 [F, H, W, 3]
+
+One call, in order (spec/pipeline.md):
+  encode   T5 on the prompt (and the negative prompt under CFG), CLIP on the image, the VAE on the
+           image followed by grey frames; the DiT's cross-attention keys/values from both, once
+  denoise  seeded fp32 noise [16, T, h, w]; the distilled sampler (4 steps, one forward each) or
+           UniPC (40 steps, two forwards each under CFG)
+  decode   the VAE, one latent frame at a time (optionally in spatial tiles), assembled on the CPU
+
+Calls on one pipeline are serialised by a lock (one generation at a time on its device) and share no
+state: every random number comes from generators seeded by the call's `seed`, so a call's result does
+not depend on what ran before or beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, TextIO
+
+import numpy as np
+import torch
+
+from .clip import CLIPVisionEncoder
+from .conditioning import (AREA_480P, check_frames, check_prompt, check_size, clip_features, image_condition,
+                           image_tensor, output_size, resize_image, text_features)
+from .errors import CheckpointError, Dit8Error, InputError
+from .loader import default_dtype, load_dit
+from .model import WanDiT
+from .model_folder import ModelFiles, find_model_files
+from .sampler import UPDATE_RULES, DistilledSampler, initial_noise
+from .t5 import T5Encoder
+from .tokenizer import Tokenizer
+from .unipc import DEFAULT_NEGATIVE_PROMPT, UniPCSampler, guided
+from .vae import WanVAE
+from .video import FPS, video_to_frames, write_mp4, write_png_frames
+
+__all__ = ["Cancelled", "I2VPipeline", "ProgressEvent", "SAMPLERS", "Video"]
+
+DISTILLED, UNIPC = "distilled", "unipc"
+SAMPLERS = (DISTILLED, UNIPC)
+STAGES = ("encode", "denoise", "decode")
+
+
+class Cancelled(Dit8Error):
+    """A generation stopped because its `cancel` event was set (checked between stages and steps)."""
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """What a progress callback receives: `done` of `total` units of a stage ("encode": the text, the
+    image and each latent frame of the VAE encode; "denoise": steps; "decode": latent frames, per
+    tile), `seconds` since the stage began; for denoise also the step's timestep and x0 estimate."""
+
+    stage: str
+    done: int
+    total: int
+    seconds: float
+    timestep: float | None = None
+    x0: torch.Tensor | None = None
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class Video:
+    """A generated video: `frames` uint8 [F, H, W, 3] RGB on the CPU at `fps`, with how it was made.
+
+    timings: seconds per stage ("text": T5, "image": CLIP, "vae_encode", "context": the DiT's cross-attention
+    keys/values, "denoise", "decode", "total");
+    step_seconds: seconds of each sampling step; peak_memory: bytes, measured as `peak_memory_source`
+    says (CUDA: torch.cuda.max_memory_allocated during the call; CPU: the process's peak RSS so far);
+    latents: the final latents [16, T, h, w] fp32 (before the VAE); settings: what the call used.
+    """
+
+    frames: torch.Tensor
+    fps: int = FPS
+    timings: dict[str, float] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)
+    peak_memory: int = 0
+    peak_memory_source: str = ""
+    latents: torch.Tensor | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        return self.frames.shape[0]
+
+    @property
+    def height(self) -> int:
+        return self.frames.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.frames.shape[2]
+
+    def numpy(self) -> np.ndarray:
+        return self.frames.numpy()
+
+    def save(self, path: str | Path, *, crf: int = 18) -> Path:
+        """Write an H.264 mp4 (yuv420p, `fps`); `crf` as x264's (18: visually lossless)."""
+        return write_mp4(path, self.frames, fps=self.fps, crf=crf)
+
+    def save_frames(self, folder: str | Path, *, prefix: str = "frame_") -> list[Path]:
+        """Write every frame as a PNG `folder/{prefix}00000.png`, ...; returns the paths."""
+        return write_png_frames(folder, self.frames, prefix=prefix)
+
+
+class StageBar:
+    """A one-line bar per stage on a terminal (`\\r` redraws, at most ten a second); elsewhere, when
+    enabled, one line at the end of the stage. Counts units, not bytes."""
+
+    def __init__(self, desc: str, total: int, *, stream: TextIO | None = None, enabled: bool = True):
+        self.desc, self.total, self.done = desc, total, 0
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and self.stream.isatty()
+        self.start = self._last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        self.done = done
+        now = time.perf_counter()
+        if self.tty and (now - self._last >= 0.1 or done >= self.total):
+            self._last = now
+            self._draw(now, "\r")
+
+    def _draw(self, now: float, lead: str, end: str = "") -> None:
+        fraction = self.done / self.total if self.total else 1.0
+        bar = "#" * int(24 * fraction)
+        self.stream.write(f"{lead}{self.desc:<8} [{bar:<24}] {self.done}/{self.total}  {now - self.start:6.1f} s{end}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._draw(time.perf_counter(), "\r" if self.tty else "", "\n")
+
+
+@dataclass
+class _Job:
+    """One call's validated settings."""
+
+    image: torch.Tensor  # [3, H0, W0] in [-1, 1]
+    prompt: str
+    negative_prompt: str | None  # None: no CFG
+    seed: int
+    frames: int
+    height: int
+    width: int
+    sampler: str
+    steps: int
+    guidance: float
+    shift: float
+    update: str
+    callback: ProgressCallback | None
+    cancel: Any
+    progress: bool
+    stream: TextIO | None
+
+    def settings(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed,
+                "frames": self.frames, "size": (self.width, self.height), "sampler": self.sampler,
+                "steps": self.steps, "guidance": self.guidance, "shift": self.shift, "update": self.update}
+
+
+def _encoder_dtypes(device: torch.device, dtype: torch.dtype | None) -> tuple[torch.dtype, torch.dtype]:
+    """(T5, CLIP) compute dtypes: the reference's bf16 T5 and fp16 CLIP on GPUs, fp32 on CPUs or when
+    fp32 is asked for."""
+    if dtype == torch.float32 or (dtype is None and device.type != "cuda"):
+        return torch.float32, torch.float32
+    return (dtype or torch.bfloat16), torch.float16
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _distilled_steps(steps: int) -> tuple[int, ...]:
+    """Evenly spaced timesteps on the 1000 grid: 4 -> (1000, 750, 500, 250), the distilled schedule."""
+    return tuple(round(1000 * (steps - i) / steps) for i in range(steps))
+
+
+class I2VPipeline:
+    """The Wan2.1 image-to-video pipeline over loaded models. Build it with `from_pretrained`, or from
+    models you loaded yourself (`dit` must be an I2V WanDiT; encoder and VAE widths must match it)."""
+
+    def __init__(self, dit: WanDiT, t5: T5Encoder, clip: CLIPVisionEncoder, vae: WanVAE, tokenizer: Tokenizer, *,
+                 distilled: bool = True, offload_encoders: bool = False, vae_tile: int | None = None,
+                 files: ModelFiles | None = None):
+        _check_compatible(dit, t5, clip, vae, files)
+        if vae_tile is not None and (not isinstance(vae_tile, int) or vae_tile < 1):
+            raise InputError(f"vae_tile must be a positive number of latent pixels or None, got {vae_tile!r}")
+        self.dit, self.t5, self.clip, self.vae, self.tokenizer = dit, t5, clip, vae, tokenizer
+        self.device = dit.setup.device
+        self.distilled = distilled
+        self.offload_encoders = offload_encoders
+        self.vae_tile = vae_tile
+        self.files = files
+        self.load_seconds: float | None = None
+        self._lock = threading.Lock()
+
+    # -- loading --------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                        dit: str | Path | None = None, scheme: str | None = None, distilled: bool | None = None,
+                        backend: str = "auto", attention: str = "bf16", offload_encoders: bool = False,
+                        vae_tile: int | None = None, progress: bool | None = None) -> "I2VPipeline":
+        """Load a model folder (official Wan2.1-I2V-14B-480P or a LightX2V distilled release; see
+        `dit8.model_folder` for the layouts, the DiT order and the distilled/base rule).
+
+        device: where every model computes. dtype: compute dtype of the DiT and T5 (default bf16 on
+            CUDA, fp32 on CPU); CLIP runs fp16 on CUDA as the reference (fp32 when dtype is fp32); the
+            VAE always fp32, as the reference.
+        dit: a DiT file or folder instead of the folder's own; scheme: "bf16", "fp8" or "int8", which of
+            the folder's DiT variants to take. distilled: override the folder-kind rule, which sets the
+            call defaults (distilled: sampler "distilled", 4 steps, guidance 1, shift 5; base: "unipc",
+            40 steps, guidance 5, shift 3 at 480P).
+        backend, attention: as `load_dit`. offload_encoders: keep T5 and CLIP in CPU memory and move
+            them onto `device` only while they encode (saves their ~12 GB on the GPU between calls).
+        vae_tile: decode the VAE's upsampling path in tiles of this many latent pixels. Activation
+            memory of the decode at 480x832, 81 frames, fp32 (`dit8.vae.decode_memory`): 6.2 GiB
+            whole-frame (the default), 3.4 GiB with 32, 1.9 GiB with 16, plus the 0.5 GiB of VAE
+            weights; the decoded video is assembled in CPU memory.
+        progress: progress bar while loading the DiT (default: on a terminal).
+
+        Raises CheckpointError naming the file for a missing or unusable piece.
+        """
+        start = time.perf_counter()
+        files = find_model_files(path, dit=dit, scheme=scheme, distilled=distilled)
+        device = torch.device(device)
+        t5_dtype, clip_dtype = _encoder_dtypes(device, dtype)
+        encoder_device = torch.device("cpu") if offload_encoders else device
+        model = load_dit(files.dit, device=device, dtype=dtype or default_dtype(device), backend=backend,
+                         attention=attention, progress=progress)
+        if not model.config.is_i2v:
+            raise CheckpointError(f"{files.dit}: a text-to-video DiT; the pipeline needs an image-to-video one")
+        tokenizer = Tokenizer.from_folder(files.tokenizer, text_len=model.config.text_len)
+        t5 = T5Encoder.from_pth(files.t5, device=encoder_device, dtype=t5_dtype)
+        clip = CLIPVisionEncoder.from_pth(files.clip, device=encoder_device, dtype=clip_dtype)
+        vae = WanVAE.from_pth(files.vae, device=device, dtype=torch.float32)
+        pipe = cls(model, t5, clip, vae, tokenizer, distilled=files.distilled, offload_encoders=offload_encoders,
+                   vae_tile=vae_tile, files=files)
+        _sync(device)
+        pipe.load_seconds = time.perf_counter() - start
+        return pipe
+
+    # -- generation -----------------------------------------------------------------------------------
+
+    def __call__(self, image: Any, prompt: str, *, seed: int = 0, frames: int = 81,
+                 size: tuple[int, int] | None = None, area: int | None = None, steps: int | None = None,
+                 sampler: str | None = None, guidance: float | None = None, shift: float | None = None,
+                 negative_prompt: str | None = None, update: str = "deterministic",
+                 callback: ProgressCallback | None = None, cancel: Any = None, progress: bool = False,
+                 progress_stream: TextIO | None = None) -> Video:
+        """Generate a video that starts from `image` and follows `prompt`.
+
+        image: a file path, PIL image, numpy [H, W, 3] uint8, or torch tensor (uint8 [H, W, 3] or float
+            [3, H, W] in [-1, 1]).
+        prompt: non-empty; at most text_len − 1 = 511 tokens (longer prompts raise InputError rather
+            than being cut short silently as in the reference).
+        seed: seeds the initial noise (and the re-noising of update="renoise", with seed + 1).
+        frames: 4k + 1 (81 = 5 s at 16 fps).
+        size: (width, height), multiples of 16; default: the image's aspect ratio at `area` pixels
+            (default 480·832), by the official formula.
+        sampler: "distilled" or "unipc"; default from the model (see `from_pretrained`). steps, guidance,
+            shift default by sampler: distilled 4 / 1.0 / 5.0; unipc 40 / 5.0 / 3.0 (5.0 above 480P area).
+        negative_prompt: for CFG (guidance != 1); default Wan's own. "" is an empty negative prompt.
+        update: the distilled sampler's step rule, "deterministic" or "renoise".
+        callback(ProgressEvent): after each unit of work. cancel: a threading.Event; when set, the call
+            raises Cancelled at the next stage boundary or between two steps.
+        progress: draw bars for encode, each step, and decode on `progress_stream` (stderr).
+        """
+        job = self._prepare(image, prompt, seed=seed, frames=frames, size=size, area=area, steps=steps,
+                            sampler=sampler, guidance=guidance, shift=shift, negative_prompt=negative_prompt,
+                            update=update, callback=callback, cancel=cancel, progress=progress,
+                            stream=progress_stream)
+        with self._lock:
+            return self._generate(job)
+
+    def _prepare(self, image, prompt, *, seed, frames, size, area, steps, sampler, guidance, shift,
+                 negative_prompt, update, callback, cancel, progress, stream) -> _Job:
+        """Validate everything before taking the lock, so bad input fails at once."""
+        pixels = image_tensor(image)
+        check_prompt(self.tokenizer, prompt)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+            raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        check_frames(frames, self.vae.config.time_stride)
+        multiple = self.vae.config.space_stride * self.dit.config.patch_size[1]
+        if size is not None and area is not None:
+            raise InputError("give size or area, not both")
+        if size is not None:
+            width, height = check_size(tuple(size) if isinstance(size, list) else size, multiple)
+        else:
+            height, width = output_size(tuple(pixels.shape[1:]), AREA_480P if area is None else area,
+                                        vae_stride=self.vae.config.space_stride,
+                                        patch=self.dit.config.patch_size[1])
+        sampler = sampler if sampler is not None else (DISTILLED if self.distilled else UNIPC)
+        if sampler not in SAMPLERS:
+            raise InputError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        distilled = sampler == DISTILLED
+        steps = (4 if distilled else 40) if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+            raise InputError(f"steps must be an integer in [1, 1000], got {steps!r}")
+        guidance = (1.0 if distilled else 5.0) if guidance is None else guidance
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+            raise InputError(f"guidance must be a finite number, got {guidance!r}")
+        if shift is None:
+            shift = 5.0 if distilled or height * width > AREA_480P else 3.0
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < math.inf:
+            raise InputError(f"shift must be a positive number, got {shift!r}")
+        if update not in UPDATE_RULES:
+            raise InputError(f"update must be one of {UPDATE_RULES}, got {update!r}")
+        if guidance != 1:
+            negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+            check_prompt(self.tokenizer, negative_prompt, "negative_prompt", allow_empty=True)
+        else:
+            negative_prompt = None
+        if callback is not None and not callable(callback):
+            raise InputError(f"callback must be callable, got {type(callback).__name__}")
+        if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+            raise InputError(f"cancel must be a threading.Event (with is_set()), got {type(cancel).__name__}")
+        return _Job(pixels, prompt, negative_prompt, seed, frames, height, width, sampler, steps, float(guidance),
+                    float(shift), update, callback, cancel, bool(progress), stream)
+
+    @contextmanager
+    def _encoders_on_device(self) -> Iterator[None]:
+        if not self.offload_encoders or self.device.type == "cpu":
+            yield
+            return
+        # Outside inference mode, so the moved weights stay ordinary tensors usable anywhere.
+        with torch.inference_mode(False):
+            self.t5.to(self.device)
+            self.clip.to(self.device)
+        try:
+            yield
+        finally:
+            with torch.inference_mode(False):
+                self.t5.to("cpu")
+                self.clip.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _generate(self, job: _Job) -> Video:
+        device = self.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        _check_cancel(job, "before it started")
+        vae_cfg = self.vae.config
+        latent_frames = vae_cfg.latent_frames(job.frames)
+        cfg = job.negative_prompt is not None
+
+        def stage(name: str, total: int):
+            bar = StageBar(name, total, stream=job.stream, enabled=job.progress)
+            began = time.perf_counter()
+
+            def advance(done: int, *, timestep: float | None = None, x0: torch.Tensor | None = None) -> None:
+                bar.update(done)
+                if job.callback is not None:
+                    job.callback(ProgressEvent(name, done, bar.total, time.perf_counter() - began, timestep, x0))
+            return bar, advance
+
+        with torch.inference_mode():
+            # -- encode: text, image, image latent; then the DiT's cross-attention k/v, once.
+            bar, advance = stage("encode", 2 + latent_frames)
+            with self._encoders_on_device():
+                t = time.perf_counter()
+                context = text_features(self.tokenizer, self.t5, job.prompt)
+                context_null = text_features(self.tokenizer, self.t5, job.negative_prompt) if cfg else None
+                _sync(device)
+                timings["text"] = time.perf_counter() - t
+                advance(1)
+                t = time.perf_counter()
+                clip_fea = clip_features(self.clip, job.image).float()
+                _sync(device)
+                timings["image"] = time.perf_counter() - t
+                advance(2)
+            t = time.perf_counter()
+            resized = resize_image(job.image, job.height, job.width)
+            y = image_condition(self.vae, resized, job.frames, progress=lambda done, total: advance(2 + done))
+            _sync(device)
+            timings["vae_encode"] = time.perf_counter() - t
+            t = time.perf_counter()
+            cond = self.dit.encode_context(context.to(device), clip_fea.to(device))
+            uncond = self.dit.encode_context(context_null.to(device), clip_fea.to(device)) if cfg else None
+            del context, context_null, clip_fea
+            _sync(device)
+            timings["context"] = time.perf_counter() - t
+            bar.close()
+            _check_cancel(job, "after encoding")
+
+            # -- denoise
+            t = time.perf_counter()
+            noise = initial_noise((1, vae_cfg.z_dim, latent_frames, *y.shape[3:]), job.seed, device)
+            y = y.to(device)
+
+            def forward(context):
+                return lambda x, timestep: self.dit(x, timestep, context, y=y)
+
+            model = guided(forward(cond), forward(uncond) if cfg else None, job.guidance)
+            if job.sampler == DISTILLED:
+                sampler = DistilledSampler(steps=_distilled_steps(job.steps), shift=job.shift, update=job.update)
+            else:
+                sampler = UniPCSampler(steps=job.steps, shift=job.shift)
+            timesteps = sampler.timesteps().tolist()
+            bar, advance = stage("denoise", job.steps)
+            step_seconds: list[float] = []
+            last = time.perf_counter()
+
+            def on_step(i: int, n: int, x0: torch.Tensor) -> None:
+                nonlocal last
+                _sync(device)
+                now = time.perf_counter()
+                step_seconds.append(now - last)
+                last = now
+                advance(i + 1, timestep=float(timesteps[i]), x0=x0)
+                if i + 1 < n:
+                    _check_cancel(job, f"after step {i + 1} of {n}", bar)
+
+            if job.sampler == DISTILLED:
+                latents = sampler.sample(model, noise, seed=job.seed + 1, callback=on_step)
+            else:
+                latents = sampler.sample(model, noise, callback=on_step)
+            del cond, uncond, noise, y
+            _sync(device)
+            timings["denoise"] = time.perf_counter() - t
+            bar.close()
+            _check_cancel(job, "before decoding")
+
+            # -- decode
+            t = time.perf_counter()
+            bar, advance = stage("decode", latent_frames)  # the VAE tells the total with tiles
+
+            def decoded(done: int, total: int) -> None:
+                bar.total = total
+                advance(done)
+
+            video = self.vae.decode(latents, tile=self.vae_tile, output_device="cpu", progress=decoded)
+            frames = torch.from_numpy(video_to_frames(video))
+            del video
+            _sync(device)
+            timings["decode"] = time.perf_counter() - t
+            bar.close()
+        timings["total"] = time.perf_counter() - start
+        peak, source = _peak_memory(device)
+        return Video(frames=frames, fps=FPS, timings=timings, step_seconds=step_seconds, peak_memory=peak,
+                     peak_memory_source=source, latents=latents[0].float().cpu(), settings=job.settings())
+
+
+def _check_cancel(job: _Job, where: str, bar: StageBar | None = None) -> None:
+    if job.cancel is not None and job.cancel.is_set():
+        if bar is not None:
+            bar.close()
+        raise Cancelled(f"generation cancelled {where}")
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
+
+
+def _check_compatible(dit: WanDiT, t5: T5Encoder, clip: CLIPVisionEncoder, vae: WanVAE,
+                      files: ModelFiles | None) -> None:
+    """The pieces must fit together: widths of the text, image and latent channels."""
+    def name(what: str, fallback: str) -> str:
+        return str(getattr(files, what)) if files is not None else fallback
+
+    cfg = dit.config
+    if not cfg.is_i2v:
+        raise CheckpointError(f"{name('dit', 'dit')}: a text-to-video DiT; the pipeline needs an image-to-video one")
+    if t5.config.dim != cfg.text_dim:
+        raise CheckpointError(f"{name('t5', 't5')}: T5 width {t5.config.dim} does not match the DiT's text_dim "
+                              f"{cfg.text_dim}")
+    if clip.config.dim != cfg.clip_dim:
+        raise CheckpointError(f"{name('clip', 'clip')}: CLIP width {clip.config.dim} does not match the DiT's "
+                              f"clip_dim {cfg.clip_dim}")
+    if vae.config.z_dim != cfg.out_dim or cfg.in_dim != 2 * cfg.out_dim + vae.config.time_stride:
+        raise CheckpointError(f"{name('vae', 'vae')}: VAE with {vae.config.z_dim} latent channels and time stride "
+                              f"{vae.config.time_stride} does not fit the DiT (in {cfg.in_dim}, out {cfg.out_dim})")

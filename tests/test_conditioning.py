@@ -1,0 +1,212 @@
+"""The I2V conditioning of spec/pipeline.md: output size from the aspect ratio and area, the mask, the
+image latent of the first frame + grey frames, the CLIP hand-off, the trimmed T5 text, image inputs."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dit8 import InputError
+from dit8.clip import CLIPVisionEncoder
+from dit8.conditioning import (check_frames, check_prompt, check_size, clip_features, frame_mask, image_condition,
+                               image_tensor, latent_shape, output_size, read_image, resize_image, text_features,
+                               vae_input)
+from dit8.t5 import T5Encoder
+from dit8.testing_encoders import tiny_clip_config, write_tiny_clip, write_tiny_t5, write_tiny_tokenizer
+from dit8.testing_vae import random_vae_weights, tiny_vae_config
+from dit8.tokenizer import Tokenizer
+from dit8.vae import WanVAE
+from dit8.video import write_png_frames
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return WanVAE.from_state_dict(random_vae_weights(tiny_vae_config(8), seed=5))
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("text")
+    t5 = T5Encoder.from_pth(write_tiny_t5(folder / "t5.pth", seed=2), device="cpu", dtype=torch.float32)
+    return Tokenizer.from_folder(write_tiny_tokenizer(folder / "tok")), t5
+
+
+def image(height=40, width=56, seed=0):
+    return (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
+
+
+# -- sizes -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image_hw, area, expected", [
+    ((480, 832), 480 * 832, (480, 832)),    # the spec's example: latent 60x104
+    ((832, 480), 480 * 832, (832, 480)),
+    ((768, 1024), 480 * 832, (544, 720)),   # sqrt(399360·0.75) = 547.3 -> 68 -> 68; sqrt(399360/0.75) -> 91 -> 90
+    ((1080, 1920), 480 * 832, (464, 832)),  # 474.0 -> 59 -> 58; 842.7 -> 105 -> 104
+    ((100, 100), 480 * 832, (624, 624)),    # 631.9 -> 78 -> 78
+    ((40, 60), 32 * 48, (32, 48)),
+])
+def test_output_size_follows_the_aspect_ratio(image_hw, area, expected):
+    assert output_size(image_hw, area) == expected
+    assert all(s % 16 == 0 for s in expected)
+
+
+@pytest.mark.parametrize("h0, w0", [(480, 832), (832, 480), (720, 1280), (1000, 1000), (123, 457), (3000, 17)])
+def test_output_size_agrees_with_the_float_formula_except_where_floats_fall_short(h0, w0):
+    """The reference's float evaluation, transcribed; it differs only for 480x832 at 480*832, where
+    sqrt(399360·480/832) evaluates to 479.99999999999994 (the spec's example says latent 60, exact)."""
+    area = 480 * 832
+    lat_h = round(np.sqrt(area * (h0 / w0)) // 8 // 2 * 2)
+    lat_w = round(np.sqrt(area / (h0 / w0)) // 8 // 2 * 2)
+    if (h0, w0) == (480, 832):
+        assert (lat_h, lat_w) == (58, 104) and output_size((h0, w0), area) == (480, 832)
+    else:
+        assert output_size((h0, w0), area) == (8 * lat_h, 8 * lat_w)
+
+
+def test_latent_shape_and_frames():
+    assert latent_shape(81, 480, 832) == (16, 21, 60, 104)
+    assert latent_shape(1, 32, 48) == (16, 1, 4, 6)
+    for good in (1, 5, 81):
+        assert check_frames(good) == good
+    for bad in (0, 2, 80, 82, -3, 81.0, True):
+        with pytest.raises(InputError, match="4k\\+1"):
+            check_frames(bad)
+
+
+def test_sizes_must_be_multiples_of_16():
+    assert check_size((832, 480)) == (832, 480)
+    for bad in ((830, 480), (832, 0), (832,), "832x480", (832.0, 480)):
+        with pytest.raises(InputError):
+            check_size(bad)
+    with pytest.raises(InputError, match="aspect ratio"):
+        output_size((16, 4000), 64 * 64)
+
+
+# -- mask and image latent ------------------------------------------------------------------------------
+
+
+def test_mask_is_ones_for_latent_frame_zero_only():
+    mask = frame_mask(81, 60, 104)
+    assert mask.shape == (4, 21, 60, 104) and mask.dtype == torch.float32
+    assert mask[:, 0].eq(1).all() and mask[:, 1:].eq(0).all()
+    assert frame_mask(1, 2, 3).eq(1).all() and frame_mask(1, 2, 3).shape == (4, 1, 2, 3)
+
+
+def test_vae_input_is_the_image_then_grey():
+    img = image_tensor(image())
+    video = vae_input(img, 9)
+    assert video.shape == (1, 3, 9, 40, 56)
+    assert torch.equal(video[0, :, 0], img) and video[:, :, 1:].eq(0).all()  # 0 is mid grey in [-1, 1]
+
+
+def test_image_condition_is_mask_plus_normalised_latents_of_image_and_grey_frames(vae):
+    img = resize_image(image_tensor(image()), 32, 48)
+    done = []
+    y = image_condition(vae, img, 9, progress=lambda d, t: done.append((d, t)))
+    assert y.shape == (1, 20, 3, 4, 6) and y.dtype == torch.float32
+    assert done == [(1, 3), (2, 3), (3, 3)]
+    torch.testing.assert_close(y[0, :4], frame_mask(9, 4, 6))
+    torch.testing.assert_close(y[:, 4:], vae.encode(vae_input(img, 9)))
+    # Latent frames 1.. encode grey frames: not zeros (the mean is subtracted after encoding).
+    assert y[:, 4:, 1:].abs().mean() > 0.01
+
+
+def test_resize_is_plain_bicubic_without_clamp():
+    img = image_tensor(image())
+    out = resize_image(img, 32, 48)
+    torch.testing.assert_close(out, F.interpolate(img[None], size=(32, 48), mode="bicubic", align_corners=False)[0])
+    sharp = torch.zeros(3, 16, 16)
+    sharp[:, :, 8:] = 1
+    sharp[:, :, :8] = -1
+    assert resize_image(sharp, 16, 32).abs().max() > 1  # bicubic overshoot kept, as the reference
+
+
+# -- encoders ---------------------------------------------------------------------------------------------
+
+
+def test_text_features_are_trimmed_to_the_real_length(text):
+    tokenizer, t5 = text
+    ids, mask, lengths = tokenizer("a cat walks on the beach")
+    features = text_features(tokenizer, t5, "a cat walks on the beach")
+    assert lengths.item() == 7 and features.shape == (1, 7, 64)  # 6 words + EOS
+    full = t5(ids, mask)  # all 512 positions, padding masked: its first rows are the same
+    torch.testing.assert_close(features, full[:, :7], rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_checks(text):
+    tokenizer, _ = text
+    assert check_prompt(tokenizer, "a cat") == "a cat"
+    with pytest.raises(InputError, match="empty"):
+        check_prompt(tokenizer, "  \n ")
+    assert check_prompt(tokenizer, "", "negative_prompt", allow_empty=True) == ""
+    with pytest.raises(InputError, match="string"):
+        check_prompt(tokenizer, None)
+    short = Tokenizer(tokenizer.tokenizer, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, text_len=8)
+    assert check_prompt(short, "a b c d e f g")  # 7 tokens + EOS fit
+    with pytest.raises(InputError, match="8 tokens long; the text encoder takes at most 7"):
+        check_prompt(short, "a b c d e f g h")
+
+
+def test_clip_gets_the_image_at_its_own_size(tmp_path):
+    config = tiny_clip_config()
+    clip = CLIPVisionEncoder.from_pth(write_tiny_clip(tmp_path / "clip.pth", config), device="cpu",
+                                      dtype=torch.float32, num_heads=config.num_heads)
+    img = image_tensor(image())
+    features = clip_features(clip, img)
+    assert features.shape == (1, 257, config.dim)
+    torch.testing.assert_close(features, clip(clip.preprocess(img[None])))
+
+
+# -- image inputs ------------------------------------------------------------------------------------------
+
+
+def test_image_inputs_agree():
+    array = image()
+    want = torch.from_numpy(array).permute(2, 0, 1).float() / 255 * 2 - 1
+    assert image_tensor(array).shape == (3, 40, 56)
+    torch.testing.assert_close(image_tensor(array), want)
+    torch.testing.assert_close(image_tensor(torch.from_numpy(array)), want)
+    torch.testing.assert_close(image_tensor(want), want)
+
+
+def test_pil_images_are_converted_to_rgb():
+    Image = pytest.importorskip("PIL.Image")
+    array = image()
+    torch.testing.assert_close(image_tensor(Image.fromarray(array)), image_tensor(array))
+    rgba = np.concatenate([array, np.full(array.shape[:2] + (1,), 7, np.uint8)], axis=-1)
+    torch.testing.assert_close(image_tensor(Image.fromarray(rgba, "RGBA")), image_tensor(array))
+    grey = Image.fromarray(array[..., 0], "L")
+    assert torch.equal(image_tensor(grey)[0], image_tensor(grey)[2])
+
+
+def test_image_files_are_read_with_pyav(tmp_path):
+    array = image()
+    (png,) = write_png_frames(tmp_path, array[None])
+    assert np.array_equal(read_image(png), array)
+    torch.testing.assert_close(image_tensor(str(png)), image_tensor(array))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((40, 56, 3), np.float32), "uint8"),
+    (np.zeros((40, 56), np.uint8), "uint8 RGB"),
+    (np.zeros((40, 56, 4), np.uint8), "uint8 RGB"),
+    (torch.zeros(40, 56, 3, dtype=torch.int32), "uint8"),
+    (torch.zeros(40, 56, 3), "float image tensor"),
+    (torch.full((3, 40, 56), 2.0), "in \\[-1, 1\\]"),
+    (torch.full((3, 40, 56), float("nan")), "finite"),
+    (np.zeros((8, 56, 3), np.uint8), "at least 16"),
+    ([[0, 0, 0]], "file path, PIL image"),
+])
+def test_bad_images(bad, message):
+    with pytest.raises(InputError, match=message):
+        image_tensor(bad)
+
+
+def test_bad_image_files(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        image_tensor(tmp_path / "missing.png")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(InputError, match="notes.png"):
+        image_tensor(text)

@@ -1,0 +1,403 @@
+"""I2VPipeline end to end on tiny random model folders: determinism, the composition of its parts,
+mp4/PNG output, progress, cancellation, threads, defaults for distilled and base models, bad inputs,
+and the discovery of every model folder layout."""
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from dit8 import CheckpointError, Dit8Error, InputError
+from dit8.conditioning import clip_features, image_condition, image_tensor, resize_image, text_features
+from dit8.model_folder import CLIP_FILE, T5_FILE, VAE_FILE, find_model_files
+from dit8.pipeline import Cancelled, I2VPipeline, ProgressEvent, Video
+from dit8.sampler import DistilledSampler, initial_noise
+from dit8.testing_encoders import tiny_t5_config, write_tiny_t5
+from dit8.testing_pipeline import FOLDER_KINDS, write_tiny_model_folder
+from dit8.unipc import UniPCSampler
+from dit8.video import read_png, read_video, video_to_frames, write_png_frames
+
+IMAGE = (np.random.default_rng(7).random((40, 60, 3)) * 255).astype(np.uint8)  # aspect 2:3
+PROMPT = "a dog runs on the beach"
+SMALL = dict(frames=5, area=32 * 48)  # -> 5 frames of 48x32, latents (16, 2, 4, 6)
+ONE = dict(frames=1, area=32 * 48)  # one frame: the cheapest VAE work, for tests about other things
+VAE_DIM = 4  # the VAE is the slow part on a CPU; its width does not matter here
+
+
+@pytest.fixture(scope="module")
+def distilled_folder(tmp_path_factory):
+    return write_tiny_model_folder(tmp_path_factory.mktemp("m") / "distilled", kind="distill_models", seed=1,
+                                   vae_dim=VAE_DIM)
+
+
+@pytest.fixture(scope="module")
+def pipe(distilled_folder):
+    return I2VPipeline.from_pretrained(distilled_folder)
+
+
+@pytest.fixture(scope="module")
+def base_pipe(tmp_path_factory):
+    return I2VPipeline.from_pretrained(write_tiny_model_folder(tmp_path_factory.mktemp("m") / "official", seed=2,
+                                                              vae_dim=VAE_DIM))
+
+
+@pytest.fixture(scope="module")
+def video(pipe):
+    return pipe(IMAGE, PROMPT, seed=3, **SMALL)
+
+
+# -- results ---------------------------------------------------------------------------------------------
+
+
+def test_video_fields(pipe, video):
+    assert isinstance(video, Video) and pipe.distilled and pipe.files.kind == "distill_models"
+    assert video.frames.shape == (5, 32, 48, 3) and video.frames.dtype == torch.uint8
+    assert (video.num_frames, video.height, video.width, video.fps) == (5, 32, 48, 16)
+    assert video.latents.shape == (16, 2, 4, 6) and video.latents.isfinite().all()
+    assert set(video.timings) == {"text", "image", "vae_encode", "context", "denoise", "decode", "total"}
+    assert len(video.step_seconds) == 4 and video.peak_memory > 0 and "RSS" in video.peak_memory_source
+    assert video.settings == {"prompt": PROMPT, "negative_prompt": None, "seed": 3, "frames": 5, "size": (48, 32),
+                              "sampler": "distilled", "steps": 4, "guidance": 1.0, "shift": 5.0,
+                              "update": "deterministic"}
+    assert video.frames.float().std() > 1  # not a constant picture
+
+
+def test_same_seed_same_video_other_seed_other_video(pipe, video):
+    assert torch.equal(pipe(IMAGE, PROMPT, seed=3, **SMALL).frames, video.frames)
+    other = pipe(IMAGE, PROMPT, seed=4, **SMALL)
+    assert not torch.equal(other.latents, video.latents)
+    assert not torch.equal(other.frames, video.frames)
+
+
+def test_pipeline_is_the_composition_of_its_parts(pipe, video):
+    """Tokenizer + T5 (trimmed), CLIP on the [-1, 1] image, VAE of the resized image + grey frames with
+    the mask, seeded noise, the 4-step sampler with the k/v encoded once, the VAE decoder."""
+    with torch.inference_mode():
+        image = image_tensor(IMAGE)
+        context = text_features(pipe.tokenizer, pipe.t5, PROMPT)
+        encoded = pipe.dit.encode_context(context, clip_features(pipe.clip, image).float())
+        y = image_condition(pipe.vae, resize_image(image, 32, 48), 5)
+        noise = initial_noise((1, 16, 2, 4, 6), seed=3)
+        latents = DistilledSampler().sample(lambda x, t: pipe.dit(x, t, encoded, y=y), noise, seed=4)
+        frames = video_to_frames(pipe.vae.decode(latents))
+    assert torch.equal(video.latents, latents[0])
+    assert np.array_equal(video.numpy(), frames)
+
+
+def test_mp4_and_png_frames_read_back(video, tmp_path):
+    path = video.save(tmp_path / "out.mp4")
+    back = read_video(path)
+    assert (back.num_frames, back.height, back.width, back.fps) == (5, 32, 48, 16.0)
+    assert (back.codec, back.pix_fmt) == ("h264", "yuv420p")
+    assert np.abs(back.frames.astype(int) - video.numpy().astype(int)).mean() < 12  # lossy, but close
+    pngs = video.save_frames(tmp_path / "frames")
+    assert [p.name for p in pngs] == [f"frame_{i:05d}.png" for i in range(5)]
+    assert np.array_equal(read_png(pngs[2]), video.numpy()[2])
+
+
+def test_image_file_input_equals_the_array(pipe, video, tmp_path):
+    (png,) = write_png_frames(tmp_path, IMAGE[None])
+    assert torch.equal(pipe(str(png), PROMPT, seed=3, **SMALL).frames, video.frames)
+
+
+def test_offloaded_encoders_and_tiled_decode_give_the_same_video(distilled_folder, video):
+    pipe = I2VPipeline.from_pretrained(distilled_folder, offload_encoders=True, vae_tile=2)
+    other = pipe(IMAGE, PROMPT, seed=3, **SMALL)
+    assert torch.equal(other.latents, video.latents)
+    assert (other.frames.int() - video.frames.int()).abs().max() <= 1  # tiles: same math, other summation order
+
+
+def test_other_sampler_settings(pipe, video):
+    renoise = pipe(IMAGE, PROMPT, seed=3, update="renoise", **ONE)
+    assert not torch.equal(renoise.latents, video.latents[:, :1])
+    unipc = pipe(IMAGE, PROMPT, seed=3, sampler="unipc", steps=3, guidance=1.0, **ONE)
+    assert unipc.settings["sampler"] == "unipc" and unipc.settings["shift"] == 3.0 and len(unipc.step_seconds) == 3
+    sized = pipe(IMAGE, PROMPT, seed=3, frames=1, size=(32, 16))
+    assert sized.frames.shape == (1, 16, 32, 3)
+
+
+def count_forwards(pipe, monkeypatch) -> list:
+    calls = []
+    forward = pipe.dit.forward
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].clone())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.dit, "forward", counting)
+    return calls
+
+
+def test_base_model_defaults_to_unipc_with_cfg(base_pipe, monkeypatch):
+    assert not base_pipe.distilled and base_pipe.files.kind == "official"
+    calls = count_forwards(base_pipe, monkeypatch)
+    video = base_pipe(IMAGE, PROMPT, seed=0, steps=3, **ONE)
+    s = video.settings
+    assert (s["sampler"], s["steps"], s["guidance"], s["shift"]) == ("unipc", 3, 5.0, 3.0)
+    assert s["negative_prompt"].startswith("色调艳丽")
+    assert len(calls) == 6  # cond and uncond per step
+    want = [float(t) for t in UniPCSampler(steps=3, shift=3.0).timesteps()]  # integers: 999, 856, 599
+    assert [t.item() for t in calls[::2]] == [t.item() for t in calls[1::2]] == want == [999.0, 856.0, 599.0]
+    assert all(t.dtype == torch.float32 for t in calls)
+    calls.clear()
+    base_pipe(IMAGE, PROMPT, seed=0, steps=3, guidance=1.0, **ONE)
+    assert len(calls) == 3  # no CFG: one forward per step
+    calls.clear()
+    assert base_pipe(IMAGE, PROMPT, seed=0, sampler="distilled", **ONE).settings["shift"] == 5.0
+    assert len(calls) == 4
+
+
+def test_cfg_uses_the_negative_prompt(base_pipe):
+    a = base_pipe(IMAGE, PROMPT, seed=0, steps=2, **ONE)
+    b = base_pipe(IMAGE, PROMPT, seed=0, steps=2, negative_prompt="blurry", **ONE)
+    c = base_pipe(IMAGE, PROMPT, seed=0, steps=2, negative_prompt="", **ONE)
+    assert b.settings["negative_prompt"] == "blurry" and c.settings["negative_prompt"] == ""
+    assert not torch.equal(a.latents, b.latents) and not torch.equal(b.latents, c.latents)
+
+
+# -- progress, cancellation, threads ------------------------------------------------------------------------
+
+
+def test_progress_callback_and_bars(pipe):
+    events: list[ProgressEvent] = []
+    stream = io.StringIO()
+    pipe(IMAGE, PROMPT, seed=0, callback=events.append, progress=True, progress_stream=stream, **SMALL)
+    assert [(e.stage, e.done, e.total) for e in events] == [
+        ("encode", 1, 4), ("encode", 2, 4), ("encode", 3, 4), ("encode", 4, 4),
+        ("denoise", 1, 4), ("denoise", 2, 4), ("denoise", 3, 4), ("denoise", 4, 4),
+        ("decode", 1, 2), ("decode", 2, 2)]
+    steps = [e for e in events if e.stage == "denoise"]
+    assert [e.timestep for e in steps] == pytest.approx([1000, 937.5, 833.333, 625], abs=1e-3)
+    assert all(e.x0.shape == (1, 16, 2, 4, 6) for e in steps)
+    assert all(e.x0 is None and e.timestep is None for e in events if e.stage != "denoise")
+    assert all(b.seconds >= a.seconds for a, b in zip(steps, steps[1:]))
+    lines = stream.getvalue().splitlines()  # not a terminal: one line per stage at its end
+    assert [line.split()[0] for line in lines] == ["encode", "denoise", "decode"]
+    assert "4/4" in lines[1]
+
+
+def test_cancel_between_steps(pipe, video):
+    cancel = threading.Event()
+    seen = []
+
+    def callback(event):
+        seen.append((event.stage, event.done))
+        if event.stage == "denoise" and event.done == 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled, match="after step 2 of 4"):
+        pipe(IMAGE, PROMPT, seed=3, callback=callback, cancel=cancel, **SMALL)
+    assert seen[-1] == ("denoise", 2) and not any(stage == "decode" for stage, _ in seen)
+    assert issubclass(Cancelled, Dit8Error)
+    # The lock is released and nothing is left behind: the next call is as before.
+    assert torch.equal(pipe(IMAGE, PROMPT, seed=3, **SMALL).frames, video.frames)
+
+
+def test_cancel_before_start(pipe):
+    cancel = threading.Event()
+    cancel.set()
+    seen = []
+    with pytest.raises(Cancelled, match="before it started"):
+        pipe(IMAGE, PROMPT, cancel=cancel, callback=seen.append, **SMALL)
+    assert seen == []
+
+
+def test_concurrent_calls_are_serialised_and_give_the_sequential_results(pipe):
+    sequential = {seed: pipe(IMAGE, PROMPT, seed=seed, **ONE).frames for seed in (11, 12)}
+    results, errors, log = {}, [], []
+    start = threading.Barrier(2)
+
+    def run(seed):
+        try:
+            start.wait()
+            results[seed] = pipe(IMAGE, PROMPT, seed=seed, callback=lambda e: log.append(seed), **ONE).frames
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (11, 12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert all(torch.equal(results[s], sequential[s]) for s in (11, 12))
+    first = log[0]
+    assert log == [first] * 8 + [23 - first] * 8  # one whole generation, then the other
+
+
+# -- bad inputs ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(frames=8), "4k\\+1"),
+    (dict(frames=0), "4k\\+1"),
+    (dict(size=(40, 32)), "multiples of 16"),
+    (dict(size=(48, 32), area=1000), "not both"),
+    (dict(area=0), "area"),
+    (dict(prompt="   "), "prompt is empty"),
+    (dict(prompt=" ".join(["cat"] * 600)), "600 tokens long; the text encoder takes at most 511"),
+    (dict(prompt=42), "prompt must be a string"),
+    (dict(image=np.zeros((40, 60, 3), np.float64)), "uint8"),
+    (dict(image=object()), "file path, PIL image"),
+    (dict(image="no/such/image.png"), "not found"),
+    (dict(seed=-1), "seed"),
+    (dict(seed=1.5), "seed"),
+    (dict(steps=0), "steps"),
+    (dict(sampler="euler"), "sampler"),
+    (dict(guidance=float("nan")), "guidance"),
+    (dict(shift=-1.0), "shift"),
+    (dict(update="sde"), "update"),
+    (dict(guidance=3.0, negative_prompt=" ".join(["cat"] * 600)), "negative_prompt is 600 tokens"),
+    (dict(cancel=True), "threading.Event"),
+    (dict(callback="print"), "callable"),
+])
+def test_bad_inputs_raise_input_error(pipe, kwargs, message):
+    args = {"image": IMAGE, "prompt": PROMPT, **SMALL}
+    args.update(kwargs)
+    if "size" in kwargs:
+        args.pop("area")
+        if "area" in kwargs:
+            args["area"] = kwargs["area"]
+    with pytest.raises(InputError, match=message):
+        pipe(args.pop("image"), args.pop("prompt"), **args)
+
+
+def test_incompatible_pieces_raise_checkpoint_error(tmp_path):
+    root = write_tiny_model_folder(tmp_path / "m", kind="distill_models", vae_dim=VAE_DIM)
+    write_tiny_t5(root / T5_FILE, tiny_t5_config(dim=32, dim_attn=32))
+    with pytest.raises(CheckpointError, match=f"{T5_FILE}: T5 width 32 does not match the DiT's text_dim 64"):
+        I2VPipeline.from_pretrained(root)
+
+
+# -- model folders ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(FOLDER_KINDS))
+def test_every_folder_kind_loads_and_runs(tmp_path, kind):
+    root = write_tiny_model_folder(tmp_path / kind, kind=kind, encoders_beside_dit=kind == "distill_fp8",
+                                   vae_dim=VAE_DIM)
+    pipe = I2VPipeline.from_pretrained(root)
+    assert pipe.files.kind == (kind if not kind.startswith("single_file") else "single_file")
+    assert pipe.distilled == (kind != "official")
+    video = pipe(IMAGE, PROMPT, steps=2, **ONE)
+    assert video.frames.shape == (1, 32, 48, 3) and video.latents.isfinite().all()
+
+
+def touch(root, *names):
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+
+ENCODERS = (T5_FILE, CLIP_FILE, VAE_FILE, "google/umt5-xxl/tokenizer.json")
+
+
+@pytest.mark.parametrize("files, kind, dit, scheme, distilled", [
+    (["diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model-00001-of-00007.safetensors"],
+     "official", ".", "bf16", False),
+    (["distill_models/distill_model.safetensors"], "distill_models", "distill_models/distill_model.safetensors",
+     "bf16", True),
+    (["distill_fp8/block_0.safetensors", "distill_fp8/non_block.safetensors"], "distill_fp8", "distill_fp8", "fp8",
+     True),
+    (["distill_int8/block_0.safetensors"], "distill_int8", "distill_int8", "int8", True),
+    (["fp8/block_0.safetensors"], "fp8", "fp8", "fp8", True),
+    (["int8/block_0.safetensors"], "int8", "int8", "int8", True),
+    (["original/distill_model.safetensors"], "original", "original/distill_model.safetensors", "bf16", True),
+    (["wan2.1_i2v_480p_lightx2v_4step.safetensors"], "single_file", "wan2.1_i2v_480p_lightx2v_4step.safetensors",
+     "bf16", True),
+    (["wan2.1_i2v_480p_scaled_fp8_e4m3_lightx2v_4step_comfyui.safetensors"], "single_file",
+     "wan2.1_i2v_480p_scaled_fp8_e4m3_lightx2v_4step_comfyui.safetensors", "fp8", True),
+    (["wan2.1_i2v_480p_int8_lightx2v_4step.safetensors"], "single_file",
+     "wan2.1_i2v_480p_int8_lightx2v_4step.safetensors", "int8", True),
+])
+def test_folder_discovery(tmp_path, files, kind, dit, scheme, distilled):
+    touch(tmp_path, *ENCODERS, *files)
+    found = find_model_files(tmp_path)
+    assert (found.kind, found.dit, found.scheme, found.distilled) == (kind, (tmp_path / dit).resolve()
+                                                                      if dit == "." else tmp_path / dit,
+                                                                      scheme, distilled)
+    assert (found.t5, found.clip, found.vae, found.tokenizer) == (
+        tmp_path / T5_FILE, tmp_path / CLIP_FILE, tmp_path / VAE_FILE, tmp_path / "google/umt5-xxl")
+
+
+def test_scheme_picks_the_variant_and_float_comes_first(tmp_path):
+    touch(tmp_path, *ENCODERS, "distill_models/distill_model.safetensors", "distill_fp8/block_0.safetensors",
+          "int8/block_0.safetensors")
+    assert find_model_files(tmp_path).kind == "distill_models"
+    assert find_model_files(tmp_path, scheme="fp8").dit == tmp_path / "distill_fp8"
+    assert find_model_files(tmp_path, scheme="int8").dit == tmp_path / "int8"
+    with pytest.raises(CheckpointError, match="unknown scheme"):
+        find_model_files(tmp_path, scheme="fp4")
+
+
+def test_a_distilled_file_dropped_into_the_official_folder_is_preferred(tmp_path):
+    touch(tmp_path, *ENCODERS, "diffusion_pytorch_model.safetensors.index.json",
+          "wan2.1_i2v_480p_lightx2v_4step.safetensors")
+    found = find_model_files(tmp_path)
+    assert (found.kind, found.dit.name, found.distilled) == ("single_file", "wan2.1_i2v_480p_lightx2v_4step.safetensors",
+                                                             True)
+    base = find_model_files(tmp_path, dit=tmp_path)  # the shards of the folder itself
+    assert (base.dit, base.distilled) == (tmp_path, False)
+
+
+def test_encoders_beside_the_dit_come_first(tmp_path):
+    touch(tmp_path, *ENCODERS, "distill_models/distill_model.safetensors", f"distill_models/{T5_FILE}")
+    found = find_model_files(tmp_path)
+    assert found.t5 == tmp_path / "distill_models" / T5_FILE and found.clip == tmp_path / CLIP_FILE
+
+
+def test_pointing_at_a_dit_subfolder_or_file(tmp_path):
+    touch(tmp_path, *ENCODERS, "distill_fp8/block_0.safetensors", "distill_models/distill_model.safetensors")
+    found = find_model_files(tmp_path / "distill_fp8")
+    assert (found.dit, found.scheme, found.distilled, found.t5) == (
+        tmp_path / "distill_fp8", "fp8", True, tmp_path / T5_FILE)
+    found = find_model_files(tmp_path / "distill_models" / "distill_model.safetensors")
+    assert found.dit == tmp_path / "distill_models" / "distill_model.safetensors" and found.distilled
+
+
+def test_dit_override_and_the_distilled_rule(tmp_path):
+    official, lightx2v = tmp_path / "official", tmp_path / "lightx2v"
+    touch(official, *ENCODERS, "diffusion_pytorch_model.safetensors.index.json", "mine.safetensors")
+    touch(lightx2v, *ENCODERS, "distill_models/distill_model.safetensors", "converted/model_fp8.safetensors")
+    assert not find_model_files(official, dit=official / "mine.safetensors").distilled
+    assert find_model_files(official, dit="mine.safetensors").dit == official / "mine.safetensors"  # relative
+    assert find_model_files(lightx2v, dit="converted/model_fp8.safetensors").distilled  # the folder's kind
+    touch(tmp_path, "my_4step_model.safetensors")
+    assert find_model_files(official, dit=tmp_path / "my_4step_model.safetensors").distilled  # name hint
+    assert find_model_files(official, distilled=True).distilled
+    assert not find_model_files(lightx2v, distilled=False).distilled
+    with pytest.raises(CheckpointError, match="missing.safetensors: DiT file or folder not found"):
+        find_model_files(official, dit="missing.safetensors")
+
+
+@pytest.mark.parametrize("missing, message", [
+    (T5_FILE, f"{T5_FILE}: T5 text encoder not found"),
+    (CLIP_FILE, f"{CLIP_FILE}: CLIP image encoder not found"),
+    (VAE_FILE, f"{VAE_FILE}: VAE not found"),
+    ("google/umt5-xxl/tokenizer.json", "google/umt5-xxl/tokenizer.json: umT5 tokenizer not found"),
+])
+def test_missing_pieces_name_the_file_expected(tmp_path, missing, message):
+    touch(tmp_path, *[f for f in ENCODERS if f != missing], "distill_models/distill_model.safetensors")
+    with pytest.raises(CheckpointError, match=message):
+        find_model_files(tmp_path)
+
+
+def test_quantized_encoders_alone_are_not_enough(tmp_path):
+    touch(tmp_path, CLIP_FILE, VAE_FILE, "google/umt5-xxl/tokenizer.json", "distill_fp8/block_0.safetensors",
+          "distill_fp8/models_t5_umt5-xxl-enc-fp8.pth")
+    with pytest.raises(CheckpointError, match=f"only the quantized models_t5_umt5-xxl-enc-fp8.pth .* {T5_FILE}"):
+        find_model_files(tmp_path)
+
+
+def test_no_dit_lists_what_was_expected(tmp_path):
+    touch(tmp_path, *ENCODERS)
+    with pytest.raises(CheckpointError, match="no DiT found; expected one of: distill_models/distill_model.safetensors, .*, diffusion_pytorch_model"):
+        find_model_files(tmp_path)
+    touch(tmp_path, "distill_models/distill_model.safetensors")
+    with pytest.raises(CheckpointError, match="no int8 DiT found; expected one of: distill_int8/, int8/"):
+        find_model_files(tmp_path, scheme="int8")
+    with pytest.raises(CheckpointError, match="no such model folder"):
+        find_model_files(tmp_path / "nowhere")
