@@ -1,0 +1,299 @@
+"""Scaled-GEMM benchmarks: the Triton kernels (kernels/scaled_mm_triton.py) against cuBLAS through
+torch, measured in the same run, at the Wan2.1-14B 480P shapes (M = 32,760 tokens):
+(M, N, K) = (32760, 5120, 5120) (QKV/O projections), (32760, 13824, 5120) (FFN up),
+(32760, 5120, 13824) (FFN down).
+
+    python -m pytest bench/test_bench_gemm.py -q --benchmark-json=gemm.json
+    python bench/plot_results.py gemm.json gemm.png          # chart: kernel vs baseline per shape
+    DIT8_GEMM_SWEEP=1 python -m pytest bench/test_bench_gemm.py -q -k sweep --benchmark-json=sweep.json
+
+Cases (ratio = baseline ms / kernel ms, both do_bench medians of the same run):
+- fp8:              triton FP8 (the table's config, bf16 out)  vs torch._scaled_mm, row-wise scales,
+                    default accumulation; also ratio_fast_accum vs use_fast_accum=True.
+- fp8_fast_accum:   triton FP8 with Triton's default (unpromoted) accumulation, 128 x 256 tiles,
+                    vs torch._scaled_mm use_fast_accum=True.
+- fp8_bf16_in:      bf16 activations in, bf16 out: the quantize_per_token op with its fastest backend
+                    (extra_info quantize_backend; the fused-ops work provides cuda and triton ones) +
+                    triton FP8 GEMM vs eager per-token quantization (the torch reference op) +
+                    torch._scaled_mm.
+- int8:             triton INT8 with the dequantization epilogue (bf16 out) vs torch._int_mm
+                    (int32 out, no dequantization).
+- fp8_residual, int8_residual: the fused gated residual (fp32 residual stream in and out, gate per
+                    sample) vs the same triton GEMM (bf16 out) followed by the torch residual_add op;
+                    also ratio_vs_cublas_unfused (torch._scaled_mm / _int_mm + dequant, then the add).
+- fp8_gelu:         fused GELU(tanh) vs the same GEMM followed by the torch activation op.
+extra_info also holds: ms, tflops (2·M·N·K per call), baseline_ms, config, shape and, for the fp8 and
+int8 cases, rel_err and rel_err_baseline: ‖out − ref‖/‖ref‖ against a float64 product of the same
+operands (on the GPU), the accuracy table of the issue.
+
+L2: do_bench (bench/conftest.py) clears the 50 MB L2 before every timed run, and every activation
+operand here (168 MB and more) is larger than L2 anyway, so no input rotation is needed: each run
+streams its operands from HBM as in the model.
+
+Without CUDA: smoke mode (bench/conftest.py): one tiny shape, one run of each, Triton in the
+interpreter, baselines through torch on the CPU; times mean nothing and no rates are reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+from dit8 import kernels as ops
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+from dit8.kernels import gemm_configs  # noqa: E402
+from dit8.kernels import scaled_mm_triton as impl  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+FULL_SHAPES = [(32760, 5120, 5120), (32760, 13824, 5120), (32760, 5120, 13824)]
+SMOKE_SHAPES = [(100, 72, 80)]
+SHAPES = SMOKE_SHAPES if not torch.cuda.is_available() else FULL_SHAPES
+# The fast-accumulation configuration (gpu-notes.md's measured floor, in its TMA/persistent form).
+FAST_ACCUM = gemm_configs.GemmConfig(128, 256, 128, 8, 8, 3, persistent=True)
+
+
+def shape_id(shape):
+    return "x".join(map(str, shape))
+
+
+def operands(shape, kind, device, seed=0):
+    """Per-token quantized activations and per-channel quantized weights from random data (never
+    zeros), as the model produces them."""
+    M, N, K = shape
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(M, K, device=device, generator=gen, dtype=torch.bfloat16)
+    w = torch.randn(N, K, device=device, generator=gen, dtype=torch.bfloat16) / K ** 0.5
+    qdtype = FP8 if kind == "fp8" else torch.int8
+    xq, xs = ops.quantize_per_token(x, qdtype, backend="torch")
+    wq, ws = ops.quantize_per_token(w, qdtype, backend="torch")
+    return x, xq, xs, wq, ws
+
+
+def cublas(xq, xs, wq, ws, *, fast_accum=False, dequant=True):
+    """The torch/cuBLAS baselines: _scaled_mm with row-wise scales (bf16 out) or _int_mm (+ dequant)."""
+    if xq.dtype == FP8:
+        return lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :],
+                                        out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+    if not dequant:
+        return lambda: torch._int_mm(xq, wq.t())
+    return lambda: (torch._int_mm(xq, wq.t()).float() * xs[:, None] * ws[None, :]).to(torch.bfloat16)
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def reference64(xq, xs, wq, ws):
+    return (xq.double() @ wq.double().t()) * xs.double()[:, None] * ws.double()[None, :]
+
+
+def config_name(kind, shape, device):
+    cfg = impl.pick_config(kind, *shape, torch.device(device))
+    return "autotuned" if cfg is None else cfg.name()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plain GEMM
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("case", ["fp8", "fp8_fast_accum", "int8"])
+def test_gemm(case, shape, device, smoke, record, gpu_time, benchmark):
+    if case.startswith("fp8") and device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need sm_89+")
+    if case == "fp8_fast_accum" and device == "cuda" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("accumulation modes differ only on Hopper (and the 128 x 256 x 128 tiles need its shared memory)")
+    kind = "int8" if case == "int8" else "fp8"
+    _, xq, xs, wq, ws = operands(shape, kind, device)
+    config = FAST_ACCUM if case == "fp8_fast_accum" else None
+    fn = lambda: impl.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16, config=config)  # noqa: E731
+    info = dict(shape=list(shape), config=config.name() if config else config_name(kind, shape, device))
+    if case == "fp8":
+        baseline = cublas(xq, xs, wq, ws)
+        if not smoke:
+            info["ms_fast_accum_baseline"] = round(gpu_time(cublas(xq, xs, wq, ws, fast_accum=True)), 4)
+    elif case == "fp8_fast_accum":
+        baseline = cublas(xq, xs, wq, ws, fast_accum=True)
+    else:
+        baseline = cublas(xq, xs, wq, ws, dequant=False)
+        info["baseline"] = "torch._int_mm, int32 out, no dequantization"
+    out = fn()
+    assert out.shape == shape[:2] and torch.isfinite(out).all()
+    # Accuracy against float64 on the same operands, the kernel beside cuBLAS (with dequant for int8).
+    ref = reference64(xq, xs, wq, ws)
+    err = rel_err(out, ref)
+    base_out = cublas(xq, xs, wq, ws, fast_accum=case == "fp8_fast_accum")()
+    err_base = rel_err(base_out, ref)
+    del ref, base_out
+    info.update(rel_err=float(f"{err:.4g}"), rel_err_baseline=float(f"{err_base:.4g}"))
+    # A wrong kernel must not produce a benchmark number (the 2x budget of tests/test_scaled_mm_triton.py).
+    assert err <= 2 * err_base, (err, err_base)
+    M, N, K = shape
+    ms = record(fn, flops=2 * M * N * K, baseline_ms=gpu_time(baseline), **info)
+    if case == "fp8" and not smoke:
+        benchmark.extra_info["ratio_fast_accum"] = round(info["ms_fast_accum_baseline"] / ms, 3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# bf16 in, bf16 out: quantization included
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_gemm_bf16_in(shape, device, smoke, record, gpu_time):
+    if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need sm_89+")
+    x, _, _, wq, ws = operands(shape, "fp8", device)
+    # The project's quantization op with its fastest backend here (auto: cuda, then triton, then torch).
+    quant_backend = "torch" if device == "cpu" else ops.available_backends(device)["quantize_per_token"][0]
+
+    def ours():
+        xq, xs = ops.quantize_per_token(x, FP8)
+        return impl.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16)
+
+    def eager():
+        xq, xs = ops.quantize_per_token(x, FP8, backend="torch")
+        return cublas(xq, xs, wq, ws)()
+
+    out, base_out = ours(), eager()
+    assert torch.isfinite(out).all()
+    # Same quantized operands (every quantize_per_token backend computes the reference's codes), so the
+    # two outputs differ only by the GEMMs' rounding.
+    assert rel_err(out, base_out.double()) < 1e-2
+    M, N, K = shape
+    record(ours, flops=2 * M * N * K, baseline_ms=gpu_time(eager), shape=list(shape),
+           quantize_ms=round(gpu_time(lambda: ops.quantize_per_token(x, FP8)), 4), quantize_backend=quant_backend,
+           baseline="eager quantize_per_token (torch) + torch._scaled_mm row-wise",
+           config=config_name("fp8", shape, device))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused epilogues
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("case", ["fp8_residual", "int8_residual", "fp8_gelu"])
+def test_fused_epilogue(case, shape, device, smoke, record, gpu_time, benchmark):
+    kind = case.split("_")[0]
+    if kind == "fp8" and device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need sm_89+")
+    M, N, K = shape
+    _, xq, xs, wq, ws = operands(shape, kind, device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    info = dict(shape=list(shape), config=config_name(kind, shape, device))
+    if case.endswith("residual"):
+        # Batch 1 at 480P: all 32,760 rows are one sample, one gate row (the executor's layout).
+        residual = torch.randn(M, N, device=device, generator=gen)
+        gate = torch.randn(1, N, device=device, generator=gen)
+        fused = lambda: ops.scaled_mm(xq, xs, wq, ws, residual=residual, gate=gate, backend="triton")  # noqa: E731
+
+        def unfused(gemm):
+            return lambda: ops.residual_add(residual.view(1, M, N), gemm().view(1, M, N), gate, backend="torch")
+
+        baseline = unfused(lambda: impl.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16))
+        if not smoke:
+            info["ms_cublas_unfused"] = round(gpu_time(unfused(cublas(xq, xs, wq, ws))), 4)
+        info["baseline"] = "same triton GEMM (bf16 out) + torch residual_add"
+        tol = 1e-2  # the unfused path rounds the GEMM to bf16 first: ~2^-9 of the update
+    else:
+        fused = lambda: ops.scaled_mm(xq, xs, wq, ws, activation="gelu_tanh", backend="triton")  # noqa: E731
+        baseline = lambda: ops.activation(impl.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16), "gelu_tanh",  # noqa: E731
+                                          backend="torch")
+        info["baseline"] = "same triton GEMM (bf16 out) + torch gelu(tanh)"
+        tol = 2e-2  # two bf16 roundings (GEMM, GELU) against one
+    out, base_out = fused(), baseline()
+    assert torch.isfinite(out).all()
+    ref = base_out.double().view(M, N)
+    if case.endswith("residual"):
+        err = ((out.double() - ref).norm() / (ref - residual.double()).norm()).item()
+    else:
+        err = rel_err(out, ref)
+    assert err < tol, err
+    ms = record(fused, flops=2 * M * N * K, baseline_ms=gpu_time(baseline), **info)
+    if not smoke and "ms_cublas_unfused" in info:
+        benchmark.extra_info["ratio_vs_cublas_unfused"] = round(info["ms_cublas_unfused"] / ms, 3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config sweep (tuning the table): DIT8_GEMM_SWEEP=1 on a CUDA machine
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(os.environ.get("DIT8_GEMM_SWEEP") != "1" or not torch.cuda.is_available(),
+                    reason="config sweep: set DIT8_GEMM_SWEEP=1 on a CUDA machine")
+@pytest.mark.parametrize("shape", FULL_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_config_sweep(kind, shape, device, record, gpu_time):
+    _, xq, xs, wq, ws = operands(shape, kind, device)
+    candidates = list(gemm_configs.CANDIDATES)
+    if torch.cuda.get_device_capability() == (9, 0):
+        candidates += list(gemm_configs.HOPPER_SWEEP)
+    times = {}
+    for cfg in candidates:
+        fn = lambda cfg=cfg: impl.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16, config=cfg)  # noqa: E731
+        with contextlib.suppress(Exception):  # a config that does not fit (shared memory) is skipped
+            fn()
+            times[cfg] = gpu_time(fn)
+    assert times, "no configuration ran"
+    best = min(times, key=times.get)
+    M, N, K = shape
+    record(lambda: impl.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16, config=best), flops=2 * M * N * K,
+           best=best.name(), shape=list(shape), sweep={c.name(): round(t, 4) for c, t in times.items()})
+
+
+# ----------------------------------------------------------------------------------------------------
+# The chart script (not a benchmark: runs in every mode so that CI keeps it working)
+# ----------------------------------------------------------------------------------------------------
+
+def read_png(path):
+    """(width, height, rows of RGB bytes) of an 8-bit RGB PNG, checking every chunk's CRC."""
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    width, height, depth, color = header[:4]
+    assert depth == 8 and color == 2
+    raw = zlib.decompress(idat)
+    assert len(raw) == height * (1 + 3 * width)
+    return width, height, raw
+
+
+def test_plot_results_writes_a_chart(tmp_path):
+    import json
+
+    results = {"benchmarks": [
+        {"name": f"test_gemm[{case}-32760x5120x5120]", "params": {"case": case},
+         "extra_info": {"ms": ms, "tflops": 2 * 32760 * 5120 * 5120 / ms / 1e9, "baseline_ms": base,
+                        "ratio": base / ms, "shape": [32760, 5120, 5120]}}
+        for case, ms, base in [("fp8", 1.30, 1.41), ("int8", 1.60, 1.93)]
+    ] + [{"name": "test_gemm[smoke]", "params": {}, "extra_info": {"ms": 12.5, "shape": [100, 72, 80]}}],
+        "machine_info": {}, "datetime": "now"}
+    src, png = tmp_path / "r.json", tmp_path / "r.png"
+    src.write_text(json.dumps(results))
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plot_results.py")
+    run = subprocess.run([sys.executable, script, str(src), str(png)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    width, height, raw = read_png(png)
+    assert width >= 400 and height >= 100
+    # Both bar colours are present (kernel and baseline).
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("plot_results", script)
+    plot = module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    assert bytes(plot.KERNEL_COLOR) in raw and bytes(plot.BASELINE_COLOR) in raw

@@ -1,0 +1,152 @@
+"""Launch configurations of the Triton scaled GEMM (kernels/scaled_mm_triton.py): a committed table
+keyed by GPU generation and shape class, and the candidates the autotuner times where the table has
+no entry. Pure data and selection logic: nothing here imports triton.
+
+Keys
+- GPU: "sm_90" (Hopper: H100/H200; wgmma, TMA), "sm_89" (Ada: L40S, RTX 4090; FP8 and INT8 through
+  mma.sync, 99 KB of shared memory per block), "sm_80" (A100; INT8 only: no FP8 tensor cores), from
+  torch.cuda.get_device_capability. Any other GPU has no entry and is autotuned.
+- kind: "fp8" (e4m3 x e4m3, fp32 accumulation) or "int8" (int32 accumulation).
+- shape class: "large" when 128 x 256 tiles give at least four waves on a 132-SM H100 (every
+  Wan2.1 linear at 480P has M = 32,760 rows: 5,120 tiles or more), "small" otherwise (the
+  once-per-generation text/image k/v projections with 512 and 257 rows, tiny test shapes).
+
+Where the numbers come from. gpu-notes.md measured on an H100 (triton 3.6) the plain kernel with
+128 x 256 x 128 tiles, 8 warps, 3-4 stages and Triton's default FP8 accumulation: FP8 1280-1297
+TFLOP/s, INT8 1123-1151 TOPS. The TMA/persistent variant and the promoted FP8 accumulation are NOT
+yet timed on a GPU; what is known without one (triton.compile for each target, ptxas -v: see
+tests/test_scaled_mm_triton.py::test_table_configs_compile) is that every entry compiles, fits its
+GPU's shared memory and, on sm_90, uses wgmma (and TMA for the persistent entries). The benchmark's
+sweep (DIT8_GEMM_SWEEP=1 python -m pytest bench/test_bench_gemm.py -k sweep) times the candidates;
+change the table only with the numbers in bench/RESULTS.md.
+
+FP8 accumulation on Hopper. Hopper's FP8 wgmma accumulates in reduced precision (DeepSeek-V3 reports
+about 14 bits kept), and Triton by default lets a whole K loop accumulate that way (what cuBLAS calls
+use_fast_accum=True). `fp8_promote` = P makes Triton add the tensor-core partial sum into an fp32
+accumulator every P products (tl.dot's max_num_imprecise_acc; DeepSeek-V3 promotes every 128), at the
+price of a second accumulator tile in registers: 128 x 256 tiles on 8 warps would then need 256
+accumulator registers per thread, so the promoted entries use 128 x 128 tiles. None = Triton's
+default (fast) accumulation. The table promotes (the op's contract is fp32 accumulation, and the
+accuracy target is 2x cuBLAS's default mode); whether fast accumulation stays within that target on
+the Wan shapes is for the GPU run to show (bench/test_bench_gemm.py reports both errors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+KINDS = ("fp8", "int8")
+ARCHS = ("sm_90", "sm_89", "sm_80")
+
+# Shared memory a block may use (bytes): opt-in maximum per block of each generation.
+SHARED_MEMORY_LIMIT = {"sm_90": 232448, "sm_89": 101376, "sm_80": 166912}
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int  # tile rows per group of the grouped tile order (W tiles reused from L2 across a group)
+    num_warps: int
+    num_stages: int  # software-pipelining depth of the K loop (shared-memory buffers of A and B)
+    persistent: bool = False  # True: TMA loads, one program per SM looping over tiles (sm_90 only)
+    fp8_promote: int | None = None  # see the module docstring; ignored for int8 and off sm_90
+
+    def pipeline_bytes(self) -> int:
+        """Shared memory of the K pipeline (8-bit operands): the floor of what the kernel uses."""
+        return (self.block_m + self.block_n) * self.block_k * self.num_stages
+
+    def name(self) -> str:
+        kind = "tma_persistent" if self.persistent else "plain"
+        acc = "" if self.fp8_promote is None else f"_promote{self.fp8_promote}"
+        return (f"{kind}_{self.block_m}x{self.block_n}x{self.block_k}_g{self.group_m}"
+                f"_w{self.num_warps}_s{self.num_stages}{acc}")
+
+
+C = GemmConfig
+
+# The committed table. See the module docstring for what is and is not measured. ptxas -v (sm_90a,
+# triton 3.9, epilogue sliced by epilogue_split) of the sm_90 entries: FP8 128 x 128 promoted, persistent:
+# 165-181 registers, no spills, 139-164 KB shared; INT8 128 x 256 persistent: 222-250 registers, no
+# spills, 164-180 KB. The promoted FP8 dot makes ptxas insert wgmma waits (info C7517): the fp32 add
+# of each partial sum waits for its wgmma, which the fast-accumulation kernels do not.
+TABLE: dict[tuple[str, str, str], GemmConfig] = {
+    ("sm_90", "fp8", "large"): C(128, 128, 128, 8, 8, 4, persistent=True, fp8_promote=128),
+    ("sm_90", "int8", "large"): C(128, 256, 128, 8, 8, 3, persistent=True),
+    ("sm_90", "fp8", "small"): C(128, 128, 128, 8, 8, 4, fp8_promote=128),
+    ("sm_90", "int8", "small"): C(128, 128, 128, 8, 8, 4),
+    # Ada: 99 KB of shared memory (Triton keeps num_stages - 1 buffers: 48 KB here); mma.sync, no TMA.
+    ("sm_89", "fp8", "large"): C(128, 128, 64, 8, 8, 4),
+    ("sm_89", "int8", "large"): C(128, 128, 64, 8, 8, 4),
+    ("sm_89", "fp8", "small"): C(64, 128, 64, 8, 4, 4),
+    ("sm_89", "int8", "small"): C(64, 128, 64, 8, 4, 4),
+    # Ampere: INT8 only. 128 x 256 on 8 warps: 214 registers; its residual epilogue spills 256 bytes.
+    ("sm_80", "int8", "large"): C(128, 256, 64, 8, 8, 3),
+    ("sm_80", "int8", "small"): C(128, 128, 64, 8, 4, 4),
+}
+
+# What the autotuner times on a GPU the table does not know (and the benchmark sweep on any GPU).
+# Plain kernels only: they run on every generation with FP8 (sm_89+) or INT8 (sm_75+) tensor cores.
+CANDIDATES: tuple[GemmConfig, ...] = (
+    C(128, 256, 64, 8, 8, 3),
+    C(128, 128, 128, 8, 8, 3),
+    C(128, 128, 64, 8, 4, 4),
+    C(64, 128, 64, 8, 4, 4),
+    C(128, 64, 64, 8, 4, 4),
+    C(64, 64, 64, 8, 4, 3),
+)
+
+# Hopper variants the benchmark sweep adds to CANDIDATES (not timed yet). Left out after ptxas -v:
+# promoted FP8 on 128 x 256 tiles (255 registers + 244-512 bytes of spills on 8 warps; on 16 warps the
+# 128-register cap spills too) and 16-warp 128 x 256 tiles with a residual (272 KB of shared memory).
+HOPPER_SWEEP: tuple[GemmConfig, ...] = (
+    C(128, 256, 128, 8, 8, 3),                          # the measured floor (gpu-notes.md)
+    C(128, 256, 128, 8, 8, 4),
+    C(128, 256, 128, 8, 8, 3, persistent=True),
+    C(128, 256, 128, 8, 8, 4, persistent=True),
+    C(128, 128, 128, 8, 8, 4, persistent=True),
+    C(128, 128, 128, 8, 8, 4, persistent=True, fp8_promote=128),
+    C(128, 128, 128, 8, 8, 4, fp8_promote=128),
+    C(128, 128, 128, 8, 8, 3, persistent=True, fp8_promote=128),
+)
+
+# The Triton interpreter runs one program at a time in numpy: blocks small enough that the CPU test
+# shapes span several tiles in M, N and K with tails in each, and several groups of the tile order.
+INTERPRETER = C(64, 64, 64, 2, 4, 1)
+
+# 128 x 256 tiles and a 132-SM H100: four waves or more is "large".
+_LARGE_TILES = 4 * 132
+
+
+def arch_name(capability: tuple[int, int]) -> str | None:
+    """"sm_90" / "sm_89" / "sm_80" for the generations the table covers, None for any other."""
+    name = f"sm_{capability[0]}{capability[1]}"
+    return name if name in ARCHS else None
+
+
+def shape_class(M: int, N: int, K: int) -> str:
+    tiles = -(-M // 128) * -(-N // 256)
+    return "large" if tiles >= _LARGE_TILES else "small"
+
+
+def table_config(arch: str | None, kind: str, M: int, N: int, K: int) -> GemmConfig | None:
+    """The committed configuration, or None where the table has no entry (autotune then)."""
+    if arch is None:
+        return None
+    return TABLE.get((arch, kind, shape_class(M, N, K)))
+
+
+def without_tma(cfg: GemmConfig) -> GemmConfig:
+    """The plain-kernel form of a configuration (for operands TMA cannot describe)."""
+    return replace(cfg, persistent=False)
+
+
+def epilogue_split(cfg: GemmConfig, residual: bool) -> int:
+    """Column slices (1, 2 or 4) the epilogue of a tile runs in, one after the other: slices of at least
+    64 columns (32 when an fp32 residual tile is loaded beside the accumulator), so each slice's stores
+    still cover 128-byte rows. From ptxas -v on sm_90a/sm_89/sm_80 (triton 3.9): unsplit, the residual
+    epilogue spills on every table tile (76-2320 bytes) and GELU on 128 x 256 (~900 bytes); sliced so,
+    none spills except the residual epilogue of sm_80's 128 x 256 tile (256 bytes)."""
+    min_cols = 32 if residual else 64
+    return max(1, min(4, cfg.block_n // min_cols))

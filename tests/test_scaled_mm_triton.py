@@ -1,0 +1,514 @@
+"""The Triton scaled GEMM and its fused epilogues (kernels/scaled_mm_triton.py, `scaled_mm(...,
+backend="triton")`) against float64, on fresh random operands.
+
+Without a GPU the kernels run in the Triton interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1) with small shapes whose M, N and K are not multiples of the tiles; with a GPU the
+same tests run compiled on CUDA tensors, and the GPU-only tests below add the Wan2.1 shapes and the
+comparison with cuBLAS. Outputs are poisoned with NaN (DIT8_POISON_OUTPUTS=1), so an element a kernel
+forgets to write fails every comparison.
+
+Reference: the float64 result of the very operands the kernel receives (8-bit codes, fp32 scales,
+bias, residual, gate), so the error measured is the kernel's, not the quantization's. Budgets:
+- relative error ‖out - ref‖ / ‖ref‖ at most 2x that of the torch reference op (the spec) on the same
+  operands and output dtype; with a residual the error is taken relative to the update ‖ref - residual‖,
+  so that a wrong gate row cannot hide under a large residual;
+- INT8: the int32 accumulation is exact, and the epilogue does the reference's fp32 operations in the
+  reference's order, so under the interpreter (numpy: no fused multiply-add) every result without GELU
+  equals the torch reference bit for bit; with scales 1 and fp32 output it is the exact integer.
+K: the plain kernel takes any K; the TMA kernel needs K % 16 == 0 (16-byte row strides of 8-bit
+operands) and otherwise falls back to the plain kernel, so its own tests use K multiple of 16.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot run")
+
+from dit8.kernels import BackendError, OpArgumentError, quantize_per_token, scaled_mm  # noqa: E402
+from dit8.kernels import gemm_configs  # noqa: E402
+from dit8.kernels import scaled_mm_triton as impl  # noqa: E402
+from dit8.kernels.gemm_configs import GemmConfig  # noqa: E402
+from dit8.kernels.triton_support import interpreting  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP8 = torch.float8_e4m3fn
+QDTYPES = [torch.int8, FP8]
+OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# GELU's exp2 overflows to inf for very negative inputs (giving the right -0); numpy warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+
+
+def qname(q):
+    return "int8" if q == torch.int8 else "fp8"
+
+
+def operands(M, N, K, qdtype, seed, bias_dtype=None):
+    """Random 8-bit codes over the whole range (fp8: normals and subnormals), scales of different
+    magnitudes per row/column, bias: (xq, x_scale, wq, w_scale, bias or None) on DEVICE."""
+    if qdtype == FP8 and DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("the triton FP8 GEMM needs FP8 tensor cores (sm_89+)")
+    gen = torch.Generator().manual_seed(seed)
+    if qdtype == torch.int8:
+        xq = torch.randint(-128, 128, (M, K), generator=gen, dtype=torch.int8)
+        wq = torch.randint(-128, 128, (N, K), generator=gen, dtype=torch.int8)
+    else:
+        xq = (torch.randn(M, K, generator=gen) * 100).clamp(-448, 448).to(FP8)
+        wq = (torch.randn(N, K, generator=gen) * 100).clamp(-448, 448).to(FP8)
+    xs = torch.rand(M, generator=gen) * 1e-2 + 1e-4
+    ws = torch.rand(N, generator=gen) * 1e-2 + 1e-4
+    bias = None if bias_dtype is None else (torch.randn(N, generator=gen) * 10).to(bias_dtype)
+    return [t if t is None else t.to(DEVICE) for t in (xq, xs, wq, ws, bias)]
+
+
+def residual_and_gate(M, N, batches, seed):
+    gen = torch.Generator().manual_seed(seed)
+    # The GEMM values above are O(10-100): a residual of the same order and gates of either sign.
+    residual = torch.randn(M, N, generator=gen) * 30
+    gate = torch.randn(batches, N, generator=gen)
+    return residual.to(DEVICE), gate.to(DEVICE)
+
+
+def reference64(xq, xs, wq, ws, bias=None, activation=None, residual=None, gate=None, rows_per_batch=1):
+    """The fused op in float64 on the same operands."""
+    y = (xq.double() @ wq.double().t()) * xs.double()[:, None] * ws.double()[None, :]
+    if bias is not None:
+        y = y + bias.double()[None, :]
+    if activation == "gelu_tanh":
+        y = 0.5 * y * (1 + torch.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y ** 3)))
+    if residual is not None:
+        if gate is not None:
+            y = gate.double()[torch.arange(y.shape[0], device=y.device) // rows_per_batch] * y
+        y = residual.double() + y
+    return y
+
+
+def rel_err(out, ref, residual=None):
+    base = ref if residual is None else ref - residual.double()
+    return ((out.double() - ref).norm() / base.norm()).item()
+
+
+def check_output(out, shape, dtype):
+    assert out.shape == shape and out.dtype == dtype and out.device.type == DEVICE
+    assert torch.isfinite(out).all(), "kernel left elements unwritten (NaN poison) or overflowed"
+
+
+def check_against_torch(xq, xs, wq, ws, bias, out_dtype, *, config=None, **epilogue):
+    """Run the triton backend (through the op, or the impl with `config`) and the torch reference;
+    assert the 2x budget (and bit equality where it is exact); return (triton err, torch err)."""
+    M, N = xq.shape[0], wq.shape[0]
+    gate, rows = epilogue.get("gate"), epilogue.get("rows_per_batch")
+    rows = rows or (M // gate.shape[0] if gate is not None else 1)  # the op's default
+    if config is None:
+        out = scaled_mm(xq, xs, wq, ws, bias, out_dtype, backend="triton", **epilogue)
+    else:
+        out = impl.scaled_mm(xq, xs, wq, ws, bias, out_dtype, config=config, **{**epilogue, "rows_per_batch": rows})
+    ref_op = scaled_mm(xq, xs, wq, ws, bias, out_dtype, backend="torch", **epilogue)
+    check_output(out, (M, N), out_dtype)
+    ref = reference64(xq, xs, wq, ws, bias, epilogue.get("activation"), epilogue.get("residual"), gate, rows)
+    err, err_torch = rel_err(out, ref, epilogue.get("residual")), rel_err(ref_op, ref, epilogue.get("residual"))
+    assert err <= 2 * err_torch, (err, err_torch)
+    if interpreting() and xq.dtype == torch.int8 and epilogue.get("activation") is None:
+        assert torch.equal(out, ref_op)
+    return err, err_torch
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plain GEMM through the op (the plain kernel: the one the interpreter runs by default)
+# ----------------------------------------------------------------------------------------------------
+
+# M, N, K off the interpreter's 64 x 64 x 64 tiles (GPU: 128 x 128/256 x 128). SMALL: 2 x 1 tiles,
+# K tail of 61. LARGE: 5 x 3 tiles, so more than one group of the tile order (GROUP_M = 2 there) and a
+# short last group, K = 2 x 64 + 8.
+SMALL, LARGE = (77, 45, 61), (300, 130, 136)
+
+
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_scaled_mm_within_twice_torch_error(qdtype, out_dtype, with_bias):
+    args = operands(*SMALL, qdtype, seed=7 + with_bias, bias_dtype=out_dtype if with_bias else None)
+    check_against_torch(*args, out_dtype)
+
+
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
+def test_scaled_mm_several_tile_groups(qdtype, out_dtype):
+    args = operands(*LARGE, qdtype, seed=8, bias_dtype=torch.float32)
+    check_against_torch(*args, out_dtype)
+
+
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
+def test_scaled_mm_thousand_rows(qdtype):
+    args = operands(1000, 72, 80, qdtype, seed=1000, bias_dtype=torch.float32)
+    check_against_torch(*args, torch.bfloat16)
+
+
+@pytest.mark.parametrize("M, N, K", [(1, 1, 1), (5, 7, 1000), (3, 200, 33), (4, 9, 0)])
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
+def test_scaled_mm_edge_shapes(M, N, K, qdtype):
+    xq, xs, wq, ws, bias = operands(M, N, K, qdtype, seed=M + N + K, bias_dtype=torch.bfloat16)
+    out = scaled_mm(xq, xs, wq, ws, bias, torch.float32, backend="triton")
+    check_output(out, (M, N), torch.float32)
+    ref = reference64(xq, xs, wq, ws, bias)
+    if K == 0:
+        assert torch.equal(out, bias.float().expand(M, N))  # an empty sum is 0: out = bias
+    else:
+        err_torch = rel_err(scaled_mm(xq, xs, wq, ws, bias, torch.float32, backend="torch"), ref)
+        assert rel_err(out, ref) <= 2 * err_torch
+
+
+def test_empty_output():
+    xq, xs, wq, ws, _ = operands(0, 5, 16, FP8, seed=3)
+    assert scaled_mm(xq, xs, wq, ws, backend="triton").shape == (0, 5)
+
+
+def test_int8_accumulation_is_exact():
+    # |acc| <= 1000 · 128² < 2^24: the exact integer is representable in the fp32 output.
+    xq, _, wq, _, _ = operands(70, 50, 1000, torch.int8, seed=7)
+    ones_m, ones_n = torch.ones(70, device=DEVICE), torch.ones(50, device=DEVICE)
+    out = scaled_mm(xq, ones_m, wq, ones_n, out_dtype=torch.float32, backend="triton")
+    assert torch.equal(out, (xq.cpu().long() @ wq.cpu().long().t()).float().to(DEVICE))
+
+
+def test_strided_operands():
+    """Operands with non-unit strides (views) give the same result as contiguous copies."""
+    xq, xs, wq, ws, bias = operands(40, 30, 96, FP8, seed=11, bias_dtype=torch.float32)
+    x_big = torch.zeros(40, 200, dtype=torch.uint8, device=DEVICE).view(FP8)
+    x_big[:, 50:146] = xq  # row stride 200, a 50-column offset
+    out = scaled_mm(x_big[:, 50:146], xs, wq, ws, bias, torch.float32, backend="triton")
+    assert torch.equal(out, scaled_mm(xq, xs, wq, ws, bias, torch.float32, backend="triton"))
+    out_t = scaled_mm(xq, xs, wq.t().contiguous().t(), ws, bias, torch.float32, backend="triton")  # K stride != 1
+    assert torch.equal(out_t, out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused epilogues
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("M, N, K, out_dtype", [(*SMALL, torch.bfloat16), (*SMALL, torch.float16),
+                                                (*SMALL, torch.float32), (*LARGE, torch.bfloat16)])
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
+def test_gelu_epilogue(M, N, K, out_dtype, qdtype):
+    args = operands(M, N, K, qdtype, seed=M + 2 * N + K, bias_dtype=torch.float32)
+    check_against_torch(*args, out_dtype, activation="gelu_tanh")
+
+
+@pytest.mark.parametrize("M, N, K, batches, rows_per_batch, variant", [
+    (*SMALL, 3, 26, "gate"),         # uneven: the last sample has 25 rows
+    (*SMALL, 3, 26, "gate_gelu"),
+    (*SMALL, 1, None, "no_gate"),
+    (*LARGE, 3, None, "gate"),       # default rows_per_batch = M // B = 100
+    (*LARGE, 2, None, "gate_gelu"),
+])
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
+def test_residual_epilogue(M, N, K, batches, rows_per_batch, variant, qdtype):
+    xq, xs, wq, ws, bias = operands(M, N, K, qdtype, seed=M + N + batches, bias_dtype=torch.bfloat16)
+    residual, gate = residual_and_gate(M, N, batches, seed=M * N)
+    epilogue = dict(residual=residual)
+    if variant != "no_gate":
+        epilogue.update(gate=gate, rows_per_batch=rows_per_batch)
+    if variant == "gate_gelu":
+        epilogue["activation"] = "gelu_tanh"
+    check_against_torch(xq, xs, wq, ws, bias, torch.float32, **epilogue)
+    # The residual itself is not modified.
+    assert torch.equal(residual, residual_and_gate(M, N, batches, seed=M * N)[0])
+
+
+def test_gate_rows_follow_rows_per_batch():
+    """Each sample's rows use its own gate row: zero gates leave exactly the residual."""
+    xq, xs, wq, ws, _ = operands(90, 40, 32, FP8, seed=5)
+    residual, gate = residual_and_gate(90, 40, 3, seed=6)
+    gate[1] = 0
+    out = scaled_mm(xq, xs, wq, ws, residual=residual, gate=gate, rows_per_batch=30, backend="triton")
+    assert torch.equal(out[30:60], residual[30:60])
+    assert not torch.equal(out[:30], residual[:30]) and not torch.equal(out[60:], residual[60:])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Other kernel configurations: the TMA persistent kernel, wide tiles with a sliced epilogue
+# ----------------------------------------------------------------------------------------------------
+
+needs_tma = pytest.mark.skipif(not impl.tma_available(torch.device(DEVICE)),
+                               reason="tensor descriptors (TMA) not available here")
+
+
+@needs_tma
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
+def test_persistent_tma_kernel(qdtype, out_dtype):
+    # 3 x 3 tiles over 3 programs (interpreter): each program loops over 3 tiles across groups.
+    cfg = GemmConfig(64, 64, 64, 2, 4, 1, persistent=True) if interpreting() else \
+        gemm_configs.TABLE[("sm_90", qname(qdtype), "large")]
+    args = operands(150, 130, 144, qdtype, seed=208, bias_dtype=torch.float32)
+    check_against_torch(*args, out_dtype, config=cfg)
+
+
+@needs_tma
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
+def test_persistent_tma_kernel_fused(qdtype):
+    cfg = GemmConfig(64, 64, 64, 2, 4, 1, persistent=True) if interpreting() else \
+        gemm_configs.TABLE[("sm_90", qname(qdtype), "large")]
+    xq, xs, wq, ws, bias = operands(150, 130, 144, qdtype, seed=209, bias_dtype=torch.float32)
+    residual, gate = residual_and_gate(150, 130, 3, seed=210)
+    check_against_torch(xq, xs, wq, ws, bias, torch.float32, config=cfg, residual=residual, gate=gate,
+                        activation="gelu_tanh")
+    check_against_torch(xq, xs, wq, ws, bias, torch.bfloat16, config=cfg, activation="gelu_tanh")
+
+
+@pytest.mark.parametrize("split_case", ["plain_2_slices", "residual_4_slices"])
+def test_wide_tile_sliced_epilogue(split_case):
+    """128-column tiles: the epilogue runs in 2 (plain) or 4 (with residual) column slices."""
+    cfg = GemmConfig(64, 128, 64, 2, 4, 1)
+    residual = split_case.startswith("residual")
+    assert gemm_configs.epilogue_split(cfg, residual) == (4 if residual else 2)
+    xq, xs, wq, ws, bias = operands(100, 300, 64, torch.int8, seed=12, bias_dtype=torch.float32)
+    if residual:
+        res, gate = residual_and_gate(100, 300, 2, seed=13)
+        check_against_torch(xq, xs, wq, ws, bias, torch.float32, config=cfg, residual=res, gate=gate)
+    else:
+        check_against_torch(xq, xs, wq, ws, bias, torch.bfloat16, config=cfg)
+
+
+@pytest.mark.parametrize("promote", [None, 32])
+def test_fp8_promoted_accumulation_runs(promote):
+    """fp8_promote (max_num_imprecise_acc) changes only Hopper's accumulation; the result stays within
+    budget wherever it runs."""
+    cfg = GemmConfig(64, 64, 64, 2, 4, 1, fp8_promote=promote)
+    check_against_torch(*operands(77, 70, 200, FP8, seed=14), torch.float32, config=cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Argument errors
+# ----------------------------------------------------------------------------------------------------
+
+def test_fused_argument_errors():
+    xq, xs, wq, ws, bias = operands(6, 5, 16, FP8, seed=1, bias_dtype=torch.float32)
+    residual, gate = residual_and_gate(6, 5, 2, seed=2)
+    cases = [
+        (dict(activation="relu"), "activation must be None or one of"),
+        (dict(gate=gate), "gate and rows_per_batch need a residual"),
+        (dict(rows_per_batch=3), "gate and rows_per_batch need a residual"),
+        (dict(residual=residual.double()), "residual has dtype"),
+        (dict(residual=residual.bfloat16()), "residual has dtype"),
+        (dict(residual=residual[:5]), "residual has shape"),
+        (dict(residual=residual[None]), "residual has shape"),
+        (dict(residual=residual.to("meta")), "residual is on meta"),
+        (dict(residual=residual, out_dtype=torch.bfloat16), "out_dtype must be torch.float32"),
+        (dict(residual=residual, rows_per_batch=3), "rows_per_batch needs a gate"),
+        (dict(residual=residual, gate=gate[:, :4]), "gate has shape"),
+        (dict(residual=residual, gate=gate[0]), "gate must have 2 dimensions"),
+        (dict(residual=residual, gate=gate.half()), "gate has dtype"),
+        (dict(residual=residual, gate=gate.to("meta")), "gate is on meta"),
+        (dict(residual=residual, gate=torch.ones(4, 5, device=DEVICE)), "do not divide"),
+        (dict(residual=residual, gate=gate, rows_per_batch=2), "need 3 gate rows, gate has 2"),
+        (dict(residual=residual, gate=gate, rows_per_batch=0), "rows_per_batch must be a positive int"),
+        (dict(residual=residual, gate=gate, rows_per_batch=2.5), "rows_per_batch must be a positive int"),
+        (dict(wq=wq.to(torch.int8)), "must have the same dtype"),
+        (dict(x_scale=xs[:3]), "x_scale has shape"),
+    ]
+    for override, message in cases:
+        args = dict(xq=xq, x_scale=xs, wq=wq, w_scale=ws, bias=bias)
+        args.update(override)
+        for backend in ("torch", "triton"):
+            with pytest.raises(OpArgumentError, match=message):
+                scaled_mm(**args, backend=backend)
+
+
+def test_default_out_dtype_and_plain_contract():
+    xq, xs, wq, ws, bias = operands(8, 16, 32, FP8, seed=4, bias_dtype=torch.float32)
+    residual, _ = residual_and_gate(8, 16, 1, seed=5)
+    assert scaled_mm(xq, xs, wq, ws, bias, backend="triton").dtype == torch.bfloat16
+    assert scaled_mm(xq, xs, wq, ws, bias, residual=residual, backend="triton").dtype == torch.float32
+    # The contract's positional form: (xq, x_scale, wq, w_scale, bias, out_dtype).
+    assert scaled_mm(xq, xs, wq, ws, bias, torch.float16, backend="triton").dtype == torch.float16
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU: the interpreter is what runs the triton backend")
+def test_auto_backend_on_cpu_is_the_reference():
+    xq, xs, wq, ws, _ = operands(4, 4, 16, FP8, seed=8)
+    assert torch.equal(scaled_mm(xq, xs, wq, ws), scaled_mm(xq, xs, wq, ws, backend="torch"))
+    with pytest.raises(BackendError):
+        scaled_mm(xq, xs, wq, ws, backend="cuda")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The config table (pure Python)
+# ----------------------------------------------------------------------------------------------------
+
+def test_config_table_is_consistent():
+    for (arch, kind, cls), cfg in gemm_configs.TABLE.items():
+        assert arch in gemm_configs.ARCHS and kind in gemm_configs.KINDS and cls in ("large", "small")
+        for v in (cfg.block_m, cfg.block_n, cfg.block_k):
+            assert v >= 16 and v & (v - 1) == 0, cfg
+        assert cfg.block_k >= 32  # FP8 / INT8 MMA instructions take K = 32 per step
+        assert cfg.pipeline_bytes() <= gemm_configs.SHARED_MEMORY_LIMIT[arch], cfg
+        assert not cfg.persistent or arch == "sm_90", "TMA kernel entries are Hopper-only"
+        if cfg.fp8_promote is not None:  # a second accumulator tile: 128 x 128 on 8 warps at most
+            assert kind == "fp8" and cfg.block_m * cfg.block_n <= 128 * 128 * cfg.num_warps // 8
+    assert ("sm_80", "fp8", "large") not in gemm_configs.TABLE  # A100: no FP8 tensor cores
+    assert gemm_configs.shape_class(32760, 5120, 5120) == "large"
+    assert gemm_configs.shape_class(32760, 5120, 13824) == "large"
+    assert gemm_configs.shape_class(512, 5120, 4096) == "small"
+    assert gemm_configs.arch_name((9, 0)) == "sm_90" and gemm_configs.arch_name((12, 0)) is None
+    assert gemm_configs.table_config(None, "fp8", 32760, 5120, 5120) is None  # unknown GPU: autotune
+    if DEVICE == "cpu":
+        assert impl.pick_config("fp8", 32760, 5120, 5120, torch.device("cpu")) == gemm_configs.INTERPRETER
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU only: Wan2.1 shapes against float64 and against cuBLAS
+# ----------------------------------------------------------------------------------------------------
+
+def cublas_result(xq, xs, wq, ws, out_dtype, fast_accum=False):
+    """The cuBLAS result the issue compares with: torch._scaled_mm with row-wise scales (FP8), or
+    torch._int_mm followed by the dequantization in fp32 (INT8)."""
+    if xq.dtype == FP8:
+        return torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :], out_dtype=out_dtype,
+                                use_fast_accum=fast_accum)
+    return (torch._int_mm(xq, wq.t()).float() * xs[:, None] * ws[None, :]).to(out_dtype)
+
+
+def quantized_operands(M, N, K, qdtype, seed):
+    if qdtype == FP8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs sm_89+")
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", generator=gen) / math.sqrt(K)
+    xq, xs = quantize_per_token(x, qdtype, backend="torch")
+    wq, ws = quantize_per_token(w, qdtype, backend="torch")
+    return xq, xs, wq, ws
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("M, N, K", [(77, 5120, 5120), (1000, 5120, 5120), (32760, 5120, 5120),
+                                     (1000, 5008, 4112), (32760, 13824, 5120)])
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
+def test_gpu_error_within_twice_cublas(M, N, K, qdtype):
+    xq, xs, wq, ws = quantized_operands(M, N, K, qdtype, seed=M + N + K)
+    ref = reference64(xq, xs, wq, ws)
+    out = scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16, backend="triton")
+    check_output(out, (M, N), torch.bfloat16)
+    err, err_cublas = rel_err(out, ref), rel_err(cublas_result(xq, xs, wq, ws, torch.bfloat16), ref)
+    print(f"\n{qname(qdtype)} {M}x{N}x{K}: triton {err:.3e}, cuBLAS {err_cublas:.3e}, ratio {err / err_cublas:.2f}")
+    assert err <= 2 * err_cublas, (err, err_cublas)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
+def test_gpu_fast_accumulation_within_twice_cublas_fast(out_dtype):
+    """Triton's default FP8 accumulation (no promotion) against cuBLAS's use_fast_accum=True."""
+    xq, xs, wq, ws = quantized_operands(4096, 5120, 5120, FP8, seed=5)
+    ref = reference64(xq, xs, wq, ws)
+    cfg = GemmConfig(128, 256, 128, 8, 8, 3)
+    out = impl.scaled_mm(xq, xs, wq, ws, None, out_dtype, config=cfg)
+    err, err_fast = rel_err(out, ref), rel_err(cublas_result(xq, xs, wq, ws, out_dtype, fast_accum=True), ref)
+    err_default = rel_err(cublas_result(xq, xs, wq, ws, out_dtype), ref)
+    print(f"\nfast accumulation {out_dtype}: triton {err:.3e}, cuBLAS fast {err_fast:.3e}, "
+          f"cuBLAS default {err_default:.3e}")
+    assert err <= 2 * err_fast, (err, err_fast)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Without a GPU: compile every table entry for its GPU, which the interpreter never does
+# ----------------------------------------------------------------------------------------------------
+# triton.compile with an explicit target needs no GPU, only the ptxas bundled with triton. ~1-5 s per
+# kernel variant on a small CPU, so it is opt-in:
+#     DIT8_GEMM_COMPILE=1 python -m pytest tests/test_scaled_mm_triton.py -k compile
+
+EPILOGUES = ("plain", "gelu", "residual")
+
+
+def compile_for_target(arch: str, kind: str, cfg: GemmConfig, epilogue: str) -> dict:
+    """Compile the kernel `cfg` selects for `arch` ("sm_90", "sm_89", "sm_80") with the given epilogue,
+    as the JIT would specialize it for the Wan shapes (16-byte-aligned pointers, N, K and strides
+    multiples of 16). Returns shared-memory bytes, registers and spill bytes (ptxas -v), and whether the
+    PTX uses wgmma and TMA. Must run without TRITON_INTERPRET."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cap = {"sm_90": 90, "sm_89": 89, "sm_80": 80}[arch]
+    code = "fp8e4nv" if kind == "fp8" else "i8"
+    residual = epilogue == "residual"
+    persistent = cfg.persistent and cap >= 90
+    kernel = impl._scaled_mm_persistent_kernel if persistent else impl._scaled_mm_kernel
+    types = dict(X="*" + code, W="*" + code, XS="*fp32", WS="*fp32", Bias="*bf16", Res="*fp32", Gate="*fp32",
+                 Out="*fp32" if residual else "*bf16",
+                 x_desc=f"tensordesc<{code}[{cfg.block_m}, {cfg.block_k}]>",
+                 w_desc=f"tensordesc<{code}[{cfg.block_n}, {cfg.block_k}]>")
+    promote = min(cfg.fp8_promote, cfg.block_k) if kind == "fp8" and cfg.fp8_promote and cap == 90 else None
+    constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                      IS_INT8=kind == "int8", FP8_PROMOTE=promote,
+                      EPILOGUE_SPLIT=gemm_configs.epilogue_split(cfg, residual), HAS_BIAS=True,
+                      ACTIVATION=int(epilogue == "gelu"), HAS_RESIDUAL=residual, HAS_GATE=residual,
+                      ROUND_BF16=False, NUM_PROGRAMS=132, EVEN_K=True)
+    names = kernel.arg_names
+    constexprs = {n: v for n, v in constexprs.items() if n in names}
+    aligned = {"N", "K", "stride_xm", "stride_wn", "stride_om", "stride_rm", "stride_gb"}
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n in aligned or signature[n].startswith("*")}
+    src = ASTSource(fn=kernel, signature=signature, attrs=attrs,
+                    constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    ptx = compiled.asm["ptx"]
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptxas = next(p for p in (os.path.join(bindir, "ptxas-blackwell"), os.path.join(bindir, "ptxas"))
+                 if os.path.exists(p))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        arch_flag = "sm_90a" if cap == 90 else arch
+        run = subprocess.run([ptxas, f"-arch={arch_flag}", "-v", path, "-o", os.devnull],
+                             capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", run.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", run.stderr)
+    return dict(shared=compiled.metadata.shared, registers=int(regs.group(1)) if regs else -1,
+                spills=int(spills.group(1)) if spills else -1, wgmma="wgmma" in ptx,
+                tma="cp.async.bulk.tensor" in ptx)
+
+
+def compile_table() -> dict:
+    """compile_for_target for every table entry and epilogue: {"arch kind class epilogue": result}."""
+    return {f"{arch} {kind} {cls} {epi}": compile_for_target(arch, kind, cfg, epi)
+            for (arch, kind, cls), cfg in gemm_configs.TABLE.items() for epi in EPILOGUES}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("DIT8_GEMM_COMPILE") != "1",
+                    reason="opt-in compile check for machines without a GPU: set DIT8_GEMM_COMPILE=1")
+def test_table_configs_compile():
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = ("import json, sys; sys.path.insert(0, 'tests'); import test_scaled_mm_triton as t; "
+              "print(json.dumps(t.compile_table()))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    for key, r in results.items():
+        arch, kind, cls, epi = key.split()
+        cfg = gemm_configs.TABLE[(arch, kind, cls)]
+        assert r["shared"] <= gemm_configs.SHARED_MEMORY_LIMIT[arch], (key, r)
+        assert r["registers"] > 0, (key, r)  # ptxas accepted the PTX
+        assert r["wgmma"] == (arch == "sm_90"), (key, r)
+        assert r["tma"] == (cfg.persistent and arch == "sm_90"), (key, r)
+        # No spills, except the one measured and accepted in gemm_configs (sm_80 128 x 256 residual).
+        if not (arch == "sm_80" and cls == "large" and epi == "residual"):
+            assert r["spills"] == 0, (key, r)
