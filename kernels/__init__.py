@@ -5,14 +5,17 @@ from .attention import attention, cross_attention
 from .checks import OpArgumentError
 from .elementwise import activation, residual_add
 from .linear import linear
+from .norm_quant import layer_norm_modulate_quant, layer_norm_quant
 from .norms import layer_norm, layer_norm_modulate, rms_norm
-from .quantize import quantize_per_token
+from .qk_norm_rope import QuantizedQK, qk_norm_rope, qk_norm_rope_quant
+from .quantize import gelu_tanh_quant, quantize_per_token
 from .registry import BACKENDS, BackendError, available_backends
 from .rope import rope
 from .scaled_mm import scaled_mm
 
 __all__ = [
-    "BACKENDS", "BackendError", "OpArgumentError", "activation", "attention", "available_backends",
-    "cross_attention", "layer_norm", "layer_norm_modulate", "linear", "quantize_per_token", "residual_add",
+    "BACKENDS", "BackendError", "OpArgumentError", "QuantizedQK", "activation", "attention", "available_backends",
+    "cross_attention", "gelu_tanh_quant", "layer_norm", "layer_norm_modulate", "layer_norm_modulate_quant",
+    "layer_norm_quant", "linear", "qk_norm_rope", "qk_norm_rope_quant", "quantize_per_token", "residual_add",
     "rms_norm", "rope", "scaled_mm",
 ]

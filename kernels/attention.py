@@ -36,8 +36,7 @@ def _attention_torch(q, k, v, precision):
     return _sdpa(q, k, v)
 
 
-# auto=False until these kernels have passed their tests on a GPU (they are checked in the interpreter).
-@register("attention", "triton", runs_on=triton_runs_on, auto=False)
+@register("attention", "triton", runs_on=triton_runs_on)
 def _attention_triton(q, k, v, precision):
     from . import attention_triton as impl  # lazy: triton is an optional dependency
 
@@ -78,7 +77,7 @@ def _cross_attention_torch(q, k, v, k_img, v_img):
     return out
 
 
-@register("cross_attention", "triton", runs_on=triton_runs_on, auto=False)  # see attention above
+@register("cross_attention", "triton", runs_on=triton_runs_on)
 def _cross_attention_triton(q, k, v, k_img, v_img):
     from . import attention_triton as impl  # lazy: triton is an optional dependency
 

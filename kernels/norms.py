@@ -1,6 +1,10 @@
 """Normalisations with fp32 statistics: LayerNorm (+ adaLN modulation) and RMSNorm.
 
 All of them read any float dtype, compute in fp32 and write `out_dtype`.
+
+Backends: "torch" (the references here), "triton" and "cuda": one pass per row (kernels/fused_triton.py,
+csrc/norms.cu; kernels/fused_spec.py describes the shared rows kernel). The 8-bit-output variants of
+the LayerNorms are in kernels/norm_quant.py.
 """
 
 from __future__ import annotations
@@ -8,8 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import fused_spec
 from .checks import FLOAT_DTYPES, check_shape, check_tensor
 from .registry import register, resolve
+from .triton_support import triton_runs_on
 
 
 @register("layer_norm", "torch")
@@ -60,3 +66,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float, out_dtype: to
     check_tensor("rms_norm", "weight", weight, dtypes=FLOAT_DTYPES, device=x.device)
     check_shape("rms_norm", "weight", weight, (x.shape[-1],))
     return resolve("rms_norm", backend, x.device)(x, weight, eps, out_dtype or x.dtype)
+
+
+# ---- kernel backends --------------------------------------------------------------------------------
+
+def _layer_norm_kernel(backend):
+    def run(x, weight, bias, eps, out_dtype):
+        out, _ = fused_spec.run_rows(backend, x, out_dtype=out_dtype, norm=fused_spec.NORM_LAYER,
+                                     weight=weight, bias=bias, eps=eps)
+        return out.view(x.shape)
+    return run
+
+
+def _layer_norm_modulate_kernel(backend):
+    def run(x, shift, scale, eps, out_dtype):
+        out, _ = fused_spec.run_rows(backend, x, out_dtype=out_dtype, norm=fused_spec.NORM_LAYER,
+                                     shift=shift, scale=scale, rows_per_batch=max(x.shape[1], 1), eps=eps)
+        return out.view(x.shape)
+    return run
+
+
+def _rms_norm_kernel(backend):
+    def run(x, weight, eps, out_dtype):
+        out, _ = fused_spec.run_rows(backend, x, out_dtype=out_dtype, norm=fused_spec.NORM_RMS,
+                                     weight=weight, eps=eps)
+        return out.view(x.shape)
+    return run
+
+
+for _backend, _runs_on in (("triton", triton_runs_on), ("cuda", fused_spec.cuda_runs_on)):
+    register("layer_norm", _backend, _runs_on)(_layer_norm_kernel(_backend))
+    register("layer_norm_modulate", _backend, _runs_on)(_layer_norm_modulate_kernel(_backend))
+    register("rms_norm", _backend, _runs_on)(_rms_norm_kernel(_backend))

@@ -7,14 +7,25 @@ where quant is round-half-to-even then clamp to [-128, 127] for int8, and clamp 
 round-to-nearest cast for e4m3fn. Everything is computed in fp32 (bf16/fp16 inputs are upcast exactly),
 so `x ≈ xq · scale[:, None]` with a relative error per element of at most half a quantization step.
 Non-finite inputs give non-finite scales: the op does not check values (that would cost a reduction).
+
+Backends: "torch" (the reference below), "triton" and "cuda" (one fused pass over each row:
+kernels/fused_triton.py and csrc/quantize.cu); on a GPU the kernels compute the same codes and scales
+as the reference bit for bit (IEEE division, round half to even, RNE e4m3 after the clamp).
+
+`gelu_tanh_quant(x, dtype)` is quantize_per_token(GELU_tanh(x)) with the GELU in fp32 and never rounded
+to x's dtype: the step between the FFN up and down GEMMs when the up GEMM's epilogue does not apply
+the activation (a GEMM tile sees only part of a row, so it cannot know the row's scale).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from . import fused_spec
 from .checks import FLOAT_DTYPES, OpArgumentError, check_tensor
 from .registry import register, resolve
+from .triton_support import triton_runs_on
 
 # Largest representable magnitude of each 8-bit type (the symmetric int8 range uses 127, leaving -128
 # unused, so that the scale maps +amax and -amax alike).
@@ -59,3 +70,39 @@ def quantize_per_token(x: torch.Tensor, dtype: torch.dtype, *,
     if x.shape[1] == 0:
         raise OpArgumentError(f"quantize_per_token: x has shape {tuple(x.shape)}; rows must not be empty")
     return resolve("quantize_per_token", backend, x.device)(x, dtype)
+
+
+@register("quantize_per_token", "triton", runs_on=triton_runs_on)
+def _quantize_per_token_triton(x, dtype):
+    return fused_spec.run_rows("triton", x, out_dtype=dtype)
+
+
+@register("quantize_per_token", "cuda", runs_on=fused_spec.cuda_runs_on)
+def _quantize_per_token_cuda(x, dtype):
+    return fused_spec.run_rows("cuda", x, out_dtype=dtype)
+
+
+@register("gelu_tanh_quant", "torch")
+def _gelu_tanh_quant_torch(x, dtype):
+    return quantize_rows(F.gelu(x.float(), approximate="tanh"), dtype, SCALE_FLOOR)
+
+
+@register("gelu_tanh_quant", "triton", runs_on=triton_runs_on)
+def _gelu_tanh_quant_triton(x, dtype):
+    return fused_spec.run_rows("triton", x, out_dtype=dtype, act=fused_spec.ACT_GELU_TANH)
+
+
+@register("gelu_tanh_quant", "cuda", runs_on=fused_spec.cuda_runs_on)
+def _gelu_tanh_quant_cuda(x, dtype):
+    return fused_spec.run_rows("cuda", x, out_dtype=dtype, act=fused_spec.ACT_GELU_TANH)
+
+
+def gelu_tanh_quant(x: torch.Tensor, dtype: torch.dtype, *,
+                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> quantize_per_token(GELU_tanh(x), dtype), the GELU computed in fp32 (not rounded)."""
+    check_tensor("gelu_tanh_quant", "x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    if dtype not in QUANT_DTYPES:
+        raise OpArgumentError(f"gelu_tanh_quant: dtype must be one of {QUANT_DTYPES}, got {dtype}")
+    if x.shape[1] == 0:
+        raise OpArgumentError(f"gelu_tanh_quant: x has shape {tuple(x.shape)}; rows must not be empty")
+    return resolve("gelu_tanh_quant", backend, x.device)(x, dtype)

@@ -1,8 +1,8 @@
 """Backend registry: every op has a torch reference and, where written, faster backends.
 
-`backend="auto"` picks the first usable backend in BACKENDS order (on CPU tensors: the torch
-reference); the DIT8_BACKEND environment variable names a backend to try first for every op that
-has it. An explicit `backend=` is strict: it
+`backend="auto"` picks the first usable backend in BACKENDS order among the kernels that have passed
+their tests on a GPU (GPU_VERIFIED) and the torch reference (on CPU tensors: the torch reference);
+the DIT8_BACKEND environment variable names a backend to try first for every op that has it. An explicit `backend=` is strict: it
 runs that backend or raises.
 """
 
@@ -29,29 +29,30 @@ class BackendError(Dit8Error, ValueError):
 class _Impl:
     fn: Callable
     runs_on: Callable[[torch.device], bool]
-    auto: bool
 
 
 _OPS: dict[str, dict[str, _Impl]] = {}
+
+# (op, backend) pairs of kernel backends that have passed their tests on a GPU. "auto" picks only
+# these (and the torch reference); explicit backend= and DIT8_BACKEND reach every registered kernel.
+# The interpreter tests check the Triton kernels on CPU; a run of bench/gpu_check.sh adds entries.
+GPU_VERIFIED: frozenset[tuple[str, str]] = frozenset()
 
 
 def _any_device(device: torch.device) -> bool:
     return True
 
 
-def register(op: str, backend: str, runs_on: Callable[[torch.device], bool] = _any_device, *,
-             auto: bool = True):
+def register(op: str, backend: str, runs_on: Callable[[torch.device], bool] = _any_device):
     """Decorator registering `fn` as `backend`'s implementation of `op`.
 
     `runs_on(device)` tells whether it can run on tensors of that device on this machine.
-    `auto=False` keeps it out of "auto" selection (explicit `backend=` and DIT8_BACKEND still reach
-    it): for kernels that have not yet passed their tests on a GPU.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
     def decorate(fn: Callable) -> Callable:
-        _OPS.setdefault(op, {})[backend] = _Impl(fn, runs_on, auto)
+        _OPS.setdefault(op, {})[backend] = _Impl(fn, runs_on)
         return fn
 
     return decorate
@@ -80,7 +81,7 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
     order = ([preferred] if preferred != "auto" else []) + list(fallback)
     for name in order:
         impl = impls.get(name)
-        if impl is not None and impl.runs_on(device) and (impl.auto or name == preferred):
+        if impl is not None and impl.runs_on(device) and (name in (preferred, "torch") or (op, name) in GPU_VERIFIED):
             return impl.fn
     raise BackendError(f"{op}: no backend can run on {device.type} tensors here")
 

@@ -71,15 +71,14 @@ def _scaled_mm_fused_torch(xq, x_scale, wq, w_scale, bias, out_dtype, activation
     return y.to(out_dtype)
 
 
-# auto=False until these kernels have passed their tests on a GPU (they are checked in the interpreter).
-@register("scaled_mm", "triton", runs_on=triton_runs_on, auto=False)
+@register("scaled_mm", "triton", runs_on=triton_runs_on)
 def _scaled_mm_triton(xq, x_scale, wq, w_scale, bias, out_dtype):
     from . import scaled_mm_triton as impl  # lazy: triton is an optional dependency
 
     return impl.scaled_mm(xq, x_scale, wq, w_scale, bias, out_dtype)
 
 
-@register("scaled_mm_fused", "triton", runs_on=triton_runs_on, auto=False)
+@register("scaled_mm_fused", "triton", runs_on=triton_runs_on)
 def _scaled_mm_fused_triton(xq, x_scale, wq, w_scale, bias, out_dtype, activation, residual, gate,
                             rows_per_batch):
     from . import scaled_mm_triton as impl

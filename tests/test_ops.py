@@ -128,14 +128,17 @@ def test_residual_add_and_activations():
     assert rel_err(ops.activation(z.float(), "silu"), z * torch.sigmoid(z)) < 1e-6
 
 
-def test_auto_skips_implementations_registered_out_of_it(monkeypatch):
+def test_auto_picks_only_kernels_verified_on_a_gpu(monkeypatch):
     from dit8.kernels import registry
 
     monkeypatch.setattr(registry, "_OPS", {})
     registry.register("probe", "torch")(lambda: "torch")
-    registry.register("probe", "cuda", runs_on=lambda d: True, auto=False)(lambda: "cuda")
+    registry.register("probe", "cuda", runs_on=lambda d: True)(lambda: "cuda")
     gpu = torch.device("cuda")
     assert registry.resolve("probe", "auto", gpu)() == "torch"
     assert registry.resolve("probe", "cuda", gpu)() == "cuda"
+    monkeypatch.setattr(registry, "GPU_VERIFIED", frozenset({("probe", "cuda")}))
+    assert registry.resolve("probe", "auto", gpu)() == "cuda"
+    monkeypatch.setattr(registry, "GPU_VERIFIED", frozenset())
     monkeypatch.setenv("DIT8_BACKEND", "cuda")
     assert registry.resolve("probe", "auto", gpu)() == "cuda"

@@ -1,0 +1,245 @@
+"""Fused memory-bound ops (kernels/fused_spec.py): bandwidth against a device copy measured in the same
+run, and the q/k RMSNorm + RoPE against the eager code it replaces. Wan2.1-14B 480P sizes: 32,760
+tokens x 5120 channels (13,824 for the FFN hidden), bf16 activations, fp32 residual stream.
+
+    python -m pytest bench/test_bench_fused.py -q --benchmark-json=fused.json
+
+extra_info of each row: ms (do_bench median), gbps (bytes the op must move / time), copy_gbps (the
+device copy of this run) and copy_fraction = gbps / copy_gbps (issue 6 target: >= 0.85), ratio =
+eager torch ms / ms; for q/k RMSNorm + RoPE also speedup_vs_official (fp32 RMSNorm + float64 complex
+RoPE, the official Wan code's way; target >= 10) and speedup_vs_rms_norm_rope (F.rms_norm + the torch
+RoPE reference; target >= 2). Backends: "cuda" (csrc/, skipped where the extension cannot be built),
+"triton", and "torch" (the eager reference, the baseline).
+Without CUDA: smoke mode (tiny shapes, each function once, Triton in the interpreter, no rates).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dit8.kernels import norm_quant, quantize
+from dit8.kernels import qk_norm_rope as qk
+from dit8.kernels.norms import layer_norm_modulate, rms_norm
+from dit8.kernels.rope import rope
+from dit8.rope import rope_table
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+FP8 = torch.float8_e4m3fn
+EPS = 1e-6
+# (tokens, width, ffn width, heads, grid) at full size and in smoke mode.
+FULL = dict(M=32760, C=5120, F=13824, H=40, grid=(21, 30, 52))
+SMOKE = dict(M=24, C=256, F=384, H=4, grid=(2, 3, 4))
+
+
+def sizes(smoke: bool) -> dict:
+    return SMOKE if smoke else FULL
+
+
+@dataclass
+class Case:
+    """One op: inputs, the fused call per backend, the eager baseline and the bytes it must move."""
+
+    make: Callable[[str, dict], dict]
+    run: Callable[[str, dict], object]
+    eager: Callable[[dict], object]
+    nbytes: Callable[[dict], int]
+
+
+def _gen(device):
+    return torch.Generator(device=device).manual_seed(0)
+
+
+def _ln_inputs(device, s, xdtype=torch.float32):
+    g = _gen(device)
+    x = (torch.randn(1, s["M"], s["C"], device=device, generator=g) * 4 + 1).to(xdtype)
+    return dict(x=x, shift=torch.randn(1, s["C"], device=device, generator=g),
+                scale=torch.randn(1, s["C"], device=device, generator=g) * 0.5,
+                w=torch.randn(s["C"], device=device, generator=g), b=torch.randn(s["C"], device=device, generator=g))
+
+
+def _act(device, s, width):
+    return dict(x=torch.randn(s["M"], width, device=device, generator=_gen(device)).bfloat16())
+
+
+CASES = {
+    # per-token fp8 quantization of a bf16 activation (a GEMM input): read 2 B, write 1 B + a scale per row
+    "quantize_fp8": Case(
+        make=lambda d, s: _act(d, s, s["C"]),
+        run=lambda be, t: quantize.quantize_per_token(t["x"], FP8, backend=be),
+        eager=lambda t: quantize.quantize_per_token(t["x"], FP8, backend="torch"),
+        nbytes=lambda t: t["x"].numel() * 3 + t["x"].shape[0] * 4),
+    # GELU(tanh) + fp8 quantization of the FFN hidden (13,824 wide)
+    "gelu_tanh_quant_fp8": Case(
+        make=lambda d, s: _act(d, s, s["F"]),
+        run=lambda be, t: quantize.gelu_tanh_quant(t["x"], FP8, backend=be),
+        eager=lambda t: quantize.gelu_tanh_quant(t["x"], FP8, backend="torch"),
+        nbytes=lambda t: t["x"].numel() * 3 + t["x"].shape[0] * 4),
+    # norm1/norm2: LN + modulation of the fp32 residual stream, quantized to fp8 (read 4 B, write 1 B)
+    "layer_norm_modulate_quant_fp8": Case(
+        make=_ln_inputs,
+        run=lambda be, t: norm_quant.layer_norm_modulate_quant(t["x"], t["shift"], t["scale"], eps=EPS, dtype=FP8,
+                                                               backend=be),
+        eager=lambda t: norm_quant.layer_norm_modulate_quant(t["x"], t["shift"], t["scale"], eps=EPS, dtype=FP8,
+                                                             backend="torch"),
+        nbytes=lambda t: t["x"].numel() * 5 + t["x"].shape[1] * 4),
+    # the same with a bf16 output (the unquantized path; read 4 B, write 2 B)
+    "layer_norm_modulate_bf16": Case(
+        make=_ln_inputs,
+        run=lambda be, t: layer_norm_modulate(t["x"], t["shift"], t["scale"], eps=EPS, out_dtype=torch.bfloat16,
+                                              backend=be),
+        eager=lambda t: layer_norm_modulate(t["x"], t["shift"], t["scale"], eps=EPS, out_dtype=torch.bfloat16,
+                                            backend="torch"),
+        nbytes=lambda t: t["x"].numel() * 6),
+    # norm3: affine LN of the residual stream, quantized to fp8
+    "layer_norm_quant_fp8": Case(
+        make=_ln_inputs,
+        run=lambda be, t: norm_quant.layer_norm_quant(t["x"], t["w"], t["b"], eps=EPS, dtype=FP8, backend=be),
+        eager=lambda t: norm_quant.layer_norm_quant(t["x"], t["w"], t["b"], eps=EPS, dtype=FP8, backend="torch"),
+        nbytes=lambda t: t["x"].numel() * 5 + t["x"].shape[1] * 4),
+    # cross-attention q: full-width RMSNorm, bf16 in and out
+    "rms_norm_bf16": Case(
+        make=lambda d, s: dict(x=_act(d, s, s["C"])["x"][None], w=torch.randn(s["C"], device=d)),
+        run=lambda be, t: rms_norm(t["x"], t["w"], eps=EPS, backend=be),
+        eager=lambda t: rms_norm(t["x"], t["w"], eps=EPS, backend="torch"),
+        nbytes=lambda t: t["x"].numel() * 4),
+}
+
+
+def _qk_inputs(device, s):
+    g = _gen(device)
+    L, C, H = math.prod(s["grid"]), s["C"], s["H"]
+    qkv = torch.randn(1, L, 3 * C, device=device, generator=g).bfloat16()  # one fused QKV GEMM output
+    cos, sin = rope_table(s["grid"], C // H, device=device)
+    return dict(q=qkv[..., :C], k=qkv[..., C:2 * C], wq=torch.randn(C, device=device, generator=g),
+                wk=torch.randn(C, device=device, generator=g), cos=cos, sin=sin, H=H,
+                freqs=torch.polar(torch.ones_like(cos, dtype=torch.float64),
+                                  torch.atan2(sin.double(), cos.double()))[:, None, :])
+
+
+def qk_official_eager(t):
+    """The official Wan code's way: WanRMSNorm (fp32 statistics, type_as, times the weight), then
+    rope_apply in complex128, .float(), and the cast to bf16 before attention."""
+    def norm(x, w):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).type_as(x) * w
+
+    def rope_apply(x):
+        B, L, C = x.shape
+        z = torch.view_as_complex(x.to(torch.float64).reshape(B, L, t["H"], -1, 2))
+        return torch.view_as_real(z * t["freqs"]).flatten(3).float()
+
+    return (rope_apply(norm(t["q"], t["wq"])).bfloat16(), rope_apply(norm(t["k"], t["wk"])).bfloat16())
+
+
+def qk_rms_norm_then_rope(t):
+    """F.rms_norm (torch's fused kernel) then the torch RoPE reference (fp32 math), bf16 throughout."""
+    H, C = t["H"], t["q"].shape[-1]
+    out = []
+    for x, w in ((t["q"], t["wq"]), (t["k"], t["wk"])):
+        normed = F.rms_norm(x, (C,), w.bfloat16(), EPS).unflatten(-1, (H, -1))
+        out.append(rope(normed, t["cos"], t["sin"], out_dtype=torch.bfloat16, backend="torch"))
+    return out
+
+
+def qk_fused(backend, t):
+    return qk.qk_norm_rope(t["q"], t["k"], t["wq"], t["wk"], t["cos"], t["sin"], heads=t["H"], eps=EPS,
+                           out_dtype=torch.bfloat16, backend=backend)
+
+
+def qk_nbytes(t):
+    q = t["q"]
+    return 4 * q.numel() * q.element_size() + 2 * t["cos"].numel() * 4  # read q, k; write q, k; the table
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def _skip_unusable(backend: str, device: str) -> None:
+    if backend == "cuda":
+        from dit8.kernels import cuda_ext
+
+        if device != "cuda":
+            pytest.skip("the cuda backend needs a CUDA device")
+        if not cuda_ext.cuda_available(torch.device("cuda")):
+            pytest.skip("the CUDA extension cannot be built here: " + (", ".join(cuda_ext.missing_tools()) or "see warning"))
+
+
+@pytest.fixture(scope="session")
+def copy_gbps(device, smoke, gpu_time, baseline_cache) -> float | None:
+    """Device-copy bandwidth of this run (read + write of 1 GiB), the yardstick of every row."""
+    if smoke:
+        return None
+    if "copy" not in baseline_cache:
+        src = torch.empty(2 ** 29, dtype=torch.bfloat16, device=device).normal_()
+        dst = torch.empty_like(src)
+        ms = gpu_time(lambda: dst.copy_(src))
+        baseline_cache["copy"] = 2 * src.numel() * src.element_size() / ms / 1e6
+    return baseline_cache["copy"]
+
+
+def test_device_copy(record, device, smoke, copy_gbps):
+    n = 2 ** 20 if smoke else 2 ** 29
+    src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    record(lambda: dst.copy_(src), nbytes=2 * n * 2, copy_gbps=None if copy_gbps is None else round(copy_gbps, 1))
+    assert torch.equal(dst, src)
+
+
+def _info(nbytes: int, ms: float, copy: float | None) -> dict:
+    if copy is None:
+        return {}
+    gbps = nbytes / ms / 1e6
+    return {"copy_gbps": round(copy, 1), "copy_fraction": round(gbps / copy, 3)}
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_op(name, backend, record, benchmark, device, smoke, gpu_time, baseline_cache, copy_gbps):
+    _skip_unusable(backend, device)
+    case = CASES[name]
+    if (name, "inputs") not in baseline_cache:  # built once per op (< 1 GB each at full size)
+        baseline_cache[(name, "inputs")] = case.make(device, sizes(smoke))
+    t = baseline_cache[(name, "inputs")]
+    if (name, "eager") not in baseline_cache:
+        baseline_cache[(name, "eager")] = gpu_time(lambda: case.eager(t))
+    nbytes = case.nbytes(t)
+    out = case.run(backend, t)
+    ms = record(lambda: case.run(backend, t), nbytes=nbytes, baseline_ms=baseline_cache[(name, "eager")])
+    benchmark.extra_info.update(_info(nbytes, ms, copy_gbps))
+    assert ms > 0
+    ref = case.eager(t)
+    outs, refs = (out if isinstance(out, tuple) else (out,)), (ref if isinstance(ref, tuple) else (ref,))
+    for a, b in zip(outs, refs):  # the benchmarked call computes what the reference does
+        assert a.shape == b.shape and a.dtype == b.dtype and not torch.isnan(a.float()).any()
+
+
+@pytest.mark.parametrize("impl", ["cuda", "triton", "official_eager", "rms_norm_then_rope"])
+def test_qk_norm_rope(impl, record, benchmark, device, smoke, gpu_time, baseline_cache, copy_gbps):
+    if impl in ("cuda", "triton"):
+        _skip_unusable(impl, device)
+    if ("qk", "inputs") not in baseline_cache:
+        baseline_cache[("qk", "inputs")] = _qk_inputs(device, sizes(smoke))
+    t = baseline_cache[("qk", "inputs")]
+    for base, fn in (("official", qk_official_eager), ("rms_norm_rope", qk_rms_norm_then_rope)):
+        if ("qk", base) not in baseline_cache:
+            baseline_cache[("qk", base)] = gpu_time(lambda: fn(t))
+    fn = {"official_eager": lambda: qk_official_eager(t), "rms_norm_then_rope": lambda: qk_rms_norm_then_rope(t),
+          "cuda": lambda: qk_fused("cuda", t), "triton": lambda: qk_fused("triton", t)}[impl]
+    nbytes = qk_nbytes(t)
+    ms = record(fn, nbytes=nbytes, baseline_ms=baseline_cache[("qk", "official")])
+    benchmark.extra_info.update(_info(nbytes, ms, copy_gbps))
+    if copy_gbps is not None:
+        benchmark.extra_info.update(speedup_vs_official=round(baseline_cache[("qk", "official")] / ms, 2),
+                                    speedup_vs_rms_norm_rope=round(baseline_cache[("qk", "rms_norm_rope")] / ms, 2))
+    oq, ok = fn()
+    rq, rk = qk_official_eager(t)
+    # All four compute the same thing: agreement to bf16 rounding (2^-8 relative per element).
+    for a, b in ((oq, rq), (ok, rk)):
+        assert a.shape == b.shape
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2 ** -7

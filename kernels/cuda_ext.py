@@ -1,0 +1,451 @@
+"""The CUDA backend: builds, loads and calls the `_dit8_cuda` pybind11 module compiled from csrc/.
+
+Build: nvcc compiles csrc/*.cu (and the host compiler csrc/bindings.cpp) with ninja into a cache folder,
+`$DIT8_CACHE/cuda_ext/<tag>` (default `~/.cache/dit8/cuda_ext/<tag>`; the tag hashes the Python ABI,
+the nvcc version, the target architectures and the source folder). It happens on first use, or ahead of
+time with
+
+    python -m dit8.kernels.cuda_ext build [--archs 80,89,90a] [--force] [-v]
+
+The module does not include torch and links the CUDA runtime statically: it builds wherever nvcc,
+ninja and pybind11 are installed (no GPU needed; CI builds and imports it on a CPU machine) and loads
+into any torch version. Tensors cross as device pointers, element strides and dtype codes; the kernels
+run on the current torch stream of the tensors' device.
+
+Here, the torch side: argument checks (dtype, device, shape, strides, alignment) before every launch,
+output allocation (`buffers.new_output`), and the torch.library ops `dit8::rows_cuda` and
+`dit8::qk_norm_rope_cuda` with fake implementations, so the kernels compose with torch.compile and CUDA
+graph capture. `cuda_available(device)` is the `runs_on` predicate of every "cuda" registration: true
+on CUDA tensors when the module is built or can be built here. Without nvcc (or with DIT8_CUDA_EXT=0)
+it is false and "auto" falls through to the Triton backend.
+
+Environment: DIT8_CACHE (cache root), DIT8_CUDA_ARCHS (e.g. "90a" or "80,89,90a"), DIT8_CUDA_EXT=0
+(never build or load), CUDA_HOME / CUDA_PATH (where nvcc is), DIT8_CSRC (the sources, if not beside
+the package).
+"""
+
+from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__":
+    # `python -m dit8.kernels.cuda_ext`: run the package's own copy of this module, so that its
+    # torch.library ops are defined once, under their package name.
+    from dit8.kernels.cuda_ext import main as _main
+
+    sys.exit(_main())
+
+import argparse
+import contextlib
+import fcntl
+import functools
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import subprocess
+import sysconfig
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from dit8.errors import Dit8Error
+
+from . import fused_spec as spec
+from .buffers import new_output
+
+MODULE_NAME = "_dit8_cuda"
+ABI_VERSION = 1  # csrc/bindings.cpp kAbiVersion
+# Ahead-of-time targets: Ampere, Ada, Hopper (wgmma-capable sm_90a) and compute_90 PTX for newer GPUs.
+DEFAULT_ARCHS = ("80", "89", "90a")
+PTX_ARCH = "90"
+# csrc/common.cuh DType
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3, torch.float8_e4m3fn: 4}
+# csrc/ops.h limits: threads per block and vectors kept in registers per thread.
+MAX_THREADS = 1024
+QK_VECS_PER_THREAD = 4
+SOURCES = ("common.cuh", "rows.cuh", "ops.h", "norms.cu", "quantize.cu", "qk_norm_rope.cu", "bindings.cpp",
+           "build.ninja")
+
+
+class CudaExtError(Dit8Error, RuntimeError):
+    """The CUDA extension cannot be built or loaded here."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finding the tools
+# ----------------------------------------------------------------------------------------------------
+
+def source_dir() -> Path:
+    """csrc/: $DIT8_CSRC, the repository's csrc/ beside kernels/, or an installed `dit8.csrc` package."""
+    env = os.environ.get("DIT8_CSRC")
+    if env:
+        return Path(env).resolve()
+    here = Path(__file__).resolve().parent.parent / "csrc"
+    if (here / "build.ninja").is_file():
+        return here
+    spec_ = importlib.util.find_spec("dit8.csrc")
+    if spec_ is not None and spec_.submodule_search_locations:
+        return Path(next(iter(spec_.submodule_search_locations))).resolve()
+    raise CudaExtError("the CUDA sources (csrc/) are not installed; set DIT8_CSRC to the csrc folder")
+
+
+def find_nvcc() -> str | None:
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root and (Path(root) / "bin" / "nvcc").is_file():
+            return str(Path(root) / "bin" / "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.is_file() else None
+
+
+def find_ninja() -> str | None:
+    found = shutil.which("ninja")
+    if found:
+        return found
+    with contextlib.suppress(ImportError):
+        import ninja  # the PyPI package ships the binary
+
+        path = Path(ninja.BIN_DIR) / "ninja"
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def pybind11_include() -> str | None:
+    try:
+        import pybind11
+    except ImportError:
+        return None
+    return pybind11.get_include()
+
+
+def missing_tools() -> list[str]:
+    """What the build needs and this machine lacks (empty when it can build)."""
+    missing = []
+    if find_nvcc() is None:
+        missing.append("nvcc (the CUDA toolkit; set CUDA_HOME)")
+    if find_ninja() is None:
+        missing.append("ninja (pip install ninja)")
+    if pybind11_include() is None:
+        missing.append("pybind11 (pip install pybind11)")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        missing.append("a C++ compiler (c++ or $CXX)")
+    return missing
+
+
+@functools.cache
+def _nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def parse_archs(text: str) -> tuple[str, ...]:
+    archs = tuple(a.strip().removeprefix("sm_") for a in text.replace(";", ",").split(",") if a.strip())
+    for a in archs:
+        if not (a.rstrip("af").isdigit()):
+            raise CudaExtError(f"bad CUDA architecture {a!r}; expected e.g. 80, 89, 90a")
+    return archs
+
+
+def default_archs() -> tuple[str, ...]:
+    """$DIT8_CUDA_ARCHS; else the current GPU's architecture (sm_90 builds as sm_90a); else DEFAULT_ARCHS."""
+    env = os.environ.get("DIT8_CUDA_ARCHS")
+    if env:
+        return parse_archs(env)
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return (f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else ""),)
+    return DEFAULT_ARCHS
+
+
+def gencode_flags(archs: tuple[str, ...]) -> list[str]:
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    if set(archs) == set(DEFAULT_ARCHS):
+        flags.append(f"-gencode=arch=compute_{PTX_ARCH},code=compute_{PTX_ARCH}")
+    return flags
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DIT8_CACHE") or Path.home() / ".cache" / "dit8")
+
+
+def build_dir(archs: tuple[str, ...]) -> Path:
+    nvcc = find_nvcc() or "none"
+    key = "|".join([sys.version, sysconfig.get_config_var("EXT_SUFFIX") or "", nvcc,
+                    _nvcc_version(nvcc) if nvcc != "none" else "", ",".join(archs), str(source_dir()),
+                    str(ABI_VERSION)])
+    return cache_root() / "cuda_ext" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def module_path(archs: tuple[str, ...]) -> Path:
+    return build_dir(archs) / (MODULE_NAME + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Build and load
+# ----------------------------------------------------------------------------------------------------
+
+def _ninja_file(out_dir: Path, archs: tuple[str, ...]) -> str:
+    nvcc = find_nvcc()
+    cuda_include = Path(nvcc).resolve().parent.parent / "include"
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    lines = [
+        "# Written by dit8/kernels/cuda_ext.py; the rules are csrc/build.ninja's.",
+        f"srcdir = {source_dir()}",
+        f"nvcc = {nvcc}",
+        f"cxx = {cxx}",
+        f"python_include = {sysconfig.get_paths()['include']}",
+        f"pybind11_include = {pybind11_include()}",
+        f"cuda_include = {cuda_include}",
+        f"gencode = {' '.join(gencode_flags(archs))}",
+        f"archs = {','.join('sm_' + a for a in archs)}",
+        f"module = {module_path(archs).name}",
+        "include $srcdir/build.ninja",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent first uses build once
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def build(archs: tuple[str, ...] | None = None, *, force: bool = False, verbose: bool = False) -> Path:
+    """Compile the module (ninja: only what changed) and return its path. Raises CudaExtError."""
+    missing = missing_tools()
+    if missing:
+        raise CudaExtError("cannot build the CUDA extension: missing " + ", ".join(missing))
+    archs = tuple(archs or default_archs())
+    out_dir = build_dir(archs)
+    with _locked(out_dir):
+        if force:
+            for p in out_dir.iterdir():
+                if p.name != ".lock":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        (out_dir / "build.ninja").write_text(_ninja_file(out_dir, archs))
+        jobs = str(max(1, min(len(os.sched_getaffinity(0)), 8)))
+        cmd = [find_ninja(), "-C", str(out_dir), "-j", jobs] + (["-v"] if verbose else [])
+        proc = subprocess.run(cmd, capture_output=not verbose, text=True)
+        if proc.returncode != 0:
+            log = ((proc.stdout or "") + (proc.stderr or ""))[-6000:]
+            raise CudaExtError(f"building the CUDA extension in {out_dir} failed:\n{log}")
+    return module_path(archs)
+
+
+def _import(path: Path):
+    loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
+    mod_spec = importlib.util.spec_from_file_location(MODULE_NAME, str(path), loader=loader)
+    module = importlib.util.module_from_spec(mod_spec)
+    loader.exec_module(module)
+    return module
+
+
+_MODULE = None
+
+
+def load(archs: tuple[str, ...] | None = None, *, build_if_needed: bool = True):
+    """The `_dit8_cuda` module, built first when needed (ninja skips an up-to-date build)."""
+    global _MODULE
+    if _MODULE is not None:
+        return _MODULE
+    if os.environ.get("DIT8_CUDA_EXT") == "0":
+        raise CudaExtError("the CUDA extension is disabled (DIT8_CUDA_EXT=0)")
+    archs = tuple(archs or default_archs())
+    path = module_path(archs) if find_nvcc() else None
+    if build_if_needed:
+        path = build(archs)
+    if path is None or not path.is_file():
+        raise CudaExtError("the CUDA extension is not built; run: python -m dit8.kernels.cuda_ext build")
+    module = _import(path)
+    if getattr(module, "ABI_VERSION", None) != ABI_VERSION:
+        raise CudaExtError(f"{path} has ABI {getattr(module, 'ABI_VERSION', None)}, expected {ABI_VERSION}; "
+                           "rebuild with: python -m dit8.kernels.cuda_ext build --force")
+    _MODULE = module
+    return module
+
+
+@functools.cache
+def _usable() -> bool:
+    """Whether the module loads (building it if it can); warns once and says no on failure."""
+    try:
+        load()
+    except (CudaExtError, OSError, ImportError) as err:
+        warnings.warn(f"dit8: CUDA kernels unavailable, using the Triton/torch backends: {err}", stacklevel=3)
+        return False
+    return True
+
+
+def cuda_available(device: torch.device) -> bool:
+    """runs_on predicate of the "cuda" registrations: CUDA tensors, a GPU, and a built/buildable module."""
+    if device.type != "cuda" or not torch.cuda.is_available() or os.environ.get("DIT8_CUDA_EXT") == "0":
+        return False
+    return _MODULE is not None or _usable()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers (argument checks, alignment, output allocation)
+# ----------------------------------------------------------------------------------------------------
+
+def _aligned(*items) -> bool:
+    """All pointers/byte offsets given are multiples of 16 bytes."""
+    return all(int(v) % 16 == 0 for v in items)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _check_device(op: str, *tensors) -> None:
+    for t in tensors:
+        if t is not None and t.device.type != "cuda":
+            raise spec.OpArgumentError(f"{op}: the cuda backend needs CUDA tensors, got one on {t.device}")
+
+
+def launch_rows(x: torch.Tensor, weight, bias, shift, scale, norm: int, act: int, rows_per_batch: int,
+                eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the rows kernel (fused_spec.py) on CUDA tensors."""
+    op = "rows_cuda"
+    spec.check_rows(op, x, weight, bias, shift, scale, norm, act, rows_per_batch, out_dtype)
+    _check_device(op, x)
+    out, out_scale = spec.rows_outputs(x, out_dtype, new_output)
+    M, C = x.shape
+    if M == 0:
+        return out, out_scale
+    esize = x.element_size()
+    full = 16 // esize
+    # 16-byte accesses need every row start (input, output, parameters) on a 16-byte boundary.
+    vec = full if (C % full == 0 and _aligned(x.data_ptr(), x.stride(0) * esize, out.data_ptr(), _ptr(weight),
+                                                   _ptr(bias), _ptr(shift), _ptr(scale),
+                                                   0 if shift is None else shift.stride(0) * 4,
+                                                   0 if scale is None else scale.stride(0) * 4)) else 1
+    load().rows(
+        x=x.data_ptr(), x_stride=x.stride(0), out=out.data_ptr(), out_scale=_ptr(out_scale) if out_scale.numel() else 0,
+        weight=_ptr(weight), bias=_ptr(bias), shift=_ptr(shift), scale=_ptr(scale),
+        shift_stride=0 if shift is None else shift.stride(0), scale_stride=0 if scale is None else scale.stride(0),
+        rows=M, rows_per_batch=max(rows_per_batch, 1), cols=C, norm=norm, act=act, eps=eps,
+        in_dtype=DTYPE_CODES[x.dtype], out_dtype=DTYPE_CODES[out_dtype], vec=vec,
+        device=x.device.index if x.device.index is not None else torch.cuda.current_device(),
+        stream=_stream(x.device))
+    return out, out_scale
+
+
+def launch_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads: int, eps: float, out_dtype: torch.dtype):
+    """Run the q/k RMSNorm + RoPE kernel (fused_spec.py) on CUDA tensors."""
+    op = "qk_norm_rope_cuda"
+    spec.check_qk(op, q, k, weight_q, weight_k, cos, sin, heads, out_dtype)
+    _check_device(op, q)
+    B, L, C = q.shape
+    D = C // heads
+    esize = q.element_size()
+    full = 16 // esize
+    vec = full if (D % full == 0 and _aligned(q.data_ptr(), k.data_ptr(), q.stride(0) * esize, q.stride(1) * esize,
+                                              k.stride(0) * esize, k.stride(1) * esize, weight_q.data_ptr(),
+                                              weight_k.data_ptr(), cos.data_ptr(), sin.data_ptr())) else 2
+    if vec == 2:
+        # Pairs: 2-element accesses need 2-element alignment; copy the rare input that lacks it.
+        def pair_aligned(t):
+            return t.data_ptr() % (2 * esize) == 0 and t.stride(0) % 2 == 0 and t.stride(1) % 2 == 0
+        q = q if pair_aligned(q) else q.contiguous()
+        k = k if pair_aligned(k) else k.contiguous()
+    if C // vec > MAX_THREADS * QK_VECS_PER_THREAD:
+        raise spec.OpArgumentError(f"{op}: width {C} is more than one thread block handles "
+                                   f"({MAX_THREADS * QK_VECS_PER_THREAD * vec} channels at this alignment)")
+    q_out, k_out, q_scale, k_scale = spec.qk_outputs(q, heads, out_dtype, new_output)
+    if B * L == 0:
+        return q_out, k_out, q_scale, k_scale
+    load().qk_norm_rope(
+        q=q.data_ptr(), k=k.data_ptr(), q_batch_stride=q.stride(0), q_token_stride=q.stride(1),
+        k_batch_stride=k.stride(0), k_token_stride=k.stride(1), weight_q=weight_q.data_ptr(),
+        weight_k=weight_k.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(), q_out=q_out.data_ptr(),
+        k_out=k_out.data_ptr(), q_scale=_ptr(q_scale) if q_scale.numel() else 0,
+        k_scale=_ptr(k_scale) if k_scale.numel() else 0, batch=B, tokens=L, heads=heads, head_dim=D, eps=eps,
+        in_dtype=DTYPE_CODES[q.dtype], out_dtype=DTYPE_CODES[out_dtype], vec=vec,
+        device=q.device.index if q.device.index is not None else torch.cuda.current_device(),
+        stream=_stream(q.device))
+    return q_out, k_out, q_scale, k_scale
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library ops
+# ----------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("dit8::rows_cuda", mutates_args=(), device_types="cuda")
+def rows_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, shift: torch.Tensor | None,
+            scale: torch.Tensor | None, norm: int, act: int, rows_per_batch: int, eps: float,
+            out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch_rows(x, weight, bias, shift, scale, norm, act, rows_per_batch, eps, out_dtype)
+
+
+@rows_op.register_fake
+def _(x, weight, bias, shift, scale, norm, act, rows_per_batch, eps, out_dtype):
+    spec.check_rows("rows_cuda", x, weight, bias, shift, scale, norm, act, rows_per_batch, out_dtype)
+    return spec.rows_outputs(x, out_dtype, spec.fake_alloc)
+
+
+@torch.library.custom_op("dit8::qk_norm_rope_cuda", mutates_args=(), device_types="cuda")
+def qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return launch_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads, eps, out_dtype)
+
+
+@qk_norm_rope_op.register_fake
+def _(q, k, weight_q, weight_k, cos, sin, heads, eps, out_dtype):
+    spec.check_qk("qk_norm_rope_cuda", q, k, weight_q, weight_k, cos, sin, heads, out_dtype)
+    return spec.qk_outputs(q, heads, out_dtype, spec.fake_alloc)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dit8.kernels.cuda_ext",
+                                     description="Build or inspect dit8's CUDA extension.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="compile the module into the cache folder (ahead of first use)")
+    b.add_argument("--archs", help=f"comma-separated, e.g. 90a or 80,89,90a (default: {','.join(DEFAULT_ARCHS)} "
+                                   "without a GPU, else the GPU's; or $DIT8_CUDA_ARCHS)")
+    b.add_argument("--force", action="store_true", help="rebuild from scratch")
+    b.add_argument("-v", "--verbose", action="store_true", help="show the compiler commands")
+    sub.add_parser("info", help="where the module is, whether it is built, what is missing")
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        archs = parse_archs(args.archs) if args.archs else default_archs()
+        start = time.perf_counter()
+        try:
+            path = build(archs, force=args.force, verbose=args.verbose)
+            module = _import(path)
+        except CudaExtError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"built {path} for {module.ARCHS} in {time.perf_counter() - start:.1f} s")
+        return 0
+    archs = default_archs()
+    print(f"sources: {source_dir()}")
+    print(f"archs: {','.join(archs)}")
+    missing = missing_tools()
+    print("missing: " + (", ".join(missing) if missing else "nothing"))
+    if not missing:
+        path = module_path(archs)
+        print(f"module: {path} ({'built' if path.is_file() else 'not built'})")
+    return 0
+

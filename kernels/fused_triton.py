@@ -1,0 +1,366 @@
+"""Triton backend of the fused memory-bound ops (kernels/fused_spec.py says what they compute): the rows
+kernel (per-token quantization, GELU + quantization, LayerNorm / RMSNorm with affine or adaLN modulation,
+optionally quantized) and the q/k RMSNorm + RoPE kernel.
+
+Only this module imports triton; the op files import it lazily from their registered functions.
+Both kernels are registered as torch.library custom ops (`dit8::rows_triton`, `dit8::qk_norm_rope_triton`)
+with fake implementations, so they compose with torch.compile and CUDA graph capture.
+
+One program per row (rows) or per token (qk_norm_rope): the row is one register tile when it fits
+(BLOCK_C = next power of two >= C, up to MAX_TILE elements), so it is read from memory once. Longer
+rows loop over chunks, re-reading the row for each pass (statistics, amax, output).
+
+Interpreter (TRITON_INTERPRET=1 on CPU tensors, how the CPU tests run these kernels): its fp32 -> bf16
+conversion truncates and its fp32 -> e4m3 conversion rounds without carry (spec/gpu-notes.md). Under
+INTERPRET the kernels therefore round in fp32 to the target grid first (`_round_bf16`, `_round_fp8`),
+so the conversion that follows is exact and the stored values are those a GPU's round-to-nearest-even
+conversion gives. fp16 and int8 conversions need no help (int8 values are rounded with `_rint` first).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import fused_spec as spec
+from .buffers import new_output
+from .triton_support import interpreting
+
+# Largest register tile (elements) of one row; longer rows take the chunked path.
+MAX_TILE = 16384
+# Chunk of the chunked path.
+CHUNK = 4096
+
+_INT8_MAX = tl.constexpr(127.0)
+_FP8_MAX = tl.constexpr(448.0)
+_SCALE_FLOOR = tl.constexpr(1e-12)
+
+# Output kinds (constexpr): what the store converts to and how.
+_OUT_FLOAT, _OUT_BF16, _OUT_INT8, _OUT_FP8 = 0, 1, 2, 3
+
+
+def _out_kind(dtype: torch.dtype) -> int:
+    return {torch.bfloat16: _OUT_BF16, torch.int8: _OUT_INT8, torch.float8_e4m3fn: _OUT_FP8}.get(dtype, _OUT_FLOAT)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Element helpers
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _rint(y):
+    """Round half to even, exactly, from floor (no libdevice: the interpreter lacks it)."""
+    r = tl.floor(y)
+    f = y - r  # exact for |y| < 2^23
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    up = (f > 0.5) | ((f == 0.5) & odd)
+    return tl.where(up, r + 1.0, r)
+
+
+@triton.jit
+def _round_bf16(x):
+    """x rounded to the nearest bf16 (ties to even), still fp32; for the interpreter's truncating store."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_fp8(y):
+    """y (already clamped to ±448) rounded to the nearest e4m3 value (ties to even), still fp32.
+
+    The spacing of e4m3 around y is 2^(e-3) with e = max(exponent(y), -6) (subnormals below 2^-6)."""
+    bits = y.to(tl.uint32, bitcast=True)
+    e = ((bits >> 23) & 0xFF).to(tl.int32) - 127
+    e = tl.maximum(e, -6)
+    ulp = ((e - 3 + 127).to(tl.uint32) << 23).to(tl.float32, bitcast=True)
+    return _rint(y / ulp) * ulp  # division and product by a power of two are exact
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _gelu_tanh(x):
+    """GELU, tanh approximation, in fp32; tanh(u) = 1 - 2 / (exp(2u) + 1) (saturates cleanly)."""
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    u = tl.minimum(tl.maximum(u, -20.0), 20.0)  # tanh(±20) is ±1 in fp32; keeps exp finite
+    t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+    return 0.5 * x * (1.0 + t)
+
+
+@triton.jit
+def _store_float(ptrs, y, mask, OUT: tl.constexpr, INTERPRET: tl.constexpr):
+    if OUT == 1 and INTERPRET:  # _OUT_BF16
+        y = _round_bf16(y)
+    tl.store(ptrs, y.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _codes(y, scale, OUT: tl.constexpr, INTERPRET: tl.constexpr):
+    """8-bit codes of y / scale (IEEE division), kernels/quantize.py's rounding."""
+    v = tl.math.div_rn(y, scale)
+    if OUT == 2:  # _OUT_INT8: half to even, clamp
+        return tl.minimum(tl.maximum(_rint(v), -128.0), 127.0).to(tl.int8)
+    else:  # _OUT_FP8: clamp first (saturate instead of NaN), then nearest even
+        v = tl.minimum(tl.maximum(v, -_FP8_MAX), _FP8_MAX)
+        if INTERPRET:
+            v = _round_fp8(v)
+        return v.to(tl.float8e4nv)
+
+
+@triton.jit
+def _scale_of(amax, OUT: tl.constexpr):
+    """max(amax, floor) / qmax, NaN kept."""
+    amax = _max_nan(amax, _SCALE_FLOOR)
+    if OUT == 2:
+        return tl.math.div_rn(amax, _INT8_MAX)
+    else:
+        return tl.math.div_rn(amax, _FP8_MAX)
+
+
+# ----------------------------------------------------------------------------------------------------
+# rows
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _rows_load(x_row, offs, mask, ACT: tl.constexpr):
+    x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACT == 1:
+        x = _gelu_tanh(x)  # gelu(0) = 0: masked lanes stay 0
+    return x
+
+
+@triton.jit
+def _rows_finish(y, offs, mask, mean, rstd, W, Bias, shift_row, scale_row,
+                 NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr):
+    """Input values -> output values, in the torch reference's order: normalise, affine, modulate."""
+    if NORM != 0:
+        y = (y - mean) * rstd
+    if HAS_W:
+        y = y * tl.load(W + offs, mask=mask, other=0.0)
+    if HAS_B:
+        y = y + tl.load(Bias + offs, mask=mask, other=0.0)
+    if HAS_MOD:
+        sc = tl.load(scale_row + offs, mask=mask, other=0.0)
+        sh = tl.load(shift_row + offs, mask=mask, other=0.0)
+        y = y * (1.0 + sc) + sh
+    return tl.where(mask, y, 0.0)
+
+
+@triton.jit
+def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift, stride_scale,
+                 rows_per_batch, C, n, eps,
+                 NORM: tl.constexpr, ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                 HAS_MOD: tl.constexpr, OUT: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
+                 INTERPRET: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    out_row = Out + row * C
+    batch = row // rows_per_batch
+    shift_row = Shift + batch * stride_shift
+    scale_row = Scale + batch * stride_scale
+    QUANT: tl.constexpr = OUT >= 2
+    offs0 = tl.arange(0, BLOCK_C)  # n: C as a float (a float argument: never specialised to a constant)
+
+    if SINGLE:
+        # The whole row is one tile: read once, every pass from registers.
+        mask = offs0 < C
+        x = _rows_load(x_row, offs0, mask, ACT)
+        mean = 0.0
+        rstd = 1.0
+        if NORM == 1:
+            mean = tl.math.div_rn(tl.sum(x, 0), n)
+            d = tl.where(mask, x - mean, 0.0)
+            rstd = tl.math.rsqrt(tl.math.div_rn(tl.sum(d * d, 0), n) + eps)
+        elif NORM == 2:
+            rstd = tl.math.rsqrt(tl.math.div_rn(tl.sum(x * x, 0), n) + eps)
+        y = _rows_finish(x, offs0, mask, mean, rstd, W, Bias, shift_row, scale_row, NORM, HAS_W, HAS_B, HAS_MOD)
+        if QUANT:
+            scale = _scale_of(tl.reduce(tl.abs(y), 0, _max_nan), OUT)
+            tl.store(OutScale + row, scale)
+            tl.store(out_row + offs0, _codes(y, scale, OUT, INTERPRET), mask=mask)
+        else:
+            _store_float(out_row + offs0, y, mask, OUT, INTERPRET)
+    else:
+        # Chunked: one sweep per statistic, then the output sweep; the re-reads mostly hit the caches.
+        mean = 0.0
+        rstd = 1.0
+        if NORM != 0:
+            acc = tl.zeros([BLOCK_C], tl.float32)
+            for start in range(0, C, BLOCK_C):
+                offs = start + offs0
+                x = _rows_load(x_row, offs, offs < C, ACT)
+                if NORM == 2:
+                    acc += x * x
+                else:
+                    acc += x
+            if NORM == 1:
+                mean = tl.math.div_rn(tl.sum(acc, 0), n)
+                acc = tl.zeros([BLOCK_C], tl.float32)
+                for start in range(0, C, BLOCK_C):
+                    offs = start + offs0
+                    mask = offs < C
+                    d = tl.where(mask, _rows_load(x_row, offs, mask, ACT) - mean, 0.0)
+                    acc += d * d
+            rstd = tl.math.rsqrt(tl.math.div_rn(tl.sum(acc, 0), n) + eps)
+        if QUANT:
+            amax = tl.zeros([BLOCK_C], tl.float32)
+            for start in range(0, C, BLOCK_C):
+                offs = start + offs0
+                mask = offs < C
+                y = _rows_finish(_rows_load(x_row, offs, mask, ACT), offs, mask, mean, rstd, W, Bias,
+                                 shift_row, scale_row, NORM, HAS_W, HAS_B, HAS_MOD)
+                amax = _max_nan(amax, tl.abs(y))
+            scale = _scale_of(tl.reduce(amax, 0, _max_nan), OUT)
+            tl.store(OutScale + row, scale)
+        for start in range(0, C, BLOCK_C):
+            offs = start + offs0
+            mask = offs < C
+            y = _rows_finish(_rows_load(x_row, offs, mask, ACT), offs, mask, mean, rstd, W, Bias,
+                             shift_row, scale_row, NORM, HAS_W, HAS_B, HAS_MOD)
+            if QUANT:
+                tl.store(out_row + offs, _codes(y, scale, OUT, INTERPRET), mask=mask)
+            else:
+                _store_float(out_row + offs, y, mask, OUT, INTERPRET)
+
+
+def _num_warps(tile: int) -> int:
+    """~16 fp32 elements per thread: a row tile then needs ~70 registers per thread, so that two or more
+    programs share an SM (memory-bound kernels need the loads of several rows in flight)."""
+    return max(4, min(32, tile // 512))
+
+
+def launch_rows(x: torch.Tensor, weight, bias, shift, scale, norm: int, act: int, rows_per_batch: int,
+                eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the rows kernel (fused_spec.py); the arguments must pass spec.check_rows."""
+    spec.check_rows("rows_triton", x, weight, bias, shift, scale, norm, act, rows_per_batch, out_dtype)
+    out, out_scale = spec.rows_outputs(x, out_dtype, new_output)
+    M, C = x.shape
+    if M == 0:
+        return out, out_scale
+    tile = triton.next_power_of_2(C)
+    single = tile <= MAX_TILE
+    block = tile if single else CHUNK
+    dummy = out_scale if out_scale.numel() else x  # never read when the flag is off
+    _rows_kernel[(M,)](
+        x, x.stride(0), out, dummy,
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+        shift if shift is not None else dummy, scale if scale is not None else dummy,
+        shift.stride(0) if shift is not None else 0, scale.stride(0) if scale is not None else 0,
+        max(rows_per_batch, 1), C, float(C), eps,
+        NORM=norm, ACT=act, HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=shift is not None,
+        OUT=_out_kind(out_dtype), BLOCK_C=block, SINGLE=single, INTERPRET=interpreting(),
+        num_warps=_num_warps(block))
+    return out, out_scale
+
+
+# ----------------------------------------------------------------------------------------------------
+# q/k RMSNorm + RoPE
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _norm_rope_tile(x_row, W, chan, mask, cos, sin, n, eps,
+                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One token's row [C] as a [heads, head_dim] tile: RMSNorm over all of it, then each head's pairs
+    (2j, 2j+1) rotated by angle j."""
+    x = tl.load(x_row + chan, mask=mask, other=0.0).to(tl.float32)
+    r = tl.math.rsqrt(tl.math.div_rn(tl.sum(tl.sum(x * x, 1), 0), n) + eps)
+    y = x * r * tl.load(W + chan, mask=mask, other=0.0)
+    a, b = tl.split(tl.reshape(y, (BLOCK_H, BLOCK_D // 2, 2)))
+    rot = tl.join(a * cos - b * sin, a * sin + b * cos)
+    return tl.reshape(rot, (BLOCK_H, BLOCK_D))
+
+
+@triton.jit
+def _qk_store(out_ptrs, y, mask, scale_ptrs, h_ok, OUT: tl.constexpr, INTERPRET: tl.constexpr):
+    if OUT >= 2:
+        # One scale per head row: amax over the head's channels.
+        amax = tl.reduce(tl.where(mask, tl.abs(y), 0.0), 1, _max_nan)
+        scale = _scale_of(amax, OUT)
+        tl.store(scale_ptrs, scale, mask=h_ok)
+        tl.store(out_ptrs, _codes(y, scale[:, None], OUT, INTERPRET), mask=mask)
+    else:
+        _store_float(out_ptrs, y, mask, OUT, INTERPRET)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(Q, K, stride_qb, stride_ql, stride_kb, stride_kl, WQ, WK, Cos, Sin,
+                         QOut, KOut, QScale, KScale, L, H, n, eps,
+                         HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                         OUT: tl.constexpr, INTERPRET: tl.constexpr):
+    l = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ok = offs_h < H
+    mask = h_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    chan = offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+    C = H * HEAD_DIM  # n: the same as a float
+    # The token's angles, shared by q and k and by every head.
+    offs_j = tl.arange(0, BLOCK_D // 2)
+    cos = tl.load(Cos + l * HALF + offs_j, mask=offs_j < HALF, other=1.0)[None, :]
+    sin = tl.load(Sin + l * HALF + offs_j, mask=offs_j < HALF, other=0.0)[None, :]
+    out_row = (b * L + l) * C
+    scale_at = (b * H + offs_h) * L + l
+
+    yq = _norm_rope_tile(Q + b * stride_qb + l * stride_ql, WQ, chan, mask, cos, sin, n, eps, BLOCK_H, BLOCK_D)
+    _qk_store(QOut + out_row + chan, yq, mask, QScale + scale_at, h_ok, OUT, INTERPRET)
+    yk = _norm_rope_tile(K + b * stride_kb + l * stride_kl, WK, chan, mask, cos, sin, n, eps, BLOCK_H, BLOCK_D)
+    _qk_store(KOut + out_row + chan, yk, mask, KScale + scale_at, h_ok, OUT, INTERPRET)
+
+
+def launch_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads: int, eps: float, out_dtype: torch.dtype):
+    """Run the q/k RMSNorm + RoPE kernel (fused_spec.py); the arguments must pass spec.check_qk."""
+    spec.check_qk("qk_norm_rope_triton", q, k, weight_q, weight_k, cos, sin, heads, out_dtype)
+    q_out, k_out, q_scale, k_scale = spec.qk_outputs(q, heads, out_dtype, new_output)
+    B, L, C = q.shape
+    if B * L == 0:
+        return q_out, k_out, q_scale, k_scale
+    D = C // heads
+    block_h, block_d = triton.next_power_of_2(heads), max(2, triton.next_power_of_2(D))
+    if block_h * block_d > MAX_TILE:
+        raise spec.OpArgumentError(f"qk_norm_rope: the triton backend handles up to {MAX_TILE} padded channels "
+                                   f"(heads and head_dim rounded up to powers of two), got {heads} x {D}")
+    quant = q_scale.numel() > 0  # else the scale pointers are never written: pass the outputs
+    _qk_norm_rope_kernel[(L, B)](
+        q, k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), weight_q, weight_k, cos, sin,
+        q_out, k_out, q_scale if quant else q_out, k_scale if quant else k_out,
+        L, heads, float(C), eps,
+        HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d, OUT=_out_kind(out_dtype), INTERPRET=interpreting(),
+        num_warps=_num_warps(block_h * block_d))
+    return q_out, k_out, q_scale, k_scale
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library ops
+# ----------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("dit8::rows_triton", mutates_args=())
+def rows_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, shift: torch.Tensor | None,
+            scale: torch.Tensor | None, norm: int, act: int, rows_per_batch: int, eps: float,
+            out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch_rows(x, weight, bias, shift, scale, norm, act, rows_per_batch, eps, out_dtype)
+
+
+@rows_op.register_fake
+def _(x, weight, bias, shift, scale, norm, act, rows_per_batch, eps, out_dtype):
+    spec.check_rows("rows_triton", x, weight, bias, shift, scale, norm, act, rows_per_batch, out_dtype)
+    return spec.rows_outputs(x, out_dtype, spec.fake_alloc)
+
+
+@torch.library.custom_op("dit8::qk_norm_rope_triton", mutates_args=())
+def qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return launch_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads, eps, out_dtype)
+
+
+@qk_norm_rope_op.register_fake
+def _(q, k, weight_q, weight_k, cos, sin, heads, eps, out_dtype):
+    spec.check_qk("qk_norm_rope_triton", q, k, weight_q, weight_k, cos, sin, heads, out_dtype)
+    return spec.qk_outputs(q, heads, out_dtype, spec.fake_alloc)

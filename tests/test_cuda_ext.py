@@ -1,0 +1,143 @@
+"""The CUDA extension builds, links and imports (CI does this on its CPU machine with nvcc), its argument
+checks work without a GPU, and the "cuda" backend stands aside where it cannot run.
+
+The build here targets one architecture (sm_90a, or $DIT8_TEST_CUDA_ARCHS) to keep CI short; the full
+ahead-of-time build is `python -m dit8.kernels.cuda_ext build` (sm_80, sm_89, sm_90a + compute_90 PTX).
+Skipped, with the reason, where nvcc, ninja or pybind11 are missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dit8.kernels import cuda_ext
+
+MISSING = cuda_ext.missing_tools()
+needs_tools = pytest.mark.skipif(bool(MISSING), reason="cannot build the CUDA extension here: missing "
+                                 + ", ".join(MISSING))
+ARCHS = cuda_ext.parse_archs(os.environ.get("DIT8_TEST_CUDA_ARCHS", "90a"))
+
+
+@pytest.fixture(scope="module")
+def module():
+    """Build (ninja skips an up-to-date build in the cache folder) and import the module."""
+    if MISSING:
+        pytest.skip("cannot build the CUDA extension here: missing " + ", ".join(MISSING))
+    path = cuda_ext.build(ARCHS)
+    return cuda_ext._import(path)
+
+
+def test_sources_and_build_description_are_present():
+    src = cuda_ext.source_dir()
+    for name in cuda_ext.SOURCES:
+        assert (src / name).is_file(), name
+    text = (src / "build.ninja").read_text()
+    for obj in ("quantize.o", "norms.o", "qk_norm_rope.o", "bindings.o"):
+        assert f"build {obj}:" in text
+    assert "-cudart static" in text and "--use_fast_math" not in text.replace("No --use_fast_math", "")
+
+
+def test_gencode_flags():
+    assert cuda_ext.parse_archs("sm_80; 89,90a") == ("80", "89", "90a")
+    flags = cuda_ext.gencode_flags(cuda_ext.DEFAULT_ARCHS)
+    assert "-gencode=arch=compute_90a,code=sm_90a" in flags and "-gencode=arch=compute_90,code=compute_90" in flags
+    assert cuda_ext.gencode_flags(("90a",)) == ["-gencode=arch=compute_90a,code=sm_90a"]
+    with pytest.raises(cuda_ext.CudaExtError, match="bad CUDA architecture"):
+        cuda_ext.parse_archs("hopper")
+
+
+@needs_tools
+def test_module_builds_links_and_imports_without_a_gpu(module):
+    assert module.ABI_VERSION == cuda_ext.ABI_VERSION
+    assert module.ARCHS == ",".join("sm_" + a for a in ARCHS)
+    assert module.MAX_THREADS == cuda_ext.MAX_THREADS and module.QK_VECS_PER_THREAD == cuda_ext.QK_VECS_PER_THREAD
+    assert callable(module.rows) and callable(module.qk_norm_rope)
+    path = cuda_ext.module_path(ARCHS)
+    # cudart is linked statically: the module needs no libcudart of any version, only the driver.
+    if shutil.which("readelf"):
+        needed = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True).stdout
+        assert "libcudart" not in needed and "libtorch" not in needed and "libc10" not in needed
+    # A second build is a no-op for ninja.
+    start = path.stat().st_mtime_ns
+    cuda_ext.build(ARCHS)
+    assert path.stat().st_mtime_ns == start
+
+
+def _rows_args(**over):
+    args = dict(x=0, x_stride=8, out=0, out_scale=0, weight=0, bias=0, shift=0, scale=0, shift_stride=0,
+                scale_stride=0, rows=1, rows_per_batch=1, cols=8, norm=0, act=0, eps=1e-6, in_dtype=2, out_dtype=2,
+                vec=8, device=0, stream=0)
+    args.update(over)
+    return args
+
+
+@needs_tools
+def test_launchers_check_their_arguments_before_touching_the_gpu(module):
+    with pytest.raises(ValueError, match="float dtype code"):
+        module.rows(**_rows_args(in_dtype=9))
+    with pytest.raises(ValueError, match="vec must be 1 or 8"):
+        module.rows(**_rows_args(vec=4))
+    with pytest.raises(ValueError, match="multiple of vec"):
+        module.rows(**_rows_args(cols=12))
+    with pytest.raises(ValueError, match="out_scale is needed"):
+        module.rows(**_rows_args(out_dtype=3))
+    with pytest.raises(ValueError, match="shift and scale go together"):
+        module.rows(**_rows_args(shift=64))
+    qk = dict(q=0, k=0, q_batch_stride=0, q_token_stride=0, k_batch_stride=0, k_token_stride=0, weight_q=0,
+              weight_k=0, cos=0, sin=0, q_out=0, k_out=0, q_scale=0, k_scale=0, batch=1, tokens=1, heads=40,
+              head_dim=128, eps=1e-6, in_dtype=2, out_dtype=2, vec=8, device=0, stream=0)
+    with pytest.raises(ValueError, match="head_dim must be a positive multiple of vec"):
+        module.qk_norm_rope(**{**qk, "head_dim": 12})
+    with pytest.raises(ValueError, match="too large for one thread block"):
+        module.qk_norm_rope(**{**qk, "heads": 400})
+    with pytest.raises(ValueError, match="needed exactly for 8-bit outputs"):
+        module.qk_norm_rope(**{**qk, "out_dtype": 4})
+    # Nothing to do: no CUDA call at all.
+    module.rows(**_rows_args(rows=0))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cudaSetDevice"):
+            module.rows(**_rows_args())
+
+
+def test_cuda_backend_stands_aside_without_a_gpu():
+    assert not cuda_ext.cuda_available(torch.device("cpu"))
+    if not torch.cuda.is_available():
+        assert not cuda_ext.cuda_available(torch.device("cuda"))
+        from dit8.kernels import qk_norm_rope  # noqa: F401  (registers its ops)
+        from dit8.kernels.registry import available_backends
+
+        assert "cuda" not in available_backends("cuda").get("qk_norm_rope", [])
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("DIT8_CUDA_EXT", "0")
+    monkeypatch.setattr(cuda_ext, "_MODULE", None)
+    assert not cuda_ext.cuda_available(torch.device("cuda"))
+    with pytest.raises(cuda_ext.CudaExtError, match="disabled"):
+        cuda_ext.load()
+
+
+def test_command_line_info():
+    proc = subprocess.run([sys.executable, "-m", "dit8.kernels.cuda_ext", "info"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "sources:" in proc.stdout and "missing:" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_tools
+def test_auto_prefers_cuda_on_a_gpu():
+    from dit8.kernels import norm_quant, qk_norm_rope  # noqa: F401  (registers their ops)
+    from dit8.kernels.registry import available_backends
+
+    backends = available_backends("cuda")
+    for op in ("quantize_per_token", "gelu_tanh_quant", "layer_norm", "layer_norm_modulate", "rms_norm",
+               "layer_norm_modulate_quant", "layer_norm_quant", "qk_norm_rope", "qk_norm_rope_quant"):
+        assert backends[op][0] == "cuda", op

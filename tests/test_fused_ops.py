@@ -1,0 +1,527 @@
+"""The fused memory-bound ops against float64 references: per-token quantization, GELU + quantization,
+LayerNorm (+ modulation / affine, + quantization), RMSNorm, q/k RMSNorm + RoPE (+ quantization).
+
+Backends: the torch reference always; Triton in the interpreter on CPU tensors (small shapes); on a GPU
+(`gpu` marker) Triton and the CUDA extension on CUDA tensors, larger shapes, and CUDA against Triton.
+Every input is fresh random data; outputs are poisoned (NaN / int minimum) before the kernels write.
+
+Tolerances:
+- float outputs: the kernel's relative error against float64 is at most twice the torch reference op's
+  error in the same output dtype, plus 4·2^-24 for fp32-rounding-order differences (fp32 outputs);
+- quantize_per_token / gelu-free codes: bit-exact with the torch reference (both divide in IEEE fp32 and
+  round half to even; the interpreter kernels pre-round so its conversions are exact too);
+- codes after a norm: the fp32 values the kernel quantizes differ from the reference's by a few ulps,
+  so a code may land one step away where the value sits on a rounding boundary: every code is within
+  one step of the reference's, at least 99% are equal, and the dequantized values are within half a
+  quantization step (plus the fp32 error of the norm) of the float64 result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dit8.kernels import OpArgumentError
+from dit8.kernels import fused_spec
+from dit8.kernels.norm_quant import layer_norm_modulate_quant, layer_norm_quant
+from dit8.kernels.norms import layer_norm, layer_norm_modulate, rms_norm
+from dit8.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_quant
+from dit8.kernels.quantize import QMAX, SCALE_FLOOR, gelu_tanh_quant, quantize_per_token
+from dit8.rope import rope_axis_widths, rope_table
+
+FP8 = torch.float8_e4m3fn
+QDTYPES = (torch.int8, FP8)
+U32 = 2.0 ** -24
+CUDA = torch.cuda.is_available()
+GPU = pytest.mark.gpu
+
+# (backend, device): Triton in the interpreter here; on a GPU machine both kernel backends on CUDA.
+KERNELS = [pytest.param("triton", "cpu", id="triton-interp")]
+if CUDA:
+    KERNELS += [pytest.param("triton", "cuda", id="triton-cuda", marks=GPU),
+                pytest.param("cuda", "cuda", id="cuda", marks=GPU)]
+
+
+def _gen(seed: int, device: str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def randn(shape, seed, device="cpu", dtype=torch.float32, scale=1.0, offset=0.0):
+    return (torch.randn(shape, generator=_gen(seed, device), device=device) * scale + offset).to(dtype)
+
+
+def rel_err(a, b) -> float:
+    """‖a − b‖ / ‖b‖ (the absolute norm where b is all zero, e.g. the LayerNorm of one channel)."""
+    diff = (a.double() - b.double()).norm()
+    ref = b.double().norm()
+    return (diff / ref if ref > 0 else diff).item()
+
+
+def float_bound(ref_err: float, out_dtype: torch.dtype) -> float:
+    return 2 * ref_err + (4 * U32 if out_dtype == torch.float32 else 0.0)
+
+
+def big(device: str) -> bool:
+    return device == "cuda"
+
+
+# ----------------------------------------------------------------------------------------------------
+# float64 references
+# ----------------------------------------------------------------------------------------------------
+
+def ln64(x, weight=None, bias=None, shift=None, scale=None):
+    x = x.double()
+    y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    if weight is not None:
+        y = y * weight.double()
+    if bias is not None:
+        y = y + bias.double()
+    if shift is not None:
+        y = y * (1 + scale.double()[:, None, :]) + shift.double()[:, None, :]
+    return y
+
+
+def rms64(x, weight):
+    x = x.double()
+    return x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-6) * weight.double()
+
+
+def angles64(grid, head_dim):
+    """[L, head_dim/2] rotation angles in float64 from the patch grid, as the official code builds them."""
+    per_axis = []
+    for size, width in zip(grid, rope_axis_widths(head_dim)):
+        inv = 10000.0 ** (-torch.arange(0, width, 2, dtype=torch.float64) / width)
+        per_axis.append(torch.arange(size, dtype=torch.float64)[:, None] * inv)
+    f, h, w = grid
+    return torch.cat([per_axis[0][:, None, None].expand(f, h, w, -1), per_axis[1][None, :, None].expand(f, h, w, -1),
+                      per_axis[2][None, None, :].expand(f, h, w, -1)], -1).reshape(f * h * w, head_dim // 2)
+
+
+def rope64(x, angles):
+    """Interleaved pairs as complex numbers times e^{i·angle}: x [B, L, H, D] float64."""
+    z = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)[:, None, :]).flatten(-2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# quantized-output checks
+# ----------------------------------------------------------------------------------------------------
+
+def fp8_step(v: torch.Tensor) -> torch.Tensor:
+    """Spacing of e4m3 values around |v| (float64): 2^(e-3), subnormal spacing 2^-9 below 2^-6."""
+    e = torch.floor(torch.log2(v.abs().clamp_min(2.0 ** -6)))
+    return torch.pow(2.0, e - 3)
+
+
+def check_codes(q, scale, want64, ref_q, ref_scale, qdtype, *, row_dims=1):
+    """q/scale: kernel; want64: float64 values [rows..., n]; ref_q/ref_scale: torch reference op."""
+    qmax = QMAX[qdtype]
+    assert q.dtype == qdtype and q.shape == ref_q.shape and scale.shape == ref_scale.shape
+    assert not torch.isnan(scale).any() and not torch.isnan(q.float()).any()
+    s = scale.double()
+    amax64 = want64.abs().amax(-1).clamp_min(SCALE_FLOOR)
+    # The scale comes from fp32 values within a few ulps (the norm's rounding) of float64's.
+    torch.testing.assert_close(s, amax64 / qmax, rtol=1e-5, atol=0)
+    codes, ref_codes = q.double(), ref_q.double()
+    assert codes.abs().max() <= qmax
+    # Dequantized error: half a step of the code grid, plus the fp32 error of the values (1e-5·amax).
+    y = want64 / s[..., None]
+    half_step = 0.5 if qdtype == torch.int8 else 0.5 * fp8_step(y)
+    assert ((codes - y).abs() <= half_step + 1e-5 * qmax + 1e-9).all()
+    # Agreement with the reference op: within one step everywhere, equal almost everywhere.
+    if qdtype == torch.int8:
+        assert (codes - ref_codes).abs().max() <= 1
+    else:
+        assert ((codes - ref_codes).abs() <= fp8_step(torch.maximum(codes.abs(), ref_codes.abs())) + 1e-12).all()
+    assert (codes == ref_codes).double().mean() >= 0.99
+
+
+# ----------------------------------------------------------------------------------------------------
+# quantize_per_token, gelu_tanh_quant
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend, device", KERNELS)
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+def test_quantize_per_token_is_bit_exact(backend, device, qdtype, xdtype):
+    shapes = [(37, 200), (5, 96), (3, 1)] + ([(4099, 5120), (333, 13824)] if big(device) else [])
+    for i, (M, K) in enumerate(shapes):
+        # Rows of very different magnitudes, one all-zero row (padding tokens), ties for int8 (k + 0.5).
+        x = randn((M, K), seed=100 + i, device=device) * torch.logspace(-3, 3, M, device=device)[:, None]
+        x[M // 2] = 0
+        x = x.to(xdtype)
+        q, s = quantize_per_token(x, qdtype, backend=backend)
+        rq, rs = quantize_per_token(x, qdtype, backend="torch")
+        assert torch.equal(s, rs), (M, K)
+        assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), (M, K)
+        assert s[M // 2] == SCALE_FLOOR / QMAX[qdtype] and (q[M // 2].float() == 0).all()
+
+
+@pytest.mark.parametrize("backend, device", KERNELS)
+def test_quantize_per_token_strided_rows_and_int8_ties(backend, device):
+    # Rows of a wider tensor (row stride > K), and values exactly half-way between int8 codes.
+    base = torch.arange(-127, 128, dtype=torch.float32, device=device)
+    x = torch.zeros(6, 300, device=device)
+    x[:, :255] = base
+    x[:, 255] = 127.0  # amax 127 -> scale 1 exactly
+    x[:, 256:300] = torch.linspace(-10.5, 10.5, 44, device=device)  # includes k + 0.5 ties
+    wide = torch.cat([x, randn((6, 50), 7, device)], dim=1)[:, :300]
+    assert wide.stride(0) == 350
+    q, s = quantize_per_token(wide, torch.int8, backend=backend)
+    rq, rs = quantize_per_token(wide.contiguous(), torch.int8, backend="torch")
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+    assert torch.equal(q[0, 256:300].float(), torch.linspace(-10.5, 10.5, 44, device=device).round())
+
+
+@pytest.mark.parametrize("backend, device", KERNELS)
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
+def test_gelu_tanh_quant_against_float64(backend, device, qdtype):
+    shapes = [(37, 200), (4, 96)] + ([(2048, 13824)] if big(device) else [])
+    for i, (M, K) in enumerate(shapes):
+        x = randn((M, K), seed=200 + i, device=device, scale=3.0).bfloat16()
+        x64 = x.double()
+        want = 0.5 * x64 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64 ** 3)))
+        q, s = gelu_tanh_quant(x, qdtype, backend=backend)
+        rq, rs = gelu_tanh_quant(x, qdtype, backend="torch")
+        check_codes(q, s, want, rq, rs, qdtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LayerNorm family, RMSNorm
+# ----------------------------------------------------------------------------------------------------
+
+def _ln_inputs(B, L, C, seed, device, xdtype):
+    # Residual-stream-like rows: a common offset and a spread of magnitudes.
+    x = randn((B, L, C), seed, device, scale=4.0, offset=2.0).to(xdtype)
+    shift = randn((B, C), seed + 1, device)
+    scale = randn((B, C), seed + 2, device, scale=0.5)
+    return x, shift, scale
+
+
+LN_SHAPES = [(2, 37, 200), (1, 5, 96), (3, 2, 1)]
+LN_SHAPES_GPU = [(1, 4099, 5120), (2, 1000, 1536)]
+
+
+def _ln_shapes(device):
+    return LN_SHAPES + (LN_SHAPES_GPU if big(device) else [])
+
+
+@pytest.mark.parametrize("backend, device", KERNELS)
+@pytest.mark.parametrize("xdtype, out_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float32),
+                                                (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)],
+                         ids=["f32-bf16", "f32-f32", "bf16-bf16", "f16-f16"])
+def test_layer_norm_modulate_against_float64(backend, device, xdtype, out_dtype):
+    for i, (B, L, C) in enumerate(_ln_shapes(device)):
+        x, shift, scale = _ln_inputs(B, L, C, 300 + i, device, xdtype)
+        # The modulation tables come as views of the [B, 6, C] modulation sum (row stride 6C), as in the model.
+        table = torch.stack([shift, scale] * 3, dim=1)
+        shift_v, scale_v = table[:, 0], table[:, 1]
+        want = ln64(x, shift=shift, scale=scale)
+        out = layer_norm_modulate(x, shift_v, scale_v, eps=1e-6, out_dtype=out_dtype, backend=backend)
+        ref = layer_norm_modulate(x, shift_v, scale_v, eps=1e-6, out_dtype=out_dtype, backend="torch")
+        assert out.dtype == out_dtype and out.shape == x.shape
+        assert rel_err(out, want) <= float_bound(rel_err(ref, want), out_dtype), (B, L, C)
+
+
+@pytest.mark.parametrize("backend, device", KERNELS)
+@pytest.mark.parametrize("affine", ["none", "weight", "weight+bias"])
+def test_layer_norm_against_float64(backend, device, affine):
+    for i, (B, L, C) in enumerate(_ln_shapes(device)):
+        x, w, b = _ln_inputs(B, L, C, 400 + i, device, torch.float32)
+        w, b = (w if affine != "none" else None), (b[0] if affine == "weight+bias" else None)
+        w = None if w is None else w[0]
+        want = ln64(x, w, b)
+        for out_dtype in (torch.bfloat16, torch.float32):
+            out = layer_norm(x, w, b, eps=1e-6, out_dtype=out_dtype, backend=backend)
+            ref = layer_norm(x, w, b, eps=1e-6, out_dtype=out_dtype, backend="torch")
+            assert rel_err(out, want) <= float_bound(rel_err(ref, want), out_dtype), (B, L, C, out_dtype)
+
+
+@pytest.mark.parametrize("backend, device", KERNELS)
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
+def test_layer_norm_modulate_quant_against_float64(backend, device, qdtype):
+    for i, (B, L, C) in enumerate(_ln_shapes(device)):
+        x, shift, scale = _ln_inputs(B, L, C, 500 + i, device, torch.float32)
+        want = ln64(x, shift=shift, scale=scale)
+        q, s = layer_norm_modulate_quant(x, shift, scale, eps=1e-6, dtype=qdtype, backend=backend)
+        rq, rs = layer_norm_modulate_quant(x, shift, scale, eps=1e-6, dtype=qdtype, backend="torch")
+        assert q.shape == (B, L, C) and s.shape == (B, L)
+        check_codes(q, s, want, rq, rs, qdtype)
+
+
+@pytest.mark.parametrize("backend, device", KERNELS)
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
+def test_layer_norm_quant_against_float64(backend, device, qdtype):
+    for i, (B, L, C) in enumerate(_ln_shapes(device)):
+        x, w, b = _ln_inputs(B, L, C, 600 + i, device, torch.bfloat16)
+        w, b = w[0].float(), b[0].float()
+        want = ln64(x, w, b)
+        q, s = layer_norm_quant(x, w, b, eps=1e-6, dtype=qdtype, backend=backend)
+        rq, rs = layer_norm_quant(x, w, b, eps=1e-6, dtype=qdtype, backend="torch")
+        check_codes(q, s, want, rq, rs, qdtype)
+
+
+@pytest.mark.parametrize("backend, device", KERNELS)
+def test_rms_norm_against_float64(backend, device):
+    for i, (B, L, C) in enumerate(_ln_shapes(device)):
+        x = randn((B, L, C), 700 + i, device, scale=3.0).bfloat16()
+        w = randn((C,), 701 + i, device)
+        want = rms64(x, w)
+        for out_dtype in (torch.bfloat16, torch.float32):
+            out = rms_norm(x, w, eps=1e-6, out_dtype=out_dtype, backend=backend)
+            ref = rms_norm(x, w, eps=1e-6, out_dtype=out_dtype, backend="torch")
+            assert rel_err(out, want) <= float_bound(rel_err(ref, want), out_dtype), (B, L, C, out_dtype)
+
+
+@pytest.mark.parametrize("backend, device", [p for p in KERNELS if p.values[0] == "triton"])
+def test_rows_chunked_path(backend, device, monkeypatch):
+    """Rows longer than the register tile take the chunked loops: same results."""
+    from dit8.kernels import fused_triton
+
+    monkeypatch.setattr(fused_triton, "MAX_TILE", 64)
+    monkeypatch.setattr(fused_triton, "CHUNK", 64)
+    x, shift, scale = _ln_inputs(2, 9, 200, 800, device, torch.float32)
+    want = ln64(x, shift=shift, scale=scale)
+    out = layer_norm_modulate(x, shift, scale, eps=1e-6, out_dtype=torch.float32, backend=backend)
+    ref = layer_norm_modulate(x, shift, scale, eps=1e-6, out_dtype=torch.float32, backend="torch")
+    assert rel_err(out, want) <= float_bound(rel_err(ref, want), torch.float32)
+    q, s = layer_norm_modulate_quant(x, shift, scale, eps=1e-6, dtype=torch.int8, backend=backend)
+    rq, rs = layer_norm_modulate_quant(x, shift, scale, eps=1e-6, dtype=torch.int8, backend="torch")
+    check_codes(q, s, want, rq, rs, torch.int8)
+    w = randn((200,), 801, device)
+    out = rms_norm(x, w, eps=1e-6, out_dtype=torch.float32, backend=backend)
+    assert rel_err(out, rms64(x, w)) <= float_bound(rel_err(rms_norm(x, w, eps=1e-6, backend="torch"), rms64(x, w)),
+                                                    torch.float32)
+    xq = randn((5, 200), 802, device) * 10
+    assert all(torch.equal(a, b) for a, b in zip(quantize_per_token(xq, torch.int8, backend=backend),
+                                                  quantize_per_token(xq, torch.int8, backend="torch")))
+
+
+# ----------------------------------------------------------------------------------------------------
+# q/k RMSNorm + RoPE
+# ----------------------------------------------------------------------------------------------------
+
+# (B, grid, heads, head_dim): C = 96 and 200 (not powers of two), head_dim 40 (pairs not a power of two)
+QK_CASES = [(2, (2, 3, 4), 3, 32), (1, (3, 2, 3), 5, 40), (1, (1, 2, 3), 2, 128)]
+QK_CASES_GPU = [(1, (21, 30, 52), 40, 128), (2, (3, 8, 12), 12, 128)]
+
+
+def _qk_cases(device):
+    return QK_CASES + (QK_CASES_GPU if big(device) else [])
+
+
+def _qk_inputs(B, grid, H, D, seed, device, dtype):
+    L, C = math.prod(grid), H * D
+    # One fused QKV output [B, L, 3C]; q and k are strided views of it, as the GEMM leaves them.
+    # Per-channel offsets make the rows RMS-normed-like (large common components).
+    qkv = (randn((B, L, 3 * C), seed, device, scale=2.0) + randn((3 * C,), seed + 1, device, scale=3.0)).to(dtype)
+    wq, wk = randn((C,), seed + 2, device, offset=1.0), randn((C,), seed + 3, device, offset=1.0)
+    cos, sin = rope_table(grid, D, device=device)
+    return qkv[..., :C], qkv[..., C:2 * C], wq, wk, cos, sin
+
+
+@pytest.mark.parametrize("backend, device", KERNELS)
+@pytest.mark.parametrize("xdtype, out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                (torch.float32, torch.float32), (torch.float16, torch.float16)],
+                         ids=["bf16-bf16", "bf16-f32", "f32-f32", "f16-f16"])
+def test_qk_norm_rope_against_float64(backend, device, xdtype, out_dtype):
+    for i, (B, grid, H, D) in enumerate(_qk_cases(device)):
+        q, k, wq, wk, cos, sin = _qk_inputs(B, grid, H, D, 900 + 10 * i, device, xdtype)
+        angles = angles64(grid, D).to(device)
+        want_q = rope64(rms64(q, wq).unflatten(-1, (H, D)), angles)
+        want_k = rope64(rms64(k, wk).unflatten(-1, (H, D)), angles)
+        oq, ok = qk_norm_rope(q, k, wq, wk, cos, sin, heads=H, eps=1e-6, out_dtype=out_dtype, backend=backend)
+        rq, rk = qk_norm_rope(q, k, wq, wk, cos, sin, heads=H, eps=1e-6, out_dtype=out_dtype, backend="torch")
+        assert oq.shape == (B, math.prod(grid), H, D) and oq.dtype == out_dtype and oq.is_contiguous()
+        assert rel_err(oq, want_q) <= float_bound(rel_err(rq, want_q), out_dtype), (B, grid, H, D)
+        assert rel_err(ok, want_k) <= float_bound(rel_err(rk, want_k), out_dtype), (B, grid, H, D)
+
+
+@pytest.mark.parametrize("backend, device", KERNELS)
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
+def test_qk_norm_rope_quant_against_float64(backend, device, qdtype):
+    for i, (B, grid, H, D) in enumerate(_qk_cases(device)):
+        q, k, wq, wk, cos, sin = _qk_inputs(B, grid, H, D, 1000 + 10 * i, device, torch.bfloat16)
+        angles = angles64(grid, D).to(device)
+        out = qk_norm_rope_quant(q, k, wq, wk, cos, sin, heads=H, eps=1e-6, dtype=qdtype, backend=backend)
+        ref = qk_norm_rope_quant(q, k, wq, wk, cos, sin, heads=H, eps=1e-6, dtype=qdtype, backend="torch")
+        L = math.prod(grid)
+        assert out.q.shape == (B, L, H, D) and out.q_scale.shape == (B, H, L) and out.q_scale.is_contiguous()
+        for x, w, codes, scale, rcodes, rscale in ((q, wq, out.q, out.q_scale, ref.q, ref.q_scale),
+                                                   (k, wk, out.k, out.k_scale, ref.k, ref.k_scale)):
+            want = rope64(rms64(x, w).unflatten(-1, (H, D)), angles)  # [B, L, H, D]
+            # Compare per (b, h, l) row: scales [B, H, L] against codes [B, L, H, D].
+            check_codes(codes, scale.permute(0, 2, 1), want, rcodes, rscale.permute(0, 2, 1), qdtype)
+        dq, dk = out.dequantized()
+        assert dq.shape == (B, L, H, D) and dk.dtype == torch.float64
+
+
+# ----------------------------------------------------------------------------------------------------
+# argument checks, torch.library registration
+# ----------------------------------------------------------------------------------------------------
+
+def test_fused_ops_name_bad_arguments():
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(OpArgumentError, match="layer_norm_modulate_quant: dtype"):
+        layer_norm_modulate_quant(x, torch.randn(2, 8), torch.randn(2, 8), eps=1e-6, dtype=torch.bfloat16)
+    with pytest.raises(OpArgumentError, match="shift has shape"):
+        layer_norm_modulate_quant(x, torch.randn(1, 8), torch.randn(2, 8), eps=1e-6, dtype=torch.int8)
+    with pytest.raises(OpArgumentError, match="gelu_tanh_quant: x must have 2"):
+        gelu_tanh_quant(x, torch.int8)
+    cos, sin = rope_table((1, 1, 3), 4)
+    with pytest.raises(OpArgumentError, match="not a multiple of heads"):
+        qk_norm_rope(x, x, torch.ones(8), torch.ones(8), cos, sin, heads=3, eps=1e-6)
+    with pytest.raises(OpArgumentError, match="cos has shape"):
+        qk_norm_rope(x, x, torch.ones(8), torch.ones(8), cos[:2], sin, heads=2, eps=1e-6)
+    with pytest.raises(OpArgumentError, match="k has dtype"):
+        qk_norm_rope(x, x.half(), torch.ones(8), torch.ones(8), cos, sin, heads=2, eps=1e-6)
+    with pytest.raises(OpArgumentError, match="head_dim 1 must be even"):
+        qk_norm_rope(x, x, torch.ones(8), torch.ones(8), cos, sin, heads=8, eps=1e-6)
+    # The kernel-level checks (shared by Triton and CUDA, and the fake implementations).
+    with pytest.raises(OpArgumentError, match="unit column stride"):
+        fused_spec.check_rows("rows", torch.randn(8, 4).T, None, None, None, None, 0, 0, 1, torch.int8)
+    with pytest.raises(OpArgumentError, match="shift and scale go together"):
+        fused_spec.check_rows("rows", torch.randn(4, 8), None, None, torch.randn(1, 8), None, 1, 0, 4, torch.int8)
+
+
+def test_torch_library_ops_pass_opcheck():
+    """Schemas, fake (meta) implementations and dispatch of the Triton custom ops (interpreter here)."""
+    from dit8.kernels import fused_triton  # noqa: F401  (registers the ops)
+
+    device = "cuda" if CUDA else "cpu"
+    x = randn((5, 24), 1, device, scale=3.0)
+    shift, scale = randn((1, 24), 2, device), randn((1, 24), 3, device)
+    torch.library.opcheck(torch.ops.dit8.rows_triton.default,
+                          (x, None, None, shift, scale, fused_spec.NORM_LAYER, 0, 5, 1e-6, torch.int8))
+    q, k, wq, wk, cos, sin = _qk_inputs(1, (1, 2, 2), 2, 8, 4, device, torch.float32)
+    torch.library.opcheck(torch.ops.dit8.qk_norm_rope_triton.default, (q, k, wq, wk, cos, sin, 2, 1e-6, torch.bfloat16))
+    fq = torch.ops.dit8.qk_norm_rope_triton.default(q.to("meta"), k.to("meta"), wq.to("meta"), wk.to("meta"),
+                                                    cos.to("meta"), sin.to("meta"), 2, 1e-6, torch.int8)
+    assert [t.shape for t in fq] == [(1, 4, 2, 8), (1, 4, 2, 8), (1, 2, 4), (1, 2, 4)]
+
+
+@GPU
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fused_ops_under_torch_compile_and_cuda_graphs(backend):
+    B, grid, H, D = 1, (2, 4, 6), 4, 64
+    q, k, wq, wk, cos, sin = _qk_inputs(B, grid, H, D, 5, "cuda", torch.bfloat16)
+    x, shift, scale = _ln_inputs(1, 48, 256, 6, "cuda", torch.float32)
+
+    def step(x, q, k):
+        xq, xs = layer_norm_modulate_quant(x, shift, scale, eps=1e-6, dtype=FP8, backend=backend)
+        oq, ok = qk_norm_rope(q, k, wq, wk, cos, sin, heads=H, eps=1e-6, backend=backend)
+        return xq.float() * xs[..., None], oq, ok
+
+    eager = step(x, q, k)
+    compiled = torch.compile(step, fullgraph=True)(x, q, k)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(x, q, k)  # warm-up (module loading, autotuning) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        captured = step(x, q, k)
+    x.copy_(x * 2)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(step(x, q, k), captured):
+        assert torch.equal(a, b)
+
+
+@GPU
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_and_triton_agree():
+    from dit8.kernels import cuda_ext
+
+    if not cuda_ext.cuda_available(torch.device("cuda")):
+        pytest.skip("the CUDA extension cannot be built here")
+    q, k, wq, wk, cos, sin = _qk_inputs(1, (21, 30, 52), 40, 128, 11, "cuda", torch.bfloat16)
+    a = qk_norm_rope(q, k, wq, wk, cos, sin, heads=40, eps=1e-6, out_dtype=torch.float32, backend="cuda")
+    b = qk_norm_rope(q, k, wq, wk, cos, sin, heads=40, eps=1e-6, out_dtype=torch.float32, backend="triton")
+    for x, y in zip(a, b):
+        assert rel_err(x, y) < 1e-6
+    x = randn((32760, 5120), 12, "cuda", scale=3.0).bfloat16()
+    for qdtype in QDTYPES:
+        ca, cb = quantize_per_token(x, qdtype, backend="cuda"), quantize_per_token(x, qdtype, backend="triton")
+        assert torch.equal(ca[1], cb[1]) and torch.equal(ca[0].view(torch.uint8), cb[0].view(torch.uint8))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compile check without a GPU: the Triton kernels at Wan's sizes compile for sm_90a (triton.compile with
+# an explicit target needs only the ptxas bundled with triton). ~10 s, so opt-in:
+#     DIT8_SM90_COMPILE=1 python -m pytest tests/test_fused_ops.py -k hopper
+# ----------------------------------------------------------------------------------------------------
+
+def sm90_spills() -> dict[str, int]:
+    """Compile every Triton kernel configuration used at Wan's sizes for sm_90a; bytes of register
+    spills of each (run in a process without TRITON_INTERPRET)."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    from dit8.kernels import fused_triton as ft
+
+    def spills(kernel, pointers, constexprs, num_warps) -> int:
+        sig = {n: "constexpr" if n in constexprs else "*" + pointers[n] if n in pointers
+               else "fp32" if n in ("eps", "n") else "i64" if n.startswith("stride") else "i32"
+               for n in kernel.arg_names}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(compiled.asm["ptx"])
+            f.flush()
+            log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"],
+                                 capture_output=True, text=True).stderr
+        return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
+
+    result = {}
+    rows_ptrs = lambda xd, od: dict(X=xd, Out=od, **dict.fromkeys(["OutScale", "W", "Bias", "Shift", "Scale"], "fp32"))
+    for xd, od, out, norm, mod, C in [("fp32", "fp8e4nv", 3, 1, True, 5120), ("fp32", "bf16", 1, 1, True, 5120),
+                                      ("fp32", "i8", 2, 1, False, 5120), ("bf16", "fp8e4nv", 3, 0, False, 5120),
+                                      ("bf16", "fp8e4nv", 3, 0, False, 13824), ("bf16", "bf16", 1, 2, False, 5120),
+                                      ("fp32", "fp8e4nv", 3, 1, True, 40000)]:
+        tile = triton.next_power_of_2(C)
+        block = tile if tile <= ft.MAX_TILE else ft.CHUNK
+        result[f"rows {xd}->{od} norm={norm} C={C}"] = spills(
+            ft._rows_kernel, rows_ptrs(xd, od),
+            dict(NORM=norm, ACT=int(C == 13824), HAS_W=not mod and norm == 1, HAS_B=not mod and norm == 1,
+                 HAS_MOD=mod, OUT=out, BLOCK_C=block, SINGLE=tile <= ft.MAX_TILE, INTERPRET=False),
+            ft._num_warps(block))
+    for od, out in [("bf16", 1), ("fp8e4nv", 3), ("i8", 2), ("fp32", 0)]:
+        ptrs = dict(Q="bf16", K="bf16", QOut=od, KOut=od,
+                    **dict.fromkeys(["WQ", "WK", "Cos", "Sin", "QScale", "KScale"], "fp32"))
+        result[f"qk_norm_rope bf16->{od}"] = spills(
+            ft._qk_norm_rope_kernel, ptrs, dict(HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, OUT=out, INTERPRET=False),
+            ft._num_warps(8192))
+    return result
+
+
+@pytest.mark.skipif(CUDA or __import__("os").environ.get("DIT8_SM90_COMPILE") != "1",
+                    reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
+def test_triton_kernels_compile_for_hopper():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    script = ("import json, sys; sys.path.insert(0, 'tests'); import test_fused_ops as t; "
+              "print(json.dumps(t.sm90_spills()))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    spilled = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(spilled) == 11 and not any(spilled.values()), spilled

@@ -1,0 +1,50 @@
+"""The whole DiT on the Triton backend (every op that has one) against the float64 reference.
+
+DIT8_BACKEND=triton makes Triton the first choice of every op that has it; on CPU tensors this
+runs the kernels in the Triton interpreter (tests/conftest.py), so the model is kept tiny and fp32
+(the interpreter's bf16 arithmetic is broken).
+"""
+
+import pytest
+import torch
+
+import dit8
+from dit8.kernels.triton_support import triton_runs_on
+from dit8.testing import random_inputs, random_weights, tiny_config, write_checkpoint
+from reference_wan import reference_forward
+
+pytestmark = pytest.mark.skipif(not triton_runs_on(torch.device("cpu")),
+                                reason="needs triton and TRITON_INTERPRET=1 to run Triton on CPU tensors")
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture
+def triton_first(monkeypatch):
+    monkeypatch.setenv("DIT8_BACKEND", "triton")
+
+
+def test_float_model(tmp_path, triton_first):
+    config = tiny_config("i2v", num_layers=1, text_len=16)  # short text keeps the interpreter quick
+    weights, inputs = random_weights(config, seed=31), random_inputs(config, batch=2, seed=32)
+    model = dit8.load_dit(write_checkpoint(weights, tmp_path / "m.safetensors", config=config), dtype=torch.float32)
+    ref = reference_forward(weights, **inputs, num_heads=config.num_heads, text_len=config.text_len)
+    assert rel_err(model(**inputs), ref) < 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_quantized_model(tmp_path, triton_first, scheme):
+    from safetensors.torch import load_file
+
+    from dit8.converters import convert
+
+    config = tiny_config("i2v", num_layers=1, text_len=16)  # short text keeps the interpreter quick
+    weights, inputs = random_weights(config, seed=33), random_inputs(config, batch=2, seed=34)
+    src = write_checkpoint(weights, tmp_path / "src.safetensors", config=config)
+    out = convert(src, tmp_path / "q.safetensors", scheme=scheme, report=False, progress=False).output
+    ref = reference_forward(weights, **inputs, num_heads=config.num_heads, text_len=config.text_len)
+    emulated = reference_forward(load_file(str(out)), **inputs, num_heads=config.num_heads, text_len=config.text_len)
+    err = rel_err(dit8.load_dit(out, dtype=torch.float32)(**inputs), ref)
+    assert 0 < err <= 2 * rel_err(emulated, ref)
