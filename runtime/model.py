@@ -31,6 +31,12 @@ class Setup:
     backend: str
     quantized: Mapping[str, torch.dtype] = field(default_factory=dict)
 
+    def input_quantization(self, *names: str) -> torch.dtype | None:
+        """The 8-bit dtype to quantize an activation to once for all the linears `names` it feeds:
+        set only when every one of them holds weights of that same dtype."""
+        dtypes = {self.quantized.get(name) for name in names}
+        return dtypes.pop() if len(dtypes) == 1 else None
+
     def linear(self, name: str, in_features: int, out_features: int) -> nn.Module:
         """The layer called `name`: a QuantLinear where the checkpoint quantized it, else a Linear."""
         if name in self.quantized:
@@ -42,8 +48,25 @@ def _empty(setup: Setup, *shape: int, dtype: torch.dtype | None = None) -> torch
     return torch.empty(shape, dtype=dtype or setup.dtype, device=setup.device)
 
 
+@dataclass
+class QuantizedRows:
+    """An activation already quantized per token for a QuantLinear: xq [M, K], scale [M] fp32, and the
+    leading shape of the tensor it came from (M = prod(leading))."""
+
+    xq: torch.Tensor
+    scale: torch.Tensor
+    leading: tuple[int, ...]
+
+    @classmethod
+    def of(cls, xq: torch.Tensor, scale: torch.Tensor) -> "QuantizedRows":
+        return cls(xq.reshape(-1, xq.shape[-1]), scale.reshape(-1), tuple(xq.shape[:-1]))
+
+
 class Linear(nn.Module):
-    """y = x·Wᵀ + b; `dtype` overrides the setup's compute dtype for the fp32 layers."""
+    """y = x·Wᵀ + b; `dtype` overrides the setup's compute dtype for the fp32 layers.
+
+    With `residual` (the fp32 residual stream) it returns `residual + y · gate` instead of y.
+    """
 
     def __init__(self, in_features: int, out_features: int, setup: Setup, dtype: torch.dtype | None = None):
         super().__init__()
@@ -51,8 +74,10 @@ class Linear(nn.Module):
         self.register_buffer("weight", _empty(setup, out_features, in_features, dtype=dtype))
         self.register_buffer("bias", _empty(setup, out_features, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias, backend=self.backend)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
+        y = ops.linear(x, self.weight, self.bias, backend=self.backend)
+        return y if residual is None else ops.residual_add(residual, y, gate, backend=self.backend)
 
 
 class QuantLinear(nn.Module):
@@ -66,12 +91,21 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_scale", _empty(setup, out_features, 1, dtype=torch.float32))
         self.register_buffer("bias", _empty(setup, out_features))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        xq, x_scale = ops.quantize_per_token(rows, self.weight.dtype, backend=self.backend)
-        out = ops.scaled_mm(xq, x_scale, self.weight, self.weight_scale.view(-1), self.bias,
-                            out_dtype=self.out_dtype, backend=self.backend)
-        return out.view(*x.shape[:-1], out.shape[-1])
+    def forward(self, x: torch.Tensor | QuantizedRows, residual: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
+        """x: activations (quantized here) or QuantizedRows (quantized by a fused norm/GELU kernel).
+        With `residual` [B, L, N] fp32 the GEMM epilogue returns `residual + y · gate[b]` in fp32."""
+        if not isinstance(x, QuantizedRows):
+            xq, scale = ops.quantize_per_token(x.reshape(-1, x.shape[-1]), self.weight.dtype, backend=self.backend)
+            x = QuantizedRows(xq, scale, tuple(x.shape[:-1]))
+        fused = {}
+        if residual is not None:
+            fused["residual"] = residual.reshape(-1, residual.shape[-1])
+            if gate is not None:  # gate [B, N]: row r of the flattened batch uses gate[r // L]
+                fused.update(gate=gate, rows_per_batch=x.xq.shape[0] // residual.shape[0])
+        out = ops.scaled_mm(x.xq, x.scale, self.weight, self.weight_scale.view(-1), self.bias,
+                            out_dtype=torch.float32 if fused else self.out_dtype, backend=self.backend, **fused)
+        return out.view(*x.leading, out.shape[-1])
 
 
 class PatchEmbedding(nn.Module):
@@ -97,15 +131,19 @@ class Activation(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """Affine LayerNorm with fp32 parameters; writes the compute dtype (its output feeds a matmul)."""
+    """Affine LayerNorm with fp32 parameters; writes the compute dtype (its output feeds a matmul), or,
+    with `quantize_to`, quantizes its output per token for the 8-bit linear it feeds (one kernel)."""
 
-    def __init__(self, dim: int, eps: float, setup: Setup):
+    def __init__(self, dim: int, eps: float, setup: Setup, quantize_to: torch.dtype | None = None):
         super().__init__()
-        self.eps, self.out_dtype, self.backend = eps, setup.dtype, setup.backend
+        self.eps, self.out_dtype, self.backend, self.quantize_to = eps, setup.dtype, setup.backend, quantize_to
         self.register_buffer("weight", _empty(setup, dim, dtype=torch.float32))
         self.register_buffer("bias", _empty(setup, dim, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | QuantizedRows:
+        if self.quantize_to is not None:
+            return QuantizedRows.of(*ops.layer_norm_quant(x, self.weight, self.bias, eps=self.eps,
+                                                          dtype=self.quantize_to, backend=self.backend))
         return ops.layer_norm(x, self.weight, self.bias, eps=self.eps, out_dtype=self.out_dtype,
                               backend=self.backend)
 
@@ -147,16 +185,17 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (setup.linear(f"{prefix}.{n}", C, C) for n in "qkvo")
         self.norm_q, self.norm_k = RMSNorm(C, config.eps, setup), RMSNorm(C, config.eps, setup)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        dtype, backend = self.setup.dtype, self.setup.backend
-        # RMSNorm spans all heads together (full width), then heads are split and rotated.
-        q = self.norm_q(self.q(x), torch.float32).unflatten(-1, (self.heads, -1))
-        k = self.norm_k(self.k(x), torch.float32).unflatten(-1, (self.heads, -1))
+    def forward(self, x: torch.Tensor | QuantizedRows, cos: torch.Tensor, sin: torch.Tensor,
+                residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Returns the residual stream after `residual + o(attention) · gate` (fused into o's epilogue
+        where o is 8-bit)."""
+        # RMSNorm spans all heads together (full width), then heads are split and rotated; one kernel.
+        q, k = ops.qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, cos, sin,
+                                heads=self.heads, eps=self.norm_q.eps, out_dtype=self.setup.dtype,
+                                backend=self.setup.backend)
         v = self.v(x).unflatten(-1, (self.heads, -1))
-        q = ops.rope(q, cos, sin, out_dtype=dtype, backend=backend)
-        k = ops.rope(k, cos, sin, out_dtype=dtype, backend=backend)
-        out = ops.attention(q, k, v, precision=self.precision, backend=backend)
-        return self.o(out.flatten(2))
+        out = ops.attention(q, k, v, precision=self.precision, backend=self.setup.backend)
+        return self.o(out.flatten(2), residual, gate)
 
 
 class CrossAttention(nn.Module):
@@ -180,33 +219,65 @@ class CrossAttention(nn.Module):
             kv.v_img = self.v_img(image).unflatten(-1, (self.heads, -1))
         return kv
 
-    def forward(self, x: torch.Tensor, kv: CrossKV) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows, kv: CrossKV, residual: torch.Tensor) -> torch.Tensor:
+        """Returns the residual stream after `residual + o(attention)` (no gate in cross-attention)."""
         q = self.norm_q(self.q(x), self.setup.dtype).unflatten(-1, (self.heads, -1))
         out = ops.cross_attention(q, kv.k, kv.v, kv.k_img, kv.v_img, backend=self.setup.backend)
-        return self.o(out.flatten(2))
+        return self.o(out.flatten(2), residual)
 
 
 class WanBlock(nn.Module):
     def __init__(self, config: WanConfig, setup: Setup, attention: str, index: int):
         super().__init__()
         C, F = config.dim, config.ffn_dim
+        b = f"blocks.{index}."
         self.eps, self.setup = config.eps, setup
+        # Where the linears a norm feeds are 8-bit, the norm kernel quantizes its output once for them.
+        self.attn_input = setup.input_quantization(b + "self_attn.q", b + "self_attn.k", b + "self_attn.v")
+        self.ffn_input = setup.input_quantization(b + "ffn.0")
         self.register_buffer("modulation", _empty(setup, 1, 6, C, dtype=torch.float32))
-        self.self_attn = SelfAttention(config, setup, attention, f"blocks.{index}.self_attn")
-        self.norm3 = LayerNorm(C, config.eps, setup)
-        self.cross_attn = CrossAttention(config, setup, f"blocks.{index}.cross_attn")
-        self.ffn = nn.Sequential(setup.linear(f"blocks.{index}.ffn.0", C, F), Activation("gelu_tanh", setup),
-                                 setup.linear(f"blocks.{index}.ffn.2", F, C))
+        self.self_attn = SelfAttention(config, setup, attention, b + "self_attn")
+        self.norm3 = LayerNorm(C, config.eps, setup, quantize_to=setup.input_quantization(b + "cross_attn.q"))
+        self.cross_attn = CrossAttention(config, setup, b + "cross_attn")
+        self.ffn = FeedForward(setup.linear(b + "ffn.0", C, F), setup.linear(b + "ffn.2", F, C), setup)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: CrossKV) -> torch.Tensor:
-        dtype, backend = self.setup.dtype, self.setup.backend
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation + e0).unbind(1)
-        h = ops.layer_norm_modulate(x, shift_msa, scale_msa, eps=self.eps, out_dtype=dtype, backend=backend)
-        x = ops.residual_add(x, self.self_attn(h, cos, sin), gate_msa, backend=backend)
-        x = ops.residual_add(x, self.cross_attn(self.norm3(x), kv), backend=backend)
-        h = ops.layer_norm_modulate(x, shift_mlp, scale_mlp, eps=self.eps, out_dtype=dtype, backend=backend)
-        return ops.residual_add(x, self.ffn(h), gate_mlp, backend=backend)
+        # x = x + SelfAttn(LN(x)·(1 + scale) + shift) · gate, the add done by the o projection
+        x = self.self_attn(self._modulated_norm(x, shift_msa, scale_msa, self.attn_input), cos, sin, x, gate_msa)
+        # x = x + CrossAttn(norm3(x), context)
+        x = self.cross_attn(self.norm3(x), kv, x)
+        # x = x + FFN(LN(x)·(1 + scale) + shift) · gate
+        return self.ffn(self._modulated_norm(x, shift_mlp, scale_mlp, self.ffn_input), x, gate_mlp)
+
+    def _modulated_norm(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                        quantize_to: torch.dtype | None) -> torch.Tensor | QuantizedRows:
+        if quantize_to is None:
+            return ops.layer_norm_modulate(x, shift, scale, eps=self.eps, out_dtype=self.setup.dtype,
+                                           backend=self.setup.backend)
+        return QuantizedRows.of(*ops.layer_norm_modulate_quant(x, shift, scale, eps=self.eps, dtype=quantize_to,
+                                                               backend=self.setup.backend))
+
+
+class FeedForward(nn.Sequential):
+    """ffn.0 -> GELU(tanh) -> ffn.2 (indices as in the checkpoint). Where ffn.2 is 8-bit, the GELU kernel
+    also quantizes its output for it."""
+
+    def __init__(self, up: nn.Module, down: nn.Module, setup: Setup):
+        super().__init__(up, Activation("gelu_tanh", setup), down)
+        self.backend = setup.backend
+        self.down_input = down.weight.dtype if isinstance(down, QuantLinear) else None
+
+    def forward(self, x: torch.Tensor | QuantizedRows, residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        up, act, down = self
+        h = up(x)
+        if self.down_input is None:
+            h = act(h)
+        else:
+            h = QuantizedRows(*ops.gelu_tanh_quant(h.reshape(-1, h.shape[-1]), self.down_input, backend=self.backend),
+                              tuple(h.shape[:-1]))
+        return down(h, residual, gate)
 
 
 class Head(nn.Module):

@@ -1,5 +1,4 @@
-"""Shared test settings: the Triton interpreter on machines without a GPU, poisoned kernel outputs,
-and the devices the device-parametrized tests run on."""
+"""Shared test settings: the Triton interpreter on machines without a GPU, and poisoned kernel outputs."""
 
 import os
 
@@ -11,8 +10,3 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Kernel outputs start as NaN, so an element a kernel fails to write fails the comparison.
 os.environ.setdefault("DIT8_POISON_OUTPUTS", "1")
-
-import pytest  # noqa: E402
-
-# CPU always; CUDA as well where a GPU is present (the torch reference ops then run on it).
-DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])

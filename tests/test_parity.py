@@ -5,10 +5,11 @@ import torch
 
 import dit8
 from dit8.testing import FORMATS, LAYOUTS, random_inputs, random_weights, tiny_config, write_checkpoint
-from conftest import DEVICES
 from reference_wan import reference_forward
 
 VARIANTS = ("i2v", "t2v")
+# CPU always; CUDA as well where a GPU is present (the torch reference ops then run on it).
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
 FILE_DTYPES = (torch.float32, torch.bfloat16)
 
 
