@@ -22,7 +22,7 @@ from typing import BinaryIO, Iterable, Mapping
 
 import torch
 
-from dit8.checkpoint import SAFETENSORS_DTYPES
+from dit8.checkpoint import SAFETENSORS_DTYPES, tensor_nbytes
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 # The header is padded with spaces (valid JSON whitespace) so the data starts 8-byte aligned, as the
@@ -40,10 +40,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 def temp_path_beside(path: Path, suffix: str = ".tmp") -> Path:

@@ -8,6 +8,7 @@ or a folder of files (per-block checkpoints). Nothing is loaded until `read(key)
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,11 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of a dense tensor of `shape` and `dtype`."""
+    return math.prod(shape) * dtype.itemsize
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where a tensor lives and what it is, known without reading its data."""
@@ -38,10 +44,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
