@@ -31,8 +31,8 @@ def _sdpa(q, k, v):
 @register("attention", "torch")
 def _attention_torch(q, k, v, precision):
     if precision != "bf16":
-        raise OpArgumentError(f"attention: the torch reference has no {precision!r} path; "
-                              f"use precision='bf16' or a backend that provides it")
+        raise OpArgumentError(f"attention: the torch reference has no {precision!r} path; use precision='bf16' "
+                              f"or the Triton kernels (backend='triton' or DIT8_BACKEND=triton)")
     return _sdpa(q, k, v)
 
 
