@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from .clip import CLIPVisionConfig
-from .t5 import T5Config
+from .clip import CLIPVisionConfig, CLIPVisionEncoder
+from .t5 import T5Config, T5Encoder
 
-__all__ = ["TINY_WORDS", "random_clip_weights", "random_t5_weights", "tiny_clip_config", "tiny_t5_config",
-           "write_tiny_clip", "write_tiny_t5", "write_tiny_tokenizer"]
+__all__ = ["TINY_WORDS", "build_random_clip", "build_random_t5", "random_clip_weights", "random_t5_weights",
+           "tiny_clip_config", "tiny_t5_config", "write_tiny_clip", "write_tiny_t5", "write_tiny_tokenizer"]
 
 
 def tiny_t5_config(**overrides) -> T5Config:
@@ -99,6 +99,49 @@ def random_clip_weights(config: CLIPVisionConfig, *, seed: int = 0) -> dict[str,
     w["textual.blocks.0.attn.q.weight"] = _linear(gen, text_dim, text_dim)
     w["textual.head.0.weight"] = _linear(gen, 20, text_dim)
     return w
+
+
+def build_random_t5(config: T5Config | None = None, *, device: torch.device | str,
+                    dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> T5Encoder:
+    """A T5Encoder (umT5-XXL by default) with random weights drawn directly on `device`, in place: no CPU
+    copy of the model and no file, so the real size (5.7 B parameters, 11.4 GB in bf16) fits a GPU
+    benchmark. Same scaling as `random_t5_weights`; the values differ (drawn by the device's generator)."""
+    config = config or T5Config()
+    model = T5Encoder(config, device=device, dtype=dtype)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    head_dim = config.dim_attn // config.num_heads
+    with torch.no_grad():
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight":
+                t.normal_(1.0, 0.1, generator=gen)
+            elif name == "token_embedding.weight" or name.endswith("pos_embedding.embedding.weight"):
+                t.normal_(0.0, 1.0, generator=gen)
+            else:  # a linear [out, in]; q scaled down by sqrt(head_dim), as T5 does not scale its scores
+                scale = head_dim ** -0.5 if name.endswith("attn.q.weight") else 1.0
+                t.normal_(0.0, scale / t.shape[1] ** 0.5, generator=gen)
+    return model.eval()
+
+
+def build_random_clip(config: CLIPVisionConfig | None = None, *, device: torch.device | str,
+                      dtype: torch.dtype = torch.float16, seed: int = 0) -> CLIPVisionEncoder:
+    """A CLIPVisionEncoder (ViT-H/14 by default: the first 31 of 32 blocks) with random weights drawn
+    directly on `device`, in place (no CPU copy, no file). Same scaling as `random_clip_weights`; the
+    values differ (drawn by the device's generator)."""
+    config = config or CLIPVisionConfig()
+    model = CLIPVisionEncoder(config, device=device, dtype=dtype)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    with torch.no_grad():
+        # state_dict: the persistent tensors only (not CLIP's mean/std constants)
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name in ("cls_embedding", "pos_embedding"):
+                t.normal_(0.0, 0.5, generator=gen)
+            elif name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "pre_norm.weight":
+                t.normal_(1.0, 0.1, generator=gen)
+            elif name.endswith(".bias"):
+                t.normal_(0.0, 0.05, generator=gen)
+            else:  # linear [out, in] or the patch convolution [C, 3, p, p]: N(0, 1/fan_in)
+                t.normal_(0.0, t[0].numel() ** -0.5, generator=gen)
+    return model.eval()
 
 
 def _save(weights: dict[str, torch.Tensor], path: str | Path, dtype: torch.dtype) -> Path:

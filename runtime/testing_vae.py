@@ -9,7 +9,7 @@ import torch
 
 from .vae import VAEConfig, WanVAE
 
-__all__ = ["random_vae_weights", "tiny_vae_config", "write_random_vae"]
+__all__ = ["build_random_vae", "random_vae_weights", "tiny_vae_config", "write_random_vae"]
 
 
 def tiny_vae_config(dim: int = 8, **overrides) -> VAEConfig:
@@ -51,3 +51,26 @@ def write_random_vae(path: str | Path, config: VAEConfig | None = None, *, seed:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(random_vae_weights(config, seed=seed, dtype=dtype), path)
     return path
+
+
+def build_random_vae(config: VAEConfig | None = None, *, device: str | torch.device,
+                     dtype: torch.dtype = torch.float32, seed: int = 0) -> WanVAE:
+    """A WanVAE (the real Wan2.1 dimensions by default) with random weights drawn directly on `device`,
+    in place: no CPU copy and no file. Same scaling as `random_vae_weights`; the values differ (drawn
+    by the device's generator)."""
+    if not dtype.is_floating_point:
+        raise ValueError(f"the VAE computes in a floating-point dtype, not {dtype}")
+    with torch.device("meta"):
+        model = WanVAE(config or VAEConfig())
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    with torch.no_grad():
+        for key, t in model.state_dict(keep_vars=True).items():
+            if key.endswith(".gamma"):
+                t.normal_(1.0, 0.1, generator=gen)
+            elif key.endswith(".bias"):
+                t.normal_(0.0, 0.05, generator=gen)
+            else:
+                std = t[0].numel() ** -0.5  # N(0, 1/fan_in)
+                t.normal_(0.0, 0.5 * std if key == "decoder.head.2.weight" else std, generator=gen)
+    return model.eval().requires_grad_(False)
