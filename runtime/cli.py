@@ -1,4 +1,5 @@
-"""The `dit8` command line: `info`, `convert`, `generate`, `demo`. Errors print one line and exit non-zero."""
+"""The `dit8` command line: `info`, `convert`, `generate`, `demo`, `bench dit`. Errors print one line and
+exit non-zero."""
 
 from __future__ import annotations
 
@@ -99,6 +100,21 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench_dit(args: argparse.Namespace) -> int:
+    from .bench_dit import BenchSettings, format_table, run_bench
+
+    settings = BenchSettings(scheme=args.scheme, attention=args.attention, frames=args.frames, size=args.size,
+                             layers=args.layers, steps=args.steps, backend=args.backend, device=args.device,
+                             config=args.config, compare=args.compare, repeat=args.repeat)
+    result = run_bench(settings, log=lambda line: print(f"dit8 bench dit: {line}", file=sys.stderr, flush=True))
+    for line in format_table(result):
+        print(line)
+    if args.json is not None:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"json        {args.json}")
+    return 0
+
+
 def _cuda_available() -> bool:
     try:
         import torch
@@ -169,6 +185,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="dit8-demo.mp4", help="output mp4 (default dit8-demo.mp4)")
     demo.add_argument("--frames-dir", help="also write every frame as a PNG into this folder")
     demo.set_defaults(run=_run_demo)
+
+    bench = commands.add_parser("bench", help="benchmarks on random weights (no checkpoint needed)")
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    dit = benchmarks.add_parser("dit", help="time the DiT forward and the 4-step loop on random I2V-14B weights "
+                                "built on the device; per-part time, peak memory, optional diffusers baseline")
+    dit.add_argument("--scheme", choices=("bf16", "fp8", "int8"), default="bf16", help="block linear weights")
+    dit.add_argument("--attention", choices=("bf16", "int8", "fp8"), default="bf16",
+                     help="self-attention precision (8-bit needs a kernel backend: --backend triton)")
+    dit.add_argument("--frames", type=int, default=81, help="4k+1 video frames (default 81: 21 latent frames)")
+    dit.add_argument("--size", type=_parse_size, default=(832, 480),
+                     help="WIDTHxHEIGHT in pixels, multiples of 16, as for generate (default 832x480)")
+    dit.add_argument("--layers", type=int, help="number of blocks (default: all, 40 for I2V-14B)")
+    dit.add_argument("--steps", type=int, default=4, help="steps of the distilled loop (0: no loop)")
+    dit.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto",
+                     help="op backend; triton or cuda: every op that has that kernel runs it, the others the "
+                     "torch reference (as DIT8_BACKEND=NAME)")
+    dit.add_argument("--compare", choices=("diffusers",), help="also time diffusers' WanTransformer3DModel "
+                     "(bf16, SDPA) on the same weights; skipped with a message when diffusers is missing")
+    dit.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    dit.add_argument("--config", choices=("i2v-14b", "tiny"),
+                     help="model dimensions (default: i2v-14b on CUDA, tiny on CPU)")
+    dit.add_argument("--repeat", type=int, default=3, help="timed forwards after the warm-up (median)")
+    dit.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
+    dit.set_defaults(run=_run_bench_dit)
     return parser
 
 

@@ -1,0 +1,645 @@
+"""`dit8 bench dit`: time WanDiT on random weights of the real I2V-14B shapes, built on the device.
+
+No checkpoint is read and the model never exists on the CPU: `build_model` allocates a WanDiT on the
+device and fills every buffer in place, one tensor at a time (8-bit schemes quantize each block linear
+there, per output channel, as spec/quant-formats.md says). `run_bench` then times, with CUDA events
+after a warm-up, the context encoding (cross-attention k/v, once per generation), one forward and the
+4-step distilled loop, splits one profiled forward into parts and reads the peak memory; with
+`compare="diffusers"` it also times diffusers' WanTransformer3DModel (bf16, SDPA) on the same weights.
+
+Parts (`classify`): the torch profiler's GPU kernel time (on CPU: each op's self time) is summed per
+part, the first matching rule winning (case-insensitive substrings of the kernel or op name):
+- attention: "flash", "fmha", "sdpa", "attention", "attn": cuDNN / flash / memory-efficient SDPA, our
+  Triton `_attention_kernel`, `_cross_attention_kernel`, `_attention_8bit_kernel` and the Q/K/V
+  quantization kernels of the 8-bit paths (`_quantize_blocks_kernel`, `_quantize_v_fp8_kernel`), which
+  are part of what 8-bit attention costs. On CPU, any op inside an attention op counts as attention.
+- gemm: "gemm", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "splitk" (cuBLAS and CUTLASS GEMMs and
+  their split-K reductions), "scaled_mm", "int_mm" (ours and torch's), and the CPU matmul ops
+  (aten::mm, addmm, bmm, matmul, linear, mkldnn).
+- memory_bound (fused and memory-bound ops): our fused kernels ("rows_kernel": norms, modulation,
+  GELU and per-token quantization; "qk_norm_rope"; on CPU their "dit8::" ops), torch's elementwise,
+  reduction, norm and copy kernels ("at::native", "elementwise", "reduce", "norm", "gelu", "silu",
+  "copy", "cat", "fill", "triton_"), "memcpy", "memset" and, on CPU, every other "aten::" op.
+- other: anything else (unknown kernels).
+`idle` is the forward time the kernels do not cover (launch gaps, host work, synchronisation).
+
+FLOP budget (`forward_flops`): GEMMs 2·L·(6·C² + 2·C·F) per block (self-attention q/k/v/o, cross q/o,
+FFN; the cross k/v belong to the context encoding), attention 4·L·C·(L + text + image keys) per
+block; at 480P, 81 frames that is ~784 and ~900 TFLOP over 40 blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import gc
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import torch
+
+from dit8.converters.quantize_weights import SCHEME_DTYPES, dequantize_weight, quantize_weight
+from dit8.kernels.registry import ENV_VAR as BACKEND_ENV_VAR
+
+from .conditioning import check_frames, check_size, latent_shape
+from .config import I2V_14B, WanConfig, tiny_config
+from .errors import InputError
+from .layouts import DIFFUSERS, block_linears, from_official
+from .loader import default_dtype
+from .model import EncodedContext, WanDiT
+from .progress import format_bytes
+from .sampler import DistilledSampler
+
+if TYPE_CHECKING:
+    from torch.autograd.profiler_util import FunctionEvent
+
+SCHEMES = ("bf16", "fp8", "int8")
+ATTENTION = ("bf16", "int8", "fp8")
+CONFIGS = {"i2v-14b": I2V_14B, "tiny": tiny_config("i2v")}
+PARTS = ("gemm", "attention", "memory_bound", "other")
+CLIP_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 256 patches and the class token
+
+_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "sdpa", "attention", "attn",
+                   "_quantize_blocks_kernel", "_quantize_v_fp8_kernel")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "splitk", "scaled_mm", "int_mm",
+              "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn")),
+    ("memory_bound", ("rows_kernel", "qk_norm_rope", "dit8::", "quantize", "at::native", "elementwise",
+                      "reduce", "norm", "gelu", "silu", "copy", "cat", "fill", "triton_", "memcpy", "memset",
+                      "aten::")),
+)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to benchmark. scheme "bf16" keeps float block linears in the compute dtype (bf16 on CUDA,
+    fp32 on CPU); "fp8"/"int8" quantize them. size is (width, height) in pixels. backend: see
+    `preferred_backend`. steps = 0 skips the loop; compare = "diffusers" adds diffusers' forward."""
+
+    scheme: str = "bf16"
+    attention: str = "bf16"
+    frames: int = 81
+    size: tuple[int, int] = (832, 480)
+    layers: int | None = None  # None: the config's (40 for I2V-14B)
+    steps: int = 4
+    backend: str = "auto"
+    device: str = "cuda"
+    config: str | None = None  # "i2v-14b" or "tiny"; None: i2v-14b on CUDA, tiny on CPU
+    compare: str | None = None
+    repeat: int = 3
+    warmup: int = 1
+    profile: bool = True
+    seed: int = 0
+
+    def model_config(self) -> WanConfig:
+        name = self.config or ("i2v-14b" if torch.device(self.device).type == "cuda" else "tiny")
+        if name not in CONFIGS:
+            raise InputError(f"config must be one of {tuple(CONFIGS)}, got {name!r}")
+        base = CONFIGS[name]
+        return dataclasses.replace(base, num_layers=self.layers or base.num_layers)
+
+
+def check_settings(s: BenchSettings) -> None:
+    """Raise InputError for settings that cannot run here, before anything is allocated."""
+    if s.scheme not in SCHEMES:
+        raise InputError(f"scheme must be one of {SCHEMES}, got {s.scheme!r}")
+    if s.attention not in ATTENTION:
+        raise InputError(f"attention must be one of {ATTENTION}, got {s.attention!r}")
+    check_frames(s.frames)
+    check_size(tuple(s.size))
+    if s.layers is not None and s.layers < 1:
+        raise InputError(f"layers must be at least 1, got {s.layers}")
+    if s.steps < 0 or s.repeat < 1 or s.warmup < 0:
+        raise InputError("steps and warmup must be >= 0 and repeat >= 1")
+    if s.compare not in (None, "diffusers"):
+        raise InputError(f"compare must be 'diffusers', got {s.compare!r}")
+    device = torch.device(s.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: CUDA is not available here (use --device cpu for the tiny smoke run)")
+
+
+# -- the model, built on the device --------------------------------------------------------------------
+
+
+def quantized_layers(config: WanConfig, scheme: str) -> dict[str, torch.dtype]:
+    """The block linears an 8-bit scheme quantizes (LightX2V's 12 per block), module name -> dtype."""
+    if scheme == "bf16":
+        return {}
+    linears = block_linears(config)
+    return {f"blocks.{n}.{name}": SCHEME_DTYPES[scheme] for n in range(config.num_layers) for name in linears}
+
+
+def build_model(config: WanConfig, *, scheme: str = "bf16", device: str | torch.device = "cuda",
+                dtype: torch.dtype | None = None, backend: str = "auto", attention: str = "bf16",
+                seed: int = 0) -> WanDiT:
+    """A WanDiT of `config` on `device` with random weights made there (see `init_random_`)."""
+    device = torch.device(device)
+    model = WanDiT(config, device=device, dtype=dtype or default_dtype(device), backend=backend,
+                   attention=attention, quantized=quantized_layers(config, scheme))
+    init_random_(model, seed=seed)
+    return model
+
+
+def _draw(name: str, shape: torch.Size, device: torch.device, seed: int) -> torch.Tensor:
+    """The fp32 value of tensor `name`, distributed as dit8.testing.random_weights draws it.
+
+    Each tensor has its own generator seeded from its name, so a tensor's values do not depend on the
+    scheme or on which other tensors exist: a float and a quantized model of one seed share weights."""
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    if name.endswith("modulation"):
+        return t.mul_(0.2)
+    if name.endswith(".bias"):
+        return t.mul_(0.05)
+    if len(shape) == 1:  # norm weights
+        return t.mul_(0.1).add_(1)
+    return t.div_(math.prod(shape[1:]) ** 0.5)  # O(1) activations through every layer
+
+
+@torch.no_grad()
+def init_random_(model: WanDiT, *, seed: int = 0) -> None:
+    """Fill every buffer of `model` in place on its device, one tensor at a time (memory holds the
+    model plus one fp32 tensor). 8-bit layers get their float draw quantized per output channel."""
+    quantized = model.setup.quantized
+    device = model.setup.device
+    for name, buffer in model.named_buffers():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight_scale":
+            continue  # written with its weight
+        value = _draw(name, buffer.shape, device, seed)
+        if leaf == "weight" and module in quantized:
+            scheme = "fp8" if quantized[module] == torch.float8_e4m3fn else "int8"
+            value, scale = quantize_weight(value, scheme)
+            model.get_buffer(module + ".weight_scale").copy_(scale)
+        buffer.copy_(value)
+        del value
+
+
+def float_weight(model: WanDiT, key: str) -> torch.Tensor:
+    """The float value of official tensor `key` of `model`: 8-bit weights dequantized (fp32)."""
+    module = key.removesuffix(".weight")
+    if key.endswith(".weight") and module in model.setup.quantized:
+        return dequantize_weight(model.get_buffer(key), model.get_buffer(module + ".weight_scale"))
+    return model.get_buffer(key)
+
+
+# -- inputs --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Conditioning:
+    """Random inputs of one generation: noise latents x [1, 16, T, H, W] fp32, timestep t [1], text
+    [1, text_len, text_dim], CLIP features [1, 257, clip_dim], y [1, in_dim − 16, T, H, W], and the
+    patch grid of x (the model's tokens)."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    context: torch.Tensor
+    clip_fea: torch.Tensor
+    y: torch.Tensor
+    grid: tuple[int, int, int]
+
+
+def random_conditioning(config: WanConfig, frames: int, size: tuple[int, int], *,
+                        device: str | torch.device, seed: int = 0) -> Conditioning:
+    """Inputs for `frames` frames of `size` (width, height) px, drawn on the device. Text is all
+    text_len rows (what the T5 encoder gives after padding) so diffusers sees the same context."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    width, height = size
+    c, T, h, w = latent_shape(frames, height, width, channels=config.out_dim)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=device)
+
+    pt, ph, pw = config.patch_size
+    return Conditioning(x=randn(1, c, T, h, w), t=torch.full((1,), 1000.0, device=device),
+                        context=randn(1, config.text_len, config.text_dim),
+                        clip_fea=randn(1, CLIP_TOKENS, config.clip_dim),
+                        y=randn(1, config.in_dim - config.out_dim, T, h, w), grid=(T // pt, h // ph, w // pw))
+
+
+def forward_flops(config: WanConfig, tokens: int, text_tokens: int, image_tokens: int) -> dict[str, float]:
+    """FLOPs of one forward's block GEMMs and attention (module docstring)."""
+    C, F, n = config.dim, config.ffn_dim, config.num_layers
+    return {"gemm": 2.0 * tokens * (6 * C * C + 2 * C * F) * n,
+            "attention": 4.0 * tokens * C * (tokens + text_tokens + image_tokens) * n}
+
+
+# -- timing, profiling, memory ---------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, repeat: int = 1) -> list[float]:
+    """Milliseconds of each of `repeat` calls: CUDA events on a GPU, wall time on a CPU."""
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what they are): CUDA max_memory_allocated since the last reset_peak, or on a CPU the
+    process's peak RSS so far (it cannot be reset)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
+
+
+def classify(name: str) -> str:
+    """The part (PARTS) a GPU kernel or CPU op of that name belongs to; rules in the module docstring."""
+    lower = name.lower()
+    for part, needles in _RULES:
+        if any(n in lower for n in needles):
+            return part
+    return "other"
+
+
+def _event_part(event: FunctionEvent) -> str:
+    """classify() of a CPU op, which counts as attention inside an attention op."""
+    part = classify(event.name)
+    parent = getattr(event, "cpu_parent", None)
+    while parent is not None and part != "attention":  # the matmuls inside a math-path SDPA, say
+        if classify(parent.name) == "attention":
+            return "attention"
+        parent = getattr(parent, "cpu_parent", None)
+    return part
+
+
+@dataclass
+class Profile:
+    """Per-part milliseconds of one profiled call and its heaviest kernels (or CPU ops)."""
+
+    parts: dict[str, float]
+    top: list[dict] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+def profile_parts(fn: Callable[[], object], device: torch.device, top: int = 15) -> Profile:
+    """Run fn() once under torch.profiler; sum GPU kernel time per part (on a CPU: op self time)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    parts = dict.fromkeys(PARTS, 0.0)
+    by_name: dict[str, list] = {}
+    for event in prof.events():
+        if device.type == "cuda":
+            if event.device_type != DeviceType.CUDA:
+                continue
+            ms, part = event.time_range.elapsed_us() / 1e3, classify(event.name)
+        else:
+            ms, part = event.self_cpu_time_total / 1e3, _event_part(event)
+        parts[part] += ms
+        entry = by_name.setdefault(event.name, [part, 0.0, 0])
+        entry[1] += ms
+        entry[2] += 1
+    heaviest = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return Profile(parts, [{"name": n[:200], "part": p, "ms": round(ms, 3), "calls": c}
+                           for n, (p, ms, c) in heaviest])
+
+
+# -- diffusers -----------------------------------------------------------------------------------------
+
+
+def to_diffusers(model: WanDiT, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """diffusers' WanTransformer3DModel (SDPA attention) holding `model`'s weights, 8-bit ones dequantized,
+    on the model's device, built there (meta construction, then one tensor at a time). dtype: default the
+    model's compute dtype; as diffusers' from_pretrained(torch_dtype=...) does, the modules it lists in
+    _keep_in_fp32_modules stay fp32. Raises ImportError without diffusers."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    cfg, device = model.config, model.setup.device
+    dtype = dtype or model.setup.dtype
+    with torch.device("meta"):
+        ref = WanTransformer3DModel(
+            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+            in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+            ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+            eps=cfg.eps, image_dim=cfg.clip_dim, added_kv_proj_dim=cfg.dim if cfg.is_i2v else None)
+    keep = ref._keep_in_fp32_modules or []
+    for name, param in ref.named_parameters():
+        param.data = param.data.to(torch.float32 if any(k in name.split(".") for k in keep) else dtype)
+    ref.to_empty(device=device)
+    # RoPE tables are computed in __init__ (non-persistent buffers): on meta they were never made.
+    ref.rope = WanRotaryPosEmbed(cfg.head_dim, cfg.patch_size, ref.config.rope_max_seq_len).to(device)
+    names = {from_official(k, DIFFUSERS): k for k, _ in model.named_buffers() if not k.endswith(".weight_scale")}
+    state = ref.state_dict()
+    if set(names) != set(state):
+        raise RuntimeError(f"diffusers' WanTransformer3DModel tensors differ from dit8's: "
+                           f"{sorted(set(names) ^ set(state))[:5]}")
+    with torch.no_grad():
+        for name, key in names.items():
+            state[name].copy_(float_weight(model, key))
+    return ref.eval().requires_grad_(False)
+
+
+def diffusers_inputs(ref: torch.nn.Module, cond: Conditioning) -> dict:
+    """Keyword arguments of the diffusers forward for `cond`: x and y concatenated, in its dtype."""
+    dtype = ref.proj_out.weight.dtype
+    return dict(hidden_states=torch.cat([cond.x, cond.y], dim=1).to(dtype), timestep=cond.t,
+                encoder_hidden_states=cond.context.to(dtype), encoder_hidden_states_image=cond.clip_fea.to(dtype),
+                return_dict=False)
+
+
+def _diffusers_skip_reason() -> str | None:
+    try:
+        import diffusers  # noqa: F401
+        from diffusers import WanTransformer3DModel  # noqa: F401
+    except Exception as err:  # ImportError, or a diffusers that does not import with this torch
+        return f"diffusers is not importable ({type(err).__name__}: {err})"
+    return None
+
+
+# -- the benchmark ----------------------------------------------------------------------------------------
+
+
+def _median(times: list[float]) -> float:
+    return statistics.median(times)
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+@contextlib.contextmanager
+def preferred_backend(name: str) -> Iterator[str]:
+    """Yields the backend to give the model for the benchmark's `backend` setting.
+
+    "auto" and "torch" are passed on as they are. "triton" or "cuda" make every op that has that
+    kernel run it and the others the torch reference, as DIT8_BACKEND=name does (set for the duration):
+    an explicit backend= on the model is strict and would stop at the first op without such a kernel
+    (the float linears have only the torch reference)."""
+    if name in ("auto", "torch"):
+        yield name
+        return
+    old = os.environ.get(BACKEND_ENV_VAR)
+    os.environ[BACKEND_ENV_VAR] = name
+    try:
+        yield "auto"
+    finally:
+        if old is None:
+            del os.environ[BACKEND_ENV_VAR]
+        else:
+            os.environ[BACKEND_ENV_VAR] = old
+
+
+def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None) -> dict:
+    """Build, warm up, time and profile; returns every number as a JSON-ready dict (see format_table).
+
+    log(line): progress messages (e.g. print to stderr), each phase as it starts."""
+    check_settings(settings)
+    say = log or (lambda line: None)
+    with preferred_backend(settings.backend) as backend, torch.no_grad():
+        bench = DitBench(settings, backend=backend, log=say)
+        result = bench.describe()
+        result.update(bench.time_forward())
+        if settings.steps:
+            result.update(bench.time_loop())
+        if settings.profile:
+            result.update(bench.profile(result["forward_ms"]))
+        if settings.compare == "diffusers":
+            result["diffusers"] = _compare_diffusers(bench, result)
+    return result
+
+
+def _compare_diffusers(bench: DitBench, result: dict) -> dict:
+    reason = _diffusers_skip_reason()
+    if reason is not None:
+        return {"skipped": reason}
+    d = bench.time_diffusers(bench.diffusers())
+    d["ratio"] = d["forward_ms"] / result["forward_ms"]
+    d["ratio_with_context"] = d["forward_ms"] / (result["forward_ms"] + result["context_ms"])
+    return d
+
+
+class DitBench:
+    """One model of `settings` with its inputs, built on the device, and the measurements run_bench
+    makes with it. Call under torch.no_grad()."""
+
+    def __init__(self, settings: BenchSettings, *, backend: str | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.settings, self.say = settings, log or (lambda line: None)
+        device = torch.device(settings.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device, self.config = device, settings.model_config()
+        self.say(f"building a {self.config.num_layers}-block model ({settings.scheme}) on {device}")
+        reset_peak(device)
+        t0 = time.perf_counter()
+        self.model: WanDiT | None = build_model(self.config, scheme=settings.scheme, device=device,
+                                                backend=backend or settings.backend,
+                                                attention=settings.attention, seed=settings.seed)
+        _sync(device)
+        self.init_s = time.perf_counter() - t0
+        self.cond = random_conditioning(self.config, settings.frames, tuple(settings.size), device=device,
+                                        seed=settings.seed + 1)
+        self.encoded: EncodedContext | None = None
+        self.output: torch.Tensor | None = None
+
+    def encode(self) -> EncodedContext:
+        return self.model.encode_context(self.cond.context, self.cond.clip_fea)
+
+    def forward(self) -> torch.Tensor:
+        """One forward with the context encoded once (by the first call); its output is kept (for the
+        comparison with diffusers) until the next call."""
+        if self.encoded is None:
+            self.encoded = self.encode()
+        self.output = None
+        self.output = self.model(self.cond.x, self.cond.t, self.encoded, y=self.cond.y)
+        return self.output
+
+    def flops(self) -> dict[str, float]:
+        cond = self.cond
+        return forward_flops(self.config, math.prod(cond.grid), cond.context.shape[1], cond.clip_fea.shape[1])
+
+    def describe(self) -> dict:
+        """Settings, device, dimensions, weight bytes and build time, FLOPs per forward."""
+        s, cond, model = self.settings, self.cond, self.model
+        return {
+            "settings": {**dataclasses.asdict(s), "size": list(s.size), "device": str(self.device)},
+            "device_name": _device_name(self.device), "torch": torch.__version__,
+            "config": self.config.to_dict(), "compute_dtype": str(model.setup.dtype).removeprefix("torch."),
+            "tokens": math.prod(cond.grid), "grid": list(cond.grid), "latent": list(cond.x.shape[1:]),
+            "text": list(cond.context.shape[1:]), "clip": list(cond.clip_fea.shape[1:]),
+            "weight_bytes": sum(b.nbytes for b in model.buffers()), "init_s": round(self.init_s, 3),
+            "flops": self.flops(),
+        }
+
+    def time_forward(self) -> dict:
+        """Warm-up forwards, then the context encoding once and `repeat` forwards, timed; the peak
+        memory of the forwards (model, encoded context and activations)."""
+        self.say("warm-up")
+        if self.encoded is None:
+            self.encoded = self.encode()
+        for _ in range(self.settings.warmup):
+            self.forward()
+        _sync(self.device)
+        self.say(f"timing {self.settings.repeat} forward(s)")
+        context_ms = time_ms(self.encode, self.device)
+        reset_peak(self.device)
+        forward_ms = time_ms(self.forward, self.device, self.settings.repeat)
+        peak, source = peak_memory(self.device)
+        return {"context_ms": _median(context_ms), "forward_ms": _median(forward_ms),
+                "forward_samples_ms": forward_ms, "peak_memory": {"source": source, "forward": peak}}
+
+    def time_loop(self) -> dict:
+        """A generation's DiT work: the context encoding, then the distilled sampler's steps."""
+        n = self.settings.steps
+        sampler = DistilledSampler(steps=tuple(round(1000 - i * 1000 / n) for i in range(n)))
+        self.say(f"timing the {n}-step loop")
+
+        def loop() -> torch.Tensor:
+            context = self.encode()  # once per generation
+            return sampler.sample(functools.partial(self.model, context=context, y=self.cond.y), self.cond.x)
+
+        reset_peak(self.device)
+        total = _median(time_ms(loop, self.device))
+        return {"loop": {"steps": list(sampler.steps), "total_ms": total, "per_step_ms": total / n,
+                         "peak_memory": peak_memory(self.device)[0]}}
+
+    def profile(self, forward_ms: float | None = None) -> dict:
+        """Per-part time of one profiled forward; idle = forward_ms (default: one timed now) − kernels."""
+        self.say("profiling one forward")
+        if forward_ms is None:
+            forward_ms = time_ms(self.forward, self.device)[0]
+        prof = profile_parts(self.forward, self.device)
+        out: dict = {"parts_ms": {**prof.parts, "idle": max(0.0, forward_ms - prof.total)}, "top_kernels": prof.top}
+        if not prof.top:
+            out["profile_note"] = ("the profiler recorded no GPU kernels (is CUPTI usable here?)"
+                                   if self.device.type == "cuda" else "the profiler recorded no ops")
+        if self.device.type == "cuda":
+            flops = self.flops()
+            out["tflops"] = {part: flops[part] / prof.parts[part] / 1e9
+                             for part in ("gemm", "attention") if prof.parts[part] > 0}
+        return out
+
+    def release(self) -> None:
+        """Free the model and its encoded context (the inputs and the last output stay)."""
+        self.model = self.encoded = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def diffusers(self) -> torch.nn.Module:
+        """diffusers' model on this model's weights (`to_diffusers`); frees dit8's model once they are
+        copied, so the two never hold activations at once. Raises ImportError without diffusers."""
+        self.say("building diffusers' WanTransformer3DModel on the same weights")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # dit8's cached activation blocks: room for a second model
+        ref = to_diffusers(self.model)
+        self.release()
+        return ref
+
+    def time_diffusers(self, ref: torch.nn.Module) -> dict:
+        """Warm-up and `repeat` timed forwards of diffusers' model on the same inputs; its peak memory and
+        its output's relative difference from dit8's last forward (when there was one)."""
+        inputs = diffusers_inputs(ref, self.cond)
+        last: list[torch.Tensor] = []
+
+        def forward() -> torch.Tensor:
+            last[:] = [ref(**inputs)[0]]
+            return last[0]
+
+        for _ in range(self.settings.warmup):
+            forward()
+        self.say(f"timing {self.settings.repeat} diffusers forward(s)")
+        reset_peak(self.device)
+        times = time_ms(forward, self.device, self.settings.repeat)
+        peak = peak_memory(self.device)[0]
+        out = {"dtype": str(ref.proj_out.weight.dtype).removeprefix("torch."), "attention": "SDPA",
+               "forward_ms": _median(times), "forward_samples_ms": times, "peak_memory": peak}
+        if self.output is not None:
+            out["rel_diff"] = _rel_diff(self.output, last[0].float())
+        return out
+
+
+# -- the table ---------------------------------------------------------------------------------------------
+
+
+def format_table(r: dict) -> list[str]:
+    """The short human summary of a run_bench result."""
+    s, c = r["settings"], r["config"]
+    name = "i2v-14b" if c["dim"] == I2V_14B.dim else "tiny"
+    layers = f"{c['num_layers']} layer{'s' if c['num_layers'] != 1 else ''}"
+    weights = f"{s['scheme']} weights" if s["scheme"] != "bf16" else f"float weights ({r['compute_dtype']})"
+    lines = [
+        f"model       {name} ({layers}), {weights}, {s['attention']} attention, "
+        f"compute {r['compute_dtype']}, backend {s['backend']}, {r['device_name']}",
+        f"input       {s['frames']} frames {s['size'][0]}x{s['size'][1]} -> latent {_dims(r['latent'])}, "
+        f"grid {_dims(r['grid'])} = {r['tokens']:,} tokens; text {_dims(r['text'])}, clip {_dims(r['clip'])}",
+        f"weights     {format_bytes(r['weight_bytes'])} on the device, built in {r['init_s']:.1f} s",
+        f"forward     {r['forward_ms']:,.1f} ms (median of {len(r['forward_samples_ms'])}), "
+        f"context k/v {r['context_ms']:,.1f} ms (once per generation)",
+    ]
+    if "loop" in r:
+        loop = r["loop"]
+        lines.append(f"loop        {len(loop['steps'])} steps {loop['total_ms']:,.1f} ms "
+                     f"({loop['per_step_ms']:,.1f} ms/step, context k/v included)")
+    if "parts_ms" in r:
+        # Shares of the profiled forward: kernels plus idle (on a CPU the profiler's overhead can make
+        # the op times add up to more than the timed forward).
+        whole = sum(r["parts_ms"].values()) or 1.0
+        lines.append("part             ms   share  rate")
+        for part, ms in r["parts_ms"].items():
+            rate = r.get("tflops", {}).get(part)
+            lines.append(f"{part:<12}{ms:>9,.1f}  {100 * ms / whole:>5.1f}%"
+                         + (f"  {rate:,.0f} TFLOP/s" if rate else ""))
+    if "profile_note" in r:
+        lines.append(f"note        {r['profile_note']}")
+    peak = r["peak_memory"]
+    loop_peak = f", loop {format_bytes(r['loop']['peak_memory'])}" if "loop" in r else ""
+    lines.append(f"peak        forward {format_bytes(peak['forward'])}{loop_peak} ({peak['source']})")
+    d = r.get("diffusers")
+    if d is not None and "skipped" in d:
+        lines.append(f"diffusers   skipped: {d['skipped']}")
+    elif d is not None:
+        lines.append(f"diffusers   forward {d['forward_ms']:,.1f} ms ({d['dtype']}, {d['attention']}), peak "
+                     f"{format_bytes(d['peak_memory'])}; speed-up of dit8 {d['ratio']:.2f}x "
+                     f"({d['ratio_with_context']:.2f}x counting its context k/v)"
+                     + (f"; output rel diff {d['rel_diff']:.2e}" if "rel_diff" in d else ""))
+    return lines
+
+
+def _dims(shape: list[int]) -> str:
+    return "x".join(map(str, shape))

@@ -1,0 +1,199 @@
+"""`dit8 bench dit` (runtime/bench_dit.py) on CPU tiny settings: the CLI table and JSON, the on-device
+random weights (finite outputs; 8-bit weights within a quantization step of the float draw), the
+kernel classification, and parity with diffusers' WanTransformer3DModel on the same weights (fp32)."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from dit8.bench_dit import (PARTS, BenchSettings, build_model, classify, diffusers_inputs, float_weight,
+                            preferred_backend, quantized_layers, random_conditioning, run_bench, to_diffusers)
+from dit8.cli import main
+from dit8.config import tiny_config
+from dit8.model import QuantLinear
+
+TINY = ["--device", "cpu", "--layers", "1", "--size", "64x64", "--frames", "5"]
+CONFIG = tiny_config("i2v", num_layers=2)
+
+
+def _settings(**overrides) -> BenchSettings:
+    base = dict(device="cpu", layers=1, size=(64, 64), frames=5, repeat=1)
+    return BenchSettings(**{**base, **overrides})
+
+
+# -- the command line ----------------------------------------------------------------------------------
+
+
+def test_cli_prints_the_table(capsys):
+    assert main(["bench", "dit", *TINY]) == 0
+    out = capsys.readouterr().out
+    for expected in ("tiny (1 layer)", "grid 2x4x4 = 32 tokens", "text 512x64", "clip 257x32", "forward ",
+                     "loop        4 steps", "gemm", "attention", "memory_bound", "idle", "peak "):
+        assert expected in out, expected
+
+
+def test_cli_json_holds_every_number(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "dit", *TINY, "--scheme", "fp8", "--steps", "2", "--json", str(path)]) == 0
+    assert str(path) in capsys.readouterr().out
+    r = json.loads(path.read_text())
+    assert r["settings"]["scheme"] == "fp8" and r["settings"]["size"] == [64, 64]
+    assert r["config"]["num_layers"] == 1 and r["tokens"] == 32 and r["grid"] == [2, 4, 4]
+    assert r["latent"] == [16, 2, 8, 8] and r["text"] == [512, 64] and r["clip"] == [257, 32]
+    assert r["forward_ms"] > 0 and r["context_ms"] > 0 and len(r["forward_samples_ms"]) == 3
+    assert r["loop"]["steps"] == [1000, 500] and r["loop"]["per_step_ms"] == pytest.approx(r["loop"]["total_ms"] / 2)
+    assert set(r["parts_ms"]) == {*PARTS, "idle"} and r["parts_ms"]["gemm"] > 0 and r["parts_ms"]["attention"] > 0
+    assert r["top_kernels"] and all(k["part"] in PARTS for k in r["top_kernels"])
+    assert r["peak_memory"]["forward"] > 0 and r["weight_bytes"] > 0
+    assert r["flops"]["gemm"] > 0 and "diffusers" not in r
+
+
+def test_compare_without_diffusers_says_skipped(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
+    assert main(["bench", "dit", *TINY, "--steps", "0", "--compare", "diffusers"]) == 0
+    out = capsys.readouterr().out
+    assert "diffusers   skipped: diffusers is not importable" in out and "loop" not in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--frames", "6"], "frames must be 4k+1"),
+    (["--size", "60x64"], "multiples of 16"),
+    (["--layers", "0"], "layers must be at least 1"),
+])
+def test_bad_settings_are_one_line_errors(args, message, capsys):
+    assert main(["bench", "dit", "--device", "cpu", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dit8: error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is missing")
+def test_cuda_device_without_cuda_is_an_error(capsys):
+    assert main(["bench", "dit", "--device", "cuda"]) == 1
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+# -- weights built on the device -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp8", "int8"])
+def test_device_init_gives_finite_outputs(scheme):
+    model = build_model(CONFIG, scheme=scheme, device="cpu")
+    for name, buffer in model.named_buffers():  # every buffer written: none left as torch.empty garbage
+        assert torch.isfinite(buffer.float()).all(), name
+    cond = random_conditioning(CONFIG, 5, (64, 48), device="cpu")
+    with torch.no_grad():
+        out = model(cond.x, cond.t, cond.context, cond.clip_fea, y=cond.y)
+    assert out.shape == cond.x.shape and torch.isfinite(out).all()
+    assert 0.1 < out.std() < 10  # weights scaled so activations stay O(1)
+
+
+def _quant_step(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of the 8-bit grid at each weight (in weight units)."""
+    if dtype == torch.int8:
+        return scale.expand_as(w)
+    y = (w / scale).abs().clamp_min(2.0 ** -6)  # e4m3: 3 mantissa bits; subnormals below 2^-6
+    return torch.exp2(torch.floor(torch.log2(y)) - 3) * scale
+
+
+@pytest.mark.parametrize("scheme, dtype", [("fp8", torch.float8_e4m3fn), ("int8", torch.int8)])
+def test_quantized_init_is_within_half_a_step_of_the_float_weights(scheme, dtype):
+    float_model = build_model(CONFIG, scheme="bf16", device="cpu", seed=3)  # fp32 on CPU: the exact draws
+    model = build_model(CONFIG, scheme=scheme, device="cpu", seed=3)
+    layers = quantized_layers(CONFIG, scheme)
+    assert len(layers) == 2 * 12
+    for module in layers:
+        layer = model.get_submodule(module)
+        assert isinstance(layer, QuantLinear) and layer.weight.dtype == dtype
+        scale = layer.weight_scale
+        assert scale.shape == (layer.weight.shape[0], 1) and (scale > 0).all()
+        w = float_model.get_buffer(module + ".weight")
+        error = (float_weight(model, module + ".weight") - w).abs()
+        # Half a step, plus the fp32 rounding of q·scale in the dequantization (a few ulps of w).
+        assert (error <= 0.5 * _quant_step(w, scale, dtype) + 2.0 ** -21 * w.abs()).all(), module
+        assert error.max() > 0  # really quantized
+        # Per output channel: the largest weight of each row maps to the top of the 8-bit range.
+        qmax = 127 if dtype == torch.int8 else 448
+        torch.testing.assert_close(scale[:, 0], w.abs().amax(dim=1) / qmax)
+    # Everything outside the block linears is the same float draw.
+    torch.testing.assert_close(model.get_buffer("blocks.1.modulation"), float_model.get_buffer("blocks.1.modulation"))
+
+
+# -- per-part classification ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, part", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "gemm"),
+    ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_NTN", "gemm"),
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>", "gemm"),
+    ("_scaled_mm_kernel", "gemm"),
+    ("_scaled_mm_persistent_kernel", "gemm"),
+    ("aten::addmm", "gemm"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>, true>", "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel)", "attention"),
+    ("_attention_8bit_kernel", "attention"),
+    ("_quantize_blocks_kernel", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("_rows_kernel", "memory_bound"),
+    ("void rows_kernel<__nv_bfloat16, 1, 2>(RowArgs)", "memory_bound"),
+    ("_qk_norm_rope_kernel", "memory_bound"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "memory_bound"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float, false>", "memory_bound"),
+    ("Memcpy DtoD (Device -> Device)", "memory_bound"),
+    ("aten::native_layer_norm", "memory_bound"),
+    ("some_unknown_kernel", "other"),
+])
+def test_classify(name, part):
+    assert classify(name) == part
+
+
+# -- diffusers ----------------------------------------------------------------------------------------------
+
+
+def test_diffusers_matches_dit8_on_the_same_weights():
+    pytest.importorskip("diffusers", reason="diffusers (test-only dependency) is not installed")
+    model = build_model(CONFIG, device="cpu", seed=5)
+    ref = to_diffusers(model)
+    assert ref.proj_out.weight.dtype == torch.float32
+    cond = random_conditioning(CONFIG, 9, (64, 96), device="cpu", seed=6)  # 3x12x8 latent: h != w
+    with torch.no_grad():
+        for t in (1000.0, 500.0, 3.0):
+            cond.t = torch.tensor([t])
+            ours = model(cond.x, cond.t, cond.context, cond.clip_fea, y=cond.y)
+            theirs = ref(**diffusers_inputs(ref, cond))[0]
+            assert theirs.shape == ours.shape
+            # diffusers makes the timestep sinusoid in fp32 (the official code: float64): ~1e-5
+            assert float((ours - theirs).norm() / theirs.norm()) < 1e-4
+
+
+def test_diffusers_gets_the_dequantized_weights():
+    pytest.importorskip("diffusers", reason="diffusers (test-only dependency) is not installed")
+    model = build_model(CONFIG, scheme="int8", device="cpu")
+    ref = to_diffusers(model)
+    torch.testing.assert_close(ref.get_parameter("blocks.0.ffn.net.0.proj.weight"),
+                               float_weight(model, "blocks.0.ffn.0.weight"), rtol=0, atol=0)
+
+
+def test_run_bench_compares_with_diffusers():
+    pytest.importorskip("diffusers", reason="diffusers (test-only dependency) is not installed")
+    r = run_bench(_settings(steps=0, profile=False, compare="diffusers"))
+    d = r["diffusers"]
+    assert d["forward_ms"] > 0 and d["ratio"] == pytest.approx(d["forward_ms"] / r["forward_ms"])
+    assert d["dtype"] == "float32" and d["rel_diff"] < 1e-4
+
+
+def test_backend_setting_prefers_that_backend_for_the_run(monkeypatch):
+    # An explicit backend= on the model is strict; the benchmark's triton/cuda mean DIT8_BACKEND=name.
+    monkeypatch.delenv("DIT8_BACKEND", raising=False)
+    with preferred_backend("triton") as backend:
+        assert backend == "auto" and os.environ["DIT8_BACKEND"] == "triton"
+    assert "DIT8_BACKEND" not in os.environ
+    monkeypatch.setenv("DIT8_BACKEND", "cuda")
+    with preferred_backend("torch") as backend:
+        assert backend == "torch" and os.environ["DIT8_BACKEND"] == "cuda"
+    with preferred_backend("triton"):
+        assert os.environ["DIT8_BACKEND"] == "triton"
+    assert os.environ["DIT8_BACKEND"] == "cuda"
