@@ -164,6 +164,18 @@ def _load_tile(ptrs, offs_rows, n_rows, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.co
 
 
 @triton.jit
+def _add_pv(acc, p, v, DOT_FP32: tl.constexpr):
+    """acc + P·V with fp32 accumulation. On GPUs P is rounded to v's 16-bit type for the tensor cores,
+    as every flash attention does (2^-9 relative for bf16, averaging out over the keys); under the
+    interpreter, whose 16-bit dots are wrong, the dot runs in fp32."""
+    if DOT_FP32:
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc
+
+
+@triton.jit
 def _softmax_step(m_i, l_i, s):
     """One online-softmax update for a block of scores s [BLOCK_M, BLOCK_N] in log2 units.
 
@@ -199,13 +211,7 @@ def _attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_
     p, alpha, l_i, m_i = _softmax_step(m_i, l_i, s)
     # Re-base the accumulator on the new max before adding this block's contribution.
     acc = acc * alpha[:, None]
-    if DOT_FP32:
-        acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
-    else:
-        # P is rounded to v's 16-bit type for the tensor cores, as every flash attention does; the
-        # rounding error (2^-9 relative for bf16) averages out over the keys.
-        acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_i
+    return _add_pv(acc, p, v, DOT_FP32), l_i, m_i
 
 
 @triton.jit
@@ -488,10 +494,8 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, ks_base, bias_base, v_
     if PV_FP8:
         # p <= 1, so p·448 fits e4m3 without clamping; the 448 and v's channel scales come off at the end.
         acc += tl.dot(_to_fp8(p * _FP8_MAX, INTERPRET), v, max_num_imprecise_acc=BLOCK_N)
-    elif DOT_FP32:
-        acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
     else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = _add_pv(acc, p, v, DOT_FP32)
     return acc, l_i, m_i
 
 

@@ -58,17 +58,22 @@ def _quantize_per_token_torch(x: torch.Tensor, dtype: torch.dtype) -> tuple[torc
     return quantize_rows(x, dtype, SCALE_FLOOR)
 
 
+def _check_rows(op: str, x: torch.Tensor, dtype: torch.dtype) -> None:
+    """The checks of the per-token quantizing ops: x [M, K] float with K > 0, dtype 8-bit."""
+    check_tensor(op, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    if dtype not in QUANT_DTYPES:
+        raise OpArgumentError(f"{op}: dtype must be one of {QUANT_DTYPES}, got {dtype}")
+    if x.shape[1] == 0:
+        raise OpArgumentError(f"{op}: x has shape {tuple(x.shape)}; rows must not be empty")
+
+
 def quantize_per_token(x: torch.Tensor, dtype: torch.dtype, *,
                        backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] fp32/bf16/fp16 -> (xq [M, K] of `dtype`, scale [M] fp32) with x ≈ xq · scale[:, None].
 
     dtype: torch.float8_e4m3fn or torch.int8. See the module docstring for the exact rounding.
     """
-    check_tensor("quantize_per_token", "x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    if dtype not in QUANT_DTYPES:
-        raise OpArgumentError(f"quantize_per_token: dtype must be one of {QUANT_DTYPES}, got {dtype}")
-    if x.shape[1] == 0:
-        raise OpArgumentError(f"quantize_per_token: x has shape {tuple(x.shape)}; rows must not be empty")
+    _check_rows("quantize_per_token", x, dtype)
     return resolve("quantize_per_token", backend, x.device)(x, dtype)
 
 
@@ -100,9 +105,5 @@ def _gelu_tanh_quant_cuda(x, dtype):
 def gelu_tanh_quant(x: torch.Tensor, dtype: torch.dtype, *,
                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> quantize_per_token(GELU_tanh(x), dtype), the GELU computed in fp32 (not rounded)."""
-    check_tensor("gelu_tanh_quant", "x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    if dtype not in QUANT_DTYPES:
-        raise OpArgumentError(f"gelu_tanh_quant: dtype must be one of {QUANT_DTYPES}, got {dtype}")
-    if x.shape[1] == 0:
-        raise OpArgumentError(f"gelu_tanh_quant: x has shape {tuple(x.shape)}; rows must not be empty")
+    _check_rows("gelu_tanh_quant", x, dtype)
     return resolve("gelu_tanh_quant", backend, x.device)(x, dtype)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from .config import WanConfig, tiny_config
 from .layouts import COMFYUI, DIFFUSERS, OFFICIAL, expected_shapes, from_official
 
-__all__ = ["FORMATS", "LAYOUTS", "random_inputs", "random_weights", "tiny_config", "write_checkpoint",
+__all__ = ["FORMATS", "LAYOUTS", "random_inputs", "random_w8a8_operands", "random_weights", "tiny_config", "write_checkpoint",
            "write_config_json"]
 
 LAYOUTS = (OFFICIAL, DIFFUSERS, COMFYUI)
@@ -56,6 +56,24 @@ def random_inputs(config: WanConfig, *, batch: int = 2, latent_size: tuple[int, 
         inputs["clip_fea"] = torch.randn(batch, clip_tokens, config.clip_dim, generator=gen)
         inputs["y"] = torch.randn(batch, config.in_dim - x_channels, T, H, W, generator=gen)
     return inputs
+
+
+def random_w8a8_operands(M: int, N: int, K: int, qdtype: torch.dtype, *, seed: int,
+                         bias_dtype: torch.dtype | None = torch.float32) -> list[torch.Tensor | None]:
+    """Operands of `dit8.kernels.scaled_mm` on the CPU: [xq, x_scale, wq, w_scale, bias]. The 8-bit codes
+    cover the whole range (fp8: normals and subnormals), scales differ in magnitude per row/column;
+    bias is None when bias_dtype is None."""
+    gen = torch.Generator().manual_seed(seed)
+    if qdtype == torch.int8:
+        xq = torch.randint(-128, 128, (M, K), generator=gen, dtype=torch.int8)
+        wq = torch.randint(-128, 128, (N, K), generator=gen, dtype=torch.int8)
+    else:
+        xq = (torch.randn(M, K, generator=gen) * 100).clamp(-448, 448).to(qdtype)
+        wq = (torch.randn(N, K, generator=gen) * 100).clamp(-448, 448).to(qdtype)
+    xs = torch.rand(M, generator=gen) * 1e-2 + 1e-4
+    ws = torch.rand(N, generator=gen) * 1e-2 + 1e-4
+    bias = None if bias_dtype is None else (torch.randn(N, generator=gen) * 10).to(bias_dtype)
+    return [xq, xs, wq, ws, bias]
 
 
 def write_config_json(config: WanConfig, folder: Path, layout: str = OFFICIAL) -> Path:

@@ -12,6 +12,7 @@ import torch
 
 from dit8.kernels import BackendError, OpArgumentError, quantize_per_token, scaled_mm
 from dit8.kernels.quantize import QMAX, SCALE_FLOOR
+from dit8.testing import random_w8a8_operands
 
 FP8 = torch.float8_e4m3fn
 QDTYPES = (torch.int8, FP8)
@@ -128,17 +129,7 @@ def test_quantize_per_token_argument_errors():
 
 
 def _operands(M, N, K, qdtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    if qdtype == torch.int8:
-        xq = torch.randint(-128, 128, (M, K), generator=gen, dtype=torch.int8)
-        wq = torch.randint(-128, 128, (N, K), generator=gen, dtype=torch.int8)
-    else:
-        xq = (torch.randn(M, K, generator=gen) * 100).clamp(-448, 448).to(FP8)
-        wq = (torch.randn(N, K, generator=gen) * 100).clamp(-448, 448).to(FP8)
-    xs = torch.rand(M, generator=gen) * 1e-2 + 1e-4
-    ws = torch.rand(N, generator=gen) * 1e-2 + 1e-4
-    bias = torch.randn(N, generator=gen)
-    return xq, xs, wq, ws, bias
+    return random_w8a8_operands(M, N, K, qdtype, seed=seed)
 
 
 def _reference(xq, xs, wq, ws, bias):

@@ -34,6 +34,7 @@ from dit8.kernels import gemm_configs  # noqa: E402
 from dit8.kernels import scaled_mm_triton as impl  # noqa: E402
 from dit8.kernels.gemm_configs import GemmConfig  # noqa: E402
 from dit8.kernels.triton_support import interpreting  # noqa: E402
+from dit8.testing import random_w8a8_operands  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -52,17 +53,8 @@ def operands(M, N, K, qdtype, seed, bias_dtype=None):
     magnitudes per row/column, bias: (xq, x_scale, wq, w_scale, bias or None) on DEVICE."""
     if qdtype == FP8 and DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("the triton FP8 GEMM needs FP8 tensor cores (sm_89+)")
-    gen = torch.Generator().manual_seed(seed)
-    if qdtype == torch.int8:
-        xq = torch.randint(-128, 128, (M, K), generator=gen, dtype=torch.int8)
-        wq = torch.randint(-128, 128, (N, K), generator=gen, dtype=torch.int8)
-    else:
-        xq = (torch.randn(M, K, generator=gen) * 100).clamp(-448, 448).to(FP8)
-        wq = (torch.randn(N, K, generator=gen) * 100).clamp(-448, 448).to(FP8)
-    xs = torch.rand(M, generator=gen) * 1e-2 + 1e-4
-    ws = torch.rand(N, generator=gen) * 1e-2 + 1e-4
-    bias = None if bias_dtype is None else (torch.randn(N, generator=gen) * 10).to(bias_dtype)
-    return [t if t is None else t.to(DEVICE) for t in (xq, xs, wq, ws, bias)]
+    tensors = random_w8a8_operands(M, N, K, qdtype, seed=seed, bias_dtype=bias_dtype)
+    return [t if t is None else t.to(DEVICE) for t in tensors]
 
 
 def residual_and_gate(M, N, batches, seed):
