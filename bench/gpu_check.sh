@@ -1,35 +1,81 @@
 #!/usr/bin/env bash
-# Everything GPU-side in one call: install from the working tree, build the CUDA extension, run the
-# whole test suite (GPU tests included; they are skipped only without CUDA), run the benchmark suites,
-# and print a short table of both last. Results land in $OUT (default /tmp/dit8-gpu).
-# Usage (on a CUDA machine, from the repository root): bash bench/gpu_check.sh
+# Everything GPU-side: install from the working tree, build the CUDA extension, run the test suite (GPU
+# tests included; they are skipped only without CUDA), run the benchmark suites and `dit8 bench dit`,
+# then print a short table of all results so far. Results land in $OUT (default /tmp/dit8-gpu).
+#
+# Usage (on a CUDA machine, from the repository root):
+#     bash bench/gpu_check.sh                 # every stage
+#     bash bench/gpu_check.sh tests gemm      # some stages; the table covers the results found in $OUT
+# Stages: tests gemm attention fused dit pipeline. Setup (install, CUDA build) runs once per machine.
+# Each stage fits in a few minutes, so a machine that limits one command's time can run them apart.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/dit8-gpu}
 mkdir -p "$out"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests gemm attention fused dit pipeline)
 
-python -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log" 2>&1 || {
-    echo "install failed:"; tail -20 "$out/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
+if [ ! -f "$out/gpu.txt" ] || ! python -c "import dit8" 2>/dev/null; then
+    python -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log" 2>&1 || {
+        echo "install failed:"; tail -20 "$out/install.log"; exit 1; }
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+    python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+    python -m dit8.kernels.cuda_ext build --archs 90a 2>&1 | tail -3
+fi
 
-python -m dit8.kernels.cuda_ext build --archs 90a 2>&1 | tail -3
-python -m pytest -q -p no:cacheprovider --junitxml="$out/tests.xml" tests 2>&1 | tail -25
-python -m pytest -q -p no:cacheprovider bench --benchmark-json="$out/bench.json" 2>&1 | tail -25
+pytest_args=(-q -p no:cacheprovider)
+for stage in "${stages[@]}"; do
+    echo "== $stage"
+    case $stage in
+        tests) python -m pytest "${pytest_args[@]}" --junitxml="$out/tests.xml" tests 2>&1 | tail -25 ;;
+        gemm|attention|fused)
+            python -m pytest "${pytest_args[@]}" "bench/test_bench_$stage.py" \
+                --benchmark-json="$out/bench_$stage.json" 2>&1 | tail -15 ;;
+        dit)
+            for run in "--scheme bf16 --attention bf16 --compare diffusers --cuda-graph" \
+                       "--scheme fp8 --attention bf16" "--scheme fp8 --attention fp8" \
+                       "--scheme int8 --attention int8"; do
+                name=$(echo "$run" | awk '{print $2 "_" $4}')
+                # shellcheck disable=SC2086
+                python -m dit8 bench dit $run --backend triton --json "$out/dit_$name.json" 2>&1 | tail -12
+            done ;;
+        pipeline)
+            python -m pytest "${pytest_args[@]}" bench/test_bench_pipeline.py -k "t5 or clip" \
+                --benchmark-json="$out/bench_encoders.json" 2>&1 | tail -8
+            python -m pytest "${pytest_args[@]}" bench/test_bench_pipeline.py -k vae \
+                --benchmark-json="$out/bench_vae.json" 2>&1 | tail -8 ;;
+        *) echo "unknown stage $stage (tests gemm attention fused dit pipeline)"; exit 2 ;;
+    esac
+done
 
-python - "$out/tests.xml" "$out/bench.json" <<'PY'
-import collections, json, os, sys, xml.etree.ElementTree as ET
-counts = collections.defaultdict(collections.Counter)
-for case in ET.parse(sys.argv[1]).iter("testcase"):
-    outcome = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
-    counts[case.get("classname", "?").split(".")[-1]][outcome] += 1
-print(f"\n{'suite':<28}{'passed':>8}{'failed':>8}{'errors':>8}{'skipped':>9}")
-for suite, c in sorted(counts.items()):
-    print(f"{suite:<28}{c['passed']:>8}{c['failure']:>8}{c['error']:>8}{c['skipped']:>9}")
-if os.path.exists(sys.argv[2]):
+python - "$out" <<'PY'
+import collections, glob, json, os, sys, xml.etree.ElementTree as ET
+out = sys.argv[1]
+print()
+print(open(os.path.join(out, "gpu.txt")).read().strip())
+if os.path.exists(os.path.join(out, "tests.xml")):
+    counts = collections.defaultdict(collections.Counter)
+    for case in ET.parse(os.path.join(out, "tests.xml")).iter("testcase"):
+        outcome = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
+        counts[case.get("classname", "?").split(".")[-1]][outcome] += 1
+    print(f"\n{'suite':<28}{'passed':>8}{'failed':>8}{'errors':>8}{'skipped':>9}")
+    for suite, c in sorted(counts.items()):
+        print(f"{suite:<28}{c['passed']:>8}{c['failure']:>8}{c['error']:>8}{c['skipped']:>9}")
+rows = [b for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))) for b in json.load(open(path))["benchmarks"]]
+if rows:
     print(f"\n{'benchmark':<56}{'ms':>10}{'TFLOP/s':>9}{'GB/s':>8}{'ratio':>7}")
-    for b in json.load(open(sys.argv[2]))["benchmarks"]:
+    for b in rows:
         e = b.get("extra_info", {})
         cells = [f"{e[k]:>{w}}" if k in e else " " * w for k, w in (("ms", 10), ("tflops", 9), ("gbps", 8), ("ratio", 7))]
         print(f"{b['name'][:56]:<56}" + "".join(cells))
+dits = sorted(glob.glob(os.path.join(out, "dit_*.json")))
+if dits:
+    print(f"\n{'dit forward (480P, 81 frames)':<32}{'ms':>9}{'loop ms':>9}{'peak GiB':>9}{'graph ms':>9}{'diffusers ms':>13}{'speed-up':>9}")
+    for path in dits:
+        r = json.load(open(path))
+        d, g = r.get("diffusers", {}), r.get("cuda_graph", {})
+        print(f"{os.path.basename(path)[4:-5]:<32}{r['forward_ms']:>9.1f}{r.get('loop', {}).get('total_ms', 0):>9.1f}"
+              f"{r['peak_memory']['forward'] / 2**30:>9.2f}{g.get('forward_ms', 0):>9.1f}"
+              + (f"{d['forward_ms']:>13.1f}{d['ratio']:>8.2f}x" if "forward_ms" in d else ""))
 PY

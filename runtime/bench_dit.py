@@ -50,6 +50,7 @@ from dit8.converters.quantize_weights import SCHEME_DTYPES, dequantize_weight, q
 from dit8.kernels.registry import ENV_VAR as BACKEND_ENV_VAR
 
 from .conditioning import check_frames, check_size, latent_shape
+from .cuda_graph import CapturedForward
 from .config import I2V_14B, WanConfig, tiny_config
 from .errors import InputError
 from .layouts import DIFFUSERS, block_linears, from_official
@@ -82,7 +83,8 @@ _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 class BenchSettings:
     """What to benchmark. scheme "bf16" keeps float block linears in the compute dtype (bf16 on CUDA,
     fp32 on CPU); "fp8"/"int8" quantize them. size is (width, height) in pixels. backend: see
-    `preferred_backend`. steps = 0 skips the loop; compare = "diffusers" adds diffusers' forward."""
+    `preferred_backend`. steps = 0 skips the loop; compare = "diffusers" adds diffusers' forward;
+    cuda_graph also times the forward replayed from a CUDA graph (`dit8.CapturedForward`)."""
 
     scheme: str = "bf16"
     attention: str = "bf16"
@@ -97,6 +99,7 @@ class BenchSettings:
     repeat: int = 3
     warmup: int = 1
     profile: bool = True
+    cuda_graph: bool = False
     seed: int = 0
 
     def model_config(self) -> WanConfig:
@@ -124,6 +127,8 @@ def check_settings(s: BenchSettings) -> None:
     device = torch.device(s.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: CUDA is not available here (use --device cpu for the tiny smoke run)")
+    if s.cuda_graph and device.type != "cuda":
+        raise InputError("--cuda-graph needs --device cuda")
 
 
 # -- the model, built on the device --------------------------------------------------------------------
@@ -434,6 +439,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
         bench = DitBench(settings, backend=backend, log=say)
         result = bench.describe()
         result.update(bench.time_forward())
+        if settings.cuda_graph:
+            result["cuda_graph"] = bench.time_graph()
         if settings.steps:
             result.update(bench.time_loop())
         if settings.profile:
@@ -522,6 +529,22 @@ class DitBench:
         peak, source = peak_memory(self.device)
         return {"context_ms": _median(context_ms), "forward_ms": _median(forward_ms),
                 "forward_samples_ms": forward_ms, "peak_memory": {"source": source, "forward": peak}}
+
+    def time_graph(self) -> dict:
+        """The forward captured as a CUDA graph: capture time, replay time (median of `repeat`) and
+        the replayed output's difference from the eager one."""
+        self.say("capturing the forward as a CUDA graph")
+        eager = self.forward().clone()
+        t0 = time.perf_counter()
+        captured = CapturedForward(self.model, self.cond.x, self.cond.t, self.encoded, self.cond.y, warmup=1)
+        _sync(self.device)
+        capture_s = time.perf_counter() - t0
+        out = captured(self.cond.x, self.cond.t)
+        replay_ms = _median(time_ms(lambda: captured(self.cond.x, self.cond.t), self.device, self.settings.repeat))
+        result = {"capture_s": round(capture_s, 3), "forward_ms": replay_ms, "rel_diff": _rel_diff(out, eager)}
+        del captured, out, eager
+        gc.collect()
+        return result
 
     def time_loop(self) -> dict:
         """A generation's DiT work: the context encoding, then the distilled sampler's steps."""
@@ -612,6 +635,10 @@ def format_table(r: dict) -> list[str]:
         f"forward     {r['forward_ms']:,.1f} ms (median of {len(r['forward_samples_ms'])}), "
         f"context k/v {r['context_ms']:,.1f} ms (once per generation)",
     ]
+    if "cuda_graph" in r:
+        g = r["cuda_graph"]
+        lines.append(f"cuda graph  forward {g['forward_ms']:,.1f} ms replayed (captured in {g['capture_s']:.1f} s), "
+                     f"output rel diff from eager {g['rel_diff']:.1e}")
     if "loop" in r:
         loop = r["loop"]
         lines.append(f"loop        {len(loop['steps'])} steps {loop['total_ms']:,.1f} ms "

@@ -105,7 +105,8 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
 
     settings = BenchSettings(scheme=args.scheme, attention=args.attention, frames=args.frames, size=args.size,
                              layers=args.layers, steps=args.steps, backend=args.backend, device=args.device,
-                             config=args.config, compare=args.compare, repeat=args.repeat)
+                             config=args.config, compare=args.compare, repeat=args.repeat,
+                             cuda_graph=args.cuda_graph)
     result = run_bench(settings, log=lambda line: print(f"dit8 bench dit: {line}", file=sys.stderr, flush=True))
     for line in format_table(result):
         print(line)
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     dit.add_argument("--config", choices=("i2v-14b", "tiny"),
                      help="model dimensions (default: i2v-14b on CUDA, tiny on CPU)")
     dit.add_argument("--repeat", type=int, default=3, help="timed forwards after the warm-up (median)")
+    dit.add_argument("--cuda-graph", action="store_true",
+                     help="also time the forward replayed from a CUDA graph (dit8.CapturedForward)")
     dit.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
     dit.set_defaults(run=_run_bench_dit)
     return parser

@@ -62,6 +62,7 @@ def test_compare_without_diffusers_says_skipped(monkeypatch, capsys):
     (["--frames", "6"], "frames must be 4k+1"),
     (["--size", "60x64"], "multiples of 16"),
     (["--layers", "0"], "layers must be at least 1"),
+    (["--cuda-graph"], "--cuda-graph needs --device cuda"),
 ])
 def test_bad_settings_are_one_line_errors(args, message, capsys):
     assert main(["bench", "dit", "--device", "cpu", *args]) == 1
