@@ -1,0 +1,119 @@
+"""The fast path on a GPU: WanDiT on the kernel backends in bf16 against the torch reference path in
+fp32, on a mid-size model at the real 480P token count (dim 1024, 8 heads of 128, 8 blocks, patch grid
+21 x 30 x 52 = 32,760 tokens, 512 text and 257 image keys); and the profiler's view of its data flow.
+
+Every model of one seed shares its float weights (dit8.bench_dit draws each tensor from its own
+generator); 8-bit models hold those weights quantized per output channel. The references:
+- ref: float weights, torch backend, fp32 compute;
+- W8A8 emulation: the same 8-bit weights on the torch backend in fp32 (activations quantized per token
+  from fp32, exact fp32 products): the error 8-bit weights and activations cost by themselves.
+Each test prints its measured errors (pytest -s, or the junit properties).
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from dit8.bench_dit import build_model, preferred_backend, random_conditioning
+from dit8.config import I2V_14B
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="the fast path runs the kernels on a CUDA device")]
+
+MID = dataclasses.replace(I2V_14B, dim=1024, ffn_dim=4096, num_heads=8, num_layers=8)
+FRAMES, SIZE = 81, (832, 480)  # latent 21 x 60 x 104, grid 21 x 30 x 52
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def cond():
+    return random_conditioning(MID, FRAMES, SIZE, device="cuda", seed=1)
+
+
+def forward(cond, *, scheme="bf16", dtype=torch.bfloat16, kernels="triton", attention="bf16", layers=None):
+    """Output of a fresh model of MID (seed 0) on `cond`; kernels: the DIT8_BACKEND preference."""
+    config = dataclasses.replace(MID, num_layers=layers or MID.num_layers)
+    with preferred_backend(kernels) as backend, torch.no_grad():
+        model = build_model(config, scheme=scheme, device="cuda", dtype=dtype, backend=backend,
+                            attention=attention)
+        out = model(cond.x, cond.t, cond.context, cond.clip_fea, y=cond.y)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref(cond):
+    return forward(cond, dtype=torch.float32, kernels="torch")
+
+
+@pytest.fixture(scope="module")
+def emulation(cond):
+    return {scheme: forward(cond, scheme=scheme, dtype=torch.float32, kernels="torch") for scheme in ("fp8", "int8")}
+
+
+def test_grid_is_the_480p_one(cond):
+    assert cond.grid == (21, 30, 52)
+
+
+@pytest.mark.parametrize("kernels", ["triton", "cuda"])
+def test_bf16_within_one_percent(cond, ref, kernels, record_property):
+    err = rel_err(forward(cond, kernels=kernels), ref)
+    record_property("rel_err", err)
+    print(f"bf16 weights, {kernels} kernels first: rel err {err:.2e}")
+    assert err <= 0.01, err
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_8bit_weights_within_twice_the_w8a8_emulation(cond, ref, emulation, scheme, record_property):
+    err = rel_err(forward(cond, scheme=scheme), ref)
+    emu = rel_err(emulation[scheme], ref)
+    record_property("rel_err", err)
+    record_property("emulation_rel_err", emu)
+    print(f"{scheme} weights: rel err {err:.2e}, W8A8 emulation {emu:.2e} (ratio {err / emu:.2f})")
+    assert err <= 2 * emu, (err, emu)
+
+
+@pytest.mark.parametrize("attention", ["int8", "fp8"])
+def test_8bit_attention_added_error(cond, ref, attention, record_property):
+    """What the 8-bit self-attention adds over bf16 attention, on fp8 weights. Bounded by the
+    op-level error of that attention on Gaussian inputs (tests/test_attention_triton.py: ~1.2% int8,
+    ~3.5% fp8), which the residual stream only dilutes."""
+    bf16_attention = forward(cond, scheme="fp8")
+    out = forward(cond, scheme="fp8", attention=attention)
+    added = rel_err(out, bf16_attention)
+    record_property("added_rel_err", added)
+    record_property("rel_err", rel_err(out, ref))
+    print(f"fp8 weights, {attention} attention: adds {added:.2e} to bf16 attention; "
+          f"total {rel_err(out, ref):.2e} (bf16 attention {rel_err(bf16_attention, ref):.2e})")
+    assert added <= {"int8": 0.015, "fp8": 0.04}[attention], added
+
+
+def _activation_copies(cond, layers: int) -> list[str]:
+    """Copies and dtype conversions the profiler sees on token-sized tensors in one fp8 forward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = dataclasses.replace(MID, num_layers=layers)
+    tokens = cond.grid[0] * cond.grid[1] * cond.grid[2]
+    with preferred_backend("triton") as backend, torch.no_grad():
+        model = build_model(config, scheme="fp8", device="cuda", backend=backend)
+        context = model.encode_context(cond.context, cond.clip_fea)
+        model(cond.x, cond.t, context, y=cond.y)  # warm-up: compilation and the RoPE table
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            model(cond.x, cond.t, context, y=cond.y)
+    copies = ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous")
+    return sorted(f"{e.name} {e.input_shapes}" for e in prof.events()
+                  if e.name in copies and any(tokens in shape for shape in e.input_shapes if shape))
+
+
+def test_no_copies_inside_the_blocks(cond):
+    """The blocks pass activations from kernel to kernel as they lie: the copies of token-sized
+    tensors in a forward (the fp32 residual stream made from the patch embedding, the head) do not
+    grow with the number of blocks."""
+    two, four = _activation_copies(cond, 2), _activation_copies(cond, 4)
+    print("token-sized copies per forward:", *two, sep="\n  ")
+    assert two == four, (two, four)
