@@ -35,6 +35,7 @@ from .lora import LoraArg, LoraSet
 from .quantize_weights import SCHEME_DTYPES, error_sums, errors_from_sums, quantize_weight
 from .safetensors_writer import SafetensorsWriter, TensorSpec, fsync_folder, temp_path_beside
 from .source import DIGEST_PLACEHOLDER, SourceReader, SourceTensor
+from .write_behind import WriteBehind
 
 # Rows are processed in blocks of about this many elements: bounds the fp32/float64 temporaries of
 # quantization and error measurement (~4 MiB elements -> at most ~32 MiB each) for any tensor size.
@@ -229,8 +230,9 @@ def _require_finite(summary: torch.Tensor, block: torch.Tensor, t: SourceTensor)
 
 
 def _convert_tensor(plan: _Plan, reader: SourceReader, lora: LoraSet, writer: SafetensorsWriter,
-                    progress: Progress) -> LayerError | None:
-    """Stream one source tensor into `writer`; returns its quantization error if it was quantized."""
+                    writes: WriteBehind, progress: Progress) -> LayerError | None:
+    """Stream one source tensor into `writer` (through `writes`); returns its quantization error if it
+    was quantized."""
     t = plan.source
     row_elems = max(1, math.prod(t.info.shape[1:]))
     max_bytes = max(1, BLOCK_ELEMENTS // row_elems) * row_elems * t.info.dtype.itemsize
@@ -241,18 +243,19 @@ def _convert_tensor(plan: _Plan, reader: SourceReader, lora: LoraSet, writer: Sa
         start += block.shape[0] if block.dim() else 1
         if plan.scheme is None:
             _require_finite(torch.stack(torch.aminmax(rows)), block, t)  # one pass, NaN-propagating
-            writer.write_rows(plan.outputs[0].key, rows.to(plan.outputs[0].dtype))
+            writes.submit(writer.write_rows, plan.outputs[0].key, rows.to(plan.outputs[0].dtype))
         else:
+            rows = rows.float()  # once, for the quantization and its error
             q, scale = quantize_weight(rows, plan.scheme)
             _require_finite(scale, block, t)  # a row's scale is finite iff all of the row is
-            writer.write_rows(plan.outputs[0].key, q)
+            writes.submit(writer.write_rows, plan.outputs[0].key, q)
             scales.append(scale)
             s, n = error_sums(rows, q, scale)
             signal, noise = signal + s, noise + n
         progress.update(block.nbytes)
     if plan.scheme is None:
         return None
-    writer.write(plan.outputs[1].key, torch.cat(scales))
+    writes.submit(writer.write, plan.outputs[1].key, torch.cat(scales))
     rel, sqnr = errors_from_sums(signal, noise)
     return LayerError(t.official.removesuffix(".weight"), plan.scheme, t.info.shape, rel, sqnr)
 
@@ -378,9 +381,9 @@ def _write_all(plans: list[_Plan], folder: Path, metadata: dict[str, str], reade
         for group, group_specs in specs.items():
             writers[group] = SafetensorsWriter(folder / group, group_specs, metadata)
         layers: list[LayerError] = []
-        with Progress(reader.total_bytes, "converting", enabled=progress) as bar:
+        with Progress(reader.total_bytes, "converting", enabled=progress) as bar, WriteBehind() as writes:
             for plan in plans:
-                error = _convert_tensor(plan, reader, lora, writers[plan.group], bar)
+                error = _convert_tensor(plan, reader, lora, writers[plan.group], writes, bar)
                 if error is not None:
                     layers.append(error)
         # The digest needs every source byte, so it lands in the headers last (same length as the placeholder).
