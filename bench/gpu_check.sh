@@ -7,7 +7,8 @@
 #     bash bench/gpu_check.sh                 # every stage
 #     bash bench/gpu_check.sh tests gemm      # some stages; the table covers the results found in $OUT
 # Stages: tests gemm attention fused dit pipeline. Setup (install, CUDA build) runs once per machine.
-# Each stage fits in a few minutes, so a machine that limits one command's time can run them apart.
+# Each stage fits in a few minutes, so a machine that limits one command's time can run them apart;
+# a stage still running after $STAGE_LIMIT seconds (default 540) is interrupted and reports what ran.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/dit8-gpu}
@@ -24,13 +25,16 @@ if [ ! -f "$out/gpu.txt" ] || ! python -c "import dit8" 2>/dev/null; then
     python -m dit8.kernels.cuda_ext build --archs 90a 2>&1 | tail -3
 fi
 
-pytest_args=(-q -p no:cacheprovider)
+limit=${STAGE_LIMIT:-540}
+pytest_args=(-q -p no:cacheprovider --durations=10)
+# SIGINT: pytest stops like on Ctrl-C and still writes its summary, JUnit XML and benchmark JSON.
+run_pytest() { timeout -s INT "$limit" python -m pytest "${pytest_args[@]}" "$@"; }
 for stage in "${stages[@]}"; do
     echo "== $stage"
     case $stage in
-        tests) python -m pytest "${pytest_args[@]}" --junitxml="$out/tests.xml" tests 2>&1 | tail -25 ;;
+        tests) run_pytest -rs --junitxml="$out/tests.xml" tests 2>&1 | tail -40 ;;
         gemm|attention|fused)
-            python -m pytest "${pytest_args[@]}" "bench/test_bench_$stage.py" \
+            run_pytest "bench/test_bench_$stage.py" \
                 --benchmark-json="$out/bench_$stage.json" 2>&1 | tail -15 ;;
         dit)
             for run in "--scheme bf16 --attention bf16 --compare diffusers --cuda-graph" \
@@ -38,12 +42,13 @@ for stage in "${stages[@]}"; do
                        "--scheme int8 --attention int8"; do
                 name=$(echo "$run" | awk '{print $2 "_" $4}')
                 # shellcheck disable=SC2086
-                python -m dit8 bench dit $run --backend triton --json "$out/dit_$name.json" 2>&1 | tail -12
+                timeout -s INT "$limit" python -m dit8 bench dit $run --backend triton \
+                    --json "$out/dit_$name.json" 2>&1 | tail -12
             done ;;
         pipeline)
-            python -m pytest "${pytest_args[@]}" bench/test_bench_pipeline.py -k "t5 or clip" \
+            run_pytest bench/test_bench_pipeline.py -k "t5 or clip" \
                 --benchmark-json="$out/bench_encoders.json" 2>&1 | tail -8
-            python -m pytest "${pytest_args[@]}" bench/test_bench_pipeline.py -k vae \
+            run_pytest bench/test_bench_pipeline.py -k vae \
                 --benchmark-json="$out/bench_vae.json" 2>&1 | tail -8 ;;
         *) echo "unknown stage $stage (tests gemm attention fused dit pipeline)"; exit 2 ;;
     esac
