@@ -3,10 +3,9 @@
 Backends:
 - "torch": the reference, F.scaled_dot_product_attention in the inputs' dtype; no 8-bit paths.
 - "triton" (kernels/attention_triton.py, imported lazily so dit8 imports without triton): flash
-  attention with online softmax for precision "bf16"; the 8-bit paths "int8" (INT8 q·kᵀ, fp16/bf16
-  P·V) and "fp8" (INT8 q·kᵀ, FP8 e4m3 P·V with V mean-smoothing), both with K mean-smoothing, Q
-  mean-smoothing (its term added back as a per-key fp32 bias) and per-block scales, statistics and
-  accumulation in fp32; and the fused
+  attention with online softmax for precision "bf16"; the 8-bit paths "int8" (INT8 q·kᵀ and INT8
+  P·V) and "fp8" (INT8 q·kᵀ, FP8 e4m3 P·V), both with K, Q and V mean-smoothing (q's term added back
+  as a per-key fp32 bias), per-block scales, statistics and accumulation in fp32; and the fused
   I2V cross-attention (text and image softmaxes in one launch). It needs head_dim <= 256 (Wan's
   128 is the tuned case; other widths are padded to a power of two >= 16) and at least one key.
 """
@@ -60,10 +59,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, precision: s
     """q [B, Lq, H, D], k and v [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype, scale 1/√D.
 
     precision "bf16" attends in the inputs' own dtype (fp32 inputs stay fp32); "int8" and "fp8" are
-    the 8-bit paths of the kernel backends (triton): "int8" (16-bit P·V) keeps the relative error
-    near 1% on Gaussian and on offset (RMS-normed-like) q/k; "fp8" (FP8 P·V, twice its rate) has
-    e4m3's larger error: ~3.5% on zero-mean Gaussian data, under 3% on offset q/k or v with channel
-    means; see tests/test_attention_triton.py for the measured budgets.
+    the 8-bit paths of the kernel backends (triton), both on 8-bit tensor cores for q·kᵀ and P·V:
+    "int8" keeps the relative error under 2% on Gaussian and on offset (RMS-normed-like) q/k; "fp8"
+    has e4m3's larger error: ~3.5% on zero-mean Gaussian data, under 3% on offset q/k or v with
+    channel means. bench/RESULTS.md has the measured errors.
     """
     if precision not in PRECISIONS:
         raise OpArgumentError(f"attention: precision must be one of {PRECISIONS}, got {precision!r}")

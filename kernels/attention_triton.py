@@ -1,5 +1,5 @@
 """Triton kernels of the attention ops: flash attention (bf16/fp16/fp32), the 8-bit paths (INT8 q·kᵀ
-with per-block scales after mean smoothing; 16-bit or FP8 P·V) and the fused I2V cross-attention.
+with per-block scales after mean smoothing; INT8, FP8 or 16-bit P·V) and the fused I2V cross-attention.
 
 Only this module imports triton; kernels/attention.py imports it lazily from the registered functions.
 
@@ -396,14 +396,19 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: to
 #
 # Quantization: c·q' per BLOCK_M rows and k' per BLOCK_N rows (per head) symmetric with one fp32 scale
 # each, so the kernel dequantizes a whole S tile with one scalar product of the two scales.
-# P·V: "fp16" = P rounded to v's 16-bit type (fp16 for fp32 v), fp32 accumulation; "fp8" = V centred
-# on its per-channel mean v̄ (V smoothing: every row of softmax weights sums to 1, so P·v = P·(v - v̄) + v̄
-# and the mean goes back on in the epilogue) and quantized per channel (per batch, head) to e4m3, P in
-# [0, 1] scaled by 448 to e4m3, each tile's product accumulated from zero in fp32 and then added to the
-# running accumulator (two-level accumulation, so the reduced-precision accumulator of Hopper's FP8 MMA
-# only ever sums BLOCK_N products). e4m3 keeps 3 mantissa bits, a ~2.5% rms relative rounding of every
-# p and every centred v: on zero-mean Gaussian data that puts FP8 P·V near 3.7% relative error however
-# the scales are chosen; smoothing removes the error real activations' channel means would add to it.
+# P·V: "fp16" = P rounded to v's 16-bit type (fp16 for fp32 v), fp32 accumulation. The 8-bit ones
+# centre V on its per-channel mean v̄ (V smoothing: every row of softmax weights sums to 1, so
+# P·v = P·(v - v̄) + v̄, and the mean goes back on in the epilogue) and quantize it per channel (per
+# batch, head, over the sequence):
+# - "int8": v - v̄ in int8 steps of amax/127; each block's P relative to the block's own row max,
+#   p̃ = exp2(s - max_block) in [0, 1] with a 1 in every row, rounded to multiples of 1/127; the int32
+#   product is rescaled by r = exp2(max_block - m) (m the running max), which is exact because r is
+#   constant along the row. Scaling by the block max, not the running max, keeps the large weights of
+#   every block at full 7-bit precision; ~1.8% relative error on Gaussian data.
+# - "fp8": v - v̄ and P·448 in e4m3; each tile's product accumulated from zero in fp32 and then added to
+#   the running accumulator (two-level accumulation, so the reduced-precision accumulator of Hopper's
+#   FP8 MMA only ever sums BLOCK_N products). e4m3 keeps 3 mantissa bits, a ~2.5% rms relative rounding
+#   of every p and every v: ~3.7% relative error on zero-mean Gaussian data whatever the scales.
 
 # Quantization of the 8-bit operands. The sequence statistics (means, v's amax) are torch reductions
 # (one read each, no copies); the per-block quantization is this kernel.
@@ -448,11 +453,12 @@ def _quantize_blocks_kernel(X, Mean, Qbar, Xq, Scale, Bias,
 
 
 @triton.jit
-def _quantize_v_fp8_kernel(V, VMean, VScale, Vq, stride_vb, stride_vl, stride_vh, stride_qbh, stride_qd,
-                           H, L, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-                           INTERPRET: tl.constexpr):
-    """Vq[b, h, d, l] = e4m3((V[b, l, h, d] - VMean[b, h, d]) / VScale[b, h, d]): centred, per-channel
-    scales, stored transposed (keys contiguous) because Hopper's FP8 MMA wants its B operand K-major."""
+def _quantize_v_kernel(V, VMean, VScale, Vq, stride_vb, stride_vl, stride_vh, stride_qbh, stride_qd,
+                       H, L, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+                       TO_INT8: tl.constexpr, INTERPRET: tl.constexpr):
+    """Vq[b, h, d, l] = int8 or e4m3 of (V[b, l, h, d] - VMean[b, h, d]) / VScale[b, h, d]: centred,
+    per-channel scales, stored transposed (keys contiguous) because Hopper's 8-bit MMAs want their B
+    operand K-major."""
     pid_l = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -465,7 +471,10 @@ def _quantize_v_fp8_kernel(V, VMean, VScale, Vq, stride_vb, stride_vl, stride_vh
     mean = tl.load(VMean + pid_bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
     scale = tl.load(VScale + pid_bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=1.0)
     v = (v - mean[None, :]) / scale[None, :]
-    vq = _to_fp8(tl.minimum(tl.maximum(v, -_FP8_MAX), _FP8_MAX), INTERPRET)
+    if TO_INT8:
+        vq = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int8)  # half away from zero; |v| <= 127
+    else:
+        vq = _to_fp8(tl.minimum(tl.maximum(v, -_FP8_MAX), _FP8_MAX), INTERPRET)
     tl.store(Vq + pid_bh.to(tl.int64) * stride_qbh + offs_d[None, :] * stride_qd + offs_l[:, None], vq,
              mask=ok)
 
@@ -474,7 +483,7 @@ def _quantize_v_fp8_kernel(V, VMean, VScale, Vq, stride_vb, stride_vl, stride_vh
 def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, ks_base, bias_base, v_base,
                        stride_kn, stride_vn, stride_vd, start_n, Lk,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       MASK_N: tl.constexpr, QK_INT8: tl.constexpr, PV_FP8: tl.constexpr,
+                       MASK_N: tl.constexpr, QK_INT8: tl.constexpr, PV: tl.constexpr,
                        DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -494,14 +503,26 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, ks_base, bias_base, v_
         s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=BLOCK_D)
     # Dequantize (the scales already carry log2(e)/√D) and add the q-mean correction of each key.
     s = s * (q_scale * k_scale) + bias[None, :]
-    p, alpha, l_i, m_i = _softmax_step(m_i, l_i, s)
-    # Re-base the accumulator on the new max before adding this block's contribution.
-    acc = acc * alpha[:, None]
-    if PV_FP8:
-        # p <= 1, so p·448 fits e4m3 without clamping; the 448 and v's channel scales come off at the end.
-        acc += tl.dot(_to_fp8(p * _FP8_MAX, INTERPRET), v, max_num_imprecise_acc=BLOCK_N)
+    if PV == "int8":
+        # Online softmax with P relative to this block's row max (see the section comment).
+        block_max = tl.max(s, 1)
+        m_new = tl.maximum(m_i, block_max)
+        alpha = tl.math.exp2(m_i - m_new)
+        r = tl.math.exp2(block_max - m_new)
+        p = tl.math.exp2(s - block_max[:, None])
+        l_i = l_i * alpha + r * tl.sum(p, 1)
+        m_i = m_new
+        pq = (p * _INT8_MAX + 0.5).to(tl.int8)  # p >= 0: round half up; the 127 comes off at the end
+        acc = acc * alpha[:, None] + tl.dot(pq, v, out_dtype=tl.int32).to(tl.float32) * r[:, None]
     else:
-        acc = _add_pv(acc, p, v, DOT_FP32)
+        p, alpha, l_i, m_i = _softmax_step(m_i, l_i, s)
+        # Re-base the accumulator on the new max before adding this block's contribution.
+        acc = acc * alpha[:, None]
+        if PV == "fp8":
+            # p <= 1, so p·448 fits e4m3 without clamping; the 448 and v's scales come off at the end.
+            acc += tl.dot(_to_fp8(p * _FP8_MAX, INTERPRET), v, max_num_imprecise_acc=BLOCK_N)
+        else:
+            acc = _add_pv(acc, p, v, DOT_FP32)
     return acc, l_i, m_i
 
 
@@ -513,7 +534,7 @@ def _attention_8bit_kernel(Q, QScale, K, KScale, Bias, V, VMean, VScale, Out,
                            stride_ob, stride_om, stride_oh,
                            H, Lq, Lk, n_qblocks, n_kblocks,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, PV_FP8: tl.constexpr,
+                           BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, PV: tl.constexpr,
                            DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -536,16 +557,18 @@ def _attention_8bit_kernel(Q, QScale, K, KScale, Bias, V, VMean, VScale, Out,
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, ks_base, bias_base, v_base,
                                            stride_kn, stride_vn, stride_vd, start_n, Lk, HEAD_DIM, BLOCK_D,
-                                           BLOCK_N, False, QK_INT8, PV_FP8, DOT_FP32, INTERPRET)
+                                           BLOCK_N, False, QK_INT8, PV, DOT_FP32, INTERPRET)
     if full_end < Lk:
         acc, l_i, m_i = _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, ks_base, bias_base, v_base,
                                            stride_kn, stride_vn, stride_vd, full_end, Lk, HEAD_DIM, BLOCK_D,
-                                           BLOCK_N, True, QK_INT8, PV_FP8, DOT_FP32, INTERPRET)
+                                           BLOCK_N, True, QK_INT8, PV, DOT_FP32, INTERPRET)
     out = acc / l_i[:, None]
-    if PV_FP8:
+    if PV != "fp16":
+        # P was scaled to the 8-bit range (127 or 448) and v divided by its channel scales: undo both.
+        p_max = _INT8_MAX if PV == "int8" else _FP8_MAX
         v_scale = tl.load(VScale + pid_bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
         v_mean = tl.load(VMean + pid_bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
-        out = out * (v_scale / _FP8_MAX)[None, :] + v_mean[None, :]
+        out = out * (v_scale / p_max)[None, :] + v_mean[None, :]
     _store_out_tile(Out + b * stride_ob + h * stride_oh, stride_om, pid_m, Lq, out, BLOCK_M, HEAD_DIM,
                     BLOCK_D, INTERPRET)
 
@@ -558,9 +581,9 @@ class Quantized8bit:
     q_scale [B, H, cdiv(Lq, block_m)], k_scale [B, H, cdiv(Lk, block_n)] fp32;
     bias [B, H, Lk] fp32 = c·q̄·(k - k̄), c = log2(e)/√D (so q_scale·k_scale·(q·k) + bias is the score
     in log2 units, up to a per-row constant);
-    v: v itself ([B, Lk, H, D] bf16/fp16, fp32 inputs converted to fp16) for pv="fp16", or for pv="fp8"
-    e4m3 codes of v - v̄ stored [B, H, D, Lk] (row stride padded to 16) with v_mean (v̄) and v_scale
-    [B, H, D] fp32.
+    v: v itself ([B, Lk, H, D] bf16/fp16, fp32 inputs converted to fp16) for pv="fp16", or for pv
+    "int8" / "fp8" the codes of v - v̄ stored [B, H, D, Lk] (row stride padded to 16) with v_mean (v̄)
+    and v_scale [B, H, D] fp32.
     """
     q: torch.Tensor
     q_scale: torch.Tensor
@@ -589,7 +612,7 @@ class Quantized8bit:
 
 def quantize_for_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qk: str, pv: str,
                            block_m: int, block_n: int) -> Quantized8bit:
-    """Smooth and quantize q and k (qk "int8" or "fp8") and prepare v (pv "fp16" or "fp8")."""
+    """Smooth and quantize q and k (qk "int8" or "fp8") and prepare v (pv "fp16", "int8" or "fp8")."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dev = q.device
@@ -618,17 +641,19 @@ def quantize_for_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     bias = torch.empty((B, H, Lk), dtype=torch.float32, device=dev)
     k8, k_scale = quantize(k, k_mean, 1.0, block_n, bias)
 
-    if pv == "fp8":
+    if pv != "fp16":
         # amax of |v - v̄| over the sequence from v's own extremes: no centred copy needed.
         v_mean = v.mean(dim=1, dtype=torch.float32).contiguous()  # [B, H, D]
         v_min, v_max = torch.aminmax(v, dim=1)
         v_amax = torch.maximum(v_max.float() - v_mean, v_mean - v_min.float())
-        v_scale = (v_amax.clamp_min(SCALE_FLOOR) / FP8_MAX).contiguous()
+        v_scale = (v_amax.clamp_min(SCALE_FLOOR) / (INT8_MAX if pv == "int8" else FP8_MAX)).contiguous()
         lk_pad = triton.cdiv(Lk, 16) * 16  # 16-byte aligned rows keep the K-major loads vectorized
-        v_store = torch.empty((B, H, D, lk_pad), dtype=torch.float8_e4m3fn, device=dev)
-        _quantize_v_fp8_kernel[(triton.cdiv(Lk, 64), B * H)](
+        v_dtype = torch.int8 if pv == "int8" else torch.float8_e4m3fn
+        v_store = torch.empty((B, H, D, lk_pad), dtype=v_dtype, device=dev)
+        _quantize_v_kernel[(triton.cdiv(Lk, 64), B * H)](
             v, v_mean, v_scale, v_store, *_bhd_strides(v), v_store.stride(1), v_store.stride(2),
-            H, Lk, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=64, INTERPRET=interpreting(), num_warps=4)
+            H, Lk, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=64, TO_INT8=pv == "int8", INTERPRET=interpreting(),
+            num_warps=4)
         v_out = v_store[..., :Lk]
     else:
         v_mean = v_scale = None
@@ -638,17 +663,19 @@ def quantize_for_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 # The operand formats (q·kᵀ, P·V) of each 8-bit precision. Both use INT8 q·kᵀ: on Gaussian q/k it
 # errs ~3x less than e4m3 (7 bits of uniform steps in a block against 3 mantissa bits) and runs at
-# the same tensor-core rate. "int8" keeps P·V in 16 bits (~1% error, SageAttention's first recipe);
-# "fp8" runs P·V in e4m3 as well (SageAttention2's recipe), twice the 16-bit P·V rate, ~3.7% error on
-# zero-mean Gaussian data. `attention_8bit(..., qk=, pv=)` overrides either (e.g. FP8 q·kᵀ).
-RECIPES = {"int8": ("int8", "fp16"), "fp8": ("int8", "fp8")}
+# the same tensor-core rate. Both run P·V on 8-bit tensor cores too, at twice the 16-bit rate: "int8"
+# with block-max-relative INT8 P (~1.8% error on Gaussian data), "fp8" with e4m3 P (SageAttention2's
+# recipe, ~3.7%). `attention_8bit(..., qk=, pv=)` overrides either: pv="fp16" (16-bit P·V,
+# SageAttention's first recipe, ~1.2%) or qk="fp8".
+RECIPES = {"int8": ("int8", "int8"), "fp8": ("int8", "fp8")}
+PV_FORMATS = ("fp16", "int8", "fp8")
 
 
 def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: str, *,
                    qk: str | None = None, pv: str | None = None,
                    config: AttnConfig | None = None) -> torch.Tensor:
     """8-bit attention with the operand formats of RECIPES[precision] ("int8" or "fp8"), or those
-    given: q·kᵀ in `qk` ("int8" or "fp8") after smoothing, P·V in `pv` ("fp16" or "fp8").
+    given: q·kᵀ in `qk` ("int8" or "fp8") after smoothing, P·V in `pv` (one of PV_FORMATS).
     Output [B, Lq, H, D] in q's dtype."""
     if precision not in RECIPES:
         raise OpArgumentError(f"attention: 8-bit precision must be 'int8' or 'fp8', got {precision!r}")
@@ -656,8 +683,8 @@ def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision:
     pv = pv or RECIPES[precision][1]
     if qk not in ("int8", "fp8"):
         raise OpArgumentError(f"attention: qk must be 'int8' or 'fp8', got {qk!r}")
-    if pv not in ("fp16", "fp8"):
-        raise OpArgumentError(f"attention: pv must be 'fp16' or 'fp8', got {pv!r}")
+    if pv not in PV_FORMATS:
+        raise OpArgumentError(f"attention: pv must be one of {PV_FORMATS}, got {pv!r}")
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     _block_d("attention", D)
@@ -674,8 +701,8 @@ def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision:
 def _launch_8bit(x: Quantized8bit, out: torch.Tensor, cfg: AttnConfig):
     B, H, Lq, D = x.q.shape
     Lk = x.k.shape[2]
-    pv_fp8 = x.v_scale is not None
-    if pv_fp8:
+    pv = "fp16" if x.v_scale is None else "int8" if x.v.dtype == torch.int8 else "fp8"
+    if pv != "fp16":
         # [B, H, D, Lk] storage read as [B, Lk, H, D] tiles: (batch, key, head, channel) strides.
         v_strides = (x.v.stride(0), x.v.stride(3), x.v.stride(1), x.v.stride(2))
         v_mean, v_scale = x.v_mean, x.v_scale
@@ -692,7 +719,7 @@ def _launch_8bit(x: Quantized8bit, out: torch.Tensor, cfg: AttnConfig):
         H, Lq, Lk, x.q_scale.shape[2], x.k_scale.shape[2],
         HEAD_DIM=D, BLOCK_D=_block_d("attention", D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         QK_INT8=x.q.dtype == torch.int8,
-        PV_FP8=pv_fp8, DOT_FP32=interpreting(), INTERPRET=interpreting(),
+        PV=pv, DOT_FP32=interpreting(), INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

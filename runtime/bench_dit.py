@@ -11,7 +11,7 @@ Parts (`classify`): the torch profiler's GPU kernel time (on CPU: each op's self
 part, the first matching rule winning (case-insensitive substrings of the kernel or op name):
 - attention: "flash", "fmha", "sdpa", "attention", "attn": cuDNN / flash / memory-efficient SDPA, our
   Triton `_attention_kernel`, `_cross_attention_kernel`, `_attention_8bit_kernel` and the Q/K/V
-  quantization kernels of the 8-bit paths (`_quantize_blocks_kernel`, `_quantize_v_fp8_kernel`), which
+  quantization kernels of the 8-bit paths (`_quantize_blocks_kernel`, `_quantize_v_kernel`), which
   are part of what 8-bit attention costs. On CPU, any op inside an attention op counts as attention.
 - gemm: "gemm", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "splitk" (cuBLAS and CUTLASS GEMMs and
   their split-K reductions), "scaled_mm", "int_mm" (ours and torch's), and the CPU matmul ops
@@ -70,7 +70,7 @@ CLIP_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 256 patches and the class token
 
 _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("flash", "fmha", "sdpa", "attention", "attn",
-                   "_quantize_blocks_kernel", "_quantize_v_fp8_kernel")),
+                   "_quantize_blocks_kernel", "_quantize_v_kernel")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "splitk", "scaled_mm", "int_mm",
               "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn")),
     ("memory_bound", ("rows_kernel", "qk_norm_rope", "dit8::", "quantize", "at::native", "elementwise",

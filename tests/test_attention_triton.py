@@ -204,8 +204,9 @@ def emulate_8bit(q, k, v, qk, pv, block_m, block_n, smooth_v=True):
     """The 8-bit algorithm in float64: K and Q mean smoothing (q's mean term back as a per-key bias),
     per-block q/k codes, exact dot products, softmax, P·V with P and v rounded as `pv` does
     ("fp16": no rounding modelled, P's 16-bit rounding is far below the 8-bit error; "fp8": e4m3 P
-    scaled by 448 and per-channel e4m3 v - v̄, v̄ added back; `smooth_v=False` leaves v̄ in).
-    [B, Lq, H, D] float64."""
+    scaled by 448 and per-channel e4m3 v - v̄, v̄ added back; "int8": per-channel int8 v - v̄ and, per
+    block of block_n keys, P / (the block's row max) in steps of 1/127; `smooth_v=False` leaves v̄ in).
+    The softmax denominator is the exact one, as in the kernel. [B, Lq, H, D] float64."""
     q, k, v = q.double(), k.double(), v.double()
     c = LOG2E / math.sqrt(q.shape[-1])
     q_mean, k_mean = q.mean(1, keepdim=True), k.mean(1, keepdim=True)
@@ -215,11 +216,18 @@ def emulate_8bit(q, k, v, qk, pv, block_m, block_n, smooth_v=True):
     s = torch.einsum("bqhd,bkhd->bhqk", qc, kc) + bias  # log2 units
     p = torch.exp2(s - s.amax(-1, keepdim=True))
     denom = p.sum(-1, keepdim=True)
-    if pv == "fp8":
+    if pv != "fp16":
         v_mean = v.mean(1, keepdim=True) if smooth_v else torch.zeros_like(v[:, :1])
-        v_scale = (v - v_mean).abs().amax(1, keepdim=True).clamp_min(1e-12) / 448
-        v = _e4m3((v - v_mean) / v_scale) * v_scale + v_mean
+        qmax = 127 if pv == "int8" else 448
+        v_scale = (v - v_mean).abs().amax(1, keepdim=True).clamp_min(1e-12) / qmax
+        y = (v - v_mean) / v_scale
+        v = (torch.round(y) if pv == "int8" else _e4m3(y)) * v_scale + v_mean
+    if pv == "fp8":
         p = _e4m3(p * 448) / 448
+    elif pv == "int8":
+        blocks = p.split(block_n, dim=-1)
+        p = torch.cat([torch.round(b / b.amax(-1, keepdim=True) * 127) / 127 * b.amax(-1, keepdim=True)
+                       for b in blocks], dim=-1)
     return torch.einsum("bhqk,bkhd->bqhd", p / denom, v)
 
 
@@ -236,8 +244,8 @@ def emulate_per_tensor_fp8(q, k, v):
 
 
 KINDS = ["gaussian", "offsets", "v_offsets"]
-# The operand formats (q·kᵀ, P·V) measured: both precisions' recipes and the all-FP8 variant.
-FORMATS = [impl.RECIPES["int8"], impl.RECIPES["fp8"], ("fp8", "fp8")]
+# The operand formats (q·kᵀ, P·V) measured: both precisions' recipes, 16-bit P·V and all-FP8.
+FORMATS = [impl.RECIPES["int8"], impl.RECIPES["fp8"], ("int8", "fp16"), ("fp8", "fp8")]
 _RESULTS = {}
 
 
@@ -362,7 +370,7 @@ def test_8bit_kernel_on_its_quantized_operands(qk):
 def test_8bit_single_query_is_exact_up_to_its_bias():
     # Lq = 1: q minus its mean is 0, every score is the fp32 bias; the per-block scale must not be 0/0.
     q, k, v = make_qkv(1, 45, 16, seed=9, dtype=torch.float32, offsets=True)
-    out = ops.attention(q, k, v, precision="int8", backend="triton")
+    out = impl.attention_8bit(q, k, v, "int8", pv="fp16")  # 16-bit P·V: no 8-bit rounding after the scores
     check_output(out, q)
     assert rel_err(out, attention64(q, k, v)) <= 1e-3  # v rounded to fp16 (2^-11) for P·V
 
@@ -454,20 +462,23 @@ def compile_for_sm90() -> dict[str, bool]:
         dict(HAS_IMG=True, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, DOT_FP32=False,
              INTERPRET=False), c)
     c = impl.pick_config("8bit", d)
+    v_codes = {"fp16": "bf16", "int8": "i8", "fp8": "fp8e4nv"}
     for qk, code in [("int8", "i8"), ("fp8", "fp8e4nv")]:
-        for pv in ["fp16", "fp8"]:
-            pointers = dict(Q=code, K=code, V="fp8e4nv" if pv == "fp8" else "bf16", Out="bf16",
+        for pv in impl.PV_FORMATS:
+            pointers = dict(Q=code, K=code, V=v_codes[pv], Out="bf16",
                             **dict.fromkeys(["QScale", "KScale", "Bias", "VMean", "VScale"], "fp32"))
             uses_wgmma[f"attention {qk} q·k, {pv} P·V"] = build(
                 impl._attention_8bit_kernel, pointers,
                 dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, QK_INT8=qk == "int8",
-                     PV_FP8=pv == "fp8", DOT_FP32=False, INTERPRET=False), c)
+                     PV=pv, DOT_FP32=False, INTERPRET=False), c)
         build(impl._quantize_blocks_kernel,
               dict(X="bf16", Xq=code, **dict.fromkeys(["Mean", "Qbar", "Scale", "Bias"], "fp32")),
               dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=c.block_m, TO_INT8=qk == "int8", HAS_BIAS=True, INTERPRET=False),
               impl.AttnConfig(0, 0, 4, 1))
-    build(impl._quantize_v_fp8_kernel, dict(V="bf16", Vq="fp8e4nv", VMean="fp32", VScale="fp32"),
-          dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=64, INTERPRET=False), impl.AttnConfig(0, 0, 4, 1))
+    for pv in ("int8", "fp8"):
+        build(impl._quantize_v_kernel, dict(V="bf16", Vq=v_codes[pv], VMean="fp32", VScale="fp32"),
+              dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=64, TO_INT8=pv == "int8", INTERPRET=False),
+              impl.AttnConfig(0, 0, 4, 1))
     return uses_wgmma
 
 

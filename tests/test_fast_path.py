@@ -81,8 +81,8 @@ def test_8bit_weights_within_twice_the_w8a8_emulation(cond, ref, emulation, sche
 @pytest.mark.parametrize("attention", ["int8", "fp8"])
 def test_8bit_attention_added_error(cond, ref, attention, record_property):
     """What the 8-bit self-attention adds over bf16 attention, on fp8 weights. Bounded by the
-    op-level error of that attention on Gaussian inputs (tests/test_attention_triton.py: ~1.2% int8,
-    ~3.5% fp8), which the residual stream only dilutes."""
+    op-level error of that attention on Gaussian inputs (bench/RESULTS.md: ~1.6% int8, ~3.5% fp8),
+    which the residual stream only dilutes."""
     bf16_attention = forward(cond, scheme="fp8")
     out = forward(cond, scheme="fp8", attention=attention)
     added = rel_err(out, bf16_attention)
@@ -90,7 +90,7 @@ def test_8bit_attention_added_error(cond, ref, attention, record_property):
     record_property("rel_err", rel_err(out, ref))
     print(f"fp8 weights, {attention} attention: adds {added:.2e} to bf16 attention; "
           f"total {rel_err(out, ref):.2e} (bf16 attention {rel_err(bf16_attention, ref):.2e})")
-    assert added <= {"int8": 0.015, "fp8": 0.04}[attention], added
+    assert added <= {"int8": 0.02, "fp8": 0.04}[attention], added
 
 
 def _activation_copies(cond, layers: int) -> list[str]:
