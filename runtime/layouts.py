@@ -111,7 +111,7 @@ def from_official(key: str, layout: str) -> str:
 
 def expected_shapes(config: WanConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a float checkpoint of `config`, official names, with its shape."""
-    C, F = config.dim, config.ffn_dim
+    C = config.dim
     pt, ph, pw = config.patch_size
     shapes: dict[str, tuple[int, ...]] = {
         "patch_embedding.weight": (C, config.in_dim, pt, ph, pw), "patch_embedding.bias": (C,),

@@ -22,7 +22,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dit8.kernels import OpArgumentError
 from dit8.kernels import fused_spec
