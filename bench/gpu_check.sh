@@ -35,7 +35,8 @@ for stage in "${stages[@]}"; do
         tests) run_pytest -rs --junitxml="$out/tests.xml" tests 2>&1 | tail -40 ;;
         gemm|attention|fused)
             run_pytest "bench/test_bench_$stage.py" \
-                --benchmark-json="$out/bench_$stage.json" 2>&1 | tail -15 ;;
+                --benchmark-json="$out/bench_$stage.json" 2>&1 | tail -15
+            if [ "$stage" = fused ]; then python bench/fastest_backends.py "$out/bench_fused.json"; fi ;;
         dit)
             for run in "--scheme bf16 --attention bf16 --compare diffusers --cuda-graph" \
                        "--scheme fp8 --attention bf16" "--scheme fp8 --attention fp8" \

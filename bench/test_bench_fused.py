@@ -4,7 +4,8 @@ tokens x 5120 channels (13,824 for the FFN hidden), bf16 activations, fp32 resid
 
     python -m pytest bench/test_bench_fused.py -q --benchmark-json=fused.json
 
-extra_info of each row: ms (do_bench median), gbps (bytes the op must move / time), copy_gbps (the
+extra_info of each row: op and backend (the registry's names, for bench/fastest_backends.py), ms
+(do_bench median), gbps (bytes the op must move / time), copy_gbps (the
 device copy of this run) and copy_fraction = gbps / copy_gbps (issue 6 target: >= 0.85), ratio =
 eager torch ms / ms; for q/k RMSNorm + RoPE also speedup_vs_official (fp32 RMSNorm + float64 complex
 RoPE, the official Wan code's way; target >= 10) and speedup_vs_rms_norm_rope (F.rms_norm + the torch
@@ -44,8 +45,10 @@ def sizes(smoke: bool) -> dict:
 
 @dataclass
 class Case:
-    """One op: inputs, the fused call per backend, the eager baseline and the bytes it must move."""
+    """One op (its registry name), inputs, the fused call per backend, the eager baseline and the bytes
+    it must move."""
 
+    op: str
     make: Callable[[str, dict], dict]
     run: Callable[[str, dict], object]
     eager: Callable[[dict], object]
@@ -71,18 +74,21 @@ def _act(device, s, width):
 CASES = {
     # per-token fp8 quantization of a bf16 activation (a GEMM input): read 2 B, write 1 B + a scale per row
     "quantize_fp8": Case(
+        op="quantize_per_token",
         make=lambda d, s: _act(d, s, s["C"]),
         run=lambda be, t: quantize.quantize_per_token(t["x"], FP8, backend=be),
         eager=lambda t: quantize.quantize_per_token(t["x"], FP8, backend="torch"),
         nbytes=lambda t: t["x"].numel() * 3 + t["x"].shape[0] * 4),
     # GELU(tanh) + fp8 quantization of the FFN hidden (13,824 wide)
     "gelu_tanh_quant_fp8": Case(
+        op="gelu_tanh_quant",
         make=lambda d, s: _act(d, s, s["F"]),
         run=lambda be, t: quantize.gelu_tanh_quant(t["x"], FP8, backend=be),
         eager=lambda t: quantize.gelu_tanh_quant(t["x"], FP8, backend="torch"),
         nbytes=lambda t: t["x"].numel() * 3 + t["x"].shape[0] * 4),
     # norm1/norm2: LN + modulation of the fp32 residual stream, quantized to fp8 (read 4 B, write 1 B)
     "layer_norm_modulate_quant_fp8": Case(
+        op="layer_norm_modulate_quant",
         make=_ln_inputs,
         run=lambda be, t: norm_quant.layer_norm_modulate_quant(t["x"], t["shift"], t["scale"], eps=EPS, dtype=FP8,
                                                                backend=be),
@@ -91,6 +97,7 @@ CASES = {
         nbytes=lambda t: t["x"].numel() * 5 + t["x"].shape[1] * 4),
     # the same with a bf16 output (the unquantized path; read 4 B, write 2 B)
     "layer_norm_modulate_bf16": Case(
+        op="layer_norm_modulate",
         make=_ln_inputs,
         run=lambda be, t: layer_norm_modulate(t["x"], t["shift"], t["scale"], eps=EPS, out_dtype=torch.bfloat16,
                                               backend=be),
@@ -99,12 +106,14 @@ CASES = {
         nbytes=lambda t: t["x"].numel() * 6),
     # norm3: affine LN of the residual stream, quantized to fp8
     "layer_norm_quant_fp8": Case(
+        op="layer_norm_quant",
         make=_ln_inputs,
         run=lambda be, t: norm_quant.layer_norm_quant(t["x"], t["w"], t["b"], eps=EPS, dtype=FP8, backend=be),
         eager=lambda t: norm_quant.layer_norm_quant(t["x"], t["w"], t["b"], eps=EPS, dtype=FP8, backend="torch"),
         nbytes=lambda t: t["x"].numel() * 5 + t["x"].shape[1] * 4),
     # cross-attention q: full-width RMSNorm, bf16 in and out
     "rms_norm_bf16": Case(
+        op="rms_norm",
         make=lambda d, s: dict(x=_act(d, s, s["C"])["x"][None], w=torch.randn(s["C"], device=d)),
         run=lambda be, t: rms_norm(t["x"], t["w"], eps=EPS, backend=be),
         eager=lambda t: rms_norm(t["x"], t["w"], eps=EPS, backend="torch"),
@@ -211,7 +220,7 @@ def test_fused_op(name, backend, record, benchmark, device, smoke, gpu_time, bas
     nbytes = case.nbytes(t)
     out = case.run(backend, t)
     ms = record(lambda: case.run(backend, t), nbytes=nbytes, baseline_ms=baseline_cache[(name, "eager")])
-    benchmark.extra_info.update(_info(nbytes, ms, copy_gbps))
+    benchmark.extra_info.update(_info(nbytes, ms, copy_gbps), op=case.op, backend=backend)
     assert ms > 0
     ref = case.eager(t)
     outs, refs = (out if isinstance(out, tuple) else (out,)), (ref if isinstance(ref, tuple) else (ref,))
@@ -234,6 +243,8 @@ def test_qk_norm_rope(impl, record, benchmark, device, smoke, gpu_time, baseline
     nbytes = qk_nbytes(t)
     ms = record(fn, nbytes=nbytes, baseline_ms=baseline_cache[("qk", "official")])
     benchmark.extra_info.update(_info(nbytes, ms, copy_gbps))
+    if impl in ("cuda", "triton"):
+        benchmark.extra_info.update(op="qk_norm_rope", backend=impl)
     if copy_gbps is not None:
         benchmark.extra_info.update(speedup_vs_official=round(baseline_cache[("qk", "official")] / ms, 2),
                                     speedup_vs_rms_norm_rope=round(baseline_cache[("qk", "rms_norm_rope")] / ms, 2))
@@ -243,3 +254,30 @@ def test_qk_norm_rope(impl, record, benchmark, device, smoke, gpu_time, baseline
     for a, b in ((oq, rq), (ok, rk)):
         assert a.shape == b.shape
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2 ** -7
+
+
+def test_fastest_backends_script(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def row(case, op, backend, ms):
+        return {"name": f"test_fused_op[{case}-{backend}]", "extra_info": {"op": op, "backend": backend, "ms": ms}}
+
+    results = {"benchmarks": [
+        row("rms_norm_bf16", "rms_norm", "cuda", 0.20), row("rms_norm_bf16", "rms_norm", "triton", 0.25),
+        row("rms_norm_bf16", "rms_norm", "torch", 2.5),  # the baseline: never an entry
+        row("ln_a", "layer_norm_modulate", "cuda", 0.30), row("ln_a", "layer_norm_modulate", "triton", 0.20),
+        row("ln_b", "layer_norm_modulate", "cuda", 0.10), row("ln_b", "layer_norm_modulate", "triton", 0.15),
+        row("q_a", "quantize_per_token", "triton", 0.1), row("q_b", "quantize_per_token", "triton", 0.1),
+        row("q_a", "quantize_per_token", "cuda", 0.01),  # cuda missed q_b: totals would not compare
+    ]}
+    src = tmp_path / "fused.json"
+    src.write_text(json.dumps(results))
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastest_backends.py")
+    run = subprocess.run([sys.executable, script, str(src), "--capability", "9.0"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    last = run.stdout.strip().splitlines()[-1]
+    assert last == 'FASTEST[(9, 0)] = {"layer_norm_modulate": "triton", "rms_norm": "cuda"}', run.stdout
+    assert "quantize_per_token" in run.stdout and "(one backend)" in run.stdout

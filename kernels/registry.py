@@ -1,13 +1,15 @@
 """Backend registry: every op has a torch reference and, where written, faster backends.
 
-`backend="auto"` picks the first usable backend in BACKENDS order among the kernels that have passed
-their tests on a GPU (GPU_VERIFIED) and the torch reference (on CPU tensors: the torch reference);
-the DIT8_BACKEND environment variable names a backend to try first for every op that has it. An explicit `backend=` is strict: it
-runs that backend or raises.
+`backend="auto"` picks, among the kernels that have passed their tests on a GPU (GPU_VERIFIED) and the
+torch reference, the first usable one of: the backend measured fastest for the op on this GPU
+generation (FASTEST), then BACKENDS order. On CPU tensors it picks the torch reference. The
+DIT8_BACKEND environment variable names a backend to try first for every op that has it. An explicit
+`backend=` is strict: it runs that backend or raises.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -37,6 +39,16 @@ _OPS: dict[str, dict[str, _Impl]] = {}
 # these (and the torch reference); explicit backend= and DIT8_BACKEND reach every registered kernel.
 # The interpreter tests check the Triton kernels on CPU; a run of bench/gpu_check.sh adds entries.
 GPU_VERIFIED: frozenset[tuple[str, str]] = frozenset()
+
+# Per GPU generation (CUDA compute capability), the kernel backend measured fastest for an op that has
+# several: "auto" tries it before BACKENDS order. bench/fastest_backends.py prints these entries from
+# the benchmark suites' JSON.
+FASTEST: dict[tuple[int, int], dict[str, str]] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def _any_device(device: torch.device) -> bool:
@@ -78,7 +90,8 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
     _check_name(preferred, ENV_VAR)
     # On CPU tensors "auto" means the torch reference: Triton there is the interpreter, a testing tool.
     fallback = BACKENDS if device.type != "cpu" else ("torch",)
-    order = ([preferred] if preferred != "auto" else []) + list(fallback)
+    fastest = FASTEST.get(_capability(device), {}).get(op) if device.type == "cuda" and FASTEST else None
+    order = [name for name in (preferred, fastest) if name not in (None, "auto")] + list(fallback)
     for name in order:
         impl = impls.get(name)
         if impl is not None and impl.runs_on(device) and (name in (preferred, "torch") or (op, name) in GPU_VERIFIED):

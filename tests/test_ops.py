@@ -142,3 +142,21 @@ def test_auto_picks_only_kernels_verified_on_a_gpu(monkeypatch):
     monkeypatch.setattr(registry, "GPU_VERIFIED", frozenset())
     monkeypatch.setenv("DIT8_BACKEND", "cuda")
     assert registry.resolve("probe", "auto", gpu)() == "cuda"
+
+
+def test_auto_prefers_the_backend_measured_fastest_on_this_gpu(monkeypatch):
+    from dit8.kernels import registry
+
+    monkeypatch.setattr(registry, "_OPS", {})
+    for name in ("torch", "triton", "cuda"):
+        registry.register("probe", name, runs_on=lambda d: True)(lambda name=name: name)
+    monkeypatch.setattr(registry, "GPU_VERIFIED", frozenset({("probe", "cuda"), ("probe", "triton")}))
+    monkeypatch.setattr(registry, "_capability", lambda device: (9, 0))
+    gpu = torch.device("cuda")
+    assert registry.resolve("probe", "auto", gpu)() == "cuda"  # BACKENDS order without a measurement
+    monkeypatch.setattr(registry, "FASTEST", {(9, 0): {"probe": "triton"}, (8, 9): {"probe": "cuda"}})
+    assert registry.resolve("probe", "auto", gpu)() == "triton"
+    monkeypatch.setattr(registry, "GPU_VERIFIED", frozenset({("probe", "cuda")}))
+    assert registry.resolve("probe", "auto", gpu)() == "cuda"  # not verified: the table is not enough
+    monkeypatch.setenv("DIT8_BACKEND", "torch")
+    assert registry.resolve("probe", "auto", gpu)() == "torch"  # the environment comes first
