@@ -202,7 +202,7 @@ def _quantize_blocks64(x, block, qk):
 
 def emulate_8bit(q, k, v, qk, pv, block_m, block_n, smooth_v=True):
     """The 8-bit algorithm in float64: K and Q mean smoothing (q's mean term back as a per-key bias),
-    per-block q/k codes, exact dot products, softmax, P·V with P and v rounded as `pv` does
+    q codes per block of block_m rows and k codes per key, exact dot products, softmax, P·V with P and v rounded as `pv` does
     ("fp16": no rounding modelled, P's 16-bit rounding is far below the 8-bit error; "fp8": e4m3 P
     scaled by 448 and per-channel e4m3 v - v̄, v̄ added back; "int8": per-channel int8 v - v̄ and, per
     block of block_n keys, P / (the block's row max) in steps of 1/127; `smooth_v=False` leaves v̄ in).
@@ -211,7 +211,7 @@ def emulate_8bit(q, k, v, qk, pv, block_m, block_n, smooth_v=True):
     c = LOG2E / math.sqrt(q.shape[-1])
     q_mean, k_mean = q.mean(1, keepdim=True), k.mean(1, keepdim=True)
     qc = _quantize_blocks64((q - q_mean) * c, block_m, qk)
-    kc = _quantize_blocks64(k - k_mean, block_n, qk)
+    kc = _quantize_blocks64(k - k_mean, 1, qk)  # one scale per key
     bias = torch.einsum("bxhd,bkhd->bhxk", q_mean * c, k - k_mean)
     s = torch.einsum("bqhd,bkhd->bhqk", qc, kc) + bias  # log2 units
     p = torch.exp2(s - s.amax(-1, keepdim=True))
@@ -337,24 +337,31 @@ def test_8bit_kernel_on_its_quantized_operands(qk):
     cfg = impl.pick_config("8bit", 32)
     x = impl.quantize_for_attention(q, k, v, qk=qk, pv="fp16", block_m=cfg.block_m, block_n=cfg.block_n)
 
-    # Codes: torch recomputation of the same fp32 arithmetic.
+    # Codes: torch recomputation of the same fp32 arithmetic; q per block of rows, k per row.
     c = impl.LOG2E / math.sqrt(32)
     q_mean = q.mean(dim=1, dtype=torch.float32)
     k_mean = k.mean(dim=1, dtype=torch.float32)
     q_centred = ((q.float() - q_mean[:, None]) * c).transpose(1, 2)  # [B, H, L, D]
+    k_centred = (k.float() - k_mean[:, None]).transpose(1, 2)
     qmax = 127.0 if qk == "int8" else 448.0
-    for i in range(x.q_scale.shape[2]):
-        rows = q_centred[:, :, i * cfg.block_m:(i + 1) * cfg.block_m]
-        scale = rows.abs().amax(dim=(2, 3)) / qmax
-        torch.testing.assert_close(x.q_scale[:, :, i], scale, rtol=2.0 ** -23, atol=0)
-        y = rows / scale[..., None, None]
-        got = x.q[:, :, i * cfg.block_m:(i + 1) * cfg.block_m].double()
+
+    def check_codes(got, y):
         if qk == "int8":
             assert ((got - y.double()).abs() <= 0.5 + 1e-4).all()
         else:
             # e4m3 round-to-nearest: within half a spacing (|y|·2^-4, subnormals 2^-10).
             bound = torch.maximum(y.double().abs() * 2.0 ** -4, torch.full_like(got, 2.0 ** -10))
             assert ((got - y.double()).abs() <= bound * (1 + 1e-6)).all()
+
+    for i in range(x.q_scale.shape[2]):
+        rows = q_centred[:, :, i * cfg.block_m:(i + 1) * cfg.block_m]
+        scale = rows.abs().amax(dim=(2, 3)) / qmax
+        torch.testing.assert_close(x.q_scale[:, :, i], scale, rtol=2.0 ** -23, atol=0)
+        check_codes(x.q[:, :, i * cfg.block_m:(i + 1) * cfg.block_m].double(), rows / scale[..., None, None])
+    k_scale = k_centred.abs().amax(dim=3) / qmax
+    assert x.k_scale.shape == k_scale.shape
+    torch.testing.assert_close(x.k_scale, k_scale, rtol=2.0 ** -23, atol=0)
+    check_codes(x.k.double(), k_centred / k_scale[..., None])
     bias = torch.einsum("bhd,blhd->bhl", q_mean.double() * c, k.double() - k_mean.double()[:, None])
     torch.testing.assert_close(x.bias.double(), bias, rtol=1e-5, atol=1e-5 * bias.abs().max().item())
 
@@ -471,10 +478,11 @@ def compile_for_sm90() -> dict[str, bool]:
                 impl._attention_8bit_kernel, pointers,
                 dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, QK_INT8=qk == "int8",
                      PV=pv, DOT_FP32=False, INTERPRET=False), c)
-        build(impl._quantize_blocks_kernel,
-              dict(X="bf16", Xq=code, **dict.fromkeys(["Mean", "Qbar", "Scale", "Bias"], "fp32")),
-              dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=c.block_m, TO_INT8=qk == "int8", HAS_BIAS=True, INTERPRET=False),
-              impl.AttnConfig(0, 0, 4, 1))
+        for per_row in (False, True):  # q's per-block scales, k's per-row scales and bias
+            build(impl._quantize_blocks_kernel,
+                  dict(X="bf16", Xq=code, **dict.fromkeys(["Mean", "Qbar", "Scale", "Bias"], "fp32")),
+                  dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=c.block_m, PER_ROW=per_row, TO_INT8=qk == "int8",
+                       HAS_BIAS=per_row, INTERPRET=False), impl.AttnConfig(0, 0, 4, 1))
     for pv in ("int8", "fp8"):
         build(impl._quantize_v_kernel, dict(V="bf16", Vq=v_codes[pv], VMean="fp32", VScale="fp32"),
               dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=64, TO_INT8=pv == "int8", INTERPRET=False),
