@@ -12,6 +12,7 @@ from .unipc import UniPCSampler
 
 __version__ = "0.1.0"
 
-__all__ = ["DEFAULT_NEGATIVE_PROMPT", "Cancelled", "CapturedForward", "CheckpointError", "Dit8Error", "DistilledSampler",
-           "EncodedContext", "I2VPipeline", "InputError", "ModelFiles", "ProgressEvent", "UniPCSampler", "Video",
-           "WanConfig", "WanDiT", "find_model_files", "initial_noise", "load_dit", "open_dit", "__version__"]
+__all__ = ["DEFAULT_NEGATIVE_PROMPT", "Cancelled", "CapturedForward", "CheckpointError", "Dit8Error",
+           "DistilledSampler", "EncodedContext", "I2VPipeline", "InputError", "ModelFiles", "ProgressEvent",
+           "UniPCSampler", "Video", "WanConfig", "WanDiT", "find_model_files", "initial_noise", "load_dit",
+           "open_dit", "__version__"]

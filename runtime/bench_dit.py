@@ -50,8 +50,8 @@ from dit8.converters.quantize_weights import SCHEME_DTYPES, dequantize_weight, q
 from dit8.kernels.registry import ENV_VAR as BACKEND_ENV_VAR
 
 from .conditioning import check_frames, check_size, latent_shape
-from .cuda_graph import CapturedForward
 from .config import I2V_14B, WanConfig, tiny_config
+from .cuda_graph import CapturedForward
 from .errors import InputError
 from .layouts import DIFFUSERS, block_linears, from_official
 from .loader import default_dtype

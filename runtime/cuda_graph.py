@@ -29,6 +29,7 @@ class CapturedForward:
         device = model.setup.device
         if device.type != "cuda":
             raise InputError(f"CUDA-graph capture needs a model on a CUDA device, this one is on {device}")
+        # Kept alive: the graph reads the weights' and the context's memory at every replay.
         self.model, self.context = model, context
         # Static inputs, in the dtype and on the device the forward works in, so it copies nothing.
         self.x = x.to(device, torch.float32, copy=True)
