@@ -34,8 +34,8 @@ from dit8.progress import Progress
 from .lora import LoraArg, LoraSet
 from .quantize_weights import SCHEME_DTYPES, error_sums, errors_from_sums, quantize_weight
 from .safetensors_writer import SafetensorsWriter, TensorSpec, fsync_folder, temp_path_beside
+from .in_order import InOrderWorker
 from .source import DIGEST_PLACEHOLDER, SourceReader, SourceTensor
-from .write_behind import WriteBehind
 
 # Rows are processed in blocks of about this many elements: bounds the fp32/float64 temporaries of
 # quantization and error measurement (~4 MiB elements -> at most ~32 MiB each) for any tensor size.
@@ -230,7 +230,7 @@ def _require_finite(summary: torch.Tensor, block: torch.Tensor, t: SourceTensor)
 
 
 def _convert_tensor(plan: _Plan, reader: SourceReader, lora: LoraSet, writer: SafetensorsWriter,
-                    writes: WriteBehind, progress: Progress) -> LayerError | None:
+                    writes: InOrderWorker, progress: Progress) -> LayerError | None:
     """Stream one source tensor into `writer` (through `writes`); returns its quantization error if it
     was quantized."""
     t = plan.source
@@ -381,7 +381,7 @@ def _write_all(plans: list[_Plan], folder: Path, metadata: dict[str, str], reade
         for group, group_specs in specs.items():
             writers[group] = SafetensorsWriter(folder / group, group_specs, metadata)
         layers: list[LayerError] = []
-        with Progress(reader.total_bytes, "converting", enabled=progress) as bar, WriteBehind() as writes:
+        with Progress(reader.total_bytes, "converting", enabled=progress) as bar, InOrderWorker("write") as writes:
             for plan in plans:
                 error = _convert_tensor(plan, reader, lora, writers[plan.group], writes, bar)
                 if error is not None:

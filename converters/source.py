@@ -8,7 +8,7 @@ positioned reads into a small buffer keep the resident memory at one block, what
 
 The digest is over the source files' exact bytes, at no extra I/O: tensors are read in increasing
 file offset, so the bytes read are the file itself in order (the header and any gaps are read to fill
-in). A single file's digest is its sha256 (`sha256sum FILE`); a folder's is the sha256 of the
+in). Each block is hashed on a helper thread while the caller converts it. A single file's digest is its sha256 (`sha256sum FILE`); a folder's is the sha256 of the
 `sha256sum` manifest of its tensor files, sorted by name ("<hex>  <name>\n" lines, as
 `sha256sum $(ls) | sha256sum` prints from inside the folder).
 """
@@ -26,6 +26,8 @@ import torch
 
 from dit8.checkpoint import SAFETENSORS_SUFFIX, TensorInfo
 from dit8.errors import CheckpointError
+
+from .in_order import InOrderWorker
 
 if TYPE_CHECKING:
     from dit8.loader import DitCheckpoint
@@ -65,30 +67,33 @@ def safetensors_offsets(path: Path) -> dict[str, int]:
 
 
 class _FileDigest:
-    """sha256 of one file fed with its bytes in increasing offset; reads what is not fed."""
+    """sha256 of one file fed with its bytes in increasing offset; reads what is not fed (the header,
+    gaps, the end) through a handle of its own, as it runs beside the reads that feed it."""
 
     def __init__(self, path: Path):
         self.path, self.pos, self.sha = path, 0, hashlib.sha256()
 
-    def _fill(self, f: BinaryIO, end: int) -> None:
-        f.seek(self.pos)
-        while self.pos < end:
-            chunk = f.read(min(_GAP_READ, end - self.pos))
-            if not chunk:
-                raise CheckpointError(f"{self.path}: truncated at byte {self.pos}")
-            self.sha.update(chunk)
-            self.pos += len(chunk)
+    def _fill(self, end: int) -> None:
+        if self.pos >= end:
+            return
+        with self.path.open("rb") as f:
+            f.seek(self.pos)
+            while self.pos < end:
+                chunk = f.read(min(_GAP_READ, end - self.pos))
+                if not chunk:
+                    raise CheckpointError(f"{self.path}: truncated at byte {self.pos}")
+                self.sha.update(chunk)
+                self.pos += len(chunk)
 
-    def feed(self, f: BinaryIO, offset: int, data: memoryview) -> None:
+    def feed(self, offset: int, data: memoryview) -> None:
         if offset < self.pos:
             raise CheckpointError(f"{self.path}: tensors overlap at byte {offset}")
-        self._fill(f, offset)
+        self._fill(offset)
         self.sha.update(data)
         self.pos += len(data)
 
     def finish(self) -> str:
-        with self.path.open("rb") as f:
-            self._fill(f, self.path.stat().st_size)
+        self._fill(self.path.stat().st_size)
         return self.sha.hexdigest()
 
 
@@ -110,6 +115,7 @@ class SourceReader:
             tensors += [SourceTensor(official_of[k], k, dit.checkpoint.infos[k], offsets.get(k)) for k in keys]
         self.tensors = tensors
         self._digests = {file: _FileDigest(file) for file in self.files}
+        self._hashing = InOrderWorker("hash")
         self._handles: dict[Path, BinaryIO] = {}
 
     @property
@@ -139,11 +145,13 @@ class SourceReader:
         if f is None:
             f = self._handles[info.file] = info.file.open("rb")
         buf = read_at(f, tensor.offset + begin, nbytes, info.file, tensor.file_key)
-        self._digests[info.file].feed(f, tensor.offset + begin, memoryview(buf.numpy()))
+        # Hashed while the caller converts it; buf is fresh and never written to again.
+        self._hashing.submit(self._digests[info.file].feed, tensor.offset + begin, memoryview(buf.numpy()))
         return buf.view(info.dtype)
 
     def digest(self) -> str:
         """The source digest (see the module docstring); call after reading every tensor."""
+        self._hashing.wait()
         hexes = {file: d.finish() for file, d in self._digests.items()}
         if len(hexes) == 1 and self.dit.checkpoint.path.is_file():
             (only,) = hexes.values()
@@ -154,13 +162,20 @@ class SourceReader:
         return DIGEST_PREFIX + hashlib.sha256(manifest.encode()).hexdigest()
 
     def close(self) -> None:
-        for f in self._handles.values():
-            f.close()
-        self._handles.clear()
-        self.dit.checkpoint.close()
+        try:
+            self._hashing.close()
+        finally:
+            for f in self._handles.values():
+                f.close()
+            self._handles.clear()
+            self.dit.checkpoint.close()
 
     def __enter__(self) -> "SourceReader":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except Exception:
+            if exc_type is None:
+                raise  # otherwise keep the error already on its way

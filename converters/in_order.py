@@ -1,9 +1,10 @@
-"""Writes on a background thread, one block behind the computation that produces them.
+"""Work on a helper thread, one step behind the computation that produces it.
 
-A conversion alternates CPU work (reading, quantizing a block of rows) with writing the block out.
-File writes release the GIL, so running each write on a helper thread while the next block is being
-quantized hides most of the write time. Only one write is ever in flight: memory holds at most one
-block more than a sequential conversion, and the writes keep the order they were submitted in.
+A conversion alternates CPU work (quantizing a block of rows) with work on the bytes: hashing the
+source block just read and writing the converted block out. sha256 and file writes release the GIL,
+so running them on helper threads while the main thread quantizes hides most of their time. Only one
+call per worker is ever in flight: memory holds at most one block more than a sequential conversion,
+and the calls keep the order they were submitted in (a file's bytes are hashed and written in order).
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 
-class WriteBehind:
+class InOrderWorker:
     """Run `submit`ted calls in order on one helper thread, at most one at a time in flight.
 
     An error raised by a call reaches the caller at the next `submit`, `wait` or `close`.
     """
 
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit8-write")
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dit8-{name}")
         self._pending: Future | None = None
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -40,14 +41,14 @@ class WriteBehind:
         finally:
             self._pool.shutdown(wait=True)
 
-    def __enter__(self) -> "WriteBehind":
+    def __enter__(self) -> "InOrderWorker":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
             return
-        # Already failing: let the write in flight finish (its file is about to be discarded) and
+        # Already failing: let the call in flight finish (its output is about to be discarded) and
         # keep the original error rather than a secondary one.
         try:
             self.close()
