@@ -34,8 +34,10 @@ for stage in "${stages[@]}"; do
     case $stage in
         tests) run_pytest -rs --junitxml="$out/tests.xml" tests 2>&1 | tail -40 ;;
         gemm|attention|fused)
-            run_pytest "bench/test_bench_$stage.py" \
-                --benchmark-json="$out/bench_$stage.json" 2>&1 | tail -15
+            # Also saved in pytest-benchmark's storage layout: bench/baselines/ takes it as the committed
+            # baseline that --benchmark-compare-fail checks later runs against (bench/RESULTS.md).
+            run_pytest "bench/test_bench_$stage.py" --benchmark-json="$out/bench_$stage.json" \
+                --benchmark-storage="file://$out/baselines" --benchmark-save="$stage" 2>&1 | tail -15
             if [ "$stage" = fused ]; then python bench/fastest_backends.py "$out/bench_fused.json"; fi ;;
         dit)
             for run in "--scheme bf16 --attention bf16 --compare diffusers --cuda-graph" \
