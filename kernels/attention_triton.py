@@ -442,11 +442,13 @@ def _quantize_blocks_kernel(X, Mean, Qbar, Xq, Scale, Bias,
     if HAS_BIAS:
         qbar = tl.load(Qbar + pid_bh * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
         tl.store(Bias + pid_bh * L + offs_l, tl.sum(x * qbar[None, :], 1), mask=offs_l < L)
+    qmax = _INT8_MAX if TO_INT8 else _FP8_MAX
+    row_amax = tl.max(tl.abs(x), 1)
     if PER_ROW:
-        scale = tl.maximum(tl.max(tl.abs(x), 1), _SCALE_FLOOR) / (_INT8_MAX if TO_INT8 else _FP8_MAX)
+        scale = tl.maximum(row_amax, _SCALE_FLOOR) / qmax
         y = x / scale[:, None]
     else:
-        scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), _SCALE_FLOOR) / (_INT8_MAX if TO_INT8 else _FP8_MAX)
+        scale = tl.maximum(tl.max(row_amax, 0), _SCALE_FLOOR) / qmax
         y = x / scale
     if TO_INT8:
         # Round half away from zero: the int conversion truncates towards zero.
