@@ -8,9 +8,10 @@ positioned reads into a small buffer keep the resident memory at one block, what
 
 The digest is over the source files' exact bytes, at no extra I/O: tensors are read in increasing
 file offset, so the bytes read are the file itself in order (the header and any gaps are read to fill
-in). Each block is hashed on a helper thread while the caller converts it. A single file's digest is its sha256 (`sha256sum FILE`); a folder's is the sha256 of the
-`sha256sum` manifest of its tensor files, sorted by name ("<hex>  <name>\n" lines, as
-`sha256sum $(ls) | sha256sum` prints from inside the folder).
+in). Each block is hashed on a helper thread while the caller converts it. A single file's digest is
+its sha256 (`sha256sum FILE`); a folder's is the sha256 of the `sha256sum` manifest of its tensor
+files, sorted by name ("<hex>  <name>\n" lines, as `sha256sum $(ls) | sha256sum` prints from inside
+the folder).
 """
 
 from __future__ import annotations
