@@ -303,6 +303,22 @@ def test_8bit_error_is_that_of_its_quantization(formats, kind):
     assert cos >= 0.998, cos
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "offsets"])
+@pytest.mark.parametrize("formats", [impl.RECIPES["int8"], ("int8", "fp16")], ids="-".join)
+def test_8bit_kernel_follows_its_emulation(formats, kind):
+    """Output against output, not error against error: with fp32 in and out, the kernel is the
+    emulated algorithm up to codes that land on the other side of a rounding boundary (fp32 against
+    float64 arithmetic before the rounding) and, for 16-bit P·V, v's fp16 rounding (2^-11 relative).
+    FP8 P is left out: the kernel rounds it against the running row max, the emulation against the
+    final one, the same distribution but other values."""
+    q, k, v = make_qkv(200, 129, 64, seed=11, dtype=torch.float32, offsets=kind == "offsets")
+    cfg = impl.pick_config("8bit", 64)
+    out = impl.attention_8bit(q, k, v, "int8", qk=formats[0], pv=formats[1])
+    emu = emulate_8bit(q, k, v, *formats, cfg.block_m, cfg.block_n)
+    emu_err = rel_err(emu, attention64(q, k, v))
+    assert rel_err(out, emu) <= 0.1 * emu_err + 2.0 ** -11, (rel_err(out, emu), emu_err)
+
+
 def test_int8_qk_errs_less_than_fp8_qk():
     # Why both recipes use INT8 q·kᵀ: same P·V, only the q·kᵀ format differs.
     (int8_err, _), _, _ = eight_bit_result(impl.RECIPES["fp8"], "gaussian")
