@@ -9,26 +9,49 @@
 # Stages: tests gemm attention fused dit pipeline. Setup (install, CUDA build) runs once per machine.
 # Each stage fits in a few minutes, so a machine that limits one command's time can run them apart;
 # a stage still running after $STAGE_LIMIT seconds (default 540) is interrupted and reports what ran.
+#
+# A machine without internet access gets the packages it lacks (PyAV for the video tests, diffusers for
+# `--compare diffusers`) as wheels in .whl/, installed into /tmp/site; fetch them on a machine with pip:
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 -d .whl av==18.1.0 diffusers==0.42.1 importlib_metadata
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/dit8-gpu}
+py=${PYTHON:-python3}
 mkdir -p "$out"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests gemm attention fused dit pipeline)
 
-if [ ! -f "$out/gpu.txt" ] || ! python -c "import dit8" 2>/dev/null; then
-    python -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log" 2>&1 || {
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >"$out/wheels.log" 2>&1 ||
+        { echo "installing .whl/ failed:"; tail -5 "$out/wheels.log"; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+"$py" - <<'PY' || exit 1
+import importlib.util, sys
+needed = ("torch", "triton", "safetensors", "numpy", "pytest", "pytest_benchmark", "pybind11", "ninja")
+missing = [name for name in needed if importlib.util.find_spec(name) is None]
+if missing:
+    sys.exit("gpu_check: missing Python packages: " + ", ".join(missing) + " (carry their wheels in .whl/)")
+for name in ("av", "diffusers"):
+    if importlib.util.find_spec(name) is None:
+        print(f"gpu_check: {name} is not installed; the tests and benchmarks that need it will skip")
+PY
+# Set up when this machine has not been, or when `dit8` is not this working tree's.
+here=$(pwd -P)
+if [ ! -f "$out/gpu.txt" ] || [ "$("$py" -c 'import dit8, pathlib; print(pathlib.Path(dit8.__file__).resolve().parents[1])' 2>/dev/null)" != "$here" ]; then
+    "$py" -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log" 2>&1 || {
         echo "install failed:"; tail -20 "$out/install.log"; exit 1; }
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-    python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
+    "$py" -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-    python -m dit8.kernels.cuda_ext build --archs 90a 2>&1 | tail -3
+    "$py" -m dit8.kernels.cuda_ext build 2>&1 | tail -3  # for this GPU's architecture
 fi
 
 limit=${STAGE_LIMIT:-540}
 pytest_args=(-q -p no:cacheprovider --durations=10)
 # SIGINT: pytest stops like on Ctrl-C and still writes its summary, JUnit XML and benchmark JSON.
-run_pytest() { timeout -s INT "$limit" python -m pytest "${pytest_args[@]}" "$@"; }
+run_pytest() { timeout -s INT "$limit" "$py" -m pytest "${pytest_args[@]}" "$@"; }
 for stage in "${stages[@]}"; do
     echo "== $stage"
     case $stage in
@@ -38,14 +61,14 @@ for stage in "${stages[@]}"; do
             # baseline that --benchmark-compare-fail checks later runs against (bench/RESULTS.md).
             run_pytest "bench/test_bench_$stage.py" --benchmark-json="$out/bench_$stage.json" \
                 --benchmark-storage="file://$out/baselines" --benchmark-save="$stage" 2>&1 | tail -15
-            if [ "$stage" = fused ]; then python bench/fastest_backends.py "$out/bench_fused.json"; fi ;;
+            if [ "$stage" = fused ]; then "$py" bench/fastest_backends.py "$out/bench_fused.json"; fi ;;
         dit)
             for run in "--scheme bf16 --attention bf16 --compare diffusers --cuda-graph" \
                        "--scheme fp8 --attention bf16" "--scheme fp8 --attention fp8" \
                        "--scheme int8 --attention int8"; do
                 name=$(echo "$run" | awk '{print $2 "_" $4}')
                 # shellcheck disable=SC2086
-                timeout -s INT "$limit" python -m dit8 bench dit $run --backend triton \
+                timeout -s INT "$limit" "$py" -m dit8 bench dit $run --backend triton \
                     --json "$out/dit_$name.json" 2>&1 | tail -12
             done ;;
         pipeline)
@@ -57,7 +80,7 @@ for stage in "${stages[@]}"; do
     esac
 done
 
-python - "$out" <<'PY'
+"$py" - "$out" <<'PY'
 import collections, glob, json, os, sys, xml.etree.ElementTree as ET
 out = sys.argv[1]
 print()

@@ -22,6 +22,7 @@ PYBIND11_MODULE(_dit8_cuda, m) {
   m.attr("ARCHS") = DIT8_ARCHS;
   m.attr("MAX_THREADS") = dit8::kMaxThreads;
   m.attr("ROW_VECS_PER_THREAD") = dit8::kRowVecsPerThread;
+  m.attr("QK_MAX_THREADS") = dit8::kQkMaxThreads;
   m.attr("QK_VECS_PER_THREAD") = dit8::kQkVecsPerThread;
 
   m.def(

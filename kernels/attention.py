@@ -32,7 +32,7 @@ def _sdpa(q, k, v):
 def _attention_torch(q, k, v, precision):
     if precision != "bf16":
         raise OpArgumentError(f"attention: the torch reference has no {precision!r} path; use precision='bf16' "
-                              f"or the Triton kernels (backend='triton' or DIT8_BACKEND=triton)")
+                              f"or the Triton kernels (backend='triton')")
     return _sdpa(q, k, v)
 
 
@@ -67,7 +67,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, precision: s
     if precision not in PRECISIONS:
         raise OpArgumentError(f"attention: precision must be one of {PRECISIONS}, got {precision!r}")
     _check_qkv("attention", q, k, v)
-    return resolve("attention", backend, q.device)(q, k, v, precision)
+    return resolve("attention", backend, q.device, reference=precision == "bf16")(q, k, v, precision)
 
 
 @register("cross_attention", "torch")

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .buffers import new_output
 from .checks import OpArgumentError
-from .triton_support import interpreting
+from .triton_support import interpreting, on_tensor_device
 
 LOG2E = 1.4426950408889634
 
@@ -334,6 +334,7 @@ def _unit_d(*xs: torch.Tensor) -> list[torch.Tensor]:
     return [x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous() for x in xs]
 
 
+@on_tensor_device
 def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                    config: AttnConfig | None = None) -> torch.Tensor:
     """Flash attention in the inputs' dtype (bf16/fp16 tensor cores, fp32 stays fp32)."""
@@ -355,6 +356,7 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     return out
 
 
+@on_tensor_device
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None,
                     v_img: torch.Tensor | None, *, config: AttnConfig | None = None) -> torch.Tensor:
     """Fused text + image cross-attention, one launch."""
@@ -624,6 +626,7 @@ class Quantized8bit:
         return q, k, self.bias.double(), v
 
 
+@on_tensor_device
 def quantize_for_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qk: str, pv: str,
                            block_m: int, block_n: int) -> Quantized8bit:
     """Smooth and quantize q and k (qk "int8" or "fp8") and prepare v (pv "fp16", "int8" or "fp8")."""
@@ -685,6 +688,7 @@ RECIPES = {"int8": ("int8", "int8"), "fp8": ("int8", "fp8")}
 PV_FORMATS = ("fp16", "int8", "fp8")
 
 
+@on_tensor_device
 def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: str, *,
                    qk: str | None = None, pv: str | None = None,
                    config: AttnConfig | None = None) -> torch.Tensor:
@@ -747,4 +751,4 @@ def attention_from_quantized(x: Quantized8bit, out_dtype: torch.dtype,
     if (cfg.block_m, cfg.block_n) != (x.block_m, x.block_n):
         raise OpArgumentError("attention: the config's blocks must match the quantization blocks")
     out = new_output((B, Lq, H, D), out_dtype, x.q.device)
-    return _launch_8bit(x, out, cfg)
+    return on_tensor_device(lambda out: _launch_8bit(x, out, cfg))(out)

@@ -66,6 +66,7 @@ PTX_ARCH = "90"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3, torch.float8_e4m3fn: 4}
 # csrc/ops.h limits: threads per block and vectors kept in registers per thread.
 MAX_THREADS = 1024
+QK_MAX_THREADS = 512
 QK_VECS_PER_THREAD = 4
 SOURCES = ("common.cuh", "rows.cuh", "ops.h", "norms.cu", "quantize.cu", "qk_norm_rope.cu", "bindings.cpp",
            "build.ninja")
@@ -140,12 +141,6 @@ def missing_tools() -> list[str]:
     return missing
 
 
-@functools.cache
-def _nvcc_version(nvcc: str) -> str:
-    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
-    return out.strip().splitlines()[-1]
-
-
 def parse_archs(text: str) -> tuple[str, ...]:
     archs = tuple(a.strip().removeprefix("sm_") for a in text.replace(";", ",").split(",") if a.strip())
     for a in archs:
@@ -177,9 +172,8 @@ def cache_root() -> Path:
 
 
 def build_dir(archs: tuple[str, ...]) -> Path:
-    nvcc = find_nvcc() or "none"
-    key = "|".join([sys.version, sysconfig.get_config_var("EXT_SUFFIX") or "", nvcc,
-                    _nvcc_version(nvcc) if nvcc != "none" else "", ",".join(archs), str(source_dir()),
+    # No build tool in the key: a module built ahead of time loads on a machine without nvcc.
+    key = "|".join([sys.version, sysconfig.get_config_var("EXT_SUFFIX") or "", ",".join(archs), str(source_dir()),
                     str(ABI_VERSION)])
     return cache_root() / "cuda_ext" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -258,17 +252,19 @@ _MODULE = None
 
 
 def load(archs: tuple[str, ...] | None = None, *, build_if_needed: bool = True):
-    """The `_dit8_cuda` module, built first when needed (ninja skips an up-to-date build)."""
+    """The `_dit8_cuda` module, built or brought up to date first where the build tools are installed."""
     global _MODULE
     if _MODULE is not None:
         return _MODULE
     if os.environ.get("DIT8_CUDA_EXT") == "0":
         raise CudaExtError("the CUDA extension is disabled (DIT8_CUDA_EXT=0)")
     archs = tuple(archs or default_archs())
-    path = module_path(archs) if find_nvcc() else None
-    if build_if_needed:
+    path = module_path(archs)
+    # With the build tools present, ninja brings the module up to date (a no-op when it is); without
+    # them, a module built ahead of time is used as it is.
+    if build_if_needed and (not missing_tools() or not path.is_file()):
         path = build(archs)
-    if path is None or not path.is_file():
+    if not path.is_file():
         raise CudaExtError("the CUDA extension is not built; run: python -m dit8.kernels.cuda_ext build")
     module = _import(path)
     if getattr(module, "ABI_VERSION", None) != ABI_VERSION:
@@ -303,6 +299,13 @@ def cuda_available(device: torch.device) -> bool:
 def _aligned(*items) -> bool:
     """All pointers/byte offsets given are multiples of 16 bytes."""
     return all(int(v) % 16 == 0 for v in items)
+
+
+def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a contiguous copy when its start or a row stride is not a multiple of 16 bytes."""
+    if _aligned(t.data_ptr(), *(s * t.element_size() for s in t.stride()[:-1])):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -356,18 +359,22 @@ def launch_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads: int, eps: flo
     D = C // heads
     esize = q.element_size()
     full = 16 // esize
-    vec = full if (D % full == 0 and _aligned(q.data_ptr(), k.data_ptr(), q.stride(0) * esize, q.stride(1) * esize,
-                                              k.stride(0) * esize, k.stride(1) * esize, weight_q.data_ptr(),
-                                              weight_k.data_ptr(), cos.data_ptr(), sin.data_ptr())) else 2
-    if vec == 2:
+    if D % full == 0:
+        # 16-byte accesses need every row start on a 16-byte boundary. An operand that lacks it is
+        # copied (a fresh tensor is aligned) rather than read in pairs: the pair path covers at most
+        # QK_MAX_THREADS * QK_VECS_PER_THREAD * 2 channels, fewer than Wan's 5120.
+        q, k, weight_q, weight_k, cos, sin = (_aligned_rows(t) for t in (q, k, weight_q, weight_k, cos, sin))
+        vec = full
+    else:
         # Pairs: 2-element accesses need 2-element alignment; copy the rare input that lacks it.
         def pair_aligned(t):
             return t.data_ptr() % (2 * esize) == 0 and t.stride(0) % 2 == 0 and t.stride(1) % 2 == 0
         q = q if pair_aligned(q) else q.contiguous()
         k = k if pair_aligned(k) else k.contiguous()
-    if C // vec > MAX_THREADS * QK_VECS_PER_THREAD:
+        vec = 2
+    if C // vec > QK_MAX_THREADS * QK_VECS_PER_THREAD:
         raise spec.OpArgumentError(f"{op}: width {C} is more than one thread block handles "
-                                   f"({MAX_THREADS * QK_VECS_PER_THREAD * vec} channels at this alignment)")
+                                   f"({QK_MAX_THREADS * QK_VECS_PER_THREAD * vec} channels at this alignment)")
     q_out, k_out, q_scale, k_scale = spec.qk_outputs(q, heads, out_dtype, new_output)
     if B * L == 0:
         return q_out, k_out, q_scale, k_scale

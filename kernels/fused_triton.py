@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import fused_spec as spec
 from .buffers import new_output
-from .triton_support import interpreting
+from .triton_support import interpreting, on_tensor_device
 
 # Largest register tile (elements) of one row; longer rows take the chunked path.
 MAX_TILE = 16384
@@ -234,6 +234,7 @@ def _num_warps(tile: int) -> int:
     return max(4, min(32, tile // 512))
 
 
+@on_tensor_device
 def launch_rows(x: torch.Tensor, weight, bias, shift, scale, norm: int, act: int, rows_per_batch: int,
                 eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the rows kernel (fused_spec.py); the arguments must pass spec.check_rows."""
@@ -314,6 +315,7 @@ def _qk_norm_rope_kernel(Q, K, stride_qb, stride_ql, stride_kb, stride_kl, WQ, W
     _qk_store(KOut + out_row + chan, yk, mask, KScale + scale_at, h_ok, OUT, INTERPRET)
 
 
+@on_tensor_device
 def launch_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads: int, eps: float, out_dtype: torch.dtype):
     """Run the q/k RMSNorm + RoPE kernel (fused_spec.py); the arguments must pass spec.check_qk."""
     spec.check_qk("qk_norm_rope_triton", q, k, weight_q, weight_k, cos, sin, heads, out_dtype)

@@ -1,8 +1,9 @@
 """Backend registry: every op has a torch reference and, where written, faster backends.
 
-`backend="auto"` picks, among the kernels that have passed their tests on a GPU (GPU_VERIFIED) and the
-torch reference, the first usable one of: the backend measured fastest for the op on this GPU
-generation (FASTEST), then BACKENDS order. On CPU tensors it picks the torch reference. The
+`backend="auto"` picks, among the kernels that have passed their tests on this GPU generation
+(GPU_VERIFIED) and the torch reference, the first usable one of: the backend measured fastest for the
+op on this GPU generation (FASTEST), then BACKENDS order. On CPU tensors it picks the torch reference.
+A call the torch reference cannot serve (8-bit attention) takes the first kernel backend that runs. The
 DIT8_BACKEND environment variable names a backend to try first for every op that has it. An explicit
 `backend=` is strict: it runs that backend or raises.
 """
@@ -35,10 +36,11 @@ class _Impl:
 
 _OPS: dict[str, dict[str, _Impl]] = {}
 
-# (op, backend) pairs of kernel backends that have passed their tests on a GPU. "auto" picks only
-# these (and the torch reference); explicit backend= and DIT8_BACKEND reach every registered kernel.
-# The interpreter tests check the Triton kernels on CPU; a run of bench/gpu_check.sh adds entries.
-GPU_VERIFIED: frozenset[tuple[str, str]] = frozenset()
+# Per GPU generation (CUDA compute capability), the (op, backend) pairs of kernel backends that have
+# passed their tests on such a GPU. "auto" picks only these (and the torch reference); explicit
+# backend= and DIT8_BACKEND reach every registered kernel. The interpreter tests check the Triton
+# kernels on CPU; a run of bench/gpu_check.sh on a GPU adds entries for its generation.
+GPU_VERIFIED: dict[tuple[int, int], frozenset[tuple[str, str]]] = {}
 
 # Per GPU generation (CUDA compute capability), the kernel backend measured fastest for an op that has
 # several: "auto" tries it before BACKENDS order. bench/fastest_backends.py prints these entries from
@@ -75,8 +77,12 @@ def _check_name(name: str, where: str) -> None:
         raise BackendError(f"{where}: unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
 
 
-def resolve(op: str, backend: str, device: torch.device) -> Callable:
-    """The implementation of `op` to run on `device` for the requested backend."""
+def resolve(op: str, backend: str, device: torch.device, *, reference: bool = True) -> Callable:
+    """The implementation of `op` to run on `device` for the requested backend.
+
+    reference=False: the torch reference cannot serve this call (a path only the kernels have, such
+    as 8-bit attention), so "auto" takes the first kernel backend that runs here, verified or not.
+    """
     _check_name(backend, f"{op}(backend=...)")
     impls = _OPS[op]
     if backend != "auto":
@@ -90,12 +96,21 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
     _check_name(preferred, ENV_VAR)
     # On CPU tensors "auto" means the torch reference: Triton there is the interpreter, a testing tool.
     fallback = BACKENDS if device.type != "cpu" else ("torch",)
-    fastest = FASTEST.get(_capability(device), {}).get(op) if device.type == "cuda" and FASTEST else None
+    on_cuda = device.type == "cuda"
+    fastest = FASTEST.get(_capability(device), {}).get(op) if on_cuda and FASTEST else None
+    verified = GPU_VERIFIED.get(_capability(device), frozenset()) if on_cuda and GPU_VERIFIED else frozenset()
     order = [name for name in (preferred, fastest) if name not in (None, "auto")] + list(fallback)
     for name in order:
         impl = impls.get(name)
-        if impl is not None and impl.runs_on(device) and (name in (preferred, "torch") or (op, name) in GPU_VERIFIED):
+        if name == "torch" and not reference:
+            continue
+        # Eligibility before runs_on: the "cuda" predicate may build the extension.
+        eligible = name in (preferred, "torch") or (op, name) in verified or not reference
+        if impl is not None and eligible and impl.runs_on(device):
             return impl.fn
+    if not reference and device.type == "cpu":
+        raise BackendError(f"{op}: this path has no torch reference; on CPU tensors run the Triton kernels "
+                           f"in the interpreter with backend='triton' (TRITON_INTERPRET=1)")
     raise BackendError(f"{op}: no backend can run on {device.type} tensors here")
 
 

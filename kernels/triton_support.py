@@ -4,11 +4,15 @@ kernels are tested without a GPU."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+from typing import Callable, TypeVar
 
 import torch
+
+F = TypeVar("F", bound=Callable)
 
 
 @functools.cache
@@ -28,3 +32,15 @@ def triton_runs_on(device: torch.device) -> bool:
     if device.type == "cuda":
         return not interpreting()
     return device.type == "cpu" and interpreting()
+
+
+def on_tensor_device(fn: F) -> F:
+    """Decorator for launchers whose first argument is a tensor: run them with that tensor's CUDA
+    device current. Triton launches on the current device and its stream, not on the tensors' device."""
+
+    @functools.wraps(fn)
+    def launcher(x: torch.Tensor, *args, **kwargs):
+        with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+            return fn(x, *args, **kwargs)
+
+    return launcher  # type: ignore[return-value]

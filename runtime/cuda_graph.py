@@ -36,18 +36,20 @@ class CapturedForward:
         self.t = t.to(device, copy=True)
         self.y = None if y is None else y.to(device, torch.float32, copy=True)
 
-        # Warm up on a side stream (the documented capture recipe): compiles the Triton kernels, builds
-        # the RoPE table and lets the allocator settle before anything is recorded.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(max(warmup, 1)):
-                model(self.x, self.t, context, y=self.y)
-        torch.cuda.current_stream(device).wait_stream(side)
+        # The model's device is made current throughout: the capture records the current device's
+        # stream. Warm up on a side stream (the documented capture recipe): compiles the Triton
+        # kernels, builds the RoPE table and lets the allocator settle before anything is recorded.
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(max(warmup, 1)):
+                    model(self.x, self.t, context, y=self.y)
+            torch.cuda.current_stream(device).wait_stream(side)
 
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.out = model(self.x, self.t, context, y=self.y)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), torch.no_grad():
+                self.out = model(self.x, self.t, context, y=self.y)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The velocity for latents x at timesteps t (shapes as captured): replays the graph."""
@@ -55,7 +57,8 @@ class CapturedForward:
             if new.shape != static.shape:
                 raise InputError(f"{name} has shape {tuple(new.shape)}; the graph was captured for "
                                  f"{tuple(static.shape)}")
-        self.x.copy_(x)
-        self.t.copy_(t)
-        self.graph.replay()
-        return self.out.clone()
+        with torch.cuda.device(self.x.device):
+            self.x.copy_(x)
+            self.t.copy_(t)
+            self.graph.replay()
+            return self.out.clone()

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from dit8 import kernels as ops
+from dit8.kernels.attention import PRECISIONS
+from dit8.kernels.registry import resolve
 
 from .config import WanConfig
 from .errors import InputError
@@ -331,6 +333,7 @@ class WanDiT(nn.Module):
                  quantized: Mapping[str, torch.dtype] | None = None):
         super().__init__()
         setup = Setup(torch.device(device), dtype, backend, dict(quantized or {}))
+        _check_attention(attention, setup)
         C = config.dim
         self.config, self.setup = config, setup
         self.patch_embedding = PatchEmbedding(config, setup)
@@ -440,6 +443,15 @@ class WanDiT(nn.Module):
         B, c = out.shape[0], self.config.out_dim
         out = out.reshape(B, f, h, w, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(B, c, f * pt, h * ph, w * pw)
+
+
+def _check_attention(attention: str, setup: Setup) -> None:
+    """Refuse an unknown precision, or an 8-bit one no backend runs here, when the model is built
+    rather than at its first forward."""
+    if attention not in PRECISIONS:
+        raise InputError(f"attention must be one of {PRECISIONS}, got {attention!r}")
+    if attention != "bf16":
+        resolve("attention", setup.backend, setup.device, reference=False)
 
 
 def _expect(t: object, name: str, shape: tuple) -> None:

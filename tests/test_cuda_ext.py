@@ -56,7 +56,8 @@ def test_gencode_flags():
 def test_module_builds_links_and_imports_without_a_gpu(module):
     assert module.ABI_VERSION == cuda_ext.ABI_VERSION
     assert module.ARCHS == ",".join("sm_" + a for a in ARCHS)
-    assert module.MAX_THREADS == cuda_ext.MAX_THREADS and module.QK_VECS_PER_THREAD == cuda_ext.QK_VECS_PER_THREAD
+    assert module.MAX_THREADS == cuda_ext.MAX_THREADS and module.QK_MAX_THREADS == cuda_ext.QK_MAX_THREADS
+    assert module.QK_VECS_PER_THREAD == cuda_ext.QK_VECS_PER_THREAD
     assert callable(module.rows) and callable(module.qk_norm_rope)
     path = cuda_ext.module_path(ARCHS)
     # cudart is linked statically: the module needs no libcudart of any version, only the driver.

@@ -340,6 +340,24 @@ def test_qk_norm_rope_against_float64(backend, device, xdtype, out_dtype):
 
 
 @pytest.mark.parametrize("backend, device", KERNELS)
+def test_qk_norm_rope_reads_views_off_a_16_byte_boundary(backend, device):
+    """q and k one element past a 16-byte boundary: vector loads cannot read them in place, so the
+    kernel works on aligned copies; at Wan's width (40 x 128) too."""
+    B, grid, H, D = (1, (21, 30, 52), 40, 128) if big(device) else (1, (2, 3, 4), 3, 32)
+    L, C = math.prod(grid), H * D
+    qkv = randn((B, L, 3 * C + 1), 1100, device, scale=2.0).to(torch.bfloat16)
+    q, k = qkv[..., 1:C + 1], qkv[..., C + 1:2 * C + 1]
+    wq, wk = randn((C,), 1101, device, offset=1.0), randn((C,), 1102, device, offset=1.0)
+    cos, sin = rope_table(grid, D, device=device)
+    angles = angles64(grid, D).to(device)
+    oq, ok = qk_norm_rope(q, k, wq, wk, cos, sin, heads=H, eps=1e-6, backend=backend)
+    rq, rk = qk_norm_rope(q, k, wq, wk, cos, sin, heads=H, eps=1e-6, backend="torch")
+    for x, w, out, ref in ((q, wq, oq, rq), (k, wk, ok, rk)):
+        want = rope64(rms64(x, w).unflatten(-1, (H, D)), angles)
+        assert rel_err(out, want) <= float_bound(rel_err(ref, want), torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend, device", KERNELS)
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
 def test_qk_norm_rope_quant_against_float64(backend, device, qdtype):
     for i, (B, grid, H, D) in enumerate(_qk_cases(device)):

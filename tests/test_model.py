@@ -76,3 +76,13 @@ def test_t2v_refuses_image_inputs():
     inputs = random_inputs(config)
     with pytest.raises(InputError, match="T2V"):
         model(**inputs, y=torch.randn(2, 20, 2, 4, 6))
+
+
+def test_attention_choice_is_checked_when_the_model_is_built():
+    with pytest.raises(InputError, match="attention must be one of"):
+        WanDiT(tiny_config("i2v"), attention="int4")
+    # The 8-bit paths have no torch reference; on CPU tensors "auto" means the reference.
+    with pytest.raises(dit8.kernels.BackendError, match="no torch reference"):
+        WanDiT(tiny_config("i2v"), attention="int8")
+    with pytest.raises(dit8.kernels.BackendError, match="unknown backend"):
+        WanDiT(tiny_config("i2v"), attention="fp8", backend="cudnn")

@@ -134,14 +134,32 @@ def test_auto_picks_only_kernels_verified_on_a_gpu(monkeypatch):
     monkeypatch.setattr(registry, "_OPS", {})
     registry.register("probe", "torch")(lambda: "torch")
     registry.register("probe", "cuda", runs_on=lambda d: True)(lambda: "cuda")
+    monkeypatch.setattr(registry, "_capability", lambda device: (9, 0))
     gpu = torch.device("cuda")
     assert registry.resolve("probe", "auto", gpu)() == "torch"
     assert registry.resolve("probe", "cuda", gpu)() == "cuda"
-    monkeypatch.setattr(registry, "GPU_VERIFIED", frozenset({("probe", "cuda")}))
+    monkeypatch.setattr(registry, "GPU_VERIFIED", {(8, 0): frozenset({("probe", "cuda")})})
+    assert registry.resolve("probe", "auto", gpu)() == "torch"  # verified on another generation only
+    monkeypatch.setattr(registry, "GPU_VERIFIED", {(9, 0): frozenset({("probe", "cuda")})})
     assert registry.resolve("probe", "auto", gpu)() == "cuda"
-    monkeypatch.setattr(registry, "GPU_VERIFIED", frozenset())
+    monkeypatch.setattr(registry, "GPU_VERIFIED", {})
     monkeypatch.setenv("DIT8_BACKEND", "cuda")
     assert registry.resolve("probe", "auto", gpu)() == "cuda"
+
+
+def test_auto_takes_an_unverified_kernel_where_the_reference_cannot_serve(monkeypatch):
+    from dit8.kernels import registry
+
+    monkeypatch.setattr(registry, "_OPS", {})
+    registry.register("probe", "torch")(lambda: "torch")
+    registry.register("probe", "triton", runs_on=lambda d: True)(lambda: "triton")
+    monkeypatch.setattr(registry, "GPU_VERIFIED", {})
+    monkeypatch.setattr(registry, "_capability", lambda device: (9, 0))
+    assert registry.resolve("probe", "auto", torch.device("cuda"), reference=False)() == "triton"
+    with pytest.raises(registry.BackendError, match="no torch reference.*backend='triton'"):
+        registry.resolve("probe", "auto", torch.device("cpu"), reference=False)
+    monkeypatch.setenv("DIT8_BACKEND", "triton")  # the interpreter on CPU, when asked for
+    assert registry.resolve("probe", "auto", torch.device("cpu"), reference=False)() == "triton"
 
 
 def test_auto_prefers_the_backend_measured_fastest_on_this_gpu(monkeypatch):
@@ -150,13 +168,13 @@ def test_auto_prefers_the_backend_measured_fastest_on_this_gpu(monkeypatch):
     monkeypatch.setattr(registry, "_OPS", {})
     for name in ("torch", "triton", "cuda"):
         registry.register("probe", name, runs_on=lambda d: True)(lambda name=name: name)
-    monkeypatch.setattr(registry, "GPU_VERIFIED", frozenset({("probe", "cuda"), ("probe", "triton")}))
+    monkeypatch.setattr(registry, "GPU_VERIFIED", {(9, 0): frozenset({("probe", "cuda"), ("probe", "triton")})})
     monkeypatch.setattr(registry, "_capability", lambda device: (9, 0))
     gpu = torch.device("cuda")
     assert registry.resolve("probe", "auto", gpu)() == "cuda"  # BACKENDS order without a measurement
     monkeypatch.setattr(registry, "FASTEST", {(9, 0): {"probe": "triton"}, (8, 9): {"probe": "cuda"}})
     assert registry.resolve("probe", "auto", gpu)() == "triton"
-    monkeypatch.setattr(registry, "GPU_VERIFIED", frozenset({("probe", "cuda")}))
+    monkeypatch.setattr(registry, "GPU_VERIFIED", {(9, 0): frozenset({("probe", "cuda")})})
     assert registry.resolve("probe", "auto", gpu)() == "cuda"  # not verified: the table is not enough
     monkeypatch.setenv("DIT8_BACKEND", "torch")
     assert registry.resolve("probe", "auto", gpu)() == "torch"  # the environment comes first
