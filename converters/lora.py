@@ -63,7 +63,9 @@ def parse_lora(arg: "LoraArg | LoraSpec") -> LoraSpec:
         head, sep, tail = text.rpartition(":")
         try:
             spec = LoraSpec(Path(head), float(tail)) if sep and head else LoraSpec(Path(text))
-        except ValueError:  # no number after the colon: the colon belongs to the path
+        except ValueError:  # no number after the colon: the colon belongs to the path, unless it cannot
+            if not Path(text).exists() and Path(head).is_file():
+                raise CheckpointError(f"{head}: LoRA strength {tail!r} is not a number") from None
             spec = LoraSpec(Path(text))
     if not math.isfinite(spec.strength):
         raise CheckpointError(f"{spec.path}: LoRA strength {spec.strength} is not a finite number")

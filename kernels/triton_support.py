@@ -30,7 +30,7 @@ def triton_runs_on(device: torch.device) -> bool:
     if not triton_installed():
         return False
     if device.type == "cuda":
-        return not interpreting()
+        return not interpreting() and torch.cuda.is_available()
     return device.type == "cpu" and interpreting()
 
 

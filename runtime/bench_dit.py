@@ -47,11 +47,12 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 
 from dit8.converters.quantize_weights import SCHEME_DTYPES, dequantize_weight, quantize_weight
-from dit8.kernels.registry import ENV_VAR as BACKEND_ENV_VAR
+from dit8.kernels.registry import ENV_VAR as BACKEND_ENV_VAR, available_backends
 
 from .conditioning import check_frames, check_size, latent_shape
 from .config import I2V_14B, WanConfig, tiny_config
 from .cuda_graph import CapturedForward
+from .devices import resolve_device
 from .errors import InputError
 from .layouts import DIFFUSERS, block_linears, from_official
 from .loader import default_dtype
@@ -124,11 +125,11 @@ def check_settings(s: BenchSettings) -> None:
         raise InputError("steps and warmup must be >= 0 and repeat >= 1")
     if s.compare not in (None, "diffusers"):
         raise InputError(f"compare must be 'diffusers', got {s.compare!r}")
-    device = torch.device(s.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: CUDA is not available here (use --device cpu for the tiny smoke run)")
+    device = resolve_device(s.device)
     if s.cuda_graph and device.type != "cuda":
         raise InputError("--cuda-graph needs --device cuda")
+    if s.backend in ("triton", "cuda") and not any(s.backend in names for names in available_backends(device).values()):
+        raise InputError(f"backend {s.backend!r}: no op can run its kernels on {device.type} tensors here")
 
 
 # -- the model, built on the device --------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,8 +116,11 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except Exception as err:  # torch raises many types for corrupt or unsafe pickles
-        raise CheckpointError(f"{path}: cannot load as a weights-only torch checkpoint: "
-                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        detail = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive, as torch.save writes, "
+                                  f"nor a readable legacy pickle; {detail})") from None
+        raise CheckpointError(f"{path}: cannot load as a weights-only torch checkpoint: {detail}") from None
     return _unwrap_state_dict(obj, path)
 
 

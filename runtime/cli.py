@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -61,20 +62,33 @@ def _parse_size(text: str) -> tuple[int, int]:
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .conditioning import check_frames, check_size, image_tensor
+    from dit8.kernels.registry import resolve
+
+    from .conditioning import check_frames, check_size, image_tensor, output_size
+    from .devices import resolve_device
     from .errors import InputError
-    from .pipeline import I2VPipeline
+    from .pipeline import I2VPipeline, check_settings
+    from .tokenizer import clean_prompt
+    from .video import check_output_paths
 
     # What can be checked without the model is checked before the (long) load.
+    device = resolve_device(args.device)
+    check_output_paths(args.out, args.frames_dir)
     image = image_tensor(args.image)
+    if not clean_prompt(args.prompt):
+        raise InputError("--prompt is empty")
+    check_settings(seed=args.seed, steps=args.steps, guidance=args.guidance, shift=args.shift)
     check_frames(args.frames)
     if args.size is not None:
         check_size(args.size)
-    if not Path(args.out).parent.is_dir():
-        raise InputError(f"{args.out}: its folder does not exist")
+    elif args.area is not None:
+        output_size(tuple(image.shape[1:]), args.area)
+    if args.attention != "bf16":
+        resolve("attention", args.backend, device, reference=False)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    pipe = I2VPipeline.from_pretrained(args.model, device=args.device, dtype=dtypes.get(args.dtype),
-                                       dit=args.dit, scheme=args.scheme, attention=args.attention,
+    pipe = I2VPipeline.from_pretrained(args.model, device=device, dtype=dtypes.get(args.dtype),
+                                       dit=args.dit, scheme=args.scheme, distilled=args.distilled,
+                                       attention=args.attention,
                                        backend=args.backend, offload_encoders=args.offload_encoders,
                                        vae_tile=args.vae_tile)
     for line in pipe.files.describe():
@@ -165,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     dit.add_argument("--scheme", choices=("bf16", "fp8", "int8"),
                      help="which DiT of the folder: bf16 (float), fp8 or int8 (default: the first present)")
     dit.add_argument("--dit", help="a DiT file or folder to use instead of the folder's")
+    kind = generate.add_mutually_exclusive_group()
+    kind.add_argument("--distilled", dest="distilled", action="store_const", const=True,
+                      help="the DiT is step/CFG-distilled: 4 steps, no CFG, shift 5 by default (default: "
+                      "told from the folder and file names)")
+    kind.add_argument("--base", dest="distilled", action="store_const", const=False,
+                      help="the DiT is the undistilled base model: UniPC, 40 steps, CFG 5 by default")
     generate.add_argument("--attention", choices=("bf16", "int8", "fp8"), default="bf16",
                           help="self-attention precision")
     generate.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
@@ -220,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except BrokenPipeError:
+        # The reader of stdout left (`dit8 info ... | head`): not an error of ours. Point stdout at
+        # devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (Dit8Error, OSError, ValueError) as err:
         print(f"dit8: error: {err}", file=sys.stderr)
         return 1

@@ -15,9 +15,11 @@ from typing import TextIO
 
 import numpy as np
 
+from .devices import resolve_device
 from .pipeline import I2VPipeline, ProgressEvent, Video
 from .progress import format_bytes
 from .testing_pipeline import write_tiny_model_folder
+from .video import check_output_paths
 
 DEMO_FRAMES = 9
 DEMO_AREA = 48 * 80
@@ -36,6 +38,8 @@ def pattern_image(height: int = 120, width: int = 200) -> np.ndarray:
 def run_demo(*, seed: int = 0, update: str = "deterministic", device: str = "cpu", output: str | Path = "dit8-demo.mp4",
              frames_dir: str | Path | None = None, out: TextIO = sys.stdout) -> Video:
     """Run the demo, write the mp4 to `output` (and PNG frames to `frames_dir`), return the Video."""
+    resolve_device(device)
+    check_output_paths(output, frames_dir)
     print("dit8 demo: RANDOM WEIGHTS (tiny untrained DiT, T5, CLIP and VAE); the video is noise and shows "
           "that the pipeline runs end to end, not a picture.", file=out)
     with tempfile.TemporaryDirectory(prefix="dit8-demo-") as tmp:

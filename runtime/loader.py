@@ -12,6 +12,7 @@ import torch
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import WAN_HEAD_DIM, WanConfig, check_against_config_json, config_json_values, read_config_json
+from .devices import resolve_device
 from .errors import CheckpointError
 from .layouts import block_linears, detect_layout, expected_shapes, from_official, to_official
 from .model import WanDiT
@@ -216,7 +217,7 @@ def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
     Tensors are read one at a time into the model's preallocated storage, so memory holds the model
     plus one tensor. Raises CheckpointError naming the file and key for any problem in the checkpoint.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     dit = open_dit(path)
     runtime_quantized = dit.runtime_quantized()
     model = WanDiT(dit.config, device=device, dtype=dtype or default_dtype(device), backend=backend,

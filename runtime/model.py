@@ -455,8 +455,10 @@ def _check_attention(attention: str, setup: Setup) -> None:
 
 
 def _expect(t: object, name: str, shape: tuple) -> None:
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+    if not isinstance(t, torch.Tensor):
         raise InputError(f"{name} must be a floating-point tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise InputError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.dim() != len(shape) or any(e is not None and s != e for s, e in zip(t.shape, shape)):
         want = tuple("*" if e is None else e for e in shape)
         raise InputError(f"{name} has shape {tuple(t.shape)}; expected {want}")

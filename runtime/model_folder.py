@@ -24,8 +24,8 @@ piece that is missing. dit8 runs the float T5 and CLIP (`models_t5_umt5-xxl-enc-
 Distilled or base (what the pipeline's defaults follow: 4 steps, no CFG, shift 5, or UniPC 40 steps,
 CFG 5, shift 3): an explicit `distilled=` wins; else a DiT whose path below the model folder (or whose
 file name) says "distill", "lightx2v" or "4step", or that sits in LightX2V's fp8/, int8/ or original/
-folders, is distilled; else a folder of shards with an index json (the official layout) is the base
-model; else the model is distilled exactly when the model folder holds a LightX2V DiT (so another DiT
+folders, is distilled; else a folder of shards with the official index json (`OFFICIAL_INDEX`) is the
+base model; else the model is distilled exactly when the model folder holds a LightX2V DiT (so another DiT
 file given in an official folder means the base model, in a LightX2V folder the distilled one).
 """
 
@@ -216,7 +216,7 @@ def find_model_files(path: str | Path, *, dit: str | Path | None = None, scheme:
         kind, dit_scheme = "override", None
         if _has_hint(dit_path, root):
             is_distilled = True
-        elif dit_path.is_dir() and any(dit_path.glob("*.index.json")):
+        elif dit_path.is_dir() and (dit_path / OFFICIAL_INDEX).is_file():
             is_distilled = False
         else:
             is_distilled = any(lightx2v for _, rel, _, lightx2v in DIT_CANDIDATES if _present(root, rel))

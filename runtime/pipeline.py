@@ -35,6 +35,7 @@ import torch
 from .clip import CLIPVisionEncoder
 from .conditioning import (AREA_480P, check_frames, check_prompt, check_size, clip_features, image_condition,
                            image_tensor, output_size, resize_image, text_features)
+from .devices import resolve_device
 from .errors import CheckpointError, Dit8Error, InputError
 from .loader import default_dtype, load_dit
 from .model import WanDiT
@@ -116,6 +117,26 @@ class Video:
     def save_frames(self, folder: str | Path, *, prefix: str = "frame_") -> list[Path]:
         """Write every frame as a PNG `folder/{prefix}00000.png`, ...; returns the paths."""
         return write_png_frames(folder, self.frames, prefix=prefix)
+
+
+def check_settings(*, seed: Any = 0, steps: Any = None, guidance: Any = None, shift: Any = None,
+                   sampler: Any = None, update: Any = "deterministic") -> None:
+    """The checks of a call's settings that need no model (None leaves a setting to its default);
+    InputError naming the first bad one. The command line runs them before loading the model."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise InputError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000):
+        raise InputError(f"steps must be an integer in [1, 1000], got {steps!r}")
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                                 or not math.isfinite(guidance)):
+        raise InputError(f"guidance must be a finite number, got {guidance!r}")
+    if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float))
+                              or not 0 < shift < math.inf):
+        raise InputError(f"shift must be a positive number, got {shift!r}")
+    if update not in UPDATE_RULES:
+        raise InputError(f"update must be one of {UPDATE_RULES}, got {update!r}")
 
 
 class StageBar:
@@ -239,8 +260,8 @@ class I2VPipeline:
         Raises CheckpointError naming the file for a missing or unusable piece.
         """
         start = time.perf_counter()
+        device = resolve_device(device)
         files = find_model_files(path, dit=dit, scheme=scheme, distilled=distilled)
-        device = torch.device(device)
         t5_dtype, clip_dtype = _encoder_dtypes(device, dtype)
         encoder_device = torch.device("cpu") if offload_encoders else device
         model = load_dit(files.dit, device=device, dtype=dtype or default_dtype(device), backend=backend,
@@ -295,8 +316,7 @@ class I2VPipeline:
         """Validate everything before taking the lock, so bad input fails at once."""
         pixels = image_tensor(image)
         check_prompt(self.tokenizer, prompt)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-            raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        check_settings(seed=seed, steps=steps, guidance=guidance, shift=shift, sampler=sampler, update=update)
         check_frames(frames, self.vae.config.time_stride)
         multiple = self.vae.config.space_stride * self.dit.config.patch_size[1]
         if size is not None and area is not None:
@@ -308,21 +328,11 @@ class I2VPipeline:
                                         vae_stride=self.vae.config.space_stride,
                                         patch=self.dit.config.patch_size[1])
         sampler = sampler if sampler is not None else (DISTILLED if self.distilled else UNIPC)
-        if sampler not in SAMPLERS:
-            raise InputError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         distilled = sampler == DISTILLED
         steps = (4 if distilled else 40) if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
-            raise InputError(f"steps must be an integer in [1, 1000], got {steps!r}")
         guidance = (1.0 if distilled else 5.0) if guidance is None else guidance
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-            raise InputError(f"guidance must be a finite number, got {guidance!r}")
         if shift is None:
             shift = 5.0 if distilled or height * width > AREA_480P else 3.0
-        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < math.inf:
-            raise InputError(f"shift must be a positive number, got {shift!r}")
-        if update not in UPDATE_RULES:
-            raise InputError(f"update must be one of {UPDATE_RULES}, got {update!r}")
         if guidance != 1:
             negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
             check_prompt(self.tokenizer, negative_prompt, "negative_prompt", allow_empty=True)

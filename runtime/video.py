@@ -25,8 +25,8 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["FPS", "VideoFile", "read_png", "read_video", "to_uint8_frames", "video_to_frames",
-           "write_mp4", "write_png_frames"]
+__all__ = ["FPS", "VideoFile", "check_output_paths", "read_png", "read_video", "to_uint8_frames",
+           "video_to_frames", "write_mp4", "write_png_frames"]
 
 FPS = 16  # Wan2.1's frame rate
 H264_ENCODERS = ("libx264", "libopenh264")
@@ -76,12 +76,28 @@ def _h264_encoder() -> str:
     raise RuntimeError(f"this PyAV build has no H.264 encoder ({' or '.join(H264_ENCODERS)})")
 
 
+def check_output_paths(mp4: str | Path | None = None, frames_dir: str | Path | None = None) -> None:
+    """InputError, naming the path, where `write_mp4(mp4)` or `write_png_frames(frames_dir)` would fail
+    for a reason known before any frame exists: lets a caller refuse before minutes of generation."""
+    if mp4 is not None:
+        mp4 = Path(mp4)
+        if mp4.is_dir():
+            raise InputError(f"{mp4}: is a folder; give the .mp4 file's name")
+        if mp4.suffix.lower() != ".mp4":
+            raise InputError(f"{mp4}: the output is an H.264 .mp4 file; give a name ending in .mp4")
+        if not mp4.parent.is_dir():
+            raise InputError(f"{mp4}: its folder {mp4.parent} does not exist")
+    if frames_dir is not None and Path(frames_dir).exists() and not Path(frames_dir).is_dir():
+        raise InputError(f"{frames_dir}: exists and is not a folder (the PNG frames go into a folder)")
+
+
 def write_mp4(path: str | Path, frames: torch.Tensor | np.ndarray, *, fps: int = FPS, crf: int = 18,
               pad_odd: bool = False) -> Path:
     """Write frames as an H.264 mp4, yuv420p, constant `fps`, quality `crf` (x264's scale: 0 lossless,
     18 visually lossless, 23 its default). The file appears complete or not at all (it is written
     beside and renamed), and its index is at the front so it plays while downloading."""
     path = Path(path)
+    check_output_paths(mp4=path)
     frames = _even(to_uint8_frames(frames), pad_odd)
     _, height, width, _ = frames.shape
     partial = path.with_name(f".{path.name}.partial")
@@ -107,6 +123,7 @@ def write_png_frames(folder: str | Path, frames: torch.Tensor | np.ndarray, *,
     """Write each frame as `folder/{prefix}{index}.png` (index zero-padded to at least 5 digits, from 0),
     8-bit RGB; returns the paths in order."""
     folder = Path(folder)
+    check_output_paths(frames_dir=folder)
     folder.mkdir(parents=True, exist_ok=True)
     frames = to_uint8_frames(frames)
     digits = max(5, len(str(len(frames) - 1)))

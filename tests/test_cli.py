@@ -121,3 +121,35 @@ def test_generate_errors_are_one_line(model_folder, tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert err.startswith("dit8: error: ") and err.count("\n") == 1 and message in err
     assert not (tmp_path / "o.mp4").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "bogus"], "'bogus' is not a device name"),
+    (["--device", "cuda:7"], "cuda:7"),
+    (["--out", "."], "is a folder"),
+    (["--out", "o.avi"], "ending in .mp4"),
+    (["--out", "nodir/o.mp4"], "its folder nodir does not exist"),
+    (["--frames-dir", "frame_00000.png"], "is not a folder"),
+    (["--prompt", "  "], "--prompt is empty"),
+    (["--steps", "0"], "steps must be"),
+    (["--shift", "0"], "shift must be"),
+    (["--seed", "-1"], "seed must be"),
+    (["--area", "100"], "raise the area"),
+    (["--attention", "int8"], "no torch reference"),
+])
+def test_generate_refuses_bad_arguments_before_loading(tmp_path, capsys, monkeypatch, args, message):
+    """The model folder does not exist: each error must come from the argument, checked first."""
+    monkeypatch.chdir(tmp_path)
+    image = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    png = write_png_frames(tmp_path, image[None])[0]
+    argv = ["generate", "--model", "nowhere", "--image", str(png), "--prompt", "a cat", "--out", "o.mp4",
+            "--device", "cpu", *args]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dit8: error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_demo_refuses_an_unusable_output_first(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "nodir" / "x.mp4")]) == 1
+    err = capsys.readouterr()
+    assert "nodir" in err.err and "does not exist" in err.err and "step" not in err.out

@@ -367,6 +367,9 @@ def test_parse_lora_arguments(tmp_path):
     assert parse_lora("x.safetensors:-1e-1").strength == -0.1
     with pytest.raises(CheckpointError, match="finite"):
         parse_lora("x.safetensors:nan")
+    (tmp_path / "l.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="l.safetensors: LoRA strength 'abc' is not a number"):
+        parse_lora(f"{tmp_path / 'l.safetensors'}:abc")
 
 
 # ----------------------------------------------------------------------------------------- safety

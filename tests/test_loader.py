@@ -100,6 +100,12 @@ def test_corrupt_pth(tmp_path, weights):
     assert "m.pth" in load_error(path)
 
 
+def test_a_pth_that_is_no_torch_file(tmp_path):
+    path = tmp_path / "junk.pth"
+    path.write_bytes(b"definitely not a pickle" * 10)
+    assert "junk.pth: not a torch checkpoint" in load_error(path)
+
+
 def test_pth_with_a_non_tensor_entry(tmp_path, weights):
     weights["step"] = 3
     path = tmp_path / "m.pth"

@@ -86,3 +86,15 @@ def test_attention_choice_is_checked_when_the_model_is_built():
         WanDiT(tiny_config("i2v"), attention="int8")
     with pytest.raises(dit8.kernels.BackendError, match="unknown backend"):
         WanDiT(tiny_config("i2v"), attention="fp8", backend="cudnn")
+
+
+def test_devices_are_checked_by_name():
+    from dit8.devices import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(InputError, match="'gpu0' is not a device name"):
+        resolve_device("gpu0")
+    with pytest.raises(InputError, match="cuda:99"):
+        resolve_device("cuda:99")
+    with pytest.raises(InputError, match="'mps': dit8 runs on cpu or cuda"):
+        resolve_device("mps")

@@ -365,6 +365,8 @@ def test_dit_override_and_the_distilled_rule(tmp_path):
     assert not find_model_files(official, dit=official / "mine.safetensors").distilled
     assert find_model_files(official, dit="mine.safetensors").dit == official / "mine.safetensors"  # relative
     assert find_model_files(lightx2v, dit="converted/model_fp8.safetensors").distilled  # the folder's kind
+    touch(lightx2v, "per_block/model.safetensors.index.json", "per_block/block_0.safetensors")
+    assert find_model_files(lightx2v, dit="per_block").distilled  # `convert --per-block`: not official shards
     touch(tmp_path, "my_4step_model.safetensors")
     assert find_model_files(official, dit=tmp_path / "my_4step_model.safetensors").distilled  # name hint
     assert find_model_files(official, distilled=True).distilled

@@ -7,7 +7,8 @@ import torch
 from dit8 import InputError
 from dit8.testing_vae import random_vae_weights, tiny_vae_config
 from dit8.vae import WanVAE
-from dit8.video import FPS, read_png, read_video, to_uint8_frames, video_to_frames, write_mp4, write_png_frames
+from dit8.video import (FPS, check_output_paths, read_png, read_video, to_uint8_frames, video_to_frames, write_mp4,
+                        write_png_frames)
 
 
 def smooth_frames(frames: int = 17, height: int = 48, width: int = 64) -> np.ndarray:
@@ -80,3 +81,16 @@ def test_decoded_video_to_mp4(tmp_path):
     assert (video.num_frames, video.height, video.width, video.fps) == (9, 16, 32, 16)
     with pytest.raises(InputError, match="3, frames, height, width"):
         video_to_frames(decoded[0, :2])
+
+
+def test_output_paths_are_refused_before_any_frame(tmp_path):
+    check_output_paths(tmp_path / "ok.mp4", tmp_path / "frames")  # neither exists yet: fine
+    (tmp_path / "taken.png").write_bytes(b"")
+    for mp4, frames_dir, message in [(tmp_path, None, "is a folder"), (tmp_path / "x.avi", None, "ending in .mp4"),
+                                     (tmp_path / "no" / "x.mp4", None, "does not exist"),
+                                     (None, tmp_path / "taken.png", "is not a folder")]:
+        with pytest.raises(InputError, match=message):
+            check_output_paths(mp4, frames_dir)
+    with pytest.raises(InputError, match="does not exist"):
+        write_mp4(tmp_path / "no" / "x.mp4", smooth_frames(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.png"]
