@@ -55,7 +55,10 @@ run_pytest() { timeout -s INT "$limit" "$py" -m pytest "${pytest_args[@]}" "$@";
 for stage in "${stages[@]}"; do
     echo "== $stage"
     case $stage in
-        tests) run_pytest -rs --junitxml="$out/tests.xml" tests 2>&1 | tail -40 ;;
+        tests)
+            run_pytest -rs --junitxml="$out/tests.xml" tests 2>&1 | tail -40
+            # The kernels whose GPU tests passed: the line to paste into registry.GPU_VERIFIED.
+            "$py" bench/verified_backends.py "$out/tests.xml" ;;
         gemm|attention|fused)
             # Also saved in pytest-benchmark's storage layout: bench/baselines/ takes it as the committed
             # baseline that --benchmark-compare-fail checks later runs against (bench/RESULTS.md).

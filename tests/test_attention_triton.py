@@ -32,6 +32,7 @@ from dit8.kernels.triton_support import interpreting  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
 LOG2E = math.log2(math.e)
+pytestmark = pytest.mark.verifies("attention", "cross_attention", backend="triton")
 
 # (Lq, Lk, D): lengths off the block sizes (interpreter blocks 64 x 32, GPU 128 x 128), Lq != Lk.
 SHAPES = [(77, 45, 16), (200, 129, 64)]

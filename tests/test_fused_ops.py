@@ -142,6 +142,7 @@ def check_codes(q, scale, want64, ref_q, ref_scale, qdtype, *, row_dims=1):
 # quantize_per_token, gelu_tanh_quant
 # ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.verifies("quantize_per_token")
 @pytest.mark.parametrize("backend, device", KERNELS)
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
@@ -159,6 +160,7 @@ def test_quantize_per_token_is_bit_exact(backend, device, qdtype, xdtype):
         assert s[M // 2] == SCALE_FLOOR / QMAX[qdtype] and (q[M // 2].float() == 0).all()
 
 
+@pytest.mark.verifies("quantize_per_token")
 @pytest.mark.parametrize("backend, device", KERNELS)
 def test_quantize_per_token_strided_rows_and_int8_ties(backend, device):
     # Rows of a wider tensor (row stride > K), and values exactly half-way between int8 codes.
@@ -175,6 +177,7 @@ def test_quantize_per_token_strided_rows_and_int8_ties(backend, device):
     assert torch.equal(q[0, 256:300].float(), torch.linspace(-10.5, 10.5, 44, device=device).round())
 
 
+@pytest.mark.verifies("gelu_tanh_quant")
 @pytest.mark.parametrize("backend, device", KERNELS)
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
 def test_gelu_tanh_quant_against_float64(backend, device, qdtype):
@@ -208,6 +211,7 @@ def _ln_shapes(device):
     return LN_SHAPES + (LN_SHAPES_GPU if big(device) else [])
 
 
+@pytest.mark.verifies("layer_norm_modulate")
 @pytest.mark.parametrize("backend, device", KERNELS)
 @pytest.mark.parametrize("xdtype, out_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float32),
                                                 (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)],
@@ -225,6 +229,7 @@ def test_layer_norm_modulate_against_float64(backend, device, xdtype, out_dtype)
         assert rel_err(out, want) <= float_bound(rel_err(ref, want), out_dtype), (B, L, C)
 
 
+@pytest.mark.verifies("layer_norm")
 @pytest.mark.parametrize("backend, device", KERNELS)
 @pytest.mark.parametrize("affine", ["none", "weight", "weight+bias"])
 def test_layer_norm_against_float64(backend, device, affine):
@@ -239,6 +244,7 @@ def test_layer_norm_against_float64(backend, device, affine):
             assert rel_err(out, want) <= float_bound(rel_err(ref, want), out_dtype), (B, L, C, out_dtype)
 
 
+@pytest.mark.verifies("layer_norm_modulate_quant")
 @pytest.mark.parametrize("backend, device", KERNELS)
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
 def test_layer_norm_modulate_quant_against_float64(backend, device, qdtype):
@@ -251,6 +257,7 @@ def test_layer_norm_modulate_quant_against_float64(backend, device, qdtype):
         check_codes(q, s, want, rq, rs, qdtype)
 
 
+@pytest.mark.verifies("layer_norm_quant")
 @pytest.mark.parametrize("backend, device", KERNELS)
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
 def test_layer_norm_quant_against_float64(backend, device, qdtype):
@@ -263,6 +270,7 @@ def test_layer_norm_quant_against_float64(backend, device, qdtype):
         check_codes(q, s, want, rq, rs, qdtype)
 
 
+@pytest.mark.verifies("rms_norm")
 @pytest.mark.parametrize("backend, device", KERNELS)
 def test_rms_norm_against_float64(backend, device):
     for i, (B, L, C) in enumerate(_ln_shapes(device)):
@@ -322,6 +330,7 @@ def _qk_inputs(B, grid, H, D, seed, device, dtype):
     return qkv[..., :C], qkv[..., C:2 * C], wq, wk, cos, sin
 
 
+@pytest.mark.verifies("qk_norm_rope")
 @pytest.mark.parametrize("backend, device", KERNELS)
 @pytest.mark.parametrize("xdtype, out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
                                                 (torch.float32, torch.float32), (torch.float16, torch.float16)],
@@ -339,6 +348,7 @@ def test_qk_norm_rope_against_float64(backend, device, xdtype, out_dtype):
         assert rel_err(ok, want_k) <= float_bound(rel_err(rk, want_k), out_dtype), (B, grid, H, D)
 
 
+@pytest.mark.verifies("qk_norm_rope")
 @pytest.mark.parametrize("backend, device", KERNELS)
 def test_qk_norm_rope_reads_views_off_a_16_byte_boundary(backend, device):
     """q and k one element past a 16-byte boundary: vector loads cannot read them in place, so the
@@ -357,6 +367,7 @@ def test_qk_norm_rope_reads_views_off_a_16_byte_boundary(backend, device):
         assert rel_err(out, want) <= float_bound(rel_err(ref, want), torch.bfloat16)
 
 
+@pytest.mark.verifies("qk_norm_rope_quant")
 @pytest.mark.parametrize("backend, device", KERNELS)
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
 def test_qk_norm_rope_quant_against_float64(backend, device, qdtype):
@@ -422,6 +433,7 @@ def test_torch_library_ops_pass_opcheck():
 
 @GPU
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.verifies("layer_norm_modulate_quant", "qk_norm_rope")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_fused_ops_under_torch_compile_and_cuda_graphs(backend):
     B, grid, H, D = 1, (2, 4, 6), 4, 64
@@ -454,6 +466,7 @@ def test_fused_ops_under_torch_compile_and_cuda_graphs(backend):
 
 @GPU
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.verifies("qk_norm_rope", "quantize_per_token", backend=("cuda", "triton"))
 def test_cuda_and_triton_agree():
     from dit8.kernels import cuda_ext
 

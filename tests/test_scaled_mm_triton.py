@@ -41,7 +41,8 @@ FP8 = torch.float8_e4m3fn
 QDTYPES = [torch.int8, FP8]
 OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # GELU's exp2 overflows to inf for very negative inputs (giving the right -0); numpy warns about it.
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning"),
+              pytest.mark.verifies("scaled_mm", "scaled_mm_fused", backend="triton")]
 
 
 def qname(q):

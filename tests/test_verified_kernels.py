@@ -1,0 +1,49 @@
+"""From a GPU test run to registry.GPU_VERIFIED: what tests record, and bench/verified_backends.py."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import verified_kernels
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "verified_backends.py"
+
+
+def test_marked_tests_name_their_kernels():
+    assert verified_kernels(pytest.mark.verifies("rms_norm").mark, {"backend": "cuda", "device": "cuda"}) == \
+        ["rms_norm:cuda"]
+    assert verified_kernels(pytest.mark.verifies("rms_norm").mark, {"backend": "triton", "device": "cpu"}) == []
+    both = pytest.mark.verifies("attention", "cross_attention", backend="triton").mark
+    assert verified_kernels(both, {}) == ["attention:triton", "cross_attention:triton"]
+    agree = pytest.mark.verifies("qk_norm_rope", backend=("cuda", "triton")).mark
+    assert verified_kernels(agree, {}) == ["qk_norm_rope:cuda", "qk_norm_rope:triton"]
+    assert verified_kernels(None, {"backend": "cuda"}) == []
+
+
+def _case(name: str, verifies: str | None, outcome: str = "passed") -> str:
+    props = f'<properties><property name="verifies" value="{verifies}"/></properties>' if verifies else ""
+    body = {"passed": "", "failed": '<failure message="x"/>', "skipped": '<skipped message="x"/>'}[outcome]
+    return f'<testcase classname="tests.t" name="{name}">{props}{body}</testcase>'
+
+
+def test_script_prints_the_verified_entry(tmp_path):
+    cases = [
+        _case("a", "scaled_mm:triton,scaled_mm_fused:triton"), _case("b", "scaled_mm:triton"),
+        _case("c", "rms_norm:cuda"), _case("d", "rms_norm:cuda", "failed"),  # one failure disqualifies
+        _case("e", "rms_norm:triton"), _case("f", "layer_norm:triton", "skipped"),  # skipped only: no
+        _case("g", None, "failed"),  # a test that names no kernel changes nothing
+    ]
+    xml = tmp_path / "tests.xml"
+    xml.write_text(f'<testsuites><testsuite name="pytest">{"".join(cases)}</testsuite></testsuites>')
+    run = subprocess.run([sys.executable, str(SCRIPT), str(xml), "--capability", "9.0"], capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == (
+        "GPU_VERIFIED[(9, 0)] = frozenset({('rms_norm', 'triton'), ('scaled_mm', 'triton'), "
+        "('scaled_mm_fused', 'triton')})")
+    xml.write_text('<testsuites><testsuite name="pytest">' + _case("g", None) + "</testsuite></testsuites>")
+    run = subprocess.run([sys.executable, str(SCRIPT), str(xml), "--capability", "9.0"], capture_output=True,
+                         text=True)
+    assert run.returncode == 1 and "no test recorded" in run.stderr
