@@ -114,6 +114,20 @@ def resolve(op: str, backend: str, device: torch.device, *, reference: bool = Tr
     raise BackendError(f"{op}: no backend can run on {device.type} tensors here")
 
 
+def reference_only_notice(backend: str, device: torch.device) -> str | None:
+    """Why "auto" will run only the torch reference ops on this GPU, or None when it will not: no kernel
+    has been verified on this GPU generation and DIT8_BACKEND names none. Said once to users of a GPU,
+    whose models would otherwise run many times slower than they can without a word."""
+    if backend != "auto" or device.type != "cuda" or os.environ.get(ENV_VAR, "auto") != "auto":
+        return None
+    major, minor = _capability(device)
+    if GPU_VERIFIED.get((major, minor)):
+        return None
+    return (f"dit8: no kernel has passed its GPU tests on this GPU generation (sm_{major}{minor}) yet, so "
+            f"backend='auto' runs the torch reference ops, many times slower than the kernels; "
+            f"DIT8_BACKEND=triton (or backend='triton') runs the Triton kernels, bench/gpu_check.sh tests them")
+
+
 def available_backends(device: str | torch.device = "cpu") -> dict[str, list[str]]:
     """For every op, the backends that can run on `device` on this machine, in auto's order."""
     device = torch.device(device)

@@ -8,6 +8,7 @@ all norm statistics are fp32; the matmuls and attention run in the model's compu
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from dit8 import kernels as ops
 from dit8.kernels.attention import PRECISIONS
-from dit8.kernels.registry import resolve
+from dit8.kernels.registry import reference_only_notice, resolve
 
 from .config import WanConfig
 from .errors import InputError
@@ -334,6 +335,9 @@ class WanDiT(nn.Module):
         super().__init__()
         setup = Setup(torch.device(device), dtype, backend, dict(quantized or {}))
         _check_attention(attention, setup)
+        notice = reference_only_notice(backend, setup.device)
+        if notice is not None:
+            warnings.warn(notice, stacklevel=2)
         C = config.dim
         self.config, self.setup = config, setup
         self.patch_embedding = PatchEmbedding(config, setup)

@@ -178,3 +178,20 @@ def test_auto_prefers_the_backend_measured_fastest_on_this_gpu(monkeypatch):
     assert registry.resolve("probe", "auto", gpu)() == "cuda"  # not verified: the table is not enough
     monkeypatch.setenv("DIT8_BACKEND", "torch")
     assert registry.resolve("probe", "auto", gpu)() == "torch"  # the environment comes first
+
+
+def test_a_gpu_without_verified_kernels_is_told_so(monkeypatch):
+    from dit8.kernels import registry
+
+    monkeypatch.setattr(registry, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(registry, "GPU_VERIFIED", {})
+    monkeypatch.delenv("DIT8_BACKEND", raising=False)
+    gpu = torch.device("cuda")
+    assert "sm_90" in registry.reference_only_notice("auto", gpu)
+    assert registry.reference_only_notice("torch", gpu) is None  # asked for the reference
+    assert registry.reference_only_notice("auto", torch.device("cpu")) is None
+    monkeypatch.setattr(registry, "GPU_VERIFIED", {(9, 0): frozenset({("rms_norm", "triton")})})
+    assert registry.reference_only_notice("auto", gpu) is None
+    monkeypatch.setattr(registry, "GPU_VERIFIED", {})
+    monkeypatch.setenv("DIT8_BACKEND", "triton")
+    assert registry.reference_only_notice("auto", gpu) is None
