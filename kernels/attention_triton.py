@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .buffers import new_output
 from .checks import OpArgumentError
-from .triton_support import interpreting, on_tensor_device
+from .triton_support import interpreting, on_tensor_device, tensor_device
 
 LOG2E = 1.4426950408889634
 
@@ -751,4 +751,5 @@ def attention_from_quantized(x: Quantized8bit, out_dtype: torch.dtype,
     if (cfg.block_m, cfg.block_n) != (x.block_m, x.block_n):
         raise OpArgumentError("attention: the config's blocks must match the quantization blocks")
     out = new_output((B, Lq, H, D), out_dtype, x.q.device)
-    return on_tensor_device(lambda out: _launch_8bit(x, out, cfg))(out)
+    with tensor_device(out):
+        return _launch_8bit(x, out, cfg)

@@ -39,7 +39,6 @@ and gives what a GPU's round-to-nearest-even conversion gives.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -50,7 +49,7 @@ from . import gemm_configs
 from .buffers import new_output
 from .gemm_configs import GemmConfig
 from .registry import BackendError
-from .triton_support import interpreting
+from .triton_support import interpreting, tensor_device
 
 ACTIVATION_CODES = {None: 0, "gelu_tanh": 1}
 # GELU(tanh) as y·sigmoid(2u), u = √(2/π)·(y + 0.044715·y³), since (1 + tanh(u))/2 = sigmoid(2u); with
@@ -384,7 +383,7 @@ def scaled_mm(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.bfloat16, *, 
         gate = gate.contiguous()
     args = (xq, x_scale, wq, w_scale, bias, out)
     kwargs = dict(activation=activation, residual=residual, gate=gate, rows_per_batch=rows_per_batch)
-    with torch.cuda.device(xq.device) if xq.device.type == "cuda" else contextlib.nullcontext():
+    with tensor_device(xq):
         cfg = config or pick_config(kind, M, N, K, xq.device)
         if cfg is None:
             cfg = _autotune(_tune_key(_capability(xq.device), kind, M, N, K), args, kwargs)

@@ -34,13 +34,18 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and interpreting()
 
 
+def tensor_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Context in which `x`'s CUDA device is the current one (nothing for CPU tensors). Triton launches
+    on the current device and its stream, not on the device of the tensors it is given."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
 def on_tensor_device(fn: F) -> F:
-    """Decorator for launchers whose first argument is a tensor: run them with that tensor's CUDA
-    device current. Triton launches on the current device and its stream, not on the tensors' device."""
+    """Decorator for launchers whose first argument is a tensor: run them in `tensor_device` of it."""
 
     @functools.wraps(fn)
     def launcher(x: torch.Tensor, *args, **kwargs):
-        with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        with tensor_device(x):
             return fn(x, *args, **kwargs)
 
     return launcher  # type: ignore[return-value]
