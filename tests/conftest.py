@@ -5,23 +5,14 @@ import os
 import pytest
 import torch
 
+from kernel_verification import verified_kernels
+
 # Without a GPU, Triton kernels run in the interpreter on CPU tensors; it must be switched on before
 # triton (and so dit8.kernels' Triton code) is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Kernel outputs start as NaN, so an element a kernel fails to write fails the comparison.
 os.environ.setdefault("DIT8_POISON_OUTPUTS", "1")
-
-
-def verified_kernels(marker: pytest.Mark | None, params: dict) -> list[str]:
-    """"op:backend" for each kernel a test marked `verifies(*ops, backend=...)` checks when it runs
-    with these parameters on a GPU: the backend comes from the marker or from the test's `backend`
-    parameter; a test parametrized to run on CPU tensors checks none."""
-    if marker is None or params.get("device", "cuda") != "cuda":
-        return []
-    backends = marker.kwargs.get("backend") or params.get("backend")
-    backends = (backends,) if isinstance(backends, str) else tuple(backends or ())
-    return [f"{op}:{backend}" for op in marker.args for backend in backends]
 
 
 @pytest.fixture(autouse=True)

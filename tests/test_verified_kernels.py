@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import verified_kernels
+from kernel_verification import verified_kernels
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "verified_backends.py"
 
