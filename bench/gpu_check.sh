@@ -64,6 +64,9 @@ for stage in "${stages[@]}"; do
             # baseline that --benchmark-compare-fail checks later runs against (bench/RESULTS.md).
             run_pytest "bench/test_bench_$stage.py" --benchmark-json="$out/bench_$stage.json" \
                 --benchmark-storage="file://$out/baselines" --benchmark-save="$stage" 2>&1 | tail -15
+            # The chart for the README (kernel beside its baseline, per shape).
+            "$py" bench/plot_results.py "$out/bench_$stage.json" "$out/bench_$stage.png" \
+                --title "$(head -1 "$out/gpu.txt" | cut -d, -f1), $(sed -n 2p "$out/gpu.txt")" | tail -1
             if [ "$stage" = fused ]; then "$py" bench/fastest_backends.py "$out/bench_fused.json"; fi ;;
         dit)
             for run in "--scheme bf16 --attention bf16 --compare diffusers --cuda-graph" \
