@@ -11,7 +11,8 @@
 # a stage still running after $STAGE_LIMIT seconds (default 540) is interrupted and reports what ran.
 #
 # A machine without internet access gets the packages it lacks (PyAV for the video tests, diffusers for
-# `--compare diffusers`) as wheels in .whl/, installed into /tmp/site; fetch them on a machine with pip:
+# `--compare diffusers`) as wheels in .whl/ (git ignores it: copy it along with the working tree),
+# installed into /tmp/site; fetch them on a machine with pip:
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux_2_28_x86_64 -d .whl av==18.1.0 diffusers==0.42.1 importlib_metadata
 set -uo pipefail
