@@ -61,7 +61,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, precision: s
     precision "bf16" attends in the inputs' own dtype (fp32 inputs stay fp32); "int8" and "fp8" are
     the 8-bit paths of the kernel backends (triton), both on 8-bit tensor cores for q·kᵀ and P·V:
     "int8" keeps the relative error under 2% on Gaussian and on offset (RMS-normed-like) q/k; "fp8"
-    has e4m3's larger error: ~3.5% on zero-mean Gaussian data, under 3% on offset q/k or v with
+    has e4m3's larger error: ~3.4% on zero-mean Gaussian data, under 3% on offset q/k or v with
     channel means. bench/RESULTS.md has the measured errors.
     """
     if precision not in PRECISIONS:

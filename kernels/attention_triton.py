@@ -409,11 +409,11 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: to
 #   p̃ = exp2(s - max_block) in [0, 1] with a 1 in every row, rounded to multiples of 1/127; the int32
 #   product is rescaled by r = exp2(max_block - m) (m the running max), which is exact because r is
 #   constant along the row. Scaling by the block max, not the running max, keeps the large weights of
-#   every block at full 7-bit precision; ~1.8% relative error on Gaussian data.
+#   every block at full 7-bit precision; ~1.5% relative error on Gaussian data.
 # - "fp8": v - v̄ and P·448 in e4m3; each tile's product accumulated from zero in fp32 and then added to
 #   the running accumulator (two-level accumulation, so the reduced-precision accumulator of Hopper's
 #   FP8 MMA only ever sums BLOCK_N products). e4m3 keeps 3 mantissa bits, a ~2.5% rms relative rounding
-#   of every p and every v: ~3.7% relative error on zero-mean Gaussian data whatever the scales.
+#   of every p and every v: ~3.4% relative error on zero-mean Gaussian data whatever the scales.
 
 # Quantization of the 8-bit operands. The sequence statistics (means, v's amax) are torch reductions
 # (one read each, no copies); the per-block quantization is this kernel.
@@ -681,8 +681,8 @@ def quantize_for_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 # The operand formats (q·kᵀ, P·V) of each 8-bit precision. Both use INT8 q·kᵀ: on Gaussian q/k it
 # errs ~3x less than e4m3 (7 bits of uniform steps in a block against 3 mantissa bits) and runs at
 # the same tensor-core rate. Both run P·V on 8-bit tensor cores too, at twice the 16-bit rate: "int8"
-# with block-max-relative INT8 P (~1.8% error on Gaussian data), "fp8" with e4m3 P (SageAttention2's
-# recipe, ~3.7%). `attention_8bit(..., qk=, pv=)` overrides either: pv="fp16" (16-bit P·V,
+# with block-max-relative INT8 P (~1.5% error on Gaussian data), "fp8" with e4m3 P (SageAttention2's
+# recipe, ~3.4%). `attention_8bit(..., qk=, pv=)` overrides either: pv="fp16" (16-bit P·V,
 # SageAttention's first recipe, ~1.2%) or qk="fp8".
 RECIPES = {"int8": ("int8", "int8"), "fp8": ("int8", "fp8")}
 PV_FORMATS = ("fp16", "int8", "fp8")
