@@ -114,6 +114,18 @@ def resolve(op: str, backend: str, device: torch.device, *, reference: bool = Tr
     raise BackendError(f"{op}: no backend can run on {device.type} tensors here")
 
 
+def model_backend(op: str, backend: str, device: torch.device) -> str:
+    """The backend= a model built with `backend` passes to `op`. A model's backend is a preference, not
+    a demand on every op: "triton" or "cuda" where the op has that kernel and it runs on `device`, else
+    "auto" (so a model on "triton" runs its float linears, which have only the torch reference, as
+    "auto" would). "auto" and "torch" pass through."""
+    _check_name(backend, "backend")
+    if backend in ("auto", "torch"):
+        return backend
+    impl = _OPS[op].get(backend)
+    return backend if impl is not None and impl.runs_on(device) else "auto"
+
+
 def reference_only_notice(backend: str, device: torch.device) -> str | None:
     """Why "auto" will run only the torch reference ops on this GPU, or None when it will not: no kernel
     has been verified on this GPU generation and DIT8_BACKEND names none. Said once to users of a GPU,

@@ -30,24 +30,21 @@ block; at 480P, 81 frames that is ~784 and ~900 TFLOP over 40 blocks.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import gc
 import math
-import os
 import resource
 import statistics
 import sys
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from dit8.converters.quantize_weights import SCHEME_DTYPES, dequantize_weight, quantize_weight
-from dit8.kernels.registry import ENV_VAR as BACKEND_ENV_VAR, available_backends
 
 from .conditioning import check_frames, check_size, latent_shape
 from .config import I2V_14B, WanConfig, tiny_config
@@ -83,9 +80,10 @@ _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 @dataclass(frozen=True)
 class BenchSettings:
     """What to benchmark. scheme "bf16" keeps float block linears in the compute dtype (bf16 on CUDA,
-    fp32 on CPU); "fp8"/"int8" quantize them. size is (width, height) in pixels. backend: see
-    `preferred_backend`. steps = 0 skips the loop; compare = "diffusers" adds diffusers' forward;
-    cuda_graph also times the forward replayed from a CUDA graph (`dit8.CapturedForward`)."""
+    fp32 on CPU); "fp8"/"int8" quantize them. size is (width, height) in pixels. backend: the model's
+    (registry.model_backend: "triton"/"cuda" where an op has that kernel, "auto" for the others).
+    steps = 0 skips the loop; compare = "diffusers" adds diffusers' forward; cuda_graph also times the
+    forward replayed from a CUDA graph (`dit8.CapturedForward`)."""
 
     scheme: str = "bf16"
     attention: str = "bf16"
@@ -128,8 +126,6 @@ def check_settings(s: BenchSettings) -> None:
     device = resolve_device(s.device)
     if s.cuda_graph and device.type != "cuda":
         raise InputError("--cuda-graph needs --device cuda")
-    if s.backend in ("triton", "cuda") and not any(s.backend in names for names in available_backends(device).values()):
-        raise InputError(f"backend {s.backend!r}: no op can run its kernels on {device.type} tensors here")
 
 
 # -- the model, built on the device --------------------------------------------------------------------
@@ -408,36 +404,14 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-@contextlib.contextmanager
-def preferred_backend(name: str) -> Iterator[str]:
-    """Yields the backend to give the model for the benchmark's `backend` setting.
-
-    "auto" and "torch" are passed on as they are. "triton" or "cuda" make every op that has that
-    kernel run it and the others the torch reference, as DIT8_BACKEND=name does (set for the duration):
-    an explicit backend= on the model is strict and would stop at the first op without such a kernel
-    (the float linears have only the torch reference)."""
-    if name in ("auto", "torch"):
-        yield name
-        return
-    old = os.environ.get(BACKEND_ENV_VAR)
-    os.environ[BACKEND_ENV_VAR] = name
-    try:
-        yield "auto"
-    finally:
-        if old is None:
-            del os.environ[BACKEND_ENV_VAR]
-        else:
-            os.environ[BACKEND_ENV_VAR] = old
-
-
 def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None) -> dict:
     """Build, warm up, time and profile; returns every number as a JSON-ready dict (see format_table).
 
     log(line): progress messages (e.g. print to stderr), each phase as it starts."""
     check_settings(settings)
     say = log or (lambda line: None)
-    with preferred_backend(settings.backend) as backend, torch.no_grad():
-        bench = DitBench(settings, backend=backend, log=say)
+    with torch.no_grad():
+        bench = DitBench(settings, log=say)
         result = bench.describe()
         result.update(bench.time_forward())
         if settings.cuda_graph:
@@ -465,8 +439,7 @@ class DitBench:
     """One model of `settings` with its inputs, built on the device, and the measurements run_bench
     makes with it. Call under torch.no_grad()."""
 
-    def __init__(self, settings: BenchSettings, *, backend: str | None = None,
-                 log: Callable[[str], None] | None = None):
+    def __init__(self, settings: BenchSettings, *, log: Callable[[str], None] | None = None):
         self.settings, self.say = settings, log or (lambda line: None)
         device = torch.device(settings.device)
         if device.type == "cuda" and device.index is None:
@@ -476,7 +449,7 @@ class DitBench:
         reset_peak(device)
         t0 = time.perf_counter()
         self.model: WanDiT | None = build_model(self.config, scheme=settings.scheme, device=device,
-                                                backend=backend or settings.backend,
+                                                backend=settings.backend,
                                                 attention=settings.attention, seed=settings.seed)
         _sync(device)
         self.init_s = time.perf_counter() - t0

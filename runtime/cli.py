@@ -130,6 +130,11 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
     return 0
 
 
+BACKEND_HELP = ("kernels to run: triton or cuda run every op that has that kernel, the others as auto does; "
+                "auto: the kernels verified on this GPU generation, else the torch reference; torch: the "
+                "reference only")
+
+
 def _cuda_available() -> bool:
     try:
         import torch
@@ -190,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     generate.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
                           help="DiT and T5 compute dtype (default bf16 on CUDA, fp32 on CPU)")
-    generate.add_argument("--backend", default="auto", help="op backend: auto, torch, triton, cuda")
+    generate.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto",
+                          help=BACKEND_HELP)
     generate.add_argument("--offload-encoders", action="store_true",
                           help="keep T5 and CLIP off the GPU except while they encode")
     generate.add_argument("--vae-tile", type=int, help="decode in tiles of N latent pixels to save memory "
@@ -219,9 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="WIDTHxHEIGHT in pixels, multiples of 16, as for generate (default 832x480)")
     dit.add_argument("--layers", type=int, help="number of blocks (default: all, 40 for I2V-14B)")
     dit.add_argument("--steps", type=int, default=4, help="steps of the distilled loop (0: no loop)")
-    dit.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto",
-                     help="op backend; triton or cuda: every op that has that kernel runs it, the others the "
-                     "torch reference (as DIT8_BACKEND=NAME)")
+    dit.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto", help=BACKEND_HELP)
     dit.add_argument("--compare", choices=("diffusers",), help="also time diffusers' WanTransformer3DModel "
                      "(bf16, SDPA) on the same weights; skipped with a message when diffusers is missing")
     dit.add_argument("--device", default="cuda" if _cuda_available() else "cpu")

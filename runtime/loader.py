@@ -210,7 +210,8 @@ def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
         per-block files; official, diffusers or ComfyUI key layout; I2V or T2V (found from the keys).
     device: where the model lives and computes.
     dtype: compute dtype of the matmuls and attention; default bf16 on CUDA, fp32 on CPU.
-    backend: op backend for every layer ("auto", "torch", "triton", "cuda").
+    backend: "auto", "torch", or "triton"/"cuda" (every op that has that kernel runs it, the others as
+        "auto" does).
     attention: self-attention precision, "bf16" or an 8-bit path ("int8", "fp8").
     progress: draw a progress bar (default: when stderr is a terminal).
 

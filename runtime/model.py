@@ -17,7 +17,8 @@ from torch import nn
 
 from dit8 import kernels as ops
 from dit8.kernels.attention import PRECISIONS
-from dit8.kernels.registry import reference_only_notice, resolve
+from dit8.kernels.registry import (BACKENDS, BackendError, available_backends, model_backend, reference_only_notice,
+                                   resolve)
 
 from .config import WanConfig
 from .errors import InputError
@@ -33,6 +34,14 @@ class Setup:
     dtype: torch.dtype
     backend: str
     quantized: Mapping[str, torch.dtype] = field(default_factory=dict)
+    _op_backends: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def backend_of(self, op: str) -> str:
+        """The backend= the layers pass to `op` (registry.model_backend: the model's backend where the
+        op has that kernel, else "auto"), worked out once per op."""
+        if op not in self._op_backends:
+            self._op_backends[op] = model_backend(op, self.backend, self.device)
+        return self._op_backends[op]
 
     def input_quantization(self, *names: str) -> torch.dtype | None:
         """The 8-bit dtype to quantize an activation to once for all the linears `names` it feeds:
@@ -73,14 +82,16 @@ class Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, setup: Setup, dtype: torch.dtype | None = None):
         super().__init__()
-        self.backend = setup.backend
+        self.setup = setup
         self.register_buffer("weight", _empty(setup, out_features, in_features, dtype=dtype))
         self.register_buffer("bias", _empty(setup, out_features, dtype=dtype))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
                 gate: torch.Tensor | None = None) -> torch.Tensor:
-        y = ops.linear(x, self.weight, self.bias, backend=self.backend)
-        return y if residual is None else ops.residual_add(residual, y, gate, backend=self.backend)
+        y = ops.linear(x, self.weight, self.bias, backend=self.setup.backend_of("linear"))
+        if residual is None:
+            return y
+        return ops.residual_add(residual, y, gate, backend=self.setup.backend_of("residual_add"))
 
 
 class QuantLinear(nn.Module):
@@ -89,7 +100,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, setup: Setup, qdtype: torch.dtype):
         super().__init__()
-        self.out_dtype, self.backend = setup.dtype, setup.backend
+        self.out_dtype, self.setup = setup.dtype, setup
         self.register_buffer("weight", _empty(setup, out_features, in_features, dtype=qdtype))
         self.register_buffer("weight_scale", _empty(setup, out_features, 1, dtype=torch.float32))
         self.register_buffer("bias", _empty(setup, out_features))
@@ -99,7 +110,8 @@ class QuantLinear(nn.Module):
         """x: activations (quantized here) or QuantizedRows (quantized by a fused norm/GELU kernel).
         With `residual` [B, L, N] fp32 the GEMM epilogue returns `residual + y · gate[b]` in fp32."""
         if not isinstance(x, QuantizedRows):
-            xq, scale = ops.quantize_per_token(x.reshape(-1, x.shape[-1]), self.weight.dtype, backend=self.backend)
+            xq, scale = ops.quantize_per_token(x.reshape(-1, x.shape[-1]), self.weight.dtype,
+                                               backend=self.setup.backend_of("quantize_per_token"))
             x = QuantizedRows(xq, scale, tuple(x.shape[:-1]))
         fused = {}
         if residual is not None:
@@ -107,7 +119,8 @@ class QuantLinear(nn.Module):
             if gate is not None:  # gate [B, N]: row r of the flattened batch uses gate[r // L]
                 fused.update(gate=gate, rows_per_batch=x.xq.shape[0] // residual.shape[0])
         out = ops.scaled_mm(x.xq, x.scale, self.weight, self.weight_scale.view(-1), self.bias,
-                            out_dtype=torch.float32 if fused else self.out_dtype, backend=self.backend, **fused)
+                            out_dtype=torch.float32 if fused else self.out_dtype,
+                            backend=self.setup.backend_of("scaled_mm_fused" if fused else "scaled_mm"), **fused)
         return out.view(*x.leading, out.shape[-1])
 
 
@@ -116,18 +129,18 @@ class PatchEmbedding(nn.Module):
 
     def __init__(self, config: WanConfig, setup: Setup):
         super().__init__()
-        self.backend = setup.backend
+        self.setup = setup
         self.register_buffer("weight", _empty(setup, config.dim, config.in_dim, *config.patch_size))
         self.register_buffer("bias", _empty(setup, config.dim))
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return ops.linear(patches, self.weight.flatten(1), self.bias, backend=self.backend)
+        return ops.linear(patches, self.weight.flatten(1), self.bias, backend=self.setup.backend_of("linear"))
 
 
 class Activation(nn.Module):
     def __init__(self, kind: str, setup: Setup):
         super().__init__()
-        self.kind, self.backend = kind, setup.backend
+        self.kind, self.backend = kind, setup.backend_of("activation")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.activation(x, self.kind, backend=self.backend)
@@ -139,22 +152,23 @@ class LayerNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float, setup: Setup, quantize_to: torch.dtype | None = None):
         super().__init__()
-        self.eps, self.out_dtype, self.backend, self.quantize_to = eps, setup.dtype, setup.backend, quantize_to
+        self.eps, self.out_dtype, self.setup, self.quantize_to = eps, setup.dtype, setup, quantize_to
         self.register_buffer("weight", _empty(setup, dim, dtype=torch.float32))
         self.register_buffer("bias", _empty(setup, dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | QuantizedRows:
         if self.quantize_to is not None:
             return QuantizedRows.of(*ops.layer_norm_quant(x, self.weight, self.bias, eps=self.eps,
-                                                          dtype=self.quantize_to, backend=self.backend))
+                                                          dtype=self.quantize_to,
+                                                          backend=self.setup.backend_of("layer_norm_quant")))
         return ops.layer_norm(x, self.weight, self.bias, eps=self.eps, out_dtype=self.out_dtype,
-                              backend=self.backend)
+                              backend=self.setup.backend_of("layer_norm"))
 
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, setup: Setup):
         super().__init__()
-        self.eps, self.backend = eps, setup.backend
+        self.eps, self.backend = eps, setup.backend_of("rms_norm")
         self.register_buffer("weight", _empty(setup, dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -195,9 +209,9 @@ class SelfAttention(nn.Module):
         # RMSNorm spans all heads together (full width), then heads are split and rotated; one kernel.
         q, k = ops.qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, cos, sin,
                                 heads=self.heads, eps=self.norm_q.eps, out_dtype=self.setup.dtype,
-                                backend=self.setup.backend)
+                                backend=self.setup.backend_of("qk_norm_rope"))
         v = self.v(x).unflatten(-1, (self.heads, -1))
-        out = ops.attention(q, k, v, precision=self.precision, backend=self.setup.backend)
+        out = ops.attention(q, k, v, precision=self.precision, backend=self.setup.backend_of("attention"))
         return self.o(out.flatten(2), residual, gate)
 
 
@@ -225,7 +239,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor | QuantizedRows, kv: CrossKV, residual: torch.Tensor) -> torch.Tensor:
         """Returns the residual stream after `residual + o(attention)` (no gate in cross-attention)."""
         q = self.norm_q(self.q(x), self.setup.dtype).unflatten(-1, (self.heads, -1))
-        out = ops.cross_attention(q, kv.k, kv.v, kv.k_img, kv.v_img, backend=self.setup.backend)
+        out = ops.cross_attention(q, kv.k, kv.v, kv.k_img, kv.v_img, backend=self.setup.backend_of("cross_attention"))
         return self.o(out.flatten(2), residual)
 
 
@@ -258,9 +272,9 @@ class WanBlock(nn.Module):
                         quantize_to: torch.dtype | None) -> torch.Tensor | QuantizedRows:
         if quantize_to is None:
             return ops.layer_norm_modulate(x, shift, scale, eps=self.eps, out_dtype=self.setup.dtype,
-                                           backend=self.setup.backend)
-        return QuantizedRows.of(*ops.layer_norm_modulate_quant(x, shift, scale, eps=self.eps, dtype=quantize_to,
-                                                               backend=self.setup.backend))
+                                           backend=self.setup.backend_of("layer_norm_modulate"))
+        return QuantizedRows.of(*ops.layer_norm_modulate_quant(
+            x, shift, scale, eps=self.eps, dtype=quantize_to, backend=self.setup.backend_of("layer_norm_modulate_quant")))
 
 
 class FeedForward(nn.Sequential):
@@ -269,7 +283,7 @@ class FeedForward(nn.Sequential):
 
     def __init__(self, up: nn.Module, down: nn.Module, setup: Setup):
         super().__init__(up, Activation("gelu_tanh", setup), down)
-        self.backend = setup.backend
+        self.backend = setup.backend_of("gelu_tanh_quant")
         self.down_input = down.weight.dtype if isinstance(down, QuantLinear) else None
 
     def forward(self, x: torch.Tensor | QuantizedRows, residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -288,7 +302,7 @@ class Head(nn.Module):
 
     def __init__(self, config: WanConfig, setup: Setup):
         super().__init__()
-        self.eps, self.backend = config.eps, setup.backend
+        self.eps, self.backend = config.eps, setup.backend_of("layer_norm_modulate")
         self.register_buffer("modulation", _empty(setup, 1, 2, config.dim, dtype=torch.float32))
         out = config.out_dim * math.prod(config.patch_size)
         self.head = Linear(config.dim, out, setup, dtype=torch.float32)
@@ -325,6 +339,8 @@ class WanDiT(nn.Module):
 
     dtype: compute dtype of the matmuls and attention (bf16 or fp32; fp16 works too). The embeddings of
     time, the modulation tables, norms and the head are always fp32.
+    backend: "auto" (the kernels verified on this GPU generation, else the torch reference), "torch",
+        or "triton"/"cuda": every op that has that kernel runs it, the others as "auto" does.
     attention: "bf16" (unquantized, in the compute dtype), or "int8"/"fp8" where a kernel backend has them.
     quantized: block linear layers (e.g. "blocks.0.ffn.0") holding fp8/int8 weights, run as W8A8.
     """
@@ -334,6 +350,7 @@ class WanDiT(nn.Module):
                  quantized: Mapping[str, torch.dtype] | None = None):
         super().__init__()
         setup = Setup(torch.device(device), dtype, backend, dict(quantized or {}))
+        _check_backend(setup)
         _check_attention(attention, setup)
         notice = reference_only_notice(backend, setup.device)
         if notice is not None:
@@ -449,13 +466,24 @@ class WanDiT(nn.Module):
         return out.reshape(B, c, f * pt, h * ph, w * pw)
 
 
+def _check_backend(setup: Setup) -> None:
+    """A model's backend is a preference (Setup.backend_of), but one that no op can follow here is a
+    mistake to report, not to ignore."""
+    if setup.backend != "auto" and setup.backend not in BACKENDS:
+        raise BackendError(f"unknown backend {setup.backend!r}; expected 'auto' or one of {BACKENDS}")
+    runs_here = available_backends(setup.device).values()
+    if setup.backend not in ("auto", "torch") and not any(setup.backend in names for names in runs_here):
+        raise BackendError(f"backend {setup.backend!r}: no op can run its kernels on {setup.device.type} tensors "
+                           f"here")
+
+
 def _check_attention(attention: str, setup: Setup) -> None:
     """Refuse an unknown precision, or an 8-bit one no backend runs here, when the model is built
     rather than at its first forward."""
     if attention not in PRECISIONS:
         raise InputError(f"attention must be one of {PRECISIONS}, got {attention!r}")
     if attention != "bf16":
-        resolve("attention", setup.backend, setup.device, reference=False)
+        resolve("attention", setup.backend_of("attention"), setup.device, reference=False)
 
 
 def _expect(t: object, name: str, shape: tuple) -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dit8 import CapturedForward, InputError
-from dit8.bench_dit import build_model, preferred_backend
+from dit8.bench_dit import build_model
 from dit8.testing import random_inputs, tiny_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA device")
@@ -27,8 +27,8 @@ def test_replays_match_the_eager_forward(kernels, scheme):
     config = tiny_config("i2v")
     inputs = {k: v.cuda() for k, v in random_inputs(config).items()}
     # kernels="triton": every op that has a Triton kernel runs it (the float linears stay torch).
-    with preferred_backend(kernels) as backend, torch.no_grad():
-        model = build_model(config, scheme=scheme, device="cuda", backend=backend)
+    with torch.no_grad():
+        model = build_model(config, scheme=scheme, device="cuda", backend=kernels)
         context = model.encode_context(inputs["context"], inputs["clip_fea"])
         captured = CapturedForward(model, inputs["x"], inputs["t"], context, inputs["y"])
         outputs = []

@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 
-from dit8.bench_dit import build_model, preferred_backend, random_conditioning
+from dit8.bench_dit import build_model, random_conditioning
 from dit8.config import I2V_14B
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
@@ -35,10 +35,11 @@ def cond():
 
 
 def forward(cond, *, scheme="bf16", dtype=torch.bfloat16, kernels="triton", attention="bf16", layers=None):
-    """Output of a fresh model of MID (seed 0) on `cond`; kernels: the DIT8_BACKEND preference."""
+    """Output of a fresh model of MID (seed 0) on `cond`; kernels: the model's backend (the kernels of
+    that backend where an op has one)."""
     config = dataclasses.replace(MID, num_layers=layers or MID.num_layers)
-    with preferred_backend(kernels) as backend, torch.no_grad():
-        model = build_model(config, scheme=scheme, device="cuda", dtype=dtype, backend=backend,
+    with torch.no_grad():
+        model = build_model(config, scheme=scheme, device="cuda", dtype=dtype, backend=kernels,
                             attention=attention)
         out = model(cond.x, cond.t, cond.context, cond.clip_fea, y=cond.y)
     del model
@@ -99,8 +100,8 @@ def _activation_copies(cond, layers: int) -> list[str]:
 
     config = dataclasses.replace(MID, num_layers=layers)
     tokens = cond.grid[0] * cond.grid[1] * cond.grid[2]
-    with preferred_backend("triton") as backend, torch.no_grad():
-        model = build_model(config, scheme="fp8", device="cuda", backend=backend)
+    with torch.no_grad():
+        model = build_model(config, scheme="fp8", device="cuda", backend="triton")
         context = model.encode_context(cond.context, cond.clip_fea)
         model(cond.x, cond.t, context, y=cond.y)  # warm-up: compilation and the RoPE table
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:

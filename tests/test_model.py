@@ -98,3 +98,9 @@ def test_devices_are_checked_by_name():
         resolve_device("cuda:99")
     with pytest.raises(InputError, match="'mps': dit8 runs on cpu or cuda"):
         resolve_device("mps")
+
+
+def test_a_kernel_backend_no_op_runs_here_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # without the interpreter Triton needs a GPU
+    with pytest.raises(dit8.kernels.BackendError, match="backend 'triton': no op can run its kernels on cpu"):
+        WanDiT(tiny_config("i2v"), backend="triton")

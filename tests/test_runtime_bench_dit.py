@@ -3,14 +3,13 @@ random weights (finite outputs; 8-bit weights within a quantization step of the 
 kernel classification, and parity with diffusers' WanTransformer3DModel on the same weights (fp32)."""
 
 import json
-import os
 import sys
 
 import pytest
 import torch
 
 from dit8.bench_dit import (PARTS, BenchSettings, build_model, classify, diffusers_inputs, float_weight,
-                            preferred_backend, quantized_layers, random_conditioning, run_bench, to_diffusers)
+                            quantized_layers, random_conditioning, run_bench, to_diffusers)
 from dit8.cli import main
 from dit8.config import tiny_config
 from dit8.model import QuantLinear
@@ -186,15 +185,3 @@ def test_run_bench_compares_with_diffusers():
     assert d["dtype"] == "float32" and d["rel_diff"] < 1e-4
 
 
-def test_backend_setting_prefers_that_backend_for_the_run(monkeypatch):
-    # An explicit backend= on the model is strict; the benchmark's triton/cuda mean DIT8_BACKEND=name.
-    monkeypatch.delenv("DIT8_BACKEND", raising=False)
-    with preferred_backend("triton") as backend:
-        assert backend == "auto" and os.environ["DIT8_BACKEND"] == "triton"
-    assert "DIT8_BACKEND" not in os.environ
-    monkeypatch.setenv("DIT8_BACKEND", "cuda")
-    with preferred_backend("torch") as backend:
-        assert backend == "torch" and os.environ["DIT8_BACKEND"] == "cuda"
-    with preferred_backend("triton"):
-        assert os.environ["DIT8_BACKEND"] == "triton"
-    assert os.environ["DIT8_BACKEND"] == "cuda"

@@ -50,6 +50,19 @@ def test_quantized_model(tmp_path, triton_first, scheme):
     assert 0 < err <= 2 * rel_err(emulated, ref)
 
 
+def test_model_backend_triton_runs_the_kernels_it_can(tmp_path, monkeypatch):
+    """backend="triton" on the model (not DIT8_BACKEND): every op with a Triton kernel runs it, the
+    float linears (torch reference only) run as "auto" does."""
+    monkeypatch.delenv("DIT8_BACKEND", raising=False)
+    config = tiny_config("i2v", num_layers=1, text_len=16)
+    weights, inputs = random_weights(config, seed=37), random_inputs(config, batch=2, seed=38)
+    model = dit8.load_dit(write_checkpoint(weights, tmp_path / "m.safetensors", config=config),
+                          dtype=torch.float32, backend="triton")
+    ref = reference_forward(weights, **inputs, num_heads=config.num_heads, text_len=config.text_len)
+    assert rel_err(model(**inputs), ref) < 1e-5
+    assert model.setup.backend_of("qk_norm_rope") == "triton" and model.setup.backend_of("linear") == "auto"
+
+
 @pytest.mark.parametrize("attention", ["int8", "fp8"])
 def test_8bit_attention_model(tmp_path, triton_first, attention):
     """The model with 8-bit self-attention errs by no more than that attention's own bound (int8 2%,
