@@ -30,13 +30,14 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 "$py" - <<'PY' || exit 1
 import importlib.util, sys
-needed = ("torch", "triton", "safetensors", "numpy", "pytest", "pytest_benchmark", "pybind11", "ninja")
+needed = ("torch", "triton", "safetensors", "numpy", "pytest", "pytest_benchmark")
 missing = [name for name in needed if importlib.util.find_spec(name) is None]
 if missing:
     sys.exit("gpu_check: missing Python packages: " + ", ".join(missing) + " (carry their wheels in .whl/)")
-for name in ("av", "diffusers"):
+for name, what in (("av", "the video tests"), ("diffusers", "--compare diffusers"),
+                   ("pybind11", "the CUDA extension (its tests)"), ("ninja", "the CUDA extension without a system ninja")):
     if importlib.util.find_spec(name) is None:
-        print(f"gpu_check: {name} is not installed; the tests and benchmarks that need it will skip")
+        print(f"gpu_check: {name} is not installed; {what} will be skipped")
 PY
 # Set up when this machine has not been, or when `dit8` is not this working tree's.
 here=$(pwd -P)

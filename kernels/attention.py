@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor
-from .registry import register, resolve
+from .registry import BackendError, register, resolve
 from .triton_support import triton_runs_on
 
 PRECISIONS = ("bf16", "int8", "fp8")
@@ -43,6 +43,17 @@ def _attention_triton(q, k, v, precision):
     if precision == "bf16":
         return impl.attention_bf16(q, k, v)
     return impl.attention_8bit(q, k, v, precision)
+
+
+def check_attention_runs(precision: str, backend: str, device: torch.device) -> None:
+    """Raise BackendError unless `attention(..., precision=precision, backend=backend)` can run on
+    `device` tensors here: lets a model refuse an 8-bit attention before it loads its weights."""
+    if precision == "bf16":
+        return
+    if backend == "torch":
+        raise BackendError(f"attention: the torch reference has no {precision!r} path; use backend='triton' "
+                           f"or 'auto'")
+    resolve("attention", backend, device, reference=False)
 
 
 def _check_qkv(op: str, q, k, v) -> None:

@@ -2,7 +2,7 @@
 
 Build: nvcc compiles csrc/*.cu (and the host compiler csrc/bindings.cpp) with ninja into a cache folder,
 `$DIT8_CACHE/cuda_ext/<tag>` (default `~/.cache/dit8/cuda_ext/<tag>`; the tag hashes the Python ABI,
-the nvcc version, the target architectures and the source folder). It happens on first use, or ahead of
+the target architectures, the source folder and its files' contents). It happens on first use, or ahead of
 time with
 
     python -m dit8.kernels.cuda_ext build [--archs 80,89,90a] [--force] [-v]
@@ -16,8 +16,8 @@ Here, the torch side: argument checks (dtype, device, shape, strides, alignment)
 output allocation (`buffers.new_output`), and the torch.library ops `dit8::rows_cuda` and
 `dit8::qk_norm_rope_cuda` with fake implementations, so the kernels compose with torch.compile and CUDA
 graph capture. `cuda_available(device)` is the `runs_on` predicate of every "cuda" registration: true
-on CUDA tensors when the module is built or can be built here. Without nvcc (or with DIT8_CUDA_EXT=0)
-it is false and "auto" falls through to the Triton backend.
+on CUDA tensors when the module is built (it loads without nvcc) or can be built here. Otherwise (or
+with DIT8_CUDA_EXT=0) it is false and "auto" falls through to the Triton backend.
 
 Environment: DIT8_CACHE (cache root), DIT8_CUDA_ARCHS (e.g. "90a" or "80,89,90a"), DIT8_CUDA_EXT=0
 (never build or load), CUDA_HOME / CUDA_PATH (where nvcc is), DIT8_CSRC (the sources, if not beside
@@ -172,9 +172,12 @@ def cache_root() -> Path:
 
 
 def build_dir(archs: tuple[str, ...]) -> Path:
-    # No build tool in the key: a module built ahead of time loads on a machine without nvcc.
-    key = "|".join([sys.version, sysconfig.get_config_var("EXT_SUFFIX") or "", ",".join(archs), str(source_dir()),
-                    str(ABI_VERSION)])
+    # The sources' contents are in the key, so a module built from other sources is never loaded; no
+    # build tool is, so a module built ahead of time loads on a machine without nvcc.
+    src = source_dir()
+    sources = hashlib.sha256(b"".join((src / name).read_bytes() for name in SOURCES if (src / name).is_file()))
+    key = "|".join([sys.version, sysconfig.get_config_var("EXT_SUFFIX") or "", ",".join(archs), str(src),
+                    sources.hexdigest(), str(ABI_VERSION)])
     return cache_root() / "cuda_ext" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -363,7 +366,10 @@ def launch_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads: int, eps: flo
         # 16-byte accesses need every row start on a 16-byte boundary. An operand that lacks it is
         # copied (a fresh tensor is aligned) rather than read in pairs: the pair path covers at most
         # QK_MAX_THREADS * QK_VECS_PER_THREAD * 2 channels, fewer than Wan's 5120.
-        q, k, weight_q, weight_k, cos, sin = (_aligned_rows(t) for t in (q, k, weight_q, weight_k, cos, sin))
+        q, k = _aligned_rows(q), _aligned_rows(k)
+        # The parameters are read as contiguous vectors and [L, D/2] tables: only their start matters.
+        weight_q, weight_k, cos, sin = (t if _aligned(t.data_ptr()) else t.clone()
+                                        for t in (weight_q, weight_k, cos, sin))
         vec = full
     else:
         # Pairs: 2-element accesses need 2-element alignment; copy the rare input that lacks it.

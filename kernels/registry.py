@@ -126,6 +126,13 @@ def model_backend(op: str, backend: str, device: torch.device) -> str:
     return backend if impl is not None and impl.runs_on(device) else "auto"
 
 
+def backend_runs_on(backend: str, device: torch.device) -> bool:
+    """Whether any op's `backend` implementation runs on `device` here (asks only that backend, so
+    checking "triton" does not build the CUDA extension)."""
+    _check_name(backend, "backend")
+    return backend == "auto" or any(backend in impls and impls[backend].runs_on(device) for impls in _OPS.values())
+
+
 def reference_only_notice(backend: str, device: torch.device) -> str | None:
     """Why "auto" will run only the torch reference ops on this GPU, or None when it will not: no kernel
     has been verified on this GPU generation and DIT8_BACKEND names none. Said once to users of a GPU,

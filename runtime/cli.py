@@ -62,7 +62,8 @@ def _parse_size(text: str) -> tuple[int, int]:
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from dit8.kernels.registry import resolve
+    from dit8.kernels.attention import check_attention_runs
+    from dit8.kernels.registry import model_backend
 
     from .conditioning import check_frames, check_size, image_tensor, output_size
     from .devices import resolve_device
@@ -83,8 +84,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         check_size(args.size)
     elif args.area is not None:
         output_size(tuple(image.shape[1:]), args.area)
-    if args.attention != "bf16":
-        resolve("attention", args.backend, device, reference=False)
+    check_attention_runs(args.attention, model_backend("attention", args.backend, device), device)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     pipe = I2VPipeline.from_pretrained(args.model, device=device, dtype=dtypes.get(args.dtype),
                                        dit=args.dit, scheme=args.scheme, distilled=args.distilled,

@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from dit8 import kernels as ops
-from dit8.kernels.attention import PRECISIONS
-from dit8.kernels.registry import (BACKENDS, BackendError, available_backends, model_backend, reference_only_notice,
-                                   resolve)
+from dit8.kernels.attention import PRECISIONS, check_attention_runs
+from dit8.kernels.registry import BackendError, backend_runs_on, model_backend, reference_only_notice
 
 from .config import WanConfig
 from .errors import InputError
@@ -469,10 +468,7 @@ class WanDiT(nn.Module):
 def _check_backend(setup: Setup) -> None:
     """A model's backend is a preference (Setup.backend_of), but one that no op can follow here is a
     mistake to report, not to ignore."""
-    if setup.backend != "auto" and setup.backend not in BACKENDS:
-        raise BackendError(f"unknown backend {setup.backend!r}; expected 'auto' or one of {BACKENDS}")
-    runs_here = available_backends(setup.device).values()
-    if setup.backend not in ("auto", "torch") and not any(setup.backend in names for names in runs_here):
+    if not backend_runs_on(setup.backend, setup.device):
         raise BackendError(f"backend {setup.backend!r}: no op can run its kernels on {setup.device.type} tensors "
                            f"here")
 
@@ -482,8 +478,7 @@ def _check_attention(attention: str, setup: Setup) -> None:
     rather than at its first forward."""
     if attention not in PRECISIONS:
         raise InputError(f"attention must be one of {PRECISIONS}, got {attention!r}")
-    if attention != "bf16":
-        resolve("attention", setup.backend_of("attention"), setup.device, reference=False)
+    check_attention_runs(attention, setup.backend_of("attention"), setup.device)
 
 
 def _expect(t: object, name: str, shape: tuple) -> None:

@@ -76,19 +76,28 @@ def _h264_encoder() -> str:
     raise RuntimeError(f"this PyAV build has no H.264 encoder ({' or '.join(H264_ENCODERS)})")
 
 
+def _check_file_path(path: Path) -> None:
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give the video file's name")
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: its folder {path.parent} does not exist")
+
+
+def _check_folder_path(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a folder (the PNG frames go into a folder)")
+
+
 def check_output_paths(mp4: str | Path | None = None, frames_dir: str | Path | None = None) -> None:
-    """InputError, naming the path, where `write_mp4(mp4)` or `write_png_frames(frames_dir)` would fail
-    for a reason known before any frame exists: lets a caller refuse before minutes of generation."""
+    """InputError, naming the path, where the video `mp4` (a name ending in .mp4) or the PNG folder
+    `frames_dir` cannot be written, known before any frame exists: lets a command refuse before
+    minutes of generation."""
     if mp4 is not None:
-        mp4 = Path(mp4)
-        if mp4.is_dir():
-            raise InputError(f"{mp4}: is a folder; give the .mp4 file's name")
-        if mp4.suffix.lower() != ".mp4":
+        _check_file_path(Path(mp4))
+        if Path(mp4).suffix.lower() != ".mp4":
             raise InputError(f"{mp4}: the output is an H.264 .mp4 file; give a name ending in .mp4")
-        if not mp4.parent.is_dir():
-            raise InputError(f"{mp4}: its folder {mp4.parent} does not exist")
-    if frames_dir is not None and Path(frames_dir).exists() and not Path(frames_dir).is_dir():
-        raise InputError(f"{frames_dir}: exists and is not a folder (the PNG frames go into a folder)")
+    if frames_dir is not None:
+        _check_folder_path(Path(frames_dir))
 
 
 def write_mp4(path: str | Path, frames: torch.Tensor | np.ndarray, *, fps: int = FPS, crf: int = 18,
@@ -97,7 +106,7 @@ def write_mp4(path: str | Path, frames: torch.Tensor | np.ndarray, *, fps: int =
     18 visually lossless, 23 its default). The file appears complete or not at all (it is written
     beside and renamed), and its index is at the front so it plays while downloading."""
     path = Path(path)
-    check_output_paths(mp4=path)
+    _check_file_path(path)
     frames = _even(to_uint8_frames(frames), pad_odd)
     _, height, width, _ = frames.shape
     partial = path.with_name(f".{path.name}.partial")
@@ -123,7 +132,7 @@ def write_png_frames(folder: str | Path, frames: torch.Tensor | np.ndarray, *,
     """Write each frame as `folder/{prefix}{index}.png` (index zero-padded to at least 5 digits, from 0),
     8-bit RGB; returns the paths in order."""
     folder = Path(folder)
-    check_output_paths(frames_dir=folder)
+    _check_folder_path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     frames = to_uint8_frames(frames)
     digits = max(5, len(str(len(frames) - 1)))

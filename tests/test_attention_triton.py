@@ -32,7 +32,9 @@ from dit8.kernels.triton_support import interpreting  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
 LOG2E = math.log2(math.e)
-pytestmark = pytest.mark.verifies("attention", "cross_attention", backend="triton")
+# What a GPU run of a test verifies (tests/conftest.py).
+ATTENTION = pytest.mark.verifies("attention", backend="triton")
+CROSS = pytest.mark.verifies("cross_attention", backend="triton")
 
 # (Lq, Lk, D): lengths off the block sizes (interpreter blocks 64 x 32, GPU 128 x 128), Lq != Lk.
 SHAPES = [(77, 45, 16), (200, 129, 64)]
@@ -76,6 +78,7 @@ def check_output(out, like):
 # bf16 / fp16 / fp32 flash attention
 # ----------------------------------------------------------------------------------------------------
 
+@ATTENTION
 @pytest.mark.parametrize("lq, lk, d", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_flash_attention_within_twice_sdpa_error(lq, lk, d, dtype):
@@ -89,6 +92,7 @@ def test_flash_attention_within_twice_sdpa_error(lq, lk, d, dtype):
     floor = 2.0 ** -20 if dtype == torch.float32 else 0.0
     assert rel_err(out, ref) <= 2 * sdpa_err + floor
 
+@ATTENTION
 
 def test_single_query_and_single_key():
     q, k, v = make_qkv(1, 1, 32, seed=5, dtype=torch.bfloat16)
@@ -104,6 +108,7 @@ def fused_qkv(lq, d, *, seed, dtype):
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
+@ATTENTION
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_reads_strided_views_without_copies(precision):
     q, k, v = fused_qkv(70, 32, seed=11, dtype=torch.bfloat16)
@@ -122,6 +127,7 @@ def test_reads_strided_views_without_copies(precision):
         assert rel_err(out, ref) <= 0.03 and cosine(out, ref) >= 0.999
 
 
+@ATTENTION
 @pytest.mark.parametrize("precision", ["bf16", "int8", "fp8"])
 def test_head_dim_not_a_power_of_two(precision):
     # head_dim 24 (a small model's) is padded to 32 inside the kernels; the padding must stay invisible.
@@ -136,6 +142,7 @@ def test_head_dim_not_a_power_of_two(precision):
         emu = emulate_8bit(q, k, v, *impl.RECIPES[precision], cfg.block_m, cfg.block_n)
         assert rel_err(out, ref) <= 1.2 * rel_err(emu, ref) + 2e-3
 
+@CROSS
 
 def test_cross_attention_head_dim_not_a_power_of_two():
     q, k, v = make_qkv(40, 37, 24, seed=71, dtype=torch.bfloat16)
@@ -273,18 +280,21 @@ def eight_bit_result(formats, kind):
     return _RESULTS[key]
 
 
+@ATTENTION
 @pytest.mark.parametrize("kind", KINDS)
 def test_int8_meets_the_accuracy_target(kind):
     (err, cos), _, _ = eight_bit_result(impl.RECIPES["int8"], kind)
     assert err <= 0.03 and cos >= 0.999, (err, cos)
 
 
+@ATTENTION
 @pytest.mark.parametrize("kind", ["offsets", "v_offsets"])
 def test_fp8_meets_the_accuracy_target_on_offset_inputs(kind):
     (err, cos), _, _ = eight_bit_result(impl.RECIPES["fp8"], kind)
     assert err <= 0.03 and cos >= 0.999, (err, cos)
 
 
+@ATTENTION
 @pytest.mark.xfail(strict=True, reason="FP8 P·V rounds every p and every v to e4m3 (3 mantissa bits, "
                    "~2.5% rms each): ~3.4% relative error on zero-mean Gaussian data, above the 3% "
                    "target. precision='int8' (INT8 P·V, P relative to each key block's max) meets it.")
@@ -293,6 +303,7 @@ def test_fp8_meets_the_accuracy_target_on_gaussian_inputs():
     assert err <= 0.03 and cos >= 0.999, (err, cos)
 
 
+@ATTENTION
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("formats", FORMATS, ids="-".join)
 def test_8bit_error_is_that_of_its_quantization(formats, kind):
@@ -304,6 +315,7 @@ def test_8bit_error_is_that_of_its_quantization(formats, kind):
     assert cos >= 0.998, cos
 
 
+@ATTENTION
 @pytest.mark.parametrize("kind", ["gaussian", "offsets"])
 @pytest.mark.parametrize("formats", [impl.RECIPES["int8"], ("int8", "fp16")], ids="-".join)
 def test_8bit_kernel_follows_its_emulation(formats, kind):
@@ -319,6 +331,7 @@ def test_8bit_kernel_follows_its_emulation(formats, kind):
     emu_err = rel_err(emu, attention64(q, k, v))
     assert rel_err(out, emu) <= 0.1 * emu_err + 2.0 ** -11, (rel_err(out, emu), emu_err)
 
+@ATTENTION
 
 def test_int8_qk_errs_less_than_fp8_qk():
     # Why both recipes use INT8 q·kᵀ: same P·V, only the q·kᵀ format differs.
@@ -326,6 +339,7 @@ def test_int8_qk_errs_less_than_fp8_qk():
     (fp8_err, _), _, _ = eight_bit_result(("fp8", "fp8"), "gaussian")
     assert int8_err < 0.85 * fp8_err, (int8_err, fp8_err)
 
+@ATTENTION
 
 def test_v_smoothing_removes_the_error_of_v_channel_means():
     # fp32 in and out: no 16-bit output rounding to hide the difference.
@@ -338,6 +352,7 @@ def test_v_smoothing_removes_the_error_of_v_channel_means():
     assert err < unsmoothed / 3, (err, unsmoothed)
 
 
+@ATTENTION
 @pytest.mark.parametrize("formats", FORMATS, ids="-".join)
 def test_smoothing_beats_per_tensor_fp8_on_offset_inputs(formats):
     (err, cos), _, (naive_err, naive_cos) = eight_bit_result(formats, "offsets")
@@ -346,6 +361,7 @@ def test_smoothing_beats_per_tensor_fp8_on_offset_inputs(formats):
     assert err < naive_err / 5, (err, naive_err)
 
 
+@ATTENTION
 @pytest.mark.parametrize("qk", ["int8", "fp8"])
 def test_8bit_kernel_on_its_quantized_operands(qk):
     """Quantization kernel and attention kernel separately: the codes against a torch recomputation,
@@ -391,6 +407,7 @@ def test_8bit_kernel_on_its_quantized_operands(qk):
     # Interpreter: fp32 arithmetic only (exp2, sums). GPU: P is rounded to bf16 (2^-9 relative).
     assert rel_err(out, ref) <= (1e-5 if interpreting() else 2.0 ** -8)
 
+@ATTENTION
 
 def test_8bit_single_query_is_exact_up_to_its_bias():
     # Lq = 1: q minus its mean is 0, every score is the fp32 bias; the per-block scale must not be 0/0.
@@ -404,6 +421,7 @@ def test_8bit_single_query_is_exact_up_to_its_bias():
 # Fused I2V cross-attention
 # ----------------------------------------------------------------------------------------------------
 
+@CROSS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_fused_cross_attention_against_float64(dtype):
     q, k, v = make_qkv(77, 45, 32, seed=21, dtype=dtype)
@@ -415,6 +433,7 @@ def test_fused_cross_attention_against_float64(dtype):
     floor = 2.0 ** -20 if dtype == torch.float32 else 0.0
     assert rel_err(out, ref) <= 2 * torch_err + floor
 
+@CROSS
 
 def test_cross_attention_without_image_keys_is_attention():
     q, k, v = make_qkv(40, 45, 16, seed=41, dtype=torch.bfloat16)
@@ -427,6 +446,7 @@ def test_cross_attention_without_image_keys_is_attention():
 # GPU only: the Hopper configurations at head_dim 128 with sequence tails
 # ----------------------------------------------------------------------------------------------------
 
+@ATTENTION
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", ["bf16", "int8", "fp8"])

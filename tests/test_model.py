@@ -104,3 +104,8 @@ def test_a_kernel_backend_no_op_runs_here_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # without the interpreter Triton needs a GPU
     with pytest.raises(dit8.kernels.BackendError, match="backend 'triton': no op can run its kernels on cpu"):
         WanDiT(tiny_config("i2v"), backend="triton")
+
+
+def test_8bit_attention_on_the_torch_backend_is_refused_when_built():
+    with pytest.raises(dit8.kernels.BackendError, match="torch reference has no 'int8' path"):
+        WanDiT(tiny_config("i2v"), attention="int8", backend="torch")

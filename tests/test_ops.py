@@ -195,3 +195,22 @@ def test_a_gpu_without_verified_kernels_is_told_so(monkeypatch):
     monkeypatch.setattr(registry, "GPU_VERIFIED", {})
     monkeypatch.setenv("DIT8_BACKEND", "triton")
     assert registry.reference_only_notice("auto", gpu) is None
+
+
+def test_checking_a_backend_asks_only_that_backend(monkeypatch):
+    """The cuda predicate may build the CUDA extension: checking "triton" or "auto" must not call it."""
+    from dit8.kernels import registry
+
+    def cuda_runs_on(device):
+        raise AssertionError("the cuda backend was asked")
+
+    monkeypatch.setattr(registry, "_OPS", {})
+    registry.register("probe", "torch")(lambda: "torch")
+    registry.register("probe", "cuda", runs_on=cuda_runs_on)(lambda: "cuda")
+    registry.register("probe", "triton", runs_on=lambda d: d.type == "cuda")(lambda: "triton")
+    gpu = torch.device("cuda")
+    assert registry.backend_runs_on("triton", gpu) and registry.backend_runs_on("auto", gpu)
+    assert not registry.backend_runs_on("triton", torch.device("cpu"))
+    assert registry.model_backend("probe", "triton", gpu) == "triton"
+    with pytest.raises(registry.BackendError, match="unknown backend"):
+        registry.backend_runs_on("cudnn", gpu)

@@ -41,8 +41,10 @@ FP8 = torch.float8_e4m3fn
 QDTYPES = [torch.int8, FP8]
 OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # GELU's exp2 overflows to inf for very negative inputs (giving the right -0); numpy warns about it.
-pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning"),
-              pytest.mark.verifies("scaled_mm", "scaled_mm_fused", backend="triton")]
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+# What a GPU run of a test verifies (tests/conftest.py): the plain and the fused-epilogue kernel.
+PLAIN = pytest.mark.verifies("scaled_mm", backend="triton")
+FUSED = pytest.mark.verifies("scaled_mm_fused", backend="triton")
 
 
 def qname(q):
@@ -120,6 +122,7 @@ def check_against_torch(xq, xs, wq, ws, bias, out_dtype, *, config=None, **epilo
 SMALL, LARGE = (77, 45, 61), (300, 130, 136)
 
 
+@PLAIN
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
@@ -128,6 +131,7 @@ def test_scaled_mm_within_twice_torch_error(qdtype, out_dtype, with_bias):
     check_against_torch(*args, out_dtype)
 
 
+@PLAIN
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
 def test_scaled_mm_several_tile_groups(qdtype, out_dtype):
@@ -135,12 +139,14 @@ def test_scaled_mm_several_tile_groups(qdtype, out_dtype):
     check_against_torch(*args, out_dtype)
 
 
+@PLAIN
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
 def test_scaled_mm_thousand_rows(qdtype):
     args = operands(1000, 72, 80, qdtype, seed=1000, bias_dtype=torch.float32)
     check_against_torch(*args, torch.bfloat16)
 
 
+@PLAIN
 @pytest.mark.parametrize("M, N, K", [(1, 1, 1), (5, 7, 1000), (3, 200, 33), (4, 9, 0)])
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
 def test_scaled_mm_edge_shapes(M, N, K, qdtype):
@@ -154,11 +160,13 @@ def test_scaled_mm_edge_shapes(M, N, K, qdtype):
         err_torch = rel_err(scaled_mm(xq, xs, wq, ws, bias, torch.float32, backend="torch"), ref)
         assert rel_err(out, ref) <= 2 * err_torch
 
+@PLAIN
 
 def test_empty_output():
     xq, xs, wq, ws, _ = operands(0, 5, 16, FP8, seed=3)
     assert scaled_mm(xq, xs, wq, ws, backend="triton").shape == (0, 5)
 
+@PLAIN
 
 def test_int8_accumulation_is_exact():
     # |acc| <= 1000 · 128² < 2^24: the exact integer is representable in the fp32 output.
@@ -167,6 +175,7 @@ def test_int8_accumulation_is_exact():
     out = scaled_mm(xq, ones_m, wq, ones_n, out_dtype=torch.float32, backend="triton")
     assert torch.equal(out, (xq.cpu().long() @ wq.cpu().long().t()).float().to(DEVICE))
 
+@PLAIN
 
 def test_strided_operands():
     """Operands with non-unit strides (views) give the same result as contiguous copies."""
@@ -183,6 +192,7 @@ def test_strided_operands():
 # Fused epilogues
 # ----------------------------------------------------------------------------------------------------
 
+@FUSED
 @pytest.mark.parametrize("M, N, K, out_dtype", [(*SMALL, torch.bfloat16), (*SMALL, torch.float16),
                                                 (*SMALL, torch.float32), (*LARGE, torch.bfloat16)])
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
@@ -191,6 +201,7 @@ def test_gelu_epilogue(M, N, K, out_dtype, qdtype):
     check_against_torch(*args, out_dtype, activation="gelu_tanh")
 
 
+@FUSED
 @pytest.mark.parametrize("M, N, K, batches, rows_per_batch, variant", [
     (*SMALL, 3, 26, "gate"),         # uneven: the last sample has 25 rows
     (*SMALL, 3, 26, "gate_gelu"),
@@ -211,6 +222,7 @@ def test_residual_epilogue(M, N, K, batches, rows_per_batch, variant, qdtype):
     # The residual itself is not modified.
     assert torch.equal(residual, residual_and_gate(M, N, batches, seed=M * N)[0])
 
+@FUSED
 
 def test_gate_rows_follow_rows_per_batch():
     """Each sample's rows use its own gate row: zero gates leave exactly the residual."""
@@ -230,6 +242,7 @@ needs_tma = pytest.mark.skipif(not impl.tma_available(torch.device(DEVICE)),
                                reason="tensor descriptors (TMA) not available here")
 
 
+@PLAIN
 @needs_tma
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
@@ -241,6 +254,7 @@ def test_persistent_tma_kernel(qdtype, out_dtype):
     check_against_torch(*args, out_dtype, config=cfg)
 
 
+@FUSED
 @needs_tma
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
 def test_persistent_tma_kernel_fused(qdtype):
@@ -253,6 +267,8 @@ def test_persistent_tma_kernel_fused(qdtype):
     check_against_torch(xq, xs, wq, ws, bias, torch.bfloat16, config=cfg, activation="gelu_tanh")
 
 
+@PLAIN
+@FUSED
 @pytest.mark.parametrize("split_case", ["plain_2_slices", "residual_4_slices"])
 def test_wide_tile_sliced_epilogue(split_case):
     """128-column tiles: the epilogue runs in 2 (plain) or 4 (with residual) column slices."""
@@ -267,6 +283,7 @@ def test_wide_tile_sliced_epilogue(split_case):
         check_against_torch(xq, xs, wq, ws, bias, torch.bfloat16, config=cfg)
 
 
+@PLAIN
 @pytest.mark.parametrize("promote", [None, 32])
 def test_fp8_promoted_accumulation_runs(promote):
     """fp8_promote (max_num_imprecise_acc) changes only Hopper's accumulation; the result stays within
@@ -311,6 +328,7 @@ def test_fused_argument_errors():
             with pytest.raises(OpArgumentError, match=message):
                 scaled_mm(**args, backend=backend)
 
+@PLAIN
 
 def test_default_out_dtype_and_plain_contract():
     xq, xs, wq, ws, bias = operands(8, 16, 32, FP8, seed=4, bias_dtype=torch.float32)
@@ -377,6 +395,7 @@ def quantized_operands(M, N, K, qdtype, seed):
     return xq, xs, wq, ws
 
 
+@PLAIN
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("M, N, K", [(77, 5120, 5120), (1000, 5120, 5120), (32760, 5120, 5120),
@@ -392,6 +411,7 @@ def test_gpu_error_within_twice_cublas(M, N, K, qdtype):
     assert err <= 2 * err_cublas, (err, err_cublas)
 
 
+@PLAIN
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)

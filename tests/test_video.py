@@ -94,3 +94,4 @@ def test_output_paths_are_refused_before_any_frame(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         write_mp4(tmp_path / "no" / "x.mp4", smooth_frames(1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.png"]
+    assert read_video(write_mp4(tmp_path / "x.m4v", smooth_frames(1))).num_frames == 1  # any name, mp4 inside
