@@ -101,9 +101,9 @@ def resolve(op: str, backend: str, device: torch.device, *, reference: bool = Tr
     verified = GPU_VERIFIED.get(_capability(device), frozenset()) if on_cuda and GPU_VERIFIED else frozenset()
     order = [name for name in (preferred, fastest) if name not in (None, "auto")] + list(fallback)
     for name in order:
-        impl = impls.get(name)
         if name == "torch" and not reference:
             continue
+        impl = impls.get(name)
         # Eligibility before runs_on: the "cuda" predicate may build the extension.
         eligible = name in (preferred, "torch") or (op, name) in verified or not reference
         if impl is not None and eligible and impl.runs_on(device):
