@@ -40,19 +40,26 @@ def fastest(rows: list[dict]) -> tuple[dict[str, dict[str, float]], dict[str, st
     return totals, winners
 
 
+def capability(parser: argparse.ArgumentParser, text: str | None) -> tuple[int, int]:
+    """The --capability MAJOR.MINOR given, else this machine's GPU's (a usage error without one)."""
+    if text:
+        major, _, minor = text.partition(".")
+        if not (major.isdigit() and minor.isdigit()):
+            parser.error(f"--capability must be MAJOR.MINOR, e.g. 9.0, got {text!r}")
+        return int(major), int(minor)
+    import torch
+
+    if not torch.cuda.is_available():
+        parser.error("no CUDA device here: give --capability MAJOR.MINOR")
+    return torch.cuda.get_device_capability()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+", type=Path, help="pytest-benchmark --benchmark-json files")
     parser.add_argument("--capability", help="MAJOR.MINOR of the GPU that ran them (default: this GPU's)")
     args = parser.parse_args(argv)
-    if args.capability:
-        major, minor = (int(x) for x in args.capability.split("."))
-    else:
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error("no CUDA device here: give --capability MAJOR.MINOR")
-        major, minor = torch.cuda.get_device_capability()
+    major, minor = capability(parser, args.capability)
     rows = [row for path in args.json for row in json.loads(path.read_text())["benchmarks"]]
     totals, winners = fastest(rows)
     if not totals:

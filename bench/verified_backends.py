@@ -16,6 +16,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from fastest_backends import capability  # bench/, beside this script
+
 
 def outcomes(junit_xml: Path) -> dict[tuple[str, str], collections.Counter]:
     """(op, backend) -> Counter of the outcomes ("passed", "failed", "skipped") of the tests naming it."""
@@ -41,14 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("junit_xml", type=Path, help="pytest --junitxml output of a GPU run")
     parser.add_argument("--capability", help="MAJOR.MINOR of the GPU that ran it (default: this GPU's)")
     args = parser.parse_args(argv)
-    if args.capability:
-        major, minor = (int(x) for x in args.capability.split("."))
-    else:
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error("no CUDA device here: give --capability MAJOR.MINOR")
-        major, minor = torch.cuda.get_device_capability()
+    major, minor = capability(parser, args.capability)
     counts = outcomes(args.junit_xml)
     if not counts:
         print(f"{args.junit_xml}: no test recorded a kernel it verifies (was it run on a GPU?)", file=sys.stderr)
