@@ -1,27 +1,47 @@
 #!/usr/bin/env bash
 # Everything GPU-side: install from the working tree, build the CUDA extension, run the test suite (GPU
-# tests included; they are skipped only without CUDA), run the benchmark suites and `dit8 bench dit`,
-# then print a short table of all results so far. Results land in $OUT (default /tmp/dit8-gpu).
+# tests included; they are skipped only without CUDA), `dit8 bench dit` and the benchmark suites, then
+# print a short table of all results so far.
 #
 # Usage (on a CUDA machine, from the repository root):
-#     bash bench/gpu_check.sh                 # every stage
-#     bash bench/gpu_check.sh tests gemm      # some stages; the table covers the results found in $OUT
-# Stages: tests gemm attention fused dit pipeline. Setup (install, CUDA build) runs once per machine.
-# Each stage fits in a few minutes, so a machine that limits one command's time can run them apart;
-# a stage still running after $STAGE_LIMIT seconds (default 540) is interrupted and reports what ran.
+#     bash bench/gpu_check.sh                 # every stage not yet done on this machine
+#     bash bench/gpu_check.sh tests gemm      # these stages, even if done before
+#     BUDGET=540 bash bench/gpu_check.sh      # finish within 540 s; the same command again goes on
+# Stages, in the order of what their results are worth: tests dit gemm attention fused pipeline.
+#
+# Results collect in $WORK (default .gpu_check/ in the repository, which git ignores); a stage that
+# finished is listed in $WORK/done and left out of a later run without named stages. With BUDGET set,
+# each stage gets what is left of it (at most STAGE_LIMIT seconds, default 540) and a stage that cannot
+# get a minute is left for the next run; a stage cut off reports what ran (pytest writes its summary,
+# JUnit XML and benchmark JSON on the interrupt). When $OUT is set, $OUT/dit8-gpu.tgz holds every result
+# file, refreshed after each stage, so a command killed from outside still returns what had finished.
 #
 # A machine without internet access gets the packages it lacks (PyAV for the video tests, diffusers for
 # `--compare diffusers`) as wheels in .whl/ (git ignores it: copy it along with the working tree),
 # installed into /tmp/site; fetch them on a machine with pip:
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux_2_28_x86_64 -d .whl av==18.1.0 diffusers==0.42.1 importlib_metadata
+# pytest-xdist (spreads the tests over TEST_WORKERS processes, default 12: most of their time is Triton
+# compiling kernels, on the CPU) and pytest-timeout are used where installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-/tmp/dit8-gpu}
+start=$SECONDS
+out=${WORK:-.gpu_check}
+mkdir -p "$out" && out=$(cd "$out" && pwd -P)  # absolute: pytest-benchmark's file:// storage needs it
 py=${PYTHON:-python3}
-mkdir -p "$out"
+touch "$out/done"
+all_stages=(tests dit gemm attention fused pipeline)
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests gemm attention fused dit pipeline)
+for stage in "${stages[@]}"; do
+    [[ " ${all_stages[*]} " == *" $stage "* ]] || { echo "unknown stage $stage (${all_stages[*]})"; exit 2; }
+done
+if [ ${#stages[@]} -eq 0 ]; then
+    for stage in "${all_stages[@]}"; do grep -qx "$stage" "$out/done" || stages+=("$stage"); done
+fi
+pack() {  # every result file in one archive, for machines that hand back only a few files
+    [ -n "${OUT:-}" ] && tar -czf "$OUT/dit8-gpu.tgz.part" -C "$out" . && mv "$OUT/dit8-gpu.tgz.part" "$OUT/dit8-gpu.tgz"
+    return 0
+}
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >"$out/wheels.log" 2>&1 ||
@@ -50,15 +70,43 @@ if [ ! -f "$out/gpu.txt" ] || [ "$("$py" -c 'import dit8, pathlib; print(pathlib
     "$py" -m dit8.kernels.cuda_ext build 2>&1 | tail -3  # for this GPU's architecture
 fi
 
-limit=${STAGE_LIMIT:-540}
+# Seconds the next command may run: STAGE_LIMIT, or less where BUDGET leaves less (30 s are kept for
+# the summary).
+seconds_left() {
+    local limit=${STAGE_LIMIT:-540}
+    if [ -n "${BUDGET:-}" ]; then
+        local left=$((BUDGET - (SECONDS - start) - 30))
+        [ "$left" -lt "$limit" ] && limit=$left
+    fi
+    echo "$limit"
+}
 pytest_args=(-q -p no:cacheprovider --durations=10)
-# SIGINT: pytest stops like on Ctrl-C and still writes its summary, JUnit XML and benchmark JSON.
-run_pytest() { timeout -s INT "$limit" "$py" -m pytest "${pytest_args[@]}" "$@"; }
+"$py" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout=300)  # a hung test fails alone
+# Runs a command for at most seconds_left; one cut off marks its stage as not done (a file, since the
+# commands run in pipelines, in subshells). SIGINT: pytest stops like on Ctrl-C and still writes its
+# summary, JUnit XML and benchmark JSON.
+limited() {
+    local left rc
+    left=$(seconds_left)
+    [ "$left" -lt 10 ] && { echo "not run (BUDGET is spent): $*"; touch "$out/.cut"; return 124; }
+    timeout -s INT "$left" "$@"
+    rc=$?
+    [ "$rc" -eq 124 ] && touch "$out/.cut"
+    return "$rc"
+}
+run_pytest() { limited "$py" -m pytest "${pytest_args[@]}" "$@"; }
 for stage in "${stages[@]}"; do
-    echo "== $stage"
+    if [ "$(seconds_left)" -lt 60 ]; then
+        echo "== $stage: left for the next run (BUDGET=${BUDGET:-} s is spent)"
+        continue
+    fi
+    echo "== $stage ($(seconds_left) s at most)"
+    rm -f "$out/.cut"
     case $stage in
         tests)
-            run_pytest -rs --junitxml="$out/tests.xml" tests 2>&1 | tail -40
+            workers=()
+            "$py" -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-12}")
+            run_pytest -rs "${workers[@]}" --junitxml="$out/tests.xml" tests 2>&1 | tail -40
             # The kernels whose GPU tests passed: the line to paste into registry.GPU_VERIFIED.
             "$py" bench/verified_backends.py "$out/tests.xml" ;;
         gemm|attention|fused)
@@ -71,12 +119,16 @@ for stage in "${stages[@]}"; do
                 --title "$(head -1 "$out/gpu.txt" | cut -d, -f1), $(sed -n 2p "$out/gpu.txt")" | tail -1
             if [ "$stage" = fused ]; then "$py" bench/fastest_backends.py "$out/bench_fused.json"; fi ;;
         dit)
-            for run in "--scheme bf16 --attention bf16 --compare diffusers --cuda-graph" \
-                       "--scheme fp8 --attention bf16" "--scheme fp8 --attention fp8" \
-                       "--scheme int8 --attention int8"; do
+            # The headline first (issue 7's targets), with the 4-step loop; diffusers and the CUDA graph
+            # ride on the bf16 run.
+            for run in "--scheme fp8 --attention fp8" "--scheme fp8 --attention bf16 --steps 0" \
+                       "--scheme int8 --attention int8 --steps 0" \
+                       "--scheme bf16 --attention bf16 --steps 0 --compare diffusers --cuda-graph"; do
                 name=$(echo "$run" | awk '{print $2 "_" $4}')
+                [ -f "$out/dit_$name.json" ] && { echo "dit $name: measured before (in $out)"; continue; }
+                [ "$(seconds_left)" -lt 45 ] && { echo "dit $name: left for the next run"; touch "$out/.cut"; continue; }
                 # shellcheck disable=SC2086
-                timeout -s INT "$limit" "$py" -m dit8 bench dit $run --backend triton \
+                limited "$py" -m dit8 bench dit $run --backend triton --repeat 2 \
                     --json "$out/dit_$name.json" 2>&1 | tail -12
             done ;;
         pipeline)
@@ -84,11 +136,13 @@ for stage in "${stages[@]}"; do
                 --benchmark-json="$out/bench_encoders.json" 2>&1 | tail -8
             run_pytest bench/test_bench_pipeline.py -k vae \
                 --benchmark-json="$out/bench_vae.json" 2>&1 | tail -8 ;;
-        *) echo "unknown stage $stage (tests gemm attention fused dit pipeline)"; exit 2 ;;
     esac
+    # A stage cut off by its time limit runs again next time; one that ran to its end does not.
+    [ -e "$out/.cut" ] || grep -qx "$stage" "$out/done" || echo "$stage" >>"$out/done"
+    pack
 done
 
-"$py" - "$out" <<'PY'
+"$py" - "$out" <<'PY' | tee "$out/summary.txt"
 import collections, glob, json, os, sys, xml.etree.ElementTree as ET
 out = sys.argv[1]
 print()
@@ -101,7 +155,13 @@ if os.path.exists(os.path.join(out, "tests.xml")):
     print(f"\n{'suite':<28}{'passed':>8}{'failed':>8}{'errors':>8}{'skipped':>9}")
     for suite, c in sorted(counts.items()):
         print(f"{suite:<28}{c['passed']:>8}{c['failure']:>8}{c['error']:>8}{c['skipped']:>9}")
-rows = [b for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))) for b in json.load(open(path))["benchmarks"]]
+def load(path):
+    try:
+        return json.load(open(path))
+    except (OSError, ValueError) as e:  # a run cut off before it wrote its file
+        print(f"unreadable: {path}: {e}")
+        return None
+rows = [b for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))) for b in (load(path) or {}).get("benchmarks", [])]
 if rows:
     print(f"\n{'benchmark':<56}{'ms':>10}{'TFLOP/s':>9}{'GB/s':>8}{'ratio':>7}")
     for b in rows:
@@ -112,9 +172,15 @@ dits = sorted(glob.glob(os.path.join(out, "dit_*.json")))
 if dits:
     print(f"\n{'dit forward (480P, 81 frames)':<32}{'ms':>9}{'loop ms':>9}{'peak GiB':>9}{'graph ms':>9}{'diffusers ms':>13}{'speed-up':>9}")
     for path in dits:
-        r = json.load(open(path))
+        r = load(path)
+        if r is None:
+            continue
         d, g = r.get("diffusers", {}), r.get("cuda_graph", {})
         print(f"{os.path.basename(path)[4:-5]:<32}{r['forward_ms']:>9.1f}{r.get('loop', {}).get('total_ms', 0):>9.1f}"
               f"{r['peak_memory']['forward'] / 2**30:>9.2f}{g.get('forward_ms', 0):>9.1f}"
               + (f"{d['forward_ms']:>13.1f}{d['ratio']:>8.2f}x" if "forward_ms" in d else ""))
 PY
+done_stages=$(tr '\n' ' ' <"$out/done")
+left=$(for stage in "${all_stages[@]}"; do grep -qx "$stage" "$out/done" || printf '%s ' "$stage"; done)
+echo "stages done: ${done_stages:-none}; left: ${left:-none}" | tee -a "$out/summary.txt"
+pack
