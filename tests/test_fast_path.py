@@ -118,3 +118,34 @@ def test_no_copies_inside_the_blocks(cond):
     two, four = _activation_copies(cond, 2), _activation_copies(cond, 4)
     print("token-sized copies per forward:", *two, sep="\n  ")
     assert two == four, (two, four)
+
+
+def _forward_memory(cond, layers: int) -> tuple[int, int]:
+    """(peak bytes allocated over the model's weights and inputs, new cudaMalloc segments) of one fp8
+    forward after a warm-up forward."""
+    config = dataclasses.replace(MID, num_layers=layers)
+    with torch.no_grad():
+        model = build_model(config, scheme="fp8", device="cuda", backend="triton")
+        context = model.encode_context(cond.context, cond.clip_fea)
+        model(cond.x, cond.t, context, y=cond.y)  # warm-up: compilation, the RoPE table, the cache
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated()
+        segments = torch.cuda.memory_stats()["segment.all.allocated"]
+        torch.cuda.reset_peak_memory_stats()
+        model(cond.x, cond.t, context, y=cond.y)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - held
+        new_segments = torch.cuda.memory_stats()["segment.all.allocated"] - segments
+    del model, context
+    torch.cuda.empty_cache()
+    return peak, new_segments
+
+
+def test_activation_memory_is_reused_across_blocks(cond):
+    """Each block frees its activations before the next one asks for the same sizes, so the caching
+    allocator hands the next block the same memory: a forward's peak over the weights is the same for
+    2 and 4 blocks, and a forward after the first asks the driver for no new memory."""
+    (peak2, new2), (peak4, new4) = _forward_memory(cond, 2), _forward_memory(cond, 4)
+    print(f"activation peak: {peak2 / 2**20:.1f} MiB (2 blocks), {peak4 / 2**20:.1f} MiB (4 blocks)")
+    assert peak4 == peak2, (peak2, peak4)
+    assert new2 == new4 == 0, (new2, new4)
