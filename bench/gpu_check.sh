@@ -7,7 +7,8 @@
 #     bash bench/gpu_check.sh                 # every stage not yet done on this machine
 #     bash bench/gpu_check.sh tests gemm      # these stages, even if done before
 #     BUDGET=540 bash bench/gpu_check.sh      # finish within 540 s; the same command again goes on
-# Stages, in the order of what their results are worth: tests dit gemm attention fused pipeline.
+# Stages, in the order of what their results are worth: tests dit gemm attention fused pipeline sweep
+# (every candidate configuration of the GEMM and attention kernels, for tuning their tables).
 #
 # Results collect in $WORK (default .gpu_check/ in the repository, which git ignores); a stage that
 # finished is listed in $WORK/done and left out of a later run without named stages. With BUDGET set,
@@ -30,7 +31,7 @@ out=${WORK:-.gpu_check}
 mkdir -p "$out" && out=$(cd "$out" && pwd -P)  # absolute: pytest-benchmark's file:// storage needs it
 py=${PYTHON:-python3}
 touch "$out/done"
-all_stages=(tests dit gemm attention fused pipeline)
+all_stages=(tests dit gemm attention fused pipeline sweep)
 stages=("$@")
 for stage in "${stages[@]}"; do
     [[ " ${all_stages[*]} " == *" $stage "* ]] || { echo "unknown stage $stage (${all_stages[*]})"; exit 2; }
@@ -131,6 +132,11 @@ for stage in "${stages[@]}"; do
                 limited "$py" -m dit8 bench dit $run --backend triton --repeat 2 \
                     --json "$out/dit_$name.json" 2>&1 | tail -12
             done ;;
+        sweep)
+            DIT8_GEMM_SWEEP=1 run_pytest bench/test_bench_gemm.py -k sweep \
+                --benchmark-json="$out/bench_sweep_gemm.json" 2>&1 | tail -5
+            DIT8_ATTN_SWEEP=1 run_pytest bench/test_bench_attention.py -k sweep \
+                --benchmark-json="$out/bench_sweep_attention.json" 2>&1 | tail -5 ;;
         pipeline)
             run_pytest bench/test_bench_pipeline.py -k "t5 or clip" \
                 --benchmark-json="$out/bench_encoders.json" 2>&1 | tail -8
