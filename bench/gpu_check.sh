@@ -109,7 +109,7 @@ for stage in "${stages[@]}"; do
             "$py" -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-12}")
             run_pytest -rs "${workers[@]}" --junitxml="$out/tests.xml" tests 2>&1 | tail -40
             # The kernels whose GPU tests passed: the line to paste into registry.GPU_VERIFIED.
-            "$py" bench/verified_backends.py "$out/tests.xml" ;;
+            "$py" bench/verified_backends.py "$out/tests.xml" | tee "$out/gpu_verified.txt" ;;
         gemm|attention|fused)
             # Also saved in pytest-benchmark's storage layout: bench/baselines/ takes it as the committed
             # baseline that --benchmark-compare-fail checks later runs against (bench/RESULTS.md).
@@ -118,7 +118,9 @@ for stage in "${stages[@]}"; do
             # The chart for the README (kernel beside its baseline, per shape).
             "$py" bench/plot_results.py "$out/bench_$stage.json" "$out/bench_$stage.png" \
                 --title "$(head -1 "$out/gpu.txt" | cut -d, -f1), $(sed -n 2p "$out/gpu.txt")" | tail -1
-            if [ "$stage" = fused ]; then "$py" bench/fastest_backends.py "$out/bench_fused.json"; fi ;;
+            if [ "$stage" = fused ]; then
+                "$py" bench/fastest_backends.py "$out/bench_fused.json" | tee "$out/fastest.txt"
+            fi ;;
         dit)
             # The headline first (issue 7's targets), with the 4-step loop; diffusers and the CUDA graph
             # ride on the bf16 run.
@@ -148,44 +150,8 @@ for stage in "${stages[@]}"; do
     pack
 done
 
-"$py" - "$out" <<'PY' | tee "$out/summary.txt"
-import collections, glob, json, os, sys, xml.etree.ElementTree as ET
-out = sys.argv[1]
-print()
-print(open(os.path.join(out, "gpu.txt")).read().strip())
-if os.path.exists(os.path.join(out, "tests.xml")):
-    counts = collections.defaultdict(collections.Counter)
-    for case in ET.parse(os.path.join(out, "tests.xml")).iter("testcase"):
-        outcome = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
-        counts[case.get("classname", "?").split(".")[-1]][outcome] += 1
-    print(f"\n{'suite':<28}{'passed':>8}{'failed':>8}{'errors':>8}{'skipped':>9}")
-    for suite, c in sorted(counts.items()):
-        print(f"{suite:<28}{c['passed']:>8}{c['failure']:>8}{c['error']:>8}{c['skipped']:>9}")
-def load(path):
-    try:
-        return json.load(open(path))
-    except (OSError, ValueError) as e:  # a run cut off before it wrote its file
-        print(f"unreadable: {path}: {e}")
-        return None
-rows = [b for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))) for b in (load(path) or {}).get("benchmarks", [])]
-if rows:
-    print(f"\n{'benchmark':<56}{'ms':>10}{'TFLOP/s':>9}{'GB/s':>8}{'ratio':>7}")
-    for b in rows:
-        e = b.get("extra_info", {})
-        cells = [f"{e[k]:>{w}}" if k in e else " " * w for k, w in (("ms", 10), ("tflops", 9), ("gbps", 8), ("ratio", 7))]
-        print(f"{b['name'][:56]:<56}" + "".join(cells))
-dits = sorted(glob.glob(os.path.join(out, "dit_*.json")))
-if dits:
-    print(f"\n{'dit forward (480P, 81 frames)':<32}{'ms':>9}{'loop ms':>9}{'peak GiB':>9}{'graph ms':>9}{'diffusers ms':>13}{'speed-up':>9}")
-    for path in dits:
-        r = load(path)
-        if r is None:
-            continue
-        d, g = r.get("diffusers", {}), r.get("cuda_graph", {})
-        print(f"{os.path.basename(path)[4:-5]:<32}{r['forward_ms']:>9.1f}{r.get('loop', {}).get('total_ms', 0):>9.1f}"
-              f"{r['peak_memory']['forward'] / 2**30:>9.2f}{g.get('forward_ms', 0):>9.1f}"
-              + (f"{d['forward_ms']:>13.1f}{d['ratio']:>8.2f}x" if "forward_ms" in d else ""))
-PY
+echo
+"$py" bench/results_tables.py "$out" | tee "$out/summary.txt"
 done_stages=$(tr '\n' ' ' <"$out/done")
 left=$(for stage in "${all_stages[@]}"; do grep -qx "$stage" "$out/done" || printf '%s ' "$stage"; done)
 echo "stages done: ${done_stages:-none}; left: ${left:-none}" | tee -a "$out/summary.txt"

@@ -1,0 +1,133 @@
+"""Markdown tables of everything a bench/gpu_check.sh run measured, for bench/RESULTS.md.
+
+    python bench/results_tables.py .gpu_check          # the results folder
+    python bench/results_tables.py dit8-gpu.tgz        # or its packed copy
+
+Tables: the machine (gpu.txt), test outcomes per file (tests.xml), one table per benchmark JSON
+(bench_*.json: the extra_info of each row, with the columns some row of that file has) and the DiT
+forwards (dit_*.json: times, peak memory, the profiled parts, diffusers on the same weights). A file
+cut short by a time limit is named and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import sys
+import tarfile
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+GIB = 2 ** 30
+
+# extra_info key -> column title, in the order the columns appear.
+BENCH_COLUMNS = {
+    "ms": "ms", "tflops": "TFLOP/s", "gbps": "GB/s", "copy_fraction": "of copy rate",
+    "baseline_ms": "baseline ms", "ratio": "ratio", "speedup_vs_official": "vs official",
+    "speedup_vs_rms_norm_rope": "vs rms_norm + rope", "rel_err": "rel err", "rel_err_baseline": "baseline rel err", "quantize_ms": "quantize ms",
+    "peak_gib": "peak GiB", "activation_gib": "activations GiB", "config": "config", "best": "best",
+}
+
+
+@contextlib.contextmanager
+def results_folder(path: Path) -> Iterator[Path]:
+    """The folder of results: `path` itself, or a temporary copy of a .tgz unpacked."""
+    if path.is_dir():
+        yield path
+        return
+    if not path.is_file():
+        raise SystemExit(f"results_tables: {path}: no such folder or file")
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(path) as archive:
+        archive.extractall(tmp, filter="data")
+        yield Path(tmp)
+
+
+def table(header: list[str], rows: list[list[object]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
+
+
+def read_json(path: Path, notes: list[str]) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # a run cut off before it finished writing
+        notes.append(f"{path.name}: unreadable ({e}), skipped")
+        return None
+
+
+def test_lines(xml_path: Path) -> list[str]:
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for case in ET.parse(xml_path).iter("testcase"):
+        outcome = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
+        counts[case.get("classname", "?").split(".")[-1]][outcome] += 1
+    total = sum(counts.values(), collections.Counter())
+    rows = [[name, c["passed"], c["failure"], c["error"], c["skipped"]]
+            for name, c in sorted(counts.items()) + [("**all**", total)]]
+    return table(["tests", "passed", "failed", "errors", "skipped"], rows)
+
+
+def bench_lines(name: str, data: dict) -> list[str]:
+    rows = data.get("benchmarks", [])
+    keys = [k for k in BENCH_COLUMNS if any(k in b.get("extra_info", {}) for b in rows)]
+    return table([name] + [BENCH_COLUMNS[k] for k in keys],
+                 [[b["name"]] + [b.get("extra_info", {}).get(k) for k in keys] for b in rows])
+
+
+def dit_lines(runs: dict[str, dict]) -> list[str]:
+    parts = sorted({p for r in runs.values() for p in r.get("parts_ms", {})})
+    header = (["run", "forward ms", "context ms", "4-step loop ms", "peak GiB", "graph ms"]
+              + [f"{p} ms" for p in parts] + ["GEMM TFLOP/s", "attention TFLOP/s",
+                                              "diffusers ms", "speed-up", "diffusers peak GiB"])
+    rows = []
+    for name, r in runs.items():
+        d, g, rates = r.get("diffusers", {}), r.get("cuda_graph", {}), r.get("tflops", {})
+        row = [name, f"{r['forward_ms']:.1f}", f"{r['context_ms']:.1f}",
+               f"{r['loop']['total_ms']:.1f}" if "loop" in r else None,
+               f"{r['peak_memory']['forward'] / GIB:.2f}",
+               f"{g['forward_ms']:.1f}" if g else None]
+        row += [f"{r['parts_ms'][p]:.1f}" if p in r.get("parts_ms", {}) else None for p in parts]
+        row += [f"{rates[k]:.0f}" if k in rates else None for k in ("gemm", "attention")]
+        row += ([f"{d['forward_ms']:.1f}", f"{d['ratio']:.2f}x", f"{d['peak_memory'] / GIB:.2f}"]
+                if "forward_ms" in d else [d.get("skipped"), None, None])
+        rows.append(row)
+    return table(header, rows)
+
+
+def report(folder: Path) -> list[str]:
+    """Every table of the results in `folder`, as markdown lines."""
+    lines: list[str] = []
+    notes: list[str] = []
+    if (folder / "gpu.txt").exists():
+        lines += (folder / "gpu.txt").read_text().strip().splitlines()
+    if (folder / "tests.xml").exists():
+        lines += [""] + test_lines(folder / "tests.xml")
+    for path in sorted(folder.glob("bench_*.json")):
+        data = read_json(path, notes)
+        if data is not None:
+            lines += [""] + bench_lines(path.stem, data)
+    runs = {p.stem.removeprefix("dit_"): r for p in sorted(folder.glob("dit_*.json"))
+            if (r := read_json(p, notes))}
+    if runs:
+        lines += [""] + dit_lines(runs)
+    return lines + ([""] + notes if notes else [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="gpu_check.sh's results folder, or its .tgz")
+    args = parser.parse_args(argv)
+    with results_folder(args.results) as folder:
+        lines = report(folder)
+    if not lines:
+        print(f"{args.results}: no results found", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

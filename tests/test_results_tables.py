@@ -1,0 +1,66 @@
+"""bench/results_tables.py: the markdown tables of a gpu_check.sh results folder, or of its archive."""
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from dit8.bench_dit import BenchSettings, run_bench
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "results_tables.py"
+
+
+def _results(folder: Path) -> dict:
+    """A results folder as gpu_check.sh leaves it; returns the dit run's numbers."""
+    folder.mkdir()
+    (folder / "gpu.txt").write_text("Some GPU, 580.1, 81559 MiB\npython 3.12 torch 2.11\n")
+    (folder / "tests.xml").write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.test_a" name="x"/><testcase classname="tests.test_a" name="y">'
+        '<failure message="m"/></testcase><testcase classname="tests.test_b" name="z"><skipped message="s"/>'
+        "</testcase></testsuite></testsuites>")
+    rows = [{"name": "test_gemm[fp8]", "extra_info": {"ms": 2.5, "tflops": 1300.0, "ratio": 1.1}},
+            {"name": "test_gemm[int8]", "extra_info": {"ms": 3.0, "config": "128x256x128"}}]
+    (folder / "bench_gemm.json").write_text(json.dumps({"benchmarks": rows}))
+    (folder / "bench_fused.json").write_text('{"benchmarks": [')  # cut off while writing
+    run = run_bench(BenchSettings(device="cpu", config="tiny", layers=1, size=(64, 64), frames=5, repeat=1,
+                                  steps=2))
+    (folder / "dit_fp8_fp8.json").write_text(json.dumps(run))
+    return run
+
+
+def _tables(path: Path) -> str:
+    done = subprocess.run([sys.executable, str(SCRIPT), str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_tables_of_a_folder_and_of_its_archive(tmp_path):
+    run = _results(tmp_path / "results")
+    text = _tables(tmp_path / "results")
+    lines = text.splitlines()
+    assert lines[0] == "Some GPU, 580.1, 81559 MiB"
+    assert "| test_a | 1 | 1 | 0 | 0 |" in lines and "| test_b | 0 | 0 | 0 | 1 |" in lines
+    assert "| **all** | 1 | 1 | 0 | 1 |" in lines
+    # Only the columns some row has, in their fixed order; a row without one leaves it empty.
+    assert "| bench_gemm | ms | TFLOP/s | ratio | config |" in lines
+    assert "| test_gemm[fp8] | 2.5 | 1300.0 | 1.1 |  |" in lines
+    assert "| test_gemm[int8] | 3.0 |  |  | 128x256x128 |" in lines
+    assert any(line.startswith("bench_fused.json: unreadable") for line in lines)
+    dit = next(line for line in lines if line.startswith("| fp8_fp8 |")).split(" | ")
+    assert dit[1] == f"{run['forward_ms']:.1f}" and dit[3] == f"{run['loop']['total_ms']:.1f}"
+
+    with tarfile.open(tmp_path / "results.tgz", "w:gz") as archive:
+        archive.add(tmp_path / "results", arcname=".")
+    assert _tables(tmp_path / "results.tgz") == text
+
+
+def test_missing_results_are_an_error(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "nothing")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0 and "nothing" in done.stderr + done.stdout
+    (tmp_path / "empty").mkdir()
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "empty")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "no results found" in done.stderr
