@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-side: install from the working tree, build the CUDA extension, run the test suite (GPU
 # tests included; they are skipped only without CUDA), `dit8 bench dit` and the benchmark suites, then
-# print a short table of all results so far.
+# print every result so far as markdown tables (bench/results_tables.py).
 #
 # Usage (on a CUDA machine, from the repository root):
 #     bash bench/gpu_check.sh                 # every stage not yet done on this machine
