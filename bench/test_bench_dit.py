@@ -16,6 +16,7 @@ Without CUDA: smoke mode (tiny config, 1 block, 64x64, 5 frames, once each); the
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -58,7 +59,7 @@ def test_diffusers_forward(benchmark, smoke, baseline_cache):
         _fill(benchmark.extra_info, bench, numbers["forward_ms"], numbers["peak_memory"], smoke)
         baseline_cache[("dit", "diffusers")] = numbers["forward_ms"]
         inputs = diffusers_inputs(ref, bench.cond)
-        benchmark.pedantic(_synced(lambda: ref(**inputs), bench.device), rounds=1, iterations=1)
+        benchmark.pedantic(_synced(functools.partial(ref, **inputs), bench.device), rounds=1, iterations=1)
     del ref, bench
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

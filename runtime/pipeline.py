@@ -19,6 +19,7 @@ not depend on what ran before or beside it.
 
 from __future__ import annotations
 
+import functools
 import math
 import resource
 import sys
@@ -418,10 +419,8 @@ class I2VPipeline:
             noise = initial_noise((1, vae_cfg.z_dim, latent_frames, *y.shape[3:]), job.seed, device)
             y = y.to(device)
 
-            def forward(context):
-                return lambda x, timestep: self.dit(x, timestep, context, y=y)
-
-            model = guided(forward(cond), forward(uncond) if cfg else None, job.guidance)
+            model = guided(functools.partial(self.dit, context=cond, y=y),
+                           functools.partial(self.dit, context=uncond, y=y) if cfg else None, job.guidance)
             if job.sampler == DISTILLED:
                 sampler = DistilledSampler(steps=_distilled_steps(job.steps), shift=job.shift, update=job.update)
             else:
@@ -445,7 +444,7 @@ class I2VPipeline:
                 latents = sampler.sample(model, noise, seed=job.seed + 1, callback=on_step)
             else:
                 latents = sampler.sample(model, noise, callback=on_step)
-            del cond, uncond, noise, y
+            del cond, uncond, noise, y, model
             _sync(device)
             timings["denoise"] = time.perf_counter() - t
             bar.close()

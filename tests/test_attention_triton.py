@@ -27,6 +27,7 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton backen
 from dit8 import kernels as ops  # noqa: E402
 from dit8.kernels import OpArgumentError  # noqa: E402
 from dit8.kernels import attention_triton as impl  # noqa: E402
+from dit8.kernels.gemm_configs import SHARED_MEMORY_LIMIT  # noqa: E402
 from dit8.kernels.triton_support import interpreting  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -474,9 +475,10 @@ def test_head_dim_128_long_sequences_on_gpu(precision):
 # the ptxas bundled with triton; ~6 s per kernel on a small CPU, so it is opt-in:
 #     DIT8_SM90_COMPILE=1 python -m pytest tests/test_attention_triton.py -k hopper
 
-def compile_for_sm90() -> dict[str, bool]:
+def compile_for_sm90() -> dict[str, dict]:
     """Compile every kernel at Wan's head_dim 128 with its GPU configuration for sm_90a; returns
-    {kernel variant: whether its PTX uses wgmma}. Must run without TRITON_INTERPRET."""
+    {kernel variant: {"wgmma": whether its PTX uses wgmma, "shared": its shared-memory bytes}}. Must run
+    without TRITON_INTERPRET."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     import triton
@@ -486,23 +488,24 @@ def compile_for_sm90() -> dict[str, bool]:
                else "fp32" if n in floats else "i32" for n in kernel.arg_names}
         src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
         options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        return "wgmma" in triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        return {"wgmma": "wgmma" in compiled.asm["ptx"], "shared": compiled.metadata.shared}
 
     d = 128
-    uses_wgmma = {}
+    kernels = {}
     for dt, tdt in [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)]:
-        uses_wgmma[f"attention {dt}"] = build(
+        kernels[f"attention {dt}"] = build(
             impl._attention_kernel, dict.fromkeys(["Q", "K", "V", "Out"], dt),
             dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=(c := impl.pick_config("bf16", d, tdt)).block_m, BLOCK_N=c.block_n,
                  DOT_FP32=dt == "fp32", INTERPRET=False), c)
     for width in (80, 256):  # padded to 128; the wide configuration
         c = impl.pick_config("bf16", width)
-        uses_wgmma[f"attention bf16, head_dim {width}"] = build(
+        kernels[f"attention bf16, head_dim {width}"] = build(
             impl._attention_kernel, dict.fromkeys(["Q", "K", "V", "Out"], "bf16"),
             dict(HEAD_DIM=width, BLOCK_D=impl._block_d("attention", width), BLOCK_M=c.block_m,
                  BLOCK_N=c.block_n, DOT_FP32=False, INTERPRET=False), c)
     c = impl.pick_config("cross", d)
-    uses_wgmma["cross_attention bf16"] = build(
+    kernels["cross_attention bf16"] = build(
         impl._cross_attention_kernel, dict.fromkeys(["Q", "K", "V", "KI", "VI", "Out"], "bf16"),
         dict(HAS_IMG=True, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, DOT_FP32=False,
              INTERPRET=False), c)
@@ -512,20 +515,22 @@ def compile_for_sm90() -> dict[str, bool]:
         for pv in impl.PV_FORMATS:
             pointers = dict(Q=code, K=code, V=v_codes[pv], Out="bf16",
                             **dict.fromkeys(["QScale", "KScale", "Bias", "VMean", "VScale"], "fp32"))
-            uses_wgmma[f"attention {qk} q·k, {pv} P·V"] = build(
+            kernels[f"attention {qk} q·k, {pv} P·V"] = build(
                 impl._attention_8bit_kernel, pointers,
                 dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, QK_INT8=qk == "int8",
                      PV=pv, DOT_FP32=False, INTERPRET=False), c)
         for per_row in (False, True):  # q's per-block scales, k's per-row scales and bias
-            build(impl._quantize_blocks_kernel,
-                  dict(X="bf16", Xq=code, **dict.fromkeys(["Mean", "Qbar", "Scale", "Bias"], "fp32")),
-                  dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=c.block_m, PER_ROW=per_row, TO_INT8=qk == "int8",
-                       HAS_BIAS=per_row, INTERPRET=False), impl.AttnConfig(0, 0, 4, 1))
+            kernels[f"quantize {qk}, per {'row' if per_row else 'block'}"] = build(
+                impl._quantize_blocks_kernel,
+                dict(X="bf16", Xq=code, **dict.fromkeys(["Mean", "Qbar", "Scale", "Bias"], "fp32")),
+                dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=c.block_m, PER_ROW=per_row, TO_INT8=qk == "int8",
+                     HAS_BIAS=per_row, INTERPRET=False), impl.AttnConfig(0, 0, 4, 1))
     for pv in ("int8", "fp8"):
-        build(impl._quantize_v_kernel, dict(V="bf16", Vq=v_codes[pv], VMean="fp32", VScale="fp32"),
-              dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=64, TO_INT8=pv == "int8", INTERPRET=False),
-              impl.AttnConfig(0, 0, 4, 1))
-    return uses_wgmma
+        kernels[f"quantize v {pv}"] = build(
+            impl._quantize_v_kernel, dict(V="bf16", Vq=v_codes[pv], VMean="fp32", VScale="fp32"),
+            dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=64, TO_INT8=pv == "int8", INTERPRET=False),
+            impl.AttnConfig(0, 0, 4, 1))
+    return kernels
 
 
 @pytest.mark.slow
@@ -543,6 +548,9 @@ def test_kernels_compile_for_hopper():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
-    uses_wgmma = json.loads(run.stdout.strip().splitlines()[-1])
-    # Every attention kernel's dots must map to Hopper's warpgroup MMA, fp32 "ieee" dots excepted.
-    assert all(v for k, v in uses_wgmma.items() if "fp32" not in k), uses_wgmma
+    kernels = json.loads(run.stdout.strip().splitlines()[-1])
+    # Every attention kernel's dots must map to Hopper's warpgroup MMA, fp32 "ieee" dots excepted, and
+    # fit in one block's shared memory (the interpreter has no limit; a GPU refuses the launch).
+    assert all(v["wgmma"] for k, v in kernels.items() if "fp32" not in k and "quantize" not in k), kernels
+    too_big = {k: v["shared"] for k, v in kernels.items() if v["shared"] > SHARED_MEMORY_LIMIT["sm_90"]}
+    assert not too_big, too_big
