@@ -12,8 +12,8 @@
 #
 # Results collect in $WORK (default .gpu_check/ in the repository, which git ignores); a stage that
 # finished is listed in $WORK/done and left out of a later run without named stages. With BUDGET set,
-# each stage gets what is left of it (at most STAGE_LIMIT seconds, default 540) and a stage that cannot
-# get a minute is left for the next run; a stage cut off reports what ran (pytest writes its summary,
+# each stage gets what is left of it (at most its own limit, below) and a stage that cannot get a
+# minute is left for the next run; a stage cut off reports what ran (pytest writes its summary,
 # JUnit XML and benchmark JSON on the interrupt). When $OUT is set, $OUT/dit8-gpu.tgz holds every result
 # file, refreshed after each stage, so a command killed from outside still returns what had finished.
 #
@@ -71,25 +71,24 @@ if [ ! -f "$out/gpu.txt" ] || [ "$("$py" -c 'import dit8, pathlib; print(pathlib
     "$py" -m dit8.kernels.cuda_ext build 2>&1 | tail -3  # for this GPU's architecture
 fi
 
-# Seconds the next command may run: STAGE_LIMIT, or less where BUDGET leaves less (30 s are kept for
-# the summary).
+# Seconds the next command may run: what is left of its stage's time (STAGE_LIMIT, default 540 s; the
+# tests get TESTS_LIMIT, default 360 s, so that a hung test cannot take the benchmarks' time), or less
+# where BUDGET leaves less (30 s are kept for the summary).
+budget_left() { [ -n "${BUDGET:-}" ] && echo $((BUDGET - (SECONDS - start) - 30)) || echo 86400; }
 seconds_left() {
-    local limit=${STAGE_LIMIT:-540}
-    if [ -n "${BUDGET:-}" ]; then
-        local left=$((BUDGET - (SECONDS - start) - 30))
-        [ "$left" -lt "$limit" ] && limit=$left
-    fi
-    echo "$limit"
+    local own=$((stage_end - SECONDS)) budget
+    budget=$(budget_left)
+    echo $((own < budget ? own : budget))
 }
 pytest_args=(-q -p no:cacheprovider --durations=10)
-"$py" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout=300)  # a hung test fails alone
+"$py" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout=240)  # a hung test fails alone
 # Runs a command for at most seconds_left; one cut off marks its stage as not done (a file, since the
 # commands run in pipelines, in subshells). SIGINT: pytest stops like on Ctrl-C and still writes its
 # summary, JUnit XML and benchmark JSON.
 limited() {
     local left rc
     left=$(seconds_left)
-    [ "$left" -lt 10 ] && { echo "not run (BUDGET is spent): $*"; touch "$out/.cut"; return 124; }
+    [ "$left" -lt 10 ] && { echo "not run (its time is spent): $*"; touch "$out/.cut"; return 124; }
     timeout -s INT "$left" "$@"
     rc=$?
     [ "$rc" -eq 124 ] && touch "$out/.cut"
@@ -97,7 +96,8 @@ limited() {
 }
 run_pytest() { limited "$py" -m pytest "${pytest_args[@]}" "$@"; }
 for stage in "${stages[@]}"; do
-    if [ "$(seconds_left)" -lt 60 ]; then
+    stage_end=$((SECONDS + $([ "$stage" = tests ] && echo "${TESTS_LIMIT:-360}" || echo "${STAGE_LIMIT:-540}")))
+    if [ "$(budget_left)" -lt 60 ]; then
         echo "== $stage: left for the next run (BUDGET=${BUDGET:-} s is spent)"
         continue
     fi
