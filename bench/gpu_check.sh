@@ -68,7 +68,9 @@ if [ ! -f "$out/gpu.txt" ] || [ "$("$py" -c 'import dit8, pathlib; print(pathlib
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
     "$py" -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-    "$py" -m dit8.kernels.cuda_ext build 2>&1 | tail -3  # for this GPU's architecture
+    # For this GPU's architecture, beside the first stage: tests that need the module wait for it (a
+    # file lock), the others go on.
+    "$py" -m dit8.kernels.cuda_ext build >"$out/cuda_build.log" 2>&1 &
 fi
 
 # Seconds the next command may run: what is left of its stage's time (STAGE_LIMIT, default 540 s; the
@@ -150,6 +152,8 @@ for stage in "${stages[@]}"; do
     pack
 done
 
+wait  # the CUDA build, if it is still running
+[ -f "$out/cuda_build.log" ] && tail -3 "$out/cuda_build.log"
 echo
 "$py" bench/results_tables.py "$out" | tee "$out/summary.txt"
 done_stages=$(tr '\n' ' ' <"$out/done")
