@@ -27,3 +27,28 @@ def _record_verified_kernels(request):
         # As record_property does, without its warning under the default xunit2 JUnit family (which
         # still writes test properties).
         request.node.user_properties.append(("verifies", ",".join(kernels)))
+
+
+@pytest.fixture(autouse=True)
+def _skip_cuda_backend_without_extension(request):
+    """A test run on the CUDA backend (its `backend` or `kernels` parameter) skips, saying why, on a GPU
+    machine that cannot build the CUDA extension (no nvcc, ninja or pybind11, or a failed build)."""
+    callspec = getattr(request.node, "callspec", None)
+    params = callspec.params if callspec else {}
+    if not torch.cuda.is_available() or "cuda" not in (params.get("backend"), params.get("kernels")):
+        return
+    from dit8.kernels import cuda_ext
+
+    if not cuda_ext.cuda_available(torch.device("cuda")):
+        reason = ", ".join(cuda_ext.missing_tools()) or "its build failed (see the warning)"
+        pytest.skip(f"the CUDA extension cannot be used here: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def _return_gpu_memory():
+    """After each test on a GPU, hand the memory PyTorch keeps cached back to the driver: test processes
+    running side by side (pytest-xdist) share one GPU, and one test's float64 references at Wan's
+    shapes take over 10 GB."""
+    yield
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

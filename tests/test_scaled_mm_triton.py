@@ -9,9 +9,11 @@ forgets to write fails every comparison.
 
 Reference: the float64 result of the very operands the kernel receives (8-bit codes, fp32 scales,
 bias, residual, gate), so the error measured is the kernel's, not the quantization's. Budgets:
-- relative error ‖out - ref‖ / ‖ref‖ at most 2x that of the torch reference op (the spec) on the same
-  operands and output dtype; with a residual the error is taken relative to the update ‖ref - residual‖,
-  so that a wrong gate row cannot hide under a large residual;
+- relative error ‖out - ref‖ / ‖ref‖ at most 2x that of the same-precision computation on the same
+  operands and output dtype: the torch reference op (the spec), and for FP8 on a GPU also the tensor
+  cores' own FP8 accumulation as cuBLAS does it (Hopper keeps fewer bits than fp32 between promotions,
+  which an fp32 output shows); with a residual the error is taken relative to the update
+  ‖ref - residual‖, so that a wrong gate row cannot hide under a large residual;
 - INT8: the int32 accumulation is exact, and the epilogue does the reference's fp32 operations in the
   reference's order, so under the interpreter (numpy: no fused multiply-add) every result without GELU
   equals the torch reference bit for bit; with scales 1 and fp32 output it is the exact integer.
@@ -68,9 +70,12 @@ def residual_and_gate(M, N, batches, seed):
     return residual.to(DEVICE), gate.to(DEVICE)
 
 
-def reference64(xq, xs, wq, ws, bias=None, activation=None, residual=None, gate=None, rows_per_batch=1):
-    """The fused op in float64 on the same operands."""
-    y = (xq.double() @ wq.double().t()) * xs.double()[:, None] * ws.double()[None, :]
+def reference64(xq, xs, wq, ws, bias=None, activation=None, residual=None, gate=None, rows_per_batch=1,
+                product=None):
+    """The fused op in float64 on the same operands; `product`: xq · wqᵀ as some GEMM accumulated it
+    (default: exact)."""
+    product = xq.double() @ wq.double().t() if product is None else product.double()
+    y = product * xs.double()[:, None] * ws.double()[None, :]
     if bias is not None:
         y = y + bias.double()[None, :]
     if activation == "gelu_tanh":
@@ -87,6 +92,45 @@ def rel_err(out, ref, residual=None):
     return ((out.double() - ref).norm() / base.norm()).item()
 
 
+def _zero_padded(t, rows, cols):
+    out = torch.zeros(rows, cols, dtype=torch.uint8, device=t.device).view(t.dtype)
+    out[:t.shape[0], :t.shape[1]] = t
+    return out
+
+
+def fp8_tensor_core_product(xq, wq):
+    """xq · wqᵀ as cuBLAS's FP8 GEMM accumulates it on this GPU: unit tensor-wise scales and fp32 output
+    (which row-wise scaling does not offer everywhere), operands zero-padded to the multiples of 16
+    cuBLASLt needs (exact zeros: the sums do not change)."""
+    (M, K), N = xq.shape, wq.shape[0]
+    up = lambda n: max(16, -(-n // 16) * 16)  # noqa: E731
+    one = torch.ones((), device=xq.device)
+    out = torch._scaled_mm(_zero_padded(xq, up(M), up(K)), _zero_padded(wq, up(N), up(K)).t(), scale_a=one,
+                           scale_b=one, out_dtype=torch.float32)
+    return out[:M, :N]
+
+
+def gate_rows(xq, epilogue) -> int:
+    """rows_per_batch as the op reads it: given, or M // (gate rows)."""
+    gate = epilogue.get("gate")
+    return epilogue.get("rows_per_batch") or (xq.shape[0] // gate.shape[0] if gate is not None else 1)
+
+
+def same_precision_error(xq, xs, wq, ws, bias, out_dtype, ref, **epilogue):
+    """The error the budget doubles: that of the torch reference op on the same operands, or, for FP8
+    on a GPU, that of the same computation with the tensor cores' FP8 accumulation (cuBLAS's, the
+    epilogue exact, then rounded to out_dtype) where that is larger. FP8 tensor cores accumulate with
+    fewer bits than fp32 (Hopper keeps about 14 between promotions), so the fp32 torch reference is
+    not the same precision there."""
+    residual = epilogue.get("residual")
+    err = rel_err(scaled_mm(xq, xs, wq, ws, bias, out_dtype, backend="torch", **epilogue), ref, residual)
+    if xq.dtype == FP8 and xq.device.type == "cuda" and xq.shape[1] > 0:
+        tensor_cores = reference64(xq, xs, wq, ws, bias, epilogue.get("activation"), residual, epilogue.get("gate"),
+                                   gate_rows(xq, epilogue), product=fp8_tensor_core_product(xq, wq))
+        err = max(err, rel_err(tensor_cores.to(out_dtype), ref, residual))
+    return err
+
+
 def check_output(out, shape, dtype):
     assert out.shape == shape and out.dtype == dtype and out.device.type == DEVICE
     assert torch.isfinite(out).all(), "kernel left elements unwritten (NaN poison) or overflowed"
@@ -94,22 +138,21 @@ def check_output(out, shape, dtype):
 
 def check_against_torch(xq, xs, wq, ws, bias, out_dtype, *, config=None, **epilogue):
     """Run the triton backend (through the op, or the impl with `config`) and the torch reference;
-    assert the 2x budget (and bit equality where it is exact); return (triton err, torch err)."""
+    assert the 2x budget (and bit equality where it is exact); return (triton err, same-precision err)."""
     M, N = xq.shape[0], wq.shape[0]
-    gate, rows = epilogue.get("gate"), epilogue.get("rows_per_batch")
-    rows = rows or (M // gate.shape[0] if gate is not None else 1)  # the op's default
+    gate, rows = epilogue.get("gate"), gate_rows(xq, epilogue)
     if config is None:
         out = scaled_mm(xq, xs, wq, ws, bias, out_dtype, backend="triton", **epilogue)
     else:
         out = impl.scaled_mm(xq, xs, wq, ws, bias, out_dtype, config=config, **{**epilogue, "rows_per_batch": rows})
-    ref_op = scaled_mm(xq, xs, wq, ws, bias, out_dtype, backend="torch", **epilogue)
     check_output(out, (M, N), out_dtype)
     ref = reference64(xq, xs, wq, ws, bias, epilogue.get("activation"), epilogue.get("residual"), gate, rows)
-    err, err_torch = rel_err(out, ref, epilogue.get("residual")), rel_err(ref_op, ref, epilogue.get("residual"))
-    assert err <= 2 * err_torch, (err, err_torch)
+    err = rel_err(out, ref, epilogue.get("residual"))
+    err_same = same_precision_error(xq, xs, wq, ws, bias, out_dtype, ref, **epilogue)
+    assert err <= 2 * err_same, (err, err_same)
     if interpreting() and xq.dtype == torch.int8 and epilogue.get("activation") is None:
-        assert torch.equal(out, ref_op)
-    return err, err_torch
+        assert torch.equal(out, scaled_mm(xq, xs, wq, ws, bias, out_dtype, backend="torch", **epilogue))
+    return err, err_same
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -157,8 +200,8 @@ def test_scaled_mm_edge_shapes(M, N, K, qdtype):
     if K == 0:
         assert torch.equal(out, bias.float().expand(M, N))  # an empty sum is 0: out = bias
     else:
-        err_torch = rel_err(scaled_mm(xq, xs, wq, ws, bias, torch.float32, backend="torch"), ref)
-        assert rel_err(out, ref) <= 2 * err_torch
+        err_same = same_precision_error(xq, xs, wq, ws, bias, torch.float32, ref)
+        assert rel_err(out, ref) <= 2 * err_same, (rel_err(out, ref), err_same)
 
 @PLAIN
 
@@ -377,7 +420,14 @@ def test_config_table_is_consistent():
 
 def cublas_result(xq, xs, wq, ws, out_dtype, fast_accum=False):
     """The cuBLAS result the issue compares with: torch._scaled_mm with row-wise scales (FP8), or
-    torch._int_mm followed by the dequantization in fp32 (INT8)."""
+    torch._int_mm followed by the dequantization in fp32 (INT8). An fp32 FP8 result takes unit
+    tensor-wise scales and the dequantization after: not every torch build offers row-wise scaling
+    with fp32 output."""
+    if xq.dtype == FP8 and out_dtype == torch.float32:
+        one = torch.ones((), device=xq.device)
+        product = torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.float32,
+                                   use_fast_accum=fast_accum)
+        return product * xs[:, None] * ws[None, :]
     if xq.dtype == FP8:
         return torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :], out_dtype=out_dtype,
                                 use_fast_accum=fast_accum)
