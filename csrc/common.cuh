@@ -46,14 +46,14 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
   return __float2bfloat16_rn(v);
 }
 // 8-bit codes of y = x / scale, as kernels/quantize.py defines them: int8 rounds half to even and
-// clamps to [-128, 127]; e4m3 clamps to ±448 first (so a value that would round past 448 saturates
-// instead of becoming NaN) and then rounds to nearest even.
+// clamps to [-128, 127]; e4m3 rounds to nearest even, saturating at ±448 (the reference's clamp before
+// its cast) and keeping NaN (which a clamp with fminf/fmaxf would turn into -448).
 template <> __device__ __forceinline__ int8_t from_f32<int8_t>(float y) {
   return static_cast<int8_t>(fminf(fmaxf(rintf(y), -128.0f), 127.0f));
 }
 template <> __device__ __forceinline__ __nv_fp8_e4m3 from_f32<__nv_fp8_e4m3>(float y) {
   __nv_fp8_e4m3 out;
-  out.__x = __nv_cvt_float_to_fp8(fminf(fmaxf(y, -kFp8Max), kFp8Max), __NV_SATFINITE, __NV_E4M3);
+  out.__x = __nv_cvt_float_to_fp8(y, __NV_SATFINITE, __NV_E4M3);
   return out;
 }
 

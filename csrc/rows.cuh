@@ -17,11 +17,12 @@ namespace dit8 {
 enum : int { kNormNone = 0, kNormLayer = 1, kNormRms = 2 };
 enum : int { kActNone = 0, kActGeluTanh = 1 };
 
-// GELU, tanh approximation, as torch computes it (fp32, accurate tanhf).
+// GELU, tanh approximation, as torch computes it (fp32, accurate tanhf, the cube grouped as torch's).
 __device__ __forceinline__ float gelu_tanh(float x) {
   const float kBeta = 0.7978845608028654f;  // sqrt(2/pi)
   const float kKappa = 0.044715f;
-  return 0.5f * x * (1.0f + tanhf(kBeta * (x + kKappa * x * x * x)));
+  const float cube = x * x * x;
+  return 0.5f * x * (1.0f + tanhf(kBeta * (x + kKappa * cube)));
 }
 
 // VEC consecutive fp32 parameters (weights, shift, scale): float4 accesses when VEC allows.

@@ -375,8 +375,9 @@ def launch_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads: int, eps: flo
         # Pairs: 2-element accesses need 2-element alignment; copy the rare input that lacks it.
         def pair_aligned(t):
             return t.data_ptr() % (2 * esize) == 0 and t.stride(0) % 2 == 0 and t.stride(1) % 2 == 0
-        q = q if pair_aligned(q) else q.contiguous()
-        k = k if pair_aligned(k) else k.contiguous()
+        # A fresh copy (contiguous() would return a contiguous tensor at an odd address as it is).
+        q = q if pair_aligned(q) else q.clone(memory_format=torch.contiguous_format)
+        k = k if pair_aligned(k) else k.clone(memory_format=torch.contiguous_format)
         vec = 2
     if C // vec > QK_MAX_THREADS * QK_VECS_PER_THREAD:
         raise spec.OpArgumentError(f"{op}: width {C} is more than one thread block handles "

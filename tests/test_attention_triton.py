@@ -378,7 +378,8 @@ def test_8bit_kernel_on_its_quantized_operands(qk):
     k_mean = k.mean(dim=1, dtype=torch.float32)
     q_centred = ((q.float() - q_mean[:, None]) * c).transpose(1, 2)  # [B, H, L, D]
     k_centred = (k.float() - k_mean[:, None]).transpose(1, 2)
-    qmax = 127.0 if qk == "int8" else 448.0
+    # A tensor divisor: CUDA divides by a Python number through its reciprocal (1 ulp off).
+    qmax = torch.tensor(127.0 if qk == "int8" else 448.0, device=q.device)
 
     def check_codes(got, y):
         if qk == "int8":
