@@ -109,12 +109,18 @@ def pick_config(path: str, head_dim: int, dtype: torch.dtype = torch.bfloat16) -
 MAX_HEAD_DIM = 256
 
 
-def _block_d(op: str, head_dim: int) -> int:
+# tl.dot's smallest reduction for 8-bit operands on a GPU (16-bit operands: 16); the interpreter does
+# not check it.
+DOT8_MIN_REDUCTION = 32
+
+
+def _block_d(op: str, head_dim: int, min_reduction: int = 16) -> int:
     """The padded head_dim the kernels work on: tl.arange needs a power of two and tl.dot a reduction
-    of at least 16. Channels past head_dim are loaded as 0, which adds nothing to q·k, and not stored."""
+    of at least min_reduction (16 for 16-bit operands, DOT8_MIN_REDUCTION for 8-bit ones). Channels
+    past head_dim are loaded as 0, which adds nothing to q·k, and not stored."""
     if head_dim > MAX_HEAD_DIM:
         raise OpArgumentError(f"{op}: the triton backend supports head_dim up to {MAX_HEAD_DIM}, got {head_dim}")
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(min_reduction, triton.next_power_of_2(head_dim))
 
 
 def _check_keys(op: str, name: str, lk: int) -> None:
@@ -735,8 +741,8 @@ def _launch_8bit(x: Quantized8bit, out: torch.Tensor, cfg: AttnConfig):
         *v_strides,
         *_bhd_strides(out),
         H, Lq, Lk, x.q_scale.shape[2],
-        HEAD_DIM=D, BLOCK_D=_block_d("attention", D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        QK_INT8=x.q.dtype == torch.int8,
+        HEAD_DIM=D, BLOCK_D=_block_d("attention", D, DOT8_MIN_REDUCTION), BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, QK_INT8=x.q.dtype == torch.int8,
         PV=pv, DOT_FP32=interpreting(), INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

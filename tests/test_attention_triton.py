@@ -523,6 +523,12 @@ def compile_for_sm90() -> dict[str, dict]:
                 impl._attention_8bit_kernel, pointers,
                 dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, QK_INT8=qk == "int8",
                      PV=pv, DOT_FP32=False, INTERPRET=False), c)
+            # A head_dim under the 8-bit dots' smallest reduction (the tests' 16), padded as launched.
+            kernels[f"attention {qk} q·k, {pv} P·V, head_dim 16"] = build(
+                impl._attention_8bit_kernel, pointers,
+                dict(HEAD_DIM=16, BLOCK_D=impl._block_d("attention", 16, impl.DOT8_MIN_REDUCTION),
+                     BLOCK_M=c.block_m, BLOCK_N=c.block_n, QK_INT8=qk == "int8", PV=pv, DOT_FP32=False,
+                     INTERPRET=False), c)
         for per_row in (False, True):  # q's per-block scales, k's per-row scales and bias
             kernels[f"quantize {qk}, per {'row' if per_row else 'block'}"] = build(
                 impl._quantize_blocks_kernel,
