@@ -245,14 +245,16 @@ def _sync(device: torch.device) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, repeat: int = 1) -> list[float]:
-    """Milliseconds of each of `repeat` calls: CUDA events on a GPU, wall time on a CPU."""
+    """Milliseconds of each of `repeat` calls: CUDA events on a GPU (on `device`'s current stream, where
+    its kernels run, whichever device is current), wall time on a CPU."""
     times = []
     for _ in range(repeat):
         if device.type == "cuda":
+            stream = torch.cuda.current_stream(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             fn()
-            end.record()
+            end.record(stream)
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="self-attention precision")
     generate.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     generate.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
-                          help="DiT and T5 compute dtype (default bf16 on CUDA, fp32 on CPU)")
+                          help="DiT and T5 compute dtype (default bf16 on CUDA, fp32 on CPU; T5 stays bf16 with fp16)")
     generate.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto",
                           help=BACKEND_HELP)
     generate.add_argument("--offload-encoders", action="store_true",

@@ -371,6 +371,12 @@ class WanDiT(nn.Module):
 
     # -- conditioning -------------------------------------------------------------------------------
 
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half() and the like all come here. The model's kernels, RoPE tables and
+        # per-op backends are chosen for the device and dtypes it was built with, so it does not move.
+        raise InputError("a WanDiT stays on the device and dtypes it was built with: build or load it "
+                         "where it runs, e.g. dit8.load_dit(path, device='cuda', dtype=torch.bfloat16)")
+
     def encode_context(self, context: torch.Tensor, clip_fea: torch.Tensor | None = None) -> EncodedContext:
         """Project text context [B, Ltext, text_dim] (and CLIP features [B, N, clip_dim] for I2V) to
         every block's cross-attention keys and values. Reuse the result across sampling steps."""

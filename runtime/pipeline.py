@@ -198,10 +198,10 @@ class _Job:
 
 def _encoder_dtypes(device: torch.device, dtype: torch.dtype | None) -> tuple[torch.dtype, torch.dtype]:
     """(T5, CLIP) compute dtypes: the reference's bf16 T5 and fp16 CLIP on GPUs, fp32 on CPUs or when
-    fp32 is asked for."""
+    fp32 is asked for. T5 stays bf16 when fp16 is asked for: its feed-forward activations overflow fp16."""
     if dtype == torch.float32 or (dtype is None and device.type != "cuda"):
         return torch.float32, torch.float32
-    return (dtype or torch.bfloat16), torch.float16
+    return torch.bfloat16, torch.float16
 
 
 def _sync(device: torch.device) -> None:
@@ -244,8 +244,9 @@ class I2VPipeline:
         `dit8.model_folder` for the layouts, the DiT order and the distilled/base rule).
 
         device: where every model computes. dtype: compute dtype of the DiT and T5 (default bf16 on
-            CUDA, fp32 on CPU); CLIP runs fp16 on CUDA as the reference (fp32 when dtype is fp32); the
-            VAE always fp32, as the reference.
+            CUDA, fp32 on CPU; T5 stays bf16 when fp16 is asked for, since its activations overflow
+            fp16); CLIP runs fp16 on CUDA as the reference (fp32 when dtype is fp32); the VAE always
+            fp32, as the reference.
         dit: a DiT file or folder instead of the folder's own; scheme: "bf16", "fp8" or "int8", which of
             the folder's DiT variants to take. distilled: override the folder-kind rule, which sets the
             call defaults (distilled: sampler "distilled", 4 steps, guidance 1, shift 5; base: "unipc",

@@ -57,7 +57,8 @@ class DistilledSampler:
         callback(step, num_steps, x0): called after each step with that step's x0 estimate.
         """
         sigmas = self.sigmas().tolist()
-        generator = torch.Generator(device=noise.device).manual_seed(seed)
+        # Drawn on the CPU, as initial_noise: a seed gives the same video on any device.
+        generator = torch.Generator().manual_seed(seed)
         x = noise.float()
         x0 = x
         for i, sigma in enumerate(sigmas):
@@ -69,7 +70,7 @@ class DistilledSampler:
                 if self.update == DETERMINISTIC:
                     x = x0 + nxt * v
                 else:
-                    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
                     x = (1 - nxt) * x0 + nxt * eps
             if callback is not None:
                 callback(i, len(sigmas), x0)

@@ -109,3 +109,11 @@ def test_a_kernel_backend_no_op_runs_here_is_refused(monkeypatch):
 def test_8bit_attention_on_the_torch_backend_is_refused_when_built():
     with pytest.raises(dit8.kernels.BackendError, match="torch reference has no 'int8' path"):
         WanDiT(tiny_config("i2v"), attention="int8", backend="torch")
+
+
+def test_the_model_does_not_move_after_it_is_built(model):
+    """Its kernels, RoPE tables and backends belong to the device and dtypes it was built with."""
+    for move in (lambda m: m.to("meta"), lambda m: m.half(), lambda m: m.float(), lambda m: m.cpu()):
+        with pytest.raises(InputError, match="stays on the device and dtypes it was built with"):
+            move(model)
+    assert next(model.buffers()).device.type == "cpu"  # nothing was moved
