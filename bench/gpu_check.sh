@@ -84,16 +84,20 @@ seconds_left() {
 }
 pytest_args=(-q -p no:cacheprovider --durations=10)
 "$py" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout=240)  # a hung test fails alone
-# Runs a command for at most seconds_left; one cut off marks its stage as not done (a file, since the
-# commands run in pipelines, in subshells). SIGINT: pytest stops like on Ctrl-C and still writes its
-# summary, JUnit XML and benchmark JSON.
+# Runs a command for at most seconds_left. One cut off by the BUDGET marks its stage as not done, to
+# run again next time (a file, since the commands run in pipelines, in subshells); one cut off by its
+# stage's own limit is noted and not run again, so that the next run reaches the later stages.
+# SIGINT: pytest stops like on Ctrl-C and still writes its summary, JUnit XML and benchmark JSON.
 limited() {
-    local left rc
+    local left rc budget
     left=$(seconds_left)
+    budget=$(budget_left)
     [ "$left" -lt 10 ] && { echo "not run (its time is spent): $*"; touch "$out/.cut"; return 124; }
     timeout -s INT "$left" "$@"
     rc=$?
-    [ "$rc" -eq 124 ] && touch "$out/.cut"
+    if [ "$rc" -eq 124 ]; then
+        if [ "$budget" -le "$left" ]; then touch "$out/.cut"; else echo "$stage: stopped at its own time limit" >>"$out/notes.txt"; fi
+    fi
     return "$rc"
 }
 run_pytest() { limited "$py" -m pytest "${pytest_args[@]}" "$@"; }
@@ -158,5 +162,6 @@ echo
 "$py" bench/results_tables.py "$out" | tee "$out/summary.txt"
 done_stages=$(tr '\n' ' ' <"$out/done")
 left=$(for stage in "${all_stages[@]}"; do grep -qx "$stage" "$out/done" || printf '%s ' "$stage"; done)
+[ -f "$out/notes.txt" ] && tee -a "$out/summary.txt" <"$out/notes.txt"
 echo "stages done: ${done_stages:-none}; left: ${left:-none}" | tee -a "$out/summary.txt"
 pack
