@@ -40,7 +40,8 @@ if [ ${#stages[@]} -eq 0 ]; then
     for stage in "${all_stages[@]}"; do grep -qx "$stage" "$out/done" || stages+=("$stage"); done
 fi
 pack() {  # every result file in one archive, for machines that hand back only a few files
-    [ -n "${OUT:-}" ] && tar -czf "$OUT/dit8-gpu.tgz.part" -C "$out" . && mv "$OUT/dit8-gpu.tgz.part" "$OUT/dit8-gpu.tgz"
+    [ -n "${OUT:-}" ] && tar -czf "$OUT/dit8-gpu.tgz.part" -C "$out" . &&
+        mv "$OUT/dit8-gpu.tgz.part" "$OUT/dit8-gpu.tgz"
     return 0
 }
 
@@ -96,7 +97,11 @@ limited() {
     timeout -s INT "$left" "$@"
     rc=$?
     if [ "$rc" -eq 124 ]; then
-        if [ "$budget" -le "$left" ]; then touch "$out/.cut"; else echo "$stage: stopped at its own time limit" >>"$out/notes.txt"; fi
+        if [ "$budget" -le "$left" ]; then
+            touch "$out/.cut"
+        else
+            echo "$stage: stopped at its own time limit" >>"$out/notes.txt"
+        fi
     fi
     return "$rc"
 }
@@ -135,7 +140,9 @@ for stage in "${stages[@]}"; do
                        "--scheme bf16 --attention bf16 --steps 0 --compare diffusers --cuda-graph"; do
                 name=$(echo "$run" | awk '{print $2 "_" $4}')
                 [ -f "$out/dit_$name.json" ] && { echo "dit $name: measured before (in $out)"; continue; }
-                [ "$(seconds_left)" -lt 45 ] && { echo "dit $name: left for the next run"; touch "$out/.cut"; continue; }
+                if [ "$(seconds_left)" -lt 45 ]; then
+                    echo "dit $name: left for the next run"; touch "$out/.cut"; continue
+                fi
                 # shellcheck disable=SC2086
                 limited "$py" -m dit8 bench dit $run --backend triton --repeat 2 \
                     --json "$out/dit_$name.json" 2>&1 | tail -12

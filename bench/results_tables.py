@@ -28,7 +28,8 @@ GIB = 2 ** 30
 BENCH_COLUMNS = {
     "ms": "ms", "tflops": "TFLOP/s", "gbps": "GB/s", "copy_fraction": "of copy rate",
     "baseline_ms": "baseline ms", "ratio": "ratio", "speedup_vs_official": "vs official",
-    "speedup_vs_rms_norm_rope": "vs rms_norm + rope", "rel_err": "rel err", "rel_err_baseline": "baseline rel err", "quantize_ms": "quantize ms",
+    "speedup_vs_rms_norm_rope": "vs rms_norm + rope", "rel_err": "rel err",
+    "rel_err_baseline": "baseline rel err", "quantize_ms": "quantize ms",
     "peak_gib": "peak GiB", "activation_gib": "activations GiB", "config": "config", "best": "best",
 }
 

@@ -173,7 +173,8 @@ def test_gemm_bf16_in(shape, device, smoke, record, gpu_time):
     assert rel_err(out, base_out.double()) < 1e-2
     M, N, K = shape
     record(ours, flops=2 * M * N * K, baseline_ms=gpu_time(eager), shape=list(shape),
-           quantize_ms=round(gpu_time(lambda: ops.quantize_per_token(x, FP8, backend=quant_backend)), 4), quantize_backend=quant_backend,
+           quantize_ms=round(gpu_time(lambda: ops.quantize_per_token(x, FP8, backend=quant_backend)), 4),
+           quantize_backend=quant_backend,
            baseline="eager quantize_per_token (torch) + torch._scaled_mm row-wise",
            config=config_name("fp8", shape, device))
 

@@ -516,9 +516,10 @@ class DitBench:
         _sync(self.device)
         capture_s = time.perf_counter() - t0
         out = captured(self.cond.x, self.cond.t)
-        replay_ms = _median(time_ms(functools.partial(captured, self.cond.x, self.cond.t), self.device, self.settings.repeat))
+        replay = functools.partial(captured, self.cond.x, self.cond.t)
+        replay_ms = _median(time_ms(replay, self.device, self.settings.repeat))
         result = {"capture_s": round(capture_s, 3), "forward_ms": replay_ms, "rel_diff": _rel_diff(out, eager)}
-        del captured, out, eager
+        del captured, replay, out, eager
         gc.collect()
         return result
 
