@@ -27,6 +27,8 @@ def _results(folder: Path) -> dict:
     run = run_bench(BenchSettings(device="cpu", config="tiny", layers=1, size=(64, 64), frames=5, repeat=1,
                                   steps=2))
     (folder / "dit_fp8_fp8.json").write_text(json.dumps(run))
+    (folder / "gpu_verified.txt").write_text("op  backend\nrms_norm  triton\n\n"
+                                             "GPU_VERIFIED[(9, 0)] = frozenset({('rms_norm', 'triton')})\n")
     return run
 
 
@@ -50,6 +52,8 @@ def test_tables_of_a_folder_and_of_its_archive(tmp_path):
     assert any(line.startswith("bench_fused.json: unreadable") for line in lines)
     dit = next(line for line in lines if line.startswith("| fp8_fp8 |")).split(" | ")
     assert dit[1] == f"{run['forward_ms']:.1f}" and dit[3] == f"{run['loop']['total_ms']:.1f}"
+    assert lines[lines.index("Registry entries (kernels/registry.py):") + 1] == \
+        "GPU_VERIFIED[(9, 0)] = frozenset({('rms_norm', 'triton')})"
 
     with tarfile.open(tmp_path / "results.tgz", "w:gz") as archive:
         archive.add(tmp_path / "results", arcname=".")
