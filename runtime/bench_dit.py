@@ -101,8 +101,11 @@ class BenchSettings:
     cuda_graph: bool = False
     seed: int = 0
 
+    def config_name(self) -> str:
+        return self.config or ("i2v-14b" if torch.device(self.device).type == "cuda" else "tiny")
+
     def model_config(self) -> WanConfig:
-        name = self.config or ("i2v-14b" if torch.device(self.device).type == "cuda" else "tiny")
+        name = self.config_name()
         if name not in CONFIGS:
             raise InputError(f"config must be one of {tuple(CONFIGS)}, got {name!r}")
         base = CONFIGS[name]

@@ -214,11 +214,22 @@ def _open_sharded(index: Path, handles: dict) -> tuple[dict[str, TensorInfo], di
     return infos, metadata
 
 
+def _refuse_model_folder(folder: Path, files: list[Path]) -> None:
+    """A folder's .pth files are the parts of one DiT, unless they are a model folder's encoders and VAE
+    (whose keys would otherwise be reported as unexpected DiT tensors)."""
+    from .model_folder import CLIP_FILE, T5_FILE, VAE_FILE
+
+    others = [p.name for p in files if p.name in (T5_FILE, CLIP_FILE, VAE_FILE)]
+    if others:
+        raise CheckpointError(f"{folder}: a model folder ({', '.join(others)}), not a DiT checkpoint: pass the "
+                              "DiT file or folder, or use dit8.I2VPipeline / `dit8 generate --model`")
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint file or folder without reading tensor data.
 
     A folder holding `*.index.json` is read as shards; otherwise every `.safetensors` (or, failing
-    that, `.pth`/`.pt`) file in it is one part of the checkpoint, as per-block files are. A
+    that, `.pth`/`.pt`/`.bin`) file in it is one part of the checkpoint, as per-block files are. A
     `config.json` beside the weights is remembered for cross-checking.
     """
     path = Path(path)
@@ -235,6 +246,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             files = sorted(path.glob("*" + SAFETENSORS_SUFFIX))
             if not files:
                 files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+                _refuse_model_folder(path, files)
             if not files:
                 raise CheckpointError(f"{path}: no {SAFETENSORS_SUFFIX} or .pth files in this folder")
             infos, metadata = _merge(files, handles)

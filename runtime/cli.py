@@ -4,14 +4,19 @@ exit non-zero."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import Dit8Error
 from .progress import format_bytes
+
+if TYPE_CHECKING:
+    from .bench_dit import BenchSettings
 
 
 def _run_info(args: argparse.Namespace) -> int:
@@ -115,12 +120,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_bench_dit(args: argparse.Namespace) -> int:
-    from .bench_dit import BenchSettings, format_table, run_bench
+    from .bench_dit import format_table, run_bench
 
-    settings = BenchSettings(scheme=args.scheme, attention=args.attention, frames=args.frames, size=args.size,
-                             layers=args.layers, steps=args.steps, backend=args.backend, device=args.device,
-                             config=args.config, compare=args.compare, repeat=args.repeat,
-                             cuda_graph=args.cuda_graph)
+    settings = bench_settings(args)
     result = run_bench(settings, log=lambda line: print(f"dit8 bench dit: {line}", file=sys.stderr, flush=True))
     for line in format_table(result):
         print(line)
@@ -129,6 +131,23 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
         print(f"json        {args.json}")
     return 0
 
+
+def bench_settings(args: argparse.Namespace) -> BenchSettings:
+    """`dit8 bench dit`'s settings: the real 480P, 81-frame input for I2V-14B, a small one for the tiny
+    model (the CPU default), which at 480P would take minutes a forward on a CPU."""
+    from .bench_dit import BenchSettings
+
+    settings = BenchSettings(scheme=args.scheme, attention=args.attention, layers=args.layers, steps=args.steps,
+                             backend=args.backend, device=args.device, config=args.config, compare=args.compare,
+                             repeat=args.repeat, cuda_graph=args.cuda_graph)
+    tiny = settings.config_name() == "tiny"
+    frames = args.frames if args.frames is not None else TINY_FRAMES if tiny else settings.frames
+    size = args.size if args.size is not None else TINY_SIZE if tiny else settings.size
+    return dataclasses.replace(settings, frames=frames, size=size)
+
+
+# `dit8 bench dit`'s input with the tiny model: a few seconds a forward on a CPU.
+TINY_FRAMES, TINY_SIZE = 9, (256, 256)
 
 BACKEND_HELP = ("kernels to run: triton or cuda run every op that has that kernel, the others as auto does; "
                 "auto: the kernels verified on this GPU generation, else the torch reference; torch: the "
@@ -165,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--image", required=True, help="input image (PNG, JPEG, ...): the first frame")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--out", required=True, help="output .mp4 (H.264, yuv420p, 16 fps)")
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     generate.add_argument("--frames", type=int, default=81, help="4k+1 frames (default 81)")
     size = generate.add_mutually_exclusive_group()
     size.add_argument("--size", type=_parse_size, help="WIDTHxHEIGHT, multiples of 16 (default: the image's "
@@ -179,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--shift", type=float, help="sigma shift; default 5 (distilled) or 3 (unipc, 480P)")
     generate.add_argument("--negative-prompt", help="for CFG (default: Wan's own)")
     generate.add_argument("--update", choices=("deterministic", "renoise"), default="deterministic",
-                          help="the distilled sampler's step rule")
+                          help="the distilled sampler's step rule (default deterministic)")
     dit = generate.add_mutually_exclusive_group()
     dit.add_argument("--scheme", choices=("bf16", "fp8", "int8"),
                      help="which DiT of the folder: bf16 (float), fp8 or int8 (default: the first present)")
@@ -192,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the DiT is the undistilled base model: UniPC, 40 steps, CFG 5 by default")
     generate.add_argument("--attention", choices=("bf16", "int8", "fp8"), default="bf16",
                           help="self-attention precision")
-    generate.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    generate.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
+                          help="where the model runs (default cuda when available, else cpu)")
     generate.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
                           help="DiT and T5 compute dtype (default bf16 on CUDA, fp32 on CPU; T5 stays bf16 with fp16)")
     generate.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto",
@@ -200,15 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--offload-encoders", action="store_true",
                           help="keep T5 and CLIP off the GPU except while they encode")
     generate.add_argument("--vae-tile", type=int, help="decode in tiles of N latent pixels to save memory "
-                          "(32: 3.4 GiB of activations at 480P instead of 6.2)")
+                          "(32: an estimated 3.4 GiB of activations at 480P instead of 6.2)")
     generate.add_argument("--frames-dir", help="also write every frame as a PNG into this folder")
     generate.set_defaults(run=_run_generate)
 
     demo = commands.add_parser("demo", help="the whole pipeline on a tiny RANDOM model: writes a short mp4")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the weights and the noise (default 0)")
     demo.add_argument("--update", choices=("deterministic", "renoise"), default="deterministic",
-                      help="how each step moves to the next noise level")
-    demo.add_argument("--device", default="cpu")
+                      help="how each step moves to the next noise level (default deterministic)")
+    demo.add_argument("--device", default="cpu", help="default cpu")
     demo.add_argument("--out", default="dit8-demo.mp4", help="output mp4 (default dit8-demo.mp4)")
     demo.add_argument("--frames-dir", help="also write every frame as a PNG into this folder")
     demo.set_defaults(run=_run_demo)
@@ -220,18 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     dit.add_argument("--scheme", choices=("bf16", "fp8", "int8"), default="bf16", help="block linear weights")
     dit.add_argument("--attention", choices=("bf16", "int8", "fp8"), default="bf16",
                      help="self-attention precision (8-bit needs a kernel backend: --backend triton)")
-    dit.add_argument("--frames", type=int, default=81, help="4k+1 video frames (default 81: 21 latent frames)")
-    dit.add_argument("--size", type=_parse_size, default=(832, 480),
-                     help="WIDTHxHEIGHT in pixels, multiples of 16, as for generate (default 832x480)")
+    dit.add_argument("--frames", type=int, help=f"4k+1 video frames (default 81, 21 latent frames; {TINY_FRAMES} "
+                     "with the tiny config)")
+    dit.add_argument("--size", type=_parse_size, help="WIDTHxHEIGHT in pixels, multiples of 16, as for generate "
+                     f"(default 832x480; {TINY_SIZE[0]}x{TINY_SIZE[1]} with the tiny config)")
     dit.add_argument("--layers", type=int, help="number of blocks (default: all, 40 for I2V-14B)")
     dit.add_argument("--steps", type=int, default=4, help="steps of the distilled loop (0: no loop)")
     dit.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto", help=BACKEND_HELP)
     dit.add_argument("--compare", choices=("diffusers",), help="also time diffusers' WanTransformer3DModel "
                      "(bf16, SDPA) on the same weights; skipped with a message when diffusers is missing")
-    dit.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    dit.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
+                     help="default cuda when available, else cpu")
     dit.add_argument("--config", choices=("i2v-14b", "tiny"),
                      help="model dimensions (default: i2v-14b on CUDA, tiny on CPU)")
-    dit.add_argument("--repeat", type=int, default=3, help="timed forwards after the warm-up (median)")
+    dit.add_argument("--repeat", type=int, default=3, help="timed forwards after the warm-up, their median reported (default 3)")
     dit.add_argument("--cuda-graph", action="store_true",
                      help="also time the forward replayed from a CUDA graph (dit8.CapturedForward)")
     dit.add_argument("--json", metavar="OUT", help="write every number to this JSON file")

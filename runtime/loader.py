@@ -206,7 +206,7 @@ def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
              backend: str = "auto", attention: str = "bf16", progress: bool | None = None) -> WanDiT:
     """Load a Wan2.1 DiT from a checkpoint file or folder.
 
-    path: `.safetensors`, `.pth`/`.pt`, a folder of shards with an index json, or a folder of
+    path: `.safetensors`, `.pth`/`.pt`/`.bin`, a folder of shards with an index json, or a folder of
         per-block files; official, diffusers or ComfyUI key layout; I2V or T2V (found from the keys).
     device: where the model lives and computes.
     dtype: compute dtype of the matmuls and attention; default bf16 on CUDA, fp32 on CPU.

@@ -1,16 +1,32 @@
 """Shared test settings: the Triton interpreter on machines without a GPU, and poisoned kernel outputs."""
 
+import importlib.metadata
+import importlib.util
 import os
 
+import numpy
 import pytest
 import torch
 
 from kernel_verification import verified_kernels
 
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = text.split(".")[:2]
+    return int(major), int(minor)
+
+
 # Without a GPU, Triton kernels run in the interpreter on CPU tensors; it must be switched on before
 # triton (and so dit8.kernels' Triton code) is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# triton < 3.9's interpreter turns one-element arrays into Python scalars, which numpy 2.4 refuses: every
+# Triton test would fail with "only 0-dimensional arrays can be converted to Python scalars".
+if os.environ.get("TRITON_INTERPRET") == "1":
+    triton_version = importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None
+    if triton_version and _version(triton_version) < (3, 9) and _version(numpy.__version__) >= (2, 4):
+        raise pytest.UsageError(f"triton {triton_version}'s interpreter does not work with numpy "
+                                f"{numpy.__version__}: install numpy<2.4 or triton>=3.9")
 # Kernel outputs start as NaN, so an element a kernel fails to write fails the comparison.
 os.environ.setdefault("DIT8_POISON_OUTPUTS", "1")
 

@@ -146,6 +146,14 @@ def test_folder_without_weights(tmp_path):
     assert "no .safetensors" in load_error(tmp_path)
 
 
+def test_model_folder_is_not_taken_for_a_dit(tmp_path):
+    # A model folder with no .safetensors DiT at its top: only the encoders and VAE, as .pth files.
+    for name in ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth"):
+        torch.save({"weight": torch.zeros(2)}, tmp_path / name)
+    msg = load_error(tmp_path)
+    assert "model folder" in msg and "Wan2.1_VAE.pth" in msg and "I2VPipeline" in msg
+
+
 def test_config_json_disagreeing_with_shapes(tmp_path, weights):
     path = write_checkpoint(weights, tmp_path / "m.safetensors", config=tiny_config("i2v", num_layers=3))
     msg = load_error(path)

@@ -10,7 +10,7 @@ import torch
 
 from dit8.bench_dit import (PARTS, BenchSettings, build_model, classify, diffusers_inputs, float_weight,
                             quantized_layers, random_conditioning, run_bench, to_diffusers)
-from dit8.cli import main
+from dit8.cli import TINY_FRAMES, TINY_SIZE, bench_settings, build_parser, main
 from dit8.config import tiny_config
 from dit8.model import QuantLinear
 
@@ -55,6 +55,19 @@ def test_compare_without_diffusers_says_skipped(monkeypatch, capsys):
     assert main(["bench", "dit", *TINY, "--steps", "0", "--compare", "diffusers"]) == 0
     out = capsys.readouterr().out
     assert "diffusers   skipped: diffusers is not importable" in out and "loop" not in out
+
+
+def test_input_defaults_follow_the_config():
+    # The real 480P, 81-frame input for I2V-14B; a small one for the tiny model, the CPU default.
+    def settings(*args):
+        return bench_settings(build_parser().parse_args(["bench", "dit", *args]))
+
+    tiny = settings("--device", "cpu")
+    assert tiny.config_name() == "tiny" and (tiny.frames, tiny.size) == (TINY_FRAMES, TINY_SIZE)
+    full = settings("--device", "cpu", "--config", "i2v-14b")
+    assert (full.frames, full.size) == (81, (832, 480))
+    chosen = settings("--device", "cpu", "--frames", "5", "--size", "64x32")
+    assert (chosen.frames, chosen.size) == (5, (64, 32))
 
 
 @pytest.mark.parametrize("args, message", [
