@@ -28,11 +28,21 @@ import pytest  # noqa: E402
 CUDA = torch.cuda.is_available()
 
 
-def gpu_time_ms(fn, *, warmup: int = 25, rep: int = 100) -> float:
-    """Median milliseconds of fn() on CUDA (do_bench); on CPU the wall time of one call."""
+def gpu_time_ms(fn, *, warmup: int = 25, rep: int = 100, min_runs: int = 10) -> float:
+    """Median milliseconds of fn() on CUDA (do_bench, over at least `min_runs` runs); on CPU the wall
+    time of one call."""
     if CUDA:
         import triton.testing
 
+        # do_bench runs rep / (its estimate of one call) times: a 40 ms attention call would get 2 runs
+        # out of rep = 100 ms. One call, timed after a first one (compilation), sets rep.
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        rep = max(rep, round(min_runs * start.elapsed_time(end)))
         return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
     start = time.perf_counter()
     fn()

@@ -40,8 +40,10 @@ if [ ${#stages[@]} -eq 0 ]; then
     for stage in "${all_stages[@]}"; do grep -qx "$stage" "$out/done" || stages+=("$stage"); done
 fi
 pack() {  # every result file in one archive, for machines that hand back only a few files
-    [ -n "${OUT:-}" ] && tar -czf "$OUT/dit8-gpu.tgz.part" -C "$out" . &&
-        mv "$OUT/dit8-gpu.tgz.part" "$OUT/dit8-gpu.tgz"
+    [ -n "${OUT:-}" ] || return 0
+    # tar exits 1 when a file changed while it was read (a log still being written): still an archive.
+    tar -czf "$OUT/dit8-gpu.tgz.part" -C "$out" . 2>/dev/null
+    [ $? -le 1 ] && mv "$OUT/dit8-gpu.tgz.part" "$OUT/dit8-gpu.tgz"
     return 0
 }
 
@@ -71,13 +73,13 @@ if [ ! -f "$out/gpu.txt" ] || [ "$("$py" -c 'import dit8, pathlib; print(pathlib
 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
     # For this GPU's architecture, beside the first stage: tests that need the module wait for it (a
     # file lock), the others go on.
-    "$py" -m dit8.kernels.cuda_ext build >"$out/cuda_build.log" 2>&1 &
+    timeout 300 "$py" -m dit8.kernels.cuda_ext build >"$out/cuda_build.log" 2>&1 &
 fi
 
 # Seconds the next command may run: what is left of its stage's time (STAGE_LIMIT, default 540 s; the
 # tests get TESTS_LIMIT, default 360 s, so that a hung test cannot take the benchmarks' time), or less
-# where BUDGET leaves less (30 s are kept for the summary).
-budget_left() { [ -n "${BUDGET:-}" ] && echo $((BUDGET - (SECONDS - start) - 30)) || echo 86400; }
+# where BUDGET leaves less (40 s are kept: for a process killed 20 s after its SIGINT, and the summary).
+budget_left() { [ -n "${BUDGET:-}" ] && echo $((BUDGET - (SECONDS - start) - 40)) || echo 86400; }
 seconds_left() {
     local own=$((stage_end - SECONDS)) budget
     budget=$(budget_left)
@@ -85,24 +87,27 @@ seconds_left() {
 }
 pytest_args=(-q -p no:cacheprovider --durations=10)
 "$py" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout=240)  # a hung test fails alone
-# Runs a command for at most seconds_left. One cut off by the BUDGET marks its stage as not done, to
-# run again next time (a file, since the commands run in pipelines, in subshells); one cut off by its
-# stage's own limit is noted and not run again, so that the next run reaches the later stages.
-# SIGINT: pytest stops like on Ctrl-C and still writes its summary, JUnit XML and benchmark JSON.
-limited() {
-    local left rc budget
-    left=$(seconds_left)
-    budget=$(budget_left)
-    [ "$left" -lt 10 ] && { echo "not run (its time is spent): $*"; touch "$out/.cut"; return 124; }
-    timeout -s INT "$left" "$@"
-    rc=$?
-    if [ "$rc" -eq 124 ]; then
-        if [ "$budget" -le "$left" ]; then
-            touch "$out/.cut"
-        else
-            echo "$stage: stopped at its own time limit" >>"$out/notes.txt"
-        fi
+# A command of the stage did not run, or not to its end: where the BUDGET was what ran out, the stage is
+# marked as not done, to run again next time (a file, since the commands run in pipelines, in
+# subshells); where the stage's own limit was, it is noted and not run again, so that the next run
+# reaches the later stages.
+cut_short() {
+    if [ "$(budget_left)" -le $((stage_end - SECONDS)) ]; then
+        touch "$out/.cut"
+    else
+        echo "$stage: stopped at its own time limit ($*)" >>"$out/notes.txt"
     fi
+}
+# Runs a command for at most seconds_left. SIGINT: pytest stops like on Ctrl-C and still writes its
+# summary, JUnit XML and benchmark JSON; a process that ignores it (stuck in a GPU wait) is killed 20 s
+# later.
+limited() {
+    local left rc
+    left=$(seconds_left)
+    [ "$left" -lt 10 ] && { echo "not run (its time is spent): $*"; cut_short "not run: $*"; return 124; }
+    timeout -k 20 -s INT "$left" "$@"
+    rc=$?
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && cut_short "$*"
     return "$rc"
 }
 run_pytest() { limited "$py" -m pytest "${pytest_args[@]}" "$@"; }
@@ -141,7 +146,7 @@ for stage in "${stages[@]}"; do
                 name=$(echo "$run" | awk '{print $2 "_" $4}')
                 [ -f "$out/dit_$name.json" ] && { echo "dit $name: measured before (in $out)"; continue; }
                 if [ "$(seconds_left)" -lt 45 ]; then
-                    echo "dit $name: left for the next run"; touch "$out/.cut"; continue
+                    echo "dit $name: left for the next run"; cut_short "dit $name not run"; continue
                 fi
                 # shellcheck disable=SC2086
                 limited "$py" -m dit8 bench dit $run --backend triton --repeat 2 \

@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capability", help="MAJOR.MINOR of the GPU that ran it (default: this GPU's)")
     args = parser.parse_args(argv)
     major, minor = capability(parser, args.capability)
-    counts = outcomes(args.junit_xml)
+    try:
+        counts = outcomes(args.junit_xml)
+    except (OSError, ET.ParseError) as err:  # a run killed before pytest wrote its report
+        print(f"{args.junit_xml}: cannot read the test report: {err}", file=sys.stderr)
+        return 1
     if not counts:
         print(f"{args.junit_xml}: no test recorded a kernel it verifies (was it run on a GPU?)", file=sys.stderr)
         return 1

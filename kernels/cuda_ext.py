@@ -210,6 +210,10 @@ def _ninja_file(out_dir: Path, archs: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+# Written into the build folder when ninja fails; later builds of the same sources refuse without --force.
+FAILED_BUILD_LOG = "build-failed.log"
+
+
 @contextlib.contextmanager
 def _locked(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
@@ -228,17 +232,24 @@ def build(archs: tuple[str, ...] | None = None, *, force: bool = False, verbose:
         raise CudaExtError("cannot build the CUDA extension: missing " + ", ".join(missing))
     archs = tuple(archs or default_archs())
     out_dir = build_dir(archs)
+    failed = out_dir / FAILED_BUILD_LOG
     with _locked(out_dir):
         if force:
             for p in out_dir.iterdir():
                 if p.name != ".lock":
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
+        elif failed.is_file():
+            # The folder is keyed by the sources: the same build would fail again, once per process that
+            # asks (test workers queue on the lock), each taking minutes.
+            raise CudaExtError(f"an earlier build of these sources failed (its log: {failed}); after fixing "
+                               "the cause, rebuild with: python -m dit8.kernels.cuda_ext build --force")
         (out_dir / "build.ninja").write_text(_ninja_file(out_dir, archs))
         jobs = str(max(1, min(len(os.sched_getaffinity(0)), 8)))
         cmd = [find_ninja(), "-C", str(out_dir), "-j", jobs] + (["-v"] if verbose else [])
         proc = subprocess.run(cmd, capture_output=not verbose, text=True)
         if proc.returncode != 0:
             log = ((proc.stdout or "") + (proc.stderr or ""))[-6000:]
+            failed.write_text(log)
             raise CudaExtError(f"building the CUDA extension in {out_dir} failed:\n{log}")
     return module_path(archs)
 

@@ -70,6 +70,24 @@ def test_module_builds_links_and_imports_without_a_gpu(module):
     assert path.stat().st_mtime_ns == start
 
 
+@needs_tools
+def test_a_failed_build_is_not_retried_without_force(tmp_path, monkeypatch):
+    # Sources whose build description ninja cannot parse: the build fails at once.
+    csrc = tmp_path / "csrc"
+    shutil.copytree(cuda_ext.source_dir(), csrc)
+    (csrc / "build.ninja").write_text("this is not ninja\n")
+    monkeypatch.setenv("DIT8_CSRC", str(csrc))
+    monkeypatch.setenv("DIT8_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(cuda_ext.CudaExtError, match="failed"):
+        cuda_ext.build(ARCHS)
+    log = cuda_ext.build_dir(ARCHS) / cuda_ext.FAILED_BUILD_LOG
+    assert log.is_file()
+    with pytest.raises(cuda_ext.CudaExtError, match="an earlier build of these sources failed.*--force"):
+        cuda_ext.build(ARCHS)
+    with pytest.raises(cuda_ext.CudaExtError, match="building the CUDA extension .* failed"):
+        cuda_ext.build(ARCHS, force=True)  # tried again
+
+
 def _rows_args(**over):
     args = dict(x=0, x_stride=8, out=0, out_scale=0, weight=0, bias=0, shift=0, scale=0, shift_stride=0,
                 scale_stride=0, rows=1, rows_per_batch=1, cols=8, norm=0, act=0, eps=1e-6, in_dtype=2, out_dtype=2,

@@ -68,3 +68,15 @@ def test_missing_results_are_an_error(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "empty")], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 1 and "no results found" in done.stderr
+
+
+def test_a_truncated_test_report_is_named_and_skipped(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "gpu.txt").write_text("Some GPU, 580.1, 81559 MiB\n")
+    (folder / "tests.xml").write_text('<testsuites><testsuite name="pytest"><testcase')  # run killed
+    (folder / "bench_gemm.json").write_text(json.dumps({"benchmarks": [
+        {"name": "test_gemm[fp8]", "extra_info": {"ms": 2.5, "ratio_fast_accum": 0.9, "n_spills": 0}}]}))
+    lines = _tables(folder).splitlines()
+    assert any(line.startswith("tests.xml: unreadable") for line in lines)
+    assert "| bench_gemm | ms | vs fast accum | spills |" in lines and "| test_gemm[fp8] | 2.5 | 0.9 | 0 |" in lines

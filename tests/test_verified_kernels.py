@@ -47,3 +47,14 @@ def test_script_prints_the_verified_entry(tmp_path):
     run = subprocess.run([sys.executable, str(SCRIPT), str(xml), "--capability", "9.0"], capture_output=True,
                          text=True)
     assert run.returncode == 1 and "no test recorded" in run.stderr
+
+
+@pytest.mark.parametrize("content", [None, "<testsuites><testsuite"], ids=["missing", "truncated"])
+def test_script_says_when_the_report_is_unreadable(tmp_path, content):
+    xml = tmp_path / "tests.xml"
+    if content is not None:
+        xml.write_text(content)
+    run = subprocess.run([sys.executable, str(SCRIPT), str(xml), "--capability", "9.0"], capture_output=True,
+                         text=True)
+    assert run.returncode == 1 and f"{xml}: cannot read the test report" in run.stderr
+    assert "Traceback" not in run.stderr
