@@ -122,7 +122,9 @@ for stage in "${stages[@]}"; do
     case $stage in
         tests)
             workers=()
-            "$py" -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-12}")
+            # loadgroup: the tests marked xdist_group (float64 references of 10 GB and more) run on
+            # one worker, one at a time, so that they do not exhaust the shared GPU's memory together.
+            "$py" -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-12}" --dist loadgroup)
             run_pytest -rs "${workers[@]}" --junitxml="$out/tests.xml" tests 2>&1 | tail -40
             # The kernels whose GPU tests passed: the line to paste into registry.GPU_VERIFIED.
             "$py" bench/verified_backends.py "$out/tests.xml" | tee "$out/gpu_verified.txt" ;;
@@ -144,7 +146,9 @@ for stage in "${stages[@]}"; do
                        "--scheme int8 --attention int8 --steps 0" \
                        "--scheme bf16 --attention bf16 --steps 0 --compare diffusers --cuda-graph"; do
                 name=$(echo "$run" | awk '{print $2 "_" $4}')
-                [ -f "$out/dit_$name.json" ] && { echo "dit $name: measured before (in $out)"; continue; }
+                # A run stopped part way left its numbers so far, marked partial: it runs again.
+                [ -f "$out/dit_$name.json" ] && ! grep -q '"partial": true' "$out/dit_$name.json" &&
+                    { echo "dit $name: measured before (in $out)"; continue; }
                 if [ "$(seconds_left)" -lt 45 ]; then
                     echo "dit $name: left for the next run"; cut_short "dit $name not run"; continue
                 fi

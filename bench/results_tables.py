@@ -90,7 +90,8 @@ def dit_lines(runs: dict[str, dict]) -> list[str]:
     rows = []
     for name, r in runs.items():
         d, g, rates = r.get("diffusers", {}), r.get("cuda_graph", {}), r.get("tflops", {})
-        row = [name, f"{r['forward_ms']:.1f}", f"{r['context_ms']:.1f}",
+        label = name + (" (stopped part way)" if r.get("partial") else "")
+        row = [label, f"{r['forward_ms']:.1f}", f"{r['context_ms']:.1f}",
                f"{r['loop']['total_ms']:.1f}" if "loop" in r else None,
                f"{r['peak_memory']['forward'] / GIB:.2f}",
                f"{g['forward_ms']:.1f}" if g else None]

@@ -409,22 +409,30 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None) -> dict:
+def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None,
+              measured: Callable[[dict], None] | None = None) -> dict:
     """Build, warm up, time and profile; returns every number as a JSON-ready dict (see format_table).
 
-    log(line): progress messages (e.g. print to stderr), each phase as it starts."""
+    log(line): progress messages (e.g. print to stderr), each phase as it starts.
+    measured(result): called with the numbers so far after each phase from the timed forwards on (e.g.
+    to save them, so that a run stopped part way still leaves what it measured)."""
     check_settings(settings)
     say = log or (lambda line: None)
+    keep = measured or (lambda result: None)
     with torch.no_grad():
         bench = DitBench(settings, log=say)
         result = bench.describe()
         result.update(bench.time_forward())
+        keep(result)
         if settings.cuda_graph:
             result["cuda_graph"] = bench.time_graph()
+            keep(result)
         if settings.steps:
             result.update(bench.time_loop())
+            keep(result)
         if settings.profile:
             result.update(bench.profile(result["forward_ms"]))
+            keep(result)
         if settings.compare == "diffusers":
             result["diffusers"] = _compare_diffusers(bench, result)
     return result

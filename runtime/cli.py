@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .errors import Dit8Error
+from .errors import Dit8Error, InputError
 from .progress import format_bytes
 
 if TYPE_CHECKING:
@@ -123,12 +123,23 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
     from .bench_dit import format_table, run_bench
 
     settings = bench_settings(args)
-    result = run_bench(settings, log=lambda line: print(f"dit8 bench dit: {line}", file=sys.stderr, flush=True))
+    json_path = None if args.json is None else Path(args.json)
+    if json_path is not None and not json_path.parent.is_dir():
+        raise InputError(f"--json {json_path}: the folder {json_path.parent} does not exist")
+
+    def save(result: dict, partial: bool = True) -> None:
+        # Each phase's numbers are saved as they come, marked partial until the run ends: a run stopped
+        # part way (a time limit) still leaves its forward times.
+        if json_path is not None:
+            json_path.write_text(json.dumps({**result, "partial": True} if partial else result, indent=2))
+
+    result = run_bench(settings, log=lambda line: print(f"dit8 bench dit: {line}", file=sys.stderr, flush=True),
+                       measured=save)
     for line in format_table(result):
         print(line)
-    if args.json is not None:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"json        {args.json}")
+    if json_path is not None:
+        save(result, partial=False)
+        print(f"json        {json_path}")
     return 0
 
 

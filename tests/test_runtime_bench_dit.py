@@ -50,6 +50,26 @@ def test_cli_json_holds_every_number(tmp_path, capsys):
     assert r["flops"]["gemm"] > 0 and "diffusers" not in r
 
 
+def test_cli_json_keeps_the_numbers_of_a_run_stopped_part_way(tmp_path, monkeypatch):
+    path = tmp_path / "bench.json"
+
+    def stopped(self):
+        raise KeyboardInterrupt  # a time limit's SIGINT, during the loop
+
+    monkeypatch.setattr("dit8.bench_dit.DitBench.time_loop", stopped)
+    assert main(["bench", "dit", *TINY, "--json", str(path)]) == 130
+    r = json.loads(path.read_text())
+    assert r["partial"] is True and r["forward_ms"] > 0 and "loop" not in r
+    monkeypatch.undo()
+    assert main(["bench", "dit", *TINY, "--steps", "0", "--json", str(path)]) == 0
+    assert "partial" not in json.loads(path.read_text())
+
+
+def test_cli_json_folder_is_checked_first(tmp_path, capsys):
+    assert main(["bench", "dit", *TINY, "--json", str(tmp_path / "nope" / "b.json")]) == 1
+    assert "nope" in capsys.readouterr().err
+
+
 def test_compare_without_diffusers_says_skipped(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
     assert main(["bench", "dit", *TINY, "--steps", "0", "--compare", "diffusers"]) == 0

@@ -449,8 +449,10 @@ def quantized_operands(M, N, K, qdtype, seed):
 @PLAIN
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("M, N, K", [(77, 5120, 5120), (1000, 5120, 5120), (32760, 5120, 5120),
-                                     (1000, 5008, 4112), (32760, 13824, 5120)])
+@pytest.mark.parametrize("M, N, K", [(77, 5120, 5120), (1000, 5120, 5120), (1000, 5008, 4112)] + [
+    # The float64 references at Wan's shapes take 10-12 GB each: one at a time under pytest-xdist.
+    pytest.param(*shape, marks=pytest.mark.xdist_group("wan_shapes")) for shape in
+    [(32760, 5120, 5120), (32760, 13824, 5120)]])
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
 def test_gpu_error_within_twice_cublas(M, N, K, qdtype):
     xq, xs, wq, ws = quantized_operands(M, N, K, qdtype, seed=M + N + K)
