@@ -131,8 +131,14 @@ def _check_paths(src: Path, dst: Path, per_block: bool, force: bool) -> None:
         raise ConvertError(f"{dst}: the output must not be, contain or lie inside the source {src}")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise ConvertError(f"{dst}: already exists; pass --force (force=True) to replace it")
+    report = dst.with_name(dst.name + ".quant_report.json")
+    if not per_block and report.exists() and not force:
+        # Written (or, for a file without one, removed) beside the output: somebody's file all the same.
+        raise ConvertError(f"{report}: already exists; pass --force (force=True) to replace it")
     if not dst.parent.is_dir():
         raise ConvertError(f"{dst.parent}: the output folder does not exist")
+    if not os.access(dst.parent, os.W_OK | os.X_OK):
+        raise ConvertError(f"{dst.parent}: the output folder is not writable")
 
 
 def _check_float_source(dit) -> None:

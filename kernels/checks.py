@@ -42,3 +42,12 @@ def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple) -> None:
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def float_out_dtype(op: str, out_dtype: object, default: torch.dtype) -> torch.dtype:
+    """`out_dtype`, or `default` where it is None; OpArgumentError unless it is a float dtype."""
+    if out_dtype is None:
+        return default
+    if out_dtype not in FLOAT_DTYPES:
+        raise OpArgumentError(f"{op}: out_dtype must be one of {FLOAT_DTYPES}, got {out_dtype!r}")
+    return out_dtype

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fused_spec
-from .checks import FLOAT_DTYPES, check_shape, check_tensor
+from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor, float_out_dtype
 from .registry import register, resolve
 from .triton_support import triton_runs_on
 
@@ -29,11 +29,14 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
                eps: float, out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
     """LayerNorm over the last dimension (biased variance), optional affine weight/bias [C]."""
     check_tensor("layer_norm", "x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise OpArgumentError("layer_norm: x must have at least one dimension (the one normalised)")
+    out_dtype = float_out_dtype("layer_norm", out_dtype, x.dtype)
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
             check_tensor("layer_norm", name, p, dtypes=FLOAT_DTYPES, device=x.device)
             check_shape("layer_norm", name, p, (x.shape[-1],))
-    return resolve("layer_norm", backend, x.device)(x, weight, bias, eps, out_dtype or x.dtype)
+    return resolve("layer_norm", backend, x.device)(x, weight, bias, eps, out_dtype)
 
 
 @register("layer_norm_modulate", "torch")
@@ -46,11 +49,12 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
                         out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
     """adaLN: `LN(x) · (1 + scale) + shift` with x [B, L, C] and per-sample shift, scale [B, C] (fp32)."""
     check_tensor("layer_norm_modulate", "x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    out_dtype = float_out_dtype("layer_norm_modulate", out_dtype, x.dtype)
     B, _, C = x.shape
     for name, p in (("shift", shift), ("scale", scale)):
         check_tensor("layer_norm_modulate", name, p, dtypes=(torch.float32,), device=x.device)
         check_shape("layer_norm_modulate", name, p, (B, C))
-    return resolve("layer_norm_modulate", backend, x.device)(x, shift, scale, eps, out_dtype or x.dtype)
+    return resolve("layer_norm_modulate", backend, x.device)(x, shift, scale, eps, out_dtype)
 
 
 @register("rms_norm", "torch")
@@ -63,9 +67,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float, out_dtype: to
              backend: str = "auto") -> torch.Tensor:
     """RMSNorm over the last dimension: `x · rsqrt(mean(x²) + eps) · weight`."""
     check_tensor("rms_norm", "x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise OpArgumentError("rms_norm: x must have at least one dimension (the one normalised)")
+    out_dtype = float_out_dtype("rms_norm", out_dtype, x.dtype)
     check_tensor("rms_norm", "weight", weight, dtypes=FLOAT_DTYPES, device=x.device)
     check_shape("rms_norm", "weight", weight, (x.shape[-1],))
-    return resolve("rms_norm", backend, x.device)(x, weight, eps, out_dtype or x.dtype)
+    return resolve("rms_norm", backend, x.device)(x, weight, eps, out_dtype)
 
 
 # ---- kernel backends --------------------------------------------------------------------------------

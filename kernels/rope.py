@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import FLOAT_DTYPES, check_shape, check_tensor
+from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor, float_out_dtype
 from .registry import register, resolve
 
 
@@ -23,8 +23,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, out_dtype: to
     `out[2k] = x[2k]·cos − x[2k+1]·sin`, `out[2k+1] = x[2k]·sin + x[2k+1]·cos`, computed in fp32.
     """
     check_tensor("rope", "x", x, ndim=4, dtypes=FLOAT_DTYPES)
+    out_dtype = float_out_dtype("rope", out_dtype, x.dtype)
     _, L, _, D = x.shape
+    if D % 2:
+        raise OpArgumentError(f"rope: x's head_dim {D} must be even (channels rotate in pairs)")
     for name, table in (("cos", cos), ("sin", sin)):
         check_tensor("rope", name, table, dtypes=(torch.float32,), device=x.device)
         check_shape("rope", name, table, (L, D // 2))
-    return resolve("rope", backend, x.device)(x, cos, sin, out_dtype or x.dtype)
+    return resolve("rope", backend, x.device)(x, cos, sin, out_dtype)

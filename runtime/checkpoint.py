@@ -70,8 +70,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map names to strings")
     infos: dict[str, TensorInfo] = {}
-    data_end = 0
+    spans: list[tuple[int, int, str]] = []
     for key, entry in header.items():
         try:
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
@@ -84,7 +86,14 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             raise CheckpointError(f"{path}: corrupt header: tensor {key!r} of shape {shape} {entry['dtype']} "
                                   f"spans {end - begin} bytes, expected {info.nbytes}")
         infos[key] = info
-        data_end = max(data_end, end)
+        spans.append((begin, end, key))
+    # Tensor data is one run of bytes, tensor after tensor (safetensors refuses anything else).
+    data_end = 0
+    for begin, end, key in sorted(spans):
+        if begin != data_end:
+            raise CheckpointError(f"{path}: corrupt header: the data of tensor {key!r} starts at byte {begin}, "
+                                  f"not {data_end} where the tensor before it ends")
+        data_end = end
     if 8 + n + data_end > size:
         raise CheckpointError(f"{path}: truncated: the header promises {8 + n + data_end} bytes, "
                               f"the file has {size}")
@@ -146,9 +155,9 @@ class Checkpoint:
         info = self.infos[key]
         handle = self._handles.get(info.file)
         if info.file.suffix == SAFETENSORS_SUFFIX:
-            if handle is None:
-                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
             try:
+                if handle is None:
+                    handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
                 return handle.get_tensor(key)
             except Exception as err:
                 raise CheckpointError(f"{info.file}: cannot read tensor {key!r}: {err}") from None
@@ -180,21 +189,30 @@ def _file_infos(path: Path, handles: dict) -> tuple[dict[str, TensorInfo], dict[
 def _merge(files: list[Path], handles: dict) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     infos: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
+    said_by: dict[str, Path] = {}
     for file in files:
         file_infos, file_meta = _file_infos(file, handles)
         for key, info in file_infos.items():
             if key in infos:
                 raise CheckpointError(f"{file}: tensor {key!r} is also in {infos[key].file}")
             infos[key] = info
-        metadata.update(file_meta)
+        # The parts of a dit8 checkpoint describe it alike (format version, configuration): a part that
+        # says otherwise is named, rather than the last part's word being taken for all. (Other tools'
+        # metadata may differ per file and is not read.)
+        for name, value in file_meta.items():
+            if name.startswith("dit8.") and metadata.get(name, value) != value:
+                raise CheckpointError(f"{file}: header metadata {name} = {value!r} differs from "
+                                      f"{said_by[name].name}'s {metadata[name]!r}")
+            metadata[name] = value
+            said_by.setdefault(name, file)
     return infos, metadata
 
 
 def _open_sharded(index: Path, handles: dict) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map is not an object of file names")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{index}: not a valid shard index: {err}") from None
     shards = sorted({index.parent / name for name in weight_map.values()})

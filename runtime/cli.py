@@ -7,7 +7,9 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -272,11 +274,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (a job scheduler, `timeout`, `docker stop`), raised where the command is, so that it
+    unwinds as for Ctrl-C: a conversion removes its temporary output."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dit8` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return args.run(args)
+    except Terminated:
+        print("dit8: terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:
         # The reader of stdout left (`dit8 info ... | head`): not an error of ours. Point stdout at
         # devnull so the interpreter's final flush does not raise again.
@@ -288,3 +304,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dit8: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -33,6 +33,20 @@ class WanConfig:
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        def positive_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+        for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "freq_dim", "text_dim",
+                     "text_len"):
+            if not positive_int(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.clip_dim is not None and not positive_int(self.clip_dim):
+            raise ValueError(f"clip_dim must be a positive integer or None, got {self.clip_dim!r}")
+        if not (isinstance(self.patch_size, tuple) and len(self.patch_size) == 3
+                and all(positive_int(p) for p in self.patch_size)):
+            raise ValueError(f"patch_size must be three positive integers, got {self.patch_size!r}")
+        if not (isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool) and 0 < self.eps < 1):
+            raise ValueError(f"eps must be a number in (0, 1), got {self.eps!r}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
@@ -86,11 +100,12 @@ def config_json_values(raw: Mapping) -> dict:
     diffusers = "num_attention_heads" in raw or "in_channels" in raw
     table = _DIFFUSERS_FIELDS if diffusers else _OFFICIAL_FIELDS
     values = {ours: raw[theirs] for theirs, ours in table.items() if theirs in raw}
-    if diffusers and "num_attention_heads" in raw and "attention_head_dim" in raw:
-        values["dim"] = raw["num_attention_heads"] * raw["attention_head_dim"]
+    heads, head_dim = raw.get("num_attention_heads"), raw.get("attention_head_dim")
+    if diffusers and isinstance(heads, int) and isinstance(head_dim, int):
+        values["dim"] = heads * head_dim
     if not diffusers and "model_type" in raw:
         values["variant"] = raw["model_type"]
-    if "patch_size" in values:
+    if isinstance(values.get("patch_size"), list):
         values["patch_size"] = tuple(values["patch_size"])
     return values
 

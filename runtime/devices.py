@@ -20,6 +20,6 @@ def resolve_device(device: torch.device | str) -> torch.device:
             raise InputError(f"device {device!r}: CUDA is not available here ({why}); use cpu")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif resolved.type not in ("cpu", "meta"):
+    elif resolved.type != "cpu":
         raise InputError(f"device {device!r}: dit8 runs on cpu or cuda")
     return resolved

@@ -58,9 +58,9 @@ class DitCheckpoint:
 
 
 def _infer_config(shapes: dict[str, tuple[int, ...]], source: Path, layout: str,
-                  num_heads: int | None) -> WanConfig:
+                  num_heads: int | None, heads_source: Path | None = None) -> WanConfig:
     """Every dimension from tensor shapes; the head count, which no shape shows, is `num_heads` as a
-    config states it, or else Wan's 128-wide heads."""
+    config (`heads_source`) states it, or else Wan's 128-wide heads."""
 
     def shape(key: str, ndim: int) -> tuple[int, ...]:
         if key not in shapes:
@@ -92,7 +92,8 @@ def _infer_config(shapes: dict[str, tuple[int, ...]], source: Path, layout: str,
         num_heads=num_heads,
     )
     except ValueError as err:
-        raise CheckpointError(f"{source}: {err}") from None
+        stated = f" (num_heads {num_heads!r} from {heads_source})" if heads_source is not None else ""
+        raise CheckpointError(f"{source}: {err}{stated}") from None
 
 
 def _find_quantized(ckpt: Checkpoint, names: dict[str, str]) -> dict[str, str]:
@@ -145,9 +146,12 @@ def _stated_configs(ckpt: Checkpoint) -> list[tuple[Path, dict]]:
     stated = []
     if KEY_CONFIG in ckpt.metadata:
         try:
-            stated.append((ckpt.path, json.loads(ckpt.metadata[KEY_CONFIG])))
+            raw = json.loads(ckpt.metadata[KEY_CONFIG])
         except ValueError as err:
             raise CheckpointError(f"{ckpt.path}: corrupt {KEY_CONFIG} metadata: {err}") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{ckpt.path}: corrupt {KEY_CONFIG} metadata: not a JSON object")
+        stated.append((ckpt.path, raw))
     if ckpt.config_json is not None:
         stated.append((ckpt.config_json, read_config_json(ckpt.config_json)))
     return stated
@@ -168,8 +172,9 @@ def open_dit(path: str | Path) -> DitCheckpoint:
         names[official] = key
     shapes = {official: ckpt.infos[key].shape for official, key in names.items()}
     stated = _stated_configs(ckpt)
-    heads = [config_json_values(raw)["num_heads"] for _, raw in stated if "num_heads" in config_json_values(raw)]
-    config = _infer_config(shapes, ckpt.path, layout, heads[0] if heads else None)
+    heads = [(config_json_values(raw)["num_heads"], source) for source, raw in stated
+             if "num_heads" in config_json_values(raw)]
+    config = _infer_config(shapes, ckpt.path, layout, *(heads[0] if heads else (None, None)))
     for source, raw in stated:
         config = check_against_config_json(config, raw, source)
     quantized = _find_quantized(ckpt, names)

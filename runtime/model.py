@@ -24,6 +24,10 @@ from .errors import InputError
 from .rope import rope_table
 
 
+# The dtypes the matmuls and attention may compute in (8-bit weights are a per-layer matter: `quantized`).
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 @dataclass(frozen=True)
 class Setup:
     """Where and how a model's layers compute: device, matmul dtype, op backend, and which linear layers
@@ -348,6 +352,9 @@ class WanDiT(nn.Module):
                  dtype: torch.dtype = torch.float32, backend: str = "auto", attention: str = "bf16",
                  quantized: Mapping[str, torch.dtype] | None = None):
         super().__init__()
+        if dtype not in COMPUTE_DTYPES:
+            raise InputError(f"dtype (the compute dtype) must be one of "
+                             f"{tuple(str(d).removeprefix('torch.') for d in COMPUTE_DTYPES)}, got {dtype!r}")
         setup = Setup(torch.device(device), dtype, backend, dict(quantized or {}))
         _check_backend(setup)
         _check_attention(attention, setup)

@@ -81,6 +81,8 @@ def _check_file_path(path: Path) -> None:
         raise InputError(f"{path}: is a folder; give the video file's name")
     if not path.parent.is_dir():
         raise InputError(f"{path}: its folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: its folder {path.parent} is not writable")
 
 
 def _check_folder_path(folder: Path) -> None:

@@ -379,6 +379,26 @@ def _listing(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+def test_an_existing_report_beside_dst_needs_force(tmp_path, i2v_weights):
+    src = _source(tmp_path, i2v_weights, I2V)
+    dst = tmp_path / "o.safetensors"
+    report = tmp_path / "o.safetensors.quant_report.json"
+    report.write_text("mine")
+    for no_report in (False, True):  # replaced, or removed as stale
+        with pytest.raises(ConvertError, match="quant_report.json: already exists"):
+            convert(src, dst, report=not no_report, progress=False)
+        assert report.read_text() == "mine" and not dst.exists()
+    convert(src, dst, force=True, progress=False)
+    assert json.loads(report.read_text())
+
+
+def test_an_output_folder_that_is_not_writable(tmp_path, i2v_weights, monkeypatch):
+    src = _source(tmp_path, i2v_weights, I2V)
+    monkeypatch.setattr(convert_module.os, "access", lambda path, mode: False)  # root may write anywhere
+    with pytest.raises(ConvertError, match=f"{tmp_path}: the output folder is not writable"):
+        convert(src, tmp_path / "o.safetensors", progress=False)
+
+
 def test_existing_dst_needs_force(tmp_path, i2v_weights):
     src = _source(tmp_path, i2v_weights, I2V)
     dst = tmp_path / "o.safetensors"
@@ -479,6 +499,34 @@ def test_failure_midway_leaves_nothing(tmp_path, i2v_weights, monkeypatch, per_b
     with pytest.raises(KeyboardInterrupt if failure == "interrupt" else OSError):
         convert(src, out / ("o" if per_block else "o.safetensors"), per_block=per_block, progress=False)
     assert _listing(out) == []
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_sigterm_midway_leaves_nothing(tmp_path, i2v_weights, monkeypatch, capsys, per_block):
+    # What a scheduler's or `timeout`'s stop does to a running `dit8 convert`.
+    import os
+    import signal
+
+    from dit8.cli import main
+
+    src = _source(tmp_path, i2v_weights, I2V)
+    calls = {"n": 0}
+    real_quantize = convert_module.quantize_weight
+
+    def quantize(*args):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_quantize(*args)
+
+    monkeypatch.setattr(convert_module, "quantize_weight", quantize)
+    out = tmp_path / "out"
+    out.mkdir()
+    before = signal.getsignal(signal.SIGTERM)
+    args = ["convert", str(src), str(out / ("o" if per_block else "o.safetensors"))] + (["--per-block"] * per_block)
+    assert main(args) == 143
+    assert "dit8: terminated" in capsys.readouterr().err
+    assert _listing(out) == [] and signal.getsignal(signal.SIGTERM) == before
 
 
 # ---------------------------------------------------------------------------------- format helpers

@@ -201,3 +201,81 @@ def test_loaded_values_equal_the_file(tmp_path, weights):
     assert set(state) == set(weights)
     for key, value in weights.items():
         assert torch.equal(state[key], value), key
+
+
+def _with_header(path, edit) -> None:
+    """Rewrite a safetensors file's JSON header through `edit(header)`, the data left as it is."""
+    import struct
+
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + blob[8 + n:])
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("metadata_value", "__metadata__ must map names to strings"),
+    ("metadata_string", "__metadata__ must map names to strings"),
+    ("aliased_data", "starts at byte"),
+])
+def test_headers_safetensors_would_refuse(tmp_path, weights, problem, message):
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+
+    def edit(header):
+        if problem == "metadata_value":
+            header["__metadata__"] = {"format": 5}
+        elif problem == "metadata_string":
+            header["__metadata__"] = "pt"
+        else:  # two tensors on the same bytes (the file size still adds up)
+            first, second = sorted((k for k in header if k != "__metadata__"),
+                                   key=lambda k: header[k]["data_offsets"][0])[:2]
+            if header[first]["dtype"] == header[second]["dtype"] and \
+                    header[first]["shape"] == header[second]["shape"]:
+                header[second]["data_offsets"] = header[first]["data_offsets"]
+            else:
+                header[second]["data_offsets"] = [header[first]["data_offsets"][0],
+                                                  header[first]["data_offsets"][0] +
+                                                  header[second]["data_offsets"][1] - header[second]["data_offsets"][0]]
+
+    _with_header(path, edit)
+    msg = load_error(path)
+    assert str(path) in msg and message in msg
+
+
+def test_parts_of_a_folder_that_disagree_on_the_format_version(tmp_path, weights):
+    from dit8.converters import convert
+
+    src = write_checkpoint(weights, tmp_path / "src.safetensors")
+    out = tmp_path / "packed"
+    convert(src, out, scheme="int8", per_block=True, progress=False)
+    _with_header(out / "block_0.safetensors", lambda h: h["__metadata__"].update({"dit8.format_version": "2"}))
+    msg = load_error(out)
+    assert "block_0.safetensors" in msg and "dit8.format_version" in msg
+
+
+def test_shard_index_naming_no_file(tmp_path, weights):
+    path = write_checkpoint(weights, tmp_path / "d", fmt="sharded")
+    index = next(path.glob("*.index.json"))
+    raw = json.loads(index.read_text())
+    raw["weight_map"][next(iter(raw["weight_map"]))] = 5
+    index.write_text(json.dumps(raw))
+    msg = load_error(path)
+    assert index.name in msg and "not a valid shard index" in msg
+
+
+@pytest.mark.parametrize("stated, message", [
+    ({"num_heads": 0}, "num_heads must be a positive integer"),
+    ({"num_heads": "two"}, "num_heads must be a positive integer"),
+    ({"num_heads": 3}, "not divisible by num_heads 3 (num_heads 3 from"),
+    ({"eps": "x"}, "eps must be a number"),
+    ({"eps": -1}, "eps must be a number"),
+    ({"text_len": -1}, "text_len must be a positive integer"),
+    ({"patch_size": 5}, "patch_size = 5 disagrees with the weights"),
+])
+def test_config_json_values_of_the_wrong_kind(tmp_path, weights, stated, message):
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(stated))
+    msg = load_error(path)
+    assert message in msg and "config.json" in msg

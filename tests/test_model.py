@@ -88,6 +88,12 @@ def test_attention_choice_is_checked_when_the_model_is_built():
         WanDiT(tiny_config("i2v"), attention="fp8", backend="cudnn")
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn, torch.float64, "bf16"], ids=str)
+def test_compute_dtype_is_checked(dtype):
+    with pytest.raises(InputError, match="dtype .* must be one of .*bfloat16"):
+        WanDiT(tiny_config("i2v"), dtype=dtype)
+
+
 def test_devices_are_checked_by_name():
     from dit8.devices import resolve_device
 
@@ -98,6 +104,8 @@ def test_devices_are_checked_by_name():
         resolve_device("cuda:99")
     with pytest.raises(InputError, match="'mps': dit8 runs on cpu or cuda"):
         resolve_device("mps")
+    with pytest.raises(InputError, match="dit8 runs on cpu or cuda"):
+        resolve_device("meta")  # holds no data: a run on it would fail deep inside
 
 
 def test_a_kernel_backend_no_op_runs_here_is_refused(monkeypatch):

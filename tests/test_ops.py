@@ -56,6 +56,14 @@ def test_environment_variable_sets_the_default(monkeypatch):
     (lambda: ops.residual_add(torch.randn(1, 3, 4), torch.randn(1, 3, 4), torch.randn(2, 4)), "gate"),
     (lambda: ops.activation(torch.randn(3), "relu"), "kind"),
     (lambda: ops.cross_attention(*(torch.randn(1, 3, 2, 8),) * 3, k_img=torch.randn(1, 3, 2, 8)), "both"),
+    (lambda: ops.layer_norm(torch.randn(2, 8), eps=1e-6, out_dtype=torch.int8), "out_dtype must be"),
+    (lambda: ops.layer_norm(torch.tensor(1.0), eps=1e-6), "x must have at least one dimension"),
+    (lambda: ops.rms_norm(torch.randn(2, 8), torch.randn(8), eps=1e-6, out_dtype="bf16"), "out_dtype must be"),
+    (lambda: ops.layer_norm_modulate(torch.randn(1, 2, 8), *(torch.randn(1, 8),) * 2, eps=1e-6,
+                                     out_dtype=torch.int8), "out_dtype must be"),
+    (lambda: ops.rope(torch.randn(1, 3, 2, 8), torch.randn(3, 4), torch.randn(3, 4), out_dtype=torch.int8),
+     "out_dtype must be"),
+    (lambda: ops.rope(torch.randn(1, 3, 2, 7), torch.randn(3, 3), torch.randn(3, 3)), "must be even"),
 ])
 def test_bad_arguments_name_the_op_and_argument(call, match):
     with pytest.raises(OpArgumentError, match=match):

@@ -83,7 +83,7 @@ def test_decoded_video_to_mp4(tmp_path):
         video_to_frames(decoded[0, :2])
 
 
-def test_output_paths_are_refused_before_any_frame(tmp_path):
+def test_output_paths_are_refused_before_any_frame(tmp_path, monkeypatch):
     check_output_paths(tmp_path / "ok.mp4", tmp_path / "frames")  # neither exists yet: fine
     (tmp_path / "taken.png").write_bytes(b"")
     for mp4, frames_dir, message in [(tmp_path, None, "is a folder"), (tmp_path / "x.avi", None, "ending in .mp4"),
@@ -93,5 +93,9 @@ def test_output_paths_are_refused_before_any_frame(tmp_path):
             check_output_paths(mp4, frames_dir)
     with pytest.raises(InputError, match="does not exist"):
         write_mp4(tmp_path / "no" / "x.mp4", smooth_frames(1))
+    with monkeypatch.context() as patched:  # (root may write anywhere: the permission is simulated)
+        patched.setattr("dit8.video.os.access", lambda path, mode: False)
+        with pytest.raises(InputError, match="is not writable"):
+            check_output_paths(tmp_path / "ok.mp4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.png"]
     assert read_video(write_mp4(tmp_path / "x.m4v", smooth_frames(1))).num_frames == 1  # any name, mp4 inside
