@@ -149,6 +149,9 @@ def reference_only_notice(backend: str, device: torch.device) -> str | None:
 
 def available_backends(device: str | torch.device = "cpu") -> dict[str, list[str]]:
     """For every op, the backends that can run on `device` on this machine, in auto's order."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise BackendError(f"available_backends: {device!r} is not a device name (e.g. cpu, cuda): {err}") from None
     return {op: [b for b in BACKENDS if b in impls and impls[b].runs_on(device)]
             for op, impls in sorted(_OPS.items())}

@@ -263,6 +263,9 @@ class I2VPipeline:
         Raises CheckpointError naming the file for a missing or unusable piece.
         """
         start = time.perf_counter()
+        for name, value in (("distilled", distilled), ("offload_encoders", offload_encoders), ("progress", progress)):
+            if value is not None and not isinstance(value, bool):
+                raise InputError(f"{name} must be True, False or None, got {value!r}")
         device = resolve_device(device)
         files = find_model_files(path, dit=dit, scheme=scheme, distilled=distilled)
         _check_folder_config(files)

@@ -39,6 +39,8 @@ class DistilledSampler:
             raise ValueError(f"update must be one of {UPDATE_RULES}, got {self.update!r}")
         if not self.steps or any(not 0 < s <= 1000 for s in self.steps) or list(self.steps) != sorted(self.steps, reverse=True):
             raise ValueError(f"steps must be decreasing values in (0, 1000], got {self.steps}")
+        if not (isinstance(self.shift, (int, float)) and 0 < self.shift < float("inf")):
+            raise ValueError(f"shift must be a positive number, got {self.shift!r}")
 
     def sigmas(self) -> torch.Tensor:
         """σ of each step, float64: [1, 0.9375, 0.8333…, 0.625] for the defaults."""

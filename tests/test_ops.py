@@ -19,6 +19,8 @@ def test_every_op_has_a_torch_reference_on_cpu():
     for op in ("linear", "layer_norm", "layer_norm_modulate", "rms_norm", "rope", "attention",
                "cross_attention", "activation", "residual_add"):
         assert "torch" in backends[op], op
+    with pytest.raises(BackendError, match="'gpu' is not a device name"):
+        ops.available_backends("gpu")
 
 
 def test_explicit_backend_is_strict():

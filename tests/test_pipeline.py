@@ -264,6 +264,13 @@ def test_bad_inputs_raise_input_error(pipe, kwargs, message):
         pipe(args.pop("image"), args.pop("prompt"), **args)
 
 
+@pytest.mark.parametrize("kwargs", [{"distilled": "yes"}, {"offload_encoders": "no"}, {"progress": 1}])
+def test_switches_of_from_pretrained_are_booleans(tmp_path, kwargs):
+    # A string is truthy: "no" would have switched offloading on.
+    with pytest.raises(InputError, match=f"{next(iter(kwargs))} must be True, False or None"):
+        I2VPipeline.from_pretrained(tmp_path, **kwargs)
+
+
 def test_incompatible_pieces_raise_checkpoint_error(tmp_path):
     root = write_tiny_model_folder(tmp_path / "m", kind="distill_models", vae_dim=VAE_DIM)
     write_tiny_t5(root / T5_FILE, tiny_t5_config(dim=32, dim_attn=32))

@@ -90,3 +90,9 @@ def test_initial_noise_is_reproducible():
 def test_invalid_settings(kwargs):
     with pytest.raises(ValueError):
         DistilledSampler(**kwargs)
+
+
+@pytest.mark.parametrize("shift", [0, -1.0, float("inf"), float("nan"), "5"])
+def test_shift_must_be_a_positive_number(shift):
+    with pytest.raises(ValueError, match="shift must be a positive number"):
+        DistilledSampler(shift=shift)
