@@ -57,6 +57,11 @@ class DitCheckpoint:
                 if module.startswith("blocks.") and module.split(".", 2)[2] in linears}
 
 
+# The tensors whose shapes give the model's dimensions (_infer_config).
+DIMENSION_SOURCES = ("patch_embedding.weight", "blocks.0.ffn.0.weight", "head.head.weight", "time_embedding.0.weight",
+                     "text_embedding.0.weight", "img_emb.proj.0.weight")
+
+
 def _infer_config(shapes: dict[str, tuple[int, ...]], source: Path, layout: str,
                   num_heads: int | None, heads_source: Path | None = None) -> WanConfig:
     """Every dimension from tensor shapes; the head count, which no shape shows, is `num_heads` as a
@@ -131,8 +136,12 @@ def _check_tensor_set(ckpt: Checkpoint, names: dict[str, str], config: WanConfig
             raise CheckpointError(f"{info.file}: unexpected tensor {file_key!r} for a {config.variant} model "
                                   f"of {config.num_layers} blocks")
         if info.shape not in expected[official]:
+            # The expected shape comes from the tensors the dimensions were read from: one of those may be
+            # the one at fault.
+            sources = ", ".join(repr(from_official(k, layout)) for k in DIMENSION_SOURCES if k in names)
             raise CheckpointError(f"{info.file}: tensor {file_key!r} has shape {info.shape}, "
-                                  f"expected {' or '.join(map(str, expected[official]))}")
+                                  f"expected {' or '.join(map(str, expected[official]))} (by the dimensions "
+                                  f"read from {sources})")
         if not info.dtype.is_floating_point and info.dtype not in QUANT_DTYPES:
             raise CheckpointError(f"{info.file}: tensor {file_key!r} has dtype {info.dtype}, expected a float")
     missing = [from_official(k, layout) for k in expected if k not in names]

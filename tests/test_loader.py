@@ -279,3 +279,10 @@ def test_config_json_values_of_the_wrong_kind(tmp_path, weights, stated, message
     (tmp_path / "config.json").write_text(json.dumps(stated))
     msg = load_error(path)
     assert message in msg and "config.json" in msg
+
+
+def test_a_shape_error_names_where_the_dimensions_came_from(tmp_path, weights):
+    # A bad ffn.0.weight sets ffn_dim, and its (good) bias is the tensor found to disagree.
+    weights["blocks.0.ffn.0.weight"] = weights["blocks.0.ffn.0.weight"][:-1]
+    msg = load_error(write_checkpoint(weights, tmp_path / "m.safetensors"))
+    assert "'blocks.0.ffn.0.bias' has shape" in msg and "read from" in msg and "'blocks.0.ffn.0.weight'" in msg
