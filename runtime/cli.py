@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default cuda when available, else cpu")
     dit.add_argument("--config", choices=("i2v-14b", "tiny"),
                      help="model dimensions (default: i2v-14b on CUDA, tiny on CPU)")
-    dit.add_argument("--repeat", type=int, default=3, help="timed forwards after the warm-up, their median reported (default 3)")
+    dit.add_argument("--repeat", type=int, default=3,
+                     help="timed forwards after the warm-up, their median reported (default 3)")
     dit.add_argument("--cuda-graph", action="store_true",
                      help="also time the forward replayed from a CUDA graph (dit8.CapturedForward)")
     dit.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
