@@ -14,6 +14,7 @@ interpreter), so CI proves the suites still run; the times mean nothing and no r
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -42,7 +43,7 @@ def gpu_time_ms(fn, *, warmup: int = 25, rep: int = 100, min_runs: int = 10) -> 
         fn()
         end.record()
         end.synchronize()
-        rep = max(rep, round(min_runs * start.elapsed_time(end)))
+        rep = max(rep, math.ceil(1.2 * min_runs * start.elapsed_time(end)))  # do_bench rounds its count down
         return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
     start = time.perf_counter()
     fn()

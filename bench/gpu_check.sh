@@ -74,6 +74,7 @@ if [ ! -f "$out/gpu.txt" ] || [ "$("$py" -c 'import dit8, pathlib; print(pathlib
     # For this GPU's architecture, beside the first stage: tests that need the module wait for it (a
     # file lock), the others go on.
     timeout 300 "$py" -m dit8.kernels.cuda_ext build >"$out/cuda_build.log" 2>&1 &
+    build_pid=$!
 fi
 
 # Seconds the next command may run: what is left of its stage's time (STAGE_LIMIT, default 540 s; the
@@ -105,9 +106,13 @@ limited() {
     local left rc
     left=$(seconds_left)
     [ "$left" -lt 10 ] && { echo "not run (its time is spent): $*"; cut_short "not run: $*"; return 124; }
+    local started=$SECONDS
     timeout -k 20 -s INT "$left" "$@"
     rc=$?
-    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && cut_short "$*"
+    # 124: stopped by its SIGINT; 137: killed 20 s later, or killed for memory before its time was up.
+    if [ "$rc" -eq 124 ] || { [ "$rc" -eq 137 ] && [ $((SECONDS - started)) -ge "$left" ]; }; then
+        cut_short "$*"
+    fi
     return "$rc"
 }
 run_pytest() { limited "$py" -m pytest "${pytest_args[@]}" "$@"; }
@@ -147,8 +152,8 @@ for stage in "${stages[@]}"; do
                        "--scheme bf16 --attention bf16 --steps 0 --compare diffusers --cuda-graph"; do
                 name=$(echo "$run" | awk '{print $2 "_" $4}')
                 # A run stopped part way left its numbers so far, marked partial: it runs again.
-                [ -f "$out/dit_$name.json" ] && ! grep -q '"partial": true' "$out/dit_$name.json" &&
-                    { echo "dit $name: measured before (in $out)"; continue; }
+                "$py" -c 'import json, sys; sys.exit(json.load(open(sys.argv[1])).get("partial", False))' \
+                    "$out/dit_$name.json" 2>/dev/null && { echo "dit $name: measured before (in $out)"; continue; }
                 if [ "$(seconds_left)" -lt 45 ]; then
                     echo "dit $name: left for the next run"; cut_short "dit $name not run"; continue
                 fi
@@ -172,7 +177,9 @@ for stage in "${stages[@]}"; do
     pack
 done
 
-wait  # the CUDA build, if it is still running
+# The CUDA build, if it is still running: waited for while the budget lasts.
+[ -n "${build_pid:-}" ] && [ "$(budget_left)" -le 0 ] && kill "$build_pid" 2>/dev/null
+wait
 [ -f "$out/cuda_build.log" ] && tail -3 "$out/cuda_build.log"
 echo
 "$py" bench/results_tables.py "$out" | tee "$out/summary.txt"

@@ -225,8 +225,12 @@ def _locked(folder: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def build(archs: tuple[str, ...] | None = None, *, force: bool = False, verbose: bool = False) -> Path:
-    """Compile the module (ninja: only what changed) and return its path. Raises CudaExtError."""
+def build(archs: tuple[str, ...] | None = None, *, force: bool = False, verbose: bool = False,
+          retry_failed: bool = False) -> Path:
+    """Compile the module (ninja: only what changed) and return its path. Raises CudaExtError.
+
+    A build of these sources that failed before is not tried again (its log says why) unless
+    `retry_failed` (the build command) or `force` (which also starts from scratch)."""
     missing = missing_tools()
     if missing:
         raise CudaExtError("cannot build the CUDA extension: missing " + ", ".join(missing))
@@ -238,7 +242,7 @@ def build(archs: tuple[str, ...] | None = None, *, force: bool = False, verbose:
             for p in out_dir.iterdir():
                 if p.name != ".lock":
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
-        elif failed.is_file():
+        elif failed.is_file() and not retry_failed:
             # The folder is keyed by the sources: the same build would fail again, once per process that
             # asks (test workers queue on the lock), each taking minutes.
             raise CudaExtError(f"an earlier build of these sources failed (its log: {failed}); after fixing "
@@ -249,8 +253,10 @@ def build(archs: tuple[str, ...] | None = None, *, force: bool = False, verbose:
         proc = subprocess.run(cmd, capture_output=not verbose, text=True)
         if proc.returncode != 0:
             log = ((proc.stdout or "") + (proc.stderr or ""))[-6000:]
-            failed.write_text(log)
+            if proc.returncode > 0:  # ninja itself killed (by a signal) says nothing about the sources
+                failed.write_text(log)
             raise CudaExtError(f"building the CUDA extension in {out_dir} failed:\n{log}")
+        failed.unlink(missing_ok=True)
     return module_path(archs)
 
 
@@ -457,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         archs = parse_archs(args.archs) if args.archs else default_archs()
         start = time.perf_counter()
         try:
-            path = build(archs, force=args.force, verbose=args.verbose)
+            path = build(archs, force=args.force, verbose=args.verbose, retry_failed=True)
             module = _import(path)
         except CudaExtError as err:
             print(f"error: {err}", file=sys.stderr)

@@ -131,9 +131,12 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
 
     def save(result: dict, partial: bool = True) -> None:
         # Each phase's numbers are saved as they come, marked partial until the run ends: a run stopped
-        # part way (a time limit) still leaves its forward times.
+        # part way (a time limit) still leaves its forward times. Written beside and renamed, so a
+        # stop during the write leaves the previous version whole.
         if json_path is not None:
-            json_path.write_text(json.dumps({**result, "partial": True} if partial else result, indent=2))
+            temp = json_path.with_name(f".{json_path.name}.part")
+            temp.write_text(json.dumps({**result, "partial": True} if partial else result, indent=2))
+            os.replace(temp, json_path)
 
     result = run_bench(settings, log=lambda line: print(f"dit8 bench dit: {line}", file=sys.stderr, flush=True),
                        measured=save)
@@ -149,7 +152,9 @@ def bench_settings(args: argparse.Namespace) -> BenchSettings:
     """`dit8 bench dit`'s settings: the real 480P, 81-frame input for I2V-14B, a small one for the tiny
     model (the CPU default), which at 480P would take minutes a forward on a CPU."""
     from .bench_dit import BenchSettings
+    from .devices import resolve_device
 
+    resolve_device(args.device)  # an InputError naming it, before the config is chosen by its type
     settings = BenchSettings(scheme=args.scheme, attention=args.attention, layers=args.layers, steps=args.steps,
                              backend=args.backend, device=args.device, config=args.config, compare=args.compare,
                              repeat=args.repeat, cuda_graph=args.cuda_graph)
@@ -281,15 +286,18 @@ class Terminated(BaseException):
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
     raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dit8` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    handle_sigterm = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
     try:
+        if handle_sigterm:
+            signal.signal(signal.SIGTERM, _raise_terminated)
         return args.run(args)
     except Terminated:
         print("dit8: terminated", file=sys.stderr)
@@ -306,5 +314,6 @@ def main(argv: list[str] | None = None) -> int:
         print("dit8: interrupted", file=sys.stderr)
         return 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if handle_sigterm:
+            # (None: a handler installed from C, which Python cannot reinstate; the default then.)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

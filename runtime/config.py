@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import numbers
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -33,20 +36,29 @@ class WanConfig:
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        def positive_int(value: object) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value > 0
+        # Any integer-like value (numpy integers too) and any sequence of three for patch_size are taken
+        # and stored as Python ints; anything else (strings, zeros, booleans) is refused here, where the
+        # message can name the field, rather than failing later in arithmetic.
+        def positive_int(name: str, value: object) -> int:
+            if not isinstance(value, bool):
+                with contextlib.suppress(TypeError):
+                    if (number := operator.index(value)) > 0:
+                        return number
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
         for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "freq_dim", "text_dim",
                      "text_len"):
-            if not positive_int(getattr(self, name)):
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.clip_dim is not None and not positive_int(self.clip_dim):
-            raise ValueError(f"clip_dim must be a positive integer or None, got {self.clip_dim!r}")
-        if not (isinstance(self.patch_size, tuple) and len(self.patch_size) == 3
-                and all(positive_int(p) for p in self.patch_size)):
-            raise ValueError(f"patch_size must be three positive integers, got {self.patch_size!r}")
-        if not (isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool) and 0 < self.eps < 1):
-            raise ValueError(f"eps must be a number in (0, 1), got {self.eps!r}")
+            object.__setattr__(self, name, positive_int(name, getattr(self, name)))
+        if self.clip_dim is not None:
+            object.__setattr__(self, "clip_dim", positive_int("clip_dim", self.clip_dim))
+        patch = self.patch_size
+        if isinstance(patch, (str, bytes)) or not hasattr(patch, "__len__") or len(patch) != 3:
+            raise ValueError(f"patch_size must be three positive integers, got {patch!r}")
+        object.__setattr__(self, "patch_size", tuple(positive_int("patch_size", p) for p in patch))
+        eps = self.eps
+        if isinstance(eps, (bool, str, bytes)) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
+            raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
+        object.__setattr__(self, "eps", float(eps))
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:

@@ -166,8 +166,9 @@ def _stated_configs(ckpt: Checkpoint) -> list[tuple[Path, dict]]:
     return stated
 
 
-def open_dit(path: str | Path) -> DitCheckpoint:
-    """Open and validate a DiT checkpoint's names, shapes and config without reading tensor data."""
+def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitCheckpoint:
+    """Open and validate a DiT checkpoint's names, shapes and config without reading tensor data.
+    config_json: another config.json the checkpoint must agree with, besides the one beside it."""
     ckpt = open_checkpoint(path)
     version = check_format_version(ckpt.metadata, ckpt.path)
     for key in [k for k in ckpt.infos if k.rpartition(".")[2] == SCALED_FP8_MARKER]:
@@ -181,6 +182,8 @@ def open_dit(path: str | Path) -> DitCheckpoint:
         names[official] = key
     shapes = {official: ckpt.infos[key].shape for official, key in names.items()}
     stated = _stated_configs(ckpt)
+    if config_json is not None and Path(config_json) != ckpt.config_json:
+        stated.append((Path(config_json), read_config_json(Path(config_json))))
     heads = [(config_json_values(raw)["num_heads"], source) for source, raw in stated
              if "num_heads" in config_json_values(raw)]
     config = _infer_config(shapes, ckpt.path, layout, *(heads[0] if heads else (None, None)))
@@ -217,7 +220,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-             backend: str = "auto", attention: str = "bf16", progress: bool | None = None) -> WanDiT:
+             backend: str = "auto", attention: str = "bf16", progress: bool | None = None,
+             config_json: str | Path | None = None) -> WanDiT:
     """Load a Wan2.1 DiT from a checkpoint file or folder.
 
     path: `.safetensors`, `.pth`/`.pt`/`.bin`, a folder of shards with an index json, or a folder of
@@ -228,12 +232,14 @@ def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
         "auto" does).
     attention: self-attention precision, "bf16" or an 8-bit path ("int8", "fp8").
     progress: draw a progress bar (default: when stderr is a terminal).
+    config_json: another config.json the checkpoint must agree with, besides one beside the weights
+        (a model folder's: the blocks of a per-block folder say nothing of the block files missing).
 
     Tensors are read one at a time into the model's preallocated storage, so memory holds the model
     plus one tensor. Raises CheckpointError naming the file and key for any problem in the checkpoint.
     """
     device = resolve_device(device)
-    dit = open_dit(path)
+    dit = open_dit(path, config_json)
     runtime_quantized = dit.runtime_quantized()
     model = WanDiT(dit.config, device=device, dtype=dtype or default_dtype(device), backend=backend,
                    attention=attention, quantized=runtime_quantized)

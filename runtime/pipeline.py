@@ -38,8 +38,7 @@ from .conditioning import (AREA_480P, check_frames, check_prompt, check_size, cl
                            image_tensor, output_size, resize_image, text_features)
 from .devices import resolve_device
 from .errors import CheckpointError, Dit8Error, InputError
-from .config import config_json_values, read_config_json
-from .loader import default_dtype, load_dit, open_dit
+from .loader import default_dtype, load_dit
 from .model import WanDiT
 from .model_folder import ModelFiles, find_model_files
 from .sampler import UPDATE_RULES, DistilledSampler, initial_noise
@@ -268,11 +267,12 @@ class I2VPipeline:
                 raise InputError(f"{name} must be True, False or None, got {value!r}")
         device = resolve_device(device)
         files = find_model_files(path, dit=dit, scheme=scheme, distilled=distilled)
-        _check_folder_config(files)
         t5_dtype, clip_dtype = _encoder_dtypes(device, dtype)
         encoder_device = torch.device("cpu") if offload_encoders else device
+        folder_config = files.root / "config.json"
         model = load_dit(files.dit, device=device, dtype=dtype or default_dtype(device), backend=backend,
-                         attention=attention, progress=progress)
+                         attention=attention, progress=progress,
+                         config_json=folder_config if folder_config.is_file() else None)
         if not model.config.is_i2v:
             raise CheckpointError(f"{files.dit}: a text-to-video DiT; the pipeline needs an image-to-video one")
         tokenizer = Tokenizer.from_folder(files.tokenizer, text_len=model.config.text_len)
@@ -474,20 +474,6 @@ class I2VPipeline:
         peak, source = _peak_memory(device)
         return Video(frames=frames, fps=FPS, timings=timings, step_seconds=step_seconds, peak_memory=peak,
                      peak_memory_source=source, latents=latents[0].float().cpu(), settings=job.settings())
-
-
-def _check_folder_config(files: ModelFiles) -> None:
-    """The model folder's config.json describes the DiT the folder ships; a DiT that disagrees is refused
-    before its weights are read. (A per-block folder that lost its last block files would otherwise load
-    as a shallower model: the blocks present say nothing of the ones missing.)"""
-    path = files.root / "config.json"
-    if not path.is_file():
-        return
-    config = open_dit(files.dit).config
-    for field_name, value in config_json_values(read_config_json(path)).items():
-        if getattr(config, field_name) != value:
-            raise CheckpointError(f"{files.dit}: {field_name} = {getattr(config, field_name)!r} in the DiT "
-                                  f"disagrees with {path} ({value!r})")
 
 
 def _check_cancel(job: _Job, where: str, bar: StageBar | None = None) -> None:

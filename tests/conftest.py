@@ -1,7 +1,6 @@
 """Shared test settings: the Triton interpreter on machines without a GPU, and poisoned kernel outputs."""
 
 import importlib.metadata
-import importlib.util
 import os
 
 import numpy
@@ -23,7 +22,10 @@ if not torch.cuda.is_available():
 # triton < 3.9's interpreter turns one-element arrays into Python scalars, which numpy 2.4 refuses: every
 # Triton test would fail with "only 0-dimensional arrays can be converted to Python scalars".
 if os.environ.get("TRITON_INTERPRET") == "1":
-    triton_version = importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # not installed (or under another name): not checked
+        triton_version = None
     if triton_version and _version(triton_version) < (3, 9) and _version(numpy.__version__) >= (2, 4):
         raise pytest.UsageError(f"triton {triton_version}'s interpreter does not work with numpy "
                                 f"{numpy.__version__}: install numpy<2.4 or triton>=3.9")

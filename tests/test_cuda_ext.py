@@ -84,8 +84,9 @@ def test_a_failed_build_is_not_retried_without_force(tmp_path, monkeypatch):
     assert log.is_file()
     with pytest.raises(cuda_ext.CudaExtError, match="an earlier build of these sources failed.*--force"):
         cuda_ext.build(ARCHS)
-    with pytest.raises(cuda_ext.CudaExtError, match="building the CUDA extension .* failed"):
-        cuda_ext.build(ARCHS, force=True)  # tried again
+    for again in ({"force": True}, {"retry_failed": True}):  # (the build command retries)
+        with pytest.raises(cuda_ext.CudaExtError, match="building the CUDA extension .* failed"):
+            cuda_ext.build(ARCHS, **again)
 
 
 def _rows_args(**over):

@@ -125,3 +125,15 @@ def test_the_model_does_not_move_after_it_is_built(model):
         with pytest.raises(InputError, match="stays on the device and dtypes it was built with"):
             move(model)
     assert next(model.buffers()).device.type == "cpu"  # nothing was moved
+
+
+def test_config_takes_integer_likes_and_refuses_the_rest():
+    import numpy as np
+
+    config = tiny_config("i2v", dim=np.int64(256), patch_size=[1, 2, 2], eps=np.float32(1e-6))
+    assert type(config.dim) is int and config.patch_size == (1, 2, 2) and type(config.eps) is float
+    for bad, message in [({"num_heads": 0}, "num_heads must be a positive integer"),
+                         ({"dim": True}, "dim must be"), ({"patch_size": (1, 2)}, "patch_size must be"),
+                         ({"eps": "x"}, "eps must be"), ({"eps": float("nan")}, "eps must be")]:
+        with pytest.raises(ValueError, match=message):
+            tiny_config("i2v", **bad)

@@ -95,6 +95,7 @@ def test_input_defaults_follow_the_config():
     (["--size", "60x64"], "multiples of 16"),
     (["--layers", "0"], "layers must be at least 1"),
     (["--cuda-graph"], "--cuda-graph needs --device cuda"),
+    (["--device", "foo"], "'foo' is not a device name"),
 ])
 def test_bad_settings_are_one_line_errors(args, message, capsys):
     assert main(["bench", "dit", "--device", "cpu", *args]) == 1
