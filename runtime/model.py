@@ -450,6 +450,9 @@ class WanDiT(nn.Module):
         if not isinstance(t, torch.Tensor) or t.shape != (B,):
             raise InputError(f"t must be a tensor of shape ({B},), got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        # Values are checked where that costs no GPU synchronisation (nor breaks a CUDA-graph capture).
+        if t.device.type == "cpu" and not ((t >= 0) & (t <= 1000)).all():  # (NaN fails both)
+            raise InputError(f"t must be timesteps in [0, 1000], got {t.tolist()}")
         if cfg.is_i2v:
             if y is None:
                 raise InputError("y (mask + image latent) is required by an I2V model")

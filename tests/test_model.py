@@ -56,6 +56,8 @@ def test_rope_table_is_built_once_per_grid(model, monkeypatch):
     (lambda i: i.update(x=i["x"][:, :4]), "x has shape"),
     (lambda i: i.update(x=i["x"][..., :5], y=i["y"][..., :5]), "multiples of the patch"),
     (lambda i: i.update(t=i["t"][:1]), "t must be"),
+    (lambda i: i.update(t=torch.tensor([2000.0, 5.0])), r"t must be timesteps in \[0, 1000\]"),
+    (lambda i: i.update(t=torch.tensor([float("nan"), 5.0])), r"t must be timesteps in \[0, 1000\]"),
     (lambda i: i.pop("y"), "y .* required"),
     (lambda i: i.update(y=i["y"][:, :3]), "y has shape"),
     (lambda i: i.pop("clip_fea"), "clip_fea is required"),
