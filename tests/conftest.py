@@ -29,6 +29,10 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     if triton_version and _version(triton_version) < (3, 9) and _version(numpy.__version__) >= (2, 4):
         raise pytest.UsageError(f"triton {triton_version}'s interpreter does not work with numpy "
                                 f"{numpy.__version__}: install numpy<2.4 or triton>=3.9")
+# pytest-xdist workers share the machine's cores: each worker's torch ops get its share, not all of them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 # Kernel outputs start as NaN, so an element a kernel fails to write fails the comparison.
 os.environ.setdefault("DIT8_POISON_OUTPUTS", "1")
 

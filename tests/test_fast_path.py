@@ -19,7 +19,10 @@ from dit8.bench_dit import build_model, random_conditioning
 from dit8.config import I2V_14B
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                  reason="the fast path runs the kernels on a CUDA device")]
+                                                  reason="the fast path runs the kernels on a CUDA device"),
+              # One worker under pytest-xdist: the module's references are computed once, and one model
+              # at a time holds GPU memory beside the other workers'.
+              pytest.mark.xdist_group("fast_path")]
 
 MID = dataclasses.replace(I2V_14B, dim=1024, ffn_dim=4096, num_heads=8, num_layers=8)
 FRAMES, SIZE = 81, (832, 480)  # latent 21 x 60 x 104, grid 21 x 30 x 52
@@ -54,7 +57,15 @@ def ref(cond):
 
 @pytest.fixture(scope="module")
 def emulation(cond):
-    return {scheme: forward(cond, scheme=scheme, dtype=torch.float32, kernels="torch") for scheme in ("fp8", "int8")}
+    """emulation(scheme): the W8A8 emulation's output, computed on first use."""
+    outputs = {}
+
+    def get(scheme: str) -> torch.Tensor:
+        if scheme not in outputs:
+            outputs[scheme] = forward(cond, scheme=scheme, dtype=torch.float32, kernels="torch")
+        return outputs[scheme]
+
+    return get
 
 
 def test_grid_is_the_480p_one(cond):
@@ -72,7 +83,7 @@ def test_bf16_within_one_percent(cond, ref, kernels, record_property):
 @pytest.mark.parametrize("scheme", ["fp8", "int8"])
 def test_8bit_weights_within_twice_the_w8a8_emulation(cond, ref, emulation, scheme, record_property):
     err = rel_err(forward(cond, scheme=scheme), ref)
-    emu = rel_err(emulation[scheme], ref)
+    emu = rel_err(emulation(scheme), ref)
     record_property("rel_err", err)
     record_property("emulation_rel_err", emu)
     print(f"{scheme} weights: rel err {err:.2e}, W8A8 emulation {emu:.2e} (ratio {err / emu:.2f})")
@@ -80,17 +91,17 @@ def test_8bit_weights_within_twice_the_w8a8_emulation(cond, ref, emulation, sche
 
 
 @pytest.mark.parametrize("attention", ["int8", "fp8"])
-def test_8bit_attention_added_error(cond, ref, attention, record_property):
-    """What the 8-bit self-attention adds over bf16 attention, on fp8 weights. Bounded by the
-    op-level error of that attention on Gaussian inputs (bench/RESULTS.md: ~1.5% int8, ~3.4% fp8),
-    which the residual stream only dilutes."""
-    bf16_attention = forward(cond, scheme="fp8")
-    out = forward(cond, scheme="fp8", attention=attention)
+def test_8bit_attention_added_error(cond, attention, record_property):
+    """What the 8-bit self-attention adds over bf16 attention. Bounded by the op-level error of that
+    attention on Gaussian inputs (bench/RESULTS.md: ~1.5% int8, ~3.4% fp8), which the residual stream
+    only dilutes. On bf16 weights: with 8-bit weights, any change upstream moves the per-token
+    quantization of every later activation, ~2% of output change whatever its cause (a CPU emulation
+    of the model at 1,170 tokens: 0.3% added by either attention on bf16 weights, 2.0% on fp8)."""
+    bf16_attention = forward(cond)
+    out = forward(cond, attention=attention)
     added = rel_err(out, bf16_attention)
     record_property("added_rel_err", added)
-    record_property("rel_err", rel_err(out, ref))
-    print(f"fp8 weights, {attention} attention: adds {added:.2e} to bf16 attention; "
-          f"total {rel_err(out, ref):.2e} (bf16 attention {rel_err(bf16_attention, ref):.2e})")
+    print(f"bf16 weights, {attention} attention: adds {added:.2e} to bf16 attention")
     assert added <= {"int8": 0.02, "fp8": 0.04}[attention], added
 
 
@@ -121,21 +132,22 @@ def test_no_copies_inside_the_blocks(cond):
 
 
 def _forward_memory(cond, layers: int) -> tuple[int, int]:
-    """(peak bytes allocated over the model's weights and inputs, new cudaMalloc segments) of one fp8
-    forward after a warm-up forward."""
+    """(peak bytes requested over the model's weights and inputs, new cudaMalloc segments) of one fp8
+    forward after a warm-up forward. Requested, not allocated, bytes: the allocator counts a block it
+    did not split at its whole size, which depends on its history, not on the forward."""
     config = dataclasses.replace(MID, num_layers=layers)
     with torch.no_grad():
         model = build_model(config, scheme="fp8", device="cuda", backend="triton")
         context = model.encode_context(cond.context, cond.clip_fea)
         model(cond.x, cond.t, context, y=cond.y)  # warm-up: compilation, the RoPE table, the cache
         torch.cuda.synchronize()
-        held = torch.cuda.memory_allocated()
-        segments = torch.cuda.memory_stats()["segment.all.allocated"]
+        before = torch.cuda.memory_stats()
         torch.cuda.reset_peak_memory_stats()
         model(cond.x, cond.t, context, y=cond.y)
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - held
-        new_segments = torch.cuda.memory_stats()["segment.all.allocated"] - segments
+        after = torch.cuda.memory_stats()
+        peak = after["requested_bytes.all.peak"] - before["requested_bytes.all.current"]
+        new_segments = after["segment.all.allocated"] - before["segment.all.allocated"]
     del model, context
     torch.cuda.empty_cache()
     return peak, new_segments
