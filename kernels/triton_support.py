@@ -15,9 +15,13 @@ import torch
 F = TypeVar("F", bound=Callable)
 
 
-@functools.cache
+# Looked up once, at import: torch.compile traces the op dispatch (and so triton_runs_on), and refuses
+# to trace importlib inside a function.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreting() -> bool:

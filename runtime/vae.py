@@ -232,7 +232,6 @@ class Resample(nn.Module):
         return x
 
 
-
 class Encoder(nn.Module):
     """conv1 -> per level: residual blocks (+ downsample) -> middle (res, attention, res) -> head."""
 

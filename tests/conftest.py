@@ -44,7 +44,10 @@ def _record_verified_kernels(request):
     if not torch.cuda.is_available():
         return
     callspec = getattr(request.node, "callspec", None)
-    kernels = verified_kernels(request.node.get_closest_marker("verifies"), callspec.params if callspec else {})
+    params = callspec.params if callspec else {}
+    # Every `verifies` mark (a test may stack several), not only the closest one.
+    kernels = list(dict.fromkeys(k for mark in request.node.iter_markers("verifies")
+                                 for k in verified_kernels(mark, params)))
     if kernels:
         # As record_property does, without its warning under the default xunit2 JUnit family (which
         # still writes test properties).

@@ -93,8 +93,8 @@ def test_flash_attention_within_twice_sdpa_error(lq, lk, d, dtype):
     floor = 2.0 ** -20 if dtype == torch.float32 else 0.0
     assert rel_err(out, ref) <= 2 * sdpa_err + floor
 
-@ATTENTION
 
+@ATTENTION
 def test_single_query_and_single_key():
     q, k, v = make_qkv(1, 1, 32, seed=5, dtype=torch.bfloat16)
     out = ops.attention(q, k, v, backend="triton")
@@ -143,8 +143,8 @@ def test_head_dim_not_a_power_of_two(precision):
         emu = emulate_8bit(q, k, v, *impl.RECIPES[precision], cfg.block_m, cfg.block_n)
         assert rel_err(out, ref) <= 1.2 * rel_err(emu, ref) + 2e-3
 
-@CROSS
 
+@CROSS
 def test_cross_attention_head_dim_not_a_power_of_two():
     q, k, v = make_qkv(40, 37, 24, seed=71, dtype=torch.bfloat16)
     _, k_img, v_img = make_qkv(1, 9, 24, seed=81, dtype=torch.bfloat16)
@@ -332,16 +332,16 @@ def test_8bit_kernel_follows_its_emulation(formats, kind):
     emu_err = rel_err(emu, attention64(q, k, v))
     assert rel_err(out, emu) <= 0.1 * emu_err + 2.0 ** -11, (rel_err(out, emu), emu_err)
 
-@ATTENTION
 
+@ATTENTION
 def test_int8_qk_errs_less_than_fp8_qk():
     # Why both recipes use INT8 q·kᵀ: same P·V, only the q·kᵀ format differs.
     (int8_err, _), _, _ = eight_bit_result(impl.RECIPES["fp8"], "gaussian")
     (fp8_err, _), _, _ = eight_bit_result(("fp8", "fp8"), "gaussian")
     assert int8_err < 0.85 * fp8_err, (int8_err, fp8_err)
 
-@ATTENTION
 
+@ATTENTION
 def test_v_smoothing_removes_the_error_of_v_channel_means():
     # fp32 in and out: no 16-bit output rounding to hide the difference.
     q, k, v = make_qkv(200, 129, 64, seed=5, dtype=torch.float32)
@@ -412,8 +412,8 @@ def test_8bit_kernel_on_its_quantized_operands(qk):
     # Interpreter: fp32 arithmetic only (exp2, sums). GPU: P is rounded to bf16 (2^-9 relative).
     assert rel_err(out, ref) <= (1e-5 if interpreting() else 2.0 ** -8)
 
-@ATTENTION
 
+@ATTENTION
 def test_8bit_single_query_is_exact_up_to_its_bias():
     # Lq = 1: q minus its mean is 0, every score is the fp32 bias; the per-block scale must not be 0/0.
     q, k, v = make_qkv(1, 45, 16, seed=9, dtype=torch.float32, offsets=True)
@@ -438,13 +438,17 @@ def test_fused_cross_attention_against_float64(dtype):
     floor = 2.0 ** -20 if dtype == torch.float32 else 0.0
     assert rel_err(out, ref) <= 2 * torch_err + floor
 
-@CROSS
 
+@CROSS
 def test_cross_attention_without_image_keys_is_attention():
     q, k, v = make_qkv(40, 45, 16, seed=41, dtype=torch.bfloat16)
     out = ops.cross_attention(q, k, v, backend="triton")
     check_output(out, q)
-    assert torch.equal(out, ops.attention(q, k, v, backend="triton"))
+    expected = ops.attention(q, k, v, backend="triton")
+    if interpreting():  # one configuration for both kernels: the same arithmetic
+        assert torch.equal(out, expected)
+    else:  # key blocks of 64 (cross) and 128 (self): sums may round apart, by the output's bf16 step
+        assert rel_err(out, expected) <= 2.0 ** -8
 
 
 # ----------------------------------------------------------------------------------------------------

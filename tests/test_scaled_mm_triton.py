@@ -207,14 +207,14 @@ def test_scaled_mm_edge_shapes(M, N, K, qdtype):
         err_same = max(err_torch, tensor_core_error(xq, xs, wq, ws, bias, torch.float32, ref))
         assert rel_err(out, ref) <= 2 * err_same, (rel_err(out, ref), err_same)
 
-@PLAIN
 
+@PLAIN
 def test_empty_output():
     xq, xs, wq, ws, _ = operands(0, 5, 16, FP8, seed=3)
     assert scaled_mm(xq, xs, wq, ws, backend="triton").shape == (0, 5)
 
-@PLAIN
 
+@PLAIN
 def test_int8_accumulation_is_exact():
     # |acc| <= 1000 · 128² < 2^24: the exact integer is representable in the fp32 output.
     xq, _, wq, _, _ = operands(70, 50, 1000, torch.int8, seed=7)
@@ -222,8 +222,8 @@ def test_int8_accumulation_is_exact():
     out = scaled_mm(xq, ones_m, wq, ones_n, out_dtype=torch.float32, backend="triton")
     assert torch.equal(out, (xq.cpu().long() @ wq.cpu().long().t()).float().to(DEVICE))
 
-@PLAIN
 
+@PLAIN
 def test_strided_operands():
     """Operands with non-unit strides (views) give the same result as contiguous copies."""
     xq, xs, wq, ws, bias = operands(40, 30, 96, FP8, seed=11, bias_dtype=torch.float32)
@@ -269,8 +269,8 @@ def test_residual_epilogue(M, N, K, batches, rows_per_batch, variant, qdtype):
     # The residual itself is not modified.
     assert torch.equal(residual, residual_and_gate(M, N, batches, seed=M * N)[0])
 
-@FUSED
 
+@FUSED
 def test_gate_rows_follow_rows_per_batch():
     """Each sample's rows use its own gate row: zero gates leave exactly the residual."""
     xq, xs, wq, ws, _ = operands(90, 40, 32, FP8, seed=5)
@@ -375,8 +375,8 @@ def test_fused_argument_errors():
             with pytest.raises(OpArgumentError, match=message):
                 scaled_mm(**args, backend=backend)
 
-@PLAIN
 
+@PLAIN
 def test_default_out_dtype_and_plain_contract():
     xq, xs, wq, ws, bias = operands(8, 16, 32, FP8, seed=4, bias_dtype=torch.float32)
     residual, _ = residual_and_gate(8, 16, 1, seed=5)
