@@ -210,7 +210,8 @@ def _ninja_file(out_dir: Path, archs: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-# Written into the build folder when ninja fails; later builds of the same sources refuse without --force.
+# Written into the build folder when ninja fails: loading refuses to build the same sources again; the
+# build command (and --force) tries.
 FAILED_BUILD_LOG = "build-failed.log"
 
 

@@ -148,6 +148,10 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
     return 0
 
 
+# `dit8 bench dit`'s input with the tiny model: a few seconds a forward on a CPU.
+TINY_FRAMES, TINY_SIZE = 9, (256, 256)
+
+
 def bench_settings(args: argparse.Namespace) -> BenchSettings:
     """`dit8 bench dit`'s settings: the real 480P, 81-frame input for I2V-14B, a small one for the tiny
     model (the CPU default), which at 480P would take minutes a forward on a CPU."""
@@ -163,9 +167,6 @@ def bench_settings(args: argparse.Namespace) -> BenchSettings:
     size = args.size if args.size is not None else TINY_SIZE if tiny else settings.size
     return dataclasses.replace(settings, frames=frames, size=size)
 
-
-# `dit8 bench dit`'s input with the tiny model: a few seconds a forward on a CPU.
-TINY_FRAMES, TINY_SIZE = 9, (256, 256)
 
 BACKEND_HELP = ("kernels to run: triton or cuda run every op that has that kernel, the others as auto does; "
                 "auto: the kernels verified on this GPU generation, else the torch reference; torch: the "
