@@ -7,7 +7,7 @@ import numpy
 import pytest
 import torch
 
-from kernel_verification import verified_kernels
+from kernel_verification import gpu_tests_first, item_kernels
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -37,17 +37,18 @@ if _WORKERS > 1:
 os.environ.setdefault("DIT8_POISON_OUTPUTS", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        gpu_tests_first(items)
+
+
 @pytest.fixture(autouse=True)
 def _record_verified_kernels(request):
     """On a GPU, name in the JUnit XML the kernels the test checks; bench/verified_backends.py turns a
     run's results into dit8.kernels.registry.GPU_VERIFIED entries."""
     if not torch.cuda.is_available():
         return
-    callspec = getattr(request.node, "callspec", None)
-    params = callspec.params if callspec else {}
-    # Every `verifies` mark (a test may stack several), not only the closest one.
-    kernels = list(dict.fromkeys(k for mark in request.node.iter_markers("verifies")
-                                 for k in verified_kernels(mark, params)))
+    kernels = item_kernels(request.node)
     if kernels:
         # As record_property does, without its warning under the default xunit2 JUnit family (which
         # still writes test properties).

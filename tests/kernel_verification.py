@@ -14,3 +14,17 @@ def verified_kernels(marker: pytest.Mark | None, params: dict) -> list[str]:
     backends = marker.kwargs.get("backend") or params.get("backend")
     backends = (backends,) if isinstance(backends, str) else tuple(backends or ())
     return [f"{op}:{backend}" for op in marker.args for backend in backends]
+
+
+def item_kernels(item: pytest.Item) -> list[str]:
+    """Every kernel a collected test verifies on a GPU, from all its `verifies` marks (a test may stack
+    several)."""
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params if callspec else {}
+    return list(dict.fromkeys(k for mark in item.iter_markers("verifies") for k in verified_kernels(mark, params)))
+
+
+def gpu_tests_first(items: list[pytest.Item]) -> None:
+    """Reorder `items` in place: the tests that need the GPU or verify kernels first, each group in its
+    own order. A GPU run cut short by its time limit then loses CPU-only tests, which run anywhere."""
+    items.sort(key=lambda item: item.get_closest_marker("gpu") is None and not item_kernels(item))

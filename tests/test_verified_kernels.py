@@ -58,3 +58,28 @@ def test_script_says_when_the_report_is_unreadable(tmp_path, content):
                          text=True)
     assert run.returncode == 1 and f"{xml}: cannot read the test report" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+class _Item:
+    """The part of a collected pytest item that gpu_tests_first reads."""
+
+    def __init__(self, name, marks=(), params=None):
+        self.name, self.marks = name, list(marks)
+        if params is not None:
+            self.callspec = type("CallSpec", (), {"params": params})()
+
+    def get_closest_marker(self, name):
+        return next((m for m in self.marks if m.name == name), None)
+
+    def iter_markers(self, name):
+        return (m for m in self.marks if m.name == name)
+
+
+def test_gpu_tests_run_first_in_their_own_order():
+    from kernel_verification import gpu_tests_first
+
+    gpu, verifies = pytest.mark.gpu.mark, pytest.mark.verifies("rms_norm").mark
+    items = [_Item("cpu_a"), _Item("gpu_a", [gpu]), _Item("interp", [verifies], {"backend": "triton", "device": "cpu"}),
+             _Item("kernel", [verifies], {"backend": "triton"}), _Item("cpu_b"), _Item("gpu_b", [gpu])]
+    gpu_tests_first(items)
+    assert [item.name for item in items] == ["gpu_a", "kernel", "gpu_b", "cpu_a", "interp", "cpu_b"]
