@@ -50,6 +50,19 @@ def gpu_time_ms(fn, *, warmup: int = 25, rep: int = 100, min_runs: int = 10) -> 
     return (time.perf_counter() - start) * 1e3
 
 
+def _sound_configs(times: dict, errors: dict) -> list:
+    finite = {cfg: errors[cfg] for cfg in times if math.isfinite(errors[cfg])}
+    assert finite, f"no configuration ran to a finite result: {errors}"
+    return [cfg for cfg in finite if finite[cfg] <= 2 * min(finite.values())]
+
+
+@pytest.fixture(scope="session")
+def sound_configs():
+    """sound_configs(times, errors): the configurations of a sweep that were timed and whose error is
+    finite and within 2x the lowest (a fast wrong kernel never wins); asserts that one ran."""
+    return _sound_configs
+
+
 @pytest.fixture(scope="session")
 def device() -> str:
     return "cuda" if CUDA else "cpu"

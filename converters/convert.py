@@ -123,6 +123,11 @@ def _check_options(scheme: str, out_dtype: torch.dtype, keep: Sequence[str]) -> 
             raise ConvertError(f"--keep patterns must be non-empty strings, got {pattern!r}")
 
 
+def _report_path(dst: Path, per_block: bool) -> Path:
+    """Where the quality report goes: inside a per-block folder, beside a single file."""
+    return dst / fmt.REPORT_NAME if per_block else dst.with_name(dst.name + ".quant_report.json")
+
+
 def _check_paths(src: Path, dst: Path, per_block: bool, force: bool) -> None:
     if not per_block and dst.suffix != ".safetensors":
         raise ConvertError(f"{dst}: a single-file output must end in .safetensors (or use --per-block for a folder)")
@@ -131,7 +136,7 @@ def _check_paths(src: Path, dst: Path, per_block: bool, force: bool) -> None:
         raise ConvertError(f"{dst}: the output must not be, contain or lie inside the source {src}")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise ConvertError(f"{dst}: already exists; pass --force (force=True) to replace it")
-    report = dst.with_name(dst.name + ".quant_report.json")
+    report = _report_path(dst, per_block)
     if not per_block and report.exists() and not force:
         # Written (or, for a file without one, removed) beside the output: somebody's file all the same.
         raise ConvertError(f"{report}: already exists; pass --force (force=True) to replace it")
@@ -354,7 +359,7 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
             report_obj = _report(src, dst, scheme, layers) if report and quantized else None
             if per_block:
                 _write_index(build, plans, metadata)
-            report_path = dst / fmt.REPORT_NAME if per_block else dst.with_name(dst.name + ".quant_report.json")
+            report_path = _report_path(dst, per_block)
             if report_obj is not None:
                 report_temp = build / fmt.REPORT_NAME if per_block else temp_path_beside(report_path)
                 _write_json(report_temp, report_obj)

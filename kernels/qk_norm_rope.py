@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from . import fused_spec
-from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor
+from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor, float_out_dtype
 from .norms import _rms_norm_torch
 from .quantize import QUANT_DTYPES, SCALE_FLOOR, quantize_rows
 from .registry import register, resolve
@@ -125,9 +125,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weigh
     pairs; fp32 throughout, out_dtype (default q.dtype) at the end. See the module docstring.
     """
     _check("qk_norm_rope", q, k, weight_q, weight_k, cos, sin, heads)
-    out_dtype = out_dtype or q.dtype
-    if out_dtype not in FLOAT_DTYPES:
-        raise OpArgumentError(f"qk_norm_rope: out_dtype must be one of {FLOAT_DTYPES}, got {out_dtype}")
+    out_dtype = float_out_dtype("qk_norm_rope", out_dtype, q.dtype)
     return resolve("qk_norm_rope", backend, q.device)(q, k, weight_q, weight_k, cos, sin, heads, eps, out_dtype)
 
 

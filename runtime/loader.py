@@ -57,9 +57,9 @@ class DitCheckpoint:
                 if module.startswith("blocks.") and module.split(".", 2)[2] in linears}
 
 
-# The tensors whose shapes give the model's dimensions (_infer_config).
-DIMENSION_SOURCES = ("patch_embedding.weight", "blocks.0.ffn.0.weight", "head.head.weight", "time_embedding.0.weight",
-                     "text_embedding.0.weight", "img_emb.proj.0.weight")
+# The tensors whose shapes give the model's dimensions (_infer_config reads only these), with their ranks.
+DIMENSION_SOURCES = {"patch_embedding.weight": 5, "blocks.0.ffn.0.weight": 2, "head.head.weight": 2,
+                     "time_embedding.0.weight": 2, "text_embedding.0.weight": 2, "img_emb.proj.0.weight": 1}
 
 
 def _infer_config(shapes: dict[str, tuple[int, ...]], source: Path, layout: str,
@@ -67,7 +67,8 @@ def _infer_config(shapes: dict[str, tuple[int, ...]], source: Path, layout: str,
     """Every dimension from tensor shapes; the head count, which no shape shows, is `num_heads` as a
     config (`heads_source`) states it, or else Wan's 128-wide heads."""
 
-    def shape(key: str, ndim: int) -> tuple[int, ...]:
+    def shape(key: str) -> tuple[int, ...]:
+        ndim = DIMENSION_SOURCES[key]
         if key not in shapes:
             raise CheckpointError(f"{source}: missing tensor {from_official(key, layout)!r}")
         if len(shapes[key]) != ndim:
@@ -75,11 +76,11 @@ def _infer_config(shapes: dict[str, tuple[int, ...]], source: Path, layout: str,
                                   f"expected {ndim} dimensions")
         return shapes[key]
 
-    dim, in_dim, *patch = shape("patch_embedding.weight", 5)
+    dim, in_dim, *patch = shape("patch_embedding.weight")
     blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("blocks.") and k.split(".")[1].isdigit()}
     if not blocks:
         raise CheckpointError(f"{source}: no transformer blocks found")
-    clip = shapes.get("img_emb.proj.0.weight")
+    clip = shape("img_emb.proj.0.weight") if "img_emb.proj.0.weight" in shapes else None  # T2V has none
     if num_heads is None:
         if dim % WAN_HEAD_DIM:
             raise CheckpointError(f"{source}: dim {dim} is not a multiple of {WAN_HEAD_DIM}, so the head count "
@@ -88,11 +89,11 @@ def _infer_config(shapes: dict[str, tuple[int, ...]], source: Path, layout: str,
     try:
         return WanConfig(
         dim=dim, in_dim=in_dim, patch_size=tuple(patch),
-        ffn_dim=shape("blocks.0.ffn.0.weight", 2)[0],
+        ffn_dim=shape("blocks.0.ffn.0.weight")[0],
         num_layers=max(blocks) + 1,
-        out_dim=shape("head.head.weight", 2)[0] // math.prod(patch),
-        freq_dim=shape("time_embedding.0.weight", 2)[1],
-        text_dim=shape("text_embedding.0.weight", 2)[1],
+        out_dim=shape("head.head.weight")[0] // math.prod(patch),
+        freq_dim=shape("time_embedding.0.weight")[1],
+        text_dim=shape("text_embedding.0.weight")[1],
         clip_dim=None if clip is None else clip[0],
         num_heads=num_heads,
     )

@@ -17,15 +17,12 @@ from torch import nn
 
 from dit8 import kernels as ops
 from dit8.kernels.attention import PRECISIONS, check_attention_runs
+from dit8.kernels.checks import FLOAT_DTYPES
 from dit8.kernels.registry import BackendError, backend_runs_on, model_backend, reference_only_notice
 
 from .config import WanConfig
 from .errors import InputError
 from .rope import rope_table
-
-
-# The dtypes the matmuls and attention may compute in (8-bit weights are a per-layer matter: `quantized`).
-COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -352,9 +349,10 @@ class WanDiT(nn.Module):
                  dtype: torch.dtype = torch.float32, backend: str = "auto", attention: str = "bf16",
                  quantized: Mapping[str, torch.dtype] | None = None):
         super().__init__()
-        if dtype not in COMPUTE_DTYPES:
+        # (8-bit weights are a per-layer matter: `quantized`.)
+        if dtype not in FLOAT_DTYPES:
             raise InputError(f"dtype (the compute dtype) must be one of "
-                             f"{tuple(str(d).removeprefix('torch.') for d in COMPUTE_DTYPES)}, got {dtype!r}")
+                             f"{tuple(str(d).removeprefix('torch.') for d in FLOAT_DTYPES)}, got {dtype!r}")
         setup = Setup(torch.device(device), dtype, backend, dict(quantized or {}))
         _check_backend(setup)
         _check_attention(attention, setup)
