@@ -46,7 +46,7 @@ from .t5 import T5Encoder
 from .tokenizer import Tokenizer
 from .unipc import DEFAULT_NEGATIVE_PROMPT, UniPCSampler, guided
 from .vae import WanVAE
-from .video import FPS, video_to_frames, write_mp4, write_png_frames
+from .video import FPS, FramesShape, video_to_frames, write_mp4, write_png_frames
 
 __all__ = ["Cancelled", "I2VPipeline", "ProgressEvent", "SAMPLERS", "Video"]
 
@@ -77,7 +77,7 @@ ProgressCallback = Callable[[ProgressEvent], None]
 
 
 @dataclass
-class Video:
+class Video(FramesShape):
     """A generated video: `frames` uint8 [F, H, W, 3] RGB on the CPU at `fps`, with how it was made.
 
     timings: seconds per stage ("text": T5, "image": CLIP, "vae_encode", "context": the DiT's cross-attention
@@ -95,18 +95,6 @@ class Video:
     peak_memory_source: str = ""
     latents: torch.Tensor | None = None
     settings: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_frames(self) -> int:
-        return self.frames.shape[0]
-
-    @property
-    def height(self) -> int:
-        return self.frames.shape[1]
-
-    @property
-    def width(self) -> int:
-        return self.frames.shape[2]
 
     def numpy(self) -> np.ndarray:
         return self.frames.numpy()

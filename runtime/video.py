@@ -149,14 +149,10 @@ def write_png_frames(folder: str | Path, frames: torch.Tensor | np.ndarray, *,
     return paths
 
 
-@dataclass(frozen=True)
-class VideoFile:
-    """A video read back: frames [F, H, W, 3] uint8 RGB and what the file says about itself."""
+class FramesShape:
+    """`num_frames`, `height` and `width` of a `frames` array or tensor laid out [F, H, W, 3]."""
 
-    frames: np.ndarray
-    fps: float
-    codec: str
-    pix_fmt: str
+    frames: np.ndarray | torch.Tensor
 
     @property
     def num_frames(self) -> int:
@@ -169,6 +165,16 @@ class VideoFile:
     @property
     def width(self) -> int:
         return self.frames.shape[2]
+
+
+@dataclass(frozen=True)
+class VideoFile(FramesShape):
+    """A video read back: frames [F, H, W, 3] uint8 RGB and what the file says about itself."""
+
+    frames: np.ndarray
+    fps: float
+    codec: str
+    pix_fmt: str
 
 
 def read_video(path: str | Path) -> VideoFile:
