@@ -650,8 +650,8 @@ def quantize_for_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     def quantize(x, mean, factor, block, per_row, bias):
         L = x.shape[1]
         n_blocks = triton.cdiv(L, block)
-        xq = torch.empty((B, H, L, D), dtype=qdtype, device=dev)
-        scale = torch.empty((B, H, L if per_row else n_blocks), dtype=torch.float32, device=dev)
+        xq = new_output((B, H, L, D), qdtype, dev)
+        scale = new_output((B, H, L if per_row else n_blocks), torch.float32, dev)
         _quantize_blocks_kernel[(n_blocks, B * H)](
             x, mean, qbar_c, xq, scale, bias if bias is not None else scale,
             *_bhd_strides(x), xq.stride(0), xq.stride(2), xq.stride(1),
@@ -661,7 +661,7 @@ def quantize_for_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         return xq, scale
 
     q8, q_scale = quantize(q, q_mean, c, block_m, False, None)
-    bias = torch.empty((B, H, Lk), dtype=torch.float32, device=dev)
+    bias = new_output((B, H, Lk), torch.float32, dev)
     k8, k_scale = quantize(k, k_mean, 1.0, block_n, True, bias)
 
     if pv != "fp16":
@@ -672,7 +672,8 @@ def quantize_for_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         v_scale = (v_amax.clamp_min(SCALE_FLOOR) / (INT8_MAX if pv == "int8" else FP8_MAX)).contiguous()
         lk_pad = triton.cdiv(Lk, 16) * 16  # 16-byte aligned rows keep the K-major loads vectorized
         v_dtype = torch.int8 if pv == "int8" else torch.float8_e4m3fn
-        v_store = torch.empty((B, H, D, lk_pad), dtype=v_dtype, device=dev)
+        # Poisoned in full under DIT8_POISON_OUTPUTS: the attention kernel must never read the padding.
+        v_store = new_output((B, H, D, lk_pad), v_dtype, dev)
         _quantize_v_kernel[(triton.cdiv(Lk, 64), B * H)](
             v, v_mean, v_scale, v_store, *_bhd_strides(v), v_store.stride(1), v_store.stride(2),
             H, Lk, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=64, TO_INT8=pv == "int8", INTERPRET=interpreting(),

@@ -481,11 +481,13 @@ def test_fused_ops_under_torch_compile_and_cuda_graphs(backend):
     torch.cuda.current_stream().wait_stream(stream)
     with torch.cuda.graph(graph):
         captured = step(x, q, k)
-    x.copy_(x * 2)
+    before = [c.clone() for c in captured]
+    for t in (x, q, k):  # new values in the captured input buffers (q and k are views of one tensor)
+        t.copy_(torch.randn_like(t))
     graph.replay()
     torch.cuda.synchronize()
-    for a, b in zip(step(x, q, k), captured):
-        assert torch.equal(a, b)
+    for a, b, old in zip(step(x, q, k), captured, before):
+        assert torch.equal(a, b) and not torch.equal(b, old)
 
 
 @GPU
@@ -497,11 +499,18 @@ def test_cuda_and_triton_agree():
 
     if not cuda_ext.cuda_available(torch.device("cuda")):
         pytest.skip("the CUDA extension cannot be built here")
-    q, k, wq, wk, cos, sin = _qk_inputs(1, (21, 30, 52), 40, 128, 11, "cuda", torch.bfloat16)
-    a = qk_norm_rope(q, k, wq, wk, cos, sin, heads=40, eps=1e-6, out_dtype=torch.float32, backend="cuda")
-    b = qk_norm_rope(q, k, wq, wk, cos, sin, heads=40, eps=1e-6, out_dtype=torch.float32, backend="triton")
-    for x, y in zip(a, b):
-        assert rel_err(x, y) < 1e-6
+    grid, H, D = (21, 30, 52), 40, 128
+    q, k, wq, wk, cos, sin = _qk_inputs(1, grid, H, D, 11, "cuda", torch.bfloat16)
+    outs = {be: qk_norm_rope(q, k, wq, wk, cos, sin, heads=H, eps=1e-6, out_dtype=torch.float32, backend=be)
+            for be in ("cuda", "triton", "torch")}
+    angles = angles64(grid, D).to("cuda")
+    for i, (x, w) in enumerate(((q, wq), (k, wk))):
+        want = rope64(rms64(x, w).unflatten(-1, (H, D)), angles)
+        bound = float_bound(rel_err(outs["torch"][i], want), torch.float32)
+        # Each within its bound of float64, so the two within the sum of their bounds of each other.
+        assert rel_err(outs["cuda"][i], want) <= bound and rel_err(outs["triton"][i], want) <= bound
+        assert rel_err(outs["cuda"][i], outs["triton"][i]) <= 2 * bound
+        del want
     x = randn((32760, 5120), 12, "cuda", scale=3.0).bfloat16()
     for qdtype in QDTYPES:
         ca, cb = quantize_per_token(x, qdtype, backend="cuda"), quantize_per_token(x, qdtype, backend="triton")
