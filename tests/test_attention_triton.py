@@ -414,7 +414,7 @@ def test_8bit_kernel_on_its_quantized_operands(qk):
 
 
 @ATTENTION
-def test_8bit_single_query_is_exact_up_to_its_bias():
+def test_8bit_single_query_is_within_fp16_rounding():
     # Lq = 1: q minus its mean is 0, every score is the fp32 bias; the per-block scale must not be 0/0.
     q, k, v = make_qkv(1, 45, 16, seed=9, dtype=torch.float32, offsets=True)
     out = impl.attention_8bit(q, k, v, "int8", pv="fp16")  # 16-bit P·V: no 8-bit rounding after the scores

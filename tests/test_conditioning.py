@@ -171,7 +171,7 @@ def test_image_inputs_agree():
 
 
 def test_pil_images_are_converted_to_rgb():
-    Image = pytest.importorskip("PIL.Image")
+    Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed (images then come as arrays)")
     array = image()
     torch.testing.assert_close(image_tensor(Image.fromarray(array)), image_tensor(array))
     rgba = np.concatenate([array, np.full(array.shape[:2] + (1,), 7, np.uint8)], axis=-1)

@@ -153,7 +153,7 @@ def test_command_line_info():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @needs_tools
-def test_auto_prefers_cuda_on_a_gpu():
+def test_cuda_is_listed_first_on_a_gpu():
     from dit8.kernels import norm_quant, qk_norm_rope  # noqa: F401  (registers their ops)
     from dit8.kernels.registry import available_backends
 

@@ -288,6 +288,7 @@ def test_rms_norm_against_float64(backend, device):
             assert rel_err(out, want) <= float_bound(rel_err(ref, want), out_dtype), (B, L, C, out_dtype)
 
 
+@pytest.mark.verifies("layer_norm_modulate", "layer_norm_modulate_quant", "rms_norm", "quantize_per_token")
 @pytest.mark.parametrize("backend, device", [p for p in KERNELS if p.values[0] == "triton"])
 def test_rows_chunked_path(backend, device, monkeypatch):
     """Rows longer than the register tile take the chunked loops: same results."""

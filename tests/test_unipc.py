@@ -85,7 +85,7 @@ def test_first_step_is_euler_and_last_lands_on_the_x0_estimate():
 
 @pytest.mark.parametrize("steps", [3, 10, 40])
 def test_matches_diffusers_unipc(steps):
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = pytest.importorskip("diffusers", reason="diffusers (test-only dependency) is not installed")
     sampler = UniPCSampler(steps=steps, shift=3.0)
     sigmas, timesteps = unipc_sigmas(steps, 3.0)
     gen = torch.Generator().manual_seed(steps)
