@@ -16,8 +16,8 @@ where the pipeline has them, under torch.inference_mode():
   the reference pays on every prompt (it encodes all 512 padded positions); 60 is a typical prompt
   after the pipeline's trim. Tokens come from a small word-level tokenizer (`write_tiny_tokenizer`):
   the tokenizer's cost is negligible and the encoder's cost depends only on the length.
-- `test_clip[224x224]`: `clip_features` of one 224x224 image (on the CPU, as the pipeline holds it);
-  `test_clip[480x832]`: the same from the 480x832 image, which the encoder first resizes to 224.
+- `test_clip[square]`: `clip_features` of one 224x224 image (on the CPU, as the pipeline holds it);
+  `test_clip[frame]`: the same from the 480x832 image, which the encoder first resizes to 224.
 - `test_vae_encode`: `image_condition` for 480x832, 81 frames: the image + 80 grey frames, built on
   the CPU and fed to the encoder in chunks (1, 4, 4, ... frames) as the pipeline does; output
   [1, 20, 21, 60, 104] on the GPU.
