@@ -77,7 +77,7 @@ def test_bf16_within_one_percent(cond, ref, kernels, record_property):
     err = rel_err(forward(cond, kernels=kernels), ref)
     record_property("rel_err", err)
     print(f"bf16 weights, {kernels} kernels first: rel err {err:.2e}")
-    assert err <= 0.01, err
+    assert err <= 0.01, err  # the bound set for bf16 on our kernels against the fp32 torch path
 
 
 @pytest.mark.parametrize("scheme", ["fp8", "int8"])
