@@ -229,15 +229,21 @@ def _metadata(dit, scheme: str, hp: str, quantized: set[str], keep: Sequence[str
 # ---------------------------------------------------------------------------------------------- work
 
 
-def _require_finite(summary: torch.Tensor, block: torch.Tensor, t: SourceTensor) -> None:
-    """Raise if `block` holds NaN/Inf, given `summary`, a NaN-propagating reduction of it (amax, scales).
+def _require_finite(summary: torch.Tensor, block: torch.Tensor, t: SourceTensor, merged: bool,
+                    stored: torch.dtype | None = None) -> None:
+    """Raise if the values written hold NaN/Inf, given `summary`, a NaN-propagating reduction of them
+    (amax, scales); `merged`: a LoRA delta was added; `stored`: the dtype they were cast to.
 
     torch.isfinite over every element costs 3x a row amax, and quantizing computes one anyway; the full
     check runs only to word the error."""
     if bool(torch.isfinite(summary).all()):
         return
-    check_finite(block, t.file_key, t.info.file)
-    raise CheckpointError(f"{t.info.file}: tensor {t.file_key!r} is not finite after merging LoRA")
+    check_finite(block, t.file_key, t.info.file)  # raises if the source itself is not finite
+    causes = ["merging LoRA"] if merged else []
+    if stored is not None:
+        causes.append(f"the cast to {stored} (largest finite value {torch.finfo(stored).max:.4g})")
+    raise CheckpointError(f"{t.info.file}: tensor {t.file_key!r} is finite in the file but not after "
+                          + " and ".join(causes))
 
 
 def _convert_tensor(plan: _Plan, reader: SourceReader, lora: LoraSet, writer: SafetensorsWriter,
@@ -253,12 +259,13 @@ def _convert_tensor(plan: _Plan, reader: SourceReader, lora: LoraSet, writer: Sa
         rows = lora.merge_rows(t.official, block.float(), start) if merging else block
         start += block.shape[0] if block.dim() else 1
         if plan.scheme is None:
-            _require_finite(torch.stack(torch.aminmax(rows)), block, t)  # one pass, NaN-propagating
-            writes.submit(writer.write_rows, plan.outputs[0].key, rows.to(plan.outputs[0].dtype))
+            rows = rows.to(plan.outputs[0].dtype)  # checked after the cast: fp16 overflows past 65504
+            _require_finite(torch.stack(torch.aminmax(rows)), block, t, merging, rows.dtype)  # NaN-propagating
+            writes.submit(writer.write_rows, plan.outputs[0].key, rows)
         else:
             rows = rows.float()  # once, for the quantization and its error
             q, scale = quantize_weight(rows, plan.scheme)
-            _require_finite(scale, block, t)  # a row's scale is finite iff all of the row is
+            _require_finite(scale, block, t, merging, rows.dtype)  # finite scale iff the whole row is
             writes.submit(writer.write_rows, plan.outputs[0].key, q)
             scales.append(scale)
             s, n = error_sums(rows, q, scale)

@@ -1,7 +1,5 @@
 // Row normalisations with float outputs: LayerNorm (+ affine, + adaLN modulation) and RMSNorm.
 // The kernel is rows.cuh's; this file instantiates it for fp32/fp16/bf16 outputs and dispatches.
-#include <algorithm>
-
 #include "rows.cuh"
 
 namespace dit8 {

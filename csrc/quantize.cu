@@ -3,8 +3,6 @@
 //
 // Codes are those of kernels/quantize.py: scale = max(amax, 1e-12) / qmax (IEEE division),
 // y = x / scale (IEEE division), int8 = clamp(rint(y)) (half to even), e4m3 = RNE(clamp(y, ±448)).
-#include <algorithm>
-
 #include "rows.cuh"
 
 namespace dit8 {

@@ -7,6 +7,7 @@
 // streamed again for every pass, the re-reads mostly hitting L1/L2.
 #pragma once
 
+#include <algorithm>
 #include <type_traits>
 
 #include "common.cuh"

@@ -697,3 +697,16 @@ def test_peak_memory_does_not_grow_with_model_size(tmp_path):
     # Reading through memory maps would grow the peak by the whole extra source (~220 MiB); streaming
     # keeps it flat up to allocator noise (measured: +-30 MiB between identical runs).
     assert grown < extra_source / 5, f"peak RSS grew by {grown >> 20} MiB for {extra_source >> 20} MiB more model"
+
+
+def test_fp16_overflow_is_an_error_not_inf(tmp_path, i2v_weights):
+    # Finite in the fp32 file, beyond fp16's 65504: the cast would store inf.
+    weights = dict(i2v_weights)
+    weights["blocks.0.norm3.bias"] = weights["blocks.0.norm3.bias"].clone()
+    weights["blocks.0.norm3.bias"][2] = 1e5
+    src, out = _source(tmp_path, weights, I2V), tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(CheckpointError, match=r"'blocks\.0\.norm3\.bias' is finite in the file but not after "
+                                              r"the cast to torch\.float16 \(largest finite value 6\.55e\+04\)"):
+        convert(src, out / "o.safetensors", out_dtype=torch.float16, progress=False)
+    assert _listing(out) == []
