@@ -243,9 +243,6 @@ class LoraSet:
             self.deltas[target].append(_Delta(lf, lf.spec.strength, diff=keys[role]))
         return unmatched
 
-    def targets(self) -> set[str]:
-        return set(self.deltas)
-
     def merge_rows(self, key: str, rows: torch.Tensor, start: int) -> torch.Tensor:
         """`rows` (fp32, rows start.. of model tensor `key`) plus every delta on them, in order."""
         shape = self.shapes[key]

@@ -51,6 +51,7 @@ struct QkArgs {
 // Throw std::invalid_argument (-> ValueError) on arguments they cannot run and std::runtime_error
 // (-> RuntimeError) on CUDA errors.
 void rows_forward(const RowArgs& a, int in_dtype, int out_dtype, int vec, int device, uintptr_t stream);
+// rows_forward's 8-bit outputs (quantize.cu); called by rows_forward, not bound to Python.
 void rows_forward_quant(const RowArgs& a, int in_dtype, int out_dtype, int vec, int device, uintptr_t stream);
 void qk_norm_rope_forward(const QkArgs& a, int in_dtype, int out_dtype, int vec, int device, uintptr_t stream);
 

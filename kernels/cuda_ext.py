@@ -189,7 +189,7 @@ def module_path(archs: tuple[str, ...]) -> Path:
 # Build and load
 # ----------------------------------------------------------------------------------------------------
 
-def _ninja_file(out_dir: Path, archs: tuple[str, ...]) -> str:
+def _ninja_file(archs: tuple[str, ...]) -> str:
     nvcc = find_nvcc()
     cuda_include = Path(nvcc).resolve().parent.parent / "include"
     cxx = shutil.which(os.environ.get("CXX", "c++"))
@@ -248,7 +248,7 @@ def build(archs: tuple[str, ...] | None = None, *, force: bool = False, verbose:
             # asks (test workers queue on the lock), each taking minutes.
             raise CudaExtError(f"an earlier build of these sources failed (its log: {failed}); after fixing "
                                "the cause, rebuild with: python -m dit8.kernels.cuda_ext build --force")
-        (out_dir / "build.ninja").write_text(_ninja_file(out_dir, archs))
+        (out_dir / "build.ninja").write_text(_ninja_file(archs))
         jobs = str(max(1, min(len(os.sched_getaffinity(0)), 8)))
         cmd = [find_ninja(), "-C", str(out_dir), "-j", jobs] + (["-v"] if verbose else [])
         proc = subprocess.run(cmd, capture_output=not verbose, text=True)
@@ -272,18 +272,19 @@ def _import(path: Path):
 _MODULE = None
 
 
-def load(archs: tuple[str, ...] | None = None, *, build_if_needed: bool = True):
-    """The `_dit8_cuda` module, built or brought up to date first where the build tools are installed."""
+def load():
+    """The `_dit8_cuda` module for this machine's GPUs (`default_archs`), built or brought up to date
+    first where the build tools are installed; loaded once per process."""
     global _MODULE
     if _MODULE is not None:
         return _MODULE
     if os.environ.get("DIT8_CUDA_EXT") == "0":
         raise CudaExtError("the CUDA extension is disabled (DIT8_CUDA_EXT=0)")
-    archs = tuple(archs or default_archs())
+    archs = default_archs()
     path = module_path(archs)
     # With the build tools present, ninja brings the module up to date (a no-op when it is); without
     # them, a module built ahead of time is used as it is.
-    if build_if_needed and (not missing_tools() or not path.is_file()):
+    if not missing_tools() or not path.is_file():
         path = build(archs)
     if not path.is_file():
         raise CudaExtError("the CUDA extension is not built; run: python -m dit8.kernels.cuda_ext build")

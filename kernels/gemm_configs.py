@@ -33,7 +33,7 @@ the Wan shapes is for the GPU run to show (bench/test_bench_gemm.py reports both
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 KINDS = ("fp8", "int8")
 ARCHS = ("sm_90", "sm_89", "sm_80")
@@ -125,21 +125,17 @@ def arch_name(capability: tuple[int, int]) -> str | None:
     return name if name in ARCHS else None
 
 
-def shape_class(M: int, N: int, K: int) -> str:
+def shape_class(M: int, N: int) -> str:
+    """"large" where the output has four waves or more of 128 x 256 tiles (on 132 SMs), else "small"."""
     tiles = -(-M // 128) * -(-N // 256)
     return "large" if tiles >= _LARGE_TILES else "small"
 
 
-def table_config(arch: str | None, kind: str, M: int, N: int, K: int) -> GemmConfig | None:
+def table_config(arch: str | None, kind: str, M: int, N: int) -> GemmConfig | None:
     """The committed configuration, or None where the table has no entry (autotune then)."""
     if arch is None:
         return None
-    return TABLE.get((arch, kind, shape_class(M, N, K)))
-
-
-def without_tma(cfg: GemmConfig) -> GemmConfig:
-    """The plain-kernel form of a configuration (for operands TMA cannot describe)."""
-    return replace(cfg, persistent=False)
+    return TABLE.get((arch, kind, shape_class(M, N)))
 
 
 def epilogue_split(cfg: GemmConfig, residual: bool) -> int:

@@ -284,14 +284,14 @@ def pick_config(kind: str, M: int, N: int, K: int, device: torch.device) -> Gemm
     if device.type != "cuda":
         return gemm_configs.INTERPRETER
     cap = _capability(device)
-    cfg = gemm_configs.table_config(gemm_configs.arch_name(cap), kind, M, N, K)
+    cfg = gemm_configs.table_config(gemm_configs.arch_name(cap), kind, M, N)
     if cfg is not None:
         return cfg
     return _TUNED.get(_tune_key(cap, kind, M, N, K))
 
 
 def _tune_key(cap, kind, M, N, K) -> tuple:
-    return (cap, kind, gemm_configs.shape_class(M, N, K), triton.next_power_of_2(M), N, K)
+    return (cap, kind, gemm_configs.shape_class(M, N), triton.next_power_of_2(M), N, K)
 
 
 def _check_device(kind: str, device: torch.device) -> None:

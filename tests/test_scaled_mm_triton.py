@@ -409,11 +409,11 @@ def test_config_table_is_consistent():
         if cfg.fp8_promote is not None:  # a second accumulator tile: 128 x 128 on 8 warps at most
             assert kind == "fp8" and cfg.block_m * cfg.block_n <= 128 * 128 * cfg.num_warps // 8
     assert ("sm_80", "fp8", "large") not in gemm_configs.TABLE  # A100: no FP8 tensor cores
-    assert gemm_configs.shape_class(32760, 5120, 5120) == "large"
-    assert gemm_configs.shape_class(32760, 5120, 13824) == "large"
-    assert gemm_configs.shape_class(512, 5120, 4096) == "small"
+    assert gemm_configs.shape_class(32760, 5120) == "large"
+    assert gemm_configs.shape_class(32760, 13824) == "large"
+    assert gemm_configs.shape_class(512, 5120) == "small"
     assert gemm_configs.arch_name((9, 0)) == "sm_90" and gemm_configs.arch_name((12, 0)) is None
-    assert gemm_configs.table_config(None, "fp8", 32760, 5120, 5120) is None  # unknown GPU: autotune
+    assert gemm_configs.table_config(None, "fp8", 32760, 5120) is None  # unknown GPU: autotune
     if DEVICE == "cpu":
         assert impl.pick_config("fp8", 32760, 5120, 5120, torch.device("cpu")) == gemm_configs.INTERPRETER
 
