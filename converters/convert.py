@@ -28,7 +28,7 @@ from dit8.config import WanConfig
 from dit8.errors import CheckpointError, Dit8Error
 from dit8.layouts import block_linears, expected_shapes
 from dit8 import packed_format as fmt
-from dit8.loader import check_finite, open_dit
+from dit8.loader import TENSOR_SCALE, check_finite, open_dit
 from dit8.progress import Progress
 
 from .lora import LoraArg, LoraSet
@@ -150,9 +150,9 @@ def _check_float_source(dit) -> None:
     """convert reads float checkpoints; an 8-bit weight or a scale tensor means it is already quantized."""
     for official, file_key in dit.names.items():
         info = dit.checkpoint.infos[file_key]
-        if info.dtype not in SOURCE_DTYPES or official.endswith((fmt.WEIGHT_SCALE_SUFFIX, ".scale_weight")):
+        if info.dtype not in SOURCE_DTYPES or official.endswith((fmt.WEIGHT_SCALE_SUFFIX, TENSOR_SCALE)):
             raise CheckpointError(f"{info.file}: tensor {file_key!r} ({info.dtype}) shows an already quantized "
-                                  f"checkpoint; convert reads float checkpoints (fp32/bf16/fp16)")
+                                  f"checkpoint; convert reads float checkpoints (fp32/bf16/fp16/fp64)")
 
 
 # ---------------------------------------------------------------------------------------------- plan

@@ -12,9 +12,10 @@ Merge, in fp32, LoRA files in the order given, for every low-rank pair:
 multiply), and W += strength · diff for full deltas. A key matching no tensor of the model is an error.
 
 The converter merges a target in blocks of rows (`merge_rows`). A target that fits one block (up to
-convert.BLOCK_ELEMENTS = 4M elements: every tensor of the 1.3B model, all but the FFN and time
-projection of the 14B) is merged exactly as written above; for larger ones BLAS may sum a row's r
-products in another order than for the whole matrix (differences ~1e-6 relative, far below 8-bit steps).
+convert.BLOCK_ELEMENTS = 4M elements: the 1.3B model's 1536 x 1536 projections, every norm, bias and
+modulation table; not the 14B's 5120 x 5120 projections nor any FFN matrix) is merged exactly as
+written above; for larger ones BLAS may sum a row's r products in another order than for the whole
+matrix (differences ~1e-6 relative, far below 8-bit steps).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Backends:
   P·V) and "fp8" (INT8 q·kᵀ, FP8 e4m3 P·V), both with K, Q and V mean-smoothing (q's term added back
   as a per-key fp32 bias), per-block scales, statistics and accumulation in fp32; and the fused
   I2V cross-attention (text and image softmaxes in one launch). It needs head_dim <= 256 (Wan's
-  128 is the tuned case; other widths are padded to a power of two >= 16) and at least one key.
+  128 is the tuned case; other widths are padded to a power of two >= 16, >= 32 on the 8-bit paths)
+  and at least one key.
 """
 
 from __future__ import annotations

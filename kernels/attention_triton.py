@@ -1,11 +1,13 @@
 """Triton kernels of the attention ops: flash attention (bf16/fp16/fp32), the 8-bit paths (INT8 q·kᵀ
 with per-block scales after mean smoothing; INT8, FP8 or 16-bit P·V) and the fused I2V cross-attention.
 
-Only this module imports triton; kernels/attention.py imports it lazily from the registered functions.
+Only the kernels/*_triton.py modules import triton; kernels/attention.py imports this one lazily from the
+registered functions.
 
 Layout: q [B, Lq, H, D], k and v [B, Lk, H, D] are read through their strides, exactly as the QKV GEMMs
 (or RoPE) leave them: no transposes or copies around the kernels (the 8-bit path's only extra passes
-are its quantization: one Triton pass writing the 8-bit q and k, and for FP8 P·V one writing v).
+are its quantization: torch reductions for the sequence means (and v's extremes), then one Triton
+launch each writing the 8-bit q, k and, for 8-bit P·V, v).
 One program computes BLOCK_M query rows of one (batch, head) and walks over all keys in blocks of
 BLOCK_N; the programs of one (batch, head) are adjacent in the grid, so its K/V stay in L2.
 
@@ -433,7 +435,7 @@ def _quantize_blocks_kernel(X, Mean, Qbar, Xq, Scale, Bias,
                             INTERPRET: tl.constexpr):
     """Xq[rows] = quant((X[rows] - Mean) · factor / scale) for one block of BLOCK rows of one (batch,
     head), scale = amax / QMAX of the block (Scale[b, h, block]) or, with PER_ROW, of each row
-    (Scale[b, h, row]); with HAS_BIAS also Bias[rows] = (X[rows] - Mean)·Qbar."""
+    (Scale[b, h, row]); with HAS_BIAS also Bias[rows] = (X[rows] - Mean)·factor·Qbar."""
     pid_l = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)

@@ -2,7 +2,8 @@
 kernel (per-token quantization, GELU + quantization, LayerNorm / RMSNorm with affine or adaLN modulation,
 optionally quantized) and the q/k RMSNorm + RoPE kernel.
 
-Only this module imports triton; the op files import it lazily from their registered functions.
+Only the kernels/*_triton.py modules import triton; the op files import this one lazily from their
+registered functions.
 Both kernels are registered as torch.library custom ops (`dit8::rows_triton`, `dit8::qk_norm_rope_triton`)
 with fake implementations, so they compose with torch.compile and CUDA graph capture.
 
@@ -153,7 +154,7 @@ def _rows_finish(y, offs, mask, mean, rstd, W, Bias, shift_row, scale_row,
 
 @triton.jit
 def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift, stride_scale,
-                 rows_per_batch, C, n, eps,
+                 rows_per_batch, C, n, eps,  # n: C as a float (never specialised to a constant)
                  NORM: tl.constexpr, ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                  HAS_MOD: tl.constexpr, OUT: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
                  INTERPRET: tl.constexpr):
@@ -164,7 +165,7 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
     shift_row = Shift + batch * stride_shift
     scale_row = Scale + batch * stride_scale
     QUANT: tl.constexpr = OUT >= 2
-    offs0 = tl.arange(0, BLOCK_C)  # n: C as a float (a float argument: never specialised to a constant)
+    offs0 = tl.arange(0, BLOCK_C)
 
     if SINGLE:
         # The whole row is one tile: read once, every pass from registers.

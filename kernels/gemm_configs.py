@@ -76,7 +76,7 @@ TABLE: dict[tuple[str, str, str], GemmConfig] = {
     ("sm_90", "int8", "large"): C(128, 256, 128, 8, 8, 3, persistent=True),
     ("sm_90", "fp8", "small"): C(128, 128, 128, 8, 8, 4, fp8_promote=128),
     ("sm_90", "int8", "small"): C(128, 128, 128, 8, 8, 4),
-    # Ada: 99 KB of shared memory (Triton keeps num_stages - 1 buffers: 48 KB here); mma.sync, no TMA.
+    # Ada: 99 KB of shared memory (the large tiles' K pipeline: 64 KB, pipeline_bytes); mma.sync, no TMA.
     ("sm_89", "fp8", "large"): C(128, 128, 64, 8, 8, 4),
     ("sm_89", "int8", "large"): C(128, 128, 64, 8, 8, 4),
     ("sm_89", "fp8", "small"): C(64, 128, 64, 8, 4, 4),

@@ -1,6 +1,7 @@
 """Triton kernels of the scaled GEMM (kernels/scaled_mm.py).
 
-Only this module imports triton; kernels/scaled_mm.py imports it lazily from the registered functions.
+Only the kernels/*_triton.py modules import triton; kernels/scaled_mm.py imports this one lazily from the
+registered functions.
 
 out[m, n] = epilogue(acc[m, n]) with acc = Σ_k xq[m, k] · wq[n, k]:
 - int8 x int8: tensor-core int32 accumulation (exact: |acc| <= K · 2^14 < 2^31 for K < 131,072);
@@ -294,7 +295,7 @@ def _tune_key(cap, kind, M, N, K) -> tuple:
     return (cap, kind, gemm_configs.shape_class(M, N), triton.next_power_of_2(M), N, K)
 
 
-def _check_device(kind: str, device: torch.device) -> None:
+def _check_tensor_cores(kind: str, device: torch.device) -> None:
     cap = _capability(device)
     if cap is not None and kind == "fp8" and cap < (8, 9):
         raise BackendError(f"scaled_mm: the triton backend's FP8 GEMM needs FP8 tensor cores (sm_89 or "
@@ -368,7 +369,7 @@ def scaled_mm(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.bfloat16, *, 
     M, K = xq.shape
     N = wq.shape[0]
     kind = "int8" if xq.dtype == torch.int8 else "fp8"
-    _check_device(kind, xq.device)
+    _check_tensor_cores(kind, xq.device)
     out = new_output((M, N), out_dtype, xq.device)
     if M == 0 or N == 0:
         return out

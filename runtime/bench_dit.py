@@ -54,6 +54,7 @@ from .errors import InputError
 from .layouts import DIFFUSERS, block_linears, from_official
 from .loader import default_dtype
 from .model import EncodedContext, WanDiT
+from .packed_format import WEIGHT_SCALE_SUFFIX
 from .progress import format_bytes
 from .sampler import DistilledSampler
 
@@ -183,7 +184,7 @@ def init_random_(model: WanDiT, *, seed: int = 0) -> None:
         if leaf == "weight" and module in quantized:
             scheme = "fp8" if quantized[module] == torch.float8_e4m3fn else "int8"
             value, scale = quantize_weight(value, scheme)
-            model.get_buffer(module + ".weight_scale").copy_(scale)
+            model.get_buffer(module + WEIGHT_SCALE_SUFFIX).copy_(scale)
         buffer.copy_(value)
         del value
 
@@ -192,7 +193,7 @@ def float_weight(model: WanDiT, key: str) -> torch.Tensor:
     """The float value of official tensor `key` of `model`: 8-bit weights dequantized (fp32)."""
     module = key.removesuffix(".weight")
     if key.endswith(".weight") and module in model.setup.quantized:
-        return dequantize_weight(model.get_buffer(key), model.get_buffer(module + ".weight_scale"))
+        return dequantize_weight(model.get_buffer(key), model.get_buffer(module + WEIGHT_SCALE_SUFFIX))
     return model.get_buffer(key)
 
 
@@ -365,7 +366,7 @@ def to_diffusers(model: WanDiT, dtype: torch.dtype | None = None) -> torch.nn.Mo
     ref.to_empty(device=device)
     # RoPE tables are computed in __init__ (non-persistent buffers): on meta they were never made.
     ref.rope = WanRotaryPosEmbed(cfg.head_dim, cfg.patch_size, ref.config.rope_max_seq_len).to(device)
-    names = {from_official(k, DIFFUSERS): k for k, _ in model.named_buffers() if not k.endswith(".weight_scale")}
+    names = {from_official(k, DIFFUSERS): k for k, _ in model.named_buffers() if not k.endswith(WEIGHT_SCALE_SUFFIX)}
     state = ref.state_dict()
     if set(names) != set(state):
         raise RuntimeError(f"diffusers' WanTransformer3DModel tensors differ from dit8's: "

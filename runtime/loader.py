@@ -16,13 +16,13 @@ from .devices import resolve_device
 from .errors import CheckpointError
 from .layouts import block_linears, detect_layout, expected_shapes, from_official, to_official
 from .model import WanDiT
-from .packed_format import KEY_CONFIG, check_format_version
+from .packed_format import KEY_CONFIG, WEIGHT_SCALE_SUFFIX, check_format_version
 from .progress import Progress
 
 
 # Quantized weight dtypes and the scale tensors that accompany them.
 QUANT_DTYPES = {torch.float8_e4m3fn: "fp8", torch.int8: "int8"}
-CHANNEL_SCALE = ".weight_scale"  # LightX2V and dit8: [out, 1] (or [out]) per output channel
+CHANNEL_SCALE = WEIGHT_SCALE_SUFFIX  # LightX2V and dit8: [out, 1] (or [out]) per output channel
 TENSOR_SCALE = ".scale_weight"   # ComfyUI scaled fp8: one scale per tensor
 SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's marker tensor; carries no weights
 

@@ -12,6 +12,7 @@ import torch
 from .config import WanConfig, tiny_config
 from .layouts import block_linears
 from .model_folder import CLIP_FILE, T5_FILE, TOKENIZER_FOLDER, VAE_FILE
+from .packed_format import WEIGHT_SCALE_SUFFIX
 from .testing import random_weights, write_checkpoint, write_config_json
 from .testing_encoders import tiny_clip_config, tiny_t5_config, write_tiny_clip, write_tiny_t5, write_tiny_tokenizer
 from .testing_vae import tiny_vae_config, write_random_vae
@@ -45,7 +46,7 @@ def quantize_lightx2v(weights: dict[str, torch.Tensor], config: WanConfig, schem
             scale = w.abs().amax(1, keepdim=True).clamp_min(1e-5) / qmax
             q = w / scale
             out[key] = q.round().clamp(-128, 127).to(qdtype) if scheme == "int8" else q.to(qdtype)
-            out[module + ".weight_scale"] = scale
+            out[module + WEIGHT_SCALE_SUFFIX] = scale
         else:
             out[key] = value.to(torch.bfloat16)
     return out
