@@ -48,11 +48,11 @@ def _layer_norm_modulate_quant_kernel(backend):
 
 def layer_norm_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *, eps: float,
                               dtype: torch.dtype, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, L, C] (fp32 residual stream, or bf16/fp16), shift and scale [B, C] fp32 ->
-    (xq [B, L, C] of `dtype`, scale [B, L] fp32) with xq·scale ≈ LN(x)·(1 + scale) + shift.
+    """x [B, L, C] (fp32 residual stream, or bf16/fp16), shift and scale [B, C] fp32 (the modulation) ->
+    (xq [B, L, C] of `dtype`, xq_scale [B, L] fp32) with xq·xq_scale ≈ LN(x)·(1 + scale) + shift.
 
     dtype: torch.float8_e4m3fn or torch.int8. LayerNorm without affine, biased variance, fp32 statistics.
-    For the W8A8 GEMM, `xq.view(-1, C)` and `scale.view(-1)` are its per-token operands.
+    For the W8A8 GEMM, `xq.view(-1, C)` and `xq_scale.view(-1)` are its per-token operands.
     """
     op = "layer_norm_modulate_quant"
     check_tensor(op, "x", x, ndim=3, dtypes=FLOAT_DTYPES)
@@ -85,7 +85,7 @@ def _layer_norm_quant_kernel(backend):
 
 def layer_norm_quant(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
                      eps: float, dtype: torch.dtype, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., C] -> (xq [..., C] of `dtype`, scale [...] fp32) with xq·scale ≈ LN(x)·weight + bias
+    """x [..., C] -> (xq [..., C] of `dtype`, xq_scale [...] fp32) with xq·xq_scale ≈ LN(x)·weight + bias
     (weight, bias [C] optional; biased variance, fp32 statistics). dtype: float8_e4m3fn or int8."""
     op = "layer_norm_quant"
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
