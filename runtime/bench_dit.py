@@ -17,7 +17,7 @@ part, the first matching rule winning (case-insensitive substrings of the kernel
   their split-K reductions), "scaled_mm", "int_mm" (ours and torch's), and the CPU matmul ops
   (aten::mm, addmm, bmm, matmul, linear, mkldnn).
 - memory_bound (fused and memory-bound ops): our fused kernels ("rows_kernel": norms, modulation,
-  GELU and per-token quantization; "qk_norm_rope"; on CPU their "dit8::" ops), torch's elementwise,
+  GELU and per-token quantization; "qk_norm_rope"; "quantize"; on CPU their "dit8::" ops), torch's elementwise,
   reduction, norm and copy kernels ("at::native", "elementwise", "reduce", "norm", "gelu", "silu",
   "copy", "cat", "fill", "triton_"), "memcpy", "memset" and, on CPU, every other "aten::" op.
 - other: anything else (unknown kernels).
@@ -397,10 +397,6 @@ def _diffusers_skip_reason() -> str | None:
 # -- the benchmark ----------------------------------------------------------------------------------------
 
 
-def _median(times: list[float]) -> float:
-    return statistics.median(times)
-
-
 def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -515,7 +511,7 @@ class DitBench:
         reset_peak(self.device)
         forward_ms = time_ms(self.forward, self.device, self.settings.repeat)
         peak, source = peak_memory(self.device)
-        return {"context_ms": _median(context_ms), "forward_ms": _median(forward_ms),
+        return {"context_ms": statistics.median(context_ms), "forward_ms": statistics.median(forward_ms),
                 "forward_samples_ms": forward_ms, "peak_memory": {"source": source, "forward": peak}}
 
     def time_graph(self) -> dict:
@@ -529,7 +525,7 @@ class DitBench:
         capture_s = time.perf_counter() - t0
         out = captured(self.cond.x, self.cond.t)
         replay = functools.partial(captured, self.cond.x, self.cond.t)
-        replay_ms = _median(time_ms(replay, self.device, self.settings.repeat))
+        replay_ms = statistics.median(time_ms(replay, self.device, self.settings.repeat))
         result = {"capture_s": round(capture_s, 3), "forward_ms": replay_ms, "rel_diff": _rel_diff(out, eager)}
         del captured, replay, out, eager
         gc.collect()
@@ -546,15 +542,13 @@ class DitBench:
             return sampler.sample(functools.partial(self.model, context=context, y=self.cond.y), self.cond.x)
 
         reset_peak(self.device)
-        total = _median(time_ms(loop, self.device))
+        total = statistics.median(time_ms(loop, self.device))
         return {"loop": {"steps": list(sampler.steps), "total_ms": total, "per_step_ms": total / n,
                          "peak_memory": peak_memory(self.device)[0]}}
 
-    def profile(self, forward_ms: float | None = None) -> dict:
-        """Per-part time of one profiled forward; idle = forward_ms (default: one timed now) − kernels."""
+    def profile(self, forward_ms: float) -> dict:
+        """Per-part time of one profiled forward; idle = forward_ms (a timed forward's) − kernel time."""
         self.say("profiling one forward")
-        if forward_ms is None:
-            forward_ms = time_ms(self.forward, self.device)[0]
         prof = profile_parts(self.forward, self.device)
         out: dict = {"parts_ms": {**prof.parts, "idle": max(0.0, forward_ms - prof.total)}, "top_kernels": prof.top}
         if not prof.top:
@@ -600,7 +594,7 @@ class DitBench:
         times = time_ms(forward, self.device, self.settings.repeat)
         peak = peak_memory(self.device)[0]
         out = {"dtype": str(ref.proj_out.weight.dtype).removeprefix("torch."), "attention": "SDPA",
-               "forward_ms": _median(times), "forward_samples_ms": times, "peak_memory": peak}
+               "forward_ms": statistics.median(times), "forward_samples_ms": times, "peak_memory": peak}
         if self.output is not None:
             out["rel_diff"] = _rel_diff(self.output, last[0].float())
         return out

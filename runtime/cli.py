@@ -74,7 +74,6 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from .conditioning import check_frames, check_size, image_tensor, output_size
     from .devices import resolve_device
-    from .errors import InputError
     from .pipeline import I2VPipeline, check_settings
     from .tokenizer import clean_prompt
     from .video import check_output_paths

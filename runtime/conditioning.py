@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from .errors import InputError
 from .tokenizer import Tokenizer, clean_prompt
 
-__all__ = ["AREA_480P", "check_frames", "check_size", "clip_features", "frame_mask", "image_condition",
-           "image_tensor", "latent_shape", "output_size", "prompt_length", "read_image", "resize_image",
-           "text_features", "vae_input"]
+__all__ = ["AREA_480P", "check_frames", "check_prompt", "check_size", "clip_features", "frame_mask",
+           "image_condition", "image_tensor", "latent_shape", "output_size", "prompt_length", "read_image",
+           "resize_image", "text_features", "vae_input"]
 
 AREA_480P = 480 * 832  # the official "832*480" / "480*832" max area
 MIN_IMAGE_SIDE = 16
@@ -104,7 +104,8 @@ def image_tensor(image: Any) -> torch.Tensor:
 def check_frames(frames: int, time_stride: int = 4) -> int:
     """Frame counts are 4k + 1 (1, 5, ..., 81): the VAE maps the first frame alone, then 4 per latent."""
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or (frames - 1) % time_stride:
-        raise InputError(f"frames must be {time_stride}k+1 (1, {time_stride + 1}, ..., 81), got {frames!r}")
+        raise InputError(f"frames must be {time_stride}k+1 (1, {time_stride + 1}, ..., {20 * time_stride + 1}), "
+                         f"got {frames!r}")
     return frames
 
 

@@ -163,5 +163,3 @@ def tiny_config(variant: str = "i2v", **overrides) -> WanConfig:
 
 
 I2V_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, out_dim=16, clip_dim=1280)
-T2V_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16)
-T2V_1_3B = WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, out_dim=16)

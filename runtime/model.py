@@ -349,8 +349,7 @@ class WanDiT(nn.Module):
                  dtype: torch.dtype = torch.float32, backend: str = "auto", attention: str = "bf16",
                  quantized: Mapping[str, torch.dtype] | None = None):
         super().__init__()
-        # (8-bit weights are a per-layer matter: `quantized`.)
-        if dtype not in FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES:  # 8-bit weights are per layer (`quantized`), not a compute dtype
             raise InputError(f"dtype (the compute dtype) must be one of "
                              f"{tuple(str(d).removeprefix('torch.') for d in FLOAT_DTYPES)}, got {dtype!r}")
         setup = Setup(torch.device(device), dtype, backend, dict(quantized or {}))
@@ -374,13 +373,13 @@ class WanDiT(nn.Module):
             self.img_emb = ImageEmbedding(config, setup)
         self._rope_tables: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    # -- conditioning -------------------------------------------------------------------------------
-
     def _apply(self, fn, recurse=True):
         # .to(), .cuda(), .half() and the like all come here. The model's kernels, RoPE tables and
         # per-op backends are chosen for the device and dtypes it was built with, so it does not move.
         raise InputError("a WanDiT stays on the device and dtypes it was built with: build or load it "
                          "where it runs, e.g. dit8.load_dit(path, device='cuda', dtype=torch.bfloat16)")
+
+    # -- conditioning -------------------------------------------------------------------------------
 
     def encode_context(self, context: torch.Tensor, clip_fea: torch.Tensor | None = None) -> EncodedContext:
         """Project text context [B, Ltext, text_dim] (and CLIP features [B, N, clip_dim] for I2V) to

@@ -28,7 +28,6 @@ FORMAT_VERSION; readers reject versions they do not know through `check_format_v
 from __future__ import annotations
 
 import fnmatch
-import json
 from pathlib import Path
 from typing import Mapping
 
@@ -91,16 +90,6 @@ def check_format_version(metadata: Mapping[str, str], path: str | Path) -> int |
     if version < 1:
         raise CheckpointError(f"{path}: unknown {FORMAT_NAME} version {version}")
     return version
-
-
-def parse_json_metadata(metadata: Mapping[str, str], key: str, path: str | Path) -> object:
-    """json.loads of one metadata value, raising CheckpointError naming the file and key if corrupt."""
-    try:
-        return json.loads(metadata[key])
-    except KeyError:
-        raise CheckpointError(f"{path}: metadata {key!r} is missing") from None
-    except ValueError as err:
-        raise CheckpointError(f"{path}: corrupt metadata {key!r}: {err}") from None
 
 
 def scheme_of(schemes: Mapping[str, str], module: str) -> str | None:

@@ -52,7 +52,6 @@ __all__ = ["Cancelled", "I2VPipeline", "ProgressEvent", "SAMPLERS", "Video"]
 
 DISTILLED, UNIPC = "distilled", "unipc"
 SAMPLERS = (DISTILLED, UNIPC)
-STAGES = ("encode", "denoise", "decode")
 
 
 class Cancelled(Dit8Error):

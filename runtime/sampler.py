@@ -16,7 +16,7 @@ DETERMINISTIC, RENOISE = "deterministic", "renoise"
 UPDATE_RULES = (DETERMINISTIC, RENOISE)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""model(x [B, ...], t [B]) -> velocity v, like `functools.partial(WanDiT.__call__, context=..., y=...)`."""
+"""model(x [B, ...], t [B]) -> velocity v, like `functools.partial(model, context=..., y=...)` of a WanDiT."""
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:

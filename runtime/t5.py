@@ -225,7 +225,7 @@ class T5Encoder(nn.Module):
         """
         cfg = self.config
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise InputError(f"ids must be an int64 tensor [batch, length], got "
+            raise InputError(f"ids must be an int64 or int32 tensor [batch, length], got "
                              f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}"
                              f"{' ' + str(ids.dtype) if isinstance(ids, torch.Tensor) else ''}")
         if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:

@@ -2,8 +2,9 @@
 
 Flow matching as in spec/pipeline.md: x_σ = (1 − σ)·x0 + σ·ε, the model predicts v = ε − x0, so its
 x0 estimate is x − σ·v. UniPC (Zhao et al. 2023) as the official Wan code configures it
-(`FlowUniPCMultistepScheduler`): order 2, predict-x0, the B(h) = e^h − 1 variant ("bh2"), the UniC
-corrector on every step after the first, and the last step first order, straight to σ = 0.
+(`FlowUniPCMultistepScheduler`): order 2, predict-x0, the B(h) = e^h − 1 variant ("bh2", which the
+predict-x0 form evaluates at −h: e^−h − 1), the UniC corrector on every step after the first, and the
+last step first order, straight to σ = 0.
 
 Grid: σ = linspace(0.999, 0, steps + 1)[:-1], shifted (σ' = s·σ / (1 + (s − 1)·σ)), then 0 appended;
 the model is fed the truncated integer timesteps int(σ'·1000). 0.999 rather than 1 keeps log-SNR
