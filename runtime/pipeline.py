@@ -41,7 +41,7 @@ from .errors import CheckpointError, Dit8Error, InputError
 from .loader import default_dtype, load_dit
 from .model import WanDiT
 from .model_folder import ModelFiles, find_model_files
-from .sampler import UPDATE_RULES, DistilledSampler, initial_noise
+from .sampler import UPDATE_RULES, DistilledSampler, check_shift, initial_noise
 from .t5 import T5Encoder
 from .tokenizer import Tokenizer
 from .unipc import DEFAULT_NEGATIVE_PROMPT, UniPCSampler, guided
@@ -120,9 +120,8 @@ def check_settings(*, seed: Any = 0, steps: Any = None, guidance: Any = None, sh
     if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
                                  or not math.isfinite(guidance)):
         raise InputError(f"guidance must be a finite number, got {guidance!r}")
-    if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float))
-                              or not 0 < shift < math.inf):
-        raise InputError(f"shift must be a positive number, got {shift!r}")
+    if shift is not None:
+        check_shift(shift)
     if update not in UPDATE_RULES:
         raise InputError(f"update must be one of {UPDATE_RULES}, got {update!r}")
 

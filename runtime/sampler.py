@@ -6,10 +6,13 @@ model call per step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .errors import InputError
 
 # The two rules LightX2V has used to move from x0 to the next noise level.
 DETERMINISTIC, RENOISE = "deterministic", "renoise"
@@ -17,6 +20,13 @@ UPDATE_RULES = (DETERMINISTIC, RENOISE)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """model(x [B, ...], t [B]) -> velocity v, like `functools.partial(model, context=..., y=...)` of a WanDiT."""
+
+
+def check_shift(shift: float) -> float:
+    """`shift` if it is a finite positive number, else an InputError naming it."""
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < math.inf:
+        raise InputError(f"shift must be a positive number, got {shift!r}")
+    return shift
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -39,8 +49,7 @@ class DistilledSampler:
             raise ValueError(f"update must be one of {UPDATE_RULES}, got {self.update!r}")
         if not self.steps or any(not 0 < s <= 1000 for s in self.steps) or list(self.steps) != sorted(self.steps, reverse=True):
             raise ValueError(f"steps must be decreasing values in (0, 1000], got {self.steps}")
-        if not (isinstance(self.shift, (int, float)) and 0 < self.shift < float("inf")):
-            raise ValueError(f"shift must be a positive number, got {self.shift!r}")
+        check_shift(self.shift)
 
     def sigmas(self) -> torch.Tensor:
         """σ of each step, float64: [1, 0.9375, 0.8333…, 0.625] for the defaults."""

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from .sampler import Denoiser, shift_sigmas
+from .sampler import Denoiser, check_shift, shift_sigmas
 
 __all__ = ["DEFAULT_NEGATIVE_PROMPT", "UniPCSampler", "guided", "unipc_sigmas"]
 
@@ -95,8 +95,7 @@ class UniPCSampler:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if self.order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3, got {self.order!r}")
-        if not self.shift > 0:
-            raise ValueError(f"shift must be positive, got {self.shift!r}")
+        check_shift(self.shift)
 
     def sigmas(self) -> torch.Tensor:
         """σ of each step plus the final 0: [steps + 1] float64."""

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from dit8 import DistilledSampler, initial_noise
+from dit8.errors import InputError
 from dit8.sampler import shift_sigmas
+from dit8.unipc import UniPCSampler
 
 
 def test_sigmas_and_timesteps_are_exact():
@@ -92,7 +94,8 @@ def test_invalid_settings(kwargs):
         DistilledSampler(**kwargs)
 
 
-@pytest.mark.parametrize("shift", [0, -1.0, float("inf"), float("nan"), "5"])
-def test_shift_must_be_a_positive_number(shift):
-    with pytest.raises(ValueError, match="shift must be a positive number"):
-        DistilledSampler(shift=shift)
+@pytest.mark.parametrize("sampler", [DistilledSampler, UniPCSampler])
+@pytest.mark.parametrize("shift", [0, -1.0, float("inf"), float("nan"), "5", True])
+def test_shift_must_be_a_positive_number(sampler, shift):
+    with pytest.raises(InputError, match="shift must be a positive number"):
+        sampler(shift=shift)
