@@ -34,9 +34,7 @@ import dataclasses
 import functools
 import gc
 import math
-import resource
 import statistics
-import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -49,14 +47,14 @@ from dit8.converters.quantize_weights import SCHEME_DTYPES, dequantize_weight, q
 from .conditioning import check_frames, check_size, latent_shape
 from .config import I2V_14B, WanConfig, tiny_config
 from .cuda_graph import CapturedForward
-from .devices import resolve_device
+from .devices import peak_memory, reset_peak, resolve_device, synchronize
 from .errors import InputError
 from .layouts import DIFFUSERS, block_linears, from_official
 from .loader import default_dtype
 from .model import EncodedContext, WanDiT
 from .packed_format import WEIGHT_SCALE_SUFFIX
 from .progress import format_bytes
-from .sampler import DistilledSampler
+from .sampler import DistilledSampler, evenly_spaced_steps
 
 if TYPE_CHECKING:
     from torch.autograd.profiler_util import FunctionEvent
@@ -243,11 +241,6 @@ def forward_flops(config: WanConfig, tokens: int, text_tokens: int, image_tokens
 # -- timing, profiling, memory ---------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ms(fn: Callable[[], object], device: torch.device, repeat: int = 1) -> list[float]:
     """Milliseconds of each of `repeat` calls: CUDA events on a GPU (on `device`'s current stream, where
     its kernels run, whichever device is current), wall time on a CPU."""
@@ -266,20 +259,6 @@ def time_ms(fn: Callable[[], object], device: torch.device, repeat: int = 1) -> 
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, what they are): CUDA max_memory_allocated since the last reset_peak, or on a CPU the
-    process's peak RSS so far (it cannot be reset)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
 
 
 def classify(name: str) -> str:
@@ -322,7 +301,7 @@ def profile_parts(fn: Callable[[], object], device: torch.device, top: int = 15)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         fn()
-        _sync(device)
+        synchronize(device)
     parts = dict.fromkeys(PARTS, 0.0)
     by_name: dict[str, list] = {}
     for event in prof.events():
@@ -461,7 +440,7 @@ class DitBench:
         self.model: WanDiT | None = build_model(self.config, scheme=settings.scheme, device=device,
                                                 backend=settings.backend,
                                                 attention=settings.attention, seed=settings.seed)
-        _sync(device)
+        synchronize(device)
         self.init_s = time.perf_counter() - t0
         self.cond = random_conditioning(self.config, settings.frames, tuple(settings.size), device=device,
                                         seed=settings.seed + 1)
@@ -505,7 +484,7 @@ class DitBench:
             self.encoded = self.encode()
         for _ in range(self.settings.warmup):
             self.forward()
-        _sync(self.device)
+        synchronize(self.device)
         self.say(f"timing {self.settings.repeat} forward(s)")
         context_ms = time_ms(self.encode, self.device)
         reset_peak(self.device)
@@ -521,7 +500,7 @@ class DitBench:
         eager = self.output if self.output is not None else self.forward()  # time_forward's last output
         t0 = time.perf_counter()
         captured = CapturedForward(self.model, self.cond.x, self.cond.t, self.encoded, self.cond.y, warmup=1)
-        _sync(self.device)
+        synchronize(self.device)
         capture_s = time.perf_counter() - t0
         out = captured(self.cond.x, self.cond.t)
         replay = functools.partial(captured, self.cond.x, self.cond.t)
@@ -534,7 +513,7 @@ class DitBench:
     def time_loop(self) -> dict:
         """A generation's DiT work: the context encoding, then the distilled sampler's steps."""
         n = self.settings.steps
-        sampler = DistilledSampler(steps=tuple(round(1000 - i * 1000 / n) for i in range(n)))
+        sampler = DistilledSampler(steps=evenly_spaced_steps(n))
         self.say(f"timing the {n}-step loop")
 
         def loop() -> torch.Tensor:

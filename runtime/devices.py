@@ -1,6 +1,9 @@
-"""Checking a device argument before anything is loaded onto it."""
+"""Devices: checking a device argument before anything is loaded onto it; synchronising and peak memory."""
 
 from __future__ import annotations
+
+import resource
+import sys
 
 import torch
 
@@ -23,3 +26,24 @@ def resolve_device(device: torch.device | str) -> torch.device:
     elif resolved.type != "cpu":
         raise InputError(f"device {device!r}: dit8 runs on cpu or cuda")
     return resolved
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for `device`'s queued work (CUDA); nothing to wait for on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak-memory window on a CUDA device (a CPU's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what they are): CUDA max_memory_allocated since the last reset_peak, or on a CPU the
+    process's peak RSS so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-import resource
 import sys
 import threading
 import time
@@ -36,12 +35,12 @@ import torch
 from .clip import CLIPVisionEncoder
 from .conditioning import (AREA_480P, check_frames, check_prompt, check_size, clip_features, image_condition,
                            image_tensor, output_size, resize_image, text_features)
-from .devices import resolve_device
+from .devices import peak_memory, reset_peak, resolve_device, synchronize
 from .errors import CheckpointError, Dit8Error, InputError
 from .loader import default_dtype, load_dit
 from .model import WanDiT
 from .model_folder import ModelFiles, find_model_files
-from .sampler import UPDATE_RULES, DistilledSampler, check_shift, initial_noise
+from .sampler import UPDATE_RULES, DistilledSampler, check_shift, evenly_spaced_steps, initial_noise
 from .t5 import T5Encoder
 from .tokenizer import Tokenizer
 from .unipc import DEFAULT_NEGATIVE_PROMPT, UniPCSampler, guided
@@ -190,16 +189,6 @@ def _encoder_dtypes(device: torch.device, dtype: torch.dtype | None) -> tuple[to
     return torch.bfloat16, torch.float16
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _distilled_steps(steps: int) -> tuple[int, ...]:
-    """Evenly spaced timesteps on the 1000 grid: 4 -> (1000, 750, 500, 250), the distilled schedule."""
-    return tuple(round(1000 * (steps - i) / steps) for i in range(steps))
-
-
 class I2VPipeline:
     """The Wan2.1 image-to-video pipeline over loaded models. Build it with `from_pretrained`, or from
     models you loaded yourself (`dit` must be an I2V WanDiT; encoder and VAE widths must match it)."""
@@ -267,7 +256,7 @@ class I2VPipeline:
         vae = WanVAE.from_pth(files.vae, device=device, dtype=torch.float32)
         pipe = cls(model, t5, clip, vae, tokenizer, distilled=files.distilled, offload_encoders=offload_encoders,
                    vae_tile=vae_tile, files=files)
-        _sync(device)
+        synchronize(device)
         pipe.load_seconds = time.perf_counter() - start
         return pipe
 
@@ -358,8 +347,7 @@ class I2VPipeline:
 
     def _generate(self, job: _Job) -> Video:
         device = self.device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak(device)
         timings: dict[str, float] = {}
         start = time.perf_counter()
         _check_cancel(job, "before it started")
@@ -384,24 +372,24 @@ class I2VPipeline:
                 t = time.perf_counter()
                 context = text_features(self.tokenizer, self.t5, job.prompt)
                 context_null = text_features(self.tokenizer, self.t5, job.negative_prompt) if cfg else None
-                _sync(device)
+                synchronize(device)
                 timings["text"] = time.perf_counter() - t
                 advance(1)
                 t = time.perf_counter()
                 clip_fea = clip_features(self.clip, job.image).float()
-                _sync(device)
+                synchronize(device)
                 timings["image"] = time.perf_counter() - t
                 advance(2)
             t = time.perf_counter()
             resized = resize_image(job.image, job.height, job.width)
             y = image_condition(self.vae, resized, job.frames, progress=lambda done, total: advance(2 + done))
-            _sync(device)
+            synchronize(device)
             timings["vae_encode"] = time.perf_counter() - t
             t = time.perf_counter()
             cond = self.dit.encode_context(context.to(device), clip_fea.to(device))
             uncond = self.dit.encode_context(context_null.to(device), clip_fea.to(device)) if cfg else None
             del context, context_null, clip_fea
-            _sync(device)
+            synchronize(device)
             timings["context"] = time.perf_counter() - t
             bar.close()
             _check_cancel(job, "after encoding")
@@ -414,7 +402,7 @@ class I2VPipeline:
             model = guided(functools.partial(self.dit, context=cond, y=y),
                            functools.partial(self.dit, context=uncond, y=y) if cfg else None, job.guidance)
             if job.sampler == DISTILLED:
-                sampler = DistilledSampler(steps=_distilled_steps(job.steps), shift=job.shift, update=job.update)
+                sampler = DistilledSampler(steps=evenly_spaced_steps(job.steps), shift=job.shift, update=job.update)
             else:
                 sampler = UniPCSampler(steps=job.steps, shift=job.shift)
             timesteps = sampler.timesteps().tolist()
@@ -424,7 +412,7 @@ class I2VPipeline:
 
             def on_step(i: int, n: int, x0: torch.Tensor) -> None:
                 nonlocal last
-                _sync(device)
+                synchronize(device)
                 now = time.perf_counter()
                 step_seconds.append(now - last)
                 last = now
@@ -437,7 +425,7 @@ class I2VPipeline:
             else:
                 latents = sampler.sample(model, noise, callback=on_step)
             del cond, uncond, noise, y, model
-            _sync(device)
+            synchronize(device)
             timings["denoise"] = time.perf_counter() - t
             bar.close()
             _check_cancel(job, "before decoding")
@@ -453,11 +441,11 @@ class I2VPipeline:
             video = self.vae.decode(latents, tile=self.vae_tile, output_device="cpu", progress=decoded)
             frames = torch.from_numpy(video_to_frames(video))
             del video
-            _sync(device)
+            synchronize(device)
             timings["decode"] = time.perf_counter() - t
             bar.close()
         timings["total"] = time.perf_counter() - start
-        peak, source = _peak_memory(device)
+        peak, source = peak_memory(device)
         return Video(frames=frames, fps=FPS, timings=timings, step_seconds=step_seconds, peak_memory=peak,
                      peak_memory_source=source, latents=latents[0].float().cpu(), settings=job.settings())
 
@@ -467,13 +455,6 @@ def _check_cancel(job: _Job, where: str, bar: StageBar | None = None) -> None:
         if bar is not None:
             bar.close()
         raise Cancelled(f"generation cancelled {where}")
-
-
-def _peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
 
 
 def _check_compatible(dit: WanDiT, t5: T5Encoder, clip: CLIPVisionEncoder, vae: WanVAE,

@@ -29,6 +29,11 @@ def check_shift(shift: float) -> float:
     return shift
 
 
+def evenly_spaced_steps(n: int) -> tuple[int, ...]:
+    """n timesteps evenly spaced on the 1000 grid: 4 -> (1000, 750, 500, 250), the distilled schedule."""
+    return tuple(round(1000 * (n - i) / n) for i in range(n))
+
+
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """σ' = s·σ / (1 + (s − 1)·σ): spends more of the steps at high noise."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
