@@ -52,14 +52,13 @@ from .errors import InputError
 from .layouts import DIFFUSERS, block_linears, from_official
 from .loader import default_dtype
 from .model import EncodedContext, WanDiT
-from .packed_format import WEIGHT_SCALE_SUFFIX
+from .packed_format import SCHEMES, WEIGHT_SCALE_SUFFIX
 from .progress import format_bytes
 from .sampler import DistilledSampler, evenly_spaced_steps
 
 if TYPE_CHECKING:
     from torch.autograd.profiler_util import FunctionEvent
 
-SCHEMES = ("bf16", "fp8", "int8")
 ATTENTION = ("bf16", "int8", "fp8")
 CONFIGS = {"i2v-14b": I2V_14B, "tiny": tiny_config("i2v")}
 PARTS = ("gemm", "attention", "memory_bound", "other")

@@ -13,9 +13,16 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dit8.converters.cli import add_convert_arguments
+from dit8.kernels.attention import PRECISIONS
+from dit8.kernels.registry import BACKENDS
+
 from . import __version__
 from .errors import Dit8Error, InputError
+from .packed_format import SCHEMES
+from .pipeline import SAMPLERS
 from .progress import format_bytes
+from .sampler import DETERMINISTIC, UPDATE_RULES
 
 if TYPE_CHECKING:
     from .bench_dit import BenchSettings
@@ -181,6 +188,7 @@ def _cuda_available() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `dit8` argument parser: one sub-command per job, each running its `run` default."""
     parser = argparse.ArgumentParser(prog="dit8", description="Quantized inference runtime for Wan2.1 I2V.")
     parser.add_argument("--version", action="version", version=f"dit8 {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -191,12 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_run_info)
 
     convert = commands.add_parser("convert", help="convert a float checkpoint to packed fp8/int8 (or bf16)")
-    from dit8.converters.cli import add_convert_arguments
-
     add_convert_arguments(convert)
     convert.set_defaults(run=_run_convert)
 
-    generate = commands.add_parser("generate", help="image + prompt -> mp4 with a model folder")
+    _add_generate(commands.add_parser("generate", help="image + prompt -> mp4 with a model folder"))
+
+    demo = commands.add_parser("demo", help="the whole pipeline on a tiny RANDOM model: writes a short mp4")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the weights and the noise (default 0)")
+    demo.add_argument("--update", choices=UPDATE_RULES, default=DETERMINISTIC,
+                      help="how each step moves to the next noise level (default deterministic)")
+    demo.add_argument("--device", default="cpu", help="default cpu")
+    demo.add_argument("--out", default="dit8-demo.mp4", help="output mp4 (default dit8-demo.mp4)")
+    demo.add_argument("--frames-dir", help="also write every frame as a PNG into this folder")
+    demo.set_defaults(run=_run_demo)
+
+    bench = commands.add_parser("bench", help="benchmarks on random weights (no checkpoint needed)")
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    _add_bench_dit(benchmarks.add_parser(
+        "dit", help="time the DiT forward and the 4-step loop on random I2V-14B weights built on the device; "
+        "per-part time, peak memory, optional diffusers baseline"))
+    return parser
+
+
+def _add_generate(generate: argparse.ArgumentParser) -> None:
     generate.add_argument("--model", required=True, help="model folder (official Wan2.1-I2V-14B-480P or "
                           "a LightX2V distilled release)")
     generate.add_argument("--image", required=True, help="input image (PNG, JPEG, ...): the first frame")
@@ -210,15 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--area", type=int, help="pixel area the size follows the image's aspect ratio at "
                       "(default 399360 = 480*832)")
     generate.add_argument("--steps", type=int, help="default 4 (distilled) or 40 (unipc)")
-    generate.add_argument("--sampler", choices=("distilled", "unipc"),
+    generate.add_argument("--sampler", choices=SAMPLERS,
                           help="default: distilled for LightX2V's distilled models, unipc for the base model")
     generate.add_argument("--guidance", type=float, help="CFG scale; default 1 (distilled) or 5 (unipc)")
     generate.add_argument("--shift", type=float, help="sigma shift; default 5 (distilled) or 3 (unipc, 480P)")
     generate.add_argument("--negative-prompt", help="for CFG (default: Wan's own)")
-    generate.add_argument("--update", choices=("deterministic", "renoise"), default="deterministic",
+    generate.add_argument("--update", choices=UPDATE_RULES, default=DETERMINISTIC,
                           help="the distilled sampler's step rule (default deterministic)")
     dit = generate.add_mutually_exclusive_group()
-    dit.add_argument("--scheme", choices=("bf16", "fp8", "int8"),
+    dit.add_argument("--scheme", choices=SCHEMES,
                      help="which DiT of the folder: bf16 (float), fp8 or int8 (default: the first present)")
     dit.add_argument("--dit", help="a DiT file or folder to use instead of the folder's")
     kind = generate.add_mutually_exclusive_group()
@@ -227,13 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
                       "told from the folder and file names)")
     kind.add_argument("--base", dest="distilled", action="store_const", const=False,
                       help="the DiT is the undistilled base model: UniPC, 40 steps, CFG 5 by default")
-    generate.add_argument("--attention", choices=("bf16", "int8", "fp8"), default="bf16",
+    generate.add_argument("--attention", choices=PRECISIONS, default="bf16",
                           help="self-attention precision")
     generate.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
                           help="where the model runs (default cuda when available, else cpu)")
     generate.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
                           help="DiT and T5 compute dtype (default bf16 on CUDA, fp32 on CPU; T5 stays bf16 with fp16)")
-    generate.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto",
+    generate.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
                           help=BACKEND_HELP)
     generate.add_argument("--offload-encoders", action="store_true",
                           help="keep T5 and CLIP off the GPU except while they encode")
@@ -242,21 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--frames-dir", help="also write every frame as a PNG into this folder")
     generate.set_defaults(run=_run_generate)
 
-    demo = commands.add_parser("demo", help="the whole pipeline on a tiny RANDOM model: writes a short mp4")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the weights and the noise (default 0)")
-    demo.add_argument("--update", choices=("deterministic", "renoise"), default="deterministic",
-                      help="how each step moves to the next noise level (default deterministic)")
-    demo.add_argument("--device", default="cpu", help="default cpu")
-    demo.add_argument("--out", default="dit8-demo.mp4", help="output mp4 (default dit8-demo.mp4)")
-    demo.add_argument("--frames-dir", help="also write every frame as a PNG into this folder")
-    demo.set_defaults(run=_run_demo)
 
-    bench = commands.add_parser("bench", help="benchmarks on random weights (no checkpoint needed)")
-    benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    dit = benchmarks.add_parser("dit", help="time the DiT forward and the 4-step loop on random I2V-14B weights "
-                                "built on the device; per-part time, peak memory, optional diffusers baseline")
-    dit.add_argument("--scheme", choices=("bf16", "fp8", "int8"), default="bf16", help="block linear weights")
-    dit.add_argument("--attention", choices=("bf16", "int8", "fp8"), default="bf16",
+def _add_bench_dit(dit: argparse.ArgumentParser) -> None:
+    dit.add_argument("--scheme", choices=SCHEMES, default="bf16", help="block linear weights")
+    dit.add_argument("--attention", choices=PRECISIONS, default="bf16",
                      help="self-attention precision (8-bit needs a kernel backend: --backend triton)")
     dit.add_argument("--frames", type=int, help=f"4k+1 video frames (default 81, 21 latent frames; {TINY_FRAMES} "
                      "with the tiny config)")
@@ -264,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                      f"(default 832x480; {TINY_SIZE[0]}x{TINY_SIZE[1]} with the tiny config)")
     dit.add_argument("--layers", type=int, help="number of blocks (default: all, 40 for I2V-14B)")
     dit.add_argument("--steps", type=int, default=4, help="steps of the distilled loop (0: no loop)")
-    dit.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto", help=BACKEND_HELP)
+    dit.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto", help=BACKEND_HELP)
     dit.add_argument("--compare", choices=("diffusers",), help="also time diffusers' WanTransformer3DModel "
                      "(bf16, SDPA) on the same weights; skipped with a message when diffusers is missing")
     dit.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
@@ -277,7 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also time the forward replayed from a CUDA graph (dit8.CapturedForward)")
     dit.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
     dit.set_defaults(run=_run_bench_dit)
-    return parser
 
 
 class Terminated(BaseException):

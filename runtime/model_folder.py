@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError
+from .packed_format import SCHEMES
 
 __all__ = ["CLIP_FILE", "DIT_CANDIDATES", "ModelFiles", "SCHEMES", "T5_FILE", "TOKENIZER_FOLDER", "VAE_FILE",
            "find_model_files"]
@@ -48,7 +49,7 @@ TOKENIZER_FOLDER = "google/umt5-xxl"
 TOKENIZER_FILE = "tokenizer.json"
 OFFICIAL_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
-SCHEMES = ("bf16", "fp8", "int8")  # "bf16" means the float DiT (the official shards are fp32)
+# SCHEMES: "bf16" means the float DiT (the official shards are fp32), "fp8" and "int8" the quantized ones.
 
 # (kind, path below the model folder, scheme, distilled), in the order they are preferred. A folder
 # kind counts when it holds .safetensors files; with `scheme=None` the first present one is taken:
