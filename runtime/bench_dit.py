@@ -50,7 +50,7 @@ from .cuda_graph import CapturedForward
 from .devices import peak_memory, reset_peak, resolve_device, synchronize
 from .errors import InputError
 from .layouts import DIFFUSERS, block_linears, from_official
-from .loader import default_dtype
+from .loader import QUANT_DTYPES, default_dtype
 from .model import EncodedContext, WanDiT
 from .packed_format import SCHEMES, WEIGHT_SCALE_SUFFIX
 from .progress import format_bytes
@@ -179,8 +179,7 @@ def init_random_(model: WanDiT, *, seed: int = 0) -> None:
             continue  # written with its weight
         value = _draw(name, buffer.shape, device, seed)
         if leaf == "weight" and module in quantized:
-            scheme = "fp8" if quantized[module] == torch.float8_e4m3fn else "int8"
-            value, scale = quantize_weight(value, scheme)
+            value, scale = quantize_weight(value, QUANT_DTYPES[quantized[module]])
             model.get_buffer(module + WEIGHT_SCALE_SUFFIX).copy_(scale)
         buffer.copy_(value)
         del value

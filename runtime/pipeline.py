@@ -38,7 +38,7 @@ from .conditioning import (AREA_480P, check_frames, check_prompt, check_size, cl
 from .devices import peak_memory, reset_peak, resolve_device, synchronize
 from .errors import CheckpointError, Dit8Error, InputError
 from .loader import default_dtype, load_dit
-from .model import WanDiT
+from .model import EncodedContext, WanDiT
 from .model_folder import ModelFiles, find_model_files
 from .sampler import UPDATE_RULES, DistilledSampler, check_shift, evenly_spaced_steps, initial_noise
 from .t5 import T5Encoder
@@ -346,108 +346,105 @@ class I2VPipeline:
                 torch.cuda.empty_cache()
 
     def _generate(self, job: _Job) -> Video:
-        device = self.device
-        reset_peak(device)
+        reset_peak(self.device)
         timings: dict[str, float] = {}
         start = time.perf_counter()
         _check_cancel(job, "before it started")
-        vae_cfg = self.vae.config
-        latent_frames = vae_cfg.latent_frames(job.frames)
-        cfg = job.negative_prompt is not None
-
-        def stage(name: str, total: int):
-            bar = StageBar(name, total, stream=job.stream, enabled=job.progress)
-            began = time.perf_counter()
-
-            def advance(done: int, *, timestep: float | None = None, x0: torch.Tensor | None = None) -> None:
-                bar.update(done)
-                if job.callback is not None:
-                    job.callback(ProgressEvent(name, done, bar.total, time.perf_counter() - began, timestep, x0))
-            return bar, advance
-
         with torch.inference_mode():
-            # -- encode: text, image, image latent; then the DiT's cross-attention k/v, once.
-            bar, advance = stage("encode", 2 + latent_frames)
-            with self._encoders_on_device():
-                t = time.perf_counter()
-                context = text_features(self.tokenizer, self.t5, job.prompt)
-                context_null = text_features(self.tokenizer, self.t5, job.negative_prompt) if cfg else None
-                synchronize(device)
-                timings["text"] = time.perf_counter() - t
-                advance(1)
-                t = time.perf_counter()
-                clip_fea = clip_features(self.clip, job.image).float()
-                synchronize(device)
-                timings["image"] = time.perf_counter() - t
-                advance(2)
-            t = time.perf_counter()
-            resized = resize_image(job.image, job.height, job.width)
-            y = image_condition(self.vae, resized, job.frames, progress=lambda done, total: advance(2 + done))
-            synchronize(device)
-            timings["vae_encode"] = time.perf_counter() - t
-            t = time.perf_counter()
-            cond = self.dit.encode_context(context.to(device), clip_fea.to(device))
-            uncond = self.dit.encode_context(context_null.to(device), clip_fea.to(device)) if cfg else None
-            del context, context_null, clip_fea
-            synchronize(device)
-            timings["context"] = time.perf_counter() - t
-            bar.close()
+            cond, uncond, y = self._encode(job, timings)
             _check_cancel(job, "after encoding")
-
-            # -- denoise
-            t = time.perf_counter()
-            noise = initial_noise((1, vae_cfg.z_dim, latent_frames, *y.shape[3:]), job.seed, device)
-            y = y.to(device)
-
-            model = guided(functools.partial(self.dit, context=cond, y=y),
-                           functools.partial(self.dit, context=uncond, y=y) if cfg else None, job.guidance)
-            if job.sampler == DISTILLED:
-                sampler = DistilledSampler(steps=evenly_spaced_steps(job.steps), shift=job.shift, update=job.update)
-            else:
-                sampler = UniPCSampler(steps=job.steps, shift=job.shift)
-            timesteps = sampler.timesteps().tolist()
-            bar, advance = stage("denoise", job.steps)
-            step_seconds: list[float] = []
-            last = time.perf_counter()
-
-            def on_step(i: int, n: int, x0: torch.Tensor) -> None:
-                nonlocal last
-                synchronize(device)
-                now = time.perf_counter()
-                step_seconds.append(now - last)
-                last = now
-                advance(i + 1, timestep=float(timesteps[i]), x0=x0)
-                if i + 1 < n:
-                    _check_cancel(job, f"after step {i + 1} of {n}", bar)
-
-            if job.sampler == DISTILLED:
-                latents = sampler.sample(model, noise, seed=job.seed + 1, callback=on_step)
-            else:
-                latents = sampler.sample(model, noise, callback=on_step)
-            del cond, uncond, noise, y, model
-            synchronize(device)
-            timings["denoise"] = time.perf_counter() - t
-            bar.close()
+            latents, step_seconds = self._denoise(job, cond, uncond, y, timings)
+            del cond, uncond, y
             _check_cancel(job, "before decoding")
-
-            # -- decode
-            t = time.perf_counter()
-            bar, advance = stage("decode", latent_frames)  # the VAE tells the total with tiles
-
-            def decoded(done: int, total: int) -> None:
-                bar.total = total
-                advance(done)
-
-            video = self.vae.decode(latents, tile=self.vae_tile, output_device="cpu", progress=decoded)
-            frames = torch.from_numpy(video_to_frames(video))
-            del video
-            synchronize(device)
-            timings["decode"] = time.perf_counter() - t
-            bar.close()
+            frames = self._decode(job, latents, timings)
         timings["total"] = time.perf_counter() - start
-        peak, source = peak_memory(device)
+        peak, source = peak_memory(self.device)
         return Video(frames=frames, fps=FPS, timings=timings, step_seconds=step_seconds, peak_memory=peak,
                      peak_memory_source=source, latents=latents[0].float().cpu(), settings=job.settings())
+
+    def _encode(self, job: _Job,
+                timings: dict[str, float]) -> tuple[EncodedContext, EncodedContext | None, torch.Tensor]:
+        """Text, image and image latent; then the DiT's cross-attention keys/values, once per generation
+        (and once more for the negative prompt under CFG). Returns (cond, uncond, image condition y)."""
+        device, use_cfg = self.device, job.negative_prompt is not None
+        bar, advance = _stage(job, "encode", 2 + self.vae.config.latent_frames(job.frames))
+        with self._encoders_on_device():
+            t = time.perf_counter()
+            context = text_features(self.tokenizer, self.t5, job.prompt)
+            context_null = text_features(self.tokenizer, self.t5, job.negative_prompt) if use_cfg else None
+            synchronize(device)
+            timings["text"] = time.perf_counter() - t
+            advance(1)
+            t = time.perf_counter()
+            clip_fea = clip_features(self.clip, job.image).float()
+            synchronize(device)
+            timings["image"] = time.perf_counter() - t
+            advance(2)
+        t = time.perf_counter()
+        resized = resize_image(job.image, job.height, job.width)
+        y = image_condition(self.vae, resized, job.frames, progress=lambda done, total: advance(2 + done))
+        synchronize(device)
+        timings["vae_encode"] = time.perf_counter() - t
+        t = time.perf_counter()
+        cond = self.dit.encode_context(context.to(device), clip_fea.to(device))
+        uncond = self.dit.encode_context(context_null.to(device), clip_fea.to(device)) if use_cfg else None
+        synchronize(device)
+        timings["context"] = time.perf_counter() - t
+        bar.close()
+        return cond, uncond, y.to(device)
+
+    def _denoise(self, job: _Job, cond: EncodedContext, uncond: EncodedContext | None, y: torch.Tensor,
+                 timings: dict[str, float]) -> tuple[torch.Tensor, list[float]]:
+        """The sampler's steps from seeded noise: (latents [1, z_dim, T, h, w], seconds of each step)."""
+        device = self.device
+        t = time.perf_counter()
+        noise = initial_noise((1, self.vae.config.z_dim, *y.shape[2:]), job.seed, device)
+        model = guided(functools.partial(self.dit, context=cond, y=y),
+                       functools.partial(self.dit, context=uncond, y=y) if uncond is not None else None, job.guidance)
+        if job.sampler == DISTILLED:
+            sampler = DistilledSampler(steps=evenly_spaced_steps(job.steps), shift=job.shift, update=job.update)
+        else:
+            sampler = UniPCSampler(steps=job.steps, shift=job.shift)
+        timesteps = sampler.timesteps().tolist()
+        bar, advance = _stage(job, "denoise", job.steps)
+        step_seconds: list[float] = []
+        last = time.perf_counter()
+
+        def on_step(i: int, n: int, x0: torch.Tensor) -> None:
+            nonlocal last
+            synchronize(device)
+            now = time.perf_counter()
+            step_seconds.append(now - last)
+            last = now
+            advance(i + 1, timestep=float(timesteps[i]), x0=x0)
+            if i + 1 < n:
+                _check_cancel(job, f"after step {i + 1} of {n}", bar)
+
+        if job.sampler == DISTILLED:
+            latents = sampler.sample(model, noise, seed=job.seed + 1, callback=on_step)
+        else:
+            latents = sampler.sample(model, noise, callback=on_step)
+        synchronize(device)
+        timings["denoise"] = time.perf_counter() - t
+        bar.close()
+        return latents, step_seconds
+
+    def _decode(self, job: _Job, latents: torch.Tensor, timings: dict[str, float]) -> torch.Tensor:
+        """The VAE decode to uint8 frames [F, H, W, 3] on the CPU."""
+        t = time.perf_counter()
+        bar, advance = _stage(job, "decode", latents.shape[2])  # the VAE tells the total with tiles
+
+        def decoded(done: int, total: int) -> None:
+            bar.total = total
+            advance(done)
+
+        video = self.vae.decode(latents, tile=self.vae_tile, output_device="cpu", progress=decoded)
+        frames = torch.from_numpy(video_to_frames(video))
+        del video
+        synchronize(self.device)
+        timings["decode"] = time.perf_counter() - t
+        bar.close()
+        return frames
 
 
 def _check_cancel(job: _Job, where: str, bar: StageBar | None = None) -> None:
@@ -455,6 +452,19 @@ def _check_cancel(job: _Job, where: str, bar: StageBar | None = None) -> None:
         if bar is not None:
             bar.close()
         raise Cancelled(f"generation cancelled {where}")
+
+
+def _stage(job: _Job, name: str, total: int) -> tuple[StageBar, Callable[..., None]]:
+    """A stage's progress bar and its `advance(done, *, timestep=None, x0=None)`, which also tells the
+    job's callback (a ProgressEvent with the seconds since the stage began)."""
+    bar = StageBar(name, total, stream=job.stream, enabled=job.progress)
+    began = time.perf_counter()
+
+    def advance(done: int, *, timestep: float | None = None, x0: torch.Tensor | None = None) -> None:
+        bar.update(done)
+        if job.callback is not None:
+            job.callback(ProgressEvent(name, done, bar.total, time.perf_counter() - began, timestep, x0))
+    return bar, advance
 
 
 def _check_compatible(dit: WanDiT, t5: T5Encoder, clip: CLIPVisionEncoder, vae: WanVAE,
