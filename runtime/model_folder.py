@@ -41,6 +41,7 @@ __all__ = ["CLIP_FILE", "DIT_CANDIDATES", "ModelFiles", "SCHEMES", "T5_FILE", "T
            "find_model_files"]
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+# The quantized encoders of LightX2V's releases (dit8 reads the bf16 ones), in QUANT_SCHEMES order.
 T5_QUANTIZED = ("models_t5_umt5-xxl-enc-fp8.pth", "models_t5_umt5-xxl-enc-int8.pth")
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 CLIP_QUANTIZED = ("clip-fp8.pth", "clip-int8.pth")

@@ -10,12 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from .config import WanConfig, tiny_config
-from .layouts import COMFYUI, DIFFUSERS, OFFICIAL, expected_shapes, from_official
+from .layouts import DIFFUSERS, LAYOUTS, OFFICIAL, expected_shapes, from_official
 
 __all__ = ["FORMATS", "LAYOUTS", "random_inputs", "random_w8a8_operands", "random_weights", "tiny_config", "write_checkpoint",
            "write_config_json"]
 
-LAYOUTS = (OFFICIAL, DIFFUSERS, COMFYUI)
 # single .safetensors, single .pth, a folder of shards with an index json, a folder of per-block files
 FORMATS = ("safetensors", "pth", "sharded", "per_block")
 

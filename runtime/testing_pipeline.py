@@ -11,8 +11,8 @@ import torch
 
 from .config import WanConfig, tiny_config
 from .layouts import block_linears
-from .model_folder import CLIP_FILE, T5_FILE, TOKENIZER_FOLDER, VAE_FILE
-from .packed_format import WEIGHT_SCALE_SUFFIX
+from .model_folder import CLIP_FILE, CLIP_QUANTIZED, T5_FILE, T5_QUANTIZED, TOKENIZER_FOLDER, VAE_FILE
+from .packed_format import QUANT_SCHEMES, WEIGHT_SCALE_SUFFIX
 from .testing import random_weights, write_checkpoint, write_config_json
 from .testing_encoders import tiny_clip_config, tiny_t5_config, write_tiny_clip, write_tiny_t5, write_tiny_tokenizer
 from .testing_vae import tiny_vae_config, write_random_vae
@@ -86,7 +86,7 @@ def write_tiny_model_folder(path: str | Path, *, kind: str = "official", seed: i
         write_checkpoint(quantize_lightx2v(weights, config, scheme), root / where, fmt="per_block")
         dit_folder = root / where
         # The release also holds quantized encoders here, which dit8 does not read.
-        for name in (f"models_t5_umt5-xxl-enc-{scheme}.pth", f"clip-{scheme}.pth"):
+        for name in (T5_QUANTIZED[QUANT_SCHEMES.index(scheme)], CLIP_QUANTIZED[QUANT_SCHEMES.index(scheme)]):
             torch.save({"placeholder": torch.zeros(1)}, dit_folder / name)
     write_config_json(config, root)
     encoders = dit_folder if encoders_beside_dit else root

@@ -22,13 +22,11 @@ from typing import Sequence
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
-from .errors import CheckpointError
-from .errors import InputError
+from .errors import CheckpointError, InputError
+from .model_folder import TOKENIZER_FILE, TOKENIZER_FOLDER
 
 __all__ = ["Tokenizer", "clean_prompt"]
 
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_SUBFOLDER = "google/umt5-xxl"
 
 
 def clean_prompt(text: str) -> str:
@@ -77,12 +75,12 @@ class Tokenizer:
         lacks the EOS or pad token.
         """
         folder = Path(path)
-        if not (folder / TOKENIZER_FILE).is_file() and (folder / TOKENIZER_SUBFOLDER / TOKENIZER_FILE).is_file():
-            folder = folder / TOKENIZER_SUBFOLDER
+        if not (folder / TOKENIZER_FILE).is_file() and (folder / TOKENIZER_FOLDER / TOKENIZER_FILE).is_file():
+            folder = folder / TOKENIZER_FOLDER
         file = folder / TOKENIZER_FILE
         if not file.is_file():
             raise CheckpointError(f"{file}: tokenizer file not found (expected the umT5 tokenizer folder "
-                                  f"{TOKENIZER_SUBFOLDER}/ of the model folder)")
+                                  f"{TOKENIZER_FOLDER}/ of the model folder)")
         try:
             tokenizer = HFTokenizer.from_file(str(file))
         except Exception as err:  # tokenizers raises a bare Exception for malformed files
