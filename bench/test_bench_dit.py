@@ -56,7 +56,7 @@ def test_diffusers_forward(benchmark, smoke, baseline_cache):
         bench = DitBench(_settings("bf16", smoke))
         exact = bench.model.setup.dtype == torch.float32
         bench.forward()  # dit8's output on the same inputs, for the comparison
-        ref = bench.diffusers()  # frees dit8's copy of the weights
+        ref = bench.swap_to_diffusers()  # frees dit8's copy of the weights
         numbers = bench.time_diffusers(ref)
         _fill(benchmark.extra_info, bench, numbers["forward_ms"], numbers["peak_memory"], smoke)
         benchmark.extra_info["rel_diff_dit8"] = numbers["rel_diff"]

@@ -110,7 +110,7 @@ class BenchSettings:
         return dataclasses.replace(base, num_layers=self.layers or base.num_layers)
 
 
-def check_settings(s: BenchSettings) -> None:
+def check_bench_settings(s: BenchSettings) -> None:
     """Raise InputError for settings that cannot run here, before anything is allocated."""
     if s.scheme not in SCHEMES:
         raise InputError(f"scheme must be one of {SCHEMES}, got {s.scheme!r}")
@@ -390,7 +390,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None,
     log(line): progress messages (e.g. print to stderr), each phase as it starts.
     measured(result): called with the numbers so far after each phase from the timed forwards on (e.g.
     to save them, so that a run stopped part way still leaves what it measured)."""
-    check_settings(settings)
+    check_bench_settings(settings)
     say = log or (lambda line: None)
     keep = measured or (lambda result: None)
     with torch.no_grad():
@@ -416,7 +416,7 @@ def _compare_diffusers(bench: DitBench, result: dict) -> dict:
     reason = _diffusers_skip_reason()
     if reason is not None:
         return {"skipped": reason}
-    d = bench.time_diffusers(bench.diffusers())
+    d = bench.time_diffusers(bench.swap_to_diffusers())
     d["ratio"] = d["forward_ms"] / result["forward_ms"]
     d["ratio_with_context"] = d["forward_ms"] / (result["forward_ms"] + result["context_ms"])
     return d
@@ -544,7 +544,7 @@ class DitBench:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def diffusers(self) -> torch.nn.Module:
+    def swap_to_diffusers(self) -> torch.nn.Module:
         """diffusers' model on this model's weights (`to_diffusers`); frees dit8's model once they are
         copied, so the two never hold activations at once. Raises ImportError without diffusers."""
         self.say("building diffusers' WanTransformer3DModel on the same weights")
