@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -24,6 +24,11 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .tokenizer import Tokenizer, clean_prompt
+
+if TYPE_CHECKING:  # the encoders import this module's helpers
+    from .clip import CLIPVisionEncoder
+    from .t5 import T5Encoder
+    from .vae import WanVAE
 
 __all__ = ["AREA_480P", "check_frames", "check_prompt", "check_size", "clip_features", "frame_mask",
            "image_condition", "image_tensor", "latent_shape", "output_size", "prompt_length", "read_image",
@@ -175,7 +180,7 @@ def vae_input(image: torch.Tensor, frames: int) -> torch.Tensor:
     return video
 
 
-def image_condition(vae, image: torch.Tensor, frames: int,
+def image_condition(vae: WanVAE, image: torch.Tensor, frames: int,
                     progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """y = cat[mask(4), normalised VAE latents of the image + grey frames (16)]: [1, 20, T, h, w] fp32.
 
@@ -189,7 +194,7 @@ def image_condition(vae, image: torch.Tensor, frames: int,
 # -- encoders ----------------------------------------------------------------------------------------------
 
 
-def clip_features(clip, image: torch.Tensor) -> torch.Tensor:
+def clip_features(clip: CLIPVisionEncoder, image: torch.Tensor) -> torch.Tensor:
     """CLIP features [1, 257, 1280] of the [-1, 1] image at its own size (the encoder resizes to 224
     bicubic without crop, maps to [0, 1] and normalises with CLIP's mean and std)."""
     return clip.encode(image[None])
@@ -215,7 +220,7 @@ def check_prompt(tokenizer: Tokenizer, prompt: Any, name: str = "prompt", *, all
     return prompt
 
 
-def text_features(tokenizer: Tokenizer, t5, prompt: str) -> torch.Tensor:
+def text_features(tokenizer: Tokenizer, t5: T5Encoder, prompt: str) -> torch.Tensor:
     """T5 features [1, L, dim] of a prompt, L = its real length with EOS (the reference's trim).
 
     The encoder masks padding as keys, so running on the first L tokens gives the same rows as running

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .config import WAN_HEAD_DIM, WanConfig, check_against_config_json, config_json_values, read_config_json
 from .devices import resolve_device
 from .errors import CheckpointError
@@ -45,9 +45,11 @@ class DitCheckpoint:
         return self.checkpoint.path
 
     def file_of(self, official_key: str) -> Path:
-        return self.checkpoint.infos[self.names[official_key]].file
+        """The file that holds official tensor `official_key`."""
+        return self.info(official_key).file
 
-    def info(self, official_key: str):
+    def info(self, official_key: str) -> TensorInfo:
+        """Dtype, shape and file of official tensor `official_key`, read from the header."""
         return self.checkpoint.infos[self.names[official_key]]
 
     def runtime_quantized(self) -> dict[str, torch.dtype]:

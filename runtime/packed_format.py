@@ -61,6 +61,7 @@ REPORT_NAME = "quant_report.json"
 
 
 def block_file_name(block: int) -> str:
+    """The file of block `block` in the per-block layout (the non-block tensors: NON_BLOCK_NAME)."""
     return f"block_{block}.safetensors"
 
 

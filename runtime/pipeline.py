@@ -171,7 +171,7 @@ class _Job:
     shift: float
     update: str
     callback: ProgressCallback | None
-    cancel: Any
+    cancel: threading.Event | None
     progress: bool
     stream: TextIO | None
 
@@ -266,8 +266,8 @@ class I2VPipeline:
                  size: tuple[int, int] | None = None, area: int | None = None, steps: int | None = None,
                  sampler: str | None = None, guidance: float | None = None, shift: float | None = None,
                  negative_prompt: str | None = None, update: str = "deterministic",
-                 callback: ProgressCallback | None = None, cancel: Any = None, progress: bool = False,
-                 progress_stream: TextIO | None = None) -> Video:
+                 callback: ProgressCallback | None = None, cancel: threading.Event | None = None,
+                 progress: bool = False, progress_stream: TextIO | None = None) -> Video:
         """Generate a video that starts from `image` and follows `prompt`.
 
         image: a file path, PIL image, numpy [H, W, 3] uint8, or torch tensor (uint8 [H, W, 3] or float

@@ -8,6 +8,7 @@ from typing import TextIO
 
 
 def format_bytes(n: float) -> str:
+    """A byte count for people: "512 B", "3.4 MiB", "26.1 GiB"."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
