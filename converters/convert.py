@@ -85,17 +85,32 @@ class ConvertResult:
 
     @property
     def mean_rel_error(self) -> float | None:
-        return sum(e.rel_error for e in self.layers) / len(self.layers) if self.layers else None
+        return mean_rel_error(self.layers)
 
     @property
     def mean_sqnr_db(self) -> float | None:
-        finite = [e.sqnr_db for e in self.layers if math.isfinite(e.sqnr_db)]
-        return sum(finite) / len(finite) if finite else None
+        return mean_sqnr_db(self.layers)
 
     @property
     def worst(self) -> list[LayerError]:
         """The layers with the largest relative error, worst first."""
-        return sorted(self.layers, key=lambda e: e.rel_error, reverse=True)[:WORST_COUNT]
+        return worst_layers(self.layers)
+
+
+def mean_rel_error(layers: list[LayerError]) -> float | None:
+    """The mean relative error of the quantized layers (None without any)."""
+    return sum(e.rel_error for e in layers) / len(layers) if layers else None
+
+
+def mean_sqnr_db(layers: list[LayerError]) -> float | None:
+    """The mean SQNR of the layers whose SQNR is finite (an exact layer's is +inf)."""
+    finite = [e.sqnr_db for e in layers if math.isfinite(e.sqnr_db)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def worst_layers(layers: list[LayerError]) -> list[LayerError]:
+    """The WORST_COUNT layers with the largest relative error, worst first."""
+    return sorted(layers, key=lambda e: e.rel_error, reverse=True)[:WORST_COUNT]
 
 
 @dataclass(frozen=True)
@@ -290,10 +305,9 @@ def _write_json(path: Path, obj: object) -> None:
 
 
 def _report(src: Path, dst: Path, scheme: str, layers: list[LayerError]) -> dict:
-    result = ConvertResult(dst, [], None, scheme, 0, 0, 0.0, layers)
     return {"source": str(src), "output": str(dst), "scheme": scheme, "layers": [e.to_json() for e in layers],
-            "mean_rel_error": result.mean_rel_error, "mean_sqnr_db": result.mean_sqnr_db,
-            "worst": [e.to_json() for e in result.worst]}
+            "mean_rel_error": mean_rel_error(layers), "mean_sqnr_db": mean_sqnr_db(layers),
+            "worst": [e.to_json() for e in worst_layers(layers)]}
 
 
 def _remove(path: Path) -> None:

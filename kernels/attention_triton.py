@@ -27,8 +27,8 @@ bf16 arithmetic overflows (spec/gpu-notes.md), so the wrappers pass DOT_FP32=Tru
 are converted to fp32 after loading and the dots run in fp32. On a GPU the dots run on bf16/fp16 (or
 int8/fp8) tensor cores with fp32 accumulation. The interpreter's fp32 -> bf16 conversion also truncates
 instead of rounding to nearest, and its fp32 -> fp8 conversion loses the carry into the exponent (7.9
-becomes 4.0); under INTERPRET=True the kernels therefore round in fp32 first (`_round_mantissa`,
-`_to_fp8`), so the conversion that follows is exact and the results are those a GPU gives.
+becomes 4.0); under INTERPRET=True the kernels therefore round in fp32 first (kernels/rounding_triton.py),
+so the conversion that follows is exact and the results are those a GPU gives.
 """
 
 from __future__ import annotations
@@ -42,16 +42,16 @@ import triton.language as tl
 
 from .buffers import new_output
 from .checks import OpArgumentError
+from .quantize import QMAX, SCALE_FLOOR
+from .rounding_triton import round_bf16, round_e4m3
 from .triton_support import interpreting, on_tensor_device, tensor_device
 
 LOG2E = 1.4426950408889634
 
-# Largest magnitudes of the 8-bit codes. INT8 is symmetric (-128 unused) so +amax and -amax map alike.
-INT8_MAX = 127.0
-FP8_MAX = 448.0  # float8_e4m3fn
-# Floor of a block's amax: an all-zero block (e.g. q minus its mean when Lq = 1) gets a tiny finite
-# scale instead of 0/0. Far below any real activation.
-SCALE_FLOOR = 1e-12
+# Largest magnitudes of the 8-bit codes, and the floor of a block's amax: an all-zero block (e.g. q minus
+# its mean when Lq = 1) gets a tiny finite scale instead of 0/0. As for per-token quantization.
+INT8_MAX = QMAX[torch.int8]
+FP8_MAX = QMAX[torch.float8_e4m3fn]
 # The same numbers as kernel constants (a @triton.jit function may only read constexpr globals).
 _INT8_MAX = tl.constexpr(INT8_MAX)
 _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -135,24 +135,10 @@ def _check_keys(op: str, name: str, lk: int) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _round_mantissa(x, DROP: tl.constexpr):
-    """fp32 x rounded to nearest-even with its lowest DROP mantissa bits cleared (16: to bf16, 20: to
-    e4m3's 3 mantissa bits). An interpreter workaround only (see the module docstring): a GPU rounds
-    in the conversion itself. Works on the bit pattern, so carries into the exponent come out right."""
-    bits = x.to(tl.int32, bitcast=True)
-    bits = bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)
-    bits = (bits >> DROP) << DROP
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _to_fp8(x, INTERPRET: tl.constexpr):
     """fp32 -> e4m3 with round-to-nearest-even; x must already lie in [-448, 448]."""
     if INTERPRET:
-        # Normal range: 3 mantissa bits. Below 2^-6 (subnormals): multiples of 2^-9, by the fp32 add of
-        # 1.5·2^14, whose own round-to-nearest-even drops exactly the bits below 2^-9.
-        subnormal = (x + 24576.0) - 24576.0
-        x = tl.where(tl.abs(x) < 0.015625, subnormal, _round_mantissa(x, 20))
+        x = round_e4m3(x)
     return x.to(tl.float8e4nv)
 
 
@@ -261,7 +247,7 @@ def _store_out_tile(o_base, stride_om, pid_m, Lq, out, BLOCK_M: tl.constexpr, HE
     offs_d = tl.arange(0, BLOCK_D)
     if INTERPRET:
         if o_base.dtype.element_ty == tl.bfloat16:
-            out = _round_mantissa(out, 16)
+            out = round_bf16(out)
     ptrs = o_base + offs_m[:, None] * stride_om + offs_d[None, :]
     if BLOCK_D == HEAD_DIM:
         tl.store(ptrs, out.to(o_base.dtype.element_ty), mask=(offs_m < Lq)[:, None])

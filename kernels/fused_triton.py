@@ -11,11 +11,9 @@ One program per row (rows) or per token (qk_norm_rope): the row is one register 
 (BLOCK_C = next power of two >= C, up to MAX_TILE elements), so it is read from memory once. Longer
 rows loop over chunks, re-reading the row for each pass (statistics, amax, output).
 
-Interpreter (TRITON_INTERPRET=1 on CPU tensors, how the CPU tests run these kernels): its fp32 -> bf16
-conversion truncates and its fp32 -> e4m3 conversion rounds without carry (spec/gpu-notes.md). Under
-INTERPRET the kernels therefore round in fp32 to the target grid first (`_round_bf16`, `_round_fp8`),
-so the conversion that follows is exact and the stored values are those a GPU's round-to-nearest-even
-conversion gives. fp16 and int8 conversions need no help (int8 values are rounded with `_rint` first).
+Interpreter (TRITON_INTERPRET=1 on CPU tensors, how the CPU tests run these kernels): bf16 and e4m3
+outputs are rounded in fp32 first (kernels/rounding_triton.py), so the stored values are those a GPU
+gives. fp16 and int8 conversions need no help (int8 values are rounded with `_rint` first).
 """
 
 from __future__ import annotations
@@ -26,6 +24,8 @@ import triton.language as tl
 
 from . import fused_spec as spec
 from .buffers import new_output
+from .quantize import QMAX, SCALE_FLOOR
+from .rounding_triton import round_bf16, round_e4m3
 from .triton_support import interpreting, on_tensor_device
 
 # Largest register tile (elements) of one row; longer rows take the chunked path.
@@ -33,9 +33,9 @@ MAX_TILE = 16384
 # Chunk of the chunked path.
 CHUNK = 4096
 
-_INT8_MAX = tl.constexpr(127.0)
-_FP8_MAX = tl.constexpr(448.0)
-_SCALE_FLOOR = tl.constexpr(1e-12)
+_INT8_MAX = tl.constexpr(QMAX[torch.int8])
+_FP8_MAX = tl.constexpr(QMAX[torch.float8_e4m3fn])
+_SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
 
 # Output kinds (constexpr): what the store converts to and how.
 _OUT_FLOAT, _OUT_BF16, _OUT_INT8, _OUT_FP8 = 0, 1, 2, 3
@@ -60,26 +60,6 @@ def _rint(y):
 
 
 @triton.jit
-def _round_bf16(x):
-    """x rounded to the nearest bf16 (ties to even), still fp32; for the interpreter's truncating store."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _round_fp8(y):
-    """y (already clamped to ±448) rounded to the nearest e4m3 value (ties to even), still fp32.
-
-    The spacing of e4m3 around y is 2^(e-3) with e = max(exponent(y), -6) (subnormals below 2^-6)."""
-    bits = y.to(tl.uint32, bitcast=True)
-    e = ((bits >> 23) & 0xFF).to(tl.int32) - 127
-    e = tl.maximum(e, -6)
-    ulp = ((e - 3 + 127).to(tl.uint32) << 23).to(tl.float32, bitcast=True)
-    return _rint(y / ulp) * ulp  # division and product by a power of two are exact
-
-
-@triton.jit
 def _max_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
@@ -96,7 +76,7 @@ def _gelu_tanh(x):
 @triton.jit
 def _store_float(ptrs, y, mask, OUT: tl.constexpr, INTERPRET: tl.constexpr):
     if OUT == 1 and INTERPRET:  # _OUT_BF16
-        y = _round_bf16(y)
+        y = round_bf16(y)
     tl.store(ptrs, y.to(ptrs.dtype.element_ty), mask=mask)
 
 
@@ -109,7 +89,7 @@ def _codes(y, scale, OUT: tl.constexpr, INTERPRET: tl.constexpr):
     else:  # _OUT_FP8: clamp first (saturate instead of NaN), then nearest even
         v = tl.minimum(tl.maximum(v, -_FP8_MAX), _FP8_MAX)
         if INTERPRET:
-            v = _round_fp8(v)
+            v = round_e4m3(v)
         return v.to(tl.float8e4nv)
 
 

@@ -34,8 +34,8 @@ for those rows is stored. Every store is masked to the [M, N] output.
 
 Interpreter (TRITON_INTERPRET=1, CPU tensors; spec/gpu-notes.md): FP8 and INT8 dots are exact, but
 the fp32 -> bf16 conversion truncates. For bf16 outputs under the interpreter the epilogue therefore
-rounds in fp32 first (`_round_to_bf16`, ROUND_BF16=True), so that the conversion which follows is exact
-and gives what a GPU's round-to-nearest-even conversion gives.
+rounds in fp32 first (kernels/rounding_triton.py, ROUND_BF16=True), so that the conversion which follows
+is exact and gives what a GPU's round-to-nearest-even conversion gives.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from . import gemm_configs
 from .buffers import new_output
 from .gemm_configs import GemmConfig
 from .registry import BackendError
+from .rounding_triton import round_bf16
 from .triton_support import interpreting, tensor_device
 
 ACTIVATION_CODES = {None: 0, "gelu_tanh": 1}
@@ -62,15 +63,6 @@ _GELU_C1 = tl.constexpr(0.044715 * 2.0 * 0.7978845608028654 * 1.4426950408889634
 # ----------------------------------------------------------------------------------------------------
 # Shared device functions
 # ----------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _round_to_bf16(x):
-    """fp32 rounded to nearest-even at bf16 precision (low 16 bits cleared), on the bit pattern so that
-    carries into the exponent come out right. Interpreter workaround only (see the module docstring)."""
-    bits = x.to(tl.int32, bitcast=True)
-    bits = bits + (0x7FFF + ((bits >> 16) & 1))
-    return (bits & -65536).to(tl.float32, bitcast=True)
-
 
 @triton.jit
 def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
@@ -127,7 +119,7 @@ def _epilogue_part(acc, off_m, off_n, M, N, XS, WS, Bias, Res, Gate, Out,
         else:
             y = r + y
     if ROUND_BF16:
-        y = _round_to_bf16(y)
+        y = round_bf16(y)
     tl.store(Out + tile_m * stride_om + off_n + (rows[:, None] * stride_om + cols[None, :]),
              y.to(Out.dtype.element_ty), mask=mask)
 
