@@ -26,6 +26,8 @@
 # compiling kernels, on the CPU) and pytest-timeout are used where installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+command -v nvidia-smi >/dev/null || {
+    echo "gpu_check: no NVIDIA driver here (nvidia-smi not found); run it on a CUDA machine"; exit 1; }
 start=$SECONDS
 out=${WORK:-.gpu_check}
 mkdir -p "$out" && out=$(cd "$out" && pwd -P)  # absolute: pytest-benchmark's file:// storage needs it
@@ -75,6 +77,10 @@ if [ ! -f "$out/gpu.txt" ] || [ "$("$py" -c 'import dit8, pathlib; print(pathlib
     # file lock), the others go on.
     timeout 300 "$py" -m dit8.kernels.cuda_ext build >"$out/cuda_build.log" 2>&1 &
     build_pid=$!
+    # Stopped with the script, not left building on its own.
+    trap 'kill "$build_pid" 2>/dev/null' EXIT
+    trap 'exit 143' TERM
+    trap 'exit 130' INT
 fi
 
 # Seconds the next command may run: what is left of its stage's time (STAGE_LIMIT, default 540 s; the
