@@ -83,6 +83,20 @@ def _check_file_path(path: Path) -> None:
         raise InputError(f"{path}: its folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise InputError(f"{path}: its folder {path.parent} is not writable")
+    probe = _partial(path)  # permissions are not the whole story (read-only mounts, /proc, quotas)
+    try:
+        probe.open("xb").close()
+    except FileExistsError:
+        pass  # another writer's partial file; ours replaces it
+    except OSError as err:
+        raise InputError(f"{path}: cannot write in {path.parent}: {err.strerror or err}") from None
+    else:
+        probe.unlink(missing_ok=True)
+
+
+def _partial(path: Path) -> Path:
+    """Where a file is written before it is renamed into place."""
+    return path.with_name(f".{path.name}.partial")
 
 
 def _check_folder_path(folder: Path) -> None:
@@ -111,7 +125,7 @@ def write_mp4(path: str | Path, frames: torch.Tensor | np.ndarray, *, fps: int =
     _check_file_path(path)
     frames = _even(to_uint8_frames(frames), pad_odd)
     _, height, width, _ = frames.shape
-    partial = path.with_name(f".{path.name}.partial")
+    partial = _partial(path)
     try:
         with av.open(str(partial), mode="w", format="mp4", container_options={"movflags": "+faststart"}) as out:
             stream = out.add_stream(_h264_encoder(), rate=fps)
@@ -124,6 +138,8 @@ def write_mp4(path: str | Path, frames: torch.Tensor | np.ndarray, *, fps: int =
                 out.mux(stream.encode(frame))
             out.mux(stream.encode(None))  # flush the encoder's delayed frames
         os.replace(partial, path)
+    except OSError as err:  # the disk filled, or the folder went away, while writing
+        raise InputError(f"{path}: cannot write: {err.strerror or err}") from None
     finally:
         partial.unlink(missing_ok=True)
     return path

@@ -1,5 +1,7 @@
 """Video output: H.264 mp4 (yuv420p, 16 fps) and PNG frames written through PyAV and read back."""
 
+import errno
+
 import numpy as np
 import pytest
 import torch
@@ -96,6 +98,12 @@ def test_output_paths_are_refused_before_any_frame(tmp_path, monkeypatch):
     with monkeypatch.context() as patched:  # (root may write anywhere: the permission is simulated)
         patched.setattr("dit8.video.os.access", lambda path, mode: False)
         with pytest.raises(InputError, match="is not writable"):
+            check_output_paths(tmp_path / "ok.mp4")
+    with monkeypatch.context() as patched:  # permitted, yet the file system refuses (a read-only mount)
+        def refuse(self, mode="r", *args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
+        patched.setattr("dit8.video.Path.open", refuse)
+        with pytest.raises(InputError, match=r"ok\.mp4: cannot write in .*: Read-only file system"):
             check_output_paths(tmp_path / "ok.mp4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.png"]
     assert read_video(write_mp4(tmp_path / "x.m4v", smooth_frames(1))).num_frames == 1  # any name, mp4 inside
