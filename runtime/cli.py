@@ -79,10 +79,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     from dit8.kernels.attention import check_attention_runs
     from dit8.kernels.registry import model_backend
 
-    from .conditioning import check_frames, check_size, image_tensor, output_size
+    from .conditioning import check_frames, check_prompt, check_size, image_tensor, output_size
     from .devices import resolve_device
+    from .loader import open_dit
+    from .model_folder import find_model_files
     from .pipeline import I2VPipeline, check_settings
-    from .tokenizer import clean_prompt
+    from .tokenizer import Tokenizer, clean_prompt
     from .video import check_output_paths
 
     # What can be checked without the model is checked before the (long) load.
@@ -98,6 +100,15 @@ def _run_generate(args: argparse.Namespace) -> int:
     elif args.area is not None:
         output_size(tuple(image.shape[1:]), args.area)
     check_attention_runs(args.attention, model_backend("attention", args.backend, device), device)
+    # The folder's files, and the prompts against its tokenizer and the DiT's text length (from the
+    # checkpoint's header): seconds, where loading the models takes minutes.
+    files = find_model_files(args.model, dit=args.dit, scheme=args.scheme, distilled=args.distilled)
+    folder_config = files.root / "config.json"
+    dit = open_dit(files.dit, config_json=folder_config if folder_config.is_file() else None)
+    tokenizer = Tokenizer.from_folder(files.tokenizer, text_len=dit.config.text_len)
+    check_prompt(tokenizer, args.prompt, "--prompt")
+    if args.negative_prompt is not None:
+        check_prompt(tokenizer, args.negative_prompt, "--negative-prompt", allow_empty=True)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     pipe = I2VPipeline.from_pretrained(args.model, device=device, dtype=dtypes.get(args.dtype),
                                        dit=args.dit, scheme=args.scheme, distilled=args.distilled,

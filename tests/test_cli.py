@@ -109,7 +109,8 @@ def test_generate_options(model_folder, tmp_path, capsys):
     (["--size", "33x16"], "multiples of 16"),
     (["--frames", "4"], "4k+1"),
     (["--scheme", "int8"], "no int8 DiT found"),
-    (["--prompt", " ".join(["cat"] * 600)], "prompt is 600 tokens long"),
+    (["--prompt", " ".join(["cat"] * 600)], "--prompt is 600 tokens long"),
+    (["--negative-prompt", " ".join(["cat"] * 600)], "--negative-prompt is 600 tokens long"),
 ])
 def test_generate_errors_are_one_line(model_folder, tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -118,8 +119,10 @@ def test_generate_errors_are_one_line(model_folder, tmp_path, capsys, monkeypatc
             "--prompt": "a cat", "--out": str(tmp_path / "o.mp4")}
     argv = ["generate", *[x for k, v in base.items() if k not in args for x in (k, v)], *args, "--device", "cpu"]
     assert main(argv) == 1
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert err.startswith("dit8: error: ") and err.count("\n") == 1 and message in err
+    assert "loaded" not in captured.out  # refused before the models load
     assert not (tmp_path / "o.mp4").exists()
 
 
