@@ -94,6 +94,11 @@ class Video(FramesShape):
     latents: torch.Tensor | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:  # not the frames themselves: a REPL would print millions of numbers
+        total = self.timings.get("total")
+        return (f"Video({self.num_frames} frames {self.width}x{self.height} at {self.fps} fps"
+                + (f", made in {total:.1f} s" if total is not None else "") + ")")
+
     def numpy(self) -> np.ndarray:
         return self.frames.numpy()
 

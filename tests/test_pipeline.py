@@ -62,6 +62,7 @@ def test_video_fields(pipe, video):
                               "sampler": "distilled", "steps": 4, "guidance": 1.0, "shift": 5.0,
                               "update": "deterministic"}
     assert video.frames.float().std() > 1  # not a constant picture
+    assert repr(video) == f"Video(5 frames 48x32 at 16 fps, made in {video.timings['total']:.1f} s)"
 
 
 def test_same_seed_same_video_other_seed_other_video(pipe, video):
