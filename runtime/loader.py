@@ -183,6 +183,11 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
         if official is None:
             raise CheckpointError(f"{info.file}: unexpected tensor {key!r} in a {layout}-layout checkpoint")
         names[official] = key
+    if "patch_embedding.weight" not in names and not any(k.startswith("blocks.") for k in names):
+        held = (f"{len(ckpt.infos)} tensors such as " + ", ".join(repr(k) for k in list(ckpt.infos)[:3])
+                if ckpt.infos else "no tensors")
+        raise CheckpointError(f"{ckpt.path}: not a Wan2.1 DiT checkpoint (no patch_embedding, no blocks; it holds "
+                              f"{held}): the VAE, T5 and CLIP files are not DiTs")
     shapes = {official: ckpt.infos[key].shape for official, key in names.items()}
     stated = _stated_configs(ckpt)
     if config_json is not None and Path(config_json) != ckpt.config_json:

@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
 from .errors import CheckpointError
 from .packed_format import SCHEMES
 
@@ -206,6 +207,8 @@ def find_model_files(path: str | Path, *, dit: str | Path | None = None, scheme:
     if not root.exists():
         raise CheckpointError(f"{root}: no such model folder")
     if root.is_file():
+        if root.suffix not in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES):
+            raise CheckpointError(f"{root}: neither a model folder nor a DiT checkpoint (.safetensors, .pth)")
         if dit is None:
             dit = root
         root = root.parent

@@ -105,6 +105,7 @@ def test_generate_options(model_folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "nowhere"], "nowhere: no such model folder"),
+    (["--model", "frame_00000.png"], "frame_00000.png: neither a model folder nor a DiT checkpoint"),
     (["--image", "missing.png"], "missing.png: image file not found"),
     (["--size", "33x16"], "multiples of 16"),
     (["--frames", "4"], "4k+1"),

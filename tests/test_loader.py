@@ -154,6 +154,13 @@ def test_model_folder_is_not_taken_for_a_dit(tmp_path):
     assert "model folder" in msg and "Wan2.1_VAE.pth" in msg and "I2VPipeline" in msg
 
 
+def test_an_encoder_file_is_not_taken_for_a_dit(tmp_path):
+    path = tmp_path / "Wan2.1_VAE.pth"
+    torch.save({"encoder.conv1.weight": torch.zeros(2), "decoder.head.0.gamma": torch.zeros(2)}, path)
+    msg = load_error(path)
+    assert msg.startswith(f"{path}: not a Wan2.1 DiT checkpoint") and "'encoder.conv1.weight'" in msg
+
+
 def test_config_json_disagreeing_with_shapes(tmp_path, weights):
     path = write_checkpoint(weights, tmp_path / "m.safetensors", config=tiny_config("i2v", num_layers=3))
     msg = load_error(path)
