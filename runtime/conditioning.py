@@ -62,7 +62,8 @@ def read_image(path: str | Path) -> np.ndarray:
     except InputError:
         raise
     except Exception as err:  # PyAV raises its own error types for undecodable files
-        raise InputError(f"{path}: cannot read the image: {err}") from None
+        why = getattr(err, "strerror", None) or str(err)  # without PyAV's "[Errno 1094995529]"
+        raise InputError(f"{path}: cannot read the image ({why}); give a PNG, JPEG or WebP file") from None
     raise InputError(f"{path}: not an image (no picture in it)")
 
 
