@@ -151,9 +151,10 @@ def _check_paths(src: Path, dst: Path, per_block: bool, force: bool) -> None:
         raise ConvertError(f"{dst}: the output must not be, contain or lie inside the source {src}")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise ConvertError(f"{dst}: already exists; pass --force (force=True) to replace it")
-    report = _report_path(dst, per_block)
-    if not per_block and report.exists() and not force:
-        # Written (or, for a file without one, removed) beside the output: somebody's file all the same.
+    report = _report_path(dst, per_block=False)
+    if report.exists() and not force:
+        # Written or removed (a per-block output has its report inside) beside the output: somebody's file
+        # all the same.
         raise ConvertError(f"{report}: already exists; pass --force (force=True) to replace it")
     if not dst.parent.is_dir():
         raise ConvertError(f"{dst.parent}: the output folder does not exist")
@@ -390,12 +391,12 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
             if report_temp is not None:
                 report_temp.unlink(missing_ok=True)
             raise
-    if not per_block:
-        # The report follows its model file; a stale report of a replaced file must not survive.
-        if report_temp is not None:
-            os.replace(report_temp, report_path)
-        else:
-            report_path.unlink(missing_ok=True)
+    # The report follows its model file; a stale report of a replaced file must not survive (a per-block
+    # folder that replaced a single file leaves no report beside it).
+    if not per_block and report_temp is not None:
+        os.replace(report_temp, report_path)
+    else:
+        _report_path(dst, per_block=False).unlink(missing_ok=True)
     final = sorted({dst / plan.group for plan in plans}) if per_block else [dst]
     return ConvertResult(dst, final, report_path if report_obj is not None else None, scheme, reader.total_bytes,
                          sum(f.stat().st_size for f in final), time.monotonic() - started, layers)

@@ -392,6 +392,17 @@ def test_an_existing_report_beside_dst_needs_force(tmp_path, i2v_weights):
     assert json.loads(report.read_text())
 
 
+def test_a_per_block_folder_replacing_a_file_leaves_no_stale_report(tmp_path, i2v_weights):
+    src, dst = _source(tmp_path, i2v_weights, I2V), tmp_path / "o.safetensors"
+    convert(src, dst, progress=False)
+    stale = tmp_path / "o.safetensors.quant_report.json"
+    assert stale.is_file()
+    with pytest.raises(ConvertError, match="already exists"):
+        convert(src, dst, per_block=True, progress=False)
+    convert(src, dst, per_block=True, force=True, progress=False)
+    assert dst.is_dir() and (dst / "quant_report.json").is_file() and not stale.exists()
+
+
 def test_an_output_folder_that_is_not_writable(tmp_path, i2v_weights, monkeypatch):
     src = _source(tmp_path, i2v_weights, I2V)
     monkeypatch.setattr(convert_module.os, "access", lambda path, mode: False)  # root may write anywhere
