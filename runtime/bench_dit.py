@@ -120,8 +120,9 @@ def check_bench_settings(s: BenchSettings) -> None:
     check_size(tuple(s.size))
     if s.layers is not None and s.layers < 1:
         raise InputError(f"layers must be at least 1, got {s.layers}")
-    if s.steps < 0 or s.repeat < 1 or s.warmup < 0:
-        raise InputError("steps and warmup must be >= 0 and repeat >= 1")
+    for name, value, least in (("steps", s.steps, 0), ("repeat", s.repeat, 1), ("warmup", s.warmup, 0)):
+        if value < least:
+            raise InputError(f"{name} must be at least {least}, got {value}")
     if s.compare not in (None, "diffusers"):
         raise InputError(f"compare must be 'diffusers', got {s.compare!r}")
     device = resolve_device(s.device)
@@ -432,7 +433,8 @@ class DitBench:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.config = device, settings.model_config()
-        self.say(f"building a {self.config.num_layers}-block model ({settings.scheme}) on {device}")
+        weights = "float" if settings.scheme == "bf16" else settings.scheme
+        self.say(f"building a {self.config.num_layers}-block model ({weights} weights) on {device}")
         reset_peak(device)
         t0 = time.perf_counter()
         self.model: WanDiT | None = build_model(self.config, scheme=settings.scheme, device=device,

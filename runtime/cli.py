@@ -291,7 +291,8 @@ def _add_bench_dit(dit: argparse.ArgumentParser) -> None:
     dit.add_argument("--steps", type=int, default=4, help="steps of the distilled loop (0: no loop)")
     dit.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto", help=BACKEND_HELP)
     dit.add_argument("--compare", choices=("diffusers",), help="also time diffusers' WanTransformer3DModel "
-                     "(bf16, SDPA) on the same weights; skipped with a message when diffusers is missing")
+                     "(SDPA, in the compute dtype: bf16 on CUDA) on the same weights; skipped with a message "
+                     "when diffusers is missing")
     dit.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
                      help="default cuda when available, else cpu")
     dit.add_argument("--config", choices=("i2v-14b", "tiny"),

@@ -15,8 +15,8 @@ def resolve_device(device: torch.device | str) -> torch.device:
     malformed name, CUDA where torch has no CUDA or sees no GPU, an index past the GPU count)."""
     try:
         resolved = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise InputError(f"device {device!r} is not a device name (e.g. cpu, cuda, cuda:1): {err}") from None
+    except (RuntimeError, TypeError):
+        raise InputError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"

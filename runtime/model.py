@@ -482,8 +482,10 @@ def _check_backend(setup: Setup) -> None:
     """A model's backend is a preference (Setup.backend_of), but one that no op can follow here is a
     mistake to report, not to ignore."""
     if not backend_runs_on(setup.backend, setup.device):
+        hint = ("; Triton runs on CPU tensors only in its interpreter (TRITON_INTERPRET=1, slow)"
+                if setup.backend == "triton" and setup.device.type == "cpu" else "")
         raise BackendError(f"backend {setup.backend!r}: no op can run its kernels on {setup.device.type} tensors "
-                           f"here")
+                           f"here{hint}")
 
 
 def _check_attention(attention: str, setup: Setup) -> None:
