@@ -95,6 +95,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise InputError("--prompt is empty")
     check_settings(seed=args.seed, steps=args.steps, guidance=args.guidance, shift=args.shift)
     check_frames(args.frames)
+    if args.vae_tile is not None and args.vae_tile < 1:
+        raise InputError(f"--vae-tile must be a positive number of latent pixels, got {args.vae_tile}")
     if args.size is not None:
         check_size(args.size)
     elif args.area is not None:

@@ -302,7 +302,9 @@ def summarize(dit: DitCheckpoint) -> dict:
         "quantized_layers": {scheme: sum(1 for m in dit.quantized if QUANT_DTYPES[dit.info(m + ".weight").dtype] == scheme)
                              for scheme in sorted(set(QUANT_DTYPES.values()))} if dit.quantized else {},
         "config": dit.config.to_dict(),
-        "parameters": sum(math.prod(i.shape) for i in infos),
+        # The model's parameters: the 8-bit weights' scales are part of their encoding, not parameters.
+        "parameters": sum(math.prod(dit.info(k).shape) for k in dit.names
+                          if not k.endswith((CHANNEL_SCALE, TENSOR_SCALE))),
         "tensors_by_dtype": dict(tensors),
         "bytes_by_dtype": dict(nbytes),
         "metadata": dict(dit.checkpoint.metadata),

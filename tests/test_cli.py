@@ -40,6 +40,19 @@ def test_info_json(checkpoint, capsys):
     assert sum(summary["tensors_by_dtype"].values()) == len(random_weights(tiny_config("i2v")))
 
 
+def test_info_counts_parameters_not_scales(tmp_path, capsys):
+    from dit8.converters import convert
+
+    config = tiny_config("i2v")
+    src = write_checkpoint(random_weights(config), tmp_path / "m.safetensors", config=config)
+    packed = convert(src, tmp_path / "q.safetensors", scheme="int8", progress=False).output
+    counts = []
+    for path in (src, packed):
+        assert main(["info", str(path), "--json"]) == 0
+        counts.append(json.loads(capsys.readouterr().out)["parameters"])
+    assert counts[0] == counts[1] == sum(v.numel() for v in random_weights(config).values())
+
+
 @pytest.mark.parametrize("make_bad", ["missing", "corrupt"])
 def test_errors_are_one_line_without_traceback(tmp_path, make_bad):
     path = tmp_path / "m.safetensors"
@@ -137,6 +150,7 @@ def test_generate_errors_are_one_line(model_folder, tmp_path, capsys, monkeypatc
     (["--prompt", "  "], "--prompt is empty"),
     (["--steps", "0"], "steps must be"),
     (["--shift", "0"], "shift must be"),
+    (["--vae-tile", "0"], "--vae-tile must be a positive number"),
     (["--seed", "-1"], "seed must be"),
     (["--area", "100"], "raise the area"),
     (["--attention", "int8"], "no torch reference"),
