@@ -23,7 +23,8 @@ import os
 import pytest
 import torch
 
-from dit8.bench_dit import SCHEMES, BenchSettings, DitBench, diffusers_inputs
+from dit8.bench_dit import SCHEMES, BenchSettings, DitBench
+from dit8.diffusers_reference import diffusers_inputs
 
 GIB = 2 ** 30
 

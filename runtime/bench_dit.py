@@ -1,27 +1,11 @@
 """`dit8 bench dit`: time WanDiT on random weights of the real I2V-14B shapes, built on the device.
 
-No checkpoint is read and the model never exists on the CPU: `build_model` allocates a WanDiT on the
-device and fills every buffer in place, one tensor at a time (8-bit schemes quantize each block linear
-there, per output channel, as spec/quant-formats.md says). `run_bench` then times, with CUDA events
-after a warm-up, the context encoding (cross-attention k/v, once per generation), one forward and the
-4-step distilled loop, splits one profiled forward into parts and reads the peak memory; with
-`compare="diffusers"` it also times diffusers' WanTransformer3DModel (bf16, SDPA) on the same weights.
-
-Parts (`classify`): the torch profiler's GPU kernel time (on CPU: each op's self time) is summed per
-part, the first matching rule winning (case-insensitive substrings of the kernel or op name):
-- attention: "flash", "fmha", "sdpa", "attention", "attn": cuDNN / flash / memory-efficient SDPA, our
-  Triton `_attention_kernel`, `_cross_attention_kernel`, `_attention_8bit_kernel` and the Q/K/V
-  quantization kernels of the 8-bit paths (`_quantize_blocks_kernel`, `_quantize_v_kernel`), which
-  are part of what 8-bit attention costs. On CPU, any op inside an attention op counts as attention.
-- gemm: "gemm", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "splitk" (cuBLAS and CUTLASS GEMMs and
-  their split-K reductions), "scaled_mm", "int_mm" (ours and torch's), and the CPU matmul ops
-  (aten::mm, addmm, bmm, matmul, linear, mkldnn).
-- memory_bound (fused and memory-bound ops): our fused kernels ("rows_kernel": norms, modulation,
-  GELU and per-token quantization; "qk_norm_rope"; "quantize"; on CPU their "dit8::" ops), torch's elementwise,
-  reduction, norm and copy kernels ("at::native", "elementwise", "reduce", "norm", "gelu", "silu",
-  "copy", "cat", "fill", "triton_"), "memcpy", "memset" and, on CPU, every other "aten::" op.
-- other: anything else (unknown kernels).
-`idle` is the forward time the kernels do not cover (launch gaps, host work, synchronisation).
+No checkpoint is read and the model never exists on the CPU (runtime/random_dit.py). `run_bench` times,
+with CUDA events after a warm-up, the context encoding (cross-attention k/v, once per generation), one
+forward and the 4-step distilled loop, splits one profiled forward into parts (runtime/profiling.py
+says which kernels count as what; `idle` is the forward time the kernels do not cover: launch gaps,
+host work, synchronisation) and reads the peak memory; with `compare="diffusers"` it also times
+diffusers' WanTransformer3DModel (SDPA, in the compute dtype) on the same weights.
 
 FLOP budget (`forward_flops`): GEMMs 2·L·(6·C² + 2·C·F) per block (self-attention q/k/v/o, cross q/o,
 FFN; the cross k/v belong to the context encoding), attention 4·L·C·(L + text + image keys) per
@@ -36,43 +20,26 @@ import gc
 import math
 import statistics
 import time
-import zlib
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from dit8.converters.quantize_weights import SCHEME_DTYPES, dequantize_weight, quantize_weight
-
-from .conditioning import check_frames, check_size, latent_shape
+from .conditioning import check_frames, check_size
 from .config import I2V_14B, WanConfig, tiny_config
 from .cuda_graph import CapturedForward
 from .devices import peak_memory, reset_peak, resolve_device, synchronize
+from .diffusers_reference import diffusers_inputs, diffusers_skip_reason, to_diffusers
 from .errors import InputError
-from .layouts import DIFFUSERS, block_linears, from_official
-from .loader import QUANT_DTYPES, default_dtype
 from .model import EncodedContext, WanDiT
-from .packed_format import SCHEMES, WEIGHT_SCALE_SUFFIX
+from .packed_format import SCHEMES
+from .profiling import profile_parts, time_ms
 from .progress import format_bytes
+from .random_dit import build_model, random_conditioning
 from .sampler import DistilledSampler, evenly_spaced_steps
-
-if TYPE_CHECKING:
-    from torch.autograd.profiler_util import FunctionEvent
 
 ATTENTION = ("bf16", "int8", "fp8")
 CONFIGS = {"i2v-14b": I2V_14B, "tiny": tiny_config("i2v")}
-PARTS = ("gemm", "attention", "memory_bound", "other")
-CLIP_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 256 patches and the class token
-
-_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attention", ("flash", "fmha", "sdpa", "attention", "attn",
-                   "_quantize_blocks_kernel", "_quantize_v_kernel")),
-    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "splitk", "scaled_mm", "int_mm",
-              "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn")),
-    ("memory_bound", ("rows_kernel", "qk_norm_rope", "dit8::", "quantize", "at::native", "elementwise",
-                      "reduce", "norm", "gelu", "silu", "copy", "cat", "fill", "triton_", "memcpy", "memset",
-                      "aten::")),
-)
 
 
 @dataclass(frozen=True)
@@ -130,104 +97,7 @@ def check_bench_settings(s: BenchSettings) -> None:
         raise InputError("--cuda-graph needs --device cuda")
 
 
-# -- the model, built on the device --------------------------------------------------------------------
-
-
-def quantized_layers(config: WanConfig, scheme: str) -> dict[str, torch.dtype]:
-    """The block linears an 8-bit scheme quantizes (LightX2V's 12 per block), module name -> dtype."""
-    if scheme == "bf16":
-        return {}
-    linears = block_linears(config)
-    return {f"blocks.{n}.{name}": SCHEME_DTYPES[scheme] for n in range(config.num_layers) for name in linears}
-
-
-def build_model(config: WanConfig, *, scheme: str = "bf16", device: str | torch.device = "cuda",
-                dtype: torch.dtype | None = None, backend: str = "auto", attention: str = "bf16",
-                seed: int = 0) -> WanDiT:
-    """A WanDiT of `config` on `device` with random weights made there (see `init_random_`)."""
-    device = torch.device(device)
-    model = WanDiT(config, device=device, dtype=dtype or default_dtype(device), backend=backend,
-                   attention=attention, quantized=quantized_layers(config, scheme))
-    init_random_(model, seed=seed)
-    return model
-
-
-def _draw(name: str, shape: torch.Size, device: torch.device, seed: int) -> torch.Tensor:
-    """The fp32 value of tensor `name`, distributed as dit8.testing.random_weights draws it.
-
-    Each tensor has its own generator seeded from its name, so a tensor's values do not depend on the
-    scheme or on which other tensors exist: a float and a quantized model of one seed share weights."""
-    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-    if name.endswith("modulation"):
-        return t.mul_(0.2)
-    if name.endswith(".bias"):
-        return t.mul_(0.05)
-    if len(shape) == 1:  # norm weights
-        return t.mul_(0.1).add_(1)
-    return t.div_(math.prod(shape[1:]) ** 0.5)  # O(1) activations through every layer
-
-
-@torch.no_grad()
-def init_random_(model: WanDiT, *, seed: int = 0) -> None:
-    """Fill every buffer of `model` in place on its device, one tensor at a time (memory holds the
-    model plus one fp32 tensor). 8-bit layers get their float draw quantized per output channel."""
-    quantized = model.setup.quantized
-    device = model.setup.device
-    for name, buffer in model.named_buffers():
-        module, _, leaf = name.rpartition(".")
-        if leaf == "weight_scale":
-            continue  # written with its weight
-        value = _draw(name, buffer.shape, device, seed)
-        if leaf == "weight" and module in quantized:
-            value, scale = quantize_weight(value, QUANT_DTYPES[quantized[module]])
-            model.get_buffer(module + WEIGHT_SCALE_SUFFIX).copy_(scale)
-        buffer.copy_(value)
-        del value
-
-
-def float_weight(model: WanDiT, key: str) -> torch.Tensor:
-    """The float value of official tensor `key` of `model`: 8-bit weights dequantized (fp32)."""
-    module = key.removesuffix(".weight")
-    if key.endswith(".weight") and module in model.setup.quantized:
-        return dequantize_weight(model.get_buffer(key), model.get_buffer(module + WEIGHT_SCALE_SUFFIX))
-    return model.get_buffer(key)
-
-
-# -- inputs --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Conditioning:
-    """Random inputs of one generation: noise latents x [1, 16, T, H, W] fp32, timestep t [1], text
-    [1, text_len, text_dim], CLIP features [1, 257, clip_dim], y [1, in_dim − 16, T, H, W], and the
-    patch grid of x (the model's tokens)."""
-
-    x: torch.Tensor
-    t: torch.Tensor
-    context: torch.Tensor
-    clip_fea: torch.Tensor
-    y: torch.Tensor
-    grid: tuple[int, int, int]
-
-
-def random_conditioning(config: WanConfig, frames: int, size: tuple[int, int], *,
-                        device: str | torch.device, seed: int = 0) -> Conditioning:
-    """Inputs for `frames` frames of `size` (width, height) px, drawn on the device. Text is all
-    text_len rows (what the T5 encoder gives after padding) so diffusers sees the same context."""
-    device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    width, height = size
-    c, T, h, w = latent_shape(frames, height, width, channels=config.out_dim)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=gen, device=device)
-
-    pt, ph, pw = config.patch_size
-    return Conditioning(x=randn(1, c, T, h, w), t=torch.full((1,), 1000.0, device=device),
-                        context=randn(1, config.text_len, config.text_dim),
-                        clip_fea=randn(1, CLIP_TOKENS, config.clip_dim),
-                        y=randn(1, config.in_dim - config.out_dim, T, h, w), grid=(T // pt, h // ph, w // pw))
+# -- FLOPs -----------------------------------------------------------------------------------------------
 
 
 def forward_flops(config: WanConfig, tokens: int, text_tokens: int, image_tokens: int) -> dict[str, float]:
@@ -235,141 +105,6 @@ def forward_flops(config: WanConfig, tokens: int, text_tokens: int, image_tokens
     C, F, n = config.dim, config.ffn_dim, config.num_layers
     return {"gemm": 2.0 * tokens * (6 * C * C + 2 * C * F) * n,
             "attention": 4.0 * tokens * C * (tokens + text_tokens + image_tokens) * n}
-
-
-# -- timing, profiling, memory ---------------------------------------------------------------------------
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, repeat: int = 1) -> list[float]:
-    """Milliseconds of each of `repeat` calls: CUDA events on a GPU (on `device`'s current stream, where
-    its kernels run, whichever device is current), wall time on a CPU."""
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            stream = torch.cuda.current_stream(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            fn()
-            end.record(stream)
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def classify(name: str) -> str:
-    """The part (PARTS) a GPU kernel or CPU op of that name belongs to; rules in the module docstring."""
-    lower = name.lower()
-    for part, needles in _RULES:
-        if any(n in lower for n in needles):
-            return part
-    return "other"
-
-
-def _event_part(event: FunctionEvent) -> str:
-    """classify() of a CPU op, which counts as attention inside an attention op."""
-    part = classify(event.name)
-    parent = getattr(event, "cpu_parent", None)
-    while parent is not None and part != "attention":  # the matmuls inside a math-path SDPA, say
-        if classify(parent.name) == "attention":
-            return "attention"
-        parent = getattr(parent, "cpu_parent", None)
-    return part
-
-
-@dataclass
-class Profile:
-    """Per-part milliseconds of one profiled call and its heaviest kernels (or CPU ops)."""
-
-    parts: dict[str, float]
-    top: list[dict] = field(default_factory=list)
-
-    @property
-    def total(self) -> float:
-        return sum(self.parts.values())
-
-
-def profile_parts(fn: Callable[[], object], device: torch.device, top: int = 15) -> Profile:
-    """Run fn() once under torch.profiler; sum GPU kernel time per part (on a CPU: op self time)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        fn()
-        synchronize(device)
-    parts = dict.fromkeys(PARTS, 0.0)
-    by_name: dict[str, list] = {}
-    for event in prof.events():
-        if device.type == "cuda":
-            if event.device_type != DeviceType.CUDA:
-                continue
-            ms, part = event.time_range.elapsed_us() / 1e3, classify(event.name)
-        else:
-            ms, part = event.self_cpu_time_total / 1e3, _event_part(event)
-        parts[part] += ms
-        entry = by_name.setdefault(event.name, [part, 0.0, 0])
-        entry[1] += ms
-        entry[2] += 1
-    heaviest = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
-    return Profile(parts, [{"name": n[:200], "part": p, "ms": round(ms, 3), "calls": c}
-                           for n, (p, ms, c) in heaviest])
-
-
-# -- diffusers -----------------------------------------------------------------------------------------
-
-
-def to_diffusers(model: WanDiT, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """diffusers' WanTransformer3DModel (SDPA attention) holding `model`'s weights, 8-bit ones dequantized,
-    on the model's device, built there (meta construction, then one tensor at a time). dtype: default the
-    model's compute dtype; as diffusers' from_pretrained(torch_dtype=...) does, the modules it lists in
-    _keep_in_fp32_modules stay fp32. Raises ImportError without diffusers."""
-    from diffusers import WanTransformer3DModel
-    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
-
-    cfg, device = model.config, model.setup.device
-    dtype = dtype or model.setup.dtype
-    with torch.device("meta"):
-        ref = WanTransformer3DModel(
-            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-            in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-            ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-            eps=cfg.eps, image_dim=cfg.clip_dim, added_kv_proj_dim=cfg.dim if cfg.is_i2v else None)
-    keep = ref._keep_in_fp32_modules or []
-    for name, param in ref.named_parameters():
-        param.data = param.data.to(torch.float32 if any(k in name.split(".") for k in keep) else dtype)
-    ref.to_empty(device=device)
-    # RoPE tables are computed in __init__ (non-persistent buffers): on meta they were never made.
-    ref.rope = WanRotaryPosEmbed(cfg.head_dim, cfg.patch_size, ref.config.rope_max_seq_len).to(device)
-    names = {from_official(k, DIFFUSERS): k for k, _ in model.named_buffers() if not k.endswith(WEIGHT_SCALE_SUFFIX)}
-    state = ref.state_dict()
-    if set(names) != set(state):
-        raise RuntimeError(f"diffusers' WanTransformer3DModel tensors differ from dit8's: "
-                           f"{sorted(set(names) ^ set(state))[:5]}")
-    with torch.no_grad():
-        for name, key in names.items():
-            state[name].copy_(float_weight(model, key))
-    return ref.eval().requires_grad_(False)
-
-
-def diffusers_inputs(ref: torch.nn.Module, cond: Conditioning) -> dict:
-    """Keyword arguments of the diffusers forward for `cond`: x and y concatenated, in its dtype."""
-    dtype = ref.proj_out.weight.dtype
-    return dict(hidden_states=torch.cat([cond.x, cond.y], dim=1).to(dtype), timestep=cond.t,
-                encoder_hidden_states=cond.context.to(dtype), encoder_hidden_states_image=cond.clip_fea.to(dtype),
-                return_dict=False)
-
-
-def _diffusers_skip_reason() -> str | None:
-    try:
-        import diffusers  # noqa: F401
-        from diffusers import WanTransformer3DModel  # noqa: F401
-    except Exception as err:  # ImportError, or a diffusers that does not import with this torch
-        return f"diffusers is not importable ({type(err).__name__}: {err})"
-    return None
 
 
 # -- the benchmark ----------------------------------------------------------------------------------------
@@ -414,7 +149,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None,
 
 
 def _compare_diffusers(bench: DitBench, result: dict) -> dict:
-    reason = _diffusers_skip_reason()
+    reason = diffusers_skip_reason()
     if reason is not None:
         return {"skipped": reason}
     d = bench.time_diffusers(bench.swap_to_diffusers())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dit8 import CapturedForward, InputError
-from dit8.bench_dit import build_model
+from dit8.random_dit import build_model
 from dit8.testing import random_inputs, tiny_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA device")

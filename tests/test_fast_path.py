@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 
-from dit8.bench_dit import build_model, random_conditioning
+from dit8.random_dit import build_model, random_conditioning
 from dit8.config import I2V_14B
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),

@@ -8,8 +8,10 @@ import sys
 import pytest
 import torch
 
-from dit8.bench_dit import (PARTS, BenchSettings, build_model, classify, diffusers_inputs, float_weight,
-                            quantized_layers, random_conditioning, run_bench, to_diffusers)
+from dit8.bench_dit import BenchSettings, run_bench
+from dit8.diffusers_reference import diffusers_inputs, to_diffusers
+from dit8.profiling import PARTS, classify
+from dit8.random_dit import build_model, float_weight, quantized_layers, random_conditioning
 from dit8.cli import TINY_FRAMES, TINY_SIZE, bench_settings, build_parser, main
 from dit8.config import tiny_config
 from dit8.model import QuantLinear
