@@ -8,7 +8,6 @@ channel, as spec/quant-formats.md says.
 
 from __future__ import annotations
 
-import math
 import zlib
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from .layouts import block_linears
 from .loader import QUANT_DTYPES, default_dtype
 from .model import WanDiT
 from .packed_format import WEIGHT_SCALE_SUFFIX
+from .testing import scale_random_
 
 CLIP_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 256 patches and the class token
 
@@ -46,19 +46,12 @@ def build_model(config: WanConfig, *, scheme: str = "bf16", device: str | torch.
 
 
 def _draw(name: str, shape: torch.Size, device: torch.device, seed: int) -> torch.Tensor:
-    """The fp32 value of tensor `name`, distributed as dit8.testing.random_weights draws it.
+    """The fp32 value of tensor `name`, scaled as dit8.testing.random_weights scales it.
 
     Each tensor has its own generator seeded from its name, so a tensor's values do not depend on the
     scheme or on which other tensors exist: a float and a quantized model of one seed share weights."""
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-    if name.endswith("modulation"):
-        return t.mul_(0.2)
-    if name.endswith(".bias"):
-        return t.mul_(0.05)
-    if len(shape) == 1:  # norm weights
-        return t.mul_(0.1).add_(1)
-    return t.div_(math.prod(shape[1:]) ** 0.5)  # O(1) activations through every layer
+    return scale_random_(name, torch.randn(shape, generator=gen, device=device, dtype=torch.float32))
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ layout and file format dit8 reads. Used by the tests, the demo and the benchmark
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -12,31 +13,30 @@ from safetensors.torch import save_file
 from .config import WanConfig, tiny_config
 from .layouts import DIFFUSERS, LAYOUTS, OFFICIAL, expected_shapes, from_official
 
-__all__ = ["FORMATS", "LAYOUTS", "random_inputs", "random_w8a8_operands", "random_weights", "tiny_config", "write_checkpoint",
-           "write_config_json"]
+__all__ = ["FORMATS", "LAYOUTS", "random_inputs", "random_w8a8_operands", "random_weights", "scale_random_",
+           "tiny_config", "write_checkpoint", "write_config_json"]
 
 # single .safetensors, single .pth, a folder of shards with an index json, a folder of per-block files
 FORMATS = ("safetensors", "pth", "sharded", "per_block")
 
 
+def scale_random_(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Scale standard-normal draws `t` of the DiT tensor `name` in place, so that activations stay O(1)
+    through every block: modulation tables 0.2, biases 0.05, norm weights 1 ± 0.1, matrices 1/√fan_in."""
+    if name.endswith("modulation"):
+        return t.mul_(0.2)
+    if name.endswith(".bias"):
+        return t.mul_(0.05)
+    if t.dim() == 1:  # norm weights
+        return t.mul_(0.1).add_(1)
+    return t.div_(math.prod(t.shape[1:]) ** 0.5)
+
+
 def random_weights(config: WanConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Random weights under official names, scaled so activations stay O(1) through every block."""
+    """Random weights under official names (`scale_random_`), drawn on the CPU in key order."""
     gen = torch.Generator().manual_seed(seed)
-    weights = {}
-    for key, shape in expected_shapes(config).items():
-        if key.endswith("modulation"):
-            t = 0.2 * torch.randn(shape, generator=gen)
-        elif key.endswith(".bias"):
-            t = 0.05 * torch.randn(shape, generator=gen)
-        elif len(shape) == 1:  # norm weights
-            t = 1 + 0.1 * torch.randn(shape, generator=gen)
-        else:
-            fan_in = 1
-            for s in shape[1:]:
-                fan_in *= s
-            t = torch.randn(shape, generator=gen) / fan_in ** 0.5
-        weights[key] = t.to(dtype)
-    return weights
+    return {key: scale_random_(key, torch.randn(shape, generator=gen)).to(dtype)
+            for key, shape in expected_shapes(config).items()}
 
 
 def random_inputs(config: WanConfig, *, batch: int = 2, latent_size: tuple[int, int, int] = (2, 4, 6),
