@@ -260,14 +260,19 @@ class Encoder(nn.Module):
         return self.head[2](_norm_silu(self.head[0], x), cache)
 
 
+def decoder_dims(config: VAEConfig) -> list[int]:
+    """The decoder's widths: the stem's, then each level's output (the reversed encoder widths)."""
+    mult = config.dim_mult
+    return [config.dim * m for m in (mult[-1], *mult[::-1])]
+
+
 class Decoder(nn.Module):
     """conv1 -> middle (res, attention, res) = the stem; then per level: residual blocks (+ upsample,
     which halves the width) -> head = the upsampling path."""
 
     def __init__(self, config: VAEConfig):
         super().__init__()
-        mult = config.dim_mult
-        dims = [config.dim * m for m in (mult[-1], *mult[::-1])]
+        mult, dims = config.dim_mult, decoder_dims(config)
         self.conv1 = CausalConv3d(config.z_dim, dims[0], 3, padding=1)
         self.middle = nn.ModuleList([ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
                                      ResidualBlock(dims[0], dims[0])])
@@ -586,8 +591,7 @@ def decode_memory(config: VAEConfig, latent_shape: tuple[int, int, int], *, batc
     whole = tile is None or tile >= max(h, w)
     th = h if whole else min(h, tile + 2 * halo)
     tw = w if whole else min(w, tile + 2 * halo)
-    mult, levels = config.dim_mult, len(config.dim_mult)
-    dims = [config.dim * m for m in (mult[-1], *mult[::-1])]
+    levels, dims = len(config.dim_mult), decoder_dims(config)
     time_up = config.temperal_downsample[::-1]
     cache = work = 0
     frames = min(frames_per_chunk, max(t - 1, 1))
