@@ -23,6 +23,7 @@ import torch
 from dit8 import kernels as ops
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
+from dit8.kernels import attention_8bit_triton as impl8  # noqa: E402
 from dit8.kernels import attention_triton as impl  # noqa: E402
 
 # (B, L, H, D) of the self-attention and (Lq, Ltext, Limage) of the cross-attention.
@@ -104,11 +105,11 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
     elif name == "triton_bf16":
         fn = lambda: ops.attention(q, k, v, precision="bf16", backend="triton")  # noqa: E731
     else:
-        qk, pv = {"triton_int8": impl.RECIPES["int8"], "triton_fp8": impl.RECIPES["fp8"],
+        qk, pv = {"triton_int8": impl8.RECIPES["int8"], "triton_fp8": impl8.RECIPES["fp8"],
                   "triton_int8_pv16": ("int8", "fp16")}[name]
-        fn = lambda: impl.attention_8bit(q, k, v, "int8", qk=qk, pv=pv)  # noqa: E731
+        fn = lambda: impl8.attention_8bit(q, k, v, "int8", qk=qk, pv=pv)  # noqa: E731
         cfg = impl.pick_config("8bit", D)
-        info["quantize_ms"] = round(gpu_time(lambda: impl.quantize_for_attention(
+        info["quantize_ms"] = round(gpu_time(lambda: impl8.quantize_for_attention(
             q, k, v, qk=qk, pv=pv, block_m=cfg.block_m, block_n=cfg.block_n)), 4)
         info.update(qk=qk, pv=pv)
     out = fn()
@@ -172,7 +173,7 @@ def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_conf
     def call(cfg):
         if path == "bf16":
             return lambda: impl.attention_bf16(q, k, v, config=cfg)
-        return lambda: impl.attention_8bit(q, k, v, path, config=cfg)
+        return lambda: impl8.attention_8bit(q, k, v, path, config=cfg)
 
     times, errors = {}, {}
     for cfg in SWEEP:

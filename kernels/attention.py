@@ -2,13 +2,13 @@
 
 Backends:
 - "torch": the reference, F.scaled_dot_product_attention in the inputs' dtype; no 8-bit paths.
-- "triton" (kernels/attention_triton.py, imported lazily so dit8 imports without triton): flash
-  attention with online softmax for precision "bf16"; the 8-bit paths "int8" (INT8 q·kᵀ and INT8
-  P·V) and "fp8" (INT8 q·kᵀ, FP8 e4m3 P·V), both with K, Q and V mean-smoothing (q's term added back
-  as a per-key fp32 bias), per-block scales, statistics and accumulation in fp32; and the fused
-  I2V cross-attention (text and image softmaxes in one launch). It needs head_dim <= 256 (Wan's
-  128 is the tuned case; other widths are padded to a power of two >= 16, >= 32 on the 8-bit paths)
-  and at least one key.
+- "triton" (kernels/attention_triton.py and attention_8bit_triton.py, imported lazily so dit8 imports
+  without triton): flash attention with online softmax for precision "bf16"; the 8-bit paths "int8"
+  (INT8 q·kᵀ and INT8 P·V) and "fp8" (INT8 q·kᵀ, FP8 e4m3 P·V), both with K, Q and V mean-smoothing
+  (q's term added back as a per-key fp32 bias), per-block scales, statistics and accumulation in
+  fp32; and the fused I2V cross-attention (text and image softmaxes in one launch). It needs
+  head_dim <= 256 (Wan's 128 is the tuned case; other widths are padded to a power of two >= 16,
+  >= 32 on the 8-bit paths) and at least one key.
 """
 
 from __future__ import annotations
@@ -39,11 +39,14 @@ def _attention_torch(q, k, v, precision):
 
 @register("attention", "triton", runs_on=triton_runs_on)
 def _attention_triton(q, k, v, precision):
-    from . import attention_triton as impl  # lazy: triton is an optional dependency
-
+    # lazy: triton is an optional dependency
     if precision == "bf16":
-        return impl.attention_bf16(q, k, v)
-    return impl.attention_8bit(q, k, v, precision)
+        from .attention_triton import attention_bf16
+
+        return attention_bf16(q, k, v)
+    from .attention_8bit_triton import attention_8bit
+
+    return attention_8bit(q, k, v, precision)
 
 
 def check_attention_runs(precision: str, backend: str, device: torch.device) -> None:

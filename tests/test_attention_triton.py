@@ -26,6 +26,7 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton backen
 
 from dit8 import kernels as ops  # noqa: E402
 from dit8.kernels import OpArgumentError  # noqa: E402
+from dit8.kernels import attention_8bit_triton as impl8  # noqa: E402
 from dit8.kernels import attention_triton as impl  # noqa: E402
 from dit8.kernels.gemm_configs import SHARED_MEMORY_LIMIT  # noqa: E402
 from dit8.kernels.triton_support import interpreting  # noqa: E402
@@ -140,7 +141,7 @@ def test_head_dim_not_a_power_of_two(precision):
         assert rel_err(out, ref) <= 2 * rel_err(ops.attention(q, k, v, backend="torch"), ref)
     else:
         cfg = impl.pick_config("8bit", 24)
-        emu = emulate_8bit(q, k, v, *impl.RECIPES[precision], cfg.block_m, cfg.block_n)
+        emu = emulate_8bit(q, k, v, *impl8.RECIPES[precision], cfg.block_m, cfg.block_n)
         assert rel_err(out, ref) <= 1.2 * rel_err(emu, ref) + 2e-3
 
 
@@ -174,7 +175,7 @@ def test_interpreter_rounding_workaround_rounds_to_nearest_even():
     def cast(X, Y8, Y16, N: tl.constexpr):
         offs = tl.arange(0, N)
         x = tl.load(X + offs)
-        tl.store(Y8 + offs, impl._to_fp8(tl.minimum(tl.maximum(x, -448.0), 448.0), True))
+        tl.store(Y8 + offs, impl8._to_fp8(tl.minimum(tl.maximum(x, -448.0), 448.0), True))
         tl.store(Y16 + offs, impl.round_bf16(x).to(tl.bfloat16))  # kernels/rounding_triton.py's
 
     special = [7.9, -7.9, 447.0, 1.0625, 1.1875, 0.0, 3 * 2.0 ** -10, 5 * 2.0 ** -10, -0.0049, 2.0 ** -6]
@@ -255,7 +256,7 @@ def emulate_per_tensor_fp8(q, k, v):
 
 KINDS = ["gaussian", "offsets", "v_offsets"]
 # The operand formats (q·kᵀ, P·V) measured: both precisions' recipes, 16-bit P·V and all-FP8.
-FORMATS = [impl.RECIPES["int8"], impl.RECIPES["fp8"], ("int8", "fp16"), ("fp8", "fp8")]
+FORMATS = [impl8.RECIPES["int8"], impl8.RECIPES["fp8"], ("int8", "fp16"), ("fp8", "fp8")]
 _RESULTS = {}
 
 
@@ -272,7 +273,7 @@ def eight_bit_result(formats, kind):
             v = (v.float() + 4 * randn(64, seed=99).to(v.device)).to(v.dtype)
         ref = attention64(q, k, v)
         qk, pv = formats
-        out = impl.attention_8bit(q, k, v, "int8", qk=qk, pv=pv)
+        out = impl8.attention_8bit(q, k, v, "int8", qk=qk, pv=pv)
         check_output(out, q)
         cfg = impl.pick_config("8bit", 64)
         emu = emulate_8bit(q, k, v, qk, pv, cfg.block_m, cfg.block_n)
@@ -284,14 +285,14 @@ def eight_bit_result(formats, kind):
 @ATTENTION
 @pytest.mark.parametrize("kind", KINDS)
 def test_int8_meets_the_accuracy_target(kind):
-    (err, cos), _, _ = eight_bit_result(impl.RECIPES["int8"], kind)
+    (err, cos), _, _ = eight_bit_result(impl8.RECIPES["int8"], kind)
     assert err <= 0.03 and cos >= 0.999, (err, cos)
 
 
 @ATTENTION
 @pytest.mark.parametrize("kind", ["offsets", "v_offsets"])
 def test_fp8_meets_the_accuracy_target_on_offset_inputs(kind):
-    (err, cos), _, _ = eight_bit_result(impl.RECIPES["fp8"], kind)
+    (err, cos), _, _ = eight_bit_result(impl8.RECIPES["fp8"], kind)
     assert err <= 0.03 and cos >= 0.999, (err, cos)
 
 
@@ -300,7 +301,7 @@ def test_fp8_meets_the_accuracy_target_on_offset_inputs(kind):
                    "~2.5% rms each): ~3.4% relative error on zero-mean Gaussian data, above the 3% "
                    "target. precision='int8' (INT8 P·V, P relative to each key block's max) meets it.")
 def test_fp8_meets_the_accuracy_target_on_gaussian_inputs():
-    (err, cos), _, _ = eight_bit_result(impl.RECIPES["fp8"], "gaussian")
+    (err, cos), _, _ = eight_bit_result(impl8.RECIPES["fp8"], "gaussian")
     assert err <= 0.03 and cos >= 0.999, (err, cos)
 
 
@@ -318,7 +319,7 @@ def test_8bit_error_is_that_of_its_quantization(formats, kind):
 
 @ATTENTION
 @pytest.mark.parametrize("kind", ["gaussian", "offsets"])
-@pytest.mark.parametrize("formats", [impl.RECIPES["int8"], ("int8", "fp16")], ids="-".join)
+@pytest.mark.parametrize("formats", [impl8.RECIPES["int8"], ("int8", "fp16")], ids="-".join)
 def test_8bit_kernel_follows_its_emulation(formats, kind):
     """Output against output, not error against error: with fp32 in and out, the kernel is the
     emulated algorithm up to codes that land on the other side of a rounding boundary (fp32 against
@@ -327,7 +328,7 @@ def test_8bit_kernel_follows_its_emulation(formats, kind):
     final one, the same distribution but other values."""
     q, k, v = make_qkv(200, 129, 64, seed=11, dtype=torch.float32, offsets=kind == "offsets")
     cfg = impl.pick_config("8bit", 64)
-    out = impl.attention_8bit(q, k, v, "int8", qk=formats[0], pv=formats[1])
+    out = impl8.attention_8bit(q, k, v, "int8", qk=formats[0], pv=formats[1])
     emu = emulate_8bit(q, k, v, *formats, cfg.block_m, cfg.block_n)
     emu_err = rel_err(emu, attention64(q, k, v))
     assert rel_err(out, emu) <= 0.1 * emu_err + 2.0 ** -11, (rel_err(out, emu), emu_err)
@@ -336,7 +337,7 @@ def test_8bit_kernel_follows_its_emulation(formats, kind):
 @ATTENTION
 def test_int8_qk_errs_less_than_fp8_qk():
     # Why both recipes use INT8 q·kᵀ: same P·V, only the q·kᵀ format differs.
-    (int8_err, _), _, _ = eight_bit_result(impl.RECIPES["fp8"], "gaussian")
+    (int8_err, _), _, _ = eight_bit_result(impl8.RECIPES["fp8"], "gaussian")
     (fp8_err, _), _, _ = eight_bit_result(("fp8", "fp8"), "gaussian")
     assert int8_err < 0.85 * fp8_err, (int8_err, fp8_err)
 
@@ -370,7 +371,7 @@ def test_8bit_kernel_on_its_quantized_operands(qk):
     the only rounding left is the kernel's own)."""
     q, k, v = make_qkv(77, 45, 32, seed=7, dtype=torch.bfloat16, offsets=True)
     cfg = impl.pick_config("8bit", 32)
-    x = impl.quantize_for_attention(q, k, v, qk=qk, pv="fp16", block_m=cfg.block_m, block_n=cfg.block_n)
+    x = impl8.quantize_for_attention(q, k, v, qk=qk, pv="fp16", block_m=cfg.block_m, block_n=cfg.block_n)
 
     # Codes: torch recomputation of the same fp32 arithmetic; q per block of rows, k per row.
     c = impl.LOG2E / math.sqrt(32)
@@ -404,7 +405,7 @@ def test_8bit_kernel_on_its_quantized_operands(qk):
     bias = torch.einsum("bhd,blhd->bhl", q_mean.double() * c, k.double() - k_mean.double()[:, None])
     torch.testing.assert_close(x.bias.double(), bias, rtol=1e-5, atol=1e-5 * bias.abs().max().item())
 
-    out = impl.attention_from_quantized(x, torch.float32)
+    out = impl8.attention_from_quantized(x, torch.float32)
     assert torch.isfinite(out).all() and out.shape == q.shape
     qd, kd, bias, vd = x.dequantized()
     s = torch.einsum("bhqd,bhkd->bhqk", qd, kd) + bias[:, :, None, :]
@@ -417,7 +418,7 @@ def test_8bit_kernel_on_its_quantized_operands(qk):
 def test_8bit_single_query_is_within_fp16_rounding():
     # Lq = 1: q minus its mean is 0, every score is the fp32 bias; the per-block scale must not be 0/0.
     q, k, v = make_qkv(1, 45, 16, seed=9, dtype=torch.float32, offsets=True)
-    out = impl.attention_8bit(q, k, v, "int8", pv="fp16")  # 16-bit P·V: no 8-bit rounding after the scores
+    out = impl8.attention_8bit(q, k, v, "int8", pv="fp16")  # 16-bit P·V: no 8-bit rounding after the scores
     check_output(out, q)
     assert rel_err(out, attention64(q, k, v)) <= 1e-3  # v rounded to fp16 (2^-11) for P·V
 
@@ -469,7 +470,7 @@ def test_head_dim_128_long_sequences_on_gpu(precision):
         assert err <= 2 * rel_err(ops.attention(q, k, v, backend="torch"), ref)
     else:
         cfg = impl.pick_config("8bit", 128)
-        emu_err = rel_err(emulate_8bit(q, k, v, *impl.RECIPES[precision], cfg.block_m, cfg.block_n), ref)
+        emu_err = rel_err(emulate_8bit(q, k, v, *impl8.RECIPES[precision], cfg.block_m, cfg.block_n), ref)
         assert err <= 1.2 * emu_err + 2e-3 and cos >= 0.998, (err, emu_err, cos)
         if precision == "int8":
             assert err <= 0.03 and cos >= 0.999, (err, cos)
@@ -520,28 +521,28 @@ def compile_for_sm90() -> dict[str, dict]:
     c = impl.pick_config("8bit", d)
     v_codes = {"fp16": "bf16", "int8": "i8", "fp8": "fp8e4nv"}
     for qk, code in [("int8", "i8"), ("fp8", "fp8e4nv")]:
-        for pv in impl.PV_FORMATS:
+        for pv in impl8.PV_FORMATS:
             pointers = dict(Q=code, K=code, V=v_codes[pv], Out="bf16",
                             **dict.fromkeys(["QScale", "KScale", "Bias", "VMean", "VScale"], "fp32"))
             kernels[f"attention {qk} q·k, {pv} P·V"] = build(
-                impl._attention_8bit_kernel, pointers,
+                impl8._attention_8bit_kernel, pointers,
                 dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, QK_INT8=qk == "int8",
                      PV=pv, DOT_FP32=False, INTERPRET=False), c)
             # A head_dim under the 8-bit dots' smallest reduction (the tests' 16), padded as launched.
             kernels[f"attention {qk} q·k, {pv} P·V, head_dim 16"] = build(
-                impl._attention_8bit_kernel, pointers,
+                impl8._attention_8bit_kernel, pointers,
                 dict(HEAD_DIM=16, BLOCK_D=impl._block_d("attention", 16, impl.DOT8_MIN_REDUCTION),
                      BLOCK_M=c.block_m, BLOCK_N=c.block_n, QK_INT8=qk == "int8", PV=pv, DOT_FP32=False,
                      INTERPRET=False), c)
         for per_row in (False, True):  # q's per-block scales, k's per-row scales and bias
             kernels[f"quantize {qk}, per {'row' if per_row else 'block'}"] = build(
-                impl._quantize_blocks_kernel,
+                impl8._quantize_blocks_kernel,
                 dict(X="bf16", Xq=code, **dict.fromkeys(["Mean", "Qbar", "Scale", "Bias"], "fp32")),
                 dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=c.block_m, PER_ROW=per_row, TO_INT8=qk == "int8",
                      HAS_BIAS=per_row, INTERPRET=False), impl.AttnConfig(0, 0, 4, 1))
     for pv in ("int8", "fp8"):
         kernels[f"quantize v {pv}"] = build(
-            impl._quantize_v_kernel, dict(V="bf16", Vq=v_codes[pv], VMean="fp32", VScale="fp32"),
+            impl8._quantize_v_kernel, dict(V="bf16", Vq=v_codes[pv], VMean="fp32", VScale="fp32"),
             dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=64, TO_INT8=pv == "int8", INTERPRET=False),
             impl.AttnConfig(0, 0, 4, 1))
     return kernels

@@ -1,0 +1,409 @@
+"""8-bit attention (SageAttention-style) in Triton: the quantization of q, k and v, and the kernel.
+
+With c = log2(e)/√D, q̄ and k̄ the per-channel means over the sequence (per batch, head), and
+q' = q - q̄, k' = k - k̄:
+    c·q·k_n = c·q'·k'_n + c·q̄·k'_n + c·q·k̄
+The last term is the same for every key of a query row: softmax ignores it (K smoothing). The middle
+term depends only on the key: it is a per-key bias b_n = c·q̄·k'_n, computed in fp32 while k is being
+quantized (Q smoothing with the correction added back). What is left for the 8-bit dot is q'·k'_n:
+both factors are centred, so their per-block amax is set by their variation, not by the large
+per-channel offsets that RMS-normed q/k carry, and the 8-bit steps shrink accordingly.
+
+Quantization: c·q' per BLOCK_M rows (per head) and k' per row (per key), symmetric, fp32 scales. The
+kernel dequantizes a score tile with one fused multiply-add per score, s·(q_scale·k_scale_n) + b_n,
+where q_scale·k_scale_n is a vector over the block's keys: per-key scales cost nothing over one scale
+per block, and err ~15% less (a key's codes span its own range). Per-query scales would cost a
+multiply per score.
+P·V: "fp16" = P rounded to v's 16-bit type (fp16 for fp32 v), fp32 accumulation. The 8-bit ones
+centre V on its per-channel mean v̄ (V smoothing: every row of softmax weights sums to 1, so
+P·v = P·(v - v̄) + v̄, and the mean goes back on in the epilogue) and quantize it per channel (per
+batch, head, over the sequence):
+- "int8": v - v̄ in int8 steps of amax/127; each block's P relative to the block's own row max,
+  p̃ = exp2(s - max_block) in [0, 1] with a 1 in every row, rounded to multiples of 1/127; the int32
+  product is rescaled by r = exp2(max_block - m) (m the running max), which is exact because r is
+  constant along the row. Scaling by the block max, not the running max, keeps the large weights of
+  every block at full 7-bit precision; ~1.5% relative error on Gaussian data.
+- "fp8": v - v̄ and P·448 in e4m3; each tile's product accumulated from zero in fp32 and then added to
+  the running accumulator (two-level accumulation, so the reduced-precision accumulator of Hopper's
+  FP8 MMA only ever sums BLOCK_N products). e4m3 keeps 3 mantissa bits, a ~2.5% rms relative rounding
+  of every p and every v: ~3.4% relative error on zero-mean Gaussian data whatever the scales.
+
+Layout, online softmax, the split key loop and the interpreter workarounds are those of
+kernels/attention_triton.py, whose device functions these kernels share.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_triton import (DOT8_MIN_REDUCTION, LAST_COMPILED, LOG2E, AttnConfig, _add_pv, _bhd_strides,
+                               _block_d, _check_keys, _load_tile, _softmax_step, _store_out_tile, _unit_d,
+                               pick_config)
+from .buffers import new_output
+from .checks import OpArgumentError
+from .quantize import QMAX, SCALE_FLOOR
+from .rounding_triton import round_e4m3
+from .triton_support import interpreting, on_tensor_device, tensor_device
+
+# Largest magnitudes of the 8-bit codes, and the floor of a block's amax: an all-zero block (e.g. q minus
+# its mean when Lq = 1) gets a tiny finite scale instead of 0/0. As for per-token quantization.
+INT8_MAX = QMAX[torch.int8]
+FP8_MAX = QMAX[torch.float8_e4m3fn]
+# The same numbers as kernel constants (a @triton.jit function may only read constexpr globals).
+_INT8_MAX = tl.constexpr(INT8_MAX)
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
+
+
+@triton.jit
+def _to_fp8(x, INTERPRET: tl.constexpr):
+    """fp32 -> e4m3 with round-to-nearest-even; x must already lie in [-448, 448]."""
+    if INTERPRET:
+        x = round_e4m3(x)
+    return x.to(tl.float8e4nv)
+
+
+# Quantization of the 8-bit operands. The sequence statistics (means, v's amax) are torch reductions
+# (one read each, no copies); the per-block quantization is this kernel.
+@triton.jit
+def _quantize_blocks_kernel(X, Mean, Qbar, Xq, Scale, Bias,
+                            stride_xb, stride_xl, stride_xh,
+                            stride_qb, stride_ql, stride_qh,
+                            H, L, n_blocks, factor,
+                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+                            PER_ROW: tl.constexpr, TO_INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            INTERPRET: tl.constexpr):
+    """Xq[rows] = quant((X[rows] - Mean) · factor / scale) for one block of BLOCK rows of one (batch,
+    head), scale = amax / QMAX of the block (Scale[b, h, block]) or, with PER_ROW, of each row
+    (Scale[b, h, row]); with HAS_BIAS also Bias[rows] = (X[rows] - Mean)·factor·Qbar."""
+    pid_l = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_l = pid_l * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = (offs_l < L)[:, None]
+    d_ok = offs_d < HEAD_DIM
+    x = _load_tile(X + b * stride_xb + h * stride_xh + offs_l[:, None] * stride_xl + offs_d[None, :],
+                   offs_l, L, True, HEAD_DIM, BLOCK_D).to(tl.float32)
+    mean = tl.load(Mean + pid_bh * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+    # Rows past L must stay 0 after centring, or they would inflate the block's amax.
+    x = tl.where(row_ok, (x - mean[None, :]) * factor, 0.0)
+    if HAS_BIAS:
+        qbar = tl.load(Qbar + pid_bh * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+        tl.store(Bias + pid_bh * L + offs_l, tl.sum(x * qbar[None, :], 1), mask=offs_l < L)
+    qmax = _INT8_MAX if TO_INT8 else _FP8_MAX
+    row_amax = tl.max(tl.abs(x), 1)
+    if PER_ROW:
+        scale = tl.maximum(row_amax, _SCALE_FLOOR) / qmax
+        y = x / scale[:, None]
+    else:
+        scale = tl.maximum(tl.max(row_amax, 0), _SCALE_FLOOR) / qmax
+        y = x / scale
+    if TO_INT8:
+        # Round half away from zero: the int conversion truncates towards zero.
+        xq = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int8)
+    else:
+        # Clamp first: a value that rounds past 448 must saturate, not become NaN.
+        xq = _to_fp8(tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX), INTERPRET)
+    tl.store(Xq + b * stride_qb + h * stride_qh + offs_l[:, None] * stride_ql + offs_d[None, :], xq,
+             mask=row_ok & d_ok[None, :])
+    if PER_ROW:
+        tl.store(Scale + pid_bh * L + offs_l, scale, mask=offs_l < L)
+    else:
+        tl.store(Scale + pid_bh * n_blocks + pid_l, scale)
+
+
+@triton.jit
+def _quantize_v_kernel(V, VMean, VScale, Vq, stride_vb, stride_vl, stride_vh, stride_qbh, stride_qd,
+                       H, L, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+                       TO_INT8: tl.constexpr, INTERPRET: tl.constexpr):
+    """Vq[b, h, d, l] = int8 or e4m3 of (V[b, l, h, d] - VMean[b, h, d]) / VScale[b, h, d]: centred,
+    per-channel scales, stored transposed (keys contiguous) because Hopper's 8-bit MMAs want their B
+    operand K-major."""
+    pid_l = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_l = pid_l * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_l < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    v = _load_tile(V + b * stride_vb + h * stride_vh + offs_l[:, None] * stride_vl + offs_d[None, :],
+                   offs_l, L, True, HEAD_DIM, BLOCK_D).to(tl.float32)
+    mean = tl.load(VMean + pid_bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+    scale = tl.load(VScale + pid_bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=1.0)
+    v = (v - mean[None, :]) / scale[None, :]
+    if TO_INT8:
+        vq = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int8)  # half away from zero; |v| <= 127
+    else:
+        vq = _to_fp8(tl.minimum(tl.maximum(v, -_FP8_MAX), _FP8_MAX), INTERPRET)
+    tl.store(Vq + pid_bh.to(tl.int64) * stride_qbh + offs_d[None, :] * stride_qd + offs_l[:, None], vq,
+             mask=ok)
+
+
+@triton.jit
+def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, ks_base, bias_base, v_base,
+                       stride_kn, stride_vn, stride_vd, start_n, Lk,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       MASK_N: tl.constexpr, QK_INT8: tl.constexpr, PV: tl.constexpr,
+                       DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    # Keys past the end (MASK_N): k = 0 and bias = -inf give score -inf (weight 0); v = 0 stays finite.
+    k = _load_tile(k_ptrs, offs_n, Lk, MASK_N, HEAD_DIM, BLOCK_D)
+    if MASK_N:
+        bias = tl.load(bias_base + offs_n, mask=offs_n < Lk, other=float("-inf"))
+    else:
+        bias = tl.load(bias_base + offs_n)
+    v = _load_tile(v_ptrs, offs_n, Lk, MASK_N, HEAD_DIM, BLOCK_D)
+    if MASK_N:
+        k_scale = tl.load(ks_base + offs_n, mask=offs_n < Lk, other=0.0)
+    else:
+        k_scale = tl.load(ks_base + offs_n)
+    if QK_INT8:
+        s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)  # exact integer sums
+    else:
+        s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=BLOCK_D)
+    # Dequantize (the scales already carry log2(e)/√D) and add the q-mean correction of each key.
+    s = s * (q_scale * k_scale)[None, :] + bias[None, :]
+    if PV == "int8":
+        # Online softmax with P relative to this block's row max (see the section comment).
+        block_max = tl.max(s, 1)
+        m_new = tl.maximum(m_i, block_max)
+        alpha = tl.math.exp2(m_i - m_new)
+        r = tl.math.exp2(block_max - m_new)
+        p = tl.math.exp2(s - block_max[:, None])
+        l_i = l_i * alpha + r * tl.sum(p, 1)
+        m_i = m_new
+        pq = (p * _INT8_MAX + 0.5).to(tl.int8)  # p >= 0: round half up; the 127 comes off at the end
+        acc = acc * alpha[:, None] + tl.dot(pq, v, out_dtype=tl.int32).to(tl.float32) * r[:, None]
+    else:
+        p, alpha, l_i, m_i = _softmax_step(m_i, l_i, s)
+        # Re-base the accumulator on the new max before adding this block's contribution.
+        acc = acc * alpha[:, None]
+        if PV == "fp8":
+            # p <= 1, so p·448 fits e4m3 without clamping; the 448 and v's scales come off at the end.
+            acc += tl.dot(_to_fp8(p * _FP8_MAX, INTERPRET), v, max_num_imprecise_acc=BLOCK_N)
+        else:
+            acc = _add_pv(acc, p, v, DOT_FP32)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_8bit_kernel(Q, QScale, K, KScale, Bias, V, VMean, VScale, Out,
+                           stride_qb, stride_qm, stride_qh,
+                           stride_kb, stride_kn, stride_kh,
+                           stride_vb, stride_vn, stride_vh, stride_vd,
+                           stride_ob, stride_om, stride_oh,
+                           H, Lq, Lk, n_qblocks,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, PV: tl.constexpr,
+                           DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                   offs_m, Lq, True, HEAD_DIM, BLOCK_D)
+    q_scale = tl.load(QScale + pid_bh * n_qblocks + pid_m)
+    k_base = K + b * stride_kb + h * stride_kh
+    ks_base = KScale + pid_bh.to(tl.int64) * Lk
+    bias_base = Bias + pid_bh.to(tl.int64) * Lk
+    v_base = V + b * stride_vb + h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    full_end = (Lk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, ks_base, bias_base, v_base,
+                                           stride_kn, stride_vn, stride_vd, start_n, Lk, HEAD_DIM, BLOCK_D,
+                                           BLOCK_N, False, QK_INT8, PV, DOT_FP32, INTERPRET)
+    if full_end < Lk:
+        acc, l_i, m_i = _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, ks_base, bias_base, v_base,
+                                           stride_kn, stride_vn, stride_vd, full_end, Lk, HEAD_DIM, BLOCK_D,
+                                           BLOCK_N, True, QK_INT8, PV, DOT_FP32, INTERPRET)
+    out = acc / l_i[:, None]
+    if PV != "fp16":
+        # P was scaled to the 8-bit range (127 or 448) and v divided by its channel scales: undo both.
+        p_max = _INT8_MAX if PV == "int8" else _FP8_MAX
+        v_scale = tl.load(VScale + pid_bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+        v_mean = tl.load(VMean + pid_bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+        out = out * (v_scale / p_max)[None, :] + v_mean[None, :]
+    _store_out_tile(Out + b * stride_ob + h * stride_oh, stride_om, pid_m, Lq, out, BLOCK_M, HEAD_DIM,
+                    BLOCK_D, INTERPRET)
+
+
+@dataclass
+class Quantized8bit:
+    """The operands of the 8-bit kernel, as `quantize_for_attention` prepares them.
+
+    q [B, H, Lq, D] and k [B, H, Lk, D] int8 or e4m3: c·(q - q̄) and k - k̄ in per-block codes;
+    q_scale [B, H, cdiv(Lq, block_m)], k_scale [B, H, Lk] fp32 (q per block of rows, k per row);
+    bias [B, H, Lk] fp32 = c·q̄·(k - k̄), c = log2(e)/√D (so q_scale·k_scale·(q·k) + bias is the score
+    in log2 units, up to a per-row constant);
+    v: v itself ([B, Lk, H, D] bf16/fp16, fp32 inputs converted to fp16) for pv="fp16", or for pv
+    "int8" / "fp8" the codes of v - v̄ stored [B, H, D, Lk] (row stride padded to 16) with v_mean (v̄)
+    and v_scale [B, H, D] fp32.
+    """
+    q: torch.Tensor
+    q_scale: torch.Tensor
+    k: torch.Tensor
+    k_scale: torch.Tensor
+    bias: torch.Tensor
+    v: torch.Tensor
+    v_mean: torch.Tensor | None
+    v_scale: torch.Tensor | None
+    block_m: int
+    block_n: int
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q', k', bias, v) in float64, [B, H, L, D] / [B, H, Lk]: what the kernel multiplies, for tests."""
+        q_scale = self.q_scale.double().repeat_interleave(self.block_m, dim=2)[:, :, :self.q.shape[2], None]
+        q = self.q.double() * q_scale
+        k = self.k.double() * self.k_scale.double()[..., None]
+        if self.v_scale is None:
+            v = self.v.double().transpose(1, 2)
+        else:
+            v = self.v.double() * self.v_scale.double()[..., None] + self.v_mean.double()[..., None]
+            v = v.transpose(2, 3)
+        return q, k, self.bias.double(), v
+
+
+@on_tensor_device
+def quantize_for_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qk: str, pv: str,
+                           block_m: int, block_n: int) -> Quantized8bit:
+    """Smooth and quantize q and k (qk "int8" or "fp8") and prepare v (pv "fp16", "int8" or "fp8")."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    dev = q.device
+    c = LOG2E / math.sqrt(D)
+    block_d = _block_d("attention", D)
+    qdtype = torch.int8 if qk == "int8" else torch.float8_e4m3fn
+    # Sequence statistics in fp32: torch reductions, one read of q and of k, no temporaries.
+    q_mean = q.mean(dim=1, dtype=torch.float32).contiguous()  # [B, H, D]
+    k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()
+    qbar_c = (q_mean * c).contiguous()
+
+    def quantize(x, mean, factor, block, per_row, bias):
+        L = x.shape[1]
+        n_blocks = triton.cdiv(L, block)
+        xq = new_output((B, H, L, D), qdtype, dev)
+        scale = new_output((B, H, L if per_row else n_blocks), torch.float32, dev)
+        _quantize_blocks_kernel[(n_blocks, B * H)](
+            x, mean, qbar_c, xq, scale, bias if bias is not None else scale,
+            *_bhd_strides(x), xq.stride(0), xq.stride(2), xq.stride(1),
+            H, L, n_blocks, factor,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK=block, PER_ROW=per_row, TO_INT8=qk == "int8",
+            HAS_BIAS=bias is not None, INTERPRET=interpreting(), num_warps=4)
+        return xq, scale
+
+    q8, q_scale = quantize(q, q_mean, c, block_m, False, None)
+    bias = new_output((B, H, Lk), torch.float32, dev)
+    k8, k_scale = quantize(k, k_mean, 1.0, block_n, True, bias)
+
+    if pv != "fp16":
+        # amax of |v - v̄| over the sequence from v's own extremes: no centred copy needed.
+        v_mean = v.mean(dim=1, dtype=torch.float32).contiguous()  # [B, H, D]
+        v_min, v_max = torch.aminmax(v, dim=1)
+        v_amax = torch.maximum(v_max.float() - v_mean, v_mean - v_min.float())
+        v_scale = (v_amax.clamp_min(SCALE_FLOOR) / (INT8_MAX if pv == "int8" else FP8_MAX)).contiguous()
+        lk_pad = triton.cdiv(Lk, 16) * 16  # 16-byte aligned rows keep the K-major loads vectorized
+        v_dtype = torch.int8 if pv == "int8" else torch.float8_e4m3fn
+        # Poisoned in full under DIT8_POISON_OUTPUTS: the attention kernel must never read the padding.
+        v_store = new_output((B, H, D, lk_pad), v_dtype, dev)
+        _quantize_v_kernel[(triton.cdiv(Lk, 64), B * H)](
+            v, v_mean, v_scale, v_store, *_bhd_strides(v), v_store.stride(1), v_store.stride(2),
+            H, Lk, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=64, TO_INT8=pv == "int8", INTERPRET=interpreting(),
+            num_warps=4)
+        v_out = v_store[..., :Lk]
+    else:
+        v_mean = v_scale = None
+        v_out = v if v.dtype in (torch.bfloat16, torch.float16) else v.to(torch.float16)
+    return Quantized8bit(q8, q_scale, k8, k_scale, bias, v_out, v_mean, v_scale, block_m, block_n)
+
+
+# The operand formats (q·kᵀ, P·V) of each 8-bit precision. Both use INT8 q·kᵀ: on Gaussian q/k it
+# errs ~3x less than e4m3 (7 bits of uniform steps in a block against 3 mantissa bits) and runs at
+# the same tensor-core rate. Both run P·V on 8-bit tensor cores too, at twice the 16-bit rate: "int8"
+# with block-max-relative INT8 P (~1.5% error on Gaussian data), "fp8" with e4m3 P (SageAttention2's
+# recipe, ~3.4%). `attention_8bit(..., qk=, pv=)` overrides either: pv="fp16" (16-bit P·V,
+# SageAttention's first recipe, ~1.2%) or qk="fp8".
+RECIPES = {"int8": ("int8", "int8"), "fp8": ("int8", "fp8")}
+PV_FORMATS = ("fp16", "int8", "fp8")
+
+
+@on_tensor_device
+def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: str, *,
+                   qk: str | None = None, pv: str | None = None,
+                   config: AttnConfig | None = None) -> torch.Tensor:
+    """8-bit attention with the operand formats of RECIPES[precision] ("int8" or "fp8"), or those
+    given: q·kᵀ in `qk` ("int8" or "fp8") after smoothing, P·V in `pv` (one of PV_FORMATS).
+    Output [B, Lq, H, D] in q's dtype."""
+    if precision not in RECIPES:
+        raise OpArgumentError(f"attention: 8-bit precision must be 'int8' or 'fp8', got {precision!r}")
+    qk = qk or RECIPES[precision][0]
+    pv = pv or RECIPES[precision][1]
+    if qk not in ("int8", "fp8"):
+        raise OpArgumentError(f"attention: qk must be 'int8' or 'fp8', got {qk!r}")
+    if pv not in PV_FORMATS:
+        raise OpArgumentError(f"attention: pv must be one of {PV_FORMATS}, got {pv!r}")
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    _block_d("attention", D)
+    _check_keys("attention", "k", Lk)
+    q, k, v = _unit_d(q, k, v)
+    out = new_output(q.shape, q.dtype, q.device)
+    if Lq == 0 or B * H == 0:
+        return out
+    cfg = config or pick_config("8bit", D)
+    x = quantize_for_attention(q, k, v, qk=qk, pv=pv, block_m=cfg.block_m, block_n=cfg.block_n)
+    return _launch_8bit(x, out, cfg)
+
+
+def _launch_8bit(x: Quantized8bit, out: torch.Tensor, cfg: AttnConfig):
+    B, H, Lq, D = x.q.shape
+    Lk = x.k.shape[2]
+    pv = "fp16" if x.v_scale is None else "int8" if x.v.dtype == torch.int8 else "fp8"
+    if pv != "fp16":
+        # [B, H, D, Lk] storage read as [B, Lk, H, D] tiles: (batch, key, head, channel) strides.
+        v_strides = (x.v.stride(0), x.v.stride(3), x.v.stride(1), x.v.stride(2))
+        v_mean, v_scale = x.v_mean, x.v_scale
+    else:
+        v_strides = (x.v.stride(0), x.v.stride(1), x.v.stride(2), x.v.stride(3))
+        v_mean = v_scale = x.q_scale  # placeholders, never read with 16-bit P·V
+    grid = (triton.cdiv(Lq, cfg.block_m), B * H)
+    LAST_COMPILED["attention_8bit"] = _attention_8bit_kernel[grid](
+        x.q, x.q_scale, x.k, x.k_scale, x.bias, x.v, v_mean, v_scale, out,
+        x.q.stride(0), x.q.stride(2), x.q.stride(1),
+        x.k.stride(0), x.k.stride(2), x.k.stride(1),
+        *v_strides,
+        *_bhd_strides(out),
+        H, Lq, Lk, x.q_scale.shape[2],
+        HEAD_DIM=D, BLOCK_D=_block_d("attention", D, DOT8_MIN_REDUCTION), BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, QK_INT8=x.q.dtype == torch.int8,
+        PV=pv, DOT_FP32=interpreting(), INTERPRET=interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def attention_from_quantized(x: Quantized8bit, out_dtype: torch.dtype,
+                             config: AttnConfig | None = None) -> torch.Tensor:
+    """Run the 8-bit kernel on operands already prepared by `quantize_for_attention` (for tests that
+    separate the kernel's arithmetic from the quantization error). Output [B, Lq, H, D]."""
+    B, H, Lq, D = x.q.shape
+    cfg = config or pick_config("8bit", D)
+    if (cfg.block_m, cfg.block_n) != (x.block_m, x.block_n):
+        raise OpArgumentError("attention: the config's blocks must match the quantization blocks")
+    out = new_output((B, Lq, H, D), out_dtype, x.q.device)
+    with tensor_device(out):
+        return _launch_8bit(x, out, cfg)
