@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor
+from .checks import FLOAT_DTYPES, OpArgumentError, check_rows_not_empty, check_shape, check_tensor
 
 NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
 ACT_NONE, ACT_GELU_TANH = 0, 1
@@ -42,9 +42,8 @@ def check_rows(op: str, x, weight, bias, shift, scale, norm: int, act: int, rows
                out_dtype: torch.dtype) -> None:
     """Raise OpArgumentError unless the rows kernel can run these arguments as given."""
     check_tensor(op, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_rows_not_empty(op, x)
     M, C = x.shape
-    if C == 0:
-        raise OpArgumentError(f"{op}: x has shape {tuple(x.shape)}; rows must not be empty")
     if x.stride(1) != 1 and C > 1:
         raise OpArgumentError(f"{op}: x must have unit column stride, got strides {x.stride()}")
     if norm not in (NORM_NONE, NORM_LAYER, NORM_RMS):

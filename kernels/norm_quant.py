@@ -17,16 +17,11 @@ from __future__ import annotations
 import torch
 
 from . import fused_spec
-from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor
+from .checks import FLOAT_DTYPES, check_rows_not_empty, check_shape, check_tensor
 from .norms import _layer_norm_modulate_torch, _layer_norm_torch
-from .quantize import QUANT_DTYPES, SCALE_FLOOR, quantize_rows
+from .quantize import SCALE_FLOOR, check_quant_dtype, quantize_rows
 from .registry import register, resolve
 from .triton_support import triton_runs_on
-
-
-def _check_dtype(op: str, dtype) -> None:
-    if dtype not in QUANT_DTYPES:
-        raise OpArgumentError(f"{op}: dtype must be one of {QUANT_DTYPES}, got {dtype}")
 
 
 # ---- adaLN: LN(x)·(1 + scale) + shift, quantized -----------------------------------------------------
@@ -56,10 +51,9 @@ def layer_norm_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch
     """
     op = "layer_norm_modulate_quant"
     check_tensor(op, "x", x, ndim=3, dtypes=FLOAT_DTYPES)
-    _check_dtype(op, dtype)
+    check_quant_dtype(op, dtype)
+    check_rows_not_empty(op, x)
     B, _, C = x.shape
-    if C == 0:
-        raise OpArgumentError(f"{op}: x has shape {tuple(x.shape)}; rows must not be empty")
     for name, p in (("shift", shift), ("scale", scale)):
         check_tensor(op, name, p, dtypes=(torch.float32,), device=x.device)
         check_shape(op, name, p, (B, C))
@@ -89,9 +83,8 @@ def layer_norm_quant(x: torch.Tensor, weight: torch.Tensor | None = None, bias: 
     (weight, bias [C] optional; biased variance, fp32 statistics). dtype: float8_e4m3fn or int8."""
     op = "layer_norm_quant"
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
-    _check_dtype(op, dtype)
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise OpArgumentError(f"{op}: x has shape {tuple(x.shape)}; rows must not be empty")
+    check_quant_dtype(op, dtype)
+    check_rows_not_empty(op, x)
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
             check_tensor(op, name, p, dtypes=FLOAT_DTYPES, device=x.device)

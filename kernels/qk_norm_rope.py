@@ -36,7 +36,7 @@ import torch
 from . import fused_spec
 from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor, float_out_dtype
 from .norms import _rms_norm_torch
-from .quantize import QUANT_DTYPES, SCALE_FLOOR, quantize_rows
+from .quantize import SCALE_FLOOR, check_quant_dtype, quantize_rows
 from .registry import register, resolve
 from .rope import _rope_torch
 from .triton_support import triton_runs_on
@@ -135,6 +135,5 @@ def qk_norm_rope_quant(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor,
     """As qk_norm_rope, then 8-bit codes (dtype int8 or float8_e4m3fn) with one fp32 scale per
     (batch, head, token): QuantizedQK(q [B, L, H, D], q_scale [B, H, L], k, k_scale)."""
     _check("qk_norm_rope_quant", q, k, weight_q, weight_k, cos, sin, heads)
-    if dtype not in QUANT_DTYPES:
-        raise OpArgumentError(f"qk_norm_rope_quant: dtype must be one of {QUANT_DTYPES}, got {dtype}")
+    check_quant_dtype("qk_norm_rope_quant", dtype)
     return resolve("qk_norm_rope_quant", backend, q.device)(q, k, weight_q, weight_k, cos, sin, heads, eps, dtype)

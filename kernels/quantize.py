@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fused_spec
-from .checks import FLOAT_DTYPES, OpArgumentError, check_tensor
+from .checks import FLOAT_DTYPES, OpArgumentError, check_rows_not_empty, check_tensor
 from .registry import register, resolve
 from .triton_support import triton_runs_on
 
@@ -63,13 +63,17 @@ def _quantize_per_token_torch(x: torch.Tensor, dtype: torch.dtype) -> tuple[torc
     return quantize_rows(x, dtype, SCALE_FLOOR)
 
 
+def check_quant_dtype(op: str, dtype: object) -> None:
+    """Raise unless `dtype` is one of the 8-bit code types."""
+    if dtype not in QUANT_DTYPES:
+        raise OpArgumentError(f"{op}: dtype must be one of {QUANT_DTYPES}, got {dtype}")
+
+
 def _check_rows(op: str, x: torch.Tensor, dtype: torch.dtype) -> None:
     """The checks of the per-token quantizing ops: x [M, K] float with K > 0, dtype 8-bit."""
     check_tensor(op, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    if dtype not in QUANT_DTYPES:
-        raise OpArgumentError(f"{op}: dtype must be one of {QUANT_DTYPES}, got {dtype}")
-    if x.shape[1] == 0:
-        raise OpArgumentError(f"{op}: x has shape {tuple(x.shape)}; rows must not be empty")
+    check_quant_dtype(op, dtype)
+    check_rows_not_empty(op, x)
 
 
 def quantize_per_token(x: torch.Tensor, dtype: torch.dtype, *,
