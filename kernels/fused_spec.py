@@ -81,27 +81,35 @@ def rows_outputs(x: torch.Tensor, out_dtype: torch.dtype, alloc) -> tuple[torch.
     return out, scale
 
 
-def check_qk(op: str, q, k, weight_q, weight_k, cos, sin, heads: int, out_dtype: torch.dtype) -> None:
+def check_qk_shapes(op: str, q, k, weight_q, weight_k, cos, sin, heads: int,
+                    weight_dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
+    """Raise OpArgumentError unless q and k [B, L, C] (one float dtype), the norm weights [C] and the
+    RoPE tables [L, head_dim/2] fp32 fit together, C being `heads` heads of an even head_dim."""
     check_tensor(op, "q", q, ndim=3, dtypes=FLOAT_DTYPES)
     B, L, C = q.shape
     check_tensor(op, "k", k, ndim=3, dtypes=(q.dtype,), device=q.device)
     check_shape(op, "k", k, (B, L, C))
-    for name, t in (("q", q), ("k", k)):
-        if t.stride(2) != 1 and C > 1:
-            raise OpArgumentError(f"{op}: {name} must have unit channel stride, got strides {t.stride()}")
-    if heads <= 0 or C % heads:
+    if not isinstance(heads, int) or heads <= 0 or C % heads:
         raise OpArgumentError(f"{op}: width {C} is not a multiple of heads={heads}")
     D = C // heads
     if D % 2:
         raise OpArgumentError(f"{op}: head_dim {D} must be even (RoPE rotates channel pairs)")
     for name, w in (("weight_q", weight_q), ("weight_k", weight_k)):
-        check_tensor(op, name, w, dtypes=(torch.float32,), device=q.device)
+        check_tensor(op, name, w, dtypes=weight_dtypes, device=q.device)
         check_shape(op, name, w, (C,))
-        if not w.is_contiguous():
-            raise OpArgumentError(f"{op}: {name} must be contiguous")
     for name, t in (("cos", cos), ("sin", sin)):
         check_tensor(op, name, t, dtypes=(torch.float32,), device=q.device)
         check_shape(op, name, t, (L, D // 2))
+
+
+def check_qk(op: str, q, k, weight_q, weight_k, cos, sin, heads: int, out_dtype: torch.dtype) -> None:
+    """check_qk_shapes, and what the kernels add: fp32 contiguous weights and tables, unit channel
+    strides, an output dtype they write."""
+    check_qk_shapes(op, q, k, weight_q, weight_k, cos, sin, heads, weight_dtypes=(torch.float32,))
+    for name, t in (("q", q), ("k", k)):
+        if t.stride(2) != 1 and t.shape[2] > 1:
+            raise OpArgumentError(f"{op}: {name} must have unit channel stride, got strides {t.stride()}")
+    for name, t in (("weight_q", weight_q), ("weight_k", weight_k), ("cos", cos), ("sin", sin)):
         if not t.is_contiguous():
             raise OpArgumentError(f"{op}: {name} must be contiguous")
     if out_dtype not in OUT_DTYPES:

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from . import fused_spec
-from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor, float_out_dtype
+from .checks import float_out_dtype
 from .norms import _rms_norm_torch
 from .quantize import SCALE_FLOOR, check_quant_dtype, quantize_rows
 from .registry import register, resolve
@@ -98,24 +98,6 @@ for _backend, _runs_on in (("triton", triton_runs_on), ("cuda", fused_spec.cuda_
     register("qk_norm_rope_quant", _backend, _runs_on)(_kernel_quant(_backend))
 
 
-def _check(op, q, k, weight_q, weight_k, cos, sin, heads):
-    check_tensor(op, "q", q, ndim=3, dtypes=FLOAT_DTYPES)
-    B, L, C = q.shape
-    check_tensor(op, "k", k, ndim=3, dtypes=(q.dtype,), device=q.device)
-    check_shape(op, "k", k, (B, L, C))
-    if not isinstance(heads, int) or heads <= 0 or C % heads:
-        raise OpArgumentError(f"{op}: width {C} is not a multiple of heads={heads}")
-    D = C // heads
-    if D % 2:
-        raise OpArgumentError(f"{op}: head_dim {D} must be even (RoPE rotates channel pairs)")
-    for name, w in (("weight_q", weight_q), ("weight_k", weight_k)):
-        check_tensor(op, name, w, dtypes=FLOAT_DTYPES, device=q.device)
-        check_shape(op, name, w, (C,))
-    for name, table in (("cos", cos), ("sin", sin)):
-        check_tensor(op, name, table, dtypes=(torch.float32,), device=q.device)
-        check_shape(op, name, table, (L, D // 2))
-
-
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, *, heads: int, eps: float,
                  out_dtype: torch.dtype | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +106,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weigh
     Full-width RMSNorm with weight_q / weight_k [C], then RoPE by cos/sin [L, D/2] fp32 on interleaved
     pairs; fp32 throughout, out_dtype (default q.dtype) at the end. See the module docstring.
     """
-    _check("qk_norm_rope", q, k, weight_q, weight_k, cos, sin, heads)
+    fused_spec.check_qk_shapes("qk_norm_rope", q, k, weight_q, weight_k, cos, sin, heads)
     out_dtype = float_out_dtype("qk_norm_rope", out_dtype, q.dtype)
     return resolve("qk_norm_rope", backend, q.device)(q, k, weight_q, weight_k, cos, sin, heads, eps, out_dtype)
 
@@ -134,6 +116,6 @@ def qk_norm_rope_quant(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor,
                        backend: str = "auto") -> QuantizedQK:
     """As qk_norm_rope, then 8-bit codes (dtype int8 or float8_e4m3fn) with one fp32 scale per
     (batch, head, token): QuantizedQK(q [B, L, H, D], q_scale [B, H, L], k, k_scale)."""
-    _check("qk_norm_rope_quant", q, k, weight_q, weight_k, cos, sin, heads)
+    fused_spec.check_qk_shapes("qk_norm_rope_quant", q, k, weight_q, weight_k, cos, sin, heads)
     check_quant_dtype("qk_norm_rope_quant", dtype)
     return resolve("qk_norm_rope_quant", backend, q.device)(q, k, weight_q, weight_k, cos, sin, heads, eps, dtype)
