@@ -29,6 +29,16 @@ cd "$(dirname "$0")/.."
 command -v nvidia-smi >/dev/null || {
     echo "gpu_check: no NVIDIA driver here (nvidia-smi not found); run it on a CUDA machine"; exit 1; }
 start=$SECONDS
+# Whatever still runs when the script ends (stopped by a signal: bash runs the EXIT trap then too) is
+# stopped with it: a test run or the CUDA build left going would hold the GPU for the next command.
+# The `timeout`s below run --foreground, in the script's process group, so that a signal sent to the
+# group reaches them too.
+kill_tree() {
+    local child
+    for child in $(pgrep -P "$1" 2>/dev/null); do kill_tree "$child"; done
+    [ "$1" = $$ ] || kill "$1" 2>/dev/null
+}
+trap 'kill_tree $$' EXIT
 out=${WORK:-.gpu_check}
 mkdir -p "$out" && out=$(cd "$out" && pwd -P)  # absolute: pytest-benchmark's file:// storage needs it
 py=${PYTHON:-python3}
@@ -75,12 +85,8 @@ if [ ! -f "$out/gpu.txt" ] || [ "$("$py" -c 'import dit8, pathlib; print(pathlib
 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
     # For this GPU's architecture, beside the first stage: tests that need the module wait for it (a
     # file lock), the others go on.
-    timeout 300 "$py" -m dit8.kernels.cuda_ext build >"$out/cuda_build.log" 2>&1 &
+    timeout --foreground 300 "$py" -m dit8.kernels.cuda_ext build >"$out/cuda_build.log" 2>&1 &
     build_pid=$!
-    # Stopped with the script, not left building on its own.
-    trap 'kill "$build_pid" 2>/dev/null' EXIT
-    trap 'exit 143' TERM
-    trap 'exit 130' INT
 fi
 
 # Seconds the next command may run: what is left of its stage's time (STAGE_LIMIT, default 540 s; the
@@ -113,7 +119,7 @@ limited() {
     left=$(seconds_left)
     [ "$left" -lt 10 ] && { echo "not run (its time is spent): $*"; cut_short "not run: $*"; return 124; }
     local started=$SECONDS
-    timeout -k 20 -s INT "$left" "$@"
+    timeout --foreground -k 20 -s INT "$left" "$@"
     rc=$?
     # 124: stopped by its SIGINT; 137: killed 20 s later, or killed for memory before its time was up.
     if [ "$rc" -eq 124 ] || { [ "$rc" -eq 137 ] && [ $((SECONDS - started)) -ge "$left" ]; }; then

@@ -108,6 +108,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     folder_config = files.root / "config.json"
     dit = open_dit(files.dit, config_json=folder_config if folder_config.is_file() else None)
     tokenizer = Tokenizer.from_folder(files.tokenizer, text_len=dit.config.text_len)
+    dit.checkpoint.close()  # read again by the load; a .pth one may hold its tensors until closed
     check_prompt(tokenizer, args.prompt, "--prompt")
     if args.negative_prompt is not None:
         check_prompt(tokenizer, args.negative_prompt, "--negative-prompt", allow_empty=True)

@@ -208,7 +208,8 @@ def find_model_files(path: str | Path, *, dit: str | Path | None = None, scheme:
         raise CheckpointError(f"{root}: no such model folder")
     if root.is_file():
         if root.suffix not in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES):
-            raise CheckpointError(f"{root}: neither a model folder nor a DiT checkpoint (.safetensors, .pth)")
+            raise CheckpointError(f"{root}: neither a model folder nor a DiT checkpoint "
+                                  f"({', '.join((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))})")
         if dit is None:
             dit = root
         root = root.parent

@@ -397,8 +397,10 @@ def test_a_per_block_folder_replacing_a_file_leaves_no_stale_report(tmp_path, i2
     convert(src, dst, progress=False)
     stale = tmp_path / "o.safetensors.quant_report.json"
     assert stale.is_file()
-    with pytest.raises(ConvertError, match="already exists"):
+    dst.unlink()  # only the report is left: it still needs --force
+    with pytest.raises(ConvertError, match=r"o\.safetensors\.quant_report\.json: already exists"):
         convert(src, dst, per_block=True, progress=False)
+    convert(src, dst, progress=False, force=True)
     convert(src, dst, per_block=True, force=True, progress=False)
     assert dst.is_dir() and (dst / "quant_report.json").is_file() and not stale.exists()
 

@@ -2,7 +2,7 @@
 fp32, on a mid-size model at the real 480P token count (dim 1024, 8 heads of 128, 8 blocks, patch grid
 21 x 30 x 52 = 32,760 tokens, 512 text and 257 image keys); and the profiler's view of its data flow.
 
-Every model of one seed shares its float weights (dit8.bench_dit draws each tensor from its own
+Every model of one seed shares its float weights (dit8.random_dit draws each tensor from its own
 generator); 8-bit models hold those weights quantized per output channel. The references:
 - ref: float weights, torch backend, fp32 compute;
 - W8A8 emulation: the same 8-bit weights on the torch backend in fp32 (activations quantized per token

@@ -482,6 +482,8 @@ def test_fused_ops_under_torch_compile_and_cuda_graphs(backend):
     torch.cuda.current_stream().wait_stream(stream)
     with torch.cuda.graph(graph):
         captured = step(x, q, k)
+    graph.replay()  # capture only records: the outputs hold values once the graph has run
+    torch.cuda.synchronize()
     before = [c.clone() for c in captured]
     for t in (x, q, k):  # new values in the captured input buffers (q and k are views of one tensor)
         t.copy_(torch.randn_like(t))
