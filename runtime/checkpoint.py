@@ -243,6 +243,14 @@ def _refuse_model_folder(folder: Path, files: list[Path]) -> None:
                               "DiT file or folder, or use dit8.I2VPipeline / `dit8 generate --model`")
 
 
+def open_weights_file(path: str | Path, what: str, usual_name: str) -> Checkpoint:
+    """open_checkpoint for the single-file weights of an encoder or the VAE: a folder (a model folder,
+    say, whose DiT shards would be read in its place) is refused, naming the file wanted."""
+    if Path(path).is_dir():
+        raise CheckpointError(f"{path}: a folder; give the {what} file itself ({usual_name})")
+    return open_checkpoint(path)
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint file or folder without reading tensor data.
 

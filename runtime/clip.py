@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Checkpoint, open_checkpoint
-from .errors import CheckpointError
-from .errors import InputError
+from .checkpoint import Checkpoint, open_weights_file
+from .errors import CheckpointError, InputError
+from .model_folder import CLIP_FILE
 from .t5 import Linear, load_encoder_weights
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "CLIPVisionConfig", "CLIPVisionEncoder"]
@@ -173,7 +173,7 @@ class CLIPVisionEncoder(nn.Module):
 
         Raises CheckpointError naming the file and key for a missing, unexpected or mis-shaped tensor.
         """
-        with open_checkpoint(path) as ckpt:
+        with open_weights_file(path, "CLIP encoder", CLIP_FILE) as ckpt:
             config = CLIPVisionConfig.from_checkpoint(ckpt, num_heads=num_heads)
             model = cls(config, device=device, dtype=dtype)
             last = f"{PREFIX}transformer.{config.num_layers - 1}."

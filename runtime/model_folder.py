@@ -145,7 +145,7 @@ def _find_dit(root: Path, scheme: str | None) -> tuple[str, Path, str, bool]:
         return "official", root, "bf16", False  # shards under another index name
     # A folder that is itself a DiT variant (the user pointed at distill_fp8/, say).
     if root.name in DIT_SUBFOLDERS:
-        if (root / "distill_model.safetensors").is_file():
+        if (root / "distill_model.safetensors").is_file() and scheme in (None, "bf16"):
             return root.name, root / "distill_model.safetensors", "bf16", True
         if any(root.glob("*.safetensors")):
             s = "int8" if "int8" in root.name else "fp8" if "fp8" in root.name else "bf16"

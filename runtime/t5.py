@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Checkpoint, open_checkpoint
-from .errors import CheckpointError
-from .errors import InputError
+from .checkpoint import Checkpoint, open_weights_file
+from .errors import CheckpointError, InputError
+from .model_folder import T5_FILE
 
 __all__ = ["T5Config", "T5Encoder", "load_encoder_weights"]
 
@@ -210,7 +210,7 @@ class T5Encoder(nn.Module):
 
         Raises CheckpointError naming the file and key for a missing, unexpected or mis-shaped tensor.
         """
-        with open_checkpoint(path) as ckpt:
+        with open_weights_file(path, "T5 encoder", T5_FILE) as ckpt:
             model = cls(T5Config.from_checkpoint(ckpt), device=device, dtype=dtype)
             load_encoder_weights(model, ckpt)
         return model.eval()

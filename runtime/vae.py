@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import open_checkpoint
-from .errors import CheckpointError
-from .errors import InputError
+from .checkpoint import open_weights_file
+from .errors import CheckpointError, InputError
+from .model_folder import VAE_FILE
 
 __all__ = ["LATENT_MEAN", "LATENT_STD", "VAEConfig", "WanVAE", "decode_memory", "decoder_halo"]
 
@@ -344,9 +344,7 @@ class WanVAE(nn.Module):
         """Load `Wan2.1_VAE.pth` (or a .safetensors with the same keys). Dimensions are read from the
         tensor shapes; missing, unexpected or mis-shaped tensors raise CheckpointError naming the file
         and the key."""
-        if Path(path).is_dir():
-            raise CheckpointError(f"{path}: a folder; give the VAE file itself (Wan2.1_VAE.pth)")
-        with open_checkpoint(path) as ckpt:
+        with open_weights_file(path, "VAE", VAE_FILE) as ckpt:
             shapes = {key: info.shape for key, info in ckpt.infos.items()}
             config = config_from_shapes(shapes, source=str(ckpt.path))
             return cls._build(config, shapes, ckpt.read, source=str(ckpt.path), device=device, dtype=dtype)
@@ -379,7 +377,13 @@ class WanVAE(nn.Module):
             more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
             raise CheckpointError(f"{source}: unexpected tensor {extra[0]!r}{more}: not part of a Wan VAE "
                                   f"with {config}")
-        state = {key: read(key).to(device=device, dtype=dtype) for key in expected}
+        state = {}
+        for key in expected:
+            t = read(key)
+            if not t.is_floating_point() or t.element_size() < 2:  # int8 / fp8 codes would be cast as numbers
+                raise CheckpointError(f"{source}: tensor {key!r} has dtype {t.dtype}; the VAE reads unquantized "
+                                      f"float weights")
+            state[key] = t.to(device=device, dtype=dtype)
         model.load_state_dict(state, assign=True)
         return model.eval().requires_grad_(False)
 

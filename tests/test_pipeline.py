@@ -373,6 +373,9 @@ def test_pointing_at_a_dit_subfolder_or_file(tmp_path):
         tmp_path / "distill_fp8", "fp8", True, tmp_path / T5_FILE)
     found = find_model_files(tmp_path / "distill_models" / "distill_model.safetensors")
     assert found.dit == tmp_path / "distill_models" / "distill_model.safetensors" and found.distilled
+    # A scheme the subfolder does not hold is an error, not its float DiT.
+    with pytest.raises(CheckpointError, match="no fp8 DiT found"):
+        find_model_files(tmp_path / "distill_models", scheme="fp8")
 
 
 def test_dit_override_and_the_distilled_rule(tmp_path):

@@ -88,7 +88,8 @@ def test_initial_noise_is_reproducible():
     assert not torch.equal(initial_noise((2, 3), 5), initial_noise((2, 3), 6))
 
 
-@pytest.mark.parametrize("kwargs", [{"update": "euler"}, {"steps": (250, 500)}, {"steps": ()}, {"steps": (1001,)}])
+@pytest.mark.parametrize("kwargs", [{"update": "euler"}, {"steps": (250, 500)}, {"steps": ()}, {"steps": (1001,)},
+                                    {"steps": (1000, 1000, 500)}])
 def test_invalid_settings(kwargs):
     with pytest.raises(ValueError):
         DistilledSampler(**kwargs)

@@ -106,6 +106,11 @@ def test_quantized_tensor_refused(tmp_path, weights):
     assert "blocks.0.attn.k.weight" in load_error(path)
 
 
+def test_a_model_folder_is_not_a_t5_file(tmp_path):
+    # An official model folder holds DiT shards: they must not be read as the encoder.
+    assert "a folder; give the T5 encoder file itself (models_t5_umt5-xxl-enc-bf16.pth)" in load_error(tmp_path)
+
+
 def test_not_a_t5_file(tmp_path, weights):
     assert "umT5" in load_error(save({"something.weight": torch.zeros(2, 2)}, tmp_path / "other.pth"))
     w = {k: v for k, v in weights.items() if k != "token_embedding.weight"}

@@ -124,6 +124,18 @@ def test_missing_encoder_time_conv_is_named(tmp_path, weights):
     assert path in msg and "'encoder.downsamples.5.time_conv.weight'" in msg
 
 
+def test_quantized_tensor_refused(tmp_path, weights):
+    broken = dict(weights)
+    broken["decoder.head.2.weight"] = weights["decoder.head.2.weight"].to(torch.int8)
+    msg, path = load_error(tmp_path, broken)
+    assert msg.startswith(f"{path}: tensor 'decoder.head.2.weight' has dtype torch.int8")
+
+
+def test_a_folder_is_not_a_vae_file(tmp_path):
+    with pytest.raises(CheckpointError, match="a folder; give the VAE file itself"):
+        WanVAE.from_pth(tmp_path, device="cpu")
+
+
 def test_unexpected_tensor(tmp_path, weights):
     msg, path = load_error(tmp_path, {**weights, "decoder.head.3.weight": torch.zeros(3)})
     assert path in msg and "unexpected" in msg and "'decoder.head.3.weight'" in msg
