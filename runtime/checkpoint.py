@@ -122,8 +122,6 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
             if "mmap" not in str(err):
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except CheckpointError:
-        raise
     except Exception as err:  # torch raises many types for corrupt or unsafe pickles
         detail = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
         if not zipfile.is_zipfile(path):
@@ -151,7 +149,8 @@ class Checkpoint:
         return list(self.infos)
 
     def read(self, key: str) -> torch.Tensor:
-        """Read one tensor into CPU memory (its file is memory-mapped; only this tensor is touched)."""
+        """Read one tensor into CPU memory (safetensors and zip-format .pth files are memory-mapped: only
+        this tensor is touched; a legacy pickle was read whole when opened)."""
         info = self.infos[key]
         handle = self._handles.get(info.file)
         if info.file.suffix == SAFETENSORS_SUFFIX:
@@ -274,7 +273,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                 files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
                 _refuse_model_folder(path, files)
             if not files:
-                raise CheckpointError(f"{path}: no {SAFETENSORS_SUFFIX} or .pth files in this folder")
+                raise CheckpointError(f"{path}: no {SAFETENSORS_SUFFIX} or {'/'.join(PICKLE_SUFFIXES)} files in "
+                                      f"this folder")
             infos, metadata = _merge(files, handles)
         folder = path
     else:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .errors import InputError
 from .tokenizer import Tokenizer, clean_prompt
 
-if TYPE_CHECKING:  # the encoders import this module's helpers
+if TYPE_CHECKING:  # for the annotations only: conditioning needs none of them at import
     from .clip import CLIPVisionEncoder
     from .t5 import T5Encoder
     from .vae import WanVAE

@@ -94,7 +94,7 @@ class WanConfig:
 
 
 # Fields of the official (WanModel) and diffusers (WanTransformer3DModel) config.json files that
-# correspond to WanConfig fields. Values are compared after the given conversion.
+# correspond to WanConfig fields.
 _OFFICIAL_FIELDS = {
     "dim": "dim", "ffn_dim": "ffn_dim", "num_heads": "num_heads", "num_layers": "num_layers",
     "in_dim": "in_dim", "out_dim": "out_dim", "freq_dim": "freq_dim", "text_dim": "text_dim",
@@ -108,7 +108,8 @@ _DIFFUSERS_FIELDS = {
 
 
 def config_json_values(raw: Mapping) -> dict:
-    """WanConfig field values stated by an official or diffusers config.json (only those present)."""
+    """WanConfig field values stated by an official or diffusers config.json (only those present), and
+    "variant" where an official one names its model_type."""
     diffusers = "num_attention_heads" in raw or "in_channels" in raw
     table = _DIFFUSERS_FIELDS if diffusers else _OFFICIAL_FIELDS
     values = {ours: raw[theirs] for theirs, ours in table.items() if theirs in raw}
@@ -142,7 +143,9 @@ def check_against_config_json(config: WanConfig, raw: Mapping, source: Path) -> 
             f"{source}: model_type {raw['model_type']!r} disagrees with the weights, which are {config.variant}")
     adopt = {k: stated.pop(k) for k in ("num_heads", "eps", "text_len") if k in stated}
     if stated.get("clip_dim", config.clip_dim) is None and config.clip_dim is not None:
-        stated.pop("clip_dim")  # diffusers writes image_dim: null for T2V only
+        # image_dim: null beside I2V weights is taken as not stated (in_channels, checked below, already
+        # tells I2V from T2V).
+        stated.pop("clip_dim")
     for field, value in stated.items():
         if getattr(config, field) != value:
             raise CheckpointError(

@@ -1,4 +1,5 @@
-"""The 4-step distilled flow-matching sampler of LightX2V's StepDistill + CfgDistill Wan2.1 models.
+"""The 4-step distilled flow-matching sampler of LightX2V's StepDistill + CfgDistill Wan2.1 models, and
+what every flow-matching sampler here shares (the denoiser type, the σ shift, the seeded noise).
 
 Latent path x_σ = (1 − σ)·x0 + σ·ε; the model predicts v = ε − x0, so x0 = x − σ·v. No guidance: one
 model call per step.

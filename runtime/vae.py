@@ -46,7 +46,7 @@ LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
 # What causal layers remember between chunks, keyed by the layer itself; one per encode/decode call
 # (or per decode tile), so a model holds no state and can serve several calls.
 Cache = dict[nn.Module, torch.Tensor | None]
-# progress(done, total): called after each latent frame (per tile when tiling).
+# progress(done, total): called after each chunk of latent frames (of each tile when tiling).
 ProgressFn = Callable[[int, int], None]
 
 
@@ -444,7 +444,7 @@ class WanVAE(nn.Module):
           faster on a GPU and costs memory);
         - `output_device`: where the output video is assembled (e.g. "cpu" to keep it off the GPU).
         `decode_memory` estimates the peak for a given choice. `progress(done, total)` is called after
-        each latent frame of each tile.
+        each chunk of each tile (`done` and `total` count latent frames over all tiles).
         """
         cfg = self.config
         if latents.ndim != 5 or latents.shape[1] != cfg.z_dim:
