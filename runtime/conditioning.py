@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # for the annotations only: conditioning needs none of them a
     from .vae import WanVAE
 
 __all__ = ["AREA_480P", "check_frames", "check_prompt", "check_size", "clip_features", "frame_mask",
-           "image_condition", "image_tensor", "latent_shape", "output_size", "prompt_length", "read_image",
+           "image_condition", "image_tensor", "latent_shape", "output_size", "read_image",
            "resize_image", "text_features", "vae_input"]
 
 AREA_480P = 480 * 832  # the official "832*480" / "480*832" max area
@@ -201,11 +201,6 @@ def clip_features(clip: CLIPVisionEncoder, image: torch.Tensor) -> torch.Tensor:
     return clip.encode(image[None])
 
 
-def prompt_length(tokenizer: Tokenizer, prompt: str) -> int:
-    """Tokens of the cleaned prompt, without truncation and without the EOS."""
-    return len(tokenizer.tokenizer.encode(clean_prompt(prompt), add_special_tokens=False).ids)
-
-
 def check_prompt(tokenizer: Tokenizer, prompt: Any, name: str = "prompt", *, allow_empty: bool = False) -> str:
     """A prompt must be a string, not empty after cleaning (unless allowed), and fit the text encoder's
     text_len − 1 tokens plus EOS. Longer prompts are refused rather than cut short silently (the
@@ -214,7 +209,7 @@ def check_prompt(tokenizer: Tokenizer, prompt: Any, name: str = "prompt", *, all
         raise InputError(f"{name} must be a string, got {type(prompt).__name__}")
     if not allow_empty and not clean_prompt(prompt):
         raise InputError(f"{name} is empty")
-    n, limit = prompt_length(tokenizer, prompt), tokenizer.text_len - 1
+    n, limit = tokenizer.count_tokens(prompt), tokenizer.text_len - 1
     if n > limit:
         raise InputError(f"{name} is {n} tokens long; the text encoder takes at most {limit} (plus the end "
                          f"token): shorten it")

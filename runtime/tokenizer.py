@@ -93,6 +93,10 @@ class Tokenizer:
                 raise CheckpointError(f"{file}: has no token {token!r} (the {name})")
         return cls(tokenizer, eos_id=ids["eos_token"], pad_id=ids["pad_token"], text_len=text_len)
 
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens of the cleaned prompt, without truncation and without the EOS."""
+        return len(self.tokenizer.encode(clean_prompt(prompt), add_special_tokens=False).ids)
+
     def __call__(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if isinstance(prompts, str):
             prompts = [prompts]
