@@ -13,6 +13,7 @@ import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -284,3 +285,33 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: holds no tensors")
     config_json = folder / "config.json"
     return Checkpoint(path, infos, metadata, config_json if config_json.is_file() else None, handles)
+
+
+def load_encoder_weights(module: torch.nn.Module, ckpt: Checkpoint, *, prefix: str = "",
+                         skip: Callable[[str], bool] = lambda key: False) -> None:
+    """Copy every tensor of `module.state_dict()` from `ckpt` key `prefix + name`, one at a time,
+    converting to the module's dtype and device. Keys the module does not hold are an error unless
+    `skip(key)` says they are known and unused.
+
+    Raises CheckpointError naming the file and key for a missing, unexpected, non-float or mis-shaped
+    tensor; nothing is copied before every key and shape has been checked.
+    """
+    targets = module.state_dict(keep_vars=True)
+    for key, info in ckpt.infos.items():
+        name = key[len(prefix):] if key.startswith(prefix) else None
+        if name in targets:
+            want = tuple(targets[name].shape)
+            if info.shape != want:
+                raise CheckpointError(f"{info.file}: tensor {key!r} has shape {info.shape}, expected {want}")
+            if not info.dtype.is_floating_point or info.dtype.itemsize < 2:
+                raise CheckpointError(f"{info.file}: tensor {key!r} has dtype {info.dtype}; only unquantized "
+                                      f"float weights are supported")
+        elif not skip(key):
+            raise CheckpointError(f"{info.file}: unexpected tensor {key!r}")
+    missing = [prefix + name for name in targets if prefix + name not in ckpt.infos]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{ckpt.path}: missing tensor {missing[0]!r}{more}")
+    with torch.no_grad():
+        for name, target in targets.items():
+            target.copy_(ckpt.read(prefix + name))

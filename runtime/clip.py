@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Checkpoint, open_weights_file
+from .checkpoint import Checkpoint, load_encoder_weights, open_weights_file
 from .errors import CheckpointError, InputError
 from .model_folder import CLIP_FILE
-from .t5 import Linear, load_encoder_weights
+from .t5 import Linear
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "CLIPVisionConfig", "CLIPVisionEncoder"]
 

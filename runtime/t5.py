@@ -19,17 +19,16 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Checkpoint, open_weights_file
+from .checkpoint import Checkpoint, load_encoder_weights, open_weights_file
 from .errors import CheckpointError, InputError
 from .model_folder import T5_FILE
 
-__all__ = ["T5Config", "T5Encoder", "load_encoder_weights"]
+__all__ = ["T5Config", "T5Encoder"]
 
 
 @dataclass(frozen=True)
@@ -241,33 +240,3 @@ class T5Encoder(nn.Module):
         for block in self.blocks:
             x = block(x, buckets, masked)
         return self.norm(x, self.dtype)
-
-
-def load_encoder_weights(module: nn.Module, ckpt: Checkpoint, *, prefix: str = "",
-                         skip: Callable[[str], bool] = lambda key: False) -> None:
-    """Copy every tensor of `module.state_dict()` from `ckpt` key `prefix + name`, one at a time,
-    converting to the module's dtype and device. Keys the module does not hold are an error unless
-    `skip(key)` says they are known and unused.
-
-    Raises CheckpointError naming the file and key for a missing, unexpected, non-float or mis-shaped
-    tensor; nothing is copied before every key and shape has been checked.
-    """
-    targets = module.state_dict(keep_vars=True)
-    for key, info in ckpt.infos.items():
-        name = key[len(prefix):] if key.startswith(prefix) else None
-        if name in targets:
-            want = tuple(targets[name].shape)
-            if info.shape != want:
-                raise CheckpointError(f"{info.file}: tensor {key!r} has shape {info.shape}, expected {want}")
-            if not info.dtype.is_floating_point or info.dtype.itemsize < 2:
-                raise CheckpointError(f"{info.file}: tensor {key!r} has dtype {info.dtype}; only unquantized "
-                                      f"float weights are supported")
-        elif not skip(key):
-            raise CheckpointError(f"{info.file}: unexpected tensor {key!r}")
-    missing = [prefix + name for name in targets if prefix + name not in ckpt.infos]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{ckpt.path}: missing tensor {missing[0]!r}{more}")
-    with torch.no_grad():
-        for name, target in targets.items():
-            target.copy_(ckpt.read(prefix + name))
