@@ -2,7 +2,8 @@
 
 Reads a single `.safetensors` file (memory-mapped), a `.pth`/`.pt` file (torch.load with
 weights_only=True, memory-mapped when it is a zip checkpoint), a folder of shards with an index json,
-or a folder of files (per-block checkpoints). Nothing is loaded until `read(key)`.
+or a folder of files (per-block checkpoints). Nothing is loaded until `read(key)`. `load_encoder_weights`
+copies such a file into a module's buffers, checked first (the T5 and CLIP encoders load through it).
 """
 
 from __future__ import annotations
