@@ -195,11 +195,18 @@ class VideoFile(FramesShape):
 
 def read_video(path: str | Path) -> VideoFile:
     """Decode every frame of the first video stream of `path` to RGB."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-        fps = float(stream.average_rate) if stream.average_rate else float("nan")
-        codec, pix_fmt = stream.codec_context.name, stream.codec_context.pix_fmt
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"{path}: no video stream in it")
+            stream = container.streams.video[0]
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            fps = float(stream.average_rate) if stream.average_rate else float("nan")
+            codec, pix_fmt = stream.codec_context.name, stream.codec_context.pix_fmt
+    except InputError:
+        raise
+    except Exception as err:  # PyAV's own error types, for a missing or undecodable file
+        raise InputError(f"{path}: cannot read the video ({getattr(err, 'strerror', None) or err})") from None
     if not frames:
         raise InputError(f"{path}: no video frames")
     return VideoFile(np.stack(frames), fps, codec, pix_fmt)

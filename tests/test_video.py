@@ -73,6 +73,14 @@ def test_png_frames(tmp_path):
         assert np.array_equal(read_png(path), frame)  # lossless
 
 
+def test_unreadable_videos_are_input_errors(tmp_path):
+    (tmp_path / "notes.mp4").write_text("not a video")
+    for path, message in [(tmp_path / "missing.mp4", "cannot read the video"),
+                          (tmp_path / "notes.mp4", "cannot read the video")]:
+        with pytest.raises(InputError, match=f"{path.name}: {message}"):
+            read_video(path)
+
+
 def test_decoded_video_to_mp4(tmp_path):
     """The VAE's output layout [1, 3, F, H, W] in [-1, 1] goes to a file with 4k+1 frames."""
     vae = WanVAE.from_state_dict(random_vae_weights(tiny_vae_config(dim=4), seed=1))
