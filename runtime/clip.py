@@ -65,8 +65,9 @@ class CLIPVisionConfig:
         return (self.image_size // self.patch_size) ** 2 + 1
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, **fixed) -> "CLIPVisionConfig":
-        """Read the dimensions from the tensor shapes of a checkpoint under open-clip/Wan key names."""
+    def from_checkpoint(cls, ckpt: Checkpoint, **fixed: int) -> "CLIPVisionConfig":
+        """Read the dimensions from the tensor shapes of a checkpoint under open-clip/Wan key names;
+        `fixed` gives those the shapes do not record (num_heads)."""
         def shape(key: str) -> tuple[int, ...]:
             if PREFIX + key not in ckpt.infos:
                 raise CheckpointError(f"{ckpt.path}: missing tensor {PREFIX + key!r}; not a Wan CLIP checkpoint")

@@ -223,4 +223,4 @@ def text_features(tokenizer: Tokenizer, t5: T5Encoder, prompt: str) -> torch.Ten
     on all text_len and cutting afterwards; the DiT zero-pads back to text_len."""
     ids, mask, lengths = tokenizer(prompt)
     length = int(lengths.max())
-    return t5(ids[:, :length], mask[:, :length])[:, :length]
+    return t5(ids[:, :length], mask[:, :length])

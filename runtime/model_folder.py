@@ -51,8 +51,6 @@ TOKENIZER_FOLDER = "google/umt5-xxl"
 TOKENIZER_FILE = "tokenizer.json"
 OFFICIAL_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
-# SCHEMES: "bf16" means the float DiT (the official shards are fp32), "fp8" and "int8" the quantized ones.
-
 # (kind, path below the model folder, scheme, distilled), in the order they are preferred. A folder
 # kind counts when it holds .safetensors files; with `scheme=None` the first present one is taken:
 # float before fp8 before int8, and LightX2V's distilled DiT before the official shards (a distilled

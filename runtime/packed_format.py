@@ -51,7 +51,7 @@ METADATA_KEYS = (KEY_FORMAT, KEY_FORMAT_VERSION, KEY_CONFIG, KEY_SCHEME, KEY_DTY
                  KEY_LORA, KEY_SOURCE_LAYOUT, KEY_SOURCE_DIGEST, KEY_TOOL_VERSION)
 
 QUANT_SCHEMES = ("fp8", "int8")
-SCHEMES = ("bf16",) + QUANT_SCHEMES  # "bf16": the float weights
+SCHEMES = ("bf16",) + QUANT_SCHEMES  # "bf16": the float weights (of a model folder: its float DiT)
 WEIGHT_SCALE_SUFFIX = ".weight_scale"
 
 # File names of the per-block layout.

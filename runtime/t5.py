@@ -51,7 +51,7 @@ class T5Config:
             raise ValueError(f"dim_attn {self.dim_attn} is not a multiple of num_heads {self.num_heads}")
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, **fixed) -> "T5Config":
+    def from_checkpoint(cls, ckpt: Checkpoint) -> "T5Config":
         """Read the dimensions from the tensor shapes of a checkpoint under Wan's key names."""
         def shape(key: str) -> tuple[int, ...]:
             if key not in ckpt.infos:
@@ -64,9 +64,9 @@ class T5Config:
         try:
             vocab, dim = shape("token_embedding.weight")
             num_buckets, num_heads = shape("blocks.0.pos_embedding.embedding.weight")
-            return cls(**{**dict(vocab=vocab, dim=dim, dim_attn=shape("blocks.0.attn.q.weight")[0],
-                                 dim_ffn=shape("blocks.0.ffn.fc1.weight")[0], num_heads=num_heads,
-                                 num_layers=max(layers) + 1, num_buckets=num_buckets), **fixed})
+            return cls(vocab=vocab, dim=dim, dim_attn=shape("blocks.0.attn.q.weight")[0],
+                       dim_ffn=shape("blocks.0.ffn.fc1.weight")[0], num_heads=num_heads,
+                       num_layers=max(layers) + 1, num_buckets=num_buckets)
         except (ValueError, IndexError) as err:  # shapes of the wrong rank, or dimensions that do not fit
             raise CheckpointError(f"{ckpt.path}: not a umT5 encoder of the expected layout: {err}") from None
 
