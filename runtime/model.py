@@ -413,17 +413,20 @@ class WanDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | EncodedContext,
                 clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Velocity [B, out_dim, T, H, W] fp32 for latents x [B, C, T, H, W] at timesteps t [B] (0..1000).
+        """Velocity [B, out_dim, T, H, W] fp32 for latents x [B, out_dim, T, H, W] at timesteps t [B]
+        (0..1000).
 
-        `context` is the text encoder output [B, Ltext, text_dim] or an EncodedContext from
-        `encode_context` (then clip_fea is not needed). I2V models also take y [B, in_dim − C, T, H, W].
+        `context` is the text encoder output [B, Ltext, text_dim] or an EncodedContext from this model's
+        `encode_context` (which took clip_fea already). I2V models also take y [B, in_dim − out_dim, T,
+        H, W].
         """
         cfg = self.config
         x, y, t = self._check_inputs(x, t, y)
         if not isinstance(context, EncodedContext):
             context = self.encode_context(context.to(self.setup.device), clip_fea)
-        if context.batch != x.shape[0]:
-            raise InputError(f"context has batch {context.batch} but x has batch {x.shape[0]}")
+        elif clip_fea is not None:
+            raise InputError("clip_fea goes to encode_context; an EncodedContext already holds the image keys")
+        self._check_encoded(context, x.shape[0])
         if y is not None:
             x = torch.cat([x, y], dim=1)
         tokens, grid = self._patchify(x)
@@ -431,9 +434,21 @@ class WanDiT(nn.Module):
         e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))
         cos, sin = self.rope_table(grid)
-        for block, kv in zip(self.blocks, context.blocks):
+        for block, kv in zip(self.blocks, context.blocks, strict=True):
             h = block(h, e0, cos, sin, kv)
         return self._unpatchify(self.head(h, e), grid)
+
+    def _check_encoded(self, context: EncodedContext, batch: int) -> None:
+        """An EncodedContext must come from a model of this one's shape: a block count or an image branch
+        of another model would run silently wrong."""
+        if context.batch != batch:
+            raise InputError(f"context has batch {context.batch} but x has batch {batch}")
+        if len(context.blocks) != len(self.blocks):
+            raise InputError(f"the encoded context has {len(context.blocks)} blocks; this model has "
+                             f"{len(self.blocks)}: encode it with this model's encode_context")
+        if (context.blocks[0].k_img is not None) != self.config.is_i2v:
+            raise InputError(f"the encoded context {'has' if context.blocks[0].k_img is not None else 'lacks'} "
+                             f"image keys; this model is {self.config.variant}")
 
     def _check_inputs(self, x, t, y):
         cfg = self.config

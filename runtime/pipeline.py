@@ -187,8 +187,9 @@ class _Job:
 
 
 def _encoder_dtypes(device: torch.device, dtype: torch.dtype | None) -> tuple[torch.dtype, torch.dtype]:
-    """(T5, CLIP) compute dtypes: the reference's bf16 T5 and fp16 CLIP on GPUs, fp32 on CPUs or when
-    fp32 is asked for. T5 stays bf16 when fp16 is asked for: its feed-forward activations overflow fp16."""
+    """(T5, CLIP) compute dtypes: fp32 when fp32 is asked for, and by default on a CPU; otherwise the
+    reference's bf16 T5 and fp16 CLIP (T5 stays bf16 when fp16 is asked for: its feed-forward
+    activations overflow fp16)."""
     if dtype == torch.float32 or (dtype is None and device.type != "cuda"):
         return torch.float32, torch.float32
     return torch.bfloat16, torch.float16
@@ -225,8 +226,8 @@ class I2VPipeline:
 
         device: where every model computes. dtype: compute dtype of the DiT and T5 (default bf16 on
             CUDA, fp32 on CPU; T5 stays bf16 when fp16 is asked for, since its activations overflow
-            fp16); CLIP runs fp16 on CUDA as the reference (fp32 when dtype is fp32); the VAE always
-            fp32, as the reference.
+            fp16); CLIP runs fp16 as the reference (fp32 when dtype is fp32, or left default on a CPU);
+            the VAE always fp32, as the reference.
         dit: a DiT file or folder instead of the folder's own; scheme: "bf16", "fp8" or "int8", which of
             the folder's DiT variants to take. distilled: override the folder-kind rule, which sets the
             call defaults (distilled: sampler "distilled", 4 steps, guidance 1, shift 5; base: "unipc",

@@ -40,6 +40,20 @@ def test_encoded_context_gives_the_same_output(model):
                                rtol=0, atol=0)
 
 
+def test_an_encoded_context_of_another_model_is_refused(model):
+    inputs = random_inputs(model.config)
+    x, t, y = inputs["x"], inputs["t"], inputs["y"]
+    shallow = WanDiT(tiny_config("i2v", num_layers=1))
+    t2v = WanDiT(tiny_config("t2v", num_layers=model.config.num_layers))
+    for other, match in [(shallow, "has 1 blocks; this model has 2"), (t2v, "lacks image keys; this model is i2v")]:
+        encoded = other.encode_context(inputs["context"], inputs["clip_fea"] if other.config.is_i2v else None)
+        with pytest.raises(InputError, match=match):
+            model(x, t, encoded, y=y)
+    encoded = model.encode_context(inputs["context"], inputs["clip_fea"])
+    with pytest.raises(InputError, match="clip_fea goes to encode_context"):
+        model(x, t, encoded, inputs["clip_fea"], y=y)
+
+
 def test_rope_table_is_built_once_per_grid(model, monkeypatch):
     import dit8.model
 
