@@ -1,8 +1,10 @@
-"""WanDiT: the Wan2.1 diffusion transformer (spec/wan21-dit.md), every computation an op of dit8.kernels.
+"""WanDiT: the Wan2.1 diffusion transformer (spec/wan21-dit.md). Every linear, norm, RoPE, attention
+and activation is an op of dit8.kernels; patchify, the time sinusoid and the modulation sums are torch.
 
 Module and tensor names follow the official checkpoint, so `model.state_dict()` keys are the official
-keys. Numerics follow the official code: the residual stream, modulation, time embedding, head and
-all norm statistics are fp32; the matmuls and attention run in the model's compute dtype.
+keys. Numerics follow the official code: the residual stream, modulation, time embedding, time
+projection, head and all norm statistics are fp32; the block linears and attention run in the model's
+compute dtype, or W8A8 where the checkpoint's block linears are 8-bit.
 """
 
 from __future__ import annotations

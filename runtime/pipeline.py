@@ -37,7 +37,7 @@ from .conditioning import (AREA_480P, check_frames, check_prompt, check_size, cl
                            image_tensor, output_size, resize_image, text_features)
 from .devices import peak_memory, reset_peak, resolve_device, synchronize
 from .errors import CheckpointError, Dit8Error, InputError
-from .loader import default_dtype, load_dit
+from .loader import load_dit
 from .model import EncodedContext, WanDiT
 from .model_folder import ModelFiles, find_model_files
 from .sampler import UPDATE_RULES, DistilledSampler, check_shift, evenly_spaced_steps, initial_noise
@@ -251,7 +251,7 @@ class I2VPipeline:
         t5_dtype, clip_dtype = _encoder_dtypes(device, dtype)
         encoder_device = torch.device("cpu") if offload_encoders else device
         folder_config = files.root / "config.json"
-        model = load_dit(files.dit, device=device, dtype=dtype or default_dtype(device), backend=backend,
+        model = load_dit(files.dit, device=device, dtype=dtype, backend=backend,
                          attention=attention, progress=progress,
                          config_json=folder_config if folder_config.is_file() else None)
         if not model.config.is_i2v:
@@ -290,7 +290,8 @@ class I2VPipeline:
         update: the distilled sampler's step rule, "deterministic" or "renoise".
         callback(ProgressEvent): after each unit of work. cancel: a threading.Event; when set, the call
             raises Cancelled at the next stage boundary or between two steps.
-        progress: draw bars for encode, each step, and decode on `progress_stream` (stderr).
+        progress: draw a bar each for encoding, the denoising steps and decoding on `progress_stream`
+            (stderr).
         """
         job = self._prepare(image, prompt, seed=seed, frames=frames, size=size, area=area, steps=steps,
                             sampler=sampler, guidance=guidance, shift=shift, negative_prompt=negative_prompt,
