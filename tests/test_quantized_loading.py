@@ -11,7 +11,7 @@ import dit8
 from dit8 import CheckpointError
 from dit8.cli import main
 from dit8.layouts import block_linears
-from dit8.model import QuantLinear
+from dit8.layers import QuantLinear
 from dit8.testing import random_inputs, random_weights, tiny_config, write_checkpoint
 from reference_wan import reference_forward
 

@@ -14,7 +14,7 @@ from dit8.profiling import PARTS, classify
 from dit8.random_dit import build_model, float_weight, quantized_layers, random_conditioning
 from dit8.cli import TINY_FRAMES, TINY_SIZE, bench_settings, build_parser, main
 from dit8.config import tiny_config
-from dit8.model import QuantLinear
+from dit8.layers import QuantLinear
 
 TINY = ["--device", "cpu", "--layers", "1", "--size", "64x64", "--frames", "5"]
 CONFIG = tiny_config("i2v", num_layers=2)
