@@ -144,6 +144,26 @@ class LayerNorm(nn.Module):
                               backend=self.setup.backend_of("layer_norm"))
 
 
+class ModulatedLayerNorm(nn.Module):
+    """adaLN: LayerNorm without affine parameters, then x·(1 + scale) + shift per batch row (the official
+    norm1/norm2, which hold no weights). Writes `out_dtype` (default the compute dtype: its output feeds
+    a matmul), or, with `quantize_to`, quantizes its output per token for the 8-bit linears it feeds."""
+
+    def __init__(self, eps: float, setup: Setup, *, out_dtype: torch.dtype | None = None,
+                 quantize_to: torch.dtype | None = None):
+        super().__init__()
+        self.eps, self.setup, self.quantize_to = eps, setup, quantize_to
+        self.out_dtype = out_dtype or setup.dtype
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | QuantizedRows:
+        if self.quantize_to is not None:
+            return QuantizedRows.of(*ops.layer_norm_modulate_quant(
+                x, shift, scale, eps=self.eps, dtype=self.quantize_to,
+                backend=self.setup.backend_of("layer_norm_modulate_quant")))
+        return ops.layer_norm_modulate(x, shift, scale, eps=self.eps, out_dtype=self.out_dtype,
+                                       backend=self.setup.backend_of("layer_norm_modulate"))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, setup: Setup):
         super().__init__()

@@ -24,7 +24,7 @@ from dit8.kernels.registry import BackendError, backend_runs_on, reference_only_
 
 from .config import WanConfig
 from .errors import InputError
-from .layers import Activation, LayerNorm, Linear, QuantizedRows, QuantLinear, RMSNorm, Setup, empty_buffer
+from .layers import Activation, LayerNorm, Linear, ModulatedLayerNorm, QuantizedRows, RMSNorm, Setup, empty_buffer
 from .rope import rope_table
 
 
@@ -114,52 +114,44 @@ class WanBlock(nn.Module):
         super().__init__()
         C, F = config.dim, config.ffn_dim
         b = f"blocks.{index}."
-        self.eps, self.setup = config.eps, setup
         # Where the linears a norm feeds are 8-bit, the norm kernel quantizes its output once for them.
-        self.attn_input = setup.input_quantization(b + "self_attn.q", b + "self_attn.k", b + "self_attn.v")
-        self.ffn_input = setup.input_quantization(b + "ffn.0")
+        self.norm1 = ModulatedLayerNorm(config.eps, setup, quantize_to=setup.input_quantization(
+            b + "self_attn.q", b + "self_attn.k", b + "self_attn.v"))
+        self.norm2 = ModulatedLayerNorm(config.eps, setup, quantize_to=setup.input_quantization(b + "ffn.0"))
         self.register_buffer("modulation", empty_buffer(setup, 1, 6, C, dtype=torch.float32))
         self.self_attn = SelfAttention(config, setup, attention, b + "self_attn")
         self.norm3 = LayerNorm(C, config.eps, setup, quantize_to=setup.input_quantization(b + "cross_attn.q"))
         self.cross_attn = CrossAttention(config, setup, b + "cross_attn")
-        self.ffn = FeedForward(setup.linear(b + "ffn.0", C, F), setup.linear(b + "ffn.2", F, C), setup)
+        self.ffn = FeedForward(setup.linear(b + "ffn.0", C, F), setup.linear(b + "ffn.2", F, C), setup,
+                               quantize_to=setup.input_quantization(b + "ffn.2"))
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: CrossKV) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation + e0).unbind(1)
-        # x = x + SelfAttn(LN(x)·(1 + scale) + shift) · gate, the add done by the o projection
-        x = self.self_attn(self._modulated_norm(x, shift_msa, scale_msa, self.attn_input), cos, sin, x, gate_msa)
+        # x = x + SelfAttn(norm1(x)·(1 + scale) + shift) · gate, the add done by the o projection
+        x = self.self_attn(self.norm1(x, shift_msa, scale_msa), cos, sin, residual=x, gate=gate_msa)
         # x = x + CrossAttn(norm3(x), context)
-        x = self.cross_attn(self.norm3(x), kv, x)
-        # x = x + FFN(LN(x)·(1 + scale) + shift) · gate
-        return self.ffn(self._modulated_norm(x, shift_mlp, scale_mlp, self.ffn_input), x, gate_mlp)
-
-    def _modulated_norm(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                        quantize_to: torch.dtype | None) -> torch.Tensor | QuantizedRows:
-        if quantize_to is None:
-            return ops.layer_norm_modulate(x, shift, scale, eps=self.eps, out_dtype=self.setup.dtype,
-                                           backend=self.setup.backend_of("layer_norm_modulate"))
-        return QuantizedRows.of(*ops.layer_norm_modulate_quant(
-            x, shift, scale, eps=self.eps, dtype=quantize_to, backend=self.setup.backend_of("layer_norm_modulate_quant")))
+        x = self.cross_attn(self.norm3(x), kv, residual=x)
+        # x = x + FFN(norm2(x)·(1 + scale) + shift) · gate
+        return self.ffn(self.norm2(x, shift_mlp, scale_mlp), residual=x, gate=gate_mlp)
 
 
 class FeedForward(nn.Sequential):
     """ffn.0 -> GELU(tanh) -> ffn.2 (indices as in the checkpoint). Where ffn.2 is 8-bit, the GELU kernel
     also quantizes its output for it."""
 
-    def __init__(self, up: nn.Module, down: nn.Module, setup: Setup):
+    def __init__(self, up: nn.Module, down: nn.Module, setup: Setup, quantize_to: torch.dtype | None = None):
         super().__init__(up, Activation("gelu_tanh", setup), down)
-        self.backend = setup.backend_of("gelu_tanh_quant")
-        self.down_input = down.weight.dtype if isinstance(down, QuantLinear) else None
+        self.quantize_to, self.quant_backend = quantize_to, setup.backend_of("gelu_tanh_quant")
 
     def forward(self, x: torch.Tensor | QuantizedRows, residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         up, act, down = self
         h = up(x)
-        if self.down_input is None:
+        if self.quantize_to is None:
             h = act(h)
         else:
-            h = QuantizedRows(*ops.gelu_tanh_quant(h.reshape(-1, h.shape[-1]), self.down_input, backend=self.backend),
-                              tuple(h.shape[:-1]))
+            h = QuantizedRows(*ops.gelu_tanh_quant(h.reshape(-1, h.shape[-1]), self.quantize_to,
+                                                   backend=self.quant_backend), tuple(h.shape[:-1]))
         return down(h, residual, gate)
 
 
@@ -168,15 +160,14 @@ class Head(nn.Module):
 
     def __init__(self, config: WanConfig, setup: Setup):
         super().__init__()
-        self.eps, self.backend = config.eps, setup.backend_of("layer_norm_modulate")
+        self.norm = ModulatedLayerNorm(config.eps, setup, out_dtype=torch.float32)
         self.register_buffer("modulation", empty_buffer(setup, 1, 2, config.dim, dtype=torch.float32))
         out = config.out_dim * math.prod(config.patch_size)
         self.head = Linear(config.dim, out, setup, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation + e[:, None, :]).unbind(1)
-        h = ops.layer_norm_modulate(x, shift, scale, eps=self.eps, out_dtype=torch.float32, backend=self.backend)
-        return self.head(h)
+        return self.head(self.norm(x, shift, scale))
 
 
 class ImageEmbedding(nn.Module):
