@@ -60,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capability", help="MAJOR.MINOR of the GPU that ran them (default: this GPU's)")
     args = parser.parse_args(argv)
     major, minor = capability(parser, args.capability)
-    rows = [row for path in args.json for row in json.loads(path.read_text())["benchmarks"]]
+    rows = []
+    for path in args.json:
+        try:
+            rows += json.loads(path.read_text()).get("benchmarks", [])
+        except (OSError, ValueError, AttributeError) as err:  # a suite stopped before its JSON was whole
+            print(f"{path}: cannot read the benchmark results: {err}", file=sys.stderr)
+            return 1
     totals, winners = fastest(rows)
     if not totals:
         print("no rows with an op and a kernel backend in these files", file=sys.stderr)

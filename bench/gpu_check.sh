@@ -142,9 +142,11 @@ for stage in "${stages[@]}"; do
             # loadgroup: the tests marked xdist_group (float64 references of 10 GB and more) run on
             # one worker, one at a time, so that they do not exhaust the shared GPU's memory together.
             "$py" -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-12}" --dist loadgroup)
-            run_pytest -rs "${workers[@]}" --junitxml="$out/tests.xml" tests 2>&1 | tail -40
-            # The kernels whose GPU tests passed: the line to paste into registry.GPU_VERIFIED.
-            "$py" bench/verified_backends.py "$out/tests.xml" | tee "$out/gpu_verified.txt" ;;
+            DIT8_KERNEL_TESTS="$out/kernel_tests.json" run_pytest -rs "${workers[@]}" \
+                --junitxml="$out/tests.xml" tests 2>&1 | tail -40
+            # The kernels whose GPU tests all ran and passed: the line to paste into registry.GPU_VERIFIED.
+            "$py" bench/verified_backends.py "$out/tests.xml" --collected "$out/kernel_tests.json" \
+                | tee "$out/gpu_verified.txt" ;;
         gemm|attention|fused)
             # Also saved in pytest-benchmark's storage layout: bench/baselines/ takes it as the committed
             # baseline that --benchmark-compare-fail checks later runs against (bench/RESULTS.md).
@@ -163,9 +165,11 @@ for stage in "${stages[@]}"; do
                        "--scheme int8 --attention int8 --steps 0" \
                        "--scheme bf16 --attention bf16 --steps 0 --compare diffusers --cuda-graph"; do
                 name=$(echo "$run" | awk '{print $2 "_" $4}')
-                # A run stopped part way left its numbers so far, marked partial: it runs again.
-                "$py" -c 'import json, sys; sys.exit(json.load(open(sys.argv[1])).get("partial", False))' \
-                    "$out/dit_$name.json" 2>/dev/null && { echo "dit $name: measured before (in $out)"; continue; }
+                # A run stopped part way left its numbers so far, marked partial: it runs again. One that
+                # failed (its error is in the file: out of memory, say) would fail again: it does not.
+                "$py" -c 'import json, sys; r = json.load(open(sys.argv[1]))
+sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2>/dev/null &&
+                    { echo "dit $name: run before (in $out)"; continue; }
                 if [ "$(seconds_left)" -lt 45 ]; then
                     echo "dit $name: left for the next run"; cut_short "dit $name not run"; continue
                 fi

@@ -153,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("png", help="output PNG path")
     parser.add_argument("--title", default=None, help="chart title (default: from the JSON's machine info)")
     args = parser.parse_args(argv)
-    with open(args.results) as f:
-        results = json.load(f)
+    try:
+        with open(args.results) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as err:  # a suite stopped before pytest-benchmark wrote its JSON
+        print(f"{args.results}: cannot read the benchmark results: {err}", file=sys.stderr)
+        return 1
     rows = rows_of(results)
     if not rows:
         print(f"{args.results}: no benchmark reported extra_info['ms']", file=sys.stderr)

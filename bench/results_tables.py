@@ -66,13 +66,21 @@ def read_json(path: Path, notes: list[str]) -> dict | None:
 
 def test_lines(xml_path: Path) -> list[str]:
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    interrupted = 0
     for case in ET.parse(xml_path).iter("testcase"):
+        if not case.get("name"):  # the test running when the run was interrupted: it has no outcome
+            interrupted += 1
+            continue
         outcome = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
-        counts[case.get("classname", "?").split(".")[-1]][outcome] += 1
+        # A collection error under pytest-xdist has an empty classname: its name says which file.
+        counts[(case.get("classname") or case.get("name")).split(".")[-1]][outcome] += 1
     total = sum(counts.values(), collections.Counter())
     rows = [[name, c["passed"], c["failure"], c["error"], c["skipped"]]
             for name, c in sorted(counts.items()) + [("**all**", total)]]
-    return table(["tests", "passed", "failed", "errors", "skipped"], rows)
+    lines = table(["tests", "passed", "failed", "errors", "skipped"], rows)
+    if interrupted:
+        lines.append(f"\n{interrupted} test(s) were running when the run was interrupted (no outcome).")
+    return lines
 
 
 def bench_lines(name: str, data: dict) -> list[str]:
@@ -90,7 +98,8 @@ def dit_lines(runs: dict[str, dict]) -> list[str]:
     rows = []
     for name, r in runs.items():
         d, g, rates = r.get("diffusers", {}), r.get("cuda_graph", {}), r.get("tflops", {})
-        label = name + (" (stopped part way)" if r.get("partial") else "")
+        label = name + (f" (failed part way: {r['error']})" if r.get("error")
+                        else " (stopped part way)" if r.get("partial") else "")
         row = [label, f"{r['forward_ms']:.1f}", f"{r['context_ms']:.1f}",
                f"{r['loop']['total_ms']:.1f}" if "loop" in r else None,
                f"{r['peak_memory']['forward'] / GIB:.2f}",

@@ -1,17 +1,21 @@
 """Which kernels a GPU test run verified, from its JUnit XML: the entry of
 `dit8.kernels.registry.GPU_VERIFIED` for the GPU that ran it.
 
-    python bench/verified_backends.py tests.xml [--capability 9.0]
+    python bench/verified_backends.py tests.xml [--collected kernel_tests.json] [--capability 9.0]
 
 Tests marked `verifies(...)` record on a GPU the (op, backend) kernels they check (tests/conftest.py).
 A kernel is verified when at least one of its tests passed and none failed or errored; skipped and
-expected-failure tests count neither way. Prints a table and the line to paste into GPU_VERIFIED.
+expected-failure tests count neither way. With --collected (the map tests/conftest.py writes at
+collection under DIT8_KERNEL_TESTS), a kernel is also verified only if every test naming it ran: a
+run cut short, or a worker that crashed (its test is reported without the properties), then does not
+vouch for kernels whose tests did not finish. Prints a table and the line to paste into GPU_VERIFIED.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -19,33 +23,61 @@ from pathlib import Path
 from fastest_backends import capability  # bench/, beside this script
 
 
-def outcomes(junit_xml: Path) -> dict[tuple[str, str], collections.Counter]:
-    """(op, backend) -> Counter of the outcomes ("passed", "failed", "skipped") of the tests naming it."""
+def junit_id(nodeid: str) -> tuple[str, str]:
+    """The (classname, name) pytest's JUnit XML gives the test `nodeid` ("tests/t.py::Class::test[p]"),
+    mangled as pytest mangles it (the parameters are left alone)."""
+    address, bracket, params = nodeid.partition("[")
+    path, *inner, name = address.split("::")
+    return ".".join([path.removesuffix(".py").replace("/", "."), *inner]), name + bracket + params
+
+
+def outcomes(junit_xml: Path, collected: dict[str, list[str]] | None = None
+             ) -> dict[tuple[str, str], collections.Counter]:
+    """(op, backend) -> Counter of the outcomes ("passed", "failed", "skipped", "not run") of the tests
+    naming it: in the test's own properties, or, for a test reported without them, in `collected`."""
+    by_id = {junit_id(nodeid): kernels for nodeid, kernels in (collected or {}).items()}
     counts: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
+    reported = set()
     for case in ET.parse(junit_xml).iter("testcase"):
-        names = [p.get("value", "") for p in case.iter("property") if p.get("name") == "verifies"]
-        if not names:
+        if not case.get("name"):  # the test running when the run was interrupted: no outcome
             continue
+        test = (case.get("classname", ""), case.get("name", ""))
+        reported.add(test)
+        names = [p.get("value", "") for p in case.iter("property") if p.get("name") == "verifies"]
+        kernels = ",".join(names).split(",") if names else by_id.get(test, [])
         tags = {child.tag for child in case}
         outcome = "failed" if tags & {"failure", "error"} else "skipped" if "skipped" in tags else "passed"
-        for pair in ",".join(names).split(","):
+        for pair in kernels:
             op, _, backend = pair.partition(":")
             counts[(op, backend)][outcome] += 1
+    for test, kernels in by_id.items():
+        if test not in reported:
+            for pair in kernels:
+                op, _, backend = pair.partition(":")
+                counts[(op, backend)]["not run"] += 1
     return counts
 
 
 def verified(counts: dict[tuple[str, str], collections.Counter]) -> set[tuple[str, str]]:
-    return {pair for pair, c in counts.items() if c["passed"] > 0 and c["failed"] == 0}
+    return {pair for pair, c in counts.items() if c["passed"] > 0 and c["failed"] == 0 and c["not run"] == 0}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("junit_xml", type=Path, help="pytest --junitxml output of a GPU run")
+    parser.add_argument("--collected", type=Path, help="the kernels of every collected test (DIT8_KERNEL_TESTS)")
     parser.add_argument("--capability", help="MAJOR.MINOR of the GPU that ran it (default: this GPU's)")
     args = parser.parse_args(argv)
     major, minor = capability(parser, args.capability)
+    collected = None
+    if args.collected is not None:
+        try:
+            collected = json.loads(args.collected.read_text())
+        except (OSError, ValueError) as err:
+            print(f"{args.collected}: cannot read the collected tests: {err}", file=sys.stderr)
+            return 1
     try:
-        counts = outcomes(args.junit_xml)
+        counts = outcomes(args.junit_xml, collected)
     except (OSError, ET.ParseError) as err:  # a run killed before pytest wrote its report
         print(f"{args.junit_xml}: cannot read the test report: {err}", file=sys.stderr)
         return 1
@@ -53,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.junit_xml}: no test recorded a kernel it verifies (was it run on a GPU?)", file=sys.stderr)
         return 1
     good = verified(counts)
-    print(f"{'op':<28}{'backend':<9}{'passed':>7}{'failed':>7}{'skipped':>8}  verified")
+    print(f"{'op':<28}{'backend':<9}{'passed':>7}{'failed':>7}{'skipped':>8}{'not run':>8}  verified")
     for (op, backend), c in sorted(counts.items()):
-        print(f"{op:<28}{backend:<9}{c['passed']:>7}{c['failed']:>7}{c['skipped']:>8}  "
+        print(f"{op:<28}{backend:<9}{c['passed']:>7}{c['failed']:>7}{c['skipped']:>8}{c['not run']:>8}  "
               f"{'yes' if (op, backend) in good else 'no'}")
     print(f"\nGPU_VERIFIED[({major}, {minor})] = frozenset({{{', '.join(map(repr, sorted(good)))}}})")
     return 0

@@ -149,17 +149,27 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
     if json_path is not None and not json_path.parent.is_dir():
         raise InputError(f"--json {json_path}: the folder {json_path.parent} does not exist")
 
-    def save(result: dict, partial: bool = True) -> None:
+    so_far: dict = {}
+
+    def save(result: dict, partial: bool = True, error: str | None = None) -> None:
         # Each phase's numbers are saved as they come, marked partial until the run ends: a run stopped
-        # part way (a time limit) still leaves its forward times. Written beside and renamed, so a
-        # stop during the write leaves the previous version whole.
+        # part way (a time limit) still leaves its forward times, and one that failed says why. Written
+        # beside and renamed, so a stop during the write leaves the previous version whole.
+        so_far.clear()
+        so_far.update(result)
         if json_path is not None:
+            extra = {"partial": True, **({"error": error} if error else {})} if partial else {}
             temp = json_path.with_name(f".{json_path.name}.part")
-            temp.write_text(json.dumps({**result, "partial": True} if partial else result, indent=2))
+            temp.write_text(json.dumps({**result, **extra}, indent=2))
             os.replace(temp, json_path)
 
-    result = run_bench(settings, log=lambda line: print(f"dit8 bench dit: {line}", file=sys.stderr, flush=True),
-                       measured=save)
+    try:
+        result = run_bench(settings, log=lambda line: print(f"dit8 bench dit: {line}", file=sys.stderr, flush=True),
+                           measured=save)
+    except Exception as err:  # an out-of-memory error in a later phase, say: the earlier numbers stay
+        if so_far:
+            save(dict(so_far), error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        raise
     for line in format_table(result):
         print(line)
     if json_path is not None:

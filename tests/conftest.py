@@ -2,12 +2,13 @@
 
 import importlib.metadata
 import os
+from pathlib import Path
 
 import numpy
 import pytest
 import torch
 
-from kernel_verification import gpu_tests_first, item_kernels
+from kernel_verification import gpu_tests_first, item_kernels, write_kernel_tests
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -40,6 +41,10 @@ os.environ.setdefault("DIT8_POISON_OUTPUTS", "1")
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         gpu_tests_first(items)
+    # DIT8_KERNEL_TESTS=PATH: the kernels each collected test verifies (bench/verified_backends.py
+    # --collected), known before anything runs.
+    if os.environ.get("DIT8_KERNEL_TESTS"):
+        write_kernel_tests(items, Path(os.environ["DIT8_KERNEL_TESTS"]))
 
 
 @pytest.fixture(autouse=True)

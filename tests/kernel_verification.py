@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 
 
@@ -28,3 +32,13 @@ def gpu_tests_first(items: list[pytest.Item]) -> None:
     """Reorder `items` in place: the tests that need the GPU or verify kernels first, each group in its
     own order. A GPU run cut short by its time limit then loses CPU-only tests, which run anywhere."""
     items.sort(key=lambda item: item.get_closest_marker("gpu") is None and not item_kernels(item))
+
+
+def write_kernel_tests(items: list[pytest.Item], path: Path) -> None:
+    """Write {node id: kernels} for every collected test that verifies a kernel on a GPU, so that a
+    run's report can be checked for the tests that never ran (a run cut short, a crashed worker).
+    Written whole or not at all: each pytest-xdist worker collects and writes the same map."""
+    tests = {item.nodeid: kernels for item in items if (kernels := item_kernels(item))}
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    temp.write_text(json.dumps(tests, indent=1, sort_keys=True) + "\n")
+    os.replace(temp, path)

@@ -296,7 +296,7 @@ def test_fp8_meets_the_accuracy_target_on_offset_inputs(kind):
     assert err <= 0.03 and cos >= 0.999, (err, cos)
 
 
-@ATTENTION
+# A target, not a correctness check: no `verifies` mark (an unexpected pass must not unverify the kernel).
 @pytest.mark.xfail(strict=True, reason="FP8 P·V rounds every p and every v to e4m3 (3 mantissa bits, "
                    "~2.5% rms each): ~3.4% relative error on zero-mean Gaussian data, above the 3% "
                    "target. precision='int8' (INT8 P·V, P relative to each key block's max) meets it.")

@@ -19,7 +19,8 @@ def _results(folder: Path) -> dict:
         '<testsuites><testsuite name="pytest">'
         '<testcase classname="tests.test_a" name="x"/><testcase classname="tests.test_a" name="y">'
         '<failure message="m"/></testcase><testcase classname="tests.test_b" name="z"><skipped message="s"/>'
-        "</testcase></testsuite></testsuites>")
+        '</testcase><testcase time="0.000"/>'  # running when the run was interrupted
+        "</testsuite></testsuites>")
     rows = [{"name": "test_gemm[fp8]", "extra_info": {"ms": 2.5, "tflops": 1300.0, "ratio": 1.1}},
             {"name": "test_gemm[int8]", "extra_info": {"ms": 3.0, "config": "128x256x128"}}]
     (folder / "bench_gemm.json").write_text(json.dumps({"benchmarks": rows}))
@@ -27,6 +28,7 @@ def _results(folder: Path) -> dict:
     run = run_bench(BenchSettings(device="cpu", config="tiny", layers=1, size=(64, 64), frames=5, repeat=1,
                                   steps=2))
     (folder / "dit_fp8_fp8.json").write_text(json.dumps(run))
+    (folder / "dit_bf16_bf16.json").write_text(json.dumps({**run, "partial": True, "error": "RuntimeError: OOM"}))
     (folder / "gpu_verified.txt").write_text("op  backend\nrms_norm  triton\n\n"
                                              "GPU_VERIFIED[(9, 0)] = frozenset({('rms_norm', 'triton')})\n")
     return run
@@ -45,11 +47,13 @@ def test_tables_of_a_folder_and_of_its_archive(tmp_path):
     assert lines[0] == "Some GPU, 580.1, 81559 MiB"
     assert "| test_a | 1 | 1 | 0 | 0 |" in lines and "| test_b | 0 | 0 | 0 | 1 |" in lines
     assert "| **all** | 1 | 1 | 0 | 1 |" in lines
+    assert "1 test(s) were running when the run was interrupted (no outcome)." in lines
     # Only the columns some row has, in their fixed order; a row without one leaves it empty.
     assert "| bench_gemm | ms | TFLOP/s | ratio | config |" in lines
     assert "| test_gemm[fp8] | 2.5 | 1300.0 | 1.1 |  |" in lines
     assert "| test_gemm[int8] | 3.0 |  |  | 128x256x128 |" in lines
     assert any(line.startswith("bench_fused.json: unreadable") for line in lines)
+    assert any(line.startswith("| bf16_bf16 (failed part way: RuntimeError: OOM) |") for line in lines)
     dit = next(line for line in lines if line.startswith("| fp8_fp8 |")).split(" | ")
     assert dit[1] == f"{run['forward_ms']:.1f}" and dit[3] == f"{run['loop']['total_ms']:.1f}"
     assert lines[lines.index("Registry entries (kernels/registry.py):") + 1] == \

@@ -62,9 +62,19 @@ def test_cli_json_keeps_the_numbers_of_a_run_stopped_part_way(tmp_path, monkeypa
     assert main(["bench", "dit", *TINY, "--json", str(path)]) == 130
     r = json.loads(path.read_text())
     assert r["partial"] is True and r["forward_ms"] > 0 and "loop" not in r
+
+    def out_of_memory(self):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\n(more lines)")
+
+    monkeypatch.setattr("dit8.bench_dit.DitBench.time_loop", out_of_memory)
+    with pytest.raises(RuntimeError):
+        main(["bench", "dit", *TINY, "--json", str(path)])
+    r = json.loads(path.read_text())
+    assert r["partial"] is True and r["forward_ms"] > 0
+    assert r["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
     monkeypatch.undo()
     assert main(["bench", "dit", *TINY, "--steps", "0", "--json", str(path)]) == 0
-    assert "partial" not in json.loads(path.read_text())
+    assert "partial" not in json.loads(path.read_text()) and "error" not in json.loads(path.read_text())
 
 
 def test_cli_json_folder_is_checked_first(tmp_path, capsys):

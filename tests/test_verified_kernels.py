@@ -83,3 +83,34 @@ def test_gpu_tests_run_first_in_their_own_order():
              _Item("kernel", [verifies], {"backend": "triton"}), _Item("cpu_b"), _Item("gpu_b", [gpu])]
     gpu_tests_first(items)
     assert [item.name for item in items] == ["gpu_a", "kernel", "gpu_b", "cpu_a", "interp", "cpu_b"]
+
+
+def test_kernels_whose_tests_did_not_all_run_are_not_verified(tmp_path):
+    from kernel_verification import write_kernel_tests
+
+    def verifies(*ops):
+        return [pytest.mark.verifies(*ops, backend="triton").mark]
+
+    items = [_Item("t_ok", verifies("layer_norm"), {}), _Item("t_rms", verifies("rms_norm"), {}),
+             _Item("t_cut", verifies("rms_norm", "scaled_mm"), {}), _Item("t_crash", verifies("attention"), {}),
+             _Item("t_attn", verifies("attention"), {}), _Item("t_cpu")]
+    for item in items:
+        item.nodeid = f"tests/t.py::{item.name}"
+    collected = tmp_path / "kernel_tests.json"
+    write_kernel_tests(items, collected)
+    cases = [
+        _case("t_ok", "layer_norm:triton"), _case("t_rms", "rms_norm:triton"), _case("t_attn", "attention:triton"),
+        # A crashed pytest-xdist worker's test: reported as an error, without the test's properties.
+        '<testcase classname="tests.t" name="t_crash"><error message="worker \'gw1\' crashed"/></testcase>',
+        '<testcase time="0.000"/>',  # the test running when the run was interrupted (t_cut): no name
+    ]
+    xml = tmp_path / "tests.xml"
+    xml.write_text(f'<testsuites><testsuite name="pytest">{"".join(cases)}</testsuite></testsuites>')
+    run = subprocess.run([sys.executable, str(SCRIPT), str(xml), "--collected", str(collected),
+                          "--capability", "9.0"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    # rms_norm passed in t_rms but its t_cut never ran; attention failed in t_crash; layer_norm is whole.
+    assert run.stdout.strip().splitlines()[-1] == "GPU_VERIFIED[(9, 0)] = frozenset({('layer_norm', 'triton')})"
+    without = subprocess.run([sys.executable, str(SCRIPT), str(xml), "--capability", "9.0"], capture_output=True,
+                             text=True)
+    assert "('rms_norm', 'triton')" in without.stdout.strip().splitlines()[-1]  # what --collected prevents
