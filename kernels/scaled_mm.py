@@ -7,8 +7,9 @@ Reference semantics every backend matches:
 - epilogue in fp32, in this order: `acc · x_scale[m]`, then `· w_scale[n]`, then `+ bias[n]` (bias
   upcast to fp32), then one rounding to `out_dtype`.
 
-Fused epilogues (keyword arguments of `scaled_mm`; the executor's FFN-up and O/FFN-down GEMMs), applied
-in fp32 after the bias and before the single rounding, in this order:
+Fused epilogues (keyword arguments of `scaled_mm`), applied in fp32 after the bias and before the single
+rounding, in this order (the executor's O and FFN-down GEMMs use the gated residual; its FFN-up output
+goes through gelu_tanh_quant instead, since the down projection takes it quantized):
 - `activation="gelu_tanh"`: y = GELU with the tanh approximation (F.gelu(y, approximate="tanh"));
 - `residual` [M, N] fp32 (the residual stream, rows = tokens of B samples of `rows_per_batch` rows each)
   with optional `gate` [B, N] fp32: out = residual[m, n] + gate[m // rows_per_batch, n] · y (without
