@@ -260,7 +260,7 @@ class WanDiT(nn.Module):
             raise InputError("clip_fea was given but this is a T2V model")
         return EncodedContext(B, [block.cross_attn.project_context(text, image) for block in self.blocks])
 
-    def rope_table(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_cos_sin(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for the tokens of a patch grid; built once per grid and kept."""
         if grid not in self._rope_tables:
             self._rope_tables[grid] = rope_table(grid, self.config.head_dim, device=self.setup.device)
@@ -290,7 +290,7 @@ class WanDiT(nn.Module):
         h = self.patch_embedding(tokens).float()
         e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))
-        cos, sin = self.rope_table(grid)
+        cos, sin = self.rope_cos_sin(grid)
         for block, kv in zip(self.blocks, context.blocks, strict=True):
             h = block(h, e0, cos, sin, kv)
         return self._unpatchify(self.head(h, e), grid)
