@@ -410,8 +410,10 @@ class I2VPipeline:
                        functools.partial(self.dit, context=uncond, y=y) if uncond is not None else None, job.guidance)
         if job.sampler == DISTILLED:
             sampler = DistilledSampler(steps=evenly_spaced_steps(job.steps), shift=job.shift, update=job.update)
+            sample = functools.partial(sampler.sample, seed=job.seed + 1)  # the re-noising rule's noise
         else:
             sampler = UniPCSampler(steps=job.steps, shift=job.shift)
+            sample = sampler.sample
         timesteps = sampler.timesteps().tolist()
         bar, advance = _stage(job, "denoise", job.steps)
         step_seconds: list[float] = []
@@ -427,10 +429,7 @@ class I2VPipeline:
             if i + 1 < n:
                 _check_cancel(job, f"after step {i + 1} of {n}", bar)
 
-        if job.sampler == DISTILLED:
-            latents = sampler.sample(model, noise, seed=job.seed + 1, callback=on_step)
-        else:
-            latents = sampler.sample(model, noise, callback=on_step)
+        latents = sample(model, noise, callback=on_step)
         synchronize(device)
         timings["denoise"] = time.perf_counter() - t
         bar.close()
