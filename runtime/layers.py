@@ -1,7 +1,8 @@
 """The layers WanDiT is built from, and where they compute: `Setup` (device, compute dtype, op backend,
-which linears hold 8-bit weights), float and W8A8 linears, norms and the activation. Each is one
-dit8.kernels op (two for a W8A8 linear fed unquantized rows); buffers are named as in the official
-checkpoint, so a model's state_dict() keys are the checkpoint's.
+which linears hold 8-bit weights), float and W8A8 linears, norms and the activation. Each runs one
+dit8.kernels op, or two (a float linear and its residual add; a W8A8 linear fed unquantized rows, and
+their quantization); buffers are named as in the official checkpoint, so a model's state_dict() keys are
+the checkpoint's.
 """
 
 from __future__ import annotations
