@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -40,6 +39,7 @@ from .errors import CheckpointError, Dit8Error, InputError
 from .loader import load_dit
 from .model import EncodedContext, WanDiT
 from .model_folder import ModelFiles, find_model_files
+from .progress import Progress
 from .sampler import UPDATE_RULES, DistilledSampler, check_shift, evenly_spaced_steps, initial_noise
 from .t5 import T5Encoder
 from .tokenizer import Tokenizer
@@ -128,35 +128,6 @@ def check_settings(*, seed: Any = 0, steps: Any = None, guidance: Any = None, sh
         check_shift(shift)
     if update not in UPDATE_RULES:
         raise InputError(f"update must be one of {UPDATE_RULES}, got {update!r}")
-
-
-class StageBar:
-    """A one-line bar per stage on a terminal (`\\r` redraws, at most ten a second); elsewhere, when
-    enabled, one line at the end of the stage. Counts units, not bytes."""
-
-    def __init__(self, desc: str, total: int, *, stream: TextIO | None = None, enabled: bool = True):
-        self.desc, self.total, self.done = desc, total, 0
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = enabled and self.stream.isatty()
-        self.start = self._last = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        self.done = done
-        now = time.perf_counter()
-        if self.tty and (now - self._last >= 0.1 or done >= self.total):
-            self._last = now
-            self._draw(now, "\r")
-
-    def _draw(self, now: float, lead: str, end: str = "") -> None:
-        fraction = self.done / self.total if self.total else 1.0
-        bar = "#" * int(24 * fraction)
-        self.stream.write(f"{lead}{self.desc:<8} [{bar:<24}] {self.done}/{self.total}  {now - self.start:6.1f} s{end}")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._draw(time.perf_counter(), "\r" if self.tty else "", "\n")
 
 
 @dataclass
@@ -453,21 +424,21 @@ class I2VPipeline:
         return frames
 
 
-def _check_cancel(job: _Job, where: str, bar: StageBar | None = None) -> None:
+def _check_cancel(job: _Job, where: str, bar: Progress | None = None) -> None:
     if job.cancel is not None and job.cancel.is_set():
         if bar is not None:
             bar.close()
         raise Cancelled(f"generation cancelled {where}")
 
 
-def _stage(job: _Job, name: str, total: int) -> tuple[StageBar, Callable[..., None]]:
+def _stage(job: _Job, name: str, total: int) -> tuple[Progress, Callable[..., None]]:
     """A stage's progress bar and its `advance(done, *, timestep=None, x0=None)`, which also tells the
     job's callback (a ProgressEvent with the seconds since the stage began)."""
-    bar = StageBar(name, total, stream=job.stream, enabled=job.progress)
+    bar = Progress(total, name, unit="count", stream=job.stream, enabled=job.progress)
     began = time.perf_counter()
 
     def advance(done: int, *, timestep: float | None = None, x0: torch.Tensor | None = None) -> None:
-        bar.update(done)
+        bar.advance_to(done)
         if job.callback is not None:
             job.callback(ProgressEvent(name, done, bar.total, time.perf_counter() - began, timestep, x0))
     return bar, advance

@@ -1,4 +1,4 @@
-"""A one-line progress bar for long work (loading, converting) on a terminal; silent otherwise."""
+"""A one-line progress bar for long work (loading, converting, generating), and byte counts for people."""
 
 from __future__ import annotations
 
@@ -17,36 +17,48 @@ def format_bytes(n: float) -> str:
 
 
 class Progress:
-    """Counts bytes done out of `total` and redraws at most ten times a second with the rate.
+    """A one-line progress bar of `done` out of `total`: on a terminal redrawn in place at most ten times
+    a second; elsewhere (logs, pipes), when enabled, written once as it closes.
 
-    Draws only when `stream` is a terminal (or `enabled=True`), so logs and pipes stay clean.
+    unit "bytes": sizes, the percentage and the rate; "count": done/total and the seconds since it
+    began. enabled: default, only on a terminal.
     """
 
-    def __init__(self, total: int, desc: str, *, stream: TextIO | None = None, enabled: bool | None = None):
-        self.total, self.desc, self.done = total, desc, 0
+    def __init__(self, total: int, desc: str, *, unit: str = "bytes", stream: TextIO | None = None,
+                 enabled: bool | None = None):
+        if unit not in ("bytes", "count"):
+            raise ValueError(f"unit must be 'bytes' or 'count', got {unit!r}")
+        self.total, self.desc, self.unit, self.done = total, desc, unit, 0
         self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.tty = self.stream.isatty()
+        self.enabled = self.tty if enabled is None else enabled
         self._start = self._last_draw = time.monotonic()
 
     def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self._last_draw >= 0.1 or self.done >= self.total):
-            self._last_draw = now
-            self._draw(now)
+        """`n` more done."""
+        self.advance_to(self.done + n)
 
-    def _draw(self, now: float) -> None:
-        fraction = self.done / self.total if self.total else 1.0
-        rate = self.done / max(now - self._start, 1e-9)
+    def advance_to(self, done: int) -> None:
+        """`done` done in all."""
+        self.done = done
+        now = time.monotonic()
+        if self.enabled and self.tty and (now - self._last_draw >= 0.1 or self.done >= self.total):
+            self._last_draw = now
+            self.stream.write("\r" + self._line(now))
+            self.stream.flush()
+
+    def _line(self, now: float) -> str:
+        fraction = min(self.done / self.total, 1.0) if self.total else 1.0
         bar = "#" * int(24 * fraction)
-        self.stream.write(f"\r{self.desc} [{bar:<24}] {100 * fraction:5.1f}% "
-                          f"{format_bytes(self.done)}/{format_bytes(self.total)} {format_bytes(rate)}/s")
-        self.stream.flush()
+        if self.unit == "count":
+            return f"{self.desc:<8} [{bar:<24}] {self.done}/{self.total}  {now - self._start:6.1f} s"
+        rate = self.done / max(now - self._start, 1e-9)
+        return (f"{self.desc} [{bar:<24}] {100 * fraction:5.1f}% "
+                f"{format_bytes(self.done)}/{format_bytes(self.total)} {format_bytes(rate)}/s")
 
     def close(self) -> None:
         if self.enabled:
-            self._draw(time.monotonic())
-            self.stream.write("\n")
+            self.stream.write(("\r" if self.tty else "") + self._line(time.monotonic()) + "\n")
             self.stream.flush()
 
     def __enter__(self) -> "Progress":

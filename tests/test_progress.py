@@ -1,0 +1,43 @@
+"""dit8.progress: the one-line bar of loading, converting and generating."""
+
+import io
+
+import pytest
+
+from dit8.progress import Progress, format_bytes
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_the_bar_is_redrawn_in_place():
+    stream = Terminal()
+    with Progress(4 << 20, "loading", stream=stream) as bar:
+        for _ in range(4):
+            bar.update(1 << 20)
+    text = stream.getvalue()
+    assert text.startswith("\rloading [") and text.endswith("\n") and text.count("\n") == 1
+    assert "100.0% 4.0 MiB/4.0 MiB" in text.splitlines()[-1].split("\r")[-1]
+
+
+def test_elsewhere_one_line_at_the_end_or_none():
+    stream = io.StringIO()
+    bar = Progress(3, "denoise", unit="count", stream=stream, enabled=True)
+    for done in (1, 2, 3):
+        bar.advance_to(done)
+    assert stream.getvalue() == ""  # no redraws into a log
+    bar.close()
+    line = stream.getvalue()
+    assert "\r" not in line and line.startswith("denoise  [") and " 3/3 " in line and line.endswith(" s\n")
+    quiet = io.StringIO()
+    with Progress(3, "x", stream=quiet) as default:  # not a terminal, not asked for: silent
+        default.update(3)
+    assert quiet.getvalue() == ""
+
+
+def test_format_bytes_and_units():
+    assert [format_bytes(n) for n in (512, 3.4 * 2 ** 20, 26.1 * 2 ** 30)] == ["512 B", "3.4 MiB", "26.1 GiB"]
+    with pytest.raises(ValueError, match="unit"):
+        Progress(1, "x", unit="frames")
