@@ -100,6 +100,9 @@ def dit_lines(runs: dict[str, dict]) -> list[str]:
         d, g, rates = r.get("diffusers", {}), r.get("cuda_graph", {}), r.get("tflops", {})
         label = name + (f" (failed part way: {r['error']})" if r.get("error")
                         else " (stopped part way)" if r.get("partial") else "")
+        if "forward_ms" not in r:  # failed before its first timed forward (building the model, say)
+            rows.append([label] + [None] * (len(header) - 1))
+            continue
         row = [label, f"{r['forward_ms']:.1f}", f"{r['context_ms']:.1f}",
                f"{r['loop']['total_ms']:.1f}" if "loop" in r else None,
                f"{r['peak_memory']['forward'] / GIB:.2f}",

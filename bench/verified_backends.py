@@ -32,21 +32,24 @@ def junit_id(nodeid: str) -> tuple[str, str]:
 
 
 def outcomes(junit_xml: Path, collected: dict[str, list[str]] | None = None
-             ) -> dict[tuple[str, str], collections.Counter]:
+             ) -> tuple[dict[tuple[str, str], collections.Counter], int]:
     """(op, backend) -> Counter of the outcomes ("passed", "failed", "skipped", "not run") of the tests
-    naming it: in the test's own properties, or, for a test reported without them, in `collected`."""
+    naming it in their own properties (recorded only on a GPU), and the number of such tests. With
+    `collected`, a test that failed without them (a crashed worker's) counts against the kernels the
+    map gives it, and the map's tests missing from the report count as not run."""
     by_id = {junit_id(nodeid): kernels for nodeid, kernels in (collected or {}).items()}
     counts: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
-    reported = set()
+    reported, recorded = set(), 0
     for case in ET.parse(junit_xml).iter("testcase"):
         if not case.get("name"):  # the test running when the run was interrupted: no outcome
             continue
         test = (case.get("classname", ""), case.get("name", ""))
         reported.add(test)
         names = [p.get("value", "") for p in case.iter("property") if p.get("name") == "verifies"]
-        kernels = ",".join(names).split(",") if names else by_id.get(test, [])
         tags = {child.tag for child in case}
         outcome = "failed" if tags & {"failure", "error"} else "skipped" if "skipped" in tags else "passed"
+        recorded += bool(names)
+        kernels = ",".join(names).split(",") if names else by_id.get(test, []) if outcome == "failed" else []
         for pair in kernels:
             op, _, backend = pair.partition(":")
             counts[(op, backend)][outcome] += 1
@@ -55,7 +58,7 @@ def outcomes(junit_xml: Path, collected: dict[str, list[str]] | None = None
             for pair in kernels:
                 op, _, backend = pair.partition(":")
                 counts[(op, backend)]["not run"] += 1
-    return counts
+    return counts, recorded
 
 
 def verified(counts: dict[tuple[str, str], collections.Counter]) -> set[tuple[str, str]]:
@@ -77,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.collected}: cannot read the collected tests: {err}", file=sys.stderr)
             return 1
     try:
-        counts = outcomes(args.junit_xml, collected)
+        counts, recorded = outcomes(args.junit_xml, collected)
     except (OSError, ET.ParseError) as err:  # a run killed before pytest wrote its report
         print(f"{args.junit_xml}: cannot read the test report: {err}", file=sys.stderr)
         return 1
-    if not counts:
+    if not recorded:
         print(f"{args.junit_xml}: no test recorded a kernel it verifies (was it run on a GPU?)", file=sys.stderr)
         return 1
     good = verified(counts)

@@ -8,8 +8,10 @@ Reference semantics every backend matches:
   upcast to fp32), then one rounding to `out_dtype`.
 
 Fused epilogues (keyword arguments of `scaled_mm`), applied in fp32 after the bias and before the single
-rounding, in this order (the executor's O and FFN-down GEMMs use the gated residual; its FFN-up output
-goes through gelu_tanh_quant instead, since the down projection takes it quantized):
+rounding, in this order (the executor's 8-bit output projections add into the residual stream here:
+gated for self-attention's o and the FFN's down projection, ungated for cross-attention's o; its FFN-up
+output goes through GELU separately, fused with the down projection's input quantization where that is
+8-bit):
 - `activation="gelu_tanh"`: y = GELU with the tanh approximation (F.gelu(y, approximate="tanh"));
 - `residual` [M, N] fp32 (the residual stream, rows = tokens of B samples of `rows_per_batch` rows each)
   with optional `gate` [B, N] fp32: out = residual[m, n] + gate[m // rows_per_batch, n] · y (without

@@ -166,9 +166,8 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
     try:
         result = run_bench(settings, log=lambda line: print(f"dit8 bench dit: {line}", file=sys.stderr, flush=True),
                            measured=save)
-    except Exception as err:  # an out-of-memory error in a later phase, say: the earlier numbers stay
-        if so_far:
-            save(dict(so_far), error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    except Exception as err:  # out of memory, say: the numbers so far stay (if any), with the error
+        save(dict(so_far), error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         raise
     for line in format_table(result):
         print(line)

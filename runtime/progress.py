@@ -30,7 +30,7 @@ class Progress:
             raise ValueError(f"unit must be 'bytes' or 'count', got {unit!r}")
         self.total, self.desc, self.unit, self.done = total, desc, unit, 0
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
         self.enabled = self.tty if enabled is None else enabled
         self._start = self._last_draw = time.monotonic()
 

@@ -41,10 +41,13 @@ os.environ.setdefault("DIT8_POISON_OUTPUTS", "1")
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         gpu_tests_first(items)
-    # DIT8_KERNEL_TESTS=PATH: the kernels each collected test verifies (bench/verified_backends.py
-    # --collected), known before anything runs.
+
+
+def pytest_collection_finish(session):
+    # DIT8_KERNEL_TESTS=PATH: the kernels each selected test verifies (bench/verified_backends.py
+    # --collected), known before anything runs; written after -k/-m deselection.
     if os.environ.get("DIT8_KERNEL_TESTS"):
-        write_kernel_tests(items, Path(os.environ["DIT8_KERNEL_TESTS"]))
+        write_kernel_tests(session.items, Path(os.environ["DIT8_KERNEL_TESTS"]))
 
 
 @pytest.fixture(autouse=True)

@@ -29,6 +29,7 @@ def _results(folder: Path) -> dict:
                                   steps=2))
     (folder / "dit_fp8_fp8.json").write_text(json.dumps(run))
     (folder / "dit_bf16_bf16.json").write_text(json.dumps({**run, "partial": True, "error": "RuntimeError: OOM"}))
+    (folder / "dit_int8_int8.json").write_text(json.dumps({"partial": True, "error": "RuntimeError: OOM at build"}))
     (folder / "gpu_verified.txt").write_text("op  backend\nrms_norm  triton\n\n"
                                              "GPU_VERIFIED[(9, 0)] = frozenset({('rms_norm', 'triton')})\n")
     return run
@@ -54,6 +55,7 @@ def test_tables_of_a_folder_and_of_its_archive(tmp_path):
     assert "| test_gemm[int8] | 3.0 |  |  | 128x256x128 |" in lines
     assert any(line.startswith("bench_fused.json: unreadable") for line in lines)
     assert any(line.startswith("| bf16_bf16 (failed part way: RuntimeError: OOM) |") for line in lines)
+    assert any(line.startswith("| int8_int8 (failed part way: RuntimeError: OOM at build) |  |") for line in lines)
     dit = next(line for line in lines if line.startswith("| fp8_fp8 |")).split(" | ")
     assert dit[1] == f"{run['forward_ms']:.1f}" and dit[3] == f"{run['loop']['total_ms']:.1f}"
     assert lines[lines.index("Registry entries (kernels/registry.py):") + 1] == \

@@ -72,6 +72,15 @@ def test_cli_json_keeps_the_numbers_of_a_run_stopped_part_way(tmp_path, monkeypa
     r = json.loads(path.read_text())
     assert r["partial"] is True and r["forward_ms"] > 0
     assert r["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+    def no_memory_at_all(self, settings, log=None):
+        raise RuntimeError("CUDA out of memory (building the model)")
+
+    monkeypatch.setattr("dit8.bench_dit.DitBench.__init__", no_memory_at_all)
+    with pytest.raises(RuntimeError):
+        main(["bench", "dit", *TINY, "--json", str(path)])
+    assert json.loads(path.read_text()) == {"partial": True,
+                                            "error": "RuntimeError: CUDA out of memory (building the model)"}
     monkeypatch.undo()
     assert main(["bench", "dit", *TINY, "--steps", "0", "--json", str(path)]) == 0
     assert "partial" not in json.loads(path.read_text()) and "error" not in json.loads(path.read_text())

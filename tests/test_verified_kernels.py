@@ -114,3 +114,9 @@ def test_kernels_whose_tests_did_not_all_run_are_not_verified(tmp_path):
     without = subprocess.run([sys.executable, str(SCRIPT), str(xml), "--capability", "9.0"], capture_output=True,
                              text=True)
     assert "('rms_norm', 'triton')" in without.stdout.strip().splitlines()[-1]  # what --collected prevents
+    # A run without a GPU records no properties: the map alone vouches for nothing.
+    xml.write_text('<testsuites><testsuite name="pytest">' + _case("t_ok", None) + _case("t_rms", None)
+                   + "</testsuite></testsuites>")
+    cpu = subprocess.run([sys.executable, str(SCRIPT), str(xml), "--collected", str(collected),
+                          "--capability", "9.0"], capture_output=True, text=True)
+    assert cpu.returncode == 1 and "no test recorded" in cpu.stderr
