@@ -288,6 +288,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, infos, metadata, config_json if config_json.is_file() else None, handles)
 
 
+def require_float_weight(dtype: torch.dtype, source: str | Path, key: str) -> None:
+    """Refuse 8-bit codes (int8, fp8) where float weights are read: cast, they would become numbers."""
+    if not dtype.is_floating_point or dtype.itemsize < 2:
+        raise CheckpointError(f"{source}: tensor {key!r} has dtype {dtype}; only unquantized float weights are "
+                              f"supported")
+
+
 def load_encoder_weights(module: torch.nn.Module, ckpt: Checkpoint, *, prefix: str = "",
                          skip: Callable[[str], bool] = lambda key: False) -> None:
     """Copy every tensor of `module.state_dict()` from `ckpt` key `prefix + name`, one at a time,
@@ -304,9 +311,7 @@ def load_encoder_weights(module: torch.nn.Module, ckpt: Checkpoint, *, prefix: s
             want = tuple(targets[name].shape)
             if info.shape != want:
                 raise CheckpointError(f"{info.file}: tensor {key!r} has shape {info.shape}, expected {want}")
-            if not info.dtype.is_floating_point or info.dtype.itemsize < 2:
-                raise CheckpointError(f"{info.file}: tensor {key!r} has dtype {info.dtype}; only unquantized "
-                                      f"float weights are supported")
+            require_float_weight(info.dtype, info.file, key)
         elif not skip(key):
             raise CheckpointError(f"{info.file}: unexpected tensor {key!r}")
     missing = [prefix + name for name in targets if prefix + name not in ckpt.infos]

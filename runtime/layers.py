@@ -107,10 +107,8 @@ class QuantLinear(nn.Module):
                                                backend=self.setup.backend_of("quantize_per_token"))
             x = QuantizedRows(xq, scale, tuple(x.shape[:-1]))
         fused = {}
-        if residual is not None:
-            fused["residual"] = residual.reshape(-1, residual.shape[-1])
-            if gate is not None:  # gate [B, N]: row r of the flattened batch uses gate[r // L]
-                fused.update(gate=gate, rows_per_batch=x.xq.shape[0] // residual.shape[0])
+        if residual is not None:  # gate [B, N]: row r of the flattened batch uses gate[r // L]
+            fused.update(residual=residual.reshape(-1, residual.shape[-1]), gate=gate)
         out = ops.scaled_mm(x.xq, x.scale, self.weight, self.weight_scale.view(-1), self.bias,
                             out_dtype=torch.float32 if fused else self.out_dtype,
                             backend=self.setup.backend_of("scaled_mm_fused" if fused else "scaled_mm"), **fused)

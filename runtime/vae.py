@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import open_weights_file
+from .checkpoint import open_weights_file, require_float_weight
 from .errors import CheckpointError, InputError
 from .model_folder import VAE_FILE
 
@@ -380,9 +380,7 @@ class WanVAE(nn.Module):
         state = {}
         for key in expected:
             t = read(key)
-            if not t.is_floating_point() or t.element_size() < 2:  # int8 / fp8 codes would be cast as numbers
-                raise CheckpointError(f"{source}: tensor {key!r} has dtype {t.dtype}; the VAE reads unquantized "
-                                      f"float weights")
+            require_float_weight(t.dtype, source, key)
             state[key] = t.to(device=device, dtype=dtype)
         model.load_state_dict(state, assign=True)
         return model.eval().requires_grad_(False)
