@@ -149,14 +149,13 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
     if json_path is not None and not json_path.parent.is_dir():
         raise InputError(f"--json {json_path}: the folder {json_path.parent} does not exist")
 
-    so_far: dict = {}
+    saved: list[dict] = [{}]  # the numbers saved last, for the error path
 
     def save(result: dict, partial: bool = True, error: str | None = None) -> None:
         # Each phase's numbers are saved as they come, marked partial until the run ends: a run stopped
         # part way (a time limit) still leaves its forward times, and one that failed says why. Written
         # beside and renamed, so a stop during the write leaves the previous version whole.
-        so_far.clear()
-        so_far.update(result)
+        saved[0] = result
         if json_path is not None:
             extra = {"partial": True, **({"error": error} if error else {})} if partial else {}
             temp = json_path.with_name(f".{json_path.name}.part")
@@ -167,7 +166,7 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
         result = run_bench(settings, log=lambda line: print(f"dit8 bench dit: {line}", file=sys.stderr, flush=True),
                            measured=save)
     except Exception as err:  # out of memory, say: the numbers so far stay (if any), with the error
-        save(dict(so_far), error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        save(saved[0], error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         raise
     for line in format_table(result):
         print(line)
