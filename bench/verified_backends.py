@@ -50,15 +50,19 @@ def outcomes(junit_xml: Path, collected: dict[str, list[str]] | None = None
         outcome = "failed" if tags & {"failure", "error"} else "skipped" if "skipped" in tags else "passed"
         recorded += bool(names)
         kernels = ",".join(names).split(",") if names else by_id.get(test, []) if outcome == "failed" else []
-        for pair in kernels:
-            op, _, backend = pair.partition(":")
-            counts[(op, backend)][outcome] += 1
+        for kernel in kernels:
+            counts[_op_backend(kernel)][outcome] += 1
     for test, kernels in by_id.items():
         if test not in reported:
-            for pair in kernels:
-                op, _, backend = pair.partition(":")
-                counts[(op, backend)]["not run"] += 1
+            for kernel in kernels:
+                counts[_op_backend(kernel)]["not run"] += 1
     return counts, recorded
+
+
+def _op_backend(kernel: str) -> tuple[str, str]:
+    """"op:backend", as tests name a kernel, as a pair."""
+    op, _, backend = kernel.partition(":")
+    return op, backend
 
 
 def verified(counts: dict[tuple[str, str], collections.Counter]) -> set[tuple[str, str]]:
