@@ -477,69 +477,69 @@ def test_head_dim_128_long_sequences_on_gpu(precision):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Without a GPU: compile for Hopper (sm_90a), which the interpreter never does
+# Without a GPU: compile for Hopper (sm_90a), which the interpreter never does (tests/compile_check.py)
 # ----------------------------------------------------------------------------------------------------
-# The interpreter runs the kernels as Python and accepts things the compiler refuses (a global that
-# is not a constexpr, an unsupported dot). triton.compile with an explicit target needs no GPU, only
-# the ptxas bundled with triton; ~6 s per kernel on a small CPU, so it is opt-in:
+# ~60 s for all the kernels on a small CPU, so opt-in:
 #     DIT8_SM90_COMPILE=1 python -m pytest tests/test_attention_triton.py -k hopper
 
-def compile_for_sm90() -> dict[str, dict]:
-    """Compile every kernel at Wan's head_dim 128 with its GPU configuration for sm_90a; returns
-    {kernel variant: {"wgmma": whether its PTX uses wgmma, "shared": its shared-memory bytes}}. Must run
-    without TRITON_INTERPRET."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    import triton
+# Integer arguments that are multiples of 16 at Wan's sizes (every stride of the [B, L, H, D] views of
+# the QKV GEMMs' outputs and of the kernels' own buffers); the JIT specializes on them, and so do we.
+ALIGNED_STRIDES = {f"stride_{t}{a}" for t in ("q", "k", "v", "o", "ki", "vi", "x") for a in "bmnhl"} | {
+    "stride_qbh", "stride_qd", "stride_vd"}
 
-    def build(kernel, pointers, constexprs, cfg, floats=("qk_scale", "factor")):
-        sig = {n: "constexpr" if n in constexprs else "*" + pointers[n] if n in pointers
-               else "fp32" if n in floats else "i32" for n in kernel.arg_names}
-        src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-        return {"wgmma": "wgmma" in compiled.asm["ptx"], "shared": compiled.metadata.shared}
+
+def compile_for_sm90() -> dict[str, dict]:
+    """Compile every kernel at Wan's head_dim 128 with its GPU configuration for sm_90a (also head_dim 80,
+    padded to 128, and 256); {kernel variant: compile_check.compile_kernel's report}. Must run without
+    TRITON_INTERPRET."""
+    from compile_check import compile_kernel
+
+    def build(kernel, pointers, constexprs, cfg):
+        types = {n: "*" + t for n, t in pointers.items()} | {"qk_scale": "fp32", "factor": "fp32"}
+        return compile_kernel(kernel, types, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                              aligned=ALIGNED_STRIDES)
 
     d = 128
     kernels = {}
     for dt, tdt in [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)]:
-        kernels[f"attention {dt}"] = build(
-            impl._attention_kernel, dict.fromkeys(["Q", "K", "V", "Out"], dt),
-            dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=(c := impl.pick_config("bf16", d, tdt)).block_m, BLOCK_N=c.block_n,
-                 DOT_FP32=dt == "fp32", INTERPRET=False), c)
-    for width in (80, 256):  # padded to 128; the wide configuration
-        c = impl.pick_config("bf16", width)
-        kernels[f"attention bf16, head_dim {width}"] = build(
-            impl._attention_kernel, dict.fromkeys(["Q", "K", "V", "Out"], "bf16"),
-            dict(HEAD_DIM=width, BLOCK_D=impl._block_d("attention", width), BLOCK_M=c.block_m,
-                 BLOCK_N=c.block_n, DOT_FP32=False, INTERPRET=False), c)
-    c = impl.pick_config("cross", d)
-    kernels["cross_attention bf16"] = build(
-        impl._cross_attention_kernel, dict.fromkeys(["Q", "K", "V", "KI", "VI", "Out"], "bf16"),
-        dict(HAS_IMG=True, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, DOT_FP32=False,
-             INTERPRET=False), c)
-    c = impl.pick_config("8bit", d)
+        for width in (d, 256):
+            c = impl.pick_config("bf16", width, tdt)
+            kernels[f"attention {dt}" + (f", head_dim {width}" if width != d else "")] = build(
+                impl._attention_kernel, dict.fromkeys(["Q", "K", "V", "Out"], dt),
+                dict(HEAD_DIM=width, BLOCK_D=width, BLOCK_M=c.block_m, BLOCK_N=c.block_n, DOT_FP32=dt == "fp32",
+                     INTERPRET=False), c)
+    c = impl.pick_config("bf16", 80)  # padded to 128
+    kernels["attention bf16, head_dim 80"] = build(
+        impl._attention_kernel, dict.fromkeys(["Q", "K", "V", "Out"], "bf16"),
+        dict(HEAD_DIM=80, BLOCK_D=impl._block_d("attention", 80), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+             DOT_FP32=False, INTERPRET=False), c)
+    for width in (d, 256):
+        c = impl.pick_config("cross", width)
+        kernels["cross_attention bf16" + (f", head_dim {width}" if width != d else "")] = build(
+            impl._cross_attention_kernel, dict.fromkeys(["Q", "K", "V", "KI", "VI", "Out"], "bf16"),
+            dict(HAS_IMG=True, HEAD_DIM=width, BLOCK_D=width, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                 DOT_FP32=False, INTERPRET=False), c)
     v_codes = {"fp16": "bf16", "int8": "i8", "fp8": "fp8e4nv"}
     for qk, code in [("int8", "i8"), ("fp8", "fp8e4nv")]:
         for pv in impl8.PV_FORMATS:
             pointers = dict(Q=code, K=code, V=v_codes[pv], Out="bf16",
                             **dict.fromkeys(["QScale", "KScale", "Bias", "VMean", "VScale"], "fp32"))
-            kernels[f"attention {qk} q·k, {pv} P·V"] = build(
-                impl8._attention_8bit_kernel, pointers,
-                dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, QK_INT8=qk == "int8",
-                     PV=pv, DOT_FP32=False, INTERPRET=False), c)
-            # A head_dim under the 8-bit dots' smallest reduction (the tests' 16), padded as launched.
-            kernels[f"attention {qk} q·k, {pv} P·V, head_dim 16"] = build(
-                impl8._attention_8bit_kernel, pointers,
-                dict(HEAD_DIM=16, BLOCK_D=impl._block_d("attention", 16, impl.DOT8_MIN_REDUCTION),
-                     BLOCK_M=c.block_m, BLOCK_N=c.block_n, QK_INT8=qk == "int8", PV=pv, DOT_FP32=False,
-                     INTERPRET=False), c)
-        for per_row in (False, True):  # q's per-block scales, k's per-row scales and bias
+            # Also a head_dim under the 8-bit dots' smallest reduction (the tests' 16), padded as launched,
+            # and the wide configuration.
+            for width in (d, 16, 256):
+                c = impl.pick_config("8bit", width)
+                kernels[f"attention {qk} q·k, {pv} P·V" + (f", head_dim {width}" if width != d else "")] = build(
+                    impl8._attention_8bit_kernel, pointers,
+                    dict(HEAD_DIM=width, BLOCK_D=impl._block_d("attention", width, impl.DOT8_MIN_REDUCTION),
+                         BLOCK_M=c.block_m, BLOCK_N=c.block_n, QK_INT8=qk == "int8", PV=pv, DOT_FP32=False,
+                         INTERPRET=False), c)
+        c = impl.pick_config("8bit", d)
+        for per_row, block in ((False, c.block_m), (True, c.block_n)):  # q per block; k per row, with bias
             kernels[f"quantize {qk}, per {'row' if per_row else 'block'}"] = build(
                 impl8._quantize_blocks_kernel,
                 dict(X="bf16", Xq=code, **dict.fromkeys(["Mean", "Qbar", "Scale", "Bias"], "fp32")),
-                dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=c.block_m, PER_ROW=per_row, TO_INT8=qk == "int8",
-                     HAS_BIAS=per_row, INTERPRET=False), impl.AttnConfig(0, 0, 4, 1))
+                dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=block, PER_ROW=per_row, TO_INT8=qk == "int8",
+                     HAS_BIAS=per_row, INTERPRET=False), impl.AttnConfig(0, 0, impl8._quantize_warps(block), 1))
     for pv in ("int8", "fp8"):
         kernels[f"quantize v {pv}"] = build(
             impl8._quantize_v_kernel, dict(V="bf16", Vq=v_codes[pv], VMean="fp32", VScale="fp32"),
@@ -552,20 +552,17 @@ def compile_for_sm90() -> dict[str, dict]:
 @pytest.mark.skipif(torch.cuda.is_available() or __import__("os").environ.get("DIT8_SM90_COMPILE") != "1",
                     reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
 def test_kernels_compile_for_hopper():
-    import json
-    import os
-    import subprocess
-    import sys
+    from compile_check import run_without_interpreter
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = ("import json, sys; sys.path.insert(0, 'tests'); import test_attention_triton as t; "
-              "print(json.dumps(t.compile_for_sm90()))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-4000:]
-    kernels = json.loads(run.stdout.strip().splitlines()[-1])
+    kernels = run_without_interpreter("test_attention_triton", "compile_for_sm90")
+    assert all(v["registers"] > 0 for v in kernels.values()), kernels  # ptxas accepted every PTX
     # Every attention kernel's dots must map to Hopper's warpgroup MMA, fp32 "ieee" dots excepted, and
     # fit in one block's shared memory (the interpreter has no limit; a GPU refuses the launch).
     assert all(v["wgmma"] for k, v in kernels.items() if "fp32" not in k and "quantize" not in k), kernels
     too_big = {k: v["shared"] for k, v in kernels.items() if v["shared"] > SHARED_MEMORY_LIMIT["sm_90"]}
     assert not too_big, too_big
+    # No register spills: a spill in the key loop is a local-memory round trip per key block. The fp32
+    # precision path keeps whole fp32 tiles per thread for its CUDA-core dots; its configurations hold
+    # spills to at most 2 KiB (at 64 x 64 tiles it spills ~58 KB).
+    spilled = {k: v["spills"] for k, v in kernels.items() if v["spills"] > (2048 if "fp32" in k else 0)}
+    assert not spilled, spilled

@@ -521,37 +521,25 @@ def test_cuda_and_triton_agree():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Compile check without a GPU: the Triton kernels at Wan's sizes compile for sm_90a (triton.compile with
-# an explicit target needs only the ptxas bundled with triton). ~10 s, so opt-in:
+# Compile check without a GPU: the Triton kernels at Wan's sizes compile for sm_90a
+# (tests/compile_check.py). ~10 s, so opt-in:
 #     DIT8_SM90_COMPILE=1 python -m pytest tests/test_fused_ops.py -k hopper
 # ----------------------------------------------------------------------------------------------------
 
 def sm90_spills() -> dict[str, int]:
     """Compile every Triton kernel configuration used at Wan's sizes for sm_90a; bytes of register
     spills of each (run in a process without TRITON_INTERPRET)."""
-    import re
-    import subprocess
-    import tempfile
-
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
+    from compile_check import compile_kernel
 
     from dit8.kernels import fused_triton as ft
 
     def spills(kernel, pointers, constexprs, num_warps) -> int:
-        sig = {n: "constexpr" if n in constexprs else "*" + pointers[n] if n in pointers
-               else "fp32" if n in ("eps", "n") else "i64" if n.startswith("stride") else "i32"
-               for n in kernel.arg_names}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-            f.write(compiled.asm["ptx"])
-            f.flush()
-            log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"],
-                                 capture_output=True, text=True).stderr
-        return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
+        types = {n: "*" + t for n, t in pointers.items()} | {"eps": "fp32", "n": "fp32"} | {
+            n: "i64" for n in kernel.arg_names if n.startswith("stride")}
+        report = compile_kernel(kernel, types, constexprs, num_warps=num_warps)
+        assert report["registers"] > 0, report  # ptxas accepted the PTX
+        return report["spills"]
 
     result = {}
     rows_ptrs = lambda xd, od: dict(X=xd, Out=od, **dict.fromkeys(["OutScale", "W", "Bias", "Shift", "Scale"], "fp32"))
@@ -578,17 +566,7 @@ def sm90_spills() -> dict[str, int]:
 @pytest.mark.skipif(CUDA or __import__("os").environ.get("DIT8_SM90_COMPILE") != "1",
                     reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
 def test_triton_kernels_compile_for_hopper():
-    import json
-    import os
-    import subprocess
-    import sys
+    from compile_check import run_without_interpreter
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    script = ("import json, sys; sys.path.insert(0, 'tests'); import test_fused_ops as t; "
-              "print(json.dumps(t.sm90_spills()))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-4000:]
-    spilled = json.loads(run.stdout.strip().splitlines()[-1])
+    spilled = run_without_interpreter("test_fused_ops", "sm90_spills")
     assert len(spilled) == 11 and not any(spilled.values()), spilled

@@ -483,26 +483,18 @@ def test_gpu_fast_accumulation_within_twice_cublas_fast(out_dtype):
 
 # ----------------------------------------------------------------------------------------------------
 # Without a GPU: compile every table entry for its GPU, which the interpreter never does
-# ----------------------------------------------------------------------------------------------------
-# triton.compile with an explicit target needs no GPU, only the ptxas bundled with triton. ~1-5 s per
-# kernel variant on a small CPU, so it is opt-in:
+# (tests/compile_check.py). ~1-5 s per kernel variant on a small CPU, so opt-in:
 #     DIT8_GEMM_COMPILE=1 python -m pytest tests/test_scaled_mm_triton.py -k compile
+# ----------------------------------------------------------------------------------------------------
 
 EPILOGUES = ("plain", "gelu", "residual")
 
 
 def compile_for_target(arch: str, kind: str, cfg: GemmConfig, epilogue: str) -> dict:
     """Compile the kernel `cfg` selects for `arch` ("sm_90", "sm_89", "sm_80") with the given epilogue,
-    as the JIT would specialize it for the Wan shapes (16-byte-aligned pointers, N, K and strides
-    multiples of 16). Returns shared-memory bytes, registers and spill bytes (ptxas -v), and whether the
-    PTX uses wgmma and TMA. Must run without TRITON_INTERPRET."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    as the JIT would specialize it for the Wan shapes (N, K and strides multiples of 16); the report of
+    compile_check.compile_kernel. Must run without TRITON_INTERPRET."""
+    from compile_check import compile_kernel
 
     cap = {"sm_90": 90, "sm_89": 89, "sm_80": 80}[arch]
     code = "fp8e4nv" if kind == "fp8" else "i8"
@@ -519,32 +511,10 @@ def compile_for_target(arch: str, kind: str, cfg: GemmConfig, epilogue: str) -> 
                       EPILOGUE_SPLIT=gemm_configs.epilogue_split(cfg, residual), HAS_BIAS=True,
                       ACTIVATION=int(epilogue == "gelu"), HAS_RESIDUAL=residual, HAS_GATE=residual,
                       ROUND_BF16=False, NUM_PROGRAMS=132, EVEN_K=True)
-    names = kernel.arg_names
-    constexprs = {n: v for n, v in constexprs.items() if n in names}
+    constexprs = {n: v for n, v in constexprs.items() if n in kernel.arg_names}
     aligned = {"N", "K", "stride_xm", "stride_wn", "stride_om", "stride_rm", "stride_gb"}
-    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n in aligned or signature[n].startswith("*")}
-    src = ASTSource(fn=kernel, signature=signature, attrs=attrs,
-                    constexprs={(names.index(n),): v for n, v in constexprs.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    ptx = compiled.asm["ptx"]
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    ptxas = next(p for p in (os.path.join(bindir, "ptxas-blackwell"), os.path.join(bindir, "ptxas"))
-                 if os.path.exists(p))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        arch_flag = "sm_90a" if cap == 90 else arch
-        run = subprocess.run([ptxas, f"-arch={arch_flag}", "-v", path, "-o", os.devnull],
-                             capture_output=True, text=True)
-    regs = re.search(r"Used (\d+) registers", run.stderr)
-    spills = re.search(r"(\d+) bytes spill stores", run.stderr)
-    return dict(shared=compiled.metadata.shared, registers=int(regs.group(1)) if regs else -1,
-                spills=int(spills.group(1)) if spills else -1, wgmma="wgmma" in ptx,
-                tma="cp.async.bulk.tensor" in ptx)
+    return compile_kernel(kernel, types, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                          arch=cap, aligned=aligned)
 
 
 def compile_table() -> dict:
@@ -557,17 +527,9 @@ def compile_table() -> dict:
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("DIT8_GEMM_COMPILE") != "1",
                     reason="opt-in compile check for machines without a GPU: set DIT8_GEMM_COMPILE=1")
 def test_table_configs_compile():
-    import json
-    import subprocess
-    import sys
+    from compile_check import run_without_interpreter
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = ("import json, sys; sys.path.insert(0, 'tests'); import test_scaled_mm_triton as t; "
-              "print(json.dumps(t.compile_table()))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-4000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
+    results = run_without_interpreter("test_scaled_mm_triton", "compile_table")
     for key, r in results.items():
         arch, kind, cls, epi = key.split()
         cfg = gemm_configs.TABLE[(arch, kind, cls)]

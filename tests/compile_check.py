@@ -1,0 +1,64 @@
+"""Compiling the Triton kernels for a GPU that is not here.
+
+The interpreter runs kernels as Python and never compiles them, so it accepts what a compiler refuses
+(a tile past the shared memory, an unsupported dot) and says nothing of what a kernel costs in
+registers and spills. triton.compile with an explicit target needs no GPU, only the ptxas bundled with
+triton; `ptxas -v` on the PTX then reports registers and spill bytes. The tests that use this are
+opt-in (seconds per kernel on a small CPU) and run in a subprocess without TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable
+
+
+def compile_kernel(kernel, types: dict[str, str], constexprs: dict[str, object], *, num_warps: int,
+                   num_stages: int = 3, arch: int = 90, aligned: Iterable[str] = ()) -> dict:
+    """Compile `kernel` for sm_`arch` (sm_90a for 90) as the JIT would specialize it: `types` gives the
+    Triton type of each non-constexpr argument not an "i32" ("*bf16", "fp32", "tensordesc<...>"), and
+    pointers and the integer arguments named in `aligned` are marked divisible by 16 (torch allocations
+    and Wan's strides are). Returns shared-memory bytes, registers and spill-store bytes (ptxas -v), and
+    whether the PTX uses wgmma and TMA."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    aligned = set(aligned)
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n in aligned or signature[n].startswith("*")}
+    src = ASTSource(fn=kernel, signature=signature, attrs=attrs,
+                    constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    ptx = compiled.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        arch_flag = "sm_90a" if arch == 90 else f"sm_{arch}"
+        log = subprocess.run([get_ptxas(arch).path, f"-arch={arch_flag}", "-v", path, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    return dict(shared=compiled.metadata.shared, registers=int(registers.group(1)) if registers else -1,
+                spills=sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log)),
+                wgmma="wgmma" in ptx, tma="cp.async.bulk.tensor" in ptx)
+
+
+def run_without_interpreter(module: str, function: str) -> dict:
+    """tests/`module`.`function`() in a fresh process without TRITON_INTERPRET; its JSON result."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    script = f"import json, sys; sys.path.insert(0, 'tests'); import {module} as t; print(json.dumps(t.{function}()))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
