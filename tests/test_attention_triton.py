@@ -495,9 +495,13 @@ def compile_for_sm90() -> dict[str, dict]:
     from compile_check import compile_kernel
 
     def build(kernel, pointers, constexprs, cfg):
+        # The padded head dims (the tests' odd sizes) also get the JIT's other specialization: strides
+        # that are not multiples of 16, loaded without async copies.
         types = {n: "*" + t for n, t in pointers.items()} | {"qk_scale": "fp32", "factor": "fp32"}
-        return compile_kernel(kernel, types, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                              aligned=ALIGNED_STRIDES)
+        aligned = constexprs["HEAD_DIM"] == constexprs["BLOCK_D"]
+        report = compile_kernel(kernel, types, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                aligned=ALIGNED_STRIDES if aligned else ())
+        return report | {"aligned": aligned}
 
     d = 128
     kernels = {}
@@ -561,8 +565,11 @@ def test_kernels_compile_for_hopper():
     assert all(v["wgmma"] for k, v in kernels.items() if "fp32" not in k and "quantize" not in k), kernels
     too_big = {k: v["shared"] for k, v in kernels.items() if v["shared"] > SHARED_MEMORY_LIMIT["sm_90"]}
     assert not too_big, too_big
-    # No register spills: a spill in the key loop is a local-memory round trip per key block. The fp32
-    # precision path keeps whole fp32 tiles per thread for its CUDA-core dots; its configurations hold
-    # spills to at most 2 KiB (at 64 x 64 tiles it spills ~58 KB).
-    spilled = {k: v["spills"] for k, v in kernels.items() if v["spills"] > (2048 if "fp32" in k else 0)}
+    # No register spills where the strides are aligned, as at Wan's sizes: a spill in the key loop is a
+    # local-memory round trip per key block. (Unaligned strides, the tests' odd sizes, are a correctness
+    # path: the bf16 kernel spills 88 bytes there with triton 3.6.) The fp32 precision path keeps whole
+    # fp32 tiles per thread for its CUDA-core dots; its tiles hold spills to at most 2 KiB (at 64 x 64
+    # they spill ~58 KB).
+    spilled = {k: v["spills"] for k, v in kernels.items()
+               if v["aligned"] and v["spills"] > (2048 if "fp32" in k else 0)}
     assert not spilled, spilled
