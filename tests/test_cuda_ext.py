@@ -1,5 +1,6 @@
-"""The CUDA extension builds, links and imports (CI does this on its CPU machine with nvcc), its argument
-checks work without a GPU, and the "cuda" backend stands aside where it cannot run.
+"""The CUDA extension builds, links and imports (CI does this on its CPU machine with nvcc), its kernels
+spill no registers, its argument checks work without a GPU, and the "cuda" backend stands aside where it
+cannot run.
 
 The build here targets one architecture (sm_90a, or $DIT8_TEST_CUDA_ARCHS) to keep CI short; the full
 ahead-of-time build is `python -m dit8.kernels.cuda_ext build` (sm_80, sm_89, sm_90a + compute_90 PTX).
@@ -9,6 +10,7 @@ Skipped, with the reason, where nvcc, ninja or pybind11 are missing.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,6 +70,21 @@ def test_module_builds_links_and_imports_without_a_gpu(module):
     start = path.stat().st_mtime_ns
     cuda_ext.build(ARCHS)
     assert path.stat().st_mtime_ns == start
+
+
+@pytest.mark.slow
+@needs_tools
+@pytest.mark.parametrize("source", [n for n in cuda_ext.SOURCES if n.endswith(".cu")])
+def test_kernels_do_not_spill_registers(source, tmp_path):
+    # ptxas's report for every kernel instantiation of the source, for each architecture built here:
+    # a spill is a local-memory round trip in a memory-bound kernel, and the register use decides how
+    # many warps an SM keeps resident. Code-generation flags as in csrc/build.ninja.
+    run = subprocess.run([cuda_ext.find_nvcc(), "-O3", "-std=c++17", "--expt-relaxed-constexpr", "--resource-usage",
+                          *cuda_ext.gencode_flags(ARCHS), "-c", str(cuda_ext.source_dir() / source),
+                          "-o", str(tmp_path / "kernels.o")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", run.stdout + run.stderr)]
+    assert spills and not any(spills), (source, spills)
 
 
 @needs_tools
