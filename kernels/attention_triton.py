@@ -66,25 +66,26 @@ class AttnConfig:
 # Hopper-minded starting points (128-row query tiles = two warpgroups of 64 rows, 8 warps, 2-3 stages
 # of K/V prefetch), keyed by (path, head_dim bound). NOT yet timed on an H100: DIT8_ATTN_SWEEP=1 in
 # bench/test_bench_attention.py times the candidates. What is known without a GPU (triton.compile for
-# sm_90a specialized as the JIT does for Wan's aligned strides, then ptxas -v; triton 3.6 as on the GPU
-# machine, and 3.9): at head_dim 128 every tile below uses wgmma and spills nothing. The 8-bit kernel
-# keeps a second fp32 tile live (its P·V product before it joins the accumulator): at BLOCK_N 128 it
-# spills ~330 bytes with triton 3.6, 34 local loads/stores inside the key loop, and none at 64. The
-# bf16 kernel fits 128 x 128 in 250 registers; 3 stages take 224 KiB of the 227 KiB shared memory.
+# sm_90a specialized as the JIT does for Wan's strides, then ptxas -v and nvdisasm; triton 3.6 as on
+# the GPU machine, and 3.9; tests/test_attention_triton.py -k hopper): at head_dim 128 every tile
+# below uses wgmma and nothing spills inside the key loop. The bf16 kernel fits 128 x 128 in ~250
+# registers, and its 3 stages take 224 KiB of the 227 KiB shared memory; the 8-bit kernels sit at 255
+# registers (16 bytes spilled outside the loop with 16-bit P·V and triton 3.6); the cross kernel keeps
+# the text result live across the image loop, which spills at BLOCK_N 128 but not at 64.
 _CONFIGS = {
     ("bf16", 64): AttnConfig(128, 128, 8, 3),
     ("bf16", 128): AttnConfig(128, 128, 8, 3),
     ("8bit", 64): AttnConfig(128, 128, 8, 3),
-    ("8bit", 128): AttnConfig(128, 64, 8, 3),
+    ("8bit", 128): AttnConfig(128, 128, 8, 3),
     ("cross", 64): AttnConfig(128, 64, 8, 2),
     ("cross", 128): AttnConfig(128, 64, 8, 2),
 }
 # Head dims up to 256 (not Wan's, kept working for other models): smaller tiles, same for every path;
-# at 64 x 32 in 8 warps no path spills (at 64 x 64 the 8-bit kernels do).
+# at 64 x 32 in 8 warps no path spills (at 64 x 64 the cross kernel does).
 _WIDE_CONFIG = AttnConfig(64, 32, 8, 2)
 # fp32 inputs ("ieee" fp32 dots on CUDA cores, a precision path, not a fast one): each thread holds
-# its share of the fp32 tiles and of the unrolled dot, so the tiles are the smallest that compile
-# with a few hundred bytes of spills at most (64 x 64 spills ~58 KB per thread with triton 3.6).
+# its share of the fp32 tiles and of the unrolled dot; small tiles keep the spills to 0.6-2 KB, none
+# inside the key loop (64 x 64 tiles spill ~58 KB per thread with triton 3.6).
 _FP32_CONFIG = {128: AttnConfig(32, 32, 8, 2), 256: AttnConfig(16, 16, 4, 2)}
 # The interpreter runs one program at a time in numpy: small blocks so that the CPU tests with their
 # small shapes still cover several query blocks, several key blocks, and a tail of each.

@@ -19,12 +19,16 @@ from collections.abc import Iterable
 
 
 def compile_kernel(kernel, types: dict[str, str], constexprs: dict[str, object], *, num_warps: int,
-                   num_stages: int = 3, arch: int = 90, aligned: Iterable[str] = ()) -> dict:
+                   num_stages: int = 3, arch: int = 90, aligned: Iterable[str] = (), ones: Iterable[str] = ()
+                   ) -> dict:
     """Compile `kernel` for sm_`arch` (sm_90a for 90) as the JIT would specialize it: `types` gives the
-    Triton type of each non-constexpr argument not an "i32" ("*bf16", "fp32", "tensordesc<...>"), and
+    Triton type of each non-constexpr argument not an "i32" ("*bf16", "fp32", "tensordesc<...>");
     pointers and the integer arguments named in `aligned` are marked divisible by 16 (torch allocations
-    and Wan's strides are). Returns shared-memory bytes, registers and spill-store bytes (ptxas -v), and
-    whether the PTX uses wgmma and TMA."""
+    and Wan's strides are), and those named in `ones` become the constant 1 (the JIT compiles an integer
+    argument equal to 1 as a constant: a unit stride is what lets it vectorize along that axis).
+    Returns shared-memory bytes, registers and spill-store bytes (ptxas -v), the local-memory loads and
+    stores inside loops (the spills that cost per iteration; SASS of the cubin), and whether the PTX uses
+    wgmma and TMA."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -32,6 +36,7 @@ def compile_kernel(kernel, types: dict[str, str], constexprs: dict[str, object],
 
     names = kernel.arg_names
     aligned = set(aligned)
+    constexprs = dict(constexprs) | dict.fromkeys(ones, 1)
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if n in aligned or signature[n].startswith("*")}
@@ -47,10 +52,30 @@ def compile_kernel(kernel, types: dict[str, str], constexprs: dict[str, object],
         arch_flag = "sm_90a" if arch == 90 else f"sm_{arch}"
         log = subprocess.run([get_ptxas(arch).path, f"-arch={arch_flag}", "-v", path, "-o", os.devnull],
                              capture_output=True, text=True).stderr
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([os.path.join(os.path.dirname(get_ptxas(arch).path), "nvdisasm"), "-c", cubin],
+                              capture_output=True, text=True, check=True).stdout
     registers = re.search(r"Used (\d+) registers", log)
     return dict(shared=compiled.metadata.shared, registers=int(registers.group(1)) if registers else -1,
                 spills=sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log)),
-                wgmma="wgmma" in ptx, tma="cp.async.bulk.tensor" in ptx)
+                wgmma="wgmma" in ptx, tma="cp.async.bulk.tensor" in ptx, **loop_statistics(sass))
+
+
+def loop_statistics(sass: str) -> dict[str, int]:
+    """From nvdisasm output, with a loop being the code between a label and a later branch back to it:
+    local-memory loads and stores (LDL/STL, register spills) inside loops, and the instructions of the
+    longest loop (a kernel's main loop; each warp issues them once per iteration)."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*\.(L_x_\d+):", line))}
+    # (Not the branch-to-itself every kernel ends with, after its EXIT.)
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA.*`\(\.(L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i - 1]
+    instruction = [bool(re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", line)) for line in lines]
+    return dict(local_in_loops=sum(1 for i, line in enumerate(lines)
+                                   if re.search(r"\b(LDL|STL)\b", line) and any(a < i <= b for a, b in loops)),
+                loop_instructions=max((sum(instruction[a:b + 1]) for a, b in loops), default=0))
 
 
 def run_without_interpreter(module: str, function: str) -> dict:
@@ -62,3 +87,13 @@ def run_without_interpreter(module: str, function: str) -> dict:
     run = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    # python tests/compile_check.py: the attention kernels' reports as a table (what RESULTS.md quotes).
+    from test_attention_triton import compile_for_sm90
+
+    print(f"{'kernel':<44} {'regs':>4} {'spill B':>7} {'loop LDL/STL':>12} {'loop instr':>10} {'smem KiB':>8}")
+    for name, r in compile_for_sm90().items():
+        print(f"{name:<44} {r['registers']:>4} {r['spills']:>7} {r['local_in_loops']:>12} "
+              f"{r['loop_instructions']:>10} {r['shared'] / 1024:>8.0f}")
