@@ -11,9 +11,10 @@ per-channel offsets that RMS-normed q/k carry, and the 8-bit steps shrink accord
 
 Quantization: c·q' per BLOCK_M rows (per head) and k' per row (per key), symmetric, fp32 scales. The
 kernel dequantizes a score tile with one fused multiply-add per score, s·(q_scale·k_scale_n) + b_n,
-where q_scale·k_scale_n is a vector over the block's keys: per-key scales cost nothing over one scale
-per block, and err ~15% less (a key's codes span its own range). Per-query scales would cost a
-multiply per score.
+where q_scale·k_scale_n is a vector over the block's keys: per-key scales cost one vector multiply per
+key block over one scale per block, and err ~15% less (a key's codes span its own range). Per-query
+scales would cost a multiply per score. Each key's scale and bias are stored side by side, so that
+one [BLOCK_N, 2] tile load brings both (two vector loads cost ~85 more instructions in the loop).
 P·V: "fp16" = P rounded to v's 16-bit type (fp16 for fp32 v), fp32 accumulation. The 8-bit ones
 centre V on its per-channel mean v̄ (V smoothing: every row of softmax weights sums to 1, so
 P·v = P·(v - v̄) + v̄, and the mean goes back on in the epilogue) and quantize it per channel (per
@@ -72,16 +73,15 @@ def _to_fp8(x, INTERPRET: tl.constexpr):
 # Quantization of the 8-bit operands. The sequence statistics (means, v's amax) are torch reductions
 # (one read each, no copies); the per-block quantization is this kernel.
 @triton.jit
-def _quantize_blocks_kernel(X, Mean, Qbar, Xq, Scale, Bias,
+def _quantize_blocks_kernel(X, Mean, Qbar, Xq, Scale,
                             stride_xb, stride_xl, stride_xh,
                             stride_qb, stride_ql, stride_qh,
                             H, L, n_blocks, factor,
                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-                            PER_ROW: tl.constexpr, TO_INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            INTERPRET: tl.constexpr):
+                            PER_ROW: tl.constexpr, TO_INT8: tl.constexpr, INTERPRET: tl.constexpr):
     """Xq[rows] = quant((X[rows] - Mean) · factor / scale) for one block of BLOCK rows of one (batch,
-    head), scale = amax / QMAX of the block (Scale[b, h, block]) or, with PER_ROW, of each row
-    (Scale[b, h, row]); with HAS_BIAS also Bias[rows] = (X[rows] - Mean)·factor·Qbar."""
+    head), scale = amax / QMAX of the block (q: Scale[b, h, block]) or, with PER_ROW, of each row (k:
+    Scale[b, h, row, 0], and Scale[b, h, row, 1] = the row's bias (X[row] - Mean)·factor·Qbar)."""
     pid_l = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -95,9 +95,9 @@ def _quantize_blocks_kernel(X, Mean, Qbar, Xq, Scale, Bias,
     mean = tl.load(Mean + pid_bh * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
     # Rows past L must stay 0 after centring, or they would inflate the block's amax.
     x = tl.where(row_ok, (x - mean[None, :]) * factor, 0.0)
-    if HAS_BIAS:
+    if PER_ROW:
         qbar = tl.load(Qbar + pid_bh * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
-        tl.store(Bias + pid_bh * L + offs_l, tl.sum(x * qbar[None, :], 1), mask=offs_l < L)
+        tl.store(Scale + (pid_bh.to(tl.int64) * L + offs_l) * 2 + 1, tl.sum(x * qbar[None, :], 1), mask=offs_l < L)
     qmax = _INT8_MAX if TO_INT8 else _FP8_MAX
     row_amax = tl.max(tl.abs(x), 1)
     if PER_ROW:
@@ -115,7 +115,7 @@ def _quantize_blocks_kernel(X, Mean, Qbar, Xq, Scale, Bias,
     tl.store(Xq + b * stride_qb + h * stride_qh + offs_l[:, None] * stride_ql + offs_d[None, :], xq,
              mask=row_ok & d_ok[None, :])
     if PER_ROW:
-        tl.store(Scale + pid_bh * L + offs_l, scale, mask=offs_l < L)
+        tl.store(Scale + (pid_bh.to(tl.int64) * L + offs_l) * 2, scale, mask=offs_l < L)
     else:
         tl.store(Scale + pid_bh * n_blocks + pid_l, scale)
 
@@ -148,7 +148,7 @@ def _quantize_v_kernel(V, VMean, VScale, Vq, stride_vb, stride_vl, stride_vh, st
 
 
 @triton.jit
-def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, ks_base, bias_base, v_base,
+def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
                        stride_kn, stride_vn, stride_vd, start_n, Lk,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                        MASK_N: tl.constexpr, QK_INT8: tl.constexpr, PV: tl.constexpr,
@@ -157,17 +157,16 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, ks_base, bias_base, v_
     offs_d = tl.arange(0, BLOCK_D)
     k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    # Each key's scale and bias, side by side: one [BLOCK_N, 2] tile.
+    kb_ptrs = kb_base + offs_n[:, None] * 2 + tl.arange(0, 2)[None, :]
     # Keys past the end (MASK_N): k = 0 and bias = -inf give score -inf (weight 0); v = 0 stays finite.
     k = _load_tile(k_ptrs, offs_n, Lk, MASK_N, HEAD_DIM, BLOCK_D)
     if MASK_N:
-        bias = tl.load(bias_base + offs_n, mask=offs_n < Lk, other=float("-inf"))
+        k_scale, bias = tl.split(tl.load(kb_ptrs, mask=(offs_n < Lk)[:, None], other=0.0))
+        bias = tl.where(offs_n < Lk, bias, float("-inf"))
     else:
-        bias = tl.load(bias_base + offs_n)
+        k_scale, bias = tl.split(tl.load(kb_ptrs))
     v = _load_tile(v_ptrs, offs_n, Lk, MASK_N, HEAD_DIM, BLOCK_D)
-    if MASK_N:
-        k_scale = tl.load(ks_base + offs_n, mask=offs_n < Lk, other=0.0)
-    else:
-        k_scale = tl.load(ks_base + offs_n)
     if QK_INT8:
         s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)  # exact integer sums
     else:
@@ -206,7 +205,7 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, ks_base, bias_base, v_
 
 
 @triton.jit
-def _attention_8bit_kernel(Q, QScale, K, KScale, Bias, V, VMean, VScale, Out,
+def _attention_8bit_kernel(Q, QScale, K, KScaleBias, V, VMean, VScale, Out,
                            stride_qb, stride_qm, stride_qh,
                            stride_kb, stride_kn, stride_kh,
                            stride_vb, stride_vn, stride_vh, stride_vd,
@@ -225,8 +224,7 @@ def _attention_8bit_kernel(Q, QScale, K, KScale, Bias, V, VMean, VScale, Out,
                    offs_m, Lq, True, HEAD_DIM, BLOCK_D)
     q_scale = tl.load(QScale + pid_bh * n_qblocks + pid_m)
     k_base = K + b * stride_kb + h * stride_kh
-    ks_base = KScale + pid_bh.to(tl.int64) * Lk
-    bias_base = Bias + pid_bh.to(tl.int64) * Lk
+    kb_base = KScaleBias + pid_bh.to(tl.int64) * Lk * 2
     v_base = V + b * stride_vb + h * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -234,11 +232,11 @@ def _attention_8bit_kernel(Q, QScale, K, KScale, Bias, V, VMean, VScale, Out,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_end = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, ks_base, bias_base, v_base,
+        acc, l_i, m_i = _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
                                            stride_kn, stride_vn, stride_vd, start_n, Lk, HEAD_DIM, BLOCK_D,
                                            BLOCK_N, False, QK_INT8, PV, DOT_FP32, INTERPRET)
     if full_end < Lk:
-        acc, l_i, m_i = _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, ks_base, bias_base, v_base,
+        acc, l_i, m_i = _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
                                            stride_kn, stride_vn, stride_vd, full_end, Lk, HEAD_DIM, BLOCK_D,
                                            BLOCK_N, True, QK_INT8, PV, DOT_FP32, INTERPRET)
     out = acc / l_i[:, None]
@@ -259,9 +257,9 @@ class Quantized8bit:
     """The operands of the 8-bit kernel, as `quantize_for_attention` prepares them.
 
     q [B, H, Lq, D] and k [B, H, Lk, D] int8 or e4m3: c·(q - q̄) and k - k̄ in per-block codes;
-    q_scale [B, H, cdiv(Lq, block_m)], k_scale [B, H, Lk] fp32 (q per block of rows, k per row);
-    bias [B, H, Lk] fp32 = c·q̄·(k - k̄), c = log2(e)/√D (so q_scale·k_scale·(q·k) + bias is the score
-    in log2 units, up to a per-row constant);
+    q_scale [B, H, cdiv(Lq, block_m)] fp32 (q per block of rows);
+    k_scale_bias [B, H, Lk, 2] fp32: each key's scale (k per row) and its bias c·q̄·(k - k̄), c =
+    log2(e)/√D (so q_scale·k_scale·(q·k) + bias is the score in log2 units, up to a per-row constant);
     v: v itself ([B, Lk, H, D] bf16/fp16, fp32 inputs converted to fp16) for pv="fp16", or for pv
     "int8" / "fp8" the codes of v - v̄ stored [B, H, D, Lk] (row stride padded to 16) with v_mean (v̄)
     and v_scale [B, H, D] fp32.
@@ -269,13 +267,22 @@ class Quantized8bit:
     q: torch.Tensor
     q_scale: torch.Tensor
     k: torch.Tensor
-    k_scale: torch.Tensor
-    bias: torch.Tensor
+    k_scale_bias: torch.Tensor
     v: torch.Tensor
     v_mean: torch.Tensor | None
     v_scale: torch.Tensor | None
     block_m: int
     block_n: int
+
+    @property
+    def k_scale(self) -> torch.Tensor:
+        """[B, H, Lk] fp32 (a view)."""
+        return self.k_scale_bias[..., 0]
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """[B, H, Lk] fp32 (a view)."""
+        return self.k_scale_bias[..., 1]
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q', k', bias, v) in float64, [B, H, L, D] / [B, H, Lk]: what the kernel multiplies, for tests."""
@@ -312,22 +319,20 @@ def quantize_for_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()
     qbar_c = (q_mean * c).contiguous()
 
-    def quantize(x, mean, factor, block, per_row, bias):
+    def quantize(x, mean, factor, block, per_row):
         L = x.shape[1]
         n_blocks = triton.cdiv(L, block)
         xq = new_output((B, H, L, D), qdtype, dev)
-        scale = new_output((B, H, L if per_row else n_blocks), torch.float32, dev)
+        scale = new_output((B, H, L, 2) if per_row else (B, H, n_blocks), torch.float32, dev)
         _quantize_blocks_kernel[(n_blocks, B * H)](
-            x, mean, qbar_c, xq, scale, bias if bias is not None else scale,
-            *_bhd_strides(x), xq.stride(0), xq.stride(2), xq.stride(1),
+            x, mean, qbar_c, xq, scale, *_bhd_strides(x), xq.stride(0), xq.stride(2), xq.stride(1),
             H, L, n_blocks, factor,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK=block, PER_ROW=per_row, TO_INT8=qk == "int8",
-            HAS_BIAS=bias is not None, INTERPRET=interpreting(), num_warps=_quantize_warps(block))
+            INTERPRET=interpreting(), num_warps=_quantize_warps(block))
         return xq, scale
 
-    q8, q_scale = quantize(q, q_mean, c, block_m, False, None)
-    bias = new_output((B, H, Lk), torch.float32, dev)
-    k8, k_scale = quantize(k, k_mean, 1.0, block_n, True, bias)
+    q8, q_scale = quantize(q, q_mean, c, block_m, False)
+    k8, k_scale_bias = quantize(k, k_mean, 1.0, block_n, True)
 
     if pv != "fp16":
         # amax of |v - v̄| over the sequence from v's own extremes: no centred copy needed.
@@ -347,7 +352,7 @@ def quantize_for_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     else:
         v_mean = v_scale = None
         v_out = v if v.dtype in (torch.bfloat16, torch.float16) else v.to(torch.float16)
-    return Quantized8bit(q8, q_scale, k8, k_scale, bias, v_out, v_mean, v_scale, block_m, block_n)
+    return Quantized8bit(q8, q_scale, k8, k_scale_bias, v_out, v_mean, v_scale, block_m, block_n)
 
 
 # The operand formats (q·kᵀ, P·V) of each 8-bit precision. Both use INT8 q·kᵀ: on Gaussian q/k it
@@ -401,7 +406,7 @@ def _launch_8bit(x: Quantized8bit, out: torch.Tensor, cfg: AttnConfig):
         v_mean = v_scale = x.q_scale  # placeholders, never read with 16-bit P·V
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)
     LAST_COMPILED["attention_8bit"] = _attention_8bit_kernel[grid](
-        x.q, x.q_scale, x.k, x.k_scale, x.bias, x.v, v_mean, v_scale, out,
+        x.q, x.q_scale, x.k, x.k_scale_bias, x.v, v_mean, v_scale, out,
         x.q.stride(0), x.q.stride(2), x.q.stride(1),
         x.k.stride(0), x.k.stride(2), x.k.stride(1),
         *v_strides,

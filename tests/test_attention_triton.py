@@ -527,7 +527,7 @@ def compile_for_sm90() -> dict[str, dict]:
     for qk, code in [("int8", "i8"), ("fp8", "fp8e4nv")]:
         for pv in impl8.PV_FORMATS:
             pointers = dict(Q=code, K=code, V=v_codes[pv], Out="bf16",
-                            **dict.fromkeys(["QScale", "KScale", "Bias", "VMean", "VScale"], "fp32"))
+                            **dict.fromkeys(["QScale", "KScaleBias", "VMean", "VScale"], "fp32"))
             # Also a head_dim under the 8-bit dots' smallest reduction (the tests' 16), padded as launched,
             # and the wide configuration.
             for width in (d, 16, 256):
@@ -544,9 +544,9 @@ def compile_for_sm90() -> dict[str, dict]:
         for per_row, block in ((False, c.block_m), (True, c.block_n)):  # q per block; k per row, with bias
             kernels[f"quantize {qk}, per {'row' if per_row else 'block'}"] = build(
                 impl8._quantize_blocks_kernel,
-                dict(X="bf16", Xq=code, **dict.fromkeys(["Mean", "Qbar", "Scale", "Bias"], "fp32")),
-                dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=block, PER_ROW=per_row, TO_INT8=qk == "int8",
-                     HAS_BIAS=per_row, INTERPRET=False), impl.AttnConfig(0, 0, impl8._quantize_warps(block), 1))
+                dict(X="bf16", Xq=code, **dict.fromkeys(["Mean", "Qbar", "Scale"], "fp32")),
+                dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=block, PER_ROW=per_row, TO_INT8=qk == "int8", INTERPRET=False),
+                impl.AttnConfig(0, 0, impl8._quantize_warps(block), 1))
     for pv in ("int8", "fp8"):
         kernels[f"quantize v {pv}"] = build(
             impl8._quantize_v_kernel, dict(V="bf16", Vq=v_codes[pv], VMean="fp32", VScale="fp32"),
