@@ -198,7 +198,7 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
         m_i = m_new
         acc = acc * alpha[:, None] + tl.dot(_to_fp8(p, INTERPRET), v, max_num_imprecise_acc=BLOCK_N)
     else:
-        p, alpha, l_i, m_i = _softmax_step(m_i, l_i, s)
+        p, alpha, l_i, m_i = _softmax_step(m_i, l_i, s, 1.0)
         # Re-base the accumulator on the new max before adding this block's contribution.
         acc = _add_pv(acc * alpha[:, None], p, v, DOT_FP32)
     return acc, l_i, m_i

@@ -157,15 +157,17 @@ def _add_pv(acc, p, v, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(m_i, l_i, s):
-    """One online-softmax update for a block of scores s [BLOCK_M, BLOCK_N] in log2 units.
+def _softmax_step(m_i, l_i, s, scale):
+    """One online-softmax update for a block of scores s·scale [BLOCK_M, BLOCK_N] in log2 units
+    (scale > 0).
 
-    Returns p = exp2(s - m_new), alpha = exp2(m_old - m_new) (the factor that re-bases the old l and acc
-    on the new max), the updated l and the new max."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    Returns p = exp2(s·scale - m_new), alpha = exp2(m_old - m_new) (the factor that re-bases the old l
+    and acc on the new max), the updated l and the new max. The scale is applied to the row maxima and
+    inside exp2's argument, one fused multiply-add per score, not in a multiply of its own."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
     # alpha <= 1; it is 0 on the first block (m_old = -inf), which discards the empty initial state.
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
+    p = tl.math.exp2(s * scale - m_new[:, None])
     l_new = l_i * alpha + tl.sum(p, 1)
     return p, alpha, l_new, m_new
 
@@ -186,10 +188,9 @@ def _attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_
         s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = s * qk_scale
     if MASK_N:
         s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
-    p, alpha, l_i, m_i = _softmax_step(m_i, l_i, s)
+    p, alpha, l_i, m_i = _softmax_step(m_i, l_i, s, qk_scale)
     # Re-base the accumulator on the new max before adding this block's contribution.
     acc = acc * alpha[:, None]
     return _add_pv(acc, p, v, DOT_FP32), l_i, m_i
