@@ -97,7 +97,8 @@ def _quantize_blocks_kernel(X, Mean, Qbar, Xq, Scale,
     x = tl.where(row_ok, (x - mean[None, :]) * factor, 0.0)
     if PER_ROW:
         qbar = tl.load(Qbar + pid_bh * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
-        tl.store(Scale + (pid_bh.to(tl.int64) * L + offs_l) * 2 + 1, tl.sum(x * qbar[None, :], 1), mask=offs_l < L)
+        bias = tl.sum(x * qbar[None, :], 1)
+        tl.store(Scale + (pid_bh.to(tl.int64) * L + offs_l) * 2 + 1, bias, mask=offs_l < L)
     qmax = _INT8_MAX if TO_INT8 else _FP8_MAX
     row_amax = tl.max(tl.abs(x), 1)
     if PER_ROW:

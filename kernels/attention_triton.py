@@ -70,8 +70,8 @@ class AttnConfig:
 # the GPU machine, and 3.9; tests/test_attention_triton.py -k hopper): at head_dim 128 every tile
 # below uses wgmma and nothing spills inside the key loop. The bf16 kernel fits 128 x 128 in ~250
 # registers, and its 3 stages take 224 KiB of the 227 KiB shared memory; the 8-bit kernels sit at 255
-# registers (16 bytes spilled outside the loop with 16-bit P·V and triton 3.6); the cross kernel keeps
-# the text result live across the image loop, which spills at BLOCK_N 128 but not at 64.
+# registers; the cross kernel keeps the text result live across the image loop, which spills at
+# BLOCK_N 128 but not at 64.
 _CONFIGS = {
     ("bf16", 64): AttnConfig(128, 128, 8, 3),
     ("bf16", 128): AttnConfig(128, 128, 8, 3),

@@ -2,9 +2,10 @@
 
 The interpreter runs kernels as Python and never compiles them, so it accepts what a compiler refuses
 (a tile past the shared memory, an unsupported dot) and says nothing of what a kernel costs in
-registers and spills. triton.compile with an explicit target needs no GPU, only the ptxas bundled with
-triton; `ptxas -v` on the PTX then reports registers and spill bytes. The tests that use this are
-opt-in (seconds per kernel on a small CPU) and run in a subprocess without TRITON_INTERPRET.
+registers, spills and instructions. triton.compile with an explicit target needs no GPU, only the
+tools bundled with triton: `ptxas -v` on the PTX reports registers and spill bytes, and `nvdisasm` of
+the cubin shows the machine code of the loops. The tests that use this are opt-in (seconds per kernel
+on a small CPU) and run in a subprocess without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
