@@ -13,8 +13,9 @@ Quantization: c·q' per BLOCK_M rows (per head) and k' per row (per key), symmet
 kernel dequantizes a score tile with one fused multiply-add per score, s·(q_scale·k_scale_n) + b_n,
 where q_scale·k_scale_n is a vector over the block's keys: per-key scales cost one vector multiply per
 key block over one scale per block, and err ~15% less (a key's codes span its own range). Per-query
-scales would cost a multiply per score. Each key's scale and bias are stored side by side, so that
-one [BLOCK_N, 2] tile load brings both (two vector loads cost ~85 more instructions in the loop).
+scales would cost a multiply per score. Each key's scale and bias are stored side by side and read
+as one [BLOCK_N, 2] tile (as two vectors, every thread holding a column copied them element by
+element: ~85 more instructions in the loop).
 P·V: "fp16" = P rounded to v's 16-bit type (fp16 for fp32 v), fp32 accumulation. The 8-bit ones
 centre V on its per-channel mean v̄ (V smoothing: every row of softmax weights sums to 1, so
 P·v = P·(v - v̄) + v̄, and the mean goes back on in the epilogue) and quantize it per channel (per
@@ -186,7 +187,8 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
         # p·127 rounded to an integer by adding 1.5·2^23 in the same fused multiply-add: the sum's
         # low mantissa bits are the integer (round half to even), read by reinterpreting the bits.
         # One floating-point instruction instead of a float-to-int conversion (a quarter-rate unit).
-        pq = ((p * _INT8_MAX + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
+        # (The interpreter's fma rounds twice: a code may differ by one step there, never on a GPU.)
+        pq = (tl.fma(p, _INT8_MAX, 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
         acc = acc * alpha[:, None] + tl.dot(pq, v, out_dtype=tl.int32).to(tl.float32) * r[:, None]
     elif PV == "fp8":
         # The weights scaled by 448 straight from exp2, log2(448) taken off the max instead of a
