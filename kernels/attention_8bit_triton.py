@@ -71,6 +71,16 @@ def _to_fp8(x, INTERPRET: tl.constexpr):
     return x.to(tl.float8e4nv)
 
 
+@triton.jit
+def _rows_of_program(H, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A quantize program's place in its grid (blocks of BLOCK rows, batch x head): (row block,
+    batch·H + head, batch, head, the block's rows, the channels); batch and head as int64 offsets."""
+    pid_l = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    offs_l = pid_l * BLOCK + tl.arange(0, BLOCK)
+    return pid_l, pid_bh, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64), offs_l, tl.arange(0, BLOCK_D)
+
+
 # Quantization of the 8-bit operands. The sequence statistics (means, v's amax) are torch reductions
 # (one read each, no copies); the per-block quantization is this kernel.
 @triton.jit
@@ -83,12 +93,7 @@ def _quantize_blocks_kernel(X, Mean, Qbar, Xq, Scale,
     """Xq[rows] = quant((X[rows] - Mean) · factor / scale) for one block of BLOCK rows of one (batch,
     head), scale = amax / QMAX of the block (q: Scale[b, h, block]) or, with PER_ROW, of each row (k:
     Scale[b, h, row, 0], and Scale[b, h, row, 1] = the row's bias (X[row] - Mean)·factor·Qbar)."""
-    pid_l = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_l = pid_l * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
+    pid_l, pid_bh, b, h, offs_l, offs_d = _rows_of_program(H, BLOCK, BLOCK_D)
     row_ok = (offs_l < L)[:, None]
     d_ok = offs_d < HEAD_DIM
     x = _load_tile(X + b * stride_xb + h * stride_xh + offs_l[:, None] * stride_xl + offs_d[None, :],
@@ -129,12 +134,7 @@ def _quantize_v_kernel(V, VMean, VScale, Vq, stride_vb, stride_vl, stride_vh, st
     """Vq[b, h, d, l] = int8 or e4m3 of (V[b, l, h, d] - VMean[b, h, d]) / VScale[b, h, d]: centred,
     per-channel scales, stored transposed (keys contiguous) because Hopper's 8-bit MMAs want their B
     operand K-major."""
-    pid_l = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_l = pid_l * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
+    _, pid_bh, b, h, offs_l, offs_d = _rows_of_program(H, BLOCK, BLOCK_D)
     ok = (offs_l < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
     v = _load_tile(V + b * stride_vb + h * stride_vh + offs_l[:, None] * stride_vl + offs_d[None, :],
                    offs_l, L, True, HEAD_DIM, BLOCK_D).to(tl.float32)
