@@ -108,7 +108,7 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
         qk, pv = {"triton_int8": impl8.RECIPES["int8"], "triton_fp8": impl8.RECIPES["fp8"],
                   "triton_int8_pv16": ("int8", "fp16")}[name]
         fn = lambda: impl8.attention_8bit(q, k, v, "int8", qk=qk, pv=pv)  # noqa: E731
-        cfg = impl.pick_config("8bit", D)
+        cfg = impl.pick_config("8bit", D, shared_memory=impl.shared_memory_of(q.device))
         info["quantize_ms"] = round(gpu_time(lambda: impl8.quantize_for_attention(
             q, k, v, qk=qk, pv=pv, block_m=cfg.block_m, block_n=cfg.block_n)), 4)
         info.update(qk=qk, pv=pv)

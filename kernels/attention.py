@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor
-from .registry import BackendError, register, resolve
+from .registry import BackendError, register, require_fp8_tensor_cores, resolve
 from .triton_support import triton_runs_on
 
 PRECISIONS = ("bf16", "int8", "fp8")
@@ -58,6 +58,8 @@ def check_attention_runs(precision: str, backend: str, device: torch.device) -> 
         raise BackendError(f"attention: the torch reference has no {precision!r} path; use backend='triton' "
                            f"or 'auto'")
     resolve("attention", backend, device, reference=False)
+    if precision == "fp8":
+        require_fp8_tensor_cores("attention: precision='fp8'", device, "use precision='int8' or 'bf16'")
 
 
 def _check_qkv(op: str, q, k, v) -> None:
@@ -77,7 +79,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, precision: s
     the 8-bit paths of the kernel backends (triton), both on 8-bit tensor cores for q·kᵀ and P·V:
     "int8" keeps the relative error under 2% on Gaussian and on offset (RMS-normed-like) q/k; "fp8"
     has e4m3's larger error: ~3.4% on zero-mean Gaussian data, under 3% on offset q/k or v with
-    channel means. bench/RESULTS.md has the measured errors.
+    channel means, and needs FP8 tensor cores (sm_89 or newer). bench/RESULTS.md has the measured errors.
     """
     if precision not in PRECISIONS:
         raise OpArgumentError(f"attention: precision must be one of {PRECISIONS}, got {precision!r}")

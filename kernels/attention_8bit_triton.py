@@ -45,10 +45,11 @@ import triton.language as tl
 
 from .attention_triton import (DOT8_MIN_REDUCTION, LAST_COMPILED, LOG2E, AttnConfig, _add_pv, _bhd_strides,
                                _block_d, _check_keys, _load_tile, _softmax_step, _store_out_tile, _unit_d,
-                               pick_config)
+                               pick_config, shared_memory_of)
 from .buffers import new_output
 from .checks import OpArgumentError
 from .quantize import QMAX, SCALE_FLOOR
+from .registry import require_fp8_tensor_cores
 from .rounding_triton import round_e4m3
 from .triton_support import interpreting, on_tensor_device, tensor_device
 
@@ -383,6 +384,9 @@ def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision:
         raise OpArgumentError(f"attention: qk must be 'int8' or 'fp8', got {qk!r}")
     if pv not in PV_FORMATS:
         raise OpArgumentError(f"attention: pv must be one of {PV_FORMATS}, got {pv!r}")
+    if "fp8" in (qk, pv):
+        require_fp8_tensor_cores("attention: FP8 " + ("q·kᵀ" if qk == "fp8" else "P·V"), q.device,
+                                 "use precision='int8' or 'bf16'")
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     _block_d("attention", D)
@@ -391,7 +395,7 @@ def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision:
     out = new_output(q.shape, q.dtype, q.device)
     if Lq == 0 or B * H == 0:
         return out
-    cfg = config or pick_config("8bit", D)
+    cfg = config or pick_config("8bit", D, shared_memory=shared_memory_of(q.device))
     x = quantize_for_attention(q, k, v, qk=qk, pv=pv, block_m=cfg.block_m, block_n=cfg.block_n)
     return _launch_8bit(x, out, cfg)
 
@@ -427,7 +431,7 @@ def attention_from_quantized(x: Quantized8bit, out_dtype: torch.dtype,
     """Run the 8-bit kernel on operands already prepared by `quantize_for_attention` (for tests that
     separate the kernel's arithmetic from the quantization error). Output [B, Lq, H, D]."""
     B, H, Lq, D = x.q.shape
-    cfg = config or pick_config("8bit", D)
+    cfg = config or pick_config("8bit", D, shared_memory=shared_memory_of(x.q.device))
     if (cfg.block_m, cfg.block_n) != (x.block_m, x.block_n):
         raise OpArgumentError("attention: the config's blocks must match the quantization blocks")
     out = new_output((B, Lq, H, D), out_dtype, x.q.device)

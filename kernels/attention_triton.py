@@ -32,6 +32,7 @@ so the conversion that follows is exact and the results are those a GPU gives.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -80,6 +81,15 @@ _CONFIGS = {
     ("cross", 64): AttnConfig(128, 64, 8, 2),
     ("cross", 128): AttnConfig(128, 64, 8, 2),
 }
+# GPUs whose blocks may take less shared memory than Hopper's 227 KiB (sm_80: 163 KiB; sm_86, sm_89 and
+# sm_120: 99 KiB): the head_dim 128 tiles that fit 99 KiB and, compiled for sm_80 and sm_89, spill
+# nothing in their loops (128 x 128 bf16 needs 128 KiB there; the 8-bit kernel at 128 x 128 in 2 stages
+# spills inside its loop). The others fit as they are.
+HOPPER_SHARED_MEMORY = 232448
+_SMALL_SHARED_MEMORY_CONFIGS = {
+    ("bf16", 128): AttnConfig(128, 64, 8, 3),
+    ("8bit", 128): AttnConfig(128, 64, 8, 3),
+}
 # Head dims up to 256 (not Wan's, kept working for other models): smaller tiles, same for every path;
 # at 64 x 32 in 8 warps no path spills (at 64 x 64 the cross kernel does).
 _WIDE_CONFIG = AttnConfig(64, 32, 8, 2)
@@ -92,15 +102,30 @@ _FP32_CONFIG = {128: AttnConfig(32, 32, 8, 2), 256: AttnConfig(16, 16, 4, 2)}
 _INTERPRETER_CONFIG = AttnConfig(64, 32, 4, 1)
 
 
-def pick_config(path: str, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> AttnConfig:
-    """The launch configuration of `path` ("bf16", "8bit" or "cross") for this head_dim and input dtype."""
+def pick_config(path: str, head_dim: int, dtype: torch.dtype = torch.bfloat16,
+                shared_memory: int = HOPPER_SHARED_MEMORY) -> AttnConfig:
+    """The launch configuration of `path` ("bf16", "8bit" or "cross") for this head_dim and input dtype,
+    on a GPU whose blocks may take `shared_memory` bytes (`shared_memory_of(device)`)."""
     if interpreting():
         return _INTERPRETER_CONFIG
     if dtype == torch.float32 and path != "8bit":
         return _FP32_CONFIG[128 if head_dim <= 128 else 256]
     if head_dim > 128:
         return _WIDE_CONFIG
-    return _CONFIGS[(path, 64 if head_dim <= 64 else 128)]
+    key = (path, 64 if head_dim <= 64 else 128)
+    if shared_memory < HOPPER_SHARED_MEMORY and key in _SMALL_SHARED_MEMORY_CONFIGS:
+        return _SMALL_SHARED_MEMORY_CONFIGS[key]
+    return _CONFIGS[key]
+
+
+def shared_memory_of(device: torch.device) -> int:
+    """The shared memory one block may take on `device` (opt-in), in bytes; Hopper's off CUDA."""
+    return _shared_memory_of(device.index) if device.type == "cuda" else HOPPER_SHARED_MEMORY
+
+
+@functools.cache
+def _shared_memory_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
 
 
 MAX_HEAD_DIM = 256
@@ -328,7 +353,7 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     out = new_output(q.shape, q.dtype, q.device)
     if Lq == 0 or B * H == 0:
         return out
-    cfg = config or pick_config("bf16", D, q.dtype)
+    cfg = config or pick_config("bf16", D, q.dtype, shared_memory_of(q.device))
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)
     LAST_COMPILED["attention"] = _attention_kernel[grid](
         q, k, v, out, *_bhd_strides(q), *_bhd_strides(k), *_bhd_strides(v), *_bhd_strides(out),
@@ -354,7 +379,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: to
     out = new_output(q.shape, q.dtype, q.device)
     if Lq == 0 or B * H == 0:
         return out
-    cfg = config or pick_config("cross", D, q.dtype)
+    cfg = config or pick_config("cross", D, q.dtype, shared_memory_of(q.device))
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)
     LAST_COMPILED["cross_attention"] = _cross_attention_kernel[grid](
         q, k, v, k_img, v_img, out, *_bhd_strides(q), *_bhd_strides(k), *_bhd_strides(v),

@@ -49,7 +49,7 @@ import triton.language as tl
 from . import gemm_configs
 from .buffers import new_output
 from .gemm_configs import GemmConfig
-from .registry import BackendError
+from .registry import require_fp8_tensor_cores
 from .rounding_triton import round_bf16
 from .triton_support import interpreting, tensor_device
 
@@ -287,13 +287,6 @@ def _tune_key(cap, kind, M, N, K) -> tuple:
     return (cap, kind, gemm_configs.shape_class(M, N), triton.next_power_of_2(M), N, K)
 
 
-def _check_tensor_cores(kind: str, device: torch.device) -> None:
-    cap = _capability(device)
-    if cap is not None and kind == "fp8" and cap < (8, 9):
-        raise BackendError(f"scaled_mm: the triton backend's FP8 GEMM needs FP8 tensor cores (sm_89 or "
-                           f"newer); this GPU is sm_{cap[0]}{cap[1]}: use int8 weights or backend='torch'")
-
-
 def launch(xq, x_scale, wq, w_scale, bias, out, *, activation=None, residual=None, gate=None,
            rows_per_batch=1, config: GemmConfig) -> torch.Tensor:
     """Run one configuration into `out` (allocated by the caller). Arguments as checked by
@@ -361,7 +354,9 @@ def scaled_mm(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.bfloat16, *, 
     M, K = xq.shape
     N = wq.shape[0]
     kind = "int8" if xq.dtype == torch.int8 else "fp8"
-    _check_tensor_cores(kind, xq.device)
+    if kind == "fp8":
+        require_fp8_tensor_cores("scaled_mm: the triton backend's FP8 GEMM", xq.device,
+                                 "use int8 weights or backend='torch'")
     out = new_output((M, N), out_dtype, xq.device)
     if M == 0 or N == 0:
         return out

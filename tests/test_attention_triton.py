@@ -469,11 +469,37 @@ def test_head_dim_128_long_sequences_on_gpu(precision):
     if precision == "bf16":
         assert err <= 2 * rel_err(ops.attention(q, k, v, backend="torch"), ref)
     else:
-        cfg = impl.pick_config("8bit", 128)
+        cfg = impl.pick_config("8bit", 128, shared_memory=impl.shared_memory_of(q.device))
         emu_err = rel_err(emulate_8bit(q, k, v, *impl8.RECIPES[precision], cfg.block_m, cfg.block_n), ref)
         assert err <= 1.2 * emu_err + 2e-3 and cos >= 0.998, (err, emu_err, cos)
         if precision == "int8":
             assert err <= 0.03 and cos >= 0.999, (err, cos)
+
+
+def test_gpus_with_less_shared_memory_get_tiles_that_fit(monkeypatch):
+    # The choice as a GPU launch makes it (the interpreter always takes its own small blocks); that the
+    # tiles fit and do not spill is test_kernels_compile_for_ampere_and_ada's.
+    monkeypatch.setattr(impl, "interpreting", lambda: False)
+    for path in ("bf16", "8bit"):
+        hopper = impl.pick_config(path, 128)
+        ada = impl.pick_config(path, 128, shared_memory=SHARED_MEMORY_LIMIT["sm_89"])
+        ampere = impl.pick_config(path, 128, shared_memory=SHARED_MEMORY_LIMIT["sm_80"])
+        assert ada.block_n < hopper.block_n and ada == ampere
+    assert impl.pick_config("cross", 128, shared_memory=SHARED_MEMORY_LIMIT["sm_89"]) == impl.pick_config("cross", 128)
+    assert impl.shared_memory_of(torch.device("cpu")) == impl.HOPPER_SHARED_MEMORY == SHARED_MEMORY_LIMIT["sm_90"]
+
+
+def test_fp8_attention_needs_fp8_tensor_cores(monkeypatch):
+    from dit8.kernels import registry
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(registry, "_capability", lambda device: (8, 0))  # an A100, without touching CUDA
+    with pytest.raises(registry.BackendError, match=r"attention: precision='fp8' needs FP8 tensor cores \(sm_89 "
+                                                    r"or newer\); this GPU is sm_80: use precision='int8' or 'bf16'"):
+        registry.require_fp8_tensor_cores("attention: precision='fp8'", cuda, "use precision='int8' or 'bf16'")
+    monkeypatch.setattr(registry, "_capability", lambda device: (8, 9))
+    registry.require_fp8_tensor_cores("attention: precision='fp8'", cuda, "unused")
+    registry.require_fp8_tensor_cores("attention: precision='fp8'", torch.device("cpu"), "unused")  # interpreter
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -488,21 +514,36 @@ ALIGNED_STRIDES = {f"stride_{t}{a}" for t in ("q", "k", "v", "o", "ki", "vi", "x
     "stride_qbh", "stride_qd", "stride_vd"}
 
 
-def compile_for_sm90() -> dict[str, dict]:
-    """Compile every kernel at Wan's head_dim 128 with its GPU configuration for sm_90a (also head_dim 80,
-    padded to 128, and 256); {kernel variant: compile_check.compile_kernel's report}. Must run without
-    TRITON_INTERPRET."""
+def build(kernel, pointers, constexprs, cfg, ones=(), arch=90) -> dict:
+    """compile_check.compile_kernel's report for one kernel variant, plus whether its strides were taken
+    as aligned: the padded head dims (the tests' odd sizes) get the JIT's other specialization, strides
+    that are not multiples of 16, loaded without async copies."""
     from compile_check import compile_kernel
 
-    def build(kernel, pointers, constexprs, cfg, ones=()):
-        # The padded head dims (the tests' odd sizes) also get the JIT's other specialization: strides
-        # that are not multiples of 16, loaded without async copies.
-        types = {n: "*" + t for n, t in pointers.items()} | {"qk_scale": "fp32", "factor": "fp32"}
-        aligned = constexprs["HEAD_DIM"] == constexprs["BLOCK_D"]
-        report = compile_kernel(kernel, types, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                aligned=ALIGNED_STRIDES - set(ones) if aligned else (), ones=ones)
-        return report | {"aligned": aligned}
+    types = {n: "*" + t for n, t in pointers.items()} | {"qk_scale": "fp32", "factor": "fp32"}
+    aligned = constexprs["HEAD_DIM"] == constexprs["BLOCK_D"]
+    report = compile_kernel(kernel, types, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                            arch=arch, aligned=ALIGNED_STRIDES - set(ones) if aligned else (), ones=ones)
+    return report | {"aligned": aligned}
 
+
+def pointers_8bit(qk: str, pv: str) -> dict[str, str]:
+    """The 8-bit kernel's pointer types for q·kᵀ in `qk` and P·V in `pv`."""
+    code = {"int8": "i8", "fp8": "fp8e4nv"}[qk]
+    v_code = {"fp16": "bf16", "int8": "i8", "fp8": "fp8e4nv"}[pv]
+    return dict(Q=code, K=code, V=v_code, Out="bf16", **dict.fromkeys(["QScale", "KScaleBias", "VMean", "VScale"],
+                                                                       "fp32"))
+
+
+def unit_stride_of_v(pv: str) -> tuple[str]:
+    """The unit stride of v as launched: its channels ([B, L, H, D]) or its keys (the 8-bit codes,
+    stored [B, H, D, L])."""
+    return ("stride_vd",) if pv == "fp16" else ("stride_vn",)
+
+
+def compile_for_sm90() -> dict[str, dict]:
+    """Compile every kernel at Wan's head_dim 128 with its GPU configuration for sm_90a (also head_dim 80,
+    padded to 128, and 256); {kernel variant: build's report}. Must run without TRITON_INTERPRET."""
     d = 128
     kernels = {}
     for dt, tdt in [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)]:
@@ -526,20 +567,15 @@ def compile_for_sm90() -> dict[str, dict]:
     v_codes = {"fp16": "bf16", "int8": "i8", "fp8": "fp8e4nv"}
     for qk, code in [("int8", "i8"), ("fp8", "fp8e4nv")]:
         for pv in impl8.PV_FORMATS:
-            pointers = dict(Q=code, K=code, V=v_codes[pv], Out="bf16",
-                            **dict.fromkeys(["QScale", "KScaleBias", "VMean", "VScale"], "fp32"))
             # Also a head_dim under the 8-bit dots' smallest reduction (the tests' 16), padded as launched,
             # and the wide configuration.
             for width in (d, 16, 256):
                 c = impl.pick_config("8bit", width)
                 kernels[f"attention {qk} q·k, {pv} P·V" + (f", head_dim {width}" if width != d else "")] = build(
-                    impl8._attention_8bit_kernel, pointers,
+                    impl8._attention_8bit_kernel, pointers_8bit(qk, pv),
                     dict(HEAD_DIM=width, BLOCK_D=impl._block_d("attention", width, impl.DOT8_MIN_REDUCTION),
                          BLOCK_M=c.block_m, BLOCK_N=c.block_n, QK_INT8=qk == "int8", PV=pv, DOT_FP32=False,
-                         INTERPRET=False), c,
-                    # The unit stride of v as launched: its channels ([B, L, H, D]) or its keys (the 8-bit
-                    # codes, stored [B, H, D, L]).
-                    ones=("stride_vd",) if pv == "fp16" else ("stride_vn",))
+                         INTERPRET=False), c, ones=unit_stride_of_v(pv))
         c = impl.pick_config("8bit", d)
         for per_row, block in ((False, c.block_m), (True, c.block_n)):  # q per block; k per row, with bias
             kernels[f"quantize {qk}, per {'row' if per_row else 'block'}"] = build(
@@ -580,3 +616,45 @@ def test_kernels_compile_for_hopper():
         v["spills"] > 2048 if "fp32" in k else v["local_in_loops"] > 0)}
     spilled |= {k: v["spills"] for k, v in kernels.items() if "quantize" in k and v["spills"]}
     assert not spilled, spilled
+
+
+def compile_for_smaller_gpus() -> dict[str, dict]:
+    """Compile the head_dim 128 kernels with the configurations GPUs of less shared memory get
+    (pick_config's shared_memory) for sm_80 (A100) and sm_89 (L40S, RTX 4090): {"variant, sm_XY": build's
+    report}. FP8 P·V only on sm_89 (sm_80 has no FP8 tensor cores). Must run without TRITON_INTERPRET."""
+    d = 128
+    kernels = {}
+    for arch in ("sm_80", "sm_89"):
+        cap, limit = int(arch[3:]), SHARED_MEMORY_LIMIT[arch]
+        c = impl.pick_config("bf16", d, shared_memory=limit)
+        kernels[f"attention bf16, {arch}"] = build(
+            impl._attention_kernel, dict.fromkeys(["Q", "K", "V", "Out"], "bf16"),
+            dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, DOT_FP32=False, INTERPRET=False),
+            c, arch=cap)
+        c = impl.pick_config("cross", d, shared_memory=limit)
+        kernels[f"cross_attention bf16, {arch}"] = build(
+            impl._cross_attention_kernel, dict.fromkeys(["Q", "K", "V", "KI", "VI", "Out"], "bf16"),
+            dict(HAS_IMG=True, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, DOT_FP32=False,
+                 INTERPRET=False), c, arch=cap)
+        c = impl.pick_config("8bit", d, shared_memory=limit)
+        for pv in ("fp16", "int8", "fp8") if cap >= 89 else ("fp16", "int8"):
+            kernels[f"attention int8 q·k, {pv} P·V, {arch}"] = build(
+                impl8._attention_8bit_kernel, pointers_8bit("int8", pv),
+                dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, QK_INT8=True, PV=pv,
+                     DOT_FP32=False, INTERPRET=False), c, ones=unit_stride_of_v(pv), arch=cap)
+    return kernels
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available() or __import__("os").environ.get("DIT8_SM90_COMPILE") != "1",
+                    reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
+def test_kernels_compile_for_ampere_and_ada():
+    # GPUs with less shared memory per block than Hopper (A100: 163 KiB; L40S, RTX 4090: 99 KiB) get
+    # tiles that fit it, and that spill nothing inside their key loops there either.
+    from compile_check import run_without_interpreter
+
+    kernels = run_without_interpreter("test_attention_triton", "compile_for_smaller_gpus")
+    assert len(kernels) == 9 and all(v["registers"] > 0 and v["loop_instructions"] > 0 for v in kernels.values())
+    too_big = {k: v["shared"] for k, v in kernels.items() if v["shared"] > SHARED_MEMORY_LIMIT[k.split(", ")[-1]]}
+    assert not too_big, too_big
+    assert not {k: v["local_in_loops"] for k, v in kernels.items() if v["local_in_loops"]}
