@@ -508,6 +508,10 @@ def test_fp8_attention_needs_fp8_tensor_cores(monkeypatch):
 # ~60 s for all the kernels on a small CPU, so opt-in:
 #     DIT8_SM90_COMPILE=1 python -m pytest tests/test_attention_triton.py -k hopper
 
+COMPILE_CHECK = pytest.mark.skipif(
+    torch.cuda.is_available() or __import__("os").environ.get("DIT8_SM90_COMPILE") != "1",
+    reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
+
 # Integer arguments that are multiples of 16 at Wan's sizes (every stride of the [B, L, H, D] views of
 # the QKV GEMMs' outputs and of the kernels' own buffers); the JIT specializes on them, and so do we.
 ALIGNED_STRIDES = {f"stride_{t}{a}" for t in ("q", "k", "v", "o", "ki", "vi", "x") for a in "bmnhl"} | {
@@ -592,8 +596,7 @@ def compile_for_sm90() -> dict[str, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available() or __import__("os").environ.get("DIT8_SM90_COMPILE") != "1",
-                    reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
+@COMPILE_CHECK
 def test_kernels_compile_for_hopper():
     from compile_check import run_without_interpreter
 
@@ -646,8 +649,7 @@ def compile_for_smaller_gpus() -> dict[str, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available() or __import__("os").environ.get("DIT8_SM90_COMPILE") != "1",
-                    reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
+@COMPILE_CHECK
 def test_kernels_compile_for_ampere_and_ada():
     # GPUs with less shared memory per block than Hopper (A100: 163 KiB; L40S, RTX 4090: 99 KiB) get
     # tiles that fit it, and that spill nothing inside their key loops there either.
