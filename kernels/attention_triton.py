@@ -81,8 +81,8 @@ _CONFIGS = {
     ("cross", 64): AttnConfig(128, 64, 8, 2),
     ("cross", 128): AttnConfig(128, 64, 8, 2),
 }
-# GPUs whose blocks may take less shared memory than Hopper's 227 KiB (sm_80: 163 KiB; sm_86, sm_89 and
-# sm_120: 99 KiB): the head_dim 128 tiles that fit 99 KiB and, compiled for sm_80 and sm_89, spill
+# GPUs whose blocks may take less shared memory than Hopper's 227 KiB (sm_80: 163 KiB; sm_86 and sm_89:
+# 99 KiB): the head_dim 128 tiles that fit 99 KiB and, compiled for sm_80 and sm_89, spill
 # nothing in their loops (128 x 128 bf16 needs 128 KiB there; the 8-bit kernel at 128 x 128 in 2 stages
 # spills inside its loop). The others fit as they are.
 HOPPER_SHARED_MEMORY = 232448
