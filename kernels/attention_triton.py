@@ -42,6 +42,7 @@ import triton.language as tl
 
 from .buffers import new_output
 from .checks import OpArgumentError
+from .gemm_configs import SHARED_MEMORY_LIMIT
 from .rounding_triton import round_bf16
 from .triton_support import interpreting, on_tensor_device
 
@@ -85,7 +86,7 @@ _CONFIGS = {
 # 99 KiB): the head_dim 128 tiles that fit 99 KiB and, compiled for sm_80 and sm_89, spill
 # nothing in their loops (128 x 128 bf16 needs 128 KiB there; the 8-bit kernel at 128 x 128 in 2 stages
 # spills inside its loop). The others fit as they are.
-HOPPER_SHARED_MEMORY = 232448
+HOPPER_SHARED_MEMORY = SHARED_MEMORY_LIMIT["sm_90"]
 _SMALL_SHARED_MEMORY_CONFIGS = {
     ("bf16", 128): AttnConfig(128, 64, 8, 3),
     ("8bit", 128): AttnConfig(128, 64, 8, 3),

@@ -56,8 +56,8 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def require_fp8_tensor_cores(what: str, device: torch.device, instead: str) -> None:
     """BackendError unless `device` has FP8 tensor cores (sm_89 or newer), saying to do `instead`.
     Devices other than CUDA GPUs pass: on CPU tensors the Triton kernels run in the interpreter."""
-    if device.type == "cuda" and _capability(device) < (8, 9):
-        major, minor = _capability(device)
+    if device.type == "cuda" and (capability := _capability(device)) < (8, 9):
+        major, minor = capability
         raise BackendError(f"{what} needs FP8 tensor cores (sm_89 or newer); this GPU is sm_{major}{minor}: "
                            f"{instead}")
 

@@ -47,17 +47,18 @@ def compile_kernel(kernel, types: dict[str, str], constexprs: dict[str, object],
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     ptx = compiled.asm["ptx"]
+    ptxas = get_ptxas(arch).path
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
             f.write(ptx)
         arch_flag = "sm_90a" if arch == 90 else f"sm_{arch}"
-        log = subprocess.run([get_ptxas(arch).path, f"-arch={arch_flag}", "-v", path, "-o", os.devnull],
+        log = subprocess.run([ptxas, f"-arch={arch_flag}", "-v", path, "-o", os.devnull],
                              capture_output=True, text=True).stderr
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
-        sass = subprocess.run([os.path.join(os.path.dirname(get_ptxas(arch).path), "nvdisasm"), "-c", cubin],
+        sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "nvdisasm"), "-c", cubin],
                               capture_output=True, text=True, check=True).stdout
     registers = re.search(r"Used (\d+) registers", log)
     return dict(shared=compiled.metadata.shared, registers=int(registers.group(1)) if registers else -1,

@@ -531,65 +531,66 @@ def build(kernel, pointers, constexprs, cfg, ones=(), arch=90) -> dict:
     return report | {"aligned": aligned}
 
 
-def pointers_8bit(qk: str, pv: str) -> dict[str, str]:
-    """The 8-bit kernel's pointer types for q·kᵀ in `qk` and P·V in `pv`."""
-    code = {"int8": "i8", "fp8": "fp8e4nv"}[qk]
-    v_code = {"fp16": "bf16", "int8": "i8", "fp8": "fp8e4nv"}[pv]
-    return dict(Q=code, K=code, V=v_code, Out="bf16", **dict.fromkeys(["QScale", "KScaleBias", "VMean", "VScale"],
-                                                                       "fp32"))
+# Triton's pointer type of each operand format (16-bit P·V reads v as it is, bf16 here).
+TRITON_TYPE = {"fp16": "bf16", "int8": "i8", "fp8": "fp8e4nv"}
 
 
-def unit_stride_of_v(pv: str) -> tuple[str]:
-    """The unit stride of v as launched: its channels ([B, L, H, D]) or its keys (the 8-bit codes,
-    stored [B, H, D, L])."""
-    return ("stride_vd",) if pv == "fp16" else ("stride_vn",)
+def attention_variant(dt: str, head_dim: int, cfg, arch: int = 90) -> dict:
+    """build's report for the flash attention kernel on `dt` ("bf16", "fp16", "fp32") inputs."""
+    return build(impl._attention_kernel, dict.fromkeys(["Q", "K", "V", "Out"], dt),
+                 dict(HEAD_DIM=head_dim, BLOCK_D=impl._block_d("attention", head_dim), BLOCK_M=cfg.block_m,
+                      BLOCK_N=cfg.block_n, DOT_FP32=dt == "fp32", INTERPRET=False), cfg, arch=arch)
+
+
+def cross_attention_variant(head_dim: int, cfg, arch: int = 90) -> dict:
+    """build's report for the fused I2V cross-attention kernel on bf16 inputs."""
+    return build(impl._cross_attention_kernel, dict.fromkeys(["Q", "K", "V", "KI", "VI", "Out"], "bf16"),
+                 dict(HAS_IMG=True, HEAD_DIM=head_dim, BLOCK_D=impl._block_d("attention", head_dim),
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_FP32=False, INTERPRET=False), cfg, arch=arch)
+
+
+def attention_8bit_variant(qk: str, pv: str, head_dim: int, cfg, arch: int = 90) -> dict:
+    """build's report for the 8-bit kernel with q·kᵀ in `qk` and P·V in `pv`, v's unit stride as
+    launched: its channels ([B, L, H, D]) or its keys (the 8-bit codes, stored [B, H, D, L])."""
+    pointers = dict(Q=TRITON_TYPE[qk], K=TRITON_TYPE[qk], V=TRITON_TYPE[pv], Out="bf16",
+                    **dict.fromkeys(["QScale", "KScaleBias", "VMean", "VScale"], "fp32"))
+    return build(impl8._attention_8bit_kernel, pointers,
+                 dict(HEAD_DIM=head_dim, BLOCK_D=impl._block_d("attention", head_dim, impl.DOT8_MIN_REDUCTION),
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, QK_INT8=qk == "int8", PV=pv, DOT_FP32=False,
+                      INTERPRET=False), cfg, ones=("stride_vd",) if pv == "fp16" else ("stride_vn",), arch=arch)
 
 
 def compile_for_sm90() -> dict[str, dict]:
     """Compile every kernel at Wan's head_dim 128 with its GPU configuration for sm_90a (also head_dim 80,
     padded to 128, and 256); {kernel variant: build's report}. Must run without TRITON_INTERPRET."""
     d = 128
+    width_tag = lambda width: f", head_dim {width}" if width != d else ""  # noqa: E731
     kernels = {}
     for dt, tdt in [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)]:
         for width in (d, 256):
-            c = impl.pick_config("bf16", width, tdt)
-            kernels[f"attention {dt}" + (f", head_dim {width}" if width != d else "")] = build(
-                impl._attention_kernel, dict.fromkeys(["Q", "K", "V", "Out"], dt),
-                dict(HEAD_DIM=width, BLOCK_D=width, BLOCK_M=c.block_m, BLOCK_N=c.block_n, DOT_FP32=dt == "fp32",
-                     INTERPRET=False), c)
-    c = impl.pick_config("bf16", 80)  # padded to 128
-    kernels["attention bf16, head_dim 80"] = build(
-        impl._attention_kernel, dict.fromkeys(["Q", "K", "V", "Out"], "bf16"),
-        dict(HEAD_DIM=80, BLOCK_D=impl._block_d("attention", 80), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-             DOT_FP32=False, INTERPRET=False), c)
+            kernels[f"attention {dt}" + width_tag(width)] = attention_variant(
+                dt, width, impl.pick_config("bf16", width, tdt))
+    kernels["attention bf16, head_dim 80"] = attention_variant("bf16", 80, impl.pick_config("bf16", 80))
     for width in (d, 256):
-        c = impl.pick_config("cross", width)
-        kernels["cross_attention bf16" + (f", head_dim {width}" if width != d else "")] = build(
-            impl._cross_attention_kernel, dict.fromkeys(["Q", "K", "V", "KI", "VI", "Out"], "bf16"),
-            dict(HAS_IMG=True, HEAD_DIM=width, BLOCK_D=width, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                 DOT_FP32=False, INTERPRET=False), c)
-    v_codes = {"fp16": "bf16", "int8": "i8", "fp8": "fp8e4nv"}
-    for qk, code in [("int8", "i8"), ("fp8", "fp8e4nv")]:
+        kernels["cross_attention bf16" + width_tag(width)] = cross_attention_variant(
+            width, impl.pick_config("cross", width))
+    for qk in ("int8", "fp8"):
         for pv in impl8.PV_FORMATS:
             # Also a head_dim under the 8-bit dots' smallest reduction (the tests' 16), padded as launched,
             # and the wide configuration.
             for width in (d, 16, 256):
-                c = impl.pick_config("8bit", width)
-                kernels[f"attention {qk} q·k, {pv} P·V" + (f", head_dim {width}" if width != d else "")] = build(
-                    impl8._attention_8bit_kernel, pointers_8bit(qk, pv),
-                    dict(HEAD_DIM=width, BLOCK_D=impl._block_d("attention", width, impl.DOT8_MIN_REDUCTION),
-                         BLOCK_M=c.block_m, BLOCK_N=c.block_n, QK_INT8=qk == "int8", PV=pv, DOT_FP32=False,
-                         INTERPRET=False), c, ones=unit_stride_of_v(pv))
+                kernels[f"attention {qk} q·k, {pv} P·V" + width_tag(width)] = attention_8bit_variant(
+                    qk, pv, width, impl.pick_config("8bit", width))
         c = impl.pick_config("8bit", d)
         for per_row, block in ((False, c.block_m), (True, c.block_n)):  # q per block; k per row, with bias
             kernels[f"quantize {qk}, per {'row' if per_row else 'block'}"] = build(
                 impl8._quantize_blocks_kernel,
-                dict(X="bf16", Xq=code, **dict.fromkeys(["Mean", "Qbar", "Scale"], "fp32")),
+                dict(X="bf16", Xq=TRITON_TYPE[qk], **dict.fromkeys(["Mean", "Qbar", "Scale"], "fp32")),
                 dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=block, PER_ROW=per_row, TO_INT8=qk == "int8", INTERPRET=False),
                 impl.AttnConfig(0, 0, impl8._quantize_warps(block), 1))
     for pv in ("int8", "fp8"):
         kernels[f"quantize v {pv}"] = build(
-            impl8._quantize_v_kernel, dict(V="bf16", Vq=v_codes[pv], VMean="fp32", VScale="fp32"),
+            impl8._quantize_v_kernel, dict(V="bf16", Vq=TRITON_TYPE[pv], VMean="fp32", VScale="fp32"),
             dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=64, TO_INT8=pv == "int8", INTERPRET=False),
             impl.AttnConfig(0, 0, 4, 1))
     return kernels
@@ -629,22 +630,13 @@ def compile_for_smaller_gpus() -> dict[str, dict]:
     kernels = {}
     for arch in ("sm_80", "sm_89"):
         cap, limit = int(arch[3:]), SHARED_MEMORY_LIMIT[arch]
-        c = impl.pick_config("bf16", d, shared_memory=limit)
-        kernels[f"attention bf16, {arch}"] = build(
-            impl._attention_kernel, dict.fromkeys(["Q", "K", "V", "Out"], "bf16"),
-            dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, DOT_FP32=False, INTERPRET=False),
-            c, arch=cap)
-        c = impl.pick_config("cross", d, shared_memory=limit)
-        kernels[f"cross_attention bf16, {arch}"] = build(
-            impl._cross_attention_kernel, dict.fromkeys(["Q", "K", "V", "KI", "VI", "Out"], "bf16"),
-            dict(HAS_IMG=True, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, DOT_FP32=False,
-                 INTERPRET=False), c, arch=cap)
-        c = impl.pick_config("8bit", d, shared_memory=limit)
+        kernels[f"attention bf16, {arch}"] = attention_variant(
+            "bf16", d, impl.pick_config("bf16", d, shared_memory=limit), arch=cap)
+        kernels[f"cross_attention bf16, {arch}"] = cross_attention_variant(
+            d, impl.pick_config("cross", d, shared_memory=limit), arch=cap)
         for pv in ("fp16", "int8", "fp8") if cap >= 89 else ("fp16", "int8"):
-            kernels[f"attention int8 q·k, {pv} P·V, {arch}"] = build(
-                impl8._attention_8bit_kernel, pointers_8bit("int8", pv),
-                dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, QK_INT8=True, PV=pv,
-                     DOT_FP32=False, INTERPRET=False), c, ones=unit_stride_of_v(pv), arch=cap)
+            kernels[f"attention int8 q·k, {pv} P·V, {arch}"] = attention_8bit_variant(
+                "int8", pv, d, impl.pick_config("8bit", d, shared_memory=limit), arch=cap)
     return kernels
 
 
