@@ -174,7 +174,7 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
                     echo "dit $name: left for the next run"; cut_short "dit $name not run"; continue
                 fi
                 # shellcheck disable=SC2086
-                limited "$py" -m dit8 bench dit $run --backend triton --repeat 2 \
+                limited "$py" -m dit8 bench dit $run --backend auto --repeat 2 \
                     --json "$out/dit_$name.json" 2>&1 | tail -12
             done ;;
         sweep)

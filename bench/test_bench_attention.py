@@ -66,6 +66,14 @@ def _sdpa_call(name, device, q, k, v):
     return run
 
 
+def _cross_call(name, device, q, k, v, k_img, v_img):
+    """The cross-attention baseline: the text and the image attention as two SDPA calls of `name`."""
+    def run():
+        with sdpa_backend(name, device):
+            return ops.cross_attention(q, k, v, k_img, v_img, backend="torch")
+    return run
+
+
 def baseline(cache: dict, key, make_call, gpu_time) -> tuple[float, torch.Tensor, str]:
     """(ms, output, SDPA backend) of the baseline, measured once per session: cuDNN, or FlashAttention
     where cuDNN refuses these inputs (named in each row's `baseline`), so that one missing backend
@@ -108,7 +116,7 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
         qk, pv = {"triton_int8": impl8.RECIPES["int8"], "triton_fp8": impl8.RECIPES["fp8"],
                   "triton_int8_pv16": ("int8", "fp16")}[name]
         fn = lambda: impl8.attention_8bit(q, k, v, "int8", qk=qk, pv=pv)  # noqa: E731
-        cfg = impl.pick_config("8bit", D, shared_memory=impl.shared_memory_of(q.device))
+        cfg = impl.pick_config(impl8.config_path(pv), D, shared_memory=impl.shared_memory_of(q.device))
         info["quantize_ms"] = round(gpu_time(lambda: impl8.quantize_for_attention(
             q, k, v, qk=qk, pv=pv, block_m=cfg.block_m, block_n=cfg.block_n)), 4)
         info.update(qk=qk, pv=pv)
@@ -135,10 +143,7 @@ def test_cross_attention(name, device, smoke, record, gpu_time, baseline_cache):
     _, k_img, v_img = inputs((B, 1, H, D), li, device, seed=1)
 
     def two_calls(backend):
-        def run():
-            with sdpa_backend(backend, device):
-                return ops.cross_attention(q, k, v, k_img, v_img, backend="torch")
-        return run
+        return _cross_call(backend, device, q, k, v, k_img, v_img)
 
     base_ms, base_out, base_name = baseline(baseline_cache, ("cross_attention", (B, lq, lt, li, H, D)),
                                             two_calls, gpu_time)
@@ -155,22 +160,36 @@ def test_cross_attention(name, device, smoke, record, gpu_time, baseline_cache):
 
 
 SWEEP = [impl.AttnConfig(*c) for c in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-                                       (128, 128, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3), (256, 64, 8, 2)]]
+                                       (128, 128, 8, 4), (64, 64, 4, 3), (64, 128, 4, 2), (64, 128, 4, 3),
+                                       (64, 128, 4, 4), (256, 64, 8, 2)]]
 
 
 @pytest.mark.skipif(os.environ.get("DIT8_ATTN_SWEEP") != "1" or not torch.cuda.is_available(),
                     reason="config sweep: set DIT8_ATTN_SWEEP=1 on a CUDA machine")
 @pytest.mark.timeout(0)  # compiles every candidate: longer than the suite's per-test limit
-@pytest.mark.parametrize("path", ["bf16", "int8", "fp8"])
+@pytest.mark.parametrize("path", ["bf16", "int8", "fp8", "cross"])
 def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_configs):
     """Every candidate's time and error against the SDPA output; `best` is the fastest of those within
-    2x the lowest error (a fast wrong kernel never wins)."""
+    2x the lowest error (a fast wrong kernel never wins). "cross": the fused text + image kernel at
+    Wan's cross-attention shape, against two SDPA calls."""
     B, L, H, D = FULL["self_shape"]
-    q, k, v = inputs(FULL["self_shape"], L, device)
-    _, base_out, _ = baseline(baseline_cache, ("attention", FULL["self_shape"]),
-                              lambda backend: _sdpa_call(backend, device, q, k, v), gpu_time)
+    if path == "cross":
+        lq, lt, li = FULL["cross"]
+        q, k, v = inputs((B, lq, H, D), lt, device)
+        _, k_img, v_img = inputs((B, 1, H, D), li, device, seed=1)
+
+        _, base_out, _ = baseline(baseline_cache, ("cross_attention", (B, lq, lt, li, H, D)),
+                                  lambda backend: _cross_call(backend, device, q, k, v, k_img, v_img), gpu_time)
+        flops = 4 * B * H * lq * (lt + li) * D
+    else:
+        q, k, v = inputs(FULL["self_shape"], L, device)
+        _, base_out, _ = baseline(baseline_cache, ("attention", FULL["self_shape"]),
+                                  lambda backend: _sdpa_call(backend, device, q, k, v), gpu_time)
+        flops = 4 * B * H * L * L * D
 
     def call(cfg):
+        if path == "cross":
+            return lambda: impl.cross_attention(q, k, v, k_img, v_img, config=cfg)
         if path == "bf16":
             return lambda: impl.attention_bf16(q, k, v, config=cfg)
         return lambda: impl8.attention_8bit(q, k, v, path, config=cfg)
@@ -181,5 +200,5 @@ def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_conf
             errors[cfg] = rel_err(call(cfg)(), base_out)
             times[cfg] = gpu_time(call(cfg))
     best = min(sound_configs(times, errors), key=times.get)
-    record(call(best), flops=4 * B * H * L * L * D, best=str(best), rel_err=round(errors[best], 5),
+    record(call(best), flops=flops, best=str(best), rel_err=round(errors[best], 5),
            sweep={str(c): [round(t, 3), round(errors[c], 5)] for c, t in times.items()})

@@ -369,6 +369,11 @@ RECIPES = {"int8": ("int8", "int8"), "fp8": ("int8", "fp8")}
 PV_FORMATS = ("fp16", "int8", "fp8")
 
 
+def config_path(pv: str) -> str:
+    """The `pick_config` path of the 8-bit kernel with P·V in `pv`: 16-bit P·V takes its own tiles."""
+    return "8bit_pv16" if pv == "fp16" else "8bit"
+
+
 @on_tensor_device
 def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: str, *,
                    qk: str | None = None, pv: str | None = None,
@@ -395,7 +400,7 @@ def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision:
     out = new_output(q.shape, q.dtype, q.device)
     if Lq == 0 or B * H == 0:
         return out
-    cfg = config or pick_config("8bit", D, shared_memory=shared_memory_of(q.device))
+    cfg = config or pick_config(config_path(pv), D, shared_memory=shared_memory_of(q.device))
     x = quantize_for_attention(q, k, v, qk=qk, pv=pv, block_m=cfg.block_m, block_n=cfg.block_n)
     return _launch_8bit(x, out, cfg)
 
@@ -431,7 +436,8 @@ def attention_from_quantized(x: Quantized8bit, out_dtype: torch.dtype,
     """Run the 8-bit kernel on operands already prepared by `quantize_for_attention` (for tests that
     separate the kernel's arithmetic from the quantization error). Output [B, Lq, H, D]."""
     B, H, Lq, D = x.q.shape
-    cfg = config or pick_config("8bit", D, shared_memory=shared_memory_of(x.q.device))
+    pv = "fp16" if x.v_scale is None else "8-bit"
+    cfg = config or pick_config(config_path(pv), D, shared_memory=shared_memory_of(x.q.device))
     if (cfg.block_m, cfg.block_n) != (x.block_m, x.block_n):
         raise OpArgumentError("attention: the config's blocks must match the quantization blocks")
     out = new_output((B, Lq, H, D), out_dtype, x.q.device)

@@ -65,20 +65,22 @@ class AttnConfig:
     num_stages: int
 
 
-# Hopper-minded starting points (128-row query tiles = two warpgroups of 64 rows, 8 warps, 2-3 stages
-# of K/V prefetch), keyed by (path, head_dim bound). NOT yet timed on an H100: DIT8_ATTN_SWEEP=1 in
-# bench/test_bench_attention.py times the candidates. What is known without a GPU (triton.compile for
-# sm_90a specialized as the JIT does for Wan's strides, then ptxas -v and nvdisasm; triton 3.6 as on
-# the GPU machine, and 3.9; tests/test_attention_triton.py -k hopper): at head_dim 128 every tile
-# below uses wgmma and nothing spills inside the key loop. The bf16 kernel fits 128 x 128 in ~250
-# registers, and its 3 stages take 224 KiB of the 227 KiB shared memory; the 8-bit kernels sit at 255
-# registers; the cross kernel keeps the text result live across the image loop, which spills at
-# BLOCK_N 128 but not at 64.
+# Keyed by (path, head_dim bound). At head_dim 128 these are the fastest of the candidates that
+# DIT8_ATTN_SWEEP=1 bench/test_bench_attention.py timed at Wan's self-attention (B=1, H=40, L=32,760) on
+# an H200 (2026-11-26, triton 3.6; bench/RESULTS.md): bf16 128 x 128 in 8 warps (128 x 64 timed the same
+# within 1%); the 8-bit kernels 64 x 128 in 4 warps, 9-13% faster than 128 x 128 in 8: one warpgroup
+# per program (255 registers, 106 KiB of shared memory) leaves room for two programs per SM, whose
+# softmax and dots can overlap.
+# Head_dim 64 keeps the starting points (not timed). Compiled for sm_90a (tests/test_attention_triton.py
+# -k hopper), every tile below uses wgmma and spills nothing inside its key loop; the cross kernel keeps
+# the text result live across the image loop, which spills at BLOCK_N 128 but not at 64.
 _CONFIGS = {
     ("bf16", 64): AttnConfig(128, 128, 8, 3),
     ("bf16", 128): AttnConfig(128, 128, 8, 3),
     ("8bit", 64): AttnConfig(128, 128, 8, 3),
-    ("8bit", 128): AttnConfig(128, 128, 8, 3),
+    ("8bit", 128): AttnConfig(64, 128, 4, 3),
+    ("8bit_pv16", 64): AttnConfig(128, 128, 8, 3),
+    ("8bit_pv16", 128): AttnConfig(128, 128, 8, 3),  # 64 x 128 spills inside its loop with 16-bit P·V
     ("cross", 64): AttnConfig(128, 64, 8, 2),
     ("cross", 128): AttnConfig(128, 64, 8, 2),
 }
@@ -90,6 +92,7 @@ HOPPER_SHARED_MEMORY = SHARED_MEMORY_LIMIT["sm_90"]
 _SMALL_SHARED_MEMORY_CONFIGS = {
     ("bf16", 128): AttnConfig(128, 64, 8, 3),
     ("8bit", 128): AttnConfig(128, 64, 8, 3),
+    ("8bit_pv16", 128): AttnConfig(128, 64, 8, 3),
 }
 # Head dims up to 256 (not Wan's, kept working for other models): smaller tiles, same for every path;
 # at 64 x 32 in 8 warps no path spills (at 64 x 64 the cross kernel does).
@@ -105,11 +108,12 @@ _INTERPRETER_CONFIG = AttnConfig(64, 32, 4, 1)
 
 def pick_config(path: str, head_dim: int, dtype: torch.dtype = torch.bfloat16,
                 shared_memory: int = HOPPER_SHARED_MEMORY) -> AttnConfig:
-    """The launch configuration of `path` ("bf16", "8bit" or "cross") for this head_dim and input dtype,
-    on a GPU whose blocks may take `shared_memory` bytes (`shared_memory_of(device)`)."""
+    """The launch configuration of `path` ("bf16", "8bit", "8bit_pv16" for 16-bit P·V, or "cross") for
+    this head_dim and input dtype, on a GPU whose blocks may take `shared_memory` bytes
+    (`shared_memory_of(device)`)."""
     if interpreting():
         return _INTERPRETER_CONFIG
-    if dtype == torch.float32 and path != "8bit":
+    if dtype == torch.float32 and not path.startswith("8bit"):
         return _FP32_CONFIG[128 if head_dim <= 128 else 256]
     if head_dim > 128:
         return _WIDE_CONFIG

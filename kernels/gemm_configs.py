@@ -109,6 +109,11 @@ HOPPER_SWEEP: tuple[GemmConfig, ...] = (
     C(128, 128, 128, 8, 8, 4, persistent=True, fp8_promote=128),
     C(128, 128, 128, 8, 8, 4, fp8_promote=128),
     C(128, 128, 128, 8, 8, 3, persistent=True, fp8_promote=128),
+    # Fewer promotion waits: one per 256 products (K tiles of 256); and 64-row tiles on 4 warps, small
+    # enough for two programs per SM, so that one's promotion overlaps the other's dots.
+    C(128, 128, 256, 8, 8, 3, persistent=True, fp8_promote=256),
+    C(128, 128, 256, 8, 8, 3, fp8_promote=256),
+    C(64, 128, 128, 8, 4, 4, fp8_promote=128),
 )
 
 # The Triton interpreter runs one program at a time in numpy: blocks small enough that the CPU test

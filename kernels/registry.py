@@ -40,12 +40,33 @@ _OPS: dict[str, dict[str, _Impl]] = {}
 # passed their tests on such a GPU. "auto" picks only these (and the torch reference); explicit
 # backend= and DIT8_BACKEND reach every registered kernel. The interpreter tests check the Triton
 # kernels on CPU; a run of bench/gpu_check.sh on a GPU adds entries for its generation.
-GPU_VERIFIED: dict[tuple[int, int], frozenset[tuple[str, str]]] = {}
+GPU_VERIFIED: dict[tuple[int, int], frozenset[tuple[str, str]]] = {
+    # H200 (sm_90), torch 2.11, triton 3.6, 2026-11-26: bench/gpu_check.sh, 903 tests passed.
+    (9, 0): frozenset({
+        ("attention", "triton"), ("cross_attention", "triton"),
+        ("gelu_tanh_quant", "cuda"), ("gelu_tanh_quant", "triton"),
+        ("layer_norm", "cuda"), ("layer_norm", "triton"),
+        ("layer_norm_modulate", "cuda"), ("layer_norm_modulate", "triton"),
+        ("layer_norm_modulate_quant", "cuda"), ("layer_norm_modulate_quant", "triton"),
+        ("layer_norm_quant", "cuda"), ("layer_norm_quant", "triton"),
+        ("qk_norm_rope", "cuda"), ("qk_norm_rope", "triton"),
+        ("qk_norm_rope_quant", "cuda"), ("qk_norm_rope_quant", "triton"),
+        ("quantize_per_token", "cuda"), ("quantize_per_token", "triton"),
+        ("rms_norm", "cuda"), ("rms_norm", "triton"),
+        ("scaled_mm", "triton"), ("scaled_mm_fused", "triton"),
+    }),
+}
 
 # Per GPU generation (CUDA compute capability), the kernel backend measured fastest for an op that has
 # several: "auto" tries it before BACKENDS order. bench/fastest_backends.py prints these entries from
 # the benchmark suites' JSON.
-FASTEST: dict[tuple[int, int], dict[str, str]] = {}
+FASTEST: dict[tuple[int, int], dict[str, str]] = {
+    # H200 (sm_90), torch 2.11, triton 3.6, 2026-11-26: bench/test_bench_fused.py at 32,760 x 5120.
+    (9, 0): {
+        "gelu_tanh_quant": "cuda", "layer_norm_modulate": "triton", "layer_norm_modulate_quant": "cuda",
+        "layer_norm_quant": "cuda", "qk_norm_rope": "cuda", "quantize_per_token": "cuda", "rms_norm": "triton",
+    },
+}
 
 
 @functools.lru_cache(maxsize=None)

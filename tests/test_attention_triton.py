@@ -480,7 +480,7 @@ def test_gpus_with_less_shared_memory_get_tiles_that_fit(monkeypatch):
     # The choice as a GPU launch makes it (the interpreter always takes its own small blocks); that the
     # tiles fit and do not spill is test_kernels_compile_for_ampere_and_ada's.
     monkeypatch.setattr(impl, "interpreting", lambda: False)
-    for path in ("bf16", "8bit"):
+    for path in ("bf16", "8bit", "8bit_pv16"):
         hopper = impl.pick_config(path, 128)
         ada = impl.pick_config(path, 128, shared_memory=SHARED_MEMORY_LIMIT["sm_89"])
         ampere = impl.pick_config(path, 128, shared_memory=SHARED_MEMORY_LIMIT["sm_80"])
@@ -580,7 +580,7 @@ def compile_for_sm90() -> dict[str, dict]:
             # and the wide configuration.
             for width in (d, 16, 256):
                 kernels[f"attention {qk} q·k, {pv} P·V" + width_tag(width)] = attention_8bit_variant(
-                    qk, pv, width, impl.pick_config("8bit", width))
+                    qk, pv, width, impl.pick_config(impl8.config_path(pv), width))
         c = impl.pick_config("8bit", d)
         for per_row, block in ((False, c.block_m), (True, c.block_n)):  # q per block; k per row, with bias
             kernels[f"quantize {qk}, per {'row' if per_row else 'block'}"] = build(
@@ -636,7 +636,7 @@ def compile_for_smaller_gpus() -> dict[str, dict]:
             d, impl.pick_config("cross", d, shared_memory=limit), arch=cap)
         for pv in ("fp16", "int8", "fp8") if cap >= 89 else ("fp16", "int8"):
             kernels[f"attention int8 q·k, {pv} P·V, {arch}"] = attention_8bit_variant(
-                "int8", pv, d, impl.pick_config("8bit", d, shared_memory=limit), arch=cap)
+                "int8", pv, d, impl.pick_config(impl8.config_path(pv), d, shared_memory=limit), arch=cap)
     return kernels
 
 
