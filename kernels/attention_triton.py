@@ -66,14 +66,16 @@ class AttnConfig:
 
 
 # Keyed by (path, head_dim bound). At head_dim 128 these are the fastest of the candidates that
-# DIT8_ATTN_SWEEP=1 bench/test_bench_attention.py timed at Wan's self-attention (B=1, H=40, L=32,760) on
-# an H200 (2026-11-26, triton 3.6; bench/RESULTS.md): bf16 128 x 128 in 8 warps (128 x 64 timed the same
-# within 1%); the 8-bit kernels 64 x 128 in 4 warps, 9-13% faster than 128 x 128 in 8: one warpgroup
-# per program (255 registers, 106 KiB of shared memory) leaves room for two programs per SM, whose
-# softmax and dots can overlap.
-# Head_dim 64 keeps the starting points (not timed). Compiled for sm_90a (tests/test_attention_triton.py
-# -k hopper), every tile below uses wgmma and spills nothing inside its key loop; the cross kernel keeps
-# the text result live across the image loop, which spills at BLOCK_N 128 but not at 64.
+# DIT8_ATTN_SWEEP=1 bench/test_bench_attention.py timed at Wan's shapes (B=1, H=40, D=128; self: L=32,760;
+# cross: 32,760 queries over 512 + 257 keys) on an H200 (2026-11-26, triton 3.6; bench/RESULTS.md):
+# - bf16: 128 x 128 in 8 warps (128 x 64 timed the same within 1%);
+# - 8-bit P·V: 64 x 128 in 4 warps, 9-13% faster than 128 x 128 in 8. One warpgroup per program (255
+#   registers, 106 KiB of shared memory) leaves room for two programs per SM, whose softmax and dots
+#   can overlap;
+# - cross: 64 x 64 in 4 warps, 9% faster than 128 x 64 in 8 (BLOCK_N 128 spills: the text result stays
+#   live across the image loop).
+# Head_dim 64 keeps the untimed starting points. Compiled for sm_90a (tests/test_attention_triton.py
+# -k hopper), every tile below uses wgmma and spills nothing inside its key loop.
 _CONFIGS = {
     ("bf16", 64): AttnConfig(128, 128, 8, 3),
     ("bf16", 128): AttnConfig(128, 128, 8, 3),
@@ -82,7 +84,7 @@ _CONFIGS = {
     ("8bit_pv16", 64): AttnConfig(128, 128, 8, 3),
     ("8bit_pv16", 128): AttnConfig(128, 128, 8, 3),  # 64 x 128 spills inside its loop with 16-bit P·V
     ("cross", 64): AttnConfig(128, 64, 8, 2),
-    ("cross", 128): AttnConfig(128, 64, 8, 2),
+    ("cross", 128): AttnConfig(64, 64, 4, 3),
 }
 # GPUs whose blocks may take less shared memory than Hopper's 227 KiB (sm_80: 163 KiB; sm_86 and sm_89:
 # 99 KiB): the head_dim 128 tiles that fit 99 KiB and, compiled for sm_80 and sm_89, spill

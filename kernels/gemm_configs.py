@@ -11,24 +11,25 @@ Keys
   Wan2.1 linear at 480P has M = 32,760 rows: 5,120 tiles or more), "small" otherwise (the
   once-per-generation text/image k/v projections with 512 and 257 rows, tiny test shapes).
 
-Where the numbers come from. gpu-notes.md measured on an H100 (triton 3.6) the plain kernel with
-128 x 256 x 128 tiles, 8 warps, 3-4 stages and Triton's default FP8 accumulation: FP8 1280-1297
-TFLOP/s, INT8 1123-1151 TOPS. The TMA/persistent variant and the promoted FP8 accumulation are NOT
-yet timed on a GPU; what is known without one (triton.compile for each target, ptxas -v: see
-tests/test_scaled_mm_triton.py::test_table_configs_compile) is that every entry compiles, fits its
-GPU's shared memory and, on sm_90, uses wgmma (and TMA for the persistent entries). The benchmark's
-sweep (DIT8_GEMM_SWEEP=1 python -m pytest bench/test_bench_gemm.py -k sweep) times the candidates;
-change the table only with the numbers in bench/RESULTS.md.
+Where the numbers come from. The sm_90 entries are the fastest candidates of the benchmark's sweep
+(DIT8_GEMM_SWEEP=1 python -m pytest bench/test_bench_gemm.py -k sweep) on an H200 (2026-11-26, torch
+2.11, triton 3.6; bench/RESULTS.md): INT8 128 x 256 persistent at 1150-1220 TOPS on the three Wan
+shapes; promoted FP8 128 x 128 x 256 persistent at 1011 TFLOP/s on (32760, 5120, 5120) (the one
+shape it was timed on), where the 128-deep promoted tiles reached 907-933 (two runs) and fast
+accumulation 1262-1339 TFLOP/s. The Ada and Ampere entries are not timed: each compiles and fits its
+GPU's shared memory (tests/test_scaled_mm_triton.py::test_table_configs_compile, from ptxas -v).
+Change the table only with the numbers in bench/RESULTS.md.
 
 FP8 accumulation on Hopper. Hopper's FP8 wgmma accumulates in reduced precision (DeepSeek-V3 reports
 about 14 bits kept), and Triton by default lets a whole K loop accumulate that way (what cuBLAS calls
 use_fast_accum=True). `fp8_promote` = P makes Triton add the tensor-core partial sum into an fp32
-accumulator every P products (tl.dot's max_num_imprecise_acc; DeepSeek-V3 promotes every 128), at the
-price of a second accumulator tile in registers: 128 x 256 tiles on 8 warps would then need 256
-accumulator registers per thread, so the promoted entries use 128 x 128 tiles. None = Triton's
-default (fast) accumulation. The table promotes (the op's contract is fp32 accumulation, and the
-accuracy target is 2x cuBLAS's default mode); whether fast accumulation stays within that target on
-the Wan shapes is for the GPU run to show (bench/test_bench_gemm.py reports both errors).
+accumulator every P products (tl.dot's max_num_imprecise_acc, at most the K tile; DeepSeek-V3 promotes
+every 128), at the price of a second accumulator tile in registers (128 x 256 tiles on 8 warps would
+need 256 accumulator registers per thread, so the promoted entries use 128 x 128 tiles) and of a
+wgmma wait before each add. None = Triton's default (fast) accumulation. The table promotes: the op's
+contract is fp32 accumulation, and fast accumulation's error on the H200 was 1.35x cuBLAS's at K =
+5120 and 1.96x at K = 13824, at the edge of the 2x target; promoting every 256 products errs as every
+128 (0.001675 against 0.001667, the bf16 output's rounding) and waits half as often.
 """
 
 from __future__ import annotations
@@ -67,12 +68,12 @@ class GemmConfig:
 C = GemmConfig
 
 # The committed table. See the module docstring for what is and is not measured. ptxas -v (sm_90a,
-# triton 3.9, epilogue sliced by epilogue_split) of the sm_90 entries: FP8 128 x 128 promoted, persistent:
-# 165-181 registers, no spills, 139-164 KB shared; INT8 128 x 256 persistent: 222-250 registers, no
-# spills, 164-180 KB. The promoted FP8 dot makes ptxas insert wgmma waits (info C7517): the fp32 add
-# of each partial sum waits for its wgmma, which the fast-accumulation kernels do not.
+# epilogue sliced by epilogue_split) of the sm_90 entries: FP8 128 x 128 x 256 promoted, persistent:
+# 177-181 registers, no spills, 208 KB shared; INT8 128 x 256 persistent: 222-250 registers, no spills,
+# 164-180 KB. The promoted FP8 dot makes ptxas insert wgmma waits (info C7517): the fp32 add of each
+# partial sum waits for its wgmma, which the fast-accumulation kernels do not.
 TABLE: dict[tuple[str, str, str], GemmConfig] = {
-    ("sm_90", "fp8", "large"): C(128, 128, 128, 8, 8, 4, persistent=True, fp8_promote=128),
+    ("sm_90", "fp8", "large"): C(128, 128, 256, 8, 8, 3, persistent=True, fp8_promote=256),
     ("sm_90", "int8", "large"): C(128, 256, 128, 8, 8, 3, persistent=True),
     ("sm_90", "fp8", "small"): C(128, 128, 128, 8, 8, 4, fp8_promote=128),
     ("sm_90", "int8", "small"): C(128, 128, 128, 8, 8, 4),
@@ -97,7 +98,7 @@ CANDIDATES: tuple[GemmConfig, ...] = (
     C(64, 64, 64, 8, 4, 3),
 )
 
-# Hopper variants the benchmark sweep adds to CANDIDATES (not timed yet). Left out after ptxas -v:
+# Hopper variants the benchmark sweep adds to CANDIDATES. Left out after ptxas -v:
 # promoted FP8 on 128 x 256 tiles (255 registers + 244-512 bytes of spills on 8 warps; on 16 warps the
 # 128-register cap spills too) and 16-warp 128 x 256 tiles with a residual (272 KB of shared memory).
 HOPPER_SWEEP: tuple[GemmConfig, ...] = (
