@@ -28,9 +28,9 @@ def compile_kernel(kernel, types: dict[str, str], constexprs: dict[str, object],
     and Wan's strides are), and those named in `ones` become the constant 1 (the JIT compiles an integer
     argument equal to 1 as a constant: a unit stride is what lets it vectorize along that axis).
     Returns shared-memory bytes, registers and spill-store bytes (ptxas -v), the local-memory loads and
-    stores inside loops (the spills that cost per iteration) and the global loads and stores narrower
-    than 32 bits (unvectorized element accesses) in the SASS of the cubin, and whether the PTX uses
-    wgmma and TMA."""
+    stores inside loops (the spills that cost per iteration), the global loads and stores narrower
+    than 32 bits (unvectorized element accesses) and the 8- and 16-byte global stores in the SASS of
+    the cubin, and whether the PTX uses wgmma and TMA."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -64,6 +64,7 @@ def compile_kernel(kernel, types: dict[str, str], constexprs: dict[str, object],
     return dict(shared=compiled.metadata.shared, registers=int(registers.group(1)) if registers else -1,
                 spills=sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log)),
                 narrow_global_accesses=len(re.findall(r"\b(?:LDG|STG)(?:\.[A-Z0-9]+)*?\.[US](?:8|16)\b", sass)),
+                wide_global_stores=len(re.findall(r"\bSTG(?:\.[A-Z0-9]+)*?\.(?:64|128)\b", sass)),
                 wgmma="wgmma" in ptx, tma="cp.async.bulk.tensor" in ptx, **loop_statistics(sass))
 
 
