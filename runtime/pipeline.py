@@ -205,10 +205,11 @@ class I2VPipeline:
             40 steps, guidance 5, shift 3 at 480P).
         backend, attention: as `load_dit`. offload_encoders: keep T5 and CLIP in CPU memory and move
             them onto `device` only while they encode (saves their ~12 GB on the GPU between calls).
-        vae_tile: decode the VAE's upsampling path in tiles of this many latent pixels. Activation
-            memory of the decode at 480x832, 81 frames, fp32 (`dit8.vae.decode_memory`): 6.2 GiB
-            whole-frame (the default), 3.4 GiB with 32, 1.9 GiB with 16, plus the 0.5 GiB of VAE
-            weights; the decoded video is assembled in CPU memory.
+        vae_tile: decode the VAE's upsampling path in tiles of this many latent pixels. Peak GPU
+            memory of the decode at 480x832, 81 frames, fp32, measured on an H200 (bench/RESULTS.md):
+            9.0 GiB whole-frame (the default; 2.6 s), 4.2 GiB with 32 (6.6 s), VAE weights included;
+            `dit8.vae.decode_memory` estimates the activations without convolution workspace (6.2 and
+            3.4 GiB; 1.9 GiB with 16). The decoded video is assembled in CPU memory.
         progress: progress bar while loading the DiT (default: on a terminal).
 
         Raises CheckpointError naming the file for a missing or unusable piece.

@@ -441,8 +441,9 @@ class WanVAE(nn.Module):
         - `frames_per_chunk`: latent frames per decoder call after the first (1 = the reference; more is
           faster on a GPU and costs memory);
         - `output_device`: where the output video is assembled (e.g. "cpu" to keep it off the GPU).
-        `decode_memory` estimates the peak for a given choice. `progress(done, total)` is called after
-        each chunk of each tile (`done` and `total` count latent frames over all tiles).
+        `decode_memory` estimates the activations of a given choice (bench/RESULTS.md: the measured
+        peaks). `progress(done, total)` is called after each chunk of each tile (`done` and `total` count
+        latent frames over all tiles).
         """
         cfg = self.config
         if latents.ndim != 5 or latents.shape[1] != cfg.z_dim:
@@ -586,6 +587,10 @@ def decode_memory(config: VAEConfig, latent_shape: tuple[int, int, int], *, batc
     `tile=32` cuts cache and work to a tile's widened area (58x58 of 60x104 latent pixels): 3.4 GiB of
     activations, at 2.4x the upsampling compute, as neighbouring tiles recompute the 13-pixel halo;
     `tile=16`: 1.9 GiB. `frames_per_chunk=2` raises work to 4.9 GiB.
+    Measured on an H200 (bench/RESULTS.md; max_memory_allocated less the resident weights and inputs):
+    8.5 GiB whole-frame and 3.7 GiB with `tile=32`. What the terms leave out (convolution workspace,
+    the cuDNN kernels' temporaries) added 2.3 and 0.2 GiB: a bound for a GPU is the measurement, not
+    this estimate.
     """
     t, h, w = latent_shape
     size = torch.empty((), dtype=dtype).element_size() * batch
