@@ -285,7 +285,7 @@ def _add_generate(generate: argparse.ArgumentParser) -> None:
     generate.add_argument("--offload-encoders", action="store_true",
                           help="keep T5 and CLIP off the GPU except while they encode")
     generate.add_argument("--vae-tile", type=int, help="decode in tiles of N latent pixels to save memory "
-                          "(32: an estimated 3.4 GiB of activations at 480P instead of 6.2)")
+                          "(32: 4.2 GiB peak at 480P, 81 frames, instead of 9.0; 2.5x the decode time)")
     generate.add_argument("--frames-dir", help="also write every frame as a PNG into this folder")
     generate.set_defaults(run=_run_generate)
 
