@@ -94,9 +94,11 @@ def baseline(cache: dict, key, make_call, gpu_time) -> tuple[float, torch.Tensor
     return cache[key]
 
 
-# triton_int8 / triton_fp8: the two 8-bit precisions (INT8 q·kᵀ; INT8 or FP8 P·V); triton_int8_pv16:
-# INT8 q·kᵀ with 16-bit P·V, for comparison.
-SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "triton_bf16", "triton_int8", "triton_fp8", "triton_int8_pv16"]
+# torch_reference: the op's torch backend, SDPA on whatever backend torch picks (the reference "auto"
+# would run where the Triton kernel is not verified); triton_int8 / triton_fp8: the two 8-bit
+# precisions (INT8 q·kᵀ; INT8 or FP8 P·V); triton_int8_pv16: INT8 q·kᵀ with 16-bit P·V, for comparison.
+SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "torch_reference", "triton_bf16", "triton_int8", "triton_fp8",
+              "triton_int8_pv16"]
 
 
 @pytest.mark.parametrize("name", SELF_IMPLS)
@@ -110,8 +112,9 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
     info = {}
     if name.startswith("sdpa_"):
         fn = _sdpa_call(name.removeprefix("sdpa_"), device, q, k, v)
-    elif name == "triton_bf16":
-        fn = lambda: ops.attention(q, k, v, precision="bf16", backend="triton")  # noqa: E731
+    elif name in ("torch_reference", "triton_bf16"):
+        backend = {"torch_reference": "torch", "triton_bf16": "triton"}[name]
+        fn = lambda: ops.attention(q, k, v, precision="bf16", backend=backend)  # noqa: E731
     else:
         qk, pv = {"triton_int8": impl8.RECIPES["int8"], "triton_fp8": impl8.RECIPES["fp8"],
                   "triton_int8_pv16": ("int8", "fp16")}[name]
