@@ -7,7 +7,8 @@
 #     bash bench/gpu_check.sh                 # every stage not yet done on this machine
 #     bash bench/gpu_check.sh tests gemm      # these stages, even if done before
 #     BUDGET=540 bash bench/gpu_check.sh      # finish within 540 s; the same command again goes on
-# Stages, in the order of what their results are worth: tests dit gemm attention fused pipeline sweep
+# Stages, in the order of what their results are worth: tests dit gemm attention fused pipeline profile
+# (Nsight Compute counters of the kernels short of their targets, bench/profile_kernels.py) sweep
 # (every candidate configuration of the GEMM and attention kernels, for tuning their tables).
 #
 # Results collect in $WORK (default .gpu_check/ in the repository, which git ignores); a stage that
@@ -43,7 +44,7 @@ out=${WORK:-.gpu_check}
 mkdir -p "$out" && out=$(cd "$out" && pwd -P)  # absolute: pytest-benchmark's file:// storage needs it
 py=${PYTHON:-python3}
 touch "$out/done"
-all_stages=(tests dit gemm attention fused pipeline sweep)
+all_stages=(tests dit gemm attention fused pipeline profile sweep)
 stages=("$@")
 for stage in "${stages[@]}"; do
     [[ " ${all_stages[*]} " == *" $stage "* ]] || { echo "unknown stage $stage (${all_stages[*]})"; exit 2; }
@@ -182,6 +183,16 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
                 --benchmark-json="$out/bench_sweep_gemm.json" 2>&1 | tail -5
             DIT8_ATTN_SWEEP=1 run_pytest bench/test_bench_attention.py -k sweep \
                 --benchmark-json="$out/bench_sweep_attention.json" 2>&1 | tail -5 ;;
+        profile)
+            # Hardware counters of the kernels short of their targets: the measured cause of a gap.
+            if command -v ncu >/dev/null; then
+                limited ncu --profile-from-start off --csv --page details --log-file "$out/ncu.csv" \
+                    --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy \
+                    --section LaunchStats "$py" bench/profile_kernels.py run 2>&1 | tail -12
+                "$py" bench/profile_kernels.py table "$out/ncu.csv" >"$out/profile.txt"
+            else
+                echo "profile: Nsight Compute (ncu) is not installed here; skipped"
+            fi ;;
         pipeline)
             run_pytest bench/test_bench_pipeline.py -k "t5 or clip" \
                 --benchmark-json="$out/bench_encoders.json" 2>&1 | tail -8

@@ -5,8 +5,8 @@
 
 Tables: the machine (gpu.txt), test outcomes per file (tests.xml), one table per benchmark JSON
 (bench_*.json: the extra_info of each row, with the columns some row of that file has) and the DiT
-forwards (dit_*.json: times, peak memory, the profiled parts, diffusers on the same weights), then the
-GPU_VERIFIED and FASTEST entries the run printed. A file cut short by a time limit is named and skipped.
+forwards (dit_*.json: times, peak memory, the profiled parts, diffusers on the same weights), the Nsight
+Compute table (profile.txt), then the GPU_VERIFIED and FASTEST entries the run printed. A file cut short by a time limit is named and skipped.
 """
 
 from __future__ import annotations
@@ -134,6 +134,9 @@ def report(folder: Path) -> list[str]:
             if (r := read_json(p, notes))}
     if runs:
         lines += [""] + dit_lines(runs)
+    if (folder / "profile.txt").exists():
+        lines += ["", "Nsight Compute, one launch each (bench/profile_kernels.py):",
+                  *(folder / "profile.txt").read_text().strip().splitlines()]
     # The registry entries the run earned (bench/verified_backends.py, bench/fastest_backends.py).
     entries = [line for name in ("gpu_verified.txt", "fastest.txt") if (folder / name).exists()
                for line in (folder / name).read_text().splitlines() if line.startswith(("GPU_VERIFIED", "FASTEST"))]

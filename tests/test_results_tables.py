@@ -30,6 +30,7 @@ def _results(folder: Path) -> dict:
     (folder / "dit_fp8_fp8.json").write_text(json.dumps(run))
     (folder / "dit_bf16_bf16.json").write_text(json.dumps({**run, "partial": True, "error": "RuntimeError: OOM"}))
     (folder / "dit_int8_int8.json").write_text(json.dumps({"partial": True, "error": "RuntimeError: OOM at build"}))
+    (folder / "profile.txt").write_text("| ID | kernel |\n|---|---|\n| 0 | _attention_kernel |\n")
     (folder / "gpu_verified.txt").write_text("op  backend\nrms_norm  triton\n\n"
                                              "GPU_VERIFIED[(9, 0)] = frozenset({('rms_norm', 'triton')})\n")
     return run
@@ -58,6 +59,8 @@ def test_tables_of_a_folder_and_of_its_archive(tmp_path):
     assert any(line.startswith("| int8_int8 (failed part way: RuntimeError: OOM at build) |  |") for line in lines)
     dit = next(line for line in lines if line.startswith("| fp8_fp8 |")).split(" | ")
     assert dit[1] == f"{run['forward_ms']:.1f}" and dit[3] == f"{run['loop']['total_ms']:.1f}"
+    assert lines[lines.index("Nsight Compute, one launch each (bench/profile_kernels.py):") + 3] == \
+        "| 0 | _attention_kernel |"
     assert lines[lines.index("Registry entries (kernels/registry.py):") + 1] == \
         "GPU_VERIFIED[(9, 0)] = frozenset({('rms_norm', 'triton')})"
 
@@ -86,3 +89,33 @@ def test_a_truncated_test_report_is_named_and_skipped(tmp_path):
     lines = _tables(folder).splitlines()
     assert any(line.startswith("tests.xml: unreadable") for line in lines)
     assert "| bench_gemm | ms | vs fast accum | spills |" in lines and "| test_gemm[fp8] | 2.5 | 0.9 | 0 |" in lines
+
+
+def test_profile_table_of_ncu_csv(tmp_path):
+    # ncu's `--csv --page details` layout: its own messages first, then one row per (launch, metric).
+    head = '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",' \
+           '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"'
+    rows = [("0", "_attention_kernel", "GPU Speed Of Light Throughput", "Duration", "msecond", "43.80"),
+            ("0", "_attention_kernel", "GPU Speed Of Light Throughput", "Compute (SM) Throughput", "%", "71.2"),
+            ("0", "_attention_kernel", "Occupancy", "Achieved Occupancy", "%", "12.4"),
+            ("0", "_attention_kernel", "Occupancy", "Theoretical Occupancy", "%", "12.5"),
+            ("1", "void dit8::rows_kernel<float>(dit8::RowArgs)", "GPU Speed Of Light Throughput", "Duration",
+             "usecond", "1,046.40"),
+            ("1", "void dit8::rows_kernel<float>(dit8::RowArgs)", "Launch Statistics", "Registers Per Thread",
+             "register/thread", "40")]
+    lines = ["==PROF== Connected to process 1", head] + [
+        f'"{i}","1","python3","h","{k}","1","7","(128, 1, 1)","(256, 40, 1)","0","9.0","{s}","{m}","{u}","{v}"'
+        for i, k, s, m, u, v in rows]
+    (tmp_path / "ncu.csv").write_text("\n".join(lines) + "\n")
+    script = SCRIPT.parent / "profile_kernels.py"
+    done = subprocess.run([sys.executable, str(script), "table", str(tmp_path / "ncu.csv")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.splitlines()
+    assert table[0].startswith("| ID | kernel | µs | SM % |")
+    assert table[2].startswith("| 0 | _attention_kernel | 43,800.0 | 71.2 |") and "| 12.4 / 12.5 |" in table[2]
+    assert table[3].startswith("| 1 | void dit8::rows_kernel<float> | 1,046.4 |") and "| 40 |" in table[3]
+    (tmp_path / "empty.csv").write_text("==PROF== No kernels were profiled.\n")
+    done = subprocess.run([sys.executable, str(script), "table", str(tmp_path / "empty.csv")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1 and "no ncu CSV" in done.stderr

@@ -1,0 +1,148 @@
+"""Hardware counters of the kernels that miss their targets, at Wan2.1-14B 480P sizes, from Nsight
+Compute: where a kernel's time goes (issue slots, memory, occupancy), the measured cause of a gap.
+
+    ncu --profile-from-start off --csv --page details --log-file ncu.csv \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+        python bench/profile_kernels.py run           # on a CUDA machine (bench/gpu_check.sh: stage profile)
+    python bench/profile_kernels.py table ncu.csv     # the markdown table, anywhere
+
+`run` compiles and warms every case first, then opens the profiler window (cudaProfilerStart) and
+calls each case once, in the order of CASES, so ncu records only those launches. Cases: the bf16 and
+8-bit self-attention (q, k, v [1, 32760, 40, 128]), the fused cross-attention (512 + 257 keys), the
+FP8 GEMM as the table runs it, and the fused quantizing ops on 32,760 x 5120 (GELU: x 13,824), each
+on the backend `auto` picks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+# The ncu metrics of the table, by their names in the sections above: column title, metric name.
+COLUMNS = (
+    ("µs", "Duration"),
+    ("SM %", "Compute (SM) Throughput"),
+    ("memory %", "Memory Throughput"),
+    ("DRAM %", "DRAM Throughput"),
+    ("issue slots %", "Issue Slots Busy"),
+    ("IPC", "Executed Ipc Active"),
+    ("occupancy % (achieved / theoretical)", "Achieved Occupancy"),
+    ("registers", "Registers Per Thread"),
+    ("grid", "Grid Size"),
+)
+_TO_US = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+
+
+def cases() -> list[tuple[str, Callable[[], object]]]:
+    """(name, call) of every profiled case, inputs built on the GPU."""
+    import torch
+
+    from dit8 import kernels as ops
+    from dit8.kernels import gemm_configs
+    from dit8.kernels import scaled_mm_triton as gemm
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def randn(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, device=dev, generator=gen, dtype=dtype)
+
+    q, k, v = (randn(1, 32760, 40, 128) for _ in range(3))
+    k_text, v_text, k_img, v_img = randn(1, 512, 40, 128), randn(1, 512, 40, 128), randn(1, 257, 40, 128), \
+        randn(1, 257, 40, 128)
+    fp8 = torch.float8_e4m3fn
+    x, w = randn(32760, 5120), randn(5120, 5120) / 5120 ** 0.5
+    xq, xs = ops.quantize_per_token(x, fp8, backend="torch")
+    wq, ws = ops.quantize_per_token(w, fp8, backend="torch")
+    promoted = gemm.pick_config("fp8", 32760, 5120, 5120, dev)
+    fast = gemm_configs.HOPPER_SWEEP[0]  # 128 x 256 x 128, Triton's default (fast) accumulation
+    residual, shift, scale = randn(1, 32760, 5120, dtype=torch.float32), randn(1, 5120, dtype=torch.float32), \
+        randn(1, 5120, dtype=torch.float32)
+    hidden = randn(32760, 13824)
+    return [
+        ("attention bf16", lambda: ops.attention(q, k, v, precision="bf16", backend="triton")),
+        ("attention int8", lambda: ops.attention(q, k, v, precision="int8", backend="triton")),
+        ("attention fp8", lambda: ops.attention(q, k, v, precision="fp8", backend="triton")),
+        ("cross-attention", lambda: ops.cross_attention(q, k_text, v_text, k_img, v_img, backend="triton")),
+        (f"fp8 GEMM {promoted.name()}", lambda: gemm.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16, config=promoted)),
+        (f"fp8 GEMM {fast.name()}", lambda: gemm.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16, config=fast)),
+        ("quantize_per_token", lambda: ops.quantize_per_token(x, fp8)),
+        ("layer_norm_modulate_quant", lambda: ops.layer_norm_modulate_quant(residual, shift, scale, eps=1e-6,
+                                                                            dtype=fp8)),
+        ("gelu_tanh_quant", lambda: ops.gelu_tanh_quant(hidden, fp8)),
+        ("rms_norm", lambda: ops.rms_norm(x, torch.ones(5120, device=dev), eps=1e-6)),
+    ]
+
+
+def run() -> None:
+    import torch
+
+    todo = cases()
+    for _, call in todo:  # compile, tune, allocate: nothing of this inside the profiler's window
+        call()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for name, call in todo:
+        print(f"profiling: {name}", flush=True)
+        call()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def table(csv_path: Path) -> list[str]:
+    """Markdown lines: one row per profiled kernel launch, in launch order, with COLUMNS."""
+    lines = csv_path.read_text(errors="replace").splitlines()
+    # ncu prints its own messages ("==PROF==" lines) before the CSV; the header starts with "ID".
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+    if start is None:
+        raise ValueError(f"{csv_path}: no ncu CSV in it (a header starting with \"ID\")")
+    launches: dict[str, dict] = {}
+    for row in csv.DictReader(lines[start:]):
+        launch = launches.setdefault(row["ID"], {"kernel": row["Kernel Name"], "metrics": {}})
+        launch["metrics"][row["Metric Name"]] = (row.get("Metric Unit", ""), row["Metric Value"])
+    header = ["ID", "kernel"] + [title for title, _ in COLUMNS]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for launch_id, launch in sorted(launches.items(), key=lambda item: int(item[0])):
+        metrics = launch["metrics"]
+        cells = [launch_id, launch["kernel"].split("(")[0][:60]]
+        for title, name in COLUMNS:
+            unit, value = metrics.get(name, ("", ""))
+            if name == "Duration" and (number := _number(value)) is not None:
+                value = f"{number * _TO_US.get(unit, float('nan')):,.1f}"
+            elif name == "Achieved Occupancy" and "Theoretical Occupancy" in metrics:
+                value = f"{value} / {metrics['Theoretical Occupancy'][1]}"
+            cells.append(value)
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="launch every case once inside the profiler window (CUDA)")
+    tab = sub.add_parser("table", help="the markdown table of ncu's CSV (--page details)")
+    tab.add_argument("csv", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        run()
+        return 0
+    try:
+        print("\n".join(table(args.csv)))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"profile_kernels: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
