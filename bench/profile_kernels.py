@@ -7,10 +7,10 @@ Compute: where a kernel's time goes (issue slots, memory, occupancy), the measur
     python bench/profile_kernels.py table ncu.csv     # the markdown table, anywhere
 
 `run` compiles and warms every case first, then opens the profiler window (cudaProfilerStart) and
-calls each case once, in the order of CASES, so ncu records only those launches. Cases: the bf16 and
-8-bit self-attention (q, k, v [1, 32760, 40, 128]), the fused cross-attention (512 + 257 keys), the
-FP8 GEMM as the table runs it, and the fused quantizing ops on 32,760 x 5120 (GELU: x 13,824), each
-on the backend `auto` picks.
+calls each case once, in the order `cases` lists them, so ncu records only those launches: the bf16
+and 8-bit self-attention (q, k, v [1, 32760, 40, 128]) and the fused cross-attention (512 + 257 keys)
+on the Triton kernels, the FP8 GEMM with the table's promoted tiles and with fast accumulation, and
+the fused memory-bound ops on 32,760 x 5120 (GELU: x 13,824) on the backend `auto` picks.
 """
 
 from __future__ import annotations

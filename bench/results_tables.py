@@ -6,7 +6,8 @@
 Tables: the machine (gpu.txt), test outcomes per file (tests.xml), one table per benchmark JSON
 (bench_*.json: the extra_info of each row, with the columns some row of that file has) and the DiT
 forwards (dit_*.json: times, peak memory, the profiled parts, diffusers on the same weights), the Nsight
-Compute table (profile.txt), then the GPU_VERIFIED and FASTEST entries the run printed. A file cut short by a time limit is named and skipped.
+Compute table (profile.txt), then the GPU_VERIFIED and FASTEST entries the run printed. A file cut
+short by a time limit is named and skipped.
 """
 
 from __future__ import annotations

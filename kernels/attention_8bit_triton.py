@@ -285,6 +285,11 @@ class Quantized8bit:
     block_n: int
 
     @property
+    def pv(self) -> str:
+        """The P·V format these operands were prepared for (one of PV_FORMATS)."""
+        return "fp16" if self.v_scale is None else "int8" if self.v.dtype == torch.int8 else "fp8"
+
+    @property
     def k_scale(self) -> torch.Tensor:
         """[B, H, Lk] fp32 (a view)."""
         return self.k_scale_bias[..., 0]
@@ -414,7 +419,7 @@ def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision:
 def _launch_8bit(x: Quantized8bit, out: torch.Tensor, cfg: AttnConfig):
     B, H, Lq, D = x.q.shape
     Lk = x.k.shape[2]
-    pv = "fp16" if x.v_scale is None else "int8" if x.v.dtype == torch.int8 else "fp8"
+    pv = x.pv
     if pv != "fp16":
         # [B, H, D, Lk] storage read as [B, Lk, H, D] tiles: (batch, key, head, channel) strides.
         v_strides = (x.v.stride(0), x.v.stride(3), x.v.stride(1), x.v.stride(2))
@@ -442,8 +447,7 @@ def attention_from_quantized(x: Quantized8bit, out_dtype: torch.dtype,
     """Run the 8-bit kernel on operands already prepared by `quantize_for_attention` (for tests that
     separate the kernel's arithmetic from the quantization error). Output [B, Lq, H, D]."""
     B, H, Lq, D = x.q.shape
-    pv = "fp16" if x.v_scale is None else "8-bit"
-    cfg = config or pick_config(config_path(pv), D, shared_memory=shared_memory_of(x.q.device))
+    cfg = config or pick_config(config_path(x.pv), D, shared_memory=shared_memory_of(x.q.device))
     if (cfg.block_m, cfg.block_n) != (x.block_m, x.block_n):
         raise OpArgumentError("attention: the config's blocks must match the quantization blocks")
     out = new_output((B, Lq, H, D), out_dtype, x.q.device)
