@@ -157,6 +157,19 @@ def _quantize_v_kernel(V, VMean, VScale, Vq, stride_vb, stride_vl, stride_vh, st
 
 
 @triton.jit
+def _int_to_float(x):
+    """An int32 tile of magnitude below 2^22 as fp32, exactly, without a conversion instruction: added
+    to the bits of 1.5·2^23 (whose unit in the last place is 1) it is that float plus x, and subtracting
+    1.5·2^23 leaves x. Integer-to-float conversions run at a fraction of the fp32 rate, as exp2 does
+    (triton-lang/triton#4563 replaced 8-bit conversions with bit operations on Hopper for that reason),
+    and the 8-bit kernels converted every score beside its exp2; an integer add and a float add run on
+    full-rate pipes. The 8-bit dot products stay below 127·127·256 < 2^22 for head dims and key blocks
+    up to 256. (The INT8 P·V products keep their conversion: done this way too, the kernel spills
+    inside its loop when compiled for sm_89.)"""
+    return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
 def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
                        stride_kn, stride_vn, stride_vd, start_n, Lk,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -177,7 +190,7 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
         k_scale, bias = tl.split(tl.load(kb_ptrs))
     v = _load_tile(v_ptrs, offs_n, Lk, MASK_N, HEAD_DIM, BLOCK_D)
     if QK_INT8:
-        s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)  # exact integer sums
+        s = _int_to_float(tl.dot(q, tl.trans(k), out_dtype=tl.int32))  # exact integer sums
     else:
         s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=BLOCK_D)
     # Dequantize (the scales already carry log2(e)/√D) and add the q-mean correction of each key.

@@ -188,6 +188,28 @@ def test_interpreter_rounding_workaround_rounds_to_nearest_even():
     assert torch.equal(y16.float(), x.to(torch.bfloat16).float())
 
 
+def test_int_to_float_is_exact_on_the_dot_products_range():
+    # The 8-bit kernels' int32 -> fp32 without a conversion instruction: exact below 2^22 in magnitude,
+    # which holds every 8-bit dot product the kernels compute (127 · 127 · 256 at most).
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def convert(X, Y, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(Y + offs, impl8._int_to_float(tl.load(X + offs)))
+
+    bound = 2 ** 22 - 1
+    assert 127 * 127 * impl.MAX_HEAD_DIM <= bound
+    special = torch.tensor([0, 1, -1, 127 * 127 * 256, -127 * 127 * 256, bound, -bound], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.cat([special, torch.randint(-bound, bound + 1, (4096 - len(special),), generator=gen,
+                                          dtype=torch.int32)]).to(DEVICE)
+    y = torch.full(x.shape, float("nan"), device=DEVICE)
+    convert[(1,)](x, y, N=x.numel())
+    assert torch.equal(y, x.float())
+
+
 # ----------------------------------------------------------------------------------------------------
 # 8-bit attention
 # ----------------------------------------------------------------------------------------------------
