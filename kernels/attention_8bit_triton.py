@@ -61,6 +61,9 @@ FP8_MAX = QMAX[torch.float8_e4m3fn]
 _INT8_MAX = tl.constexpr(INT8_MAX)
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _LOG2_FP8_MAX = tl.constexpr(math.log2(FP8_MAX))
+# 1.5·2^23: floats from 2^23 to 2^24 step by exactly 1, so the bits of 1.5·2^23 plus an int32 x with
+# |x| < 2^22 read as a float are 1.5·2^23 + x exactly (and the other way round for the INT8 P codes).
+_BIAS_2_23 = tl.constexpr(12582912.0)
 _SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
 
 
@@ -159,14 +162,16 @@ def _quantize_v_kernel(V, VMean, VScale, Vq, stride_vb, stride_vl, stride_vh, st
 @triton.jit
 def _int_to_float(x):
     """An int32 tile of magnitude below 2^22 as fp32, exactly, without a conversion instruction: added
-    to the bits of 1.5·2^23 (whose unit in the last place is 1) it is that float plus x, and subtracting
-    1.5·2^23 leaves x. Integer-to-float conversions run at a fraction of the fp32 rate, as exp2 does
-    (triton-lang/triton#4563 replaced 8-bit conversions with bit operations on Hopper for that reason),
-    and the 8-bit kernels converted every score beside its exp2; an integer add and a float add run on
-    full-rate pipes. The 8-bit dot products stay below 127·127·256 < 2^22 for head dims and key blocks
-    up to 256. (The INT8 P·V products keep their conversion: done this way too, the kernel spills
-    inside its loop when compiled for sm_89.)"""
-    return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    to the bits of 1.5·2^23 it is that float plus x (_BIAS_2_23), and subtracting 1.5·2^23 leaves x.
+
+    Integer-to-float conversions run at a fraction of the fp32 rate, as exp2 does (triton-lang/triton
+    #4563 replaced 8-bit conversions with bit operations on Hopper for that reason), and the 8-bit
+    kernels converted every score beside its exp2; an integer add and a float add run on full-rate
+    pipes. The 8-bit dot products stay below 127·127·256 < 2^22 for head dims and key blocks up to
+    256. Folding the subtraction into the dequantizing multiply-add would save one add per score but
+    round away up to a unit of each key's integer score; the INT8 P·V products keep their conversion
+    (done this way too, the kernel spills inside its loop when compiled for sm_89)."""
+    return (x + 0x4B400000).to(tl.float32, bitcast=True) - _BIAS_2_23
 
 
 @triton.jit
@@ -208,7 +213,7 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
         # low mantissa bits are the integer (round half to even), read by reinterpreting the bits.
         # One floating-point instruction instead of a float-to-int conversion (a quarter-rate unit).
         # (The interpreter's fma rounds twice: a code may differ by one step there, never on a GPU.)
-        pq = (tl.fma(p, _INT8_MAX, 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
+        pq = (tl.fma(p, _INT8_MAX, _BIAS_2_23).to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
         acc = acc * alpha[:, None] + tl.dot(pq, v, out_dtype=tl.int32).to(tl.float32) * r[:, None]
     elif PV == "fp8":
         # The weights scaled by 448 straight from exp2, log2(448) taken off the max instead of a
