@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor
 from .registry import register, resolve
+from .triton_support import triton_runs_on
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu")
 
@@ -30,6 +31,13 @@ def activation(x: torch.Tensor, kind: str, *, backend: str = "auto") -> torch.Te
 def _residual_add_torch(x, y, gate):
     y = y.float()
     return x + (y if gate is None else y * gate[:, None, :])
+
+
+@register("residual_add", "triton", runs_on=triton_runs_on)
+def _residual_add_triton(x, y, gate):
+    from . import fused_triton  # lazy: triton is an optional dependency
+
+    return fused_triton.residual_add_op(x, y, gate)
 
 
 def residual_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None, *,

@@ -4,8 +4,9 @@ optionally quantized) and the q/k RMSNorm + RoPE kernel.
 
 Only the kernels/*_triton.py modules import triton; the op files import this one lazily from their
 registered functions.
-Both kernels are registered as torch.library custom ops (`dit8::rows_triton`, `dit8::qk_norm_rope_triton`)
-with fake implementations, so they compose with torch.compile and CUDA graph capture.
+The kernels are registered as torch.library custom ops (`dit8::rows_triton`, `dit8::qk_norm_rope_triton`,
+`dit8::residual_add_triton`) with fake implementations, so they compose with torch.compile and CUDA
+graph capture.
 
 One program per row (rows) or per token (qk_norm_rope): the row is one register tile when it fits
 (BLOCK_C = next power of two >= C, up to MAX_TILE elements), so it is read from memory once. Longer
@@ -320,6 +321,45 @@ def launch_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads: int, eps: flo
 
 
 # ----------------------------------------------------------------------------------------------------
+# Gated residual add (the float linears' epilogue, which cuBLAS cannot take)
+# ----------------------------------------------------------------------------------------------------
+
+# Columns per program of the residual add: 1024 fp32 values, 8 per thread on 4 warps.
+RESIDUAL_BLOCK = 1024
+
+
+@triton.jit
+def _residual_add_kernel(X, Y, Gate, Out, stride_y, C, rows_per_batch, HAS_GATE: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """Out[r] = X[r] + Y[r] · Gate[r // rows_per_batch] in fp32, for one block of one row's columns. One
+    pass over x, y and out instead of eager torch's three (y to fp32, the product, the sum)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < C
+    y = tl.load(Y + row * stride_y + offs, mask=ok).to(tl.float32)
+    if HAS_GATE:
+        y = y * tl.load(Gate + (row // rows_per_batch) * C + offs, mask=ok)
+    tl.store(Out + row * C + offs, tl.load(X + row * C + offs, mask=ok) + y, mask=ok)
+
+
+@on_tensor_device
+def launch_residual_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """x [B, L, C] fp32 + y [B, L, C] (any float dtype) · gate [B, C] fp32 (or None), in fp32."""
+    B, L, C = x.shape
+    x = x.contiguous()
+    y = y.reshape(B * L, C)
+    if y.stride(1) != 1:
+        y = y.contiguous()
+    out = new_output(x.shape, torch.float32, x.device)
+    if x.numel():
+        gate_arg = gate.contiguous() if gate is not None else x
+        _residual_add_kernel[(B * L, triton.cdiv(C, RESIDUAL_BLOCK))](
+            x, y, gate_arg, out, y.stride(0), C, L, HAS_GATE=gate is not None, BLOCK=RESIDUAL_BLOCK,
+            num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
 # torch.library ops
 # ----------------------------------------------------------------------------------------------------
 
@@ -347,3 +387,13 @@ def qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, we
 def _(q, k, weight_q, weight_k, cos, sin, heads, eps, out_dtype):
     spec.check_qk("qk_norm_rope_triton", q, k, weight_q, weight_k, cos, sin, heads, out_dtype)
     return spec.qk_outputs(q, heads, out_dtype, spec.fake_alloc)
+
+
+@torch.library.custom_op("dit8::residual_add_triton", mutates_args=())
+def residual_add_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    return launch_residual_add(x, y, gate)
+
+
+@residual_add_op.register_fake
+def _(x, y, gate):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -1,5 +1,6 @@
 """The fused memory-bound ops against float64 references: per-token quantization, GELU + quantization,
-LayerNorm (+ modulation / affine, + quantization), RMSNorm, q/k RMSNorm + RoPE (+ quantization).
+LayerNorm (+ modulation / affine, + quantization), RMSNorm, q/k RMSNorm + RoPE (+ quantization), the
+gated residual add.
 
 Backends: the torch reference always; Triton in the interpreter on CPU tensors (small shapes); on a GPU
 (`gpu` marker) Triton and the CUDA extension on CUDA tensors, larger shapes, and CUDA against Triton.
@@ -26,6 +27,7 @@ import torch
 from dit8.kernels import OpArgumentError
 from dit8.kernels import fused_spec
 from dit8.kernels.norm_quant import layer_norm_modulate_quant, layer_norm_quant
+from dit8.kernels.elementwise import residual_add
 from dit8.kernels.norms import layer_norm, layer_norm_modulate, rms_norm
 from dit8.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_quant
 from dit8.kernels.quantize import QMAX, SCALE_FLOOR, gelu_tanh_quant, quantize_per_token
@@ -288,6 +290,25 @@ def test_rms_norm_against_float64(backend, device):
             assert rel_err(out, want) <= float_bound(rel_err(ref, want), out_dtype), (B, L, C, out_dtype)
 
 
+@pytest.mark.verifies("residual_add")
+@pytest.mark.parametrize("backend, device", [p for p in KERNELS if p.values[0] == "triton"])
+@pytest.mark.parametrize("ydtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_residual_add_against_float64(backend, device, ydtype):
+    shapes = LN_SHAPES + ([(1, 4099, 5120)] if big(device) else [])
+    for i, (B, L, C) in enumerate(shapes):
+        x = randn((B, L, C), 900 + i, device, scale=4.0, offset=2.0)
+        # y as the linears give it, and as a strided view (every other column of a wider tensor).
+        wide = randn((B, L, 2 * C), 901 + i, device).to(ydtype)
+        gate = randn((B, C), 902 + i, device, scale=0.5)
+        for y in (wide[..., :C].contiguous(), wide[..., ::2]):
+            for g in (gate, None):
+                want = x.double() + y.double() * (1.0 if g is None else g.double()[:, None, :])
+                out = residual_add(x, y, g, backend=backend)
+                ref = residual_add(x, y, g, backend="torch")
+                assert out.dtype == torch.float32 and out.shape == x.shape
+                assert rel_err(out, want) <= float_bound(rel_err(ref, want), torch.float32), (B, L, C, g is None)
+
+
 @pytest.mark.verifies("layer_norm_modulate", "layer_norm_modulate_quant", "rms_norm", "quantize_per_token")
 @pytest.mark.parametrize("backend, device", [p for p in KERNELS if p.values[0] == "triton"])
 def test_rows_chunked_path(backend, device, monkeypatch):
@@ -438,6 +459,9 @@ def test_torch_library_ops_pass_opcheck():
     fq = torch.ops.dit8.qk_norm_rope_triton.default(q.to("meta"), k.to("meta"), wq.to("meta"), wk.to("meta"),
                                                     cos.to("meta"), sin.to("meta"), 2, 1e-6, torch.int8)
     assert [t.shape for t in fq] == [(1, 4, 2, 8), (1, 4, 2, 8), (1, 2, 4), (1, 2, 4)]
+    residual, y, gate = randn((2, 3, 24), 4, device), randn((2, 3, 24), 5, device).bfloat16(), randn((2, 24), 6, device)
+    torch.library.opcheck(torch.ops.dit8.residual_add_triton.default, (residual, y, gate))
+    torch.library.opcheck(torch.ops.dit8.residual_add_triton.default, (residual, y, None))
 
 
 def _compile_check_inputs(backend: str, device: str):
@@ -535,7 +559,8 @@ def sm90_reports() -> dict[str, dict]:
 
     from dit8.kernels import fused_triton as ft
 
-    aligned = ("C", "stride_x", "stride_shift", "stride_scale", "stride_qb", "stride_ql", "stride_kb", "stride_kl")
+    aligned = ("C", "stride_x", "stride_shift", "stride_scale", "stride_qb", "stride_ql", "stride_kb", "stride_kl",
+               "stride_y")
 
     def report(kernel, pointers, constexprs, num_warps) -> dict:
         types = {n: "*" + t for n, t in pointers.items()} | {"eps": "fp32", "n": "fp32"}
@@ -560,6 +585,10 @@ def sm90_reports() -> dict[str, dict]:
         result[f"qk_norm_rope bf16->{od}"] = report(
             ft._qk_norm_rope_kernel, ptrs, dict(HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, OUT=out, INTERPRET=False),
             ft._num_warps(8192))
+    for yd in ("bf16", "fp32"):
+        result[f"residual_add {yd}"] = report(
+            ft._residual_add_kernel, dict(X="fp32", Y=yd, Gate="fp32", Out="fp32"),
+            dict(HAS_GATE=True, BLOCK=ft.RESIDUAL_BLOCK), 4)
     return result
 
 
@@ -569,7 +598,7 @@ def test_triton_kernels_compile_for_hopper():
     from compile_check import run_without_interpreter
 
     reports = run_without_interpreter("test_fused_ops", "sm90_reports")
-    assert len(reports) == 11 and all(r["registers"] > 0 for r in reports.values()), reports  # ptxas accepted
+    assert len(reports) == 13 and all(r["registers"] > 0 for r in reports.values()), reports  # ptxas accepted
     # No spills (in the chunked path for rows longer than a tile, not Wan's, none inside its loops: with
     # triton 3.6 it spills 4 bytes outside them), and every global load and store of the data at least
     # 32 bits wide (16 bytes where the row allows): these kernels are bound by memory bandwidth, and
