@@ -26,10 +26,13 @@ use_fast_accum=True). `fp8_promote` = P makes Triton add the tensor-core partial
 accumulator every P products (tl.dot's max_num_imprecise_acc, at most the K tile; DeepSeek-V3 promotes
 every 128), at the price of a second accumulator tile in registers (128 x 256 tiles on 8 warps would
 need 256 accumulator registers per thread, so the promoted entries use 128 x 128 tiles) and of a
-wgmma wait before each add. None = Triton's default (fast) accumulation. The table promotes: the op's
-contract is fp32 accumulation, and fast accumulation's error on the H200 was 1.35x cuBLAS's at K =
-5120 and 1.96x at K = 13824, at the edge of the 2x target; promoting every 256 products errs as every
-128 (0.001675 against 0.001667, the bf16 output's rounding) and waits half as often.
+wgmma wait before each add. None = Triton's default (fast) accumulation. Measured on the H200 against
+float64 on the same operands (bf16 output, whose rounding alone is ~0.0017): fast accumulation errs
+1.35x cuBLAS's default mode at K = 5120 (0.00226 against 0.00167) and 1.96x at K = 13824 (0.00327),
+the edge of the 2x accuracy target; promoting every 256 products errs as every 128 (0.001675 against
+0.001667) and waits half as often. So FP8 GEMMs with K up to FAST_ACCUMULATION_MAX_K (8192: the Wan
+linears with K = 5120, three quarters of the GEMM work) take the fast tiles, and deeper ones (the FFN's
+down projection, K = 13824) the promoted table entry.
 """
 
 from __future__ import annotations
@@ -87,6 +90,13 @@ TABLE: dict[tuple[str, str, str], GemmConfig] = {
     ("sm_80", "int8", "small"): C(128, 128, 64, 8, 4, 4),
 }
 
+# FP8 where the tensor cores' own accumulation stays within the accuracy target (the module docstring):
+# large outputs with K up to FAST_ACCUMULATION_MAX_K take these tiles, Triton's default accumulation on
+# 128 x 256 tiles, the fastest FP8 configuration of the H200 sweep (1.246 ms on (32760, 5120, 5120)
+# against 1.651 ms promoted; cuBLAS: 1.397 ms in default mode, 1.229 ms in its fast mode).
+FAST_ACCUMULATION_MAX_K = 8192
+FAST_ACCUMULATION: dict[str, GemmConfig] = {"sm_90": C(128, 256, 128, 8, 8, 3, persistent=True)}
+
 # What the autotuner times on a GPU the table does not know (and the benchmark sweep on any GPU).
 # Plain kernels only: they run on every generation with FP8 (sm_89+) or INT8 (sm_75+) tensor cores.
 CANDIDATES: tuple[GemmConfig, ...] = (
@@ -137,11 +147,15 @@ def shape_class(M: int, N: int) -> str:
     return "large" if tiles >= _LARGE_TILES else "small"
 
 
-def table_config(arch: str | None, kind: str, M: int, N: int) -> GemmConfig | None:
-    """The committed configuration, or None where the table has no entry (autotune then)."""
+def table_config(arch: str | None, kind: str, M: int, N: int, K: int) -> GemmConfig | None:
+    """The committed configuration, or None where the table has no entry (autotune then): FP8 on
+    FAST_ACCUMULATION's GPUs takes its entry for large outputs with K up to FAST_ACCUMULATION_MAX_K."""
     if arch is None:
         return None
-    return TABLE.get((arch, kind, shape_class(M, N)))
+    cls = shape_class(M, N)
+    if kind == "fp8" and cls == "large" and K <= FAST_ACCUMULATION_MAX_K and arch in FAST_ACCUMULATION:
+        return FAST_ACCUMULATION[arch]
+    return TABLE.get((arch, kind, cls))
 
 
 def epilogue_split(cfg: GemmConfig, residual: bool) -> int:

@@ -277,7 +277,7 @@ def pick_config(kind: str, M: int, N: int, K: int, device: torch.device) -> Gemm
     if device.type != "cuda":
         return gemm_configs.INTERPRETER
     cap = _capability(device)
-    cfg = gemm_configs.table_config(gemm_configs.arch_name(cap), kind, M, N)
+    cfg = gemm_configs.table_config(gemm_configs.arch_name(cap), kind, M, N, K)
     if cfg is not None:
         return cfg
     return _TUNED.get(_tune_key(cap, kind, M, N, K))

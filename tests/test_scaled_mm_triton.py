@@ -305,11 +305,15 @@ def test_persistent_tma_kernel(qdtype, out_dtype):
 @needs_tma
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
 def test_hopper_table_tiles_with_a_k_tail(qdtype):
-    # The sm_90 "large" entries as they are (the FP8 one 256 deep in K), on a K that ends part way
-    # into its third K tile: the descriptors' zero fill must leave the sums exact.
-    cfg = gemm_configs.TABLE[("sm_90", qname(qdtype), "large")]
-    check_against_torch(*operands(150, 130, 600, qdtype, seed=211, bias_dtype=torch.float32), torch.bfloat16,
-                        config=cfg)
+    # The sm_90 "large" entries as they are (the promoted FP8 one 256 deep in K, and FP8's fast
+    # accumulation tiles), on a K that ends part way into a K tile: the descriptors' zero fill must
+    # leave the sums exact.
+    configs = [gemm_configs.TABLE[("sm_90", qname(qdtype), "large")]]
+    if qdtype == FP8:
+        configs.append(gemm_configs.FAST_ACCUMULATION["sm_90"])
+    for cfg in configs:
+        check_against_torch(*operands(150, 300, 600, qdtype, seed=211, bias_dtype=torch.float32), torch.bfloat16,
+                            config=cfg)
 
 
 @FUSED
@@ -424,7 +428,16 @@ def test_config_table_is_consistent():
     assert gemm_configs.shape_class(32760, 13824) == "large"
     assert gemm_configs.shape_class(512, 5120) == "small"
     assert gemm_configs.arch_name((9, 0)) == "sm_90" and gemm_configs.arch_name((12, 0)) is None
-    assert gemm_configs.table_config(None, "fp8", 32760, 5120) is None  # unknown GPU: autotune
+    assert gemm_configs.table_config(None, "fp8", 32760, 5120, 5120) is None  # unknown GPU: autotune
+    # Hopper FP8: fast accumulation for large outputs up to FAST_ACCUMULATION_MAX_K, promoted beyond.
+    fast, table = gemm_configs.FAST_ACCUMULATION["sm_90"], gemm_configs.TABLE
+    assert fast.fp8_promote is None and fast.persistent
+    assert fast.pipeline_bytes() <= gemm_configs.SHARED_MEMORY_LIMIT["sm_90"]
+    assert gemm_configs.table_config("sm_90", "fp8", 32760, 13824, 5120) == fast
+    assert gemm_configs.table_config("sm_90", "fp8", 32760, 5120, 13824) == table[("sm_90", "fp8", "large")]
+    assert gemm_configs.table_config("sm_90", "fp8", 512, 5120, 4096) == table[("sm_90", "fp8", "small")]
+    assert gemm_configs.table_config("sm_90", "int8", 32760, 5120, 5120) == table[("sm_90", "int8", "large")]
+    assert gemm_configs.table_config("sm_89", "fp8", 32760, 5120, 5120) == table[("sm_89", "fp8", "large")]
     if DEVICE == "cpu":
         assert impl.pick_config("fp8", 32760, 5120, 5120, torch.device("cpu")) == gemm_configs.INTERPRETER
 
@@ -528,10 +541,16 @@ def compile_for_target(arch: str, kind: str, cfg: GemmConfig, epilogue: str) -> 
                           arch=cap, aligned=aligned)
 
 
+def table_entries() -> dict[tuple[str, str, str], GemmConfig]:
+    """Every committed configuration by (arch, kind, class): the table's, and the FP8 fast-accumulation
+    entries as class "fast"."""
+    return gemm_configs.TABLE | {(arch, "fp8", "fast"): cfg for arch, cfg in gemm_configs.FAST_ACCUMULATION.items()}
+
+
 def compile_table() -> dict:
-    """compile_for_target for every table entry and epilogue: {"arch kind class epilogue": result}."""
+    """compile_for_target for every committed entry and epilogue: {"arch kind class epilogue": result}."""
     return {f"{arch} {kind} {cls} {epi}": compile_for_target(arch, kind, cfg, epi)
-            for (arch, kind, cls), cfg in gemm_configs.TABLE.items() for epi in EPILOGUES}
+            for (arch, kind, cls), cfg in table_entries().items() for epi in EPILOGUES}
 
 
 @pytest.mark.slow
@@ -543,7 +562,7 @@ def test_table_configs_compile():
     results = run_without_interpreter("test_scaled_mm_triton", "compile_table")
     for key, r in results.items():
         arch, kind, cls, epi = key.split()
-        cfg = gemm_configs.TABLE[(arch, kind, cls)]
+        cfg = table_entries()[(arch, kind, cls)]
         assert r["shared"] <= gemm_configs.SHARED_MEMORY_LIMIT[arch], (key, r)
         assert r["registers"] > 0, (key, r)  # ptxas accepted the PTX
         assert r["wgmma"] == (arch == "sm_90"), (key, r)
