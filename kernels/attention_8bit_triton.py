@@ -169,16 +169,24 @@ def _int_to_float(x):
     kernels converted every score beside its exp2; an integer add and a float add run on full-rate
     pipes. The 8-bit dot products stay below 127·127·256 < 2^22 for head dims and key blocks up to
     256. Folding the subtraction into the dequantizing multiply-add would save one add per score but
-    round away up to a unit of each key's integer score; the INT8 P·V products keep their conversion
-    (done this way too, the kernel spills inside its loop when compiled for sm_89)."""
+    round away up to a unit of each key's integer score. The INT8 P·V products go this way too where
+    `pv_products_by_bits` says so (PV_BITS): compiled for sm_89, the kernel then spills inside its
+    loop."""
     return (x + 0x4B400000).to(tl.float32, bitcast=True) - _BIAS_2_23
+
+
+def pv_products_by_bits(device: torch.device) -> bool:
+    """Whether the INT8 P·V recipe converts its int32 products with `_int_to_float` (PV_BITS): on
+    Hopper and later, and in the interpreter (which runs both ways to the same values); not on sm_80
+    and sm_89, where the extra registers spill inside the key loop."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 @triton.jit
 def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
                        stride_kn, stride_vn, stride_vd, start_n, Lk,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       MASK_N: tl.constexpr, QK_INT8: tl.constexpr, PV: tl.constexpr,
+                       MASK_N: tl.constexpr, QK_INT8: tl.constexpr, PV: tl.constexpr, PV_BITS: tl.constexpr,
                        DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -214,7 +222,9 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
         # One floating-point instruction instead of a float-to-int conversion (a quarter-rate unit).
         # (The interpreter's fma rounds twice: a code may differ by one step there, never on a GPU.)
         pq = (tl.fma(p, _INT8_MAX, _BIAS_2_23).to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
-        acc = acc * alpha[:, None] + tl.dot(pq, v, out_dtype=tl.int32).to(tl.float32) * r[:, None]
+        pv = tl.dot(pq, v, out_dtype=tl.int32)
+        pv = _int_to_float(pv) if PV_BITS else pv.to(tl.float32)  # PV_BITS: see _int_to_float
+        acc = acc * alpha[:, None] + pv * r[:, None]
     elif PV == "fp8":
         # The weights scaled by 448 straight from exp2, log2(448) taken off the max instead of a
         # multiply per weight: at most 448 (e4m3's largest, and any fp32 excess rounds back to it). l
@@ -241,7 +251,7 @@ def _attention_8bit_kernel(Q, QScale, K, KScaleBias, V, VMean, VScale, Out,
                            H, Lq, Lk, n_qblocks,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, PV: tl.constexpr,
-                           DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
+                           PV_BITS: tl.constexpr, DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -262,11 +272,11 @@ def _attention_8bit_kernel(Q, QScale, K, KScaleBias, V, VMean, VScale, Out,
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
                                            stride_kn, stride_vn, stride_vd, start_n, Lk, HEAD_DIM, BLOCK_D,
-                                           BLOCK_N, False, QK_INT8, PV, DOT_FP32, INTERPRET)
+                                           BLOCK_N, False, QK_INT8, PV, PV_BITS, DOT_FP32, INTERPRET)
     if full_end < Lk:
         acc, l_i, m_i = _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
                                            stride_kn, stride_vn, stride_vd, full_end, Lk, HEAD_DIM, BLOCK_D,
-                                           BLOCK_N, True, QK_INT8, PV, DOT_FP32, INTERPRET)
+                                           BLOCK_N, True, QK_INT8, PV, PV_BITS, DOT_FP32, INTERPRET)
     out = acc / l_i[:, None]
     if PV != "fp16":
         # v was centred and divided by its channel scales: undo both. INT8 P was scaled by 127 (FP8
@@ -455,7 +465,7 @@ def _launch_8bit(x: Quantized8bit, out: torch.Tensor, cfg: AttnConfig):
         H, Lq, Lk, x.q_scale.shape[2],
         HEAD_DIM=D, BLOCK_D=_block_d("attention", D, DOT8_MIN_REDUCTION), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, QK_INT8=x.q.dtype == torch.int8,
-        PV=pv, DOT_FP32=interpreting(), INTERPRET=interpreting(),
+        PV=pv, PV_BITS=pv_products_by_bits(x.q.device), DOT_FP32=interpreting(), INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
