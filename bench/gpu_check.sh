@@ -129,6 +129,8 @@ limited() {
     return "$rc"
 }
 run_pytest() { limited "$py" -m pytest "${pytest_args[@]}" "$@"; }
+# Kernels the tests stage verified on this machine, in an earlier run: "auto" may run them (registry.py).
+if [ -s "$out/verified.json" ]; then export DIT8_VERIFIED="$(cd "$out" && pwd)/verified.json"; fi
 for stage in "${stages[@]}"; do
     stage_end=$((SECONDS + $([ "$stage" = tests ] && echo "${TESTS_LIMIT:-360}" || echo "${STAGE_LIMIT:-540}")))
     if [ "$(budget_left)" -lt 60 ]; then
@@ -146,8 +148,10 @@ for stage in "${stages[@]}"; do
             DIT8_KERNEL_TESTS="$out/kernel_tests.json" run_pytest -rs "${workers[@]}" \
                 --junitxml="$out/tests.xml" tests 2>&1 | tail -40
             # The kernels whose GPU tests all ran and passed: the line to paste into registry.GPU_VERIFIED.
+            # The later stages' "auto" runs these and no others (DIT8_VERIFIED), whatever the registry says.
             "$py" bench/verified_backends.py "$out/tests.xml" --collected "$out/kernel_tests.json" \
-                | tee "$out/gpu_verified.txt" ;;
+                --json "$out/verified.json" | tee "$out/gpu_verified.txt"
+            if [ -s "$out/verified.json" ]; then export DIT8_VERIFIED="$(cd "$out" && pwd)/verified.json"; fi ;;
         gemm|attention|fused)
             # Also saved in pytest-benchmark's storage layout: bench/baselines/ takes it as the committed
             # baseline that --benchmark-compare-fail checks later runs against (bench/RESULTS.md).

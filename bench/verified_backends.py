@@ -2,13 +2,16 @@
 `dit8.kernels.registry.GPU_VERIFIED` for the GPU that ran it.
 
     python bench/verified_backends.py tests.xml [--collected kernel_tests.json] [--capability 9.0]
+                                      [--json verified.json]
 
 Tests marked `verifies(...)` record on a GPU the (op, backend) kernels they check (tests/conftest.py).
 A kernel is verified when at least one of its tests passed and none failed or errored; skipped and
 expected-failure tests count neither way. With --collected (the map tests/conftest.py writes at
 collection under DIT8_KERNEL_TESTS), a kernel is also verified only if every test naming it ran: a
 run cut short, or a worker that crashed (its test is reported without the properties), then does not
-vouch for kernels whose tests did not finish. Prints a table and the line to paste into GPU_VERIFIED.
+vouch for kernels whose tests did not finish. Prints a table and the line to paste into GPU_VERIFIED;
+--json also writes the verified kernels to a file, which the environment variable DIT8_VERIFIED hands
+to "auto" on this machine in place of the registry's entry.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("junit_xml", type=Path, help="pytest --junitxml output of a GPU run")
     parser.add_argument("--collected", type=Path, help="the kernels of every collected test (DIT8_KERNEL_TESTS)")
     parser.add_argument("--capability", help="MAJOR.MINOR of the GPU that ran it (default: this GPU's)")
+    parser.add_argument("--json", type=Path, help="also write the verified kernels here (for DIT8_VERIFIED)")
     args = parser.parse_args(argv)
     major, minor = capability(parser, args.capability)
     collected = None
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{op:<28}{backend:<9}{c['passed']:>7}{c['failed']:>7}{c['skipped']:>8}{c['not run']:>8}  "
               f"{'yes' if (op, backend) in good else 'no'}")
     print(f"\nGPU_VERIFIED[({major}, {minor})] = frozenset({{{', '.join(map(repr, sorted(good)))}}})")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"capability": [major, minor], "verified": sorted(good)}) + "\n")
     return 0
 
 

@@ -10,6 +10,7 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include <cfloat>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -81,12 +82,32 @@ __device__ __forceinline__ void store_from_f32(T* p, const float (&in)[N]) {
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
 }
 
-// Quantized store: codes of in[i] / scale. Division (not a reciprocal multiply) is the definition.
+// x / scale correctly rounded (as __fdiv_rn), for many x and one scale, at the cost of a multiply and two
+// FMAs instead of a division's ~10 instructions and slow-path branch. q0 = x·rcp, with rcp the
+// correctly rounded 1/scale, is within one ulp of x/scale; one step with the exact remainder (an FMA)
+// then rounds it correctly (Markstein's theorem), barring underflow of the remainder, which happens
+// only for quotients far below the smallest 8-bit code. The remainder is taken as q0·scale - x so that
+// ±0 keeps its sign; an infinite scale (a row holding an Inf) enters it as FLT_MAX, so that finite x
+// still gives ±0 as x / inf does. kernels/fused_triton.py's _divide_by_scale is the same computation.
+struct ScaleDivisor {
+  float scale, rcp;  // the scale (FLT_MAX for +inf) and __frcp_rn of the scale: made by divisor_of
+  __device__ __forceinline__ float operator()(float x) const {
+    const float q0 = __fmul_rn(x, rcp);
+    const float minus_r = __fmaf_rn(q0, scale, -x);
+    return __fmaf_rn(-minus_r, rcp, q0);
+  }
+};
+
+// The divisor of `scale`; `rcp` must be __frcp_rn(scale).
+__device__ __forceinline__ ScaleDivisor divisor_of(float scale, float rcp) { return {fminf(scale, FLT_MAX), rcp}; }
+__device__ __forceinline__ ScaleDivisor divisor_of(float scale) { return divisor_of(scale, __frcp_rn(scale)); }
+
+// Quantized store: codes of in[i] / scale, the division correctly rounded (it is the definition).
 template <typename T, int N>
-__device__ __forceinline__ void store_codes(T* p, const float (&in)[N], float scale) {
+__device__ __forceinline__ void store_codes(T* p, const float (&in)[N], const ScaleDivisor& divide) {
   Pack<T, N> pk;
 #pragma unroll
-  for (int i = 0; i < N; ++i) pk.v[i] = from_f32<T>(__fdiv_rn(in[i], scale));
+  for (int i = 0; i < N; ++i) pk.v[i] = from_f32<T>(divide(in[i]));
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
 }
 

@@ -34,7 +34,9 @@ __global__ void __launch_bounds__(kQkMaxThreads) qk_norm_rope_kernel(const QkArg
   constexpr bool kQuant = IsQuant<Tout>::value;
   constexpr int NV = kQkVecsPerThread;
   __shared__ float2 red[32];
-  extern __shared__ int head_amax[];  // [2 · heads] float bits (|values| >= 0 order as ints), 8-bit only
+  // 8-bit only: [2 · heads] float bits of the amax (|values| >= 0 order as ints), then scales, and
+  // [2 · heads] reciprocals of the scales.
+  extern __shared__ int head_amax[];
   const int64_t l = blockIdx.x, b = blockIdx.y;
   const int C = a.heads * a.head_dim;
   const int nvec = C / VEC;
@@ -88,21 +90,27 @@ __global__ void __launch_bounds__(kQkMaxThreads) qk_norm_rope_kernel(const QkArg
   });
 
   if constexpr (kQuant) {
+    // Each slot's amax becomes its scale, in place, with the reciprocal beside it: one division per
+    // (token, head) instead of one per vector.
+    float* head_scale = reinterpret_cast<float*>(head_amax);
+    float* head_rcp = head_scale + 2 * a.heads;
     __syncthreads();
-    auto scale_of = [&](int slot) {
-      return __fdiv_rn(max_nan(__int_as_float(head_amax[slot]), kScaleFloor), qmax<Tout>());
-    };
+    for (int slot = threadIdx.x; slot < 2 * a.heads; slot += blockDim.x) {
+      const float scale = __fdiv_rn(max_nan(__int_as_float(head_amax[slot]), kScaleFloor), qmax<Tout>());
+      head_scale[slot] = scale;
+      head_rcp[slot] = __frcp_rn(scale);
+      const int h = slot % a.heads;
+      const int64_t at = (b * a.heads + h) * a.tokens + l;
+      (slot < a.heads ? a.q_scale : a.k_scale)[at] = scale;
+    }
+    __syncthreads();
+    auto divisor = [&](int slot) { return divisor_of(head_scale[slot], head_rcp[slot]); };
     for_each_vec<NV>(nvec, [&](int i, int v) {
       const int c0 = v * VEC;
       const int h = c0 / a.head_dim;
-      store_codes<Tout, VEC>(q_out + c0, qv[i], scale_of(h));
-      store_codes<Tout, VEC>(k_out + c0, kv[i], scale_of(a.heads + h));
+      store_codes<Tout, VEC>(q_out + c0, qv[i], divisor(h));
+      store_codes<Tout, VEC>(k_out + c0, kv[i], divisor(a.heads + h));
     });
-    for (int h = threadIdx.x; h < a.heads; h += blockDim.x) {
-      const int64_t at = (b * a.heads + h) * a.tokens + l;
-      a.q_scale[at] = scale_of(h);
-      a.k_scale[at] = scale_of(a.heads + h);
-    }
   }
 }
 
@@ -125,7 +133,7 @@ void launch_qk(const QkArgs& a, int vec, int device, cudaStream_t stream) {
   set_device(device);  // after the argument checks, so they work (and are tested) without a GPU
   const int nvec = static_cast<int>(C / vec);
   const int threads = std::min(kQkMaxThreads, std::max(32, round_up((nvec + kQkVecsPerThread - 1) / kQkVecsPerThread, 32)));
-  const size_t smem = kQuant ? 2 * sizeof(int) * a.heads : 0;
+  const size_t smem = kQuant ? 4 * sizeof(float) * a.heads : 0;  // amax, then scale and reciprocal
   const dim3 grid(static_cast<unsigned>(a.tokens), static_cast<unsigned>(a.batch));
   if (vec == 2) qk_norm_rope_kernel<Tin, Tout, 2><<<grid, threads, smem, stream>>>(a);
   else qk_norm_rope_kernel<Tin, Tout, kFull><<<grid, threads, smem, stream>>>(a);

@@ -8,9 +8,10 @@ The kernels are registered as torch.library custom ops (`dit8::rows_triton`, `di
 `dit8::residual_add_triton`) with fake implementations, so they compose with torch.compile and CUDA
 graph capture.
 
-One program per row (rows) or per token (qk_norm_rope): the row is one register tile when it fits
-(BLOCK_C = next power of two >= C, up to MAX_TILE elements), so it is read from memory once. Longer
-rows loop over chunks, re-reading the row for each pass (statistics, amax, output).
+One program per row (rows) or per token (qk_norm_rope): the row stays in registers when it fits (up to
+MAX_TILE elements, padded to powers of two: a row of C columns is a tile of the largest power of two
+<= C and a tail tile after it), so it is read from memory once. Longer rows loop over chunks,
+re-reading the row for each pass (statistics, amax, output).
 
 Interpreter (TRITON_INTERPRET=1 on CPU tensors, how the CPU tests run these kernels): bf16 and e4m3
 outputs are rounded in fp32 first (kernels/rounding_triton.py), so the stored values are those a GPU
@@ -27,6 +28,7 @@ from . import fused_spec as spec
 from .buffers import new_output
 from .quantize import QMAX, SCALE_FLOOR
 from .rounding_triton import round_bf16, round_e4m3
+from .scaled_mm_triton import _GELU_C0, _GELU_C1
 from .triton_support import interpreting, on_tensor_device
 
 # Largest register tile (elements) of one row; longer rows take the chunked path.
@@ -37,6 +39,8 @@ CHUNK = 4096
 _INT8_MAX = tl.constexpr(QMAX[torch.int8])
 _FP8_MAX = tl.constexpr(QMAX[torch.float8_e4m3fn])
 _SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32
+_ROUND_BIAS = tl.constexpr(12582912.0)  # 1.5·2^23
 
 # Output kinds (constexpr): what the store converts to and how.
 _OUT_FLOAT, _OUT_BF16, _OUT_INT8, _OUT_FP8 = 0, 1, 2, 3
@@ -52,12 +56,10 @@ def _out_kind(dtype: torch.dtype) -> int:
 
 @triton.jit
 def _rint(y):
-    """Round half to even, exactly, from floor (no libdevice: the interpreter lacks it)."""
-    r = tl.floor(y)
-    f = y - r  # exact for |y| < 2^23
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    up = (f > 0.5) | ((f == 0.5) & odd)
-    return tl.where(up, r + 1.0, r)
+    """Round half to even for |y| < 2^22 (8-bit codes are): adding 1.5·2^23 leaves no fraction bits, so
+    the addition rounds y to an integer as the FPU rounds (nearest even), and the subtraction is exact.
+    Two instructions, and exact in the interpreter (numpy rounds fp32 additions the same way)."""
+    return (y + _ROUND_BIAS) - _ROUND_BIAS
 
 
 @triton.jit
@@ -67,11 +69,11 @@ def _max_nan(a, b):
 
 @triton.jit
 def _gelu_tanh(x):
-    """GELU, tanh approximation, in fp32; tanh(u) = 1 - 2 / (exp(2u) + 1) (saturates cleanly)."""
-    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    u = tl.minimum(tl.maximum(u, -20.0), 20.0)  # tanh(±20) is ±1 in fp32; keeps exp finite
-    t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-    return 0.5 * x * (1.0 + t)
+    """GELU, tanh approximation, in fp32, as the GEMM epilogue computes it: 0.5·x·(1 + tanh(u)) =
+    x·sigmoid(2u) = x / (1 + 2^(-x·(C0 + C1·x²))). The hardware exp2 and the fast division err by a few
+    fp32 ulps, a millionth of an 8-bit code step. exp2 overflows to +inf for very negative x: -0, the
+    limit."""
+    return x / (1.0 + tl.math.exp2(-x * (_GELU_C0 + _GELU_C1 * x * x)))
 
 
 @triton.jit
@@ -82,9 +84,27 @@ def _store_float(ptrs, y, mask, OUT: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _divide_by_scale(y, scale, rcp):
+    """y / scale correctly rounded (as div_rn), given rcp = div_rn(1, scale), by a multiply and two FMAs
+    instead of a division each: q0 = y·rcp is within one ulp of y/scale, and one step with the exact
+    remainder rounds it correctly (Markstein's theorem), barring underflow of the remainder, which
+    happens only for quotients far below the smallest 8-bit code. The remainder is taken as
+    q0·scale - y so that ±0 keeps its sign; an infinite scale (a row holding an Inf) enters it as the
+    largest float, so that finite y still gives ±0 as y / inf does. csrc/common.cuh's ScaleDivisor is
+    the same computation."""
+    q0 = y * rcp
+    # (Negation as a product with -1: Triton 3.6 compiles unary minus to 0 - x, which turns -0 into +0.)
+    minus_r = tl.fma(q0, tl.minimum(scale, _FLT_MAX), y * -1.0)
+    return tl.fma(minus_r * -1.0, rcp, q0)
+
+
+@triton.jit
 def _codes(y, scale, OUT: tl.constexpr, INTERPRET: tl.constexpr):
-    """8-bit codes of y / scale (IEEE division), kernels/quantize.py's rounding."""
-    v = tl.math.div_rn(y, scale)
+    """8-bit codes of y / scale (correctly rounded division), kernels/quantize.py's rounding."""
+    if INTERPRET:  # (numpy divides exactly; the interpreter of triton < 3.9 computes tl.fma in two roundings)
+        v = tl.math.div_rn(y, scale)
+    else:
+        v = _divide_by_scale(y, scale, tl.math.div_rn(1.0, scale))
     if OUT == 2:  # _OUT_INT8: half to even, clamp
         return tl.minimum(tl.maximum(_rint(v), -128.0), 127.0).to(tl.int8)
     else:  # _OUT_FP8: clamp first (saturate instead of NaN), then nearest even
@@ -137,7 +157,8 @@ def _rows_finish(y, offs, mask, mean, rstd, W, Bias, shift_row, scale_row,
 def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift, stride_scale,
                  rows_per_batch, C, n, eps,  # n: C as a float (never specialised to a constant)
                  NORM: tl.constexpr, ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                 HAS_MOD: tl.constexpr, OUT: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
+                 HAS_MOD: tl.constexpr, OUT: tl.constexpr, BLOCK_C: tl.constexpr, TAIL_C: tl.constexpr,
+                 SINGLE: tl.constexpr,
                  INTERPRET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
@@ -149,24 +170,50 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
     offs0 = tl.arange(0, BLOCK_C)
 
     if SINGLE:
-        # The whole row is one tile: read once, every pass from registers.
+        # The whole row is in registers, read once, every pass from there: a tile of BLOCK_C columns and,
+        # when C is no power of two, a tail tile of TAIL_C after it (5120 = 4096 + 1024: no lanes
+        # wasted on padding, where one tile of 8192 would spend 37% of its instructions on them).
         mask = offs0 < C
         x = _rows_load(x_row, offs0, mask, ACT)
+        if TAIL_C > 0:
+            offs1 = BLOCK_C + tl.arange(0, TAIL_C)
+            mask1 = offs1 < C
+            x1 = _rows_load(x_row, offs1, mask1, ACT)
         mean = 0.0
         rstd = 1.0
         if NORM == 1:
-            mean = tl.math.div_rn(tl.sum(x, 0), n)
+            total = tl.sum(x, 0)
+            if TAIL_C > 0:
+                total += tl.sum(x1, 0)
+            mean = tl.math.div_rn(total, n)
             d = tl.where(mask, x - mean, 0.0)
-            rstd = tl.math.rsqrt(tl.math.div_rn(tl.sum(d * d, 0), n) + eps)
+            squares = tl.sum(d * d, 0)
+            if TAIL_C > 0:
+                d1 = tl.where(mask1, x1 - mean, 0.0)
+                squares += tl.sum(d1 * d1, 0)
+            rstd = tl.math.rsqrt(tl.math.div_rn(squares, n) + eps)
         elif NORM == 2:
-            rstd = tl.math.rsqrt(tl.math.div_rn(tl.sum(x * x, 0), n) + eps)
+            squares = tl.sum(x * x, 0)
+            if TAIL_C > 0:
+                squares += tl.sum(x1 * x1, 0)
+            rstd = tl.math.rsqrt(tl.math.div_rn(squares, n) + eps)
         y = _rows_finish(x, offs0, mask, mean, rstd, W, Bias, shift_row, scale_row, NORM, HAS_W, HAS_B, HAS_MOD)
+        if TAIL_C > 0:
+            y1 = _rows_finish(x1, offs1, mask1, mean, rstd, W, Bias, shift_row, scale_row, NORM, HAS_W, HAS_B,
+                              HAS_MOD)
         if QUANT:
-            scale = _scale_of(tl.reduce(tl.abs(y), 0, _max_nan), OUT)
+            amax = tl.reduce(tl.abs(y), 0, _max_nan)
+            if TAIL_C > 0:
+                amax = _max_nan(amax, tl.reduce(tl.abs(y1), 0, _max_nan))
+            scale = _scale_of(amax, OUT)
             tl.store(OutScale + row, scale)
             tl.store(out_row + offs0, _codes(y, scale, OUT, INTERPRET), mask=mask)
+            if TAIL_C > 0:
+                tl.store(out_row + offs1, _codes(y1, scale, OUT, INTERPRET), mask=mask1)
         else:
             _store_float(out_row + offs0, y, mask, OUT, INTERPRET)
+            if TAIL_C > 0:
+                _store_float(out_row + offs1, y1, mask1, OUT, INTERPRET)
     else:
         # Chunked: one sweep per statistic, then the output sweep; the re-reads mostly hit the caches.
         mean = 0.0
@@ -210,10 +257,18 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
                 _store_float(out_row + offs, y, mask, OUT, INTERPRET)
 
 
-def _num_warps(tile: int) -> int:
-    """~16 fp32 elements per thread: a row tile then needs ~70 registers per thread, so that two or more
-    programs share an SM (memory-bound kernels need the loads of several rows in flight)."""
-    return max(4, min(32, tile // 512))
+def row_tiles(C: int) -> tuple[int, int]:
+    """(BLOCK_C, TAIL_C) of a row held in registers: the largest power of two <= C, and the tail's tile
+    (a power of two, 0 when C is one); together at most next_power_of_2(C), usually far less."""
+    head = 1 << (C.bit_length() - 1)
+    return head, (triton.next_power_of_2(C - head) if C > head else 0)
+
+
+def _num_warps(elements: int) -> int:
+    """16 to 31 fp32 elements per thread (a power of two of warps, 4 to 32): a row's tiles then need
+    ~70-100 registers per thread, so that two or more programs share an SM (memory-bound kernels need
+    the loads of several rows in flight), and few warps keep the cross-warp reductions short."""
+    return max(4, min(32, 1 << (max(elements // 512, 1).bit_length() - 1)))
 
 
 @on_tensor_device
@@ -227,7 +282,7 @@ def launch_rows(x: torch.Tensor, weight, bias, shift, scale, norm: int, act: int
         return out, out_scale
     tile = triton.next_power_of_2(C)
     single = tile <= MAX_TILE
-    block = tile if single else CHUNK
+    block, tail = row_tiles(C) if single else (CHUNK, 0)
     dummy = out_scale if out_scale.numel() else x  # never read when the flag is off
     _rows_kernel[(M,)](
         x, x.stride(0), out, dummy,
@@ -236,8 +291,8 @@ def launch_rows(x: torch.Tensor, weight, bias, shift, scale, norm: int, act: int
         shift.stride(0) if shift is not None else 0, scale.stride(0) if scale is not None else 0,
         max(rows_per_batch, 1), C, float(C), eps,
         NORM=norm, ACT=act, HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=shift is not None,
-        OUT=_out_kind(out_dtype), BLOCK_C=block, SINGLE=single, INTERPRET=interpreting(),
-        num_warps=_num_warps(block))
+        OUT=_out_kind(out_dtype), BLOCK_C=block, TAIL_C=tail, SINGLE=single, INTERPRET=interpreting(),
+        num_warps=_num_warps(block + tail))
     return out, out_scale
 
 

@@ -6,11 +6,17 @@ op on this GPU generation (FASTEST), then BACKENDS order. On CPU tensors it pick
 A call the torch reference cannot serve (8-bit attention) takes the first kernel backend that runs. The
 DIT8_BACKEND environment variable names a backend to try first for every op that has it. An explicit
 `backend=` is strict: it runs that backend or raises.
+
+DIT8_VERIFIED names a JSON file that takes the place of GPU_VERIFIED's entry for its GPU generation:
+what a GPU test run on this machine verified, as `python bench/verified_backends.py tests.xml --json
+FILE` writes it. bench/gpu_check.sh's later stages run with the file of its tests stage, so that they
+time exactly the kernels that passed there.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -22,6 +28,7 @@ from dit8.errors import Dit8Error
 # Preference order of "auto": hand-written CUDA, then Triton, then the torch reference.
 BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "DIT8_BACKEND"
+VERIFIED_VAR = "DIT8_VERIFIED"
 
 
 class BackendError(Dit8Error, ValueError):
@@ -41,7 +48,10 @@ _OPS: dict[str, dict[str, _Impl]] = {}
 # backend= and DIT8_BACKEND reach every registered kernel. The interpreter tests check the Triton
 # kernels on CPU; a run of bench/gpu_check.sh on a GPU adds entries for its generation.
 GPU_VERIFIED: dict[tuple[int, int], frozenset[tuple[str, str]]] = {
-    # H200 (sm_90), torch 2.11, triton 3.6, 2026-11-26: bench/gpu_check.sh, 903 tests passed.
+    # H200 (sm_90), torch 2.11, triton 3.6, 2026-11-26: bench/gpu_check.sh, 903 tests passed (commit
+    # cca18dd). Changed since, tested in the interpreter and compiled for sm_90a, not yet run on a GPU:
+    # the FP8 GEMM table (scaled_mm), the cross-attention tile, the 8-bit attention's conversions and
+    # v stores, the Triton rows kernel (tiles, division), the CUDA quantizers' division and GELU.
     (9, 0): frozenset({
         ("attention", "triton"), ("cross_attention", "triton"),
         ("gelu_tanh_quant", "cuda"), ("gelu_tanh_quant", "triton"),
@@ -67,6 +77,29 @@ FASTEST: dict[tuple[int, int], dict[str, str]] = {
         "layer_norm_quant": "cuda", "qk_norm_rope": "cuda", "quantize_per_token": "cuda", "rms_norm": "triton",
     },
 }
+
+
+@functools.lru_cache(maxsize=None)
+def _verified_file(path: str) -> tuple[tuple[int, int], frozenset[tuple[str, str]]]:
+    """(capability, {(op, backend)}) from a file of bench/verified_backends.py --json."""
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())
+        major, minor = data["capability"]
+        pairs = frozenset((str(op), str(backend)) for op, backend in data["verified"])
+        return (int(major), int(minor)), pairs
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BackendError(f"{VERIFIED_VAR}={path}: not a file of verified kernels as bench/verified_backends.py "
+                           f"--json writes it ({type(err).__name__}: {err})") from None
+
+
+def verified_kernels(capability: tuple[int, int]) -> frozenset[tuple[str, str]]:
+    """The (op, backend) kernels "auto" may run on a GPU of `capability`: those of the DIT8_VERIFIED file
+    when it is for this capability, else GPU_VERIFIED's."""
+    if path := os.environ.get(VERIFIED_VAR):
+        file_capability, file_pairs = _verified_file(path)
+        if file_capability == capability:
+            return file_pairs
+    return GPU_VERIFIED.get(capability, frozenset())
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,7 +161,7 @@ def resolve(op: str, backend: str, device: torch.device, *, reference: bool = Tr
     fallback = BACKENDS if device.type != "cpu" else ("torch",)
     on_cuda = device.type == "cuda"
     fastest = FASTEST.get(_capability(device), {}).get(op) if on_cuda and FASTEST else None
-    verified = GPU_VERIFIED.get(_capability(device), frozenset()) if on_cuda and GPU_VERIFIED else frozenset()
+    verified = verified_kernels(_capability(device)) if on_cuda else frozenset()
     order = [name for name in (preferred, fastest) if name not in (None, "auto")] + list(fallback)
     for name in order:
         if name == "torch" and not reference:
@@ -170,7 +203,7 @@ def reference_only_notice(backend: str, device: torch.device) -> str | None:
     if backend != "auto" or device.type != "cuda" or os.environ.get(ENV_VAR, "auto") != "auto":
         return None
     major, minor = _capability(device)
-    if GPU_VERIFIED.get((major, minor)):
+    if verified_kernels((major, minor)):
         return None
     return (f"dit8: no kernel has passed its GPU tests on this GPU generation (sm_{major}{minor}) yet, so "
             f"backend='auto' runs the torch reference ops, many times slower than the kernels; "

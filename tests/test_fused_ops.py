@@ -23,9 +23,11 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from dit8.kernels import OpArgumentError
-from dit8.kernels import fused_spec
+from dit8.kernels import fused_spec, fused_triton
 from dit8.kernels.norm_quant import layer_norm_modulate_quant, layer_norm_quant
 from dit8.kernels.elementwise import residual_add
 from dit8.kernels.norms import layer_norm, layer_norm_modulate, rms_norm
@@ -149,6 +151,16 @@ def check_codes(q, scale, want64, ref_q, ref_scale, qdtype, *, row_dims=1):
 # quantize_per_token, gelu_tanh_quant
 # ----------------------------------------------------------------------------------------------------
 
+def test_row_tiles_cover_the_row_with_little_padding():
+    # The tests' widths take every case: exact (96 = 64 + 32, Wan's 5120 = 4096 + 1024), a masked tail
+    # (200 = 128 + 128), no tail (1, 4096).
+    assert fused_triton.row_tiles(5120) == (4096, 1024) and fused_triton.row_tiles(96) == (64, 32)
+    assert fused_triton.row_tiles(200) == (128, 128) and fused_triton.row_tiles(1) == (1, 0)
+    for C in range(1, 20000, 7):
+        head, tail = fused_triton.row_tiles(C)
+        assert head <= C <= head + tail <= triton.next_power_of_2(C)
+
+
 @pytest.mark.verifies("quantize_per_token")
 @pytest.mark.parametrize("backend, device", KERNELS)
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
@@ -165,6 +177,70 @@ def test_quantize_per_token_is_bit_exact(backend, device, qdtype, xdtype):
         assert torch.equal(s, rs), (M, K)
         assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), (M, K)
         assert s[M // 2] == SCALE_FLOOR / QMAX[qdtype] and (q[M // 2].float() == 0).all()
+
+
+def _division_cases(n: int, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, scale) fp32 pairs as the quantizers divide them: scales amax / qmax over 84 binades, |y| <= amax
+    spread over 40 binades below it, and quotients within a hair of a midpoint between two floats (the
+    cases a division that is not correctly rounded gets wrong); signed zeros, Inf and NaN scales."""
+    gen = torch.Generator().manual_seed(seed)
+    amax = torch.exp2(torch.rand(n, generator=gen) * 84 - 40)
+    qmax = torch.where(torch.rand(n, generator=gen) < 0.5, 127.0, 448.0)
+    scale = amax / qmax
+    y = amax * (torch.rand(n, generator=gen) * 2 - 1) * torch.exp2(-torch.randint(0, 40, (n,), generator=gen).float())
+    # Near midpoints: y = fp32(m·scale) with m half-way between two fp32 quotients, m <= qmax.
+    k = n // 4
+    q = (torch.rand(k, generator=gen) * qmax[:k]).float()
+    mid = (q.double() + torch.nextafter(q, torch.tensor(math.inf)).double()) / 2
+    y[:k] = (mid * scale[:k].double()).float()
+    special_y = torch.tensor([0.0, -0.0, 1.0, -1.0, math.inf, -math.inf, 0.0, -0.0, 3.0, math.nan])
+    special_s = torch.tensor([1.0, 1.0, math.inf, math.inf, math.inf, math.inf, math.inf, math.inf, math.nan, 2.0])
+    y = torch.cat([special_y, y])
+    scale = torch.cat([special_s, scale])
+    return y.to(device), scale.to(device)
+
+
+@triton.jit
+def _divide_kernel(Y, S, Out, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    y = tl.load(Y + offs, mask=mask, other=0.0)
+    s = tl.load(S + offs, mask=mask, other=1.0)
+    tl.store(Out + offs, fused_triton._divide_by_scale(y, s, tl.math.div_rn(1.0, s)), mask=mask)
+
+
+@triton.jit
+def _fma_kernel(A, B, C, Out):
+    tl.store(Out, tl.fma(tl.load(A), tl.load(B), tl.load(C)))
+
+
+def _fma_rounds_once(device: str) -> bool:
+    """Whether tl.fma rounds once here (the interpreter of triton < 3.9 computes a·b + c in two steps)."""
+    a = torch.tensor([1 + 2.0 ** -12], device=device)
+    out = torch.zeros(1, device=device)
+    _fma_kernel[(1,)](a, a, -torch.tensor([1 + 2.0 ** -11], device=device), out)
+    return out.item() == 2.0 ** -24  # a·a - (1 + 2^-11) exactly; two roundings give 0
+
+
+@pytest.mark.parametrize("backend, device", [p for p in KERNELS if p.values[0] == "triton"])
+def test_division_by_a_row_scale_is_correctly_rounded(backend, device):
+    # The quantizers divide by a row's scale with its reciprocal and one FMA correction step (on the GPU;
+    # the interpreter runs them with division): the quotients must be those of IEEE division bit for
+    # bit (sign of zero and NaN included) wherever they can reach an 8-bit code (|y / scale| >= 2^-12;
+    # e4m3's smallest step is 2^-9), zeros included.
+    if not _fma_rounds_once(device):
+        pytest.skip(f"this triton ({triton.__version__}) interpreter's tl.fma rounds twice")
+    y, scale = _division_cases(1 << 18, seed=31, device=device)
+    out = torch.full_like(y, math.nan)
+    _divide_kernel[(triton.cdiv(y.numel(), 8192),)](y, scale, out, y.numel(), BLOCK=8192)
+    want = y / scale
+    assert torch.equal(out.isnan(), want.isnan())  # (the sign and payload of a NaN mean nothing)
+    reach = (want.abs() >= 2.0 ** -12) | (want == 0)
+    assert reach.sum() > 0.5 * y.numel()
+    assert torch.equal(out[reach].view(torch.int32), want[reach].view(torch.int32))
+    # Below that, within one ulp (the remainder may underflow).
+    small = want.abs() < 2.0 ** -12
+    assert ((out[small] - want[small]).abs() <= torch.finfo(torch.float32).tiny + want[small].abs() * 2.0 ** -23).all()
 
 
 @pytest.mark.verifies("quantize_per_token")
@@ -573,12 +649,12 @@ def sm90_reports() -> dict[str, dict]:
                                       ("bf16", "fp8e4nv", 3, 0, False, 13824), ("bf16", "bf16", 1, 2, False, 5120),
                                       ("fp32", "fp8e4nv", 3, 1, True, 40000)]:
         tile = triton.next_power_of_2(C)
-        block = tile if tile <= ft.MAX_TILE else ft.CHUNK
+        block, tail = ft.row_tiles(C) if tile <= ft.MAX_TILE else (ft.CHUNK, 0)
         result[f"rows {xd}->{od} norm={norm} C={C}"] = report(
             ft._rows_kernel, rows_ptrs(xd, od),
             dict(NORM=norm, ACT=int(C == 13824), HAS_W=not mod and norm == 1, HAS_B=not mod and norm == 1,
-                 HAS_MOD=mod, OUT=out, BLOCK_C=block, SINGLE=tile <= ft.MAX_TILE, INTERPRET=False),
-            ft._num_warps(block))
+                 HAS_MOD=mod, OUT=out, BLOCK_C=block, TAIL_C=tail, SINGLE=tile <= ft.MAX_TILE, INTERPRET=False),
+            ft._num_warps(block + tail))
     for od, out in [("bf16", 1), ("fp8e4nv", 3), ("i8", 2), ("fp32", 0)]:
         ptrs = dict(Q="bf16", K="bf16", QOut=od, KOut=od,
                     **dict.fromkeys(["WQ", "WK", "Cos", "Sin", "QScale", "KScale"], "fp32"))

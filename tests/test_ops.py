@@ -162,6 +162,45 @@ def test_auto_picks_only_kernels_verified_on_a_gpu(monkeypatch):
     assert registry.resolve("probe", "auto", gpu)() == "cuda"
 
 
+def test_auto_picks_the_kernels_a_verified_file_names(monkeypatch, tmp_path):
+    # DIT8_VERIFIED: what a GPU test run on this machine verified (bench/verified_backends.py --json)
+    # instead of the committed entries.
+    import json
+
+    from dit8.kernels import registry
+
+    monkeypatch.setattr(registry, "_OPS", {})
+    registry.register("probe", "torch")(lambda: "torch")
+    registry.register("probe", "cuda", runs_on=lambda d: True)(lambda: "cuda")
+    monkeypatch.setattr(registry, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(registry, "GPU_VERIFIED", {})
+    monkeypatch.delenv("DIT8_BACKEND", raising=False)
+    gpu = torch.device("cuda")
+    other, here = tmp_path / "sm89.json", tmp_path / "sm90.json"
+    other.write_text(json.dumps({"capability": [8, 9], "verified": [["probe", "cuda"]]}))
+    here.write_text(json.dumps({"capability": [9, 0], "verified": [["probe", "cuda"]]}))
+    monkeypatch.setenv("DIT8_VERIFIED", str(other))
+    assert registry.resolve("probe", "auto", gpu)() == "torch"  # another generation's run
+    assert "sm_90" in registry.reference_only_notice("auto", gpu)
+    monkeypatch.setenv("DIT8_VERIFIED", str(here))
+    assert registry.resolve("probe", "auto", gpu)() == "cuda"
+    assert registry.reference_only_notice("auto", gpu) is None
+    # The file replaces the committed entry of its generation: a kernel that failed here is not run.
+    monkeypatch.setattr(registry, "GPU_VERIFIED", {(9, 0): frozenset({("probe", "cuda")})})
+    here.write_text(json.dumps({"capability": [9, 0], "verified": []}))
+    registry._verified_file.cache_clear()
+    assert registry.resolve("probe", "auto", gpu)() == "torch"
+    for bad in ("[1, 2]", '{"capability": [9, 0]}', "{not json"):
+        path = tmp_path / f"bad{len(bad)}.json"
+        path.write_text(bad)
+        monkeypatch.setenv("DIT8_VERIFIED", str(path))
+        with pytest.raises(registry.BackendError, match=f"DIT8_VERIFIED={path}: not a file of verified kernels"):
+            registry.resolve("probe", "auto", gpu)
+    monkeypatch.setenv("DIT8_VERIFIED", str(tmp_path / "missing.json"))
+    with pytest.raises(registry.BackendError, match="missing.json: not a file of verified kernels"):
+        registry.resolve("probe", "auto", gpu)
+
+
 def test_auto_takes_an_unverified_kernel_where_the_reference_cannot_serve(monkeypatch):
     from dit8.kernels import registry
 

@@ -37,12 +37,18 @@ def test_script_prints_the_verified_entry(tmp_path):
     ]
     xml = tmp_path / "tests.xml"
     xml.write_text(f'<testsuites><testsuite name="pytest">{"".join(cases)}</testsuite></testsuites>')
-    run = subprocess.run([sys.executable, str(SCRIPT), str(xml), "--capability", "9.0"], capture_output=True,
-                         text=True)
+    out = tmp_path / "verified.json"
+    run = subprocess.run([sys.executable, str(SCRIPT), str(xml), "--capability", "9.0", "--json", str(out)],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == (
         "GPU_VERIFIED[(9, 0)] = frozenset({('rms_norm', 'triton'), ('scaled_mm', 'triton'), "
         "('scaled_mm_fused', 'triton')})")
+    # The same kernels as the registry reads them from DIT8_VERIFIED.
+    from dit8.kernels import registry
+
+    assert registry._verified_file(str(out)) == (
+        (9, 0), frozenset({("rms_norm", "triton"), ("scaled_mm", "triton"), ("scaled_mm_fused", "triton")}))
     xml.write_text('<testsuites><testsuite name="pytest">' + _case("g", None) + "</testsuite></testsuites>")
     run = subprocess.run([sys.executable, str(SCRIPT), str(xml), "--capability", "9.0"], capture_output=True,
                          text=True)
