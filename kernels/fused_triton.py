@@ -301,12 +301,9 @@ def launch_rows(x: torch.Tensor, weight, bias, shift, scale, norm: int, act: int
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _norm_rope_tile(x_row, W, chan, mask, cos, sin, n, eps,
-                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One token's row [C] as a [heads, head_dim] tile: RMSNorm over all of it, then each head's pairs
-    (2j, 2j+1) rotated by angle j."""
-    x = tl.load(x_row + chan, mask=mask, other=0.0).to(tl.float32)
-    r = tl.math.rsqrt(tl.math.div_rn(tl.sum(tl.sum(x * x, 1), 0), n) + eps)
+def _rotate(x, r, W, chan, mask, cos, sin, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Heads [BLOCK_H, head_dim] of one token's row: times the RMSNorm factor r and the weight, then each
+    head's pairs (2j, 2j+1) rotated by angle j."""
     y = x * r * tl.load(W + chan, mask=mask, other=0.0)
     a, b = tl.split(tl.reshape(y, (BLOCK_H, BLOCK_D // 2, 2)))
     rot = tl.join(a * cos - b * sin, a * sin + b * cos)
@@ -326,30 +323,55 @@ def _qk_store(out_ptrs, y, mask, scale_ptrs, h_ok, OUT: tl.constexpr, INTERPRET:
 
 
 @triton.jit
+def _norm_rope_row(x_row, W, out_row, scale_ptrs, L, H, n, eps, cos, sin,
+                   HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, TAIL_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                   OUT: tl.constexpr, INTERPRET: tl.constexpr):
+    """One token's q or k row [H · HEAD_DIM]: RMSNorm over all of it, RoPE per head, stored. The heads
+    lie in a tile of BLOCK_H and, when H is no power of two, a tail tile of TAIL_H after it (Wan's 40
+    heads = 32 + 8: no lanes spent on padding heads)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = (offs_d < HEAD_DIM)[None, :]
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < H
+    mask = h_ok[:, None] & d_ok
+    chan = offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+    x = tl.load(x_row + chan, mask=mask, other=0.0).to(tl.float32)
+    squares = tl.sum(tl.sum(x * x, 1), 0)
+    if TAIL_H > 0:
+        offs_h1 = BLOCK_H + tl.arange(0, TAIL_H)
+        h1_ok = offs_h1 < H
+        mask1 = h1_ok[:, None] & d_ok
+        chan1 = offs_h1[:, None] * HEAD_DIM + offs_d[None, :]
+        x1 = tl.load(x_row + chan1, mask=mask1, other=0.0).to(tl.float32)
+        squares += tl.sum(tl.sum(x1 * x1, 1), 0)
+    r = tl.math.rsqrt(tl.math.div_rn(squares, n) + eps)
+    _qk_store(out_row + chan, _rotate(x, r, W, chan, mask, cos, sin, BLOCK_H, BLOCK_D), mask,
+              scale_ptrs + offs_h * L, h_ok, OUT, INTERPRET)
+    if TAIL_H > 0:
+        _qk_store(out_row + chan1, _rotate(x1, r, W, chan1, mask1, cos, sin, TAIL_H, BLOCK_D), mask1,
+                  scale_ptrs + offs_h1 * L, h1_ok, OUT, INTERPRET)
+
+
+@triton.jit
 def _qk_norm_rope_kernel(Q, K, stride_qb, stride_ql, stride_kb, stride_kl, WQ, WK, Cos, Sin,
                          QOut, KOut, QScale, KScale, L, H, n, eps,
-                         HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                         OUT: tl.constexpr, INTERPRET: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, TAIL_H: tl.constexpr,
+                         BLOCK_D: tl.constexpr, OUT: tl.constexpr, INTERPRET: tl.constexpr):
     l = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     HALF: tl.constexpr = HEAD_DIM // 2
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    h_ok = offs_h < H
-    mask = h_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    chan = offs_h[:, None] * HEAD_DIM + offs_d[None, :]
     C = H * HEAD_DIM  # n: the same as a float
     # The token's angles, shared by q and k and by every head.
     offs_j = tl.arange(0, BLOCK_D // 2)
     cos = tl.load(Cos + l * HALF + offs_j, mask=offs_j < HALF, other=1.0)[None, :]
     sin = tl.load(Sin + l * HALF + offs_j, mask=offs_j < HALF, other=0.0)[None, :]
     out_row = (b * L + l) * C
-    scale_at = (b * H + offs_h) * L + l
+    scale_at = b * H * L + l  # [b, h, l] of the scales, at h = 0
 
-    yq = _norm_rope_tile(Q + b * stride_qb + l * stride_ql, WQ, chan, mask, cos, sin, n, eps, BLOCK_H, BLOCK_D)
-    _qk_store(QOut + out_row + chan, yq, mask, QScale + scale_at, h_ok, OUT, INTERPRET)
-    yk = _norm_rope_tile(K + b * stride_kb + l * stride_kl, WK, chan, mask, cos, sin, n, eps, BLOCK_H, BLOCK_D)
-    _qk_store(KOut + out_row + chan, yk, mask, KScale + scale_at, h_ok, OUT, INTERPRET)
+    _norm_rope_row(Q + b * stride_qb + l * stride_ql, WQ, QOut + out_row, QScale + scale_at, L, H, n, eps, cos, sin,
+                   HEAD_DIM, BLOCK_H, TAIL_H, BLOCK_D, OUT, INTERPRET)
+    _norm_rope_row(K + b * stride_kb + l * stride_kl, WK, KOut + out_row, KScale + scale_at, L, H, n, eps, cos, sin,
+                   HEAD_DIM, BLOCK_H, TAIL_H, BLOCK_D, OUT, INTERPRET)
 
 
 @on_tensor_device
@@ -361,17 +383,18 @@ def launch_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads: int, eps: flo
     if B * L == 0:
         return q_out, k_out, q_scale, k_scale
     D = C // heads
-    block_h, block_d = triton.next_power_of_2(heads), max(2, triton.next_power_of_2(D))
-    if block_h * block_d > MAX_TILE:
-        raise spec.OpArgumentError(f"qk_norm_rope: the triton backend handles up to {MAX_TILE} padded channels "
-                                   f"(heads and head_dim rounded up to powers of two), got {heads} x {D}")
+    block_h, tail_h = row_tiles(heads)
+    block_d = max(2, triton.next_power_of_2(D))
+    if (block_h + tail_h) * block_d > MAX_TILE:
+        raise spec.OpArgumentError(f"qk_norm_rope: the triton backend handles up to {MAX_TILE} channels with "
+                                   f"head_dim padded to a power of two, got {heads} x {D}")
     quant = q_scale.numel() > 0  # else the scale pointers are never written: pass the outputs
     _qk_norm_rope_kernel[(L, B)](
         q, k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), weight_q, weight_k, cos, sin,
         q_out, k_out, q_scale if quant else q_out, k_scale if quant else k_out,
         L, heads, float(C), eps,
-        HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d, OUT=_out_kind(out_dtype), INTERPRET=interpreting(),
-        num_warps=_num_warps(block_h * block_d))
+        HEAD_DIM=D, BLOCK_H=block_h, TAIL_H=tail_h, BLOCK_D=block_d, OUT=_out_kind(out_dtype),
+        INTERPRET=interpreting(), num_warps=_num_warps((block_h + tail_h) * block_d))
     return q_out, k_out, q_scale, k_scale
 
 

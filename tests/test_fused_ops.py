@@ -659,8 +659,8 @@ def sm90_reports() -> dict[str, dict]:
         ptrs = dict(Q="bf16", K="bf16", QOut=od, KOut=od,
                     **dict.fromkeys(["WQ", "WK", "Cos", "Sin", "QScale", "KScale"], "fp32"))
         result[f"qk_norm_rope bf16->{od}"] = report(
-            ft._qk_norm_rope_kernel, ptrs, dict(HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, OUT=out, INTERPRET=False),
-            ft._num_warps(8192))
+            ft._qk_norm_rope_kernel, ptrs,
+            dict(HEAD_DIM=128, BLOCK_H=32, TAIL_H=8, BLOCK_D=128, OUT=out, INTERPRET=False), ft._num_warps(5120))
     for yd in ("bf16", "fp32"):
         result[f"residual_add {yd}"] = report(
             ft._residual_add_kernel, dict(X="fp32", Y=yd, Gate="fp32", Out="fp32"),
