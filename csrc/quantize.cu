@@ -2,7 +2,8 @@
 // after a LayerNorm (+ affine / modulation): rows.cuh's kernel with int8 / e4m3 outputs.
 //
 // Codes are those of kernels/quantize.py: scale = max(amax, 1e-12) / qmax (IEEE division),
-// y = x / scale (IEEE division), int8 = clamp(rint(y)) (half to even), e4m3 = RNE(clamp(y, ±448)).
+// y = x / scale (correctly rounded, as IEEE division: common.cuh's ScaleDivisor), int8 = clamp(rint(y))
+// (half to even), e4m3 = RNE(clamp(y, ±448)).
 #include "rows.cuh"
 
 namespace dit8 {

@@ -10,11 +10,14 @@ Non-finite inputs give non-finite scales: the op does not check values (that wou
 
 Backends: "torch" (the reference below), "triton" and "cuda" (one fused pass over each row:
 kernels/fused_triton.py and csrc/quantize.cu); on a GPU the kernels compute the same codes and scales
-as the reference bit for bit (IEEE division, round half to even, RNE e4m3 after the clamp).
+as the reference bit for bit (the IEEE quotient, which they get from the scale's reciprocal and one
+FMA correction; round half to even; RNE e4m3 after the clamp).
 
 `gelu_tanh_quant(x, dtype)` is quantize_per_token(GELU_tanh(x)) with the GELU in fp32 and never rounded
 to x's dtype: the step between the FFN up and down GEMMs when the up GEMM's epilogue does not apply
-the activation (a GEMM tile sees only part of a row, so it cannot know the row's scale).
+the activation (a GEMM tile sees only part of a row, so it cannot know the row's scale). The kernels
+compute the GELU as x·sigmoid(2u) with the hardware exp2, a few fp32 ulps from torch's tanh form: a
+code can differ from the reference's by one step where a value sits on a rounding boundary.
 """
 
 from __future__ import annotations
