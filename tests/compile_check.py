@@ -33,7 +33,6 @@ def compile_kernel(kernel, types: dict[str, str], constexprs: dict[str, object],
     the cubin, and whether the PTX uses wgmma and TMA."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
     names = kernel.arg_names
@@ -47,11 +46,23 @@ def compile_kernel(kernel, types: dict[str, str], constexprs: dict[str, object],
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     ptx = compiled.asm["ptx"]
+    report, sass = _machine_code(compiled, arch)
+    return report | dict(
+        narrow_global_accesses=len(re.findall(r"\b(?:LDG|STG)(?:\.[A-Z0-9]+)*?\.[US](?:8|16)\b", sass)),
+        wide_global_stores=len(re.findall(r"\bSTG(?:\.[A-Z0-9]+)*?\.(?:64|128)\b", sass)),
+        wgmma="wgmma" in ptx, tma="cp.async.bulk.tensor" in ptx, **loop_statistics(sass))
+
+
+def _machine_code(compiled, arch: int) -> tuple[dict, str]:
+    """Shared-memory bytes, registers and spill-store bytes (`ptxas -v` on the PTX) of a compiled
+    kernel, and the SASS of its cubin (nvdisasm), with the tools bundled with triton."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
     ptxas = get_ptxas(arch).path
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
-            f.write(ptx)
+            f.write(compiled.asm["ptx"])
         arch_flag = "sm_90a" if arch == 90 else f"sm_{arch}"
         log = subprocess.run([ptxas, f"-arch={arch_flag}", "-v", path, "-o", os.devnull],
                              capture_output=True, text=True).stderr
@@ -62,25 +73,53 @@ def compile_kernel(kernel, types: dict[str, str], constexprs: dict[str, object],
                               capture_output=True, text=True, check=True).stdout
     registers = re.search(r"Used (\d+) registers", log)
     return dict(shared=compiled.metadata.shared, registers=int(registers.group(1)) if registers else -1,
-                spills=sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log)),
-                narrow_global_accesses=len(re.findall(r"\b(?:LDG|STG)(?:\.[A-Z0-9]+)*?\.[US](?:8|16)\b", sass)),
-                wide_global_stores=len(re.findall(r"\bSTG(?:\.[A-Z0-9]+)*?\.(?:64|128)\b", sass)),
-                wgmma="wgmma" in ptx, tma="cp.async.bulk.tensor" in ptx, **loop_statistics(sass))
+                spills=sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))), sass
+
+
+def compile_gluon_kernel(kernel, types: dict[str, str], constexprs: dict[str, object], *, num_warps: int,
+                         aligned: Iterable[str] = ()) -> tuple[dict, str]:
+    """A Gluon kernel compiled for sm_90a: (shared-memory bytes, registers and spill-store bytes from
+    `ptxas -v`; the SASS)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = GluonASTSource(fn=kernel, signature=signature, attrs=attrs,
+                         constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    return _machine_code(compiled, 90)
+
+
+_INSTRUCTION = re.compile(r"\s*/\*[0-9a-f]+\*/\s+\S")
+
+
+def _loop_ranges(lines: list[str]) -> list[tuple[int, int]]:
+    """(first, last) line of each loop in nvdisasm output: from a label to a later branch back to it (not
+    the branch-to-itself every kernel ends with, after its EXIT)."""
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*\.(L_x_\d+):", line))}
+    return [(labels[m.group(1)], i) for i, line in enumerate(lines)
+            if (m := re.search(r"BRA.*`\(\.(L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i - 1]
+
+
+def loops(sass: str) -> list[list[str]]:
+    """The instructions of each loop in nvdisasm output, without their addresses."""
+    lines = sass.splitlines()
+    return [[re.sub(r"^\s*/\*[0-9a-f]+\*/\s+", "", x) for x in lines[a:b + 1] if _INSTRUCTION.match(x)]
+            for a, b in _loop_ranges(lines)]
 
 
 def loop_statistics(sass: str) -> dict[str, int]:
-    """From nvdisasm output, with a loop being the code between a label and a later branch back to it:
-    local-memory loads and stores (LDL/STL, register spills) inside loops, and the instructions of the
-    longest loop (a kernel's main loop; each warp issues them once per iteration)."""
+    """From nvdisasm output: local-memory loads and stores (LDL/STL, register spills) inside loops, and
+    the instructions of the longest loop (a kernel's main loop; each warp issues them once per
+    iteration)."""
     lines = sass.splitlines()
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*\.(L_x_\d+):", line))}
-    # (Not the branch-to-itself every kernel ends with, after its EXIT.)
-    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
-             if (m := re.search(r"BRA.*`\(\.(L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i - 1]
-    instruction = [bool(re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", line)) for line in lines]
+    ranges = _loop_ranges(lines)
     return dict(local_in_loops=sum(1 for i, line in enumerate(lines)
-                                   if re.search(r"\b(LDL|STL)\b", line) and any(a < i <= b for a, b in loops)),
-                loop_instructions=max((sum(instruction[a:b + 1]) for a, b in loops), default=0))
+                                   if re.search(r"\b(LDL|STL)\b", line) and any(a < i <= b for a, b in ranges)),
+                loop_instructions=max((len(body) for body in loops(sass)), default=0))
 
 
 def run_without_interpreter(module: str, function: str) -> dict:
