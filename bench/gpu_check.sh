@@ -129,7 +129,8 @@ limited() {
     return "$rc"
 }
 run_pytest() { limited "$py" -m pytest "${pytest_args[@]}" "$@"; }
-# Kernels the tests stage verified on this machine, in an earlier run: "auto" may run them (registry.py).
+# The kernels the tests stage verified on this machine in an earlier run: "auto" runs these and no
+# others (DIT8_VERIFIED, kernels/registry.py).
 if [ -s "$out/verified.json" ]; then export DIT8_VERIFIED="$(cd "$out" && pwd)/verified.json"; fi
 for stage in "${stages[@]}"; do
     stage_end=$((SECONDS + $([ "$stage" = tests ] && echo "${TESTS_LIMIT:-360}" || echo "${STAGE_LIMIT:-540}")))

@@ -265,9 +265,10 @@ def row_tiles(C: int) -> tuple[int, int]:
 
 
 def _num_warps(elements: int) -> int:
-    """16 to 31 fp32 elements per thread (a power of two of warps, 4 to 32): a row's tiles then need
-    ~70-100 registers per thread, so that two or more programs share an SM (memory-bound kernels need
-    the loads of several rows in flight), and few warps keep the cross-warp reductions short."""
+    """A power of two of warps, 4 to 32, for 16 to 31 fp32 elements per thread where the row has 2048 or
+    more: its tiles then need ~70-100 registers per thread, so that two or more programs share an SM
+    (memory-bound kernels need the loads of several rows in flight), and few warps keep the cross-warp
+    reductions short."""
     return max(4, min(32, 1 << (max(elements // 512, 1).bit_length() - 1)))
 
 

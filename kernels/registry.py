@@ -19,6 +19,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -83,7 +84,7 @@ FASTEST: dict[tuple[int, int], dict[str, str]] = {
 def _verified_file(path: str) -> tuple[tuple[int, int], frozenset[tuple[str, str]]]:
     """(capability, {(op, backend)}) from a file of bench/verified_backends.py --json."""
     try:
-        data = json.loads(open(path, encoding="utf-8").read())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
         major, minor = data["capability"]
         pairs = frozenset((str(op), str(backend)) for op, backend in data["verified"])
         return (int(major), int(minor)), pairs
