@@ -54,8 +54,10 @@ def compile_kernel(kernel, types: dict[str, str], constexprs: dict[str, object],
 
 
 def _machine_code(compiled, arch: int) -> tuple[dict, str]:
-    """Shared-memory bytes, registers and spill-store bytes (`ptxas -v` on the PTX) of a compiled
-    kernel, and the SASS of its cubin (nvdisasm), with the tools bundled with triton."""
+    """Shared-memory bytes, registers, spill-store bytes and whether ptxas serialized the kernel's wgmma
+    instructions (its performance warning C7514: every product then waits for the one before) from
+    `ptxas -v` on the PTX of a compiled kernel, and the SASS of its cubin (nvdisasm), with the tools
+    bundled with triton."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     ptxas = get_ptxas(arch).path
@@ -73,7 +75,8 @@ def _machine_code(compiled, arch: int) -> tuple[dict, str]:
                               capture_output=True, text=True, check=True).stdout
     registers = re.search(r"Used (\d+) registers", log)
     return dict(shared=compiled.metadata.shared, registers=int(registers.group(1)) if registers else -1,
-                spills=sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))), sass
+                spills=sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log)),
+                wgmma_serialized="instructions are serialized" in log), sass
 
 
 def compile_gluon_kernel(kernel, types: dict[str, str], constexprs: dict[str, object], *, num_warps: int,

@@ -629,6 +629,8 @@ def test_kernels_compile_for_hopper():
     # Every attention kernel's dots must map to Hopper's warpgroup MMA, fp32 "ieee" dots excepted, and
     # fit in one block's shared memory (the interpreter has no limit; a GPU refuses the launch).
     assert all(v["wgmma"] for k, v in kernels.items() if "fp32" not in k and "quantize" not in k), kernels
+    # ... and ptxas kept them asynchronous (no serialization warning).
+    assert not [k for k, v in kernels.items() if v["wgmma_serialized"]], kernels
     too_big = {k: v["shared"] for k, v in kernels.items() if v["shared"] > SHARED_MEMORY_LIMIT["sm_90"]}
     assert not too_big, too_big
     # No register spills inside the key loop where the strides are aligned, as at Wan's sizes: such a
