@@ -9,15 +9,16 @@ Compute: where a kernel's time goes (issue slots, memory, occupancy), the measur
 `run` compiles and warms every case first, then opens the profiler window (cudaProfilerStart) and
 calls each case once, in the order `cases` lists them, so ncu records only those launches: the bf16
 and 8-bit self-attention (q, k, v [1, 32760, 40, 128]) and the fused cross-attention (512 + 257 keys)
-on the Triton kernels (and on Hopper the Gluon candidate for bf16), the FP8 GEMM with Hopper's
-promoted and fast-accumulation tiles, and the fused memory-bound ops on 32,760 x 5120 (GELU: x
-13,824) on the backend `auto` picks.
+on the Triton kernels (and on Hopper the Gluon candidate for bf16, unless DIT8_SKIP_GLUON=1), the
+FP8 GEMM with Hopper's promoted and fast-accumulation tiles, and the fused memory-bound ops on 32,760
+x 5120 (GELU: x 13,824) on the backend `auto` picks.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -66,7 +67,7 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
     return [
         ("attention bf16", lambda: ops.attention(q, k, v, precision="bf16", backend="triton")),
         *([("attention bf16, Gluon candidate", lambda: attention_gluon.attention_bf16(q, k, v))]
-          if torch.cuda.get_device_capability(dev)[0] == 9 else []),
+          if torch.cuda.get_device_capability(dev)[0] == 9 and os.environ.get("DIT8_SKIP_GLUON") != "1" else []),
         ("attention int8", lambda: ops.attention(q, k, v, precision="int8", backend="triton")),
         ("attention fp8", lambda: ops.attention(q, k, v, precision="fp8", backend="triton")),
         ("cross-attention", lambda: ops.cross_attention(q, k_text, v_text, k_img, v_img, backend="triton")),
