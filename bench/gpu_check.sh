@@ -25,6 +25,8 @@
 #         --platform manylinux_2_28_x86_64 -d .whl av==18.1.0 diffusers==0.42.1 importlib_metadata
 # pytest-xdist (spreads the tests over TEST_WORKERS processes, default 12: most of their time is Triton
 # compiling kernels, on the CPU) and pytest-timeout are used where installed.
+# The stages after the tests run with DIT8_VERIFIED (the kernels the tests verified: what "auto" may run)
+# and, unless the Gluon candidate's GPU tests passed, DIT8_SKIP_GLUON=1 (no Gluon benchmark or profile).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 command -v nvidia-smi >/dev/null || {
