@@ -15,8 +15,10 @@ Schedule of key block j (FlashAttention-3's overlap of the softmax with P·V, wi
     while P_{j-1}·v_{j-1} runs.
 The wait for P·V sits at the top of the next block, behind the mbarrier wait (a loop in the machine
 code): placed after the softmax in the same block, ptxas moves it ahead of the exp2s, which undoes the
-overlap (seen in the SASS). acc always holds the sum for keys up to j - 2 relative to m_{j-2} until it
-is rescaled; P_{j-1} is relative to m_{j-1}, so the order rescale-then-add is exact.
+overlap (seen in the SASS). Issuing S_j before that wait, to run q·kᵀ under the rescale, makes ptxas
+serialize every product (its warning C7514: acc is read while a product is in flight). acc always holds
+the sum for keys up to j - 2 relative to m_{j-2} until it is rescaled; P_{j-1} is relative to m_{j-1},
+so the order rescale-then-add is exact.
 
 Scope: bf16 q/k/v [B, L, H, D] with unit stride along D and 16-byte aligned rows, head_dim 128,
 sm_90. One launch per batch element: each launch's TMA descriptors span that element's rows only, so
@@ -40,7 +42,7 @@ from .attention_triton import LOG2E, _check_keys
 from .buffers import new_output
 from .checks import OpArgumentError
 
-# The TMA load was renamed in triton 3.7 (async_copy_global_to_shared -> async_load), same arguments.
+# The TMA load was renamed after triton 3.6 (async_copy_global_to_shared -> async_load), same arguments.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 BLOCK_M = 128  # query rows per program: two warpgroups of 64
