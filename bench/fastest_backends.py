@@ -3,9 +3,11 @@
 
     python bench/fastest_backends.py fused.json [more.json ...] [--capability 9.0]
 
-Reads the rows whose extra_info names an `op` and a kernel `backend` ("cuda" or "triton"; written by
-bench/test_bench_fused.py), adds up each backend's ms over the op's cases, and prints a table and the
-line to paste into FASTEST. Ops measured on one backend only are listed but given no entry.
+Reads the rows whose extra_info names an `op` and a `backend` ("cuda", "triton", or "torch" where the
+torch reference competes: bench/test_bench_fused.py, and bench/test_bench_attention.py for bf16
+attention, where the reference is SDPA), adds up each backend's ms over the op's cases (a row's `case`,
+else its test parameters without the backend), and prints a table and the line to paste into FASTEST.
+Ops measured on one backend only are listed but given no entry.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-KERNEL_BACKENDS = ("cuda", "triton")
+BACKENDS = ("cuda", "triton", "torch")
 
 
 def fastest(rows: list[dict]) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
@@ -25,10 +27,10 @@ def fastest(rows: list[dict]) -> tuple[dict[str, dict[str, float]], dict[str, st
     cases: dict[str, dict[str, dict[str, float]]] = collections.defaultdict(lambda: collections.defaultdict(dict))
     for row in rows:
         info = row.get("extra_info", {})
-        if info.get("backend") in KERNEL_BACKENDS and "op" in info and "ms" in info:
-            # The case: the test's parameters other than the backend (e.g. "rms_norm_bf16").
+        if info.get("backend") in BACKENDS and "op" in info and "ms" in info:
+            # The case: named by the row, or the test's parameters other than the backend ("rms_norm_bf16").
             params = row["name"].partition("[")[2].rstrip("]").split("-")
-            case = "-".join(p for p in params if p != info["backend"])
+            case = info.get("case") or "-".join(p for p in params if p != info["backend"])
             cases[info["op"]][info["backend"]][case] = float(info["ms"])
     totals: dict[str, dict[str, float]] = {}
     winners: dict[str, str] = {}
@@ -69,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     totals, winners = fastest(rows)
     if not totals:
-        print("no rows with an op and a kernel backend in these files", file=sys.stderr)
+        print("no rows with an op and a backend in these files", file=sys.stderr)
         return 1
-    print(f"{'op':<28}" + "".join(f"{b + ' ms':>12}" for b in KERNEL_BACKENDS) + "  fastest")
+    print(f"{'op':<28}" + "".join(f"{b + ' ms':>12}" for b in BACKENDS) + "  fastest")
     for op, by_backend in totals.items():
-        cells = "".join(f"{by_backend[b]:>12.4f}" if b in by_backend else f"{'-':>12}" for b in KERNEL_BACKENDS)
+        cells = "".join(f"{by_backend[b]:>12.4f}" if b in by_backend else f"{'-':>12}" for b in BACKENDS)
         print(f"{op:<28}{cells}  {winners.get(op, '(one backend)')}")
     print(f"\nFASTEST[({major}, {minor})] = {json.dumps(winners, sort_keys=True)}")
     return 0

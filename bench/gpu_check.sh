@@ -180,8 +180,9 @@ for stage in "${stages[@]}"; do
             # The chart for the README (kernel beside its baseline, per shape).
             "$py" bench/plot_results.py "$out/bench_$stage.json" "$out/bench_$stage.png" \
                 --title "$(head -1 "$out/gpu.txt" | cut -d, -f1), $(sed -n 2p "$out/gpu.txt")" | tail -1
-            if [ "$stage" = fused ]; then
-                "$py" bench/fastest_backends.py "$out/bench_fused.json" | tee "$out/fastest.txt"
+            if [ "$stage" = fused ]; then  # (bf16 attention's rows compete too, where that stage ran)
+                "$py" bench/fastest_backends.py "$out/bench_fused.json" \
+                    $([ -s "$out/bench_attention.json" ] && echo "$out/bench_attention.json") | tee "$out/fastest.txt"
             fi ;;
         dit)
             # The headline first (issue 7's targets), with the 4-step loop; diffusers and the CUDA graph

@@ -124,6 +124,8 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
     elif name in ("torch_reference", "triton_bf16"):
         backend = {"torch_reference": "torch", "triton_bf16": "triton"}[name]
         fn = lambda: ops.attention(q, k, v, precision="bf16", backend=backend)  # noqa: E731
+        # The two backends "auto" chooses between for bf16 (bench/fastest_backends.py reads these).
+        info.update(op="attention", backend=backend, case="bf16")
     else:
         qk, pv = {"triton_int8": impl8.RECIPES["int8"], "triton_fp8": impl8.RECIPES["fp8"],
                   "triton_int8_pv16": ("int8", "fp16")}[name]

@@ -68,9 +68,9 @@ GPU_VERIFIED: dict[tuple[int, int], frozenset[tuple[str, str]]] = {
     }),
 }
 
-# Per GPU generation (CUDA compute capability), the kernel backend measured fastest for an op that has
-# several: "auto" tries it before BACKENDS order. bench/fastest_backends.py prints these entries from
-# the benchmark suites' JSON.
+# Per GPU generation (CUDA compute capability), the backend measured fastest for an op that has several
+# (the torch reference among them: SDPA can beat a kernel): "auto" tries it before BACKENDS order.
+# bench/fastest_backends.py prints these entries from the benchmark suites' JSON.
 FASTEST: dict[tuple[int, int], dict[str, str]] = {
     # H200 (sm_90), torch 2.11, triton 3.6, 2026-11-26: bench/test_bench_fused.py at 32,760 x 5120.
     (9, 0): {
