@@ -230,6 +230,9 @@ def test_auto_prefers_the_backend_measured_fastest_on_this_gpu(monkeypatch):
     assert registry.resolve("probe", "auto", gpu)() == "triton"
     monkeypatch.setattr(registry, "GPU_VERIFIED", {(9, 0): frozenset({("probe", "cuda")})})
     assert registry.resolve("probe", "auto", gpu)() == "cuda"  # not verified: the table is not enough
+    monkeypatch.setattr(registry, "FASTEST", {(9, 0): {"probe": "torch"}})
+    assert registry.resolve("probe", "auto", gpu)() == "torch"  # the reference measured faster
+    assert registry.resolve("probe", "auto", gpu, reference=False)() == "cuda"  # ... unless it cannot serve
     monkeypatch.setenv("DIT8_BACKEND", "torch")
     assert registry.resolve("probe", "auto", gpu)() == "torch"  # the environment comes first
 
