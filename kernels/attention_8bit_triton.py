@@ -50,7 +50,7 @@ from .buffers import new_output
 from .checks import OpArgumentError
 from .quantize import QMAX, SCALE_FLOOR
 from .registry import require_fp8_tensor_cores
-from .rounding_triton import round_e4m3
+from .rounding_triton import BIAS_2_23, round_e4m3
 from .triton_support import interpreting, on_tensor_device, tensor_device
 
 # Largest magnitudes of the 8-bit codes, and the floor of a block's amax: an all-zero block (e.g. q minus
@@ -61,9 +61,6 @@ FP8_MAX = QMAX[torch.float8_e4m3fn]
 _INT8_MAX = tl.constexpr(INT8_MAX)
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _LOG2_FP8_MAX = tl.constexpr(math.log2(FP8_MAX))
-# 1.5·2^23: floats from 2^23 to 2^24 step by exactly 1, so the bits of 1.5·2^23 plus an int32 x with
-# |x| < 2^22 read as a float are 1.5·2^23 + x exactly (and the other way round for the INT8 P codes).
-_BIAS_2_23 = tl.constexpr(12582912.0)
 _SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
 
 
@@ -162,7 +159,7 @@ def _quantize_v_kernel(V, VMean, VScale, Vq, stride_vb, stride_vl, stride_vh, st
 @triton.jit
 def _int_to_float(x):
     """An int32 tile of magnitude below 2^22 as fp32, exactly, without a conversion instruction: added
-    to the bits of 1.5·2^23 it is that float plus x (_BIAS_2_23), and subtracting 1.5·2^23 leaves x.
+    to the bits of 1.5·2^23 it is that float plus x (BIAS_2_23), and subtracting 1.5·2^23 leaves x.
 
     Integer-to-float conversions run at a fraction of the fp32 rate, as exp2 does (triton-lang/triton
     #4563 replaced 8-bit conversions with bit operations on Hopper for that reason), and the 8-bit
@@ -172,7 +169,7 @@ def _int_to_float(x):
     round away up to a unit of each key's integer score. The INT8 P·V products go this way too where
     `pv_products_by_bits` says so (PV_BITS): compiled for sm_89, the kernel then spills inside its
     loop."""
-    return (x + 0x4B400000).to(tl.float32, bitcast=True) - _BIAS_2_23
+    return (x + 0x4B400000).to(tl.float32, bitcast=True) - BIAS_2_23
 
 
 def pv_products_by_bits(device: torch.device) -> bool:
@@ -221,7 +218,7 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
         # low mantissa bits are the integer (round half to even), read by reinterpreting the bits.
         # One floating-point instruction instead of a float-to-int conversion (a quarter-rate unit).
         # (The interpreter's fma rounds twice: a code may differ by one step there, never on a GPU.)
-        pq = (tl.fma(p, _INT8_MAX, _BIAS_2_23).to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
+        pq = (tl.fma(p, _INT8_MAX, BIAS_2_23).to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
         pv = tl.dot(pq, v, out_dtype=tl.int32)
         pv = _int_to_float(pv) if PV_BITS else pv.to(tl.float32)  # PV_BITS: see _int_to_float
         acc = acc * alpha[:, None] + pv * r[:, None]

@@ -27,7 +27,7 @@ import triton.language as tl
 from . import fused_spec as spec
 from .buffers import new_output
 from .quantize import QMAX, SCALE_FLOOR
-from .rounding_triton import round_bf16, round_e4m3
+from .rounding_triton import BIAS_2_23, round_bf16, round_e4m3
 from .scaled_mm_triton import _GELU_C0, _GELU_C1
 from .triton_support import interpreting, on_tensor_device
 
@@ -40,7 +40,6 @@ _INT8_MAX = tl.constexpr(QMAX[torch.int8])
 _FP8_MAX = tl.constexpr(QMAX[torch.float8_e4m3fn])
 _SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32
-_ROUND_BIAS = tl.constexpr(12582912.0)  # 1.5·2^23
 
 # Output kinds (constexpr): what the store converts to and how.
 _OUT_FLOAT, _OUT_BF16, _OUT_INT8, _OUT_FP8 = 0, 1, 2, 3
@@ -56,10 +55,9 @@ def _out_kind(dtype: torch.dtype) -> int:
 
 @triton.jit
 def _rint(y):
-    """Round half to even for |y| < 2^22 (8-bit codes are): adding 1.5·2^23 leaves no fraction bits, so
-    the addition rounds y to an integer as the FPU rounds (nearest even), and the subtraction is exact.
-    Two instructions, and exact in the interpreter (numpy rounds fp32 additions the same way)."""
-    return (y + _ROUND_BIAS) - _ROUND_BIAS
+    """Round half to even for |y| < 2^22 (8-bit codes are), by adding and subtracting BIAS_2_23: two
+    instructions, and exact in the interpreter (numpy rounds fp32 additions the same way)."""
+    return (y + BIAS_2_23) - BIAS_2_23
 
 
 @triton.jit

@@ -4,12 +4,18 @@ The interpreter's fp32 -> bf16 conversion truncates, and its fp32 -> e4m3 conver
 into the exponent (7.9 becomes 4.0) (spec/gpu-notes.md). Kernels running under INTERPRET round in fp32
 with these first, so the conversion that follows is exact and stores what a GPU's round-to-nearest-even
 conversion gives. On a GPU the conversion rounds by itself and the kernels skip these.
+
+BIAS_2_23, on GPUs and in the interpreter alike: floats from 2^23 to 2^24 step by exactly 1, so adding
+1.5·2^23 rounds an fp32 |y| < 2^22 to an integer (nearest even) and subtracting it is exact; and the
+bits of 1.5·2^23 plus an int32 |x| < 2^22 read as a float are 1.5·2^23 + x (0x4B400000 its bits).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+BIAS_2_23 = tl.constexpr(12582912.0)  # 1.5·2^23
 
 
 @triton.jit
