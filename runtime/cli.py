@@ -89,6 +89,11 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     # What can be checked without the model is checked before the (long) load.
     device = resolve_device(args.device)
+    parallel = None
+    if args.sequence_parallel:
+        from .parallel import join_launched_group
+
+        parallel, device = join_launched_group(device)
     check_output_paths(args.out, args.frames_dir)
     image = image_tensor(args.image)
     if not clean_prompt(args.prompt):
@@ -117,13 +122,19 @@ def _run_generate(args: argparse.Namespace) -> int:
                                        dit=args.dit, scheme=args.scheme, distilled=args.distilled,
                                        attention=args.attention,
                                        backend=args.backend, offload_encoders=args.offload_encoders,
-                                       vae_tile=args.vae_tile)
+                                       vae_tile=args.vae_tile, parallel=parallel)
+    call = dict(seed=args.seed, frames=args.frames, size=args.size, area=args.area, steps=args.steps,
+                sampler=args.sampler, guidance=args.guidance, shift=args.shift,
+                negative_prompt=args.negative_prompt, update=args.update)
+    if parallel is not None and parallel.rank != 0:
+        pipe(image, args.prompt, **call)  # every process makes the same call; the first one reports
+        return 0
+    if parallel is not None:
+        print(f"parallel    {parallel.world} processes, each computing 1/{parallel.world} of the tokens")
     for line in pipe.files.describe():
         print(line)
     print(f"loaded      in {pipe.load_seconds:.1f} s on {pipe.device}, DiT compute {pipe.dit.setup.dtype}")
-    video = pipe(image, args.prompt, seed=args.seed, frames=args.frames, size=args.size, area=args.area,
-                 steps=args.steps, sampler=args.sampler, guidance=args.guidance, shift=args.shift,
-                 negative_prompt=args.negative_prompt, update=args.update, progress=True)
+    video = pipe(image, args.prompt, **call, progress=True)
     path = video.save(args.out)
     s = video.settings
     print(f"video       {video.num_frames} frames {video.width}x{video.height} at {video.fps} fps -> {path} "
@@ -287,6 +298,9 @@ def _add_generate(generate: argparse.ArgumentParser) -> None:
     generate.add_argument("--vae-tile", type=int, help="decode in tiles of N latent pixels to save memory "
                           "(32: 4.2 GiB peak at 480P, 81 frames, instead of 9.0; 2.5x the decode time)")
     generate.add_argument("--frames-dir", help="also write every frame as a PNG into this folder")
+    generate.add_argument("--sequence-parallel", action="store_true",
+                          help="split the DiT over the processes of a launcher, one GPU each: torchrun "
+                          "--nproc-per-node N -m dit8 generate ... --sequence-parallel")
     generate.set_defaults(run=_run_generate)
 
 
@@ -350,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         print("dit8: interrupted", file=sys.stderr)
         return 130
     finally:
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # joined by generate --sequence-parallel
         if handle_sigterm:
             # (None: a handler installed from C, which Python cannot reinstate; the default then.)
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

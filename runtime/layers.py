@@ -16,6 +16,8 @@ from torch import nn
 from dit8 import kernels as ops
 from dit8.kernels.registry import model_backend
 
+from .parallel import SequenceParallel
+
 
 @dataclass(frozen=True)
 class Setup:
@@ -26,6 +28,7 @@ class Setup:
     dtype: torch.dtype
     backend: str
     quantized: Mapping[str, torch.dtype] = field(default_factory=dict)
+    parallel: SequenceParallel | None = None  # the process group a forward is split over (sequence parallelism)
     _op_backends: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def backend_of(self, op: str) -> str:

@@ -17,6 +17,7 @@ from .errors import CheckpointError
 from .layouts import block_linears, detect_layout, expected_shapes, from_official, to_official
 from .model import WanDiT
 from .packed_format import KEY_CONFIG, WEIGHT_SCALE_SUFFIX, check_format_version
+from .parallel import SequenceParallel
 from .progress import Progress
 
 
@@ -229,7 +230,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              backend: str = "auto", attention: str = "bf16", progress: bool | None = None,
-             config_json: str | Path | None = None) -> WanDiT:
+             config_json: str | Path | None = None, parallel: SequenceParallel | None = None) -> WanDiT:
     """Load a Wan2.1 DiT from a checkpoint file or folder.
 
     path: `.safetensors`, `.pth`/`.pt`/`.bin`, a folder of shards with an index json, or a folder of
@@ -242,6 +243,7 @@ def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
     progress: draw a progress bar (default: when stderr is a terminal).
     config_json: another config.json the checkpoint must agree with, besides one beside the weights
         (a model folder's: the blocks of a per-block folder say nothing of the block files missing).
+    parallel: split each forward over a torch.distributed group (sequence parallelism, WanDiT).
 
     Tensors are read one at a time into the model's preallocated storage, so memory holds the model
     plus one tensor. Raises CheckpointError naming the file and key for any problem in the checkpoint.
@@ -250,7 +252,7 @@ def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
     dit = open_dit(path, config_json)
     runtime_quantized = dit.runtime_quantized()
     model = WanDiT(dit.config, device=device, dtype=dtype or default_dtype(device), backend=backend,
-                   attention=attention, quantized=runtime_quantized)
+                   attention=attention, quantized=runtime_quantized, parallel=parallel)
     scales = {module + suffix for module, suffix in dit.quantized.items()}
     total = sum(dit.checkpoint.infos[k].nbytes for k in dit.names.values())
     with dit.checkpoint, Progress(total, "loading", enabled=progress) as bar:

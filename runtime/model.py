@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dit8 import kernels as ops
@@ -25,6 +26,7 @@ from dit8.kernels.registry import BackendError, backend_runs_on, reference_only_
 from .config import WanConfig
 from .errors import InputError
 from .layers import Activation, LayerNorm, Linear, ModulatedLayerNorm, QuantizedRows, RMSNorm, Setup, empty_buffer
+from .parallel import SequenceParallel
 from .rope import rope_table
 
 
@@ -52,6 +54,17 @@ class CrossKV:
 
 
 @dataclass
+class TokenPositions:
+    """What self-attention needs to know of the tokens: the RoPE cos/sin [L, head_dim/2] of the tokens
+    this process holds, and how many tokens the whole sequence has (under sequence parallelism the
+    sequence is padded to a multiple of the process count, and the padding must not serve as keys)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    tokens: int
+
+
+@dataclass
 class EncodedContext:
     """The text (and image) conditioning projected to every block's keys and values, computed once per
     generation by `WanDiT.encode_context` and reused by every sampling step."""
@@ -68,16 +81,24 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (setup.linear(f"{prefix}.{n}", C, C) for n in "qkvo")
         self.norm_q, self.norm_k = RMSNorm(C, config.eps, setup), RMSNorm(C, config.eps, setup)
 
-    def forward(self, x: torch.Tensor | QuantizedRows, cos: torch.Tensor, sin: torch.Tensor,
-                residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows, positions: TokenPositions, residual: torch.Tensor,
+                gate: torch.Tensor) -> torch.Tensor:
         """Returns the residual stream after `residual + o(attention) · gate` (fused into o's epilogue
         where o is 8-bit)."""
         # RMSNorm spans all heads together (full width), then heads are split and rotated; one kernel.
-        q, k = ops.qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, cos, sin,
-                                heads=self.heads, eps=self.norm_q.eps, out_dtype=self.setup.dtype,
+        q, k = ops.qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, positions.cos,
+                                positions.sin, heads=self.heads, eps=self.norm_q.eps, out_dtype=self.setup.dtype,
                                 backend=self.setup.backend_of("qk_norm_rope"))
         v = self.v(x).unflatten(-1, (self.heads, -1))
+        parallel = self.setup.parallel
+        if parallel is not None:
+            # This process's tokens, all heads -> every token, its group of heads; without the padding,
+            # which must neither serve as keys nor join the 8-bit paths' per-block statistics.
+            q, k, v = (parallel.tokens_to_heads(t)[:, :positions.tokens] for t in (q, k, v))
         out = ops.attention(q, k, v, precision=self.precision, backend=self.setup.backend_of("attention"))
+        if parallel is not None:
+            padding = parallel.world * positions.cos.shape[0] - positions.tokens
+            out = parallel.heads_to_tokens(F.pad(out, (0, 0, 0, 0, 0, padding)) if padding else out)
         return self.o(out.flatten(2), residual, gate)
 
 
@@ -125,11 +146,10 @@ class WanBlock(nn.Module):
         self.ffn = FeedForward(setup.linear(b + "ffn.0", C, F), setup.linear(b + "ffn.2", F, C), setup,
                                quantize_to=setup.input_quantization(b + "ffn.2"))
 
-    def forward(self, x: torch.Tensor, e0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: CrossKV) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, positions: TokenPositions, kv: CrossKV) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation + e0).unbind(1)
         # x = x + SelfAttn(norm1(x)·(1 + scale) + shift) · gate, the add done by the o projection
-        x = self.self_attn(self.norm1(x, shift_msa, scale_msa), cos, sin, residual=x, gate=gate_msa)
+        x = self.self_attn(self.norm1(x, shift_msa, scale_msa), positions, residual=x, gate=gate_msa)
         # x = x + CrossAttn(norm3(x), context)
         x = self.cross_attn(self.norm3(x), kv, residual=x)
         # x = x + FFN(norm2(x)·(1 + scale) + shift) · gate
@@ -200,16 +220,21 @@ class WanDiT(nn.Module):
         or "triton"/"cuda": every op that has that kernel runs it, the others as "auto" does.
     attention: "bf16" (unquantized, in the compute dtype), or "int8"/"fp8" where a kernel backend has them.
     quantized: block linear layers (e.g. "blocks.0.ffn.0") holding fp8/int8 weights, run as W8A8.
+    parallel: split every forward over the processes of a torch.distributed group (runtime/parallel.py),
+        each computing 1/P of the tokens; every process calls forward with the same inputs and gets the
+        whole result.
     """
 
     def __init__(self, config: WanConfig, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, backend: str = "auto", attention: str = "bf16",
-                 quantized: Mapping[str, torch.dtype] | None = None):
+                 quantized: Mapping[str, torch.dtype] | None = None, parallel: SequenceParallel | None = None):
         super().__init__()
         if dtype not in FLOAT_DTYPES:  # 8-bit weights are per layer (`quantized`), not a compute dtype
             raise InputError(f"dtype (the compute dtype) must be one of "
                              f"{tuple(str(d).removeprefix('torch.') for d in FLOAT_DTYPES)}, got {dtype!r}")
-        setup = Setup(torch.device(device), dtype, backend, dict(quantized or {}))
+        if parallel is not None:
+            parallel.check_heads(config.num_heads)
+        setup = Setup(torch.device(device), dtype, backend, dict(quantized or {}), parallel)
         _check_backend(setup)
         _check_attention(attention, setup)
         notice = reference_only_notice(backend, setup.device)
@@ -228,7 +253,7 @@ class WanDiT(nn.Module):
         self.head = Head(config, setup)
         if config.is_i2v:
             self.img_emb = ImageEmbedding(config, setup)
-        self._rope_tables: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._positions: dict[tuple[int, int, int], TokenPositions] = {}
 
     def _apply(self, fn, recurse=True):
         # .to(), .cuda(), .half() and the like all come here. The model's kernels, RoPE tables and
@@ -260,11 +285,16 @@ class WanDiT(nn.Module):
             raise InputError("clip_fea was given but this is a T2V model")
         return EncodedContext(B, [block.cross_attn.project_context(text, image) for block in self.blocks])
 
-    def rope_cos_sin(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for the tokens of a patch grid; built once per grid and kept."""
-        if grid not in self._rope_tables:
-            self._rope_tables[grid] = rope_table(grid, self.config.head_dim, device=self.setup.device)
-        return self._rope_tables[grid]
+    def positions(self, grid: tuple[int, int, int]) -> TokenPositions:
+        """RoPE cos/sin of the tokens of a patch grid this process computes (all of them, or its slice
+        under sequence parallelism); built once per grid and kept."""
+        if grid not in self._positions:
+            cos, sin = rope_table(grid, self.config.head_dim, device=self.setup.device)
+            tokens = cos.shape[0]
+            if self.setup.parallel is not None:
+                cos, sin = self.setup.parallel.shard(cos, 0), self.setup.parallel.shard(sin, 0)
+            self._positions[grid] = TokenPositions(cos, sin, tokens)
+        return self._positions[grid]
 
     # -- forward ------------------------------------------------------------------------------------
 
@@ -287,13 +317,19 @@ class WanDiT(nn.Module):
         if y is not None:
             x = torch.cat([x, y], dim=1)
         tokens, grid = self._patchify(x)
+        parallel = self.setup.parallel
+        if parallel is not None:
+            tokens = parallel.shard(tokens, 1)
         h = self.patch_embedding(tokens).float()
         e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))
-        cos, sin = self.rope_cos_sin(grid)
+        positions = self.positions(grid)
         for block, kv in zip(self.blocks, context.blocks, strict=True):
-            h = block(h, e0, cos, sin, kv)
-        return self._unpatchify(self.head(h, e), grid)
+            h = block(h, e0, positions, kv)
+        out = self.head(h, e)
+        if parallel is not None:
+            out = parallel.gather(out, 1, positions.tokens)
+        return self._unpatchify(out, grid)
 
     def _check_encoded(self, context: EncodedContext, batch: int) -> None:
         """An EncodedContext must come from a model of this one's shape: a block count or an image branch

@@ -39,6 +39,7 @@ from .errors import CheckpointError, Dit8Error, InputError
 from .loader import load_dit
 from .model import EncodedContext, WanDiT
 from .model_folder import ModelFiles, find_model_files
+from .parallel import SequenceParallel
 from .progress import Progress
 from .sampler import UPDATE_RULES, DistilledSampler, check_shift, evenly_spaced_steps, initial_noise
 from .t5 import T5Encoder
@@ -191,7 +192,8 @@ class I2VPipeline:
     def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                         dit: str | Path | None = None, scheme: str | None = None, distilled: bool | None = None,
                         backend: str = "auto", attention: str = "bf16", offload_encoders: bool = False,
-                        vae_tile: int | None = None, progress: bool | None = None) -> "I2VPipeline":
+                        vae_tile: int | None = None, progress: bool | None = None,
+                        parallel: SequenceParallel | None = None) -> "I2VPipeline":
         """Load a model folder (official Wan2.1-I2V-14B-480P or a LightX2V distilled release; see
         `dit8.model_folder` for the layouts, the DiT order and the distilled/base rule).
 
@@ -211,6 +213,9 @@ class I2VPipeline:
             `dit8.vae.decode_memory` estimates the activations without convolution workspace (6.2 and
             3.4 GiB; 1.9 GiB with 16). The decoded video is assembled in CPU memory.
         progress: progress bar while loading the DiT (default: on a terminal).
+        parallel: split each DiT forward over the processes of a torch.distributed group (sequence
+            parallelism, `dit8.SequenceParallel`). Every process loads the pipeline and makes the same
+            calls; each encodes, samples and decodes alike and gets the whole video.
 
         Raises CheckpointError naming the file for a missing or unusable piece.
         """
@@ -225,7 +230,7 @@ class I2VPipeline:
         folder_config = files.root / "config.json"
         model = load_dit(files.dit, device=device, dtype=dtype, backend=backend,
                          attention=attention, progress=progress,
-                         config_json=folder_config if folder_config.is_file() else None)
+                         config_json=folder_config if folder_config.is_file() else None, parallel=parallel)
         if not model.config.is_i2v:
             raise CheckpointError(f"{files.dit}: a text-to-video DiT; the pipeline needs an image-to-video one")
         tokenizer = Tokenizer.from_folder(files.tokenizer, text_len=model.config.text_len)

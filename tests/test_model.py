@@ -60,7 +60,7 @@ def test_rope_table_is_built_once_per_grid(model, monkeypatch):
     built = []
     real = dit8.model.rope_table
     monkeypatch.setattr(dit8.model, "rope_table", lambda *a, **k: built.append(a) or real(*a, **k))
-    model._rope_tables.clear()
+    model._positions.clear()
     for size in [(2, 4, 6), (2, 4, 6), (3, 4, 6)]:
         model(**random_inputs(model.config, latent_size=size))
     assert [a[0] for a in built] == [(2, 2, 3), (3, 2, 3)]

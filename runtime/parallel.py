@@ -1,0 +1,114 @@
+"""Sequence parallelism (Ulysses) for the DiT: P processes share one forward, each holding 1/P of the
+tokens (spec/pipeline.md).
+
+Everything in a Wan block but self-attention works token by token, so each rank runs it on its own
+contiguous slice of the sequence. Around self-attention an all-to-all trades the token split for a head
+split: rank r receives head group r of the whole sequence, attends locally, and the reverse all-to-all
+brings the output back to its tokens. RoPE uses the tokens' global positions; the head's output is
+gathered at the end. The embeddings, context and time modulation are computed on every rank alike.
+
+Where P does not divide the token count, the sequence is padded at its end to a multiple of P. The
+padded tokens never serve as keys (attention reads only the real ones after the all-to-all) and are
+dropped after the gather, so the result is that of the unpadded sequence.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class SequenceParallel:
+    """The process group a DiT forward is split over, and this process's place in it.
+
+    Build it after `torch.distributed.init_process_group` (e.g. under `torchrun`) with
+    `SequenceParallel.from_group()`; every rank of the group must run the same forwards with the same
+    inputs (same seed), and each gets the whole result.
+    """
+
+    group: dist.ProcessGroup | None
+    rank: int
+    world: int
+
+    @classmethod
+    def from_group(cls, group: dist.ProcessGroup | None = None) -> SequenceParallel:
+        """The default process group (or `group`) of an initialised torch.distributed."""
+        if not dist.is_available() or not dist.is_initialized():
+            raise InputError("sequence parallelism needs torch.distributed initialised first "
+                             "(torch.distributed.init_process_group, e.g. under torchrun)")
+        return cls(group, dist.get_rank(group), dist.get_world_size(group))
+
+    def check_heads(self, heads: int) -> None:
+        """Raise InputError unless the attention heads split evenly over the ranks."""
+        if heads % self.world:
+            raise InputError(f"sequence parallelism over {self.world} processes needs a head count divisible by "
+                             f"{self.world}; the model has {heads} heads")
+
+    def local_length(self, tokens: int) -> int:
+        """Tokens per rank: the sequence padded to a multiple of the world size, divided by it."""
+        return -(-tokens // self.world)
+
+    def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's slice of `x` along `dim` (the token axis), zero-padded at the end of the sequence
+        to local_length(x.shape[dim]) rows per rank."""
+        tokens = x.shape[dim]
+        local = self.local_length(tokens)
+        start = self.rank * local
+        part = x.narrow(dim, min(start, tokens), max(0, min(local, tokens - start)))
+        if part.shape[dim] == local:
+            return part
+        pad = list(x.shape)
+        pad[dim] = local - part.shape[dim]
+        return torch.cat([part, x.new_zeros(pad)], dim)
+
+    def tokens_to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L/P, H, D] (this rank's tokens, all heads) -> [B, L, H/P, D] (all tokens, head group
+        `rank`), where L is the padded sequence length."""
+        B, local, H, D = x.shape
+        group_heads = H // self.world
+        # Chunk j of dim 0 goes to rank j: this rank's tokens of head group j.
+        send = x.reshape(B, local, self.world, group_heads, D).permute(2, 0, 1, 3, 4).contiguous()
+        received = torch.empty_like(send)
+        dist.all_to_all_single(received, send, group=self.group)
+        # Chunk i of dim 0 came from rank i: tokens i·L/P .. (i+1)·L/P of this rank's head group.
+        return received.permute(1, 0, 2, 3, 4).reshape(B, self.world * local, group_heads, D)
+
+    def heads_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of tokens_to_heads: [B, L, H/P, D] -> [B, L/P, H, D]."""
+        B, tokens, group_heads, D = x.shape
+        local = tokens // self.world
+        send = x.reshape(B, self.world, local, group_heads, D).transpose(0, 1).contiguous()
+        received = torch.empty_like(send)
+        dist.all_to_all_single(received, send, group=self.group)
+        # Chunk i came from rank i: head group i of this rank's tokens.
+        return received.permute(1, 2, 0, 3, 4).reshape(B, local, self.world * group_heads, D)
+
+    def gather(self, x: torch.Tensor, dim: int, tokens: int) -> torch.Tensor:
+        """Every rank's slice of `x` concatenated along `dim`, without the padding: `tokens` long."""
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim).narrow(dim, 0, tokens)
+
+
+def join_launched_group(device: torch.device) -> tuple[SequenceParallel, torch.device]:
+    """Join the process group a launcher such as `torchrun` describes in the environment (RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL on CUDA, gloo on the CPU. Returns the
+    group and this process's device (on CUDA, GPU LOCAL_RANK unless `device` names one)."""
+    missing = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+               if name not in os.environ]
+    if missing:
+        raise InputError(f"sequence parallelism: {', '.join(missing)} not set; start the processes with a "
+                         f"launcher, e.g. torchrun --nproc-per-node 2 -m dit8 generate ... --sequence-parallel")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return SequenceParallel.from_group(), device

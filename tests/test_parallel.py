@@ -1,0 +1,155 @@
+"""Sequence parallelism (runtime/parallel.py): the DiT split over P processes, on the CPU with gloo,
+gives every process the single-process result."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dit8
+from dit8 import CapturedForward, InputError, SequenceParallel, WanDiT
+from dit8.testing import random_inputs, random_weights, tiny_config, write_checkpoint
+from dit8.testing_pipeline import write_tiny_model_folder
+from dit8.video import read_png, write_png_frames
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="this torch build has no torch.distributed with gloo")
+
+
+def _in_group(rank: int, world: int, store: str, job, *args) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        job(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_group(tmp_path, world: int, job, *args) -> None:
+    """Run job(rank, *args) in `world` fresh processes joined in a gloo group."""
+    mp.spawn(_in_group, args=(world, str(tmp_path / "store"), job, *args), nprocs=world)
+
+
+def _exchange(rank, out):
+    sp = SequenceParallel.from_group()
+    B, local, H, D = 2, 3, 4 * sp.world, 5
+    # Token t of head h holds 1000·t + h (+ 0.5 in channel 1): where every value lands is checkable.
+    tokens = torch.arange(rank * local, (rank + 1) * local)
+    x = (1000.0 * tokens[None, :, None, None] + torch.arange(H)[None, None, :, None]).expand(B, local, H, D).clone()
+    x[..., 1] += 0.5
+    heads = sp.tokens_to_heads(x)
+    back = sp.heads_to_tokens(heads)
+    torch.save({"heads": heads, "back": back, "x": x}, f"{out}.{rank}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_all_to_all_trades_the_token_split_for_a_head_split(tmp_path, world):
+    run_group(tmp_path, world, _exchange, str(tmp_path / "out"))
+    local, group = 3, 4
+    for rank in range(world):
+        r = torch.load(tmp_path / f"out.{rank}")
+        tokens = torch.arange(world * local)
+        own_heads = torch.arange(rank * group, (rank + 1) * group)
+        want = 1000.0 * tokens[None, :, None, None] + own_heads[None, None, :, None]
+        assert r["heads"].shape == (2, world * local, group, 5)
+        torch.testing.assert_close(r["heads"][..., 0], want[..., 0].expand(2, -1, -1), rtol=0, atol=0)
+        torch.testing.assert_close(r["heads"][..., 1], want[..., 0].expand(2, -1, -1) + 0.5, rtol=0, atol=0)
+        torch.testing.assert_close(r["back"], r["x"], rtol=0, atol=0)
+
+
+def _forward(rank, ckpt, latent_size, out, kwargs):
+    model = dit8.load_dit(ckpt, parallel=SequenceParallel.from_group(), **kwargs)
+    torch.save(model(**random_inputs(model.config, latent_size=latent_size)), f"{out}.{rank}")
+
+
+# (world, width, latent size), heads of 128 channels as Wan's (a checkpoint states no head count):
+# 2 processes share 12 tokens; 4 share 9, padded to 12 (the last process holds only padding).
+CASES = [(2, 256, (2, 4, 6)), (4, 512, (1, 6, 6))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, dim, latent_size", CASES)
+def test_sequence_parallel_forward_is_the_single_process_forward(tmp_path, world, dim, latent_size):
+    config = tiny_config("i2v", dim=dim, num_heads=dim // 128)
+    ckpt = write_checkpoint(random_weights(config), tmp_path / "m.safetensors")
+    run_group(tmp_path, world, _forward, str(ckpt), latent_size, str(tmp_path / "out"), {})
+    want = dit8.load_dit(ckpt)(**random_inputs(config, latent_size=latent_size))
+    for rank in range(world):
+        got = torch.load(tmp_path / f"out.{rank}")
+        # The same arithmetic on the same rows; only how a matmul blocks its rows differs.
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_heads_must_split_evenly_over_the_processes():
+    with pytest.raises(InputError, match="head count divisible by 3; the model has 2 heads"):
+        WanDiT(tiny_config("i2v"), parallel=SequenceParallel(None, 0, 3))
+
+
+def test_cuda_graph_capture_is_refused():
+    model = WanDiT(tiny_config("i2v"), parallel=SequenceParallel(None, 0, 2))
+    inputs = random_inputs(model.config)
+    with pytest.raises(InputError, match="sequence-parallel model is not supported"):
+        CapturedForward(model, inputs["x"], inputs["t"], None, y=inputs["y"])
+
+
+def test_shards_cover_the_sequence_with_padding_at_its_end():
+    x = torch.arange(1, 10).float()[None, :, None]  # 9 tokens
+    parts = [SequenceParallel(None, r, 4).shard(x, 1) for r in range(4)]
+    assert [p.flatten().tolist() for p in parts] == [[1, 2, 3], [4, 5, 6], [7, 8, 9], [0, 0, 0]]
+
+
+def test_a_group_needs_torch_distributed_initialised():
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(InputError, match="init_process_group"):
+        SequenceParallel.from_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_generate_splits_over_launched_processes(tmp_path):
+    folder = write_tiny_model_folder(tmp_path / "model", kind="distill_models", vae_dim=4)
+    image = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    (png,) = write_png_frames(tmp_path, image[None])
+
+    def generate(name: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "dit8", "generate", "--model", str(folder), "--image", str(png), "--prompt",
+                "a cat walks", "--out", str(tmp_path / f"{name}.mp4"), "--frames", "5", "--area", "1536",
+                "--device", "cpu", "--frames-dir", str(tmp_path / name), *extra]
+
+    # As torchrun starts them: two processes told their ranks through the environment.
+    world, port = 2, _free_port()
+    procs = [subprocess.Popen(generate("parallel", "--sequence-parallel"), stdout=subprocess.PIPE, text=True,
+                              env=os.environ | dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                                                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in range(world)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "parallel    2 processes" in outputs[0] and outputs[1] == ""
+    subprocess.run(generate("single"), check=True, capture_output=True, timeout=600)
+    frames = {name: np.stack([read_png(f) for f in sorted((tmp_path / name).glob("*.png"))])
+              for name in ("parallel", "single")}
+    assert frames["parallel"].shape == frames["single"].shape == (5, 32, 48, 3)
+    # Latents equal up to fp32 rounding: a pixel may round to the neighbouring 8-bit level.
+    diff = np.abs(frames["parallel"].astype(int) - frames["single"].astype(int))
+    assert diff.max() <= 1, diff.max()
+
+
+def test_generate_sequence_parallel_needs_a_launcher(tmp_path, monkeypatch, capsys):
+    from dit8.cli import main
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["generate", "--model", "m", "--image", "i.png", "--prompt", "p", "--out", str(tmp_path / "o.mp4"),
+                 "--device", "cpu", "--sequence-parallel"]) == 1
+    assert "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set" in capsys.readouterr().err
