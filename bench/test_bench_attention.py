@@ -175,7 +175,7 @@ def test_cross_attention(name, device, smoke, record, gpu_time, baseline_cache):
 
 SWEEP = [impl.AttnConfig(*c) for c in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
                                        (128, 128, 8, 4), (64, 64, 4, 3), (64, 128, 4, 2), (64, 128, 4, 3),
-                                       (64, 128, 4, 4), (256, 64, 8, 2)]]
+                                       (64, 128, 4, 4), (256, 64, 8, 2)]] + [impl.THREE_PER_SM]
 
 
 @pytest.mark.skipif(os.environ.get("DIT8_ATTN_SWEEP") != "1" or not torch.cuda.is_available(),

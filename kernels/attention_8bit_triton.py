@@ -463,7 +463,7 @@ def _launch_8bit(x: Quantized8bit, out: torch.Tensor, cfg: AttnConfig):
         HEAD_DIM=D, BLOCK_D=_block_d("attention", D, DOT8_MIN_REDUCTION), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, QK_INT8=x.q.dtype == torch.int8,
         PV=pv, PV_BITS=pv_products_by_bits(x.q.device), DOT_FP32=interpreting(), INTERPRET=interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        **cfg.launch_options())
     return out
 
 

@@ -63,6 +63,16 @@ class AttnConfig:
     block_n: int  # keys per inner step (also the key blocks of the int8 P·V path's P scales)
     num_warps: int
     num_stages: int
+    # Registers per thread ptxas may use (None: its own choice, up to 255). An SM holds 64K registers,
+    # so 4-warp programs capped at 168 fit three to an SM where 255 fit two.
+    max_registers: int | None = None
+
+    def launch_options(self) -> dict[str, int]:
+        """The launch keywords of this configuration."""
+        options = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.max_registers is not None and not interpreting():
+            options["maxnreg"] = self.max_registers
+        return options
 
 
 # Keyed by (path, head_dim bound). At head_dim 128 these are the fastest of the candidates that
@@ -86,6 +96,11 @@ _CONFIGS = {
     ("cross", 64): AttnConfig(128, 64, 8, 2),
     ("cross", 128): AttnConfig(64, 64, 4, 3),
 }
+# A candidate of the benchmark's sweep for the 8-bit paths: 64 x 64 tiles on 4 warps capped at 168
+# registers and 57 KiB of shared memory, so that three programs share an SM where two of the 64 x 128
+# tiles do. Compiled for sm_90a by triton 3.6 it spills nothing with either P·V format (3.9: 8-12
+# local-memory accesses in the key loop). Not timed yet.
+THREE_PER_SM = AttnConfig(64, 64, 4, 3, max_registers=168)
 # GPUs whose blocks may take less shared memory than Hopper's 227 KiB (sm_80: 163 KiB; sm_86 and sm_89:
 # 99 KiB): the head_dim 128 tiles that fit 99 KiB and, compiled for sm_80 and sm_89, spill
 # nothing in their loops (128 x 128 bf16 needs 128 KiB there; the 8-bit kernel at 128 x 128 in 2 stages
@@ -366,7 +381,7 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         q, k, v, out, *_bhd_strides(q), *_bhd_strides(k), *_bhd_strides(v), *_bhd_strides(out),
         H, Lq, Lk, LOG2E / math.sqrt(D),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_FP32=_dot_fp32(q),
-        INTERPRET=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        INTERPRET=interpreting(), **cfg.launch_options())
     return out
 
 
@@ -394,5 +409,5 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: to
         H, Lq, k.shape[1], k_img.shape[1], LOG2E / math.sqrt(D),
         HAS_IMG=has_img, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         DOT_FP32=_dot_fp32(q),
-        INTERPRET=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        INTERPRET=interpreting(), **cfg.launch_options())
     return out

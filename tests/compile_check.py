@@ -20,13 +20,14 @@ from collections.abc import Iterable
 
 
 def compile_kernel(kernel, types: dict[str, str], constexprs: dict[str, object], *, num_warps: int,
-                   num_stages: int = 3, arch: int = 90, aligned: Iterable[str] = (), ones: Iterable[str] = ()
-                   ) -> dict:
+                   num_stages: int = 3, arch: int = 90, aligned: Iterable[str] = (), ones: Iterable[str] = (),
+                   max_registers: int | None = None) -> dict:
     """Compile `kernel` for sm_`arch` (sm_90a for 90) as the JIT would specialize it: `types` gives the
     Triton type of each non-constexpr argument not an "i32" ("*bf16", "fp32", "tensordesc<...>");
     pointers and the integer arguments named in `aligned` are marked divisible by 16 (torch allocations
     and Wan's strides are), and those named in `ones` become the constant 1 (the JIT compiles an integer
     argument equal to 1 as a constant: a unit stride is what lets it vectorize along that axis).
+    max_registers: the launch's register cap (maxnreg), if any.
     Returns shared-memory bytes, registers and spill-store bytes (ptxas -v), the local-memory loads and
     stores inside loops (the spills that cost per iteration), the global loads and stores narrower
     than 32 bits (unvectorized element accesses) and the 8- and 16-byte global stores in the SASS of
@@ -43,8 +44,10 @@ def compile_kernel(kernel, types: dict[str, str], constexprs: dict[str, object],
              if n in aligned or signature[n].startswith("*")}
     src = ASTSource(fn=kernel, signature=signature, attrs=attrs,
                     constexprs={(names.index(n),): v for n, v in constexprs.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if max_registers is not None:
+        options["maxnreg"] = max_registers
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
     report, sass = _machine_code(compiled, arch)
     return report | dict(
