@@ -33,6 +33,7 @@ from .diffusers_reference import diffusers_inputs, diffusers_skip_reason, to_dif
 from .errors import InputError
 from .model import EncodedContext, WanDiT
 from .packed_format import SCHEMES
+from .parallel import join_launched_group
 from .profiling import profile_parts, time_ms
 from .progress import format_bytes
 from .random_dit import build_model, random_conditioning
@@ -48,7 +49,8 @@ class BenchSettings:
     fp32 on CPU); "fp8"/"int8" quantize them. size is (width, height) in pixels. backend: the model's
     (registry.model_backend: "triton"/"cuda" where an op has that kernel, "auto" for the others).
     steps = 0 skips the loop; compare = "diffusers" adds diffusers' forward; cuda_graph also times the
-    forward replayed from a CUDA graph (`dit8.CapturedForward`)."""
+    forward replayed from a CUDA graph (`dit8.CapturedForward`). sequence_parallel: split the model over
+    the processes of a launcher (runtime/parallel.py), each of which runs the benchmark alike."""
 
     scheme: str = "bf16"
     attention: str = "bf16"
@@ -65,6 +67,7 @@ class BenchSettings:
     profile: bool = True
     cuda_graph: bool = False
     seed: int = 0
+    sequence_parallel: bool = False
 
     def config_name(self) -> str:
         return self.config or ("i2v-14b" if torch.device(self.device).type == "cuda" else "tiny")
@@ -95,6 +98,8 @@ def check_bench_settings(s: BenchSettings) -> None:
     device = resolve_device(s.device)
     if s.cuda_graph and device.type != "cuda":
         raise InputError("--cuda-graph needs --device cuda")
+    if s.sequence_parallel and (s.cuda_graph or s.compare):
+        raise InputError("--sequence-parallel runs neither --cuda-graph nor --compare (one process each)")
 
 
 # -- FLOPs -----------------------------------------------------------------------------------------------
@@ -165,6 +170,9 @@ class DitBench:
     def __init__(self, settings: BenchSettings, *, log: Callable[[str], None] | None = None):
         self.settings, self.say = settings, log or (lambda line: None)
         device = torch.device(settings.device)
+        self.parallel = None
+        if settings.sequence_parallel:
+            self.parallel, device = join_launched_group(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.config = device, settings.model_config()
@@ -174,7 +182,8 @@ class DitBench:
         t0 = time.perf_counter()
         self.model: WanDiT | None = build_model(self.config, scheme=settings.scheme, device=device,
                                                 backend=settings.backend,
-                                                attention=settings.attention, seed=settings.seed)
+                                                attention=settings.attention, seed=settings.seed,
+                                                parallel=self.parallel)
         synchronize(device)
         self.init_s = time.perf_counter() - t0
         self.cond = random_conditioning(self.config, settings.frames, tuple(settings.size), device=device,
@@ -208,7 +217,7 @@ class DitBench:
             "tokens": math.prod(cond.grid), "grid": list(cond.grid), "latent": list(cond.x.shape[1:]),
             "text": list(cond.context.shape[1:]), "clip": list(cond.clip_fea.shape[1:]),
             "weight_bytes": sum(b.nbytes for b in model.buffers()), "init_s": round(self.init_s, 3),
-            "flops": self.flops(),
+            "flops": self.flops(), "processes": 1 if self.parallel is None else self.parallel.world,
         }
 
     def time_forward(self) -> dict:
@@ -332,6 +341,9 @@ def format_table(r: dict) -> list[str]:
         f"forward     {r['forward_ms']:,.1f} ms (median of {len(r['forward_samples_ms'])}), "
         f"context k/v {r['context_ms']:,.1f} ms (once per generation)",
     ]
+    if r.get("processes", 1) > 1:
+        lines.insert(1, f"parallel    {r['processes']} processes, each computing 1/{r['processes']} of the tokens; "
+                        "times, memory and profile are the first process's")
     if "cuda_graph" in r:
         g = r["cuda_graph"]
         lines.append(f"cuda graph  forward {g['forward_ms']:,.1f} ms replayed (captured in {g['capture_s']:.1f} s), "

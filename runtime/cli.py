@@ -173,12 +173,17 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
             temp.write_text(json.dumps({**result, **extra}, indent=2))
             os.replace(temp, json_path)
 
+    # Under --sequence-parallel every process runs the benchmark; the first one reports it.
+    first = not settings.sequence_parallel or os.environ.get("RANK", "0") == "0"
     try:
-        result = run_bench(settings, log=lambda line: print(f"dit8 bench dit: {line}", file=sys.stderr, flush=True),
-                           measured=save)
+        result = run_bench(settings, log=lambda line: print(f"dit8 bench dit: {line}", file=sys.stderr, flush=True)
+                           if first else None, measured=save if first else None)
     except Exception as err:  # out of memory, say: the numbers so far stay (if any), with the error
-        save(saved[0], error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        if first:
+            save(saved[0], error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         raise
+    if not first:
+        return 0
     for line in format_table(result):
         print(line)
     if json_path is not None:
@@ -200,7 +205,8 @@ def bench_settings(args: argparse.Namespace) -> BenchSettings:
     resolve_device(args.device)  # an InputError naming it, before the config is chosen by its type
     settings = BenchSettings(scheme=args.scheme, attention=args.attention, layers=args.layers, steps=args.steps,
                              backend=args.backend, device=args.device, config=args.config, compare=args.compare,
-                             repeat=args.repeat, cuda_graph=args.cuda_graph)
+                             repeat=args.repeat, cuda_graph=args.cuda_graph,
+                             sequence_parallel=args.sequence_parallel)
     tiny = settings.config_name() == "tiny"
     frames = args.frames if args.frames is not None else TINY_FRAMES if tiny else settings.frames
     size = args.size if args.size is not None else TINY_SIZE if tiny else settings.size
@@ -327,6 +333,9 @@ def _add_bench_dit(dit: argparse.ArgumentParser) -> None:
     dit.add_argument("--cuda-graph", action="store_true",
                      help="also time the forward replayed from a CUDA graph (dit8.CapturedForward)")
     dit.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
+    dit.add_argument("--sequence-parallel", action="store_true",
+                     help="split the model over the processes of a launcher, one GPU each: torchrun "
+                     "--nproc-per-node N -m dit8 bench dit ... --sequence-parallel")
     dit.set_defaults(run=_run_bench_dit)
 
 

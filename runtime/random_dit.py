@@ -21,6 +21,7 @@ from .layouts import block_linears
 from .loader import QUANT_DTYPES, default_dtype
 from .model import WanDiT
 from .packed_format import WEIGHT_SCALE_SUFFIX
+from .parallel import SequenceParallel
 from .testing import scale_random_
 
 CLIP_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 256 patches and the class token
@@ -36,11 +37,12 @@ def quantized_layers(config: WanConfig, scheme: str) -> dict[str, torch.dtype]:
 
 def build_model(config: WanConfig, *, scheme: str = "bf16", device: str | torch.device = "cuda",
                 dtype: torch.dtype | None = None, backend: str = "auto", attention: str = "bf16",
-                seed: int = 0) -> WanDiT:
-    """A WanDiT of `config` on `device` with random weights made there (see `init_random_`)."""
+                seed: int = 0, parallel: SequenceParallel | None = None) -> WanDiT:
+    """A WanDiT of `config` on `device` with random weights made there (see `init_random_`); the same
+    weights in every process of a `parallel` group, drawn from the same seeds."""
     device = torch.device(device)
     model = WanDiT(config, device=device, dtype=dtype or default_dtype(device), backend=backend,
-                   attention=attention, quantized=quantized_layers(config, scheme))
+                   attention=attention, quantized=quantized_layers(config, scheme), parallel=parallel)
     init_random_(model, seed=seed)
     return model
 

@@ -1,6 +1,7 @@
 """Sequence parallelism (runtime/parallel.py): the DiT split over P processes, on the CPU with gloo,
 gives every process the single-process result."""
 
+import json
 import os
 import socket
 import subprocess
@@ -116,6 +117,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launched(world: int, command: list[str]) -> list[subprocess.Popen]:
+    """`command` in `world` processes told their ranks through the environment, as torchrun starts them."""
+    port = _free_port()
+    return [subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
+                             env=os.environ | dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                                                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+            for r in range(world)]
+
+
 @pytest.mark.slow
 def test_generate_splits_over_launched_processes(tmp_path):
     folder = write_tiny_model_folder(tmp_path / "model", kind="distill_models", vae_dim=4)
@@ -127,12 +137,7 @@ def test_generate_splits_over_launched_processes(tmp_path):
                 "a cat walks", "--out", str(tmp_path / f"{name}.mp4"), "--frames", "5", "--area", "1536",
                 "--device", "cpu", "--frames-dir", str(tmp_path / name), *extra]
 
-    # As torchrun starts them: two processes told their ranks through the environment.
-    world, port = 2, _free_port()
-    procs = [subprocess.Popen(generate("parallel", "--sequence-parallel"), stdout=subprocess.PIPE, text=True,
-                              env=os.environ | dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
-                                                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
-             for r in range(world)]
+    procs = launched(2, generate("parallel", "--sequence-parallel"))
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert "parallel    2 processes" in outputs[0] and outputs[1] == ""
@@ -143,6 +148,25 @@ def test_generate_splits_over_launched_processes(tmp_path):
     # Latents equal up to fp32 rounding: a pixel may round to the neighbouring 8-bit level.
     diff = np.abs(frames["parallel"].astype(int) - frames["single"].astype(int))
     assert diff.max() <= 1, diff.max()
+
+
+@pytest.mark.slow
+def test_bench_dit_splits_over_launched_processes(tmp_path):
+    command = [sys.executable, "-m", "dit8", "bench", "dit", "--device", "cpu", "--steps", "1", "--repeat", "1",
+               "--sequence-parallel", "--json", str(tmp_path / "b.json")]
+    procs = launched(2, command)
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "parallel    2 processes" in outputs[0] and outputs[1] == ""
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["processes"] == 2 and result["forward_ms"] > 0 and result["loop"]["total_ms"] > 0
+
+
+def test_bench_dit_sequence_parallel_runs_alone():
+    from dit8.bench_dit import BenchSettings, check_bench_settings
+
+    with pytest.raises(InputError, match="--sequence-parallel runs neither --cuda-graph nor --compare"):
+        check_bench_settings(BenchSettings(device="cpu", sequence_parallel=True, compare="diffusers"))
 
 
 def test_generate_sequence_parallel_needs_a_launcher(tmp_path, monkeypatch, capsys):
