@@ -97,9 +97,11 @@ def baseline(cache: dict, key, make_call, gpu_time) -> tuple[float, torch.Tensor
 # torch_reference: the op's torch backend, SDPA on whatever backend torch picks (the reference "auto"
 # would run where the Triton kernel is not verified); triton_int8 / triton_fp8: the two 8-bit
 # precisions (INT8 q·kᵀ; INT8 or FP8 P·V); triton_int8_pv16: INT8 q·kᵀ with 16-bit P·V, for comparison;
-# gluon_bf16: the Hopper candidate for the bf16 path (kernels/attention_gluon.py), on Hopper only.
+# *_three_per_sm: the 8-bit precisions on the register-capped candidate tile (attention_triton.
+# THREE_PER_SM); gluon_bf16: the Hopper candidate for the bf16 path (kernels/attention_gluon.py), on
+# Hopper only.
 SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "torch_reference", "triton_bf16", "triton_int8", "triton_fp8",
-              "triton_int8_pv16", "gluon_bf16"]
+              "triton_int8_pv16", "triton_int8_three_per_sm", "triton_fp8_three_per_sm", "gluon_bf16"]
 
 
 @pytest.mark.parametrize("name", SELF_IMPLS)
@@ -128,12 +130,13 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
         info.update(op="attention", backend=backend, case="bf16")
     else:
         qk, pv = {"triton_int8": impl8.RECIPES["int8"], "triton_fp8": impl8.RECIPES["fp8"],
-                  "triton_int8_pv16": ("int8", "fp16")}[name]
-        fn = lambda: impl8.attention_8bit(q, k, v, "int8", qk=qk, pv=pv)  # noqa: E731
-        cfg = impl.pick_config(impl8.config_path(pv), D, shared_memory=impl.shared_memory_of(q.device))
+                  "triton_int8_pv16": ("int8", "fp16")}[name.removesuffix("_three_per_sm")]
+        config = impl.THREE_PER_SM if name.endswith("_three_per_sm") else None
+        fn = lambda: impl8.attention_8bit(q, k, v, "int8", qk=qk, pv=pv, config=config)  # noqa: E731
+        cfg = config or impl.pick_config(impl8.config_path(pv), D, shared_memory=impl.shared_memory_of(q.device))
         info["quantize_ms"] = round(gpu_time(lambda: impl8.quantize_for_attention(
             q, k, v, qk=qk, pv=pv, block_m=cfg.block_m, block_n=cfg.block_n)), 4)
-        info.update(qk=qk, pv=pv)
+        info.update(qk=qk, pv=pv, config=str(cfg))
     out = fn()
     if name.startswith("triton_"):
         info.update(kernel_info("attention" if name == "triton_bf16" else "attention_8bit"))
