@@ -99,15 +99,17 @@ class SequenceParallel:
 def join_launched_group(device: torch.device) -> tuple[SequenceParallel, torch.device]:
     """Join the process group a launcher such as `torchrun` describes in the environment (RANK,
     WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL on CUDA, gloo on the CPU. Returns the
-    group and this process's device (on CUDA, GPU LOCAL_RANK unless `device` names one)."""
+    group and this process's device: on CUDA, GPU LOCAL_RANK (`device` must not name one)."""
     missing = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
                if name not in os.environ]
     if missing:
         raise InputError(f"sequence parallelism: {', '.join(missing)} not set; start the processes with a "
                          f"launcher, e.g. torchrun --nproc-per-node 2 -m dit8 generate ... --sequence-parallel")
     if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if device.index is not None:
+            raise InputError(f"sequence parallelism puts each process on the GPU of its LOCAL_RANK; give the "
+                             f"device as 'cuda', not {str(device)!r}")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -177,3 +177,13 @@ def test_generate_sequence_parallel_needs_a_launcher(tmp_path, monkeypatch, caps
     assert main(["generate", "--model", "m", "--image", "i.png", "--prompt", "p", "--out", str(tmp_path / "o.mp4"),
                  "--device", "cpu", "--sequence-parallel"]) == 1
     assert "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set" in capsys.readouterr().err
+
+
+def test_launched_processes_take_the_gpu_of_their_local_rank(monkeypatch):
+    from dit8.parallel import join_launched_group
+
+    for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(InputError, match="give the device as 'cuda', not 'cuda:1'"):
+        join_launched_group(torch.device("cuda", 1))
