@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace dit8 {
 
@@ -49,17 +50,32 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 // 8-bit codes of y = x / scale, as kernels/quantize.py defines them: int8 rounds half to even and
 // clamps to [-128, 127]; e4m3 rounds to nearest even, saturating at ±448 (the reference's clamp before
 // its cast) and keeping NaN (which a clamp with fminf/fmaxf would turn into -448).
-template <> __device__ __forceinline__ int8_t from_f32<int8_t>(float y) {
-  return static_cast<int8_t>(fminf(fmaxf(rintf(y), -128.0f), 127.0f));
+// The int8 code is one saturating conversion (F2I.S8), where rintf, two clamps and a conversion took
+// two conversion-unit instructions and two more. (NaN gives 0; the reference's cast of NaN is
+// undefined, and a row holding one has a NaN scale.)
+__device__ __forceinline__ int32_t int8_code(float y) {  // the code, sign-extended to 32 bits
+  int32_t code;
+  asm("cvt.rni.sat.s8.f32 %0, %1;" : "=r"(code) : "f"(y));
+  return code;
 }
+template <> __device__ __forceinline__ int8_t from_f32<int8_t>(float y) { return static_cast<int8_t>(int8_code(y)); }
 template <> __device__ __forceinline__ __nv_fp8_e4m3 from_f32<__nv_fp8_e4m3>(float y) {
   __nv_fp8_e4m3 out;
   out.__x = __nv_cvt_float_to_fp8(y, __NV_SATFINITE, __NV_E4M3);
   return out;
 }
 
-// NaN-propagating max (fmaxf drops NaNs; a NaN row must give a NaN scale as the torch reference does).
-__device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+// NaN-propagating max (fmaxf drops NaNs; a NaN row must give a NaN scale as the torch reference does):
+// one instruction (FMNMX.NAN) from sm_80 on, where a compare-and-select takes three.
+__device__ __forceinline__ float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return (a > b || a != a) ? a : b;
+#endif
+}
 
 // ---- vector memory access ----------------------------------------------------------------------
 // N consecutive elements moved as one aligned access (16 bytes for 8 bf16 or 4 fp32). The callers
@@ -103,12 +119,35 @@ __device__ __forceinline__ ScaleDivisor divisor_of(float scale, float rcp) { ret
 __device__ __forceinline__ ScaleDivisor divisor_of(float scale) { return divisor_of(scale, __frcp_rn(scale)); }
 
 // Quantized store: codes of in[i] / scale, the division correctly rounded (it is the definition).
+// Bytes are packed without a move per code: e4m3 codes are converted two at a time (one instruction a
+// pair from sm_89 on, with from_f32's rounding and saturation), int8 codes four to a word in three
+// byte permutes.
 template <typename T, int N>
 __device__ __forceinline__ void store_codes(T* p, const float (&in)[N], const ScaleDivisor& divide) {
-  Pack<T, N> pk;
+  if constexpr (std::is_same_v<T, int8_t> && N % 4 == 0) {
+    Pack<uint32_t, N / 4> pk;  // byte j of word i is in[4i + j]'s code
 #pragma unroll
-  for (int i = 0; i < N; ++i) pk.v[i] = from_f32<T>(divide(in[i]));
-  *reinterpret_cast<Pack<T, N>*>(p) = pk;
+    for (int i = 0; i < N / 4; ++i) {
+      int32_t c[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) c[j] = int8_code(divide(in[4 * i + j]));
+      pk.v[i] = __byte_perm(__byte_perm(c[0], c[1], 0x0040), __byte_perm(c[2], c[3], 0x0040), 0x5410);
+    }
+    *reinterpret_cast<Pack<uint32_t, N / 4>*>(p) = pk;
+  } else if constexpr (std::is_same_v<T, __nv_fp8_e4m3> && N % 2 == 0) {
+    Pack<__nv_fp8x2_storage_t, N / 2> pk;  // byte 2i is in[2i]'s code, 2i + 1 in[2i + 1]'s
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      pk.v[i] = __nv_cvt_float2_to_fp8x2(make_float2(divide(in[2 * i]), divide(in[2 * i + 1])), __NV_SATFINITE,
+                                         __NV_E4M3);
+    }
+    *reinterpret_cast<Pack<__nv_fp8x2_storage_t, N / 2>*>(p) = pk;
+  } else {
+    Pack<T, N> pk;
+#pragma unroll
+    for (int i = 0; i < N; ++i) pk.v[i] = from_f32<T>(divide(in[i]));
+    *reinterpret_cast<Pack<T, N>*>(p) = pk;
+  }
 }
 
 // ---- reductions --------------------------------------------------------------------------------
