@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dist = sys.modules.get("torch.distributed")
         if dist is not None and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()  # joined by generate --sequence-parallel
+            dist.destroy_process_group()  # joined for --sequence-parallel
         if handle_sigterm:
             # (None: a handler installed from C, which Python cannot reinstate; the default then.)
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

@@ -27,7 +27,7 @@ class CapturedForward:
     def __init__(self, model: WanDiT, x: torch.Tensor, t: torch.Tensor, context: EncodedContext,
                  y: torch.Tensor | None = None, *, warmup: int = 2):
         if model.setup.parallel is not None:
-            # Capturing the all-to-alls needs NCCL's graph support, which no test here exercises.
+            # Capturing the all-to-alls would rely on NCCL's support for graph capture, untested with dit8.
             raise InputError("CUDA-graph capture of a sequence-parallel model is not supported; run it eagerly")
         device = model.setup.device
         if device.type != "cuda":

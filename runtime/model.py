@@ -97,7 +97,7 @@ class SelfAttention(nn.Module):
             q, k, v = (parallel.tokens_to_heads(t)[:, :positions.tokens] for t in (q, k, v))
         out = ops.attention(q, k, v, precision=self.precision, backend=self.setup.backend_of("attention"))
         if parallel is not None:
-            padding = parallel.world * positions.cos.shape[0] - positions.tokens
+            padding = parallel.world * parallel.local_length(positions.tokens) - positions.tokens
             out = parallel.heads_to_tokens(F.pad(out, (0, 0, 0, 0, 0, padding)) if padding else out)
         return self.o(out.flatten(2), residual, gate)
 

@@ -8,8 +8,8 @@ brings the output back to its tokens. RoPE uses the tokens' global positions; th
 gathered at the end. The embeddings, context and time modulation are computed on every rank alike.
 
 Where P does not divide the token count, the sequence is padded at its end to a multiple of P. The
-padded tokens never serve as keys (attention reads only the real ones after the all-to-all) and are
-dropped after the gather, so the result is that of the unpadded sequence.
+padding is cut off after the all-to-all, so attention sees only the real tokens (as queries and as
+keys), and dropped after the gather: the result is that of the unpadded sequence.
 """
 
 from __future__ import annotations
