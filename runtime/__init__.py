@@ -15,5 +15,5 @@ __version__ = "0.1.0"
 
 __all__ = ["DEFAULT_NEGATIVE_PROMPT", "Cancelled", "CapturedForward", "CheckpointError", "Dit8Error",
            "DistilledSampler", "EncodedContext", "I2VPipeline", "InputError", "ModelFiles", "ProgressEvent",
-           "SequenceParallel", "UniPCSampler", "Video", "WanConfig", "WanDiT", "find_model_files", "initial_noise", "load_dit",
-           "open_dit", "__version__"]
+           "SequenceParallel", "UniPCSampler", "Video", "WanConfig", "WanDiT", "find_model_files", "initial_noise",
+           "load_dit", "open_dit", "__version__"]
