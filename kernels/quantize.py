@@ -11,7 +11,8 @@ Non-finite inputs give non-finite scales: the op does not check values (that wou
 Backends: "torch" (the reference below), "triton" and "cuda" (one fused pass over each row:
 kernels/fused_triton.py and csrc/quantize.cu); on a GPU the kernels compute the same codes and scales
 as the reference bit for bit (the IEEE quotient, which they get from the scale's reciprocal and one
-FMA correction; round half to even; RNE e4m3 after the clamp).
+FMA correction; round half to even; RNE e4m3). The quotients never leave [-qmax, qmax] by more than
+the division's rounding, so the kernels let their conversions saturate instead of clamping.
 
 `gelu_tanh_quant(x, dtype)` is quantize_per_token(GELU_tanh(x)) with the GELU in fp32 and never rounded
 to x's dtype: the step between the FFN up and down GEMMs when the up GEMM's epilogue does not apply
