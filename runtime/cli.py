@@ -122,7 +122,8 @@ def _run_generate(args: argparse.Namespace) -> int:
                                        dit=args.dit, scheme=args.scheme, distilled=args.distilled,
                                        attention=args.attention,
                                        backend=args.backend, offload_encoders=args.offload_encoders,
-                                       vae_tile=args.vae_tile, parallel=parallel)
+                                       vae_tile=args.vae_tile, parallel=parallel,
+                                       progress=False if parallel is not None and parallel.rank != 0 else None)
     call = dict(seed=args.seed, frames=args.frames, size=args.size, area=args.area, steps=args.steps,
                 sampler=args.sampler, guidance=args.guidance, shift=args.shift,
                 negative_prompt=args.negative_prompt, update=args.update)
