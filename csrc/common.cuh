@@ -50,8 +50,8 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 // 8-bit codes of y = x / scale, as kernels/quantize.py defines them: int8 rounds half to even and
 // clamps to [-128, 127]; e4m3 rounds to nearest even, saturating at ±448 (the reference's clamp before
 // its cast) and keeping NaN (which a clamp with fminf/fmaxf would turn into -448).
-// The int8 code is one saturating conversion (F2I.S8), where rintf, two clamps and a conversion took
-// two conversion-unit instructions and two more. (NaN gives 0; the reference's cast of NaN is
+// The int8 code is one saturating conversion (F2I.S8); rintf, two clamps and a conversion were four
+// instructions, two of them on the conversion unit. (NaN gives 0; the reference's cast of NaN is
 // undefined, and a row holding one has a NaN scale.)
 __device__ __forceinline__ int32_t int8_code(float y) {  // the code, sign-extended to 32 bits
   int32_t code;
