@@ -52,7 +52,8 @@ GPU_VERIFIED: dict[tuple[int, int], frozenset[tuple[str, str]]] = {
     # H200 (sm_90), torch 2.11, triton 3.6, 2026-11-26: bench/gpu_check.sh, 903 tests passed (commit
     # cca18dd). Changed since, tested in the interpreter and compiled for sm_90a, not yet run on a GPU:
     # the FP8 GEMM table (scaled_mm), the cross-attention tile, the 8-bit attention's conversions and
-    # v stores, the Triton rows and q/k kernels (tiles, division), the CUDA quantizers' division and GELU.
+    # v stores, the Triton rows and q/k kernels (tiles, division), the CUDA quantizers' division and GELU,
+    # and the 8-bit conversions of the Triton and CUDA quantizing ops (saturating, without clamps).
     (9, 0): frozenset({
         ("attention", "triton"), ("cross_attention", "triton"),
         ("gelu_tanh_quant", "cuda"), ("gelu_tanh_quant", "triton"),
