@@ -142,8 +142,10 @@ def _rows_load(x_row, offs, mask, ACT: tl.constexpr):
 
 @triton.jit
 def _rows_finish(y, offs, mask, mean, rstd, W, Bias, shift_row, scale_row,
-                 NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr):
-    """Input values -> output values, in the torch reference's order: normalise, affine, modulate."""
+                 NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr,
+                 PADDED: tl.constexpr):
+    """Input values -> output values, in the torch reference's order: normalise, affine, modulate.
+    PADDED: lanes past the row's end are set to 0 (the amax and the sums read them)."""
     if NORM != 0:
         y = (y - mean) * rstd
     if HAS_W:
@@ -154,7 +156,9 @@ def _rows_finish(y, offs, mask, mean, rstd, W, Bias, shift_row, scale_row,
         sc = tl.load(scale_row + offs, mask=mask, other=0.0)
         sh = tl.load(shift_row + offs, mask=mask, other=0.0)
         y = y * (1.0 + sc) + sh
-    return tl.where(mask, y, 0.0)
+    if PADDED:
+        y = tl.where(mask, y, 0.0)
+    return y
 
 
 @triton.jit
@@ -162,8 +166,7 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
                  rows_per_batch, C, n, eps,  # n: C as a float (never specialised to a constant)
                  NORM: tl.constexpr, ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                  HAS_MOD: tl.constexpr, OUT: tl.constexpr, BLOCK_C: tl.constexpr, TAIL_C: tl.constexpr,
-                 SINGLE: tl.constexpr,
-                 INTERPRET: tl.constexpr):
+                 SINGLE: tl.constexpr, EXACT: tl.constexpr, INTERPRET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     out_row = Out + row * C
@@ -177,6 +180,8 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
         # The whole row is in registers, read once, every pass from there: a tile of BLOCK_C columns and,
         # when C is no power of two, a tail tile of TAIL_C after it (5120 = 4096 + 1024: no lanes
         # wasted on padding, where one tile of 8192 would spend 37% of its instructions on them).
+        # EXACT: the tiles hold exactly C columns (Wan's 5120), so no lane needs zeroing.
+        PADDED: tl.constexpr = not EXACT
         mask = offs0 < C
         x = _rows_load(x_row, offs0, mask, ACT)
         if TAIL_C > 0:
@@ -190,10 +195,10 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
             if TAIL_C > 0:
                 total += tl.sum(x1, 0)
             mean = tl.math.div_rn(total, n)
-            d = tl.where(mask, x - mean, 0.0)
+            d = tl.where(mask, x - mean, 0.0) if PADDED else x - mean
             squares = tl.sum(d * d, 0)
             if TAIL_C > 0:
-                d1 = tl.where(mask1, x1 - mean, 0.0)
+                d1 = tl.where(mask1, x1 - mean, 0.0) if PADDED else x1 - mean
                 squares += tl.sum(d1 * d1, 0)
             rstd = tl.math.rsqrt(tl.math.div_rn(squares, n) + eps)
         elif NORM == 2:
@@ -201,10 +206,11 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
             if TAIL_C > 0:
                 squares += tl.sum(x1 * x1, 0)
             rstd = tl.math.rsqrt(tl.math.div_rn(squares, n) + eps)
-        y = _rows_finish(x, offs0, mask, mean, rstd, W, Bias, shift_row, scale_row, NORM, HAS_W, HAS_B, HAS_MOD)
+        y = _rows_finish(x, offs0, mask, mean, rstd, W, Bias, shift_row, scale_row, NORM, HAS_W, HAS_B, HAS_MOD,
+                         PADDED)
         if TAIL_C > 0:
             y1 = _rows_finish(x1, offs1, mask1, mean, rstd, W, Bias, shift_row, scale_row, NORM, HAS_W, HAS_B,
-                              HAS_MOD)
+                              HAS_MOD, PADDED)
         if QUANT:
             amax = tl.reduce(tl.abs(y), 0, _max_nan)
             if TAIL_C > 0:
@@ -246,7 +252,7 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
                 offs = start + offs0
                 mask = offs < C
                 y = _rows_finish(_rows_load(x_row, offs, mask, ACT), offs, mask, mean, rstd, W, Bias,
-                                 shift_row, scale_row, NORM, HAS_W, HAS_B, HAS_MOD)
+                                 shift_row, scale_row, NORM, HAS_W, HAS_B, HAS_MOD, True)
                 amax = _max_nan(amax, tl.abs(y))
             scale = _scale_of(tl.reduce(amax, 0, _max_nan), OUT)
             tl.store(OutScale + row, scale)
@@ -254,7 +260,7 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
             offs = start + offs0
             mask = offs < C
             y = _rows_finish(_rows_load(x_row, offs, mask, ACT), offs, mask, mean, rstd, W, Bias,
-                             shift_row, scale_row, NORM, HAS_W, HAS_B, HAS_MOD)
+                             shift_row, scale_row, NORM, HAS_W, HAS_B, HAS_MOD, True)
             if QUANT:
                 tl.store(out_row + offs, _codes(y, scale, OUT, INTERPRET), mask=mask)
             else:
@@ -296,8 +302,8 @@ def launch_rows(x: torch.Tensor, weight, bias, shift, scale, norm: int, act: int
         shift.stride(0) if shift is not None else 0, scale.stride(0) if scale is not None else 0,
         max(rows_per_batch, 1), C, float(C), eps,
         NORM=norm, ACT=act, HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=shift is not None,
-        OUT=_out_kind(out_dtype), BLOCK_C=block, TAIL_C=tail, SINGLE=single, INTERPRET=interpreting(),
-        num_warps=_num_warps(block + tail))
+        OUT=_out_kind(out_dtype), BLOCK_C=block, TAIL_C=tail, SINGLE=single, EXACT=single and block + tail == C,
+        INTERPRET=interpreting(), num_warps=_num_warps(block + tail))
     return out, out_scale
 
 

@@ -655,7 +655,8 @@ def sm90_reports() -> dict[str, dict]:
         result[f"rows {xd}->{od} norm={norm} C={C}"] = report(
             ft._rows_kernel, rows_ptrs(xd, od),
             dict(NORM=norm, ACT=int(C == 13824), HAS_W=not mod and norm == 1, HAS_B=not mod and norm == 1,
-                 HAS_MOD=mod, OUT=out, BLOCK_C=block, TAIL_C=tail, SINGLE=tile <= ft.MAX_TILE, INTERPRET=False),
+                 HAS_MOD=mod, OUT=out, BLOCK_C=block, TAIL_C=tail, SINGLE=tile <= ft.MAX_TILE,
+                 EXACT=tile <= ft.MAX_TILE and block + tail == C, INTERPRET=False),
             ft._num_warps(block + tail))
     for od, out in [("bf16", 1), ("fp8e4nv", 3), ("i8", 2), ("fp32", 0)]:
         ptrs = dict(Q="bf16", K="bf16", QOut=od, KOut=od,
