@@ -324,8 +324,9 @@ def _rotate(x, r, W, chan, mask, cos, sin, BLOCK_H: tl.constexpr, BLOCK_D: tl.co
 @triton.jit
 def _qk_store(out_ptrs, y, mask, scale_ptrs, h_ok, OUT: tl.constexpr, INTERPRET: tl.constexpr):
     if OUT >= 2:
-        # One scale per head row: amax over the head's channels.
-        amax = tl.reduce(tl.where(mask, tl.abs(y), 0.0), 1, _max_nan)
+        # One scale per head row: amax over the head's channels. Masked lanes hold 0 (x and the weight
+        # load as 0 there, and rotation pairs never straddle the mask), so they need no select.
+        amax = tl.reduce(tl.abs(y), 1, _max_nan)
         scale = _scale_of(amax, OUT)
         tl.store(scale_ptrs, scale, mask=h_ok)
         tl.store(out_ptrs, _codes(y, scale[:, None], OUT, INTERPRET), mask=mask)
