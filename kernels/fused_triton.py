@@ -55,8 +55,9 @@ def _out_kind(dtype: torch.dtype) -> int:
 
 @triton.jit
 def _rint(y):
-    """Round half to even for |y| < 2^22 (8-bit codes are), by adding and subtracting BIAS_2_23: two
-    instructions, and exact in the interpreter (numpy rounds fp32 additions the same way)."""
+    """Round half to even for |y| < 2^22 (8-bit codes are), by adding and subtracting BIAS_2_23: exact in
+    the interpreter, where numpy rounds fp32 additions the same way (a GPU converts with one
+    instruction instead, _codes)."""
     return (y + BIAS_2_23) - BIAS_2_23
 
 

@@ -94,6 +94,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         from .parallel import join_launched_group
 
         parallel, device = join_launched_group(device)
+    # Every process of a sequence-parallel group makes the same calls; the first one reports and writes.
+    follower = parallel is not None and parallel.rank != 0
     check_output_paths(args.out, args.frames_dir)
     image = image_tensor(args.image)
     if not clean_prompt(args.prompt):
@@ -123,12 +125,12 @@ def _run_generate(args: argparse.Namespace) -> int:
                                        attention=args.attention,
                                        backend=args.backend, offload_encoders=args.offload_encoders,
                                        vae_tile=args.vae_tile, parallel=parallel,
-                                       progress=False if parallel is not None and parallel.rank != 0 else None)
+                                       progress=False if follower else None)
     call = dict(seed=args.seed, frames=args.frames, size=args.size, area=args.area, steps=args.steps,
                 sampler=args.sampler, guidance=args.guidance, shift=args.shift,
                 negative_prompt=args.negative_prompt, update=args.update)
-    if parallel is not None and parallel.rank != 0:
-        pipe(image, args.prompt, **call)  # every process makes the same call; the first one reports
+    if follower:
+        pipe(image, args.prompt, **call)
         return 0
     if parallel is not None:
         print(f"parallel    {parallel.world} processes, each computing 1/{parallel.world} of the tokens")
