@@ -26,7 +26,7 @@
 # pytest-xdist (spreads the tests over TEST_WORKERS processes, default 12: most of their time is Triton
 # compiling kernels, on the CPU) and pytest-timeout are used where installed.
 # The stages after the tests run with DIT8_VERIFIED (the kernels the tests verified: what "auto" may run)
-# and, unless the Gluon candidate's GPU tests passed, DIT8_SKIP_GLUON=1 (no Gluon benchmark or profile).
+# and DIT8_SKIP_GLUON, the Gluon candidates whose GPU tests have not passed (no benchmark or profile).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 command -v nvidia-smi >/dev/null || {
@@ -134,22 +134,29 @@ run_pytest() { limited "$py" -m pytest "${pytest_args[@]}" "$@"; }
 # The kernels the tests stage verified on this machine in an earlier run: "auto" runs these and no
 # others (DIT8_VERIFIED, kernels/registry.py).
 if [ -s "$out/verified.json" ]; then export DIT8_VERIFIED="$(cd "$out" && pwd)/verified.json"; fi
-# The Gluon candidates (kernels/attention_gluon.py) are benchmarked and profiled only after their GPU
-# tests passed on this machine: a kernel that hangs there would spend the stage's time.
-gluon_tests_passed() {
+# The Gluon candidates (kernels/attention_gluon.py, kernels/scaled_mm_gluon.py) are benchmarked and
+# profiled only after their GPU tests passed on this machine: a kernel that hangs there would spend the
+# stage's time. DIT8_SKIP_GLUON names those whose tests did not all pass ("attention", "gemm").
+untested_gluon() {
     "$py" - "$out/tests.xml" <<'PY'
 import sys
 import xml.etree.ElementTree as ET
+modules = {"attention": "test_attention_gluon", "gemm": "test_scaled_mm_gluon"}
 try:
-    cases = [c for c in ET.parse(sys.argv[1]).iter("testcase") if "gluon" in c.get("name", "")]
+    cases = list(ET.parse(sys.argv[1]).iter("testcase"))
 except (OSError, ET.ParseError):
-    sys.exit(1)
-bad = [c for c in cases if any(child.tag in ("failure", "error") for child in c)]
-passed = [c for c in cases if not any(child.tag in ("failure", "error", "skipped") for child in c)]
-sys.exit(0 if passed and not bad else 1)
+    cases = []
+untested = []
+for name, module in modules.items():
+    mine = [c for c in cases if c.get("classname", "").endswith(module)]
+    bad = [c for c in mine if any(child.tag in ("failure", "error") for child in c)]
+    passed = [c for c in mine if not any(child.tag in ("failure", "error", "skipped") for child in c)]
+    if bad or not passed:
+        untested.append(name)
+print(" ".join(untested))
 PY
 }
-gluon_tests_passed || export DIT8_SKIP_GLUON=1
+export DIT8_SKIP_GLUON="$(untested_gluon)"
 for stage in "${stages[@]}"; do
     stage_end=$((SECONDS + $([ "$stage" = tests ] && echo "${TESTS_LIMIT:-360}" || echo "${STAGE_LIMIT:-540}")))
     if [ "$(budget_left)" -lt 60 ]; then
@@ -171,7 +178,7 @@ for stage in "${stages[@]}"; do
             "$py" bench/verified_backends.py "$out/tests.xml" --collected "$out/kernel_tests.json" \
                 --json "$out/verified.json" | tee "$out/gpu_verified.txt"
             if [ -s "$out/verified.json" ]; then export DIT8_VERIFIED="$(cd "$out" && pwd)/verified.json"; fi
-            if gluon_tests_passed; then unset DIT8_SKIP_GLUON; else export DIT8_SKIP_GLUON=1; fi ;;
+            export DIT8_SKIP_GLUON="$(untested_gluon)" ;;
         gemm|attention|fused)
             # Also saved in pytest-benchmark's storage layout: bench/baselines/ takes it as the committed
             # baseline that --benchmark-compare-fail checks later runs against (bench/RESULTS.md).

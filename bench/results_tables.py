@@ -35,7 +35,7 @@ BENCH_COLUMNS = {
     "rel_err_baseline": "baseline rel err", "quantize_ms": "quantize ms",
     "peak_gib": "peak GiB", "activation_gib": "activations GiB", "estimate_gib": "estimate GiB",
     "n_regs": "registers", "n_spills": "spills", "config": "config", "best": "best",
-    "best_fast_accum": "best fast accum",
+    "best_fast_accum": "best fast accum", "ms_triton": "triton ms", "config_triton": "triton config",
 }
 
 

@@ -128,11 +128,11 @@ def loop_statistics(sass: str) -> dict[str, int]:
                 loop_instructions=max((len(body) for body in loops(sass)), default=0))
 
 
-def run_without_interpreter(module: str, function: str) -> dict:
-    """tests/`module`.`function`() in a fresh process without TRITON_INTERPRET; its JSON result."""
+def run_without_interpreter(module: str, function: str, args: tuple = ()) -> dict:
+    """tests/`module`.`function`(*args) in a fresh process without TRITON_INTERPRET; its JSON result."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    script = f"import json, sys; sys.path.insert(0, 'tests'); import {module} as t; print(json.dumps(t.{function}()))"
+    script = f"import json, sys; sys.path.insert(0, 'tests'); import {module} as t; print(json.dumps(t.{function}(*{args!r})))"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]

@@ -1,0 +1,168 @@
+"""The Gluon FP8 GEMM for Hopper (kernels/scaled_mm_gluon.py), a candidate for the promoted FP8 entries:
+against float64 on the GPU (error at most twice that of the same-precision computations, as for the
+Triton kernel: the torch reference op and cuBLAS's promoted FP8 accumulation), its argument checks, and
+a compile check of the schedule it exists for (opt-in without a GPU).
+
+Shapes: M, N and K not multiples of the tiles (TMA zero-fills the tails), one K tile and an odd or even
+number of K tiles (the loop handles the products in pairs), and more tiles than programs (each program
+walks several tiles, its loads running ahead across tile boundaries)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon", reason="this triton has no Gluon dialect")
+
+from dit8.kernels import OpArgumentError  # noqa: E402
+from dit8.kernels import scaled_mm as op  # noqa: E402
+from dit8.kernels import scaled_mm_gluon as g  # noqa: E402
+from test_scaled_mm_triton import (check_output, gate_rows, operands, reference64, rel_err,  # noqa: E402
+                                   residual_and_gate, tensor_core_error)
+
+FP8 = torch.float8_e4m3fn
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+
+def on_hopper(test):
+    """The marks of a GPU test of the kernel."""
+    marks = [
+        pytest.mark.gpu,
+        pytest.mark.skipif(not HOPPER, reason="the Gluon GEMM is written for Hopper GPUs (sm_90)"),
+        # A kernel waiting on a barrier that never completes blocks in the driver, where no signal reaches
+        # Python: the thread method ends the (xdist worker) process instead, and the other tests go on.
+        pytest.mark.timeout(120, method="thread"),
+    ]
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+def check_within_budget(xq, xs, wq, ws, bias, out_dtype, config=g.DEFAULT, **epilogue):
+    """Run the kernel; assert its error against float64 is at most 2x the larger of the torch
+    reference op's and cuBLAS's promoted FP8 accumulation's (with a residual: relative to the update)."""
+    out = g.scaled_mm(xq, xs, wq, ws, bias, out_dtype, config=config, **epilogue)
+    check_output(out, (xq.shape[0], wq.shape[0]), out_dtype)
+    residual = epilogue.get("residual")
+    ref = reference64(xq, xs, wq, ws, bias, epilogue.get("activation"), residual, epilogue.get("gate"),
+                      gate_rows(xq, epilogue))
+    err = rel_err(out, ref, residual)
+    ref_op = op(xq, xs, wq, ws, bias, out_dtype, backend="torch", **epilogue)
+    err_same = max(rel_err(ref_op, ref, residual), tensor_core_error(xq, xs, wq, ws, bias, out_dtype, ref, **epilogue))
+    assert err <= 2 * err_same, (err, err_same)
+    return out
+
+
+@pytest.mark.parametrize("M, N, K", [
+    (77, 45, 16),  # one K tile, zero-filled past K; a partial tile in M and N
+    (300, 130, 144),  # two K tiles (even), 3 x 2 output tiles
+    (1000, 5008, 4112),  # 33 K tiles (odd), N and K off the tile multiples
+    (4096, 5120, 640),  # 1280 tiles over the SMs: each program walks ~10 tiles
+])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("config", g.CANDIDATES, ids=lambda c: c.name().replace(" ", "_"))
+@on_hopper
+def test_gluon_gemm_within_twice_the_same_precision_error(M, N, K, out_dtype, config):
+    xq, xs, wq, ws, bias = operands(M, N, K, FP8, seed=M + N + K, bias_dtype=torch.bfloat16)
+    check_within_budget(xq, xs, wq, ws, bias, out_dtype, config)
+
+
+@pytest.mark.parametrize("variant", ["gate", "no_gate", "gate_gelu", "gelu"])
+@on_hopper
+def test_gluon_gemm_fused_epilogues(variant):
+    M, N, K = 1000, 640, 272
+    xq, xs, wq, ws, bias = operands(M, N, K, FP8, seed=7, bias_dtype=torch.float32)
+    residual, gate = residual_and_gate(M, N, 4, seed=8)
+    epilogue = {} if variant == "gelu" else dict(residual=residual)
+    if variant.startswith("gate"):
+        epilogue.update(gate=gate, rows_per_batch=250)
+    if variant.endswith("gelu"):
+        epilogue["activation"] = "gelu_tanh"
+    check_within_budget(xq, xs, wq, ws, bias, torch.float32, **epilogue)
+    assert torch.equal(residual, residual_and_gate(M, N, 4, seed=8)[0])
+
+
+@on_hopper
+@pytest.mark.xdist_group("wan_shapes")  # the float64 reference takes ~10 GB
+def test_gluon_gemm_at_the_ffn_down_projection():
+    """Wan's K = 13824 linear (where the table keeps promoted tiles), against cuBLAS's default mode."""
+    xq, xs, wq, ws, _ = operands(32760, 5120, 13824, FP8, seed=3)
+    out = g.scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16)
+    check_output(out, (32760, 5120), torch.bfloat16)
+    ref = reference64(xq, xs, wq, ws)
+    cublas = torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :], out_dtype=torch.bfloat16)
+    err, err_cublas = rel_err(out, ref), rel_err(cublas, ref)
+    print(f"\ngluon {err:.3e}, cuBLAS {err_cublas:.3e}, ratio {err / err_cublas:.2f}")
+    assert err <= 2 * err_cublas, (err, err_cublas)
+
+
+def test_gluon_gemm_names_what_it_cannot_take():
+    xq = torch.zeros(8, 32, dtype=FP8)
+    s8, s4 = torch.ones(8), torch.ones(4)
+    with pytest.raises(OpArgumentError, match="xq must be a float8_e4m3fn CUDA tensor"):
+        g.scaled_mm(xq, s8, xq[:4], s4)
+    with pytest.raises(OpArgumentError, match="disagree on K"):  # the op's own checks come first
+        g.scaled_mm(xq, s8, xq[:4, :16], s4)
+    with pytest.raises(OpArgumentError, match="gate and rows_per_batch need a residual"):
+        g.scaled_mm(xq, s8, xq[:4], s4, gate=torch.ones(1, 4))
+    if torch.cuda.is_available():
+        x = torch.zeros(8, 40, dtype=FP8, device="cuda")[:, :24]  # a 40-byte row stride
+        with pytest.raises(OpArgumentError, match="16-byte aligned rows"):
+            g.scaled_mm(x, s8.cuda(), x[:4], s4.cuda())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Without a GPU: the schedule the kernel exists for, from its sm_90a machine code (opt-in, ~5 s a variant):
+#     DIT8_SM90_COMPILE=1 python -m pytest tests/test_scaled_mm_gluon.py -k hopper
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("DIT8_SM90_COMPILE") != "1",
+                    reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
+@pytest.mark.parametrize("epilogue", ["plain", "gelu", "residual"])
+@pytest.mark.parametrize("index", range(len(g.CANDIDATES)), ids=lambda i: g.CANDIDATES[i].name().replace(" ", "_"))
+def test_gluon_gemm_adds_each_product_while_the_next_runs_on_hopper(index, epilogue):
+    from compile_check import run_without_interpreter
+
+    r = run_without_interpreter("test_scaled_mm_gluon", "sm90_schedule", (index, epilogue))
+    # Within Hopper's 227 KiB of shared memory, no spills, and the products asynchronous (ptxas serializes
+    # them where other instructions read an accumulator while a product may still write it).
+    assert r["spills"] == 0 and 0 < r["shared"] <= 227 * 1024 and not r["wgmma_serialized"], r
+    # The K loop (two products an iteration): each wait leaves one product in flight, never none, and
+    # after each wait comes the fp32 add of a whole 64-register product, before the next product is issued.
+    assert r["waits_for_one"] == 2 and r["waits_for_all"] == 0 and r["adds_after_each_wait"] == [64, 64], r
+
+
+def sm90_schedule(index: int, epilogue: str) -> dict:
+    """Compile CANDIDATES[index] with the given epilogue for sm_90a (without TRITON_INTERPRET), as
+    specialized for Wan's shapes (N, K and the strides multiples of 16), and describe its K loop."""
+    import re
+
+    from compile_check import compile_gluon_kernel, loops
+
+    cfg = g.CANDIDATES[index]
+    desc = {rows: f"tensordesc<fp8e4nv[{rows}, {cfg.block_k}],{g.operand_layout(rows, cfg.block_k)!r}>"
+            for rows in (cfg.block_m, cfg.block_n)}
+    residual = epilogue == "residual"
+    types = dict(a_desc=desc[cfg.block_m], b_desc=desc[cfg.block_n], XS="*fp32", WS="*fp32", Bias="*fp32",
+                 Res="*fp32", Gate="*fp32", Out="*fp32" if residual else "*bf16", M="i32", N="i32", K="i32",
+                 stride_om="i32", stride_rm="i32", stride_gb="i32", rows_per_batch="i32")
+    constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                      NSTAGES=cfg.num_stages, NUM_PROGRAMS=132, HAS_BIAS=True, ACTIVATION=int(epilogue == "gelu"),
+                      HAS_RESIDUAL=residual, HAS_GATE=residual, num_warps=cfg.num_warps)
+    report, sass = compile_gluon_kernel(g._fp8_gemm_kernel, types, constexprs, num_warps=cfg.num_warps,
+                                        aligned=("Out", "Res", "Gate", "N", "K", "stride_om", "stride_rm", "stride_gb"))
+    products = 2 * cfg.block_k // 32  # 64 x N x 32 instructions a warpgroup issues per K loop iteration
+    body = min((b for b in loops(sass) if sum("QGMMA" in x for x in b) == products), key=len)
+    first_wait = next(i for i, x in enumerate(body) if "WARPGROUP.DEPBAR" in x)
+    body = body[first_wait:] + body[:first_wait]  # the loop as a cycle, from its first wait
+    adds = []  # per wait, the fp32 adds between it and the next product's first instruction
+    for i, x in enumerate(body):
+        if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in x:
+            span = body[i + 1:] + body[:i]
+            issue = next(j for j, y in enumerate(span) if "QGMMA" in y and "!UPT" in y)
+            adds.append(sum(bool(re.match(r"FADD\b", y)) for y in span[:issue]))
+    return report | dict(waits_for_one=len(adds), waits_for_all=sum("DEPBAR.LE gsb0, 0x0" in x for x in body),
+                         adds_after_each_wait=adds)
