@@ -24,8 +24,8 @@ Epilogue (fp32, the reference's order, as kernels/scaled_mm_triton.py): y = acc 
 w_scale[n] (+ bias[n]); optionally GELU(tanh); optionally residual[m, n] + gate[m // rows_per_batch,
 n] · y; one rounding to the output dtype; masked stores from the accumulator's registers.
 
-Scope: e4m3 x e4m3 on sm_90; xq [M, K] and wq [N, K] with unit stride along K and 16-byte aligned
-rows and bases (K % 16 == 0). No interpreter: Gluon kernels run on the GPU only.
+Scope: e4m3 x e4m3 on sm_90; xq [M, K] and wq [N, K] with K > 0, unit stride along K and 16-byte
+aligned rows and bases (K % 16 == 0). No interpreter: Gluon kernels run on the GPU only.
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale
     if M == 0 or N == 0:
         return out
     if K == 0:
-        raise OpArgumentError("scaled_mm (gluon): K must be positive")
+        raise OpArgumentError("scaled_mm (gluon): K must be positive (a TMA descriptor has no empty dimension)")
     x_scale, w_scale = x_scale.contiguous(), w_scale.contiguous()
     bias = bias.contiguous() if bias is not None else None
     residual = residual.contiguous() if residual is not None else None
