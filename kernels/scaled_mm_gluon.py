@@ -22,7 +22,8 @@ tile's operands arrive during this tile's epilogue. The descriptors zero-fill re
 
 Epilogue (fp32, the reference's order, as kernels/scaled_mm_triton.py): y = acc · x_scale[m] ·
 w_scale[n] (+ bias[n]); optionally GELU(tanh); optionally residual[m, n] + gate[m // rows_per_batch,
-n] · y; one rounding to the output dtype; masked stores from the accumulator's registers.
+n] · y; one rounding to the output dtype. The tile passes through shared memory and is finished in
+slices of 32 columns (`_epilogue`).
 
 Scope: e4m3 x e4m3 on sm_90; xq [M, K] and wq [N, K] with K > 0, unit stride along K and 16-byte
 aligned rows and bases (K % 16 == 0). No interpreter: Gluon kernels run on the GPU only.
