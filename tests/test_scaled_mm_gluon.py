@@ -19,8 +19,8 @@ pytest.importorskip("triton.experimental.gluon", reason="this triton has no Gluo
 from dit8.kernels import OpArgumentError  # noqa: E402
 from dit8.kernels import scaled_mm as op  # noqa: E402
 from dit8.kernels import scaled_mm_gluon as g  # noqa: E402
-from test_scaled_mm_triton import (check_output, gate_rows, operands, reference64, rel_err,  # noqa: E402
-                                   residual_and_gate, tensor_core_error)
+from test_scaled_mm_triton import (check_output, gate_rows, operands, quantized_operands, reference64,  # noqa: E402
+                                   rel_err, residual_and_gate, tensor_core_error)
 
 FP8 = torch.float8_e4m3fn
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -89,7 +89,7 @@ def test_gluon_gemm_fused_epilogues(variant):
 @pytest.mark.xdist_group("wan_shapes")  # the float64 reference takes ~10 GB
 def test_gluon_gemm_at_the_ffn_down_projection():
     """Wan's K = 13824 linear (where the table keeps promoted tiles), against cuBLAS's default mode."""
-    xq, xs, wq, ws, _ = operands(32760, 5120, 13824, FP8, seed=3)
+    xq, xs, wq, ws = quantized_operands(32760, 5120, 13824, FP8, seed=3)  # made on the GPU
     out = g.scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16)
     check_output(out, (32760, 5120), torch.bfloat16)
     ref = reference64(xq, xs, wq, ws)
