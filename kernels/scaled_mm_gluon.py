@@ -44,7 +44,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .buffers import new_output
 from .checks import OpArgumentError
 from .scaled_mm import _check_args, _check_epilogue
-from .scaled_mm_triton import ACTIVATION_CODES
+from .scaled_mm_triton import ACTIVATION_CODES, _GELU_C0, _GELU_C1, _tile_coords  # shared with the Triton kernels
 
 # The TMA load was renamed after triton 3.6 (async_copy_global_to_shared -> async_load), same arguments.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -52,9 +52,6 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 FP8 = torch.float8_e4m3fn
-# GELU(tanh) as in kernels/scaled_mm_triton.py: y / (1 + 2^(-y·(C0 + C1·y²))).
-_GELU_C0 = gl.constexpr(2.0 * 0.7978845608028654 * 1.4426950408889634)
-_GELU_C1 = gl.constexpr(0.044715 * 2.0 * 0.7978845608028654 * 1.4426950408889634)
 # The epilogue's slices, and the shared-memory layout the fp32 tile passes through: 16-byte units XOR-
 # swizzled across 8 rows, so that the accumulator's stores (pairs of columns, 8 rows a warp) and the
 # slices' loads (4 columns a thread) spread over the banks.
@@ -84,16 +81,6 @@ DEFAULT = GluonGemmConfig()
 # Timed beside DEFAULT by the GEMM benchmark: a deeper pipeline, and promotion every 256 products (as the
 # Triton table's promoted entry; half the adds and loop overhead per product, two 64 KiB stages).
 CANDIDATES = (DEFAULT, GluonGemmConfig(num_stages=5), GluonGemmConfig(block_k=256, num_stages=2))
-
-
-@gluon.jit
-def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
-    """(tile row, tile column) of linear tile number `tile` in the grouped order."""
-    tiles_per_group = GROUP_M * num_pid_n
-    first_m = (tile // tiles_per_group) * GROUP_M
-    rows_in_group = gl.minimum(num_pid_m - first_m, GROUP_M)  # the last group may be shorter
-    within = tile % tiles_per_group
-    return first_m + within % rows_in_group, within // rows_in_group
 
 
 @gluon.jit
