@@ -31,7 +31,6 @@ aligned rows and bases (K % 16 == 0). No interpreter: Gluon kernels run on the G
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +43,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .buffers import new_output
 from .checks import OpArgumentError
 from .scaled_mm import _check_args, _check_epilogue
-from .scaled_mm_triton import ACTIVATION_CODES, _GELU_C0, _GELU_C1, _tile_coords  # shared with the Triton kernels
+from .scaled_mm_triton import ACTIVATION_CODES, _GELU_C0, _GELU_C1, _sm_count, _tile_coords  # shared
 
 # The TMA load was renamed after triton 3.6 (async_copy_global_to_shared -> async_load), same arguments.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -255,11 +254,6 @@ def _fp8_gemm_kernel(a_desc, b_desc, XS, WS, Bias, Res, Gate, Out, M, N, K,
 def operand_layout(rows: int, block_k: int) -> gl.NVMMASharedLayout:
     """The shared-memory layout of an operand tile [rows, block_k] of e4m3 codes."""
     return gl.NVMMASharedLayout.get_default_for([rows, block_k], gl.float8e4nv)
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _check_operands(xq: torch.Tensor, wq: torch.Tensor) -> None:
