@@ -127,6 +127,19 @@ def _issue_product(a_smem, b_smem, bars, zero, step, BLOCK_K: gl.constexpr, NSTA
 
 
 @gluon.jit
+def _retire(acc, pending, a_desc, b_desc, bars, a_smem, b_smem, ld, ld_k, ld_t, ld_m, ld_n, my_tiles, K, num_pid_m,
+            num_pid_n, IN_FLIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+            GROUP_M: gl.constexpr, NSTAGES: gl.constexpr, NUM_PROGRAMS: gl.constexpr):
+    """Wait until at most IN_FLIGHT products are in flight, which completes `pending`; refill its stage
+    with the loads' next step; add it into acc. Returns acc and the loads' cursor (`_load_next`)."""
+    done = warpgroup_mma_wait(IN_FLIGHT, deps=(pending, ))
+    ld, ld_k, ld_t, ld_m, ld_n = _load_next(a_desc, b_desc, bars, a_smem, b_smem, ld, ld_k, ld_t, ld_m, ld_n, my_tiles,
+                                            K, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NSTAGES,
+                                            NUM_PROGRAMS)
+    return acc + done, ld, ld_k, ld_t, ld_m, ld_n
+
+
+@gluon.jit
 def _epilogue(acc, acc_smem, off_m, off_n, M, N, XS, WS, Bias, Res, Gate, Out, stride_om, stride_rm, stride_gb,
               rows_per_batch, HAS_BIAS: gl.constexpr, ACTIVATION: gl.constexpr, HAS_RESIDUAL: gl.constexpr,
               HAS_GATE: gl.constexpr, num_warps: gl.constexpr):
@@ -202,8 +215,8 @@ def _fp8_gemm_kernel(a_desc, b_desc, XS, WS, Bias, Res, Gate, Out, M, N, K,
                                                 my_tiles, K, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, BLOCK_K,
                                                 GROUP_M, NSTAGES, NUM_PROGRAMS)
 
-    # After each wait, the stage of the product it completed is refilled with the step NSTAGES later,
-    # and that product is added into acc while the next one runs. The loop issues two products per
+    # After each wait, the stage of the product it completed is refilled with the loads' next step, and
+    # that product is added into acc while the next one runs (`_retire`). The loop issues two products per
     # iteration: a product in flight across the back edge then always sits in the same registers (a
     # copy would read an MMA's accumulator mid-flight, and ptxas then serializes every MMA: its C7514).
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=acc_layout)
@@ -214,36 +227,30 @@ def _fp8_gemm_kernel(a_desc, b_desc, XS, WS, Bias, Res, Gate, Out, M, N, K,
         pending_y = _issue_product(a_smem, b_smem, bars, zero, step, BLOCK_K, NSTAGES)
         for _ in range(1, k_tiles - 1, 2):
             pending_x = _issue_product(a_smem, b_smem, bars, zero, step + 1, BLOCK_K, NSTAGES)
-            done = warpgroup_mma_wait(1, deps=(pending_y, ))
-            ld, ld_k, ld_t, ld_m, ld_n = _load_next(a_desc, b_desc, bars, a_smem, b_smem, ld, ld_k, ld_t, ld_m, ld_n,
-                                                    my_tiles, K, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, BLOCK_K,
-                                                    GROUP_M, NSTAGES, NUM_PROGRAMS)
-            acc = acc + done
+            acc, ld, ld_k, ld_t, ld_m, ld_n = _retire(acc, pending_y, a_desc, b_desc, bars, a_smem, b_smem, ld, ld_k,
+                                                      ld_t, ld_m, ld_n, my_tiles, K, num_pid_m, num_pid_n, 1, BLOCK_M,
+                                                      BLOCK_N, BLOCK_K, GROUP_M, NSTAGES, NUM_PROGRAMS)
             pending_y = _issue_product(a_smem, b_smem, bars, zero, step + 2, BLOCK_K, NSTAGES)
-            done = warpgroup_mma_wait(1, deps=(pending_x, ))
-            ld, ld_k, ld_t, ld_m, ld_n = _load_next(a_desc, b_desc, bars, a_smem, b_smem, ld, ld_k, ld_t, ld_m, ld_n,
-                                                    my_tiles, K, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, BLOCK_K,
-                                                    GROUP_M, NSTAGES, NUM_PROGRAMS)
-            acc = acc + done
+            acc, ld, ld_k, ld_t, ld_m, ld_n = _retire(acc, pending_x, a_desc, b_desc, bars, a_smem, b_smem, ld, ld_k,
+                                                      ld_t, ld_m, ld_n, my_tiles, K, num_pid_m, num_pid_n, 1, BLOCK_M,
+                                                      BLOCK_N, BLOCK_K, GROUP_M, NSTAGES, NUM_PROGRAMS)
             step += 2
-        # The last one or two products; the branches end with nothing in flight (a product in flight
+        # The last one or two products; each branch ends with nothing in flight (a product in flight
         # across the join would be copied).
         if k_tiles % 2 == 0:
             pending_x = _issue_product(a_smem, b_smem, bars, zero, step + 1, BLOCK_K, NSTAGES)
-            done = warpgroup_mma_wait(1, deps=(pending_y, ))
-            ld, ld_k, ld_t, ld_m, ld_n = _load_next(a_desc, b_desc, bars, a_smem, b_smem, ld, ld_k, ld_t, ld_m, ld_n,
-                                                    my_tiles, K, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, BLOCK_K,
-                                                    GROUP_M, NSTAGES, NUM_PROGRAMS)
-            acc = acc + done
-            done = warpgroup_mma_wait(0, deps=(pending_x, ))
+            acc, ld, ld_k, ld_t, ld_m, ld_n = _retire(acc, pending_y, a_desc, b_desc, bars, a_smem, b_smem, ld, ld_k,
+                                                      ld_t, ld_m, ld_n, my_tiles, K, num_pid_m, num_pid_n, 1, BLOCK_M,
+                                                      BLOCK_N, BLOCK_K, GROUP_M, NSTAGES, NUM_PROGRAMS)
+            acc, ld, ld_k, ld_t, ld_m, ld_n = _retire(acc, pending_x, a_desc, b_desc, bars, a_smem, b_smem, ld, ld_k,
+                                                      ld_t, ld_m, ld_n, my_tiles, K, num_pid_m, num_pid_n, 0, BLOCK_M,
+                                                      BLOCK_N, BLOCK_K, GROUP_M, NSTAGES, NUM_PROGRAMS)
             step += 2
         else:
-            done = warpgroup_mma_wait(0, deps=(pending_y, ))
+            acc, ld, ld_k, ld_t, ld_m, ld_n = _retire(acc, pending_y, a_desc, b_desc, bars, a_smem, b_smem, ld, ld_k,
+                                                      ld_t, ld_m, ld_n, my_tiles, K, num_pid_m, num_pid_n, 0, BLOCK_M,
+                                                      BLOCK_N, BLOCK_K, GROUP_M, NSTAGES, NUM_PROGRAMS)
             step += 1
-        ld, ld_k, ld_t, ld_m, ld_n = _load_next(a_desc, b_desc, bars, a_smem, b_smem, ld, ld_k, ld_t, ld_m, ld_n,
-                                                my_tiles, K, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, BLOCK_K,
-                                                GROUP_M, NSTAGES, NUM_PROGRAMS)
-        acc = acc + done
         _epilogue(acc, acc_smem, off_m, off_n, M, N, XS, WS, Bias, Res, Gate, Out, stride_om, stride_rm, stride_gb,
                   rows_per_batch, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, num_warps)
 
