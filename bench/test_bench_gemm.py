@@ -25,7 +25,8 @@ Cases (ratio = baseline ms / kernel ms, both do_bench medians of the same run):
 - fp8_gelu:         fused GELU(tanh) vs the same GEMM followed by the torch activation op.
 - test_gemm_gluon:  the Gluon candidate (kernels/scaled_mm_gluon.py, Hopper only), each configuration,
                     vs torch._scaled_mm default accumulation; ms_triton: the table's triton FP8 kernel.
-- test_gemm_gluon_residual: its gated residual epilogue vs the triton kernel's, same operands.
+- test_gemm_gluon_residual: its gated residual epilogue (the default and the warp-specialized kernel)
+                    vs the triton kernel's, same operands.
 extra_info also holds: ms, tflops (2·M·N·K per call), baseline_ms, config, shape and, for the fp8 and
 int8 cases, rel_err and rel_err_baseline: ‖out − ref‖/‖ref‖ against a float64 product of the same
 operands (on the GPU), the accuracy table of the issue.
@@ -235,24 +236,29 @@ def test_fused_epilogue(case, shape, device, smoke, record, gpu_time, benchmark)
 # The Gluon candidate for the promoted FP8 entries (kernels/scaled_mm_gluon.py), Hopper only
 # ----------------------------------------------------------------------------------------------------
 
+try:
+    from dit8.kernels import scaled_mm_gluon
+except ImportError:  # a triton without the Gluon dialect: no candidate to time
+    scaled_mm_gluon = None
+GLUON_CONFIGS = list(scaled_mm_gluon.CANDIDATES) if scaled_mm_gluon else []
+
+
 def gluon_candidate(device):
     """kernels/scaled_mm_gluon.py where it may run: on Hopper, unless its GPU tests did not pass here."""
     if device != "cuda" or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon GEMM is written for Hopper GPUs (sm_90) and has no interpreter")
     if "gemm" in os.environ.get("DIT8_SKIP_GLUON", "").split():
         pytest.skip("DIT8_SKIP_GLUON: the Gluon GEMM's GPU tests have not passed here (bench/gpu_check.sh)")
-    from dit8.kernels import scaled_mm_gluon
-
     return scaled_mm_gluon
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("index", range(3), ids=["default", "stages5", "k256"])
-def test_gemm_gluon(index, shape, device, record, gpu_time):
+@pytest.mark.parametrize("config", GLUON_CONFIGS)
+def test_gemm_gluon(config, shape, device, record, gpu_time):
     """Each candidate configuration against cuBLAS's default (promoted) mode, beside the table's Triton
     FP8 kernel timed in the same run (ms_triton)."""
     gluon = gluon_candidate(device)
-    cfg = gluon.CANDIDATES[index]
+    cfg = gluon.CANDIDATES[config]
     _, xq, xs, wq, ws = operands(shape, "fp8", device)
     fn = lambda: gluon.scaled_mm(xq, xs, wq, ws, config=cfg)  # noqa: E731
     ref = reference64(xq, xs, wq, ws)
@@ -267,23 +273,25 @@ def test_gemm_gluon(index, shape, device, record, gpu_time):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_gemm_gluon_residual(shape, device, record, gpu_time):
+@pytest.mark.parametrize("config", ["default", "ws"])
+def test_gemm_gluon_residual(config, shape, device, record, gpu_time):
     """The gated residual epilogue as the DiT runs it (fp32 residual stream), against the Triton
     kernel's fused epilogue on the table's tiles, same run."""
     gluon = gluon_candidate(device)
+    cfg = gluon.CANDIDATES[config]
     M, N, K = shape
     _, xq, xs, wq, ws = operands(shape, "fp8", device)
     gen = torch.Generator(device=device).manual_seed(1)
     residual = torch.randn(M, N, device=device, generator=gen)
     gate = torch.randn(1, N, device=device, generator=gen)
-    fn = lambda: gluon.scaled_mm(xq, xs, wq, ws, residual=residual, gate=gate)  # noqa: E731
+    fn = lambda: gluon.scaled_mm(xq, xs, wq, ws, residual=residual, gate=gate, config=cfg)  # noqa: E731
     triton_fused = lambda: ops.scaled_mm(xq, xs, wq, ws, residual=residual, gate=gate, backend="triton")  # noqa: E731
     out, base_out = fn(), triton_fused()
     update = (base_out.double() - residual.double()).norm()
     # Two FP8 accumulations of the same operands: they differ by the tensor cores' rounding (~1e-3).
     assert ((out.double() - base_out.double()).norm() / update).item() < 1e-2
     record(fn, flops=2 * M * N * K, baseline_ms=gpu_time(triton_fused), shape=list(shape),
-           config=gluon.DEFAULT.name(), baseline="triton FP8 GEMM with the fused gated residual (table tiles)")
+           config=cfg.name(), baseline="triton FP8 GEMM with the fused gated residual (table tiles)")
 
 
 # ----------------------------------------------------------------------------------------------------

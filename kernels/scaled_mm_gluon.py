@@ -20,6 +20,14 @@ Persistent: one program per SM walks its tiles in the grouped order of the Trito
 TMA loads run NSTAGES K steps ahead through one sequence that crosses tile boundaries, so the next
 tile's operands arrive during this tile's epilogue. The descriptors zero-fill reads past M, N and K.
 
+Two kernels (GluonGemmConfig.warp_specialized):
+- `_fp8_gemm_kernel`: the multiplying warps also issue the loads, a stage's refill right after the
+  wait that frees it (the compiler puts CTA barriers around each TMA issue);
+- `_fp8_gemm_ws_kernel`: one more warp issues every load, and the multiplying warps hand each stage
+  back through an mbarrier (`empty`) instead. Their loop loses the loads' bookkeeping and barriers
+  (112 instead of 156 instructions a warp per 128-deep step, sm_90a), and the load warp runs on 24
+  registers (setmaxnreg) so that the multiplying warps keep 240.
+
 Epilogue (fp32, the reference's order, as kernels/scaled_mm_triton.py): y = acc · x_scale[m] ·
 w_scale[n] (+ bias[n]); optionally GELU(tanh); optionally residual[m, n] + gate[m // rows_per_batch,
 n] · y; one rounding to the output dtype. The tile passes through shared memory and is finished in
@@ -69,17 +77,25 @@ class GluonGemmConfig:
     block_k: int = 128
     group_m: int = 8
     num_stages: int = 4
-    num_warps: int = 8
+    num_warps: int = 8  # the warps that multiply
+    warp_specialized: bool = False  # one more warp issues the loads (`_fp8_gemm_ws_kernel`)
 
     def name(self) -> str:
         return (f"gluon promoted {self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} "
-                f"s{self.num_stages} w{self.num_warps}")
+                f"s{self.num_stages} w{self.num_warps}{' ws' if self.warp_specialized else ''}")
 
 
 DEFAULT = GluonGemmConfig()
-# Timed beside DEFAULT by the GEMM benchmark: a deeper pipeline, and promotion every 256 products (as the
-# Triton table's promoted entry; half the adds and loop overhead per product, two 64 KiB stages).
-CANDIDATES = (DEFAULT, GluonGemmConfig(num_stages=5), GluonGemmConfig(block_k=256, num_stages=2))
+# Timed beside DEFAULT by the GEMM benchmark: a deeper pipeline; promotion every 256 products (as the
+# Triton table's promoted entry; half the adds and loop overhead per product, two 64 KiB stages); and
+# both depths warp-specialized.
+CANDIDATES = {
+    "default": DEFAULT,
+    "stages5": GluonGemmConfig(num_stages=5),
+    "k256": GluonGemmConfig(block_k=256, num_stages=2),
+    "ws": GluonGemmConfig(warp_specialized=True),
+    "ws_k256": GluonGemmConfig(block_k=256, num_stages=2, warp_specialized=True),
+}
 
 
 @gluon.jit
@@ -258,6 +274,106 @@ def _fp8_gemm_kernel(a_desc, b_desc, XS, WS, Bias, Res, Gate, Out, M, N, K,
         mbarrier.invalidate(bars.index(i))
 
 
+# ----------------------------------------------------------------------------------------------------
+# The warp-specialized variant: one warp issues the loads, the other warps only multiply and add
+# ----------------------------------------------------------------------------------------------------
+
+@gluon.jit
+def _load_partition(a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, BLOCK_M: gl.constexpr,
+                    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, NSTAGES: gl.constexpr,
+                    NUM_PROGRAMS: gl.constexpr):
+    """The loading warp: every K step of the program's tiles, in order, into the stage ring. A stage is
+    refilled once the multiplying warps have released it (`empty`); its first use needs no release (the
+    wait on the opposite parity of a fresh barrier returns at once)."""
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), NUM_PROGRAMS)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    for t in range(my_tiles):
+        off_m, off_n = _tile_origin(t, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M, NUM_PROGRAMS)
+        for kt in range(k_tiles):
+            ld = t * k_tiles + kt
+            stage = ld % NSTAGES
+            mbarrier.wait(empty.index(stage), ((ld // NSTAGES) & 1) ^ 1)
+            bar = ready.index(stage)
+            mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+            _tma_load(a_desc, [off_m, kt * BLOCK_K], bar, a_smem.index(stage))
+            _tma_load(b_desc, [off_n, kt * BLOCK_K], bar, b_smem.index(stage))
+
+
+@gluon.jit
+def _release(acc, pending, empty, step, IN_FLIGHT: gl.constexpr, NSTAGES: gl.constexpr):
+    """Wait until at most IN_FLIGHT products are in flight, which completes `pending` (K step `step`);
+    give its stage back to the loading warp; add it into acc."""
+    done = warpgroup_mma_wait(IN_FLIGHT, deps=(pending, ))
+    mbarrier.arrive(empty.index(step % NSTAGES), count=1)
+    return acc + done
+
+
+@gluon.jit
+def _mma_partition(a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Res, Gate, Out, M, N, K, stride_om,
+                   stride_rm, stride_gb, rows_per_batch, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, NSTAGES: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
+                   HAS_BIAS: gl.constexpr, ACTIVATION: gl.constexpr, HAS_RESIDUAL: gl.constexpr,
+                   HAS_GATE: gl.constexpr, num_warps: gl.constexpr):
+    """The multiplying warps: the products, their promotion and the epilogue, as in `_fp8_gemm_kernel`."""
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BLOCK_N, 32])
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), NUM_PROGRAMS)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=acc_layout)
+    step = 0
+    for t in range(my_tiles):
+        off_m, off_n = _tile_origin(t, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M, NUM_PROGRAMS)
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=acc_layout)
+        pending_y = _issue_product(a_smem, b_smem, ready, zero, step, BLOCK_K, NSTAGES)
+        for _ in range(1, k_tiles - 1, 2):
+            pending_x = _issue_product(a_smem, b_smem, ready, zero, step + 1, BLOCK_K, NSTAGES)
+            acc = _release(acc, pending_y, empty, step, 1, NSTAGES)
+            pending_y = _issue_product(a_smem, b_smem, ready, zero, step + 2, BLOCK_K, NSTAGES)
+            acc = _release(acc, pending_x, empty, step + 1, 1, NSTAGES)
+            step += 2
+        if k_tiles % 2 == 0:
+            pending_x = _issue_product(a_smem, b_smem, ready, zero, step + 1, BLOCK_K, NSTAGES)
+            acc = _release(acc, pending_y, empty, step, 1, NSTAGES)
+            acc = _release(acc, pending_x, empty, step + 1, 0, NSTAGES)
+            step += 2
+        else:
+            acc = _release(acc, pending_y, empty, step, 0, NSTAGES)
+            step += 1
+        _epilogue(acc, acc_smem, off_m, off_n, M, N, XS, WS, Bias, Res, Gate, Out, stride_om, stride_rm, stride_gb,
+                  rows_per_batch, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, num_warps)
+
+
+@gluon.jit
+def _fp8_gemm_ws_kernel(a_desc, b_desc, XS, WS, Bias, Res, Gate, Out, M, N, K,
+                        stride_om, stride_rm, stride_gb, rows_per_batch,
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
+                        NSTAGES: gl.constexpr, NUM_PROGRAMS: gl.constexpr, HAS_BIAS: gl.constexpr,
+                        ACTIVATION: gl.constexpr, HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr,
+                        num_warps: gl.constexpr):
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, [NSTAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    b_smem = gl.allocate_shared_memory(b_desc.dtype, [NSTAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    acc_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, BLOCK_N], ACC_STAGING)
+    for i in gl.static_range(NSTAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    gl.warp_specialize([
+        (_mma_partition, (a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Res, Gate, Out, M, N, K, stride_om,
+                          stride_rm, stride_gb, rows_per_batch, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NSTAGES,
+                          NUM_PROGRAMS, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, num_warps)),
+        (_load_partition, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                           GROUP_M, NSTAGES, NUM_PROGRAMS)),
+    ], [1], [24])
+    for i in gl.static_range(NSTAGES):
+        mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))
+
+
 def operand_layout(rows: int, block_k: int) -> gl.NVMMASharedLayout:
     """The shared-memory layout of an operand tile [rows, block_k] of e4m3 codes."""
     return gl.NVMMASharedLayout.get_default_for([rows, block_k], gl.float8e4nv)
@@ -307,8 +423,9 @@ def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     programs = min(tiles, _sm_count(xq.device.index or 0))
     dummy = x_scale  # pointer for the absent optional operands (never read: their flags are off)
+    kernel = _fp8_gemm_ws_kernel if cfg.warp_specialized else _fp8_gemm_kernel
     with torch.cuda.device(xq.device):
-        _fp8_gemm_kernel[(programs,)](
+        kernel[(programs,)](
             a_desc, b_desc, x_scale, w_scale, bias if bias is not None else dummy,
             residual if residual is not None else dummy, gate if gate is not None else dummy, out, M, N, K,
             out.stride(0), residual.stride(0) if residual is not None else 0,

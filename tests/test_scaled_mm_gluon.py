@@ -56,23 +56,23 @@ def check_within_budget(xq, xs, wq, ws, bias, out_dtype, config=g.DEFAULT, **epi
     return out
 
 
-@pytest.mark.parametrize("M, N, K", [
-    (77, 45, 16),  # one K tile, zero-filled past K; a partial tile in M and N
-    (300, 130, 144),  # two K tiles (even), 3 x 2 output tiles
-    (1000, 5008, 4112),  # 33 K tiles (odd), N and K off the tile multiples
-    (4096, 5120, 640),  # 1280 tiles over the SMs: each program walks ~10 tiles
-])
-@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("config", g.CANDIDATES, ids=lambda c: c.name().replace(" ", "_"))
+@pytest.mark.parametrize("M, N, K, out_dtype", [
+    (77, 45, 16, torch.bfloat16),  # one K tile, zero-filled past K; a partial tile in M and N
+    (300, 130, 144, torch.float16),  # two K tiles (even), 3 x 2 output tiles
+    (1000, 5008, 4112, torch.bfloat16),  # 33 K tiles (odd), N and K off the tile multiples
+    (4096, 5120, 640, torch.float32),  # 1280 tiles over the SMs: each program walks ~10 tiles
+], ids=lambda x: str(x).removeprefix("torch."))
+@pytest.mark.parametrize("config", list(g.CANDIDATES))
 @on_hopper
 def test_gluon_gemm_within_twice_the_same_precision_error(M, N, K, out_dtype, config):
     xq, xs, wq, ws, bias = operands(M, N, K, FP8, seed=M + N + K, bias_dtype=torch.bfloat16)
-    check_within_budget(xq, xs, wq, ws, bias, out_dtype, config)
+    check_within_budget(xq, xs, wq, ws, bias, out_dtype, g.CANDIDATES[config])
 
 
 @pytest.mark.parametrize("variant", ["gate", "no_gate", "gate_gelu", "gelu"])
+@pytest.mark.parametrize("warp_specialized", [False, True], ids=["", "ws"])
 @on_hopper
-def test_gluon_gemm_fused_epilogues(variant):
+def test_gluon_gemm_fused_epilogues(variant, warp_specialized):
     M, N, K = 1000, 640, 272
     xq, xs, wq, ws, bias = operands(M, N, K, FP8, seed=7, bias_dtype=torch.float32)
     residual, gate = residual_and_gate(M, N, 4, seed=8)
@@ -81,16 +81,19 @@ def test_gluon_gemm_fused_epilogues(variant):
         epilogue.update(gate=gate, rows_per_batch=250)
     if variant.endswith("gelu"):
         epilogue["activation"] = "gelu_tanh"
-    check_within_budget(xq, xs, wq, ws, bias, torch.float32, **epilogue)
+    config = g.CANDIDATES["ws" if warp_specialized else "default"]
+    check_within_budget(xq, xs, wq, ws, bias, torch.float32, config, **epilogue)
     assert torch.equal(residual, residual_and_gate(M, N, 4, seed=8)[0])
 
 
+@pytest.mark.parametrize("warp_specialized", [False, True], ids=["", "ws"])
 @on_hopper
 @pytest.mark.xdist_group("wan_shapes")  # the float64 reference takes ~10 GB
-def test_gluon_gemm_at_the_ffn_down_projection():
+def test_gluon_gemm_at_the_ffn_down_projection(warp_specialized):
     """Wan's K = 13824 linear (where the table keeps promoted tiles), against cuBLAS's default mode."""
     xq, xs, wq, ws = quantized_operands(32760, 5120, 13824, FP8, seed=3)  # made on the GPU
-    out = g.scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16)
+    config = g.CANDIDATES["ws" if warp_specialized else "default"]
+    out = g.scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16, config=config)
     check_output(out, (32760, 5120), torch.bfloat16)
     ref = reference64(xq, xs, wq, ws)
     cublas = torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :], out_dtype=torch.bfloat16)
@@ -122,27 +125,28 @@ def test_gluon_gemm_names_what_it_cannot_take():
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("DIT8_SM90_COMPILE") != "1",
                     reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
 @pytest.mark.parametrize("epilogue", ["plain", "gelu", "residual"])
-@pytest.mark.parametrize("index", range(len(g.CANDIDATES)), ids=lambda i: g.CANDIDATES[i].name().replace(" ", "_"))
-def test_gluon_gemm_adds_each_product_while_the_next_runs_on_hopper(index, epilogue):
+@pytest.mark.parametrize("config", list(g.CANDIDATES))
+def test_gluon_gemm_adds_each_product_while_the_next_runs_on_hopper(config, epilogue):
     from compile_check import run_without_interpreter
 
-    r = run_without_interpreter("test_scaled_mm_gluon", "sm90_schedule", (index, epilogue))
+    r = run_without_interpreter("test_scaled_mm_gluon", "sm90_schedule", (config, epilogue))
     # Within Hopper's 227 KiB of shared memory, no spills, and the products asynchronous (ptxas serializes
     # them where other instructions read an accumulator while a product may still write it).
     assert r["spills"] == 0 and 0 < r["shared"] <= 227 * 1024 and not r["wgmma_serialized"], r
-    # The K loop (two products an iteration): each wait leaves one product in flight, never none, and
-    # after each wait comes the fp32 add of a whole 64-register product, before the next product is issued.
+    # The K loop (two products an iteration; with warp specialization, that of the multiplying warps):
+    # each wait leaves one product in flight, never none, and after each wait comes the fp32 add of a
+    # whole 64-register product, before the next product is issued.
     assert r["waits_for_one"] == 2 and r["waits_for_all"] == 0 and r["adds_after_each_wait"] == [64, 64], r
 
 
-def sm90_schedule(index: int, epilogue: str) -> dict:
-    """Compile CANDIDATES[index] with the given epilogue for sm_90a (without TRITON_INTERPRET), as
+def sm90_schedule(config: str, epilogue: str) -> dict:
+    """Compile CANDIDATES[config] with the given epilogue for sm_90a (without TRITON_INTERPRET), as
     specialized for Wan's shapes (N, K and the strides multiples of 16), and describe its K loop."""
     import re
 
     from compile_check import compile_gluon_kernel, loops
 
-    cfg = g.CANDIDATES[index]
+    cfg = g.CANDIDATES[config]
     desc = {rows: f"tensordesc<fp8e4nv[{rows}, {cfg.block_k}],{g.operand_layout(rows, cfg.block_k)!r}>"
             for rows in (cfg.block_m, cfg.block_n)}
     residual = epilogue == "residual"
@@ -152,7 +156,8 @@ def sm90_schedule(index: int, epilogue: str) -> dict:
     constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                       NSTAGES=cfg.num_stages, NUM_PROGRAMS=132, HAS_BIAS=True, ACTIVATION=int(epilogue == "gelu"),
                       HAS_RESIDUAL=residual, HAS_GATE=residual, num_warps=cfg.num_warps)
-    report, sass = compile_gluon_kernel(g._fp8_gemm_kernel, types, constexprs, num_warps=cfg.num_warps,
+    kernel = g._fp8_gemm_ws_kernel if cfg.warp_specialized else g._fp8_gemm_kernel
+    report, sass = compile_gluon_kernel(kernel, types, constexprs, num_warps=cfg.num_warps,
                                         aligned=("Out", "Res", "Gate", "N", "K", "stride_om", "stride_rm", "stride_gb"))
     products = 2 * cfg.block_k // 32  # 64 x N x 32 instructions a warpgroup issues per K loop iteration
     body = min((b for b in loops(sass) if sum("QGMMA" in x for x in b) == products), key=len)
