@@ -70,7 +70,8 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
     hidden = randn(32760, 13824)
     return [
         ("attention bf16", lambda: ops.attention(q, k, v, precision="bf16", backend="triton")),
-        *([("attention bf16, Gluon candidate", lambda: attention_gluon.attention_bf16(q, k, v))]
+        *([(f"attention bf16, Gluon candidate{' (warp-specialized)' if ws else ''}",
+            lambda ws=ws: attention_gluon.attention_bf16(q, k, v, warp_specialized=ws)) for ws in (False, True)]
           if "attention" in gluon else []),
         ("attention int8", lambda: ops.attention(q, k, v, precision="int8", backend="triton")),
         ("attention fp8", lambda: ops.attention(q, k, v, precision="fp8", backend="triton")),

@@ -98,10 +98,11 @@ def baseline(cache: dict, key, make_call, gpu_time) -> tuple[float, torch.Tensor
 # would run where the Triton kernel is not verified); triton_int8 / triton_fp8: the two 8-bit
 # precisions (INT8 q·kᵀ; INT8 or FP8 P·V); triton_int8_pv16: INT8 q·kᵀ with 16-bit P·V, for comparison;
 # *_three_per_sm: the 8-bit precisions on the register-capped candidate tile (attention_triton.
-# THREE_PER_SM); gluon_bf16: the Hopper candidate for the bf16 path (kernels/attention_gluon.py), on
-# Hopper only.
+# THREE_PER_SM); gluon_bf16 / gluon_bf16_ws: the Hopper candidate for the bf16 path (kernels/
+# attention_gluon.py; _ws: its warp-specialized kernel), on Hopper only.
 SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "torch_reference", "triton_bf16", "triton_int8", "triton_fp8",
-              "triton_int8_pv16", "triton_int8_three_per_sm", "triton_fp8_three_per_sm", "gluon_bf16"]
+              "triton_int8_pv16", "triton_int8_three_per_sm", "triton_fp8_three_per_sm", "gluon_bf16",
+              "gluon_bf16_ws"]
 
 
 @pytest.mark.parametrize("name", SELF_IMPLS)
@@ -115,14 +116,15 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
     info = {}
     if name.startswith("sdpa_"):
         fn = _sdpa_call(name.removeprefix("sdpa_"), device, q, k, v)
-    elif name == "gluon_bf16":
+    elif name.startswith("gluon_bf16"):
         if device != "cuda" or torch.cuda.get_device_capability()[0] != 9:
             pytest.skip("the Gluon kernel is written for Hopper GPUs (sm_90)")
         if "attention" in os.environ.get("DIT8_SKIP_GLUON", "").split():
             pytest.skip("DIT8_SKIP_GLUON: the Gluon kernel's GPU tests have not passed here (bench/gpu_check.sh)")
         from dit8.kernels import attention_gluon
 
-        fn = lambda: attention_gluon.attention_bf16(q, k, v)  # noqa: E731
+        ws = name.endswith("_ws")
+        fn = lambda: attention_gluon.attention_bf16(q, k, v, warp_specialized=ws)  # noqa: E731
     elif name in ("torch_reference", "triton_bf16"):
         backend = {"torch_reference": "torch", "triton_bf16": "triton"}[name]
         fn = lambda: ops.attention(q, k, v, precision="bf16", backend=backend)  # noqa: E731

@@ -49,9 +49,10 @@ def _qkv(b, lq, lk, h, *, seed, offsets=False, fused=False):
     (1, 1000, 1000, 4, "fused"),  # strided views of one QKV tensor
     (1, 4099, 4099, 2, "plain"),  # 33 key blocks: the stage ring wraps many times
 ])
-def test_gluon_attention_within_twice_sdpa_error(b, lq, lk, h, kind):
+@pytest.mark.parametrize("warp_specialized", [False, True], ids=["", "ws"])
+def test_gluon_attention_within_twice_sdpa_error(b, lq, lk, h, kind, warp_specialized):
     q, k, v = _qkv(b, lq, lk, h, seed=b + lq + lk, offsets=kind == "offsets", fused=kind == "fused")
-    out = _gluon().attention_bf16(q, k, v)
+    out = _gluon().attention_bf16(q, k, v, warp_specialized=warp_specialized)
     check_output(out, q)
     ref = attention64(q, k, v)
     assert rel_err(out, ref) <= 2 * rel_err(ops.attention(q, k, v, backend="torch"), ref)
@@ -72,10 +73,11 @@ def test_gluon_attention_names_what_it_cannot_take():
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("DIT8_SM90_COMPILE") != "1",
                     reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
-def test_gluon_attention_overlaps_its_softmax_with_pv_on_hopper():
+@pytest.mark.parametrize("warp_specialized", [False, True], ids=["", "ws"])
+def test_gluon_attention_overlaps_its_softmax_with_pv_on_hopper(warp_specialized):
     from compile_check import run_without_interpreter
 
-    r = run_without_interpreter("test_attention_gluon", "sm90_schedule")
+    r = run_without_interpreter("test_attention_gluon", "sm90_schedule", (warp_specialized, ))
     # Within Hopper's 227 KiB of shared memory, no spills, and the products asynchronous (ptxas serializes
     # them where other instructions read an accumulator while a product may still write it).
     assert r["spills"] == 0 and 0 < r["shared"] <= 227 * 1024 and not r["wgmma_serialized"], r
@@ -84,15 +86,17 @@ def test_gluon_attention_overlaps_its_softmax_with_pv_on_hopper():
     assert r["waits_for_one"] == 1 and r["exp2_after_it"] >= 64 and r["waits_for_all_after_it"] == 0, r
 
 
-def sm90_schedule() -> dict:
-    """Compile the kernel for sm_90a (without TRITON_INTERPRET) and describe its key loop."""
+def sm90_schedule(warp_specialized: bool) -> dict:
+    """Compile the kernel for sm_90a (without TRITON_INTERPRET) and describe its key loop (with warp
+    specialization: that of the multiplying warps)."""
     from compile_check import compile_gluon_kernel, loops
 
     g = _gluon()
     desc = f"tensordesc<bf16[{g.BLOCK_N}, {g.HEAD_DIM}],{g.shared_layout()!r}>"
+    kernel = g._attention_ws_kernel if warp_specialized else g._attention_kernel
     report, sass = compile_gluon_kernel(
-        g._attention_kernel, dict(q_desc=desc, k_desc=desc, v_desc=desc, Out="*bf16", stride_om="i32", Lq="i32",
-                                  Lk="i32", qk_scale="fp32"),
+        kernel, dict(q_desc=desc, k_desc=desc, v_desc=desc, Out="*bf16", stride_om="i32", Lq="i32", Lk="i32",
+                     qk_scale="fp32"),
         dict(BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, HEAD_DIM=g.HEAD_DIM, NSTAGES=g.STAGES, num_warps=g.NUM_WARPS),
         num_warps=g.NUM_WARPS, aligned=("Out", "stride_om"))
     # The key loop: the shortest loop holding a wait that leaves one product in flight.
