@@ -7,9 +7,10 @@
 #     bash bench/gpu_check.sh                 # every stage not yet done on this machine
 #     bash bench/gpu_check.sh tests gemm      # these stages, even if done before
 #     BUDGET=540 bash bench/gpu_check.sh      # finish within 540 s; the same command again goes on
-# Stages, in the order of what their results are worth: tests dit gemm attention fused pipeline profile
-# (Nsight Compute counters of the kernels short of their targets, bench/profile_kernels.py) sweep
-# (every candidate configuration of the GEMM and attention kernels, for tuning their tables).
+# Stages, in the order of what their results are worth: tests dit gemm attention candidates (the forward
+# with the Gluon candidates routed in, bench/gluon_choice.py) fused pipeline profile (Nsight Compute
+# counters of the kernels short of their targets, bench/profile_kernels.py) sweep (every candidate
+# configuration of the GEMM and attention kernels, for tuning their tables).
 #
 # Results collect in $WORK (default .gpu_check/ in the repository, which git ignores); a stage that
 # finished is listed in $WORK/done and left out of a later run without named stages. With BUDGET set,
@@ -46,7 +47,7 @@ out=${WORK:-.gpu_check}
 mkdir -p "$out" && out=$(cd "$out" && pwd -P)  # absolute: pytest-benchmark's file:// storage needs it
 py=${PYTHON:-python3}
 touch "$out/done"
-all_stages=(tests dit gemm attention fused pipeline profile sweep)
+all_stages=(tests dit gemm attention candidates fused pipeline profile sweep)
 stages=("$@")
 for stage in "${stages[@]}"; do
     [[ " ${all_stages[*]} " == *" $stage "* ]] || { echo "unknown stage $stage (${all_stages[*]})"; exit 2; }
@@ -208,6 +209,24 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
                 fi
                 # shellcheck disable=SC2086
                 limited "$py" -m dit8 bench dit $run --backend auto --repeat 2 \
+                    --json "$out/dit_$name.json" 2>&1 | tail -12
+            done ;;
+        candidates)
+            # The forward with the Gluon candidates routed in (DIT8_GLUON, kernels/candidates.py), each in
+            # its configuration timed fastest by the gemm and attention stages, beside the dit stage's runs.
+            choice=$("$py" bench/gluon_choice.py "$out")
+            if [ -z "$choice" ]; then  # not done: a later run, after those stages, tries again
+                echo "candidates: no Gluon candidate was timed here (their tests or stages have not passed)"
+                touch "$out/.cut"
+            fi
+            for run in ${choice:+"--scheme fp8 --attention bf16" "--scheme fp8 --attention fp8"}; do
+                name=$(echo "$run" | awk '{print $2 "_" $4}')_gluon
+                if [ "$(seconds_left)" -lt 45 ]; then
+                    echo "dit $name: left for the next run"; cut_short "dit $name not run"; continue
+                fi
+                echo "dit $name: DIT8_GLUON=\"$choice\""
+                # shellcheck disable=SC2086
+                DIT8_GLUON="$choice" limited "$py" -m dit8 bench dit $run --steps 0 --backend auto --repeat 2 \
                     --json "$out/dit_$name.json" 2>&1 | tail -12
             done ;;
         sweep)

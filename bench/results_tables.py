@@ -99,8 +99,10 @@ def dit_lines(runs: dict[str, dict]) -> list[str]:
     rows = []
     for name, r in runs.items():
         d, g, rates = r.get("diffusers", {}), r.get("cuda_graph", {}), r.get("tflops", {})
-        label = name + (f" (failed part way: {r['error']})" if r.get("error")
-                        else " (stopped part way)" if r.get("partial") else "")
+        label = name + (f" (DIT8_GLUON: {' '.join(f'{k}={v}' for k, v in r['gluon'].items())})"
+                        if r.get("gluon") else "")
+        label += (f" (failed part way: {r['error']})" if r.get("error")
+                  else " (stopped part way)" if r.get("partial") else "")
         if "forward_ms" not in r:  # failed before its first timed forward (building the model, say)
             rows.append([label] + [None] * (len(header) - 1))
             continue

@@ -403,10 +403,20 @@ def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale
     out_dtype = out_dtype or (torch.float32 if residual is not None else torch.bfloat16)
     _check_args(xq, x_scale, wq, w_scale, bias, out_dtype)
     rows_per_batch = _check_epilogue(xq, wq, out_dtype, activation, residual, gate, rows_per_batch)
+    out = new_output((xq.shape[0], wq.shape[0]), out_dtype, xq.device)
+    return launch(xq, x_scale, wq, w_scale, bias, out, activation=activation, residual=residual, gate=gate,
+                  rows_per_batch=rows_per_batch, config=config)
+
+
+def launch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+           bias: torch.Tensor | None, out: torch.Tensor, *, activation: str | None = None,
+           residual: torch.Tensor | None = None, gate: torch.Tensor | None = None, rows_per_batch: int = 1,
+           config: GluonGemmConfig = DEFAULT) -> torch.Tensor:
+    """Run the kernel into `out` [M, N] (allocated by the caller) on arguments the op has checked;
+    OpArgumentError, before any launch, for operands outside the kernel's scope."""
     _check_operands(xq, wq)
     M, K = xq.shape
     N = wq.shape[0]
-    out = new_output((M, N), out_dtype, xq.device)
     if M == 0 or N == 0:
         return out
     if K == 0:

@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from dit8.kernels import candidates
+
 from .conditioning import check_frames, check_size
 from .config import I2V_14B, WanConfig, tiny_config
 from .cuda_graph import CapturedForward
@@ -132,6 +134,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None,
     measured(result): called with the numbers so far after each phase from the timed forwards on (e.g.
     to save them, so that a run stopped part way still leaves what it measured)."""
     check_bench_settings(settings)
+    candidates.chosen()  # a DIT8_GLUON the ops would refuse fails here, before the model is built
     say = log or (lambda line: None)
     keep = measured or (lambda result: None)
     with torch.no_grad():
@@ -218,6 +221,8 @@ class DitBench:
             "text": list(cond.context.shape[1:]), "clip": list(cond.clip_fea.shape[1:]),
             "weight_bytes": sum(b.nbytes for b in model.buffers()), "init_s": round(self.init_s, 3),
             "flops": self.flops(), "processes": 1 if self.parallel is None else self.parallel.world,
+            # Kernels on trial routed into the ops (DIT8_GLUON, kernels/candidates.py), if any.
+            "gluon": candidates.chosen(),
         }
 
     def time_forward(self) -> dict:
@@ -341,6 +346,9 @@ def format_table(r: dict) -> list[str]:
         f"forward     {r['forward_ms']:,.1f} ms (median of {len(r['forward_samples_ms'])}), "
         f"context k/v {r['context_ms']:,.1f} ms (once per generation)",
     ]
+    if r.get("gluon"):
+        lines.insert(1, "on trial    Gluon candidates routed in (DIT8_GLUON): "
+                        + ", ".join(f"{name}={config}" for name, config in r["gluon"].items()))
     if r.get("processes", 1) > 1:
         lines.insert(1, f"parallel    {r['processes']} processes, each computing 1/{r['processes']} of the tokens; "
                         "times, memory and profile are the first process's")

@@ -49,7 +49,21 @@ def test_cli_json_holds_every_number(tmp_path, capsys):
     assert set(r["parts_ms"]) == {*PARTS, "idle"} and r["parts_ms"]["gemm"] > 0 and r["parts_ms"]["attention"] > 0
     assert r["top_kernels"] and all(k["part"] in PARTS for k in r["top_kernels"])
     assert r["peak_memory"]["forward"] > 0 and r["weight_bytes"] > 0
-    assert r["flops"]["gemm"] > 0 and "diffusers" not in r
+    assert r["flops"]["gemm"] > 0 and "diffusers" not in r and r["gluon"] == {}
+
+
+def test_kernels_on_trial_are_recorded_and_checked_first(tmp_path, monkeypatch, capsys):
+    """DIT8_GLUON (kernels/candidates.py) is part of what a result says it measured; on the CPU it
+    routes nothing."""
+    monkeypatch.setenv("DIT8_GLUON", "attention=ws gemm")
+    path = tmp_path / "bench.json"
+    assert main(["bench", "dit", *TINY, "--steps", "0", "--json", str(path)]) == 0
+    assert "Gluon candidates routed in (DIT8_GLUON): attention=ws, gemm=default" in capsys.readouterr().out
+    assert json.loads(path.read_text())["gluon"] == {"attention": "ws", "gemm": "default"}
+    monkeypatch.setenv("DIT8_GLUON", "attention=fast")
+    assert main(["bench", "dit", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dit8: error: DIT8_GLUON: attention has no configuration 'fast'") and err.count("\n") == 1
 
 
 def test_cli_json_keeps_the_numbers_of_a_run_stopped_part_way(tmp_path, monkeypatch):

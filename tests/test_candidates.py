@@ -1,0 +1,127 @@
+"""DIT8_GLUON (kernels/candidates.py): what it accepts, and that the ops route calls to a Gluon
+candidate only where it is asked for and where the candidate takes the call; elsewhere the Triton
+kernels run as before. The routing is checked on the CPU with the candidates' launches replaced by
+recorders (the Gluon kernels themselves run on a Hopper GPU only: tests/test_*_gluon.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon", reason="this triton has no Gluon dialect")
+
+from dit8 import kernels as ops  # noqa: E402
+from dit8.kernels import OpArgumentError, attention_gluon, candidates, scaled_mm_gluon  # noqa: E402
+from dit8.kernels import scaled_mm_triton as gemm  # noqa: E402
+from dit8.kernels.gemm_configs import GemmConfig  # noqa: E402
+from dit8.testing import random_w8a8_operands  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_the_setting_names_candidates_and_their_configurations(monkeypatch):
+    monkeypatch.delenv(candidates.ENV_VAR, raising=False)
+    assert candidates.chosen() == {}
+    monkeypatch.setenv(candidates.ENV_VAR, "attention gemm=ws_k256")
+    assert candidates.chosen() == {"attention": "default", "gemm": "ws_k256"}
+    # Every configuration it accepts is one the kernels have.
+    assert set(candidates.CONFIGURATIONS["gemm"]) == set(scaled_mm_gluon.CANDIDATES)
+    for bad, message in [("softmax", "unknown candidate 'softmax'"), ("gemm=fast", "gemm has no configuration 'fast'")]:
+        monkeypatch.setenv(candidates.ENV_VAR, bad)
+        with pytest.raises(OpArgumentError, match=f"DIT8_GLUON: {message}"):
+            candidates.chosen()
+
+
+def test_nothing_is_routed_off_hopper(monkeypatch):
+    monkeypatch.setenv(candidates.ENV_VAR, "attention=ws gemm")
+    assert candidates.routed("attention", torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert candidates.routed("gemm", torch.device("cuda", 0)) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert candidates.routed("gemm", torch.device("cuda", 0)) == "default"
+    assert candidates.routed("attention", torch.device("cuda", 0)) == "ws"
+
+
+def _qkv():
+    """fp32 q, k, v: outside the Gluon kernel's scope (bf16, head_dim 128) on any device."""
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(1, 40, 2, 32, generator=gen).to(DEVICE) for _ in range(3)]
+
+
+def test_bf16_attention_goes_to_the_candidate_asked_for(monkeypatch):
+    q, k, v = _qkv()
+    calls = []
+    monkeypatch.setattr(candidates, "routed", lambda name, device: "ws" if name == "attention" else None)
+    monkeypatch.setattr(attention_gluon, "attention_bf16",
+                        lambda q, k, v, warp_specialized: calls.append(warp_specialized) or torch.zeros_like(q))
+    out = ops.attention(q, k, v, precision="bf16", backend="triton")
+    assert calls == [True] and torch.equal(out, torch.zeros_like(q))
+
+
+def test_bf16_attention_outside_the_candidates_scope_runs_the_triton_kernel(monkeypatch):
+    q, k, v = _qkv()
+    expected = ops.attention(q, k, v, precision="bf16", backend="triton")
+    # The real candidate refuses fp32 inputs (OpArgumentError): the Triton kernel takes the call.
+    monkeypatch.setattr(candidates, "routed", lambda name, device: "default")
+    torch.testing.assert_close(ops.attention(q, k, v, precision="bf16", backend="triton"), expected, rtol=0, atol=0)
+
+
+def test_promoted_fp8_gemms_go_to_the_candidate_asked_for(monkeypatch):
+    if DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need FP8 tensor cores (sm_89+)")
+    # K = 40: rows of 40 bytes, which TMA cannot describe, so the real candidate refuses the call.
+    xq, xs, wq, ws = (t.to(DEVICE) for t in random_w8a8_operands(70, 40, 40, FP8, seed=1, bias_dtype=None)[:4])
+    promoted = GemmConfig(64, 64, 64, 2, 4, 1, fp8_promote=64)
+    monkeypatch.setattr(gemm, "pick_config", lambda kind, M, N, K, device: promoted)
+    expected = gemm.launch(xq, xs, wq, ws, None, torch.empty(70, 40, dtype=torch.bfloat16, device=DEVICE),
+                           config=promoted)
+    monkeypatch.setattr(candidates, "routed", lambda name, device: "k256" if name == "gemm" else None)
+    # Outside its scope the candidate refuses (OpArgumentError), and the Triton kernel runs.
+    torch.testing.assert_close(ops.scaled_mm(xq, xs, wq, ws, backend="triton"), expected, rtol=0, atol=0)
+
+    calls = []
+
+    def recorder(xq, x_scale, wq, w_scale, bias, out, *, config, **epilogue):
+        calls.append(config)
+        return out.zero_()
+
+    monkeypatch.setattr(scaled_mm_gluon, "launch", recorder)
+    out = ops.scaled_mm(xq, xs, wq, ws, backend="triton")
+    assert calls == [scaled_mm_gluon.CANDIDATES["k256"]] and not out.any()
+    # Tiles with the tensor cores' own accumulation are never routed: no promoted kernel is faster.
+    monkeypatch.setattr(gemm, "pick_config", lambda kind, M, N, K, device: GemmConfig(64, 64, 64, 2, 4, 1))
+    ops.scaled_mm(xq, xs, wq, ws, backend="triton")
+    assert len(calls) == 1
+
+
+def test_the_setting_for_a_results_folder_takes_the_fastest_timed_configurations(tmp_path, monkeypatch):
+    """bench/gluon_choice.py: what bench/gpu_check.sh's candidates stage sets DIT8_GLUON to."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "gluon_choice", Path(__file__).resolve().parent.parent / "bench" / "gluon_choice.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.choice(tmp_path) == ""  # nothing timed: no candidate
+
+    def row(test, params, ms, **info):
+        return {"name": f"{test}[...]", "params": params, "extra_info": {"ms": ms, **info}}
+
+    promoted, other = [32760, 5120, 13824], [32760, 5120, 5120]
+    gemm = [row("test_gemm_gluon", {"config": "default"}, 4.0, shape=promoted),
+            row("test_gemm_gluon", {"config": "k256"}, 3.6, shape=promoted),
+            row("test_gemm_gluon", {"config": "ws"}, 1.0, shape=other),  # not a shape the candidate takes
+            row("test_gemm", {"case": "fp8"}, 0.5, shape=promoted)]  # not a candidate
+    (tmp_path / "bench_gemm.json").write_text(json.dumps({"benchmarks": gemm}))
+    assert module.choice(tmp_path) == "gemm=k256"
+    attention = [row("test_self_attention", {"name": "gluon_bf16"}, 40.0),
+                 row("test_self_attention", {"name": "gluon_bf16_ws"}, 39.0),
+                 row("test_self_attention", {"name": "sdpa_cudnn"}, 30.0)]
+    (tmp_path / "bench_attention.json").write_text(json.dumps({"benchmarks": attention}))
+    setting = module.choice(tmp_path)
+    assert setting == "attention=ws gemm=k256"
+    monkeypatch.setenv(candidates.ENV_VAR, setting)  # ... which the ops accept
+    assert candidates.chosen() == {"attention": "ws", "gemm": "k256"}
