@@ -1,12 +1,14 @@
-"""The DIT8_GLUON setting (kernels/candidates.py) that routes the Gluon candidates' fastest timed
-configurations into the ops, from a results folder of bench/gpu_check.sh:
+"""The DIT8_GLUON setting (kernels/candidates.py) that routes into the ops each Gluon candidate that beat
+the Triton kernel it would replace, in its fastest configuration, from a results folder of
+bench/gpu_check.sh:
 
-    python bench/gluon_choice.py .gpu_check        # e.g. "attention=ws gemm=k256"; empty: nothing timed
+    python bench/gluon_choice.py .gpu_check        # e.g. "attention=ws gemm=k256"; empty: none won
 
-gemm: the fastest `test_gemm_gluon` configuration on (32760, 5120, 13824), the Wan shape whose table
-entry promotes (the only FP8 GEMMs the candidate takes in a forward); attention: the faster of the
-`gluon_bf16` and `gluon_bf16_ws` rows. A candidate without a timed row (its GPU tests did not pass, its
-stage did not run) is left out.
+- gemm: the fastest `test_gemm_gluon` configuration on (32760, 5120, 13824), the Wan shape whose table
+  entry promotes (the only FP8 GEMMs it takes in a forward), against that row's `ms_triton`;
+- gemm_fast: `test_gemm_gluon_fast` against its rows' `ms_triton`, summed over the shapes it ran;
+- attention: the faster of the `gluon_bf16` and `gluon_bf16_ws` rows against `triton_bf16`.
+A candidate without timed rows (its GPU tests did not pass, its stage did not run) is left out.
 """
 
 from __future__ import annotations
@@ -25,27 +27,47 @@ def _rows(path: Path) -> list[dict]:
         return []
 
 
-def fastest(rows: list[dict], configuration_of) -> str | None:
-    """The configuration of the row with the lowest `ms` among those `configuration_of` names."""
-    timed = [(row["extra_info"]["ms"], name) for row in rows
-             if (name := configuration_of(row)) is not None and "ms" in row.get("extra_info", {})]
-    return min(timed)[1] if timed else None
+def _test(row: dict) -> str:
+    return row.get("name", "").split("[")[0]
+
+
+def _ms(row: dict) -> float | None:
+    return row.get("extra_info", {}).get("ms")
+
+
+def gemm(rows: list[dict]) -> str | None:
+    timed = [(_ms(r), r["extra_info"].get("ms_triton"), r.get("params", {}).get("config")) for r in rows
+             if _test(r) == "test_gemm_gluon" and r.get("extra_info", {}).get("shape") == PROMOTED_SHAPE
+             and _ms(r) is not None]
+    if not timed:
+        return None
+    ms, ms_triton, config = min(timed)
+    return config if ms_triton is None or ms < ms_triton else None
+
+
+def gemm_fast(rows: list[dict]) -> str | None:
+    timed = [(_ms(r), r["extra_info"].get("ms_triton")) for r in rows
+             if _test(r) == "test_gemm_gluon_fast" and _ms(r) is not None]
+    if not timed or any(t is None for _, t in timed):
+        return None
+    return "default" if sum(ms for ms, _ in timed) < sum(t for _, t in timed) else None
+
+
+def attention(rows: list[dict]) -> str | None:
+    by_name = {r.get("params", {}).get("name"): _ms(r) for r in rows if _test(r) == "test_self_attention"}
+    timed = [(by_name[name], config) for name, config in (("gluon_bf16", "default"), ("gluon_bf16_ws", "ws"))
+             if by_name.get(name) is not None]
+    if not timed:
+        return None
+    ms, config = min(timed)
+    triton_ms = by_name.get("triton_bf16")
+    return config if triton_ms is None or ms < triton_ms else None
 
 
 def choice(folder: Path) -> str:
-    """The DIT8_GLUON value for the candidates timed in `folder`."""
-    def gemm(row):
-        info = row.get("extra_info", {})
-        if row.get("name", "").startswith("test_gemm_gluon[") and info.get("shape") == PROMOTED_SHAPE:
-            return row.get("params", {}).get("config")
-        return None
-
-    def attention(row):
-        name = row.get("params", {}).get("name", "")
-        return {"gluon_bf16": "default", "gluon_bf16_ws": "ws"}.get(name)
-
-    picks = {"attention": fastest(_rows(folder / "bench_attention.json"), attention),
-             "gemm": fastest(_rows(folder / "bench_gemm.json"), gemm)}
+    """The DIT8_GLUON value for the candidates timed in `folder` (module docstring)."""
+    gemm_rows, attention_rows = _rows(folder / "bench_gemm.json"), _rows(folder / "bench_attention.json")
+    picks = {"attention": attention(attention_rows), "gemm": gemm(gemm_rows), "gemm_fast": gemm_fast(gemm_rows)}
     return " ".join(f"{name}={config}" for name, config in picks.items() if config is not None)
 
 

@@ -212,11 +212,12 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
                     --json "$out/dit_$name.json" 2>&1 | tail -12
             done ;;
         candidates)
-            # The forward with the Gluon candidates routed in (DIT8_GLUON, kernels/candidates.py), each in
-            # its configuration timed fastest by the gemm and attention stages, beside the dit stage's runs.
+            # The forward with the Gluon candidates routed in (DIT8_GLUON, kernels/candidates.py): each one
+            # that beat the Triton kernel it would replace in the gemm and attention stages, in its fastest
+            # configuration there (bench/gluon_choice.py), beside the dit stage's runs.
             choice=$("$py" bench/gluon_choice.py "$out")
             if [ -z "$choice" ]; then  # not done: a later run, after those stages, tries again
-                echo "candidates: no Gluon candidate was timed here (their tests or stages have not passed)"
+                echo "candidates: no Gluon candidate beat its Triton kernel here (or none was timed yet)"
                 touch "$out/.cut"
             fi
             for run in ${choice:+"--scheme fp8 --attention bf16" "--scheme fp8 --attention fp8"}; do

@@ -36,6 +36,7 @@ BENCH_COLUMNS = {
     "peak_gib": "peak GiB", "activation_gib": "activations GiB", "estimate_gib": "estimate GiB",
     "n_regs": "registers", "n_spills": "spills", "config": "config", "best": "best",
     "best_fast_accum": "best fast accum", "ms_triton": "triton ms", "config_triton": "triton config",
+    "ratio_vs_default_mode": "vs cuBLAS default mode",
 }
 
 

@@ -27,6 +27,8 @@ Cases (ratio = baseline ms / kernel ms, both do_bench medians of the same run):
                     vs torch._scaled_mm default accumulation; ms_triton: the table's triton FP8 kernel.
 - test_gemm_gluon_residual: its gated residual epilogue (the default and the warp-specialized kernel)
                     vs the triton kernel's, same operands.
+- test_gemm_gluon_fast: the Gluon fast-accumulation kernel vs torch._scaled_mm use_fast_accum=True (also
+                    ratio_vs_default_mode); ms_triton: the triton fast-accumulation tiles.
 extra_info also holds: ms, tflops (2·M·N·K per call), baseline_ms, config, shape and, for the fp8 and
 int8 cases, rel_err and rel_err_baseline: ‖out − ref‖/‖ref‖ against a float64 product of the same
 operands (on the GPU), the accuracy table of the issue.
@@ -270,6 +272,28 @@ def test_gemm_gluon(config, shape, device, record, gpu_time):
            config=cfg.name(), rel_err=float(f"{err:.4g}"), rel_err_baseline=float(f"{err_base:.4g}"),
            ms_triton=round(gpu_time(lambda: impl.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16)), 4),
            config_triton=config_name("fp8", shape, device))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_gemm_gluon_fast(shape, device, record, gpu_time, benchmark):
+    """The fast-accumulation candidate (scaled_mm_gluon.FAST) against cuBLAS's use_fast_accum=True,
+    beside the Triton table's fast-accumulation tiles timed in the same run (ms_triton); also the
+    ratio to cuBLAS's default mode, the issue's baseline."""
+    gluon = gluon_candidate(device)
+    _, xq, xs, wq, ws = operands(shape, "fp8", device)
+    fn = lambda: gluon.scaled_mm(xq, xs, wq, ws, config=gluon.FAST)  # noqa: E731
+    ref = reference64(xq, xs, wq, ws)
+    err, err_base = rel_err(fn(), ref), rel_err(cublas(xq, xs, wq, ws, fast_accum=True)(), ref)
+    del ref
+    assert err <= 2 * err_base, (err, err_base)
+    M, N, K = shape
+    ms = record(fn, flops=2 * M * N * K, baseline_ms=gpu_time(cublas(xq, xs, wq, ws, fast_accum=True)),
+                shape=list(shape), config=gluon.FAST.name(), rel_err=float(f"{err:.4g}"),
+                rel_err_baseline=float(f"{err_base:.4g}"), baseline="torch._scaled_mm use_fast_accum=True",
+                ms_triton=round(gpu_time(lambda: impl.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16,
+                                                                config=FAST_ACCUM)), 4),
+                config_triton=FAST_ACCUM.name())
+    benchmark.extra_info["ratio_vs_default_mode"] = round(gpu_time(cublas(xq, xs, wq, ws)) / ms, 3)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)

@@ -3,14 +3,14 @@ measuring what they change in a whole forward before any table or registry entry
 
 DIT8_GLUON lists the candidates to route and, optionally, each one's configuration:
 
-    DIT8_GLUON="attention gemm"            # their default configurations
+    DIT8_GLUON="attention gemm gemm_fast"  # their default configurations
     DIT8_GLUON="attention=ws gemm=k256"    # attention: "default" or "ws"; gemm: a scaled_mm_gluon.CANDIDATES key
 
 On an sm_90 GPU, then, `attention(precision="bf16", backend="triton")` runs attention_gluon's kernel,
-and `scaled_mm(..., backend="triton")` runs scaled_mm_gluon's for FP8 operands where the Triton table
-would promote the accumulation (its fast-accumulation tiles are faster than any promoted kernel). Calls
-outside a candidate's scope (other GPUs, shapes, strides) run the Triton kernels as before. Unset, the
-ops are unchanged. `dit8 bench dit` records the setting with its results. Pure Python: importing this
+and `scaled_mm(..., backend="triton")` runs scaled_mm_gluon's for FP8 operands: "gemm" where the Triton
+table promotes the accumulation, "gemm_fast" (scaled_mm_gluon.FAST) where it takes its
+fast-accumulation tiles. Calls outside a candidate's scope (other GPUs, shapes, strides) run the Triton
+kernels as before. Unset, the ops are unchanged. `dit8 bench dit` records the setting with its results. Pure Python: importing this
 imports no triton.
 """
 
@@ -27,6 +27,7 @@ ENV_VAR = "DIT8_GLUON"
 CONFIGURATIONS = {
     "attention": ("default", "ws"),
     "gemm": ("default", "stages5", "k256", "ws", "ws_k256"),
+    "gemm_fast": ("default", ),
 }
 
 

@@ -28,6 +28,11 @@ Two kernels (GluonGemmConfig.warp_specialized):
   (112 instead of 156 instructions a warp per 128-deep step, sm_90a), and the load warp runs on 24
   registers (setmaxnreg) so that the multiplying warps keep 240.
 
+And one without promotion (`FAST`, `_fp8_fast_gemm_ws_kernel`), a candidate for the Triton table's
+fast-accumulation tiles: 128 x 256 tiles, each K step's product accumulated in place by the tensor cores
+(cuBLAS's use_fast_accum=True), warp-specialized as above; its K loop issues 57 instructions a warp per
+128-deep step, and the epilogue runs on the two 128-column halves in turn.
+
 Epilogue (fp32, the reference's order, as kernels/scaled_mm_triton.py): y = acc · x_scale[m] ·
 w_scale[n] (+ bias[n]); optionally GELU(tanh); optionally residual[m, n] + gate[m // rows_per_batch,
 n] · y; one rounding to the output dtype. The tile passes through shared memory and is finished in
@@ -45,7 +50,8 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma, warpgroup_mma_init,
+                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .buffers import new_output
@@ -79,9 +85,13 @@ class GluonGemmConfig:
     num_stages: int = 4
     num_warps: int = 8  # the warps that multiply
     warp_specialized: bool = False  # one more warp issues the loads (`_fp8_gemm_ws_kernel`)
+    # The tensor cores' own accumulation over the whole K loop, as cuBLAS's use_fast_accum=True and the
+    # Triton table's FAST_ACCUMULATION tiles (`_fp8_fast_gemm_ws_kernel`, warp-specialized, 128 x 256).
+    fast_accumulation: bool = False
 
     def name(self) -> str:
-        return (f"gluon promoted {self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} "
+        mode = "fast" if self.fast_accumulation else "promoted"
+        return (f"gluon {mode} {self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} "
                 f"s{self.num_stages} w{self.num_warps}{' ws' if self.warp_specialized else ''}")
 
 
@@ -96,6 +106,9 @@ CANDIDATES = {
     "ws": GluonGemmConfig(warp_specialized=True),
     "ws_k256": GluonGemmConfig(block_k=256, num_stages=2, warp_specialized=True),
 }
+# Fast accumulation, for the GEMMs the Triton table gives its FAST_ACCUMULATION tiles (K <= 8192): a
+# candidate against those, not a promoted kernel.
+FAST = GluonGemmConfig(block_n=256, num_stages=3, warp_specialized=True, fast_accumulation=True)
 
 
 @gluon.jit
@@ -374,6 +387,76 @@ def _fp8_gemm_ws_kernel(a_desc, b_desc, XS, WS, Bias, Res, Gate, Out, M, N, K,
         mbarrier.invalidate(empty.index(i))
 
 
+# ----------------------------------------------------------------------------------------------------
+# Fast accumulation: 128 x 256 tiles, each product accumulated in place by the tensor cores
+# ----------------------------------------------------------------------------------------------------
+
+@gluon.jit
+def _mma_fast_partition(a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Res, Gate, Out, M, N, K, stride_om,
+                        stride_rm, stride_gb, rows_per_batch, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                        BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, NSTAGES: gl.constexpr,
+                        NUM_PROGRAMS: gl.constexpr, HAS_BIAS: gl.constexpr, ACTIVATION: gl.constexpr,
+                        HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, num_warps: gl.constexpr):
+    """The multiplying warps: each K step's product accumulated into acc by the tensor cores (one
+    accumulator tile, 128 registers a thread), the stage of the product before it released as soon as
+    that product is done; the epilogue in two halves of 128 columns."""
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BLOCK_N, 32])
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), NUM_PROGRAMS)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    step = 0
+    for t in range(my_tiles):
+        off_m, off_n = _tile_origin(t, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M, NUM_PROGRAMS)
+        # A fresh tile each time (its value unused: the first product has use_acc=False), so that the last
+        # tile's registers are free for the epilogue.
+        acc = warpgroup_mma_init(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=acc_layout))
+        for kt in range(k_tiles):
+            stage = step % NSTAGES
+            mbarrier.wait(ready.index(stage), (step // NSTAGES) & 1)
+            acc = warpgroup_mma(a_smem.index(stage), b_smem.index(stage).permute((1, 0)), acc, use_acc=kt > 0,
+                                is_async=True)
+            # The product before this one is done (this one may still run: acc stays an accumulator).
+            acc = warpgroup_mma_init(warpgroup_mma_wait(1, deps=(acc, )))
+            mbarrier.arrive(empty.index((step + NSTAGES - 1) % NSTAGES), count=1, pred=kt > 0)
+            step += 1
+        done = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(empty.index((step + NSTAGES - 1) % NSTAGES), count=1)
+        left, right = gl.split(gl.permute(gl.reshape(done, [BLOCK_M, 2, BLOCK_N // 2]), [0, 2, 1]))
+        _epilogue(left, acc_smem, off_m, off_n, M, N, XS, WS, Bias, Res, Gate, Out, stride_om, stride_rm, stride_gb,
+                  rows_per_batch, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, num_warps)
+        _epilogue(right, acc_smem, off_m, off_n + BLOCK_N // 2, M, N, XS, WS, Bias, Res, Gate, Out, stride_om,
+                  stride_rm, stride_gb, rows_per_batch, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, num_warps)
+
+
+@gluon.jit
+def _fp8_fast_gemm_ws_kernel(a_desc, b_desc, XS, WS, Bias, Res, Gate, Out, M, N, K,
+                             stride_om, stride_rm, stride_gb, rows_per_batch,
+                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                             GROUP_M: gl.constexpr, NSTAGES: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
+                             HAS_BIAS: gl.constexpr, ACTIVATION: gl.constexpr, HAS_RESIDUAL: gl.constexpr,
+                             HAS_GATE: gl.constexpr, num_warps: gl.constexpr):
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, [NSTAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    b_smem = gl.allocate_shared_memory(b_desc.dtype, [NSTAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    acc_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, BLOCK_N // 2], ACC_STAGING)
+    for i in gl.static_range(NSTAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    gl.warp_specialize([
+        (_mma_fast_partition, (a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Res, Gate, Out, M, N, K,
+                               stride_om, stride_rm, stride_gb, rows_per_batch, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                               NSTAGES, NUM_PROGRAMS, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, num_warps)),
+        (_load_partition, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                           GROUP_M, NSTAGES, NUM_PROGRAMS)),
+    ], [1], [24])
+    for i in gl.static_range(NSTAGES):
+        mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))
+
+
 def operand_layout(rows: int, block_k: int) -> gl.NVMMASharedLayout:
     """The shared-memory layout of an operand tile [rows, block_k] of e4m3 codes."""
     return gl.NVMMASharedLayout.get_default_for([rows, block_k], gl.float8e4nv)
@@ -433,7 +516,8 @@ def launch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: t
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     programs = min(tiles, _sm_count(xq.device.index or 0))
     dummy = x_scale  # pointer for the absent optional operands (never read: their flags are off)
-    kernel = _fp8_gemm_ws_kernel if cfg.warp_specialized else _fp8_gemm_kernel
+    kernel = (_fp8_fast_gemm_ws_kernel if cfg.fast_accumulation else
+              _fp8_gemm_ws_kernel if cfg.warp_specialized else _fp8_gemm_kernel)
     with torch.cuda.device(xq.device):
         kernel[(programs,)](
             a_desc, b_desc, x_scale, w_scale, bias if bias is not None else dummy,

@@ -376,12 +376,14 @@ def scaled_mm(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.bfloat16, *, 
         cfg = config or pick_config(kind, M, N, K, xq.device)
         if cfg is None:
             cfg = _autotune(_tune_key(_capability(xq.device), kind, M, N, K), args, kwargs)
-        if config is None and cfg.fp8_promote is not None and kind == "fp8" and \
-                (gluon := candidates.routed("gemm", xq.device)) is not None:
-            from . import scaled_mm_gluon
+        if config is None and kind == "fp8":
+            trial = "gemm" if cfg.fp8_promote is not None else "gemm_fast"
+            if (gluon := candidates.routed(trial, xq.device)) is not None:
+                from . import scaled_mm_gluon
 
-            try:  # on trial (kernels/candidates.py); outside its scope the Triton kernel runs
-                return scaled_mm_gluon.launch(*args, **kwargs, config=scaled_mm_gluon.CANDIDATES[gluon])
-            except OpArgumentError:
-                pass
+                gluon_cfg = scaled_mm_gluon.CANDIDATES[gluon] if trial == "gemm" else scaled_mm_gluon.FAST
+                try:  # on trial (kernels/candidates.py); outside its scope the Triton kernel runs
+                    return scaled_mm_gluon.launch(*args, **kwargs, config=gluon_cfg)
+                except OpArgumentError:
+                    pass
         return launch(*args, **kwargs, config=cfg)

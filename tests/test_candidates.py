@@ -27,6 +27,7 @@ def test_the_setting_names_candidates_and_their_configurations(monkeypatch):
     assert candidates.chosen() == {"attention": "default", "gemm": "ws_k256"}
     # Every configuration it accepts is one the kernels have.
     assert set(candidates.CONFIGURATIONS["gemm"]) == set(scaled_mm_gluon.CANDIDATES)
+    assert candidates.CONFIGURATIONS["gemm_fast"] == ("default", )  # scaled_mm_gluon.FAST
     for bad, message in [("softmax", "unknown candidate 'softmax'"), ("gemm=fast", "gemm has no configuration 'fast'")]:
         monkeypatch.setenv(candidates.ENV_VAR, bad)
         with pytest.raises(OpArgumentError, match=f"DIT8_GLUON: {message}"):
@@ -89,10 +90,14 @@ def test_promoted_fp8_gemms_go_to_the_candidate_asked_for(monkeypatch):
     monkeypatch.setattr(scaled_mm_gluon, "launch", recorder)
     out = ops.scaled_mm(xq, xs, wq, ws, backend="triton")
     assert calls == [scaled_mm_gluon.CANDIDATES["k256"]] and not out.any()
-    # Tiles with the tensor cores' own accumulation are never routed: no promoted kernel is faster.
+    # Tiles with the tensor cores' own accumulation go to the fast-accumulation candidate, and only when it
+    # is asked for: a promoted kernel is never faster than those tiles.
     monkeypatch.setattr(gemm, "pick_config", lambda kind, M, N, K, device: GemmConfig(64, 64, 64, 2, 4, 1))
     ops.scaled_mm(xq, xs, wq, ws, backend="triton")
     assert len(calls) == 1
+    monkeypatch.setattr(candidates, "routed", lambda name, device: "default" if name == "gemm_fast" else None)
+    ops.scaled_mm(xq, xs, wq, ws, backend="triton")
+    assert calls[1:] == [scaled_mm_gluon.FAST]
 
 
 def test_the_setting_for_a_results_folder_takes_the_fastest_timed_configurations(tmp_path, monkeypatch):
@@ -111,17 +116,25 @@ def test_the_setting_for_a_results_folder_takes_the_fastest_timed_configurations
         return {"name": f"{test}[...]", "params": params, "extra_info": {"ms": ms, **info}}
 
     promoted, other = [32760, 5120, 13824], [32760, 5120, 5120]
-    gemm = [row("test_gemm_gluon", {"config": "default"}, 4.0, shape=promoted),
-            row("test_gemm_gluon", {"config": "k256"}, 3.6, shape=promoted),
-            row("test_gemm_gluon", {"config": "ws"}, 1.0, shape=other),  # not a shape the candidate takes
-            row("test_gemm", {"case": "fp8"}, 0.5, shape=promoted)]  # not a candidate
+    gemm = [row("test_gemm_gluon", {"config": "default"}, 4.0, shape=promoted, ms_triton=4.9),
+            row("test_gemm_gluon", {"config": "k256"}, 3.6, shape=promoted, ms_triton=4.9),
+            row("test_gemm_gluon", {"config": "ws"}, 1.0, shape=other, ms_triton=1.6),  # a shape it never takes
+            row("test_gemm", {"case": "fp8"}, 0.5, shape=promoted),  # not a candidate
+            # The fast-accumulation candidate wins on one shape and loses more on the other: not routed.
+            row("test_gemm_gluon_fast", {}, 1.2, shape=other, ms_triton=1.3),
+            row("test_gemm_gluon_fast", {}, 3.9, shape=[32760, 13824, 5120], ms_triton=3.6)]
     (tmp_path / "bench_gemm.json").write_text(json.dumps({"benchmarks": gemm}))
     assert module.choice(tmp_path) == "gemm=k256"
     attention = [row("test_self_attention", {"name": "gluon_bf16"}, 40.0),
                  row("test_self_attention", {"name": "gluon_bf16_ws"}, 39.0),
+                 row("test_self_attention", {"name": "triton_bf16"}, 43.8),
                  row("test_self_attention", {"name": "sdpa_cudnn"}, 30.0)]
     (tmp_path / "bench_attention.json").write_text(json.dumps({"benchmarks": attention}))
     setting = module.choice(tmp_path)
     assert setting == "attention=ws gemm=k256"
+    # A candidate slower than the Triton kernel it would replace is not routed.
+    attention[1]["extra_info"]["ms"] = attention[0]["extra_info"]["ms"] = 45.0
+    (tmp_path / "bench_attention.json").write_text(json.dumps({"benchmarks": attention}))
+    assert module.choice(tmp_path) == "gemm=k256"
     monkeypatch.setenv(candidates.ENV_VAR, setting)  # ... which the ops accept
     assert candidates.chosen() == {"attention": "ws", "gemm": "k256"}
