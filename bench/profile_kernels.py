@@ -79,7 +79,7 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
         (f"fp8 GEMM {promoted.name()}", lambda: gemm.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16, config=promoted)),
         (f"fp8 GEMM {fast.name()}", lambda: gemm.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16, config=fast)),
         *([(f"fp8 GEMM {cfg.name()}", lambda cfg=cfg: scaled_mm_gluon.scaled_mm(xq, xs, wq, ws, config=cfg))
-           for cfg in (scaled_mm_gluon.CANDIDATES["default"], scaled_mm_gluon.CANDIDATES["ws"])]
+           for cfg in (scaled_mm_gluon.CANDIDATES["default"], scaled_mm_gluon.CANDIDATES["ws"], scaled_mm_gluon.FAST)]
           if "gemm" in gluon else []),
         ("quantize_per_token", lambda: ops.quantize_per_token(x, fp8)),
         ("layer_norm_modulate_quant", lambda: ops.layer_norm_modulate_quant(residual, shift, scale, eps=1e-6,
