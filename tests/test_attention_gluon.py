@@ -39,8 +39,10 @@ def _qkv(b, lq, lk, h, *, seed, offsets=False, fused=False):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel is written for Hopper GPUs (sm_90)")
 # A kernel waiting on a barrier that never completes blocks in the driver, where no signal reaches
-# Python: the thread method ends the (xdist worker) process instead, and the other tests go on.
-@pytest.mark.timeout(120, method="thread")
+# Python: the thread method ends the (xdist worker) process instead, and the other tests go on. A
+# compile and a run take a few seconds: a short limit keeps a kernel that hangs in every test from
+# spending the test run's time.
+@pytest.mark.timeout(45, method="thread")
 @pytest.mark.parametrize("b, lq, lk, h, kind", [
     (2, 300, 257, 3, "plain"),  # keys: two full blocks and a tail of 1; queries: a partial block
     (1, 77, 1, 2, "plain"),  # one key

@@ -26,19 +26,23 @@ FP8 = torch.float8_e4m3fn
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
+def on_hopper(test=None, *, seconds: int = 45):
+    """The marks of a GPU test of the kernel (`@on_hopper`, or `@on_hopper(seconds=...)` for a longer one)."""
+    def mark(test):
+        marks = [
+            pytest.mark.gpu,
+            pytest.mark.skipif(not HOPPER, reason="the Gluon GEMM is written for Hopper GPUs (sm_90)"),
+            # A kernel waiting on a barrier that never completes blocks in the driver, where no signal
+            # reaches Python: the thread method ends the (xdist worker) process instead, and the other
+            # tests go on. A compile and a run take a few seconds: a short limit keeps a kernel that hangs
+            # in every test from spending the test run's time.
+            pytest.mark.timeout(seconds, method="thread"),
+        ]
+        for m in marks:
+            test = m(test)
+        return test
 
-def on_hopper(test):
-    """The marks of a GPU test of the kernel."""
-    marks = [
-        pytest.mark.gpu,
-        pytest.mark.skipif(not HOPPER, reason="the Gluon GEMM is written for Hopper GPUs (sm_90)"),
-        # A kernel waiting on a barrier that never completes blocks in the driver, where no signal reaches
-        # Python: the thread method ends the (xdist worker) process instead, and the other tests go on.
-        pytest.mark.timeout(120, method="thread"),
-    ]
-    for mark in marks:
-        test = mark(test)
-    return test
+    return mark(test) if test is not None else mark
 
 
 def configuration(name: str) -> g.GluonGemmConfig:
@@ -94,7 +98,7 @@ def test_gluon_gemm_fused_epilogues(variant, config):
 
 
 @pytest.mark.parametrize("warp_specialized", [False, True], ids=["", "ws"])
-@on_hopper
+@on_hopper(seconds=120)
 @pytest.mark.xdist_group("wan_shapes")  # the float64 reference takes ~10 GB
 def test_gluon_gemm_at_the_ffn_down_projection(warp_specialized):
     """Wan's K = 13824 linear (where the table keeps promoted tiles), against cuBLAS's default mode."""
