@@ -63,7 +63,7 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
     fast = gemm_configs.FAST_ACCUMULATION["sm_90"]
     # The Gluon candidates on Hopper, unless their GPU tests did not pass here (bench/gpu_check.sh).
     hopper = torch.cuda.get_device_capability(dev)[0] == 9
-    gluon = [] if not hopper else [name for name in ("attention", "gemm")
+    gluon = [] if not hopper else [name for name in ("attention", "gemm", "gemm_fast")
                                    if name not in os.environ.get("DIT8_SKIP_GLUON", "").split()]
     residual, shift, scale = randn(1, 32760, 5120, dtype=torch.float32), randn(1, 5120, dtype=torch.float32), \
         randn(1, 5120, dtype=torch.float32)
@@ -78,9 +78,9 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
         ("cross-attention", lambda: ops.cross_attention(q, k_text, v_text, k_img, v_img, backend="triton")),
         (f"fp8 GEMM {promoted.name()}", lambda: gemm.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16, config=promoted)),
         (f"fp8 GEMM {fast.name()}", lambda: gemm.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16, config=fast)),
-        *([(f"fp8 GEMM {cfg.name()}", lambda cfg=cfg: scaled_mm_gluon.scaled_mm(xq, xs, wq, ws, config=cfg))
-           for cfg in (scaled_mm_gluon.CANDIDATES["default"], scaled_mm_gluon.CANDIDATES["ws"], scaled_mm_gluon.FAST)]
-          if "gemm" in gluon else []),
+        *[(f"fp8 GEMM {cfg.name()}", lambda cfg=cfg: scaled_mm_gluon.scaled_mm(xq, xs, wq, ws, config=cfg))
+          for name, cfg in (("gemm", scaled_mm_gluon.CANDIDATES["default"]), ("gemm", scaled_mm_gluon.CANDIDATES["ws"]),
+                            ("gemm_fast", scaled_mm_gluon.FAST)) if name in gluon],
         ("quantize_per_token", lambda: ops.quantize_per_token(x, fp8)),
         ("layer_norm_modulate_quant", lambda: ops.layer_norm_modulate_quant(residual, shift, scale, eps=1e-6,
                                                                             dtype=fp8)),

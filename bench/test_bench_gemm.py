@@ -245,12 +245,14 @@ except ImportError:  # a triton without the Gluon dialect: no candidate to time
 GLUON_CONFIGS = list(scaled_mm_gluon.CANDIDATES) if scaled_mm_gluon else []
 
 
-def gluon_candidate(device):
-    """kernels/scaled_mm_gluon.py where it may run: on Hopper, unless its GPU tests did not pass here."""
+def gluon_candidate(device, name="gemm"):
+    """kernels/scaled_mm_gluon.py where its kernel `name` ("gemm": promoted, "gemm_fast") may run: on
+    Hopper, unless its GPU tests did not pass here."""
     if device != "cuda" or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon GEMM is written for Hopper GPUs (sm_90) and has no interpreter")
-    if "gemm" in os.environ.get("DIT8_SKIP_GLUON", "").split():
-        pytest.skip("DIT8_SKIP_GLUON: the Gluon GEMM's GPU tests have not passed here (bench/gpu_check.sh)")
+    if name in os.environ.get("DIT8_SKIP_GLUON", "").split():
+        pytest.skip(f"DIT8_SKIP_GLUON: the GPU tests of the Gluon {name} kernel have not passed here "
+                    f"(bench/gpu_check.sh)")
     return scaled_mm_gluon
 
 
@@ -279,7 +281,7 @@ def test_gemm_gluon_fast(shape, device, record, gpu_time, benchmark):
     """The fast-accumulation candidate (scaled_mm_gluon.FAST) against cuBLAS's use_fast_accum=True,
     beside the Triton table's fast-accumulation tiles timed in the same run (ms_triton); also the
     ratio to cuBLAS's default mode, the issue's baseline."""
-    gluon = gluon_candidate(device)
+    gluon = gluon_candidate(device, "gemm_fast")
     _, xq, xs, wq, ws = operands(shape, "fp8", device)
     fn = lambda: gluon.scaled_mm(xq, xs, wq, ws, config=gluon.FAST)  # noqa: E731
     ref = reference64(xq, xs, wq, ws)
