@@ -10,8 +10,8 @@ On an sm_90 GPU, then, `attention(precision="bf16", backend="triton")` runs atte
 and `scaled_mm(..., backend="triton")` runs scaled_mm_gluon's for FP8 operands: "gemm" where the Triton
 table promotes the accumulation, "gemm_fast" (scaled_mm_gluon.FAST) where it takes its
 fast-accumulation tiles. Calls outside a candidate's scope (other GPUs, shapes, strides) run the Triton
-kernels as before. Unset, the ops are unchanged. `dit8 bench dit` records the setting with its results. Pure Python: importing this
-imports no triton.
+kernels as before. Unset, the ops are unchanged. `dit8 bench dit` records the setting with its results.
+Pure Python: importing this imports no triton.
 """
 
 from __future__ import annotations
