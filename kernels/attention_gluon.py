@@ -1,5 +1,6 @@
 """bf16 flash attention for Hopper in Gluon (Triton's explicit-layout dialect): a candidate for the
-bf16 path of `attention`, run by the GPU tests and the attention benchmark, not yet by the op.
+bf16 path of `attention`, run by the GPU tests and the attention benchmark, and by the op only where
+DIT8_GLUON asks (kernels/candidates.py).
 
 Why a second kernel. In the `tl.dot` kernels (kernels/attention_triton.py) every warpgroup waits for
 each of its matrix products right after issuing it (the SASS has `WARPGROUP.DEPBAR.LE gsb0, 0x0`
