@@ -6,7 +6,8 @@ bench/gpu_check.sh:
 
 - gemm: the fastest `test_gemm_gluon` configuration on (32760, 5120, 13824), the Wan shape whose table
   entry promotes (the only FP8 GEMMs it takes in a forward), against that row's `ms_triton`;
-- gemm_fast: `test_gemm_gluon_fast` against its rows' `ms_triton`, summed over the shapes it ran;
+- gemm_fast, gemm_int8: `test_gemm_gluon_fast`, `test_gemm_gluon_int8` against their rows'
+  `ms_triton`, summed over the shapes they ran;
 - attention: the faster of the `gluon_bf16` and `gluon_bf16_ws` rows against `triton_bf16`.
 A candidate without timed rows (its GPU tests did not pass, its stage did not run) is left out.
 """
@@ -45,9 +46,10 @@ def gemm(rows: list[dict]) -> str | None:
     return config if ms_triton is None or ms < ms_triton else None
 
 
-def gemm_fast(rows: list[dict]) -> str | None:
-    timed = [(_ms(r), r["extra_info"].get("ms_triton")) for r in rows
-             if _test(r) == "test_gemm_gluon_fast" and _ms(r) is not None]
+def in_place(rows: list[dict], test: str) -> str | None:
+    """"default" where the rows of `test` (scaled_mm_gluon.FAST) took less time in all than their
+    `ms_triton`."""
+    timed = [(_ms(r), r["extra_info"].get("ms_triton")) for r in rows if _test(r) == test and _ms(r) is not None]
     if not timed or any(t is None for _, t in timed):
         return None
     return "default" if sum(ms for ms, _ in timed) < sum(t for _, t in timed) else None
@@ -67,7 +69,9 @@ def attention(rows: list[dict]) -> str | None:
 def choice(folder: Path) -> str:
     """The DIT8_GLUON value for the candidates timed in `folder` (module docstring)."""
     gemm_rows, attention_rows = _rows(folder / "bench_gemm.json"), _rows(folder / "bench_attention.json")
-    picks = {"attention": attention(attention_rows), "gemm": gemm(gemm_rows), "gemm_fast": gemm_fast(gemm_rows)}
+    picks = {"attention": attention(attention_rows), "gemm": gemm(gemm_rows),
+             "gemm_fast": in_place(gemm_rows, "test_gemm_gluon_fast"),
+             "gemm_int8": in_place(gemm_rows, "test_gemm_gluon_int8")}
     return " ".join(f"{name}={config}" for name, config in picks.items() if config is not None)
 
 

@@ -137,15 +137,18 @@ run_pytest() { limited "$py" -m pytest "${pytest_args[@]}" "$@"; }
 if [ -s "$out/verified.json" ]; then export DIT8_VERIFIED="$(cd "$out" && pwd)/verified.json"; fi
 # The Gluon candidates (kernels/attention_gluon.py, kernels/scaled_mm_gluon.py) are benchmarked and
 # profiled only after their GPU tests passed on this machine: a kernel that hangs there would spend the
-# stage's time. DIT8_SKIP_GLUON names those whose tests did not all pass ("attention", "gemm", "gemm_fast").
+# stage's time. DIT8_SKIP_GLUON names those whose tests did not all pass ("attention", "gemm", "gemm_fast",
+# "gemm_int8").
 untested_gluon() {
     "$py" - "$out/tests.xml" <<'PY'
 import sys
 import xml.etree.ElementTree as ET
-# Each candidate's tests: those of its module; the GEMM's fast-accumulation kernel has "fast" in their names.
+# Each candidate's tests: those of its module; the GEMM's in-place accumulation kernel has "fast" (FP8)
+# or "int8" in their names.
 owners = {"attention": ("test_attention_gluon", lambda name: True),
-          "gemm": ("test_scaled_mm_gluon", lambda name: "fast" not in name),
-          "gemm_fast": ("test_scaled_mm_gluon", lambda name: "fast" in name)}
+          "gemm": ("test_scaled_mm_gluon", lambda name: "fast" not in name and "int8" not in name),
+          "gemm_fast": ("test_scaled_mm_gluon", lambda name: "fast" in name),
+          "gemm_int8": ("test_scaled_mm_gluon", lambda name: "int8" in name)}
 try:
     cases = list(ET.parse(sys.argv[1]).iter("testcase"))
 except (OSError, ET.ParseError):
@@ -223,7 +226,10 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
                 echo "candidates: no Gluon candidate beat its Triton kernel here (or none was timed yet)"
                 touch "$out/.cut"
             fi
-            for run in ${choice:+"--scheme fp8 --attention bf16" "--scheme fp8 --attention fp8"}; do
+            # FP8 forwards with bf16 and 8-bit attention; an INT8 one where the INT8 GEMM is routed too.
+            int8_run=$(echo "$choice" | grep -q gemm_int8 && echo "--scheme int8 --attention int8")
+            for run in ${choice:+"--scheme fp8 --attention bf16" "--scheme fp8 --attention fp8"} \
+                       ${int8_run:+"$int8_run"}; do
                 name=$(echo "$run" | awk '{print $2 "_" $4}')_gluon
                 if [ "$(seconds_left)" -lt 45 ]; then
                     echo "dit $name: left for the next run"; cut_short "dit $name not run"; continue

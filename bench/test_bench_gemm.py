@@ -29,6 +29,8 @@ Cases (ratio = baseline ms / kernel ms, both do_bench medians of the same run):
                     vs the triton kernel's, same operands.
 - test_gemm_gluon_fast: the Gluon fast-accumulation kernel vs torch._scaled_mm use_fast_accum=True (also
                     ratio_vs_default_mode); ms_triton: the triton fast-accumulation tiles.
+- test_gemm_gluon_int8: the same Gluon kernel on INT8 codes vs torch._int_mm; ms_triton: the triton INT8
+                    kernel.
 extra_info also holds: ms, tflops (2·M·N·K per call), baseline_ms, config, shape and, for the fp8 and
 int8 cases, rel_err and rel_err_baseline: ‖out − ref‖/‖ref‖ against a float64 product of the same
 operands (on the GPU), the accuracy table of the issue.
@@ -296,6 +298,25 @@ def test_gemm_gluon_fast(shape, device, record, gpu_time, benchmark):
                                                                 config=FAST_ACCUM)), 4),
                 config_triton=FAST_ACCUM.name())
     benchmark.extra_info["ratio_vs_default_mode"] = round(gpu_time(cublas(xq, xs, wq, ws)) / ms, 3)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_gemm_gluon_int8(shape, device, record, gpu_time):
+    """scaled_mm_gluon.FAST on INT8 codes, with dequantization, against torch._int_mm without it (the
+    issue's INT8 baseline), beside the Triton table's INT8 kernel timed in the same run (ms_triton)."""
+    gluon = gluon_candidate(device, "gemm_int8")
+    _, xq, xs, wq, ws = operands(shape, "int8", device)
+    fn = lambda: gluon.scaled_mm(xq, xs, wq, ws, config=gluon.FAST)  # noqa: E731
+    ref = reference64(xq, xs, wq, ws)
+    err, err_base = rel_err(fn(), ref), rel_err(cublas(xq, xs, wq, ws)(), ref)
+    del ref
+    assert err <= 2 * err_base, (err, err_base)
+    M, N, K = shape
+    record(fn, flops=2 * M * N * K, baseline_ms=gpu_time(cublas(xq, xs, wq, ws, dequant=False)), shape=list(shape),
+           config=gluon.FAST.name(), rel_err=float(f"{err:.4g}"), rel_err_baseline=float(f"{err_base:.4g}"),
+           baseline="torch._int_mm, int32 out, no dequantization",
+           ms_triton=round(gpu_time(lambda: impl.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16)), 4),
+           config_triton=config_name("int8", shape, device))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)

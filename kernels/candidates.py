@@ -3,15 +3,15 @@ measuring what they change in a whole forward before any table or registry entry
 
 DIT8_GLUON lists the candidates to route and, optionally, each one's configuration:
 
-    DIT8_GLUON="attention gemm gemm_fast"  # their default configurations
+    DIT8_GLUON="attention gemm gemm_fast"  # their default configurations (also gemm_int8)
     DIT8_GLUON="attention=ws gemm=k256"    # attention: "default" or "ws"; gemm: a scaled_mm_gluon.CANDIDATES key
 
 On an sm_90 GPU, then, `attention(precision="bf16", backend="triton")` runs attention_gluon's kernel,
-and `scaled_mm(..., backend="triton")` runs scaled_mm_gluon's for FP8 operands: "gemm" where the Triton
-table promotes the accumulation, "gemm_fast" (scaled_mm_gluon.FAST) where it takes its
-fast-accumulation tiles. Calls outside a candidate's scope (other GPUs, shapes, strides) run the Triton
-kernels as before. Unset, the ops are unchanged. `dit8 bench dit` records the setting with its results.
-Pure Python: importing this imports no triton.
+and `scaled_mm(..., backend="triton")` runs scaled_mm_gluon's: for FP8 operands "gemm" where the
+Triton table promotes the accumulation and "gemm_fast" (scaled_mm_gluon.FAST) where it takes its
+fast-accumulation tiles; for INT8 operands "gemm_int8" (FAST too). Calls outside a candidate's scope
+(other GPUs, shapes, strides) run the Triton kernels as before. Unset, the ops are unchanged. `dit8 bench
+dit` records the setting with its results. Pure Python: importing this imports no triton.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ CONFIGURATIONS = {
     "attention": ("default", "ws"),
     "gemm": ("default", "stages5", "k256", "ws", "ws_k256"),
     "gemm_fast": ("default", ),
+    "gemm_int8": ("default", ),
 }
 
 

@@ -29,18 +29,20 @@ Two kernels (GluonGemmConfig.warp_specialized):
   (112 instead of 156 instructions a warp per 128-deep step, sm_90a), and the load warp runs on 24
   registers (setmaxnreg) so that the multiplying warps keep 240.
 
-And one without promotion (`FAST`, `_fp8_fast_gemm_ws_kernel`), a candidate for the Triton table's
-fast-accumulation tiles: 128 x 256 tiles, each K step's product accumulated in place by the tensor cores
-(cuBLAS's use_fast_accum=True), warp-specialized as above; its K loop issues 57 instructions a warp per
-128-deep step, and the epilogue runs on the two 128-column halves in turn.
+And one without promotion (`FAST`, `_fast_gemm_ws_kernel`): 128 x 256 tiles, each K step's product
+accumulated in place by the tensor cores, warp-specialized as above; its K loop issues 57 instructions a
+warp per 128-deep step, and the epilogue runs on the two 128-column halves in turn. For FP8 that is
+cuBLAS's use_fast_accum=True, a candidate for the Triton table's fast-accumulation tiles; it also takes
+INT8 operands (int32 accumulation, exact), a candidate for the table's INT8 tiles.
 
 Epilogue (fp32, the reference's order, as kernels/scaled_mm_triton.py): y = acc · x_scale[m] ·
 w_scale[n] (+ bias[n]); optionally GELU(tanh); optionally residual[m, n] + gate[m // rows_per_batch,
 n] · y; one rounding to the output dtype. The tile passes through shared memory and is finished in
 slices of 32 columns (`_epilogue`).
 
-Scope: e4m3 x e4m3 on sm_90; xq [M, K] and wq [N, K] with K > 0, unit stride along K and 16-byte
-aligned rows and bases (K % 16 == 0). No interpreter: Gluon kernels run on the GPU only.
+Scope: e4m3 x e4m3 (and int8 x int8 with `FAST`) on sm_90; xq [M, K] and wq [N, K] with K > 0, unit
+stride along K and 16-byte aligned rows and bases (K % 16 == 0). No interpreter: Gluon kernels run on
+the GPU only.
 """
 
 from __future__ import annotations
@@ -86,8 +88,9 @@ class GluonGemmConfig:
     num_stages: int = 4
     num_warps: int = 8  # the warps that multiply
     warp_specialized: bool = False  # one more warp issues the loads (`_fp8_gemm_ws_kernel`)
-    # The tensor cores' own accumulation over the whole K loop, as cuBLAS's use_fast_accum=True and the
-    # Triton table's FAST_ACCUMULATION tiles (`_fp8_fast_gemm_ws_kernel`, warp-specialized, 128 x 256).
+    # The tensor cores' own accumulation over the whole K loop (`_fast_gemm_ws_kernel`, warp-specialized,
+    # 128 x 256): for FP8 as cuBLAS's use_fast_accum=True and the Triton table's FAST_ACCUMULATION tiles;
+    # for INT8 exact.
     fast_accumulation: bool = False
 
     def name(self) -> str:
@@ -107,8 +110,8 @@ CANDIDATES = {
     "ws": GluonGemmConfig(warp_specialized=True),
     "ws_k256": GluonGemmConfig(block_k=256, num_stages=2, warp_specialized=True),
 }
-# Fast accumulation, for the GEMMs the Triton table gives its FAST_ACCUMULATION tiles (K <= 8192): a
-# candidate against those, not a promoted kernel.
+# Accumulation in place: for FP8 the GEMMs the Triton table gives its FAST_ACCUMULATION tiles (K <= 8192),
+# a candidate against those, not a promoted kernel; and every INT8 GEMM.
 FAST = GluonGemmConfig(block_n=256, num_stages=3, warp_specialized=True, fast_accumulation=True)
 
 
@@ -397,12 +400,15 @@ def _mma_fast_partition(a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Re
                         stride_rm, stride_gb, rows_per_batch, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                         BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, NSTAGES: gl.constexpr,
                         NUM_PROGRAMS: gl.constexpr, HAS_BIAS: gl.constexpr, ACTIVATION: gl.constexpr,
-                        HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, num_warps: gl.constexpr):
+                        HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, IS_INT8: gl.constexpr,
+                        num_warps: gl.constexpr):
     """The multiplying warps: each K step's product accumulated into acc by the tensor cores (one
-    accumulator tile, 128 registers a thread), the stage of the product before it released as soon as
-    that product is done; the epilogue in two halves of 128 columns."""
+    accumulator tile, 128 registers a thread; int32 for INT8), the stage of the product before it
+    released as soon as that product is done; the epilogue in two halves of 128 columns."""
+    # The MMA instructions are 64 x N x 32 a warpgroup; Triton's INT8 instructions stop at N = 128.
+    INSTR_N: gl.constexpr = 128 if IS_INT8 else BLOCK_N
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, BLOCK_N, 32])
+                                                         instr_shape=[16, INSTR_N, 32])
     num_pid_m = gl.cdiv(M, BLOCK_M)
     num_pid_n = gl.cdiv(N, BLOCK_N)
     my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), NUM_PROGRAMS)
@@ -412,7 +418,8 @@ def _mma_fast_partition(a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Re
         off_m, off_n = _tile_origin(t, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M, NUM_PROGRAMS)
         # A fresh tile each time (its value unused: the first product has use_acc=False), so that the last
         # tile's registers are free for the epilogue.
-        acc = warpgroup_mma_init(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=acc_layout))
+        acc = warpgroup_mma_init(gl.zeros([BLOCK_M, BLOCK_N], gl.int32 if IS_INT8 else gl.float32,
+                                          layout=acc_layout))
         for kt in range(k_tiles):
             stage = step % NSTAGES
             mbarrier.wait(ready.index(stage), (step // NSTAGES) & 1)
@@ -424,6 +431,7 @@ def _mma_fast_partition(a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Re
             step += 1
         done = warpgroup_mma_wait(0, deps=(acc, ))
         mbarrier.arrive(empty.index((step + NSTAGES - 1) % NSTAGES), count=1)
+        done = done.to(gl.float32)  # (a no-op for FP8) the epilogue's fp32, as the Triton kernel converts
         left, right = gl.split(gl.permute(gl.reshape(done, [BLOCK_M, 2, BLOCK_N // 2]), [0, 2, 1]))
         _epilogue(left, acc_smem, off_m, off_n, M, N, XS, WS, Bias, Res, Gate, Out, stride_om, stride_rm, stride_gb,
                   rows_per_batch, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, num_warps)
@@ -432,12 +440,12 @@ def _mma_fast_partition(a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Re
 
 
 @gluon.jit
-def _fp8_fast_gemm_ws_kernel(a_desc, b_desc, XS, WS, Bias, Res, Gate, Out, M, N, K,
+def _fast_gemm_ws_kernel(a_desc, b_desc, XS, WS, Bias, Res, Gate, Out, M, N, K,
                              stride_om, stride_rm, stride_gb, rows_per_batch,
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                              GROUP_M: gl.constexpr, NSTAGES: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
                              HAS_BIAS: gl.constexpr, ACTIVATION: gl.constexpr, HAS_RESIDUAL: gl.constexpr,
-                             HAS_GATE: gl.constexpr, num_warps: gl.constexpr):
+                             HAS_GATE: gl.constexpr, IS_INT8: gl.constexpr, num_warps: gl.constexpr):
     a_smem = gl.allocate_shared_memory(a_desc.dtype, [NSTAGES, BLOCK_M, BLOCK_K], a_desc.layout)
     b_smem = gl.allocate_shared_memory(b_desc.dtype, [NSTAGES, BLOCK_N, BLOCK_K], b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
@@ -449,7 +457,8 @@ def _fp8_fast_gemm_ws_kernel(a_desc, b_desc, XS, WS, Bias, Res, Gate, Out, M, N,
     gl.warp_specialize([
         (_mma_fast_partition, (a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Res, Gate, Out, M, N, K,
                                stride_om, stride_rm, stride_gb, rows_per_batch, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                               NSTAGES, NUM_PROGRAMS, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, num_warps)),
+                               NSTAGES, NUM_PROGRAMS, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, IS_INT8,
+                               num_warps)),
         (_load_partition, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K,
                            GROUP_M, NSTAGES, NUM_PROGRAMS)),
     ], [1], [24])
@@ -458,17 +467,19 @@ def _fp8_fast_gemm_ws_kernel(a_desc, b_desc, XS, WS, Bias, Res, Gate, Out, M, N,
         mbarrier.invalidate(empty.index(i))
 
 
-def operand_layout(rows: int, block_k: int) -> gl.NVMMASharedLayout:
-    """The shared-memory layout of an operand tile [rows, block_k] of e4m3 codes."""
-    return gl.NVMMASharedLayout.get_default_for([rows, block_k], gl.float8e4nv)
+def operand_layout(rows: int, block_k: int, dtype: torch.dtype = FP8) -> gl.NVMMASharedLayout:
+    """The shared-memory layout of an operand tile [rows, block_k] of 8-bit codes (e4m3 or int8)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, block_k], gl.int8 if dtype == torch.int8 else gl.float8e4nv)
 
 
-def _check_operands(xq: torch.Tensor, wq: torch.Tensor) -> None:
+def _check_operands(xq: torch.Tensor, wq: torch.Tensor, config: GluonGemmConfig) -> None:
     """The kernel's scope (module docstring), beyond the op's argument checks."""
+    dtypes = (FP8, torch.int8) if config.fast_accumulation else (FP8, )
     for name, t in (("xq", xq), ("wq", wq)):
-        if t.dtype != FP8 or t.device.type != "cuda":
-            raise OpArgumentError(f"scaled_mm (gluon): {name} must be a float8_e4m3fn CUDA tensor, "
-                                  f"got {t.dtype} on {t.device}")
+        if t.dtype not in dtypes or t.device.type != "cuda":
+            raise OpArgumentError(f"scaled_mm (gluon): {name} must be a CUDA tensor of "
+                                  f"{' or '.join(str(d).removeprefix('torch.') for d in dtypes)} for the "
+                                  f"{config.name()} kernel, got {t.dtype} on {t.device}")
         if t.stride(1) != 1 or t.stride(0) % 16 or t.data_ptr() % 16:
             raise OpArgumentError(f"scaled_mm (gluon): {name} must have unit stride along K and 16-byte "
                                   f"aligned rows (TMA), got strides {t.stride()}")
@@ -481,9 +492,9 @@ def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale
               activation: str | None = None, residual: torch.Tensor | None = None,
               gate: torch.Tensor | None = None, rows_per_batch: int | None = None,
               config: GluonGemmConfig = DEFAULT) -> torch.Tensor:
-    """`dit8.kernels.scaled_mm` for FP8 operands on a Hopper GPU, with the same arguments, checks and
-    result (accumulation promoted every config.block_k products). OpArgumentError for operands outside
-    the kernel's scope (module docstring)."""
+    """`dit8.kernels.scaled_mm` for FP8 operands (and INT8 with FAST) on a Hopper GPU, with the same
+    arguments, checks and result (FP8 accumulation promoted every config.block_k products, or not at all
+    with FAST). OpArgumentError for operands outside the kernel's scope (module docstring)."""
     out_dtype = out_dtype or (torch.float32 if residual is not None else torch.bfloat16)
     _check_args(xq, x_scale, wq, w_scale, bias, out_dtype)
     rows_per_batch = _check_epilogue(xq, wq, out_dtype, activation, residual, gate, rows_per_batch)
@@ -498,7 +509,7 @@ def launch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: t
            config: GluonGemmConfig = DEFAULT) -> torch.Tensor:
     """Run the kernel into `out` [M, N] (allocated by the caller) on arguments the op has checked;
     OpArgumentError, before any launch, for operands outside the kernel's scope."""
-    _check_operands(xq, wq)
+    _check_operands(xq, wq, config)
     M, K = xq.shape
     N = wq.shape[0]
     if M == 0 or N == 0:
@@ -511,13 +522,13 @@ def launch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: t
     gate = gate.contiguous() if gate is not None else None
     cfg = config
     a_desc = TensorDescriptor(xq, [M, K], [xq.stride(0), 1], [cfg.block_m, cfg.block_k],
-                              operand_layout(cfg.block_m, cfg.block_k))
+                              operand_layout(cfg.block_m, cfg.block_k, xq.dtype))
     b_desc = TensorDescriptor(wq, [N, K], [wq.stride(0), 1], [cfg.block_n, cfg.block_k],
-                              operand_layout(cfg.block_n, cfg.block_k))
+                              operand_layout(cfg.block_n, cfg.block_k, wq.dtype))
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     programs = min(tiles, _sm_count(xq.device.index or 0))
     dummy = x_scale  # pointer for the absent optional operands (never read: their flags are off)
-    kernel = (_fp8_fast_gemm_ws_kernel if cfg.fast_accumulation else
+    kernel = (_fast_gemm_ws_kernel if cfg.fast_accumulation else
               _fp8_gemm_ws_kernel if cfg.warp_specialized else _fp8_gemm_kernel)
     with torch.cuda.device(xq.device):
         kernel[(programs,)](
@@ -528,5 +539,5 @@ def launch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: t
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             NSTAGES=cfg.num_stages, NUM_PROGRAMS=programs, HAS_BIAS=bias is not None,
             ACTIVATION=ACTIVATION_CODES[activation], HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None,
-            num_warps=cfg.num_warps)
+            num_warps=cfg.num_warps, **({"IS_INT8": xq.dtype == torch.int8} if cfg.fast_accumulation else {}))
     return out

@@ -376,8 +376,8 @@ def scaled_mm(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.bfloat16, *, 
         cfg = config or pick_config(kind, M, N, K, xq.device)
         if cfg is None:
             cfg = _autotune(_tune_key(_capability(xq.device), kind, M, N, K), args, kwargs)
-        if config is None and kind == "fp8":
-            trial = "gemm" if cfg.fp8_promote is not None else "gemm_fast"
+        if config is None:
+            trial = "gemm_int8" if kind == "int8" else "gemm" if cfg.fp8_promote is not None else "gemm_fast"
             if (gluon := candidates.routed(trial, xq.device)) is not None:
                 from . import scaled_mm_gluon
 

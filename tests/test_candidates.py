@@ -27,7 +27,7 @@ def test_the_setting_names_candidates_and_their_configurations(monkeypatch):
     assert candidates.chosen() == {"attention": "default", "gemm": "ws_k256"}
     # Every configuration it accepts is one the kernels have.
     assert set(candidates.CONFIGURATIONS["gemm"]) == set(scaled_mm_gluon.CANDIDATES)
-    assert candidates.CONFIGURATIONS["gemm_fast"] == ("default", )  # scaled_mm_gluon.FAST
+    assert candidates.CONFIGURATIONS["gemm_fast"] == candidates.CONFIGURATIONS["gemm_int8"] == ("default", )
     for bad, message in [("softmax", "unknown candidate 'softmax'"), ("gemm=fast", "gemm has no configuration 'fast'")]:
         monkeypatch.setenv(candidates.ENV_VAR, bad)
         with pytest.raises(OpArgumentError, match=f"DIT8_GLUON: {message}"):
@@ -122,19 +122,36 @@ def test_the_setting_for_a_results_folder_takes_the_fastest_timed_configurations
             row("test_gemm", {"case": "fp8"}, 0.5, shape=promoted),  # not a candidate
             # The fast-accumulation candidate wins on one shape and loses more on the other: not routed.
             row("test_gemm_gluon_fast", {}, 1.2, shape=other, ms_triton=1.3),
-            row("test_gemm_gluon_fast", {}, 3.9, shape=[32760, 13824, 5120], ms_triton=3.6)]
+            row("test_gemm_gluon_fast", {}, 3.9, shape=[32760, 13824, 5120], ms_triton=3.6),
+            row("test_gemm_gluon_int8", {}, 1.3, shape=other, ms_triton=1.4)]  # the INT8 kernel wins
     (tmp_path / "bench_gemm.json").write_text(json.dumps({"benchmarks": gemm}))
-    assert module.choice(tmp_path) == "gemm=k256"
+    assert module.choice(tmp_path) == "gemm=k256 gemm_int8=default"
     attention = [row("test_self_attention", {"name": "gluon_bf16"}, 40.0),
                  row("test_self_attention", {"name": "gluon_bf16_ws"}, 39.0),
                  row("test_self_attention", {"name": "triton_bf16"}, 43.8),
                  row("test_self_attention", {"name": "sdpa_cudnn"}, 30.0)]
     (tmp_path / "bench_attention.json").write_text(json.dumps({"benchmarks": attention}))
     setting = module.choice(tmp_path)
-    assert setting == "attention=ws gemm=k256"
+    assert setting == "attention=ws gemm=k256 gemm_int8=default"
     # A candidate slower than the Triton kernel it would replace is not routed.
     attention[1]["extra_info"]["ms"] = attention[0]["extra_info"]["ms"] = 45.0
     (tmp_path / "bench_attention.json").write_text(json.dumps({"benchmarks": attention}))
-    assert module.choice(tmp_path) == "gemm=k256"
+    assert module.choice(tmp_path) == "gemm=k256 gemm_int8=default"
     monkeypatch.setenv(candidates.ENV_VAR, setting)  # ... which the ops accept
-    assert candidates.chosen() == {"attention": "ws", "gemm": "k256"}
+    assert candidates.chosen() == {"attention": "ws", "gemm": "k256", "gemm_int8": "default"}
+
+
+def test_int8_gemms_go_to_the_in_place_accumulation_candidate_asked_for(monkeypatch):
+    xq, xs, wq, ws = (t.to(DEVICE) for t in random_w8a8_operands(70, 40, 48, torch.int8, seed=2, bias_dtype=None)[:4])
+    calls = []
+
+    def recorder(xq, x_scale, wq, w_scale, bias, out, *, config, **epilogue):
+        calls.append(config)
+        return out.zero_()
+
+    monkeypatch.setattr(scaled_mm_gluon, "launch", recorder)
+    monkeypatch.setattr(candidates, "routed", lambda name, device: "default" if name == "gemm_fast" else None)
+    ops.scaled_mm(xq, xs, wq, ws, backend="triton")
+    assert calls == []  # FP8's fast-accumulation route takes no INT8 call
+    monkeypatch.setattr(candidates, "routed", lambda name, device: "default" if name == "gemm_int8" else None)
+    assert not ops.scaled_mm(xq, xs, wq, ws, backend="triton").any() and calls == [scaled_mm_gluon.FAST]

@@ -46,8 +46,8 @@ def on_hopper(test=None, *, seconds: int = 45):
 
 
 def configuration(name: str) -> g.GluonGemmConfig:
-    """CANDIDATES[name], or FAST for "fast"."""
-    return g.FAST if name == "fast" else g.CANDIDATES[name]
+    """CANDIDATES[name], or FAST for "fast" (FP8) and "int8"."""
+    return g.FAST if name in ("fast", "int8") else g.CANDIDATES[name]
 
 
 def check_within_budget(xq, xs, wq, ws, bias, out_dtype, config=g.DEFAULT, **epilogue):
@@ -81,12 +81,24 @@ def test_gluon_gemm_within_twice_the_same_precision_error(M, N, K, out_dtype, co
     check_within_budget(xq, xs, wq, ws, bias, out_dtype, configuration(config))
 
 
+@pytest.mark.parametrize("M, N, K, out_dtype", [
+    (77, 45, 16, torch.bfloat16), (300, 130, 144, torch.float16), (4096, 5120, 640, torch.float32),
+], ids=lambda x: str(x).removeprefix("torch."))
+@on_hopper
+def test_gluon_int8_gemm_within_twice_the_reference_error(M, N, K, out_dtype):
+    """FAST on INT8 codes: exact int32 accumulation, so the torch reference (_int_mm, then the fp32
+    epilogue) is the same-precision computation."""
+    xq, xs, wq, ws, bias = operands(M, N, K, torch.int8, seed=M + N + K, bias_dtype=torch.bfloat16)
+    check_within_budget(xq, xs, wq, ws, bias, out_dtype, g.FAST)
+
+
 @pytest.mark.parametrize("variant", ["gate", "no_gate", "gate_gelu", "gelu"])
-@pytest.mark.parametrize("config", ["default", "ws", "fast"])
+@pytest.mark.parametrize("config", ["default", "ws", "fast", "int8"])
 @on_hopper
 def test_gluon_gemm_fused_epilogues(variant, config):
     M, N, K = 1000, 640, 272
-    xq, xs, wq, ws, bias = operands(M, N, K, FP8, seed=7, bias_dtype=torch.float32)
+    xq, xs, wq, ws, bias = operands(M, N, K, torch.int8 if config == "int8" else FP8, seed=7,
+                                    bias_dtype=torch.float32)
     residual, gate = residual_and_gate(M, N, 4, seed=8)
     epilogue = {} if variant == "gelu" else dict(residual=residual)
     if variant.startswith("gate"):
@@ -116,8 +128,13 @@ def test_gluon_gemm_at_the_ffn_down_projection(warp_specialized):
 def test_gluon_gemm_names_what_it_cannot_take():
     xq = torch.zeros(8, 32, dtype=FP8)
     s8, s4 = torch.ones(8), torch.ones(4)
-    with pytest.raises(OpArgumentError, match="xq must be a float8_e4m3fn CUDA tensor"):
+    with pytest.raises(OpArgumentError, match="xq must be a CUDA tensor of float8_e4m3fn for the gluon promoted"):
         g.scaled_mm(xq, s8, xq[:4], s4)
+    x8 = torch.zeros(8, 32, dtype=torch.int8)
+    with pytest.raises(OpArgumentError, match="must be a CUDA tensor of float8_e4m3fn for the"):  # FP8 only
+        g.scaled_mm(x8, s8, x8[:4], s4)
+    with pytest.raises(OpArgumentError, match="float8_e4m3fn or int8 for the gluon fast"):
+        g.scaled_mm(x8, s8, x8[:4], s4, config=g.FAST)
     with pytest.raises(OpArgumentError, match="disagree on K"):  # the op's own checks come first
         g.scaled_mm(xq, s8, xq[:4, :16], s4)
     with pytest.raises(OpArgumentError, match="gate and rows_per_batch need a residual"):
@@ -153,10 +170,11 @@ def test_gluon_gemm_adds_each_product_while_the_next_runs_on_hopper(config, epil
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("DIT8_SM90_COMPILE") != "1",
                     reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
 @pytest.mark.parametrize("epilogue", ["plain", "gelu", "residual"])
-def test_gluon_fast_gemm_keeps_one_product_in_flight_on_hopper(epilogue):
+@pytest.mark.parametrize("codes", ["fp8", "int8"])
+def test_gluon_fast_gemm_keeps_one_product_in_flight_on_hopper(codes, epilogue):
     from compile_check import run_without_interpreter
 
-    r = run_without_interpreter("test_scaled_mm_gluon", "sm90_schedule", ("fast", epilogue))
+    r = run_without_interpreter("test_scaled_mm_gluon", "sm90_schedule", ("fast", epilogue, codes))
     # No spills in the K loop (triton 3.6 moves one value of the residual epilogue to memory, once a tile,
     # outside it), within shared memory, products asynchronous; in the K loop one wait that leaves the
     # product just issued in flight, and no wait for all.
@@ -165,15 +183,17 @@ def test_gluon_fast_gemm_keeps_one_product_in_flight_on_hopper(epilogue):
     assert r["waits_for_one"] == 1 and r["waits_for_all"] == 0, r
 
 
-def sm90_schedule(config: str, epilogue: str) -> dict:
-    """Compile configuration(config) with the given epilogue for sm_90a (without TRITON_INTERPRET), as
-    specialized for Wan's shapes (N, K and the strides multiples of 16), and describe its K loop."""
+def sm90_schedule(config: str, epilogue: str, codes: str = "fp8") -> dict:
+    """Compile configuration(config) with the given epilogue and operand codes for sm_90a (without
+    TRITON_INTERPRET), as specialized for Wan's shapes (N, K and the strides multiples of 16), and
+    describe its K loop."""
     import re
 
     from compile_check import compile_gluon_kernel, loops
 
     cfg = configuration(config)
-    desc = {rows: f"tensordesc<fp8e4nv[{rows}, {cfg.block_k}],{g.operand_layout(rows, cfg.block_k)!r}>"
+    dtype, name = (torch.int8, "i8") if codes == "int8" else (FP8, "fp8e4nv")
+    desc = {rows: f"tensordesc<{name}[{rows}, {cfg.block_k}],{g.operand_layout(rows, cfg.block_k, dtype)!r}>"
             for rows in (cfg.block_m, cfg.block_n)}
     residual = epilogue == "residual"
     types = dict(a_desc=desc[cfg.block_m], b_desc=desc[cfg.block_n], XS="*fp32", WS="*fp32", Bias="*fp32",
@@ -181,15 +201,17 @@ def sm90_schedule(config: str, epilogue: str) -> dict:
                  stride_om="i32", stride_rm="i32", stride_gb="i32", rows_per_batch="i32")
     constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                       NSTAGES=cfg.num_stages, NUM_PROGRAMS=132, HAS_BIAS=True, ACTIVATION=int(epilogue == "gelu"),
-                      HAS_RESIDUAL=residual, HAS_GATE=residual, num_warps=cfg.num_warps)
-    kernel = (g._fp8_fast_gemm_ws_kernel if cfg.fast_accumulation else
+                      HAS_RESIDUAL=residual, HAS_GATE=residual, num_warps=cfg.num_warps,
+                      **({"IS_INT8": codes == "int8"} if cfg.fast_accumulation else {}))
+    kernel = (g._fast_gemm_ws_kernel if cfg.fast_accumulation else
               g._fp8_gemm_ws_kernel if cfg.warp_specialized else g._fp8_gemm_kernel)
     report, sass = compile_gluon_kernel(kernel, types, constexprs, num_warps=cfg.num_warps,
                                         aligned=("Out", "Res", "Gate", "N", "K", "stride_om", "stride_rm", "stride_gb"))
     # 64 x N x 32 instructions a warpgroup issues per K loop iteration: the promoted kernels' loops take
-    # two products, the fast kernel's one.
-    products = (1 if cfg.fast_accumulation else 2) * cfg.block_k // 32
-    body = min((b for b in loops(sass) if sum("QGMMA" in x for x in b) == products), key=len)
+    # two products, the fast kernel's one, whose INT8 instructions cover half its 256 columns each.
+    products = (1 if cfg.fast_accumulation else 2) * cfg.block_k // 32 * (2 if codes == "int8" else 1)
+    body = min((b for b in loops(sass) if sum(re.search(r"\b[QI]GMMA", x) is not None for x in b) == products),
+               key=len)
     if cfg.fast_accumulation:
         return report | dict(spills_in_k_loop=sum(bool(re.search(r"\b(LDL|STL)\b", x)) for x in body),
                              waits_for_one=sum("DEPBAR.LE gsb0, 0x1" in x for x in body),
