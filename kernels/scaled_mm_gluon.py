@@ -24,12 +24,12 @@ tile's operands arrive during this tile's epilogue. The descriptors zero-fill re
 Two kernels (GluonGemmConfig.warp_specialized):
 - `_fp8_gemm_kernel`: the multiplying warps also issue the loads, a stage's refill right after the
   wait that frees it (the compiler puts CTA barriers around each TMA issue);
-- `_fp8_gemm_ws_kernel`: one more warp issues every load, and the multiplying warps hand each stage
+- `_gemm_ws_kernel`: one more warp issues every load, and the multiplying warps hand each stage
   back through an mbarrier (`empty`) instead. Their loop loses the loads' bookkeeping and barriers
   (112 instead of 156 instructions a warp per 128-deep step, sm_90a), and the load warp runs on 24
   registers (setmaxnreg) so that the multiplying warps keep 240.
 
-And one without promotion (`FAST`, `_fast_gemm_ws_kernel`): 128 x 256 tiles, each K step's product
+And one without promotion (`FAST`, `_gemm_ws_kernel` with FAST): 128 x 256 tiles, each K step's product
 accumulated in place by the tensor cores, warp-specialized as above; its K loop issues 57 instructions a
 warp per 128-deep step, and the epilogue runs on the two 128-column halves in turn. For FP8 that is
 cuBLAS's use_fast_accum=True, a candidate for the Triton table's fast-accumulation tiles; it also takes
@@ -87,8 +87,8 @@ class GluonGemmConfig:
     group_m: int = 8
     num_stages: int = 4
     num_warps: int = 8  # the warps that multiply
-    warp_specialized: bool = False  # one more warp issues the loads (`_fp8_gemm_ws_kernel`)
-    # The tensor cores' own accumulation over the whole K loop (`_fast_gemm_ws_kernel`, warp-specialized,
+    warp_specialized: bool = False  # one more warp issues the loads (`_gemm_ws_kernel`)
+    # The tensor cores' own accumulation over the whole K loop (`_gemm_ws_kernel` with FAST, warp-specialized,
     # 128 x 256): for FP8 as cuBLAS's use_fast_accum=True and the Triton table's FAST_ACCUMULATION tiles;
     # for INT8 exact.
     fast_accumulation: bool = False
@@ -364,33 +364,6 @@ def _mma_partition(a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Res, Ga
                   rows_per_batch, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, num_warps)
 
 
-@gluon.jit
-def _fp8_gemm_ws_kernel(a_desc, b_desc, XS, WS, Bias, Res, Gate, Out, M, N, K,
-                        stride_om, stride_rm, stride_gb, rows_per_batch,
-                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
-                        NSTAGES: gl.constexpr, NUM_PROGRAMS: gl.constexpr, HAS_BIAS: gl.constexpr,
-                        ACTIVATION: gl.constexpr, HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr,
-                        num_warps: gl.constexpr):
-    a_smem = gl.allocate_shared_memory(a_desc.dtype, [NSTAGES, BLOCK_M, BLOCK_K], a_desc.layout)
-    b_smem = gl.allocate_shared_memory(b_desc.dtype, [NSTAGES, BLOCK_N, BLOCK_K], b_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    acc_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, BLOCK_N], ACC_STAGING)
-    for i in gl.static_range(NSTAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
-    gl.warp_specialize([
-        (_mma_partition, (a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Res, Gate, Out, M, N, K, stride_om,
-                          stride_rm, stride_gb, rows_per_batch, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NSTAGES,
-                          NUM_PROGRAMS, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, num_warps)),
-        (_load_partition, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                           GROUP_M, NSTAGES, NUM_PROGRAMS)),
-    ], [1], [24])
-    for i in gl.static_range(NSTAGES):
-        mbarrier.invalidate(ready.index(i))
-        mbarrier.invalidate(empty.index(i))
-
-
 # ----------------------------------------------------------------------------------------------------
 # Fast accumulation: 128 x 256 tiles, each product accumulated in place by the tensor cores
 # ----------------------------------------------------------------------------------------------------
@@ -440,28 +413,40 @@ def _mma_fast_partition(a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Re
 
 
 @gluon.jit
-def _fast_gemm_ws_kernel(a_desc, b_desc, XS, WS, Bias, Res, Gate, Out, M, N, K,
-                             stride_om, stride_rm, stride_gb, rows_per_batch,
-                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                             GROUP_M: gl.constexpr, NSTAGES: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
-                             HAS_BIAS: gl.constexpr, ACTIVATION: gl.constexpr, HAS_RESIDUAL: gl.constexpr,
-                             HAS_GATE: gl.constexpr, IS_INT8: gl.constexpr, num_warps: gl.constexpr):
+def _gemm_ws_kernel(a_desc, b_desc, XS, WS, Bias, Res, Gate, Out, M, N, K,
+                    stride_om, stride_rm, stride_gb, rows_per_batch,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
+                    NSTAGES: gl.constexpr, NUM_PROGRAMS: gl.constexpr, HAS_BIAS: gl.constexpr,
+                    ACTIVATION: gl.constexpr, HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr,
+                    FAST: gl.constexpr, IS_INT8: gl.constexpr, num_warps: gl.constexpr):
+    """The warp-specialized kernels: the load warp (`_load_partition`) and the multiplying warps, which
+    promote every K tile (`_mma_partition`) or, with FAST, accumulate in place (`_mma_fast_partition`,
+    whose epilogue stages half its 256 columns at a time)."""
     a_smem = gl.allocate_shared_memory(a_desc.dtype, [NSTAGES, BLOCK_M, BLOCK_K], a_desc.layout)
     b_smem = gl.allocate_shared_memory(b_desc.dtype, [NSTAGES, BLOCK_N, BLOCK_K], b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    acc_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, BLOCK_N // 2], ACC_STAGING)
+    acc_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, BLOCK_N // 2 if FAST else BLOCK_N], ACC_STAGING)
     for i in gl.static_range(NSTAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
-    gl.warp_specialize([
-        (_mma_fast_partition, (a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Res, Gate, Out, M, N, K,
-                               stride_om, stride_rm, stride_gb, rows_per_batch, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                               NSTAGES, NUM_PROGRAMS, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, IS_INT8,
-                               num_warps)),
-        (_load_partition, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                           GROUP_M, NSTAGES, NUM_PROGRAMS)),
-    ], [1], [24])
+    if FAST:
+        gl.warp_specialize([
+            (_mma_fast_partition, (a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Res, Gate, Out, M, N, K,
+                                   stride_om, stride_rm, stride_gb, rows_per_batch, BLOCK_M, BLOCK_N, BLOCK_K,
+                                   GROUP_M, NSTAGES, NUM_PROGRAMS, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE,
+                                   IS_INT8, num_warps)),
+            (_load_partition, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                               GROUP_M, NSTAGES, NUM_PROGRAMS)),
+        ], [1], [24])
+    else:
+        gl.warp_specialize([
+            (_mma_partition, (a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Res, Gate, Out, M, N, K,
+                              stride_om, stride_rm, stride_gb, rows_per_batch, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                              NSTAGES, NUM_PROGRAMS, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, num_warps)),
+            (_load_partition, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                               GROUP_M, NSTAGES, NUM_PROGRAMS)),
+        ], [1], [24])
     for i in gl.static_range(NSTAGES):
         mbarrier.invalidate(ready.index(i))
         mbarrier.invalidate(empty.index(i))
@@ -528,8 +513,8 @@ def launch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: t
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     programs = min(tiles, _sm_count(xq.device.index or 0))
     dummy = x_scale  # pointer for the absent optional operands (never read: their flags are off)
-    kernel = (_fast_gemm_ws_kernel if cfg.fast_accumulation else
-              _fp8_gemm_ws_kernel if cfg.warp_specialized else _fp8_gemm_kernel)
+    specialized = cfg.warp_specialized or cfg.fast_accumulation
+    kernel = _gemm_ws_kernel if specialized else _fp8_gemm_kernel
     with torch.cuda.device(xq.device):
         kernel[(programs,)](
             a_desc, b_desc, x_scale, w_scale, bias if bias is not None else dummy,
@@ -539,5 +524,6 @@ def launch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: t
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             NSTAGES=cfg.num_stages, NUM_PROGRAMS=programs, HAS_BIAS=bias is not None,
             ACTIVATION=ACTIVATION_CODES[activation], HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None,
-            num_warps=cfg.num_warps, **({"IS_INT8": xq.dtype == torch.int8} if cfg.fast_accumulation else {}))
+            num_warps=cfg.num_warps,
+            **({"FAST": cfg.fast_accumulation, "IS_INT8": xq.dtype == torch.int8} if specialized else {}))
     return out

@@ -196,15 +196,15 @@ def sm90_schedule(config: str, epilogue: str, codes: str = "fp8") -> dict:
     desc = {rows: f"tensordesc<{name}[{rows}, {cfg.block_k}],{g.operand_layout(rows, cfg.block_k, dtype)!r}>"
             for rows in (cfg.block_m, cfg.block_n)}
     residual = epilogue == "residual"
+    specialized = cfg.warp_specialized or cfg.fast_accumulation
     types = dict(a_desc=desc[cfg.block_m], b_desc=desc[cfg.block_n], XS="*fp32", WS="*fp32", Bias="*fp32",
                  Res="*fp32", Gate="*fp32", Out="*fp32" if residual else "*bf16", M="i32", N="i32", K="i32",
                  stride_om="i32", stride_rm="i32", stride_gb="i32", rows_per_batch="i32")
     constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                       NSTAGES=cfg.num_stages, NUM_PROGRAMS=132, HAS_BIAS=True, ACTIVATION=int(epilogue == "gelu"),
                       HAS_RESIDUAL=residual, HAS_GATE=residual, num_warps=cfg.num_warps,
-                      **({"IS_INT8": codes == "int8"} if cfg.fast_accumulation else {}))
-    kernel = (g._fast_gemm_ws_kernel if cfg.fast_accumulation else
-              g._fp8_gemm_ws_kernel if cfg.warp_specialized else g._fp8_gemm_kernel)
+                      **({"FAST": cfg.fast_accumulation, "IS_INT8": codes == "int8"} if specialized else {}))
+    kernel = g._gemm_ws_kernel if specialized else g._fp8_gemm_kernel
     report, sass = compile_gluon_kernel(kernel, types, constexprs, num_warps=cfg.num_warps,
                                         aligned=("Out", "Res", "Gate", "N", "K", "stride_om", "stride_rm", "stride_gb"))
     # 64 x N x 32 instructions a warpgroup issues per K loop iteration: the promoted kernels' loops take
