@@ -29,6 +29,13 @@ def _in_group(rank: int, world: int, store: str, job, *args) -> None:
         job(rank, *args)
     finally:
         dist.destroy_process_group()
+    # The job's results are on disk. Leave without the interpreter's shutdown: a gloo worker thread
+    # may still be releasing the last collective's work, whose tensors it can then no longer hand back
+    # to Python, and the process aborts ("terminate called without an active exception") after a
+    # correct run. An exception from the job still ends the process the usual way, with its traceback.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_group(tmp_path, world: int, job, *args) -> None:
