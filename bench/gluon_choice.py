@@ -8,7 +8,8 @@ bench/gpu_check.sh:
   entry promotes (the only FP8 GEMMs it takes in a forward), against that row's `ms_triton`;
 - gemm_fast, gemm_int8: `test_gemm_gluon_fast`, `test_gemm_gluon_int8` against their rows'
   `ms_triton`, summed over the shapes they ran;
-- attention: the faster of the `gluon_bf16` and `gluon_bf16_ws` rows against `triton_bf16`.
+- attention: the faster of the `gluon_bf16` and `gluon_bf16_ws` rows against `triton_bf16`;
+- attention_8bit: the `gluon_fp8` row against `triton_fp8`.
 A candidate without timed rows (its GPU tests did not pass, its stage did not run) is left out.
 """
 
@@ -66,10 +67,19 @@ def attention(rows: list[dict]) -> str | None:
     return config if triton_ms is None or ms < triton_ms else None
 
 
+def attention_8bit(rows: list[dict]) -> str | None:
+    by_name = {r.get("params", {}).get("name"): _ms(r) for r in rows if _test(r) == "test_self_attention"}
+    ms, triton_ms = by_name.get("gluon_fp8"), by_name.get("triton_fp8")
+    if ms is None:
+        return None
+    return "default" if triton_ms is None or ms < triton_ms else None
+
+
 def choice(folder: Path) -> str:
     """The DIT8_GLUON value for the candidates timed in `folder` (module docstring)."""
     gemm_rows, attention_rows = _rows(folder / "bench_gemm.json"), _rows(folder / "bench_attention.json")
-    picks = {"attention": attention(attention_rows), "gemm": gemm(gemm_rows),
+    picks = {"attention": attention(attention_rows), "attention_8bit": attention_8bit(attention_rows),
+             "gemm": gemm(gemm_rows),
              "gemm_fast": in_place(gemm_rows, "test_gemm_gluon_fast"),
              "gemm_int8": in_place(gemm_rows, "test_gemm_gluon_int8")}
     return " ".join(f"{name}={config}" for name, config in picks.items() if config is not None)

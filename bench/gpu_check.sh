@@ -137,8 +137,8 @@ run_pytest() { limited "$py" -m pytest "${pytest_args[@]}" "$@"; }
 if [ -s "$out/verified.json" ]; then export DIT8_VERIFIED="$(cd "$out" && pwd)/verified.json"; fi
 # The Gluon candidates (kernels/attention_gluon.py, kernels/scaled_mm_gluon.py) are benchmarked and
 # profiled only after their GPU tests passed on this machine: a kernel that hangs there would spend the
-# stage's time. DIT8_SKIP_GLUON names those whose tests did not all pass ("attention", "gemm", "gemm_fast",
-# "gemm_int8").
+# stage's time. DIT8_SKIP_GLUON names those whose tests did not all pass ("attention", "attention_8bit",
+# "gemm", "gemm_fast", "gemm_int8").
 untested_gluon() {
     "$py" - "$out/tests.xml" <<'PY'
 import sys
@@ -146,6 +146,7 @@ import xml.etree.ElementTree as ET
 # Each candidate's tests: those of its module; the GEMM's in-place accumulation kernel has "fast" (FP8)
 # or "int8" in their names.
 owners = {"attention": ("test_attention_gluon", lambda name: True),
+          "attention_8bit": ("test_attention_8bit_gluon", lambda name: True),
           "gemm": ("test_scaled_mm_gluon", lambda name: "fast" not in name and "int8" not in name),
           "gemm_fast": ("test_scaled_mm_gluon", lambda name: "fast" in name),
           "gemm_int8": ("test_scaled_mm_gluon", lambda name: "int8" in name)}

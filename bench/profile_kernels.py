@@ -11,7 +11,7 @@ calls each case once, in the order `cases` lists them, so ncu records only those
 and 8-bit self-attention (q, k, v [1, 32760, 40, 128]) and the fused cross-attention (512 + 257 keys)
 on the Triton kernels, the FP8 GEMM with Hopper's promoted and fast-accumulation tiles, and the fused
 memory-bound ops on 32,760 x 5120 (GELU: x 13,824) on the backend `auto` picks. On Hopper also the
-Gluon candidates (bf16 attention, promoted FP8 GEMM), unless DIT8_SKIP_GLUON names them.
+Gluon candidates (bf16 and 8-bit attention, the FP8 GEMMs), unless DIT8_SKIP_GLUON names them.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
     import torch
 
     from dit8 import kernels as ops
-    from dit8.kernels import attention_gluon, gemm_configs, scaled_mm_gluon
+    from dit8.kernels import attention_8bit_gluon, attention_gluon, gemm_configs, scaled_mm_gluon
     from dit8.kernels import scaled_mm_triton as gemm
 
     dev = torch.device("cuda")
@@ -63,7 +63,7 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
     fast = gemm_configs.FAST_ACCUMULATION["sm_90"]
     # The Gluon candidates on Hopper, unless their GPU tests did not pass here (bench/gpu_check.sh).
     hopper = torch.cuda.get_device_capability(dev)[0] == 9
-    gluon = [] if not hopper else [name for name in ("attention", "gemm", "gemm_fast")
+    gluon = [] if not hopper else [name for name in ("attention", "attention_8bit", "gemm", "gemm_fast")
                                    if name not in os.environ.get("DIT8_SKIP_GLUON", "").split()]
     residual, shift, scale = randn(1, 32760, 5120, dtype=torch.float32), randn(1, 5120, dtype=torch.float32), \
         randn(1, 5120, dtype=torch.float32)
@@ -75,6 +75,8 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
           if "attention" in gluon else []),
         ("attention int8", lambda: ops.attention(q, k, v, precision="int8", backend="triton")),
         ("attention fp8", lambda: ops.attention(q, k, v, precision="fp8", backend="triton")),
+        *([("attention fp8, Gluon candidate", lambda: attention_8bit_gluon.attention_fp8(q, k, v))]
+          if "attention_8bit" in gluon else []),
         ("cross-attention", lambda: ops.cross_attention(q, k_text, v_text, k_img, v_img, backend="triton")),
         (f"fp8 GEMM {promoted.name()}", lambda: gemm.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16, config=promoted)),
         (f"fp8 GEMM {fast.name()}", lambda: gemm.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16, config=fast)),

@@ -1,0 +1,123 @@
+"""The Gluon 8-bit attention kernel for Hopper (kernels/attention_8bit_gluon.py), a candidate for the fp8
+path: on the GPU against float64 (held to the bound of the Triton 8-bit kernel: the error of an exact
+emulation of the recipe, plus 20% and 2e-3) and against the Triton kernel on the same quantized
+operands; its argument checks; and a compile check of its schedule (opt-in without a GPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dit8.kernels import OpArgumentError
+from dit8.kernels import attention_8bit_triton as impl8
+from dit8.kernels.attention_triton import AttnConfig
+from test_attention_gluon import HOPPER, _qkv
+from test_attention_triton import attention64, check_output, emulate_8bit, rel_err
+
+
+def _gluon():
+    from dit8.kernels import attention_8bit_gluon
+
+    return attention_8bit_gluon
+
+
+def on_hopper(test):
+    """The marks of a GPU test of the kernel. As the bf16 Gluon kernel's tests: a kernel hung on a barrier
+    ends its (xdist worker) process, not the test run."""
+    for mark in (pytest.mark.gpu, pytest.mark.timeout(45, method="thread"),
+                 pytest.mark.skipif(not HOPPER, reason="the Gluon kernel is written for Hopper GPUs (sm_90)")):
+        test = mark(test)
+    return test
+
+
+@on_hopper
+@pytest.mark.parametrize("b, lq, lk, h, kind", [
+    (2, 300, 257, 3, "plain"),  # keys: four full blocks and a tail of 1; queries: a partial block
+    (1, 77, 1, 2, "plain"),  # one key
+    (1, 129, 128, 2, "plain"),  # keys exactly two blocks, no tail
+    (1, 1000, 1500, 3, "offsets"),  # q and k with large channel offsets (smoothing at work)
+    (1, 1000, 1000, 4, "fused"),  # strided views of one QKV tensor
+    (1, 4099, 4099, 2, "plain"),  # 65 key blocks: the stage ring and P's buffers wrap many times
+])
+def test_gluon_8bit_error_is_that_of_its_quantization(b, lq, lk, h, kind):
+    g = _gluon()
+    q, k, v = _qkv(b, lq, lk, h, seed=b + lq + lk, offsets=kind == "offsets", fused=kind == "fused")
+    out = g.attention_fp8(q, k, v)
+    check_output(out, q)
+    ref = attention64(q, k, v)
+    emu = emulate_8bit(q, k, v, "int8", "fp8", g.BLOCK_M, g.BLOCK_N)
+    # The bound tests/test_attention_triton.py holds the Triton kernel to (fp32 arithmetic, bf16 output).
+    assert rel_err(out, ref) <= 1.2 * rel_err(emu, ref) + 2e-3, (rel_err(out, ref), rel_err(emu, ref))
+
+
+@on_hopper
+def test_gluon_8bit_is_the_triton_kernel_on_the_same_operands():
+    """Same codes, same key blocks in the same order, so the same running maxima and the same P: the two
+    outputs differ by fp32 ordering, the folded subtraction (module docstring; a P code may rarely land
+    across a rounding boundary) and each one's bf16 rounding (2^-9 relative)."""
+    g = _gluon()
+    q, k, v = _qkv(2, 700, 600, 3, seed=5, offsets=True)
+    x = impl8.quantize_for_attention(q, k, v, qk="int8", pv="fp8", block_m=g.BLOCK_M, block_n=g.BLOCK_N)
+    out = g.attention_from_quantized(x)
+    check_output(out, q)
+    triton_out = impl8.attention_from_quantized(x, torch.bfloat16, AttnConfig(g.BLOCK_M, g.BLOCK_N, 8, 3))
+    assert rel_err(out, triton_out) <= 2.0 ** -8, rel_err(out, triton_out)
+
+
+def test_gluon_8bit_names_what_it_cannot_take():
+    g = _gluon()
+    q = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16)
+    with pytest.raises(OpArgumentError, match="q must be a bf16 CUDA tensor"):
+        g.attention_fp8(q, q, q)
+    with pytest.raises(OpArgumentError, match="only precision 'fp8'"):
+        g.check_scope(q, q, q, "int8")
+    # Operands quantized for another block size (here the interpreter's, on the CPU) are refused before
+    # any launch.
+    x = impl8.quantize_for_attention(q.float(), q.float(), q.float(), qk="int8", pv="fp8", block_m=64, block_n=32)
+    with pytest.raises(OpArgumentError, match="quantized in blocks of 128 x 64"):
+        g.attention_from_quantized(x)
+    if torch.cuda.is_available():
+        x = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16, device="cuda")
+        with pytest.raises(OpArgumentError, match="head_dim must be 128"):
+            g.attention_fp8(x, x, x)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("DIT8_SM90_COMPILE") != "1",
+                    reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
+def test_gluon_8bit_overlaps_its_softmax_with_pv_on_hopper():
+    from compile_check import run_without_interpreter
+
+    r = run_without_interpreter("test_attention_8bit_gluon", "sm90_schedule")
+    # Within Hopper's 227 KiB of shared memory, no spills, the products asynchronous.
+    assert r["spills"] == 0 and 0 < r["shared"] <= 227 * 1024 and not r["wgmma_serialized"], r
+    # The key loop: both products issued, then a wait that leaves P·V in flight, then every exp2 of the
+    # block (a thread's 32 scores and its two rows' alphas); the wait for P·V comes only in the next block.
+    assert r["waits_for_one"] == 1 and r["exp2_after_it"] >= 34 and r["waits_for_all_after_it"] == 0, r
+
+
+def sm90_schedule() -> dict:
+    """Compile the kernel for sm_90a (without TRITON_INTERPRET) and describe its key loop."""
+    from compile_check import compile_gluon_kernel, loops
+    from triton.experimental.gluon import language as gl
+
+    g = _gluon()
+    D = g.HEAD_DIM
+    types = dict(q_desc=f"tensordesc<i8[{g.BLOCK_M}, {D}],{g.shared_layout(g.BLOCK_M, D, gl.int8)!r}>",
+                 k_desc=f"tensordesc<i8[{g.BLOCK_N}, {D}],{g.shared_layout(g.BLOCK_N, D, gl.int8)!r}>",
+                 v_desc=f"tensordesc<fp8e4nv[{D}, {g.BLOCK_N}],{g.shared_layout(D, g.BLOCK_N, gl.float8e4nv)!r}>",
+                 QScale="*fp32", KSB="*fp32", stride_ksb="i32", stride_ks="i32", VMean="*fp32", VScale="*fp32",
+                 Out="*bf16", stride_ob="i32", stride_om="i32", stride_oh="i32", H="i32", Lq="i32", Lk="i32",
+                 n_qblocks="i32")
+    report, sass = compile_gluon_kernel(
+        g._attention_8bit_kernel, types,
+        dict(BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, HEAD_DIM=D, NSTAGES=g.STAGES, num_warps=g.NUM_WARPS),
+        num_warps=g.NUM_WARPS, aligned=("KSB", "stride_ksb", "stride_ks", "Out", "stride_om", "stride_oh"))
+    body = min((b for b in loops(sass) if any("WARPGROUP.DEPBAR.LE gsb0, 0x1" in x for x in b)), key=len)
+    at = next(i for i, x in enumerate(body) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in x)
+    after = body[at + 1:]
+    return report | dict(waits_for_one=sum("WARPGROUP.DEPBAR.LE gsb0, 0x1" in x for x in body),
+                         exp2_after_it=sum("MUFU.EX2" in x for x in after),
+                         waits_for_all_after_it=sum("WARPGROUP.DEPBAR.LE gsb0, 0x0" in x for x in after),
+                         loop_instructions=len(body))
