@@ -9,7 +9,7 @@ bench/gpu_check.sh:
 - gemm_fast, gemm_int8: `test_gemm_gluon_fast`, `test_gemm_gluon_int8` against their rows'
   `ms_triton`, summed over the shapes they ran;
 - attention: the faster of the `gluon_bf16` and `gluon_bf16_ws` rows against `triton_bf16`;
-- attention_8bit: the `gluon_fp8` row against `triton_fp8`.
+- attention_8bit: the faster of the `gluon_fp8` and `gluon_fp8_ws` rows against `triton_fp8`.
 A candidate without timed rows (its GPU tests did not pass, its stage did not run) is left out.
 """
 
@@ -56,23 +56,24 @@ def in_place(rows: list[dict], test: str) -> str | None:
     return "default" if sum(ms for ms, _ in timed) < sum(t for _, t in timed) else None
 
 
-def attention(rows: list[dict]) -> str | None:
+def _fastest(rows: list[dict], candidates: tuple[tuple[str, str], ...], rival: str) -> str | None:
+    """The configuration of the fastest of the `candidates` (row name, configuration) self-attention rows,
+    where it beat the `rival` row (or that did not run)."""
     by_name = {r.get("params", {}).get("name"): _ms(r) for r in rows if _test(r) == "test_self_attention"}
-    timed = [(by_name[name], config) for name, config in (("gluon_bf16", "default"), ("gluon_bf16_ws", "ws"))
-             if by_name.get(name) is not None]
+    timed = [(by_name[name], config) for name, config in candidates if by_name.get(name) is not None]
     if not timed:
         return None
     ms, config = min(timed)
-    triton_ms = by_name.get("triton_bf16")
-    return config if triton_ms is None or ms < triton_ms else None
+    rival_ms = by_name.get(rival)
+    return config if rival_ms is None or ms < rival_ms else None
+
+
+def attention(rows: list[dict]) -> str | None:
+    return _fastest(rows, (("gluon_bf16", "default"), ("gluon_bf16_ws", "ws")), "triton_bf16")
 
 
 def attention_8bit(rows: list[dict]) -> str | None:
-    by_name = {r.get("params", {}).get("name"): _ms(r) for r in rows if _test(r) == "test_self_attention"}
-    ms, triton_ms = by_name.get("gluon_fp8"), by_name.get("triton_fp8")
-    if ms is None:
-        return None
-    return "default" if triton_ms is None or ms < triton_ms else None
+    return _fastest(rows, (("gluon_fp8", "default"), ("gluon_fp8_ws", "ws")), "triton_fp8")
 
 
 def choice(folder: Path) -> str:

@@ -111,19 +111,24 @@ def _load_stage(k_desc, v_desc, bars, k_smem, v_smem, stage, block, k_row, v_row
 
 
 @gluon.jit
-def _attend_block(acc, pv, alpha1, alpha2, l_i, m_i, j, q_smem, k_smem, v_smem, p_smem, bars, k_desc, v_desc,
+def _attend_block(acc, pv, alpha1, alpha2, l_i, m_i, j, q_smem, k_smem, v_smem, p_smem, bars, empty, k_desc, v_desc,
                   zero_s, zero_o, k_row, v_row, n_blocks, Lk, q_scale, KS, stride_ks, s_layout: gl.constexpr,
-                  o_layout: gl.constexpr, BLOCK: gl.constexpr, NSTAGES: gl.constexpr, MASK: gl.constexpr):
+                  o_layout: gl.constexpr, BLOCK: gl.constexpr, NSTAGES: gl.constexpr, MASK: gl.constexpr,
+                  WS: gl.constexpr):
     """Key block j >= 1: add P_{j-2}·V, issue S_j = q·k_jᵀ and P_{j-1}·V, softmax of block j while the
     latter runs. alpha1, alpha2: alpha_{j-1}, alpha_{j-2}."""
     stage = j % NSTAGES
     mbarrier.wait(bars.index(stage), (j // NSTAGES) & 1)
     pv = warpgroup_mma_wait(0, deps=(pv, ))
     acc = acc * gl.convert_layout(alpha2, gl.SliceLayout(1, o_layout))[:, None] + pv
-    # Block j - 2's stage is free now (both its products are done): the block NSTAGES - 2 ahead goes there.
-    ahead = j - 2 + NSTAGES
-    _load_stage(k_desc, v_desc, bars, k_smem, v_smem, ahead % NSTAGES, ahead, k_row, v_row,
-                (j >= 2) & (ahead < n_blocks), BLOCK)
+    # Block j - 2's stage is free now (both its products are done): with WS, back to the loading warp;
+    # otherwise the block NSTAGES - 2 ahead goes there.
+    if WS:
+        mbarrier.arrive(empty.index((j + NSTAGES - 2) % NSTAGES), count=1, pred=j >= 2)
+    else:
+        ahead = j - 2 + NSTAGES
+        _load_stage(k_desc, v_desc, bars, k_smem, v_smem, ahead % NSTAGES, ahead, k_row, v_row,
+                    (j >= 2) & (ahead < n_blocks), BLOCK)
     x = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     pv = warpgroup_mma(p_smem.index((j - 1) % 2), v_smem.index((j - 1) % NSTAGES).permute((1, 0)), zero_o,
                        use_acc=False, is_async=True)
@@ -135,13 +140,13 @@ def _attend_block(acc, pv, alpha1, alpha2, l_i, m_i, j, q_smem, k_smem, v_smem, 
 
 
 @gluon.jit
-def _attention_8bit_kernel(q_desc, k_desc, v_desc, QScale, KSB, stride_ksb, stride_ks, VMean, VScale, Out,
-                           stride_ob, stride_om, stride_oh, H, Lq, Lk, n_qblocks,
-                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                           NSTAGES: gl.constexpr, num_warps: gl.constexpr):
-    """Query block program_id(0) of head program_id(1) (batch·H + head)."""
-    pid_m = gl.program_id(0)
-    bh = gl.program_id(1)
+def _attend(q_smem, k_smem, v_smem, p_smem, q_bar, bars, empty, k_desc, v_desc, QScale, KSB, stride_ksb, stride_ks,
+            VMean, VScale, Out, stride_ob, stride_om, stride_oh, pid_m, bh, H, Lq, Lk, n_qblocks,
+            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NSTAGES: gl.constexpr,
+            WS: gl.constexpr, num_warps: gl.constexpr):
+    """One program's attention once its loads are under way: the schedule of the module docstring, the
+    output tile stored. WS: the stages go back to the loading warp (`empty`) instead of being refilled
+    here."""
     k_row = bh * Lk  # the head's first row of k codes, [B·H·Lk, D]
     v_row = bh * HEAD_DIM  # its first channel of vᵀ codes, [B·H·D, Lk]
     # Products on 16 x N x 32 instructions (8-bit operands) over the warps stacked along M.
@@ -149,22 +154,7 @@ def _attention_8bit_kernel(q_desc, k_desc, v_desc, QScale, KSB, stride_ksb, stri
                                                        instr_shape=[16, BLOCK_N, 32])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, HEAD_DIM, 32])
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NSTAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NSTAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
-    p_smem = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_M, BLOCK_N],
-                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gl.float8e4nv))
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    bars = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(NSTAGES):
-        mbarrier.init(bars.index(i), count=1)
     n_blocks = gl.cdiv(Lk, BLOCK_N)
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    _tma_load(q_desc, [bh * Lq + pid_m * BLOCK_M, 0], q_bar, q_smem)
-    for i in gl.static_range(NSTAGES):
-        _load_stage(k_desc, v_desc, bars, k_smem, v_smem, i, i, k_row, v_row, i < n_blocks, BLOCK_N)
-
     q_scale = gl.load(QScale + bh * n_qblocks + pid_m)
     KS = KSB + bh.to(gl.int64) * stride_ksb
     full = Lk // BLOCK_N  # blocks without keys past Lk
@@ -191,12 +181,14 @@ def _attention_8bit_kernel(q_desc, k_desc, v_desc, QScale, KSB, stride_ksb, stri
 
     for j in range(1, full):
         acc, pv, alpha1, alpha2, l_i, m_i = _attend_block(
-            acc, pv, alpha1, alpha2, l_i, m_i, j, q_smem, k_smem, v_smem, p_smem, bars, k_desc, v_desc, zero_s,
-            zero_o, k_row, v_row, n_blocks, Lk, q_scale, KS, stride_ks, s_layout, o_layout, BLOCK_N, NSTAGES, False)
+            acc, pv, alpha1, alpha2, l_i, m_i, j, q_smem, k_smem, v_smem, p_smem, bars, empty, k_desc, v_desc,
+            zero_s, zero_o, k_row, v_row, n_blocks, Lk, q_scale, KS, stride_ks, s_layout, o_layout, BLOCK_N,
+            NSTAGES, False, WS)
     if (full > 0) & (full < n_blocks):  # the last block, with keys past Lk
         acc, pv, alpha1, alpha2, l_i, m_i = _attend_block(
-            acc, pv, alpha1, alpha2, l_i, m_i, full, q_smem, k_smem, v_smem, p_smem, bars, k_desc, v_desc, zero_s,
-            zero_o, k_row, v_row, n_blocks, Lk, q_scale, KS, stride_ks, s_layout, o_layout, BLOCK_N, NSTAGES, True)
+            acc, pv, alpha1, alpha2, l_i, m_i, full, q_smem, k_smem, v_smem, p_smem, bars, empty, k_desc, v_desc,
+            zero_s, zero_o, k_row, v_row, n_blocks, Lk, q_scale, KS, stride_ks, s_layout, o_layout, BLOCK_N,
+            NSTAGES, True, WS)
 
     # The last two blocks' P·V.
     pv = warpgroup_mma_wait(0, deps=(pv, ))
@@ -216,9 +208,85 @@ def _attention_8bit_kernel(q_desc, k_desc, v_desc, QScale, KSB, stride_ksb, stri
     gl.store(base + rows[:, None].to(gl.int64) * stride_om + cols[None, :], out.to(gl.bfloat16),
              mask=(rows < Lq)[:, None])
 
+
+@gluon.jit
+def _attention_8bit_kernel(q_desc, k_desc, v_desc, QScale, KSB, stride_ksb, stride_ks, VMean, VScale, Out,
+                           stride_ob, stride_om, stride_oh, H, Lq, Lk, n_qblocks,
+                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                           NSTAGES: gl.constexpr, num_warps: gl.constexpr):
+    """Query block program_id(0) of head program_id(1) (batch·H + head); the multiplying warps also
+    issue the loads (a stage refilled right after the wait that frees it)."""
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NSTAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NSTAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
+    p_smem = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_M, BLOCK_N],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gl.float8e4nv))
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bars = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(NSTAGES):
+        mbarrier.init(bars.index(i), count=1)
+    n_blocks = gl.cdiv(Lk, BLOCK_N)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    _tma_load(q_desc, [bh * Lq + pid_m * BLOCK_M, 0], q_bar, q_smem)
+    for i in gl.static_range(NSTAGES):
+        _load_stage(k_desc, v_desc, bars, k_smem, v_smem, i, i, bh * Lk, bh * HEAD_DIM, i < n_blocks, BLOCK_N)
+    _attend(q_smem, k_smem, v_smem, p_smem, q_bar, bars, bars, k_desc, v_desc, QScale, KSB, stride_ksb, stride_ks,
+            VMean, VScale, Out, stride_ob, stride_om, stride_oh, pid_m, bh, H, Lq, Lk, n_qblocks, BLOCK_M, BLOCK_N,
+            HEAD_DIM, NSTAGES, False, num_warps)
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(NSTAGES):
         mbarrier.invalidate(bars.index(i))
+
+
+@gluon.jit
+def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, bars, empty, pid_m, bh, Lq, Lk,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NSTAGES: gl.constexpr):
+    """The loading warp: q, then every key block into the stage ring, each stage once the multiplying
+    warps have released it (its first use needs no release: the wait on the opposite parity of a fresh
+    barrier returns at once)."""
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    _tma_load(q_desc, [bh * Lq + pid_m * BLOCK_M, 0], q_bar, q_smem)
+    for j in range(gl.cdiv(Lk, BLOCK_N)):
+        stage = j % NSTAGES
+        mbarrier.wait(empty.index(stage), ((j // NSTAGES) & 1) ^ 1)
+        _load_stage(k_desc, v_desc, bars, k_smem, v_smem, stage, j, bh * Lk, bh * HEAD_DIM, True, BLOCK_N)
+
+
+@gluon.jit
+def _attention_8bit_ws_kernel(q_desc, k_desc, v_desc, QScale, KSB, stride_ksb, stride_ks, VMean, VScale, Out,
+                              stride_ob, stride_om, stride_oh, H, Lq, Lk, n_qblocks,
+                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                              NSTAGES: gl.constexpr, num_warps: gl.constexpr):
+    """Warp-specialized: one more warp (24 registers, setmaxnreg) issues every load, and the multiplying
+    warps hand the stages back through mbarriers, without the CTA barriers of a TMA issue in their loop."""
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NSTAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NSTAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
+    p_smem = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_M, BLOCK_N],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gl.float8e4nv))
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bars = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(NSTAGES):
+        mbarrier.init(bars.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    gl.warp_specialize([
+        (_attend, (q_smem, k_smem, v_smem, p_smem, q_bar, bars, empty, k_desc, v_desc, QScale, KSB, stride_ksb,
+                   stride_ks, VMean, VScale, Out, stride_ob, stride_om, stride_oh, pid_m, bh, H, Lq, Lk, n_qblocks,
+                   BLOCK_M, BLOCK_N, HEAD_DIM, NSTAGES, True, num_warps)),
+        (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, bars, empty, pid_m, bh, Lq, Lk,
+                           BLOCK_M, BLOCK_N, HEAD_DIM, NSTAGES)),
+    ], [1], [24])
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(NSTAGES):
+        mbarrier.invalidate(bars.index(i))
+        mbarrier.invalidate(empty.index(i))
 
 
 def shared_layout(rows: int, cols: int, dtype: gl.dtype) -> gl.NVMMASharedLayout:
@@ -263,22 +331,24 @@ def check_scope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: st
         raise OpArgumentError("attention (gluon 8-bit): the kernel is written for Hopper (sm_90)")
 
 
-def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                  warp_specialized: bool = False) -> torch.Tensor:
     """`attention(q, k, v, precision="fp8")` for bf16 q [B, Lq, H, 128], k and v [B, Lk, H, 128] on a
-    Hopper GPU: quantized by the Triton kernels, attended by this one. Out [B, Lq, H, D] bf16.
-    OpArgumentError for inputs outside the kernel's scope."""
+    Hopper GPU: quantized by the Triton kernels, attended by this one (`warp_specialized`: the kernel whose
+    loads a warp of their own issues). Out [B, Lq, H, D] bf16. OpArgumentError for inputs outside the
+    kernel's scope."""
     check_scope(q, k, v, "fp8")
     _check_keys("attention", "k", k.shape[1])
     if q.shape[1] == 0 or q.shape[0] * q.shape[2] == 0:
         return new_output(q.shape, torch.bfloat16, q.device)
     with torch.cuda.device(q.device):
         x = quantize_for_attention(q, k, v, qk="int8", pv="fp8", block_m=BLOCK_M, block_n=BLOCK_N)
-        return attention_from_quantized(x)
+        return attention_from_quantized(x, warp_specialized=warp_specialized)
 
 
-def attention_from_quantized(x: Quantized8bit) -> torch.Tensor:
-    """This kernel on operands `quantize_for_attention` prepared (qk "int8", pv "fp8", blocks of 128);
-    out [B, Lq, H, D] bf16."""
+def attention_from_quantized(x: Quantized8bit, *, warp_specialized: bool = False) -> torch.Tensor:
+    """The kernel on operands `quantize_for_attention` prepared (qk "int8", pv "fp8", blocks of BLOCK_M x
+    BLOCK_N); out [B, Lq, H, D] bf16."""
     B, H, Lq, D = x.q.shape
     Lk = x.k.shape[2]
     if x.q.dtype != torch.int8 or x.pv != "fp8" or (x.block_m, x.block_n) != (BLOCK_M, BLOCK_N) or D != HEAD_DIM:
@@ -289,7 +359,8 @@ def attention_from_quantized(x: Quantized8bit) -> torch.Tensor:
     out = new_output((B, Lq, H, D), torch.bfloat16, x.q.device)
     planar = planar_scales(x)
     grid = (triton.cdiv(Lq, BLOCK_M), B * H)
-    _attention_8bit_kernel[grid](
+    kernel = _attention_8bit_ws_kernel if warp_specialized else _attention_8bit_kernel
+    kernel[grid](
         *_descriptors(x), x.q_scale, planar, planar.stride(0), planar.stride(1), x.v_mean, x.v_scale, out,
         out.stride(0), out.stride(1), out.stride(2), H, Lq, Lk, x.q_scale.shape[2],
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, NSTAGES=STAGES, num_warps=NUM_WARPS)

@@ -4,7 +4,7 @@ measuring what they change in a whole forward before any table or registry entry
 DIT8_GLUON lists the candidates to route and, optionally, each one's configuration:
 
     DIT8_GLUON="attention gemm gemm_fast"  # their default configurations (also gemm_int8, attention_8bit)
-    DIT8_GLUON="attention=ws gemm=k256"    # attention: "default" or "ws"; gemm: a scaled_mm_gluon.CANDIDATES key
+    DIT8_GLUON="attention=ws gemm=k256"    # attention(_8bit): "default" or "ws"; gemm: a scaled_mm_gluon.CANDIDATES key
 
 On an sm_90 GPU, then, `attention(precision="bf16", backend="triton")` runs attention_gluon's kernel,
 `attention(precision="fp8", backend="triton")` attention_8bit_gluon's ("attention_8bit"),
@@ -27,7 +27,7 @@ ENV_VAR = "DIT8_GLUON"
 # Each candidate's configurations; the first is its default.
 CONFIGURATIONS = {
     "attention": ("default", "ws"),
-    "attention_8bit": ("default", ),
+    "attention_8bit": ("default", "ws"),
     "gemm": ("default", "stages5", "k256", "ws", "ws_k256"),
     "gemm_fast": ("default", ),
     "gemm_int8": ("default", ),

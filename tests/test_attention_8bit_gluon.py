@@ -41,10 +41,11 @@ def on_hopper(test):
     (1, 1000, 1000, 4, "fused"),  # strided views of one QKV tensor
     (1, 4099, 4099, 2, "plain"),  # 65 key blocks: the stage ring and P's buffers wrap many times
 ])
-def test_gluon_8bit_error_is_that_of_its_quantization(b, lq, lk, h, kind):
+@pytest.mark.parametrize("warp_specialized", [False, True], ids=["", "ws"])
+def test_gluon_8bit_error_is_that_of_its_quantization(b, lq, lk, h, kind, warp_specialized):
     g = _gluon()
     q, k, v = _qkv(b, lq, lk, h, seed=b + lq + lk, offsets=kind == "offsets", fused=kind == "fused")
-    out = g.attention_fp8(q, k, v)
+    out = g.attention_fp8(q, k, v, warp_specialized=warp_specialized)
     check_output(out, q)
     ref = attention64(q, k, v)
     emu = emulate_8bit(q, k, v, "int8", "fp8", g.BLOCK_M, g.BLOCK_N)
@@ -53,14 +54,15 @@ def test_gluon_8bit_error_is_that_of_its_quantization(b, lq, lk, h, kind):
 
 
 @on_hopper
-def test_gluon_8bit_is_the_triton_kernel_on_the_same_operands():
+@pytest.mark.parametrize("warp_specialized", [False, True], ids=["", "ws"])
+def test_gluon_8bit_is_the_triton_kernel_on_the_same_operands(warp_specialized):
     """Same codes, same key blocks in the same order, so the same running maxima and the same P: the two
     outputs differ by fp32 ordering, the folded subtraction (module docstring; a P code may rarely land
     across a rounding boundary) and each one's bf16 rounding (2^-9 relative)."""
     g = _gluon()
     q, k, v = _qkv(2, 700, 600, 3, seed=5, offsets=True)
     x = impl8.quantize_for_attention(q, k, v, qk="int8", pv="fp8", block_m=g.BLOCK_M, block_n=g.BLOCK_N)
-    out = g.attention_from_quantized(x)
+    out = g.attention_from_quantized(x, warp_specialized=warp_specialized)
     check_output(out, q)
     triton_out = impl8.attention_from_quantized(x, torch.bfloat16, AttnConfig(g.BLOCK_M, g.BLOCK_N, 8, 3))
     assert rel_err(out, triton_out) <= 2.0 ** -8, rel_err(out, triton_out)
@@ -86,10 +88,11 @@ def test_gluon_8bit_names_what_it_cannot_take():
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("DIT8_SM90_COMPILE") != "1",
                     reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
-def test_gluon_8bit_overlaps_its_softmax_with_pv_on_hopper():
+@pytest.mark.parametrize("warp_specialized", [False, True], ids=["", "ws"])
+def test_gluon_8bit_overlaps_its_softmax_with_pv_on_hopper(warp_specialized):
     from compile_check import run_without_interpreter
 
-    r = run_without_interpreter("test_attention_8bit_gluon", "sm90_schedule")
+    r = run_without_interpreter("test_attention_8bit_gluon", "sm90_schedule", (warp_specialized, ))
     # Within Hopper's 227 KiB of shared memory, no spills, the products asynchronous.
     assert r["spills"] == 0 and 0 < r["shared"] <= 227 * 1024 and not r["wgmma_serialized"], r
     # The key loop: both products issued, then a wait that leaves P·V in flight, then every exp2 of the
@@ -97,8 +100,9 @@ def test_gluon_8bit_overlaps_its_softmax_with_pv_on_hopper():
     assert r["waits_for_one"] == 1 and r["exp2_after_it"] >= 34 and r["waits_for_all_after_it"] == 0, r
 
 
-def sm90_schedule() -> dict:
-    """Compile the kernel for sm_90a (without TRITON_INTERPRET) and describe its key loop."""
+def sm90_schedule(warp_specialized: bool) -> dict:
+    """Compile the kernel for sm_90a (without TRITON_INTERPRET) and describe its key loop (with warp
+    specialization: that of the multiplying warps)."""
     from compile_check import compile_gluon_kernel, loops
     from triton.experimental.gluon import language as gl
 
@@ -111,7 +115,7 @@ def sm90_schedule() -> dict:
                  Out="*bf16", stride_ob="i32", stride_om="i32", stride_oh="i32", H="i32", Lq="i32", Lk="i32",
                  n_qblocks="i32")
     report, sass = compile_gluon_kernel(
-        g._attention_8bit_kernel, types,
+        g._attention_8bit_ws_kernel if warp_specialized else g._attention_8bit_kernel, types,
         dict(BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, HEAD_DIM=D, NSTAGES=g.STAGES, num_warps=g.NUM_WARPS),
         num_warps=g.NUM_WARPS, aligned=("KSB", "stride_ksb", "stride_ks", "Out", "stride_om", "stride_oh"))
     body = min((b for b in loops(sass) if any("WARPGROUP.DEPBAR.LE gsb0, 0x1" in x for x in b)), key=len)
