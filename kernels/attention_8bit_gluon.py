@@ -43,7 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .attention_8bit_triton import FP8_MAX, Quantized8bit, quantize_for_attention
-from .attention_triton import _check_keys
+from .attention_triton import _check_keys, _unit_d
 from .buffers import new_output
 from .checks import OpArgumentError
 
@@ -341,6 +341,7 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     _check_keys("attention", "k", k.shape[1])
     if q.shape[1] == 0 or q.shape[0] * q.shape[2] == 0:
         return new_output(q.shape, torch.bfloat16, q.device)
+    q, k, v = _unit_d(q, k, v)
     with torch.cuda.device(q.device):
         x = quantize_for_attention(q, k, v, qk="int8", pv="fp8", block_m=BLOCK_M, block_n=BLOCK_N)
         return attention_from_quantized(x, warp_specialized=warp_specialized)

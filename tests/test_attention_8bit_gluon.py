@@ -56,16 +56,20 @@ def test_gluon_8bit_error_is_that_of_its_quantization(b, lq, lk, h, kind, warp_s
 @on_hopper
 @pytest.mark.parametrize("warp_specialized", [False, True], ids=["", "ws"])
 def test_gluon_8bit_is_the_triton_kernel_on_the_same_operands(warp_specialized):
-    """Same codes, same key blocks in the same order, so the same running maxima and the same P: the two
-    outputs differ by fp32 ordering, the folded subtraction (module docstring; a P code may rarely land
-    across a rounding boundary) and each one's bf16 rounding (2^-9 relative)."""
+    """Same codes, same key blocks in the same order, so the same running maxima. The scores differ by
+    the rounding of the folded constant (module docstring: at most 0.75 of an integer step of the dot),
+    which now and then moves a P code across an e4m3 rounding boundary (simulated on such inputs, it
+    moved the output by 0.2% of the recipe's error), and by the order of fp32 sums; each output is rounded
+    to bf16. So the outputs differ by a small fraction of the recipe's own error against float64 (~3%),
+    where a different algorithm would differ by about that error."""
     g = _gluon()
     q, k, v = _qkv(2, 700, 600, 3, seed=5, offsets=True)
     x = impl8.quantize_for_attention(q, k, v, qk="int8", pv="fp8", block_m=g.BLOCK_M, block_n=g.BLOCK_N)
     out = g.attention_from_quantized(x, warp_specialized=warp_specialized)
     check_output(out, q)
     triton_out = impl8.attention_from_quantized(x, torch.bfloat16, AttnConfig(g.BLOCK_M, g.BLOCK_N, 8, 3))
-    assert rel_err(out, triton_out) <= 2.0 ** -8, rel_err(out, triton_out)
+    recipe_err = rel_err(triton_out, attention64(q, k, v))
+    assert rel_err(out, triton_out) <= 0.25 * recipe_err, (rel_err(out, triton_out), recipe_err)
 
 
 def test_gluon_8bit_names_what_it_cannot_take():
