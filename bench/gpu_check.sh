@@ -135,10 +135,9 @@ run_pytest() { limited "$py" -m pytest "${pytest_args[@]}" "$@"; }
 # The kernels the tests stage verified on this machine in an earlier run: "auto" runs these and no
 # others (DIT8_VERIFIED, kernels/registry.py).
 if [ -s "$out/verified.json" ]; then export DIT8_VERIFIED="$(cd "$out" && pwd)/verified.json"; fi
-# The Gluon candidates (kernels/attention_gluon.py, kernels/scaled_mm_gluon.py) are benchmarked and
-# profiled only after their GPU tests passed on this machine: a kernel that hangs there would spend the
-# stage's time. DIT8_SKIP_GLUON names those whose tests did not all pass ("attention", "attention_8bit",
-# "gemm", "gemm_fast", "gemm_int8").
+# The Gluon candidates (kernels/*_gluon.py) are benchmarked and profiled only after their GPU tests
+# passed on this machine: a kernel that hangs there would spend the stage's time. DIT8_SKIP_GLUON names
+# those whose tests did not all pass ("attention", "attention_8bit", "gemm", "gemm_fast", "gemm_int8").
 untested_gluon() {
     "$py" - "$out/tests.xml" <<'PY'
 import sys

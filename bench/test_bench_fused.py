@@ -187,7 +187,8 @@ def _skip_unusable(backend: str, device: str) -> None:
         if device != "cuda":
             pytest.skip("the cuda backend needs a CUDA device")
         if not cuda_ext.cuda_available(torch.device("cuda")):
-            pytest.skip("the CUDA extension cannot be built here: " + (", ".join(cuda_ext.missing_tools()) or "see warning"))
+            pytest.skip("the CUDA extension cannot be built here: "
+                        + (", ".join(cuda_ext.missing_tools()) or "see warning"))
 
 
 @pytest.fixture(scope="session")
