@@ -43,6 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .attention_8bit_triton import FP8_MAX, Quantized8bit, quantize_for_attention
+from .attention_gluon import invalidate_barriers, stage_barriers
 from .attention_triton import _check_keys, _unit_d
 from .buffers import new_output
 from .checks import OpArgumentError
@@ -210,38 +211,6 @@ def _attend(q_smem, k_smem, v_smem, p_smem, q_bar, bars, empty, k_desc, v_desc, 
 
 
 @gluon.jit
-def _attention_8bit_kernel(q_desc, k_desc, v_desc, QScale, KSB, stride_ksb, stride_ks, VMean, VScale, Out,
-                           stride_ob, stride_om, stride_oh, H, Lq, Lk, n_qblocks,
-                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                           NSTAGES: gl.constexpr, num_warps: gl.constexpr):
-    """Query block program_id(0) of head program_id(1) (batch·H + head); the multiplying warps also
-    issue the loads (a stage refilled right after the wait that frees it)."""
-    pid_m = gl.program_id(0)
-    bh = gl.program_id(1)
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NSTAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NSTAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
-    p_smem = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_M, BLOCK_N],
-                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gl.float8e4nv))
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    bars = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(NSTAGES):
-        mbarrier.init(bars.index(i), count=1)
-    n_blocks = gl.cdiv(Lk, BLOCK_N)
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    _tma_load(q_desc, [bh * Lq + pid_m * BLOCK_M, 0], q_bar, q_smem)
-    for i in gl.static_range(NSTAGES):
-        _load_stage(k_desc, v_desc, bars, k_smem, v_smem, i, i, bh * Lk, bh * HEAD_DIM, i < n_blocks, BLOCK_N)
-    _attend(q_smem, k_smem, v_smem, p_smem, q_bar, bars, bars, k_desc, v_desc, QScale, KSB, stride_ksb, stride_ks,
-            VMean, VScale, Out, stride_ob, stride_om, stride_oh, pid_m, bh, H, Lq, Lk, n_qblocks, BLOCK_M, BLOCK_N,
-            HEAD_DIM, NSTAGES, False, num_warps)
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(NSTAGES):
-        mbarrier.invalidate(bars.index(i))
-
-
-@gluon.jit
 def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, bars, empty, pid_m, bh, Lq, Lk,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NSTAGES: gl.constexpr):
     """The loading warp: q, then every key block into the stage ring, each stage once the multiplying
@@ -256,12 +225,14 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, bars,
 
 
 @gluon.jit
-def _attention_8bit_ws_kernel(q_desc, k_desc, v_desc, QScale, KSB, stride_ksb, stride_ks, VMean, VScale, Out,
-                              stride_ob, stride_om, stride_oh, H, Lq, Lk, n_qblocks,
-                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                              NSTAGES: gl.constexpr, num_warps: gl.constexpr):
-    """Warp-specialized: one more warp (24 registers, setmaxnreg) issues every load, and the multiplying
-    warps hand the stages back through mbarriers, without the CTA barriers of a TMA issue in their loop."""
+def _attention_8bit_kernel(q_desc, k_desc, v_desc, QScale, KSB, stride_ksb, stride_ks, VMean, VScale, Out,
+                           stride_ob, stride_om, stride_oh, H, Lq, Lk, n_qblocks,
+                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                           NSTAGES: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
+    """Query block program_id(0) of head program_id(1) (batch·H + head). Without WS the multiplying warps
+    also issue the loads (a stage refilled right after the wait that frees it); with WS one more warp (24
+    registers, setmaxnreg) issues every load, and the multiplying warps hand the stages back through
+    mbarriers, without the CTA barriers of a TMA issue in their loop."""
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
@@ -269,24 +240,25 @@ def _attention_8bit_ws_kernel(q_desc, k_desc, v_desc, QScale, KSB, stride_ksb, s
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [NSTAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
     p_smem = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_M, BLOCK_N],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gl.float8e4nv))
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    bars = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(NSTAGES):
-        mbarrier.init(bars.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
-    gl.warp_specialize([
-        (_attend, (q_smem, k_smem, v_smem, p_smem, q_bar, bars, empty, k_desc, v_desc, QScale, KSB, stride_ksb,
-                   stride_ks, VMean, VScale, Out, stride_ob, stride_om, stride_oh, pid_m, bh, H, Lq, Lk, n_qblocks,
-                   BLOCK_M, BLOCK_N, HEAD_DIM, NSTAGES, True, num_warps)),
-        (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, bars, empty, pid_m, bh, Lq, Lk,
-                           BLOCK_M, BLOCK_N, HEAD_DIM, NSTAGES)),
-    ], [1], [24])
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(NSTAGES):
-        mbarrier.invalidate(bars.index(i))
-        mbarrier.invalidate(empty.index(i))
+    q_bar, bars, empty = stage_barriers(NSTAGES)
+    if WS:
+        gl.warp_specialize([
+            (_attend, (q_smem, k_smem, v_smem, p_smem, q_bar, bars, empty, k_desc, v_desc, QScale, KSB, stride_ksb,
+                       stride_ks, VMean, VScale, Out, stride_ob, stride_om, stride_oh, pid_m, bh, H, Lq, Lk,
+                       n_qblocks, BLOCK_M, BLOCK_N, HEAD_DIM, NSTAGES, True, num_warps)),
+            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, bars, empty, pid_m, bh, Lq,
+                               Lk, BLOCK_M, BLOCK_N, HEAD_DIM, NSTAGES)),
+        ], [1], [24])
+    else:
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        _tma_load(q_desc, [bh * Lq + pid_m * BLOCK_M, 0], q_bar, q_smem)
+        for i in gl.static_range(NSTAGES):
+            _load_stage(k_desc, v_desc, bars, k_smem, v_smem, i, i, bh * Lk, bh * HEAD_DIM, i < gl.cdiv(Lk, BLOCK_N),
+                        BLOCK_N)
+        _attend(q_smem, k_smem, v_smem, p_smem, q_bar, bars, empty, k_desc, v_desc, QScale, KSB, stride_ksb,
+                stride_ks, VMean, VScale, Out, stride_ob, stride_om, stride_oh, pid_m, bh, H, Lq, Lk, n_qblocks,
+                BLOCK_M, BLOCK_N, HEAD_DIM, NSTAGES, False, num_warps)
+    invalidate_barriers(q_bar, bars, empty, NSTAGES)
 
 
 def shared_layout(rows: int, cols: int, dtype: gl.dtype) -> gl.NVMMASharedLayout:
@@ -360,9 +332,9 @@ def attention_from_quantized(x: Quantized8bit, *, warp_specialized: bool = False
     out = new_output((B, Lq, H, D), torch.bfloat16, x.q.device)
     planar = planar_scales(x)
     grid = (triton.cdiv(Lq, BLOCK_M), B * H)
-    kernel = _attention_8bit_ws_kernel if warp_specialized else _attention_8bit_kernel
-    kernel[grid](
+    _attention_8bit_kernel[grid](
         *_descriptors(x), x.q_scale, planar, planar.stride(0), planar.stride(1), x.v_mean, x.v_scale, out,
         out.stride(0), out.stride(1), out.stride(2), H, Lq, Lk, x.q_scale.shape[2],
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, NSTAGES=STAGES, num_warps=NUM_WARPS)
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, NSTAGES=STAGES, WS=warp_specialized,
+        num_warps=NUM_WARPS)
     return out

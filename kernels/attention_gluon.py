@@ -166,6 +166,29 @@ def _attend(q_smem, k_smem, v_smem, q_bar, bars, empty, k_desc, v_desc, Out, str
 
 
 @gluon.jit
+def stage_barriers(NSTAGES: gl.constexpr):
+    """The mbarriers of a program's loads, initialized: q's, each stage's (`bars`: its tiles arrived) and
+    each stage's release (`empty`: the multiplying warps are done with it; warp-specialized kernels)."""
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bars = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(NSTAGES):
+        mbarrier.init(bars.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    return q_bar, bars, empty
+
+
+@gluon.jit
+def invalidate_barriers(q_bar, bars, empty, NSTAGES: gl.constexpr):
+    """The end of `stage_barriers`' mbarriers."""
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(NSTAGES):
+        mbarrier.invalidate(bars.index(i))
+        mbarrier.invalidate(empty.index(i))
+
+
+@gluon.jit
 def _attention_kernel(q_desc, k_desc, v_desc, Out, stride_om, Lq, Lk, qk_scale,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NSTAGES: gl.constexpr,
                       num_warps: gl.constexpr):
@@ -175,23 +198,16 @@ def _attention_kernel(q_desc, k_desc, v_desc, Out, stride_om, Lq, Lk, qk_scale,
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [NSTAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [NSTAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    bars = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(NSTAGES):
-        mbarrier.init(bars.index(i), count=1)
+    q_bar, bars, empty = stage_barriers(NSTAGES)
 
     n_blocks = gl.cdiv(Lk, BLOCK_N)
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     _tma_load(q_desc, [off_m, col], q_bar, q_smem)
     for i in gl.static_range(NSTAGES):
         _load_stage(k_desc, v_desc, bars, k_smem, v_smem, i, i, col, i < n_blocks, BLOCK_N)
-    _attend(q_smem, k_smem, v_smem, q_bar, bars, bars, k_desc, v_desc, Out, stride_om, off_m, col, Lq, Lk, qk_scale,
-            BLOCK_M, BLOCK_N, HEAD_DIM, NSTAGES, False, num_warps)
-
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(NSTAGES):
-        mbarrier.invalidate(bars.index(i))
+    _attend(q_smem, k_smem, v_smem, q_bar, bars, empty, k_desc, v_desc, Out, stride_om, off_m, col, Lq, Lk,
+            qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, NSTAGES, False, num_warps)
+    invalidate_barriers(q_bar, bars, empty, NSTAGES)
 
 
 @gluon.jit
@@ -219,23 +235,14 @@ def _attention_ws_kernel(q_desc, k_desc, v_desc, Out, stride_om, Lq, Lk, qk_scal
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [NSTAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [NSTAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    bars = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(NSTAGES):
-        mbarrier.init(bars.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
+    q_bar, bars, empty = stage_barriers(NSTAGES)
     gl.warp_specialize([
         (_attend, (q_smem, k_smem, v_smem, q_bar, bars, empty, k_desc, v_desc, Out, stride_om, off_m, col, Lq, Lk,
                    qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, NSTAGES, True, num_warps)),
         (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, bars, empty, off_m, col, Lk,
                            BLOCK_N, NSTAGES)),
     ], [1], [24])
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(NSTAGES):
-        mbarrier.invalidate(bars.index(i))
-        mbarrier.invalidate(empty.index(i))
+    invalidate_barriers(q_bar, bars, empty, NSTAGES)
 
 
 def shared_layout() -> gl.NVMMASharedLayout:

@@ -107,7 +107,7 @@ def test_gluon_8bit_overlaps_its_softmax_with_pv_on_hopper(warp_specialized):
 def sm90_schedule(warp_specialized: bool) -> dict:
     """Compile the kernel for sm_90a (without TRITON_INTERPRET) and describe its key loop (with warp
     specialization: that of the multiplying warps)."""
-    from compile_check import compile_gluon_kernel, loops
+    from compile_check import compile_gluon_kernel, key_loop_overlap
     from triton.experimental.gluon import language as gl
 
     g = _gluon()
@@ -119,13 +119,8 @@ def sm90_schedule(warp_specialized: bool) -> dict:
                  Out="*bf16", stride_ob="i32", stride_om="i32", stride_oh="i32", H="i32", Lq="i32", Lk="i32",
                  n_qblocks="i32")
     report, sass = compile_gluon_kernel(
-        g._attention_8bit_ws_kernel if warp_specialized else g._attention_8bit_kernel, types,
-        dict(BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, HEAD_DIM=D, NSTAGES=g.STAGES, num_warps=g.NUM_WARPS),
+        g._attention_8bit_kernel, types,
+        dict(BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, HEAD_DIM=D, NSTAGES=g.STAGES, WS=warp_specialized,
+             num_warps=g.NUM_WARPS),
         num_warps=g.NUM_WARPS, aligned=("KSB", "stride_ksb", "stride_ks", "Out", "stride_om", "stride_oh"))
-    body = min((b for b in loops(sass) if any("WARPGROUP.DEPBAR.LE gsb0, 0x1" in x for x in b)), key=len)
-    at = next(i for i, x in enumerate(body) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in x)
-    after = body[at + 1:]
-    return report | dict(waits_for_one=sum("WARPGROUP.DEPBAR.LE gsb0, 0x1" in x for x in body),
-                         exp2_after_it=sum("MUFU.EX2" in x for x in after),
-                         waits_for_all_after_it=sum("WARPGROUP.DEPBAR.LE gsb0, 0x0" in x for x in after),
-                         loop_instructions=len(body))
+    return report | key_loop_overlap(sass)

@@ -91,7 +91,7 @@ def test_gluon_attention_overlaps_its_softmax_with_pv_on_hopper(warp_specialized
 def sm90_schedule(warp_specialized: bool) -> dict:
     """Compile the kernel for sm_90a (without TRITON_INTERPRET) and describe its key loop (with warp
     specialization: that of the multiplying warps)."""
-    from compile_check import compile_gluon_kernel, loops
+    from compile_check import compile_gluon_kernel, key_loop_overlap
 
     g = _gluon()
     desc = f"tensordesc<bf16[{g.BLOCK_N}, {g.HEAD_DIM}],{g.shared_layout()!r}>"
@@ -101,10 +101,4 @@ def sm90_schedule(warp_specialized: bool) -> dict:
                      qk_scale="fp32"),
         dict(BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, HEAD_DIM=g.HEAD_DIM, NSTAGES=g.STAGES, num_warps=g.NUM_WARPS),
         num_warps=g.NUM_WARPS, aligned=("Out", "stride_om"))
-    # The key loop: the shortest loop holding a wait that leaves one product in flight.
-    body = min((b for b in loops(sass) if any("WARPGROUP.DEPBAR.LE gsb0, 0x1" in x for x in b)), key=len)
-    at = next(i for i, x in enumerate(body) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in x)
-    after = body[at + 1:]
-    return report | dict(waits_for_one=sum("WARPGROUP.DEPBAR.LE gsb0, 0x1" in x for x in body),
-                         exp2_after_it=sum("MUFU.EX2" in x for x in after),
-                         waits_for_all_after_it=sum("WARPGROUP.DEPBAR.LE gsb0, 0x0" in x for x in after))
+    return report | key_loop_overlap(sass)
