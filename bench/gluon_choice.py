@@ -9,7 +9,8 @@ bench/gpu_check.sh:
 - gemm_fast, gemm_int8: `test_gemm_gluon_fast`, `test_gemm_gluon_int8` against their rows'
   `ms_triton`, summed over the shapes they ran;
 - attention: the faster of the `gluon_bf16` and `gluon_bf16_ws` rows against `triton_bf16`;
-- attention_8bit: the faster of the `gluon_fp8` and `gluon_fp8_ws` rows against `triton_fp8`.
+- attention_8bit: the faster configuration over both 8-bit precisions (`gluon_int8` + `gluon_fp8`, or
+  their `_ws` rows) against `triton_int8` + `triton_fp8`.
 A candidate without timed rows (its GPU tests did not pass, its stage did not run) is left out.
 """
 
@@ -56,24 +57,29 @@ def in_place(rows: list[dict], test: str) -> str | None:
     return "default" if sum(ms for ms, _ in timed) < sum(t for _, t in timed) else None
 
 
-def _fastest(rows: list[dict], candidates: tuple[tuple[str, str], ...], rival: str) -> str | None:
-    """The configuration of the fastest of the `candidates` (row name, configuration) self-attention rows,
-    where it beat the `rival` row (or that did not run)."""
+def _fastest(rows: list[dict], candidates: dict[str, tuple[str, ...]], rivals: tuple[str, ...]) -> str | None:
+    """The configuration whose self-attention rows (`candidates`: configuration -> row names) took the
+    least time together, where that beat the `rivals` rows together (or those did not all run); a
+    configuration counts only with all its rows timed."""
     by_name = {r.get("params", {}).get("name"): _ms(r) for r in rows if _test(r) == "test_self_attention"}
-    timed = [(by_name[name], config) for name, config in candidates if by_name.get(name) is not None]
+    timed = [(sum(by_name[name] for name in names), config) for config, names in candidates.items()
+             if all(by_name.get(name) is not None for name in names)]
     if not timed:
         return None
     ms, config = min(timed)
-    rival_ms = by_name.get(rival)
-    return config if rival_ms is None or ms < rival_ms else None
+    if any(by_name.get(name) is None for name in rivals):
+        return config
+    return config if ms < sum(by_name[name] for name in rivals) else None
 
 
 def attention(rows: list[dict]) -> str | None:
-    return _fastest(rows, (("gluon_bf16", "default"), ("gluon_bf16_ws", "ws")), "triton_bf16")
+    return _fastest(rows, {"default": ("gluon_bf16", ), "ws": ("gluon_bf16_ws", )}, ("triton_bf16", ))
 
 
 def attention_8bit(rows: list[dict]) -> str | None:
-    return _fastest(rows, (("gluon_fp8", "default"), ("gluon_fp8_ws", "ws")), "triton_fp8")
+    """Both 8-bit precisions go to the candidate: their times together."""
+    return _fastest(rows, {"default": ("gluon_int8", "gluon_fp8"), "ws": ("gluon_int8_ws", "gluon_fp8_ws")},
+                    ("triton_int8", "triton_fp8"))
 
 
 def choice(folder: Path) -> str:

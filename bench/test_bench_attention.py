@@ -99,11 +99,11 @@ def baseline(cache: dict, key, make_call, gpu_time) -> tuple[float, torch.Tensor
 # precisions (INT8 q·kᵀ; INT8 or FP8 P·V); triton_int8_pv16: INT8 q·kᵀ with 16-bit P·V, for comparison;
 # *_three_per_sm: the 8-bit precisions on the register-capped candidate tile (attention_triton.
 # THREE_PER_SM); gluon_bf16 / gluon_bf16_ws: the Hopper candidate for the bf16 path (kernels/
-# attention_gluon.py; _ws: its warp-specialized kernel); gluon_fp8 / gluon_fp8_ws: the one for the fp8 path
-# (kernels/attention_8bit_gluon.py, the quantization included as in triton_fp8); on Hopper only.
+# attention_gluon.py; _ws: its warp-specialized kernel); gluon_int8 / gluon_fp8 (and _ws): the one for the
+# 8-bit paths (kernels/attention_8bit_gluon.py, the quantization included as in triton_*); on Hopper only.
 SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "torch_reference", "triton_bf16", "triton_int8", "triton_fp8",
               "triton_int8_pv16", "triton_int8_three_per_sm", "triton_fp8_three_per_sm", "gluon_bf16",
-              "gluon_bf16_ws", "gluon_fp8", "gluon_fp8_ws"]
+              "gluon_bf16_ws", "gluon_int8", "gluon_int8_ws", "gluon_fp8", "gluon_fp8_ws"]
 
 
 @pytest.mark.parametrize("name", SELF_IMPLS)
@@ -120,14 +120,15 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
     elif name.startswith("gluon_"):
         if device != "cuda" or torch.cuda.get_device_capability()[0] != 9:
             pytest.skip("the Gluon kernel is written for Hopper GPUs (sm_90)")
-        candidate = "attention_8bit" if name.startswith("gluon_fp8") else "attention"
+        candidate = "attention" if name.startswith("gluon_bf16") else "attention_8bit"
         if candidate in os.environ.get("DIT8_SKIP_GLUON", "").split():
             pytest.skip("DIT8_SKIP_GLUON: the Gluon kernel's GPU tests have not passed here (bench/gpu_check.sh)")
         ws = name.endswith("_ws")
         if candidate == "attention_8bit":
             from dit8.kernels import attention_8bit_gluon
 
-            fn = lambda: attention_8bit_gluon.attention_fp8(q, k, v, warp_specialized=ws)  # noqa: E731
+            precision = name.removeprefix("gluon_").removesuffix("_ws")
+            fn = lambda: attention_8bit_gluon.attention_8bit(q, k, v, precision, warp_specialized=ws)  # noqa: E731
         else:
             from dit8.kernels import attention_gluon
 
@@ -153,8 +154,8 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
     err = rel_err(out, base_out)
     # A wrong kernel must not produce a benchmark number: 8-bit within its error budget (~3.4% for
     # FP8 P·V, tests/test_attention_triton.py), the others within bf16 rounding of cuDNN.
-    assert err < (0.08 if name in ("triton_int8", "triton_fp8", "triton_int8_pv16", "triton_int8_three_per_sm",
-                                   "triton_fp8_three_per_sm", "gluon_fp8", "gluon_fp8_ws") else 0.02), err
+    eight_bit = "int8" in name or "fp8" in name
+    assert err < (0.08 if eight_bit else 0.02), err
     record(fn, flops=4 * B * H * L * L * D, baseline_ms=base_ms, baseline=base_name, rel_err=round(err, 5),
            shape=list(shape), **info)
 

@@ -52,11 +52,11 @@ def _attention_triton(q, k, v, precision):
         from .attention_triton import attention_bf16
 
         return attention_bf16(q, k, v)
-    if precision == "fp8" and (config := candidates.routed("attention_8bit", q.device)) is not None:
+    if (config := candidates.routed("attention_8bit", q.device)) is not None:
         from . import attention_8bit_gluon
 
         try:  # on trial, as above
-            return attention_8bit_gluon.attention_fp8(q, k, v, warp_specialized=config == "ws")
+            return attention_8bit_gluon.attention_8bit(q, k, v, precision, warp_specialized=config == "ws")
         except OpArgumentError:
             pass
     from .attention_8bit_triton import attention_8bit

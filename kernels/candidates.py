@@ -7,7 +7,7 @@ DIT8_GLUON lists the candidates to route and, optionally, each one's configurati
     DIT8_GLUON="attention=ws gemm=k256"    # attention(_8bit): "default" or "ws"; gemm: a scaled_mm_gluon.CANDIDATES key
 
 On an sm_90 GPU, then, `attention(precision="bf16", backend="triton")` runs attention_gluon's kernel,
-`attention(precision="fp8", backend="triton")` attention_8bit_gluon's ("attention_8bit"),
+`attention(precision="int8" or "fp8", backend="triton")` attention_8bit_gluon's ("attention_8bit"),
 and `scaled_mm(..., backend="triton")` runs scaled_mm_gluon's: for FP8 operands "gemm" where the
 Triton table promotes the accumulation and "gemm_fast" (scaled_mm_gluon.FAST) where it takes its
 fast-accumulation tiles; for INT8 operands "gemm_int8" (FAST too). Calls outside a candidate's scope

@@ -69,17 +69,23 @@ def test_bf16_attention_outside_the_candidates_scope_runs_the_triton_kernel(monk
     torch.testing.assert_close(ops.attention(q, k, v, precision="bf16", backend="triton"), expected, rtol=0, atol=0)
 
 
-def test_fp8_attention_goes_to_the_8bit_candidate_asked_for(monkeypatch):
+def test_8bit_attention_goes_to_the_8bit_candidate_asked_for(monkeypatch):
     q, k, v = _qkv()
     calls = []
     monkeypatch.setattr(candidates, "routed", lambda name, device: "ws" if name == "attention_8bit" else None)
-    monkeypatch.setattr(attention_8bit_gluon, "attention_fp8",
-                        lambda q, k, v, warp_specialized: calls.append(warp_specialized) or torch.zeros_like(q))
-    assert torch.equal(ops.attention(q, k, v, precision="fp8", backend="triton"), torch.zeros_like(q))
-    assert calls == [True]
-    # The int8 precision has no Gluon kernel: the Triton one runs.
-    out = ops.attention(q, k, v, precision="int8", backend="triton")
-    assert calls == [True] and not torch.equal(out, torch.zeros_like(q))
+    monkeypatch.setattr(attention_8bit_gluon, "attention_8bit", lambda q, k, v, precision, warp_specialized:
+                        calls.append((precision, warp_specialized)) or torch.zeros_like(q))
+    for precision in ("int8", "fp8"):
+        assert torch.equal(ops.attention(q, k, v, precision=precision, backend="triton"), torch.zeros_like(q))
+    assert calls == [("int8", True), ("fp8", True)]
+
+
+def test_8bit_attention_outside_the_candidates_scope_runs_the_triton_kernel(monkeypatch):
+    q, k, v = _qkv()
+    expected = ops.attention(q, k, v, precision="int8", backend="triton")
+    # The real candidate refuses fp32 inputs (OpArgumentError): the Triton kernel takes the call.
+    monkeypatch.setattr(candidates, "routed", lambda name, device: "default")
+    torch.testing.assert_close(ops.attention(q, k, v, precision="int8", backend="triton"), expected, rtol=0, atol=0)
 
 
 def test_promoted_fp8_gemms_go_to_the_candidate_asked_for(monkeypatch):
@@ -146,13 +152,17 @@ def test_the_setting_for_a_results_folder_takes_the_fastest_timed_configurations
                  row("test_self_attention", {"name": "sdpa_cudnn"}, 30.0),
                  row("test_self_attention", {"name": "gluon_fp8"}, 30.0),
                  row("test_self_attention", {"name": "gluon_fp8_ws"}, 31.0),
-                 row("test_self_attention", {"name": "triton_fp8"}, 36.0)]
+                 row("test_self_attention", {"name": "gluon_int8"}, 35.0),
+                 row("test_self_attention", {"name": "gluon_int8_ws"}, 34.5),  # both together: default wins
+                 row("test_self_attention", {"name": "triton_fp8"}, 36.0),
+                 row("test_self_attention", {"name": "triton_int8"}, 39.0)]
     (tmp_path / "bench_attention.json").write_text(json.dumps({"benchmarks": attention}))
     setting = module.choice(tmp_path)
     assert setting == "attention=ws attention_8bit=default gemm=k256 gemm_int8=default"
     # A candidate slower than the Triton kernel it would replace is not routed.
     attention[1]["extra_info"]["ms"] = attention[0]["extra_info"]["ms"] = 45.0
-    attention[4]["extra_info"]["ms"] = attention[5]["extra_info"]["ms"] = 37.0
+    for slower in attention[4:8]:
+        slower["extra_info"]["ms"] = 38.0
     (tmp_path / "bench_attention.json").write_text(json.dumps({"benchmarks": attention}))
     assert module.choice(tmp_path) == "gemm=k256 gemm_int8=default"
     monkeypatch.setenv(candidates.ENV_VAR, setting)  # ... which the ops accept
