@@ -40,18 +40,17 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .attention_8bit_triton import FP8_MAX, RECIPES, Quantized8bit, quantize_for_attention
-from .attention_gluon import invalidate_barriers, stage_barriers
+from .attention_gluon import _tma_load, invalidate_barriers, stage_barriers
 from .attention_triton import _check_keys, _unit_d
 from .buffers import new_output
 from .checks import OpArgumentError
 
-# Renamed after triton 3.6 (async_copy_global_to_shared -> async_load; thread_barrier -> barrier).
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+# Renamed after triton 3.6 (thread_barrier -> barrier).
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 BLOCK_M = 128  # query rows per program (one q scale): two warpgroups of 64
