@@ -61,12 +61,14 @@ def test_bf16_attention_goes_to_the_candidate_asked_for(monkeypatch):
     assert calls == [True] and torch.equal(out, torch.zeros_like(q))
 
 
-def test_bf16_attention_outside_the_candidates_scope_runs_the_triton_kernel(monkeypatch):
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_attention_outside_the_candidates_scope_runs_the_triton_kernel(monkeypatch, precision):
     q, k, v = _qkv()
-    expected = ops.attention(q, k, v, precision="bf16", backend="triton")
-    # The real candidate refuses fp32 inputs (OpArgumentError): the Triton kernel takes the call.
+    expected = ops.attention(q, k, v, precision=precision, backend="triton")
+    # The real candidates refuse fp32 inputs (OpArgumentError): the Triton kernel takes the call.
     monkeypatch.setattr(candidates, "routed", lambda name, device: "default")
-    torch.testing.assert_close(ops.attention(q, k, v, precision="bf16", backend="triton"), expected, rtol=0, atol=0)
+    torch.testing.assert_close(ops.attention(q, k, v, precision=precision, backend="triton"), expected, rtol=0,
+                               atol=0)
 
 
 def test_8bit_attention_goes_to_the_8bit_candidate_asked_for(monkeypatch):
@@ -78,14 +80,6 @@ def test_8bit_attention_goes_to_the_8bit_candidate_asked_for(monkeypatch):
     for precision in ("int8", "fp8"):
         assert torch.equal(ops.attention(q, k, v, precision=precision, backend="triton"), torch.zeros_like(q))
     assert calls == [("int8", True), ("fp8", True)]
-
-
-def test_8bit_attention_outside_the_candidates_scope_runs_the_triton_kernel(monkeypatch):
-    q, k, v = _qkv()
-    expected = ops.attention(q, k, v, precision="int8", backend="triton")
-    # The real candidate refuses fp32 inputs (OpArgumentError): the Triton kernel takes the call.
-    monkeypatch.setattr(candidates, "routed", lambda name, device: "default")
-    torch.testing.assert_close(ops.attention(q, k, v, precision="int8", backend="triton"), expected, rtol=0, atol=0)
 
 
 def test_promoted_fp8_gemms_go_to_the_candidate_asked_for(monkeypatch):
