@@ -261,7 +261,9 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, bars,
         _load_stage(k_desc, v_desc, bars, k_smem, v_smem, stage, j, bh * Lk, bh * HEAD_DIM, True, BLOCK_N)
 
 
-@gluon.jit
+# Lk is never specialized: at Lk == 1 (a launch argument equal to 1 becomes a constant) triton 3.6 fails an
+# assertion while lowering the kernel to LLVM.
+@gluon.jit(do_not_specialize=["Lk"])
 def _attention_8bit_kernel(q_desc, k_desc, v_desc, QScale, KSB, stride_ksb, stride_ks, VMean, VScale, Out,
                            stride_ob, stride_om, stride_oh, H, Lq, Lk, n_qblocks,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,

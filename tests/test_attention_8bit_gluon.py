@@ -83,9 +83,9 @@ def test_gluon_8bit_names_what_it_cannot_take():
         g.attention_8bit(q, q, q, "fp8")
     with pytest.raises(OpArgumentError, match="precision must be 'int8' or 'fp8', got 'bf16'"):
         g.check_scope(q, q, q, "bf16")
-    # Operands quantized for another block size (here the interpreter's, on the CPU) are refused before
-    # any launch.
-    x = impl8.quantize_for_attention(q.float(), q.float(), q.float(), qk="int8", pv="fp8", block_m=64, block_n=32)
+    # Operands quantized for another block size (the interpreter's) are refused before any launch.
+    y = q.float().to("cuda" if torch.cuda.is_available() else "cpu")
+    x = impl8.quantize_for_attention(y, y, y, qk="int8", pv="fp8", block_m=64, block_n=32)
     with pytest.raises(OpArgumentError, match="quantized in blocks of 128 x 64"):
         g.attention_from_quantized(x)
     if torch.cuda.is_available():
