@@ -100,7 +100,7 @@ def dit_lines(runs: dict[str, dict]) -> list[str]:
     rows = []
     for name, r in runs.items():
         d, g, rates = r.get("diffusers", {}), r.get("cuda_graph", {}), r.get("tflops", {})
-        label = name + (f" (DIT8_GLUON: {' '.join(f'{k}={v}' for k, v in r['gluon'].items())})"
+        label = name + (f" (Gluon: {' '.join(f'{k}={v}' for k, v in r['gluon'].items())})"
                         if r.get("gluon") else "")
         label += (f" (failed part way: {r['error']})" if r.get("error")
                   else " (stopped part way)" if r.get("partial") else "")

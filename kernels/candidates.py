@@ -1,22 +1,27 @@
-"""Kernels on trial: the Gluon candidates for Hopper (kernels/*_gluon.py) routed into the ops, for
-measuring what they change in a whole forward before any table or registry entry names them.
+"""The Gluon kernels for Hopper (kernels/*_gluon.py) routed into the ops: those adopted for a GPU
+generation (ADOPTED), and candidates on trial, for measuring what they change in a whole forward before
+they are adopted.
 
-DIT8_GLUON lists the candidates to route and, optionally, each one's configuration:
+DIT8_GLUON, when set, replaces the adopted ones with its list of candidates and, optionally, each one's
+configuration:
 
     DIT8_GLUON="attention gemm gemm_fast"  # their default configurations (also gemm_int8, attention_8bit)
     DIT8_GLUON="attention=ws gemm=k256"    # attention(_8bit): "default" or "ws"; gemm: a scaled_mm_gluon.CANDIDATES key
+    DIT8_GLUON=""                          # none: the Triton kernels only
 
 On an sm_90 GPU, then, `attention(precision="bf16", backend="triton")` runs attention_gluon's kernel,
 `attention(precision="int8" or "fp8", backend="triton")` attention_8bit_gluon's ("attention_8bit"),
 and `scaled_mm(..., backend="triton")` runs scaled_mm_gluon's: for FP8 operands "gemm" where the
 Triton table promotes the accumulation and "gemm_fast" (scaled_mm_gluon.FAST) where it takes its
 fast-accumulation tiles; for INT8 operands "gemm_int8" (FAST too). Calls outside a candidate's scope
-(other GPUs, shapes, strides) run the Triton kernels as before. Unset, the ops are unchanged. `dit8 bench
-dit` records the setting with its results. Pure Python: importing this imports no triton.
+(other GPUs, shapes, strides) run the Triton kernels as before. `dit8 bench dit` records what was
+routed with its results. Pure Python: importing this imports no triton.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 import torch
@@ -34,27 +39,59 @@ CONFIGURATIONS = {
 }
 
 
-def chosen() -> dict[str, str]:
-    """{candidate: configuration} from DIT8_GLUON; OpArgumentError naming the variable for anything it
-    does not know."""
+# Per GPU generation (CUDA compute capability): the candidates routed where DIT8_GLUON is unset. Each
+# passed its GPU tests on such a GPU and beat the Triton kernel it replaces there, in its benchmark and
+# in whole forwards (bench/RESULTS.md).
+ADOPTED: dict[tuple[int, int], str] = {
+    # H100, torch 2.11, triton 3.6, 2026-11-26: the warp-specialized promoted FP8 GEMM took 4.11 ms where
+    # the Triton kernel took 5.32 at (32760, 5120, 13824); the in-place INT8 GEMM was 1.10-1.14x the Triton
+    # one. With both, the FP8 forward's GEMMs took 606 ms instead of 648, the INT8 forward's 620 instead
+    # of 696.
+    (9, 0): "gemm=ws gemm_int8",
+}
+
+
+def _parse(setting: str, source: str) -> dict[str, str]:
     choice: dict[str, str] = {}
-    for item in os.environ.get(ENV_VAR, "").split():
+    for item in setting.split():
         name, _, config = item.partition("=")
         if name not in CONFIGURATIONS:
-            raise OpArgumentError(f"{ENV_VAR}: unknown candidate {name!r}; the candidates are "
+            raise OpArgumentError(f"{source}: unknown candidate {name!r}; the candidates are "
                                   f"{', '.join(CONFIGURATIONS)}")
         config = config or CONFIGURATIONS[name][0]
         if config not in CONFIGURATIONS[name]:
-            raise OpArgumentError(f"{ENV_VAR}: {name} has no configuration {config!r}; it has "
+            raise OpArgumentError(f"{source}: {name} has no configuration {config!r}; it has "
                                   f"{', '.join(CONFIGURATIONS[name])}")
         choice[name] = config
     return choice
 
 
+@functools.lru_cache(maxsize=None)
+def _gluon_available() -> bool:
+    """Whether this triton has the Gluon dialect (the adopted kernels are skipped where it has not)."""
+    return importlib.util.find_spec("triton") is not None and \
+        importlib.util.find_spec("triton.experimental.gluon") is not None
+
+
+def _hopper(device: torch.device | None) -> bool:
+    return device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def chosen(device: torch.device | None = None) -> dict[str, str]:
+    """{candidate: configuration} routed for calls on `device`: DIT8_GLUON's when it is set (checked
+    whatever the device: OpArgumentError naming the variable for anything it does not know), else the
+    adopted ones of the device's GPU generation; {} off Hopper and for device None without DIT8_GLUON."""
+    setting = os.environ.get(ENV_VAR)
+    if setting is not None:
+        return _parse(setting, ENV_VAR)
+    if not _hopper(device) or not _gluon_available():
+        return {}
+    return _parse(ADOPTED.get(torch.cuda.get_device_capability(device), ""), "candidates.ADOPTED")
+
+
 def routed(candidate: str, device: torch.device) -> str | None:
-    """The configuration DIT8_GLUON asks of `candidate` for a call on `device`, or None: not asked for,
-    or not a Hopper GPU."""
-    config = chosen().get(candidate)
-    if config is None or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+    """The configuration of `candidate` routed for a call on `device` (chosen), or None: not chosen, or
+    not a Hopper GPU."""
+    if not _hopper(device):
         return None
-    return config
+    return chosen(device).get(candidate)

@@ -221,8 +221,9 @@ class DitBench:
             "text": list(cond.context.shape[1:]), "clip": list(cond.clip_fea.shape[1:]),
             "weight_bytes": sum(b.nbytes for b in model.buffers()), "init_s": round(self.init_s, 3),
             "flops": self.flops(), "processes": 1 if self.parallel is None else self.parallel.world,
-            # Kernels on trial routed into the ops (DIT8_GLUON, kernels/candidates.py), if any.
-            "gluon": candidates.chosen(),
+            # The Gluon kernels routed into the ops (kernels/candidates.py: DIT8_GLUON or those adopted
+            # for this GPU), if any.
+            "gluon": candidates.chosen(self.device),
         }
 
     def time_forward(self) -> dict:
@@ -347,7 +348,7 @@ def format_table(r: dict) -> list[str]:
         f"context k/v {r['context_ms']:,.1f} ms (once per generation)",
     ]
     if r.get("gluon"):
-        lines.insert(1, "on trial    Gluon candidates routed in (DIT8_GLUON): "
+        lines.insert(1, "gluon       Gluon kernels routed in (kernels/candidates.py): "
                         + ", ".join(f"{name}={config}" for name, config in r["gluon"].items()))
     if r.get("processes", 1) > 1:
         lines.insert(1, f"parallel    {r['processes']} processes, each computing 1/{r['processes']} of the tokens; "

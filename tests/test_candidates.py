@@ -45,6 +45,26 @@ def test_nothing_is_routed_off_hopper(monkeypatch):
     assert candidates.routed("attention", torch.device("cuda", 0)) == "ws"
 
 
+def test_hopper_routes_the_adopted_kernels_unless_the_setting_says_otherwise(monkeypatch):
+    monkeypatch.delenv(candidates.ENV_VAR, raising=False)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    adopted = candidates.chosen(cuda)
+    assert adopted == {"gemm": "ws", "gemm_int8": "default"}
+    assert all(candidates.routed(name, cuda) == config for name, config in adopted.items())
+    assert candidates.routed("attention", cuda) is None
+    # Nothing without a device, on the CPU, or on a GPU generation nothing was adopted for.
+    assert candidates.chosen() == {} and candidates.routed("gemm", torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert candidates.chosen(cuda) == {}
+    # DIT8_GLUON replaces them: empty, it routes nothing.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv(candidates.ENV_VAR, "")
+    assert candidates.chosen(cuda) == {} and candidates.routed("gemm", cuda) is None
+    monkeypatch.setenv(candidates.ENV_VAR, "attention")
+    assert candidates.chosen(cuda) == {"attention": "default"} and candidates.routed("gemm_int8", cuda) is None
+
+
 def _qkv():
     """fp32 q, k, v: outside the Gluon kernel's scope (bf16, head_dim 128) on any device."""
     gen = torch.Generator().manual_seed(0)

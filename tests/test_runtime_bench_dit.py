@@ -52,13 +52,13 @@ def test_cli_json_holds_every_number(tmp_path, capsys):
     assert r["flops"]["gemm"] > 0 and "diffusers" not in r and r["gluon"] == {}
 
 
-def test_kernels_on_trial_are_recorded_and_checked_first(tmp_path, monkeypatch, capsys):
-    """DIT8_GLUON (kernels/candidates.py) is part of what a result says it measured; on the CPU it
-    routes nothing."""
+def test_gluon_kernels_routed_in_are_recorded_and_checked_first(tmp_path, monkeypatch, capsys):
+    """The Gluon kernels routed in (DIT8_GLUON, kernels/candidates.py) are part of what a result says it
+    measured (on the CPU DIT8_GLUON routes nothing, and nothing is adopted)."""
     monkeypatch.setenv("DIT8_GLUON", "attention=ws gemm")
     path = tmp_path / "bench.json"
     assert main(["bench", "dit", *TINY, "--steps", "0", "--json", str(path)]) == 0
-    assert "Gluon candidates routed in (DIT8_GLUON): attention=ws, gemm=default" in capsys.readouterr().out
+    assert "Gluon kernels routed in (kernels/candidates.py): attention=ws, gemm=default" in capsys.readouterr().out
     assert json.loads(path.read_text())["gluon"] == {"attention": "ws", "gemm": "default"}
     monkeypatch.setenv("DIT8_GLUON", "attention=fast")
     assert main(["bench", "dit", *TINY]) == 1

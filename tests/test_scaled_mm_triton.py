@@ -49,6 +49,13 @@ PLAIN = pytest.mark.verifies("scaled_mm", backend="triton")
 FUSED = pytest.mark.verifies("scaled_mm_fused", backend="triton")
 
 
+@pytest.fixture(autouse=True)
+def _triton_kernels_only(monkeypatch):
+    """These tests verify the Triton kernels: no Gluon kernel routed in on Hopper (kernels/candidates.py;
+    those have tests/test_scaled_mm_gluon.py)."""
+    monkeypatch.setenv("DIT8_GLUON", "")
+
+
 def qname(q):
     return "int8" if q == torch.int8 else "fp8"
 
