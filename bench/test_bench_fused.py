@@ -12,11 +12,16 @@ RoPE, the official Wan code's way; target >= 10) and speedup_vs_rms_norm_rope (F
 RoPE reference; target >= 2). Backends: "cuda" (csrc/, skipped where the extension cannot be built),
 "triton", and "torch" (the eager reference, the baseline).
 Without CUDA: smoke mode (tiny shapes, each function once, Triton in the interpreter, no rates).
+
+DIT8_FUSED_SWEEP=1 (on a CUDA machine) also times the Triton rows kernel of each op at 4, 8 and 16
+warps, and for the norms with per-column operands with those loaded ahead of the statistics or after
+them (test_rows_sweep; kernels/fused_triton.py `_num_warps`, `PREFETCH_PARAMS`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dit8.kernels import norm_quant, quantize
+from dit8.kernels import fused_triton, norm_quant, quantize
 from dit8.kernels import qk_norm_rope
 from dit8.kernels.elementwise import residual_add
 from dit8.kernels.norms import layer_norm_modulate, rms_norm
@@ -256,6 +261,38 @@ def test_fused_op(name, backend, record, benchmark, device, smoke, gpu_time, bas
     nbytes = case.nbytes(t)
     ms = record(lambda: case.run(backend, t), nbytes=nbytes, baseline_ms=baseline_cache[(name, "eager")])
     benchmark.extra_info.update(_info(nbytes, ms, copy_gbps), op=case.op, backend=backend)
+
+
+# The ops of the Triton rows kernel, and whether each has per-column operands (weight, bias, modulation).
+ROWS_OPS = {"quantize_fp8": False, "gelu_tanh_quant_fp8": False, "layer_norm_modulate_quant_fp8": True,
+            "layer_norm_modulate_bf16": True, "layer_norm_quant_fp8": True, "rms_norm_bf16": True}
+
+
+@pytest.mark.skipif(os.environ.get("DIT8_FUSED_SWEEP") != "1" or not torch.cuda.is_available(),
+                    reason="rows kernel sweep: set DIT8_FUSED_SWEEP=1 on a CUDA machine")
+@pytest.mark.parametrize("prefetch", [False, True], ids=["after", "ahead"])
+@pytest.mark.parametrize("warps", [4, 8, 16])
+@pytest.mark.parametrize("name", list(ROWS_OPS))
+def test_rows_sweep(name, warps, prefetch, monkeypatch, record, benchmark, device, gpu_time, baseline_cache,
+                    copy_gbps):
+    """The Triton rows kernel of op `name` launched with `warps` warps, whatever the width, and its
+    per-column operands loaded `prefetch` ahead of the statistics; extra_info `num_warps`,
+    `default_warps` (what the kernel picks at this width) and `prefetch`."""
+    if prefetch and not ROWS_OPS[name]:
+        pytest.skip(f"{name} has no per-column operands to load ahead")
+    case = CASES[name]
+    if (name, "inputs") not in baseline_cache:
+        baseline_cache[(name, "inputs")] = case.make(device, sizes(False))
+    t = baseline_cache[(name, "inputs")]
+    width = t["x"].shape[-1]
+    default = fused_triton._num_warps(sum(fused_triton.row_tiles(width)))
+    monkeypatch.setattr(fused_triton, "_num_warps", lambda elements: warps)
+    monkeypatch.setattr(fused_triton, "PREFETCH_PARAMS", prefetch)
+    _check_agrees(case.run("triton", t), case.eager(t))
+    nbytes = case.nbytes(t)
+    ms = record(lambda: case.run("triton", t), nbytes=nbytes)
+    benchmark.extra_info.update(_info(nbytes, ms, copy_gbps), num_warps=warps, default_warps=default,
+                                prefetch=prefetch)
 
 
 @pytest.mark.parametrize("impl", ["cuda", "triton", "official_eager", "rms_norm_then_rope"])

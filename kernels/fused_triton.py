@@ -35,6 +35,10 @@ from .triton_support import interpreting, on_tensor_device
 MAX_TILE = 16384
 # Chunk of the chunked path.
 CHUNK = 4096
+# Whether a row held in registers loads its per-column operands (weight, bias, modulation) with the row,
+# ahead of the statistics, rather than after them: a tuning knob, timed by bench/test_bench_fused.py's
+# sweep; ahead costs registers (fewer programs an SM), after waits for them past the statistics.
+PREFETCH_PARAMS = False
 
 _INT8_MAX = tl.constexpr(QMAX[torch.int8])
 _FP8_MAX = tl.constexpr(QMAX[torch.float8_e4m3fn])
@@ -142,20 +146,30 @@ def _rows_load(x_row, offs, mask, ACT: tl.constexpr):
 
 
 @triton.jit
-def _rows_finish(y, offs, mask, mean, rstd, W, Bias, shift_row, scale_row,
-                 NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr,
-                 PADDED: tl.constexpr):
-    """Input values -> output values, in the torch reference's order: normalise, affine, modulate.
-    PADDED: lanes past the row's end are set to 0 (the amax and the sums read them)."""
+def _rows_params(offs, mask, W, Bias, shift_row, scale_row, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                 HAS_MOD: tl.constexpr):
+    """The per-column operands of _rows_finish (weight, bias, modulation scale and shift; 0 where absent)."""
+    w = tl.load(W + offs, mask=mask, other=0.0) if HAS_W else 0.0
+    b = tl.load(Bias + offs, mask=mask, other=0.0) if HAS_B else 0.0
+    sc = tl.load(scale_row + offs, mask=mask, other=0.0) if HAS_MOD else 0.0
+    sh = tl.load(shift_row + offs, mask=mask, other=0.0) if HAS_MOD else 0.0
+    return w, b, sc, sh
+
+
+@triton.jit
+def _rows_finish(y, mask, mean, rstd, params, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                 HAS_MOD: tl.constexpr, PADDED: tl.constexpr):
+    """Input values -> output values, in the torch reference's order: normalise, affine, modulate, with
+    the operands of _rows_params. PADDED: lanes past the row's end are set to 0 (the amax and the sums
+    read them)."""
+    w, b, sc, sh = params
     if NORM != 0:
         y = (y - mean) * rstd
     if HAS_W:
-        y = y * tl.load(W + offs, mask=mask, other=0.0)
+        y = y * w
     if HAS_B:
-        y = y + tl.load(Bias + offs, mask=mask, other=0.0)
+        y = y + b
     if HAS_MOD:
-        sc = tl.load(scale_row + offs, mask=mask, other=0.0)
-        sh = tl.load(shift_row + offs, mask=mask, other=0.0)
         y = y * (1.0 + sc) + sh
     if PADDED:
         y = tl.where(mask, y, 0.0)
@@ -167,7 +181,7 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
                  rows_per_batch, C, n, eps,  # n: C as a float (never specialised to a constant)
                  NORM: tl.constexpr, ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                  HAS_MOD: tl.constexpr, OUT: tl.constexpr, BLOCK_C: tl.constexpr, TAIL_C: tl.constexpr,
-                 SINGLE: tl.constexpr, EXACT: tl.constexpr, INTERPRET: tl.constexpr):
+                 SINGLE: tl.constexpr, EXACT: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     out_row = Out + row * C
@@ -189,6 +203,10 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
             offs1 = BLOCK_C + tl.arange(0, TAIL_C)
             mask1 = offs1 < C
             x1 = _rows_load(x_row, offs1, mask1, ACT)
+        if PREFETCH:  # issued with the row's loads, ahead of the statistics' barriers
+            params = _rows_params(offs0, mask, W, Bias, shift_row, scale_row, HAS_W, HAS_B, HAS_MOD)
+            if TAIL_C > 0:
+                params1 = _rows_params(offs1, mask1, W, Bias, shift_row, scale_row, HAS_W, HAS_B, HAS_MOD)
         mean = 0.0
         rstd = 1.0
         if NORM == 1:
@@ -207,11 +225,13 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
             if TAIL_C > 0:
                 squares += tl.sum(x1 * x1, 0)
             rstd = tl.math.rsqrt(tl.math.div_rn(squares, n) + eps)
-        y = _rows_finish(x, offs0, mask, mean, rstd, W, Bias, shift_row, scale_row, NORM, HAS_W, HAS_B, HAS_MOD,
-                         PADDED)
+        if not PREFETCH:
+            params = _rows_params(offs0, mask, W, Bias, shift_row, scale_row, HAS_W, HAS_B, HAS_MOD)
+        y = _rows_finish(x, mask, mean, rstd, params, NORM, HAS_W, HAS_B, HAS_MOD, PADDED)
         if TAIL_C > 0:
-            y1 = _rows_finish(x1, offs1, mask1, mean, rstd, W, Bias, shift_row, scale_row, NORM, HAS_W, HAS_B,
-                              HAS_MOD, PADDED)
+            if not PREFETCH:
+                params1 = _rows_params(offs1, mask1, W, Bias, shift_row, scale_row, HAS_W, HAS_B, HAS_MOD)
+            y1 = _rows_finish(x1, mask1, mean, rstd, params1, NORM, HAS_W, HAS_B, HAS_MOD, PADDED)
         if QUANT:
             amax = tl.reduce(tl.abs(y), 0, _max_nan)
             if TAIL_C > 0:
@@ -252,16 +272,18 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
             for start in range(0, C, BLOCK_C):
                 offs = start + offs0
                 mask = offs < C
-                y = _rows_finish(_rows_load(x_row, offs, mask, ACT), offs, mask, mean, rstd, W, Bias,
-                                 shift_row, scale_row, NORM, HAS_W, HAS_B, HAS_MOD, True)
+                params = _rows_params(offs, mask, W, Bias, shift_row, scale_row, HAS_W, HAS_B, HAS_MOD)
+                y = _rows_finish(_rows_load(x_row, offs, mask, ACT), mask, mean, rstd, params, NORM, HAS_W,
+                                 HAS_B, HAS_MOD, True)
                 amax = _max_nan(amax, tl.abs(y))
             scale = _scale_of(tl.reduce(amax, 0, _max_nan), OUT)
             tl.store(OutScale + row, scale)
         for start in range(0, C, BLOCK_C):
             offs = start + offs0
             mask = offs < C
-            y = _rows_finish(_rows_load(x_row, offs, mask, ACT), offs, mask, mean, rstd, W, Bias,
-                             shift_row, scale_row, NORM, HAS_W, HAS_B, HAS_MOD, True)
+            params = _rows_params(offs, mask, W, Bias, shift_row, scale_row, HAS_W, HAS_B, HAS_MOD)
+            y = _rows_finish(_rows_load(x_row, offs, mask, ACT), mask, mean, rstd, params, NORM, HAS_W, HAS_B,
+                             HAS_MOD, True)
             if QUANT:
                 tl.store(out_row + offs, _codes(y, scale, OUT, INTERPRET), mask=mask)
             else:
@@ -304,7 +326,7 @@ def launch_rows(x: torch.Tensor, weight, bias, shift, scale, norm: int, act: int
         max(rows_per_batch, 1), C, float(C), eps,
         NORM=norm, ACT=act, HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=shift is not None,
         OUT=_out_kind(out_dtype), BLOCK_C=block, TAIL_C=tail, SINGLE=single, EXACT=single and block + tail == C,
-        INTERPRET=interpreting(), num_warps=_num_warps(block + tail))
+        PREFETCH=single and PREFETCH_PARAMS, INTERPRET=interpreting(), num_warps=_num_warps(block + tail))
     return out, out_scale
 
 

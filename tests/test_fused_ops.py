@@ -412,6 +412,31 @@ def test_rows_chunked_path(backend, device, monkeypatch):
                                                   quantize_per_token(xq, torch.int8, backend="torch")))
 
 
+@pytest.mark.parametrize("backend, device", [p for p in KERNELS if p.values[0] == "triton"])
+def test_rows_with_operands_loaded_ahead(backend, device, monkeypatch):
+    """fused_triton.PREFETCH_PARAMS (a tuning knob the benchmark sweeps): the norms' weight, bias and
+    modulation loaded ahead of the statistics give the same results."""
+    from dit8.kernels import fused_triton
+
+    monkeypatch.setattr(fused_triton, "PREFETCH_PARAMS", True)
+    for i, (B, L, C) in enumerate(_ln_shapes(device)):
+        x, shift, scale = _ln_inputs(B, L, C, 900 + i, device, torch.float32)
+        want = ln64(x, shift=shift, scale=scale)
+        out = layer_norm_modulate(x, shift, scale, eps=1e-6, out_dtype=torch.bfloat16, backend=backend)
+        ref = layer_norm_modulate(x, shift, scale, eps=1e-6, out_dtype=torch.bfloat16, backend="torch")
+        assert rel_err(out, want) <= float_bound(rel_err(ref, want), torch.bfloat16), (B, L, C)
+        q, s = layer_norm_modulate_quant(x, shift, scale, eps=1e-6, dtype=FP8, backend=backend)
+        rq, rs = layer_norm_modulate_quant(x, shift, scale, eps=1e-6, dtype=FP8, backend="torch")
+        check_codes(q, s, want, rq, rs, FP8)
+        w, b = shift[0], scale[0]
+        q, s = layer_norm_quant(x, w, b, eps=1e-6, dtype=torch.int8, backend=backend)
+        rq, rs = layer_norm_quant(x, w, b, eps=1e-6, dtype=torch.int8, backend="torch")
+        check_codes(q, s, ln64(x, w, b), rq, rs, torch.int8)
+        out = rms_norm(x, w, eps=1e-6, out_dtype=torch.float32, backend=backend)
+        ref = rms_norm(x, w, eps=1e-6, out_dtype=torch.float32, backend="torch")
+        assert rel_err(out, rms64(x, w)) <= float_bound(rel_err(ref, rms64(x, w)), torch.float32), (B, L, C)
+
+
 # ----------------------------------------------------------------------------------------------------
 # q/k RMSNorm + RoPE
 # ----------------------------------------------------------------------------------------------------
@@ -656,7 +681,7 @@ def sm90_reports() -> dict[str, dict]:
             ft._rows_kernel, rows_ptrs(xd, od),
             dict(NORM=norm, ACT=int(C == 13824), HAS_W=not mod and norm == 1, HAS_B=not mod and norm == 1,
                  HAS_MOD=mod, OUT=out, BLOCK_C=block, TAIL_C=tail, SINGLE=tile <= ft.MAX_TILE,
-                 EXACT=tile <= ft.MAX_TILE and block + tail == C, INTERPRET=False),
+                 EXACT=tile <= ft.MAX_TILE and block + tail == C, PREFETCH=False, INTERPRET=False),
             ft._num_warps(block + tail))
     for od, out in [("bf16", 1), ("fp8e4nv", 3), ("i8", 2), ("fp32", 0)]:
         ptrs = dict(Q="bf16", K="bf16", QOut=od, KOut=od,
