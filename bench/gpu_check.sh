@@ -13,7 +13,8 @@
 # configuration of the GEMM and attention kernels, for tuning their tables).
 #
 # Results collect in $WORK (default .gpu_check/ in the repository, which git ignores); a stage that
-# finished is listed in $WORK/done and left out of a later run without named stages. With BUDGET set,
+# finished is listed in $WORK/done and left out of a later run without named stages. Results of another
+# GPU or another tree found there move to $WORK/previous/ first. With BUDGET set,
 # each stage gets what is left of it (at most its own limit, below) and a stage that cannot get a
 # minute is left for the next run; a stage cut off reports what ran (pytest writes its summary,
 # JUnit XML and benchmark JSON on the interrupt). When $OUT is set, $OUT/dit8-gpu.tgz holds every result
@@ -46,6 +47,16 @@ trap 'kill_tree $$' EXIT
 out=${WORK:-.gpu_check}
 mkdir -p "$out" && out=$(cd "$out" && pwd -P)  # absolute: pytest-benchmark's file:// storage needs it
 py=${PYTHON:-python3}
+# Results of another machine or another tree (a results folder that came along with a copy of the
+# repository, say) would pass for this run's, and their stages for done: they move to $out/previous/
+# (replacing an older one), and this run starts from an empty folder.
+stamp="$(nvidia-smi --query-gpu=uuid --format=csv,noheader 2>/dev/null | head -1) $(pwd -P)"
+if [ -n "$(ls -A "$out" | grep -vx previous)" ] && [ "$(cat "$out/stamp.txt" 2>/dev/null)" != "$stamp" ]; then
+    rm -rf "$out/previous" && mkdir "$out/previous"
+    find "$out" -mindepth 1 -maxdepth 1 ! -name previous -exec mv {} "$out/previous/" \;
+    echo "gpu_check: the results in $out were another machine's or tree's: moved to $out/previous/"
+fi
+echo "$stamp" >"$out/stamp.txt"
 touch "$out/done"
 all_stages=(tests dit gemm attention candidates fused pipeline profile sweep)
 stages=("$@")
@@ -58,7 +69,7 @@ fi
 pack() {  # every result file in one archive, for machines that hand back only a few files
     [ -n "${OUT:-}" ] || return 0
     # tar exits 1 when a file changed while it was read (a log still being written): still an archive.
-    tar -czf "$OUT/dit8-gpu.tgz.part" -C "$out" . 2>/dev/null
+    tar -czf "$OUT/dit8-gpu.tgz.part" --exclude=./previous -C "$out" . 2>/dev/null
     [ $? -le 1 ] && mv "$OUT/dit8-gpu.tgz.part" "$OUT/dit8-gpu.tgz"
     return 0
 }
