@@ -257,7 +257,9 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
             DIT8_ATTN_SWEEP=1 run_pytest bench/test_bench_attention.py -k sweep \
                 --benchmark-json="$out/bench_sweep_attention.json" 2>&1 | tail -5
             DIT8_FUSED_SWEEP=1 run_pytest bench/test_bench_fused.py -k sweep \
-                --benchmark-json="$out/bench_sweep_fused.json" 2>&1 | tail -5 ;;
+                --benchmark-json="$out/bench_sweep_fused.json" 2>&1 | tail -5
+            # The rows kernel's configurations that beat its defaults: the line for fused_triton.ROWS_TUNED.
+            "$py" bench/rows_choice.py "$out/bench_sweep_fused.json" | tee "$out/rows_tuned.txt" ;;
         profile)
             # Hardware counters of the kernels short of their targets: the measured cause of a gap.
             if command -v ncu >/dev/null; then

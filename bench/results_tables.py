@@ -141,11 +141,14 @@ def report(folder: Path) -> list[str]:
     if (folder / "profile.txt").exists():
         lines += ["", "Nsight Compute, one launch each (bench/profile_kernels.py):",
                   *(folder / "profile.txt").read_text().strip().splitlines()]
-    # The registry entries the run earned (bench/verified_backends.py, bench/fastest_backends.py).
-    entries = [line for name in ("gpu_verified.txt", "fastest.txt") if (folder / name).exists()
-               for line in (folder / name).read_text().splitlines() if line.startswith(("GPU_VERIFIED", "FASTEST"))]
+    # The table entries the run earned (bench/verified_backends.py, bench/fastest_backends.py for
+    # kernels/registry.py; bench/rows_choice.py for kernels/fused_triton.py).
+    entries = [line for name in ("gpu_verified.txt", "fastest.txt", "rows_tuned.txt") if (folder / name).exists()
+               for line in (folder / name).read_text().splitlines()
+               if line.startswith(("GPU_VERIFIED", "FASTEST", "ROWS_TUNED"))]
     if entries:
-        lines += ["", "Registry entries (kernels/registry.py):", *entries]
+        lines += ["", "Table entries (GPU_VERIFIED, FASTEST: kernels/registry.py; ROWS_TUNED: "
+                      "kernels/fused_triton.py):", *entries]
     return lines + ([""] + notes if notes else [])
 
 

@@ -286,13 +286,14 @@ def test_rows_sweep(name, warps, prefetch, monkeypatch, record, benchmark, devic
     t = baseline_cache[(name, "inputs")]
     width = t["x"].shape[-1]
     default = fused_triton._num_warps(sum(fused_triton.row_tiles(width)))
+    monkeypatch.setattr(fused_triton, "ROWS_TUNED", {})
     monkeypatch.setattr(fused_triton, "_num_warps", lambda elements: warps)
     monkeypatch.setattr(fused_triton, "PREFETCH_PARAMS", prefetch)
     _check_agrees(case.run("triton", t), case.eager(t))
     nbytes = case.nbytes(t)
     ms = record(lambda: case.run("triton", t), nbytes=nbytes)
-    benchmark.extra_info.update(_info(nbytes, ms, copy_gbps), num_warps=warps, default_warps=default,
-                                prefetch=prefetch)
+    benchmark.extra_info.update(_info(nbytes, ms, copy_gbps), rows_op=case.op, width=width, num_warps=warps,
+                                default_warps=default, prefetch=prefetch)
 
 
 @pytest.mark.parametrize("impl", ["cuda", "triton", "official_eager", "rms_norm_then_rope"])
@@ -347,3 +348,31 @@ def test_fastest_backends_script(tmp_path):
     last = run.stdout.strip().splitlines()[-1]
     assert last == 'FASTEST[(9, 0)] = {"layer_norm_modulate": "triton", "rms_norm": "cuda"}', run.stdout
     assert "quantize_per_token" in run.stdout and "(one backend)" in run.stdout
+
+
+def test_rows_choice_script(tmp_path):
+    """bench/rows_choice.py: an entry where a configuration beat the default by 2% or more."""
+    import json
+    import subprocess
+    import sys
+
+    def row(op, width, warps, ahead, ms, default=8):
+        return {"name": f"test_rows_sweep[{op}-{warps}-{'ahead' if ahead else 'after'}]",
+                "extra_info": {"rows_op": op, "width": width, "num_warps": warps, "prefetch": ahead, "ms": ms,
+                               "default_warps": default}}
+
+    results = {"benchmarks": [
+        row("layer_norm_modulate_quant", 5120, 8, False, 0.378), row("layer_norm_modulate_quant", 5120, 4, False, 0.35),
+        row("layer_norm_modulate_quant", 5120, 16, True, 0.36),
+        row("layer_norm_quant", 5120, 8, False, 0.352), row("layer_norm_quant", 5120, 4, True, 0.349),  # noise
+        row("rms_norm", 5120, 8, False, 0.228), row("rms_norm", 5120, 16, False, 0.240),  # the default wins
+        {"name": "test_fused_op[rms_norm_bf16-triton]", "extra_info": {"op": "rms_norm", "ms": 0.1}},
+    ]}
+    src = tmp_path / "sweep.json"
+    src.write_text(json.dumps(results))
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rows_choice.py")
+    run = subprocess.run([sys.executable, script, str(src), "--capability", "9.0"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    last = run.stdout.strip().splitlines()[-1]
+    assert last == 'ROWS_TUNED[(9, 0)] = {("layer_norm_modulate_quant", 5120): (4, False)}', run.stdout
+    assert "rms_norm (5120): 8w after 0.2280  16w after 0.2400" in run.stdout

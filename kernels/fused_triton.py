@@ -39,6 +39,10 @@ CHUNK = 4096
 # ahead of the statistics, rather than after them: a tuning knob, timed by bench/test_bench_fused.py's
 # sweep; ahead costs registers (fewer programs an SM), after waits for them past the statistics.
 PREFETCH_PARAMS = False
+# Per GPU generation (CUDA compute capability): {(op, row width): (warps, operands ahead)} of the rows
+# kernel where bench/test_bench_fused.py's sweep measured them faster than the default (_num_warps,
+# PREFETCH_PARAMS); bench/rows_choice.py prints the entries from the sweep's results.
+ROWS_TUNED: dict[tuple[int, int], dict[tuple[str, int], tuple[int, bool]]] = {}
 
 _INT8_MAX = tl.constexpr(QMAX[torch.int8])
 _FP8_MAX = tl.constexpr(QMAX[torch.float8_e4m3fn])
@@ -305,6 +309,27 @@ def _num_warps(elements: int) -> int:
     return max(4, min(32, 1 << (max(elements // 512, 1).bit_length() - 1)))
 
 
+def rows_op_name(norm: int, act: int, modulate: bool, quantized: bool) -> str:
+    """The op (its registry name) a launch of the rows kernel computes."""
+    if act:
+        return "gelu_tanh_quant"
+    if norm == 0:
+        return "quantize_per_token"
+    if norm == 2:
+        return "rms_norm"
+    return ("layer_norm_modulate" if modulate else "layer_norm") + ("_quant" if quantized else "")
+
+
+def rows_launch(op: str, C: int, device: torch.device) -> tuple[int, bool]:
+    """(warps, operands ahead) of the rows kernel for `op` on rows of C held in registers on `device`:
+    ROWS_TUNED's entry, else the default."""
+    if device.type == "cuda":
+        tuned = ROWS_TUNED.get(torch.cuda.get_device_capability(device), {}).get((op, C))
+        if tuned is not None:
+            return tuned
+    return _num_warps(sum(row_tiles(C))), PREFETCH_PARAMS
+
+
 @on_tensor_device
 def launch_rows(x: torch.Tensor, weight, bias, shift, scale, norm: int, act: int, rows_per_batch: int,
                 eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,6 +342,8 @@ def launch_rows(x: torch.Tensor, weight, bias, shift, scale, norm: int, act: int
     tile = triton.next_power_of_2(C)
     single = tile <= MAX_TILE
     block, tail = row_tiles(C) if single else (CHUNK, 0)
+    op = rows_op_name(norm, act, shift is not None, out_dtype in (torch.int8, torch.float8_e4m3fn))
+    warps, prefetch = rows_launch(op, C, x.device) if single else (_num_warps(block), False)
     dummy = out_scale if out_scale.numel() else x  # never read when the flag is off
     _rows_kernel[(M,)](
         x, x.stride(0), out, dummy,
@@ -326,7 +353,7 @@ def launch_rows(x: torch.Tensor, weight, bias, shift, scale, norm: int, act: int
         max(rows_per_batch, 1), C, float(C), eps,
         NORM=norm, ACT=act, HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=shift is not None,
         OUT=_out_kind(out_dtype), BLOCK_C=block, TAIL_C=tail, SINGLE=single, EXACT=single and block + tail == C,
-        PREFETCH=single and PREFETCH_PARAMS, INTERPRET=interpreting(), num_warps=_num_warps(block + tail))
+        PREFETCH=prefetch, INTERPRET=interpreting(), num_warps=warps)
     return out, out_scale
 
 

@@ -437,6 +437,29 @@ def test_rows_with_operands_loaded_ahead(backend, device, monkeypatch):
         assert rel_err(out, rms64(x, w)) <= float_bound(rel_err(ref, rms64(x, w)), torch.float32), (B, L, C)
 
 
+def test_rows_launch_takes_the_tuned_entry_of_its_op(monkeypatch):
+    """fused_triton.ROWS_TUNED (bench/rows_choice.py fills it from the sweep): an entry sets the warps
+    and where the operands load for its op and width on its GPU generation; elsewhere the defaults."""
+    from dit8.kernels import fused_triton as ft
+    from dit8.kernels.registry import _OPS
+
+    ops = {ft.rows_op_name(norm, act, mod, quant) for norm, act, mod, quant in
+           [(0, 0, False, True), (0, 1, False, True), (1, 0, True, True), (1, 0, True, False), (1, 0, False, True),
+            (1, 0, False, False), (2, 0, False, False)]}
+    assert ops == {"quantize_per_token", "gelu_tanh_quant", "layer_norm_modulate_quant", "layer_norm_modulate",
+                   "layer_norm_quant", "layer_norm", "rms_norm"} and ops <= set(_OPS)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(ft, "ROWS_TUNED", {(9, 0): {("layer_norm_modulate_quant", 5120): (4, True)}})
+    cuda = torch.device("cuda", 0)
+    default = (ft._num_warps(5120), ft.PREFETCH_PARAMS)
+    assert ft.rows_launch("layer_norm_modulate_quant", 5120, cuda) == (4, True)
+    assert ft.rows_launch("layer_norm_modulate_quant", 5120, torch.device("cpu")) == default
+    assert ft.rows_launch("layer_norm_quant", 5120, cuda) == default
+    assert ft.rows_launch("layer_norm_modulate_quant", 3072, cuda) == (ft._num_warps(3072), ft.PREFETCH_PARAMS)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert ft.rows_launch("layer_norm_modulate_quant", 5120, cuda) == default
+
+
 # ----------------------------------------------------------------------------------------------------
 # q/k RMSNorm + RoPE
 # ----------------------------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ def test_tables_of_a_folder_and_of_its_archive(tmp_path):
     assert dit[1] == f"{run['forward_ms']:.1f}" and dit[3] == f"{run['loop']['total_ms']:.1f}"
     assert lines[lines.index("Nsight Compute, one launch each (bench/profile_kernels.py):") + 3] == \
         "| 0 | _attention_kernel |"
-    assert lines[lines.index("Registry entries (kernels/registry.py):") + 1] == \
+    assert lines[lines.index("Table entries (GPU_VERIFIED, FASTEST: kernels/registry.py; ROWS_TUNED: "
+                             "kernels/fused_triton.py):") + 1] == \
         "GPU_VERIFIED[(9, 0)] = frozenset({('rms_norm', 'triton')})"
 
     with tarfile.open(tmp_path / "results.tgz", "w:gz") as archive:
