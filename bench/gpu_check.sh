@@ -10,7 +10,7 @@
 # Stages, in the order of what their results are worth: tests dit gemm attention candidates (the forward
 # with the Gluon candidates routed in, bench/gluon_choice.py) fused pipeline profile (Nsight Compute
 # counters of the kernels short of their targets, bench/profile_kernels.py) sweep (every candidate
-# configuration of the GEMM and attention kernels, for tuning their tables).
+# configuration of the GEMM, attention and fused rows kernels, for tuning their tables).
 #
 # Results collect in $WORK (default .gpu_check/ in the repository, which git ignores); a stage that
 # finished is listed in $WORK/done and left out of a later run without named stages. Results of another
