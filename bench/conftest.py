@@ -27,9 +27,13 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-# Every row names the kernel it times: the Triton kernels' rows time them, not the Gluon kernels the ops
-# route in on Hopper (kernels/candidates.py); the Gluon rows call those directly.
-os.environ["DIT8_GLUON"] = ""
+
+
+@pytest.fixture
+def triton_kernels_only(monkeypatch):
+    """For suites whose rows name the kernel they time: the Triton kernels' rows time them, not the Gluon
+    kernels the ops route in on Hopper (kernels/candidates.py); the Gluon rows call those directly."""
+    monkeypatch.setenv("DIT8_GLUON", "")
 
 
 def gpu_time_ms(fn, *, warmup: int = 25, rep: int = 100, min_runs: int = 10) -> float:

@@ -26,6 +26,9 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 from dit8.kernels import attention_8bit_triton as impl8  # noqa: E402
 from dit8.kernels import attention_triton as impl  # noqa: E402
 
+# The Triton rows time the Triton kernels, not the Gluon ones Hopper routes in (bench/conftest.py).
+pytestmark = pytest.mark.usefixtures("triton_kernels_only")
+
 # (B, L, H, D) of the self-attention and (Lq, Ltext, Limage) of the cross-attention.
 FULL = dict(self_shape=(1, 32760, 40, 128), cross=(32760, 512, 257))
 SMOKE = dict(self_shape=(1, 100, 2, 32), cross=(70, 40, 19))

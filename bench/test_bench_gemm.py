@@ -62,6 +62,9 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 from dit8.kernels import gemm_configs  # noqa: E402
 from dit8.kernels import scaled_mm_triton as impl  # noqa: E402
 
+# The Triton rows time the Triton kernels, not the Gluon ones Hopper routes in (bench/conftest.py).
+pytestmark = pytest.mark.usefixtures("triton_kernels_only")
+
 FP8 = torch.float8_e4m3fn
 FULL_SHAPES = [(32760, 5120, 5120), (32760, 13824, 5120), (32760, 5120, 13824)]
 SMOKE_SHAPES = [(100, 72, 80)]
