@@ -175,6 +175,28 @@ print(" ".join(untested))
 PY
 }
 export DIT8_SKIP_GLUON="$(untested_gluon)"
+# The Gluon kernels adopted for this GPU (kernels/candidates.py ADOPTED) are routed in by default; where
+# one of them is in DIT8_SKIP_GLUON, the later stages route the others only (DIT8_GLUON), unless
+# DIT8_GLUON was set for this run.
+gluon_setting=${DIT8_GLUON-unset}
+route_tested_gluon() {
+    [ "$gluon_setting" = unset ] || return 0
+    local routed
+    routed=$("$py" - <<'PY'
+import os
+import torch
+from dit8.kernels import candidates
+skip = set(os.environ.get("DIT8_SKIP_GLUON", "").split())
+os.environ.pop(candidates.ENV_VAR, None)  # (set by an earlier call of this function)
+adopted = candidates.chosen(torch.device("cuda")) if torch.cuda.is_available() else {}
+print(" ".join(f"{name}={config}" for name, config in adopted.items() if name not in skip)
+      if skip & set(adopted) else "-")
+PY
+)
+    if [ "$routed" = - ]; then unset DIT8_GLUON; else export DIT8_GLUON="$routed"
+        echo "gpu_check: adopted Gluon kernels whose tests did not pass here are not routed: DIT8_GLUON=\"$routed\""; fi
+}
+route_tested_gluon
 for stage in "${stages[@]}"; do
     stage_end=$((SECONDS + $([ "$stage" = tests ] && echo "${TESTS_LIMIT:-360}" || echo "${STAGE_LIMIT:-540}")))
     if [ "$(budget_left)" -lt 60 ]; then
@@ -196,7 +218,8 @@ for stage in "${stages[@]}"; do
             "$py" bench/verified_backends.py "$out/tests.xml" --collected "$out/kernel_tests.json" \
                 --json "$out/verified.json" | tee "$out/gpu_verified.txt"
             if [ -s "$out/verified.json" ]; then export DIT8_VERIFIED="$(cd "$out" && pwd)/verified.json"; fi
-            export DIT8_SKIP_GLUON="$(untested_gluon)" ;;
+            export DIT8_SKIP_GLUON="$(untested_gluon)"
+            route_tested_gluon ;;
         gemm|attention|fused)
             # Also saved in pytest-benchmark's storage layout: bench/baselines/ takes it as the committed
             # baseline that --benchmark-compare-fail checks later runs against (bench/RESULTS.md).
