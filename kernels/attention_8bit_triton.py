@@ -165,10 +165,9 @@ def _int_to_float(x):
     #4563 replaced 8-bit conversions with bit operations on Hopper for that reason), and the 8-bit
     kernels converted every score beside its exp2; an integer add and a float add run on full-rate
     pipes. The 8-bit dot products stay below 127·127·256 < 2^22 for head dims and key blocks up to
-    256. Folding the subtraction into the dequantizing multiply-add would save one add per score but
-    round away up to a unit of each key's integer score. The INT8 P·V products go this way too where
-    `pv_products_by_bits` says so (PV_BITS): compiled for sm_89, the kernel then spills inside its
-    loop."""
+    256. Compiled, the 8-bit kernel folds the subtraction into the multiply-add that follows instead
+    (`_attend_8bit_block`). The INT8 P·V products go this way too where `pv_products_by_bits` says so
+    (PV_BITS): compiled for sm_89, the kernel then spills inside its loop."""
     return (x + 0x4B400000).to(tl.float32, bitcast=True) - BIAS_2_23
 
 
@@ -199,12 +198,23 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
     else:
         k_scale, bias = tl.split(tl.load(kb_ptrs))
     v = _load_tile(v_ptrs, offs_n, Lk, MASK_N, HEAD_DIM, BLOCK_D)
-    if QK_INT8:
-        s = _int_to_float(tl.dot(q, tl.trans(k), out_dtype=tl.int32))  # exact integer sums
+    # Dequantize (the scales already carry log2(e)/√D) and add the q-mean correction of each key.
+    c = q_scale * k_scale
+    if QK_INT8 and not INTERPRET:
+        # The exact integer sums x offset by 1.5·2^23 in their bits read as floats (_int_to_float without
+        # its subtraction), the subtraction folded into each key's bias: s = (1.5·2^23 + x)·c +
+        # (bias - 1.5·2^23·c), one fused multiply-add a score where the conversion took an add more.
+        # The folded bias is rounded at the magnitude of 1.5·2^23·c: each key's scores move by at most
+        # about one unit of its integer sums, ~0.2% of the quantization's own error (float64 model of
+        # attention_8bit_gluon.py, which folds the same way). The interpreter keeps the unfolded form:
+        # without a fused multiply-add the product would round at that magnitude too.
+        s = (tl.dot(q, tl.trans(k), out_dtype=tl.int32) + 0x4B400000).to(tl.float32, bitcast=True)
+        s = s * c[None, :] + (bias - c * BIAS_2_23)[None, :]
+    elif QK_INT8:
+        s = _int_to_float(tl.dot(q, tl.trans(k), out_dtype=tl.int32)) * c[None, :] + bias[None, :]
     else:
         s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=BLOCK_D)
-    # Dequantize (the scales already carry log2(e)/√D) and add the q-mean correction of each key.
-    s = s * (q_scale * k_scale)[None, :] + bias[None, :]
+        s = s * c[None, :] + bias[None, :]
     if PV == "int8":
         # Online softmax with P relative to this block's row max (see the section comment).
         block_max = tl.max(s, 1)
@@ -220,8 +230,15 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
         # (The interpreter's fma rounds twice: a code may differ by one step there, never on a GPU.)
         pq = (tl.fma(p, _INT8_MAX, BIAS_2_23).to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
         pv = tl.dot(pq, v, out_dtype=tl.int32)
-        pv = _int_to_float(pv) if PV_BITS else pv.to(tl.float32)  # PV_BITS: see _int_to_float
-        acc = acc * alpha[:, None] + pv * r[:, None]
+        if PV_BITS:
+            # (_int_to_float, its subtraction folded as above) acc·alpha + pv·r = (1.5·2^23 + pv)·r +
+            # (acc·alpha - 1.5·2^23·r): two multiply-adds an element where three instructions were. The
+            # second rounds at the magnitude of 1.5·2^23·r, an error of about r against a block's
+            # products of up to 127·127·BLOCK_N·r.
+            pv = (pv + 0x4B400000).to(tl.float32, bitcast=True)
+            acc = pv * r[:, None] + (acc * alpha[:, None] - (r * BIAS_2_23)[:, None])
+        else:
+            acc = acc * alpha[:, None] + pv.to(tl.float32) * r[:, None]
     elif PV == "fp8":
         # The weights scaled by 448 straight from exp2, log2(448) taken off the max instead of a
         # multiply per weight: at most 448 (e4m3's largest, and any fp32 excess rounds back to it). l
