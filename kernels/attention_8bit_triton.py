@@ -204,9 +204,9 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
         # The exact integer sums x offset by 1.5·2^23 in their bits read as floats (_int_to_float without
         # its subtraction), the subtraction folded into each key's bias: s = (1.5·2^23 + x)·c +
         # (bias - 1.5·2^23·c), one fused multiply-add a score where the conversion took an add more.
-        # The folded bias is rounded at the magnitude of 1.5·2^23·c: each key's scores move by at most
-        # about one unit of its integer sums, ~0.2% of the quantization's own error (float64 model of
-        # attention_8bit_gluon.py, which folds the same way). The interpreter keeps the unfolded form:
+        # The folded bias is rounded at the magnitude of 1.5·2^23·c: each key's scores move by about one
+        # unit of its integer sums, which moved the output by ~0.1% of the quantization's own error in
+        # a float64 model (bench/RESULTS.md, Attention). The interpreter keeps the unfolded form:
         # without a fused multiply-add the product would round at that magnitude too.
         s = (tl.dot(q, tl.trans(k), out_dtype=tl.int32) + 0x4B400000).to(tl.float32, bitcast=True)
         s = s * c[None, :] + (bias - c * BIAS_2_23)[None, :]
