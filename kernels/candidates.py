@@ -51,6 +51,11 @@ ADOPTED: dict[tuple[int, int], str] = {
 }
 
 
+@functools.lru_cache(maxsize=None)  # (every GEMM and attention call asks)
+def _parsed(setting: str, source: str) -> tuple[tuple[str, str], ...]:
+    return tuple(_parse(setting, source).items())
+
+
 def _parse(setting: str, source: str) -> dict[str, str]:
     choice: dict[str, str] = {}
     for item in setting.split():
@@ -83,10 +88,10 @@ def chosen(device: torch.device | None = None) -> dict[str, str]:
     adopted ones of the device's GPU generation; {} off Hopper and for device None without DIT8_GLUON."""
     setting = os.environ.get(ENV_VAR)
     if setting is not None:
-        return _parse(setting, ENV_VAR)
+        return dict(_parsed(setting, ENV_VAR))
     if not _hopper(device) or not _gluon_available():
         return {}
-    return _parse(ADOPTED.get(torch.cuda.get_device_capability(device), ""), "candidates.ADOPTED")
+    return dict(_parsed(ADOPTED.get(torch.cuda.get_device_capability(device), ""), "candidates.ADOPTED"))
 
 
 def routed(candidate: str, device: torch.device) -> str | None:
