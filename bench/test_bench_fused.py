@@ -323,56 +323,51 @@ def test_qk_norm_rope(impl, record, benchmark, device, smoke, gpu_time, baseline
                                     speedup_vs_rms_norm_rope=round(baseline_cache[("qk", "rms_norm_rope")] / ms, 2))
 
 
-def test_fastest_backends_script(tmp_path):
+def _run_script(tmp_path, script: str, benchmarks: list[dict]) -> str:
+    """Run bench/`script` on a results file holding `benchmarks` (for capability 9.0); its stdout."""
     import json
-    import os
     import subprocess
     import sys
 
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps({"benchmarks": benchmarks}))
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
+    run = subprocess.run([sys.executable, path, str(src), "--capability", "9.0"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def test_fastest_backends_script(tmp_path):
     def row(case, op, backend, ms):
         return {"name": f"test_fused_op[{case}-{backend}]", "extra_info": {"op": op, "backend": backend, "ms": ms}}
 
-    results = {"benchmarks": [
+    out = _run_script(tmp_path, "fastest_backends.py", [
         row("rms_norm_bf16", "rms_norm", "cuda", 0.20), row("rms_norm_bf16", "rms_norm", "triton", 0.25),
         row("rms_norm_bf16", "rms_norm", "torch", 2.5),  # the baseline: never an entry
         row("ln_a", "layer_norm_modulate", "cuda", 0.30), row("ln_a", "layer_norm_modulate", "triton", 0.20),
         row("ln_b", "layer_norm_modulate", "cuda", 0.10), row("ln_b", "layer_norm_modulate", "triton", 0.15),
         row("q_a", "quantize_per_token", "triton", 0.1), row("q_b", "quantize_per_token", "triton", 0.1),
         row("q_a", "quantize_per_token", "cuda", 0.01),  # cuda missed q_b: totals would not compare
-    ]}
-    src = tmp_path / "fused.json"
-    src.write_text(json.dumps(results))
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastest_backends.py")
-    run = subprocess.run([sys.executable, script, str(src), "--capability", "9.0"], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    last = run.stdout.strip().splitlines()[-1]
-    assert last == 'FASTEST[(9, 0)] = {"layer_norm_modulate": "triton", "rms_norm": "cuda"}', run.stdout
-    assert "quantize_per_token" in run.stdout and "(one backend)" in run.stdout
+    ])
+    last = out.strip().splitlines()[-1]
+    assert last == 'FASTEST[(9, 0)] = {"layer_norm_modulate": "triton", "rms_norm": "cuda"}', out
+    assert "quantize_per_token" in out and "(one backend)" in out
 
 
 def test_rows_choice_script(tmp_path):
     """bench/rows_choice.py: an entry where a configuration beat the default by 2% or more."""
-    import json
-    import subprocess
-    import sys
-
     def row(op, width, warps, ahead, ms, default=8):
         return {"name": f"test_rows_sweep[{op}-{warps}-{'ahead' if ahead else 'after'}]",
                 "extra_info": {"rows_op": op, "width": width, "num_warps": warps, "prefetch": ahead, "ms": ms,
                                "default_warps": default}}
 
-    results = {"benchmarks": [
+    out = _run_script(tmp_path, "rows_choice.py", [
         row("layer_norm_modulate_quant", 5120, 8, False, 0.378), row("layer_norm_modulate_quant", 5120, 4, False, 0.35),
         row("layer_norm_modulate_quant", 5120, 16, True, 0.36),
         row("layer_norm_quant", 5120, 8, False, 0.352), row("layer_norm_quant", 5120, 4, True, 0.349),  # noise
         row("rms_norm", 5120, 8, False, 0.228), row("rms_norm", 5120, 16, False, 0.240),  # the default wins
         {"name": "test_fused_op[rms_norm_bf16-triton]", "extra_info": {"op": "rms_norm", "ms": 0.1}},
-    ]}
-    src = tmp_path / "sweep.json"
-    src.write_text(json.dumps(results))
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rows_choice.py")
-    run = subprocess.run([sys.executable, script, str(src), "--capability", "9.0"], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    last = run.stdout.strip().splitlines()[-1]
-    assert last == 'ROWS_TUNED[(9, 0)] = {("layer_norm_modulate_quant", 5120): (4, False)}', run.stdout
-    assert "rms_norm (5120): 8w after 0.2280  16w after 0.2400" in run.stdout
+    ])
+    assert out.strip().splitlines()[-1] == \
+        'ROWS_TUNED[(9, 0)] = {("layer_norm_modulate_quant", 5120): (4, False)}', out
+    assert "rms_norm (5120): 8w after 0.2280  16w after 0.2400" in out
