@@ -50,9 +50,11 @@ def test_hopper_routes_the_adopted_kernels_unless_the_setting_says_otherwise(mon
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     adopted = candidates.chosen(cuda)
-    assert adopted == {"gemm": "ws", "gemm_int8": "default"}
+    # Every adopted entry names candidates and configurations the kernels have (_parse refuses others).
+    assert all(candidates._parse(setting, "ADOPTED") for setting in candidates.ADOPTED.values())
+    assert adopted and adopted == candidates._parse(candidates.ADOPTED[(9, 0)], "ADOPTED")
     assert all(candidates.routed(name, cuda) == config for name, config in adopted.items())
-    assert candidates.routed("attention", cuda) is None
+    assert all(candidates.routed(name, cuda) is None for name in set(candidates.CONFIGURATIONS) - set(adopted))
     # Nothing without a device, on the CPU, or on a GPU generation nothing was adopted for.
     assert candidates.chosen() == {} and candidates.routed("gemm", torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
