@@ -210,10 +210,11 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
         # without a fused multiply-add the product would round at that magnitude too.
         s = (tl.dot(q, tl.trans(k), out_dtype=tl.int32) + 0x4B400000).to(tl.float32, bitcast=True)
         s = s * c[None, :] + (bias - c * BIAS_2_23)[None, :]
-    elif QK_INT8:
-        s = _int_to_float(tl.dot(q, tl.trans(k), out_dtype=tl.int32)) * c[None, :] + bias[None, :]
     else:
-        s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=BLOCK_D)
+        if QK_INT8:
+            s = _int_to_float(tl.dot(q, tl.trans(k), out_dtype=tl.int32))  # exact integer sums
+        else:
+            s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=BLOCK_D)
         s = s * c[None, :] + bias[None, :]
     if PV == "int8":
         # Online softmax with P relative to this block's row max (see the section comment).
