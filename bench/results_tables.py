@@ -35,7 +35,8 @@ BENCH_COLUMNS = {
     "rel_err_baseline": "baseline rel err", "quantize_ms": "quantize ms",
     "peak_gib": "peak GiB", "activation_gib": "activations GiB", "estimate_gib": "estimate GiB",
     "n_regs": "registers", "n_spills": "spills", "config": "config", "best": "best",
-    "best_fast_accum": "best fast accum", "ms_triton": "triton ms", "config_triton": "triton config",
+    "best_fast_accum": "best fast accum", "best_split_accum": "best split accum", "ms_triton": "triton ms",
+    "config_triton": "triton config",
     "ratio_vs_default_mode": "vs cuBLAS default mode",
 }
 

@@ -356,15 +356,15 @@ def test_gemm_gluon_residual(config, shape, device, record, gpu_time):
 def test_config_sweep(kind, shape, device, record, gpu_time, sound_configs):
     """Every candidate's time and error. `best` is the fastest of those the table may hold: for FP8 the
     promoted ones (the op's contract is fp32 accumulation; `best_fast_accum` is the fastest of the
-    others), and only configurations whose error is within 2x the lowest (a fast wrong kernel never
-    wins)."""
+    others, `best_split_accum` of those with two accumulators), and only configurations whose error is
+    within 2x the lowest (a fast wrong kernel never wins)."""
     _, xq, xs, wq, ws = operands(shape, kind, device)
     ref = reference64(xq, xs, wq, ws)
     candidates = list(gemm_configs.CANDIDATES)
     if torch.cuda.get_device_capability() == (9, 0):
         candidates += list(gemm_configs.HOPPER_SWEEP)
-    if kind == "int8":  # promotion is an FP8 setting: the promoted entries would be duplicates
-        candidates = [cfg for cfg in candidates if cfg.fp8_promote is None]
+    if kind == "int8":  # promotion and split accumulation are FP8 settings: those entries would be duplicates
+        candidates = [cfg for cfg in candidates if cfg.fp8_promote is None and cfg.fp8_accumulators == 1]
     times, errors = {}, {}
     for cfg in candidates:
         fn = functools.partial(impl.scaled_mm, xq, xs, wq, ws, None, torch.bfloat16, config=cfg)
@@ -376,6 +376,8 @@ def test_config_sweep(kind, shape, device, record, gpu_time, sound_configs):
     best = min(promoted or sound, key=times.get)
     fast = [cfg for cfg in sound if cfg.fp8_promote is None]
     extra = {"best_fast_accum": min(fast, key=times.get).name()} if kind == "fp8" and fast and promoted else {}
+    if split := [cfg for cfg in sound if cfg.fp8_accumulators > 1]:
+        extra["best_split_accum"] = min(split, key=times.get).name()
     M, N, K = shape
     record(functools.partial(impl.scaled_mm, xq, xs, wq, ws, None, torch.bfloat16, config=best),
            flops=2 * M * N * K, best=best.name(), rel_err=round(errors[best], 6), shape=list(shape),

@@ -7,7 +7,8 @@ out[m, n] = epilogue(acc[m, n]) with acc = Σ_k xq[m, k] · wq[n, k]:
 - int8 x int8: tensor-core int32 accumulation (exact: |acc| <= K · 2^14 < 2^31 for K < 131,072);
 - fp8 e4m3 x e4m3: fp32 accumulation. On Hopper the tensor cores sum FP8 products in reduced
   precision; GemmConfig.fp8_promote makes the kernel move the partial sum into a true fp32
-  accumulator every that many products (kernels/gemm_configs.py explains the trade-off);
+  accumulator every that many products, and GemmConfig.fp8_accumulators = 2 alternates the K tiles
+  between two fast accumulators added in fp32 at the end (kernels/gemm_configs.py explains both);
 - epilogue in fp32, in the reference's order: y = acc · x_scale[m] · w_scale[n] (+ bias[n]); then
   optionally y = gelu_tanh(y); then optionally y = residual[m, n] + gate[m // rows_per_batch, n] · y
   (residual without gate: residual + y); one rounding to the output dtype.
@@ -84,6 +85,16 @@ def _mma(a, b, acc, IS_INT8: tl.constexpr, FP8_PROMOTE: tl.constexpr):
     else:
         acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=FP8_PROMOTE)
     return acc
+
+
+@triton.jit
+def _load_k_tile(x_ptrs, w_ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
+    """The X and W tiles of one K step of the plain kernel; with k_left < BLOCK_K (a K tail, or none
+    left at all) the columns past K read as zeros, which add nothing to the dot."""
+    if EVEN_K:
+        return tl.load(x_ptrs), tl.load(w_ptrs)
+    k_ok = offs_k < k_left
+    return tl.load(x_ptrs, mask=k_ok[None, :], other=0.0), tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -178,9 +189,9 @@ def _scaled_mm_kernel(X, W, XS, WS, Bias, Res, Gate, Out, M, N, K,
                       stride_xm, stride_wn, stride_om, stride_rm, stride_gb, rows_per_batch,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr, IS_INT8: tl.constexpr, FP8_PROMOTE: tl.constexpr,
-                      EVEN_K: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
-                      ROUND_BF16: tl.constexpr):
+                      ACCUMULATORS: tl.constexpr, EVEN_K: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                      HAS_GATE: tl.constexpr, ROUND_BF16: tl.constexpr):
     """Plain kernel: one program per output tile (see the module docstring). X [M, K] and W [N, K]
     have unit stride along K; Out, Res and Gate unit stride along N."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -193,18 +204,18 @@ def _scaled_mm_kernel(X, W, XS, WS, Bias, Res, Gate, Out, M, N, K,
     x_ptrs = X + (offs_m % M).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = W + (offs_n % N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT8 else tl.float32)
-    for kt in tl.range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-            b = tl.load(w_ptrs)
-        else:
-            # K tail: zeros add nothing to the dot.
-            k_ok = offs_k < K - kt * BLOCK_K
-            a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+    acc_odd = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # ACCUMULATORS == 2: the odd K tiles' sum
+    for kt in tl.range(0, tl.cdiv(K, BLOCK_K * ACCUMULATORS)):
+        k_left = K - kt * (BLOCK_K * ACCUMULATORS)
+        a, b = _load_k_tile(x_ptrs, w_ptrs, offs_k, k_left, EVEN_K)
         acc = _mma(a, b, acc, IS_INT8, FP8_PROMOTE)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        if ACCUMULATORS == 2:
+            a, b = _load_k_tile(x_ptrs + BLOCK_K, w_ptrs + BLOCK_K, offs_k, k_left - BLOCK_K, EVEN_K)
+            acc_odd = _mma(a, b, acc_odd, False, None)
+        x_ptrs += BLOCK_K * ACCUMULATORS
+        w_ptrs += BLOCK_K * ACCUMULATORS
+    if ACCUMULATORS == 2:
+        acc += acc_odd
     _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, XS, WS, Bias, Res, Gate, Out, stride_om, stride_rm,
               stride_gb, rows_per_batch, EPILOGUE_SPLIT, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE,
               ROUND_BF16)
@@ -215,7 +226,8 @@ def _scaled_mm_persistent_kernel(x_desc, w_desc, XS, WS, Bias, Res, Gate, Out, M
                                  stride_om, stride_rm, stride_gb, rows_per_batch,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                  GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, IS_INT8: tl.constexpr,
-                                 FP8_PROMOTE: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr,
+                                 FP8_PROMOTE: tl.constexpr, ACCUMULATORS: tl.constexpr,
+                                 EPILOGUE_SPLIT: tl.constexpr,
                                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                                  HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ROUND_BF16: tl.constexpr):
     """Persistent TMA kernel: program p computes tiles p, p + NUM_PROGRAMS, ... in the grouped order.
@@ -225,15 +237,24 @@ def _scaled_mm_persistent_kernel(x_desc, w_desc, XS, WS, Bias, Res, Gate, Out, M
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
+    # Flattened, a second accumulator's reset for each new tile lands inside the wgmma pipeline, and ptxas
+    # then serializes every wgmma (info C7515): with two accumulators the tile loop stays a loop.
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=ACCUMULATORS == 1):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT8 else tl.float32)
-        for kt in range(k_tiles):
+        acc_odd = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # as in the plain kernel
+        for kt in range(0, k_tiles, ACCUMULATORS):
             a = x_desc.load([off_m, kt * BLOCK_K])
             b = w_desc.load([off_n, kt * BLOCK_K])
             acc = _mma(a, b, acc, IS_INT8, FP8_PROMOTE)
+            if ACCUMULATORS == 2:  # a tile past K (odd k_tiles) reads as zeros
+                a = x_desc.load([off_m, (kt + 1) * BLOCK_K])
+                b = w_desc.load([off_n, (kt + 1) * BLOCK_K])
+                acc_odd = _mma(a, b, acc_odd, False, None)
+        if ACCUMULATORS == 2:
+            acc += acc_odd
         _epilogue(acc, off_m, off_n, M, N, XS, WS, Bias, Res, Gate, Out, stride_om, stride_rm, stride_gb,
                   rows_per_batch, EPILOGUE_SPLIT, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, ROUND_BF16)
 
@@ -300,6 +321,7 @@ def launch(xq, x_scale, wq, w_scale, bias, out, *, activation=None, residual=Non
     promote = None
     if not is_int8 and cfg.fp8_promote is not None and (interp or _capability(xq.device) == (9, 0)):
         promote = min(cfg.fp8_promote, cfg.block_k)
+    accumulators = cfg.fp8_accumulators if not is_int8 and promote is None else 1
     dummy = x_scale  # pointer for the absent optional operands (never read: their flags are off)
     common = dict(
         XS=x_scale, WS=w_scale, Bias=bias if bias is not None else dummy,
@@ -308,7 +330,7 @@ def launch(xq, x_scale, wq, w_scale, bias, out, *, activation=None, residual=Non
         stride_rm=residual.stride(0) if residual is not None else 0,
         stride_gb=gate.stride(0) if gate is not None else 0, rows_per_batch=rows_per_batch,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        IS_INT8=is_int8, FP8_PROMOTE=promote,
+        IS_INT8=is_int8, FP8_PROMOTE=promote, ACCUMULATORS=accumulators,
         EPILOGUE_SPLIT=gemm_configs.epilogue_split(cfg, residual is not None),
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
         HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None,
@@ -326,7 +348,7 @@ def launch(xq, x_scale, wq, w_scale, bias, out, *, activation=None, residual=Non
         _scaled_mm_persistent_kernel[(programs,)](x_desc, w_desc, NUM_PROGRAMS=programs, **common)
     else:
         _scaled_mm_kernel[(tiles,)](xq, wq, stride_xm=xq.stride(0), stride_wn=wq.stride(0),
-                                    EVEN_K=K % cfg.block_k == 0, **common)
+                                    EVEN_K=K % (cfg.block_k * accumulators) == 0, **common)
     return out
 
 

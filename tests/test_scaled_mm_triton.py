@@ -361,6 +361,25 @@ def test_fp8_promoted_accumulation_runs(promote):
     check_against_torch(*operands(77, 70, 200, FP8, seed=14), torch.float32, config=cfg)
 
 
+@PLAIN
+@pytest.mark.parametrize("K", [256, 200, 150], ids=["even", "tail", "odd_tiles"])
+def test_fp8_split_accumulation(K):
+    """Two accumulators alternating by K tile (fp8_accumulators=2): K a multiple of both tiles (no
+    masks), a K tail in the odd accumulator's last tile, and an odd number of K tiles, whose last
+    step's second tile lies wholly past K and must add nothing."""
+    cfg = GemmConfig(64, 64, 64, 2, 4, 1, fp8_accumulators=2)
+    check_against_torch(*operands(77, 70, K, FP8, seed=15, bias_dtype=torch.float32), torch.float32, config=cfg)
+
+
+@PLAIN
+@needs_tma
+def test_fp8_split_accumulation_persistent():
+    # 3 K tiles of 64: the last step's second descriptor load starts past K and reads zeros.
+    cfg = GemmConfig(64, 64, 64, 2, 4, 1, persistent=True, fp8_accumulators=2)
+    check_against_torch(*operands(150, 130, 144, FP8, seed=16, bias_dtype=torch.float32), torch.bfloat16,
+                        config=cfg)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Argument errors
 # ----------------------------------------------------------------------------------------------------
@@ -430,6 +449,9 @@ def test_config_table_is_consistent():
         assert not cfg.persistent or arch == "sm_90", "TMA kernel entries are Hopper-only"
         if cfg.fp8_promote is not None:  # a second accumulator tile: 128 x 128 on 8 warps at most
             assert kind == "fp8" and cfg.block_m * cfg.block_n <= 128 * 128 * cfg.num_warps // 8
+    for cfg in gemm_configs.HOPPER_SWEEP:
+        assert cfg.pipeline_bytes() <= gemm_configs.SHARED_MEMORY_LIMIT["sm_90"], cfg
+        assert cfg.fp8_accumulators in (1, 2) and (cfg.fp8_accumulators == 1 or cfg.fp8_promote is None), cfg
     assert ("sm_80", "fp8", "large") not in gemm_configs.TABLE  # A100: no FP8 tensor cores
     assert gemm_configs.shape_class(32760, 5120) == "large"
     assert gemm_configs.shape_class(32760, 13824) == "large"
@@ -539,6 +561,7 @@ def compile_for_target(arch: str, kind: str, cfg: GemmConfig, epilogue: str) -> 
     promote = min(cfg.fp8_promote, cfg.block_k) if kind == "fp8" and cfg.fp8_promote and cap == 90 else None
     constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                       IS_INT8=kind == "int8", FP8_PROMOTE=promote,
+                      ACCUMULATORS=cfg.fp8_accumulators if kind == "fp8" and promote is None else 1,
                       EPILOGUE_SPLIT=gemm_configs.epilogue_split(cfg, residual), HAS_BIAS=True,
                       ACTIVATION=int(epilogue == "gelu"), HAS_RESIDUAL=residual, HAS_GATE=residual,
                       ROUND_BF16=False, NUM_PROGRAMS=132, EVEN_K=True)
@@ -577,3 +600,25 @@ def test_table_configs_compile():
         # No spills, except the one measured and accepted in gemm_configs (sm_80 128 x 256 residual).
         if not (arch == "sm_80" and cls == "large" and epi == "residual"):
             assert r["spills"] == 0, (key, r)
+
+
+def compile_split_accumulation_sweep() -> dict:
+    """compile_for_target of HOPPER_SWEEP's split-accumulation FP8 entries: {"config epilogue": result}."""
+    return {f"{cfg.name()} {epi}": compile_for_target("sm_90", "fp8", cfg, epi)
+            for cfg in gemm_configs.HOPPER_SWEEP if cfg.fp8_accumulators > 1 for epi in EPILOGUES}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("DIT8_GEMM_COMPILE") != "1",
+                    reason="opt-in compile check for machines without a GPU: set DIT8_GEMM_COMPILE=1")
+def test_split_accumulation_candidates_compile():
+    """The two accumulator chains must stay asynchronous: ptxas serializes every wgmma when a
+    non-wgmma instruction writes an accumulator inside the pipeline (as the flattened persistent loop
+    did), which would make these candidates slow for a reason a sweep would not show."""
+    from compile_check import run_without_interpreter
+
+    results = run_without_interpreter("test_scaled_mm_triton", "compile_split_accumulation_sweep")
+    assert len(results) == 3 * len(EPILOGUES), results.keys()
+    for key, r in results.items():
+        assert r["shared"] <= gemm_configs.SHARED_MEMORY_LIMIT["sm_90"], (key, r)
+        assert r["wgmma"] and not r["wgmma_serialized"] and r["spills"] == 0, (key, r)
