@@ -286,10 +286,17 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
         profile)
             # Hardware counters of the kernels short of their targets: the measured cause of a gap.
             if command -v ncu >/dev/null; then
-                limited ncu --profile-from-start off --csv --page details --log-file "$out/ncu.csv" \
-                    --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy \
-                    --section LaunchStats "$py" bench/profile_kernels.py run 2>&1 | tail -12
-                "$py" bench/profile_kernels.py table "$out/ncu.csv" >"$out/profile.txt"
+                # --clock-control none: the clocks as the benchmarks run them (ncu would lock them to base).
+                limited ncu --clock-control none --profile-from-start off --csv --page details \
+                    --log-file "$out/ncu.csv" --section SpeedOfLight --section ComputeWorkloadAnalysis \
+                    --section Occupancy --section LaunchStats --section SchedulerStats --section WarpStateStats \
+                    "$py" bench/profile_kernels.py run 2>&1 | tail -12
+                # Why warps waited (stall reasons): a second pass, so that the first table stands if it fails.
+                limited ncu --clock-control none --profile-from-start off --csv --page details \
+                    --log-file "$out/ncu_stalls.csv" --metrics "$("$py" bench/profile_kernels.py metrics)" \
+                    "$py" bench/profile_kernels.py run 2>&1 | tail -4
+                "$py" bench/profile_kernels.py table "$out/ncu.csv" --stalls "$out/ncu_stalls.csv" \
+                    >"$out/profile.txt"
             else
                 echo "profile: Nsight Compute (ncu) is not installed here; skipped"
             fi ;;

@@ -1,10 +1,17 @@
 """Hardware counters of the kernels that miss their targets, at Wan2.1-14B 480P sizes, from Nsight
 Compute: where a kernel's time goes (issue slots, memory, occupancy), the measured cause of a gap.
 
-    ncu --profile-from-start off --csv --page details --log-file ncu.csv \
+    ncu --clock-control none --profile-from-start off --csv --page details --log-file ncu.csv \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+        --section SchedulerStats --section WarpStateStats \
         python bench/profile_kernels.py run           # on a CUDA machine (bench/gpu_check.sh: stage profile)
-    python bench/profile_kernels.py table ncu.csv     # the markdown table, anywhere
+    ncu --clock-control none --profile-from-start off --csv --page details --log-file stalls.csv \
+        --metrics "$(python bench/profile_kernels.py metrics)" python bench/profile_kernels.py run
+    python bench/profile_kernels.py table ncu.csv [--stalls stalls.csv]   # the markdown tables, anywhere
+
+The second pass reads why warps did not issue (the stall reasons, in warps per issued instruction):
+what a latency-bound kernel waits on. It is a pass of its own so that a metric name this ncu does not
+know costs only that table.
 
 `run` compiles and warms every case first, then opens the profiler window (cudaProfilerStart) and
 calls each case once, in the order `cases` lists them, so ncu records only those launches: the bf16
@@ -31,11 +38,22 @@ COLUMNS = (
     ("DRAM %", "DRAM Throughput"),
     ("issue slots %", "Issue Slots Busy"),
     ("IPC", "Executed Ipc Active"),
+    ("no eligible %", "No Eligible"),
+    ("eligible warps", "Eligible Warps Per Scheduler"),
+    ("cycles per issue", "Warp Cycles Per Issued Instruction"),
     ("occupancy % (achieved / theoretical)", "Achieved Occupancy"),
     ("registers", "Registers Per Thread"),
     ("grid", "Grid Size"),
 )
 _TO_US = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+
+# The stall reasons of Nsight Compute's warp state sampling, each read as warps stalled for it per
+# issued instruction; they add up to "Warp Cycles Per Issued Instruction".
+STALL_REASONS = ("barrier", "branch_resolving", "dispatch_stall", "drain", "lg_throttle", "long_scoreboard",
+                 "math_pipe_throttle", "membar", "mio_throttle", "misc", "no_instruction", "not_selected",
+                 "selected", "short_scoreboard", "sleeping", "tex_throttle", "wait")
+STALL_METRIC = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+TOP_STALLS = 4
 
 
 def cases() -> list[tuple[str, Callable[[], object]]]:
@@ -115,8 +133,9 @@ def _number(text: str) -> float | None:
         return None
 
 
-def table(csv_path: Path) -> list[str]:
-    """Markdown lines: one row per profiled kernel launch, in launch order, with COLUMNS."""
+def read_launches(csv_path: Path) -> dict[str, dict]:
+    """{launch ID: {"kernel": name, "metrics": {metric name: (unit, value)}}} of ncu's CSV (--page
+    details)."""
     lines = csv_path.read_text(errors="replace").splitlines()
     # ncu prints its own messages ("==PROF==" lines) before the CSV; the header starts with "ID".
     start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
@@ -126,11 +145,37 @@ def table(csv_path: Path) -> list[str]:
     for row in csv.DictReader(lines[start:]):
         launch = launches.setdefault(row["ID"], {"kernel": row["Kernel Name"], "metrics": {}})
         launch["metrics"][row["Metric Name"]] = (row.get("Metric Unit", ""), row["Metric Value"])
+    return launches
+
+
+def _kernel_name(launch: dict) -> str:
+    return launch["kernel"].split("(")[0][:60]
+
+
+def stall_table(csv_path: Path) -> list[str]:
+    """Markdown lines: per launch, the TOP_STALLS largest stall reasons (warps per issued instruction)
+    and their total, from the pass with the STALL_METRIC metrics."""
+    out = ["| ID | kernel | stalled warps per issue | largest reasons |", "|---|---|---|---|"]
+    for launch_id, launch in sorted(read_launches(csv_path).items(), key=lambda item: int(item[0])):
+        stalls = {reason: number for reason in STALL_REASONS
+                  if (number := _number(launch["metrics"].get(STALL_METRIC.format(reason), ("", ""))[1]))
+                  is not None}
+        if not stalls:
+            raise ValueError(f"{csv_path}: launch {launch_id} has none of the stall metrics")
+        top = sorted(stalls.items(), key=lambda item: -item[1])[:TOP_STALLS]
+        out.append(f"| {launch_id} | {_kernel_name(launch)} | {sum(stalls.values()):.2f} | "
+                   + ", ".join(f"{reason} {number:.2f}" for reason, number in top) + " |")
+    return out
+
+
+def table(csv_path: Path) -> list[str]:
+    """Markdown lines: one row per profiled kernel launch, in launch order, with COLUMNS."""
+    launches = read_launches(csv_path)
     header = ["ID", "kernel"] + [title for title, _ in COLUMNS]
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for launch_id, launch in sorted(launches.items(), key=lambda item: int(item[0])):
         metrics = launch["metrics"]
-        cells = [launch_id, launch["kernel"].split("(")[0][:60]]
+        cells = [launch_id, _kernel_name(launch)]
         for title, name in COLUMNS:
             unit, value = metrics.get(name, ("", ""))
             if name == "Duration" and (number := _number(value)) is not None:
@@ -148,15 +193,27 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run", help="launch every case once inside the profiler window (CUDA)")
     tab = sub.add_parser("table", help="the markdown table of ncu's CSV (--page details)")
     tab.add_argument("csv", type=Path)
+    tab.add_argument("--stalls", type=Path, help="the CSV of the stall-reason pass: a second table")
+    sub.add_parser("metrics", help="the --metrics argument of the stall-reason pass")
     args = parser.parse_args(argv)
     if args.command == "run":
         run()
+        return 0
+    if args.command == "metrics":
+        print(",".join(STALL_METRIC.format(reason) for reason in STALL_REASONS))
         return 0
     try:
         print("\n".join(table(args.csv)))
     except (OSError, ValueError, KeyError) as e:
         print(f"profile_kernels: {e}", file=sys.stderr)
         return 1
+    if args.stalls is not None:
+        # The first table stands whatever became of the second pass.
+        try:
+            print("\n".join(["", "Stall reasons (warps stalled per issued instruction):", *stall_table(args.stalls)]))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"profile_kernels: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

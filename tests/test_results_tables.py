@@ -120,3 +120,25 @@ def test_profile_table_of_ncu_csv(tmp_path):
     done = subprocess.run([sys.executable, str(script), "table", str(tmp_path / "empty.csv")], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 1 and "no ncu CSV" in done.stderr
+
+    # The stall-reason pass: its metrics as `metrics` prints them, one row per (launch, metric).
+    metrics = subprocess.run([sys.executable, str(script), "metrics"], capture_output=True, text=True,
+                             timeout=60).stdout.strip().split(",")
+    assert "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio" in metrics
+    values = {"long_scoreboard": "0.50", "wait": "1.25", "math_pipe_throttle": "2.00", "barrier": "0.75",
+              "selected": "1.00", "not_selected": "0.25"}
+    reason = lambda metric: metric.split("stalled_")[1].split("_per_issue")[0]  # noqa: E731
+    stall_rows = [f'"0","1","python3","h","_attention_kernel","1","7","(128, 1, 1)","(256, 40, 1)","0","9.0",' \
+                  f'"Command line profiler metrics","{m}","","{values.get(reason(m), "0")}"' for m in metrics]
+    (tmp_path / "stalls.csv").write_text("\n".join([head] + stall_rows) + "\n")
+    done = subprocess.run([sys.executable, str(script), "table", str(tmp_path / "ncu.csv"), "--stalls",
+                           str(tmp_path / "stalls.csv")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:len(table)] == table  # the first table as before
+    assert "| 0 | _attention_kernel | 5.75 | math_pipe_throttle 2.00, wait 1.25, selected 1.00, barrier 0.75 |" \
+        in lines
+    # A stall pass that failed: the first table still printed, the failure reported.
+    done = subprocess.run([sys.executable, str(script), "table", str(tmp_path / "ncu.csv"), "--stalls",
+                           str(tmp_path / "empty.csv")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout.splitlines()[:len(table)] == table and "no ncu CSV" in done.stderr
