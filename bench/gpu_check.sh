@@ -9,8 +9,9 @@
 #     BUDGET=540 bash bench/gpu_check.sh      # finish within 540 s; the same command again goes on
 # Stages, in the order of what their results are worth: tests dit gemm attention candidates (the forward
 # with the Gluon candidates routed in, bench/gluon_choice.py) fused pipeline profile (Nsight Compute
-# counters of the kernels short of their targets, bench/profile_kernels.py) sweep (every candidate
-# configuration of the GEMM, attention and fused rows kernels, for tuning their tables).
+# counters of the kernels short of their targets, bench/profile_kernels.py; PROFILE_ONLY="a;b" keeps the
+# cases whose names hold a or b) sweep (every candidate configuration of the GEMM, attention and fused
+# rows kernels, for tuning their tables).
 #
 # Results collect in $WORK (default .gpu_check/ in the repository, which git ignores); a stage that
 # finished is listed in $WORK/done and left out of a later run without named stages. Results of another
@@ -286,15 +287,19 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
         profile)
             # Hardware counters of the kernels short of their targets: the measured cause of a gap.
             if command -v ncu >/dev/null; then
+                # PROFILE_ONLY="attention fp8;layer_norm": only the cases whose names hold one of these.
+                only=()
+                IFS=';' read -ra parts <<<"${PROFILE_ONLY:-}"
+                for part in "${parts[@]}"; do [ -n "$part" ] && only+=(--only "$part"); done
                 # --clock-control none: the clocks as the benchmarks run them (ncu would lock them to base).
                 limited ncu --clock-control none --profile-from-start off --csv --page details \
                     --log-file "$out/ncu.csv" --section SpeedOfLight --section ComputeWorkloadAnalysis \
                     --section Occupancy --section LaunchStats --section SchedulerStats --section WarpStateStats \
-                    "$py" bench/profile_kernels.py run 2>&1 | tail -12
+                    "$py" bench/profile_kernels.py run "${only[@]}" 2>&1 | tail -12
                 # Why warps waited (stall reasons): a second pass, so that the first table stands if it fails.
                 limited ncu --clock-control none --profile-from-start off --csv --page details \
                     --log-file "$out/ncu_stalls.csv" --metrics "$("$py" bench/profile_kernels.py metrics)" \
-                    "$py" bench/profile_kernels.py run 2>&1 | tail -4
+                    "$py" bench/profile_kernels.py run "${only[@]}" 2>&1 | tail -4
                 "$py" bench/profile_kernels.py table "$out/ncu.csv" --stalls "$out/ncu_stalls.csv" \
                     >"$out/profile.txt"
             else

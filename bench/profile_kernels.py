@@ -111,10 +111,14 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
     ]
 
 
-def run() -> None:
+def run(only: list[str] | None = None) -> None:
+    """Launch every case (those whose name contains one of `only`, if given) once in the profiler's
+    window."""
     import torch
 
-    todo = cases()
+    todo = [(name, call) for name, call in cases() if not only or any(part in name for part in only)]
+    if not todo:
+        raise SystemExit(f"profile_kernels: no case matches {only}; the cases: {[name for name, _ in cases()]}")
     for _, call in todo:  # compile, tune, allocate: nothing of this inside the profiler's window
         call()
     torch.cuda.synchronize()
@@ -190,14 +194,16 @@ def table(csv_path: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="launch every case once inside the profiler window (CUDA)")
+    run_cmd = sub.add_parser("run", help="launch every case once inside the profiler window (CUDA)")
+    run_cmd.add_argument("--only", action="append", metavar="TEXT",
+                         help="only the cases whose name contains TEXT (repeatable), e.g. \"attention fp8\"")
     tab = sub.add_parser("table", help="the markdown table of ncu's CSV (--page details)")
     tab.add_argument("csv", type=Path)
     tab.add_argument("--stalls", type=Path, help="the CSV of the stall-reason pass: a second table")
     sub.add_parser("metrics", help="the --metrics argument of the stall-reason pass")
     args = parser.parse_args(argv)
     if args.command == "run":
-        run()
+        run(args.only)
         return 0
     if args.command == "metrics":
         print(",".join(STALL_METRIC.format(reason) for reason in STALL_REASONS))
