@@ -271,7 +271,7 @@ ROWS_OPS = {"quantize_fp8": False, "gelu_tanh_quant_fp8": False, "layer_norm_mod
 @pytest.mark.skipif(os.environ.get("DIT8_FUSED_SWEEP") != "1" or not torch.cuda.is_available(),
                     reason="rows kernel sweep: set DIT8_FUSED_SWEEP=1 on a CUDA machine")
 @pytest.mark.parametrize("prefetch", [False, True], ids=["after", "ahead"])
-@pytest.mark.parametrize("warps", [4, 8, 16])
+@pytest.mark.parametrize("warps", [4, 8, 16, 32])
 @pytest.mark.parametrize("name", list(ROWS_OPS))
 def test_rows_sweep(name, warps, prefetch, monkeypatch, record, benchmark, device, gpu_time, baseline_cache,
                     copy_gbps):

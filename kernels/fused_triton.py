@@ -302,11 +302,13 @@ def row_tiles(C: int) -> tuple[int, int]:
 
 
 def _num_warps(elements: int) -> int:
-    """A power of two of warps, 4 to 32, for 16 to 31 fp32 elements per thread where the row has 2048 or
-    more: its tiles then need ~70-100 registers per thread, so that two or more programs share an SM
-    (memory-bound kernels need the loads of several rows in flight), and few warps keep the cross-warp
-    reductions short."""
-    return max(4, min(32, 1 << (max(elements // 512, 1).bit_length() - 1)))
+    """A power of two of warps, 4 to 16, for 16 to 31 fp32 elements per thread where the row has 2048 to
+    8191 (32 at 16384: GELU's 13,824 columns): the tiles then take 30-80 registers a thread, so that two
+    or more programs share an SM (memory-bound kernels need the loads of several rows in flight), and
+    few warps keep the cross-warp reductions short. Never 32: two programs of 1024 threads fill an SM's
+    2048 only at 32 registers a thread, which no row tile keeps to (GELU + quantization of 13,824
+    columns on 32 warps: 42, so one program an SM; on 16 warps: 49, two)."""
+    return max(4, min(16, 1 << (max(elements // 512, 1).bit_length() - 1)))
 
 
 def rows_op_name(norm: int, act: int, modulate: bool, quantized: bool) -> str:

@@ -690,7 +690,7 @@ def sm90_reports() -> dict[str, dict]:
 
     def report(kernel, pointers, constexprs, num_warps) -> dict:
         types = {n: "*" + t for n, t in pointers.items()} | {"eps": "fp32", "n": "fp32"}
-        return compile_kernel(kernel, types, constexprs, num_warps=num_warps, aligned=aligned)
+        return compile_kernel(kernel, types, constexprs, num_warps=num_warps, aligned=aligned) | {"warps": num_warps}
 
     result = {}
     rows_ptrs = lambda xd, od: dict(X=xd, Out=od, **dict.fromkeys(["OutScale", "W", "Bias", "Shift", "Scale"], "fp32"))
@@ -734,3 +734,9 @@ def test_triton_kernels_compile_for_hopper():
     assert not {k: r["spills"] for k, r in reports.items()
                 if (r["local_in_loops"] if "C=40000" in k else r["spills"])}
     assert not {k: r["narrow_global_accesses"] for k, r in reports.items() if r["narrow_global_accesses"]}
+    # Two programs or more an SM (_num_warps): the rows of one program are read, reduced and written in
+    # turn, so a lone program leaves the memory system idle between its loads. An SM holds 2048 threads
+    # and 65,536 registers, allocated per thread in multiples of 8.
+    programs = {k: min(2048 // (32 * r["warps"]), 65536 // (-(-r["registers"] // 8) * 8 * 32 * r["warps"]))
+                for k, r in reports.items() if not k.startswith("residual_add")}
+    assert all(n >= 2 for n in programs.values()), programs
