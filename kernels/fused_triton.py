@@ -305,9 +305,10 @@ def _num_warps(elements: int) -> int:
     """A power of two of warps, 4 to 16, for 16 to 31 fp32 elements per thread where the row has 2048 to
     8191 (32 at 16384: GELU's 13,824 columns): the tiles then take 30-80 registers a thread, so that two
     or more programs share an SM (memory-bound kernels need the loads of several rows in flight), and
-    few warps keep the cross-warp reductions short. Never 32: two programs of 1024 threads fill an SM's
-    2048 only at 32 registers a thread, which no row tile keeps to (GELU + quantization of 13,824
-    columns on 32 warps: 42, so one program an SM; on 16 warps: 49, two)."""
+    few warps keep the cross-warp reductions short. Never 32: two programs of 1024 threads share an SM
+    only at 32 registers a thread or fewer, which depends on the compiler (GELU + quantization of 13,824
+    columns on 32 warps, sm_90a: 32 with triton 3.6, 42 with 3.9, one program an SM; on 16 warps: 53
+    and 49, two either way)."""
     return max(4, min(16, 1 << (max(elements // 512, 1).bit_length() - 1)))
 
 
