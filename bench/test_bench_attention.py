@@ -198,11 +198,12 @@ SWEEP = [impl.AttnConfig(*c) for c in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 1
 @pytest.mark.skipif(os.environ.get("DIT8_ATTN_SWEEP") != "1" or not torch.cuda.is_available(),
                     reason="config sweep: set DIT8_ATTN_SWEEP=1 on a CUDA machine")
 @pytest.mark.timeout(0)  # compiles every candidate: longer than the suite's per-test limit
-@pytest.mark.parametrize("path", ["bf16", "int8", "fp8", "cross"])
+@pytest.mark.parametrize("path", ["bf16", "int8", "fp8", "pv16", "cross"])
 def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_configs):
     """Every candidate's time and error against the SDPA output; `best` is the fastest of those within
-    2x the lowest error (a fast wrong kernel never wins). "cross": the fused text + image kernel at
-    Wan's cross-attention shape, against two SDPA calls."""
+    2x the lowest error (a fast wrong kernel never wins). "pv16": the 8-bit kernel with 16-bit P·V
+    (config path "8bit_pv16"). "cross": the fused text + image kernel at Wan's cross-attention shape,
+    against two SDPA calls."""
     B, L, H, D = FULL["self_shape"]
     if path == "cross":
         lq, lt, li = FULL["cross"]
@@ -223,6 +224,8 @@ def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_conf
             return lambda: impl.cross_attention(q, k, v, k_img, v_img, config=cfg)
         if path == "bf16":
             return lambda: impl.attention_bf16(q, k, v, config=cfg)
+        if path == "pv16":
+            return lambda: impl8.attention_8bit(q, k, v, "int8", pv="fp16", config=cfg)
         return lambda: impl8.attention_8bit(q, k, v, path, config=cfg)
 
     times, errors = {}, {}
