@@ -11,7 +11,8 @@
 # with the Gluon candidates routed in, bench/gluon_choice.py) fused pipeline profile (Nsight Compute
 # counters of the kernels short of their targets, bench/profile_kernels.py; PROFILE_ONLY="a;b" keeps the
 # cases whose names hold a or b) sweep (every candidate configuration of the GEMM, attention and fused
-# rows kernels, for tuning their tables).
+# rows kernels, for tuning their tables; SWEEP_GEMM, SWEEP_ATTENTION, SWEEP_FUSED narrow each with a
+# pytest -k expression).
 #
 # Results collect in $WORK (default .gpu_check/ in the repository, which git ignores); a stage that
 # finished is listed in $WORK/done and left out of a later run without named stages. Results of another
@@ -276,11 +277,14 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
                     --json "$out/dit_$name.json" 2>&1 | tail -12
             done ;;
         sweep)
-            DIT8_GEMM_SWEEP=1 run_pytest bench/test_bench_gemm.py -k sweep \
+            # SWEEP_GEMM / SWEEP_ATTENTION / SWEEP_FUSED: a pytest -k expression narrowing that sweep, e.g.
+            # SWEEP_GEMM="fp8 and 32760x5120x13824" SWEEP_ATTENTION="fp8 or pv16".
+            DIT8_GEMM_SWEEP=1 run_pytest bench/test_bench_gemm.py -k "sweep${SWEEP_GEMM:+ and ($SWEEP_GEMM)}" \
                 --benchmark-json="$out/bench_sweep_gemm.json" 2>&1 | tail -5
-            DIT8_ATTN_SWEEP=1 run_pytest bench/test_bench_attention.py -k sweep \
+            DIT8_ATTN_SWEEP=1 run_pytest bench/test_bench_attention.py \
+                -k "sweep${SWEEP_ATTENTION:+ and ($SWEEP_ATTENTION)}" \
                 --benchmark-json="$out/bench_sweep_attention.json" 2>&1 | tail -5
-            DIT8_FUSED_SWEEP=1 run_pytest bench/test_bench_fused.py -k sweep \
+            DIT8_FUSED_SWEEP=1 run_pytest bench/test_bench_fused.py -k "sweep${SWEEP_FUSED:+ and ($SWEEP_FUSED)}" \
                 --benchmark-json="$out/bench_sweep_fused.json" 2>&1 | tail -5
             # The rows kernel's configurations that beat its defaults: the line for fused_triton.ROWS_TUNED.
             "$py" bench/rows_choice.py "$out/bench_sweep_fused.json" | tee "$out/rows_tuned.txt" ;;
