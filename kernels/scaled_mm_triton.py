@@ -21,8 +21,10 @@ Two GEMM kernels share the tile order and the epilogue:
   tiles, operands through TMA tensor descriptors (host-side triton.tools.tensor_descriptor), whose
   hardware bounds handling zero-fills the M/N/K tails, so the K loop has no masks at all. TMA needs
   16-byte-aligned row strides (K % 16 == 0 for 8-bit operands) and aligned bases; operands that do not
-  qualify run the plain kernel with the same tiles. The interpreters of triton 3.6 and 3.9 run it
-  too (tensor descriptors become masked loads), and the tests cover it where `tma_available()`.
+  qualify run the plain kernel with the same tiles. With GemmConfig.tma_store the output tile goes
+  out through a descriptor too, where the output's rows are 16-byte aligned. The interpreters of
+  triton 3.6 and 3.9 run it too (tensor descriptors become masked loads and stores), and the tests
+  cover it where `tma_available()`.
 
 Tile order (both kernels): tiles are numbered in groups of GROUP_M tile rows; within a group the
 order walks down the GROUP_M rows of one tile column, then moves one column right. Programs running
@@ -101,10 +103,12 @@ def _load_k_tile(x_ptrs, w_ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
 def _epilogue_part(acc, off_m, off_n, M, N, XS, WS, Bias, Res, Gate, Out,
                    stride_om, stride_rm, stride_gb, rows_per_batch,
                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                   HAS_GATE: tl.constexpr, ROUND_BF16: tl.constexpr):
+                   HAS_GATE: tl.constexpr, ROUND_BF16: tl.constexpr, TMA_STORE: tl.constexpr):
     """Scales, bias, activation, gated residual and the masked store of one accumulator tile whose
     rows start at off_m and columns at off_n, all in fp32 in the reference's order (module docstring).
-    Row offsets: the tile's base in 64 bits (M·N may pass 2^31 elements), offsets inside it in 32."""
+    Row offsets: the tile's base in 64 bits (M·N may pass 2^31 elements), offsets inside it in 32.
+    TMA_STORE: Out is a tensor descriptor of the output with this tile's block shape; the tensor
+    memory accelerator writes the tile (and leaves out what lies past M and N)."""
     rows = tl.arange(0, acc.shape[0])
     cols = tl.arange(0, acc.shape[1])
     offs_m = off_m + rows
@@ -132,8 +136,11 @@ def _epilogue_part(acc, off_m, off_n, M, N, XS, WS, Bias, Res, Gate, Out,
             y = r + y
     if ROUND_BF16:
         y = round_bf16(y)
-    tl.store(Out + tile_m * stride_om + off_n + (rows[:, None] * stride_om + cols[None, :]),
-             y.to(Out.dtype.element_ty), mask=mask)
+    if TMA_STORE:
+        Out.store([off_m, off_n], y.to(Out.dtype))
+    else:
+        tl.store(Out + tile_m * stride_om + off_n + (rows[:, None] * stride_om + cols[None, :]),
+                 y.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -146,38 +153,26 @@ def _split_columns(acc):
 def _epilogue(acc, off_m, off_n, M, N, XS, WS, Bias, Res, Gate, Out, stride_om, stride_rm, stride_gb,
               rows_per_batch, EPILOGUE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
               ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
-              ROUND_BF16: tl.constexpr):
+              ROUND_BF16: tl.constexpr, TMA_STORE: tl.constexpr):
     """The epilogue of an accumulator tile, run on EPILOGUE_SPLIT (1, 2 or 4) column slices in turn:
     the residual and gate tiles loaded beside the accumulator, their pointers and the store's layout
     conversion then take that fraction of the registers (ptxas -v: the unsplit residual epilogue of a
     128 x 128 tile on 8 warps spills)."""
     if EPILOGUE_SPLIT == 1:
-        _epilogue_part(acc, off_m, off_n, M, N, XS, WS, Bias, Res, Gate, Out, stride_om, stride_rm,
-                       stride_gb, rows_per_batch, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, ROUND_BF16)
+        slices = (acc, )
     else:
-        half: tl.constexpr = acc.shape[1] // 2
         left, right = _split_columns(acc)
         if EPILOGUE_SPLIT == 2:
-            _epilogue_part(left, off_m, off_n, M, N, XS, WS, Bias, Res, Gate, Out, stride_om, stride_rm,
-                           stride_gb, rows_per_batch, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, ROUND_BF16)
-            _epilogue_part(right, off_m, off_n + half, M, N, XS, WS, Bias, Res, Gate, Out, stride_om,
-                           stride_rm, stride_gb, rows_per_batch, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE,
-                           ROUND_BF16)
+            slices = (left, right)
         else:
-            quarter: tl.constexpr = half // 2
             a, b = _split_columns(left)
             c, d = _split_columns(right)
-            _epilogue_part(a, off_m, off_n, M, N, XS, WS, Bias, Res, Gate, Out, stride_om, stride_rm,
-                           stride_gb, rows_per_batch, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, ROUND_BF16)
-            _epilogue_part(b, off_m, off_n + quarter, M, N, XS, WS, Bias, Res, Gate, Out, stride_om,
-                           stride_rm, stride_gb, rows_per_batch, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE,
-                           ROUND_BF16)
-            _epilogue_part(c, off_m, off_n + half, M, N, XS, WS, Bias, Res, Gate, Out, stride_om,
-                           stride_rm, stride_gb, rows_per_batch, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE,
-                           ROUND_BF16)
-            _epilogue_part(d, off_m, off_n + half + quarter, M, N, XS, WS, Bias, Res, Gate, Out, stride_om,
-                           stride_rm, stride_gb, rows_per_batch, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE,
-                           ROUND_BF16)
+            slices = (a, b, c, d)
+    width: tl.constexpr = acc.shape[1] // EPILOGUE_SPLIT
+    for i in tl.static_range(EPILOGUE_SPLIT):
+        _epilogue_part(slices[i], off_m, off_n + i * width, M, N, XS, WS, Bias, Res, Gate, Out, stride_om,
+                       stride_rm, stride_gb, rows_per_batch, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE,
+                       ROUND_BF16, TMA_STORE)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -218,7 +213,7 @@ def _scaled_mm_kernel(X, W, XS, WS, Bias, Res, Gate, Out, M, N, K,
         acc += acc_odd
     _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, XS, WS, Bias, Res, Gate, Out, stride_om, stride_rm,
               stride_gb, rows_per_batch, EPILOGUE_SPLIT, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE,
-              ROUND_BF16)
+              ROUND_BF16, False)
 
 
 @triton.jit
@@ -229,11 +224,12 @@ def _scaled_mm_persistent_kernel(x_desc, w_desc, XS, WS, Bias, Res, Gate, Out, M
                                  FP8_PROMOTE: tl.constexpr, ACCUMULATORS: tl.constexpr,
                                  EPILOGUE_SPLIT: tl.constexpr,
                                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-                                 HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ROUND_BF16: tl.constexpr):
+                                 HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ROUND_BF16: tl.constexpr,
+                                 TMA_STORE: tl.constexpr):
     """Persistent TMA kernel: program p computes tiles p, p + NUM_PROGRAMS, ... in the grouped order.
     The descriptors zero-fill reads past M, N and K, so the K loop carries no masks. flatten=True lets
     Triton pipeline the tile loop and the K loop as one, so the next tile's first loads are in flight
-    while this tile's epilogue runs."""
+    while this tile's epilogue runs. TMA_STORE: Out is the output's descriptor (GemmConfig.tma_store)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -256,7 +252,8 @@ def _scaled_mm_persistent_kernel(x_desc, w_desc, XS, WS, Bias, Res, Gate, Out, M
         if ACCUMULATORS == 2:
             acc += acc_odd
         _epilogue(acc, off_m, off_n, M, N, XS, WS, Bias, Res, Gate, Out, stride_om, stride_rm, stride_gb,
-                  rows_per_batch, EPILOGUE_SPLIT, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, ROUND_BF16)
+                  rows_per_batch, EPILOGUE_SPLIT, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, ROUND_BF16,
+                  TMA_STORE)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -343,9 +340,13 @@ def launch(xq, x_scale, wq, w_scale, bias, out, *, activation=None, residual=Non
 
         x_desc = TensorDescriptor.from_tensor(xq, [cfg.block_m, cfg.block_k])
         w_desc = TensorDescriptor.from_tensor(wq, [cfg.block_n, cfg.block_k])
+        tma_store = cfg.tma_store and _tma_ok(out)
+        if tma_store:  # one epilogue slice a store
+            common["Out"] = TensorDescriptor.from_tensor(out, [cfg.block_m, cfg.block_n // common["EPILOGUE_SPLIT"]])
         # The interpreter: a few programs, so that each loops over several tiles.
         programs = min(tiles, 3 if xq.device.type != "cuda" else _sm_count(xq.device.index or 0))
-        _scaled_mm_persistent_kernel[(programs,)](x_desc, w_desc, NUM_PROGRAMS=programs, **common)
+        _scaled_mm_persistent_kernel[(programs,)](x_desc, w_desc, NUM_PROGRAMS=programs, TMA_STORE=tma_store,
+                                                  **common)
     else:
         _scaled_mm_kernel[(tiles,)](xq, wq, stride_xm=xq.stride(0), stride_wn=wq.stride(0),
                                     EVEN_K=K % (cfg.block_k * accumulators) == 0, **common)

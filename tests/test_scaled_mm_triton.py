@@ -323,6 +323,24 @@ def test_hopper_table_tiles_with_a_k_tail(qdtype):
                             config=cfg)
 
 
+@PLAIN
+@FUSED
+@needs_tma
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
+def test_persistent_tma_store(qdtype):
+    """tma_store: the output written through a descriptor, one per epilogue slice (64-column tiles: 2
+    slices with a residual). M = 150 ends part way into a tile (the descriptor leaves out the rows past
+    it); N = 136 too, a multiple of 8 as a bf16 descriptor needs. N = 130 cannot be described (rows of 260
+    bytes, not a multiple of 16): the kernel stores through pointers then."""
+    cfg = GemmConfig(64, 64, 64, 2, 4, 1, persistent=True, tma_store=True)
+    for n in (136, 130):
+        xq, xs, wq, ws, bias = operands(150, n, 144, qdtype, seed=212 + n, bias_dtype=torch.float32)
+        check_against_torch(xq, xs, wq, ws, bias, torch.bfloat16, config=cfg)
+        check_against_torch(xq, xs, wq, ws, bias, torch.bfloat16, config=cfg, activation="gelu_tanh")
+        residual, gate = residual_and_gate(150, n, 3, seed=213 + n)
+        check_against_torch(xq, xs, wq, ws, bias, torch.float32, config=cfg, residual=residual, gate=gate)
+
+
 @FUSED
 @needs_tma
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
@@ -554,17 +572,20 @@ def compile_for_target(arch: str, kind: str, cfg: GemmConfig, epilogue: str) -> 
     residual = epilogue == "residual"
     persistent = cfg.persistent and cap >= 90
     kernel = impl._scaled_mm_persistent_kernel if persistent else impl._scaled_mm_kernel
+    split = gemm_configs.epilogue_split(cfg, residual)
+    out = "fp32" if residual else "bf16"
+    tma_store = persistent and cfg.tma_store
     types = dict(X="*" + code, W="*" + code, XS="*fp32", WS="*fp32", Bias="*bf16", Res="*fp32", Gate="*fp32",
-                 Out="*fp32" if residual else "*bf16",
+                 Out=f"tensordesc<{out}[{cfg.block_m}, {cfg.block_n // split}]>" if tma_store else "*" + out,
                  x_desc=f"tensordesc<{code}[{cfg.block_m}, {cfg.block_k}]>",
                  w_desc=f"tensordesc<{code}[{cfg.block_n}, {cfg.block_k}]>")
     promote = min(cfg.fp8_promote, cfg.block_k) if kind == "fp8" and cfg.fp8_promote and cap == 90 else None
     constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                       IS_INT8=kind == "int8", FP8_PROMOTE=promote,
                       ACCUMULATORS=cfg.fp8_accumulators if kind == "fp8" and promote is None else 1,
-                      EPILOGUE_SPLIT=gemm_configs.epilogue_split(cfg, residual), HAS_BIAS=True,
-                      ACTIVATION=int(epilogue == "gelu"), HAS_RESIDUAL=residual, HAS_GATE=residual,
-                      ROUND_BF16=False, NUM_PROGRAMS=132, EVEN_K=True)
+                      EPILOGUE_SPLIT=split, HAS_BIAS=True, ACTIVATION=int(epilogue == "gelu"),
+                      HAS_RESIDUAL=residual, HAS_GATE=residual, ROUND_BF16=False, NUM_PROGRAMS=132, EVEN_K=True,
+                      TMA_STORE=tma_store)
     constexprs = {n: v for n, v in constexprs.items() if n in kernel.arg_names}
     aligned = {"N", "K", "stride_xm", "stride_wn", "stride_om", "stride_rm", "stride_gb"}
     return compile_kernel(kernel, types, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -602,23 +623,27 @@ def test_table_configs_compile():
             assert r["spills"] == 0, (key, r)
 
 
-def compile_split_accumulation_sweep() -> dict:
-    """compile_for_target of HOPPER_SWEEP's split-accumulation FP8 entries: {"config epilogue": result}."""
-    return {f"{cfg.name()} {epi}": compile_for_target("sm_90", "fp8", cfg, epi)
-            for cfg in gemm_configs.HOPPER_SWEEP if cfg.fp8_accumulators > 1 for epi in EPILOGUES}
+def compile_hopper_sweep() -> dict:
+    """compile_for_target of every HOPPER_SWEEP entry, for both kinds where the entry applies to INT8 (no
+    FP8 accumulation setting), with every epilogue: {"config kind epilogue": result}."""
+    return {f"{cfg.name()} {kind} {epi}": compile_for_target("sm_90", kind, cfg, epi)
+            for cfg in gemm_configs.HOPPER_SWEEP for kind in gemm_configs.KINDS
+            if kind == "fp8" or (cfg.fp8_promote is None and cfg.fp8_accumulators == 1) for epi in EPILOGUES}
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("DIT8_GEMM_COMPILE") != "1",
                     reason="opt-in compile check for machines without a GPU: set DIT8_GEMM_COMPILE=1")
-def test_split_accumulation_candidates_compile():
-    """The two accumulator chains must stay asynchronous: ptxas serializes every wgmma when a
-    non-wgmma instruction writes an accumulator inside the pipeline (as the flattened persistent loop
-    did), which would make these candidates slow for a reason a sweep would not show."""
+def test_hopper_sweep_candidates_compile():
+    """Every candidate the sweep times fits the shared memory, spills nothing and keeps its wgmma
+    asynchronous: ptxas serializes every wgmma when a non-wgmma instruction writes an accumulator inside
+    the pipeline (as the flattened persistent loop did with two accumulators), which would make a
+    candidate slow for a reason a sweep would not show. ~2 minutes on the 2-core CPU."""
     from compile_check import run_without_interpreter
 
-    results = run_without_interpreter("test_scaled_mm_triton", "compile_split_accumulation_sweep")
-    assert len(results) == 3 * len(EPILOGUES), results.keys()
+    results = run_without_interpreter("test_scaled_mm_triton", "compile_hopper_sweep")
+    assert len(results) >= 3 * len(gemm_configs.HOPPER_SWEEP), results.keys()
     for key, r in results.items():
         assert r["shared"] <= gemm_configs.SHARED_MEMORY_LIMIT["sm_90"], (key, r)
         assert r["wgmma"] and not r["wgmma_serialized"] and r["spills"] == 0, (key, r)
+        assert r["tma"] == ("tma_persistent" in key), (key, r)
