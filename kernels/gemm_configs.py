@@ -38,7 +38,8 @@ Split accumulation (`fp8_accumulators` = 2): fast accumulation, but the K tiles 
 accumulator tiles that are added in fp32 after the loop. Each then sums half the products and holds
 about 1/√2 of the final magnitude, and the reduced-precision accumulation errs in proportion to both;
 fitting the errors above (the accumulation's share grows as K^0.6 at a given magnitude) predicts
-about 1.5x cuBLAS's error at K = 13824 instead of 1.96x. The two wgmma chains are independent, so,
+about 1.5x cuBLAS's error at K = 13824 instead of 1.96x (1.85x if the two halves' errors were
+systematic and added up rather than partly cancelling). The two wgmma chains are independent, so,
 unlike promotion, nothing waits; the second accumulator costs registers as promotion does (128 x 128
 tiles). Candidates in HOPPER_SWEEP until a GPU run times them and measures their error.
 """
