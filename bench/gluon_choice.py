@@ -9,8 +9,8 @@ bench/gpu_check.sh:
 - gemm_fast, gemm_int8: `test_gemm_gluon_fast`, `test_gemm_gluon_int8` against their rows'
   `ms_triton`, summed over the shapes they ran;
 - attention: the faster of the `gluon_bf16` and `gluon_bf16_ws` rows against `triton_bf16`;
-- attention_8bit: the faster configuration over both 8-bit precisions (`gluon_int8` + `gluon_fp8`, or
-  their `_ws` rows) against `triton_int8` + `triton_fp8`.
+- attention_8bit: the fastest configuration over both 8-bit precisions (`gluon_int8` + `gluon_fp8`, or
+  their `_ws` or `_wg` rows) against `triton_int8` + `triton_fp8`.
 A candidate without timed rows (its GPU tests did not pass, its stage did not run) is left out.
 """
 
@@ -78,8 +78,8 @@ def attention(rows: list[dict]) -> str | None:
 
 def attention_8bit(rows: list[dict]) -> str | None:
     """Both 8-bit precisions go to the candidate: their times together."""
-    return _fastest(rows, {"default": ("gluon_int8", "gluon_fp8"), "ws": ("gluon_int8_ws", "gluon_fp8_ws")},
-                    ("triton_int8", "triton_fp8"))
+    return _fastest(rows, {"default": ("gluon_int8", "gluon_fp8"), "ws": ("gluon_int8_ws", "gluon_fp8_ws"),
+                           "wg": ("gluon_int8_wg", "gluon_fp8_wg")}, ("triton_int8", "triton_fp8"))
 
 
 def choice(folder: Path) -> str:

@@ -102,11 +102,13 @@ def baseline(cache: dict, key, make_call, gpu_time) -> tuple[float, torch.Tensor
 # precisions (INT8 q·kᵀ; INT8 or FP8 P·V); triton_int8_pv16: INT8 q·kᵀ with 16-bit P·V, for comparison;
 # *_three_per_sm: the 8-bit precisions on the register-capped candidate tile (attention_triton.
 # THREE_PER_SM); gluon_bf16 / gluon_bf16_ws: the Hopper candidate for the bf16 path (kernels/
-# attention_gluon.py; _ws: its warp-specialized kernel); gluon_int8 / gluon_fp8 (and _ws): the one for the
-# 8-bit paths (kernels/attention_8bit_gluon.py, the quantization included as in triton_*); on Hopper only.
+# attention_gluon.py; _ws: its warp-specialized kernel); gluon_int8 / gluon_fp8 (and _ws; _wg: one warpgroup
+# a program): the one for the 8-bit paths (kernels/attention_8bit_gluon.py, the quantization included as
+# in triton_*); on Hopper only.
 SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "torch_reference", "triton_bf16", "triton_int8", "triton_fp8",
               "triton_int8_pv16", "triton_int8_three_per_sm", "triton_fp8_three_per_sm", "gluon_bf16",
-              "gluon_bf16_ws", "gluon_int8", "gluon_int8_ws", "gluon_fp8", "gluon_fp8_ws"]
+              "gluon_bf16_ws", "gluon_int8", "gluon_int8_ws", "gluon_int8_wg", "gluon_fp8", "gluon_fp8_ws",
+              "gluon_fp8_wg"]
 
 
 @pytest.mark.parametrize("name", SELF_IMPLS)
@@ -130,8 +132,10 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
         if candidate == "attention_8bit":
             from dit8.kernels import attention_8bit_gluon
 
-            precision = name.removeprefix("gluon_").removesuffix("_ws")
-            fn = lambda: attention_8bit_gluon.attention_8bit(q, k, v, precision, warp_specialized=ws)  # noqa: E731
+            precision = name.removeprefix("gluon_").removesuffix("_ws").removesuffix("_wg")
+            block_m = 64 if name.endswith("_wg") else attention_8bit_gluon.BLOCK_M
+            fn = lambda: attention_8bit_gluon.attention_8bit(  # noqa: E731
+                q, k, v, precision, warp_specialized=ws, block_m=block_m)
         else:
             from dit8.kernels import attention_gluon
 

@@ -3,11 +3,11 @@ smoothed q and k; P·V on centred v in FP8 e4m3, "fp8", or INT8 with P relative 
 "int8"), a candidate for the op's 8-bit paths, run by the GPU tests and the attention benchmark, and by
 the op only where DIT8_GLUON asks ("attention_8bit", kernels/candidates.py).
 
-It takes the operands `quantize_for_attention` prepares for the Triton kernel (q codes per block of 128
-rows, k codes and bias per key, v - v̄ codes stored [B, H, D, Lk]) and computes the same arithmetic
-with the schedule of kernels/attention_gluon.py: the softmax of key block j runs while the tensor cores
-multiply P_{j-1}·V, where the Triton kernel waits for each product right after issuing it. What
-differs from the bf16 kernel there:
+It takes the operands `quantize_for_attention` prepares for the Triton kernel (q codes per block of a
+program's 128 or 64 rows, k codes and bias per key, v - v̄ codes stored [B, H, D, Lk]) and computes the
+same arithmetic with the schedule of kernels/attention_gluon.py: the softmax of key block j runs while
+the tensor cores multiply P_{j-1}·V, where the Triton kernel waits for each product right after issuing
+it. What differs from the bf16 kernel there:
 
 - P goes through shared memory (two buffers, one per block in flight). The wait that keeps the register
   operand of an asynchronous product alive takes no 8-bit tensors (triton 3.6 and 3.9 fail to lower
@@ -54,12 +54,16 @@ from .checks import OpArgumentError
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 BLOCK_M = 128  # query rows per program (one q scale): two warpgroups of 64
+# The query blocks a program may take: 128 rows on two warpgroups (8 warps), or 64 on one (4 warps; the
+# "wg" configuration). Every block of P and each stage's release waits at a barrier of all the
+# program's warps: with one warpgroup a program, that barrier holds back no other warpgroup, and two
+# programs an SM (82 KiB of shared memory, at most 255 registers a thread) run on their own schedules.
+BLOCK_MS = (128, 64)
 # Keys per block. With 128, a thread holds 64 registers each of acc, the P·V product in flight and the
 # scores, and 64 of the keys' scales and biases: 255 registers and spills inside the key loop (sm_90a,
 # triton 3.6). With 64: 231, no spills.
 BLOCK_N = 64
 STAGES = 4  # k and v stages of 16 KiB, with q's 16 KiB and P's 2 x 8 KiB: 96 KiB
-NUM_WARPS = 8
 HEAD_DIM = 128
 _M = gl.constexpr(12582912.0)  # 1.5·2^23: floats from 2^23 to 2^24 step by exactly 1
 _LOG2_FP8_MAX = gl.constexpr(math.log2(FP8_MAX))  # P is scaled to e4m3's largest value
@@ -300,6 +304,11 @@ def _attention_8bit_kernel(q_desc, k_desc, v_desc, QScale, KSB, stride_ksb, stri
     invalidate_barriers(q_bar, bars, empty, NSTAGES)
 
 
+def num_warps(block_m: int) -> int:
+    """The multiplying warps of a program of `block_m` query rows: a warpgroup per 64."""
+    return block_m // 16
+
+
 def shared_layout(rows: int, cols: int, dtype: gl.dtype) -> gl.NVMMASharedLayout:
     """The shared-memory layout of an operand tile [rows, cols] of 8-bit codes."""
     return gl.NVMMASharedLayout.get_default_for([rows, cols], dtype)
@@ -311,7 +320,7 @@ def _descriptors(x: Quantized8bit) -> tuple[TensorDescriptor, TensorDescriptor, 
     B, H, Lq, D = x.q.shape
     Lk = x.k.shape[2]
     q_rows, k_rows = x.q.view(B * H * Lq, D), x.k.view(B * H * Lk, D)
-    q_desc = TensorDescriptor(q_rows, [B * H * Lq, D], [D, 1], [BLOCK_M, D], shared_layout(BLOCK_M, D, gl.int8))
+    q_desc = TensorDescriptor(q_rows, [B * H * Lq, D], [D, 1], [x.block_m, D], shared_layout(x.block_m, D, gl.int8))
     k_desc = TensorDescriptor(k_rows, [B * H * Lk, D], [D, 1], [BLOCK_N, D], shared_layout(BLOCK_N, D, gl.int8))
     v_codes = gl.int8 if x.pv == "int8" else gl.float8e4nv
     v_desc = TensorDescriptor(x.v, [B * H * D, Lk], [x.v.stride(2), 1], [D, BLOCK_N],
@@ -343,39 +352,42 @@ def check_scope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: st
 
 
 def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: str, *,
-                   warp_specialized: bool = False) -> torch.Tensor:
+                   warp_specialized: bool = False, block_m: int = BLOCK_M) -> torch.Tensor:
     """`attention(q, k, v, precision=precision)` ("int8" or "fp8": the Triton kernel's RECIPES) for bf16 q
     [B, Lq, H, 128], k and v [B, Lk, H, 128] on a Hopper GPU: quantized by the Triton kernels, attended by
-    this one (`warp_specialized`: the kernel whose loads a warp of their own issues). Out [B, Lq, H, D]
-    bf16. OpArgumentError for inputs outside the kernel's scope."""
+    this one (`warp_specialized`: the kernel whose loads a warp of their own issues; `block_m`: query
+    rows per program, one of BLOCK_MS). Out [B, Lq, H, D] bf16. OpArgumentError for inputs outside the
+    kernel's scope."""
     check_scope(q, k, v, precision)
+    if block_m not in BLOCK_MS:
+        raise OpArgumentError(f"attention (gluon 8-bit): block_m must be one of {BLOCK_MS}, got {block_m}")
     _check_keys("attention", "k", k.shape[1])
     if q.shape[1] == 0 or q.shape[0] * q.shape[2] == 0:
         return new_output(q.shape, torch.bfloat16, q.device)
     q, k, v = _unit_d(q, k, v)
     qk, pv = RECIPES[precision]
     with torch.cuda.device(q.device):
-        x = quantize_for_attention(q, k, v, qk=qk, pv=pv, block_m=BLOCK_M, block_n=BLOCK_N)
+        x = quantize_for_attention(q, k, v, qk=qk, pv=pv, block_m=block_m, block_n=BLOCK_N)
         return attention_from_quantized(x, warp_specialized=warp_specialized)
 
 
 def attention_from_quantized(x: Quantized8bit, *, warp_specialized: bool = False) -> torch.Tensor:
     """The kernel on operands `quantize_for_attention` prepared (INT8 q·kᵀ, INT8 or FP8 P·V, blocks of
-    BLOCK_M x BLOCK_N); out [B, Lq, H, D] bf16."""
+    x.block_m (one of BLOCK_MS, a program's query rows) x BLOCK_N); out [B, Lq, H, D] bf16."""
     B, H, Lq, D = x.q.shape
     Lk = x.k.shape[2]
-    if (x.q.dtype != torch.int8 or x.pv == "fp16" or (x.block_m, x.block_n) != (BLOCK_M, BLOCK_N)
+    if (x.q.dtype != torch.int8 or x.pv == "fp16" or x.block_m not in BLOCK_MS or x.block_n != BLOCK_N
             or D != HEAD_DIM):
         raise OpArgumentError(f"attention (gluon 8-bit): needs INT8 q·kᵀ and 8-bit P·V operands quantized in blocks "
-                              f"of {BLOCK_M} x {BLOCK_N} with head_dim {HEAD_DIM}")
+                              f"of {' or '.join(map(str, BLOCK_MS))} x {BLOCK_N} with head_dim {HEAD_DIM}")
     if x.v.stride(2) % 16 or x.v.data_ptr() % 16:
         raise OpArgumentError("attention (gluon 8-bit): vᵀ rows must be 16-byte aligned (TMA)")
     out = new_output((B, Lq, H, D), torch.bfloat16, x.q.device)
     planar = planar_scales(x)
-    grid = (triton.cdiv(Lq, BLOCK_M), B * H)
+    grid = (triton.cdiv(Lq, x.block_m), B * H)
     _attention_8bit_kernel[grid](
         *_descriptors(x), x.q_scale, planar, planar.stride(0), planar.stride(1), x.v_mean, x.v_scale, out,
         out.stride(0), out.stride(1), out.stride(2), H, Lq, Lk, x.q_scale.shape[2],
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, NSTAGES=STAGES, WS=warp_specialized,
-        PV_INT8=x.pv == "int8", num_warps=NUM_WARPS)
+        BLOCK_M=x.block_m, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, NSTAGES=STAGES, WS=warp_specialized,
+        PV_INT8=x.pv == "int8", num_warps=num_warps(x.block_m))
     return out

@@ -6,7 +6,8 @@ DIT8_GLUON, when set, replaces the adopted ones with its list of candidates and,
 configuration:
 
     DIT8_GLUON="attention gemm gemm_fast"  # their default configurations (also gemm_int8, attention_8bit)
-    DIT8_GLUON="attention=ws gemm=k256"    # attention(_8bit): "default" or "ws"; gemm: a scaled_mm_gluon.CANDIDATES key
+    DIT8_GLUON="attention=ws gemm=k256"    # attention: "default" or "ws" (attention_8bit also "wg");
+                                           # gemm: a scaled_mm_gluon.CANDIDATES key
     DIT8_GLUON=""                          # none: the Triton kernels only
 
 On an sm_90 GPU, then, `attention(precision="bf16", backend="triton")` runs attention_gluon's kernel,
@@ -32,7 +33,7 @@ ENV_VAR = "DIT8_GLUON"
 # Each candidate's configurations; the first is its default.
 CONFIGURATIONS = {
     "attention": ("default", "ws"),
-    "attention_8bit": ("default", "ws"),
+    "attention_8bit": ("default", "ws", "wg"),  # wg: one warpgroup a program (attention_8bit_gluon.BLOCK_MS)
     "gemm": ("default", "stages5", "k256", "ws", "ws_k256"),
     "gemm_fast": ("default", ),
     "gemm_int8": ("default", ),

@@ -23,6 +23,11 @@ def _gluon():
     return attention_8bit_gluon
 
 
+# The kernel's configurations (kernels/candidates.py: "default", "ws", "wg"): (warp_specialized, block_m).
+CONFIGS = [(False, 128), (True, 128), (False, 64)]
+CONFIG_IDS = ["", "ws", "wg"]
+
+
 def on_hopper(test):
     """The marks of a GPU test of the kernel. As the bf16 Gluon kernel's tests: a kernel hung on a barrier
     ends its (xdist worker) process, not the test run."""
@@ -41,23 +46,23 @@ def on_hopper(test):
     (1, 1000, 1000, 4, "fused"),  # strided views of one QKV tensor
     (1, 4099, 4099, 2, "plain"),  # 65 key blocks: the stage ring and P's buffers wrap many times
 ])
-@pytest.mark.parametrize("warp_specialized", [False, True], ids=["", "ws"])
+@pytest.mark.parametrize("warp_specialized, block_m", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_gluon_8bit_error_is_that_of_its_quantization(b, lq, lk, h, kind, precision, warp_specialized):
+def test_gluon_8bit_error_is_that_of_its_quantization(b, lq, lk, h, kind, precision, warp_specialized, block_m):
     g = _gluon()
     q, k, v = _qkv(b, lq, lk, h, seed=b + lq + lk, offsets=kind == "offsets", fused=kind == "fused")
-    out = g.attention_8bit(q, k, v, precision, warp_specialized=warp_specialized)
+    out = g.attention_8bit(q, k, v, precision, warp_specialized=warp_specialized, block_m=block_m)
     check_output(out, q)
     ref = attention64(q, k, v)
-    emu = emulate_8bit(q, k, v, *impl8.RECIPES[precision], g.BLOCK_M, g.BLOCK_N)
+    emu = emulate_8bit(q, k, v, *impl8.RECIPES[precision], block_m, g.BLOCK_N)
     # The bound tests/test_attention_triton.py holds the Triton kernel to (fp32 arithmetic, bf16 output).
     assert rel_err(out, ref) <= 1.2 * rel_err(emu, ref) + 2e-3, (rel_err(out, ref), rel_err(emu, ref))
 
 
 @on_hopper
-@pytest.mark.parametrize("warp_specialized", [False, True], ids=["", "ws"])
+@pytest.mark.parametrize("warp_specialized, block_m", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_gluon_8bit_is_the_triton_kernel_on_the_same_operands(precision, warp_specialized):
+def test_gluon_8bit_is_the_triton_kernel_on_the_same_operands(precision, warp_specialized, block_m):
     """Same codes, same key blocks in the same order, so the same running maxima. The scores differ by
     the rounding of the folded constant (module docstring: at most 0.75 of an integer step of the dot),
     which now and then moves a P code across a rounding boundary (simulated on such inputs for FP8 P, it
@@ -68,10 +73,10 @@ def test_gluon_8bit_is_the_triton_kernel_on_the_same_operands(precision, warp_sp
     g = _gluon()
     q, k, v = _qkv(2, 700, 600, 3, seed=5, offsets=True)
     qk, pv = impl8.RECIPES[precision]
-    x = impl8.quantize_for_attention(q, k, v, qk=qk, pv=pv, block_m=g.BLOCK_M, block_n=g.BLOCK_N)
+    x = impl8.quantize_for_attention(q, k, v, qk=qk, pv=pv, block_m=block_m, block_n=g.BLOCK_N)
     out = g.attention_from_quantized(x, warp_specialized=warp_specialized)
     check_output(out, q)
-    triton_out = impl8.attention_from_quantized(x, torch.bfloat16, AttnConfig(g.BLOCK_M, g.BLOCK_N, 8, 3))
+    triton_out = impl8.attention_from_quantized(x, torch.bfloat16, AttnConfig(block_m, g.BLOCK_N, block_m // 16, 3))
     recipe_err = rel_err(triton_out, attention64(q, k, v))
     assert rel_err(out, triton_out) <= 0.25 * recipe_err, (rel_err(out, triton_out), recipe_err)
 
@@ -86,7 +91,7 @@ def test_gluon_8bit_names_what_it_cannot_take():
     # Operands quantized for another block size (the interpreter's) are refused before any launch.
     y = q.float().to("cuda" if torch.cuda.is_available() else "cpu")
     x = impl8.quantize_for_attention(y, y, y, qk="int8", pv="fp8", block_m=64, block_n=32)
-    with pytest.raises(OpArgumentError, match="quantized in blocks of 128 x 64"):
+    with pytest.raises(OpArgumentError, match="quantized in blocks of 128 or 64 x 64"):
         g.attention_from_quantized(x)
     if torch.cuda.is_available():
         x = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16, device="cuda")
@@ -96,9 +101,9 @@ def test_gluon_8bit_names_what_it_cannot_take():
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("DIT8_SM90_COMPILE") != "1",
                     reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
-@pytest.mark.parametrize("warp_specialized", [False, True], ids=["", "ws"])
+@pytest.mark.parametrize("warp_specialized, block_m", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_gluon_8bit_overlaps_its_softmax_with_pv_on_hopper(precision, warp_specialized):
+def test_gluon_8bit_overlaps_its_softmax_with_pv_on_hopper(precision, warp_specialized, block_m):
     import triton
 
     from compile_check import run_without_interpreter
@@ -107,16 +112,18 @@ def test_gluon_8bit_overlaps_its_softmax_with_pv_on_hopper(precision, warp_speci
         pytest.skip("triton 3.9 spills the INT8 kernel without warp specialization in its key loop (255 "
                     "registers, 10 local accesses); 3.6, the GPU machines' version, does not")
 
-    r = run_without_interpreter("test_attention_8bit_gluon", "sm90_schedule", (precision, warp_specialized))
+    r = run_without_interpreter("test_attention_8bit_gluon", "sm90_schedule", (precision, warp_specialized, block_m))
     # Within Hopper's 227 KiB of shared memory, no spills, the products asynchronous.
     assert r["spills"] == 0 and 0 < r["shared"] <= 227 * 1024 and not r["wgmma_serialized"], r
+    if block_m == 64:  # two programs an SM, each with its own barriers (BLOCK_MS)
+        assert 2 * (r["shared"] + 1024) <= 228 * 1024 and 2 * 128 * r["registers"] <= 65536, r
     # The key loop: both products issued, then a wait that leaves P·V in flight, then every exp2 of the
     # block (a thread's 32 scores and its two rows' alphas, and INT8's rs); the wait for P·V comes only in
     # the next block.
     assert r["waits_for_one"] == 1 and r["exp2_after_it"] >= 34 and r["waits_for_all_after_it"] == 0, r
 
 
-def sm90_schedule(precision: str, warp_specialized: bool) -> dict:
+def sm90_schedule(precision: str, warp_specialized: bool, block_m: int) -> dict:
     """Compile the kernel for sm_90a (without TRITON_INTERPRET) and describe its key loop (with warp
     specialization: that of the multiplying warps)."""
     from compile_check import compile_gluon_kernel, key_loop_overlap
@@ -125,7 +132,7 @@ def sm90_schedule(precision: str, warp_specialized: bool) -> dict:
     g = _gluon()
     D = g.HEAD_DIM
     v_name, v_type = ("i8", gl.int8) if precision == "int8" else ("fp8e4nv", gl.float8e4nv)
-    types = dict(q_desc=f"tensordesc<i8[{g.BLOCK_M}, {D}],{g.shared_layout(g.BLOCK_M, D, gl.int8)!r}>",
+    types = dict(q_desc=f"tensordesc<i8[{block_m}, {D}],{g.shared_layout(block_m, D, gl.int8)!r}>",
                  k_desc=f"tensordesc<i8[{g.BLOCK_N}, {D}],{g.shared_layout(g.BLOCK_N, D, gl.int8)!r}>",
                  v_desc=f"tensordesc<{v_name}[{D}, {g.BLOCK_N}],{g.shared_layout(D, g.BLOCK_N, v_type)!r}>",
                  QScale="*fp32", KSB="*fp32", stride_ksb="i32", stride_ks="i32", VMean="*fp32", VScale="*fp32",
@@ -133,7 +140,7 @@ def sm90_schedule(precision: str, warp_specialized: bool) -> dict:
                  n_qblocks="i32")
     report, sass = compile_gluon_kernel(
         g._attention_8bit_kernel, types,
-        dict(BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, HEAD_DIM=D, NSTAGES=g.STAGES, WS=warp_specialized,
-             PV_INT8=precision == "int8", num_warps=g.NUM_WARPS),
-        num_warps=g.NUM_WARPS, aligned=("KSB", "stride_ksb", "stride_ks", "Out", "stride_om", "stride_oh"))
+        dict(BLOCK_M=block_m, BLOCK_N=g.BLOCK_N, HEAD_DIM=D, NSTAGES=g.STAGES, WS=warp_specialized,
+             PV_INT8=precision == "int8", num_warps=g.num_warps(block_m)),
+        num_warps=g.num_warps(block_m), aligned=("KSB", "stride_ksb", "stride_ks", "Out", "stride_om", "stride_oh"))
     return report | key_loop_overlap(sass)

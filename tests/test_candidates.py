@@ -93,15 +93,17 @@ def test_attention_outside_the_candidates_scope_runs_the_triton_kernel(monkeypat
                                atol=0)
 
 
-def test_8bit_attention_goes_to_the_8bit_candidate_asked_for(monkeypatch):
+@pytest.mark.parametrize("config, expected", [("ws", (True, attention_8bit_gluon.BLOCK_M)),
+                                              ("wg", (False, 64)), ("default", (False, attention_8bit_gluon.BLOCK_M))])
+def test_8bit_attention_goes_to_the_8bit_candidate_asked_for(monkeypatch, config, expected):
     q, k, v = _qkv()
     calls = []
-    monkeypatch.setattr(candidates, "routed", lambda name, device: "ws" if name == "attention_8bit" else None)
-    monkeypatch.setattr(attention_8bit_gluon, "attention_8bit", lambda q, k, v, precision, warp_specialized:
-                        calls.append((precision, warp_specialized)) or torch.zeros_like(q))
+    monkeypatch.setattr(candidates, "routed", lambda name, device: config if name == "attention_8bit" else None)
+    monkeypatch.setattr(attention_8bit_gluon, "attention_8bit", lambda q, k, v, precision, warp_specialized, block_m:
+                        calls.append((precision, warp_specialized, block_m)) or torch.zeros_like(q))
     for precision in ("int8", "fp8"):
         assert torch.equal(ops.attention(q, k, v, precision=precision, backend="triton"), torch.zeros_like(q))
-    assert calls == [("int8", True), ("fp8", True)]
+    assert calls == [("int8", *expected), ("fp8", *expected)]
 
 
 def test_promoted_fp8_gemms_go_to_the_candidate_asked_for(monkeypatch):
@@ -170,6 +172,8 @@ def test_the_setting_for_a_results_folder_takes_the_fastest_timed_configurations
                  row("test_self_attention", {"name": "gluon_fp8_ws"}, 31.0),
                  row("test_self_attention", {"name": "gluon_int8"}, 35.0),
                  row("test_self_attention", {"name": "gluon_int8_ws"}, 34.5),  # both together: default wins
+                 row("test_self_attention", {"name": "gluon_fp8_wg"}, 29.0),
+                 row("test_self_attention", {"name": "gluon_int8_wg"}, 36.5),  # ... over these too
                  row("test_self_attention", {"name": "triton_fp8"}, 36.0),
                  row("test_self_attention", {"name": "triton_int8"}, 39.0)]
     (tmp_path / "bench_attention.json").write_text(json.dumps({"benchmarks": attention}))
@@ -177,7 +181,7 @@ def test_the_setting_for_a_results_folder_takes_the_fastest_timed_configurations
     assert setting == "attention=ws attention_8bit=default gemm=k256 gemm_int8=default"
     # A candidate slower than the Triton kernel it would replace is not routed.
     attention[1]["extra_info"]["ms"] = attention[0]["extra_info"]["ms"] = 45.0
-    for slower in attention[4:8]:
+    for slower in attention[4:10]:
         slower["extra_info"]["ms"] = 38.0
     (tmp_path / "bench_attention.json").write_text(json.dumps({"benchmarks": attention}))
     assert module.choice(tmp_path) == "gemm=k256 gemm_int8=default"
