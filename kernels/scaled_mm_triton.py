@@ -306,6 +306,17 @@ def _tune_key(cap, kind, M, N, K) -> tuple:
     return (cap, kind, gemm_configs.shape_class(M, N), triton.next_power_of_2(M), N, K)
 
 
+def accumulation(cfg: GemmConfig, is_int8: bool, *, promotes: bool) -> tuple[int | None, int]:
+    """(FP8_PROMOTE, ACCUMULATORS) of a launch of `cfg`: FP8 promotion every fp8_promote products (at most
+    the K tile) where `promotes` (Hopper, and the interpreter), else fp8_accumulators fast accumulators;
+    INT8 accumulates exactly in one."""
+    if is_int8:
+        return None, 1
+    if cfg.fp8_promote is not None and promotes:
+        return min(cfg.fp8_promote, cfg.block_k), 1
+    return None, cfg.fp8_accumulators
+
+
 def launch(xq, x_scale, wq, w_scale, bias, out, *, activation=None, residual=None, gate=None,
            rows_per_batch=1, config: GemmConfig) -> torch.Tensor:
     """Run one configuration into `out` (allocated by the caller). Arguments as checked by
@@ -315,10 +326,7 @@ def launch(xq, x_scale, wq, w_scale, bias, out, *, activation=None, residual=Non
     cfg = config
     is_int8 = xq.dtype == torch.int8
     interp = interpreting()
-    promote = None
-    if not is_int8 and cfg.fp8_promote is not None and (interp or _capability(xq.device) == (9, 0)):
-        promote = min(cfg.fp8_promote, cfg.block_k)
-    accumulators = cfg.fp8_accumulators if not is_int8 and promote is None else 1
+    promote, accumulators = accumulation(cfg, is_int8, promotes=interp or _capability(xq.device) == (9, 0))
     dummy = x_scale  # pointer for the absent optional operands (never read: their flags are off)
     common = dict(
         XS=x_scale, WS=w_scale, Bias=bias if bias is not None else dummy,

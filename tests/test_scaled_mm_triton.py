@@ -579,10 +579,9 @@ def compile_for_target(arch: str, kind: str, cfg: GemmConfig, epilogue: str) -> 
                  Out=f"tensordesc<{out}[{cfg.block_m}, {cfg.block_n // split}]>" if tma_store else "*" + out,
                  x_desc=f"tensordesc<{code}[{cfg.block_m}, {cfg.block_k}]>",
                  w_desc=f"tensordesc<{code}[{cfg.block_n}, {cfg.block_k}]>")
-    promote = min(cfg.fp8_promote, cfg.block_k) if kind == "fp8" and cfg.fp8_promote and cap == 90 else None
+    promote, accumulators = impl.accumulation(cfg, kind == "int8", promotes=cap == 90)
     constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                      IS_INT8=kind == "int8", FP8_PROMOTE=promote,
-                      ACCUMULATORS=cfg.fp8_accumulators if kind == "fp8" and promote is None else 1,
+                      IS_INT8=kind == "int8", FP8_PROMOTE=promote, ACCUMULATORS=accumulators,
                       EPILOGUE_SPLIT=split, HAS_BIAS=True, ACTIVATION=int(epilogue == "gelu"),
                       HAS_RESIDUAL=residual, HAS_GATE=residual, ROUND_BF16=False, NUM_PROGRAMS=132, EVEN_K=True,
                       TMA_STORE=tma_store)
