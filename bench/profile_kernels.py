@@ -93,12 +93,10 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
           if "attention" in gluon else []),
         ("attention int8", lambda: ops.attention(q, k, v, precision="int8", backend="triton")),
         ("attention fp8", lambda: ops.attention(q, k, v, precision="fp8", backend="triton")),
-        *([(f"attention {precision}, Gluon candidate{label}",
-            lambda precision=precision, ws=ws, block_m=block_m: attention_8bit_gluon.attention_8bit(
-                q, k, v, precision, warp_specialized=ws, block_m=block_m))
-           for precision in ("int8", "fp8")
-           for label, ws, block_m in (("", False, 128), (" (warp-specialized)", True, 128),
-                                      (" (one warpgroup a program)", False, 64))]
+        *([(f"attention {precision}, Gluon candidate ({config})",
+            lambda precision=precision, kwargs=kwargs: attention_8bit_gluon.attention_8bit(q, k, v, precision,
+                                                                                          **kwargs))
+           for precision in ("int8", "fp8") for config, kwargs in attention_8bit_gluon.CONFIGS.items()]
           if "attention_8bit" in gluon else []),
         ("cross-attention", lambda: ops.cross_attention(q, k_text, v_text, k_img, v_img, backend="triton")),
         (f"fp8 GEMM {promoted.name()}", lambda: gemm.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16, config=promoted)),

@@ -128,17 +128,16 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
         candidate = "attention" if name.startswith("gluon_bf16") else "attention_8bit"
         if candidate in os.environ.get("DIT8_SKIP_GLUON", "").split():
             pytest.skip("DIT8_SKIP_GLUON: the Gluon kernel's GPU tests have not passed here (bench/gpu_check.sh)")
-        ws = name.endswith("_ws")
         if candidate == "attention_8bit":
             from dit8.kernels import attention_8bit_gluon
 
-            precision = name.removeprefix("gluon_").removesuffix("_ws").removesuffix("_wg")
-            block_m = 64 if name.endswith("_wg") else attention_8bit_gluon.BLOCK_M
+            precision, _, config = name.removeprefix("gluon_").partition("_")
             fn = lambda: attention_8bit_gluon.attention_8bit(  # noqa: E731
-                q, k, v, precision, warp_specialized=ws, block_m=block_m)
+                q, k, v, precision, **attention_8bit_gluon.CONFIGS[config or "default"])
         else:
             from dit8.kernels import attention_gluon
 
+            ws = name.endswith("_ws")
             fn = lambda: attention_gluon.attention_bf16(q, k, v, warp_specialized=ws)  # noqa: E731
     elif name in ("torch_reference", "triton_bf16"):
         backend = {"torch_reference": "torch", "triton_bf16": "triton"}[name]

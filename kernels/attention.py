@@ -56,8 +56,7 @@ def _attention_triton(q, k, v, precision):
         from . import attention_8bit_gluon
 
         try:  # on trial, as above
-            return attention_8bit_gluon.attention_8bit(q, k, v, precision, warp_specialized=config == "ws",
-                                                       block_m=64 if config == "wg" else attention_8bit_gluon.BLOCK_M)
+            return attention_8bit_gluon.attention_8bit(q, k, v, precision, **attention_8bit_gluon.CONFIGS[config])
         except OpArgumentError:
             pass
     from .attention_8bit_triton import attention_8bit

@@ -59,6 +59,10 @@ BLOCK_M = 128  # query rows per program (one q scale): two warpgroups of 64
 # program's warps: with one warpgroup a program, that barrier holds back no other warpgroup, and two
 # programs an SM (82 KiB of shared memory, at most 255 registers a thread) run on their own schedules.
 BLOCK_MS = (128, 64)
+# The configurations kernels/candidates.py routes ("attention_8bit"), as keyword arguments of
+# attention_8bit.
+CONFIGS = {"default": dict(warp_specialized=False, block_m=128), "ws": dict(warp_specialized=True, block_m=128),
+           "wg": dict(warp_specialized=False, block_m=64)}
 # Keys per block. With 128, a thread holds 64 registers each of acc, the P·V product in flight and the
 # scores, and 64 of the keys' scales and biases: 255 registers and spills inside the key loop (sm_90a,
 # triton 3.6). With 64: 231, no spills.

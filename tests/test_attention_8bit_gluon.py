@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from dit8.kernels import OpArgumentError
+from dit8.kernels import OpArgumentError, candidates
 from dit8.kernels import attention_8bit_triton as impl8
 from dit8.kernels.attention_triton import AttnConfig
 from test_attention_gluon import HOPPER, _qkv
@@ -23,9 +23,8 @@ def _gluon():
     return attention_8bit_gluon
 
 
-# The kernel's configurations (kernels/candidates.py: "default", "ws", "wg"): (warp_specialized, block_m).
-CONFIGS = [(False, 128), (True, 128), (False, 64)]
-CONFIG_IDS = ["", "ws", "wg"]
+# The kernel's configurations (attention_8bit_gluon.CONFIGS, named as kernels/candidates.py routes them).
+CONFIGS = candidates.CONFIGURATIONS["attention_8bit"]
 
 
 def on_hopper(test):
@@ -46,12 +45,13 @@ def on_hopper(test):
     (1, 1000, 1000, 4, "fused"),  # strided views of one QKV tensor
     (1, 4099, 4099, 2, "plain"),  # 65 key blocks: the stage ring and P's buffers wrap many times
 ])
-@pytest.mark.parametrize("warp_specialized, block_m", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_gluon_8bit_error_is_that_of_its_quantization(b, lq, lk, h, kind, precision, warp_specialized, block_m):
+def test_gluon_8bit_error_is_that_of_its_quantization(b, lq, lk, h, kind, precision, config):
     g = _gluon()
+    block_m = g.CONFIGS[config]["block_m"]
     q, k, v = _qkv(b, lq, lk, h, seed=b + lq + lk, offsets=kind == "offsets", fused=kind == "fused")
-    out = g.attention_8bit(q, k, v, precision, warp_specialized=warp_specialized, block_m=block_m)
+    out = g.attention_8bit(q, k, v, precision, **g.CONFIGS[config])
     check_output(out, q)
     ref = attention64(q, k, v)
     emu = emulate_8bit(q, k, v, *impl8.RECIPES[precision], block_m, g.BLOCK_N)
@@ -60,9 +60,9 @@ def test_gluon_8bit_error_is_that_of_its_quantization(b, lq, lk, h, kind, precis
 
 
 @on_hopper
-@pytest.mark.parametrize("warp_specialized, block_m", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_gluon_8bit_is_the_triton_kernel_on_the_same_operands(precision, warp_specialized, block_m):
+def test_gluon_8bit_is_the_triton_kernel_on_the_same_operands(precision, config):
     """Same codes, same key blocks in the same order, so the same running maxima. The scores differ by
     the rounding of the folded constant (module docstring: at most 0.75 of an integer step of the dot),
     which now and then moves a P code across a rounding boundary (simulated on such inputs for FP8 P, it
@@ -71,6 +71,8 @@ def test_gluon_8bit_is_the_triton_kernel_on_the_same_operands(precision, warp_sp
     So the outputs differ by a small fraction of the recipe's own error against float64 (~2-3%), where a
     different algorithm would differ by about that error."""
     g = _gluon()
+    kwargs = g.CONFIGS[config]
+    warp_specialized, block_m = kwargs["warp_specialized"], kwargs["block_m"]
     q, k, v = _qkv(2, 700, 600, 3, seed=5, offsets=True)
     qk, pv = impl8.RECIPES[precision]
     x = impl8.quantize_for_attention(q, k, v, qk=qk, pv=pv, block_m=block_m, block_n=g.BLOCK_N)
@@ -101,13 +103,15 @@ def test_gluon_8bit_names_what_it_cannot_take():
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("DIT8_SM90_COMPILE") != "1",
                     reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
-@pytest.mark.parametrize("warp_specialized, block_m", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_gluon_8bit_overlaps_its_softmax_with_pv_on_hopper(precision, warp_specialized, block_m):
+def test_gluon_8bit_overlaps_its_softmax_with_pv_on_hopper(precision, config):
     import triton
 
     from compile_check import run_without_interpreter
 
+    kwargs = _gluon().CONFIGS[config]
+    warp_specialized, block_m = kwargs["warp_specialized"], kwargs["block_m"]
     if precision == "int8" and not warp_specialized and tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 9):
         pytest.skip("triton 3.9 spills the INT8 kernel without warp specialization in its key loop (255 "
                     "registers, 10 local accesses); 3.6, the GPU machines' version, does not")
