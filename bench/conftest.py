@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 
 import torch
@@ -61,6 +62,21 @@ def _sound_configs(times: dict, errors: dict) -> list:
     finite = {cfg: errors[cfg] for cfg in times if math.isfinite(errors[cfg])}
     assert finite, f"no configuration ran to a finite result: {errors}"
     return [cfg for cfg in finite if finite[cfg] <= 2 * min(finite.values())]
+
+
+def _sweep_candidates(candidates: list, name, always: list) -> list:
+    """The candidates a sweep times: all of them, or where DIT8_SWEEP_ONLY is set, those whose
+    name(cfg) matches that regular expression (re.search) and the `always` ones (the table's own
+    configurations, so that a narrowed sweep still compares against what runs now)."""
+    pattern = os.environ.get("DIT8_SWEEP_ONLY")
+    kept = [cfg for cfg in candidates if not pattern or re.search(pattern, name(cfg))]
+    return kept + [cfg for cfg in always if cfg not in kept]
+
+
+@pytest.fixture(scope="session")
+def sweep_candidates():
+    """sweep_candidates(candidates, name, always): what a sweep times, narrowed by DIT8_SWEEP_ONLY."""
+    return _sweep_candidates
 
 
 @pytest.fixture(scope="session")

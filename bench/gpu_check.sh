@@ -12,7 +12,8 @@
 # counters of the kernels short of their targets, bench/profile_kernels.py; PROFILE_ONLY="a;b" keeps the
 # cases whose names hold a or b) sweep (every candidate configuration of the GEMM, attention and fused
 # rows kernels, for tuning their tables; SWEEP_GEMM, SWEEP_ATTENTION, SWEEP_FUSED narrow each with a
-# pytest -k expression).
+# pytest -k expression, and DIT8_SWEEP_ONLY, a regular expression over the GEMM and attention
+# configurations' names, narrows the candidates each case times to those and the table's own).
 #
 # Results collect in $WORK (default .gpu_check/ in the repository, which git ignores); a stage that
 # finished is listed in $WORK/done and left out of a later run without named stages. Results of another

@@ -198,28 +198,36 @@ SWEEP = [impl.AttnConfig(*c) for c in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 1
                                        (64, 128, 4, 4), (256, 64, 8, 2)]] + [impl.THREE_PER_SM]
 
 
+def tile_name(cfg: impl.AttnConfig) -> str:
+    """"64x128_w4_s2" (block_m x block_n, warps, stages; "_r168" where registers are capped)."""
+    cap = f"_r{cfg.max_registers}" if cfg.max_registers else ""
+    return f"{cfg.block_m}x{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}{cap}"
+
+
 @pytest.mark.skipif(os.environ.get("DIT8_ATTN_SWEEP") != "1" or not torch.cuda.is_available(),
                     reason="config sweep: set DIT8_ATTN_SWEEP=1 on a CUDA machine")
 @pytest.mark.timeout(0)  # compiles every candidate: longer than the suite's per-test limit
 @pytest.mark.parametrize("path", ["bf16", "int8", "fp8", "pv16", "cross"])
-def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_configs):
-    """Every candidate's time and error against the SDPA output; `best` is the fastest of those within
-    2x the lowest error (a fast wrong kernel never wins). "pv16": the 8-bit kernel with 16-bit P·V
-    (config path "8bit_pv16"). "cross": the fused text + image kernel at Wan's cross-attention shape,
-    against two SDPA calls."""
+def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_configs, sweep_candidates):
+    """Every candidate's time and error against the SDPA output (DIT8_SWEEP_ONLY narrows them by
+    tile_name; the path's own configuration is always timed, as `table`); `best` is the fastest of
+    those within 2x the lowest error (a fast wrong kernel never wins), its ratio to the SDPA baseline.
+    "pv16": the 8-bit kernel with 16-bit P·V (config path "8bit_pv16"). "cross": the fused text + image
+    kernel at Wan's cross-attention shape, against two SDPA calls."""
     B, L, H, D = FULL["self_shape"]
     if path == "cross":
         lq, lt, li = FULL["cross"]
         q, k, v = inputs((B, lq, H, D), lt, device)
         _, k_img, v_img = inputs((B, 1, H, D), li, device, seed=1)
 
-        _, base_out, _ = baseline(baseline_cache, ("cross_attention", (B, lq, lt, li, H, D)),
-                                  lambda backend: _cross_call(backend, device, q, k, v, k_img, v_img), gpu_time)
+        base_ms, base_out, base_name = baseline(
+            baseline_cache, ("cross_attention", (B, lq, lt, li, H, D)),
+            lambda backend: _cross_call(backend, device, q, k, v, k_img, v_img), gpu_time)
         flops = 4 * B * H * lq * (lt + li) * D
     else:
         q, k, v = inputs(FULL["self_shape"], L, device)
-        _, base_out, _ = baseline(baseline_cache, ("attention", FULL["self_shape"]),
-                                  lambda backend: _sdpa_call(backend, device, q, k, v), gpu_time)
+        base_ms, base_out, base_name = baseline(baseline_cache, ("attention", FULL["self_shape"]),
+                                                lambda backend: _sdpa_call(backend, device, q, k, v), gpu_time)
         flops = 4 * B * H * L * L * D
 
     def call(cfg):
@@ -231,11 +239,14 @@ def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_conf
             return lambda: impl8.attention_8bit(q, k, v, "int8", pv="fp16", config=cfg)
         return lambda: impl8.attention_8bit(q, k, v, path, config=cfg)
 
+    table = impl.pick_config({"int8": "8bit", "fp8": "8bit", "pv16": "8bit_pv16"}.get(path, path), D)
     times, errors = {}, {}
-    for cfg in SWEEP:
+    for cfg in sweep_candidates(SWEEP, tile_name, [table]):
         with contextlib.suppress(Exception):  # a config that does not compile (shared memory) is skipped
             errors[cfg] = rel_err(call(cfg)(), base_out)
             times[cfg] = gpu_time(call(cfg))
     best = min(sound_configs(times, errors), key=times.get)
-    record(call(best), flops=flops, best=str(best), rel_err=round(errors[best], 5),
-           sweep={str(c): [round(t, 3), round(errors[c], 5)] for c, t in times.items()})
+    extra = dict(table=tile_name(table), ms_table=round(times[table], 3)) if table in times else {}
+    record(call(best), flops=flops, baseline_ms=base_ms, baseline=base_name, best=tile_name(best),
+           rel_err=round(errors[best], 5),
+           sweep={tile_name(c): [round(t, 3), round(errors[c], 5)] for c, t in times.items()}, **extra)

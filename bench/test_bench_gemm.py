@@ -6,6 +6,7 @@ torch, measured in the same run, at the Wan2.1-14B 480P shapes (M = 32,760 token
     python -m pytest bench/test_bench_gemm.py -q --benchmark-json=gemm.json
     python bench/plot_results.py gemm.json gemm.png          # chart: kernel vs baseline per shape
     DIT8_GEMM_SWEEP=1 python -m pytest bench/test_bench_gemm.py -q -k sweep --benchmark-json=sweep.json
+    DIT8_GEMM_SWEEP=1 DIT8_SWEEP_ONLY="acc2|tmastore" python -m pytest ...   # those candidates + the table's
 
 Cases (ratio = baseline ms / kernel ms, both do_bench medians of the same run):
 - fp8:              triton FP8 (the table's config, bf16 out: on Hopper fast accumulation where K <=
@@ -369,11 +370,14 @@ def test_gemm_gluon_residual(config, shape, device, record, gpu_time):
 @pytest.mark.timeout(0)  # compiles every candidate: longer than the suite's per-test limit
 @pytest.mark.parametrize("shape", FULL_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("kind", ["fp8", "int8"])
-def test_config_sweep(kind, shape, device, record, gpu_time, sound_configs):
-    """Every candidate's time and error. `best` is the fastest of those the table may hold: for FP8 the
-    promoted ones (the op's contract is fp32 accumulation; `best_fast_accum` is the fastest of the
+def test_config_sweep(kind, shape, device, record, gpu_time, sound_configs, sweep_candidates):
+    """Every candidate's time and error (DIT8_SWEEP_ONLY narrows them; the table's configuration for
+    the shape is always timed, as `table`). `best` is the fastest of those the table may hold: for FP8
+    the promoted ones (the op's contract is fp32 accumulation; `best_fast_accum` is the fastest of the
     others, `best_split_accum` of those with two accumulators), and only configurations whose error is
-    within 2x the lowest (a fast wrong kernel never wins)."""
+    within 2x the lowest (a fast wrong kernel never wins). The ratio is to cuBLAS in this run: for FP8
+    torch._scaled_mm with default accumulation, for INT8 torch._int_mm (as the int8 case); its error
+    is rel_err_baseline (for INT8 with the dequantization)."""
     _, xq, xs, wq, ws = operands(shape, kind, device)
     ref = reference64(xq, xs, wq, ws)
     candidates = list(gemm_configs.CANDIDATES)
@@ -381,6 +385,8 @@ def test_config_sweep(kind, shape, device, record, gpu_time, sound_configs):
         candidates += list(gemm_configs.HOPPER_SWEEP)
     if kind == "int8":  # promotion and split accumulation are FP8 settings: those entries would be duplicates
         candidates = [cfg for cfg in candidates if cfg.fp8_promote is None and cfg.fp8_accumulators == 1]
+    table = impl.pick_config(kind, *shape, torch.device(device))
+    candidates = sweep_candidates(candidates, gemm_configs.GemmConfig.name, [table] if table else [])
     times, errors = {}, {}
     for cfg in candidates:
         fn = functools.partial(impl.scaled_mm, xq, xs, wq, ws, None, torch.bfloat16, config=cfg)
@@ -394,10 +400,24 @@ def test_config_sweep(kind, shape, device, record, gpu_time, sound_configs):
     extra = {"best_fast_accum": min(fast, key=times.get).name()} if kind == "fp8" and fast and promoted else {}
     if split := [cfg for cfg in sound if cfg.fp8_accumulators > 1]:
         extra["best_split_accum"] = min(split, key=times.get).name()
+    if table in times:
+        extra.update(table=table.name(), ms_table=round(times[table], 4))
+    extra["rel_err_baseline"] = round(rel_err(cublas(xq, xs, wq, ws)(), ref), 6)
     M, N, K = shape
     record(functools.partial(impl.scaled_mm, xq, xs, wq, ws, None, torch.bfloat16, config=best),
-           flops=2 * M * N * K, best=best.name(), rel_err=round(errors[best], 6), shape=list(shape),
+           flops=2 * M * N * K, baseline_ms=gpu_time(cublas(xq, xs, wq, ws, dequant=False)),
+           best=best.name(), rel_err=round(errors[best], 6), shape=list(shape),
            sweep={c.name(): [round(t, 4), round(errors[c], 6)] for c, t in times.items()}, **extra)
+
+
+def test_sweep_candidates_narrowing(monkeypatch, sweep_candidates):
+    """DIT8_SWEEP_ONLY keeps the candidates whose names match, and the table's configuration always."""
+    names = {1: "tma_persistent_acc2", 2: "plain", 3: "plain_tmastore"}.get
+    monkeypatch.setenv("DIT8_SWEEP_ONLY", "acc2|tmastore")
+    assert sweep_candidates([1, 2, 3], names, [2]) == [1, 3, 2]
+    assert sweep_candidates([1, 2, 3], names, [3]) == [1, 3]
+    monkeypatch.delenv("DIT8_SWEEP_ONLY")
+    assert sweep_candidates([1, 2, 3], names, [2]) == [1, 2, 3]
 
 
 # ----------------------------------------------------------------------------------------------------
