@@ -45,7 +45,10 @@ COLUMNS = (
     ("registers", "Registers Per Thread"),
     ("grid", "Grid Size"),
 )
-_TO_US = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+# Duration units as ncu writes them: "nsecond"/"usecond"/"msecond" in some versions, "ns"/"us"/"ms" in
+# others (the H100 machine's).
+_TO_US = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6, "ns": 1e-3, "us": 1.0, "ms": 1e3,
+          "s": 1e6}
 
 # The stall reasons of Nsight Compute's warp state sampling, each read as warps stalled for it per
 # issued instruction; they add up to "Warp Cycles Per Issued Instruction".

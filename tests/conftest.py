@@ -51,6 +51,13 @@ def pytest_collection_finish(session):
 
 
 @pytest.fixture(autouse=True)
+def _committed_verified_kernels(monkeypatch):
+    """The tests see the committed registry.GPU_VERIFIED: a DIT8_VERIFIED file in the environment (an
+    earlier gpu_check run's) would change what "auto" runs under the tests that check it."""
+    monkeypatch.delenv("DIT8_VERIFIED", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _record_verified_kernels(request):
     """On a GPU, name in the JUnit XML the kernels the test checks; bench/verified_backends.py turns a
     run's results into dit8.kernels.registry.GPU_VERIFIED entries."""

@@ -103,7 +103,9 @@ def test_profile_table_of_ncu_csv(tmp_path):
             ("1", "void dit8::rows_kernel<float>(dit8::RowArgs)", "GPU Speed Of Light Throughput", "Duration",
              "usecond", "1,046.40"),
             ("1", "void dit8::rows_kernel<float>(dit8::RowArgs)", "Launch Statistics", "Registers Per Thread",
-             "register/thread", "40")]
+             "register/thread", "40"),
+            # The H100 machine's ncu writes the unit as "ns".
+            ("2", "_rows_kernel", "GPU Speed Of Light Throughput", "Duration", "ns", "527,300")]
     lines = ["==PROF== Connected to process 1", head] + [
         f'"{i}","1","python3","h","{k}","1","7","(128, 1, 1)","(256, 40, 1)","0","9.0","{s}","{m}","{u}","{v}"'
         for i, k, s, m, u, v in rows]
@@ -116,6 +118,7 @@ def test_profile_table_of_ncu_csv(tmp_path):
     assert table[0].startswith("| ID | kernel | µs | SM % |")
     assert table[2].startswith("| 0 | _attention_kernel | 43,800.0 | 71.2 |") and "| 12.4 / 12.5 |" in table[2]
     assert table[3].startswith("| 1 | void dit8::rows_kernel<float> | 1,046.4 |") and "| 40 |" in table[3]
+    assert table[4].startswith("| 2 | _rows_kernel | 527.3 |")
     (tmp_path / "empty.csv").write_text("==PROF== No kernels were profiled.\n")
     done = subprocess.run([sys.executable, str(script), "table", str(tmp_path / "empty.csv")], capture_output=True,
                           text=True, timeout=60)
