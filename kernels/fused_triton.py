@@ -80,12 +80,19 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _gelu_tanh(x):
+def _gelu_tanh(x, INTERPRET: tl.constexpr):
     """GELU, tanh approximation, in fp32, as the GEMM epilogue computes it: 0.5·x·(1 + tanh(u)) =
-    x·sigmoid(2u) = x / (1 + 2^(-x·(C0 + C1·x²))). The hardware exp2 and the fast division err by a few
-    fp32 ulps, a millionth of an 8-bit code step. exp2 overflows to +inf for very negative x: -0, the
-    limit."""
-    return x / (1.0 + tl.math.exp2(-x * (_GELU_C0 + _GELU_C1 * x * x)))
+    x·sigmoid(2u) = x / (1 + 2^(x·(-C0 - C1·x²))). The hardware exp2 and reciprocal err by a few fp32
+    ulps, a millionth of an 8-bit code step. exp2 overflows to +inf for very negative x: -0, the limit.
+    Instructions, since GELU + quantization is the one rows op near the SM's issue rate (bench/RESULTS.md):
+    the sign sits in the constants (-x would cost an add: 0 - x), and the quotient is x times the
+    reciprocal (MUFU.RCP and a multiply, where `/` adds a range check and two scalings for divisors
+    past 2^126, whose quotients here are below 2^-122 and flush to -0 either way)."""
+    e = 1.0 + tl.math.exp2(x * (-_GELU_C0 - _GELU_C1 * x * x))
+    if INTERPRET:
+        return x / e
+    return x * tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [e], dtype=tl.float32, is_pure=True,
+                                         pack=1)
 
 
 @triton.jit
@@ -147,10 +154,10 @@ def _scale_of(amax, OUT: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _rows_load(x_row, offs, mask, ACT: tl.constexpr):
+def _rows_load(x_row, offs, mask, ACT: tl.constexpr, INTERPRET: tl.constexpr):
     x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
     if ACT == 1:
-        x = _gelu_tanh(x)  # gelu(0) = 0: masked lanes stay 0
+        x = _gelu_tanh(x, INTERPRET)  # gelu(0) = 0: masked lanes stay 0
     return x
 
 
@@ -207,11 +214,11 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
         # EXACT: the tiles hold exactly C columns (Wan's 5120), so no lane needs zeroing.
         PADDED: tl.constexpr = not EXACT
         mask = offs0 < C
-        x = _rows_load(x_row, offs0, mask, ACT)
+        x = _rows_load(x_row, offs0, mask, ACT, INTERPRET)
         if TAIL_C > 0:
             offs1 = BLOCK_C + tl.arange(0, TAIL_C)
             mask1 = offs1 < C
-            x1 = _rows_load(x_row, offs1, mask1, ACT)
+            x1 = _rows_load(x_row, offs1, mask1, ACT, INTERPRET)
         if PREFETCH:  # issued with the row's loads, ahead of the statistics' barriers
             params = _rows_params(offs0, mask, W, Bias, shift_row, scale_row, HAS_W, HAS_B, HAS_MOD)
             if TAIL_C > 0:
@@ -262,7 +269,7 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
             acc = tl.zeros([BLOCK_C], tl.float32)
             for start in range(0, C, BLOCK_C):
                 offs = start + offs0
-                x = _rows_load(x_row, offs, offs < C, ACT)
+                x = _rows_load(x_row, offs, offs < C, ACT, INTERPRET)
                 if NORM == 2:
                     acc += x * x
                 else:
@@ -273,7 +280,7 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
                 for start in range(0, C, BLOCK_C):
                     offs = start + offs0
                     mask = offs < C
-                    d = tl.where(mask, _rows_load(x_row, offs, mask, ACT) - mean, 0.0)
+                    d = tl.where(mask, _rows_load(x_row, offs, mask, ACT, INTERPRET) - mean, 0.0)
                     acc += d * d
             rstd = tl.math.rsqrt(tl.math.div_rn(tl.sum(acc, 0), n) + eps)
         if QUANT:
@@ -282,7 +289,7 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
                 offs = start + offs0
                 mask = offs < C
                 params = _rows_params(offs, mask, W, Bias, shift_row, scale_row, HAS_W, HAS_B, HAS_MOD)
-                y = _rows_finish(_rows_load(x_row, offs, mask, ACT), mask, mean, rstd, params, NORM, HAS_W,
+                y = _rows_finish(_rows_load(x_row, offs, mask, ACT, INTERPRET), mask, mean, rstd, params, NORM, HAS_W,
                                  HAS_B, HAS_MOD, True)
                 amax = _max_nan(amax, tl.abs(y))
             scale = _scale_of(tl.reduce(amax, 0, _max_nan), OUT)
@@ -291,8 +298,8 @@ def _rows_kernel(X, stride_x, Out, OutScale, W, Bias, Shift, Scale, stride_shift
             offs = start + offs0
             mask = offs < C
             params = _rows_params(offs, mask, W, Bias, shift_row, scale_row, HAS_W, HAS_B, HAS_MOD)
-            y = _rows_finish(_rows_load(x_row, offs, mask, ACT), mask, mean, rstd, params, NORM, HAS_W, HAS_B,
-                             HAS_MOD, True)
+            y = _rows_finish(_rows_load(x_row, offs, mask, ACT, INTERPRET), mask, mean, rstd, params, NORM, HAS_W,
+                             HAS_B, HAS_MOD, True)
             if QUANT:
                 tl.store(out_row + offs, _codes(y, scale, OUT, INTERPRET), mask=mask)
             else:
