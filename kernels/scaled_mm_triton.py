@@ -121,8 +121,12 @@ def _epilogue_part(acc, off_m, off_n, M, N, XS, WS, Bias, Res, Gate, Out,
     if HAS_BIAS:
         y = y + tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION == 1:
-        # gelu_tanh(y) = y / (1 + 2^(-y·(C0 + C1·y²))); overflow of exp2 (y very negative) gives -0.
-        y = tl.math.div_rn(y, 1.0 + tl.math.exp2(-y * (_GELU_C0 + _GELU_C1 * y * y)))
+        # gelu_tanh(y) = y / (1 + 2^(y·(-C0 - C1·y²))); overflow of exp2 (y very negative) gives -0. The
+        # sign sits in the constants (-y costs an add: 0 - y) and the quotient is the hardware's approximate
+        # one (2 ulps, far below the output's rounding), where div_rn took twice the instructions: the tile
+        # loop of the 128 x 256 fast tiles (sm_90a, triton 3.6) runs 2,578 instructions a thread instead of
+        # 3,857, against 1,310 without GELU.
+        y = y / (1.0 + tl.math.exp2(y * (-_GELU_C0 - _GELU_C1 * y * y)))
     mask = mask_m[:, None] & mask_n[None, :]
     tile_m = off_m.to(tl.int64)
     if HAS_RESIDUAL:
