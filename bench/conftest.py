@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import statistics
 import time
 
 import torch
@@ -56,6 +57,26 @@ def gpu_time_ms(fn, *, warmup: int = 25, rep: int = 100, min_runs: int = 10) -> 
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3
+
+
+def paired_times_ms(fn, baseline, *, rounds: int = 6, rep: int = 40, timer=None) -> tuple[list[float], list[float]]:
+    """Per-round median milliseconds of fn and of baseline, timed in alternating order (fn first in
+    even rounds, baseline first in odd ones), so that both see the same clocks: a GPU under a heavy load
+    changes its clock over seconds (the same cuBLAS GEMM took 1.32-1.47 ms in different rows of one run,
+    bench/RESULTS.md), and two timings taken apart put that drift into their ratio. timer(f) -> ms:
+    gpu_time_ms over `rep` milliseconds unless given."""
+    timer = timer or (lambda f: gpu_time_ms(f, rep=rep, min_runs=5))
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for r in range(rounds):
+        for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+            times[which].append(timer((fn, baseline)[which]))
+    return times[0], times[1]
+
+
+@pytest.fixture(scope="session")
+def paired_times():
+    """The paired timing function (paired_times_ms)."""
+    return paired_times_ms
 
 
 def _sound_configs(times: dict, errors: dict) -> list:
@@ -111,15 +132,27 @@ def baseline_cache() -> dict:
 
 @pytest.fixture
 def record(benchmark):
-    """record(fn, *, flops=None, nbytes=None, baseline_ms=None, **info) -> ms.
+    """record(fn, *, flops=None, nbytes=None, baseline_ms=None, baseline_fn=None, **info) -> ms.
 
     Times fn, fills benchmark.extra_info (ms; TFLOP/s and GB/s when flops/nbytes are given; the
-    speed-up `ratio` = baseline_ms / ms; any extra info) and runs it under pytest-benchmark."""
+    speed-up `ratio` = baseline ms / ms; any extra info) and runs it under pytest-benchmark. The
+    baseline: its time measured before (baseline_ms), or the function itself (baseline_fn), then timed
+    in rounds alternating with fn (paired_times_ms): ms and baseline_ms are the medians of the rounds,
+    `ratio` the median of the rounds' ratios and `ratio_range` their lowest and highest."""
 
     def run(fn, *, flops: float | None = None, nbytes: float | None = None,
-            baseline_ms: float | None = None, **info) -> float:
-        ms = gpu_time_ms(fn)
+            baseline_ms: float | None = None, baseline_fn=None, **info) -> float:
         extra = benchmark.extra_info
+        ratio = ratio_range = None
+        if baseline_fn is not None and CUDA:
+            mine, theirs = paired_times_ms(fn, baseline_fn)
+            ms, baseline_ms = statistics.median(mine), statistics.median(theirs)
+            ratios = [b / a for a, b in zip(mine, theirs)]
+            ratio, ratio_range = statistics.median(ratios), [round(min(ratios), 3), round(max(ratios), 3)]
+        else:
+            ms = gpu_time_ms(fn)
+            if baseline_fn is not None:  # smoke mode: runs once, like fn
+                baseline_ms = gpu_time_ms(baseline_fn)
         extra["device"] = torch.cuda.get_device_name() if CUDA else "cpu (smoke: interpreter, tiny shapes)"
         extra["ms"] = round(ms, 4)
         if CUDA:
@@ -129,7 +162,9 @@ def record(benchmark):
                 extra["gbps"] = round(nbytes / ms / 1e6, 1)
             if baseline_ms is not None:
                 extra["baseline_ms"] = round(baseline_ms, 4)
-                extra["ratio"] = round(baseline_ms / ms, 3)
+                extra["ratio"] = round(ratio if ratio is not None else baseline_ms / ms, 3)
+            if ratio_range is not None:
+                extra["ratio_range"] = ratio_range
         extra.update(info)
 
         def synced():

@@ -28,7 +28,7 @@ GIB = 2 ** 30
 # extra_info key -> column title, in the order the columns appear.
 BENCH_COLUMNS = {
     "ms": "ms", "tflops": "TFLOP/s", "gbps": "GB/s", "copy_fraction": "of copy rate",
-    "baseline": "baseline", "baseline_ms": "baseline ms", "ratio": "ratio",
+    "baseline": "baseline", "baseline_ms": "baseline ms", "ratio": "ratio", "ratio_range": "ratio range",
     "ratio_fast_accum": "vs fast accum", "ratio_vs_cublas_unfused": "vs cuBLAS unfused",
     "speedup_vs_official": "vs official",
     "speedup_vs_rms_norm_rope": "vs rms_norm + rope", "rel_err": "rel err",
@@ -89,8 +89,9 @@ def test_lines(xml_path: Path) -> list[str]:
 def bench_lines(name: str, data: dict) -> list[str]:
     rows = data.get("benchmarks", [])
     keys = [k for k in BENCH_COLUMNS if any(k in b.get("extra_info", {}) for b in rows)]
+    cell = lambda v: " to ".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731 (a range)
     return table([name] + [BENCH_COLUMNS[k] for k in keys],
-                 [[b["name"]] + [b.get("extra_info", {}).get(k) for k in keys] for b in rows])
+                 [[b["name"]] + [cell(b.get("extra_info", {}).get(k)) for k in keys] for b in rows])
 
 
 def dit_lines(runs: dict[str, dict]) -> list[str]:

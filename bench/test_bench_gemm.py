@@ -8,7 +8,9 @@ torch, measured in the same run, at the Wan2.1-14B 480P shapes (M = 32,760 token
     DIT8_GEMM_SWEEP=1 python -m pytest bench/test_bench_gemm.py -q -k sweep --benchmark-json=sweep.json
     DIT8_GEMM_SWEEP=1 DIT8_SWEEP_ONLY="acc2|tmastore" python -m pytest ...   # those candidates + the table's
 
-Cases (ratio = baseline ms / kernel ms, both do_bench medians of the same run):
+Cases (ratio = baseline ms / kernel ms: the median over six rounds in which the kernel and its baseline
+are timed one after the other, in alternating order, so that a drifting GPU clock does not enter the
+ratio; ratio_range: the rounds' lowest and highest; bench/conftest.py paired_times_ms):
 - fp8:              triton FP8 (the table's config, bf16 out: on Hopper fast accumulation where K <=
                     8192, promoted beyond) vs torch._scaled_mm, row-wise scales, default
                     accumulation; also ratio_fast_accum vs use_fast_accum=True.
@@ -170,7 +172,7 @@ def test_gemm(case, shape, device, smoke, record, gpu_time, benchmark):
     # A wrong kernel must not produce a benchmark number (the 2x budget of tests/test_scaled_mm_triton.py).
     assert err <= 2 * err_base, (err, err_base)
     M, N, K = shape
-    ms = record(fn, flops=2 * M * N * K, baseline_ms=gpu_time(baseline), **info)
+    ms = record(fn, flops=2 * M * N * K, baseline_fn=baseline, **info)
     if case == "fp8" and not smoke:
         benchmark.extra_info["ratio_fast_accum"] = round(info["ms_fast_accum_baseline"] / ms, 3)
 
@@ -202,7 +204,7 @@ def test_gemm_bf16_in(shape, device, smoke, record, gpu_time):
     # two outputs differ only by the GEMMs' rounding.
     assert rel_err(out, base_out.double()) < 1e-2
     M, N, K = shape
-    record(ours, flops=2 * M * N * K, baseline_ms=gpu_time(eager), shape=list(shape),
+    record(ours, flops=2 * M * N * K, baseline_fn=eager, shape=list(shape),
            quantize_ms=round(gpu_time(lambda: ops.quantize_per_token(x, FP8, backend=quant_backend)), 4),
            quantize_backend=quant_backend,
            baseline="eager quantize_per_token (torch) + torch._scaled_mm row-wise",
@@ -251,7 +253,7 @@ def test_fused_epilogue(case, shape, device, smoke, record, gpu_time, benchmark)
     else:
         err = rel_err(out, ref)
     assert err < tol, err
-    ms = record(fused, flops=2 * M * N * K, baseline_ms=gpu_time(baseline), **info)
+    ms = record(fused, flops=2 * M * N * K, baseline_fn=baseline, **info)
     if not smoke and "ms_cublas_unfused" in info:
         benchmark.extra_info["ratio_vs_cublas_unfused"] = round(info["ms_cublas_unfused"] / ms, 3)
 
@@ -292,7 +294,7 @@ def test_gemm_gluon(config, shape, device, record, gpu_time):
     del ref
     assert err <= 2 * err_base, (err, err_base)  # a wrong kernel must not produce a benchmark number
     M, N, K = shape
-    record(fn, flops=2 * M * N * K, baseline_ms=gpu_time(cublas(xq, xs, wq, ws)), shape=list(shape),
+    record(fn, flops=2 * M * N * K, baseline_fn=cublas(xq, xs, wq, ws), shape=list(shape),
            config=cfg.name(), rel_err=float(f"{err:.4g}"), rel_err_baseline=float(f"{err_base:.4g}"),
            ms_triton=round(gpu_time(lambda: impl.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16)), 4),
            config_triton=config_name("fp8", shape, device))
@@ -311,7 +313,7 @@ def test_gemm_gluon_fast(shape, device, record, gpu_time, benchmark):
     del ref
     assert err <= 2 * err_base, (err, err_base)
     M, N, K = shape
-    ms = record(fn, flops=2 * M * N * K, baseline_ms=gpu_time(cublas(xq, xs, wq, ws, fast_accum=True)),
+    ms = record(fn, flops=2 * M * N * K, baseline_fn=cublas(xq, xs, wq, ws, fast_accum=True),
                 shape=list(shape), config=gluon.FAST.name(), rel_err=float(f"{err:.4g}"),
                 rel_err_baseline=float(f"{err_base:.4g}"), baseline="torch._scaled_mm use_fast_accum=True",
                 ms_triton=round(gpu_time(lambda: impl.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16,
@@ -332,7 +334,7 @@ def test_gemm_gluon_int8(shape, device, record, gpu_time):
     del ref
     assert err <= 2 * err_base, (err, err_base)
     M, N, K = shape
-    record(fn, flops=2 * M * N * K, baseline_ms=gpu_time(cublas(xq, xs, wq, ws, dequant=False)), shape=list(shape),
+    record(fn, flops=2 * M * N * K, baseline_fn=cublas(xq, xs, wq, ws, dequant=False), shape=list(shape),
            config=gluon.FAST.name(), rel_err=float(f"{err:.4g}"), rel_err_baseline=float(f"{err_base:.4g}"),
            baseline="torch._int_mm, int32 out, no dequantization",
            ms_triton=round(gpu_time(lambda: impl.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16)), 4),
@@ -357,7 +359,7 @@ def test_gemm_gluon_residual(config, shape, device, record, gpu_time):
     update = (base_out.double() - residual.double()).norm()
     # Two FP8 accumulations of the same operands: they differ by the tensor cores' rounding (~1e-3).
     assert ((out.double() - base_out.double()).norm() / update).item() < 1e-2
-    record(fn, flops=2 * M * N * K, baseline_ms=gpu_time(triton_fused), shape=list(shape),
+    record(fn, flops=2 * M * N * K, baseline_fn=triton_fused, shape=list(shape),
            config=cfg.name(), baseline="triton FP8 GEMM with the fused gated residual (table tiles)")
 
 
@@ -405,9 +407,18 @@ def test_config_sweep(kind, shape, device, record, gpu_time, sound_configs, swee
     extra["rel_err_baseline"] = round(rel_err(cublas(xq, xs, wq, ws)(), ref), 6)
     M, N, K = shape
     record(functools.partial(impl.scaled_mm, xq, xs, wq, ws, None, torch.bfloat16, config=best),
-           flops=2 * M * N * K, baseline_ms=gpu_time(cublas(xq, xs, wq, ws, dequant=False)),
+           flops=2 * M * N * K, baseline_fn=cublas(xq, xs, wq, ws, dequant=False),
            best=best.name(), rel_err=round(errors[best], 6), shape=list(shape),
            sweep={c.name(): [round(t, 4), round(errors[c], 6)] for c, t in times.items()}, **extra)
+
+
+def test_paired_timing_alternates(paired_times):
+    """paired_times_ms times the kernel and its baseline in alternating order, a round at a time."""
+    calls = []
+    mine, theirs = paired_times(lambda: "kernel", lambda: "baseline", rounds=4,
+                                timer=lambda fn: calls.append(fn()) or float(len(calls)))
+    assert calls == ["kernel", "baseline", "baseline", "kernel"] * 2
+    assert mine == [1.0, 4.0, 5.0, 8.0] and theirs == [2.0, 3.0, 6.0, 7.0]
 
 
 def test_sweep_candidates_narrowing(monkeypatch, sweep_candidates):
