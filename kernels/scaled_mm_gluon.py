@@ -204,7 +204,7 @@ def _epilogue(acc, acc_smem, off_m, off_n, M, N, XS, WS, Bias, Res, Gate, Out, s
         if HAS_BIAS:
             y = y + gl.load(Bias + offs_n, mask=mask_n, other=0.0).to(gl.float32)[None, :]
         if ACTIVATION == 1:
-            y = gl.div_rn(y, 1.0 + gl.exp2(-y * (_GELU_C0 + _GELU_C1 * y * y)))
+            y = y / (1.0 + gl.exp2(y * (-_GELU_C0 - _GELU_C1 * y * y)))  # as the Triton epilogue (its comment)
         mask = mask_m[:, None] & mask_n[None, :]
         if HAS_RESIDUAL:
             r = gl.load(Res + tile_m * stride_rm + off_n + (rows[:, None] * stride_rm + cols[None, :]), mask=mask,
