@@ -87,7 +87,8 @@ def _gelu_tanh(x, INTERPRET: tl.constexpr):
     Instructions, since GELU + quantization is the one rows op near the SM's issue rate (bench/RESULTS.md):
     the sign sits in the constants (-x would cost an add: 0 - x), and the quotient is x times the
     reciprocal (MUFU.RCP and a multiply, where `/` adds a range check and two scalings for divisors
-    past 2^126, whose quotients here are below 2^-122 and flush to -0 either way)."""
+    past 2^126). Past 2^126 the quotient is below 2^-122 in magnitude and the flushed reciprocal makes it
+    -0: far below anything a bf16 value or an 8-bit code resolves."""
     e = 1.0 + tl.math.exp2(x * (-_GELU_C0 - _GELU_C1 * x * x))
     if INTERPRET:
         return x / e
