@@ -34,7 +34,7 @@ ENV_VAR = "DIT8_GLUON"
 CONFIGURATIONS = {
     "attention": ("default", "ws"),
     "attention_8bit": ("default", "ws", "wg"),  # wg: one warpgroup a program (attention_8bit_gluon.BLOCK_MS)
-    "gemm": ("default", "stages5", "k256", "ws", "ws_k256"),
+    "gemm": ("default", "stages5", "k256", "ws", "ws_k256", "split"),
     "gemm_fast": ("default", ),
     "gemm_int8": ("default", ),
 }

@@ -35,6 +35,13 @@ warp per 128-deep step, and the epilogue runs on the two 128-column halves in tu
 cuBLAS's use_fast_accum=True, a candidate for the Triton table's fast-accumulation tiles; it also takes
 INT8 operands (int32 accumulation, exact), a candidate for the table's INT8 tiles.
 
+And split accumulation (CANDIDATES["split"], `_mma_split_partition`), a candidate for the promoted
+entries too: 128 x 128 tiles, warp-specialized, the K steps alternating between two accumulator tiles
+that the tensor cores add into in place, summed in fp32 after the loop (kernels/gemm_configs.py explains
+the error). Nothing waits for an add: 53.5 instructions a warp per 128-deep step against the promoted
+kernel's 112.5 (sm_90a, triton 3.6), 168 registers. Its error budget is the promoted one: the Triton
+kernel's split accumulation erred 1.49x cuBLAS's default mode at K = 13824 on an H100.
+
 Epilogue (fp32, the reference's order, as kernels/scaled_mm_triton.py): y = acc · x_scale[m] ·
 w_scale[n] (+ bias[n]); optionally GELU(tanh); optionally residual[m, n] + gate[m // rows_per_batch,
 n] · y; one rounding to the output dtype. The tile passes through shared memory and is finished in
@@ -92,9 +99,12 @@ class GluonGemmConfig:
     # 128 x 256): for FP8 as cuBLAS's use_fast_accum=True and the Triton table's FAST_ACCUMULATION tiles;
     # for INT8 exact.
     fast_accumulation: bool = False
+    # FP8 split accumulation (`_mma_split_partition`, warp-specialized): the tensor cores accumulate in
+    # place, the K steps alternating between two accumulator tiles that are added in fp32 after the loop.
+    split_accumulation: bool = False
 
     def name(self) -> str:
-        mode = "fast" if self.fast_accumulation else "promoted"
+        mode = "fast" if self.fast_accumulation else "split" if self.split_accumulation else "promoted"
         return (f"gluon {mode} {self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} "
                 f"s{self.num_stages} w{self.num_warps}{' ws' if self.warp_specialized else ''}")
 
@@ -109,6 +119,7 @@ CANDIDATES = {
     "k256": GluonGemmConfig(block_k=256, num_stages=2),
     "ws": GluonGemmConfig(warp_specialized=True),
     "ws_k256": GluonGemmConfig(block_k=256, num_stages=2, warp_specialized=True),
+    "split": GluonGemmConfig(warp_specialized=True, split_accumulation=True),
 }
 # Accumulation in place: for FP8 the GEMMs the Triton table gives its FAST_ACCUMULATION tiles (K <= 8192),
 # a candidate against those, not a promoted kernel; and every INT8 GEMM.
@@ -412,16 +423,73 @@ def _mma_fast_partition(a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Re
                   stride_rm, stride_gb, rows_per_batch, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, num_warps)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Split accumulation: two accumulator tiles, the K steps alternating between them
+# ----------------------------------------------------------------------------------------------------
+
+@gluon.jit
+def _split_step(a_smem, b_smem, ready, empty, acc, other, step, use_acc, release, NSTAGES: gl.constexpr):
+    """One K step: issue its product into acc (in place, asynchronously); wait until it alone is in
+    flight, which completes the product before it (into `other`); give that one's stage back."""
+    stage = step % NSTAGES
+    mbarrier.wait(ready.index(stage), (step // NSTAGES) & 1)
+    acc = warpgroup_mma(a_smem.index(stage), b_smem.index(stage).permute((1, 0)), acc, use_acc=use_acc,
+                        is_async=True)
+    other = warpgroup_mma_init(warpgroup_mma_wait(1, deps=(other, )))
+    mbarrier.arrive(empty.index((step + NSTAGES - 1) % NSTAGES), count=1, pred=release)
+    return acc, other
+
+
+@gluon.jit
+def _mma_split_partition(a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Res, Gate, Out, M, N, K, stride_om,
+                         stride_rm, stride_gb, rows_per_batch, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                         BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, NSTAGES: gl.constexpr,
+                         NUM_PROGRAMS: gl.constexpr, HAS_BIAS: gl.constexpr, ACTIVATION: gl.constexpr,
+                         HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, num_warps: gl.constexpr):
+    """The multiplying warps of split accumulation: even K steps accumulate into acc0 and odd ones into
+    acc1, in place, by the tensor cores (two tiles of 64 registers a thread at 128 x 128), so that each
+    sums half the products at about 1/√2 of the result's magnitude; the two are added in fp32 after the
+    loop. Nothing waits for an add: each step's wait leaves its own product in flight and completes the
+    other accumulator's."""
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BLOCK_N, 32])
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), NUM_PROGRAMS)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    step = 0
+    for t in range(my_tiles):
+        off_m, off_n = _tile_origin(t, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M, NUM_PROGRAMS)
+        # Fresh tiles (each one's first product has use_acc=False), so that the last tile's registers are
+        # free for the epilogue; acc1 stays zero where K has a single step.
+        acc0 = warpgroup_mma_init(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=acc_layout))
+        acc1 = warpgroup_mma_init(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=acc_layout))
+        # The step before a tile's first was released with the previous tile's last: no release there.
+        for kt in range(0, k_tiles - 1, 2):
+            acc0, acc1 = _split_step(a_smem, b_smem, ready, empty, acc0, acc1, step, kt > 0, kt > 0, NSTAGES)
+            acc1, acc0 = _split_step(a_smem, b_smem, ready, empty, acc1, acc0, step + 1, kt > 0, True, NSTAGES)
+            step += 2
+        if k_tiles % 2 == 1:
+            acc0, acc1 = _split_step(a_smem, b_smem, ready, empty, acc0, acc1, step, k_tiles > 1, k_tiles > 1,
+                                     NSTAGES)
+            step += 1
+        done0, done1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
+        mbarrier.arrive(empty.index((step + NSTAGES - 1) % NSTAGES), count=1)
+        _epilogue(done0 + done1, acc_smem, off_m, off_n, M, N, XS, WS, Bias, Res, Gate, Out, stride_om, stride_rm,
+                  stride_gb, rows_per_batch, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE, num_warps)
+
+
 @gluon.jit
 def _gemm_ws_kernel(a_desc, b_desc, XS, WS, Bias, Res, Gate, Out, M, N, K,
                     stride_om, stride_rm, stride_gb, rows_per_batch,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
                     NSTAGES: gl.constexpr, NUM_PROGRAMS: gl.constexpr, HAS_BIAS: gl.constexpr,
                     ACTIVATION: gl.constexpr, HAS_RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr,
-                    FAST: gl.constexpr, IS_INT8: gl.constexpr, num_warps: gl.constexpr):
+                    FAST: gl.constexpr, SPLIT: gl.constexpr, IS_INT8: gl.constexpr, num_warps: gl.constexpr):
     """The warp-specialized kernels: the load warp (`_load_partition`) and the multiplying warps, which
-    promote every K tile (`_mma_partition`) or, with FAST, accumulate in place (`_mma_fast_partition`,
-    whose epilogue stages half its 256 columns at a time)."""
+    promote every K tile (`_mma_partition`), or with FAST accumulate in place (`_mma_fast_partition`,
+    whose epilogue stages half its 256 columns at a time), or with SPLIT in place into two tiles
+    (`_mma_split_partition`)."""
     a_smem = gl.allocate_shared_memory(a_desc.dtype, [NSTAGES, BLOCK_M, BLOCK_K], a_desc.layout)
     b_smem = gl.allocate_shared_memory(b_desc.dtype, [NSTAGES, BLOCK_N, BLOCK_K], b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
@@ -430,7 +498,16 @@ def _gemm_ws_kernel(a_desc, b_desc, XS, WS, Bias, Res, Gate, Out, M, N, K,
     for i in gl.static_range(NSTAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
-    if FAST:
+    if SPLIT:
+        gl.warp_specialize([
+            (_mma_split_partition, (a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Res, Gate, Out, M, N, K,
+                                    stride_om, stride_rm, stride_gb, rows_per_batch, BLOCK_M, BLOCK_N, BLOCK_K,
+                                    GROUP_M, NSTAGES, NUM_PROGRAMS, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, HAS_GATE,
+                                    num_warps)),
+            (_load_partition, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                               GROUP_M, NSTAGES, NUM_PROGRAMS)),
+        ], [1], [24])
+    elif FAST:
         gl.warp_specialize([
             (_mma_fast_partition, (a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Res, Gate, Out, M, N, K,
                                    stride_om, stride_rm, stride_gb, rows_per_batch, BLOCK_M, BLOCK_N, BLOCK_K,
@@ -513,7 +590,7 @@ def launch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: t
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     programs = min(tiles, _sm_count(xq.device.index or 0))
     dummy = x_scale  # pointer for the absent optional operands (never read: their flags are off)
-    specialized = cfg.warp_specialized or cfg.fast_accumulation
+    specialized = cfg.warp_specialized or cfg.fast_accumulation or cfg.split_accumulation
     kernel = _gemm_ws_kernel if specialized else _fp8_gemm_kernel
     with torch.cuda.device(xq.device):
         kernel[(programs,)](
@@ -525,5 +602,6 @@ def launch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: t
             NSTAGES=cfg.num_stages, NUM_PROGRAMS=programs, HAS_BIAS=bias is not None,
             ACTIVATION=ACTIVATION_CODES[activation], HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None,
             num_warps=cfg.num_warps,
-            **({"FAST": cfg.fast_accumulation, "IS_INT8": xq.dtype == torch.int8} if specialized else {}))
+            **({"FAST": cfg.fast_accumulation, "SPLIT": cfg.split_accumulation, "IS_INT8": xq.dtype == torch.int8}
+               if specialized else {}))
     return out

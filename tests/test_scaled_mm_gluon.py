@@ -93,7 +93,7 @@ def test_gluon_int8_gemm_within_twice_the_reference_error(M, N, K, out_dtype):
 
 
 @pytest.mark.parametrize("variant", ["gate", "no_gate", "gate_gelu", "gelu"])
-@pytest.mark.parametrize("config", ["default", "ws", "fast", "int8"])
+@pytest.mark.parametrize("config", ["default", "ws", "split", "fast", "int8"])
 @on_hopper
 def test_gluon_gemm_fused_epilogues(variant, config):
     M, N, K = 1000, 640, 272
@@ -109,13 +109,13 @@ def test_gluon_gemm_fused_epilogues(variant, config):
     assert torch.equal(residual, residual_and_gate(M, N, 4, seed=8)[0])
 
 
-@pytest.mark.parametrize("warp_specialized", [False, True], ids=["", "ws"])
+@pytest.mark.parametrize("config", ["default", "ws", "split"])
 @on_hopper(seconds=120)
 @pytest.mark.xdist_group("wan_shapes")  # the float64 reference takes ~10 GB
-def test_gluon_gemm_at_the_ffn_down_projection(warp_specialized):
+def test_gluon_gemm_at_the_ffn_down_projection(config):
     """Wan's K = 13824 linear (where the table keeps promoted tiles), against cuBLAS's default mode."""
     xq, xs, wq, ws = quantized_operands(32760, 5120, 13824, FP8, seed=3)  # made on the GPU
-    config = g.CANDIDATES["ws" if warp_specialized else "default"]
+    config = g.CANDIDATES[config]
     out = g.scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16, config=config)
     check_output(out, (32760, 5120), torch.bfloat16)
     ref = reference64(xq, xs, wq, ws)
@@ -153,7 +153,7 @@ def test_gluon_gemm_names_what_it_cannot_take():
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("DIT8_SM90_COMPILE") != "1",
                     reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
 @pytest.mark.parametrize("epilogue", ["plain", "gelu", "residual"])
-@pytest.mark.parametrize("config", list(g.CANDIDATES))
+@pytest.mark.parametrize("config", [name for name, cfg in g.CANDIDATES.items() if not cfg.split_accumulation])
 def test_gluon_gemm_adds_each_product_while_the_next_runs_on_hopper(config, epilogue):
     from compile_check import run_without_interpreter
 
@@ -183,6 +183,21 @@ def test_gluon_fast_gemm_keeps_one_product_in_flight_on_hopper(codes, epilogue):
     assert r["waits_for_one"] == 1 and r["waits_for_all"] == 0, r
 
 
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("DIT8_SM90_COMPILE") != "1",
+                    reason="opt-in compile check for machines without a GPU: set DIT8_SM90_COMPILE=1")
+@pytest.mark.parametrize("epilogue", ["plain", "gelu", "residual"])
+def test_gluon_split_gemm_never_waits_for_an_add_on_hopper(epilogue):
+    from compile_check import run_without_interpreter
+
+    r = run_without_interpreter("test_scaled_mm_gluon", "sm90_schedule", ("split", epilogue))
+    # Two K steps an iteration, one into each accumulator: each wait leaves the product just issued in
+    # flight (completing the other accumulator's), none waits for all, and no fp32 add is in the loop.
+    # sm_90a, triton 3.6: 107 instructions a warp an iteration (53.5 a 128-deep step, against 112.5 for
+    # the promoted warp-specialized kernel), 168 registers.
+    assert r["spills"] == 0 and 0 < r["shared"] <= 227 * 1024 and not r["wgmma_serialized"], r
+    assert r["waits_for_one"] == 2 and r["waits_for_all"] == 0 and r["adds_in_k_loop"] == 0, r
+
+
 def sm90_schedule(config: str, epilogue: str, codes: str = "fp8") -> dict:
     """Compile configuration(config) with the given epilogue and operand codes for sm_90a (without
     TRITON_INTERPRET), as specialized for Wan's shapes (N, K and the strides multiples of 16), and
@@ -196,14 +211,15 @@ def sm90_schedule(config: str, epilogue: str, codes: str = "fp8") -> dict:
     desc = {rows: f"tensordesc<{name}[{rows}, {cfg.block_k}],{g.operand_layout(rows, cfg.block_k, dtype)!r}>"
             for rows in (cfg.block_m, cfg.block_n)}
     residual = epilogue == "residual"
-    specialized = cfg.warp_specialized or cfg.fast_accumulation
+    specialized = cfg.warp_specialized or cfg.fast_accumulation or cfg.split_accumulation
     types = dict(a_desc=desc[cfg.block_m], b_desc=desc[cfg.block_n], XS="*fp32", WS="*fp32", Bias="*fp32",
                  Res="*fp32", Gate="*fp32", Out="*fp32" if residual else "*bf16", M="i32", N="i32", K="i32",
                  stride_om="i32", stride_rm="i32", stride_gb="i32", rows_per_batch="i32")
     constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                       NSTAGES=cfg.num_stages, NUM_PROGRAMS=132, HAS_BIAS=True, ACTIVATION=int(epilogue == "gelu"),
                       HAS_RESIDUAL=residual, HAS_GATE=residual, num_warps=cfg.num_warps,
-                      **({"FAST": cfg.fast_accumulation, "IS_INT8": codes == "int8"} if specialized else {}))
+                      **({"FAST": cfg.fast_accumulation, "SPLIT": cfg.split_accumulation, "IS_INT8": codes == "int8"}
+                         if specialized else {}))
     kernel = g._gemm_ws_kernel if specialized else g._fp8_gemm_kernel
     report, sass = compile_gluon_kernel(kernel, types, constexprs, num_warps=cfg.num_warps,
                                         aligned=("Out", "Res", "Gate", "N", "K", "stride_om", "stride_rm", "stride_gb"))
@@ -212,8 +228,9 @@ def sm90_schedule(config: str, epilogue: str, codes: str = "fp8") -> dict:
     products = (1 if cfg.fast_accumulation else 2) * cfg.block_k // 32 * (2 if codes == "int8" else 1)
     body = min((b for b in loops(sass) if sum(re.search(r"\b[QI]GMMA", x) is not None for x in b) == products),
                key=len)
-    if cfg.fast_accumulation:
+    if cfg.fast_accumulation or cfg.split_accumulation:
         return report | dict(spills_in_k_loop=sum(bool(re.search(r"\b(LDL|STL)\b", x)) for x in body),
+                             adds_in_k_loop=sum(bool(re.match(r"FADD\b", x)) for x in body),
                              waits_for_one=sum("DEPBAR.LE gsb0, 0x1" in x for x in body),
                              waits_for_all=sum("DEPBAR.LE gsb0, 0x0" in x for x in body))
     first_wait = next(i for i, x in enumerate(body) if "WARPGROUP.DEPBAR" in x)
