@@ -127,6 +127,15 @@ FAST = GluonGemmConfig(block_n=256, num_stages=3, warp_specialized=True, fast_ac
 
 
 @gluon.jit
+def _schedule(M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+              NUM_PROGRAMS: gl.constexpr):
+    """(output tiles along M, along N, this program's tiles, K steps a tile) of the persistent schedule."""
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    return num_pid_m, num_pid_n, gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), NUM_PROGRAMS), gl.cdiv(K, BLOCK_K)
+
+
+@gluon.jit
 def _tile_origin(t, num_pid_m, num_pid_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                  NUM_PROGRAMS: gl.constexpr):
     """(first row, first column) of this program's t-th tile."""
@@ -240,10 +249,7 @@ def _fp8_gemm_kernel(a_desc, b_desc, XS, WS, Bias, Res, Gate, Out, M, N, K,
     # The products on 16 x BLOCK_N x 32 FP8 instructions, warps stacked along M (64 rows a warpgroup).
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_N, 32])
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    k_tiles = gl.cdiv(K, BLOCK_K)
-    my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), NUM_PROGRAMS)
+    num_pid_m, num_pid_n, my_tiles, k_tiles = _schedule(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, NUM_PROGRAMS)
 
     a_smem = gl.allocate_shared_memory(a_desc.dtype, [NSTAGES, BLOCK_M, BLOCK_K], a_desc.layout)
     b_smem = gl.allocate_shared_memory(b_desc.dtype, [NSTAGES, BLOCK_N, BLOCK_K], b_desc.layout)
@@ -313,10 +319,7 @@ def _load_partition(a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, BLOCK
     """The loading warp: every K step of the program's tiles, in order, into the stage ring. A stage is
     refilled once the multiplying warps have released it (`empty`); its first use needs no release (the
     wait on the opposite parity of a fresh barrier returns at once)."""
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), NUM_PROGRAMS)
-    k_tiles = gl.cdiv(K, BLOCK_K)
+    num_pid_m, num_pid_n, my_tiles, k_tiles = _schedule(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, NUM_PROGRAMS)
     for t in range(my_tiles):
         off_m, off_n = _tile_origin(t, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M, NUM_PROGRAMS)
         for kt in range(k_tiles):
@@ -347,10 +350,7 @@ def _mma_partition(a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Res, Ga
     """The multiplying warps: the products, their promotion and the epilogue, as in `_fp8_gemm_kernel`."""
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_N, 32])
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), NUM_PROGRAMS)
-    k_tiles = gl.cdiv(K, BLOCK_K)
+    num_pid_m, num_pid_n, my_tiles, k_tiles = _schedule(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, NUM_PROGRAMS)
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=acc_layout)
     step = 0
     for t in range(my_tiles):
@@ -393,10 +393,7 @@ def _mma_fast_partition(a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, Re
     INSTR_N: gl.constexpr = 128 if IS_INT8 else BLOCK_N
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, INSTR_N, 32])
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), NUM_PROGRAMS)
-    k_tiles = gl.cdiv(K, BLOCK_K)
+    num_pid_m, num_pid_n, my_tiles, k_tiles = _schedule(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, NUM_PROGRAMS)
     step = 0
     for t in range(my_tiles):
         off_m, off_n = _tile_origin(t, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M, NUM_PROGRAMS)
@@ -453,10 +450,7 @@ def _mma_split_partition(a_smem, b_smem, ready, empty, acc_smem, XS, WS, Bias, R
     other accumulator's."""
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_N, 32])
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), NUM_PROGRAMS)
-    k_tiles = gl.cdiv(K, BLOCK_K)
+    num_pid_m, num_pid_n, my_tiles, k_tiles = _schedule(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, NUM_PROGRAMS)
     step = 0
     for t in range(my_tiles):
         off_m, off_n = _tile_origin(t, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M, NUM_PROGRAMS)
