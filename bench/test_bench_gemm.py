@@ -182,7 +182,7 @@ def test_gemm(case, shape, device, smoke, record, gpu_time, benchmark):
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_gemm_bf16_in(shape, device, smoke, record, gpu_time):
+def test_gemm_bf16_in(shape, device, record, gpu_time):
     if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 tensor cores need sm_89+")
     x, _, _, wq, ws = operands(shape, "fp8", device)
@@ -343,7 +343,7 @@ def test_gemm_gluon_int8(shape, device, record, gpu_time):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("config", ["default", "ws"])
-def test_gemm_gluon_residual(config, shape, device, record, gpu_time):
+def test_gemm_gluon_residual(config, shape, device, record):
     """The gated residual epilogue as the DiT runs it (fp32 residual stream), against the Triton
     kernel's fused epilogue on the table's tiles, same run."""
     gluon = gluon_candidate(device)
