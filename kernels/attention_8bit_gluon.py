@@ -371,7 +371,7 @@ def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision:
     q, k, v = _unit_d(q, k, v)
     qk, pv = RECIPES[precision]
     with torch.cuda.device(q.device):
-        x = quantize_for_attention(q, k, v, qk=qk, pv=pv, block_m=block_m, block_n=BLOCK_N)
+        x = quantize_for_attention(q, k, v, qk=qk, pv=pv, block_m=block_m, block_n=BLOCK_N, operand_order=False)
         return attention_from_quantized(x, warp_specialized=warp_specialized)
 
 
@@ -381,9 +381,10 @@ def attention_from_quantized(x: Quantized8bit, *, warp_specialized: bool = False
     B, H, Lq, D = x.q.shape
     Lk = x.k.shape[2]
     if (x.q.dtype != torch.int8 or x.pv == "fp16" or x.block_m not in BLOCK_MS or x.block_n != BLOCK_N
-            or D != HEAD_DIM):
+            or D != HEAD_DIM or x.v_in_operand_order):
         raise OpArgumentError(f"attention (gluon 8-bit): needs INT8 q·kᵀ and 8-bit P·V operands quantized in blocks "
-                              f"of {' or '.join(map(str, BLOCK_MS))} x {BLOCK_N} with head_dim {HEAD_DIM}")
+                              f"of {' or '.join(map(str, BLOCK_MS))} x {BLOCK_N} with head_dim {HEAD_DIM}, v's "
+                              f"keys in their order (operand_order=False)")
     if x.v.stride(2) % 16 or x.v.data_ptr() % 16:
         raise OpArgumentError("attention (gluon 8-bit): vᵀ rows must be 16-byte aligned (TMA)")
     out = new_output((B, Lq, H, D), torch.bfloat16, x.q.device)

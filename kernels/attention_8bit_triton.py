@@ -72,6 +72,36 @@ def _to_fp8(x, INTERPRET: tl.constexpr):
     return x.to(tl.float8e4nv)
 
 
+# The key order of P·V's operands. The 8-bit tensor cores take P as their register operand, a layout in which
+# a thread holds four consecutive keys (k = 4i..4i+3 and 16+4i..16+4i+3 of every 32, i = lane % 4); the
+# score tile P comes from gives it pairs 8 keys apart (2i, 2i+1, 8+2i, 9+2i, ...). Moving P between the two
+# takes lane shuffles and byte selects: 48 of the 771 instructions a key block of the FP8 P·V kernel
+# (64 x 128, sm_90a, triton 3.6). A product over keys is the same in any order of its keys as long as both
+# operands follow it. So v's codes are stored with the keys of each group of 32 in the order that makes the
+# score tile's pairs the operand's fours (`operand_order`), and P is relabelled the same way, which only
+# renames registers: the shuffles disappear (718 instructions).
+KEY_GROUP = 32
+
+
+@triton.jit
+def _operand_order(x, ROWS: tl.constexpr, KEYS: tl.constexpr):
+    """x [ROWS, KEYS] with its keys permuted within each group of 32: position k takes key
+    key_at_position(k). A register renaming for P in the layout of a score tile."""
+    return x.reshape(ROWS, KEYS // 32, 2, 2, 4, 2).permute(0, 1, 2, 4, 3, 5).reshape(ROWS, KEYS)
+
+
+@triton.jit
+def _key_at_position(k):
+    """The key that position k holds in the operand order: bits (0, 1, 2, 3, 4) of the key are bits
+    (0, 2, 3, 1, 4) of the position; groups of 32 stay in place."""
+    return (k & ~0x0E) | (((k >> 2) & 3) << 1) | (((k >> 1) & 1) << 3)
+
+
+def key_at_position(k: torch.Tensor) -> torch.Tensor:
+    """`_key_at_position` for an integer tensor (tests and `Quantized8bit.dequantized`)."""
+    return (k & ~0x0E) | (((k >> 2) & 3) << 1) | (((k >> 1) & 1) << 3)
+
+
 @triton.jit
 def _rows_of_program(H, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """A quantize program's place in its grid (blocks of BLOCK rows, batch x head): (row block,
@@ -131,10 +161,10 @@ def _quantize_blocks_kernel(X, Mean, Qbar, Xq, Scale,
 @triton.jit
 def _quantize_v_kernel(V, VMean, VScale, Vq, stride_vb, stride_vl, stride_vh, stride_qbh, stride_qd,
                        H, L, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-                       TO_INT8: tl.constexpr, INTERPRET: tl.constexpr):
+                       TO_INT8: tl.constexpr, OPERAND_ORDER: tl.constexpr, INTERPRET: tl.constexpr):
     """Vq[b, h, d, l] = int8 or e4m3 of (V[b, l, h, d] - VMean[b, h, d]) / VScale[b, h, d]: centred,
     per-channel scales, stored transposed (keys contiguous) because Hopper's 8-bit MMAs want their B
-    operand K-major."""
+    operand K-major. OPERAND_ORDER: position l holds key _key_at_position(l) (BLOCK a multiple of 32)."""
     _, pid_bh, b, h, offs_l, offs_d = _rows_of_program(H, BLOCK, BLOCK_D)
     ok = (offs_l < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
     v = _load_tile(V + b * stride_vb + h * stride_vh + offs_l[:, None] * stride_vl + offs_d[None, :],
@@ -146,6 +176,9 @@ def _quantize_v_kernel(V, VMean, VScale, Vq, stride_vb, stride_vl, stride_vh, st
         vq = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int8)  # half away from zero; |v| <= 127
     else:
         vq = _to_fp8(tl.minimum(tl.maximum(v, -_FP8_MAX), _FP8_MAX), INTERPRET)
+    if OPERAND_ORDER:
+        vq = tl.trans(_operand_order(tl.trans(vq), BLOCK_D, BLOCK))
+        ok = (_key_at_position(offs_l) < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
     vq_ptrs = Vq + pid_bh.to(tl.int64) * stride_qbh + offs_d[None, :] * stride_qd + offs_l[:, None]
     # Keys run along the stored rows: a mask on them (L, e.g. 32,760, is no multiple of 16) turns every
     # 16-byte store into single bytes (with the mask on every block: 0.85 ms a call at Wan's size on an
@@ -183,7 +216,7 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
                        stride_kn, stride_vn, stride_vd, start_n, Lk,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                        MASK_N: tl.constexpr, QK_INT8: tl.constexpr, PV: tl.constexpr, PV_BITS: tl.constexpr,
-                       DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
+                       V_ORDERED: tl.constexpr, DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
@@ -197,7 +230,11 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
         bias = tl.where(offs_n < Lk, bias, float("-inf"))
     else:
         k_scale, bias = tl.split(tl.load(kb_ptrs))
-    v = _load_tile(v_ptrs, offs_n, Lk, MASK_N, HEAD_DIM, BLOCK_D)
+    if MASK_N and V_ORDERED:
+        # Position n of the stored keys holds key _key_at_position(n): mask by that (past Lk: padding).
+        v = _load_tile(v_ptrs, _key_at_position(offs_n), Lk, True, HEAD_DIM, BLOCK_D)
+    else:
+        v = _load_tile(v_ptrs, offs_n, Lk, MASK_N, HEAD_DIM, BLOCK_D)
     # Dequantize (the scales already carry log2(e)/√D) and add the q-mean correction of each key.
     c = q_scale * k_scale
     if QK_INT8 and not INTERPRET:
@@ -230,6 +267,8 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
         # One floating-point instruction instead of a float-to-int conversion (a quarter-rate unit).
         # (The interpreter's fma rounds twice: a code may differ by one step there, never on a GPU.)
         pq = (tl.fma(p, _INT8_MAX, BIAS_2_23).to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
+        if V_ORDERED:
+            pq = _operand_order(pq, pq.shape[0], BLOCK_N)
         pv = tl.dot(pq, v, out_dtype=tl.int32)
         if PV_BITS:
             # (_int_to_float, its subtraction folded as above) acc·alpha + pv·r = (1.5·2^23 + pv)·r +
@@ -249,7 +288,10 @@ def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
         p = tl.math.exp2(s - (m_new - _LOG2_FP8_MAX)[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-        acc = acc * alpha[:, None] + tl.dot(_to_fp8(p, INTERPRET), v, max_num_imprecise_acc=BLOCK_N)
+        p8 = _to_fp8(p, INTERPRET)
+        if V_ORDERED:
+            p8 = _operand_order(p8, p8.shape[0], BLOCK_N)
+        acc = acc * alpha[:, None] + tl.dot(p8, v, max_num_imprecise_acc=BLOCK_N)
     else:
         p, alpha, l_i, m_i = _softmax_step(m_i, l_i, s, 1.0)
         # Re-base the accumulator on the new max before adding this block's contribution.
@@ -266,7 +308,8 @@ def _attention_8bit_kernel(Q, QScale, K, KScaleBias, V, VMean, VScale, Out,
                            H, Lq, Lk, n_qblocks,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, PV: tl.constexpr,
-                           PV_BITS: tl.constexpr, DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
+                           PV_BITS: tl.constexpr, V_ORDERED: tl.constexpr, DOT_FP32: tl.constexpr,
+                           INTERPRET: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -287,11 +330,13 @@ def _attention_8bit_kernel(Q, QScale, K, KScaleBias, V, VMean, VScale, Out,
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
                                            stride_kn, stride_vn, stride_vd, start_n, Lk, HEAD_DIM, BLOCK_D,
-                                           BLOCK_N, False, QK_INT8, PV, PV_BITS, DOT_FP32, INTERPRET)
+                                           BLOCK_N, False, QK_INT8, PV, PV_BITS, V_ORDERED, DOT_FP32,
+                                           INTERPRET)
     if full_end < Lk:
         acc, l_i, m_i = _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
                                            stride_kn, stride_vn, stride_vd, full_end, Lk, HEAD_DIM, BLOCK_D,
-                                           BLOCK_N, True, QK_INT8, PV, PV_BITS, DOT_FP32, INTERPRET)
+                                           BLOCK_N, True, QK_INT8, PV, PV_BITS, V_ORDERED, DOT_FP32,
+                                           INTERPRET)
     out = acc / l_i[:, None]
     if PV != "fp16":
         # v was centred and divided by its channel scales: undo both. INT8 P was scaled by 127 (FP8
@@ -315,7 +360,8 @@ class Quantized8bit:
     log2(e)/√D (so q_scale·k_scale·(q·k) + bias is the score in log2 units, up to a per-row constant);
     v: v itself ([B, Lk, H, D] bf16/fp16, fp32 inputs converted to fp16) for pv="fp16", or for pv
     "int8" / "fp8" the codes of v - v̄ stored [B, H, D, Lk] (row stride padded to 16) with v_mean (v̄)
-    and v_scale [B, H, D] fp32.
+    and v_scale [B, H, D] fp32; with v_in_operand_order the codes' keys are in the operand order of each
+    group of 32 (KEY_GROUP; key_at_position) and the view spans Lk rounded up to 32.
     """
     q: torch.Tensor
     q_scale: torch.Tensor
@@ -326,6 +372,7 @@ class Quantized8bit:
     v_scale: torch.Tensor | None
     block_m: int
     block_n: int
+    v_in_operand_order: bool = False
 
     @property
     def pv(self) -> str:
@@ -350,7 +397,11 @@ class Quantized8bit:
         if self.v_scale is None:
             v = self.v.double().transpose(1, 2)
         else:
-            v = self.v.double() * self.v_scale.double()[..., None] + self.v_mean.double()[..., None]
+            v = self.v.double()
+            if self.v_in_operand_order:
+                keys = torch.arange(v.shape[-1], device=v.device)
+                v = torch.empty_like(v).index_copy_(-1, key_at_position(keys), v)[..., :self.k.shape[2]]
+            v = v * self.v_scale.double()[..., None] + self.v_mean.double()[..., None]
             v = v.transpose(2, 3)
         return q, k, self.bias.double(), v
 
@@ -364,11 +415,16 @@ def _quantize_warps(block: int) -> int:
 
 @on_tensor_device
 def quantize_for_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qk: str, pv: str,
-                           block_m: int, block_n: int) -> Quantized8bit:
-    """Smooth and quantize q and k (qk "int8" or "fp8") and prepare v (pv "fp16", "int8" or "fp8")."""
+                           block_m: int, block_n: int, operand_order: bool = True) -> Quantized8bit:
+    """Smooth and quantize q and k (qk "int8" or "fp8") and prepare v (pv "fp16", "int8" or "fp8"); 8-bit v
+    codes with their keys in the operand order (KEY_GROUP) unless `operand_order` is False (block_n must
+    then be a multiple of 32)."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dev = q.device
+    if operand_order and pv != "fp16" and block_n % KEY_GROUP:
+        raise OpArgumentError(f"attention: key blocks of {block_n} cannot take v in the operand order (groups of "
+                              f"{KEY_GROUP} keys)")
     c = LOG2E / math.sqrt(D)
     block_d = _block_d("attention", D)
     qdtype = torch.int8 if qk == "int8" else torch.float8_e4m3fn
@@ -398,19 +454,22 @@ def quantize_for_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         v_min, v_max = torch.aminmax(v, dim=1)
         v_amax = torch.maximum(v_max.float() - v_mean, v_mean - v_min.float())
         v_scale = (v_amax.clamp_min(SCALE_FLOOR) / (INT8_MAX if pv == "int8" else FP8_MAX)).contiguous()
-        lk_pad = triton.cdiv(Lk, 16) * 16  # 16-byte aligned rows keep the K-major loads vectorized
+        # 16-byte aligned rows keep the K-major loads vectorized; the operand order permutes whole groups.
+        group = KEY_GROUP if operand_order else 16
+        lk_pad = triton.cdiv(Lk, group) * group
         v_dtype = torch.int8 if pv == "int8" else torch.float8_e4m3fn
         # Poisoned in full under DIT8_POISON_OUTPUTS: the attention kernel must never read the padding.
         v_store = new_output((B, H, D, lk_pad), v_dtype, dev)
         _quantize_v_kernel[(triton.cdiv(Lk, 64), B * H)](
             v, v_mean, v_scale, v_store, *_bhd_strides(v), v_store.stride(1), v_store.stride(2),
-            H, Lk, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=64, TO_INT8=pv == "int8", INTERPRET=interpreting(),
-            num_warps=4)
-        v_out = v_store[..., :Lk]
+            H, Lk, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=64, TO_INT8=pv == "int8", OPERAND_ORDER=operand_order,
+            INTERPRET=interpreting(), num_warps=4)
+        v_out = v_store if operand_order else v_store[..., :Lk]
     else:
         v_mean = v_scale = None
         v_out = v if v.dtype in (torch.bfloat16, torch.float16) else v.to(torch.float16)
-    return Quantized8bit(q8, q_scale, k8, k_scale_bias, v_out, v_mean, v_scale, block_m, block_n)
+    return Quantized8bit(q8, q_scale, k8, k_scale_bias, v_out, v_mean, v_scale, block_m, block_n,
+                         v_in_operand_order=pv != "fp16" and operand_order)
 
 
 # The operand formats (q·kᵀ, P·V) of each 8-bit precision. Both use INT8 q·kᵀ: on Gaussian q/k it
@@ -480,7 +539,8 @@ def _launch_8bit(x: Quantized8bit, out: torch.Tensor, cfg: AttnConfig):
         H, Lq, Lk, x.q_scale.shape[2],
         HEAD_DIM=D, BLOCK_D=_block_d("attention", D, DOT8_MIN_REDUCTION), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, QK_INT8=x.q.dtype == torch.int8,
-        PV=pv, PV_BITS=pv_products_by_bits(x.q.device), DOT_FP32=interpreting(), INTERPRET=interpreting(),
+        PV=pv, PV_BITS=pv_products_by_bits(x.q.device), V_ORDERED=x.v_in_operand_order, DOT_FP32=interpreting(),
+        INTERPRET=interpreting(),
         **cfg.launch_options())
     return out
 

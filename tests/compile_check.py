@@ -120,12 +120,14 @@ def loops(sass: str) -> list[list[str]]:
 def loop_statistics(sass: str) -> dict[str, int]:
     """From nvdisasm output: local-memory loads and stores (LDL/STL, register spills) inside loops, and
     the instructions of the longest loop (a kernel's main loop; each warp issues them once per
-    iteration)."""
+    iteration) and its indexed lane shuffles (SHFL.IDX: data moved between layouts; reductions use
+    SHFL.BFLY)."""
     lines = sass.splitlines()
     ranges = _loop_ranges(lines)
+    main = max(loops(sass), key=len, default=[])
     return dict(local_in_loops=sum(1 for i, line in enumerate(lines)
                                    if re.search(r"\b(LDL|STL)\b", line) and any(a < i <= b for a, b in ranges)),
-                loop_instructions=max((len(body) for body in loops(sass)), default=0))
+                loop_instructions=len(main), loop_index_shuffles=sum("SHFL.IDX" in x for x in main))
 
 
 def key_loop_overlap(sass: str) -> dict[str, int]:

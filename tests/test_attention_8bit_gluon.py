@@ -75,7 +75,7 @@ def test_gluon_8bit_is_the_triton_kernel_on_the_same_operands(precision, config)
     warp_specialized, block_m = kwargs["warp_specialized"], kwargs["block_m"]
     q, k, v = _qkv(2, 700, 600, 3, seed=5, offsets=True)
     qk, pv = impl8.RECIPES[precision]
-    x = impl8.quantize_for_attention(q, k, v, qk=qk, pv=pv, block_m=block_m, block_n=g.BLOCK_N)
+    x = impl8.quantize_for_attention(q, k, v, qk=qk, pv=pv, block_m=block_m, block_n=g.BLOCK_N, operand_order=False)
     out = g.attention_from_quantized(x, warp_specialized=warp_specialized)
     check_output(out, q)
     triton_out = impl8.attention_from_quantized(x, torch.bfloat16, AttnConfig(block_m, g.BLOCK_N, block_m // 16, 3))
@@ -94,6 +94,10 @@ def test_gluon_8bit_names_what_it_cannot_take():
     y = q.float().to("cuda" if torch.cuda.is_available() else "cpu")
     x = impl8.quantize_for_attention(y, y, y, qk="int8", pv="fp8", block_m=64, block_n=32)
     with pytest.raises(OpArgumentError, match="quantized in blocks of 128 or 64 x 64"):
+        g.attention_from_quantized(x)
+    # So are v codes in the Triton kernel's key order.
+    x = impl8.quantize_for_attention(y, y, y, qk="int8", pv="fp8", block_m=64, block_n=64)
+    with pytest.raises(OpArgumentError, match="operand_order=False"):
         g.attention_from_quantized(x)
     if torch.cuda.is_available():
         x = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16, device="cuda")

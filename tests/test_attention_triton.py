@@ -436,6 +436,48 @@ def test_8bit_kernel_on_its_quantized_operands(qk):
     assert rel_err(out, ref) <= (1e-5 if interpreting() else 2.0 ** -8)
 
 
+@pytest.mark.parametrize("pv", ["int8", "fp8"])
+def test_v_codes_in_operand_order_are_the_codes_permuted(pv):
+    """v's 8-bit codes stored for the Triton kernel's P·V (keys permuted within groups of 32) are the codes
+    of the natural order moved to their positions, nothing else; Lk = 45 ends inside a group."""
+    assert sorted(impl8.key_at_position(torch.arange(64)).tolist()) == list(range(64))
+    assert impl8.key_at_position(torch.arange(32, 64)).min() == 32  # groups stay in place
+    q, k, v = make_qkv(77, 45, 32, seed=3, dtype=torch.bfloat16)
+    cfg = impl.pick_config("8bit", 32)
+    ordered, natural = (impl8.quantize_for_attention(q, k, v, qk="int8", pv=pv, block_m=cfg.block_m,
+                                                     block_n=cfg.block_n, operand_order=order)
+                        for order in (True, False))
+    assert ordered.v_in_operand_order and not natural.v_in_operand_order
+    assert ordered.v.shape[-1] == 64 and natural.v.shape[-1] == 45
+    positions = torch.arange(64, device=ordered.v.device)
+    keys = impl8.key_at_position(positions)
+    held = keys < 45
+    assert torch.equal(ordered.v[..., positions[held]].view(torch.int8), natural.v[..., keys[held]].view(torch.int8))
+    assert torch.equal(ordered.dequantized()[3], natural.dequantized()[3])
+    with pytest.raises(OpArgumentError, match="key blocks of 16"):
+        impl8.quantize_for_attention(q, k, v, qk="int8", pv=pv, block_m=64, block_n=16)
+
+
+@ATTENTION
+@pytest.mark.parametrize("lk", [45, 37, 129])
+@pytest.mark.parametrize("pv", ["int8", "fp8"])
+def test_v_in_operand_order_changes_only_the_summation_order(pv, lk):
+    """The same quantized operands with v's keys in the operand order and in their own: P·V sums the
+    same products in another order (INT8: exact integer sums, so equal; FP8: the MMA's accumulator
+    rounds differently, well under the recipe's own error), where a key lost or a padding code read at
+    the end of the sequence (Lk off the groups of 32) moves the output by about that key's weight: 4-14x
+    the recipe's error on these sizes."""
+    q, k, v = make_qkv(77, lk, 32, seed=13, dtype=torch.float32)
+    cfg = impl.pick_config("8bit", 32)
+    outs = [impl8.attention_from_quantized(
+        impl8.quantize_for_attention(q, k, v, qk="int8", pv=pv, block_m=cfg.block_m, block_n=cfg.block_n,
+                                     operand_order=order), torch.float32) for order in (True, False)]
+    for out in outs:
+        check_output(out, q)
+    recipe_err = rel_err(outs[1], attention64(q, k, v))
+    assert rel_err(outs[0], outs[1]) <= 0.05 * recipe_err, (rel_err(outs[0], outs[1]), recipe_err)
+
+
 @ATTENTION
 def test_8bit_single_query_is_within_fp16_rounding():
     # Lq = 1: q minus its mean is 0, every score is the fp32 bias; the per-block scale must not be 0/0.
@@ -590,7 +632,8 @@ def attention_8bit_variant(qk: str, pv: str, head_dim: int, cfg, arch: int = 90)
     return build(impl8._attention_8bit_kernel, pointers,
                  dict(HEAD_DIM=head_dim, BLOCK_D=impl._block_d("attention", head_dim, impl.DOT8_MIN_REDUCTION),
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, QK_INT8=qk == "int8", PV=pv, PV_BITS=arch >= 90,
-                      DOT_FP32=False, INTERPRET=False), cfg, ones=("stride_vd",) if pv == "fp16" else ("stride_vn",),
+                      V_ORDERED=pv != "fp16", DOT_FP32=False, INTERPRET=False), cfg,
+                 ones=("stride_vd",) if pv == "fp16" else ("stride_vn",),
                  arch=arch)
 
 
@@ -628,7 +671,7 @@ def compile_for_sm90() -> dict[str, dict]:
     for pv in ("int8", "fp8"):
         kernels[f"quantize v {pv}"] = build(
             impl8._quantize_v_kernel, dict(V="bf16", Vq=TRITON_TYPE[pv], VMean="fp32", VScale="fp32"),
-            dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=64, TO_INT8=pv == "int8", INTERPRET=False),
+            dict(HEAD_DIM=d, BLOCK_D=d, BLOCK=64, TO_INT8=pv == "int8", OPERAND_ORDER=True, INTERPRET=False),
             impl.AttnConfig(0, 0, 4, 1))
     return kernels
 
@@ -662,6 +705,8 @@ def test_kernels_compile_for_hopper():
         v["spills"] > 2048 if "fp32" in k else v["local_in_loops"] > 0)}
     spilled |= {k: v["spills"] for k, v in kernels.items() if "quantize" in k and v["spills"]}
     assert not spilled, spilled
+    # 8-bit P·V takes P in registers with v's keys in the operand order: no lane shuffles move it there.
+    assert not {k: v["loop_index_shuffles"] for k, v in attention.items() if v["loop_index_shuffles"]}
     # The sweep's register-capped tile: within its cap, and three programs' shared memory (plus the 1 KiB
     # the hardware reserves per block) within an SM's 228 KiB.
     capped = {k: v for k, v in kernels.items() if k.endswith("three per SM")}
