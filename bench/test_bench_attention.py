@@ -98,15 +98,16 @@ def baseline(cache: dict, key, make_call, gpu_time) -> tuple[float, torch.Tensor
 
 
 # torch_reference: the op's torch backend, SDPA on whatever backend torch picks (the reference "auto"
-# would run where the Triton kernel is not verified); triton_int8 / triton_fp8: the two 8-bit
-# precisions (INT8 q·kᵀ; INT8 or FP8 P·V); triton_int8_pv16: INT8 q·kᵀ with 16-bit P·V, for comparison;
-# *_three_per_sm: the 8-bit precisions on the register-capped candidate tile (attention_triton.
-# THREE_PER_SM); gluon_bf16 / gluon_bf16_ws: the Hopper candidate for the bf16 path (kernels/
-# attention_gluon.py; _ws: its warp-specialized kernel); gluon_int8 / gluon_fp8 (and _ws; _wg: one warpgroup
-# a program): the one for the 8-bit paths (kernels/attention_8bit_gluon.py, the quantization included as
-# in triton_*); on Hopper only.
-SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "torch_reference", "triton_bf16", "triton_int8", "triton_fp8",
-              "triton_int8_pv16", "triton_int8_three_per_sm", "triton_fp8_three_per_sm", "gluon_bf16",
+# would run where the Triton kernel is not verified); triton_bf16_tma: the bf16 kernel with TMA loads on the
+# table's tile (attention_triton.TMA_CANDIDATES[0]; Hopper; the sweep times the others); triton_int8 /
+# triton_fp8: the two 8-bit precisions (INT8 q·kᵀ; INT8 or FP8 P·V); triton_int8_pv16: INT8 q·kᵀ with
+# 16-bit P·V, for comparison; *_three_per_sm: the 8-bit precisions on the register-capped candidate tile
+# (attention_triton.THREE_PER_SM); gluon_bf16 / gluon_bf16_ws: the Hopper candidate for the bf16 path
+# (kernels/attention_gluon.py; _ws: its warp-specialized kernel); gluon_int8 / gluon_fp8 (and _ws; _wg: one
+# warpgroup a program): the one for the 8-bit paths (kernels/attention_8bit_gluon.py, the quantization
+# included as in triton_*); on Hopper only.
+SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "torch_reference", "triton_bf16", "triton_bf16_tma", "triton_int8",
+              "triton_fp8", "triton_int8_pv16", "triton_int8_three_per_sm", "triton_fp8_three_per_sm", "gluon_bf16",
               "gluon_bf16_ws", "gluon_int8", "gluon_int8_ws", "gluon_int8_wg", "gluon_fp8", "gluon_fp8_ws",
               "gluon_fp8_wg"]
 
@@ -139,6 +140,12 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
 
             ws = name.endswith("_ws")
             fn = lambda: attention_gluon.attention_bf16(q, k, v, warp_specialized=ws)  # noqa: E731
+    elif name == "triton_bf16_tma":
+        config = impl.TMA_CANDIDATES[0]
+        if impl.tma_views(q, k, v, config) is None:
+            pytest.skip("TMA loads need a Hopper (or later) GPU")
+        fn = lambda: impl.attention_bf16(q, k, v, config=config)  # noqa: E731
+        info.update(config=str(config))
     elif name in ("torch_reference", "triton_bf16"):
         backend = {"torch_reference": "torch", "triton_bf16": "triton"}[name]
         fn = lambda: ops.attention(q, k, v, precision="bf16", backend=backend)  # noqa: E731
@@ -155,7 +162,7 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
         info.update(qk=qk, pv=pv, config=str(cfg))
     out = fn()
     if name.startswith("triton_"):
-        info.update(kernel_info("attention" if name == "triton_bf16" else "attention_8bit"))
+        info.update(kernel_info("attention" if name.startswith("triton_bf16") else "attention_8bit"))
     assert out.shape == q.shape and torch.isfinite(out).all()
     err = rel_err(out, base_out)
     # A wrong kernel must not produce a benchmark number: 8-bit within its error budget (~3.4% for
@@ -199,9 +206,10 @@ SWEEP = [impl.AttnConfig(*c) for c in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 1
 
 
 def tile_name(cfg: impl.AttnConfig) -> str:
-    """"64x128_w4_s2" (block_m x block_n, warps, stages; "_r168" where registers are capped)."""
+    """"64x128_w4_s2" (block_m x block_n, warps, stages; "_r168" where registers are capped, "_tma" with TMA
+    loads)."""
     cap = f"_r{cfg.max_registers}" if cfg.max_registers else ""
-    return f"{cfg.block_m}x{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}{cap}"
+    return f"{cfg.block_m}x{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}{cap}{'_tma' if cfg.tma else ''}"
 
 
 @pytest.mark.skipif(os.environ.get("DIT8_ATTN_SWEEP") != "1" or not torch.cuda.is_available(),
@@ -241,7 +249,8 @@ def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_conf
 
     table = impl.pick_config({"int8": "8bit", "fp8": "8bit", "pv16": "8bit_pv16"}.get(path, path), D)
     times, errors = {}, {}
-    for cfg in sweep_candidates(SWEEP, tile_name, [table]):
+    candidates = SWEEP + list(impl.TMA_CANDIDATES) if path == "bf16" else SWEEP  # (TMA: the bf16 kernel's)
+    for cfg in sweep_candidates(candidates, tile_name, [table]):
         with contextlib.suppress(Exception):  # a config that does not compile (shared memory) is skipped
             errors[cfg] = rel_err(call(cfg)(), base_out)
             times[cfg] = gpu_time(call(cfg))

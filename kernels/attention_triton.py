@@ -6,7 +6,8 @@ Only the kernels/*_triton.py modules import triton; kernels/attention.py imports
 registered functions.
 
 Layout: q [B, Lq, H, D], k and v [B, Lk, H, D] are read through their strides, exactly as the QKV GEMMs
-(or RoPE) leave them: no transposes or copies around the kernels.
+(or RoPE) leave them: no transposes or copies around the kernels. A bf16 configuration with `tma` reads
+them through TMA descriptors of their [B·L, H·D] views instead, where Hopper can (`tma_views`).
 One program computes BLOCK_M query rows of one (batch, head) and walks over all keys in blocks of
 BLOCK_N; the programs of one (batch, head) are adjacent in the grid, so its K/V stay in L2.
 
@@ -66,6 +67,10 @@ class AttnConfig:
     # Registers per thread ptxas may use (None: its own choice, up to 255). An SM holds 64K registers,
     # so 4-warp programs capped at 168 fit three to an SM where 255 fit two.
     max_registers: int | None = None
+    # Load q, k and v through TMA descriptors (the bf16 kernel on Hopper, where the inputs' layout allows
+    # it: `tma_views`): one elected thread issues each tile's copy, where the pointer loads spend ~45
+    # address and copy instructions a key block on every thread. Elsewhere the pointer kernel runs.
+    tma: bool = False
 
     def launch_options(self) -> dict[str, int]:
         """The launch keywords of this configuration."""
@@ -99,8 +104,15 @@ _CONFIGS = {
 # A candidate of the benchmark's sweep for the 8-bit paths: 64 x 64 tiles on 4 warps capped at 168
 # registers and 57 KiB of shared memory, so that three programs share an SM where two of the 64 x 128
 # tiles do. Compiled for sm_90a by triton 3.6 it spills nothing with either P·V format (3.9: 8-12
-# local-memory accesses in the key loop). Not timed yet.
+# local-memory accesses in the key loop). On the H100 (2026-11-26) it took 43.19 ms (INT8 P·V) and 37.44
+# (FP8 P·V) against the table tile's 39.55 and 36.67: not adopted.
 THREE_PER_SM = AttnConfig(64, 64, 4, 3, max_registers=168)
+# Candidates of the sweep for the bf16 path, with TMA loads. Compiled for sm_90a by triton 3.6: the table's
+# 128 x 128 tile takes 487 instructions a warp a key block (530 with pointer loads) and 187 registers
+# (252); 128 x 64, 335 and 138. (Capped at 128 registers, so that two 8-warp programs would share an SM,
+# ptxas serializes the 128 x 64 tile's wgmma instructions.) Not timed yet.
+TMA_CANDIDATES = (AttnConfig(128, 128, 8, 3, tma=True), AttnConfig(128, 128, 8, 2, tma=True),
+                  AttnConfig(128, 64, 8, 3, tma=True))
 # GPUs whose blocks may take less shared memory than Hopper's 227 KiB (sm_80: 163 KiB; sm_86 and sm_89:
 # 99 KiB): the head_dim 128 tiles that fit 99 KiB and, compiled for sm_80 and sm_89, spill
 # nothing in their loops (128 x 128 bf16 needs 128 KiB there; the 8-bit kernel at 128 x 128 in 2 stages
@@ -231,6 +243,13 @@ def _attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_
     # Keys past the end (MASK_N) load as 0 (finite, so 0-weight · v stays 0) and get score -inf below.
     k = _load_tile(k_ptrs, offs_n, Lk, MASK_N, HEAD_DIM, BLOCK_D)
     v = _load_tile(v_ptrs, offs_n, Lk, MASK_N, HEAD_DIM, BLOCK_D)
+    return _attend_tiles(acc, l_i, m_i, q, k, v, offs_n, Lk, qk_scale, MASK_N, DOT_FP32)
+
+
+@triton.jit
+def _attend_tiles(acc, l_i, m_i, q, k, v, offs_n, Lk, qk_scale, MASK_N: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Add the loaded key block k, v (keys offs_n; with MASK_N those at or past Lk get score -inf, their
+    rows must be finite) to the running (acc, l, m)."""
     if DOT_FP32:
         s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
@@ -319,6 +338,38 @@ def _attention_kernel(Q, K, V, Out,
 
 
 @triton.jit
+def _attention_tma_kernel(QD, KD, VD, Out, stride_ob, stride_om, stride_oh, H, Lq, Lk, qk_scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
+    """_attention_kernel with q, k and v read through TMA descriptors of their [B·L, H·D] views
+    (`tma_views`): head h is columns h·D.., batch b rows b·L... A tail block's rows past its batch are
+    the next batch's rows or, past the last, zeros (TMA fills them): finite, and their scores are -inf."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    col = h * HEAD_DIM
+    q = QD.load([b * Lq + pid_m * BLOCK_M, col])
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    k_row = b * Lk
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    full_end = (Lk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, KD.load([k_row + start_n, col]),
+                                      VD.load([k_row + start_n, col]), start_n + tl.arange(0, BLOCK_N), Lk,
+                                      qk_scale, False, DOT_FP32)
+    if full_end < Lk:
+        acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, KD.load([k_row + full_end, col]),
+                                      VD.load([k_row + full_end, col]), full_end + tl.arange(0, BLOCK_N), Lk,
+                                      qk_scale, True, DOT_FP32)
+    _store_out_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, stride_om, pid_m, Lq,
+                    acc / l_i[:, None], BLOCK_M, HEAD_DIM, HEAD_DIM, INTERPRET)
+
+
+@triton.jit
 def _cross_attention_kernel(Q, K, V, KI, VI, Out,
                             stride_qb, stride_qm, stride_qh,
                             stride_kb, stride_kn, stride_kh,
@@ -377,12 +428,50 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         return out
     cfg = config or pick_config("bf16", D, q.dtype, shared_memory_of(q.device))
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)
+    descriptors = tma_views(q, k, v, cfg) if cfg.tma else None
+    if descriptors is not None:
+        LAST_COMPILED["attention"] = _attention_tma_kernel[grid](
+            *descriptors, out, *_bhd_strides(out), H, Lq, Lk, LOG2E / math.sqrt(D),
+            HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_FP32=_dot_fp32(q),
+            INTERPRET=interpreting(), **cfg.launch_options())
+        return out
     LAST_COMPILED["attention"] = _attention_kernel[grid](
         q, k, v, out, *_bhd_strides(q), *_bhd_strides(k), *_bhd_strides(v), *_bhd_strides(out),
         H, Lq, Lk, LOG2E / math.sqrt(D),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_FP32=_dot_fp32(q),
         INTERPRET=interpreting(), **cfg.launch_options())
     return out
+
+
+def _as_rows(x: torch.Tensor) -> tuple[int, int] | None:
+    """(rows, row stride) of x [B, L, H, D] viewed as a matrix [B·L, H·D] whose rows are one (batch,
+    position) each, or None where its strides do not allow that view (heads not D apart, channels not
+    contiguous, batches not L rows apart)."""
+    B, L, H, D = x.shape
+    sb, sl, sh, sd = x.stride()
+    if sd != 1 or (H > 1 and sh != D) or (B > 1 and sb != L * sl):
+        return None
+    return B * L, sl
+
+
+def tma_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttnConfig) -> tuple | None:
+    """TMA descriptors of q, k and v as [B·L, H·D] matrices with blocks of cfg's rows x D, for
+    `_attention_tma_kernel`; None where it cannot run: not Hopper or later (nor the interpreter), an
+    fp32 input, a head dim that is no power of two (the tile would take the next head's channels), or
+    a layout TMA cannot describe (`_as_rows`; rows and base addresses 16-byte aligned)."""
+    D = q.shape[-1]
+    gpu_ok = q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) >= (9, 0)
+    if not (gpu_ok or interpreting()) or q.dtype == torch.float32 or D != _block_d("attention", D):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    descriptors = []
+    for x, block in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n)):
+        rows = _as_rows(x)
+        if rows is None or (rows[1] * x.element_size()) % 16 or x.data_ptr() % 16:
+            return None
+        descriptors.append(TensorDescriptor(x, [rows[0], x.shape[2] * D], [rows[1], 1], [block, D]))
+    return tuple(descriptors)
 
 
 @on_tensor_device

@@ -104,10 +104,12 @@ _INSTRUCTION = re.compile(r"\s*/\*[0-9a-f]+\*/\s+\S")
 
 def _loop_ranges(lines: list[str]) -> list[tuple[int, int]]:
     """(first, last) line of each loop in nvdisasm output: from a label to a later branch back to it (not
-    the branch-to-itself every kernel ends with, after its EXIT)."""
+    the branch-to-itself every kernel ends with, after its EXIT, nor the branch back from an out-of-line
+    retry of an mbarrier wait placed after the EXIT)."""
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*\.(L_x_\d+):", line))}
-    return [(labels[m.group(1)], i) for i, line in enumerate(lines)
-            if (m := re.search(r"BRA.*`\(\.(L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i - 1]
+    ranges = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+              if (m := re.search(r"BRA.*`\(\.(L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i - 1]
+    return [(a, b) for a, b in ranges if not any(re.search(r"\bEXIT\b", line) for line in lines[a:b + 1])]
 
 
 def loops(sass: str) -> list[list[str]]:

@@ -17,6 +17,7 @@ their dtype): the error measured is the kernel's, not the input rounding's. Erro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -127,6 +128,55 @@ def test_reads_strided_views_without_copies(precision):
     else:
         # (the torch mean over a strided view may sum in another order: compare with float64 only)
         assert rel_err(out, ref) <= 0.03 and cosine(out, ref) >= 0.999
+
+
+def _tma_runs(q) -> bool:
+    """Whether the bf16 kernel's TMA configuration runs its TMA kernel here (Hopper or later, or the
+    interpreter), not the pointer kernel it falls back to."""
+    return interpreting() or torch.cuda.get_device_capability(q.device) >= (9, 0)
+
+
+def _with_tma(d: int) -> impl.AttnConfig:
+    return dataclasses.replace(impl.pick_config("bf16", d), tma=True)
+
+
+@ATTENTION
+@pytest.mark.parametrize("layout", ["contiguous", "fused"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("lq, lk, d", SHAPES)
+def test_tma_loads_give_the_pointer_loads_result(lq, lk, d, dtype, layout):
+    """The TMA kernel reads q, k and v as [B·L, H·D] matrices: a block past the end of a batch's rows reads
+    the next batch's (or TMA's zeros), which must not count. Same arithmetic as the pointer kernel."""
+    if layout == "fused":
+        q, _, _ = fused_qkv(lq, d, seed=21, dtype=dtype)
+        _, k, v = fused_qkv(lk, d, seed=22, dtype=dtype)
+    else:
+        q, k, v = make_qkv(lq, lk, d, seed=21, dtype=dtype)
+    cfg = _with_tma(d)
+    assert (impl.tma_views(q, k, v, cfg) is not None) == _tma_runs(q)
+    out = impl.attention_bf16(q, k, v, config=cfg)
+    check_output(out, q)
+    pointer = impl.attention_bf16(q, k, v, config=dataclasses.replace(cfg, tma=False))
+    if interpreting():
+        assert torch.equal(out, pointer)  # fp32 dots on the same tiles
+    ref = attention64(q, k, v)
+    assert rel_err(out, ref) <= 2 * rel_err(ops.attention(q, k, v, backend="torch"), ref)
+
+
+@ATTENTION
+def test_tma_views_only_where_tma_can_read_the_layout():
+    q, k, v = make_qkv(77, 45, 32, seed=23, dtype=torch.bfloat16)
+    cfg = _with_tma(32)
+    heads_apart = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, L, H, D] view of [B, H, L, D]
+    odd_rows = torch.zeros(B, 77, H * 32 + 1, dtype=q.dtype, device=q.device)[..., :H * 32].view(B, 77, H, 32)
+    assert impl.tma_views(heads_apart, k, v, cfg) is None
+    assert impl.tma_views(odd_rows, k, v, cfg) is None  # rows 2·(3·32 + 1) bytes apart: not 16-byte aligned
+    assert impl.tma_views(q.float(), k.float(), v.float(), cfg) is None
+    # The pointer kernel serves what TMA cannot read.
+    out = impl.attention_bf16(heads_apart, k, v, config=cfg)
+    check_output(out, q)
+    ref = attention64(q, k, v)
+    assert rel_err(out, ref) <= 2 * rel_err(ops.attention(q, k, v, backend="torch"), ref)
 
 
 @ATTENTION
@@ -617,6 +667,20 @@ def attention_variant(dt: str, head_dim: int, cfg, arch: int = 90) -> dict:
                       BLOCK_N=cfg.block_n, DOT_FP32=dt == "fp32", INTERPRET=False), cfg, arch=arch)
 
 
+def attention_tma_variant(head_dim: int, cfg) -> dict:
+    """compile_check.compile_kernel's report for the bf16 flash attention kernel reading through TMA
+    descriptors (sm_90a)."""
+    from compile_check import compile_kernel
+
+    types = {"QD": f"tensordesc<bf16[{cfg.block_m},{head_dim}]>", "Out": "*bf16", "qk_scale": "fp32",
+             **dict.fromkeys(["KD", "VD"], f"tensordesc<bf16[{cfg.block_n},{head_dim}]>")}
+    return compile_kernel(impl._attention_tma_kernel, types,
+                          dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_FP32=False,
+                               INTERPRET=False), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                          aligned=("stride_ob", "stride_om", "stride_oh"),
+                          max_registers=cfg.max_registers) | {"aligned": True}
+
+
 def cross_attention_variant(head_dim: int, cfg, arch: int = 90) -> dict:
     """build's report for the fused I2V cross-attention kernel on bf16 inputs."""
     return build(impl._cross_attention_kernel, dict.fromkeys(["Q", "K", "V", "KI", "VI", "Out"], "bf16"),
@@ -648,6 +712,9 @@ def compile_for_sm90() -> dict[str, dict]:
             kernels[f"attention {dt}" + width_tag(width)] = attention_variant(
                 dt, width, impl.pick_config("bf16", width, tdt))
     kernels["attention bf16, head_dim 80"] = attention_variant("bf16", 80, impl.pick_config("bf16", 80))
+    for cfg in impl.TMA_CANDIDATES:
+        kernels[f"attention bf16, TMA loads, {cfg.block_m} x {cfg.block_n} x {cfg.num_stages}"] = \
+            attention_tma_variant(d, cfg)
     for width in (d, 256):
         kernels["cross_attention bf16" + width_tag(width)] = cross_attention_variant(
             width, impl.pick_config("cross", width))
@@ -705,6 +772,12 @@ def test_kernels_compile_for_hopper():
         v["spills"] > 2048 if "fp32" in k else v["local_in_loops"] > 0)}
     spilled |= {k: v["spills"] for k, v in kernels.items() if "quantize" in k and v["spills"]}
     assert not spilled, spilled
+    # The TMA candidates load through descriptors, with fewer instructions in the key loop than pointer
+    # loads of the same tile.
+    tma = {k: v for k, v in kernels.items() if "TMA loads" in k}
+    assert len(tma) == len(impl.TMA_CANDIDATES) and all(v["tma"] for v in tma.values()), tma
+    assert tma["attention bf16, TMA loads, 128 x 128 x 3"]["loop_instructions"] < \
+        kernels["attention bf16"]["loop_instructions"], tma
     # 8-bit P·V takes P in registers with v's keys in the operand order: no lane shuffles move it there.
     assert not {k: v["loop_index_shuffles"] for k, v in attention.items() if v["loop_index_shuffles"]}
     # The sweep's register-capped tile: within its cap, and three programs' shared memory (plus the 1 KiB
