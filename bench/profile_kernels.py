@@ -17,8 +17,9 @@ know costs only that table.
 calls each case once, in the order `cases` lists them, so ncu records only those launches: the bf16
 and 8-bit self-attention (q, k, v [1, 32760, 40, 128]) and the fused cross-attention (512 + 257 keys)
 on the Triton kernels, the FP8 GEMM with Hopper's promoted and fast-accumulation tiles, and the fused
-memory-bound ops on 32,760 x 5120 (GELU: x 13,824) on the backend `auto` picks. On Hopper also the
-Gluon candidates (bf16 and 8-bit attention, the FP8 GEMMs), unless DIT8_SKIP_GLUON names them.
+memory-bound ops on 32,760 x 5120 (GELU: x 13,824) on the backend `auto` picks. On Hopper also the bf16
+kernel with TMA loads and the Gluon candidates (bf16 and 8-bit attention, the FP8 GEMMs), unless
+DIT8_SKIP_GLUON names them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ COLUMNS = (
     ("µs", "Duration"),
     ("SM %", "Compute (SM) Throughput"),
     ("memory %", "Memory Throughput"),
+    ("L1 %", "L1/TEX Cache Throughput"),
+    ("L2 %", "L2 Cache Throughput"),
     ("DRAM %", "DRAM Throughput"),
     ("issue slots %", "Issue Slots Busy"),
     ("IPC", "Executed Ipc Active"),
@@ -64,7 +67,7 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
     import torch
 
     from dit8 import kernels as ops
-    from dit8.kernels import attention_8bit_gluon, attention_gluon, gemm_configs, scaled_mm_gluon
+    from dit8.kernels import attention_8bit_gluon, attention_gluon, attention_triton, gemm_configs, scaled_mm_gluon
     from dit8.kernels import scaled_mm_triton as gemm
 
     dev = torch.device("cuda")
@@ -91,6 +94,8 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
     hidden = randn(32760, 13824)
     return [
         ("attention bf16", lambda: ops.attention(q, k, v, precision="bf16", backend="triton")),
+        *([("attention bf16, TMA loads", lambda: attention_triton.attention_bf16(
+            q, k, v, config=attention_triton.TMA_CANDIDATES[0]))] if hopper else []),
         *([(f"attention bf16, Gluon candidate{' (warp-specialized)' if ws else ''}",
             lambda ws=ws: attention_gluon.attention_bf16(q, k, v, warp_specialized=ws)) for ws in (False, True)]
           if "attention" in gluon else []),
