@@ -262,6 +262,10 @@ def _attend_tiles(acc, l_i, m_i, q, k, v, offs_n, Lk, qk_scale, MASK_N: tl.const
     return _add_pv(acc, p, v, DOT_FP32), l_i, m_i
 
 
+# The key block of a tail this short or shorter (the smallest reduction of a 16-bit dot).
+SHORT_TAIL = tl.constexpr(16)
+
+
 @triton.jit
 def _attend(q, k_base, v_base, stride_kn, stride_vn, Lk, qk_scale,
             BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -275,9 +279,14 @@ def _attend(q, k_base, v_base, stride_kn, stride_vn, Lk, qk_scale,
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n,
                                       Lk, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_FP32)
-    if full_end < Lk:
+    if Lk - full_end > SHORT_TAIL:
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_end,
                                       Lk, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_FP32)
+    elif full_end < Lk:
+        # A few keys past the last full block (Wan's 257 image keys: one) take a block of SHORT_TAIL keys,
+        # not a full one: in the cross-attention that full block was a thirteenth of a program's work.
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_end,
+                                      Lk, qk_scale, HEAD_DIM, BLOCK_D, SHORT_TAIL, True, DOT_FP32)
     # Lk >= 1 (checked by the wrappers), so every row saw at least one finite score and l >= 1.
     return acc / l_i[:, None]
 
