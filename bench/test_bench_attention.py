@@ -142,7 +142,7 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
             fn = lambda: attention_gluon.attention_bf16(q, k, v, warp_specialized=ws)  # noqa: E731
     elif name == "triton_bf16_tma":
         config = impl.TMA_CANDIDATES[0]
-        if impl.tma_views(q, k, v, config) is None:
+        if impl.tma_views(config, q, k, v) is None:
             pytest.skip("TMA loads need a Hopper (or later) GPU")
         fn = lambda: impl.attention_bf16(q, k, v, config=config)  # noqa: E731
         info.update(config=str(config))
@@ -173,7 +173,9 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
            shape=list(shape), **info)
 
 
-CROSS_IMPLS = ["cudnn_two_calls", "flash_two_calls", "triton_fused"]
+# triton_fused_tma / triton_fused_tma_128: the fused kernel with TMA loads, on the table's tile and on
+# 128 x 64 (attention_triton.CROSS_TMA_CANDIDATES; Hopper).
+CROSS_IMPLS = ["cudnn_two_calls", "flash_two_calls", "triton_fused", "triton_fused_tma", "triton_fused_tma_128"]
 
 
 @pytest.mark.parametrize("name", CROSS_IMPLS)
@@ -190,10 +192,15 @@ def test_cross_attention(name, device, smoke, record, gpu_time, baseline_cache):
                                             two_calls, gpu_time)
     if name == "triton_fused":
         fn = lambda: ops.cross_attention(q, k, v, k_img, v_img, backend="triton")  # noqa: E731
+    elif name.startswith("triton_fused_tma"):
+        config = impl.CROSS_TMA_CANDIDATES[1 if name.endswith("_128") else 0]
+        if impl.tma_views(config, q, k, v, k_img, v_img) is None:
+            pytest.skip("TMA loads need a Hopper (or later) GPU")
+        fn = lambda: impl.cross_attention(q, k, v, k_img, v_img, config=config)  # noqa: E731
     else:
         fn = two_calls(name.removesuffix("_two_calls"))
     out = fn()
-    info = kernel_info("cross_attention") if name == "triton_fused" else {}
+    info = kernel_info("cross_attention") if name.startswith("triton_fused") else {}
     err = rel_err(out, base_out)
     assert torch.isfinite(out).all() and err < 0.02, err
     record(fn, flops=4 * B * H * lq * (lt + li) * D, baseline_ms=base_ms, baseline=base_name,
@@ -249,7 +256,8 @@ def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_conf
 
     table = impl.pick_config({"int8": "8bit", "fp8": "8bit", "pv16": "8bit_pv16"}.get(path, path), D)
     times, errors = {}, {}
-    candidates = SWEEP + list(impl.TMA_CANDIDATES) if path == "bf16" else SWEEP  # (TMA: the bf16 kernel's)
+    # (The TMA candidates: the bf16 and cross kernels'.)
+    candidates = SWEEP + list({"bf16": impl.TMA_CANDIDATES, "cross": impl.CROSS_TMA_CANDIDATES}.get(path, ()))
     for cfg in sweep_candidates(candidates, tile_name, [table]):
         with contextlib.suppress(Exception):  # a config that does not compile (shared memory) is skipped
             errors[cfg] = rel_err(call(cfg)(), base_out)

@@ -6,8 +6,9 @@ Only the kernels/*_triton.py modules import triton; kernels/attention.py imports
 registered functions.
 
 Layout: q [B, Lq, H, D], k and v [B, Lk, H, D] are read through their strides, exactly as the QKV GEMMs
-(or RoPE) leave them: no transposes or copies around the kernels. A bf16 configuration with `tma` reads
-them through TMA descriptors of their [B·L, H·D] views instead, where Hopper can (`tma_views`).
+(or RoPE) leave them: no transposes or copies around the kernels. A configuration with `tma` (bf16 and
+cross-attention) reads them through TMA descriptors of their [B·L, H·D] views instead, where Hopper can
+(`tma_views`).
 One program computes BLOCK_M query rows of one (batch, head) and walks over all keys in blocks of
 BLOCK_N; the programs of one (batch, head) are adjacent in the grid, so its K/V stay in L2.
 
@@ -67,9 +68,10 @@ class AttnConfig:
     # Registers per thread ptxas may use (None: its own choice, up to 255). An SM holds 64K registers,
     # so 4-warp programs capped at 168 fit three to an SM where 255 fit two.
     max_registers: int | None = None
-    # Load q, k and v through TMA descriptors (the bf16 kernel on Hopper, where the inputs' layout allows
-    # it: `tma_views`): one elected thread issues each tile's copy, where the pointer loads spend ~45
-    # address and copy instructions a key block on every thread. Elsewhere the pointer kernel runs.
+    # Load q, k and v through TMA descriptors (the bf16 and cross-attention kernels on Hopper, where the
+    # inputs' layout allows it: `tma_views`): one elected thread issues each tile's copy, where the pointer
+    # loads spend 30-45 address and copy instructions a key block on every thread. Elsewhere the pointer
+    # kernels run.
     tma: bool = False
 
     def launch_options(self) -> dict[str, int]:
@@ -113,6 +115,11 @@ THREE_PER_SM = AttnConfig(64, 64, 4, 3, max_registers=168)
 # ptxas serializes the 128 x 64 tile's wgmma instructions.) Not timed yet.
 TMA_CANDIDATES = (AttnConfig(128, 128, 8, 3, tma=True), AttnConfig(128, 128, 8, 2, tma=True),
                   AttnConfig(128, 64, 8, 3, tma=True))
+# The same for the cross-attention: its table tile (335 instructions a key block instead of 364, 203
+# registers instead of 255, still two programs an SM), and 128 x 64 on 8 warps, each program reading the
+# text and image keys and values (388 KiB a program at Wan's sizes, 7.9 GB a call from L2 with 64-row
+# programs) for twice the query rows. Not timed yet.
+CROSS_TMA_CANDIDATES = (AttnConfig(64, 64, 4, 3, tma=True), AttnConfig(128, 64, 8, 2, tma=True))
 # GPUs whose blocks may take less shared memory than Hopper's 227 KiB (sm_80: 163 KiB; sm_86 and sm_89:
 # 99 KiB): the head_dim 128 tiles that fit 99 KiB and, compiled for sm_80 and sm_89, spill
 # nothing in their loops (128 x 128 bf16 needs 128 KiB there; the 8-bit kernel at 128 x 128 in 2 stages
@@ -347,21 +354,11 @@ def _attention_kernel(Q, K, V, Out,
 
 
 @triton.jit
-def _attention_tma_kernel(QD, KD, VD, Out, stride_ob, stride_om, stride_oh, H, Lq, Lk, qk_scale,
-                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
-    """_attention_kernel with q, k and v read through TMA descriptors of their [B·L, H·D] views
-    (`tma_views`): head h is columns h·D.., batch b rows b·L... A tail block's rows past its batch are
-    the next batch's rows or, past the last, zeros (TMA fills them): finite, and their scores are -inf."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    col = h * HEAD_DIM
-    q = QD.load([b * Lq + pid_m * BLOCK_M, col])
-    if DOT_FP32:
-        q = q.to(tl.float32)
-    k_row = b * Lk
+def _attend_tma(q, KD, VD, k_row, col, Lk, qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr):
+    """_attend with k and v read through TMA descriptors of their [B·L, H·D] views (`tma_views`), this
+    (batch, head)'s keys from row k_row and channels from column col. A tail block's rows past the batch
+    are the next batch's or, past the last, zeros (TMA fills them): finite, and their scores are -inf."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -374,8 +371,43 @@ def _attention_tma_kernel(QD, KD, VD, Out, stride_ob, stride_om, stride_oh, H, L
         acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, KD.load([k_row + full_end, col]),
                                       VD.load([k_row + full_end, col]), full_end + tl.arange(0, BLOCK_N), Lk,
                                       qk_scale, True, DOT_FP32)
-    _store_out_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, stride_om, pid_m, Lq,
-                    acc / l_i[:, None], BLOCK_M, HEAD_DIM, HEAD_DIM, INTERPRET)
+    return acc / l_i[:, None]
+
+
+@triton.jit
+def _tma_program(QD, Lq, H, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr):
+    """A TMA kernel's program: (batch, head, the head's first channel, its q tile)."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q = QD.load([b * Lq + tl.program_id(0) * BLOCK_M, h * HEAD_DIM])
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    return b, h, h * HEAD_DIM, q
+
+
+@triton.jit
+def _attention_tma_kernel(QD, KD, VD, Out, stride_ob, stride_om, stride_oh, H, Lq, Lk, qk_scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
+    """_attention_kernel with q, k and v read through TMA descriptors (`tma_views`)."""
+    b, h, col, q = _tma_program(QD, Lq, H, HEAD_DIM, BLOCK_M, DOT_FP32)
+    out = _attend_tma(q, KD, VD, b * Lk, col, Lk, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, DOT_FP32)
+    _store_out_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, stride_om, tl.program_id(0),
+                    Lq, out, BLOCK_M, HEAD_DIM, HEAD_DIM, INTERPRET)
+
+
+@triton.jit
+def _cross_attention_tma_kernel(QD, KD, VD, KID, VID, Out, stride_ob, stride_om, stride_oh, H, Lq, Lk, Lki,
+                                qk_scale, HAS_IMG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
+    """_cross_attention_kernel with q and the keys and values read through TMA descriptors (`tma_views`)."""
+    b, h, col, q = _tma_program(QD, Lq, H, HEAD_DIM, BLOCK_M, DOT_FP32)
+    out = _attend_tma(q, KD, VD, b * Lk, col, Lk, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, DOT_FP32)
+    if HAS_IMG:
+        out += _attend_tma(q, KID, VID, b * Lki, col, Lki, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, DOT_FP32)
+    _store_out_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, stride_om, tl.program_id(0),
+                    Lq, out, BLOCK_M, HEAD_DIM, HEAD_DIM, INTERPRET)
 
 
 @triton.jit
@@ -437,7 +469,7 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         return out
     cfg = config or pick_config("bf16", D, q.dtype, shared_memory_of(q.device))
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)
-    descriptors = tma_views(q, k, v, cfg) if cfg.tma else None
+    descriptors = tma_views(cfg, q, k, v) if cfg.tma else None
     if descriptors is not None:
         LAST_COMPILED["attention"] = _attention_tma_kernel[grid](
             *descriptors, out, *_bhd_strides(out), H, Lq, Lk, LOG2E / math.sqrt(D),
@@ -463,11 +495,11 @@ def _as_rows(x: torch.Tensor) -> tuple[int, int] | None:
     return B * L, sl
 
 
-def tma_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttnConfig) -> tuple | None:
-    """TMA descriptors of q, k and v as [B·L, H·D] matrices with blocks of cfg's rows x D, for
-    `_attention_tma_kernel`; None where it cannot run: not Hopper or later (nor the interpreter), an
-    fp32 input, a head dim that is no power of two (the tile would take the next head's channels), or
-    a layout TMA cannot describe (`_as_rows`; rows and base addresses 16-byte aligned)."""
+def tma_views(cfg: AttnConfig, q: torch.Tensor, *keys_values: torch.Tensor) -> tuple | None:
+    """TMA descriptors of q and of each key or value tensor as [B·L, H·D] matrices, with blocks of cfg's
+    rows (q) or keys x D, for the TMA kernels; None where they cannot run: not Hopper or later (nor the
+    interpreter), fp32 inputs, a head dim that is no power of two (the tile would take the next head's
+    channels), or a layout TMA cannot describe (`_as_rows`; rows and base addresses 16-byte aligned)."""
     D = q.shape[-1]
     gpu_ok = q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) >= (9, 0)
     if not (gpu_ok or interpreting()) or q.dtype == torch.float32 or D != _block_d("attention", D):
@@ -475,7 +507,7 @@ def tma_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttnConfig
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     descriptors = []
-    for x, block in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n)):
+    for x, block in ((q, cfg.block_m), *((x, cfg.block_n) for x in keys_values)):
         rows = _as_rows(x)
         if rows is None or (rows[1] * x.element_size()) % 16 or x.data_ptr() % 16:
             return None
@@ -501,6 +533,13 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: to
         return out
     cfg = config or pick_config("cross", D, q.dtype, shared_memory_of(q.device))
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)
+    descriptors = tma_views(cfg, q, k, v, k_img, v_img) if cfg.tma else None
+    if descriptors is not None:
+        LAST_COMPILED["cross_attention"] = _cross_attention_tma_kernel[grid](
+            *descriptors, out, *_bhd_strides(out), H, Lq, k.shape[1], k_img.shape[1], LOG2E / math.sqrt(D),
+            HAS_IMG=has_img, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_FP32=_dot_fp32(q),
+            INTERPRET=interpreting(), **cfg.launch_options())
+        return out
     LAST_COMPILED["cross_attention"] = _cross_attention_kernel[grid](
         q, k, v, k_img, v_img, out, *_bhd_strides(q), *_bhd_strides(k), *_bhd_strides(v),
         *_bhd_strides(k_img), *_bhd_strides(v_img), *_bhd_strides(out),

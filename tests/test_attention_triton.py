@@ -155,7 +155,7 @@ def test_tma_loads_give_the_pointer_loads_result(lq, lk, d, dtype, layout):
     else:
         q, k, v = make_qkv(lq, lk, d, seed=21, dtype=dtype)
     cfg = _with_tma(d)
-    assert (impl.tma_views(q, k, v, cfg) is not None) == _tma_runs(q)
+    assert (impl.tma_views(cfg, q, k, v) is not None) == _tma_runs(q)
     out = impl.attention_bf16(q, k, v, config=cfg)
     check_output(out, q)
     pointer = impl.attention_bf16(q, k, v, config=dataclasses.replace(cfg, tma=False))
@@ -164,15 +164,33 @@ def test_tma_loads_give_the_pointer_loads_result(lq, lk, d, dtype, layout):
     assert rel_err(out, ref) <= 2 * rel_err(ops.attention(q, k, v, backend="torch"), ref)
 
 
+@CROSS
+@pytest.mark.parametrize("images", [True, False], ids=["text+image", "text"])
+def test_cross_attention_tma_loads_give_the_pointer_loads_result(images):
+    """As test_tma_loads_give_the_pointer_loads_result, for the fused cross-attention (B = 2; the keys'
+    tails are short and long in the interpreter's blocks)."""
+    q, _, _ = fused_qkv(77, 32, seed=31, dtype=torch.bfloat16)
+    _, k, v = fused_qkv(45, 32, seed=32, dtype=torch.bfloat16)
+    k_img, v_img = make_qkv(1, 19, 32, seed=33, dtype=torch.bfloat16)[1:] if images else (None, None)
+    cfg = dataclasses.replace(impl.pick_config("cross", 32), tma=True)
+    assert (impl.tma_views(cfg, q, k, v) is not None) == _tma_runs(q)
+    out = impl.cross_attention(q, k, v, k_img, v_img, config=cfg)
+    check_output(out, q)
+    pointer = impl.cross_attention(q, k, v, k_img, v_img, config=dataclasses.replace(cfg, tma=False))
+    assert rel_err(out, pointer) <= 2.0 ** -10, rel_err(out, pointer)
+    ref = attention64(q, k, v) + (attention64(q, k_img, v_img) if images else 0)
+    assert rel_err(out, ref) <= 2 * rel_err(ops.cross_attention(q, k, v, k_img, v_img, backend="torch"), ref)
+
+
 @ATTENTION
 def test_tma_views_only_where_tma_can_read_the_layout():
     q, k, v = make_qkv(77, 45, 32, seed=23, dtype=torch.bfloat16)
     cfg = _with_tma(32)
     heads_apart = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, L, H, D] view of [B, H, L, D]
     odd_rows = torch.zeros(B, 77, H * 32 + 1, dtype=q.dtype, device=q.device)[..., :H * 32].view(B, 77, H, 32)
-    assert impl.tma_views(heads_apart, k, v, cfg) is None
-    assert impl.tma_views(odd_rows, k, v, cfg) is None  # rows 2·(3·32 + 1) bytes apart: not 16-byte aligned
-    assert impl.tma_views(q.float(), k.float(), v.float(), cfg) is None
+    assert impl.tma_views(cfg, heads_apart, k, v) is None
+    assert impl.tma_views(cfg, odd_rows, k, v) is None  # rows 2·(3·32 + 1) bytes apart: not 16-byte aligned
+    assert impl.tma_views(cfg, q.float(), k.float(), v.float()) is None
     # The pointer kernel serves what TMA cannot read.
     out = impl.attention_bf16(heads_apart, k, v, config=cfg)
     check_output(out, q)
@@ -703,6 +721,20 @@ def attention_tma_variant(head_dim: int, cfg) -> dict:
                           max_registers=cfg.max_registers) | {"aligned": True}
 
 
+def cross_attention_tma_variant(head_dim: int, cfg) -> dict:
+    """compile_check.compile_kernel's report for the fused cross-attention kernel reading through TMA
+    descriptors (sm_90a)."""
+    from compile_check import compile_kernel
+
+    types = {"QD": f"tensordesc<bf16[{cfg.block_m},{head_dim}]>", "Out": "*bf16", "qk_scale": "fp32",
+             **dict.fromkeys(["KD", "VD", "KID", "VID"], f"tensordesc<bf16[{cfg.block_n},{head_dim}]>")}
+    return compile_kernel(impl._cross_attention_tma_kernel, types,
+                          dict(HAS_IMG=True, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                               DOT_FP32=False, INTERPRET=False), num_warps=cfg.num_warps,
+                          num_stages=cfg.num_stages, aligned=("stride_ob", "stride_om", "stride_oh"),
+                          max_registers=cfg.max_registers) | {"aligned": True}
+
+
 def cross_attention_variant(head_dim: int, cfg, arch: int = 90) -> dict:
     """build's report for the fused I2V cross-attention kernel on bf16 inputs."""
     return build(impl._cross_attention_kernel, dict.fromkeys(["Q", "K", "V", "KI", "VI", "Out"], "bf16"),
@@ -740,6 +772,9 @@ def compile_for_sm90() -> dict[str, dict]:
     for width in (d, 256):
         kernels["cross_attention bf16" + width_tag(width)] = cross_attention_variant(
             width, impl.pick_config("cross", width))
+    for cfg in impl.CROSS_TMA_CANDIDATES:
+        kernels[f"cross_attention bf16, TMA loads, {cfg.block_m} x {cfg.block_n} x {cfg.num_stages}"] = \
+            cross_attention_tma_variant(d, cfg)
     for qk in ("int8", "fp8"):
         for pv in impl8.PV_FORMATS:
             # Also a head_dim under the 8-bit dots' smallest reduction (the tests' 16), padded as launched,
@@ -797,9 +832,13 @@ def test_kernels_compile_for_hopper():
     # The TMA candidates load through descriptors, with fewer instructions in the key loop than pointer
     # loads of the same tile.
     tma = {k: v for k, v in kernels.items() if "TMA loads" in k}
-    assert len(tma) == len(impl.TMA_CANDIDATES) and all(v["tma"] for v in tma.values()), tma
-    assert tma["attention bf16, TMA loads, 128 x 128 x 3"]["loop_instructions"] < \
-        kernels["attention bf16"]["loop_instructions"], tma
+    assert len(tma) == len(impl.TMA_CANDIDATES) + len(impl.CROSS_TMA_CANDIDATES), tma
+    assert all(v["tma"] for v in tma.values()), tma
+    for kernel, tile in (("attention", "128 x 128 x 3"), ("cross_attention", "64 x 64 x 3")):
+        assert tma[f"{kernel} bf16, TMA loads, {tile}"]["loop_instructions"] < \
+            kernels[f"{kernel} bf16"]["loop_instructions"], tma
+    # The cross-attention's table tile keeps two programs an SM (plus the 1 KiB reserved for each).
+    assert 2 * (tma["cross_attention bf16, TMA loads, 64 x 64 x 3"]["shared"] + 1024) <= 228 * 1024, tma
     # 8-bit P·V takes P in registers with v's keys in the operand order: no lane shuffles move it there.
     assert not {k: v["loop_index_shuffles"] for k, v in attention.items() if v["loop_index_shuffles"]}
     # The sweep's register-capped tile: within its cap, and three programs' shared memory (plus the 1 KiB
