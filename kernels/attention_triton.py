@@ -117,7 +117,7 @@ TMA_CANDIDATES = (AttnConfig(128, 128, 8, 3, tma=True), AttnConfig(128, 128, 8, 
                   AttnConfig(128, 64, 8, 3, tma=True))
 # The same for the cross-attention: its table tile (335 instructions a key block instead of 364, 203
 # registers instead of 255, still two programs an SM), and 128 x 64 on 8 warps, each program reading the
-# text and image keys and values (388 KiB a program at Wan's sizes, 7.9 GB a call from L2 with 64-row
+# text and image keys and values (385 KiB a program at Wan's sizes, 8.1 GB a call from L2 with 64-row
 # programs) for twice the query rows. Not timed yet.
 CROSS_TMA_CANDIDATES = (AttnConfig(64, 64, 4, 3, tma=True), AttnConfig(128, 64, 8, 2, tma=True))
 # GPUs whose blocks may take less shared memory than Hopper's 227 KiB (sm_80: 163 KiB; sm_86 and sm_89:
