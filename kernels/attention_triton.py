@@ -123,12 +123,15 @@ CROSS_TMA_CANDIDATES = (AttnConfig(64, 64, 4, 3, tma=True), AttnConfig(128, 64, 
 # GPUs whose blocks may take less shared memory than Hopper's 227 KiB (sm_80: 163 KiB; sm_86 and sm_89:
 # 99 KiB): the head_dim 128 tiles that fit 99 KiB and, compiled for sm_80 and sm_89, spill
 # nothing in their loops (128 x 128 bf16 needs 128 KiB there; the 8-bit kernel at 128 x 128 in 2 stages
-# spills inside its loop). The others fit as they are.
+# spills inside its loop). The cross-attention's Hopper tile, 64 x 64 on 4 warps, fits but spills 0.7-1.3
+# KB a thread there (with triton 3.9 inside its key loop); 128 x 64 on 8 warps spills 84-120 bytes, none
+# in its loops (triton 3.6 and 3.9). The others fit as they are.
 HOPPER_SHARED_MEMORY = SHARED_MEMORY_LIMIT["sm_90"]
 _SMALL_SHARED_MEMORY_CONFIGS = {
     ("bf16", 128): AttnConfig(128, 64, 8, 3),
     ("8bit", 128): AttnConfig(128, 64, 8, 3),
     ("8bit_pv16", 128): AttnConfig(128, 64, 8, 3),
+    ("cross", 128): AttnConfig(128, 64, 8, 2),
 }
 # Head dims up to 256 (not Wan's, kept working for other models): smaller tiles, same for every path;
 # at 64 x 32 in 8 warps no path spills (at 64 x 64 the cross kernel does).
