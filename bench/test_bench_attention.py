@@ -214,9 +214,10 @@ SWEEP = [impl.AttnConfig(*c) for c in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 1
 
 def tile_name(cfg: impl.AttnConfig) -> str:
     """"64x128_w4_s2" (block_m x block_n, warps, stages; "_r168" where registers are capped, "_tma" with TMA
-    loads)."""
+    loads, "_lazy" with lazy re-basing)."""
     cap = f"_r{cfg.max_registers}" if cfg.max_registers else ""
-    return f"{cfg.block_m}x{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}{cap}{'_tma' if cfg.tma else ''}"
+    return (f"{cfg.block_m}x{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}{cap}{'_tma' if cfg.tma else ''}"
+            f"{'_lazy' if cfg.lazy_rescale else ''}")
 
 
 @pytest.mark.skipif(os.environ.get("DIT8_ATTN_SWEEP") != "1" or not torch.cuda.is_available(),

@@ -73,6 +73,10 @@ class AttnConfig:
     # loads spend 30-45 address and copy instructions a key block on every thread. Elsewhere the pointer
     # kernels run.
     tma: bool = False
+    # With tma: re-base the running max, l and acc only when a block's scores pass it by more than
+    # RESCALE_SLACK, decided for the whole program (the bf16 weights then reach 2^8). Skips the multiply of
+    # acc by alpha on most key blocks, for a reduction of the block maxima across the program's warps.
+    lazy_rescale: bool = False
 
     def launch_options(self) -> dict[str, int]:
         """The launch keywords of this configuration."""
@@ -112,13 +116,15 @@ THREE_PER_SM = AttnConfig(64, 64, 4, 3, max_registers=168)
 # Candidates of the sweep for the bf16 path, with TMA loads. Compiled for sm_90a by triton 3.6: the table's
 # 128 x 128 tile takes 487 instructions a warp a key block (530 with pointer loads) and 187 registers
 # (252); 128 x 64, 335 and 138. (Capped at 128 registers, so that two 8-warp programs would share an SM,
-# ptxas serializes the 128 x 64 tile's wgmma instructions.) Not timed yet.
+# ptxas serializes the 128 x 64 tile's wgmma instructions.) With lazy re-basing, 513 with the re-basing
+# branch, about 441 on the blocks that skip it. Not timed yet.
 TMA_CANDIDATES = (AttnConfig(128, 128, 8, 3, tma=True), AttnConfig(128, 128, 8, 2, tma=True),
-                  AttnConfig(128, 64, 8, 3, tma=True))
+                  AttnConfig(128, 64, 8, 3, tma=True), AttnConfig(128, 128, 8, 3, tma=True, lazy_rescale=True))
 # The same for the cross-attention: its table tile (335 instructions a key block instead of 364, 203
 # registers instead of 255, still two programs an SM), and 128 x 64 on 8 warps, each program reading the
 # text and image keys and values (385 KiB a program at Wan's sizes, 8.1 GB a call from L2 with 64-row
-# programs) for twice the query rows. Not timed yet.
+# programs) for twice the query rows. (With lazy re-basing ptxas serializes the 64 x 64 tile's wgmma
+# instructions.) Not timed yet.
 CROSS_TMA_CANDIDATES = (AttnConfig(64, 64, 4, 3, tma=True), AttnConfig(128, 64, 8, 2, tma=True))
 # GPUs whose blocks may take less shared memory than Hopper's 227 KiB (sm_80: 163 KiB; sm_86 and sm_89:
 # 99 KiB): the head_dim 128 tiles that fit 99 KiB and, compiled for sm_80 and sm_89, spill
@@ -256,16 +262,36 @@ def _attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_
     return _attend_tiles(acc, l_i, m_i, q, k, v, offs_n, Lk, qk_scale, MASK_N, DOT_FP32)
 
 
+# How far (log2 units) a lazily re-based row max may trail the scores: weights up to 2^8, which bf16/fp16
+# P and the fp32 sums hold without loss.
+RESCALE_SLACK = tl.constexpr(8.0)
+
+
 @triton.jit
-def _attend_tiles(acc, l_i, m_i, q, k, v, offs_n, Lk, qk_scale, MASK_N: tl.constexpr, DOT_FP32: tl.constexpr):
+def _attend_tiles(acc, l_i, m_i, q, k, v, offs_n, Lk, qk_scale, MASK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+                  LAZY: tl.constexpr = False):
     """Add the loaded key block k, v (keys offs_n; with MASK_N those at or past Lk get score -inf, their
-    rows must be finite) to the running (acc, l, m)."""
+    rows must be finite) to the running (acc, l, m). LAZY: m is the running max only up to RESCALE_SLACK
+    (log2 units), see AttnConfig.lazy_rescale."""
     if DOT_FP32:
         s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
     if MASK_N:
         s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
+    if LAZY:
+        # Re-base only when some row's max passed its m by more than the slack (always on the first block,
+        # m = -inf): a program-wide decision, so that the branch is uniform.
+        m_block = tl.max(s, 1) * qk_scale
+        if tl.max(m_block - m_i, 0) > RESCALE_SLACK:
+            m_new = tl.maximum(m_i, m_block)
+            alpha = tl.math.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.math.exp2(s * qk_scale - m_i[:, None])  # at most 2^RESCALE_SLACK
+        l_i = l_i + tl.sum(p, 1)
+        return _add_pv(acc, p, v, DOT_FP32), l_i, m_i
     p, alpha, l_i, m_i = _softmax_step(m_i, l_i, s, qk_scale)
     # Re-base the accumulator on the new max before adding this block's contribution.
     acc = acc * alpha[:, None]
@@ -358,7 +384,7 @@ def _attention_kernel(Q, K, V, Out,
 
 @triton.jit
 def _attend_tma(q, KD, VD, k_row, col, Lk, qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr):
+                BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, LAZY: tl.constexpr):
     """_attend with k and v read through TMA descriptors of their [B·L, H·D] views (`tma_views`), this
     (batch, head)'s keys from row k_row and channels from column col. A tail block's rows past the batch
     are the next batch's or, past the last, zeros (TMA fills them): finite, and their scores are -inf."""
@@ -369,11 +395,11 @@ def _attend_tma(q, KD, VD, k_row, col, Lk, qk_scale, BLOCK_M: tl.constexpr, HEAD
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, KD.load([k_row + start_n, col]),
                                       VD.load([k_row + start_n, col]), start_n + tl.arange(0, BLOCK_N), Lk,
-                                      qk_scale, False, DOT_FP32)
+                                      qk_scale, False, DOT_FP32, LAZY)
     if full_end < Lk:
         acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, KD.load([k_row + full_end, col]),
                                       VD.load([k_row + full_end, col]), full_end + tl.arange(0, BLOCK_N), Lk,
-                                      qk_scale, True, DOT_FP32)
+                                      qk_scale, True, DOT_FP32, LAZY)
     return acc / l_i[:, None]
 
 
@@ -392,10 +418,11 @@ def _tma_program(QD, Lq, H, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_F
 @triton.jit
 def _attention_tma_kernel(QD, KD, VD, Out, stride_ob, stride_om, stride_oh, H, Lq, Lk, qk_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
-    """_attention_kernel with q, k and v read through TMA descriptors (`tma_views`)."""
+                          DOT_FP32: tl.constexpr, LAZY: tl.constexpr, INTERPRET: tl.constexpr):
+    """_attention_kernel with q, k and v read through TMA descriptors (`tma_views`); LAZY: lazy
+    re-basing (AttnConfig.lazy_rescale)."""
     b, h, col, q = _tma_program(QD, Lq, H, HEAD_DIM, BLOCK_M, DOT_FP32)
-    out = _attend_tma(q, KD, VD, b * Lk, col, Lk, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, DOT_FP32)
+    out = _attend_tma(q, KD, VD, b * Lk, col, Lk, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, DOT_FP32, LAZY)
     _store_out_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, stride_om, tl.program_id(0),
                     Lq, out, BLOCK_M, HEAD_DIM, HEAD_DIM, INTERPRET)
 
@@ -403,12 +430,15 @@ def _attention_tma_kernel(QD, KD, VD, Out, stride_ob, stride_om, stride_oh, H, L
 @triton.jit
 def _cross_attention_tma_kernel(QD, KD, VD, KID, VID, Out, stride_ob, stride_om, stride_oh, H, Lq, Lk, Lki,
                                 qk_scale, HAS_IMG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
-    """_cross_attention_kernel with q and the keys and values read through TMA descriptors (`tma_views`)."""
+                                BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, LAZY: tl.constexpr,
+                                INTERPRET: tl.constexpr):
+    """_cross_attention_kernel with q and the keys and values read through TMA descriptors (`tma_views`);
+    LAZY: lazy re-basing (AttnConfig.lazy_rescale)."""
     b, h, col, q = _tma_program(QD, Lq, H, HEAD_DIM, BLOCK_M, DOT_FP32)
-    out = _attend_tma(q, KD, VD, b * Lk, col, Lk, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, DOT_FP32)
+    out = _attend_tma(q, KD, VD, b * Lk, col, Lk, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, DOT_FP32, LAZY)
     if HAS_IMG:
-        out += _attend_tma(q, KID, VID, b * Lki, col, Lki, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, DOT_FP32)
+        out += _attend_tma(q, KID, VID, b * Lki, col, Lki, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, DOT_FP32,
+                           LAZY)
     _store_out_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, stride_om, tl.program_id(0),
                     Lq, out, BLOCK_M, HEAD_DIM, HEAD_DIM, INTERPRET)
 
@@ -476,7 +506,7 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if descriptors is not None:
         LAST_COMPILED["attention"] = _attention_tma_kernel[grid](
             *descriptors, out, *_bhd_strides(out), H, Lq, Lk, LOG2E / math.sqrt(D),
-            HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_FP32=_dot_fp32(q),
+            HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_FP32=_dot_fp32(q), LAZY=cfg.lazy_rescale,
             INTERPRET=interpreting(), **cfg.launch_options())
         return out
     LAST_COMPILED["attention"] = _attention_kernel[grid](
@@ -541,7 +571,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: to
         LAST_COMPILED["cross_attention"] = _cross_attention_tma_kernel[grid](
             *descriptors, out, *_bhd_strides(out), H, Lq, k.shape[1], k_img.shape[1], LOG2E / math.sqrt(D),
             HAS_IMG=has_img, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_FP32=_dot_fp32(q),
-            INTERPRET=interpreting(), **cfg.launch_options())
+            LAZY=cfg.lazy_rescale, INTERPRET=interpreting(), **cfg.launch_options())
         return out
     LAST_COMPILED["cross_attention"] = _cross_attention_kernel[grid](
         q, k, v, k_img, v_img, out, *_bhd_strides(q), *_bhd_strides(k), *_bhd_strides(v),

@@ -164,6 +164,35 @@ def test_tma_loads_give_the_pointer_loads_result(lq, lk, d, dtype, layout):
     assert rel_err(out, ref) <= 2 * rel_err(ops.attention(q, k, v, backend="torch"), ref)
 
 
+@ATTENTION
+@pytest.mark.parametrize("growth", [0.0, 2.0, 6.0], ids=["gaussian", "max_up_every_other_block", "max_up_often"])
+def test_lazy_rescale_gives_the_eager_result(growth):
+    """Lazy re-basing (AttnConfig.lazy_rescale) against the kernel that re-bases every block: weights
+    relative to a trailing max sum to the same output. Scores that grow along the keys (by `growth` log2
+    units a key block, on top of Gaussian ones) make the program re-base on later blocks too, past the
+    first, and keep it from re-basing on others."""
+    q, k, v = make_qkv(77, 200, 32, seed=41, dtype=torch.float32)
+    cfg = _with_tma(32)
+    # q·k gets growth·n / block_n extra log2 units for key n, through a channel set aside for it.
+    q[..., 0] = 1.0
+    ramp = growth * torch.arange(200, device=k.device) / cfg.block_n / (impl.LOG2E / math.sqrt(32))
+    k[..., 0] = ramp[None, :, None]
+    q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    lazy = impl.attention_bf16(q, k, v, config=dataclasses.replace(cfg, lazy_rescale=True))
+    eager = impl.attention_bf16(q, k, v, config=cfg)
+    check_output(lazy, q)
+    assert rel_err(lazy, eager) <= 2.0 ** -10, rel_err(lazy, eager)
+    ref = attention64(q, k, v)
+    assert rel_err(lazy, ref) <= 2 * rel_err(ops.attention(q, k, v, backend="torch"), ref)
+    if growth == 0.0:
+        cross = dataclasses.replace(impl.pick_config("cross", 32), tma=True)
+        k_img, v_img = make_qkv(1, 19, 32, seed=43, dtype=torch.bfloat16)[1:]
+        outs = [impl.cross_attention(q, k, v, k_img, v_img, config=dataclasses.replace(cross, lazy_rescale=lazy_))
+                for lazy_ in (True, False)]
+        check_output(outs[0], q)
+        assert rel_err(outs[0], outs[1]) <= 2.0 ** -10, rel_err(outs[0], outs[1])
+
+
 @CROSS
 @pytest.mark.parametrize("images", [True, False], ids=["text+image", "text"])
 def test_cross_attention_tma_loads_give_the_pointer_loads_result(images):
@@ -719,7 +748,8 @@ def attention_tma_variant(head_dim: int, cfg) -> dict:
              **dict.fromkeys(["KD", "VD"], f"tensordesc<bf16[{cfg.block_n},{head_dim}]>")}
     return compile_kernel(impl._attention_tma_kernel, types,
                           dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_FP32=False,
-                               INTERPRET=False), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                               LAZY=cfg.lazy_rescale, INTERPRET=False), num_warps=cfg.num_warps,
+                          num_stages=cfg.num_stages,
                           aligned=("stride_ob", "stride_om", "stride_oh"),
                           max_registers=cfg.max_registers) | {"aligned": True}
 
@@ -733,7 +763,7 @@ def cross_attention_tma_variant(head_dim: int, cfg) -> dict:
              **dict.fromkeys(["KD", "VD", "KID", "VID"], f"tensordesc<bf16[{cfg.block_n},{head_dim}]>")}
     return compile_kernel(impl._cross_attention_tma_kernel, types,
                           dict(HAS_IMG=True, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                               DOT_FP32=False, INTERPRET=False), num_warps=cfg.num_warps,
+                               DOT_FP32=False, LAZY=cfg.lazy_rescale, INTERPRET=False), num_warps=cfg.num_warps,
                           num_stages=cfg.num_stages, aligned=("stride_ob", "stride_om", "stride_oh"),
                           max_registers=cfg.max_registers) | {"aligned": True}
 
@@ -758,6 +788,11 @@ def attention_8bit_variant(qk: str, pv: str, head_dim: int, cfg, arch: int = 90)
                  arch=arch)
 
 
+def tma_tag(cfg) -> str:
+    """"128 x 128 x 3" (block_m x block_n x stages), ", lazy" with lazy re-basing."""
+    return f"{cfg.block_m} x {cfg.block_n} x {cfg.num_stages}{', lazy' if cfg.lazy_rescale else ''}"
+
+
 def compile_for_sm90() -> dict[str, dict]:
     """Compile every kernel at Wan's head_dim 128 with its GPU configuration for sm_90a (also head_dim 80,
     padded to 128, and 256); {kernel variant: build's report}. Must run without TRITON_INTERPRET."""
@@ -770,14 +805,12 @@ def compile_for_sm90() -> dict[str, dict]:
                 dt, width, impl.pick_config("bf16", width, tdt))
     kernels["attention bf16, head_dim 80"] = attention_variant("bf16", 80, impl.pick_config("bf16", 80))
     for cfg in impl.TMA_CANDIDATES:
-        kernels[f"attention bf16, TMA loads, {cfg.block_m} x {cfg.block_n} x {cfg.num_stages}"] = \
-            attention_tma_variant(d, cfg)
+        kernels[f"attention bf16, TMA loads, {tma_tag(cfg)}"] = attention_tma_variant(d, cfg)
     for width in (d, 256):
         kernels["cross_attention bf16" + width_tag(width)] = cross_attention_variant(
             width, impl.pick_config("cross", width))
     for cfg in impl.CROSS_TMA_CANDIDATES:
-        kernels[f"cross_attention bf16, TMA loads, {cfg.block_m} x {cfg.block_n} x {cfg.num_stages}"] = \
-            cross_attention_tma_variant(d, cfg)
+        kernels[f"cross_attention bf16, TMA loads, {tma_tag(cfg)}"] = cross_attention_tma_variant(d, cfg)
     for qk in ("int8", "fp8"):
         for pv in impl8.PV_FORMATS:
             # Also a head_dim under the 8-bit dots' smallest reduction (the tests' 16), padded as launched,
