@@ -15,6 +15,7 @@ Without CUDA: smoke mode (tiny shapes, one run each, Triton in the interpreter).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import pytest
@@ -98,18 +99,19 @@ def baseline(cache: dict, key, make_call, gpu_time) -> tuple[float, torch.Tensor
 
 
 # torch_reference: the op's torch backend, SDPA on whatever backend torch picks (the reference "auto"
-# would run where the Triton kernel is not verified); triton_bf16_tma: the bf16 kernel with TMA loads on the
-# table's tile (attention_triton.TMA_CANDIDATES[0]; Hopper; the sweep times the others); triton_int8 /
+# would run where the Triton kernel is not verified); triton_bf16_tma (_lazy): the bf16 kernel with TMA loads
+# on the table's tile (and lazy re-basing; attention_triton.TMA_CANDIDATES; Hopper; the sweep times the
+# others); triton_int8 /
 # triton_fp8: the two 8-bit precisions (INT8 q·kᵀ; INT8 or FP8 P·V); triton_int8_pv16: INT8 q·kᵀ with
 # 16-bit P·V, for comparison; *_three_per_sm: the 8-bit precisions on the register-capped candidate tile
 # (attention_triton.THREE_PER_SM); gluon_bf16 / gluon_bf16_ws: the Hopper candidate for the bf16 path
 # (kernels/attention_gluon.py; _ws: its warp-specialized kernel); gluon_int8 / gluon_fp8 (and _ws; _wg: one
 # warpgroup a program): the one for the 8-bit paths (kernels/attention_8bit_gluon.py, the quantization
 # included as in triton_*); on Hopper only.
-SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "torch_reference", "triton_bf16", "triton_bf16_tma", "triton_int8",
-              "triton_fp8", "triton_int8_pv16", "triton_int8_three_per_sm", "triton_fp8_three_per_sm", "gluon_bf16",
-              "gluon_bf16_ws", "gluon_int8", "gluon_int8_ws", "gluon_int8_wg", "gluon_fp8", "gluon_fp8_ws",
-              "gluon_fp8_wg"]
+SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "torch_reference", "triton_bf16", "triton_bf16_tma",
+              "triton_bf16_tma_lazy", "triton_int8", "triton_fp8", "triton_int8_pv16", "triton_int8_three_per_sm",
+              "triton_fp8_three_per_sm", "gluon_bf16", "gluon_bf16_ws", "gluon_int8", "gluon_int8_ws", "gluon_int8_wg",
+              "gluon_fp8", "gluon_fp8_ws", "gluon_fp8_wg"]
 
 
 @pytest.mark.parametrize("name", SELF_IMPLS)
@@ -140,8 +142,8 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
 
             ws = name.endswith("_ws")
             fn = lambda: attention_gluon.attention_bf16(q, k, v, warp_specialized=ws)  # noqa: E731
-    elif name == "triton_bf16_tma":
-        config = impl.TMA_CANDIDATES[0]
+    elif name.startswith("triton_bf16_tma"):
+        config = dataclasses.replace(impl.TMA_CANDIDATES[0], lazy_rescale=name.endswith("_lazy"))
         if impl.tma_views(config, q, k, v) is None:
             pytest.skip("TMA loads need a Hopper (or later) GPU")
         fn = lambda: impl.attention_bf16(q, k, v, config=config)  # noqa: E731
