@@ -170,7 +170,9 @@ def test_lazy_rescale_gives_the_eager_result(growth):
     """Lazy re-basing (AttnConfig.lazy_rescale) against the kernel that re-bases every block: weights
     relative to a trailing max sum to the same output. Scores that grow along the keys (by `growth` log2
     units a key block, on top of Gaussian ones) make the program re-base on later blocks too, past the
-    first, and keep it from re-basing on others."""
+    first, and keep it from re-basing on others. On a GPU both round P to bf16, at scales 2^δ apart
+    (δ fractional): the outputs differ by about that rounding (2^-9 relative a weight, averaged), where
+    the interpreter's fp32 dots leave only fp32 rounding; a lost re-basing moves them by far more."""
     q, k, v = make_qkv(77, 200, 32, seed=41, dtype=torch.float32)
     cfg = _with_tma(32)
     # q·k gets growth·n / block_n extra log2 units for key n, through a channel set aside for it.
@@ -181,7 +183,8 @@ def test_lazy_rescale_gives_the_eager_result(growth):
     lazy = impl.attention_bf16(q, k, v, config=dataclasses.replace(cfg, lazy_rescale=True))
     eager = impl.attention_bf16(q, k, v, config=cfg)
     check_output(lazy, q)
-    assert rel_err(lazy, eager) <= 2.0 ** -10, rel_err(lazy, eager)
+    bound = 2.0 ** -10 if interpreting() else 2.0 ** -8
+    assert rel_err(lazy, eager) <= bound, rel_err(lazy, eager)
     ref = attention64(q, k, v)
     assert rel_err(lazy, ref) <= 2 * rel_err(ops.attention(q, k, v, backend="torch"), ref)
     if growth == 0.0:
@@ -190,7 +193,7 @@ def test_lazy_rescale_gives_the_eager_result(growth):
         outs = [impl.cross_attention(q, k, v, k_img, v_img, config=dataclasses.replace(cross, lazy_rescale=lazy_))
                 for lazy_ in (True, False)]
         check_output(outs[0], q)
-        assert rel_err(outs[0], outs[1]) <= 2.0 ** -10, rel_err(outs[0], outs[1])
+        assert rel_err(outs[0], outs[1]) <= bound, rel_err(outs[0], outs[1])
 
 
 @CROSS
