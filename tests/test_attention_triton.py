@@ -742,32 +742,19 @@ def attention_variant(dt: str, head_dim: int, cfg, arch: int = 90) -> dict:
                       BLOCK_N=cfg.block_n, DOT_FP32=dt == "fp32", INTERPRET=False), cfg, arch=arch)
 
 
-def attention_tma_variant(head_dim: int, cfg) -> dict:
-    """compile_check.compile_kernel's report for the bf16 flash attention kernel reading through TMA
-    descriptors (sm_90a)."""
+def tma_variant(cross: bool, head_dim: int, cfg) -> dict:
+    """compile_check.compile_kernel's report for the bf16 flash attention kernel (`cross`: the fused
+    cross-attention kernel) reading through TMA descriptors (sm_90a)."""
     from compile_check import compile_kernel
 
+    kernel = impl._cross_attention_tma_kernel if cross else impl._attention_tma_kernel
+    keys_values = ["KD", "VD", "KID", "VID"] if cross else ["KD", "VD"]
     types = {"QD": f"tensordesc<bf16[{cfg.block_m},{head_dim}]>", "Out": "*bf16", "qk_scale": "fp32",
-             **dict.fromkeys(["KD", "VD"], f"tensordesc<bf16[{cfg.block_n},{head_dim}]>")}
-    return compile_kernel(impl._attention_tma_kernel, types,
-                          dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_FP32=False,
-                               LAZY=cfg.lazy_rescale, INTERPRET=False), num_warps=cfg.num_warps,
-                          num_stages=cfg.num_stages,
+             **dict.fromkeys(keys_values, f"tensordesc<bf16[{cfg.block_n},{head_dim}]>")}
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_FP32=False,
+                      LAZY=cfg.lazy_rescale, INTERPRET=False) | (dict(HAS_IMG=True) if cross else {})
+    return compile_kernel(kernel, types, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                           aligned=("stride_ob", "stride_om", "stride_oh"),
-                          max_registers=cfg.max_registers) | {"aligned": True}
-
-
-def cross_attention_tma_variant(head_dim: int, cfg) -> dict:
-    """compile_check.compile_kernel's report for the fused cross-attention kernel reading through TMA
-    descriptors (sm_90a)."""
-    from compile_check import compile_kernel
-
-    types = {"QD": f"tensordesc<bf16[{cfg.block_m},{head_dim}]>", "Out": "*bf16", "qk_scale": "fp32",
-             **dict.fromkeys(["KD", "VD", "KID", "VID"], f"tensordesc<bf16[{cfg.block_n},{head_dim}]>")}
-    return compile_kernel(impl._cross_attention_tma_kernel, types,
-                          dict(HAS_IMG=True, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                               DOT_FP32=False, LAZY=cfg.lazy_rescale, INTERPRET=False), num_warps=cfg.num_warps,
-                          num_stages=cfg.num_stages, aligned=("stride_ob", "stride_om", "stride_oh"),
                           max_registers=cfg.max_registers) | {"aligned": True}
 
 
@@ -808,12 +795,12 @@ def compile_for_sm90() -> dict[str, dict]:
                 dt, width, impl.pick_config("bf16", width, tdt))
     kernels["attention bf16, head_dim 80"] = attention_variant("bf16", 80, impl.pick_config("bf16", 80))
     for cfg in impl.TMA_CANDIDATES:
-        kernels[f"attention bf16, TMA loads, {tma_tag(cfg)}"] = attention_tma_variant(d, cfg)
+        kernels[f"attention bf16, TMA loads, {tma_tag(cfg)}"] = tma_variant(False, d, cfg)
     for width in (d, 256):
         kernels["cross_attention bf16" + width_tag(width)] = cross_attention_variant(
             width, impl.pick_config("cross", width))
     for cfg in impl.CROSS_TMA_CANDIDATES:
-        kernels[f"cross_attention bf16, TMA loads, {tma_tag(cfg)}"] = cross_attention_tma_variant(d, cfg)
+        kernels[f"cross_attention bf16, TMA loads, {tma_tag(cfg)}"] = tma_variant(True, d, cfg)
     for qk in ("int8", "fp8"):
         for pv in impl8.PV_FORMATS:
             # Also a head_dim under the 8-bit dots' smallest reduction (the tests' 16), padded as launched,
