@@ -18,8 +18,8 @@ calls each case once, in the order `cases` lists them, so ncu records only those
 and 8-bit self-attention (q, k, v [1, 32760, 40, 128]) and the fused cross-attention (512 + 257 keys)
 on the Triton kernels, the FP8 GEMM with Hopper's promoted and fast-accumulation tiles, and the fused
 memory-bound ops on 32,760 x 5120 (GELU: x 13,824) on the backend `auto` picks. On Hopper also the bf16
-kernel with TMA loads and the Gluon candidates (bf16 and 8-bit attention, the FP8 GEMMs), unless
-DIT8_SKIP_GLUON names them.
+kernel with TMA loads (also on q tile pairs) and the Gluon candidates (bf16 and 8-bit attention, the FP8
+GEMMs), unless DIT8_SKIP_GLUON names them.
 """
 
 from __future__ import annotations
@@ -94,8 +94,10 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
     hidden = randn(32760, 13824)
     return [
         ("attention bf16", lambda: ops.attention(q, k, v, precision="bf16", backend="triton")),
-        *([("attention bf16, TMA loads", lambda: attention_triton.attention_bf16(
-            q, k, v, config=attention_triton.TMA_CANDIDATES[0]))] if hopper else []),
+        *([(f"attention bf16, TMA loads{', q tile pairs' if cfg.q_tile_pair else ''}",
+            lambda cfg=cfg: attention_triton.attention_bf16(q, k, v, config=cfg))
+           for cfg in (attention_triton.TMA_CANDIDATES[0],
+                       next(c for c in attention_triton.TMA_CANDIDATES if c.q_tile_pair))] if hopper else []),
         *([(f"attention bf16, Gluon candidate{' (warp-specialized)' if ws else ''}",
             lambda ws=ws: attention_gluon.attention_bf16(q, k, v, warp_specialized=ws)) for ws in (False, True)]
           if "attention" in gluon else []),

@@ -100,8 +100,8 @@ def baseline(cache: dict, key, make_call, gpu_time) -> tuple[float, torch.Tensor
 
 # torch_reference: the op's torch backend, SDPA on whatever backend torch picks (the reference "auto"
 # would run where the Triton kernel is not verified); triton_bf16_tma (_lazy): the bf16 kernel with TMA loads
-# on the table's tile (and lazy re-basing; attention_triton.TMA_CANDIDATES; Hopper; the sweep times the
-# others); triton_int8 /
+# on the table's tile (and lazy re-basing), triton_bf16_pair: on two q tiles a program (attention_triton.
+# TMA_CANDIDATES; Hopper; the sweep times the others); triton_int8 /
 # triton_fp8: the two 8-bit precisions (INT8 q·kᵀ; INT8 or FP8 P·V); triton_int8_pv16: INT8 q·kᵀ with
 # 16-bit P·V, for comparison; *_three_per_sm: the 8-bit precisions on the register-capped candidate tile
 # (attention_triton.THREE_PER_SM); gluon_bf16 / gluon_bf16_ws: the Hopper candidate for the bf16 path
@@ -109,9 +109,9 @@ def baseline(cache: dict, key, make_call, gpu_time) -> tuple[float, torch.Tensor
 # warpgroup a program): the one for the 8-bit paths (kernels/attention_8bit_gluon.py, the quantization
 # included as in triton_*); on Hopper only.
 SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "torch_reference", "triton_bf16", "triton_bf16_tma",
-              "triton_bf16_tma_lazy", "triton_int8", "triton_fp8", "triton_int8_pv16", "triton_int8_three_per_sm",
-              "triton_fp8_three_per_sm", "gluon_bf16", "gluon_bf16_ws", "gluon_int8", "gluon_int8_ws", "gluon_int8_wg",
-              "gluon_fp8", "gluon_fp8_ws", "gluon_fp8_wg"]
+              "triton_bf16_tma_lazy", "triton_bf16_pair", "triton_int8", "triton_fp8", "triton_int8_pv16",
+              "triton_int8_three_per_sm", "triton_fp8_three_per_sm", "gluon_bf16", "gluon_bf16_ws", "gluon_int8",
+              "gluon_int8_ws", "gluon_int8_wg", "gluon_fp8", "gluon_fp8_ws", "gluon_fp8_wg"]
 
 
 @pytest.mark.parametrize("name", SELF_IMPLS)
@@ -142,8 +142,9 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
 
             ws = name.endswith("_ws")
             fn = lambda: attention_gluon.attention_bf16(q, k, v, warp_specialized=ws)  # noqa: E731
-    elif name.startswith("triton_bf16_tma"):
-        config = dataclasses.replace(impl.TMA_CANDIDATES[0], lazy_rescale=name.endswith("_lazy"))
+    elif name.startswith(("triton_bf16_tma", "triton_bf16_pair")):
+        config = next(c for c in impl.TMA_CANDIDATES if c.q_tile_pair) if name.endswith("_pair") else \
+            dataclasses.replace(impl.TMA_CANDIDATES[0], lazy_rescale=name.endswith("_lazy"))
         if impl.tma_views(config, q, k, v) is None:
             pytest.skip("TMA loads need a Hopper (or later) GPU")
         fn = lambda: impl.attention_bf16(q, k, v, config=config)  # noqa: E731
@@ -216,10 +217,10 @@ SWEEP = [impl.AttnConfig(*c) for c in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 1
 
 def tile_name(cfg: impl.AttnConfig) -> str:
     """"64x128_w4_s2" (block_m x block_n, warps, stages; "_r168" where registers are capped, "_tma" with TMA
-    loads, "_lazy" with lazy re-basing)."""
+    loads, "_lazy" with lazy re-basing, "_pair" on two q tiles a program)."""
     cap = f"_r{cfg.max_registers}" if cfg.max_registers else ""
     return (f"{cfg.block_m}x{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}{cap}{'_tma' if cfg.tma else ''}"
-            f"{'_lazy' if cfg.lazy_rescale else ''}")
+            f"{'_lazy' if cfg.lazy_rescale else ''}{'_pair' if cfg.q_tile_pair else ''}")
 
 
 @pytest.mark.skipif(os.environ.get("DIT8_ATTN_SWEEP") != "1" or not torch.cuda.is_available(),

@@ -165,6 +165,28 @@ def test_tma_loads_give_the_pointer_loads_result(lq, lk, d, dtype, layout):
 
 
 @ATTENTION
+@pytest.mark.parametrize("layout", ["contiguous", "fused"])
+@pytest.mark.parametrize("lq, lk, d", SHAPES + [(1, 40, 32)])
+def test_q_tile_pairs_give_the_single_tiles_result(lq, lk, d, layout):
+    """AttnConfig.q_tile_pair: two q tiles a program (the second past Lq, or past the batch's rows, when
+    Lq ends inside the first), each computed as the pointer kernel computes it alone."""
+    if layout == "fused":
+        q, _, _ = fused_qkv(lq, d, seed=51, dtype=torch.bfloat16)
+        _, k, v = fused_qkv(lk, d, seed=52, dtype=torch.bfloat16)
+    else:
+        q, k, v = make_qkv(lq, lk, d, seed=51, dtype=torch.bfloat16)
+    cfg = dataclasses.replace(impl.pick_config("bf16", d), tma=True, q_tile_pair=True)
+    assert (impl.tma_views(cfg, q, k, v) is not None) == _tma_runs(q)
+    out = impl.attention_bf16(q, k, v, config=cfg)
+    check_output(out, q)
+    single = impl.attention_bf16(q, k, v, config=dataclasses.replace(cfg, block_m=cfg.block_m // 2, tma=False,
+                                                                      q_tile_pair=False))
+    assert rel_err(out, single) <= 2.0 ** -10, rel_err(out, single)
+    ref = attention64(q, k, v)
+    assert rel_err(out, ref) <= 2 * rel_err(ops.attention(q, k, v, backend="torch"), ref)
+
+
+@ATTENTION
 @pytest.mark.parametrize("growth", [0.0, 2.0, 6.0], ids=["gaussian", "max_up_every_other_block", "max_up_often"])
 def test_lazy_rescale_gives_the_eager_result(growth):
     """Lazy re-basing (AttnConfig.lazy_rescale) against the kernel that re-bases every block: weights
@@ -747,12 +769,17 @@ def tma_variant(cross: bool, head_dim: int, cfg) -> dict:
     cross-attention kernel) reading through TMA descriptors (sm_90a)."""
     from compile_check import compile_kernel
 
-    kernel = impl._cross_attention_tma_kernel if cross else impl._attention_tma_kernel
+    kernel = impl._cross_attention_tma_kernel if cross else \
+        impl._attention_pair_kernel if cfg.q_tile_pair else impl._attention_tma_kernel
     keys_values = ["KD", "VD", "KID", "VID"] if cross else ["KD", "VD"]
-    types = {"QD": f"tensordesc<bf16[{cfg.block_m},{head_dim}]>", "Out": "*bf16", "qk_scale": "fp32",
+    q_rows = cfg.block_m // 2 if cfg.q_tile_pair else cfg.block_m
+    types = {"QD": f"tensordesc<bf16[{q_rows},{head_dim}]>", "Out": "*bf16", "qk_scale": "fp32",
              **dict.fromkeys(keys_values, f"tensordesc<bf16[{cfg.block_n},{head_dim}]>")}
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_FP32=False,
-                      LAZY=cfg.lazy_rescale, INTERPRET=False) | (dict(HAS_IMG=True) if cross else {})
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=q_rows, BLOCK_N=cfg.block_n, DOT_FP32=False, INTERPRET=False)
+    if not cfg.q_tile_pair:
+        constexprs["LAZY"] = cfg.lazy_rescale
+    if cross:
+        constexprs["HAS_IMG"] = True
     return compile_kernel(kernel, types, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                           aligned=("stride_ob", "stride_om", "stride_oh"),
                           max_registers=cfg.max_registers) | {"aligned": True}
@@ -779,8 +806,9 @@ def attention_8bit_variant(qk: str, pv: str, head_dim: int, cfg, arch: int = 90)
 
 
 def tma_tag(cfg) -> str:
-    """"128 x 128 x 3" (block_m x block_n x stages), ", lazy" with lazy re-basing."""
-    return f"{cfg.block_m} x {cfg.block_n} x {cfg.num_stages}{', lazy' if cfg.lazy_rescale else ''}"
+    """"128 x 128 x 3" (block_m x block_n x stages), ", lazy" with lazy re-basing, ", pair" on two q tiles."""
+    return (f"{cfg.block_m} x {cfg.block_n} x {cfg.num_stages}{', lazy' if cfg.lazy_rescale else ''}"
+            f"{', pair' if cfg.q_tile_pair else ''}")
 
 
 def compile_for_sm90() -> dict[str, dict]:
