@@ -97,9 +97,8 @@ def _key_at_position(k):
     return (k & ~0x0E) | (((k >> 2) & 3) << 1) | (((k >> 1) & 1) << 3)
 
 
-def key_at_position(k: torch.Tensor) -> torch.Tensor:
-    """`_key_at_position` for an integer tensor (tests and `Quantized8bit.dequantized`)."""
-    return (k & ~0x0E) | (((k >> 2) & 3) << 1) | (((k >> 1) & 1) << 3)
+# The same on an integer torch tensor (tests and `Quantized8bit.dequantized`): the jitted function's Python.
+key_at_position = _key_at_position.fn
 
 
 @triton.jit
