@@ -282,12 +282,25 @@ def _attend_tiles(acc, l_i, m_i, q, k, v, offs_n, Lk, qk_scale, MASK_N: tl.const
     """Add the loaded key block k, v (keys offs_n; with MASK_N those at or past Lk get score -inf, their
     rows must be finite) to the running (acc, l, m). LAZY: m is the running max only up to RESCALE_SLACK
     (log2 units), see AttnConfig.lazy_rescale."""
+    s = _block_scores(q, k, offs_n, Lk, MASK_N, DOT_FP32)
+    return _attend_scores(acc, l_i, m_i, s, v, qk_scale, DOT_FP32, LAZY)
+
+
+@triton.jit
+def _block_scores(q, k, offs_n, Lk, MASK_N: tl.constexpr, DOT_FP32: tl.constexpr):
+    """q·kᵀ of a loaded key block, keys at or past Lk (MASK_N) -inf."""
     if DOT_FP32:
         s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
     if MASK_N:
         s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _attend_scores(acc, l_i, m_i, s, v, qk_scale, DOT_FP32: tl.constexpr, LAZY: tl.constexpr):
+    """The online-softmax step and P·V of a key block whose scores s are given (_attend_tiles)."""
     if LAZY:
         # Re-base only when some row's max passed its m by more than the slack (always on the first block,
         # m = -inf): a program-wide decision, so that the branch is uniform.
@@ -415,13 +428,17 @@ def _attend_tma(q, KD, VD, k_row, col, Lk, qk_scale, BLOCK_M: tl.constexpr, HEAD
 @triton.jit
 def _tma_program(QD, Lq, H, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr):
     """A TMA kernel's program: (batch, head, the head's first channel, its q tile)."""
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q = QD.load([b * Lq + tl.program_id(0) * BLOCK_M, h * HEAD_DIM])
+    b, h = tl.program_id(1) // H, tl.program_id(1) % H
+    return b, h, h * HEAD_DIM, _tma_q_tile(QD, b, Lq, tl.program_id(0), h * HEAD_DIM, BLOCK_M, DOT_FP32)
+
+
+@triton.jit
+def _tma_q_tile(QD, b, Lq, tile, col, BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Batch b's q tile `tile` (BLOCK_M rows) through its TMA descriptor, channels from column col."""
+    q = QD.load([b * Lq + tile * BLOCK_M, col])
     if DOT_FP32:
         q = q.to(tl.float32)
-    return b, h, h * HEAD_DIM, q
+    return q
 
 
 @triton.jit
@@ -442,19 +459,10 @@ def _attend_pair_tiles(acc_a, l_a, m_a, acc_b, l_b, m_b, q_a, q_b, k, v, offs_n,
     """_attend_tiles for two q tiles over one key block: both q·kᵀ products are issued first, so the
     second runs on the tensor cores during the first tile's softmax, and the first tile's P·V during the
     second's (the products are asynchronous; each wait comes at its result's first use)."""
-    if DOT_FP32:
-        s_a = tl.dot(q_a, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        s_b = tl.dot(q_b, tl.trans(k.to(tl.float32)), input_precision="ieee")
-    else:
-        s_a = tl.dot(q_a, tl.trans(k))
-        s_b = tl.dot(q_b, tl.trans(k))
-    if MASK_N:
-        s_a = tl.where((offs_n < Lk)[None, :], s_a, float("-inf"))
-        s_b = tl.where((offs_n < Lk)[None, :], s_b, float("-inf"))
-    p, alpha, l_a, m_a = _softmax_step(m_a, l_a, s_a, qk_scale)
-    acc_a = _add_pv(acc_a * alpha[:, None], p, v, DOT_FP32)
-    p, alpha, l_b, m_b = _softmax_step(m_b, l_b, s_b, qk_scale)
-    acc_b = _add_pv(acc_b * alpha[:, None], p, v, DOT_FP32)
+    s_a = _block_scores(q_a, k, offs_n, Lk, MASK_N, DOT_FP32)
+    s_b = _block_scores(q_b, k, offs_n, Lk, MASK_N, DOT_FP32)
+    acc_a, l_a, m_a = _attend_scores(acc_a, l_a, m_a, s_a, v, qk_scale, DOT_FP32, False)
+    acc_b, l_b, m_b = _attend_scores(acc_b, l_b, m_b, s_b, v, qk_scale, DOT_FP32, False)
     return acc_a, l_a, m_a, acc_b, l_b, m_b
 
 
@@ -464,16 +472,11 @@ def _attention_pair_kernel(QD, KD, VD, Out, stride_ob, stride_om, stride_oh, H, 
                            DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
     """_attention_tma_kernel on two q tiles of BLOCK_M rows a program (tiles 2·program_id(0) and the next),
     each key block loaded once for both (`_attend_pair_tiles`; AttnConfig.q_tile_pair)."""
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b, h = tl.program_id(1) // H, tl.program_id(1) % H
     col = h * HEAD_DIM
     tile = 2 * tl.program_id(0)
-    q_a = QD.load([b * Lq + tile * BLOCK_M, col])
-    q_b = QD.load([b * Lq + (tile + 1) * BLOCK_M, col])
-    if DOT_FP32:
-        q_a = q_a.to(tl.float32)
-        q_b = q_b.to(tl.float32)
+    q_a = _tma_q_tile(QD, b, Lq, tile, col, BLOCK_M, DOT_FP32)
+    q_b = _tma_q_tile(QD, b, Lq, tile + 1, col, BLOCK_M, DOT_FP32)
     k_row = b * Lk
     m_a = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_a = tl.zeros([BLOCK_M], tl.float32)
