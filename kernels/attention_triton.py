@@ -91,24 +91,29 @@ class AttnConfig:
 
 # Keyed by (path, head_dim bound). At head_dim 128 these are the fastest of the candidates that
 # DIT8_ATTN_SWEEP=1 bench/test_bench_attention.py timed at Wan's shapes (B=1, H=40, D=128; self: L=32,760;
-# cross: 32,760 queries over 512 + 257 keys) on an H200 (2026-11-26, triton 3.6; bench/RESULTS.md):
-# - bf16: 128 x 128 in 8 warps (128 x 64 timed the same within 1%);
-# - 8-bit P·V: 64 x 128 in 4 warps, 9-13% faster than 128 x 128 in 8. One warpgroup per program (255
-#   registers, 106 KiB of shared memory) leaves room for two programs per SM, whose softmax and dots
-#   can overlap;
-# - cross: 64 x 64 in 4 warps, 9% faster than 128 x 64 in 8 (BLOCK_N 128 spills: the text result stays
-#   live across the image loop).
-# Head_dim 64 keeps the untimed starting points. Compiled for sm_90a (tests/test_attention_triton.py
-# -k hopper), every tile below uses wgmma and spills nothing inside its key loop.
+# cross: 32,760 queries over 512 + 257 keys; bench/RESULTS.md):
+# - bf16: 128 x 128 in 8 warps with TMA loads: 37.4 ms against 44.4 with pointer loads and cuDNN's 38.5
+#   (H200, triton 3.6, 2026-11-26, night run). Fewer address instructions and 187 registers instead
+#   of 252;
+# - 8-bit P·V: 64 x 128 in 4 warps, 9-13% faster than 128 x 128 in 8 (H200, morning run). One warpgroup
+#   per program (255 registers, 106 KiB of shared memory) leaves room for two programs per SM, whose
+#   softmax and dots can overlap;
+# - cross: 64 x 64 in 4 warps with TMA loads: 1.33 ms against 1.47 with pointer loads and 1.40 for two
+#   cuDNN calls (H200, night run). (BLOCK_N 128 spills: the text result stays live across the image
+#   loop.)
+# TMA needs Hopper or later and a layout it can describe (`tma_views`); elsewhere the same tile runs with
+# pointer loads. Head_dim 64 keeps the untimed starting points. Compiled for sm_90a
+# (tests/test_attention_triton.py -k hopper), every tile below uses wgmma and spills nothing inside its
+# key loop.
 _CONFIGS = {
     ("bf16", 64): AttnConfig(128, 128, 8, 3),
-    ("bf16", 128): AttnConfig(128, 128, 8, 3),
+    ("bf16", 128): AttnConfig(128, 128, 8, 3, tma=True),
     ("8bit", 64): AttnConfig(128, 128, 8, 3),
     ("8bit", 128): AttnConfig(64, 128, 4, 3),
     ("8bit_pv16", 64): AttnConfig(128, 128, 8, 3),
     ("8bit_pv16", 128): AttnConfig(128, 128, 8, 3),  # 64 x 128 spills inside its loop with 16-bit P·V
     ("cross", 64): AttnConfig(128, 64, 8, 2),
-    ("cross", 128): AttnConfig(64, 64, 4, 3),
+    ("cross", 128): AttnConfig(64, 64, 4, 3, tma=True),
 }
 # A candidate of the benchmark's sweep for the 8-bit paths: 64 x 64 tiles on 4 warps capped at 168
 # registers and 57 KiB of shared memory, so that three programs share an SM where two of the 64 x 128
@@ -116,24 +121,25 @@ _CONFIGS = {
 # local-memory accesses in the key loop). On the H100 (2026-11-26) it took 43.19 ms (INT8 P·V) and 37.44
 # (FP8 P·V) against the table tile's 39.55 and 36.67: not adopted.
 THREE_PER_SM = AttnConfig(64, 64, 4, 3, max_registers=168)
-# Candidates of the sweep for the bf16 path, with TMA loads. Compiled for sm_90a by triton 3.6: the table's
-# 128 x 128 tile takes 487 instructions a warp a key block (530 with pointer loads) and 187 registers
-# (252); 128 x 64, 335 and 138. (Capped at 128 registers, so that two 8-warp programs would share an SM,
-# ptxas serializes the 128 x 64 tile's wgmma instructions.) With lazy re-basing, 513 with the re-basing
-# branch, about 441 on the blocks that skip it. Two q tiles of 64 rows a program (q_tile_pair), 64-key
-# blocks: 615 instructions a warp a key block for twice the rows (0.30 a score, against 0.24), 254
-# registers, 96 KiB of shared memory (two programs an SM on 4 warps); in the SASS the second tile's
-# q·kᵀ is issued among the first tile's softmax instructions and the first tile's P·V among the second's,
-# each waited for only after. Not timed yet.
+# Candidates of the sweep for the bf16 path, with TMA loads (the first is the table's). Compiled for
+# sm_90a by triton 3.6: 128 x 128 takes 487 instructions a warp a key block (530 with pointer loads) and
+# 187 registers (252); 128 x 64, 335 and 138. (Capped at 128 registers, so that two 8-warp programs would
+# share an SM, ptxas serializes the 128 x 64 tile's wgmma instructions.) With lazy re-basing, 513 with
+# the re-basing branch, about 441 on the blocks that skip it. Two q tiles of 64 rows a program
+# (q_tile_pair), 64-key blocks: 615 instructions a warp a key block for twice the rows, 254 registers,
+# two programs an SM on 4 warps; in the SASS each tile's products are issued among the other tile's
+# softmax instructions. Timed on the H200 (night run, ms): 37.4, 45.6 (2 stages), 41.3 (128 x 64),
+# 44.0 (lazy: its CTA barriers cost more than the skipped multiplies), 40.8 and 45.4 (pairs).
 TMA_CANDIDATES = (AttnConfig(128, 128, 8, 3, tma=True), AttnConfig(128, 128, 8, 2, tma=True),
                   AttnConfig(128, 64, 8, 3, tma=True), AttnConfig(128, 128, 8, 3, tma=True, lazy_rescale=True),
                   AttnConfig(128, 64, 4, 2, tma=True, q_tile_pair=True),
                   AttnConfig(256, 64, 8, 2, tma=True, q_tile_pair=True))
 # The same for the cross-attention: its table tile (335 instructions a key block instead of 364, 203
 # registers instead of 255, still two programs an SM), and 128 x 64 on 8 warps, each program reading the
-# text and image keys and values (385 KiB a program at Wan's sizes, 8.1 GB a call from L2 with 64-row
-# programs) for twice the query rows. (With lazy re-basing ptxas serializes the 64 x 64 tile's wgmma
-# instructions.) Not timed yet.
+# text and image keys and values for twice the query rows. (With lazy re-basing ptxas serializes the
+# 64 x 64 tile's wgmma instructions.) Timed on the H200 (night run): 1.33 and 1.55 ms. Halving the
+# programs' re-reads of the keys and values from L2 did not pay: with pointer loads the 64-row tile kept
+# L2 at 50% of its peak throughput (Nsight Compute), so L2 was not its limit.
 CROSS_TMA_CANDIDATES = (AttnConfig(64, 64, 4, 3, tma=True), AttnConfig(128, 64, 8, 2, tma=True))
 # GPUs whose blocks may take less shared memory than Hopper's 227 KiB (sm_80: 163 KiB; sm_86 and sm_89:
 # 99 KiB): the head_dim 128 tiles that fit 99 KiB and, compiled for sm_80 and sm_89, spill
