@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -67,7 +68,8 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
     import torch
 
     from dit8 import kernels as ops
-    from dit8.kernels import attention_8bit_gluon, attention_gluon, attention_triton, gemm_configs, scaled_mm_gluon
+    from dit8.kernels import (attention_8bit_gluon, attention_8bit_triton, attention_gluon, attention_triton,
+                              gemm_configs, scaled_mm_gluon)
     from dit8.kernels import scaled_mm_triton as gemm
 
     dev = torch.device("cuda")
@@ -92,17 +94,19 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
     residual, shift, scale = randn(1, 32760, 5120, dtype=torch.float32), randn(1, 5120, dtype=torch.float32), \
         randn(1, 5120, dtype=torch.float32)
     hidden = randn(32760, 13824)
+    pointer_loads = dataclasses.replace(attention_triton.pick_config("bf16", 128), tma=False)
     return [
         ("attention bf16", lambda: ops.attention(q, k, v, precision="bf16", backend="triton")),
-        *([(f"attention bf16, TMA loads{', q tile pairs' if cfg.q_tile_pair else ''}",
-            lambda cfg=cfg: attention_triton.attention_bf16(q, k, v, config=cfg))
-           for cfg in (attention_triton.TMA_CANDIDATES[0],
-                       next(c for c in attention_triton.TMA_CANDIDATES if c.q_tile_pair))] if hopper else []),
+        ("attention bf16, pointer loads", lambda: attention_triton.attention_bf16(q, k, v, config=pointer_loads)),
         *([(f"attention bf16, Gluon candidate{' (warp-specialized)' if ws else ''}",
             lambda ws=ws: attention_gluon.attention_bf16(q, k, v, warp_specialized=ws)) for ws in (False, True)]
           if "attention" in gluon else []),
         ("attention int8", lambda: ops.attention(q, k, v, precision="int8", backend="triton")),
         ("attention fp8", lambda: ops.attention(q, k, v, precision="fp8", backend="triton")),
+        *([(f"attention {precision}, TMA loads",
+            lambda precision=precision: attention_8bit_triton.attention_8bit(
+                q, k, v, precision, config=attention_triton.EIGHT_BIT_TMA_CANDIDATES[0]))
+           for precision in ("int8", "fp8")] if hopper else []),
         *([(f"attention {precision}, Gluon candidate ({config})",
             lambda precision=precision, kwargs=kwargs: attention_8bit_gluon.attention_8bit(q, k, v, precision,
                                                                                           **kwargs))

@@ -99,19 +99,22 @@ def baseline(cache: dict, key, make_call, gpu_time) -> tuple[float, torch.Tensor
 
 
 # torch_reference: the op's torch backend, SDPA on whatever backend torch picks (the reference "auto"
-# would run where the Triton kernel is not verified); triton_bf16_tma (_lazy): the bf16 kernel with TMA loads
-# on the table's tile (and lazy re-basing), triton_bf16_pair: on two q tiles a program (attention_triton.
-# TMA_CANDIDATES; Hopper; the sweep times the others); triton_int8 /
-# triton_fp8: the two 8-bit precisions (INT8 q·kᵀ; INT8 or FP8 P·V); triton_int8_pv16: INT8 q·kᵀ with
-# 16-bit P·V, for comparison; *_three_per_sm: the 8-bit precisions on the register-capped candidate tile
-# (attention_triton.THREE_PER_SM); gluon_bf16 / gluon_bf16_ws: the Hopper candidate for the bf16 path
-# (kernels/attention_gluon.py; _ws: its warp-specialized kernel); gluon_int8 / gluon_fp8 (and _ws; _wg: one
-# warpgroup a program): the one for the 8-bit paths (kernels/attention_8bit_gluon.py, the quantization
-# included as in triton_*); on Hopper only.
-SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "torch_reference", "triton_bf16", "triton_bf16_tma",
+# would run where the Triton kernel is not verified); triton_bf16: the bf16 kernel on the table's
+# configuration (on Hopper with TMA loads); triton_bf16_pointer: the same tile with pointer loads;
+# triton_bf16_tma_lazy: with TMA loads and lazy re-basing, triton_bf16_pair: on two q tiles a program
+# (attention_triton.TMA_CANDIDATES; Hopper; the sweep times the others); triton_int8 / triton_fp8: the
+# two 8-bit precisions (INT8 q·kᵀ; INT8 or FP8 P·V); triton_int8_pv16: INT8 q·kᵀ with 16-bit P·V;
+# *_three_per_sm: the 8-bit precisions on the register-capped candidate tile (attention_triton.
+# THREE_PER_SM); triton_int8_tma / triton_fp8_tma: on the table's tile with TMA loads (attention_triton.
+# EIGHT_BIT_TMA_CANDIDATES[0]; Hopper); gluon_bf16 / gluon_bf16_ws: the Hopper candidate for the bf16
+# path (kernels/attention_gluon.py; _ws: its warp-specialized kernel); gluon_int8 / gluon_fp8 (and _ws;
+# _wg: one warpgroup a program): the one for the 8-bit paths (kernels/attention_8bit_gluon.py, the
+# quantization included as in triton_*); on Hopper only.
+SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "torch_reference", "triton_bf16", "triton_bf16_pointer",
               "triton_bf16_tma_lazy", "triton_bf16_pair", "triton_int8", "triton_fp8", "triton_int8_pv16",
-              "triton_int8_three_per_sm", "triton_fp8_three_per_sm", "gluon_bf16", "gluon_bf16_ws", "gluon_int8",
-              "gluon_int8_ws", "gluon_int8_wg", "gluon_fp8", "gluon_fp8_ws", "gluon_fp8_wg"]
+              "triton_int8_three_per_sm", "triton_fp8_three_per_sm", "triton_int8_tma", "triton_fp8_tma",
+              "gluon_bf16", "gluon_bf16_ws", "gluon_int8", "gluon_int8_ws", "gluon_int8_wg", "gluon_fp8",
+              "gluon_fp8_ws", "gluon_fp8_wg"]
 
 
 @pytest.mark.parametrize("name", SELF_IMPLS)
@@ -142,9 +145,13 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
 
             ws = name.endswith("_ws")
             fn = lambda: attention_gluon.attention_bf16(q, k, v, warp_specialized=ws)  # noqa: E731
+    elif name == "triton_bf16_pointer":
+        config = dataclasses.replace(impl.pick_config("bf16", D), tma=False)
+        fn = lambda: impl.attention_bf16(q, k, v, config=config)  # noqa: E731
+        info.update(config=str(config))
     elif name.startswith(("triton_bf16_tma", "triton_bf16_pair")):
         config = next(c for c in impl.TMA_CANDIDATES if c.q_tile_pair) if name.endswith("_pair") else \
-            dataclasses.replace(impl.TMA_CANDIDATES[0], lazy_rescale=name.endswith("_lazy"))
+            dataclasses.replace(impl.TMA_CANDIDATES[0], lazy_rescale=True)
         if impl.tma_views(config, q, k, v) is None:
             pytest.skip("TMA loads need a Hopper (or later) GPU")
         fn = lambda: impl.attention_bf16(q, k, v, config=config)  # noqa: E731
@@ -156,8 +163,11 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
         info.update(op="attention", backend=backend, case="bf16")
     else:
         qk, pv = {"triton_int8": impl8.RECIPES["int8"], "triton_fp8": impl8.RECIPES["fp8"],
-                  "triton_int8_pv16": ("int8", "fp16")}[name.removesuffix("_three_per_sm")]
-        config = impl.THREE_PER_SM if name.endswith("_three_per_sm") else None
+                  "triton_int8_pv16": ("int8", "fp16")}[name.removesuffix("_three_per_sm").removesuffix("_tma")]
+        config = impl.THREE_PER_SM if name.endswith("_three_per_sm") else \
+            impl.EIGHT_BIT_TMA_CANDIDATES[0] if name.endswith("_tma") else None
+        if config is not None and config.tma and (device != "cuda" or torch.cuda.get_device_capability() < (9, 0)):
+            pytest.skip("TMA loads need a Hopper (or later) GPU")
         fn = lambda: impl8.attention_8bit(q, k, v, "int8", qk=qk, pv=pv, config=config)  # noqa: E731
         cfg = config or impl.pick_config(impl8.config_path(pv), D, shared_memory=impl.shared_memory_of(q.device))
         info["quantize_ms"] = round(gpu_time(lambda: impl8.quantize_for_attention(
@@ -176,9 +186,10 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
            shape=list(shape), **info)
 
 
-# triton_fused_tma / triton_fused_tma_128: the fused kernel with TMA loads, on the table's tile and on
-# 128 x 64 (attention_triton.CROSS_TMA_CANDIDATES; Hopper).
-CROSS_IMPLS = ["cudnn_two_calls", "flash_two_calls", "triton_fused", "triton_fused_tma", "triton_fused_tma_128"]
+# triton_fused: the fused kernel on the table's configuration (on Hopper with TMA loads);
+# triton_fused_pointer: the same tile with pointer loads; triton_fused_tma_128: with TMA loads on 128 x 64
+# (attention_triton.CROSS_TMA_CANDIDATES[1]; Hopper).
+CROSS_IMPLS = ["cudnn_two_calls", "flash_two_calls", "triton_fused", "triton_fused_pointer", "triton_fused_tma_128"]
 
 
 @pytest.mark.parametrize("name", CROSS_IMPLS)
@@ -195,8 +206,11 @@ def test_cross_attention(name, device, smoke, record, gpu_time, baseline_cache):
                                             two_calls, gpu_time)
     if name == "triton_fused":
         fn = lambda: ops.cross_attention(q, k, v, k_img, v_img, backend="triton")  # noqa: E731
-    elif name.startswith("triton_fused_tma"):
-        config = impl.CROSS_TMA_CANDIDATES[1 if name.endswith("_128") else 0]
+    elif name == "triton_fused_pointer":
+        config = dataclasses.replace(impl.pick_config("cross", D), tma=False)
+        fn = lambda: impl.cross_attention(q, k, v, k_img, v_img, config=config)  # noqa: E731
+    elif name == "triton_fused_tma_128":
+        config = impl.CROSS_TMA_CANDIDATES[1]
         if impl.tma_views(config, q, k, v, k_img, v_img) is None:
             pytest.skip("TMA loads need a Hopper (or later) GPU")
         fn = lambda: impl.cross_attention(q, k, v, k_img, v_img, config=config)  # noqa: E731
@@ -260,8 +274,10 @@ def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_conf
 
     table = impl.pick_config({"int8": "8bit", "fp8": "8bit", "pv16": "8bit_pv16"}.get(path, path), D)
     times, errors = {}, {}
-    # (The TMA candidates: the bf16 and cross kernels'.)
-    candidates = SWEEP + list({"bf16": impl.TMA_CANDIDATES, "cross": impl.CROSS_TMA_CANDIDATES}.get(path, ()))
+    # (The TMA candidates of each kernel; 16-bit P·V has none.)
+    candidates = SWEEP + list({"bf16": impl.TMA_CANDIDATES, "cross": impl.CROSS_TMA_CANDIDATES,
+                               "int8": impl.EIGHT_BIT_TMA_CANDIDATES, "fp8": impl.EIGHT_BIT_TMA_CANDIDATES
+                               }.get(path, ()))
     for cfg in sweep_candidates(candidates, tile_name, [table]):
         with contextlib.suppress(Exception):  # a config that does not compile (shared memory) is skipped
             errors[cfg] = rel_err(call(cfg)(), base_out)

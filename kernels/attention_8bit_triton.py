@@ -211,29 +211,48 @@ def pv_products_by_bits(device: torch.device) -> bool:
 
 
 @triton.jit
-def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
-                       stride_kn, stride_vn, stride_vd, start_n, Lk,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       MASK_N: tl.constexpr, QK_INT8: tl.constexpr, PV: tl.constexpr, PV_BITS: tl.constexpr,
-                       V_ORDERED: tl.constexpr, DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    # Each key's scale and bias, side by side: one [BLOCK_N, 2] tile.
+def _key_scales(kb_base, offs_n, Lk, MASK_N: tl.constexpr):
+    """(scale, bias) of the keys offs_n, read side by side as one [BLOCK_N, 2] tile. Keys past the end
+    (MASK_N) get bias -inf: score -inf, weight 0, whatever their codes."""
     kb_ptrs = kb_base + offs_n[:, None] * 2 + tl.arange(0, 2)[None, :]
-    # Keys past the end (MASK_N): k = 0 and bias = -inf give score -inf (weight 0); v = 0 stays finite.
-    k = _load_tile(k_ptrs, offs_n, Lk, MASK_N, HEAD_DIM, BLOCK_D)
     if MASK_N:
         k_scale, bias = tl.split(tl.load(kb_ptrs, mask=(offs_n < Lk)[:, None], other=0.0))
         bias = tl.where(offs_n < Lk, bias, float("-inf"))
     else:
         k_scale, bias = tl.split(tl.load(kb_ptrs))
+    return k_scale, bias
+
+
+@triton.jit
+def _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
+                       stride_kn, stride_vn, stride_vd, start_n, Lk,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       MASK_N: tl.constexpr, QK_INT8: tl.constexpr, PV: tl.constexpr, PV_BITS: tl.constexpr,
+                       V_ORDERED: tl.constexpr, DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
+    """Add keys [start_n, start_n + BLOCK_N) to the running (acc, l, m), loading them through pointers."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    # Keys past the end (MASK_N) load k = 0 and v = 0: finite, so their 0 weights add nothing.
+    k = _load_tile(k_ptrs, offs_n, Lk, MASK_N, HEAD_DIM, BLOCK_D)
+    k_scale, bias = _key_scales(kb_base, offs_n, Lk, MASK_N)
     if MASK_N and V_ORDERED:
         # Position n of the stored keys holds key _key_at_position(n): mask by that (past Lk: padding).
         v = _load_tile(v_ptrs, _key_at_position(offs_n), Lk, True, HEAD_DIM, BLOCK_D)
     else:
         v = _load_tile(v_ptrs, offs_n, Lk, MASK_N, HEAD_DIM, BLOCK_D)
+    return _attend_8bit_tiles(acc, l_i, m_i, q, q_scale, k, k_scale, bias, v, BLOCK_D, BLOCK_N, QK_INT8, PV,
+                              PV_BITS, V_ORDERED, DOT_FP32, INTERPRET)
+
+
+@triton.jit
+def _attend_8bit_tiles(acc, l_i, m_i, q, q_scale, k, k_scale, bias, v,
+                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, PV: tl.constexpr,
+                       PV_BITS: tl.constexpr, V_ORDERED: tl.constexpr, DOT_FP32: tl.constexpr,
+                       INTERPRET: tl.constexpr):
+    """The online-softmax step and P·V of a loaded key block: codes k [BLOCK_N, BLOCK_D], each key's scale
+    and bias (`_key_scales`), v's codes (or 16-bit values) [BLOCK_N, BLOCK_D]."""
     # Dequantize (the scales already carry log2(e)/√D) and add the q-mean correction of each key.
     c = q_scale * k_scale
     if QK_INT8 and not INTERPRET:
@@ -336,17 +355,67 @@ def _attention_8bit_kernel(Q, QScale, K, KScaleBias, V, VMean, VScale, Out,
                                            stride_kn, stride_vn, stride_vd, full_end, Lk, HEAD_DIM, BLOCK_D,
                                            BLOCK_N, True, QK_INT8, PV, PV_BITS, V_ORDERED, DOT_FP32,
                                            INTERPRET)
+    out = _finish_8bit(acc, l_i, VMean, VScale, pid_bh, HEAD_DIM, BLOCK_D, PV)
+    _store_out_tile(Out + b * stride_ob + h * stride_oh, stride_om, pid_m, Lq, out, BLOCK_M, HEAD_DIM,
+                    BLOCK_D, INTERPRET)
+
+
+@triton.jit
+def _finish_8bit(acc, l_i, VMean, VScale, pid_bh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PV: tl.constexpr):
+    """The output tile: acc normalised by l and, for 8-bit P·V, v's centring and channel scales undone
+    (INT8 P was scaled by 127; FP8 P's 448 is in l too, and cancelled)."""
     out = acc / l_i[:, None]
     if PV != "fp16":
-        # v was centred and divided by its channel scales: undo both. INT8 P was scaled by 127 (FP8
-        # P's 448 is in l too, and cancelled).
+        offs_d = tl.arange(0, BLOCK_D)
         v_scale = tl.load(VScale + pid_bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
         v_mean = tl.load(VMean + pid_bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
         if PV == "int8":
             v_scale = v_scale / _INT8_MAX
         out = out * v_scale[None, :] + v_mean[None, :]
-    _store_out_tile(Out + b * stride_ob + h * stride_oh, stride_om, pid_m, Lq, out, BLOCK_M, HEAD_DIM,
-                    BLOCK_D, INTERPRET)
+    return out
+
+
+@triton.jit
+def _attention_8bit_tma_kernel(QD, QScale, KD, KScaleBias, VD, VMean, VScale, Out,
+                               stride_ob, stride_om, stride_oh, H, Lq, Lk, n_qblocks,
+                               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               QK_INT8: tl.constexpr, PV: tl.constexpr, PV_BITS: tl.constexpr,
+                               V_ORDERED: tl.constexpr, INTERPRET: tl.constexpr):
+    """_attention_8bit_kernel with the codes read through TMA descriptors (`tma_views_8bit`): q's and k's
+    as [B·H·L, D] matrices, v's as [B·H·D, keys]. A tail block's rows past this head's are the next
+    head's (or TMA's zeros): finite codes, rows that are not stored (q) and keys of score -inf (k)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    q = QD.load([pid_bh * Lq + pid_m * BLOCK_M, 0])
+    q_scale = tl.load(QScale + pid_bh * n_qblocks + pid_m)
+    k_row = pid_bh * Lk
+    v_row = pid_bh * HEAD_DIM
+    kb_base = KScaleBias + pid_bh.to(tl.int64) * Lk * 2
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    full_end = (Lk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        k_scale, bias = _key_scales(kb_base, start_n + tl.arange(0, BLOCK_N), Lk, False)
+        acc, l_i, m_i = _attend_8bit_tiles(acc, l_i, m_i, q, q_scale, KD.load([k_row + start_n, 0]), k_scale,
+                                           bias, tl.trans(VD.load([v_row, start_n])), HEAD_DIM, BLOCK_N, QK_INT8,
+                                           PV, PV_BITS, V_ORDERED, False, INTERPRET)
+    if full_end < Lk:
+        offs_n = full_end + tl.arange(0, BLOCK_N)
+        k_scale, bias = _key_scales(kb_base, offs_n, Lk, True)
+        v = VD.load([v_row, full_end])
+        if V_ORDERED:
+            # The stored positions up to Lk rounded up to KEY_GROUP hold keys past Lk there: padding,
+            # never written (an FP8 NaN code would turn its 0 weight into NaN). Zeroed.
+            v = tl.where((_key_at_position(offs_n) < Lk)[None, :], v, tl.zeros_like(v))
+        acc, l_i, m_i = _attend_8bit_tiles(acc, l_i, m_i, q, q_scale, KD.load([k_row + full_end, 0]), k_scale,
+                                           bias, tl.trans(v), HEAD_DIM, BLOCK_N, QK_INT8, PV, PV_BITS, V_ORDERED,
+                                           False, INTERPRET)
+    out = _finish_8bit(acc, l_i, VMean, VScale, pid_bh, HEAD_DIM, HEAD_DIM, PV)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    _store_out_tile(Out + b * stride_ob + h * stride_oh, stride_om, pid_m, Lq, out, BLOCK_M, HEAD_DIM, HEAD_DIM,
+                    INTERPRET)
 
 
 @dataclass
@@ -529,6 +598,16 @@ def _launch_8bit(x: Quantized8bit, out: torch.Tensor, cfg: AttnConfig):
         v_strides = (x.v.stride(0), x.v.stride(1), x.v.stride(2), x.v.stride(3))
         v_mean = v_scale = x.q_scale  # placeholders, never read with 16-bit P·V
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)
+    descriptors = tma_views_8bit(cfg, x) if cfg.tma else None
+    if descriptors is not None:
+        QD, KD, VD = descriptors
+        LAST_COMPILED["attention_8bit"] = _attention_8bit_tma_kernel[grid](
+            QD, x.q_scale, KD, x.k_scale_bias, VD, x.v_mean, x.v_scale, out, *_bhd_strides(out),
+            H, Lq, Lk, x.q_scale.shape[2],
+            HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, QK_INT8=x.q.dtype == torch.int8, PV=pv,
+            PV_BITS=pv_products_by_bits(x.q.device), V_ORDERED=x.v_in_operand_order, INTERPRET=interpreting(),
+            **cfg.launch_options())
+        return out
     LAST_COMPILED["attention_8bit"] = _attention_8bit_kernel[grid](
         x.q, x.q_scale, x.k, x.k_scale_bias, x.v, v_mean, v_scale, out,
         x.q.stride(0), x.q.stride(2), x.q.stride(1),
@@ -542,6 +621,29 @@ def _launch_8bit(x: Quantized8bit, out: torch.Tensor, cfg: AttnConfig):
         INTERPRET=interpreting(),
         **cfg.launch_options())
     return out
+
+
+def tma_views_8bit(cfg: AttnConfig, x: Quantized8bit) -> tuple | None:
+    """TMA descriptors of the 8-bit codes for `_attention_8bit_tma_kernel`: q [B·H·Lq, D] and k [B·H·Lk, D]
+    in blocks of cfg's rows and keys x D, v's codes [B·H·D, keys] in blocks of D x keys; None where that
+    kernel cannot run: not Hopper or later (nor the interpreter), 16-bit P·V (v is not codes), or a head
+    dim other than the padded one the dots take (TMA would not zero the padding channels)."""
+    B, H, Lq, D = x.q.shape
+    device = x.q.device
+    gpu_ok = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    if not (gpu_ok or interpreting()) or x.pv == "fp16" or D != _block_d("attention", D, DOT8_MIN_REDUCTION):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    q, k, v = x.q, x.k, x.v
+    # (quantize_for_attention writes q and k contiguous and v's rows 16-byte aligned.)
+    if not (q.is_contiguous() and k.is_contiguous() and v.stride(3) == 1 and v.stride(1) == D * v.stride(2)
+            and v.stride(0) == H * v.stride(1) and v.stride(2) % 16 == 0):
+        return None
+    keys = v.shape[3]
+    return (TensorDescriptor(q, [B * H * Lq, D], [D, 1], [cfg.block_m, D]),
+            TensorDescriptor(k, [B * H * k.shape[2], D], [D, 1], [cfg.block_n, D]),
+            TensorDescriptor(v, [B * H * D, keys], [v.stride(2), 1], [D, cfg.block_n]))
 
 
 def attention_from_quantized(x: Quantized8bit, out_dtype: torch.dtype,

@@ -68,10 +68,10 @@ class AttnConfig:
     # Registers per thread ptxas may use (None: its own choice, up to 255). An SM holds 64K registers,
     # so 4-warp programs capped at 168 fit three to an SM where 255 fit two.
     max_registers: int | None = None
-    # Load q, k and v through TMA descriptors (the bf16 and cross-attention kernels on Hopper, where the
-    # inputs' layout allows it: `tma_views`): one elected thread issues each tile's copy, where the pointer
-    # loads spend 30-45 address and copy instructions a key block on every thread. Elsewhere the pointer
-    # kernels run.
+    # Load q, k and v through TMA descriptors (on Hopper, where the inputs' layout allows it: `tma_views`,
+    # and for the 8-bit kernel's codes attention_8bit_triton.tma_views_8bit): one elected thread issues
+    # each tile's copy, where the pointer loads spend 30-45 address and copy instructions a key block on
+    # every thread. Elsewhere the pointer kernels run.
     tma: bool = False
     # With tma: re-base the running max, l and acc only when a block's scores pass it by more than
     # RESCALE_SLACK, decided for the whole program (the bf16 weights then reach 2^8). Skips the multiply of
@@ -141,6 +141,14 @@ TMA_CANDIDATES = (AttnConfig(128, 128, 8, 3, tma=True), AttnConfig(128, 128, 8, 
 # programs' re-reads of the keys and values from L2 did not pay: with pointer loads the 64-row tile kept
 # L2 at 50% of its peak throughput (Nsight Compute), so L2 was not its limit.
 CROSS_TMA_CANDIDATES = (AttnConfig(64, 64, 4, 3, tma=True), AttnConfig(128, 64, 8, 2, tma=True))
+# The same for the 8-bit kernel (its codes read through TMA descriptors, attention_8bit_triton.
+# tma_views_8bit): the table's tile; 128 x 128 on 8 warps, each key block loaded once for twice the rows;
+# and the three-programs-an-SM tile. Compiled for sm_90a by triton 3.6, FP8 / INT8 P·V: 702 / 918
+# instructions a warp a key block (718 / 935 with pointer loads), 236 / 252 registers (254 / 255);
+# 128 x 128: 710 / 926, 238 / 254; 64 x 64 capped at 168: 454 / 628 a 64-key block, no spills. Not timed
+# yet: the bf16 kernel's TMA loads saved 16% of its time for 8% of its instructions.
+EIGHT_BIT_TMA_CANDIDATES = (AttnConfig(64, 128, 4, 3, tma=True), AttnConfig(128, 128, 8, 3, tma=True),
+                            dataclasses.replace(THREE_PER_SM, tma=True))
 # GPUs whose blocks may take less shared memory than Hopper's 227 KiB (sm_80: 163 KiB; sm_86 and sm_89:
 # 99 KiB): the head_dim 128 tiles that fit 99 KiB and, compiled for sm_80 and sm_89, spill
 # nothing in their loops (128 x 128 bf16 needs 128 KiB there; the 8-bit kernel at 128 x 128 in 2 stages

@@ -623,6 +623,49 @@ def test_v_in_operand_order_changes_only_the_summation_order(pv, lk):
 
 
 @ATTENTION
+@pytest.mark.parametrize("operand_order", [True, False], ids=["operand_order", "key_order"])
+@pytest.mark.parametrize("pv", ["int8", "fp8"])
+@pytest.mark.parametrize("lq, lk", [(77, 45), (200, 129), (33, 97)])
+def test_8bit_tma_loads_give_the_pointer_loads_result(lq, lk, pv, operand_order):
+    """The TMA kernel reads the codes as [B·H·L, D] and [B·H·D, keys] matrices: a tail block's rows past a
+    head's are the next head's (or TMA's zeros), and v's stored positions past Lk (the operand order's
+    padding, poisoned by DIT8_POISON_OUTPUTS) are zeroed. Same quantized operands, same arithmetic: the
+    same output, where a key lost or read from another head moves it by that key's weight, ~1-5%. Lk = 97:
+    a tail of one key past a full group of 32 (operand order: 31 padding positions in the last block)."""
+    q, k, v = make_qkv(lq, lk, 32, seed=17, dtype=torch.bfloat16, offsets=True)
+    cfg = impl.pick_config("8bit", 32)
+    x = impl8.quantize_for_attention(q, k, v, qk="int8", pv=pv, block_m=cfg.block_m, block_n=cfg.block_n,
+                                     operand_order=operand_order)
+    tma = dataclasses.replace(cfg, tma=True)
+    assert (impl8.tma_views_8bit(tma, x) is not None) == _tma_runs(q)
+    out = impl8.attention_from_quantized(x, q.dtype, config=tma)
+    check_output(out, q)
+    pointer = impl8.attention_from_quantized(x, q.dtype, config=cfg)
+    assert rel_err(out, pointer) <= 2.0 ** -20, rel_err(out, pointer)
+    emu = emulate_8bit(q, k, v, "int8", pv, cfg.block_m, cfg.block_n)
+    ref = attention64(q, k, v)
+    assert rel_err(out, ref) <= 1.2 * rel_err(emu, ref) + 2e-3
+
+
+@ATTENTION
+def test_8bit_tma_views_only_where_tma_can_read_the_codes():
+    q, k, v = make_qkv(77, 45, 24, seed=19, dtype=torch.bfloat16)
+    cfg = dataclasses.replace(impl.pick_config("8bit", 24), tma=True)
+    padded = impl8.quantize_for_attention(q, k, v, qk="int8", pv="int8", block_m=cfg.block_m, block_n=cfg.block_n)
+    assert impl8.tma_views_8bit(cfg, padded) is None  # head_dim 24, padded to 32 in the dots: TMA would not zero it
+    sixteen_bit = impl8.quantize_for_attention(q[..., :16].contiguous(), k[..., :16].contiguous(),
+                                               v[..., :16].contiguous(), qk="int8", pv="fp16",
+                                               block_m=cfg.block_m, block_n=cfg.block_n)
+    assert impl8.tma_views_8bit(cfg, sixteen_bit) is None  # 16-bit P·V reads v itself
+    # The pointer kernel serves them.
+    out = impl8.attention_8bit(q, k, v, "int8", config=cfg)
+    check_output(out, q)
+    ref = attention64(q, k, v)
+    emu = emulate_8bit(q, k, v, "int8", "int8", cfg.block_m, cfg.block_n)
+    assert rel_err(out, ref) <= 1.2 * rel_err(emu, ref) + 2e-3
+
+
+@ATTENTION
 def test_8bit_single_query_is_within_fp16_rounding():
     # Lq = 1: q minus its mean is 0, every score is the fp32 bias; the per-block scale must not be 0/0.
     q, k, v = make_qkv(1, 45, 16, seed=9, dtype=torch.float32, offsets=True)
@@ -811,6 +854,22 @@ def tma_tag(cfg) -> str:
             f"{', pair' if cfg.q_tile_pair else ''}")
 
 
+def tma_8bit_variant(qk: str, pv: str, head_dim: int, cfg) -> dict:
+    """compile_check.compile_kernel's report for the 8-bit kernel (v's codes in operand order) reading its
+    codes through TMA descriptors (sm_90a)."""
+    from compile_check import compile_kernel
+
+    types = {"QD": f"tensordesc<{TRITON_TYPE[qk]}[{cfg.block_m},{head_dim}]>",
+             "KD": f"tensordesc<{TRITON_TYPE[qk]}[{cfg.block_n},{head_dim}]>",
+             "VD": f"tensordesc<{TRITON_TYPE[pv]}[{head_dim},{cfg.block_n}]>", "Out": "*bf16",
+             **dict.fromkeys(["QScale", "KScaleBias", "VMean", "VScale"], "*fp32")}
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, QK_INT8=qk == "int8", PV=pv,
+                      PV_BITS=True, V_ORDERED=True, INTERPRET=False)
+    return compile_kernel(impl8._attention_8bit_tma_kernel, types, constexprs, num_warps=cfg.num_warps,
+                          num_stages=cfg.num_stages, aligned=("stride_ob", "stride_om", "stride_oh"),
+                          max_registers=cfg.max_registers) | {"aligned": True}
+
+
 def compile_for_sm90() -> dict[str, dict]:
     """Compile every kernel at Wan's head_dim 128 with its GPU configuration for sm_90a (also head_dim 80,
     padded to 128, and 256); {kernel variant: build's report}. Must run without TRITON_INTERPRET."""
@@ -839,6 +898,11 @@ def compile_for_sm90() -> dict[str, dict]:
         for pv in ("int8", "fp8"):
             kernels[f"attention {qk} q·k, {pv} P·V, three per SM"] = attention_8bit_variant(
                 qk, pv, d, impl.THREE_PER_SM)
+            if qk == "int8":  # (both recipes' q·kᵀ)
+                for cfg in impl.EIGHT_BIT_TMA_CANDIDATES:
+                    capped = ", three per SM" if cfg.max_registers else ""
+                    kernels[f"attention {qk} q·k, {pv} P·V, TMA loads, {tma_tag(cfg)}{capped}"] = tma_8bit_variant(
+                        qk, pv, d, cfg)
         c = impl.pick_config("8bit", d)
         for per_row, block in ((False, c.block_m), (True, c.block_n)):  # q per block; k per row, with bias
             kernels[f"quantize {qk}, per {'row' if per_row else 'block'}"] = build(
@@ -886,11 +950,13 @@ def test_kernels_compile_for_hopper():
     # The TMA candidates load through descriptors, with fewer instructions in the key loop than pointer
     # loads of the same tile.
     tma = {k: v for k, v in kernels.items() if "TMA loads" in k}
-    assert len(tma) == len(impl.TMA_CANDIDATES) + len(impl.CROSS_TMA_CANDIDATES), tma
+    assert len(tma) == len(impl.TMA_CANDIDATES) + len(impl.CROSS_TMA_CANDIDATES) + \
+        2 * len(impl.EIGHT_BIT_TMA_CANDIDATES), tma
     assert all(v["tma"] for v in tma.values()), tma
-    for kernel, tile in (("attention", "128 x 128 x 3"), ("cross_attention", "64 x 64 x 3")):
-        assert tma[f"{kernel} bf16, TMA loads, {tile}"]["loop_instructions"] < \
-            kernels[f"{kernel} bf16"]["loop_instructions"], tma
+    for kernel, tile in (("attention bf16", "128 x 128 x 3"), ("cross_attention bf16", "64 x 64 x 3"),
+                         ("attention int8 q·k, int8 P·V", "64 x 128 x 3"),
+                         ("attention int8 q·k, fp8 P·V", "64 x 128 x 3")):
+        assert tma[f"{kernel}, TMA loads, {tile}"]["loop_instructions"] < kernels[kernel]["loop_instructions"], tma
     # The cross-attention's table tile keeps two programs an SM (plus the 1 KiB reserved for each).
     assert 2 * (tma["cross_attention bf16, TMA loads, 64 x 64 x 3"]["shared"] + 1024) <= 228 * 1024, tma
     # 8-bit P·V takes P in registers with v's keys in the operand order: no lane shuffles move it there.
@@ -898,7 +964,7 @@ def test_kernels_compile_for_hopper():
     # The sweep's register-capped tile: within its cap, and three programs' shared memory (plus the 1 KiB
     # the hardware reserves per block) within an SM's 228 KiB.
     capped = {k: v for k, v in kernels.items() if k.endswith("three per SM")}
-    assert len(capped) == 4 and all(v["registers"] <= impl.THREE_PER_SM.max_registers
+    assert len(capped) == 6 and all(v["registers"] <= impl.THREE_PER_SM.max_registers
                                     and 3 * (v["shared"] + 1024) <= 228 * 1024 for v in capped.values()), capped
     # v's codes are stored keys-contiguous; the sequence length (Wan's 32,760) is no multiple of 16, so a
     # key mask on every store would make them single bytes: the full blocks must store 16 bytes at once.
