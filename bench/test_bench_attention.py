@@ -100,21 +100,19 @@ def baseline(cache: dict, key, make_call, gpu_time) -> tuple[float, torch.Tensor
 
 # torch_reference: the op's torch backend, SDPA on whatever backend torch picks (the reference "auto"
 # would run where the Triton kernel is not verified); triton_bf16: the bf16 kernel on the table's
-# configuration (on Hopper with TMA loads); triton_bf16_pointer: the same tile with pointer loads;
-# triton_bf16_tma_lazy: with TMA loads and lazy re-basing, triton_bf16_pair: on two q tiles a program
-# (attention_triton.TMA_CANDIDATES; Hopper; the sweep times the others); triton_int8 / triton_fp8: the
-# two 8-bit precisions (INT8 q·kᵀ; INT8 or FP8 P·V); triton_int8_pv16: INT8 q·kᵀ with 16-bit P·V;
-# *_three_per_sm: the 8-bit precisions on the register-capped candidate tile (attention_triton.
-# THREE_PER_SM); triton_int8_tma / triton_fp8_tma: on the table's tile with TMA loads (attention_triton.
-# EIGHT_BIT_TMA_CANDIDATES[0]; Hopper); gluon_bf16 / gluon_bf16_ws: the Hopper candidate for the bf16
-# path (kernels/attention_gluon.py; _ws: its warp-specialized kernel); gluon_int8 / gluon_fp8 (and _ws;
-# _wg: one warpgroup a program): the one for the 8-bit paths (kernels/attention_8bit_gluon.py, the
-# quantization included as in triton_*); on Hopper only.
-SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "torch_reference", "triton_bf16", "triton_bf16_pointer",
-              "triton_bf16_tma_lazy", "triton_bf16_pair", "triton_int8", "triton_fp8", "triton_int8_pv16",
-              "triton_int8_three_per_sm", "triton_fp8_three_per_sm", "triton_int8_tma", "triton_fp8_tma",
-              "gluon_bf16", "gluon_bf16_ws", "gluon_int8", "gluon_int8_ws", "gluon_int8_wg", "gluon_fp8",
-              "gluon_fp8_ws", "gluon_fp8_wg"]
+# configuration (on Hopper with TMA loads; the sweep times the other candidates); triton_bf16_pointer:
+# the same tile with pointer loads; triton_int8 / triton_fp8: the two 8-bit precisions (INT8 q·kᵀ; INT8
+# or FP8 P·V); triton_int8_pv16: INT8 q·kᵀ with 16-bit P·V; *_three_per_sm: the 8-bit precisions on the
+# register-capped candidate tile (attention_triton.THREE_PER_SM); triton_int8_tma / triton_fp8_tma: on
+# the table's tile with TMA loads (attention_triton.EIGHT_BIT_TMA_CANDIDATES[0]; Hopper); gluon_bf16 /
+# gluon_bf16_ws: the Hopper candidate for the bf16 path (kernels/attention_gluon.py; _ws: its
+# warp-specialized kernel); gluon_int8 / gluon_fp8 (and _ws; _wg: one warpgroup a program): the one for
+# the 8-bit paths (kernels/attention_8bit_gluon.py, the quantization included as in triton_*); on Hopper
+# only.
+SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "torch_reference", "triton_bf16", "triton_bf16_pointer", "triton_int8",
+              "triton_fp8", "triton_int8_pv16", "triton_int8_three_per_sm", "triton_fp8_three_per_sm",
+              "triton_int8_tma", "triton_fp8_tma", "gluon_bf16", "gluon_bf16_ws", "gluon_int8", "gluon_int8_ws",
+              "gluon_int8_wg", "gluon_fp8", "gluon_fp8_ws", "gluon_fp8_wg"]
 
 
 @pytest.mark.parametrize("name", SELF_IMPLS)
@@ -149,13 +147,6 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
         config = dataclasses.replace(impl.pick_config("bf16", D), tma=False)
         fn = lambda: impl.attention_bf16(q, k, v, config=config)  # noqa: E731
         info.update(config=str(config))
-    elif name.startswith(("triton_bf16_tma", "triton_bf16_pair")):
-        config = next(c for c in impl.TMA_CANDIDATES if c.q_tile_pair) if name.endswith("_pair") else \
-            dataclasses.replace(impl.TMA_CANDIDATES[0], lazy_rescale=True)
-        if impl.tma_views(config, q, k, v) is None:
-            pytest.skip("TMA loads need a Hopper (or later) GPU")
-        fn = lambda: impl.attention_bf16(q, k, v, config=config)  # noqa: E731
-        info.update(config=str(config))
     elif name in ("torch_reference", "triton_bf16"):
         backend = {"torch_reference": "torch", "triton_bf16": "triton"}[name]
         fn = lambda: ops.attention(q, k, v, precision="bf16", backend=backend)  # noqa: E731
@@ -187,9 +178,10 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
 
 
 # triton_fused: the fused kernel on the table's configuration (on Hopper with TMA loads);
-# triton_fused_pointer: the same tile with pointer loads; triton_fused_tma_128: with TMA loads on 128 x 64
-# (attention_triton.CROSS_TMA_CANDIDATES[1]; Hopper).
-CROSS_IMPLS = ["cudnn_two_calls", "flash_two_calls", "triton_fused", "triton_fused_pointer", "triton_fused_tma_128"]
+# triton_fused_pointer: the same tile with pointer loads; triton_fused_tma_128x128: with TMA loads on
+# 128 x 128 (attention_triton.CROSS_TMA_CANDIDATES[1]; Hopper).
+CROSS_IMPLS = ["cudnn_two_calls", "flash_two_calls", "triton_fused", "triton_fused_pointer",
+               "triton_fused_tma_128x128"]
 
 
 @pytest.mark.parametrize("name", CROSS_IMPLS)
@@ -209,7 +201,7 @@ def test_cross_attention(name, device, smoke, record, gpu_time, baseline_cache):
     elif name == "triton_fused_pointer":
         config = dataclasses.replace(impl.pick_config("cross", D), tma=False)
         fn = lambda: impl.cross_attention(q, k, v, k_img, v_img, config=config)  # noqa: E731
-    elif name == "triton_fused_tma_128":
+    elif name == "triton_fused_tma_128x128":
         config = impl.CROSS_TMA_CANDIDATES[1]
         if impl.tma_views(config, q, k, v, k_img, v_img) is None:
             pytest.skip("TMA loads need a Hopper (or later) GPU")
@@ -231,10 +223,9 @@ SWEEP = [impl.AttnConfig(*c) for c in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 1
 
 def tile_name(cfg: impl.AttnConfig) -> str:
     """"64x128_w4_s2" (block_m x block_n, warps, stages; "_r168" where registers are capped, "_tma" with TMA
-    loads, "_lazy" with lazy re-basing, "_pair" on two q tiles a program)."""
+    loads)."""
     cap = f"_r{cfg.max_registers}" if cfg.max_registers else ""
-    return (f"{cfg.block_m}x{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}{cap}{'_tma' if cfg.tma else ''}"
-            f"{'_lazy' if cfg.lazy_rescale else ''}{'_pair' if cfg.q_tile_pair else ''}")
+    return f"{cfg.block_m}x{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}{cap}{'_tma' if cfg.tma else ''}"
 
 
 @pytest.mark.skipif(os.environ.get("DIT8_ATTN_SWEEP") != "1" or not torch.cuda.is_available(),

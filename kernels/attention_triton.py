@@ -73,13 +73,6 @@ class AttnConfig:
     # each tile's copy, where the pointer loads spend 30-45 address and copy instructions a key block on
     # every thread. Elsewhere the pointer kernels run.
     tma: bool = False
-    # With tma: re-base the running max, l and acc only when a block's scores pass it by more than
-    # RESCALE_SLACK, decided for the whole program (the bf16 weights then reach 2^8). Skips the multiply of
-    # acc by alpha on most key blocks, for a reduction of the block maxima across the program's warps.
-    lazy_rescale: bool = False
-    # With tma: block_m rows a program as two q tiles of block_m / 2, each key block loaded once for both
-    # and each tile's products running during the other's softmax (`_attention_pair_kernel`; bf16 only).
-    q_tile_pair: bool = False
 
     def launch_options(self) -> dict[str, int]:
         """The launch keywords of this configuration."""
@@ -124,23 +117,22 @@ THREE_PER_SM = AttnConfig(64, 64, 4, 3, max_registers=168)
 # Candidates of the sweep for the bf16 path, with TMA loads (the first is the table's). Compiled for
 # sm_90a by triton 3.6: 128 x 128 takes 487 instructions a warp a key block (530 with pointer loads) and
 # 187 registers (252); 128 x 64, 335 and 138. (Capped at 128 registers, so that two 8-warp programs would
-# share an SM, ptxas serializes the 128 x 64 tile's wgmma instructions.) With lazy re-basing, 513 with
-# the re-basing branch, about 441 on the blocks that skip it. Two q tiles of 64 rows a program
-# (q_tile_pair), 64-key blocks: 615 instructions a warp a key block for twice the rows, 254 registers,
-# two programs an SM on 4 warps; in the SASS each tile's products are issued among the other tile's
-# softmax instructions. Timed on the H200 (night run, ms): 37.4, 45.6 (2 stages), 41.3 (128 x 64),
-# 44.0 (lazy: its CTA barriers cost more than the skipped multiplies), 40.8 and 45.4 (pairs).
+# share an SM, ptxas serializes the 128 x 64 tile's wgmma instructions.) Timed on the H200 (night run,
+# ms): 37.4, 45.6 (2 stages), 41.3 (128 x 64). Two variants timed there and dropped: re-basing acc only
+# when a block's max passed the running one by 2^8 (44.0: the program-wide decision's CTA barriers cost
+# more than the multiplies it skips), and two 64-row q tiles a program sharing each key block, whose
+# products ptxas issued among the other tile's softmax (40.8, 128 x 64 on 4 warps; 45.4, 256 x 64 on 8).
 TMA_CANDIDATES = (AttnConfig(128, 128, 8, 3, tma=True), AttnConfig(128, 128, 8, 2, tma=True),
-                  AttnConfig(128, 64, 8, 3, tma=True), AttnConfig(128, 128, 8, 3, tma=True, lazy_rescale=True),
-                  AttnConfig(128, 64, 4, 2, tma=True, q_tile_pair=True),
-                  AttnConfig(256, 64, 8, 2, tma=True, q_tile_pair=True))
-# The same for the cross-attention: its table tile (335 instructions a key block instead of 364, 203
-# registers instead of 255, still two programs an SM), and 128 x 64 on 8 warps, each program reading the
-# text and image keys and values for twice the query rows. (With lazy re-basing ptxas serializes the
-# 64 x 64 tile's wgmma instructions.) Timed on the H200 (night run): 1.33 and 1.55 ms. Halving the
-# programs' re-reads of the keys and values from L2 did not pay: with pointer loads the 64-row tile kept
-# L2 at 50% of its peak throughput (Nsight Compute), so L2 was not its limit.
-CROSS_TMA_CANDIDATES = (AttnConfig(64, 64, 4, 3, tma=True), AttnConfig(128, 64, 8, 2, tma=True))
+                  AttnConfig(128, 64, 8, 3, tma=True))
+# The same for the cross-attention: its table tile (335 instructions a 64-key block instead of 364, 203
+# registers instead of 255, still two programs an SM), 128 x 128 on 8 warps (487 a 128-key block, 251
+# registers, 161 KiB of shared memory: one program an SM; Wan's 512 + 257 keys take 4 + 2 blocks and
+# the one-key tail), and 128 x 64 on 8 warps. On the H200 (night run, before the TMA kernels took
+# short tails) 64 x 64 took 1.33 ms and 128 x 64 1.55. Halving the programs' re-reads of the keys and
+# values from L2 did not pay: with pointer loads the 64-row tile kept L2 at 50% of its peak throughput
+# (Nsight Compute), so L2 was not its limit.
+CROSS_TMA_CANDIDATES = (AttnConfig(64, 64, 4, 3, tma=True), AttnConfig(128, 128, 8, 2, tma=True),
+                        AttnConfig(128, 64, 8, 2, tma=True))
 # The same for the 8-bit kernel (its codes read through TMA descriptors, attention_8bit_triton.
 # tma_views_8bit): the table's tile; 128 x 128 on 8 warps, each key block loaded once for twice the rows;
 # and the three-programs-an-SM tile. Compiled for sm_90a by triton 3.6, FP8 / INT8 P·V: 702 / 918
@@ -285,49 +277,16 @@ def _attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_
     return _attend_tiles(acc, l_i, m_i, q, k, v, offs_n, Lk, qk_scale, MASK_N, DOT_FP32)
 
 
-# How far (log2 units) a lazily re-based row max may trail the scores: weights up to 2^8, which bf16/fp16
-# P and the fp32 sums hold without loss.
-RESCALE_SLACK = tl.constexpr(8.0)
-
-
 @triton.jit
-def _attend_tiles(acc, l_i, m_i, q, k, v, offs_n, Lk, qk_scale, MASK_N: tl.constexpr, DOT_FP32: tl.constexpr,
-                  LAZY: tl.constexpr = False):
+def _attend_tiles(acc, l_i, m_i, q, k, v, offs_n, Lk, qk_scale, MASK_N: tl.constexpr, DOT_FP32: tl.constexpr):
     """Add the loaded key block k, v (keys offs_n; with MASK_N those at or past Lk get score -inf, their
-    rows must be finite) to the running (acc, l, m). LAZY: m is the running max only up to RESCALE_SLACK
-    (log2 units), see AttnConfig.lazy_rescale."""
-    s = _block_scores(q, k, offs_n, Lk, MASK_N, DOT_FP32)
-    return _attend_scores(acc, l_i, m_i, s, v, qk_scale, DOT_FP32, LAZY)
-
-
-@triton.jit
-def _block_scores(q, k, offs_n, Lk, MASK_N: tl.constexpr, DOT_FP32: tl.constexpr):
-    """q·kᵀ of a loaded key block, keys at or past Lk (MASK_N) -inf."""
+    rows must be finite) to the running (acc, l, m)."""
     if DOT_FP32:
         s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
     if MASK_N:
         s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
-    return s
-
-
-@triton.jit
-def _attend_scores(acc, l_i, m_i, s, v, qk_scale, DOT_FP32: tl.constexpr, LAZY: tl.constexpr):
-    """The online-softmax step and P·V of a key block whose scores s are given (_attend_tiles)."""
-    if LAZY:
-        # Re-base only when some row's max passed its m by more than the slack (always on the first block,
-        # m = -inf): a program-wide decision, so that the branch is uniform.
-        m_block = tl.max(s, 1) * qk_scale
-        if tl.max(m_block - m_i, 0) > RESCALE_SLACK:
-            m_new = tl.maximum(m_i, m_block)
-            alpha = tl.math.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-        p = tl.math.exp2(s * qk_scale - m_i[:, None])  # at most 2^RESCALE_SLACK
-        l_i = l_i + tl.sum(p, 1)
-        return _add_pv(acc, p, v, DOT_FP32), l_i, m_i
     p, alpha, l_i, m_i = _softmax_step(m_i, l_i, s, qk_scale)
     # Re-base the accumulator on the new max before adding this block's contribution.
     acc = acc * alpha[:, None]
@@ -419,11 +378,13 @@ def _attention_kernel(Q, K, V, Out,
 
 
 @triton.jit
-def _attend_tma(q, KD, VD, k_row, col, Lk, qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, LAZY: tl.constexpr):
+def _attend_tma(q, KD, VD, K, V, stride_kn, stride_vn, k_row, col, Lk, qk_scale, BLOCK_M: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr):
     """_attend with k and v read through TMA descriptors of their [B·L, H·D] views (`tma_views`), this
     (batch, head)'s keys from row k_row and channels from column col. A tail block's rows past the batch
-    are the next batch's or, past the last, zeros (TMA fills them): finite, and their scores are -inf."""
+    are the next batch's or, past the last, zeros (TMA fills them): finite, and their scores are -inf. A
+    tail of at most SHORT_TAIL keys is read through the pointers K and V (the same views, rows stride_kn
+    and stride_vn apart) as a block of SHORT_TAIL keys, as _attend does: a descriptor's block is fixed."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -431,11 +392,19 @@ def _attend_tma(q, KD, VD, k_row, col, Lk, qk_scale, BLOCK_M: tl.constexpr, HEAD
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, KD.load([k_row + start_n, col]),
                                       VD.load([k_row + start_n, col]), start_n + tl.arange(0, BLOCK_N), Lk,
-                                      qk_scale, False, DOT_FP32, LAZY)
-    if full_end < Lk:
+                                      qk_scale, False, DOT_FP32)
+    if Lk - full_end > SHORT_TAIL:
         acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, KD.load([k_row + full_end, col]),
                                       VD.load([k_row + full_end, col]), full_end + tl.arange(0, BLOCK_N), Lk,
-                                      qk_scale, True, DOT_FP32, LAZY)
+                                      qk_scale, True, DOT_FP32)
+    elif full_end < Lk:
+        row = k_row.to(tl.int64)
+        offs_n = full_end + tl.arange(0, SHORT_TAIL)
+        offs_d = tl.arange(0, HEAD_DIM)
+        keep = (offs_n < Lk)[:, None]
+        k = tl.load(K + (row + offs_n[:, None]) * stride_kn + col + offs_d[None, :], mask=keep, other=0.0)
+        v = tl.load(V + (row + offs_n[:, None]) * stride_vn + col + offs_d[None, :], mask=keep, other=0.0)
+        acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k, v, offs_n, Lk, qk_scale, True, DOT_FP32)
     return acc / l_i[:, None]
 
 
@@ -443,87 +412,38 @@ def _attend_tma(q, KD, VD, k_row, col, Lk, qk_scale, BLOCK_M: tl.constexpr, HEAD
 def _tma_program(QD, Lq, H, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr):
     """A TMA kernel's program: (batch, head, the head's first channel, its q tile)."""
     b, h = tl.program_id(1) // H, tl.program_id(1) % H
-    return b, h, h * HEAD_DIM, _tma_q_tile(QD, b, Lq, tl.program_id(0), h * HEAD_DIM, BLOCK_M, DOT_FP32)
-
-
-@triton.jit
-def _tma_q_tile(QD, b, Lq, tile, col, BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr):
-    """Batch b's q tile `tile` (BLOCK_M rows) through its TMA descriptor, channels from column col."""
-    q = QD.load([b * Lq + tile * BLOCK_M, col])
+    q = QD.load([b * Lq + tl.program_id(0) * BLOCK_M, h * HEAD_DIM])
     if DOT_FP32:
         q = q.to(tl.float32)
-    return q
+    return b, h, h * HEAD_DIM, q
 
 
 @triton.jit
-def _attention_tma_kernel(QD, KD, VD, Out, stride_ob, stride_om, stride_oh, H, Lq, Lk, qk_scale,
-                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          DOT_FP32: tl.constexpr, LAZY: tl.constexpr, INTERPRET: tl.constexpr):
-    """_attention_kernel with q, k and v read through TMA descriptors (`tma_views`); LAZY: lazy
-    re-basing (AttnConfig.lazy_rescale)."""
+def _attention_tma_kernel(QD, KD, VD, K, V, Out, stride_kn, stride_vn, stride_ob, stride_om, stride_oh, H, Lq, Lk,
+                          qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
+    """_attention_kernel with q, k and v read through TMA descriptors (`tma_views`; k and v also as
+    pointers, for a short tail)."""
     b, h, col, q = _tma_program(QD, Lq, H, HEAD_DIM, BLOCK_M, DOT_FP32)
-    out = _attend_tma(q, KD, VD, b * Lk, col, Lk, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, DOT_FP32, LAZY)
+    out = _attend_tma(q, KD, VD, K, V, stride_kn, stride_vn, b * Lk, col, Lk, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N,
+                      DOT_FP32)
     _store_out_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, stride_om, tl.program_id(0),
                     Lq, out, BLOCK_M, HEAD_DIM, HEAD_DIM, INTERPRET)
 
 
 @triton.jit
-def _attend_pair_tiles(acc_a, l_a, m_a, acc_b, l_b, m_b, q_a, q_b, k, v, offs_n, Lk, qk_scale,
-                       MASK_N: tl.constexpr, DOT_FP32: tl.constexpr):
-    """_attend_tiles for two q tiles over one key block: both q·kᵀ products are issued first, so the
-    second runs on the tensor cores during the first tile's softmax, and the first tile's P·V during the
-    second's (the products are asynchronous; each wait comes at its result's first use)."""
-    s_a = _block_scores(q_a, k, offs_n, Lk, MASK_N, DOT_FP32)
-    s_b = _block_scores(q_b, k, offs_n, Lk, MASK_N, DOT_FP32)
-    acc_a, l_a, m_a = _attend_scores(acc_a, l_a, m_a, s_a, v, qk_scale, DOT_FP32, False)
-    acc_b, l_b, m_b = _attend_scores(acc_b, l_b, m_b, s_b, v, qk_scale, DOT_FP32, False)
-    return acc_a, l_a, m_a, acc_b, l_b, m_b
-
-
-@triton.jit
-def _attention_pair_kernel(QD, KD, VD, Out, stride_ob, stride_om, stride_oh, H, Lq, Lk, qk_scale,
-                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
-    """_attention_tma_kernel on two q tiles of BLOCK_M rows a program (tiles 2·program_id(0) and the next),
-    each key block loaded once for both (`_attend_pair_tiles`; AttnConfig.q_tile_pair)."""
-    b, h = tl.program_id(1) // H, tl.program_id(1) % H
-    col = h * HEAD_DIM
-    tile = 2 * tl.program_id(0)
-    q_a = _tma_q_tile(QD, b, Lq, tile, col, BLOCK_M, DOT_FP32)
-    q_b = _tma_q_tile(QD, b, Lq, tile + 1, col, BLOCK_M, DOT_FP32)
-    k_row = b * Lk
-    m_a = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_a = tl.zeros([BLOCK_M], tl.float32)
-    acc_a = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    m_b = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_b = tl.zeros([BLOCK_M], tl.float32)
-    acc_b = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full_end = (Lk // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
-        acc_a, l_a, m_a, acc_b, l_b, m_b = _attend_pair_tiles(
-            acc_a, l_a, m_a, acc_b, l_b, m_b, q_a, q_b, KD.load([k_row + start_n, col]),
-            VD.load([k_row + start_n, col]), start_n + tl.arange(0, BLOCK_N), Lk, qk_scale, False, DOT_FP32)
-    if full_end < Lk:
-        acc_a, l_a, m_a, acc_b, l_b, m_b = _attend_pair_tiles(
-            acc_a, l_a, m_a, acc_b, l_b, m_b, q_a, q_b, KD.load([k_row + full_end, col]),
-            VD.load([k_row + full_end, col]), full_end + tl.arange(0, BLOCK_N), Lk, qk_scale, True, DOT_FP32)
-    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    _store_out_tile(o_base, stride_om, tile, Lq, acc_a / l_a[:, None], BLOCK_M, HEAD_DIM, HEAD_DIM, INTERPRET)
-    _store_out_tile(o_base, stride_om, tile + 1, Lq, acc_b / l_b[:, None], BLOCK_M, HEAD_DIM, HEAD_DIM, INTERPRET)
-
-
-@triton.jit
-def _cross_attention_tma_kernel(QD, KD, VD, KID, VID, Out, stride_ob, stride_om, stride_oh, H, Lq, Lk, Lki,
-                                qk_scale, HAS_IMG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, LAZY: tl.constexpr,
-                                INTERPRET: tl.constexpr):
-    """_cross_attention_kernel with q and the keys and values read through TMA descriptors (`tma_views`);
-    LAZY: lazy re-basing (AttnConfig.lazy_rescale)."""
+def _cross_attention_tma_kernel(QD, KD, VD, KID, VID, K, V, KI, VI, Out, stride_kn, stride_vn, stride_kin,
+                                stride_vin, stride_ob, stride_om, stride_oh, H, Lq, Lk, Lki, qk_scale,
+                                HAS_IMG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
+    """_cross_attention_kernel with q and the keys and values read through TMA descriptors (`tma_views`;
+    the keys and values also as pointers, for short tails: Wan's 257 image keys)."""
     b, h, col, q = _tma_program(QD, Lq, H, HEAD_DIM, BLOCK_M, DOT_FP32)
-    out = _attend_tma(q, KD, VD, b * Lk, col, Lk, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, DOT_FP32, LAZY)
+    out = _attend_tma(q, KD, VD, K, V, stride_kn, stride_vn, b * Lk, col, Lk, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N,
+                      DOT_FP32)
     if HAS_IMG:
-        out += _attend_tma(q, KID, VID, b * Lki, col, Lki, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_N, DOT_FP32,
-                           LAZY)
+        out += _attend_tma(q, KID, VID, KI, VI, stride_kin, stride_vin, b * Lki, col, Lki, qk_scale, BLOCK_M,
+                           HEAD_DIM, BLOCK_N, DOT_FP32)
     _store_out_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, stride_om, tl.program_id(0),
                     Lq, out, BLOCK_M, HEAD_DIM, HEAD_DIM, INTERPRET)
 
@@ -587,19 +507,11 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         return out
     cfg = config or pick_config("bf16", D, q.dtype, shared_memory_of(q.device))
     descriptors = tma_views(cfg, q, k, v) if cfg.tma else None
-    if descriptors is None and cfg.q_tile_pair:  # the pointer kernel, on one of the pair's tiles a program
-        cfg = dataclasses.replace(cfg, block_m=cfg.block_m // 2, q_tile_pair=False)
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)
-    if descriptors is not None and cfg.q_tile_pair:
-        LAST_COMPILED["attention"] = _attention_pair_kernel[grid](
-            *descriptors, out, *_bhd_strides(out), H, Lq, Lk, LOG2E / math.sqrt(D),
-            HEAD_DIM=D, BLOCK_M=cfg.block_m // 2, BLOCK_N=cfg.block_n, DOT_FP32=_dot_fp32(q),
-            INTERPRET=interpreting(), **cfg.launch_options())
-        return out
     if descriptors is not None:
         LAST_COMPILED["attention"] = _attention_tma_kernel[grid](
-            *descriptors, out, *_bhd_strides(out), H, Lq, Lk, LOG2E / math.sqrt(D),
-            HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_FP32=_dot_fp32(q), LAZY=cfg.lazy_rescale,
+            *descriptors, k, v, out, k.stride(1), v.stride(1), *_bhd_strides(out), H, Lq, Lk, LOG2E / math.sqrt(D),
+            HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_FP32=_dot_fp32(q),
             INTERPRET=interpreting(), **cfg.launch_options())
         return out
     LAST_COMPILED["attention"] = _attention_kernel[grid](
@@ -633,8 +545,7 @@ def tma_views(cfg: AttnConfig, q: torch.Tensor, *keys_values: torch.Tensor) -> t
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     descriptors = []
-    q_rows = cfg.block_m // 2 if cfg.q_tile_pair else cfg.block_m
-    for x, block in ((q, q_rows), *((x, cfg.block_n) for x in keys_values)):
+    for x, block in ((q, cfg.block_m), *((x, cfg.block_n) for x in keys_values)):
         rows = _as_rows(x)
         if rows is None or (rows[1] * x.element_size()) % 16 or x.data_ptr() % 16:
             return None
@@ -663,9 +574,10 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: to
     descriptors = tma_views(cfg, q, k, v, k_img, v_img) if cfg.tma else None
     if descriptors is not None:
         LAST_COMPILED["cross_attention"] = _cross_attention_tma_kernel[grid](
-            *descriptors, out, *_bhd_strides(out), H, Lq, k.shape[1], k_img.shape[1], LOG2E / math.sqrt(D),
+            *descriptors, k, v, k_img, v_img, out, k.stride(1), v.stride(1), k_img.stride(1), v_img.stride(1),
+            *_bhd_strides(out), H, Lq, k.shape[1], k_img.shape[1], LOG2E / math.sqrt(D),
             HAS_IMG=has_img, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_FP32=_dot_fp32(q),
-            LAZY=cfg.lazy_rescale, INTERPRET=interpreting(), **cfg.launch_options())
+            INTERPRET=interpreting(), **cfg.launch_options())
         return out
     LAST_COMPILED["cross_attention"] = _cross_attention_kernel[grid](
         q, k, v, k_img, v_img, out, *_bhd_strides(q), *_bhd_strides(k), *_bhd_strides(v),
