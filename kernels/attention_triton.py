@@ -378,13 +378,18 @@ def _attention_kernel(Q, K, V, Out,
 
 
 @triton.jit
+def _fresh_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The running (max, l, acc) of an online softmax before its first key block."""
+    return (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+            tl.zeros([BLOCK_M, HEAD_DIM], tl.float32))
+
+
+@triton.jit
 def _attend_tma(q, KD, VD, K, V, stride_kn, stride_vn, k_row, col, Lk, qk_scale, BLOCK_M: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr):
     """_attend with k and v read through TMA descriptors of their [B·L, H·D] views (`tma_views`), this
     (batch, head)'s keys from row k_row and channels from column col (the tail: `_attend_tma_tail`)."""
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = _fresh_state(BLOCK_M, HEAD_DIM)
     full_end = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, KD.load([k_row + start_n, col]),
@@ -469,25 +474,19 @@ def _cross_attention_joint_kernel(QD, KD, VD, K, V, Out, stride_kn, stride_vn, s
     b, h, col, q = _tma_program(QD, Lq, H, HEAD_DIM, BLOCK_M, DOT_FP32)
     Lk = Lt + Lki
     k_row = b * Lk
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = _fresh_state(BLOCK_M, HEAD_DIM)
     text = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     full_end = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         if start_n == Lt:
             text = acc / l_i[:, None]
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+            m_i, l_i, acc = _fresh_state(BLOCK_M, HEAD_DIM)
         acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, KD.load([k_row + start_n, col]),
                                       VD.load([k_row + start_n, col]), start_n + tl.arange(0, BLOCK_N), Lk,
                                       qk_scale, False, DOT_FP32)
     if full_end == Lt:  # fewer image keys than a block: all of them in the tail
         text = acc / l_i[:, None]
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        m_i, l_i, acc = _fresh_state(BLOCK_M, HEAD_DIM)
     acc, l_i, m_i = _attend_tma_tail(acc, l_i, m_i, q, KD, VD, K, V, stride_kn, stride_vn, k_row, col, full_end,
                                      Lk, qk_scale, HEAD_DIM, BLOCK_N, DOT_FP32)
     _store_out_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, stride_om, tl.program_id(0),
