@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .attention_triton import (DOT8_MIN_REDUCTION, LAST_COMPILED, LOG2E, AttnConfig, _add_pv, _bhd_strides,
-                               _block_d, _check_keys, _load_tile, _softmax_step, _store_out_tile, _unit_d,
+                               _block_d, _check_keys, _fresh_state, _load_tile, _softmax_step, _store_out_tile, _unit_d,
                                pick_config, shared_memory_of)
 from .buffers import new_output
 from .checks import OpArgumentError
@@ -341,9 +341,7 @@ def _attention_8bit_kernel(Q, QScale, K, KScaleBias, V, VMean, VScale, Out,
     kb_base = KScaleBias + pid_bh.to(tl.int64) * Lk * 2
     v_base = V + b * stride_vb + h * stride_vh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i, l_i, acc = _fresh_state(BLOCK_M, BLOCK_D)
     full_end = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_8bit_block(acc, l_i, m_i, q, q_scale, k_base, kb_base, v_base,
@@ -392,9 +390,7 @@ def _attention_8bit_tma_kernel(QD, QScale, KD, KScaleBias, VD, VMean, VScale, Ou
     k_row = pid_bh * Lk
     v_row = pid_bh * HEAD_DIM
     kb_base = KScaleBias + pid_bh.to(tl.int64) * Lk * 2
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = _fresh_state(BLOCK_M, HEAD_DIM)
     full_end = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         k_scale, bias = _key_scales(kb_base, start_n + tl.arange(0, BLOCK_N), Lk, False)

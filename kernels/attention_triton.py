@@ -298,14 +298,19 @@ SHORT_TAIL = tl.constexpr(16)
 
 
 @triton.jit
+def _fresh_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The running (max, l, acc) of an online softmax before its first key block."""
+    return (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+            tl.zeros([BLOCK_M, HEAD_DIM], tl.float32))
+
+
+@triton.jit
 def _attend(q, k_base, v_base, stride_kn, stride_vn, Lk, qk_scale,
             BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
             DOT_FP32: tl.constexpr):
     """softmax(q·kᵀ·scale)·v for one q tile over all Lk keys of one (batch, head): [BLOCK_M, BLOCK_D]
     fp32, already normalised by the softmax denominator."""
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i, l_i, acc = _fresh_state(BLOCK_M, BLOCK_D)
     full_end = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n,
@@ -378,13 +383,6 @@ def _attention_kernel(Q, K, V, Out,
 
 
 @triton.jit
-def _fresh_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """The running (max, l, acc) of an online softmax before its first key block."""
-    return (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
-            tl.zeros([BLOCK_M, HEAD_DIM], tl.float32))
-
-
-@triton.jit
 def _attend_tma(q, KD, VD, K, V, stride_kn, stride_vn, k_row, col, Lk, qk_scale, BLOCK_M: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr):
     """_attend with k and v read through TMA descriptors of their [B·L, H·D] views (`tma_views`), this
@@ -414,12 +412,9 @@ def _attend_tma_tail(acc, l_i, m_i, q, KD, VD, K, V, stride_kn, stride_vn, k_row
                                       qk_scale, True, DOT_FP32)
     elif full_end < Lk:
         row = k_row.to(tl.int64)
-        offs_n = full_end + tl.arange(0, SHORT_TAIL)
-        offs_d = tl.arange(0, HEAD_DIM)
-        keep = (offs_n < Lk)[:, None]
-        k = tl.load(K + (row + offs_n[:, None]) * stride_kn + col + offs_d[None, :], mask=keep, other=0.0)
-        v = tl.load(V + (row + offs_n[:, None]) * stride_vn + col + offs_d[None, :], mask=keep, other=0.0)
-        acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k, v, offs_n, Lk, qk_scale, True, DOT_FP32)
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K + row * stride_kn + col, V + row * stride_vn + col,
+                                      stride_kn, stride_vn, full_end, Lk, qk_scale, HEAD_DIM, HEAD_DIM, SHORT_TAIL,
+                                      True, DOT_FP32)
     return acc, l_i, m_i
 
 
