@@ -112,8 +112,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     # The folder's files, and the prompts against its tokenizer and the DiT's text length (from the
     # checkpoint's header): seconds, where loading the models takes minutes.
     files = find_model_files(args.model, dit=args.dit, scheme=args.scheme, distilled=args.distilled)
-    folder_config = files.root / "config.json"
-    dit = open_dit(files.dit, config_json=folder_config if folder_config.is_file() else None)
+    dit = open_dit(files.dit, config_json=files.config_json)
     tokenizer = Tokenizer.from_folder(files.tokenizer, text_len=dit.config.text_len)
     dit.checkpoint.close()  # read again by the load; a .pth one may hold its tensors until closed
     check_prompt(tokenizer, args.prompt, "--prompt")

@@ -134,6 +134,10 @@ def read_config_json(path: Path) -> dict:
     return raw
 
 
+# The fields of a config.json that no tensor shape tells: taken from it, not checked against the weights.
+UNSHAPED_FIELDS = ("num_heads", "eps", "text_len")
+
+
 def check_against_config_json(config: WanConfig, raw: Mapping, source: Path) -> WanConfig:
     """Cross-check dimensions read from shapes against a config.json; returns the config with the
     fields shapes cannot tell (heads, eps, text_len) taken from the json."""
@@ -141,7 +145,7 @@ def check_against_config_json(config: WanConfig, raw: Mapping, source: Path) -> 
     if "variant" in stated and stated.pop("variant") != config.variant:
         raise CheckpointError(
             f"{source}: model_type {raw['model_type']!r} disagrees with the weights, which are {config.variant}")
-    adopt = {k: stated.pop(k) for k in ("num_heads", "eps", "text_len") if k in stated}
+    adopt = {k: stated.pop(k) for k in UNSHAPED_FIELDS if k in stated}
     if stated.get("clip_dim", config.clip_dim) is None and config.clip_dim is not None:
         # image_dim: null beside I2V weights is taken as not stated (in_channels, checked below, already
         # tells I2V from T2V).

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
-from .config import WAN_HEAD_DIM, WanConfig, check_against_config_json, config_json_values, read_config_json
+from .config import (UNSHAPED_FIELDS, WAN_HEAD_DIM, WanConfig, check_against_config_json, config_json_values,
+                     read_config_json)
 from .devices import resolve_device
 from .errors import CheckpointError
 from .layouts import block_linears, detect_layout, expected_shapes, from_official, to_official
@@ -170,6 +171,20 @@ def _stated_configs(ckpt: Checkpoint) -> list[tuple[Path, dict]]:
     return stated
 
 
+def _check_configs_agree(stated: list[tuple[Path, dict]]) -> None:
+    """The fields no tensor shape tells (UNSHAPED_FIELDS) must be the same in every config that states
+    them: the others are checked against the weights, these are taken from the configs."""
+    first: dict[str, tuple[object, Path]] = {}
+    for source, raw in stated:
+        for field, value in config_json_values(raw).items():
+            if field not in UNSHAPED_FIELDS:
+                continue
+            if field in first and first[field][0] != value:
+                raise CheckpointError(f"{source}: {field} = {value!r} disagrees with {first[field][1]} "
+                                      f"({first[field][0]!r})")
+            first.setdefault(field, (value, source))
+
+
 def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitCheckpoint:
     """Open and validate a DiT checkpoint's names, shapes and config without reading tensor data.
     config_json: another config.json the checkpoint must agree with, besides the one beside it."""
@@ -193,6 +208,7 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
     stated = _stated_configs(ckpt)
     if config_json is not None and Path(config_json) != ckpt.config_json:
         stated.append((Path(config_json), read_config_json(Path(config_json))))
+    _check_configs_agree(stated)
     heads = [(config_json_values(raw)["num_heads"], source) for source, raw in stated
              if "num_heads" in config_json_values(raw)]
     config = _infer_config(shapes, ckpt.path, layout, *(heads[0] if heads else (None, None)))

@@ -91,12 +91,21 @@ class ModelFiles:
     vae: Path
     tokenizer: Path
 
+    @property
+    def config_json(self) -> Path | None:
+        """The model folder's config.json, which the DiT must agree with: the top folder's when `root` is
+        one of its DiT subfolders (a DiT given by its subfolder or file still meets the folder's
+        config), else root's; None when there is none."""
+        candidates = [self.root.parent, self.root] if self.root.name in DIT_SUBFOLDERS else [self.root]
+        return next((d / "config.json" for d in candidates if (d / "config.json").is_file()), None)
+
     def describe(self) -> list[str]:
         def rel(p: Path) -> str:
             try:
-                return str(p.relative_to(self.root))
+                inside = p.relative_to(self.root)
             except ValueError:
                 return str(p)
+            return str(p) if inside == Path(".") else str(inside)
 
         if self.dit.is_dir() and any(self.dit.glob("*.index.json")):
             dit = f"{rel(min(self.dit.glob('*.index.json')))} (shards)"

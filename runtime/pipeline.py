@@ -227,10 +227,8 @@ class I2VPipeline:
         files = find_model_files(path, dit=dit, scheme=scheme, distilled=distilled)
         t5_dtype, clip_dtype = _encoder_dtypes(device, dtype)
         encoder_device = torch.device("cpu") if offload_encoders else device
-        folder_config = files.root / "config.json"
         model = load_dit(files.dit, device=device, dtype=dtype, backend=backend,
-                         attention=attention, progress=progress,
-                         config_json=folder_config if folder_config.is_file() else None, parallel=parallel)
+                         attention=attention, progress=progress, config_json=files.config_json, parallel=parallel)
         if not model.config.is_i2v:
             raise CheckpointError(f"{files.dit}: a text-to-video DiT; the pipeline needs an image-to-video one")
         tokenizer = Tokenizer.from_folder(files.tokenizer, text_len=model.config.text_len)

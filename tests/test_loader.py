@@ -173,6 +173,19 @@ def test_config_json_of_the_other_variant(tmp_path, weights):
     assert "model_type" in load_error(path)
 
 
+def test_two_configs_disagreeing_on_what_shapes_cannot_tell(tmp_path, weights):
+    path = write_checkpoint(weights, tmp_path / "m.safetensors", config=tiny_config("i2v"))
+    beside = json.loads((tmp_path / "config.json").read_text())
+    other = tmp_path / "folder_config.json"
+    other.write_text(json.dumps(beside | {"num_heads": 2 * beside["num_heads"]}))
+    with pytest.raises(CheckpointError) as err:
+        dit8.load_dit(path, config_json=other)
+    msg = str(err.value)
+    assert msg.startswith(f"{other}: num_heads") and str(tmp_path / "config.json") in msg
+    other.write_text(json.dumps(beside))
+    assert dit8.load_dit(path, config_json=other).config.num_heads == beside["num_heads"]
+
+
 def test_invalid_config_json(tmp_path, weights):
     path = write_checkpoint(weights, tmp_path / "m.safetensors")
     (tmp_path / "config.json").write_text("{not json")

@@ -376,6 +376,19 @@ def test_pointing_at_a_dit_subfolder_or_file(tmp_path):
     # A scheme the subfolder does not hold is an error, not its float DiT.
     with pytest.raises(CheckpointError, match="no fp8 DiT found"):
         find_model_files(tmp_path / "distill_models", scheme="fp8")
+    # The DiT still meets the model folder's config.json.
+    assert found.config_json is None
+    touch(tmp_path, "config.json")
+    for path in (tmp_path, tmp_path / "distill_fp8", tmp_path / "distill_models" / "distill_model.safetensors"):
+        assert find_model_files(path).config_json == tmp_path / "config.json"
+
+
+def test_a_dit_subfolder_missing_a_block_is_refused(tmp_path):
+    folder = write_tiny_model_folder(tmp_path / "m", kind="distill_fp8")
+    (folder / "distill_fp8" / "block_1.safetensors").unlink()
+    for path in (folder, folder / "distill_fp8"):
+        with pytest.raises(CheckpointError, match="num_layers = 2 disagrees with the weights"):
+            I2VPipeline.from_pretrained(path)
 
 
 def test_dit_override_and_the_distilled_rule(tmp_path):
