@@ -14,6 +14,7 @@ pipeline never hits this).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -102,6 +103,20 @@ def _partial(path: Path) -> Path:
 def _check_folder_path(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: exists and is not a folder (the PNG frames go into a folder)")
+    # Tried, not predicted: a file on the way, a read-only mount or /proc only show when writing. The
+    # folders made for the try are removed again, so a refused or failed run leaves none behind.
+    made = [d for d in (folder, *folder.parents) if not d.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".dit8-probe-{os.getpid()}"
+        probe.open("xb").close()
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"{folder}: cannot write the PNG frames there: {err.strerror or err}") from None
+    finally:
+        for d in made:  # innermost first
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def check_output_paths(mp4: str | Path | None = None, frames_dir: str | Path | None = None) -> None:
@@ -116,6 +131,10 @@ def check_output_paths(mp4: str | Path | None = None, frames_dir: str | Path | N
         _check_folder_path(Path(frames_dir))
 
 
+# Names an mp4 file may have (the container's own, and the names players accept it under).
+MP4_SUFFIXES = (".mp4", ".m4v", ".mov")
+
+
 def write_mp4(path: str | Path, frames: torch.Tensor | np.ndarray, *, fps: int = FPS, crf: int = 18,
               pad_odd: bool = False) -> Path:
     """Write frames as an H.264 mp4, yuv420p, constant `fps`, quality `crf` (x264's scale: 0 lossless,
@@ -123,6 +142,11 @@ def write_mp4(path: str | Path, frames: torch.Tensor | np.ndarray, *, fps: int =
     beside and renamed), and its index is at the front so it plays while downloading."""
     path = Path(path)
     _check_file_path(path)
+    if path.suffix.lower() not in MP4_SUFFIXES:
+        raise InputError(f"{path}: an H.264 mp4 goes in a file named {' or '.join(MP4_SUFFIXES)}")
+    for name, value, low, high in (("fps", fps, 1, 1000), ("crf", crf, 0, 51)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise InputError(f"{name} must be an integer from {low} to {high}, got {value!r}")
     frames = _even(to_uint8_frames(frames), pad_odd)
     _, height, width, _ = frames.shape
     partial = _partial(path)
@@ -150,6 +174,8 @@ def write_png_frames(folder: str | Path, frames: torch.Tensor | np.ndarray, *,
     """Write each frame as `folder/{prefix}{index}.png` (index zero-padded to at least 5 digits, from 0),
     8-bit RGB; returns the paths in order."""
     folder = Path(folder)
+    if Path(prefix).name != prefix or prefix in (".", ".."):
+        raise InputError(f"prefix {prefix!r}: must be the start of a file name, without folders")
     _check_folder_path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     frames = to_uint8_frames(frames)

@@ -114,4 +114,27 @@ def test_output_paths_are_refused_before_any_frame(tmp_path, monkeypatch):
         with pytest.raises(InputError, match=r"ok\.mp4: cannot write in .*: Read-only file system"):
             check_output_paths(tmp_path / "ok.mp4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.png"]
-    assert read_video(write_mp4(tmp_path / "x.m4v", smooth_frames(1))).num_frames == 1  # any name, mp4 inside
+    assert read_video(write_mp4(tmp_path / "x.m4v", smooth_frames(1))).num_frames == 1  # mp4 inside
+    with pytest.raises(InputError, match=r"x\.avi: an H\.264 mp4 goes in a file named \.mp4"):
+        write_mp4(tmp_path / "x.avi", smooth_frames(1))
+
+
+@pytest.mark.parametrize("setting", [dict(crf=-1), dict(crf=52), dict(crf=None), dict(crf=18.0), dict(fps=0),
+                                     dict(fps=True)])
+def test_bad_encoder_settings(tmp_path, setting):
+    name = next(iter(setting))
+    with pytest.raises(InputError, match=f"{name} must be an integer from"):
+        write_mp4(tmp_path / "x.mp4", smooth_frames(1), **setting)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_frame_folders_that_cannot_be_written(tmp_path):
+    (tmp_path / "taken.png").write_bytes(b"")
+    for folder in (tmp_path / "taken.png" / "frames", tmp_path / "taken.png" / "a" / "b"):
+        with pytest.raises(InputError, match=f"{folder}: cannot write the PNG frames there: Not a directory"):
+            check_output_paths(frames_dir=folder)
+    check_output_paths(frames_dir=tmp_path / "new" / "frames")  # made to try, and removed again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.png"]
+    for prefix in ("a/b", "..", "/abs"):
+        with pytest.raises(InputError, match="start of a file name"):
+            write_png_frames(tmp_path / "frames", smooth_frames(1), prefix=prefix)
