@@ -272,8 +272,19 @@ class I2VPipeline:
                             sampler=sampler, guidance=guidance, shift=shift, negative_prompt=negative_prompt,
                             update=update, callback=callback, cancel=cancel, progress=progress,
                             stream=progress_stream)
-        with self._lock:
+        self._acquire(job)
+        try:
             return self._generate(job)
+        finally:
+            self._lock.release()
+
+    def _acquire(self, job: _Job) -> None:
+        """Wait for the calls before this one; a call cancelled while it waits leaves at once."""
+        if job.cancel is None:
+            self._lock.acquire()
+            return
+        while not self._lock.acquire(timeout=CANCEL_POLL_SECONDS):
+            _check_cancel(job, "while waiting for another call")
 
     def _prepare(self, image, prompt, *, seed, frames, size, area, steps, sampler, guidance, shift,
                  negative_prompt, update, callback, cancel, progress, stream) -> _Job:
@@ -426,6 +437,10 @@ class I2VPipeline:
         timings["decode"] = time.perf_counter() - t
         bar.close()
         return frames
+
+
+# How often a call waiting for the pipeline looks at its cancel event.
+CANCEL_POLL_SECONDS = 0.05
 
 
 def _check_cancel(job: _Job, where: str, bar: Progress | None = None) -> None:

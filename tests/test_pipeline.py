@@ -205,6 +205,26 @@ def test_cancel_before_start(pipe):
     assert seen == []
 
 
+def test_a_call_cancelled_while_waiting_for_another_leaves_at_once(pipe):
+    cancel, outcome = threading.Event(), []
+
+    def waiting_call():
+        try:
+            pipe(IMAGE, PROMPT, cancel=cancel, **SMALL)
+        except Cancelled as err:
+            outcome.append(str(err))
+
+    assert pipe._lock.acquire(timeout=60)  # another call is running
+    try:
+        thread = threading.Thread(target=waiting_call)
+        thread.start()
+        cancel.set()
+        thread.join(timeout=30)
+        assert not thread.is_alive() and outcome == ["generation cancelled while waiting for another call"]
+    finally:
+        pipe._lock.release()
+
+
 def test_concurrent_calls_are_serialised_and_give_the_sequential_results(pipe):
     sequential = {seed: pipe(IMAGE, PROMPT, seed=seed, **ONE).frames for seed in (11, 12)}
     results, errors, log = {}, [], []
