@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 
 # Wan2.1 uses 128-wide attention heads in every released size; the head count is not visible in any
 # tensor shape, so it is derived from this unless a config.json or the file's metadata says otherwise.
@@ -44,7 +44,7 @@ class WanConfig:
                 with contextlib.suppress(TypeError):
                     if (number := operator.index(value)) > 0:
                         return number
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
 
         for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "freq_dim", "text_dim",
                      "text_len"):
@@ -53,16 +53,16 @@ class WanConfig:
             object.__setattr__(self, "clip_dim", positive_int("clip_dim", self.clip_dim))
         patch = self.patch_size
         if isinstance(patch, (str, bytes)) or not hasattr(patch, "__len__") or len(patch) != 3:
-            raise ValueError(f"patch_size must be three positive integers, got {patch!r}")
+            raise InputError(f"patch_size must be three positive integers, got {patch!r}")
         object.__setattr__(self, "patch_size", tuple(positive_int("patch_size", p) for p in patch))
         eps = self.eps
         if isinstance(eps, (bool, str, bytes)) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
-            raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
+            raise InputError(f"eps must be a number in (0, 1), got {eps!r}")
         object.__setattr__(self, "eps", float(eps))
         if self.dim % self.num_heads:
-            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+            raise InputError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+            raise InputError(f"head_dim {self.head_dim} must be even for RoPE")
 
     @property
     def head_dim(self) -> int:
@@ -86,7 +86,7 @@ class WanConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
-            raise ValueError(f"unknown WanConfig fields: {sorted(unknown)}")
+            raise InputError(f"unknown WanConfig fields: {sorted(unknown)}")
         d = dict(d)
         if "patch_size" in d:
             d["patch_size"] = tuple(d["patch_size"])

@@ -14,7 +14,7 @@ from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .config import (UNSHAPED_FIELDS, WAN_HEAD_DIM, WanConfig, check_against_config_json, config_json_values,
                      read_config_json)
 from .devices import resolve_device
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .layouts import block_linears, detect_layout, expected_shapes, from_official, to_official
 from .model import WanDiT
 from .packed_format import KEY_CONFIG, WEIGHT_SCALE_SUFFIX, check_format_version
@@ -264,6 +264,8 @@ def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
     Tensors are read one at a time into the model's preallocated storage, so memory holds the model
     plus one tensor. Raises CheckpointError naming the file and key for any problem in the checkpoint.
     """
+    if progress is not None and not isinstance(progress, bool):
+        raise InputError(f"progress must be True, False or None, got {progress!r}")
     device = resolve_device(device)
     dit = open_dit(path, config_json)
     runtime_quantized = dit.runtime_quantized()

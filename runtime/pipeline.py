@@ -175,8 +175,7 @@ class I2VPipeline:
                  distilled: bool = True, offload_encoders: bool = False, vae_tile: int | None = None,
                  files: ModelFiles | None = None):
         _check_compatible(dit, t5, clip, vae, files)
-        if vae_tile is not None and (not isinstance(vae_tile, int) or vae_tile < 1):
-            raise InputError(f"vae_tile must be a positive number of latent pixels or None, got {vae_tile!r}")
+        _check_vae_tile(vae_tile)
         self.dit, self.t5, self.clip, self.vae, self.tokenizer = dit, t5, clip, vae, tokenizer
         self.device = dit.setup.device
         self.distilled = distilled
@@ -223,6 +222,7 @@ class I2VPipeline:
         for name, value in (("distilled", distilled), ("offload_encoders", offload_encoders), ("progress", progress)):
             if value is not None and not isinstance(value, bool):
                 raise InputError(f"{name} must be True, False or None, got {value!r}")
+        _check_vae_tile(vae_tile)
         device = resolve_device(device)
         files = find_model_files(path, dit=dit, scheme=scheme, distilled=distilled)
         t5_dtype, clip_dtype = _encoder_dtypes(device, dtype)
@@ -437,6 +437,11 @@ class I2VPipeline:
         timings["decode"] = time.perf_counter() - t
         bar.close()
         return frames
+
+
+def _check_vae_tile(vae_tile: object) -> None:
+    if vae_tile is not None and (isinstance(vae_tile, bool) or not isinstance(vae_tile, int) or vae_tile < 1):
+        raise InputError(f"vae_tile must be a positive number of latent pixels or None, got {vae_tile!r}")
 
 
 # How often a call waiting for the pipeline looks at its cancel event.

@@ -52,10 +52,10 @@ class DistilledSampler:
 
     def __post_init__(self) -> None:
         if self.update not in UPDATE_RULES:
-            raise ValueError(f"update must be one of {UPDATE_RULES}, got {self.update!r}")
+            raise InputError(f"update must be one of {UPDATE_RULES}, got {self.update!r}")
         steps = list(self.steps)
         if not steps or any(not 0 < s <= 1000 for s in steps) or any(a <= b for a, b in zip(steps, steps[1:])):
-            raise ValueError(f"steps must be strictly decreasing values in (0, 1000], got {self.steps}")
+            raise InputError(f"steps must be strictly decreasing values in (0, 1000], got {self.steps}")
         check_shift(self.shift)
 
     def sigmas(self) -> torch.Tensor:

@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from .errors import InputError
 from .sampler import Denoiser, check_shift, shift_sigmas
 
 __all__ = ["DEFAULT_NEGATIVE_PROMPT", "UniPCSampler", "guided", "unipc_sigmas"]
@@ -92,9 +93,9 @@ class UniPCSampler:
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+            raise InputError(f"steps must be a positive integer, got {self.steps!r}")
         if self.order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3, got {self.order!r}")
+            raise InputError(f"order must be 1, 2 or 3, got {self.order!r}")
         check_shift(self.shift)
 
     def sigmas(self) -> torch.Tensor:

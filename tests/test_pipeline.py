@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import dit8
 from dit8 import CheckpointError, Dit8Error, InputError
 from dit8.conditioning import clip_features, image_condition, image_tensor, resize_image, text_features
 from dit8.model_folder import CLIP_FILE, T5_FILE, VAE_FILE, find_model_files
@@ -290,6 +291,15 @@ def test_switches_of_from_pretrained_are_booleans(tmp_path, kwargs):
     # A string is truthy: "no" would have switched offloading on.
     with pytest.raises(InputError, match=f"{next(iter(kwargs))} must be True, False or None"):
         I2VPipeline.from_pretrained(tmp_path, **kwargs)
+    if "progress" in kwargs:
+        with pytest.raises(InputError, match="progress must be True, False or None"):
+            dit8.load_dit(tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("tile", [True, 0, 2.0, "2"])
+def test_vae_tile_is_a_positive_integer(tmp_path, tile):
+    with pytest.raises(InputError, match="vae_tile must be a positive number of latent pixels"):
+        I2VPipeline.from_pretrained(tmp_path, vae_tile=tile)  # refused before the folder is read
 
 
 def test_incompatible_pieces_raise_checkpoint_error(tmp_path):

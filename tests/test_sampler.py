@@ -91,7 +91,7 @@ def test_initial_noise_is_reproducible():
 @pytest.mark.parametrize("kwargs", [{"update": "euler"}, {"steps": (250, 500)}, {"steps": ()}, {"steps": (1001,)},
                                     {"steps": (1000, 1000, 500)}])
 def test_invalid_settings(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match=next(iter(kwargs))):
         DistilledSampler(**kwargs)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from dit8.errors import InputError
 from dit8.unipc import DEFAULT_NEGATIVE_PROMPT, UniPCSampler, guided, unipc_sigmas
 
 
@@ -152,5 +153,5 @@ def test_guidance():
 
 @pytest.mark.parametrize("kwargs", [{"steps": 0}, {"order": 4}, {"shift": 0.0}, {"steps": 2.5}])
 def test_invalid_settings(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match=next(iter(kwargs))):
         UniPCSampler(**kwargs)
