@@ -71,7 +71,7 @@ def check_attention_runs(precision: str, backend: str, device: torch.device) -> 
         return
     if backend == "torch":
         raise BackendError(f"attention: the torch reference has no {precision!r} path; use backend='triton' "
-                           f"or 'auto'")
+                           f"or backend='auto'")
     resolve("attention", backend, device, reference=False)
     if precision == "fp8":
         require_fp8_tensor_cores("attention: precision='fp8'", device, "use precision='int8' or 'bf16'")

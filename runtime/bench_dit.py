@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 
 from dit8.kernels import candidates
+from dit8.kernels.attention import check_attention_runs
+from dit8.kernels.registry import model_backend
 
 from .conditioning import check_frames, check_size
 from .config import I2V_14B, WanConfig, tiny_config
@@ -102,6 +104,7 @@ def check_bench_settings(s: BenchSettings) -> None:
         raise InputError("--cuda-graph needs --device cuda")
     if s.sequence_parallel and (s.cuda_graph or s.compare):
         raise InputError("--sequence-parallel runs neither --cuda-graph nor --compare (one process each)")
+    check_attention_runs(s.attention, model_backend("attention", s.backend, device), device)
 
 
 # -- FLOPs -----------------------------------------------------------------------------------------------

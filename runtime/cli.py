@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -341,6 +342,22 @@ def _add_bench_dit(dit: argparse.ArgumentParser) -> None:
     dit.set_defaults(run=_run_bench_dit)
 
 
+# The API's names of settings the commands take as flags: its messages name them as the user typed them.
+_SETTING_FLAGS = {name: "--" + name.replace("_", "-") for name in
+                  ("frames", "seed", "steps", "guidance", "shift", "size", "area", "sampler", "update", "vae_tile")}
+_KEYWORD_FLAGS = {"backend": "--backend", "precision": "--attention"}
+
+
+def in_flag_words(message: str) -> str:
+    """An error message of the API as the command line says it: a leading setting name (`frames must
+    be ...`) as its flag, and `backend='triton'` or `precision='int8'` as `--backend triton`, `--attention
+    int8`."""
+    first, sep, rest = message.partition(" ")
+    if first in _SETTING_FLAGS and sep:
+        message = f"{_SETTING_FLAGS[first]} {rest}"
+    return re.sub(r"\b(backend|precision)='(\w+)'", lambda m: f"{_KEYWORD_FLAGS[m.group(1)]} {m.group(2)}", message)
+
+
 class Terminated(BaseException):
     """SIGTERM (a job scheduler, `timeout`, `docker stop`), raised where the command is, so that it
     unwinds as for Ctrl-C: a conversion removes its temporary output."""
@@ -369,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except (Dit8Error, OSError, ValueError) as err:
-        print(f"dit8: error: {err}", file=sys.stderr)
+        print(f"dit8: error: {in_flag_words(str(err))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("dit8: interrupted", file=sys.stderr)

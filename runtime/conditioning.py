@@ -50,7 +50,11 @@ def read_image(path: str | Path) -> np.ndarray:
     """
     import av
 
+    if str(path) == "":
+        raise InputError("the image path is empty")
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give an image file")
     if not path.is_file():
         raise InputError(f"{path}: image file not found")
     try:
@@ -73,6 +77,7 @@ def image_tensor(image: Any) -> torch.Tensor:
     Accepts: a file path (str or Path); a PIL image (any mode, converted to RGB); a numpy array or
     torch tensor [H, W, 3] uint8; a float torch tensor [3, H, W] in [-1, 1].
     """
+    where = f"{image}: " if isinstance(image, (str, Path)) else ""
     if isinstance(image, (str, Path)):
         image = read_image(image)
     elif hasattr(image, "convert") and hasattr(image, "mode") and hasattr(image, "size"):  # a PIL image
@@ -100,7 +105,7 @@ def image_tensor(image: Any) -> torch.Tensor:
         raise InputError(f"image tensor must be uint8 [H, W, 3] or float [3, H, W], got {image.dtype}")
     height, width = x.shape[1:]
     if min(height, width) < MIN_IMAGE_SIDE:
-        raise InputError(f"image is {width}x{height}; both sides must be at least {MIN_IMAGE_SIDE} pixels")
+        raise InputError(f"{where}image is {width}x{height}; both sides must be at least {MIN_IMAGE_SIDE} pixels")
     return x.contiguous()
 
 

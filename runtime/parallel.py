@@ -104,7 +104,7 @@ def join_launched_group(device: torch.device) -> tuple[SequenceParallel, torch.d
                if name not in os.environ]
     if missing:
         raise InputError(f"sequence parallelism: {', '.join(missing)} not set; start the processes with a "
-                         f"launcher, e.g. torchrun --nproc-per-node 2 -m dit8 generate ... --sequence-parallel")
+                         f"launcher, e.g. torchrun --nproc-per-node 2 -m dit8 <command> ... --sequence-parallel")
     if device.type == "cuda":
         if device.index is not None:
             raise InputError(f"sequence parallelism puts each process on the GPU of its LOCAL_RANK; give the "

@@ -121,7 +121,8 @@ def test_generate_options(model_folder, tmp_path, capsys):
     (["--model", "frame_00000.png"], "frame_00000.png: neither a model folder nor a DiT checkpoint"),
     (["--image", "missing.png"], "missing.png: image file not found"),
     (["--size", "33x16"], "multiples of 16"),
-    (["--frames", "4"], "4k+1"),
+    (["--frames", "4"], "dit8: error: --frames must be 4k+1"),
+    (["--image", "."], ".: is a folder; give an image file"),
     (["--scheme", "int8"], "no int8 DiT found"),
     (["--prompt", " ".join(["cat"] * 600)], "--prompt is 600 tokens long"),
     (["--negative-prompt", " ".join(["cat"] * 600)], "--negative-prompt is 600 tokens long"),
@@ -148,12 +149,13 @@ def test_generate_errors_are_one_line(model_folder, tmp_path, capsys, monkeypatc
     (["--out", "nodir/o.mp4"], "its folder nodir does not exist"),
     (["--frames-dir", "frame_00000.png"], "is not a folder"),
     (["--prompt", "  "], "--prompt is empty"),
-    (["--steps", "0"], "steps must be"),
-    (["--shift", "0"], "shift must be"),
+    (["--steps", "0"], "dit8: error: --steps must be"),
+    (["--shift", "0"], "dit8: error: --shift must be"),
     (["--vae-tile", "0"], "--vae-tile must be a positive number"),
-    (["--seed", "-1"], "seed must be"),
+    (["--seed", "-1"], "dit8: error: --seed must be"),
     (["--area", "100"], "raise the area"),
     (["--attention", "int8"], "no torch reference"),
+    (["--attention", "int8", "--backend", "torch"], "no 'int8' path; use --backend triton"),
 ])
 def test_generate_refuses_bad_arguments_before_loading(tmp_path, capsys, monkeypatch, args, message):
     """The model folder does not exist: each error must come from the argument, checked first."""

@@ -210,3 +210,17 @@ def test_bad_image_files(tmp_path):
     text.write_text("not an image")
     with pytest.raises(InputError, match=r"notes\.png: cannot read the image \([^\[\]]+\); give a PNG"):
         image_tensor(text)
+
+
+def test_image_errors_name_the_file(tmp_path):
+    from dit8.video import write_png_frames
+
+    (small,) = write_png_frames(tmp_path, np.zeros((1, 8, 8, 3), np.uint8))
+    with pytest.raises(InputError, match=f"^{small}: image is 8x8; both sides must be at least"):
+        image_tensor(small)
+    with pytest.raises(InputError, match=f"^{tmp_path}: is a folder; give an image file"):
+        image_tensor(tmp_path)
+    with pytest.raises(InputError, match="^the image path is empty"):
+        image_tensor("")
+    with pytest.raises(InputError, match="^image is 8x8"):  # no file to name
+        image_tensor(np.zeros((8, 8, 3), np.uint8))

@@ -126,9 +126,10 @@ def test_input_defaults_follow_the_config():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--frames", "6"], "frames must be 4k+1"),
+    (["--frames", "6"], "--frames must be 4k+1"),
     (["--size", "60x64"], "multiples of 16"),
     (["--layers", "0"], "layers must be at least 1"),
+    (["--attention", "int8", "--backend", "torch"], "no 'int8' path; use --backend triton"),
     (["--cuda-graph"], "--cuda-graph needs --device cuda"),
     (["--device", "foo"], "'foo' is not a device name"),
 ])
