@@ -46,9 +46,10 @@ def _run_info(args: argparse.Namespace) -> int:
           f"layers {c['num_layers']}, in/out {c['in_dim']}/{c['out_dim']}, freq {c['freq_dim']}, "
           f"text {c['text_dim']} x {c['text_len']}" + (f", clip {c['clip_dim']}" if c["clip_dim"] else ""))
     print(f"parameters  {summary['parameters']:,}")
-    print("dtype       tensors       bytes")
+    width = max([11, *map(len, summary["tensors_by_dtype"])])  # float8_e4m3fn is wider than the labels
+    print(f"{'dtype':<{width}} {'tensors':>7} {'bytes':>11}")
     for dtype, count in sorted(summary["tensors_by_dtype"].items()):
-        print(f"{dtype:<11} {count:>7} {format_bytes(summary['bytes_by_dtype'][dtype]):>11}")
+        print(f"{dtype:<{width}} {count:>7} {format_bytes(summary['bytes_by_dtype'][dtype]):>11}")
     for key, value in sorted(summary["metadata"].items()):
         print(f"meta        {key} = {value if len(value) <= 100 else value[:97] + '...'}")
     return 0

@@ -138,7 +138,7 @@ def _check_tensor_set(ckpt: Checkpoint, names: dict[str, str], config: WanConfig
     for official, file_key in names.items():
         info = ckpt.infos[file_key]
         if official not in expected:
-            raise CheckpointError(f"{info.file}: unexpected tensor {file_key!r} for a {config.variant} model "
+            raise CheckpointError(f"{info.file}: unexpected tensor {file_key!r} for the {config.variant} model "
                                   f"of {config.num_layers} blocks")
         if info.shape not in expected[official]:
             # The expected shape comes from the tensors the dimensions were read from: one of those may be

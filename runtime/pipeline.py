@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import threading
 import time
 from contextlib import contextmanager
@@ -116,7 +117,7 @@ def check_settings(*, seed: Any = 0, steps: Any = None, guidance: Any = None, sh
                    sampler: Any = None, update: Any = "deterministic") -> None:
     """The checks of a call's settings that need no model (None leaves a setting to its default);
     InputError naming the first bad one. The command line runs them before loading the model."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
         raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if sampler is not None and sampler not in SAMPLERS:
         raise InputError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -317,7 +318,7 @@ class I2VPipeline:
             raise InputError(f"callback must be callable, got {type(callback).__name__}")
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):
             raise InputError(f"cancel must be a threading.Event (with is_set()), got {type(cancel).__name__}")
-        return _Job(pixels, prompt, negative_prompt, seed, frames, height, width, sampler, steps, float(guidance),
+        return _Job(pixels, prompt, negative_prompt, int(seed), frames, height, width, sampler, steps, float(guidance),
                     float(shift), update, callback, cancel, bool(progress), stream)
 
     @contextmanager

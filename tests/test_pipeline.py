@@ -68,6 +68,7 @@ def test_video_fields(pipe, video):
 
 def test_same_seed_same_video_other_seed_other_video(pipe, video):
     assert torch.equal(pipe(IMAGE, PROMPT, seed=3, **SMALL).frames, video.frames)
+    assert torch.equal(pipe(IMAGE, PROMPT, seed=np.int64(3), **SMALL).frames, video.frames)  # any integer type
     other = pipe(IMAGE, PROMPT, seed=4, **SMALL)
     assert not torch.equal(other.latents, video.latents)
     assert not torch.equal(other.frames, video.frames)
