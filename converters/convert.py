@@ -144,6 +144,8 @@ def _report_path(dst: Path, per_block: bool) -> Path:
 
 
 def _check_paths(src: Path, dst: Path, per_block: bool, force: bool) -> None:
+    if dst.name in ("", ".", ".."):
+        raise ConvertError(f"{dst}: give the output's own name (a file, or with --per-block a folder)")
     if not per_block and dst.suffix != ".safetensors":
         raise ConvertError(f"{dst}: a single-file output must end in .safetensors (or use --per-block for a folder)")
     s, d = src.resolve(), dst.resolve()
@@ -151,6 +153,11 @@ def _check_paths(src: Path, dst: Path, per_block: bool, force: bool) -> None:
         raise ConvertError(f"{dst}: the output must not be, contain or lie inside the source {src}")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise ConvertError(f"{dst}: already exists; pass --force (force=True) to replace it")
+    if dst.is_dir() and not dst.is_symlink():
+        foreign = sorted(p.name for p in dst.iterdir() if not _is_per_block_file(p))
+        if foreign:
+            raise ConvertError(f"{dst}: a folder holding more than a dit8 per-block output (e.g. {foreign[0]}); "
+                               f"--force replaces only such outputs, so remove it yourself or choose another name")
     report = _report_path(dst, per_block=False)
     if report.exists() and not force:
         # Written or removed (a per-block output has its report inside) beside the output: somebody's file
@@ -160,6 +167,14 @@ def _check_paths(src: Path, dst: Path, per_block: bool, force: bool) -> None:
         raise ConvertError(f"{dst.parent}: the output folder does not exist")
     if not os.access(dst.parent, os.W_OK | os.X_OK):
         raise ConvertError(f"{dst.parent}: the output folder is not writable")
+
+
+def _is_per_block_file(path: Path) -> bool:
+    """Whether `path` is one of the files a per-block output holds (what --force may delete with it)."""
+    name = path.name
+    return path.is_file() and (name in (fmt.NON_BLOCK_NAME, fmt.INDEX_NAME, fmt.REPORT_NAME)
+                               or (name.startswith("block_") and name.endswith(".safetensors")
+                                   and name[len("block_"):-len(".safetensors")].isdigit()))
 
 
 def _check_float_source(dit) -> None:
@@ -177,13 +192,19 @@ def _check_float_source(dit) -> None:
 def _quantized_layers(config: WanConfig, scheme: str, keep: Sequence[str]) -> set[str]:
     """Block linears (module names) to quantize: all of them but those matching a keep pattern."""
     if scheme not in fmt.QUANT_SCHEMES:
+        if keep:
+            raise ConvertError(f"--keep leaves layers out of the quantization; scheme {scheme!r} quantizes none")
         return set()
     linears = [f"blocks.{n}.{name}" for n in range(config.num_layers) for name in block_linears(config)]
     for pattern in keep:
         if not any(fnmatch.fnmatchcase(layer, pattern) for layer in linears):
             raise ConvertError(f"--keep pattern {pattern!r} matches no quantizable layer (e.g. "
                                f"{linears[0]!r}; patterns match layer names without '.weight')")
-    return {layer for layer in linears if not any(fnmatch.fnmatchcase(layer, p) for p in keep)}
+    quantized = {layer for layer in linears if not any(fnmatch.fnmatchcase(layer, p) for p in keep)}
+    if not quantized:
+        raise ConvertError(f"--keep {' '.join(keep)} keeps every block linear, so nothing would be {scheme}: "
+                           f"use --scheme bf16 for a checkpoint without 8-bit layers")
+    return quantized
 
 
 def _group_of(official: str, per_block: bool, single_name: str) -> str:
@@ -318,20 +339,42 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _install(built: Path, dst: Path) -> None:
-    """Move `built` to `dst`, replacing whatever is there; a file onto a file is one atomic rename."""
-    if not (dst.exists() or dst.is_symlink()) or (built.is_file() and dst.is_file() and not dst.is_symlink()):
-        os.replace(built, dst)
-    else:
-        # os.replace cannot put anything onto a non-empty folder: move the old one aside first.
-        trash = temp_path_beside(dst, ".old")
-        os.replace(dst, trash)
-        try:
+def _install(built: Path, dst: Path, beside: Path | None) -> None:
+    """Move `built` to `dst`, replacing whatever is there (a file onto a file is one atomic rename), with
+    the report `beside` (a temporary file, or None for no report) to `dst`'s report path.
+
+    A report describes the model file next to it, so the old report is moved aside before the model is
+    replaced and the new one put in place after: an interruption in between leaves no report rather than
+    a stale one, and a failed install puts the old report back."""
+    report = _report_path(dst, per_block=False)
+    old_report = temp_path_beside(report, ".old") if report.exists() else None
+    if old_report is not None:
+        os.replace(report, old_report)
+    try:
+        if not (dst.exists() or dst.is_symlink()) or (built.is_file() and dst.is_file() and not dst.is_symlink()):
             os.replace(built, dst)
-        except BaseException:
-            os.replace(trash, dst)
-            raise
-        _remove(trash)
+        else:
+            # os.replace cannot put anything onto a non-empty folder: move the old one aside first.
+            trash = temp_path_beside(dst, ".old")
+            os.replace(dst, trash)
+            try:
+                os.replace(built, dst)
+            except BaseException:
+                os.replace(trash, dst)
+                raise
+            try:
+                _remove(trash)
+            except BaseException:  # interrupted while deleting: finish, so no hidden copy stays behind
+                shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink(missing_ok=True)
+                raise
+    except BaseException:
+        if old_report is not None:
+            os.replace(old_report, report)
+        raise
+    if old_report is not None:
+        old_report.unlink(missing_ok=True)
+    if beside is not None:
+        os.replace(beside, report)
     fsync_folder(dst.parent)
 
 
@@ -360,7 +403,9 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
     in either case, and on any other error, nothing is left at or beside `dst`.
     """
     src, dst = Path(src), Path(dst)
-    keep = list(keep)
+    keep = [keep] if isinstance(keep, str) else list(keep)  # one pattern, not its characters
+    if isinstance(lora, (str, Path)):
+        lora = [lora]
     _check_options(scheme, out_dtype, keep)
     _check_paths(src, dst, per_block, force)
     started = time.monotonic()
@@ -385,18 +430,15 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
             if report_obj is not None:
                 report_temp = build / fmt.REPORT_NAME if per_block else temp_path_beside(report_path)
                 _write_json(report_temp, report_obj)
-            _install(build, dst)
-        except BaseException:
+            _install(build, dst, beside=None if per_block else report_temp)
+        except BaseException as err:
             _remove(build)
             if report_temp is not None:
                 report_temp.unlink(missing_ok=True)
+            if isinstance(err, OSError):  # the disk filled, a file size limit, the folder went away
+                raise ConvertError(f"{dst}: cannot write the output ({err.strerror or err}); nothing was "
+                                   f"left behind") from err
             raise
-    # The report follows its model file; a stale report of a replaced file must not survive (a per-block
-    # folder that replaced a single file leaves no report beside it).
-    if not per_block and report_temp is not None:
-        os.replace(report_temp, report_path)
-    else:
-        _report_path(dst, per_block=False).unlink(missing_ok=True)
     final = sorted({dst / plan.group for plan in plans}) if per_block else [dst]
     return ConvertResult(dst, final, report_path if report_obj is not None else None, scheme, reader.total_bytes,
                          sum(f.stat().st_size for f in final), time.monotonic() - started, layers)

@@ -61,6 +61,8 @@ def parse_lora(arg: "LoraArg | LoraSpec") -> LoraSpec:
         spec = LoraSpec(Path(path), float(strength))
     else:
         text = str(arg)
+        if not text:
+            raise CheckpointError("a LoRA file name is empty")
         head, sep, tail = text.rpartition(":")
         try:
             spec = LoraSpec(Path(head), float(tail)) if sep and head else LoraSpec(Path(text))
@@ -152,6 +154,10 @@ def _target(module: str, role: str, shapes: Mapping[str, tuple[int, ...]]) -> st
     return None
 
 
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(n for n in shape if n != 1)
+
+
 def _listing(keys: list[str]) -> str:
     more = f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
     return ", ".join(keys[:_MAX_LISTED]) + more
@@ -207,6 +213,10 @@ class LoraSet:
             split = _split_role(_strip_prefix(key))
             if split is None:
                 unmatched.append(key)
+            elif split[1] in modules[split[0]]:
+                # Two naming styles or prefixes for one tensor: which is meant (or how to pair them) is a guess.
+                raise CheckpointError(f"{lf.spec.path}: LoRA keys {modules[split[0]][split[1]]!r} and {key!r} are "
+                                      f"both the {split[1]} of {split[0]!r}")
             else:
                 modules[split[0]][split[1]] = key
         for module, keys in modules.items():
@@ -238,7 +248,7 @@ class LoraSet:
                 unmatched.append(keys[role])
                 continue
             shape = lf.ckpt.infos[keys[role]].shape
-            if math.prod(shape) != math.prod(self.shapes[target]):
+            if _squeezed(shape) != _squeezed(self.shapes[target]):  # the same up to axes of size 1
                 raise CheckpointError(f"{lf.spec.path}: LoRA tensor {keys[role]!r} has shape {shape}, its target "
                                       f"{target!r} has shape {self.shapes[target]}")
             self.deltas[target].append(_Delta(lf, lf.spec.strength, diff=keys[role]))

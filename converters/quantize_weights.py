@@ -43,16 +43,20 @@ def error_sums(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tuple[f
     The differences are taken in fp32, as the runtime dequantizes (each carries a rounding of at most
     2^-24·|w|, i.e. ~1e-5 of the noise itself); each row's sum of squares is an fp32 dot product and
     the rows are added in float64. All-float64 arithmetic would cost several times more, which on a
-    small CPU is most of a conversion.
+    small CPU is most of a conversion. Each row is squared at the power of two of its scale, which
+    changes no bit of it: squares of weights past 1e19 would overflow fp32.
     """
     w32 = w.float()
     noise = q.float().mul_(scale.float().reshape(-1, 1)).sub_(w32)
-    return _sum_squares(w32), _sum_squares(noise)
+    exponent = torch.frexp(scale.float().reshape(-1))[1]
+    return _sum_squares(w32, exponent), _sum_squares(noise, exponent)
 
 
-def _sum_squares(x: torch.Tensor) -> float:
-    rows = x.reshape(x.shape[0], 1, -1)
-    return float((rows @ rows.transpose(1, 2)).double().sum())  # batched row dot products (BLAS)
+def _sum_squares(x: torch.Tensor, exponent: torch.Tensor) -> float:
+    """Σ x² for x [rows, ...], each row taken as x·2^-exponent[row] (exact) and squared in fp32."""
+    rows = torch.ldexp(x.reshape(x.shape[0], 1, -1), -exponent.reshape(-1, 1, 1))
+    squares = (rows @ rows.transpose(1, 2)).double().reshape(-1)  # batched row dot products (BLAS)
+    return float((squares * torch.ldexp(torch.ones_like(squares), 2 * exponent.double())).sum())
 
 
 def errors_from_sums(signal: float, noise: float) -> tuple[float, float]:

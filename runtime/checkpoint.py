@@ -99,6 +99,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     if 8 + n + data_end > size:
         raise CheckpointError(f"{path}: truncated: the header promises {8 + n + data_end} bytes, "
                               f"the file has {size}")
+    if 8 + n + data_end < size:  # as safetensors itself refuses: the file is not what its header says
+        raise CheckpointError(f"{path}: corrupt: {size - 8 - n - data_end} bytes past the end of the tensor "
+                              f"data the header describes")
     return infos, metadata
 
 

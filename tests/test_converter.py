@@ -3,6 +3,8 @@ merge, safety (nothing left behind on any error), the streaming writer, and boun
 
 from __future__ import annotations
 
+import importlib
+import os
 import argparse
 import errno
 import importlib
@@ -339,7 +341,7 @@ def test_lora_unmatched_keys_are_listed(tmp_path, i2v_weights):
     assert list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("case", ["half_pair", "bad_shape", "nan"])
+@pytest.mark.parametrize("case", ["half_pair", "bad_shape", "nan", "transposed_diff", "two_styles", "two_prefixes"])
 def test_lora_bad_files(tmp_path, i2v_weights, case):
     src = _source(tmp_path, i2v_weights, I2V)
     up, down = _low_rank(256, 256, 2, seed=0)
@@ -348,6 +350,20 @@ def test_lora_bad_files(tmp_path, i2v_weights, case):
         tensors, match = {f"{key}.lora_up.weight": up}, "no matching"
     elif case == "bad_shape":
         tensors, match = {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down}, "do not make a delta"
+    elif case == "transposed_diff":  # as many elements as the target, in the wrong layout
+        diff = torch.zeros(i2v_weights["blocks.1.ffn.2.weight"].shape[::-1])
+        tensors, match = {f"{key}.diff": diff}, r"has shape \(512, 256\), its target 'blocks.1.ffn.2.weight'"
+    elif case == "two_styles":  # one module's up twice: which pairs with which is a guess
+        up, down = _low_rank(256, 512, 2, seed=0)
+        tensors = {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down, f"{key}.lora_B.weight": up.clone(),
+                   f"{key}.lora_A.weight": down.clone()}
+        match = "are both the (up|down) of 'blocks.1.ffn.2'"
+    elif case == "two_prefixes":
+        up, down = _low_rank(256, 512, 2, seed=0)
+        bare = key.removeprefix("diffusion_model.")
+        tensors = {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down, f"{bare}.lora_up.weight": up.clone(),
+                   f"{bare}.lora_down.weight": down.clone()}
+        match = "are both the (up|down) of 'blocks.1.ffn.2'"
     else:
         up, down = _low_rank(256, 512, 2, seed=0)
         down[0, 0] = float("nan")
@@ -370,6 +386,8 @@ def test_parse_lora_arguments(tmp_path):
     (tmp_path / "l.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="l.safetensors: LoRA strength 'abc' is not a number"):
         parse_lora(f"{tmp_path / 'l.safetensors'}:abc")
+    with pytest.raises(CheckpointError, match="a LoRA file name is empty"):  # not the current folder
+        parse_lora("")
 
 
 # ----------------------------------------------------------------------------------------- safety
@@ -421,14 +439,20 @@ def test_existing_dst_needs_force(tmp_path, i2v_weights):
     assert dst.read_bytes() == b"old"
     convert(src, dst, scheme="int8", force=True, progress=False)
     _assert_tensors(_read(dst)[0], _expected(i2v_weights, I2V, "int8"))
-    # A per-block folder replaces an old folder whole (no stray old files survive).
+    # A per-block folder replaces an old output whole (no stale block files survive), but --force never
+    # deletes a folder that holds anything else.
     folder = tmp_path / "pb"
     folder.mkdir()
+    (folder / "block_99.safetensors").write_text("x")
     (folder / "stray.txt").write_text("x")
     with pytest.raises(ConvertError, match="already exists"):
         convert(src, folder, per_block=True, progress=False)
+    with pytest.raises(ConvertError, match=r"more than a dit8 per-block output \(e\.g\. stray\.txt\)"):
+        convert(src, folder, per_block=True, force=True, progress=False)
+    assert sorted(_listing(folder)) == ["block_99.safetensors", "stray.txt"]
+    (folder / "stray.txt").unlink()
     convert(src, folder, per_block=True, force=True, progress=False)
-    assert "stray.txt" not in _listing(folder)
+    assert "block_99.safetensors" not in _listing(folder)
     # ... and a single file may replace a folder.
     convert(src, folder.with_suffix(".safetensors"), progress=False)
     weird = tmp_path / "dir.safetensors"
@@ -438,8 +462,58 @@ def test_existing_dst_needs_force(tmp_path, i2v_weights):
     assert not [n for n in _listing(tmp_path) if n.startswith(".")]  # no temporaries anywhere
 
 
-def test_bad_requests(tmp_path, i2v_weights):
+def test_keep_patterns_that_say_nothing_are_refused(tmp_path, i2v_weights):
     src = _source(tmp_path, i2v_weights, I2V)
+    with pytest.raises(ConvertError, match="scheme 'bf16' quantizes none"):
+        convert(src, tmp_path / "o.safetensors", scheme="bf16", keep=["blocks.0.*"], progress=False)
+    with pytest.raises(ConvertError, match="keeps every block linear, so nothing would be fp8"):
+        convert(src, tmp_path / "o.safetensors", keep=["*"], progress=False)
+    result = convert(src, tmp_path / "o.safetensors", keep="blocks.0.*", progress=False)  # one pattern
+    assert not any(e.layer.startswith("blocks.0.") for e in result.layers) and result.layers
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("o.")) == [
+        "o.safetensors", "o.safetensors.quant_report.json"]
+
+
+def test_a_failed_replacement_keeps_the_old_report_and_an_interrupted_one_leaves_none_stale(
+        tmp_path, i2v_weights, monkeypatch):
+    convert_module = importlib.import_module("dit8.converters.convert")  # (the package exports the function)
+    src = _source(tmp_path, i2v_weights, I2V)
+    dst = tmp_path / "o.safetensors"
+    report = tmp_path / "o.safetensors.quant_report.json"
+    convert(src, dst, scheme="int8", progress=False)
+    old_model, old_report = dst.read_bytes(), report.read_text()
+    real_replace = os.replace
+
+    def failing_model_rename(a, b):
+        if Path(b) == dst:
+            raise OSError(28, "No space left on device")
+        return real_replace(a, b)
+
+    monkeypatch.setattr(convert_module.os, "replace", failing_model_rename)
+    with pytest.raises(ConvertError, match="No space left on device"):
+        convert(src, dst, scheme="fp8", force=True, progress=False)
+    assert dst.read_bytes() == old_model and report.read_text() == old_report
+
+    def interrupted_report_rename(a, b):
+        if Path(b) == report and "int8" not in Path(a).name:
+            raise KeyboardInterrupt
+        return real_replace(a, b)
+
+    monkeypatch.setattr(convert_module.os, "replace", interrupted_report_rename)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, dst, scheme="fp8", force=True, progress=False)
+    monkeypatch.undo()
+    assert dst.read_bytes() != old_model and not report.exists()  # the new model, and no stale report
+    assert not [n for n in _listing(tmp_path) if n.startswith(".")]
+
+
+def test_bad_requests(tmp_path, i2v_weights, monkeypatch):
+    src = _source(tmp_path, i2v_weights, I2V)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for name in (".", "..", "x/.."):
+        with pytest.raises(ConvertError, match="give the output's own name"):
+            convert(src, Path(name), per_block=True, force=True, progress=False)
     for kwargs, match in [(dict(scheme="int4"), "unknown scheme"), (dict(out_dtype=torch.int8), "out_dtype"),
                           (dict(scheme="bf16", out_dtype=torch.float32), "conflicts")]:
         with pytest.raises(ConvertError, match=match):
@@ -509,8 +583,12 @@ def test_failure_midway_leaves_nothing(tmp_path, i2v_weights, monkeypatch, per_b
         monkeypatch.setattr(SafetensorsWriter, "write_rows", write_rows)
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(KeyboardInterrupt if failure == "interrupt" else OSError):
-        convert(src, out / ("o" if per_block else "o.safetensors"), per_block=per_block, progress=False)
+    dst = out / ("o" if per_block else "o.safetensors")
+    with pytest.raises(KeyboardInterrupt if failure == "interrupt" else ConvertError) as err:
+        convert(src, dst, per_block=per_block, progress=False)
+    if failure != "interrupt":
+        assert str(err.value) == (f"{dst}: cannot write the output (No space left on device); nothing was left "
+                                  f"behind")
     assert _listing(out) == []
 
 
@@ -578,6 +656,9 @@ def test_quantize_weight_recipe():
         # fp32 differences: ~2^-24·|w| each, about 1e-5 of the quantization noise at most.
         assert rel == pytest.approx((err.norm() / x.double().norm()).item(), rel=1e-5)
         assert sqnr == pytest.approx(-20 * torch.log10(err.norm() / x.double().norm()).item(), rel=1e-6)
+        # Weights whose squares pass fp32's range (finite themselves) measure the same.
+        huge = x * 1e20
+        assert quantization_error(huge, *quantize_weight(huge, scheme))[0] == pytest.approx(rel, rel=1e-5)
     with pytest.raises(ValueError, match="unknown quantization scheme"):
         quantize_weight(x, "int4")
 

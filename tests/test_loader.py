@@ -78,6 +78,13 @@ def test_truncated_safetensors(tmp_path, weights):
     assert "m.safetensors" in msg and "truncated" in msg
 
 
+def test_bytes_past_the_tensor_data(tmp_path, weights):
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+    with open(path, "ab") as f:
+        f.write(b"\0" * 3)
+    assert load_error(path) == f"{path}: corrupt: 3 bytes past the end of the tensor data the header describes"
+
+
 def test_truncated_header(tmp_path):
     path = tmp_path / "m.safetensors"
     path.write_bytes(b"\x10\x00")
