@@ -16,15 +16,21 @@ from dit8.progress import format_bytes
 from .convert import ConvertResult, convert
 
 
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `convert` subcommand's arguments to `parser`."""
     parser.add_argument("src", metavar="SRC", help="float DiT checkpoint: file, shard folder or per-block folder")
     parser.add_argument("dst", metavar="DST", help="output .safetensors file (or folder with --per-block)")
     parser.add_argument("--scheme", choices=SCHEMES, default="fp8",
                         help="quantize the block linears to fp8 or int8, or only cast to bf16 (default fp8)")
-    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", type=_non_empty,
                         help="merge a LoRA before quantizing (repeatable; strength defaults to 1)")
-    parser.add_argument("--keep", action="append", default=[], metavar="PATTERN",
+    parser.add_argument("--keep", action="append", default=[], metavar="PATTERN", type=_non_empty,
                         help="leave matching block linears in bf16, e.g. 'blocks.0.*' (repeatable)")
     parser.add_argument("--per-block", action="store_true",
                         help="write block_N.safetensors + non_block.safetensors + an index into folder DST")

@@ -69,6 +69,13 @@ def test_usage_error_exits_non_zero():
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("flag", ["--keep", "--lora"])
+def test_empty_convert_arguments_are_usage_errors(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", "src.safetensors", "dst.safetensors", flag, ""])
+    assert exit_.value.code == 2 and f"argument {flag}: must not be empty" in capsys.readouterr().err
+
+
 def test_demo_runs_the_whole_pipeline(capsys, tmp_path):
     out_path = tmp_path / "demo.mp4"
     assert main(["demo", "--out", str(out_path), "--frames-dir", str(tmp_path / "frames")]) == 0
