@@ -266,17 +266,18 @@ def _metadata(dit, scheme: str, hp: str, quantized: set[str], keep: Sequence[str
 # ---------------------------------------------------------------------------------------------- work
 
 
-def _require_finite(summary: torch.Tensor, block: torch.Tensor, t: SourceTensor, merged: bool,
+def _require_finite(summary: torch.Tensor, block: torch.Tensor, t: SourceTensor, merged: list[str],
                     stored: torch.dtype | None = None) -> None:
     """Raise if the values written hold NaN/Inf, given `summary`, a NaN-propagating reduction of them
-    (amax, scales); `merged`: a LoRA delta was added; `stored`: the dtype they were cast to.
+    (amax, scales); `merged`: the LoRA files whose deltas were added; `stored`: the dtype they were cast
+    to, if any.
 
     torch.isfinite over every element costs 3x a row amax, and quantizing computes one anyway; the full
     check runs only to word the error."""
     if bool(torch.isfinite(summary).all()):
         return
     check_finite(block, t.file_key, t.info.file)  # raises if the source itself is not finite
-    causes = ["merging LoRA"] if merged else []
+    causes = [f"merging the LoRA {', '.join(merged)}"] if merged else []
     if stored is not None:
         causes.append(f"the cast to {stored} (largest finite value {torch.finfo(stored).max:.4g})")
     raise CheckpointError(f"{t.info.file}: tensor {t.file_key!r} is finite in the file but not after "
@@ -291,18 +292,19 @@ def _convert_tensor(plan: _Plan, reader: SourceReader, lora: LoraSet, writer: Sa
     row_elems = max(1, math.prod(t.info.shape[1:]))
     max_bytes = max(1, BLOCK_ELEMENTS // row_elems) * row_elems * t.info.dtype.itemsize
     merging = t.official in lora.deltas
+    merged = [str(d.file.spec.path) for d in lora.deltas.get(t.official, ())]
     scales, signal, noise, start = [], 0.0, 0.0, 0
     for block in reader.blocks(t, max_bytes):
         rows = lora.merge_rows(t.official, block.float(), start) if merging else block
         start += block.shape[0] if block.dim() else 1
         if plan.scheme is None:
             rows = rows.to(plan.outputs[0].dtype)  # checked after the cast: fp16 overflows past 65504
-            _require_finite(torch.stack(torch.aminmax(rows)), block, t, merging, rows.dtype)  # NaN-propagating
+            _require_finite(torch.stack(torch.aminmax(rows)), block, t, merged, rows.dtype)  # NaN-propagating
             writes.submit(writer.write_rows, plan.outputs[0].key, rows)
         else:
             rows = rows.float()  # once, for the quantization and its error
             q, scale = quantize_weight(rows, plan.scheme)
-            _require_finite(scale, block, t, merging, rows.dtype)  # finite scale iff the whole row is
+            _require_finite(scale, block, t, merged)  # finite scale iff the whole row is
             writes.submit(writer.write_rows, plan.outputs[0].key, q)
             scales.append(scale)
             s, n = error_sums(rows, q, scale)

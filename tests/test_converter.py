@@ -804,3 +804,17 @@ def test_fp16_overflow_is_an_error_not_inf(tmp_path, i2v_weights):
                                               r"the cast to torch\.float16 \(largest finite value 6\.55e\+04\)"):
         convert(src, out / "o.safetensors", out_dtype=torch.float16, progress=False)
     assert _listing(out) == []
+
+
+def test_a_lora_that_overflows_a_quantized_layer_is_named(tmp_path, i2v_weights):
+    src = _source(tmp_path, i2v_weights, I2V)
+    shape = i2v_weights["blocks.0.ffn.0.weight"].shape
+    lora = tmp_path / "huge.safetensors"
+    save_file({"blocks.0.ffn.0.diff": torch.full(shape, 3e38)}, str(lora))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(CheckpointError) as err:
+        convert(src, out / "o.safetensors", lora=[(lora, 2.0)], progress=False)
+    assert str(err.value).endswith(f"'blocks.0.ffn.0.weight' is finite in the file but not after merging the LoRA "
+                                   f"{lora}")
+    assert _listing(out) == []
