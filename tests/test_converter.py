@@ -225,6 +225,7 @@ def test_quality_report(tmp_path, i2v_weights):
     report_path = tmp_path / "r.safetensors.quant_report.json"
     assert result.report == report_path
     report = json.loads(report_path.read_text())
+    assert (report["source"], report["output"], report["scheme"]) == (str(src.absolute()), str(dst.absolute()), "int8")
     assert len(report["layers"]) == len(_linears(I2V)) == len(result.layers)
     for entry in report["layers"]:
         w = i2v_weights[entry["layer"] + ".weight"]
