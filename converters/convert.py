@@ -330,9 +330,9 @@ def _write_json(path: Path, obj: object) -> None:
 
 def _report(src: Path, dst: Path, scheme: str, layers: list[LayerError]) -> dict:
     # Absolute: the report is read later, from wherever its reader stands.
-    return {"source": str(src.absolute()), "output": str(dst.absolute()), "scheme": scheme, "layers": [e.to_json() for e in layers],
-            "mean_rel_error": mean_rel_error(layers), "mean_sqnr_db": mean_sqnr_db(layers),
-            "worst": [e.to_json() for e in worst_layers(layers)]}
+    return {"source": str(src.absolute()), "output": str(dst.absolute()), "scheme": scheme,
+            "layers": [e.to_json() for e in layers], "mean_rel_error": mean_rel_error(layers),
+            "mean_sqnr_db": mean_sqnr_db(layers), "worst": [e.to_json() for e in worst_layers(layers)]}
 
 
 def _remove(path: Path) -> None:

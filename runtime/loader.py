@@ -176,13 +176,13 @@ def _check_configs_agree(stated: list[tuple[Path, dict]]) -> None:
     them: the others are checked against the weights, these are taken from the configs."""
     first: dict[str, tuple[object, Path]] = {}
     for source, raw in stated:
-        for field, value in config_json_values(raw).items():
-            if field not in UNSHAPED_FIELDS:
+        for name, value in config_json_values(raw).items():
+            if name not in UNSHAPED_FIELDS:
                 continue
-            if field in first and first[field][0] != value:
-                raise CheckpointError(f"{source}: {field} = {value!r} disagrees with {first[field][1]} "
-                                      f"({first[field][0]!r})")
-            first.setdefault(field, (value, source))
+            if name in first and first[name][0] != value:
+                raise CheckpointError(f"{source}: {name} = {value!r} disagrees with {first[name][1]} "
+                                      f"({first[name][0]!r})")
+            first.setdefault(name, (value, source))
 
 
 def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitCheckpoint:

@@ -3,8 +3,6 @@ merge, safety (nothing left behind on any error), the streaming writer, and boun
 
 from __future__ import annotations
 
-import importlib
-import os
 import argparse
 import errno
 import importlib
@@ -12,6 +10,7 @@ import fnmatch
 import hashlib
 import io
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -596,7 +595,6 @@ def test_failure_midway_leaves_nothing(tmp_path, i2v_weights, monkeypatch, per_b
 @pytest.mark.parametrize("per_block", [False, True])
 def test_sigterm_midway_leaves_nothing(tmp_path, i2v_weights, monkeypatch, capsys, per_block):
     # What a scheduler's or `timeout`'s stop does to a running `dit8 convert`.
-    import os
     import signal
 
     from dit8.cli import main
