@@ -77,13 +77,17 @@ def check_attention_runs(precision: str, backend: str, device: torch.device) -> 
         require_fp8_tensor_cores("attention: precision='fp8'", device, "use precision='int8' or 'bf16'")
 
 
-def _check_qkv(op: str, q, k, v) -> None:
+def _check_qkv(op: str, q, k, v, k_name: str = "k", v_name: str = "v") -> None:
     check_tensor(op, "q", q, ndim=4, dtypes=FLOAT_DTYPES)
     B, _, H, D = q.shape
-    check_tensor(op, "k", k, ndim=4, dtypes=(q.dtype,), device=q.device)
-    check_shape(op, "k", k, (B, None, H, D))
-    check_tensor(op, "v", v, ndim=4, dtypes=(q.dtype,), device=q.device)
-    check_shape(op, "v", v, tuple(k.shape))
+    if D == 0:
+        raise OpArgumentError(f"{op}: q has shape {tuple(q.shape)}; head_dim must not be 0")
+    check_tensor(op, k_name, k, ndim=4, dtypes=(q.dtype,), device=q.device)
+    check_shape(op, k_name, k, (B, None, H, D))
+    check_tensor(op, v_name, v, ndim=4, dtypes=(q.dtype,), device=q.device)
+    check_shape(op, v_name, v, tuple(k.shape))
+    if k.shape[1] == 0:  # on every backend alike (SDPA would return zeros)
+        raise OpArgumentError(f"{op}: {k_name} has no keys; softmax over an empty set is undefined")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, precision: str = "bf16",
@@ -125,5 +129,5 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: to
     if (k_img is None) != (v_img is None):
         raise OpArgumentError("cross_attention: give both k_img and v_img or neither")
     if k_img is not None:
-        _check_qkv("cross_attention", q, k_img, v_img)
+        _check_qkv("cross_attention", q, k_img, v_img, "k_img", "v_img")
     return resolve("cross_attention", backend, q.device)(q, k, v, k_img, v_img)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable
 
 import torch
@@ -45,6 +47,13 @@ def check_rows_not_empty(op: str, x: torch.Tensor) -> None:
     """Raise unless `x` has at least one dimension and its rows (the last dimension) are not empty."""
     if x.dim() == 0 or x.shape[-1] == 0:
         raise OpArgumentError(f"{op}: x has shape {tuple(x.shape)}; rows must not be empty")
+
+
+def check_eps(op: str, eps: object) -> float:
+    """`eps` as a float; OpArgumentError unless it is a finite number >= 0 (a norm's epsilon)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise OpArgumentError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

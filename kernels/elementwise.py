@@ -42,7 +42,7 @@ def _residual_add_triton(x, y, gate):
 
 def residual_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None, *,
                  backend: str = "auto") -> torch.Tensor:
-    """`x + y · gate` in fp32: x [B, L, C] fp32 residual stream, y [B, L, C] any float dtype,
+    """`x + y · gate` in fp32: x [B, L, C] fp32 residual stream, y [B, L, C] fp32, bf16 or fp16,
     gate [B, C] fp32 per sample, or None for a plain add."""
     check_tensor("residual_add", "x", x, ndim=3, dtypes=(torch.float32,))
     check_tensor("residual_add", "y", y, dtypes=FLOAT_DTYPES, device=x.device)

@@ -464,7 +464,8 @@ def launch_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads: int, eps: flo
     block_h, tail_h = row_tiles(heads)
     block_d = max(2, triton.next_power_of_2(D))
     if (block_h + tail_h) * block_d > MAX_TILE:
-        raise spec.OpArgumentError(f"qk_norm_rope: the triton backend handles up to {MAX_TILE} channels with "
+        op = "qk_norm_rope_quant" if spec.is_quant(out_dtype) else "qk_norm_rope"
+        raise spec.OpArgumentError(f"{op}: the triton backend handles up to {MAX_TILE} channels with "
                                    f"head_dim padded to a power of two, got {heads} x {D}")
     quant = q_scale.numel() > 0  # else the scale pointers are never written: pass the outputs
     _qk_norm_rope_kernel[(L, B)](

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import fused_spec
-from .checks import FLOAT_DTYPES, check_rows_not_empty, check_shape, check_tensor
+from .checks import FLOAT_DTYPES, check_eps, check_rows_not_empty, check_shape, check_tensor
 from .norms import _layer_norm_modulate_torch, _layer_norm_torch
 from .quantize import SCALE_FLOOR, check_quant_dtype, quantize_rows
 from .registry import register, resolve
@@ -53,6 +53,7 @@ def layer_norm_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch
     check_tensor(op, "x", x, ndim=3, dtypes=FLOAT_DTYPES)
     check_quant_dtype(op, dtype)
     check_rows_not_empty(op, x)
+    eps = check_eps(op, eps)
     B, _, C = x.shape
     for name, p in (("shift", shift), ("scale", scale)):
         check_tensor(op, name, p, dtypes=(torch.float32,), device=x.device)
@@ -85,6 +86,7 @@ def layer_norm_quant(x: torch.Tensor, weight: torch.Tensor | None = None, bias: 
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
     check_quant_dtype(op, dtype)
     check_rows_not_empty(op, x)
+    eps = check_eps(op, eps)
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
             check_tensor(op, name, p, dtypes=FLOAT_DTYPES, device=x.device)

@@ -1,6 +1,6 @@
 """Normalisations with fp32 statistics: LayerNorm (+ adaLN modulation) and RMSNorm.
 
-All of them read any float dtype, compute in fp32 and write `out_dtype`.
+All of them read fp32, bf16 or fp16, compute in fp32 and write `out_dtype`.
 
 Backends: "torch" (the references here), "triton" and "cuda": one pass per row (kernels/fused_triton.py,
 csrc/norms.cu; kernels/fused_spec.py describes the shared rows kernel). The 8-bit-output variants of
@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from . import fused_spec
-from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor, float_out_dtype
+from .checks import (FLOAT_DTYPES, OpArgumentError, check_eps, check_rows_not_empty, check_shape, check_tensor,
+                     float_out_dtype)
 from .registry import register, resolve
 from .triton_support import triton_runs_on
 
@@ -31,6 +32,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     check_tensor("layer_norm", "x", x, dtypes=FLOAT_DTYPES)
     if x.dim() == 0:
         raise OpArgumentError("layer_norm: x must have at least one dimension (the one normalised)")
+    check_rows_not_empty("layer_norm", x)
+    eps = check_eps("layer_norm", eps)
     out_dtype = float_out_dtype("layer_norm", out_dtype, x.dtype)
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
@@ -49,6 +52,8 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
                         out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
     """adaLN: `LN(x) · (1 + scale) + shift` with x [B, L, C] and per-sample shift, scale [B, C] (fp32)."""
     check_tensor("layer_norm_modulate", "x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    check_rows_not_empty("layer_norm_modulate", x)
+    eps = check_eps("layer_norm_modulate", eps)
     out_dtype = float_out_dtype("layer_norm_modulate", out_dtype, x.dtype)
     B, _, C = x.shape
     for name, p in (("shift", shift), ("scale", scale)):
@@ -69,6 +74,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float, out_dtype: to
     check_tensor("rms_norm", "x", x, dtypes=FLOAT_DTYPES)
     if x.dim() == 0:
         raise OpArgumentError("rms_norm: x must have at least one dimension (the one normalised)")
+    check_rows_not_empty("rms_norm", x)
+    eps = check_eps("rms_norm", eps)
     out_dtype = float_out_dtype("rms_norm", out_dtype, x.dtype)
     check_tensor("rms_norm", "weight", weight, dtypes=FLOAT_DTYPES, device=x.device)
     check_shape("rms_norm", "weight", weight, (x.shape[-1],))

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from . import fused_spec
-from .checks import float_out_dtype
+from .checks import check_eps, float_out_dtype
 from .norms import _rms_norm_torch
 from .quantize import SCALE_FLOOR, check_quant_dtype, quantize_rows
 from .registry import register, resolve
@@ -107,6 +107,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weigh
     pairs; fp32 throughout, out_dtype (default q.dtype) at the end. See the module docstring.
     """
     fused_spec.check_qk_shapes("qk_norm_rope", q, k, weight_q, weight_k, cos, sin, heads)
+    eps = check_eps("qk_norm_rope", eps)
     out_dtype = float_out_dtype("qk_norm_rope", out_dtype, q.dtype)
     return resolve("qk_norm_rope", backend, q.device)(q, k, weight_q, weight_k, cos, sin, heads, eps, out_dtype)
 
@@ -118,4 +119,5 @@ def qk_norm_rope_quant(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor,
     (batch, head, token): QuantizedQK(q [B, L, H, D], q_scale [B, H, L], k, k_scale)."""
     fused_spec.check_qk_shapes("qk_norm_rope_quant", q, k, weight_q, weight_k, cos, sin, heads)
     check_quant_dtype("qk_norm_rope_quant", dtype)
+    eps = check_eps("qk_norm_rope_quant", eps)
     return resolve("qk_norm_rope_quant", backend, q.device)(q, k, weight_q, weight_k, cos, sin, heads, eps, dtype)

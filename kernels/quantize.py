@@ -17,8 +17,11 @@ the division's rounding, so the kernels let their conversions saturate instead o
 `gelu_tanh_quant(x, dtype)` is quantize_per_token(GELU_tanh(x)) with the GELU in fp32 and never rounded
 to x's dtype: the step between the FFN up and down GEMMs when the up GEMM's epilogue does not apply
 the activation (a GEMM tile sees only part of a row, so it cannot know the row's scale). The kernels
-compute the GELU as x·sigmoid(2u) with the hardware exp2, a few fp32 ulps from torch's tanh form: a
-code can differ from the reference's by one step where a value sits on a rounding boundary.
+compute the GELU as x·sigmoid(2u) with the hardware exp2, a few fp32 ulps from torch's tanh form
+where that form is accurate: a code can differ from the reference's by one step where a value sits
+on a rounding boundary. Below x ≈ -3 the tanh form loses its digits to cancellation (0.5·x·(1 +
+tanh u) with tanh u near -1: 30% off float64 at x = -5, all of it at -6) and the kernels' form does
+not, so a row whose largest magnitude lies there gets a different (the kernels': the accurate) scale.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 `backend="auto"` picks, among the kernels that have passed their tests on this GPU generation
 (GPU_VERIFIED) and the torch reference, the first usable one of: the backend measured fastest for the
 op on this GPU generation (FASTEST), then BACKENDS order. On CPU tensors it picks the torch reference.
-A call the torch reference cannot serve (8-bit attention) takes the first kernel backend that runs. The
+A call the torch reference cannot serve (8-bit attention) takes the first kernel backend that runs on a
+GPU; on CPU tensors it raises, naming backend="triton" (the interpreter is a test tool, not a path). The
 DIT8_BACKEND environment variable names a backend to try first for every op that has it. An explicit
 `backend=` is strict: it runs that backend or raises.
 
@@ -214,7 +215,8 @@ def reference_only_notice(backend: str, device: torch.device) -> str | None:
 
 
 def available_backends(device: str | torch.device = "cpu") -> dict[str, list[str]]:
-    """For every op, the backends that can run on `device` on this machine, in auto's order."""
+    """For every registered op, the backends that can run on `device` on this machine, in auto's order
+    (`scaled_mm_fused` is the entry `scaled_mm` dispatches to when it has an epilogue to fuse)."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:

@@ -38,6 +38,9 @@ def round_bf16(x):
 def round_e4m3(x):
     """x (already within ±448) rounded to the nearest e4m3 value, still fp32: 3 mantissa bits in the
     normal range; below 2^-6 (subnormals) multiples of 2^-9, by the fp32 add of 1.5·2^14, whose own
-    round-to-nearest-even drops exactly the bits below 2^-9."""
-    subnormal = (x + 24576.0) - 24576.0
+    round-to-nearest-even drops exactly the bits below 2^-9. The add works on |x| and x's sign bit is
+    put back: a negative value that rounds to zero is -0, as the cast makes it (code 0x80)."""
+    magnitude = (tl.abs(x) + 24576.0) - 24576.0
+    sign = x.to(tl.uint32, bitcast=True) & 0x80000000
+    subnormal = (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     return tl.where(tl.abs(x) < 0.015625, subnormal, round_mantissa(x, 20))

@@ -181,6 +181,18 @@ def test_quantize_per_token_is_bit_exact(backend, device, qdtype, xdtype):
         assert s[M // 2] == SCALE_FLOOR / QMAX[qdtype] and (q[M // 2].float() == 0).all()
 
 
+@pytest.mark.verifies("quantize_per_token")
+@pytest.mark.parametrize("backend, device", KERNELS)
+def test_fp8_codes_keep_the_sign_of_zero(backend, device):
+    # Negative values that round to zero are -0 (code 0x80), as torch's cast makes them; a NaN row gets a
+    # NaN scale (its codes are the cast's business: NaN on a GPU, not in the interpreter).
+    x = torch.tensor([[-1e-4, 400.0, -0.0, 1e-4, -3e-3], [float("nan"), 1.0, -2.0, 0.0, 3.0]], device=device)
+    q, s = quantize_per_token(x, torch.float8_e4m3fn, backend=backend)
+    rq, rs = quantize_per_token(x, torch.float8_e4m3fn, backend="torch")
+    assert torch.equal(q[0].view(torch.uint8), rq[0].view(torch.uint8)) and q[0].view(torch.uint8)[0] == 0x80
+    assert torch.equal(s[0], rs[0]) and torch.isnan(s[1]) and torch.isnan(rs[1])
+
+
 def _division_cases(n: int, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, scale) fp32 pairs as the quantizers divide them: scales amax / qmax over 84 binades, |y| <= amax
     spread over 40 binades below it, and quotients within a hair of a midpoint between two floats (the
