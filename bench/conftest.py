@@ -31,6 +31,14 @@ import pytest  # noqa: E402
 CUDA = torch.cuda.is_available()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # A smoke run's times are the interpreter's on tiny shapes: against a GPU baseline they would pass or
+    # "regress" by chance (the GEMM rows' names hold their shapes, the others' do not).
+    if not CUDA and (config.getoption("benchmark_compare", None) or config.getoption("benchmark_compare_fail", None)):
+        raise pytest.UsageError("--benchmark-compare needs a GPU: without CUDA the suites run in smoke mode "
+                                "(tiny shapes, the Triton interpreter), whose times compare with nothing")
+
+
 @pytest.fixture
 def triton_kernels_only(monkeypatch):
     """For suites whose rows name the kernel they time: the Triton kernels' rows time them, not the Gluon

@@ -5,7 +5,8 @@
 #
 # Usage (on a CUDA machine, from the repository root):
 #     bash bench/gpu_check.sh                 # every stage not yet done on this machine
-#     bash bench/gpu_check.sh tests gemm      # these stages, even if done before
+#     bash bench/gpu_check.sh tests gemm      # these stages, even if done before (the dit stage still
+#                                             # skips the runs whose $WORK/dit_*.json are there)
 #     BUDGET=540 bash bench/gpu_check.sh      # finish within 540 s; the same command again goes on
 # Stages, in the order of what their results are worth: tests dit gemm attention candidates (the forward
 # with the Gluon candidates routed in, bench/gluon_choice.py) fused pipeline profile (Nsight Compute
@@ -36,6 +37,16 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 command -v nvidia-smi >/dev/null || {
     echo "gpu_check: no NVIDIA driver here (nvidia-smi not found); run it on a CUDA machine"; exit 1; }
+nvidia-smi -L >/dev/null 2>&1 || { echo "gpu_check: nvidia-smi fails here: $(nvidia-smi -L 2>&1 | head -1)"; exit 1; }
+for name in BUDGET TESTS_LIMIT STAGE_LIMIT TEST_WORKERS; do
+    [[ -z "${!name:-}" || "${!name}" =~ ^[0-9]+$ ]] || { echo "gpu_check: $name must be a whole number, got ${!name}"; exit 2; }
+done
+all_stages=(tests dit gemm attention candidates fused pipeline profile sweep)
+stages=("$@")
+for stage in "${stages[@]}"; do  # before anything is moved or written
+    [[ " ${all_stages[*]} " == *" $stage "* ]] || { echo "unknown stage $stage (${all_stages[*]})"; exit 2; }
+done
+if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" || exit 1; fi
 start=$SECONDS
 # Whatever still runs when the script ends (stopped by a signal: bash runs the EXIT trap then too) is
 # stopped with it: a test run or the CUDA build left going would hold the GPU for the next command.
@@ -61,11 +72,6 @@ if [ -n "$(ls -A "$out" | grep -vx previous)" ] && [ "$(cat "$out/stamp.txt" 2>/
 fi
 echo "$stamp" >"$out/stamp.txt"
 touch "$out/done"
-all_stages=(tests dit gemm attention candidates fused pipeline profile sweep)
-stages=("$@")
-for stage in "${stages[@]}"; do
-    [[ " ${all_stages[*]} " == *" $stage "* ]] || { echo "unknown stage $stage (${all_stages[*]})"; exit 2; }
-done
 if [ ${#stages[@]} -eq 0 ]; then
     for stage in "${all_stages[@]}"; do grep -qx "$stage" "$out/done" || stages+=("$stage"); done
 fi
@@ -92,6 +98,10 @@ for name, what in (("av", "the video tests"), ("diffusers", "--compare diffusers
                    ("pybind11", "the CUDA extension (its tests)"), ("ninja", "the CUDA extension without a system ninja")):
     if importlib.util.find_spec(name) is None:
         print(f"gpu_check: {name} is not installed; {what} will be skipped")
+import torch
+if not torch.cuda.is_available():
+    sys.exit(f"gpu_check: torch {torch.__version__} sees no CUDA device (a CPU build of torch, or no GPU "
+             f"visible): the stages would time the CPU")
 PY
 # Set up when this machine has not been, or when `dit8` is not this working tree's.
 here=$(pwd -P)
@@ -232,8 +242,9 @@ for stage in "${stages[@]}"; do
             "$py" bench/plot_results.py "$out/bench_$stage.json" "$out/bench_$stage.png" \
                 --title "$(head -1 "$out/gpu.txt" | cut -d, -f1), $(sed -n 2p "$out/gpu.txt")" | tail -1
             if [ "$stage" = fused ]; then  # (bf16 attention's rows compete too, where that stage ran)
-                "$py" bench/fastest_backends.py "$out/bench_fused.json" \
-                    $([ -s "$out/bench_attention.json" ] && echo "$out/bench_attention.json") | tee "$out/fastest.txt"
+                timed=("$out/bench_fused.json")
+                [ -s "$out/bench_attention.json" ] && timed+=("$out/bench_attention.json")
+                "$py" bench/fastest_backends.py "${timed[@]}" | tee "$out/fastest.txt"
             fi ;;
         dit)
             # The headline first (issue 7's targets), with the 4-step loop; diffusers and the CUDA graph
@@ -308,7 +319,8 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
                 "$py" bench/profile_kernels.py table "$out/ncu.csv" --stalls "$out/ncu_stalls.csv" \
                     >"$out/profile.txt"
             else
-                echo "profile: Nsight Compute (ncu) is not installed here; skipped"
+                echo "profile: Nsight Compute (ncu) is not installed here; skipped (not marked done)"
+                touch "$out/.cut"
             fi ;;
         pipeline)
             run_pytest bench/test_bench_pipeline.py -k "t5 or clip" \
@@ -321,8 +333,11 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
     pack
 done
 
-# The CUDA build, if it is still running: waited for while the budget lasts.
-[ -n "${build_pid:-}" ] && [ "$(budget_left)" -le 0 ] && kill "$build_pid" 2>/dev/null
+# The CUDA build, if it is still running: waited for while the budget lasts (its own limit: 300 s).
+if [ -n "${build_pid:-}" ]; then
+    while kill -0 "$build_pid" 2>/dev/null && [ "$(budget_left)" -gt 0 ]; do sleep 1; done
+    kill "$build_pid" 2>/dev/null
+fi
 wait
 [ -f "$out/cuda_build.log" ] && tail -3 "$out/cuda_build.log"
 echo
