@@ -21,6 +21,7 @@ import torch
 
 from dit8.config import I2V_14B
 from dit8.layouts import expected_shapes
+from dit8.packed_format import SCHEMES
 from dit8.testing import write_checkpoint
 
 CHILD = """
@@ -44,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dit8-convert-bench"))
-    parser.add_argument("--scheme", default="fp8")
+    parser.add_argument("--scheme", default="fp8", choices=SCHEMES)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     src = args.workdir / f"src_{args.layers}.safetensors"

@@ -57,7 +57,7 @@ def capability(parser: argparse.ArgumentParser, text: str | None) -> tuple[int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json", nargs="+", type=Path, help="pytest-benchmark --benchmark-json files")
     parser.add_argument("--capability", help="MAJOR.MINOR of the GPU that ran them (default: this GPU's)")
     args = parser.parse_args(argv)
@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, AttributeError) as err:  # a suite stopped before its JSON was whole
             print(f"{path}: cannot read the benchmark results: {err}", file=sys.stderr)
             return 1
+    smoke = [r for r in rows if str(r.get("extra_info", {}).get("device", "")).startswith("cpu")]
+    if smoke:  # bench/conftest.py's smoke mode: the interpreter on tiny shapes, no GPU's times
+        print(f"{len(smoke)} rows are smoke-mode results (device {smoke[0]['extra_info']['device']!r}), not "
+              f"a GPU's times: no FASTEST entry from them", file=sys.stderr)
+        return 1
     totals, winners = fastest(rows)
     if not totals:
         print("no rows with an op and a backend in these files", file=sys.stderr)

@@ -16,6 +16,7 @@ A candidate without timed rows (its GPU tests did not pass, its stage did not ru
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -92,5 +93,16 @@ def choice(folder: Path) -> str:
     return " ".join(f"{name}={config}" for name, config in picks.items() if config is not None)
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="bench/gpu_check.sh's results folder")
+    args = parser.parse_args(argv)
+    if not args.results.is_dir():
+        print(f"gluon_choice: {args.results}: no such folder", file=sys.stderr)
+        return 1
+    print(choice(args.results))
+    return 0
+
+
 if __name__ == "__main__":
-    print(choice(Path(sys.argv[1])))
+    sys.exit(main())

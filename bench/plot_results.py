@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import struct
 import sys
 import zlib
@@ -148,16 +149,23 @@ def render(rows: list[dict], title: str) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("png", help="output PNG path")
-    parser.add_argument("--title", default=None, help="chart title (default: from the JSON's machine info)")
+    parser.add_argument("--title", default=None,
+                        help="chart title (default: the rows' devices and the run's date)")
     args = parser.parse_args(argv)
     try:
         with open(args.results) as f:
             results = json.load(f)
     except (OSError, ValueError) as err:  # a suite stopped before pytest-benchmark wrote its JSON
         print(f"{args.results}: cannot read the benchmark results: {err}", file=sys.stderr)
+        return 1
+    if not isinstance(results, dict):
+        print(f"{args.results}: not pytest-benchmark results (a JSON object with 'benchmarks')", file=sys.stderr)
+        return 1
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.png))):
+        print(f"{args.png}: its folder does not exist", file=sys.stderr)
         return 1
     rows = rows_of(results)
     if not rows:

@@ -220,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("metrics", help="the --metrics argument of the stall-reason pass")
     args = parser.parse_args(argv)
     if args.command == "run":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("profile_kernels: run needs a CUDA device (under ncu); there is none here", file=sys.stderr)
+            return 1
         run(args.only)
         return 0
     if args.command == "metrics":

@@ -49,8 +49,12 @@ def results_folder(path: Path) -> Iterator[Path]:
         return
     if not path.is_file():
         raise SystemExit(f"results_tables: {path}: no such folder or file")
-    with tempfile.TemporaryDirectory() as tmp, tarfile.open(path) as archive:
-        archive.extractall(tmp, filter="data")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            with tarfile.open(path) as archive:
+                archive.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError) as err:
+            raise SystemExit(f"results_tables: {path}: not a results archive ({err})") from None
         yield Path(tmp)
 
 
@@ -61,10 +65,14 @@ def table(header: list[str], rows: list[list[object]]) -> list[str]:
 
 def read_json(path: Path, notes: list[str]) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as e:  # a run cut off before it finished writing
         notes.append(f"{path.name}: unreadable ({e}), skipped")
         return None
+    if not isinstance(data, dict):
+        notes.append(f"{path.name}: not a JSON object, skipped")
+        return None
+    return data
 
 
 def test_lines(xml_path: Path) -> list[str]:

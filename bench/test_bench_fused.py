@@ -13,7 +13,7 @@ RoPE reference; target >= 2). Backends: "cuda" (csrc/, skipped where the extensi
 "triton", and "torch" (the eager reference, the baseline).
 Without CUDA: smoke mode (tiny shapes, each function once, Triton in the interpreter, no rates).
 
-DIT8_FUSED_SWEEP=1 (on a CUDA machine) also times the Triton rows kernel of each op at 4, 8 and 16
+DIT8_FUSED_SWEEP=1 (on a CUDA machine) also times the Triton rows kernel of each op at 4, 8, 16 and 32
 warps, and for the norms with per-column operands with those loaded ahead of the statistics or after
 them (test_rows_sweep; kernels/fused_triton.py `_num_warps`, `PREFETCH_PARAMS`).
 """

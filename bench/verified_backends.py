@@ -73,7 +73,7 @@ def verified(counts: dict[tuple[str, str], collections.Counter]) -> set[tuple[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("junit_xml", type=Path, help="pytest --junitxml output of a GPU run")
     parser.add_argument("--collected", type=Path, help="the kernels of every collected test (DIT8_KERNEL_TESTS)")
     parser.add_argument("--capability", help="MAJOR.MINOR of the GPU that ran it (default: this GPU's)")

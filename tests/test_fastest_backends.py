@@ -1,6 +1,7 @@
 """bench/fastest_backends.py: from benchmark rows to registry.FASTEST entries."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 _SPEC = importlib.util.spec_from_file_location(
@@ -38,3 +39,15 @@ def test_fastest_backend_per_op_over_its_cases():
     assert winners == {"rms_norm": "cuda", "attention": "torch"}
     assert totals["rms_norm"] == {"cuda": 2.0, "triton": 2.2, "torch": 11.0}
     assert totals["layer_norm"] == {"triton": 0.4}
+
+
+def test_smoke_results_give_no_entry(tmp_path, capsys):
+    path = tmp_path / "smoke.json"
+    path.write_text(json.dumps({"benchmarks": [
+        _row("test_fused_op[triton-rms_bf16]", 0.8, op="rms_norm", backend="triton",
+             device="cpu (smoke: interpreter, tiny shapes)"),
+        _row("test_fused_op[torch-rms_bf16]", 0.1, op="rms_norm", backend="torch",
+             device="cpu (smoke: interpreter, tiny shapes)")]}))
+    assert _MODULE.main([str(path), "--capability", "9.0"]) == 1
+    captured = capsys.readouterr()
+    assert "smoke-mode results" in captured.err and "FASTEST" not in captured.out
