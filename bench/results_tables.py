@@ -4,7 +4,8 @@
     python bench/results_tables.py dit8-gpu.tgz        # or its packed copy
 
 Tables: the machine (gpu.txt), test outcomes per file (tests.xml), one table per benchmark JSON
-(bench_*.json: the extra_info of each row, with the columns some row of that file has) and the DiT
+(bench_*.json: the extra_info of each row, with the columns some row of that file has, and a sweep
+row's every configuration) and the DiT
 forwards (dit_*.json: times, peak memory, the profiled parts, diffusers on the same weights), the Nsight
 Compute table (profile.txt), then the GPU_VERIFIED and FASTEST entries the run printed. A file cut
 short by a time limit is named and skipped.
@@ -37,7 +38,7 @@ BENCH_COLUMNS = {
     "n_regs": "registers", "n_spills": "spills", "config": "config", "best": "best",
     "best_fast_accum": "best fast accum", "best_split_accum": "best split accum", "ms_triton": "triton ms",
     "config_triton": "triton config",
-    "ratio_vs_default_mode": "vs cuBLAS default mode",
+    "ratio_vs_default_mode": "vs cuBLAS default mode", "table": "table's config", "ms_table": "table's ms",
 }
 
 
@@ -98,8 +99,16 @@ def bench_lines(name: str, data: dict) -> list[str]:
     rows = data.get("benchmarks", [])
     keys = [k for k in BENCH_COLUMNS if any(k in b.get("extra_info", {}) for b in rows)]
     cell = lambda v: " to ".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731 (a range)
-    return table([name] + [BENCH_COLUMNS[k] for k in keys],
-                 [[b["name"]] + [cell(b.get("extra_info", {}).get(k)) for k in keys] for b in rows])
+    lines = table([name] + [BENCH_COLUMNS[k] for k in keys],
+                  [[b["name"]] + [cell(b.get("extra_info", {}).get(k)) for k in keys] for b in rows])
+    # A sweep row's every configuration ({config: [ms, rel err]}), fastest first.
+    for b in rows:
+        sweep = b.get("extra_info", {}).get("sweep")
+        if isinstance(sweep, dict) and sweep:
+            timed = sorted(sweep.items(), key=lambda item: item[1][0] if isinstance(item[1], list) else item[1])
+            lines += ["", f"{b['name']}, every configuration (ms, rel err):",
+                      *[f"- {config}: {' / '.join(map(str, v)) if isinstance(v, list) else v}" for config, v in timed]]
+    return lines
 
 
 def dit_lines(runs: dict[str, dict]) -> list[str]:

@@ -145,3 +145,16 @@ def test_profile_table_of_ncu_csv(tmp_path):
     done = subprocess.run([sys.executable, str(script), "table", str(tmp_path / "ncu.csv"), "--stalls",
                            str(tmp_path / "empty.csv")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and done.stdout.splitlines()[:len(table)] == table and "no ncu CSV" in done.stderr
+
+
+def test_a_sweep_row_lists_every_configuration_fastest_first(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    row = {"name": "test_attention_sweep[int8]",
+           "extra_info": {"ms": 34.0, "config": "128x128x3", "table": "64x128x3", "ms_table": 35.1,
+                          "sweep": {"64x128x3": [35.1, 0.0266], "128x128x3": [34.0, 0.0265]}}}
+    (folder / "bench_sweep_attention.json").write_text(json.dumps({"benchmarks": [row]}))
+    out = subprocess.run([sys.executable, str(SCRIPT), str(folder)], capture_output=True, text=True, check=True).stdout
+    assert "| test_attention_sweep[int8] | 34.0 | 128x128x3 | 64x128x3 | 35.1 |" in out
+    listing = out.split("every configuration (ms, rel err):\n")[1].splitlines()
+    assert listing[:2] == ["- 128x128x3: 34.0 / 0.0265", "- 64x128x3: 35.1 / 0.0266"]
