@@ -20,8 +20,8 @@ on CUDA tensors when the module is built (it loads without nvcc) or can be built
 with DIT8_CUDA_EXT=0) it is false and "auto" falls through to the Triton backend.
 
 Environment: DIT8_CACHE (cache root), DIT8_CUDA_ARCHS (e.g. "90a" or "80,89,90a"), DIT8_CUDA_EXT=0
-(never build or load), CUDA_HOME / CUDA_PATH (where nvcc is), DIT8_CSRC (the sources, if not beside
-the package).
+(the ops never build or load it; the build command still builds), CUDA_HOME / CUDA_PATH (where nvcc
+is), CXX (the host compiler), DIT8_CSRC (the sources, if not beside the package).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import shlex
 import shutil
 import subprocess
 import sysconfig
@@ -190,17 +191,15 @@ def module_path(archs: tuple[str, ...]) -> Path:
 # ----------------------------------------------------------------------------------------------------
 
 def _ninja_file(archs: tuple[str, ...]) -> str:
-    nvcc = find_nvcc()
-    cuda_include = Path(nvcc).resolve().parent.parent / "include"
-    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    # The tools and include folders go into shell commands: quoted, so paths with spaces stay whole.
+    q = shlex.quote
     lines = [
         "# Written by dit8/kernels/cuda_ext.py; the rules are csrc/build.ninja's.",
         f"srcdir = {source_dir()}",
-        f"nvcc = {nvcc}",
-        f"cxx = {cxx}",
-        f"python_include = {sysconfig.get_paths()['include']}",
-        f"pybind11_include = {pybind11_include()}",
-        f"cuda_include = {cuda_include}",
+        f"nvcc = {q(find_nvcc())}",
+        f"cxx = {q(shutil.which(os.environ.get('CXX', 'c++')))}",
+        f"python_include = {q(sysconfig.get_paths()['include'])}",
+        f"pybind11_include = {q(pybind11_include())}",
         f"gencode = {' '.join(gencode_flags(archs))}",
         f"archs = {','.join('sm_' + a for a in archs)}",
         f"module = {module_path(archs).name}",
@@ -282,12 +281,20 @@ def load():
         raise CudaExtError("the CUDA extension is disabled (DIT8_CUDA_EXT=0)")
     archs = default_archs()
     path = module_path(archs)
-    # With the build tools present, ninja brings the module up to date (a no-op when it is); without
-    # them, a module built ahead of time is used as it is.
-    if not missing_tools() or not path.is_file():
-        path = build(archs)
-    if not path.is_file():
-        raise CudaExtError("the CUDA extension is not built; run: python -m dit8.kernels.cuda_ext build")
+    if missing_tools():
+        # A module built ahead of time is used as it is: this GPU's own, or the default targets' (the
+        # build command's on a machine without a GPU), which hold sm_90a and PTX for newer GPUs.
+        path = next((p for p in (path, module_path(DEFAULT_ARCHS)) if p.is_file()), None)
+        if path is None:
+            build(archs)  # raises, naming the missing tools
+    else:
+        # ninja brings the module up to date (a no-op when it is). A cache that cannot be written (a
+        # read-only mount) still serves the module it holds.
+        try:
+            path = build(archs)
+        except OSError as err:
+            if not path.is_file():
+                raise CudaExtError(f"cannot build the CUDA extension in {path.parent}: {err}") from None
     module = _import(path)
     if getattr(module, "ABI_VERSION", None) != ABI_VERSION:
         raise CudaExtError(f"{path} has ABI {getattr(module, 'ABI_VERSION', None)}, expected {ABI_VERSION}; "
@@ -461,24 +468,26 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("-v", "--verbose", action="store_true", help="show the compiler commands")
     sub.add_parser("info", help="where the module is, whether it is built, what is missing")
     args = parser.parse_args(argv)
-    if args.command == "build":
-        archs = parse_archs(args.archs) if args.archs else default_archs()
-        start = time.perf_counter()
-        try:
+    try:
+        if args.command == "build":
+            archs = parse_archs(args.archs) if args.archs else default_archs()
+            start = time.perf_counter()
             path = build(archs, force=args.force, verbose=args.verbose, retry_failed=True)
             module = _import(path)
-        except CudaExtError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        print(f"built {path} for {module.ARCHS} in {time.perf_counter() - start:.1f} s")
+            print(f"{path} for {module.ARCHS} is up to date ({time.perf_counter() - start:.1f} s)")
+            return 0
+        archs = default_archs()
+        print(f"sources: {source_dir()}")
+        print(f"archs: {','.join(archs)}")
+        missing = missing_tools()
+        print("missing: " + (", ".join(missing) if missing else "nothing"))
+        for candidate in dict.fromkeys((archs, DEFAULT_ARCHS)):
+            path = module_path(candidate)
+            print(f"module: {path} ({'built' if path.is_file() else 'not built'})")
+        if os.environ.get("DIT8_CUDA_EXT") == "0":
+            print("disabled: DIT8_CUDA_EXT=0 (the ops never load it; the build command still builds)")
         return 0
-    archs = default_archs()
-    print(f"sources: {source_dir()}")
-    print(f"archs: {','.join(archs)}")
-    missing = missing_tools()
-    print("missing: " + (", ".join(missing) if missing else "nothing"))
-    if not missing:
-        path = module_path(archs)
-        print(f"module: {path} ({'built' if path.is_file() else 'not built'})")
-    return 0
+    except (CudaExtError, OSError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 

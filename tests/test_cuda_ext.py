@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,6 +159,65 @@ def test_disabled_by_environment(monkeypatch):
     assert not cuda_ext.cuda_available(torch.device("cuda"))
     with pytest.raises(cuda_ext.CudaExtError, match="disabled"):
         cuda_ext.load()
+
+
+class _FakeModule:
+    ABI_VERSION = cuda_ext.ABI_VERSION
+    ARCHS = "sm_80,sm_89,sm_90a"
+
+
+def _fake_loading(monkeypatch, tmp_path, archs):
+    """A private cache, `archs` as this machine's, and imports recorded instead of done."""
+    monkeypatch.setenv("DIT8_CACHE", str(tmp_path))
+    monkeypatch.setattr(cuda_ext, "_MODULE", None)
+    monkeypatch.setattr(cuda_ext, "default_archs", lambda: archs)
+    imported = []
+    monkeypatch.setattr(cuda_ext, "_import", lambda path: imported.append(path) or _FakeModule)
+    return imported
+
+
+def _touch_module(archs) -> Path:
+    path = cuda_ext.module_path(archs)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    return path
+
+
+def test_a_module_built_ahead_of_time_serves_a_gpu_without_build_tools(monkeypatch, tmp_path):
+    imported = _fake_loading(monkeypatch, tmp_path, ("90a",))
+    monkeypatch.setattr(cuda_ext, "missing_tools", lambda: ["nvcc (the CUDA toolkit; set CUDA_HOME)"])
+    with pytest.raises(cuda_ext.CudaExtError, match="missing nvcc"):
+        cuda_ext.load()  # nothing built
+    default = _touch_module(cuda_ext.DEFAULT_ARCHS)  # the build command's targets, built without a GPU
+    assert cuda_ext.load() is _FakeModule and imported == [default]
+    monkeypatch.setattr(cuda_ext, "_MODULE", None)
+    own = _touch_module(("90a",))  # this GPU's own build comes first
+    assert cuda_ext.load() is _FakeModule and imported[-1] == own
+
+
+def test_a_read_only_cache_serves_the_module_it_holds(monkeypatch, tmp_path):
+    imported = _fake_loading(monkeypatch, tmp_path, ("90a",))
+    monkeypatch.setattr(cuda_ext, "missing_tools", lambda: [])
+
+    def read_only(archs, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(cuda_ext, "build", read_only)
+    with pytest.raises(cuda_ext.CudaExtError, match="cannot build the CUDA extension in .*Read-only file system"):
+        cuda_ext.load()
+    path = _touch_module(("90a",))
+    assert cuda_ext.load() is _FakeModule and imported == [path]
+
+
+def test_tool_paths_with_spaces_are_quoted(monkeypatch):
+    monkeypatch.setattr(cuda_ext, "pybind11_include", lambda: "/opt/py env/pybind11/include")
+    assert "pybind11_include = '/opt/py env/pybind11/include'" in cuda_ext._ninja_file(("90a",)).splitlines()
+
+
+def test_command_line_errors_are_one_line(capsys):
+    assert cuda_ext.main(["build", "--archs", "hopper"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: bad CUDA architecture 'hopper'") and err.count("\n") == 1
 
 
 def test_command_line_info():
