@@ -384,7 +384,8 @@ def test_rms_norm_against_float64(backend, device):
 @pytest.mark.parametrize("backend, device", [p for p in KERNELS if p.values[0] == "triton"])
 @pytest.mark.parametrize("ydtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_residual_add_against_float64(backend, device, ydtype):
-    shapes = LN_SHAPES + ([(1, 4099, 5120)] if big(device) else [])
+    # (1500: a second 1024-column block with a tail.)
+    shapes = LN_SHAPES + [(1, 3, 1500)] + ([(1, 4099, 5120), (1, 7, 2 * 1024 + 7)] if big(device) else [])
     for i, (B, L, C) in enumerate(shapes):
         x = randn((B, L, C), 900 + i, device, scale=4.0, offset=2.0)
         # y as the linears give it, and as a strided view (every other column of a wider tensor).
@@ -399,19 +400,37 @@ def test_residual_add_against_float64(backend, device, ydtype):
                 assert rel_err(out, want) <= float_bound(rel_err(ref, want), torch.float32), (B, L, C, g is None)
 
 
-@pytest.mark.verifies("layer_norm_modulate", "layer_norm_modulate_quant", "rms_norm", "quantize_per_token")
+@pytest.mark.verifies("layer_norm_modulate", "layer_norm_modulate_quant", "rms_norm", "quantize_per_token",
+                      "layer_norm", "layer_norm_quant", "gelu_tanh_quant")
 @pytest.mark.parametrize("backend, device", [p for p in KERNELS if p.values[0] == "triton"])
 def test_rows_chunked_path(backend, device, monkeypatch):
-    """Rows longer than the register tile take the chunked loops: same results."""
+    """Rows longer than the register tile take the chunked loops: same results, for every op the rows
+    kernel serves (GELU, affine weight and bias, modulation, 16-bit and 8-bit outputs)."""
     from dit8.kernels import fused_triton
 
     monkeypatch.setattr(fused_triton, "MAX_TILE", 64)
     monkeypatch.setattr(fused_triton, "CHUNK", 64)
     x, shift, scale = _ln_inputs(2, 9, 200, 800, device, torch.float32)
     want = ln64(x, shift=shift, scale=scale)
-    out = layer_norm_modulate(x, shift, scale, eps=1e-6, out_dtype=torch.float32, backend=backend)
-    ref = layer_norm_modulate(x, shift, scale, eps=1e-6, out_dtype=torch.float32, backend="torch")
-    assert rel_err(out, want) <= float_bound(rel_err(ref, want), torch.float32)
+    for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out = layer_norm_modulate(x, shift, scale, eps=1e-6, out_dtype=out_dtype, backend=backend)
+        ref = layer_norm_modulate(x, shift, scale, eps=1e-6, out_dtype=out_dtype, backend="torch")
+        assert out.dtype == out_dtype and rel_err(out, want) <= float_bound(rel_err(ref, want), out_dtype)
+    w, b = randn((200,), 803, device), randn((200,), 804, device)
+    want_affine = ln64(x, w, b)
+    out = layer_norm(x, w, b, eps=1e-6, out_dtype=torch.bfloat16, backend=backend)
+    ref = layer_norm(x, w, b, eps=1e-6, out_dtype=torch.bfloat16, backend="torch")
+    assert rel_err(out, want_affine) <= float_bound(rel_err(ref, want_affine), torch.bfloat16)
+    q, s = layer_norm_quant(x, w, b, eps=1e-6, dtype=FP8, backend=backend)
+    rq, rs = layer_norm_quant(x, w, b, eps=1e-6, dtype=FP8, backend="torch")
+    check_codes(q, s, want_affine, rq, rs, FP8)
+    xg = randn((5, 200), 805, device, scale=3.0).bfloat16()
+    x64 = xg.double()
+    want_gelu = 0.5 * x64 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64 ** 3)))
+    for qdtype in (torch.int8, FP8):
+        q, s = gelu_tanh_quant(xg, qdtype, backend=backend)
+        rq, rs = gelu_tanh_quant(xg, qdtype, backend="torch")
+        check_codes(q, s, want_gelu, rq, rs, qdtype)
     q, s = layer_norm_modulate_quant(x, shift, scale, eps=1e-6, dtype=torch.int8, backend=backend)
     rq, rs = layer_norm_modulate_quant(x, shift, scale, eps=1e-6, dtype=torch.int8, backend="torch")
     check_codes(q, s, want, rq, rs, torch.int8)
@@ -477,7 +496,10 @@ def test_rows_launch_takes_the_tuned_entry_of_its_op(monkeypatch):
 # ----------------------------------------------------------------------------------------------------
 
 # (B, grid, heads, head_dim): C = 96 and 200 (not powers of two), head_dim 40 (pairs not a power of two)
-QK_CASES = [(2, (2, 3, 4), 3, 32), (1, (3, 2, 3), 5, 40), (1, (1, 2, 3), 2, 128)]
+# Head counts that leave a tile of padding heads (7 = 4 + 4, 11 = 8 + 4), and a head_dim (20) that is no
+# multiple of 16 bytes of bf16 (the CUDA kernel's pair path).
+QK_CASES = [(2, (2, 3, 4), 3, 32), (1, (3, 2, 3), 5, 40), (1, (1, 2, 3), 2, 128), (1, (1, 2, 3), 7, 32),
+            (1, (2, 1, 2), 11, 40), (1, (2, 2, 1), 3, 20)]
 QK_CASES_GPU = [(1, (21, 30, 52), 40, 128), (2, (3, 8, 12), 12, 128)]
 
 
