@@ -64,12 +64,28 @@ def test_model_backend_triton_runs_the_kernels_it_can(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("attention", ["int8", "fp8"])
-def test_8bit_attention_model(tmp_path, triton_first, attention):
-    """The model with 8-bit self-attention errs by no more than that attention's own bound (int8 2%,
-    fp8 4% on Gaussian inputs, bench/RESULTS.md), which the residual stream only dilutes."""
+def test_8bit_attention_model(tmp_path, triton_first, attention, monkeypatch):
+    """The model with 8-bit self-attention errs against the float64 reference forward by at most 2x the
+    same model whose self-attention is the 8-bit algorithm emulated in float64 (same recipe, same
+    blocks: tests/test_attention_triton.py `emulate_8bit`)."""
+    from dit8.kernels import attention_8bit_triton as impl8
+    from dit8.kernels import attention_triton as impl
+    from test_attention_triton import emulate_8bit
+
     config = tiny_config("i2v", num_layers=1, text_len=16)
     weights, inputs = random_weights(config, seed=35), random_inputs(config, batch=2, seed=36)
     path = write_checkpoint(weights, tmp_path / "m.safetensors", config=config)
     ref = reference_forward(weights, **inputs, num_heads=config.num_heads, text_len=config.text_len)
-    err = rel_err(dit8.load_dit(path, dtype=torch.float32, attention=attention)(**inputs), ref)
-    assert 0 < err <= {"int8": 0.02, "fp8": 0.04}[attention], err
+    model = dit8.load_dit(path, dtype=torch.float32, attention=attention)
+    err = rel_err(model(**inputs), ref)
+
+    qk, pv = impl8.RECIPES[attention]
+    cfg = impl.pick_config(impl8.config_path(pv), config.head_dim)
+
+    def emulated(q, k, v, *, precision, backend):
+        assert precision == attention  # (the cross-attention has its own op)
+        return emulate_8bit(q, k, v, qk, pv, cfg.block_m, cfg.block_n).to(q.dtype)
+
+    monkeypatch.setattr(dit8.kernels, "attention", emulated)
+    emu_err = rel_err(model(**inputs), ref)
+    assert 0 < err <= 2 * emu_err, (err, emu_err)
