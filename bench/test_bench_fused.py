@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from dit8.kernels import fused_triton, norm_quant, quantize
 from dit8.kernels import qk_norm_rope
+from dit8.kernels.buffers import poisoned_outputs
 from dit8.kernels.elementwise import residual_add
 from dit8.kernels.norms import layer_norm_modulate, rms_norm
 from dit8.kernels.rope import rope
@@ -257,7 +258,8 @@ def test_fused_op(name, backend, record, benchmark, device, smoke, gpu_time, bas
     t = baseline_cache[(name, "inputs")]
     if (name, "eager") not in baseline_cache:
         baseline_cache[(name, "eager")] = gpu_time(lambda: case.eager(t))
-    _check_agrees(case.run(backend, t), case.eager(t))  # before timing: a wrong kernel gets no number
+    with poisoned_outputs():  # before timing: a wrong kernel gets no number
+        _check_agrees(case.run(backend, t), case.eager(t))
     nbytes = case.nbytes(t)
     ms = record(lambda: case.run(backend, t), nbytes=nbytes, baseline_ms=baseline_cache[(name, "eager")])
     benchmark.extra_info.update(_info(nbytes, ms, copy_gbps), op=case.op, backend=backend)
@@ -310,7 +312,9 @@ def test_qk_norm_rope(impl, record, benchmark, device, smoke, gpu_time, baseline
           "cuda": lambda: qk_fused("cuda", t), "triton": lambda: qk_fused("triton", t)}[impl]
     # Before timing, so that a wrong kernel gets no row: all four compute the same thing, so they agree
     # to bf16 rounding (2^-8 relative per element).
-    for a, b in zip(fn(), qk_official_eager(t)):
+    with poisoned_outputs():
+        checked = fn()
+    for a, b in zip(checked, qk_official_eager(t)):
         assert a.shape == b.shape
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2 ** -7
     nbytes = qk_nbytes(t)

@@ -64,6 +64,7 @@ from dit8 import kernels as ops
 triton = pytest.importorskip("triton", reason="triton is not installed")
 from dit8.kernels import gemm_configs  # noqa: E402
 from dit8.kernels import scaled_mm_triton as impl  # noqa: E402
+from dit8.kernels.buffers import poisoned_outputs  # noqa: E402
 
 # The Triton rows time the Triton kernels, not the Gluon ones Hopper routes in (bench/conftest.py).
 pytestmark = pytest.mark.usefixtures("triton_kernels_only")
@@ -160,7 +161,8 @@ def test_gemm(case, shape, device, smoke, record, gpu_time, benchmark):
     else:
         baseline = cublas(xq, xs, wq, ws, dequant=False)
         info["baseline"] = "torch._int_mm, int32 out, no dequantization"
-    out = fn()
+    with poisoned_outputs():  # the check call: every element written
+        out = fn()
     assert out.shape == shape[:2] and torch.isfinite(out).all()
     # Accuracy against float64 on the same operands, the kernel beside cuBLAS (with dequant for int8).
     ref = reference64(xq, xs, wq, ws)
@@ -198,7 +200,8 @@ def test_gemm_bf16_in(shape, device, record, gpu_time):
         xq, xs = ops.quantize_per_token(x, FP8, backend="torch")
         return cublas(xq, xs, wq, ws)()
 
-    out, base_out = ours(), eager()
+    with poisoned_outputs():
+        out, base_out = ours(), eager()
     assert torch.isfinite(out).all()
     # Same quantized operands (every quantize_per_token backend computes the reference's codes), so the
     # two outputs differ only by the GEMMs' rounding.
@@ -245,7 +248,8 @@ def test_fused_epilogue(case, shape, device, smoke, record, gpu_time, benchmark)
                                           backend="torch")
         info["baseline"] = "same triton GEMM (bf16 out) + torch gelu(tanh)"
         tol = 2e-2  # two bf16 roundings (GEMM, GELU) against one
-    out, base_out = fused(), baseline()
+    with poisoned_outputs():
+        out, base_out = fused(), baseline()
     assert torch.isfinite(out).all()
     ref = base_out.double().view(M, N)
     if case.endswith("residual"):
@@ -290,7 +294,8 @@ def test_gemm_gluon(config, shape, device, record, gpu_time):
     _, xq, xs, wq, ws = operands(shape, "fp8", device)
     fn = lambda: gluon.scaled_mm(xq, xs, wq, ws, config=cfg)  # noqa: E731
     ref = reference64(xq, xs, wq, ws)
-    err, err_base = rel_err(fn(), ref), rel_err(cublas(xq, xs, wq, ws)(), ref)
+    with poisoned_outputs():
+        err, err_base = rel_err(fn(), ref), rel_err(cublas(xq, xs, wq, ws)(), ref)
     del ref
     assert err <= 2 * err_base, (err, err_base)  # a wrong kernel must not produce a benchmark number
     M, N, K = shape
@@ -330,7 +335,8 @@ def test_gemm_gluon_int8(shape, device, record, gpu_time):
     _, xq, xs, wq, ws = operands(shape, "int8", device)
     fn = lambda: gluon.scaled_mm(xq, xs, wq, ws, config=gluon.FAST)  # noqa: E731
     ref = reference64(xq, xs, wq, ws)
-    err, err_base = rel_err(fn(), ref), rel_err(cublas(xq, xs, wq, ws)(), ref)
+    with poisoned_outputs():
+        err, err_base = rel_err(fn(), ref), rel_err(cublas(xq, xs, wq, ws)(), ref)
     del ref
     assert err <= 2 * err_base, (err, err_base)
     M, N, K = shape

@@ -1,6 +1,7 @@
 """The op layer: registry and backend selection, argument checks, torch references against float64."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -292,3 +293,17 @@ def test_checking_a_backend_asks_only_that_backend(monkeypatch):
     assert registry.model_backend("probe", "triton", gpu) == "triton"
     with pytest.raises(registry.BackendError, match="unknown backend"):
         registry.backend_runs_on("cudnn", gpu)
+
+
+def test_poisoned_outputs_for_a_check_call(monkeypatch):
+    from dit8.kernels.buffers import new_output, poisoned_outputs
+
+    monkeypatch.delenv("DIT8_POISON_OUTPUTS", raising=False)
+    with poisoned_outputs():
+        assert torch.isnan(new_output((3,), torch.float32, torch.device("cpu"))).all()
+        assert (new_output((2,), torch.int8, torch.device("cpu")) == -128).all()
+    assert "DIT8_POISON_OUTPUTS" not in os.environ  # as it was
+    monkeypatch.setenv("DIT8_POISON_OUTPUTS", "0")
+    with poisoned_outputs():
+        pass
+    assert os.environ["DIT8_POISON_OUTPUTS"] == "0"
