@@ -98,7 +98,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         parallel, device = join_launched_group(device)
     # Every process of a sequence-parallel group makes the same calls; the first one reports and writes.
     follower = parallel is not None and parallel.rank != 0
-    check_output_paths(args.out, args.frames_dir)
+    if not follower:  # (the writer's check: it tries the frames folder, which others must not race)
+        check_output_paths(args.out, args.frames_dir)
     image = image_tensor(args.image)
     if not clean_prompt(args.prompt):
         raise InputError("--prompt is empty")
