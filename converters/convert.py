@@ -291,11 +291,10 @@ def _convert_tensor(plan: _Plan, reader: SourceReader, lora: LoraSet, writer: Sa
     t = plan.source
     row_elems = max(1, math.prod(t.info.shape[1:]))
     max_bytes = max(1, BLOCK_ELEMENTS // row_elems) * row_elems * t.info.dtype.itemsize
-    merging = t.official in lora.deltas
     merged = [str(d.file.spec.path) for d in lora.deltas.get(t.official, ())]
     scales, signal, noise, start = [], 0.0, 0.0, 0
     for block in reader.blocks(t, max_bytes):
-        rows = lora.merge_rows(t.official, block.float(), start) if merging else block
+        rows = lora.merge_rows(t.official, block.float(), start) if merged else block
         start += block.shape[0] if block.dim() else 1
         if plan.scheme is None:
             rows = rows.to(plan.outputs[0].dtype)  # checked after the cast: fp16 overflows past 65504

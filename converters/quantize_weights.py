@@ -56,7 +56,7 @@ def _sum_squares(x: torch.Tensor, exponent: torch.Tensor) -> float:
     """Σ x² for x [rows, ...], each row taken as x·2^-exponent[row] (exact) and squared in fp32."""
     rows = torch.ldexp(x.reshape(x.shape[0], 1, -1), -exponent.reshape(-1, 1, 1))
     squares = (rows @ rows.transpose(1, 2)).double().reshape(-1)  # batched row dot products (BLAS)
-    return float((squares * torch.ldexp(torch.ones_like(squares), 2 * exponent.double())).sum())
+    return float(torch.ldexp(squares, 2 * exponent.double()).sum())
 
 
 def errors_from_sums(signal: float, noise: float) -> tuple[float, float]:
