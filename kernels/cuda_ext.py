@@ -248,16 +248,58 @@ def build(archs: tuple[str, ...] | None = None, *, force: bool = False, verbose:
             raise CudaExtError(f"an earlier build of these sources failed (its log: {failed}); after fixing "
                                "the cause, rebuild with: python -m dit8.kernels.cuda_ext build --force")
         (out_dir / "build.ninja").write_text(_ninja_file(archs))
-        jobs = str(max(1, min(len(os.sched_getaffinity(0)), 8)))
-        cmd = [find_ninja(), "-C", str(out_dir), "-j", jobs] + (["-v"] if verbose else [])
-        proc = subprocess.run(cmd, capture_output=not verbose, text=True)
-        if proc.returncode != 0:
-            log = ((proc.stdout or "") + (proc.stderr or ""))[-6000:]
-            if proc.returncode > 0:  # ninja itself killed (by a signal) says nothing about the sources
-                failed.write_text(log)
-            raise CudaExtError(f"building the CUDA extension in {out_dir} failed:\n{log}")
+        module = module_path(archs)
+        linked = _file_stamp(module)
+        _run_ninja(out_dir, verbose)
+        if _file_stamp(module) == linked and _damaged(module):
+            # Changed after its link (ninja only compares times, so it would keep it): link it again.
+            module.unlink()
+            _run_ninja(out_dir, verbose)
+        if _file_stamp(module) != linked or not _checksum_path(module).is_file():
+            _write_checksum(module)
         failed.unlink(missing_ok=True)
-    return module_path(archs)
+    return module
+
+
+def _run_ninja(out_dir: Path, verbose: bool) -> None:
+    jobs = str(max(1, min(len(os.sched_getaffinity(0)), 8)))
+    cmd = [find_ninja(), "-C", str(out_dir), "-j", jobs] + (["-v"] if verbose else [])
+    proc = subprocess.run(cmd, capture_output=not verbose, text=True)
+    if proc.returncode != 0:
+        log = ((proc.stdout or "") + (proc.stderr or ""))[-6000:]
+        if proc.returncode > 0:  # ninja itself killed (by a signal) says nothing about the sources
+            (out_dir / FAILED_BUILD_LOG).write_text(log)
+        raise CudaExtError(f"building the CUDA extension in {out_dir} failed:\n{log}")
+
+
+# Each module's SHA-256, written beside it when it is linked and checked before it is imported: a module
+# damaged after its build (a truncated copy, a full disk) would crash the importing process.
+def _checksum_path(module: Path) -> Path:
+    return module.with_name(module.name + ".sha256")
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_checksum(module: Path) -> None:
+    partial = module.with_name(module.name + ".sha256.partial")
+    partial.write_text(_digest(module) + "\n")
+    partial.replace(_checksum_path(module))
+
+
+def _damaged(module: Path) -> bool:
+    """Whether the module differs from the checksum recorded at its link (False without a record)."""
+    recorded = _checksum_path(module)
+    return recorded.is_file() and recorded.read_text().strip() != _digest(module)
 
 
 def _import(path: Path):
@@ -295,6 +337,10 @@ def load():
         except OSError as err:
             if not path.is_file():
                 raise CudaExtError(f"cannot build the CUDA extension in {path.parent}: {err}") from None
+    if not _checksum_path(path).is_file() or _damaged(path):
+        raise CudaExtError(f"{path} was changed after its build (the checksum recorded then, "
+                           f"{_checksum_path(path).name}, is missing or differs); rebuild with: "
+                           "python -m dit8.kernels.cuda_ext build --force")
     module = _import(path)
     if getattr(module, "ABI_VERSION", None) != ABI_VERSION:
         raise CudaExtError(f"{path} has ABI {getattr(module, 'ABI_VERSION', None)}, expected {ABI_VERSION}; "

@@ -73,6 +73,31 @@ def test_module_builds_links_and_imports_without_a_gpu(module):
     assert path.stat().st_mtime_ns == start
 
 
+@needs_tools
+def test_a_module_damaged_after_its_build_is_refused_or_linked_again(module, monkeypatch, tmp_path):
+    built = cuda_ext.build_dir(ARCHS)
+    monkeypatch.setenv("DIT8_CACHE", str(tmp_path))
+    monkeypatch.setattr(cuda_ext, "_MODULE", None)
+    monkeypatch.setattr(cuda_ext, "default_archs", lambda: ARCHS)
+    shutil.copytree(built, cuda_ext.build_dir(ARCHS))  # (copies keep their times: ninja has nothing to do)
+    path = cuda_ext.module_path(ARCHS)
+    whole = path.read_bytes()
+    assert cuda_ext._checksum_path(path).read_text().strip() == cuda_ext._digest(path)
+    path.write_bytes(whole[: len(whole) // 2])  # importing this would crash the process
+    with monkeypatch.context() as no_tools:
+        no_tools.setattr(cuda_ext, "missing_tools", lambda: ["nvcc (the CUDA toolkit; set CUDA_HOME)"])
+        with pytest.raises(cuda_ext.CudaExtError, match="changed after its build .*build --force"):
+            cuda_ext.load()
+    # ninja alone would keep it (it is newer than its objects): the build links it again.
+    assert cuda_ext.build(ARCHS) == path
+    assert len(path.read_bytes()) == len(whole) and not cuda_ext._damaged(path)
+    cuda_ext._checksum_path(path).unlink()  # a module without its record is not imported either
+    with monkeypatch.context() as no_tools:
+        no_tools.setattr(cuda_ext, "missing_tools", lambda: ["nvcc (the CUDA toolkit; set CUDA_HOME)"])
+        with pytest.raises(cuda_ext.CudaExtError, match="checksum recorded then, .*sha256, is missing"):
+            cuda_ext.load()
+
+
 @pytest.mark.slow
 @needs_tools
 @pytest.mark.parametrize("source", [n for n in cuda_ext.SOURCES if n.endswith(".cu")])
@@ -180,6 +205,7 @@ def _touch_module(archs) -> Path:
     path = cuda_ext.module_path(archs)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"")
+    cuda_ext._write_checksum(path)
     return path
 
 
