@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import zipfile
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -255,6 +256,14 @@ def open_weights_file(path: str | Path, what: str, usual_name: str) -> Checkpoin
     return open_checkpoint(path)
 
 
+def as_path(value: object, name: str) -> Path:
+    """A path argument as a Path; InputError naming the argument for anything else, or an empty string
+    (which would mean the current folder)."""
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise InputError(f"{name} must be a non-empty file or folder path, got {value!r}")
+    return Path(value)
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint file or folder without reading tensor data.
 
@@ -262,7 +271,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     that, `.pth`/`.pt`/`.bin`) file in it is one part of the checkpoint, as per-block files are. A
     `config.json` beside the weights is remembered for cross-checking.
     """
-    path = Path(path)
+    path = as_path(path, "path")
     handles: dict[Path, object] = {}
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")

@@ -15,6 +15,7 @@ The DiT pads the text to 512 rows with zeros itself. Initial noise is `dit8.init
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -98,8 +99,9 @@ def image_tensor(image: Any) -> torch.Tensor:
         if image.ndim != 3 or image.shape[0] != 3:
             raise InputError(f"a float image tensor must be [3, height, width] in [-1, 1], got "
                              f"{tuple(image.shape)}")
-        x = image.detach().to("cpu", torch.float32)
-        if not torch.isfinite(x).all() or x.min() < -1 or x.max() > 1:
+        # A copy: the call reads it after its checks, and the caller may reuse theirs meanwhile.
+        x = image.detach().to("cpu", torch.float32, copy=True)
+        if x.numel() and (not torch.isfinite(x).all() or x.min() < -1 or x.max() > 1):
             raise InputError("a float image tensor must hold finite values in [-1, 1]")
     else:
         raise InputError(f"image tensor must be uint8 [H, W, 3] or float [3, H, W], got {image.dtype}")
@@ -114,18 +116,19 @@ def image_tensor(image: Any) -> torch.Tensor:
 
 def check_frames(frames: int, time_stride: int = 4) -> int:
     """Frame counts are 4k + 1 (1, 5, ..., 81): the VAE maps the first frame alone, then 4 per latent."""
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or (frames - 1) % time_stride:
+    if (isinstance(frames, bool) or not isinstance(frames, numbers.Integral) or frames < 1
+            or (frames - 1) % time_stride):
         raise InputError(f"frames must be {time_stride}k+1 (1, {time_stride + 1}, ..., {20 * time_stride + 1}), "
                          f"got {frames!r}")
-    return frames
+    return int(frames)
 
 
 def check_size(size: Any, multiple: int = 16) -> tuple[int, int]:
     """An explicit output size (width, height): positive multiples of 16 (VAE stride 8 × patch 2)."""
     if (not isinstance(size, (tuple, list)) or len(size) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in size)):
+            or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in size)):
         raise InputError(f"size must be (width, height) in pixels, got {size!r}")
-    width, height = size
+    width, height = int(size[0]), int(size[1])
     if width < multiple or height < multiple or width % multiple or height % multiple:
         raise InputError(f"size {width}x{height}: width and height must be positive multiples of {multiple}")
     return width, height
@@ -142,8 +145,9 @@ def output_size(image_hw: tuple[int, int], area: int = AREA_480P, *, vae_stride:
     reference evaluates it in floats, where 399360·(480/832) = 230399.99999999997, whose square root
     falls just under 480, so that exact case comes out one patch smaller there (lat_h 58, 464 pixels);
     elsewhere the two agree."""
-    if isinstance(area, bool) or not isinstance(area, int) or area < 1:
+    if isinstance(area, bool) or not isinstance(area, numbers.Integral) or area < 1:
         raise InputError(f"area must be a positive number of pixels, got {area!r}")
+    area = int(area)
     h0, w0 = image_hw
     lat_h = math.isqrt(area * h0 // (vae_stride ** 2 * w0)) // patch * patch
     lat_w = math.isqrt(area * w0 // (vae_stride ** 2 * h0)) // patch * patch

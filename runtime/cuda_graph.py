@@ -53,6 +53,8 @@ class CapturedForward:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph), torch.no_grad():
                 self.out = model(self.x, self.t, context, y=self.y)
+        # The graph reads this grid's RoPE tables too: kept alive after the model's cache lets them go.
+        self.positions = model.positions(model.patch_grid(self.x))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The velocity for latents x at timesteps t (shapes as captured): replays the graph."""

@@ -43,6 +43,11 @@ class PatchEmbedding(nn.Module):
         return ops.linear(patches, self.weight.flatten(1), self.bias, backend=self.setup.backend_of("linear"))
 
 
+# RoPE tables are kept for the last few patch grids used: a service generating at many sizes would
+# otherwise keep one table per size for good (16 MiB each at 480P, 81 frames).
+POSITION_TABLES_KEPT = 4
+
+
 @dataclass
 class CrossKV:
     """One block's cross-attention keys and values; they depend only on the context."""
@@ -238,6 +243,8 @@ class WanDiT(nn.Module):
             raise InputError(f"dtype (the compute dtype) must be one of "
                              f"{tuple(str(d).removeprefix('torch.') for d in FLOAT_DTYPES)}, got {dtype!r}")
         if parallel is not None:
+            if not isinstance(parallel, SequenceParallel):
+                raise InputError(f"parallel must be a dit8.SequenceParallel, got {type(parallel).__name__}")
             parallel.check_heads(config.num_heads)
         setup = Setup(torch.device(device), dtype, backend, dict(quantized or {}), parallel)
         _check_backend(setup)
@@ -292,14 +299,24 @@ class WanDiT(nn.Module):
 
     def positions(self, grid: tuple[int, int, int]) -> TokenPositions:
         """RoPE cos/sin of the tokens of a patch grid this process computes (all of them, or its slice
-        under sequence parallelism); built once per grid and kept."""
-        if grid not in self._positions:
+        under sequence parallelism); kept for the POSITION_TABLES_KEPT grids used last."""
+        positions = self._positions.pop(grid, None)
+        if positions is None:
             cos, sin = rope_table(grid, self.config.head_dim, device=self.setup.device)
             tokens = cos.shape[0]
             if self.setup.parallel is not None:
                 cos, sin = self.setup.parallel.shard(cos, 0), self.setup.parallel.shard(sin, 0)
-            self._positions[grid] = TokenPositions(cos, sin, tokens)
-        return self._positions[grid]
+            positions = TokenPositions(cos, sin, tokens)
+        self._positions[grid] = positions  # (the most recently used last)
+        while len(self._positions) > POSITION_TABLES_KEPT:
+            del self._positions[next(iter(self._positions))]
+        return positions
+
+    def patch_grid(self, x: torch.Tensor) -> tuple[int, int, int]:
+        """The patch grid (frames, rows, columns) of a latent x [B, C, T, H, W]."""
+        pt, ph, pw = self.config.patch_size
+        T, H, W = x.shape[-3:]
+        return T // pt, H // ph, W // pw
 
     # -- forward ------------------------------------------------------------------------------------
 
@@ -376,8 +393,8 @@ class WanDiT(nn.Module):
         # Conv3d with kernel = stride = patch is a linear map of each patch, channel slowest:
         # [B, C, F·pt, H·ph, W·pw] -> [B, F·H·W tokens, C·pt·ph·pw].
         pt, ph, pw = self.config.patch_size
-        B, C, T, H, W = x.shape
-        grid = (T // pt, H // ph, W // pw)
+        B, C = x.shape[:2]
+        grid = self.patch_grid(x)
         x = x.reshape(B, C, grid[0], pt, grid[1], ph, grid[2], pw)
         x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, math.prod(grid), C * pt * ph * pw)
         return x, grid

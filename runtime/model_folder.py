@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
+from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, as_path
 from .errors import CheckpointError
 from .packed_format import SCHEMES
 
@@ -210,7 +210,7 @@ def find_model_files(path: str | Path, *, dit: str | Path | None = None, scheme:
     """
     if scheme is not None and scheme not in SCHEMES:
         raise CheckpointError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
-    root = Path(path)
+    root = as_path(path, "path")
     if not root.exists():
         raise CheckpointError(f"{root}: no such model folder")
     if root.is_file():
@@ -221,7 +221,7 @@ def find_model_files(path: str | Path, *, dit: str | Path | None = None, scheme:
             dit = root
         root = root.parent
     if dit is not None:
-        dit_path = Path(dit)
+        dit_path = as_path(dit, "dit")
         if not dit_path.exists() and not dit_path.is_absolute() and (root / dit_path).exists():
             dit_path = root / dit_path
         if not dit_path.exists():

@@ -121,9 +121,10 @@ def check_settings(*, seed: Any = 0, steps: Any = None, guidance: Any = None, sh
         raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if sampler is not None and sampler not in SAMPLERS:
         raise InputError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000):
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral)
+                              or not 1 <= steps <= 1000):
         raise InputError(f"steps must be an integer in [1, 1000], got {steps!r}")
-    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, numbers.Real)
                                  or not math.isfinite(guidance)):
         raise InputError(f"guidance must be a finite number, got {guidance!r}")
     if shift is not None:
@@ -185,6 +186,7 @@ class I2VPipeline:
         self.files = files
         self.load_seconds: float | None = None
         self._lock = threading.Lock()
+        self._running_thread: int | None = None  # the thread of the call in progress
 
     # -- loading --------------------------------------------------------------------------------------
 
@@ -264,7 +266,7 @@ class I2VPipeline:
             shift default by sampler: distilled 4 / 1.0 / 5.0; unipc 40 / 5.0 / 3.0 (5.0 above 480P area).
         negative_prompt: for CFG (guidance != 1); default Wan's own. "" is an empty negative prompt.
         update: the distilled sampler's step rule, "deterministic" or "renoise".
-        callback(ProgressEvent): after each unit of work. cancel: a threading.Event; when set, the call
+        callback(ProgressEvent): after each unit of work (it may not call the pipeline). cancel: a threading.Event; when set, the call
             raises Cancelled at the next stage boundary or between two steps.
         progress: draw a bar each for encoding, the denoising steps and decoding on `progress_stream`
             (stderr).
@@ -274,13 +276,19 @@ class I2VPipeline:
                             update=update, callback=callback, cancel=cancel, progress=progress,
                             stream=progress_stream)
         self._acquire(job)
+        self._running_thread = threading.get_ident()
         try:
             return self._generate(job)
         finally:
+            self._running_thread = None
             self._lock.release()
 
     def _acquire(self, job: _Job) -> None:
         """Wait for the calls before this one; a call cancelled while it waits leaves at once."""
+        if self._running_thread == threading.get_ident():
+            # (Only the thread running a call can find its own id here.) Waiting would never end.
+            raise InputError("the pipeline was called from inside its own call (from a callback); "
+                             "start the next call after this one returns")
         if job.cancel is None:
             self._lock.acquire()
             return
@@ -293,7 +301,11 @@ class I2VPipeline:
         pixels = image_tensor(image)
         check_prompt(self.tokenizer, prompt)
         check_settings(seed=seed, steps=steps, guidance=guidance, shift=shift, sampler=sampler, update=update)
-        check_frames(frames, self.vae.config.time_stride)
+        frames = check_frames(frames, self.vae.config.time_stride)
+        if not isinstance(progress, bool):
+            raise InputError(f"progress must be True or False, got {progress!r}")
+        if stream is not None and not callable(getattr(stream, "write", None)):
+            raise InputError(f"progress_stream must be a text stream (with write()), got {type(stream).__name__}")
         multiple = self.vae.config.space_stride * self.dit.config.patch_size[1]
         if size is not None and area is not None:
             raise InputError("give size or area, not both")
@@ -305,7 +317,7 @@ class I2VPipeline:
                                         patch=self.dit.config.patch_size[1])
         sampler = sampler if sampler is not None else (DISTILLED if self.distilled else UNIPC)
         distilled = sampler == DISTILLED
-        steps = (4 if distilled else 40) if steps is None else steps
+        steps = (4 if distilled else 40) if steps is None else int(steps)
         guidance = (1.0 if distilled else 5.0) if guidance is None else guidance
         if shift is None:
             shift = 5.0 if distilled or height * width > AREA_480P else 3.0
@@ -319,7 +331,7 @@ class I2VPipeline:
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):
             raise InputError(f"cancel must be a threading.Event (with is_set()), got {type(cancel).__name__}")
         return _Job(pixels, prompt, negative_prompt, int(seed), frames, height, width, sampler, steps, float(guidance),
-                    float(shift), update, callback, cancel, bool(progress), stream)
+                    float(shift), update, callback, cancel, progress, stream)
 
     @contextmanager
     def _encoders_on_device(self) -> Iterator[None]:

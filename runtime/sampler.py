@@ -8,6 +8,7 @@ model call per step.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,9 +26,9 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def check_shift(shift: float) -> float:
     """`shift` if it is a finite positive number, else an InputError naming it."""
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < math.inf:
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not 0 < shift < math.inf:
         raise InputError(f"shift must be a positive number, got {shift!r}")
-    return shift
+    return float(shift)
 
 
 def evenly_spaced_steps(n: int) -> tuple[int, ...]:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dit8 import CapturedForward, InputError
+from dit8.model import POSITION_TABLES_KEPT
 from dit8.random_dit import build_model
 from dit8.testing import random_inputs, tiny_config
 
@@ -42,5 +43,17 @@ def test_replays_match_the_eager_forward(kernels, scheme):
             outputs.append(replayed)
         # Each call returns its own tensor: earlier steps' outputs are not overwritten.
         assert not torch.equal(outputs[0], outputs[1])
+        # Other grids of as many tokens push the captured grid's RoPE tables out of the model's cache
+        # (their tables would take the freed memory); the graph keeps reading its own.
+        grid = model.patch_grid(inputs["x"])
+        tokens = grid[0] * grid[1] * grid[2]
+        others = [(a, b, tokens // (a * b)) for a in range(1, tokens + 1) for b in range(1, tokens + 1)
+                  if tokens % (a * b) == 0 and (a, b, tokens // (a * b)) != grid]
+        assert len(others) > POSITION_TABLES_KEPT
+        for other in others[:POSITION_TABLES_KEPT + 1]:
+            model.positions(other)
+        x = torch.randn_like(inputs["x"])
+        eager = model(x, inputs["t"], context, y=inputs["y"])
+        torch.testing.assert_close(captured(x, inputs["t"]), eager, rtol=1e-5, atol=1e-5 * eager.abs().max().item())
         with pytest.raises(InputError, match="captured for"):
             captured(inputs["x"][:1], inputs["t"][:1])

@@ -78,6 +78,20 @@ def test_rope_table_is_built_once_per_grid(model, monkeypatch):
     assert [a[0] for a in built] == [(2, 2, 3), (3, 2, 3)]
 
 
+def test_rope_tables_are_kept_for_the_last_grids_used(model):
+    from dit8.model import POSITION_TABLES_KEPT
+
+    model._positions.clear()
+    grids = [(1, 1, n) for n in range(1, POSITION_TABLES_KEPT + 1)]
+    first = [model.positions(g) for g in grids]
+    assert model.positions(grids[0]) is first[0]  # reused, and now the most recently used
+    model.positions((2, 1, 1))  # one grid too many: the least recently used one goes
+    assert list(model._positions) == grids[2:] + [grids[0], (2, 1, 1)]
+    again = model.positions(grids[1])  # built anew, equal to what it was
+    assert again is not first[1] and torch.equal(again.cos, first[1].cos) and torch.equal(again.sin, first[1].sin)
+    assert len(model._positions) == POSITION_TABLES_KEPT
+
+
 @pytest.mark.parametrize("change, match", [
     (lambda i: i.update(x=i["x"][:, :4]), "x has shape"),
     (lambda i: i.update(x=i["x"][..., :5], y=i["y"][..., :5]), "multiples of the patch"),

@@ -250,6 +250,41 @@ def test_concurrent_calls_are_serialised_and_give_the_sequential_results(pipe):
     assert log == [first] * 8 + [23 - first] * 8  # one whole generation, then the other
 
 
+def test_a_call_from_inside_a_callback_is_refused(pipe, video):
+    refused = []
+
+    def callback(event):
+        if event.stage == "denoise" and event.done == 1:
+            with pytest.raises(InputError, match="called from inside its own call"):
+                pipe(IMAGE, PROMPT, **ONE)  # waited on its own lock for good before
+            refused.append(event.done)
+
+    assert torch.equal(pipe(IMAGE, PROMPT, seed=3, callback=callback, **SMALL).frames, video.frames)
+    assert refused == [1]
+
+
+def test_numpy_scalars_are_taken_as_numbers(pipe, video):
+    same = pipe(IMAGE, PROMPT, seed=np.int64(3), frames=np.int64(5), area=np.int64(32 * 48), steps=np.int32(4),
+                guidance=np.float32(1), shift=np.float32(5))
+    assert torch.equal(same.frames, video.frames)
+    assert type(same.settings["steps"]) is int and type(same.settings["shift"]) is float
+    sized = pipe(IMAGE, PROMPT, seed=3, frames=5, size=(np.int64(48), np.int64(32)))
+    assert torch.equal(sized.frames, video.frames)
+
+
+def test_a_float_image_is_copied_before_the_call_reads_it(pipe, monkeypatch):
+    image = torch.from_numpy(IMAGE).permute(2, 0, 1).float().div(127.5).sub(1).contiguous()
+    expected = pipe(image, PROMPT, **ONE).frames
+    generate = pipe._generate
+
+    def caller_reuses_the_buffer(job):  # between the checks and the work, as another thread may
+        image.fill_(7.0)
+        return generate(job)
+
+    monkeypatch.setattr(pipe, "_generate", caller_reuses_the_buffer)
+    assert torch.equal(pipe(image, PROMPT, **ONE).frames, expected)
+
+
 # -- bad inputs ---------------------------------------------------------------------------------------------
 
 
@@ -275,6 +310,9 @@ def test_concurrent_calls_are_serialised_and_give_the_sequential_results(pipe):
     (dict(guidance=3.0, negative_prompt=" ".join(["cat"] * 600)), "negative_prompt is 600 tokens"),
     (dict(cancel=True), "threading.Event"),
     (dict(callback="print"), "callable"),
+    (dict(progress="no"), "progress must be True or False"),  # a string is truthy: it drew the bars
+    (dict(progress=True, progress_stream=3), "progress_stream must be a text stream"),
+    (dict(image=torch.zeros(3, 0, 0)), "at least"),
 ])
 def test_bad_inputs_raise_input_error(pipe, kwargs, message):
     args = {"image": IMAGE, "prompt": PROMPT, **SMALL}
@@ -295,6 +333,22 @@ def test_switches_of_from_pretrained_are_booleans(tmp_path, kwargs):
     if "progress" in kwargs:
         with pytest.raises(InputError, match="progress must be True, False or None"):
             dit8.load_dit(tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"path": 3}, "path must be a non-empty file or folder path, got 3"),
+    ({"path": ""}, "path must be a non-empty"),  # it read the current folder
+    ({"dit": 3}, "dit must be a non-empty file or folder path"),
+    ({"parallel": "x"}, "parallel must be a dit8.SequenceParallel, got str"),
+])
+def test_arguments_of_from_pretrained_are_named(distilled_folder, kwargs, message):
+    args = {"path": distilled_folder, **kwargs}
+    with pytest.raises(InputError, match=message):
+        I2VPipeline.from_pretrained(args.pop("path"), **args)
+    if "dit" not in kwargs:
+        with pytest.raises(InputError, match=message):
+            dit8.load_dit(distilled_folder / "distill_models" if "path" not in kwargs else kwargs["path"],
+                          **{k: v for k, v in kwargs.items() if k != "path"})
 
 
 @pytest.mark.parametrize("tile", [True, 0, 2.0, "2"])
