@@ -266,8 +266,9 @@ class I2VPipeline:
             shift default by sampler: distilled 4 / 1.0 / 5.0; unipc 40 / 5.0 / 3.0 (5.0 above 480P area).
         negative_prompt: for CFG (guidance != 1); default Wan's own. "" is an empty negative prompt.
         update: the distilled sampler's step rule, "deterministic" or "renoise".
-        callback(ProgressEvent): after each unit of work (it may not call the pipeline). cancel: a threading.Event; when set, the call
-            raises Cancelled at the next stage boundary or between two steps.
+        callback(ProgressEvent): after each unit of work; it may not call the pipeline itself.
+        cancel: a threading.Event; when set, the call raises Cancelled at the next stage boundary, between
+            two steps, or between two parts of the decode.
         progress: draw a bar each for encoding, the denoising steps and decoding on `progress_stream`
             (stderr).
         """
@@ -442,6 +443,8 @@ class I2VPipeline:
         def decoded(done: int, total: int) -> None:
             bar.total = total
             advance(done)
+            if done < total:
+                _check_cancel(job, f"while decoding ({done} of {total} parts done)", bar)
 
         video = self.vae.decode(latents, tile=self.vae_tile, output_device="cpu", progress=decoded)
         frames = torch.from_numpy(video_to_frames(video))

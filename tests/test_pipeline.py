@@ -198,6 +198,21 @@ def test_cancel_between_steps(pipe, video):
     assert torch.equal(pipe(IMAGE, PROMPT, seed=3, **SMALL).frames, video.frames)
 
 
+def test_cancel_while_decoding(pipe, video):
+    cancel = threading.Event()
+    seen = []
+
+    def callback(event):
+        seen.append((event.stage, event.done))
+        if event.stage == "decode" and event.done == 1:
+            cancel.set()
+
+    with pytest.raises(Cancelled, match=r"while decoding \(1 of 2 parts done\)"):
+        pipe(IMAGE, PROMPT, seed=3, callback=callback, cancel=cancel, **SMALL)
+    assert seen[-1] == ("decode", 1)
+    assert torch.equal(pipe(IMAGE, PROMPT, seed=3, **SMALL).frames, video.frames)
+
+
 def test_cancel_before_start(pipe):
     cancel = threading.Event()
     cancel.set()
