@@ -5,18 +5,18 @@ LoRA deltas in fp32, quantize (block linears) or cast (everything else), append 
 The output headers are written first (shapes and dtypes follow from the source header and the
 scheme), so resident memory is one block plus small per-tensor state, whatever the model size.
 
-Nothing appears at DST until everything succeeded: a single file is written under a temporary name
-beside DST; a per-block folder is built in a temporary folder beside DST; both are renamed at the end
-and deleted on any error (KeyboardInterrupt included).
+Nothing appears at DST until everything succeeded: the output is built in a locked work folder beside
+DST (`work_folder.py`), renamed into place at the end, and the folder removed in any case
+(KeyboardInterrupt included). Without force nothing is replaced, even what appeared at DST meanwhile.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import torch
 
 from dit8.config import WanConfig
-from dit8.errors import CheckpointError, Dit8Error
+from dit8.errors import CheckpointError
 from dit8.layouts import block_linears, expected_shapes
 from dit8 import packed_format as fmt
 from dit8.loader import TENSOR_SCALE, check_finite, open_dit
@@ -33,7 +33,9 @@ from dit8.progress import Progress
 
 from .lora import LoraArg, LoraSet
 from .quantize_weights import SCHEME_DTYPES, error_sums, errors_from_sums, quantize_weight
+from .errors import ConvertError
 from .safetensors_writer import SafetensorsWriter, TensorSpec, fsync_folder, temp_path_beside
+from .work_folder import work_folder
 from .in_order import InOrderWorker
 from .source import DIGEST_PLACEHOLDER, SourceReader, SourceTensor
 
@@ -43,10 +45,6 @@ BLOCK_ELEMENTS = 4 << 20
 OUT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 SOURCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 WORST_COUNT = 5
-
-
-class ConvertError(Dit8Error, ValueError):
-    """convert() was asked for something it cannot do (bad scheme, existing DST, DST inside SRC...)."""
 
 
 @dataclass(frozen=True)
@@ -153,11 +151,7 @@ def _check_paths(src: Path, dst: Path, per_block: bool, force: bool) -> None:
         raise ConvertError(f"{dst}: the output must not be, contain or lie inside the source {src}")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise ConvertError(f"{dst}: already exists; pass --force (force=True) to replace it")
-    if dst.is_dir() and not dst.is_symlink():
-        foreign = sorted(p.name for p in dst.iterdir() if not _is_per_block_file(p))
-        if foreign:
-            raise ConvertError(f"{dst}: a folder holding more than a dit8 per-block output (e.g. {foreign[0]}); "
-                               f"--force replaces only such outputs, so remove it yourself or choose another name")
+    _check_replaceable(dst)
     report = _report_path(dst, per_block=False)
     if report.exists() and not force:
         # Written or removed (a per-block output has its report inside) beside the output: somebody's file
@@ -167,6 +161,15 @@ def _check_paths(src: Path, dst: Path, per_block: bool, force: bool) -> None:
         raise ConvertError(f"{dst.parent}: the output folder does not exist")
     if not os.access(dst.parent, os.W_OK | os.X_OK):
         raise ConvertError(f"{dst.parent}: the output folder is not writable")
+
+
+def _check_replaceable(dst: Path) -> None:
+    """--force replaces a file, or a folder holding nothing but a per-block output's files."""
+    if dst.is_dir() and not dst.is_symlink():
+        foreign = sorted(p.name for p in dst.iterdir() if not _is_per_block_file(p))
+        if foreign:
+            raise ConvertError(f"{dst}: a folder holding more than a dit8 per-block output (e.g. {foreign[0]}); "
+                               f"--force replaces only such outputs, so remove it yourself or choose another name")
 
 
 def _is_per_block_file(path: Path) -> bool:
@@ -281,7 +284,7 @@ def _require_finite(summary: torch.Tensor, block: torch.Tensor, t: SourceTensor,
     if stored is not None:
         causes.append(f"the cast to {stored} (largest finite value {torch.finfo(stored).max:.4g})")
     raise CheckpointError(f"{t.info.file}: tensor {t.file_key!r} is finite in the file but not after "
-                          + " and ".join(causes))
+                          + (" and ".join(causes) or "its conversion"))
 
 
 def _convert_tensor(plan: _Plan, reader: SourceReader, lora: LoraSet, writer: SafetensorsWriter,
@@ -303,7 +306,8 @@ def _convert_tensor(plan: _Plan, reader: SourceReader, lora: LoraSet, writer: Sa
         else:
             rows = rows.float()  # once, for the quantization and its error
             q, scale = quantize_weight(rows, plan.scheme)
-            _require_finite(scale, block, t, merged)  # finite scale iff the whole row is
+            # A finite scale iff the whole row is; float64 sources may pass float32's range in the cast.
+            _require_finite(scale, block, t, merged, torch.float32 if block.dtype == torch.float64 else None)
             writes.submit(writer.write_rows, plan.outputs[0].key, q)
             scales.append(scale)
             s, n = error_sums(rows, q, scale)
@@ -334,22 +338,32 @@ def _report(src: Path, dst: Path, scheme: str, layers: list[LayerError]) -> dict
             "mean_sqnr_db": mean_sqnr_db(layers), "worst": [e.to_json() for e in worst_layers(layers)]}
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
+def _install(built: Path, dst: Path, beside: Path | None, *, force: bool, work: Path) -> None:
+    """Move `built` to `dst`, with the report `beside` (None for no report) to `dst`'s report path.
 
-
-def _install(built: Path, dst: Path, beside: Path | None) -> None:
-    """Move `built` to `dst`, replacing whatever is there (a file onto a file is one atomic rename), with
-    the report `beside` (a temporary file, or None for no report) to `dst`'s report path.
-
-    A report describes the model file next to it, so the old report is moved aside before the model is
-    replaced and the new one put in place after: an interruption in between leaves no report rather than
-    a stale one, and a failed install puts the old report back."""
+    Without `force` nothing is replaced: DST and its report were absent when the conversion started,
+    and whatever appeared there since is somebody else's. With `force`, a file onto a file is one
+    atomic rename; a folder is moved aside into `work` first. A report describes the model file next to
+    it, so the old report is moved aside before the model is replaced and the new one put in place
+    after: an interruption in between leaves no report rather than a stale one, and a failed install
+    puts the old report back."""
     report = _report_path(dst, per_block=False)
-    old_report = temp_path_beside(report, ".old") if report.exists() else None
+    if not force:
+        for moved, target in ((built, dst), (beside, report)):
+            if moved is None:
+                continue
+            try:
+                _move_without_replacing(moved, target)
+            except OSError as err:
+                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                    raise
+                model = "" if target == dst else f"; the model is at {dst}, without its report"
+                raise ConvertError(f"{target}: appeared while converting and was left as it is{model}; pass "
+                                   f"--force (force=True) to replace it") from None
+        fsync_folder(dst.parent)
+        return
+    _check_replaceable(dst)  # again: it may have changed during the conversion
+    old_report = work / "old_report" if report.exists() else None
     if old_report is not None:
         os.replace(report, old_report)
     try:
@@ -357,27 +371,37 @@ def _install(built: Path, dst: Path, beside: Path | None) -> None:
             os.replace(built, dst)
         else:
             # os.replace cannot put anything onto a non-empty folder: move the old one aside first.
-            trash = temp_path_beside(dst, ".old")
+            trash = work / "old"
             os.replace(dst, trash)
             try:
                 os.replace(built, dst)
             except BaseException:
                 os.replace(trash, dst)
                 raise
-            try:
-                _remove(trash)
-            except BaseException:  # interrupted while deleting: finish, so no hidden copy stays behind
-                shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink(missing_ok=True)
-                raise
     except BaseException:
         if old_report is not None:
             os.replace(old_report, report)
         raise
-    if old_report is not None:
-        old_report.unlink(missing_ok=True)
     if beside is not None:
         os.replace(beside, report)
     fsync_folder(dst.parent)
+
+
+def _move_without_replacing(path: Path, dst: Path) -> None:
+    """Rename `path` to `dst` unless something is there (OSError EEXIST, ENOTEMPTY or ENOTDIR)."""
+    if path.is_dir():
+        os.rename(path, dst)  # fails onto a file or a non-empty folder; an empty folder loses nothing
+        return
+    try:
+        os.link(path, dst)  # fails when dst exists, with no moment between a check and the move
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links
+        if dst.exists() or dst.is_symlink():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.rename(path, dst)
+        return
+    path.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- API
@@ -417,30 +441,27 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
         quantized = _quantized_layers(dit.config, scheme, keep)
         hp = OUT_DTYPES[out_dtype]
         metadata = _metadata(dit, scheme, hp, quantized, keep, lora_set)
-        # Everything is built under a temporary name beside dst and moved there at the very end.
-        build = temp_path_beside(dst, "" if per_block else ".safetensors")
-        plans = _plan(reader, quantized, scheme, out_dtype, per_block, build.name)
-        report_temp = None
+        # Everything is built in a work folder beside dst and moved into place at the very end.
+        build_name = "model" if per_block else "model.safetensors"
+        plans = _plan(reader, quantized, scheme, out_dtype, per_block, build_name)
         try:
-            if per_block:
-                os.mkdir(build, 0o777)  # 0o777 & ~umask, like any folder the user makes
-            layers = _write_all(plans, build if per_block else build.parent, metadata, reader, lora_set, progress)
-            report_obj = _report(src, dst, scheme, layers) if report and quantized else None
-            if per_block:
-                _write_index(build, plans, metadata)
-            report_path = _report_path(dst, per_block)
-            if report_obj is not None:
-                report_temp = build / fmt.REPORT_NAME if per_block else temp_path_beside(report_path)
-                _write_json(report_temp, report_obj)
-            _install(build, dst, beside=None if per_block else report_temp)
-        except BaseException as err:
-            _remove(build)
-            if report_temp is not None:
-                report_temp.unlink(missing_ok=True)
-            if isinstance(err, OSError):  # the disk filled, a file size limit, the folder went away
-                raise ConvertError(f"{dst}: cannot write the output ({err.strerror or err}); nothing was "
-                                   f"left behind") from err
-            raise
+            with work_folder(dst) as work:
+                build = work / build_name
+                if per_block:
+                    os.mkdir(build, 0o777)  # 0o777 & ~umask, like any folder the user makes
+                layers = _write_all(plans, build if per_block else work, metadata, reader, lora_set, progress)
+                report_obj = _report(src, dst, scheme, layers) if report and quantized else None
+                if per_block:
+                    _write_index(build, plans, metadata)
+                report_path = _report_path(dst, per_block)
+                report_temp = None
+                if report_obj is not None:
+                    report_temp = build / fmt.REPORT_NAME if per_block else work / "report.json"
+                    _write_json(report_temp, report_obj)
+                _install(build, dst, beside=None if per_block else report_temp, force=force, work=work)
+        except OSError as err:  # the disk filled, a file size limit, the folder went away
+            raise ConvertError(f"{dst}: cannot write the output ({err.strerror or err}); nothing was "
+                               f"left behind") from err
     final = sorted({dst / plan.group for plan in plans}) if per_block else [dst]
     return ConvertResult(dst, final, report_path if report_obj is not None else None, scheme, reader.total_bytes,
                          sum(f.stat().st_size for f in final), time.monotonic() - started, layers)

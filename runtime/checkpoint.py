@@ -276,15 +276,17 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
-        indexes = sorted(path.glob("*.index.json"))
+        # Hidden files are not the checkpoint's: macOS's "._" resource forks, editors' and tools' temporaries.
+        visible = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        indexes = [p for p in visible if p.name.endswith(".index.json")]
         if len(indexes) > 1:
             raise CheckpointError(f"{path}: more than one shard index: {[p.name for p in indexes]}")
         if indexes:
             infos, metadata = _open_sharded(indexes[0], handles)
         else:
-            files = sorted(path.glob("*" + SAFETENSORS_SUFFIX))
+            files = [p for p in visible if p.suffix == SAFETENSORS_SUFFIX]
             if not files:
-                files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+                files = [p for p in visible if p.suffix in PICKLE_SUFFIXES]
                 _refuse_model_folder(path, files)
             if not files:
                 raise CheckpointError(f"{path}: no {SAFETENSORS_SUFFIX} or {'/'.join(PICKLE_SUFFIXES)} files in "

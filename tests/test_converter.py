@@ -29,6 +29,7 @@ from dit8.converters import (ConvertError, SafetensorsWriter, TensorSpec, check_
                              dequantize_weight, parse_lora, quantization_error, quantize_weight, scheme_of)
 from dit8 import packed_format as fmt
 from dit8.converters.cli import add_convert_arguments, run_convert
+from dit8.converters.work_folder import work_folder, work_folder_path
 from dit8.layouts import block_linears
 from dit8.testing import FORMATS, LAYOUTS, random_weights, tiny_config, write_checkpoint
 
@@ -460,6 +461,92 @@ def test_existing_dst_needs_force(tmp_path, i2v_weights):
     convert(src, weird, force=True, progress=False)
     assert weird.is_file()
     assert not [n for n in _listing(tmp_path) if n.startswith(".")]  # no temporaries anywhere
+
+
+def _appearing_during_the_conversion(monkeypatch, make):
+    """Run `make()` (somebody else writing at DST) after every tensor is written, before the install."""
+    write_all = convert_module._write_all
+
+    def write_then_make(*args, **kwargs):
+        layers = write_all(*args, **kwargs)
+        make()
+        return layers
+
+    monkeypatch.setattr(convert_module, "_write_all", write_then_make)
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_an_output_that_appears_during_the_conversion_is_not_replaced(tmp_path, i2v_weights, monkeypatch,
+                                                                      per_block):
+    src, dst = _source(tmp_path, i2v_weights, I2V), tmp_path / "o.safetensors"
+    report = tmp_path / "o.safetensors.quant_report.json"
+    before = _listing(tmp_path)
+
+    def theirs():
+        if per_block:
+            dst.mkdir(exist_ok=True)
+            (dst / "notes.txt").write_text("mine")
+        else:
+            dst.write_text("mine")
+
+    _appearing_during_the_conversion(monkeypatch, theirs)
+    with pytest.raises(ConvertError, match=r"o\.safetensors: appeared while converting and was left as it is"):
+        convert(src, dst, per_block=per_block, progress=False)
+    assert (dst / "notes.txt" if per_block else dst).read_text() == "mine" and not report.exists()
+    assert _listing(tmp_path) == sorted(before + ["o.safetensors"])  # nothing of the conversion's
+    if per_block:  # with --force, a folder that came to hold other files is still refused
+        monkeypatch.setattr(convert_module, "_check_paths", lambda *args: None)
+        with pytest.raises(ConvertError, match=r"more than a dit8 per-block output \(e\.g\. notes\.txt\)"):
+            convert(src, dst, per_block=True, force=True, progress=False)
+        assert _listing(dst) == ["notes.txt"]
+
+
+def test_a_report_that_appears_during_the_conversion_is_not_replaced(tmp_path, i2v_weights, monkeypatch):
+    src, dst = _source(tmp_path, i2v_weights, I2V), tmp_path / "o.safetensors"
+    report = tmp_path / "o.safetensors.quant_report.json"
+    _appearing_during_the_conversion(monkeypatch, lambda: report.write_text("mine"))
+    with pytest.raises(ConvertError, match="quant_report.json: appeared while converting .* the model is at "
+                                           ".*o.safetensors, without its report"):
+        convert(src, dst, progress=False)
+    assert report.read_text() == "mine"
+    _assert_tensors(_read(dst)[0], _expected(i2v_weights, I2V, "fp8"))
+
+
+def test_a_second_conversion_to_the_same_output_is_refused(tmp_path, i2v_weights):
+    src, dst = _source(tmp_path, i2v_weights, I2V), tmp_path / "o.safetensors"
+    with work_folder(dst):  # a conversion to dst is running
+        with pytest.raises(ConvertError, match="another conversion to this output is running"):
+            convert(src, dst, progress=False)
+        convert(src, tmp_path / "other.safetensors", progress=False)
+    assert not dst.exists()
+    convert(src, dst, progress=False)
+
+
+def test_what_a_killed_conversion_left_is_removed_by_the_next(tmp_path, i2v_weights):
+    src, dst = _source(tmp_path, i2v_weights, I2V), tmp_path / "o.safetensors"
+    left = work_folder_path(dst)  # as SIGKILL leaves it: no process holds its lock
+    (left / "model").mkdir(parents=True)
+    (left / "model" / "block_0.safetensors").write_bytes(b"x" * 1000)
+    (left / "lock").touch()
+    convert(src, dst, progress=False)
+    assert not left.exists() and not [n for n in _listing(tmp_path) if n.startswith(".")]
+
+
+def test_a_long_output_name(tmp_path, i2v_weights):
+    src = _source(tmp_path, i2v_weights, I2V)
+    for per_block in (False, True):  # at the 255-byte limit of a file name, with the report's suffix
+        dst = tmp_path / ("a" * (255 - len(".quant_report.json") - len(".safetensors")) + ".safetensors")
+        convert(src, dst, per_block=per_block, force=per_block, progress=False)
+        assert dst.exists()
+
+
+def test_a_float64_weight_past_float32_names_the_cast(tmp_path, i2v_weights):
+    weights = {k: v.double() for k, v in i2v_weights.items()}
+    weights["blocks.0.self_attn.k.weight"][0, 0] = 1e300
+    src = _source(tmp_path, weights, I2V)
+    with pytest.raises(CheckpointError, match=r"'blocks\.0\.self_attn\.k\.weight' is finite in the file but not "
+                                              r"after the cast to torch\.float32"):
+        convert(src, tmp_path / "o.safetensors", progress=False)
 
 
 def test_keep_patterns_that_say_nothing_are_refused(tmp_path, i2v_weights):

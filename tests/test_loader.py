@@ -43,6 +43,13 @@ def test_missing_block_tensor_in_a_per_block_folder(tmp_path, weights):
     assert "blocks.0.ffn.2.bias" in load_error(path)
 
 
+def test_hidden_files_in_a_folder_are_not_read(tmp_path, weights):
+    path = write_checkpoint(weights, tmp_path / "pb", fmt="per_block")
+    (path / "._block_0.safetensors").write_bytes(b"\x00\x05\x16\x07" * 1024)  # a macOS resource fork
+    (path / ".model.safetensors.index.json").write_text("{}")
+    assert dit8.load_dit(path).config.num_layers == CONFIG.num_layers
+
+
 def test_unexpected_tensor(tmp_path, weights):
     weights["blocks.0.self_attn.extra.weight"] = torch.zeros(3)
     path = write_checkpoint(weights, tmp_path / "m.safetensors")
