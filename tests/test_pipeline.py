@@ -181,35 +181,22 @@ def test_progress_callback_and_bars(pipe):
     assert "4/4" in lines[1]
 
 
-def test_cancel_between_steps(pipe, video):
+@pytest.mark.parametrize("stage, done, message", [("denoise", 2, "after step 2 of 4"),
+                                                   ("decode", 1, r"while decoding \(1 of 2 parts done\)")])
+def test_cancel_between_steps_and_decode_parts(pipe, video, stage, done, message):
     cancel = threading.Event()
     seen = []
 
     def callback(event):
         seen.append((event.stage, event.done))
-        if event.stage == "denoise" and event.done == 2:
+        if (event.stage, event.done) == (stage, done):
             cancel.set()
 
-    with pytest.raises(Cancelled, match="after step 2 of 4"):
+    with pytest.raises(Cancelled, match=message):
         pipe(IMAGE, PROMPT, seed=3, callback=callback, cancel=cancel, **SMALL)
-    assert seen[-1] == ("denoise", 2) and not any(stage == "decode" for stage, _ in seen)
+    assert seen[-1] == (stage, done)
     assert issubclass(Cancelled, Dit8Error)
     # The lock is released and nothing is left behind: the next call is as before.
-    assert torch.equal(pipe(IMAGE, PROMPT, seed=3, **SMALL).frames, video.frames)
-
-
-def test_cancel_while_decoding(pipe, video):
-    cancel = threading.Event()
-    seen = []
-
-    def callback(event):
-        seen.append((event.stage, event.done))
-        if event.stage == "decode" and event.done == 1:
-            cancel.set()
-
-    with pytest.raises(Cancelled, match=r"while decoding \(1 of 2 parts done\)"):
-        pipe(IMAGE, PROMPT, seed=3, callback=callback, cancel=cancel, **SMALL)
-    assert seen[-1] == ("decode", 1)
     assert torch.equal(pipe(IMAGE, PROMPT, seed=3, **SMALL).frames, video.frames)
 
 
