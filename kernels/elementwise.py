@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor
+from . import fused_spec
+from .checks import FLOAT_DTYPES, OpArgumentError, check_tensor
 from .registry import register, resolve
 from .triton_support import triton_runs_on
 
@@ -44,10 +45,5 @@ def residual_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = N
                  backend: str = "auto") -> torch.Tensor:
     """`x + y · gate` in fp32: x [B, L, C] fp32 residual stream, y [B, L, C] fp32, bf16 or fp16,
     gate [B, C] fp32 per sample, or None for a plain add."""
-    check_tensor("residual_add", "x", x, ndim=3, dtypes=(torch.float32,))
-    check_tensor("residual_add", "y", y, dtypes=FLOAT_DTYPES, device=x.device)
-    check_shape("residual_add", "y", y, tuple(x.shape))
-    if gate is not None:
-        check_tensor("residual_add", "gate", gate, dtypes=(torch.float32,), device=x.device)
-        check_shape("residual_add", "gate", gate, (x.shape[0], x.shape[2]))
+    fused_spec.check_residual("residual_add", x, y, gate)
     return resolve("residual_add", backend, x.device)(x, y, gate)

@@ -90,7 +90,7 @@ def check_qk_shapes(op: str, q, k, weight_q, weight_k, cos, sin, heads: int,
     B, L, C = q.shape
     check_tensor(op, "k", k, ndim=3, dtypes=(q.dtype,), device=q.device)
     check_shape(op, "k", k, (B, L, C))
-    if not isinstance(heads, int) or heads <= 0 or C % heads:
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0 or C % heads:
         raise OpArgumentError(f"{op}: width {C} is not a multiple of heads={heads}")
     D = C // heads
     if D % 2:
@@ -115,6 +115,17 @@ def check_qk(op: str, q, k, weight_q, weight_k, cos, sin, heads: int, out_dtype:
             raise OpArgumentError(f"{op}: {name} must be contiguous")
     if out_dtype not in OUT_DTYPES:
         raise OpArgumentError(f"{op}: out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+
+
+def check_residual(op: str, x, y, gate) -> None:
+    """Raise OpArgumentError unless x [B, L, C] fp32, y [B, L, C] float and gate [B, C] fp32 (or None)
+    fit together: what the residual-add kernel reads."""
+    check_tensor(op, "x", x, ndim=3, dtypes=(torch.float32,))
+    check_tensor(op, "y", y, dtypes=FLOAT_DTYPES, device=x.device)
+    check_shape(op, "y", y, tuple(x.shape))
+    if gate is not None:
+        check_tensor(op, "gate", gate, dtypes=(torch.float32,), device=x.device)
+        check_shape(op, "gate", gate, (x.shape[0], x.shape[2]))
 
 
 def qk_outputs(q: torch.Tensor, heads: int, out_dtype: torch.dtype, alloc):

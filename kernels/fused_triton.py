@@ -502,6 +502,7 @@ def _residual_add_kernel(X, Y, Gate, Out, stride_y, C, rows_per_batch, HAS_GATE:
 @on_tensor_device
 def launch_residual_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     """x [B, L, C] fp32 + y [B, L, C] (any float dtype) · gate [B, C] fp32 (or None), in fp32."""
+    spec.check_residual("residual_add_triton", x, y, gate)
     B, L, C = x.shape
     x = x.contiguous()
     y = y.reshape(B * L, C)
@@ -553,4 +554,5 @@ def residual_add_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None)
 
 @residual_add_op.register_fake
 def _(x, y, gate):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    spec.check_residual("residual_add_triton", x, y, gate)
+    return x.new_empty(x.shape, dtype=torch.float32)

@@ -17,6 +17,7 @@ time exactly the kernels that passed there.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -133,10 +134,29 @@ def register(op: str, backend: str, runs_on: Callable[[torch.device], bool] = _a
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
     def decorate(fn: Callable) -> Callable:
-        _OPS.setdefault(op, {})[backend] = _Impl(fn, runs_on)
+        _OPS.setdefault(op, {})[backend] = _Impl(fn if backend == "torch" else _without_gradients(op, backend, fn),
+                                                 runs_on)
         return fn
 
     return decorate
+
+
+def _without_gradients(op: str, backend: str, fn: Callable) -> Callable:
+    """`fn`, refusing inputs that require grad while autograd records: the kernels have no backward, so
+    their outputs would silently drop out of the gradient."""
+    names = list(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled():
+            for name, value in (*zip(names, args), *kwargs.items()):
+                if isinstance(value, torch.Tensor) and value.requires_grad:
+                    raise BackendError(f"{op}: {name} requires grad, and the {backend} kernels compute no "
+                                       f"gradients; call under torch.no_grad() or torch.inference_mode(), or "
+                                       f"use backend='torch'")
+        return fn(*args, **kwargs)
+
+    return run
 
 
 def _check_name(name: str, where: str) -> None:

@@ -626,6 +626,11 @@ def test_torch_library_ops_pass_opcheck():
     residual, y, gate = randn((2, 3, 24), 4, device), randn((2, 3, 24), 5, device).bfloat16(), randn((2, 24), 6, device)
     torch.library.opcheck(torch.ops.dit8.residual_add_triton.default, (residual, y, gate))
     torch.library.opcheck(torch.ops.dit8.residual_add_triton.default, (residual, y, None))
+    # Called directly, the op checks its arguments too (a gate of one row read past its end for row 2).
+    with pytest.raises(OpArgumentError, match=r"residual_add_triton: gate has shape \(1, 24\); expected \(2, 24\)"):
+        torch.ops.dit8.residual_add_triton.default(residual, y, gate[:1])
+    with pytest.raises(OpArgumentError, match="residual_add_triton: x has dtype"):
+        torch.ops.dit8.residual_add_triton.default(residual.bfloat16().to("meta"), y.to("meta"), None)
 
 
 def _compile_check_inputs(backend: str, device: str):

@@ -93,10 +93,36 @@ def test_environment_variable_sets_the_default(monkeypatch):
     (lambda: ops.qk_norm_rope(*(torch.randn(1, 3, 8),) * 2, *(torch.ones(8),) * 2, *(torch.ones(3, 2),) * 2,
                               heads=2, eps="1e-6"), "eps must be a finite number"),
     (lambda: ops.layer_norm_quant(torch.randn(2, 8), eps=True, dtype=torch.int8), "eps must be a finite number"),
+    (lambda: ops.qk_norm_rope(*(torch.randn(1, 3, 8),) * 2, *(torch.ones(8),) * 2, *(torch.ones(3, 4),) * 2,
+                              heads=True, eps=1e-6), "not a multiple of heads=True"),
 ])
 def test_bad_arguments_name_the_op_and_argument(call, match):
     with pytest.raises(OpArgumentError, match=match):
         call()
+
+
+def test_kernels_refuse_inputs_that_require_grad_while_autograd_records():
+    """The kernel backends have no backward: an output of theirs would silently drop out of a gradient.
+    The torch reference differentiates; under no_grad the kernels run."""
+    from dit8.kernels.registry import _OPS
+    from dit8.kernels.triton_support import interpreting
+
+    q = torch.randn(1, 4, 2, 16, requires_grad=True)
+    assert ops.attention(q, q, q, backend="torch").grad_fn is not None
+    for op, impls in _OPS.items():
+        for backend, impl in impls.items():
+            if backend == "torch":
+                continue
+            # Refused before anything runs: the arguments are not even looked at.
+            with pytest.raises(BackendError, match=f"{op}: .* requires grad, and the {backend} kernels compute no "
+                                                   "gradients; call under torch.no_grad"):
+                impl.fn(q, q, q, q, q, q, q, q, q, q)
+    if interpreting():
+        with pytest.raises(BackendError, match="attention: q requires grad"):
+            ops.attention(q, q.detach(), q.detach(), backend="triton")
+        with torch.no_grad():
+            kernel, reference = ops.attention(q, q, q, backend="triton"), ops.attention(q, q, q, backend="torch")
+            torch.testing.assert_close(kernel, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_layer_norm_modulate_against_float64():
