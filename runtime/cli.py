@@ -370,6 +370,15 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def _follower(args: argparse.Namespace) -> bool:
+    """A process other than the first of a --sequence-parallel launch."""
+    return bool(getattr(args, "sequence_parallel", False)) and os.environ.get("RANK", "0") != "0"
+
+
+def _rank_prefix(args: argparse.Namespace) -> str:
+    return f"rank {os.environ.get('RANK')}: " if _follower(args) else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dit8` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -388,7 +397,17 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except (Dit8Error, OSError, ValueError) as err:
-        print(f"dit8: error: {in_flag_words(str(err))}", file=sys.stderr)
+        if _follower(args) and isinstance(err, InputError):
+            return 1  # the same arguments and inputs in every process: the first one reports
+        print(f"dit8: {_rank_prefix(args)}error: {in_flag_words(str(err))}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        if not getattr(args, "sequence_parallel", False):
+            raise
+        # A collective failed: another process of the group stopped (its own message says why).
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"dit8: {_rank_prefix(args)}error: the process group failed, another process may have stopped "
+              f"({first_line})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("dit8: interrupted", file=sys.stderr)

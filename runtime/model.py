@@ -26,7 +26,7 @@ from dit8.kernels.registry import BackendError, backend_runs_on, reference_only_
 from .config import WanConfig
 from .errors import InputError
 from .layers import Activation, LayerNorm, Linear, ModulatedLayerNorm, QuantizedRows, RMSNorm, Setup, empty_buffer
-from .parallel import SequenceParallel
+from .parallel import SequenceParallel, fingerprint
 from .rope import rope_table
 
 
@@ -341,6 +341,8 @@ class WanDiT(nn.Module):
         tokens, grid = self._patchify(x)
         parallel = self.setup.parallel
         if parallel is not None:
+            # Different shapes would mix parts of different forwards (or hang); timesteps, the same.
+            parallel.agree("latent shapes or timesteps", fingerprint(tuple(x.shape), t), self.setup.device)
             tokens = parallel.shard(tokens, 1)
         h = self.patch_embedding(tokens).float()
         e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim))

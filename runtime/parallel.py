@@ -14,6 +14,7 @@ keys), and dropped after the gather: the result is that of the unpadded sequence
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -42,7 +43,34 @@ class SequenceParallel:
         if not dist.is_available() or not dist.is_initialized():
             raise InputError("sequence parallelism needs torch.distributed initialised first "
                              "(torch.distributed.init_process_group, e.g. under torchrun)")
-        return cls(group, dist.get_rank(group), dist.get_world_size(group))
+        rank = dist.get_rank(group)
+        if rank < 0:
+            raise InputError(f"this process (rank {dist.get_rank()}) is not a member of the group given")
+        return cls(group, rank, dist.get_world_size(group))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world:
+            raise InputError(f"a SequenceParallel needs 0 <= rank < world, got rank {self.rank} of {self.world}")
+
+    def agree(self, what: str, fingerprint: int, device: torch.device) -> None:
+        """Raise InputError on every rank unless all ranks give the same `fingerprint` (a 63-bit hash of
+        what they are about to compute together): ranks given different inputs would exchange parts of
+        different computations and return garbage, or hang."""
+        mine = torch.tensor([fingerprint], dtype=torch.int64, device=device)
+        prints = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(prints, mine, group=self.group)
+        values = [int(p.item()) for p in prints]
+        if len(set(values)) > 1:
+            differ = [r for r, v in enumerate(values) if v != values[0]]
+            raise InputError(f"sequence parallelism: the processes were given different {what} (ranks "
+                             f"{', '.join(map(str, differ))} differ from rank 0); every process must make the "
+                             f"same calls with the same inputs")
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether `flag` is set on any rank (all ranks must ask together)."""
+        value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(value.item())
 
     def check_heads(self, heads: int) -> None:
         """Raise InputError unless the attention heads split evenly over the ranks."""
@@ -94,6 +122,19 @@ class SequenceParallel:
         parts = [torch.empty_like(x) for _ in range(self.world)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim).narrow(dim, 0, tokens)
+
+
+def fingerprint(*parts: object) -> int:
+    """A 63-bit hash of `parts` that every process computes alike: tensors by dtype, shape and bytes,
+    anything else by its repr (not Python's hash(), which differs between processes for strings)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            digest.update(repr((part.dtype, tuple(part.shape))).encode())
+            digest.update(part.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(part).encode())
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
 
 
 def join_launched_group(device: torch.device) -> tuple[SequenceParallel, torch.device]:

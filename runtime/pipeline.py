@@ -40,7 +40,7 @@ from .errors import CheckpointError, Dit8Error, InputError
 from .loader import load_dit
 from .model import EncodedContext, WanDiT
 from .model_folder import ModelFiles, find_model_files
-from .parallel import SequenceParallel
+from .parallel import SequenceParallel, fingerprint
 from .progress import Progress
 from .sampler import UPDATE_RULES, DistilledSampler, check_shift, evenly_spaced_steps, initial_noise
 from .t5 import T5Encoder
@@ -290,11 +290,24 @@ class I2VPipeline:
             # (Only the thread running a call can find its own id here.) Waiting would never end.
             raise InputError("the pipeline was called from inside its own call (from a callback); "
                              "start the next call after this one returns")
-        if job.cancel is None:
+        if job.cancel is None or self.dit.setup.parallel is not None:
+            # (Under sequence parallelism a process may not leave alone: the others would wait for it.)
             self._lock.acquire()
             return
         while not self._lock.acquire(timeout=CANCEL_POLL_SECONDS):
-            _check_cancel(job, "while waiting for another call")
+            self._check_cancel(job, "while waiting for another call")
+
+    def _check_cancel(self, job: _Job, where: str, bar: Progress | None = None) -> None:
+        """Raise Cancelled if the call's cancel event is set; under sequence parallelism if it is set in
+        any process, so that all of them stop at the same point."""
+        cancelled = job.cancel is not None and job.cancel.is_set()
+        parallel = self.dit.setup.parallel
+        if parallel is not None:
+            cancelled = parallel.any(cancelled, self.device)
+        if cancelled:
+            if bar is not None:
+                bar.close()
+            raise Cancelled(f"generation cancelled {where}")
 
     def _prepare(self, image, prompt, *, seed, frames, size, area, steps, sampler, guidance, shift,
                  negative_prompt, update, callback, cancel, progress, stream) -> _Job:
@@ -356,13 +369,16 @@ class I2VPipeline:
         reset_peak(self.device)
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        _check_cancel(job, "before it started")
+        if self.dit.setup.parallel is not None:
+            self.dit.setup.parallel.agree("inputs (image, prompt or settings)", fingerprint(job.image, job.settings()),
+                                          self.device)
+        self._check_cancel(job, "before it started")
         with torch.inference_mode():
             cond, uncond, y = self._encode(job, timings)
-            _check_cancel(job, "after encoding")
+            self._check_cancel(job, "after encoding")
             latents, step_seconds = self._denoise(job, cond, uncond, y, timings)
             del cond, uncond, y
-            _check_cancel(job, "before decoding")
+            self._check_cancel(job, "before decoding")
             frames = self._decode(job, latents, timings)
         timings["total"] = time.perf_counter() - start
         peak, source = peak_memory(self.device)
@@ -427,7 +443,7 @@ class I2VPipeline:
             last = now
             advance(i + 1, timestep=float(timesteps[i]), x0=x0)
             if i + 1 < n:
-                _check_cancel(job, f"after step {i + 1} of {n}", bar)
+                self._check_cancel(job, f"after step {i + 1} of {n}", bar)
 
         latents = sample(model, noise, callback=on_step)
         synchronize(device)
@@ -444,7 +460,7 @@ class I2VPipeline:
             bar.total = total
             advance(done)
             if done < total:
-                _check_cancel(job, f"while decoding ({done} of {total} parts done)", bar)
+                self._check_cancel(job, f"while decoding ({done} of {total} parts done)", bar)
 
         video = self.vae.decode(latents, tile=self.vae_tile, output_device="cpu", progress=decoded)
         frames = torch.from_numpy(video_to_frames(video))
@@ -464,11 +480,6 @@ def _check_vae_tile(vae_tile: object) -> None:
 CANCEL_POLL_SECONDS = 0.05
 
 
-def _check_cancel(job: _Job, where: str, bar: Progress | None = None) -> None:
-    if job.cancel is not None and job.cancel.is_set():
-        if bar is not None:
-            bar.close()
-        raise Cancelled(f"generation cancelled {where}")
 
 
 def _stage(job: _Job, name: str, total: int) -> tuple[Progress, Callable[..., None]]:

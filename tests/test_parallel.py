@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -108,6 +109,69 @@ def test_sequence_parallel_through_the_triton_kernels(tmp_path):
         torch.testing.assert_close(torch.load(tmp_path / f"out.{rank}"), want, rtol=1e-5, atol=1e-5)
 
 
+def _misuse(rank, folder, out):
+    from dit8 import Cancelled, I2VPipeline
+    from dit8.random_dit import build_model
+
+    results = {}
+    sp = SequenceParallel.from_group()
+    # A process outside the group given is told so (before: rank -1 of -1, and a shape error later).
+    single = dist.new_group([0])
+    if rank == 1:
+        try:
+            SequenceParallel.from_group(single)
+        except InputError as err:
+            results["outside"] = str(err)
+    model = build_model(tiny_config("i2v"), device="cpu", parallel=sp)
+    for name, size in (("shapes", (1, 4, 6) if rank == 0 else (1, 6, 4)), ("timesteps", (1, 4, 6))):
+        inputs = random_inputs(model.config, latent_size=size)
+        if name == "timesteps":
+            inputs["t"] = inputs["t"] + rank
+        try:
+            model(**inputs)
+        except InputError as err:
+            results[name] = str(err)
+    pipe = I2VPipeline.from_pretrained(folder, parallel=sp)
+    image = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    cancel = threading.Event()
+
+    def callback(event):  # only the first process cancels
+        if rank == 0 and event.stage == "denoise" and event.done == 1:
+            cancel.set()
+
+    try:
+        pipe(image, "a cat", frames=1, area=1536, callback=callback, cancel=cancel)
+    except Cancelled as err:
+        results["cancelled"] = str(err)
+    results["after"] = pipe(image, "a cat", frames=1, area=1536).latents
+    try:
+        pipe(image, "a cat", seed=rank, frames=1, area=1536)
+    except InputError as err:
+        results["seeds"] = str(err)
+    torch.save(results, f"{out}.{rank}")
+
+
+@pytest.mark.slow
+def test_processes_that_disagree_or_cancel_alone_are_stopped_together(tmp_path):
+    folder = write_tiny_model_folder(tmp_path / "model", kind="distill_models", vae_dim=4)
+    run_group(tmp_path, 2, _misuse, str(folder), str(tmp_path / "out"))
+    results = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
+    assert "outside" not in results[0] and "rank 1) is not a member of the group" in results[1]["outside"]
+    for r in results:
+        assert "different latent shapes or timesteps (ranks 1 differ from rank 0)" in r["shapes"]
+        assert "different latent shapes or timesteps" in r["timesteps"]
+        # Both stop at the same point (before: the others ran on, and later calls mixed up their parts).
+        assert r["cancelled"] == "generation cancelled after step 1 of 4"
+        assert "different inputs (image, prompt or settings)" in r["seeds"]
+    torch.testing.assert_close(results[1]["after"], results[0]["after"], rtol=0, atol=0)
+
+
+def test_a_group_position_must_be_in_the_group():
+    for rank, world in ((0, 0), (-1, -1), (2, 2)):
+        with pytest.raises(InputError, match="needs 0 <= rank < world"):
+            SequenceParallel(None, rank, world)
+
+
 def test_heads_must_split_evenly_over_the_processes():
     with pytest.raises(InputError, match="head count divisible by 3; the model has 2 heads"):
         WanDiT(tiny_config("i2v"), parallel=SequenceParallel(None, 0, 3))
@@ -199,6 +263,30 @@ def test_generate_sequence_parallel_needs_a_launcher(tmp_path, monkeypatch, caps
     assert main(["generate", "--model", "m", "--image", "i.png", "--prompt", "p", "--out", str(tmp_path / "o.mp4"),
                  "--device", "cpu", "--sequence-parallel"]) == 1
     assert "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set" in capsys.readouterr().err
+
+
+def test_a_later_process_reports_only_its_own_errors(tmp_path, monkeypatch, capsys):
+    import dit8.devices
+    import dit8.parallel
+    from dit8.cli import main
+
+    args = ["generate", "--model", "m", "--image", "i.png", "--prompt", "p", "--out", str(tmp_path / "o.mp4"),
+            "--device", "cpu", "--sequence-parallel"]
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    assert main(args) == 1 and capsys.readouterr().err == ""  # every process has it: the first reports
+
+    def group_failed(device):
+        raise RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:1234\nmore of its text")
+
+    monkeypatch.setattr(dit8.parallel, "join_launched_group", group_failed)
+    assert main(args) == 1
+    assert capsys.readouterr().err == ("dit8: rank 1: error: the process group failed, another process may have "
+                                       "stopped ([gloo] Connection closed by peer [127.0.0.1]:1234)\n")
+    monkeypatch.setattr(dit8.devices, "resolve_device", group_failed)
+    with pytest.raises(RuntimeError, match="Connection closed"):  # without --sequence-parallel: not the group's
+        main(args[:-1])
 
 
 def test_launched_processes_take_the_gpu_of_their_local_rank(monkeypatch):
