@@ -285,7 +285,8 @@ class I2VPipeline:
             self._lock.release()
 
     def _acquire(self, job: _Job) -> None:
-        """Wait for the calls before this one; a call cancelled while it waits leaves at once."""
+        """Wait for the calls before this one; a call cancelled while it waits leaves at once (but for
+        sequence parallelism, where it leaves at its first check, with the other processes)."""
         if self._running_thread == threading.get_ident():
             # (Only the thread running a call can find its own id here.) Waiting would never end.
             raise InputError("the pipeline was called from inside its own call (from a callback); "
@@ -478,8 +479,6 @@ def _check_vae_tile(vae_tile: object) -> None:
 
 # How often a call waiting for the pipeline looks at its cancel event.
 CANCEL_POLL_SECONDS = 0.05
-
-
 
 
 def _stage(job: _Job, name: str, total: int) -> tuple[Progress, Callable[..., None]]:
