@@ -41,15 +41,22 @@ MIN_IMAGE_SIDE = 16
 
 # -- the input image ---------------------------------------------------------------------------------
 
+# Pillow's default limit (Image.MAX_IMAGE_PIXELS): a small file may hold a picture that takes gigabytes.
+MAX_IMAGE_PIXELS = 178_956_970
+
 
 def read_image(path: str | Path) -> np.ndarray:
     """An image file (PNG, JPEG, WebP, BMP, ... whatever FFmpeg decodes) as [H, W, 3] uint8 RGB.
 
     Decoded through PyAV (FFmpeg), a dependency already, rather than Pillow. Alpha is dropped, as
     Pillow's `convert("RGB")` in the reference does; EXIF orientation is not applied (nor is it there).
-    JPEG colour conversion is FFmpeg's and may differ from libjpeg's by a level here and there.
+    Subsampled chroma (JPEG's 4:2:0) is interpolated, as libjpeg does, before the conversion to RGB:
+    within a few levels of Pillow's. A damaged file is refused, as Pillow refuses it, and so is a
+    picture of more than MAX_IMAGE_PIXELS (Pillow's own limit against decompression bombs).
     """
     import av
+
+    from .video import ffmpeg_path
 
     if str(path) == "":
         raise InputError("the image path is empty")
@@ -59,10 +66,19 @@ def read_image(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"{path}: image file not found")
     try:
-        with av.open(str(path)) as container:
+        with av.open(ffmpeg_path(path)) as container:
             if not container.streams.video:
                 raise InputError(f"{path}: not an image (no picture in it)")
-            for frame in container.decode(video=0):
+            stream = container.streams.video[0]
+            if stream.width * stream.height > MAX_IMAGE_PIXELS:
+                raise InputError(f"{path}: a picture of {stream.width}x{stream.height} pixels, more than the "
+                                 f"{MAX_IMAGE_PIXELS:,} read; scale it down first")
+            stream.codec_context.options = {"err_detect": "explode"}  # a truncated file is an error
+            for frame in container.decode(stream):
+                name = frame.format.name
+                if name.startswith("yuv") and "444" not in name:
+                    frame = frame.reformat(format="yuvj444p" if name.startswith("yuvj") else "yuv444p",
+                                           interpolation="BILINEAR")
                 return frame.to_ndarray(format="rgb24")
     except InputError:
         raise
@@ -216,6 +232,11 @@ def check_prompt(tokenizer: Tokenizer, prompt: Any, name: str = "prompt", *, all
     reference truncates); shorten them."""
     if not isinstance(prompt, str):
         raise InputError(f"{name} must be a string, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate: bytes a terminal passed on undecoded
+        raise InputError(f"{name} is not valid Unicode (character {err.start}: {prompt[err.start]!r}); "
+                         f"give text in UTF-8") from None
     if not allow_empty and not clean_prompt(prompt):
         raise InputError(f"{name} is empty")
     n, limit = tokenizer.count_tokens(prompt), tokenizer.text_len - 1

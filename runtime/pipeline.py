@@ -336,11 +336,12 @@ class I2VPipeline:
         guidance = (1.0 if distilled else 5.0) if guidance is None else guidance
         if shift is None:
             shift = 5.0 if distilled or height * width > AREA_480P else 3.0
+        if negative_prompt is not None:  # checked even where it goes unused: a mistake all the same
+            check_prompt(self.tokenizer, negative_prompt, "negative_prompt", allow_empty=True)
         if guidance != 1:
             negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
-            check_prompt(self.tokenizer, negative_prompt, "negative_prompt", allow_empty=True)
         else:
-            negative_prompt = None
+            negative_prompt = None  # no CFG: one forward a step
         if callback is not None and not callable(callback):
             raise InputError(f"callback must be callable, got {type(callback).__name__}")
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):

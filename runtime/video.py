@@ -33,6 +33,12 @@ FPS = 16  # Wan2.1's frame rate
 H264_ENCODERS = ("libx264", "libopenh264")
 
 
+def ffmpeg_path(path: str | Path) -> str:
+    """`path` as FFmpeg should open it: as a file, whatever its name (FFmpeg would read "x:1.mp4" as the
+    protocol "x")."""
+    return "file:" + os.fspath(path)
+
+
 def to_uint8_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
     """[F, H, W, 3] uint8, or float in [-1, 1] (clamped), as a numpy uint8 array of the same shape."""
     if isinstance(frames, torch.Tensor):
@@ -151,7 +157,7 @@ def write_mp4(path: str | Path, frames: torch.Tensor | np.ndarray, *, fps: int =
     _, height, width, _ = frames.shape
     partial = _partial(path)
     try:
-        with av.open(str(partial), mode="w", format="mp4", container_options={"movflags": "+faststart"}) as out:
+        with av.open(ffmpeg_path(partial), mode="w", format="mp4", container_options={"movflags": "+faststart"}) as out:
             stream = out.add_stream(_h264_encoder(), rate=fps)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             stream.codec_context.time_base = Fraction(1, fps)
@@ -186,7 +192,14 @@ def write_png_frames(folder: str | Path, frames: torch.Tensor | np.ndarray, *,
         codec.width, codec.height, codec.pix_fmt = rgb.shape[1], rgb.shape[0], "rgb24"
         packets = codec.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")) + codec.encode(None)
         path = folder / f"{prefix}{i:0{digits}d}.png"
-        path.write_bytes(b"".join(bytes(p) for p in packets))
+        partial = _partial(path)
+        try:
+            partial.write_bytes(b"".join(bytes(p) for p in packets))
+            os.replace(partial, path)  # a frame is there whole or not at all
+        except OSError as err:  # the disk filled, or the folder went away, while writing
+            raise InputError(f"{path}: cannot write: {err.strerror or err}") from None
+        finally:
+            partial.unlink(missing_ok=True)
         paths.append(path)
     return paths
 
@@ -222,7 +235,7 @@ class VideoFile(FramesShape):
 def read_video(path: str | Path) -> VideoFile:
     """Decode every frame of the first video stream of `path` to RGB."""
     try:
-        with av.open(str(path)) as container:
+        with av.open(ffmpeg_path(path)) as container:
             if not container.streams.video:
                 raise InputError(f"{path}: no video stream in it")
             stream = container.streams.video[0]

@@ -137,6 +137,9 @@ def test_text_features_are_trimmed_to_the_real_length(text):
 def test_prompt_checks(text):
     tokenizer, _ = text
     assert check_prompt(tokenizer, "a cat") == "a cat"
+    # A byte a terminal passed on undecoded arrives as a lone surrogate (the tokenizer raised TypeError).
+    with pytest.raises(InputError, match=r"prompt is not valid Unicode \(character 6: '\\udcff'\)"):
+        check_prompt(tokenizer, "a red \udcff bird")
     with pytest.raises(InputError, match="empty"):
         check_prompt(tokenizer, "  \n ")
     assert check_prompt(tokenizer, "", "negative_prompt", allow_empty=True) == ""
@@ -185,6 +188,38 @@ def test_image_files_are_read_with_pyav(tmp_path):
     (png,) = write_png_frames(tmp_path, array[None])
     assert np.array_equal(read_image(png), array)
     torch.testing.assert_close(image_tensor(str(png)), image_tensor(array))
+
+
+def test_jpeg_files_read_as_pillow_reads_them(tmp_path):
+    Image = pytest.importorskip("PIL.Image")  # libjpeg, the reference's decoder
+    rng = np.random.default_rng(3)
+    photo = np.asarray(Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((160, 120)))
+    photo = photo.copy()
+    photo[:, 90:] = (200, 30, 40)  # a sharp colour edge: 4:2:0 chroma must be interpolated, not repeated
+    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=90)
+    reference = np.asarray(Image.open(tmp_path / "photo.jpg").convert("RGB")).astype(int)
+    diff = np.abs(read_image(tmp_path / "photo.jpg").astype(int) - reference)
+    assert diff.max() <= 4 and diff.mean() < 0.5, (diff.max(), diff.mean())  # (chroma repeated: 75 and 6.2)
+    data = (tmp_path / "photo.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])  # Pillow: "image file is truncated"
+    with pytest.raises(InputError, match="cut.jpg: cannot read the image"):
+        read_image(tmp_path / "cut.jpg")
+
+
+def test_image_file_names_are_not_taken_for_protocols(tmp_path, monkeypatch):
+    array = image()
+    (png,) = write_png_frames(tmp_path, array[None], prefix="photo:")
+    monkeypatch.chdir(tmp_path)  # a bare relative name: FFmpeg read "photo:" as a protocol
+    assert np.array_equal(read_image(png.name), array)
+
+
+def test_pictures_past_the_pixel_limit_are_refused(tmp_path, monkeypatch):
+    import dit8.conditioning
+
+    (png,) = write_png_frames(tmp_path, image()[None])
+    monkeypatch.setattr(dit8.conditioning, "MAX_IMAGE_PIXELS", 40 * 56 - 1)
+    with pytest.raises(InputError, match=r"a picture of 56x40 pixels, more than the 2,239 read"):
+        read_image(png)
 
 
 @pytest.mark.parametrize("bad, message", [

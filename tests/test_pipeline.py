@@ -310,6 +310,9 @@ def test_a_float_image_is_copied_before_the_call_reads_it(pipe, monkeypatch):
     (dict(shift=-1.0), "shift"),
     (dict(update="sde"), "update"),
     (dict(guidance=3.0, negative_prompt=" ".join(["cat"] * 600)), "negative_prompt is 600 tokens"),
+    (dict(negative_prompt=" ".join(["cat"] * 600)), "negative_prompt is 600 tokens"),  # unused, still checked
+    (dict(negative_prompt=b"blurry"), "negative_prompt must be a string"),
+    (dict(prompt="a red \udcff bird"), "prompt is not valid Unicode"),
     (dict(cancel=True), "threading.Event"),
     (dict(callback="print"), "callable"),
     (dict(progress="no"), "progress must be True or False"),  # a string is truthy: it drew the bars

@@ -73,6 +73,29 @@ def test_png_frames(tmp_path):
         assert np.array_equal(read_png(path), frame)  # lossless
 
 
+def test_a_frame_that_cannot_be_written_names_its_file_and_leaves_nothing(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    real = Path.write_bytes
+
+    def disk_full_at_the_second(self, data):
+        if "00001" in self.name:
+            real(self, data[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full_at_the_second)
+    with pytest.raises(InputError, match=r"frame_00001\.png: cannot write: No space left on device"):
+        write_png_frames(tmp_path, smooth_frames(3, 20, 30))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frame_00000.png"]  # whole, and nothing partial
+
+
+def test_file_names_are_not_taken_for_protocols(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # bare relative names: FFmpeg read "run-1:30" as a protocol
+    frames = smooth_frames(3)
+    assert read_video(write_mp4("run-1:30.mp4", frames)).frames.shape == frames.shape
+
+
 def test_unreadable_videos_are_input_errors(tmp_path):
     (tmp_path / "notes.mp4").write_text("not a video")
     for path, message in [(tmp_path / "missing.mp4", "cannot read the video"),
