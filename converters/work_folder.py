@@ -32,7 +32,7 @@ def work_folder_path(dst: Path) -> Path:
     return dst.parent / f".{dst.name[:NAME_CHARS]}.{digest}{WORK_SUFFIX}"
 
 
-def remove(path: Path) -> None:
+def _remove(path: Path) -> None:
     """Delete a file, a link or a folder with its contents."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -56,7 +56,7 @@ def work_folder(dst: Path) -> Iterator[Path]:
     try:
         for entry in folder.iterdir():
             if entry.name != LOCK_NAME:
-                remove(entry)  # a killed conversion's
+                _remove(entry)  # a killed conversion's
         yield folder
     finally:
         try:

@@ -179,7 +179,7 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
             os.replace(temp, json_path)
 
     # Under --sequence-parallel every process runs the benchmark; the first one reports it.
-    first = not settings.sequence_parallel or os.environ.get("RANK", "0") == "0"
+    first = not _follower(args)
     try:
         result = run_bench(settings, log=lambda line: print(f"dit8 bench dit: {line}", file=sys.stderr, flush=True)
                            if first else None, measured=save if first else None)
