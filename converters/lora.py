@@ -1,15 +1,12 @@
 """LoRA files merged into a DiT's weights in fp32, one target tensor at a time.
 
-Accepted keys (after an optional `model.diffusion_model.`, `diffusion_model.` or `transformer.`
-prefix; module names official, or diffusers-named and mapped through dit8.layouts):
-    {m}.lora_up.weight / {m}.lora_down.weight (+ optional {m}.alpha)
-    {m}.lora_B.weight  / {m}.lora_A.weight    (+ optional {m}.alpha)
-    {m}.diff    full delta of {m}.weight (or of the bare parameter {m}, e.g. blocks.N.modulation)
-    {m}.diff_b  full delta of {m}.bias
-Merge, in fp32, LoRA files in the order given, for every low-rank pair:
+Key names and where alpha is written: converters/lora_formats.py. Merge, in fp32, LoRA files in the
+order given, for every low-rank pair:
     W += (up · down) · (strength · alpha / rank)        rank = down.shape[0], alpha defaults to rank
 (up and down flattened to 2-D, the scalar computed in double precision and applied as one fp32
-multiply), and W += strength · diff for full deltas. A key matching no tensor of the model is an error.
+multiply; √rank for rsLoRA), the pair's bias delta (`lora_B.bias`) with the same scalar, and
+W += strength · diff for full deltas. A key matching no tensor of the model is an error, and so is a
+target given two pairs, or two full deltas, by one file (two names for one module).
 
 The converter merges a target in blocks of rows (`merge_rows`). A target that fits one block (up to
 convert.BLOCK_ELEMENTS = 4M elements: the 1.3B model's 1536 x 1536 projections, every norm, bias and
@@ -33,12 +30,10 @@ from dit8.errors import CheckpointError
 from dit8.layouts import DIFFUSERS, to_official
 from dit8.loader import check_finite
 
+from .lora_formats import (KOHYA_PREFIX, AdapterConfig, kohya_names, read_adapter_config, split_role, strip_prefix,
+                           unsupported_kind)
 from .source import read_at, safetensors_offsets
 
-LORA_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
-# key suffix -> role of the tensor in its module's delta
-_SUFFIXES = {".lora_up.weight": "up", ".lora_down.weight": "down", ".lora_B.weight": "up",
-             ".lora_A.weight": "down", ".alpha": "alpha", ".diff": "diff", ".diff_b": "diff_b"}
 _MAX_LISTED = 20
 
 LoraArg = Union[str, Path, tuple]
@@ -86,11 +81,16 @@ class _LoraFile:
             if file.suffix == SAFETENSORS_SUFFIX:
                 self.offsets.update(safetensors_offsets(file))
         self._handles: dict[Path, BinaryIO] = {}
+        try:
+            self.adapter: AdapterConfig | None = read_adapter_config(spec.path, self.ckpt.metadata)
+        except BaseException:
+            self.ckpt.close()
+            raise
 
-    def read(self, key: str) -> torch.Tensor:
-        """Tensor `key` as fp32, checked finite."""
+    def read(self, key: str, *, integer: bool = False) -> torch.Tensor:
+        """Tensor `key` as fp32, checked finite (`integer`: an integer tensor is accepted too)."""
         info = self.ckpt.infos[key]
-        if not info.dtype.is_floating_point:
+        if not info.dtype.is_floating_point and not (integer and info.dtype != torch.bool):
             raise CheckpointError(f"{info.file}: LoRA tensor {key!r} has dtype {info.dtype}, expected a float")
         if key in self.offsets:
             if info.file not in self._handles:
@@ -120,20 +120,6 @@ class _Delta:
     diff: str | None = None
 
 
-def _strip_prefix(key: str) -> str:
-    for prefix in LORA_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
-
-
-def _split_role(key: str) -> tuple[str, str] | None:
-    for suffix, role in _SUFFIXES.items():
-        if key.endswith(suffix):
-            return key[:-len(suffix)], role
-    return None
-
-
 def _resolve(name: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     """The official model key `name` denotes (official, else diffusers-named), or None."""
     if name in shapes:
@@ -143,8 +129,10 @@ def _resolve(name: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
 
 
 def _target(module: str, role: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    if role == "diff_b":
+    if role in ("diff_b", "up_bias"):
         return _resolve(module + ".bias", shapes)
+    if role == "diff_m":
+        return _resolve(module + ".modulation", shapes)
     # `.weight` first; `.diff` may also address a bare parameter such as blocks.N.modulation.
     candidates = [module + ".weight"] + ([module] if role == "diff" else [])
     for name in candidates:
@@ -174,14 +162,23 @@ def _low_rank(lf: _LoraFile, module: str, keys: dict[str, str], target: str,
     if rank == 0 or up_cols != rank or up.shape[0] != shape[0] or up.shape[0] * down_cols != math.prod(shape):
         raise CheckpointError(f"{lf.spec.path}: LoRA {module!r} has up {up.shape} and down {down.shape}, which "
                               f"do not make a delta of {target!r} {shape}")
-    alpha = float(rank)
+    alpha = lf.adapter.alpha_of(module) if lf.adapter is not None else None
     if "alpha" in keys:
-        a = lf.read(keys["alpha"])
+        a = lf.read(keys["alpha"], integer=True)
         if a.numel() != 1:
             raise CheckpointError(f"{lf.spec.path}: LoRA tensor {keys['alpha']!r} has shape {tuple(a.shape)}, "
                                   f"expected a scalar")
-        alpha = float(a.reshape(()))
-    return _Delta(lf, lf.spec.strength * alpha / rank, up=keys["up"], down=keys["down"])
+        tensor_alpha = float(a.reshape(()))
+        if tensor_alpha == 0:  # some tools read 0 as "no alpha" (scale 1), others as a zero delta
+            raise CheckpointError(f"{lf.spec.path}: LoRA tensor {keys['alpha']!r} is 0, which tools read as "
+                                  f"either no alpha or no change; give alpha = rank ({rank}) or a strength of 0")
+        if alpha is not None and alpha != tensor_alpha:
+            raise CheckpointError(f"{lf.spec.path}: LoRA tensor {keys['alpha']!r} = {tensor_alpha:g} and "
+                                  f"{lf.adapter.source} says alpha {alpha:g} for {module!r}")
+        alpha = tensor_alpha
+    divisor = lf.adapter.rank_divisor(rank) if lf.adapter is not None else float(rank)
+    alpha = float(rank) if alpha is None else alpha
+    return _Delta(lf, lf.spec.strength * alpha / divisor, up=keys["up"], down=keys["down"])
 
 
 class LoraSet:
@@ -198,6 +195,7 @@ class LoraSet:
         # LoRA tensors of the target being merged: a target read in several row blocks needs them each time.
         self._cache_target: str | None = None
         self._cache: dict[tuple[int, str], torch.Tensor] = {}
+        self._kohya = kohya_names(self.shapes)
         try:
             for spec in specs:
                 self.files.append(_LoraFile(parse_lora(spec)))
@@ -209,38 +207,60 @@ class LoraSet:
     def _index(self, lf: _LoraFile) -> None:
         modules: dict[str, dict[str, str]] = defaultdict(dict)  # module -> role -> key in the file
         unmatched: list[str] = []
+        unsupported = sorted({kind for key in lf.ckpt.keys() if (kind := unsupported_kind(key)) is not None})
+        if unsupported:
+            raise CheckpointError(f"{lf.spec.path}: a {' / '.join(unsupported)} adapter; dit8 merges low-rank pairs "
+                                  f"(lora_up/lora_down, lora_A/lora_B) and full deltas (.diff) only")
         for key in lf.ckpt.keys():
-            split = _split_role(_strip_prefix(key))
+            split = split_role(strip_prefix(key))
             if split is None:
                 unmatched.append(key)
-            elif split[1] in modules[split[0]]:
+                continue
+            module, role = split
+            if module.startswith(KOHYA_PREFIX):
+                module = self._kohya.get(module, module)
+            if role in modules[module]:
                 # Two naming styles or prefixes for one tensor: which is meant (or how to pair them) is a guess.
-                raise CheckpointError(f"{lf.spec.path}: LoRA keys {modules[split[0]][split[1]]!r} and {key!r} are "
-                                      f"both the {split[1]} of {split[0]!r}")
-            else:
-                modules[split[0]][split[1]] = key
+                raise CheckpointError(f"{lf.spec.path}: LoRA keys {modules[module][role]!r} and {key!r} are "
+                                      f"both the {role} of {module!r}")
+            modules[module][role] = key
+        claimed: dict[tuple[str, str], str] = {}  # (target, "pair" or "full") -> module
         for module, keys in modules.items():
-            unmatched += self._index_module(lf, module, keys)
+            unmatched += self._index_module(lf, module, keys, claimed)
         if unmatched:
             raise CheckpointError(f"{lf.spec.path}: {len(unmatched)} LoRA key(s) match no weight of the model: "
                                   f"{_listing(sorted(unmatched))}")
 
-    def _index_module(self, lf: _LoraFile, module: str, keys: dict[str, str]) -> list[str]:
+    def _index_module(self, lf: _LoraFile, module: str, keys: dict[str, str],
+                      claimed: dict[tuple[str, str], str]) -> list[str]:
         """Record one module's deltas; returns its keys that match nothing."""
         unmatched: list[str] = []
+
+        def claim(target: str, kind: str) -> None:
+            # One module under two names (official and diffusers) would be merged twice.
+            other = claimed.setdefault((target, kind), module)
+            if other != module:
+                raise CheckpointError(f"{lf.spec.path}: LoRA modules {other!r} and {module!r} both change "
+                                      f"{target!r}")
+
         if ("up" in keys) != ("down" in keys):
             present = keys.get("up") or keys.get("down")
             raise CheckpointError(f"{lf.spec.path}: LoRA {present!r} has no matching "
                                   f"{'down/A' if 'up' in keys else 'up/B'} tensor")
+        pair: _Delta | None = None
         if "up" in keys:
             target = _target(module, "up", self.shapes)
             if target is None:
                 unmatched += [keys[r] for r in ("up", "down", "alpha") if r in keys]
             else:
-                self.deltas[target].append(_low_rank(lf, module, keys, target, self.shapes[target]))
+                claim(target, "pair")
+                pair = _low_rank(lf, module, keys, target, self.shapes[target])
+                self.deltas[target].append(pair)
         elif "alpha" in keys:
             unmatched.append(keys["alpha"])  # an alpha without its pair scales nothing
-        for role in ("diff", "diff_b"):
+        if "up_bias" in keys and "up" not in keys:
+            raise CheckpointError(f"{lf.spec.path}: LoRA {keys['up_bias']!r} has no lora_A/lora_B pair to scale it by")
+        for role in ("diff", "diff_b", "diff_m", "up_bias"):
             if role not in keys:
                 continue
             target = _target(module, role, self.shapes)
@@ -251,7 +271,10 @@ class LoraSet:
             if _squeezed(shape) != _squeezed(self.shapes[target]):  # the same up to axes of size 1
                 raise CheckpointError(f"{lf.spec.path}: LoRA tensor {keys[role]!r} has shape {shape}, its target "
                                       f"{target!r} has shape {self.shapes[target]}")
-            self.deltas[target].append(_Delta(lf, lf.spec.strength, diff=keys[role]))
+            claim(target, "full")
+            # A pair's bias (PEFT's lora_bias) is scaled as the pair; a full delta by the strength alone.
+            factor = pair.factor if role == "up_bias" and pair is not None else lf.spec.strength
+            self.deltas[target].append(_Delta(lf, factor, diff=keys[role]))
         return unmatched
 
     def merge_rows(self, key: str, rows: torch.Tensor, start: int) -> torch.Tensor:

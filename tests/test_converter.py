@@ -10,6 +10,7 @@ import fnmatch
 import hashlib
 import io
 import json
+import math
 import os
 import struct
 import subprocess
@@ -375,6 +376,143 @@ def test_lora_bad_files(tmp_path, i2v_weights, case):
         convert(src, tmp_path / "o.safetensors", lora=[str(lora)], progress=False)
     assert str(lora) in str(err.value)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def _pair_file(tmp_path, i2v_weights, names, *, rank=4, seed=20, extra=None, metadata=None, name="l.safetensors"):
+    """A LoRA file with a low-rank pair on blocks.0.self_attn.q and blocks.1.ffn.2, its keys spelt by
+    names(module, "up" | "down"); returns (path, {official module: up @ down})."""
+    tensors, products = dict(extra or {}), {}
+    for i, module in enumerate(["blocks.0.self_attn.q", "blocks.1.ffn.2"]):
+        w = i2v_weights[module + ".weight"]
+        up, down = _low_rank(w.shape[0], w.shape[1], rank, seed=seed + i)
+        tensors[names(module, "up")], tensors[names(module, "down")] = up, down
+        products[module] = up @ down
+    path = tmp_path / name
+    save_file(tensors, str(path), metadata=metadata)
+    return path, products
+
+
+def _check_pairs(tmp_path, i2v_weights, src, lora, products, factor, name="o.safetensors"):
+    got = _convert_fp32(tmp_path, src, lora, name=name, keep=("blocks.0.self_attn.q", "blocks.1.ffn.2"))
+    for module, product in products.items():
+        want = i2v_weights[module + ".weight"].float() + product * factor
+        assert _same(got[module + ".weight"], want), module
+    return got
+
+
+_DIFFUSERS_NAMES = {"blocks.0.self_attn.q": "blocks.0.attn1.to_q", "blocks.1.ffn.2": "blocks.1.ffn.net.2"}
+
+
+@pytest.mark.parametrize("where", ["header", "header_pipeline", "adapter_config"])
+def test_lora_alpha_from_peft_metadata(tmp_path, i2v_weights, where):
+    """diffusers and PEFT keep lora_alpha in the safetensors header or adapter_config.json, not in tensors."""
+    src = _source(tmp_path, i2v_weights, I2V)
+    rank, alpha = 4, 16
+    config = {"r": rank, "lora_alpha": alpha, "peft_type": "LORA", "use_rslora": False, "use_dora": False,
+              "alpha_pattern": {"ffn.net.2": 2}, "rank_pattern": {}}
+    if where == "header_pipeline":  # WanLoraLoaderMixin.save_lora_weights prefixes the component
+        config = {f"transformer.{k}": v for k, v in config.items()}
+    metadata = {"lora_adapter_metadata": json.dumps(config)} if where.startswith("header") else None
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    path, products = _pair_file(folder, i2v_weights, lambda m, r: f"transformer.{_DIFFUSERS_NAMES[m]}."
+                                f"lora_{'B' if r == 'up' else 'A'}.weight", metadata=metadata, name="adapter_model.safetensors")
+    if where == "adapter_config":
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    got = _convert_fp32(tmp_path, src, [(folder if where == "adapter_config" else path, 0.5)],
+                        keep=("blocks.0.self_attn.q", "blocks.1.ffn.2"))
+    w = i2v_weights
+    assert _same(got["blocks.0.self_attn.q.weight"],
+                 w["blocks.0.self_attn.q.weight"].float() + products["blocks.0.self_attn.q"] * (0.5 * alpha / rank))
+    assert _same(got["blocks.1.ffn.2.weight"],  # alpha_pattern matches the module's name as the file writes it
+                 w["blocks.1.ffn.2.weight"].float() + products["blocks.1.ffn.2"] * (0.5 * 2 / rank))
+
+
+def test_lora_rslora_divides_by_the_root_of_the_rank(tmp_path, i2v_weights):
+    src = _source(tmp_path, i2v_weights, I2V)
+    config = {"r": 4, "lora_alpha": 8, "use_rslora": True}
+    path, products = _pair_file(tmp_path, i2v_weights, lambda m, r: f"{m}.lora_{'B' if r == 'up' else 'A'}.weight",
+                                metadata={"lora_adapter_metadata": json.dumps(config)})
+    _check_pairs(tmp_path, i2v_weights, src, [path], products, 1.0 * 8 / math.sqrt(4))
+
+
+@pytest.mark.parametrize("case", ["dora", "loha", "dora_tensor", "alpha_disagrees", "alpha_zero", "bad_json"])
+def test_lora_adapters_that_cannot_be_merged_are_refused(tmp_path, i2v_weights, case):
+    src = _source(tmp_path, i2v_weights, I2V)
+    names = lambda m, r: f"{m}.lora_{'up' if r == 'up' else 'down'}.weight"  # noqa: E731
+    metadata, extra = None, {}
+    if case == "dora":
+        metadata, match = {"lora_adapter_metadata": json.dumps({"r": 4, "use_dora": True})}, "DoRA adapter"
+    elif case == "loha":
+        metadata, match = {"lora_adapter_metadata": json.dumps({"peft_type": "LOHA"})}, "a LOHA adapter"
+    elif case == "dora_tensor":
+        extra, match = {"blocks.0.self_attn.q.dora_scale": torch.ones(1, 256)}, "a DoRA adapter"
+    elif case == "alpha_disagrees":
+        metadata = {"lora_adapter_metadata": json.dumps({"lora_alpha": 8})}
+        extra, match = {"blocks.0.self_attn.q.alpha": torch.tensor(4.0)}, "= 4 and .*says alpha 8"
+    elif case == "alpha_zero":
+        extra, match = {"blocks.0.self_attn.q.alpha": torch.tensor(0.0)}, "alpha.* is 0"
+    else:
+        metadata, match = {"lora_adapter_metadata": "{r: 4"}, "lora_adapter_metadata: not valid JSON"
+    path, _ = _pair_file(tmp_path, i2v_weights, names, metadata=metadata, extra=extra)
+    with pytest.raises(CheckpointError, match=match) as err:
+        convert(src, tmp_path / "o.safetensors", lora=[path], progress=False)
+    assert str(path) in str(err.value)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("style", ["kohya", "peft_default", "peft_model"])
+def test_lora_key_spellings_of_other_tools(tmp_path, i2v_weights, style):
+    """musubi-tuner / kohya (lora_unet_ names, integer alpha), PEFT's adapter name, PeftModel's prefix."""
+    src = _source(tmp_path, i2v_weights, I2V)
+    rank = 4
+    if style == "kohya":
+        names = lambda m, r: f"lora_unet_{m.replace('.', '_')}.lora_{r}.weight"  # noqa: E731
+        extra = {f"lora_unet_{m.replace('.', '_')}.alpha": torch.tensor(2) for m in _DIFFUSERS_NAMES}
+        factor = 0.5 * 2 / rank
+    elif style == "peft_default":
+        names = lambda m, r: f"diffusion_model.{m}.lora_{'B' if r == 'up' else 'A'}.default.weight"  # noqa: E731
+        extra, factor = {}, 0.5
+    else:
+        names = lambda m, r: f"base_model.model.{_DIFFUSERS_NAMES[m]}.lora_{'B' if r == 'up' else 'A'}.weight"  # noqa: E731
+        extra, factor = {}, 0.5
+    path, products = _pair_file(tmp_path, i2v_weights, names, rank=rank, extra=extra)
+    _check_pairs(tmp_path, i2v_weights, src, [(path, 0.5)], products, factor)
+
+
+def test_lora_modulation_diff_m_and_pair_bias(tmp_path, i2v_weights):
+    """LightX2V's `.diff_m` (a block's or the head's modulation) and PEFT's lora_B.bias (scaled as its pair)."""
+    src = _source(tmp_path, i2v_weights, I2V)
+    gen = torch.Generator().manual_seed(5)
+    diff_m = {m: torch.randn(i2v_weights[m + ".modulation"].shape, generator=gen) for m in ("blocks.1", "head")}
+    bias = torch.randn(i2v_weights["blocks.0.self_attn.q.bias"].shape, generator=gen)
+    extra = {f"diffusion_model.{m}.diff_m": d for m, d in diff_m.items()}
+    extra["diffusion_model.blocks.0.self_attn.q.lora_B.bias"] = bias
+    extra["diffusion_model.blocks.0.self_attn.q.alpha"] = torch.tensor(8.0)
+    path, products = _pair_file(tmp_path, i2v_weights, lambda m, r: f"diffusion_model.{m}.lora_"
+                                f"{'B' if r == 'up' else 'A'}.weight", extra=extra)
+    got = _convert_fp32(tmp_path, src, [(path, 0.5)], keep=("blocks.0.self_attn.q", "blocks.1.ffn.2"))
+    for m, d in diff_m.items():
+        assert _same(got[m + ".modulation"], i2v_weights[m + ".modulation"].float() + d * 0.5), m
+    factor = 0.5 * 8.0 / 4
+    assert _same(got["blocks.0.self_attn.q.weight"],
+                 i2v_weights["blocks.0.self_attn.q.weight"].float() + products["blocks.0.self_attn.q"] * factor)
+    assert _same(got["blocks.0.self_attn.q.bias"], i2v_weights["blocks.0.self_attn.q.bias"].float() + bias * factor)
+
+
+def test_lora_one_module_under_two_names_is_refused(tmp_path, i2v_weights):
+    """Official and diffusers names of one module in one file would merge its delta twice."""
+    src = _source(tmp_path, i2v_weights, I2V)
+    w = i2v_weights["blocks.0.self_attn.q.weight"]
+    up, down = _low_rank(*w.shape, 2, seed=0)
+    lora = tmp_path / "l.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_up.weight": up,
+               "diffusion_model.blocks.0.self_attn.q.lora_down.weight": down,
+               "transformer.blocks.0.attn1.to_q.lora_B.weight": up.clone(),
+               "transformer.blocks.0.attn1.to_q.lora_A.weight": down.clone()}, str(lora))
+    with pytest.raises(CheckpointError, match="'blocks.0.(self_attn.q|attn1.to_q)' and "
+                                              "'blocks.0.(self_attn.q|attn1.to_q)' both change 'blocks.0.self_attn.q.weight'"):
+        convert(src, tmp_path / "o.safetensors", lora=[lora], progress=False)
 
 
 def test_parse_lora_arguments(tmp_path):
