@@ -39,6 +39,23 @@ def pytest_configure(config: pytest.Config) -> None:
                                 "(tiny shapes, the Triton interpreter), whose times compare with nothing")
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    # The baselines of one GPU compare with runs on that GPU only: pytest-benchmark warns when a
+    # comparison's machine_info differs.
+    if CUDA:
+        machine_info["gpu"] = {"name": torch.cuda.get_device_name(),
+                               "capability": list(torch.cuda.get_device_capability())}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    from dit8.testing import fp8_refusal_as_skip
+
+    fp8_refusal_as_skip(item, call, outcome.get_result())
+
+
 @pytest.fixture
 def triton_kernels_only(monkeypatch):
     """For suites whose rows name the kernel they time: the Triton kernels' rows time them, not the Gluon

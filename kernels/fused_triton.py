@@ -27,6 +27,7 @@ import triton.language as tl
 from . import fused_spec as spec
 from .buffers import new_output
 from .quantize import QMAX, SCALE_FLOOR
+from .registry import require_fp8_tensor_cores
 from .rounding_triton import BIAS_2_23, round_bf16, round_e4m3
 from .scaled_mm_triton import _GELU_C0, _GELU_C1
 from .triton_support import interpreting, on_tensor_device
@@ -346,11 +347,20 @@ def rows_launch(op: str, C: int, device: torch.device) -> tuple[int, bool]:
     return _num_warps(sum(row_tiles(C))), PREFETCH_PARAMS
 
 
+def _require_e4m3(op: str, out_dtype: torch.dtype, device: torch.device) -> None:
+    # Triton has no e4m3 type below sm_89: the kernel would fail to compile with a compiler error.
+    if out_dtype == torch.float8_e4m3fn:
+        require_fp8_tensor_cores(f"{op} to float8_e4m3fn with backend='triton'", device,
+                                 "use int8, or backend='cuda' or 'torch'")
+
+
 @on_tensor_device
 def launch_rows(x: torch.Tensor, weight, bias, shift, scale, norm: int, act: int, rows_per_batch: int,
                 eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the rows kernel (fused_spec.py); the arguments must pass spec.check_rows."""
     spec.check_rows("rows_triton", x, weight, bias, shift, scale, norm, act, rows_per_batch, out_dtype)
+    op = rows_op_name(norm, act, shift is not None, out_dtype in (torch.int8, torch.float8_e4m3fn))
+    _require_e4m3(op, out_dtype, x.device)
     out, out_scale = spec.rows_outputs(x, out_dtype, new_output)
     M, C = x.shape
     if M == 0:
@@ -358,7 +368,6 @@ def launch_rows(x: torch.Tensor, weight, bias, shift, scale, norm: int, act: int
     tile = triton.next_power_of_2(C)
     single = tile <= MAX_TILE
     block, tail = row_tiles(C) if single else (CHUNK, 0)
-    op = rows_op_name(norm, act, shift is not None, out_dtype in (torch.int8, torch.float8_e4m3fn))
     warps, prefetch = rows_launch(op, C, x.device) if single else (_num_warps(block), False)
     dummy = out_scale if out_scale.numel() else x  # never read when the flag is off
     _rows_kernel[(M,)](
@@ -456,6 +465,7 @@ def _qk_norm_rope_kernel(Q, K, stride_qb, stride_ql, stride_kb, stride_kl, WQ, W
 def launch_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads: int, eps: float, out_dtype: torch.dtype):
     """Run the q/k RMSNorm + RoPE kernel (fused_spec.py); the arguments must pass spec.check_qk."""
     spec.check_qk("qk_norm_rope_triton", q, k, weight_q, weight_k, cos, sin, heads, out_dtype)
+    _require_e4m3("qk_norm_rope_quant", out_dtype, q.device)
     q_out, k_out, q_scale, k_scale = spec.qk_outputs(q, heads, out_dtype, new_output)
     B, L, C = q.shape
     if B * L == 0:

@@ -38,6 +38,10 @@ class BackendError(Dit8Error, ValueError):
     """An op was asked for a backend that does not exist or cannot run here."""
 
 
+class NoFP8Error(BackendError):
+    """An FP8 path was asked of a GPU without FP8 tensor cores (before sm_89)."""
+
+
 @dataclass(frozen=True)
 class _Impl:
     fn: Callable
@@ -117,8 +121,8 @@ def require_fp8_tensor_cores(what: str, device: torch.device, instead: str) -> N
     Devices other than CUDA GPUs pass: on CPU tensors the Triton kernels run in the interpreter."""
     if device.type == "cuda" and (capability := _capability(device)) < (8, 9):
         major, minor = capability
-        raise BackendError(f"{what} needs FP8 tensor cores (sm_89 or newer); this GPU is sm_{major}{minor}: "
-                           f"{instead}")
+        raise NoFP8Error(f"{what} needs FP8 tensor cores (sm_89 or newer); this GPU is sm_{major}{minor}: "
+                         f"{instead}")
 
 
 def _any_device(device: torch.device) -> bool:

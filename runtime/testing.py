@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from .config import WanConfig, tiny_config
 from .layouts import DIFFUSERS, LAYOUTS, OFFICIAL, expected_shapes, from_official
 
-__all__ = ["FORMATS", "LAYOUTS", "random_inputs", "random_w8a8_operands", "random_weights", "scale_random_",
-           "tiny_config", "write_checkpoint", "write_config_json"]
+__all__ = ["FORMATS", "LAYOUTS", "fp8_refusal_as_skip", "random_inputs", "random_w8a8_operands", "random_weights",
+           "scale_random_", "tiny_config", "write_checkpoint", "write_config_json"]
 
 # single .safetensors, single .pth, a folder of shards with an index json, a folder of per-block files
 FORMATS = ("safetensors", "pth", "sharded", "per_block")
@@ -139,3 +139,14 @@ def write_checkpoint(weights: dict[str, torch.Tensor], path: str | Path, *, layo
     if config is not None:
         write_config_json(config, folder, layout)
     return path
+
+
+def fp8_refusal_as_skip(item, call, report) -> None:
+    """For a pytest_runtest_makereport hook: a test stopped by a kernel's refusal of FP8 on a GPU without
+    it (A100, RTX 30xx) is reported skipped, with the refusal as its reason. The FP8 cases of tests and
+    benchmarks that cover both 8-bit formats cannot run there; their INT8 cases still do."""
+    from dit8.kernels.registry import NoFP8Error
+
+    if call.when == "call" and call.excinfo is not None and call.excinfo.errisinstance(NoFP8Error):
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {call.excinfo.value}")

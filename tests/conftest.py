@@ -38,6 +38,14 @@ if _WORKERS > 1:
 os.environ.setdefault("DIT8_POISON_OUTPUTS", "1")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    from dit8.testing import fp8_refusal_as_skip  # here: dit8 is imported after TRITON_INTERPRET is set
+
+    fp8_refusal_as_skip(item, call, outcome.get_result())
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         gpu_tests_first(items)

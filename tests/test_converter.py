@@ -416,7 +416,8 @@ def test_lora_alpha_from_peft_metadata(tmp_path, i2v_weights, where):
     folder = tmp_path / "adapter"
     folder.mkdir()
     path, products = _pair_file(folder, i2v_weights, lambda m, r: f"transformer.{_DIFFUSERS_NAMES[m]}."
-                                f"lora_{'B' if r == 'up' else 'A'}.weight", metadata=metadata, name="adapter_model.safetensors")
+                                f"lora_{'B' if r == 'up' else 'A'}.weight", metadata=metadata,
+                                name="adapter_model.safetensors")
     if where == "adapter_config":
         (folder / "adapter_config.json").write_text(json.dumps(config))
     got = _convert_fp32(tmp_path, src, [(folder if where == "adapter_config" else path, 0.5)],
@@ -510,8 +511,8 @@ def test_lora_one_module_under_two_names_is_refused(tmp_path, i2v_weights):
                "diffusion_model.blocks.0.self_attn.q.lora_down.weight": down,
                "transformer.blocks.0.attn1.to_q.lora_B.weight": up.clone(),
                "transformer.blocks.0.attn1.to_q.lora_A.weight": down.clone()}, str(lora))
-    with pytest.raises(CheckpointError, match="'blocks.0.(self_attn.q|attn1.to_q)' and "
-                                              "'blocks.0.(self_attn.q|attn1.to_q)' both change 'blocks.0.self_attn.q.weight'"):
+    names = "'blocks.0.(self_attn.q|attn1.to_q)'"
+    with pytest.raises(CheckpointError, match=f"{names} and {names} both change 'blocks.0.self_attn.q.weight'"):
         convert(src, tmp_path / "o.safetensors", lora=[lora], progress=False)
 
 

@@ -783,3 +783,40 @@ def test_triton_kernels_compile_for_hopper():
     programs = {k: min(2048 // (32 * r["warps"]), 65536 // (-(-r["registers"] // 8) * 8 * 32 * r["warps"]))
                 for k, r in reports.items() if not k.startswith("residual_add")}
     assert all(n >= 2 for n in programs.values()), programs
+
+
+def test_triton_e4m3_outputs_are_refused_before_sm89(monkeypatch):
+    """Triton has no e4m3 type before sm_89 (A100, RTX 30xx): the rows and q/k kernels refuse FP8 codes there
+    with a NoFP8Error naming the op, instead of failing inside the compiler."""
+    from dit8.kernels import registry
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(registry, "_capability", lambda device: (8, 0))  # an A100, without touching CUDA
+    for op in ("layer_norm_modulate_quant", "qk_norm_rope_quant"):
+        with pytest.raises(registry.NoFP8Error, match=f"{op} to float8_e4m3fn with backend='triton' needs FP8 "
+                                                      "tensor cores .* sm_80: use int8, or backend='cuda' or 'torch'"):
+            fused_triton._require_e4m3(op, FP8, cuda)
+        fused_triton._require_e4m3(op, torch.int8, cuda)
+    monkeypatch.setattr(registry, "_capability", lambda device: (8, 9))
+    fused_triton._require_e4m3("quantize_per_token", FP8, cuda)
+    fused_triton._require_e4m3("quantize_per_token", FP8, torch.device("cpu"))  # the interpreter
+
+
+def test_fp8_refusals_are_reported_as_skips():
+    """The tests' and benchmarks' report hook turns a NoFP8Error (and only that) into a skip giving its reason."""
+    from types import SimpleNamespace
+
+    from dit8.kernels.registry import BackendError, NoFP8Error
+    from dit8.testing import fp8_refusal_as_skip
+
+    item = SimpleNamespace(path="tests/t.py", location=("tests/t.py", 7, "test_x"))
+    for error, outcome in ((NoFP8Error("op needs FP8 tensor cores"), "skipped"), (BackendError("other"), "failed")):
+        for when, want in (("call", outcome), ("setup", "failed")):
+            with pytest.raises(BackendError) as raised:
+                raise error
+            call = SimpleNamespace(when=when, excinfo=raised)
+            report = SimpleNamespace(outcome="failed", longrepr="traceback")
+            fp8_refusal_as_skip(item, call, report)
+            assert report.outcome == want
+            if want == "skipped":
+                assert report.longrepr == ("tests/t.py", 7, "Skipped: op needs FP8 tensor cores")
