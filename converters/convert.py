@@ -31,7 +31,7 @@ from dit8 import packed_format as fmt
 from dit8.loader import TENSOR_SCALE, check_finite, open_dit
 from dit8.progress import Progress
 
-from .lora import LoraArg, LoraSet
+from .lora import LoraArg, LoraSet, LoraSpec
 from .quantize_weights import SCHEME_DTYPES, error_sums, errors_from_sums, quantize_weight
 from .errors import ConvertError
 from .safetensors_writer import SafetensorsWriter, TensorSpec, fsync_folder, temp_path_beside
@@ -408,7 +408,7 @@ def _move_without_replacing(path: Path, dst: Path) -> None:
 
 
 def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
-            lora: Iterable["LoraArg"] | None = None, keep: Sequence[str] = (), per_block: bool = False,
+            lora: str | Path | LoraSpec | Iterable[LoraArg] | None = None, keep: Sequence[str] = (), per_block: bool = False,
             force: bool = False, out_dtype: torch.dtype = torch.bfloat16, report: bool = True,
             progress: bool | None = None) -> ConvertResult:
     """Convert the float DiT checkpoint `src` to the dit8 packed format at `dst`.
@@ -418,7 +418,8 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
         `non_block.safetensors` and `model.safetensors.index.json`.
     scheme: "fp8" or "int8" quantizes the block linears (weights [out, in] + `weight_scale` [out, 1]
         fp32); "bf16" only casts.
-    lora: LoRA files, each "path[:strength]" or (path, strength), merged in fp32 before quantizing.
+    lora: LoRA files, each "path[:strength]", a path, (path, strength) or a LoraSpec (or one path or
+        LoraSpec alone), merged in fp32 before quantizing.
     keep: fnmatch patterns of block linears left in high precision, e.g. "blocks.0.*".
     out_dtype: dtype of every tensor that is not quantized.
     report: write the per-layer quality report json (`<dst>.quant_report.json`, or `quant_report.json`
@@ -430,7 +431,7 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
     """
     src, dst = Path(src), Path(dst)
     keep = [keep] if isinstance(keep, str) else list(keep)  # one pattern, not its characters
-    if isinstance(lora, (str, Path)):
+    if isinstance(lora, (str, Path, LoraSpec)):  # one LoRA (a tuple is a sequence of them)
         lora = [lora]
     _check_options(scheme, out_dtype, keep)
     _check_paths(src, dst, per_block, force)

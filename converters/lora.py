@@ -36,7 +36,6 @@ from .source import read_at, safetensors_offsets
 
 _MAX_LISTED = 20
 
-LoraArg = Union[str, Path, tuple]
 
 
 @dataclass(frozen=True)
@@ -47,13 +46,20 @@ class LoraSpec:
     strength: float = 1.0
 
 
-def parse_lora(arg: "LoraArg | LoraSpec") -> LoraSpec:
+# A LoRA to merge: "path[:strength]", a path, a (path, strength) pair or a LoraSpec.
+LoraArg = Union[str, Path, "tuple[str | Path, float]", "LoraSpec"]
+
+
+def parse_lora(arg: LoraArg) -> LoraSpec:
     """A LoraSpec from `FILE[:STRENGTH]`, a (path, strength) pair, or a path."""
     if isinstance(arg, LoraSpec):
         return arg
     if isinstance(arg, tuple):
-        path, strength = arg
-        spec = LoraSpec(Path(path), float(strength))
+        try:
+            path, strength = arg
+            spec = LoraSpec(Path(path), float(strength))
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"a LoRA given as a tuple must be (path, strength), got {arg!r}: {err}") from None
     else:
         text = str(arg)
         if not text:
@@ -188,7 +194,7 @@ class LoraSet:
     match nothing, incomplete pairs, and shapes that do not fit their target.
     """
 
-    def __init__(self, specs: Iterable["LoraArg | LoraSpec"], shapes: Mapping[str, tuple[int, ...]]):
+    def __init__(self, specs: Iterable[LoraArg], shapes: Mapping[str, tuple[int, ...]]):
         self.shapes = dict(shapes)
         self.files: list[_LoraFile] = []
         self.deltas: dict[str, list[_Delta]] = defaultdict(list)

@@ -205,9 +205,9 @@ def _int_to_float(x):
 
 def pv_products_by_bits(device: torch.device) -> bool:
     """Whether the INT8 P·V recipe converts its int32 products with `_int_to_float` (PV_BITS): on
-    Hopper and later, and in the interpreter (which runs both ways to the same values); not on sm_80
-    and sm_89, where the extra registers spill inside the key loop."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+    Hopper and datacenter Blackwell (sm_90, sm_100), and in the interpreter (which runs both ways to the
+    same values); not on sm_80, sm_89 or sm_120, where the extra registers spill inside the key loop."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
 @triton.jit

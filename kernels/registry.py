@@ -116,6 +116,11 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+def has_fp8_tensor_cores(device: torch.device) -> bool:
+    """False on CUDA GPUs before sm_89; True elsewhere (CPU tensors: the interpreter emulates FP8)."""
+    return device.type != "cuda" or _capability(device) >= (8, 9)
+
+
 def require_fp8_tensor_cores(what: str, device: torch.device, instead: str) -> None:
     """BackendError unless `device` has FP8 tensor cores (sm_89 or newer), saying to do `instead`.
     Devices other than CUDA GPUs pass: on CPU tensors the Triton kernels run in the interpreter."""
@@ -234,8 +239,9 @@ def reference_only_notice(backend: str, device: torch.device) -> str | None:
     if verified_kernels((major, minor)):
         return None
     return (f"dit8: no kernel has passed its GPU tests on this GPU generation (sm_{major}{minor}) yet, so "
-            f"backend='auto' runs the torch reference ops, many times slower than the kernels; "
-            f"DIT8_BACKEND=triton (or backend='triton') runs the Triton kernels, bench/gpu_check.sh tests them")
+            f"backend='auto' runs the torch reference ops, many times slower than the kernels (8-bit "
+            f"attention, which has no reference, runs its Triton kernel untested); DIT8_BACKEND=triton "
+            f"(or backend='triton') runs the Triton kernels, bench/gpu_check.sh tests them")
 
 
 def available_backends(device: str | torch.device = "cpu") -> dict[str, list[str]]:

@@ -34,16 +34,29 @@ import torch.nn.functional as F
 
 from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor
 from .quantize import QUANT_DTYPES
-from .registry import register, resolve
+from .registry import has_fp8_tensor_cores, register, resolve
 from .triton_support import triton_runs_on
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ACTIVATIONS = ("gelu_tanh",)
 
 
+def _int_mm_fits(xq: torch.Tensor, wq: torch.Tensor) -> bool:
+    """Whether cuBLAS's integer GEMM (torch._int_mm) takes these operands, its int32 sums exact."""
+    (M, K), N = xq.shape, wq.shape[0]
+    return xq.is_cuda and M > 16 and K % 8 == 0 and N % 8 == 0 and 0 < K < 2 ** 31 // 2 ** 14  # |product| <= 2^14
+
+
 def _accumulate(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     """xq · wqᵀ as fp32: exact for int8, fp32-accumulated for fp8."""
     if xq.dtype == torch.int8:
+        if _int_mm_fits(xq, wq):
+            # The same exact sums at integer tensor-core speed: float64 matmul runs at 1/64 of the fp32
+            # rate on most GPUs (minutes a forward at Wan's shapes where "auto" serves this reference).
+            try:
+                return torch._int_mm(xq, wq.t()).float()
+            except RuntimeError:  # a layout or GPU this torch's cuBLAS path does not take
+                pass
         # |product| <= 2^14, so float64 sums stay exact up to K = 2^39 (any real K), and float64
         # matmul runs on every device, unlike integer matmul.
         return (xq.double() @ wq.double().t()).float()
@@ -170,6 +183,8 @@ def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale
     if out_dtype is None:
         out_dtype = torch.float32 if residual is not None else torch.bfloat16
     _check_args(xq, x_scale, wq, w_scale, bias, out_dtype)
+    if backend == "auto" and xq.dtype == torch.float8_e4m3fn and not has_fp8_tensor_cores(xq.device):
+        backend = "torch"  # no FP8 kernel runs on this GPU (A100, RTX 30xx); the reference does
     if activation is None and residual is None and gate is None and rows_per_batch is None:
         return resolve("scaled_mm", backend, xq.device)(xq, x_scale, wq, w_scale, bias, out_dtype)
     rows_per_batch = _check_epilogue(xq, wq, out_dtype, activation, residual, gate, rows_per_batch)

@@ -379,6 +379,19 @@ def _rank_prefix(args: argparse.Namespace) -> str:
     return f"rank {os.environ.get('RANK')}: " if _follower(args) else ""
 
 
+# What to try when a command runs out of GPU memory.
+_MEMORY_HINTS = {
+    "generate": "try --scheme fp8 or int8, --offload-encoders, --vae-tile, fewer --frames or a smaller --size",
+    "demo": "try --device cpu",
+    "bench": "try --scheme fp8 or int8 (bf16 weights of I2V-14B take 31 GiB), or fewer --layers",
+}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dit8` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -402,12 +415,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dit8: {_rank_prefix(args)}error: {in_flag_words(str(err))}", file=sys.stderr)
         return 1
     except RuntimeError as err:
+        if type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+            print(f"dit8: {_rank_prefix(args)}error: out of GPU memory ({_first_line(err)}); "
+                  f"{_MEMORY_HINTS.get(args.command, 'use a GPU with more memory')}", file=sys.stderr)
+            return 1
         if not getattr(args, "sequence_parallel", False):
             raise
         # A collective failed: another process of the group stopped (its own message says why).
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"dit8: {_rank_prefix(args)}error: the process group failed, another process may have stopped "
-              f"({first_line})", file=sys.stderr)
+              f"({_first_line(err)})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("dit8: interrupted", file=sys.stderr)

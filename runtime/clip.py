@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -211,6 +212,9 @@ class CLIPVisionEncoder(nn.Module):
         for block in self.transformer:
             x = block(x)
         return x.to(self.dtype)
+
+    if TYPE_CHECKING:  # nn.Module's __call__ returns Any: callers get forward's types
+        __call__ = forward
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """CLIP features [B, 257, 1280] (for ViT-H/14) of images [B, 3, H, W] in [-1, 1]."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -354,6 +354,9 @@ class WanDiT(nn.Module):
         if parallel is not None:
             out = parallel.gather(out, 1, positions.tokens)
         return self._unpatchify(out, grid)
+
+    if TYPE_CHECKING:  # nn.Module's __call__ returns Any: callers get forward's types
+        __call__ = forward
 
     def _check_encoded(self, context: EncodedContext, batch: int) -> None:
         """An EncodedContext must come from a model of this one's shape: a block count or an image branch

@@ -73,7 +73,7 @@ class ProgressEvent:
     x0: torch.Tensor | None = None
 
 
-ProgressCallback = Callable[[ProgressEvent], None]
+ProgressCallback = Callable[[ProgressEvent], object]  # what it returns is ignored
 
 
 @dataclass

@@ -69,7 +69,7 @@ class DistilledSampler:
         return self.sigmas() * 1000
 
     def sample(self, model: Denoiser, noise: torch.Tensor, *, seed: int = 0,
-               callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+               callback: Callable[[int, int, torch.Tensor], object] | None = None) -> torch.Tensor:
         """Run every step from `noise` (fp32 latents at σ = 1); returns the final x0 estimate.
 
         seed: seeds the fresh noise of the "renoise" rule (unused by "deterministic").

@@ -19,6 +19,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -240,3 +241,6 @@ class T5Encoder(nn.Module):
         for block in self.blocks:
             x = block(x, buckets, masked)
         return self.norm(x, self.dtype)
+
+    if TYPE_CHECKING:  # nn.Module's __call__ returns Any: callers get forward's types
+        __call__ = forward

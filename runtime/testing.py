@@ -75,7 +75,7 @@ def random_w8a8_operands(M: int, N: int, K: int, qdtype: torch.dtype, *, seed: i
     return [xq, xs, wq, ws, bias]
 
 
-def write_config_json(config: WanConfig, folder: Path, layout: str = OFFICIAL) -> Path:
+def write_config_json(config: WanConfig, folder: str | Path, layout: str = OFFICIAL) -> Path:
     """Write config.json as the official release (WanModel) or diffusers (WanTransformer3DModel) does."""
     if layout == DIFFUSERS:
         raw = {"_class_name": "WanTransformer3DModel", "patch_size": list(config.patch_size),
@@ -89,7 +89,7 @@ def write_config_json(config: WanConfig, folder: Path, layout: str = OFFICIAL) -
                "freq_dim": config.freq_dim, "out_dim": config.out_dim, "num_heads": config.num_heads,
                "num_layers": config.num_layers, "eps": config.eps, "patch_size": list(config.patch_size),
                "text_dim": config.text_dim}
-    path = folder / "config.json"
+    path = Path(folder) / "config.json"
     path.write_text(json.dumps(raw, indent=2))
     return path
 

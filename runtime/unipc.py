@@ -107,7 +107,7 @@ class UniPCSampler:
         return unipc_sigmas(self.steps, self.shift)[1]
 
     def sample(self, model: Denoiser, noise: torch.Tensor, *,
-               callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+               callback: Callable[[int, int, torch.Tensor], object] | None = None) -> torch.Tensor:
         """Integrate from `noise` (latents at the first σ, ≈ 1) to σ = 0 and return the result, in fp32
         (fp64 when `noise` is fp64).
 

@@ -47,7 +47,7 @@ LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
 # (or per decode tile), so a model holds no state and can serve several calls.
 Cache = dict[nn.Module, torch.Tensor | None]
 # progress(done, total): called after each chunk of latent frames (of each tile when tiling).
-ProgressFn = Callable[[int, int], None]
+ProgressFn = Callable[[int, int], object]
 
 
 @dataclass(frozen=True)

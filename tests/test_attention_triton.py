@@ -970,3 +970,14 @@ def test_kernels_compile_for_ampere_and_ada():
     too_big = {k: v["shared"] for k, v in kernels.items() if v["shared"] > SHARED_MEMORY_LIMIT[k.split(", ")[-1]]}
     assert not too_big, too_big
     assert not {k: v["local_in_loops"] for k, v in kernels.items() if v["local_in_loops"]}
+
+
+def test_int8_pv_products_by_bits_where_registers_allow(monkeypatch):
+    """The bit-trick conversion of INT8 P·V products needs Hopper's (and datacenter Blackwell's) registers:
+    off on sm_80, sm_89 and sm_120, where the key loop would spill."""
+    from dit8.kernels import attention_8bit_triton as impl8
+
+    for capability, want in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True), ((12, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert impl8.pv_products_by_bits(torch.device("cuda", 0)) is want
+    assert impl8.pv_products_by_bits(torch.device("cpu"))

@@ -180,3 +180,18 @@ def test_demo_refuses_an_unusable_output_first(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "nodir" / "x.mp4")]) == 1
     err = capsys.readouterr()
     assert "nodir" in err.err and "does not exist" in err.err and "step" not in err.out
+
+
+def test_out_of_gpu_memory_is_one_line_with_what_to_try(monkeypatch, capsys):
+    import torch
+
+    import dit8.devices
+
+    def out_of_memory(device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore of its text")
+
+    monkeypatch.setattr(dit8.devices, "resolve_device", out_of_memory)
+    assert main(["bench", "dit", "--scheme", "bf16", "--device", "cuda"]) == 1
+    assert capsys.readouterr().err == ("dit8: error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 "
+                                       "GiB); try --scheme fp8 or int8 (bf16 weights of I2V-14B take 31 GiB), or "
+                                       "fewer --layers\n")

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 import dit8
 from dit8 import CheckpointError, WanConfig
 from dit8.checkpoint import open_checkpoint
-from dit8.converters import (ConvertError, SafetensorsWriter, TensorSpec, check_format_version, convert,
+from dit8.converters import (ConvertError, LoraSpec, SafetensorsWriter, TensorSpec, check_format_version, convert,
                              dequantize_weight, parse_lora, quantization_error, quantize_weight, scheme_of)
 from dit8 import packed_format as fmt
 from dit8.converters.cli import add_convert_arguments, run_convert
@@ -1043,3 +1043,20 @@ def test_a_lora_that_overflows_a_quantized_layer_is_named(tmp_path, i2v_weights)
     assert str(err.value).endswith(f"'blocks.0.ffn.0.weight' is finite in the file but not after merging the LoRA "
                                    f"{lora}")
     assert _listing(out) == []
+
+
+def test_lora_arguments_of_every_documented_form(tmp_path, i2v_weights):
+    """convert(lora=...) takes one path or LoraSpec, or a sequence of paths, "path:strength" strings,
+    (path, strength) pairs and LoraSpecs; a malformed pair is a CheckpointError."""
+    src = _source(tmp_path, i2v_weights, I2V)
+    w = i2v_weights["blocks.0.self_attn.q.weight"]
+    up, down = _low_rank(*w.shape, 2, seed=4)
+    path = tmp_path / "l.safetensors"
+    save_file({"blocks.0.self_attn.q.diff": up @ down}, str(path))
+    for i, lora in enumerate([path, LoraSpec(path, 0.5), [(path, 0.5)], (f"{path}:0.5",), [LoraSpec(path)]]):
+        got = _convert_fp32(tmp_path, src, lora, name=f"o{i}.safetensors")
+        strength = 1.0 if i in (0, 4) else 0.5
+        assert _same(got["blocks.0.self_attn.q.weight"], w.float() + (up @ down) * strength), lora
+    for bad in [(path, "oops"), (path, 0.5, 1)]:
+        with pytest.raises(CheckpointError, match="a LoRA given as a tuple must be \\(path, strength\\)"):
+            parse_lora(bad)

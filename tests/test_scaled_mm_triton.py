@@ -646,3 +646,27 @@ def test_hopper_sweep_candidates_compile():
         assert r["shared"] <= gemm_configs.SHARED_MEMORY_LIMIT["sm_90"], (key, r)
         assert r["wgmma"] and not r["wgmma_serialized"] and r["spills"] == 0, (key, r)
         assert r["tma"] == ("tma_persistent" in key), (key, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("M, N, K", [(1000, 520, 1032), (16, 520, 1032), (1000, 520, 1030)],
+                         ids=["int_mm", "few_rows", "odd_k"])
+def test_gpu_int8_reference_sums_exactly(M, N, K):
+    """The torch reference's INT8 GEMM on CUDA (cuBLAS's integer GEMM where it takes the operands, float64
+    where not) gives the CPU reference's exact sums: the same output bit for bit."""
+    operands = random_w8a8_operands(M, N, K, torch.int8, seed=M + K)
+    want = scaled_mm(*operands, out_dtype=torch.float32, backend="torch")
+    got = scaled_mm(*(t.cuda() for t in operands), out_dtype=torch.float32, backend="torch")
+    assert torch.equal(got.cpu(), want)
+
+
+def test_fp8_tensor_cores_by_gpu_generation(monkeypatch):
+    """"auto" sends FP8 GEMMs to the torch reference on GPUs without FP8 tensor cores (sm_80, sm_86)."""
+    from dit8.kernels import registry
+
+    cuda = torch.device("cuda", 0)
+    for capability, has in (((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True), ((12, 0), True)):
+        monkeypatch.setattr(registry, "_capability", lambda device, c=capability: c)
+        assert registry.has_fp8_tensor_cores(cuda) is has
+    assert registry.has_fp8_tensor_cores(torch.device("cpu"))
