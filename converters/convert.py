@@ -408,9 +408,9 @@ def _move_without_replacing(path: Path, dst: Path) -> None:
 
 
 def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
-            lora: str | Path | LoraSpec | Iterable[LoraArg] | None = None, keep: Sequence[str] = (), per_block: bool = False,
-            force: bool = False, out_dtype: torch.dtype = torch.bfloat16, report: bool = True,
-            progress: bool | None = None) -> ConvertResult:
+            lora: str | Path | LoraSpec | Iterable[LoraArg] | None = None, keep: Sequence[str] = (),
+            per_block: bool = False, force: bool = False, out_dtype: torch.dtype = torch.bfloat16,
+            report: bool = True, progress: bool | None = None) -> ConvertResult:
     """Convert the float DiT checkpoint `src` to the dit8 packed format at `dst`.
 
     src: anything dit8.open_dit reads (file, shards, per-block folder, .pth; any layout).
