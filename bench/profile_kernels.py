@@ -96,7 +96,8 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
     residual, shift, scale = randn(1, 32760, 5120, dtype=torch.float32), randn(1, 5120, dtype=torch.float32), \
         randn(1, 5120, dtype=torch.float32)
     hidden = randn(32760, 13824)
-    pointer_loads = dataclasses.replace(attention_triton.pick_config("bf16", 128), tma=False)
+    pointer_loads = dataclasses.replace(attention_triton.pick_config(
+        "bf16", 128, shared_memory=attention_triton.shared_memory_of(q.device)), tma=False)
     return [
         ("attention bf16", lambda: ops.attention(q, k, v, precision="bf16", backend="triton")),
         ("attention bf16, pointer loads", lambda: attention_triton.attention_bf16(q, k, v, config=pointer_loads)),

@@ -145,7 +145,8 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
             ws = name.endswith("_ws")
             fn = lambda: attention_gluon.attention_bf16(q, k, v, warp_specialized=ws)  # noqa: E731
     elif name == "triton_bf16_pointer":
-        config = dataclasses.replace(impl.pick_config("bf16", D), tma=False)
+        config = dataclasses.replace(impl.pick_config("bf16", D, shared_memory=impl.shared_memory_of(q.device)),
+                                     tma=False)
         fn = lambda: impl.attention_bf16(q, k, v, config=config)  # noqa: E731
         info.update(config=str(config))
     elif name in ("torch_reference", "triton_bf16"):
@@ -207,7 +208,8 @@ def test_cross_attention(name, device, smoke, record, gpu_time, baseline_cache):
     elif name == "triton_fused_two_loops":
         fn = lambda: ops.cross_attention(q, k, v, k_img, v_img, backend="triton")  # noqa: E731
     elif name == "triton_fused_pointer":
-        config = dataclasses.replace(impl.pick_config("cross", D), tma=False)
+        config = dataclasses.replace(impl.pick_config("cross", D, shared_memory=impl.shared_memory_of(q.device)),
+                                     tma=False)
         fn = lambda: impl.cross_attention(q, k, v, k_img, v_img, config=config)  # noqa: E731
     elif name == "triton_fused_tma_128x128":
         config = impl.CROSS_TMA_CANDIDATES[1]
@@ -275,7 +277,8 @@ def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_conf
             return lambda: impl8.attention_8bit(q, k, v, "int8", pv="fp16", config=cfg)
         return lambda: impl8.attention_8bit(q, k, v, path, config=cfg)
 
-    table = impl.pick_config({"int8": "8bit", "fp8": "8bit", "pv16": "8bit_pv16"}.get(path, path), D)
+    table = impl.pick_config({"int8": "8bit", "fp8": "8bit", "pv16": "8bit_pv16"}.get(path, path), D,
+                             shared_memory=impl.shared_memory_of(q.device))
     times, errors = {}, {}
     # (The TMA candidates of each kernel; 16-bit P·V has none.)
     candidates = SWEEP + list({"bf16": impl.TMA_CANDIDATES, "cross": impl.CROSS_TMA_CANDIDATES,
