@@ -675,6 +675,79 @@ def test_cross_attention_without_image_keys_is_attention():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Every listed configuration: the tables', the small-shared-memory and wide ones, the sweeps' candidates
+# ----------------------------------------------------------------------------------------------------
+
+def _listed(*paths: str) -> list:
+    """pytest params (config, head_dim, dtype) of every configuration a GPU may run for these paths."""
+    listed = [(cfg, d, torch.bfloat16) for (p, d), cfg in impl._CONFIGS.items() if p in paths]
+    listed += [(cfg, 128, torch.bfloat16) for (p, _), cfg in impl._SMALL_SHARED_MEMORY_CONFIGS.items() if p in paths]
+    candidates = {"bf16": impl.TMA_CANDIDATES, "cross": impl.CROSS_TMA_CANDIDATES,
+                  "8bit": (*impl.EIGHT_BIT_TMA_CANDIDATES, impl.THREE_PER_SM)}
+    listed += [(cfg, 128, torch.bfloat16) for path in paths for cfg in candidates.get(path, ())]
+    listed.append((impl._WIDE_CONFIG, 200, torch.bfloat16))
+    if {"bf16", "cross"} & set(paths):
+        listed += [(cfg, d, torch.float32) for d, cfg in ((128, impl._FP32_CONFIG[128]), (200, impl._FP32_CONFIG[256]))]
+    unique = dict.fromkeys(listed)
+    return [pytest.param(cfg, d, dtype, id=f"{_config_id(cfg)}-d{d}-{'fp32' if dtype == torch.float32 else 'bf16'}")
+            for cfg, d, dtype in unique]
+
+
+def _config_id(cfg) -> str:
+    cap = f"_r{cfg.max_registers}" if cfg.max_registers else ""
+    return f"{cfg.block_m}x{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}{'_tma' if cfg.tma else ''}{cap}"
+
+
+def _sized_for_this_device():
+    if DEVICE == "cuda" and impl.shared_memory_of(torch.device("cuda")) < impl.HOPPER_SHARED_MEMORY:
+        pytest.skip("the listed tiles are sized for Hopper's shared memory; pick_config serves this GPU's")
+
+
+@ATTENTION
+@pytest.mark.parametrize("cfg, d, dtype", _listed("bf16"))
+def test_every_listed_bf16_config(cfg, d, dtype):
+    _sized_for_this_device()
+    q, k, v = make_qkv(150, 200, d, seed=71, dtype=dtype)
+    ref = attention64(q, k, v)
+    out = impl.attention_bf16(q, k, v, config=cfg)
+    check_output(out, q)
+    floor = 2.0 ** -20 if dtype == torch.float32 else 0.0
+    assert rel_err(out, ref) <= 2 * rel_err(ops.attention(q, k, v, backend="torch"), ref) + floor
+
+
+@CROSS
+@pytest.mark.parametrize("cfg, d, dtype", _listed("cross"))
+def test_every_listed_cross_config(cfg, d, dtype):
+    """Text and image keys side by side, as the model stores them: 128 text keys (whole blocks of every tile,
+    so the TMA tiles take the one-loop kernel) and 45 image keys."""
+    _sized_for_this_device()
+    q, _, _ = make_qkv(150, 1, d, seed=72, dtype=dtype)
+    _, k, v = make_qkv(1, 128 + 45, d, seed=73, dtype=dtype)
+    k_txt, v_txt, k_img, v_img = k[:, :128], v[:, :128], k[:, 128:], v[:, 128:]
+    ref = attention64(q, k_txt, v_txt) + attention64(q, k_img, v_img)
+    out = impl.cross_attention(q, k_txt, v_txt, k_img, v_img, config=cfg)
+    check_output(out, q)
+    floor = 2.0 ** -20 if dtype == torch.float32 else 0.0
+    assert rel_err(out, ref) <= 2 * rel_err(ops.cross_attention(q, k_txt, v_txt, k_img, v_img, backend="torch"),
+                                            ref) + floor
+
+
+@ATTENTION
+@pytest.mark.parametrize("formats", [*impl8.RECIPES.values(), ("int8", "fp16")], ids="-".join)
+@pytest.mark.parametrize("cfg, d, dtype", _listed("8bit", "8bit_pv16"))
+def test_every_listed_8bit_config(cfg, d, dtype, formats):
+    """Within the bound of the GPU test at head_dim 128 (test_head_dim_128_long_sequences_on_gpu) of the
+    float64 emulation of the same blocks' quantization."""
+    _sized_for_this_device()
+    q, k, v = make_qkv(150, 200, d, seed=74, dtype=dtype, offsets=True)
+    ref = attention64(q, k, v)
+    out = impl8.attention_8bit(q, k, v, "int8", qk=formats[0], pv=formats[1], config=cfg)
+    check_output(out, q)
+    emu_err = rel_err(emulate_8bit(q, k, v, *formats, cfg.block_m, cfg.block_n), ref)
+    assert rel_err(out, ref) <= 1.2 * emu_err + 2e-3, (rel_err(out, ref), emu_err)
+
+
+# ----------------------------------------------------------------------------------------------------
 # GPU only: the Hopper configurations at head_dim 128 with sequence tails
 # ----------------------------------------------------------------------------------------------------
 

@@ -670,3 +670,24 @@ def test_fp8_tensor_cores_by_gpu_generation(monkeypatch):
         monkeypatch.setattr(registry, "_capability", lambda device, c=capability: c)
         assert registry.has_fp8_tensor_cores(cuda) is has
     assert registry.has_fp8_tensor_cores(torch.device("cpu"))
+
+
+def _listed_configs() -> list[GemmConfig]:
+    """Every configuration a GPU may run: the table's, fast accumulation's, the autotuner's and the sweep's."""
+    listed = [*gemm_configs.TABLE.values(), *gemm_configs.FAST_ACCUMULATION.values(), *gemm_configs.CANDIDATES,
+              *gemm_configs.HOPPER_SWEEP]
+    return list(dict.fromkeys(listed))
+
+
+@PLAIN
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
+@pytest.mark.parametrize("cfg", _listed_configs(), ids=GemmConfig.name)
+def test_every_listed_config(cfg, qdtype):
+    """Each listed tile on a problem that is no multiple of it in M, N or K, against float64: the autotuner
+    and the sweeps choose among them by time alone."""
+    if cfg.persistent and not impl.tma_available(torch.device(DEVICE)):
+        pytest.skip("a persistent (TMA) configuration; tensor descriptors are not available here")
+    if DEVICE == "cuda" and cfg.pipeline_bytes() > torch.cuda.get_device_properties(0).shared_memory_per_block_optin:
+        pytest.skip(f"{cfg.name()} needs more shared memory than this GPU's blocks may take")
+    check_against_torch(*operands(150, 300, 200, qdtype, seed=217, bias_dtype=torch.float32), torch.bfloat16,
+                        config=cfg)
