@@ -201,3 +201,26 @@ def test_scaled_mm_argument_errors():
             scaled_mm(**args)
     with pytest.raises(BackendError):
         scaled_mm(xq, xs, wq, ws, backend="cuda")  # no CUDA backend for CPU tensors
+
+
+@pytest.mark.parametrize("MNK", [(77, 45, 61), (64, 128, 256), (5, 7, 1000)])
+@pytest.mark.parametrize("epilogue", ["gelu_tanh", "gated_residual", "residual"])
+def test_scaled_mm_epilogues_match_float64(MNK, epilogue):
+    """The reference's fused epilogues, which the kernels' error budgets are measured by: with INT8's exact
+    sums, what is left is the epilogue's fp32 arithmetic, a few roundings (8 units of fp32 in norm; GELU's
+    tanh form evaluated in fp32 keeps its relative error near one unit where its output is not tiny)."""
+    M, N, K = MNK
+    xq, xs, wq, ws, bias = _operands(M, N, K, torch.int8, seed=M + N + K)
+    gen = torch.Generator().manual_seed(K)
+    residual, gate = torch.randn(M, N, generator=gen), torch.randn(1, N, generator=gen)
+    y = (xq.double() @ wq.double().t()) * xs.double()[:, None] * ws.double()[None, :] + bias.double()[None, :]
+    if epilogue == "gelu_tanh":
+        out = scaled_mm(xq, xs, wq, ws, bias, torch.float32, activation="gelu_tanh")
+        ref = want = 0.5 * y * (1 + torch.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y ** 3)))
+    else:
+        gated = epilogue == "gated_residual"
+        out = scaled_mm(xq, xs, wq, ws, bias, residual=residual, gate=gate if gated else None)
+        want = gate.double() * y if gated else y
+        ref = residual.double() + want
+    assert out.dtype == torch.float32 and out.shape == (M, N)
+    assert ((out.double() - ref).norm() / want.norm()).item() <= 8 * U32
