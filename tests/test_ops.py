@@ -333,3 +333,45 @@ def test_poisoned_outputs_for_a_check_call(monkeypatch):
     with poisoned_outputs():
         pass
     assert os.environ["DIT8_POISON_OUTPUTS"] == "0"
+
+
+def _operands_of_every_op():
+    """(op name, call(**tensors), tensors) for every op with more than one tensor operand, on the CPU."""
+    r = torch.randn
+    q4 = dict(q=r(1, 3, 2, 8), k=r(1, 4, 2, 8), v=r(1, 4, 2, 8))
+    rows = dict(x=r(1, 3, 8))
+    mod = dict(shift=r(1, 8), scale=r(1, 8))
+    qk = dict(q=r(1, 3, 16), k=r(1, 3, 16), weight_q=r(16), weight_k=r(16), cos=r(3, 4), sin=r(3, 4))
+    return [
+        ("attention", lambda **t: ops.attention(**t, backend="torch"), q4),
+        ("cross_attention", lambda **t: ops.cross_attention(**t, backend="torch"),
+         {**q4, "k_img": r(1, 5, 2, 8), "v_img": r(1, 5, 2, 8)}),
+        ("linear", lambda **t: ops.linear(**t, backend="torch"), dict(x=r(3, 4), weight=r(5, 4), bias=r(5))),
+        ("rms_norm", lambda **t: ops.rms_norm(**t, eps=1e-6, backend="torch"), {**rows, "weight": r(8)}),
+        ("layer_norm", lambda **t: ops.layer_norm(**t, eps=1e-6, backend="torch"),
+         {**rows, "weight": r(8), "bias": r(8)}),
+        ("layer_norm_modulate", lambda **t: ops.layer_norm_modulate(**t, eps=1e-6, backend="torch"), {**rows, **mod}),
+        ("layer_norm_modulate_quant", lambda **t: ops.layer_norm_modulate_quant(**t, eps=1e-6, dtype=torch.int8,
+                                                                                backend="torch"), {**rows, **mod}),
+        ("layer_norm_quant", lambda **t: ops.layer_norm_quant(**t, eps=1e-6, dtype=torch.int8, backend="torch"),
+         {**rows, "weight": r(8), "bias": r(8)}),
+        ("rope", lambda **t: ops.rope(**t, backend="torch"), dict(x=r(1, 3, 2, 8), cos=r(3, 4), sin=r(3, 4))),
+        ("qk_norm_rope", lambda **t: ops.qk_norm_rope(**t, heads=2, eps=1e-6, backend="torch"), qk),
+        ("qk_norm_rope_quant", lambda **t: ops.qk_norm_rope_quant(**t, heads=2, eps=1e-6, dtype=torch.int8,
+                                                                  backend="torch"), qk),
+        ("residual_add", lambda **t: ops.residual_add(**t, backend="torch"), dict(x=r(1, 3, 4), y=r(1, 3, 4),
+                                                                                 gate=r(1, 4))),
+    ]
+
+
+@pytest.mark.parametrize("op, call, tensors", _operands_of_every_op(), ids=lambda v: v if isinstance(v, str) else "")
+def test_an_operand_on_another_device_is_named(op, call, tensors):
+    """Every tensor operand after the first, moved alone to another device, is refused at the op's boundary
+    with the arguments' names (not by torch further in, whose message names none): the one moved, or the
+    one the op checks against it (linear checks x against its weight)."""
+    call(**tensors)  # as given, the operands are fine
+    for name in list(tensors)[1:]:
+        moved = {**tensors, name: tensors[name].to("meta")}
+        with pytest.raises(OpArgumentError, match=rf"{op}: ({name} is on meta|\w+ is on cpu but the other operands "
+                                                  rf"are on meta)"):
+            call(**moved)
