@@ -35,7 +35,7 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 # Kernel outputs start as NaN, so an element a kernel fails to write fails the comparison.
-os.environ.setdefault("DIT8_POISON_OUTPUTS", "1")
+os.environ["DIT8_POISON_OUTPUTS"] = "1"  # also where a shell exported 0: the tests rely on it
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -14,6 +14,7 @@ from dit8 import kernels as ops  # noqa: E402
 from dit8.kernels import (OpArgumentError, attention_8bit_gluon, attention_gluon, candidates,  # noqa: E402
                           scaled_mm_gluon)
 from dit8.kernels import scaled_mm_triton as gemm  # noqa: E402
+from dit8.kernels.buffers import new_output  # noqa: E402
 from dit8.kernels.gemm_configs import GemmConfig  # noqa: E402
 from dit8.testing import random_w8a8_operands  # noqa: E402
 
@@ -113,7 +114,7 @@ def test_promoted_fp8_gemms_go_to_the_candidate_asked_for(monkeypatch):
     xq, xs, wq, ws = (t.to(DEVICE) for t in random_w8a8_operands(70, 40, 40, FP8, seed=1, bias_dtype=None)[:4])
     promoted = GemmConfig(64, 64, 64, 2, 4, 1, fp8_promote=64)
     monkeypatch.setattr(gemm, "pick_config", lambda kind, M, N, K, device: promoted)
-    expected = gemm.launch(xq, xs, wq, ws, None, torch.empty(70, 40, dtype=torch.bfloat16, device=DEVICE),
+    expected = gemm.launch(xq, xs, wq, ws, None, new_output((70, 40), torch.bfloat16, torch.device(DEVICE)),
                            config=promoted)
     monkeypatch.setattr(candidates, "routed", lambda name, device: "k256" if name == "gemm" else None)
     # Outside its scope the candidate refuses (OpArgumentError), and the Triton kernel runs.
