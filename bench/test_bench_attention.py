@@ -14,7 +14,6 @@ Without CUDA: smoke mode (tiny shapes, one run each, Triton in the interpreter).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 
@@ -284,13 +283,16 @@ def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_conf
     candidates = SWEEP + list({"bf16": impl.TMA_CANDIDATES, "cross": impl.CROSS_TMA_CANDIDATES,
                                "int8": impl.EIGHT_BIT_TMA_CANDIDATES, "fp8": impl.EIGHT_BIT_TMA_CANDIDATES
                                }.get(path, ()))
+    failed = {}
     for cfg in sweep_candidates(candidates, tile_name, [table]):
-        with contextlib.suppress(Exception):  # a config that does not compile (shared memory) is skipped
+        try:
             with poisoned_outputs():
                 errors[cfg] = rel_err(call(cfg)(), base_out)
             times[cfg] = gpu_time(call(cfg))
+        except Exception as err:  # a config that does not compile (shared memory) is skipped, and named
+            failed[tile_name(cfg)] = f"{type(err).__name__}: {str(err)[:200]}"
     best = min(sound_configs(times, errors), key=times.get)
     extra = dict(table=tile_name(table), ms_table=round(times[table], 3)) if table in times else {}
     record(call(best), flops=flops, baseline_ms=base_ms, baseline=base_name, best=tile_name(best),
            rel_err=round(errors[best], 5),
-           sweep={tile_name(c): [round(t, 3), round(errors[c], 5)] for c, t in times.items()}, **extra)
+           sweep={tile_name(c): [round(t, 3), round(errors[c], 5)] for c, t in times.items()}, failed=failed, **extra)
