@@ -348,14 +348,15 @@ def _quantize_blocks64(x, block, qk):
     return out
 
 
-def emulate_8bit(q, k, v, qk, pv, block_m, block_n, smooth_v=True):
+def emulate_8bit(q, k, v, qk, pv, block_m, block_n, smooth_v=True, running_max=False):
     """The 8-bit algorithm in float64: K and Q mean smoothing (q's mean term back as a per-key bias),
     q codes per block of block_m rows and k codes per key, exact dot products, softmax, P·V with P and
     v rounded as `pv` does ("fp16": no rounding modelled, P's 16-bit rounding is far below the 8-bit
     error; "fp8": e4m3 P scaled by 448 and per-channel e4m3 v - v̄, v̄ added back; "int8": per-channel
     int8 v - v̄ and, per block of block_n keys, P / (the block's row max) in steps of 1/127;
     `smooth_v=False` leaves v̄ in). The softmax denominator is the exact one, as in the kernel.
-    [B, Lq, H, D] float64."""
+    `running_max`: FP8 P rounded as the kernel rounds it, at the scale of the running row max of the key
+    blocks so far (an online softmax's), instead of the final one. [B, Lq, H, D] float64."""
     q, k, v = q.double(), k.double(), v.double()
     c = LOG2E / math.sqrt(q.shape[-1])
     q_mean, k_mean = q.mean(1, keepdim=True), k.mean(1, keepdim=True)
@@ -371,7 +372,13 @@ def emulate_8bit(q, k, v, qk, pv, block_m, block_n, smooth_v=True):
         v_scale = (v - v_mean).abs().amax(1, keepdim=True).clamp_min(1e-12) / qmax
         y = (v - v_mean) / v_scale
         v = (torch.round(y) if pv == "int8" else _e4m3(y)) * v_scale + v_mean
-    if pv == "fp8":
+    if pv == "fp8" and running_max:
+        blocks = s.split(block_n, dim=-1)
+        running = torch.stack([b.amax(-1) for b in blocks], dim=-1).cummax(-1).values[..., None]
+        final = running[..., -1, :]
+        p = torch.cat([_e4m3(torch.exp2(b - running[..., j, :]) * 448) / 448 * torch.exp2(running[..., j, :] - final)
+                       for j, b in enumerate(blocks)], dim=-1)
+    elif pv == "fp8":
         p = _e4m3(p * 448) / 448
     elif pv == "int8":
         blocks = p.split(block_n, dim=-1)
@@ -452,22 +459,23 @@ def test_8bit_error_is_that_of_its_quantization(formats, kind):
     # (2^-9 relative, ~1e-3 rms) and, for FP8 P, rounding P against the running instead of the final
     # row max (same distribution): 20% on top of the emulation's error plus 2e-3 covers them.
     assert err <= 1.2 * emu_err + 2e-3, (err, emu_err)
-    assert cos >= 0.998, cos
+    # 0.998, below the issue's 0.999: FP8 q·kᵀ (no recipe's) reaches 0.9988 on Gaussian data; the recipes'
+    # 0.999 is asserted by the accuracy-target tests above.
+    assert cos >= (0.999 if formats in impl8.RECIPES.values() else 0.998), cos
 
 
 @ATTENTION
 @pytest.mark.parametrize("kind", ["gaussian", "offsets"])
-@pytest.mark.parametrize("formats", [impl8.RECIPES["int8"], ("int8", "fp16")], ids="-".join)
+@pytest.mark.parametrize("formats", [*impl8.RECIPES.values(), ("int8", "fp16")], ids="-".join)
 def test_8bit_kernel_follows_its_emulation(formats, kind):
     """Output against output, not error against error: with fp32 in and out, the kernel is the
     emulated algorithm up to codes that land on the other side of a rounding boundary (fp32 against
     float64 arithmetic before the rounding) and, for 16-bit P·V, v's fp16 rounding (2^-11 relative).
-    FP8 P is left out: the kernel rounds it against the running row max, the emulation against the
-    final one, the same distribution but other values."""
+    FP8 P is emulated as the kernel rounds it, against the running row max."""
     q, k, v = make_qkv(200, 129, 64, seed=11, dtype=torch.float32, offsets=kind == "offsets")
     cfg = impl.pick_config("8bit", 64)
     out = impl8.attention_8bit(q, k, v, "int8", qk=formats[0], pv=formats[1])
-    emu = emulate_8bit(q, k, v, *formats, cfg.block_m, cfg.block_n)
+    emu = emulate_8bit(q, k, v, *formats, cfg.block_m, cfg.block_n, running_max=True)
     emu_err = rel_err(emu, attention64(q, k, v))
     assert rel_err(out, emu) <= 0.1 * emu_err + 2.0 ** -11, (rel_err(out, emu), emu_err)
 
