@@ -294,20 +294,27 @@ def _tma_ok(t: torch.Tensor) -> bool:
 _TUNED: dict[tuple, GemmConfig] = {}
 
 
-def pick_config(kind: str, M: int, N: int, K: int, device: torch.device) -> GemmConfig | None:
+def pick_config(kind: str, M: int, N: int, K: int, device: torch.device, epilogue: str = "") -> GemmConfig | None:
     """The configuration for this problem: the interpreter's, else the committed table's entry for
-    this GPU and shape class, else one autotuned earlier in this process; None = autotune now."""
+    this GPU and shape class, else one autotuned earlier in this process for this `epilogue`
+    (`epilogue_name`); None = autotune now."""
     if device.type != "cuda":
         return gemm_configs.INTERPRETER
     cap = _capability(device)
     cfg = gemm_configs.table_config(gemm_configs.arch_name(cap), kind, M, N, K)
     if cfg is not None:
         return cfg
-    return _TUNED.get(_tune_key(cap, kind, M, N, K))
+    return _TUNED.get(_tune_key(cap, kind, M, N, K, epilogue))
 
 
-def _tune_key(cap, kind, M, N, K) -> tuple:
-    return (cap, kind, gemm_configs.shape_class(M, N), triton.next_power_of_2(M), N, K)
+def epilogue_name(activation: str | None, residual: torch.Tensor | None, gate: torch.Tensor | None) -> str:
+    """The epilogue a launch fuses, as the autotuner keys its choice: the fastest tile of a plain GEMM
+    may spill with a residual's registers (128 x 256 on sm_80/86)."""
+    return activation or ("gated_residual" if gate is not None else "residual" if residual is not None else "")
+
+
+def _tune_key(cap, kind, M, N, K, epilogue) -> tuple:
+    return (cap, kind, gemm_configs.shape_class(M, N), triton.next_power_of_2(M), N, K, epilogue)
 
 
 def accumulation(cfg: GemmConfig, is_int8: bool, *, promotes: bool) -> tuple[int | None, int]:
@@ -408,9 +415,10 @@ def scaled_mm(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.bfloat16, *, 
     args = (xq, x_scale, wq, w_scale, bias, out)
     kwargs = dict(activation=activation, residual=residual, gate=gate, rows_per_batch=rows_per_batch)
     with tensor_device(xq):
-        cfg = config or pick_config(kind, M, N, K, xq.device)
+        epilogue = epilogue_name(activation, residual, gate)
+        cfg = config or pick_config(kind, M, N, K, xq.device, epilogue)
         if cfg is None:
-            cfg = _autotune(_tune_key(_capability(xq.device), kind, M, N, K), args, kwargs)
+            cfg = _autotune(_tune_key(_capability(xq.device), kind, M, N, K, epilogue), args, kwargs)
         if config is None:
             trial = "gemm_int8" if kind == "int8" else "gemm" if cfg.fp8_promote is not None else "gemm_fast"
             if (gluon := candidates.routed(trial, xq.device)) is not None:

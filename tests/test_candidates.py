@@ -113,7 +113,7 @@ def test_promoted_fp8_gemms_go_to_the_candidate_asked_for(monkeypatch):
     # K = 40: rows of 40 bytes, which TMA cannot describe, so the real candidate refuses the call.
     xq, xs, wq, ws = (t.to(DEVICE) for t in random_w8a8_operands(70, 40, 40, FP8, seed=1, bias_dtype=None)[:4])
     promoted = GemmConfig(64, 64, 64, 2, 4, 1, fp8_promote=64)
-    monkeypatch.setattr(gemm, "pick_config", lambda kind, M, N, K, device: promoted)
+    monkeypatch.setattr(gemm, "pick_config", lambda kind, M, N, K, device, epilogue="": promoted)
     expected = gemm.launch(xq, xs, wq, ws, None, new_output((70, 40), torch.bfloat16, torch.device(DEVICE)),
                            config=promoted)
     monkeypatch.setattr(candidates, "routed", lambda name, device: "k256" if name == "gemm" else None)
@@ -131,7 +131,7 @@ def test_promoted_fp8_gemms_go_to_the_candidate_asked_for(monkeypatch):
     assert calls == [scaled_mm_gluon.CANDIDATES["k256"]] and not out.any()
     # Tiles with the tensor cores' own accumulation go to the fast-accumulation candidate, and only when it
     # is asked for: a promoted kernel is never faster than those tiles.
-    monkeypatch.setattr(gemm, "pick_config", lambda kind, M, N, K, device: GemmConfig(64, 64, 64, 2, 4, 1))
+    monkeypatch.setattr(gemm, "pick_config", lambda kind, M, N, K, device, epilogue="": GemmConfig(64, 64, 64, 2, 4, 1))
     ops.scaled_mm(xq, xs, wq, ws, backend="triton")
     assert len(calls) == 1
     monkeypatch.setattr(candidates, "routed", lambda name, device: "default" if name == "gemm_fast" else None)

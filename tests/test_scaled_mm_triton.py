@@ -691,3 +691,18 @@ def test_every_listed_config(cfg, qdtype):
         pytest.skip(f"{cfg.name()} needs more shared memory than this GPU's blocks may take")
     check_against_torch(*operands(150, 300, 200, qdtype, seed=217, bias_dtype=torch.float32), torch.bfloat16,
                         config=cfg)
+
+
+def test_autotuned_tiles_are_kept_per_epilogue(monkeypatch):
+    """On a GPU the table does not know, a tile timed for the plain GEMM is not reused for a fused epilogue,
+    whose registers may make it spill: each (problem, epilogue) is timed on its own."""
+    monkeypatch.setattr(impl, "_capability", lambda device: (8, 6))  # no table entries (an RTX 30xx)
+    monkeypatch.setattr(impl, "_TUNED", {})
+    cuda = torch.device("cuda", 0)
+    tile = GemmConfig(128, 256, 64, 8, 8, 3)
+    impl._TUNED[impl._tune_key((8, 6), "int8", 4096, 5120, 5120, "")] = tile
+    assert impl.pick_config("int8", 4096, 5120, 5120, cuda) is tile
+    residual, gate = torch.zeros(1), torch.zeros(1)
+    for epilogue in (impl.epilogue_name(None, residual, None), impl.epilogue_name(None, residual, gate),
+                     impl.epilogue_name("gelu_tanh", None, None)):
+        assert impl.pick_config("int8", 4096, 5120, 5120, cuda, epilogue) is None
