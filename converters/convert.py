@@ -83,10 +83,12 @@ class ConvertResult:
 
     @property
     def mean_rel_error(self) -> float | None:
+        """Mean relative error of the quantized layers (None when nothing was quantized)."""
         return mean_rel_error(self.layers)
 
     @property
     def mean_sqnr_db(self) -> float | None:
+        """Mean SQNR of the quantized layers in dB (None when nothing was quantized)."""
         return mean_sqnr_db(self.layers)
 
     @property

@@ -311,6 +311,7 @@ class LoraSet:
         return [{"file": lf.spec.path.name, "strength": lf.spec.strength} for lf in self.files]
 
     def close(self) -> None:
+        """Close every LoRA file."""
         self._cache = {}
         for lf in self.files:
             lf.close()

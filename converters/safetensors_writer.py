@@ -40,6 +40,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor's data."""
         return tensor_nbytes(self.shape, self.dtype)
 
 
@@ -118,6 +119,7 @@ class SafetensorsWriter:
 
     @property
     def data_size(self) -> int:
+        """Bytes of all tensors' data (the file's size less its header)."""
         return sum(spec.nbytes for spec in self.specs)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:

@@ -165,6 +165,7 @@ class CLIPVisionEncoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the weights."""
         return self.pos_embedding.device
 
     @classmethod

@@ -66,23 +66,28 @@ class WanConfig:
 
     @property
     def head_dim(self) -> int:
+        """Channels per attention head."""
         return self.dim // self.num_heads
 
     @property
     def is_i2v(self) -> bool:
+        """Whether the model takes a CLIP image (I2V); T2V models do not."""
         return self.clip_dim is not None
 
     @property
     def variant(self) -> str:
+        """"i2v" or "t2v"."""
         return "i2v" if self.is_i2v else "t2v"
 
     def to_dict(self) -> dict:
+        """The fields as JSON-ready values (what the packed format's header stores)."""
         d = dataclasses.asdict(self)
         d["patch_size"] = list(self.patch_size)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "WanConfig":
+        """The config `to_dict` wrote; unknown fields raise InputError."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:

@@ -102,6 +102,7 @@ class Video(FramesShape):
                 + (f", made in {total:.1f} s" if total is not None else "") + ")")
 
     def numpy(self) -> np.ndarray:
+        """The frames as a uint8 numpy array [F, H, W, 3] (sharing memory with `frames`)."""
         return self.frames.numpy()
 
     def save(self, path: str | Path, *, crf: int = 18) -> Path:

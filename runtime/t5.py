@@ -200,6 +200,7 @@ class T5Encoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the weights."""
         return self.norm.weight.device
 
     @classmethod

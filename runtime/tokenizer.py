@@ -98,6 +98,9 @@ class Tokenizer:
         return len(self.tokenizer.encode(clean_prompt(prompt), add_special_tokens=False).ids)
 
     def __call__(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids [N, text_len] int64, padded with the pad id; mask [N, text_len], 1 for real tokens, EOS
+        included; lengths [N], real tokens per prompt) for N cleaned prompts (`clean_prompt`), each cut to
+        text_len − 1 pieces before its EOS."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not all(isinstance(p, str) for p in prompts):

@@ -8,9 +8,9 @@ Time is causal everywhere: a 3D convolution sees the current frame and the two b
 one. Encode feeds the video in chunks of 1, 4, 4, ... frames and decode feeds one latent frame at a
 time; between chunks every causal layer keeps what it needs of the past (the last two input frames of a
 3-tap convolution) in a `Cache` that lives only for one encode or decode call, so memory is that of
-one chunk and how later frames are grouped does not change the result. The first frame is special: it is encoded alone into latent
-frame 0 and latent frame 0 decodes to that one frame; every later latent frame stands for 4 frames, so
-81 frames <-> 21 latent frames.
+one chunk and how later frames are grouped does not change the result. The first frame is special: it
+is encoded alone into latent frame 0 and latent frame 0 decodes to that one frame; every later latent
+frame stands for 4 frames, so 81 frames <-> 21 latent frames.
 
 Decode splits the decoder in two: the *stem* (conv1 and the middle blocks, with the one attention layer,
 at latent resolution) runs on whole frames; the *upsampling path* (everything after, only convolutions
@@ -70,10 +70,12 @@ class VAEConfig:
 
     @property
     def time_stride(self) -> int:
+        """Video frames per latent frame (after the first)."""
         return 2 ** sum(self.temperal_downsample)
 
     @property
     def space_stride(self) -> int:
+        """Pixels per latent pixel along each side."""
         return 2 ** (len(self.dim_mult) - 1)
 
     @property
@@ -83,12 +85,15 @@ class VAEConfig:
 
     @property
     def latent_std(self) -> tuple[float, ...]:
+        """Wan2.1's per-channel latent standard deviations; 1 for another width."""
         return LATENT_STD if self.z_dim == len(LATENT_STD) else (1.0,) * self.z_dim
 
     def latent_frames(self, frames: int) -> int:
+        """Latent frames of a video of `frames` frames (the first alone, then one per time_stride)."""
         return (frames - 1) // self.time_stride + 1
 
     def video_frames(self, latent_frames: int) -> int:
+        """Video frames `latent_frames` latent frames decode to."""
         return (latent_frames - 1) * self.time_stride + 1
 
 
@@ -387,10 +392,12 @@ class WanVAE(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the weights."""
         return self.conv1.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The compute dtype (that of the weights)."""
         return self.conv1.weight.dtype
 
     # -- encode -------------------------------------------------------------------------------------
