@@ -37,6 +37,9 @@ def on_hopper(test=None, *, seconds: int = 45):
             # tests go on. A compile and a run take a few seconds: a short limit keeps a kernel that hangs
             # in every test from spending the test run's time.
             pytest.mark.timeout(seconds, method="thread"),
+            # On Hopper the triton backend routes its GEMMs to the adopted Gluon kernels
+            # (kernels/candidates.py ADOPTED): their tests vouch for that backend too.
+            pytest.mark.verifies("scaled_mm", "scaled_mm_fused", backend="triton"),
         ]
         for m in marks:
             test = m(test)
