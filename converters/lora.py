@@ -27,11 +27,11 @@ import torch
 
 from dit8.checkpoint import SAFETENSORS_SUFFIX, Checkpoint, open_checkpoint
 from dit8.errors import CheckpointError
-from dit8.layouts import DIFFUSERS, to_official
+from dit8.layouts import DIFFUSERS, from_official, to_official
 from dit8.loader import check_finite
 
-from .lora_formats import (KOHYA_PREFIX, AdapterConfig, kohya_names, read_adapter_config, split_role, strip_prefix,
-                           unsupported_kind)
+from .lora_formats import (ADAPTER_METADATA_KEY, KOHYA_PREFIX, AdapterConfig, kohya_names, read_adapter_config,
+                           split_role, strip_prefix, unsupported_kind)
 from .source import read_at, safetensors_offsets
 
 _MAX_LISTED = 20
@@ -83,11 +83,16 @@ class _LoraFile:
         self.spec = spec
         self.ckpt: Checkpoint = open_checkpoint(spec.path)
         self.offsets: dict[str, int] = {}
-        for file in self.ckpt.files:
-            if file.suffix == SAFETENSORS_SUFFIX:
-                self.offsets.update(safetensors_offsets(file))
         self._handles: dict[Path, BinaryIO] = {}
         try:
+            configs = {}  # each part's header config (a LoRA split over files shares one scaling)
+            for file in self.ckpt.files:
+                offsets, metadata = safetensors_offsets(file) if file.suffix == SAFETENSORS_SUFFIX else ({}, {})
+                self.offsets.update(offsets)
+                configs[file] = metadata.get(ADAPTER_METADATA_KEY)
+            if len(set(configs.values())) > 1:
+                raise CheckpointError(f"{spec.path}: its files' {ADAPTER_METADATA_KEY} headers differ "
+                                      f"({', '.join(f.name for f in configs)}): merge each file as a LoRA of its own")
             self.adapter: AdapterConfig | None = read_adapter_config(spec.path, self.ckpt.metadata)
         except BaseException:
             self.ckpt.close()
@@ -168,23 +173,47 @@ def _low_rank(lf: _LoraFile, module: str, keys: dict[str, str], target: str,
     if rank == 0 or up_cols != rank or up.shape[0] != shape[0] or up.shape[0] * down_cols != math.prod(shape):
         raise CheckpointError(f"{lf.spec.path}: LoRA {module!r} has up {up.shape} and down {down.shape}, which "
                               f"do not make a delta of {target!r} {shape}")
-    alpha = lf.adapter.alpha_of(module) if lf.adapter is not None else None
-    if "alpha" in keys:
-        a = lf.read(keys["alpha"], integer=True)
-        if a.numel() != 1:
-            raise CheckpointError(f"{lf.spec.path}: LoRA tensor {keys['alpha']!r} has shape {tuple(a.shape)}, "
-                                  f"expected a scalar")
-        tensor_alpha = float(a.reshape(()))
-        if tensor_alpha == 0:  # some tools read 0 as "no alpha" (scale 1), others as a zero delta
-            raise CheckpointError(f"{lf.spec.path}: LoRA tensor {keys['alpha']!r} is 0, which tools read as "
-                                  f"either no alpha or no change; give alpha = rank ({rank}) or a strength of 0")
-        if alpha is not None and alpha != tensor_alpha:
-            raise CheckpointError(f"{lf.spec.path}: LoRA tensor {keys['alpha']!r} = {tensor_alpha:g} and "
-                                  f"{lf.adapter.source} says alpha {alpha:g} for {module!r}")
-        alpha = tensor_alpha
-    divisor = lf.adapter.rank_divisor(rank) if lf.adapter is not None else float(rank)
-    alpha = float(rank) if alpha is None else alpha
+    alpha = float(rank) if "alpha" not in keys else _tensor_alpha(lf, keys["alpha"], rank)
+    adapter = lf.adapter
+    if adapter is not None:
+        spellings = _spellings(module, target)
+        configured_rank = adapter.rank_of(spellings)
+        if configured_rank is not None and configured_rank != rank:
+            raise CheckpointError(f"{lf.spec.path}: LoRA {module!r} has rank {rank}, {adapter.source} says "
+                                  f"{configured_rank}")
+        pattern_alpha = adapter.alpha_of(spellings)
+        config_alpha = pattern_alpha if pattern_alpha is not None else adapter.alpha
+        if "alpha" not in keys:
+            alpha = config_alpha
+        elif adapter.rslora:  # kohya-style tools read a .alpha tensor as alpha / rank: which is meant is a guess
+            raise CheckpointError(f"{lf.spec.path}: LoRA tensor {keys['alpha']!r} beside {adapter.source}'s "
+                                  f"use_rslora: alpha / rank or alpha / √rank is ambiguous")
+        elif (adapter.alpha_given or pattern_alpha is not None) and config_alpha != alpha:
+            raise CheckpointError(f"{lf.spec.path}: LoRA tensor {keys['alpha']!r} = {alpha:g} and "
+                                  f"{adapter.source} says alpha {config_alpha:g} for {module!r}")
+    divisor = adapter.rank_divisor(rank) if adapter is not None else float(rank)
     return _Delta(lf, lf.spec.strength * alpha / divisor, up=keys["up"], down=keys["down"])
+
+
+def _tensor_alpha(lf: _LoraFile, key: str, rank: int) -> float:
+    a = lf.read(key, integer=True)
+    if a.numel() != 1:
+        raise CheckpointError(f"{lf.spec.path}: LoRA tensor {key!r} has shape {tuple(a.shape)}, expected a scalar")
+    alpha = float(a.reshape(()))
+    if alpha == 0:  # some tools read 0 as "no alpha" (scale 1), others as a zero delta
+        raise CheckpointError(f"{lf.spec.path}: LoRA tensor {key!r} is 0, which tools read as either no alpha "
+                              f"or no change; give alpha = rank ({rank}) or a strength of 0")
+    return alpha
+
+
+def _spellings(module: str, target: str) -> list[str]:
+    """A module's names: as the LoRA file writes it, official, and diffusers'."""
+    official = target.removesuffix(".weight")
+    try:
+        diffusers = from_official(target, DIFFUSERS).removesuffix(".weight")
+    except KeyError:
+        diffusers = official
+    return list(dict.fromkeys([module, official, diffusers]))
 
 
 class LoraSet:
@@ -242,12 +271,12 @@ class LoraSet:
         """Record one module's deltas; returns its keys that match nothing."""
         unmatched: list[str] = []
 
-        def claim(target: str, kind: str) -> None:
-            # One module under two names (official and diffusers) would be merged twice.
-            other = claimed.setdefault((target, kind), module)
-            if other != module:
-                raise CheckpointError(f"{lf.spec.path}: LoRA modules {other!r} and {module!r} both change "
-                                      f"{target!r}")
+        def claim(target: str, kind: str, by: str) -> None:
+            # One module under two names (official and diffusers), or a bias under two (.diff_b, lora_B.bias),
+            # would be merged twice.
+            other = claimed.setdefault((target, kind), by)
+            if other != by:
+                raise CheckpointError(f"{lf.spec.path}: LoRA {other!r} and {by!r} both change {target!r}")
 
         if ("up" in keys) != ("down" in keys):
             present = keys.get("up") or keys.get("down")
@@ -259,7 +288,7 @@ class LoraSet:
             if target is None:
                 unmatched += [keys[r] for r in ("up", "down", "alpha") if r in keys]
             else:
-                claim(target, "pair")
+                claim(target, "pair", module)
                 pair = _low_rank(lf, module, keys, target, self.shapes[target])
                 self.deltas[target].append(pair)
         elif "alpha" in keys:
@@ -277,7 +306,7 @@ class LoraSet:
             if _squeezed(shape) != _squeezed(self.shapes[target]):  # the same up to axes of size 1
                 raise CheckpointError(f"{lf.spec.path}: LoRA tensor {keys[role]!r} has shape {shape}, its target "
                                       f"{target!r} has shape {self.shapes[target]}")
-            claim(target, "full")
+            claim(target, "full", keys[role])
             # A pair's bias (PEFT's lora_bias) is scaled as the pair; a full delta by the strength alone.
             factor = pair.factor if role == "up_bias" and pair is not None else lf.spec.strength
             self.deltas[target].append(_Delta(lf, factor, diff=keys[role]))

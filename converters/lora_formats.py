@@ -15,20 +15,23 @@ kohya's (musubi-tuner): `lora_unet_` and the official name with `_` for `.` (`lo
 
 PEFT and diffusers keep alpha out of the tensors: in the safetensors header (`lora_adapter_metadata`,
 a JSON object of PEFT's LoraConfig, its keys prefixed `transformer.` when a pipeline saved it) or in
-`adapter_config.json` beside `adapter_model.safetensors`. Read here: `lora_alpha`, `alpha_pattern`
-(per-module alphas, matched as PEFT matches them) and `use_rslora` (alpha / √rank); `use_dora` and
-adapter types other than LoRA are refused. Without either, alpha is the rank (scale 1), as every
-tool takes it.
+`adapter_config.json` beside `adapter_model.safetensors`. Read here: `lora_alpha` (PEFT's default 8
+where a config leaves it out), `alpha_pattern` (per-module alphas, matched as PEFT matches them, against
+each of a module's names), `r` and `rank_pattern` (checked against the tensors) and `use_rslora`
+(alpha / √rank); `use_dora`, initialisations that change the base weights (PiSSA, OLoRA, CorDA, LoftQ)
+and adapter types other than LoRA are refused. Without a config, alpha is a pair's `.alpha` tensor, else
+its rank (scale 1), as every tool takes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from dit8.errors import CheckpointError
 
@@ -79,31 +82,75 @@ def kohya_names(official_keys: Iterable[str]) -> dict[str, str]:
     return names
 
 
+# PEFT's LoraConfig default for lora_alpha, which a config without the field gets from PEFT and diffusers.
+PEFT_DEFAULT_ALPHA = 8.0
+# LoRA initialisations that also change the base weights (the adapter is a delta against a modified model).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """The scaling a PEFT-style config gives each module's pair."""
 
     source: str  # where it was read, for error messages
-    alpha: float | None = None  # lora_alpha; None: not given (alpha = rank)
+    alpha: float = PEFT_DEFAULT_ALPHA  # lora_alpha
+    alpha_given: bool = False  # whether the config names lora_alpha (else PEFT's default)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    rank: int | None = None  # r
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
     rslora: bool = False
 
-    def alpha_of(self, module: str) -> float | None:
-        """The alpha PEFT gives `module` (its name as the file writes it, without prefix)."""
-        for pattern, alpha in self.alpha_pattern.items():
-            if re.match(rf"(.*\.)?({pattern})$", module):
-                return alpha
-        return self.alpha
+    def alpha_of(self, spellings: Sequence[str]) -> float | None:
+        """The alpha an alpha_pattern entry gives the module, or None where none matches it. `spellings`:
+        the module's names (as the file writes it, official, diffusers); PEFT matched the patterns against
+        the names of the model it trained, which a file's keys may no longer use."""
+        return self._pattern_value(self.alpha_pattern, spellings, "alpha_pattern")
+
+    def rank_of(self, spellings: Sequence[str]) -> int | None:
+        """The rank the config gives the module (rank_pattern, else r), or None where it gives none."""
+        found = self._pattern_value(self.rank_pattern, spellings, "rank_pattern")
+        return self.rank if found is None else int(found)
 
     def rank_divisor(self, rank: int) -> float:
         """What alpha is divided by: the rank, or its square root under rsLoRA."""
         return math.sqrt(rank) if self.rslora else float(rank)
+
+    def _pattern_value(self, patterns: Mapping[str, float], spellings: Sequence[str], what: str) -> float | None:
+        # As PEFT's get_pattern_key: the first pattern (in the config's order) that matches a name's end.
+        found = {}
+        for name in spellings:
+            for pattern, value in patterns.items():
+                if re.match(rf"(.*\.)?({pattern})$", name):
+                    found[pattern] = value
+                    break
+        if len(set(found.values())) > 1:
+            raise CheckpointError(f"{self.source}: {what} gives {spellings[0]!r} different values under its "
+                                  f"names {list(spellings)}: {found}")
+        return next(iter(found.values()), None)
 
 
 def _number(value: Any, what: str, source: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
         raise CheckpointError(f"{source}: {what} is {value!r}, expected a finite nonzero number")
     return float(value)
+
+
+def _rank(value: Any, what: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{source}: {what} is {value!r}, expected a positive integer")
+    return value
+
+
+def _patterns(config: Mapping[str, Any], name: str, convert, source: str) -> dict[str, Any]:
+    patterns = config.get(name) or {}
+    if not isinstance(patterns, Mapping):
+        raise CheckpointError(f"{source}: {name} is not an object")
+    for pattern in patterns:
+        try:
+            re.compile(str(pattern))
+        except re.error as err:
+            raise CheckpointError(f"{source}: {name} key {pattern!r} is not a regular expression: {err}") from None
+    return {str(p): convert(v, f"{name}[{p!r}]", source) for p, v in patterns.items()}
 
 
 def parse_adapter_config(config: Mapping[str, Any], source: str) -> AdapterConfig:
@@ -117,22 +164,33 @@ def parse_adapter_config(config: Mapping[str, Any], source: str) -> AdapterConfi
         raise CheckpointError(f"{source}: a {peft_type} adapter; dit8 merges LoRAs only")
     if config.get("use_dora"):
         raise CheckpointError(f"{source}: a DoRA adapter (use_dora); dit8 merges plain LoRAs only")
-    alpha = config.get("lora_alpha")
-    patterns = config.get("alpha_pattern") or {}
-    if not isinstance(patterns, Mapping):
-        raise CheckpointError(f"{source}: alpha_pattern is not an object")
-    return AdapterConfig(source, None if alpha is None else _number(alpha, "lora_alpha", source),
-                         {str(p): _number(a, f"alpha_pattern[{p!r}]", source) for p, a in patterns.items()},
-                         bool(config.get("use_rslora", False)))
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise CheckpointError(f"{source}: init_lora_weights {init!r} changes the base weights too; convert the "
+                              f"adapter to a plain LoRA first")
+    given = "lora_alpha" in config
+    alpha = _number(config["lora_alpha"], "lora_alpha", source) if given else PEFT_DEFAULT_ALPHA
+    rank = config.get("r")
+    return AdapterConfig(source, alpha, given, _patterns(config, "alpha_pattern", _number, source),
+                         None if rank is None else _rank(rank, "r", source),
+                         _patterns(config, "rank_pattern", _rank, source), bool(config.get("use_rslora", False)))
 
 
 def read_adapter_config(path: Path, metadata: Mapping[str, str]) -> AdapterConfig | None:
-    """The PEFT config of the LoRA at `path` (a file or folder) with header `metadata`, or None."""
+    """The PEFT config of the LoRA at `path` (a file or folder) with header `metadata`, or None.
+
+    `adapter_config.json` is read from a LoRA folder, or beside a file whose header has no config when
+    no `adapter_model.*` file there could be the one it describes."""
     configs = []
     if ADAPTER_METADATA_KEY in metadata:
         configs.append((_json(metadata[ADAPTER_METADATA_KEY], f"{path}: header {ADAPTER_METADATA_KEY}"),
                         f"{path}: header {ADAPTER_METADATA_KEY}"))
-    folder = path if path.is_dir() else path.parent if path.stem == "adapter_model" else None
+    if path.is_dir():
+        folder: Path | None = path
+    elif path.stem == "adapter_model" or (not configs and not any(path.parent.glob("adapter_model.*"))):
+        folder = path.parent
+    else:
+        folder = None
     if folder is not None and (folder / ADAPTER_CONFIG_FILE).is_file():
         file = folder / ADAPTER_CONFIG_FILE
         try:
@@ -141,8 +199,7 @@ def read_adapter_config(path: Path, metadata: Mapping[str, str]) -> AdapterConfi
             raise CheckpointError(f"{file}: cannot be read: {err}") from None
         configs.append((_json(text, str(file)), str(file)))
     parsed = [parse_adapter_config(config, source) for config, source in configs]
-    if len(parsed) == 2 and (parsed[0].alpha, parsed[0].alpha_pattern, parsed[0].rslora) != \
-            (parsed[1].alpha, parsed[1].alpha_pattern, parsed[1].rslora):
+    if len(parsed) == 2 and dataclasses.replace(parsed[0], source="") != dataclasses.replace(parsed[1], source=""):
         raise CheckpointError(f"{parsed[1].source} and {parsed[0].source} give the LoRA different scalings")
     return parsed[0] if parsed else None
 

@@ -58,13 +58,15 @@ def read_at(f: BinaryIO, offset: int, nbytes: int, file: Path, key: str) -> torc
     return buf
 
 
-def safetensors_offsets(path: Path) -> dict[str, int]:
+def safetensors_offsets(path: Path) -> tuple[dict[str, int], dict[str, str]]:
     """Absolute byte offset of every tensor in a safetensors file whose header is already validated
-    (read_safetensors_header, which open_checkpoint runs, checks sizes and bounds)."""
+    (read_safetensors_header, which open_checkpoint runs, checks sizes and bounds), and the file's own
+    header metadata."""
     with path.open("rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-    return {key: 8 + n + int(entry["data_offsets"][0]) for key, entry in header.items() if key != "__metadata__"}
+    metadata = header.pop("__metadata__", None) or {}
+    return {key: 8 + n + int(entry["data_offsets"][0]) for key, entry in header.items()}, metadata
 
 
 class _FileDigest:
@@ -111,7 +113,7 @@ class SourceReader:
         tensors: list[SourceTensor] = []
         for file in self.files:
             keys = [k for k, info in dit.checkpoint.infos.items() if info.file == file]
-            offsets = safetensors_offsets(file) if file.suffix == SAFETENSORS_SUFFIX else {}
+            offsets = safetensors_offsets(file)[0] if file.suffix == SAFETENSORS_SUFFIX else {}
             keys.sort(key=lambda k: offsets.get(k, 0))  # stable: pickles keep their own order
             tensors += [SourceTensor(official_of[k], k, dit.checkpoint.infos[k], offsets.get(k)) for k in keys]
         self.tensors = tensors

@@ -437,12 +437,27 @@ def test_lora_rslora_divides_by_the_root_of_the_rank(tmp_path, i2v_weights):
     _check_pairs(tmp_path, i2v_weights, src, [path], products, 1.0 * 8 / math.sqrt(4))
 
 
-@pytest.mark.parametrize("case", ["dora", "loha", "dora_tensor", "alpha_disagrees", "alpha_zero", "bad_json"])
+@pytest.mark.parametrize("case", ["dora", "loha", "dora_tensor", "alpha_disagrees", "alpha_zero", "bad_json",
+                                  "rank_disagrees", "rslora_tensor_alpha", "pissa", "bad_pattern", "bias_twice"])
 def test_lora_adapters_that_cannot_be_merged_are_refused(tmp_path, i2v_weights, case):
     src = _source(tmp_path, i2v_weights, I2V)
     names = lambda m, r: f"{m}.lora_{'up' if r == 'up' else 'down'}.weight"  # noqa: E731
     metadata, extra = None, {}
-    if case == "dora":
+    header = lambda **config: {"lora_adapter_metadata": json.dumps(config)}  # noqa: E731
+    if case == "rank_disagrees":  # PEFT would not load tensors of another rank than its config's
+        metadata, match = header(r=8, lora_alpha=16), "has rank 4, .* says 8"
+    elif case == "rslora_tensor_alpha":
+        metadata, match = header(use_rslora=True), "alpha / rank or alpha / √rank is ambiguous"
+        extra = {"blocks.0.self_attn.q.alpha": torch.tensor(8.0)}
+    elif case == "pissa":  # a delta against base weights PiSSA changed
+        metadata, match = header(lora_alpha=4, init_lora_weights="pissa_niter_4"), "changes the base weights"
+    elif case == "bad_pattern":
+        metadata, match = header(lora_alpha=4, alpha_pattern={"blocks.[0": 2}), "is not a regular expression"
+    elif case == "bias_twice":  # diffusers' name for a .diff_b beside the .diff_b itself
+        bias = torch.zeros(i2v_weights["blocks.0.self_attn.q.bias"].shape)
+        extra = {"blocks.0.self_attn.q.diff_b": bias, "blocks.0.self_attn.q.lora_B.bias": bias.clone()}
+        match = "'blocks.0.self_attn.q.(diff_b|lora_B.bias)' and .* both change 'blocks.0.self_attn.q.bias'"
+    elif case == "dora":
         metadata, match = {"lora_adapter_metadata": json.dumps({"r": 4, "use_dora": True})}, "DoRA adapter"
     elif case == "loha":
         metadata, match = {"lora_adapter_metadata": json.dumps({"peft_type": "LOHA"})}, "a LOHA adapter"
@@ -460,6 +475,43 @@ def test_lora_adapters_that_cannot_be_merged_are_refused(tmp_path, i2v_weights, 
         convert(src, tmp_path / "o.safetensors", lora=[path], progress=False)
     assert str(path) in str(err.value)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_lora_peft_configs_where_the_files_were_renamed_or_left_alpha_out(tmp_path, i2v_weights):
+    """alpha_pattern written for diffusers' names still applies to keys renamed to official ones; a config
+    without lora_alpha gets PEFT's default 8; adapter_config.json beside a renamed weights file is read
+    (no adapter_model.* there it could belong to), and ignored beside another file of a PEFT folder."""
+    src = _source(tmp_path, i2v_weights, I2V)
+    official = lambda m, r: f"diffusion_model.{m}.lora_{'B' if r == 'up' else 'A'}.weight"  # noqa: E731
+    config = {"r": 4, "lora_alpha": 16, "alpha_pattern": {"ffn.net.2": 2}}
+    header = lambda **config: {"lora_adapter_metadata": json.dumps(config)}  # noqa: E731
+    path, products = _pair_file(tmp_path, i2v_weights, official, metadata=header(**config))
+    got = _convert_fp32(tmp_path, src, [path], keep=("blocks.0.self_attn.q", "blocks.1.ffn.2"))
+    want = i2v_weights["blocks.1.ffn.2.weight"].float() + products["blocks.1.ffn.2"] * (2 / 4)
+    assert _same(got["blocks.1.ffn.2.weight"], want)
+    path, products = _pair_file(tmp_path, i2v_weights, official, metadata=header(r=4), name="no_alpha.safetensors")
+    _check_pairs(tmp_path, i2v_weights, src, [path], products, 8 / 4, name="o2.safetensors")
+    beside = tmp_path / "renamed"
+    beside.mkdir()
+    (beside / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 32}))
+    path, products = _pair_file(beside, i2v_weights, official, name="my_style.safetensors")
+    _check_pairs(tmp_path, i2v_weights, src, [path], products, 32 / 4, name="o3.safetensors")
+    _pair_file(beside, i2v_weights, official, name="adapter_model.safetensors", seed=40)
+    _check_pairs(tmp_path, i2v_weights, src, [path], products, 1.0, name="o4.safetensors")
+
+
+def test_lora_folder_whose_files_carry_different_peft_configs_is_refused(tmp_path, i2v_weights):
+    """A LoRA split over files scales alike: parts whose headers disagree would be merged at one part's alpha."""
+    src = _source(tmp_path, i2v_weights, I2V)
+    folder = tmp_path / "split"
+    folder.mkdir()
+    for i, (module, alpha) in enumerate((("blocks.0.self_attn.q", 16), ("blocks.1.ffn.2", 2))):
+        up, down = _low_rank(*i2v_weights[module + ".weight"].shape, 4, seed=50 + i)
+        header = {"lora_adapter_metadata": json.dumps({"lora_alpha": alpha})}
+        save_file({f"{module}.lora_B.weight": up, f"{module}.lora_A.weight": down},
+                  str(folder / f"part{i}.safetensors"), metadata=header)
+    with pytest.raises(CheckpointError, match="files' lora_adapter_metadata headers differ"):
+        convert(src, tmp_path / "o.safetensors", lora=[folder], progress=False)
 
 
 @pytest.mark.parametrize("style", ["kohya", "peft_default", "peft_model"])
