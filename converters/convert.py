@@ -88,7 +88,7 @@ class ConvertResult:
 
     @property
     def mean_sqnr_db(self) -> float | None:
-        """Mean SQNR of the quantized layers in dB (None when nothing was quantized)."""
+        """Mean SQNR of the quantized layers in dB, over those with a finite one (None when none has)."""
         return mean_sqnr_db(self.layers)
 
     @property

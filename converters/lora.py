@@ -2,7 +2,8 @@
 
 Key names and where alpha is written: converters/lora_formats.py. Merge, in fp32, LoRA files in the
 order given, for every low-rank pair:
-    W += (up · down) · (strength · alpha / rank)        rank = down.shape[0], alpha defaults to rank
+    W += (up · down) · (strength · alpha / rank)        rank = down.shape[0]
+(alpha: the pair's `.alpha` tensor, else its PEFT config's (lora_formats.py), else the rank)
 (up and down flattened to 2-D, the scalar computed in double precision and applied as one fp32
 multiply; √rank for rsLoRA), the pair's bias delta (`lora_B.bias`) with the same scalar, and
 W += strength · diff for full deltas. A key matching no tensor of the model is an error, and so is a

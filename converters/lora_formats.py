@@ -179,8 +179,9 @@ def parse_adapter_config(config: Mapping[str, Any], source: str) -> AdapterConfi
 def read_adapter_config(path: Path, metadata: Mapping[str, str]) -> AdapterConfig | None:
     """The PEFT config of the LoRA at `path` (a file or folder) with header `metadata`, or None.
 
-    `adapter_config.json` is read from a LoRA folder, or beside a file whose header has no config when
-    no `adapter_model.*` file there could be the one it describes."""
+    `adapter_config.json` is read from a LoRA folder, beside `adapter_model.*` (and checked against its
+    header's config), or beside a file of another name whose header has none when no `adapter_model.*`
+    file is there that it could describe."""
     configs = []
     if ADAPTER_METADATA_KEY in metadata:
         configs.append((_json(metadata[ADAPTER_METADATA_KEY], f"{path}: header {ADAPTER_METADATA_KEY}"),
@@ -199,9 +200,15 @@ def read_adapter_config(path: Path, metadata: Mapping[str, str]) -> AdapterConfi
             raise CheckpointError(f"{file}: cannot be read: {err}") from None
         configs.append((_json(text, str(file)), str(file)))
     parsed = [parse_adapter_config(config, source) for config, source in configs]
-    if len(parsed) == 2 and dataclasses.replace(parsed[0], source="") != dataclasses.replace(parsed[1], source=""):
-        raise CheckpointError(f"{parsed[1].source} and {parsed[0].source} give the LoRA different scalings")
+    if len(parsed) == 2 and _described(parsed[0]) != _described(parsed[1]):
+        raise CheckpointError(f"{parsed[1].source} and {parsed[0].source} describe the LoRA differently "
+                              f"(lora_alpha, r, their patterns or use_rslora)")
     return parsed[0] if parsed else None
+
+
+def _described(config: AdapterConfig) -> AdapterConfig:
+    """What a config says, without where it was read or whether lora_alpha was PEFT's default."""
+    return dataclasses.replace(config, source="", alpha_given=False)
 
 
 def _json(text: str, source: str) -> Any:

@@ -309,7 +309,7 @@ def pick_config(kind: str, M: int, N: int, K: int, device: torch.device, epilogu
 
 def epilogue_name(activation: str | None, residual: torch.Tensor | None, gate: torch.Tensor | None) -> str:
     """The epilogue a launch fuses, as the autotuner keys its choice: the fastest tile of a plain GEMM
-    may spill with a residual's registers (128 x 256 on sm_80/86)."""
+    may spill with a residual's registers (128 x 256 on sm_86)."""
     return activation or ("gated_residual" if gate is not None else "residual" if residual is not None else "")
 
 

@@ -203,7 +203,7 @@ def _merge(files: list[Path], handles: dict) -> tuple[dict[str, TensorInfo], dic
             infos[key] = info
         # The parts of a dit8 checkpoint describe it alike (format version, configuration): a part that
         # says otherwise is named, rather than the last part's word being taken for all. (Other tools'
-        # metadata may differ per file and is not read.)
+        # metadata may differ per file and is not checked here; the LoRA reader checks its own.)
         for name, value in file_meta.items():
             if name.startswith("dit8.") and metadata.get(name, value) != value:
                 raise CheckpointError(f"{file}: header metadata {name} = {value!r} differs from "

@@ -156,11 +156,12 @@ def output_size(image_hw: tuple[int, int], area: int = AREA_480P, *, vae_stride:
 
         lat_h = round(sqrt(area·h0/w0) // 8 // 2 · 2),  lat_w = round(sqrt(area·w0/h0) // 8 // 2 · 2)
 
-    and pixels = 8 · latent. 480×832 at area 480·832 gives 480×832 (latent 60×104), as spec/pipeline.md
-    states. Computed in exact integer arithmetic (floor(sqrt(q)/8) = isqrt(floor(q/64))): the
-    reference evaluates it in floats, where 399360·(480/832) = 230399.99999999997, whose square root
-    falls just under 480, so that exact case comes out one patch smaller there (lat_h 58, 464 pixels);
-    elsewhere the two agree."""
+    and pixels = 8 · latent. 480×832 at area 480·832 gives 480×832 (latent 60×104), as the pipeline's
+    specification states. Computed in exact integer arithmetic (floor(sqrt(q)/8) = isqrt(floor(q/64))):
+    the reference evaluates it in floats, where 399360·(480/832) = 230399.99999999997, whose square root
+    falls just under 480, so that exact case comes out one patch smaller there (lat_h 58, 464 pixels).
+    A few other aspect ratios round so too (13:30, 104:15, 13:120, 735:104, ...); elsewhere the two
+    agree."""
     if isinstance(area, bool) or not isinstance(area, numbers.Integral) or area < 1:
         raise InputError(f"area must be a positive number of pixels, got {area!r}")
     area = int(area)

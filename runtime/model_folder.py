@@ -100,7 +100,8 @@ class ModelFiles:
         return next((d / "config.json" for d in candidates if (d / "config.json").is_file()), None)
 
     def describe(self) -> list[str]:
-        """One line per piece found, its path relative to the folder (for `dit8 info` and errors)."""
+        """The folder, then one line per piece found with its path relative to it (`dit8 generate` prints
+        them)."""
         def rel(p: Path) -> str:
             try:
                 inside = p.relative_to(self.root)

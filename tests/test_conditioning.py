@@ -53,8 +53,9 @@ def test_output_size_follows_the_aspect_ratio(image_hw, area, expected):
 
 @pytest.mark.parametrize("h0, w0", [(480, 832), (832, 480), (720, 1280), (1000, 1000), (123, 457), (3000, 17)])
 def test_output_size_agrees_with_the_float_formula_except_where_floats_fall_short(h0, w0):
-    """The reference's float evaluation, transcribed; it differs only for 480x832 at 480*832, where
-    sqrt(399360·480/832) evaluates to 479.99999999999994 (the spec's example says latent 60, exact)."""
+    """The reference's float evaluation, transcribed; of these sizes it differs only for 480x832 at
+    480*832, where sqrt(399360·480/832) evaluates to 479.99999999999994 (the spec's example says latent
+    60, exact)."""
     area = 480 * 832
     lat_h = round(np.sqrt(area * (h0 / w0)) // 8 // 2 * 2)
     lat_w = round(np.sqrt(area / (h0 / w0)) // 8 // 2 * 2)
