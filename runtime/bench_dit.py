@@ -35,6 +35,7 @@ from .cuda_graph import CapturedForward
 from .devices import peak_memory, reset_peak, resolve_device, synchronize
 from .diffusers_reference import diffusers_inputs, diffusers_skip_reason, to_diffusers
 from .errors import InputError
+from .layouts import block_linears, expected_shapes
 from .model import EncodedContext, WanDiT
 from .packed_format import SCHEMES
 from .parallel import join_launched_group
@@ -105,6 +106,30 @@ def check_bench_settings(s: BenchSettings) -> None:
     if s.sequence_parallel and (s.cuda_graph or s.compare):
         raise InputError("--sequence-parallel runs neither --cuda-graph nor --compare (one process each)")
     check_attention_runs(s.attention, model_backend("attention", s.backend, device), device)
+    if device.type == "cuda":
+        check_weights_fit(s.model_config(), s.scheme, torch.cuda.mem_get_info(device)[0])
+
+
+def weight_bytes(config: WanConfig, scheme: str) -> int:
+    """A floor of the model's weight memory: 8-bit block linears (fp8, int8) at a byte an element and an
+    fp32 scale a row, everything else in bf16."""
+    quantized = {f"blocks.{i}.{name}.weight" for i in range(config.num_layers)
+                 for name in block_linears(config)} if scheme != "bf16" else set()
+    total = 0
+    for key, shape in expected_shapes(config).items():
+        elements = math.prod(shape)
+        total += elements + 4 * shape[0] if key in quantized else 2 * elements
+    return total
+
+
+def check_weights_fit(config: WanConfig, scheme: str, free_bytes: int) -> None:
+    """InputError before building a model whose weights alone exceed the GPU's free memory (building it
+    would end in an out-of-memory error minutes later)."""
+    need = weight_bytes(config, scheme)
+    if need > free_bytes:
+        raise InputError(f"the {scheme} weights of this {config.num_layers}-block model take at least "
+                         f"{format_bytes(need)} and the GPU has {format_bytes(free_bytes)} free: use --scheme fp8 "
+                         f"or int8, or fewer --layers")
 
 
 # -- FLOPs -----------------------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ import sys
 import pytest
 import torch
 
-from dit8.bench_dit import BenchSettings, run_bench
+from dit8.bench_dit import BenchSettings, check_weights_fit, run_bench, weight_bytes
 from dit8.diffusers_reference import diffusers_inputs, to_diffusers
 from dit8.profiling import PARTS, classify
 from dit8.random_dit import build_model, float_weight, quantized_layers, random_conditioning
 from dit8.cli import TINY_FRAMES, TINY_SIZE, bench_settings, build_parser, main
-from dit8.config import tiny_config
+from dit8.config import I2V_14B, tiny_config
+from dit8.errors import InputError
 from dit8.layers import QuantLinear
 
 TINY = ["--device", "cpu", "--layers", "1", "--size", "64x64", "--frames", "5"]
@@ -158,6 +159,20 @@ def test_device_init_gives_finite_outputs(scheme):
         out = model(cond.x, cond.t, cond.context, cond.clip_fea, y=cond.y)
     assert out.shape == cond.x.shape and torch.isfinite(out).all()
     assert 0.1 < out.std() < 10  # weights scaled so activations stay O(1)
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp8", "int8"])
+def test_weight_memory_floor_and_the_check_before_building(scheme):
+    """weight_bytes is a floor of what the built model holds (its fp32 tables and buffers come on top), and a
+    GPU with less free memory than it is refused before anything is built."""
+    model = build_model(CONFIG, scheme=scheme, device="cpu", dtype=torch.bfloat16)
+    held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    floor = weight_bytes(CONFIG, scheme)
+    assert floor <= held, (floor, held)
+    check_weights_fit(CONFIG, scheme, floor)
+    with pytest.raises(InputError, match=f"the {scheme} weights of this 2-block model take at least .* use --scheme"):
+        check_weights_fit(CONFIG, scheme, floor - 1)
+    assert weight_bytes(I2V_14B, "fp8") < weight_bytes(I2V_14B, "bf16") / 1.9  # 15.5 GiB against 30.5
 
 
 def _quant_step(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
