@@ -147,7 +147,7 @@ def _patterns(config: Mapping[str, Any], name: str, convert, source: str) -> dic
         raise CheckpointError(f"{source}: {name} is not an object")
     for pattern in patterns:
         try:
-            re.compile(str(pattern))
+            re.compile(rf"(.*\.)?({pattern})$")  # as _pattern_value matches it
         except re.error as err:
             raise CheckpointError(f"{source}: {name} key {pattern!r} is not a regular expression: {err}") from None
     return {str(p): convert(v, f"{name}[{p!r}]", source) for p, v in patterns.items()}
@@ -214,5 +214,5 @@ def _described(config: AdapterConfig) -> AdapterConfig:
 def _json(text: str, source: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise CheckpointError(f"{source}: not valid JSON: {err}") from None

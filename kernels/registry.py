@@ -96,7 +96,7 @@ def _verified_file(path: str) -> tuple[tuple[int, int], frozenset[tuple[str, str
         major, minor = data["capability"]
         pairs = frozenset((str(op), str(backend)) for op, backend in data["verified"])
         return (int(major), int(minor)), pairs
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
         raise BackendError(f"{VERIFIED_VAR}={path}: not a file of verified kernels as bench/verified_backends.py "
                            f"--json writes it ({type(err).__name__}: {err})") from None
 

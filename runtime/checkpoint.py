@@ -30,7 +30,7 @@ SAFETENSORS_DTYPES = {
 }
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100_000_000  # safetensors refuses longer headers
 
 
 def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -65,14 +65,15 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, _MAX_HEADER):
                 raise CheckpointError(f"{path}: corrupt or truncated: header length {n} exceeds the file")
-            header = json.loads(f.read(n))
+            # Strict UTF-8, as safetensors reads it (json.loads of bytes would also take UTF-16 or a BOM).
+            header = json.loads(f.read(n).decode("utf-8"))
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read: {err.strerror or err}") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: corrupt safetensors header: {err}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{path}: corrupt safetensors header: {type(err).__name__}: {err}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map names to strings")
     infos: dict[str, TensorInfo] = {}
@@ -80,10 +81,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     for key, entry in header.items():
         try:
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
+            shape = _json_ints(entry["shape"])
+            begin, end = _json_ints(entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r}: {entry!r}") from None
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r}: {entry!r}"[:500]) from None
         info = TensorInfo(path, shape, dtype)
         if end - begin != info.nbytes or begin < 0:
             raise CheckpointError(f"{path}: corrupt header: tensor {key!r} of shape {shape} {entry['dtype']} "
@@ -106,6 +107,14 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     return infos, metadata
 
 
+def _json_ints(values: object) -> tuple[int, ...]:
+    """A JSON list of non-negative integers as a tuple; TypeError for anything else (floats, strings,
+    booleans: int() would round, parse or count them)."""
+    if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
+        raise TypeError("expected a list of non-negative integers")
+    return tuple(values)
+
+
 def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     # Training checkpoints often nest the weights one level down.
     if isinstance(obj, dict) and len(obj) == 1:
@@ -115,8 +124,13 @@ def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     for key, value in obj.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: entry {key!r} is named by a {type(key).__name__}, not a string")
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        if value.layout != torch.strided or value.device.type != "cpu" or value.is_quantized:
+            raise CheckpointError(f"{path}: tensor {key!r} is not a dense tensor of numbers (layout "
+                                  f"{value.layout}, device {value.device.type}, dtype {value.dtype})")
     return obj
 
 
@@ -218,7 +232,7 @@ def _open_sharded(index: Path, handles: dict) -> tuple[dict[str, TensorInfo], di
         weight_map = json.loads(index.read_text())["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError("weight_map is not an object of file names")
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
         raise CheckpointError(f"{index}: not a valid shard index: {err}") from None
     shards = sorted({index.parent / name for name in weight_map.values()})
     for shard in shards:

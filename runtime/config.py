@@ -132,7 +132,7 @@ def read_config_json(path: Path) -> dict:
     """Parse a config.json, raising CheckpointError naming the file when it is not valid JSON."""
     try:
         raw = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise CheckpointError(f"{path}: cannot read config: {err}") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: config must be a JSON object")

@@ -161,7 +161,7 @@ def _stated_configs(ckpt: Checkpoint) -> list[tuple[Path, dict]]:
     if KEY_CONFIG in ckpt.metadata:
         try:
             raw = json.loads(ckpt.metadata[KEY_CONFIG])
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             raise CheckpointError(f"{ckpt.path}: corrupt {KEY_CONFIG} metadata: {err}") from None
         if not isinstance(raw, dict):
             raise CheckpointError(f"{ckpt.path}: corrupt {KEY_CONFIG} metadata: not a JSON object")

@@ -44,7 +44,7 @@ def _special_token(folder: Path, name: str, default: str) -> str:
             continue
         try:
             value = json.loads(path.read_text()).get(name)
-        except (OSError, ValueError, AttributeError) as err:
+        except (OSError, ValueError, AttributeError, RecursionError) as err:
             raise CheckpointError(f"{path}: cannot read: {err}") from None
         if isinstance(value, dict):
             value = value.get("content")

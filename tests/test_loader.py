@@ -107,6 +107,68 @@ def test_corrupt_safetensors_header(tmp_path, weights):
     assert "m.safetensors" in msg and "corrupt" in msg
 
 
+def _with_raw_header(path, make) -> None:
+    """Replace a safetensors file's header with the bytes (or text) `make(header)` gives for its parsed
+    JSON header, the data left as it is (`_with_header` below writes back a valid JSON object)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    raw = make(json.loads(data[8:8 + n]))
+    raw = raw if isinstance(raw, bytes) else raw.encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
+@pytest.mark.parametrize("case", ["nested", "inf_shape", "float_offset", "string_shape", "bom", "utf16",
+                                  "metadata_false"])
+def test_malformed_safetensors_headers_are_named(tmp_path, weights, case):
+    """Headers safetensors refuses, refused here too with the file named (the converter reads headers itself):
+    no RecursionError, OverflowError or silent truncation of a float to an int."""
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+    key = "blocks.0.ffn.0.bias"
+
+    def make(header: dict):
+        entry = header[key]
+        if case == "nested":
+            return json.dumps(header)[:-1] + ', "z": ' + "[" * 5000 + "]" * 5000 + "}"
+        if case == "inf_shape":
+            entry["shape"] = ["INF"]
+            return json.dumps(header).replace('["INF"]', "[1e999]")
+        if case == "float_offset":
+            entry["data_offsets"] = [float(o) for o in entry["data_offsets"]]
+        elif case == "string_shape":
+            entry["shape"] = [str(d) for d in entry["shape"]]
+        elif case == "metadata_false":
+            header["__metadata__"] = False
+        elif case == "bom":
+            return b"\xef\xbb\xbf" + json.dumps(header).encode()
+        elif case == "utf16":
+            return json.dumps(header).encode("utf-16")
+        return json.dumps(header)
+
+    _with_raw_header(path, make)
+    msg = load_error(path)
+    assert str(path) in msg and "corrupt" in msg, msg
+    with pytest.raises(CheckpointError, match="corrupt"):
+        dit8.checkpoint.open_checkpoint(path)
+
+
+@pytest.mark.parametrize("case", ["int_key", "sparse", "meta"])
+def test_pth_entries_that_are_not_named_dense_tensors(tmp_path, weights, case):
+    if case == "int_key":
+        weights[7] = torch.zeros(2)
+        match = "entry 7 is named by a int"
+    elif case == "sparse":
+        weights["blocks.0.ffn.0.bias"] = weights["blocks.0.ffn.0.bias"].to_sparse()
+        match = "'blocks.0.ffn.0.bias' is not a dense tensor"
+    else:
+        weights["blocks.0.ffn.0.bias"] = weights["blocks.0.ffn.0.bias"].to("meta")
+        match = "'blocks.0.ffn.0.bias' is not a dense tensor"
+    path = tmp_path / "m.pth"
+    torch.save(weights, path)
+    with pytest.raises(CheckpointError, match=match) as err:
+        dit8.checkpoint.open_checkpoint(path)
+    assert "m.pth" in str(err.value)
+
+
 def test_corrupt_pth(tmp_path, weights):
     path = write_checkpoint(weights, tmp_path / "m.pth", fmt="pth")
     data = path.read_bytes()
