@@ -16,8 +16,8 @@ import math
 import torch
 
 from dit8.kernels.quantize import quantize_rows
+from dit8.packed_format import SCHEME_DTYPES
 
-SCHEME_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 # LightX2V's floor of a row's amax: keeps an all-zero row's scale finite.
 WEIGHT_SCALE_FLOOR = 1e-5
 

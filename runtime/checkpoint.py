@@ -209,8 +209,10 @@ def _merge(files: list[Path], handles: dict) -> tuple[dict[str, TensorInfo], dic
     infos: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     said_by: dict[str, Path] = {}
+    stated_by_file: dict[Path, set[str]] = {}
     for file in files:
         file_infos, file_meta = _file_infos(file, handles)
+        stated_by_file[file] = {name for name in file_meta if name.startswith("dit8.")}
         for key, info in file_infos.items():
             if key in infos:
                 raise CheckpointError(f"{file}: tensor {key!r} is also in {infos[key].file}")
@@ -224,6 +226,13 @@ def _merge(files: list[Path], handles: dict) -> tuple[dict[str, TensorInfo], dic
                                       f"{said_by[name].name}'s {metadata[name]!r}")
             metadata[name] = value
             said_by.setdefault(name, file)
+    # ... and each says all of it: a part without (a float file among packed ones) is not of that checkpoint.
+    stated = {name for name in metadata if name.startswith("dit8.")}
+    for file, own in stated_by_file.items():
+        missing = stated - own
+        if missing:
+            raise CheckpointError(f"{file}: header metadata without {sorted(missing)}, which "
+                                  f"{said_by[min(missing)].name} states")
     return infos, metadata
 
 
@@ -234,6 +243,9 @@ def _open_sharded(index: Path, handles: dict) -> tuple[dict[str, TensorInfo], di
             raise TypeError("weight_map is not an object of file names")
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
         raise CheckpointError(f"{index}: not a valid shard index: {err}") from None
+    for name in set(weight_map.values()):
+        if Path(name).name != name or name in ("", ".", ".."):  # shards lie beside their index, nowhere else
+            raise CheckpointError(f"{index}: shard name {name!r} is not a file name in {index.parent}")
     shards = sorted({index.parent / name for name in weight_map.values()})
     for shard in shards:
         if not shard.is_file():

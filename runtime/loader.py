@@ -17,7 +17,8 @@ from .devices import resolve_device
 from .errors import CheckpointError, InputError
 from .layouts import block_linears, detect_layout, expected_shapes, from_official, to_official
 from .model import WanDiT
-from .packed_format import KEY_CONFIG, WEIGHT_SCALE_SUFFIX, check_format_version
+from .packed_format import (FORMAT_NAME, KEY_CONFIG, KEY_SCHEME, KEY_SCHEMES, METADATA_KEYS, SCHEME_DTYPES, SCHEMES,
+                            WEIGHT_SCALE_SUFFIX, check_format_version, scheme_of)
 from .parallel import SequenceParallel
 from .progress import Progress
 
@@ -217,12 +218,41 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
     quantized = _find_quantized(ckpt, names)
     _check_tensor_set(ckpt, names, config, layout, quantized)
     if version is not None:
+        _check_packed_metadata(ckpt, names, config, quantized)
         fmt = DIT8
     elif any(suffix == TENSOR_SCALE for suffix in quantized.values()):
         fmt = COMFYUI_FP8
     else:
         fmt = LIGHTX2V if quantized else FLOAT
     return DitCheckpoint(ckpt, layout, config, names, fmt, quantized)
+
+
+def _check_packed_metadata(ckpt: Checkpoint, names: dict[str, str], config: WanConfig,
+                           quantized: dict[str, str]) -> None:
+    """A dit8 packed file's header says what its tensors are: every key of the format, a configuration
+    equal to the one its shapes give, and each 8-bit weight of the dtype its `dit8.schemes` entry names."""
+    meta, path = ckpt.metadata, ckpt.path
+    missing = [key for key in METADATA_KEYS if key not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: {FORMAT_NAME} file without the header metadata {missing}")
+    if meta[KEY_SCHEME] not in SCHEMES:
+        raise CheckpointError(f"{path}: {KEY_SCHEME} is {meta[KEY_SCHEME]!r}, expected one of {SCHEMES}")
+    try:
+        stated = WanConfig.from_dict(json.loads(meta[KEY_CONFIG]))
+        schemes = json.loads(meta[KEY_SCHEMES])
+        if not isinstance(schemes, dict) or not all(isinstance(v, str) for v in schemes.values()):
+            raise TypeError(f"{KEY_SCHEMES} is not an object of scheme names")
+    except (ValueError, RecursionError, TypeError) as err:  # (InputError is a ValueError)
+        raise CheckpointError(f"{path}: corrupt {FORMAT_NAME} header metadata: {err}") from None
+    if stated != config:
+        differ = [f for f, v in stated.to_dict().items() if config.to_dict()[f] != v]
+        raise CheckpointError(f"{path}: {KEY_CONFIG} disagrees with the tensors in {differ}")
+    for module in quantized:
+        info = ckpt.infos[names[module + ".weight"]]
+        scheme = scheme_of(schemes, module)
+        if SCHEME_DTYPES.get(scheme) != info.dtype:
+            raise CheckpointError(f"{info.file}: {module}.weight is {info.dtype}, but {KEY_SCHEMES} gives "
+                                  f"{module!r} the scheme {scheme!r}")
 
 
 def check_finite(tensor: torch.Tensor, key: str, file: Path) -> None:
@@ -319,7 +349,8 @@ def summarize(dit: DitCheckpoint) -> dict:
         "layout": dit.layout,
         "variant": dit.config.variant,
         "format": dit.format,
-        "quantized_layers": {scheme: sum(1 for m in dit.quantized if QUANT_DTYPES[dit.info(m + ".weight").dtype] == scheme)
+        "quantized_layers": {scheme: sum(1 for m in dit.quantized
+                                         if QUANT_DTYPES[dit.info(m + ".weight").dtype] == scheme)
                              for scheme in sorted(set(QUANT_DTYPES.values()))} if dit.quantized else {},
         "config": dit.config.to_dict(),
         # The model's parameters: the 8-bit weights' scales are part of their encoding, not parameters.

@@ -1,6 +1,7 @@
 """Checkpoint reading: every kind of bad input raises CheckpointError naming the file and the key."""
 
 import json
+import re
 import weakref
 
 import pytest
@@ -351,6 +352,45 @@ def test_parts_of_a_folder_that_disagree_on_the_format_version(tmp_path, weights
     assert "block_0.safetensors" in msg and "dit8.format_version" in msg
 
 
+@pytest.mark.parametrize("problem", ["codes_of_another_scheme", "key_missing", "unknown_scheme", "config_disagrees",
+                                     "float_part"])
+def test_packed_header_metadata_must_describe_the_tensors(tmp_path, weights, problem):
+    """A packed file's header is checked against its tensors: a file whose FP8 codes were relabelled int8,
+    that lacks part of the format's metadata, names an unknown scheme or another configuration, or a
+    float part among packed ones, is refused (each loaded as something else before)."""
+    from dit8.converters import convert
+
+    src = write_checkpoint(weights, tmp_path / "src.safetensors")
+    out = tmp_path / ("packed" if problem == "float_part" else "packed.safetensors")
+    convert(src, out, scheme="fp8", per_block=problem == "float_part", progress=False)
+    target = out
+
+    def edit(header):
+        meta = header["__metadata__"]
+        if problem == "codes_of_another_scheme":
+            header["blocks.1.ffn.0.weight"]["dtype"] = "I8"
+        elif problem == "key_missing":
+            del meta["dit8.kept"]
+        elif problem == "unknown_scheme":
+            meta["dit8.scheme"] = "fp4"
+        elif problem == "config_disagrees":
+            meta["dit8.config"] = json.dumps({**json.loads(meta["dit8.config"]), "clip_dim": 999})
+        else:
+            header["__metadata__"] = {name: v for name, v in meta.items() if not name.startswith("dit8.")}
+
+    if problem == "float_part":
+        target = out / "block_1.safetensors"
+    _with_header(target, edit)
+    match = {"codes_of_another_scheme": "blocks.1.ffn.0.weight is torch.int8, but dit8.schemes gives 'blocks.1.ffn.0' "
+                                        "the scheme 'fp8'",
+             "key_missing": r"without the header metadata \['dit8.kept'\]",
+             "unknown_scheme": "dit8.scheme is 'fp4'",
+             "config_disagrees": r"dit8.config disagrees with the tensors in \['clip_dim'\]",
+             "float_part": "block_1.safetensors: header metadata without"}[problem]
+    msg = load_error(out)
+    assert re.search(match, msg) and (str(out) in msg or str(target) in msg), msg
+
+
 def test_shard_index_naming_no_file(tmp_path, weights):
     path = write_checkpoint(weights, tmp_path / "d", fmt="sharded")
     index = next(path.glob("*.index.json"))
@@ -359,6 +399,18 @@ def test_shard_index_naming_no_file(tmp_path, weights):
     index.write_text(json.dumps(raw))
     msg = load_error(path)
     assert index.name in msg and "not a valid shard index" in msg
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/tmp/elsewhere.safetensors", "sub/x.safetensors"])
+def test_shard_index_naming_a_file_elsewhere(tmp_path, weights, name):
+    """Shards are read from beside their index only: a name leading elsewhere is refused before that file
+    is opened (a .pth there would be loaded first)."""
+    path = write_checkpoint(weights, tmp_path / "d", fmt="sharded")
+    index = next(path.glob("*.index.json"))
+    raw = json.loads(index.read_text())
+    raw["weight_map"][next(iter(raw["weight_map"]))] = name
+    index.write_text(json.dumps(raw))
+    assert f"shard name {name!r} is not a file name in {path}" in load_error(path)
 
 
 @pytest.mark.parametrize("stated, message", [
