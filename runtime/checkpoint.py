@@ -73,7 +73,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         raise CheckpointError(f"{path}: corrupt safetensors header: {type(err).__name__}: {err}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
-    metadata = header.pop("__metadata__", {})
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # (null, as safetensors takes it; false or 0 are corrupt)
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map names to strings")
     infos: dict[str, TensorInfo] = {}

@@ -152,6 +152,13 @@ def test_malformed_safetensors_headers_are_named(tmp_path, weights, case):
         dit8.checkpoint.open_checkpoint(path)
 
 
+def test_null_metadata_is_no_metadata(tmp_path, weights):
+    """`"__metadata__": null` is read as safetensors reads it: as none."""
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+    _with_raw_header(path, lambda header: json.dumps({**header, "__metadata__": None}))
+    assert dit8.checkpoint.open_checkpoint(path).metadata == {}
+
+
 @pytest.mark.parametrize("case", ["int_key", "sparse", "meta"])
 def test_pth_entries_that_are_not_named_dense_tensors(tmp_path, weights, case):
     if case == "int_key":
