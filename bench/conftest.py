@@ -14,6 +14,7 @@ interpreter), so CI proves the suites still run; the times mean nothing and no r
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -123,6 +124,25 @@ def _sweep_candidates(candidates: list, name, always: list) -> list:
 def sweep_candidates():
     """sweep_candidates(candidates, name, always): what a sweep times, narrowed by DIT8_SWEEP_ONLY."""
     return _sweep_candidates
+
+
+@contextlib.contextmanager
+def _candidate_failures(failed: dict, name: str):
+    from dit8.kernels.registry import NoFP8Error
+
+    try:
+        yield
+    except NoFP8Error:
+        raise  # this GPU runs no FP8 configuration: the row is skipped (pytest_runtest_makereport)
+    except Exception as err:  # a configuration that does not fit this GPU (shared memory, registers)
+        failed[name] = f"{type(err).__name__}: {str(err)[:200]}"
+
+
+@pytest.fixture(scope="session")
+def candidate_failures():
+    """`with candidate_failures(failed, name):` around a sweep candidate's check and timing: a candidate
+    that fails is recorded in `failed` (its error, for extra_info) and the sweep goes on."""
+    return _candidate_failures
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,6 @@ from dit8 import kernels as ops
 triton = pytest.importorskip("triton", reason="triton is not installed")
 from dit8.kernels import attention_8bit_triton as impl8  # noqa: E402
 from dit8.kernels import attention_triton as impl  # noqa: E402
-from dit8.kernels.registry import NoFP8Error  # noqa: E402
 from dit8.kernels.buffers import poisoned_outputs  # noqa: E402
 
 # The Triton rows time the Triton kernels, not the Gluon ones Hopper routes in (bench/conftest.py).
@@ -243,7 +242,8 @@ def tile_name(cfg: impl.AttnConfig) -> str:
                     reason="config sweep: set DIT8_ATTN_SWEEP=1 on a CUDA machine")
 @pytest.mark.timeout(0)  # compiles every candidate: longer than the suite's per-test limit
 @pytest.mark.parametrize("path", ["bf16", "int8", "fp8", "pv16", "cross"])
-def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_configs, sweep_candidates):
+def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_configs, sweep_candidates,
+                      candidate_failures):
     """Every candidate's time and error against the SDPA output (DIT8_SWEEP_ONLY narrows them by
     tile_name; the path's own configuration is always timed, as `table`); `best` is the fastest of
     those within 2x the lowest error (a fast wrong kernel never wins), its ratio to the SDPA baseline.
@@ -286,14 +286,10 @@ def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_conf
                                }.get(path, ()))
     failed = {}
     for cfg in sweep_candidates(candidates, tile_name, [table]):
-        try:
+        with candidate_failures(failed, tile_name(cfg)):
             with poisoned_outputs():
                 errors[cfg] = rel_err(call(cfg)(), base_out)
             times[cfg] = gpu_time(call(cfg))
-        except NoFP8Error:
-            raise  # this GPU runs no FP8 configuration: the row is skipped (bench/conftest.py)
-        except Exception as err:  # a config that does not compile (shared memory) is skipped, and named
-            failed[tile_name(cfg)] = f"{type(err).__name__}: {str(err)[:200]}"
     best = min(sound_configs(times, errors), key=times.get)
     extra = dict(table=tile_name(table), ms_table=round(times[table], 3)) if table in times else {}
     record(call(best), flops=flops, baseline_ms=base_ms, baseline=base_name, best=tile_name(best),

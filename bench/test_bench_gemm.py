@@ -62,7 +62,6 @@ from dit8 import kernels as ops
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 from dit8.kernels import gemm_configs  # noqa: E402
-from dit8.kernels.registry import NoFP8Error  # noqa: E402
 from dit8.kernels import scaled_mm_triton as impl  # noqa: E402
 from dit8.kernels.buffers import poisoned_outputs  # noqa: E402
 
@@ -382,7 +381,8 @@ def test_gemm_gluon_residual(config, shape, device, record):
 @pytest.mark.timeout(0)  # compiles every candidate: longer than the suite's per-test limit
 @pytest.mark.parametrize("shape", FULL_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("kind", ["fp8", "int8"])
-def test_config_sweep(kind, shape, device, record, gpu_time, sound_configs, sweep_candidates):
+def test_config_sweep(kind, shape, device, record, gpu_time, sound_configs, sweep_candidates,
+                      candidate_failures):
     """Every candidate's time and error (DIT8_SWEEP_ONLY narrows them; the table's configuration for
     the shape is always timed, as `table`). `best` is the fastest of those the table may hold: for FP8
     the promoted ones (the op's contract is fp32 accumulation; `best_fast_accum` is the fastest of the
@@ -402,14 +402,10 @@ def test_config_sweep(kind, shape, device, record, gpu_time, sound_configs, swee
     times, errors, failed = {}, {}, {}
     for cfg in candidates:
         fn = functools.partial(impl.scaled_mm, xq, xs, wq, ws, None, torch.bfloat16, config=cfg)
-        try:
+        with candidate_failures(failed, cfg.name()):
             with poisoned_outputs():  # the check call: every element written
                 errors[cfg] = rel_err(fn(), ref)
             times[cfg] = gpu_time(fn)
-        except NoFP8Error:
-            raise  # this GPU runs no FP8 configuration: the row is skipped (bench/conftest.py)
-        except Exception as err:  # a config that does not fit (shared memory) is skipped, and named
-            failed[cfg.name()] = f"{type(err).__name__}: {str(err)[:200]}"
     sound = sound_configs(times, errors)
     promoted = [cfg for cfg in sound if cfg.fp8_promote is not None or kind == "int8"]
     best = min(promoted or sound, key=times.get)

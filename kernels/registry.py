@@ -124,8 +124,8 @@ def has_fp8_tensor_cores(device: torch.device) -> bool:
 def require_fp8_tensor_cores(what: str, device: torch.device, instead: str) -> None:
     """BackendError unless `device` has FP8 tensor cores (sm_89 or newer), saying to do `instead`.
     Devices other than CUDA GPUs pass: on CPU tensors the Triton kernels run in the interpreter."""
-    if device.type == "cuda" and (capability := _capability(device)) < (8, 9):
-        major, minor = capability
+    if not has_fp8_tensor_cores(device):
+        major, minor = _capability(device)
         raise NoFP8Error(f"{what} needs FP8 tensor cores (sm_89 or newer); this GPU is sm_{major}{minor}: "
                          f"{instead}")
 

@@ -309,14 +309,11 @@ def test_loaded_values_equal_the_file(tmp_path, weights):
 
 def _with_header(path, edit) -> None:
     """Rewrite a safetensors file's JSON header through `edit(header)`, the data left as it is."""
-    import struct
+    def rewrite(header):
+        edit(header)
+        return json.dumps(header)
 
-    blob = path.read_bytes()
-    (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + n])
-    edit(header)
-    text = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(text)) + text + blob[8 + n:])
+    _with_raw_header(path, rewrite)
 
 
 @pytest.mark.parametrize("problem, message", [
