@@ -19,7 +19,8 @@ Version 1 (what this module writes and reads):
   - `dit8.kept`: json list of the --keep patterns (layers left in high precision)
   - `dit8.lora`: json list of {"file", "strength"} merged before quantization (empty if none)
   - `dit8.source_layout`: official / diffusers / comfyui
-  - `dit8.source_digest`: see `source_digest` in converters/source.py ("sha256:<hex>")
+  - `dit8.source_digest`: "sha256:<hex>" of the source files (`SourceReader.digest`; the module
+    docstring of converters/source.py says what is hashed)
   - `dit8.tool_version`: the dit8 version that wrote the file
 A later version that changes any of this (a pre-arranged kernel layout, padding) bumps
 FORMAT_VERSION; readers reject versions they do not know through `check_format_version`.

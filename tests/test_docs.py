@@ -1,0 +1,72 @@
+"""The documentation points at things that exist: names said to live in a file are defined there."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ("runtime", "kernels", "converters")  # the folders of dit8, dit8.kernels, dit8.converters
+SOURCES = sorted(p for folder in (*PACKAGE, "tests", "bench") for p in (ROOT / folder).glob("*.py"))
+READMES = (ROOT / "README.md", ROOT / "csrc" / "README.md")
+
+# "`name` in folder/file.py", "`name` of file.py" and "folder/file.py `name`" (name possibly dotted: its last
+# part must be defined in the file).
+_NAME_IN_FILE = re.compile(r"`(?P<n1>[A-Za-z_][\w.]*)` (?:in|of) `?(?P<f1>[\w/]+\.py)"
+                           r"|(?P<f2>[\w/]+\.py)`? `(?P<n2>[A-Za-z_][\w.]*)`")
+
+
+def _defined_names(path: Path) -> set[str]:
+    """Every name a file binds: functions, classes, methods, assignments, attributes, parameters, imports."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.alias):
+            names.add(node.asname or node.name.split(".")[-1])
+    return names
+
+
+def _resolve(file: str) -> Path | None:
+    """A file named in the docs: a path from the repository root (dit8/... as installed), or a bare name."""
+    for prefix, folder in (("dit8/kernels/", "kernels/"), ("dit8/converters/", "converters/"), ("dit8/", "runtime/")):
+        if file.startswith(prefix):
+            file = folder + file[len(prefix):]
+            break
+    if (ROOT / file).is_file():
+        return ROOT / file
+    matches = [p for p in SOURCES if p.name == file]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _name_references(text: str) -> list[tuple[str, str]]:
+    return [(m["f1"] or m["f2"], m["n1"] or m["n2"]) for m in _NAME_IN_FILE.finditer(text)]
+
+
+def test_the_reference_pattern_finds_both_spellings():
+    text = "see `digest` in converters/source.py, and kernels/candidates.py `ADOPTED` (also `a.b` of x.py)"
+    assert _name_references(text) == [("converters/source.py", "digest"), ("kernels/candidates.py", "ADOPTED"),
+                                      ("x.py", "a.b")]
+
+
+@pytest.mark.parametrize("doc", [p for p in (*SOURCES, *READMES) if p != Path(__file__).resolve()],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_names_said_to_be_in_a_file_are_defined_there(doc):
+    text = doc.read_text()
+    missing = []
+    for file, name in _name_references(text):
+        path = _resolve(file)
+        if path is None:
+            missing.append(f"{file} (no such file) for `{name}`")
+        elif name.split(".")[-1] not in _defined_names(path):
+            missing.append(f"`{name}` in {file}")
+    assert not missing, f"{doc.relative_to(ROOT)} names what does not exist: {missing}"
