@@ -131,7 +131,7 @@ CANDIDATES: tuple[GemmConfig, ...] = (
 # promoted FP8 on 128 x 256 tiles (255 registers + 244-512 bytes of spills on 8 warps; on 16 warps the
 # 128-register cap spills too) and 16-warp 128 x 256 tiles with a residual (272 KB of shared memory).
 HOPPER_SWEEP: tuple[GemmConfig, ...] = (
-    C(128, 256, 128, 8, 8, 3),                          # the measured floor (gpu-notes.md)
+    C(128, 256, 128, 8, 8, 3),                          # the measured floor (spec/gpu-notes.md)
     C(128, 256, 128, 8, 8, 4),
     C(128, 256, 128, 8, 8, 3, persistent=True),
     C(128, 256, 128, 8, 8, 4, persistent=True),

@@ -1,6 +1,6 @@
 """LayerNorm (+ adaLN modulation, or + affine) followed by per-token 8-bit quantization, in one pass.
 
-The brackets of the DiT data flow (DESIGN.md) before the fp8/int8 GEMMs:
+The brackets of the DiT data flow (README.md, "Architecture") before the fp8/int8 GEMMs:
 - `layer_norm_modulate_quant`: norm1 / norm2 of a block, `LN(x)·(1 + scale[b]) + shift[b]` then
   quantize_per_token, feeding the QKV GEMMs and the FFN up GEMM;
 - `layer_norm_quant`: the affine norm3 before the cross-attention q GEMM.

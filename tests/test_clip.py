@@ -1,6 +1,6 @@
 """CLIP vision tower: against transformers' CLIPVisionModel with the same random weights (fp32, relative
 error <= 1e-4), loading from Wan/open-clip key names with the unused parts skipped and errors naming file
-and key, and the preprocessing of pipeline.md (bicubic to 224, no crop, CLIP mean/std)."""
+and key, and the preprocessing of spec/pipeline.md (bicubic to 224, no crop, CLIP mean/std)."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""The documentation points at things that exist: names said to live in a file are defined there."""
+"""The documentation points at things that exist: names said to live in a file are defined there, and the
+markdown files named in the code are in the repository (or in spec/, the specification kept beside it)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,14 @@ def test_names_said_to_be_in_a_file_are_defined_there(doc):
         elif name.split(".")[-1] not in _defined_names(path):
             missing.append(f"`{name}` in {file}")
     assert not missing, f"{doc.relative_to(ROOT)} names what does not exist: {missing}"
+
+
+def test_markdown_files_named_in_the_code_exist():
+    in_repository = {p.relative_to(ROOT).as_posix() for p in (*ROOT.glob("*.md"), *ROOT.glob("*/*.md"))}
+    bare = {Path(p).name for p in in_repository}
+    missing = []
+    for path in SOURCES:
+        for name in set(re.findall(r"(?<![\w/.-])((?:[\w-]+/)*[\w-]+\.md)\b", path.read_text())):
+            if not name.startswith(("spec/", "shared/spec/")) and name not in in_repository and name not in bare:
+                missing.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not missing, missing
