@@ -1,5 +1,6 @@
-"""The documentation points at things that exist: names said to live in a file are defined there, and the
-markdown files named in the code are in the repository (or in spec/, the specification kept beside it)."""
+"""The documentation points at things that exist: names said to live in a file are defined there, the
+markdown files named in the code are in the repository (or in spec/, the specification kept beside it),
+and every DIT8_* environment variable the package reads is documented in a README."""
 
 from __future__ import annotations
 
@@ -82,3 +83,17 @@ def test_markdown_files_named_in_the_code_exist():
             if not name.startswith(("spec/", "shared/spec/")) and name not in in_repository and name not in bare:
                 missing.append(f"{path.relative_to(ROOT)}: {name}")
     assert not missing, missing
+
+
+def test_every_environment_variable_the_package_reads_is_documented():
+    documented = "\n".join(p.read_text() for p in READMES)
+    read = set()
+    for folder in PACKAGE:
+        for path in (ROOT / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+                        re.fullmatch(r"DIT8_[A-Z0-9_]+", node.value):
+                    read.add(node.value)
+    assert "DIT8_BACKEND" in read  # the scan sees the variables (registry.ENV_VAR)
+    undocumented = sorted(name for name in read if not re.search(rf"\b{name}\b", documented))
+    assert not undocumented, f"read by dit8 but in no README: {undocumented}"
