@@ -52,7 +52,7 @@ _FONT_HEX = {
 }
 FONT = {ch: [int(code[2 * i:2 * i + 2], 16) for i in range(7)] for ch, code in _FONT_HEX.items()}
 SCALE = 2  # pixels per font pixel
-CHAR_W, CHAR_H = 6 * SCALE, 7 * SCALE  # 5 columns + 1 of spacing
+CHAR_W = 6 * SCALE  # 5 columns + 1 of spacing
 
 
 def text_width(text: str) -> int:

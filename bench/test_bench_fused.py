@@ -275,8 +275,7 @@ ROWS_OPS = {"quantize_fp8": False, "gelu_tanh_quant_fp8": False, "layer_norm_mod
 @pytest.mark.parametrize("prefetch", [False, True], ids=["after", "ahead"])
 @pytest.mark.parametrize("warps", [4, 8, 16, 32])
 @pytest.mark.parametrize("name", list(ROWS_OPS))
-def test_rows_sweep(name, warps, prefetch, monkeypatch, record, benchmark, device, gpu_time, baseline_cache,
-                    copy_gbps):
+def test_rows_sweep(name, warps, prefetch, monkeypatch, record, benchmark, device, baseline_cache, copy_gbps):
     """The Triton rows kernel of op `name` launched with `warps` warps, whatever the width, and its
     per-column operands loaded `prefetch` ahead of the statistics; extra_info `num_warps`,
     `default_warps` (what the kernel picks at this width) and `prefetch`."""

@@ -126,7 +126,7 @@ def fp8_step(v: torch.Tensor) -> torch.Tensor:
     return torch.pow(2.0, e - 3)
 
 
-def check_codes(q, scale, want64, ref_q, ref_scale, qdtype, *, row_dims=1):
+def check_codes(q, scale, want64, ref_q, ref_scale, qdtype):
     """q/scale: kernel; want64: float64 values [rows..., n]; ref_q/ref_scale: torch reference op."""
     qmax = QMAX[qdtype]
     assert q.dtype == qdtype and q.shape == ref_q.shape and scale.shape == ref_scale.shape
