@@ -97,7 +97,7 @@ def _key_at_position(k):
     return (k & ~0x0E) | (((k >> 2) & 3) << 1) | (((k >> 1) & 1) << 3)
 
 
-# The same on an integer torch tensor (tests and `Quantized8bit.dequantized`): the jitted function's Python.
+# The same on an integer torch tensor (for `Quantized8bit.dequantized`): the jitted function's Python.
 key_at_position = _key_at_position.fn
 
 
