@@ -1,9 +1,11 @@
 """dit8.converters: offline conversion of Wan2.1 DiT checkpoints to the dit8 packed format.
 
 One module per job: `convert` (the streaming pass), `quantize_weights` (the per-channel recipe and its
-error), `lora` (LoRA merge), `source` (reading and digesting the source), `safetensors_writer`
-(streaming output), `cli`. The packed format itself (names, metadata, version check) is
-`dit8.packed_format`, shared with the loader.
+error), `lora` (LoRA merge) and `lora_formats` (how LoRA files name their tensors and alpha), `source`
+(reading and digesting the source), `in_order` (the helper threads that hash and write while the next
+block is quantized), `safetensors_writer` (streaming output), `work_folder` (the folder beside DST the
+output is built in), `errors` (ConvertError), `cli`. The packed format itself (names, metadata, version
+check) is `dit8.packed_format`, shared with the loader.
 """
 
 from .convert import ConvertError, ConvertResult, LayerError, convert

@@ -85,6 +85,14 @@ def test_markdown_files_named_in_the_code_exist():
     assert not missing, missing
 
 
+def test_the_converters_docstring_names_each_of_its_modules():
+    import dit8.converters
+
+    modules = {p.stem for p in (ROOT / "converters").glob("*.py")} - {"__init__"}
+    named = set(re.findall(r"`(\w+)`", dit8.converters.__doc__))
+    assert modules <= named, f"converters/ modules its docstring leaves out: {sorted(modules - named)}"
+
+
 def test_every_environment_variable_the_package_reads_is_documented():
     documented = "\n".join(p.read_text() for p in READMES)
     read = set()
