@@ -299,7 +299,7 @@ class I2VPipeline:
         while not self._lock.acquire(timeout=CANCEL_POLL_SECONDS):
             self._check_cancel(job, "while waiting for another call")
 
-    def _check_cancel(self, job: _Job, where: str, bar: Progress | None = None) -> None:
+    def _check_cancel(self, job: _Job, where: str) -> None:
         """Raise Cancelled if the call's cancel event is set; under sequence parallelism if it is set in
         any process, so that all of them stop at the same point."""
         cancelled = job.cancel is not None and job.cancel.is_set()
@@ -307,8 +307,6 @@ class I2VPipeline:
         if parallel is not None:
             cancelled = parallel.any(cancelled, self.device)
         if cancelled:
-            if bar is not None:
-                bar.close()
             raise Cancelled(f"generation cancelled {where}")
 
     def _prepare(self, image, prompt, *, seed, frames, size, area, steps, sampler, guidance, shift,
@@ -394,29 +392,29 @@ class I2VPipeline:
         (and once more for the negative prompt under CFG). Returns (cond, uncond, image condition y)."""
         device, use_cfg = self.device, job.negative_prompt is not None
         bar, advance = _stage(job, "encode", 2 + self.vae.config.latent_frames(job.frames))
-        with self._encoders_on_device():
+        with bar:  # closed however the stage ends
+            with self._encoders_on_device():
+                t = time.perf_counter()
+                context = text_features(self.tokenizer, self.t5, job.prompt)
+                context_null = text_features(self.tokenizer, self.t5, job.negative_prompt) if use_cfg else None
+                synchronize(device)
+                timings["text"] = time.perf_counter() - t
+                advance(1)
+                t = time.perf_counter()
+                clip_fea = clip_features(self.clip, job.image).float()
+                synchronize(device)
+                timings["image"] = time.perf_counter() - t
+                advance(2)
             t = time.perf_counter()
-            context = text_features(self.tokenizer, self.t5, job.prompt)
-            context_null = text_features(self.tokenizer, self.t5, job.negative_prompt) if use_cfg else None
+            resized = resize_image(job.image, job.height, job.width)
+            y = image_condition(self.vae, resized, job.frames, progress=lambda done, total: advance(2 + done))
             synchronize(device)
-            timings["text"] = time.perf_counter() - t
-            advance(1)
+            timings["vae_encode"] = time.perf_counter() - t
             t = time.perf_counter()
-            clip_fea = clip_features(self.clip, job.image).float()
+            cond = self.dit.encode_context(context.to(device), clip_fea.to(device))
+            uncond = self.dit.encode_context(context_null.to(device), clip_fea.to(device)) if use_cfg else None
             synchronize(device)
-            timings["image"] = time.perf_counter() - t
-            advance(2)
-        t = time.perf_counter()
-        resized = resize_image(job.image, job.height, job.width)
-        y = image_condition(self.vae, resized, job.frames, progress=lambda done, total: advance(2 + done))
-        synchronize(device)
-        timings["vae_encode"] = time.perf_counter() - t
-        t = time.perf_counter()
-        cond = self.dit.encode_context(context.to(device), clip_fea.to(device))
-        uncond = self.dit.encode_context(context_null.to(device), clip_fea.to(device)) if use_cfg else None
-        synchronize(device)
-        timings["context"] = time.perf_counter() - t
-        bar.close()
+            timings["context"] = time.perf_counter() - t
         return cond, uncond, y.to(device)
 
     def _denoise(self, job: _Job, cond: EncodedContext, uncond: EncodedContext | None, y: torch.Tensor,
@@ -446,12 +444,12 @@ class I2VPipeline:
             last = now
             advance(i + 1, timestep=float(timesteps[i]), x0=x0)
             if i + 1 < n:
-                self._check_cancel(job, f"after step {i + 1} of {n}", bar)
+                self._check_cancel(job, f"after step {i + 1} of {n}")
 
-        latents = sample(model, noise, callback=on_step)
-        synchronize(device)
-        timings["denoise"] = time.perf_counter() - t
-        bar.close()
+        with bar:  # closed however the stage ends
+            latents = sample(model, noise, callback=on_step)
+            synchronize(device)
+            timings["denoise"] = time.perf_counter() - t
         return latents, step_seconds
 
     def _decode(self, job: _Job, latents: torch.Tensor, timings: dict[str, float]) -> torch.Tensor:
@@ -463,14 +461,14 @@ class I2VPipeline:
             bar.total = total
             advance(done)
             if done < total:
-                self._check_cancel(job, f"while decoding ({done} of {total} parts done)", bar)
+                self._check_cancel(job, f"while decoding ({done} of {total} parts done)")
 
-        video = self.vae.decode(latents, tile=self.vae_tile, output_device="cpu", progress=decoded)
-        frames = torch.from_numpy(video_to_frames(video))
-        del video
-        synchronize(self.device)
-        timings["decode"] = time.perf_counter() - t
-        bar.close()
+        with bar:  # closed however the stage ends
+            video = self.vae.decode(latents, tile=self.vae_tile, output_device="cpu", progress=decoded)
+            frames = torch.from_numpy(video_to_frames(video))
+            del video
+            synchronize(self.device)
+            timings["decode"] = time.perf_counter() - t
         return frames
 
 

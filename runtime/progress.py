@@ -21,7 +21,7 @@ class Progress:
     a second; elsewhere (logs, pipes), when enabled, written once as it closes.
 
     unit "bytes": sizes, the percentage and the rate; "count": done/total and the seconds since it
-    began. enabled: default, only on a terminal.
+    began. enabled: default, only on a terminal. `close` ends the line once; later calls do nothing.
     """
 
     def __init__(self, total: int, desc: str, *, unit: str = "bytes", stream: TextIO | None = None,
@@ -33,6 +33,7 @@ class Progress:
         self.tty = getattr(self.stream, "isatty", lambda: False)()
         self.enabled = self.tty if enabled is None else enabled
         self._start = self._last_draw = time.monotonic()
+        self.closed = False
 
     def update(self, n: int) -> None:
         """`n` more done."""
@@ -57,6 +58,10 @@ class Progress:
                 f"{format_bytes(self.done)}/{format_bytes(self.total)} {format_bytes(rate)}/s")
 
     def close(self) -> None:
+        # Once only: a stage that stops early closes its bar where it stops and again on its way out.
+        if self.closed:
+            return
+        self.closed = True
         if self.enabled:
             self.stream.write(("\r" if self.tty else "") + self._line(time.monotonic()) + "\n")
             self.stream.flush()

@@ -200,6 +200,26 @@ def test_cancel_between_steps_and_decode_parts(pipe, video, stage, done, message
     assert torch.equal(pipe(IMAGE, PROMPT, seed=3, **SMALL).frames, video.frames)
 
 
+@pytest.mark.parametrize("stop", ["callback raises", "cancel"])
+def test_a_call_that_stops_early_ends_each_bar_it_began_once(pipe, stop):
+    # A bar left open would leave a terminal mid-line (and print nothing at all into a log).
+    cancel = threading.Event()
+
+    def callback(event):
+        if (event.stage, event.done) == ("denoise", 2):
+            if stop == "cancel":
+                cancel.set()
+            else:
+                raise KeyError("the service's own bug")
+
+    stream = io.StringIO()
+    with pytest.raises(Cancelled if stop == "cancel" else KeyError):
+        pipe(IMAGE, PROMPT, callback=callback, cancel=cancel, progress=True, progress_stream=stream, **SMALL)
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[0] for line in lines] == ["encode", "denoise"] and "2/4" in lines[1]
+    assert stream.getvalue().endswith("\n")
+
+
 def test_cancel_before_start(pipe):
     cancel = threading.Event()
     cancel.set()

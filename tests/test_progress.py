@@ -37,6 +37,14 @@ def test_elsewhere_one_line_at_the_end_or_none():
     assert quiet.getvalue() == ""
 
 
+def test_a_bar_closes_once():
+    stream = io.StringIO()
+    with Progress(3, "decode", unit="count", stream=stream, enabled=True) as bar:
+        bar.advance_to(1)
+        bar.close()  # where the work stopped; the with block closes it again on its way out
+    assert stream.getvalue().count("\n") == 1 and " 1/3 " in stream.getvalue()
+
+
 def test_format_bytes_and_units():
     assert [format_bytes(n) for n in (512, 3.4 * 2 ** 20, 26.1 * 2 ** 30)] == ["512 B", "3.4 MiB", "26.1 GiB"]
     with pytest.raises(ValueError, match="unit"):
