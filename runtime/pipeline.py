@@ -63,7 +63,8 @@ class Cancelled(Dit8Error):
 class ProgressEvent:
     """What a progress callback receives: `done` of `total` units of a stage ("encode": the text, the
     image and each latent frame of the VAE encode; "denoise": steps; "decode": latent frames, per
-    tile), `seconds` since the stage began; for denoise also the step's timestep and x0 estimate."""
+    tile), `seconds` since the stage began; for denoise also the step's timestep and x0 estimate (a copy:
+    the callback may keep or change it)."""
 
     stage: str
     done: int

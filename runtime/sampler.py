@@ -73,7 +73,8 @@ class DistilledSampler:
         """Run every step from `noise` (fp32 latents at σ = 1); returns the final x0 estimate.
 
         seed: seeds the fresh noise of the "renoise" rule (unused by "deterministic").
-        callback(step, num_steps, x0): called after each step with that step's x0 estimate.
+        callback(step, num_steps, x0): called after each step with a copy of that step's x0 estimate
+            (the last one is the result: a callback that changes what it is given changes nothing).
         """
         sigmas = self.sigmas().tolist()
         # Drawn on the CPU, as initial_noise: a seed gives the same video on any device.
@@ -92,7 +93,7 @@ class DistilledSampler:
                     eps = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
                     x = (1 - nxt) * x0 + nxt * eps
             if callback is not None:
-                callback(i, len(sigmas), x0)
+                callback(i, len(sigmas), x0.clone())
         return x0
 
 

@@ -112,7 +112,8 @@ class UniPCSampler:
         (fp64 when `noise` is fp64).
 
         model(x, t) -> v with t [B] float timesteps; callback(step, num_steps, x0) after each step with
-        that step's x0 estimate (the model's, at the point it was evaluated).
+        a copy of that step's x0 estimate (the model's, at the point it was evaluated; the later steps
+        use it, so the callback gets its own to change as it likes).
         """
         sigmas_t, timesteps_t = unipc_sigmas(self.steps, self.shift)
         sigmas, timesteps = sigmas_t.tolist(), timesteps_t.tolist()
@@ -134,7 +135,7 @@ class UniPCSampler:
             last_x, last_order = x, order
             x = self._predict(x, history, lambdas, sigmas, i, order)
             if callback is not None:
-                callback(i, self.steps, m)
+                callback(i, self.steps, m.clone())
         return x
 
     @staticmethod

@@ -294,6 +294,14 @@ def test_numpy_scalars_are_taken_as_numbers(pipe, video):
     assert torch.equal(sized.frames, video.frames)
 
 
+def test_a_callback_that_changes_the_x0_it_sees_does_not_change_the_video(pipe, video):
+    def preview(event):
+        if event.x0 is not None:
+            event.x0.div_(event.x0.abs().max())  # a preview normalised in place
+
+    assert torch.equal(pipe(IMAGE, PROMPT, seed=3, callback=preview, **SMALL).frames, video.frames)
+
+
 def test_a_float_image_is_copied_before_the_call_reads_it(pipe, monkeypatch):
     image = torch.from_numpy(IMAGE).permute(2, 0, 1).float().div(127.5).sub(1).contiguous()
     expected = pipe(image, PROMPT, **ONE).frames

@@ -83,6 +83,24 @@ def test_callback_sees_every_step():
     assert calls == [(0, 4), (1, 4), (2, 4), (3, 4)]
 
 
+@pytest.mark.parametrize("sampler", [DistilledSampler(), DistilledSampler(update="renoise"),
+                                     UniPCSampler(steps=4)], ids=["deterministic", "renoise", "unipc"])
+def test_a_callback_that_changes_its_x0_changes_nothing(sampler):
+    # A preview normalised in place, say: the x0 handed out is the sampler's state (and the result).
+    def model(x, t):
+        return 0.5 * x + t.view(-1, 1, 1, 1, 1) / 1000
+
+    noise = initial_noise((1, 4, 2, 2, 2), 0)
+    expected = sampler.sample(model, noise)
+    seen = []
+
+    def scribble(i, n, x0):
+        x0.zero_()
+        seen.append(i)
+
+    assert torch.equal(sampler.sample(model, noise, callback=scribble), expected) and seen == [0, 1, 2, 3]
+
+
 def test_initial_noise_is_reproducible():
     assert torch.equal(initial_noise((2, 3), 5), initial_noise((2, 3), 5))
     assert not torch.equal(initial_noise((2, 3), 5), initial_noise((2, 3), 6))
