@@ -381,11 +381,15 @@ class I2VPipeline:
             latents, step_seconds = self._denoise(job, cond, uncond, y, timings)
             del cond, uncond, y
             self._check_cancel(job, "before decoding")
-            frames = self._decode(job, latents, timings)
+            pixels = self._decode(job, latents, timings)
+        # Made outside inference mode: ordinary tensors, which the caller may change in place (an inference
+        # tensor refuses that outside inference mode) or use with autograd.
+        frames = torch.from_numpy(pixels)
+        final_latents = latents[0].to("cpu", torch.float32, copy=True)
         timings["total"] = time.perf_counter() - start
         peak, source = peak_memory(self.device)
         return Video(frames=frames, fps=FPS, timings=timings, step_seconds=step_seconds, peak_memory=peak,
-                     peak_memory_source=source, latents=latents[0].float().cpu(), settings=job.settings())
+                     peak_memory_source=source, latents=final_latents, settings=job.settings())
 
     def _encode(self, job: _Job,
                 timings: dict[str, float]) -> tuple[EncodedContext, EncodedContext | None, torch.Tensor]:
@@ -453,7 +457,7 @@ class I2VPipeline:
             timings["denoise"] = time.perf_counter() - t
         return latents, step_seconds
 
-    def _decode(self, job: _Job, latents: torch.Tensor, timings: dict[str, float]) -> torch.Tensor:
+    def _decode(self, job: _Job, latents: torch.Tensor, timings: dict[str, float]) -> np.ndarray:
         """The VAE decode to uint8 frames [F, H, W, 3] on the CPU."""
         t = time.perf_counter()
         bar, advance = _stage(job, "decode", latents.shape[2])  # the VAE tells the total with tiles
@@ -466,7 +470,7 @@ class I2VPipeline:
 
         with bar:  # closed however the stage ends
             video = self.vae.decode(latents, tile=self.vae_tile, output_device="cpu", progress=decoded)
-            frames = torch.from_numpy(video_to_frames(video))
+            frames = video_to_frames(video)
             del video
             synchronize(self.device)
             timings["decode"] = time.perf_counter() - t

@@ -66,6 +66,15 @@ def test_video_fields(pipe, video):
     assert repr(video) == f"Video(5 frames 48x32 at 16 fps, made in {video.timings['total']:.1f} s)"
 
 
+def test_the_video_holds_ordinary_tensors(pipe):
+    # Not inference tensors, which refuse in-place changes outside inference mode (a watermark, say).
+    video = pipe(IMAGE, PROMPT, **ONE)
+    assert not video.frames.is_inference() and not video.latents.is_inference()
+    video.frames[0, :4, :4] = 255
+    video.latents.mul_(2)
+    assert (video.frames[0, :4, :4] == 255).all()
+
+
 def test_same_seed_same_video_other_seed_other_video(pipe, video):
     assert torch.equal(pipe(IMAGE, PROMPT, seed=3, **SMALL).frames, video.frames)
     assert torch.equal(pipe(IMAGE, PROMPT, seed=np.int64(3), **SMALL).frames, video.frames)  # any integer type
