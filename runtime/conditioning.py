@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -91,11 +92,13 @@ def read_image(path: str | Path) -> np.ndarray:
 def image_tensor(image: Any) -> torch.Tensor:
     """The input image as [3, H, W] fp32 in [-1, 1] (CPU), as `TF.to_tensor(img).sub_(0.5).div_(0.5)`.
 
-    Accepts: a file path (str or Path); a PIL image (any mode, converted to RGB); a numpy array or
-    torch tensor [H, W, 3] uint8; a float torch tensor [3, H, W] in [-1, 1].
+    Accepts: a file path (str, Path or another os.PathLike); a PIL image (any mode, converted to RGB);
+    a numpy array or torch tensor [H, W, 3] uint8; a float torch tensor [3, H, W] in [-1, 1].
     """
-    where = f"{image}: " if isinstance(image, (str, Path)) else ""
-    if isinstance(image, (str, Path)):
+    if isinstance(image, os.PathLike):  # pathlib's or another library's path, as open() takes them
+        image = os.fspath(image)
+    where = f"{image}: " if isinstance(image, str) else ""
+    if isinstance(image, str):
         image = read_image(image)
     elif hasattr(image, "convert") and hasattr(image, "mode") and hasattr(image, "size"):  # a PIL image
         image = np.array(image.convert("RGB"))

@@ -191,6 +191,21 @@ def test_image_files_are_read_with_pyav(tmp_path):
     torch.testing.assert_close(image_tensor(str(png)), image_tensor(array))
 
 
+def test_any_path_like_names_an_image_file(tmp_path):
+    class PathLike:  # a path of another library than pathlib, as open() takes it
+        def __init__(self, path):
+            self.path = str(path)
+
+        def __fspath__(self):
+            return self.path
+
+    array = image()
+    (png,) = write_png_frames(tmp_path, array[None])
+    torch.testing.assert_close(image_tensor(PathLike(png)), image_tensor(array))
+    with pytest.raises(InputError, match="missing.png: image file not found"):
+        image_tensor(PathLike(tmp_path / "missing.png"))
+
+
 def test_jpeg_files_read_as_pillow_reads_them(tmp_path):
     Image = pytest.importorskip("PIL.Image")  # libjpeg, the reference's decoder
     rng = np.random.default_rng(3)
