@@ -15,6 +15,7 @@ pipeline never hits this).
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -151,8 +152,10 @@ def write_mp4(path: str | Path, frames: torch.Tensor | np.ndarray, *, fps: int =
     if path.suffix.lower() not in MP4_SUFFIXES:
         raise InputError(f"{path}: an H.264 mp4 goes in a file named {' or '.join(MP4_SUFFIXES)}")
     for name, value, low, high in (("fps", fps, 1, 1000), ("crf", crf, 0, 51)):
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        # numbers.Integral: numpy's integers too, as the pipeline takes them
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
             raise InputError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    fps, crf = int(fps), int(crf)
     frames = _even(to_uint8_frames(frames), pad_odd)
     _, height, width, _ = frames.shape
     partial = _partial(path)

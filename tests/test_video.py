@@ -151,6 +151,11 @@ def test_bad_encoder_settings(tmp_path, setting):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_numpy_integers_are_taken_as_settings(tmp_path):
+    video = read_video(write_mp4(tmp_path / "x.mp4", smooth_frames(2), fps=np.int64(8), crf=np.int32(18)))
+    assert (video.num_frames, video.fps) == (2, 8)
+
+
 def test_frame_folders_that_cannot_be_written(tmp_path):
     (tmp_path / "taken.png").write_bytes(b"")
     for folder in (tmp_path / "taken.png" / "frames", tmp_path / "taken.png" / "a" / "b"):
