@@ -59,7 +59,7 @@ class Cancelled(Dit8Error):
     """A generation stopped because its `cancel` event was set (checked between stages and steps)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # (eq: compared as objects; a tensor's == is elementwise)
 class ProgressEvent:
     """What a progress callback receives: `done` of `total` units of a stage ("encode": the text, the
     image and each latent frame of the VAE encode; "denoise": steps; "decode": latent frames, per
@@ -77,7 +77,7 @@ class ProgressEvent:
 ProgressCallback = Callable[[ProgressEvent], object]  # what it returns is ignored
 
 
-@dataclass
+@dataclass(eq=False)  # compared (and hashed) as objects: the generated == compared tensors, and raised
 class Video(FramesShape):
     """A generated video: `frames` uint8 [F, H, W, 3] RGB on the CPU at `fps`, with how it was made.
 

@@ -225,7 +225,7 @@ class FramesShape:
         return self.frames.shape[2]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared as objects: the generated == compared numpy arrays, and raised
 class VideoFile(FramesShape):
     """A video read back: frames [F, H, W, 3] uint8 RGB and what the file says about itself."""
 

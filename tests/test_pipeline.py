@@ -75,6 +75,15 @@ def test_the_video_holds_ordinary_tensors(pipe):
     assert (video.frames[0, :4, :4] == 255).all()
 
 
+def test_videos_compare_and_hash_as_objects():
+    # The dataclass's own == compared the frames tensors and raised "Boolean value of Tensor ... ambiguous".
+    frames = torch.zeros(1, 16, 16, 3, dtype=torch.uint8)
+    a, b = Video(frames=frames), Video(frames=frames.clone())
+    assert a == a and a != b and len({a, b}) == 2
+    e, f = (ProgressEvent("denoise", 1, 4, 0.5, 1000.0, torch.zeros(2)) for _ in range(2))
+    assert e == e and e != f
+
+
 def test_same_seed_same_video_other_seed_other_video(pipe, video):
     assert torch.equal(pipe(IMAGE, PROMPT, seed=3, **SMALL).frames, video.frames)
     assert torch.equal(pipe(IMAGE, PROMPT, seed=np.int64(3), **SMALL).frames, video.frames)  # any integer type

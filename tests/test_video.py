@@ -151,6 +151,12 @@ def test_bad_encoder_settings(tmp_path, setting):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_video_files_compare_as_objects(tmp_path):
+    path = write_mp4(tmp_path / "x.mp4", smooth_frames(2))
+    a, b = read_video(path), read_video(path)
+    assert a == a and a != b and len({a, b}) == 2
+
+
 def test_numpy_integers_are_taken_as_settings(tmp_path):
     video = read_video(write_mp4(tmp_path / "x.mp4", smooth_frames(2), fps=np.int64(8), crf=np.int32(18)))
     assert (video.num_frames, video.fps) == (2, 8)
