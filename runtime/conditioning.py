@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .rope import MAX_POSITIONS
 from .tokenizer import Tokenizer, clean_prompt
 
 if TYPE_CHECKING:  # for the annotations only: conditioning needs none of them at import
@@ -151,6 +152,19 @@ def check_size(size: Any, multiple: int = 16) -> tuple[int, int]:
     if width < multiple or height < multiple or width % multiple or height % multiple:
         raise InputError(f"size {width}x{height}: width and height must be positive multiples of {multiple}")
     return width, height
+
+
+def check_grid(frames: int, height: int, width: int, *, time_stride: int = 4, vae_stride: int = 8,
+               patch: tuple[int, int, int] = (1, 2, 2)) -> None:
+    """The patch grid of a video stays within the RoPE table's MAX_POSITIONS along each axis (at most
+    4093 frames, 16384 pixels a side): larger requests are refused before any work instead of failing
+    in the allocator after the encoders ran."""
+    latent = ((frames - 1) // time_stride + 1, height // vae_stride, width // vae_stride)
+    grid = [n // p for n, p in zip(latent, patch)]
+    for axis, n in zip(("frames", "height", "width"), grid):
+        if n > MAX_POSITIONS:
+            raise InputError(f"a {width}x{height} video of {frames} frames has {n} patch positions along its {axis}; "
+                             f"the model's position encoding covers {MAX_POSITIONS}")
 
 
 def output_size(image_hw: tuple[int, int], area: int = AREA_480P, *, vae_stride: int = 8,

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from .clip import CLIPVisionEncoder
-from .conditioning import (AREA_480P, check_frames, check_prompt, check_size, clip_features, image_condition,
-                           image_tensor, output_size, resize_image, text_features)
+from .conditioning import (AREA_480P, check_frames, check_grid, check_prompt, check_size, clip_features,
+                           image_condition, image_tensor, output_size, resize_image, text_features)
 from .devices import peak_memory, reset_peak, resolve_device, synchronize
 from .errors import CheckpointError, Dit8Error, InputError
 from .loader import load_dit
@@ -107,11 +107,13 @@ class Video(FramesShape):
         return self.frames.numpy()
 
     def save(self, path: str | Path, *, crf: int = 18) -> Path:
-        """Write an H.264 mp4 (yuv420p, `fps`); `crf` as x264's (18: visually lossless)."""
+        """Write an H.264 mp4 (yuv420p, `fps`); `crf` as x264's (18: visually lossless). An existing file
+        at `path` is replaced, at once (the new one is written beside it and renamed)."""
         return write_mp4(path, self.frames, fps=self.fps, crf=crf)
 
     def save_frames(self, folder: str | Path, *, prefix: str = "frame_") -> list[Path]:
-        """Write every frame as a PNG `folder/{prefix}00000.png`, ...; returns the paths."""
+        """Write every frame as a PNG `folder/{prefix}00000.png`, ...; returns the paths. Files of those
+        names already there are replaced."""
         return write_png_frames(folder, self.frames, prefix=prefix)
 
 
@@ -330,6 +332,8 @@ class I2VPipeline:
             height, width = output_size(tuple(pixels.shape[1:]), AREA_480P if area is None else area,
                                         vae_stride=self.vae.config.space_stride,
                                         patch=self.dit.config.patch_size[1])
+        check_grid(frames, height, width, time_stride=self.vae.config.time_stride,
+                   vae_stride=self.vae.config.space_stride, patch=self.dit.config.patch_size)
         sampler = sampler if sampler is not None else (DISTILLED if self.distilled else UNIPC)
         distilled = sampler == DISTILLED
         steps = (4 if distilled else 40) if steps is None else int(steps)

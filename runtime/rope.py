@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+# Positions per axis of the official model's RoPE table (`rope_params(1024, ...)`): a patch grid longer
+# than that along any axis has no angles there (the reference fails), and the model never saw one.
+MAX_POSITIONS = 1024
+
 
 def rope_axis_widths(head_dim: int) -> tuple[int, int, int]:
     """Real channel widths given to (frame, row, column): 44/42/42 of 128."""

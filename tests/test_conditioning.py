@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from dit8 import InputError
 from dit8.clip import CLIPVisionEncoder
-from dit8.conditioning import (check_frames, check_prompt, check_size, clip_features, frame_mask, image_condition,
-                               image_tensor, latent_shape, output_size, read_image, resize_image, text_features,
-                               vae_input)
+from dit8.conditioning import (check_frames, check_grid, check_prompt, check_size, clip_features, frame_mask,
+                               image_condition, image_tensor, latent_shape, output_size, read_image, resize_image,
+                               text_features, vae_input)
 from dit8.t5 import T5Encoder
 from dit8.testing_encoders import tiny_clip_config, write_tiny_clip, write_tiny_t5, write_tiny_tokenizer
 from dit8.testing_vae import random_vae_weights, tiny_vae_config
@@ -82,6 +82,14 @@ def test_sizes_must_be_multiples_of_16():
             check_size(bad)
     with pytest.raises(InputError, match="aspect ratio"):
         output_size((16, 4000), 64 * 64)
+
+
+def test_the_patch_grid_stays_within_the_position_table():
+    check_grid(4 * 1023 + 1, 16 * 1024, 16 * 1024)  # 1024 latent frames, 1024 x 1024 patches: the limit
+    for frames, height, width, axis in ((4 * 1024 + 1, 480, 832, "frames"), (81, 16 * 1025, 832, "height"),
+                                        (81, 480, 16 * 1025, "width")):
+        with pytest.raises(InputError, match=f"1025 patch positions along its {axis}"):
+            check_grid(frames, height, width)
 
 
 # -- mask and image latent ------------------------------------------------------------------------------
