@@ -14,6 +14,7 @@ The DiT pads the text to 512 rows with zeros itself. Initial noise is `dit8.init
 
 from __future__ import annotations
 
+import io
 import math
 import numbers
 import os
@@ -33,8 +34,8 @@ if TYPE_CHECKING:  # for the annotations only: conditioning needs none of them a
     from .t5 import T5Encoder
     from .vae import WanVAE
 
-__all__ = ["AREA_480P", "check_frames", "check_prompt", "check_size", "clip_features", "frame_mask",
-           "image_condition", "image_tensor", "latent_shape", "output_size", "read_image",
+__all__ = ["AREA_480P", "check_frames", "check_grid", "check_prompt", "check_size", "clip_features", "decode_image",
+           "frame_mask", "image_condition", "image_tensor", "latent_shape", "output_size", "read_image",
            "resize_image", "text_features", "vae_input"]
 
 AREA_480P = 480 * 832  # the official "832*480" / "480*832" max area
@@ -56,8 +57,6 @@ def read_image(path: str | Path) -> np.ndarray:
     within a few levels of Pillow's. A damaged file is refused, as Pillow refuses it, and so is a
     picture of more than MAX_IMAGE_PIXELS (Pillow's own limit against decompression bombs).
     """
-    import av
-
     from .video import ffmpeg_path
 
     if str(path) == "":
@@ -67,40 +66,58 @@ def read_image(path: str | Path) -> np.ndarray:
         raise InputError(f"{path}: is a folder; give an image file")
     if not path.is_file():
         raise InputError(f"{path}: image file not found")
+    return _decode_image(ffmpeg_path(path), str(path))
+
+
+def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """The bytes of an image file (as a service receives an upload) as [H, W, 3] uint8 RGB, decoded as
+    `read_image` decodes the file."""
+    if not len(data):
+        raise InputError("the image bytes are empty")
+    return _decode_image(io.BytesIO(bytes(data)), f"the image bytes ({len(data):,})")
+
+
+def _decode_image(source: str | io.BytesIO, name: str) -> np.ndarray:
+    """The first picture of `source` (an FFmpeg path or the file's bytes); `name` for the errors."""
+    import av
+
     try:
-        with av.open(ffmpeg_path(path)) as container:
+        with av.open(source) as container:
             if not container.streams.video:
-                raise InputError(f"{path}: not an image (no picture in it)")
+                raise InputError(f"{name}: not an image (no picture in it)")
             stream = container.streams.video[0]
             if stream.width * stream.height > MAX_IMAGE_PIXELS:
-                raise InputError(f"{path}: a picture of {stream.width}x{stream.height} pixels, more than the "
+                raise InputError(f"{name}: a picture of {stream.width}x{stream.height} pixels, more than the "
                                  f"{MAX_IMAGE_PIXELS:,} read; scale it down first")
             stream.codec_context.options = {"err_detect": "explode"}  # a truncated file is an error
             for frame in container.decode(stream):
-                name = frame.format.name
-                if name.startswith("yuv") and "444" not in name:
-                    frame = frame.reformat(format="yuvj444p" if name.startswith("yuvj") else "yuv444p",
+                fmt = frame.format.name
+                if fmt.startswith("yuv") and "444" not in fmt:
+                    frame = frame.reformat(format="yuvj444p" if fmt.startswith("yuvj") else "yuv444p",
                                            interpolation="BILINEAR")
                 return frame.to_ndarray(format="rgb24")
     except InputError:
         raise
     except Exception as err:  # PyAV raises its own error types for undecodable files
         why = getattr(err, "strerror", None) or str(err)  # without PyAV's "[Errno 1094995529]"
-        raise InputError(f"{path}: cannot read the image ({why}); give a PNG, JPEG or WebP file") from None
-    raise InputError(f"{path}: not an image (no picture in it)")
+        raise InputError(f"{name}: cannot read the image ({why}); give a PNG, JPEG or WebP file") from None
+    raise InputError(f"{name}: not an image (no picture in it)")
 
 
 def image_tensor(image: Any) -> torch.Tensor:
     """The input image as [3, H, W] fp32 in [-1, 1] (CPU), as `TF.to_tensor(img).sub_(0.5).div_(0.5)`.
 
-    Accepts: a file path (str, Path or another os.PathLike); a PIL image (any mode, converted to RGB);
-    a numpy array or torch tensor [H, W, 3] uint8; a float torch tensor [3, H, W] in [-1, 1].
+    Accepts: a file path (str, Path or another os.PathLike); the bytes of an image file (bytes,
+    bytearray or memoryview); a PIL image (any mode, converted to RGB); a numpy array or torch tensor
+    [H, W, 3] uint8; a float torch tensor [3, H, W] in [-1, 1].
     """
     if isinstance(image, os.PathLike):  # pathlib's or another library's path, as open() takes them
         image = os.fspath(image)
     where = f"{image}: " if isinstance(image, str) else ""
     if isinstance(image, str):
         image = read_image(image)
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        image = decode_image(image)
     elif hasattr(image, "convert") and hasattr(image, "mode") and hasattr(image, "size"):  # a PIL image
         image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
@@ -109,8 +126,8 @@ def image_tensor(image: Any) -> torch.Tensor:
                              f"{image.dtype}")
         image = torch.from_numpy(np.array(image, order="C"))  # a copy: the caller keeps theirs
     if not isinstance(image, torch.Tensor):
-        raise InputError(f"image must be a file path, PIL image, numpy array or torch tensor, got "
-                         f"{type(image).__name__}")
+        raise InputError(f"image must be a file path, an image file's bytes, a PIL image, numpy array or torch "
+                         f"tensor, got {type(image).__name__}")
     if image.dtype == torch.uint8:
         if image.ndim != 3 or image.shape[2] != 3:
             raise InputError(f"a uint8 image tensor must be [height, width, 3] RGB, got {tuple(image.shape)}")

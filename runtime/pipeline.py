@@ -258,8 +258,8 @@ class I2VPipeline:
                  progress: bool = False, progress_stream: TextIO | None = None) -> Video:
         """Generate a video that starts from `image` and follows `prompt`.
 
-        image: a file path (str or os.PathLike), PIL image, numpy [H, W, 3] uint8, or torch tensor (uint8
-            [H, W, 3] or float [3, H, W] in [-1, 1]).
+        image: a file path (str or os.PathLike), the bytes of an image file (an upload, say), PIL image,
+            numpy [H, W, 3] uint8, or torch tensor (uint8 [H, W, 3] or float [3, H, W] in [-1, 1]).
         prompt: non-empty; at most text_len − 1 = 511 tokens (longer prompts raise InputError rather
             than being cut short silently as in the reference).
         seed: seeds the initial noise (and the re-noising of update="renoise", with seed + 1).

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from dit8 import InputError
 from dit8.clip import CLIPVisionEncoder
-from dit8.conditioning import (check_frames, check_grid, check_prompt, check_size, clip_features, frame_mask,
-                               image_condition, image_tensor, latent_shape, output_size, read_image, resize_image,
-                               text_features, vae_input)
+from dit8.conditioning import (check_frames, check_grid, check_prompt, check_size, clip_features, decode_image,
+                               frame_mask, image_condition, image_tensor, latent_shape, output_size, read_image,
+                               resize_image, text_features, vae_input)
 from dit8.t5 import T5Encoder
 from dit8.testing_encoders import tiny_clip_config, write_tiny_clip, write_tiny_t5, write_tiny_tokenizer
 from dit8.testing_vae import random_vae_weights, tiny_vae_config
@@ -214,6 +214,21 @@ def test_any_path_like_names_an_image_file(tmp_path):
         image_tensor(PathLike(tmp_path / "missing.png"))
 
 
+def test_the_bytes_of_an_image_file_are_an_image(tmp_path):
+    array = image()
+    (png,) = write_png_frames(tmp_path, array[None])
+    data = png.read_bytes()
+    assert np.array_equal(decode_image(data), array)
+    for form in (data, bytearray(data), memoryview(data)):
+        torch.testing.assert_close(image_tensor(form), image_tensor(array))
+    with pytest.raises(InputError, match="the image bytes are empty"):
+        image_tensor(b"")
+    with pytest.raises(InputError, match=r"the image bytes \(30\): cannot read the image"):
+        image_tensor(data[:30])  # cut short
+    with pytest.raises(InputError, match="the image bytes"):
+        image_tensor(b"not an image at all")
+
+
 def test_jpeg_files_read_as_pillow_reads_them(tmp_path):
     Image = pytest.importorskip("PIL.Image")  # libjpeg, the reference's decoder
     rng = np.random.default_rng(3)
@@ -228,6 +243,7 @@ def test_jpeg_files_read_as_pillow_reads_them(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])  # Pillow: "image file is truncated"
     with pytest.raises(InputError, match="cut.jpg: cannot read the image"):
         read_image(tmp_path / "cut.jpg")
+    assert np.array_equal(decode_image(data), read_image(tmp_path / "photo.jpg"))  # as bytes: the same
 
 
 def test_image_file_names_are_not_taken_for_protocols(tmp_path, monkeypatch):
@@ -255,7 +271,7 @@ def test_pictures_past_the_pixel_limit_are_refused(tmp_path, monkeypatch):
     (torch.full((3, 40, 56), 2.0), "in \\[-1, 1\\]"),
     (torch.full((3, 40, 56), float("nan")), "finite"),
     (np.zeros((8, 56, 3), np.uint8), "at least 16"),
-    ([[0, 0, 0]], "file path, PIL image"),
+    ([[0, 0, 0]], "file path, an image file's bytes, a PIL image"),
 ])
 def test_bad_images(bad, message):
     with pytest.raises(InputError, match=message):

@@ -346,7 +346,7 @@ def test_a_float_image_is_copied_before_the_call_reads_it(pipe, monkeypatch):
     (dict(prompt=" ".join(["cat"] * 600)), "600 tokens long; the text encoder takes at most 511"),
     (dict(prompt=42), "prompt must be a string"),
     (dict(image=np.zeros((40, 60, 3), np.float64)), "uint8"),
-    (dict(image=object()), "file path, PIL image"),
+    (dict(image=object()), "file path, an image file's bytes, a PIL image"),
     (dict(image="no/such/image.png"), "not found"),
     (dict(seed=-1), "seed"),
     (dict(seed=1.5), "seed"),
