@@ -25,6 +25,7 @@ its rank (scale 1), as every tool takes it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -130,9 +131,12 @@ class AdapterConfig:
 
 
 def _number(value: Any, what: str, source: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
-        raise CheckpointError(f"{source}: {what} is {value!r}, expected a finite nonzero number")
-    return float(value)
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        # A JSON integer past float's range makes math.isfinite raise OverflowError: it is no finite alpha.
+        with contextlib.suppress(OverflowError):
+            if math.isfinite(value) and value != 0:
+                return float(value)
+    raise CheckpointError(f"{source}: {what} is {value!r}, expected a finite nonzero number")
 
 
 def _rank(value: Any, what: str, source: str) -> int:

@@ -439,7 +439,7 @@ def test_lora_rslora_divides_by_the_root_of_the_rank(tmp_path, i2v_weights):
 
 @pytest.mark.parametrize("case", ["dora", "loha", "dora_tensor", "alpha_disagrees", "alpha_zero", "bad_json",
                                   "rank_disagrees", "rslora_tensor_alpha", "pissa", "bad_pattern", "flag_pattern",
-                                  "bias_twice"])
+                                  "bias_twice", "alpha_past_float"])
 def test_lora_adapters_that_cannot_be_merged_are_refused(tmp_path, i2v_weights, case):
     src = _source(tmp_path, i2v_weights, I2V)
     names = lambda m, r: f"{m}.lora_{'up' if r == 'up' else 'down'}.weight"  # noqa: E731
@@ -471,6 +471,8 @@ def test_lora_adapters_that_cannot_be_merged_are_refused(tmp_path, i2v_weights, 
         extra, match = {"blocks.0.self_attn.q.alpha": torch.tensor(4.0)}, "= 4 and .*says alpha 8"
     elif case == "alpha_zero":
         extra, match = {"blocks.0.self_attn.q.alpha": torch.tensor(0.0)}, "alpha.* is 0"
+    elif case == "alpha_past_float":  # JSON integers have no bound; float() of this one overflows
+        metadata, match = header(lora_alpha=10**400), "lora_alpha is 1000.*expected a finite nonzero number"
     else:
         metadata, match = {"lora_adapter_metadata": "{r: 4"}, "lora_adapter_metadata: not valid JSON"
     path, _ = _pair_file(tmp_path, i2v_weights, names, metadata=metadata, extra=extra)
