@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import zipfile
 from dataclasses import dataclass, field
@@ -135,6 +136,19 @@ def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+# How torch.load(weights_only=True) begins the message of the UnpicklingError it raises for what it refuses.
+_WEIGHTS_ONLY_FAILED = "Weights only load failed"
+
+
+def _first_line(message: str) -> str:
+    """The line of an error message that says what is wrong: for a refused weights-only load, the one
+    after torch's paragraph about its default (whose advice, weights_only=False, dit8 does not take)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if lines[0].startswith(_WEIGHTS_ONLY_FAILED):
+        lines = [line for line in lines[1:] if not line.startswith("Please file an issue")] or lines
+    return lines[0]
+
+
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         try:
@@ -144,7 +158,14 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as err:  # torch raises many types for corrupt or unsafe pickles
-        detail = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
+        refused = re.search(r"GLOBAL (\S+)", str(err)) if str(err).startswith(_WEIGHTS_ONLY_FAILED) else None
+        if refused:
+            # A torch checkpoint (zip or legacy) naming a function or class: torch's message would advise
+            # loading it with weights_only=False, which runs whatever the pickle calls.
+            raise CheckpointError(f"{path}: refused: its pickle calls {refused[1]}, which is not part of a "
+                                  "checkpoint of tensors; dit8 loads .pth files weights-only, running no code "
+                                  "they name") from None
+        detail = f"{type(err).__name__}: {_first_line(str(err))}" if str(err) else type(err).__name__
         if not zipfile.is_zipfile(path):
             raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive, as torch.save writes, "
                                   f"nor a readable legacy pickle; {detail})") from None

@@ -1,6 +1,7 @@
 """Checkpoint reading: every kind of bad input raises CheckpointError naming the file and the key."""
 
 import json
+import os
 import re
 import weakref
 
@@ -188,6 +189,32 @@ def test_a_pth_that_is_no_torch_file(tmp_path):
     path = tmp_path / "junk.pth"
     path.write_bytes(b"definitely not a pickle" * 10)
     assert "junk.pth: not a torch checkpoint" in load_error(path)
+
+
+class _Payload:
+    """Unpickled without weights_only, this creates the folder `marker`: code run by loading a file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("form", ["zip", "legacy", "top_level"])
+def test_a_pth_whose_pickle_would_run_code_is_refused(tmp_path, weights, form):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "m.pth"
+    obj = _Payload(marker) if form == "top_level" else {**weights, "blocks.0.payload": _Payload(marker)}
+    torch.save(obj, path, _use_new_zipfile_serialization=form != "legacy")
+    for load in (dit8.load_dit, dit8.checkpoint.open_checkpoint):
+        with pytest.raises(CheckpointError) as err:
+            load(path)
+        # Named as refused for what it calls, not as an unreadable file (it is a torch checkpoint), and
+        # without torch's advice to load it with weights_only=False.
+        assert re.search(r"m\.pth: refused: .*(posix|os)\.mkdir", str(err.value)), str(err.value)
+        assert "weights_only` set to `False`" not in str(err.value)
+    assert not marker.exists()
 
 
 def test_pth_with_a_non_tensor_entry(tmp_path, weights):
