@@ -58,6 +58,8 @@ def test_the_wheel_holds_the_packages_their_data_and_nothing_else(tracked, built
     # The CUDA extension is built from the installed sources, and type checkers read py.typed.
     assert {f"dit8/csrc/{name}" for name in SOURCES} <= set(wheel)
     assert {"dit8/py.typed", "dit8/kernels/py.typed", "dit8/converters/py.typed"} <= set(wheel)
+    import dit8
+    assert f"dit8-{dit8.__version__}.dist-info/METADATA" in wheel  # the one version, read from the package
     extra = sorted(n for n in set(wheel) - expected if ".dist-info/" not in n)
     assert not extra, f"the wheel holds files that are not the packages': {extra}"
 
