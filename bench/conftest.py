@@ -32,18 +32,80 @@ import pytest  # noqa: E402
 CUDA = torch.cuda.is_available()
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's, which loads the saved runs to compare with
 def pytest_configure(config: pytest.Config) -> None:
     # A smoke run's times are the interpreter's on tiny shapes: against a GPU baseline they would pass or
     # "regress" by chance (the GEMM rows' names hold their shapes, the others' do not).
     if not CUDA and (config.getoption("benchmark_compare", None) or config.getoption("benchmark_compare_fail", None)):
         raise pytest.UsageError("--benchmark-compare needs a GPU: without CUDA the suites run in smoke mode "
                                 "(tiny shapes, the Triton interpreter), whose times compare with nothing")
+    session = getattr(config, "_benchmarksession", None)
+    if CUDA and session is not None and session.compare:
+        for warning in check_compared_runs(session.compared_mapping, torch.cuda.get_device_name(),
+                                           compare=session.compare, storage=str(session.storage),
+                                           fail=bool(session.compare_fail)):
+            session.logger.warning(warning)
+
+
+def check_compared_runs(compared: dict[str, dict], gpu: str, *, compare: str | bool, storage: str,
+                        fail: bool) -> list[str]:
+    """Check the saved runs a --benchmark-compare loaded (pytest-benchmark's compared_mapping: path ->
+    {test id: row}) against this run on `gpu`; returns the warnings to show.
+
+    pytest-benchmark only warns when no saved run matches the id (and --benchmark-compare-fail then fails
+    after the whole suite ran), and its machine_info warning names no GPU. Raises a UsageError where no run
+    matched, where a saved run was a smoke run (its rows' extra_info device: a CPU), and, with
+    --benchmark-compare-fail (`fail`), where one was timed on another GPU: its times judge nothing here.
+    Without `fail`, another GPU is a warning."""
+    if not compared:
+        what = "saved run" if compare is True else f"saved run matching {compare!r}"
+        raise pytest.UsageError(
+            f"--benchmark-compare: no {what} in {storage} (without a folder in the id, pytest-benchmark looks "
+            f"only in this interpreter's folder; name it, e.g. Linux-CPython-3.12-64bit/0008)")
+    warnings = []
+    for path, rows in compared.items():
+        devices = {str(row.get("extra_info", {}).get("device")) for row in rows.values()} - {"None"}
+        if any(device.startswith("cpu") for device in devices):
+            raise pytest.UsageError(f"--benchmark-compare: {path} was saved by a smoke run (no GPU: the Triton "
+                                    f"interpreter on tiny shapes); compare with a run of this GPU ({gpu})")
+        others = sorted(devices - {gpu})
+        if others:
+            message = (f"--benchmark-compare: {path} was timed on {', '.join(others)}, this run on {gpu}; save a "
+                       f"run of this GPU first (--benchmark-save) and compare with it")
+            if fail:
+                raise pytest.UsageError(message + " (--benchmark-compare-fail judges times of the same GPU only)")
+            warnings.append(message)
+    return warnings
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # A saved run of another suite shares no test id with this one: pytest-benchmark would compare nothing
+    # and --benchmark-compare-fail would pass.
+    benchmarks = getattr(session.config, "_benchmarksession", None)
+    if CUDA and benchmarks is not None and benchmarks.compared_mapping and session.items:
+        check_compared_rows(benchmarks.compared_mapping, [item.nodeid for item in session.items])
+
+
+def check_compared_rows(compared: dict[str, dict], test_ids: list[str]) -> None:
+    """Raise a UsageError where none of the selected tests (`test_ids`) has a row in the saved runs."""
+    if not any(test_id in rows for rows in compared.values() for test_id in test_ids):
+        saved = ", ".join(map(str, compared))
+        raise pytest.UsageError(f"--benchmark-compare: none of the {len(test_ids)} selected tests has a row in "
+                                f"{saved}: compare each suite with a run of its own (test_bench_gemm.py with "
+                                f"NNNN_gemm, ...)")
+
+
+@pytest.fixture(scope="session")
+def compare_checks():
+    """(check_compared_runs, check_compared_rows): what --benchmark-compare accepts on a GPU."""
+    return check_compared_runs, check_compared_rows
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config, machine_info):
     # The baselines of one GPU compare with runs on that GPU only: pytest-benchmark warns when a
-    # comparison's machine_info differs.
+    # comparison's machine_info differs (check_compared_runs goes by the rows' extra_info device, which
+    # the baselines saved before this entry hold too).
     if CUDA:
         machine_info["gpu"] = {"name": torch.cuda.get_device_name(),
                                "capability": list(torch.cuda.get_device_capability())}

@@ -1,0 +1,96 @@
+"""--benchmark-compare against saved runs on a GPU (bench/conftest.py): which comparisons are refused.
+
+Not a benchmark. The checks run on pytest-benchmark's loaded runs (path -> {test id: row}); two runs of
+pytest in a subprocess whose torch reports a GPU (a plugin replaces torch.cuda's device queries; nothing
+runs on it) check that the suites call them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU = "NVIDIA H100 80GB HBM3"
+MACHINE = "Linux-CPython-3.12-64bit"
+ROW = "bench/test_bench_gemm.py::test_gemm[fp8-32760x5120x5120]"
+
+
+def rows(device: str, test_id: str = ROW) -> dict:
+    return {test_id: {"fullname": test_id, "extra_info": {"device": device, "ms": 1.0}}}
+
+
+def test_runs_of_the_same_gpu_compare(compare_checks):
+    check_runs, check_rows = compare_checks
+    compared = {f"{MACHINE}/0008_gemm.json": rows(GPU)}
+    assert check_runs(compared, GPU, compare=f"{MACHINE}/0008", storage="bench/baselines", fail=True) == []
+    check_rows(compared, [ROW, "bench/test_bench_gemm.py::test_plot_results_writes_a_chart"])
+
+
+def test_another_gpu_warns_and_fails_a_regression_check(compare_checks):
+    check_runs, _ = compare_checks
+    compared = {f"{MACHINE}/0012_gemm.json": rows("NVIDIA H200")}
+    warnings = check_runs(compared, GPU, compare=f"{MACHINE}/0012", storage="bench/baselines", fail=False)
+    assert len(warnings) == 1 and "0012_gemm.json was timed on NVIDIA H200, this run on " + GPU in warnings[0]
+    with pytest.raises(pytest.UsageError, match="timed on NVIDIA H200.*same GPU only"):
+        check_runs(compared, GPU, compare=f"{MACHINE}/0012", storage="bench/baselines", fail=True)
+
+
+def test_a_smoke_run_compares_with_nothing(compare_checks):
+    check_runs, _ = compare_checks
+    compared = {f"{MACHINE}/0013_gemm.json": rows("cpu (smoke: interpreter, tiny shapes)")}
+    with pytest.raises(pytest.UsageError, match="0013_gemm.json was saved by a smoke run"):
+        check_runs(compared, GPU, compare=f"{MACHINE}/0013", storage="bench/baselines", fail=False)
+
+
+def test_no_saved_run_and_no_common_row_are_errors(compare_checks):
+    check_runs, check_rows = compare_checks
+    with pytest.raises(pytest.UsageError, match="no saved run matching '0008' in bench/baselines"):
+        check_runs({}, GPU, compare="0008", storage="bench/baselines", fail=False)
+    with pytest.raises(pytest.UsageError, match="no saved run in .benchmarks"):
+        check_runs({}, GPU, compare=True, storage=".benchmarks", fail=False)
+    attention = {f"{MACHINE}/0009_attention.json": rows(GPU, "bench/test_bench_attention.py::test_x")}
+    with pytest.raises(pytest.UsageError, match="none of the 1 selected tests has a row in .*0009_attention"):
+        check_rows(attention, [ROW])
+
+
+# The statistics pytest-benchmark reads of a saved row (one round of 1 ms).
+STATS = dict(min=1e-3, max=1e-3, mean=1e-3, median=1e-3, q1=1e-3, q3=1e-3, ld15iqr=1e-3, hd15iqr=1e-3, ops=1e3,
+             total=1e-3, stddev=0.0, iqr=0.0, rounds=1, iterations=1, iqr_outliers=0, stddev_outliers=0,
+             outliers="0;0")
+FAKE_GPU = f"""
+import torch
+torch.cuda.is_available = lambda: True
+torch.cuda.get_device_name = lambda *args: {GPU!r}
+torch.cuda.get_device_capability = lambda *args: (9, 0)
+"""
+
+
+@pytest.mark.parametrize("compare, message", [
+    ("0042", "no saved run matching '0042'"),  # pytest-benchmark warns only, and compares nothing
+    (f"{MACHINE}/0001", "none of the 1 selected tests has a row"),  # another suite's run
+])
+def test_the_suites_refuse_them(tmp_path, compare, message):
+    """pytest on a (reported) GPU stops before the benchmarks with the error."""
+    (tmp_path / "fake_gpu.py").write_text(FAKE_GPU)
+    saved = tmp_path / MACHINE
+    saved.mkdir()
+    (saved / "0001_attention.json").write_text(json.dumps({
+        "machine_info": {}, "commit_info": {}, "datetime": "2026-11-26T00:00:00", "version": "5.1.0",
+        "benchmarks": [{"name": "test_x", "fullname": "bench/test_bench_attention.py::test_x", "group": None,
+                        "params": None, "param": None, "options": {}, "extra_info": {"device": GPU},
+                        "stats": STATS}]}))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    # From tmp_path: pytest-benchmark names its storage relative to the working folder.
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "fake_gpu", "-p", "no:cacheprovider", "-q",
+                          f"--rootdir={ROOT}", "-c", str(ROOT / "pyproject.toml"), "--collect-only",
+                          f"{__file__}::test_runs_of_the_same_gpu_compare", f"--benchmark-storage=file://{tmp_path}",
+                          f"--benchmark-compare={compare}", "--benchmark-compare-fail=median:10%"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
+    assert message in run.stderr, run.stderr
