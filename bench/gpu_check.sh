@@ -8,6 +8,7 @@
 #     bash bench/gpu_check.sh tests gemm      # these stages, even if done before (the dit stage still
 #                                             # skips the runs whose $WORK/dit_*.json are there)
 #     BUDGET=540 bash bench/gpu_check.sh      # finish within 540 s; the same command again goes on
+#     bash bench/gpu_check.sh --help          # this text
 # Stages, in the order of what their results are worth: tests dit gemm attention candidates (the forward
 # with the Gluon candidates routed in, bench/gluon_choice.py) fused pipeline profile (Nsight Compute
 # counters of the kernels short of their targets, bench/profile_kernels.py; PROFILE_ONLY="a;b" keeps the
@@ -18,9 +19,10 @@
 #
 # Results collect in $WORK (default .gpu_check/ in the repository, which git ignores); a stage that
 # finished is listed in $WORK/done and left out of a later run without named stages. Results of another
-# GPU or another tree found there move to $WORK/previous/ first. With BUDGET set,
-# each stage gets what is left of it (at most its own limit, below) and a stage that cannot get a
-# minute is left for the next run; a stage cut off reports what ran (pytest writes its summary,
+# GPU or another tree found there move to $WORK/previous/ first. Each stage runs for at most its own
+# limit (seconds: TESTS_LIMIT for the tests, default 360, STAGE_LIMIT for each other stage, default
+# 540); with BUDGET set, each stage gets what is left of it (at most its limit) and a stage that cannot
+# get a minute is left for the next run; a stage cut off reports what ran (pytest writes its summary,
 # JUnit XML and benchmark JSON on the interrupt). When $OUT is set, $OUT/dit8-gpu.tgz holds every result
 # file, refreshed after each stage, so a command killed from outside still returns what had finished.
 #
@@ -29,23 +31,32 @@
 # installed into /tmp/site; fetch them on a machine with pip:
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux_2_28_x86_64 -d .whl av==18.1.0 diffusers==0.42.1 importlib_metadata
-# pytest-xdist (spreads the tests over TEST_WORKERS processes, default 12: most of their time is Triton
-# compiling kernels, on the CPU) and pytest-timeout are used where installed.
+# PYTHON names the interpreter (default python3). pytest-xdist (spreads the tests over TEST_WORKERS
+# processes, default 12: most of their time is Triton compiling kernels, on the CPU) and pytest-timeout
+# are used where installed.
 # The stages after the tests run with DIT8_VERIFIED (the kernels the tests verified: what "auto" may run)
-# and DIT8_SKIP_GLUON, the Gluon candidates whose GPU tests have not passed (no benchmark or profile).
+# and DIT8_SKIP_GLUON, the Gluon candidates whose GPU tests have not passed (no benchmark or profile);
+# DIT8_GLUON, where set, chooses the Gluon kernels routed in (kernels/candidates.py) for every stage but
+# candidates.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-command -v nvidia-smi >/dev/null || {
-    echo "gpu_check: no NVIDIA driver here (nvidia-smi not found); run it on a CUDA machine"; exit 1; }
-nvidia-smi -L >/dev/null 2>&1 || { echo "gpu_check: nvidia-smi fails here: $(nvidia-smi -L 2>&1 | head -1)"; exit 1; }
+case "${1:-}" in  # the comment above is the usage
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
+esac
+# The arguments and settings first: a mistake in them is reported on any machine, before anything is
+# moved or written.
 for name in BUDGET TESTS_LIMIT STAGE_LIMIT TEST_WORKERS; do
     [[ -z "${!name:-}" || "${!name}" =~ ^[0-9]+$ ]] || { echo "gpu_check: $name must be a whole number, got ${!name}"; exit 2; }
 done
 all_stages=(tests dit gemm attention candidates fused pipeline profile sweep)
 stages=("$@")
-for stage in "${stages[@]}"; do  # before anything is moved or written
-    [[ " ${all_stages[*]} " == *" $stage "* ]] || { echo "unknown stage $stage (${all_stages[*]})"; exit 2; }
+for stage in "${stages[@]}"; do
+    [[ " ${all_stages[*]} " == *" $stage "* ]] || {
+        echo "gpu_check: unknown stage $stage (${all_stages[*]}; --help for the usage)"; exit 2; }
 done
+cd "$(dirname "$0")/.."
+command -v nvidia-smi >/dev/null || {
+    echo "gpu_check: no NVIDIA driver here (nvidia-smi not found); run it on a CUDA machine"; exit 1; }
+nvidia-smi -L >/dev/null 2>&1 || { echo "gpu_check: nvidia-smi fails here: $(nvidia-smi -L 2>&1 | head -1)"; exit 1; }
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" || exit 1; fi
 start=$SECONDS
 # Whatever still runs when the script ends (stopped by a signal: bash runs the EXIT trap then too) is
