@@ -161,8 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:  # a suite stopped before pytest-benchmark wrote its JSON
         print(f"{args.results}: cannot read the benchmark results: {err}", file=sys.stderr)
         return 1
-    if not isinstance(results, dict):
-        print(f"{args.results}: not pytest-benchmark results (a JSON object with 'benchmarks')", file=sys.stderr)
+    # (A `dit8 bench dit --json` file, say, is a JSON object too, without the list.)
+    benchmarks = results.get("benchmarks") if isinstance(results, dict) else None
+    if not isinstance(benchmarks, list) or not all(isinstance(b, dict) for b in benchmarks):
+        print(f"{args.results}: not pytest-benchmark results (a JSON object with a 'benchmarks' list, as "
+              f"--benchmark-json writes)", file=sys.stderr)
+        return 1
+    if os.path.isdir(args.png):
+        print(f"{args.png}: a folder; name the PNG file to write", file=sys.stderr)
         return 1
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.png))):
         print(f"{args.png}: its folder does not exist", file=sys.stderr)

@@ -492,3 +492,31 @@ def test_plot_results_writes_a_chart(tmp_path):
     plot = module_from_spec(spec)
     spec.loader.exec_module(plot)
     assert bytes(plot.KERNEL_COLOR) in raw and bytes(plot.BASELINE_COLOR) in raw
+
+
+def load_plot_results():
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("plot_results", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                "plot_results.py"))
+    plot = module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    return plot
+
+
+@pytest.mark.parametrize("content, png, message", [
+    (None, "r.png", "cannot read the benchmark results"),  # a suite stopped before writing it
+    ("", "r.png", "cannot read the benchmark results"),
+    ('{"forward_ms": 2280.0}', "r.png", "not pytest-benchmark results"),  # `dit8 bench dit --json`
+    ('{"benchmarks": [5]}', "r.png", "not pytest-benchmark results"),
+    ('{"benchmarks": []}', "r.png", "no benchmark reported extra_info['ms']"),
+    ('{"benchmarks": [{"name": "a", "extra_info": {"ms": 1.0}}]}', ".", "a folder; name the PNG file"),
+    ('{"benchmarks": [{"name": "a", "extra_info": {"ms": 1.0}}]}', "no/r.png", "its folder does not exist"),
+])
+def test_plot_results_refuses_with_a_message(tmp_path, capsys, content, png, message):
+    src = tmp_path / "r.json"
+    if content is not None:
+        src.write_text(content)
+    assert load_plot_results().main([str(src), str(tmp_path / png)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.startswith(str(tmp_path)), err  # the file it is about, first
