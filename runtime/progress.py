@@ -34,6 +34,7 @@ class Progress:
         self.enabled = self.tty if enabled is None else enabled
         self._start = self._last_draw = time.monotonic()
         self.closed = False
+        self._drawn = 0  # length of the line last drawn on the terminal
 
     def update(self, n: int) -> None:
         """`n` more done."""
@@ -45,8 +46,14 @@ class Progress:
         now = time.monotonic()
         if self.enabled and self.tty and (now - self._last_draw >= 0.1 or self.done >= self.total):
             self._last_draw = now
-            self.stream.write("\r" + self._line(now))
+            self.stream.write("\r" + self._redraw(self._line(now)))
             self.stream.flush()
+
+    def _redraw(self, line: str) -> str:
+        # A line shorter than the last one drawn (1023.9 KiB -> 1.0 MiB) is padded with spaces to cover
+        # the end of the old one, which "\r" alone leaves on the screen.
+        padded, self._drawn = line.ljust(self._drawn), len(line)
+        return padded
 
     def _line(self, now: float) -> str:
         fraction = min(self.done / self.total, 1.0) if self.total else 1.0
@@ -63,7 +70,8 @@ class Progress:
             return
         self.closed = True
         if self.enabled:
-            self.stream.write(("\r" if self.tty else "") + self._line(time.monotonic()) + "\n")
+            line = self._line(time.monotonic())
+            self.stream.write(("\r" + self._redraw(line) if self.tty else line) + "\n")
             self.stream.flush()
 
     def __enter__(self) -> "Progress":

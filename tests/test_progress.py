@@ -49,3 +49,31 @@ def test_format_bytes_and_units():
     assert [format_bytes(n) for n in (512, 3.4 * 2 ** 20, 26.1 * 2 ** 30)] == ["512 B", "3.4 MiB", "26.1 GiB"]
     with pytest.raises(ValueError, match="unit"):
         Progress(1, "x", unit="frames")
+
+
+def _screen(text: str) -> list[str]:
+    """What a terminal shows for `text`: "\r" returns to the start of the line, overwriting from there."""
+    lines, line, col = [], [], 0
+    for ch in text:
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            lines.append("".join(line).rstrip())
+            line, col = [], 0
+        else:
+            line[col:col + 1] = [ch]
+            col += 1
+    return lines + (["".join(line).rstrip()] if line else [])
+
+
+def test_a_shorter_redraw_leaves_nothing_of_the_longer_line_before(monkeypatch):
+    import dit8.progress
+
+    clock = iter(range(100))  # one second between calls: every update is drawn
+    monkeypatch.setattr(dit8.progress.time, "monotonic", lambda: float(next(clock)))
+    stream = Terminal()
+    with Progress(4 << 20, "loading", stream=stream) as bar:
+        bar.update(1023 << 10)
+        assert _screen(stream.getvalue()) == [f"loading [{'#' * 5:<24}]  25.0% 1023.0 KiB/4.0 MiB 1023.0 KiB/s"]
+        bar.update(1 << 10)  # four characters shorter
+        assert _screen(stream.getvalue()) == [f"loading [{'#' * 6:<24}]  25.0% 1.0 MiB/4.0 MiB 512.0 KiB/s"]
