@@ -346,7 +346,8 @@ def _add_bench_dit(dit: argparse.ArgumentParser) -> None:
 
 # The API's names of settings the commands take as flags: its messages name them as the user typed them.
 _SETTING_FLAGS = {name: "--" + name.replace("_", "-") for name in
-                  ("frames", "seed", "steps", "guidance", "shift", "size", "area", "sampler", "update", "vae_tile")}
+                  ("frames", "seed", "steps", "guidance", "shift", "size", "area", "sampler", "update", "vae_tile",
+                   "layers", "repeat")}
 _KEYWORD_FLAGS = {"backend": "--backend", "precision": "--attention"}
 
 

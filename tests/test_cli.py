@@ -182,6 +182,16 @@ def test_demo_refuses_an_unusable_output_first(tmp_path, capsys):
     assert "nodir" in err.err and "does not exist" in err.err and "step" not in err.out
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--layers", "0", "--layers must be at least 1, got 0"),
+    ("--repeat", "-1", "--repeat must be at least 1, got -1"),
+    ("--steps", "-1", "--steps must be at least 0, got -1"),
+])
+def test_bench_errors_name_the_flag(flag, value, message, capsys):
+    assert main(["bench", "dit", "--device", "cpu", flag, value]) == 1
+    assert capsys.readouterr().err == f"dit8: error: {message}\n"
+
+
 def test_out_of_gpu_memory_is_one_line_with_what_to_try(monkeypatch, capsys):
     import torch
 
