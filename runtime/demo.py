@@ -16,7 +16,7 @@ from typing import TextIO
 import numpy as np
 
 from .devices import resolve_device
-from .pipeline import I2VPipeline, ProgressEvent, Video
+from .pipeline import I2VPipeline, ProgressEvent, Video, check_settings
 from .progress import format_bytes
 from .testing_pipeline import write_tiny_model_folder
 from .video import check_output_paths
@@ -40,6 +40,7 @@ def run_demo(*, seed: int = 0, update: str = "deterministic", device: str = "cpu
     """Run the demo, write the mp4 to `output` (and PNG frames to `frames_dir`), report to `stream`, return
     the Video."""
     resolve_device(device)
+    check_settings(seed=seed, update=update)  # before the model is built and the banner printed
     check_output_paths(output, frames_dir)
     print("dit8 demo: RANDOM WEIGHTS (tiny untrained DiT, T5, CLIP and VAE); the video is noise and shows "
           "that the pipeline runs end to end, not a picture.", file=stream)

@@ -182,6 +182,13 @@ def test_demo_refuses_an_unusable_output_first(tmp_path, capsys):
     assert "nodir" in err.err and "does not exist" in err.err and "step" not in err.out
 
 
+def test_demo_refuses_a_bad_seed_first(tmp_path, capsys):
+    assert main(["demo", "--seed", "-1", "--out", str(tmp_path / "x.mp4")]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == "dit8: error: --seed must be an integer in [0, 2**63), got -1\n"
+    assert captured.out == ""  # nothing built, nothing announced
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--layers", "0", "--layers must be at least 1, got 0"),
     ("--repeat", "-1", "--repeat must be at least 1, got -1"),
