@@ -220,7 +220,7 @@ def bench_settings(args: argparse.Namespace) -> BenchSettings:
 
 BACKEND_HELP = ("kernels to run: triton or cuda run every op that has that kernel, the others as auto does; "
                 "auto: the kernels verified on this GPU generation, else the torch reference; torch: the "
-                "reference only")
+                "reference only (default auto)")
 
 
 def _cuda_available() -> bool:
@@ -297,7 +297,7 @@ def _add_generate(generate: argparse.ArgumentParser) -> None:
     kind.add_argument("--base", dest="distilled", action="store_const", const=False,
                       help="the DiT is the undistilled base model: UniPC, 40 steps, CFG 5 by default")
     generate.add_argument("--attention", choices=PRECISIONS, default="bf16",
-                          help="self-attention precision")
+                          help="self-attention precision (default bf16)")
     generate.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
                           help="where the model runs (default cuda when available, else cpu)")
     generate.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
@@ -316,15 +316,15 @@ def _add_generate(generate: argparse.ArgumentParser) -> None:
 
 
 def _add_bench_dit(dit: argparse.ArgumentParser) -> None:
-    dit.add_argument("--scheme", choices=SCHEMES, default="bf16", help="block linear weights")
+    dit.add_argument("--scheme", choices=SCHEMES, default="bf16", help="block linear weights (default bf16)")
     dit.add_argument("--attention", choices=PRECISIONS, default="bf16",
-                     help="self-attention precision (8-bit needs a kernel backend: --backend triton)")
+                     help="self-attention precision (default bf16; 8-bit needs a kernel backend: --backend triton)")
     dit.add_argument("--frames", type=int, help=f"4k+1 video frames (default 81, 21 latent frames; {TINY_FRAMES} "
                      "with the tiny config)")
     dit.add_argument("--size", type=_parse_size, help="WIDTHxHEIGHT in pixels, multiples of 16, as for generate "
                      f"(default 832x480; {TINY_SIZE[0]}x{TINY_SIZE[1]} with the tiny config)")
     dit.add_argument("--layers", type=int, help="number of blocks (default: all, 40 for I2V-14B)")
-    dit.add_argument("--steps", type=int, default=4, help="steps of the distilled loop (0: no loop)")
+    dit.add_argument("--steps", type=int, default=4, help="steps of the distilled loop (default 4; 0: no loop)")
     dit.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto", help=BACKEND_HELP)
     dit.add_argument("--compare", choices=("diffusers",), help="also time diffusers' WanTransformer3DModel "
                      "(SDPA, in the compute dtype: bf16 on CUDA) on the same weights; skipped with a message "

@@ -212,3 +212,23 @@ def test_out_of_gpu_memory_is_one_line_with_what_to_try(monkeypatch, capsys):
     assert capsys.readouterr().err == ("dit8: error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 "
                                        "GiB); try --scheme fp8 or int8 (bf16 weights of I2V-14B take 31 GiB), or "
                                        "fewer --layers\n")
+
+
+def test_every_option_with_a_default_says_it_in_its_help():
+    import argparse
+
+    from dit8.cli import build_parser
+
+    def parsers(parser):
+        yield parser.prog, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    silent = [f"{prog} {action.option_strings[0]}" for prog, parser in parsers(build_parser())
+              for action in parser._actions
+              if action.option_strings and action.default not in (None, [], argparse.SUPPRESS)
+              and not isinstance(action.default, bool)  # a switch's default is its absence
+              and "default" not in (action.help or "")]
+    assert silent == []
