@@ -876,8 +876,10 @@ def test_failure_midway_leaves_nothing(tmp_path, i2v_weights, monkeypatch, per_b
 
 
 @pytest.mark.parametrize("per_block", [False, True])
-def test_sigterm_midway_leaves_nothing(tmp_path, i2v_weights, monkeypatch, capsys, per_block):
-    # What a scheduler's or `timeout`'s stop does to a running `dit8 convert`.
+@pytest.mark.parametrize("stop, status, said", [("SIGTERM", 143, "dit8: terminated"),
+                                                ("SIGINT", 130, "dit8: interrupted")])
+def test_a_signal_midway_leaves_nothing(tmp_path, i2v_weights, monkeypatch, capsys, per_block, stop, status, said):
+    # What a scheduler's or `timeout`'s stop, or Ctrl-C, does to a running `dit8 convert`.
     import signal
 
     from dit8.cli import main
@@ -889,7 +891,7 @@ def test_sigterm_midway_leaves_nothing(tmp_path, i2v_weights, monkeypatch, capsy
     def quantize(*args):
         calls["n"] += 1
         if calls["n"] == 7:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), getattr(signal, stop))
         return real_quantize(*args)
 
     monkeypatch.setattr(convert_module, "quantize_weight", quantize)
@@ -897,8 +899,8 @@ def test_sigterm_midway_leaves_nothing(tmp_path, i2v_weights, monkeypatch, capsy
     out.mkdir()
     before = signal.getsignal(signal.SIGTERM)
     args = ["convert", str(src), str(out / ("o" if per_block else "o.safetensors"))] + (["--per-block"] * per_block)
-    assert main(args) == 143
-    assert "dit8: terminated" in capsys.readouterr().err
+    assert main(args) == status
+    assert capsys.readouterr().err.splitlines()[-1] == said
     assert _listing(out) == [] and signal.getsignal(signal.SIGTERM) == before
 
 
