@@ -49,11 +49,20 @@ class SourceTensor:
     offset: int | None
 
 
+def _read_error(file: Path, err: OSError) -> CheckpointError:
+    # The conversion reports OSErrors as failures to write its output; one of the source's is the source's.
+    return CheckpointError(f"{file}: cannot read: {err.strerror or err}")
+
+
 def read_at(f: BinaryIO, offset: int, nbytes: int, file: Path, key: str) -> torch.Tensor:
     """`nbytes` bytes of `f` from `offset` into a fresh uint8 tensor (a plain read, no memory map)."""
     buf = torch.empty(nbytes, dtype=torch.uint8)
-    f.seek(offset)
-    if f.readinto(memoryview(buf.numpy())) != nbytes:
+    try:
+        f.seek(offset)
+        read = f.readinto(memoryview(buf.numpy()))
+    except OSError as err:
+        raise _read_error(file, err) from err
+    if read != nbytes:
         raise CheckpointError(f"{file}: truncated inside tensor {key!r}")
     return buf
 
@@ -79,14 +88,17 @@ class _FileDigest:
     def _fill(self, end: int) -> None:
         if self.pos >= end:
             return
-        with self.path.open("rb") as f:
-            f.seek(self.pos)
-            while self.pos < end:
-                chunk = f.read(min(_GAP_READ, end - self.pos))
-                if not chunk:
-                    raise CheckpointError(f"{self.path}: truncated at byte {self.pos}")
-                self.sha.update(chunk)
-                self.pos += len(chunk)
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.pos)
+                while self.pos < end:
+                    chunk = f.read(min(_GAP_READ, end - self.pos))
+                    if not chunk:
+                        raise CheckpointError(f"{self.path}: truncated at byte {self.pos}")
+                    self.sha.update(chunk)
+                    self.pos += len(chunk)
+        except OSError as err:
+            raise _read_error(self.path, err) from err
 
     def feed(self, offset: int, data: memoryview) -> None:
         if offset < self.pos:
@@ -96,7 +108,11 @@ class _FileDigest:
         self.pos += len(data)
 
     def finish(self) -> str:
-        self._fill(self.path.stat().st_size)
+        try:
+            size = self.path.stat().st_size
+        except OSError as err:
+            raise _read_error(self.path, err) from err
+        self._fill(size)
         return self.sha.hexdigest()
 
 
@@ -146,7 +162,10 @@ class SourceReader:
             return flat[begin // itemsize:(begin + nbytes) // itemsize]
         f = self._handles.get(info.file)
         if f is None:
-            f = self._handles[info.file] = info.file.open("rb")
+            try:
+                f = self._handles[info.file] = info.file.open("rb")
+            except OSError as err:  # removed or its permissions changed since it was validated
+                raise _read_error(info.file, err) from err
         buf = read_at(f, tensor.offset + begin, nbytes, info.file, tensor.file_key)
         # Hashed while the caller converts it; buf is fresh and never written to again.
         self._hashing.submit(self._digests[info.file].feed, tensor.offset + begin, memoryview(buf.numpy()))

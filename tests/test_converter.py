@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -872,6 +873,47 @@ def test_failure_midway_leaves_nothing(tmp_path, i2v_weights, monkeypatch, per_b
     if failure != "interrupt":
         assert str(err.value) == (f"{dst}: cannot write the output (No space left on device); nothing was left "
                                   f"behind")
+    assert _listing(out) == []
+
+
+@pytest.mark.parametrize("method", ["readinto", "read"])  # the converted blocks' reads, the digest's
+def test_a_source_that_fails_to_read_is_named_not_the_output(tmp_path, i2v_weights, monkeypatch, method):
+    src = _source(tmp_path, i2v_weights, I2V)
+    real_open = Path.open
+
+    class Failing:
+        """The source file, whose reads fail as on a dying disk or a lost network mount."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            if name == method:
+                raise OSError(errno.EIO, "Input/output error")
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def open_(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        return Failing(f) if path == src and args[:1] == ("rb",) and failing else f
+
+    class Reader(convert_module.SourceReader):
+        def __init__(self, *args):
+            super().__init__(*args)
+            failing.append(True)  # from here on: the source was validated, the conversion begins
+
+    failing: list[bool] = []
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(Path, "open", open_)
+    monkeypatch.setattr(convert_module, "SourceReader", Reader)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(src))}: cannot read: Input/output error$"):
+        convert(src, out / "o.safetensors", progress=False)
     assert _listing(out) == []
 
 
