@@ -164,6 +164,8 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
     json_path = None if args.json is None else Path(args.json)
     if json_path is not None and not json_path.parent.is_dir():
         raise InputError(f"--json {json_path}: the folder {json_path.parent} does not exist")
+    if json_path is not None and json_path.is_dir():
+        raise InputError(f"--json {json_path}: is a folder; give the JSON file's name")
 
     saved: list[dict] = [{}]  # the numbers saved last, for the error path
 
@@ -175,8 +177,12 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
         if json_path is not None:
             extra = {"partial": True, **({"error": error} if error else {})} if partial else {}
             temp = json_path.with_name(f".{json_path.name}.part")
-            temp.write_text(json.dumps({**result, **extra}, indent=2))
-            os.replace(temp, json_path)
+            try:
+                temp.write_text(json.dumps({**result, **extra}, indent=2))
+                os.replace(temp, json_path)
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
 
     # Under --sequence-parallel every process runs the benchmark; the first one reports it.
     first = not _follower(args)

@@ -199,6 +199,29 @@ def test_bench_errors_name_the_flag(flag, value, message, capsys):
     assert capsys.readouterr().err == f"dit8: error: {message}\n"
 
 
+def test_bench_refuses_a_folder_for_json_first(tmp_path, capsys):
+    tiny = ["--frames", "1", "--size", "16x16", "--layers", "1", "--repeat", "1", "--steps", "0"]
+    assert main(["bench", "dit", "--device", "cpu", *tiny, "--json", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == f"dit8: error: --json {tmp_path}: is a folder; give the JSON file's name"
+    assert "timing" not in captured.err and list(tmp_path.iterdir()) == []  # refused before the run
+
+
+def test_bench_json_that_cannot_be_written_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import dit8.cli
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dit8.cli.os, "replace", full)
+    tiny = ["--frames", "1", "--size", "16x16", "--layers", "1", "--repeat", "1", "--steps", "0"]
+    assert main(["bench", "dit", "--device", "cpu", *tiny, "--json", str(tmp_path / "b.json")]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_of_gpu_memory_is_one_line_with_what_to_try(monkeypatch, capsys):
     import torch
 
