@@ -377,6 +377,13 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def _raise_interrupted(signum: int, frame: object) -> None:
+    # Ctrl-C pressed again while the first one unwinds would stop the clean-up part way (a conversion's
+    # work folder, up to a whole model, left behind): the first one counts, the others wait for the end.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def _follower(args: argparse.Namespace) -> bool:
     """A process other than the first of a --sequence-parallel launch."""
     return bool(getattr(args, "sequence_parallel", False)) and os.environ.get("RANK", "0") != "0"
@@ -404,9 +411,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handle_sigterm = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM)
+    previous_int = signal.getsignal(signal.SIGINT)
+    # Only Python's own Ctrl-C handler is replaced: not an ignored SIGINT (`nohup`, a background job)
+    # nor an application's handler.
+    handle_sigint = handle_sigterm and previous_int is signal.default_int_handler
     try:
         if handle_sigterm:
             signal.signal(signal.SIGTERM, _raise_terminated)
+        if handle_sigint:
+            signal.signal(signal.SIGINT, _raise_interrupted)
         return args.run(args)
     except Terminated:
         print("dit8: terminated", file=sys.stderr)
@@ -442,3 +455,5 @@ def main(argv: list[str] | None = None) -> int:
         if handle_sigterm:
             # (None: a handler installed from C, which Python cannot reinstate; the default then.)
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if handle_sigint:
+            signal.signal(signal.SIGINT, previous_int)

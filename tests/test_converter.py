@@ -946,6 +946,37 @@ def test_a_signal_midway_leaves_nothing(tmp_path, i2v_weights, monkeypatch, caps
     assert _listing(out) == [] and signal.getsignal(signal.SIGTERM) == before
 
 
+def test_ctrl_c_pressed_again_does_not_cut_the_clean_up_short(tmp_path, i2v_weights, monkeypatch, capsys):
+    import shutil
+    import signal
+
+    import dit8.converters.work_folder as work_folder_module
+    from dit8.cli import main
+
+    src = _source(tmp_path, i2v_weights, I2V)
+    calls = {"n": 0}
+    real_quantize, real_rmtree = convert_module.quantize_weight, shutil.rmtree
+
+    def quantize(*args):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_quantize(*args)
+
+    def rmtree(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # impatient: again, as the work folder is being removed
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "quantize_weight", quantize)
+    monkeypatch.setattr(work_folder_module.shutil, "rmtree", rmtree)
+    out = tmp_path / "out"
+    out.mkdir()
+    before = signal.getsignal(signal.SIGINT)
+    assert main(["convert", str(src), str(out / "o.safetensors")]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "dit8: interrupted"
+    assert _listing(out) == [] and signal.getsignal(signal.SIGINT) == before
+
+
 # ---------------------------------------------------------------------------------- format helpers
 
 
