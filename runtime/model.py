@@ -27,7 +27,7 @@ from .config import WanConfig
 from .errors import InputError
 from .layers import Activation, LayerNorm, Linear, ModulatedLayerNorm, QuantizedRows, RMSNorm, Setup, empty_buffer
 from .parallel import SequenceParallel, fingerprint
-from .rope import rope_table
+from .rope import MAX_POSITIONS, rope_table
 
 
 class PatchEmbedding(nn.Module):
@@ -292,7 +292,11 @@ class WanDiT(nn.Module):
             if clip_fea is None:
                 raise InputError("clip_fea is required by an I2V model")
             _expect(clip_fea, "clip_fea", (B, None, cfg.clip_dim))
-            image = self.img_emb(clip_fea.to(self.setup.device))
+            if clip_fea.shape[1] == 0:
+                raise InputError("clip_fea has no tokens; expected the CLIP features of the image [B, N, clip_dim]")
+            # The image embedding's first norm takes the float dtypes of the kernels, not float64.
+            image = self.img_emb(clip_fea.to(self.setup.device, torch.float32 if clip_fea.dtype == torch.float64
+                                             else clip_fea.dtype))
         elif clip_fea is not None:
             raise InputError("clip_fea was given but this is a T2V model")
         return EncodedContext(B, [block.cross_attn.project_context(text, image) for block in self.blocks])
@@ -332,6 +336,9 @@ class WanDiT(nn.Module):
         cfg = self.config
         x, y, t = self._check_inputs(x, t, y)
         if not isinstance(context, EncodedContext):
+            _expect(context, "context", (None, None, cfg.text_dim))
+            if context.shape[0] != x.shape[0]:  # (before clip_fea's batch is held to the context's)
+                raise InputError(f"context has batch {context.shape[0]} but x has batch {x.shape[0]}")
             context = self.encode_context(context.to(self.setup.device), clip_fea)
         elif clip_fea is not None:
             raise InputError("clip_fea goes to encode_context; an EncodedContext already holds the image keys")
@@ -377,11 +384,18 @@ class WanDiT(nn.Module):
         _expect(x, "x", (None, x_channels, None, None, None))
         B, _, T, H, W = x.shape
         pt, ph, pw = cfg.patch_size
-        if T % pt or H % ph or W % pw:
-            raise InputError(f"x has frames/height/width {(T, H, W)}, not multiples of the patch {cfg.patch_size}")
+        if T % pt or H % ph or W % pw or not T * H * W:
+            raise InputError(f"x has frames/height/width {(T, H, W)}, not positive multiples of the patch "
+                             f"{cfg.patch_size}")
+        grid = self.patch_grid(x)
+        if max(grid) > MAX_POSITIONS:
+            raise InputError(f"x has a patch grid of {grid} (frames, rows, columns); the model's position encoding "
+                             f"covers {MAX_POSITIONS} along each")
         if not isinstance(t, torch.Tensor) or t.shape != (B,):
             raise InputError(f"t must be a tensor of shape ({B},), got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.dtype == torch.bool or t.is_complex():
+            raise InputError(f"t must be real timesteps (a float or integer tensor), got dtype {t.dtype}")
         # Values are checked where that costs no GPU synchronisation (nor breaks a CUDA-graph capture).
         if t.device.type == "cpu" and not ((t >= 0) & (t <= 1000)).all():  # (NaN fails both)
             raise InputError(f"t must be timesteps in [0, 1000], got {t.tolist()}")

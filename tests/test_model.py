@@ -104,12 +104,25 @@ def test_rope_tables_are_kept_for_the_last_grids_used(model):
     (lambda i: i.update(clip_fea=i["clip_fea"][..., :7]), "clip_fea has shape"),
     (lambda i: i.update(context=torch.randn(2, 513, 64)), "at most text_len"),
     (lambda i: i.update(context=i["context"][:1], clip_fea=i["clip_fea"][:1]), "batch"),
+    (lambda i: i.update(context=i["context"][:1]), "context has batch 1 but x has batch 2"),
+    (lambda i: i.update(context=i["context"].numpy()), "context must be a floating-point tensor, got ndarray"),
+    (lambda i: i.update(clip_fea=i["clip_fea"][:, :0]), "clip_fea has no tokens"),
+    (lambda i: i.update(x=i["x"][:, :, :0], y=i["y"][:, :, :0]), "not positive multiples of the patch"),
+    (lambda i: i.update(x=torch.randn(2, 16, 1, 2, 2050), y=torch.randn(2, 20, 1, 2, 2050)),
+     r"patch grid of \(1, 1, 1025\).*covers 1024"),
+    (lambda i: i.update(t=torch.tensor([True, False])), "t must be real timesteps"),
 ])
 def test_bad_inputs_raise_input_error(model, change, match):
     inputs = random_inputs(model.config)
     change(inputs)
     with pytest.raises(InputError, match=match):
         model(**inputs)
+
+
+def test_float64_inputs_are_taken_as_float32(model):
+    inputs = random_inputs(model.config)
+    doubled = {k: v.double() for k, v in inputs.items()}
+    torch.testing.assert_close(model(**doubled), model(**inputs), rtol=0, atol=0)
 
 
 def test_t2v_refuses_image_inputs():
