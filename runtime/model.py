@@ -283,6 +283,7 @@ class WanDiT(nn.Module):
         B, L, _ = context.shape
         if L > cfg.text_len:
             raise InputError(f"context has {L} rows; the model takes at most text_len = {cfg.text_len}")
+        _check_finite(context, "context")
         # Zero rows pad the text to text_len; they become a constant vector and are attended to.
         padded = torch.zeros(B, cfg.text_len, cfg.text_dim, dtype=self.setup.dtype, device=self.setup.device)
         padded[:, :L] = context
@@ -294,6 +295,7 @@ class WanDiT(nn.Module):
             _expect(clip_fea, "clip_fea", (B, None, cfg.clip_dim))
             if clip_fea.shape[1] == 0:
                 raise InputError("clip_fea has no tokens; expected the CLIP features of the image [B, N, clip_dim]")
+            _check_finite(clip_fea, "clip_fea")
             # The image embedding's first norm takes the float dtypes of the kernels, not float64.
             image = self.img_emb(clip_fea.to(self.setup.device, torch.float32 if clip_fea.dtype == torch.float64
                                              else clip_fea.dtype))
@@ -382,6 +384,7 @@ class WanDiT(nn.Module):
         dev = self.setup.device
         x_channels = cfg.out_dim if cfg.is_i2v else cfg.in_dim
         _expect(x, "x", (None, x_channels, None, None, None))
+        _check_finite(x, "x")
         B, _, T, H, W = x.shape
         pt, ph, pw = cfg.patch_size
         if T % pt or H % ph or W % pw or not T * H * W:
@@ -403,6 +406,7 @@ class WanDiT(nn.Module):
             if y is None:
                 raise InputError("y (mask + image latent) is required by an I2V model")
             _expect(y, "y", (B, cfg.in_dim - x_channels, T, H, W))
+            _check_finite(y, "y")
             y = y.to(dev, torch.float32)
         elif y is not None:
             raise InputError("y was given but this is a T2V model")
@@ -453,3 +457,10 @@ def _expect(t: object, name: str, shape: tuple) -> None:
     if t.dim() != len(shape) or any(e is not None and s != e for s, e in zip(t.shape, shape)):
         want = tuple("*" if e is None else e for e in shape)
         raise InputError(f"{name} has shape {tuple(t.shape)}; expected {want}")
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    """NaN or Inf in an input would only come out as a velocity of NaN. Checked on CPU tensors: on a GPU
+    the check would wait for the device at every call (and cannot run inside a CUDA-graph capture)."""
+    if t.device.type == "cpu" and not torch.isfinite(t).all():
+        raise InputError(f"{name} contains {'NaN' if torch.isnan(t).any() else 'Inf'} values")

@@ -111,6 +111,10 @@ def test_rope_tables_are_kept_for_the_last_grids_used(model):
     (lambda i: i.update(x=torch.randn(2, 16, 1, 2, 2050), y=torch.randn(2, 20, 1, 2, 2050)),
      r"patch grid of \(1, 1, 1025\).*covers 1024"),
     (lambda i: i.update(t=torch.tensor([True, False])), "t must be real timesteps"),
+    (lambda i: i["x"].view(-1)[7].fill_(float("nan")), "x contains NaN values"),
+    (lambda i: i["y"].view(-1)[7].fill_(float("inf")), "y contains Inf values"),
+    (lambda i: i["context"].view(-1)[7].fill_(float("-inf")), "context contains Inf values"),
+    (lambda i: i["clip_fea"].view(-1)[7].fill_(float("nan")), "clip_fea contains NaN values"),
 ])
 def test_bad_inputs_raise_input_error(model, change, match):
     inputs = random_inputs(model.config)
