@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -72,10 +73,12 @@ class TokenPositions:
 @dataclass
 class EncodedContext:
     """The text (and image) conditioning projected to every block's keys and values, computed once per
-    generation by `WanDiT.encode_context` and reused by every sampling step."""
+    generation by `WanDiT.encode_context` and reused by every sampling step. `model` refers (weakly) to
+    the model that made it: another model's keys and values, even of the same shapes, are refused."""
 
     batch: int
     blocks: list[CrossKV]
+    model: Callable[[], WanDiT | None] | None = field(default=None, repr=False, compare=False)
 
 
 class SelfAttention(nn.Module):
@@ -301,7 +304,8 @@ class WanDiT(nn.Module):
                                              else clip_fea.dtype))
         elif clip_fea is not None:
             raise InputError("clip_fea was given but this is a T2V model")
-        return EncodedContext(B, [block.cross_attn.project_context(text, image) for block in self.blocks])
+        return EncodedContext(B, [block.cross_attn.project_context(text, image) for block in self.blocks],
+                              weakref.ref(self))
 
     def positions(self, grid: tuple[int, int, int]) -> TokenPositions:
         """RoPE cos/sin of the tokens of a patch grid this process computes (all of them, or its slice
@@ -378,6 +382,10 @@ class WanDiT(nn.Module):
         if (context.blocks[0].k_img is not None) != self.config.is_i2v:
             raise InputError(f"the encoded context {'has' if context.blocks[0].k_img is not None else 'lacks'} "
                              f"image keys; this model is {self.config.variant}")
+        if context.model is not None and context.model() is not self:
+            # Same shapes, other weights (another file, scheme or LoRA): the output would be silently wrong.
+            raise InputError("the encoded context was made by another model's encode_context: encode it with "
+                             "this model's")
 
     def _check_inputs(self, x, t, y):
         cfg = self.config

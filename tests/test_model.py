@@ -64,6 +64,10 @@ def test_an_encoded_context_of_another_model_is_refused(model):
     encoded = model.encode_context(inputs["context"], inputs["clip_fea"])
     with pytest.raises(InputError, match="clip_fea goes to encode_context"):
         model(x, t, encoded, inputs["clip_fea"], y=y)
+    # A model of the same shapes but other weights (another file, scheme or LoRA).
+    twin = WanDiT(model.config)
+    with pytest.raises(InputError, match="made by another model's encode_context"):
+        twin(x, t, encoded, y=y)
 
 
 def test_rope_table_is_built_once_per_grid(model, monkeypatch):
