@@ -340,22 +340,13 @@ class WanDiT(nn.Module):
         H, W].
         """
         cfg = self.config
-        x, y, t = self._check_inputs(x, t, y)
-        if not isinstance(context, EncodedContext):
-            _expect(context, "context", (None, None, cfg.text_dim))
-            if context.shape[0] != x.shape[0]:  # (before clip_fea's batch is held to the context's)
-                raise InputError(f"context has batch {context.shape[0]} but x has batch {x.shape[0]}")
-            context = self.encode_context(context.to(self.setup.device), clip_fea)
-        elif clip_fea is not None:
-            raise InputError("clip_fea goes to encode_context; an EncodedContext already holds the image keys")
-        self._check_encoded(context, x.shape[0])
-        if y is not None:
-            x = torch.cat([x, y], dim=1)
-        tokens, grid = self._patchify(x)
         parallel = self.setup.parallel
+        if parallel is None:
+            x, t, context = self._prepare(x, t, context, clip_fea, y)
+        else:
+            x, t, context = self._prepare_together(parallel, x, t, context, clip_fea, y)
+        tokens, grid = self._patchify(x)
         if parallel is not None:
-            # Different shapes would mix parts of different forwards (or hang); timesteps, the same.
-            parallel.agree("latent shapes or timesteps", fingerprint(tuple(x.shape), t), self.setup.device)
             tokens = parallel.shard(tokens, 1)
         h = self.patch_embedding(tokens).float()
         e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim))
@@ -370,6 +361,45 @@ class WanDiT(nn.Module):
 
     if TYPE_CHECKING:  # nn.Module's __call__ returns Any: callers get forward's types
         __call__ = forward
+
+    def _prepare(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | EncodedContext,
+                 clip_fea: torch.Tensor | None, y: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, EncodedContext]:
+        """The checked inputs on the model's device: x with y joined along the channels (fp32), t, and
+        the encoded context."""
+        x, y, t = self._check_inputs(x, t, y)
+        if not isinstance(context, EncodedContext):
+            _expect(context, "context", (None, None, self.config.text_dim))
+            if context.shape[0] != x.shape[0]:  # (before clip_fea's batch is held to the context's)
+                raise InputError(f"context has batch {context.shape[0]} but x has batch {x.shape[0]}")
+            context = self.encode_context(context.to(self.setup.device), clip_fea)
+        elif clip_fea is not None:
+            raise InputError("clip_fea goes to encode_context; an EncodedContext already holds the image keys")
+        self._check_encoded(context, x.shape[0])
+        if y is not None:
+            x = torch.cat([x, y], dim=1)
+        return x, t, context
+
+    def _prepare_together(self, parallel: SequenceParallel, *inputs
+                          ) -> tuple[torch.Tensor, torch.Tensor, EncodedContext]:
+        """`_prepare` in every process of the group, which then check together that they were given the
+        same inputs: different shapes would mix parts of different forwards (or hang); timesteps, the same.
+        A process whose inputs are refused takes part in that check before it raises: leaving alone, it
+        would leave the others waiting for it in the exchange (until the group's timeout)."""
+        refused = None
+        try:
+            x, t, context = self._prepare(*inputs)
+            mine = fingerprint(tuple(x.shape), t)
+        except InputError as err:
+            refused, mine = err, fingerprint("refused", str(err))
+        try:
+            parallel.agree("latent shapes or timesteps, or inputs refused", mine, self.setup.device)
+        except InputError:
+            if refused is None:
+                raise
+        if refused is not None:
+            raise refused
+        return x, t, context
 
     def _check_encoded(self, context: EncodedContext, batch: int) -> None:
         """An EncodedContext must come from a model of this one's shape: a block count or an image branch

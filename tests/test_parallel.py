@@ -1,6 +1,7 @@
 """Sequence parallelism (runtime/parallel.py): the DiT split over P processes, on the CPU with gloo,
 gives every process the single-process result."""
 
+import datetime
 import json
 import os
 import socket
@@ -24,8 +25,9 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="this torch build has no torch.distributed with gloo")
 
 
-def _in_group(rank: int, world: int, store: str, job, *args) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+def _in_group(rank: int, world: int, store: str, timeout: float | None, job, *args) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=None if timeout is None else datetime.timedelta(seconds=timeout))
     try:
         job(rank, *args)
     finally:
@@ -39,9 +41,10 @@ def _in_group(rank: int, world: int, store: str, job, *args) -> None:
     os._exit(0)
 
 
-def run_group(tmp_path, world: int, job, *args) -> None:
-    """Run job(rank, *args) in `world` fresh processes joined in a gloo group."""
-    mp.spawn(_in_group, args=(world, str(tmp_path / "store"), job, *args), nprocs=world)
+def run_group(tmp_path, world: int, job, *args, timeout: float | None = None) -> None:
+    """Run job(rank, *args) in `world` fresh processes joined in a gloo group; `timeout`: seconds a
+    collective may wait for the others (a process that waits for ever fails the test instead)."""
+    mp.spawn(_in_group, args=(world, str(tmp_path / "store"), timeout, job, *args), nprocs=world)
 
 
 def _exchange(rank, out):
@@ -158,11 +161,34 @@ def test_processes_that_disagree_or_cancel_alone_are_stopped_together(tmp_path):
     results = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
     assert "outside" not in results[0] and "rank 1) is not a member of the group" in results[1]["outside"]
     for r in results:
-        assert "different latent shapes or timesteps (ranks 1 differ from rank 0)" in r["shapes"]
+        assert "different latent shapes or timesteps, or inputs refused (ranks 1 differ from rank 0)" in r["shapes"]
         assert "different latent shapes or timesteps" in r["timesteps"]
         # Both stop at the same point (before: the others ran on, and later calls mixed up their parts).
         assert r["cancelled"] == "generation cancelled after step 1 of 4"
         assert "different inputs (image, prompt or settings)" in r["seeds"]
+    torch.testing.assert_close(results[1]["after"], results[0]["after"], rtol=0, atol=0)
+
+
+def _refused_in_one(rank, out):
+    from dit8.random_dit import build_model
+
+    model = build_model(tiny_config("i2v"), device="cpu", parallel=SequenceParallel.from_group())
+    inputs = random_inputs(model.config, batch=1)
+    results = {}
+    bad = dict(inputs, context=inputs["context"][..., :3]) if rank == 1 else inputs
+    try:
+        model(**bad)
+    except InputError as err:
+        results["refused"] = str(err)
+    results["after"] = model(**inputs)  # the processes are still in step
+    torch.save(results, f"{out}.{rank}")
+
+
+def test_inputs_refused_in_one_process_stop_every_process(tmp_path):
+    run_group(tmp_path, 2, _refused_in_one, str(tmp_path / "out"), timeout=60)
+    results = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
+    assert "context has shape (1, 7, 3)" in results[1]["refused"]  # its own reason
+    assert "(ranks 1 differ from rank 0)" in results[0]["refused"]
     torch.testing.assert_close(results[1]["after"], results[0]["after"], rtol=0, atol=0)
 
 
