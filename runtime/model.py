@@ -27,7 +27,7 @@ from dit8.kernels.registry import BackendError, backend_runs_on, reference_only_
 from .config import WanConfig
 from .errors import InputError
 from .layers import Activation, LayerNorm, Linear, ModulatedLayerNorm, QuantizedRows, RMSNorm, Setup, empty_buffer
-from .parallel import SequenceParallel, fingerprint
+from .parallel import SequenceParallel, checksums, fingerprint
 from .rope import MAX_POSITIONS, rope_table
 
 
@@ -79,6 +79,9 @@ class EncodedContext:
     batch: int
     blocks: list[CrossKV]
     model: Callable[[], WanDiT | None] | None = field(default=None, repr=False, compare=False)
+    # Under sequence parallelism, `checksums` of the context and image features it was encoded from,
+    # for the processes to check that they were given the same.
+    checksum: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 class SelfAttention(nn.Module):
@@ -269,6 +272,8 @@ class WanDiT(nn.Module):
         if config.is_i2v:
             self.img_emb = ImageEmbedding(config, setup)
         self._positions: dict[tuple[int, int, int], TokenPositions] = {}
+        self._attention = attention
+        self._agreed = False  # under sequence parallelism: whether the processes checked they hold the same model
 
     def _apply(self, fn, recurse=True):
         # .to(), .cuda(), .half() and the like all come here. The model's kernels, RoPE tables and
@@ -304,8 +309,9 @@ class WanDiT(nn.Module):
                                              else clip_fea.dtype))
         elif clip_fea is not None:
             raise InputError("clip_fea was given but this is a T2V model")
+        checksum = None if self.setup.parallel is None else checksums(self.setup.device, context, clip_fea)
         return EncodedContext(B, [block.cross_attn.project_context(text, image) for block in self.blocks],
-                              weakref.ref(self))
+                              weakref.ref(self), checksum)
 
     def positions(self, grid: tuple[int, int, int]) -> TokenPositions:
         """RoPE cos/sin of the tokens of a patch grid this process computes (all of them, or its slice
@@ -383,17 +389,31 @@ class WanDiT(nn.Module):
     def _prepare_together(self, parallel: SequenceParallel, *inputs
                           ) -> tuple[torch.Tensor, torch.Tensor, EncodedContext]:
         """`_prepare` in every process of the group, which then check together that they were given the
-        same inputs: different shapes would mix parts of different forwards (or hang); timesteps, the same.
-        A process whose inputs are refused takes part in that check before it raises: leaving alone, it
-        would leave the others waiting for it in the exchange (until the group's timeout)."""
+        same model and inputs: different shapes would mix parts of different forwards (or hang); other
+        timesteps, latents, context or weights, the same. A process whose inputs are refused takes part in
+        that check before it raises: leaving alone, it would leave the others waiting for it in the
+        exchange (until the group's timeout)."""
+        device = self.setup.device
+        if not self._agreed:
+            # Once per model: its description, then (the same shapes now certain) every tensor's sums.
+            parallel.agree("models (configuration, weight formats, compute dtype, backend or attention)",
+                           fingerprint(self.config, self.setup.dtype, self.setup.backend, self._attention,
+                                       sorted((k, str(v)) for k, v in self.setup.quantized.items())), device)
+            parallel.agree("model weights", 0, device, checksums(device, *self.buffers()))
+            self._agreed = True
         refused = None
         try:
             x, t, context = self._prepare(*inputs)
+            out_dim = self.config.out_dim
+            values = torch.cat([checksums(device, x[:, :out_dim], x[:, out_dim:]),
+                                checksums(device, None, None) if context.checksum is None else context.checksum])
             mine = fingerprint(tuple(x.shape), t)
         except InputError as err:
             refused, mine = err, fingerprint("refused", str(err))
+            values = checksums(device, None, None, None, None).fill_(math.nan)
         try:
-            parallel.agree("latent shapes or timesteps, or inputs refused", mine, self.setup.device)
+            parallel.agree("inputs (latent shapes, timesteps, latents or context), or inputs refused", mine,
+                           device, values)
         except InputError:
             if refused is None:
                 raise

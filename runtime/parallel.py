@@ -52,16 +52,23 @@ class SequenceParallel:
         if not 0 <= self.rank < self.world:
             raise InputError(f"a SequenceParallel needs 0 <= rank < world, got rank {self.rank} of {self.world}")
 
-    def agree(self, what: str, fingerprint: int, device: torch.device) -> None:
+    def agree(self, what: str, fingerprint: int, device: torch.device, values: torch.Tensor | None = None,
+              rtol: float = 1e-5) -> None:
         """Raise InputError on every rank unless all ranks give the same `fingerprint` (a 63-bit hash of
-        what they are about to compute together): ranks given different inputs would exchange parts of
-        different computations and return garbage, or hang."""
-        mine = torch.tensor([fingerprint], dtype=torch.int64, device=device)
+        what they are about to compute together) and, where given, the same `values` within `rtol` (a
+        float64 vector of as many `checksums` on every rank): ranks given different inputs would exchange
+        parts of different computations and return garbage, or hang."""
+        # One float64 vector per rank: the fingerprint in two exact halves, then the values.
+        mine = torch.tensor([fingerprint >> 32, fingerprint & 0xFFFFFFFF], dtype=torch.float64, device=device)
+        if values is not None:
+            mine = torch.cat([mine, values.to(device, torch.float64).reshape(-1)])
         prints = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(prints, mine, group=self.group)
-        values = [int(p.item()) for p in prints]
-        if len(set(values)) > 1:
-            differ = [r for r, v in enumerate(values) if v != values[0]]
+        table = torch.stack(prints).cpu()
+        same = (table[:, :2] == table[0, :2]).all(1) & torch.isclose(table[:, 2:], table[0, 2:], rtol=rtol, atol=0,
+                                                                      equal_nan=True).all(1)
+        if not same.all():
+            differ = [r for r in range(self.world) if not same[r]]
             raise InputError(f"sequence parallelism: the processes were given different {what} (ranks "
                              f"{', '.join(map(str, differ))} differ from rank 0); every process must make the "
                              f"same calls with the same inputs")
@@ -135,6 +142,24 @@ def fingerprint(*parts: object) -> int:
         else:
             digest.update(repr(part).encode())
     return int.from_bytes(digest.digest()[:8], "little") >> 1
+
+
+def checksums(device: torch.device, *tensors: torch.Tensor | None) -> torch.Tensor:
+    """float64 [Σv⁺, Σv⁻, Σv², Σ|v|·i/n] of each tensor's values v (positive and negative parts; index i of
+    n; zeros for None), computed on `device` without a copy to the host: sums of non-negative terms, so
+    the same values give the same sums to rounding however a device orders the additions, while other
+    values (another seed, another prompt, a shift, frames in another order) change them. For
+    `SequenceParallel.agree`."""
+    sums = []
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            sums.append(torch.zeros(4, dtype=torch.float64, device=device))
+            continue
+        v = t.detach().to(device, torch.float64).flatten()
+        where = torch.linspace(0, 1, v.numel(), dtype=torch.float64, device=device)
+        sums.append(torch.stack([v.clamp(min=0).sum(), v.clamp(max=0).sum().neg(), v.square().sum(),
+                                 (v.abs() * where).sum()]))
+    return torch.cat(sums) if sums else torch.zeros(0, dtype=torch.float64, device=device)
 
 
 def join_launched_group(device: torch.device) -> tuple[SequenceParallel, torch.device]:

@@ -161,8 +161,9 @@ def test_processes_that_disagree_or_cancel_alone_are_stopped_together(tmp_path):
     results = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
     assert "outside" not in results[0] and "rank 1) is not a member of the group" in results[1]["outside"]
     for r in results:
-        assert "different latent shapes or timesteps, or inputs refused (ranks 1 differ from rank 0)" in r["shapes"]
-        assert "different latent shapes or timesteps" in r["timesteps"]
+        assert "different inputs (latent shapes, timesteps, latents or context), or inputs refused (ranks 1 " \
+               "differ from rank 0)" in r["shapes"]
+        assert "different inputs (latent shapes, timesteps" in r["timesteps"]
         # Both stop at the same point (before: the others ran on, and later calls mixed up their parts).
         assert r["cancelled"] == "generation cancelled after step 1 of 4"
         assert "different inputs (image, prompt or settings)" in r["seeds"]
@@ -190,6 +191,57 @@ def test_inputs_refused_in_one_process_stop_every_process(tmp_path):
     assert "context has shape (1, 7, 3)" in results[1]["refused"]  # its own reason
     assert "(ranks 1 differ from rank 0)" in results[0]["refused"]
     torch.testing.assert_close(results[1]["after"], results[0]["after"], rtol=0, atol=0)
+
+
+def _different(rank, out):
+    from dit8.random_dit import build_model
+
+    sp, config, results = SequenceParallel.from_group(), tiny_config("i2v"), {}
+    inputs = random_inputs(config, batch=1)
+    # Another checkpoint in one process: other dimensions, or the same ones with other weights.
+    for name, cfg, seed in (("layers", tiny_config("i2v", num_layers=2 + rank), 0), ("weights", config, rank)):
+        try:
+            build_model(cfg, device="cpu", seed=seed, parallel=sp)(**inputs)
+        except InputError as err:
+            results[name] = str(err)
+    model = build_model(config, device="cpu", parallel=sp)
+    # Inputs of the same shapes and timesteps, other values in one process.
+    for name, change in (("x", lambda i: i.update(x=i["x"] + 0.01 * rank)),
+                         ("frames", lambda i: i.update(x=i["x"].flip(2) if rank else i["x"])),
+                         ("y", lambda i: i.update(y=i["y"] * (1 + rank))),
+                         ("context", lambda i: i.update(context=model.encode_context(i["context"] + rank,
+                                                                                     i.pop("clip_fea"))))):
+        changed = dict(inputs)
+        change(changed)
+        try:
+            model(**changed)
+        except InputError as err:
+            results[name] = str(err)
+    results["after"] = model(**inputs)
+    torch.save(results, f"{out}.{rank}")
+
+
+@pytest.mark.slow
+def test_processes_given_other_models_or_input_values_are_stopped_together(tmp_path):
+    run_group(tmp_path, 2, _different, str(tmp_path / "out"), timeout=60)
+    results = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
+    for r in results:
+        assert "different models (configuration" in r["layers"]
+        assert "different model weights (ranks 1 differ from rank 0)" in r["weights"]
+        for name in ("x", "frames", "y", "context"):
+            assert "different inputs (latent shapes, timesteps, latents or context)" in r[name], name
+    torch.testing.assert_close(results[1]["after"], results[0]["after"], rtol=0, atol=0)
+
+
+def test_checksums_tell_other_values_not_another_order_of_additions():
+    from dit8.parallel import checksums
+
+    x = torch.randn(2, 16, 3, 8, 8)
+    same = checksums(torch.device("cpu"), x.transpose(0, 4).contiguous().transpose(0, 4), None)
+    torch.testing.assert_close(same, checksums(torch.device("cpu"), x, None), rtol=1e-12, atol=0)
+    assert same[4:].eq(0).all()
+    for other in (x + 1e-3, x * (1 + 1e-4), x.flip(2), -x):
+        assert not torch.isclose(checksums(torch.device("cpu"), other), same[:4], rtol=1e-5, atol=0).all()
 
 
 def test_a_group_position_must_be_in_the_group():
