@@ -29,6 +29,11 @@ class CapturedForward:
         if model.setup.parallel is not None:
             # Capturing the all-to-alls would rely on NCCL's support for graph capture, untested with dit8.
             raise InputError("CUDA-graph capture of a sequence-parallel model is not supported; run it eagerly")
+        if not isinstance(context, EncodedContext):
+            # A raw context would be encoded inside the capture, its copy to the device included, which
+            # a capture cannot hold: the graph replays one encoded context.
+            raise InputError(f"context must be the EncodedContext of model.encode_context(context, clip_fea), "
+                             f"got {type(context).__name__}")
         device = model.setup.device
         if device.type != "cuda":
             raise InputError(f"CUDA-graph capture needs a model on a CUDA device, this one is on {device}")

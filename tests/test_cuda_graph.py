@@ -20,6 +20,14 @@ def test_a_cpu_model_is_refused():
         CapturedForward(model, inputs["x"], inputs["t"], context, inputs["y"])
 
 
+def test_a_context_not_encoded_is_refused():
+    config = tiny_config("i2v")
+    model = build_model(config, device="cpu")
+    inputs = random_inputs(config)
+    with pytest.raises(InputError, match="context must be the EncodedContext of model.encode_context"):
+        CapturedForward(model, inputs["x"], inputs["t"], inputs["context"], inputs["y"])
+
+
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
