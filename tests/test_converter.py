@@ -842,27 +842,36 @@ def test_bad_source_leaves_nothing(tmp_path, i2v_weights, problem, per_block):
     assert _listing(out) == []
 
 
+def _on_seventh_weight(monkeypatch, action) -> None:
+    """Run `action()` as the converter quantizes its seventh weight, midway through a conversion."""
+    real_quantize, calls = convert_module.quantize_weight, [0]
+
+    def quantize(*args):
+        calls[0] += 1
+        if calls[0] == 7:
+            action()
+        return real_quantize(*args)
+
+    monkeypatch.setattr(convert_module, "quantize_weight", quantize)
+
+
 @pytest.mark.parametrize("per_block", [False, True])
 @pytest.mark.parametrize("failure", ["interrupt", "disk_full"])
 def test_failure_midway_leaves_nothing(tmp_path, i2v_weights, monkeypatch, per_block, failure):
     src = _source(tmp_path, i2v_weights, I2V)
-    calls = {"n": 0}
-    real_quantize, real_write = convert_module.quantize_weight, SafetensorsWriter.write_rows
+    real_write, writes = SafetensorsWriter.write_rows, [0]
 
-    def quantize(*args):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real_quantize(*args)
+    def interrupt():
+        raise KeyboardInterrupt
 
     def write_rows(self, key, rows):
-        calls["n"] += 1
-        if calls["n"] == 30:
+        writes[0] += 1
+        if writes[0] == 30:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, key, rows)
 
     if failure == "interrupt":
-        monkeypatch.setattr(convert_module, "quantize_weight", quantize)
+        _on_seventh_weight(monkeypatch, interrupt)
     else:
         monkeypatch.setattr(SafetensorsWriter, "write_rows", write_rows)
     out = tmp_path / "out"
@@ -927,16 +936,7 @@ def test_a_signal_midway_leaves_nothing(tmp_path, i2v_weights, monkeypatch, caps
     from dit8.cli import main
 
     src = _source(tmp_path, i2v_weights, I2V)
-    calls = {"n": 0}
-    real_quantize = convert_module.quantize_weight
-
-    def quantize(*args):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            os.kill(os.getpid(), getattr(signal, stop))
-        return real_quantize(*args)
-
-    monkeypatch.setattr(convert_module, "quantize_weight", quantize)
+    _on_seventh_weight(monkeypatch, lambda: os.kill(os.getpid(), getattr(signal, stop)))
     out = tmp_path / "out"
     out.mkdir()
     before = signal.getsignal(signal.SIGTERM)
@@ -954,20 +954,13 @@ def test_ctrl_c_pressed_again_does_not_cut_the_clean_up_short(tmp_path, i2v_weig
     from dit8.cli import main
 
     src = _source(tmp_path, i2v_weights, I2V)
-    calls = {"n": 0}
-    real_quantize, real_rmtree = convert_module.quantize_weight, shutil.rmtree
-
-    def quantize(*args):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_quantize(*args)
+    real_rmtree = shutil.rmtree
 
     def rmtree(path, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # impatient: again, as the work folder is being removed
         return real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "quantize_weight", quantize)
+    _on_seventh_weight(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGINT))
     monkeypatch.setattr(work_folder_module.shutil, "rmtree", rmtree)
     out = tmp_path / "out"
     out.mkdir()
