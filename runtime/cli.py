@@ -127,7 +127,7 @@ def _run_generate(args: argparse.Namespace) -> int:
                                        attention=args.attention,
                                        backend=args.backend, offload_encoders=args.offload_encoders,
                                        vae_tile=args.vae_tile, parallel=parallel,
-                                       progress=False if follower else None)
+                                       progress=not follower)  # (in a log: a line every LOG_INTERVAL s)
     call = dict(seed=args.seed, frames=args.frames, size=args.size, area=args.area, steps=args.steps,
                 sampler=args.sampler, guidance=args.guidance, shift=args.shift,
                 negative_prompt=args.negative_prompt, update=args.update)

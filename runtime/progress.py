@@ -16,9 +16,15 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+# Seconds between the lines a bar writes to a log (a stream that is not a terminal): a long conversion
+# or generation shows that it moves, without a line for every update.
+LOG_INTERVAL = 30.0
+
+
 class Progress:
     """A one-line progress bar of `done` out of `total`: on a terminal redrawn in place at most ten times
-    a second; elsewhere (logs, pipes), when enabled, written once as it closes.
+    a second; elsewhere (logs, pipes), when enabled, a line every LOG_INTERVAL seconds of work and one
+    as it closes.
 
     unit "bytes": sizes, the percentage and the rate; "count": done/total and the seconds since it
     began. enabled: default, only on a terminal. `close` ends the line once; later calls do nothing.
@@ -43,10 +49,16 @@ class Progress:
     def advance_to(self, done: int) -> None:
         """`done` done in all."""
         self.done = done
+        if not self.enabled:
+            return
         now = time.monotonic()
-        if self.enabled and self.tty and (now - self._last_draw >= 0.1 or self.done >= self.total):
+        if self.tty and (now - self._last_draw >= 0.1 or self.done >= self.total):
             self._last_draw = now
             self.stream.write("\r" + self._redraw(self._line(now)))
+            self.stream.flush()
+        elif not self.tty and now - self._last_draw >= LOG_INTERVAL and self.done < self.total:
+            self._last_draw = now
+            self.stream.write(self._line(now) + "\n")
             self.stream.flush()
 
     def _redraw(self, line: str) -> str:

@@ -106,8 +106,8 @@ def test_generate_writes_the_video_and_a_summary(model_folder, tmp_path, capsys)
                      "5 frames 48x32 at 16 fps", "distilled, 4 steps, guidance 1, shift 5, seed 3",
                      "vae encode", "s/step", "peak", "5 PNGs"):
         assert expected in out, expected
-    # Progress bars (stderr is not a terminal here: one line per stage).
-    assert [line.split()[0] for line in captured.err.splitlines()] == ["encode", "denoise", "decode"]
+    # Progress bars (stderr is not a terminal here: one line per stage, loading the DiT too).
+    assert [line.split()[0] for line in captured.err.splitlines()] == ["loading", "encode", "denoise", "decode"]
     video = read_video(out_path)
     assert (video.num_frames, video.width, video.height) == (5, 48, 32)
 

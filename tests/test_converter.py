@@ -1098,6 +1098,7 @@ def test_cli_convert_prints_summary(tmp_path, i2v_weights, capsys):
                               "--lora", f"{tmp_path / 'l.safetensors'}:0.5", "--per-block"])
     stream = io.StringIO()
     assert run_convert(args, stream) == 0
+    assert capsys.readouterr().err.startswith("converting [")  # the command's bar, in a log too
     text = stream.getvalue()
     assert str(dst) in text and "MiB/s" in text and "mean relative error" in text
     assert text.count("  blocks.1.") == 5  # the five worst layers (block 0 is kept)

@@ -37,6 +37,22 @@ def test_elsewhere_one_line_at_the_end_or_none():
     assert quiet.getvalue() == ""
 
 
+def test_in_a_log_a_line_every_interval(monkeypatch):
+    import dit8.progress
+
+    now = [0.0]
+    monkeypatch.setattr(dit8.progress.time, "monotonic", lambda: now[0])
+    stream = io.StringIO()
+    with Progress(100, "convert", unit="count", stream=stream, enabled=True) as bar:
+        for done in range(1, 101):
+            now[0] = done * dit8.progress.LOG_INTERVAL / 10  # ten updates an interval
+            bar.advance_to(done)
+    lines = stream.getvalue().splitlines()
+    # One line each interval while the work goes on (10, 20, ..., 90 done), then the close's.
+    assert [line.split()[-3] for line in lines] == [f"{n}/100" for n in range(10, 100, 10)] + ["100/100"]
+    assert "\r" not in stream.getvalue()
+
+
 def test_a_bar_closes_once():
     stream = io.StringIO()
     with Progress(3, "decode", unit="count", stream=stream, enabled=True) as bar:
