@@ -372,16 +372,15 @@ class Terminated(BaseException):
     unwinds as for Ctrl-C: a conversion removes its temporary output."""
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
-    raise Terminated
-
-
-def _raise_interrupted(signum: int, frame: object) -> None:
-    # Ctrl-C pressed again while the first one unwinds would stop the clean-up part way (a conversion's
-    # work folder, up to a whole model, left behind): the first one counts, the others wait for the end.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
+def _stop_once(signum: int, frame: object) -> None:
+    """SIGTERM raises Terminated, SIGINT KeyboardInterrupt. The first of either counts: another, of
+    either kind, while the command unwinds would stop its clean-up part way (a conversion's work folder,
+    up to a whole model, left behind), so both are ignored until the command ends (where this handler
+    is the one installed; `main` puts the previous ones back)."""
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(stop) is _stop_once:
+            signal.signal(stop, signal.SIG_IGN)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def _follower(args: argparse.Namespace) -> bool:
@@ -417,9 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     handle_sigint = handle_sigterm and previous_int is signal.default_int_handler
     try:
         if handle_sigterm:
-            signal.signal(signal.SIGTERM, _raise_terminated)
+            signal.signal(signal.SIGTERM, _stop_once)
         if handle_sigint:
-            signal.signal(signal.SIGINT, _raise_interrupted)
+            signal.signal(signal.SIGINT, _stop_once)
         return args.run(args)
     except Terminated:
         print("dit8: terminated", file=sys.stderr)

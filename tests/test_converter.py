@@ -946,7 +946,9 @@ def test_a_signal_midway_leaves_nothing(tmp_path, i2v_weights, monkeypatch, caps
     assert _listing(out) == [] and signal.getsignal(signal.SIGTERM) == before
 
 
-def test_ctrl_c_pressed_again_does_not_cut_the_clean_up_short(tmp_path, i2v_weights, monkeypatch, capsys):
+@pytest.mark.parametrize("first, second", [("SIGINT", "SIGINT"), ("SIGINT", "SIGTERM"), ("SIGTERM", "SIGINT")])
+def test_a_second_stop_does_not_cut_the_clean_up_short(tmp_path, i2v_weights, monkeypatch, capsys, first, second):
+    # Ctrl-C pressed again, or a scheduler's SIGTERM after it, while the work folder is being removed.
     import shutil
     import signal
 
@@ -957,17 +959,19 @@ def test_ctrl_c_pressed_again_does_not_cut_the_clean_up_short(tmp_path, i2v_weig
     real_rmtree = shutil.rmtree
 
     def rmtree(path, *args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)  # impatient: again, as the work folder is being removed
+        os.kill(os.getpid(), getattr(signal, second))
         return real_rmtree(path, *args, **kwargs)
 
-    _on_seventh_weight(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGINT))
+    _on_seventh_weight(monkeypatch, lambda: os.kill(os.getpid(), getattr(signal, first)))
     monkeypatch.setattr(work_folder_module.shutil, "rmtree", rmtree)
     out = tmp_path / "out"
     out.mkdir()
-    before = signal.getsignal(signal.SIGINT)
-    assert main(["convert", str(src), str(out / "o.safetensors")]) == 130
-    assert capsys.readouterr().err.splitlines()[-1] == "dit8: interrupted"
-    assert _listing(out) == [] and signal.getsignal(signal.SIGINT) == before
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    status, said = (130, "dit8: interrupted") if first == "SIGINT" else (143, "dit8: terminated")
+    assert main(["convert", str(src), str(out / "o.safetensors")]) == status
+    assert capsys.readouterr().err.splitlines()[-1] == said
+    assert _listing(out) == []
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 # ---------------------------------------------------------------------------------- format helpers
