@@ -83,6 +83,11 @@ class EncodedContext:
     # for the processes to check that they were given the same.
     checksum: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
+    def __getstate__(self) -> dict:
+        # A weak reference does not pickle (torch.save, a multiprocessing queue): a saved context is
+        # loaded without it, and is then taken by any model of its shapes, as one built by hand is.
+        return {**self.__dict__, "model": None}
+
 
 class SelfAttention(nn.Module):
     def __init__(self, config: WanConfig, setup: Setup, precision: str, prefix: str):

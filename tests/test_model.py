@@ -40,6 +40,17 @@ def test_encoded_context_gives_the_same_output(model):
                                rtol=0, atol=0)
 
 
+def test_an_encoded_context_saves_and_loads(model, tmp_path):
+    # A service may cache encoded prompts (torch.save) or pass them between processes (pickle).
+    inputs = random_inputs(model.config)
+    encoded = model.encode_context(inputs["context"], inputs["clip_fea"])
+    torch.save(encoded, tmp_path / "context.pt")
+    loaded = torch.load(tmp_path / "context.pt", weights_only=False)
+    assert loaded.model is None and encoded.model() is model  # the saved copy has no model to hold to
+    torch.testing.assert_close(model(inputs["x"], inputs["t"], loaded, y=inputs["y"]),
+                               model(inputs["x"], inputs["t"], encoded, y=inputs["y"]), rtol=0, atol=0)
+
+
 def test_text_and_image_keys_lie_side_by_side(model):
     # One buffer each for the keys and the values, text rows then image rows: the fused cross-attention
     # reads both in one key loop (kernels/attention_triton.py).
