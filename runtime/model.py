@@ -27,7 +27,7 @@ from dit8.kernels.registry import BackendError, backend_runs_on, reference_only_
 from .config import WanConfig
 from .errors import InputError
 from .layers import Activation, LayerNorm, Linear, ModulatedLayerNorm, QuantizedRows, RMSNorm, Setup, empty_buffer
-from .parallel import SequenceParallel, checksums, fingerprint
+from .parallel import SequenceParallel, bits_fingerprint, checksums, fingerprint
 from .rope import MAX_POSITIONS, rope_table
 
 
@@ -68,6 +68,10 @@ class TokenPositions:
     cos: torch.Tensor
     sin: torch.Tensor
     tokens: int
+
+
+# The inputs whose values the processes of a sequence-parallel group compare: x, y, context, clip_fea.
+_SUMMED_INPUTS = 4
 
 
 @dataclass
@@ -277,7 +281,6 @@ class WanDiT(nn.Module):
         if config.is_i2v:
             self.img_emb = ImageEmbedding(config, setup)
         self._positions: dict[tuple[int, int, int], TokenPositions] = {}
-        self._attention = attention
         self._agreed = False  # under sequence parallelism: whether the processes checked they hold the same model
 
     def _apply(self, fn, recurse=True):
@@ -400,22 +403,24 @@ class WanDiT(nn.Module):
         exchange (until the group's timeout)."""
         device = self.setup.device
         if not self._agreed:
-            # Once per model: its description, then (the same shapes now certain) every tensor's sums.
+            # Once per model: its description, then (the same shapes now certain) every tensor's bits.
+            attention = self.blocks[0].self_attn.precision
             parallel.agree("models (configuration, weight formats, compute dtype, backend or attention)",
-                           fingerprint(self.config, self.setup.dtype, self.setup.backend, self._attention,
+                           fingerprint(self.config, self.setup.dtype, self.setup.backend, attention,
                                        sorted((k, str(v)) for k, v in self.setup.quantized.items())), device)
-            parallel.agree("model weights", 0, device, checksums(device, *self.buffers()))
+            parallel.agree("model weights", bits_fingerprint(self.buffers()), device)
             self._agreed = True
         refused = None
         try:
             x, t, context = self._prepare(*inputs)
-            out_dim = self.config.out_dim
+            out_dim = self.config.out_dim  # x holds y after its own channels
             values = torch.cat([checksums(device, x[:, :out_dim], x[:, out_dim:]),
                                 checksums(device, None, None) if context.checksum is None else context.checksum])
             mine = fingerprint(tuple(x.shape), t)
         except InputError as err:
             refused, mine = err, fingerprint("refused", str(err))
-            values = checksums(device, None, None, None, None).fill_(math.nan)
+            # As many sums as the inputs' (x, y, context, clip_fea), or the exchange would mismatch.
+            values = checksums(device, *[None] * _SUMMED_INPUTS).fill_(math.nan)
         try:
             parallel.agree("inputs (latent shapes, timesteps, latents or context), or inputs refused", mine,
                            device, values)

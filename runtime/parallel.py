@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -160,6 +161,28 @@ def checksums(device: torch.device, *tensors: torch.Tensor | None) -> torch.Tens
         sums.append(torch.stack([v.clamp(min=0).sum(), v.clamp(max=0).sum().neg(), v.square().sum(),
                                  (v.abs() * where).sum()]))
     return torch.cat(sums) if sums else torch.zeros(0, dtype=torch.float64, device=device)
+
+
+# Integer types of each element width, to read a tensor's bits as numbers.
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CHUNK = 1 << 24  # elements summed at a time: a few hundred MB of int64 temporaries at most
+
+
+def bits_fingerprint(tensors: Iterable[torch.Tensor]) -> int:
+    """A 63-bit hash of the exact contents of `tensors` (the same on every process that holds the same
+    bits), from two integer sums per tensor computed on its device: of its elements' bit patterns, and
+    of each pattern times its index. Integer sums wrap modulo 2^64 whatever order a device adds in, so
+    they are exact, need no tolerance and no float64 copy; one copy to the host for them all."""
+    sums = []
+    for t in tensors:
+        bits = t.detach().reshape(-1).view(_BITS[t.element_size()])
+        total = torch.zeros(2, dtype=torch.int64, device=t.device)
+        for start in range(0, bits.numel(), _CHUNK):
+            chunk = bits[start:start + _CHUNK].to(torch.int64)
+            index = torch.arange(start + 1, start + 1 + chunk.numel(), dtype=torch.int64, device=t.device)
+            total += torch.stack([chunk.sum(), (chunk * index).sum()])
+        sums.append(total)
+    return fingerprint(torch.stack(sums).cpu() if sums else None)
 
 
 def join_launched_group(device: torch.device) -> tuple[SequenceParallel, torch.device]:

@@ -233,6 +233,23 @@ def test_processes_given_other_models_or_input_values_are_stopped_together(tmp_p
     torch.testing.assert_close(results[1]["after"], results[0]["after"], rtol=0, atol=0)
 
 
+def test_the_bits_fingerprint_tells_any_changed_bit_and_chunks_alike(monkeypatch):
+    import dit8.parallel
+    from dit8.parallel import bits_fingerprint
+
+    tensors = [torch.randn(37, 5), torch.randn(11).to(torch.bfloat16),
+               torch.randint(-128, 127, (64,), dtype=torch.int8),
+               torch.randn(9).to(torch.float8_e4m3fn), torch.tensor([True, False])]
+    whole = bits_fingerprint(tensors)
+    monkeypatch.setattr(dit8.parallel, "_CHUNK", 7)  # summed in pieces: the same integers
+    assert bits_fingerprint(tensors) == whole
+    nudged = [t.clone() for t in tensors]
+    nudged[0].view(torch.int32)[3, 1] ^= 1  # one bit of one float
+    assert bits_fingerprint(nudged) != whole
+    swapped = [tensors[0].flip(0), *tensors[1:]]  # the same values in another order
+    assert bits_fingerprint(swapped) != whole
+
+
 def test_checksums_tell_other_values_not_another_order_of_additions():
     from dit8.parallel import checksums
 
