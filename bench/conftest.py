@@ -39,11 +39,13 @@ def pytest_configure(config: pytest.Config) -> None:
     if not CUDA and (config.getoption("benchmark_compare", None) or config.getoption("benchmark_compare_fail", None)):
         raise pytest.UsageError("--benchmark-compare needs a GPU: without CUDA the suites run in smoke mode "
                                 "(tiny shapes, the Triton interpreter), whose times compare with nothing")
+    # pytest-benchmark's session is not public API (5.x names): where it differs, the checks step aside.
     session = getattr(config, "_benchmarksession", None)
-    if CUDA and session is not None and session.compare:
-        for warning in check_compared_runs(session.compared_mapping, torch.cuda.get_device_name(),
-                                           compare=session.compare, storage=str(session.storage),
-                                           fail=bool(session.compare_fail)):
+    compared = getattr(session, "compared_mapping", None)
+    if CUDA and getattr(session, "compare", None) and compared is not None and hasattr(session, "logger"):
+        for warning in check_compared_runs(compared, torch.cuda.get_device_name(), compare=session.compare,
+                                           storage=str(getattr(session, "storage", "the benchmark storage")),
+                                           fail=bool(getattr(session, "compare_fail", None))):
             session.logger.warning(warning)
 
 
@@ -81,9 +83,9 @@ def check_compared_runs(compared: dict[str, dict], gpu: str, *, compare: str | b
 def pytest_collection_finish(session: pytest.Session) -> None:
     # A saved run of another suite shares no test id with this one: pytest-benchmark would compare nothing
     # and --benchmark-compare-fail would pass.
-    benchmarks = getattr(session.config, "_benchmarksession", None)
-    if CUDA and benchmarks is not None and benchmarks.compared_mapping and session.items:
-        check_compared_rows(benchmarks.compared_mapping, [item.nodeid for item in session.items])
+    compared = getattr(getattr(session.config, "_benchmarksession", None), "compared_mapping", None)
+    if CUDA and compared and session.items:
+        check_compared_rows(compared, [item.nodeid for item in session.items])
 
 
 def check_compared_rows(compared: dict[str, dict], test_ids: list[str]) -> None:
