@@ -34,7 +34,7 @@ from dit8.progress import Progress
 from .lora import LoraArg, LoraSet, LoraSpec
 from .quantize_weights import SCHEME_DTYPES, error_sums, errors_from_sums, quantize_weight
 from .errors import ConvertError
-from .safetensors_writer import SafetensorsWriter, TensorSpec, fsync_folder, temp_path_beside
+from .safetensors_writer import SafetensorsWriter, TensorSpec, fsync_folder, write_json
 from .work_folder import work_folder
 from .in_order import InOrderWorker
 from .source import DIGEST_PLACEHOLDER, SourceReader, SourceTensor
@@ -322,17 +322,6 @@ def _convert_tensor(plan: _Plan, reader: SourceReader, lora: LoraSet, writer: Sa
     return LayerError(t.official.removesuffix(".weight"), plan.scheme, t.info.shape, rel, sqnr)
 
 
-def _write_json(path: Path, obj: object) -> None:
-    """Write JSON atomically (temporary sibling, then rename)."""
-    temp = temp_path_beside(path)
-    try:
-        temp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
 def _report(src: Path, dst: Path, scheme: str, layers: list[LayerError]) -> dict:
     # Absolute: the report is read later, from wherever its reader stands.
     return {"source": str(src.absolute()), "output": str(dst.absolute()), "scheme": scheme,
@@ -460,7 +449,7 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
                 report_temp = None
                 if report_obj is not None:
                     report_temp = build / fmt.REPORT_NAME if per_block else work / "report.json"
-                    _write_json(report_temp, report_obj)
+                    write_json(report_temp, report_obj)
                 _install(build, dst, beside=None if per_block else report_temp, force=force, work=work)
         except OSError as err:  # the disk filled, a file size limit, the folder went away
             raise ConvertError(f"{dst}: cannot write the output ({err.strerror or err}); nothing was "
@@ -506,4 +495,4 @@ def _write_index(folder: Path, plans: list[_Plan], metadata: dict[str, str]) -> 
     """The per-block index: every file's metadata plus total_size, and key -> file."""
     weight_map = {spec.key: plan.group for plan in plans for spec in plan.outputs}
     total = sum((folder / name).stat().st_size for name in set(weight_map.values()))
-    _write_json(folder / fmt.INDEX_NAME, {"metadata": {**metadata, "total_size": total}, "weight_map": weight_map})
+    write_json(folder / fmt.INDEX_NAME, {"metadata": {**metadata, "total_size": total}, "weight_map": weight_map})

@@ -49,6 +49,18 @@ def temp_path_beside(path: Path, suffix: str = ".tmp") -> Path:
     return path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
 
 
+def write_json(path: Path, obj: object) -> None:
+    """Write `obj` as JSON to `path` whole or not at all: into a temporary sibling, then renamed (a stop
+    part way leaves the previous file, and no temporary one)."""
+    temp = temp_path_beside(path)
+    try:
+        temp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
 def fsync_folder(folder: Path) -> None:
     """Make a rename in `folder` durable (best effort: not every platform can open a folder)."""
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dit8.converters.cli import add_convert_arguments
+from dit8.converters.safetensors_writer import write_json
 from dit8.kernels.attention import PRECISIONS
 from dit8.kernels.registry import BACKENDS
 
@@ -176,13 +177,7 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
         saved[0] = result
         if json_path is not None:
             extra = {"partial": True, **({"error": error} if error else {})} if partial else {}
-            temp = json_path.with_name(f".{json_path.name}.part")
-            try:
-                temp.write_text(json.dumps({**result, **extra}, indent=2))
-                os.replace(temp, json_path)
-            except BaseException:
-                temp.unlink(missing_ok=True)
-                raise
+            write_json(json_path, {**result, **extra})
 
     # Under --sequence-parallel every process runs the benchmark; the first one reports it.
     first = not _follower(args)
