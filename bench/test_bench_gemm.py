@@ -486,11 +486,7 @@ def test_plot_results_writes_a_chart(tmp_path):
     width, height, raw = read_png(png)
     assert width >= 400 and height >= 100
     # Both bar colours are present (kernel and baseline).
-    from importlib.util import module_from_spec, spec_from_file_location
-
-    spec = spec_from_file_location("plot_results", script)
-    plot = module_from_spec(spec)
-    spec.loader.exec_module(plot)
+    plot = load_plot_results()
     assert bytes(plot.KERNEL_COLOR) in raw and bytes(plot.BASELINE_COLOR) in raw
 
 

@@ -112,7 +112,7 @@ def image_tensor(image: Any) -> torch.Tensor:
     [H, W, 3] uint8; a float torch tensor [3, H, W] in [-1, 1].
     """
     if isinstance(image, os.PathLike):  # pathlib's or another library's path, as open() takes them
-        image = os.fspath(image)
+        image = os.fsdecode(image)  # (a bytes path too: os.DirEntry of scandir(b"."), say)
     where = f"{image}: " if isinstance(image, str) else ""
     if isinstance(image, str):
         image = read_image(image)
@@ -176,7 +176,7 @@ def check_grid(frames: int, height: int, width: int, *, time_stride: int = 4, va
     """The patch grid of a video stays within the RoPE table's MAX_POSITIONS along each axis (at most
     4093 frames, 16384 pixels a side): larger requests are refused before any work instead of failing
     in the allocator after the encoders ran."""
-    latent = ((frames - 1) // time_stride + 1, height // vae_stride, width // vae_stride)
+    latent = latent_shape(frames, height, width, time_stride=time_stride, vae_stride=vae_stride)[1:]
     grid = [n // p for n, p in zip(latent, patch)]
     for axis, n in zip(("frames", "height", "width"), grid):
         if n > MAX_POSITIONS:

@@ -1,6 +1,8 @@
 """The I2V conditioning of spec/pipeline.md: output size from the aspect ratio and area, the mask, the
 image latent of the first frame + grey frames, the CLIP hand-off, the trimmed T5 text, image inputs."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -212,6 +214,8 @@ def test_any_path_like_names_an_image_file(tmp_path):
     torch.testing.assert_close(image_tensor(PathLike(png)), image_tensor(array))
     with pytest.raises(InputError, match="missing.png: image file not found"):
         image_tensor(PathLike(tmp_path / "missing.png"))
+    (entry,) = os.scandir(os.fsencode(tmp_path))  # a path as bytes: a path still, not the image's bytes
+    torch.testing.assert_close(image_tensor(entry), image_tensor(array))
 
 
 def test_the_bytes_of_an_image_file_are_an_image(tmp_path):
