@@ -271,8 +271,9 @@ class I2VPipeline:
         negative_prompt: for CFG (guidance != 1); default Wan's own. "" is an empty negative prompt.
         update: the distilled sampler's step rule, "deterministic" or "renoise".
         callback(ProgressEvent): after each unit of work; it may not call the pipeline itself.
-        cancel: a threading.Event; when set, the call raises Cancelled at the next stage boundary, between
-            two steps, or between two parts of the decode.
+        cancel: a threading.Event; when set, the call raises Cancelled at the next stage boundary: after
+            the text or the image encoder, between two latent frames of the image encode, two steps, or
+            two parts of the decode.
         progress: draw a bar each for encoding, the denoising steps and decoding on `progress_stream`
             (stderr).
         """
@@ -409,14 +410,22 @@ class I2VPipeline:
                 synchronize(device)
                 timings["text"] = time.perf_counter() - t
                 advance(1)
+                self._check_cancel(job, "after the text encoder")
                 t = time.perf_counter()
                 clip_fea = clip_features(self.clip, job.image).float()
                 synchronize(device)
                 timings["image"] = time.perf_counter() - t
                 advance(2)
+                self._check_cancel(job, "after the image encoder")
             t = time.perf_counter()
             resized = resize_image(job.image, job.height, job.width)
-            y = image_condition(self.vae, resized, job.frames, progress=lambda done, total: advance(2 + done))
+
+            def encoded(done: int, total: int) -> None:
+                advance(2 + done)
+                if done < total:
+                    self._check_cancel(job, f"while encoding the image latents ({done} of {total} frames done)")
+
+            y = image_condition(self.vae, resized, job.frames, progress=encoded)
             synchronize(device)
             timings["vae_encode"] = time.perf_counter() - t
             t = time.perf_counter()

@@ -199,9 +199,12 @@ def test_progress_callback_and_bars(pipe):
     assert "4/4" in lines[1]
 
 
-@pytest.mark.parametrize("stage, done, message", [("denoise", 2, "after step 2 of 4"),
+@pytest.mark.parametrize("stage, done, message", [("encode", 1, "after the text encoder"),
+                                                   ("encode", 2, "after the image encoder"),
+                                                   ("encode", 3, r"while encoding the image latents \(1 of 2 frames"),
+                                                   ("denoise", 2, "after step 2 of 4"),
                                                    ("decode", 1, r"while decoding \(1 of 2 parts done\)")])
-def test_cancel_between_steps_and_decode_parts(pipe, video, stage, done, message):
+def test_cancel_between_steps_and_parts_of_the_encode_and_decode(pipe, video, stage, done, message):
     cancel = threading.Event()
     seen = []
 
