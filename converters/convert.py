@@ -152,13 +152,13 @@ def _check_paths(src: Path, dst: Path, per_block: bool, force: bool) -> None:
     if s == d or s in d.parents or d in s.parents:
         raise ConvertError(f"{dst}: the output must not be, contain or lie inside the source {src}")
     if (dst.exists() or dst.is_symlink()) and not force:
-        raise ConvertError(f"{dst}: already exists; pass --force (force=True) to replace it")
+        raise ConvertError(f"{dst}: already exists; pass force=True to replace it")
     _check_replaceable(dst)
     report = _report_path(dst, per_block=False)
     if report.exists() and not force:
         # Written or removed (a per-block output has its report inside) beside the output: somebody's file
         # all the same.
-        raise ConvertError(f"{report}: already exists; pass --force (force=True) to replace it")
+        raise ConvertError(f"{report}: already exists; pass force=True to replace it")
     if not dst.parent.is_dir():
         raise ConvertError(f"{dst.parent}: the output folder does not exist")
     if not os.access(dst.parent, os.W_OK | os.X_OK):
@@ -350,7 +350,7 @@ def _install(built: Path, dst: Path, beside: Path | None, *, force: bool, work: 
                     raise
                 model = "" if target == dst else f"; the model is at {dst}, without its report"
                 raise ConvertError(f"{target}: appeared while converting and was left as it is{model}; pass "
-                                   f"--force (force=True) to replace it") from None
+                                   f"force=True to replace it") from None
         fsync_folder(dst.parent)
         return
     _check_replaceable(dst)  # again: it may have changed during the conversion

@@ -354,11 +354,12 @@ _KEYWORD_FLAGS = {"backend": "--backend", "precision": "--attention"}
 
 def in_flag_words(message: str) -> str:
     """An error message of the API as the command line says it: a leading setting name (`frames must
-    be ...`) as its flag, and `backend='triton'` or `precision='int8'` as `--backend triton`, `--attention
-    int8`."""
+    be ...`) as its flag, `backend='triton'` or `precision='int8'` as `--backend triton`, `--attention
+    int8`, and `force=True` as `--force`."""
     first, sep, rest = message.partition(" ")
     if first in _SETTING_FLAGS and sep:
         message = f"{_SETTING_FLAGS[first]} {rest}"
+    message = re.sub(r"\bforce=True\b", "--force", message)
     return re.sub(r"\b(backend|precision)='(\w+)'", lambda m: f"{_KEYWORD_FLAGS[m.group(1)]} {m.group(2)}", message)
 
 

@@ -628,13 +628,17 @@ def test_an_output_folder_that_is_not_writable(tmp_path, i2v_weights, monkeypatc
         convert(src, tmp_path / "o.safetensors", progress=False)
 
 
-def test_existing_dst_needs_force(tmp_path, i2v_weights):
+def test_existing_dst_needs_force(tmp_path, i2v_weights, capsys):
     src = _source(tmp_path, i2v_weights, I2V)
     dst = tmp_path / "o.safetensors"
     dst.write_bytes(b"old")
-    with pytest.raises(ConvertError, match="already exists"):
+    with pytest.raises(ConvertError, match="already exists; pass force=True to replace it"):
         convert(src, dst, progress=False)
     assert dst.read_bytes() == b"old"
+    from dit8.cli import main
+
+    assert main(["convert", str(src), str(dst)]) == 1  # the command line names its flag
+    assert capsys.readouterr().err.strip() == f"dit8: error: {dst}: already exists; pass --force to replace it"
     convert(src, dst, scheme="int8", force=True, progress=False)
     _assert_tensors(_read(dst)[0], _expected(i2v_weights, I2V, "int8"))
     # A per-block folder replaces an old output whole (no stale block files survive), but --force never
