@@ -420,6 +420,9 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
     Raises CheckpointError (bad source or LoRA, naming file and key) or ConvertError (bad request);
     in either case, and on any other error, nothing is left at or beside `dst`.
     """
+    for name, path in (("src", src), ("dst", dst)):
+        if str(path) == "":  # Path("") is the current folder: a mistake, not a request for it
+            raise ConvertError(f"{name}: the path is empty")
     src, dst = Path(src), Path(dst)
     keep = [keep] if isinstance(keep, str) else list(keep)  # one pattern, not its characters
     if isinstance(lora, (str, Path, LoraSpec)):  # one LoRA (a tuple is a sequence of them)

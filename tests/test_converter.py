@@ -639,6 +639,9 @@ def test_existing_dst_needs_force(tmp_path, i2v_weights, capsys):
 
     assert main(["convert", str(src), str(dst)]) == 1  # the command line names its flag
     assert capsys.readouterr().err.strip() == f"dit8: error: {dst}: already exists; pass --force to replace it"
+    for paths, which in (((src, ""), "dst"), (("", dst), "src")):
+        with pytest.raises(ConvertError, match=f"^{which}: the path is empty$"):
+            convert(*paths, progress=False)
     convert(src, dst, scheme="int8", force=True, progress=False)
     _assert_tensors(_read(dst)[0], _expected(i2v_weights, I2V, "int8"))
     # A per-block folder replaces an old output whole (no stale block files survive), but --force never
