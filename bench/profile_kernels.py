@@ -98,6 +98,9 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
     hidden = randn(32760, 13824)
     pointer_loads = dataclasses.replace(attention_triton.pick_config(
         "bf16", 128, shared_memory=attention_triton.shared_memory_of(q.device)), tma=False)
+    eight_bit_pointer_loads = {precision: dataclasses.replace(attention_triton.pick_config(
+        attention_8bit_triton.config_path(attention_8bit_triton.RECIPES[precision][1]), 128,
+        shared_memory=attention_triton.shared_memory_of(q.device)), tma=False) for precision in ("int8", "fp8")}
     return [
         ("attention bf16", lambda: ops.attention(q, k, v, precision="bf16", backend="triton")),
         ("attention bf16, pointer loads", lambda: attention_triton.attention_bf16(q, k, v, config=pointer_loads)),
@@ -106,10 +109,10 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
           if "attention" in gluon else []),
         ("attention int8", lambda: ops.attention(q, k, v, precision="int8", backend="triton")),
         ("attention fp8", lambda: ops.attention(q, k, v, precision="fp8", backend="triton")),
-        *([(f"attention {precision}, TMA loads",
-            lambda precision=precision: attention_8bit_triton.attention_8bit(
-                q, k, v, precision, config=attention_triton.EIGHT_BIT_TMA_CANDIDATES[0]))
-           for precision in ("int8", "fp8")] if hopper else []),
+        *[(f"attention {precision}, pointer loads",
+           lambda precision=precision: attention_8bit_triton.attention_8bit(
+               q, k, v, precision, config=eight_bit_pointer_loads[precision]))
+          for precision in ("int8", "fp8")],
         *([(f"attention {precision}, Gluon candidate ({config})",
             lambda precision=precision, kwargs=kwargs: attention_8bit_gluon.attention_8bit(q, k, v, precision,
                                                                                           **kwargs))

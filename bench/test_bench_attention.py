@@ -103,15 +103,15 @@ def baseline(cache: dict, key, make_call, gpu_time) -> tuple[float, torch.Tensor
 # configuration (on Hopper with TMA loads; the sweep times the other candidates); triton_bf16_pointer:
 # the same tile with pointer loads; triton_int8 / triton_fp8: the two 8-bit precisions (INT8 q·kᵀ; INT8
 # or FP8 P·V); triton_int8_pv16: INT8 q·kᵀ with 16-bit P·V; *_three_per_sm: the 8-bit precisions on the
-# register-capped candidate tile (attention_triton.THREE_PER_SM); triton_int8_tma / triton_fp8_tma: on
-# the table's tile with TMA loads (attention_triton.EIGHT_BIT_TMA_CANDIDATES[0]; Hopper); gluon_bf16 /
+# register-capped candidate tile (attention_triton.THREE_PER_SM); triton_int8_pointer /
+# triton_fp8_pointer: the table's tile with pointer loads (on Hopper the table's loads through TMA); gluon_bf16 /
 # gluon_bf16_ws: the Hopper candidate for the bf16 path (kernels/attention_gluon.py; _ws: its
 # warp-specialized kernel); gluon_int8 / gluon_fp8 (and _ws; _wg: one warpgroup a program): the one for
 # the 8-bit paths (kernels/attention_8bit_gluon.py, the quantization included as in triton_*); on Hopper
 # only.
 SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "torch_reference", "triton_bf16", "triton_bf16_pointer", "triton_int8",
               "triton_fp8", "triton_int8_pv16", "triton_int8_three_per_sm", "triton_fp8_three_per_sm",
-              "triton_int8_tma", "triton_fp8_tma", "gluon_bf16", "gluon_bf16_ws", "gluon_int8", "gluon_int8_ws",
+              "triton_int8_pointer", "triton_fp8_pointer", "gluon_bf16", "gluon_bf16_ws", "gluon_int8", "gluon_int8_ws",
               "gluon_int8_wg", "gluon_fp8", "gluon_fp8_ws", "gluon_fp8_wg"]
 
 
@@ -155,11 +155,11 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
         info.update(op="attention", backend=backend, case="bf16")
     else:
         qk, pv = {"triton_int8": impl8.RECIPES["int8"], "triton_fp8": impl8.RECIPES["fp8"],
-                  "triton_int8_pv16": ("int8", "fp16")}[name.removesuffix("_three_per_sm").removesuffix("_tma")]
-        config = impl.THREE_PER_SM if name.endswith("_three_per_sm") else \
-            impl.EIGHT_BIT_TMA_CANDIDATES[0] if name.endswith("_tma") else None
-        if config is not None and config.tma and device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
-            pytest.skip("TMA loads need a Hopper (or later) GPU")  # (the smoke run's interpreter has them)
+                  "triton_int8_pv16": ("int8", "fp16")}[name.removesuffix("_three_per_sm").removesuffix("_pointer")]
+        config = impl.THREE_PER_SM if name.endswith("_three_per_sm") else None
+        if name.endswith("_pointer"):
+            table = impl.pick_config(impl8.config_path(pv), D, shared_memory=impl.shared_memory_of(q.device))
+            config = dataclasses.replace(table, tma=False)
         fn = lambda: impl8.attention_8bit(q, k, v, "int8", qk=qk, pv=pv, config=config)  # noqa: E731
         cfg = config or impl.pick_config(impl8.config_path(pv), D, shared_memory=impl.shared_memory_of(q.device))
         info["quantize_ms"] = round(gpu_time(lambda: impl8.quantize_for_attention(

@@ -88,12 +88,13 @@ class AttnConfig:
 # - bf16: 128 x 128 in 8 warps with TMA loads: 37.4 ms against 44.4 with pointer loads and cuDNN's 38.5
 #   (H200, triton 3.6, 2026-11-26, night run). Fewer address instructions and 187 registers instead
 #   of 252;
-# - 8-bit P·V: 64 x 128 in 4 warps, 9-13% faster than 128 x 128 in 8 (H200, morning run). One warpgroup
-#   per program (255 registers, 106 KiB of shared memory) leaves room for two programs per SM, whose
-#   softmax and dots can overlap;
-# - cross: 64 x 64 in 4 warps with TMA loads: 1.33 ms against 1.47 with pointer loads and 1.40 for two
-#   cuDNN calls (H200, night run). (BLOCK_N 128 spills: the text result stays live across the image
-#   loop.)
+# - 8-bit P·V: 64 x 128 in 4 warps with TMA loads: INT8 / FP8 P·V 35.8 / 34.3 ms against 37.1 / 35.0
+#   with pointer loads, 42.3 / 41.5 for 128 x 128 in 8 warps and 40.5 / 36.3 for the 168-register 64 x 64
+#   (H200, triton 3.6, 2026-11-27). One warpgroup per program (236 / 252 registers, 106 KiB of shared
+#   memory) leaves room for two programs per SM, whose softmax and dots can overlap;
+# - cross: 64 x 64 in 4 warps with TMA loads: 1.28 ms over the model's side-by-side keys against 1.45
+#   with pointer loads, 1.36 for 128 x 128 in 8 warps and 1.42 for two cuDNN calls (H200, 2026-11-27).
+#   (BLOCK_N 128 on 4 warps spills: the text result stays live across the image keys.)
 # TMA needs Hopper or later and a layout it can describe (`tma_views`); elsewhere the same tile runs with
 # pointer loads. Head_dim 64 keeps the untimed starting points. Compiled for sm_90a
 # (tests/test_attention_triton.py -k hopper), every tile below uses wgmma and spills nothing inside its
@@ -102,7 +103,7 @@ _CONFIGS = {
     ("bf16", 64): AttnConfig(128, 128, 8, 3),
     ("bf16", 128): AttnConfig(128, 128, 8, 3, tma=True),
     ("8bit", 64): AttnConfig(128, 128, 8, 3),
-    ("8bit", 128): AttnConfig(64, 128, 4, 3),
+    ("8bit", 128): AttnConfig(64, 128, 4, 3, tma=True),
     ("8bit_pv16", 64): AttnConfig(128, 128, 8, 3),
     ("8bit_pv16", 128): AttnConfig(128, 128, 8, 3),  # 64 x 128 spills inside its loop with 16-bit P·V
     ("cross", 64): AttnConfig(128, 64, 8, 2),
@@ -128,7 +129,8 @@ TMA_CANDIDATES = (AttnConfig(128, 128, 8, 3, tma=True), AttnConfig(128, 128, 8, 
 # registers instead of 255, still two programs an SM), 128 x 128 on 8 warps (487 a 128-key block, 251
 # registers, 161 KiB of shared memory: one program an SM; Wan's 512 + 257 keys take 4 + 2 blocks and
 # the one-key tail), and 128 x 64 on 8 warps. On the H200 (night run, before the TMA kernels took
-# short tails) 64 x 64 took 1.33 ms and 128 x 64 1.55. Halving the programs' re-reads of the keys and
+# short tails) 64 x 64 took 1.33 ms and 128 x 64 1.55; with short tails (2026-11-27) 64 x 64 1.28 and
+# 128 x 128 1.36. Halving the programs' re-reads of the keys and
 # values from L2 did not pay: with pointer loads the 64-row tile kept L2 at 50% of its peak throughput
 # (Nsight Compute), so L2 was not its limit.
 CROSS_TMA_CANDIDATES = (AttnConfig(64, 64, 4, 3, tma=True), AttnConfig(128, 128, 8, 2, tma=True),
@@ -137,8 +139,8 @@ CROSS_TMA_CANDIDATES = (AttnConfig(64, 64, 4, 3, tma=True), AttnConfig(128, 128,
 # tma_views_8bit): the table's tile; 128 x 128 on 8 warps, each key block loaded once for twice the rows;
 # and the three-programs-an-SM tile. Compiled for sm_90a by triton 3.6, FP8 / INT8 P·V: 702 / 918
 # instructions a warp a key block (718 / 935 with pointer loads), 236 / 252 registers (254 / 255);
-# 128 x 128: 710 / 926, 238 / 254; 64 x 64 capped at 168: 454 / 628 a 64-key block, no spills. Not timed
-# yet: the bf16 kernel's TMA loads saved 16% of its time for 8% of its instructions.
+# 128 x 128: 710 / 926, 238 / 254; 64 x 64 capped at 168: 454 / 628 a 64-key block, no spills. Timed on
+# the H200 (2026-11-27): the first is the table's (see _CONFIGS); TMA loads saved 2-3.5% of its time.
 EIGHT_BIT_TMA_CANDIDATES = (AttnConfig(64, 128, 4, 3, tma=True), AttnConfig(128, 128, 8, 3, tma=True),
                             dataclasses.replace(THREE_PER_SM, tma=True))
 # GPUs whose blocks may take less shared memory than Hopper's 227 KiB (sm_80: 163 KiB; sm_86 and sm_89:
