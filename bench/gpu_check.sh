@@ -174,9 +174,14 @@ if [ -s "$out/verified.json" ]; then export DIT8_VERIFIED="$(cd "$out" && pwd)/v
 # passed on this machine: a kernel that hangs there would spend the stage's time. DIT8_SKIP_GLUON names
 # those whose tests did not all pass ("attention", "attention_8bit", "gemm", "gemm_fast", "gemm_int8").
 untested_gluon() {
-    "$py" - "$out/tests.xml" <<'PY'
+    "$py" - "$out/tests.xml" "$out/test_outcomes.jsonl" <<'PY'
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
+
+sys.path.insert(0, "bench")
+from verified_backends import read_cases
+
 # Each candidate's tests: those of its module; the GEMM's in-place accumulation kernel has "fast" (FP8)
 # or "int8" in their names.
 owners = {"attention": ("test_attention_gluon", lambda name: True),
@@ -185,15 +190,13 @@ owners = {"attention": ("test_attention_gluon", lambda name: True),
           "gemm_fast": ("test_scaled_mm_gluon", lambda name: "fast" in name),
           "gemm_int8": ("test_scaled_mm_gluon", lambda name: "int8" in name)}
 try:
-    cases = list(ET.parse(sys.argv[1]).iter("testcase"))
-except (OSError, ET.ParseError):
+    cases = read_cases(Path(sys.argv[1]), Path(sys.argv[2]))
+except (OSError, ET.ParseError):  # no report yet (or an unreadable one): nothing is tested
     cases = []
 untested = []
 for name, (module, owns) in owners.items():
-    mine = [c for c in cases if c.get("classname", "").endswith(module) and owns(c.get("name", ""))]
-    bad = [c for c in mine if any(child.tag in ("failure", "error") for child in c)]
-    passed = [c for c in mine if not any(child.tag in ("failure", "error", "skipped") for child in c)]
-    if bad or not passed:
+    mine = [outcome for (classname, test), _, outcome in cases if classname.endswith(module) and owns(test)]
+    if "failed" in mine or "passed" not in mine:
         untested.append(name)
 print(" ".join(untested))
 PY
@@ -235,12 +238,15 @@ for stage in "${stages[@]}"; do
             # loadgroup: the tests marked xdist_group (float64 references of 10 GB and more) run on
             # one worker, one at a time, so that they do not exhaust the shared GPU's memory together.
             "$py" -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-12}" --dist loadgroup)
-            DIT8_KERNEL_TESTS="$out/kernel_tests.json" run_pytest -rs "${workers[@]}" \
-                --junitxml="$out/tests.xml" tests 2>&1 | tail -40
+            # (The outcome log stands in for the JUnit XML where a run stopped before pytest wrote that; an
+            # earlier run's report must not stand in for this one's.)
+            rm -f "$out/tests.xml"
+            DIT8_KERNEL_TESTS="$out/kernel_tests.json" DIT8_TEST_OUTCOMES="$out/test_outcomes.jsonl" \
+                run_pytest -rs "${workers[@]}" --junitxml="$out/tests.xml" tests 2>&1 | tail -40
             # The kernels whose GPU tests all ran and passed: the line to paste into registry.GPU_VERIFIED.
             # The later stages' "auto" runs these and no others (DIT8_VERIFIED), whatever the registry says.
             "$py" bench/verified_backends.py "$out/tests.xml" --collected "$out/kernel_tests.json" \
-                --json "$out/verified.json" | tee "$out/gpu_verified.txt"
+                --outcomes "$out/test_outcomes.jsonl" --json "$out/verified.json" | tee "$out/gpu_verified.txt"
             if [ -s "$out/verified.json" ]; then export DIT8_VERIFIED="$(cd "$out" && pwd)/verified.json"; fi
             export DIT8_SKIP_GLUON="$(untested_gluon)"
             route_tested_gluon ;;

@@ -2,7 +2,7 @@
 `dit8.kernels.registry.GPU_VERIFIED` for the GPU that ran it.
 
     python bench/verified_backends.py tests.xml [--collected kernel_tests.json] [--capability 9.0]
-                                      [--json verified.json]
+                                      [--json verified.json] [--outcomes test_outcomes.jsonl]
 
 Tests marked `verifies(...)` record on a GPU the (op, backend) kernels they check (tests/conftest.py).
 A kernel is verified when at least one of its tests passed and none failed or errored; skipped and
@@ -11,7 +11,9 @@ collection under DIT8_KERNEL_TESTS), a kernel is also verified only if every tes
 run cut short, or a worker that crashed (its test is reported without the properties), then does not
 vouch for kernels whose tests did not finish. Prints a table and the line to paste into GPU_VERIFIED;
 --json also writes the verified kernels to a file, which the environment variable DIT8_VERIFIED hands
-to "auto" on this machine in place of the registry's entry.
+to "auto" on this machine in place of the registry's entry. --outcomes names the log tests/conftest.py
+writes as each test ends (DIT8_TEST_OUTCOMES), read where the JUnit XML cannot be: pytest writes that
+only after its workers shut down, and a run stopped then leaves none.
 """
 
 from __future__ import annotations
@@ -34,7 +36,45 @@ def junit_id(nodeid: str) -> tuple[str, str]:
     return ".".join([path.removesuffix(".py").replace("/", "."), *inner]), name + bracket + params
 
 
-def outcomes(junit_xml: Path, collected: dict[str, list[str]] | None = None
+# A test's outcome in a report: (JUnit classname, name), the kernels it recorded, "passed", "failed" or
+# "skipped" (expected failures too, as pytest's JUnit XML has them).
+Case = tuple[tuple[str, str], list[str], str]
+
+
+def junit_cases(junit_xml: Path) -> list[Case]:
+    """The tests of a JUnit XML report (OSError or ET.ParseError where it cannot be read)."""
+    cases = []
+    for case in ET.parse(junit_xml).iter("testcase"):
+        if not case.get("name"):  # the test running when the run was interrupted: no outcome
+            continue
+        names = [p.get("value", "") for p in case.iter("property") if p.get("name") == "verifies"]
+        tags = {child.tag for child in case}
+        outcome = "failed" if tags & {"failure", "error"} else "skipped" if "skipped" in tags else "passed"
+        cases.append(((case.get("classname", ""), case.get("name", "")), names, outcome))
+    return cases
+
+
+def logged_cases(log: Path) -> list[Case]:
+    """The tests of a DIT8_TEST_OUTCOMES log, one line per phase (OSError or ValueError where it cannot be
+    read): failed where a phase failed (a crashed worker's test too), else skipped where one was skipped,
+    else passed once its call passed; a test stopped before that has no outcome, as in the JUnit XML."""
+    phases: dict[str, list[dict]] = collections.defaultdict(list)
+    for line in log.read_text().splitlines():
+        entry = json.loads(line)
+        phases[entry["nodeid"]].append(entry)
+    cases = []
+    for nodeid, entries in phases.items():
+        seen = {(e["when"], e["outcome"]) for e in entries}
+        outcomes = {outcome for _, outcome in seen}
+        outcome = "failed" if "failed" in outcomes else "skipped" if "skipped" in outcomes else \
+            "passed" if ("call", "passed") in seen else None
+        if outcome is not None:
+            names = list(dict.fromkeys(name for e in entries for name in e["verifies"]))
+            cases.append((junit_id(nodeid), names, outcome))
+    return cases
+
+
+def outcomes(cases: list[Case], collected: dict[str, list[str]] | None = None
              ) -> tuple[dict[tuple[str, str], collections.Counter], int]:
     """(op, backend) -> Counter of the outcomes ("passed", "failed", "skipped", "not run") of the tests
     naming it in their own properties (recorded only on a GPU), and the number of such tests. With
@@ -43,14 +83,8 @@ def outcomes(junit_xml: Path, collected: dict[str, list[str]] | None = None
     by_id = {junit_id(nodeid): kernels for nodeid, kernels in (collected or {}).items()}
     counts: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
     reported, recorded = set(), 0
-    for case in ET.parse(junit_xml).iter("testcase"):
-        if not case.get("name"):  # the test running when the run was interrupted: no outcome
-            continue
-        test = (case.get("classname", ""), case.get("name", ""))
+    for test, names, outcome in cases:
         reported.add(test)
-        names = [p.get("value", "") for p in case.iter("property") if p.get("name") == "verifies"]
-        tags = {child.tag for child in case}
-        outcome = "failed" if tags & {"failure", "error"} else "skipped" if "skipped" in tags else "passed"
         recorded += bool(names)
         kernels = ",".join(names).split(",") if names else by_id.get(test, []) if outcome == "failed" else []
         for kernel in kernels:
@@ -60,6 +94,22 @@ def outcomes(junit_xml: Path, collected: dict[str, list[str]] | None = None
             for kernel in kernels:
                 counts[_op_backend(kernel)]["not run"] += 1
     return counts, recorded
+
+
+def read_cases(junit_xml: Path, log: Path | None = None) -> list[Case]:
+    """The tests of the JUnit XML report, or where it cannot be read, of the `log` (DIT8_TEST_OUTCOMES), with
+    a line on stderr saying so; the report's error where neither can be read."""
+    try:
+        return junit_cases(junit_xml)
+    except (OSError, ET.ParseError) as err:
+        if log is None:
+            raise
+        try:
+            cases = logged_cases(log)
+        except (OSError, ValueError, KeyError, TypeError):
+            raise err from None
+        print(f"{junit_xml}: cannot read the test report ({err}); the outcomes come from {log}", file=sys.stderr)
+        return cases
 
 
 def _op_backend(kernel: str) -> tuple[str, str]:
@@ -78,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collected", type=Path, help="the kernels of every collected test (DIT8_KERNEL_TESTS)")
     parser.add_argument("--capability", help="MAJOR.MINOR of the GPU that ran it (default: this GPU's)")
     parser.add_argument("--json", type=Path, help="also write the verified kernels here (for DIT8_VERIFIED)")
+    parser.add_argument("--outcomes", type=Path,
+                        help="the tests' outcome log (DIT8_TEST_OUTCOMES), read where the JUnit XML cannot be")
     args = parser.parse_args(argv)
     major, minor = capability(parser, args.capability)
     collected = None
@@ -88,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.collected}: cannot read the collected tests: {err}", file=sys.stderr)
             return 1
     try:
-        counts, recorded = outcomes(args.junit_xml, collected)
+        counts, recorded = outcomes(read_cases(args.junit_xml, args.outcomes), collected)
     except (OSError, ET.ParseError) as err:  # a run killed before pytest wrote its report
         print(f"{args.junit_xml}: cannot read the test report: {err}", file=sys.stderr)
         return 1

@@ -8,7 +8,7 @@ import numpy
 import pytest
 import torch
 
-from kernel_verification import gpu_tests_first, item_kernels, write_kernel_tests
+from kernel_verification import gpu_tests_first, item_kernels, log_outcome, write_kernel_tests
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -56,6 +56,21 @@ def pytest_collection_finish(session):
     # --collected), known before anything runs; written after -k/-m deselection.
     if os.environ.get("DIT8_KERNEL_TESTS"):
         write_kernel_tests(session.items, Path(os.environ["DIT8_KERNEL_TESTS"]))
+
+
+# DIT8_TEST_OUTCOMES=PATH: each test's outcome, a line as it ends (bench/verified_backends.py --outcomes).
+# Written by the process that reports (pytest-xdist's controller, not its workers), started afresh.
+_OUTCOMES = os.environ.get("DIT8_TEST_OUTCOMES") if not os.environ.get("PYTEST_XDIST_WORKER") else None
+
+
+def pytest_sessionstart(session):
+    if _OUTCOMES:
+        Path(_OUTCOMES).write_text("")
+
+
+def pytest_runtest_logreport(report):
+    if _OUTCOMES:
+        log_outcome(report, Path(_OUTCOMES))
 
 
 @pytest.fixture(autouse=True)

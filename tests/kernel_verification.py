@@ -42,3 +42,13 @@ def write_kernel_tests(items: list[pytest.Item], path: Path) -> None:
     temp = path.with_name(f".{path.name}.{os.getpid()}")
     temp.write_text(json.dumps(tests, indent=1, sort_keys=True) + "\n")
     os.replace(temp, path)
+
+
+def log_outcome(report: pytest.TestReport, path: Path) -> None:
+    """Append one phase's outcome of one test to `path` as a JSON line (node id, phase, outcome and the
+    kernels it verifies), for bench/verified_backends.py --outcomes. Written as each test ends, the log
+    outlasts a run stopped while pytest shut its workers down, before it wrote the JUnit report."""
+    verifies = [value for name, value in report.user_properties if name == "verifies"]
+    line = {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome, "verifies": verifies}
+    with path.open("a") as log:
+        log.write(json.dumps(line) + "\n")

@@ -1,5 +1,7 @@
 """From a GPU test run to registry.GPU_VERIFIED: what tests record, and bench/verified_backends.py."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +128,61 @@ def test_kernels_whose_tests_did_not_all_run_are_not_verified(tmp_path):
     cpu = subprocess.run([sys.executable, str(SCRIPT), str(xml), "--collected", str(collected),
                           "--capability", "9.0"], capture_output=True, text=True)
     assert cpu.returncode == 1 and "no test recorded" in cpu.stderr
+
+
+def _logged(nodeid: str, when: str, outcome: str, verifies: str | None) -> str:
+    return json.dumps({"nodeid": nodeid, "when": when, "outcome": outcome, "verifies": [verifies] if verifies else []})
+
+
+def test_the_outcome_log_stands_in_for_a_missing_report(tmp_path):
+    """A run stopped while pytest-xdist shut its workers down writes no JUnit XML; the log the tests wrote as
+    they ended gives the same entry, and the tests still running then count as not run."""
+    collected = {f"tests/t.py::{name}": [kernel] for name, kernel in [
+        ("t_ok", "layer_norm:triton"), ("t_rms", "rms_norm:triton"), ("t_cut", "rms_norm:triton"),
+        ("t_fail", "attention:triton"), ("t_skip", "scaled_mm:triton"), ("t_xfail", "layer_norm:triton")]}
+    (tmp_path / "kernel_tests.json").write_text(json.dumps(collected))
+    lines = [_logged("tests/t.py::t_ok", when, "passed", "layer_norm:triton" if when != "setup" else None)
+             for when in ("setup", "call", "teardown")]
+    lines += [_logged("tests/t.py::t_rms", when, "passed", "rms_norm:triton") for when in ("setup", "call")]
+    lines += [_logged("tests/t.py::t_cut", "setup", "passed", "rms_norm:triton")]  # stopped in its call
+    lines += [_logged("tests/t.py::t_fail", "setup", "passed", "attention:triton"),
+              _logged("tests/t.py::t_fail", "call", "passed", "attention:triton"),
+              _logged("tests/t.py::t_fail", "teardown", "failed", "attention:triton")]
+    lines += [_logged("tests/t.py::t_skip", "setup", "skipped", None),
+              _logged("tests/t.py::t_xfail", "call", "skipped", "layer_norm:triton")]
+    log = tmp_path / "test_outcomes.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+    xml = tmp_path / "tests.xml"  # never written
+    args = [sys.executable, str(SCRIPT), str(xml), "--collected", str(tmp_path / "kernel_tests.json"),
+            "--capability", "9.0", "--outcomes", str(log)]
+    run = subprocess.run(args, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert f"{xml}: cannot read the test report" in run.stderr and str(log) in run.stderr
+    # rms_norm: t_cut never finished; attention: its teardown failed; scaled_mm: skipped only.
+    assert run.stdout.strip().splitlines()[-1] == "GPU_VERIFIED[(9, 0)] = frozenset({('layer_norm', 'triton')})"
+    # Where the report is there, it is what counts.
+    xml.write_text('<testsuites><testsuite name="pytest">' + _case("t_rms", "rms_norm:triton")
+                   + _case("t_cut", "rms_norm:triton") + "</testsuite></testsuites>")
+    run = subprocess.run(args, capture_output=True, text=True)
+    assert run.returncode == 0 and "cannot read" not in run.stderr, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "GPU_VERIFIED[(9, 0)] = frozenset({('rms_norm', 'triton')})"
+    log.write_text("not json\n")  # neither readable: the report's error, as without a log
+    xml.unlink()
+    run = subprocess.run(args, capture_output=True, text=True)
+    assert run.returncode == 1 and f"{xml}: cannot read the test report" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_the_tests_log_their_outcomes_as_they_end(tmp_path):
+    """tests/conftest.py writes a line a phase under DIT8_TEST_OUTCOMES, the log above reads."""
+    log = tmp_path / "outcomes.jsonl"
+    log.write_text("an earlier run's lines\n")
+    test = "tests/test_verified_kernels.py::test_marked_tests_name_their_kernels"
+    env = {**os.environ, "DIT8_TEST_OUTCOMES": str(log)}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=SCRIPT.parents[1],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(line["nodeid"], line["when"], line["outcome"]) for line in lines] == [
+        (test, when, "passed") for when in ("setup", "call", "teardown")]
