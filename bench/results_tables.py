@@ -3,7 +3,8 @@
     python bench/results_tables.py .gpu_check          # the results folder
     python bench/results_tables.py dit8-gpu.tgz        # or its packed copy
 
-Tables: the machine (gpu.txt), test outcomes per file (tests.xml), one table per benchmark JSON
+Tables: the machine (gpu.txt), test outcomes per file (tests.xml, or where a run left none the log
+test_outcomes.jsonl), one table per benchmark JSON
 (bench_*.json: the extra_info of each row, with the columns some row of that file has, and a sweep
 row's every configuration) and the DiT
 forwards (dit_*.json: times, peak memory, the profiled parts, diffusers on the same weights), the Nsight
@@ -23,6 +24,8 @@ import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
+
+from verified_backends import logged_cases  # bench/, beside this script
 
 GIB = 2 ** 30
 
@@ -66,7 +69,11 @@ def table(header: list[str], rows: list[list[object]]) -> list[str]:
 
 def read_json(path: Path, notes: list[str]) -> dict | None:
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
+        if not text:  # what pytest-benchmark leaves where no benchmark ran (or before it wrote any)
+            notes.append(f"{path.name}: empty (no benchmark ran, or the run stopped first), skipped")
+            return None
+        data = json.loads(text)
     except (OSError, ValueError) as e:  # a run cut off before it finished writing
         notes.append(f"{path.name}: unreadable ({e}), skipped")
         return None
@@ -93,6 +100,17 @@ def test_lines(xml_path: Path) -> list[str]:
     if interrupted:
         lines.append(f"\n{interrupted} test(s) were running when the run was interrupted (no outcome).")
     return lines
+
+
+def logged_test_lines(log: Path) -> list[str]:
+    """The outcomes per test file from the log the tests wrote as they ended (DIT8_TEST_OUTCOMES), for a
+    run that left no JUnit XML; failures and errors are one column there."""
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for (classname, _), _, outcome in logged_cases(log):
+        counts[classname.split(".")[-1]][outcome] += 1
+    total = sum(counts.values(), collections.Counter())
+    rows = [[name, c["passed"], c["failed"], c["skipped"]] for name, c in sorted(counts.items()) + [("**all**", total)]]
+    return table(["tests (from test_outcomes.jsonl)", "passed", "failed or errors", "skipped"], rows)
 
 
 def bench_lines(name: str, data: dict) -> list[str]:
@@ -149,6 +167,11 @@ def report(folder: Path) -> list[str]:
             lines += [""] + test_lines(folder / "tests.xml")
         except ET.ParseError as e:  # the test run was killed before pytest wrote its report
             notes.append(f"tests.xml: unreadable ({e}), skipped")
+    elif (folder / "test_outcomes.jsonl").exists():  # a run stopped before pytest wrote the report
+        try:
+            lines += [""] + logged_test_lines(folder / "test_outcomes.jsonl")
+        except (ValueError, KeyError, TypeError) as e:
+            notes.append(f"test_outcomes.jsonl: unreadable ({e}), skipped")
     for path in sorted(folder.glob("bench_*.json")):
         data = read_json(path, notes)
         if data is not None:

@@ -158,3 +158,23 @@ def test_a_sweep_row_lists_every_configuration_fastest_first(tmp_path):
     assert "| test_attention_sweep[int8] | 34.0 | 128x128x3 | 64x128x3 | 35.1 |" in out
     listing = out.split("every configuration (ms, rel err):\n")[1].splitlines()
     assert listing[:2] == ["- 128x128x3: 34.0 / 0.0265", "- 64x128x3: 35.1 / 0.0266"]
+
+
+def test_a_run_without_a_test_report_shows_the_logged_outcomes(tmp_path):
+    """A tests stage stopped before pytest wrote tests.xml: the log the tests wrote as they ended
+    (DIT8_TEST_OUTCOMES) gives the table; a benchmark JSON left empty (no benchmark ran) is named."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "gpu.txt").write_text("Some GPU, 580.1, 81559 MiB\n")
+    log = [("tests/test_a.py::x", "call", "passed"), ("tests/test_a.py::y", "call", "failed"),
+           ("tests/test_b.py::z", "setup", "skipped"), ("tests/test_b.py::w", "setup", "passed")]  # w: cut
+    (folder / "test_outcomes.jsonl").write_text("".join(
+        json.dumps({"nodeid": n, "when": w, "outcome": o, "verifies": []}) + "\n" for n, w, o in log))
+    (folder / "bench_sweep_gemm.json").write_text("")
+    (folder / "bench_gemm.json").write_text(json.dumps({"benchmarks": [{"name": "g", "extra_info": {"ms": 1.0}}]}))
+    lines = _tables(folder).splitlines()
+    assert "| tests (from test_outcomes.jsonl) | passed | failed or errors | skipped |" in lines
+    assert "| test_a | 1 | 1 | 0 |" in lines and "| test_b | 0 | 0 | 1 |" in lines
+    assert "| **all** | 1 | 1 | 1 |" in lines
+    assert any(line.startswith("bench_sweep_gemm.json: empty") for line in lines)
+    assert "| g | 1.0 |" in lines
