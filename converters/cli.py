@@ -1,7 +1,7 @@
-"""`dit8 convert SRC DST --scheme {fp8,int8,bf16}`: argument parsing and the printed summary.
+"""`dit8 convert SRC DST --scheme {fp8,int8,bf16}`: the run and the printed summary.
 
-`dit8.cli` adds these arguments to its `convert` subparser and calls run_convert; dit8 errors and
-OSErrors propagate to it, and it prints them as one line.
+`dit8.cli` defines the arguments (`add_convert_arguments`: its parser is built without torch) and calls
+run_convert; dit8 errors and OSErrors propagate to it, and it prints them as one line.
 """
 
 from __future__ import annotations
@@ -10,33 +10,9 @@ import argparse
 import sys
 from typing import TextIO
 
-from dit8.packed_format import SCHEMES
 from dit8.progress import format_bytes
 
 from .convert import ConvertResult, convert
-
-
-def _non_empty(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
-
-
-def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the `convert` subcommand's arguments to `parser`."""
-    parser.add_argument("src", metavar="SRC", help="float DiT checkpoint: file, shard folder or per-block folder")
-    parser.add_argument("dst", metavar="DST", help="output .safetensors file (or folder with --per-block)")
-    parser.add_argument("--scheme", choices=SCHEMES, default="fp8",
-                        help="quantize the block linears to fp8 or int8, or only cast to bf16 (default fp8)")
-    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", type=_non_empty,
-                        help="merge a LoRA before quantizing (repeatable; strength defaults to 1)")
-    parser.add_argument("--keep", action="append", default=[], metavar="PATTERN", type=_non_empty,
-                        help="leave matching block linears in bf16, e.g. 'blocks.0.*' (repeatable)")
-    parser.add_argument("--per-block", action="store_true",
-                        help="write block_N.safetensors + non_block.safetensors + an index into folder DST")
-    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
-    parser.add_argument("--no-report", dest="report", action="store_false",
-                        help="do not write the per-layer quantization error report")
 
 
 def print_summary(result: ConvertResult, stream: TextIO) -> None:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dit8.choices import PRECISIONS
+
 from . import candidates
 from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor
 from .registry import BackendError, register, require_fp8_tensor_cores, resolve
 from .triton_support import triton_runs_on
-
-PRECISIONS = ("bf16", "int8", "fp8")
 
 
 def _sdpa(q, k, v):

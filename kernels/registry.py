@@ -26,10 +26,9 @@ from typing import Callable
 
 import torch
 
+from dit8.choices import BACKENDS  # preference order of "auto": CUDA, then Triton, then the torch reference
 from dit8.errors import Dit8Error
 
-# Preference order of "auto": hand-written CUDA, then Triton, then the torch reference.
-BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "DIT8_BACKEND"
 VERIFIED_VAR = "DIT8_VERIFIED"
 

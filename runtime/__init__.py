@@ -1,15 +1,19 @@
 """dit8: a quantized inference runtime for the Wan2.1 image-to-video diffusion transformer."""
 
-from .config import WanConfig
-from .cuda_graph import CapturedForward
-from .errors import CheckpointError, Dit8Error, InputError
-from .loader import load_dit, open_dit
-from .model import EncodedContext, WanDiT
-from .model_folder import ModelFiles, find_model_files
-from .parallel import SequenceParallel
-from .pipeline import DEFAULT_NEGATIVE_PROMPT, Cancelled, I2VPipeline, ProgressEvent, Video
-from .sampler import DistilledSampler, initial_noise
-from .unipc import UniPCSampler
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names as type checkers see them; at run time __getattr__ imports them on first use
+    from .config import WanConfig
+    from .cuda_graph import CapturedForward
+    from .errors import CheckpointError, Dit8Error, InputError
+    from .loader import load_dit, open_dit
+    from .model import EncodedContext, WanDiT
+    from .model_folder import ModelFiles, find_model_files
+    from .parallel import SequenceParallel
+    from .pipeline import DEFAULT_NEGATIVE_PROMPT, Cancelled, I2VPipeline, ProgressEvent, Video
+    from .sampler import DistilledSampler, initial_noise
+    from .unipc import UniPCSampler
 
 __version__ = "0.1.0"
 
@@ -17,3 +21,34 @@ __all__ = ["DEFAULT_NEGATIVE_PROMPT", "Cancelled", "CapturedForward", "Checkpoin
            "DistilledSampler", "EncodedContext", "I2VPipeline", "InputError", "ModelFiles", "ProgressEvent",
            "SequenceParallel", "UniPCSampler", "Video", "WanConfig", "WanDiT", "find_model_files", "initial_noise",
            "load_dit", "open_dit", "__version__"]
+
+# The module of each public name. They are imported on first use (PEP 562): most of them load torch
+# (seconds), which `import dit8` alone, and the command line's help and argument errors, do not need.
+_EXPORTS = {
+    "WanConfig": "config", "CapturedForward": "cuda_graph", "CheckpointError": "errors", "Dit8Error": "errors",
+    "InputError": "errors", "load_dit": "loader", "open_dit": "loader", "EncodedContext": "model",
+    "WanDiT": "model", "ModelFiles": "model_folder", "find_model_files": "model_folder",
+    "SequenceParallel": "parallel", "DEFAULT_NEGATIVE_PROMPT": "pipeline", "Cancelled": "pipeline",
+    "I2VPipeline": "pipeline", "ProgressEvent": "pipeline", "Video": "pipeline", "DistilledSampler": "sampler",
+    "initial_noise": "sampler", "UniPCSampler": "unipc",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value  # found directly from now on
+        return value
+    if not name.startswith("_"):
+        # A submodule not imported yet (`dit8.t5`, `dit8.kernels`), as when `import dit8` imported them all.
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise  # a dependency of that module is missing: say which
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -14,17 +14,12 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dit8.converters.cli import add_convert_arguments
-from dit8.converters.safetensors_writer import write_json
-from dit8.kernels.attention import PRECISIONS
-from dit8.kernels.registry import BACKENDS
-
+# Only the standard library and dit8's torch-free modules at the top: `dit8 --help` and argument errors
+# answer without loading torch (seconds); each command imports what it runs.
 from . import __version__
+from .choices import BACKENDS, DETERMINISTIC, PRECISIONS, SAMPLERS, SCHEMES, UPDATE_RULES
 from .errors import Dit8Error, InputError
-from .packed_format import SCHEMES
-from .pipeline import SAMPLERS
 from .progress import format_bytes
-from .sampler import DETERMINISTIC, UPDATE_RULES
 
 if TYPE_CHECKING:
     from .bench_dit import BenchSettings
@@ -91,7 +86,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from .video import check_output_paths
 
     # What can be checked without the model is checked before the (long) load.
-    device = resolve_device(args.device)
+    device = resolve_device(_device_or_default(args.device))
     parallel = None
     if args.sequence_parallel:
         from .parallel import join_launched_group
@@ -159,6 +154,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_bench_dit(args: argparse.Namespace) -> int:
+    from dit8.converters.safetensors_writer import write_json
+
     from .bench_dit import format_table, run_bench
 
     settings = bench_settings(args)
@@ -208,9 +205,10 @@ def bench_settings(args: argparse.Namespace) -> BenchSettings:
     from .bench_dit import BenchSettings
     from .devices import resolve_device
 
-    resolve_device(args.device)  # an InputError naming it, before the config is chosen by its type
+    device = _device_or_default(args.device)
+    resolve_device(device)  # an InputError naming it, before the config is chosen by its type
     settings = BenchSettings(scheme=args.scheme, attention=args.attention, layers=args.layers, steps=args.steps,
-                             backend=args.backend, device=args.device, config=args.config, compare=args.compare,
+                             backend=args.backend, device=device, config=args.config, compare=args.compare,
                              repeat=args.repeat, cuda_graph=args.cuda_graph,
                              sequence_parallel=args.sequence_parallel)
     tiny = settings.config_name() == "tiny"
@@ -224,12 +222,14 @@ BACKEND_HELP = ("kernels to run: triton or cuda run every op that has that kerne
                 "reference only (default auto)")
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+def _device_or_default(device: str | None) -> str:
+    """--device as given, else its default: cuda where torch sees a GPU, else cpu. Decided when a command
+    runs, not when the parser is built, which would load torch for `--help` too."""
+    if device is not None:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,6 +266,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `convert` subcommand's arguments to `parser`."""
+    parser.add_argument("src", metavar="SRC", help="float DiT checkpoint: file, shard folder or per-block folder")
+    parser.add_argument("dst", metavar="DST", help="output .safetensors file (or folder with --per-block)")
+    parser.add_argument("--scheme", choices=SCHEMES, default="fp8",
+                        help="quantize the block linears to fp8 or int8, or only cast to bf16 (default fp8)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", type=_non_empty,
+                        help="merge a LoRA before quantizing (repeatable; strength defaults to 1)")
+    parser.add_argument("--keep", action="append", default=[], metavar="PATTERN", type=_non_empty,
+                        help="leave matching block linears in bf16, e.g. 'blocks.0.*' (repeatable)")
+    parser.add_argument("--per-block", action="store_true",
+                        help="write block_N.safetensors + non_block.safetensors + an index into folder DST")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--no-report", dest="report", action="store_false",
+                        help="do not write the per-layer quantization error report")
+
+
 def _add_generate(generate: argparse.ArgumentParser) -> None:
     generate.add_argument("--model", required=True, help="model folder (official Wan2.1-I2V-14B-480P or "
                           "a LightX2V distilled release)")
@@ -299,7 +322,7 @@ def _add_generate(generate: argparse.ArgumentParser) -> None:
                       help="the DiT is the undistilled base model: UniPC, 40 steps, CFG 5 by default")
     generate.add_argument("--attention", choices=PRECISIONS, default="bf16",
                           help="self-attention precision (default bf16)")
-    generate.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
+    generate.add_argument("--device",
                           help="where the model runs (default cuda when available, else cpu)")
     generate.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
                           help="DiT and T5 compute dtype (default bf16 on CUDA, fp32 on CPU; T5 stays bf16 with fp16)")
@@ -330,7 +353,7 @@ def _add_bench_dit(dit: argparse.ArgumentParser) -> None:
     dit.add_argument("--compare", choices=("diffusers",), help="also time diffusers' WanTransformer3DModel "
                      "(SDPA, in the compute dtype: bf16 on CUDA) on the same weights; skipped with a message "
                      "when diffusers is missing")
-    dit.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
+    dit.add_argument("--device",
                      help="default cuda when available, else cpu")
     dit.add_argument("--config", choices=("i2v-14b", "tiny"),
                      help="model dimensions (default: i2v-14b on CUDA, tiny on CPU)")

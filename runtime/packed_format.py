@@ -34,6 +34,7 @@ from typing import Mapping
 
 import torch
 
+from dit8.choices import QUANT_SCHEMES, SCHEMES  # noqa: F401 (the format's schemes; the loader, converter, ... import them from here)
 from dit8.errors import CheckpointError
 
 FORMAT_NAME = "dit8.packed"
@@ -53,9 +54,7 @@ KEY_TOOL_VERSION = "dit8.tool_version"
 METADATA_KEYS = (KEY_FORMAT, KEY_FORMAT_VERSION, KEY_CONFIG, KEY_SCHEME, KEY_DTYPE, KEY_SCHEMES, KEY_KEPT,
                  KEY_LORA, KEY_SOURCE_LAYOUT, KEY_SOURCE_DIGEST, KEY_TOOL_VERSION)
 
-QUANT_SCHEMES = ("fp8", "int8")
 SCHEME_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}  # the 8-bit schemes' weight dtypes
-SCHEMES = ("bf16",) + QUANT_SCHEMES  # "bf16": the float weights (of a model folder: its float DiT)
 WEIGHT_SCALE_SUFFIX = ".weight_scale"
 
 # File names of the per-block layout.

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, TextIO
 import numpy as np
 import torch
 
+from .choices import DISTILLED, SAMPLERS, UNIPC
 from .clip import CLIPVisionEncoder
 from .conditioning import (AREA_480P, check_frames, check_grid, check_prompt, check_size, clip_features,
                            image_condition, image_tensor, output_size, resize_image, text_features)
@@ -50,9 +51,6 @@ from .vae import WanVAE
 from .video import FPS, FramesShape, video_to_frames, write_mp4, write_png_frames
 
 __all__ = ["Cancelled", "I2VPipeline", "ProgressEvent", "SAMPLERS", "Video"]
-
-DISTILLED, UNIPC = "distilled", "unipc"
-SAMPLERS = (DISTILLED, UNIPC)
 
 
 class Cancelled(Dit8Error):

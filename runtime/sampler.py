@@ -14,11 +14,8 @@ from typing import Callable
 
 import torch
 
+from .choices import DETERMINISTIC, UPDATE_RULES
 from .errors import InputError
-
-# The two rules LightX2V has used to move from x0 to the next noise level.
-DETERMINISTIC, RENOISE = "deterministic", "renoise"
-UPDATE_RULES = (DETERMINISTIC, RENOISE)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """model(x [B, ...], t [B]) -> velocity v, like `functools.partial(model, context=..., y=...)` of a WanDiT."""

@@ -255,3 +255,49 @@ def test_every_option_with_a_default_says_it_in_its_help():
               and not isinstance(action.default, bool)  # a switch's default is its absence
               and "default" not in (action.help or "")]
     assert silent == []
+
+
+# Help, --version and argument errors: each in a fresh interpreter, which reports the heavy modules loaded.
+_NO_TORCH_SCRIPT = """
+import contextlib, io, json, sys
+from dit8.cli import main
+codes = []
+for argv in json.loads(sys.argv[1]):
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            main(argv)
+    except SystemExit as stop:
+        codes.append(stop.code)
+print(json.dumps({"codes": codes, "loaded": sorted({m.partition(".")[0] for m in sys.modules} & {"torch", "triton",
+                                                                                             "numpy"})}))
+"""
+
+
+def test_help_and_argument_errors_do_not_load_torch():
+    argvs = [["--help"], ["--version"], ["convert", "--help"], ["generate", "--help"], ["demo", "--help"],
+             ["info", "--help"], ["bench", "dit", "--help"], ["convert"], ["generate", "--frames", "x"],
+             ["bench", "dit", "--scheme", "fp4"], ["nonsense"]]
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH_SCRIPT, json.dumps(argvs)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["codes"] == [0] * 7 + [2] * 4  # every one answered by the parser
+    assert report["loaded"] == []
+    # and so from the command itself, which first imports the package
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "dit8", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "convert" in done.stdout
+    imported = {line.rpartition("|")[2].strip() for line in done.stderr.splitlines() if line.startswith("import time")}
+    assert "dit8.cli" in imported and not imported & {"torch", "triton", "numpy"}
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_device_default_is_cuda_when_available(cuda, monkeypatch):
+    # --device's default is decided when the command runs (the parser does not import torch)
+    import torch
+
+    from dit8.cli import bench_settings, build_parser
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert bench_settings(build_parser().parse_args(["bench", "dit"])).device == ("cuda" if cuda else "cpu")
+    assert bench_settings(build_parser().parse_args(["bench", "dit", "--device", "cpu"])).device == "cpu"

@@ -30,7 +30,8 @@ from dit8.checkpoint import open_checkpoint
 from dit8.converters import (ConvertError, LoraSpec, SafetensorsWriter, TensorSpec, check_format_version, convert,
                              dequantize_weight, parse_lora, quantization_error, quantize_weight, scheme_of)
 from dit8 import packed_format as fmt
-from dit8.converters.cli import add_convert_arguments, run_convert
+from dit8.cli import add_convert_arguments
+from dit8.converters.cli import run_convert
 from dit8.converters.work_folder import work_folder, work_folder_path
 from dit8.layouts import block_linears
 from dit8.testing import FORMATS, LAYOUTS, random_weights, tiny_config, write_checkpoint
