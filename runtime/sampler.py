@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .choices import DETERMINISTIC, UPDATE_RULES
+from .choices import DETERMINISTIC, RENOISE, UPDATE_RULES  # noqa: F401 (RENOISE: its import path before choices.py)
 from .errors import InputError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
