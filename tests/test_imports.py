@@ -1,10 +1,21 @@
-"""The package's import graph: the names `dit8.choices` gathered keep the import paths they had."""
+"""The package's import graph: each module imports on its own, whatever was imported before; `dit8`'s
+public names load on first use (PEP 562) and behave as eagerly imported ones did; objects and errors
+pickled here load in a fresh process; the names `dit8.choices` gathered keep their import paths."""
 
 import importlib
+import json
+import pickle
+import subprocess
+import sys
 
 import pytest
+import torch
 
+import dit8
 from dit8 import choices
+from dit8.config import tiny_config
+from dit8.converters import ConvertError
+from dit8.kernels import BackendError, OpArgumentError
 
 # The modules that defined each choice before dit8.choices held them: code importing them from there
 # keeps working.
@@ -22,3 +33,107 @@ def test_choices_keep_their_old_import_paths(module, names):
     found = importlib.import_module(module)
     for name in names:
         assert getattr(found, name, None) is getattr(choices, name), f"{module}.{name}"
+
+
+def _run(script: str, *args: str, stdin: bytes | None = None) -> dict:
+    """Run `script` in a fresh interpreter; what it printed last, as JSON."""
+    done = subprocess.run([sys.executable, "-c", script, *args], input=stdin, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
+    return json.loads(done.stdout.decode().splitlines()[-1])
+
+
+# Every module of dit8, dit8.kernels and dit8.converters, each imported with none of dit8 loaded: dit8's
+# modules leave sys.modules between imports, so each import runs its own imports from scratch, in its own
+# order (torch and the other dependencies stay loaded: importing them is what takes seconds). A missing
+# optional dependency (triton) is not a failure.
+_EACH_MODULE = r"""
+import importlib, importlib.util, json, pkgutil, sys
+import dit8, dit8.converters, dit8.kernels
+
+packages = (dit8, dit8.kernels, dit8.converters)
+names = [p.__name__ for p in packages] + sorted(f"{p.__name__}.{m.name}" for p in packages
+                                                for m in pkgutil.iter_modules(p.__path__) if m.name != "__main__")
+# Defined once: these define torch.library ops, which a second import would define again.
+keep = {"dit8.kernels.fused_triton", "dit8.kernels.cuda_ext"}
+failed = {}
+for name in names:
+    for loaded in [m for m in sys.modules if m.partition(".")[0] == "dit8" and m not in keep]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        top = (err.name or "dit8").partition(".")[0]
+        if top == "dit8" or importlib.util.find_spec(top) is not None:
+            failed[name] = repr(err)
+    except Exception as err:
+        failed[name] = repr(err)
+print(json.dumps({"names": names, "failed": failed}))
+"""
+
+
+def test_every_module_imports_on_its_own():
+    report = _run(_EACH_MODULE)
+    assert {"dit8.cli", "dit8.kernels.attention", "dit8.converters.convert", "dit8.kernels.fused_triton"} <= set(
+        report["names"])
+    assert report["failed"] == {}
+
+
+# `import dit8`, then its names: found on first use, complete, and their errors the real ones.
+_NAMESPACE = r"""
+import json, sys
+
+sys.modules["av"] = None  # PyAV "missing": the modules that need it must say so
+import dit8
+
+report = {"torch_loaded": "torch" in sys.modules, "missing": {}}
+for name in ["video", "Video", "I2VPipeline"]:
+    try:
+        getattr(dit8, name)
+    except Exception as err:
+        report["missing"][name] = [type(err).__name__, getattr(err, "name", None)]
+del sys.modules["av"]  # it is installed after all
+report["hasattr"] = {name: hasattr(dit8, name) for name in ["nope", "tt5", "Kernels", "t5", "kernels", "converters"]}
+namespace = {}
+exec("from dit8 import *", namespace)
+report["star"] = sorted(set(namespace) - {"__builtins__"})
+report["all"] = sorted(dit8.__all__)
+report["unresolved"] = [name for name in dit8.__all__ if getattr(dit8, name, None) is None]
+report["not_in_dir"] = sorted(set(dit8.__all__) - set(dir(dit8)))
+import pydoc
+text = pydoc.render_doc(dit8, renderer=pydoc.plaintext)
+report["not_in_help"] = [name for name in dit8.__all__ if name != "__version__" and name not in text]
+print(json.dumps(report))
+"""
+
+
+def test_the_package_loads_its_names_on_first_use():
+    report = _run(_NAMESPACE)
+    assert report["torch_loaded"] is False
+    # a missing dependency surfaces as itself, from the submodule and from the names that need it
+    assert report["missing"] == {name: ["ModuleNotFoundError", "av"] for name in ["video", "Video", "I2VPipeline"]}
+    # unknown names and misspelt submodules are AttributeErrors (hasattr False); submodules are attributes
+    assert report["hasattr"] == {"nope": False, "tt5": False, "Kernels": False, "t5": True, "kernels": True,
+                                 "converters": True}
+    assert report["star"] == report["all"]
+    assert report["unresolved"] == [] and report["not_in_dir"] == [] and report["not_in_help"] == []
+
+
+_UNPICKLE = r"""
+import json, pickle, sys
+
+objects = pickle.loads(sys.stdin.buffer.read())
+print(json.dumps([repr(o) for o in objects]))
+"""
+
+
+def test_objects_pickled_here_load_in_a_fresh_process():
+    # Errors cross processes pickled (multiprocessing, concurrent.futures), and so may settings and events;
+    # the fresh process has imported nothing of dit8: unpickling imports what each needs.
+    from dit8.pipeline import ProgressEvent, Video
+
+    objects = [dit8.InputError("x has shape (1,)"), dit8.CheckpointError("a.safetensors: missing key"),
+               dit8.Cancelled("stopped"), ConvertError("bad scheme"), BackendError("no triton"),
+               OpArgumentError("linear: x has dtype torch.int8"), tiny_config(), dit8.DistilledSampler(),
+               dit8.UniPCSampler(), ProgressEvent("denoise", 1, 4, 0.5, timestep=750.0, x0=torch.zeros(2)),
+               Video(frames=torch.zeros(5, 16, 16, 3, dtype=torch.uint8), timings={"total": 1.0})]
+    assert _run(_UNPICKLE, stdin=pickle.dumps(objects)) == [repr(o) for o in objects]
