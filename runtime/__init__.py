@@ -4,6 +4,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names as type checkers see them; at run time __getattr__ imports them on first use
+    from types import ModuleType
+
     from .config import WanConfig
     from .cuda_graph import CapturedForward
     from .errors import CheckpointError, Dit8Error, InputError
@@ -34,16 +36,25 @@ _EXPORTS = {
 }
 
 
+def _import(module: str) -> "ModuleType":
+    try:
+        return importlib.import_module(f".{module}", __name__)
+    except AttributeError as err:
+        # Raised out of __getattr__, it would read as "no such name": `from dit8 import X` would only say
+        # "cannot import name 'X'" and hasattr() be False, hiding what failed in the module's import.
+        raise ImportError(f"importing {__name__}.{module} failed: {err}") from err
+
+
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is not None:
-        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        value = getattr(_import(module), name)
         globals()[name] = value  # found directly from now on
         return value
     if not name.startswith("_"):
         # A submodule not imported yet (`dit8.t5`, `dit8.kernels`), as when `import dit8` imported them all.
         try:
-            return importlib.import_module(f".{name}", __name__)
+            return _import(name)
         except ModuleNotFoundError as err:
             if err.name != f"{__name__}.{name}":
                 raise  # a dependency of that module is missing: say which

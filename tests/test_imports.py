@@ -118,6 +118,46 @@ def test_the_package_loads_its_names_on_first_use():
     assert report["unresolved"] == [] and report["not_in_dir"] == [] and report["not_in_help"] == []
 
 
+# A dependency whose import fails inside with an AttributeError (another version of it, say: PyAV here).
+_BROKEN_DEPENDENCY = r"""
+import importlib.abc, importlib.util, json, sys
+
+
+class BrokenAv(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        return importlib.util.spec_from_loader(name, self) if name == "av" else None
+
+    def exec_module(self, module):
+        raise AttributeError("module 'numpy' has no attribute 'bool8'")
+
+
+sys.meta_path.insert(0, BrokenAv())
+import dit8
+
+report = {}
+for name in ["video", "Video", "I2VPipeline"]:
+    try:
+        getattr(dit8, name)
+    except Exception as err:
+        report[name] = [type(err).__name__, str(err), repr(err.__cause__)]
+try:
+    exec("from dit8 import Video")
+except Exception as err:
+    report["from dit8 import Video"] = [type(err).__name__, str(err), repr(err.__cause__)]
+print(json.dumps(report))
+"""
+
+
+def test_an_attribute_error_while_importing_a_name_is_not_taken_for_its_absence():
+    # Python takes an AttributeError out of the module's __getattr__ for "no such name": `from dit8
+    # import Video` would say only "cannot import name 'Video'", and hasattr(dit8, "Video") be False.
+    report = _run(_BROKEN_DEPENDENCY)
+    error = AttributeError("module 'numpy' has no attribute 'bool8'")
+    assert report == {name: ["ImportError", f"importing dit8.{module} failed: {error}", repr(error)] for name, module in
+                      [("video", "video"), ("Video", "pipeline"), ("I2VPipeline", "pipeline"),
+                       ("from dit8 import Video", "pipeline")]}
+
+
 _UNPICKLE = r"""
 import json, pickle, sys
 
