@@ -27,7 +27,7 @@ import torch
 from dit8.config import WanConfig
 from dit8.errors import CheckpointError
 from dit8.layouts import block_linears, expected_shapes
-from dit8 import packed_format as fmt
+import dit8.packed_format as fmt
 from dit8.loader import TENSOR_SCALE, check_finite, open_dit
 from dit8.progress import Progress
 

@@ -1,6 +1,7 @@
 """dit8: a quantized inference runtime for the Wan2.1 image-to-video diffusion transformer."""
 
 import importlib
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names as type checkers see them; at run time __getattr__ imports them on first use
@@ -36,9 +37,20 @@ _EXPORTS = {
 }
 
 
+# First uses from several threads at once import one at a time. Python does not make an import of
+# dit8.converters wait for dit8.kernels, which another thread may be half-way through (a package's
+# submodule imported directly: converters/quantize_weights.py imports dit8.kernels.quantize), and read
+# it partially initialized ("cannot import name ... from partially initialized module"). Reentrant: a
+# module imported here may import others through this function. It cannot deadlock with a thread
+# importing a dit8 module directly, since no dit8 module's import comes back here
+# (tests/test_imports.py).
+_IMPORT_LOCK = threading.RLock()
+
+
 def _import(module: str) -> "ModuleType":
     try:
-        return importlib.import_module(f".{module}", __name__)
+        with _IMPORT_LOCK:
+            return importlib.import_module(f".{module}", __name__)
     except AttributeError as err:
         # Raised out of __getattr__, it would read as "no such name": `from dit8 import X` would only say
         # "cannot import name 'X'" and hasattr() be False, hiding what failed in the module's import.

@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from dit8 import kernels as ops
+import dit8.kernels as ops
 from dit8.kernels.registry import model_backend
 
 from .parallel import SequenceParallel

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dit8 import kernels as ops
+import dit8.kernels as ops
 from dit8.kernels.attention import PRECISIONS, check_attention_runs
 from dit8.kernels.checks import FLOAT_DTYPES
 from dit8.kernels.registry import BackendError, backend_runs_on, reference_only_notice

@@ -55,10 +55,15 @@ names = [p.__name__ for p in packages] + sorted(f"{p.__name__}.{m.name}" for p i
                                                 for m in pkgutil.iter_modules(p.__path__) if m.name != "__main__")
 # Defined once: these define torch.library ops, which a second import would define again.
 keep = {"dit8.kernels.fused_triton", "dit8.kernels.cuda_ext"}
-failed = {}
+failed, lazy = {}, {}
 for name in names:
     for loaded in [m for m in sys.modules if m.partition(".")[0] == "dit8" and m not in keep]:
         del sys.modules[loaded]
+    # Whatever reaches dit8's lazy names while this module imports (dit8.__getattr__, under its lock).
+    package = importlib.import_module("dit8")
+    lazy_getattr = package.__getattr__
+    package.__getattr__ = lambda attr, name=name, lazy_getattr=lazy_getattr: (
+        lazy.setdefault(name, []).append(attr), lazy_getattr(attr))[1]
     try:
         importlib.import_module(name)
     except ModuleNotFoundError as err:
@@ -67,7 +72,7 @@ for name in names:
             failed[name] = repr(err)
     except Exception as err:
         failed[name] = repr(err)
-print(json.dumps({"names": names, "failed": failed}))
+print(json.dumps({"names": names, "failed": failed, "lazy": lazy}))
 """
 
 
@@ -76,6 +81,38 @@ def test_every_module_imports_on_its_own():
     assert {"dit8.cli", "dit8.kernels.attention", "dit8.converters.convert", "dit8.kernels.fused_triton"} <= set(
         report["names"])
     assert report["failed"] == {}
+    # No module's import goes through dit8's lazy names: one that did, importing in one thread while
+    # another held their lock, could wait for it while that thread waited for this module (a deadlock).
+    assert report["lazy"] == {}
+
+
+# Three threads' first uses of dit8 at once: each import waits for the one before, where a package
+# read half-imported by another thread raised "cannot import name ... from partially initialized module".
+_THREADS = r"""
+import json, threading
+import dit8
+
+names = ["WanDiT", "random_dit", "converters", "I2VPipeline"]
+start, errors = threading.Barrier(len(names)), []
+
+def use(name):
+    start.wait()
+    try:
+        getattr(dit8, name)
+    except Exception as err:
+        errors.append(f"{name}: {err!r}")
+
+threads = [threading.Thread(target=use, args=(name,)) for name in names]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(json.dumps({"errors": errors}))
+"""
+
+
+def test_first_uses_from_several_threads_at_once():
+    assert _run(_THREADS)["errors"] == []
 
 
 # `import dit8`, then its names: found on first use, complete, and their errors the real ones.
