@@ -52,6 +52,49 @@ class TensorInfo:
         return tensor_nbytes(self.shape, self.dtype)
 
 
+_SNIFF_BYTES = 64
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def describe_other_file(path: Path) -> str | None:
+    """What a file that cannot be read as the checkpoint its name says actually is, where its first bytes
+    tell: a Git LFS pointer or a web page saved in place of the weights (a download that failed), a GGUF
+    file, a torch or safetensors file under the other's suffix, or some other text. None when they do not."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(_SNIFF_BYTES)
+    except OSError:
+        return None
+    pickle_name = path.suffix in PICKLE_SUFFIXES
+    if head.startswith(_LFS_POINTER):
+        return ("a Git LFS pointer (the small text file a clone without git-lfs holds in place of the weights): "
+                "fetch the file itself (`git lfs pull`, or download it again)")
+    if head.startswith(b"GGUF"):
+        return "a GGUF file (llama.cpp's format), which dit8 does not read: use a .safetensors release of the model"
+    if head.startswith(b"PK\x03\x04") and not pickle_name:
+        return "a zip archive, as torch.save writes: name it .pth to read it as a torch checkpoint"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") and not pickle_name:
+        return "a pickle, as older torch.save writes: name it .pth to read it as a torch checkpoint"
+    if pickle_name and len(head) > 9 and head[8:10] in (b'{"', b"{ ") \
+            and struct.unpack("<Q", head[:8])[0] < size:
+        return "a safetensors file: name it .safetensors"
+    for cut in range(4):  # the bytes read may end inside a character of up to 4 bytes
+        try:
+            text = head[:len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        return None
+    if not text or not all(c.isprintable() or c in "\t\r\n" for c in text):
+        return None
+    if text.lstrip().startswith("<"):
+        return ("an HTML or XML page (what a server sends back for a failed, expired or refused download), not "
+                "the weights: download the file again")
+    return f"a text file, not tensors (it begins {text.strip()[:40]!r})"
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header: tensor infos and the `__metadata__` strings.
 
@@ -65,6 +108,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
                 raise CheckpointError(f"{path}: truncated: {size} bytes, too short for a safetensors header")
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, _MAX_HEADER):
+                other = describe_other_file(path)
+                if other is not None:
+                    raise CheckpointError(f"{path}: not a safetensors file: {other}")
                 raise CheckpointError(f"{path}: corrupt or truncated: header length {n} exceeds the file")
             # Strict UTF-8, as safetensors reads it (json.loads of bytes would also take UTF-16 or a BOM).
             header = json.loads(f.read(n).decode("utf-8"))
@@ -167,6 +213,9 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
                                   "they name") from None
         detail = f"{type(err).__name__}: {_first_line(str(err))}" if str(err) else type(err).__name__
         if not zipfile.is_zipfile(path):
+            other = describe_other_file(path)
+            if other is not None:
+                raise CheckpointError(f"{path}: not a torch checkpoint: {other}") from None
             raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive, as torch.save writes, "
                                   f"nor a readable legacy pickle; {detail})") from None
         raise CheckpointError(f"{path}: cannot load as a weights-only torch checkpoint: {detail}") from None

@@ -191,6 +191,37 @@ def test_a_pth_that_is_no_torch_file(tmp_path):
     assert "junk.pth: not a torch checkpoint" in load_error(path)
 
 
+@pytest.mark.parametrize("case, suffix, says", [
+    ("lfs", ".safetensors", "not a safetensors file: a Git LFS pointer"),
+    ("lfs", ".pth", "not a torch checkpoint: a Git LFS pointer"),
+    ("html", ".safetensors", "not a safetensors file: an HTML or XML page"),
+    ("html", ".pth", "not a torch checkpoint: an HTML or XML page"),
+    ("json_error", ".safetensors", "not a safetensors file: a text file, not tensors (it begins '{\"error\""),
+    ("gguf", ".safetensors", "not a safetensors file: a GGUF file"),
+    ("torch_zip", ".safetensors", "not a safetensors file: a zip archive, as torch.save writes: name it .pth"),
+    ("legacy_pickle", ".safetensors", "not a safetensors file: a pickle, as older torch.save writes: name it .pth"),
+    ("safetensors", ".pth", "not a torch checkpoint: a safetensors file: name it .safetensors"),
+])
+def test_a_file_that_is_something_else_is_named_as_such(tmp_path, weights, case, suffix, says):
+    """What a failed download or a mix-up leaves under a checkpoint's name is told from its first bytes."""
+    path = tmp_path / f"dit{suffix}"
+    if case == "lfs":
+        path.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{'ab' * 32}\nsize 32789452800\n")
+    elif case == "html":
+        path.write_text("<!DOCTYPE html>\n<html lang=\"en\"><head><title>Ünïcode · 404</title></head></html>\n")
+    elif case == "json_error":
+        path.write_text('{"error":"Access to model Wan-AI/x is restricted. You must be authenticated."}')
+    elif case == "gguf":
+        path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(120))
+    elif case == "torch_zip":
+        torch.save({"w": torch.zeros(2)}, path)
+    elif case == "legacy_pickle":
+        torch.save({"w": torch.zeros(2)}, path, _use_new_zipfile_serialization=False)
+    else:
+        save_file({"w": torch.zeros(2)}, str(path))
+    assert load_error(path).startswith(f"{path}: {says}")
+
+
 class _Payload:
     """Unpickled without weights_only, this creates the folder `marker`: code run by loading a file."""
 
