@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ TENSOR_SCALE = ".scale_weight"   # ComfyUI scaled fp8: one scale per tensor
 SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's marker tensor; carries no weights
 
 FLOAT, DIT8, LIGHTX2V, COMFYUI_FP8 = "float", "dit8 packed", "lightx2v", "comfyui scaled-fp8"
+# The low-rank factors of a LoRA file (converters/lora_formats.py reads them), as they are named after any prefix.
+_LORA_KEY = re.compile(r"(\.lora_(up|down|A|B)(\.default)?\.weight$)|(^lora_unet_)")
 
 
 @dataclass
@@ -193,6 +196,12 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
     version = check_format_version(ckpt.metadata, ckpt.path)
     for key in [k for k in ckpt.infos if k.rpartition(".")[2] == SCALED_FP8_MARKER]:
         del ckpt.infos[key]
+    lora = next((k for k in ckpt.infos if _LORA_KEY.search(k)), None)
+    if lora is not None:  # else read as a DiT missing every tensor but the blocks' (or all of them)
+        file = ckpt.infos[lora].file
+        part = f", read as a part of the checkpoint folder {ckpt.path}" if file != ckpt.path else ""
+        raise CheckpointError(f"{file}: a LoRA (tensors such as {lora!r}), not a DiT checkpoint{part}: merge it "
+                              f"into its base model with `dit8 convert BASE DST --lora FILE`")
     layout = detect_layout(ckpt.keys())
     names: dict[str, str] = {}
     for key, info in ckpt.infos.items():

@@ -850,6 +850,22 @@ def test_bad_source_leaves_nothing(tmp_path, i2v_weights, problem, per_block):
     assert _listing(out) == []
 
 
+def test_a_lora_given_as_the_source(tmp_path, capsys):
+    """`dit8 convert LORA DST` (the LoRA where the base model goes) says what it is and where it goes."""
+    lora = tmp_path / "lora.safetensors"
+    save_file({"diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.zeros(4, I2V.dim),
+               "diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.zeros(I2V.ffn_dim, 4)}, str(lora))
+    out = tmp_path / "out"
+    out.mkdir()
+    from dit8.cli import main
+
+    assert main(["convert", str(lora), str(out / "o.safetensors")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"dit8: error: {lora}: a LoRA (tensors such as 'diffusion_model.blocks.0.ffn.0.lora_down.weight'), not a "
+        f"DiT checkpoint: merge it into its base model with `dit8 convert BASE DST --lora FILE`")
+    assert _listing(out) == []
+
+
 def _on_seventh_weight(monkeypatch, action) -> None:
     """Run `action()` as the converter quantizes its seventh weight, midway through a conversion."""
     real_quantize, calls = convert_module.quantize_weight, [0]

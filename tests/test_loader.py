@@ -222,6 +222,24 @@ def test_a_file_that_is_something_else_is_named_as_such(tmp_path, weights, case,
     assert load_error(path).startswith(f"{path}: {says}")
 
 
+@pytest.mark.parametrize("key", ["diffusion_model.blocks.0.self_attn.q.lora_down.weight",
+                                 "transformer.blocks.0.attn1.to_q.lora_A.default.weight",
+                                 "lora_unet_blocks_0_self_attn_q.lora_down.weight"])
+def test_a_lora_is_not_read_as_a_dit(tmp_path, weights, key):
+    """A LoRA given where a DiT goes is named as one, with where it goes, not as a DiT missing its tensors."""
+    up_key = key.replace("lora_down", "lora_up").replace("lora_A", "lora_B")
+    lora = {key: torch.zeros(4, CONFIG.dim), up_key: torch.zeros(CONFIG.dim, 4)}
+    path = tmp_path / "lora.safetensors"
+    save_file(lora, str(path))
+    expected = f"{path}: a LoRA (tensors such as {key!r}), not a DiT checkpoint: merge it into its base model with"
+    assert load_error(path).startswith(expected)
+    # Among the files of a per-block folder, the LoRA file is the one named.
+    folder = write_checkpoint(weights, tmp_path / "pb", fmt="per_block")
+    save_file(lora, str(folder / "lora.safetensors"))
+    assert load_error(folder).startswith(f"{folder / 'lora.safetensors'}: a LoRA (tensors such as {key!r}), not a "
+                                         f"DiT checkpoint, read as a part of the checkpoint folder {folder}: ")
+
+
 class _Payload:
     """Unpickled without weights_only, this creates the folder `marker`: code run by loading a file."""
 
