@@ -263,6 +263,11 @@ class LoraSet:
         claimed: dict[tuple[str, str], str] = {}  # (target, "pair" or "full") -> module
         for module, keys in modules.items():
             unmatched += self._index_module(lf, module, keys, claimed)
+        own = next((key for key in unmatched if _resolve(strip_prefix(key), self.shapes) is not None), None)
+        if own is not None and not modules:  # else listed below as some hundreds of keys matching nothing
+            raise CheckpointError(f"{lf.spec.path}: a DiT checkpoint (it holds the model's own tensors, such as "
+                                  f"{own!r}, and no LoRA factors or deltas), not a LoRA: give it as the model to "
+                                  f"convert; --lora takes LoRA files")
         if unmatched:
             raise CheckpointError(f"{lf.spec.path}: {len(unmatched)} LoRA key(s) match no weight of the model: "
                                   f"{_listing(sorted(unmatched))}")

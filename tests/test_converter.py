@@ -380,6 +380,21 @@ def test_lora_bad_files(tmp_path, i2v_weights, case):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+@pytest.mark.parametrize("layout", ["official", "diffusers", "comfyui"])
+def test_a_dit_given_as_a_lora(tmp_path, i2v_weights, layout):
+    """A DiT given to --lora (the model in the LoRA's place) is named as one, not listed key by key."""
+    src = _source(tmp_path, i2v_weights, I2V)
+    other = write_checkpoint(i2v_weights, tmp_path / "other" / "dit.safetensors", layout=layout)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(CheckpointError) as err:
+        convert(src, out / "o.safetensors", lora=[str(other)], progress=False)
+    assert re.fullmatch(rf"{re.escape(str(other))}: a DiT checkpoint \(it holds the model's own tensors, such as "
+                        r"'\S+', and no LoRA factors or deltas\), not a LoRA: give it as the model to convert; "
+                        r"--lora takes LoRA files", str(err.value)), str(err.value)
+    assert _listing(out) == []
+
+
 def _pair_file(tmp_path, i2v_weights, names, *, rank=4, seed=20, extra=None, metadata=None, name="l.safetensors"):
     """A LoRA file with a low-rank pair on blocks.0.self_attn.q and blocks.1.ffn.2, its keys spelt by
     names(module, "up" | "down"); returns (path, {official module: up @ down})."""
