@@ -28,7 +28,7 @@ from dit8.config import WanConfig
 from dit8.errors import CheckpointError
 from dit8.layouts import block_linears, expected_shapes
 import dit8.packed_format as fmt
-from dit8.loader import TENSOR_SCALE, check_finite, open_dit
+from dit8.loader import COMFYUI_FP8, DIT8, LIGHTX2V, check_finite, open_dit
 from dit8.progress import Progress
 
 from .lora import LoraArg, LoraSet, LoraSpec
@@ -182,13 +182,28 @@ def _is_per_block_file(path: Path) -> bool:
                                    and name[len("block_"):-len(".safetensors")].isdigit()))
 
 
+# How each 8-bit format open_dit recognises is called in convert's refusal of it.
+_QUANTIZED_FORMATS = {DIT8: "a dit8 packed file", LIGHTX2V: "LightX2V's 8-bit format",
+                      COMFYUI_FP8: "ComfyUI's scaled fp8 format"}
+_FLOAT_SOURCES = "convert reads float checkpoints (fp32/bf16/fp16/fp64)"
+
+
 def _check_float_source(dit) -> None:
-    """convert reads float checkpoints; an 8-bit weight or a scale tensor means it is already quantized."""
-    for official, file_key in dit.names.items():
+    """convert reads float checkpoints: an 8-bit file is refused with its format named, and the readers that
+    take it as it is (requantizing 8-bit codes, or dequantizing them, would add their error to the new one)."""
+    if dit.quantized:
+        module = next(iter(dit.quantized))
+        info = dit.info(module + ".weight")
+        dtype = str(info.dtype).removeprefix("torch.")
+        raise CheckpointError(f"{dit.path}: already quantized ({_QUANTIZED_FORMATS[dit.format]}: "
+                              f"{dit.names[module + '.weight']!r} is {dtype} with a scale); {_FLOAT_SOURCES}, so "
+                              f"convert the float release instead. load_dit and `dit8 generate --dit` read it as "
+                              f"it is")
+    for file_key in dit.names.values():
         info = dit.checkpoint.infos[file_key]
-        if info.dtype not in SOURCE_DTYPES or official.endswith((fmt.WEIGHT_SCALE_SUFFIX, TENSOR_SCALE)):
-            raise CheckpointError(f"{info.file}: tensor {file_key!r} ({info.dtype}) shows an already quantized "
-                                  f"checkpoint; convert reads float checkpoints (fp32/bf16/fp16/fp64)")
+        if info.dtype not in SOURCE_DTYPES:
+            raise CheckpointError(f"{info.file}: tensor {file_key!r} is {str(info.dtype).removeprefix('torch.')}; "
+                                  f"{_FLOAT_SOURCES}")
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -404,7 +419,8 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
             report: bool = True, progress: bool | None = None) -> ConvertResult:
     """Convert the float DiT checkpoint `src` to the dit8 packed format at `dst`.
 
-    src: anything dit8.open_dit reads (file, shards, per-block folder, .pth; any layout).
+    src: any float checkpoint dit8.open_dit reads (file, shards, per-block folder, .pth; any layout); an
+        8-bit one (dit8 packed, LightX2V, ComfyUI scaled fp8) is refused, naming its format.
     dst: a `.safetensors` file, or with per_block=True a folder of `block_N.safetensors`,
         `non_block.safetensors` and `model.safetensors.index.json`.
     scheme: "fp8" or "int8" quantizes the block linears (weights [out, in] + `weight_scale` [out, 1]

@@ -838,6 +838,38 @@ def test_bad_requests(tmp_path, i2v_weights, monkeypatch):
         convert(tmp_path / "q.safetensors", tmp_path / "qq.safetensors", progress=False)
 
 
+@pytest.mark.parametrize("form", ["comfyui_fp8", "comfyui_fp8_unprefixed", "lightx2v_int8_per_block", "dit8_fp8"])
+def test_an_8bit_source_names_its_format_and_its_readers(tmp_path, i2v_weights, form, capsys):
+    """An 8-bit checkpoint given to convert says which format it is in, what convert takes instead, and what
+    reads it as it is; the command exits with 1 and leaves nothing."""
+    from test_quantized_loading import comfyui_weights, lightx2v_weights
+
+    if form.startswith("comfyui"):
+        stored = comfyui_weights(i2v_weights, I2V)[0]
+        if form.endswith("unprefixed"):
+            stored = {k.removeprefix("model.diffusion_model."): v for k, v in stored.items()}
+        src, kind, dtype = tmp_path / "comfy.safetensors", "ComfyUI's scaled fp8 format", "float8_e4m3fn"
+        save_file(stored, str(src))
+    elif form == "lightx2v_int8_per_block":
+        src = write_checkpoint(lightx2v_weights(i2v_weights, I2V, "int8"), tmp_path / "lx", fmt="per_block")
+        kind, dtype = "LightX2V's 8-bit format", "int8"
+    else:
+        src, kind, dtype = tmp_path / "packed.safetensors", "a dit8 packed file", "float8_e4m3fn"
+        convert(_source(tmp_path, i2v_weights, I2V), src, report=False, progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    from dit8.cli import main
+
+    assert main(["convert", str(src), str(out / "o.safetensors"), "--scheme", "int8"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"dit8: error: {re.escape(str(src))}: already quantized \({re.escape(kind)}: "
+                        rf"'\S*blocks\.\d+\.\S+\.weight' is {dtype} with a scale\); convert reads float checkpoints "
+                        r"\(fp32/bf16/fp16/fp64\), so convert the float release instead\. load_dit and "
+                        r"`dit8 generate --dit` read it as it is", err), err
+    assert _listing(out) == []
+    dit8.load_dit(src)  # as the message says
+
+
 def _bad_source(tmp_path, weights, problem) -> tuple[Path, str]:
     weights = dict(weights)
     if problem == "nan":
