@@ -147,6 +147,9 @@ def check_against_config_json(config: WanConfig, raw: Mapping, source: Path) -> 
     """Cross-check dimensions read from shapes against a config.json; returns the config with the
     fields shapes cannot tell (heads, eps, text_len) taken from the json."""
     stated = config_json_values(raw)
+    if stated.get("variant", config.variant) not in ("i2v", "t2v"):  # Wan2.2's ti2v, Wan2.1's flf2v, vace, ...
+        raise CheckpointError(f"{source}: model_type {raw['model_type']!r} is not one dit8 runs: it reads Wan2.1's "
+                              f"'i2v' and 't2v' DiTs")
     if "variant" in stated and stated.pop("variant") != config.variant:
         raise CheckpointError(
             f"{source}: model_type {raw['model_type']!r} disagrees with the weights, which are {config.variant}")

@@ -222,6 +222,11 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
     heads = [(config_json_values(raw)["num_heads"], source) for source, raw in stated
              if "num_heads" in config_json_values(raw)]
     config = _infer_config(shapes, ckpt.path, layout, *(heads[0] if heads else (None, None)))
+    if not config.is_i2v and config.in_dim != config.out_dim:
+        # Checked before any config.json, whose model_type "i2v" would otherwise be said to disagree.
+        raise CheckpointError(f"{ckpt.path}: in_dim {config.in_dim} and out_dim {config.out_dim} without an image "
+                              f"branch (img_emb), as in Wan2.2's I2V-A14B: not a Wan2.1 DiT (I2V ones have img_emb, "
+                              f"T2V ones in_dim = out_dim), which is what dit8 runs")
     for source, raw in stated:
         config = check_against_config_json(config, raw, source)
     quantized = _find_quantized(ckpt, names)

@@ -333,6 +333,35 @@ def test_config_json_of_the_other_variant(tmp_path, weights):
     assert "model_type" in load_error(path)
 
 
+@pytest.mark.parametrize("config_json", [None, "i2v"])
+def test_an_i2v_model_without_the_image_branch_is_not_read_as_t2v(tmp_path, config_json):
+    """Wan2.2's I2V-A14B experts: in_dim 36, out_dim 16, the Wan2.1 key names, no img_emb. Not a T2V model,
+    nor one whose official config.json ('i2v') disagrees with its weights."""
+    config = tiny_config("t2v", in_dim=36)
+    path = write_checkpoint(random_weights(config, seed=3), tmp_path / "high_noise_model.safetensors",
+                            config=config if config_json else None)
+    if config_json:
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": config_json, "in_dim": 36, "out_dim": 16}))
+    expected = (f"{path}: in_dim 36 and out_dim 16 without an image branch (img_emb), as in Wan2.2's I2V-A14B: "
+                f"not a Wan2.1 DiT (I2V ones have img_emb, T2V ones in_dim = out_dim), which is what dit8 runs")
+    assert load_error(path) == expected
+    with pytest.raises(CheckpointError) as err:  # what `dit8 info` and convert open
+        dit8.open_dit(path)
+    assert str(err.value) == expected
+
+
+@pytest.mark.parametrize("model_type", ["ti2v", "flf2v"])
+def test_a_config_json_of_another_model_type(tmp_path, model_type):
+    """Wan2.2's TI2V-5B (or Wan2.1's FLF2V) beside weights of Wan2.1's shapes: its model type is named as one
+    dit8 does not run, not as the other variant of the weights."""
+    config = tiny_config("t2v", in_dim=48, out_dim=48)
+    path = write_checkpoint(random_weights(config, seed=3), tmp_path / "m.safetensors", config=config)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(raw | {"model_type": model_type}))
+    assert load_error(path) == (f"{tmp_path / 'config.json'}: model_type {model_type!r} is not one dit8 runs: it "
+                                f"reads Wan2.1's 'i2v' and 't2v' DiTs")
+
+
 def test_two_configs_disagreeing_on_what_shapes_cannot_tell(tmp_path, weights):
     path = write_checkpoint(weights, tmp_path / "m.safetensors", config=tiny_config("i2v"))
     beside = json.loads((tmp_path / "config.json").read_text())
