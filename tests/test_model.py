@@ -45,7 +45,9 @@ def test_an_encoded_context_saves_and_loads(model, tmp_path):
     inputs = random_inputs(model.config)
     encoded = model.encode_context(inputs["context"], inputs["clip_fea"])
     torch.save(encoded, tmp_path / "context.pt")
-    loaded = torch.load(tmp_path / "context.pt", weights_only=False)
+    # (weights_only=True with its two classes allowed, as README says; the default refuses any class.)
+    with torch.serialization.safe_globals([dit8.EncodedContext, dit8.model.CrossKV]):
+        loaded = torch.load(tmp_path / "context.pt", weights_only=True)
     assert loaded.model is None and encoded.model() is model  # the saved copy has no model to hold to
     torch.testing.assert_close(model(inputs["x"], inputs["t"], loaded, y=inputs["y"]),
                                model(inputs["x"], inputs["t"], encoded, y=inputs["y"]), rtol=0, atol=0)
