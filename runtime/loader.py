@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +31,6 @@ TENSOR_SCALE = ".scale_weight"   # ComfyUI scaled fp8: one scale per tensor
 SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's marker tensor; carries no weights
 
 FLOAT, DIT8, LIGHTX2V, COMFYUI_FP8 = "float", "dit8 packed", "lightx2v", "comfyui scaled-fp8"
-# The low-rank factors of a LoRA file (converters/lora_formats.py reads them), as they are named after any prefix.
-_LORA_KEY = re.compile(r"(\.lora_(up|down|A|B)(\.default)?\.weight$)|(^lora_unet_)")
 
 
 @dataclass
@@ -189,6 +187,14 @@ def _check_configs_agree(stated: list[tuple[Path, dict]]) -> None:
             first.setdefault(name, (value, source))
 
 
+def _lora_key(keys: Iterable[str]) -> str | None:
+    """The first of `keys` that names a LoRA's low-rank factor, as converters/lora_formats.py reads them."""
+    from dit8.converters.lora_formats import KOHYA_PREFIX, ROLES  # (the converters import this module)
+
+    factors = tuple(suffix for suffix, role in ROLES.items() if role in ("up", "down"))
+    return next((key for key in keys if key.startswith(KOHYA_PREFIX) or key.endswith(factors)), None)
+
+
 def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitCheckpoint:
     """Open and validate a DiT checkpoint's names, shapes and config without reading tensor data.
     config_json: another config.json the checkpoint must agree with, besides the one beside it."""
@@ -196,7 +202,7 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
     version = check_format_version(ckpt.metadata, ckpt.path)
     for key in [k for k in ckpt.infos if k.rpartition(".")[2] == SCALED_FP8_MARKER]:
         del ckpt.infos[key]
-    lora = next((k for k in ckpt.infos if _LORA_KEY.search(k)), None)
+    lora = _lora_key(ckpt.infos)
     if lora is not None:  # else read as a DiT missing every tensor but the blocks' (or all of them)
         file = ckpt.infos[lora].file
         part = f", read as a part of the checkpoint folder {ckpt.path}" if file != ckpt.path else ""
