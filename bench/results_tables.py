@@ -93,10 +93,8 @@ def test_lines(xml_path: Path) -> list[str]:
         outcome = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
         # A collection error under pytest-xdist has an empty classname: its name says which file.
         counts[(case.get("classname") or case.get("name")).split(".")[-1]][outcome] += 1
-    total = sum(counts.values(), collections.Counter())
-    rows = [[name, c["passed"], c["failure"], c["error"], c["skipped"]]
-            for name, c in sorted(counts.items()) + [("**all**", total)]]
-    lines = table(["tests", "passed", "failed", "errors", "skipped"], rows)
+    lines = outcome_table("tests", {"passed": "passed", "failed": "failure", "errors": "error", "skipped": "skipped"},
+                          counts)
     if interrupted:
         lines.append(f"\n{interrupted} test(s) were running when the run was interrupted (no outcome).")
     return lines
@@ -108,9 +106,16 @@ def logged_test_lines(log: Path) -> list[str]:
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for (classname, _), _, outcome in logged_cases(log):
         counts[classname.split(".")[-1]][outcome] += 1
+    return outcome_table("tests (from test_outcomes.jsonl)",
+                         {"passed": "passed", "failed or errors": "failed", "skipped": "skipped"}, counts)
+
+
+def outcome_table(title: str, columns: dict[str, str], counts: dict[str, collections.Counter]) -> list[str]:
+    """A row of outcome counts per test file and one of their sums; `columns`: title -> outcome counted."""
     total = sum(counts.values(), collections.Counter())
-    rows = [[name, c["passed"], c["failed"], c["skipped"]] for name, c in sorted(counts.items()) + [("**all**", total)]]
-    return table(["tests (from test_outcomes.jsonl)", "passed", "failed or errors", "skipped"], rows)
+    rows = [[name, *(c[outcome] for outcome in columns.values())]
+            for name, c in sorted(counts.items()) + [("**all**", total)]]
+    return table([title, *columns], rows)
 
 
 def bench_lines(name: str, data: dict) -> list[str]:
