@@ -86,7 +86,7 @@ def test_every_module_imports_on_its_own():
     assert report["lazy"] == {}
 
 
-# Three threads' first uses of dit8 at once: each import waits for the one before, where a package
+# Several threads' first uses of dit8 at once: each import waits for the one before, where a package
 # read half-imported by another thread raised "cannot import name ... from partially initialized module".
 _THREADS = r"""
 import json, threading
