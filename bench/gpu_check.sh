@@ -83,6 +83,14 @@ if [ -n "$(ls -A "$out" | grep -vx previous)" ] && [ "$(cat "$out/stamp.txt" 2>/
 fi
 echo "$stamp" >"$out/stamp.txt"
 touch "$out/done"
+# The GPU's clock, power, temperature and the reasons it held its clock down, twice a second, beside
+# marks of what ran when: results_tables.py summarises them per stage (a kernel timed slower inside the
+# forward than alone may be one run at a lower clock). Read-only queries: the card's settings stay.
+fields=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active
+nvidia-smi --query-gpu=$fields --format=csv,noheader >/dev/null 2>&1 || fields=${fields%,*}  # (older drivers)
+[ -s "$out/clocks.csv" ] || echo "$fields" >"$out/clocks.csv"
+nvidia-smi --query-gpu=$fields --format=csv,noheader,nounits -lms 500 >>"$out/clocks.csv" 2>/dev/null &
+mark() { echo "$(date '+%Y/%m/%d %H:%M:%S.%3N'),$*" >>"$out/marks.csv"; }
 if [ ${#stages[@]} -eq 0 ]; then
     for stage in "${all_stages[@]}"; do grep -qx "$stage" "$out/done" || stages+=("$stage"); done
 fi
@@ -231,6 +239,7 @@ for stage in "${stages[@]}"; do
         continue
     fi
     echo "== $stage ($(seconds_left) s at most)"
+    mark "$stage"
     rm -f "$out/.cut"
     case $stage in
         tests)
@@ -278,6 +287,7 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
                 if [ "$(seconds_left)" -lt 45 ]; then
                     echo "dit $name: left for the next run"; cut_short "dit $name not run"; continue
                 fi
+                mark "dit $name"
                 # shellcheck disable=SC2086
                 limited "$py" -m dit8 bench dit $run --backend auto --repeat 2 \
                     --json "$out/dit_$name.json" 2>&1 | tail -12
@@ -301,6 +311,7 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
                     echo "dit $name: left for the next run"; cut_short "dit $name not run"; continue
                 fi
                 echo "dit $name: DIT8_GLUON=\"$choice\""
+                mark "candidates $name"
                 # shellcheck disable=SC2086
                 DIT8_GLUON="$choice" limited "$py" -m dit8 bench dit $run --steps 0 --backend auto --repeat 2 \
                     --json "$out/dit_$name.json" 2>&1 | tail -12
@@ -349,6 +360,7 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
     [ -e "$out/.cut" ] || grep -qx "$stage" "$out/done" || echo "$stage" >>"$out/done"
     pack
 done
+mark end
 
 # The CUDA build, if it is still running: waited for while the budget lasts (its own limit: 300 s).
 if [ -n "${build_pid:-}" ]; then

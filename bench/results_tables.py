@@ -7,7 +7,8 @@ Tables: the machine (gpu.txt), test outcomes per file (tests.xml, or where a run
 test_outcomes.jsonl), one table per benchmark JSON
 (bench_*.json: the extra_info of each row, with the columns some row of that file has, and a sweep
 row's every configuration) and the DiT
-forwards (dit_*.json: times, peak memory, the profiled parts, diffusers on the same weights), the Nsight
+forwards (dit_*.json: times, peak memory, the profiled parts, diffusers on the same weights), the GPU's
+clock, power and temperature during each stage and forward (clocks.csv, marks.csv), the Nsight
 Compute table (profile.txt), then the GPU_VERIFIED and FASTEST entries the run printed. A file cut
 short by a time limit is named and skipped.
 """
@@ -17,7 +18,9 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import datetime
 import json
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -28,6 +31,11 @@ from pathlib import Path
 from verified_backends import logged_cases  # bench/, beside this script
 
 GIB = 2 ** 30
+# Bits of nvidia-smi's clocks_event_reasons.active (NVML's clocks event reasons): why the clock was held
+# below its maximum.
+CLOCK_REASONS = {0x1: "idle", 0x2: "application clocks", 0x4: "power cap", 0x8: "hardware slowdown",
+                 0x10: "sync boost", 0x20: "thermal (software)", 0x40: "thermal (hardware)",
+                 0x80: "power brake", 0x100: "display clock"}
 
 # extra_info key -> column title, in the order the columns appear.
 BENCH_COLUMNS = {
@@ -161,6 +169,57 @@ def dit_lines(runs: dict[str, dict]) -> list[str]:
     return table(header, rows)
 
 
+def clock_lines(clocks: Path, marks: Path) -> list[str]:
+    """The GPU's clock, power and temperature while each marked part of the run ran (gpu_check.sh samples
+    them twice a second: clocks.csv; marks.csv: when each stage and forward began, and the end)."""
+    def when(stamp: str) -> datetime.datetime:
+        return datetime.datetime.strptime(stamp.strip(), "%Y/%m/%d %H:%M:%S.%f")
+
+    def number(text: str) -> float | None:
+        try:
+            return float(text)
+        except ValueError:  # "[N/A]", "[Not Supported]"
+            return None
+
+    lines = clocks.read_text().splitlines()
+    columns = [name.strip() for name in lines[0].split(",")]
+    samples = []
+    for line in lines[1:]:
+        fields = [v.strip() for v in line.split(",")]
+        with contextlib.suppress(ValueError):  # (a line cut short where the sampler was stopped)
+            if len(fields) == len(columns):
+                values = dict(zip(columns, fields, strict=True))
+                samples.append((when(values["timestamp"]), values))
+    spans = []
+    for line in marks.read_text().splitlines():
+        stamp, _, label = line.partition(",")
+        with contextlib.suppress(ValueError):
+            spans.append((when(stamp), label))
+    rows = []
+    for (start, label), (end, _) in zip(spans, spans[1:]):
+        if label == "end":
+            continue
+        inside = [values for t, values in samples if start <= t < end]
+        clock = [c for v in inside if (c := number(v.get("clocks.sm", ""))) is not None]
+        power = [p for v in inside if (p := number(v.get("power.draw", ""))) is not None]
+        heat = [h for v in inside if (h := number(v.get("temperature.gpu", ""))) is not None]
+        if not clock:
+            continue
+        reasons: collections.Counter = collections.Counter()
+        for v in inside:
+            with contextlib.suppress(ValueError):
+                bits = int(v.get("clocks_event_reasons.active", ""), 16)
+                reasons.update(name for bit, name in CLOCK_REASONS.items() if bits & bit)
+        rows.append([label, f"{(end - start).total_seconds():.0f}", len(inside), f"{statistics.median(clock):.0f}",
+                     f"{min(clock):.0f}", f"{statistics.median(power):.0f}" if power else None,
+                     f"{max(power):.0f}" if power else None, f"{max(heat):.0f}" if heat else None,
+                     ", ".join(f"{name} {count / len(inside):.0%}" for name, count in reasons.most_common())])
+    if not rows:
+        return []
+    return table(["part of the run", "s", "samples", "SM MHz median", "SM MHz min", "W median", "W max",
+                  "max °C", "clock held by (share of samples)"], rows)
+
+
 def report(folder: Path) -> list[str]:
     """Every table of the results in `folder`, as markdown lines."""
     lines: list[str] = []
@@ -185,6 +244,14 @@ def report(folder: Path) -> list[str]:
             if (r := read_json(p, notes))}
     if runs:
         lines += [""] + dit_lines(runs)
+    if (folder / "clocks.csv").exists() and (folder / "marks.csv").exists():
+        try:
+            clocks = clock_lines(folder / "clocks.csv", folder / "marks.csv")
+        except (OSError, IndexError) as e:  # (IndexError: an empty file)
+            clocks = []
+            notes.append(f"clocks.csv: unreadable ({e}), skipped")
+        if clocks:
+            lines += ["", "The GPU while each part ran (nvidia-smi, every 0.5 s):", *clocks]
     if (folder / "profile.txt").exists():
         lines += ["", "Nsight Compute, one launch each (bench/profile_kernels.py):",
                   *(folder / "profile.txt").read_text().strip().splitlines()]

@@ -1,6 +1,9 @@
 """bench/results_tables.py: the markdown tables of a gpu_check.sh results folder, or of its archive."""
 
+import datetime
 import json
+import random
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -178,3 +181,31 @@ def test_a_run_without_a_test_report_shows_the_logged_outcomes(tmp_path):
     assert "| **all** | 1 | 1 | 1 |" in lines
     assert any(line.startswith("bench_sweep_gemm.json: empty") for line in lines)
     assert "| g | 1.0 |" in lines
+
+
+def test_clock_table_summarises_each_marked_part(tmp_path):
+    """Samples as nvidia-smi writes them (clocks.csv) between gpu_check's marks: per part the median and
+    lowest SM clock, power, the hottest sample and the reasons the clock was held, as a share of samples."""
+    start = datetime.datetime(2026, 11, 27, 12, 0, 0)
+    stamp = lambda seconds: (start + datetime.timedelta(seconds=seconds)).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]  # noqa: E731
+    rng = random.Random()
+    attention = [rng.randint(1700, 1980) for _ in range(6)]
+    forward = [rng.randint(1300, 1700) for _ in range(8)]
+    lines = ["timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active"]
+    lines += [f"{stamp(0.5 * i)}, {mhz}, 500.25, {60 + i}, 0x0000000000000000" for i, mhz in enumerate(attention)]
+    # In the forward: power-capped on every other sample, one reading the driver could not give.
+    lines += [f"{stamp(10 + 0.5 * i)}, {mhz}, {690 + i}.5, 70, 0x000000000000000{4 if i % 2 else 0}"
+              for i, mhz in enumerate(forward)]
+    lines += [f"{stamp(14.2)}, [N/A], [N/A], [N/A], [N/A]", f"{stamp(14.3)}, 13"]  # the last one cut short
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "clocks.csv").write_text("\n".join(lines) + "\n")
+    (folder / "marks.csv").write_text(f"{stamp(0)},attention\n{stamp(10)},dit fp8_fp8\n{stamp(20)},end\n")
+    text = _tables(folder).splitlines()
+    rows = {cells[0]: cells for line in text[text.index("The GPU while each part ran (nvidia-smi, every 0.5 s):") + 3:]
+            if line.startswith("|") and (cells := [cell.strip() for cell in line[1:-1].split("|")])}
+    assert rows["attention"] == ["attention", "10", "6", f"{statistics.median(attention):.0f}",
+                                 str(min(attention)), "500", "500", "65", ""]
+    assert rows["dit fp8_fp8"] == ["dit fp8_fp8", "10", "9", f"{statistics.median(forward):.0f}",
+                                   str(min(forward)), f"{statistics.median(690.5 + i for i in range(8)):.0f}",
+                                   "698", "70", "power cap 44%"]
