@@ -28,7 +28,7 @@ from dit8.config import WanConfig
 from dit8.errors import CheckpointError
 from dit8.layouts import block_linears, expected_shapes
 import dit8.packed_format as fmt
-from dit8.loader import COMFYUI_FP8, DIT8, LIGHTX2V, check_finite, open_dit
+from dit8.loader import COMFYUI_FP8, DIT8, FP8_UNSCALED, LIGHTX2V, UNSCALED, check_finite, open_dit
 from dit8.progress import Progress
 
 from .lora import LoraArg, LoraSet, LoraSpec
@@ -184,7 +184,7 @@ def _is_per_block_file(path: Path) -> bool:
 
 # How each 8-bit format open_dit recognises is called in convert's refusal of it.
 _QUANTIZED_FORMATS = {DIT8: "a dit8 packed file", LIGHTX2V: "LightX2V's 8-bit format",
-                      COMFYUI_FP8: "ComfyUI's scaled fp8 format"}
+                      COMFYUI_FP8: "ComfyUI's scaled fp8 format", FP8_UNSCALED: "an fp8 cast without scales"}
 _FLOAT_SOURCES = "convert reads float checkpoints (fp32/bf16/fp16/fp64)"
 
 
@@ -195,8 +195,9 @@ def _check_float_source(dit) -> None:
         module = next(iter(dit.quantized))
         info = dit.info(module + ".weight")
         dtype = str(info.dtype).removeprefix("torch.")
+        scaled = "" if dit.quantized[module] == UNSCALED else " with a scale"
         raise CheckpointError(f"{dit.path}: already quantized ({_QUANTIZED_FORMATS[dit.format]}: "
-                              f"{dit.names[module + '.weight']!r} is {dtype} with a scale); {_FLOAT_SOURCES}, so "
+                              f"{dit.names[module + '.weight']!r} is {dtype}{scaled}); {_FLOAT_SOURCES}, so "
                               f"convert the float release instead. load_dit and `dit8 generate --dit` read it as "
                               f"it is")
     for file_key in dit.names.values():
@@ -420,7 +421,7 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
     """Convert the float DiT checkpoint `src` to the dit8 packed format at `dst`.
 
     src: any float checkpoint dit8.open_dit reads (file, shards, per-block folder, .pth; any layout); an
-        8-bit one (dit8 packed, LightX2V, ComfyUI scaled fp8) is refused, naming its format.
+        8-bit one (dit8 packed, LightX2V, ComfyUI scaled fp8, an fp8 cast) is refused, naming its format.
     dst: a `.safetensors` file, or with per_block=True a folder of `block_N.safetensors`,
         `non_block.safetensors` and `model.safetensors.index.json`.
     scheme: "fp8" or "int8" quantizes the block linears (weights [out, in] + `weight_scale` [out, 1]

@@ -28,9 +28,12 @@ from .progress import Progress
 QUANT_DTYPES = {torch.float8_e4m3fn: "fp8", torch.int8: "int8"}
 CHANNEL_SCALE = WEIGHT_SCALE_SUFFIX  # LightX2V and dit8: [out, 1] (or [out]) per output channel
 TENSOR_SCALE = ".scale_weight"   # ComfyUI scaled fp8: one scale per tensor
+UNSCALED = ""  # fp8 weights cast without scales (ComfyUI's and others' fp8_e4m3fn files): a scale of 1
+WAN21_LATENT_CHANNELS = 16  # what every Wan2.1 DiT predicts (out_dim): the channels of Wan2.1's VAE latents
 SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's marker tensor; carries no weights
 
-FLOAT, DIT8, LIGHTX2V, COMFYUI_FP8 = "float", "dit8 packed", "lightx2v", "comfyui scaled-fp8"
+FLOAT, DIT8, LIGHTX2V, COMFYUI_FP8, FP8_UNSCALED = ("float", "dit8 packed", "lightx2v", "comfyui scaled-fp8",
+                                                   "unscaled fp8")
 
 
 @dataclass
@@ -109,7 +112,7 @@ def _infer_config(shapes: dict[str, tuple[int, ...]], source: Path, layout: str,
 
 
 def _find_quantized(ckpt: Checkpoint, names: dict[str, str]) -> dict[str, str]:
-    """Modules whose weight is 8-bit, each with the suffix of its scale tensor."""
+    """Modules whose weight is 8-bit, each with the suffix of its scale tensor (UNSCALED: none)."""
     quantized: dict[str, str] = {}
     for official, file_key in names.items():
         for suffix in (CHANNEL_SCALE, TENSOR_SCALE):
@@ -123,11 +126,16 @@ def _find_quantized(ckpt: Checkpoint, names: dict[str, str]) -> dict[str, str]:
                     raise CheckpointError(f"{ckpt.infos[file_key].file}: scale {file_key!r} belongs to no "
                                           f"8-bit weight")
                 quantized[module] = suffix
-    for official, file_key in names.items():
-        module = official.removesuffix(".weight")
-        if ckpt.infos[file_key].dtype in QUANT_DTYPES and module not in quantized:
-            raise CheckpointError(f"{ckpt.infos[file_key].file}: 8-bit tensor {file_key!r} has no scale "
-                                  f"({module}{CHANNEL_SCALE} or {TENSOR_SCALE})")
+    unscaled = {official: file_key for official, file_key in names.items()
+                if ckpt.infos[file_key].dtype in QUANT_DTYPES and official.removesuffix(".weight") not in quantized}
+    if unscaled and not quantized and all(ckpt.infos[k].dtype == torch.float8_e4m3fn for k in unscaled.values()):
+        # fp8 tensors and no scale at all: a plain cast to e4m3, whose values are the weights. Its block
+        # linears run as FP8 GEMMs with a scale of 1; its other fp8 tensors are read as floats.
+        return {official.removesuffix(".weight"): UNSCALED for official in unscaled if official.endswith(".weight")}
+    if unscaled:  # beside scales of other tensors, or int8 (whose codes mean nothing without a scale)
+        official, file_key = next(iter(unscaled.items()))
+        raise CheckpointError(f"{ckpt.infos[file_key].file}: 8-bit tensor {file_key!r} has no scale "
+                              f"({official.removesuffix('.weight')}{CHANNEL_SCALE} or {TENSOR_SCALE})")
     return quantized
 
 
@@ -135,6 +143,8 @@ def _check_tensor_set(ckpt: Checkpoint, names: dict[str, str], config: WanConfig
                       quantized: dict[str, str]) -> None:
     expected: dict[str, tuple[tuple[int, ...], ...]] = {k: (s,) for k, s in expected_shapes(config).items()}
     for module, suffix in quantized.items():
+        if suffix == UNSCALED:
+            continue
         out = expected.get(module + ".weight", ((0,),))[0][0]
         expected[module + suffix] = ((out, 1), (out,)) if suffix == CHANNEL_SCALE else ((), (1,))
     for official, file_key in names.items():
@@ -235,6 +245,12 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
                               f"T2V ones in_dim = out_dim), which is what dit8 runs")
     for source, raw in stated:
         config = check_against_config_json(config, raw, source)
+    if config.out_dim != WAN21_LATENT_CHANNELS:
+        # Wan2.2's TI2V-5B has Wan2.1's tensor names at 48 channels, for its own VAE: the shapes would load,
+        # and its forward (per-token timesteps) would silently compute something else.
+        raise CheckpointError(f"{ckpt.path}: out_dim {config.out_dim}: Wan2.1 DiTs predict the "
+                              f"{WAN21_LATENT_CHANNELS} latent channels of Wan2.1's VAE (48 is Wan2.2's TI2V-5B): "
+                              f"not a model dit8 runs")
     quantized = _find_quantized(ckpt, names)
     _check_tensor_set(ckpt, names, config, layout, quantized)
     if version is not None:
@@ -242,6 +258,8 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
         fmt = DIT8
     elif any(suffix == TENSOR_SCALE for suffix in quantized.values()):
         fmt = COMFYUI_FP8
+    elif any(suffix == UNSCALED for suffix in quantized.values()):
+        fmt = FP8_UNSCALED
     else:
         fmt = LIGHTX2V if quantized else FLOAT
     return DitCheckpoint(ckpt, layout, config, names, fmt, quantized)
@@ -321,7 +339,7 @@ def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
     runtime_quantized = dit.runtime_quantized()
     model = WanDiT(dit.config, device=device, dtype=dtype or default_dtype(device), backend=backend,
                    attention=attention, quantized=runtime_quantized, parallel=parallel)
-    scales = {module + suffix for module, suffix in dit.quantized.items()}
+    scales = {module + suffix for module, suffix in dit.quantized.items() if suffix != UNSCALED}
     total = sum(dit.checkpoint.infos[k].nbytes for k in dit.names.values())
     with dit.checkpoint, Progress(total, "loading", enabled=progress) as bar:
         for official, file_key in dit.names.items():
@@ -349,6 +367,8 @@ def _read_checked(dit: DitCheckpoint, official: str) -> torch.Tensor:
 
 def _read_scale(dit: DitCheckpoint, module: str) -> torch.Tensor:
     """A quantized layer's scale as [out, 1] or [1, 1] fp32, checked finite and positive."""
+    if dit.quantized[module] == UNSCALED:
+        return torch.ones(1, 1)
     key = module + dit.quantized[module]
     scale = _read_checked(dit, key).float().reshape(-1, 1)
     if not (scale > 0).all():

@@ -838,7 +838,8 @@ def test_bad_requests(tmp_path, i2v_weights, monkeypatch):
         convert(tmp_path / "q.safetensors", tmp_path / "qq.safetensors", progress=False)
 
 
-@pytest.mark.parametrize("form", ["comfyui_fp8", "comfyui_fp8_unprefixed", "lightx2v_int8_per_block", "dit8_fp8"])
+@pytest.mark.parametrize("form", ["comfyui_fp8", "comfyui_fp8_unprefixed", "lightx2v_int8_per_block", "dit8_fp8",
+                                  "fp8_unscaled"])
 def test_an_8bit_source_names_its_format_and_its_readers(tmp_path, i2v_weights, form, capsys):
     """An 8-bit checkpoint given to convert says which format it is in, what convert takes instead, and what
     reads it as it is; the command exits with 1 and leaves nothing."""
@@ -853,6 +854,11 @@ def test_an_8bit_source_names_its_format_and_its_readers(tmp_path, i2v_weights, 
     elif form == "lightx2v_int8_per_block":
         src = write_checkpoint(lightx2v_weights(i2v_weights, I2V, "int8"), tmp_path / "lx", fmt="per_block")
         kind, dtype = "LightX2V's 8-bit format", "int8"
+    elif form == "fp8_unscaled":
+        stored = {k: v.to(torch.float8_e4m3fn) if k.startswith("blocks.") and v.ndim == 2 else v
+                  for k, v in i2v_weights.items()}
+        src = write_checkpoint(stored, tmp_path / "cast.safetensors")
+        kind, dtype = "an fp8 cast without scales", "float8_e4m3fn"
     else:
         src, kind, dtype = tmp_path / "packed.safetensors", "a dit8 packed file", "float8_e4m3fn"
         convert(_source(tmp_path, i2v_weights, I2V), src, report=False, progress=False)
@@ -863,7 +869,8 @@ def test_an_8bit_source_names_its_format_and_its_readers(tmp_path, i2v_weights, 
     assert main(["convert", str(src), str(out / "o.safetensors"), "--scheme", "int8"]) == 1
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(rf"dit8: error: {re.escape(str(src))}: already quantized \({re.escape(kind)}: "
-                        rf"'\S*blocks\.\d+\.\S+\.weight' is {dtype} with a scale\); convert reads float checkpoints "
+                        rf"'\S*blocks\.\d+\.\S+\.weight' is {dtype}{'' if form == 'fp8_unscaled' else ' with a scale'}\); "
+                        r"convert reads float checkpoints "
                         r"\(fp32/bf16/fp16/fp64\), so convert the float release instead\. load_dit and "
                         r"`dit8 generate --dit` read it as it is", err), err
     assert _listing(out) == []

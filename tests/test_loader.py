@@ -350,6 +350,19 @@ def test_an_i2v_model_without_the_image_branch_is_not_read_as_t2v(tmp_path, conf
     assert str(err.value) == expected
 
 
+def test_wan22_ti2v_without_a_config_json_is_refused(tmp_path):
+    """Wan2.2's TI2V-5B has Wan2.1's tensor names at 48 latent channels: without a config.json naming its
+    model type, the channel count tells it is not a Wan2.1 DiT."""
+    config = tiny_config("t2v", in_dim=48, out_dim=48)
+    path = write_checkpoint(random_weights(config, seed=3), tmp_path / "m.safetensors")
+    expected = (f"{path}: out_dim 48: Wan2.1 DiTs predict the 16 latent channels of Wan2.1's VAE (48 is Wan2.2's "
+                f"TI2V-5B): not a model dit8 runs")
+    assert load_error(path) == expected
+    with pytest.raises(CheckpointError) as err:
+        dit8.open_dit(path)
+    assert str(err.value) == expected
+
+
 @pytest.mark.parametrize("model_type", ["ti2v", "flf2v"])
 def test_a_config_json_of_another_model_type(tmp_path, model_type):
     """Wan2.2's TI2V-5B (or Wan2.1's FLF2V) beside weights of Wan2.1's shapes: its model type is named as one

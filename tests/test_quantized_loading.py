@@ -2,6 +2,7 @@
 spec/quant-formats.md) and running them as W8A8 against a float64 W8A8 emulation."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -121,6 +122,55 @@ def test_comfyui_scaled_fp8_file(tmp_path, base):
         k: v.float() * reference[k.removesuffix(".weight") + ".weight_scale"] for k, v in reference.items()
         if v.dtype == torch.float8_e4m3fn}, **inputs, num_heads=CONFIG.num_heads)
     assert 0 < rel_err(model(**inputs), exact) <= 2 * rel_err(emulated, exact)
+
+
+def test_an_fp8_cast_without_scales_runs_as_fp8_with_unit_scales(tmp_path, base):
+    """An fp8 file without scales (ComfyUI's fp8_e4m3fn files: a plain cast) loads as W8A8 FP8 with a scale of
+    1: the forward of a LightX2V file of the same codes and unit scales, bit for bit. Its other fp8 tensors (a
+    non-block linear, a bias) are read as the floats they hold."""
+    weights, inputs = base
+    modules = {f"blocks.{n}.{name}" for n in range(CONFIG.num_layers) for name in block_linears(CONFIG)}
+    cast = {k: v.to(torch.float8_e4m3fn) if k.removesuffix(".weight") in modules or k in (
+        "text_embedding.2.weight", "blocks.0.self_attn.q.bias") else v for k, v in weights.items()}
+    path = tmp_path / "wan_fp8_e4m3fn.safetensors"
+    save_file({"model.diffusion_model." + k: v for k, v in cast.items()}, str(path))
+    dit = dit8.open_dit(path)
+    assert (dit.layout, dit.format, len(dit.quantized)) == ("comfyui", "unscaled fp8", 12 * 2 + 1)
+    unit = {k: v.float() if v.dtype == torch.float8_e4m3fn and k.removesuffix(".weight") not in modules else v
+            for k, v in cast.items()}
+    unit |= {module + ".weight_scale": torch.ones(CONFIG.dim if "ffn.0" not in module else CONFIG.ffn_dim, 1)
+             for module in modules}
+    model, same = dit8.load_dit(path), dit8.load_dit(write_checkpoint(unit, tmp_path / "unit.safetensors"))
+    assert dit8.open_dit(tmp_path / "unit.safetensors").format == "lightx2v"
+    assert sum(isinstance(m, QuantLinear) and m.weight.dtype == torch.float8_e4m3fn for m in model.modules()) == 24
+    torch.testing.assert_close(model.text_embedding[2].weight, cast["text_embedding.2.weight"].float(),
+                               rtol=0, atol=0)
+    assert torch.equal(model(**inputs), same(**inputs))
+
+
+def test_fp8_e5m2_weights_without_scales_are_read_as_floats(tmp_path, base):
+    """e5m2 has no FP8 GEMM here: its weights are upcast on load and run as float linears."""
+    weights, inputs = base
+    stored = {k: v.to(torch.float8_e5m2) if k.startswith("blocks.") and v.ndim == 2 else v for k, v in weights.items()}
+    model = dit8.load_dit(write_checkpoint(stored, tmp_path / "e5m2.safetensors"))
+    assert dit8.open_dit(tmp_path / "e5m2.safetensors").format == "float"
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert torch.equal(model.blocks[1].ffn[0].weight, stored["blocks.1.ffn.0.weight"].float())
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_8bit_weights_without_any_scale_but_not_a_plain_fp8_cast(tmp_path, base, dtype):
+    """int8 codes mean nothing without their scale; fp8 ones beside another tensor's scale are a file missing
+    one: both are refused, naming the tensor."""
+    stored = lightx2v_weights(base[0], CONFIG, "int8" if dtype == torch.int8 else "fp8")
+    if dtype == torch.int8:
+        stored = {k: v for k, v in stored.items() if not k.endswith(".weight_scale")}
+    else:
+        del stored["blocks.1.ffn.2.weight_scale"]
+    msg = error_of(stored, tmp_path / "q.safetensors")
+    assert re.search(r"8-bit tensor 'blocks\.\d\.\S+\.weight' has no scale", msg), msg
+    if dtype != torch.int8:
+        assert "'blocks.1.ffn.2.weight'" in msg
 
 
 @pytest.fixture
