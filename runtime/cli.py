@@ -475,3 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if handle_sigint:
             signal.signal(signal.SIGINT, previous_int)
+
+
+if __name__ == "__main__":  # python -m dit8.cli, as python -m dit8
+    sys.exit(main())

@@ -291,6 +291,16 @@ def test_help_and_argument_errors_do_not_load_torch():
     assert "dit8.cli" in imported and not imported & {"torch", "triton", "numpy"}
 
 
+def test_the_cli_module_runs_as_a_script():
+    """`python -m dit8.cli` is the command, as `python -m dit8` and `dit8` are (it did nothing at all)."""
+    from dit8 import __version__
+
+    done = subprocess.run([sys.executable, "-m", "dit8.cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and __version__ in done.stdout, done.stdout + done.stderr
+    done = subprocess.run([sys.executable, "-m", "dit8.cli", "info"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "required: path" in done.stderr
+
+
 @pytest.mark.parametrize("cuda", [False, True])
 def test_device_default_is_cuda_when_available(cuda, monkeypatch):
     # --device's default is decided when the command runs (the parser does not import torch)
