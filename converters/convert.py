@@ -32,7 +32,7 @@ from dit8.loader import COMFYUI_FP8, DIT8, FP8_UNSCALED, LIGHTX2V, UNSCALED, che
 from dit8.progress import Progress
 
 from .lora import LoraArg, LoraSet, LoraSpec
-from .quantize_weights import SCHEME_DTYPES, error_sums, errors_from_sums, quantize_weight
+from .quantize_weights import SCHEME_DTYPES, errors_from_sums, quantize_weight_measured
 from .errors import ConvertError
 from .safetensors_writer import SafetensorsWriter, TensorSpec, fsync_folder, write_json
 from .work_folder import work_folder
@@ -322,13 +322,11 @@ def _convert_tensor(plan: _Plan, reader: SourceReader, lora: LoraSet, writer: Sa
             _require_finite(torch.stack(torch.aminmax(rows)), block, t, merged, rows.dtype)  # NaN-propagating
             writes.submit(writer.write_rows, plan.outputs[0].key, rows)
         else:
-            rows = rows.float()  # once, for the quantization and its error
-            q, scale = quantize_weight(rows, plan.scheme)
+            q, scale, (s, n) = quantize_weight_measured(rows, plan.scheme)
             # A finite scale iff the whole row is; float64 sources may pass float32's range in the cast.
             _require_finite(scale, block, t, merged, torch.float32 if block.dtype == torch.float64 else None)
             writes.submit(writer.write_rows, plan.outputs[0].key, q)
             scales.append(scale)
-            s, n = error_sums(rows, q, scale)
             signal, noise = signal + s, noise + n
         progress.update(block.nbytes)
     if plan.scheme is None:

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from dit8.kernels.quantize import quantize_rows
+from dit8.kernels.quantize import QMAX, quantize_rows
 from dit8.packed_format import SCHEME_DTYPES
 
 # LightX2V's floor of a row's amax: keeps an all-zero row's scale finite.
@@ -24,12 +24,16 @@ WEIGHT_SCALE_FLOOR = 1e-5
 
 def quantize_weight(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in] (any float dtype) -> (q [out, in] int8 or float8_e4m3fn, scale [out, 1] fp32)."""
+    _check_weight(w, scheme)
+    q, scale = quantize_rows(w, SCHEME_DTYPES[scheme], WEIGHT_SCALE_FLOOR)
+    return q, scale[:, None]
+
+
+def _check_weight(w: torch.Tensor, scheme: str) -> None:
     if scheme not in SCHEME_DTYPES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; expected one of {tuple(SCHEME_DTYPES)}")
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"quantize_weight expects a 2-D float weight [out, in], got {tuple(w.shape)} {w.dtype}")
-    q, scale = quantize_rows(w, SCHEME_DTYPES[scheme], WEIGHT_SCALE_FLOOR)
-    return q, scale[:, None]
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -37,26 +41,46 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float().reshape(-1, 1)
 
 
+def quantize_weight_measured(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+    """quantize_weight(w, scheme) and its error_sums, from one pass of quantization: (q, scale, sums)."""
+    _check_weight(w, scheme)
+    q, scale, scaled = quantize_rows(w, SCHEME_DTYPES[scheme], WEIGHT_SCALE_FLOOR, with_scaled=True)
+    return q, scale[:, None], _scaled_error_sums(scaled, _decoded(q).sub_(scaled), scale)
+
+
 def error_sums(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tuple[float, float]:
     """(Σ w², Σ (w - q·scale)²), partial sums that add up over blocks of rows.
 
-    The differences are taken in fp32, as the runtime dequantizes (each carries a rounding of at most
-    2^-24·|w|, i.e. ~1e-5 of the noise itself); each row's sum of squares is an fp32 dot product and
-    the rows are added in float64. All-float64 arithmetic would cost several times more, which on a
-    small CPU is most of a conversion. Each row is squared at the power of two of its scale, which
-    changes no bit of it: squares of weights past 1e19 would overflow fp32.
+    Measured where the codes were rounded, in units of each row's scale: with y = w / scale (clamped
+    to e4m3fn's ±448, as quantize_weight rounds it), Σ w² = Σ scale²·‖y‖² and the error is
+    Σ scale²·‖q - y‖², the norms in fp32 (|y| <= 448: no overflow for any finite weight), the rows
+    added in float64. This is the error of the codes against their exact values to within the
+    division's rounding (2^-24 of |y|, ~1e-5 of the noise at most), without a multiply, a subtraction
+    and a sum over the dequantized weight: on a small CPU those passes were most of a conversion.
     """
-    w32 = w.float()
-    noise = q.float().mul_(scale.float().reshape(-1, 1)).sub_(w32)
-    exponent = torch.frexp(scale.float().reshape(-1))[1]
-    return _sum_squares(w32, exponent), _sum_squares(noise, exponent)
+    scaled = w.float() / scale.float().reshape(-1, 1)
+    if q.dtype == torch.float8_e4m3fn:
+        scaled.clamp_(-QMAX[q.dtype], QMAX[q.dtype])
+    return _scaled_error_sums(scaled, _decoded(q).sub_(scaled), scale.float().reshape(-1))
 
 
-def _sum_squares(x: torch.Tensor, exponent: torch.Tensor) -> float:
-    """Σ x² for x [rows, ...], each row taken as x·2^-exponent[row] (exact) and squared in fp32."""
-    rows = torch.ldexp(x.reshape(x.shape[0], 1, -1), -exponent.reshape(-1, 1, 1))
-    squares = (rows @ rows.transpose(1, 2)).double().reshape(-1)  # batched row dot products (BLAS)
-    return float(torch.ldexp(squares, 2 * exponent.double()).sum())
+def _scaled_error_sums(scaled: torch.Tensor, noise: torch.Tensor, scale: torch.Tensor) -> tuple[float, float]:
+    """(Σ scale²·‖scaled row‖², Σ scale²·‖noise row‖²) in float64 from fp32 row norms."""
+    squares = scale.double().square()
+    return tuple(float((torch.linalg.vector_norm(x, dim=1).double().square() * squares).sum())
+                 for x in (scaled, noise))
+
+
+# Every e4m3fn code's value, for decoding by table look-up: torch's CPU cast from e4m3fn converts one
+# element at a time (~4x slower than numpy's indexing with the codes' bytes, the same values).
+_E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+
+
+def _decoded(q: torch.Tensor) -> torch.Tensor:
+    """The codes as fp32 values (a new tensor)."""
+    if q.dtype == torch.float8_e4m3fn and q.device.type == "cpu":
+        return torch.from_numpy(_E4M3_VALUES[q.contiguous().view(torch.uint8).numpy()])
+    return q.float()
 
 
 def errors_from_sums(signal: float, noise: float) -> tuple[float, float]:

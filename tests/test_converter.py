@@ -868,9 +868,9 @@ def test_an_8bit_source_names_its_format_and_its_readers(tmp_path, i2v_weights, 
 
     assert main(["convert", str(src), str(out / "o.safetensors"), "--scheme", "int8"]) == 1
     err = capsys.readouterr().err.strip()
+    scaled = "" if form == "fp8_unscaled" else " with a scale"
     assert re.fullmatch(rf"dit8: error: {re.escape(str(src))}: already quantized \({re.escape(kind)}: "
-                        rf"'\S*blocks\.\d+\.\S+\.weight' is {dtype}{'' if form == 'fp8_unscaled' else ' with a scale'}\); "
-                        r"convert reads float checkpoints "
+                        rf"'\S*blocks\.\d+\.\S+\.weight' is {dtype}{scaled}\); convert reads float checkpoints "
                         r"\(fp32/bf16/fp16/fp64\), so convert the float release instead\. load_dit and "
                         r"`dit8 generate --dit` read it as it is", err), err
     assert _listing(out) == []
@@ -922,7 +922,7 @@ def test_a_lora_given_as_the_source(tmp_path, capsys):
 
 def _on_seventh_weight(monkeypatch, action) -> None:
     """Run `action()` as the converter quantizes its seventh weight, midway through a conversion."""
-    real_quantize, calls = convert_module.quantize_weight, [0]
+    real_quantize, calls = convert_module.quantize_weight_measured, [0]
 
     def quantize(*args):
         calls[0] += 1
@@ -930,7 +930,7 @@ def _on_seventh_weight(monkeypatch, action) -> None:
             action()
         return real_quantize(*args)
 
-    monkeypatch.setattr(convert_module, "quantize_weight", quantize)
+    monkeypatch.setattr(convert_module, "quantize_weight_measured", quantize)
 
 
 @pytest.mark.parametrize("per_block", [False, True])
@@ -1093,6 +1093,24 @@ def test_quantize_weight_recipe():
         assert quantization_error(huge, *quantize_weight(huge, scheme))[0] == pytest.approx(rel, rel=1e-5)
     with pytest.raises(ValueError, match="unknown quantization scheme"):
         quantize_weight(x, "int4")
+
+
+def test_measured_quantization_is_quantize_weight_and_its_error():
+    """What convert runs (codes, scales and error sums in one pass) is quantize_weight's codes and scales,
+    with the sums of error_sums, which are float64's to within the fp32 differences."""
+    from dit8.converters.quantize_weights import _decoded, error_sums, quantize_weight_measured
+
+    x = torch.randn(37, 300) * torch.rand(37, 1) * 3
+    for scheme in ("fp8", "int8"):
+        q, s, (signal, noise) = quantize_weight_measured(x.bfloat16(), scheme)
+        q_ref, s_ref = quantize_weight(x.bfloat16(), scheme)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+        assert (signal, noise) == pytest.approx(error_sums(x.bfloat16(), q_ref, s_ref), rel=1e-12)
+        w = x.bfloat16().double()
+        assert signal == pytest.approx(w.square().sum().item(), rel=1e-5)
+        assert noise == pytest.approx((w - q.double() * s.double()).square().sum().item(), rel=1e-5)
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8)  # the look-up table decodes every code as the cast
+    torch.testing.assert_close(_decoded(codes), codes.float(), rtol=0, atol=0, equal_nan=True)
 
 
 # ------------------------------------------------------------------------------------- the writer
