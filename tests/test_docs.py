@@ -4,6 +4,7 @@ and every DIT8_* environment variable the package reads is documented in a READM
 
 from __future__ import annotations
 
+import argparse
 import ast
 import re
 from pathlib import Path
@@ -105,3 +106,85 @@ def test_every_environment_variable_the_package_reads_is_documented():
     assert "DIT8_BACKEND" in read  # the scan sees the variables (registry.ENV_VAR)
     undocumented = sorted(name for name in read if not re.search(rf"\b{name}\b", documented))
     assert not undocumented, f"read by dit8 but in no README: {undocumented}"
+
+
+# The README's synopses of the commands: the fenced block of "## Command line" (an entry per line that starts
+# with "dit8 ", continued by indented lines) and the `dit8 bench dit [...]` in the prose below it.
+def _readme_synopses() -> dict[str, str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```", 2)[1]
+    synopses: dict[str, str] = {}
+    for line in block.splitlines():
+        if line.startswith("dit8 "):
+            command, rest = line[len("dit8 "):].split(" ", 1)
+            synopses[command] = rest
+        elif line.strip() and synopses:
+            synopses[command] += " " + line.strip()
+    for match in re.finditer(r"`dit8 (bench \w+) ([^`]*)`", section):
+        synopses[match[1]] = " ".join(match[2].split())
+    return synopses
+
+
+def _synopsis_options(synopsis: str) -> tuple[dict[str, str | None], bool]:
+    """{option: its value as written, None for a switch}, and whether the synopsis ends in "..." (more
+    options than it shows). A value of `a|b` or `{a,b}` lists the choices."""
+    synopsis = synopsis.split("   ")[0]  # what follows a wide gap is a description
+    tokens = synopsis.split()
+    options: dict[str, str | None] = {}
+    for i, token in enumerate(tokens):
+        option = token.strip("[]").removesuffix("...").strip("[]")
+        if not option.startswith("--"):
+            continue
+        following = tokens[i + 1] if i + 1 < len(tokens) else "|"
+        takes_value = not token.rstrip(".").endswith("]") and not following.startswith(("-", "[", "|"))
+        options[option] = following.removesuffix("...").rstrip("]") if takes_value else None
+    return options, tokens[-1] == "..."
+
+
+def _command_parsers() -> dict[str, argparse.ArgumentParser]:
+    from dit8.cli import build_parser
+
+    found = {}
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    found[f"{name} {sub_name}".strip()] = sub
+                    walk(sub, f"{name} {sub_name}")
+
+    walk(build_parser(), "")
+    return found
+
+
+def test_the_synopsis_parser_reads_values_switches_and_choices():
+    options, more = _synopsis_options("X [--a {p,q}] [--b N]... [--c | --d FILE] [--e x|y] ...")
+    assert options == {"--a": "{p,q}", "--b": "N", "--c": None, "--d": "FILE", "--e": "x|y"} and more
+    assert _synopsis_options("[--json]     layout, variant") == ({"--json": None}, False)
+
+
+def test_the_readme_synopsis_of_each_command_matches_its_options():
+    synopses, parsers = _readme_synopses(), _command_parsers()
+    assert {"info", "convert", "generate", "demo", "bench dit"} <= set(synopses)
+    problems = []
+    for command, synopsis in synopses.items():
+        actions = {o: a for a in parsers[command]._actions for o in a.option_strings if o not in ("-h", "--help")}
+        options, more = _synopsis_options(synopsis)
+        for option, value in options.items():
+            action = actions.get(option)
+            if action is None:
+                problems.append(f"dit8 {command} {option}: no such option")
+                continue
+            if (value is None) != (action.nargs == 0):
+                problems.append(f"dit8 {command} {option}: " + ("takes a value" if value is None else "is a switch"))
+            if value and re.search(r"[|{]", value) and action.choices is not None:  # else an example value
+                listed = re.split(r"[|,]", value.strip("{}"))
+                if set(listed) != set(action.choices):
+                    problems.append(f"dit8 {command} {option}: README lists {listed}, it takes {list(action.choices)}")
+        if not more:  # a synopsis without "..." shows every option
+            left_out = sorted({a.option_strings[0] for a in actions.values()
+                               if not set(a.option_strings) & set(options)})
+            problems += [f"dit8 {command}: {option} missing from the README's synopsis" for option in left_out]
+    assert not problems, problems
+
