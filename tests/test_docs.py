@@ -188,3 +188,16 @@ def test_the_readme_synopsis_of_each_command_matches_its_options():
             problems += [f"dit8 {command}: {option} missing from the README's synopsis" for option in left_out]
     assert not problems, problems
 
+
+def test_every_public_name_is_in_the_readme():
+    """What `dit8` exports and the ops of `dit8.kernels` are each named in the README's code (fenced or inline)."""
+    import dit8
+    import dit8.kernels
+
+    text = (ROOT / "README.md").read_text()
+    ops = [n for n in dit8.kernels.__all__ if n.islower() and n != "available_backends"]
+    fenced = re.findall(r"```.*?```", text, flags=re.S)
+    spans = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", " ", text, flags=re.S))
+    in_code = set(re.findall(r"\w+", " ".join(fenced + spans)))
+    missing = [n for n in (*dit8.__all__, *ops) if n != "__version__" and n not in in_code]
+    assert not missing, f"exported but not in README.md: {missing}"
