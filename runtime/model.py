@@ -78,7 +78,8 @@ _SUMMED_INPUTS = 4
 class EncodedContext:
     """The text (and image) conditioning projected to every block's keys and values, computed once per
     generation by `WanDiT.encode_context` and reused by every sampling step. `model` refers (weakly) to
-    the model that made it: another model's keys and values, even of the same shapes, are refused."""
+    the model that made it: another model's keys and values, even of the same shapes, are refused. A
+    pickled or saved one loses that reference and is taken by any model of its shapes."""
 
     batch: int
     blocks: list[CrossKV]

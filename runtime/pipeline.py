@@ -263,7 +263,8 @@ class I2VPipeline:
         seed: seeds the initial noise (and the re-noising of update="renoise", with seed + 1).
         frames: 4k + 1 (81 = 5 s at 16 fps).
         size: (width, height), multiples of 16; default: the image's aspect ratio at `area` pixels
-            (default 480·832), by the official formula.
+            (default 480·832), by the official formula computed exactly (`dit8.conditioning.output_size`:
+            a few aspect ratios, 832x480 among them, come out one patch larger than in the reference).
         sampler: "distilled" or "unipc"; default from the model (see `from_pretrained`). steps, guidance,
             shift default by sampler: distilled 4 / 1.0 / 5.0; unipc 40 / 5.0 / 3.0 (5.0 above 480P area).
         negative_prompt: for CFG (guidance != 1); default Wan's own. "" is an empty negative prompt.
