@@ -18,6 +18,14 @@ if TYPE_CHECKING:  # the names as type checkers see them; at run time __getattr_
     from .sampler import DistilledSampler, initial_noise
     from .unipc import UniPCSampler
 
+    # Every submodule, each also an attribute at run time (__getattr__ imports it): `dit8.t5` after `import
+    # dit8` is typed rather than Any. Checkers do not see __getattr__ (below), so a misspelt name is an error.
+    from . import (  # noqa: F401
+        bench_dit, checkpoint, choices, cli, clip, conditioning, config, converters, cuda_graph, demo, devices,
+        diffusers_reference, errors, kernels, layers, layouts, loader, model, model_folder, packed_format,
+        parallel, pipeline, profiling, progress, random_dit, rope, sampler, t5, testing, testing_encoders,
+        testing_pipeline, testing_vae, tokenizer, unipc, vae, video)
+
 __version__ = "0.1.0"
 
 __all__ = ["DEFAULT_NEGATIVE_PROMPT", "Cancelled", "CapturedForward", "CheckpointError", "Dit8Error",
@@ -57,20 +65,21 @@ def _import(module: str) -> "ModuleType":
         raise ImportError(f"importing {__name__}.{module} failed: {err}") from err
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is not None:
-        value = getattr(_import(module), name)
-        globals()[name] = value  # found directly from now on
-        return value
-    if not name.startswith("_"):
-        # A submodule not imported yet (`dit8.t5`, `dit8.kernels`), as when `import dit8` imported them all.
-        try:
-            return _import(name)
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{name}":
-                raise  # a dependency of that module is missing: say which
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if not TYPE_CHECKING:  # seen by a checker, its Any would let every misspelt `dit8.X` pass
+    def __getattr__(name: str) -> Any:
+        module = _EXPORTS.get(name)
+        if module is not None:
+            value = getattr(_import(module), name)
+            globals()[name] = value  # found directly from now on
+            return value
+        if not name.startswith("_"):
+            # A submodule not imported yet (`dit8.t5`, `dit8.kernels`), as when `import dit8` imported them all.
+            try:
+                return _import(name)
+            except ModuleNotFoundError as err:
+                if err.name != f"{__name__}.{name}":
+                    raise  # a dependency of that module is missing: say which
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

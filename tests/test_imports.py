@@ -2,11 +2,14 @@
 public names load on first use (PEP 562) and behave as eagerly imported ones did; objects and errors
 pickled here load in a fresh process; the names `dit8.choices` gathered keep their import paths."""
 
+import ast
 import importlib
 import json
 import pickle
+import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,6 +156,24 @@ def test_the_package_loads_its_names_on_first_use():
                                  "converters": True}
     assert report["star"] == report["all"]
     assert report["unresolved"] == [] and report["not_in_dir"] == [] and report["not_in_help"] == []
+
+
+def test_type_checkers_see_every_name_the_package_gives_at_run_time():
+    # Checkers read the `if TYPE_CHECKING:` imports of dit8/__init__.py, not __getattr__ (which they do not
+    # see: its Any would let any misspelt name pass): a public name or submodule missing there is an error
+    # to them, where the code runs.
+    tree = ast.parse(Path(dit8.__file__).read_text())
+    block = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    names, submodules = {}, set()
+    for node in block.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            for alias in node.names:
+                if node.module is None:
+                    submodules.add(alias.name)
+                else:
+                    names[alias.name] = node.module
+    assert names == dit8._EXPORTS
+    assert submodules == {m.name for m in pkgutil.iter_modules(dit8.__path__) if m.name != "__main__"}
 
 
 # A dependency whose import fails inside with an AttributeError (another version of it, say: PyAV here).
