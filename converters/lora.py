@@ -18,11 +18,12 @@ matrix (differences ~1e-6 relative, far below 8-bit steps).
 
 from __future__ import annotations
 
+import io
 import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Mapping, Union
+from typing import Iterable, Mapping, Union
 
 import torch
 
@@ -84,7 +85,7 @@ class _LoraFile:
         self.spec = spec
         self.ckpt: Checkpoint = open_checkpoint(spec.path)
         self.offsets: dict[str, int] = {}
-        self._handles: dict[Path, BinaryIO] = {}
+        self._handles: dict[Path, io.BufferedReader] = {}
         try:
             configs = {}  # each part's header config (a LoRA split over files shares one scaling)
             for file in self.ckpt.files:

@@ -17,11 +17,12 @@ the folder).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -54,7 +55,7 @@ def _read_error(file: Path, err: OSError) -> CheckpointError:
     return CheckpointError(f"{file}: cannot read: {err.strerror or err}")
 
 
-def read_at(f: BinaryIO, offset: int, nbytes: int, file: Path, key: str) -> torch.Tensor:
+def read_at(f: io.BufferedIOBase, offset: int, nbytes: int, file: Path, key: str) -> torch.Tensor:
     """`nbytes` bytes of `f` from `offset` into a fresh uint8 tensor (a plain read, no memory map)."""
     buf = torch.empty(nbytes, dtype=torch.uint8)
     try:
@@ -135,7 +136,7 @@ class SourceReader:
         self.tensors = tensors
         self._digests = {file: _FileDigest(file) for file in self.files}
         self._hashing = InOrderWorker("hash")
-        self._handles: dict[Path, BinaryIO] = {}
+        self._handles: dict[Path, io.BufferedReader] = {}
 
     @property
     def total_bytes(self) -> int:
