@@ -9,7 +9,7 @@ import numbers
 import operator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from .errors import CheckpointError, InputError
 
@@ -168,11 +168,11 @@ def check_against_config_json(config: WanConfig, raw: Mapping, source: Path) -> 
         raise CheckpointError(f"{source}: {err}") from None
 
 
-def tiny_config(variant: str = "i2v", **overrides) -> WanConfig:
+def tiny_config(variant: str = "i2v", **overrides: Any) -> WanConfig:
     """A small configuration of the real architecture, for tests and the demo (runs in ms on a CPU)."""
-    base = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36 if variant == "i2v" else 16,
-                out_dim=16, freq_dim=256, text_dim=64,
-                clip_dim=32 if variant == "i2v" else None)
+    base: dict[str, Any] = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2,
+                                in_dim=36 if variant == "i2v" else 16, out_dim=16, freq_dim=256, text_dim=64,
+                                clip_dim=32 if variant == "i2v" else None)
     base.update(overrides)
     return WanConfig(**base)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,13 +17,13 @@ __all__ = ["TINY_WORDS", "build_random_clip", "build_random_t5", "random_clip_we
            "tiny_clip_config", "tiny_t5_config", "write_tiny_clip", "write_tiny_t5", "write_tiny_tokenizer"]
 
 
-def tiny_t5_config(**overrides) -> T5Config:
+def tiny_t5_config(**overrides: Any) -> T5Config:
     """umT5's layout at toy size; dim 64 matches `tiny_config().text_dim`, vocab covers the tiny tokenizer."""
     base = dict(vocab=128, dim=64, dim_attn=64, dim_ffn=96, num_heads=4, num_layers=2, num_buckets=32)
     return T5Config(**{**base, **overrides})
 
 
-def tiny_clip_config(**overrides) -> CLIPVisionConfig:
+def tiny_clip_config(**overrides: Any) -> CLIPVisionConfig:
     """ViT-H/14's layout at toy width; 224×224 images and 14-pixel patches keep the real 257 tokens, dim
     32 matches `tiny_config().clip_dim`, and 16 heads is what `from_pth` assumes by default."""
     base = dict(image_size=224, patch_size=14, dim=32, mlp_dim=128, num_heads=16, num_layers=3)

@@ -4,6 +4,7 @@ demo and benchmarks (random weights at the real shapes). No download involved.""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,7 +13,7 @@ from .vae import VAEConfig, WanVAE
 __all__ = ["build_random_vae", "random_vae_weights", "tiny_vae_config", "write_random_vae"]
 
 
-def tiny_vae_config(dim: int = 8, **overrides) -> VAEConfig:
+def tiny_vae_config(dim: int = 8, **overrides: Any) -> VAEConfig:
     """The Wan2.1 VAE layout (4 levels, 2 residual blocks, 16 latent channels, stride 4x8x8) at base
     width `dim` instead of 96: the real key names with tiny tensors."""
     return VAEConfig(dim=dim, **overrides)
