@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from dit8.kernels.quantize import QMAX, quantize_rows
+from dit8.kernels.quantize import quantize_rows
 from dit8.packed_format import SCHEME_DTYPES
 
 # LightX2V's floor of a row's amax: keeps an all-zero row's scale finite.
@@ -51,16 +51,15 @@ def quantize_weight_measured(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor
 def error_sums(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tuple[float, float]:
     """(Σ w², Σ (w - q·scale)²), partial sums that add up over blocks of rows.
 
-    Measured where the codes were rounded, in units of each row's scale: with y = w / scale (clamped
-    to e4m3fn's ±448, as quantize_weight rounds it), Σ w² = Σ scale²·‖y‖² and the error is
-    Σ scale²·‖q - y‖², the norms in fp32 (|y| <= 448: no overflow for any finite weight), the rows
-    added in float64. This is the error of the codes against their exact values to within the
-    division's rounding (2^-24 of |y|, ~1e-5 of the noise at most), without a multiply, a subtraction
-    and a sum over the dequantized weight: on a small CPU those passes were most of a conversion.
+    Measured where the codes were rounded, in units of each row's scale: with y = w / scale,
+    Σ w² = Σ scale²·‖y‖² and the error is Σ scale²·‖q - y‖², the norms in fp32 (|y| is at most the
+    codes' range for the recipe's scales: no overflow for any finite weight), the rows added in float64.
+    This is the error of the codes against their exact values to within the division's rounding (2^-24
+    of |y|, ~1e-5 of the noise at most), without a multiply, a subtraction and a sum over the
+    dequantized weight: on a small CPU those passes were most of a conversion. (quantize_weight_measured
+    takes y as the codes rounded it, clamped to e4m3fn's ±448: at most one ulp apart.)
     """
     scaled = w.float() / scale.float().reshape(-1, 1)
-    if q.dtype == torch.float8_e4m3fn:
-        scaled.clamp_(-QMAX[q.dtype], QMAX[q.dtype])
     return _scaled_error_sums(scaled, _decoded(q).sub_(scaled), scale.float().reshape(-1))
 
 
