@@ -352,7 +352,9 @@ def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
                 if module in runtime_quantized:
                     model.get_buffer(module + CHANNEL_SCALE).copy_(scale)
                 else:  # an 8-bit layer the model runs in high precision
-                    tensor = tensor.float() * scale
+                    # The scale along the first (output) dimension, whatever the tensor's rank: a cast's
+                    # norm weights are 1-D, its patch embedding 5-D.
+                    tensor = tensor.float() * scale.reshape(-1, *[1] * (tensor.dim() - 1))
             model.get_buffer(official).copy_(tensor)
             bar.update(dit.info(official).nbytes)
             del tensor  # free it before the next read, so memory holds the model plus one tensor

@@ -254,3 +254,19 @@ def test_converted_model_against_float64(tmp_path, base, scheme, per_block):
     assert dit8.open_dit(result.output).format == "dit8 packed"
     err, emulation_err = rel_err(model(**inputs), ref), rel_err(emulated, ref)
     assert 0 < err <= 2 * emulation_err, (err, emulation_err)
+
+
+def test_an_fp8_cast_of_every_tensor_reads_its_norms_and_biases_as_floats(tmp_path, base):
+    """A cast of every tensor to e4m3 (norm weights, biases, modulation, patch embedding too): the block
+    linears run as FP8 with a scale of 1, every other tensor is read as the floats it holds, whatever
+    its rank: the forward of a LightX2V file of the same values and unit scales, bit for bit."""
+    weights, inputs = base
+    modules = {f"blocks.{n}.{name}" for n in range(CONFIG.num_layers) for name in block_linears(CONFIG)}
+    cast = {k: v.to(torch.float8_e4m3fn) for k, v in weights.items()}
+    model = dit8.load_dit(write_checkpoint(cast, tmp_path / "cast.safetensors", layout="comfyui"))
+    unit = {k: v if k.removesuffix(".weight") in modules else v.float() for k, v in cast.items()}
+    unit |= {module + ".weight_scale": torch.ones(cast[module + ".weight"].shape[0], 1) for module in modules}
+    same = dit8.load_dit(write_checkpoint(unit, tmp_path / "unit.safetensors"))
+    assert torch.equal(model.blocks[0].norm3.weight, cast["blocks.0.norm3.weight"].float())
+    assert torch.equal(model.blocks[1].modulation, cast["blocks.1.modulation"].float())
+    assert torch.equal(model(**inputs), same(**inputs))
