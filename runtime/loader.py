@@ -111,8 +111,9 @@ def _infer_config(shapes: dict[str, tuple[int, ...]], source: Path, layout: str,
         raise CheckpointError(f"{source}: {err}{stated}") from None
 
 
-def _find_quantized(ckpt: Checkpoint, names: dict[str, str]) -> dict[str, str]:
-    """Modules whose weight is 8-bit, each with the suffix of its scale tensor (UNSCALED: none)."""
+def _find_quantized(ckpt: Checkpoint, names: dict[str, str], *, casts: bool = True) -> dict[str, str]:
+    """Modules whose weight is 8-bit, each with the suffix of its scale tensor (UNSCALED: none).
+    casts: whether fp8 tensors without any scale may be a plain cast (not in a format that has scales)."""
     quantized: dict[str, str] = {}
     for official, file_key in names.items():
         for suffix in (CHANNEL_SCALE, TENSOR_SCALE):
@@ -128,7 +129,8 @@ def _find_quantized(ckpt: Checkpoint, names: dict[str, str]) -> dict[str, str]:
                 quantized[module] = suffix
     unscaled = {official: file_key for official, file_key in names.items()
                 if ckpt.infos[file_key].dtype in QUANT_DTYPES and official.removesuffix(".weight") not in quantized}
-    if unscaled and not quantized and all(ckpt.infos[k].dtype == torch.float8_e4m3fn for k in unscaled.values()):
+    if (casts and unscaled and not quantized
+            and all(ckpt.infos[k].dtype == torch.float8_e4m3fn for k in unscaled.values())):
         # fp8 tensors and no scale at all: a plain cast to e4m3, whose values are the weights. Its block
         # linears run as FP8 GEMMs with a scale of 1; its other fp8 tensors are read as floats.
         return {official.removesuffix(".weight"): UNSCALED for official in unscaled if official.endswith(".weight")}
@@ -251,7 +253,8 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
         raise CheckpointError(f"{ckpt.path}: out_dim {config.out_dim}: Wan2.1 DiTs predict the "
                               f"{WAN21_LATENT_CHANNELS} latent channels of Wan2.1's VAE (48 is Wan2.2's TI2V-5B): "
                               f"not a model dit8 runs")
-    quantized = _find_quantized(ckpt, names)
+    # A dit8 packed file's 8-bit weights always have their scales: one without any lost them.
+    quantized = _find_quantized(ckpt, names, casts=version is None)
     _check_tensor_set(ckpt, names, config, layout, quantized)
     if version is not None:
         _check_packed_metadata(ckpt, names, config, quantized)

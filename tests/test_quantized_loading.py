@@ -270,3 +270,22 @@ def test_an_fp8_cast_of_every_tensor_reads_its_norms_and_biases_as_floats(tmp_pa
     assert torch.equal(model.blocks[0].norm3.weight, cast["blocks.0.norm3.weight"].float())
     assert torch.equal(model.blocks[1].modulation, cast["blocks.1.modulation"].float())
     assert torch.equal(model(**inputs), same(**inputs))
+
+
+def test_a_packed_file_without_its_scales_is_not_read_as_an_fp8_cast(tmp_path, base):
+    """A dit8 packed file always holds a scale per 8-bit weight: one that lost all of them is refused,
+    not loaded with scales of 1."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from dit8.converters import convert
+
+    packed = convert(write_checkpoint(base[0], tmp_path / "src.safetensors"), tmp_path / "p.safetensors",
+                     scheme="fp8", report=False, progress=False).output
+    with safe_open(str(packed), "pt") as f:
+        metadata = f.metadata()
+    stored = {k: v for k, v in load_file(str(packed)).items() if not k.endswith(".weight_scale")}
+    save_file(stored, str(tmp_path / "q.safetensors"), metadata=metadata)
+    with pytest.raises(CheckpointError) as err:
+        dit8.open_dit(tmp_path / "q.safetensors")
+    assert re.search(r"8-bit tensor 'blocks\.\d\.\S+\.weight' has no scale", str(err.value)), err.value
