@@ -135,7 +135,8 @@ def _find_quantized(ckpt: Checkpoint, names: dict[str, str], *, casts: bool = Tr
         # linears run as FP8 GEMMs with a scale of 1; its other fp8 tensors are read as floats.
         return {official.removesuffix(".weight"): UNSCALED for official in unscaled if official.endswith(".weight")}
     if unscaled:  # beside scales of other tensors, or int8 (whose codes mean nothing without a scale)
-        official, file_key = next(iter(unscaled.items()))
+        # Named: an int8 tensor where there is one (among fp8 ones without scales, it is the one at fault).
+        official, file_key = min(unscaled.items(), key=lambda item: ckpt.infos[item[1]].dtype != torch.int8)
         raise CheckpointError(f"{ckpt.infos[file_key].file}: 8-bit tensor {file_key!r} has no scale "
                               f"({official.removesuffix('.weight')}{CHANNEL_SCALE} or {TENSOR_SCALE})")
     return quantized

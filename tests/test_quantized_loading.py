@@ -289,3 +289,13 @@ def test_a_packed_file_without_its_scales_is_not_read_as_an_fp8_cast(tmp_path, b
     with pytest.raises(CheckpointError) as err:
         dit8.open_dit(tmp_path / "q.safetensors")
     assert re.search(r"8-bit tensor 'blocks\.\d\.\S+\.weight' has no scale", str(err.value)), err.value
+
+
+def test_an_int8_tensor_in_an_fp8_cast_is_the_one_named(tmp_path, base):
+    """fp8 weights without scales are a cast dit8 reads; an int8 weight among them is what keeps the file
+    from loading, so the refusal names it rather than one of the fp8 weights."""
+    stored = {k: v.to(torch.float8_e4m3fn) if k.startswith("blocks.") and v.ndim == 2 else v
+              for k, v in base[0].items()}
+    stored["blocks.1.ffn.2.weight"] = torch.ones_like(stored["blocks.1.ffn.2.weight"], dtype=torch.int8)
+    msg = error_of(stored, tmp_path / "q.safetensors")
+    assert "8-bit tensor 'blocks.1.ffn.2.weight' has no scale" in msg, msg
