@@ -299,3 +299,15 @@ def test_an_int8_tensor_in_an_fp8_cast_is_the_one_named(tmp_path, base):
     stored["blocks.1.ffn.2.weight"] = torch.ones_like(stored["blocks.1.ffn.2.weight"], dtype=torch.int8)
     msg = error_of(stored, tmp_path / "q.safetensors")
     assert "8-bit tensor 'blocks.1.ffn.2.weight' has no scale" in msg, msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz])
+def test_nan_in_other_fp8_weights_read_as_floats(tmp_path, base, dtype):
+    """fp8 weights of the formats read as floats (a .pth may hold the fnuz ones) are checked for NaN too:
+    a CheckpointError naming the tensor, not an error from torch."""
+    stored = {k: v.to(dtype) if k.startswith("blocks.") and v.ndim == 2 else v for k, v in base[0].items()}
+    nan = torch.tensor(float("nan")).to(dtype).view(torch.uint8)
+    stored["blocks.0.ffn.2.weight"].view(torch.uint8)[0, 0] = nan
+    path = write_checkpoint(stored, tmp_path / "w.pth", fmt="pth")
+    with pytest.raises(CheckpointError, match=r"tensor 'blocks\.0\.ffn\.2\.weight' contains NaN values"):
+        dit8.load_dit(path)
