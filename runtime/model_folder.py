@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, as_path
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .packed_format import SCHEMES
 
 __all__ = ["CLIP_FILE", "DIT_CANDIDATES", "ModelFiles", "SCHEMES", "T5_FILE", "TOKENIZER_FOLDER", "VAE_FILE",
@@ -207,7 +207,8 @@ def find_model_files(path: str | Path, *, dit: str | Path | None = None, scheme:
     dit: a DiT file or folder to use instead of the folder's own (relative paths are tried against the
         current directory, then the model folder).
     scheme: "bf16", "fp8" or "int8": which of the folder's DiT variants to take (default: the first
-        present in DIT_CANDIDATES order, float before fp8 before int8). Ignored with `dit`.
+        present in DIT_CANDIDATES order, float before fp8 before int8). With `dit`, or a DiT file as
+        `path`, there is no choice to make: InputError (the DiT's own weights decide its format).
     distilled: override the distilled/base rule of the module docstring.
     """
     if scheme is not None and scheme not in SCHEMES:
@@ -215,13 +216,18 @@ def find_model_files(path: str | Path, *, dit: str | Path | None = None, scheme:
     root = as_path(path, "path")
     if not root.exists():
         raise CheckpointError(f"{root}: no such model folder")
+    given = f"dit={str(dit)!r}" if dit is not None else None
     if root.is_file():
         if root.suffix not in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES):
             raise CheckpointError(f"{root}: neither a model folder nor a DiT checkpoint "
                                   f"({', '.join((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))})")
         if dit is None:
-            dit = root
+            dit, given = root, f"the DiT file {str(root)!r}"
         root = root.parent
+    if given is not None and scheme is not None:
+        # (It was ignored: a user asking for int8 got whatever the file held.)
+        raise InputError(f"scheme {scheme!r} chooses among a model folder's DiTs; with {given} there is none to "
+                         f"choose (its weights decide its format): leave the scheme out")
     if dit is not None:
         dit_path = as_path(dit, "dit")
         if not dit_path.exists() and not dit_path.is_absolute() and (root / dit_path).exists():

@@ -206,9 +206,9 @@ class I2VPipeline:
             fp16); CLIP runs fp16 as the reference (fp32 when dtype is fp32, or left default on a CPU);
             the VAE always fp32, as the reference.
         dit: a DiT file or folder instead of the folder's own; scheme: "bf16", "fp8" or "int8", which of
-            the folder's DiT variants to take. distilled: override the folder-kind rule, which sets the
-            call defaults (distilled: sampler "distilled", 4 steps, guidance 1, shift 5; base: "unipc",
-            40 steps, guidance 5, shift 3 at 480P).
+            the folder's DiT variants to take (InputError with `dit` or a DiT file as `path`). distilled:
+            override the folder-kind rule, which sets the call defaults (distilled: sampler "distilled",
+            4 steps, guidance 1, shift 5; base: "unipc", 40 steps, guidance 5, shift 3 at 480P).
         backend, attention: as `load_dit`. offload_encoders: keep T5 and CLIP in CPU memory and move
             them onto `device` only while they encode (saves their ~12 GB on the GPU between calls).
         vae_tile: decode the VAE's upsampling path in tiles of this many latent pixels. Peak GPU

@@ -549,6 +549,26 @@ def test_dit_override_and_the_distilled_rule(tmp_path):
         find_model_files(official, dit="missing.safetensors")
 
 
+def test_a_scheme_beside_a_given_dit_is_refused(tmp_path, capsys):
+    """A scheme chooses among a folder's DiTs: with a DiT given there is nothing to choose, and asking for int8
+    must not load whatever the file holds (it was ignored)."""
+    touch(tmp_path, *ENCODERS, "distill_models/distill_model.safetensors", "mine.safetensors")
+    dit_file = tmp_path / "distill_models" / "distill_model.safetensors"
+    for path, dit, given in ((tmp_path, "mine.safetensors", "dit='mine.safetensors'"),
+                             (dit_file, None, f"the DiT file {str(dit_file)!r}")):
+        with pytest.raises(InputError) as err:
+            find_model_files(path, dit=dit, scheme="int8")
+        assert str(err.value) == (f"scheme 'int8' chooses among a model folder's DiTs; with {given} there is none "
+                                  f"to choose (its weights decide its format): leave the scheme out")
+        assert find_model_files(path, dit=dit).dit in (tmp_path / "mine.safetensors", dit_file)
+    from dit8.cli import main
+
+    (png,) = write_png_frames(tmp_path, np.zeros((1, 32, 32, 3), np.uint8))
+    assert main(["generate", "--model", str(dit_file), "--scheme", "int8", "--image", str(png), "--prompt", "p",
+                 "--out", str(tmp_path / "o.mp4")]) == 1
+    assert "scheme 'int8' chooses among a model folder's DiTs" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("missing, message", [
     (T5_FILE, f"{T5_FILE}: T5 text encoder not found"),
     (CLIP_FILE, f"{CLIP_FILE}: CLIP image encoder not found"),
