@@ -172,6 +172,34 @@ def test_streaming_in_small_row_blocks_gives_the_same_file(tmp_path, i2v_weights
         assert a.layer == b.layer and a.rel_error == pytest.approx(b.rel_error, rel=1e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_torch_threads_leave_a_core_to_the_helpers_and_are_put_back(tmp_path, i2v_weights, monkeypatch, threads):
+    """Quantization runs on one torch thread fewer (at least one): the hasher and the writer need a core."""
+    seen = []
+    measured = convert_module.quantize_weight_measured
+
+    def spy(w, scheme):
+        seen.append(torch.get_num_threads())
+        if fail:
+            raise RuntimeError("stop")
+        return measured(w, scheme)
+
+    monkeypatch.setattr(convert_module, "quantize_weight_measured", spy)
+    before, fail = torch.get_num_threads(), False
+    torch.set_num_threads(threads)
+    try:
+        src = _source(tmp_path, i2v_weights, I2V)
+        convert(src, tmp_path / "out.safetensors", progress=False)
+        assert seen and set(seen) == {max(1, threads - 1)}
+        assert torch.get_num_threads() == threads
+        fail = True
+        with pytest.raises(RuntimeError, match="stop"):  # put back on failure too
+            convert(src, tmp_path / "out2.safetensors", progress=False)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_fp32_out_dtype_keeps_unquantized_tensors_exact(tmp_path, i2v_weights):
     src = _source(tmp_path, i2v_weights, I2V)
     convert(src, tmp_path / "o.safetensors", scheme="fp8", out_dtype=torch.float32, progress=False)
