@@ -1123,9 +1123,10 @@ def test_quantize_weight_recipe():
         quantize_weight(x, "int4")
 
 
-def test_measured_quantization_is_quantize_weight_and_its_error():
+def test_measured_quantization_is_quantize_weight_and_its_error(monkeypatch):
     """What convert runs (codes, scales and error sums in one pass) is quantize_weight's codes and scales,
     with the sums of error_sums, which are float64's to within the fp32 differences."""
+    from dit8.converters import quantize_weights
     from dit8.converters.quantize_weights import _decoded, error_sums, quantize_weight_measured
 
     x = torch.randn(37, 300) * torch.rand(37, 1) * 3
@@ -1137,8 +1138,18 @@ def test_measured_quantization_is_quantize_weight_and_its_error():
         w = x.bfloat16().double()
         assert signal == pytest.approx(w.square().sum().item(), rel=1e-5)
         assert noise == pytest.approx((w - q.double() * s.double()).square().sum().item(), rel=1e-5)
-    codes = torch.arange(256, dtype=torch.uint8).view(FP8)  # the look-up table decodes every code as the cast
-    torch.testing.assert_close(_decoded(codes), codes.float(), rtol=0, atol=0, equal_nan=True)
+    # The look-up tables decode every code, and every pair of codes, as the cast does; odd counts and
+    # shapes included, in one chunk of pairs and in several.
+    single = torch.arange(256, dtype=torch.uint8).view(FP8)
+    pairs = torch.arange(1 << 16, dtype=torch.int32).to(torch.uint16).view(torch.uint8).view(FP8)
+    for chunk in (None, 1000):
+        if chunk:
+            monkeypatch.setattr(quantize_weights, "_PAIRS_PER_CHUNK", chunk)
+        for codes in (single, pairs, pairs.reshape(512, 256), pairs.reshape(256, 512)[:, 1:], pairs[1:-1],
+                      single[:255], single[7]):
+            decoded = _decoded(codes)
+            assert decoded.shape == codes.shape and decoded.dtype == torch.float32
+            torch.testing.assert_close(decoded, codes.float(), rtol=0, atol=0, equal_nan=True)
 
 
 # ------------------------------------------------------------------------------------- the writer
