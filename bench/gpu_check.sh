@@ -17,6 +17,9 @@
 # pytest -k expression, and DIT8_SWEEP_ONLY, a regular expression over the GEMM and attention
 # configurations' names, narrows the candidates each case times to those and the table's own).
 #
+# While it runs, nvidia-smi samples the GPU's clock, power, temperature and why it held its clock down
+# (clocks.csv, beside marks of when each stage and forward began: marks.csv); the summary has a table of
+# them per stage.
 # Results collect in $WORK (default .gpu_check/ in the repository, which git ignores); a stage that
 # finished is listed in $WORK/done and left out of a later run without named stages. Results of another
 # GPU or another tree found there move to $WORK/previous/ first. Each stage runs for at most its own
