@@ -93,6 +93,7 @@ fields=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.activ
 nvidia-smi --query-gpu=$fields --format=csv,noheader >/dev/null 2>&1 || fields=${fields%,*}  # (older drivers)
 [ -s "$out/clocks.csv" ] || echo "$fields" >"$out/clocks.csv"
 nvidia-smi --query-gpu=$fields --format=csv,noheader,nounits -lms 500 >>"$out/clocks.csv" 2>/dev/null &
+sampler=$!
 mark() { echo "$(date '+%Y/%m/%d %H:%M:%S.%3N'),$*" >>"$out/marks.csv"; }
 if [ ${#stages[@]} -eq 0 ]; then
     for stage in "${all_stages[@]}"; do grep -qx "$stage" "$out/done" || stages+=("$stage"); done
@@ -364,6 +365,7 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
     pack
 done
 mark end
+kill "$sampler" 2>/dev/null  # (it runs until stopped: the `wait` below, for the CUDA build, would wait for it too)
 
 # The CUDA build, if it is still running: waited for while the budget lasts (its own limit: 300 s).
 if [ -n "${build_pid:-}" ]; then

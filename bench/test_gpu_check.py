@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import subprocess
 from pathlib import Path
 
@@ -45,3 +46,40 @@ def test_mistakes_are_reported_on_any_machine(args, env, message):
     """Before the GPU checks: on a machine without one the mistake is named, not the missing GPU."""
     run = gpu_check(*args, **env)
     assert run.returncode == 2 and message in run.stdout, run.stdout + run.stderr
+
+
+def test_a_run_ends_and_stops_its_clock_sampler(tmp_path):
+    """The nvidia-smi sampler runs in the background until the stages are done: the final `wait` (for the
+    CUDA build) must not wait for it too, or the run never prints its summary. A fake nvidia-smi and
+    interpreter stand in for the GPU machine; BUDGET=0 leaves every stage for the next run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sampler_pid = tmp_path / "sampler.pid"
+    (bin_dir / "nvidia-smi").write_text(f"""#!/usr/bin/env bash
+case "$*" in *-L*) echo "GPU 0: Fake"; exit 0 ;; esac
+sample() {{ echo "$(date '+%Y/%m/%d %H:%M:%S.%3N'), 1980, 300.5, 50, 0x0000000000000004"; }}
+if [[ "$*" == *-lms* ]]; then  # (bounded, so that a failing run leaves nothing behind for long)
+    echo $$ >{sampler_pid}; for _ in $(seq 80); do sample; sleep 0.5; done; exit 0
+fi
+sample
+""")
+    # The interpreter: runs results_tables.py, and answers every other command (the CUDA check, the install)
+    # with success.
+    (bin_dir / "python").write_text(f"""#!/usr/bin/env bash
+[ "${{1:-}}" = - ] && {{ cat >/dev/null; exit 0; }}
+[ "${{1:-}}" = bench/results_tables.py ] && exec {sys.executable} "$@"
+exit 0
+""")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    work = tmp_path / "work"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "python"), WORK=str(work),
+               BUDGET="0")
+    env.pop("OUT", None)
+    run = subprocess.run(["bash", str(SCRIPT), "tests"], env=env, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0 and "stages done: none; left:" in run.stdout, run.stdout + run.stderr
+    assert (work / "marks.csv").read_text().endswith(",end\n")
+    assert (work / "clocks.csv").read_text().startswith("timestamp,clocks.sm,")
+    pid = int(sampler_pid.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
