@@ -17,6 +17,7 @@ import fnmatch
 import json
 import math
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -410,6 +411,11 @@ def _move_without_replacing(path: Path, dst: Path) -> None:
     path.unlink()
 
 
+# Conversions running now (in this process's threads) and torch's thread count before the first of them.
+_converting = {"count": 0, "threads": 0}
+_converting_lock = threading.Lock()
+
+
 @contextmanager
 def _threads_beside_helpers() -> Iterator[None]:
     """torch's intra-op threads one fewer for the duration (at least one), then as they were.
@@ -417,13 +423,20 @@ def _threads_beside_helpers() -> Iterator[None]:
     The source is hashed and the output written on two helper threads (InOrderWorker) beside the
     quantization. With torch's default of one thread per core they compete for the cores, and each
     quantization op, split over every core, waits for its slowest part: on 2 cores each op took
-    ~8 ms per 4 M elements with 2 threads and 2-4 ms with 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before - 1))
+    ~8 ms per 4 M elements with 2 threads and 2-4 ms with 1. The count is process-wide: conversions
+    that overlap (in several threads) lower it once, and the last to end puts it back."""
+    with _converting_lock:
+        if _converting["count"] == 0:
+            _converting["threads"] = torch.get_num_threads()
+            torch.set_num_threads(max(1, _converting["threads"] - 1))
+        _converting["count"] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _converting_lock:
+            _converting["count"] -= 1
+            if _converting["count"] == 0:
+                torch.set_num_threads(_converting["threads"])
 
 
 # ---------------------------------------------------------------------------------------------- API
@@ -450,7 +463,8 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
     progress: draw a progress bar (default: when stderr is a terminal).
 
     torch runs on one intra-op thread fewer while converting (the source is hashed and the output
-    written on two helper threads beside it); the count is put back on return.
+    written on two helper threads beside it); the count is put back on return (by the last to return,
+    where conversions in several threads overlap).
 
     Raises CheckpointError (bad source or LoRA, naming file and key) or ConvertError (bad request);
     in either case, and on any other error, nothing is left at or beside `dst`.

@@ -200,6 +200,24 @@ def test_torch_threads_leave_a_core_to_the_helpers_and_are_put_back(tmp_path, i2
         torch.set_num_threads(before)
 
 
+def test_overlapping_conversions_put_the_thread_count_back():
+    """Conversions in two threads of one process overlap: the count is lowered once and put back when the
+    last ends (each putting back the count it found would leave the process on the lowered one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        first, second = convert_module._threads_beside_helpers(), convert_module._threads_beside_helpers()
+        first.__enter__()
+        second.__enter__()
+        assert torch.get_num_threads() == 2
+        first.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2  # the second still converts
+        second.__exit__(None, None, None)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_fp32_out_dtype_keeps_unquantized_tensors_exact(tmp_path, i2v_weights):
     src = _source(tmp_path, i2v_weights, I2V)
     convert(src, tmp_path / "o.safetensors", scheme="fp8", out_dtype=torch.float32, progress=False)
