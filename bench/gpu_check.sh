@@ -89,10 +89,15 @@ touch "$out/done"
 # The GPU's clock, power, temperature and the reasons it held its clock down, twice a second, beside
 # marks of what ran when: results_tables.py summarises them per stage (a kernel timed slower inside the
 # forward than alone may be one run at a lower clock). Read-only queries: the card's settings stay.
-fields=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active
-nvidia-smi --query-gpu=$fields --format=csv,noheader >/dev/null 2>&1 || fields=${fields%,*}  # (older drivers)
+fields=timestamp,clocks.sm,power.draw,temperature.gpu
+for reasons in clocks_event_reasons.active clocks_throttle_reasons.active; do  # (the older drivers' name last)
+    nvidia-smi --query-gpu=$fields,$reasons --format=csv,noheader >/dev/null 2>&1 && { fields=$fields,$reasons; break; }
+done
 [ -s "$out/clocks.csv" ] || echo "$fields" >"$out/clocks.csv"
-nvidia-smi --query-gpu=$fields --format=csv,noheader,nounits -lms 500 >>"$out/clocks.csv" 2>/dev/null &
+# The loop passes the samples on while this script lives: killed outright (SIGKILL runs no EXIT trap), the
+# loop ends at the next sample and nvidia-smi with its next write.
+nvidia-smi --query-gpu=$fields --format=csv,noheader,nounits -lms 500 2>/dev/null |
+    while IFS= read -r line; do kill -0 $$ 2>/dev/null || break; echo "$line"; done >>"$out/clocks.csv" &
 sampler=$!
 mark() { echo "$(date '+%Y/%m/%d %H:%M:%S.%3N'),$*" >>"$out/marks.csv"; }
 if [ ${#stages[@]} -eq 0 ]; then

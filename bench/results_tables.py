@@ -208,7 +208,7 @@ def clock_lines(clocks: Path, marks: Path) -> list[str]:
         reasons: collections.Counter = collections.Counter()
         for v in inside:
             with contextlib.suppress(ValueError):
-                bits = int(v.get("clocks_event_reasons.active", ""), 16)
+                bits = int(v.get("clocks_event_reasons.active", v.get("clocks_throttle_reasons.active", "")), 16)
                 reasons.update(name for bit, name in CLOCK_REASONS.items() if bits & bit)
         rows.append([label, f"{(end - start).total_seconds():.0f}", len(inside), f"{statistics.median(clock):.0f}",
                      f"{min(clock):.0f}", f"{statistics.median(power):.0f}" if power else None,

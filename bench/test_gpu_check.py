@@ -6,6 +6,7 @@ import os
 import re
 import sys
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -48,13 +49,12 @@ def test_mistakes_are_reported_on_any_machine(args, env, message):
     assert run.returncode == 2 and message in run.stdout, run.stdout + run.stderr
 
 
-def test_a_run_ends_and_stops_its_clock_sampler(tmp_path):
-    """The nvidia-smi sampler runs in the background until the stages are done: the final `wait` (for the
-    CUDA build) must not wait for it too, or the run never prints its summary. A fake nvidia-smi and
-    interpreter stand in for the GPU machine; BUDGET=0 leaves every stage for the next run."""
+def _fake_gpu_tools(tmp_path: Path, sampler_pid: Path, python_sleeps: float = 0) -> dict:
+    """An environment in which gpu_check.sh finds a fake nvidia-smi (its sampler writes its pid to
+    `sampler_pid`) and a fake interpreter that runs results_tables.py and answers every other command
+    with success (after `python_sleeps` seconds for the inline scripts)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    sampler_pid = tmp_path / "sampler.pid"
     (bin_dir / "nvidia-smi").write_text(f"""#!/usr/bin/env bash
 case "$*" in *-L*) echo "GPU 0: Fake"; exit 0 ;; esac
 sample() {{ echo "$(date '+%Y/%m/%d %H:%M:%S.%3N'), 1980, 300.5, 50, 0x0000000000000004"; }}
@@ -63,19 +63,55 @@ if [[ "$*" == *-lms* ]]; then  # (bounded, so that a failing run leaves nothing 
 fi
 sample
 """)
-    # The interpreter: runs results_tables.py, and answers every other command (the CUDA check, the install)
-    # with success.
     (bin_dir / "python").write_text(f"""#!/usr/bin/env bash
-[ "${{1:-}}" = - ] && {{ cat >/dev/null; exit 0; }}
+[ "${{1:-}}" = - ] && {{ cat >/dev/null; sleep {python_sleeps}; exit 0; }}
 [ "${{1:-}}" = bench/results_tables.py ] && exec {sys.executable} "$@"
 exit 0
 """)
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
-    work = tmp_path / "work"
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "python"), WORK=str(work),
-               BUDGET="0")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "python"),
+               WORK=str(tmp_path / "work"), BUDGET="0")
     env.pop("OUT", None)
+    return env
+
+
+def test_a_sampler_outlives_no_script_killed_outright(tmp_path):
+    """SIGKILL runs no EXIT trap: the sampler still stops, at its next sample, instead of appending to
+    clocks.csv for ever."""
+    sampler_pid = tmp_path / "sampler.pid"
+    env = _fake_gpu_tools(tmp_path, sampler_pid, python_sleeps=20)
+    script = subprocess.Popen(["bash", str(SCRIPT), "tests"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not sampler_pid.exists() or not sampler_pid.read_text().strip():
+            assert time.monotonic() < deadline, "the sampler did not start"
+            time.sleep(0.1)
+        pid = int(sampler_pid.read_text())
+        time.sleep(1)  # a sample or two
+        script.kill()
+        script.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "the sampler outlived its script"
+            time.sleep(0.1)
+    finally:
+        script.kill()
+        subprocess.run(["pkill", "-f", str(tmp_path / "bin")], check=False)
+
+
+def test_a_run_ends_and_stops_its_clock_sampler(tmp_path):
+    """The nvidia-smi sampler runs in the background until the stages are done: the final `wait` (for the
+    CUDA build) must not wait for it too, or the run never prints its summary. A fake nvidia-smi and
+    interpreter stand in for the GPU machine; BUDGET=0 leaves every stage for the next run."""
+    sampler_pid = tmp_path / "sampler.pid"
+    env = _fake_gpu_tools(tmp_path, sampler_pid)
+    work = tmp_path / "work"
     run = subprocess.run(["bash", str(SCRIPT), "tests"], env=env, capture_output=True, text=True, timeout=30)
     assert run.returncode == 0 and "stages done: none; left:" in run.stdout, run.stdout + run.stderr
     assert (work / "marks.csv").read_text().endswith(",end\n")

@@ -9,6 +9,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from dit8.bench_dit import BenchSettings, run_bench
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "results_tables.py"
@@ -183,15 +185,17 @@ def test_a_run_without_a_test_report_shows_the_logged_outcomes(tmp_path):
     assert "| g | 1.0 |" in lines
 
 
-def test_clock_table_summarises_each_marked_part(tmp_path):
+@pytest.mark.parametrize("reasons", ["clocks_event_reasons.active", "clocks_throttle_reasons.active"])
+def test_clock_table_summarises_each_marked_part(tmp_path, reasons):
     """Samples as nvidia-smi writes them (clocks.csv) between gpu_check's marks: per part the median and
-    lowest SM clock, power, the hottest sample and the reasons the clock was held, as a share of samples."""
+    lowest SM clock, power, the hottest sample and the reasons the clock was held, as a share of samples
+    (under the reasons' name of current drivers or of older ones)."""
     start = datetime.datetime(2026, 11, 27, 12, 0, 0)
     stamp = lambda seconds: (start + datetime.timedelta(seconds=seconds)).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]  # noqa: E731
     rng = random.Random()
     attention = [rng.randint(1700, 1980) for _ in range(6)]
     forward = [rng.randint(1300, 1700) for _ in range(8)]
-    lines = ["timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active"]
+    lines = [f"timestamp,clocks.sm,power.draw,temperature.gpu,{reasons}"]
     lines += [f"{stamp(0.5 * i)}, {mhz}, 500.25, {60 + i}, 0x0000000000000000" for i, mhz in enumerate(attention)]
     # In the forward: power-capped on every other sample, one reading the driver could not give.
     lines += [f"{stamp(10 + 0.5 * i)}, {mhz}, {690 + i}.5, 70, 0x000000000000000{4 if i % 2 else 0}"
