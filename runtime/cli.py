@@ -413,7 +413,8 @@ def _rank_prefix(args: argparse.Namespace) -> str:
 
 # What to try when a command runs out of GPU memory.
 _MEMORY_HINTS = {
-    "generate": "try --scheme fp8 or int8, --offload-encoders, --vae-tile, fewer --frames or a smaller --size",
+    "generate": "try an fp8 or int8 DiT (--scheme, or --dit FILE), --offload-encoders, --vae-tile, fewer --frames or "
+                "a smaller --size",
     "demo": "try --device cpu",
     "bench": "try --scheme fp8 or int8 (bf16 weights of I2V-14B take 31 GiB), or fewer --layers",
 }
