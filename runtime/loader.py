@@ -111,7 +111,8 @@ def _infer_config(shapes: dict[str, tuple[int, ...]], source: Path, layout: str,
         raise CheckpointError(f"{source}: {err}{stated}") from None
 
 
-def _find_quantized(ckpt: Checkpoint, names: dict[str, str], *, casts: bool = True) -> dict[str, str]:
+def _find_quantized(ckpt: Checkpoint, names: dict[str, str], config: WanConfig, *,
+                    casts: bool = True) -> dict[str, str]:
     """Modules whose weight is 8-bit, each with the suffix of its scale tensor (UNSCALED: none).
     casts: whether fp8 tensors without any scale may be a plain cast (not in a format that has scales)."""
     quantized: dict[str, str] = {}
@@ -132,8 +133,9 @@ def _find_quantized(ckpt: Checkpoint, names: dict[str, str], *, casts: bool = Tr
     if (casts and unscaled and not quantized
             and all(ckpt.infos[k].dtype == torch.float8_e4m3fn for k in unscaled.values())):
         # fp8 tensors and no scale at all: a plain cast to e4m3, whose values are the weights. Its block
-        # linears run as FP8 GEMMs with a scale of 1; its other fp8 tensors are read as floats.
-        return {official.removesuffix(".weight"): UNSCALED for official in unscaled if official.endswith(".weight")}
+        # linears run as FP8 GEMMs with a scale of 1; its other fp8 tensors are read as the floats they are.
+        linears = {f"blocks.{n}.{name}.weight" for n in range(config.num_layers) for name in block_linears(config)}
+        return {official.removesuffix(".weight"): UNSCALED for official in unscaled if official in linears}
     if unscaled:  # beside scales of other tensors, or int8 (whose codes mean nothing without a scale)
         # Named: an int8 tensor where there is one (among fp8 ones without scales, it is the one at fault).
         official, file_key = min(unscaled.items(), key=lambda item: ckpt.infos[item[1]].dtype != torch.int8)
@@ -255,7 +257,7 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
                               f"{WAN21_LATENT_CHANNELS} latent channels of Wan2.1's VAE (48 is Wan2.2's TI2V-5B): "
                               f"not a model dit8 runs")
     # A dit8 packed file's 8-bit weights always have their scales: one without any lost them.
-    quantized = _find_quantized(ckpt, names, casts=version is None)
+    quantized = _find_quantized(ckpt, names, config, casts=version is None)
     _check_tensor_set(ckpt, names, config, layout, quantized)
     if version is not None:
         _check_packed_metadata(ckpt, names, config, quantized)
