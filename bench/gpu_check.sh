@@ -100,6 +100,7 @@ nvidia-smi --query-gpu=$fields --format=csv,noheader,nounits -lms 500 2>/dev/nul
     while IFS= read -r line; do kill -0 $$ 2>/dev/null || break; echo "$line"; done >>"$out/clocks.csv" &
 sampler=$!
 mark() { echo "$(date '+%Y/%m/%d %H:%M:%S.%3N'),$*" >>"$out/marks.csv"; }
+mark setup  # (also where the parts of an earlier run that was killed before its end mark end)
 if [ ${#stages[@]} -eq 0 ]; then
     for stage in "${all_stages[@]}"; do grep -qx "$stage" "$out/done" || stages+=("$stage"); done
 fi
