@@ -1050,6 +1050,18 @@ def test_a_source_that_fails_to_read_is_named_not_the_output(tmp_path, i2v_weigh
     assert _listing(out) == []
 
 
+@pytest.fixture
+def sigint_of_a_terminal():
+    """Python's own SIGINT handler, which a command started from a terminal has: a test run started in the
+    background of a script inherits SIGINT ignored, which the command leaves as it is (as it should)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("sigint_of_a_terminal")
 @pytest.mark.parametrize("per_block", [False, True])
 @pytest.mark.parametrize("stop, status, said", [("SIGTERM", 143, "dit8: terminated"),
                                                 ("SIGINT", 130, "dit8: interrupted")])
@@ -1070,6 +1082,7 @@ def test_a_signal_midway_leaves_nothing(tmp_path, i2v_weights, monkeypatch, caps
     assert _listing(out) == [] and signal.getsignal(signal.SIGTERM) == before
 
 
+@pytest.mark.usefixtures("sigint_of_a_terminal")
 @pytest.mark.parametrize("first, second", [("SIGINT", "SIGINT"), ("SIGINT", "SIGTERM"), ("SIGTERM", "SIGINT")])
 def test_a_second_stop_does_not_cut_the_clean_up_short(tmp_path, i2v_weights, monkeypatch, capsys, first, second):
     # Ctrl-C pressed again, or a scheduler's SIGTERM after it, while the work folder is being removed.
