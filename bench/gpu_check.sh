@@ -18,8 +18,8 @@
 # configurations' names, narrows the candidates each case times to those and the table's own).
 #
 # While it runs, nvidia-smi samples the GPU's clock, power, temperature and why it held its clock down
-# (clocks.csv, beside marks of when each stage and forward began: marks.csv); the summary has a table of
-# them per stage.
+# (clocks.csv, beside marks of when each stage and forward began: marks.csv; the GPU CUDA_VISIBLE_DEVICES
+# names first, else GPU 0); the summary has a table of them per stage.
 # Results collect in $WORK (default .gpu_check/ in the repository, which git ignores); a stage that
 # finished is listed in $WORK/done and left out of a later run without named stages. Results of another
 # GPU or another tree found there move to $WORK/previous/ first. Each stage runs for at most its own
@@ -89,14 +89,17 @@ touch "$out/done"
 # The GPU's clock, power, temperature and the reasons it held its clock down, twice a second, beside
 # marks of what ran when: results_tables.py summarises them per stage (a kernel timed slower inside the
 # forward than alone may be one run at a lower clock). Read-only queries: the card's settings stay.
+gpu=${CUDA_VISIBLE_DEVICES:-0}
+gpu=${gpu%%,*}  # the GPU the stages run on, torch's first (an index or a UUID), not every GPU's lines mixed
 fields=timestamp,clocks.sm,power.draw,temperature.gpu
 for reasons in clocks_event_reasons.active clocks_throttle_reasons.active; do  # (the older drivers' name last)
-    nvidia-smi --query-gpu=$fields,$reasons --format=csv,noheader >/dev/null 2>&1 && { fields=$fields,$reasons; break; }
+    nvidia-smi -i "$gpu" --query-gpu=$fields,$reasons --format=csv,noheader >/dev/null 2>&1 &&
+        { fields=$fields,$reasons; break; }
 done
 [ -s "$out/clocks.csv" ] || echo "$fields" >"$out/clocks.csv"
 # The loop passes the samples on while this script lives: killed outright (SIGKILL runs no EXIT trap), the
 # loop ends at the next sample and nvidia-smi with its next write.
-nvidia-smi --query-gpu=$fields --format=csv,noheader,nounits -lms 500 2>/dev/null |
+nvidia-smi -i "$gpu" --query-gpu=$fields --format=csv,noheader,nounits -lms 500 2>/dev/null |
     while IFS= read -r line; do kill -0 $$ 2>/dev/null || break; echo "$line"; done >>"$out/clocks.csv" &
 sampler=$!
 mark() { echo "$(date '+%Y/%m/%d %H:%M:%S.%3N'),$*" >>"$out/marks.csv"; }
