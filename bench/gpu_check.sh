@@ -77,8 +77,12 @@ mkdir -p "$out" && out=$(cd "$out" && pwd -P)  # absolute: pytest-benchmark's fi
 py=${PYTHON:-python3}
 # Results of another machine or another tree (a results folder that came along with a copy of the
 # repository, say) would pass for this run's, and their stages for done: they move to $out/previous/
-# (replacing an older one), and this run starts from an empty folder.
-stamp="$(nvidia-smi --query-gpu=uuid --format=csv,noheader 2>/dev/null | head -1) $(pwd -P)"
+# (replacing an older one), and this run starts from an empty folder. The machine files (the stamp,
+# gpu.txt, the clock samples) name the GPU the stages run on, torch's first (an index or a UUID), not
+# every GPU's lines mixed.
+gpu=${CUDA_VISIBLE_DEVICES:-0}
+gpu=${gpu%%,*}
+stamp="$(nvidia-smi -i "$gpu" --query-gpu=uuid --format=csv,noheader 2>/dev/null | head -1) $(pwd -P)"
 if [ -n "$(ls -A "$out" | grep -vx previous)" ] && [ "$(cat "$out/stamp.txt" 2>/dev/null)" != "$stamp" ]; then
     rm -rf "$out/previous" && mkdir "$out/previous"
     find "$out" -mindepth 1 -maxdepth 1 ! -name previous -exec mv {} "$out/previous/" \;
@@ -89,8 +93,6 @@ touch "$out/done"
 # The GPU's clock, power, temperature and the reasons it held its clock down, twice a second, beside
 # marks of what ran when: results_tables.py summarises them per stage (a kernel timed slower inside the
 # forward than alone may be one run at a lower clock). Read-only queries: the card's settings stay.
-gpu=${CUDA_VISIBLE_DEVICES:-0}
-gpu=${gpu%%,*}  # the GPU the stages run on, torch's first (an index or a UUID), not every GPU's lines mixed
 fields=timestamp,clocks.sm,power.draw,temperature.gpu
 for reasons in clocks_event_reasons.active clocks_throttle_reasons.active; do  # (the older drivers' name last)
     nvidia-smi -i "$gpu" --query-gpu=$fields,$reasons --format=csv,noheader >/dev/null 2>&1 &&
@@ -140,7 +142,7 @@ here=$(pwd -P)
 if [ ! -f "$out/gpu.txt" ] || [ "$("$py" -c 'import dit8, pathlib; print(pathlib.Path(dit8.__file__).resolve().parents[1])' 2>/dev/null)" != "$here" ]; then
     "$py" -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log" 2>&1 || {
         echo "install failed:"; tail -20 "$out/install.log"; exit 1; }
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+    nvidia-smi -i "$gpu" --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
     "$py" -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
     # For this GPU's architecture, beside the first stage: tests that need the module wait for it (a

@@ -55,8 +55,14 @@ def _fake_gpu_tools(tmp_path: Path, sampler_pid: Path, python_sleeps: float = 0)
     with success (after `python_sleeps` seconds for the inline scripts)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    # Two GPUs: a query names both, one line each, unless -i picks one.
     (bin_dir / "nvidia-smi").write_text(f"""#!/usr/bin/env bash
 case "$*" in *-L*) echo "GPU 0: Fake"; exit 0 ;; esac
+gpus="0 1"; [[ "$*" =~ -i[[:space:]]([0-9]+) ]] && gpus=${{BASH_REMATCH[1]}}
+case "$*" in
+    *query-gpu=uuid*) for i in $gpus; do echo "GPU-fake-$i"; done; exit 0 ;;
+    *query-gpu=name*) for i in $gpus; do echo "Fake GPU $i, 580.1, 81559 MiB"; done; exit 0 ;;
+esac
 sample() {{ echo "$(date '+%Y/%m/%d %H:%M:%S.%3N'), 1980, 300.5, 50, 0x0000000000000004"; }}
 if [[ "$*" == *-lms* ]]; then  # (bounded, so that a failing run leaves nothing behind for long)
     echo $$ >{sampler_pid}; for _ in $(seq 80); do sample; sleep 0.5; done; exit 0
@@ -120,3 +126,15 @@ def test_a_run_ends_and_stops_its_clock_sampler(tmp_path):
     pid = int(sampler_pid.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_the_machine_files_name_the_gpu_the_stages_run_on(tmp_path):
+    """On a machine with several GPUs, gpu.txt (the chart titles' first line) and the stamp that tells this
+    machine's results from another's name the GPU CUDA_VISIBLE_DEVICES gives the stages, and only it."""
+    env = _fake_gpu_tools(tmp_path, tmp_path / "sampler.pid")
+    run = subprocess.run(["bash", str(SCRIPT), "tests"], env=dict(env, CUDA_VISIBLE_DEVICES="1,0"),
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stdout + run.stderr
+    work = tmp_path / "work"
+    assert (work / "gpu.txt").read_text().splitlines() == ["Fake GPU 1, 580.1, 81559 MiB"]
+    assert (work / "stamp.txt").read_text().split()[0] == "GPU-fake-1"
