@@ -253,8 +253,11 @@ def report(folder: Path) -> list[str]:
         if clocks:
             lines += ["", "The GPU while each part ran (nvidia-smi, every 0.5 s):", *clocks]
     if (folder / "profile.txt").exists():
-        lines += ["", "Nsight Compute, one launch each (bench/profile_kernels.py):",
-                  *(folder / "profile.txt").read_text().strip().splitlines()]
+        profile = (folder / "profile.txt").read_text().strip().splitlines()
+        if profile:
+            lines += ["", "Nsight Compute, one launch each (bench/profile_kernels.py):", *profile]
+        else:  # ncu profiled nothing (no permission for the counters, say); its log says why
+            notes.append("profile.txt: empty (Nsight Compute left no table; its messages are in ncu.csv)")
     # The table entries the run earned (bench/verified_backends.py, bench/fastest_backends.py for
     # kernels/registry.py; bench/rows_choice.py for kernels/fused_triton.py).
     entries = [line for name in ("gpu_verified.txt", "fastest.txt", "rows_tuned.txt") if (folder / name).exists()

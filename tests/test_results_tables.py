@@ -213,3 +213,15 @@ def test_clock_table_summarises_each_marked_part(tmp_path, reasons):
     assert rows["dit fp8_fp8"] == ["dit fp8_fp8", "10", "9", f"{statistics.median(forward):.0f}",
                                    str(min(forward)), f"{statistics.median(690.5 + i for i in range(8)):.0f}",
                                    "698", "70", "power cap 44%"]
+
+
+def test_a_profile_without_a_table_is_named_not_printed_empty(tmp_path):
+    """The profile stage leaves an empty profile.txt where ncu profiled nothing (no permission for the
+    counters, say): a note names ncu.csv, where ncu wrote why, in place of a heading over nothing."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "gpu.txt").write_text("Some GPU, 580.1, 81559 MiB\n")
+    (folder / "profile.txt").write_text("")
+    lines = _tables(folder).splitlines()
+    assert "Nsight Compute, one launch each (bench/profile_kernels.py):" not in lines
+    assert any(line.startswith("profile.txt: empty") and "ncu.csv" in line for line in lines), lines
