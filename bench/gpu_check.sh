@@ -195,33 +195,23 @@ run_pytest() { limited "$py" -m pytest "${pytest_args[@]}" "$@"; }
 if [ -s "$out/verified.json" ]; then export DIT8_VERIFIED="$(cd "$out" && pwd)/verified.json"; fi
 # The Gluon candidates (kernels/*_gluon.py) are benchmarked and profiled only after their GPU tests
 # passed on this machine: a kernel that hangs there would spend the stage's time. DIT8_SKIP_GLUON names
-# those whose tests did not all pass ("attention", "attention_8bit", "gemm", "gemm_fast", "gemm_int8").
+# the others ("attention", "attention_8bit", "gemm", "gemm_fast", "gemm_int8"; verified_backends.py).
 untested_gluon() {
-    "$py" - "$out/tests.xml" "$out/test_outcomes.jsonl" <<'PY'
+    "$py" - "$out/tests.xml" "$out/test_outcomes.jsonl" "$out/kernel_tests.json" <<'PY'
+import json
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 sys.path.insert(0, "bench")
-from verified_backends import read_cases
+from verified_backends import read_cases, untested_gluon
 
-# Each candidate's tests: those of its module; the GEMM's in-place accumulation kernel has "fast" (FP8)
-# or "int8" in their names.
-owners = {"attention": ("test_attention_gluon", lambda name: True),
-          "attention_8bit": ("test_attention_8bit_gluon", lambda name: True),
-          "gemm": ("test_scaled_mm_gluon", lambda name: "fast" not in name and "int8" not in name),
-          "gemm_fast": ("test_scaled_mm_gluon", lambda name: "fast" in name),
-          "gemm_int8": ("test_scaled_mm_gluon", lambda name: "int8" in name)}
 try:
     cases = read_cases(Path(sys.argv[1]), Path(sys.argv[2]))
-except (OSError, ET.ParseError):  # no report yet (or an unreadable one): nothing is tested
-    cases = []
-untested = []
-for name, (module, owns) in owners.items():
-    mine = [outcome for (classname, test), _, outcome in cases if classname.endswith(module) and owns(test)]
-    if "failed" in mine or "passed" not in mine:
-        untested.append(name)
-print(" ".join(untested))
+    collected = json.loads(Path(sys.argv[3]).read_text())
+except (OSError, ET.ParseError, ValueError):  # no report or map yet (or an unreadable one): nothing is tested
+    cases, collected = [], {}
+print(" ".join(untested_gluon(cases, collected)))
 PY
 }
 export DIT8_SKIP_GLUON="$(untested_gluon)"

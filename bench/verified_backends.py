@@ -112,6 +112,33 @@ def read_cases(junit_xml: Path, log: Path | None = None) -> list[Case]:
         return cases
 
 
+# The Gluon candidates (kernels/*_gluon.py) and their tests: those of a module; the GEMM's in-place
+# accumulation kernel's have "fast" (FP8) or "int8" in their names.
+GLUON_TESTS = {"attention": ("test_attention_gluon", lambda name: True),
+               "attention_8bit": ("test_attention_8bit_gluon", lambda name: True),
+               "gemm": ("test_scaled_mm_gluon", lambda name: "fast" not in name and "int8" not in name),
+               "gemm_fast": ("test_scaled_mm_gluon", lambda name: "fast" in name),
+               "gemm_int8": ("test_scaled_mm_gluon", lambda name: "int8" in name)}
+
+
+def untested_gluon(cases: list[Case], collected: dict[str, list[str]]) -> list[str]:
+    """The Gluon candidates a test run did not show to work (bench/gpu_check.sh keeps them out of its
+    benchmarks: DIT8_SKIP_GLUON). Shown: every one of its GPU tests (`collected`, the DIT8_KERNEL_TESTS map,
+    which holds every test marked `gpu`) ran, at least one passed, and none of its tests failed. A test
+    that passes on any machine (an argument check) vouches for nothing, nor does a run cut short before
+    the GPU tests, or one on a GPU the kernel does not run on (its tests skip)."""
+    outcome_of = {test: outcome for test, _, outcome in cases}
+    untested = []
+    for name, (module, owns) in GLUON_TESTS.items():
+        def mine(test: tuple[str, str]) -> bool:
+            return test[0].endswith(module) and owns(test[1])
+
+        gpu = [outcome_of.get(test) for test in map(junit_id, collected) if mine(test)]
+        if "passed" not in gpu or None in gpu or any(o == "failed" for t, o in outcome_of.items() if mine(t)):
+            untested.append(name)
+    return untested
+
+
 def _op_backend(kernel: str) -> tuple[str, str]:
     """"op:backend", as tests name a kernel, as a pair."""
     op, _, backend = kernel.partition(":")

@@ -35,10 +35,12 @@ def gpu_tests_first(items: list[pytest.Item]) -> None:
 
 
 def write_kernel_tests(items: list[pytest.Item], path: Path) -> None:
-    """Write {node id: kernels} for every collected test that verifies a kernel on a GPU, so that a
-    run's report can be checked for the tests that never ran (a run cut short, a crashed worker).
-    Written whole or not at all: each pytest-xdist worker collects and writes the same map."""
-    tests = {item.nodeid: kernels for item in items if (kernels := item_kernels(item))}
+    """Write {node id: kernels} for every collected test that verifies a kernel on a GPU or needs one
+    (marked `gpu`; its kernels may be none), so that a run's report can be checked for the tests that
+    never ran (a run cut short, a crashed worker). Written whole or not at all: each pytest-xdist worker
+    collects and writes the same map."""
+    tests = {item.nodeid: kernels for item in items
+             if (kernels := item_kernels(item)) or item.get_closest_marker("gpu") is not None}
     temp = path.with_name(f".{path.name}.{os.getpid()}")
     temp.write_text(json.dumps(tests, indent=1, sort_keys=True) + "\n")
     os.replace(temp, path)

@@ -186,3 +186,36 @@ def test_the_tests_log_their_outcomes_as_they_end(tmp_path):
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(line["nodeid"], line["when"], line["outcome"]) for line in lines] == [
         (test, when, "passed") for when in ("setup", "call", "teardown")]
+
+
+def test_a_gluon_candidate_is_tested_only_by_its_gpu_tests(tmp_path):
+    """bench/gpu_check.sh benchmarks a Gluon candidate only once its GPU tests all ran and passed: a test that
+    passes anywhere (an argument check) or a run cut short before the GPU tests does not vouch for it."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from kernel_verification import write_kernel_tests
+    from verified_backends import GLUON_TESTS, untested_gluon
+
+    gpu = [pytest.mark.gpu.mark]
+    items = [_Item("test_kernel_a", gpu), _Item("test_kernel_b", gpu), _Item("test_names_what_it_cannot_take")]
+    for item in items:
+        item.nodeid = f"tests/test_attention_gluon.py::{item.name}"
+    write_kernel_tests(items, tmp_path / "kernel_tests.json")
+    collected = json.loads((tmp_path / "kernel_tests.json").read_text())
+    assert collected == {"tests/test_attention_gluon.py::test_kernel_a": [],
+                         "tests/test_attention_gluon.py::test_kernel_b": []}  # the GPU tests, with no kernels
+
+    def case(name, outcome):
+        return (("tests.test_attention_gluon", name), [], outcome)
+
+    everything = set(GLUON_TESTS)
+    cpu_only = [case("test_names_what_it_cannot_take", "passed")]
+    assert set(untested_gluon(cpu_only, collected)) == everything  # cut before the GPU tests
+    assert set(untested_gluon(cpu_only + [case("test_kernel_a", "passed")], collected)) == everything  # b not run
+    ran = cpu_only + [case("test_kernel_a", "passed"), case("test_kernel_b", "passed")]
+    assert set(untested_gluon(ran, collected)) == everything - {"attention"}
+    assert set(untested_gluon(ran, {})) == everything  # no map: nothing vouched for
+    skipped = cpu_only + [case("test_kernel_a", "skipped"), case("test_kernel_b", "skipped")]  # not Hopper
+    assert set(untested_gluon(skipped, collected)) == everything
+    failed = ran[:-1] + [case("test_kernel_b", "failed")]
+    assert set(untested_gluon(failed, collected)) == everything
+    assert set(untested_gluon(ran[1:] + [case("test_names_what_it_cannot_take", "failed")], collected)) == everything
