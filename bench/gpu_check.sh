@@ -27,7 +27,8 @@
 # 540); with BUDGET set, each stage gets what is left of it (at most its limit) and a stage that cannot
 # get a minute is left for the next run; a stage cut off reports what ran (pytest writes its summary,
 # JUnit XML and benchmark JSON on the interrupt). When $OUT is set, $OUT/dit8-gpu.tgz holds every result
-# file, refreshed after each stage, so a command killed from outside still returns what had finished.
+# file, refreshed after each stage and when the script is stopped, so a command stopped from outside still
+# returns what had finished (killed outright, what the last stage before it left).
 #
 # A machine without internet access gets the packages it lacks (PyAV for the video tests, diffusers for
 # `--compare diffusers`) as wheels in .whl/ (git ignores it: copy it along with the working tree),
@@ -71,7 +72,9 @@ kill_tree() {
     for child in $(pgrep -P "$1" 2>/dev/null); do kill_tree "$child"; done
     [ "$1" = $$ ] || kill "$1" 2>/dev/null
 }
-trap 'kill_tree $$' EXIT
+# Then what the stages have left so far goes into $OUT's archive (pack, once defined), also when a stage
+# was stopped part way: the tests stage, the first and the longest, packs only at its end otherwise.
+trap 'kill_tree $$; declare -F pack >/dev/null && pack' EXIT
 out=${WORK:-.gpu_check}
 mkdir -p "$out" && out=$(cd "$out" && pwd -P)  # absolute: pytest-benchmark's file:// storage needs it
 py=${PYTHON:-python3}

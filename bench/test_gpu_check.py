@@ -6,6 +6,7 @@ import os
 import re
 import sys
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
@@ -49,10 +50,10 @@ def test_mistakes_are_reported_on_any_machine(args, env, message):
     assert run.returncode == 2 and message in run.stdout, run.stdout + run.stderr
 
 
-def _fake_gpu_tools(tmp_path: Path, sampler_pid: Path, python_sleeps: float = 0) -> dict:
+def _fake_gpu_tools(tmp_path: Path, sampler_pid: Path, python_sleeps: float = 0, pytest_sleeps: float = 0) -> dict:
     """An environment in which gpu_check.sh finds a fake nvidia-smi (its sampler writes its pid to
     `sampler_pid`) and a fake interpreter that runs results_tables.py and answers every other command
-    with success (after `python_sleeps` seconds for the inline scripts)."""
+    with success (after `python_sleeps` seconds for the inline scripts, `pytest_sleeps` for pytest)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     # Two GPUs: a query names both, one line each, unless -i picks one.
@@ -72,6 +73,7 @@ sample
     (bin_dir / "python").write_text(f"""#!/usr/bin/env bash
 [ "${{1:-}}" = - ] && {{ cat >/dev/null; sleep {python_sleeps}; exit 0; }}
 [ "${{1:-}}" = bench/results_tables.py ] && exec {sys.executable} "$@"
+[ "${{2:-}}" = pytest ] && sleep {pytest_sleeps}
 exit 0
 """)
     for tool in bin_dir.iterdir():
@@ -106,6 +108,30 @@ def test_a_sampler_outlives_no_script_killed_outright(tmp_path):
                 break
             assert time.monotonic() < deadline, "the sampler outlived its script"
             time.sleep(0.1)
+    finally:
+        script.kill()
+        subprocess.run(["pkill", "-f", str(tmp_path / "bin")], check=False)
+
+
+def test_a_run_stopped_part_way_packs_what_it_has(tmp_path):
+    """A run stopped in its first stage (a time limit's SIGTERM from outside) still leaves $OUT's archive,
+    with the marks of what ran."""
+    env = _fake_gpu_tools(tmp_path, tmp_path / "sampler.pid", pytest_sleeps=30)
+    env.pop("BUDGET")
+    env["OUT"] = str(tmp_path / "out")
+    script = subprocess.Popen(["bash", str(SCRIPT), "tests"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        marks = tmp_path / "work" / "marks.csv"
+        deadline = time.monotonic() + 20
+        while not (marks.exists() and ",tests" in marks.read_text()):
+            assert time.monotonic() < deadline, "the tests stage did not start"
+            time.sleep(0.1)
+        script.terminate()
+        script.wait(timeout=30)
+        with tarfile.open(tmp_path / "out" / "dit8-gpu.tgz") as archive:
+            names = {Path(name).name for name in archive.getnames()}
+        assert {"marks.csv", "clocks.csv", "stamp.txt"} <= names, names
     finally:
         script.kill()
         subprocess.run(["pkill", "-f", str(tmp_path / "bin")], check=False)
