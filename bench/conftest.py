@@ -20,6 +20,7 @@ import os
 import re
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -61,9 +62,16 @@ def check_compared_runs(compared: dict[str, dict], gpu: str, *, compare: str | b
     Without `fail`, another GPU is a warning."""
     if not compared:
         what = "saved run" if compare is True else f"saved run matching {compare!r}"
-        raise pytest.UsageError(
-            f"--benchmark-compare: no {what} in {storage} (without a folder in the id, pytest-benchmark looks "
-            f"only in this interpreter's folder; name it, e.g. Linux-CPython-3.12-64bit/0008)")
+        # The two usual misses: the interpreter's folder (bench/baselines holds CPython 3.12's only) and the
+        # storage (pytest-benchmark's default is .benchmarks, not the committed baselines).
+        hints = []
+        if compare is True or "/" not in str(compare):
+            hints.append("without a folder in the id, pytest-benchmark looks only in this interpreter's folder; "
+                         "name it, e.g. Linux-CPython-3.12-64bit/0008")
+        if Path(storage).parts[-2:] != ("bench", "baselines"):
+            hints.append("the committed baselines are in bench/baselines: --benchmark-storage=file://bench/baselines")
+        raise pytest.UsageError(f"--benchmark-compare: no {what} in {storage}"
+                                + (f" ({'; '.join(hints)})" if hints else ""))
     warnings = []
     for path, rows in compared.items():
         devices = {str(row.get("extra_info", {}).get("device")) for row in rows.values()} - {"None"}

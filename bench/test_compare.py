@@ -54,6 +54,15 @@ def test_no_saved_run_and_no_common_row_are_errors(compare_checks):
         check_runs({}, GPU, compare="0008", storage="bench/baselines", fail=False)
     with pytest.raises(pytest.UsageError, match="no saved run in .benchmarks"):
         check_runs({}, GPU, compare=True, storage=".benchmarks", fail=False)
+    # A named folder needs no folder hint; another storage than the committed baselines' gets theirs.
+    with pytest.raises(pytest.UsageError) as refused:
+        check_runs({}, GPU, compare=f"{MACHINE}/0008", storage="/home/me/dit8/.benchmarks", fail=False)
+    assert "name it" not in str(refused.value)
+    assert "--benchmark-storage=file://bench/baselines" in str(refused.value)
+    with pytest.raises(pytest.UsageError) as refused:
+        check_runs({}, GPU, compare="0008", storage="/home/me/dit8/bench/baselines", fail=False)
+    assert "e.g. Linux-CPython-3.12-64bit/0008" in str(refused.value)
+    assert "--benchmark-storage" not in str(refused.value)
     attention = {f"{MACHINE}/0009_attention.json": rows(GPU, "bench/test_bench_attention.py::test_x")}
     with pytest.raises(pytest.UsageError, match="none of the 1 selected tests has a row in .*0009_attention"):
         check_rows(attention, [ROW])
