@@ -384,4 +384,4 @@ done_stages=$(tr '\n' ' ' <"$out/done")
 left=$(for stage in "${all_stages[@]}"; do grep -qx "$stage" "$out/done" || printf '%s ' "$stage"; done)
 [ -f "$out/notes.txt" ] && tee -a "$out/summary.txt" <"$out/notes.txt"
 echo "stages done: ${done_stages:-none}; left: ${left:-none}" | tee -a "$out/summary.txt"
-pack
+# (The EXIT trap packs the archive, the summary with it.)
