@@ -1165,7 +1165,10 @@ def test_measured_quantization_is_quantize_weight_and_its_error(monkeypatch):
         q, s, (signal, noise) = quantize_weight_measured(x.bfloat16(), scheme)
         q_ref, s_ref = quantize_weight(x.bfloat16(), scheme)
         assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
-        assert (signal, noise) == pytest.approx(error_sums(x.bfloat16(), q_ref, s_ref), rel=1e-9)
+        # For fp8 the measured pass takes the values the codes rounded, clamped to ±448: a row's largest
+        # value, amax / scale, can round to one fp32 ulp above 448. That ulp (2^-23 of the value at most)
+        # and the fp32 norms' rounding of inputs that differ bound the sums' difference by a few ulps.
+        assert (signal, noise) == pytest.approx(error_sums(x.bfloat16(), q_ref, s_ref), rel=2**-21)
         w = x.bfloat16().double()
         assert signal == pytest.approx(w.square().sum().item(), rel=1e-5)
         assert noise == pytest.approx((w - q.double() * s.double()).square().sum().item(), rel=1e-5)
