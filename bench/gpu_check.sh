@@ -354,6 +354,12 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
                     "$py" bench/profile_kernels.py run "${only[@]}" 2>&1 | tail -4
                 "$py" bench/profile_kernels.py table "$out/ncu.csv" --stalls "$out/ncu_stalls.csv" \
                     >"$out/profile.txt"
+                # Done only with a row of counters (a launch ID): a profiler cut off or refused (no
+                # permission for the counters) leaves none, and a later run tries again.
+                if ! grep -q '^| [0-9]' "$out/profile.txt"; then
+                    echo "profile: Nsight Compute measured no kernel (ncu.csv); not marked done"
+                    touch "$out/.cut"
+                fi
             else
                 echo "profile: Nsight Compute (ncu) is not installed here; skipped (not marked done)"
                 touch "$out/.cut"

@@ -50,12 +50,18 @@ def test_mistakes_are_reported_on_any_machine(args, env, message):
     assert run.returncode == 2 and message in run.stdout, run.stdout + run.stderr
 
 
-def _fake_gpu_tools(tmp_path: Path, sampler_pid: Path, python_sleeps: float = 0, pytest_sleeps: float = 0) -> dict:
+def _fake_gpu_tools(tmp_path: Path, sampler_pid: Path, python_sleeps: float = 0, pytest_sleeps: float = 0,
+                    ncu_csv: str = "") -> dict:
     """An environment in which gpu_check.sh finds a fake nvidia-smi (its sampler writes its pid to
-    `sampler_pid`) and a fake interpreter that runs results_tables.py and answers every other command
-    with success (after `python_sleeps` seconds for the inline scripts, `pytest_sleeps` for pytest)."""
+    `sampler_pid`), a fake ncu that writes `ncu_csv` to its --log-file, and a fake interpreter that runs
+    results_tables.py and profile_kernels.py's table and answers every other command with success (after
+    `python_sleeps` seconds for the inline scripts, `pytest_sleeps` for pytest)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    (tmp_path / "ncu.csv").write_text(ncu_csv)
+    (bin_dir / "ncu").write_text(f"""#!/usr/bin/env bash
+while [ $# -gt 0 ]; do [ "$1" = --log-file ] && cp {tmp_path / "ncu.csv"} "$2"; shift; done
+""")
     # Two GPUs: a query names both, one line each, unless -i picks one.
     (bin_dir / "nvidia-smi").write_text(f"""#!/usr/bin/env bash
 case "$*" in *-L*) echo "GPU 0: Fake"; exit 0 ;; esac
@@ -73,6 +79,7 @@ sample
     (bin_dir / "python").write_text(f"""#!/usr/bin/env bash
 [ "${{1:-}}" = - ] && {{ cat >/dev/null; sleep {python_sleeps}; exit 0; }}
 [ "${{1:-}}" = bench/results_tables.py ] && exec {sys.executable} "$@"
+[ "${{1:-}} ${{2:-}}" = "bench/profile_kernels.py table" ] && exec {sys.executable} "$@"
 [ "${{2:-}}" = pytest ] && sleep {pytest_sleeps}
 exit 0
 """)
@@ -164,3 +171,18 @@ def test_the_machine_files_name_the_gpu_the_stages_run_on(tmp_path):
     work = tmp_path / "work"
     assert (work / "gpu.txt").read_text().splitlines() == ["Fake GPU 1, 580.1, 81559 MiB"]
     assert (work / "stamp.txt").read_text().split()[0] == "GPU-fake-1"
+
+
+@pytest.mark.parametrize("measured", [True, False])
+def test_the_profile_stage_is_done_only_with_counters(tmp_path, measured):
+    """A profiler that measured no kernel (cut off, or refused the counters) leaves the profile stage for
+    the next run instead of marking it done with an empty table."""
+    head = '"ID","Kernel Name","Section Name","Metric Name","Metric Unit","Metric Value"'
+    csv = f'{head}\n"0","_attention_kernel","GPU Speed Of Light Throughput","Duration","msecond","43.80"\n'
+    env = _fake_gpu_tools(tmp_path, tmp_path / "sampler.pid", ncu_csv=csv if measured else "==PROF== no kernels\n")
+    env.pop("BUDGET")
+    run = subprocess.run(["bash", str(SCRIPT), "profile"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    done = (tmp_path / "work" / "done").read_text().split() if (tmp_path / "work" / "done").exists() else []
+    assert ("profile" in done) == measured, run.stdout
+    assert ("measured no kernel" in run.stdout) != measured
