@@ -229,6 +229,11 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
         official = to_official(key, layout)
         if official is None:
             raise CheckpointError(f"{info.file}: unexpected tensor {key!r} in a {layout}-layout checkpoint")
+        if official in names:
+            # ComfyUI's two prefixes name one tensor twice: which copy is meant is a guess.
+            other = names[official]
+            raise CheckpointError(f"{info.file}: tensors {other!r} (in {ckpt.infos[other].file.name}) and {key!r} "
+                                  f"are both {official!r}")
         names[official] = key
     if "patch_embedding.weight" not in names and not any(k.startswith("blocks.") for k in names):
         held = (f"{len(ckpt.infos)} tensors such as " + ", ".join(repr(k) for k in list(ckpt.infos)[:3])

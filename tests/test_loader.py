@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 import dit8
 from dit8 import CheckpointError
 from dit8.checkpoint import Checkpoint
+from dit8.converters import convert
 from dit8.testing import random_weights, tiny_config, write_checkpoint
 
 CONFIG = tiny_config("i2v", num_layers=2)
@@ -63,6 +64,19 @@ def test_tensor_of_an_unknown_module_in_comfyui_file(tmp_path, weights):
     weights["vae.decoder.weight"] = torch.zeros(3)
     path = write_checkpoint(weights, tmp_path / "m.safetensors", layout="comfyui")
     assert "model.diffusion_model.vae.decoder.weight" in load_error(path)
+
+
+def test_one_tensor_under_both_comfyui_prefixes(tmp_path, weights):
+    path = write_checkpoint(weights, tmp_path / "m.safetensors", layout="comfyui")
+    tensors = {k: weights[k.removeprefix("model.diffusion_model.")] for k in
+               dit8.open_dit(path).checkpoint.keys()}
+    tensors["diffusion_model.blocks.0.ffn.0.weight"] = weights["blocks.0.ffn.0.weight"] * 2
+    save_file(tensors, str(path))
+    assert load_error(path) == (f"{path}: tensors 'diffusion_model.blocks.0.ffn.0.weight' (in m.safetensors) and "
+                                f"'model.diffusion_model.blocks.0.ffn.0.weight' are both 'blocks.0.ffn.0.weight'")
+    with pytest.raises(CheckpointError, match="are both 'blocks.0.ffn.0.weight'"):
+        convert(path, tmp_path / "o.safetensors", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
 
 def test_misshaped_tensor(tmp_path, weights):
