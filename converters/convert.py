@@ -33,7 +33,7 @@ import dit8.packed_format as fmt
 from dit8.loader import COMFYUI_FP8, DIT8, FP8_UNSCALED, LIGHTX2V, UNSCALED, check_finite, open_dit
 from dit8.progress import Progress
 
-from .lora import LoraArg, LoraSet, LoraSpec
+from .lora import LoraArg, LoraSet, LoraSpec, parse_lora
 from .quantize_weights import SCHEME_DTYPES, errors_from_sums, quantize_weight_measured
 from .errors import ConvertError
 from .safetensors_writer import SafetensorsWriter, TensorSpec, fsync_folder, write_json
@@ -145,14 +145,17 @@ def _report_path(dst: Path, per_block: bool) -> Path:
     return dst / fmt.REPORT_NAME if per_block else dst.with_name(dst.name + ".quant_report.json")
 
 
-def _check_paths(src: Path, dst: Path, per_block: bool, force: bool) -> None:
+def _check_paths(src: Path, dst: Path, per_block: bool, force: bool, loras: Sequence[Path] = ()) -> None:
     if dst.name in ("", ".", ".."):
         raise ConvertError(f"{dst}: give the output's own name (a file, or with --per-block a folder)")
     if not per_block and dst.suffix != ".safetensors":
         raise ConvertError(f"{dst}: a single-file output must end in .safetensors (or use --per-block for a folder)")
-    s, d = src.resolve(), dst.resolve()
-    if s == d or s in d.parents or d in s.parents:
-        raise ConvertError(f"{dst}: the output must not be, contain or lie inside the source {src}")
+    d = dst.resolve()
+    # The LoRA files are read to the end too: even with force, an output replacing one would destroy an input.
+    for what, path in [("source", src), *(("LoRA", lora) for lora in loras)]:
+        s = path.resolve()
+        if s == d or s in d.parents or d in s.parents:
+            raise ConvertError(f"{dst}: the output must not be, contain or lie inside the {what} {path}")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise ConvertError(f"{dst}: already exists; pass force=True to replace it")
     _check_replaceable(dst)
@@ -451,7 +454,8 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
     src: any float checkpoint dit8.open_dit reads (file, shards, per-block folder, .pth; any layout); an
         8-bit one (dit8 packed, LightX2V, ComfyUI scaled fp8, an fp8 cast) is refused, naming its format.
     dst: a `.safetensors` file, or with per_block=True a folder of `block_N.safetensors`,
-        `non_block.safetensors` and `model.safetensors.index.json`.
+        `non_block.safetensors` and `model.safetensors.index.json`; neither `src` nor a LoRA file, nor
+        inside or around one (ConvertError, even with force).
     scheme: "fp8" or "int8" quantizes the block linears (weights [out, in] + `weight_scale` [out, 1]
         fp32); "bf16" only casts.
     lora: LoRA files, each "path[:strength]", a path, (path, strength) or a LoraSpec (or one path or
@@ -477,11 +481,12 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
     if isinstance(lora, (str, Path, LoraSpec)):  # one LoRA (a tuple is a sequence of them)
         lora = [lora]
     _check_options(scheme, out_dtype, keep)
-    _check_paths(src, dst, per_block, force)
+    loras = [parse_lora(arg) for arg in lora or ()]
+    _check_paths(src, dst, per_block, force, [spec.path for spec in loras])
     started = time.monotonic()
     dit = open_dit(src)  # validates names, shapes, config and the packed-format version
     _check_float_source(dit)
-    with (SourceReader(dit) as reader, LoraSet(lora or (), expected_shapes(dit.config)) as lora_set,
+    with (SourceReader(dit) as reader, LoraSet(loras, expected_shapes(dit.config)) as lora_set,
           _threads_beside_helpers()):
         quantized = _quantized_layers(dit.config, scheme, keep)
         hp = OUT_DTYPES[out_dtype]

@@ -878,6 +878,12 @@ def test_bad_requests(tmp_path, i2v_weights, monkeypatch):
     with pytest.raises(ConvertError, match="must not be, contain or lie inside"):
         convert(src, src.parent, per_block=True, force=True, progress=False)
     assert src.is_file()
+    # A LoRA is read to the end as the source is: replacing it would destroy an input.
+    lora = tmp_path / "l.safetensors"
+    save_file({"blocks.0.self_attn.q.diff": torch.zeros(I2V.dim, I2V.dim)}, str(lora))
+    with pytest.raises(ConvertError, match=f"{lora}: the output must not be, contain or lie inside the LoRA {lora}$"):
+        convert(src, lora, lora=[f"{lora}:0.5"], force=True, progress=False)
+    assert set(_read(lora)[0]) == {"blocks.0.self_attn.q.diff"}
     # A converted (quantized) file is not a source.
     convert(src, tmp_path / "q.safetensors", progress=False)
     with pytest.raises(CheckpointError, match="already quantized"):
