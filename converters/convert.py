@@ -165,7 +165,8 @@ def _check_paths(src: Path, dst: Path, per_block: bool, force: bool, loras: Sequ
         # all the same.
         raise ConvertError(f"{report}: already exists; pass force=True to replace it")
     if not dst.parent.is_dir():
-        raise ConvertError(f"{dst.parent}: the output folder does not exist")
+        what = "is a file, not a folder" if dst.parent.exists() else "does not exist"
+        raise ConvertError(f"{dst.parent}: the output folder {what}")
     if not os.access(dst.parent, os.W_OK | os.X_OK):
         raise ConvertError(f"{dst.parent}: the output folder is not writable")
 

@@ -873,6 +873,11 @@ def test_bad_requests(tmp_path, i2v_weights, monkeypatch):
             convert(src, tmp_path / "o.safetensors", progress=False, **kwargs)
     with pytest.raises(ConvertError, match="must end in .safetensors"):
         convert(src, tmp_path / "o.bin", progress=False)
+    with pytest.raises(ConvertError, match=f"{tmp_path / 'nope'}: the output folder does not exist"):
+        convert(src, tmp_path / "nope" / "o.safetensors", progress=False)
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(ConvertError, match=f"{tmp_path / 'file'}: the output folder is a file, not a folder"):
+        convert(src, tmp_path / "file" / "o.safetensors", progress=False)
     with pytest.raises(ConvertError, match="must not be, contain or lie inside"):
         convert(src, src, force=True, progress=False)
     with pytest.raises(ConvertError, match="must not be, contain or lie inside"):
