@@ -107,7 +107,12 @@ class _LoraFile:
             raise CheckpointError(f"{info.file}: LoRA tensor {key!r} has dtype {info.dtype}, expected a float")
         if key in self.offsets:
             if info.file not in self._handles:
-                self._handles[info.file] = info.file.open("rb")
+                try:
+                    self._handles[info.file] = info.file.open("rb")
+                except OSError as err:
+                    # Removed or unreadable since it was indexed: the LoRA's error (convert reports any other
+                    # OSError as a failure to write its output).
+                    raise CheckpointError(f"{info.file}: cannot read: {err.strerror or err}") from err
             f = self._handles[info.file]
             t = read_at(f, self.offsets[key], info.nbytes, info.file, key).view(info.dtype).reshape(info.shape)
         else:

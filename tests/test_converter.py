@@ -1061,6 +1061,24 @@ def test_a_source_that_fails_to_read_is_named_not_the_output(tmp_path, i2v_weigh
     assert _listing(out) == []
 
 
+def test_a_lora_that_fails_to_open_is_named_not_the_output(tmp_path, i2v_weights, monkeypatch):
+    src = _source(tmp_path, i2v_weights, I2V)
+    lora = tmp_path / "l.safetensors"
+    save_file({"blocks.1.ffn.0.diff": torch.zeros(I2V.ffn_dim, I2V.dim)}, str(lora))
+
+    class Lora(convert_module.LoraSet):
+        def __init__(self, *args):
+            super().__init__(*args)
+            lora.unlink()  # indexed, not yet read: removed (or its mount lost) while converting
+
+    monkeypatch.setattr(convert_module, "LoraSet", Lora)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(lora))}: cannot read: No such file or directory$"):
+        convert(src, out / "o.safetensors", lora=[lora], progress=False)
+    assert _listing(out) == []
+
+
 @pytest.fixture
 def sigint_of_a_terminal():
     """Python's own SIGINT handler, which a command started from a terminal has: a test run started in the
