@@ -26,8 +26,6 @@ from typing import Callable
 import torch
 
 from dit8.kernels import candidates
-from dit8.kernels.attention import check_attention_runs
-from dit8.kernels.registry import model_backend
 
 from .conditioning import check_frames, check_size
 from .config import I2V_14B, WanConfig, tiny_config
@@ -36,7 +34,7 @@ from .devices import peak_memory, reset_peak, resolve_device, synchronize
 from .diffusers_reference import diffusers_inputs, diffusers_skip_reason, to_diffusers
 from .errors import InputError
 from .layouts import block_linears, expected_shapes
-from .model import EncodedContext, WanDiT
+from .model import EncodedContext, WanDiT, check_backend_and_attention
 from .packed_format import SCHEMES
 from .parallel import join_launched_group
 from .profiling import profile_parts, time_ms
@@ -105,7 +103,7 @@ def check_bench_settings(s: BenchSettings) -> None:
         raise InputError("--cuda-graph needs --device cuda")
     if s.sequence_parallel and (s.cuda_graph or s.compare):
         raise InputError("--sequence-parallel runs neither --cuda-graph nor --compare (one process each)")
-    check_attention_runs(s.attention, model_backend("attention", s.backend, device), device)
+    check_backend_and_attention(s.backend, s.attention, device)
     if device.type == "cuda":
         check_weights_fit(s.model_config(), s.scheme, torch.cuda.mem_get_info(device)[0])
 

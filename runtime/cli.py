@@ -74,12 +74,10 @@ def _parse_size(text: str) -> tuple[int, int]:
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from dit8.kernels.attention import check_attention_runs
-    from dit8.kernels.registry import model_backend
-
     from .conditioning import check_frames, check_prompt, check_size, image_tensor, output_size
     from .devices import resolve_device
     from .loader import open_dit
+    from .model import check_backend_and_attention
     from .model_folder import find_model_files
     from .pipeline import I2VPipeline, check_settings
     from .tokenizer import Tokenizer, clean_prompt
@@ -107,7 +105,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         check_size(args.size)
     elif args.area is not None:
         output_size(tuple(image.shape[1:]), args.area)
-    check_attention_runs(args.attention, model_backend("attention", args.backend, device), device)
+    check_backend_and_attention(args.backend, args.attention, device)
     # The folder's files, and the prompts against its tokenizer and the DiT's text length (from the
     # checkpoint's header): seconds, where loading the models takes minutes.
     files = find_model_files(args.model, dit=args.dit, scheme=args.scheme, distilled=args.distilled)

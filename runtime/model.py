@@ -510,6 +510,15 @@ def _check_backend(setup: Setup) -> None:
                            f"here{hint}")
 
 
+def check_backend_and_attention(backend: str, attention: str, device: torch.device) -> None:
+    """The checks a WanDiT on `device` makes of its `backend` and `attention` when it is built, in the
+    same order, without building one: a command makes them before a long checkpoint load, and a backend
+    that cannot run here is named as such rather than as an attention path that lacks it."""
+    setup = Setup(device, torch.float32, backend)
+    _check_backend(setup)
+    _check_attention(attention, setup)
+
+
 def _check_attention(attention: str, setup: Setup) -> None:
     """Refuse an unknown precision, or an 8-bit one no backend runs here, when the model is built
     rather than at its first forward."""

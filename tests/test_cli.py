@@ -199,6 +199,24 @@ def test_bench_errors_name_the_flag(flag, value, message, capsys):
     assert capsys.readouterr().err == f"dit8: error: {message}\n"
 
 
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_a_kernel_backend_that_cannot_run_is_named_before_8bit_attention(command, tmp_path, capsys, monkeypatch):
+    """--backend triton without the interpreter on a CPU: the backend is the mistake (as load_dit says),
+    not a missing --backend triton, which the user gave."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # without the interpreter Triton needs a GPU
+    monkeypatch.chdir(tmp_path)
+    if command == "generate":
+        image = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+        argv = ["generate", "--model", "nowhere", "--image", str(write_png_frames(tmp_path, image[None])[0]),
+                "--prompt", "a cat", "--out", "o.mp4"]
+    else:
+        argv = ["bench", "dit"]
+    assert main([*argv, "--device", "cpu", "--attention", "int8", "--backend", "triton"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dit8: error: backend 'triton': no op can run its kernels on cpu tensors here"), err
+    assert "TRITON_INTERPRET=1" in err and err.count("\n") == 1
+
+
 def test_bench_refuses_a_folder_for_json_first(tmp_path, capsys):
     tiny = ["--frames", "1", "--size", "16x16", "--layers", "1", "--repeat", "1", "--steps", "0"]
     assert main(["bench", "dit", "--device", "cpu", *tiny, "--json", str(tmp_path)]) == 1
