@@ -252,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--update", choices=UPDATE_RULES, default=DETERMINISTIC,
                       help="how each step moves to the next noise level (default deterministic)")
     demo.add_argument("--device", default="cpu", help="default cpu")
-    demo.add_argument("--out", default="dit8-demo.mp4", help="output mp4 (default dit8-demo.mp4)")
-    demo.add_argument("--frames-dir", help="also write every frame as a PNG into this folder")
+    demo.add_argument("--out", default="dit8-demo.mp4", type=_non_empty, help="output mp4 (default dit8-demo.mp4)")
+    demo.add_argument("--frames-dir", type=_non_empty, help="also write every frame as a PNG into this folder")
     demo.set_defaults(run=_run_demo)
 
     bench = commands.add_parser("bench", help="benchmarks on random weights (no checkpoint needed)")
@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _non_empty(text: str) -> str:
+    # A usage error naming the flag: an empty path would mean the current folder (`--frames-dir "$UNSET"`
+    # wrote the PNGs there), an empty --keep or --lora nothing at all.
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     return text
@@ -288,11 +290,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_generate(generate: argparse.ArgumentParser) -> None:
-    generate.add_argument("--model", required=True, help="model folder (official Wan2.1-I2V-14B-480P or "
-                          "a LightX2V distilled release)")
-    generate.add_argument("--image", required=True, help="input image (PNG, JPEG, ...): the first frame")
+    generate.add_argument("--model", required=True, type=_non_empty,
+                          help="model folder (official Wan2.1-I2V-14B-480P or a LightX2V distilled release)")
+    generate.add_argument("--image", required=True, type=_non_empty,
+                          help="input image (PNG, JPEG, ...): the first frame")
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--out", required=True, help="output .mp4 (H.264, yuv420p, 16 fps)")
+    generate.add_argument("--out", required=True, type=_non_empty, help="output .mp4 (H.264, yuv420p, 16 fps)")
     generate.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     generate.add_argument("--frames", type=int, default=81, help="4k+1 frames (default 81)")
     size = generate.add_mutually_exclusive_group()
@@ -311,7 +314,7 @@ def _add_generate(generate: argparse.ArgumentParser) -> None:
     dit = generate.add_mutually_exclusive_group()
     dit.add_argument("--scheme", choices=SCHEMES,
                      help="which DiT of the folder: bf16 (float), fp8 or int8 (default: the first present)")
-    dit.add_argument("--dit", help="a DiT file or folder to use instead of the folder's")
+    dit.add_argument("--dit", type=_non_empty, help="a DiT file or folder to use instead of the folder's")
     kind = generate.add_mutually_exclusive_group()
     kind.add_argument("--distilled", dest="distilled", action="store_const", const=True,
                       help="the DiT is step/CFG-distilled: 4 steps, no CFG, shift 5 by default (default: "
@@ -330,7 +333,7 @@ def _add_generate(generate: argparse.ArgumentParser) -> None:
                           help="keep T5 and CLIP off the GPU except while they encode")
     generate.add_argument("--vae-tile", type=int, help="decode in tiles of N latent pixels to save memory "
                           "(32: 4.2 GiB peak at 480P, 81 frames, instead of 9.0; 2.5x the decode time)")
-    generate.add_argument("--frames-dir", help="also write every frame as a PNG into this folder")
+    generate.add_argument("--frames-dir", type=_non_empty, help="also write every frame as a PNG into this folder")
     generate.add_argument("--sequence-parallel", action="store_true",
                           help="split the DiT over the processes of a launcher, one GPU each: torchrun "
                           "--nproc-per-node N -m dit8 generate ... --sequence-parallel")
@@ -359,7 +362,7 @@ def _add_bench_dit(dit: argparse.ArgumentParser) -> None:
                      help="timed forwards after the warm-up, their median reported (default 3)")
     dit.add_argument("--cuda-graph", action="store_true",
                      help="also time the forward replayed from a CUDA graph (dit8.CapturedForward)")
-    dit.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
+    dit.add_argument("--json", metavar="OUT", type=_non_empty, help="write every number to this JSON file")
     dit.add_argument("--sequence-parallel", action="store_true",
                      help="split the model over the processes of a launcher, one GPU each: torchrun "
                      "--nproc-per-node N -m dit8 bench dit ... --sequence-parallel")

@@ -76,6 +76,26 @@ def test_empty_convert_arguments_are_usage_errors(flag, capsys):
     assert exit_.value.code == 2 and f"argument {flag}: must not be empty" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [
+    ["generate", "--model", "m", "--image", "i.png", "--prompt", "a cat", "--out", "o.mp4", "--frames-dir", ""],
+    ["generate", "--model", "", "--image", "i.png", "--prompt", "a cat", "--out", "o.mp4"],
+    ["generate", "--model", "m", "--image", "i.png", "--prompt", "a cat", "--out", " "],
+    ["generate", "--model", "m", "--image", "", "--prompt", "a cat", "--out", "o.mp4"],
+    ["generate", "--model", "m", "--image", "i.png", "--prompt", "a cat", "--out", "o.mp4", "--dit", ""],
+    ["demo", "--frames-dir", ""],
+    ["demo", "--out", ""],
+    ["bench", "dit", "--json", ""],
+])
+def test_empty_paths_are_usage_errors_naming_the_flag(argv, capsys, tmp_path, monkeypatch):
+    """An empty path is the current folder to pathlib: --frames-dir "" wrote the PNGs there."""
+    monkeypatch.chdir(tmp_path)
+    flag = argv[[i for i, a in enumerate(argv) if not a.strip()][0] - 1]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and f"argument {flag}: must not be empty" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_demo_runs_the_whole_pipeline(capsys, tmp_path):
     out_path = tmp_path / "demo.mp4"
     assert main(["demo", "--out", str(out_path), "--frames-dir", str(tmp_path / "frames")]) == 0
