@@ -84,6 +84,16 @@ def _h264_encoder() -> str:
     raise RuntimeError(f"this PyAV build has no H.264 encoder ({' or '.join(H264_ENCODERS)})")
 
 
+def _as_path(path: object, what: str) -> Path:
+    """`path` (a str or os.PathLike) as a Path; InputError naming `what` for another type or an empty
+    path, which pathlib reads as the current folder (the PNG frames would land there)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"the {what} must be a path (str or os.PathLike), got {type(path).__name__}")
+    if not os.fspath(path):
+        raise InputError(f"the {what} is empty")
+    return Path(path)
+
+
 def _check_file_path(path: Path) -> None:
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give the video file's name")
@@ -131,11 +141,11 @@ def check_output_paths(mp4: str | Path | None = None, frames_dir: str | Path | N
     `frames_dir` cannot be written, known before any frame exists: lets a command refuse before
     minutes of generation."""
     if mp4 is not None:
-        _check_file_path(Path(mp4))
+        _check_file_path(_as_path(mp4, "video path"))
         if Path(mp4).suffix.lower() != ".mp4":
             raise InputError(f"{mp4}: the output is an H.264 .mp4 file; give a name ending in .mp4")
     if frames_dir is not None:
-        _check_folder_path(Path(frames_dir))
+        _check_folder_path(_as_path(frames_dir, "frames folder"))
 
 
 # Names an mp4 file may have (the container's own, and the names players accept it under).
@@ -147,7 +157,7 @@ def write_mp4(path: str | Path, frames: torch.Tensor | np.ndarray, *, fps: int =
     """Write frames as an H.264 mp4, yuv420p, constant `fps`, quality `crf` (x264's scale: 0 lossless,
     18 visually lossless, 23 its default). The file appears complete or not at all (it is written
     beside and renamed), and its index is at the front so it plays while downloading."""
-    path = Path(path)
+    path = _as_path(path, "video path")
     _check_file_path(path)
     if path.suffix.lower() not in MP4_SUFFIXES:
         raise InputError(f"{path}: an H.264 mp4 goes in a file named {' or '.join(MP4_SUFFIXES)}")
@@ -182,7 +192,9 @@ def write_png_frames(folder: str | Path, frames: torch.Tensor | np.ndarray, *,
                      prefix: str = "frame_") -> list[Path]:
     """Write each frame as `folder/{prefix}{index}.png` (index zero-padded to at least 5 digits, from 0),
     8-bit RGB; returns the paths in order."""
-    folder = Path(folder)
+    folder = _as_path(folder, "frames folder")
+    if not isinstance(prefix, str):
+        raise InputError(f"prefix must be a str, got {type(prefix).__name__}")
     if Path(prefix).name != prefix or prefix in (".", ".."):
         raise InputError(f"prefix {prefix!r}: must be the start of a file name, without folders")
     _check_folder_path(folder)

@@ -172,3 +172,19 @@ def test_frame_folders_that_cannot_be_written(tmp_path):
     for prefix in ("a/b", "..", "/abs"):
         with pytest.raises(InputError, match="start of a file name"):
             write_png_frames(tmp_path / "frames", smooth_frames(1), prefix=prefix)
+
+
+def test_empty_or_untyped_output_paths_are_refused(tmp_path, monkeypatch):
+    """An empty path is the current folder to pathlib: save_frames("") wrote the PNGs there."""
+    monkeypatch.chdir(tmp_path)
+    frames = smooth_frames(1)
+    for call, message in [(lambda: write_png_frames("", frames), "the frames folder is empty"),
+                          (lambda: check_output_paths(frames_dir=""), "the frames folder is empty"),
+                          (lambda: write_mp4("", frames), "the video path is empty"),
+                          (lambda: check_output_paths(""), "the video path is empty"),
+                          (lambda: write_mp4(3, frames), "the video path must be a path .*, got int"),
+                          (lambda: write_png_frames(None, frames), "the frames folder must be a path .*, got NoneType"),
+                          (lambda: write_png_frames("f", frames, prefix=3), "prefix must be a str, got int")]:
+        with pytest.raises(InputError, match=message):
+            call()
+    assert list(tmp_path.iterdir()) == []
