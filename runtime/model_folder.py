@@ -213,6 +213,8 @@ def find_model_files(path: str | Path, *, dit: str | Path | None = None, scheme:
     """
     if scheme is not None and scheme not in SCHEMES:
         raise CheckpointError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
+    if distilled is not None and not isinstance(distilled, bool):  # bool("no") would be True
+        raise InputError(f"distilled must be True, False or None, got {distilled!r}")
     root = as_path(path, "path")
     if not root.exists():
         raise CheckpointError(f"{root}: no such model folder")

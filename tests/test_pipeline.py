@@ -545,6 +545,9 @@ def test_dit_override_and_the_distilled_rule(tmp_path):
     assert find_model_files(official, dit=tmp_path / "my_4step_model.safetensors").distilled  # name hint
     assert find_model_files(official, distilled=True).distilled
     assert not find_model_files(lightx2v, distilled=False).distilled
+    for flag in ("no", "False", 0):  # not taken for its truth value: "no" would mean distilled
+        with pytest.raises(InputError, match=f"distilled must be True, False or None, got {flag!r}"):
+            find_model_files(official, distilled=flag)
     with pytest.raises(CheckpointError, match="missing.safetensors: DiT file or folder not found"):
         find_model_files(official, dit="missing.safetensors")
 
