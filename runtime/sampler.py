@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,7 +41,8 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class DistilledSampler:
-    """steps: timesteps on the 1000-step grid; shift: the sigma shift; update: how a step moves
+    """steps: timesteps on the 1000-step grid, strictly decreasing integers in (0, 1000] (any sequence,
+    kept as a tuple; `evenly_spaced_steps(n)` gives n of them); shift: the sigma shift; update: how a step moves
     from its x0 estimate to the next noise level ("deterministic" x0 + σ_next·v, or "renoise" with
     fresh seeded noise)."""
 
@@ -51,9 +53,19 @@ class DistilledSampler:
     def __post_init__(self) -> None:
         if self.update not in UPDATE_RULES:
             raise InputError(f"update must be one of {UPDATE_RULES}, got {self.update!r}")
-        steps = list(self.steps)
-        if not steps or any(not 0 < s <= 1000 for s in steps) or any(a <= b for a, b in zip(steps, steps[1:])):
-            raise InputError(f"steps must be strictly decreasing values in (0, 1000], got {self.steps}")
+        if isinstance(self.steps, numbers.Integral):  # a count, as UniPCSampler's steps is
+            raise InputError(f"steps are the timesteps, e.g. (1000, 750, 500, 250), not a count; got {self.steps!r} "
+                             f"(evenly_spaced_steps({self.steps!r}) gives that many)")
+        try:  # integers (numpy's and 0-d tensors too): a step indexes the 1000-step grid, which would take
+            # 999.5 for 999 without a word
+            steps = [operator.index(s) for s in self.steps if not isinstance(s, bool)]
+            whole = not isinstance(self.steps, (str, bytes)) and len(steps) == len(self.steps)
+        except TypeError:
+            whole = False
+        if (not whole or not steps or any(not 0 < s <= 1000 for s in steps)
+                or any(a <= b for a, b in zip(steps, steps[1:]))):
+            raise InputError(f"steps must be strictly decreasing integers in (0, 1000], got {self.steps!r}")
+        object.__setattr__(self, "steps", tuple(steps))  # (frozen) a tuple of ints, whatever sequence was given
         check_shift(self.shift)
 
     def sigmas(self) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The 4-step distilled sampler: exact sigmas/timesteps and both update rules."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,10 +108,19 @@ def test_initial_noise_is_reproducible():
 
 
 @pytest.mark.parametrize("kwargs", [{"update": "euler"}, {"steps": (250, 500)}, {"steps": ()}, {"steps": (1001,)},
-                                    {"steps": (1000, 1000, 500)}])
+                                    {"steps": (1000, 1000, 500)}, {"steps": 4}, {"steps": (1000, 999.5)},
+                                    {"steps": (1000.0,)}, {"steps": ("a",)}, {"steps": "1000"}, {"steps": None}])
 def test_invalid_settings(kwargs):
     with pytest.raises(InputError, match=next(iter(kwargs))):
         DistilledSampler(**kwargs)
+
+
+def test_steps_are_kept_as_a_tuple_of_ints():
+    expected = DistilledSampler().timesteps()
+    for steps in ([1000, 750, 500, 250], range(1000, 0, -250), np.array([1000, 750, 500, 250])):
+        sampler = DistilledSampler(steps=steps)
+        assert sampler.steps == (1000, 750, 500, 250) and all(type(s) is int for s in sampler.steps)
+        assert torch.equal(sampler.timesteps(), expected)
 
 
 @pytest.mark.parametrize("sampler", [DistilledSampler, UniPCSampler])
