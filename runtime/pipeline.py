@@ -43,7 +43,7 @@ from .model import EncodedContext, WanDiT
 from .model_folder import ModelFiles, find_model_files
 from .parallel import SequenceParallel, fingerprint
 from .progress import Progress
-from .sampler import UPDATE_RULES, DistilledSampler, check_shift, evenly_spaced_steps, initial_noise
+from .sampler import UPDATE_RULES, DistilledSampler, check_seed, check_shift, evenly_spaced_steps, initial_noise
 from .t5 import T5Encoder
 from .tokenizer import Tokenizer
 from .unipc import DEFAULT_NEGATIVE_PROMPT, UniPCSampler, guided
@@ -119,8 +119,7 @@ def check_settings(*, seed: Any = 0, steps: Any = None, guidance: Any = None, sh
                    sampler: Any = None, update: Any = "deterministic") -> None:
     """The checks of a call's settings that need no model (None leaves a setting to its default);
     InputError naming the first bad one. The command line runs them before loading the model."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
-        raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    check_seed(seed)
     if sampler is not None and sampler not in SAMPLERS:
         raise InputError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral)

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from .choices import DETERMINISTIC, RENOISE, UPDATE_RULES  # noqa: F401 (RENOISE: its import path before choices.py)
+from .devices import resolve_device
 from .errors import InputError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -27,6 +28,13 @@ def check_shift(shift: float) -> float:
     if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not 0 < shift < math.inf:
         raise InputError(f"shift must be a positive number, got {shift!r}")
     return float(shift)
+
+
+def check_seed(seed: object) -> int:
+    """`seed` if it is an integer in [0, 2**63) (numpy's too), else an InputError naming it."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
+        raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return int(seed)
 
 
 def evenly_spaced_steps(n: int) -> tuple[int, ...]:
@@ -107,6 +115,8 @@ class DistilledSampler:
 
 
 def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Seeded fp32 Gaussian latents; the same seed gives the same noise on any machine (drawn on the CPU)."""
-    generator = torch.Generator().manual_seed(seed)
+    """Seeded fp32 Gaussian latents; the same seed gives the same noise on any machine (drawn on the CPU).
+    `seed` as the pipeline takes it (an integer in [0, 2**63)); InputError for a bad seed or device."""
+    device = resolve_device(device)
+    generator = torch.Generator().manual_seed(check_seed(seed))
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)

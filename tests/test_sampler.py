@@ -123,6 +123,18 @@ def test_steps_are_kept_as_a_tuple_of_ints():
         assert torch.equal(sampler.timesteps(), expected)
 
 
+@pytest.mark.parametrize("seed", [-1, 2 ** 63, 1.5, "3", True, None])
+def test_initial_noise_refuses_a_seed_the_pipeline_refuses(seed):
+    with pytest.raises(InputError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        initial_noise((2, 3), seed)
+
+
+def test_initial_noise_refuses_a_bad_device():
+    with pytest.raises(InputError, match="'bogus' is not a device name"):
+        initial_noise((2, 3), 0, device="bogus")
+    assert torch.equal(initial_noise((2, 3), np.int64(5)), initial_noise((2, 3), 5))
+
+
 @pytest.mark.parametrize("sampler", [DistilledSampler, UniPCSampler])
 @pytest.mark.parametrize("shift", [0, -1.0, float("inf"), float("nan"), "5", True])
 def test_shift_must_be_a_positive_number(sampler, shift):
