@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 # Only the standard library and dit8's torch-free modules at the top: `dit8 --help` and argument errors
 # answer without loading torch (seconds); each command imports what it runs.
 from . import __version__
-from .choices import BACKENDS, DETERMINISTIC, PRECISIONS, SAMPLERS, SCHEMES, UPDATE_RULES
+from .choices import BACKENDS, DETERMINISTIC, DISTILLED, PRECISIONS, SAMPLERS, SCHEMES, UNIPC, UPDATE_RULES
 from .errors import Dit8Error, InputError
 from .progress import format_bytes
 
@@ -97,7 +97,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     image = image_tensor(args.image)
     if not clean_prompt(args.prompt):
         raise InputError("--prompt is empty")
-    check_settings(seed=args.seed, steps=args.steps, guidance=args.guidance, shift=args.shift)
+    check_settings(seed=args.seed, steps=args.steps, guidance=args.guidance, shift=args.shift, sampler=args.sampler,
+                   update=args.update)
     check_frames(args.frames)
     if args.vae_tile is not None and args.vae_tile < 1:
         raise InputError(f"--vae-tile must be a positive number of latent pixels, got {args.vae_tile}")
@@ -109,6 +110,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     # The folder's files, and the prompts against its tokenizer and the DiT's text length (from the
     # checkpoint's header): seconds, where loading the models takes minutes.
     files = find_model_files(args.model, dit=args.dit, scheme=args.scheme, distilled=args.distilled)
+    if args.sampler is None:  # the folder's model decides the sampler, and with it the update rules it takes
+        check_settings(sampler=DISTILLED if files.distilled else UNIPC, update=args.update)
     dit = open_dit(files.dit, config_json=files.config_json)
     tokenizer = Tokenizer.from_folder(files.tokenizer, text_len=dit.config.text_len)
     dit.checkpoint.close()  # read again by the load; a .pth one may hold its tensors until closed
@@ -373,18 +376,19 @@ def _add_bench_dit(dit: argparse.ArgumentParser) -> None:
 _SETTING_FLAGS = {name: "--" + name.replace("_", "-") for name in
                   ("frames", "seed", "steps", "guidance", "shift", "size", "area", "sampler", "update", "vae_tile",
                    "layers", "repeat")}
-_KEYWORD_FLAGS = {"backend": "--backend", "precision": "--attention"}
+_KEYWORD_FLAGS = {"backend": "--backend", "precision": "--attention", "update": "--update"}
 
 
 def in_flag_words(message: str) -> str:
     """An error message of the API as the command line says it: a leading setting name (`frames must
-    be ...`) as its flag, `backend='triton'` or `precision='int8'` as `--backend triton`, `--attention
-    int8`, and `force=True` as `--force`."""
+    be ...`) as its flag, `backend='triton'`, `precision='int8'` or `update='renoise'` as `--backend
+    triton`, `--attention int8`, `--update renoise`, and `force=True` as `--force`."""
     first, sep, rest = message.partition(" ")
     if first in _SETTING_FLAGS and sep:
         message = f"{_SETTING_FLAGS[first]} {rest}"
     message = re.sub(r"\bforce=True\b", "--force", message)
-    return re.sub(r"\b(backend|precision)='(\w+)'", lambda m: f"{_KEYWORD_FLAGS[m.group(1)]} {m.group(2)}", message)
+    keywords = "|".join(_KEYWORD_FLAGS)
+    return re.sub(rf"\b({keywords})='(\w+)'", lambda m: f"{_KEYWORD_FLAGS[m.group(1)]} {m.group(2)}", message)
 
 
 class Terminated(BaseException):

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, TextIO
 import numpy as np
 import torch
 
-from .choices import DISTILLED, SAMPLERS, UNIPC
+from .choices import DETERMINISTIC, DISTILLED, SAMPLERS, UNIPC
 from .clip import CLIPVisionEncoder
 from .conditioning import (AREA_480P, check_frames, check_grid, check_prompt, check_size, clip_features,
                            image_condition, image_tensor, output_size, resize_image, text_features)
@@ -132,6 +132,15 @@ def check_settings(*, seed: Any = 0, steps: Any = None, guidance: Any = None, sh
         check_shift(shift)
     if update not in UPDATE_RULES:
         raise InputError(f"update must be one of {UPDATE_RULES}, got {update!r}")
+    if sampler == UNIPC:
+        _check_update_of(UNIPC, update)
+
+
+def _check_update_of(sampler: str, update: str) -> None:
+    """Refuse a step rule the sampler would ignore: only the distilled sampler takes "renoise"."""
+    if sampler != DISTILLED and update != DETERMINISTIC:
+        raise InputError(f"update={update!r} is the distilled sampler's step rule; the {sampler} sampler takes "
+                         f"only {DETERMINISTIC!r}")
 
 
 @dataclass
@@ -267,7 +276,8 @@ class I2VPipeline:
         sampler: "distilled" or "unipc"; default from the model (see `from_pretrained`). steps, guidance,
             shift default by sampler: distilled 4 / 1.0 / 5.0; unipc 40 / 5.0 / 3.0 (5.0 above 480P area).
         negative_prompt: for CFG (guidance != 1); default Wan's own. "" is an empty negative prompt.
-        update: the distilled sampler's step rule, "deterministic" or "renoise".
+        update: the distilled sampler's step rule, "deterministic" or "renoise" (refused with UniPC, which
+            has only the deterministic one).
         callback(ProgressEvent): after each unit of work; it may not call the pipeline itself.
         cancel: a threading.Event; when set, the call raises Cancelled at the next stage boundary: after
             the text or the image encoder, between two latent frames of the image encode, two steps, or
@@ -334,6 +344,7 @@ class I2VPipeline:
         check_grid(frames, height, width, time_stride=self.vae.config.time_stride,
                    vae_stride=self.vae.config.space_stride, patch=self.dit.config.patch_size)
         sampler = sampler if sampler is not None else (DISTILLED if self.distilled else UNIPC)
+        _check_update_of(sampler, update)  # (a model that is not distilled takes unipc by default)
         distilled = sampler == DISTILLED
         steps = (4 if distilled else 40) if steps is None else int(steps)
         guidance = (1.0 if distilled else 5.0) if guidance is None else guidance

@@ -153,6 +153,8 @@ def test_generate_options(model_folder, tmp_path, capsys):
     (["--scheme", "int8"], "no int8 DiT found"),
     (["--prompt", " ".join(["cat"] * 600)], "--prompt is 600 tokens long"),
     (["--negative-prompt", " ".join(["cat"] * 600)], "--negative-prompt is 600 tokens long"),
+    # Not distilled: the unipc sampler by default, which has no re-noising rule.
+    (["--base", "--update", "renoise"], "--update renoise is the distilled sampler's step rule; the unipc"),
 ])
 def test_generate_errors_are_one_line(model_folder, tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -183,6 +185,7 @@ def test_generate_errors_are_one_line(model_folder, tmp_path, capsys, monkeypatc
     (["--area", "100"], "raise the area"),
     (["--attention", "int8"], "no torch reference"),
     (["--attention", "int8", "--backend", "torch"], "no 'int8' path; use --backend triton"),
+    (["--sampler", "unipc", "--update", "renoise"], "--update renoise is the distilled sampler's step rule"),
 ])
 def test_generate_refuses_bad_arguments_before_loading(tmp_path, capsys, monkeypatch, args, message):
     """The model folder does not exist: each error must come from the argument, checked first."""

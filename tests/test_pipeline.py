@@ -358,6 +358,7 @@ def test_a_float_image_is_copied_before_the_call_reads_it(pipe, monkeypatch):
     (dict(guidance=float("nan")), "guidance"),
     (dict(shift=-1.0), "shift"),
     (dict(update="sde"), "update"),
+    (dict(sampler="unipc", update="renoise"), "the distilled sampler's step rule; the unipc sampler takes only"),
     (dict(guidance=3.0, negative_prompt=" ".join(["cat"] * 600)), "negative_prompt is 600 tokens"),
     (dict(negative_prompt=" ".join(["cat"] * 600)), "negative_prompt is 600 tokens"),  # unused, still checked
     (dict(negative_prompt=b"blurry"), "negative_prompt must be a string"),
