@@ -30,7 +30,7 @@ from dit8.kernels import candidates
 from .conditioning import check_frames, check_size
 from .config import I2V_14B, WanConfig, tiny_config
 from .cuda_graph import CapturedForward
-from .devices import peak_memory, reset_peak, resolve_device, synchronize
+from .devices import available_host_memory, peak_memory, reset_peak, resolve_device, synchronize
 from .diffusers_reference import diffusers_inputs, diffusers_skip_reason, to_diffusers
 from .errors import InputError
 from .layouts import block_linears, expected_shapes
@@ -106,6 +106,8 @@ def check_bench_settings(s: BenchSettings) -> None:
     check_backend_and_attention(s.backend, s.attention, device)
     if device.type == "cuda":
         check_weights_fit(s.model_config(), s.scheme, torch.cuda.mem_get_info(device)[0])
+    elif (available := available_host_memory()) is not None:
+        check_weights_fit(s.model_config(), s.scheme, available, where="this machine")
 
 
 def weight_bytes(config: WanConfig, scheme: str) -> int:
@@ -120,13 +122,13 @@ def weight_bytes(config: WanConfig, scheme: str) -> int:
     return total
 
 
-def check_weights_fit(config: WanConfig, scheme: str, free_bytes: int) -> None:
-    """InputError before building a model whose weights alone exceed the GPU's free memory (building it
-    would end in an out-of-memory error minutes later)."""
+def check_weights_fit(config: WanConfig, scheme: str, free_bytes: int, where: str = "the GPU") -> None:
+    """InputError before building a model whose weights alone exceed the free memory of `where` (building
+    it would end in an out-of-memory error minutes later, or on a CPU in the kernel's OOM killer)."""
     need = weight_bytes(config, scheme)
     if need > free_bytes:
         raise InputError(f"the {scheme} weights of this {config.num_layers}-block model take at least "
-                         f"{format_bytes(need)} and the GPU has {format_bytes(free_bytes)} free: use --scheme fp8 "
+                         f"{format_bytes(need)} and {where} has {format_bytes(free_bytes)} free: use --scheme fp8 "
                          f"or int8, or fewer --layers")
 
 

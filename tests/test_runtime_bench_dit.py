@@ -3,7 +3,9 @@ random weights (finite outputs; 8-bit weights within a quantization step of the 
 kernel classification, and parity with diffusers' WanTransformer3DModel on the same weights (fp32)."""
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,6 +175,32 @@ def test_weight_memory_floor_and_the_check_before_building(scheme):
     with pytest.raises(InputError, match=f"the {scheme} weights of this 2-block model take at least .* use --scheme"):
         check_weights_fit(CONFIG, scheme, floor - 1)
     assert weight_bytes(I2V_14B, "fp8") < weight_bytes(I2V_14B, "bf16") / 1.9  # 15.5 GiB against 30.5
+
+
+def test_a_cpu_without_the_memory_for_the_weights_is_refused_before_building(monkeypatch, capsys):
+    """On a CPU the check takes the memory the system has available: I2V-14B (57 GB of weights) on a small
+    machine ends in an InputError at once rather than in the OOM killer."""
+    from dit8 import bench_dit
+
+    available = weight_bytes(I2V_14B, "fp8") - 1
+    monkeypatch.setattr(bench_dit, "available_host_memory", lambda: available)
+    with pytest.raises(InputError, match="take at least .* and this machine has .* free"):
+        bench_dit.check_bench_settings(_settings(config="i2v-14b", layers=None, scheme="fp8"))
+    bench_dit.check_bench_settings(_settings(layers=None))  # the tiny model fits
+    assert main(["bench", "dit", "--device", "cpu", "--config", "i2v-14b", "--scheme", "fp8"]) == 1
+    assert "this machine has" in capsys.readouterr().err
+    monkeypatch.setattr(bench_dit, "available_host_memory", lambda: None)  # the system does not say: no check
+    bench_dit.check_bench_settings(_settings(config="i2v-14b", layers=None, scheme="fp8"))
+
+
+def test_available_host_memory_is_the_systems():
+    from dit8.devices import available_host_memory
+
+    available = available_host_memory()
+    if not Path("/proc/meminfo").exists():
+        assert available is None
+    else:
+        assert 0 < available < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _quant_step(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
