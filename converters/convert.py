@@ -486,7 +486,11 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
     _check_paths(src, dst, per_block, force, [spec.path for spec in loras])
     started = time.monotonic()
     dit = open_dit(src)  # validates names, shapes, config and the packed-format version
-    _check_float_source(dit)
+    try:
+        _check_float_source(dit)
+    except BaseException:
+        dit.checkpoint.close()  # (a .pth source holds its tensors until then)
+        raise
     with (SourceReader(dit) as reader, LoraSet(loras, expected_shapes(dit.config)) as lora_set,
           _threads_beside_helpers()):
         quantized = _quantized_layers(dit.config, scheme, keep)

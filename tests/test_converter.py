@@ -897,7 +897,7 @@ def test_bad_requests(tmp_path, i2v_weights, monkeypatch):
 
 @pytest.mark.parametrize("form", ["comfyui_fp8", "comfyui_fp8_unprefixed", "lightx2v_int8_per_block", "dit8_fp8",
                                   "fp8_unscaled"])
-def test_an_8bit_source_names_its_format_and_its_readers(tmp_path, i2v_weights, form, capsys):
+def test_an_8bit_source_names_its_format_and_its_readers(tmp_path, i2v_weights, form, capsys, monkeypatch):
     """An 8-bit checkpoint given to convert says which format it is in, what convert takes instead, and what
     reads it as it is; the command exits with 1 and leaves nothing."""
     from test_quantized_loading import comfyui_weights, lightx2v_weights
@@ -921,9 +921,14 @@ def test_an_8bit_source_names_its_format_and_its_readers(tmp_path, i2v_weights, 
         convert(_source(tmp_path, i2v_weights, I2V), src, report=False, progress=False)
     out = tmp_path / "out"
     out.mkdir()
+    from dit8.checkpoint import Checkpoint
     from dit8.cli import main
 
+    closed = []
+    close = Checkpoint.close
+    monkeypatch.setattr(Checkpoint, "close", lambda self: (closed.append(self), close(self)))
     assert main(["convert", str(src), str(out / "o.safetensors"), "--scheme", "int8"]) == 1
+    assert closed, "the refused source was left open"
     err = capsys.readouterr().err.strip()
     scaled = "" if form == "fp8_unscaled" else " with a scale"
     assert re.fullmatch(rf"dit8: error: {re.escape(str(src))}: already quantized \({re.escape(kind)}: "
