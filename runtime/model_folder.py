@@ -212,7 +212,7 @@ def find_model_files(path: str | Path, *, dit: str | Path | None = None, scheme:
     distilled: override the distilled/base rule of the module docstring.
     """
     if scheme is not None and scheme not in SCHEMES:
-        raise CheckpointError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
+        raise InputError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
     if distilled is not None and not isinstance(distilled, bool):  # bool("no") would be True
         raise InputError(f"distilled must be True, False or None, got {distilled!r}")
     root = as_path(path, "path")

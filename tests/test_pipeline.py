@@ -488,7 +488,7 @@ def test_scheme_picks_the_variant_and_float_comes_first(tmp_path):
     assert find_model_files(tmp_path).kind == "distill_models"
     assert find_model_files(tmp_path, scheme="fp8").dit == tmp_path / "distill_fp8"
     assert find_model_files(tmp_path, scheme="int8").dit == tmp_path / "int8"
-    with pytest.raises(CheckpointError, match="unknown scheme"):
+    with pytest.raises(InputError, match="unknown scheme 'fp4'"):  # an argument's error, not the folder's
         find_model_files(tmp_path, scheme="fp4")
 
 
