@@ -323,6 +323,17 @@ def test_a_callback_that_changes_the_x0_it_sees_does_not_change_the_video(pipe, 
     assert torch.equal(pipe(IMAGE, PROMPT, seed=3, callback=preview, **SMALL).frames, video.frames)
 
 
+def test_the_x0_a_callback_keeps_is_an_ordinary_tensor(pipe):
+    # A preview kept past the call and normalised there raised "Inplace update to inference tensor outside
+    # InferenceMode is not allowed".
+    kept = []
+    pipe(IMAGE, PROMPT, callback=lambda e: kept.append(e.x0) if e.x0 is not None else None, **ONE)
+    assert len(kept) == 4 and not any(x0.is_inference() for x0 in kept)
+    before = kept[-1].clone()
+    kept[-1].div_(2)
+    assert torch.equal(kept[-1] * 2, before)
+
+
 def test_a_float_image_is_copied_before_the_call_reads_it(pipe, monkeypatch):
     image = torch.from_numpy(IMAGE).permute(2, 0, 1).float().div(127.5).sub(1).contiguous()
     expected = pipe(image, PROMPT, **ONE).frames
