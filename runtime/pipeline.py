@@ -368,11 +368,11 @@ class I2VPipeline:
         if not self.offload_encoders or self.device.type == "cpu":
             yield
             return
-        # Outside inference mode, so the moved weights stay ordinary tensors usable anywhere.
-        with torch.inference_mode(False):
-            self.t5.to(self.device)
-            self.clip.to(self.device)
-        try:
+        try:  # (the moves too: T5 moved and CLIP out of memory must not leave T5 on the device)
+            # Outside inference mode, so the moved weights stay ordinary tensors usable anywhere.
+            with torch.inference_mode(False):
+                self.t5.to(self.device)
+                self.clip.to(self.device)
             yield
         finally:
             with torch.inference_mode(False):

@@ -130,6 +130,27 @@ def test_offloaded_encoders_and_tiled_decode_give_the_same_video(distilled_folde
     assert (other.frames.int() - video.frames.int()).abs().max() <= 1  # tiles: same math, other summation order
 
 
+def test_offloaded_encoders_go_back_when_moving_them_fails(distilled_folder, monkeypatch):
+    # CLIP out of memory on its way to the GPU left T5 there, ~11 GB held between calls.
+    pipe = I2VPipeline.from_pretrained(distilled_folder, offload_encoders=True)
+    moves = []
+
+    def mover(name):
+        def to(device):
+            moves.append((name, str(device)))
+            if name == "clip" and str(device) != "cpu":
+                raise torch.OutOfMemoryError("CUDA out of memory")
+        return to
+
+    monkeypatch.setattr(pipe.t5, "to", mover("t5"))
+    monkeypatch.setattr(pipe.clip, "to", mover("clip"))
+    monkeypatch.setattr(pipe, "device", torch.device("cuda"))  # where they would move (nothing real moves)
+    with pytest.raises(torch.OutOfMemoryError):
+        with pipe._encoders_on_device():
+            pass
+    assert moves == [("t5", "cuda"), ("clip", "cuda"), ("t5", "cpu"), ("clip", "cpu")]
+
+
 def test_other_sampler_settings(pipe, video):
     renoise = pipe(IMAGE, PROMPT, seed=3, update="renoise", **ONE)
     assert not torch.equal(renoise.latents, video.latents[:, :1])
