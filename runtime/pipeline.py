@@ -20,6 +20,7 @@ not depend on what ran before or beside it.
 from __future__ import annotations
 
 import functools
+import io
 import math
 import numbers
 import threading
@@ -330,8 +331,11 @@ class I2VPipeline:
         frames = check_frames(frames, self.vae.config.time_stride)
         if not isinstance(progress, bool):
             raise InputError(f"progress must be True or False, got {progress!r}")
-        if stream is not None and not callable(getattr(stream, "write", None)):
-            raise InputError(f"progress_stream must be a text stream (with write()), got {type(stream).__name__}")
+        # (A binary stream has write() too, but fails on the bars' text only when the first stage ends.)
+        if stream is not None and (not callable(getattr(stream, "write", None))
+                                   or isinstance(stream, (io.RawIOBase, io.BufferedIOBase))):
+            raise InputError(f"progress_stream must be a text stream (with write() of str), got "
+                             f"{type(stream).__name__}")
         multiple = self.vae.config.space_stride * self.dit.config.patch_size[1]
         if size is not None and area is not None:
             raise InputError("give size or area, not both")
