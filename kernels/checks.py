@@ -43,10 +43,11 @@ def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple) -> None:
         raise OpArgumentError(f"{op}: {name} has shape {tuple(t.shape)}; expected {want}")
 
 
-def check_rows_not_empty(op: str, x: torch.Tensor) -> None:
-    """Raise unless `x` has at least one dimension and its rows (the last dimension) are not empty."""
+def check_rows_not_empty(op: str, x: torch.Tensor, name: str = "x") -> None:
+    """Raise unless `x` (argument `name`) has at least one dimension and its rows (the last dimension)
+    are not empty."""
     if x.dim() == 0 or x.shape[-1] == 0:
-        raise OpArgumentError(f"{op}: x has shape {tuple(x.shape)}; rows must not be empty")
+        raise OpArgumentError(f"{op}: {name} has shape {tuple(x.shape)}; rows must not be empty")
 
 
 def check_eps(op: str, eps: object) -> float:

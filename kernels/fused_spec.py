@@ -86,7 +86,7 @@ def check_qk_shapes(op: str, q, k, weight_q, weight_k, cos, sin, heads: int,
     """Raise OpArgumentError unless q and k [B, L, C] (one float dtype), the norm weights [C] and the
     RoPE tables [L, head_dim/2] fp32 fit together, C being `heads` heads of an even head_dim."""
     check_tensor(op, "q", q, ndim=3, dtypes=FLOAT_DTYPES)
-    check_rows_not_empty(op, q)
+    check_rows_not_empty(op, q, "q")
     B, L, C = q.shape
     check_tensor(op, "k", k, ndim=3, dtypes=(q.dtype,), device=q.device)
     check_shape(op, "k", k, (B, L, C))
