@@ -90,7 +90,9 @@ def check_qk_shapes(op: str, q, k, weight_q, weight_k, cos, sin, heads: int,
     B, L, C = q.shape
     check_tensor(op, "k", k, ndim=3, dtypes=(q.dtype,), device=q.device)
     check_shape(op, "k", k, (B, L, C))
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0 or C % heads:
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
+        raise OpArgumentError(f"{op}: heads must be a positive int, got {heads!r}")
+    if C % heads:
         raise OpArgumentError(f"{op}: width {C} is not a multiple of heads={heads}")
     D = C // heads
     if D % 2:

@@ -96,7 +96,13 @@ def test_environment_variable_sets_the_default(monkeypatch):
                               heads=2, eps="1e-6"), "eps must be a finite number"),
     (lambda: ops.layer_norm_quant(torch.randn(2, 8), eps=True, dtype=torch.int8), "eps must be a finite number"),
     (lambda: ops.qk_norm_rope(*(torch.randn(1, 3, 8),) * 2, *(torch.ones(8),) * 2, *(torch.ones(3, 4),) * 2,
-                              heads=True, eps=1e-6), "not a multiple of heads=True"),
+                              heads=True, eps=1e-6), "heads must be a positive int, got True"),
+    (lambda: ops.qk_norm_rope(*(torch.randn(1, 3, 8),) * 2, *(torch.ones(8),) * 2, *(torch.ones(3, 2),) * 2,
+                              heads=2.0, eps=1e-6), r"heads must be a positive int, got 2\.0"),
+    (lambda: ops.qk_norm_rope_quant(*(torch.randn(1, 3, 8),) * 2, *(torch.ones(8),) * 2, *(torch.ones(3, 2),) * 2,
+                                    heads=0, eps=1e-6, dtype=torch.int8), "heads must be a positive int, got 0"),
+    (lambda: ops.qk_norm_rope(*(torch.randn(1, 3, 8),) * 2, *(torch.ones(8),) * 2, *(torch.ones(3, 2),) * 2,
+                              heads=3, eps=1e-6), "width 8 is not a multiple of heads=3"),
 ])
 def test_bad_arguments_name_the_op_and_argument(call, match):
     with pytest.raises(OpArgumentError, match=match):
