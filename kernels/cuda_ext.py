@@ -350,21 +350,31 @@ def load():
 
 
 @functools.cache
-def _usable() -> bool:
-    """Whether the module loads (building it if it can); warns once and says no on failure."""
+def _load_error() -> str | None:
+    """Why the module does not load (building it if it can), or None when it does; warns once on failure."""
     try:
         load()
     except (CudaExtError, OSError, ImportError) as err:
-        warnings.warn(f"dit8: CUDA kernels unavailable, using the Triton/torch backends: {err}", stacklevel=3)
-        return False
-    return True
+        warnings.warn(f"dit8: CUDA kernels unavailable, using the Triton/torch backends: {err}", stacklevel=4)
+        return str(err)
+    return None
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the "cuda" registrations cannot run on `device` tensors here, or None when they can (an
+    explicit backend="cuda" that cannot run says this)."""
+    if device.type != "cuda":
+        return f"the CUDA kernels take CUDA tensors, not {device.type} ones"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA GPU"
+    if os.environ.get("DIT8_CUDA_EXT") == "0":
+        return "the CUDA extension is disabled (DIT8_CUDA_EXT=0)"
+    return None if _MODULE is not None else _load_error()
 
 
 def cuda_available(device: torch.device) -> bool:
     """runs_on predicate of the "cuda" registrations: CUDA tensors, a GPU, and a built/buildable module."""
-    if device.type != "cuda" or not torch.cuda.is_available() or os.environ.get("DIT8_CUDA_EXT") == "0":
-        return False
-    return _MODULE is not None or _usable()
+    return unavailable_reason(device) is None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ import torch
 from dit8.choices import BACKENDS  # preference order of "auto": CUDA, then Triton, then the torch reference
 from dit8.errors import Dit8Error
 
+from .triton_support import triton_unavailable_reason
+
 ENV_VAR = "DIT8_BACKEND"
 VERIFIED_VAR = "DIT8_VERIFIED"
 
@@ -172,6 +174,17 @@ def _check_name(name: str, where: str) -> None:
         raise BackendError(f"{where}: unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
 
 
+def _unavailable_reason(backend: str, device: torch.device) -> str:
+    """Why `backend`'s kernels (whose runs_on has just said no) do not run on `device` tensors here."""
+    if backend == "triton":
+        return triton_unavailable_reason(device)
+    if device.type != "cuda":
+        return f"the {backend.upper()} kernels take CUDA tensors, not {device.type} ones"
+    from .cuda_ext import unavailable_reason  # only for CUDA tensors, as the "cuda" predicate imports it
+
+    return unavailable_reason(device) or f"the {backend!r} kernels do not run here"
+
+
 def resolve(op: str, backend: str, device: torch.device, *, reference: bool = True) -> Callable:
     """The implementation of `op` to run on `device` for the requested backend.
 
@@ -182,10 +195,13 @@ def resolve(op: str, backend: str, device: torch.device, *, reference: bool = Tr
     impls = _OPS[op]
     if backend != "auto":
         impl = impls.get(backend)
-        if impl is None or not impl.runs_on(device):
+        if impl is None:
+            raise BackendError(f"{op}: there is no {backend!r} kernel of this op, on any device; "
+                               f"its backends: {[b for b in BACKENDS if b in impls]}")
+        if not impl.runs_on(device):
             usable = [b for b, i in impls.items() if i.runs_on(device)]
-            raise BackendError(f"{op}: backend {backend!r} cannot run on {device.type} tensors here; "
-                               f"usable: {usable}")
+            raise BackendError(f"{op}: backend {backend!r} cannot run on {device.type} tensors here "
+                               f"({_unavailable_reason(backend, device)}); usable: {usable}")
         return impl.fn
     preferred = os.environ.get(ENV_VAR, "auto")
     _check_name(preferred, ENV_VAR)

@@ -38,6 +38,19 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and interpreting()
 
 
+def triton_unavailable_reason(device: torch.device) -> str:
+    """Why `triton_runs_on(device)` is False (an explicit backend="triton" that cannot run says this)."""
+    if not triton_installed():
+        return "triton is not installed"
+    if device.type == "cuda":
+        return ("TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors only" if interpreting()
+                else "torch sees no CUDA GPU")
+    if device.type == "cpu":
+        return ("on CPU tensors the Triton kernels run only in the interpreter: TRITON_INTERPRET=1, set before "
+                "dit8 is imported")
+    return f"the Triton kernels take CUDA tensors, not {device.type} ones"
+
+
 def tensor_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """Context in which `x`'s CUDA device is the current one (nothing for CPU tensors). Triton launches
     on the current device and its stream, not on the device of the tensors it is given."""

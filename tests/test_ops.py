@@ -38,6 +38,43 @@ def test_explicit_backend_is_strict():
         ops.linear(x, w, backend="fast")
 
 
+def test_an_explicit_backend_that_cannot_run_says_why(monkeypatch):
+    from dit8.kernels import cuda_ext, registry
+
+    x = torch.randn(3, 8)
+    with pytest.raises(BackendError, match=r"rope: there is no 'triton' kernel of this op, on any device; "
+                                           r"its backends: \['torch'\]"):
+        ops.rope(torch.randn(1, 3, 2, 8), torch.randn(3, 4), torch.randn(3, 4), backend="triton")
+    with pytest.raises(BackendError, match="cannot run on cpu tensors here .the CUDA kernels take CUDA tensors"):
+        ops.quantize_per_token(x, torch.int8, backend="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendError, match="cannot run on cpu tensors here .on CPU tensors the Triton kernels run "
+                                           "only in the interpreter: TRITON_INTERPRET=1"):
+        ops.quantize_per_token(x, torch.int8, backend="triton")
+    # A GPU where the CUDA extension cannot be built: the error gives the build's reason.
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_ext, "_MODULE", None)
+    monkeypatch.delenv("DIT8_CUDA_EXT", raising=False)
+
+    def load():
+        raise cuda_ext.CudaExtError("cannot build the CUDA extension: missing nvcc (the CUDA toolkit; set CUDA_HOME)")
+
+    monkeypatch.setattr(cuda_ext, "load", load)
+    cuda_ext._load_error.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="CUDA kernels unavailable"), \
+                pytest.raises(BackendError, match=r"quantize_per_token: backend 'cuda' cannot run on cuda tensors here "
+                                                  r"\(cannot build the CUDA extension: missing nvcc"):
+            registry.resolve("quantize_per_token", "cuda", gpu)
+    finally:
+        cuda_ext._load_error.cache_clear()
+    monkeypatch.setenv("DIT8_CUDA_EXT", "0")
+    with pytest.raises(BackendError, match=r"cannot run on cuda tensors here \(the CUDA extension is disabled "
+                                           r"\(DIT8_CUDA_EXT=0\)\)"):
+        registry.resolve("quantize_per_token", "cuda", gpu)
+
+
 def test_environment_variable_sets_the_default(monkeypatch):
     x, w = torch.randn(3, 4), torch.randn(5, 4)
     monkeypatch.setenv("DIT8_BACKEND", "torch")
