@@ -150,6 +150,8 @@ def _check_epilogue(xq, wq, out_dtype, activation, residual, gate, rows_per_batc
     check_shape(op, "gate", gate, (None, N))
     B = gate.shape[0]
     if rows_per_batch is None:
+        if M == 0:  # an empty batch: no row reads the gate, whatever its row count (residual_add's B = 0)
+            return 1
         if B == 0 or M % B != 0:
             raise OpArgumentError(f"{op}: gate has {B} rows, which do not divide the {M} rows of xq evenly; "
                                   f"pass rows_per_batch")

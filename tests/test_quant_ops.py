@@ -14,6 +14,7 @@ import torch
 
 from dit8.kernels import BackendError, OpArgumentError, quantize_per_token, scaled_mm
 from dit8.kernels.quantize import QMAX, SCALE_FLOOR
+from dit8.kernels.triton_support import interpreting
 from dit8.testing import random_w8a8_operands
 
 FP8 = torch.float8_e4m3fn
@@ -201,6 +202,19 @@ def test_scaled_mm_argument_errors():
             scaled_mm(**args)
     with pytest.raises(BackendError):
         scaled_mm(xq, xs, wq, ws, backend="cuda")  # no CUDA backend for CPU tensors
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_scaled_mm_takes_an_empty_batch_with_its_gate(backend):
+    """M = 0 rows of B = 0 samples, as residual_add takes them: an empty [0, N] result, not a complaint that
+    the gate's 0 rows do not divide the 0 rows."""
+    if backend == "triton" and not interpreting():
+        pytest.skip("the triton backend on CPU tensors needs the interpreter (TRITON_INTERPRET=1)")
+    xq, xs, wq, ws, bias = _operands(0, 5, 6, torch.int8, seed=1)
+    out = scaled_mm(xq, xs, wq, ws, bias, residual=torch.zeros(0, 5), gate=torch.zeros(0, 5), backend=backend)
+    assert out.shape == (0, 5) and out.dtype == torch.float32
+    with pytest.raises(OpArgumentError, match="gate has 0 rows, which do not divide the 4 rows"):
+        scaled_mm(*_operands(4, 5, 6, torch.int8, seed=1)[:4], residual=torch.zeros(4, 5), gate=torch.zeros(0, 5))
 
 
 @pytest.mark.parametrize("MNK", [(77, 45, 61), (64, 128, 256), (5, 7, 1000)])
