@@ -174,8 +174,9 @@ def _check_name(name: str, where: str) -> None:
         raise BackendError(f"{where}: unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
 
 
-def _unavailable_reason(backend: str, device: torch.device) -> str:
-    """Why `backend`'s kernels (whose runs_on has just said no) do not run on `device` tensors here."""
+def unavailable_reason(backend: str, device: torch.device) -> str:
+    """Why `backend`'s kernels ("triton" or "cuda", whose runs_on has said no) do not run on `device`
+    tensors here."""
     if backend == "triton":
         return triton_unavailable_reason(device)
     if device.type != "cuda":
@@ -201,7 +202,7 @@ def resolve(op: str, backend: str, device: torch.device, *, reference: bool = Tr
         if not impl.runs_on(device):
             usable = [b for b, i in impls.items() if i.runs_on(device)]
             raise BackendError(f"{op}: backend {backend!r} cannot run on {device.type} tensors here "
-                               f"({_unavailable_reason(backend, device)}); usable: {usable}")
+                               f"({unavailable_reason(backend, device)}); usable: {usable}")
         return impl.fn
     preferred = os.environ.get(ENV_VAR, "auto")
     _check_name(preferred, ENV_VAR)

@@ -22,7 +22,7 @@ from torch import nn
 import dit8.kernels as ops
 from dit8.kernels.attention import PRECISIONS, check_attention_runs
 from dit8.kernels.checks import FLOAT_DTYPES
-from dit8.kernels.registry import BackendError, backend_runs_on, reference_only_notice
+from dit8.kernels.registry import BackendError, backend_runs_on, reference_only_notice, unavailable_reason
 
 from .config import WanConfig
 from .errors import InputError
@@ -504,10 +504,8 @@ def _check_backend(setup: Setup) -> None:
     """A model's backend is a preference (Setup.backend_of), but one that no op can follow here is a
     mistake to report, not to ignore."""
     if not backend_runs_on(setup.backend, setup.device):
-        hint = ("; Triton runs on CPU tensors only in its interpreter (TRITON_INTERPRET=1, slow)"
-                if setup.backend == "triton" and setup.device.type == "cpu" else "")
         raise BackendError(f"backend {setup.backend!r}: no op can run its kernels on {setup.device.type} tensors "
-                           f"here{hint}")
+                           f"here ({unavailable_reason(setup.backend, setup.device)})")
 
 
 def check_backend_and_attention(backend: str, attention: str, device: torch.device) -> None:

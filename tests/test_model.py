@@ -188,6 +188,13 @@ def test_a_kernel_backend_no_op_runs_here_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # without the interpreter Triton needs a GPU
     with pytest.raises(dit8.kernels.BackendError, match="backend 'triton': no op can run its kernels on cpu"):
         WanDiT(tiny_config("i2v"), backend="triton")
+    # Each says why: the interpreter for Triton on CPU tensors, CUDA tensors for the CUDA kernels.
+    with pytest.raises(dit8.kernels.BackendError, match=r"cpu tensors here \(on CPU tensors the Triton kernels run "
+                                                         r"only in the interpreter: TRITON_INTERPRET=1"):
+        WanDiT(tiny_config("i2v"), backend="triton")
+    with pytest.raises(dit8.kernels.BackendError, match=r"backend 'cuda': no op can run its kernels on cpu tensors "
+                                                         r"here \(the CUDA kernels take CUDA tensors, not cpu ones\)"):
+        WanDiT(tiny_config("i2v"), backend="cuda")
 
 
 def test_8bit_attention_on_the_torch_backend_is_refused_when_built():
