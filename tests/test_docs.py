@@ -1,12 +1,14 @@
 """The documentation points at things that exist: names said to live in a file are defined there, the
 markdown files named in the code are in the repository (or in spec/, the specification kept beside it),
-and every DIT8_* environment variable the package reads is documented in a README."""
+every DIT8_* environment variable the package reads is documented in a README, the README's synopses match
+the commands' options, and the README's Performance numbers are ones bench/RESULTS.md records."""
 
 from __future__ import annotations
 
 import argparse
 import ast
 import re
+from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pytest
@@ -201,3 +203,40 @@ def test_every_public_name_is_in_the_readme():
     in_code = set(re.findall(r"\w+", " ".join(fenced + spans)))
     missing = [n for n in (*dit8.__all__, *ops) if n != "__version__" and n not in in_code]
     assert not missing, f"exported but not in README.md: {missing}"
+
+
+# A number as the docs write it: with thousands separators (32,760) or without, possibly with decimals.
+_NUMBER = re.compile(r"(?<![\w.])\d{1,3}(?:,\d{3})+(?:\.\d+)?|(?<![\w.,])\d+(?:\.\d+)?")
+
+
+def _recorded_numbers() -> list[Decimal]:
+    """Every number bench/RESULTS.md states, outside code (a command's BUDGET=565 records no measurement)."""
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    text = re.sub(r"`[^`]*`", " ", re.sub(r"```.*?```", " ", text, flags=re.S))
+    return [Decimal(n.replace(",", "")) for n in _NUMBER.findall(text)]
+
+
+def _is_recorded(value: Decimal, recorded: list[Decimal]) -> bool:
+    """Whether some recorded number, or a recorded ms as seconds, rounds to `value` at its precision."""
+    step = Decimal(1).scaleb(value.as_tuple().exponent)
+    return any(x.quantize(step, rounding) == value for r in recorded for x in (r, r / 1000)
+               for rounding in (ROUND_HALF_UP, ROUND_HALF_EVEN))
+
+
+def test_the_number_check_rounds_and_converts_ms():
+    recorded = [Decimal("2268.4"), Decimal("1.045"), Decimal("21.746")]
+    assert all(_is_recorded(Decimal(v), recorded) for v in ("2.27", "1.05", "22", "2268"))
+    assert not any(_is_recorded(Decimal(v), recorded) for v in ("565", "2.26", "1.06", "21.8"))
+
+
+def test_every_number_of_the_readme_performance_table_is_in_results():
+    """The README's Performance table quotes bench/RESULTS.md, the record of measured numbers: each of its
+    numbers must be one RESULTS.md states (as written or rounded; seconds from ms)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Performance\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|") and not set(line) <= set("|- ")][1:]
+    assert len(rows) >= 10, "the Performance table was not found"
+    recorded = _recorded_numbers()
+    missing = [f"{n} ({row.split('|')[1].strip()})" for row in rows for n in _NUMBER.findall(row)
+               if not _is_recorded(Decimal(n.replace(",", "")), recorded)]
+    assert not missing, f"README Performance numbers that bench/RESULTS.md does not state: {missing}"
