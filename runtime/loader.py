@@ -127,6 +127,11 @@ def _find_quantized(ckpt: Checkpoint, names: dict[str, str], config: WanConfig, 
                 if weight is None or ckpt.infos[weight].dtype not in QUANT_DTYPES:
                     raise CheckpointError(f"{ckpt.infos[file_key].file}: scale {file_key!r} belongs to no "
                                           f"8-bit weight")
+                scale_dtype = ckpt.infos[file_key].dtype
+                if not scale_dtype.is_floating_point or scale_dtype.itemsize < 2:
+                    # (An 8-bit scale would otherwise be taken for a weight that lacks its own scale.)
+                    raise CheckpointError(f"{ckpt.infos[file_key].file}: scale {file_key!r} has dtype {scale_dtype}, "
+                                          f"expected a float of 16 bits or more")
                 quantized[module] = suffix
     unscaled = {official: file_key for official, file_key in names.items()
                 if ckpt.infos[file_key].dtype in QUANT_DTYPES and official.removesuffix(".weight") not in quantized}

@@ -205,6 +205,16 @@ def test_misshaped_scale(int8_file):
     assert "blocks.0.self_attn.q.weight_scale" in error_of(stored, path)
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn, torch.float8_e5m2, torch.int32])
+def test_scale_of_a_dtype_that_is_no_scale(int8_file, dtype):
+    """A scale stored as 8-bit codes or integers is named with its dtype (an 8-bit one was reported as a weight
+    missing its own scale)."""
+    stored, path = int8_file
+    stored["blocks.0.self_attn.q.weight_scale"] = stored["blocks.0.self_attn.q.weight_scale"].to(dtype)
+    msg = error_of(stored, path)
+    assert f"scale 'blocks.0.self_attn.q.weight_scale' has dtype {dtype}, expected a float" in msg, msg
+
+
 def test_non_positive_scale(int8_file):
     stored, path = int8_file
     stored["blocks.0.self_attn.q.weight_scale"][5] = 0
