@@ -128,14 +128,27 @@ def config_json_values(raw: Mapping) -> dict:
     return values
 
 
+# The `_class_name` of the official DiT's config.json; diffusers' are those of its *Transformer3DModel classes.
+DIT_CONFIG_CLASSES = ("WanModel",)
+
+
 def read_config_json(path: Path) -> dict:
-    """Parse a config.json, raising CheckpointError naming the file when it is not valid JSON."""
+    """Parse a DiT's config.json, raising CheckpointError naming the file when it is not valid JSON or is
+    the config of another model (a transformers model's, or a `_class_name` other than a DiT's)."""
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as err:
         raise CheckpointError(f"{path}: cannot read config: {err}") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: config must be a JSON object")
+    # Another model's config (a VAE's, or a CLIP's from transformers, which names its heads as diffusers
+    # does) could state a head count that no shape contradicts: the DiT would load and compute nonsense.
+    if "architectures" in raw:  # what transformers writes; neither Wan nor diffusers does for the DiT
+        raise CheckpointError(f"{path}: the config of a transformers model ({raw['architectures']!r}), not of a "
+                              f"Wan2.1 DiT")
+    name = raw.get("_class_name")
+    if name is not None and name not in DIT_CONFIG_CLASSES and not str(name).endswith("Transformer3DModel"):
+        raise CheckpointError(f"{path}: the config of a {name!r} (its _class_name), not of a Wan2.1 DiT")
     return raw
 
 

@@ -408,6 +408,19 @@ def test_invalid_config_json(tmp_path, weights):
     assert "config.json" in load_error(path)
 
 
+@pytest.mark.parametrize("raw, says", [
+    ({"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
+      "num_attention_heads": 16, "hidden_size": 1280}, "a transformers model (['CLIPVisionModelWithProjection'])"),
+    ({"_class_name": "AutoencoderKLWan", "z_dim": 16, "in_channels": 3}, "a 'AutoencoderKLWan' (its _class_name)"),
+])
+def test_the_config_json_of_another_model(tmp_path, weights, raw, says):
+    """A diffusers folder holding another model's config.json: refused naming it, rather than its head count
+    (which no shape contradicts) being taken for the DiT's."""
+    path = write_checkpoint(weights, tmp_path / "transformer", layout="diffusers", fmt="sharded")
+    (path / "config.json").write_text(json.dumps(raw))
+    assert load_error(path) == f"{path / 'config.json'}: the config of {says}, not of a Wan2.1 DiT"
+
+
 def test_head_count_needed_when_dim_is_not_a_multiple_of_128(tmp_path):
     config = tiny_config("t2v", dim=96, num_heads=4, ffn_dim=160)
     path = write_checkpoint(random_weights(config), tmp_path / "m.safetensors")
