@@ -71,14 +71,24 @@ _TOP_LEVEL_BACK = {v: k for k, v in _TOP_LEVEL.items()}
 _IN_BLOCK_BACK = {v: k for k, v in _IN_BLOCK.items()}
 
 
+def _shows_layout(key: str, layout: str) -> bool:
+    if layout == COMFYUI:
+        return key.startswith(COMFYUI_PREFIXES)
+    return layout == DIFFUSERS and (key.startswith("condition_embedder.") or key.endswith(".scale_shift_table"))
+
+
 def detect_layout(keys: Iterable[str]) -> str:
     """Name the layout of a checkpoint from its keys: official, diffusers or comfyui."""
     keys = list(keys)
-    if any(k.startswith(COMFYUI_PREFIXES) for k in keys):
-        return COMFYUI
-    if any(k.startswith("condition_embedder.") or k.endswith(".scale_shift_table") for k in keys):
-        return DIFFUSERS
+    for layout in (COMFYUI, DIFFUSERS):
+        if any(_shows_layout(k, layout) for k in keys):
+            return layout
     return OFFICIAL
+
+
+def layout_evidence(keys: Iterable[str], layout: str) -> str | None:
+    """The first of `keys` by which detect_layout found `layout` (None for official, found by default)."""
+    return next((k for k in keys if _shows_layout(k, layout)), None)
 
 
 def to_official(key: str, layout: str) -> str | None:

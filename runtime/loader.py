@@ -16,7 +16,7 @@ from .config import (UNSHAPED_FIELDS, WAN_HEAD_DIM, WanConfig, check_against_con
                      read_config_json)
 from .devices import resolve_device
 from .errors import CheckpointError, InputError
-from .layouts import block_linears, detect_layout, expected_shapes, from_official, to_official
+from .layouts import block_linears, detect_layout, expected_shapes, from_official, layout_evidence, to_official
 from .model import WanDiT
 from .packed_format import (FORMAT_NAME, KEY_CONFIG, KEY_SCHEME, KEY_SCHEMES, METADATA_KEYS, SCHEME_DTYPES, SCHEMES,
                             WEIGHT_SCALE_SUFFIX, check_format_version, scheme_of)
@@ -233,7 +233,10 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
     for key, info in ckpt.infos.items():
         official = to_official(key, layout)
         if official is None:
-            raise CheckpointError(f"{info.file}: unexpected tensor {key!r} in a {layout}-layout checkpoint")
+            # Which key made it that layout: in a folder whose files mix layouts, the odd file may be that one.
+            evidence = layout_evidence(ckpt.infos, layout)
+            shown = "" if evidence is None else f" (as {evidence!r} in {ckpt.infos[evidence].file.name} shows)"
+            raise CheckpointError(f"{info.file}: unexpected tensor {key!r} in a {layout}-layout checkpoint{shown}")
         if official in names:
             # ComfyUI's two prefixes name one tensor twice: which copy is meant is a guess.
             other = names[official]

@@ -66,6 +66,18 @@ def test_tensor_of_an_unknown_module_in_comfyui_file(tmp_path, weights):
     assert "model.diffusion_model.vae.decoder.weight" in load_error(path)
 
 
+@pytest.mark.parametrize("odd_layout", ["comfyui", "diffusers"])
+def test_a_block_file_of_another_layout_in_a_per_block_folder(tmp_path, weights, odd_layout):
+    """One file of ComfyUI (or diffusers) names among official ones: the refusal also names the file whose
+    names set the layout, which is the odd one out when it is the only such file."""
+    path = write_checkpoint(weights, tmp_path / "pb", fmt="per_block")
+    write_checkpoint({k: v for k, v in weights.items() if k.startswith("blocks.1.")}, tmp_path / "b1.safetensors",
+                     layout=odd_layout)
+    (tmp_path / "b1.safetensors").replace(path / "block_1.safetensors")
+    msg = load_error(path)
+    assert f"in a {odd_layout}-layout checkpoint (as " in msg and "in block_1.safetensors shows)" in msg, msg
+
+
 def test_one_tensor_under_both_comfyui_prefixes(tmp_path, weights):
     path = write_checkpoint(weights, tmp_path / "m.safetensors", layout="comfyui")
     tensors = {k: weights[k.removeprefix("model.diffusion_model.")] for k in
