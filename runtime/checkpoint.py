@@ -8,6 +8,7 @@ copies such a file into a module's buffers, checked first (the T5 and CLIP encod
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -361,6 +362,21 @@ def as_path(value: object, name: str) -> Path:
     return Path(value)
 
 
+def why_missing(path: Path, absent: str) -> str:
+    """Why `path.exists()` is False: `absent` where nothing is there, else what is (a symbolic link to
+    nothing, a loop of links, a folder that may not be read), which an absent path would hide."""
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a loop of symbolic links"
+        if err.errno == errno.ENOENT and path.is_symlink():
+            return f"a symbolic link to {os.readlink(path)}, which does not exist"
+        if err.errno != errno.ENOENT:
+            return f"cannot read: {err.strerror or err}"
+    return absent
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint file or folder without reading tensor data.
 
@@ -371,7 +387,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     path = as_path(path, "path")
     handles: dict[Path, object] = {}
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
+        raise CheckpointError(f"{path}: {why_missing(path, 'no such file or folder')}")
     if path.is_dir():
         # Hidden files are not the checkpoint's: macOS's "._" resource forks, editors' and tools' temporaries.
         visible = sorted(p for p in path.iterdir() if not p.name.startswith("."))

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, as_path
+from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, as_path, why_missing
 from .errors import CheckpointError, InputError
 from .packed_format import SCHEMES
 
@@ -217,7 +217,7 @@ def find_model_files(path: str | Path, *, dit: str | Path | None = None, scheme:
         raise InputError(f"distilled must be True, False or None, got {distilled!r}")
     root = as_path(path, "path")
     if not root.exists():
-        raise CheckpointError(f"{root}: no such model folder")
+        raise CheckpointError(f"{root}: {why_missing(root, 'no such model folder')}")
     given = f"dit={str(dit)!r}" if dit is not None else None
     if root.is_file():
         if root.suffix not in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES):

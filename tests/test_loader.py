@@ -33,6 +33,17 @@ def test_absent_path(tmp_path):
     assert str(tmp_path / "nope.safetensors") in load_error(tmp_path / "nope.safetensors")
 
 
+def test_a_symlink_loop_or_dangling_link_is_not_called_absent(tmp_path):
+    loop, dangling = tmp_path / "loop.safetensors", tmp_path / "dangling.safetensors"
+    loop.symlink_to(loop)
+    dangling.symlink_to(tmp_path / "gone.safetensors")
+    assert load_error(loop) == f"{loop}: a loop of symbolic links"
+    gone = tmp_path / "gone.safetensors"
+    assert load_error(dangling) == f"{dangling}: a symbolic link to {gone}, which does not exist"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(loop))}: a loop of symbolic links$"):
+        dit8.find_model_files(loop)
+
+
 def test_missing_tensor_named_in_the_files_layout(tmp_path, weights):
     del weights["blocks.1.cross_attn.k_img.weight"]
     path = write_checkpoint(weights, tmp_path / "d", layout="diffusers", fmt="sharded")
