@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from .checkpoint import Checkpoint, TensorInfo, as_path, open_checkpoint
 from .config import (UNSHAPED_FIELDS, WAN_HEAD_DIM, WanConfig, check_against_config_json, config_json_values,
                      read_config_json)
 from .devices import resolve_device
@@ -218,6 +218,8 @@ def _lora_key(keys: Iterable[str]) -> str | None:
 def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitCheckpoint:
     """Open and validate a DiT checkpoint's names, shapes and config without reading tensor data.
     config_json: another config.json the checkpoint must agree with, besides the one beside it."""
+    if config_json is not None:  # (an empty string would name the current folder)
+        config_json = as_path(config_json, "config_json")
     ckpt = open_checkpoint(path)
     version = check_format_version(ckpt.metadata, ckpt.path)
     for key in [k for k in ckpt.infos if k.rpartition(".")[2] == SCALED_FP8_MARKER]:
@@ -250,8 +252,8 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
                               f"{held}): the VAE, T5 and CLIP files are not DiTs")
     shapes = {official: ckpt.infos[key].shape for official, key in names.items()}
     stated = _stated_configs(ckpt)
-    if config_json is not None and Path(config_json) != ckpt.config_json:
-        stated.append((Path(config_json), read_config_json(Path(config_json))))
+    if config_json is not None and config_json != ckpt.config_json:
+        stated.append((config_json, read_config_json(config_json)))
     _check_configs_agree(stated)
     heads = [(config_json_values(raw)["num_heads"], source) for source, raw in stated
              if "num_heads" in config_json_values(raw)]

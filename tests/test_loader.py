@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import dit8
-from dit8 import CheckpointError
+from dit8 import CheckpointError, InputError
 from dit8.checkpoint import Checkpoint
 from dit8.converters import convert
 from dit8.testing import random_weights, tiny_config, write_checkpoint
@@ -423,6 +423,13 @@ def test_two_configs_disagreeing_on_what_shapes_cannot_tell(tmp_path, weights):
     assert msg.startswith(f"{other}: num_heads") and str(tmp_path / "config.json") in msg
     other.write_text(json.dumps(beside))
     assert dit8.load_dit(path, config_json=other).config.num_heads == beside["num_heads"]
+
+
+@pytest.mark.parametrize("config_json", ["", 3])
+def test_a_config_json_argument_that_is_no_path(tmp_path, weights, config_json):
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+    with pytest.raises(InputError, match=f"^config_json must be a non-empty file or folder path, got {config_json!r}$"):
+        dit8.load_dit(path, config_json=config_json)
 
 
 def test_invalid_config_json(tmp_path, weights):
