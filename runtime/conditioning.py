@@ -119,7 +119,10 @@ def image_tensor(image: Any) -> torch.Tensor:
     elif isinstance(image, (bytes, bytearray, memoryview)):
         image = decode_image(image)
     elif hasattr(image, "convert") and hasattr(image, "mode") and hasattr(image, "size"):  # a PIL image
-        image = np.array(image.convert("RGB"))
+        try:  # Pillow reads an opened file's pixels only now: a damaged or closed file fails here
+            image = np.array(image.convert("RGB"))
+        except (OSError, ValueError) as err:
+            raise InputError(f"the PIL image cannot be read ({err}); give an undamaged image") from None
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise InputError(f"a numpy image must be [height, width, 3] uint8 RGB, got shape {image.shape} "

@@ -194,6 +194,19 @@ def test_pil_images_are_converted_to_rgb():
     assert torch.equal(image_tensor(grey)[0], image_tensor(grey)[2])
 
 
+def test_pil_images_that_cannot_be_read_are_input_errors(tmp_path):
+    Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed (images then come as arrays)")
+    (png,) = write_png_frames(tmp_path, image()[None])
+    (tmp_path / "cut.png").write_bytes(png.read_bytes()[:300])
+    with Image.open(tmp_path / "cut.png") as cut:  # opening reads the header only
+        with pytest.raises(InputError, match=r"the PIL image cannot be read \(image file is truncated"):
+            image_tensor(cut)
+    closed = Image.open(png)
+    closed.close()
+    with pytest.raises(InputError, match="the PIL image cannot be read"):
+        image_tensor(closed)
+
+
 def test_image_files_are_read_with_pyav(tmp_path):
     array = image()
     (png,) = write_png_frames(tmp_path, array[None])
