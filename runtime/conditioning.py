@@ -109,7 +109,8 @@ def image_tensor(image: Any) -> torch.Tensor:
 
     Accepts: a file path (str, Path or another os.PathLike); the bytes of an image file (bytes,
     bytearray or memoryview); a PIL image (any mode, converted to RGB); a numpy array or torch tensor
-    [H, W, 3] uint8; a float torch tensor [3, H, W] in [-1, 1].
+    [H, W, 3] uint8; a float torch tensor [3, H, W] in [-1, 1]. Both sides must be at least
+    MIN_IMAGE_SIDE (16) pixels.
     """
     if isinstance(image, os.PathLike):  # pathlib's or another library's path, as open() takes them
         image = os.fsdecode(image)  # (a bytes path too: os.DirEntry of scandir(b"."), say)

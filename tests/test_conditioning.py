@@ -2,6 +2,7 @@
 image latent of the first frame + grey frames, the CLIP hand-off, the trimmed T5 text, image inputs."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -302,6 +303,14 @@ def test_bad_image_files(tmp_path):
     text.write_text("not an image")
     with pytest.raises(InputError, match=r"notes\.png: cannot read the image \([^\[\]]+\); give a PNG"):
         image_tensor(text)
+
+
+def test_the_smallest_image_is_documented():
+    import dit8.conditioning
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert f"at least {dit8.conditioning.MIN_IMAGE_SIDE} pixels a side" in readme
+    assert f"MIN_IMAGE_SIDE ({dit8.conditioning.MIN_IMAGE_SIDE})" in image_tensor.__doc__
 
 
 def test_image_errors_name_the_file(tmp_path):
