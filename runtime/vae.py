@@ -23,6 +23,7 @@ the 480P figures).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -413,6 +414,8 @@ class WanVAE(nn.Module):
         cfg = self.config
         if video.ndim != 5 or video.shape[1] != 3:
             raise InputError(f"video must be [batch, 3, frames, height, width], got {tuple(video.shape)}")
+        if not video.is_floating_point():  # uint8 pixels would be taken as values up to 255
+            raise InputError(f"video must be floating point in [-1, 1], got {video.dtype}")
         b, _, frames, height, width = video.shape
         ts, ss = cfg.time_stride, cfg.space_stride
         if frames < 1 or (frames - 1) % ts:
@@ -458,10 +461,14 @@ class WanVAE(nn.Module):
                              f"got {tuple(latents.shape)}")
         if latents.shape[2] < 1 or 0 in latents.shape[3:]:
             raise InputError(f"latents must have at least one frame and pixel, got {tuple(latents.shape)}")
-        if frames_per_chunk < 1:
-            raise InputError(f"frames_per_chunk must be at least 1, got {frames_per_chunk}")
-        if tile is not None and tile < 1:
-            raise InputError(f"tile must be a positive number of latent pixels, got {tile}")
+        if not latents.is_floating_point():
+            raise InputError(f"latents must be floating point, got {latents.dtype}")
+        # numbers.Integral: numpy's integers too; a float would fail deep inside as a range() step
+        if (isinstance(frames_per_chunk, bool) or not isinstance(frames_per_chunk, numbers.Integral)
+                or frames_per_chunk < 1):
+            raise InputError(f"frames_per_chunk must be an integer of at least 1, got {frames_per_chunk!r}")
+        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile < 1):
+            raise InputError(f"tile must be a positive number of latent pixels or None, got {tile!r}")
         b, _, t, h, w = latents.shape
         mean, std = self._stats(self.device)
         z = self.conv2((latents.to(self.device, torch.float32) * std + mean).to(self.dtype))

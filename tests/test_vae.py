@@ -2,6 +2,7 @@
 the same random weights (fp32, relative error <= 1e-4), causality, and tiled/chunked decode equal to
 whole-frame decode."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -303,3 +304,23 @@ def test_decode_rejects_bad_latents(vae):
         vae.decode(torch.zeros(1, 4, 2, 2, 2))
     with pytest.raises(InputError, match="tile"):
         vae.decode(torch.zeros(1, 16, 1, 2, 2), tile=0)
+    with pytest.raises(InputError, match="latents must be floating point, got torch.int64"):
+        vae.decode(torch.zeros(1, 16, 1, 2, 2, dtype=torch.int64))
+
+
+def test_encode_rejects_integer_pixels(vae):
+    with pytest.raises(InputError, match=r"video must be floating point in \[-1, 1\], got torch.uint8"):
+        vae.encode(torch.zeros(1, 3, 1, 8, 8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("option, value", [("tile", 2.5), ("tile", True), ("tile", "4"),
+                                           ("frames_per_chunk", 1.5), ("frames_per_chunk", None)])
+def test_decode_rejects_options_of_another_type(vae, option, value):
+    with pytest.raises(InputError, match=f"^{option} must be"):
+        vae.decode(torch.zeros(1, 16, 2, 2, 2), **{option: value})
+
+
+def test_decode_takes_numpy_integers_as_options(vae):
+    latents = random_latents(1, 2, 2, 3)
+    assert torch.equal(vae.decode(latents, tile=np.int64(1), frames_per_chunk=np.int32(2)),
+                       vae.decode(latents, tile=1, frames_per_chunk=2))
