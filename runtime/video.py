@@ -9,7 +9,7 @@ Frames are [F, H, W, 3] RGB, either uint8 or float in [-1, 1] (the VAE's range, 
 round((x + 1) · 127.5)); `video_to_frames` turns the VAE's [3, F, H, W] output into that layout.
 yuv420p stores colour at half resolution, so H.264 needs even width and height: odd sizes are refused
 unless `pad_odd=True`, which repeats the last row/column (Wan sizes are multiples of 16, so the
-pipeline never hits this).
+pipeline never hits this). Sides above MAX_SIDE (16384, libx264's limit) are refused.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ __all__ = ["FPS", "VideoFile", "check_output_paths", "read_png", "read_video", "
 
 FPS = 16  # Wan2.1's frame rate
 H264_ENCODERS = ("libx264", "libopenh264")
+MAX_SIDE = 16384  # libx264 refuses wider or taller pictures (and the pipeline makes none larger)
 
 
 def ffmpeg_path(path: str | Path) -> str:
@@ -168,6 +169,8 @@ def write_mp4(path: str | Path, frames: torch.Tensor | np.ndarray, *, fps: int =
     fps, crf = int(fps), int(crf)
     frames = _even(to_uint8_frames(frames), pad_odd)
     _, height, width, _ = frames.shape
+    if max(height, width) > MAX_SIDE:  # otherwise the encoder fails to open with FFmpeg's "Generic error"
+        raise InputError(f"{path}: frames of {width}x{height}; H.264 takes at most {MAX_SIDE} pixels a side")
     partial = _partial(path)
     try:
         with av.open(ffmpeg_path(partial), mode="w", format="mp4", container_options={"movflags": "+faststart"}) as out:

@@ -56,6 +56,17 @@ def test_odd_sizes_are_refused_or_padded(tmp_path):
     assert (video.num_frames, video.height, video.width) == (3, 34, 48)
 
 
+def test_sides_past_the_encoders_limit_are_refused(tmp_path):
+    from dit8.video import MAX_SIDE
+
+    video = read_video(write_mp4(tmp_path / "wide.mp4", np.zeros((1, 2, MAX_SIDE, 3), np.uint8)))
+    assert (video.height, video.width) == (2, MAX_SIDE)
+    for shape in ((1, 2, MAX_SIDE + 2, 3), (1, MAX_SIDE + 2, 2, 3)):
+        with pytest.raises(InputError, match=f"frames of {shape[2]}x{shape[1]}; H.264 takes at most {MAX_SIDE}"):
+            write_mp4(tmp_path / "big.mp4", np.zeros(shape, np.uint8))
+    assert not (tmp_path / "big.mp4").exists()
+
+
 @pytest.mark.parametrize("frames, words", [(np.zeros((4, 8, 8), np.uint8), "frames, height, width, 3"),
                                            (np.zeros((2, 8, 8, 4), np.uint8), "frames, height, width, 3"),
                                            (np.zeros((2, 8, 8, 3), np.int32), "uint8 or float")])
