@@ -229,6 +229,8 @@ class T5Encoder(nn.Module):
             raise InputError(f"ids must be an int64 or int32 tensor [batch, length], got "
                              f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}"
                              f"{' ' + str(ids.dtype) if isinstance(ids, torch.Tensor) else ''}")
+        if 0 in ids.shape:  # a tokenized prompt has at least its EOS
+            raise InputError(f"ids must hold at least one token of one prompt, got shape {tuple(ids.shape)}")
         if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
             raise InputError(f"mask must be a tensor of the ids' shape {tuple(ids.shape)}, got "
                              f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")

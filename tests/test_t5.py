@@ -3,6 +3,7 @@ relative error <= 1e-4), loading from Wan's key names with errors naming file an
 cleaning, truncation, EOS and padding of the tokenizer."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -136,6 +137,9 @@ def test_bad_inputs(model):
         model(ids, mask[:, :5])
     with pytest.raises(InputError, match="token ids"):
         model(ids + CONFIG.vocab, mask)
+    for shape in ((1, 0), (0, 6)):
+        with pytest.raises(InputError, match=re.escape(f"at least one token of one prompt, got shape {shape}")):
+            model(torch.zeros(shape, dtype=torch.int64), torch.zeros(shape, dtype=torch.int64))
 
 
 # -- against transformers' UMT5EncoderModel ------------------------------------------------------------
