@@ -197,6 +197,8 @@ class CLIPVisionEncoder(nn.Module):
                 or not images.is_floating_point():
             raise InputError(f"images must be a float tensor [batch, 3, height, width] in [-1, 1], got "
                              f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        if 0 in images.shape:  # the resize and the attention fail on it with torch's own errors
+            raise InputError(f"images must hold at least one image of at least one pixel, got {tuple(images.shape)}")
         size = (self.config.image_size,) * 2
         x = F.interpolate(images.to(self.device, torch.float32), size=size, mode="bicubic", align_corners=False)
         return (x * 0.5 + 0.5 - self.mean) / self.std
@@ -205,7 +207,9 @@ class CLIPVisionEncoder(nn.Module):
         """Output of the penultimate block [B, tokens, dim] (compute dtype) for normalised pixels
         [B, 3, image_size, image_size]."""
         S = self.config.image_size
-        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, S, S):
+        if not isinstance(pixels, torch.Tensor):
+            raise InputError(f"pixels must be a tensor (batch, 3, {S}, {S}), got {type(pixels).__name__}")
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, S, S) or pixels.shape[0] < 1:
             raise InputError(f"pixels have shape {tuple(pixels.shape)}; expected (batch, 3, {S}, {S})")
         patches = self.patch_embedding(pixels.to(self.device)).float()
         x = torch.cat([self.cls_embedding.expand(patches.shape[0], -1, -1), patches], dim=1) + self.pos_embedding

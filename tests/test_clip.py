@@ -135,6 +135,13 @@ def test_bad_inputs(model):
         model.encode(torch.zeros(1, 4, 32, 32))
     with pytest.raises(InputError):
         model(torch.zeros(1, 3, 112, 112))
+    for shape in ((0, 3, 32, 32), (1, 3, 0, 32)):
+        with pytest.raises(InputError, match="at least one image of at least one pixel"):
+            model.encode(torch.zeros(shape))
+    with pytest.raises(InputError, match=r"pixels have shape \(0, 3, 224, 224\)"):
+        model(torch.zeros(0, 3, 224, 224))
+    with pytest.raises(InputError, match="pixels must be a tensor"):
+        model([[0.0]])
 
 
 # -- against transformers' CLIPVisionModel ---------------------------------------------------------------
