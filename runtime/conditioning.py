@@ -135,7 +135,7 @@ def image_tensor(image: Any) -> torch.Tensor:
     if image.dtype == torch.uint8:
         if image.ndim != 3 or image.shape[2] != 3:
             raise InputError(f"a uint8 image tensor must be [height, width, 3] RGB, got {tuple(image.shape)}")
-        x = image.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+        x = image.detach().to("cpu").permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)  # on the CPU, as floats
     elif image.is_floating_point():
         if image.ndim != 3 or image.shape[0] != 3:
             raise InputError(f"a float image tensor must be [3, height, width] in [-1, 1], got "

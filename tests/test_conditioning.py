@@ -185,6 +185,15 @@ def test_image_inputs_agree():
     torch.testing.assert_close(image_tensor(want), want)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_image_tensors_on_a_gpu_come_back_on_the_cpu():
+    array = image()
+    for x in (torch.from_numpy(array), image_tensor(array)):  # uint8 [H, W, 3] and float [3, H, W]
+        got = image_tensor(x.cuda())
+        assert got.device.type == "cpu" and torch.equal(got, image_tensor(array))
+
+
 def test_pil_images_are_converted_to_rgb():
     Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed (images then come as arrays)")
     array = image()
