@@ -29,7 +29,7 @@ import torch
 from dit8.choices import BACKENDS  # preference order of "auto": CUDA, then Triton, then the torch reference
 from dit8.errors import Dit8Error
 
-from .triton_support import triton_unavailable_reason
+from .triton_support import triton_installed, triton_unavailable_reason
 
 ENV_VAR = "DIT8_BACKEND"
 VERIFIED_VAR = "DIT8_VERIFIED"
@@ -200,7 +200,8 @@ def resolve(op: str, backend: str, device: torch.device, *, reference: bool = Tr
             raise BackendError(f"{op}: there is no {backend!r} kernel of this op, on any device; "
                                f"its backends: {[b for b in BACKENDS if b in impls]}")
         if not impl.runs_on(device):
-            usable = [b for b, i in impls.items() if i.runs_on(device)]
+            # A path without a torch reference (8-bit attention) cannot be served by it either.
+            usable = [b for b, i in impls.items() if (reference or b != "torch") and i.runs_on(device)]
             raise BackendError(f"{op}: backend {backend!r} cannot run on {device.type} tensors here "
                                f"({unavailable_reason(backend, device)}); usable: {usable}")
         return impl.fn
@@ -221,8 +222,9 @@ def resolve(op: str, backend: str, device: torch.device, *, reference: bool = Tr
         if impl is not None and eligible and impl.runs_on(device):
             return impl.fn
     if not reference and device.type == "cpu":
+        missing = "" if triton_installed() else f"; {triton_unavailable_reason(device)}"
         raise BackendError(f"{op}: this path has no torch reference; on CPU tensors run the Triton kernels "
-                           f"in the interpreter with backend='triton' (TRITON_INTERPRET=1)")
+                           f"in the interpreter with backend='triton' (TRITON_INTERPRET=1){missing}")
     raise BackendError(f"{op}: no backend can run on {device.type} tensors here")
 
 

@@ -41,7 +41,7 @@ def triton_runs_on(device: torch.device) -> bool:
 def triton_unavailable_reason(device: torch.device) -> str:
     """Why `triton_runs_on(device)` is False (an explicit backend="triton" that cannot run says this)."""
     if not triton_installed():
-        return "triton is not installed"
+        return "triton is not installed: pip install 'dit8[triton]'"
     if device.type == "cuda":
         return ("TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors only" if interpreting()
                 else "torch sees no CUDA GPU")

@@ -75,6 +75,28 @@ def test_an_explicit_backend_that_cannot_run_says_why(monkeypatch):
         registry.resolve("quantize_per_token", "cuda", gpu)
 
 
+def test_without_triton_an_op_asked_for_its_kernels_says_how_to_install_it(monkeypatch):
+    """dit8 installed without its [triton] extra: "auto" runs the torch reference, and a call only the Triton
+    kernels can serve names the extra (8-bit attention has no torch reference to offer in their place)."""
+    from dit8.kernels import triton_support
+
+    monkeypatch.setattr(triton_support, "_TRITON_INSTALLED", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(3, 8)
+    xq, scale = ops.quantize_per_token(x, torch.int8)
+    torch.testing.assert_close(xq.float() * scale[:, None], x, atol=scale.max().item(), rtol=0)
+    with pytest.raises(BackendError, match=r"quantize_per_token: backend 'triton' cannot run on cpu tensors here "
+                                           r"\(triton is not installed: pip install 'dit8\[triton\]'\); "
+                                           r"usable: \['torch'\]"):
+        ops.quantize_per_token(x, torch.int8, backend="triton")
+    q = torch.randn(1, 16, 2, 8)
+    with pytest.raises(BackendError, match=r"attention: backend 'triton' cannot run .*; usable: \[\]$"):
+        ops.attention(q, q, q, precision="int8", backend="triton")
+    with pytest.raises(BackendError, match=r"attention: this path has no torch reference; .*TRITON_INTERPRET=1\); "
+                                           r"triton is not installed: pip install 'dit8\[triton\]'$"):
+        ops.attention(q, q, q, precision="int8")
+
+
 def test_environment_variable_sets_the_default(monkeypatch):
     x, w = torch.randn(3, 4), torch.randn(5, 4)
     monkeypatch.setenv("DIT8_BACKEND", "torch")
