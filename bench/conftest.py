@@ -33,13 +33,19 @@ import pytest  # noqa: E402
 CUDA = torch.cuda.is_available()
 
 
-@pytest.hookimpl(trylast=True)  # after pytest-benchmark's, which loads the saved runs to compare with
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark loads the saved runs and warns about their machine
 def pytest_configure(config: pytest.Config) -> None:
     # A smoke run's times are the interpreter's on tiny shapes: against a GPU baseline they would pass or
     # "regress" by chance (the GEMM rows' names hold their shapes, the others' do not).
     if not CUDA and (config.getoption("benchmark_compare", None) or config.getoption("benchmark_compare_fail", None)):
         raise pytest.UsageError("--benchmark-compare needs a GPU: without CUDA the suites run in smoke mode "
                                 "(tiny shapes, the Triton interpreter), whose times compare with nothing")
+
+
+# A second pytest_configure (specname; pytest takes hooks by their "pytest_" prefix): after pytest-benchmark's,
+# which loads the saved runs to compare with.
+@pytest.hookimpl(trylast=True, specname="pytest_configure")
+def pytest_configure_after_benchmark(config: pytest.Config) -> None:
     # pytest-benchmark's session is not public API (5.x names): where it differs, the checks step aside.
     session = getattr(config, "_benchmarksession", None)
     compared = getattr(session, "compared_mapping", None)

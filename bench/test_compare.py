@@ -80,6 +80,34 @@ torch.cuda.get_device_capability = lambda *args: (9, 0)
 """
 
 
+NO_GPU = """
+import torch
+torch.cuda.is_available = lambda: False
+"""
+
+
+def test_without_a_gpu_the_refusal_comes_first(tmp_path):
+    """Without CUDA the suites refuse --benchmark-compare before pytest-benchmark loads the saved runs (its
+    warning that their machine differs, a page of CPU flags, would bury the refusal)."""
+    (tmp_path / "no_gpu.py").write_text(NO_GPU)
+    saved = tmp_path / MACHINE
+    saved.mkdir()
+    (saved / "0001_gemm.json").write_text(json.dumps({
+        "machine_info": {"node": "another machine"}, "commit_info": {}, "datetime": "2026-11-26T00:00:00",
+        "version": "5.1.0", "benchmarks": [{"name": "test_gemm", "fullname": ROW, "group": None, "params": None,
+                                            "param": None, "options": {}, "extra_info": {"device": GPU},
+                                            "stats": STATS}]}))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no_gpu", "-p", "no:cacheprovider", "-q",
+                          f"--rootdir={ROOT}", "-c", str(ROOT / "pyproject.toml"), "--collect-only",
+                          f"{__file__}::test_runs_of_the_same_gpu_compare", f"--benchmark-storage=file://{tmp_path}",
+                          f"--benchmark-compare={MACHINE}/0001"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
+    assert "--benchmark-compare needs a GPU" in run.stderr, run.stderr
+    assert "machine_info is different" not in run.stdout + run.stderr, run.stderr
+
+
 @pytest.mark.parametrize("compare, message", [
     ("0042", "no saved run matching '0042'"),  # pytest-benchmark warns only, and compares nothing
     (f"{MACHINE}/0001", "none of the 1 selected tests has a row"),  # another suite's run
