@@ -33,8 +33,22 @@ import pytest  # noqa: E402
 CUDA = torch.cuda.is_available()
 
 
+# The suites' whole-number settings and their least values (0 layers: the model's own count).
+COUNT_SETTINGS = {"DIT8_BENCH_DIT_LAYERS": 0, "DIT8_BENCH_VAE_ROUNDS": 1}
+
+
+def check_count_settings(environ: dict[str, str]) -> None:
+    """Raise a UsageError naming the variable where one of COUNT_SETTINGS is set to anything but a whole
+    number of at least its least value (the suites read them with int(), whose error names no variable)."""
+    for name, least in COUNT_SETTINGS.items():
+        text = environ.get(name)
+        if text is not None and not (re.fullmatch(r"\s*[0-9]+\s*", text) and int(text) >= least):
+            raise pytest.UsageError(f"{name}={text!r}: expected a whole number of at least {least}")
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-benchmark loads the saved runs and warns about their machine
 def pytest_configure(config: pytest.Config) -> None:
+    check_count_settings(os.environ)
     # A smoke run's times are the interpreter's on tiny shapes: against a GPU baseline they would pass or
     # "regress" by chance (the GEMM rows' names hold their shapes, the others' do not).
     if not CUDA and (config.getoption("benchmark_compare", None) or config.getoption("benchmark_compare_fail", None)):

@@ -45,6 +45,8 @@ from __future__ import annotations
 import gc
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import pytest
@@ -249,3 +251,14 @@ class TestVAE:
                       tile=tile, output_device="cpu", estimate_gib=round(estimate / GIB, 3),
                       dtype=str(vae.dtype))
         assert out.shape == (1, 3, s["frames"], height, width) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name, value", [("DIT8_BENCH_VAE_ROUNDS", "two"), ("DIT8_BENCH_VAE_ROUNDS", "0"),
+                                         ("DIT8_BENCH_DIT_LAYERS", "-8")])
+def test_a_bad_count_setting_is_refused_by_name(name, value):
+    """Not a benchmark: a setting that is no whole number (or too small) stops the run with its name."""
+    env = dict(os.environ, **{name: value})
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", __file__],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
+    assert f"{name}={value!r}: expected a whole number" in run.stderr, run.stdout + run.stderr
