@@ -39,11 +39,17 @@ COUNT_SETTINGS = {"DIT8_BENCH_DIT_LAYERS": 0, "DIT8_BENCH_VAE_ROUNDS": 1}
 
 def check_count_settings(environ: dict[str, str]) -> None:
     """Raise a UsageError naming the variable where one of COUNT_SETTINGS is set to anything but a whole
-    number of at least its least value (the suites read them with int(), whose error names no variable)."""
+    number of at least its least value (the suites read them with int(), whose error names no variable),
+    or DIT8_SWEEP_ONLY to no regular expression."""
     for name, least in COUNT_SETTINGS.items():
         text = environ.get(name)
         if text is not None and not (re.fullmatch(r"\s*[0-9]+\s*", text) and int(text) >= least):
             raise pytest.UsageError(f"{name}={text!r}: expected a whole number of at least {least}")
+    try:  # read by the sweeps only, which run on a GPU after everything else: a typo stops the run first
+        re.compile(environ.get("DIT8_SWEEP_ONLY") or "")
+    except re.error as err:
+        raise pytest.UsageError(f"DIT8_SWEEP_ONLY={environ['DIT8_SWEEP_ONLY']!r}: not a regular expression "
+                                f"({err})") from None
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-benchmark loads the saved runs and warns about their machine
