@@ -80,10 +80,7 @@ def _shows_layout(key: str, layout: str) -> bool:
 def detect_layout(keys: Iterable[str]) -> str:
     """Name the layout of a checkpoint from its keys: official, diffusers or comfyui."""
     keys = list(keys)
-    for layout in (COMFYUI, DIFFUSERS):
-        if any(_shows_layout(k, layout) for k in keys):
-            return layout
-    return OFFICIAL
+    return next((layout for layout in (COMFYUI, DIFFUSERS) if layout_evidence(keys, layout) is not None), OFFICIAL)
 
 
 def layout_evidence(keys: Iterable[str], layout: str) -> str | None:

@@ -473,12 +473,6 @@ class I2VPipeline:
             now = time.perf_counter()
             step_seconds.append(now - last)
             last = now
-            if job.callback is not None:
-                # The sampler's copy is an inference tensor (made in inference mode), which refuses in-place
-                # changes and autograd once the call has returned; a copy made outside it is ordinary, as the
-                # Video's tensors are, so the callback may keep it and change it later.
-                with torch.inference_mode(False):
-                    x0 = x0.clone()
             advance(i + 1, timestep=float(timesteps[i]), x0=x0)
             if i + 1 < n:
                 self._check_cancel(job, f"after step {i + 1} of {n}")

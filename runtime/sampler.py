@@ -37,6 +37,14 @@ def check_seed(seed: object) -> int:
     return int(seed)
 
 
+def callback_copy(x: torch.Tensor) -> torch.Tensor:
+    """A copy of `x` for a sampler's callback to keep and change as it likes: made outside inference mode,
+    so an ordinary tensor even where the sampling runs in it (an inference tensor refuses in-place changes
+    once that mode is left)."""
+    with torch.inference_mode(False):
+        return x.clone()
+
+
 def evenly_spaced_steps(n: int) -> tuple[int, ...]:
     """n timesteps evenly spaced on the 1000 grid: 4 -> (1000, 750, 500, 250), the distilled schedule."""
     return tuple(round(1000 * (n - i) / n) for i in range(n))
@@ -110,7 +118,7 @@ class DistilledSampler:
                     eps = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
                     x = (1 - nxt) * x0 + nxt * eps
             if callback is not None:
-                callback(i, len(sigmas), x0.clone())
+                callback(i, len(sigmas), callback_copy(x0))
         return x0
 
 

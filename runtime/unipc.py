@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from .errors import InputError
-from .sampler import Denoiser, check_shift, shift_sigmas
+from .sampler import Denoiser, callback_copy, check_shift, shift_sigmas
 
 __all__ = ["DEFAULT_NEGATIVE_PROMPT", "UniPCSampler", "guided", "unipc_sigmas"]
 
@@ -135,7 +135,7 @@ class UniPCSampler:
             last_x, last_order = x, order
             x = self._predict(x, history, lambdas, sigmas, i, order)
             if callback is not None:
-                callback(i, self.steps, m.clone())
+                callback(i, self.steps, callback_copy(m))
         return x
 
     @staticmethod
