@@ -181,9 +181,9 @@ def unavailable_reason(backend: str, device: torch.device) -> str:
         return triton_unavailable_reason(device)
     if device.type != "cuda":
         return f"the {backend.upper()} kernels take CUDA tensors, not {device.type} ones"
-    from .cuda_ext import unavailable_reason  # only for CUDA tensors, as the "cuda" predicate imports it
+    from .cuda_ext import unavailable_reason as cuda_unavailable_reason  # (imported for CUDA tensors only)
 
-    return unavailable_reason(device) or f"the {backend!r} kernels do not run here"
+    return cuda_unavailable_reason(device) or f"the {backend!r} kernels do not run here"
 
 
 def resolve(op: str, backend: str, device: torch.device, *, reference: bool = True) -> Callable:
