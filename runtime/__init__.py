@@ -9,7 +9,7 @@ if TYPE_CHECKING:  # the names as type checkers see them; at run time __getattr_
 
     from .config import WanConfig
     from .cuda_graph import CapturedForward
-    from .errors import CheckpointError, Dit8Error, InputError
+    from .errors import CheckpointError, Dit8Error, InputError, NumericalError
     from .loader import load_dit, open_dit
     from .model import EncodedContext, WanDiT
     from .model_folder import ModelFiles, find_model_files
@@ -29,16 +29,16 @@ if TYPE_CHECKING:  # the names as type checkers see them; at run time __getattr_
 __version__ = "0.1.0"
 
 __all__ = ["DEFAULT_NEGATIVE_PROMPT", "Cancelled", "CapturedForward", "CheckpointError", "Dit8Error",
-           "DistilledSampler", "EncodedContext", "I2VPipeline", "InputError", "ModelFiles", "ProgressEvent",
-           "SequenceParallel", "UniPCSampler", "Video", "WanConfig", "WanDiT", "find_model_files", "initial_noise",
-           "load_dit", "open_dit", "__version__"]
+           "DistilledSampler", "EncodedContext", "I2VPipeline", "InputError", "ModelFiles", "NumericalError",
+           "ProgressEvent", "SequenceParallel", "UniPCSampler", "Video", "WanConfig", "WanDiT", "find_model_files",
+           "initial_noise", "load_dit", "open_dit", "__version__"]
 
 # The module of each public name. They are imported on first use (PEP 562): most of them load torch
 # (seconds), which `import dit8` alone, and the command line's help and argument errors, do not need.
 _EXPORTS = {
     "WanConfig": "config", "CapturedForward": "cuda_graph", "CheckpointError": "errors", "Dit8Error": "errors",
-    "InputError": "errors", "load_dit": "loader", "open_dit": "loader", "EncodedContext": "model",
-    "WanDiT": "model", "ModelFiles": "model_folder", "find_model_files": "model_folder",
+    "InputError": "errors", "NumericalError": "errors", "load_dit": "loader", "open_dit": "loader",
+    "EncodedContext": "model", "WanDiT": "model", "ModelFiles": "model_folder", "find_model_files": "model_folder",
     "SequenceParallel": "parallel", "DEFAULT_NEGATIVE_PROMPT": "pipeline", "Cancelled": "pipeline",
     "I2VPipeline": "pipeline", "ProgressEvent": "pipeline", "Video": "pipeline", "DistilledSampler": "sampler",
     "initial_noise": "sampler", "UniPCSampler": "unipc",

@@ -14,3 +14,8 @@ class CheckpointError(Dit8Error):
 
 class InputError(Dit8Error, ValueError):
     """Inputs given to a model, encoder or pipeline do not fit it (shape, dtype, size, value)."""
+
+
+class NumericalError(Dit8Error, ArithmeticError):
+    """A computation on finite inputs produced NaN or Inf values (an overflowing dtype, damaged weights the
+    loader's checks could not see). The message names the stage and, for the sampler, the step."""

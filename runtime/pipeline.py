@@ -38,7 +38,7 @@ from .clip import CLIPVisionEncoder
 from .conditioning import (AREA_480P, check_frames, check_grid, check_prompt, check_size, clip_features,
                            image_condition, image_tensor, output_size, resize_image, text_features)
 from .devices import peak_memory, reset_peak, resolve_device, synchronize
-from .errors import CheckpointError, Dit8Error, InputError
+from .errors import CheckpointError, Dit8Error, InputError, NumericalError
 from .loader import load_dit
 from .model import EncodedContext, WanDiT
 from .model_folder import ModelFiles, find_model_files
@@ -473,6 +473,9 @@ class I2VPipeline:
             now = time.perf_counter()
             step_seconds.append(now - last)
             last = now
+            # Checked each step: NaN spreads through every later step and the VAE, which would decode it
+            # into a black video minutes later.
+            _check_finite(x0, f"step {i + 1} of {n}: the DiT's estimate of the clean latents")
             advance(i + 1, timestep=float(timesteps[i]), x0=x0)
             if i + 1 < n:
                 self._check_cancel(job, f"after step {i + 1} of {n}")
@@ -496,11 +499,19 @@ class I2VPipeline:
 
         with bar:  # closed however the stage ends
             video = self.vae.decode(latents, tile=self.vae_tile, output_device="cpu", progress=decoded)
+            _check_finite(video, "the VAE's decoded frames")
             frames = video_to_frames(video)
             del video
             synchronize(self.device)
             timings["decode"] = time.perf_counter() - t
         return frames
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        kind = "NaN" if torch.isnan(t).any() else "Inf"
+        raise NumericalError(f"{what}: {kind} values from finite inputs (a dtype overflowed, or the weights "
+                             f"are damaged); generation stopped")
 
 
 def _check_vae_tile(vae_tile: object) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -46,16 +47,24 @@ def to_uint8_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(frames, torch.Tensor):
         t = frames.detach()
         if t.is_floating_point():
+            _check_finite(bool(torch.isfinite(t).all()))
             t = ((t.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         frames = t.cpu().numpy()
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
         raise InputError(f"frames must be [frames, height, width, 3] RGB, got shape {frames.shape}")
     if np.issubdtype(frames.dtype, np.floating):
+        _check_finite(bool(np.isfinite(frames).all()))
         frames = np.round((np.clip(frames, -1, 1) + 1) * 127.5).astype(np.uint8)
     elif frames.dtype != np.uint8:
         raise InputError(f"frames must be uint8 or float in [-1, 1], got {frames.dtype}")
     return np.ascontiguousarray(frames)
+
+
+def _check_finite(finite: bool) -> None:
+    # NaN has no colour: cast to uint8 it becomes black (or whatever the platform's cast makes of it).
+    if not finite:
+        raise InputError("frames hold NaN or Inf values; float frames must be finite, in [-1, 1]")
 
 
 def video_to_frames(video: torch.Tensor) -> np.ndarray:
@@ -105,17 +114,15 @@ def _check_file_path(path: Path) -> None:
     probe = _partial(path)  # permissions are not the whole story (read-only mounts, /proc, quotas)
     try:
         probe.open("xb").close()
-    except FileExistsError:
-        pass  # another writer's partial file; ours replaces it
     except OSError as err:
         raise InputError(f"{path}: cannot write in {path.parent}: {err.strerror or err}") from None
-    else:
-        probe.unlink(missing_ok=True)
+    probe.unlink(missing_ok=True)
 
 
 def _partial(path: Path) -> Path:
-    """Where a file is written before it is renamed into place."""
-    return path.with_name(f".{path.name}.partial")
+    """Where a file is written before it is renamed into place: a name of its own for each write, so two
+    writers of one path (threads of a service, two processes) never write into, or remove, each other's."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.partial")
 
 
 def _check_folder_path(folder: Path) -> None:

@@ -237,8 +237,9 @@ def test_objects_pickled_here_load_in_a_fresh_process():
     from dit8.pipeline import ProgressEvent, Video
 
     objects = [dit8.InputError("x has shape (1,)"), dit8.CheckpointError("a.safetensors: missing key"),
-               dit8.Cancelled("stopped"), ConvertError("bad scheme"), BackendError("no triton"),
-               OpArgumentError("linear: x has dtype torch.int8"), tiny_config(), dit8.DistilledSampler(),
+               dit8.Cancelled("stopped"), dit8.NumericalError("step 2 of 4: NaN"), ConvertError("bad scheme"),
+               BackendError("no triton"), OpArgumentError("linear: x has dtype torch.int8"), tiny_config(),
+               dit8.DistilledSampler(),
                dit8.UniPCSampler(), ProgressEvent("denoise", 1, 4, 0.5, timestep=750.0, x0=torch.zeros(2)),
                Video(frames=torch.zeros(5, 16, 16, 3, dtype=torch.uint8), timings={"total": 1.0})]
     assert _run(_UNPICKLE, stdin=pickle.dumps(objects)) == [repr(o) for o in objects]

@@ -355,6 +355,27 @@ def test_the_x0_a_callback_keeps_is_an_ordinary_tensor(pipe):
     assert torch.equal(kept[-1] * 2, before)
 
 
+def test_nan_from_the_dit_stops_the_call_at_that_step(pipe, monkeypatch):
+    # It went on through the remaining steps and the VAE, and came out as a black video.
+    forward, calls = pipe.dit.forward, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(len(calls) + 1)
+        out = forward(*args, **kwargs)
+        return out * float("nan") if len(calls) == 2 else out
+
+    monkeypatch.setattr(pipe.dit, "forward", poisoned)
+    decode = pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda *a, **k: pytest.fail("decoded NaN latents"))
+    with pytest.raises(dit8.NumericalError, match="step 2 of 4: the DiT's estimate of the clean latents: NaN"):
+        pipe(IMAGE, PROMPT, **ONE)
+    assert calls == [1, 2]
+    monkeypatch.setattr(pipe.dit, "forward", forward)
+    monkeypatch.setattr(pipe.vae, "decode", lambda *a, **k: decode(*a, **k).fill_(float("inf")))
+    with pytest.raises(dit8.NumericalError, match="the VAE's decoded frames: Inf values"):
+        pipe(IMAGE, PROMPT, **ONE)
+
+
 def test_a_float_image_is_copied_before_the_call_reads_it(pipe, monkeypatch):
     image = torch.from_numpy(IMAGE).permute(2, 0, 1).float().div(127.5).sub(1).contiguous()
     expected = pipe(image, PROMPT, **ONE).frames

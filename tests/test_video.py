@@ -1,6 +1,7 @@
 """Video output: H.264 mp4 (yuv420p, 16 fps) and PNG frames written through PyAV and read back."""
 
 import errno
+import threading
 
 import numpy as np
 import pytest
@@ -41,10 +42,47 @@ def test_mp4_from_float_frames_in_minus_one_to_one(tmp_path):
     assert (video.num_frames, video.height, video.width, video.fps) == (5, 32, 32, 8)
 
 
+def test_writers_of_one_path_keep_to_their_own_partial_files(tmp_path):
+    # One shared partial name let two writers of one path (threads of a service) write into the same
+    # file, and the first to finish removed the other's.
+    other = [tmp_path / ".out.mp4.partial", tmp_path / ".out.mp4.99-0123456789ab.partial"]
+    for p in other:
+        p.write_bytes(b"another writer's")
+    assert read_video(write_mp4(tmp_path / "out.mp4", smooth_frames(2, 16, 16))).num_frames == 2
+    assert all(p.read_bytes() == b"another writer's" for p in other)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.mp4", *(p.name for p in other)])
+
+    results = {}
+
+    def write(name):
+        results[name] = read_video(write_mp4(tmp_path / "same.mp4", smooth_frames(3, 16, 16)))
+
+    threads = [threading.Thread(target=write, args=(name,)) for name in ("a", "bb", "ccc")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and read_video(tmp_path / "same.mp4").num_frames == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".same")]
+
+
 def test_float_mapping():
     frames = torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0]).view(1, 1, 5, 1).expand(1, 1, 5, 3)
     assert to_uint8_frames(frames)[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
     assert to_uint8_frames(frames.numpy())[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_float_frames_are_refused(tmp_path, bad):
+    # A NaN cast to uint8 came out black (numpy warned, torch said nothing).
+    frames = torch.zeros(2, 8, 8, 3)
+    frames[1, 3, 5, 2] = bad
+    for given in (frames, frames.numpy()):
+        with pytest.raises(InputError, match="frames hold NaN or Inf values"):
+            to_uint8_frames(given)
+        with pytest.raises(InputError, match="NaN or Inf"):
+            write_mp4(tmp_path / "x.mp4", given)
+    assert not list(tmp_path.iterdir())
 
 
 def test_odd_sizes_are_refused_or_padded(tmp_path):
