@@ -284,7 +284,7 @@ class I2VPipeline:
             the text or the image encoder, between two latent frames of the image encode, two steps, or
             two parts of the decode.
         progress: draw a bar each for encoding, the denoising steps and decoding on `progress_stream`
-            (stderr).
+            (default stderr; a stream given without progress=True is refused).
         """
         job = self._prepare(image, prompt, seed=seed, frames=frames, size=size, area=area, steps=steps,
                             sampler=sampler, guidance=guidance, shift=shift, negative_prompt=negative_prompt,
@@ -336,6 +336,9 @@ class I2VPipeline:
                                    or isinstance(stream, (io.RawIOBase, io.BufferedIOBase))):
             raise InputError(f"progress_stream must be a text stream (with write() of str), got "
                              f"{type(stream).__name__}")
+        if stream is not None and not progress:  # the stream alone drew nothing, which looked like a hang
+            raise InputError("progress_stream is given but progress is False: pass progress=True to draw the "
+                             "bars on it")
         multiple = self.vae.config.space_stride * self.dit.config.patch_size[1]
         if size is not None and area is not None:
             raise InputError("give size or area, not both")

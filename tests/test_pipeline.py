@@ -421,6 +421,7 @@ def test_a_float_image_is_copied_before_the_call_reads_it(pipe, monkeypatch):
     (dict(progress="no"), "progress must be True or False"),  # a string is truthy: it drew the bars
     (dict(progress=True, progress_stream=3), "progress_stream must be a text stream"),
     (dict(progress=True, progress_stream=io.BytesIO()), "progress_stream must be a text stream"),  # not after encoding
+    (dict(progress_stream=io.StringIO()), "progress_stream is given but progress is False"),
     (dict(image=torch.zeros(3, 0, 0)), "at least"),
     (dict(frames=4 * 1024 + 1), "1025 patch positions along its frames"),  # refused before the encoders run
     (dict(size=(16_000_000, 16)), "along its width; the model's position encoding covers 1024"),
