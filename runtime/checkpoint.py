@@ -346,6 +346,14 @@ def _refuse_model_folder(folder: Path, files: list[Path]) -> None:
                               "DiT file or folder, or use dit8.I2VPipeline / `dit8 generate --model`")
 
 
+def diffusers_pipeline_hint(folder: Path) -> str:
+    """For a message about `folder`: where its DiT is, if it is the root of a diffusers pipeline (whose
+    model_index.json lists a folder per part), else ""."""
+    if (folder / "model_index.json").is_file() and (folder / "transformer").is_dir():
+        return f" (a diffusers pipeline's folder: its DiT is {folder / 'transformer'})"
+    return ""
+
+
 def open_weights_file(path: str | Path, what: str, usual_name: str) -> Checkpoint:
     """open_checkpoint for the single-file weights of an encoder or the VAE: a folder (a model folder,
     say, whose DiT shards would be read in its place) is refused, naming the file wanted."""
@@ -403,7 +411,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                 _refuse_model_folder(path, files)
             if not files:
                 raise CheckpointError(f"{path}: no {SAFETENSORS_SUFFIX} or {'/'.join(PICKLE_SUFFIXES)} files in "
-                                      f"this folder")
+                                      f"this folder{diffusers_pipeline_hint(path)}")
             infos, metadata = _merge(files, handles)
         folder = path
     else:

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, as_path, why_missing
+from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, as_path, diffusers_pipeline_hint, why_missing
 from .errors import CheckpointError, InputError
 from .packed_format import SCHEMES
 
@@ -161,6 +161,12 @@ def _find_dit(root: Path, scheme: str | None) -> tuple[str, Path, str, bool]:
             if scheme is None or s == scheme:
                 return root.name, root, s, True
     what = f"no {scheme} DiT" if scheme else "no DiT"
+    if diffusers_pipeline_hint(root):
+        # Its DiT loads (load_dit, dit=/--dit); its encoders and VAE are in diffusers' layout, which the
+        # pipeline does not read.
+        raise CheckpointError(f"{root}: {what} found{diffusers_pipeline_hint(root)}: give it with dit=/--dit, "
+                              f"with the official release's {T5_FILE}, {CLIP_FILE} and {VAE_FILE} in {root} (the "
+                              f"pipeline does not read diffusers' text_encoder/, image_encoder/ or vae/)")
     raise CheckpointError(f"{root}: {what} found; expected one of: {_expected_list(scheme)} "
                           f"(or give the DiT file or folder with dit=/--dit)")
 

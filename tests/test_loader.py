@@ -343,6 +343,18 @@ def test_folder_without_weights(tmp_path):
     assert "no .safetensors" in load_error(tmp_path)
 
 
+def test_a_diffusers_pipeline_folder_points_at_its_transformer(tmp_path, weights):
+    # Its DiT is in transformer/, which the message did not say ("no .safetensors files in this folder").
+    (tmp_path / "model_index.json").write_text('{"_class_name": "WanImageToVideoPipeline"}')
+    write_checkpoint(weights, tmp_path / "transformer" / "diffusion_pytorch_model.safetensors", layout="diffusers",
+                     shards=1)
+    assert load_error(tmp_path).endswith(f"(a diffusers pipeline's folder: its DiT is {tmp_path / 'transformer'})")
+    with pytest.raises(CheckpointError, match=f"no DiT found .*its DiT is {re.escape(str(tmp_path / 'transformer'))}"
+                                              r"\): give it with dit=/--dit, with the official release's"):
+        dit8.find_model_files(tmp_path)
+    assert dit8.load_dit(tmp_path / "transformer").config.num_layers == tiny_config().num_layers
+
+
 def test_model_folder_is_not_taken_for_a_dit(tmp_path):
     # A model folder with no .safetensors DiT at its top: only the encoders and VAE, as .pth files.
     for name in ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth"):
