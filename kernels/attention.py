@@ -8,7 +8,8 @@ Backends:
   (q's term added back as a per-key fp32 bias), per-block scales, statistics and accumulation in
   fp32; and the fused I2V cross-attention (text and image softmaxes in one launch). It needs
   head_dim <= 256 (Wan's 128 is the tuned case; other widths are padded to a power of two >= 16,
-  >= 32 on the 8-bit paths) and at least one key.
+  >= 32 on the 8-bit paths; backend "auto" gives wider heads in 16-bit precision to torch) and at
+  least one key.
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ from . import candidates
 from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor
 from .registry import BackendError, register, require_fp8_tensor_cores, resolve
 from .triton_support import triton_runs_on
+
+
+# The widest head the kernels take (their tiles keep a row of q, k and v in registers); "auto" leaves
+# wider heads to SDPA.
+MAX_HEAD_DIM = 256
+
+
+def _auto_for_head_dim(backend: str, head_dim: int) -> str:
+    return "torch" if backend == "auto" and head_dim > MAX_HEAD_DIM else backend
 
 
 def _sdpa(q, k, v):
@@ -103,6 +113,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, precision: s
     if precision not in PRECISIONS:
         raise OpArgumentError(f"attention: precision must be one of {PRECISIONS}, got {precision!r}")
     _check_qkv("attention", q, k, v)
+    if precision == "bf16":
+        backend = _auto_for_head_dim(backend, q.shape[-1])
     return resolve("attention", backend, q.device, reference=precision == "bf16")(q, k, v, precision)
 
 
@@ -130,4 +142,5 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: to
         raise OpArgumentError("cross_attention: give both k_img and v_img or neither")
     if k_img is not None:
         _check_qkv("cross_attention", q, k_img, v_img, "k_img", "v_img")
+    backend = _auto_for_head_dim(backend, q.shape[-1])
     return resolve("cross_attention", backend, q.device)(q, k, v, k_img, v_img)

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import MAX_HEAD_DIM
 from .buffers import new_output
 from .checks import OpArgumentError
 from .gemm_configs import SHARED_MEMORY_LIMIT
@@ -193,9 +194,6 @@ def shared_memory_of(device: torch.device) -> int:
 @functools.cache
 def _shared_memory_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
-
-
-MAX_HEAD_DIM = 256
 
 
 # tl.dot's smallest reduction for 8-bit operands on a GPU (16-bit operands: 16); the interpreter does

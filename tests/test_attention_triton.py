@@ -1063,3 +1063,20 @@ def test_int8_pv_products_by_bits_where_registers_allow(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert impl8.pv_products_by_bits(torch.device("cuda", 0)) is want
     assert impl8.pv_products_by_bits(torch.device("cpu"))
+
+
+def test_auto_gives_heads_wider_than_the_kernels_take_to_torch(monkeypatch):
+    # "auto" chose the Triton kernel, which refused the head: a model of another head width failed on
+    # its first forward instead of running on SDPA.
+    from dit8.kernels.attention import MAX_HEAD_DIM
+
+    monkeypatch.setenv("DIT8_BACKEND", "triton")  # what "auto" takes first, on a CPU too
+    gen = torch.Generator().manual_seed(11)
+    q, k, v, k_img, v_img = (torch.randn(1, n, 2, MAX_HEAD_DIM + 64, generator=gen).to(DEVICE) for n in (5, 7, 7, 3, 3))
+    assert torch.equal(ops.attention(q, k, v), ops.attention(q, k, v, backend="torch"))
+    assert torch.equal(ops.cross_attention(q, k, v, k_img, v_img),
+                       ops.cross_attention(q, k, v, k_img, v_img, backend="torch"))
+    with pytest.raises(OpArgumentError, match=f"supports head_dim up to {MAX_HEAD_DIM}, got {MAX_HEAD_DIM + 64}"):
+        ops.attention(q, k, v, backend="triton")
+    with pytest.raises(OpArgumentError, match=f"up to {MAX_HEAD_DIM}"):  # no torch 8-bit path to fall back to
+        ops.attention(q, k, v, precision="int8")
