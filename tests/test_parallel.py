@@ -307,13 +307,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launched(world: int, command: list[str]) -> list[subprocess.Popen]:
-    """`command` in `world` processes told their ranks through the environment, as torchrun starts them."""
-    port = _free_port()
-    return [subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
-                             env=os.environ | dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
-                                                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
-            for r in range(world)]
+def run_launched(world: int, command: list[str], attempts: int = 3) -> list[str]:
+    """`command` in `world` processes told their ranks through the environment, as torchrun starts them;
+    asserts they all succeed, returns their stdouts. The port is free when chosen, but another process
+    may take it before rank 0's store binds it ("address already in use"); then the launch is repeated on
+    another port."""
+    for attempt in range(attempts):
+        port = _free_port()
+        procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=os.environ | dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+                 for r in range(world)]
+        first_out, first_err = procs[0].communicate(timeout=600)
+        if "address already in use" in first_err.lower() and attempt + 1 < attempts:
+            for p in procs[1:]:  # they wait for a store that never came up
+                p.kill()
+                p.communicate()
+            continue
+        results = [(first_out, first_err)] + [p.communicate(timeout=600) for p in procs[1:]]
+        assert [p.returncode for p in procs] == [0] * world, [err for _, err in results]
+        return [out for out, _ in results]
+    raise AssertionError("unreachable")
+
+
+def test_a_launch_whose_port_was_taken_meanwhile_is_repeated(monkeypatch):
+    # Rank 0 binds the port as a process group's store does; the first port handed out is held by another.
+    bind = ("import os, socket, sys, time\n"
+            "if os.environ['RANK'] == '0':\n"
+            "    socket.socket().bind(('127.0.0.1', int(os.environ['MASTER_PORT'])))\n"
+            "    print(os.environ['MASTER_PORT'])\n"
+            "else:\n"
+            "    time.sleep(0.2)\n")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        ports = [taken, _free_port()]
+        monkeypatch.setattr(sys.modules[__name__], "_free_port", lambda: ports.pop(0))
+        outputs = run_launched(2, [sys.executable, "-c", bind])
+    assert not ports and int(outputs[0]) != taken and outputs[1] == ""
 
 
 @pytest.mark.slow
@@ -327,9 +359,7 @@ def test_generate_splits_over_launched_processes(tmp_path):
                 "a cat walks", "--out", str(tmp_path / f"{name}.mp4"), "--frames", "5", "--area", "1536",
                 "--device", "cpu", "--frames-dir", str(tmp_path / name), *extra]
 
-    procs = launched(2, generate("parallel", "--sequence-parallel"))
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    outputs = run_launched(2, generate("parallel", "--sequence-parallel"))
     assert "parallel    2 processes" in outputs[0] and outputs[1] == ""
     subprocess.run(generate("single"), check=True, capture_output=True, timeout=600)
     frames = {name: np.stack([read_png(f) for f in sorted((tmp_path / name).glob("*.png"))])
@@ -344,9 +374,7 @@ def test_generate_splits_over_launched_processes(tmp_path):
 def test_bench_dit_splits_over_launched_processes(tmp_path):
     command = [sys.executable, "-m", "dit8", "bench", "dit", "--device", "cpu", "--steps", "1", "--repeat", "1",
                "--sequence-parallel", "--json", str(tmp_path / "b.json")]
-    procs = launched(2, command)
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    outputs = run_launched(2, command)
     assert "parallel    2 processes" in outputs[0] and outputs[1] == ""
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["processes"] == 2 and result["forward_ms"] > 0 and result["loop"]["total_ms"] > 0
