@@ -1188,6 +1188,60 @@ def test_quantize_weight_recipe():
         quantize_weight(x, "int4")
 
 
+def _e4m3_nearest(y: torch.Tensor) -> torch.Tensor:
+    """Round float64 `y` (|y| <= 448) to the nearest e4m3fn value, ties to the even code, by search over
+    the format's 254 finite values: independent of any cast."""
+    codes = torch.arange(256, dtype=torch.int32)
+    codes = codes[(codes & 0x7F) != 0x7F]  # NaN
+    values = codes.to(torch.uint8).view(FP8).double()
+    dist = (y.reshape(-1, 1) - values).abs()
+    best = dist.min(dim=1, keepdim=True).values
+    # Among the closest values (two at a tie), the one whose code is even (mantissa's last bit clear).
+    tie_break = torch.where(dist == best, (codes & 1).double(), math.inf)
+    return values[tie_break.argmin(dim=1)].reshape(y.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_weight_follows_the_spec_formulas(dtype):
+    """spec/quant-formats.md, computed here without the converter's code: per output channel (row)
+    scale = max(amax_row, 1e-5) / qmax in fp32 (127 int8, 448 e4m3fn); int8 q = clamp(round(w / scale),
+    -128, 127) with ties to even, so symmetric in ±127; fp8 q = the e4m3fn value nearest w / scale."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 96, generator=gen) * torch.logspace(-6, 2, 40)[:, None]
+    w[3] = 0  # an all-zero row: the floor keeps its scale finite and its codes zero
+    w[4, :4] = torch.tensor([448.0, 1.0625, -1.1875, 0.5 + 2.0 ** -5])  # amax 448 (scale 1): e4m3 ties
+    w[4, 4:] = 0
+    w[5, :4] = torch.tensor([127.0, 2.5, -3.5, 0.5])  # int8 ties at scale 1
+    w[5, 4:] = 0
+    w = w.to(dtype)
+    w32 = w.float()
+    for scheme, qmax in (("int8", 127.0), ("fp8", 448.0)):
+        q, s = quantize_weight(w, scheme)
+        assert q.shape == w.shape and s.shape == (w.shape[0], 1) and s.dtype == torch.float32
+        amax = w32.abs().amax(dim=1, keepdim=True)
+        assert torch.equal(s, torch.maximum(amax, torch.tensor(1e-5)) / torch.tensor(qmax))
+        y = (w32 / s).double()
+        if scheme == "int8":
+            assert q.dtype == torch.int8
+            assert torch.equal(q.double(), torch.round(y).clamp(-128, 127))  # torch.round: half to even
+            assert q.abs().max() == 127 and q.min() >= -127  # symmetric: -128 is never used
+        else:
+            assert q.dtype == FP8
+            assert torch.equal(q.double(), _e4m3_nearest(y.clamp(-448, 448)))
+            assert q.double().abs().max() == 448 and not torch.isnan(q.double()).any()
+    assert quantize_weight(w, "int8")[0][5, :4].tolist() == [127, 2, -4, 0]
+    assert quantize_weight(w, "fp8")[0][4, :4].double().tolist() == [448.0, 1.0, -1.25, 0.5]
+    assert (quantize_weight(w, "fp8")[0][3].double() == 0).all()
+
+
+def test_the_spec_quantizes_the_twelve_block_linears():
+    """spec/quant-formats.md names the linears LightX2V quantizes per block; T2V blocks lack k_img/v_img."""
+    twelve = {"self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+              "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2"}
+    assert set(block_linears(I2V)) == twelve
+    assert set(block_linears(T2V)) == twelve - {"cross_attn.k_img", "cross_attn.v_img"}
+
+
 def test_measured_quantization_is_quantize_weight_and_its_error(monkeypatch):
     """What convert runs (codes, scales and error sums in one pass) is quantize_weight's codes and scales,
     with the sums of error_sums, which are float64's to within the fp32 differences."""
