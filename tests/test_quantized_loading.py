@@ -322,3 +322,53 @@ def test_nan_in_other_fp8_weights_read_as_floats(tmp_path, base, dtype):
     path = write_checkpoint(stored, tmp_path / "w.pth", fmt="pth")
     with pytest.raises(CheckpointError, match=r"tensor 'blocks\.0\.ffn\.2\.weight' contains NaN values"):
         dit8.load_dit(path)
+
+
+def _e4m3_half_step(y: torch.Tensor) -> torch.Tensor:
+    """Half the spacing of e4m3fn values around |y| (float64): 2^(e-4) in [2^e, 2^(e+1)), 2^-10 below 2^-6."""
+    return torch.pow(2.0, torch.floor(torch.log2(y.abs().clamp_min(2.0 ** -6))) - 4)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+@pytest.mark.parametrize("form", ["dit8_file", "dit8_per_block", "lightx2v_per_block"])
+def test_quantized_files_load_as_their_codes_and_scales(tmp_path, base, scheme, form):
+    """load_dit puts a quantized file's codes into the model bit for bit, its scales (any float dtype, [out, 1]
+    or [out]) as fp32 [out, 1], and every other tensor as the floats it holds; and what dit8 convert wrote
+    dequantizes to the source within half a code step per weight (spec/quant-formats.md's round trip)."""
+    from dit8.checkpoint import open_checkpoint
+    from dit8.converters import convert
+
+    weights = base[0]
+    if form == "lightx2v_per_block":  # as LightX2V's converter writes it: block files, non_block, an index
+        path = write_checkpoint(lightx2v_weights(weights, CONFIG, scheme, scale_dtype=torch.bfloat16,
+                                                 flat_scale=True), tmp_path / "q", fmt="per_block")
+        weight_map = {k: f.name for f in path.iterdir() for k in open_checkpoint(f).keys()}
+        (path / "diffusion_pytorch_model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    else:
+        src = write_checkpoint(weights, tmp_path / "src.safetensors", config=CONFIG)
+        path = convert(src, tmp_path / ("q" if form == "dit8_per_block" else "q.safetensors"), scheme=scheme,
+                       per_block=form == "dit8_per_block", report=False, progress=False).output
+    with open_checkpoint(path) as ckpt:
+        stored = {k: ckpt.read(k) for k in ckpt.keys()}
+    state = dit8.load_dit(path).state_dict()
+    assert set(state) == set(stored)
+    linears = {f"blocks.{n}.{name}" for n in range(CONFIG.num_layers) for name in block_linears(CONFIG)}
+    for key, value in stored.items():
+        module = key.rsplit(".", 1)[0]
+        if key.endswith(".weight") and module in linears:
+            assert state[key].dtype == QDTYPE[scheme] and torch.equal(state[key].view(torch.uint8),
+                                                                       value.view(torch.uint8)), key
+        elif key.endswith(".weight_scale"):
+            assert state[key].dtype == torch.float32 and state[key].shape == (value.shape[0], 1), key
+            assert torch.equal(state[key], value.float().reshape(-1, 1)), key
+        else:
+            assert value.dtype == torch.bfloat16 and torch.equal(state[key], value.float()), key
+    if form.startswith("dit8"):
+        for module in linears:
+            w = weights[module + ".weight"].double()
+            scale = state[module + ".weight_scale"].double()
+            y = w / scale
+            half = 0.5 if scheme == "int8" else _e4m3_half_step(y)
+            err = (state[module + ".weight"].double() - y).abs()
+            assert (err <= half + 1e-6 * y.abs()).all(), module  # (+ the fp32 rounding of w / scale)
