@@ -372,3 +372,34 @@ def test_quantized_files_load_as_their_codes_and_scales(tmp_path, base, scheme, 
             half = 0.5 if scheme == "int8" else _e4m3_half_step(y)
             err = (state[module + ".weight"].double() - y).abs()
             assert (err <= half + 1e-6 * y.abs()).all(), module  # (+ the fp32 rounding of w / scale)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_lightx2v_comfyui_export_with_0d_scales_and_a_bare_marker(tmp_path, base, scheme):
+    """LightX2V's ComfyUI export: prefixed keys, one 0-dim scale per tensor (`<p>.scale_weight`, in the
+    weights' dtype, amax / qmax of the whole tensor), and a `scaled_fp8` marker without the prefix, for
+    int8 as for fp8. The block linears load as their codes with the one scale on every output channel."""
+    weights = {k: v.bfloat16() for k, v in base[0].items()}
+    linears = {f"blocks.{n}.{name}" for n in range(CONFIG.num_layers) for name in block_linears(CONFIG)}
+    stored, scales = {"scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}, {}
+    for key, value in weights.items():
+        module = key.removesuffix(".weight")
+        if key.endswith(".weight") and module in linears:
+            scales[module] = value.abs().max() / (127 if scheme == "int8" else 448)  # 0-dim bf16
+            y = value.float() / scales[module].float()
+            q = y.round().clamp(-128, 127).to(torch.int8) if scheme == "int8" else y.clamp(-448, 448).to(
+                torch.float8_e4m3fn)
+            stored[f"model.diffusion_model.{key}"] = q
+            stored[f"model.diffusion_model.{module}.scale_weight"] = scales[module]
+        else:
+            stored[f"model.diffusion_model.{key}"] = value
+    path = tmp_path / "wan_comfyui.safetensors"
+    save_file(stored, str(path))
+    assert dit8.open_dit(path).layout == "comfyui"
+    state = dit8.load_dit(path).state_dict()
+    for module, scale in scales.items():
+        code = stored[f"model.diffusion_model.{module}.weight"]
+        assert torch.equal(state[module + ".weight"].view(torch.uint8), code.view(torch.uint8)), module
+        want = scale.float().expand(code.shape[0], 1)
+        assert torch.equal(state[module + ".weight_scale"], want), module
+    assert torch.equal(state["head.head.weight"], weights["head.head.weight"].float())
