@@ -11,7 +11,9 @@ one of (the encoders and VAE either beside it or at the top):
 
     distill_models/distill_model.safetensors     bf16 DiT, official key names
     distill_fp8/, distill_int8/                  the DiT quantized per block (block_N.safetensors +
-    fp8/, int8/ (older names)                    non_block.safetensors), quantized T5/CLIP .pth beside
+    fp8/, int8/ (older names)                    non_block.safetensors, maybe with the index json LightX2V's
+                                                 converter writes under OFFICIAL_INDEX's name), quantized
+                                                 T5/CLIP .pth beside
     original/distill_model.safetensors           the older name of distill_models/
     wan2.1_i2v_480p_lightx2v_4step.safetensors   single files: bf16, scaled_fp8_e4m3, int8, and their
     (..._scaled_fp8_e4m3_..., ..._int8_..., ..._comfyui.safetensors variants)
@@ -146,18 +148,28 @@ def _has_hint(path: Path, root: Path) -> bool:
     return bool(parts) and parts[0] in ("fp8", "int8", "original")
 
 
+def _subfolder_scheme(name: str) -> str:
+    """The scheme of the DiT in one of DIT_SUBFOLDERS, by its name."""
+    return "int8" if "int8" in name else "fp8" if "fp8" in name else "bf16"
+
+
 def _find_dit(root: Path, scheme: str | None) -> tuple[str, Path, str, bool]:
+    # LightX2V's converter writes the official shards' index name (OFFICIAL_INDEX) beside the block files of
+    # its quantized folders: pointed at, such a folder is that distilled 8-bit DiT, not an official base model.
+    quantized_subfolder = root.name in DIT_SUBFOLDERS and _subfolder_scheme(root.name) != "bf16"
     for kind, relative, s, distilled in DIT_CANDIDATES:
+        if kind == "official" and quantized_subfolder:
+            continue
         if (scheme is None or s == scheme) and _present(root, relative):
             return kind, _dit_path(root, kind, relative), s, distilled
-    if any(root.glob("*.index.json")) and scheme in (None, "bf16"):
+    if any(root.glob("*.index.json")) and scheme in (None, "bf16") and not quantized_subfolder:
         return "official", root, "bf16", False  # shards under another index name
     # A folder that is itself a DiT variant (the user pointed at distill_fp8/, say).
     if root.name in DIT_SUBFOLDERS:
         if (root / "distill_model.safetensors").is_file() and scheme in (None, "bf16"):
             return root.name, root / "distill_model.safetensors", "bf16", True
         if any(root.glob("*.safetensors")):
-            s = "int8" if "int8" in root.name else "fp8" if "fp8" in root.name else "bf16"
+            s = _subfolder_scheme(root.name)
             if scheme is None or s == scheme:
                 return root.name, root, s, True
     what = f"no {scheme} DiT" if scheme else "no DiT"

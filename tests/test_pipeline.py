@@ -557,6 +557,21 @@ def test_a_distilled_file_dropped_into_the_official_folder_is_preferred(tmp_path
     assert (base.dit, base.distilled) == (tmp_path, False)
 
 
+@pytest.mark.parametrize("sub, scheme", [("distill_int8", "int8"), ("distill_fp8", "fp8"), ("int8", "int8"),
+                                         ("fp8", "fp8")])
+def test_a_quantized_subfolder_with_the_index_lightx2v_writes_is_not_the_base_model(tmp_path, sub, scheme):
+    """LightX2V's converter writes diffusion_pytorch_model.safetensors.index.json (the official shards' index
+    name) beside its block files: pointed at, the subfolder is still its quantized, distilled DiT."""
+    touch(tmp_path, *ENCODERS, f"{sub}/block_0.safetensors", f"{sub}/non_block.safetensors",
+          f"{sub}/diffusion_pytorch_model.safetensors.index.json")
+    for path in (tmp_path, tmp_path / sub):
+        found = find_model_files(path)
+        assert (found.kind, found.dit, found.scheme, found.distilled) == (sub, tmp_path / sub, scheme, True), path
+        assert find_model_files(path, scheme=scheme).dit == tmp_path / sub
+        with pytest.raises(CheckpointError, match="no bf16 DiT found"):
+            find_model_files(path, scheme="bf16")
+
+
 def test_encoders_beside_the_dit_come_first(tmp_path):
     touch(tmp_path, *ENCODERS, "distill_models/distill_model.safetensors", f"distill_models/{T5_FILE}")
     found = find_model_files(tmp_path)
