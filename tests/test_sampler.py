@@ -67,6 +67,34 @@ def test_deterministic_update_is_x0_plus_next_sigma_times_v():
     torch.testing.assert_close(out, x)
 
 
+def test_renoise_update_is_fresh_seeded_noise_at_the_next_sigma():
+    """LightX2V's older rule: x = (1 − σ_next)·x0 + σ_next·ε_new, ε_new drawn afresh each step from the
+    generator seeded by `seed`; the last step returns x0."""
+    sampler = DistilledSampler(update="renoise")
+    sigmas = sampler.sigmas().tolist()
+    velocity = torch.randn(1, 4, 2, 2, 2)
+    seen = []
+
+    def model(x, t):
+        seen.append(x.clone())
+        return velocity
+
+    noise = initial_noise(tuple(velocity.shape), 3)
+    out = sampler.sample(model, noise, seed=9)
+    generator = torch.Generator().manual_seed(9)
+    x, drawn = noise, []
+    for i, sigma in enumerate(sigmas):
+        torch.testing.assert_close(seen[i], x)
+        x0 = x - sigma * velocity
+        if i + 1 < len(sigmas):
+            drawn.append(torch.randn(x.shape, generator=generator))
+            x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * drawn[-1]
+        else:
+            x = x0
+    torch.testing.assert_close(out, x)
+    assert not torch.equal(drawn[0], drawn[1])  # fresh noise each step
+
+
 def test_renoise_is_seeded_and_deterministic_ignores_the_seed():
     model = lambda x, t: 0.5 * x  # noqa: E731
     noise = initial_noise((1, 4, 2, 2, 2), 0)
