@@ -106,6 +106,14 @@ def test_text_only_file_refused(tmp_path, weights):
 # -- preprocessing --------------------------------------------------------------------------------------
 
 
+def test_normalisation_is_openai_clips():
+    # The preprocessing tests use our own constants; transformers holds OpenAI CLIP's independently.
+    constants = pytest.importorskip("transformers.utils.constants",
+                                    reason="transformers (test-only) is not installed")
+    assert list(CLIP_MEAN) == list(constants.OPENAI_CLIP_MEAN)
+    assert list(CLIP_STD) == list(constants.OPENAI_CLIP_STD)
+
+
 def test_preprocess_constant_image_is_normalised_exactly(model):
     value = 0.3
     pixels = model.preprocess(torch.full((1, 3, 90, 130), value))

@@ -172,6 +172,16 @@ def hf_umt5(weights, config=CONFIG):
     return hf
 
 
+def test_what_the_file_does_not_record_is_umt5s(model):
+    # eps and max_distance are not in the weights: the loaded model takes umT5's (1e-6, 128), which the
+    # parity test below cannot catch, as it builds its reference from our config.
+    transformers = pytest.importorskip("transformers", reason="transformers (test-only) is not installed")
+    umt5 = transformers.UMT5Config()
+    assert model.config.eps == umt5.layer_norm_epsilon
+    assert model.config.max_distance == umt5.relative_attention_max_distance
+    assert model.config.num_buckets == umt5.relative_attention_num_buckets
+
+
 @pytest.mark.parametrize("lengths,total", [([17, 5, 1], 24), ([300, 41], 300)])
 def test_matches_transformers(model, weights, lengths, total):
     """Short rows exercise the exact buckets, 300 tokens the logarithmic ones and max_distance."""

@@ -164,6 +164,13 @@ def test_absent_file_or_a_folder(tmp_path):
 # -- parity with diffusers --------------------------------------------------------------------------
 
 
+def test_latent_statistics_are_wans(reference):
+    # The parity tests normalise with our own constants; diffusers' Wan VAE config holds them independently.
+    assert list(LATENT_MEAN) == reference.config.latents_mean and len(LATENT_MEAN) == 16
+    assert list(LATENT_STD) == reference.config.latents_std and len(LATENT_STD) == 16
+    assert VAEConfig().latent_mean == LATENT_MEAN and VAEConfig().latent_std == LATENT_STD
+
+
 def test_encode_matches_diffusers(vae, reference):
     video = random_video(2, 9, 32, 24)
     ours = vae.encode(video)
