@@ -191,6 +191,17 @@ def test_base_model_defaults_to_unipc_with_cfg(base_pipe, monkeypatch):
     assert len(calls) == 4
 
 
+def test_base_model_shift_is_3_at_480p_and_5_above(base_pipe, monkeypatch):
+    # Official I2V: shift 3.0 for the 480P area, 5.0 for 720P. Only the settings are looked at.
+    monkeypatch.setattr(base_pipe, "_generate", lambda job: job.settings())
+    wide = np.zeros((720, 1280, 3), np.uint8)
+    assert base_pipe(wide, PROMPT, frames=1)["shift"] == 3.0  # the default area, 480P: 464x832
+    assert base_pipe(wide, PROMPT, frames=1, size=(832, 480))["shift"] == 3.0
+    s = base_pipe(wide, PROMPT, frames=1, area=1280 * 720)
+    assert s["size"] == (1280, 720) and (s["sampler"], s["shift"]) == ("unipc", 5.0)
+    assert base_pipe(wide, PROMPT, frames=1, area=1280 * 720, shift=2.0)["shift"] == 2.0
+
+
 def test_cfg_uses_the_negative_prompt(base_pipe):
     a = base_pipe(IMAGE, PROMPT, seed=0, steps=2, **ONE)
     b = base_pipe(IMAGE, PROMPT, seed=0, steps=2, negative_prompt="blurry", **ONE)
