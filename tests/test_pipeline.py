@@ -13,7 +13,7 @@ import dit8
 from dit8 import CheckpointError, Dit8Error, InputError
 from dit8.conditioning import clip_features, image_condition, image_tensor, resize_image, text_features
 from dit8.model_folder import CLIP_FILE, T5_FILE, VAE_FILE, find_model_files
-from dit8.pipeline import Cancelled, I2VPipeline, ProgressEvent, Video
+from dit8.pipeline import Cancelled, I2VPipeline, ProgressEvent, Video, _encoder_dtypes
 from dit8.sampler import DistilledSampler, initial_noise
 from dit8.testing_encoders import tiny_t5_config, write_tiny_t5
 from dit8.testing_pipeline import FOLDER_KINDS, write_tiny_model_folder
@@ -128,6 +128,18 @@ def test_offloaded_encoders_and_tiled_decode_give_the_same_video(distilled_folde
     other = pipe(IMAGE, PROMPT, seed=3, **SMALL)
     assert torch.equal(other.latents, video.latents)
     assert (other.frames.int() - video.frames.int()).abs().max() <= 1  # tiles: same math, other summation order
+
+
+def test_the_vae_computes_in_fp32_and_the_encoders_in_the_references_dtypes(distilled_folder):
+    # The reference: VAE in fp32 whatever the DiT's dtype, T5 in bf16, CLIP in fp16 (fp32 asked for, or
+    # the default on a CPU: fp32 throughout).
+    pipe = I2VPipeline.from_pretrained(distilled_folder, dtype=torch.bfloat16)
+    assert pipe.vae.dtype == torch.float32
+    assert (pipe.t5.dtype, pipe.clip.dtype) == (torch.bfloat16, torch.float16)
+    assert _encoder_dtypes(torch.device("cuda"), None) == (torch.bfloat16, torch.float16)
+    assert _encoder_dtypes(torch.device("cuda"), torch.float16) == (torch.bfloat16, torch.float16)
+    for device, dtype in (("cuda", torch.float32), ("cpu", None)):
+        assert _encoder_dtypes(torch.device(device), dtype) == (torch.float32, torch.float32)
 
 
 def test_offloaded_encoders_go_back_when_moving_them_fails(distilled_folder, monkeypatch):
