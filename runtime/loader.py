@@ -312,6 +312,13 @@ def _check_packed_metadata(ckpt: Checkpoint, names: dict[str, str], config: WanC
         if SCHEME_DTYPES.get(scheme) != info.dtype:
             raise CheckpointError(f"{info.file}: {module}.weight is {info.dtype}, but {KEY_SCHEMES} gives "
                                   f"{module!r} the scheme {scheme!r}")
+    # The other way round: a block linear the header calls 8-bit must hold codes (a kept layer relabelled).
+    for module in (f"blocks.{n}.{name}" for n in range(config.num_layers) for name in block_linears(config)):
+        scheme = scheme_of(schemes, module)
+        if module not in quantized and scheme in SCHEME_DTYPES:
+            info = ckpt.infos[names[module + ".weight"]]
+            raise CheckpointError(f"{info.file}: {module}.weight is {info.dtype} without a weight scale, but "
+                                  f"{KEY_SCHEMES} gives {module!r} the scheme {scheme!r}")
 
 
 def check_finite(tensor: torch.Tensor, key: str, file: Path) -> None:

@@ -543,8 +543,8 @@ def test_parts_of_a_folder_that_disagree_on_the_format_version(tmp_path, weights
     assert "block_0.safetensors" in msg and "dit8.format_version" in msg
 
 
-@pytest.mark.parametrize("problem", ["codes_of_another_scheme", "key_missing", "unknown_scheme", "config_disagrees",
-                                     "float_part"])
+@pytest.mark.parametrize("problem", ["codes_of_another_scheme", "kept_layer_called_8bit", "key_missing",
+                                     "unknown_scheme", "config_disagrees", "float_part"])
 def test_packed_header_metadata_must_describe_the_tensors(tmp_path, weights, problem):
     """A packed file's header is checked against its tensors: a file whose FP8 codes were relabelled int8,
     that lacks part of the format's metadata, names an unknown scheme or another configuration, or a
@@ -553,13 +553,16 @@ def test_packed_header_metadata_must_describe_the_tensors(tmp_path, weights, pro
 
     src = write_checkpoint(weights, tmp_path / "src.safetensors")
     out = tmp_path / ("packed" if problem == "float_part" else "packed.safetensors")
-    convert(src, out, scheme="fp8", per_block=problem == "float_part", progress=False)
+    convert(src, out, scheme="fp8", per_block=problem == "float_part", progress=False,
+            keep=["blocks.0.ffn.0"] if problem == "kept_layer_called_8bit" else ())
     target = out
 
     def edit(header):
         meta = header["__metadata__"]
         if problem == "codes_of_another_scheme":
             header["blocks.1.ffn.0.weight"]["dtype"] = "I8"
+        elif problem == "kept_layer_called_8bit":
+            meta["dit8.schemes"] = json.dumps({**json.loads(meta["dit8.schemes"]), "*": "fp8"})
         elif problem == "key_missing":
             del meta["dit8.kept"]
         elif problem == "unknown_scheme":
@@ -574,6 +577,8 @@ def test_packed_header_metadata_must_describe_the_tensors(tmp_path, weights, pro
     _with_header(target, edit)
     match = {"codes_of_another_scheme": "blocks.1.ffn.0.weight is torch.int8, but dit8.schemes gives 'blocks.1.ffn.0' "
                                         "the scheme 'fp8'",
+             "kept_layer_called_8bit": "blocks.0.ffn.0.weight is torch.bfloat16 without a weight scale, but "
+                                       "dit8.schemes gives 'blocks.0.ffn.0' the scheme 'fp8'",
              "key_missing": r"without the header metadata \['dit8.kept'\]",
              "unknown_scheme": "dit8.scheme is 'fp4'",
              "config_disagrees": r"dit8.config disagrees with the tensors in \['clip_dim'\]",
