@@ -131,6 +131,35 @@ def test_reads_strided_views_without_copies(precision):
         assert rel_err(out, ref) <= 0.03 and cosine(out, ref) >= 0.999
 
 
+@ATTENTION
+@CROSS
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_inputs_with_a_channel_stride_are_read_as_their_copies(precision):
+    """q, k, v whose channels are not adjacent (every other element of a wider tensor): the kernels read
+    rows of contiguous channels, so the wrappers copy such inputs first; the result is that of the
+    contiguous tensors. (The 8-bit path's torch means may sum a strided view in another order: there the
+    bound against float64.)"""
+    wide = [randn(B, n, H, 2 * 24, seed=41 + i).bfloat16().to(DEVICE) for i, n in enumerate((40, 37, 37))]
+    q, k, v = (t[..., ::2] for t in wide)
+    assert q.stride(-1) == 2
+    dense = [t.contiguous() for t in (q, k, v)]
+    out = ops.attention(q, k, v, precision=precision, backend="triton")
+    check_output(out, q)
+    ref = attention64(q, k, v)
+    if precision == "bf16":
+        assert torch.equal(out, ops.attention(*dense, backend="triton"))
+        assert rel_err(out, ref) <= 2 * rel_err(ops.attention(q, k, v, backend="torch"), ref)
+        k_img, v_img = (randn(B, 9, H, 2 * 24, seed=44 + i).bfloat16().to(DEVICE)[..., ::2] for i in range(2))
+        cross = ops.cross_attention(q, k, v, k_img, v_img, backend="triton")
+        check_output(cross, q)
+        assert torch.equal(cross, ops.cross_attention(*dense, k_img.contiguous(), v_img.contiguous(),
+                                                      backend="triton"))
+    else:
+        cfg = impl.pick_config("8bit", 24)
+        emu = emulate_8bit(q, k, v, *impl8.RECIPES[precision], cfg.block_m, cfg.block_n)
+        assert rel_err(out, ref) <= 1.2 * rel_err(emu, ref) + 2e-3
+
+
 def _tma_runs(q) -> bool:
     """Whether the bf16 kernel's TMA configuration runs its TMA kernel here (Hopper or later, or the
     interpreter), not the pointer kernel it falls back to."""
@@ -558,6 +587,42 @@ def test_8bit_kernel_on_its_quantized_operands(qk):
     ref = torch.einsum("bhqk,bhkd->bqhd", torch.softmax(s * math.log(2), -1), vd)
     # Interpreter: fp32 arithmetic only (exp2, sums). GPU: P is rounded to bf16 (2^-9 relative).
     assert rel_err(out, ref) <= (1e-5 if interpreting() else 2.0 ** -8)
+
+
+@ATTENTION
+@pytest.mark.parametrize("d", [24, 32])
+@pytest.mark.parametrize("lk", [45, 97])
+@pytest.mark.parametrize("pv", ["int8", "fp8"])
+def test_v_codes_against_float64(pv, lk, d):
+    """_quantize_v_kernel on its own (the attention tests see it only through the output): v's per-channel
+    mean and scale, and every code against float64 arithmetic on the same v. Lk off the kernel's 64-key
+    blocks; head_dim 24 padded to 32 inside. v with channel means, so that the centring matters."""
+    q, k, v = make_qkv(77, lk, d, seed=29 + lk + d, dtype=torch.bfloat16)
+    v = (v.float() + 4 * randn(d, seed=30).to(v.device)).to(v.dtype)
+    cfg = impl.pick_config("8bit", d)
+    x = impl8.quantize_for_attention(q, k, v, qk="int8", pv=pv, block_m=cfg.block_m, block_n=cfg.block_n,
+                                     operand_order=False)
+    qmax = 127.0 if pv == "int8" else 448.0
+    v64 = v.double().permute(0, 2, 3, 1)  # [B, H, D, Lk], as the codes are stored
+    assert x.v.shape == v64.shape and x.v.dtype == (torch.int8 if pv == "int8" else FP8)
+    # The mean: an fp32 sum of Lk terms, each adding at most one fp32 rounding of the running sum.
+    mean64 = v64.mean(-1)
+    assert ((x.v_mean.double() - mean64).abs() <= lk * 2.0 ** -24 * v64.abs().mean(-1)).all()
+    # The scale: amax|v - mean| over the sequence / qmax, from the kernel's own mean; two fp32 roundings
+    # (the difference, the division).
+    centred = v64 - x.v_mean.double()[..., None]
+    torch.testing.assert_close(x.v_scale.double(), centred.abs().amax(-1) / qmax, rtol=2.0 ** -22, atol=0)
+    # The codes: (v - mean) / scale rounded, from fp32 arithmetic (two roundings, 2^-23 of |y| at most).
+    y = centred / x.v_scale.double()[..., None]
+    codes = x.v.double()
+    assert codes.abs().max() <= qmax
+    if pv == "int8":
+        half_step = torch.full_like(y, 0.5)
+    else:  # e4m3: half a spacing, |y|·2^-4 for normals, 2^-10 for subnormals
+        half_step = torch.maximum(y.abs() * 2.0 ** -4, torch.full_like(y, 2.0 ** -10))
+    assert ((codes - y).abs() <= half_step + y.abs() * 2.0 ** -22).all()
+    # Each channel's largest deviation from its mean takes the largest code: the scale is the one used.
+    assert (codes.abs().amax(-1) == qmax).all()
 
 
 @pytest.mark.parametrize("pv", ["int8", "fp8"])
