@@ -242,6 +242,36 @@ def test_strided_operands():
     assert torch.equal(out_t, out)
 
 
+@PLAIN
+@FUSED
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
+def test_strided_scales_bias_residual_and_gate(qdtype):
+    """Scales, bias, residual and gate as views with non-unit strides (every other element of wider
+    tensors): the kernels index them as contiguous, so the wrapper must copy them first. Same result as
+    contiguous copies, and within budget against float64."""
+    M, N, K = 77, 45, 61
+    xq, xs, wq, ws, bias = operands(M, N, K, qdtype, seed=19, bias_dtype=torch.float32)
+    residual, gate = residual_and_gate(M, N, 2, seed=20)
+
+    def every_other(t):  # the same values, with stride 2 along the last dimension
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+
+    views = [every_other(t) for t in (xs, ws, bias, residual, gate)]
+    assert all(t.stride(-1) == 2 for t in views)
+    xs_v, ws_v, bias_v, residual_v, gate_v = views
+    plain = scaled_mm(xq, xs_v, wq, ws_v, bias_v, torch.bfloat16, backend="triton")
+    assert torch.equal(plain, scaled_mm(xq, xs, wq, ws, bias, torch.bfloat16, backend="triton"))
+    check_against_torch(xq, xs_v, wq, ws_v, bias_v, torch.bfloat16)
+    fused = scaled_mm(xq, xs_v, wq, ws_v, bias_v, residual=residual_v, gate=gate_v, rows_per_batch=39,
+                      backend="triton")
+    assert torch.equal(fused, scaled_mm(xq, xs, wq, ws, bias, residual=residual, gate=gate, rows_per_batch=39,
+                                        backend="triton"))
+    check_against_torch(xq, xs_v, wq, ws_v, bias_v, torch.float32, residual=residual_v, gate=gate_v,
+                        rows_per_batch=39)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Fused epilogues
 # ----------------------------------------------------------------------------------------------------
