@@ -474,6 +474,149 @@ def test_rows_with_operands_loaded_ahead(backend, device, monkeypatch):
         assert rel_err(out, rms64(x, w)) <= float_bound(rel_err(ref, rms64(x, w)), torch.float32), (B, L, C)
 
 
+def every_other(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s values as a view with stride 2 along its last dimension (every other element of a wider tensor)."""
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+@pytest.mark.verifies("layer_norm", "layer_norm_modulate", "rms_norm", "quantize_per_token", "qk_norm_rope")
+@pytest.mark.parametrize("backend, device", KERNELS)
+def test_operands_with_any_strides_give_the_contiguous_result(backend, device):
+    """The kernels read rows with unit column stride and contiguous parameters: an operand laid out otherwise
+    (a channel stride of 2, a transposed activation, strided weights, modulation rows or RoPE tables) must
+    be copied by the wrappers first, giving the contiguous operands' result, within the float64 bound."""
+    B, L, C = 2, 9, 203
+    x, shift, scale = _ln_inputs(B, L, C, 1200, device, torch.float32)
+    w, b = randn((C,), 1203, device, offset=1.0), randn((C,), 1204, device)
+    xs, ws, bs, shift_s, scale_s = (every_other(t) for t in (x, w, b, shift, scale))
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # [B, L, C] with channels L apart
+    assert xs.stride(-1) == 2 and xt.stride(-1) == L and ws.stride(-1) == 2
+
+    out = layer_norm(xs, ws, bs, eps=1e-6, out_dtype=torch.float32, backend=backend)
+    assert torch.equal(out, layer_norm(x, w, b, eps=1e-6, out_dtype=torch.float32, backend=backend))
+    want = ln64(x, w, b)
+    ref = layer_norm(x, w, b, eps=1e-6, out_dtype=torch.float32, backend="torch")
+    assert rel_err(out, want) <= float_bound(rel_err(ref, want), torch.float32)
+
+    out = layer_norm_modulate(xt, shift_s, scale_s, eps=1e-6, out_dtype=torch.bfloat16, backend=backend)
+    assert torch.equal(out, layer_norm_modulate(x, shift, scale, eps=1e-6, out_dtype=torch.bfloat16,
+                                                backend=backend))
+    want = ln64(x, shift=shift, scale=scale)
+    ref = layer_norm_modulate(x, shift, scale, eps=1e-6, out_dtype=torch.bfloat16, backend="torch")
+    assert rel_err(out, want) <= float_bound(rel_err(ref, want), torch.bfloat16)
+
+    out = rms_norm(xt, ws, eps=1e-6, out_dtype=torch.float32, backend=backend)
+    assert torch.equal(out, rms_norm(x, w, eps=1e-6, out_dtype=torch.float32, backend=backend))
+    ref = rms_norm(x, w, eps=1e-6, out_dtype=torch.float32, backend="torch")
+    assert rel_err(out, rms64(x, w)) <= float_bound(rel_err(ref, rms64(x, w)), torch.float32)
+
+    rows = xs[0]  # [L, C] with column stride 2
+    for qdtype in QDTYPES:
+        q, s = quantize_per_token(rows, qdtype, backend=backend)
+        rq, rs = quantize_per_token(rows.contiguous(), qdtype, backend="torch")
+        assert torch.equal(s, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+
+    grid, H, D = (1, 2, 3), 3, 32
+    q, k, wq, wk, cos, sin = _qk_inputs(1, grid, H, D, 1205, device, torch.bfloat16)
+    qs, ks, wqs, wks, cos_s, sin_s = (every_other(t) for t in (q, k, wq, wk, cos, sin))
+    oq, ok = qk_norm_rope(qs, ks, wqs, wks, cos_s, sin_s, heads=H, eps=1e-6, backend=backend)
+    dq, dk = qk_norm_rope(q, k, wq, wk, cos, sin, heads=H, eps=1e-6, backend=backend)
+    assert torch.equal(oq, dq) and torch.equal(ok, dk)
+    angles = angles64(grid, D).to(device)
+    rq, rk = qk_norm_rope(q, k, wq, wk, cos, sin, heads=H, eps=1e-6, backend="torch")
+    for xq, w_, out, ref in ((q, wq, oq, rq), (k, wk, ok, rk)):
+        want = rope64(rms64(xq, w_).unflatten(-1, (H, D)), angles)
+        assert rel_err(out, want) <= float_bound(rel_err(ref, want), torch.bfloat16)
+
+
+@pytest.mark.verifies("residual_add")
+@pytest.mark.parametrize("backend, device", [p for p in KERNELS if p.values[0] == "triton"])
+def test_residual_add_takes_strided_operands(backend, device):
+    """x transposed (not contiguous) and the gate a view of the [B, 6, C] modulation table (row stride 6·C):
+    the kernel indexes both as contiguous, so the wrapper copies them; the contiguous operands' result."""
+    B, L, C = 2, 7, 203
+    x = randn((B, C, L), 1210, device).transpose(1, 2)
+    y = randn((B, L, C), 1211, device).bfloat16()
+    table = randn((B, 6, C), 1212, device)
+    gate = table[:, 2]
+    assert not x.is_contiguous() and gate.stride(0) == 6 * C
+    out = residual_add(x, y, gate, backend=backend)
+    assert torch.equal(out, residual_add(x.contiguous(), y, gate.contiguous(), backend=backend))
+    want = x.double() + y.double() * gate.double()[:, None, :]
+    ref = residual_add(x, y, gate, backend="torch")
+    assert rel_err(out, want) <= float_bound(rel_err(ref, want), torch.float32)
+
+
+def test_kernel_argument_checks_name_the_kernel_and_argument():
+    """What the kernels' own checks refuse (fused_spec, shared by Triton, CUDA and the fake implementations;
+    the ops give the kernels only what passes), and the CUDA launchers' device check, which runs before the
+    extension is loaded (so here, without a GPU)."""
+    from dit8.kernels import cuda_ext
+
+    x = torch.randn(4, 8)
+    w = torch.ones(8)
+    bad_rows = [
+        (dict(x=x.double()), "x has dtype"),
+        (dict(weight=w[:6]), r"weight has shape \(6,\); expected \(8,\)"),
+        (dict(weight=w.half()), "weight has dtype"),
+        (dict(weight=torch.ones(16)[::2]), "weight must be contiguous"),
+        (dict(bias=torch.ones(16)[::2]), "bias must be contiguous"),
+        (dict(shift=torch.ones(1, 8), scale=torch.ones(2, 8), rows_per_batch=4), "shift and scale have 1 and 2 rows"),
+        (dict(shift=torch.ones(1, 16)[:, ::2], scale=torch.ones(1, 8), rows_per_batch=4),
+         "shift must have unit column stride"),
+        (dict(shift=torch.ones(1, 8), scale=torch.ones(1, 8), rows_per_batch=2), "4 rows need rows_per_batch"),
+        (dict(norm=3), "norm must be 0, 1 or 2"),
+        (dict(act=2), "act must be 0 or 1"),
+        (dict(out_dtype=torch.int32), "out_dtype must be one of"),
+    ]
+    for over, match in bad_rows:
+        args = dict(x=x, weight=None, bias=None, shift=None, scale=None, norm=1, act=0, rows_per_batch=1,
+                    out_dtype=torch.int8) | over
+        with pytest.raises(OpArgumentError, match=f"rows_triton: {match}"):
+            fused_spec.check_rows("rows_triton", **args)
+    q = torch.randn(1, 3, 8)
+    ones, table = torch.ones(8), torch.ones(3, 2)
+    bad_qk = [
+        (dict(q=q.transpose(1, 2).contiguous().transpose(1, 2), k=q.transpose(1, 2).contiguous().transpose(1, 2)),
+         "q must have unit channel stride"),
+        (dict(weight_q=ones.half()), "weight_q has dtype"),
+        (dict(weight_k=torch.ones(16)[::2]), "weight_k must be contiguous"),
+        (dict(cos=torch.ones(2, 3).T), "cos must be contiguous"),
+        (dict(sin=torch.ones(3, 2, dtype=torch.float64)), "sin has dtype"),
+        (dict(out_dtype=torch.int32), "out_dtype must be one of"),
+    ]
+    for over, match in bad_qk:
+        args = dict(q=q, k=q, weight_q=ones, weight_k=ones, cos=table, sin=table, heads=2,
+                    out_dtype=torch.bfloat16) | over
+        with pytest.raises(OpArgumentError, match=f"qk_norm_rope_triton: {match}"):
+            fused_spec.check_qk("qk_norm_rope_triton", **args)
+    with pytest.raises(OpArgumentError, match="residual_add_triton: y has shape"):
+        fused_spec.check_residual("residual_add_triton", q, q[:, :2], None)
+    with pytest.raises(OpArgumentError, match="residual_add_triton: gate has dtype"):
+        fused_spec.check_residual("residual_add_triton", q, q, torch.ones(1, 8, dtype=torch.float64))
+    # The CUDA launchers on CPU tensors that pass the checks: refused, naming the backend and the device.
+    with pytest.raises(OpArgumentError, match="rows_cuda: the cuda backend needs CUDA tensors, got one on cpu"):
+        cuda_ext.launch_rows(x, None, None, None, None, 1, 0, 1, 1e-6, torch.int8)
+    with pytest.raises(OpArgumentError, match="qk_norm_rope_cuda: the cuda backend needs CUDA tensors, got one on cpu"):
+        cuda_ext.launch_qk_norm_rope(q, q, ones, ones, table, table, 2, 1e-6, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend, device", KERNELS)
+def test_qk_norm_rope_wider_than_a_block_is_refused(backend, device):
+    """Rows wider than the q/k kernel holds in one program (Triton: MAX_TILE channels, head_dim padded to a
+    power of two; CUDA: QK_MAX_THREADS threads of QK_VECS_PER_THREAD vectors) are refused, naming the op,
+    before any launch."""
+    heads, head_dim = 130, 128  # 16,640 channels
+    q = randn((1, 2, heads * head_dim), 1220, device).bfloat16()
+    w = torch.ones(heads * head_dim, device=device)
+    cos, sin = rope_table((1, 1, 2), head_dim, device=device)
+    match = "more than one thread block handles" if backend == "cuda" else "handles up to 16384 channels"
+    with pytest.raises(OpArgumentError, match=match):
+        qk_norm_rope(q, q, w, w, cos, sin, heads=heads, eps=1e-6, backend=backend)
+
+
 def test_rows_launch_takes_the_tuned_entry_of_its_op(monkeypatch):
     """fused_triton.ROWS_TUNED (bench/rows_choice.py fills it from the sweep): an entry sets the warps
     and where the operands load for its op and width on its GPU generation; elsewhere the defaults."""
