@@ -257,7 +257,8 @@ def test_the_bytes_of_an_image_file_are_an_image(tmp_path):
 
 
 def test_jpeg_files_read_as_pillow_reads_them(tmp_path):
-    Image = pytest.importorskip("PIL.Image")  # libjpeg, the reference's decoder
+    # libjpeg, the reference's decoder
+    Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed: no reference JPEG decoder")
     rng = np.random.default_rng(3)
     photo = np.asarray(Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((160, 120)))
     photo = photo.copy()

@@ -103,7 +103,7 @@ def test_sequence_parallel_through_the_triton_kernels(tmp_path):
     # over 2 processes, padded to 10. In the interpreter, on CPU tensors.
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("runs the Triton kernels in the interpreter (CPU tensors): a machine without a GPU")
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot run")
     config, latent_size = tiny_config("i2v"), (1, 6, 6)
     ckpt = write_checkpoint(random_weights(config), tmp_path / "m.safetensors")
     run_group(tmp_path, 2, _forward, str(ckpt), latent_size, str(tmp_path / "out"), {"backend": "triton"})
