@@ -236,6 +236,24 @@ def test_rope_table_angles():
     torch.testing.assert_close(angle, wrapped, atol=1e-6, rtol=0)
 
 
+def test_rope_table_angles_are_float64_up_to_the_last_position():
+    # Angles reach 1023 radians on the last position: built in fp32 they would be off by ~1e-4 (the
+    # official table is float64, rounded to fp32 only as cos/sin). Each axis in turn runs to the end.
+    from dit8.rope import MAX_POSITIONS
+
+    widths = (44, 42, 42)
+    for axis in range(3):
+        grid = tuple(MAX_POSITIONS if a == axis else 1 for a in range(3))
+        cos, sin = rope_table(grid, 128)
+        pos = torch.arange(MAX_POSITIONS, dtype=torch.float64)[:, None]
+        parts = [pos * 10000.0 ** (-torch.arange(0, w, 2, dtype=torch.float64) / w) if a == axis
+                 else torch.zeros(MAX_POSITIONS, w // 2, dtype=torch.float64) for a, w in enumerate(widths)]
+        angles = torch.cat(parts, dim=1)
+        # cos/sin of the exact angle, rounded once to fp32 (half an fp32 ulp of 1 is 2^-25)
+        torch.testing.assert_close(cos.double(), angles.cos(), atol=2.0 ** -24, rtol=0)
+        torch.testing.assert_close(sin.double(), angles.sin(), atol=2.0 ** -24, rtol=0)
+
+
 def test_attention_against_float64():
     q, k, v = torch.randn(2, 19, 3, 16), torch.randn(2, 23, 3, 16), torch.randn(2, 23, 3, 16)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / 4
