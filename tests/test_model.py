@@ -25,6 +25,18 @@ def test_dtypes_follow_the_official_numerics():
         assert state[fp32].dtype == torch.float32, fp32
 
 
+def test_time_sinusoid_is_cos_first_and_float64():
+    from dit8.model import sinusoidal_embedding
+
+    # Timesteps near 1000 turn the lowest frequency by ~1000 radians: an fp32 product t·f would be
+    # ~1e-4 off there. Official: [cos(t·f), sin(t·f)], f_j = 10000^(-j/128) for width 256, in float64.
+    t = torch.tensor([999.9, 731.3, 0.0, 1.7])
+    out = sinusoidal_embedding(t, 256)
+    assert out.shape == (4, 256) and out.dtype == torch.float32
+    angles = t.double()[:, None] * 10000.0 ** (-torch.arange(128, dtype=torch.float64) / 128)
+    torch.testing.assert_close(out.double(), torch.cat([angles.cos(), angles.sin()], 1), atol=2.0 ** -24, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     config = tiny_config("i2v")
