@@ -79,3 +79,24 @@ def test_batch_rows_are_independent(tmp_path):
     for row in range(2):
         alone = model(**{k: v[row:row + 1] for k, v in inputs.items()})
         assert rel_err(alone, both[row:row + 1]) < 1e-6  # fp32: only the matmuls' blocking may differ
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-5])
+def test_norm_epsilons_at_activations_of_their_size(tmp_path, eps):
+    # With activations of O(1) an eps of 1e-5 for 1e-6 moves a norm's output by ~5e-6, within the parity
+    # bound. Here the residual stream (patch embedding and the three output projections scaled down),
+    # the CLIP features and img_emb's inner activation are ~1e-3: each norm's eps then counts. The blocks'
+    # and head's norms take the model's eps (config.json's), img_emb's two LayerNorms 1e-5 always.
+    config = tiny_config("i2v", eps=eps)
+    weights = random_weights(config, seed=21)
+    small = ("patch_embedding.", "img_emb.proj.3.") + tuple(f"blocks.{n}.{m}." for n in range(config.num_layers)
+                                                         for m in ("self_attn.o", "cross_attn.o", "ffn.2"))
+    for key in weights:
+        if key.startswith(small):
+            weights[key] *= 1e-3
+    inputs = random_inputs(config, batch=2, seed=22)
+    inputs["clip_fea"] *= 3e-3
+    model = dit8.load_dit(write_checkpoint(weights, tmp_path / "m.safetensors", config=config))
+    assert model.config.eps == eps
+    ref = reference_forward(weights, **inputs, num_heads=config.num_heads, eps=eps, text_len=config.text_len)
+    assert rel_err(model(**inputs), ref) < 1e-5
