@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dit8
 from dit8 import InputError, WanDiT
@@ -23,6 +24,50 @@ def test_dtypes_follow_the_official_numerics():
     for fp32 in ("blocks.0.modulation", "head.head.weight", "head.modulation", "time_embedding.0.weight",
                  "time_projection.1.weight", "blocks.0.norm3.weight", "blocks.0.self_attn.norm_q.weight"):
         assert state[fp32].dtype == torch.float32, fp32
+
+
+def test_time_embedding_residual_stream_and_head_compute_in_fp32_in_a_bf16_model(tmp_path):
+    # Official: the time embedding and projection, the gated residual adds and the head run in fp32
+    # while the block matmuls are bf16. Each is held here to fp32's error against float64 (a bf16
+    # rounding anywhere on these paths would be ~1e-3).
+    from dit8.model import sinusoidal_embedding
+
+    config = tiny_config("i2v")
+    weights = random_weights(config, seed=3)
+    model = dit8.load_dit(write_checkpoint(weights, tmp_path / "m.safetensors"), dtype=torch.bfloat16)
+    w = {k: v.double() for k, v in weights.items()}
+
+    def linear(name, x):
+        return x @ w[name + ".weight"].T + w[name + ".bias"]
+
+    def rel_err(a, b):
+        assert a.dtype == torch.float32
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    s = sinusoidal_embedding(torch.tensor([999.0, 20.0]), config.freq_dim)
+    e = model.time_embedding(s)
+    e64 = linear("time_embedding.2", F.silu(linear("time_embedding.0", s.double())))
+    assert rel_err(e, e64) < 1e-5
+    e0 = model.time_projection(e).unflatten(1, (6, config.dim))
+    e0_64 = linear("time_projection.1", F.silu(e64)).unflatten(1, (6, config.dim))
+    assert rel_err(e0, e0_64) < 1e-5
+
+    h = torch.randn(2, 12, config.dim) * 3 + 1
+    shift, scale = (w["head.modulation"] + e64[:, None]).unbind(1)
+    normed = F.layer_norm(h.double(), (config.dim,), eps=config.eps)
+    assert rel_err(model.head(h, e), linear("head.head", normed * (1 + scale[:, None]) + shift[:, None])) < 1e-5
+
+    # The residual stream stays fp32 through a block: with both gates zero (e0's gate entries set to
+    # the negated modulation) and cross-attention's o zeroed, every add is x + 0 and the stream comes out bit
+    # for bit; any rounding to the compute dtype on the way would change it.
+    block = model.blocks[0]
+    block.cross_attn.o.weight.zero_()
+    block.cross_attn.o.bias.zero_()
+    gates = e0.clone()
+    gates[:, 2::3] = -block.modulation[:, 2::3]
+    kv = model.encode_context(torch.randn(2, 3, config.text_dim), torch.randn(2, 5, config.clip_dim)).blocks[0]
+    out = block(h, gates, model.positions((2, 2, 3)), kv)
+    assert out.dtype == torch.float32 and torch.equal(out, h)
 
 
 def test_time_sinusoid_is_cos_first_and_float64():
