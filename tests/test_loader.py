@@ -1,9 +1,11 @@
 """Checkpoint reading: every kind of bad input raises CheckpointError naming the file and the key."""
 
 import json
+import math
 import os
 import re
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,10 @@ from safetensors.torch import save_file
 import dit8
 from dit8 import CheckpointError, InputError
 from dit8.checkpoint import Checkpoint
+from dit8.config import I2V_14B, WanConfig
 from dit8.converters import convert
+from dit8.layouts import OFFICIAL, expected_shapes
+from dit8.loader import _infer_config
 from dit8.testing import random_weights, tiny_config, write_checkpoint
 
 CONFIG = tiny_config("i2v", num_layers=2)
@@ -27,6 +32,27 @@ def load_error(path) -> str:
     with pytest.raises(CheckpointError) as info:
         dit8.load_dit(path)
     return str(info.value)
+
+
+# spec/wan21-dit.md's configurations: (dim, ffn_dim, heads, layers, in_dim, clip_dim) of each.
+SPEC_CONFIGS = {"i2v-14b": (5120, 13824, 40, 40, 36, 1280), "t2v-14b": (5120, 13824, 40, 40, 16, None),
+                "t2v-1.3b": (1536, 8960, 12, 30, 16, None)}
+
+
+@pytest.mark.parametrize("name", SPEC_CONFIGS)
+def test_the_released_configurations_from_shapes_alone(name):
+    # No shape shows the head count: without a config.json it comes from Wan's 128-wide heads. The rest
+    # (patch, freq_dim, text_dim, text_len, eps) is the same in every release.
+    dim, ffn_dim, heads, layers, in_dim, clip_dim = SPEC_CONFIGS[name]
+    config = WanConfig(dim=dim, ffn_dim=ffn_dim, num_heads=heads, num_layers=layers, in_dim=in_dim, out_dim=16,
+                       clip_dim=clip_dim)
+    assert (config.patch_size, config.freq_dim, config.text_dim, config.text_len, config.eps, config.head_dim) == (
+        (1, 2, 2), 256, 4096, 512, 1e-6, 128)
+    shapes = expected_shapes(config)
+    assert _infer_config(shapes, Path("m.safetensors"), OFFICIAL, None) == config
+    if name == "i2v-14b":
+        assert config == I2V_14B
+        assert len(shapes) == 1303 and sum(math.prod(s) for s in shapes.values()) == 16_394_878_784
 
 
 def test_absent_path(tmp_path):
