@@ -82,9 +82,9 @@ def big(device: str) -> bool:
 # float64 references
 # ----------------------------------------------------------------------------------------------------
 
-def ln64(x, weight=None, bias=None, shift=None, scale=None):
+def ln64(x, weight=None, bias=None, shift=None, scale=None, eps=1e-6):
     x = x.double()
-    y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
     if weight is not None:
         y = y * weight.double()
     if bias is not None:
@@ -94,9 +94,9 @@ def ln64(x, weight=None, bias=None, shift=None, scale=None):
     return y
 
 
-def rms64(x, weight):
+def rms64(x, weight, eps=1e-6):
     x = x.double()
-    return x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-6) * weight.double()
+    return x / torch.sqrt(x.square().mean(-1, keepdim=True) + eps) * weight.double()
 
 
 def angles64(grid, head_dim):
@@ -384,6 +384,50 @@ def test_rms_norm_against_float64(backend, device):
             out = rms_norm(x, w, eps=1e-6, out_dtype=out_dtype, backend=backend)
             ref = rms_norm(x, w, eps=1e-6, out_dtype=out_dtype, backend="torch")
             assert rel_err(out, want) <= float_bound(rel_err(ref, want), out_dtype), (B, L, C, out_dtype)
+
+
+@pytest.mark.verifies("layer_norm", "layer_norm_modulate", "layer_norm_quant", "layer_norm_modulate_quant", "rms_norm",
+                      "qk_norm_rope", "qk_norm_rope_quant")
+@pytest.mark.parametrize("backend, device", KERNELS)
+def test_norm_kernels_take_their_eps(backend, device):
+    """The other norm tests' rows have variances far above eps; here rows of mean square ~1e-5 make the
+    kernels' eps count, at the value given (1e-5 here, Wan's is 1e-6)."""
+    eps = 1e-5
+    x = randn((2, 9, 203), 1200, device, scale=3e-3, offset=1e-3)
+    shift, scale = randn((2, 203), 1201, device), randn((2, 203), 1202, device, scale=0.5)
+    w, b = randn((203,), 1203, device, offset=1.0), randn((203,), 1204, device)
+    f32 = torch.float32
+    for out, ref, want in (
+            (layer_norm(x, w, b, eps=eps, out_dtype=f32, backend=backend),
+             layer_norm(x, w, b, eps=eps, out_dtype=f32, backend="torch"), ln64(x, w, b, eps=eps)),
+            (layer_norm_modulate(x, shift, scale, eps=eps, out_dtype=f32, backend=backend),
+             layer_norm_modulate(x, shift, scale, eps=eps, out_dtype=f32, backend="torch"),
+             ln64(x, shift=shift, scale=scale, eps=eps)),
+            (rms_norm(x, w, eps=eps, out_dtype=f32, backend=backend), rms_norm(x, w, eps=eps, backend="torch"),
+             rms64(x, w, eps=eps))):
+        assert rel_err(out, want) <= float_bound(rel_err(ref, want), f32)
+    q, s = layer_norm_quant(x, w, b, eps=eps, dtype=torch.int8, backend=backend)
+    check_codes(q, s, ln64(x, w, b, eps=eps), *layer_norm_quant(x, w, b, eps=eps, dtype=torch.int8, backend="torch"),
+                torch.int8)
+    q, s = layer_norm_modulate_quant(x, shift, scale, eps=eps, dtype=torch.int8, backend=backend)
+    check_codes(q, s, ln64(x, shift=shift, scale=scale, eps=eps),
+                *layer_norm_modulate_quant(x, shift, scale, eps=eps, dtype=torch.int8, backend="torch"), torch.int8)
+
+    grid, H, D = (1, 2, 3), 2, 32
+    qk = randn((1, 6, 2 * H * D), 1205, device, scale=3e-3, offset=1e-3)
+    q, k = qk[..., :H * D], qk[..., H * D:]
+    cos, sin = rope_table(grid, D, device=device)
+    angles = angles64(grid, D).to(device)
+    want = [rope64(rms64(t, w[:H * D], eps=eps).unflatten(-1, (H, D)), angles) for t in (q, k)]
+    args = (q, k, w[:H * D], w[:H * D], cos, sin)
+    outs = qk_norm_rope(*args, heads=H, eps=eps, out_dtype=f32, backend=backend)
+    refs = qk_norm_rope(*args, heads=H, eps=eps, out_dtype=f32, backend="torch")
+    for out, ref, want_t in zip(outs, refs, want):
+        assert rel_err(out, want_t) <= float_bound(rel_err(ref, want_t), f32)
+    out = qk_norm_rope_quant(*args, heads=H, eps=eps, dtype=torch.int8, backend=backend)
+    ref = qk_norm_rope_quant(*args, heads=H, eps=eps, dtype=torch.int8, backend="torch")
+    check_codes(out.q, out.q_scale.permute(0, 2, 1), want[0], ref.q, ref.q_scale.permute(0, 2, 1), torch.int8)
+    check_codes(out.k, out.k_scale.permute(0, 2, 1), want[1], ref.k, ref.k_scale.permute(0, 2, 1), torch.int8)
 
 
 @pytest.mark.verifies("residual_add")
