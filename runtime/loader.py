@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -71,6 +72,35 @@ DIMENSION_SOURCES = {"patch_embedding.weight": 5, "blocks.0.ffn.0.weight": 2, "h
                      "time_embedding.0.weight": 2, "text_embedding.0.weight": 2, "img_emb.proj.0.weight": 1}
 
 
+# A block number as the official names write it: decimal without leading zeros, of a sane length (int() of an
+# arbitrary run of digits may fail: "²" is a digit, 5000 digits exceed Python's limit). Any other is no block's.
+_BLOCK_NUMBER = re.compile(r"blocks\.(0|[1-9][0-9]{0,8})\.")
+
+
+def _block_number(official: str) -> int | None:
+    """The block an official key is of (`blocks.N.`), or None."""
+    match = _BLOCK_NUMBER.match(official)
+    return None if match is None else int(match[1])
+
+
+def _check_block_numbers(ckpt: Checkpoint, names: dict[str, str]) -> None:
+    """Blocks are numbered from 0 without a gap. Checked before the expected tensor set is built from the
+    highest number: a stray key of a far block (blocks.99999999.x) would make it, and its check, that long."""
+    last: dict[int, str] = {}  # block -> a key of it
+    for official, file_key in names.items():
+        block = _block_number(official)
+        if block is not None:
+            last.setdefault(block, file_key)
+    if not last:
+        return
+    gap = next(n for n in range(len(last) + 1) if n not in last)
+    top = max(last)
+    if gap < top:
+        raise CheckpointError(f"{ckpt.path}: block {gap} has no tensors, but {last[top]!r} (in "
+                              f"{ckpt.infos[last[top]].file.name}) is of block {top}: blocks are numbered from 0 "
+                              f"without gaps")
+
+
 def _infer_config(shapes: dict[str, tuple[int, ...]], source: Path, layout: str,
                   num_heads: int | None, heads_source: Path | None = None) -> WanConfig:
     """Every dimension from tensor shapes; the head count, which no shape shows, is `num_heads` as a
@@ -86,7 +116,7 @@ def _infer_config(shapes: dict[str, tuple[int, ...]], source: Path, layout: str,
         return shapes[key]
 
     dim, in_dim, *patch = shape("patch_embedding.weight")
-    blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    blocks = {n for n in map(_block_number, shapes) if n is not None}
     if not blocks:
         raise CheckpointError(f"{source}: no transformer blocks found")
     clip = shape("img_emb.proj.0.weight") if "img_emb.proj.0.weight" in shapes else None  # T2V has none
@@ -257,6 +287,7 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
     _check_configs_agree(stated)
     heads = [(config_json_values(raw)["num_heads"], source) for source, raw in stated
              if "num_heads" in config_json_values(raw)]
+    _check_block_numbers(ckpt, names)
     config = _infer_config(shapes, ckpt.path, layout, *(heads[0] if heads else (None, None)))
     if not config.is_i2v and config.in_dim != config.out_dim:
         # Checked before any config.json, whose model_type "i2v" would otherwise be said to disagree.

@@ -97,6 +97,23 @@ def test_unexpected_tensor(tmp_path, weights):
     assert "blocks.0.self_attn.extra.weight" in msg and "m.safetensors" in msg
 
 
+def test_a_tensor_of_a_far_block_is_named_before_that_many_blocks_are_expected(tmp_path, weights):
+    # (Before, the expected tensor set was built for all 100001 blocks, and reported them missing.)
+    weights["blocks.100000.norm3.bias"] = weights.pop("blocks.1.norm3.bias")
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+    assert load_error(path) == (f"{path}: block 2 has no tensors, but 'blocks.100000.norm3.bias' (in m.safetensors) "
+                                f"is of block 100000: blocks are numbered from 0 without gaps")
+
+
+@pytest.mark.parametrize("number", ["\u00b2", "9" * 5000, "01"])  # a digit int() refuses; past int()'s limit
+def test_a_block_number_that_is_no_plain_decimal_is_an_unexpected_tensor(tmp_path, weights, number):
+    key = f"blocks.{number}.norm3.bias"
+    weights[key] = weights.pop("blocks.1.norm3.bias")
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+    msg = load_error(path)
+    assert msg.startswith(f"{path}: unexpected tensor {key!r}"), msg
+
+
 def test_tensor_of_an_unknown_module_in_comfyui_file(tmp_path, weights):
     weights["vae.decoder.weight"] = torch.zeros(3)
     path = write_checkpoint(weights, tmp_path / "m.safetensors", layout="comfyui")
