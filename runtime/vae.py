@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -529,14 +530,19 @@ def _tiles(h: int, w: int, tile: int | None, halo: int) -> Iterator[tuple[tuple[
 # Dimensions from a checkpoint
 
 
+_INDEX = re.compile(r"0|[1-9][0-9]{0,8}")
+
+
 def _levels(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[int, set[str]]:
     """Index -> kinds of sub-layer ("residual", "shortcut", "resample", "time_conv") under `prefix`."""
     levels: dict[int, set[str]] = {}
     for key in shapes:
         if key.startswith(prefix):
-            index, kind = key[len(prefix):].split(".")[:2]
-            if index.isdigit():
-                levels.setdefault(int(index), set()).add(kind)
+            index, _, rest = key[len(prefix):].partition(".")
+            # Only plain decimals (int() refuses some digits, such as "²", and runs of over 4300): any other
+            # key is left to the check of the tensor names, which calls it unexpected.
+            if rest and _INDEX.fullmatch(index):
+                levels.setdefault(int(index), set()).add(rest.split(".")[0])
     return levels
 
 

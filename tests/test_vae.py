@@ -142,6 +142,15 @@ def test_unexpected_tensor(tmp_path, weights):
     assert path in msg and "unexpected" in msg and "'decoder.head.3.weight'" in msg
 
 
+@pytest.mark.parametrize("key", ["encoder.downsamples.5", "encoder.downsamples.\u00b2.residual.0.weight",
+                                 f"encoder.downsamples.{'9' * 5000}.resample.1.weight"])
+def test_an_encoder_key_of_no_plain_level_number_is_unexpected(tmp_path, weights, key):
+    # (Before, reading the levels off the names raised ValueError: no name after the number, a digit int()
+    # refuses, a number past int()'s limit.)
+    msg, path = load_error(tmp_path, {**weights, key: torch.zeros(3)})
+    assert msg.startswith(f"{path}: unexpected tensor {key!r}"), msg
+
+
 def test_misshaped_tensor(tmp_path, weights):
     broken = dict(weights)
     broken["decoder.middle.1.proj.weight"] = torch.zeros(32, 32, 1, 1, 1)
