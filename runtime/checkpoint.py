@@ -115,6 +115,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
                 raise CheckpointError(f"{path}: corrupt or truncated: header length {n} exceeds the file")
             # Strict UTF-8, as safetensors reads it (json.loads of bytes would also take UTF-16 or a BOM).
             header = json.loads(f.read(n).decode("utf-8"))
+            # A \uXXXX escape of half a surrogate pair decodes to a lone surrogate, which is no UTF-8 text and
+            # which safetensors refuses: encoding the header raises UnicodeEncodeError for one anywhere in it.
+            json.dumps(header, ensure_ascii=False).encode("utf-8")
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read: {err.strerror or err}") from None
     except (ValueError, UnicodeDecodeError, RecursionError) as err:

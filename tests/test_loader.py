@@ -575,6 +575,24 @@ def test_headers_safetensors_would_refuse(tmp_path, weights, problem, message):
     assert str(path) in msg and message in msg
 
 
+@pytest.mark.parametrize("where", ["metadata", "key"])
+def test_a_header_string_with_a_lone_surrogate_is_corrupt(tmp_path, weights, where):
+    # safetensors refuses such a header; open_dit (and so `dit8 info` and convert, which reads the tensors
+    # without safetensors) took it.
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+
+    def edit(header):
+        if where == "metadata":
+            header["__metadata__"] = {"note": "a\udc80b"}
+        else:
+            header["head.head.bias\ud800"] = header.pop("head.head.bias")
+
+    _with_header(path, edit)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: corrupt safetensors header: "
+                                              f"UnicodeEncodeError: .*surrogates not allowed"):
+        dit8.open_dit(path)
+
+
 def test_parts_of_a_folder_that_disagree_on_the_format_version(tmp_path, weights):
     from dit8.converters import convert
 
