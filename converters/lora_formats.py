@@ -152,7 +152,7 @@ def _patterns(config: Mapping[str, Any], name: str, convert, source: str) -> dic
     for pattern in patterns:
         try:
             re.compile(rf"(.*\.)?({pattern})$")  # as _pattern_value matches it
-        except re.error as err:
+        except (re.error, RecursionError, OverflowError) as err:  # (deep nesting; a repeat count past C's int)
             raise CheckpointError(f"{source}: {name} key {pattern!r} is not a regular expression: {err}") from None
     return {str(p): convert(v, f"{name}[{p!r}]", source) for p, v in patterns.items()}
 

@@ -502,7 +502,7 @@ def test_lora_rslora_divides_by_the_root_of_the_rank(tmp_path, i2v_weights):
 
 @pytest.mark.parametrize("case", ["dora", "loha", "dora_tensor", "alpha_disagrees", "alpha_zero", "bad_json",
                                   "rank_disagrees", "rslora_tensor_alpha", "pissa", "bad_pattern", "flag_pattern",
-                                  "bias_twice", "alpha_past_float"])
+                                  "bias_twice", "alpha_past_float", "nested_pattern", "huge_repeat_pattern"])
 def test_lora_adapters_that_cannot_be_merged_are_refused(tmp_path, i2v_weights, case):
     src = _source(tmp_path, i2v_weights, I2V)
     names = lambda m, r: f"{m}.lora_{'up' if r == 'up' else 'down'}.weight"  # noqa: E731
@@ -519,6 +519,11 @@ def test_lora_adapters_that_cannot_be_merged_are_refused(tmp_path, i2v_weights, 
         metadata, match = header(lora_alpha=4, alpha_pattern={"blocks.[0": 2}), "is not a regular expression"
     elif case == "flag_pattern":  # valid alone, not inside the expression a pattern is matched with
         metadata, match = header(lora_alpha=4, rank_pattern={"(?i)self_attn": 4}), "is not a regular expression"
+    elif case == "nested_pattern":  # re's parser recurses per group: RecursionError, not re.error
+        nested = "(" * 1000 + ")" * 1000
+        metadata, match = header(lora_alpha=4, alpha_pattern={nested: 2}), "is not a regular expression"
+    elif case == "huge_repeat_pattern":  # OverflowError, not re.error
+        metadata, match = header(lora_alpha=4, rank_pattern={"q{99999999999}": 4}), "is not a regular expression"
     elif case == "bias_twice":  # diffusers' name for a .diff_b beside the .diff_b itself
         bias = torch.zeros(i2v_weights["blocks.0.self_attn.q.bias"].shape)
         extra = {"blocks.0.self_attn.q.diff_b": bias, "blocks.0.self_attn.q.lora_B.bias": bias.clone()}
