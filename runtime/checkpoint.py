@@ -323,7 +323,12 @@ def _open_sharded(index: Path, handles: dict) -> tuple[dict[str, TensorInfo], di
             raise CheckpointError(f"{index}: shard name {name!r} is not a file name in {index.parent}")
     shards = sorted({index.parent / name for name in weight_map.values()})
     for shard in shards:
-        if not shard.is_file():
+        try:
+            present = shard.is_file()
+        except OSError as err:  # a name the file system refuses (longer than it allows)
+            raise CheckpointError(f"{index}: shard name {shard.name!r} cannot be looked up: "
+                                  f"{err.strerror or err}") from None
+        if not present:
             raise CheckpointError(f"{shard}: shard named in {index.name} is missing")
     infos, metadata = _merge(shards, handles)
     for key, name in weight_map.items():
@@ -397,8 +402,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     """
     path = as_path(path, "path")
     handles: dict[Path, object] = {}
-    if not path.exists():
-        raise CheckpointError(f"{path}: {why_missing(path, 'no such file or folder')}")
+    try:
+        path.stat()  # (path.exists() raises for a name too long, as for any error but a missing path)
+    except OSError:
+        raise CheckpointError(f"{path}: {why_missing(path, 'no such file or folder')}") from None
     if path.is_dir():
         # Hidden files are not the checkpoint's: macOS's "._" resource forks, editors' and tools' temporaries.
         visible = sorted(p for p in path.iterdir() if not p.name.startswith("."))

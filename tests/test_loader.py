@@ -59,6 +59,11 @@ def test_absent_path(tmp_path):
     assert str(tmp_path / "nope.safetensors") in load_error(tmp_path / "nope.safetensors")
 
 
+def test_a_path_too_long_for_the_file_system(tmp_path):
+    path = tmp_path / ("a" * 5000 + ".safetensors")
+    assert load_error(path) == f"{path}: cannot read: File name too long"
+
+
 def test_a_symlink_loop_or_dangling_link_is_not_called_absent(tmp_path):
     loop, dangling = tmp_path / "loop.safetensors", tmp_path / "dangling.safetensors"
     loop.symlink_to(loop)
@@ -668,6 +673,16 @@ def test_shard_index_naming_a_file_elsewhere(tmp_path, weights, name):
     raw["weight_map"][next(iter(raw["weight_map"]))] = name
     index.write_text(json.dumps(raw))
     assert f"shard name {name!r} is not a file name in {path}" in load_error(path)
+
+
+def test_shard_index_naming_a_file_too_long_for_the_file_system(tmp_path, weights):
+    path = write_checkpoint(weights, tmp_path / "d", fmt="sharded")
+    index = next(path.glob("*.index.json"))
+    raw = json.loads(index.read_text())
+    name = "a" * 5000 + ".safetensors"
+    raw["weight_map"][next(iter(raw["weight_map"]))] = name
+    index.write_text(json.dumps(raw))
+    assert load_error(path) == f"{index}: shard name {name!r} cannot be looked up: File name too long"
 
 
 @pytest.mark.parametrize("stated, message", [
