@@ -89,6 +89,9 @@ class CLIPVisionConfig:
 class LayerNorm(nn.Module):
     """Affine LayerNorm, fp32 parameters and statistics, output in `out_dtype`."""
 
+    weight: torch.Tensor  # buffers: declared, as register_buffer hides their types from type checkers
+    bias: torch.Tensor
+
     def __init__(self, dim: int, eps: float, device: torch.device):
         super().__init__()
         self.eps = eps
@@ -101,6 +104,8 @@ class LayerNorm(nn.Module):
 
 class PatchEmbedding(nn.Module):
     """Conv2d with kernel = stride = patch and no bias (the tower is pre-norm): image -> [B, patches, C]."""
+
+    weight: torch.Tensor
 
     def __init__(self, dim: int, patch: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -147,6 +152,11 @@ class CLIPVisionEncoder(nn.Module):
 
     dtype: compute dtype of the patch convolution, matmuls and attention (fp16 or bf16 on a GPU, fp32).
     """
+
+    cls_embedding: torch.Tensor
+    pos_embedding: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, config: CLIPVisionConfig, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):

@@ -76,6 +76,9 @@ class Linear(nn.Module):
     With `residual` (the fp32 residual stream) it returns `residual + y · gate` instead of y.
     """
 
+    weight: torch.Tensor  # buffers: declared, as register_buffer hides their types from type checkers
+    bias: torch.Tensor
+
     def __init__(self, in_features: int, out_features: int, setup: Setup, dtype: torch.dtype | None = None):
         super().__init__()
         self.setup = setup
@@ -93,6 +96,10 @@ class Linear(nn.Module):
 class QuantLinear(nn.Module):
     """W8A8 linear: weight [out, in] fp8/int8 with a per-output-channel scale [out, 1] fp32; the input is
     quantized per token (row) on every call and the scaled GEMM applies both scales and the bias."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, setup: Setup, qdtype: torch.dtype):
         super().__init__()
@@ -131,6 +138,9 @@ class LayerNorm(nn.Module):
     """Affine LayerNorm with fp32 parameters; writes the compute dtype (its output feeds a matmul), or,
     with `quantize_to`, quantizes its output per token for the 8-bit linear it feeds (one kernel)."""
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, dim: int, eps: float, setup: Setup, quantize_to: torch.dtype | None = None):
         super().__init__()
         self.eps, self.out_dtype, self.setup, self.quantize_to = eps, setup.dtype, setup, quantize_to
@@ -167,6 +177,8 @@ class ModulatedLayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    weight: torch.Tensor
+
     def __init__(self, dim: int, eps: float, setup: Setup):
         super().__init__()
         self.eps, self.backend = eps, setup.backend_of("rms_norm")

@@ -34,6 +34,9 @@ from .rope import MAX_POSITIONS, rope_table
 class PatchEmbedding(nn.Module):
     """The Conv3d patch embedding (kernel = stride = patch) applied as a linear map of flattened patches."""
 
+    weight: torch.Tensor  # buffers: declared, as register_buffer hides their types from type checkers
+    bias: torch.Tensor
+
     def __init__(self, config: WanConfig, setup: Setup):
         super().__init__()
         self.setup = setup
@@ -157,6 +160,8 @@ class CrossAttention(nn.Module):
 
 
 class WanBlock(nn.Module):
+    modulation: torch.Tensor
+
     def __init__(self, config: WanConfig, setup: Setup, attention: str, index: int):
         super().__init__()
         C, F = config.dim, config.ffn_dim
@@ -203,6 +208,8 @@ class FeedForward(nn.Sequential):
 
 class Head(nn.Module):
     """Final adaLN (shift, scale from `e`, not e0) and projection to patch pixels, in fp32."""
+
+    modulation: torch.Tensor
 
     def __init__(self, config: WanConfig, setup: Setup):
         super().__init__()

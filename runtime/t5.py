@@ -76,6 +76,9 @@ class T5Config:
 
 
 class Linear(nn.Module):
+    weight: torch.Tensor  # buffers: declared, as register_buffer hides their types from type checkers
+    bias: torch.Tensor | None
+
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device,
                  bias: bool = False):
         super().__init__()
@@ -87,6 +90,8 @@ class Linear(nn.Module):
 
 
 class Embedding(nn.Module):
+    weight: torch.Tensor
+
     def __init__(self, num: int, dim: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.register_buffer("weight", torch.empty(num, dim, dtype=dtype, device=device))
@@ -97,6 +102,8 @@ class Embedding(nn.Module):
 
 class RMSNorm(nn.Module):
     """T5's LayerNorm: x / rms(x) · weight, no mean subtraction, no bias; statistics in fp32."""
+
+    weight: torch.Tensor
 
     def __init__(self, dim: int, eps: float, device: torch.device):
         super().__init__()
