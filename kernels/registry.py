@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
@@ -30,6 +30,8 @@ from dit8.choices import BACKENDS  # preference order of "auto": CUDA, then Trit
 from dit8.errors import Dit8Error
 
 from .triton_support import triton_installed, triton_unavailable_reason
+
+F = TypeVar("F", bound=Callable)
 
 ENV_VAR = "DIT8_BACKEND"
 VERIFIED_VAR = "DIT8_VERIFIED"
@@ -135,7 +137,7 @@ def _any_device(device: torch.device) -> bool:
     return True
 
 
-def register(op: str, backend: str, runs_on: Callable[[torch.device], bool] = _any_device):
+def register(op: str, backend: str, runs_on: Callable[[torch.device], bool] = _any_device) -> Callable[[F], F]:
     """Decorator registering `fn` as `backend`'s implementation of `op`.
 
     `runs_on(device)` tells whether it can run on tensors of that device on this machine.
@@ -143,7 +145,7 @@ def register(op: str, backend: str, runs_on: Callable[[torch.device], bool] = _a
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
-    def decorate(fn: Callable) -> Callable:
+    def decorate(fn: F) -> F:
         _OPS.setdefault(op, {})[backend] = _Impl(fn if backend == "torch" else _without_gradients(op, backend, fn),
                                                  runs_on)
         return fn
