@@ -10,6 +10,7 @@ and the calls keep the order they were submitted in (a file's bytes are hashed a
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
 from typing import Any, Callable
 
 
@@ -44,7 +45,8 @@ class InOrderWorker:
     def __enter__(self) -> "InOrderWorker":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is None:
             self.close()
             return

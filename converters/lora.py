@@ -360,5 +360,5 @@ class LoraSet:
     def __enter__(self) -> "LoraSet":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -22,6 +22,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -196,7 +197,8 @@ class SourceReader:
     def __enter__(self) -> "SourceReader":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         try:
             self.close()
         except Exception:

@@ -50,6 +50,7 @@ import sysconfig
 import time
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -302,7 +303,7 @@ def _damaged(module: Path) -> bool:
     return recorded.is_file() and recorded.read_text().strip() != _digest(module)
 
 
-def _import(path: Path):
+def _import(path: Path) -> ModuleType:
     loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
     mod_spec = importlib.util.spec_from_file_location(MODULE_NAME, str(path), loader=loader)
     module = importlib.util.module_from_spec(mod_spec)
@@ -310,10 +311,10 @@ def _import(path: Path):
     return module
 
 
-_MODULE = None
+_MODULE: ModuleType | None = None
 
 
-def load():
+def load() -> ModuleType:
     """The `_dit8_cuda` module for this machine's GPUs (`default_archs`), built or brought up to date
     first where the build tools are installed; loaded once per process."""
     global _MODULE

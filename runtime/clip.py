@@ -53,7 +53,7 @@ class CLIPVisionConfig:
     num_layers: int = 32  # blocks in the file; the encoder runs the first num_layers - 1
     eps: float = 1e-5
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not a multiple of num_heads {self.num_heads}")
         if self.image_size % self.patch_size:

@@ -47,7 +47,7 @@ class T5Config:
     max_distance: int = 128
     eps: float = 1e-6
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.dim_attn % self.num_heads:
             raise ValueError(f"dim_attn {self.dim_attn} is not a multiple of num_heads {self.num_heads}")
 
