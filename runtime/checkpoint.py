@@ -9,9 +9,11 @@ copies such a file into a module's buffers, checked first (the T5 and CLIP encod
 from __future__ import annotations
 
 import errno
+import io
 import json
 import math
 import os
+import pickle
 import re
 import struct
 import zipfile
@@ -199,13 +201,87 @@ def _first_line(message: str) -> str:
     return lines[0]
 
 
+class _Anything:
+    """What the storage reader below makes of every class or function a pickle names: takes any
+    arguments and state, builds nothing."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+    def append(self, item: object) -> None:
+        pass
+
+    def extend(self, items: object) -> None:
+        pass
+
+
+class _StorageReader(pickle.Unpickler):
+    """Lists the storages a zip checkpoint's data.pkl declares, (record key, bytes), running nothing:
+    every global is _Anything, except the storage classes, whose element size the byte count needs."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self.storages: list[tuple[str, int | None]] = []
+
+    def find_class(self, module: str, name: str) -> object:
+        if module == "torch" and name.endswith("Storage"):
+            return name
+        return _Anything
+
+    def persistent_load(self, pid: object) -> object:
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            _, kind, key, _, numel = pid
+            size = _STORAGE_ITEM_SIZES.get(kind) if isinstance(kind, str) else None
+            self.storages.append((str(key), None if size is None or not isinstance(numel, int) else size * numel))
+        return _Anything()
+
+
+# Element sizes of the storage classes torch.save names (UntypedStorage counts bytes).
+_STORAGE_ITEM_SIZES = {"UntypedStorage": 1, "ByteStorage": 1, "CharStorage": 1, "BoolStorage": 1,
+                       "ShortStorage": 2, "HalfStorage": 2, "BFloat16Storage": 2, "IntStorage": 4,
+                       "FloatStorage": 4, "LongStorage": 8, "DoubleStorage": 8, "ComplexFloatStorage": 8,
+                       "ComplexDoubleStorage": 16}
+
+
+def _check_storage_records(path: Path) -> None:
+    """Each storage of a zip checkpoint is as long as its pickle declares. torch.load checks this
+    unless it memory-maps the file, as dit8 does: a shorter record was read on into the next one."""
+    with zipfile.ZipFile(path) as archive:
+        records = {info.filename: info for info in archive.infolist()}
+        pickles = [name for name in records if name.endswith("/data.pkl") and name.count("/") == 1]
+        if len(pickles) != 1:
+            return  # torch.load found its way through this archive; nothing here to compare with
+        prefix = pickles[0].removesuffix("data.pkl")
+        reader = _StorageReader(io.BytesIO(archive.read(pickles[0])))
+        try:
+            reader.load()
+        except Exception:  # a form the stand-ins do not take; torch.load has read the pickle
+            return
+    for key, size in reader.storages:
+        record = records.get(f"{prefix}data/{key}")
+        if record is None:
+            raise CheckpointError(f"{path}: corrupt: its pickle names the storage {key!r}, which the archive "
+                                  f"does not hold")
+        if size is not None and record.file_size != size:
+            raise CheckpointError(f"{path}: corrupt: the storage record {record.filename} holds "
+                                  f"{record.file_size} bytes, where its pickle declares {size}")
+
+
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    mapped = True
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as err:
             if "mmap" not in str(err):
                 raise
+            mapped = False
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as err:  # torch raises many types for corrupt or unsafe pickles
         refused = re.search(r"GLOBAL (\S+)", str(err)) if str(err).startswith(_WEIGHTS_ONLY_FAILED) else None
@@ -223,6 +299,8 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive, as torch.save writes, "
                                   f"nor a readable legacy pickle; {detail})") from None
         raise CheckpointError(f"{path}: cannot load as a weights-only torch checkpoint: {detail}") from None
+    if mapped:
+        _check_storage_records(path)
     return _unwrap_state_dict(obj, path)
 
 

@@ -270,6 +270,36 @@ def test_corrupt_pth(tmp_path, weights):
     assert "m.pth" in load_error(path)
 
 
+@pytest.mark.parametrize("damage", ["short_record", "relabelled_storage", "missing_record"])
+def test_a_pth_whose_storage_records_disagree_with_its_pickle(tmp_path, weights, damage):
+    # Memory-mapped, torch.load does not compare a storage's record with what the pickle declares: a short
+    # record was read on into the next one, and a FloatStorage relabelled HalfStorage loaded as fp16.
+    import zipfile
+
+    path = write_checkpoint(weights, tmp_path / "ok.pth", fmt="pth")
+    damaged = tmp_path / "m.pth"
+
+    def edit(name: str, data: bytes) -> bytes:
+        if damage == "short_record" and name.endswith("/data/0"):
+            return data[:-4]
+        if damage == "relabelled_storage" and name.endswith("/data.pkl"):
+            return data.replace(b"FloatStorage", b"HalfStorage")
+        return data
+
+    with zipfile.ZipFile(path) as zin, zipfile.ZipFile(damaged, "w") as zout:
+        for name in zin.namelist():
+            if not (damage == "missing_record" and name.endswith("/data/0")):
+                zout.writestr(name, edit(name, zin.read(name)))
+    msg = load_error(damaged)
+    assert msg.startswith(f"{damaged}: "), msg
+    if damage == "missing_record":
+        assert "data/0" in msg or "'0'" in msg, msg
+    else:
+        assert re.search(r"corrupt: the storage record \w+/data/0 holds \d+ bytes, where its pickle declares \d+",
+                         msg), msg
+    assert dit8.checkpoint.open_checkpoint(path).keys() == list(weights)  # rewritten unchanged, it loads
+
+
 def test_a_pth_that_is_no_torch_file(tmp_path):
     path = tmp_path / "junk.pth"
     path.write_bytes(b"definitely not a pickle" * 10)
