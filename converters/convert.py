@@ -483,7 +483,10 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
         lora = [lora]
     _check_options(scheme, out_dtype, keep)
     loras = [parse_lora(arg) for arg in lora or ()]
-    _check_paths(src, dst, per_block, force, [spec.path for spec in loras])
+    try:
+        _check_paths(src, dst, per_block, force, [spec.path for spec in loras])
+    except OSError as err:  # a name too long for the file system, a folder that cannot be listed
+        raise ConvertError(f"{err.filename or dst}: {err.strerror or err}") from None
     started = time.monotonic()
     dit = open_dit(src)  # validates names, shapes, config and the packed-format version
     try:

@@ -82,11 +82,11 @@ def check_format_version(metadata: Mapping[str, str], path: str | Path) -> int |
         raise CheckpointError(f"{path}: unknown checkpoint format {name!r} in {KEY_FORMAT} "
                               f"(this dit8 reads {FORMAT_NAME!r})")
     raw = metadata.get(KEY_FORMAT_VERSION)
-    try:
-        version = int(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    # ASCII digits only: int() would also take " 1", "1_0" and other scripts' digits, which no writer makes.
+    if not (isinstance(raw, str) and raw.isascii() and raw.isdigit()):
         raise CheckpointError(f"{path}: {FORMAT_NAME} file without a valid {KEY_FORMAT_VERSION} "
-                              f"(found {raw!r})") from None
+                              f"(found {raw!r})")
+    version = int(raw)
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: {FORMAT_NAME} version {version} was written by a newer dit8; "
                               f"this dit8 reads up to version {FORMAT_VERSION}: upgrade dit8 or "

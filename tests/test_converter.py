@@ -1160,12 +1160,24 @@ def test_check_format_version(tmp_path):
     assert check_format_version(ok, path) == 1
     for meta, match in [({**ok, fmt.KEY_FORMAT_VERSION: "2"}, "version 2 was written by a newer dit8"),
                         ({**ok, fmt.KEY_FORMAT_VERSION: "one"}, "without a valid"),
+                        ({**ok, fmt.KEY_FORMAT_VERSION: " 1"}, "without a valid"),  # int() takes these three
+                        ({**ok, fmt.KEY_FORMAT_VERSION: "\u0661"}, "without a valid"),  # ARABIC-INDIC DIGIT ONE
+                        ({**ok, fmt.KEY_FORMAT_VERSION: "0_1"}, "without a valid"),
                         ({fmt.KEY_FORMAT: fmt.FORMAT_NAME}, "without a valid"),
                         ({**ok, fmt.KEY_FORMAT: "other.packed"}, "unknown checkpoint format"),
                         ({**ok, fmt.KEY_FORMAT_VERSION: "0"}, "unknown dit8.packed version 0")]:
         with pytest.raises(CheckpointError, match=match) as err:
             check_format_version(meta, path)
         assert str(path) in str(err.value)
+
+
+def test_an_output_name_too_long_for_the_file_system_is_a_convert_error(tmp_path, i2v_weights):
+    # Path.exists() raised the OSError (ENAMETOOLONG) out of convert.
+    src = write_checkpoint(i2v_weights, tmp_path / "src.safetensors")
+    dst = tmp_path / ("x" * 300 + ".safetensors")
+    with pytest.raises(ConvertError, match="File name too long") as err:
+        convert(src, dst, progress=False)
+    assert "x" * 300 in str(err.value) and sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]
 
 
 def test_quantize_weight_recipe():
