@@ -47,8 +47,15 @@ def _run_info(args: argparse.Namespace) -> int:
     for dtype, count in sorted(summary["tensors_by_dtype"].items()):
         print(f"{dtype:<{width}} {count:>7} {format_bytes(summary['bytes_by_dtype'][dtype]):>11}")
     for key, value in sorted(summary["metadata"].items()):
+        key, value = _printable(key), _printable(value)
         print(f"meta        {key} = {value if len(value) <= 100 else value[:97] + '...'}")
     return 0
+
+
+def _printable(text: str) -> str:
+    """`text` with its unprintable characters escaped: a file's metadata is anybody's text, and a newline
+    or a terminal's escape sequence in it would forge lines or control the terminal."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def _run_convert(args: argparse.Namespace) -> int:

@@ -33,6 +33,18 @@ def test_info_describes_the_checkpoint(checkpoint, capsys):
         assert expected in out, expected
 
 
+def test_info_escapes_unprintable_metadata(tmp_path, capsys):
+    # A newline in a value printed a forged line; an escape sequence reached the terminal.
+    from safetensors.torch import save_file
+
+    config = tiny_config("i2v")
+    path = tmp_path / "m.safetensors"
+    save_file(random_weights(config), str(path), metadata={"note": "ok\nmeta        forged = 1\x1b[2J", "é": "ü"})
+    assert main(["info", str(path)]) == 0
+    meta = [line for line in capsys.readouterr().out.splitlines() if line.startswith("meta")]
+    assert meta == ["meta        note = ok\\nmeta        forged = 1\\x1b[2J", "meta        é = ü"]
+
+
 def test_info_json(checkpoint, capsys):
     assert main(["info", str(checkpoint), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
