@@ -47,30 +47,11 @@ def test_a_perfect_model_recovers_the_data(update):
     assert all(t.shape == (2,) for _, t in seen)
 
 
-def test_deterministic_update_is_x0_plus_next_sigma_times_v():
-    sampler = DistilledSampler()
-    sigmas = sampler.sigmas().tolist()
-    velocity = torch.randn(1, 4, 2, 2, 2)
-    seen = []
-
-    def model(x, t):
-        seen.append(x.clone())
-        return velocity
-
-    noise = initial_noise(tuple(velocity.shape), 3)
-    out = sampler.sample(model, noise)
-    x = noise
-    for i, sigma in enumerate(sigmas):
-        torch.testing.assert_close(seen[i], x)
-        x0 = x - sigma * velocity
-        x = x0 + sigmas[i + 1] * velocity if i + 1 < len(sigmas) else x0
-    torch.testing.assert_close(out, x)
-
-
-def test_renoise_update_is_fresh_seeded_noise_at_the_next_sigma():
-    """LightX2V's older rule: x = (1 − σ_next)·x0 + σ_next·ε_new, ε_new drawn afresh each step from the
-    generator seeded by `seed`; the last step returns x0."""
-    sampler = DistilledSampler(update="renoise")
+@pytest.mark.parametrize("update", ["deterministic", "renoise"])
+def test_the_update_rule_of_each_step(update):
+    """deterministic: x = x0 + σ_next·v; "renoise", LightX2V's older rule: x = (1 − σ_next)·x0 + σ_next·ε_new,
+    ε_new drawn afresh each step from the generator seeded by `seed`. The last step returns x0."""
+    sampler = DistilledSampler(update=update)
     sigmas = sampler.sigmas().tolist()
     velocity = torch.randn(1, 4, 2, 2, 2)
     seen = []
@@ -86,13 +67,16 @@ def test_renoise_update_is_fresh_seeded_noise_at_the_next_sigma():
     for i, sigma in enumerate(sigmas):
         torch.testing.assert_close(seen[i], x)
         x0 = x - sigma * velocity
-        if i + 1 < len(sigmas):
+        if i + 1 == len(sigmas):
+            x = x0
+        elif update == "deterministic":
+            x = x0 + sigmas[i + 1] * velocity
+        else:
             drawn.append(torch.randn(x.shape, generator=generator))
             x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * drawn[-1]
-        else:
-            x = x0
     torch.testing.assert_close(out, x)
-    assert not torch.equal(drawn[0], drawn[1])  # fresh noise each step
+    if update == "renoise":
+        assert not torch.equal(drawn[0], drawn[1])  # fresh noise each step
 
 
 def test_renoise_is_seeded_and_deterministic_ignores_the_seed():
