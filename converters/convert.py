@@ -44,7 +44,7 @@ from .source import DIGEST_PLACEHOLDER, SourceReader, SourceTensor
 # Rows are processed in blocks of about this many elements: bounds the fp32/float64 temporaries of
 # quantization and error measurement (~4 MiB elements -> at most ~32 MiB each) for any tensor size.
 BLOCK_ELEMENTS = 4 << 20
-OUT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+OUT_DTYPES = {dtype: name for name, dtype in fmt.HIGH_PRECISION_DTYPES.items()}
 SOURCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 WORST_COUNT = 5
 

@@ -19,8 +19,9 @@ from .devices import resolve_device
 from .errors import CheckpointError, InputError
 from .layouts import block_linears, detect_layout, expected_shapes, from_official, layout_evidence, to_official
 from .model import WanDiT
-from .packed_format import (FORMAT_NAME, KEY_CONFIG, KEY_SCHEME, KEY_SCHEMES, METADATA_KEYS, SCHEME_DTYPES, SCHEMES,
-                            WEIGHT_SCALE_SUFFIX, check_format_version, scheme_of)
+from .packed_format import (FORMAT_NAME, HIGH_PRECISION_DTYPES, KEY_CONFIG, KEY_DTYPE, KEY_SCHEME, KEY_SCHEMES,
+                            METADATA_KEYS, SCHEME_DTYPES, SCHEMES, WEIGHT_SCALE_SUFFIX, check_format_version,
+                            scheme_of)
 from .parallel import SequenceParallel
 from .progress import Progress
 
@@ -337,6 +338,15 @@ def _check_packed_metadata(ckpt: Checkpoint, names: dict[str, str], config: WanC
     if stated != config:
         differ = [f for f, v in stated.to_dict().items() if config.to_dict()[f] != v]
         raise CheckpointError(f"{path}: {KEY_CONFIG} disagrees with the tensors in {differ}")
+    if meta[KEY_DTYPE] not in HIGH_PRECISION_DTYPES:
+        raise CheckpointError(f"{path}: {KEY_DTYPE} is {meta[KEY_DTYPE]!r}, expected one of "
+                              f"{tuple(HIGH_PRECISION_DTYPES)}")
+    codes = {names[module + ".weight"] for module in quantized}
+    for key, info in ckpt.infos.items():
+        if key not in codes and not key.endswith(WEIGHT_SCALE_SUFFIX) \
+                and info.dtype != HIGH_PRECISION_DTYPES[meta[KEY_DTYPE]]:
+            raise CheckpointError(f"{info.file}: tensor {key!r} is {info.dtype}, but {KEY_DTYPE} says the "
+                                  f"unquantized tensors are {meta[KEY_DTYPE]}")
     for module in quantized:
         info = ckpt.infos[names[module + ".weight"]]
         scheme = scheme_of(schemes, module)

@@ -55,6 +55,8 @@ METADATA_KEYS = (KEY_FORMAT, KEY_FORMAT_VERSION, KEY_CONFIG, KEY_SCHEME, KEY_DTY
                  KEY_LORA, KEY_SOURCE_LAYOUT, KEY_SOURCE_DIGEST, KEY_TOOL_VERSION)
 
 SCHEME_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}  # the 8-bit schemes' weight dtypes
+# `dit8.dtype`: the dtype of every tensor that is neither 8-bit codes nor their scales (always fp32).
+HIGH_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHT_SCALE_SUFFIX = ".weight_scale"
 
 # File names of the per-block layout.

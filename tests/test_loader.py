@@ -640,7 +640,8 @@ def test_parts_of_a_folder_that_disagree_on_the_format_version(tmp_path, weights
 
 
 @pytest.mark.parametrize("problem", ["codes_of_another_scheme", "kept_layer_called_8bit", "key_missing",
-                                     "unknown_scheme", "config_disagrees", "float_part"])
+                                     "unknown_scheme", "config_disagrees", "float_part", "unknown_dtype",
+                                     "dtype_disagrees"])
 def test_packed_header_metadata_must_describe_the_tensors(tmp_path, weights, problem):
     """A packed file's header is checked against its tensors: a file whose FP8 codes were relabelled int8,
     that lacks part of the format's metadata, names an unknown scheme or another configuration, or a
@@ -663,6 +664,10 @@ def test_packed_header_metadata_must_describe_the_tensors(tmp_path, weights, pro
             del meta["dit8.kept"]
         elif problem == "unknown_scheme":
             meta["dit8.scheme"] = "fp4"
+        elif problem == "unknown_dtype":
+            meta["dit8.dtype"] = "fp4"
+        elif problem == "dtype_disagrees":
+            meta["dit8.dtype"] = "fp16"
         elif problem == "config_disagrees":
             meta["dit8.config"] = json.dumps({**json.loads(meta["dit8.config"]), "clip_dim": 999})
         else:
@@ -678,6 +683,9 @@ def test_packed_header_metadata_must_describe_the_tensors(tmp_path, weights, pro
              "key_missing": r"without the header metadata \['dit8.kept'\]",
              "unknown_scheme": "dit8.scheme is 'fp4'",
              "config_disagrees": r"dit8.config disagrees with the tensors in \['clip_dim'\]",
+             "unknown_dtype": r"dit8.dtype is 'fp4', expected one of \('bf16', 'fp16', 'fp32'\)",
+             "dtype_disagrees": r"tensor '[\w.]+' is torch.bfloat16, but dit8.dtype says the unquantized tensors "
+                                r"are fp16",
              "float_part": "block_1.safetensors: header metadata without"}[problem]
     msg = load_error(out)
     assert re.search(match, msg) and (str(out) in msg or str(target) in msg), msg
