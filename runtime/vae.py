@@ -388,7 +388,10 @@ class WanVAE(nn.Module):
         for key in expected:
             t = read(key)
             require_float_weight(t.dtype, source, key)
-            state[key] = t.to(device=device, dtype=dtype)
+            # copy: `read` may give the memory-mapped file's tensor (a .pth) or the caller's; kept as it is
+            # (same device and dtype), the model would change with the file rewritten in place (and
+            # crash with it truncated) or with the caller's tensors.
+            state[key] = t.to(device=device, dtype=dtype, copy=True)
         model.load_state_dict(state, assign=True)
         return model.eval().requires_grad_(False)
 

@@ -100,6 +100,29 @@ def test_loads_the_written_file_in_another_dtype(tmp_path, weights):
     assert torch.equal(vae.decoder.head[2].weight, weights["decoder.head.2.weight"].bfloat16())
 
 
+def test_the_loaded_weights_are_the_models_own(tmp_path, weights):
+    """A VAE loaded on the CPU in the file's dtype holds copies, not the memory-mapped file: one rewritten
+    in place (a re-download) must not change the loaded model, nor truncated crash it; nor may changes
+    to a state dict passed in reach the model."""
+    path, newer = tmp_path / "Wan2.1_VAE.pth", tmp_path / "newer" / "Wan2.1_VAE.pth"  # (the name is in the zip)
+    newer.parent.mkdir()
+    torch.save({key: value.clone() for key, value in weights.items()}, path)
+    torch.save({key: value + 1 for key, value in weights.items()}, newer)
+    vae = WanVAE.from_pth(path, device="cpu")
+    before = {key: value.clone() for key, value in vae.state_dict().items()}
+    other = newer.read_bytes()
+    assert len(other) == path.stat().st_size  # the same layout: every tensor at the same offset
+    with path.open("r+b") as f:  # in place, as `cp` onto it does (not a rename)
+        f.write(other)
+    assert all(torch.equal(value, before[key]) for key, value in vae.state_dict().items())
+
+    given = {key: value.clone() for key, value in weights.items()}
+    from_dict = WanVAE.from_state_dict(given)
+    for value in given.values():
+        value.add_(1)
+    assert all(torch.equal(value, weights[key]) for key, value in from_dict.state_dict().items())
+
+
 # -- loading errors ---------------------------------------------------------------------------------
 
 
