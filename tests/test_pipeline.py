@@ -2,8 +2,10 @@
 mp4/PNG output, progress, cancellation, threads, defaults for distilled and base models, bad inputs,
 and the discovery of every model folder layout."""
 
+import gc
 import io
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -283,6 +285,33 @@ def test_a_call_that_stops_early_ends_each_bar_it_began_once(pipe, stop):
     lines = stream.getvalue().splitlines()
     assert [line.split()[0] for line in lines] == ["encode", "denoise"] and "2/4" in lines[1]
     assert stream.getvalue().endswith("\n")
+
+
+def test_a_dropped_pipeline_frees_its_models_without_the_cycle_collector(distilled_folder):
+    """A service loads and drops pipelines: after calls (one cancelled mid-way, one whose callback raised)
+    nothing (callbacks, bars, closures, caches) may hold the models or form a cycle that only the cycle
+    collector, whenever it runs, would free: reference counting alone frees them at the `del`."""
+    pipe = I2VPipeline.from_pretrained(distilled_folder)
+    pipe(IMAGE, PROMPT, progress=True, progress_stream=io.StringIO(), callback=lambda event: None, **ONE)
+
+    def stop(event):
+        if event.stage == "denoise":
+            raise KeyError("stop")
+
+    with pytest.raises(KeyError):
+        pipe(IMAGE, PROMPT, callback=stop, **ONE)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        pipe(IMAGE, PROMPT, cancel=cancel, **ONE)
+    refs = [weakref.ref(m) for m in (pipe, pipe.dit, pipe.t5, pipe.clip, pipe.vae, pipe.tokenizer)]
+    gc.collect()
+    gc.disable()
+    try:
+        del pipe
+        assert [ref() is None for ref in refs] == [True] * len(refs)
+    finally:
+        gc.enable()
 
 
 def test_cancel_before_start(pipe):
