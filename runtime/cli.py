@@ -4,6 +4,7 @@ exit non-zero."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -440,6 +441,13 @@ def _first_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dit8` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    # Each line of the report reaches a redirected stdout as it is printed: Python buffers a file or
+    # pipe in blocks, so a log of `dit8 generate > log 2>&1` had the report after every progress line of
+    # stderr (the load's summary minutes late), and a killed process lost it. Restored on the way out.
+    stdout = sys.stdout
+    line_buffered = getattr(stdout, "line_buffering", None) is False and hasattr(stdout, "reconfigure")
+    if line_buffered:
+        stdout.reconfigure(line_buffering=True)
     handle_sigterm = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM)
     previous_int = signal.getsignal(signal.SIGINT)
@@ -488,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if handle_sigint:
             signal.signal(signal.SIGINT, previous_int)
+        if line_buffered:
+            with contextlib.suppress(OSError, ValueError):  # (a closed or broken stdout: nothing to restore)
+                stdout.reconfigure(line_buffering=False)
 
 
 if __name__ == "__main__":  # python -m dit8.cli, as python -m dit8

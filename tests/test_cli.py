@@ -144,6 +144,23 @@ def test_generate_writes_the_video_and_a_summary(model_folder, tmp_path, capsys)
     assert (video.num_frames, video.width, video.height) == (5, 48, 32)
 
 
+def test_a_log_of_both_streams_has_the_report_in_order(model_folder, tmp_path):
+    """`dit8 generate > log 2>&1`: stdout, redirected, was buffered in blocks, so the log had the load's
+    summary after the last progress line of stderr (and a killed process lost it)."""
+    import os
+
+    image = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    (png,) = write_png_frames(tmp_path, image[None])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-m", "dit8", "generate", "--model", str(model_folder), "--image",
+                           str(png), "--prompt", "a cat", "--out", str(tmp_path / "o.mp4"), "--frames", "1",
+                           "--area", "1536", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout
+    firsts = [line.split()[0] for line in done.stdout.splitlines()]
+    assert firsts.index("loaded") < firsts.index("encode") < firsts.index("denoise") < firsts.index("video"), firsts
+
+
 def test_generate_options(model_folder, tmp_path, capsys):
     image = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
     (png,) = write_png_frames(tmp_path, image[None])
