@@ -164,8 +164,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def _run_bench_dit(args: argparse.Namespace) -> int:
     from dit8.converters.safetensors_writer import write_json
+    from dit8.kernels import candidates
 
-    from .bench_dit import format_table, run_bench
+    from .bench_dit import check_bench_settings, format_table, run_bench
 
     settings = bench_settings(args)
     json_path = None if args.json is None else Path(args.json)
@@ -173,6 +174,10 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
         raise InputError(f"--json {json_path}: the folder {json_path.parent} does not exist")
     if json_path is not None and json_path.is_dir():
         raise InputError(f"--json {json_path}: is a folder; give the JSON file's name")
+    # run_bench makes these checks too, but in the run, whose failures the JSON file records: a mistyped
+    # flag replaced the numbers of an earlier run with its error.
+    check_bench_settings(settings)
+    candidates.chosen()  # DIT8_GLUON
 
     saved: list[dict] = [{}]  # the numbers saved last, for the error path
 

@@ -277,6 +277,25 @@ def test_bench_refuses_a_folder_for_json_first(tmp_path, capsys):
     assert "timing" not in captured.err and list(tmp_path.iterdir()) == []  # refused before the run
 
 
+@pytest.mark.parametrize("args, gluon, message", [
+    (["--frames", "4"], None, "--frames must be 4k+1"),
+    (["--layers", "0"], None, "--layers must be at least 1"),
+    ([], "attention=fast", "DIT8_GLUON: attention has no configuration 'fast'"),
+])
+def test_bench_argument_errors_leave_an_earlier_json_as_it_was(args, gluon, message, tmp_path, capsys, monkeypatch):
+    """A run's failures are recorded in its JSON file; a mistyped flag is no run, and replaced the numbers
+    of an earlier one with its error."""
+    if gluon is not None:
+        monkeypatch.setenv("DIT8_GLUON", gluon)
+    path = tmp_path / "b.json"
+    path.write_text('{"forward_ms": 1.0}\n')
+    tiny = ["--frames", "1", "--size", "16x16", "--layers", "1", "--repeat", "1", "--steps", "0"]
+    assert main(["bench", "dit", "--device", "cpu", *tiny, *args, "--json", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("dit8: error: ") and message in captured.err and "timing" not in captured.err
+    assert path.read_text() == '{"forward_ms": 1.0}\n' and list(tmp_path.iterdir()) == [path]
+
+
 def test_bench_json_that_cannot_be_written_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
     import errno
 
