@@ -169,11 +169,7 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
     from .bench_dit import check_bench_settings, format_table, run_bench
 
     settings = bench_settings(args)
-    json_path = None if args.json is None else Path(args.json)
-    if json_path is not None and not json_path.parent.is_dir():
-        raise InputError(f"--json {json_path}: the folder {json_path.parent} does not exist")
-    if json_path is not None and json_path.is_dir():
-        raise InputError(f"--json {json_path}: is a folder; give the JSON file's name")
+    json_path = None if args.json is None else _json_output(args.json)
     # run_bench makes these checks too, but in the run, whose failures the JSON file records: a mistyped
     # flag replaced the numbers of an earlier run with its error.
     check_bench_settings(settings)
@@ -205,8 +201,31 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
         print(line)
     if json_path is not None:
         save(result, partial=False)
-        print(f"json        {json_path}")
+        print(f"json        {args.json}")
     return 0
+
+
+def _json_output(given: str) -> Path:
+    """Where `bench dit --json` writes: the file `given` names, through links (the file is replaced, a
+    link to it kept). InputError before the run for a path that cannot take it: a folder, a device or
+    pipe (/dev/stdout), which the rename onto it would replace, or a folder it cannot write in."""
+    from dit8.converters.safetensors_writer import temp_path_beside
+
+    path = Path(os.path.realpath(given))
+    if path.is_dir():
+        raise InputError(f"--json {given}: is a folder; give the JSON file's name")
+    if path.exists() and not path.is_file():
+        raise InputError(f"--json {given}: not a regular file (a device or a pipe); give the JSON file's name: "
+                         "it is written as the numbers come and renamed into place")
+    if not path.parent.is_dir():
+        raise InputError(f"--json {given}: the folder {Path(given).parent} does not exist")
+    probe = temp_path_beside(path)  # tried, not predicted: read-only mounts, /proc
+    try:
+        probe.open("xb").close()
+    except OSError as err:
+        raise InputError(f"--json {given}: cannot write in {path.parent}: {err.strerror or err}") from None
+    probe.unlink(missing_ok=True)
+    return path
 
 
 # `dit8 bench dit`'s input with the tiny model: a few seconds a forward on a CPU.

@@ -296,6 +296,29 @@ def test_bench_argument_errors_leave_an_earlier_json_as_it_was(args, gluon, mess
     assert path.read_text() == '{"forward_ms": 1.0}\n' and list(tmp_path.iterdir()) == [path]
 
 
+def test_bench_json_refuses_a_pipe_and_writes_through_a_link(tmp_path, capsys):
+    """The file is written beside and renamed onto the path: a named pipe or a device (/dev/stdout,
+    /dev/null) was replaced by a regular file, the link /dev/stdout itself when run as root."""
+    import os
+    import stat
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    tiny = ["--frames", "1", "--size", "16x16", "--layers", "1", "--repeat", "1", "--steps", "0"]
+    assert main(["bench", "dit", "--device", "cpu", *tiny, "--json", str(fifo)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == (f"dit8: error: --json {fifo}: not a regular file (a device or a pipe); give the JSON "
+                            "file's name: it is written as the numbers come and renamed into place\n")
+    assert "timing" not in captured.err and stat.S_ISFIFO(os.lstat(fifo).st_mode)  # refused before the run
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    target.write_text("{}")
+    link.symlink_to(target)
+    assert main(["bench", "dit", "--device", "cpu", *tiny, "--json", str(link)]) == 0
+    assert f"json        {link}" in capsys.readouterr().out
+    assert link.is_symlink() and json.loads(target.read_text())["forward_ms"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.json", "link.json", "target.json"]
+
+
 def test_bench_json_that_cannot_be_written_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
     import errno
 
