@@ -176,6 +176,12 @@ def _check_name(name: str, where: str) -> None:
         raise BackendError(f"{where}: unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
 
 
+def check_preferred_backend() -> None:
+    """BackendError for a DIT8_BACKEND that names no backend. Read at each op call, it showed only at the
+    first forward, after a model was built or loaded; a model checks it when it is built."""
+    _check_name(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
+
+
 def unavailable_reason(backend: str, device: torch.device) -> str:
     """Why `backend`'s kernels ("triton" or "cuda", whose runs_on has said no) do not run on `device`
     tensors here."""

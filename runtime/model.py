@@ -22,7 +22,8 @@ from torch import nn
 import dit8.kernels as ops
 from dit8.kernels.attention import PRECISIONS, check_attention_runs
 from dit8.kernels.checks import FLOAT_DTYPES
-from dit8.kernels.registry import BackendError, backend_runs_on, reference_only_notice, unavailable_reason
+from dit8.kernels.registry import (BackendError, backend_runs_on, check_preferred_backend, reference_only_notice,
+                                   unavailable_reason)
 
 from .config import WanConfig
 from .errors import InputError
@@ -509,7 +510,8 @@ class WanDiT(nn.Module):
 
 def _check_backend(setup: Setup) -> None:
     """A model's backend is a preference (Setup.backend_of), but one that no op can follow here is a
-    mistake to report, not to ignore."""
+    mistake to report, not to ignore; so is a DIT8_BACKEND that names none."""
+    check_preferred_backend()
     if not backend_runs_on(setup.backend, setup.device):
         raise BackendError(f"backend {setup.backend!r}: no op can run its kernels on {setup.device.type} tensors "
                            f"here ({unavailable_reason(setup.backend, setup.device)})")

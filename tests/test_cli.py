@@ -269,6 +269,23 @@ def test_a_kernel_backend_that_cannot_run_is_named_before_8bit_attention(command
     assert "TRITON_INTERPRET=1" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_a_bad_dit8_backend_is_refused_before_the_model(command, tmp_path, capsys, monkeypatch):
+    """DIT8_BACKEND is read at each op call: a bad one showed at the first forward, after the build or load."""
+    monkeypatch.setenv("DIT8_BACKEND", "trition")
+    monkeypatch.chdir(tmp_path)
+    if command == "generate":
+        image = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+        argv = ["generate", "--model", "nowhere", "--image", str(write_png_frames(tmp_path, image[None])[0]),
+                "--prompt", "a cat", "--out", "o.mp4"]  # a model folder that does not exist: checked after
+    else:
+        argv = ["bench", "dit", "--frames", "1", "--size", "16x16", "--layers", "1", "--repeat", "1", "--steps", "0"]
+    assert main([*argv, "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("dit8: error: DIT8_BACKEND: unknown backend 'trition'; expected 'auto' or one of "
+                   "('cuda', 'triton', 'torch')\n"), err
+
+
 def test_bench_refuses_a_folder_for_json_first(tmp_path, capsys):
     tiny = ["--frames", "1", "--size", "16x16", "--layers", "1", "--repeat", "1", "--steps", "0"]
     assert main(["bench", "dit", "--device", "cpu", *tiny, "--json", str(tmp_path)]) == 1
