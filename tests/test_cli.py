@@ -366,7 +366,7 @@ def test_out_of_gpu_memory_is_one_line_with_what_to_try(monkeypatch, capsys):
                                        "fewer --layers\n")
 
 
-def test_every_option_with_a_default_says_it_in_its_help():
+def test_every_option_has_help_and_says_its_default():
     import argparse
 
     from dit8.cli import build_parser
@@ -378,6 +378,10 @@ def test_every_option_with_a_default_says_it_in_its_help():
                 for sub in action.choices.values():
                     yield from parsers(sub)
 
+    undocumented = [f"{prog} {action.option_strings[0] if action.option_strings else action.dest}"
+                    for prog, parser in parsers(build_parser()) for action in parser._actions
+                    if not action.help and not isinstance(action, argparse._SubParsersAction)]
+    assert undocumented == []
     silent = [f"{prog} {action.option_strings[0]}" for prog, parser in parsers(build_parser())
               for action in parser._actions
               if action.option_strings and action.default not in (None, [], argparse.SUPPRESS)
