@@ -441,8 +441,11 @@ def _stop_once(signum: int, frame: object) -> None:
 
 
 def _follower(args: argparse.Namespace) -> bool:
-    """A process other than the first of a --sequence-parallel launch."""
-    return bool(getattr(args, "sequence_parallel", False)) and os.environ.get("RANK", "0") != "0"
+    """A process other than the first of a --sequence-parallel launch. (A RANK that is no number is the
+    first's: its error, which every process has, is reported; '00' is rank 0, which writes the output.)"""
+    rank = os.environ.get("RANK", "0")
+    return bool(getattr(args, "sequence_parallel", False)) and re.fullmatch(r"[0-9]+", rank) is not None \
+        and int(rank) != 0
 
 
 def _rank_prefix(args: argparse.Namespace) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -197,6 +198,14 @@ def join_launched_group(device: torch.device) -> tuple[SequenceParallel, torch.d
     if missing:
         raise InputError(f"sequence parallelism: {', '.join(missing)} not set; start the processes with a "
                          f"launcher, e.g. torchrun --nproc-per-node 2 -m dit8 <command> ... --sequence-parallel")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        # (int() would take ' 1' and other scripts' digits, and say of 'x' only "invalid literal")
+        if not re.fullmatch(r"[0-9]+", os.environ[name]):
+            raise InputError(f"sequence parallelism: {name}={os.environ[name]!r} is not a whole number; start the "
+                             f"processes with a launcher such as torchrun, which sets it")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if not rank < world:
+        raise InputError(f"sequence parallelism: RANK={rank} must be below WORLD_SIZE={world}")
     if device.type == "cuda":
         if device.index is not None:
             raise InputError(f"sequence parallelism puts each process on the GPU of its LOCAL_RANK; give the "

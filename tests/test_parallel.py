@@ -397,6 +397,26 @@ def test_generate_sequence_parallel_needs_a_launcher(tmp_path, monkeypatch, caps
     assert "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("env, message", [
+    (dict(RANK="x"), "RANK='x' is not a whole number"),  # no number: the first process's, which reports it
+    (dict(WORLD_SIZE="two"), "WORLD_SIZE='two' is not a whole number"),
+    (dict(MASTER_PORT="abc"), "MASTER_PORT='abc' is not a whole number"),
+    (dict(LOCAL_RANK=" 0"), "LOCAL_RANK=' 0' is not a whole number"),
+    (dict(RANK="00", WORLD_SIZE="0"), "RANK=0 must be below WORLD_SIZE=0"),
+])
+def test_a_bad_launcher_variable_is_named(env, message, tmp_path, monkeypatch, capsys):
+    """int() of the variable said only "invalid literal for int() with base 10: 'x'"."""
+    from dit8.cli import main
+
+    launch = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    for name, value in (launch | env).items():
+        monkeypatch.setenv(name, value)
+    assert main(["generate", "--model", "m", "--image", "i.png", "--prompt", "p", "--out", str(tmp_path / "o.mp4"),
+                 "--device", "cpu", "--sequence-parallel"]) == 1
+    assert capsys.readouterr().err == f"dit8: error: sequence parallelism: {message}" + (
+        "\n" if "below" in message else "; start the processes with a launcher such as torchrun, which sets it\n")
+
+
 def test_a_later_process_reports_only_its_own_errors(tmp_path, monkeypatch, capsys):
     import dit8.devices
     import dit8.parallel
