@@ -23,6 +23,7 @@ with α = 1 − σ, D_k = (m_{s−k} − m_s)/r_k, r_k = (λ_{s−k} − λ_s)/h
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -92,11 +93,17 @@ class UniPCSampler:
     corrector: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 1:
+        # Integers as the pipeline and DistilledSampler take them (numpy's too); a bool is no count, and
+        # True in (1, 2, 3) would pass for order 1.
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 1:
             raise InputError(f"steps must be a positive integer, got {self.steps!r}")
-        if self.order not in (1, 2, 3):
+        if isinstance(self.order, bool) or not isinstance(self.order, numbers.Integral) or self.order not in (1, 2, 3):
             raise InputError(f"order must be 1, 2 or 3, got {self.order!r}")
+        if not isinstance(self.corrector, bool):  # a string such as "no" would read as True
+            raise InputError(f"corrector must be True or False, got {self.corrector!r}")
         check_shift(self.shift)
+        object.__setattr__(self, "steps", int(self.steps))  # (frozen) plain ints, whatever integer was given
+        object.__setattr__(self, "order", int(self.order))
 
     def sigmas(self) -> torch.Tensor:
         """σ of each step plus the final 0: [steps + 1] float64."""

@@ -151,7 +151,16 @@ def test_guidance():
     assert "JPEG" in DEFAULT_NEGATIVE_PROMPT and DEFAULT_NEGATIVE_PROMPT.startswith("色调艳丽")
 
 
-@pytest.mark.parametrize("kwargs", [{"steps": 0}, {"order": 4}, {"shift": 0.0}, {"steps": 2.5}])
+@pytest.mark.parametrize("kwargs", [{"steps": 0}, {"order": 4}, {"shift": 0.0}, {"steps": 2.5}, {"steps": True},
+                                    {"order": True}, {"order": 2.0}, {"corrector": "no"}])
 def test_invalid_settings(kwargs):
     with pytest.raises(InputError, match=next(iter(kwargs))):
         UniPCSampler(**kwargs)
+
+
+def test_numpy_integers_are_taken_as_ints():
+    # As the pipeline's steps and DistilledSampler's timesteps: numpy's integers count too.
+    sampler = UniPCSampler(steps=np.int64(3), order=np.int32(2))
+    assert sampler == UniPCSampler(steps=3, order=2)
+    assert type(sampler.steps) is int and type(sampler.order) is int
+    torch.testing.assert_close(sampler.sigmas(), UniPCSampler(steps=3).sigmas())
