@@ -958,7 +958,8 @@ def attention_8bit_variant(qk: str, pv: str, head_dim: int, cfg, arch: int = 90)
                     **dict.fromkeys(["QScale", "KScaleBias", "VMean", "VScale"], "fp32"))
     return build(impl8._attention_8bit_kernel, pointers,
                  dict(HEAD_DIM=head_dim, BLOCK_D=impl._block_d("attention", head_dim, impl.DOT8_MIN_REDUCTION),
-                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, QK_INT8=qk == "int8", PV=pv, PV_BITS=arch // 10 in (9, 10),
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, QK_INT8=qk == "int8", PV=pv,
+                      PV_BITS=arch // 10 in (9, 10),
                       V_ORDERED=pv != "fp16", DOT_FP32=False, INTERPRET=False), cfg,
                  ones=("stride_vd",) if pv == "fp16" else ("stride_vn",),
                  arch=arch)

@@ -345,7 +345,8 @@ def test_lora_full_diffs_are_exact(tmp_path, i2v_weights, prefix):
     src = _source(tmp_path, i2v_weights, I2V)
     gen = torch.Generator().manual_seed(3)
     # (lora key, target key): weight diff, bias diff, a bare parameter, a kept block linear.
-    pairs = [("blocks.0.norm3.diff", "blocks.0.norm3.weight"), ("blocks.1.self_attn.q.diff_b", "blocks.1.self_attn.q.bias"),
+    pairs = [("blocks.0.norm3.diff", "blocks.0.norm3.weight"),
+             ("blocks.1.self_attn.q.diff_b", "blocks.1.self_attn.q.bias"),
              ("blocks.0.modulation.diff", "blocks.0.modulation"), ("head.head.diff", "head.head.weight"),
              ("blocks.0.self_attn.q.diff", "blocks.0.self_attn.q.weight")]
     tensors = {prefix + k: torch.randn(i2v_weights[t].shape, generator=gen) for k, t in pairs}
@@ -373,7 +374,8 @@ def test_lora_diffusers_names_and_several_files_in_order(tmp_path, i2v_weights):
 def test_lora_unmatched_keys_are_listed(tmp_path, i2v_weights):
     src = _source(tmp_path, i2v_weights, I2V)
     up, down = _low_rank(256, 256, 2, seed=0)
-    bad = ["diffusion_model.blocks.7.self_attn.q.lora_up.weight", "diffusion_model.blocks.7.self_attn.q.lora_down.weight",
+    bad = ["diffusion_model.blocks.7.self_attn.q.lora_up.weight",
+           "diffusion_model.blocks.7.self_attn.q.lora_down.weight",
            "diffusion_model.nothing.diff", "random.key"]
     tensors = {bad[0]: up, bad[1]: down, bad[2]: torch.zeros(3), bad[3]: torch.zeros(1),
                "diffusion_model.blocks.0.self_attn.q.lora_up.weight": up.clone(),

@@ -603,8 +603,8 @@ def test_a_distilled_file_dropped_into_the_official_folder_is_preferred(tmp_path
     touch(tmp_path, *ENCODERS, "diffusion_pytorch_model.safetensors.index.json",
           "wan2.1_i2v_480p_lightx2v_4step.safetensors")
     found = find_model_files(tmp_path)
-    assert (found.kind, found.dit.name, found.distilled) == ("single_file", "wan2.1_i2v_480p_lightx2v_4step.safetensors",
-                                                             True)
+    assert (found.kind, found.dit.name, found.distilled) == (
+        "single_file", "wan2.1_i2v_480p_lightx2v_4step.safetensors", True)
     base = find_model_files(tmp_path, dit=tmp_path)  # the shards of the folder itself
     assert (base.dit, base.distilled) == (tmp_path, False)
 
@@ -716,7 +716,8 @@ def test_quantized_encoders_alone_are_not_enough(tmp_path):
 
 def test_no_dit_lists_what_was_expected(tmp_path):
     touch(tmp_path, *ENCODERS)
-    with pytest.raises(CheckpointError, match="no DiT found; expected one of: distill_models/distill_model.safetensors, .*, diffusion_pytorch_model"):
+    with pytest.raises(CheckpointError, match="no DiT found; expected one of: "
+                                              "distill_models/distill_model.safetensors, .*, diffusion_pytorch_model"):
         find_model_files(tmp_path)
     touch(tmp_path, "distill_models/distill_model.safetensors")
     with pytest.raises(CheckpointError, match="no int8 DiT found; expected one of: distill_int8/, int8/"):
