@@ -173,10 +173,11 @@ def _find_dit(root: Path, scheme: str | None) -> tuple[str, Path, str, bool]:
             if scheme is None or s == scheme:
                 return root.name, root, s, True
     what = f"no {scheme} DiT" if scheme else "no DiT"
-    if diffusers_pipeline_hint(root):
+    hint = diffusers_pipeline_hint(root)
+    if hint:
         # Its DiT loads (load_dit, dit=/--dit); its encoders and VAE are in diffusers' layout, which the
         # pipeline does not read.
-        raise CheckpointError(f"{root}: {what} found{diffusers_pipeline_hint(root)}: give it with dit=/--dit, "
+        raise CheckpointError(f"{root}: {what} found{hint}: give it with dit=/--dit, "
                               f"with the official release's {T5_FILE}, {CLIP_FILE} and {VAE_FILE} in {root} (the "
                               f"pipeline does not read diffusers' text_encoder/, image_encoder/ or vae/)")
     raise CheckpointError(f"{root}: {what} found; expected one of: {_expected_list(scheme)} "
