@@ -188,7 +188,7 @@ class I2VPipeline:
                  distilled: bool = True, offload_encoders: bool = False, vae_tile: int | None = None,
                  files: ModelFiles | None = None):
         _check_compatible(dit, t5, clip, vae, files)
-        _check_vae_tile(vae_tile)
+        vae_tile = _check_vae_tile(vae_tile)
         self.dit, self.t5, self.clip, self.vae, self.tokenizer = dit, t5, clip, vae, tokenizer
         self.device = dit.setup.device
         self.distilled = distilled
@@ -517,9 +517,14 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
                              f"are damaged); generation stopped")
 
 
-def _check_vae_tile(vae_tile: object) -> None:
-    if vae_tile is not None and (isinstance(vae_tile, bool) or not isinstance(vae_tile, int) or vae_tile < 1):
+def _check_vae_tile(vae_tile: object) -> int | None:
+    """`vae_tile` as a plain int (numpy's integers too, as the call's settings and `WanVAE.decode` take
+    them), or None; InputError for anything else."""
+    if vae_tile is None:
+        return None
+    if isinstance(vae_tile, bool) or not isinstance(vae_tile, numbers.Integral) or vae_tile < 1:
         raise InputError(f"vae_tile must be a positive number of latent pixels or None, got {vae_tile!r}")
+    return int(vae_tile)
 
 
 # How often a call waiting for the pipeline looks at its cancel event.

@@ -521,6 +521,15 @@ def test_vae_tile_is_a_positive_integer(tmp_path, tile):
         I2VPipeline.from_pretrained(tmp_path, vae_tile=tile)  # refused before the folder is read
 
 
+def test_vae_tile_takes_numpy_integers(pipe):
+    # As the call's settings and WanVAE.decode take them; stored as a plain int.
+    tiled = I2VPipeline(pipe.dit, pipe.t5, pipe.clip, pipe.vae, pipe.tokenizer, vae_tile=np.int64(2))
+    assert type(tiled.vae_tile) is int and tiled.vae_tile == 2
+    whole, other = pipe(IMAGE, PROMPT, seed=3, **ONE), tiled(IMAGE, PROMPT, seed=3, **ONE)
+    assert torch.equal(other.latents, whole.latents)
+    assert (other.frames.int() - whole.frames.int()).abs().max() <= 1  # tiles: same math, other summation order
+
+
 def test_incompatible_pieces_raise_checkpoint_error(tmp_path):
     root = write_tiny_model_folder(tmp_path / "m", kind="distill_models", vae_dim=VAE_DIM)
     write_tiny_t5(root / T5_FILE, tiny_t5_config(dim=32, dim_attn=32))
