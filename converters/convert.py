@@ -30,7 +30,7 @@ from dit8.config import WanConfig
 from dit8.errors import CheckpointError
 from dit8.layouts import block_linears, expected_shapes
 import dit8.packed_format as fmt
-from dit8.loader import COMFYUI_FP8, DIT8, FP8_UNSCALED, LIGHTX2V, UNSCALED, check_finite, open_dit
+from dit8.loader import COMFYUI_FP8, DIT8, FP8_UNSCALED, LIGHTX2V, UNSCALED, DitCheckpoint, check_finite, open_dit
 from dit8.progress import Progress
 
 from .lora import LoraArg, LoraSet, LoraSpec, parse_lora
@@ -142,7 +142,7 @@ def _check_options(scheme: str, out_dtype: torch.dtype, keep: Sequence[str]) -> 
 
 def _report_path(dst: Path, per_block: bool) -> Path:
     """Where the quality report goes: inside a per-block folder, beside a single file."""
-    return dst / fmt.REPORT_NAME if per_block else dst.with_name(dst.name + ".quant_report.json")
+    return dst / fmt.REPORT_NAME if per_block else dst.with_name(f"{dst.name}.{fmt.REPORT_NAME}")
 
 
 def _check_paths(src: Path, dst: Path, per_block: bool, force: bool, loras: Sequence[Path] = ()) -> None:
@@ -194,7 +194,7 @@ _QUANTIZED_FORMATS = {DIT8: "a dit8 packed file", LIGHTX2V: "LightX2V's 8-bit fo
 _FLOAT_SOURCES = "convert reads float checkpoints (fp32/bf16/fp16/fp64)"
 
 
-def _check_float_source(dit) -> None:
+def _check_float_source(dit: DitCheckpoint) -> None:
     """convert reads float checkpoints: an 8-bit file is refused with its format named, and the readers that
     take it as it is (requantizing 8-bit codes, or dequantizing them, would add their error to the new one)."""
     if dit.quantized:
@@ -272,7 +272,8 @@ def _schemes_map(config: WanConfig, quantized: set[str], scheme: str, hp: str) -
     return {**schemes, **groups, "*": hp}
 
 
-def _metadata(dit, scheme: str, hp: str, quantized: set[str], keep: Sequence[str], lora: LoraSet) -> dict[str, str]:
+def _metadata(dit: DitCheckpoint, scheme: str, hp: str, quantized: set[str], keep: Sequence[str],
+              lora: LoraSet) -> dict[str, str]:
     from dit8 import __version__
 
     return {

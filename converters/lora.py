@@ -39,7 +39,6 @@ from .source import read_at, safetensors_offsets
 _MAX_LISTED = 20
 
 
-
 @dataclass(frozen=True)
 class LoraSpec:
     """One LoRA file to merge and its strength."""

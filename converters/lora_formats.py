@@ -32,7 +32,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from dit8.errors import CheckpointError
 
@@ -145,7 +145,10 @@ def _rank(value: Any, what: str, source: str) -> int:
     return value
 
 
-def _patterns(config: Mapping[str, Any], name: str, convert, source: str) -> dict[str, Any]:
+def _patterns(config: Mapping[str, Any], name: str, convert: Callable[[Any, str, str], Any],
+              source: str) -> dict[str, Any]:
+    """The `name` patterns of a PEFT config (alpha_pattern, rank_pattern), each checked to be a regular
+    expression and its value passed through `convert` (`_number` or `_rank`)."""
     patterns = config.get(name) or {}
     if not isinstance(patterns, Mapping):
         raise CheckpointError(f"{source}: {name} is not an object")

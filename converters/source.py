@@ -141,6 +141,7 @@ class SourceReader:
 
     @property
     def total_bytes(self) -> int:
+        """Bytes of every tensor's data (what the progress bar counts)."""
         return sum(t.info.nbytes for t in self.tensors)
 
     def blocks(self, tensor: SourceTensor, max_bytes: int) -> Iterator[torch.Tensor]:
@@ -186,6 +187,7 @@ class SourceReader:
         return DIGEST_PREFIX + hashlib.sha256(manifest.encode()).hexdigest()
 
     def close(self) -> None:
+        """Stop the hashing thread and close the source's files."""
         try:
             self._hashing.close()
         finally:

@@ -28,6 +28,8 @@ NAME_CHARS = 80
 
 
 def work_folder_path(dst: Path) -> Path:
+    """The work folder of a conversion to `dst`: beside it, named after it (cut to NAME_CHARS) and a hash
+    of its whole name."""
     digest = hashlib.sha256(dst.name.encode()).hexdigest()[:8]
     return dst.parent / f".{dst.name[:NAME_CHARS]}.{digest}{WORK_SUFFIX}"
 
