@@ -28,6 +28,7 @@ import torch
 from dit8.kernels import candidates
 
 from .conditioning import check_frames, check_size
+from .choices import PRECISIONS
 from .config import I2V_14B, WanConfig, tiny_config
 from .cuda_graph import CapturedForward
 from .devices import available_host_memory, peak_memory, reset_peak, resolve_device, synchronize
@@ -42,7 +43,6 @@ from .progress import format_bytes
 from .random_dit import build_model, random_conditioning
 from .sampler import DistilledSampler, evenly_spaced_steps
 
-ATTENTION = ("bf16", "int8", "fp8")
 CONFIGS = {"i2v-14b": I2V_14B, "tiny": tiny_config("i2v")}
 
 
@@ -73,9 +73,11 @@ class BenchSettings:
     sequence_parallel: bool = False
 
     def config_name(self) -> str:
+        """The dimensions benchmarked: `config`, else i2v-14b on CUDA and tiny elsewhere."""
         return self.config or ("i2v-14b" if torch.device(self.device).type == "cuda" else "tiny")
 
     def model_config(self) -> WanConfig:
+        """The WanConfig of `config_name()` with `layers` blocks (all when None)."""
         name = self.config_name()
         if name not in CONFIGS:
             raise InputError(f"config must be one of {tuple(CONFIGS)}, got {name!r}")
@@ -87,8 +89,8 @@ def check_bench_settings(s: BenchSettings) -> None:
     """Raise InputError for settings that cannot run here, before anything is allocated."""
     if s.scheme not in SCHEMES:
         raise InputError(f"scheme must be one of {SCHEMES}, got {s.scheme!r}")
-    if s.attention not in ATTENTION:
-        raise InputError(f"attention must be one of {ATTENTION}, got {s.attention!r}")
+    if s.attention not in PRECISIONS:
+        raise InputError(f"attention must be one of {PRECISIONS}, got {s.attention!r}")
     check_frames(s.frames)
     check_size(tuple(s.size))
     if s.layers is not None and s.layers < 1:
@@ -223,6 +225,7 @@ class DitBench:
         self.output: torch.Tensor | None = None
 
     def encode(self) -> EncodedContext:
+        """The context encoding (cross-attention keys and values) of the inputs."""
         return self.model.encode_context(self.cond.context, self.cond.clip_fea)
 
     def forward(self) -> torch.Tensor:
@@ -235,6 +238,7 @@ class DitBench:
         return self.output
 
     def flops(self) -> dict[str, float]:
+        """`forward_flops` of one forward on the inputs."""
         cond = self.cond
         return forward_flops(self.config, math.prod(cond.grid), cond.context.shape[1], cond.clip_fea.shape[1])
 

@@ -1,6 +1,6 @@
 """Tensor files on disk seen as one mapping from keys to tensors, read one tensor at a time.
 
-Reads a single `.safetensors` file (memory-mapped), a `.pth`/`.pt` file (torch.load with
+Reads a single `.safetensors` file (memory-mapped), a `.pth`/`.pt`/`.bin` file (torch.load with
 weights_only=True, memory-mapped when it is a zip checkpoint), a folder of shards with an index json,
 or a folder of files (per-block checkpoints). Nothing is loaded until `read(key)`. `load_encoder_weights`
 copies such a file into a module's buffers, checked first (the T5 and CLIP encoders load through it).
@@ -52,6 +52,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor's data."""
         return tensor_nbytes(self.shape, self.dtype)
 
 
@@ -316,9 +317,11 @@ class Checkpoint:
 
     @property
     def files(self) -> list[Path]:
+        """The files holding the tensors, sorted."""
         return sorted({info.file for info in self.infos.values()})
 
     def keys(self) -> list[str]:
+        """The tensor keys, as the files name them."""
         return list(self.infos)
 
     def read(self, key: str) -> torch.Tensor:
@@ -338,6 +341,7 @@ class Checkpoint:
         return handle[key]
 
     def close(self) -> None:
+        """Drop the open files and loaded pickles (`read` opens them again when asked)."""
         self._handles.clear()
 
     def __enter__(self) -> "Checkpoint":

@@ -63,6 +63,7 @@ class CLIPVisionConfig:
 
     @property
     def num_tokens(self) -> int:
+        """Patches of an image_size image plus the class token (257 for ViT-H/14 at 224)."""
         return (self.image_size // self.patch_size) ** 2 + 1
 
     @classmethod

@@ -165,7 +165,8 @@ def check_frames(frames: int, time_stride: int = 4) -> int:
 
 
 def check_size(size: Any, multiple: int = 16) -> tuple[int, int]:
-    """An explicit output size (width, height): positive multiples of 16 (VAE stride 8 × patch 2)."""
+    """An explicit output size (width, height): positive multiples of `multiple` (16: VAE stride 8 ×
+    patch 2)."""
     if (not isinstance(size, (tuple, list)) or len(size) != 2
             or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in size)):
         raise InputError(f"size must be (width, height) in pixels, got {size!r}")

@@ -67,6 +67,7 @@ class QuantizedRows:
 
     @classmethod
     def of(cls, xq: torch.Tensor, scale: torch.Tensor) -> "QuantizedRows":
+        """From a fused kernel's output: codes xq [..., K] and their per-row scales, as rows [M, K] and [M]."""
         return cls(xq.reshape(-1, xq.shape[-1]), scale.reshape(-1), tuple(xq.shape[:-1]))
 
 
@@ -126,6 +127,8 @@ class QuantLinear(nn.Module):
 
 
 class Activation(nn.Module):
+    """An elementwise activation of dit8.kernels.activation ("gelu", "gelu_tanh", "silu"); no weights."""
+
     def __init__(self, kind: str, setup: Setup):
         super().__init__()
         self.kind, self.backend = kind, setup.backend_of("activation")
@@ -177,6 +180,8 @@ class ModulatedLayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension with an fp32 weight; the caller picks the output dtype."""
+
     weight: torch.Tensor
 
     def __init__(self, dim: int, eps: float, setup: Setup):

@@ -51,6 +51,7 @@ class DitCheckpoint:
 
     @property
     def path(self) -> Path:
+        """The checkpoint's file or folder, as given."""
         return self.checkpoint.path
 
     def file_of(self, official_key: str) -> Path:
@@ -128,15 +129,15 @@ def _infer_config(shapes: dict[str, tuple[int, ...]], source: Path, layout: str,
         num_heads = dim // WAN_HEAD_DIM
     try:
         return WanConfig(
-        dim=dim, in_dim=in_dim, patch_size=tuple(patch),
-        ffn_dim=shape("blocks.0.ffn.0.weight")[0],
-        num_layers=max(blocks) + 1,
-        out_dim=shape("head.head.weight")[0] // math.prod(patch),
-        freq_dim=shape("time_embedding.0.weight")[1],
-        text_dim=shape("text_embedding.0.weight")[1],
-        clip_dim=None if clip is None else clip[0],
-        num_heads=num_heads,
-    )
+            dim=dim, in_dim=in_dim, patch_size=tuple(patch),
+            ffn_dim=shape("blocks.0.ffn.0.weight")[0],
+            num_layers=max(blocks) + 1,
+            out_dim=shape("head.head.weight")[0] // math.prod(patch),
+            freq_dim=shape("time_embedding.0.weight")[1],
+            text_dim=shape("text_embedding.0.weight")[1],
+            clip_dim=None if clip is None else clip[0],
+            num_heads=num_heads,
+        )
     except ValueError as err:
         stated = f" (num_heads {num_heads!r} from {heads_source})" if heads_source is not None else ""
         raise CheckpointError(f"{source}: {err}{stated}") from None

@@ -456,7 +456,9 @@ class WanDiT(nn.Module):
             raise InputError("the encoded context was made by another model's encode_context: encode it with "
                              "this model's")
 
-    def _check_inputs(self, x, t, y):
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """x and y (fp32) and t, checked against the model and moved to its device."""
         cfg = self.config
         dev = self.setup.device
         x_channels = cfg.out_dim if cfg.is_i2v else cfg.in_dim

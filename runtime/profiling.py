@@ -91,6 +91,7 @@ class Profile:
 
     @property
     def total(self) -> float:
+        """Milliseconds of all parts together."""
         return sum(self.parts.values())
 
 

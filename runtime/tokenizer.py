@@ -28,7 +28,6 @@ from .model_folder import TOKENIZER_FILE, TOKENIZER_FOLDER
 __all__ = ["Tokenizer", "clean_prompt"]
 
 
-
 def clean_prompt(text: str) -> str:
     """HTML-unescape twice (prompts scraped from the web are often escaped twice), then collapse every
     run of whitespace to one space and strip the ends."""
