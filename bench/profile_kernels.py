@@ -17,9 +17,10 @@ know costs only that table.
 calls each case once, in the order `cases` lists them, so ncu records only those launches: the bf16
 and 8-bit self-attention (q, k, v [1, 32760, 40, 128]) and the fused cross-attention (512 + 257 keys)
 on the Triton kernels, the FP8 GEMM with Hopper's promoted and fast-accumulation tiles, and the fused
-memory-bound ops on 32,760 x 5120 (GELU: x 13,824) on the backend `auto` picks; the bf16 kernel with
-pointer loads. On Hopper also the 8-bit kernels with TMA loads and the Gluon candidates (bf16 and 8-bit
-attention, the FP8 GEMMs), unless DIT8_SKIP_GLUON names them.
+memory-bound ops on 32,760 x 5120 (GELU: x 13,824) on the backend `auto` picks; the bf16 and 8-bit
+attention kernels' table tiles with pointer loads (on Hopper the tables' tiles load through TMA). On
+Hopper also the Gluon candidates (bf16 and 8-bit attention, the FP8 GEMMs), unless DIT8_SKIP_GLUON names
+them.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ ratio; ratio_range: the rounds' lowest and highest; bench/conftest.py paired_tim
                     accumulation; also ratio_fast_accum vs use_fast_accum=True.
 - fp8_fast_accum:   triton FP8 with Triton's default (unpromoted) accumulation, 128 x 256 tiles,
                     vs torch._scaled_mm use_fast_accum=True.
-- bf16_in (test_gemm_bf16_in): bf16 activations in, bf16 out: the quantize_per_token op with its fastest backend
-                    (extra_info quantize_backend; the fused-ops work provides cuda and triton ones) +
+- bf16_in (test_gemm_bf16_in): bf16 activations in, bf16 out: the quantize_per_token op on its first kernel
+                    backend here (cuda, then triton; extra_info quantize_backend) +
                     triton FP8 GEMM vs eager per-token quantization (the torch reference op) +
                     torch._scaled_mm.
 - int8:             triton INT8 with the dequantization epilogue (bf16 out) vs torch._int_mm

@@ -198,7 +198,7 @@ def _int_to_float(x):
     kernels converted every score beside its exp2; an integer add and a float add run on full-rate
     pipes. The 8-bit dot products stay below 127·127·256 < 2^22 for head dims and key blocks up to
     256. Compiled, the 8-bit kernel folds the subtraction into the multiply-add that follows instead
-    (`_attend_8bit_block`). The INT8 P·V products go this way too where `pv_products_by_bits` says so
+    (`_attend_8bit_tiles`). The INT8 P·V products go this way too where `pv_products_by_bits` says so
     (PV_BITS): compiled for sm_89, the kernel then spills inside its loop."""
     return (x + 0x4B400000).to(tl.float32, bitcast=True) - BIAS_2_23
 
@@ -272,7 +272,7 @@ def _attend_8bit_tiles(acc, l_i, m_i, q, q_scale, k, k_scale, bias, v,
             s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=BLOCK_D)
         s = s * c[None, :] + bias[None, :]
     if PV == "int8":
-        # Online softmax with P relative to this block's row max (see the section comment).
+        # Online softmax with P relative to this block's row max (the module docstring's "int8").
         block_max = tl.max(s, 1)
         m_new = tl.maximum(m_i, block_max)
         alpha = tl.math.exp2(m_i - m_new)
@@ -481,8 +481,8 @@ def _quantize_warps(block: int) -> int:
 def quantize_for_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qk: str, pv: str,
                            block_m: int, block_n: int, operand_order: bool = True) -> Quantized8bit:
     """Smooth and quantize q and k (qk "int8" or "fp8") and prepare v (pv "fp16", "int8" or "fp8"); 8-bit v
-    codes with their keys in the operand order (KEY_GROUP) unless `operand_order` is False (block_n must
-    then be a multiple of 32)."""
+    codes with their keys in the operand order (KEY_GROUP; block_n must then be a multiple of 32) unless
+    `operand_order` is False."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dev = q.device
@@ -582,7 +582,7 @@ def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision:
     return _launch_8bit(x, out, cfg)
 
 
-def _launch_8bit(x: Quantized8bit, out: torch.Tensor, cfg: AttnConfig):
+def _launch_8bit(x: Quantized8bit, out: torch.Tensor, cfg: AttnConfig) -> torch.Tensor:
     B, H, Lq, D = x.q.shape
     Lk = x.k.shape[2]
     pv = x.pv
