@@ -62,6 +62,8 @@ LAST_COMPILED: dict[str, object] = {}
 
 @dataclasses.dataclass(frozen=True)
 class AttnConfig:
+    """One launch configuration of the attention kernels: tile, warps, pipeline depth, register cap and
+    how q, k and v are loaded."""
     block_m: int  # query rows per program (also the granularity of q's 8-bit scales)
     block_n: int  # keys per inner step (also the key blocks of the int8 P·V path's P scales)
     num_warps: int

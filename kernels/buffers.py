@@ -17,6 +17,7 @@ POISON_ENV = "DIT8_POISON_OUTPUTS"
 
 
 def poisoning() -> bool:
+    """Whether new outputs are poisoned (DIT8_POISON_OUTPUTS=1)."""
     return os.environ.get(POISON_ENV) == "1"
 
 

@@ -97,6 +97,7 @@ def source_dir() -> Path:
 
 
 def find_nvcc() -> str | None:
+    """nvcc's path: under $CUDA_HOME or $CUDA_PATH, on PATH, or in /usr/local/cuda; None where there is none."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
         root = os.environ.get(var)
         if root and (Path(root) / "bin" / "nvcc").is_file():
@@ -109,6 +110,7 @@ def find_nvcc() -> str | None:
 
 
 def find_ninja() -> str | None:
+    """ninja's path: on PATH, or the binary of the `ninja` PyPI package; None where there is none."""
     found = shutil.which("ninja")
     if found:
         return found
@@ -122,6 +124,7 @@ def find_ninja() -> str | None:
 
 
 def pybind11_include() -> str | None:
+    """pybind11's header folder, or None where pybind11 is not installed."""
     try:
         import pybind11
     except ImportError:
@@ -144,6 +147,8 @@ def missing_tools() -> list[str]:
 
 
 def parse_archs(text: str) -> tuple[str, ...]:
+    """"80,89,90a" (commas or semicolons, optional "sm_" prefixes) as ("80", "89", "90a"); CudaExtError for
+    anything that is not an architecture."""
     archs = tuple(a.strip().removeprefix("sm_") for a in text.replace(";", ",").split(",") if a.strip())
     for a in archs:
         if not (a.rstrip("af").isdigit()):
@@ -163,6 +168,7 @@ def default_archs() -> tuple[str, ...]:
 
 
 def gencode_flags(archs: tuple[str, ...]) -> list[str]:
+    """nvcc's -gencode flags for `archs`, plus compute_90 PTX when they are the DEFAULT_ARCHS."""
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     if set(archs) == set(DEFAULT_ARCHS):
         flags.append(f"-gencode=arch=compute_{PTX_ARCH},code=compute_{PTX_ARCH}")
@@ -170,10 +176,12 @@ def gencode_flags(archs: tuple[str, ...]) -> list[str]:
 
 
 def cache_root() -> Path:
+    """$DIT8_CACHE, else ~/.cache/dit8."""
     return Path(os.environ.get("DIT8_CACHE") or Path.home() / ".cache" / "dit8")
 
 
 def build_dir(archs: tuple[str, ...]) -> Path:
+    """The cache folder of a build for `archs`: cuda_ext/<tag> (module docstring)."""
     # The sources' contents are in the key, so a module built from other sources is never loaded; no
     # build tool is, so a module built ahead of time loads on a machine without nvcc.
     src = source_dir()
@@ -184,6 +192,7 @@ def build_dir(archs: tuple[str, ...]) -> Path:
 
 
 def module_path(archs: tuple[str, ...]) -> Path:
+    """Where the module built for `archs` is (or will be)."""
     return build_dir(archs) / (MODULE_NAME + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
 
 
@@ -408,7 +417,8 @@ def _check_device(op: str, *tensors) -> None:
             raise spec.OpArgumentError(f"{op}: the cuda backend needs CUDA tensors, got one on {t.device}")
 
 
-def launch_rows(x: torch.Tensor, weight, bias, shift, scale, norm: int, act: int, rows_per_batch: int,
+def launch_rows(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                shift: torch.Tensor | None, scale: torch.Tensor | None, norm: int, act: int, rows_per_batch: int,
                 eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the rows kernel (fused_spec.py) on CUDA tensors."""
     op = "rows_cuda"
@@ -436,7 +446,9 @@ def launch_rows(x: torch.Tensor, weight, bias, shift, scale, norm: int, act: int
     return out, out_scale
 
 
-def launch_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads: int, eps: float, out_dtype: torch.dtype):
+def launch_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
+                        cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
+                        out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the q/k RMSNorm + RoPE kernel (fused_spec.py) on CUDA tensors."""
     op = "qk_norm_rope_cuda"
     spec.check_qk(op, q, k, weight_q, weight_k, cos, sin, heads, out_dtype)
@@ -488,6 +500,7 @@ def launch_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads: int, eps: flo
 def rows_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, shift: torch.Tensor | None,
             scale: torch.Tensor | None, norm: int, act: int, rows_per_batch: int, eps: float,
             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CUDA rows kernel as a torch.library op: `launch_rows`."""
     return launch_rows(x, weight, bias, shift, scale, norm, act, rows_per_batch, eps, out_dtype)
 
 
@@ -501,6 +514,7 @@ def _(x, weight, bias, shift, scale, norm, act, rows_per_batch, eps, out_dtype):
 def qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
                     cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CUDA q/k RMSNorm + RoPE kernel as a torch.library op: `launch_qk_norm_rope`."""
     return launch_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads, eps, out_dtype)
 
 
@@ -515,6 +529,7 @@ def _(q, k, weight_q, weight_k, cos, sin, heads, eps, out_dtype):
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m dit8.kernels.cuda_ext build|info`; the exit status."""
     parser = argparse.ArgumentParser(prog="python -m dit8.kernels.cuda_ext",
                                      description="Build or inspect dit8's CUDA extension.")
     sub = parser.add_subparsers(dest="command", required=True)

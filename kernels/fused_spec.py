@@ -23,6 +23,8 @@ tensors.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .checks import FLOAT_DTYPES, OpArgumentError, check_rows_not_empty, check_shape, check_tensor
@@ -33,8 +35,12 @@ ACT_NONE, ACT_GELU_TANH = 0, 1
 QUANT_OUT = (torch.int8, torch.float8_e4m3fn)
 OUT_DTYPES = FLOAT_DTYPES + QUANT_OUT
 
+# How the output helpers allocate: alloc(shape, dtype, device), buffers.new_output or fake_alloc.
+Alloc = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+
 
 def is_quant(dtype: torch.dtype) -> bool:
+    """Whether `dtype` is one of the 8-bit code types (the kernels then write codes and scales)."""
     return dtype in QUANT_OUT
 
 
@@ -73,7 +79,7 @@ def check_rows(op: str, x, weight, bias, shift, scale, norm: int, act: int, rows
                                   f"{shift.shape[0]} batches of it, got rows_per_batch={rows_per_batch}")
 
 
-def rows_outputs(x: torch.Tensor, out_dtype: torch.dtype, alloc) -> tuple[torch.Tensor, torch.Tensor]:
+def rows_outputs(x: torch.Tensor, out_dtype: torch.dtype, alloc: Alloc) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [M, C] of out_dtype, scale [M] fp32 or [0]) allocated by `alloc(shape, dtype, device)`."""
     M, C = x.shape
     out = alloc((M, C), out_dtype, x.device)
@@ -130,7 +136,8 @@ def check_residual(op: str, x, y, gate) -> None:
         check_shape(op, "gate", gate, (x.shape[0], x.shape[2]))
 
 
-def qk_outputs(q: torch.Tensor, heads: int, out_dtype: torch.dtype, alloc):
+def qk_outputs(q: torch.Tensor, heads: int, out_dtype: torch.dtype,
+               alloc: Alloc) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q_out, k_out [B, L, H, D] of out_dtype, q_scale, k_scale [B, H, L] fp32 or [0])."""
     B, L, C = q.shape
     shape = (B, L, heads, C // heads)
@@ -139,7 +146,8 @@ def qk_outputs(q: torch.Tensor, heads: int, out_dtype: torch.dtype, alloc):
             alloc(sshape, torch.float32, q.device), alloc(sshape, torch.float32, q.device))
 
 
-def fake_alloc(shape, dtype, device) -> torch.Tensor:
+def fake_alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The `alloc` of the fake implementations: an uninitialised tensor (a fake one under tracing)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -174,7 +182,8 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def run_rows(backend: str, x: torch.Tensor, *, out_dtype: torch.dtype, norm: int = NORM_NONE,
-             act: int = ACT_NONE, weight=None, bias=None, shift=None, scale=None, rows_per_batch: int = 1,
+             act: int = ACT_NONE, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+             shift: torch.Tensor | None = None, scale: torch.Tensor | None = None, rows_per_batch: int = 1,
              eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows kernel of `backend` ("triton" or "cuda") on x [..., C] -> (out [M, C], scale [M] or [0])."""
     def f32(p):
@@ -187,7 +196,9 @@ def run_rows(backend: str, x: torch.Tensor, *, out_dtype: torch.dtype, norm: int
                                          norm, act, rows_per_batch, float(eps), out_dtype)
 
 
-def run_qk(backend: str, q, k, weight_q, weight_k, cos, sin, heads: int, eps: float, out_dtype: torch.dtype):
+def run_qk(backend: str, q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
+           cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
+           out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The q/k RMSNorm + RoPE kernel of `backend` -> (q_out, k_out, q_scale, k_scale)."""
     def unit_last(t):
         return t if t.stride(-1) == 1 else t.contiguous()

@@ -355,7 +355,8 @@ def _require_e4m3(op: str, out_dtype: torch.dtype, device: torch.device) -> None
 
 
 @on_tensor_device
-def launch_rows(x: torch.Tensor, weight, bias, shift, scale, norm: int, act: int, rows_per_batch: int,
+def launch_rows(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                shift: torch.Tensor | None, scale: torch.Tensor | None, norm: int, act: int, rows_per_batch: int,
                 eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the rows kernel (fused_spec.py); the arguments must pass spec.check_rows."""
     spec.check_rows("rows_triton", x, weight, bias, shift, scale, norm, act, rows_per_batch, out_dtype)
@@ -462,7 +463,9 @@ def _qk_norm_rope_kernel(Q, K, stride_qb, stride_ql, stride_kb, stride_kl, WQ, W
 
 
 @on_tensor_device
-def launch_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads: int, eps: float, out_dtype: torch.dtype):
+def launch_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
+                        cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
+                        out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the q/k RMSNorm + RoPE kernel (fused_spec.py); the arguments must pass spec.check_qk."""
     spec.check_qk("qk_norm_rope_triton", q, k, weight_q, weight_k, cos, sin, heads, out_dtype)
     _require_e4m3("qk_norm_rope_quant", out_dtype, q.device)
@@ -535,6 +538,7 @@ def launch_residual_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | N
 def rows_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, shift: torch.Tensor | None,
             scale: torch.Tensor | None, norm: int, act: int, rows_per_batch: int, eps: float,
             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton rows kernel as a torch.library op: `launch_rows`."""
     return launch_rows(x, weight, bias, shift, scale, norm, act, rows_per_batch, eps, out_dtype)
 
 
@@ -548,6 +552,7 @@ def _(x, weight, bias, shift, scale, norm, act, rows_per_batch, eps, out_dtype):
 def qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
                     cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton q/k RMSNorm + RoPE kernel as a torch.library op: `launch_qk_norm_rope`."""
     return launch_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads, eps, out_dtype)
 
 
@@ -559,6 +564,7 @@ def _(q, k, weight_q, weight_k, cos, sin, heads, eps, out_dtype):
 
 @torch.library.custom_op("dit8::residual_add_triton", mutates_args=())
 def residual_add_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """The Triton residual-add kernel as a torch.library op: `launch_residual_add`."""
     return launch_residual_add(x, y, gate)
 
 

@@ -57,6 +57,8 @@ SHARED_MEMORY_LIMIT = {"sm_90": 232448, "sm_89": 101376, "sm_80": 166912}
 
 @dataclass(frozen=True)
 class GemmConfig:
+    """One launch configuration of the Triton scaled GEMM: tile, tile order, warps and pipeline depth, and
+    the kernel variant (persistent, FP8 accumulation, TMA store)."""
     block_m: int
     block_n: int
     block_k: int
@@ -77,6 +79,7 @@ class GemmConfig:
         return (self.block_m + self.block_n) * self.block_k * self.num_stages * self.fp8_accumulators
 
     def name(self) -> str:
+        """A unique readable name, e.g. "tma_persistent_128x256x128_g8_w8_s3" (benchmark rows and sweeps)."""
         kind = "tma_persistent" if self.persistent else "plain"
         acc = "" if self.fp8_promote is None else f"_promote{self.fp8_promote}"
         if self.fp8_accumulators > 1:

@@ -104,6 +104,7 @@ class GluonGemmConfig:
     split_accumulation: bool = False
 
     def name(self) -> str:
+        """A unique readable name, e.g. "gluon promoted 128x128x128 g8 s4 w8 ws" (benchmark rows)."""
         mode = "fast" if self.fast_accumulation else "split" if self.split_accumulation else "promoted"
         return (f"gluon {mode} {self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} "
                 f"s{self.num_stages} w{self.num_warps}{' ws' if self.warp_specialized else ''}")

@@ -328,8 +328,10 @@ def accumulation(cfg: GemmConfig, is_int8: bool, *, promotes: bool) -> tuple[int
     return None, cfg.fp8_accumulators
 
 
-def launch(xq, x_scale, wq, w_scale, bias, out, *, activation=None, residual=None, gate=None,
-           rows_per_batch=1, config: GemmConfig) -> torch.Tensor:
+def launch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+           bias: torch.Tensor | None, out: torch.Tensor, *, activation: str | None = None,
+           residual: torch.Tensor | None = None, gate: torch.Tensor | None = None, rows_per_batch: int = 1,
+           config: GemmConfig) -> torch.Tensor:
     """Run one configuration into `out` (allocated by the caller). Arguments as checked by
     kernels/scaled_mm.py; X and W with unit stride along K, Out/Res/Gate along N."""
     M, K = xq.shape
@@ -389,8 +391,11 @@ def _autotune(key, args, kwargs) -> GemmConfig:
     return best
 
 
-def scaled_mm(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.bfloat16, *, activation=None,
-              residual=None, gate=None, rows_per_batch=1, config: GemmConfig | None = None) -> torch.Tensor:
+def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, *,
+              activation: str | None = None, residual: torch.Tensor | None = None,
+              gate: torch.Tensor | None = None, rows_per_batch: int = 1,
+              config: GemmConfig | None = None) -> torch.Tensor:
     """The triton backend of dit8.kernels.scaled_mm (arguments checked there). `config` overrides the
     table (tests and benchmarks); a persistent config falls back to the plain kernel where TMA cannot
     describe the operands."""

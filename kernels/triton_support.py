@@ -21,6 +21,7 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_installed() -> bool:
+    """Whether triton can be imported here (looked up once, at import)."""
     return _TRITON_INSTALLED
 
 
