@@ -165,7 +165,7 @@ _WIDE_CONFIG = AttnConfig(64, 32, 8, 2)
 # fp32 inputs ("ieee" fp32 dots on CUDA cores, a precision path, not a fast one): each thread holds
 # its share of the fp32 tiles and of the unrolled dot; small tiles keep the spills to 0.6-2 KB, none
 # inside the key loop (64 x 64 tiles spill ~58 KB per thread with triton 3.6).
-_FP32_CONFIG = {128: AttnConfig(32, 32, 8, 2), 256: AttnConfig(16, 16, 4, 2)}
+_FP32_CONFIGS = {128: AttnConfig(32, 32, 8, 2), 256: AttnConfig(16, 16, 4, 2)}
 # The interpreter runs one program at a time in numpy: small blocks so that the CPU tests with their
 # small shapes still cover several query blocks, several key blocks, and a tail of each.
 _INTERPRETER_CONFIG = AttnConfig(64, 32, 4, 1)
@@ -179,7 +179,7 @@ def pick_config(path: str, head_dim: int, dtype: torch.dtype = torch.bfloat16,
     if interpreting():
         return _INTERPRETER_CONFIG
     if dtype == torch.float32 and not path.startswith("8bit"):
-        return _FP32_CONFIG[128 if head_dim <= 128 else 256]
+        return _FP32_CONFIGS[128 if head_dim <= 128 else 256]
     if head_dim > 128:
         return _WIDE_CONFIG
     key = (path, 64 if head_dim <= 64 else 128)

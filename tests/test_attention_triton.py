@@ -761,7 +761,8 @@ def _listed(*paths: str) -> list:
     listed += [(cfg, 128, torch.bfloat16) for path in paths for cfg in candidates.get(path, ())]
     listed.append((impl._WIDE_CONFIG, 200, torch.bfloat16))
     if {"bf16", "cross"} & set(paths):
-        listed += [(cfg, d, torch.float32) for d, cfg in ((128, impl._FP32_CONFIG[128]), (200, impl._FP32_CONFIG[256]))]
+        listed += [(cfg, d, torch.float32)
+                   for d, cfg in ((128, impl._FP32_CONFIGS[128]), (200, impl._FP32_CONFIGS[256]))]
     unique = dict.fromkeys(listed)
     return [pytest.param(cfg, d, dtype, id=f"{_config_id(cfg)}-d{d}-{'fp32' if dtype == torch.float32 else 'bf16'}")
             for cfg, d, dtype in unique]
