@@ -301,7 +301,6 @@ def record(benchmark):
         extra["device"] = torch.cuda.get_device_name() if CUDA else "cpu (smoke: interpreter, tiny shapes)"
         if CUDA:
             extra["ms"] = round(ms, 4)
-        if CUDA:
             if flops is not None:
                 extra["tflops"] = round(flops / ms / 1e9, 1)
             if nbytes is not None:

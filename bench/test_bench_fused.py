@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from dit8.kernels import fused_triton, norm_quant, quantize
-from dit8.kernels import qk_norm_rope
 from dit8.kernels.buffers import poisoned_outputs
 from dit8.kernels.elementwise import residual_add
 from dit8.kernels.norms import layer_norm_modulate, rms_norm
+from dit8.kernels.qk_norm_rope import qk_norm_rope
 from dit8.kernels.rope import rope
 from dit8.rope import rope_table
 
@@ -176,7 +176,7 @@ def qk_rms_norm_then_rope(t):
 
 def qk_fused(backend, t):
     return qk_norm_rope(t["q"], t["k"], t["wq"], t["wk"], t["cos"], t["sin"], heads=t["H"], eps=EPS,
-                           out_dtype=torch.bfloat16, backend=backend)
+                        out_dtype=torch.bfloat16, backend=backend)
 
 
 def qk_nbytes(t):
