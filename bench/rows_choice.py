@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from fastest_backends import capability  # bench/, beside this script
+
 # The least gain (fraction of the default's time saved) an entry must show.
 MIN_GAIN = 0.02
 
@@ -45,17 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("json", type=Path, help="the sweep's pytest-benchmark --benchmark-json file")
     parser.add_argument("--capability", help="MAJOR.MINOR of the GPU that ran it (default: this GPU's)")
     args = parser.parse_args(argv)
-    if args.capability:
-        major, _, minor = args.capability.partition(".")
-        if not (major.isdigit() and minor.isdigit()):
-            parser.error(f"--capability must be MAJOR.MINOR, e.g. 9.0, got {args.capability!r}")
-        cap = (int(major), int(minor))
-    else:
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error("no CUDA device here: give --capability MAJOR.MINOR")
-        cap = torch.cuda.get_device_capability()
+    cap = capability(parser, args.capability)
     try:
         rows = json.loads(args.json.read_text()).get("benchmarks", [])
     except (OSError, ValueError, AttributeError) as err:
