@@ -84,10 +84,11 @@ def test_first_step_is_euler_and_last_lands_on_the_x0_estimate():
     torch.testing.assert_close(out, x_last - sigmas[-2] * linear_model()(x_last, t_last), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("steps", [3, 10, 40])
-def test_matches_diffusers_unipc(steps):
+# Order 3 at 4 and 10 steps: the second-to-last step drops to order 2 (lower_order_final) with 3 estimates at hand.
+@pytest.mark.parametrize("steps, order", [(3, 2), (10, 2), (40, 2), (4, 3), (10, 3)])
+def test_matches_diffusers_unipc(steps, order):
     diffusers = pytest.importorskip("diffusers", reason="diffusers (test-only dependency) is not installed")
-    sampler = UniPCSampler(steps=steps, shift=3.0)
+    sampler = UniPCSampler(steps=steps, shift=3.0, order=order)
     sigmas, timesteps = unipc_sigmas(steps, 3.0)
     gen = torch.Generator().manual_seed(steps)
     A = 0.3 * torch.randn(8, 8, generator=gen)
@@ -96,7 +97,7 @@ def test_matches_diffusers_unipc(steps):
     ours = sampler.sample(model, x0)
 
     scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                  flow_shift=3.0, solver_order=2, solver_type="bh2",
+                                                  flow_shift=3.0, solver_order=order, solver_type="bh2",
                                                   predict_x0=True, lower_order_final=True)
     scheduler.set_timesteps(steps)
     # diffusers spaces its flow grid a little differently; give it Wan's grid, so the update rules compare.
