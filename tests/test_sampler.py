@@ -117,6 +117,10 @@ def test_a_callback_that_changes_its_x0_changes_nothing(sampler):
 def test_initial_noise_is_reproducible():
     assert torch.equal(initial_noise((2, 3), 5), initial_noise((2, 3), 5))
     assert not torch.equal(initial_noise((2, 3), 5), initial_noise((2, 3), 6))
+    # spec/pipeline.md: fp32 randn from a generator seeded with the seed (drawn as fp32, not cast from another dtype).
+    # (16 values or more: torch draws fewer through another path, where fp32 and fp64 draws agree.)
+    expected = torch.randn((2, 16), generator=torch.Generator().manual_seed(5), dtype=torch.float32)
+    assert initial_noise((2, 16), 5).dtype == torch.float32 and torch.equal(initial_noise((2, 16), 5), expected)
 
 
 @pytest.mark.parametrize("kwargs", [{"update": "euler"}, {"steps": (250, 500)}, {"steps": ()}, {"steps": (1001,)},
