@@ -125,7 +125,8 @@ def test_initial_noise_is_reproducible():
 
 @pytest.mark.parametrize("kwargs", [{"update": "euler"}, {"steps": (250, 500)}, {"steps": ()}, {"steps": (1001,)},
                                     {"steps": (1000, 1000, 500)}, {"steps": 4}, {"steps": (1000, 999.5)},
-                                    {"steps": (1000.0,)}, {"steps": ("a",)}, {"steps": "1000"}, {"steps": None}])
+                                    {"steps": (1000.0,)}, {"steps": ("a",)}, {"steps": "1000"}, {"steps": None},
+                                    {"steps": (1000, 0)}, {"steps": (1000, True)}])
 def test_invalid_settings(kwargs):
     with pytest.raises(InputError, match=next(iter(kwargs))):
         DistilledSampler(**kwargs)
