@@ -292,6 +292,27 @@ def test_quality_report(tmp_path, i2v_weights):
     assert not (tmp_path / "n.safetensors.quant_report.json").exists()
 
 
+
+def test_an_exact_layer_is_null_in_the_report_and_left_out_of_the_mean_sqnr(tmp_path, i2v_weights):
+    # An all-zero weight quantizes without error: SQNR +inf, which JSON cannot hold (the report is written
+    # as null), and which the mean SQNR leaves out ("over the layers with a finite one").
+    weights = dict(i2v_weights)
+    exact = "blocks.0.self_attn.q"
+    weights[exact + ".weight"] = torch.zeros_like(weights[exact + ".weight"])
+    src = _source(tmp_path, weights, I2V)
+    result = convert(src, tmp_path / "e.safetensors", scheme="int8", progress=False)
+
+    def no_constants(name):
+        raise AssertionError(f"the report holds {name}, which is not JSON")
+
+    report = json.loads(result.report.read_text(), parse_constant=no_constants)
+    by_layer = {e["layer"]: e for e in report["layers"]}
+    assert by_layer[exact]["sqnr_db"] is None and by_layer[exact]["rel_error"] == 0
+    finite = [e.sqnr_db for e in result.layers if e.layer != exact]
+    assert all(math.isfinite(v) for v in finite) and len(finite) == len(result.layers) - 1
+    assert report["mean_sqnr_db"] == pytest.approx(sum(finite) / len(finite)) == result.mean_sqnr_db
+
+
 def test_keep_pattern_matching_nothing_is_refused(tmp_path, i2v_weights):
     src = _source(tmp_path, i2v_weights, I2V)
     with pytest.raises(ConvertError, match="blocks.9"):
@@ -736,6 +757,7 @@ def test_existing_dst_needs_force(tmp_path, i2v_weights, capsys):
     assert not [n for n in _listing(tmp_path) if n.startswith(".")]  # no temporaries anywhere
 
 
+
 def _appearing_during_the_conversion(monkeypatch, make):
     """Run `make()` (somebody else writing at DST) after every tensor is written, before the install."""
     write_all = convert_module._write_all
@@ -971,6 +993,7 @@ def test_bad_source_leaves_nothing(tmp_path, i2v_weights, problem, per_block):
     with pytest.raises(CheckpointError, match=message.replace(".", r"\.")):
         convert(src, out / ("o" if per_block else "o.safetensors"), per_block=per_block, progress=False)
     assert _listing(out) == []
+
 
 
 def test_a_lora_given_as_the_source(tmp_path, capsys):
