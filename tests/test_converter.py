@@ -758,6 +758,19 @@ def test_existing_dst_needs_force(tmp_path, i2v_weights, capsys):
 
 
 
+@pytest.mark.parametrize("name", ["block_old.safetensors", "block_.safetensors", "block_1.safetensors.bak"])
+def test_force_keeps_a_folder_with_a_file_that_only_looks_like_a_block_file(tmp_path, i2v_weights, name):
+    # --force deletes a per-block output's own files only: block_<number>.safetensors and the rest it writes.
+    src = _source(tmp_path, i2v_weights, I2V)
+    folder = tmp_path / "pb"
+    folder.mkdir()
+    (folder / "block_0.safetensors").write_text("x")
+    (folder / name).write_text("x")
+    with pytest.raises(ConvertError, match=rf"more than a dit8 per-block output \(e\.g\. {re.escape(name)}\)"):
+        convert(src, folder, per_block=True, force=True, progress=False)
+    assert sorted(_listing(folder)) == sorted(["block_0.safetensors", name])
+
+
 def _appearing_during_the_conversion(monkeypatch, make):
     """Run `make()` (somebody else writing at DST) after every tensor is written, before the install."""
     write_all = convert_module._write_all
