@@ -1009,6 +1009,19 @@ def test_bad_source_leaves_nothing(tmp_path, i2v_weights, problem, per_block):
 
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e5m2])
+def test_a_source_tensor_of_no_float_dtype_convert_reads_is_refused(tmp_path, i2v_weights, dtype):
+    # The loader takes any floating dtype outside the linears (integers it refuses itself); convert reads
+    # fp32/bf16/fp16/fp64 only: an fp8 bias is no float weight for it to cast to bf16.
+    key = "blocks.0.norm3.bias"
+    src = _source(tmp_path, {**i2v_weights, key: i2v_weights[key].to(dtype)}, I2V)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(src))}: tensor '{re.escape(key)}' is "
+                                              rf"{str(dtype).removeprefix('torch.')}; convert reads float"):
+        convert(src, out, progress=False)
+    assert not out.exists()
+
+
 def test_a_lora_given_as_the_source(tmp_path, capsys):
     """`dit8 convert LORA DST` (the LoRA where the base model goes) says what it is and where it goes."""
     lora = tmp_path / "lora.safetensors"
