@@ -92,6 +92,11 @@ def test_odd_sizes_are_refused_or_padded(tmp_path):
     assert not list(tmp_path.iterdir())
     video = read_video(write_mp4(tmp_path / "odd.mp4", frames, pad_odd=True))
     assert (video.num_frames, video.height, video.width) == (3, 34, 48)
+    # The added row and column repeat the last ones (not black): a white edge stays white.
+    edged = np.zeros((1, 33, 47, 3), np.uint8)
+    edged[:, -1], edged[:, :, -1] = 255, 255
+    padded = read_video(write_mp4(tmp_path / "edge.mp4", edged, pad_odd=True)).frames[0].astype(int)
+    assert padded.shape == (34, 48, 3) and padded[33].min() > 200 and padded[:, 47].min() > 200
 
 
 def test_sides_past_the_encoders_limit_are_refused(tmp_path):
@@ -105,9 +110,42 @@ def test_sides_past_the_encoders_limit_are_refused(tmp_path):
     assert not (tmp_path / "big.mp4").exists()
 
 
+def test_a_failure_after_the_frames_were_written_leaves_no_partial_file(tmp_path, monkeypatch):
+    import os
+
+    real = os.replace
+
+    def rename_fails(src, dst, *args, **kwargs):
+        if str(dst).endswith("x.mp4"):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", rename_fails)
+    with pytest.raises(InputError, match=r"x\.mp4: cannot write: Invalid cross-device link"):
+        write_mp4(tmp_path / "x.mp4", smooth_frames(5, 16, 16))
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its partial
+
+
+def test_the_index_is_at_the_front_and_the_default_quality_is_crf_18(tmp_path):
+    # README: the mp4 is written at CRF 18; write_mp4: its index (moov) precedes the frames (mdat), so it
+    # plays while downloading. x264 records its settings in the stream.
+    data = write_mp4(tmp_path / "x.mp4", smooth_frames(3, 16, 16)).read_bytes()
+    assert -1 < data.find(b"moov") < data.find(b"mdat")
+    if b"x264" in data:
+        assert b" crf=18.0 " in data
+        assert b" crf=10.0 " in write_mp4(tmp_path / "y.mp4", smooth_frames(3, 16, 16), crf=10).read_bytes()
+
+
+def test_an_upper_case_mp4_name_is_taken(tmp_path):
+    check_output_paths(tmp_path / "OUT.MP4")
+    assert read_video(write_mp4(tmp_path / "OUT.MP4", smooth_frames(1, 16, 16))).num_frames == 1
+
+
 @pytest.mark.parametrize("frames, words", [(np.zeros((4, 8, 8), np.uint8), "frames, height, width, 3"),
                                            (np.zeros((2, 8, 8, 4), np.uint8), "frames, height, width, 3"),
-                                           (np.zeros((2, 8, 8, 3), np.int32), "uint8 or float")])
+                                           (np.zeros((2, 8, 8, 3), np.int32), "uint8 or float"),
+                                           (np.zeros((0, 8, 8, 3), np.uint8), "frames, height, width, 3"),
+                                           (np.zeros((2, 0, 8, 3), np.uint8), "frames, height, width, 3")])
 def test_bad_frames(tmp_path, frames, words):
     with pytest.raises(InputError, match=words):
         write_mp4(tmp_path / "x.mp4", frames)
@@ -163,6 +201,8 @@ def test_decoded_video_to_mp4(tmp_path):
     assert (video.num_frames, video.height, video.width, video.fps) == (9, 16, 32, 16)
     with pytest.raises(InputError, match="3, frames, height, width"):
         video_to_frames(decoded[0, :2])
+    with pytest.raises(InputError, match="3, frames, height, width"):  # one video, not its first of two
+        video_to_frames(torch.cat([decoded, decoded]))
 
 
 def test_output_paths_are_refused_before_any_frame(tmp_path, monkeypatch):
