@@ -414,7 +414,9 @@ def test_lora_unmatched_keys_are_listed(tmp_path, i2v_weights):
     assert list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("case", ["half_pair", "bad_shape", "nan", "transposed_diff", "two_styles", "two_prefixes"])
+@pytest.mark.parametrize("case", ["half_pair", "bad_shape", "nan", "transposed_diff", "two_styles", "two_prefixes",
+                                  "ranks_differ", "rows_folded", "alpha_not_scalar", "alpha_bool", "alpha_alone",
+                                  "bias_alone"])
 def test_lora_bad_files(tmp_path, i2v_weights, case):
     src = _source(tmp_path, i2v_weights, I2V)
     up, down = _low_rank(256, 256, 2, seed=0)
@@ -423,6 +425,20 @@ def test_lora_bad_files(tmp_path, i2v_weights, case):
         tensors, match = {f"{key}.lora_up.weight": up}, "no matching"
     elif case == "bad_shape":
         tensors, match = {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down}, "do not make a delta"
+    elif case in ("ranks_differ", "rows_folded"):  # [256, 512] target: up [256, 2] · down [4, 512], [512, 2] · [2, 256]
+        up, down = _low_rank(256, 512, 2, seed=0) if case == "ranks_differ" else _low_rank(512, 256, 2, seed=0)
+        if case == "ranks_differ":
+            down = torch.cat([down, down])
+        tensors, match = {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down}, "do not make a delta"
+    elif case in ("alpha_not_scalar", "alpha_bool"):
+        up, down = _low_rank(256, 512, 2, seed=0)
+        alpha, match = ((torch.tensor([2.0, 2.0]), "expected a scalar") if case == "alpha_not_scalar"
+                        else (torch.tensor(True), "alpha' has dtype torch.bool, expected a float"))
+        tensors = {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down, f"{key}.alpha": alpha}
+    elif case == "alpha_alone":  # an alpha without its pair scales nothing: a key that matches nothing
+        tensors, match = {f"{key}.alpha": torch.tensor(2.0)}, r"1 LoRA key\(s\) match no weight of the model: .*alpha"
+    elif case == "bias_alone":  # a pair's bias (PEFT's lora_bias) has no scale without its pair
+        tensors, match = {f"{key}.lora_B.bias": torch.zeros(256)}, "has no lora_A/lora_B pair to scale it by"
     elif case == "transposed_diff":  # as many elements as the target, in the wrong layout
         diff = torch.zeros(i2v_weights["blocks.1.ffn.2.weight"].shape[::-1])
         tensors, match = {f"{key}.diff": diff}, r"has shape \(512, 256\), its target 'blocks.1.ffn.2.weight'"
@@ -668,6 +684,7 @@ def test_parse_lora_arguments(tmp_path):
     assert parse_lora("a/b.safetensors:0.5") == parse_lora(("a/b.safetensors", 0.5))
     assert parse_lora("a/b.safetensors").strength == 1.0
     assert parse_lora("C:/x.safetensors").path == Path("C:/x.safetensors")  # the colon is the path's
+    assert parse_lora("C:/x.safetensors:0.5") == LoraSpec(Path("C:/x.safetensors"), 0.5)  # the last colon: a strength
     assert parse_lora("x.safetensors:-1e-1").strength == -0.1
     with pytest.raises(CheckpointError, match="finite"):
         parse_lora("x.safetensors:nan")
