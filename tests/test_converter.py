@@ -680,6 +680,43 @@ def test_lora_one_module_under_two_names_is_refused(tmp_path, i2v_weights):
         convert(src, tmp_path / "o.safetensors", lora=[lora], progress=False)
 
 
+def test_alpha_pattern_keys_match_a_module_name_end_as_peft_matches_them():
+    from dit8.converters.lora_formats import AdapterConfig
+
+    # PEFT's get_pattern_key: a key matches the end of a module's name, whole dot-separated parts.
+    config = AdapterConfig("cfg", alpha_pattern={"self_attn.q": 16.0, "blocks.1": 4.0, "o": 2.0})
+    assert config.alpha_of(["blocks.0.self_attn.q"]) == 16.0
+    assert config.alpha_of(["blocks.1.ffn.0"]) is None  # a name's start is no match
+    assert config.alpha_of(["blocks.0.attn1.to_out.0"]) is None  # nor a part of a name ("o" in "to_out")
+    assert config.alpha_of(["blocks.0.cross_attn.o"]) == 2.0
+    # One module whose names (official, diffusers) get different alphas: which is meant is a guess.
+    both = AdapterConfig("cfg", alpha_pattern={"self_attn.q": 16.0, "to_q": 8.0})
+    with pytest.raises(CheckpointError, match="cfg: alpha_pattern gives 'blocks.0.self_attn.q' different values"):
+        both.alpha_of(["blocks.0.self_attn.q", "blocks.0.attn1.to_q"])
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"lora_alpha": 0}, "lora_alpha is 0, expected a finite nonzero number"),
+    ({"r": 0}, "r is 0, expected a positive integer"),
+    ({"rank_pattern": {"q": 0}}, r"rank_pattern\['q'\] is 0, expected a positive integer")])
+def test_adapter_configs_that_scale_by_nothing_are_refused(config, match):
+    from dit8.converters.lora_formats import parse_adapter_config
+
+    with pytest.raises(CheckpointError, match=rf"^cfg: {match}"):
+        parse_adapter_config(config, "cfg")
+
+
+def test_a_header_config_and_an_adapter_config_json_that_disagree_are_refused(tmp_path):
+    from dit8.converters.lora_formats import ADAPTER_METADATA_KEY, read_adapter_config
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"lora_alpha": 8, "r": 4}))
+    path = tmp_path / "adapter_model.safetensors"
+    agreeing = read_adapter_config(path, {ADAPTER_METADATA_KEY: json.dumps({"lora_alpha": 8, "r": 4})})
+    assert (agreeing.alpha, agreeing.rank) == (8.0, 4)
+    with pytest.raises(CheckpointError, match="describe the LoRA differently"):
+        read_adapter_config(path, {ADAPTER_METADATA_KEY: json.dumps({"lora_alpha": 16, "r": 4})})
+
+
 def test_parse_lora_arguments(tmp_path):
     assert parse_lora("a/b.safetensors:0.5") == parse_lora(("a/b.safetensors", 0.5))
     assert parse_lora("a/b.safetensors").strength == 1.0
