@@ -292,6 +292,9 @@ def test_shards_cover_the_sequence_with_padding_at_its_end():
     x = torch.arange(1, 10).float()[None, :, None]  # 9 tokens
     parts = [SequenceParallel(None, r, 4).shard(x, 1) for r in range(4)]
     assert [p.flatten().tolist() for p in parts] == [[1, 2, 3], [4, 5, 6], [7, 8, 9], [0, 0, 0]]
+    # A rank whose slice starts past the end (5 tokens, 2 a rank: rank 3 would start at 6) is all padding.
+    parts = [SequenceParallel(None, r, 4).shard(x[:, :5], 1) for r in range(4)]
+    assert [p.flatten().tolist() for p in parts] == [[1, 2], [3, 4], [5, 0], [0, 0]]
 
 
 def test_a_group_needs_torch_distributed_initialised():
