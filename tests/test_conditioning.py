@@ -80,7 +80,7 @@ def test_latent_shape_and_frames():
 
 def test_sizes_must_be_multiples_of_16():
     assert check_size((832, 480)) == (832, 480)
-    for bad in ((830, 480), (832, 0), (832,), "832x480", (832.0, 480)):
+    for bad in ((830, 480), (832, 470), (832, 0), (832,), "832x480", (832.0, 480)):
         with pytest.raises(InputError):
             check_size(bad)
     with pytest.raises(InputError, match="aspect ratio"):
@@ -321,6 +321,11 @@ def test_the_smallest_image_is_documented():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert f"at least {dit8.conditioning.MIN_IMAGE_SIDE} pixels a side" in readme
     assert f"MIN_IMAGE_SIDE ({dit8.conditioning.MIN_IMAGE_SIDE})" in image_tensor.__doc__
+    side = dit8.conditioning.MIN_IMAGE_SIDE
+    assert image_tensor(torch.zeros(3, side, side)).shape == (3, side, side)
+    for shape in ((3, side - 1, 64), (3, 64, side - 1)):
+        with pytest.raises(InputError, match=f"both sides must be at least {side} pixels"):
+            image_tensor(torch.zeros(shape))
 
 
 def test_image_errors_name_the_file(tmp_path):
