@@ -54,6 +54,12 @@ def test_output_size_follows_the_aspect_ratio(image_hw, area, expected):
     assert all(s % 16 == 0 for s in expected)
 
 
+def test_the_default_area_is_480_by_832():
+    # README: the size is the image's aspect ratio at 480·832 pixels by default. (1015x1000 is near enough
+    # a rounding edge that an area 2% larger gives another height.)
+    assert output_size((1015, 1000)) == output_size((1015, 1000), 480 * 832) == (624, 624)
+
+
 @pytest.mark.parametrize("h0, w0", [(480, 832), (832, 480), (720, 1280), (1000, 1000), (123, 457), (3000, 17)])
 def test_output_size_agrees_with_the_float_formula_except_where_floats_fall_short(h0, w0):
     """The reference's float evaluation, transcribed; of these sizes it differs only for 480x832 at
