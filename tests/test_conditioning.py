@@ -200,6 +200,14 @@ def test_image_tensors_on_a_gpu_come_back_on_the_cpu():
         assert got.device.type == "cpu" and torch.equal(got, image_tensor(array))
 
 
+def test_numpy_images_of_any_strides_are_taken():
+    # A view with negative strides, as img[..., ::-1] turns OpenCV's BGR into RGB, is copied, not refused.
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 40, 3), dtype=np.uint8)
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    assert torch.equal(image_tensor(bgr[..., ::-1]), image_tensor(rgb))
+    assert torch.equal(image_tensor(rgb[:, ::-2]), image_tensor(np.ascontiguousarray(rgb[:, ::-2])))
+
+
 def test_pil_images_are_converted_to_rgb():
     Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed (images then come as arrays)")
     array = image()
