@@ -253,6 +253,15 @@ def test_metadata_schemes_keep_and_digest(tmp_path, i2v_weights):
     assert schemes == {**{f"blocks.*.{n}": "int8" for n in block_linears(I2V)}, "*": "bf16"}
 
 
+def test_scheme_of_takes_an_exact_entry_first_then_the_first_matching_pattern():
+    # spec: an exact module name wins wherever it stands, then the first fnmatch pattern in order.
+    schemes = {"blocks.*.ffn.0": "fp8", "blocks.3.ffn.0": "bf16", "blocks.3.*": "int8", "*": "bf16"}
+    assert scheme_of(schemes, "blocks.3.ffn.0") == "bf16"
+    assert scheme_of(schemes, "blocks.2.ffn.0") == "fp8"
+    assert scheme_of(schemes, "blocks.3.ffn.2") == "int8"
+    assert scheme_of({"blocks.*": "fp8"}, "head.head") is None
+
+
 @pytest.mark.parametrize("form", ["sharded", "per_block", "pth"])
 def test_source_digest_of_folders_and_pickles(tmp_path, i2v_weights, form):
     src = _source(tmp_path, i2v_weights, I2V, form=form)
