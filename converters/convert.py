@@ -559,7 +559,8 @@ def _write_all(plans: list[_Plan], folder: Path, metadata: dict[str, str], reade
 
 
 def _write_index(folder: Path, plans: list[_Plan], metadata: dict[str, str]) -> None:
-    """The per-block index: every file's metadata plus total_size, and key -> file."""
+    """The per-block index: every file's metadata plus total_size (the tensors' bytes, as in Hugging Face's
+    sharded checkpoints), and key -> file."""
     weight_map = {spec.key: plan.group for plan in plans for spec in plan.outputs}
-    total = sum((folder / name).stat().st_size for name in set(weight_map.values()))
+    total = sum(spec.nbytes for plan in plans for spec in plan.outputs)
     write_json(folder / fmt.INDEX_NAME, {"metadata": {**metadata, "total_size": total}, "weight_map": weight_map})

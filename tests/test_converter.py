@@ -129,9 +129,13 @@ def _check_per_block(dst: Path, meta: dict[str, str], scheme: str) -> None:
     for key, name in index["weight_map"].items():
         assert name == (f"block_{key.split('.')[1]}.safetensors" if key.startswith("blocks.") else fmt.NON_BLOCK_NAME)
     assert index["metadata"][fmt.KEY_SOURCE_DIGEST] == meta[fmt.KEY_SOURCE_DIGEST]
+    tensor_bytes = 0
     for name in expected - {fmt.INDEX_NAME}:
-        _, file_meta = _read(dst / name)
+        tensors, file_meta = _read(dst / name)
         assert file_meta == meta  # every file carries the full metadata
+        tensor_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+    # Hugging Face's convention for sharded checkpoints: the tensors' bytes, not the files' (no headers).
+    assert index["metadata"]["total_size"] == tensor_bytes
 
 
 def test_round_trip_bf16_source_and_t2v(tmp_path):
