@@ -6,7 +6,7 @@ import torch
 
 from dit8 import DistilledSampler, initial_noise
 from dit8.errors import InputError
-from dit8.sampler import shift_sigmas
+from dit8.sampler import evenly_spaced_steps, shift_sigmas
 from dit8.unipc import UniPCSampler
 
 
@@ -112,6 +112,17 @@ def test_a_callback_that_changes_its_x0_changes_nothing(sampler):
         seen.append(i)
 
     assert torch.equal(sampler.sample(model, noise, callback=scribble), expected) and seen == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 6, 7, 40])
+def test_evenly_spaced_steps_round_to_the_nearest_timestep(n):
+    """n steps (pipeline `steps=n`): 1000·(n − i)/n rounded to the nearest integer, 4 -> the distilled list."""
+    steps = evenly_spaced_steps(n)
+    assert len(steps) == n and steps[0] == 1000 and all(isinstance(t, int) for t in steps)
+    for i, t in enumerate(steps):
+        assert abs(t - 1000 * (n - i) / n) <= 0.5
+    if n == 4:
+        assert steps == (1000, 750, 500, 250)
 
 
 def test_initial_noise_is_reproducible():
