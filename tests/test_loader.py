@@ -460,6 +460,17 @@ def test_config_json_of_the_other_variant(tmp_path, weights):
     assert "model_type" in load_error(path)
 
 
+def test_a_dim_of_no_128_wide_heads_needs_a_config_json(tmp_path):
+    """dim 192 with 2 heads of 96: no shape shows the head count, and Wan's 128-wide heads do not divide
+    192, so without a config.json it is refused (not guessed as one 192-wide head); with one it loads."""
+    config = tiny_config("i2v", dim=192, num_heads=2, num_layers=1)
+    path = write_checkpoint(random_weights(config, seed=3), tmp_path / "m.safetensors")
+    msg = load_error(path)
+    assert msg.startswith(f"{path}: dim 192 is not a multiple of 128") and "config.json with num_heads" in msg
+    write_checkpoint(random_weights(config, seed=3), path, config=config)
+    assert dit8.load_dit(path).config.num_heads == 2
+
+
 @pytest.mark.parametrize("config_json", [None, "i2v"])
 def test_an_i2v_model_without_the_image_branch_is_not_read_as_t2v(tmp_path, config_json):
     """Wan2.2's I2V-A14B experts: in_dim 36, out_dim 16, the Wan2.1 key names, no img_emb. Not a T2V model,
