@@ -19,7 +19,7 @@ from dit8.pipeline import Cancelled, I2VPipeline, ProgressEvent, Video, _encoder
 from dit8.sampler import DistilledSampler, initial_noise
 from dit8.testing_encoders import tiny_t5_config, write_tiny_t5
 from dit8.testing_pipeline import FOLDER_KINDS, write_tiny_model_folder
-from dit8.unipc import UniPCSampler
+from dit8.unipc import DEFAULT_NEGATIVE_PROMPT, UniPCSampler
 from dit8.video import read_png, read_video, video_to_frames, write_png_frames
 
 IMAGE = (np.random.default_rng(7).random((40, 60, 3)) * 255).astype(np.uint8)  # aspect 2:3
@@ -214,6 +214,21 @@ def test_base_model_shift_is_3_at_480p_and_5_above(base_pipe, monkeypatch):
     s = base_pipe(wide, PROMPT, frames=1, area=1280 * 720)
     assert s["size"] == (1280, 720) and (s["sampler"], s["shift"]) == ("unipc", 5.0)
     assert base_pipe(wide, PROMPT, frames=1, area=1280 * 720, shift=2.0)["shift"] == 2.0
+
+
+def test_the_documented_defaults_of_each_model_kind(pipe, base_pipe, monkeypatch):
+    """README and from_pretrained: a distilled model takes the distilled sampler, 4 steps, guidance 1 (no CFG),
+    shift 5; the base model UniPC, 40 steps, guidance 5 with Wan's negative prompt, shift 3 at 480P; both 81
+    frames, seed 0, the deterministic update. Only the settings are looked at."""
+    for p in (pipe, base_pipe):
+        monkeypatch.setattr(p, "_generate", lambda job: job.settings())
+    s = pipe(IMAGE, PROMPT)
+    assert (s["sampler"], s["steps"], s["guidance"], s["shift"], s["negative_prompt"]) == ("distilled", 4, 1.0, 5.0,
+                                                                                           None)
+    assert (s["frames"], s["seed"], s["update"]) == (81, 0, "deterministic")
+    s = base_pipe(IMAGE, PROMPT)
+    assert (s["sampler"], s["steps"], s["guidance"], s["shift"]) == ("unipc", 40, 5.0, 3.0)
+    assert s["negative_prompt"] == DEFAULT_NEGATIVE_PROMPT and (s["frames"], s["seed"]) == (81, 0)
 
 
 def test_cfg_uses_the_negative_prompt(base_pipe):
