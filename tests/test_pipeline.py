@@ -231,6 +231,21 @@ def test_the_documented_defaults_of_each_model_kind(pipe, base_pipe, monkeypatch
     assert s["negative_prompt"] == DEFAULT_NEGATIVE_PROMPT and (s["frames"], s["seed"]) == (81, 0)
 
 
+def test_renoise_draws_its_fresh_noise_from_seed_plus_one(pipe):
+    """update="renoise": the initial noise from `seed`, the re-noising from seed + 1 (as __call__ documents),
+    so that the fresh noise is not the initial draw again."""
+    video = pipe(IMAGE, PROMPT, seed=3, update="renoise", **ONE)
+    with torch.inference_mode():
+        image = image_tensor(IMAGE)
+        context = text_features(pipe.tokenizer, pipe.t5, PROMPT)
+        encoded = pipe.dit.encode_context(context, clip_features(pipe.clip, image).float())
+        y = image_condition(pipe.vae, resize_image(image, 32, 48), 1)
+        noise = initial_noise((1, 16, 1, 4, 6), seed=3)
+        latents = DistilledSampler(update="renoise").sample(lambda x, t: pipe.dit(x, t, encoded, y=y), noise,
+                                                             seed=4)
+    assert torch.equal(video.latents, latents[0])
+
+
 def test_cfg_uses_the_negative_prompt(base_pipe):
     a = base_pipe(IMAGE, PROMPT, seed=0, steps=2, **ONE)
     b = base_pipe(IMAGE, PROMPT, seed=0, steps=2, negative_prompt="blurry", **ONE)
