@@ -1,6 +1,7 @@
 """The dit8 command line: info, generate, demo, and one-line errors without tracebacks."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -388,6 +389,29 @@ def test_every_option_has_help_and_says_its_default():
               and not isinstance(action.default, bool)  # a switch's default is its absence
               and "default" not in (action.help or "")]
     assert silent == []
+
+
+def test_the_default_each_help_states_is_the_options_default():
+    """`(default 81)`, `(default bf16)`: the value the help (and README) gives is the one the parser uses."""
+    import argparse
+
+    from dit8.cli import build_parser
+
+    def parsers(parser):
+        yield parser.prog, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    stated = {f"{prog} {action.option_strings[0]}": (action.default, action.help)
+              for prog, parser in parsers(build_parser()) for action in parser._actions
+              if action.option_strings and action.default not in (None, [], argparse.SUPPRESS)
+              and not isinstance(action.default, bool)}
+    assert len(stated) >= 10
+    wrong = {flag: (default, text) for flag, (default, text) in stated.items()
+             if not re.search(rf"\bdefaults? {re.escape(str(default))}(?![\w.])", text)}
+    assert wrong == {}
 
 
 # Help, --version and argument errors: each in a fresh interpreter, which reports the heavy modules loaded.
