@@ -714,6 +714,16 @@ def test_dit_override_and_the_distilled_rule(tmp_path):
         find_model_files(official, dit="missing.safetensors")
 
 
+def test_a_relative_dit_is_looked_for_in_the_current_folder_first(tmp_path, monkeypatch):
+    """find_model_files: relative dit paths are tried against the current directory, then the model folder."""
+    official = tmp_path / "official"
+    touch(official, *ENCODERS, "diffusion_pytorch_model.safetensors.index.json", "mine.safetensors")
+    touch(tmp_path, "mine.safetensors")
+    monkeypatch.chdir(tmp_path)
+    found = find_model_files(official, dit="mine.safetensors").dit
+    assert found.resolve() == (tmp_path / "mine.safetensors").resolve()
+
+
 def test_a_scheme_beside_a_given_dit_is_refused(tmp_path, capsys):
     """A scheme chooses among a folder's DiTs: with a DiT given there is nothing to choose, and asking for int8
     must not load whatever the file holds (it was ignored)."""
