@@ -199,6 +199,14 @@ def test_scale_without_8bit_weight(int8_file):
     assert "head.head.weight_scale" in error_of(stored, path)
 
 
+def test_a_weight_with_both_kinds_of_scale(int8_file):
+    """A per-channel and a per-tensor scale for one weight: which one is meant is a guess, so it is refused
+    naming the module and both suffixes (not reported as an unexpected tensor, or one of them taken)."""
+    stored, path = int8_file
+    stored["blocks.0.self_attn.q.scale_weight"] = torch.ones(())
+    assert error_of(stored, path) == f"{path}: 'blocks.0.self_attn.q' has both .weight_scale and .scale_weight"
+
+
 def test_misshaped_scale(int8_file):
     stored, path = int8_file
     stored["blocks.0.self_attn.q.weight_scale"] = torch.ones(3, 1)
