@@ -109,6 +109,16 @@ def test_empty_paths_are_usage_errors_naming_the_flag(argv, capsys, tmp_path, mo
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("size", ["832x", "x480", "832xabc", "abcx480", "832*480", "832x-480", "832"])
+@pytest.mark.parametrize("command", [["generate", "--model", "m", "--image", "i.png", "--prompt", "a cat", "--out",
+                                      "o.mp4"], ["bench", "dit"]])
+def test_a_size_that_is_not_width_x_height_is_a_usage_error(command, size, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--size", size])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument --size: size must be WIDTHxHEIGHT, e.g. 832x480, got {size!r}" in err
+
+
 def test_demo_runs_the_whole_pipeline(capsys, tmp_path):
     out_path = tmp_path / "demo.mp4"
     assert main(["demo", "--out", str(out_path), "--frames-dir", str(tmp_path / "frames")]) == 0
