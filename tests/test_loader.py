@@ -205,7 +205,7 @@ def _with_raw_header(path, make) -> None:
 
 
 @pytest.mark.parametrize("case", ["nested", "inf_shape", "float_offset", "string_shape", "bom", "utf16",
-                                  "metadata_false"])
+                                  "metadata_false", "bool_shape"])
 def test_malformed_safetensors_headers_are_named(tmp_path, weights, case):
     """Headers safetensors refuses, refused here too with the file named (the converter reads headers itself):
     no RecursionError, OverflowError or silent truncation of a float to an int."""
@@ -225,6 +225,9 @@ def test_malformed_safetensors_headers_are_named(tmp_path, weights, case):
             entry["shape"] = [str(d) for d in entry["shape"]]
         elif case == "metadata_false":
             header["__metadata__"] = False
+        elif case == "bool_shape":  # [true, 6, dim]: the bytes add up if true were counted as 1
+            assert header["blocks.0.modulation"]["shape"][0] == 1
+            header["blocks.0.modulation"]["shape"][0] = True
         elif case == "bom":
             return b"\xef\xbb\xbf" + json.dumps(header).encode()
         elif case == "utf16":
