@@ -15,7 +15,7 @@ import dit8
 from dit8 import CheckpointError, Dit8Error, InputError
 from dit8.conditioning import clip_features, image_condition, image_tensor, resize_image, text_features
 from dit8.model_folder import CLIP_FILE, T5_FILE, VAE_FILE, find_model_files
-from dit8.pipeline import Cancelled, I2VPipeline, ProgressEvent, Video, _encoder_dtypes
+from dit8.pipeline import Cancelled, I2VPipeline, ProgressEvent, Video, _encoder_dtypes, check_settings
 from dit8.sampler import DistilledSampler, initial_noise
 from dit8.testing_encoders import tiny_t5_config, write_tiny_t5
 from dit8.testing_pipeline import FOLDER_KINDS, write_tiny_model_folder
@@ -517,6 +517,16 @@ def test_bad_inputs_raise_input_error(pipe, kwargs, message):
             args["area"] = kwargs["area"]
     with pytest.raises(InputError, match=message):
         pipe(args.pop("image"), args.pop("prompt"), **args)
+
+
+def test_check_settings_refuses_what_the_call_would_without_a_model():
+    """The command line runs check_settings before loading the model: steps in [1, 1000], and UniPC with the
+    distilled sampler's update rule, are refused there already."""
+    check_settings(steps=1000, sampler="unipc", update="deterministic")
+    with pytest.raises(InputError, match=r"steps must be an integer in \[1, 1000\], got 1001"):
+        check_settings(steps=1001)
+    with pytest.raises(InputError, match="update='renoise' is the distilled sampler's step rule"):
+        check_settings(sampler="unipc", update="renoise")
 
 
 @pytest.mark.parametrize("kwargs", [{"distilled": "yes"}, {"offload_encoders": "no"}, {"progress": 1}])
