@@ -231,6 +231,14 @@ def test_the_documented_defaults_of_each_model_kind(pipe, base_pipe, monkeypatch
     assert s["negative_prompt"] == DEFAULT_NEGATIVE_PROMPT and (s["frames"], s["seed"]) == (81, 0)
 
 
+def test_any_guidance_but_1_is_cfg_with_the_negative_prompt(base_pipe, monkeypatch):
+    """CFG runs for guidance != 1, below 1 too; at exactly 1 there is no negative prompt (one forward a step)."""
+    monkeypatch.setattr(base_pipe, "_generate", lambda job: job.settings())
+    for guidance in (0.5, 0.0, 7.5):
+        assert base_pipe(IMAGE, PROMPT, guidance=guidance)["negative_prompt"] == DEFAULT_NEGATIVE_PROMPT
+    assert base_pipe(IMAGE, PROMPT, guidance=1.0, negative_prompt="blurry")["negative_prompt"] is None
+
+
 def test_renoise_draws_its_fresh_noise_from_seed_plus_one(pipe):
     """update="renoise": the initial noise from `seed`, the re-noising from seed + 1 (as __call__ documents),
     so that the fresh noise is not the initial draw again."""
