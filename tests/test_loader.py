@@ -413,6 +413,18 @@ def test_key_listed_in_index_but_not_in_its_shard(tmp_path, weights):
     assert "blocks.0.ghost.weight" in load_error(path)
 
 
+def test_key_listed_under_a_shard_that_does_not_hold_it(tmp_path, weights):
+    path = write_checkpoint(weights, tmp_path / "s", fmt="sharded")
+    index = path / "diffusion_pytorch_model.safetensors.index.json"
+    raw = json.loads(index.read_text())
+    key, holder = next(iter(raw["weight_map"].items()))
+    other = next(name for name in raw["weight_map"].values() if name != holder)
+    raw["weight_map"][key] = other
+    index.write_text(json.dumps(raw))
+    msg = load_error(path)
+    assert key in msg and holder in msg and other in msg
+
+
 def test_same_key_in_two_files(tmp_path, weights):
     path = write_checkpoint(weights, tmp_path / "pb", fmt="per_block")
     save_file({"head.head.bias": weights["head.head.bias"]}, str(path / "extra.safetensors"))
