@@ -162,6 +162,13 @@ def test_environment_variable_sets_the_default(monkeypatch):
                                     heads=0, eps=1e-6, dtype=torch.int8), "heads must be a positive int, got 0"),
     (lambda: ops.qk_norm_rope(*(torch.randn(1, 3, 8),) * 2, *(torch.ones(8),) * 2, *(torch.ones(3, 2),) * 2,
                               heads=3, eps=1e-6), "width 8 is not a multiple of heads=3"),
+    # An integer x would be cast to the weight's dtype without a word.
+    (lambda: ops.linear(torch.randint(0, 3, (3, 4)), torch.randn(5, 4)), "x must be a floating-point tensor"),
+    # A bias of another float dtype than the weight's would fail inside F.linear, naming no argument.
+    (lambda: ops.linear(torch.randn(3, 4), torch.randn(5, 4), torch.randn(5).bfloat16()), "bias has dtype"),
+    (lambda: ops.qk_norm_rope_quant(*(torch.randn(1, 3, 8),) * 2, *(torch.ones(8),) * 2, *(torch.ones(3, 2),) * 2,
+                                    heads=2, eps=1e-6, dtype=torch.float16), "dtype must be one of"),
+    (lambda: ops.rms_norm(torch.tensor(1.0), torch.ones(1), eps=1e-6), "x must have at least one dimension"),
 ])
 def test_bad_arguments_name_the_op_and_argument(call, match):
     with pytest.raises(OpArgumentError, match=match):
