@@ -218,6 +218,43 @@ def test_rms_norm_against_float64():
     assert rel_err(ops.rms_norm(x, w, eps=1e-6), ref) < FP32_FEW_ROUNDINGS
 
 
+def test_norm_references_take_their_eps():
+    """Rows of mean square ~1e-6, where an eps of 1e-4 dominates (F.layer_norm's default is 1e-5): the
+    references add it inside the root. The float64 tests above have variances far above eps, where
+    dropping it stays within fp32 error, and the kernels' eps test bounds them by the reference's error."""
+    eps = 1e-4
+    x, w, b = torch.randn(4, 64) * 1e-3, torch.randn(64), torch.randn(64)
+    x64 = x.double()
+    rms = x64 / torch.sqrt(x64.square().mean(-1, keepdim=True) + eps) * w.double()
+    assert rel_err(ops.rms_norm(x, w, eps=eps), rms) < FP32_FEW_ROUNDINGS
+    centred = x64 - x64.mean(-1, keepdim=True)
+    ln = centred / torch.sqrt(centred.square().mean(-1, keepdim=True) + eps) * w.double() + b.double()
+    assert rel_err(ops.layer_norm(x, w, b, eps=eps), ln) < FP32_FEW_ROUNDINGS
+
+
+def test_eps_zero_is_a_valid_epsilon():
+    # eps must be a finite number >= 0: 0 (int or float) is the plain normalisation.
+    x, w = torch.randn(3, 16), torch.randn(16)
+    x64 = x.double()
+    ref = x64 / torch.sqrt(x64.square().mean(-1, keepdim=True)) * w.double()
+    for eps in (0, 0.0):
+        assert rel_err(ops.rms_norm(x, w, eps=eps), ref) < FP32_FEW_ROUNDINGS
+        assert ops.layer_norm(x, eps=eps).isfinite().all()
+
+
+def test_out_dtype_defaults_to_the_inputs_dtype():
+    bf16 = torch.bfloat16
+    x, w = torch.randn(2, 3, 8, dtype=bf16), torch.ones(8)
+    shift, scale = torch.zeros(2, 8), torch.zeros(2, 8)
+    cos, sin = torch.ones(3, 2), torch.zeros(3, 2)
+    assert ops.layer_norm(x, eps=1e-6).dtype == bf16
+    assert ops.layer_norm_modulate(x, shift, scale, eps=1e-6).dtype == bf16
+    assert ops.rms_norm(x, w, eps=1e-6).dtype == bf16
+    assert ops.rope(x.unflatten(-1, (2, 4)), cos, sin).dtype == bf16
+    assert all(t.dtype == bf16 for t in ops.qk_norm_rope(x, x, w, w, cos, sin, heads=2, eps=1e-6))
+    assert ops.rms_norm(x, w, eps=1e-6, out_dtype=torch.float32).dtype == torch.float32
+
+
 def test_rope_equals_complex_rotation_in_float64():
     grid, head_dim = (3, 5, 7), 128
     cos, sin = rope_table(grid, head_dim)
