@@ -412,6 +412,10 @@ def test_auto_prefers_the_backend_measured_fastest_on_this_gpu(monkeypatch):
     assert registry.resolve("probe", "auto", gpu, reference=False)() == "cuda"  # ... unless it cannot serve
     monkeypatch.setenv("DIT8_BACKEND", "torch")
     assert registry.resolve("probe", "auto", gpu)() == "torch"  # the environment comes first
+    monkeypatch.setattr(registry, "GPU_VERIFIED", {(9, 0): frozenset({("probe", "cuda"), ("probe", "triton")})})
+    monkeypatch.setattr(registry, "FASTEST", {(9, 0): {"probe": "triton"}})
+    monkeypatch.setenv("DIT8_BACKEND", "cuda")
+    assert registry.resolve("probe", "auto", gpu)() == "cuda"  # ... before the measured fastest
 
 
 def test_a_gpu_without_verified_kernels_is_told_so(monkeypatch):
@@ -446,6 +450,7 @@ def test_checking_a_backend_asks_only_that_backend(monkeypatch):
     assert registry.backend_runs_on("triton", gpu) and registry.backend_runs_on("auto", gpu)
     assert not registry.backend_runs_on("triton", torch.device("cpu"))
     assert registry.model_backend("probe", "triton", gpu) == "triton"
+    assert registry.model_backend("probe", "triton", torch.device("cpu")) == "auto"  # its kernel cannot run there
     with pytest.raises(registry.BackendError, match="unknown backend"):
         registry.backend_runs_on("cudnn", gpu)
 
