@@ -91,6 +91,16 @@ def test_zero_row_gets_floor_scale_and_zeros(qdtype):
     assert torch.isfinite(s).all()
 
 
+@pytest.mark.parametrize("qdtype", [torch.int8, FP8])
+def test_tiny_rows_keep_their_own_scale(qdtype):
+    # The floor only keeps all-zero rows finite (1e-12): a row of magnitude 1e-9 still spans the full code
+    # range, its scale amax / qmax.
+    x = torch.tensor([[1e-9, -5e-10, 2.5e-10]])
+    q, s = quantize_per_token(x, qdtype)
+    assert s.item() == pytest.approx(1e-9 / QMAX[qdtype], rel=1e-6)
+    assert q[0, 0].float().item() == QMAX[qdtype]
+
+
 def test_fp8_never_nan_at_extreme_magnitudes():
     x = torch.tensor([[3e38, -3e38, 1.0], [1e-30, -1e-30, 0.0], [448.0, 447.0, -448.0]])
     q, s = quantize_per_token(x, FP8)
