@@ -862,6 +862,17 @@ def test_gpus_with_less_shared_memory_get_tiles_that_fit(monkeypatch):
     assert impl.shared_memory_of(torch.device("cpu")) == impl.HOPPER_SHARED_MEMORY == SHARED_MEMORY_LIMIT["sm_90"]
 
 
+def test_gpu_tiles_by_head_dim(monkeypatch):
+    monkeypatch.setattr(impl, "interpreting", lambda: False)
+    for path in ("bf16", "8bit", "8bit_pv16", "cross"):
+        assert impl.pick_config(path, 64) == impl._CONFIGS[(path, 64)]  # the 64 tiles up to 64 inclusive
+        assert impl.pick_config(path, 65) == impl._CONFIGS[(path, 128)]
+    # tl.dot's smallest reduction on a GPU: narrow heads are padded to 16 channels (32 for 8-bit operands).
+    assert impl._block_d("attention", 8) == 16
+    assert impl._block_d("attention", 8, impl.DOT8_MIN_REDUCTION) == impl.DOT8_MIN_REDUCTION
+    assert impl._block_d("attention", 96) == 128
+
+
 def test_a_register_cap_reaches_the_gpu_launch_only(monkeypatch):
     # The interpreter's launcher knows no register cap; a GPU launch passes it to ptxas as maxnreg.
     capped = impl.AttnConfig(64, 64, 4, 3, max_registers=168)
@@ -883,6 +894,22 @@ def test_fp8_attention_needs_fp8_tensor_cores(monkeypatch):
     monkeypatch.setattr(registry, "_capability", lambda device: (8, 9))
     registry.require_fp8_tensor_cores("attention: precision='fp8'", cuda, "unused")
     registry.require_fp8_tensor_cores("attention: precision='fp8'", torch.device("cpu"), "unused")  # interpreter
+
+
+def test_an_fp8_attention_is_refused_before_it_runs_on_a_gpu_without_fp8(monkeypatch):
+    # What a model checks when it is built (check_attention_runs): on an A100 with a Triton kernel that
+    # runs, "int8" passes and "fp8" names the missing tensor cores.
+    from dit8.kernels import registry
+    from dit8.kernels.attention import check_attention_runs
+
+    monkeypatch.setattr(registry, "_capability", lambda device: (8, 0))
+    impls = dict(registry._OPS["attention"])
+    impls["triton"] = registry._Impl(impls["triton"].fn, lambda device: True)
+    monkeypatch.setitem(registry._OPS, "attention", impls)
+    cuda = torch.device("cuda", 0)
+    check_attention_runs("int8", "auto", cuda)
+    with pytest.raises(registry.NoFP8Error, match=r"attention: precision='fp8' needs FP8 tensor cores .*sm_80"):
+        check_attention_runs("fp8", "auto", cuda)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1147,3 +1174,9 @@ def test_auto_gives_heads_wider_than_the_kernels_take_to_torch(monkeypatch):
         ops.attention(q, k, v, backend="triton")
     with pytest.raises(OpArgumentError, match=f"up to {MAX_HEAD_DIM}"):  # no torch 8-bit path to fall back to
         ops.attention(q, k, v, precision="int8")
+    # A head of exactly MAX_HEAD_DIM is still the kernel's.
+    called = []
+    monkeypatch.setattr(impl, "attention_bf16", lambda q, k, v: called.append(q.shape[-1]) or q)
+    q = torch.randn(1, 5, 2, MAX_HEAD_DIM, generator=gen).to(DEVICE)
+    ops.attention(q, q, q)
+    assert called == [MAX_HEAD_DIM]
