@@ -515,6 +515,17 @@ def test_config_table_is_consistent():
     assert gemm_configs.table_config("sm_90", "fp8", 512, 5120, 4096) == table[("sm_90", "fp8", "small")]
     assert gemm_configs.table_config("sm_90", "int8", 32760, 5120, 5120) == table[("sm_90", "int8", "large")]
     assert gemm_configs.table_config("sm_89", "fp8", 32760, 5120, 5120) == table[("sm_89", "fp8", "large")]
+    # The boundaries: four waves of 128 x 256 tiles on 132 SMs are "large"; K = FAST_ACCUMULATION_MAX_K is fast.
+    four_waves = 4 * 132 * 128
+    assert gemm_configs.shape_class(four_waves, 256) == "large"
+    assert gemm_configs.shape_class(four_waves - 128, 256) == "small"
+    K = gemm_configs.FAST_ACCUMULATION_MAX_K
+    assert gemm_configs.table_config("sm_90", "fp8", 32760, 5120, K) == fast
+    assert gemm_configs.table_config("sm_90", "fp8", 32760, 5120, K + 1) == table[("sm_90", "fp8", "large")]
+    # Promotion every fp8_promote products, at most every K tile (tl.dot's max_num_imprecise_acc).
+    deep = GemmConfig(128, 128, 64, 8, 8, 3, fp8_promote=128)
+    assert impl.accumulation(deep, False, promotes=True) == (64, 1)
+    assert impl.accumulation(deep, False, promotes=False) == (None, 1)
     if DEVICE == "cpu":
         assert impl.pick_config("fp8", 32760, 5120, 5120, torch.device("cpu")) == gemm_configs.INTERPRETER
 
