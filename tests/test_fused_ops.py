@@ -163,6 +163,18 @@ def test_row_tiles_cover_the_row_with_little_padding():
     for C in range(1, 20000, 7):
         head, tail = fused_triton.row_tiles(C)
         assert head <= C <= head + tail <= triton.next_power_of_2(C)
+    # 4 to 16 warps, never 32 (fused_triton._num_warps): GELU's 16,384-wide tiles stay at 16.
+    assert fused_triton._num_warps(1) == 4 and fused_triton._num_warps(16384) == 16
+
+
+@pytest.mark.parametrize("backend, device", KERNELS)
+def test_modulated_norms_of_an_empty_sequence(backend, device):
+    """x [B, 0, C]: no rows, so an empty result (the kernels' rows_per_batch stays positive)."""
+    x = torch.zeros(2, 0, 8, device=device)
+    shift, scale = randn((2, 8), 1300, device), randn((2, 8), 1301, device)
+    assert layer_norm_modulate(x, shift, scale, eps=1e-6, backend=backend).shape == (2, 0, 8)
+    q, s = layer_norm_modulate_quant(x, shift, scale, eps=1e-6, dtype=torch.int8, backend=backend)
+    assert q.shape == (2, 0, 8) and s.shape == (2, 0)
 
 
 @pytest.mark.verifies("quantize_per_token")
