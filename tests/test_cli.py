@@ -1,5 +1,6 @@
 """The dit8 command line: info, generate, demo, and one-line errors without tracebacks."""
 
+import argparse
 import json
 import re
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from dit8.cli import main
+from dit8.cli import build_parser, main
 from dit8.testing import random_weights, tiny_config, write_checkpoint
 from dit8.testing_pipeline import write_tiny_model_folder
 from dit8.video import read_video, write_png_frames
@@ -377,23 +378,21 @@ def test_out_of_gpu_memory_is_one_line_with_what_to_try(monkeypatch, capsys):
                                        "fewer --layers\n")
 
 
+def _parsers(parser: argparse.ArgumentParser):
+    """(prog, parser) of `parser` and of each of its subcommands, depth first."""
+    yield parser.prog, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
 def test_every_option_has_help_and_says_its_default():
-    import argparse
-
-    from dit8.cli import build_parser
-
-    def parsers(parser):
-        yield parser.prog, parser
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for sub in action.choices.values():
-                    yield from parsers(sub)
-
     undocumented = [f"{prog} {action.option_strings[0] if action.option_strings else action.dest}"
-                    for prog, parser in parsers(build_parser()) for action in parser._actions
+                    for prog, parser in _parsers(build_parser()) for action in parser._actions
                     if not action.help and not isinstance(action, argparse._SubParsersAction)]
     assert undocumented == []
-    silent = [f"{prog} {action.option_strings[0]}" for prog, parser in parsers(build_parser())
+    silent = [f"{prog} {action.option_strings[0]}" for prog, parser in _parsers(build_parser())
               for action in parser._actions
               if action.option_strings and action.default not in (None, [], argparse.SUPPRESS)
               and not isinstance(action.default, bool)  # a switch's default is its absence
@@ -403,19 +402,8 @@ def test_every_option_has_help_and_says_its_default():
 
 def test_the_default_each_help_states_is_the_options_default():
     """`(default 81)`, `(default bf16)`: the value the help (and README) gives is the one the parser uses."""
-    import argparse
-
-    from dit8.cli import build_parser
-
-    def parsers(parser):
-        yield parser.prog, parser
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for sub in action.choices.values():
-                    yield from parsers(sub)
-
     stated = {f"{prog} {action.option_strings[0]}": (action.default, action.help)
-              for prog, parser in parsers(build_parser()) for action in parser._actions
+              for prog, parser in _parsers(build_parser()) for action in parser._actions
               if action.option_strings and action.default not in (None, [], argparse.SUPPRESS)
               and not isinstance(action.default, bool)}
     assert len(stated) >= 10

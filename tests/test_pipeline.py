@@ -94,16 +94,23 @@ def test_same_seed_same_video_other_seed_other_video(pipe, video):
     assert not torch.equal(other.frames, video.frames)
 
 
-def test_pipeline_is_the_composition_of_its_parts(pipe, video):
-    """Tokenizer + T5 (trimmed), CLIP on the [-1, 1] image, VAE of the resized image + grey frames with
-    the mask, seeded noise, the 4-step sampler with the k/v encoded once, the VAE decoder."""
+def _composed_latents(pipe, sampler: DistilledSampler, *, frames: int, seed: int) -> torch.Tensor:
+    """The pipeline's latents for IMAGE and PROMPT at 32 x 48, built from its parts: tokenizer + T5
+    (trimmed), CLIP on the [-1, 1] image, VAE of the resized image + grey frames with the mask, noise
+    from `seed`, the sampler (re-noising from seed + 1) with the k/v encoded once."""
     with torch.inference_mode():
         image = image_tensor(IMAGE)
         context = text_features(pipe.tokenizer, pipe.t5, PROMPT)
         encoded = pipe.dit.encode_context(context, clip_features(pipe.clip, image).float())
-        y = image_condition(pipe.vae, resize_image(image, 32, 48), 5)
-        noise = initial_noise((1, 16, 2, 4, 6), seed=3)
-        latents = DistilledSampler().sample(lambda x, t: pipe.dit(x, t, encoded, y=y), noise, seed=4)
+        y = image_condition(pipe.vae, resize_image(image, 32, 48), frames)
+        noise = initial_noise((1, 16, (frames - 1) // 4 + 1, 4, 6), seed=seed)
+        return sampler.sample(lambda x, t: pipe.dit(x, t, encoded, y=y), noise, seed=seed + 1)
+
+
+def test_pipeline_is_the_composition_of_its_parts(pipe, video):
+    """The parts of _composed_latents with the 4-step sampler, then the VAE decoder."""
+    latents = _composed_latents(pipe, DistilledSampler(), frames=5, seed=3)
+    with torch.inference_mode():
         frames = video_to_frames(pipe.vae.decode(latents))
     assert torch.equal(video.latents, latents[0])
     assert np.array_equal(video.numpy(), frames)
@@ -243,14 +250,7 @@ def test_renoise_draws_its_fresh_noise_from_seed_plus_one(pipe):
     """update="renoise": the initial noise from `seed`, the re-noising from seed + 1 (as __call__ documents),
     so that the fresh noise is not the initial draw again."""
     video = pipe(IMAGE, PROMPT, seed=3, update="renoise", **ONE)
-    with torch.inference_mode():
-        image = image_tensor(IMAGE)
-        context = text_features(pipe.tokenizer, pipe.t5, PROMPT)
-        encoded = pipe.dit.encode_context(context, clip_features(pipe.clip, image).float())
-        y = image_condition(pipe.vae, resize_image(image, 32, 48), 1)
-        noise = initial_noise((1, 16, 1, 4, 6), seed=3)
-        latents = DistilledSampler(update="renoise").sample(lambda x, t: pipe.dit(x, t, encoded, y=y), noise,
-                                                             seed=4)
+    latents = _composed_latents(pipe, DistilledSampler(update="renoise"), frames=1, seed=3)
     assert torch.equal(video.latents, latents[0])
 
 
