@@ -211,10 +211,15 @@ def test_layer_norm_modulate_against_float64():
     assert rel_err(out32, ref) < FP32_FEW_ROUNDINGS
 
 
+def rms_norm64(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float64: eps inside the root, then the weight."""
+    x64 = x.double()
+    return x64 / torch.sqrt(x64.square().mean(-1, keepdim=True) + eps) * w.double()
+
+
 def test_rms_norm_against_float64():
     x, w = torch.randn(5, 33, 64), torch.randn(64)
-    x64 = x.double()
-    ref = x64 / torch.sqrt(x64.square().mean(-1, keepdim=True) + 1e-6) * w.double()
+    ref = rms_norm64(x, w, 1e-6)
     assert rel_err(ops.rms_norm(x, w, eps=1e-6), ref) < FP32_FEW_ROUNDINGS
 
 
@@ -224,9 +229,8 @@ def test_norm_references_take_their_eps():
     dropping it stays within fp32 error, and the kernels' eps test bounds them by the reference's error."""
     eps = 1e-4
     x, w, b = torch.randn(4, 64) * 1e-3, torch.randn(64), torch.randn(64)
+    assert rel_err(ops.rms_norm(x, w, eps=eps), rms_norm64(x, w, eps)) < FP32_FEW_ROUNDINGS
     x64 = x.double()
-    rms = x64 / torch.sqrt(x64.square().mean(-1, keepdim=True) + eps) * w.double()
-    assert rel_err(ops.rms_norm(x, w, eps=eps), rms) < FP32_FEW_ROUNDINGS
     centred = x64 - x64.mean(-1, keepdim=True)
     ln = centred / torch.sqrt(centred.square().mean(-1, keepdim=True) + eps) * w.double() + b.double()
     assert rel_err(ops.layer_norm(x, w, b, eps=eps), ln) < FP32_FEW_ROUNDINGS
@@ -235,8 +239,7 @@ def test_norm_references_take_their_eps():
 def test_eps_zero_is_a_valid_epsilon():
     # eps must be a finite number >= 0: 0 (int or float) is the plain normalisation.
     x, w = torch.randn(3, 16), torch.randn(16)
-    x64 = x.double()
-    ref = x64 / torch.sqrt(x64.square().mean(-1, keepdim=True)) * w.double()
+    ref = rms_norm64(x, w, 0)
     for eps in (0, 0.0):
         assert rel_err(ops.rms_norm(x, w, eps=eps), ref) < FP32_FEW_ROUNDINGS
         assert ops.layer_norm(x, eps=eps).isfinite().all()
