@@ -65,8 +65,8 @@ if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" || exit 1; fi
 start=$SECONDS
 # Whatever still runs when the script ends (stopped by a signal: bash runs the EXIT trap then too) is
 # stopped with it: a test run or the CUDA build left going would hold the GPU for the next command.
-# The `timeout`s below run --foreground, in the script's process group, so that a signal sent to the
-# group reaches them too.
+# (The CUDA build's `timeout` runs --foreground, in the script's process group, so that a signal sent to
+# the group reaches it too; `limited` below signals a process group of its own.)
 kill_tree() {
     local child
     for child in $(pgrep -P "$1" 2>/dev/null); do kill_tree "$child"; done
@@ -178,13 +178,15 @@ cut_short() {
 }
 # Runs a command for at most seconds_left. SIGINT: pytest stops like on Ctrl-C and still writes its
 # summary, JUnit XML and benchmark JSON; a process that ignores it (stuck in a GPU wait) is killed 20 s
-# later.
+# later. Both signals go to the command's whole process group (timeout without --foreground), its
+# pytest-xdist workers included: signalled alone, the controller left its workers running their tests
+# on the GPU into the next stage's timings.
 limited() {
     local left rc
     left=$(seconds_left)
     [ "$left" -lt 10 ] && { echo "not run (its time is spent): $*"; cut_short "not run: $*"; return 124; }
     local started=$SECONDS
-    timeout --foreground -k 20 -s INT "$left" "$@"
+    timeout -k 20 -s INT "$left" "$@"
     rc=$?
     # 124: stopped by its SIGINT; 137: killed 20 s later, or killed for memory before its time was up.
     if [ "$rc" -eq 124 ] || { [ "$rc" -eq 137 ] && [ $((SECONDS - started)) -ge "$left" ]; }; then
