@@ -36,6 +36,8 @@ from dit8.converters.work_folder import work_folder, work_folder_path
 from dit8.layouts import block_linears
 from dit8.testing import FORMATS, LAYOUTS, random_weights, tiny_config, write_checkpoint
 
+pytestmark = pytest.mark.cpu_only  # the converter runs on the CPU alone
+
 FP8 = torch.float8_e4m3fn
 # The module, not the function the package exports under the same name.
 convert_module = importlib.import_module("dit8.converters.convert")

@@ -21,8 +21,9 @@ from dit8.testing import random_inputs, random_weights, tiny_config, write_check
 from dit8.testing_pipeline import write_tiny_model_folder
 from dit8.video import read_png, write_png_frames
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="this torch build has no torch.distributed with gloo")
+pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="this torch build has no torch.distributed with gloo"),
+              pytest.mark.cpu_only]  # gloo on the CPU, on a GPU machine too
 
 
 def _in_group(rank: int, world: int, store: str, timeout: float | None, job, *args) -> None:

@@ -13,6 +13,8 @@ from dit8.t5 import T5Encoder, relative_position_buckets
 from dit8.testing_encoders import random_t5_weights, tiny_t5_config, write_tiny_t5, write_tiny_tokenizer
 from dit8.tokenizer import Tokenizer, clean_prompt
 
+pytestmark = pytest.mark.cpu_only  # the encoder's tests run it on the CPU
+
 CONFIG = tiny_t5_config()
 TOLERANCE = 1e-4
 
