@@ -80,10 +80,8 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
         return torch.randn(*shape, device=dev, generator=gen, dtype=dtype)
 
     q, k, v = (randn(1, 32760, 40, 128) for _ in range(3))
-    # The cross-attention's text and image keys (and values) side by side in one buffer, as the model stores
-    # them.
-    keys, values = randn(1, 512 + 257, 40, 128), randn(1, 512 + 257, 40, 128)
-    k_text, v_text, k_img, v_img = keys[:, :512], values[:, :512], keys[:, 512:], values[:, 512:]
+    k_text, v_text, k_img, v_img = randn(1, 512, 40, 128), randn(1, 512, 40, 128), randn(1, 257, 40, 128), \
+        randn(1, 257, 40, 128)
     fp8 = torch.float8_e4m3fn
     x, w = randn(32760, 5120), randn(5120, 5120) / 5120 ** 0.5
     xq, xs = ops.quantize_per_token(x, fp8, backend="torch")

@@ -179,13 +179,11 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
            shape=list(shape), **info)
 
 
-# triton_fused: the fused kernel on the table's configuration, the text and image keys and values side by
-# side in one buffer each as the model stores them (on Hopper: TMA loads, one key loop over both);
-# triton_fused_two_loops: the same on separate tensors (a key loop each); triton_fused_pointer: the
-# table's tile with pointer loads; triton_fused_tma_128x128: side by side on 128 x 128 (attention_triton.
-# CROSS_TMA_CANDIDATES[1]; Hopper).
-CROSS_IMPLS = ["cudnn_two_calls", "flash_two_calls", "triton_fused", "triton_fused_two_loops",
-               "triton_fused_pointer", "triton_fused_tma_128x128"]
+# triton_fused: the fused kernel on the table's configuration (on Hopper: TMA loads), a key loop over the
+# text keys, then one over the image keys; triton_fused_pointer: the table's tile with pointer loads;
+# triton_fused_tma_128x128: 128 x 128 tiles (attention_triton.CROSS_TMA_CANDIDATES[1]; Hopper).
+CROSS_IMPLS = ["cudnn_two_calls", "flash_two_calls", "triton_fused", "triton_fused_pointer",
+               "triton_fused_tma_128x128"]
 
 
 @pytest.mark.parametrize("name", CROSS_IMPLS)
@@ -200,11 +198,7 @@ def test_cross_attention(name, device, smoke, record, gpu_time, baseline_cache):
 
     base_ms, base_out, base_name = baseline(baseline_cache, ("cross_attention", (B, lq, lt, li, H, D)),
                                             two_calls, gpu_time)
-    keys, values = torch.cat([k, k_img], dim=1), torch.cat([v, v_img], dim=1)
-    side_by_side = keys[:, :lt], values[:, :lt], keys[:, lt:], values[:, lt:]
     if name == "triton_fused":
-        fn = lambda: ops.cross_attention(q, *side_by_side, backend="triton")  # noqa: E731
-    elif name == "triton_fused_two_loops":
         fn = lambda: ops.cross_attention(q, k, v, k_img, v_img, backend="triton")  # noqa: E731
     elif name == "triton_fused_pointer":
         config = dataclasses.replace(impl.pick_config("cross", D, shared_memory=impl.shared_memory_of(q.device)),
@@ -214,7 +208,7 @@ def test_cross_attention(name, device, smoke, record, gpu_time, baseline_cache):
         config = impl.CROSS_TMA_CANDIDATES[1]
         if impl.tma_views(config, q, k, v, k_img, v_img) is None:
             pytest.skip("TMA loads need a Hopper (or later) GPU")
-        fn = lambda: impl.cross_attention(q, *side_by_side, config=config)  # noqa: E731
+        fn = lambda: impl.cross_attention(q, k, v, k_img, v_img, config=config)  # noqa: E731
     else:
         fn = two_calls(name.removesuffix("_two_calls"))
     with poisoned_outputs():
@@ -248,8 +242,7 @@ def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_conf
     tile_name; the path's own configuration is always timed, as `table`); `best` is the fastest of
     those within 2x the lowest error (a fast wrong kernel never wins), its ratio to the SDPA baseline.
     "pv16": the 8-bit kernel with 16-bit P·V (config path "8bit_pv16"). "cross": the fused text + image
-    kernel at Wan's cross-attention shape (keys and values side by side, as the model stores them),
-    against two SDPA calls."""
+    kernel at Wan's cross-attention shape, against two SDPA calls."""
     B, L, H, D = FULL["self_shape"]
     if path == "cross":
         lq, lt, li = FULL["cross"]
@@ -260,8 +253,6 @@ def test_config_sweep(path, device, record, gpu_time, baseline_cache, sound_conf
             baseline_cache, ("cross_attention", (B, lq, lt, li, H, D)),
             lambda backend: _cross_call(backend, device, q, k, v, k_img, v_img), gpu_time)
         flops = 4 * B * H * lq * (lt + li) * D
-        keys, values = torch.cat([k, k_img], dim=1), torch.cat([v, v_img], dim=1)
-        k, v, k_img, v_img = keys[:, :lt], values[:, :lt], keys[:, lt:], values[:, lt:]
     else:
         q, k, v = inputs(FULL["self_shape"], L, device)
         base_ms, base_out, base_name = baseline(baseline_cache, ("attention", FULL["self_shape"]),

@@ -461,36 +461,6 @@ def _cross_attention_tma_kernel(QD, KD, VD, KID, VID, K, V, KI, VI, Out, stride_
 
 
 @triton.jit
-def _cross_attention_joint_kernel(QD, KD, VD, K, V, Out, stride_kn, stride_vn, stride_ob, stride_om, stride_oh,
-                                  H, Lq, Lt, Lki, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr):
-    """_cross_attention_tma_kernel over text and image keys that lie side by side (`_side_by_side`): one
-    descriptor each for k and v, Lt text keys (a multiple of BLOCK_N) then Lki image keys a batch, and one
-    key loop over both, whose loads run ahead across the boundary; there the text attention is finished
-    and the running max, l and acc start again for the image's."""
-    b, h, col, q = _tma_program(QD, Lq, H, HEAD_DIM, BLOCK_M, DOT_FP32)
-    Lk = Lt + Lki
-    k_row = b * Lk
-    m_i, l_i, acc = _fresh_state(BLOCK_M, HEAD_DIM)
-    text = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full_end = (Lk // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
-        if start_n == Lt:
-            text = acc / l_i[:, None]
-            m_i, l_i, acc = _fresh_state(BLOCK_M, HEAD_DIM)
-        acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, KD.load([k_row + start_n, col]),
-                                      VD.load([k_row + start_n, col]), start_n + tl.arange(0, BLOCK_N), Lk,
-                                      qk_scale, False, DOT_FP32)
-    if full_end == Lt:  # fewer image keys than a block: all of them in the tail
-        text = acc / l_i[:, None]
-        m_i, l_i, acc = _fresh_state(BLOCK_M, HEAD_DIM)
-    acc, l_i, m_i = _attend_tma_tail(acc, l_i, m_i, q, KD, VD, K, V, stride_kn, stride_vn, k_row, col, full_end,
-                                     Lk, qk_scale, HEAD_DIM, BLOCK_N, DOT_FP32)
-    _store_out_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, stride_om, tl.program_id(0),
-                    Lq, text + acc / l_i[:, None], BLOCK_M, HEAD_DIM, HEAD_DIM, INTERPRET)
-
-
-@triton.jit
 def _cross_attention_kernel(Q, K, V, KI, VI, Out,
                             stride_qb, stride_qm, stride_qh,
                             stride_kb, stride_kn, stride_kh,
@@ -595,21 +565,6 @@ def tma_views(cfg: AttnConfig, q: torch.Tensor, *keys_values: torch.Tensor) -> t
     return tuple(descriptors)
 
 
-def _side_by_side(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor | None:
-    """first and second [B, L1 / L2, H, D] as one [B, L1 + L2, H, D] view where second's rows follow
-    first's in each batch of one buffer (`CrossAttention.project_context` stores the text and image
-    keys so), else None."""
-    B, L1, H, D = first.shape
-    L = L1 + second.shape[1]
-    if (second.shape[0], second.shape[2:]) != (B, first.shape[2:]) or second.dtype != first.dtype \
-            or second.stride() != first.stride() or second.device != first.device \
-            or second.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() \
-            or second.data_ptr() != first.data_ptr() + L1 * first.stride(1) * first.element_size() \
-            or (B > 1 and first.stride(0) != L * first.stride(1)):
-        return None
-    return first.as_strided((B, L, H, D), first.stride())
-
-
 @on_tensor_device
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None,
                     v_img: torch.Tensor | None, *, config: AttnConfig | None = None) -> torch.Tensor:
@@ -628,15 +583,6 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: to
         return out
     cfg = config or pick_config("cross", D, q.dtype, shared_memory_of(q.device))
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)
-    if cfg.tma and has_img and k.shape[1] % cfg.block_n == 0:
-        keys, values = _side_by_side(k, k_img), _side_by_side(v, v_img)
-        descriptors = tma_views(cfg, q, keys, values) if keys is not None and values is not None else None
-        if descriptors is not None:
-            LAST_COMPILED["cross_attention"] = _cross_attention_joint_kernel[grid](
-                *descriptors, keys, values, out, keys.stride(1), values.stride(1), *_bhd_strides(out), H, Lq,
-                k.shape[1], k_img.shape[1], LOG2E / math.sqrt(D), HEAD_DIM=D, BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n, DOT_FP32=_dot_fp32(q), INTERPRET=interpreting(), **cfg.launch_options())
-            return out
     descriptors = tma_views(cfg, q, k, v, k_img, v_img) if cfg.tma else None
     if descriptors is not None:
         LAST_COMPILED["cross_attention"] = _cross_attention_tma_kernel[grid](

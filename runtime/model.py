@@ -144,13 +144,8 @@ class CrossAttention(nn.Module):
         kv = CrossKV(self.norm_k(self.k(text), dtype).unflatten(-1, (self.heads, -1)),
                      self.v(text).unflatten(-1, (self.heads, -1)))
         if image is not None:
-            k_img = self.norm_k_img(self.k_img(image), dtype).unflatten(-1, (self.heads, -1))
-            v_img = self.v_img(image).unflatten(-1, (self.heads, -1))
-            # Text and image keys (and values) side by side in one buffer, held as views of it: the fused
-            # cross-attention then reads both in one key loop (kernels/attention_triton.py, _side_by_side).
-            text = kv.k.shape[1]
-            keys, values = torch.cat([kv.k, k_img], dim=1), torch.cat([kv.v, v_img], dim=1)
-            kv = CrossKV(keys[:, :text], values[:, :text], keys[:, text:], values[:, text:])
+            kv.k_img = self.norm_k_img(self.k_img(image), dtype).unflatten(-1, (self.heads, -1))
+            kv.v_img = self.v_img(image).unflatten(-1, (self.heads, -1))
         return kv
 
     def forward(self, x: torch.Tensor | QuantizedRows, kv: CrossKV, residual: torch.Tensor) -> torch.Tensor:

@@ -213,30 +213,6 @@ def test_cross_attention_tma_loads_give_the_pointer_loads_result(images):
     assert rel_err(out, ref) <= 2 * rel_err(ops.cross_attention(q, k, v, k_img, v_img, backend="torch"), ref)
 
 
-@CROSS
-@pytest.mark.parametrize("text, images", [(64, 45), (64, 19), (64, 1), (64, 32), (32, 7), (40, 45)])
-def test_cross_attention_over_keys_side_by_side(text, images):
-    """Text and image keys and values in one buffer each (as the model stores them): one key loop over
-    both through one descriptor (`_cross_attention_joint_kernel`), the text's attention finished where the
-    image's keys begin, inside the loop or, with fewer image keys than a block, before the tail; text
-    keys off the blocks (40) take the two-loop kernel. Same output as separate tensors, where a key
-    counted in the wrong softmax, or lost, would move it by that key's weight."""
-    q, _, _ = fused_qkv(77, 32, seed=61, dtype=torch.bfloat16)
-    _, k, v = fused_qkv(text + images, 32, seed=62, dtype=torch.bfloat16)
-    k_txt, v_txt, k_img, v_img = k[:, :text], v[:, :text], k[:, text:], v[:, text:]
-    cfg = dataclasses.replace(impl.pick_config("cross", 32), tma=True)
-    side_by_side = impl._side_by_side(k_txt, k_img)
-    assert side_by_side is not None and side_by_side.data_ptr() == k.data_ptr() and side_by_side.shape == k.shape
-    out = impl.cross_attention(q, k_txt, v_txt, k_img, v_img, config=cfg)
-    check_output(out, q)
-    apart = [x.clone() for x in (k_txt, v_txt, k_img, v_img)]
-    assert impl._side_by_side(apart[0], apart[2]) is None
-    separate = impl.cross_attention(q, *apart, config=cfg)
-    assert rel_err(out, separate) <= 2.0 ** -10, rel_err(out, separate)
-    ref = attention64(q, k_txt, v_txt) + attention64(q, k_img, v_img)
-    assert rel_err(out, ref) <= 2 * rel_err(ops.cross_attention(q, k_txt, v_txt, k_img, v_img, backend="torch"), ref)
-
-
 @ATTENTION
 def test_tma_views_only_where_tma_can_read_the_layout():
     q, k, v = make_qkv(77, 45, 32, seed=23, dtype=torch.bfloat16)
@@ -793,8 +769,7 @@ def test_every_listed_bf16_config(cfg, d, dtype):
 @CROSS
 @pytest.mark.parametrize("cfg, d, dtype", _listed("cross"))
 def test_every_listed_cross_config(cfg, d, dtype):
-    """Text and image keys side by side, as the model stores them: 128 text keys (whole blocks of every tile,
-    so the TMA tiles take the one-loop kernel) and 45 image keys."""
+    """128 text keys (whole blocks of every tile) and 45 image keys (a tail on every tile)."""
     _sized_for_this_device()
     q, _, _ = make_qkv(150, 1, d, seed=72, dtype=dtype)
     _, k, v = make_qkv(1, 128 + 45, d, seed=73, dtype=dtype)
@@ -953,20 +928,18 @@ def attention_variant(dt: str, head_dim: int, cfg, arch: int = 90) -> dict:
                       BLOCK_N=cfg.block_n, DOT_FP32=dt == "fp32", INTERPRET=False), cfg, arch=arch)
 
 
-def tma_variant(cross: bool, head_dim: int, cfg, joint: bool = False) -> dict:
+def tma_variant(cross: bool, head_dim: int, cfg) -> dict:
     """compile_check.compile_kernel's report for the bf16 flash attention kernel (`cross`: the fused
-    cross-attention kernel; `joint`: its one-loop kernel over keys side by side) reading through TMA
-    descriptors (sm_90a)."""
+    cross-attention kernel) reading through TMA descriptors (sm_90a)."""
     from compile_check import compile_kernel
 
-    kernel = impl._cross_attention_joint_kernel if joint else \
-        impl._cross_attention_tma_kernel if cross else impl._attention_tma_kernel
-    keys_values = ["KD", "VD", "KID", "VID"] if cross and not joint else ["KD", "VD"]
+    kernel = impl._cross_attention_tma_kernel if cross else impl._attention_tma_kernel
+    keys_values = ["KD", "VD", "KID", "VID"] if cross else ["KD", "VD"]
     types = {"QD": f"tensordesc<bf16[{cfg.block_m},{head_dim}]>", "qk_scale": "fp32",
              **dict.fromkeys(keys_values, f"tensordesc<bf16[{cfg.block_n},{head_dim}]>"),
              **dict.fromkeys(["Out", "K", "V", "KI", "VI"], "*bf16")}
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_FP32=False, INTERPRET=False)
-    if cross and not joint:
+    if cross:
         constexprs["HAS_IMG"] = True
     return compile_kernel(kernel, types, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                           aligned=ALIGNED_STRIDES, max_registers=cfg.max_registers) | {"aligned": True}
@@ -1032,7 +1005,6 @@ def compile_for_sm90() -> dict[str, dict]:
             width, impl.pick_config("cross", width))
     for cfg in impl.CROSS_TMA_CANDIDATES:
         kernels[f"cross_attention bf16, TMA loads, {tma_tag(cfg)}"] = tma_variant(True, d, cfg)
-        kernels[f"cross_attention bf16, TMA loads, {tma_tag(cfg)}, one key loop"] = tma_variant(True, d, cfg, True)
     for qk in ("int8", "fp8"):
         for pv in impl8.PV_FORMATS:
             # Also a head_dim under the 8-bit dots' smallest reduction (the tests' 16), padded as launched,
@@ -1095,7 +1067,7 @@ def test_kernels_compile_for_hopper():
     # The TMA candidates load through descriptors, with fewer instructions in the key loop than pointer
     # loads of the same tile.
     tma = {k: v for k, v in kernels.items() if "TMA loads" in k}
-    assert len(tma) == len(impl.TMA_CANDIDATES) + 2 * len(impl.CROSS_TMA_CANDIDATES) + \
+    assert len(tma) == len(impl.TMA_CANDIDATES) + len(impl.CROSS_TMA_CANDIDATES) + \
         2 * len(impl.EIGHT_BIT_TMA_CANDIDATES), tma
     assert all(v["tma"] for v in tma.values()), tma
     for kernel, tile in (("attention bf16", "128 x 128 x 3"), ("cross_attention bf16", "64 x 64 x 3"),

@@ -110,18 +110,6 @@ def test_an_encoded_context_saves_and_loads(model, tmp_path):
                                model(inputs["x"], inputs["t"], encoded, y=inputs["y"]), rtol=0, atol=0)
 
 
-def test_text_and_image_keys_lie_side_by_side(model):
-    # One buffer each for the keys and the values, text rows then image rows: the fused cross-attention
-    # reads both in one key loop (kernels/attention_triton.py).
-    attention_triton = pytest.importorskip("dit8.kernels.attention_triton", reason="triton is not installed")
-    inputs = random_inputs(model.config, batch=2)
-    for kv in model.encode_context(inputs["context"], inputs["clip_fea"]).blocks:
-        for text, image in ((kv.k, kv.k_img), (kv.v, kv.v_img)):
-            whole = attention_triton._side_by_side(text, image)
-            assert whole is not None and whole.data_ptr() == text.data_ptr()
-            assert torch.equal(whole, torch.cat([text, image], dim=1))
-
-
 def test_an_encoded_context_of_another_model_is_refused(model):
     inputs = random_inputs(model.config)
     x, t, y = inputs["x"], inputs["t"], inputs["y"]
