@@ -76,6 +76,10 @@ DIMENSION_SOURCES = {"patch_embedding.weight": 5, "blocks.0.ffn.0.weight": 2, "h
 
 # A block number as the official names write it: decimal without leading zeros, of a sane length (int() of an
 # arbitrary run of digits may fail: "²" is a digit, 5000 digits exceed Python's limit). Any other is no block's.
+# The depth of the published Wan2.1 DiTs, by (dim, ffn_dim) (spec/wan21-dit.md). Without a config stating
+# num_layers, a checkpoint of their width with fewer blocks has lost its last ones: a per-block folder
+# missing its last file shows no gap in the block numbers.
+PUBLISHED_DEPTHS = {(5120, 13824): 40, (1536, 8960): 30}
 _BLOCK_NUMBER = re.compile(r"blocks\.(0|[1-9][0-9]{0,8})\.")
 
 
@@ -298,6 +302,11 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
                               f"T2V ones in_dim = out_dim), which is what dit8 runs")
     for source, raw in stated:
         config = check_against_config_json(config, raw, source)
+    depth = PUBLISHED_DEPTHS.get((config.dim, config.ffn_dim))
+    if depth is not None and config.num_layers < depth and not any("num_layers" in config_json_values(raw) for _, raw in stated):
+        raise CheckpointError(f"{ckpt.path}: blocks 0-{config.num_layers - 1} only, where the Wan2.1 DiTs of dim "
+                              f"{config.dim} have {depth}: the tensors of the last blocks are missing (a lost file?); "
+                              f"a model of another depth needs a config.json with num_layers beside the weights")
     if config.out_dim != WAN21_LATENT_CHANNELS:
         # Wan2.2's TI2V-5B has Wan2.1's tensor names at 48 channels, for its own VAE: the shapes would load,
         # and its forward (per-token timesteps) would silently compute something else.

@@ -17,6 +17,7 @@ from dit8.checkpoint import Checkpoint
 from dit8.config import I2V_14B, WanConfig
 from dit8.converters import convert
 from dit8.layouts import OFFICIAL, expected_shapes
+from dit8 import loader
 from dit8.loader import _infer_config
 from dit8.testing import random_weights, tiny_config, write_checkpoint
 
@@ -86,6 +87,31 @@ def test_missing_block_tensor_in_a_per_block_folder(tmp_path, weights):
     del weights["blocks.0.ffn.2.bias"]
     path = write_checkpoint(weights, tmp_path / "pb", fmt="per_block")
     assert "blocks.0.ffn.2.bias" in load_error(path)
+
+
+def test_the_published_depths_are_the_spec_configurations():
+    assert loader.PUBLISHED_DEPTHS == {(dim, ffn): layers for dim, ffn, _, layers, *_ in SPEC_CONFIGS.values()}
+
+
+def test_a_per_block_folder_that_lost_its_last_file(tmp_path, monkeypatch):
+    # Its block numbers have no gap: the published models' depth for their width shows the loss. (The tiny
+    # configuration stands in for a published one.)
+    config = tiny_config("i2v", num_layers=3)
+    monkeypatch.setitem(loader.PUBLISHED_DEPTHS, (config.dim, config.ffn_dim), 3)
+    weights = random_weights(config, seed=3)
+    path = write_checkpoint(weights, tmp_path / "pb", fmt="per_block")
+    (path / "block_2.safetensors").unlink()
+    assert load_error(path) == (f"{path}: blocks 0-1 only, where the Wan2.1 DiTs of dim 256 have 3: the tensors of "
+                                f"the last blocks are missing (a lost file?); a model of another depth needs a "
+                                f"config.json with num_layers beside the weights")
+    # A config stating the depth: the shallower model, or the loss named against the config.
+    shallow = write_checkpoint({k: v for k, v in weights.items() if not k.startswith("blocks.2.")}, tmp_path / "two",
+                               fmt="per_block", config=tiny_config("i2v", num_layers=2))
+    assert dit8.load_dit(shallow).config.num_layers == 2
+    write_checkpoint(weights, tmp_path / "three", fmt="per_block", config=config)
+    (tmp_path / "three" / "block_2.safetensors").unlink()
+    assert load_error(tmp_path / "three") == f"{tmp_path / 'three' / 'config.json'}: num_layers = 3 disagrees with " \
+                                             f"the weights (2)"
 
 
 def test_hidden_files_in_a_folder_are_not_read(tmp_path, weights):
