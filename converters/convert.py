@@ -460,8 +460,8 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
         inside or around one (ConvertError, even with force).
     scheme: "fp8" or "int8" quantizes the block linears (weights [out, in] + `weight_scale` [out, 1]
         fp32); "bf16" only casts.
-    lora: LoRA files, each "path[:strength]", a path, (path, strength) or a LoraSpec (or one path or
-        LoraSpec alone), merged in fp32 before quantizing.
+    lora: LoRA files, each "path[:strength]" (a str), a Path (strength 1), (path, strength) or a LoraSpec
+        (or one of them alone but the pair), merged in fp32 before quantizing.
     keep: fnmatch patterns of block linears left in high precision, e.g. "blocks.0.*".
     out_dtype: dtype of every tensor that is not quantized.
     report: write the per-layer quality report json (`<dst>.quant_report.json`, or `quant_report.json`

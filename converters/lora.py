@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,15 +48,18 @@ class LoraSpec:
     strength: float = 1.0
 
 
-# A LoRA to merge: "path[:strength]", a path, a (path, strength) pair or a LoraSpec.
+# A LoRA to merge: "path[:strength]", a Path, a (path, strength) pair or a LoraSpec.
 LoraArg = Union[str, Path, "tuple[str | Path, float]", "LoraSpec"]
 
 
 def parse_lora(arg: LoraArg) -> LoraSpec:
-    """A LoraSpec from `FILE[:STRENGTH]`, a (path, strength) pair, or a path."""
+    """A LoraSpec from `FILE[:STRENGTH]` (a str), a (path, strength) pair, or a path (a Path: its name is
+    all path, strength 1)."""
     if isinstance(arg, LoraSpec):
         return arg
-    if isinstance(arg, tuple):
+    if isinstance(arg, os.PathLike):
+        spec = LoraSpec(Path(arg))
+    elif isinstance(arg, tuple):
         try:
             path, strength = arg
             spec = LoraSpec(Path(path), float(strength))

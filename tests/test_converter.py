@@ -738,6 +738,7 @@ def test_parse_lora_arguments(tmp_path):
     assert parse_lora("C:/x.safetensors").path == Path("C:/x.safetensors")  # the colon is the path's
     assert parse_lora("C:/x.safetensors:0.5") == LoraSpec(Path("C:/x.safetensors"), 0.5)  # the last colon: a strength
     assert parse_lora("x.safetensors:-1e-1").strength == -0.1
+    assert parse_lora(Path("x.safetensors:0.5")) == LoraSpec(Path("x.safetensors:0.5"))  # a Path names a file
     with pytest.raises(CheckpointError, match="finite"):
         parse_lora("x.safetensors:nan")
     (tmp_path / "l.safetensors").write_bytes(b"")
