@@ -20,7 +20,8 @@ on CUDA tensors when the module is built (it loads without nvcc) or can be built
 with DIT8_CUDA_EXT=0) it is false and "auto" falls through to the Triton backend.
 
 Environment: DIT8_CACHE (cache root), DIT8_CUDA_ARCHS (e.g. "90a" or "80,89,90a"), DIT8_CUDA_EXT=0
-(the ops never build or load it; the build command still builds), CUDA_HOME / CUDA_PATH (where nvcc
+(the ops never build or load it; the build command still builds; 1 or unset: on, anything else an
+error), CUDA_HOME / CUDA_PATH (where nvcc
 is), CXX (the host compiler), DIT8_CSRC (the sources, if not beside the package).
 """
 
@@ -323,13 +324,22 @@ def _import(path: Path) -> ModuleType:
 _MODULE: ModuleType | None = None
 
 
+def _disabled() -> bool:
+    """DIT8_CUDA_EXT=0 turns the extension off; unset, empty or 1 leaves it on. Any other value is refused
+    (an "off" or "false" read as on would run the kernels it meant to stop)."""
+    value = os.environ.get("DIT8_CUDA_EXT", "")
+    if value not in ("", "0", "1"):
+        raise CudaExtError(f"DIT8_CUDA_EXT={value!r}: expected 0 (off) or 1 (on)")
+    return value == "0"
+
+
 def load() -> ModuleType:
     """The `_dit8_cuda` module for this machine's GPUs (`default_archs`), built or brought up to date
     first where the build tools are installed; loaded once per process."""
     global _MODULE
     if _MODULE is not None:
         return _MODULE
-    if os.environ.get("DIT8_CUDA_EXT") == "0":
+    if _disabled():
         raise CudaExtError("the CUDA extension is disabled (DIT8_CUDA_EXT=0)")
     archs = default_archs()
     path = module_path(archs)
@@ -377,7 +387,7 @@ def unavailable_reason(device: torch.device) -> str | None:
         return f"the CUDA kernels take CUDA tensors, not {device.type} ones"
     if not torch.cuda.is_available():
         return "torch sees no CUDA GPU"
-    if os.environ.get("DIT8_CUDA_EXT") == "0":
+    if _disabled():
         return "the CUDA extension is disabled (DIT8_CUDA_EXT=0)"
     return None if _MODULE is not None else _load_error()
 
@@ -556,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         for candidate in dict.fromkeys((archs, DEFAULT_ARCHS)):
             path = module_path(candidate)
             print(f"module: {path} ({'built' if path.is_file() else 'not built'})")
-        if os.environ.get("DIT8_CUDA_EXT") == "0":
+        if _disabled():
             print("disabled: DIT8_CUDA_EXT=0 (the ops never load it; the build command still builds)")
         return 0
     except (CudaExtError, OSError, ImportError) as err:

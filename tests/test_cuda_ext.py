@@ -186,6 +186,17 @@ def test_disabled_by_environment(monkeypatch):
         cuda_ext.load()
 
 
+@pytest.mark.parametrize("value", ["off", "false", "2"])
+def test_a_setting_other_than_0_or_1_is_refused(monkeypatch, value):
+    # Read as "on", "off" would run the kernels it was set to stop.
+    monkeypatch.setenv("DIT8_CUDA_EXT", value)
+    monkeypatch.setattr(cuda_ext, "_MODULE", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for call in (cuda_ext.load, lambda: cuda_ext.unavailable_reason(torch.device("cuda"))):
+        with pytest.raises(cuda_ext.CudaExtError, match=f"DIT8_CUDA_EXT='{value}': expected 0 .off. or 1 .on."):
+            call()
+
+
 class _FakeModule:
     ABI_VERSION = cuda_ext.ABI_VERSION
     ARCHS = "sm_80,sm_89,sm_90a"
