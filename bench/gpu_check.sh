@@ -356,8 +356,12 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
                 limited ncu --clock-control none --profile-from-start off --csv --page details \
                     --log-file "$out/ncu_stalls.csv" --metrics "$("$py" bench/profile_kernels.py metrics)" \
                     "$py" bench/profile_kernels.py run "${only[@]}" 2>&1 | tail -4
+                # How busy each issue pipe was (a third pass, for the same reason).
+                limited ncu --clock-control none --profile-from-start off --csv --page details \
+                    --log-file "$out/ncu_pipes.csv" --metrics "$("$py" bench/profile_kernels.py metrics --pipes)" \
+                    "$py" bench/profile_kernels.py run "${only[@]}" 2>&1 | tail -4
                 "$py" bench/profile_kernels.py table "$out/ncu.csv" --stalls "$out/ncu_stalls.csv" \
-                    >"$out/profile.txt"
+                    --pipes "$out/ncu_pipes.csv" >"$out/profile.txt"
                 # Done only with a row of counters (a launch ID): a profiler cut off or refused (no
                 # permission for the counters) leaves none, and a later run tries again.
                 if ! grep -q '^| [0-9]' "$out/profile.txt"; then

@@ -7,11 +7,15 @@ Compute: where a kernel's time goes (issue slots, memory, occupancy), the measur
         python bench/profile_kernels.py run           # on a CUDA machine (bench/gpu_check.sh: stage profile)
     ncu --clock-control none --profile-from-start off --csv --page details --log-file stalls.csv \
         --metrics "$(python bench/profile_kernels.py metrics)" python bench/profile_kernels.py run
-    python bench/profile_kernels.py table ncu.csv [--stalls stalls.csv]   # the markdown tables, anywhere
+    ncu --clock-control none --profile-from-start off --csv --page details --log-file pipes.csv \
+        --metrics "$(python bench/profile_kernels.py metrics --pipes)" python bench/profile_kernels.py run
+    python bench/profile_kernels.py table ncu.csv [--stalls stalls.csv] [--pipes pipes.csv]  # the tables
 
 The second pass reads why warps did not issue (the stall reasons, in warps per issued instruction):
-what a latency-bound kernel waits on. It is a pass of its own so that a metric name this ncu does not
-know costs only that table.
+what a latency-bound kernel waits on. The third reads how busy each issue pipe was: a kernel that
+is neither memory- nor issue-bound may be waiting on one of them (GELU's exp2 and reciprocal run on
+the XU pipe, a sixteenth of the FMA pipe's rate, beside the 8-bit conversions). Each is a pass of its
+own so that a metric name this ncu does not know costs only that table.
 
 `run` compiles and warms every case first, then opens the profiler window (cudaProfilerStart) and
 calls each case once, in the order `cases` lists them, so ncu records only those launches: the bf16
@@ -62,6 +66,11 @@ STALL_REASONS = ("barrier", "branch_resolving", "dispatch_stall", "drain", "lg_t
                  "selected", "short_scoreboard", "sleeping", "tex_throttle", "wait")
 STALL_METRIC = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
 TOP_STALLS = 4
+# The issue pipes (column title, metric), each in % of its peak over the cycles the SM was active.
+PIPES = (("FMA %", "sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active"),
+         ("ALU %", "sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active"),
+         ("XU %", "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active"),
+         ("LSU %", "sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active"))
 
 
 def cases() -> list[tuple[str, Callable[[], object]]]:
@@ -192,6 +201,17 @@ def stall_table(csv_path: Path) -> list[str]:
     return out
 
 
+def pipe_table(csv_path: Path) -> list[str]:
+    """Markdown lines: per launch, the utilization of each of PIPES, from the pass with their metrics."""
+    out = ["| ID | kernel | " + " | ".join(title for title, _ in PIPES) + " |", "|---|---|" + "---|" * len(PIPES)]
+    for launch_id, launch in sorted(read_launches(csv_path).items(), key=lambda item: int(item[0])):
+        values = [launch["metrics"].get(name, ("", ""))[1] for _, name in PIPES]
+        if not any(_number(value) is not None for value in values):
+            raise ValueError(f"{csv_path}: launch {launch_id} has none of the pipe metrics")
+        out.append(f"| {launch_id} | {_kernel_name(launch)} | " + " | ".join(values) + " |")
+    return out
+
+
 def table(csv_path: Path) -> list[str]:
     """Markdown lines: one row per profiled kernel launch, in launch order, with COLUMNS."""
     launches = read_launches(csv_path)
@@ -220,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     tab = sub.add_parser("table", help="the markdown table of ncu's CSV (--page details)")
     tab.add_argument("csv", type=Path)
     tab.add_argument("--stalls", type=Path, help="the CSV of the stall-reason pass: a second table")
-    sub.add_parser("metrics", help="the --metrics argument of the stall-reason pass")
+    tab.add_argument("--pipes", type=Path, help="the CSV of the pipe pass: a third table")
+    metrics = sub.add_parser("metrics", help="the --metrics argument of the stall-reason pass")
+    metrics.add_argument("--pipes", action="store_true", help="that of the pipe pass instead")
     args = parser.parse_args(argv)
     if args.command == "run":
         import torch
@@ -231,21 +253,26 @@ def main(argv: list[str] | None = None) -> int:
         run(args.only)
         return 0
     if args.command == "metrics":
-        print(",".join(STALL_METRIC.format(reason) for reason in STALL_REASONS))
+        names = [name for _, name in PIPES] if args.pipes else [STALL_METRIC.format(r) for r in STALL_REASONS]
+        print(",".join(names))
         return 0
     try:
         print("\n".join(table(args.csv)))
     except (OSError, ValueError, KeyError) as e:
         print(f"profile_kernels: {e}", file=sys.stderr)
         return 1
-    if args.stalls is not None:
-        # The first table stands whatever became of the second pass.
+    # The first table stands whatever became of the other passes; each of those stands alone.
+    status = 0
+    for path, title, make in ((args.stalls, "Stall reasons (warps stalled per issued instruction):", stall_table),
+                              (args.pipes, "Issue pipes (% of peak over the SM's active cycles):", pipe_table)):
+        if path is None:
+            continue
         try:
-            print("\n".join(["", "Stall reasons (warps stalled per issued instruction):", *stall_table(args.stalls)]))
+            print("\n".join(["", title, *make(path)]))
         except (OSError, ValueError, KeyError) as e:
             print(f"profile_kernels: {e}", file=sys.stderr)
-            return 1
-    return 0
+            status = 1
+    return status
 
 
 if __name__ == "__main__":

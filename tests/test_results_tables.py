@@ -151,6 +151,27 @@ def test_profile_table_of_ncu_csv(tmp_path):
                            str(tmp_path / "empty.csv")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and done.stdout.splitlines()[:len(table)] == table and "no ncu CSV" in done.stderr
 
+    # The pipe pass: its metrics as `metrics --pipes` prints them; a table of its own, which stands when
+    # the stall pass failed (and the other way round).
+    pipes = subprocess.run([sys.executable, str(script), "metrics", "--pipes"], capture_output=True, text=True,
+                           timeout=60).stdout.strip().split(",")
+    assert "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active" in pipes and len(pipes) == 4
+    pipe_values = dict(zip(pipes, ["41.5", "12.0", "88.25", "30.1"]))
+    pipe_rows = [f'"3","1","python3","h","_rows_kernel","1","7","(512, 1, 1)","(32760, 1, 1)","0","9.0",'
+                 f'"Command line profiler metrics","{m}","%","{v}"' for m, v in pipe_values.items()]
+    (tmp_path / "pipes.csv").write_text("\n".join([head] + pipe_rows) + "\n")
+    done = subprocess.run([sys.executable, str(script), "table", str(tmp_path / "ncu.csv"), "--stalls",
+                           str(tmp_path / "empty.csv"), "--pipes", str(tmp_path / "pipes.csv")],
+                          capture_output=True, text=True, timeout=60)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 1 and "no ncu CSV" in done.stderr and lines[:len(table)] == table
+    assert lines[lines.index("Issue pipes (% of peak over the SM's active cycles):") + 1] == \
+        "| ID | kernel | FMA % | ALU % | XU % | LSU % |"
+    assert "| 3 | _rows_kernel | 41.5 | 12.0 | 88.25 | 30.1 |" in lines
+    done = subprocess.run([sys.executable, str(script), "table", str(tmp_path / "ncu.csv"), "--pipes",
+                           str(tmp_path / "stalls.csv")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "launch 0 has none of the pipe metrics" in done.stderr
+
 
 def test_a_sweep_row_lists_every_configuration_fastest_first(tmp_path):
     folder = tmp_path / "results"
