@@ -21,8 +21,8 @@ with DIT8_CUDA_EXT=0) it is false and "auto" falls through to the Triton backend
 
 Environment: DIT8_CACHE (cache root), DIT8_CUDA_ARCHS (e.g. "90a" or "80,89,90a"), DIT8_CUDA_EXT=0
 (the ops never build or load it; the build command still builds; 1 or unset: on, anything else an
-error), CUDA_HOME / CUDA_PATH (where nvcc
-is), CXX (the host compiler), DIT8_CSRC (the sources, if not beside the package).
+error), CUDA_HOME / CUDA_PATH (where nvcc is), CXX (the host compiler), DIT8_CSRC (the sources, if not
+beside the package).
 """
 
 from __future__ import annotations

@@ -74,12 +74,12 @@ DIMENSION_SOURCES = {"patch_embedding.weight": 5, "blocks.0.ffn.0.weight": 2, "h
                      "time_embedding.0.weight": 2, "text_embedding.0.weight": 2, "img_emb.proj.0.weight": 1}
 
 
-# A block number as the official names write it: decimal without leading zeros, of a sane length (int() of an
-# arbitrary run of digits may fail: "²" is a digit, 5000 digits exceed Python's limit). Any other is no block's.
 # The depth of the published Wan2.1 DiTs, by (dim, ffn_dim) (spec/wan21-dit.md). Without a config stating
 # num_layers, a checkpoint of their width with fewer blocks has lost its last ones: a per-block folder
 # missing its last file shows no gap in the block numbers.
 PUBLISHED_DEPTHS = {(5120, 13824): 40, (1536, 8960): 30}
+# A block number as the official names write it: decimal without leading zeros, of a sane length (int() of an
+# arbitrary run of digits may fail: "²" is a digit, 5000 digits exceed Python's limit). Any other is no block's.
 _BLOCK_NUMBER = re.compile(r"blocks\.(0|[1-9][0-9]{0,8})\.")
 
 
@@ -303,7 +303,8 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
     for source, raw in stated:
         config = check_against_config_json(config, raw, source)
     depth = PUBLISHED_DEPTHS.get((config.dim, config.ffn_dim))
-    if depth is not None and config.num_layers < depth and not any("num_layers" in config_json_values(raw) for _, raw in stated):
+    depth_stated = any("num_layers" in config_json_values(raw) for _, raw in stated)
+    if depth is not None and config.num_layers < depth and not depth_stated:
         raise CheckpointError(f"{ckpt.path}: blocks 0-{config.num_layers - 1} only, where the Wan2.1 DiTs of dim "
                               f"{config.dim} have {depth}: the tensors of the last blocks are missing (a lost file?); "
                               f"a model of another depth needs a config.json with num_layers beside the weights")
