@@ -25,6 +25,7 @@ import math
 import numbers
 import threading
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,7 +231,8 @@ class I2VPipeline:
             parallelism, `dit8.SequenceParallel`). Every process loads the pipeline and makes the same
             calls; each encodes, samples and decodes alike and gets the whole video.
 
-        Raises CheckpointError naming the file for a missing or unusable piece.
+        Raises CheckpointError naming the file for a missing or unusable piece. A failed load's exception
+        holds none of what it loaded (see `__call__`).
         """
         start = time.perf_counter()
         for name, value in (("distilled", distilled), ("offload_encoders", offload_encoders), ("progress", progress)):
@@ -238,22 +240,32 @@ class I2VPipeline:
                 raise InputError(f"{name} must be True, False or None, got {value!r}")
         _check_vae_tile(vae_tile)
         device = resolve_device(device)
-        files = find_model_files(path, dit=dit, scheme=scheme, distilled=distilled)
-        t5_dtype, clip_dtype = _encoder_dtypes(device, dtype)
-        encoder_device = torch.device("cpu") if offload_encoders else device
-        model = load_dit(files.dit, device=device, dtype=dtype, backend=backend,
-                         attention=attention, progress=progress, config_json=files.config_json, parallel=parallel)
-        if not model.config.is_i2v:
-            raise CheckpointError(f"{files.dit}: a text-to-video DiT; the pipeline needs an image-to-video one")
-        tokenizer = Tokenizer.from_folder(files.tokenizer, text_len=model.config.text_len)
-        t5 = T5Encoder.from_pth(files.t5, device=encoder_device, dtype=t5_dtype)
-        clip = CLIPVisionEncoder.from_pth(files.clip, device=encoder_device, dtype=clip_dtype)
-        vae = WanVAE.from_pth(files.vae, device=device, dtype=torch.float32)
-        pipe = cls(model, t5, clip, vae, tokenizer, distilled=files.distilled, offload_encoders=offload_encoders,
-                   vae_tile=vae_tile, files=files)
-        synchronize(device)
-        pipe.load_seconds = time.perf_counter() - start
-        return pipe
+
+        # In a function of its own, so that a failed load's exception holds none of what it loaded: the
+        # finished frame's locals are cleared (_release_frames), a DiT already on the GPU among them.
+        def load() -> I2VPipeline:
+            files = find_model_files(path, dit=dit, scheme=scheme, distilled=distilled)
+            t5_dtype, clip_dtype = _encoder_dtypes(device, dtype)
+            encoder_device = torch.device("cpu") if offload_encoders else device
+            model = load_dit(files.dit, device=device, dtype=dtype, backend=backend,
+                             attention=attention, progress=progress, config_json=files.config_json, parallel=parallel)
+            if not model.config.is_i2v:
+                raise CheckpointError(f"{files.dit}: a text-to-video DiT; the pipeline needs an image-to-video one")
+            tokenizer = Tokenizer.from_folder(files.tokenizer, text_len=model.config.text_len)
+            t5 = T5Encoder.from_pth(files.t5, device=encoder_device, dtype=t5_dtype)
+            clip = CLIPVisionEncoder.from_pth(files.clip, device=encoder_device, dtype=clip_dtype)
+            vae = WanVAE.from_pth(files.vae, device=device, dtype=torch.float32)
+            pipe = cls(model, t5, clip, vae, tokenizer, distilled=files.distilled, offload_encoders=offload_encoders,
+                       vae_tile=vae_tile, files=files)
+            synchronize(device)
+            pipe.load_seconds = time.perf_counter() - start
+            return pipe
+
+        try:
+            return load()
+        except BaseException as err:
+            _release_frames(err)
+            raise
 
     # -- generation -----------------------------------------------------------------------------------
 
@@ -285,6 +297,9 @@ class I2VPipeline:
             two parts of the decode.
         progress: draw a bar each for encoding, the denoising steps and decoding on `progress_stream`
             (default stderr; a stream given without progress=True is refused).
+
+        A failed call's exception holds none of the call's tensors: the finished frames of its traceback
+        are cleared (their lines stay; their locals are gone, also from a post-mortem debugger).
         """
         job = self._prepare(image, prompt, seed=seed, frames=frames, size=size, area=area, steps=steps,
                             sampler=sampler, guidance=guidance, shift=shift, negative_prompt=negative_prompt,
@@ -294,6 +309,9 @@ class I2VPipeline:
         self._running_thread = threading.get_ident()
         try:
             return self._generate(job)
+        except BaseException as err:
+            _release_frames(err)
+            raise
         finally:
             self._running_thread = None
             self._lock.release()
@@ -508,6 +526,18 @@ class I2VPipeline:
             synchronize(self.device)
             timings["decode"] = time.perf_counter() - t
         return frames
+
+
+def _release_frames(err: BaseException) -> None:
+    """Let the finished frames of `err`'s traceback (and of the exceptions it chains) drop their locals. A
+    caller that keeps a failed call's exception (to log it, or to retry after running out of memory)
+    would otherwise keep every tensor those frames held, latents and activations on the GPU among them;
+    the traceback's lines stay. (The frames still running, the caller's, are left as they are.)"""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:

@@ -5,6 +5,7 @@ and the discovery of every model folder layout."""
 import gc
 import io
 import threading
+import traceback
 import weakref
 
 import numpy as np
@@ -464,6 +465,49 @@ def test_nan_from_the_dit_stops_the_call_at_that_step(pipe, monkeypatch):
     monkeypatch.setattr(pipe.vae, "decode", lambda *a, **k: decode(*a, **k).fill_(float("inf")))
     with pytest.raises(dit8.NumericalError, match="the VAE's decoded frames: Inf values"):
         pipe(IMAGE, PROMPT, **ONE)
+
+
+def test_a_kept_exception_holds_none_of_the_calls_tensors(pipe, monkeypatch):
+    """A service that keeps a failed call's exception (to log it, or to retry after running out of GPU
+    memory) keeps no tensor of the call alive through its traceback; the traceback's lines stay."""
+    seen = []
+
+    def decode(latents, **kwargs):
+        seen.append(weakref.ref(latents))
+        raise RuntimeError("out of memory (a stand-in)")
+
+    monkeypatch.setattr(pipe.vae, "decode", decode)
+    with pytest.raises(RuntimeError, match="a stand-in") as info:
+        pipe(IMAGE, PROMPT, **ONE)
+    gc.collect()
+    assert len(seen) == 1 and seen[0]() is None
+    assert "in _decode" in "".join(traceback.format_exception(info.value))
+    monkeypatch.undo()
+    assert pipe(IMAGE, PROMPT, **ONE).frames.shape[0] == 1  # the pipeline still works
+
+
+def test_a_failed_load_keeps_nothing_it_loaded(distilled_folder, monkeypatch):
+    """A load that fails after the DiT is in memory (a broken VAE file, say): its exception does not keep
+    the DiT alive."""
+    loaded, load_dit = [], dit8.pipeline.load_dit
+
+    def recorded(*args, **kwargs):
+        model = load_dit(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    class BrokenVAE:
+        @staticmethod
+        def from_pth(path, **kwargs):
+            raise CheckpointError(f"{path}: a stand-in")
+
+    monkeypatch.setattr(dit8.pipeline, "load_dit", recorded)
+    monkeypatch.setattr(dit8.pipeline, "WanVAE", BrokenVAE)
+    with pytest.raises(CheckpointError, match="a stand-in") as info:
+        I2VPipeline.from_pretrained(distilled_folder)
+    gc.collect()
+    assert len(loaded) == 1 and loaded[0]() is None
+    assert "in load" in "".join(traceback.format_exception(info.value))
 
 
 def test_a_float_image_is_copied_before_the_call_reads_it(pipe, monkeypatch):
