@@ -1,5 +1,7 @@
 """Exceptions dit8 raises for bad input; the CLI prints their message as one line."""
 
+import traceback
+
 
 class Dit8Error(Exception):
     """Base class of every error dit8 raises on purpose."""
@@ -19,3 +21,17 @@ class InputError(Dit8Error, ValueError):
 class NumericalError(Dit8Error, ArithmeticError):
     """A computation on finite inputs produced NaN or Inf values (an overflowing dtype, damaged weights the
     loader's checks could not see). The message names the stage and, for the sampler, the step."""
+
+
+def release_frames(err: BaseException) -> None:
+    """Let the finished frames of `err`'s traceback (and of the exceptions it chains) drop their locals,
+    before an entry point re-raises it. A caller that keeps the exception (to log it, or to retry inside
+    its except block after running out of memory) would otherwise keep every tensor those frames held,
+    a model or a call's activations on the GPU among them; the traceback's lines stay. (Frames still
+    running, the caller's, are left as they are.)"""
+    seen: set[int] = set()
+    chained: BaseException | None = err
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        traceback.clear_frames(chained.__traceback__)
+        chained = chained.__cause__ or chained.__context__

@@ -25,7 +25,6 @@ import math
 import numbers
 import threading
 import time
-import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from .clip import CLIPVisionEncoder
 from .conditioning import (AREA_480P, check_frames, check_grid, check_prompt, check_size, clip_features,
                            image_condition, image_tensor, output_size, resize_image, text_features)
 from .devices import peak_memory, reset_peak, resolve_device, synchronize
-from .errors import CheckpointError, Dit8Error, InputError, NumericalError
+from .errors import CheckpointError, Dit8Error, InputError, NumericalError, release_frames
 from .loader import load_dit
 from .model import EncodedContext, WanDiT
 from .model_folder import ModelFiles, find_model_files
@@ -242,7 +241,7 @@ class I2VPipeline:
         device = resolve_device(device)
 
         # In a function of its own, so that a failed load's exception holds none of what it loaded: the
-        # finished frame's locals are cleared (_release_frames), a DiT already on the GPU among them.
+        # finished frame's locals are cleared (errors.release_frames), a DiT already on the GPU among them.
         def load() -> I2VPipeline:
             files = find_model_files(path, dit=dit, scheme=scheme, distilled=distilled)
             t5_dtype, clip_dtype = _encoder_dtypes(device, dtype)
@@ -264,7 +263,7 @@ class I2VPipeline:
         try:
             return load()
         except BaseException as err:
-            _release_frames(err)
+            release_frames(err)
             raise
 
     # -- generation -----------------------------------------------------------------------------------
@@ -310,7 +309,7 @@ class I2VPipeline:
         try:
             return self._generate(job)
         except BaseException as err:
-            _release_frames(err)
+            release_frames(err)
             raise
         finally:
             self._running_thread = None
@@ -526,18 +525,6 @@ class I2VPipeline:
             synchronize(self.device)
             timings["decode"] = time.perf_counter() - t
         return frames
-
-
-def _release_frames(err: BaseException) -> None:
-    """Let the finished frames of `err`'s traceback (and of the exceptions it chains) drop their locals. A
-    caller that keeps a failed call's exception (to log it, or to retry after running out of memory)
-    would otherwise keep every tensor those frames held, latents and activations on the GPU among them;
-    the traceback's lines stay. (The frames still running, the caller's, are left as they are.)"""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        traceback.clear_frames(err.__traceback__)
-        err = err.__cause__ or err.__context__
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:

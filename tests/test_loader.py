@@ -1,9 +1,11 @@
 """Checkpoint reading: every kind of bad input raises CheckpointError naming the file and the key."""
 
+import gc
 import json
 import math
 import os
 import re
+import traceback
 import weakref
 from pathlib import Path
 
@@ -112,6 +114,25 @@ def test_a_per_block_folder_that_lost_its_last_file(tmp_path, monkeypatch):
     (tmp_path / "three" / "block_2.safetensors").unlink()
     assert load_error(tmp_path / "three") == f"{tmp_path / 'three' / 'config.json'}: num_layers = 3 disagrees with " \
                                              f"the weights (2)"
+
+
+def test_the_exception_of_a_load_that_failed_part_way_holds_no_model(tmp_path, weights, monkeypatch):
+    # A service that keeps it (or loads another checkpoint inside its except block) keeps no second model.
+    weights["head.head.bias"] = torch.full_like(weights["head.head.bias"], float("nan"))  # read late
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+    built, make = [], loader.WanDiT
+
+    def recorded(*args, **kwargs):
+        model = make(*args, **kwargs)
+        built.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(loader, "WanDiT", recorded)
+    with pytest.raises(CheckpointError, match="head.head.bias") as info:
+        dit8.load_dit(path)
+    gc.collect()
+    assert len(built) == 1 and built[0]() is None
+    assert "in _fill" in "".join(traceback.format_exception(info.value))
 
 
 def test_hidden_files_in_a_folder_are_not_read(tmp_path, weights):
