@@ -1,4 +1,5 @@
-"""Exceptions dit8 raises for bad input; the CLI prints their message as one line."""
+"""Exceptions dit8 raises for bad input (the CLI prints their message as one line), and how its entry
+points let go of what a failure's traceback would keep."""
 
 import traceback
 
