@@ -99,6 +99,7 @@ def test_a_module_damaged_after_its_build_is_refused_or_linked_again(module, mon
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_only  # ptxas's report is the same on any machine with nvcc
 @needs_tools
 @pytest.mark.parametrize("source", [n for n in cuda_ext.SOURCES if n.endswith(".cu")])
 def test_kernels_do_not_spill_registers(source, tmp_path):
