@@ -1,5 +1,9 @@
 """WanDiT structure, input checks, the context cache and the RoPE table cache."""
 
+import gc
+import traceback
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,6 +112,23 @@ def test_an_encoded_context_saves_and_loads(model, tmp_path):
     assert loaded.model is None and encoded.model() is model  # the saved copy has no model to hold to
     torch.testing.assert_close(model(inputs["x"], inputs["t"], loaded, y=inputs["y"]),
                                model(inputs["x"], inputs["t"], encoded, y=inputs["y"]), rtol=0, atol=0)
+
+
+def test_a_failed_forwards_exception_holds_none_of_its_activations(model, monkeypatch):
+    # A caller that keeps it (or runs another forward inside its except block, after running out of
+    # memory) does not keep the failed forward's hidden states alive.
+    inputs, seen = random_inputs(model.config), []
+
+    def failing(h, *args):
+        seen.append(weakref.ref(h))
+        raise RuntimeError("out of memory (a stand-in)")
+
+    monkeypatch.setattr(model.blocks[1], "forward", failing)
+    with pytest.raises(RuntimeError, match="a stand-in") as info:
+        model(inputs["x"], inputs["t"], inputs["context"], clip_fea=inputs["clip_fea"], y=inputs["y"])
+    gc.collect()
+    assert len(seen) == 1 and seen[0]() is None
+    assert "in _forward" in "".join(traceback.format_exception(info.value))
 
 
 def test_an_encoded_context_of_another_model_is_refused(model):
