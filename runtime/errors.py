@@ -1,7 +1,12 @@
 """Exceptions dit8 raises for bad input (the CLI prints their message as one line), and how its entry
 points let go of what a failure's traceback would keep."""
 
+import functools
 import traceback
+from typing import Callable, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class Dit8Error(Exception):
@@ -36,3 +41,18 @@ def release_frames(err: BaseException) -> None:
         seen.add(id(chained))
         traceback.clear_frames(chained.__traceback__)
         chained = chained.__cause__ or chained.__context__
+
+
+def releases_frames(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn`, with `release_frames` applied to whatever it raises: its own frame, finished by then, and
+    those below it keep none of their tensors in the exception."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as err:
+            release_frames(err)
+            raise
+
+    return wrapper

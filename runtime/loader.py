@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint, TensorInfo, as_path, open_checkpoint
 from .config import (UNSHAPED_FIELDS, WAN_HEAD_DIM, WanConfig, check_against_config_json, config_json_values,
                      read_config_json)
 from .devices import resolve_device
-from .errors import CheckpointError, InputError, release_frames
+from .errors import CheckpointError, InputError, releases_frames
 from .layouts import block_linears, detect_layout, expected_shapes, from_official, layout_evidence, to_official
 from .model import WanDiT
 from .packed_format import (FORMAT_NAME, HIGH_PRECISION_DTYPES, KEY_CONFIG, KEY_DTYPE, KEY_SCHEME, KEY_SCHEMES,
@@ -394,6 +394,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+@releases_frames
 def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              backend: str = "auto", attention: str = "bf16", progress: bool | None = None,
              config_json: str | Path | None = None, parallel: SequenceParallel | None = None) -> WanDiT:
@@ -413,27 +414,15 @@ def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
 
     Tensors are read one at a time into the model's preallocated storage, so memory holds the model
     plus one tensor. Raises CheckpointError naming the file and key for any problem in the checkpoint;
-    the exception of a load that failed part way holds none of the model (see `errors.release_frames`).
+    the exception of a load that failed part way holds none of the model (`errors.releases_frames`).
     """
     if progress is not None and not isinstance(progress, bool):
         raise InputError(f"progress must be True, False or None, got {progress!r}")
     device = resolve_device(device)
     dit = open_dit(path, config_json)
     runtime_quantized = dit.runtime_quantized()
-    model = None
-    try:
-        model = WanDiT(dit.config, device=device, dtype=dtype or default_dtype(device), backend=backend,
-                       attention=attention, quantized=runtime_quantized, parallel=parallel)
-        _fill(model, dit, runtime_quantized, progress)
-    except BaseException as err:
-        model = None  # (this frame's hold on it; release_frames clears the others')
-        release_frames(err)
-        raise
-    return model
-
-
-def _fill(model: WanDiT, dit: DitCheckpoint, runtime_quantized: dict[str, torch.dtype], progress: bool | None) -> None:
-    """Read every tensor of `dit` into `model`'s buffers, one at a time."""
+    model = WanDiT(dit.config, device=device, dtype=dtype or default_dtype(device), backend=backend,
+                   attention=attention, quantized=runtime_quantized, parallel=parallel)
     scales = {module + suffix for module, suffix in dit.quantized.items() if suffix != UNSCALED}
     total = sum(dit.checkpoint.infos[k].nbytes for k in dit.names.values())
     with dit.checkpoint, Progress(total, "loading", enabled=progress) as bar:
@@ -453,6 +442,7 @@ def _fill(model: WanDiT, dit: DitCheckpoint, runtime_quantized: dict[str, torch.
             model.get_buffer(official).copy_(tensor)
             bar.update(dit.info(official).nbytes)
             del tensor  # free it before the next read, so memory holds the model plus one tensor
+    return model
 
 
 def _read_checked(dit: DitCheckpoint, official: str) -> torch.Tensor:

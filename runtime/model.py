@@ -26,7 +26,7 @@ from dit8.kernels.registry import (BackendError, backend_runs_on, check_preferre
                                    unavailable_reason)
 
 from .config import WanConfig
-from .errors import InputError, release_frames
+from .errors import InputError, releases_frames
 from .layers import Activation, LayerNorm, Linear, ModulatedLayerNorm, QuantizedRows, RMSNorm, Setup, empty_buffer
 from .parallel import SequenceParallel, bits_fingerprint, checksums, fingerprint
 from .rope import MAX_POSITIONS, rope_table
@@ -348,6 +348,7 @@ class WanDiT(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------
 
+    @releases_frames
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | EncodedContext,
                 clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity [B, out_dim, T, H, W] fp32 for latents x [B, out_dim, T, H, W] at timesteps t [B]
@@ -355,16 +356,8 @@ class WanDiT(nn.Module):
 
         `context` is the text encoder output [B, Ltext, text_dim] or an EncodedContext from this model's
         `encode_context` (which took clip_fea already). I2V models also take y [B, in_dim − out_dim, T,
-        H, W]. A failed forward's exception holds none of its activations (`errors.release_frames`).
+        H, W]. A failed forward's exception holds none of its activations (`errors.releases_frames`).
         """
-        try:
-            return self._forward(x, t, context, clip_fea, y)
-        except BaseException as err:
-            release_frames(err)
-            raise
-
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | EncodedContext,
-                 clip_fea: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor:
         cfg = self.config
         parallel = self.setup.parallel
         if parallel is None:

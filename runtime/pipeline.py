@@ -38,7 +38,7 @@ from .clip import CLIPVisionEncoder
 from .conditioning import (AREA_480P, check_frames, check_grid, check_prompt, check_size, clip_features,
                            image_condition, image_tensor, output_size, resize_image, text_features)
 from .devices import peak_memory, reset_peak, resolve_device, synchronize
-from .errors import CheckpointError, Dit8Error, InputError, NumericalError, release_frames
+from .errors import CheckpointError, Dit8Error, InputError, NumericalError, releases_frames
 from .loader import load_dit
 from .model import EncodedContext, WanDiT
 from .model_folder import ModelFiles, find_model_files
@@ -202,6 +202,7 @@ class I2VPipeline:
     # -- loading --------------------------------------------------------------------------------------
 
     @classmethod
+    @releases_frames
     def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                         dit: str | Path | None = None, scheme: str | None = None, distilled: bool | None = None,
                         backend: str = "auto", attention: str = "bf16", offload_encoders: bool = False,
@@ -239,35 +240,26 @@ class I2VPipeline:
                 raise InputError(f"{name} must be True, False or None, got {value!r}")
         _check_vae_tile(vae_tile)
         device = resolve_device(device)
-
-        # In a function of its own, so that a failed load's exception holds none of what it loaded: the
-        # finished frame's locals are cleared (errors.release_frames), a DiT already on the GPU among them.
-        def load() -> I2VPipeline:
-            files = find_model_files(path, dit=dit, scheme=scheme, distilled=distilled)
-            t5_dtype, clip_dtype = _encoder_dtypes(device, dtype)
-            encoder_device = torch.device("cpu") if offload_encoders else device
-            model = load_dit(files.dit, device=device, dtype=dtype, backend=backend,
-                             attention=attention, progress=progress, config_json=files.config_json, parallel=parallel)
-            if not model.config.is_i2v:
-                raise CheckpointError(f"{files.dit}: a text-to-video DiT; the pipeline needs an image-to-video one")
-            tokenizer = Tokenizer.from_folder(files.tokenizer, text_len=model.config.text_len)
-            t5 = T5Encoder.from_pth(files.t5, device=encoder_device, dtype=t5_dtype)
-            clip = CLIPVisionEncoder.from_pth(files.clip, device=encoder_device, dtype=clip_dtype)
-            vae = WanVAE.from_pth(files.vae, device=device, dtype=torch.float32)
-            pipe = cls(model, t5, clip, vae, tokenizer, distilled=files.distilled, offload_encoders=offload_encoders,
-                       vae_tile=vae_tile, files=files)
-            synchronize(device)
-            pipe.load_seconds = time.perf_counter() - start
-            return pipe
-
-        try:
-            return load()
-        except BaseException as err:
-            release_frames(err)
-            raise
+        files = find_model_files(path, dit=dit, scheme=scheme, distilled=distilled)
+        t5_dtype, clip_dtype = _encoder_dtypes(device, dtype)
+        encoder_device = torch.device("cpu") if offload_encoders else device
+        model = load_dit(files.dit, device=device, dtype=dtype, backend=backend,
+                         attention=attention, progress=progress, config_json=files.config_json, parallel=parallel)
+        if not model.config.is_i2v:
+            raise CheckpointError(f"{files.dit}: a text-to-video DiT; the pipeline needs an image-to-video one")
+        tokenizer = Tokenizer.from_folder(files.tokenizer, text_len=model.config.text_len)
+        t5 = T5Encoder.from_pth(files.t5, device=encoder_device, dtype=t5_dtype)
+        clip = CLIPVisionEncoder.from_pth(files.clip, device=encoder_device, dtype=clip_dtype)
+        vae = WanVAE.from_pth(files.vae, device=device, dtype=torch.float32)
+        pipe = cls(model, t5, clip, vae, tokenizer, distilled=files.distilled, offload_encoders=offload_encoders,
+                   vae_tile=vae_tile, files=files)
+        synchronize(device)
+        pipe.load_seconds = time.perf_counter() - start
+        return pipe
 
     # -- generation -----------------------------------------------------------------------------------
 
+    @releases_frames
     def __call__(self, image: Any, prompt: str, *, seed: int = 0, frames: int = 81,
                  size: tuple[int, int] | None = None, area: int | None = None, steps: int | None = None,
                  sampler: str | None = None, guidance: float | None = None, shift: float | None = None,
@@ -308,9 +300,6 @@ class I2VPipeline:
         self._running_thread = threading.get_ident()
         try:
             return self._generate(job)
-        except BaseException as err:
-            release_frames(err)
-            raise
         finally:
             self._running_thread = None
             self._lock.release()

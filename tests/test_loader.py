@@ -132,7 +132,7 @@ def test_the_exception_of_a_load_that_failed_part_way_holds_no_model(tmp_path, w
         dit8.load_dit(path)
     gc.collect()
     assert len(built) == 1 and built[0]() is None
-    assert "in _fill" in "".join(traceback.format_exception(info.value))
+    assert "in load_dit" in "".join(traceback.format_exception(info.value))
 
 
 def test_hidden_files_in_a_folder_are_not_read(tmp_path, weights):
