@@ -347,19 +347,20 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
                 only=()
                 IFS=';' read -ra parts <<<"${PROFILE_ONLY:-}"
                 for part in "${parts[@]}"; do [ -n "$part" ] && only+=(--only "$part"); done
+                # One pass of the profiler over the cases into CSV file $1, with ncu's options $2...
                 # --clock-control none: the clocks as the benchmarks run them (ncu would lock them to base).
-                limited ncu --clock-control none --profile-from-start off --csv --page details \
-                    --log-file "$out/ncu.csv" --section SpeedOfLight --section ComputeWorkloadAnalysis \
-                    --section Occupancy --section LaunchStats --section SchedulerStats --section WarpStateStats \
-                    "$py" bench/profile_kernels.py run "${only[@]}" 2>&1 | tail -12
-                # Why warps waited (stall reasons): a second pass, so that the first table stands if it fails.
-                limited ncu --clock-control none --profile-from-start off --csv --page details \
-                    --log-file "$out/ncu_stalls.csv" --metrics "$("$py" bench/profile_kernels.py metrics)" \
-                    "$py" bench/profile_kernels.py run "${only[@]}" 2>&1 | tail -4
-                # How busy each issue pipe was (a third pass, for the same reason).
-                limited ncu --clock-control none --profile-from-start off --csv --page details \
-                    --log-file "$out/ncu_pipes.csv" --metrics "$("$py" bench/profile_kernels.py metrics --pipes)" \
-                    "$py" bench/profile_kernels.py run "${only[@]}" 2>&1 | tail -4
+                ncu_pass() {
+                    local log=$1
+                    shift
+                    limited ncu --clock-control none --profile-from-start off --csv --page details --log-file "$log" \
+                        "$@" "$py" bench/profile_kernels.py run "${only[@]}" 2>&1 | tail -12
+                }
+                ncu_pass "$out/ncu.csv" --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy \
+                    --section LaunchStats --section SchedulerStats --section WarpStateStats
+                # Why warps waited (stall reasons) and how busy each issue pipe was: passes of their own, so
+                # that the first table stands if one fails.
+                ncu_pass "$out/ncu_stalls.csv" --metrics "$("$py" bench/profile_kernels.py metrics)"
+                ncu_pass "$out/ncu_pipes.csv" --metrics "$("$py" bench/profile_kernels.py metrics --pipes)"
                 "$py" bench/profile_kernels.py table "$out/ncu.csv" --stalls "$out/ncu_stalls.csv" \
                     --pipes "$out/ncu_pipes.csv" >"$out/profile.txt"
                 # Done only with a row of counters (a launch ID): a profiler cut off or refused (no
