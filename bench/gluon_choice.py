@@ -2,15 +2,12 @@
 the Triton kernel it would replace, in its fastest configuration, from a results folder of
 bench/gpu_check.sh:
 
-    python bench/gluon_choice.py .gpu_check        # e.g. "attention=ws gemm=k256"; empty: none won
+    python bench/gluon_choice.py .gpu_check        # e.g. "gemm=ws gemm_int8"; empty: none won
 
 - gemm: the fastest `test_gemm_gluon` configuration on (32760, 5120, 13824), the Wan shape whose table
   entry promotes (the only FP8 GEMMs it takes in a forward), against that row's `ms_triton`;
 - gemm_fast, gemm_int8: `test_gemm_gluon_fast`, `test_gemm_gluon_int8` against their rows'
   `ms_triton`, summed over the shapes they ran;
-- attention: the faster of the `gluon_bf16` and `gluon_bf16_ws` rows against `triton_bf16`;
-- attention_8bit: the fastest configuration over both 8-bit precisions (`gluon_int8` + `gluon_fp8`, or
-  their `_ws` or `_wg` rows) against `triton_int8` + `triton_fp8`.
 A candidate without timed rows (its GPU tests did not pass, its stage did not run) is left out.
 """
 
@@ -58,36 +55,10 @@ def in_place(rows: list[dict], test: str) -> str | None:
     return "default" if sum(ms for ms, _ in timed) < sum(t for _, t in timed) else None
 
 
-def _fastest(rows: list[dict], candidates: dict[str, tuple[str, ...]], rivals: tuple[str, ...]) -> str | None:
-    """The configuration whose self-attention rows (`candidates`: configuration -> row names) took the
-    least time together, where that beat the `rivals` rows together (or those did not all run); a
-    configuration counts only with all its rows timed."""
-    by_name = {r.get("params", {}).get("name"): _ms(r) for r in rows if _test(r) == "test_self_attention"}
-    timed = [(sum(by_name[name] for name in names), config) for config, names in candidates.items()
-             if all(by_name.get(name) is not None for name in names)]
-    if not timed:
-        return None
-    ms, config = min(timed)
-    if any(by_name.get(name) is None for name in rivals):
-        return config
-    return config if ms < sum(by_name[name] for name in rivals) else None
-
-
-def attention(rows: list[dict]) -> str | None:
-    return _fastest(rows, {"default": ("gluon_bf16", ), "ws": ("gluon_bf16_ws", )}, ("triton_bf16", ))
-
-
-def attention_8bit(rows: list[dict]) -> str | None:
-    """Both 8-bit precisions go to the candidate: their times together."""
-    return _fastest(rows, {"default": ("gluon_int8", "gluon_fp8"), "ws": ("gluon_int8_ws", "gluon_fp8_ws"),
-                           "wg": ("gluon_int8_wg", "gluon_fp8_wg")}, ("triton_int8", "triton_fp8"))
-
-
 def choice(folder: Path) -> str:
     """The DIT8_GLUON value for the candidates timed in `folder` (module docstring)."""
-    gemm_rows, attention_rows = _rows(folder / "bench_gemm.json"), _rows(folder / "bench_attention.json")
-    picks = {"attention": attention(attention_rows), "attention_8bit": attention_8bit(attention_rows),
-             "gemm": gemm(gemm_rows),
+    gemm_rows = _rows(folder / "bench_gemm.json")
+    picks = {"gemm": gemm(gemm_rows),
              "gemm_fast": in_place(gemm_rows, "test_gemm_gluon_fast"),
              "gemm_int8": in_place(gemm_rows, "test_gemm_gluon_int8")}
     return " ".join(f"{name}={config}" for name, config in picks.items() if config is not None)

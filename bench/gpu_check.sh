@@ -199,9 +199,9 @@ run_pytest() { limited "$py" -m pytest "${pytest_args[@]}" "$@"; }
 # The kernels the tests stage verified on this machine in an earlier run: "auto" runs these and no
 # others (DIT8_VERIFIED, kernels/registry.py).
 if [ -s "$out/verified.json" ]; then export DIT8_VERIFIED="$(cd "$out" && pwd)/verified.json"; fi
-# The Gluon candidates (kernels/*_gluon.py) are benchmarked and profiled only after their GPU tests
+# The Gluon candidates (kernels/scaled_mm_gluon.py) are benchmarked and profiled only after their GPU tests
 # passed on this machine: a kernel that hangs there would spend the stage's time. DIT8_SKIP_GLUON names
-# the others ("attention", "attention_8bit", "gemm", "gemm_fast", "gemm_int8"; verified_backends.py).
+# the others ("gemm", "gemm_fast", "gemm_int8"; verified_backends.py).
 untested_gluon() {
     "$py" - "$out/tests.xml" "$out/test_outcomes.jsonl" "$out/kernel_tests.json" <<'PY'
 import json
@@ -306,16 +306,15 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
             done ;;
         candidates)
             # The forward with the Gluon candidates routed in (DIT8_GLUON, kernels/candidates.py): each one
-            # that beat the Triton kernel it would replace in the gemm and attention stages, in its fastest
+            # that beat the Triton kernel it would replace in the gemm stage, in its fastest
             # configuration there (bench/gluon_choice.py), beside the dit stage's runs.
             choice=$("$py" bench/gluon_choice.py "$out")
             if [ -z "$choice" ]; then  # not done: a later run, after those stages, tries again
                 echo "candidates: no Gluon candidate beat its Triton kernel here (or none was timed yet)"
                 touch "$out/.cut"
             fi
-            # FP8 forwards with bf16 and 8-bit attention; an INT8 one where the INT8 GEMM or the 8-bit attention
-            # is routed too.
-            int8_run=$(echo "$choice" | grep -qE "gemm_int8|attention_8bit" && echo "--scheme int8 --attention int8")
+            # FP8 forwards with bf16 and 8-bit attention; an INT8 one where the INT8 GEMM is routed too.
+            int8_run=$(echo "$choice" | grep -qE "gemm_int8" && echo "--scheme int8 --attention int8")
             for run in ${choice:+"--scheme fp8 --attention bf16" "--scheme fp8 --attention fp8"} \
                        ${int8_run:+"$int8_run"}; do
                 name=$(echo "$run" | awk '{print $2 "_" $4}')_gluon

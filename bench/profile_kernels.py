@@ -23,8 +23,7 @@ and 8-bit self-attention (q, k, v [1, 32760, 40, 128]) and the fused cross-atten
 on the Triton kernels, the FP8 GEMM with Hopper's promoted and fast-accumulation tiles, and the fused
 memory-bound ops on 32,760 x 5120 (GELU: x 13,824) on the backend `auto` picks; the bf16 and 8-bit
 attention kernels' table tiles with pointer loads (on Hopper the tables' tiles load through TMA). On
-Hopper also the Gluon candidates (bf16 and 8-bit attention, the FP8 GEMMs), unless DIT8_SKIP_GLUON names
-them.
+Hopper also the Gluon FP8 GEMM candidates, unless DIT8_SKIP_GLUON names them.
 """
 
 from __future__ import annotations
@@ -78,8 +77,7 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
     import torch
 
     from dit8 import kernels as ops
-    from dit8.kernels import (attention_8bit_gluon, attention_8bit_triton, attention_gluon, attention_triton,
-                              gemm_configs, scaled_mm_gluon)
+    from dit8.kernels import attention_8bit_triton, attention_triton, gemm_configs, scaled_mm_gluon
     from dit8.kernels import scaled_mm_triton as gemm
 
     dev = torch.device("cuda")
@@ -99,7 +97,7 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
     fast = gemm_configs.FAST_ACCUMULATION["sm_90"]
     # The Gluon candidates on Hopper, unless their GPU tests did not pass here (bench/gpu_check.sh).
     hopper = torch.cuda.get_device_capability(dev)[0] == 9
-    gluon = [] if not hopper else [name for name in ("attention", "attention_8bit", "gemm", "gemm_fast")
+    gluon = [] if not hopper else [name for name in ("gemm", "gemm_fast")
                                    if name not in os.environ.get("DIT8_SKIP_GLUON", "").split()]
     residual, shift, scale = randn(1, 32760, 5120, dtype=torch.float32), randn(1, 5120, dtype=torch.float32), \
         randn(1, 5120, dtype=torch.float32)
@@ -112,20 +110,12 @@ def cases() -> list[tuple[str, Callable[[], object]]]:
     return [
         ("attention bf16", lambda: ops.attention(q, k, v, precision="bf16", backend="triton")),
         ("attention bf16, pointer loads", lambda: attention_triton.attention_bf16(q, k, v, config=pointer_loads)),
-        *([(f"attention bf16, Gluon candidate{' (warp-specialized)' if ws else ''}",
-            lambda ws=ws: attention_gluon.attention_bf16(q, k, v, warp_specialized=ws)) for ws in (False, True)]
-          if "attention" in gluon else []),
         ("attention int8", lambda: ops.attention(q, k, v, precision="int8", backend="triton")),
         ("attention fp8", lambda: ops.attention(q, k, v, precision="fp8", backend="triton")),
         *[(f"attention {precision}, pointer loads",
            lambda precision=precision: attention_8bit_triton.attention_8bit(
                q, k, v, precision, config=eight_bit_pointer_loads[precision]))
           for precision in ("int8", "fp8")],
-        *([(f"attention {precision}, Gluon candidate ({config})",
-            lambda precision=precision, kwargs=kwargs: attention_8bit_gluon.attention_8bit(q, k, v, precision,
-                                                                                          **kwargs))
-           for precision in ("int8", "fp8") for config, kwargs in attention_8bit_gluon.CONFIGS.items()]
-          if "attention_8bit" in gluon else []),
         ("cross-attention", lambda: ops.cross_attention(q, k_text, v_text, k_img, v_img, backend="triton")),
         (f"fp8 GEMM {promoted.name()}", lambda: gemm.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16, config=promoted)),
         (f"fp8 GEMM {fast.name()}", lambda: gemm.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16, config=fast)),

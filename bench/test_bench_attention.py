@@ -27,9 +27,6 @@ from dit8.kernels import attention_8bit_triton as impl8  # noqa: E402
 from dit8.kernels import attention_triton as impl  # noqa: E402
 from dit8.kernels.buffers import poisoned_outputs  # noqa: E402
 
-# The Triton rows time the Triton kernels, not the Gluon ones Hopper routes in (bench/conftest.py).
-pytestmark = pytest.mark.usefixtures("triton_kernels_only")
-
 # (B, L, H, D) of the self-attention and (Lq, Ltext, Limage) of the cross-attention.
 FULL = dict(self_shape=(1, 32760, 40, 128), cross=(32760, 512, 257))
 SMOKE = dict(self_shape=(1, 100, 2, 32), cross=(70, 40, 19))
@@ -104,15 +101,10 @@ def baseline(cache: dict, key, make_call, gpu_time) -> tuple[float, torch.Tensor
 # the same tile with pointer loads; triton_int8 / triton_fp8: the two 8-bit precisions (INT8 q·kᵀ; INT8
 # or FP8 P·V); triton_int8_pv16: INT8 q·kᵀ with 16-bit P·V; *_three_per_sm: the 8-bit precisions on the
 # register-capped candidate tile (attention_triton.THREE_PER_SM); triton_int8_pointer /
-# triton_fp8_pointer: the table's tile with pointer loads (on Hopper the table's loads through TMA); gluon_bf16 /
-# gluon_bf16_ws: the Hopper candidate for the bf16 path (kernels/attention_gluon.py; _ws: its
-# warp-specialized kernel); gluon_int8 / gluon_fp8 (and _ws; _wg: one warpgroup a program): the one for
-# the 8-bit paths (kernels/attention_8bit_gluon.py, the quantization included as in triton_*); on Hopper
-# only.
+# triton_fp8_pointer: the table's tile with pointer loads (on Hopper the table's loads through TMA).
 SELF_IMPLS = ["sdpa_cudnn", "sdpa_flash", "torch_reference", "triton_bf16", "triton_bf16_pointer", "triton_int8",
               "triton_fp8", "triton_int8_pv16", "triton_int8_three_per_sm", "triton_fp8_three_per_sm",
-              "triton_int8_pointer", "triton_fp8_pointer", "gluon_bf16", "gluon_bf16_ws", "gluon_int8", "gluon_int8_ws",
-              "gluon_int8_wg", "gluon_fp8", "gluon_fp8_ws", "gluon_fp8_wg"]
+              "triton_int8_pointer", "triton_fp8_pointer"]
 
 
 @pytest.mark.parametrize("name", SELF_IMPLS)
@@ -126,23 +118,6 @@ def test_self_attention(name, device, smoke, record, gpu_time, baseline_cache):
     info = {}
     if name.startswith("sdpa_"):
         fn = _sdpa_call(name.removeprefix("sdpa_"), device, q, k, v)
-    elif name.startswith("gluon_"):
-        if device != "cuda" or torch.cuda.get_device_capability()[0] != 9:
-            pytest.skip("the Gluon kernel is written for Hopper GPUs (sm_90)")
-        candidate = "attention" if name.startswith("gluon_bf16") else "attention_8bit"
-        if candidate in os.environ.get("DIT8_SKIP_GLUON", "").split():
-            pytest.skip("DIT8_SKIP_GLUON: the Gluon kernel's GPU tests have not passed here (bench/gpu_check.sh)")
-        if candidate == "attention_8bit":
-            from dit8.kernels import attention_8bit_gluon
-
-            precision, _, config = name.removeprefix("gluon_").partition("_")
-            fn = lambda: attention_8bit_gluon.attention_8bit(  # noqa: E731
-                q, k, v, precision, **attention_8bit_gluon.CONFIGS[config or "default"])
-        else:
-            from dit8.kernels import attention_gluon
-
-            ws = name.endswith("_ws")
-            fn = lambda: attention_gluon.attention_bf16(q, k, v, warp_specialized=ws)  # noqa: E731
     elif name == "triton_bf16_pointer":
         config = dataclasses.replace(impl.pick_config("bf16", D, shared_memory=impl.shared_memory_of(q.device)),
                                      tma=False)

@@ -112,11 +112,9 @@ def read_cases(junit_xml: Path, log: Path | None = None) -> list[Case]:
         return cases
 
 
-# The Gluon candidates (kernels/*_gluon.py) and their tests: those of a module; the GEMM's in-place
-# accumulation kernel's have "fast" (FP8) or "int8" in their names.
-GLUON_TESTS = {"attention": ("test_attention_gluon", lambda name: True),
-               "attention_8bit": ("test_attention_8bit_gluon", lambda name: True),
-               "gemm": ("test_scaled_mm_gluon", lambda name: "fast" not in name and "int8" not in name),
+# The Gluon candidates (kernels/scaled_mm_gluon.py) and their tests: the in-place accumulation kernel's
+# have "fast" (FP8) or "int8" in their names.
+GLUON_TESTS = {"gemm": ("test_scaled_mm_gluon", lambda name: "fast" not in name and "int8" not in name),
                "gemm_fast": ("test_scaled_mm_gluon", lambda name: "fast" in name),
                "gemm_int8": ("test_scaled_mm_gluon", lambda name: "int8" in name)}
 

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from dit8.choices import PRECISIONS
 
-from . import candidates
 from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor
 from .registry import BackendError, register, require_fp8_tensor_cores, resolve
 from .triton_support import triton_runs_on
@@ -52,23 +51,9 @@ def _attention_torch(q, k, v, precision):
 def _attention_triton(q, k, v, precision):
     # lazy: triton is an optional dependency
     if precision == "bf16":
-        if (config := candidates.routed("attention", q.device)) is not None:
-            from . import attention_gluon
-
-            try:  # on trial (kernels/candidates.py); outside its scope the Triton kernel runs
-                return attention_gluon.attention_bf16(q, k, v, warp_specialized=config == "ws")
-            except OpArgumentError:
-                pass
         from .attention_triton import attention_bf16
 
         return attention_bf16(q, k, v)
-    if (config := candidates.routed("attention_8bit", q.device)) is not None:
-        from . import attention_8bit_gluon
-
-        try:  # on trial, as above
-            return attention_8bit_gluon.attention_8bit(q, k, v, precision, **attention_8bit_gluon.CONFIGS[config])
-        except OpArgumentError:
-            pass
     from .attention_8bit_triton import attention_8bit
 
     return attention_8bit(q, k, v, precision)

@@ -1,22 +1,20 @@
-"""The Gluon kernels for Hopper (kernels/*_gluon.py) routed into the ops: those adopted for a GPU
-generation (ADOPTED), and candidates on trial, for measuring what they change in a whole forward before
-they are adopted.
+"""The Gluon GEMM kernels for Hopper (kernels/scaled_mm_gluon.py) routed into `scaled_mm`: those adopted
+for a GPU generation (ADOPTED), and candidates on trial, for measuring what they change in a whole
+forward before they are adopted.
 
 DIT8_GLUON, when set, replaces the adopted ones with its list of candidates and, optionally, each one's
 configuration:
 
-    DIT8_GLUON="attention gemm gemm_fast"  # their default configurations (also gemm_int8, attention_8bit)
-    DIT8_GLUON="attention=ws gemm=k256"    # attention: "default" or "ws" (attention_8bit also "wg");
-                                           # gemm: a scaled_mm_gluon.CANDIDATES key
+    DIT8_GLUON="gemm gemm_fast gemm_int8"  # their default configurations
+    DIT8_GLUON="gemm=k256"                 # gemm: a scaled_mm_gluon.CANDIDATES key
     DIT8_GLUON=""                          # none: the Triton kernels only
 
-On an sm_90 GPU, then, `attention(precision="bf16", backend="triton")` runs attention_gluon's kernel,
-`attention(precision="int8" or "fp8", backend="triton")` attention_8bit_gluon's ("attention_8bit"),
-and `scaled_mm(..., backend="triton")` runs scaled_mm_gluon's: for FP8 operands "gemm" where the
-Triton table promotes the accumulation and "gemm_fast" (scaled_mm_gluon.FAST) where it takes its
-fast-accumulation tiles; for INT8 operands "gemm_int8" (FAST too). Calls outside a candidate's scope
-(other GPUs, shapes, strides) run the Triton kernels as before. `dit8 bench dit` records what was
-routed with its results. Pure Python: importing this imports no triton.
+On an sm_90 GPU, then, `scaled_mm(..., backend="triton")` runs scaled_mm_gluon's kernels: for FP8
+operands "gemm" where the Triton table promotes the accumulation and "gemm_fast"
+(scaled_mm_gluon.FAST) where it takes its fast-accumulation tiles; for INT8 operands "gemm_int8" (FAST
+too). Calls outside a candidate's scope (other GPUs, shapes, strides) run the Triton kernels as before.
+`dit8 bench dit` records what was routed with its results. Pure Python: importing this imports no
+triton.
 """
 
 from __future__ import annotations
@@ -32,8 +30,6 @@ from .checks import OpArgumentError
 ENV_VAR = "DIT8_GLUON"
 # Each candidate's configurations; the first is its default.
 CONFIGURATIONS = {
-    "attention": ("default", "ws"),
-    "attention_8bit": ("default", "ws", "wg"),  # wg: one warpgroup a program (attention_8bit_gluon.BLOCK_MS)
     "gemm": ("default", "stages5", "k256", "ws", "ws_k256", "split"),
     "gemm_fast": ("default", ),
     "gemm_int8": ("default", ),
@@ -52,7 +48,7 @@ ADOPTED: dict[tuple[int, int], str] = {
 }
 
 
-@functools.lru_cache(maxsize=None)  # (every GEMM and attention call asks)
+@functools.lru_cache(maxsize=None)  # (every GEMM call asks)
 def _parsed(setting: str, source: str) -> tuple[tuple[str, str], ...]:
     return tuple(_parse(setting, source).items())
 

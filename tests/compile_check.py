@@ -132,17 +132,6 @@ def loop_statistics(sass: str) -> dict[str, int]:
                 loop_instructions=len(main), loop_index_shuffles=sum("SHFL.IDX" in x for x in main))
 
 
-def key_loop_overlap(sass: str) -> dict[str, int]:
-    """From nvdisasm output of a Gluon attention kernel: its key loop (the shortest loop holding a wait
-    that leaves one matrix product in flight), how many such waits it holds, the exp2s after that wait,
-    the waits for every product after it, and its instruction count."""
-    one, every = "WARPGROUP.DEPBAR.LE gsb0, 0x1", "WARPGROUP.DEPBAR.LE gsb0, 0x0"
-    body = min((b for b in loops(sass) if any(one in x for x in b)), key=len)
-    after = body[next(i for i, x in enumerate(body) if one in x) + 1:]
-    return dict(waits_for_one=sum(one in x for x in body), exp2_after_it=sum("MUFU.EX2" in x for x in after),
-                waits_for_all_after_it=sum(every in x for x in after), loop_instructions=len(body))
-
-
 def run_without_interpreter(module: str, function: str, args: tuple = ()) -> dict:
     """tests/`module`.`function`(*args) in a fresh process without TRITON_INTERPRET; its JSON result."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -1,7 +1,7 @@
-"""DIT8_GLUON (kernels/candidates.py): what it accepts, and that the ops route calls to a Gluon
+"""DIT8_GLUON (kernels/candidates.py): what it accepts, and that `scaled_mm` routes calls to a Gluon
 candidate only where it is asked for and where the candidate takes the call; elsewhere the Triton
 kernels run as before. The routing is checked on the CPU with the candidates' launches replaced by
-recorders (the Gluon kernels themselves run on a Hopper GPU only: tests/test_*_gluon.py)."""
+recorders (the Gluon kernels themselves run on a Hopper GPU only: tests/test_scaled_mm_gluon.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import torch
 pytest.importorskip("triton.experimental.gluon", reason="this triton has no Gluon dialect")
 
 from dit8 import kernels as ops  # noqa: E402
-from dit8.kernels import (OpArgumentError, attention_8bit_gluon, attention_gluon, candidates,  # noqa: E402
-                          scaled_mm_gluon)
+from dit8.kernels import OpArgumentError, candidates, scaled_mm_gluon  # noqa: E402
 from dit8.kernels import scaled_mm_triton as gemm  # noqa: E402
 from dit8.kernels.buffers import new_output  # noqa: E402
 from dit8.kernels.gemm_configs import GemmConfig  # noqa: E402
@@ -25,25 +24,26 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_the_setting_names_candidates_and_their_configurations(monkeypatch):
     monkeypatch.delenv(candidates.ENV_VAR, raising=False)
     assert candidates.chosen() == {}
-    monkeypatch.setenv(candidates.ENV_VAR, "attention gemm=ws_k256")
-    assert candidates.chosen() == {"attention": "default", "gemm": "ws_k256"}
+    monkeypatch.setenv(candidates.ENV_VAR, "gemm_int8 gemm=ws_k256")
+    assert candidates.chosen() == {"gemm_int8": "default", "gemm": "ws_k256"}
     # Every configuration it accepts is one the kernels have.
     assert set(candidates.CONFIGURATIONS["gemm"]) == set(scaled_mm_gluon.CANDIDATES)
     assert candidates.CONFIGURATIONS["gemm_fast"] == candidates.CONFIGURATIONS["gemm_int8"] == ("default", )
-    for bad, message in [("softmax", "unknown candidate 'softmax'"), ("gemm=fast", "gemm has no configuration 'fast'")]:
+    for bad, message in [("attention", "unknown candidate 'attention'"),
+                         ("gemm=fast", "gemm has no configuration 'fast'")]:
         monkeypatch.setenv(candidates.ENV_VAR, bad)
         with pytest.raises(OpArgumentError, match=f"DIT8_GLUON: {message}"):
             candidates.chosen()
 
 
 def test_nothing_is_routed_off_hopper(monkeypatch):
-    monkeypatch.setenv(candidates.ENV_VAR, "attention=ws gemm")
-    assert candidates.routed("attention", torch.device("cpu")) is None
+    monkeypatch.setenv(candidates.ENV_VAR, "gemm=ws gemm_fast")
+    assert candidates.routed("gemm", torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
     assert candidates.routed("gemm", torch.device("cuda", 0)) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert candidates.routed("gemm", torch.device("cuda", 0)) == "default"
-    assert candidates.routed("attention", torch.device("cuda", 0)) == "ws"
+    assert candidates.routed("gemm", torch.device("cuda", 0)) == "ws"
+    assert candidates.routed("gemm_fast", torch.device("cuda", 0)) == "default"
 
 
 def test_hopper_routes_the_adopted_kernels_unless_the_setting_says_otherwise(monkeypatch):
@@ -64,47 +64,8 @@ def test_hopper_routes_the_adopted_kernels_unless_the_setting_says_otherwise(mon
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setenv(candidates.ENV_VAR, "")
     assert candidates.chosen(cuda) == {} and candidates.routed("gemm", cuda) is None
-    monkeypatch.setenv(candidates.ENV_VAR, "attention")
-    assert candidates.chosen(cuda) == {"attention": "default"} and candidates.routed("gemm_int8", cuda) is None
-
-
-def _qkv():
-    """fp32 q, k, v: outside the Gluon kernel's scope (bf16, head_dim 128) on any device."""
-    gen = torch.Generator().manual_seed(0)
-    return [torch.randn(1, 40, 2, 32, generator=gen).to(DEVICE) for _ in range(3)]
-
-
-def test_bf16_attention_goes_to_the_candidate_asked_for(monkeypatch):
-    q, k, v = _qkv()
-    calls = []
-    monkeypatch.setattr(candidates, "routed", lambda name, device: "ws" if name == "attention" else None)
-    monkeypatch.setattr(attention_gluon, "attention_bf16",
-                        lambda q, k, v, warp_specialized: calls.append(warp_specialized) or torch.zeros_like(q))
-    out = ops.attention(q, k, v, precision="bf16", backend="triton")
-    assert calls == [True] and torch.equal(out, torch.zeros_like(q))
-
-
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_attention_outside_the_candidates_scope_runs_the_triton_kernel(monkeypatch, precision):
-    q, k, v = _qkv()
-    expected = ops.attention(q, k, v, precision=precision, backend="triton")
-    # The real candidates refuse fp32 inputs (OpArgumentError): the Triton kernel takes the call.
-    monkeypatch.setattr(candidates, "routed", lambda name, device: "default")
-    torch.testing.assert_close(ops.attention(q, k, v, precision=precision, backend="triton"), expected, rtol=0,
-                               atol=0)
-
-
-@pytest.mark.parametrize("config, expected", [("ws", (True, attention_8bit_gluon.BLOCK_M)),
-                                              ("wg", (False, 64)), ("default", (False, attention_8bit_gluon.BLOCK_M))])
-def test_8bit_attention_goes_to_the_8bit_candidate_asked_for(monkeypatch, config, expected):
-    q, k, v = _qkv()
-    calls = []
-    monkeypatch.setattr(candidates, "routed", lambda name, device: config if name == "attention_8bit" else None)
-    monkeypatch.setattr(attention_8bit_gluon, "attention_8bit", lambda q, k, v, precision, warp_specialized, block_m:
-                        calls.append((precision, warp_specialized, block_m)) or torch.zeros_like(q))
-    for precision in ("int8", "fp8"):
-        assert torch.equal(ops.attention(q, k, v, precision=precision, backend="triton"), torch.zeros_like(q))
-    assert calls == [("int8", *expected), ("fp8", *expected)]
+    monkeypatch.setenv(candidates.ENV_VAR, "gemm_fast")
+    assert candidates.chosen(cuda) == {"gemm_fast": "default"} and candidates.routed("gemm_int8", cuda) is None
 
 
 def test_promoted_fp8_gemms_go_to_the_candidate_asked_for(monkeypatch):
@@ -165,30 +126,12 @@ def test_the_setting_for_a_results_folder_takes_the_fastest_timed_configurations
             row("test_gemm_gluon_int8", {}, 1.3, shape=other, ms_triton=1.4)]  # the INT8 kernel wins
     (tmp_path / "bench_gemm.json").write_text(json.dumps({"benchmarks": gemm}))
     assert module.choice(tmp_path) == "gemm=k256 gemm_int8=default"
-    attention = [row("test_self_attention", {"name": "gluon_bf16"}, 40.0),
-                 row("test_self_attention", {"name": "gluon_bf16_ws"}, 39.0),
-                 row("test_self_attention", {"name": "triton_bf16"}, 43.8),
-                 row("test_self_attention", {"name": "sdpa_cudnn"}, 30.0),
-                 row("test_self_attention", {"name": "gluon_fp8"}, 30.0),
-                 row("test_self_attention", {"name": "gluon_fp8_ws"}, 31.0),
-                 row("test_self_attention", {"name": "gluon_int8"}, 35.0),
-                 row("test_self_attention", {"name": "gluon_int8_ws"}, 34.5),  # both together: default wins
-                 row("test_self_attention", {"name": "gluon_fp8_wg"}, 29.0),
-                 row("test_self_attention", {"name": "gluon_int8_wg"}, 36.5),  # ... over these too
-                 row("test_self_attention", {"name": "triton_fp8"}, 36.0),
-                 row("test_self_attention", {"name": "triton_int8"}, 39.0)]
-    (tmp_path / "bench_attention.json").write_text(json.dumps({"benchmarks": attention}))
-    setting = module.choice(tmp_path)
-    assert setting == "attention=ws attention_8bit=default gemm=k256 gemm_int8=default"
+    monkeypatch.setenv(candidates.ENV_VAR, module.choice(tmp_path))  # ... which the ops accept
+    assert candidates.chosen() == {"gemm": "k256", "gemm_int8": "default"}
     # A candidate slower than the Triton kernel it would replace is not routed.
-    attention[1]["extra_info"]["ms"] = attention[0]["extra_info"]["ms"] = 45.0
-    for slower in attention[4:10]:
-        slower["extra_info"]["ms"] = 38.0
-    (tmp_path / "bench_attention.json").write_text(json.dumps({"benchmarks": attention}))
-    assert module.choice(tmp_path) == "gemm=k256 gemm_int8=default"
-    monkeypatch.setenv(candidates.ENV_VAR, setting)  # ... which the ops accept
-    assert candidates.chosen() == {"attention": "ws", "attention_8bit": "default", "gemm": "k256",
-                                   "gemm_int8": "default"}
+    gemm[1]["extra_info"]["ms"] = gemm[0]["extra_info"]["ms"] = 5.0
+    (tmp_path / "bench_gemm.json").write_text(json.dumps({"benchmarks": gemm}))
+    assert module.choice(tmp_path) == "gemm_int8=default"
 
 
 def test_int8_gemms_go_to_the_in_place_accumulation_candidate_asked_for(monkeypatch):

@@ -199,26 +199,28 @@ def test_a_gluon_candidate_is_tested_only_by_its_gpu_tests(tmp_path):
     from verified_backends import GLUON_TESTS, untested_gluon
 
     gpu = [pytest.mark.gpu.mark]
-    items = [_Item("test_kernel_a", gpu), _Item("test_kernel_b", gpu), _Item("test_names_what_it_cannot_take")]
+    items = [_Item("test_int8_kernel_a", gpu), _Item("test_int8_kernel_b", gpu),
+             _Item("test_int8_names_what_it_cannot_take")]
     for item in items:
-        item.nodeid = f"tests/test_attention_gluon.py::{item.name}"
+        item.nodeid = f"tests/test_scaled_mm_gluon.py::{item.name}"
     write_kernel_tests(items, tmp_path / "kernel_tests.json")
     collected = json.loads((tmp_path / "kernel_tests.json").read_text())
-    assert collected == {"tests/test_attention_gluon.py::test_kernel_a": [],
-                         "tests/test_attention_gluon.py::test_kernel_b": []}  # the GPU tests, with no kernels
+    assert collected == {"tests/test_scaled_mm_gluon.py::test_int8_kernel_a": [],
+                         "tests/test_scaled_mm_gluon.py::test_int8_kernel_b": []}  # the GPU tests, with no kernels
 
     def case(name, outcome):
-        return (("tests.test_attention_gluon", name), [], outcome)
+        return (("tests.test_scaled_mm_gluon", name), [], outcome)
 
     everything = set(GLUON_TESTS)
-    cpu_only = [case("test_names_what_it_cannot_take", "passed")]
+    cpu_only = [case("test_int8_names_what_it_cannot_take", "passed")]
     assert set(untested_gluon(cpu_only, collected)) == everything  # cut before the GPU tests
-    assert set(untested_gluon(cpu_only + [case("test_kernel_a", "passed")], collected)) == everything  # b not run
-    ran = cpu_only + [case("test_kernel_a", "passed"), case("test_kernel_b", "passed")]
-    assert set(untested_gluon(ran, collected)) == everything - {"attention"}
+    assert set(untested_gluon(cpu_only + [case("test_int8_kernel_a", "passed")], collected)) == everything  # b not run
+    ran = cpu_only + [case("test_int8_kernel_a", "passed"), case("test_int8_kernel_b", "passed")]
+    assert set(untested_gluon(ran, collected)) == everything - {"gemm_int8"}
     assert set(untested_gluon(ran, {})) == everything  # no map: nothing vouched for
-    skipped = cpu_only + [case("test_kernel_a", "skipped"), case("test_kernel_b", "skipped")]  # not Hopper
+    skipped = cpu_only + [case("test_int8_kernel_a", "skipped"), case("test_int8_kernel_b", "skipped")]  # not Hopper
     assert set(untested_gluon(skipped, collected)) == everything
-    failed = ran[:-1] + [case("test_kernel_b", "failed")]
+    failed = ran[:-1] + [case("test_int8_kernel_b", "failed")]
     assert set(untested_gluon(failed, collected)) == everything
-    assert set(untested_gluon(ran[1:] + [case("test_names_what_it_cannot_take", "failed")], collected)) == everything
+    cpu_failed = ran[1:] + [case("test_int8_names_what_it_cannot_take", "failed")]
+    assert set(untested_gluon(cpu_failed, collected)) == everything
