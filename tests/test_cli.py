@@ -309,7 +309,7 @@ def test_bench_refuses_a_folder_for_json_first(tmp_path, capsys):
 @pytest.mark.parametrize("args, gluon, message", [
     (["--frames", "4"], None, "--frames must be 4k+1"),
     (["--layers", "0"], None, "--layers must be at least 1"),
-    ([], "attention=fast", "DIT8_GLUON: attention has no configuration 'fast'"),
+    ([], "gemm=fast", "DIT8_GLUON: gemm has no configuration 'fast'"),
 ])
 def test_bench_argument_errors_leave_an_earlier_json_as_it_was(args, gluon, message, tmp_path, capsys, monkeypatch):
     """A run's failures are recorded in its JSON file; a mistyped flag is no run, and replaced the numbers

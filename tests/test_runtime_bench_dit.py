@@ -58,15 +58,15 @@ def test_cli_json_holds_every_number(tmp_path, capsys):
 def test_gluon_kernels_routed_in_are_recorded_and_checked_first(tmp_path, monkeypatch, capsys):
     """The Gluon kernels routed in (DIT8_GLUON, kernels/candidates.py) are part of what a result says it
     measured (on the CPU DIT8_GLUON routes nothing, and nothing is adopted)."""
-    monkeypatch.setenv("DIT8_GLUON", "attention=ws gemm")
+    monkeypatch.setenv("DIT8_GLUON", "gemm_int8 gemm=ws")
     path = tmp_path / "bench.json"
     assert main(["bench", "dit", *TINY, "--steps", "0", "--json", str(path)]) == 0
-    assert "Gluon kernels routed in (kernels/candidates.py): attention=ws, gemm=default" in capsys.readouterr().out
-    assert json.loads(path.read_text())["gluon"] == {"attention": "ws", "gemm": "default"}
-    monkeypatch.setenv("DIT8_GLUON", "attention=fast")
+    assert "Gluon kernels routed in (kernels/candidates.py): gemm_int8=default, gemm=ws" in capsys.readouterr().out
+    assert json.loads(path.read_text())["gluon"] == {"gemm_int8": "default", "gemm": "ws"}
+    monkeypatch.setenv("DIT8_GLUON", "gemm=fast")
     assert main(["bench", "dit", *TINY]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("dit8: error: DIT8_GLUON: attention has no configuration 'fast'") and err.count("\n") == 1
+    assert err.startswith("dit8: error: DIT8_GLUON: gemm has no configuration 'fast'") and err.count("\n") == 1
 
 
 def test_cli_json_keeps_the_numbers_of_a_run_stopped_part_way(tmp_path, monkeypatch):
