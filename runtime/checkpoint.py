@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import re
+import stat
 import struct
 import zipfile
 from dataclasses import dataclass, field
@@ -475,6 +476,23 @@ def why_missing(path: Path, absent: str) -> str:
     return absent
 
 
+def optional_file(path: Path) -> Path | None:
+    """`path` where it is a file, None where nothing is there; CheckpointError where something else is (a
+    folder, a symbolic link to nothing, a loop of links, a name that may not be read): an optional file
+    such as a config.json must not be skipped for being broken, or what it states goes unchecked."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        reason = why_missing(path, "")
+        if not reason:
+            return None
+        raise CheckpointError(f"{path}: {reason}") from None
+    if stat.S_ISREG(mode):
+        return path
+    raise CheckpointError(f"{path}: {'a folder' if stat.S_ISDIR(mode) else 'not a regular file'}, where a file "
+                          f"is expected")
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint file or folder without reading tensor data.
 
@@ -511,8 +529,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         folder = path.parent
     if not infos:
         raise CheckpointError(f"{path}: holds no tensors")
-    config_json = folder / "config.json"
-    return Checkpoint(path, infos, metadata, config_json if config_json.is_file() else None, handles)
+    return Checkpoint(path, infos, metadata, optional_file(folder / "config.json"), handles)
 
 
 def require_float_weight(dtype: torch.dtype, source: str | Path, key: str) -> None:

@@ -119,6 +119,9 @@ def _infer_config(shapes: dict[str, tuple[int, ...]], source: Path, layout: str,
         if len(shapes[key]) != ndim:
             raise CheckpointError(f"{source}: tensor {from_official(key, layout)!r} has shape {shapes[key]}, "
                                   f"expected {ndim} dimensions")
+        if 0 in shapes[key]:
+            raise CheckpointError(f"{source}: tensor {from_official(key, layout)!r} has shape {shapes[key]}, "
+                                  f"with a dimension of size 0")
         return shapes[key]
 
     dim, in_dim, *patch = shape("patch_embedding.weight")
@@ -431,6 +434,9 @@ def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
                 continue  # read with its weight
             tensor = _read_checked(dit, official)
             module = official.removesuffix(".weight")
+            target = model.get_buffer(official)
+            overflows = _narrows(tensor.dtype, target.dtype)
+            what = f"tensor {dit.names[official]!r}"
             if module in dit.quantized:
                 scale = _read_scale(dit, module)
                 if module in runtime_quantized:
@@ -439,10 +445,30 @@ def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
                     # The scale along the first (output) dimension, whatever the tensor's rank: a cast's
                     # norm weights are 1-D, its patch embedding 5-D.
                     tensor = tensor.float() * scale.reshape(-1, *[1] * (tensor.dim() - 1))
-            model.get_buffer(official).copy_(tensor)
+                    overflows, what = True, what + " times its scale"
+            if overflows:
+                # Finite in the file, a value may still overflow the model's type, or its product with the
+                # scale overflow fp32: what the model holds is checked.
+                tensor = tensor.to(target.dtype)
+                _check_no_overflow(tensor, what, dit.file_of(official))
+            target.copy_(tensor)
             bar.update(dit.info(official).nbytes)
             del tensor  # free it before the next read, so memory holds the model plus one tensor
     return model
+
+
+def _narrows(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether converting floats of `source` to `target` can turn finite values into infinities."""
+    return source.is_floating_point and target.is_floating_point and \
+        torch.finfo(target).max < torch.finfo(source).max
+
+
+def _check_no_overflow(tensor: torch.Tensor, what: str, file: Path) -> None:
+    """CheckpointError unless `tensor`, converted from finite values, is finite: none overflowed its type."""
+    if not torch.isfinite(tensor).all():
+        hint = "; load it with dtype torch.bfloat16 or torch.float32" if tensor.dtype == torch.float16 else ""
+        raise CheckpointError(f"{file}: {what} overflows {str(tensor.dtype).removeprefix('torch.')} (magnitudes "
+                              f"above {torch.finfo(tensor.dtype).max:.4g}){hint}")
 
 
 def _read_checked(dit: DitCheckpoint, official: str) -> torch.Tensor:
@@ -457,6 +483,7 @@ def _read_scale(dit: DitCheckpoint, module: str) -> torch.Tensor:
         return torch.ones(1, 1)
     key = module + dit.quantized[module]
     scale = _read_checked(dit, key).float().reshape(-1, 1)
+    _check_no_overflow(scale, f"scale {dit.names[key]!r}", dit.file_of(key))  # (float64 scales)
     if not (scale > 0).all():
         raise CheckpointError(f"{dit.file_of(key)}: scale {dit.names[key]!r} has values <= 0")
     return scale

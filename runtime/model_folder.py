@@ -36,7 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, as_path, diffusers_pipeline_hint, why_missing
+from .checkpoint import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, as_path, diffusers_pipeline_hint, optional_file,
+                         why_missing)
 from .errors import CheckpointError, InputError
 from .packed_format import SCHEMES
 
@@ -99,7 +100,7 @@ class ModelFiles:
         one of its DiT subfolders (a DiT given by its subfolder or file still meets the folder's
         config), else root's; None when there is none."""
         candidates = [self.root.parent, self.root] if self.root.name in DIT_SUBFOLDERS else [self.root]
-        return next((d / "config.json" for d in candidates if (d / "config.json").is_file()), None)
+        return next((found for d in candidates if (found := optional_file(d / "config.json")) is not None), None)
 
     def describe(self) -> list[str]:
         """The folder, then one line per piece found with its path relative to it (`dit8 generate` prints

@@ -211,6 +211,45 @@ def test_non_finite_values(tmp_path, weights, bad):
     assert "blocks.0.ffn.0.weight" in msg and "m.pth" in msg and ("NaN" if bad != bad else "Inf") in msg
 
 
+def test_finite_values_that_overflow_the_models_dtype(tmp_path, weights):
+    """The check for NaN/Inf holds for what the model stores, not only for what the file holds: a finite
+    fp32 weight beyond fp16's range, or a float64 one beyond fp32's, would become Inf when narrowed."""
+    weights["blocks.0.ffn.0.weight"][0, 0] = 1e5  # > 65504
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        dit8.load_dit(path, dtype=torch.float16)
+    assert str(info.value) == (f"{path}: tensor 'blocks.0.ffn.0.weight' overflows float16 (magnitudes above "
+                               f"6.55e+04); load it with dtype torch.bfloat16 or torch.float32")
+    assert dit8.load_dit(path).get_buffer("blocks.0.ffn.0.weight")[0, 0] == 1e5  # fp32 holds it
+    weights = {key: value.double() for key, value in weights.items()}
+    weights["text_embedding.0.weight"][0, 0] = 1e300
+    assert load_error(write_checkpoint(weights, tmp_path / "m64.safetensors")) == (
+        f"{tmp_path / 'm64.safetensors'}: tensor 'text_embedding.0.weight' overflows float32 (magnitudes above "
+        f"3.403e+38)")
+
+
+def test_a_dimension_of_size_zero(tmp_path, weights):
+    weights["patch_embedding.weight"] = weights["patch_embedding.weight"][:, :, :0]
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+    shape = (CONFIG.dim, CONFIG.in_dim, 0, 2, 2)
+    assert load_error(path) == f"{path}: tensor 'patch_embedding.weight' has shape {shape}, with a dimension of size 0"
+
+
+@pytest.mark.parametrize("kind", ["dangling link", "folder"])
+def test_a_broken_config_json_is_not_skipped(tmp_path, weights, kind):
+    """A config.json beside the weights that cannot be read (a Hugging Face cache's link to a blob never
+    fetched) must not read as no config.json: the head count it states would go unchecked."""
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+    config = tmp_path / "config.json"
+    if kind == "folder":
+        config.mkdir()
+        expected = "a folder, where a file is expected"
+    else:
+        config.symlink_to(tmp_path / "blobs" / "missing")
+        expected = f"a symbolic link to {tmp_path / 'blobs' / 'missing'}, which does not exist"
+    assert load_error(path) == f"{config}: {expected}"
+
+
 def test_truncated_safetensors(tmp_path, weights):
     path = write_checkpoint(weights, tmp_path / "m.safetensors")
     data = path.read_bytes()

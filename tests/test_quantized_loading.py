@@ -229,6 +229,22 @@ def test_non_positive_scale(int8_file):
     assert "blocks.0.self_attn.q.weight_scale" in error_of(stored, path)
 
 
+def test_a_dequantized_product_that_overflows(int8_file):
+    """An 8-bit layer the model runs in high precision (outside the blocks) is dequantized on loading: a
+    finite scale whose products with the codes overflow fp32 is refused, as is a float64 scale beyond fp32."""
+    from dit8.converters.quantize_weights import quantize_weight
+
+    stored, path = int8_file
+    codes, scale = quantize_weight(stored["text_embedding.0.weight"].float(), "int8")
+    stored["text_embedding.0.weight"], stored["text_embedding.0.weight_scale"] = codes, torch.full_like(scale, 3e37)
+    assert error_of(stored, path) == (f"{path}: tensor 'text_embedding.0.weight' times its scale overflows float32 "
+                                      f"(magnitudes above 3.403e+38)")
+    stored["text_embedding.0.weight_scale"] = torch.full(stored["text_embedding.0.weight_scale"].shape, 1e300,
+                                                         dtype=torch.float64)
+    assert error_of(stored, path) == (f"{path}: scale 'text_embedding.0.weight_scale' overflows float32 "
+                                      f"(magnitudes above 3.403e+38)")
+
+
 def test_nan_in_fp8_weight(tmp_path, base):
     stored = lightx2v_weights(base[0], CONFIG, "fp8")
     stored["blocks.0.ffn.2.weight"].view(torch.uint8)[0, 0] = 0x7F
