@@ -361,12 +361,26 @@ def _check_packed_metadata(ckpt: Checkpoint, names: dict[str, str], config: WanC
                 and info.dtype != HIGH_PRECISION_DTYPES[meta[KEY_DTYPE]]:
             raise CheckpointError(f"{info.file}: tensor {key!r} is {info.dtype}, but {KEY_DTYPE} says the "
                                   f"unquantized tensors are {meta[KEY_DTYPE]}")
-    for module in quantized:
+    unknown = sorted({scheme for scheme in schemes.values() if scheme not in SCHEMES})
+    if unknown:
+        raise CheckpointError(f"{path}: {KEY_SCHEMES} names the schemes {unknown}, expected only {SCHEMES}")
+    if quantized and meta[KEY_SCHEME] not in SCHEME_DTYPES:
+        raise CheckpointError(f"{path}: {KEY_SCHEME} is {meta[KEY_SCHEME]!r}, but the file holds 8-bit weights "
+                              f"({next(iter(quantized))}.weight, ...)")
+    for module, suffix in quantized.items():
         info = ckpt.infos[names[module + ".weight"]]
         scheme = scheme_of(schemes, module)
         if SCHEME_DTYPES.get(scheme) != info.dtype:
             raise CheckpointError(f"{info.file}: {module}.weight is {info.dtype}, but {KEY_SCHEMES} gives "
                                   f"{module!r} the scheme {scheme!r}")
+        # The format's scales: [out, 1] fp32 per output channel (packed_format.py).
+        scale = ckpt.infos[names[module + suffix]] if suffix != UNSCALED else None
+        if scale is None or suffix != CHANNEL_SCALE or scale.dtype != torch.float32 \
+                or tuple(scale.shape) != (info.shape[0], 1):
+            found = "no scale" if scale is None else f"{module}{suffix} {tuple(scale.shape)} {scale.dtype}"
+            raise CheckpointError(f"{info.file}: {module}.weight has {found}; a {FORMAT_NAME} file gives each "
+                                  f"8-bit weight a {module}{CHANNEL_SCALE} of shape ({info.shape[0]}, 1), "
+                                  f"torch.float32")
     # The other way round: a block linear the header calls 8-bit must hold codes (a kept layer relabelled).
     for module in (f"blocks.{n}.{name}" for n in range(config.num_layers) for name in block_linears(config)):
         scheme = scheme_of(schemes, module)

@@ -753,7 +753,8 @@ def test_parts_of_a_folder_that_disagree_on_the_format_version(tmp_path, weights
 
 @pytest.mark.parametrize("problem", ["codes_of_another_scheme", "kept_layer_called_8bit", "key_missing",
                                      "unknown_scheme", "config_disagrees", "float_part", "unknown_dtype",
-                                     "dtype_disagrees"])
+                                     "dtype_disagrees", "unknown_layer_scheme", "float_scheme_over_codes",
+                                     "flat_scale"])
 def test_packed_header_metadata_must_describe_the_tensors(tmp_path, weights, problem):
     """A packed file's header is checked against its tensors: a file whose FP8 codes were relabelled int8,
     that lacks part of the format's metadata, names an unknown scheme or another configuration, or a
@@ -782,6 +783,12 @@ def test_packed_header_metadata_must_describe_the_tensors(tmp_path, weights, pro
             meta["dit8.dtype"] = "fp16"
         elif problem == "config_disagrees":
             meta["dit8.config"] = json.dumps({**json.loads(meta["dit8.config"]), "clip_dim": 999})
+        elif problem == "unknown_layer_scheme":  # on a layer kept in bf16: nothing else would notice it
+            meta["dit8.schemes"] = json.dumps({"head.head": "fp4", **json.loads(meta["dit8.schemes"])})
+        elif problem == "float_scheme_over_codes":
+            meta["dit8.scheme"] = "bf16"
+        elif problem == "flat_scale":
+            header["blocks.1.ffn.0.weight_scale"]["shape"] = header["blocks.1.ffn.0.weight_scale"]["shape"][:1]
         else:
             header["__metadata__"] = {name: v for name, v in meta.items() if not name.startswith("dit8.")}
 
@@ -798,9 +805,29 @@ def test_packed_header_metadata_must_describe_the_tensors(tmp_path, weights, pro
              "unknown_dtype": r"dit8.dtype is 'fp4', expected one of \('bf16', 'fp16', 'fp32'\)",
              "dtype_disagrees": r"tensor '[\w.]+' is torch.bfloat16, but dit8.dtype says the unquantized tensors "
                                 r"are fp16",
-             "float_part": "block_1.safetensors: header metadata without"}[problem]
+             "float_part": "block_1.safetensors: header metadata without",
+             "unknown_layer_scheme": r"dit8.schemes names the schemes \['fp4'\], expected only",
+             "float_scheme_over_codes": r"dit8.scheme is 'bf16', but the file holds 8-bit weights",
+             "flat_scale": rf"blocks.1.ffn.0.weight has blocks.1.ffn.0.weight_scale \({CONFIG.ffn_dim},\) "
+                           rf"torch.float32; a dit8.packed file gives each 8-bit weight a "
+                           rf"blocks.1.ffn.0.weight_scale of shape \({CONFIG.ffn_dim}, 1\), torch.float32"}[problem]
     msg = load_error(out)
     assert re.search(match, msg) and (str(out) in msg or str(target) in msg), msg
+
+
+def test_packed_scales_in_another_dtype(tmp_path, weights):
+    """The format's scales are fp32: a bf16 one would load, rounded to 8 bits of mantissa, unnoticed."""
+    from safetensors import safe_open
+
+    from dit8.converters import convert
+
+    out = tmp_path / "packed.safetensors"
+    convert(write_checkpoint(weights, tmp_path / "src.safetensors"), out, scheme="int8", progress=False)
+    with safe_open(str(out), "pt") as f:
+        tensors, meta = {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
+    tensors["blocks.0.self_attn.o.weight_scale"] = tensors["blocks.0.self_attn.o.weight_scale"].bfloat16()
+    save_file(tensors, str(out), metadata=meta)
+    assert "blocks.0.self_attn.o.weight_scale" in load_error(out) and "torch.bfloat16" in load_error(out)
 
 
 def test_shard_index_naming_no_file(tmp_path, weights):
