@@ -150,20 +150,23 @@ def _check_paths(src: Path, dst: Path, per_block: bool, force: bool, loras: Sequ
         raise ConvertError(f"{dst}: give the output's own name (a file, or with --per-block a folder)")
     if not per_block and dst.suffix != ".safetensors":
         raise ConvertError(f"{dst}: a single-file output must end in .safetensors (or use --per-block for a folder)")
-    d = dst.resolve()
-    # The LoRA files are read to the end too: even with force, an output replacing one would destroy an input.
+    report = _report_path(dst, per_block=False)
+    # The LoRA files are read to the end too: even with force, an output replacing one would destroy an
+    # input. So would the report beside the output, which force replaces (or removes, for a per-block one).
     for what, path in [("source", src), *(("LoRA", lora) for lora in loras)]:
         s = path.resolve()
-        if s == d or s in d.parents or d in s.parents:
-            raise ConvertError(f"{dst}: the output must not be, contain or lie inside the {what} {path}")
+        for out, name in ((dst, "output"), (report, "report beside the output")):
+            o = out.resolve()
+            if s == o or s in o.parents or o in s.parents:
+                raise ConvertError(f"{out}: the {name} must not be, contain or lie inside the {what} {path}")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise ConvertError(f"{dst}: already exists; pass force=True to replace it")
     _check_replaceable(dst)
-    report = _report_path(dst, per_block=False)
-    if report.exists() and not force:
+    if (report.exists() or report.is_symlink()) and not force:
         # Written or removed (a per-block output has its report inside) beside the output: somebody's file
         # all the same.
         raise ConvertError(f"{report}: already exists; pass force=True to replace it")
+    _check_report_replaceable(report)
     if not dst.parent.is_dir():
         what = "is a file, not a folder" if dst.parent.exists() else "does not exist"
         raise ConvertError(f"{dst.parent}: the output folder {what}")
@@ -178,6 +181,13 @@ def _check_replaceable(dst: Path) -> None:
         if foreign:
             raise ConvertError(f"{dst}: a folder holding more than a dit8 per-block output (e.g. {foreign[0]}); "
                                f"--force replaces only such outputs, so remove it yourself or choose another name")
+
+
+def _check_report_replaceable(report: Path) -> None:
+    """--force replaces a report file beside the output, never a folder of that name."""
+    if report.is_dir() and not report.is_symlink():
+        raise ConvertError(f"{report}: a folder where the output's report goes; --force replaces only a report "
+                           f"file, so remove it yourself or choose another name")
 
 
 def _is_per_block_file(path: Path) -> bool:
@@ -374,8 +384,9 @@ def _install(built: Path, dst: Path, beside: Path | None, *, force: bool, work: 
                                    f"force=True to replace it") from None
         fsync_folder(dst.parent)
         return
-    _check_replaceable(dst)  # again: it may have changed during the conversion
-    old_report = work / "old_report" if report.exists() else None
+    _check_replaceable(dst)  # again: they may have changed during the conversion
+    _check_report_replaceable(report)
+    old_report = work / "old_report" if report.exists() or report.is_symlink() else None
     if old_report is not None:
         os.replace(report, old_report)
     try:

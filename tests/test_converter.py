@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -721,6 +722,18 @@ def test_adapter_configs_that_scale_by_nothing_are_refused(config, match):
         parse_adapter_config(config, "cfg")
 
 
+@pytest.mark.parametrize("config, match", [
+    ({"use_rslora": "false"}, "use_rslora must be true or false, got 'false'"),  # a true string: on
+    ({"use_dora": "false"}, "use_dora must be true or false, got 'false'"),
+    ({"init_lora_weights": ["pissa"]}, r"init_lora_weights must be true, false or a method's name, got \['pissa'\]")])
+def test_adapter_config_flags_of_another_type_are_refused(config, match):
+    from dit8.converters.lora_formats import parse_adapter_config
+
+    with pytest.raises(CheckpointError, match=rf"^cfg: {match}$"):
+        parse_adapter_config(config, "cfg")
+    assert parse_adapter_config({"use_rslora": None, "use_dora": False}, "cfg").rslora is False
+
+
 def test_a_header_config_and_an_adapter_config_json_that_disagree_are_refused(tmp_path):
     from dit8.converters.lora_formats import ADAPTER_METADATA_KEY, read_adapter_config
 
@@ -766,6 +779,33 @@ def test_an_existing_report_beside_dst_needs_force(tmp_path, i2v_weights):
         assert report.read_text() == "mine" and not dst.exists()
     convert(src, dst, force=True, progress=False)
     assert json.loads(report.read_text())
+
+
+def test_force_replaces_a_report_file_but_no_folder_and_never_an_input(tmp_path, i2v_weights):
+    """--force replaces (or, with no report, removes) what lies at the report path beside DST: never a folder
+    there, nor the source or a LoRA, which it would have deleted."""
+    src, dst = _source(tmp_path, i2v_weights, I2V), tmp_path / "o.safetensors"
+    report = tmp_path / "o.safetensors.quant_report.json"
+    report.mkdir()
+    (report / "mine.txt").write_text("mine")
+    for no_report in (False, True):
+        with pytest.raises(ConvertError, match=f"^{report}: a folder where the output's report goes; --force "
+                                               f"replaces only a report file"):
+            convert(src, dst, report=not no_report, force=True, progress=False)
+    assert (report / "mine.txt").read_text() == "mine" and not dst.exists()
+    # A LoRA folder (one LoRA over its files) at the report path, then the source there.
+    (report / "mine.txt").unlink()
+    save_file({"blocks.0.self_attn.q.diff": torch.zeros(I2V.dim, I2V.dim)}, str(report / "part1.safetensors"))
+    with pytest.raises(ConvertError, match=f"^{report}: the report beside the output must not be, contain or "
+                                           f"lie inside the LoRA {report}$"):
+        convert(src, dst, lora=[str(report)], force=True, progress=False)
+    assert (report / "part1.safetensors").is_file()
+    shutil.rmtree(report)
+    moved = src.rename(report)
+    with pytest.raises(ConvertError, match=f"^{report}: the report beside the output must not be, contain or "
+                                           f"lie inside the source {moved}$"):
+        convert(moved, dst, force=True, progress=False)
+    assert moved.is_file() and not dst.exists()
 
 
 def test_a_per_block_folder_replacing_a_file_leaves_no_stale_report(tmp_path, i2v_weights):
