@@ -169,9 +169,11 @@ def parse_adapter_config(config: Mapping[str, Any], source: str) -> AdapterConfi
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise CheckpointError(f"{source}: a {peft_type} adapter; dit8 merges LoRAs only")
-    if config.get("use_dora"):
+    if _flag(config, "use_dora", source):
         raise CheckpointError(f"{source}: a DoRA adapter (use_dora); dit8 merges plain LoRAs only")
     init = config.get("init_lora_weights")
+    if init is not None and not isinstance(init, (bool, str)):
+        raise CheckpointError(f"{source}: init_lora_weights must be true, false or a method's name, got {init!r}")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise CheckpointError(f"{source}: init_lora_weights {init!r} changes the base weights too; convert the "
                               f"adapter to a plain LoRA first")
@@ -180,7 +182,18 @@ def parse_adapter_config(config: Mapping[str, Any], source: str) -> AdapterConfi
     rank = config.get("r")
     return AdapterConfig(source, alpha, given, _patterns(config, "alpha_pattern", _number, source),
                          None if rank is None else _rank(rank, "r", source),
-                         _patterns(config, "rank_pattern", _rank, source), bool(config.get("use_rslora", False)))
+                         _patterns(config, "rank_pattern", _rank, source), _flag(config, "use_rslora", source))
+
+
+def _flag(config: Mapping[str, Any], name: str, source: str) -> bool:
+    """A PEFT config's boolean `name` (absent or null: False); anything but true or false is refused, as
+    "false", a true string, would otherwise turn it on."""
+    value = config.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{source}: {name} must be true or false, got {value!r}")
+    return value
 
 
 def read_adapter_config(path: Path, metadata: Mapping[str, str]) -> AdapterConfig | None:
