@@ -476,6 +476,15 @@ def main(argv: list[str] | None = None) -> int:
     line_buffered = getattr(stdout, "line_buffering", None) is False and hasattr(stdout, "reconfigure")
     if line_buffered:
         stdout.reconfigure(line_buffering=True)
+    # torch (and numpy under it), which every command runs on, is imported before the stop handlers go in:
+    # a Ctrl-C or SIGTERM arriving inside numpy's import can be swallowed there, and with _stop_once
+    # installed that would have left both signals ignored for the rest of the command, which then ran to
+    # its end. Before them, the next Ctrl-C still stops it, and SIGTERM ends the process at once.
+    try:
+        import torch  # noqa: F401
+    except KeyboardInterrupt:
+        print("dit8: interrupted", file=sys.stderr)
+        return 130
     handle_sigterm = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM)
     previous_int = signal.getsignal(signal.SIGINT)
