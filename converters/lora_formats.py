@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from dit8.checkpoint import optional_file
 from dit8.errors import CheckpointError
 
 LORA_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.")
@@ -212,8 +213,8 @@ def read_adapter_config(path: Path, metadata: Mapping[str, str]) -> AdapterConfi
         folder = path.parent
     else:
         folder = None
-    if folder is not None and (folder / ADAPTER_CONFIG_FILE).is_file():
-        file = folder / ADAPTER_CONFIG_FILE
+    file = None if folder is None else optional_file(folder / ADAPTER_CONFIG_FILE)
+    if file is not None:
         try:
             text = file.read_text()
         except (OSError, UnicodeDecodeError) as err:

@@ -628,6 +628,20 @@ def test_lora_peft_configs_where_the_files_were_renamed_or_left_alpha_out(tmp_pa
     _check_pairs(tmp_path, i2v_weights, src, [path], products, 1.0, name="o4.safetensors")
 
 
+def test_a_dangling_adapter_config_json_is_not_read_as_none(tmp_path, i2v_weights):
+    """A LoRA folder's adapter_config.json that links to nothing (a Hugging Face cache's blob never fetched)
+    would leave the merge at the default alpha: refused, saying so."""
+    src = _source(tmp_path, i2v_weights, I2V)
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    official = lambda m, r: f"diffusion_model.{m}.lora_{'B' if r == 'up' else 'A'}.weight"  # noqa: E731
+    _pair_file(folder, i2v_weights, official, name="adapter_model.safetensors")
+    (folder / "adapter_config.json").symlink_to(tmp_path / "blobs" / "missing")
+    with pytest.raises(CheckpointError, match=f"^{folder / 'adapter_config.json'}: a symbolic link to "
+                                              f"{tmp_path / 'blobs' / 'missing'}, which does not exist$"):
+        convert(src, tmp_path / "o.safetensors", lora=[str(folder)], progress=False)
+
+
 def test_lora_folder_whose_files_carry_different_peft_configs_is_refused(tmp_path, i2v_weights):
     """A LoRA split over files scales alike: parts whose headers disagree would be merged at one part's alpha."""
     src = _source(tmp_path, i2v_weights, I2V)
