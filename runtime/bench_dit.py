@@ -27,7 +27,7 @@ import torch
 
 from dit8.kernels import candidates
 
-from .conditioning import check_frames, check_size
+from .conditioning import check_frames, check_grid, check_size
 from .choices import PRECISIONS
 from .config import I2V_14B, WanConfig, tiny_config
 from .cuda_graph import CapturedForward
@@ -92,12 +92,15 @@ def check_bench_settings(s: BenchSettings) -> None:
     if s.attention not in PRECISIONS:
         raise InputError(f"attention must be one of {PRECISIONS}, got {s.attention!r}")
     check_frames(s.frames)
-    check_size(tuple(s.size))
+    width, height = check_size(tuple(s.size))
+    check_grid(s.frames, height, width, patch=s.model_config().patch_size)
     if s.layers is not None and s.layers < 1:
         raise InputError(f"layers must be at least 1, got {s.layers}")
     for name, value, least in (("steps", s.steps, 0), ("repeat", s.repeat, 1), ("warmup", s.warmup, 0)):
         if value < least:
             raise InputError(f"{name} must be at least {least}, got {value}")
+    if s.steps > 1000:  # (the loop's steps are distinct timesteps of the 1000-step grid)
+        raise InputError(f"steps must be at most 1000, got {s.steps}")
     if s.compare not in (None, "diffusers"):
         raise InputError(f"compare must be 'diffusers', got {s.compare!r}")
     device = resolve_device(s.device)

@@ -82,7 +82,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .conditioning import check_frames, check_prompt, check_size, image_tensor, output_size
+    from .conditioning import check_frames, check_grid, check_prompt, check_size, image_tensor, output_size
     from .devices import resolve_device
     from .loader import open_dit
     from .model import check_backend_and_attention
@@ -111,9 +111,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.vae_tile is not None and args.vae_tile < 1:
         raise InputError(f"--vae-tile must be a positive number of latent pixels, got {args.vae_tile}")
     if args.size is not None:
-        check_size(args.size)
-    elif args.area is not None:
-        output_size(tuple(image.shape[1:]), args.area)
+        width, height = check_size(args.size)
+    else:
+        height, width = output_size(tuple(image.shape[1:]), *(() if args.area is None else (args.area, )))
     check_backend_and_attention(args.backend, args.attention, device)
     # The folder's files, and the prompts against its tokenizer and the DiT's text length (from the
     # checkpoint's header): seconds, where loading the models takes minutes.
@@ -121,6 +121,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.sampler is None:  # the folder's model decides the sampler, and with it the update rules it takes
         check_settings(sampler=DISTILLED if files.distilled else UNIPC, update=args.update)
     dit = open_dit(files.dit, config_json=files.config_json)
+    check_grid(args.frames, height, width, patch=dit.config.patch_size)
     tokenizer = Tokenizer.from_folder(files.tokenizer, text_len=dit.config.text_len)
     dit.checkpoint.close()  # read again by the load; a .pth one may hold its tensors until closed
     check_prompt(tokenizer, args.prompt, "--prompt")

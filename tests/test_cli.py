@@ -189,6 +189,8 @@ def test_generate_options(model_folder, tmp_path, capsys):
     (["--model", "frame_00000.png"], "frame_00000.png: neither a model folder nor a DiT checkpoint"),
     (["--image", "missing.png"], "missing.png: image file not found"),
     (["--size", "33x16"], "multiples of 16"),
+    (["--size", "16400x16"], "a 16400x16 video of 81 frames has 1025 patch positions along its width"),
+    (["--area", "3840", "--frames", "4097"], "video of 4097 frames has 1025 patch positions along its frames"),
     (["--frames", "4"], "dit8: error: --frames must be 4k+1"),
     (["--image", "."], ".: is a folder; give an image file"),
     (["--scheme", "int8"], "no int8 DiT found"),
@@ -257,6 +259,7 @@ def test_demo_refuses_a_bad_seed_first(tmp_path, capsys):
     ("--layers", "0", "--layers must be at least 1, got 0"),
     ("--repeat", "-1", "--repeat must be at least 1, got -1"),
     ("--steps", "-1", "--steps must be at least 0, got -1"),
+    ("--steps", "1001", "--steps must be at most 1000, got 1001"),
 ])
 def test_bench_errors_name_the_flag(flag, value, message, capsys):
     assert main(["bench", "dit", "--device", "cpu", flag, value]) == 1
@@ -309,6 +312,8 @@ def test_bench_refuses_a_folder_for_json_first(tmp_path, capsys):
 @pytest.mark.parametrize("args, gluon, message", [
     (["--frames", "4"], None, "--frames must be 4k+1"),
     (["--layers", "0"], None, "--layers must be at least 1"),
+    (["--steps", "1001"], None, "--steps must be at most 1000"),
+    (["--size", "16400x16"], None, "a 16400x16 video of 1 frames has 1025 patch positions along its width"),
     ([], "gemm=fast", "DIT8_GLUON: gemm has no configuration 'fast'"),
 ])
 def test_bench_argument_errors_leave_an_earlier_json_as_it_was(args, gluon, message, tmp_path, capsys, monkeypatch):
