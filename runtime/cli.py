@@ -82,7 +82,8 @@ def _parse_size(text: str) -> tuple[int, int]:
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .conditioning import check_frames, check_grid, check_prompt, check_size, image_tensor, output_size
+    from .conditioning import (AREA_480P, check_frames, check_grid, check_prompt, check_size, image_tensor,
+                               output_size)
     from .devices import resolve_device
     from .loader import open_dit
     from .model import check_backend_and_attention
@@ -113,7 +114,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.size is not None:
         width, height = check_size(args.size)
     else:
-        height, width = output_size(tuple(image.shape[1:]), *(() if args.area is None else (args.area, )))
+        height, width = output_size(tuple(image.shape[1:]), AREA_480P if args.area is None else args.area)
     check_backend_and_attention(args.backend, args.attention, device)
     # The folder's files, and the prompts against its tokenizer and the DiT's text length (from the
     # checkpoint's header): seconds, where loading the models takes minutes.
