@@ -83,6 +83,9 @@ PUBLISHED_DEPTHS = {(5120, 13824): 40, (1536, 8960): 30}
 _BLOCK_NUMBER = re.compile(r"blocks\.(0|[1-9][0-9]{0,8})\.")
 
 
+_DIT_BLOCK_KEY = re.compile(r"blocks\.\d+\.(self_attn|cross_attn|modulation)\b")
+
+
 def _block_number(official: str) -> int | None:
     """The block an official key is of (`blocks.N.`), or None."""
     match = _BLOCK_NUMBER.match(official)
@@ -284,10 +287,11 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
             raise CheckpointError(f"{info.file}: tensors {other!r} (in {ckpt.infos[other].file.name}) and {key!r} "
                                   f"are both {official!r}")
         names[official] = key
-    if "patch_embedding.weight" not in names and not any(k.startswith("blocks.") for k in names):
+    # (T5's blocks are "blocks.N.attn...": a DiT's hold self_attn, cross_attn and modulation.)
+    if "patch_embedding.weight" not in names and not any(_DIT_BLOCK_KEY.match(k) for k in names):
         held = (f"{len(ckpt.infos)} tensors such as " + ", ".join(repr(k) for k in list(ckpt.infos)[:3])
                 if ckpt.infos else "no tensors")
-        raise CheckpointError(f"{ckpt.path}: not a Wan2.1 DiT checkpoint (no patch_embedding, no blocks; it holds "
+        raise CheckpointError(f"{ckpt.path}: not a Wan2.1 DiT checkpoint (no patch_embedding, no DiT blocks; it holds "
                               f"{held}): the VAE, T5 and CLIP files are not DiTs")
     shapes = {official: ckpt.infos[key].shape for official, key in names.items()}
     stated = _stated_configs(ckpt)

@@ -33,6 +33,7 @@ file given in an official folder means the base model, in a LightX2V folder the 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,15 +57,15 @@ OFFICIAL_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 # (kind, path below the model folder, scheme, distilled), in the order they are preferred. A folder
 # kind counts when it holds .safetensors files; with `scheme=None` the first present one is taken:
-# float before fp8 before int8, and LightX2V's distilled DiT before the official shards (a distilled
-# single file dropped into the official folder, as LightX2V suggests, is meant to be used; `dit=` the
-# folder itself, or `distilled=False` with dit=, picks the base model again).
+# LightX2V's distilled DiTs, float before fp8 before int8, and then the official shards. A distilled
+# single file dropped into the official folder, as LightX2V suggests, is meant to be used, whatever its
+# scheme (the shards beside it are another model, the base one); `dit=` the folder itself, or
+# `distilled=False` with dit=, picks the base model again.
 DIT_CANDIDATES: tuple[tuple[str, str, str, bool], ...] = (
     ("distill_models", "distill_models/distill_model.safetensors", "bf16", True),
     ("original", "original/distill_model.safetensors", "bf16", True),
     ("single_file", "wan2.1_i2v_480p_lightx2v_4step.safetensors", "bf16", True),
     ("single_file", "wan2.1_i2v_480p_lightx2v_4step_comfyui.safetensors", "bf16", True),
-    ("official", OFFICIAL_INDEX, "bf16", False),
     ("distill_fp8", "distill_fp8", "fp8", True),
     ("fp8", "fp8", "fp8", True),
     ("single_file", "wan2.1_i2v_480p_scaled_fp8_e4m3_lightx2v_4step.safetensors", "fp8", True),
@@ -73,6 +74,7 @@ DIT_CANDIDATES: tuple[tuple[str, str, str, bool], ...] = (
     ("int8", "int8", "int8", True),
     ("single_file", "wan2.1_i2v_480p_int8_lightx2v_4step.safetensors", "int8", True),
     ("single_file", "wan2.1_i2v_480p_int8_lightx2v_4step_comfyui.safetensors", "int8", True),
+    ("official", OFFICIAL_INDEX, "bf16", False),
 )
 # Folders that hold only a DiT variant (and maybe encoders): pointing at one means its parent is the model.
 DIT_SUBFOLDERS = ("distill_models", "original", "distill_fp8", "distill_int8", "fp8", "int8")
@@ -122,9 +124,13 @@ class ModelFiles:
 
 
 def _present(root: Path, relative: str) -> bool:
+    """Whether the candidate is there; CheckpointError where something broken is (a link to nothing: a
+    Hugging Face cache's blob never fetched), rather than passing over it to another variant."""
     path = root / relative
     if relative.endswith(".safetensors") or relative.endswith(".json"):
-        return path.is_file()
+        return optional_file(path) is not None
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"{path}: {why_missing(path, 'no such folder')}")
     return path.is_dir() and any(path.glob("*.safetensors"))
 
 
@@ -139,11 +145,17 @@ def _expected_list(scheme: str | None) -> str:
 
 
 def _has_hint(path: Path, root: Path) -> bool:
-    """Whether the DiT's path below the model folder (or its own name, when outside) says distilled."""
-    try:
-        parts = path.relative_to(root).parts
-    except ValueError:
-        parts = (path.name,)
+    """Whether the DiT's path below the model folder (or its own name, when outside) says distilled. The
+    model folder is root's parent where root is one of DIT_SUBFOLDERS; paths compare as given (absolute),
+    else with their folders' links resolved (not the file's own: a Hugging Face cache links it to a blob)."""
+    model = root.parent if root.name in DIT_SUBFOLDERS else root
+    parts = (path.name,)
+    for inside, folder in ((path, model), (path.parent.resolve() / path.name, model.resolve())):
+        try:
+            parts = inside.relative_to(folder).parts
+            break
+        except ValueError:
+            continue
     if any(h in part.lower() for part in parts for h in DISTILLED_HINTS):
         return True
     return bool(parts) and parts[0] in ("fp8", "int8", "original")
@@ -198,7 +210,7 @@ def _search_dirs(root: Path, dit: Path) -> list[Path]:
 
 def _find_file(dirs: list[Path], name: str, what: str, quantized: tuple[str, ...] = ()) -> Path:
     for d in dirs:
-        if (d / name).is_file():
+        if optional_file(d / name) is not None:
             return d / name
     found = [d / q for d in dirs for q in quantized if (d / q).is_file()]
     looked = ", ".join(str(d) for d in dirs)
@@ -211,7 +223,7 @@ def _find_file(dirs: list[Path], name: str, what: str, quantized: tuple[str, ...
 
 def _find_tokenizer(dirs: list[Path]) -> Path:
     for d in dirs:
-        if (d / TOKENIZER_FOLDER / TOKENIZER_FILE).is_file():
+        if optional_file(d / TOKENIZER_FOLDER / TOKENIZER_FILE) is not None:
             return d / TOKENIZER_FOLDER
     looked = ", ".join(str(d) for d in dirs)
     raise CheckpointError(f"{dirs[-1] / TOKENIZER_FOLDER / TOKENIZER_FILE}: umT5 tokenizer not found "
@@ -235,7 +247,8 @@ def find_model_files(path: str | Path, *, dit: str | Path | None = None, scheme:
         raise InputError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
     if distilled is not None and not isinstance(distilled, bool):  # bool("no") would be True
         raise InputError(f"distilled must be True, False or None, got {distilled!r}")
-    root = as_path(path, "path")
+    # Absolute (links kept): "." or a relative DiT file must name their folders as the absolute path does.
+    root = Path(os.path.abspath(as_path(path, "path")))
     if not root.exists():
         raise CheckpointError(f"{root}: {why_missing(root, 'no such model folder')}")
     given = f"dit={str(dit)!r}" if dit is not None else None
@@ -243,8 +256,10 @@ def find_model_files(path: str | Path, *, dit: str | Path | None = None, scheme:
         if root.suffix not in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES):
             raise CheckpointError(f"{root}: neither a model folder nor a DiT checkpoint "
                                   f"({', '.join((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))})")
-        if dit is None:
-            dit, given = root, f"the DiT file {str(root)!r}"
+        if dit is not None:
+            raise InputError(f"two DiTs given: the DiT file {str(root)!r} as the model and {given}; give the model "
+                             f"folder with dit=, or the DiT file alone")
+        dit, given = root, f"the DiT file {str(root)!r}"
         root = root.parent
     if given is not None and scheme is not None:
         # (It was ignored: a user asking for int8 got whatever the file held.)
@@ -255,7 +270,8 @@ def find_model_files(path: str | Path, *, dit: str | Path | None = None, scheme:
         if not dit_path.exists() and not dit_path.is_absolute() and (root / dit_path).exists():
             dit_path = root / dit_path
         if not dit_path.exists():
-            raise CheckpointError(f"{dit_path}: DiT file or folder not found")
+            raise CheckpointError(f"{dit_path}: {why_missing(dit_path, 'DiT file or folder not found')}")
+        dit_path = Path(os.path.abspath(dit_path))
         kind, dit_scheme = "override", None
         if _has_hint(dit_path, root):
             is_distilled = True

@@ -542,11 +542,17 @@ def test_model_folder_is_not_taken_for_a_dit(tmp_path):
     assert "model folder" in msg and "Wan2.1_VAE.pth" in msg and "I2VPipeline" in msg
 
 
-def test_an_encoder_file_is_not_taken_for_a_dit(tmp_path):
-    path = tmp_path / "Wan2.1_VAE.pth"
-    torch.save({"encoder.conv1.weight": torch.zeros(2), "decoder.head.0.gamma": torch.zeros(2)}, path)
+@pytest.mark.parametrize("name, keys", [
+    ("Wan2.1_VAE.pth", ["encoder.conv1.weight", "decoder.head.0.gamma"]),
+    # T5's blocks are blocks too: "blocks.N.attn", not a DiT's self_attn
+    ("models_t5_umt5-xxl-enc-bf16.pth", ["token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.norm1.weight"]),
+])
+def test_an_encoder_file_is_not_taken_for_a_dit(tmp_path, name, keys):
+    path = tmp_path / name
+    torch.save({key: torch.zeros(2) for key in keys}, path)
     msg = load_error(path)
-    assert msg.startswith(f"{path}: not a Wan2.1 DiT checkpoint") and "'encoder.conv1.weight'" in msg
+    assert msg.startswith(f"{path}: not a Wan2.1 DiT checkpoint (no patch_embedding, no DiT blocks") and \
+        repr(keys[0]) in msg
 
 
 def test_config_json_disagreeing_with_shapes(tmp_path, weights):

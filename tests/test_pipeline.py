@@ -700,12 +700,14 @@ def test_scheme_picks_the_variant_and_float_comes_first(tmp_path):
         find_model_files(tmp_path, scheme="fp4")
 
 
-def test_a_distilled_file_dropped_into_the_official_folder_is_preferred(tmp_path):
-    touch(tmp_path, *ENCODERS, "diffusion_pytorch_model.safetensors.index.json",
-          "wan2.1_i2v_480p_lightx2v_4step.safetensors")
+@pytest.mark.parametrize("name", ["wan2.1_i2v_480p_lightx2v_4step.safetensors",
+                                  "wan2.1_i2v_480p_scaled_fp8_e4m3_lightx2v_4step.safetensors",
+                                  "wan2.1_i2v_480p_int8_lightx2v_4step.safetensors"])
+def test_a_distilled_file_dropped_into_the_official_folder_is_preferred(tmp_path, name):
+    """Whatever its scheme: the shards beside it are the base model, another model, not a variant of it."""
+    touch(tmp_path, *ENCODERS, "diffusion_pytorch_model.safetensors.index.json", name)
     found = find_model_files(tmp_path)
-    assert (found.kind, found.dit.name, found.distilled) == (
-        "single_file", "wan2.1_i2v_480p_lightx2v_4step.safetensors", True)
+    assert (found.kind, found.dit.name, found.distilled) == ("single_file", name, True)
     base = find_model_files(tmp_path, dit=tmp_path)  # the shards of the folder itself
     assert (base.dit, base.distilled) == (tmp_path, False)
 
@@ -774,6 +776,59 @@ def test_dit_override_and_the_distilled_rule(tmp_path):
             find_model_files(official, distilled=flag)
     with pytest.raises(CheckpointError, match="missing.safetensors: DiT file or folder not found"):
         find_model_files(official, dit="missing.safetensors")
+
+
+def test_the_distilled_rule_however_the_paths_are_spelled(tmp_path, monkeypatch):
+    """One answer per DiT file: relative or absolute, through a link to the model folder, or given as the
+    path (then its subfolder's name still counts)."""
+    official = tmp_path / "official"
+    touch(official, *ENCODERS, "diffusion_pytorch_model.safetensors.index.json", "lightx2v/model.safetensors",
+          "distill_models/merged.safetensors")
+    (tmp_path / "link").symlink_to(official)
+    monkeypatch.chdir(tmp_path)
+    dit = official / "lightx2v" / "model.safetensors"
+    for model, given in [(official, "lightx2v/model.safetensors"), ("official", dit),
+                         (official, "official/lightx2v/model.safetensors"), (tmp_path / "link", dit),
+                         ("./official", "official/lightx2v/model.safetensors")]:
+        assert find_model_files(model, dit=given).distilled, (model, given)
+    assert find_model_files(official, dit="distill_models/merged.safetensors").distilled
+    assert find_model_files(official / "distill_models" / "merged.safetensors").distilled
+
+
+def test_a_dit_subfolder_or_file_given_relative_to_the_current_folder(tmp_path, monkeypatch):
+    touch(tmp_path, *ENCODERS, "config.json", "distill_fp8/block_0.safetensors",
+          "distill_models/distill_model.safetensors")
+    monkeypatch.chdir(tmp_path / "distill_fp8")
+    found = find_model_files(".")
+    assert (found.kind, found.dit, found.t5, found.config_json) == (
+        "distill_fp8", tmp_path / "distill_fp8", tmp_path / T5_FILE, tmp_path / "config.json")
+    monkeypatch.chdir(tmp_path / "distill_models")
+    found = find_model_files("distill_model.safetensors")
+    assert (found.dit, found.t5, found.config_json) == (
+        tmp_path / "distill_models" / "distill_model.safetensors", tmp_path / T5_FILE, tmp_path / "config.json")
+
+
+def test_a_broken_link_is_not_passed_over(tmp_path):
+    """A Hugging Face cache links each file to a blob; one never fetched is a link to nothing. Read as no
+    file, it sent the search on to another variant (or said the T5 was not found): refused, naming it."""
+    touch(tmp_path, *[name for name in ENCODERS if name != T5_FILE], "distill_fp8/block_0.safetensors")
+    (tmp_path / "distill_models").mkdir()
+    blob = tmp_path / "blobs" / "0a1b"
+    (tmp_path / "distill_models" / "distill_model.safetensors").symlink_to(blob)
+    with pytest.raises(CheckpointError, match=f"distill_model.safetensors: a symbolic link to {blob}, which does "
+                                              f"not exist$"):
+        find_model_files(tmp_path)
+    (tmp_path / "distill_models" / "distill_model.safetensors").unlink()
+    (tmp_path / T5_FILE).symlink_to(blob)
+    with pytest.raises(CheckpointError, match=f"{T5_FILE}: a symbolic link to {blob}, which does not exist$"):
+        find_model_files(tmp_path)
+
+
+def test_a_dit_file_as_the_model_and_another_dit_are_refused(tmp_path):
+    touch(tmp_path, *ENCODERS, "distill_models/distill_model.safetensors", "mine.safetensors")
+    with pytest.raises(InputError, match="two DiTs given: the DiT file .*distill_model.safetensors' as the model "
+                                         "and dit='mine.safetensors'"):
+        find_model_files(tmp_path / "distill_models" / "distill_model.safetensors", dit="mine.safetensors")
 
 
 def test_a_relative_dit_is_looked_for_in_the_current_folder_first(tmp_path, monkeypatch):
