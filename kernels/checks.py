@@ -52,7 +52,11 @@ def check_rows_not_empty(op: str, x: torch.Tensor, name: str = "x") -> None:
 
 def check_eps(op: str, eps: object) -> float:
     """`eps` as a float; OpArgumentError unless it is a finite number >= 0 (a norm's epsilon)."""
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+    try:  # (an int past the float range fails the conversion)
+        finite = not isinstance(eps, bool) and isinstance(eps, numbers.Real) and math.isfinite(float(eps))
+    except OverflowError:
+        finite = False
+    if not finite or eps < 0:
         raise OpArgumentError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
     return float(eps)
 

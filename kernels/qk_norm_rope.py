@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from . import fused_spec
-from .checks import check_eps, float_out_dtype
+from .checks import OpArgumentError, check_eps, float_out_dtype
 from .norms import _rms_norm_torch
 from .quantize import SCALE_FLOOR, check_quant_dtype, quantize_rows
 from .registry import register, resolve
@@ -109,7 +109,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weigh
     fused_spec.check_qk_shapes("qk_norm_rope", q, k, weight_q, weight_k, cos, sin, heads)
     eps = check_eps("qk_norm_rope", eps)
     out_dtype = float_out_dtype("qk_norm_rope", out_dtype, q.dtype)
-    return resolve("qk_norm_rope", backend, q.device)(q, k, weight_q, weight_k, cos, sin, heads, eps, out_dtype)
+    return _run("qk_norm_rope", backend, q.device, q, k, weight_q, weight_k, cos, sin, heads, eps, out_dtype)
 
 
 def qk_norm_rope_quant(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
@@ -120,4 +120,15 @@ def qk_norm_rope_quant(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor,
     fused_spec.check_qk_shapes("qk_norm_rope_quant", q, k, weight_q, weight_k, cos, sin, heads)
     check_quant_dtype("qk_norm_rope_quant", dtype)
     eps = check_eps("qk_norm_rope_quant", eps)
-    return resolve("qk_norm_rope_quant", backend, q.device)(q, k, weight_q, weight_k, cos, sin, heads, eps, dtype)
+    return _run("qk_norm_rope_quant", backend, q.device, q, k, weight_q, weight_k, cos, sin, heads, eps, dtype)
+
+
+def _run(op: str, backend: str, device: torch.device, *args):
+    """The op on `backend`; with "auto", rows the kernels do not take (one tile holds a token's q or k,
+    up to 16,384 channels, past any Wan model's) go to the torch reference instead of failing."""
+    try:
+        return resolve(op, backend, device)(*args)
+    except OpArgumentError:
+        if backend != "auto":
+            raise
+        return resolve(op, "torch", device)(*args)

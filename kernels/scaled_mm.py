@@ -161,7 +161,8 @@ def _check_epilogue(xq, wq, out_dtype, activation, residual, gate, rows_per_batc
     if M > 0 and (M - 1) // rows_per_batch >= B:
         raise OpArgumentError(f"{op}: {M} rows at rows_per_batch={rows_per_batch} need "
                               f"{(M - 1) // rows_per_batch + 1} gate rows, gate has {B}")
-    return rows_per_batch
+    # Past M every value means one batch; the kernels take it as a 64-bit integer.
+    return min(rows_per_batch, max(M, 1))
 
 
 def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,

@@ -673,6 +673,28 @@ def test_qk_norm_rope_wider_than_a_block_is_refused(backend, device):
         qk_norm_rope(q, q, w, w, cos, sin, heads=heads, eps=1e-6, backend=backend)
 
 
+def test_qk_norm_rope_auto_gives_rows_wider_than_the_kernels_take_to_the_reference(monkeypatch):
+    """Where "auto" picks a kernel (a GPU it is verified on), a width it refuses runs on the torch reference."""
+    import importlib
+
+    from dit8.kernels.registry import resolve
+
+    module = importlib.import_module("dit8.kernels.qk_norm_rope")  # (the package exports the op by that name)
+
+    heads, head_dim = 130, 128
+    q = randn((1, 2, heads * head_dim), 1221, "cpu").bfloat16()
+    w = torch.ones(heads * head_dim)
+    cos, sin = rope_table((1, 1, 2), head_dim)
+    monkeypatch.setattr(module, "resolve", lambda op, backend, device: resolve(
+        op, "triton" if backend == "auto" else backend, device))
+    expected = qk_norm_rope(q, q, w, w, cos, sin, heads=heads, eps=1e-6, backend="torch")
+    got = qk_norm_rope(q, q, w, w, cos, sin, heads=heads, eps=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    codes = qk_norm_rope_quant(q, q, w, w, cos, sin, heads=heads, eps=1e-6, dtype=torch.int8)
+    assert torch.equal(codes.q, qk_norm_rope_quant(q, q, w, w, cos, sin, heads=heads, eps=1e-6, dtype=torch.int8,
+                                                   backend="torch").q)
+
+
 def test_rows_launch_takes_the_tuned_entry_of_its_op(monkeypatch):
     """fused_triton.ROWS_TUNED (bench/rows_choice.py fills it from the sweep): an entry sets the warps
     and where the operands load for its op and width on its GPU generation; elsewhere the defaults."""

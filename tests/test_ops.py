@@ -148,6 +148,7 @@ def test_environment_variable_sets_the_default(monkeypatch):
                                     heads=2, eps=1e-6, dtype=torch.int8, backend="torch"),
      r"qk_norm_rope_quant: q has shape \(1, 3, 0\); rows must not be empty"),
     (lambda: ops.layer_norm(torch.randn(2, 8), eps=None), "eps must be a finite number"),
+    (lambda: ops.layer_norm(torch.randn(2, 8), eps=10 ** 400), "eps must be a finite number"),  # past float
     (lambda: ops.rms_norm(torch.randn(2, 8), torch.randn(8), eps=-1.0), "eps must be a finite number"),
     (lambda: ops.layer_norm_modulate(torch.randn(1, 2, 8), *(torch.randn(1, 8),) * 2, eps=float("nan")),
      "eps must be a finite number"),

@@ -466,6 +466,17 @@ def test_fused_argument_errors():
 
 
 @PLAIN
+def test_rows_per_batch_past_the_rows_is_one_batch():
+    """Any rows_per_batch >= M puts every row in batch 0, however large (past the kernels' 64-bit integers)."""
+    xq, xs, wq, ws, _ = operands(6, 16, 32, FP8, seed=8, bias_dtype=None)
+    residual, gate = residual_and_gate(6, 16, 1, seed=9)
+    for backend in ("torch", "triton"):
+        expected = scaled_mm(xq, xs, wq, ws, residual=residual, gate=gate, rows_per_batch=6, backend=backend)
+        got = scaled_mm(xq, xs, wq, ws, residual=residual, gate=gate, rows_per_batch=2 ** 70, backend=backend)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@PLAIN
 def test_default_out_dtype_and_plain_contract():
     xq, xs, wq, ws, bias = operands(8, 16, 32, FP8, seed=4, bias_dtype=torch.float32)
     residual, _ = residual_and_gate(8, 16, 1, seed=5)
