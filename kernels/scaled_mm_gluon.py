@@ -1,7 +1,7 @@
 """FP8 scaled GEMM for Hopper in Gluon (Triton's explicit-layout dialect), promoting every K tile
 without stalling the tensor cores: a candidate for the promoted FP8 entries of kernels/gemm_configs.py,
-run by the GPU tests and the GEMM benchmark, and by the op only where DIT8_GLUON asks
-(kernels/candidates.py).
+run by the GPU tests and the GEMM benchmark, and by the op where kernels/candidates.py routes it (on
+Hopper its ADOPTED entries, or what DIT8_GLUON asks for).
 
 Why a second kernel. Hopper's FP8 MMA sums its products in reduced precision, so the accurate mode
 (cuBLAS's default, the Triton kernel's `fp8_promote`) moves each K tile's partial sum into an fp32

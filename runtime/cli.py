@@ -381,7 +381,8 @@ def _add_generate(generate: argparse.ArgumentParser) -> None:
 def _add_bench_dit(dit: argparse.ArgumentParser) -> None:
     dit.add_argument("--scheme", choices=SCHEMES, default="bf16", help="block linear weights (default bf16)")
     dit.add_argument("--attention", choices=PRECISIONS, default="bf16",
-                     help="self-attention precision (default bf16; 8-bit needs a kernel backend: --backend triton)")
+                     help="self-attention precision (default bf16; 8-bit runs on the Triton kernels: --backend auto "
+                          "on a GPU, --backend triton with TRITON_INTERPRET=1 on a CPU)")
     dit.add_argument("--frames", type=int, help=f"4k+1 video frames (default 81, 21 latent frames; {TINY_FRAMES} "
                      "with the tiny config)")
     dit.add_argument("--size", type=_parse_size, help="WIDTHxHEIGHT in pixels, multiples of 16, as for generate "
