@@ -44,6 +44,7 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -142,18 +143,24 @@ def missing_tools() -> list[str]:
         missing.append("ninja (pip install ninja)")
     if pybind11_include() is None:
         missing.append("pybind11 (pip install pybind11)")
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
+    cxx = os.environ.get("CXX", "c++")
+    if len(shlex.split(cxx)) > 1:  # (nvcc's -ccbin takes one executable: no launcher, no flags)
+        missing.append(f"a C++ compiler: CXX={cxx!r} must name one executable, without a launcher or flags")
+    elif shutil.which(cxx) is None:
         missing.append("a C++ compiler (c++ or $CXX)")
     return missing
 
 
-def parse_archs(text: str) -> tuple[str, ...]:
-    """"80,89,90a" (commas or semicolons, optional "sm_" prefixes) as ("80", "89", "90a"); CudaExtError for
-    anything that is not an architecture."""
-    archs = tuple(a.strip().removeprefix("sm_") for a in text.replace(";", ",").split(",") if a.strip())
+def parse_archs(text: str, source: str = "architectures") -> tuple[str, ...]:
+    """"80,89,90a" (commas or semicolons, optional "sm_" prefixes) as ("80", "89", "90a"), each once;
+    CudaExtError naming `source` for anything that is not an architecture, or for none at all."""
+    archs = tuple(dict.fromkeys(a.strip().removeprefix("sm_") for a in text.replace(";", ",").split(",")
+                                if a.strip()))
     for a in archs:
-        if not (a.rstrip("af").isdigit()):
-            raise CudaExtError(f"bad CUDA architecture {a!r}; expected e.g. 80, 89, 90a")
+        if not re.fullmatch(r"[1-9][0-9]*[af]?", a, flags=re.ASCII):
+            raise CudaExtError(f"{source}: bad CUDA architecture {a!r}; expected e.g. 80, 89, 90a")
+    if not archs:
+        raise CudaExtError(f"{source}: no CUDA architecture in {text!r}; expected e.g. 80, 89, 90a")
     return archs
 
 
@@ -161,7 +168,7 @@ def default_archs() -> tuple[str, ...]:
     """$DIT8_CUDA_ARCHS; else the current GPU's architecture (sm_90 builds as sm_90a); else DEFAULT_ARCHS."""
     env = os.environ.get("DIT8_CUDA_ARCHS")
     if env:
-        return parse_archs(env)
+        return parse_archs(env, "DIT8_CUDA_ARCHS")
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         return (f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else ""),)
@@ -177,8 +184,15 @@ def gencode_flags(archs: tuple[str, ...]) -> list[str]:
 
 
 def cache_root() -> Path:
-    """$DIT8_CACHE, else ~/.cache/dit8."""
-    return Path(os.environ.get("DIT8_CACHE") or Path.home() / ".cache" / "dit8")
+    """$DIT8_CACHE (a leading ~ expanded, as a shell would have), else ~/.cache/dit8; CudaExtError naming
+    the variable where it is something other than a folder."""
+    env = os.environ.get("DIT8_CACHE")
+    if not env:
+        return Path.home() / ".cache" / "dit8"
+    root = Path(env).expanduser()
+    if root.exists() and not root.is_dir():
+        raise CudaExtError(f"DIT8_CACHE={env!r}: not a folder")
+    return root
 
 
 def build_dir(archs: tuple[str, ...]) -> Path:
@@ -227,11 +241,13 @@ FAILED_BUILD_LOG = "build-failed.log"
 
 @contextlib.contextmanager
 def _locked(folder: Path):
+    """Holds the build folder's lock; yields its file descriptor, which the build's processes inherit so
+    that the lock outlives a killed Python process until its compilers are done too."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent first uses build once
         try:
-            yield
+            yield lock.fileno()
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -248,7 +264,7 @@ def build(archs: tuple[str, ...] | None = None, *, force: bool = False, verbose:
     archs = tuple(archs or default_archs())
     out_dir = build_dir(archs)
     failed = out_dir / FAILED_BUILD_LOG
-    with _locked(out_dir):
+    with _locked(out_dir) as lock:
         if force:
             for p in out_dir.iterdir():
                 if p.name != ".lock":
@@ -261,24 +277,26 @@ def build(archs: tuple[str, ...] | None = None, *, force: bool = False, verbose:
         (out_dir / "build.ninja").write_text(_ninja_file(archs))
         module = module_path(archs)
         linked = _file_stamp(module)
-        _run_ninja(out_dir, verbose)
+        _run_ninja(out_dir, verbose, lock)
         if _file_stamp(module) == linked and _damaged(module):
             # Changed after its link (ninja only compares times, so it would keep it): link it again.
             module.unlink()
-            _run_ninja(out_dir, verbose)
+            _run_ninja(out_dir, verbose, lock)
         if _file_stamp(module) != linked or not _checksum_path(module).is_file():
             _write_checksum(module)
         failed.unlink(missing_ok=True)
     return module
 
 
-def _run_ninja(out_dir: Path, verbose: bool) -> None:
+def _run_ninja(out_dir: Path, verbose: bool, lock: int) -> None:
     jobs = str(max(1, min(len(os.sched_getaffinity(0)), 8)))
     cmd = [find_ninja(), "-C", str(out_dir), "-j", jobs] + (["-v"] if verbose else [])
-    proc = subprocess.run(cmd, capture_output=not verbose, text=True)
+    proc = subprocess.run(cmd, capture_output=not verbose, text=True, pass_fds=(lock, ))
     if proc.returncode != 0:
         log = ((proc.stdout or "") + (proc.stderr or ""))[-6000:]
-        if proc.returncode > 0:  # ninja itself killed (by a signal) says nothing about the sources
+        # Only ninja's "a command failed" (1) is the sources' (or the toolchain's) doing: 2 is ninja
+        # interrupted (SIGINT, SIGTERM, SIGHUP), a negative status ninja killed by a signal.
+        if proc.returncode == 1:
             (out_dir / FAILED_BUILD_LOG).write_text(log)
         raise CudaExtError(f"building the CUDA extension in {out_dir} failed:\n{log}")
 
@@ -350,13 +368,17 @@ def load() -> ModuleType:
         if path is None:
             build(archs)  # raises, naming the missing tools
     else:
-        # ninja brings the module up to date (a no-op when it is). A cache that cannot be written (a
-        # read-only mount) still serves the module it holds.
+        # ninja brings the module up to date (a no-op when it is). Where it cannot (a read-only mount, a
+        # failed build), a module the cache holds still serves: this GPU's own, or the default targets'.
         try:
             path = build(archs)
-        except OSError as err:
-            if not path.is_file():
+        except (OSError, CudaExtError) as err:
+            held = next((p for p in (path, module_path(DEFAULT_ARCHS)) if p.is_file()), None)
+            if held is None:
+                if isinstance(err, CudaExtError):
+                    raise
                 raise CudaExtError(f"cannot build the CUDA extension in {path.parent}: {err}") from None
+            path = held
     if not _checksum_path(path).is_file() or _damaged(path):
         raise CudaExtError(f"{path} was changed after its build (the checksum recorded then, "
                            f"{_checksum_path(path).name}, is missing or differs); rebuild with: "
@@ -552,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
-            archs = parse_archs(args.archs) if args.archs else default_archs()
+            archs = parse_archs(args.archs, "--archs") if args.archs is not None else default_archs()
             start = time.perf_counter()
             path = build(archs, force=args.force, verbose=args.verbose, retry_failed=True)
             module = _import(path)

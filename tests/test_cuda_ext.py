@@ -53,6 +53,34 @@ def test_gencode_flags():
     assert cuda_ext.gencode_flags(("90a",)) == ["-gencode=arch=compute_90a,code=sm_90a"]
     with pytest.raises(cuda_ext.CudaExtError, match="bad CUDA architecture"):
         cuda_ext.parse_archs("hopper")
+    assert cuda_ext.parse_archs("90a,sm_90a, 89") == ("90a", "89")  # each once: one cache tag, no repeated flags
+
+
+@pytest.mark.parametrize("text, message", [
+    ("90aa", "bad CUDA architecture '90aa'"), ("0", "bad CUDA architecture '0'"),
+    ("\u0661\u0662", "bad CUDA architecture"), (",", "no CUDA architecture in ','"), (" ; ", "no CUDA architecture")])
+def test_what_is_not_an_architecture_is_refused_naming_where_it_came_from(monkeypatch, text, message):
+    """A value nvcc would fail on minutes later (leaving a failed build), or none (nvcc's own default
+    target, unrecorded), is refused at once, naming the variable."""
+    monkeypatch.setenv("DIT8_CUDA_ARCHS", text)
+    with pytest.raises(cuda_ext.CudaExtError, match=f"^DIT8_CUDA_ARCHS: {message}"):
+        cuda_ext.default_archs()
+
+
+def test_the_cache_variable_is_expanded_and_checked(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DIT8_CACHE", "~/dit8cache")
+    assert cuda_ext.cache_root() == tmp_path / "dit8cache"
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("DIT8_CACHE", str(tmp_path / "file"))
+    with pytest.raises(cuda_ext.CudaExtError, match=f"^DIT8_CACHE='{tmp_path / 'file'}': not a folder$"):
+        cuda_ext.cache_root()
+
+
+def test_a_compiler_with_a_launcher_or_flags_is_named(monkeypatch):
+    monkeypatch.setenv("CXX", "ccache g++")
+    assert "a C++ compiler: CXX='ccache g++' must name one executable, without a launcher or flags" in \
+        cuda_ext.missing_tools()
 
 
 @needs_tools
@@ -247,6 +275,49 @@ def test_a_read_only_cache_serves_the_module_it_holds(monkeypatch, tmp_path):
     assert cuda_ext.load() is _FakeModule and imported == [path]
 
 
+def test_a_failed_build_falls_back_to_the_module_built_ahead_of_time(monkeypatch, tmp_path):
+    """With the build tools installed, building this GPU's own module may still fail (a read-only cache, a
+    toolchain that fails): the default targets' module, built ahead of time, serves."""
+    imported = _fake_loading(monkeypatch, tmp_path, ("90a",))
+    monkeypatch.setattr(cuda_ext, "missing_tools", lambda: [])
+    for error in (OSError(30, "Read-only file system"), cuda_ext.CudaExtError("building ... failed")):
+        def failing(archs, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(cuda_ext, "build", failing)
+        monkeypatch.setattr(cuda_ext, "_MODULE", None)
+        with pytest.raises(cuda_ext.CudaExtError):
+            cuda_ext.load()
+    default = _touch_module(cuda_ext.DEFAULT_ARCHS)
+    assert cuda_ext.load() is _FakeModule and imported == [default]
+
+
+@needs_tools
+def test_an_interrupted_build_is_not_recorded_as_a_failed_one(tmp_path, monkeypatch):
+    """ninja stopped by a signal (SIGTERM, a hang-up) exits 2: nothing to say about the sources, so the next
+    first use builds again. Here a ninja replaced by a script that exits as an interrupted ninja does."""
+    fake = tmp_path / "ninja"
+    fake.write_text("#!/bin/sh\necho 'ninja: build stopped: interrupted by user.'\nexit 2\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(cuda_ext, "find_ninja", lambda: str(fake))
+    monkeypatch.setenv("DIT8_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(cuda_ext.CudaExtError, match="interrupted by user"):
+        cuda_ext.build(ARCHS)
+    assert not (cuda_ext.build_dir(ARCHS) / cuda_ext.FAILED_BUILD_LOG).exists()
+
+
+def test_the_build_lock_is_inherited_by_the_build(tmp_path, monkeypatch):
+    """The lock's descriptor goes to ninja (and its compilers): a Python process killed mid-build leaves its
+    compilers holding the lock, so a second build waits for them instead of writing the same files."""
+    calls = []
+    monkeypatch.setattr(cuda_ext.subprocess, "run", lambda cmd, **kwargs: calls.append(kwargs) or
+                        subprocess.CompletedProcess(cmd, 0, "", ""))
+    monkeypatch.setattr(cuda_ext, "find_ninja", lambda: "ninja")
+    with cuda_ext._locked(tmp_path) as lock:
+        cuda_ext._run_ninja(tmp_path, False, lock)
+    assert calls[0]["pass_fds"] == (lock, )
+
+
 def test_tool_paths_with_spaces_are_quoted(monkeypatch):
     monkeypatch.setattr(cuda_ext, "pybind11_include", lambda: "/opt/py env/pybind11/include")
     assert "pybind11_include = '/opt/py env/pybind11/include'" in cuda_ext._ninja_file(("90a",)).splitlines()
@@ -255,7 +326,7 @@ def test_tool_paths_with_spaces_are_quoted(monkeypatch):
 def test_command_line_errors_are_one_line(capsys):
     assert cuda_ext.main(["build", "--archs", "hopper"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: bad CUDA architecture 'hopper'") and err.count("\n") == 1
+    assert err.startswith("error: --archs: bad CUDA architecture 'hopper'") and err.count("\n") == 1
 
 
 def test_command_line_info():
