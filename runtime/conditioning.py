@@ -53,9 +53,10 @@ def read_image(path: str | Path) -> np.ndarray:
 
     Decoded through PyAV (FFmpeg), a dependency already, rather than Pillow. Alpha is dropped, as
     Pillow's `convert("RGB")` in the reference does; EXIF orientation is not applied (nor is it there).
-    Subsampled chroma (JPEG's 4:2:0) is interpolated, as libjpeg does, before the conversion to RGB:
-    within a few levels of Pillow's. A damaged file is refused, as Pillow refuses it, and so is a
-    picture of more than MAX_IMAGE_PIXELS (Pillow's own limit against decompression bombs).
+    Subsampled chroma (JPEG's and WebP's 4:2:0, 4:2:2) is interpolated, as libjpeg does, before the
+    conversion to RGB: within a few levels of Pillow's, whatever the sides' parity. A damaged file is
+    refused, as Pillow refuses it, and so is a picture of more than MAX_IMAGE_PIXELS (Pillow's own limit
+    against decompression bombs).
     """
     from .video import ffmpeg_path
 
@@ -77,6 +78,53 @@ def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
     return _decode_image(io.BytesIO(bytes(data)), f"the image bytes ({len(data):,})")
 
 
+# 8-bit pictures whose chroma has half the width (and for 4:2:0 half the height): JPEG's and lossy
+# WebP's usual layouts.
+_HALF_WIDTH_CHROMA = ("yuv420p", "yuvj420p", "yuv422p", "yuvj422p")
+
+
+def _upsample_chroma(plane: np.ndarray, rows: int) -> np.ndarray:
+    """A chroma plane at twice its width (and, with `rows` = 2, twice its height), as libjpeg's "fancy"
+    upsampling computes it: each output sample weighs the nearer input 3/4 and the farther 1/4 along
+    each doubled axis, edges repeated, with libjpeg's integer rounding."""
+    c = plane.astype(np.int32)
+
+    def neighbours(a: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        first, last = np.take(a, [0], axis), np.take(a, [-1], axis)
+        before = np.concatenate([first, np.delete(a, -1, axis)], axis)
+        after = np.concatenate([np.delete(a, 0, axis), last], axis)
+        return before, after
+
+    if rows == 2:  # column sums of 3·nearer + farther rows, 16 times the value once across is done
+        above, below = neighbours(c, 0)
+        sums = np.empty((2 * c.shape[0], c.shape[1]), np.int32)
+        sums[0::2], sums[1::2] = 3 * c + above, 3 * c + below
+        shift, bias = 4, (8, 7)
+    else:
+        sums, shift, bias = c, 2, (1, 2)
+    left, right = neighbours(sums, 1)
+    out = np.empty((sums.shape[0], 2 * sums.shape[1]), np.int32)
+    out[:, 0::2] = (3 * sums + left + bias[0]) >> shift
+    out[:, 1::2] = (3 * sums + right + bias[1]) >> shift
+    return out.astype(np.uint8)
+
+
+def _full_chroma(frame: Any) -> Any:
+    """A 4:2:0 or 4:2:2 frame as 4:4:4, its chroma doubled exactly and cut to the picture. FFmpeg's scaler
+    stretched an odd side's (n + 1) / 2 chroma samples over n pixels, which shifted the colours against
+    the brightness across the picture: up to 131 levels off libjpeg on an 833-pixel-wide photo."""
+    import av
+
+    height, width = frame.height, frame.width
+    luma, *chroma = (np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width] for p in frame.planes)
+    rows = 2 if frame.format.name.endswith("420p") else 1
+    full = [_upsample_chroma(c, rows)[:height, :width] for c in chroma]
+    out = av.VideoFrame.from_ndarray(np.stack([luma, *full]),
+                                     format="yuvj444p" if frame.format.name.startswith("yuvj") else "yuv444p")
+    out.color_range, out.colorspace = frame.color_range, frame.colorspace
+    return out
+
+
 def _decode_image(source: str | io.BytesIO, name: str) -> np.ndarray:
     """The first picture of `source` (an FFmpeg path or the file's bytes); `name` for the errors."""
     import av
@@ -92,7 +140,9 @@ def _decode_image(source: str | io.BytesIO, name: str) -> np.ndarray:
             stream.codec_context.options = {"err_detect": "explode"}  # a truncated file is an error
             for frame in container.decode(stream):
                 fmt = frame.format.name
-                if fmt.startswith("yuv") and "444" not in fmt:
+                if fmt in _HALF_WIDTH_CHROMA:
+                    frame = _full_chroma(frame)
+                elif fmt.startswith("yuv") and "444" not in fmt:
                     frame = frame.reformat(format="yuvj444p" if fmt.startswith("yuvj") else "yuv444p",
                                            interpolation="BILINEAR")
                 return frame.to_ndarray(format="rgb24")

@@ -270,17 +270,28 @@ def test_the_bytes_of_an_image_file_are_an_image(tmp_path):
         image_tensor(b"not an image at all")
 
 
-def test_jpeg_files_read_as_pillow_reads_them(tmp_path):
-    # libjpeg, the reference's decoder
+@pytest.mark.parametrize("size", [(160, 120), (161, 121), (17, 33)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("form", ["jpeg 4:2:0", "jpeg 4:2:2", "webp"])
+def test_jpeg_and_webp_files_read_as_pillow_reads_them(tmp_path, size, form):
+    """libjpeg (and libwebp), the reference's decoders. Odd sides too: FFmpeg's scaler had stretched their
+    (n + 1) / 2 chroma samples over n pixels: 59 to 69 levels off here at 161 x 121, 28 to 35 at 17 x 33."""
     Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed: no reference JPEG decoder")
     rng = np.random.default_rng(3)
-    photo = np.asarray(Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((160, 120)))
-    photo = photo.copy()
-    photo[:, 90:] = (200, 30, 40)  # a sharp colour edge: 4:2:0 chroma must be interpolated, not repeated
-    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=90)
-    reference = np.asarray(Image.open(tmp_path / "photo.jpg").convert("RGB")).astype(int)
-    diff = np.abs(read_image(tmp_path / "photo.jpg").astype(int) - reference)
+    photo = np.asarray(Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize(size)).copy()
+    photo[:, size[0] * 9 // 16:] = (200, 30, 40)  # a sharp colour edge: chroma must be interpolated, not repeated
+    path = tmp_path / ("photo.webp" if form == "webp" else "photo.jpg")
+    options = dict(quality=90) if form == "webp" else dict(quality=90, subsampling=2 if "4:2:0" in form else 1)
+    Image.fromarray(photo).save(path, **options)
+    reference = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    diff = np.abs(read_image(path).astype(int) - reference)
     assert diff.max() <= 4 and diff.mean() < 0.5, (diff.max(), diff.mean())  # (chroma repeated: 75 and 6.2)
+
+
+def test_damaged_jpeg_files_are_refused_and_bytes_read_as_files(tmp_path):
+    Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed: no JPEG encoder")
+    rng = np.random.default_rng(3)
+    photo = np.asarray(Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((160, 120)))
+    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=90)
     data = (tmp_path / "photo.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])  # Pillow: "image file is truncated"
     with pytest.raises(InputError, match="cut.jpg: cannot read the image"):
