@@ -116,13 +116,24 @@ def _check_file_path(path: Path) -> None:
         probe.open("xb").close()
     except OSError as err:
         raise InputError(f"{path}: cannot write in {path.parent}: {err.strerror or err}") from None
-    probe.unlink(missing_ok=True)
+    _remove(probe)
+
+
+_NAME_MAX = 255  # bytes of a file name (Linux, macOS)
 
 
 def _partial(path: Path) -> Path:
     """Where a file is written before it is renamed into place: a name of its own for each write, so two
     writers of one path (threads of a service, two processes) never write into, or remove, each other's."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.partial")
+    # The start of the name only: a name the file system takes may not take ~30 more bytes.
+    return path.with_name(f".{path.name[:32]}.{os.getpid()}-{uuid.uuid4().hex[:12]}.partial")
+
+
+def _remove(partial: Path) -> None:
+    """Removes a partial file if it is there; a failure to (the folder gone) must not hide why the write
+    stopped."""
+    with contextlib.suppress(OSError):
+        partial.unlink()
 
 
 def _check_folder_path(folder: Path) -> None:
@@ -194,7 +205,7 @@ def write_mp4(path: str | Path, frames: torch.Tensor | np.ndarray, *, fps: int =
     except OSError as err:  # the disk filled, or the folder went away, while writing
         raise InputError(f"{path}: cannot write: {err.strerror or err}") from None
     finally:
-        partial.unlink(missing_ok=True)
+        _remove(partial)
     return path
 
 
@@ -207,10 +218,12 @@ def write_png_frames(folder: str | Path, frames: torch.Tensor | np.ndarray, *,
         raise InputError(f"prefix must be a str, got {type(prefix).__name__}")
     if Path(prefix).name != prefix or prefix in (".", ".."):
         raise InputError(f"prefix {prefix!r}: must be the start of a file name, without folders")
-    _check_folder_path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     frames = to_uint8_frames(frames)
     digits = max(5, len(str(len(frames) - 1)))
+    if len(os.fsencode(f"{prefix}{0:0{digits}d}.png")) > _NAME_MAX:
+        raise InputError(f"prefix {prefix!r}: the frames' file names would be longer than {_NAME_MAX} bytes")
+    _check_folder_path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, rgb in enumerate(frames):
         codec = av.CodecContext.create("png", "w")
@@ -224,7 +237,7 @@ def write_png_frames(folder: str | Path, frames: torch.Tensor | np.ndarray, *,
         except OSError as err:  # the disk filled, or the folder went away, while writing
             raise InputError(f"{path}: cannot write: {err.strerror or err}") from None
         finally:
-            partial.unlink(missing_ok=True)
+            _remove(partial)
         paths.append(path)
     return paths
 

@@ -177,6 +177,19 @@ def test_a_frame_that_cannot_be_written_names_its_file_and_leaves_nothing(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frame_00000.png"]  # whole, and nothing partial
 
 
+def test_long_names_the_file_system_takes_are_written(tmp_path):
+    """A 230-byte name is legal: its partial file, written first, must be too (it had ~30 bytes more)."""
+    path = tmp_path / ("v" * 226 + ".mp4")
+    check_output_paths(path)
+    assert read_video(write_mp4(path, smooth_frames(1, 16, 16))).num_frames == 1
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    (frame,) = write_png_frames(tmp_path / "frames", smooth_frames(1, 16, 16), prefix="p" * 240)
+    assert frame.name == "p" * 240 + "00000.png"
+    with pytest.raises(InputError, match="the frames' file names would be longer than 255 bytes"):
+        write_png_frames(tmp_path / "more", smooth_frames(1, 16, 16), prefix="p" * 247)  # 256 bytes
+    assert not (tmp_path / "more").exists()  # refused before the folder was made
+
+
 def test_file_names_are_not_taken_for_protocols(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # bare relative names: FFmpeg read "run-1:30" as a protocol
     frames = smooth_frames(3)
