@@ -7,7 +7,6 @@ model call per step.
 
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 from dataclasses import dataclass
@@ -23,10 +22,17 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """model(x [B, ...], t [B]) -> velocity v, like `functools.partial(model, context=..., y=...)` of a WanDiT."""
 
 
+# The shifts the schedules take. Past them the official formula (shift_sigmas) degenerates in floating
+# point: below, the first timestep rounds past 1000 (and near 1e-17 its denominator to 0); above, UniPC's
+# first σ rounds to 1 in fp32, whose log-SNR is infinite. Published models use 3 to 17.
+SHIFT_RANGE = (1e-3, 1e3)
+
+
 def check_shift(shift: float) -> float:
-    """`shift` if it is a finite positive number, else an InputError naming it."""
-    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not 0 < shift < math.inf:
-        raise InputError(f"shift must be a positive number, got {shift!r}")
+    """`shift` if it is a number in SHIFT_RANGE, else an InputError naming it."""
+    low, high = SHIFT_RANGE
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not low <= shift <= high:
+        raise InputError(f"shift must be a number in [{low:g}, {high:g}], got {shift!r}")
     return float(shift)
 
 

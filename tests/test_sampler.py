@@ -164,7 +164,20 @@ def test_initial_noise_refuses_a_bad_device():
 
 
 @pytest.mark.parametrize("sampler", [DistilledSampler, UniPCSampler])
-@pytest.mark.parametrize("shift", [0, -1.0, float("inf"), float("nan"), "5", True])
-def test_shift_must_be_a_positive_number(sampler, shift):
-    with pytest.raises(InputError, match="shift must be a positive number"):
+@pytest.mark.parametrize("shift", [0, -1.0, float("inf"), float("nan"), "5", True, 1e-4, 1e4])
+def test_shift_must_be_a_number_the_schedules_take(sampler, shift):
+    with pytest.raises(InputError, match=r"shift must be a number in \[0.001, 1000\]"):
         sampler(shift=shift)
+
+
+@pytest.mark.parametrize("shift", [1e-3, 1e3])
+@pytest.mark.parametrize("steps", [1, 4, 40])
+def test_the_extreme_shifts_give_finite_schedules_within_the_timesteps(shift, steps):
+    """At the range's ends the official formula still gives timesteps in [0, 1000] and finite samples; past
+    them it does not (1e-4: a first timestep of 1000.0000000001; 1e5: UniPC's first σ is 1 in fp32)."""
+    model = lambda x, t: 0.3 * x + 0.01 * t.view(-1, 1, 1, 1, 1)  # noqa: E731
+    noise = initial_noise((1, 4, 2, 3, 3), 0)
+    distilled = DistilledSampler(steps=evenly_spaced_steps(steps), shift=shift)
+    assert 0 <= distilled.timesteps().min() and distilled.timesteps().max() <= 1000
+    for sampler in (distilled, UniPCSampler(steps=steps, shift=shift)):
+        assert torch.isfinite(sampler.sample(model, noise)).all()
