@@ -35,18 +35,24 @@ sys.exit(rc)
 
 
 def make_source(path: Path, layers: int) -> None:
+    """Random bf16 weights of I2V-14B's shapes with `layers` blocks, written beside and renamed into place:
+    a run stopped while writing leaves no half source for the next one to time."""
     config = dataclasses.replace(I2V_14B, num_layers=layers)
     gen = torch.Generator().manual_seed(0)
     weights = {k: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for k, s in expected_shapes(config).items()}
-    write_checkpoint(weights, path, config=config)
+    partial = path.with_name(path.name + ".partial")
+    write_checkpoint(weights, partial, config=config)
+    partial.replace(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=4, help="blocks of the source (default 4)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dit8-convert-bench"))
     parser.add_argument("--scheme", default="fp8", choices=SCHEMES)
     args = parser.parse_args()
+    if args.layers < 1:
+        parser.error(f"--layers must be at least 1, got {args.layers}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     src = args.workdir / f"src_{args.layers}.safetensors"
     if not src.exists():
@@ -61,8 +67,10 @@ def main() -> None:
     dst = args.workdir / f"out_{args.scheme}.safetensors"
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", CHILD, "convert", str(src), str(dst), "--scheme", args.scheme,
-                             "--force"], capture_output=True, text=True, check=True)
+                             "--force"], capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"convert_throughput: the conversion failed:\n{result.stderr.strip()}")
     hwm_kib = int(next(l.split()[1] for l in result.stdout.splitlines() if l.startswith("VmHWM_KiB")))
     mib = size / 2**20
     print(f"source {mib:.0f} MiB bf16 ({args.layers} blocks of I2V-14B shapes), scheme {args.scheme}")

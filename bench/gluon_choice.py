@@ -23,9 +23,10 @@ PROMOTED_SHAPE = [32760, 5120, 13824]
 
 def _rows(path: Path) -> list[dict]:
     try:
-        return json.loads(path.read_text()).get("benchmarks", [])
-    except (OSError, ValueError):
+        rows = json.loads(path.read_text()).get("benchmarks", [])
+    except (OSError, ValueError, AttributeError):  # (AttributeError: JSON that is not an object)
         return []
+    return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
 
 
 def _test(row: dict) -> str:

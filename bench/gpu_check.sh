@@ -49,14 +49,19 @@ case "${1:-}" in  # the comment above is the usage
 esac
 # The arguments and settings first: a mistake in them is reported on any machine, before anything is
 # moved or written.
+# (No leading zero, which bash's arithmetic reads as octal, and at most 9 digits, which it cannot wrap.)
 for name in BUDGET TESTS_LIMIT STAGE_LIMIT TEST_WORKERS; do
-    [[ -z "${!name:-}" || "${!name}" =~ ^[0-9]+$ ]] || { echo "gpu_check: $name must be a whole number, got ${!name}"; exit 2; }
+    [[ -z "${!name:-}" || "${!name}" =~ ^(0|[1-9][0-9]{0,8})$ ]] || {
+        echo "gpu_check: $name must be a whole number of at most 9 digits, without leading zeros, got ${!name}"
+        exit 2; }
 done
 all_stages=(tests dit gemm attention candidates fused pipeline profile sweep)
 stages=("$@")
 for stage in "${stages[@]}"; do
-    [[ " ${all_stages[*]} " == *" $stage "* ]] || {
-        echo "gpu_check: unknown stage $stage (${all_stages[*]}; --help for the usage)"; exit 2; }
+    known=0
+    for name in "${all_stages[@]}"; do [ "$stage" = "$name" ] && known=1; done
+    [ "$known" = 1 ] || {
+        echo "gpu_check: unknown stage '$stage' (${all_stages[*]}; --help for the usage)"; exit 2; }
 done
 cd "$(dirname "$0")/.."
 command -v nvidia-smi >/dev/null || {

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import struct
 import sys
@@ -91,21 +92,35 @@ def write_png(path: str, img: np.ndarray) -> None:
         f.write(chunk(b"IEND", b""))
 
 
+def _number(value: object) -> float | None:
+    """`value` as a finite float, or None (missing, null, not a number, NaN or infinite)."""
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _info(bench: dict) -> dict:
+    info = bench.get("extra_info")
+    return info if isinstance(info, dict) else {}
+
+
 def rows_of(results: dict) -> list[dict]:
-    """One row per benchmark that reported `ms`: label, kernel value, baseline value (or None), ratio."""
+    """One row per benchmark that reported a finite `ms`: label, kernel value, baseline value (or None),
+    ratio (or None)."""
     rows = []
     for bench in results.get("benchmarks", []):
-        info = bench.get("extra_info", {})
-        if "ms" not in info:
+        info = _info(bench)
+        ms, ratio, tflops = _number(info.get("ms")), _number(info.get("ratio")), _number(info.get("tflops"))
+        if ms is None:
             continue
-        ratio = info.get("ratio")
-        if "tflops" in info:
-            unit, kernel = "TFLOP/s", float(info["tflops"])
+        if tflops is not None:
+            unit, kernel = "TFLOP/s", tflops
             baseline = kernel / ratio if ratio else None
         else:
-            unit, kernel = "ms", float(info["ms"])
-            baseline = float(info["baseline_ms"]) if "baseline_ms" in info else None
-        rows.append(dict(label=bench.get("name", "?"), unit=unit, kernel=kernel, baseline=baseline, ratio=ratio))
+            unit, kernel, baseline = "ms", ms, _number(info.get("baseline_ms"))
+        rows.append(dict(label=str(bench.get("name", "?")), unit=unit, kernel=kernel, baseline=baseline, ratio=ratio))
     return rows
 
 
@@ -177,9 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"{args.results}: no benchmark reported extra_info['ms']", file=sys.stderr)
         return 1
-    devices = {b.get("extra_info", {}).get("device") for b in results.get("benchmarks", [])} - {None}
-    title = args.title or " ".join([", ".join(sorted(devices)), results.get("datetime", "")[:10]]).strip()
-    write_png(args.png, render(rows, title or "benchmark results"))
+    devices = {str(_info(b).get("device")) for b in results.get("benchmarks", []) if _info(b).get("device")}
+    title = args.title or " ".join([", ".join(sorted(devices)), str(results.get("datetime") or "")[:10]]).strip()
+    try:
+        write_png(args.png, render(rows, title or "benchmark results"))
+    except OSError as err:
+        print(f"{args.png}: cannot write: {err.strerror or err}", file=sys.stderr)
+        return 1
     print(f"wrote {args.png} ({len(rows)} benchmarks)")
     return 0
 

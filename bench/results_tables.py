@@ -25,6 +25,7 @@ import sys
 import tarfile
 import tempfile
 import xml.etree.ElementTree as ET
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def results_folder(path: Path) -> Iterator[Path]:
         try:
             with tarfile.open(path) as archive:
                 archive.extractall(tmp, filter="data")
-        except (tarfile.TarError, OSError) as err:
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as err:  # (EOFError, zlib: a cut archive)
             raise SystemExit(f"results_tables: {path}: not a results archive ({err})") from None
         yield Path(tmp)
 

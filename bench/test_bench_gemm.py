@@ -490,6 +490,21 @@ def test_plot_results_writes_a_chart(tmp_path):
     assert bytes(plot.KERNEL_COLOR) in raw and bytes(plot.BASELINE_COLOR) in raw
 
 
+def test_plot_results_takes_rows_with_odd_values_and_names_an_unwritable_png(tmp_path, capsys):
+    import json
+
+    results = {"benchmarks": [{"name": "a", "extra_info": {"ms": 1.0, "tflops": None, "ratio": "fast"}},
+                              {"name": 7, "extra_info": {"ms": 2.0, "baseline_ms": float("inf")}}], "datetime": None}
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(results))
+    plot = load_plot_results()
+    assert [(r["label"], r["kernel"], r["baseline"], r["ratio"]) for r in plot.rows_of(results)] == [
+        ("a", 1.0, None, None), ("7", 2.0, None, None)]
+    assert plot.main([str(src), str(tmp_path / "r.png")]) == 0
+    assert plot.main([str(src), "/proc/r.png"]) == 1
+    assert capsys.readouterr().err.startswith("/proc/r.png: cannot write")
+
+
 def load_plot_results():
     from importlib.util import module_from_spec, spec_from_file_location
 
@@ -508,6 +523,9 @@ def load_plot_results():
     ('{"benchmarks": []}', "r.png", "no benchmark reported extra_info['ms']"),
     ('{"benchmarks": [{"name": "a", "extra_info": {"ms": 1.0}}]}', ".", "a folder; name the PNG file"),
     ('{"benchmarks": [{"name": "a", "extra_info": {"ms": 1.0}}]}', "no/r.png", "its folder does not exist"),
+    # Rows without a finite ms (NaN, null, no extra_info) are left out, as rows without one are.
+    ('{"benchmarks": [{"name": "a", "extra_info": {"ms": NaN}}, {"extra_info": null}], "datetime": null}', "r.png",
+     "no benchmark reported extra_info['ms']"),
 ])
 def test_plot_results_refuses_with_a_message(tmp_path, capsys, content, png, message):
     src = tmp_path / "r.json"

@@ -39,10 +39,14 @@ def test_help_names_every_stage_and_setting():
 
 
 @pytest.mark.parametrize("args, env, message", [
-    (["tests", "bogus"], {}, "gpu_check: unknown stage bogus"),
-    (["--budget=60"], {}, "gpu_check: unknown stage --budget=60"),
-    ([], {"BUDGET": "9m"}, "gpu_check: BUDGET must be a whole number, got 9m"),
+    (["tests", "bogus"], {}, "gpu_check: unknown stage 'bogus'"),
+    (["--budget=60"], {}, "gpu_check: unknown stage '--budget=60'"),
+    (["gemm attention"], {}, "gpu_check: unknown stage 'gemm attention'"),  # two names in one argument
+    ([], {"BUDGET": "9m"}, "gpu_check: BUDGET must be a whole number of at most 9 digits, without leading zeros, "
+                           "got 9m"),
     (["gemm"], {"STAGE_LIMIT": "-1"}, "gpu_check: STAGE_LIMIT must be a whole number"),
+    (["gemm"], {"BUDGET": "08"}, "gpu_check: BUDGET must be a whole number"),  # bash's arithmetic: octal
+    (["gemm"], {"TESTS_LIMIT": "99999999999999999999"}, "gpu_check: TESTS_LIMIT must be a whole number"),
 ])
 def test_mistakes_are_reported_on_any_machine(args, env, message):
     """Before the GPU checks: on a machine without one the mistake is named, not the missing GPU."""

@@ -73,6 +73,11 @@ def test_tables_of_a_folder_and_of_its_archive(tmp_path):
     with tarfile.open(tmp_path / "results.tgz", "w:gz") as archive:
         archive.add(tmp_path / "results", arcname=".")
     assert _tables(tmp_path / "results.tgz") == text
+    # An archive cut short (a transfer that stopped) is named, not a traceback.
+    (tmp_path / "cut.tgz").write_bytes((tmp_path / "results.tgz").read_bytes()[:300])
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "cut.tgz")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "cut.tgz: not a results archive" in done.stderr, done.stderr
 
 
 def test_missing_results_are_an_error(tmp_path):
