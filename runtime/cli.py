@@ -92,18 +92,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     from .tokenizer import Tokenizer, clean_prompt
     from .video import check_output_paths
 
-    # What can be checked without the model is checked before the (long) load.
+    # What can be checked without the model is checked before the (long) load: first the arguments
+    # alone, which every process of a sequence-parallel group refuses alike, before it joins the group.
     device = resolve_device(_device_or_default(args.device))
-    parallel = None
-    if args.sequence_parallel:
-        from .parallel import join_launched_group
-
-        parallel, device = join_launched_group(device)
-    # Every process of a sequence-parallel group makes the same calls; the first one reports and writes.
-    follower = parallel is not None and parallel.rank != 0
-    if not follower:  # (the writer's check: it tries the frames folder, which others must not race)
-        check_output_paths(args.out, args.frames_dir)
-    image = image_tensor(args.image)
     if not clean_prompt(args.prompt):
         raise InputError("--prompt is empty")
     check_settings(seed=args.seed, steps=args.steps, guidance=args.guidance, shift=args.shift, sampler=args.sampler,
@@ -113,7 +104,17 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--vae-tile must be a positive number of latent pixels, got {args.vae_tile}")
     if args.size is not None:
         width, height = check_size(args.size)
-    else:
+    parallel = None
+    if args.sequence_parallel:
+        from .parallel import join_launched_group
+
+        parallel, device = join_launched_group(device)
+    # Every process of a sequence-parallel group makes the same calls; the first one writes.
+    follower = parallel is not None and parallel.rank != 0
+    if not follower:  # (the writer's check: it tries the frames folder, which others must not race)
+        check_output_paths(args.out, args.frames_dir)
+    image = image_tensor(args.image)
+    if args.size is None:
         height, width = output_size(tuple(image.shape[1:]), AREA_480P if args.area is None else args.area)
     check_backend_and_attention(args.backend, args.attention, device)
     # The folder's files, and the prompts against its tokenizer and the DiT's text length (from the
@@ -451,6 +452,17 @@ def _follower(args: argparse.Namespace) -> bool:
         and int(rank) != 0
 
 
+def _every_process_refuses(err: InputError) -> bool:
+    """Whether every process of a sequence-parallel launch raises `err` alike: the arguments' checks made
+    before the group is joined, and the group's own (GroupInputError). Other refusals may be this
+    process's alone (an image file missing on its node): it reports them itself."""
+    dist = sys.modules.get("torch.distributed")
+    joined = dist is not None and dist.is_available() and dist.is_initialized()
+    from .parallel import GroupInputError
+
+    return not joined or isinstance(err, GroupInputError)
+
+
 def _rank_prefix(args: argparse.Namespace) -> str:
     return f"rank {os.environ.get('RANK')}: " if _follower(args) else ""
 
@@ -509,8 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except (Dit8Error, OSError, ValueError) as err:
-        if _follower(args) and isinstance(err, InputError):
-            return 1  # the same arguments and inputs in every process: the first one reports
+        if _follower(args) and isinstance(err, InputError) and _every_process_refuses(err):
+            return 1  # the first process reports it
         print(f"dit8: {_rank_prefix(args)}error: {in_flag_words(str(err))}", file=sys.stderr)
         return 1
     except RuntimeError as err:

@@ -26,6 +26,11 @@ import torch.distributed as dist
 from .errors import InputError
 
 
+class GroupInputError(InputError):
+    """An input error every process of a group raises alike (the processes disagree, a head count that
+    does not split): the first process reports it, where each reports the inputs only it refused."""
+
+
 @dataclass(frozen=True)
 class SequenceParallel:
     """The process group a DiT forward is split over, and this process's place in it.
@@ -71,7 +76,7 @@ class SequenceParallel:
                                                                       equal_nan=True).all(1)
         if not same.all():
             differ = [r for r in range(self.world) if not same[r]]
-            raise InputError(f"sequence parallelism: the processes were given different {what} (ranks "
+            raise GroupInputError(f"sequence parallelism: the processes were given different {what} (ranks "
                              f"{', '.join(map(str, differ))} differ from rank 0); every process must make the "
                              f"same calls with the same inputs")
 
@@ -84,7 +89,7 @@ class SequenceParallel:
     def check_heads(self, heads: int) -> None:
         """Raise InputError unless the attention heads split evenly over the ranks."""
         if heads % self.world:
-            raise InputError(f"sequence parallelism over {self.world} processes needs a head count divisible by "
+            raise GroupInputError(f"sequence parallelism over {self.world} processes needs a head count divisible by "
                              f"{self.world}; the model has {heads} heads")
 
     def local_length(self, tokens: int) -> int:

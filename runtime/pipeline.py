@@ -19,6 +19,7 @@ not depend on what ran before or beside it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
@@ -180,6 +181,10 @@ def _encoder_dtypes(device: torch.device, dtype: torch.dtype | None) -> tuple[to
     return torch.bfloat16, torch.float16
 
 
+# What the processes of a sequence-parallel group compare before each call.
+_CALL_INPUTS = "inputs (image, prompt or settings), or inputs refused"
+
+
 class I2VPipeline:
     """The Wan2.1 image-to-video pipeline over loaded models. Build it with `from_pretrained`, or from
     models you loaded yourself (`dit` must be an I2V WanDiT; encoder and VAE widths must match it)."""
@@ -292,10 +297,20 @@ class I2VPipeline:
         A failed call's exception holds none of the call's tensors: the finished frames of its traceback
         are cleared (their lines stay; their locals are gone, also from a post-mortem debugger).
         """
-        job = self._prepare(image, prompt, seed=seed, frames=frames, size=size, area=area, steps=steps,
-                            sampler=sampler, guidance=guidance, shift=shift, negative_prompt=negative_prompt,
-                            update=update, callback=callback, cancel=cancel, progress=progress,
-                            stream=progress_stream)
+        parallel = self.dit.setup.parallel
+        try:
+            job = self._prepare(image, prompt, seed=seed, frames=frames, size=size, area=area, steps=steps,
+                                sampler=sampler, guidance=guidance, shift=shift, negative_prompt=negative_prompt,
+                                update=update, callback=callback, cancel=cancel, progress=progress,
+                                stream=progress_stream)
+        except InputError as err:
+            if parallel is not None:
+                # The other processes compare their inputs with this one's next (_generate): it takes part,
+                # as refused, before it raises, or they would wait for it in that exchange (the group's
+                # timeout) or pair it with its next call.
+                with contextlib.suppress(InputError):
+                    parallel.agree(_CALL_INPUTS, fingerprint("refused", str(err)), self.device)
+            raise
         self._acquire(job)
         self._running_thread = threading.get_ident()
         try:
@@ -399,8 +414,7 @@ class I2VPipeline:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         if self.dit.setup.parallel is not None:
-            self.dit.setup.parallel.agree("inputs (image, prompt or settings)", fingerprint(job.image, job.settings()),
-                                          self.device)
+            self.dit.setup.parallel.agree(_CALL_INPUTS, fingerprint(job.image, job.settings()), self.device)
         self._check_cancel(job, "before it started")
         with torch.inference_mode():
             cond, uncond, y = self._encode(job, timings)

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -192,6 +193,32 @@ def test_inputs_refused_in_one_process_stop_every_process(tmp_path):
     assert "context has shape (1, 7, 3)" in results[1]["refused"]  # its own reason
     assert "(ranks 1 differ from rank 0)" in results[0]["refused"]
     torch.testing.assert_close(results[1]["after"], results[0]["after"], rtol=0, atol=0)
+
+
+def _call_refused_in_one(rank, folder, out):
+    from dit8 import I2VPipeline
+
+    pipe = I2VPipeline.from_pretrained(folder, parallel=SequenceParallel.from_group())
+    image = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    results = {}
+    try:
+        pipe(image, "a cat", frames=4 if rank == 1 else 1, area=1536)  # 4: no 4k+1
+    except InputError as err:
+        results["refused"] = str(err)
+    results["after"] = pipe(image, "a cat", frames=1, area=1536, steps=1).frames  # still in step
+    torch.save(results, f"{out}.{rank}")
+
+
+def test_a_call_refused_in_one_process_stops_every_process(tmp_path):
+    """The pipeline refused a call's inputs before the processes compared them: the others then waited for
+    the refusing one (the group's timeout) or paired their call with its next one."""
+    folder = write_tiny_model_folder(tmp_path / "model", kind="distill_models", vae_dim=4)
+    run_group(tmp_path, 2, _call_refused_in_one, str(folder), str(tmp_path / "out"), timeout=120)
+    results = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
+    assert "frames must be 4k+1" in results[1]["refused"]  # its own reason
+    assert "different inputs (image, prompt or settings), or inputs refused (ranks 1 differ from rank 0)" in \
+        results[0]["refused"]
+    assert torch.equal(results[1]["after"], results[0]["after"])
 
 
 def _different(rank, out):
@@ -443,6 +470,29 @@ def test_a_later_process_reports_only_its_own_errors(tmp_path, monkeypatch, caps
     monkeypatch.setattr(dit8.devices, "resolve_device", group_failed)
     with pytest.raises(RuntimeError, match="Connection closed"):  # without --sequence-parallel: not the group's
         main(args[:-1])
+
+
+def test_a_later_process_reports_an_input_only_it_refuses(tmp_path, monkeypatch, capsys):
+    """Inside the group a refusal may be this process's alone (its image file missing on its node): it
+    says so itself; an error of the group's own (processes that disagree) is left to the first."""
+    import dit8.parallel
+    from dit8.cli import main
+
+    monkeypatch.setattr(dit8.parallel, "join_launched_group",
+                        lambda device: (SimpleNamespace(rank=1, world=2), torch.device("cpu")))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # joined, as far as the CLI can tell
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    monkeypatch.setenv("RANK", "1")
+    args = ["generate", "--model", "m", "--image", str(tmp_path / "i.png"), "--prompt", "p", "--out",
+            str(tmp_path / "o.mp4"), "--device", "cpu", "--sequence-parallel"]
+    assert main(args) == 1
+    assert capsys.readouterr().err == f"dit8: rank 1: error: {tmp_path / 'i.png'}: image file not found\n"
+
+    def disagree(path):
+        raise dit8.parallel.GroupInputError("sequence parallelism: the processes were given different inputs")
+
+    monkeypatch.setattr("dit8.conditioning.image_tensor", disagree)
+    assert main(args) == 1 and capsys.readouterr().err == ""
 
 
 def test_launched_processes_take_the_gpu_of_their_local_rank(monkeypatch):
