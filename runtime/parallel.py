@@ -77,8 +77,8 @@ class SequenceParallel:
         if not same.all():
             differ = [r for r in range(self.world) if not same[r]]
             raise GroupInputError(f"sequence parallelism: the processes were given different {what} (ranks "
-                             f"{', '.join(map(str, differ))} differ from rank 0); every process must make the "
-                             f"same calls with the same inputs")
+                                  f"{', '.join(map(str, differ))} differ from rank 0); every process must make "
+                                  f"the same calls with the same inputs")
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """Whether `flag` is set on any rank (all ranks must ask together)."""
@@ -89,8 +89,8 @@ class SequenceParallel:
     def check_heads(self, heads: int) -> None:
         """Raise InputError unless the attention heads split evenly over the ranks."""
         if heads % self.world:
-            raise GroupInputError(f"sequence parallelism over {self.world} processes needs a head count divisible by "
-                             f"{self.world}; the model has {heads} heads")
+            raise GroupInputError(f"sequence parallelism over {self.world} processes needs a head count "
+                                  f"divisible by {self.world}; the model has {heads} heads")
 
     def local_length(self, tokens: int) -> int:
         """Tokens per rank: the sequence padded to a multiple of the world size, divided by it."""
