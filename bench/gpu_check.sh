@@ -319,7 +319,7 @@ sys.exit(bool(r.get("partial")) and not r.get("error"))' "$out/dit_$name.json" 2
                 touch "$out/.cut"
             fi
             # FP8 forwards with bf16 and 8-bit attention; an INT8 one where the INT8 GEMM is routed too.
-            int8_run=$(echo "$choice" | grep -qE "gemm_int8" && echo "--scheme int8 --attention int8")
+            int8_run=$(echo "$choice" | grep -q gemm_int8 && echo "--scheme int8 --attention int8")
             for run in ${choice:+"--scheme fp8 --attention bf16" "--scheme fp8 --attention fp8"} \
                        ${int8_run:+"$int8_run"}; do
                 name=$(echo "$run" | awk '{print $2 "_" $4}')_gluon
