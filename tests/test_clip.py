@@ -56,11 +56,20 @@ def test_config_read_from_shapes(model):
     assert model.config == CONFIG
 
 
-def test_default_tiny_config_loads_with_default_heads(tmp_path):
-    path = write_tiny_clip(tmp_path / "clip.pth")  # 16 heads, what from_pth assumes
+def test_what_the_file_does_not_record_is_vit_h14s(tmp_path):
+    """The head count and the LayerNorm eps are not in the weights: loaded without them, the tower takes
+    ViT-H/14's 16 heads (spec/pipeline.md) and OpenAI CLIP's eps. The parity tests below pass their own
+    head count, so only this test sees the defaults."""
+    transformers = pytest.importorskip("transformers", reason="transformers (test-only) is not installed")
+    vit_h = tiny_clip_config(num_heads=16)  # dim 32: 8 or 4 heads would divide it too
+    path = write_tiny_clip(tmp_path / "clip.pth", vit_h, seed=5)
     model = CLIPVisionEncoder.from_pth(path, device="cpu", dtype=torch.float32)
-    out = model.encode(images(batch=1))
-    assert out.shape == (1, 257, tiny_clip_config().dim) and torch.isfinite(out).all()
+    assert model.config.eps == transformers.CLIPVisionConfig().layer_norm_eps
+    pixels = model.preprocess(images(batch=1))
+    out = model(pixels)
+    assert out.shape == (1, 257, vit_h.dim)
+    ref = hf_penultimate(hf_clip(random_clip_weights(vit_h, seed=5), vit_h), pixels, vit_h.num_layers)
+    assert rel_error(out, ref) <= TOLERANCE
 
 
 def test_loads_half_file_into_bf16(tmp_path, model):
