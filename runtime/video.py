@@ -144,7 +144,9 @@ def _check_folder_path(folder: Path) -> None:
     made = [d for d in (folder, *folder.parents) if not d.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".dit8-probe-{os.getpid()}"
+        # A name of its own for each try: two writers into one folder (threads of a service saving
+        # their videos' frames) would otherwise take or remove each other's probe.
+        probe = folder / f".dit8-probe-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         probe.open("xb").close()
         probe.unlink()
     except OSError as err:

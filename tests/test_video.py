@@ -1,6 +1,7 @@
 """Video output: H.264 mp4 (yuv420p, 16 fps) and PNG frames written through PyAV and read back."""
 
 import errno
+import os
 import threading
 
 import numpy as np
@@ -158,6 +159,34 @@ def test_png_frames(tmp_path):
     assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [p.name for p in paths]
     for path, frame in zip(paths, frames):
         assert np.array_equal(read_png(path), frame)  # lossless
+
+
+def test_writers_into_one_frames_folder_keep_to_their_own_probes(tmp_path):
+    # The folder's write probe had one name per process: a second thread of a service saving frames
+    # into the same folder found it taken ("File exists"), or the first removed it from under it.
+    other = tmp_path / f".dit8-probe-{os.getpid()}"  # another writer's probe, in flight
+    other.write_bytes(b"")
+    (path,) = write_png_frames(tmp_path, smooth_frames(1, 16, 16), prefix="a_")
+    assert path.name == "a_00000.png" and other.exists()
+    other.unlink()
+
+    errors = []
+
+    def write(name):
+        for i in range(20):
+            try:
+                write_png_frames(tmp_path, smooth_frames(1, 16, 16), prefix=f"{name}{i}_")
+            except InputError as err:
+                errors.append(str(err))
+
+    threads = [threading.Thread(target=write, args=(name,)) for name in "bcd"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["a_00000.png", *(f"{name}{i}_00000.png" for name in "bcd" for i in range(20))])
 
 
 def test_a_frame_that_cannot_be_written_names_its_file_and_leaves_nothing(tmp_path, monkeypatch):
