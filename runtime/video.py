@@ -136,12 +136,15 @@ def _remove(partial: Path) -> None:
         partial.unlink()
 
 
-def _check_folder_path(folder: Path) -> None:
+def _check_folder_path(folder: Path, *, keep: bool = False) -> None:
+    """InputError where the PNG frames cannot be written into `folder`. keep: leave the folders made for
+    the try when it succeeds (the frames are written next)."""
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: exists and is not a folder (the PNG frames go into a folder)")
     # Tried, not predicted: a file on the way, a read-only mount or /proc only show when writing. The
     # folders made for the try are removed again, so a refused or failed run leaves none behind.
     made = [d for d in (folder, *folder.parents) if not d.exists()]
+    written = False
     try:
         folder.mkdir(parents=True, exist_ok=True)
         # A name of its own for each try: two writers into one folder (threads of a service saving
@@ -149,10 +152,13 @@ def _check_folder_path(folder: Path) -> None:
         probe = folder / f".dit8-probe-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         probe.open("xb").close()
         probe.unlink()
+        written = True
     except OSError as err:
         raise InputError(f"{folder}: cannot write the PNG frames there: {err.strerror or err}") from None
     finally:
-        for d in made:  # innermost first
+        # (Kept where the frames follow: removed, an empty folder that another writer (a thread of a
+        # service saving into the same new folder) had just found there vanished from under it.)
+        for d in made if not (keep and written) else ():  # innermost first
             with contextlib.suppress(OSError):
                 d.rmdir()
 
@@ -224,8 +230,7 @@ def write_png_frames(folder: str | Path, frames: torch.Tensor | np.ndarray, *,
     digits = max(5, len(str(len(frames) - 1)))
     if len(os.fsencode(f"{prefix}{0:0{digits}d}.png")) > _NAME_MAX:
         raise InputError(f"prefix {prefix!r}: the frames' file names would be longer than {_NAME_MAX} bytes")
-    _check_folder_path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    _check_folder_path(folder, keep=True)
     paths = []
     for i, rgb in enumerate(frames):
         codec = av.CodecContext.create("png", "w")

@@ -189,6 +189,43 @@ def test_writers_into_one_frames_folder_keep_to_their_own_probes(tmp_path):
         ["a_00000.png", *(f"{name}{i}_00000.png" for name in "bcd" for i in range(20))])
 
 
+def test_writers_into_one_new_frames_folder_do_not_remove_it_from_under_each_other(tmp_path, monkeypatch):
+    # The check removed the new folder it had made for its probe, and the write made it again: another
+    # writer that found the folder in that gap failed ("No such file or directory", or "File exists"
+    # from its own mkdir).
+    from pathlib import Path
+
+    removed, rmdir = [], Path.rmdir
+
+    def recorded(self):
+        removed.append(self)
+        rmdir(self)
+
+    monkeypatch.setattr(Path, "rmdir", recorded)
+    (path,) = write_png_frames(tmp_path / "new" / "frames", smooth_frames(1, 16, 16))
+    assert removed == [] and path.is_file()
+    monkeypatch.undo()
+
+    errors = []
+    for n in range(30):
+        start = threading.Barrier(3)
+
+        def write(name, n=n, start=start):
+            start.wait()
+            try:
+                write_png_frames(tmp_path / str(n) / "frames", smooth_frames(1, 16, 16), prefix=name)
+            except InputError as err:
+                errors.append(str(err))
+
+        threads = [threading.Thread(target=write, args=(name,)) for name in "abc"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert all(len(list((tmp_path / str(n) / "frames").iterdir())) == 3 for n in range(30))
+
+
 def test_a_frame_that_cannot_be_written_names_its_file_and_leaves_nothing(tmp_path, monkeypatch):
     from pathlib import Path
 
