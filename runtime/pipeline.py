@@ -192,6 +192,11 @@ class I2VPipeline:
     def __init__(self, dit: WanDiT, t5: T5Encoder, clip: CLIPVisionEncoder, vae: WanVAE, tokenizer: Tokenizer, *,
                  distilled: bool = True, offload_encoders: bool = False, vae_tile: int | None = None,
                  files: ModelFiles | None = None):
+        for name, value in (("distilled", distilled), ("offload_encoders", offload_encoders)):
+            # (As from_pretrained checks them: a string is truthy, and distilled="no" picked the distilled
+            # sampler for a base model.)
+            if not isinstance(value, bool):
+                raise InputError(f"{name} must be True or False, got {value!r}")
         _check_compatible(dit, t5, clip, vae, files)
         vae_tile = _check_vae_tile(vae_tile)
         self.dit, self.t5, self.clip, self.vae, self.tokenizer = dit, t5, clip, vae, tokenizer

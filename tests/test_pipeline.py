@@ -613,6 +613,16 @@ def test_vae_tile_is_a_positive_integer(tmp_path, tile):
         I2VPipeline.from_pretrained(tmp_path, vae_tile=tile)  # refused before the folder is read
 
 
+@pytest.mark.parametrize("kwargs", [{"distilled": "no"}, {"offload_encoders": "no"}, {"distilled": None}])
+def test_switches_of_a_pipeline_built_from_loaded_models_are_booleans(base_pipe, kwargs):
+    # As from_pretrained's: distilled="no" (a truthy string) gave a base model the distilled sampler.
+    p = base_pipe
+    with pytest.raises(InputError, match=f"{next(iter(kwargs))} must be True or False, got"):
+        I2VPipeline(p.dit, p.t5, p.clip, p.vae, p.tokenizer, **kwargs)
+    built = I2VPipeline(p.dit, p.t5, p.clip, p.vae, p.tokenizer, distilled=False, offload_encoders=False)
+    assert built.distilled is False and built.offload_encoders is False
+
+
 def test_vae_tile_takes_numpy_integers(pipe):
     # As the call's settings and WanVAE.decode take them; stored as a plain int.
     tiled = I2VPipeline(pipe.dit, pipe.t5, pipe.clip, pipe.vae, pipe.tokenizer, vae_tile=np.int64(2))
