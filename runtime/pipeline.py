@@ -197,6 +197,11 @@ class I2VPipeline:
             # sampler for a base model.)
             if not isinstance(value, bool):
                 raise InputError(f"{name} must be True or False, got {value!r}")
+        for name, value, kind in (("dit", dit, WanDiT), ("t5", t5, T5Encoder), ("clip", clip, CLIPVisionEncoder),
+                                  ("vae", vae, WanVAE), ("tokenizer", tokenizer, Tokenizer)):
+            # (Otherwise an AttributeError from inside, and a wrong tokenizer only at the first call.)
+            if not isinstance(value, kind):
+                raise InputError(f"{name} must be a dit8 {kind.__name__}, got {type(value).__name__}")
         _check_compatible(dit, t5, clip, vae, files)
         vae_tile = _check_vae_tile(vae_tile)
         self.dit, self.t5, self.clip, self.vae, self.tokenizer = dit, t5, clip, vae, tokenizer

@@ -623,6 +623,16 @@ def test_switches_of_a_pipeline_built_from_loaded_models_are_booleans(base_pipe,
     assert built.distilled is False and built.offload_encoders is False
 
 
+@pytest.mark.parametrize("piece", ["dit", "t5", "clip", "vae", "tokenizer"])
+def test_a_pipeline_built_from_other_objects_names_the_argument(pipe, piece):
+    # An AttributeError from inside before ('str' object has no attribute 'config'); a wrong tokenizer
+    # was taken, and failed only at the first call.
+    pieces = {name: getattr(pipe, name) for name in ("dit", "t5", "clip", "vae", "tokenizer")}
+    pieces[piece] = pieces["vae" if piece == "dit" else "dit"]  # another of the pieces: the wrong kind
+    with pytest.raises(InputError, match=f"^{piece} must be a dit8 .*, got "):
+        I2VPipeline(**pieces)
+
+
 def test_vae_tile_takes_numpy_integers(pipe):
     # As the call's settings and WanVAE.decode take them; stored as a plain int.
     tiled = I2VPipeline(pipe.dit, pipe.t5, pipe.clip, pipe.vae, pipe.tokenizer, vae_tile=np.int64(2))
