@@ -10,6 +10,7 @@ compute dtype, or W8A8 where the checkpoint's block linears are 8-bit.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -51,6 +52,10 @@ class PatchEmbedding(nn.Module):
 # RoPE tables are kept for the last few patch grids used: a service generating at many sizes would
 # otherwise keep one table per size for good (16 MiB each at 480P, 81 frames).
 POSITION_TABLES_KEPT = 4
+# Guards every model's table of them: one model may run forwards in several threads at once (two
+# pipelines over the same loaded models, say), and two evicting the same oldest grid raised KeyError,
+# or "dictionary changed size during iteration". (Module-wide: a lock attribute would not deep-copy.)
+_POSITIONS_LOCK = threading.Lock()
 
 
 @dataclass
@@ -328,16 +333,18 @@ class WanDiT(nn.Module):
     def positions(self, grid: tuple[int, int, int]) -> TokenPositions:
         """RoPE cos/sin of the tokens of a patch grid this process computes (all of them, or its slice
         under sequence parallelism); kept for the POSITION_TABLES_KEPT grids used last."""
-        positions = self._positions.pop(grid, None)
-        if positions is None:
+        with _POSITIONS_LOCK:
+            positions = self._positions.pop(grid, None)
+        if positions is None:  # (built outside the lock: other grids' forwards need not wait for it)
             cos, sin = rope_table(grid, self.config.head_dim, device=self.setup.device)
             tokens = cos.shape[0]
             if self.setup.parallel is not None:
                 cos, sin = self.setup.parallel.shard(cos, 0), self.setup.parallel.shard(sin, 0)
             positions = TokenPositions(cos, sin, tokens)
-        self._positions[grid] = positions  # (the most recently used last)
-        while len(self._positions) > POSITION_TABLES_KEPT:
-            del self._positions[next(iter(self._positions))]
+        with _POSITIONS_LOCK:
+            self._positions[grid] = positions  # (the most recently used last)
+            while len(self._positions) > POSITION_TABLES_KEPT:
+                del self._positions[next(iter(self._positions))]
         return positions
 
     def patch_grid(self, x: torch.Tensor) -> tuple[int, int, int]:

@@ -175,6 +175,40 @@ def test_rope_tables_are_kept_for_the_last_grids_used(model):
     assert len(model._positions) == POSITION_TABLES_KEPT
 
 
+def test_the_kept_rope_tables_take_forwards_from_several_threads(model, monkeypatch):
+    # One model run from several threads (two pipelines over the same loaded models): two threads
+    # evicting the same oldest grid raised KeyError, or "dictionary changed size during iteration".
+    import sys
+    import threading
+
+    import dit8.model
+    from dit8.model import POSITION_TABLES_KEPT
+
+    table = (torch.zeros(1, 1), torch.zeros(1, 1))
+    monkeypatch.setattr(dit8.model, "rope_table", lambda *a, **k: table)  # cheap: the cache's own work only
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often, as long forwards make them
+    errors = []
+
+    def run(k):
+        for i in range(6000):
+            try:
+                model.positions((1 + (7 * i + k) % (2 * POSITION_TABLES_KEPT + 1), 1, 1))
+            except Exception as err:
+                errors.append(repr(err))
+
+    try:
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    model._positions.clear()
+    assert errors == []
+
+
 @pytest.mark.parametrize("change, match", [
     (lambda i: i.update(x=i["x"][:, :4]), "x has shape"),
     (lambda i: i.update(x=i["x"][..., :5], y=i["y"][..., :5]), "multiples of the patch"),
