@@ -85,12 +85,15 @@ def test_batch_rows_are_independent(tmp_path):
 def test_norm_epsilons_at_activations_of_their_size(tmp_path, eps):
     # With activations of O(1) an eps of 1e-5 for 1e-6 moves a norm's output by ~5e-6, within the parity
     # bound. Here the residual stream (patch embedding and the three output projections scaled down),
-    # the CLIP features and img_emb's inner activation are ~1e-3: each norm's eps then counts. The blocks'
-    # and head's norms take the model's eps (config.json's), img_emb's two LayerNorms 1e-5 always.
+    # the q/k projections that the RMSNorms take, the CLIP features and img_emb's inner activation are
+    # ~1e-3: each norm's eps then counts. The blocks' LayerNorms and q/k RMSNorms and the head's norm take
+    # the model's eps (config.json's), img_emb's two LayerNorms 1e-5 always.
     config = tiny_config("i2v", eps=eps)
     weights = random_weights(config, seed=21)
+    scaled = ("self_attn.o", "cross_attn.o", "ffn.2", "self_attn.q", "self_attn.k", "cross_attn.q", "cross_attn.k",
+              "cross_attn.k_img")
     small = ("patch_embedding.", "img_emb.proj.3.") + tuple(f"blocks.{n}.{m}." for n in range(config.num_layers)
-                                                         for m in ("self_attn.o", "cross_attn.o", "ffn.2"))
+                                                         for m in scaled)
     for key in weights:
         if key.startswith(small):
             weights[key] *= 1e-3
