@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the names as type checkers see them; at run time __getattr__ imports them on first use
     from types import ModuleType
 
+    from .compare import OutputComparison, compare_outputs
     from .config import WanConfig
     from .cuda_graph import CapturedForward
     from .errors import CheckpointError, Dit8Error, InputError, NumericalError
@@ -21,22 +22,23 @@ if TYPE_CHECKING:  # the names as type checkers see them; at run time __getattr_
     # Every submodule, each also an attribute at run time (__getattr__ imports it): `dit8.t5` after `import
     # dit8` is typed rather than Any. Checkers do not see __getattr__ (below), so a misspelt name is an error.
     from . import (  # noqa: F401
-        bench_dit, checkpoint, choices, cli, clip, conditioning, config, converters, cuda_graph, demo, devices,
-        diffusers_reference, errors, kernels, layers, layouts, loader, model, model_folder, packed_format,
-        parallel, pipeline, profiling, progress, random_dit, rope, sampler, t5, testing, testing_encoders,
-        testing_pipeline, testing_vae, tokenizer, unipc, vae, video)
+        bench_dit, checkpoint, choices, cli, clip, compare, conditioning, config, converters, cuda_graph, demo,
+        devices, diffusers_reference, errors, kernels, layers, layouts, loader, model, model_folder,
+        packed_format, parallel, pipeline, profiling, progress, random_dit, rope, sampler, t5, testing,
+        testing_encoders, testing_pipeline, testing_vae, tokenizer, unipc, vae, video)
 
 __version__ = "0.1.0"
 
 __all__ = ["DEFAULT_NEGATIVE_PROMPT", "Cancelled", "CapturedForward", "CheckpointError", "Dit8Error",
            "DistilledSampler", "EncodedContext", "I2VPipeline", "InputError", "ModelFiles", "NumericalError",
-           "ProgressEvent", "SequenceParallel", "UniPCSampler", "Video", "WanConfig", "WanDiT", "find_model_files",
-           "initial_noise", "load_dit", "open_dit", "__version__"]
+           "OutputComparison", "ProgressEvent", "SequenceParallel", "UniPCSampler", "Video", "WanConfig", "WanDiT",
+           "compare_outputs", "find_model_files", "initial_noise", "load_dit", "open_dit", "__version__"]
 
 # The module of each public name. They are imported on first use (PEP 562): most of them load torch
 # (seconds), which `import dit8` alone, and the command line's help and argument errors, do not need.
 _EXPORTS = {
-    "WanConfig": "config", "CapturedForward": "cuda_graph", "CheckpointError": "errors", "Dit8Error": "errors",
+    "WanConfig": "config", "OutputComparison": "compare", "compare_outputs": "compare",
+    "CapturedForward": "cuda_graph", "CheckpointError": "errors", "Dit8Error": "errors",
     "InputError": "errors", "NumericalError": "errors", "load_dit": "loader", "open_dit": "loader",
     "EncodedContext": "model", "WanDiT": "model", "ModelFiles": "model_folder", "find_model_files": "model_folder",
     "SequenceParallel": "parallel", "DEFAULT_NEGATIVE_PROMPT": "pipeline", "Cancelled": "pipeline",

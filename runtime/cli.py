@@ -1,4 +1,4 @@
-"""The `dit8` command line: `info`, `convert`, `generate`, `demo`, `bench dit`. Errors print one line and
+"""The `dit8` command line: `info`, `convert`, `compare`, `generate`, `demo`, `bench dit`. Errors print one line and
 exit non-zero."""
 
 from __future__ import annotations
@@ -63,6 +63,27 @@ def _run_convert(args: argparse.Namespace) -> int:
     from dit8.converters.cli import run_convert
 
     return run_convert(args)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    import torch
+
+    from .compare import compare_outputs
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}
+    result = compare_outputs(args.reference, args.quantized, device=_device_or_default(args.device),
+                             dtype=dtypes[args.dtype], frames=args.frames, size=args.size or (832, 480), seed=args.seed,
+                             backend=args.backend, attention=args.attention)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+        return 0
+    width, height = result.size
+    print(f"inputs      random, seed {result.seed}: {result.frames} frames of {width}x{height} "
+          f"({result.tokens:,} tokens), on {result.device} in {result.dtype}, attention {result.attention}")
+    for step in result.steps:
+        print(f"t = {step.timestep:6.1f}  relative error {step.relative_error:.4%}, cosine {step.cosine:.6f}")
+    print(f"all steps   relative error {result.relative_error:.4%}, cosine {result.cosine:.6f}")
+    return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -282,6 +303,26 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="convert a float checkpoint to packed fp8/int8 (or bf16)")
     add_convert_arguments(convert)
     convert.set_defaults(run=_run_convert)
+
+    compare = commands.add_parser(
+        "compare", help="end-to-end quantization error: a quantized DiT's output against its source's",
+        description="The DiT output of QUANTIZED against that of REFERENCE (its high-precision source) on the "
+        "same seeded random inputs, at each timestep of the distilled 4-step schedule: relative error and "
+        "cosine similarity. The two load one after the other, so memory holds one model at a time.")
+    compare.add_argument("reference", help="the high-precision checkpoint (file or folder)")
+    compare.add_argument("quantized", help="its quantized version (file or folder)")
+    compare.add_argument("--device", help="default cuda where available, else cpu")
+    compare.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                         help="compute dtype (default bf16 on CUDA, fp32 on the CPU)")
+    compare.add_argument("--frames", type=int, default=81, help="frames of the random input, 4k+1 (default 81)")
+    compare.add_argument("--size", type=_parse_size,
+                         help="WIDTHxHEIGHT of the random input in pixels (default 832x480)")
+    compare.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    compare.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    compare.add_argument("--attention", choices=PRECISIONS, default="bf16",
+                         help="the quantized model's self-attention (the reference runs bf16; default bf16)")
+    compare.add_argument("--json", action="store_true", help="print the result as JSON")
+    compare.set_defaults(run=_run_compare)
 
     _add_generate(commands.add_parser("generate", help="image + prompt -> mp4 with a model folder"))
 
