@@ -11,7 +11,7 @@ Version 1 (what this module writes and reads):
   Every file carries the full header metadata below.
 - Header metadata (`__metadata__`, string values):
   - `dit8.format` = "dit8.packed", `dit8.format_version` = "1"
-  - `dit8.config`: json of WanConfig.to_dict() (variant and every dimension)
+  - `dit8.config`: json of WanConfig.to_dict() (every dimension; the variant follows from `clip_dim`, null for T2V)
   - `dit8.scheme`: the requested scheme ("fp8", "int8" or "bf16"); `dit8.dtype`: the high-precision
     dtype of the unquantized tensors ("bf16", "fp16" or "fp32")
   - `dit8.schemes`: json object, module pattern -> scheme; resolve with `scheme_of` (an exact module
