@@ -457,6 +457,8 @@ def load_dit(path: str | Path, *, device: str | torch.device = "cpu", dtype: tor
             what = f"tensor {dit.names[official]!r}"
             if module in dit.quantized:
                 scale = _read_scale(dit, module)
+                if module + dit.quantized[module] in scales:  # skipped where the loop meets it: counted here
+                    bar.update(dit.info(module + dit.quantized[module]).nbytes)
                 if module in runtime_quantized:
                     model.get_buffer(module + CHANNEL_SCALE).copy_(scale)
                 else:  # an 8-bit layer the model runs in high precision

@@ -124,6 +124,29 @@ def test_comfyui_scaled_fp8_file(tmp_path, base):
     assert 0 < rel_err(model(**inputs), exact) <= 2 * rel_err(emulated, exact)
 
 
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_the_loading_bar_ends_at_its_total(tmp_path, base, monkeypatch, scheme):
+    """The bar's total counts the scales' bytes, so reading them with their weights must count them too:
+    an 8-bit file's bar ended short of 100%."""
+    import dit8.loader
+    from dit8.progress import Progress
+
+    bars = []
+
+    class Recorded(Progress):
+        def close(self) -> None:
+            bars.append((self.done, self.total))
+            super().close()
+
+    monkeypatch.setattr(dit8.loader, "Progress", Recorded)
+    path = tmp_path / "q.safetensors"
+    save_file(lightx2v_weights(base[0], CONFIG, scheme), str(path))
+    dit8.load_dit(path, progress=True)
+    [(done, total)] = bars
+    dit = dit8.open_dit(path)
+    assert done == total == sum(dit.checkpoint.infos[k].nbytes for k in dit.names.values())
+
+
 def test_an_fp8_cast_without_scales_runs_as_fp8_with_unit_scales(tmp_path, base):
     """An fp8 file without scales (ComfyUI's fp8_e4m3fn files: a plain cast) loads as W8A8 FP8 with a scale of
     1: the forward of a LightX2V file of the same codes and unit scales, bit for bit. Its other fp8 tensors (a
