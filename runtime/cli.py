@@ -421,7 +421,9 @@ def _add_generate(generate: argparse.ArgumentParser) -> None:
 
 
 def _add_bench_dit(dit: argparse.ArgumentParser) -> None:
-    dit.add_argument("--scheme", choices=SCHEMES, default="bf16", help="block linear weights (default bf16)")
+    dit.add_argument("--scheme", choices=SCHEMES, default="bf16",
+                     help="block linear weights: fp8, int8, or bf16 for float weights in the compute dtype "
+                     "(fp32 on a CPU) (default bf16)")
     dit.add_argument("--attention", choices=PRECISIONS, default="bf16",
                      help="self-attention precision (default bf16; 8-bit runs on the Triton kernels: --backend auto "
                           "on a GPU, --backend triton with TRITON_INTERPRET=1 on a CPU)")
