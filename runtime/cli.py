@@ -236,9 +236,11 @@ def _json_output(given: str) -> Path:
     from dit8.converters.safetensors_writer import temp_path_beside
 
     path = Path(os.path.realpath(given))
-    if path.is_dir():
+    # What the path leads to is asked of `given` itself, whose stat follows /proc's fd links: /dev/stdout
+    # piped resolves to '/proc/PID/fd/pipe:[N]', a name that is no file, though the pipe is there.
+    if Path(given).is_dir():
         raise InputError(f"--json {given}: is a folder; give the JSON file's name")
-    if path.exists() and not path.is_file():
+    if Path(given).exists() and not Path(given).is_file():
         raise InputError(f"--json {given}: not a regular file (a device or a pipe); give the JSON file's name: "
                          "it is written as the numbers come and renamed into place")
     if not path.parent.is_dir():

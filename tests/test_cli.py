@@ -353,6 +353,25 @@ def test_bench_json_refuses_a_pipe_and_writes_through_a_link(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.json", "link.json", "target.json"]
 
 
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="needs Linux's /proc/self/fd")
+def test_bench_json_refuses_an_anonymous_pipe_as_a_pipe(capsys):
+    """`--json /dev/stdout` with stdout piped (`dit8 bench dit --json /dev/stdout | jq`): the link leads to
+    an unnamed pipe, whose resolved path ('/proc/PID/fd/pipe:[N]') names no file; the error said the
+    folder /proc/PID/fd could not be written in, not that the path is a pipe."""
+    import os
+
+    read, write = os.pipe()
+    try:
+        given = f"/proc/self/fd/{write}"
+        tiny = ["--frames", "1", "--size", "16x16", "--layers", "1", "--repeat", "1", "--steps", "0"]
+        assert main(["bench", "dit", "--device", "cpu", *tiny, "--json", given]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"dit8: error: --json {given}: not a regular file (a device or a pipe)"), err
+    finally:
+        os.close(read)
+        os.close(write)
+
+
 def test_bench_json_that_cannot_be_written_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
     import errno
 
