@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, Dit8Error, InputError
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -429,12 +429,16 @@ def _open_sharded(index: Path, handles: dict) -> tuple[dict[str, TensorInfo], di
 def _refuse_model_folder(folder: Path, files: list[Path]) -> None:
     """A folder's .pth files are the parts of one DiT, unless they are a model folder's encoders and VAE
     (whose keys would otherwise be reported as unexpected DiT tensors)."""
-    from .model_folder import CLIP_FILE, T5_FILE, VAE_FILE
+    from .model_folder import CLIP_FILE, T5_FILE, VAE_FILE, find_model_files
 
     others = [p.name for p in files if p.name in (T5_FILE, CLIP_FILE, VAE_FILE)]
     if others:
+        try:  # the DiT the pipeline would take from it, where the folder is whole enough to tell
+            found = f" (its DiT: {find_model_files(folder).dit})"
+        except Dit8Error:
+            found = ""
         raise CheckpointError(f"{folder}: a model folder ({', '.join(others)}), not a DiT checkpoint: pass the "
-                              "DiT file or folder, or use dit8.I2VPipeline / `dit8 generate --model`")
+                              f"DiT file or folder{found}, or use dit8.I2VPipeline / `dit8 generate --model`")
 
 
 def diffusers_pipeline_hint(folder: Path) -> str:

@@ -889,3 +889,20 @@ def test_a_shape_error_names_where_the_dimensions_came_from(tmp_path, weights):
     weights["blocks.0.ffn.0.weight"] = weights["blocks.0.ffn.0.weight"][:-1]
     msg = load_error(write_checkpoint(weights, tmp_path / "m.safetensors"))
     assert "'blocks.0.ffn.0.bias' has shape" in msg and "read from" in msg and "'blocks.0.ffn.0.weight'" in msg
+
+
+@pytest.mark.parametrize("kind", ["distill_models", "distill_fp8"])
+def test_a_model_folder_given_as_a_dit_names_the_dit_inside(tmp_path, kind):
+    """A LightX2V model folder's root holds the encoders' .pth files beside the DiT's subfolder: refused as
+    a DiT checkpoint, the message names the DiT the pipeline would take from it."""
+    from dit8.testing_pipeline import write_tiny_model_folder
+
+    root = write_tiny_model_folder(tmp_path / kind, kind=kind)
+    dit = dit8.find_model_files(root).dit
+    with pytest.raises(CheckpointError, match=rf"a model folder .*not a DiT checkpoint: pass the DiT file or "
+                                              rf"folder \(its DiT: {re.escape(str(dit))}\)"):
+        dit8.open_dit(root)
+    # A folder too incomplete for the pipeline to tell its DiT is refused as before, without the hint.
+    (root / "Wan2.1_VAE.pth").unlink()
+    with pytest.raises(CheckpointError, match=r"not a DiT checkpoint: pass the DiT file or folder, or use"):
+        dit8.open_dit(root)
