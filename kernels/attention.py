@@ -9,7 +9,8 @@ Backends:
   fp32; and the fused I2V cross-attention (text and image softmaxes in one launch). It needs
   head_dim <= 256 (Wan's 128 is the tuned case; other widths are padded to a power of two >= 16,
   >= 32 on the 8-bit paths; backend "auto" gives wider heads in 16-bit precision to torch) and at
-  least one key.
+  least one key. Its kernels address each (batch, head) slice with 32-bit offsets (`slice_offset`):
+  Wan's self-attention fits up to 419,431 tokens; "auto" gives longer 16-bit attention to torch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from dit8.choices import PRECISIONS
 
-from .checks import FLOAT_DTYPES, OpArgumentError, check_shape, check_tensor
+from .checks import FLOAT_DTYPES, INT32_MAX, OpArgumentError, check_int32_offset, check_shape, check_tensor
 from .registry import BackendError, register, require_fp8_tensor_cores, resolve
 from .triton_support import triton_runs_on
 
@@ -31,6 +32,46 @@ MAX_HEAD_DIM = 256
 
 def _auto_for_head_dim(backend: str, head_dim: int) -> str:
     return "torch" if backend == "auto" and head_dim > MAX_HEAD_DIM else backend
+
+
+def slice_offset(rows: int, row_stride: int, head_dim: int) -> int:
+    """The largest element offset the Triton kernels form in 32 bits in a [B, rows, H, head_dim] tensor whose
+    rows are row_stride elements apart: they address each (batch, head) slice from a 64-bit base with
+    int32 offsets, up to (rows - 1)·row_stride + head_dim - 1. Wan's contiguous rows of 40 heads x 128
+    (5120 elements) fit up to 419,431 rows (tokens)."""
+    return (rows - 1) * row_stride + head_dim - 1 if rows > 0 else 0
+
+
+def kernel_row_stride(x: torch.Tensor) -> int:
+    """The row stride of x [B, L, H, D] as the Triton kernels read it: a tensor with another channel stride
+    is read as its contiguous copy."""
+    return x.stride(1) if x.stride(-1) == 1 or x.shape[-1] == 1 else x.shape[2] * x.shape[3]
+
+
+def _slices(named: dict[str, torch.Tensor | None]) -> list[tuple[str, int, int]]:
+    """(argument, rows, row stride) of every tensor of `named` ({argument: [B, L, H, D] or None}, q first)
+    and of the contiguous output of q's shape, as the Triton kernels read and write them."""
+    q = named["q"]
+    return [*((n, t.shape[1], kernel_row_stride(t)) for n, t in named.items() if t is not None),
+            ("the output", q.shape[1], q.shape[2] * q.shape[3])]
+
+
+def check_slice_offsets(op: str, named: dict[str, torch.Tensor | None], hint: str = "") -> None:
+    """OpArgumentError unless every tensor of `named` ({argument: [B, L, H, D] or None}, q first) and the
+    contiguous output of q's shape fit the Triton kernels' 32-bit offsets (`slice_offset`)."""
+    D = named["q"].shape[3]
+    for name, rows, stride in _slices(named):
+        check_int32_offset(op, name, slice_offset(rows, stride, D),
+                           f"{rows:,} rows {stride:,} elements apart, (rows - 1)·{stride:,} + {D} - 1", hint)
+
+
+def _auto_for_offsets(backend: str, named: dict[str, torch.Tensor | None]) -> str:
+    """"torch" where "auto" would hand the tensors of `named` to a Triton kernel that cannot address them
+    (`check_slice_offsets`): SDPA indexes in 64 bits."""
+    D = named["q"].shape[3]
+    if backend == "auto" and any(slice_offset(rows, stride, D) > INT32_MAX for _, rows, stride in _slices(named)):
+        return "torch"
+    return backend
 
 
 def _sdpa(q, k, v):
@@ -99,7 +140,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, precision: s
         raise OpArgumentError(f"attention: precision must be one of {PRECISIONS}, got {precision!r}")
     _check_qkv("attention", q, k, v)
     if precision == "bf16":
-        backend = _auto_for_head_dim(backend, q.shape[-1])
+        backend = _auto_for_offsets(_auto_for_head_dim(backend, q.shape[-1]), dict(q=q, k=k, v=v))
     return resolve("attention", backend, q.device, reference=precision == "bf16")(q, k, v, precision)
 
 
@@ -127,5 +168,6 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: to
         raise OpArgumentError("cross_attention: give both k_img and v_img or neither")
     if k_img is not None:
         _check_qkv("cross_attention", q, k_img, v_img, "k_img", "v_img")
-    backend = _auto_for_head_dim(backend, q.shape[-1])
+    backend = _auto_for_offsets(_auto_for_head_dim(backend, q.shape[-1]),
+                                dict(q=q, k=k, v=v, k_img=k_img, v_img=v_img))
     return resolve("cross_attention", backend, q.device)(q, k, v, k_img, v_img)

@@ -49,11 +49,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import check_slice_offsets, slice_offset
 from .attention_triton import (DOT8_MIN_REDUCTION, LAST_COMPILED, LOG2E, AttnConfig, _add_pv, _bhd_strides,
                                _block_d, _check_keys, _fresh_state, _load_tile, _softmax_step, _store_out_tile, _unit_d,
                                pick_config, shared_memory_of)
 from .buffers import new_output
-from .checks import OpArgumentError
+from .checks import OpArgumentError, check_int32_offset
 from .quantize import QMAX, SCALE_FLOOR
 from .registry import require_fp8_tensor_cores
 from .rounding_triton import BIAS_2_23, round_e4m3
@@ -510,6 +511,15 @@ def quantize_for_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                               f"{KEY_GROUP} keys)")
     c = LOG2E / math.sqrt(D)
     block_d = _block_d("attention", D)
+    check_slice_offsets("attention", dict(q=q, k=k, v=v), EIGHT_BIT_HINT)
+    # The codes are addressed with 32-bit offsets too: q's and k's [B, H, L, D] (rows D apart), v's
+    # [B, H, D, keys padded to KEY_GROUP] (rows of the padded keys) and k's scales and biases [B, H, Lk, 2].
+    lk_pad = triton.cdiv(Lk, KEY_GROUP) * KEY_GROUP
+    for name, rows, stride, width in (("q's codes", Lq, D, D), ("k's codes", Lk, D, D),
+                                      ("v's codes", D, lk_pad, lk_pad), ("k's scales", Lk, 2, 2)):
+        check_int32_offset("attention", name, slice_offset(rows, stride, width),
+                           f"{rows:,} rows {stride:,} elements apart, (rows - 1)·{stride:,} + {width} - 1",
+                           EIGHT_BIT_HINT)
     qdtype = torch.int8 if qk == "int8" else torch.float8_e4m3fn
     q_mean = smoothing_mean(q, mean_rows)  # [B, H, D] fp32
     k_mean = smoothing_mean(k, mean_rows)
@@ -554,6 +564,9 @@ def quantize_for_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                          v_in_operand_order=pv != "fp16" and operand_order)
 
 
+# What an OpArgumentError of the kernels' 32-bit offsets suggests (attention.check_slice_offsets).
+EIGHT_BIT_HINT = "precision='bf16' with backend='torch' (SDPA, 64-bit offsets) takes it"
+
 # The operand formats (q·kᵀ, P·V) of each 8-bit precision. Both use INT8 q·kᵀ: on Gaussian q/k it
 # errs ~3x less than e4m3 (7 bits of uniform steps in a block against 3 mantissa bits) and runs at
 # the same tensor-core rate. Both run P·V on 8-bit tensor cores too, at twice the 16-bit rate: "int8"
@@ -592,6 +605,7 @@ def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision:
     _block_d("attention", D)
     _check_keys("attention", "k", Lk)
     q, k, v = _unit_d(q, k, v)
+    check_slice_offsets("attention", dict(q=q, k=k, v=v), EIGHT_BIT_HINT)
     out = new_output(q.shape, q.dtype, q.device)
     if Lq == 0 or B * H == 0:
         return out
@@ -668,6 +682,8 @@ def attention_from_quantized(x: Quantized8bit, out_dtype: torch.dtype,
     cfg = config or pick_config(config_path(x.pv), D, shared_memory=shared_memory_of(x.q.device))
     if (cfg.block_m, cfg.block_n) != (x.block_m, x.block_n):
         raise OpArgumentError("attention: the config's blocks must match the quantization blocks")
+    check_int32_offset("attention", "the output", slice_offset(Lq, H * D, D),
+                       f"{Lq:,} rows {H * D:,} elements apart, (rows - 1)·{H * D:,} + {D} - 1", EIGHT_BIT_HINT)
     out = new_output((B, Lq, H, D), out_dtype, x.q.device)
     with tensor_device(out):
         return _launch_8bit(x, out, cfg)

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import MAX_HEAD_DIM
+from .attention import MAX_HEAD_DIM, check_slice_offsets
 from .buffers import new_output
 from .checks import OpArgumentError
 from .gemm_configs import SHARED_MEMORY_LIMIT
@@ -210,6 +210,10 @@ def _block_d(op: str, head_dim: int, min_reduction: int = 16) -> int:
     if head_dim > MAX_HEAD_DIM:
         raise OpArgumentError(f"{op}: the triton backend supports head_dim up to {MAX_HEAD_DIM}, got {head_dim}")
     return max(min_reduction, triton.next_power_of_2(head_dim))
+
+
+# What an OpArgumentError of check_slice_offsets suggests for the 16-bit kernels.
+TORCH_HINT = "backend='torch' (SDPA, 64-bit offsets) takes it"
 
 
 def _check_keys(op: str, name: str, lk: int) -> None:
@@ -514,6 +518,7 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     block_d = _block_d("attention", D)
     _check_keys("attention", "k", Lk)
     q, k, v = _unit_d(q, k, v)
+    check_slice_offsets("attention", dict(q=q, k=k, v=v), TORCH_HINT)
     out = new_output(q.shape, q.dtype, q.device)
     if Lq == 0 or B * H == 0:
         return out
@@ -578,6 +583,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: to
     else:
         k_img, v_img = k, v  # placeholders, never read (HAS_IMG=False)
     q, k, v, k_img, v_img = _unit_d(q, k, v, k_img, v_img)
+    check_slice_offsets("cross_attention", dict(q=q, k=k, v=v, k_img=k_img if has_img else None,
+                                                v_img=v_img if has_img else None), TORCH_HINT)
     out = new_output(q.shape, q.dtype, q.device)
     if Lq == 0 or B * H == 0:
         return out

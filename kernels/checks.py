@@ -71,3 +71,18 @@ def float_out_dtype(op: str, out_dtype: object, default: torch.dtype) -> torch.d
     if out_dtype not in FLOAT_DTYPES:
         raise OpArgumentError(f"{op}: out_dtype must be one of {FLOAT_DTYPES}, got {out_dtype!r}")
     return out_dtype
+
+
+# The largest element offset a Triton kernel may form in 32 bits. Program ids and tl.arange are int32, so
+# an offset such as `rows · row_stride` inside a tile, a row or a (batch, head) slice is an int32 product
+# (only the kernels' bases are 64-bit); past 2^31 - 1 it wraps and the kernel reads or writes the wrong
+# memory without any error.
+INT32_MAX = 2 ** 31 - 1
+
+
+def check_int32_offset(op: str, name: str, offset: int, what: str, hint: str = "") -> None:
+    """Raise OpArgumentError naming `op` and argument `name` unless `offset`, the largest element offset a
+    kernel forms for it in 32 bits (`what` says how it comes about), is at most INT32_MAX."""
+    if offset > INT32_MAX:
+        raise OpArgumentError(f"{op}: {name} is too large for the triton kernel's 32-bit offsets: {what} "
+                              f"= {offset:,}, past 2^31 - 1 = {INT32_MAX:,}{'; ' + hint if hint else ''}")

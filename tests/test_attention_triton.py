@@ -18,6 +18,7 @@ their dtype): the error measured is the kernel's, not the input rounding's. Erro
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 
 import pytest
@@ -282,6 +283,71 @@ def test_unsupported_arguments_are_refused():
     with pytest.raises(OpArgumentError, match="no keys"):
         q, k, v = make_qkv(8, 0, 16, seed=0, dtype=torch.float32)
         ops.attention(q, k, v, backend="triton")
+
+
+# The longest sequence of Wan's contiguous q, k and v rows (40 heads x 128 = 5120 elements apart) whose
+# (batch, head) slices the kernels address with int32 offsets: (L - 1)·5120 + 127 <= 2^31 - 1. Reached by
+# a 720P video of 465 frames or more (3600 tokens a latent frame).
+WAN_MAX_TOKENS = (2 ** 31 - 1 - 127) // 5120 + 1
+
+
+def _meta(L, heads=40, d=128, *, batch=1):
+    """An unallocated bf16 [batch, L, heads, d] (the checks before any allocation only read shapes)."""
+    return torch.empty(batch, L, heads, d, dtype=torch.bfloat16, device="meta")
+
+
+LONG_SEQUENCE_CALLS = {
+    "bf16 q": (lambda: impl.attention_bf16(_meta(WAN_MAX_TOKENS + 1), _meta(64), _meta(64)), "q"),
+    "bf16 k v": (lambda: impl.attention_bf16(_meta(64), _meta(WAN_MAX_TOKENS + 1), _meta(WAN_MAX_TOKENS + 1)),
+                 "k"),
+    # q rows 0 elements apart: only the (contiguous) output's rows are too far apart.
+    "bf16 output": (lambda: impl.attention_bf16(_meta(1).expand(1, WAN_MAX_TOKENS + 1, 40, 128), _meta(64),
+                                                _meta(64)), "the output"),
+    "cross q": (lambda: impl.cross_attention(_meta(WAN_MAX_TOKENS + 1), _meta(512), _meta(512), _meta(257),
+                                             _meta(257)), "q"),
+    "cross k_img": (lambda: impl.cross_attention(_meta(64), _meta(512), _meta(512), _meta(WAN_MAX_TOKENS + 1),
+                                                 _meta(WAN_MAX_TOKENS + 1)), "k_img"),
+    "int8 q": (lambda: impl8.attention_8bit(_meta(WAN_MAX_TOKENS + 1), _meta(64), _meta(64), "int8"), "q"),
+    # One head of 96 channels: the rows fit, v's codes (96 rows of the keys padded to 32) do not.
+    "int8 v codes": (lambda: impl8.quantize_for_attention(
+        _meta(64, 1, 96), _meta(22_369_621, 1, 96), _meta(22_369_621, 1, 96), qk="int8", pv="int8", block_m=64,
+        block_n=64), "v's codes"),
+    "from quantized output": (lambda: impl8.attention_from_quantized(impl8.Quantized8bit(
+        torch.empty(1, 40, WAN_MAX_TOKENS + 1, 128, dtype=torch.int8, device="meta"), None, None, None, None, None,
+        None, 64, 32), torch.bfloat16, impl.AttnConfig(64, 32, 4, 1)), "the output"),
+}
+
+
+@pytest.mark.parametrize("call", LONG_SEQUENCE_CALLS)
+def test_sequences_past_the_kernels_32_bit_offsets_are_refused(call):
+    # Past 2^31 - 1 an int32 offset wraps and the kernel reads and writes the wrong memory, silently.
+    fn, name = LONG_SEQUENCE_CALLS[call]
+    with pytest.raises(OpArgumentError, match=f"{name} is too large for the triton kernel's 32-bit offsets"):
+        fn()
+
+
+def test_the_32_bit_offset_limit_is_the_last_element_of_a_slice():
+    from dit8.kernels.attention import check_slice_offsets
+
+    check_slice_offsets("attention", dict(q=_meta(WAN_MAX_TOKENS, batch=2), k=_meta(WAN_MAX_TOKENS, batch=2),
+                                          v=_meta(WAN_MAX_TOKENS, batch=2)))
+    # The batch sits in the 64-bit base: a second sample changes nothing, one more token does.
+    with pytest.raises(OpArgumentError, match=r"419,432 rows 5,120 elements apart.*= 2,147,486,847"):
+        check_slice_offsets("attention", dict(q=_meta(WAN_MAX_TOKENS + 1), k=_meta(8), v=_meta(8)))
+
+
+def test_auto_gives_sequences_past_the_kernels_offsets_to_torch(monkeypatch):
+    attention_ops = importlib.import_module("dit8.kernels.attention")  # (dit8.kernels.attention is the op)
+    asked = []
+    monkeypatch.setattr(attention_ops, "resolve", lambda op, backend, *a, **kw: asked.append(backend) or
+                        (lambda *args: None))
+    long, short = _meta(WAN_MAX_TOKENS + 1), _meta(WAN_MAX_TOKENS)
+    ops.attention(long, long, long, backend="auto")
+    ops.attention(short, short, short, backend="auto")
+    ops.attention(long, long, long, backend="triton")  # asked for: refused by the kernel's wrapper instead
+    ops.cross_attention(long, _meta(512), _meta(512), _meta(257), _meta(257), backend="auto")
+    ops.cross_attention(short, _meta(512), _meta(512), _meta(257), _meta(257), backend="auto")
+    assert asked == ["torch", "auto", "triton", "torch", "auto"]
 
 
 def test_interpreter_rounding_workaround_rounds_to_nearest_even():
