@@ -26,6 +26,7 @@ import triton.language as tl
 
 from . import fused_spec as spec
 from .buffers import new_output
+from .checks import check_int32_offset
 from .quantize import QMAX, SCALE_FLOOR
 from .registry import require_fp8_tensor_cores
 from .rounding_triton import BIAS_2_23, round_bf16, round_e4m3
@@ -469,8 +470,12 @@ def launch_qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor
     """Run the q/k RMSNorm + RoPE kernel (fused_spec.py); the arguments must pass spec.check_qk."""
     spec.check_qk("qk_norm_rope_triton", q, k, weight_q, weight_k, cos, sin, heads, out_dtype)
     _require_e4m3("qk_norm_rope_quant", out_dtype, q.device)
-    q_out, k_out, q_scale, k_scale = spec.qk_outputs(q, heads, out_dtype, new_output)
     B, L, C = q.shape
+    if spec.is_quant(out_dtype):
+        # A token's scales [B, H, L] lie L apart, at offsets h·L from its head 0: an int32 product.
+        check_int32_offset("qk_norm_rope_quant", "q", (heads - 1) * L,
+                           f"the scales of {heads:,} heads of {L:,} tokens, (heads - 1)·tokens")
+    q_out, k_out, q_scale, k_scale = spec.qk_outputs(q, heads, out_dtype, new_output)
     if B * L == 0:
         return q_out, k_out, q_scale, k_scale
     D = C // heads

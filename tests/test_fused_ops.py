@@ -695,6 +695,27 @@ def test_qk_norm_rope_auto_gives_rows_wider_than_the_kernels_take_to_the_referen
                                                    backend="torch").q)
 
 
+def test_triton_qk_norm_rope_quant_refuses_scales_past_32_bit_offsets():
+    """The Triton kernel stores each head's scale at offset h·L from the token's: an int32 product, which
+    past 2^31 - 1 would wrap and write the wrong memory. 8192 heads of 2 channels (16,384, one tile) over
+    262,177 tokens take 43 GB: refused before any allocation (unallocated tensors here); float outputs
+    store no scales."""
+    heads, head_dim = 8192, 2
+    L = (2 ** 31 - 1) // (heads - 1) + 1
+
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    q, w, cos = meta(1, L, heads * head_dim, dtype=torch.bfloat16), meta(heads * head_dim), meta(L, head_dim // 2)
+    with pytest.raises(OpArgumentError, match=r"qk_norm_rope_quant: q is too large .*8,192 heads of 262,177 tokens"):
+        fused_triton.launch_qk_norm_rope(q, q, w, w, cos, cos, heads, 1e-6, torch.int8)
+    # One token fewer fits: the check passes and the launch fails on the unallocated tensors instead.
+    q, cos = q[:, :L - 1], cos[:L - 1]
+    with pytest.raises(Exception) as failure:
+        fused_triton.launch_qk_norm_rope(q, q, w, w, cos, cos, heads, 1e-6, torch.int8)
+    assert not isinstance(failure.value, OpArgumentError)
+
+
 def test_rows_launch_takes_the_tuned_entry_of_its_op(monkeypatch):
     """fused_triton.ROWS_TUNED (bench/rows_choice.py fills it from the sweep): an entry sets the warps
     and where the operands load for its op and width on its GPU generation; elsewhere the defaults."""
