@@ -51,7 +51,7 @@ import triton.language as tl
 
 from . import candidates, gemm_configs
 from .buffers import new_output
-from .checks import OpArgumentError
+from .checks import OpArgumentError, check_int32_offset
 from .gemm_configs import GemmConfig
 from .registry import require_fp8_tensor_cores
 from .rounding_triton import round_bf16
@@ -291,6 +291,33 @@ def _tma_ok(t: torch.Tensor) -> bool:
     return (t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
+# The longest tile side of any configuration (gemm_configs.py's tables and candidates, scaled_mm_gluon.py's).
+MAX_TILE_SIDE = 256
+
+
+def check_offsets(M: int, N: int, residual_stride: int | None = None, gate_stride: int | None = None,
+                  rows_per_batch: int = 1) -> None:
+    """OpArgumentError unless the GEMM kernels' 32-bit offsets address an [M, N] problem: the row and column
+    indices of the last tiles (up to a tile past M and N; wrapped, those rows would pass the store's mask),
+    the offsets inside an output or residual tile (row · row stride + column: the tile's base alone is
+    64-bit) and in the gate (batch · row stride + column). The strides are those the kernel reads (the
+    output's is N)."""
+    if M == 0 or N == 0:
+        return
+    op = "scaled_mm"
+    check_int32_offset(op, "xq", M + MAX_TILE_SIDE - 1, f"{M:,} rows and a tile of {MAX_TILE_SIDE} past them")
+    check_int32_offset(op, "wq", N + MAX_TILE_SIDE - 1, f"{N:,} columns and a tile of {MAX_TILE_SIDE} past them")
+    tile_rows = min(M, MAX_TILE_SIDE) - 1
+    for name, stride in (("the output", N), ("residual", residual_stride)):
+        if stride is not None:
+            check_int32_offset(op, name, tile_rows * stride + N - 1, f"{tile_rows} rows {stride:,} elements apart "
+                               f"in a tile, {tile_rows}·{stride:,} + {N:,} - 1")
+    if gate_stride is not None:
+        batches = (M - 1) // rows_per_batch + 1
+        check_int32_offset(op, "gate", (batches - 1) * gate_stride + N - 1, f"{batches:,} rows {gate_stride:,} "
+                           f"elements apart, {batches - 1:,}·{gate_stride:,} + {N:,} - 1")
+
+
 _TUNED: dict[tuple, GemmConfig] = {}
 
 
@@ -405,6 +432,9 @@ def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale
     if kind == "fp8":
         require_fp8_tensor_cores("scaled_mm: the triton backend's FP8 GEMM", xq.device,
                                  "use int8 weights or backend='torch'")
+    # (A residual or gate without unit column stride is read as its contiguous copy, below.)
+    check_offsets(M, N, None if residual is None else residual.stride(0) if residual.stride(1) == 1 else N,
+                  None if gate is None else gate.stride(0) if gate.stride(1) == 1 else N, rows_per_batch)
     out = new_output((M, N), out_dtype, xq.device)
     if M == 0 or N == 0:
         return out

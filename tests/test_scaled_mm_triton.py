@@ -221,6 +221,48 @@ def test_empty_output():
     assert scaled_mm(xq, xs, wq, ws, backend="triton").shape == (0, 5)
 
 
+def _meta_operands(M, N, K=16):
+    """Unallocated int8 operands and scales (the checks before any allocation only read shapes)."""
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    return meta(M, K, dtype=torch.int8), meta(M), meta(N, K, dtype=torch.int8), meta(N)
+
+
+def _strided(rows, cols, row_stride):
+    return torch.empty(rows, row_stride, device="meta")[:, :cols]
+
+
+# A tile past the last row or column (256 at most) must stay in int32: wrapped, those rows pass the
+# store's mask. Inside a tile, row · row stride + column of the output, residual and gate is an int32
+# offset from the tile's 64-bit base: wrapped, it writes the wrong memory.
+PAST_32_BITS = {
+    "rows": (dict(M=2 ** 31 - 255, N=16), {}, "xq"),
+    "columns": (dict(M=1, N=2 ** 31 - 255), {}, "wq"),
+    # 256 rows of 8,400,000 outputs: a 4.3 GB bf16 output from a 134 MB weight.
+    "output tile": (dict(M=256, N=8_400_000), {}, "the output"),
+    "residual tile": (dict(M=256, N=64), dict(residual=_strided(256, 64, 8_421_505)), "residual"),
+    "gate": (dict(M=3, N=64), dict(residual=_strided(3, 64, 64), gate=_strided(3, 64, 2 ** 30)), "gate"),
+}
+
+
+@pytest.mark.parametrize("case", PAST_32_BITS)
+def test_shapes_past_the_kernels_32_bit_offsets_are_refused(case):
+    shape, epilogue, name = PAST_32_BITS[case]
+    out_dtype = torch.float32 if epilogue else torch.bfloat16
+    with pytest.raises(OpArgumentError, match=f"scaled_mm: {name} is too large for the triton kernel's 32-bit"):
+        impl.scaled_mm(*_meta_operands(**shape), out_dtype=out_dtype, **epilogue)
+
+
+def test_the_32_bit_offset_limits_are_the_last_elements_addressed():
+    impl.check_offsets(2 ** 31 - 256, 16)
+    impl.check_offsets(1, 2 ** 31 - 256)
+    impl.check_offsets(2, 8_400_000)  # one row apart in a tile
+    impl.check_offsets(256, 64, residual_stride=8_421_504)  # 255 · 8,421,504 + 63 = 2^31 - 1
+    impl.check_offsets(3, 64, gate_stride=2 ** 30 - 32)
+    impl.check_offsets(4, 64, gate_stride=2 ** 30, rows_per_batch=2)  # two gate rows read
+
+
 @PLAIN
 def test_int8_accumulation_is_exact():
     # |acc| <= 1000 · 128² < 2^24: the exact integer is representable in the fp32 output.
