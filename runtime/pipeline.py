@@ -453,12 +453,19 @@ class I2VPipeline:
                 t = time.perf_counter()
                 context = text_features(self.tokenizer, self.t5, job.prompt)
                 context_null = text_features(self.tokenizer, self.t5, job.negative_prompt) if use_cfg else None
+                # The encoders' outputs are checked where they are made: past here a NaN would be refused as
+                # the DiT's input (an InputError about an argument the caller never gave) on a CPU, or
+                # blamed on the DiT's first step on a GPU.
+                _check_finite(context, "the text encoder's features of the prompt")
+                if context_null is not None:
+                    _check_finite(context_null, "the text encoder's features of the negative prompt")
                 synchronize(device)
                 timings["text"] = time.perf_counter() - t
                 advance(1)
                 self._check_cancel(job, "after the text encoder")
                 t = time.perf_counter()
                 clip_fea = clip_features(self.clip, job.image).float()
+                _check_finite(clip_fea, "the image encoder's features")
                 synchronize(device)
                 timings["image"] = time.perf_counter() - t
                 advance(2)
@@ -472,6 +479,7 @@ class I2VPipeline:
                     self._check_cancel(job, f"while encoding the image latents ({done} of {total} frames done)")
 
             y = image_condition(self.vae, resized, job.frames, progress=encoded)
+            _check_finite(y, "the VAE's latents of the image")
             synchronize(device)
             timings["vae_encode"] = time.perf_counter() - t
             t = time.perf_counter()

@@ -467,6 +467,35 @@ def test_nan_from_the_dit_stops_the_call_at_that_step(pipe, monkeypatch):
         pipe(IMAGE, PROMPT, **ONE)
 
 
+@pytest.mark.parametrize("encoder, method, stage", [
+    ("t5", "forward", "the text encoder's features of the prompt"),
+    ("clip", "encode", "the image encoder's features"),
+    ("vae", "encode", "the VAE's latents of the image"),
+])
+def test_nan_from_an_encoder_stops_the_call_naming_it(pipe, monkeypatch, encoder, method, stage):
+    # It reached the DiT, which refused it as bad input ("context contains Inf values", an argument the
+    # caller never gave) on a CPU, and on a GPU ran on until the first step blamed the DiT.
+    model = getattr(pipe, encoder)
+    made = getattr(model, method)
+    monkeypatch.setattr(model, method, lambda *a, **k: made(*a, **k) * float("inf"))
+    monkeypatch.setattr(pipe.dit, "forward", lambda *a, **k: pytest.fail("the DiT ran on non-finite conditioning"))
+    with pytest.raises(dit8.NumericalError, match=f"^{stage}: (NaN|Inf) values"):
+        pipe(IMAGE, PROMPT, **ONE)
+
+
+def test_nan_from_the_text_encoder_on_the_negative_prompt_is_named(pipe, monkeypatch):
+    forward, calls = pipe.t5.forward, []
+
+    def second_poisoned(*args, **kwargs):
+        calls.append(1)
+        out = forward(*args, **kwargs)
+        return out * float("nan") if len(calls) == 2 else out
+
+    monkeypatch.setattr(pipe.t5, "forward", second_poisoned)
+    with pytest.raises(dit8.NumericalError, match="^the text encoder's features of the negative prompt: NaN"):
+        pipe(IMAGE, PROMPT, guidance=3.0, negative_prompt="blurry", **ONE)
+
+
 def test_a_kept_exception_holds_none_of_the_calls_tensors(pipe, monkeypatch):
     """A service that keeps a failed call's exception (to log it, or to retry after running out of GPU
     memory) keeps no tensor of the call alive through its traceback; the traceback's lines stay."""
