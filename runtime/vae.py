@@ -448,6 +448,7 @@ class WanVAE(nn.Module):
                output_device: str | torch.device | None = None,
                progress: ProgressFn | None = None) -> torch.Tensor:
         """Normalised latents [B, z_dim, T, h, w] -> video [B, 3, 4(T-1)+1, 8h, 8w] in [-1, 1], fp32.
+        NaN and ±Inf (from such latents, or an overflow) come out as they are, not clamped to finite values.
 
         Memory options (results are the same either way):
         - `tile`: run the upsampling path on spatial tiles of `tile` x `tile` latent pixels (each
@@ -498,7 +499,10 @@ class WanVAE(nn.Module):
                 x = self.decoder.upsample(stem[:, :, a:c, hy0:hy1, hx0:hx1], cache)
                 x = x[..., ss * (y0 - hy0):ss * (y1 - hy0), ss * (x0 - hx0):ss * (x1 - hx0)]
                 f0 = 0 if a == 0 else 1 + ts * (a - 1)
-                out[:, :, f0:f0 + x.shape[2], ss * y0:ss * y1, ss * x0:ss * x1] = x.clamp(-1, 1)
+                # The reference's clamp, but for ±Inf: clamped to ±1 it would pass for a saturated pixel,
+                # and the caller's check for an overflow (the pipeline's NumericalError) would never see it.
+                out[:, :, f0:f0 + x.shape[2], ss * y0:ss * y1, ss * x0:ss * x1] = torch.where(
+                    x.isinf(), x, x.clamp(-1, 1))
                 done += c - a
                 if progress is not None:
                     progress(done, total)

@@ -467,6 +467,14 @@ def test_nan_from_the_dit_stops_the_call_at_that_step(pipe, monkeypatch):
         pipe(IMAGE, PROMPT, **ONE)
 
 
+def test_an_overflow_inside_the_vae_decoder_stops_the_call(pipe, monkeypatch):
+    # The decoder's output clamp made +Inf a white pixel: a white video, and no error.
+    upsample = pipe.vae.decoder.upsample
+    monkeypatch.setattr(pipe.vae.decoder, "upsample", lambda *a, **k: upsample(*a, **k) + float("inf"))
+    with pytest.raises(dit8.NumericalError, match="^the VAE's decoded frames: Inf values"):
+        pipe(IMAGE, PROMPT, **ONE)
+
+
 @pytest.mark.parametrize("encoder, method, stage", [
     ("t5", "forward", "the text encoder's features of the prompt"),
     ("clip", "encode", "the image encoder's features"),

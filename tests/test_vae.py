@@ -2,6 +2,8 @@
 the same random weights (fp32, relative error <= 1e-4), causality, and tiled/chunked decode equal to
 whole-frame decode."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -363,3 +365,28 @@ def test_decode_takes_numpy_integers_as_options(vae):
     latents = random_latents(1, 2, 2, 3)
     assert torch.equal(vae.decode(latents, tile=np.int64(1), frames_per_chunk=np.int32(2)),
                        vae.decode(latents, tile=1, frames_per_chunk=2))
+
+
+def test_decode_keeps_an_overflow_visible(small_vae, monkeypatch):
+    # The output clamp made +-Inf from the decoder +-1: a white or black pixel, finite, so that no check of
+    # the decoded frames (the pipeline's NumericalError) could see the overflow. NaN stays NaN.
+    latents = random_latents(1, 2, 2, 2)
+    healthy = small_vae.decode(latents)
+    upsample = small_vae.decoder.upsample
+
+    def overflowing(x, cache):
+        out = upsample(x, cache)
+        out[:, 0, :, 0, 0] = float("inf")
+        out[:, 1, :, 0, 0] = float("-inf")
+        out[:, 2, :, 0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(small_vae.decoder, "upsample", overflowing)
+    for tile in (None, 1):
+        video = small_vae.decode(latents, tile=tile)
+        corner = video[0, :, :, 0, 0]
+        assert (corner[0] == math.inf).all() and (corner[1] == -math.inf).all() and corner[2].isnan().all()
+        finite = video.isfinite()
+        assert torch.equal(video[finite], healthy[finite]) and video[finite].abs().max() <= 1
+        if tile is None:  # (a tile's corner inside its halo is cut away: the other tiles keep theirs)
+            assert finite.sum() == video.numel() - 3 * video.shape[2]
