@@ -308,7 +308,7 @@ class WanDiT(nn.Module):
         B, L, _ = context.shape
         if L > cfg.text_len:
             raise InputError(f"context has {L} rows; the model takes at most text_len = {cfg.text_len}")
-        _check_finite(context, "context")
+        _check_finite(context, "context", self.setup.dtype)  # (padded in the compute dtype)
         # Zero rows pad the text to text_len; they become a constant vector and are attended to.
         padded = torch.zeros(B, cfg.text_len, cfg.text_dim, dtype=self.setup.dtype, device=self.setup.device)
         padded[:, :L] = context
@@ -320,7 +320,7 @@ class WanDiT(nn.Module):
             _expect(clip_fea, "clip_fea", (B, None, cfg.clip_dim))
             if clip_fea.shape[1] == 0:
                 raise InputError("clip_fea has no tokens; expected the CLIP features of the image [B, N, clip_dim]")
-            _check_finite(clip_fea, "clip_fea")
+            _check_finite(clip_fea, "clip_fea", torch.float32)
             # The image embedding's first norm takes the float dtypes of the kernels, not float64.
             image = self.img_emb(clip_fea.to(self.setup.device, torch.float32 if clip_fea.dtype == torch.float64
                                              else clip_fea.dtype))
@@ -466,7 +466,7 @@ class WanDiT(nn.Module):
         dev = self.setup.device
         x_channels = cfg.out_dim if cfg.is_i2v else cfg.in_dim
         _expect(x, "x", (None, x_channels, None, None, None))
-        _check_finite(x, "x")
+        _check_finite(x, "x", torch.float32)
         B, _, T, H, W = x.shape
         pt, ph, pw = cfg.patch_size
         if T % pt or H % ph or W % pw or not T * H * W:
@@ -488,7 +488,7 @@ class WanDiT(nn.Module):
             if y is None:
                 raise InputError("y (mask + image latent) is required by an I2V model")
             _expect(y, "y", (B, cfg.in_dim - x_channels, T, H, W))
-            _check_finite(y, "y")
+            _check_finite(y, "y", torch.float32)
             y = y.to(dev, torch.float32)
         elif y is not None:
             raise InputError("y was given but this is a T2V model")
@@ -549,8 +549,15 @@ def _expect(t: object, name: str, shape: tuple) -> None:
         raise InputError(f"{name} has shape {tuple(t.shape)}; expected {want}")
 
 
-def _check_finite(t: torch.Tensor, name: str) -> None:
-    """NaN or Inf in an input would only come out as a velocity of NaN. Checked on CPU tensors: on a GPU
-    the check would wait for the device at every call (and cannot run inside a CUDA-graph capture)."""
-    if t.device.type == "cpu" and not torch.isfinite(t).all():
+def _check_finite(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
+    """NaN or Inf in an input would only come out as a velocity of NaN; so would a finite value past the
+    range of `dtype`, which the model converts the input to (1e300 in a float64 x is Inf in fp32, 1e5 in
+    a context Inf in an fp16 model). Checked on CPU tensors: on a GPU the check would wait for the device
+    at every call (and cannot run inside a CUDA-graph capture)."""
+    if t.device.type != "cpu":
+        return
+    if not torch.isfinite(t).all():
         raise InputError(f"{name} contains {'NaN' if torch.isnan(t).any() else 'Inf'} values")
+    if torch.finfo(dtype).max < torch.finfo(t.dtype).max and not torch.isfinite(t.to(dtype)).all():
+        raise InputError(f"{name} has values past the range of {str(dtype).removeprefix('torch.')}, which the "
+                         f"model computes it in (magnitudes above {torch.finfo(dtype).max:.4g})")

@@ -246,6 +246,30 @@ def test_float64_inputs_are_taken_as_float32(model):
     torch.testing.assert_close(model(**doubled), model(**inputs), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["x", "y", "context", "clip_fea"])
+def test_float64_inputs_past_float32_are_refused(model, name):
+    # Finite in float64, Inf once converted to the model's fp32: the velocity came out NaN, without a word.
+    inputs = {k: v.double() for k, v in random_inputs(model.config).items()}
+    inputs[name].view(-1)[7] = -1e300
+    with pytest.raises(InputError, match=f"^{name} has values past the range of float32"):
+        model(**inputs)
+
+
+def test_context_past_an_fp16_models_range_is_refused(tmp_path):
+    # The text context is padded in the compute dtype: 1e5, finite in fp32, was Inf in an fp16 model.
+    config = tiny_config("i2v")
+    path = write_checkpoint(random_weights(config), tmp_path / "m.safetensors")
+    fp16 = dit8.load_dit(path, dtype=torch.float16)
+    inputs = random_inputs(config)
+    assert fp16(**inputs).isfinite().all()
+    inputs["context"].view(-1)[7] = 1e5
+    with pytest.raises(InputError, match=r"^context has values past the range of float16, which the model "
+                                         r"computes it in \(magnitudes above 6\.55e\+04\)"):
+        fp16(**inputs)
+    with pytest.raises(InputError, match="^context has values past the range of float16"):
+        fp16.encode_context(inputs["context"], inputs["clip_fea"])
+
+
 def test_t2v_refuses_image_inputs():
     config = tiny_config("t2v")
     model = WanDiT(config)
