@@ -43,6 +43,16 @@ def check_seed(seed: object) -> int:
     return int(seed)
 
 
+def check_noise(noise: object) -> None:
+    """InputError unless `noise` is a tensor of finite values. NaN or Inf would run through every step
+    into NaN latents (a WanDiT checks its x only in CPU tensors; another model may not at all). Checked
+    on any device: once a sampling, not once a step."""
+    if not isinstance(noise, torch.Tensor):
+        raise InputError(f"noise must be a tensor, got {type(noise).__name__}")
+    if not torch.isfinite(noise).all():
+        raise InputError(f"noise contains {'NaN' if torch.isnan(noise).any() else 'Inf'} values")
+
+
 def callback_copy(x: torch.Tensor) -> torch.Tensor:
     """A copy of `x` for a sampler's callback to keep and change as it likes: made outside inference mode,
     so an ordinary tensor even where the sampling runs in it (an inference tensor refuses in-place changes
@@ -101,12 +111,14 @@ class DistilledSampler:
 
     def sample(self, model: Denoiser, noise: torch.Tensor, *, seed: int = 0,
                callback: Callable[[int, int, torch.Tensor], object] | None = None) -> torch.Tensor:
-        """Run every step from `noise` (fp32 latents at σ = 1); returns the final x0 estimate.
+        """Run every step from `noise` (fp32 latents at σ = 1; NaN or Inf: InputError); returns the final x0
+        estimate.
 
         seed: seeds the fresh noise of the "renoise" rule (unused by "deterministic").
         callback(step, num_steps, x0): called after each step with a copy of that step's x0 estimate
             (the last one is the result: a callback that changes what it is given changes nothing).
         """
+        check_noise(noise)
         sigmas = self.sigmas().tolist()
         # Drawn on the CPU, as initial_noise: a seed gives the same video on any device.
         generator = torch.Generator().manual_seed(seed)

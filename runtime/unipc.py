@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from .errors import InputError
-from .sampler import Denoiser, callback_copy, check_shift, shift_sigmas
+from .sampler import Denoiser, callback_copy, check_noise, check_shift, shift_sigmas
 
 __all__ = ["DEFAULT_NEGATIVE_PROMPT", "UniPCSampler", "guided", "unipc_sigmas"]
 
@@ -115,13 +115,15 @@ class UniPCSampler:
 
     def sample(self, model: Denoiser, noise: torch.Tensor, *,
                callback: Callable[[int, int, torch.Tensor], object] | None = None) -> torch.Tensor:
-        """Integrate from `noise` (latents at the first σ, ≈ 1) to σ = 0 and return the result, in fp32
+        """Integrate from `noise` (latents at the first σ, ≈ 1; NaN or Inf: InputError) to σ = 0 and return
+        the result, in fp32
         (fp64 when `noise` is fp64).
 
         model(x, t) -> v with t [B] float timesteps; callback(step, num_steps, x0) after each step with
         a copy of that step's x0 estimate (the model's, at the point it was evaluated; the later steps
         use it, so the callback gets its own to change as it likes).
         """
+        check_noise(noise)
         sigmas_t, timesteps_t = unipc_sigmas(self.steps, self.shift)
         sigmas, timesteps = sigmas_t.tolist(), timesteps_t.tolist()
         lambdas = [_log_snr(s) if 0 < s < 1 else math.inf for s in sigmas]

@@ -181,3 +181,24 @@ def test_the_extreme_shifts_give_finite_schedules_within_the_timesteps(shift, st
     assert 0 <= distilled.timesteps().min() and distilled.timesteps().max() <= 1000
     for sampler in (distilled, UniPCSampler(steps=steps, shift=shift)):
         assert torch.isfinite(sampler.sample(model, noise)).all()
+
+
+@pytest.mark.parametrize("sampler", [DistilledSampler(), DistilledSampler(update="renoise"),
+                                     UniPCSampler(steps=4)], ids=["deterministic", "renoise", "unipc"])
+@pytest.mark.parametrize("value, kind", [(float("nan"), "NaN"), (float("-inf"), "Inf")])
+def test_noise_with_nan_or_inf_is_refused_naming_it(sampler, value, kind):
+    # It ran through every step into NaN latents (a model that checks no values, e.g. a WanDiT on a GPU), or
+    # a WanDiT on the CPU refused it as its "x".
+    calls = []
+
+    def model(x, t):
+        calls.append(1)
+        return 0.5 * x
+
+    noise = initial_noise((1, 4, 2, 2, 2), 0)
+    noise.view(-1)[5] = value
+    with pytest.raises(InputError, match=f"^noise contains {kind} values"):
+        sampler.sample(model, noise)
+    with pytest.raises(InputError, match="^noise must be a tensor, got list"):
+        sampler.sample(model, noise.tolist())
+    assert calls == []
