@@ -19,7 +19,7 @@ import torch
 from .conditioning import check_frames, check_grid, check_size, latent_shape
 from .config import WanConfig
 from .devices import resolve_device
-from .errors import InputError
+from .errors import InputError, NumericalError
 from .loader import load_dit, open_dit
 from .model import WanDiT, check_backend_and_attention
 from .random_dit import CLIP_TOKENS
@@ -107,8 +107,9 @@ def compare_outputs(reference: str | Path, quantized: str | Path, *, device: str
     Both checkpoints load as `dit8.load_dit` loads them (any layout or format it reads), one after the
     other on `device`, with the compute `dtype` (default: bf16 on CUDA, fp32 on the CPU) and `backend`;
     the reference runs bf16 (unquantized) attention, the quantized model `attention`. Raises InputError
-    when the two are not the same model (their dimensions differ) or an argument is out of range, and
-    CheckpointError for a problem in either file.
+    when the two are not the same model (their dimensions differ) or an argument is out of range,
+    CheckpointError for a problem in either file, and NumericalError naming the file when a model's output
+    holds NaN or Inf (an fp16 overflow, say).
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise InputError(f"seed must be a whole number in [0, 2**63), got {seed!r}")
@@ -132,6 +133,14 @@ def compare_outputs(reference: str | Path, quantized: str | Path, *, device: str
         model = load_dit(path, device=device, dtype=dtype, backend=backend, attention=precision, progress=progress)
         compute_dtype = model.setup.dtype
         outputs.append(_outputs(model, inputs, timesteps))
+        # No error can be measured against a non-finite output: a NaN reference came out as an infinite
+        # error of the quantized model, with nothing to say which of the two had overflowed.
+        for t, out in zip(timesteps, outputs[-1]):
+            if not torch.isfinite(out).all():
+                raise NumericalError(f"{path}: the DiT's output at timestep {float(t):g} holds "
+                                     f"{'NaN' if torch.isnan(out).any() else 'Inf'} values with compute dtype "
+                                     f"{str(compute_dtype).removeprefix('torch.')} (a dtype overflowed); no "
+                                     f"error can be measured")
         del model  # one model at a time
         if device.type == "cuda":
             torch.cuda.empty_cache()

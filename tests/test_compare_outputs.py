@@ -3,6 +3,7 @@ against its source, on tiny random models (torch backend, CPU)."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -117,3 +118,21 @@ def test_the_command_names_a_missing_file(checkpoints, tmp_path, capsys):
     assert main(["compare", str(checkpoints["source"]), str(tmp_path / "missing.safetensors"), "--frames", "5",
                  "--size", "64x48", "--device", "cpu"]) != 0
     assert "missing.safetensors" in capsys.readouterr().err
+
+
+def test_a_model_whose_output_overflows_is_named(tmp_path):
+    # A reference that overflowed the compute dtype gave an infinite relative error (and a NaN cosine), as if
+    # the quantized model were the one that failed.
+    config = tiny_config("i2v")
+    weights = random_weights(config, seed=3)
+    weights["blocks.0.ffn.2.bias"] = weights["blocks.0.ffn.2.bias"] + 6e4  # past fp16's 65504 with the product
+    weights["blocks.0.ffn.2.weight"] = weights["blocks.0.ffn.2.weight"] * 1e4
+    source = write_checkpoint(weights, tmp_path / "source.safetensors")
+    quantized = tmp_path / "int8.safetensors"
+    convert(source, quantized, scheme="int8", progress=False)
+    fine = dit8.compare_outputs(source, quantized, **SMALL)
+    assert math.isfinite(fine.relative_error) and fine.relative_error < 0.1  # healthy in fp32
+    message = (rf"^{re.escape(str(source))}: the DiT's output at timestep 1000 holds (NaN|Inf) values "
+               r"with compute dtype float16")
+    with pytest.raises(dit8.NumericalError, match=message):
+        dit8.compare_outputs(source, quantized, dtype=torch.float16, **SMALL)
