@@ -1,5 +1,9 @@
 """dit8.kernels: the op layer. One file per op family, each with its torch reference beside the
-faster backends; every op takes `backend=` ("auto", "torch", "triton", "cuda")."""
+faster backends; every op takes `backend=` ("auto", "torch", "triton", "cuda").
+
+The ops check their arguments' dtypes, devices and shapes (OpArgumentError), not their values: NaN and
+Inf go through as the arithmetic takes them (reading values would wait for the GPU at every call). The
+model and the pipeline check their inputs and outputs where that is cheap (dit8.NumericalError)."""
 
 from .attention import attention, cross_attention
 from .checks import OpArgumentError
