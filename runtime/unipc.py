@@ -116,8 +116,7 @@ class UniPCSampler:
     def sample(self, model: Denoiser, noise: torch.Tensor, *,
                callback: Callable[[int, int, torch.Tensor], object] | None = None) -> torch.Tensor:
         """Integrate from `noise` (latents at the first σ, ≈ 1; NaN or Inf: InputError) to σ = 0 and return
-        the result, in fp32
-        (fp64 when `noise` is fp64).
+        the result, in fp32 (fp64 when `noise` is fp64).
 
         model(x, t) -> v with t [B] float timesteps; callback(step, num_steps, x0) after each step with
         a copy of that step's x0 estimate (the model's, at the point it was evaluated; the later steps
