@@ -258,3 +258,59 @@ def test_tokenizer_matches_transformers(tok_folder):
              add_special_tokens=True, return_tensors="pt")
     ids, mask, _ = Tokenizer.from_folder(tok_folder, text_len=8)(prompts)
     assert torch.equal(ids, ref.input_ids) and torch.equal(mask, ref.attention_mask)
+
+
+def test_tokenizer_special_tokens_from_the_config_files(tmp_path, tok_folder):
+    """Without special_tokens_map.json the tokens come from tokenizer_config.json (given as a string or as
+    {"content": ...}); with neither file, umT5's </s> and <pad>."""
+    v = vocab(tok_folder)
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text((tok_folder / "tokenizer.json").read_text())
+    tok = Tokenizer.from_folder(folder)
+    assert (tok.eos_id, tok.pad_id) == (v["</s>"], v["<pad>"])
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<unk>"}, "pad_token": "</s>"}))
+    tok = Tokenizer.from_folder(folder)
+    assert (tok.eos_id, tok.pad_id) == (v["<unk>"], v["</s>"])
+
+
+def test_tokenizer_bad_special_tokens_named(tmp_path, tok_folder):
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text((tok_folder / "tokenizer.json").read_text())
+    (folder / "special_tokens_map.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=re.escape(f"{folder / 'special_tokens_map.json'}: cannot read")):
+        Tokenizer.from_folder(folder)
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{folder / 'tokenizer.json'}: has no token '<eos>'")):
+        Tokenizer.from_folder(folder)
+
+
+def test_tokenizer_ignores_padding_and_truncation_stored_in_the_file(tmp_path, tok_folder):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    stored = HFTokenizer.from_file(str(tok_folder / "tokenizer.json"))
+    stored.enable_truncation(max_length=2)
+    stored.enable_padding(length=5, pad_id=2, pad_token="<unk>")
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    stored.save(str(folder / "tokenizer.json"))
+    prompts = ["a cat walks on the beach", "dog"]
+    plain = Tokenizer.from_folder(tok_folder, text_len=8)
+    for got, want in zip(Tokenizer.from_folder(folder, text_len=8)(prompts), plain(prompts)):
+        assert torch.equal(got, want)
+
+
+def test_tokenizer_refuses_a_non_string_prompt_and_an_empty_length(tok_folder):
+    tok = Tokenizer.from_folder(tok_folder, text_len=8)
+    with pytest.raises(InputError, match=r"prompts must be strings, got \['str', 'NoneType'\]"):
+        tok(["a cat", None])
+    with pytest.raises(ValueError, match="text_len must be at least 1"):
+        Tokenizer(tok.tokenizer, eos_id=tok.eos_id, pad_id=tok.pad_id, text_len=0)
+
+
+def test_count_tokens_counts_the_cleaned_prompt(tok_folder):
+    # count_tokens is what the prompt check compares with text_len - 1: it must count what __call__ encodes.
+    tok = Tokenizer.from_folder(tok_folder)
+    for prompt in ["a cat", "the &amp;amp; sea", "  dog\n\ndog  "]:
+        assert tok.count_tokens(prompt) + 1 == int(tok(prompt)[2])
