@@ -93,3 +93,44 @@ def test_a_shorter_redraw_leaves_nothing_of_the_longer_line_before(monkeypatch):
         assert _screen(stream.getvalue()) == [f"loading [{'#' * 5:<24}]  25.0% 1023.0 KiB/4.0 MiB 1023.0 KiB/s"]
         bar.update(1 << 10)  # four characters shorter
         assert _screen(stream.getvalue()) == [f"loading [{'#' * 6:<24}]  25.0% 1.0 MiB/4.0 MiB 512.0 KiB/s"]
+
+
+def test_on_a_terminal_at_most_ten_redraws_a_second_and_always_the_last(monkeypatch):
+    import dit8.progress
+
+    now = [0.0]
+    monkeypatch.setattr(dit8.progress.time, "monotonic", lambda: now[0])
+    stream = Terminal()
+    bar = Progress(10, "denoise", unit="count", stream=stream)
+    for done in range(1, 10):
+        now[0] = done / 16  # sixteen updates a second: every other one drawn
+        bar.advance_to(done)
+    assert stream.getvalue().count("\r") == 4  # at 2/16, 4/16, 6/16 and 8/16 s
+    bar.advance_to(10)  # within 0.1 s of the last redraw, but the work is done: drawn
+    assert stream.getvalue().count("\r") == 5 and " 10/10 " in _screen(stream.getvalue())[-1]
+
+
+def test_a_disabled_bar_writes_nothing_even_on_a_terminal():
+    stream = Terminal()
+    with Progress(3, "x", stream=stream, enabled=False) as bar:
+        bar.update(1)
+        bar.update(2)
+    assert stream.getvalue() == ""
+
+
+def test_the_bar_stays_full_past_its_total_and_for_nothing_to_do():
+    stream = io.StringIO()
+    with Progress(4 << 20, "loading", stream=stream, enabled=True) as bar:
+        bar.update(5 << 20)  # more than the estimate
+    assert f"[{'#' * 24}] 100.0% 5.0 MiB/4.0 MiB" in stream.getvalue()
+    stream = io.StringIO()
+    Progress(0, "loading", stream=stream, enabled=True).close()
+    assert f"[{'#' * 24}] 100.0% 0 B/0 B" in stream.getvalue()
+
+
+def test_the_bar_goes_to_stderr_by_default(capsys):
+    # stdout stays for what a command prints as its result (a table, --json).
+    with Progress(3, "x", unit="count", enabled=True) as bar:
+        bar.update(3)
+    out, err = capsys.readouterr()
+    assert out == "" and " 3/3 " in err
