@@ -134,3 +134,14 @@ def test_the_bar_goes_to_stderr_by_default(capsys):
         bar.update(3)
     out, err = capsys.readouterr()
     assert out == "" and " 3/3 " in err
+
+
+def test_the_readme_states_the_log_interval():
+    import re
+    from pathlib import Path
+
+    import dit8.progress
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    stated = re.findall(r"a bar writes a line every (\d+(?:\.\d+)?) s of work", readme)
+    assert stated and all(float(s) == dit8.progress.LOG_INTERVAL for s in stated)
