@@ -306,6 +306,26 @@ def test_devices_are_checked_by_name():
         resolve_device("mps")
     with pytest.raises(InputError, match="dit8 runs on cpu or cuda"):
         resolve_device("meta")  # holds no data: a run on it would fail deep inside
+    for bad in (None, 0.5):  # not a name at all: torch raises TypeError
+        with pytest.raises(InputError, match=f"device {bad!r} is not a device name"):
+            resolve_device(bad)
+
+
+def test_cuda_devices_are_checked_against_the_machine(monkeypatch):
+    from dit8.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(InputError, match=r"'cuda': CUDA is not available here \(torch was built without CUDA\)"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    with pytest.raises(InputError, match=r"'cuda': CUDA is not available here \(no CUDA GPU is visible\)"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(InputError, match=r"'cuda:2': this machine has 2 CUDA device\(s\)"):
+        resolve_device("cuda:2")
 
 
 def test_a_kernel_backend_no_op_runs_here_is_refused(monkeypatch):

@@ -203,6 +203,27 @@ def test_available_host_memory_is_the_systems():
         assert 0 < available < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def test_available_host_memory_reads_memavailable_in_kib(monkeypatch, tmp_path):
+    import dit8.devices
+
+    meminfo = tmp_path / "meminfo"
+    real_open = open
+    monkeypatch.setattr(dit8.devices, "open", lambda path, *a, **k: real_open(meminfo, *a, **k), raising=False)
+    meminfo.write_text("MemTotal:       8000 kB\nMemFree:         100 kB\nMemAvailable:    3000 kB\n")
+    assert dit8.devices.available_host_memory() == 3000 * 1024  # free memory the kernel can reclaim counts
+    for unreadable in ("MemTotal:       8000 kB\n", "MemAvailable: lots kB\n", "MemAvailable:\n"):
+        meminfo.write_text(unreadable)
+        assert dit8.devices.available_host_memory() is None
+
+
+def test_cpu_peak_memory_is_in_bytes():
+    from dit8.devices import peak_memory
+
+    block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, every page written
+    peak, source = peak_memory(torch.device("cpu"))
+    assert source == "process peak RSS" and peak >= block.numel()
+
+
 def _quant_step(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The spacing of the 8-bit grid at each weight (in weight units)."""
     if dtype == torch.int8:
