@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dit8.bench_dit import BenchSettings, check_weights_fit, run_bench, weight_bytes
+from dit8.bench_dit import (BenchSettings, DitBench, check_bench_settings, check_weights_fit, format_table,
+                             forward_flops, run_bench, weight_bytes)
 from dit8.diffusers_reference import diffusers_inputs, to_diffusers
 from dit8.profiling import PARTS, classify
 from dit8.random_dit import build_model, float_weight, quantized_layers, random_conditioning
@@ -18,6 +19,7 @@ from dit8.cli import TINY_FRAMES, TINY_SIZE, bench_settings, build_parser, main
 from dit8.config import I2V_14B, tiny_config
 from dit8.errors import InputError
 from dit8.layers import QuantLinear
+from dit8.layouts import block_linears
 
 TINY = ["--device", "cpu", "--layers", "1", "--size", "64x64", "--frames", "5"]
 CONFIG = tiny_config("i2v", num_layers=2)
@@ -135,11 +137,34 @@ def test_input_defaults_follow_the_config():
     (["--attention", "int8", "--backend", "torch"], "no 'int8' path; use --backend triton"),
     (["--cuda-graph"], "--cuda-graph needs --device cuda"),
     (["--device", "foo"], "'foo' is not a device name"),
+    (["--repeat", "0"], "repeat must be at least 1"),
+    (["--steps", "-1"], "steps must be at least 0"),
+    (["--steps", "1001"], "steps must be at most 1000"),
 ])
 def test_bad_settings_are_one_line_errors(args, message, capsys):
     assert main(["bench", "dit", "--device", "cpu", *args]) == 1
     err = capsys.readouterr().err
     assert err.startswith("dit8: error: ") and message in err and err.count("\n") == 1
+
+
+def test_settings_refused_through_the_api():
+    with pytest.raises(InputError, match="config must be one of \\('i2v-14b', 'tiny'\\), got 'i2v-1b'"):
+        check_bench_settings(_settings(config="i2v-1b"))
+    with pytest.raises(InputError, match="compare must be 'diffusers', got 'torch'"):
+        check_bench_settings(_settings(compare="torch"))
+
+
+def test_sequence_parallel_with_a_cuda_graph_is_refused_on_cuda(monkeypatch):
+    # (On a CPU --cuda-graph is refused before: the device is made to look like a GPU.)
+    monkeypatch.setattr("dit8.bench_dit.resolve_device", lambda device: torch.device("cuda", 0))
+    with pytest.raises(InputError, match="--sequence-parallel runs neither --cuda-graph nor --compare"):
+        check_bench_settings(_settings(sequence_parallel=True, cuda_graph=True))
+
+
+def test_the_default_config_is_i2v_14b_on_cuda_and_tiny_elsewhere():
+    assert BenchSettings(device="cuda").config_name() == BenchSettings(device="cuda:1").config_name() == "i2v-14b"
+    assert BenchSettings(device="cpu").config_name() == "tiny"
+    assert BenchSettings(device="cuda").model_config() == I2V_14B
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is missing")
@@ -175,6 +200,18 @@ def test_weight_memory_floor_and_the_check_before_building(scheme):
     with pytest.raises(InputError, match=f"the {scheme} weights of this 2-block model take at least .* use --scheme"):
         check_weights_fit(CONFIG, scheme, floor - 1)
     assert weight_bytes(I2V_14B, "fp8") < weight_bytes(I2V_14B, "bf16") / 1.9  # 15.5 GiB against 30.5
+
+
+def test_weight_bytes_counts_what_quantizing_saves():
+    """The floor leaves out the built model's fp32 tables, which are the same in every scheme: what an 8-bit
+    scheme saves on the floor is what it saves on the built model (a byte an element plus an fp32 scale a
+    row against bf16)."""
+    def held(scheme):
+        model = build_model(CONFIG, scheme=scheme, device="cpu", dtype=torch.bfloat16)
+        return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+    for scheme in ("fp8", "int8"):
+        assert weight_bytes(CONFIG, "bf16") - weight_bytes(CONFIG, scheme) == held("bf16") - held(scheme)
 
 
 def test_a_cpu_without_the_memory_for_the_weights_is_refused_before_building(monkeypatch, capsys):
@@ -316,6 +353,42 @@ def test_run_bench_compares_with_diffusers():
     r = run_bench(_settings(steps=0, profile=False, compare="diffusers"))
     d = r["diffusers"]
     assert d["forward_ms"] > 0 and d["ratio"] == pytest.approx(d["forward_ms"] / r["forward_ms"])
+    assert d["ratio_with_context"] == pytest.approx(d["forward_ms"] / (r["forward_ms"] + r["context_ms"]))
     assert d["dtype"] == "float32" and d["rel_diff"] < 1e-4
 
 
+
+
+# -- FLOPs, the profile and the table ----------------------------------------------------------------------
+
+
+def test_forward_flops_are_those_of_the_block_gemms_and_attention():
+    config = I2V_14B
+    tokens, text, image = 21 * 30 * 52, 512, 257  # 480P, 81 frames
+    # Per token and block, 2 FLOPs a weight of each linear the tokens go through; the cross-attention keys
+    # and values project the context (once per generation), not the tokens.
+    context = {"cross_attn.k", "cross_attn.v", "cross_attn.k_img", "cross_attn.v_img"}
+    per_token = sum(2 * rows * cols for name, (rows, cols) in block_linears(config).items() if name not in context)
+    flops = forward_flops(config, tokens, text, image)
+    assert flops["gemm"] == tokens * per_token * config.num_layers
+    # q·kᵀ and p·v: 2 FLOPs a multiply-add over C for each (query, key) pair; keys: tokens, text and image.
+    assert flops["attention"] == 2 * 2 * config.dim * tokens * (tokens + text + image) * config.num_layers
+    # The budget the module docstring and bench/RESULTS.md state: ~784 (783) and ~900 TFLOP.
+    assert round(flops["gemm"] / 1e12) in (783, 784) and round(flops["attention"] / 1e12) == 900
+
+
+def test_a_run_reports_the_flops_of_its_inputs_and_a_table_of_shares():
+    r = run_bench(_settings(steps=0))
+    assert r["flops"] == forward_flops(tiny_config("i2v", num_layers=1), r["tokens"], r["text"][0], r["clip"][0])
+    table = format_table(r)
+    start = table.index("part             ms   share  rate") + 1
+    shares = [float(line.split()[2].rstrip("%")) for line in table[start:start + len(r["parts_ms"])]]
+    assert sum(shares) == pytest.approx(100, abs=0.3)  # of the parts and idle together
+
+
+def test_idle_time_is_never_negative():
+    # On a CPU the profiler's overhead can make the ops add up to more than the timed forward.
+    with torch.no_grad():
+        bench = DitBench(_settings())
+        parts = bench.profile(forward_ms=0.0)["parts_ms"]
+    assert parts["idle"] == 0.0 and sum(parts.values()) > 0
