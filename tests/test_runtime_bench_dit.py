@@ -13,7 +13,7 @@ import torch
 from dit8.bench_dit import (BenchSettings, DitBench, check_bench_settings, check_weights_fit, format_table,
                              forward_flops, run_bench, weight_bytes)
 from dit8.diffusers_reference import diffusers_inputs, to_diffusers
-from dit8.profiling import PARTS, classify
+from dit8.profiling import PARTS, classify, profile_parts, time_ms
 from dit8.random_dit import build_model, float_weight, quantized_layers, random_conditioning
 from dit8.cli import TINY_FRAMES, TINY_SIZE, bench_settings, build_parser, main
 from dit8.config import I2V_14B, tiny_config
@@ -319,6 +319,37 @@ def test_quantized_init_is_within_half_a_step_of_the_float_weights(scheme, dtype
 ])
 def test_classify(name, part):
     assert classify(name) == part
+
+
+def test_cpu_profile_parts_ops_calls_and_order():
+    a = torch.randn(64, 64)
+    long_name = "step_" + "x" * 300
+
+    def fn():
+        with torch.profiler.record_function("attention_scope"):
+            torch.mm(a, a)  # a matmul inside an attention op counts as attention (a math-path SDPA's)
+            with torch.profiler.record_function("inner_scope"):
+                torch.bmm(a[None], a[None])  # also when further down
+        for _ in range(3):
+            torch.addmm(a, a, a)
+        with torch.profiler.record_function(long_name):
+            pass
+
+    prof = profile_parts(fn, torch.device("cpu"), top=50)
+    ops = {k["name"]: k for k in prof.top}
+    assert ops["aten::mm"]["part"] == ops["aten::bmm"]["part"] == "attention" and ops["aten::addmm"]["part"] == "gemm"
+    assert ops["aten::addmm"]["calls"] == 3 and ops["aten::mm"]["calls"] == 1
+    assert long_name[:200] in ops  # names are cut to 200 characters
+    assert [k["ms"] for k in prof.top] == sorted((k["ms"] for k in prof.top), reverse=True)  # heaviest first
+    assert prof.total == pytest.approx(sum(prof.parts.values())) and prof.parts["gemm"] > 0
+    assert [k["name"] for k in profile_parts(fn, torch.device("cpu"), top=2).top] == [k["name"] for k in prof.top[:2]]
+
+
+def test_cpu_times_are_in_milliseconds():
+    import time
+
+    times = time_ms(lambda: time.sleep(0.02), torch.device("cpu"), repeat=2)
+    assert len(times) == 2 and all(20 <= t < 2000 for t in times)
 
 
 # -- diffusers ----------------------------------------------------------------------------------------------
