@@ -88,6 +88,8 @@ def test_two_different_models_are_refused_by_their_dimensions(checkpoints):
     (dict(frames=4), "frames must be 4k"), (dict(size=(60, 48)), "multiples of 16"),
     (dict(seed=-1), "seed must be"), (dict(seed=1.5), "seed must be"), (dict(backend="fast"), "backend"),
     (dict(attention="int4"), "attention must be one of"),
+    (dict(seed=2**63), "seed must be"), (dict(seed=True), "seed must be"),
+    (dict(size=(16400, 48)), "1025 patch positions along its width; the model's position encoding covers 1024"),
 ])
 def test_bad_arguments_are_refused_before_any_load(checkpoints, monkeypatch, change, message):
     def no_load(*args, **kwargs):
@@ -96,6 +98,32 @@ def test_bad_arguments_are_refused_before_any_load(checkpoints, monkeypatch, cha
     monkeypatch.setattr("dit8.compare.load_dit", no_load)
     with pytest.raises(dit8.Dit8Error, match=message):  # (InputError; a backend's BackendError)
         dit8.compare_outputs(checkpoints["source"], checkpoints["fp8"], **{**SMALL, **change})
+
+
+def test_the_reference_runs_bf16_attention_and_the_quantized_model_the_one_asked_for(checkpoints, monkeypatch):
+    loaded = []
+
+    def load_dit(path, *, attention, **kwargs):  # records the precision; runs both on the torch reference
+        loaded.append((path, attention))
+        return dit8.load_dit(path, **{**kwargs, "backend": "torch", "attention": "bf16"})
+
+    monkeypatch.setattr("dit8.compare.load_dit", load_dit)
+    # (8-bit attention needs the Triton backend, here in the interpreter only: the check is left out.)
+    monkeypatch.setattr("dit8.compare.check_backend_and_attention", lambda backend, attention, device: None)
+    result = dit8.compare_outputs(checkpoints["source"], checkpoints["fp8"], **SMALL, attention="int8")
+    assert loaded == [(checkpoints["source"], "bf16"), (checkpoints["fp8"], "int8")]
+    assert result.attention == "int8"
+
+
+def test_the_inputs_are_gaussian_and_an_all_zero_reference_has_infinite_error():
+    from dit8.compare import _random_inputs, _relative_error
+
+    inputs = _random_inputs(tiny_config("i2v"), 9, (64, 48), 0, torch.device("cpu"))
+    for name in ("x", "context", "clip_fea", "y"):
+        t = getattr(inputs, name)
+        assert abs(float(t.mean())) < 0.1 and abs(float(t.std()) - 1) < 0.1, name
+    assert _random_inputs(tiny_config("t2v"), 9, (64, 48), 0, torch.device("cpu")).y is None
+    assert _relative_error(torch.ones(3), torch.zeros(3)) == math.inf
 
 
 def test_the_command_prints_each_step_and_the_whole(checkpoints, capsys):
