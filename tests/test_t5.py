@@ -144,6 +144,41 @@ def test_bad_inputs(model):
             model(torch.zeros(shape, dtype=torch.int64), torch.zeros(shape, dtype=torch.int64))
 
 
+def test_token_ids_range_and_int32(model):
+    ids, mask = random_batch([5, 3], 6)
+    torch.testing.assert_close(model(ids.int(), mask), model(ids, mask), rtol=0, atol=0)
+    for bad in (-1, CONFIG.vocab):  # the first id past the vocabulary too
+        with pytest.raises(InputError, match=re.escape(f"token ids must lie in [0, {CONFIG.vocab}); got ")) as info:
+            model(torch.where(mask.bool(), ids, bad), mask)
+        assert str(bad) in str(info.value).split("got ")[1].split("..")
+
+
+def test_a_row_with_every_key_masked_is_the_references(model, weights):
+    # Padding keys get the lowest finite score, not -inf: such a row attends evenly to its keys, as in the
+    # reference, rather than to none (what torch's attention gives for a row of -inf).
+    ids, mask = random_batch([4, 3], 5)
+    mask[1] = 0
+    out = model(ids, mask)
+    assert torch.isfinite(out).all()
+    hf = hf_umt5(weights)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert rel_error(out[1], ref[1]) <= TOLERANCE
+
+
+def test_a_layout_that_does_not_fit_is_a_checkpoint_error(tmp_path, weights):
+    # 3 heads do not divide dim_attn 64; a token embedding of rank 3 cannot be unpacked.
+    w = {k: (v[:, :3] if k.endswith("pos_embedding.embedding.weight") else v) for k, v in weights.items()}
+    assert "not a umT5 encoder of the expected layout: dim_attn 64 is not a multiple of num_heads 3" in load_error(
+        save(w, tmp_path / "heads.pth"))
+    w = {**weights, "token_embedding.weight": weights["token_embedding.weight"][None]}
+    assert "not a umT5 encoder of the expected layout" in load_error(save(w, tmp_path / "rank.pth"))
+    w = {k: v for k, v in weights.items() if not k.startswith("blocks.")}
+    assert "no encoder blocks (blocks.N.*)" in load_error(save(w, tmp_path / "blockless.pth"))
+    with pytest.raises(ValueError, match="not a multiple of num_heads"):
+        tiny_t5_config(num_heads=3)
+
+
 # -- against transformers' UMT5EncoderModel ------------------------------------------------------------
 
 
