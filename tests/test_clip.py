@@ -112,6 +112,16 @@ def test_text_only_file_refused(tmp_path, weights):
     assert "visual.patch_embedding.weight" in load_error(no_patch, tmp_path / "clip.pth")
 
 
+def test_a_layout_that_does_not_fit_is_a_checkpoint_error(tmp_path, weights):
+    one_block = {k: v for k, v in weights.items() if not k.startswith("visual.transformer.")
+                 or k.startswith("visual.transformer.0.")}  # no penultimate block to take
+    assert "the penultimate block needs at least 2" in load_error(one_block, tmp_path / "clip.pth")
+    flat = {**weights, "visual.patch_embedding.weight": weights["visual.patch_embedding.weight"].flatten(2)}
+    assert "not a CLIP vision tower of the expected layout" in load_error(flat, tmp_path / "clip.pth")
+    with pytest.raises(ValueError, match="image_size 225 is not a multiple of patch_size 14"):
+        tiny_clip_config(image_size=225)
+
+
 # -- preprocessing --------------------------------------------------------------------------------------
 
 
@@ -150,6 +160,8 @@ def test_preprocess_is_bicubic_of_the_unit_image(model):
 def test_bad_inputs(model):
     with pytest.raises(InputError):
         model.encode(torch.zeros(1, 4, 32, 32))
+    with pytest.raises(InputError, match="images must be a float tensor"):  # 0..255 bytes are not in [-1, 1]
+        model.encode(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(InputError):
         model(torch.zeros(1, 3, 112, 112))
     for shape in ((0, 3, 32, 32), (1, 3, 0, 32)):
