@@ -164,3 +164,11 @@ def test_a_model_whose_output_overflows_is_named(tmp_path):
                r"with compute dtype float16")
     with pytest.raises(dit8.NumericalError, match=message):
         dit8.compare_outputs(source, quantized, dtype=torch.float16, **SMALL)
+
+
+def test_relative_errors_of_zero_outputs():
+    from dit8.compare import _relative_error
+
+    zero, one = torch.zeros(3), torch.ones(3)
+    assert _relative_error(zero, zero) == 0 and _relative_error(one, zero) == math.inf
+    assert _relative_error(zero, one) == 1
