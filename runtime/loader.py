@@ -33,6 +33,9 @@ TENSOR_SCALE = ".scale_weight"   # ComfyUI scaled fp8: one scale per tensor
 UNSCALED = ""  # fp8 weights cast without scales (ComfyUI's and others' fp8_e4m3fn files): a scale of 1
 WAN21_LATENT_CHANNELS = 16  # what every Wan2.1 DiT predicts (out_dim): the channels of Wan2.1's VAE latents
 SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's marker tensor; carries no weights
+# ComfyUI's static activation scale beside a `.scale_weight`, for its own fp8 matmul. Activations here are
+# quantized per token on every call, so it is passed over (but for a check of its dtype and size).
+INPUT_SCALE = ".scale_input"
 
 FLOAT, DIT8, LIGHTX2V, COMFYUI_FP8, FP8_UNSCALED = ("float", "dit8 packed", "lightx2v", "comfyui scaled-fp8",
                                                    "unscaled fp8")
@@ -257,6 +260,15 @@ def _lora_key(keys: Iterable[str]) -> str | None:
     return next((key for key in keys if key.startswith(KOHYA_PREFIX) or key.endswith(factors)), None)
 
 
+def _check_input_scale(ckpt: Checkpoint, key: str) -> None:
+    """A ComfyUI `.scale_input` (INPUT_SCALE) is one float; anything else there is a damaged or misread
+    file, refused rather than passed over. (Its value is not read: open_dit reads no tensor data.)"""
+    info = ckpt.infos[key]
+    if not info.dtype.is_floating_point or math.prod(info.shape) != 1:
+        raise CheckpointError(f"{info.file}: tensor {key!r} is {str(info.dtype).removeprefix('torch.')} of shape "
+                              f"{list(info.shape)}; ComfyUI's input scale is one float")
+
+
 def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitCheckpoint:
     """Open and validate a DiT checkpoint's names, shapes and config without reading tensor data.
     config_json: another config.json the checkpoint must agree with, besides the one beside it."""
@@ -266,6 +278,10 @@ def open_dit(path: str | Path, config_json: str | Path | None = None) -> DitChec
     version = check_format_version(ckpt.metadata, ckpt.path)
     for key in [k for k in ckpt.infos if k.rpartition(".")[2] == SCALED_FP8_MARKER]:
         del ckpt.infos[key]
+    for key in [k for k in ckpt.infos if k.endswith(INPUT_SCALE)]:
+        if key.removesuffix(INPUT_SCALE) + TENSOR_SCALE in ckpt.infos:  # (else refused below as unexpected)
+            _check_input_scale(ckpt, key)
+            del ckpt.infos[key]
     lora = _lora_key(ckpt.infos)
     if lora is not None:  # else read as a DiT missing every tensor but the blocks' (or all of them)
         file = ckpt.infos[lora].file

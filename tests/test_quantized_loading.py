@@ -450,3 +450,27 @@ def test_lightx2v_comfyui_export_with_0d_scales_and_a_bare_marker(tmp_path, base
         want = scale.float().expand(code.shape[0], 1)
         assert torch.equal(state[module + ".weight_scale"], want), module
     assert torch.equal(state["head.head.weight"], weights["head.head.weight"].float())
+
+
+def test_comfyui_input_scales_are_passed_over(tmp_path, base):
+    """ComfyUI's static activation scales (`<p>.scale_input` beside `<p>.scale_weight`, for its own fp8
+    matmul) change nothing here, where activations are quantized per token: the file loads and runs as
+    the same file without them. One beside no weight scale, or not one float, is refused."""
+    weights, inputs = base
+    stored, _ = comfyui_weights(weights, CONFIG)
+    plain, hinted = tmp_path / "plain.safetensors", tmp_path / "hinted.safetensors"
+    save_file(stored, str(plain))
+    scales = [k.removesuffix(".scale_weight") for k in stored if k.endswith(".scale_weight")]
+    save_file({**stored, **{m + ".scale_input": torch.tensor([0.05]) for m in scales}}, str(hinted))
+    assert dit8.open_dit(hinted).quantized == dit8.open_dit(plain).quantized
+    torch.testing.assert_close(dit8.load_dit(hinted)(**inputs), dit8.load_dit(plain)(**inputs), rtol=0, atol=0)
+
+    orphan = tmp_path / "orphan.safetensors"
+    save_file({**stored, "model.diffusion_model.head.head.scale_input": torch.tensor([0.05])}, str(orphan))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.diffusion_model\.head\.head\.scale_input'"):
+        dit8.open_dit(orphan)
+    damaged = tmp_path / "damaged.safetensors"
+    save_file({**stored, scales[0] + ".scale_input": torch.ones(3)}, str(damaged))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(scales[0])}\.scale_input' is float32 of shape \[3\]; "
+                                              r"ComfyUI's input scale is one float"):
+        dit8.open_dit(damaged)
