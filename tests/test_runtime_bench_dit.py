@@ -342,7 +342,10 @@ def test_cpu_profile_parts_ops_calls_and_order():
     assert long_name[:200] in ops  # names are cut to 200 characters
     assert [k["ms"] for k in prof.top] == sorted((k["ms"] for k in prof.top), reverse=True)  # heaviest first
     assert prof.total == pytest.approx(sum(prof.parts.values())) and prof.parts["gemm"] > 0
-    assert [k["name"] for k in profile_parts(fn, torch.device("cpu"), top=2).top] == [k["name"] for k in prof.top[:2]]
+    # `top` cuts the list of ops, heaviest first, not the parts' totals (ops' order varies from run to run).
+    cut = profile_parts(fn, torch.device("cpu"), top=2)
+    assert len(cut.top) == 2 and cut.top[0]["ms"] >= cut.top[1]["ms"]
+    assert cut.parts["attention"] > 0 and cut.parts["gemm"] > 0 and cut.total == pytest.approx(sum(cut.parts.values()))
 
 
 def test_cpu_times_are_in_milliseconds():
