@@ -56,13 +56,19 @@ def _slices(named: dict[str, torch.Tensor | None]) -> list[tuple[str, int, int]]
             ("the output", q.shape[1], q.shape[2] * q.shape[3])]
 
 
+def check_rows_offset(op: str, name: str, rows: int, row_stride: int, width: int, hint: str = "") -> None:
+    """OpArgumentError naming `name` unless `rows` rows of `width` elements, row_stride apart, fit the
+    Triton kernels' 32-bit offsets (`slice_offset`)."""
+    check_int32_offset(op, name, slice_offset(rows, row_stride, width), f"{rows:,} rows {row_stride:,} elements "
+                       f"apart, (rows - 1)·{row_stride:,} + {width} - 1", hint)
+
+
 def check_slice_offsets(op: str, named: dict[str, torch.Tensor | None], hint: str = "") -> None:
     """OpArgumentError unless every tensor of `named` ({argument: [B, L, H, D] or None}, q first) and the
     contiguous output of q's shape fit the Triton kernels' 32-bit offsets (`slice_offset`)."""
     D = named["q"].shape[3]
     for name, rows, stride in _slices(named):
-        check_int32_offset(op, name, slice_offset(rows, stride, D),
-                           f"{rows:,} rows {stride:,} elements apart, (rows - 1)·{stride:,} + {D} - 1", hint)
+        check_rows_offset(op, name, rows, stride, D, hint)
 
 
 def _auto_for_offsets(backend: str, named: dict[str, torch.Tensor | None]) -> str:

@@ -49,12 +49,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import check_slice_offsets, slice_offset
+from .attention import check_rows_offset, check_slice_offsets
 from .attention_triton import (DOT8_MIN_REDUCTION, LAST_COMPILED, LOG2E, AttnConfig, _add_pv, _bhd_strides,
                                _block_d, _check_keys, _fresh_state, _load_tile, _softmax_step, _store_out_tile, _unit_d,
                                pick_config, shared_memory_of)
 from .buffers import new_output
-from .checks import OpArgumentError, check_int32_offset
+from .checks import OpArgumentError
 from .quantize import QMAX, SCALE_FLOOR
 from .registry import require_fp8_tensor_cores
 from .rounding_triton import BIAS_2_23, round_e4m3
@@ -517,9 +517,7 @@ def quantize_for_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     lk_pad = triton.cdiv(Lk, KEY_GROUP) * KEY_GROUP
     for name, rows, stride, width in (("q's codes", Lq, D, D), ("k's codes", Lk, D, D),
                                       ("v's codes", D, lk_pad, lk_pad), ("k's scales", Lk, 2, 2)):
-        check_int32_offset("attention", name, slice_offset(rows, stride, width),
-                           f"{rows:,} rows {stride:,} elements apart, (rows - 1)·{stride:,} + {width} - 1",
-                           EIGHT_BIT_HINT)
+        check_rows_offset("attention", name, rows, stride, width, EIGHT_BIT_HINT)
     qdtype = torch.int8 if qk == "int8" else torch.float8_e4m3fn
     q_mean = smoothing_mean(q, mean_rows)  # [B, H, D] fp32
     k_mean = smoothing_mean(k, mean_rows)
@@ -682,8 +680,7 @@ def attention_from_quantized(x: Quantized8bit, out_dtype: torch.dtype,
     cfg = config or pick_config(config_path(x.pv), D, shared_memory=shared_memory_of(x.q.device))
     if (cfg.block_m, cfg.block_n) != (x.block_m, x.block_n):
         raise OpArgumentError("attention: the config's blocks must match the quantization blocks")
-    check_int32_offset("attention", "the output", slice_offset(Lq, H * D, D),
-                       f"{Lq:,} rows {H * D:,} elements apart, (rows - 1)·{H * D:,} + {D} - 1", EIGHT_BIT_HINT)
+    check_rows_offset("attention", "the output", Lq, H * D, D, EIGHT_BIT_HINT)
     out = new_output((B, Lq, H, D), out_dtype, x.q.device)
     with tensor_device(out):
         return _launch_8bit(x, out, cfg)
