@@ -71,6 +71,17 @@ def check_slice_offsets(op: str, named: dict[str, torch.Tensor | None], hint: st
         check_rows_offset(op, name, rows, stride, D, hint)
 
 
+def max_attention_tokens(precision: str, backend: str, heads: int, head_dim: int) -> int | None:
+    """The most tokens (rows of q, k and v, each a contiguous row of heads x head_dim) that
+    `attention(precision=precision, backend=backend)` takes, or None where it takes any number: the Triton
+    kernels bound them through their 32-bit offsets (`slice_offset`). "auto" gives longer 16-bit attention
+    to torch; the 8-bit paths have no such way out. Lets a caller refuse a sequence before the work that
+    leads up to its attention."""
+    if backend == "torch" or (precision == "bf16" and backend != "triton"):
+        return None
+    return (INT32_MAX - head_dim + 1) // (heads * head_dim) + 1
+
+
 def _auto_for_offsets(backend: str, named: dict[str, torch.Tensor | None]) -> str:
     """"torch" where "auto" would hand the tensors of `named` to a Triton kernel that cannot address them
     (`check_slice_offsets`): SDPA indexes in 64 bits."""

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -107,7 +108,7 @@ def _run_generate(args: argparse.Namespace) -> int:
                                output_size)
     from .devices import resolve_device
     from .loader import open_dit
-    from .model import check_backend_and_attention
+    from .model import check_attention_tokens, check_backend_and_attention
     from .model_folder import find_model_files
     from .pipeline import I2VPipeline, check_settings
     from .tokenizer import Tokenizer, clean_prompt
@@ -144,7 +145,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.sampler is None:  # the folder's model decides the sampler, and with it the update rules it takes
         check_settings(sampler=DISTILLED if files.distilled else UNIPC, update=args.update)
     dit = open_dit(files.dit, config_json=files.config_json)
-    check_grid(args.frames, height, width, patch=dit.config.patch_size)
+    grid = check_grid(args.frames, height, width, patch=dit.config.patch_size)
+    check_attention_tokens(dit.config, math.prod(grid), f"a {width}x{height} video of {args.frames} frames",
+                           backend=args.backend, attention=args.attention, device=device,
+                           world=1 if parallel is None else parallel.world)
     tokenizer = Tokenizer.from_folder(files.tokenizer, text_len=dit.config.text_len)
     dit.checkpoint.close()  # read again by the load; a .pth one may hold its tensors until closed
     check_prompt(tokenizer, args.prompt, "--prompt")

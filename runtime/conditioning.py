@@ -227,16 +227,17 @@ def check_size(size: Any, multiple: int = 16) -> tuple[int, int]:
 
 
 def check_grid(frames: int, height: int, width: int, *, time_stride: int = 4, vae_stride: int = 8,
-               patch: tuple[int, int, int] = (1, 2, 2)) -> None:
-    """The patch grid of a video stays within the RoPE table's MAX_POSITIONS along each axis (at most
-    4093 frames, 16384 pixels a side): larger requests are refused before any work instead of failing
-    in the allocator after the encoders ran."""
+               patch: tuple[int, int, int] = (1, 2, 2)) -> tuple[int, int, int]:
+    """The patch grid (frames, rows, columns) of a video, checked to stay within the RoPE table's
+    MAX_POSITIONS along each axis (at most 4093 frames, 16384 pixels a side): larger requests are refused
+    before any work instead of failing in the allocator after the encoders ran."""
     latent = latent_shape(frames, height, width, time_stride=time_stride, vae_stride=vae_stride)[1:]
     grid = [n // p for n, p in zip(latent, patch)]
     for axis, n in zip(("frames", "height", "width"), grid):
         if n > MAX_POSITIONS:
             raise InputError(f"a {width}x{height} video of {frames} frames has {n} patch positions along its {axis}; "
                              f"the model's position encoding covers {MAX_POSITIONS}")
+    return grid[0], grid[1], grid[2]
 
 
 def output_size(image_hw: tuple[int, int], area: int = AREA_480P, *, vae_stride: int = 8,

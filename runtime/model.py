@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dit8.kernels as ops
-from dit8.kernels.attention import PRECISIONS, check_attention_runs
+from dit8.kernels.attention import PRECISIONS, check_attention_runs, max_attention_tokens
 from dit8.kernels.checks import FLOAT_DTYPES
 from dit8.kernels.registry import (BackendError, backend_runs_on, check_preferred_backend, reference_only_notice,
                                    unavailable_reason)
@@ -353,6 +353,14 @@ class WanDiT(nn.Module):
         T, H, W = x.shape[-3:]
         return T // pt, H // ph, W // pw
 
+    def check_tokens(self, tokens: int, what: str) -> None:
+        """InputError unless this model's attention kernels take a forward over `tokens` video tokens
+        (`check_attention_tokens`); `what` names the input in the message."""
+        setup = self.setup
+        check_attention_tokens(self.config, tokens, what, backend=setup.backend, device=setup.device,
+                               attention=self.blocks[0].self_attn.precision if len(self.blocks) else "bf16",
+                               world=1 if setup.parallel is None else setup.parallel.world)
+
     # -- forward ------------------------------------------------------------------------------------
 
     @releases_frames
@@ -476,6 +484,7 @@ class WanDiT(nn.Module):
         if max(grid) > MAX_POSITIONS:
             raise InputError(f"x has a patch grid of {grid} (frames, rows, columns); the model's position encoding "
                              f"covers {MAX_POSITIONS} along each")
+        self.check_tokens(math.prod(grid), f"x (patch grid {grid})")
         if not isinstance(t, torch.Tensor) or t.shape != (B,):
             raise InputError(f"t must be a tensor of shape ({B},), got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
@@ -529,6 +538,27 @@ def check_backend_and_attention(backend: str, attention: str, device: torch.devi
     setup = Setup(device, torch.float32, backend)
     _check_backend(setup)
     _check_attention(attention, setup)
+
+
+def check_attention_tokens(config: WanConfig, tokens: int, what: str, *, backend: str, attention: str,
+                           device: torch.device, world: int = 1) -> None:
+    """InputError unless a WanDiT of `config` built on `device` with `backend` and `attention` (split over
+    `world` processes) takes a forward over `tokens` video tokens: the Triton attention kernels bound them
+    (`kernels.attention.max_attention_tokens`). `what` names the input. A video too long for them is so
+    refused before the encoders run, or before a command loads the model."""
+    setup = Setup(device, torch.float32, backend)
+    # Under sequence parallelism self-attention sees every token of heads/world heads, cross-attention
+    # 1/world of the tokens with all heads.
+    self_limit = max_attention_tokens(attention, setup.backend_of("attention"), config.num_heads // world,
+                                      config.head_dim)
+    cross_rows = max_attention_tokens("bf16", setup.backend_of("cross_attention"), config.num_heads, config.head_dim)
+    cross_limit = None if cross_rows is None else cross_rows * world
+    for op, precision, limit in (("self-attention", attention, self_limit), ("cross-attention", "bf16", cross_limit)):
+        if limit is not None and tokens > limit:
+            hint = ("attention='bf16' (torch SDPA takes it)" if precision != "bf16" else
+                    "backend='auto' or 'torch' (torch SDPA takes it)")
+            raise InputError(f"{what} has {tokens:,} tokens; the model's {op} ({precision}, Triton kernels with "
+                             f"32-bit offsets) takes at most {limit:,}: use {hint}, or a shorter or smaller video")
 
 
 def _check_attention(attention: str, setup: Setup) -> None:

@@ -379,8 +379,9 @@ class I2VPipeline:
             height, width = output_size(tuple(pixels.shape[1:]), AREA_480P if area is None else area,
                                         vae_stride=self.vae.config.space_stride,
                                         patch=self.dit.config.patch_size[1])
-        check_grid(frames, height, width, time_stride=self.vae.config.time_stride,
-                   vae_stride=self.vae.config.space_stride, patch=self.dit.config.patch_size)
+        grid = check_grid(frames, height, width, time_stride=self.vae.config.time_stride,
+                          vae_stride=self.vae.config.space_stride, patch=self.dit.config.patch_size)
+        self.dit.check_tokens(math.prod(grid), f"a {width}x{height} video of {frames} frames")
         sampler = sampler if sampler is not None else (DISTILLED if self.distilled else UNIPC)
         _check_update_of(sampler, update)  # (a model that is not distilled takes unipc by default)
         distilled = sampler == DISTILLED

@@ -336,6 +336,29 @@ def test_the_32_bit_offset_limit_is_the_last_element_of_a_slice():
         check_slice_offsets("attention", dict(q=_meta(WAN_MAX_TOKENS + 1), k=_meta(8), v=_meta(8)))
 
 
+@pytest.mark.parametrize("heads, head_dim", [(40, 128), (2, 16), (5, 96)])
+def test_max_attention_tokens_is_where_the_kernels_start_refusing(heads, head_dim):
+    from dit8.kernels.attention import check_slice_offsets, max_attention_tokens
+
+    limit = max_attention_tokens("int8", "auto", heads, head_dim)
+    assert limit == max_attention_tokens("fp8", "triton", heads, head_dim)
+    assert limit == max_attention_tokens("bf16", "triton", heads, head_dim)  # asked for by name: no way out
+    for within in (_meta(limit, heads, head_dim), _meta(1, heads, head_dim).expand(1, limit, heads, head_dim)):
+        check_slice_offsets("attention", dict(q=within, k=within, v=within))
+    past = _meta(limit + 1, heads, head_dim)
+    with pytest.raises(OpArgumentError, match="q is too large"):
+        check_slice_offsets("attention", dict(q=past, k=past, v=past))
+    # 16-bit attention on "auto" goes to torch past the limit, and torch has none.
+    assert max_attention_tokens("bf16", "auto", heads, head_dim) is None
+    assert max_attention_tokens("bf16", "torch", heads, head_dim) is None
+
+
+def test_wans_limit_is_max_attention_tokens():
+    from dit8.kernels.attention import max_attention_tokens
+
+    assert max_attention_tokens("int8", "auto", 40, 128) == WAN_MAX_TOKENS == 419_431
+
+
 def test_auto_gives_sequences_past_the_kernels_offsets_to_torch(monkeypatch):
     attention_ops = importlib.import_module("dit8.kernels.attention")  # (dit8.kernels.attention is the op)
     asked = []

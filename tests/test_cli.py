@@ -192,6 +192,9 @@ def test_generate_options(model_folder, tmp_path, capsys):
     (["--size", "16400x16"], "a 16400x16 video of 81 frames has 1025 patch positions along its width"),
     (["--area", "3840", "--frames", "4097"], "video of 4097 frames has 1025 patch positions along its frames"),
     (["--frames", "4"], "dit8: error: --frames must be 4k+1"),
+    # Past the tiny model's 2^23 tokens for the Triton kernels' 32-bit offsets, which torch cannot take in 8 bits.
+    (["--attention", "int8", "--backend", "triton", "--frames", "257", "--size", "8192x4096"],
+     "a 8192x4096 video of 257 frames has 8,519,680 tokens; the model's self-attention (int8"),
     (["--image", "."], ".: is a folder; give an image file"),
     (["--scheme", "int8"], "no int8 DiT found"),
     (["--prompt", " ".join(["cat"] * 600)], "--prompt is 600 tokens long"),

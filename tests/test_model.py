@@ -364,3 +364,40 @@ def test_config_takes_integer_likes_and_refuses_the_rest():
                          ({"eps": "x"}, "eps must be"), ({"eps": float("nan")}, "eps must be")]:
         with pytest.raises(ValueError, match=message):
             tiny_config("i2v", **bad)
+
+
+def test_sequences_past_the_attention_kernels_offsets_are_refused_by_the_model():
+    from dit8.config import I2V_14B
+    from dit8.kernels.attention import max_attention_tokens
+    from dit8.model import check_attention_tokens
+
+    cpu = torch.device("cpu")
+    limit = max_attention_tokens("int8", "triton", I2V_14B.num_heads, I2V_14B.head_dim)
+    check_attention_tokens(I2V_14B, limit, "x", backend="auto", attention="int8", device=cpu)
+    with pytest.raises(InputError, match=f"x has {limit + 1:,} tokens; the model's self-attention \\(int8, "
+                                         f"Triton kernels with 32-bit offsets\\) takes at most {limit:,}"):
+        check_attention_tokens(I2V_14B, limit + 1, "x", backend="auto", attention="int8", device=cpu)
+    # 16-bit attention: "auto" gives long sequences to torch SDPA; "triton" asked for by name does not.
+    check_attention_tokens(I2V_14B, 10 * limit, "x", backend="auto", attention="bf16", device=cpu)
+    with pytest.raises(InputError, match="self-attention \\(bf16.*use backend='auto' or 'torch'"):
+        check_attention_tokens(I2V_14B, limit + 1, "x", backend="triton", attention="bf16", device=cpu)
+    # Over two processes self-attention has half the heads (rows half as wide), cross-attention half the tokens.
+    limit2 = max_attention_tokens("int8", "triton", I2V_14B.num_heads // 2, I2V_14B.head_dim)
+    assert limit2 < 2 * limit
+    check_attention_tokens(I2V_14B, limit2, "x", backend="triton", attention="int8", device=cpu, world=2)
+    with pytest.raises(InputError, match=f"self-attention.*at most {limit2:,}"):
+        check_attention_tokens(I2V_14B, limit2 + 1, "x", backend="triton", attention="int8", device=cpu, world=2)
+
+
+def test_a_forward_past_the_attention_kernels_offsets_is_refused_before_it_runs(monkeypatch):
+    model = WanDiT(tiny_config(), backend="triton", attention="int8")
+    monkeypatch.setattr(model.patch_embedding, "forward", lambda *a: pytest.fail("the forward ran"))
+    from dit8.kernels.attention import max_attention_tokens
+
+    limit = max_attention_tokens("int8", "triton", 2, 128)
+    # Unallocated latents of 9 x 1024 x 1024 patches, more tokens than that: only their shapes are read.
+    x, y = (torch.empty(1, c, 9, 2048, 2048, device="meta") for c in (16, 20))
+    assert 9 * 1024 * 1024 > limit
+    with pytest.raises(InputError, match=f"x \\(patch grid \\(9, 1024, 1024\\)\\) has 9,437,184 tokens; "
+                                         f"the model's self-attention \\(int8.* at most {limit:,}"):
+        model(x, torch.zeros(1), torch.zeros(1, 4, 64), torch.zeros(1, 257, 32), y=y)

@@ -608,6 +608,17 @@ def test_bad_inputs_raise_input_error(pipe, kwargs, message):
         pipe(args.pop("image"), args.pop("prompt"), **args)
 
 
+def test_a_video_too_long_for_the_8_bit_attention_is_refused_before_the_encoders_run(distilled_folder, monkeypatch):
+    # The tiny model's rows of 2 heads x 128 fit the Triton kernels' 32-bit offsets up to 2^23 tokens;
+    # 257 frames of 8192x4096 are 65 x 256 x 512 = 8,519,680 of them. torch SDPA has no 8-bit path to take them.
+    pipe = I2VPipeline.from_pretrained(distilled_folder, attention="int8", backend="triton")
+    monkeypatch.setattr(pipe.t5, "forward", lambda *a, **kw: pytest.fail("the text encoder ran"))
+    with pytest.raises(InputError, match="a 8192x4096 video of 257 frames has 8,519,680 tokens; the model's "
+                                         "self-attention \\(int8.* at most 8,388,608: use attention='bf16'"):
+        pipe(IMAGE, PROMPT, frames=257, size=(8192, 4096))
+    pipe.dit.check_tokens(8_388_608, "the limit")
+
+
 def test_check_settings_refuses_what_the_call_would_without_a_model():
     """The command line runs check_settings before loading the model: steps in [1, 1000], and UniPC with the
     distilled sampler's update rule, are refused there already."""
