@@ -40,6 +40,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREFIX = "visual."
 
 
+# Blocks of the vision towers whose width and patch identify them: the file's highest block index
+# decides which block's output is the penultimate one, so a tower known to have more is refused.
+KNOWN_BLOCK_COUNTS = {(1280, 14): 32}  # ViT-H/14, Wan's open-clip xlm-roberta-large-vit-huge-14
+
+
 @dataclass(frozen=True)
 class CLIPVisionConfig:
     """Dimensions of the vision tower; defaults are ViT-H/14's. All but `num_heads` and `eps` are read
@@ -80,6 +85,13 @@ class CLIPVisionConfig:
             raise CheckpointError(f"{ckpt.path}: no vision blocks ({PREFIX}transformer.N.*); not a Wan CLIP checkpoint")
         try:
             dim, _, patch, _ = shape("patch_embedding.weight")
+            known = KNOWN_BLOCK_COUNTS.get((dim, patch))
+            if known is not None and max(layers) + 1 != known:
+                # The count decides which block's output is used: one missing at the end would silently
+                # shift the encoder's output to an earlier block.
+                raise CheckpointError(f"{ckpt.path}: a vision tower of width {dim} and {patch}-pixel patches "
+                                      f"(ViT-H/14) has {known} blocks ({PREFIX}transformer.0-{known - 1}); this one "
+                                      f"has {max(layers) + 1}: a truncated or different checkpoint")
             grid = round((shape("pos_embedding")[1] - 1) ** 0.5)
             return cls(**{**dict(image_size=grid * patch, patch_size=patch, dim=dim, num_layers=max(layers) + 1,
                                  mlp_dim=shape("transformer.0.mlp.0.weight")[0]), **fixed})

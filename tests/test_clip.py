@@ -122,6 +122,20 @@ def test_a_layout_that_does_not_fit_is_a_checkpoint_error(tmp_path, weights):
         tiny_clip_config(image_size=225)
 
 
+def test_a_vit_h14_tower_missing_its_last_blocks_is_refused(tmp_path):
+    # Which block is the penultimate one comes from the file's highest block index: ViT-H/14 without its
+    # last block would give block 29's output as if it were block 30's. Only the shapes the count check
+    # reads are real here; every block is one stand-in tensor.
+    def tower(blocks: int) -> dict:
+        return {"visual.patch_embedding.weight": torch.zeros(1280, 3, 14, 14),
+                "visual.pos_embedding": torch.zeros(1, 257, 1280),
+                **{f"visual.transformer.{i}.norm1.weight": torch.zeros(1) for i in range(blocks)}}
+
+    msg = load_error(tower(31), tmp_path / "clip31.pth")
+    assert "(ViT-H/14) has 32 blocks (visual.transformer.0-31); this one has 31" in msg
+    assert "has 32 blocks" not in load_error(tower(32), tmp_path / "clip32.pth")  # refused later, for its tensors
+
+
 # -- preprocessing --------------------------------------------------------------------------------------
 
 
