@@ -508,6 +508,8 @@ class I2VPipeline:
         bar, advance = _stage(job, "denoise", job.steps)
         step_seconds: list[float] = []
         last = time.perf_counter()
+        # (Named where a non-finite estimate is reported: a large enough guidance overflows it by itself.)
+        guided_at = f", guided at guidance {job.guidance:g}" if uncond is not None and job.guidance != 1 else ""
 
         def on_step(i: int, n: int, x0: torch.Tensor) -> None:
             nonlocal last
@@ -517,7 +519,7 @@ class I2VPipeline:
             last = now
             # Checked each step: NaN spreads through every later step and the VAE, which would decode it
             # into a black video minutes later.
-            _check_finite(x0, f"step {i + 1} of {n}: the DiT's estimate of the clean latents")
+            _check_finite(x0, f"step {i + 1} of {n}: the DiT's estimate of the clean latents{guided_at}")
             advance(i + 1, timestep=float(timesteps[i]), x0=x0)
             if i + 1 < n:
                 self._check_cancel(job, f"after step {i + 1} of {n}")

@@ -467,6 +467,14 @@ def test_nan_from_the_dit_stops_the_call_at_that_step(pipe, monkeypatch):
         pipe(IMAGE, PROMPT, **ONE)
 
 
+def test_a_guidance_that_overflows_the_estimate_is_named_in_the_error(base_pipe):
+    # Finite, so accepted; past fp32, g·(v_c − v_u) overflows all the same.
+    with pytest.raises(dit8.NumericalError, match="step 1 of 2: the DiT's estimate of the clean latents, guided at "
+                                                  "guidance 1e\\+300: (NaN|Inf) values"):
+        base_pipe(IMAGE, PROMPT, guidance=1e300, steps=2, **ONE)
+    assert base_pipe(IMAGE, PROMPT, steps=2, **ONE).frames.shape[0] == 1  # usable after it
+
+
 def test_an_overflow_inside_the_vae_decoder_stops_the_call(pipe, monkeypatch):
     # The decoder's output clamp made +Inf a white pixel: a white video, and no error.
     upsample = pipe.vae.decoder.upsample
