@@ -40,10 +40,10 @@ CONFIGURATIONS = {
 # passed its GPU tests on such a GPU and beat the Triton kernel it replaces there, in its benchmark and
 # in whole forwards (bench/RESULTS.md).
 ADOPTED: dict[tuple[int, int], str] = {
-    # H100, torch 2.11, triton 3.6, 2026-11-26: the warp-specialized promoted FP8 GEMM took 4.11 ms where
-    # the Triton kernel took 5.32 at (32760, 5120, 13824); the in-place INT8 GEMM was 1.10-1.14x the Triton
-    # one. With both, the FP8 forward's GEMMs took 606 ms instead of 648, the INT8 forward's 620 instead
-    # of 696.
+    # H100, torch 2.11, triton 3.6, 2026-11-26 (afternoon): the warp-specialized promoted FP8 GEMM took
+    # 4.107 ms where the Triton kernel took 4.973 at (32760, 5120, 13824); the in-place INT8 GEMM was
+    # 1.04-1.13x the Triton one on the three Wan shapes. With both, the FP8 forward's GEMMs took 606 ms
+    # instead of 648, the INT8 forward's 620 instead of 696.
     (9, 0): "gemm=ws gemm_int8",
 }
 

@@ -44,9 +44,9 @@ PREFETCH_PARAMS = False
 # Per GPU generation (CUDA compute capability): {(op, row width): (warps, operands ahead)} of the rows
 # kernel where bench/test_bench_fused.py's sweep measured them faster than the default (_num_warps,
 # PREFETCH_PARAMS); bench/rows_choice.py prints the entries from the sweep's results.
-# Hopper: on an H100 (triton 3.6, 32,760 rows of 5120), LayerNorm (+ modulation) + FP8 quantization ran
-# at 90% of the copy rate on 4 warps with operands loaded after the statistics, against 74-77% on the
-# default 8 or 16 (bench/RESULTS.md).
+# Hopper: on an H100 (triton 3.6, 32,760 rows of 5120), LayerNorm (+ modulation) + FP8 quantization took
+# 0.310 (0.309) ms, 90% of the copy rate, on 4 warps with operands loaded after the statistics, against
+# 0.378 (0.354) on the default 8 (bench/RESULTS.md, 2026-11-26 evening).
 ROWS_TUNED: dict[tuple[int, int], dict[tuple[str, int], tuple[int, bool]]] = {
     (9, 0): {("layer_norm_modulate_quant", 5120): (4, False), ("layer_norm_quant", 5120): (4, False)},
 }

@@ -13,10 +13,10 @@ Keys
 
 Where the numbers come from. The sm_90 entries are the fastest candidates of the benchmark's sweep
 (DIT8_GEMM_SWEEP=1 python -m pytest bench/test_bench_gemm.py -k sweep) on an H200 (2026-11-26, torch
-2.11, triton 3.6; bench/RESULTS.md): INT8 128 x 256 persistent at 1150-1220 TOPS on the three Wan
-shapes; promoted FP8 128 x 128 x 256 persistent at 1011 TFLOP/s on (32760, 5120, 5120) (the one
-shape it was timed on), where the 128-deep promoted tiles reached 907-933 (two runs) and fast
-accumulation 1262-1339 TFLOP/s. The Ada and Ampere entries are not timed: each compiles and fits its
+2.11, triton 3.6; bench/RESULTS.md, GEMM): INT8 128 x 256 persistent at 1,150-1,219 TOPS on the three
+Wan shapes; promoted FP8 128 x 128 x 256 persistent at 1.651 ms on (32760, 5120, 5120) (the one shape
+it was timed on), where the 128-deep promoted tiles took 1.842-2.022 ms and fast accumulation on
+128 x 256 tiles 1.246 ms. The Ada and Ampere entries are not timed: each compiles and fits its
 GPU's shared memory (tests/test_scaled_mm_triton.py::test_table_configs_compile, from ptxas -v).
 Change the table only with the numbers in bench/RESULTS.md.
 
@@ -41,7 +41,9 @@ fitting the errors above (the accumulation's share grows as K^0.6 at a given mag
 about 1.5x cuBLAS's error at K = 13824 instead of 1.96x (1.85x if the two halves' errors were
 systematic and added up rather than partly cancelling). The two wgmma chains are independent, so,
 unlike promotion, nothing waits; the second accumulator costs registers as promotion does (128 x 128
-tiles). Candidates in HOPPER_SWEEP until a GPU run times them and measures their error.
+tiles). Candidates in HOPPER_SWEEP, not in the table: on an H100 at (32760, 5120, 13824) the plain
+128 x 128 x 128 tile on 3 stages erred 1.49x cuBLAS's default mode and ran at 0.99x its speed, where the
+table's promoted entry errs 1.005x (bench/RESULTS.md, 2026-11-27 run 3).
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ _OPS: dict[str, dict[str, _Impl]] = {}
 # kernels on CPU; a run of bench/gpu_check.sh on a GPU adds entries for its generation.
 GPU_VERIFIED: dict[tuple[int, int], frozenset[tuple[str, str]]] = {
     # H100 (sm_90), torch 2.11, triton 3.6, 2026-11-26: bench/gpu_check.sh, 1,021 tests passed (commit
-    # 452f074; the 5 failures were the Gluon 8-bit attention candidate's, fixed and passed since).
+    # 452f074; the 5 failures were the Gluon 8-bit attention candidate's, since removed). The H100 run of
+    # 2026-11-27 passed every pair's tests again (bench/RESULTS.md).
     (9, 0): frozenset({
         ("attention", "triton"), ("cross_attention", "triton"),
         ("gelu_tanh_quant", "cuda"), ("gelu_tanh_quant", "triton"),
