@@ -55,7 +55,9 @@ void rows_forward(const RowArgs& a, int in_dtype, int out_dtype, int vec, int de
 void rows_forward_quant(const RowArgs& a, int in_dtype, int out_dtype, int vec, int device, uintptr_t stream);
 void qk_norm_rope_forward(const QkArgs& a, int in_dtype, int out_dtype, int vec, int device, uintptr_t stream);
 
-// Limits the Python wrappers check against (also enforced by the launchers).
+// Launch limits, exported by bindings.cpp and mirrored in kernels/cuda_ext.py. The q/k limits bound the
+// width a block takes: its Python wrapper and its launcher refuse wider rows. The row limits only
+// choose the path: a row of more than kMaxThreads · kRowVecsPerThread vectors is streamed, not refused.
 constexpr int kMaxThreads = 1024;
 constexpr int kRowVecsPerThread = 4;   // row kernels keep up to this many vectors per thread in registers
 constexpr int kQkVecsPerThread = 4;
