@@ -98,7 +98,9 @@ class DistilledSampler:
                 or any(a <= b for a, b in zip(steps, steps[1:]))):
             raise InputError(f"steps must be strictly decreasing integers in (0, 1000], got {self.steps!r}")
         object.__setattr__(self, "steps", tuple(steps))  # (frozen) a tuple of ints, whatever sequence was given
-        check_shift(self.shift)
+        # A float, whatever real number was given: a Fraction passed the check and then failed in sigmas()
+        # (Fraction * Tensor is a TypeError), a numpy float stayed one.
+        object.__setattr__(self, "shift", check_shift(self.shift))
 
     def sigmas(self) -> torch.Tensor:
         """σ of each step, float64: [1, 0.9375, 0.8333…, 0.625] for the defaults."""

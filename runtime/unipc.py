@@ -101,8 +101,10 @@ class UniPCSampler:
             raise InputError(f"order must be 1, 2 or 3, got {self.order!r}")
         if not isinstance(self.corrector, bool):  # a string such as "no" would read as True
             raise InputError(f"corrector must be True or False, got {self.corrector!r}")
-        check_shift(self.shift)
-        object.__setattr__(self, "steps", int(self.steps))  # (frozen) plain ints, whatever integer was given
+        # (frozen) plain ints and a float, whatever integer or real number was given (a Fraction shift
+        # failed in sigmas())
+        object.__setattr__(self, "shift", check_shift(self.shift))
+        object.__setattr__(self, "steps", int(self.steps))
         object.__setattr__(self, "order", int(self.order))
 
     def sigmas(self) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """The 4-step distilled sampler: exact sigmas/timesteps and both update rules."""
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -168,6 +170,15 @@ def test_initial_noise_refuses_a_bad_device():
 def test_shift_must_be_a_number_the_schedules_take(sampler, shift):
     with pytest.raises(InputError, match=r"shift must be a number in \[0.001, 1000\]"):
         sampler(shift=shift)
+
+
+@pytest.mark.parametrize("sampler", [DistilledSampler, UniPCSampler])
+@pytest.mark.parametrize("shift", [Fraction(5), np.float32(5.0), 5])
+def test_a_real_shift_is_kept_as_a_float(sampler, shift):
+    # check_shift takes any real number; a Fraction was stored as given and failed in sigmas().
+    got = sampler(shift=shift)
+    assert type(got.shift) is float
+    assert torch.equal(got.sigmas(), sampler(shift=5.0).sigmas())
 
 
 @pytest.mark.parametrize("shift", [1e-3, 1e3])
