@@ -115,7 +115,7 @@ def compare_outputs(reference: str | Path, quantized: str | Path, *, device: str
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise InputError(f"seed must be a whole number in [0, 2**63), got {seed!r}")
-    check_frames(frames)
+    frames = check_frames(frames)  # a plain int (numpy's integers are taken): the result's field is one
     width, height = check_size(size)
     device = resolve_device(device)
     check_backend_and_attention(backend, attention, device)  # before the reference's load and forwards

@@ -1,10 +1,12 @@
 """`dit8.compare_outputs` and `dit8 compare`: the end-to-end quantization error of a converted checkpoint
 against its source, on tiny random models (torch backend, CPU)."""
 
+import dataclasses
 import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,6 +78,17 @@ def test_the_inputs_follow_the_seed(checkpoints):
     b = dit8.compare_outputs(checkpoints["source"], checkpoints["fp8"], seed=3, **SMALL)
     c = dit8.compare_outputs(checkpoints["source"], checkpoints["fp8"], seed=4, **SMALL)
     assert a == b and a.relative_error != c.relative_error
+
+
+def test_numpy_integers_give_the_plain_ints_the_result_declares(checkpoints):
+    # frames is taken as any integer (check_frames), but the unconverted numpy value went into the result,
+    # whose fields are declared int: json.dumps(dataclasses.asdict(result)), as `dit8 compare --json`
+    # writes it, then failed.
+    numpy = dit8.compare_outputs(checkpoints["source"], checkpoints["bf16"],
+                                 **{**SMALL, "frames": np.int64(5), "size": (np.int64(64), np.int64(48))})
+    assert type(numpy.frames) is int and all(type(s) is int for s in numpy.size)
+    assert numpy == dit8.compare_outputs(checkpoints["source"], checkpoints["bf16"], **SMALL)
+    assert json.loads(json.dumps(dataclasses.asdict(numpy)))["frames"] == 5
 
 
 def test_two_different_models_are_refused_by_their_dimensions(checkpoints):
