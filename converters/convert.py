@@ -60,6 +60,7 @@ class LayerError:
     sqnr_db: float
 
     def to_json(self) -> dict:
+        """The layer's entry in the conversion report (shape as a list, an infinite SQNR as None)."""
         # JSON has no infinity: an exact layer (SQNR +inf) is written as null.
         return {"layer": self.layer, "scheme": self.scheme, "shape": list(self.shape),
                 "rel_error": self.rel_error, "sqnr_db": self.sqnr_db if math.isfinite(self.sqnr_db) else None}
