@@ -314,14 +314,33 @@ def test_attention_against_float64():
 
 
 def test_residual_add_and_activations():
+    # Against float64, not the reference's own fp32 expression (which would pass whatever that computes):
+    # each element is at most two fp32 roundings (the gate's product, the sum) from the exact value.
     x, y, gate = torch.randn(2, 5, 8), torch.randn(2, 5, 8).bfloat16(), torch.randn(2, 8)
-    torch.testing.assert_close(ops.residual_add(x, y, gate), x + y.float() * gate[:, None])
-    torch.testing.assert_close(ops.residual_add(x, y), x + y.float())
+    want = x.double() + y.double() * gate.double()[:, None, :]
+    assert rel_err(ops.residual_add(x, y, gate), want) < FP32_FEW_ROUNDINGS
+    assert rel_err(ops.residual_add(x, y), x.double() + y.double()) < FP32_FEW_ROUNDINGS
     z = torch.randn(100).double()
     tanh = 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
     assert rel_err(ops.activation(z.float(), "gelu_tanh"), tanh) < FP32_FEW_ROUNDINGS
     assert rel_err(ops.activation(z.float(), "gelu"), 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))) < FP32_FEW_ROUNDINGS
     assert rel_err(ops.activation(z.float(), "silu"), z * torch.sigmoid(z)) < FP32_FEW_ROUNDINGS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_linear_against_float64(dtype):
+    """x cast to the weight's dtype, then x·wᵀ + bias accumulated in fp32 and rounded once to the weight's
+    dtype: within the error of rounding the float64 result to that dtype, plus a few fp32 roundings (a
+    16-bit accumulation over K = 300 would be ~√K times that rounding)."""
+    gen = torch.Generator().manual_seed(300)
+    x = torch.randn(2, 37, 300, generator=gen)
+    w = (torch.randn(45, 300, generator=gen) / math.sqrt(300)).to(dtype)
+    b = torch.randn(45, generator=gen).to(dtype)
+    for bias in (b, None):
+        out = ops.linear(x, w, bias)
+        assert out.dtype == dtype and out.shape == (2, 37, 45)
+        want = x.to(dtype).double() @ w.double().t() + (0 if bias is None else bias.double())
+        assert rel_err(out, want) <= rel_err(want.to(dtype), want) + FP32_FEW_ROUNDINGS
 
 
 def test_auto_picks_only_kernels_verified_on_a_gpu(monkeypatch):
