@@ -808,6 +808,21 @@ def test_8bit_tma_views_only_where_tma_can_read_the_codes():
 
 
 @ATTENTION
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_8bit_fp16_inputs_and_output(precision):
+    """fp16 q, k, v (the other 8-bit tests take bf16 or fp32): read by the quantize kernels and the output
+    stored in fp16, within the bound of the other inputs' dtypes of the float64 emulation of the same
+    blocks' quantization."""
+    q, k, v = make_qkv(77, 45, 32, seed=83, dtype=torch.float16, offsets=True)
+    out = ops.attention(q, k, v, precision=precision, backend="triton")
+    check_output(out, q)
+    ref = attention64(q, k, v)
+    cfg = impl.pick_config("8bit", 32)
+    emu = emulate_8bit(q, k, v, *impl8.RECIPES[precision], cfg.block_m, cfg.block_n)
+    assert rel_err(out, ref) <= 1.2 * rel_err(emu, ref) + 2e-3, (rel_err(out, ref), rel_err(emu, ref))
+
+
+@ATTENTION
 def test_8bit_single_query_is_within_fp16_rounding():
     # Lq = 1: q minus its mean is 0, every score is the fp32 bias; the per-block scale must not be 0/0.
     q, k, v = make_qkv(1, 45, 16, seed=9, dtype=torch.float32, offsets=True)
@@ -821,7 +836,7 @@ def test_8bit_single_query_is_within_fp16_rounding():
 # ----------------------------------------------------------------------------------------------------
 
 @CROSS
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_fused_cross_attention_against_float64(dtype):
     q, k, v = make_qkv(77, 45, 32, seed=21, dtype=dtype)
     _, k_img, v_img = make_qkv(1, 19, 32, seed=31, dtype=dtype)
