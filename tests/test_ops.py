@@ -270,6 +270,25 @@ def test_rope_equals_complex_rotation_in_float64():
     assert rel_err(ops.rope(x, cos, sin, out_dtype=torch.float32), ref) < FP32_FEW_ROUNDINGS
 
 
+def test_qk_norm_rope_against_float64():
+    """The reference composes rms_norm over the full width (all heads together) with each head's rotation:
+    against that in float64, with the angles the tables hold, within a few fp32 roundings."""
+    grid, heads, head_dim = (2, 3, 4), 3, 16
+    cos, sin = rope_table(grid, head_dim)
+    angles = torch.atan2(sin.double(), cos.double())
+    rotation = torch.polar(torch.ones_like(angles), angles)[:, None, :]
+    gen = torch.Generator().manual_seed(24)
+    q, k = (torch.randn(2, 24, heads * head_dim, generator=gen) * 3 + 1 for _ in range(2))
+    wq, wk = torch.randn(heads * head_dim, generator=gen), torch.randn(heads * head_dim, generator=gen)
+    out_q, out_k = ops.qk_norm_rope(q, k, wq, wk, cos, sin, heads=heads, eps=1e-6, out_dtype=torch.float32)
+    for x, w, out in ((q, wq, out_q), (k, wk, out_k)):
+        normed = rms_norm64(x, w, 1e-6).unflatten(-1, (heads, head_dim))
+        want = torch.view_as_real(torch.view_as_complex(normed.unflatten(-1, (-1, 2)).contiguous())
+                                  * rotation).flatten(-2)
+        assert out.shape == (2, 24, heads, head_dim)
+        assert rel_err(out, want) < FP32_FEW_ROUNDINGS
+
+
 def test_rope_table_angles():
     assert rope_axis_widths(128) == (44, 42, 42)
     grid = (2, 3, 4)
