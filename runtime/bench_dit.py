@@ -91,11 +91,12 @@ def check_bench_settings(s: BenchSettings) -> None:
         raise InputError(f"scheme must be one of {SCHEMES}, got {s.scheme!r}")
     if s.attention not in PRECISIONS:
         raise InputError(f"attention must be one of {PRECISIONS}, got {s.attention!r}")
+    # Before model_config(), whose own check of a negative count named num_layers, not the setting.
+    if s.layers is not None and s.layers < 1:
+        raise InputError(f"layers must be at least 1, got {s.layers}")
     check_frames(s.frames)
     width, height = check_size(tuple(s.size))
     check_grid(s.frames, height, width, patch=s.model_config().patch_size)
-    if s.layers is not None and s.layers < 1:
-        raise InputError(f"layers must be at least 1, got {s.layers}")
     for name, value, least in (("steps", s.steps, 0), ("repeat", s.repeat, 1), ("warmup", s.warmup, 0)):
         if value < least:
             raise InputError(f"{name} must be at least {least}, got {value}")

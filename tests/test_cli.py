@@ -260,6 +260,7 @@ def test_demo_refuses_a_bad_seed_first(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--layers", "0", "--layers must be at least 1, got 0"),
+    ("--layers", "-1", "--layers must be at least 1, got -1"),
     ("--repeat", "-1", "--repeat must be at least 1, got -1"),
     ("--steps", "-1", "--steps must be at least 0, got -1"),
     ("--steps", "1001", "--steps must be at most 1000, got 1001"),
