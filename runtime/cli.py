@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--size", type=_parse_size,
                          help="WIDTHxHEIGHT of the random input in pixels (default 832x480)")
     compare.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    compare.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    compare.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto", help=BACKEND_HELP)
     compare.add_argument("--attention", choices=PRECISIONS, default="bf16",
                          help="the quantized model's self-attention (the reference runs bf16; default bf16)")
     compare.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -428,6 +428,18 @@ def test_every_option_has_help_and_says_its_default():
     assert silent == []
 
 
+def test_every_default_is_one_of_the_choices():
+    """An option whose default is not among its choices cannot be given its own default: `compare --backend
+    auto`, which its help describes and defaults to, was refused as an invalid choice."""
+    outside = {f"{prog} {action.option_strings[0]}": (action.default, action.choices)
+               for prog, parser in _parsers(build_parser()) for action in parser._actions
+               if action.option_strings and action.choices is not None and action.default is not None
+               and action.default not in action.choices}
+    assert outside == {}
+    args = build_parser().parse_args(["compare", "a", "b", "--backend", "auto"])
+    assert args.backend == "auto"
+
+
 def test_the_default_each_help_states_is_the_options_default():
     """`(default 81)`, `(default bf16)`: the value the help (and README) gives is the one the parser uses."""
     stated = {f"{prog} {action.option_strings[0]}": (action.default, action.help)
