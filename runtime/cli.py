@@ -212,7 +212,10 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
         saved[0] = result
         if json_path is not None:
             extra = {"partial": True, **({"error": error} if error else {})} if partial else {}
-            write_json(json_path, {**result, **extra})
+            try:
+                write_json(json_path, {**result, **extra})
+            except OSError as err:  # the disk filled, or the folder went away, during the run
+                raise InputError(f"--json {args.json}: cannot write: {err.strerror or err}") from None
 
     # Under --sequence-parallel every process runs the benchmark; the first one reports it.
     first = not _follower(args)
@@ -221,7 +224,9 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
                            if first else None, measured=save if first else None)
     except Exception as err:  # out of memory, say: the numbers so far stay (if any), with the error
         if first:
-            save(saved[0], error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            # A file that cannot be written now (the save that failed, say) must not hide why the run stopped.
+            with contextlib.suppress(InputError):
+                save(saved[0], error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         raise
     if not first:
         return 0

@@ -387,7 +387,33 @@ def test_bench_json_that_cannot_be_written_leaves_no_temporary_file(tmp_path, ca
     monkeypatch.setattr(dit8.cli.os, "replace", full)
     tiny = ["--frames", "1", "--size", "16x16", "--layers", "1", "--repeat", "1", "--steps", "0"]
     assert main(["bench", "dit", "--device", "cpu", *tiny, "--json", str(tmp_path / "b.json")]) == 1
-    assert "No space left on device" in capsys.readouterr().err
+    # one line naming the option and its file (it was Python's bare '[Errno 28] No space left on device')
+    err = capsys.readouterr().err  # (after the run's progress lines)
+    assert err.endswith(f"\ndit8: error: --json {tmp_path / 'b.json'}: cannot write: No space left on device\n")
+    assert err.count("error") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_json_that_cannot_be_written_does_not_hide_why_the_run_stopped(tmp_path, capsys, monkeypatch):
+    """The error's own save failing too (the disk full) reported the disk, not the run's error."""
+    import errno
+
+    import torch
+
+    import dit8.bench_dit
+    import dit8.cli
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def out_of_memory(settings, log=None, measured=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(dit8.cli.os, "replace", full)
+    monkeypatch.setattr(dit8.bench_dit, "run_bench", out_of_memory)
+    assert main(["bench", "dit", "--device", "cpu", "--json", str(tmp_path / "b.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dit8: error: out of GPU memory (CUDA out of memory.") and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
 
 
