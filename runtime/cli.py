@@ -253,7 +253,8 @@ def _json_output(given: str) -> Path:
         raise InputError(f"--json {given}: not a regular file (a device or a pipe); give the JSON file's name: "
                          "it is written as the numbers come and renamed into place")
     if not path.parent.is_dir():
-        raise InputError(f"--json {given}: the folder {Path(given).parent} does not exist")
+        what = "is a file, not a folder" if path.parent.exists() else "does not exist"
+        raise InputError(f"--json {given}: the folder {Path(given).parent} {what}")
     probe = temp_path_beside(path)  # tried, not predicted: read-only mounts, /proc
     try:
         probe.open("xb").close()

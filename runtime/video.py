@@ -108,7 +108,8 @@ def _check_file_path(path: Path) -> None:
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give the video file's name")
     if not path.parent.is_dir():
-        raise InputError(f"{path}: its folder {path.parent} does not exist")
+        what = "is a file, not a folder" if path.parent.exists() else "does not exist"
+        raise InputError(f"{path}: its folder {path.parent} {what}")
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise InputError(f"{path}: its folder {path.parent} is not writable")
     probe = _partial(path)  # permissions are not the whole story (read-only mounts, /proc, quotas)

@@ -251,6 +251,17 @@ def test_demo_refuses_an_unusable_output_first(tmp_path, capsys):
     assert "nodir" in err.err and "does not exist" in err.err and "step" not in err.out
 
 
+def test_an_output_under_a_file_is_not_said_to_be_missing(tmp_path, capsys):
+    """An output path whose folder is a file: it was said not to exist, which the user can see it does."""
+    (tmp_path / "notes.txt").write_text("a file")
+    under = tmp_path / "notes.txt"
+    assert main(["demo", "--out", str(under / "x.mp4")]) == 1
+    assert capsys.readouterr().err == f"dit8: error: {under / 'x.mp4'}: its folder {under} is a file, not a folder\n"
+    assert main(["bench", "dit", "--device", "cpu", "--json", str(under / "b.json")]) == 1
+    assert capsys.readouterr().err == (f"dit8: error: --json {under / 'b.json'}: the folder {under} is a file, "
+                                       "not a folder\n")
+
+
 def test_demo_refuses_a_bad_seed_first(tmp_path, capsys):
     assert main(["demo", "--seed", "-1", "--out", str(tmp_path / "x.mp4")]) == 1
     captured = capsys.readouterr()
