@@ -54,12 +54,20 @@ class Progress:
         now = time.monotonic()
         if self.tty and (now - self._last_draw >= 0.1 or self.done >= self.total):
             self._last_draw = now
-            self.stream.write("\r" + self._redraw(self._line(now)))
-            self.stream.flush()
+            self._write("\r" + self._redraw(self._line(now)))
         elif not self.tty and now - self._last_draw >= LOG_INTERVAL and self.done < self.total:
             self._last_draw = now
-            self.stream.write(self._line(now) + "\n")
+            self._write(self._line(now) + "\n")
+
+    def _write(self, text: str) -> None:
+        # The bar only shows how the work moves: a stream that cannot take it (the reader of a pipe gone,
+        # `dit8 convert ... 2>&1 | head`, or a terminal closed) turns the bar off, not the work, which an
+        # OSError raised from here stopped (a finished conversion thrown away at its last line).
+        try:
+            self.stream.write(text)
             self.stream.flush()
+        except OSError:
+            self.enabled = False
 
     def _redraw(self, line: str) -> str:
         # A line shorter than the last one drawn (1023.9 KiB -> 1.0 MiB) is padded with spaces to cover
@@ -83,8 +91,7 @@ class Progress:
         self.closed = True
         if self.enabled:
             line = self._line(time.monotonic())
-            self.stream.write(("\r" + self._redraw(line) if self.tty else line) + "\n")
-            self.stream.flush()
+            self._write(("\r" + self._redraw(line) if self.tty else line) + "\n")
 
     def __enter__(self) -> "Progress":
         return self

@@ -1,6 +1,7 @@
 """The dit8 command line: info, generate, demo, and one-line errors without tracebacks."""
 
 import argparse
+import io
 import json
 import re
 import subprocess
@@ -81,6 +82,19 @@ def test_errors_are_one_line_without_traceback(tmp_path, make_bad):
 def test_usage_error_exits_non_zero():
     result = run_cli("info")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_convert_whose_progress_cannot_be_shown_still_converts(checkpoint, tmp_path, monkeypatch, capsys):
+    """stderr's reader gone (`dit8 convert ... 2>&1 | head`): the bar's last line failed, and the
+    finished conversion was thrown away as 'cannot write the output (Broken pipe)'."""
+    class GonePipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stderr", GonePipe())
+    dst = tmp_path / "q.safetensors"
+    assert main(["convert", str(checkpoint), str(dst), "--scheme", "int8"]) == 0
+    assert dst.is_file() and f"wrote {dst}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flag", ["--keep", "--lora"])

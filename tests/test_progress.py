@@ -136,6 +136,28 @@ def test_the_bar_goes_to_stderr_by_default(capsys):
     assert out == "" and " 3/3 " in err
 
 
+class GonePipe(Terminal):
+    """A terminal or pipe whose reader has gone: every write fails."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("stream", [GonePipe, lambda: type("GoneLog", (GonePipe,), {"isatty": lambda self: False})()])
+def test_a_stream_that_cannot_take_the_bar_turns_the_bar_off_not_the_work(stream):
+    """`dit8 convert ... 2>&1 | head`: the bar's line failing to reach a gone reader raised out of the work
+    (a finished conversion thrown away as 'cannot write the output (Broken pipe)')."""
+    stream = stream()
+    with Progress(3, "x", unit="count", stream=stream, enabled=True) as bar:
+        for _ in range(3):
+            bar.update(1)
+    bar.close()
+    assert stream.writes == 1 and not bar.enabled  # tried once, then left alone
+
+
 def test_the_readme_states_the_log_interval():
     import re
     from pathlib import Path
