@@ -244,6 +244,8 @@ def _json_output(given: str) -> Path:
     pipe (/dev/stdout), which the rename onto it would replace, or a folder it cannot write in."""
     from dit8.converters.safetensors_writer import temp_path_beside
 
+    if given == "-":  # elsewhere standard output; here it would be a file named "-" beside the table printed there
+        raise InputError("--json -: give the JSON file's name (bench dit prints its table on standard output)")
     path = Path(os.path.realpath(given))
     # What the path leads to is asked of `given` itself, whose stat follows /proc's fd links: /dev/stdout
     # piped resolves to '/proc/PID/fd/pipe:[N]', a name that is no file, though the pipe is there.

@@ -330,6 +330,17 @@ def test_a_bad_dit8_backend_is_refused_before_the_model(command, tmp_path, capsy
                    "('cuda', 'triton', 'torch')\n"), err
 
 
+def test_bench_refuses_a_dash_for_json_first(tmp_path, capsys, monkeypatch):
+    # "-" names standard output to many tools; bench dit prints its table there and writes --json as a file.
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--frames", "1", "--size", "16x16", "--layers", "1", "--repeat", "1", "--steps", "0"]
+    assert main(["bench", "dit", "--device", "cpu", *tiny, "--json", "-"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == ("dit8: error: --json -: give the JSON file's name (bench dit prints its "
+                                             "table on standard output)")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bench_refuses_a_folder_for_json_first(tmp_path, capsys):
     tiny = ["--frames", "1", "--size", "16x16", "--layers", "1", "--repeat", "1", "--steps", "0"]
     assert main(["bench", "dit", "--device", "cpu", *tiny, "--json", str(tmp_path)]) == 1
