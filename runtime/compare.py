@@ -21,7 +21,7 @@ from .config import WanConfig
 from .devices import resolve_device
 from .errors import InputError, NumericalError
 from .loader import load_dit, open_dit
-from .model import WanDiT, check_backend_and_attention
+from .model import WanDiT, check_attention_tokens, check_backend_and_attention
 from .random_dit import CLIP_TOKENS
 from .sampler import DistilledSampler
 
@@ -50,6 +50,7 @@ class OutputComparison:
     seed: int = 0
     device: str = ""
     dtype: str = ""
+    backend: str = "auto"  # as asked for: "auto" chooses per op
     attention: str = "bf16"
 
 
@@ -126,7 +127,10 @@ def compare_outputs(reference: str | Path, quantized: str | Path, *, device: str
         raise InputError(f"{quantized} is not a quantization of {reference}: they differ in "
                          f"{', '.join(differ)}")
     config = ref_dit.config
-    check_grid(frames, height, width, patch=config.patch_size)
+    grid = check_grid(frames, height, width, patch=config.patch_size)
+    for precision in ("bf16", attention):  # the reference's and the quantized model's attention
+        check_attention_tokens(config, math.prod(grid), f"a {width}x{height} video of {frames} frames",
+                               backend=backend, attention=precision, device=device)
     inputs = _random_inputs(config, frames, (width, height), seed, device)
     timesteps = DistilledSampler().timesteps()
 
@@ -153,4 +157,4 @@ def compare_outputs(reference: str | Path, quantized: str | Path, *, device: str
         reference=str(reference), quantized=str(quantized), relative_error=_relative_error(all_low, all_ref),
         cosine=_cosine(all_low, all_ref), steps=steps, frames=frames, size=(width, height),
         tokens=math.prod(inputs.x.shape[2:]) // math.prod(config.patch_size), seed=seed, device=str(device),
-        dtype=str(compute_dtype).removeprefix("torch."), attention=attention)
+        dtype=str(compute_dtype).removeprefix("torch."), backend=backend, attention=attention)

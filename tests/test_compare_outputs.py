@@ -103,6 +103,9 @@ def test_two_different_models_are_refused_by_their_dimensions(checkpoints):
     (dict(attention="int4"), "attention must be one of"),
     (dict(seed=2**63), "seed must be"), (dict(seed=True), "seed must be"),
     (dict(size=(16400, 48)), "1025 patch positions along its width; the model's position encoding covers 1024"),
+    # Past the tiny model's 2^23 tokens for the Triton attention kernels' 32-bit offsets.
+    (dict(backend="triton", attention="int8", frames=257, size=(8192, 4096)),
+     "a 8192x4096 video of 257 frames has 8,519,680 tokens; the model's self-attention \\(bf16"),
 ])
 def test_bad_arguments_are_refused_before_any_load(checkpoints, monkeypatch, change, message):
     def no_load(*args, **kwargs):
@@ -152,7 +155,7 @@ def test_the_command_prints_each_step_and_the_whole(checkpoints, capsys):
     result = json.loads(capsys.readouterr().out)
     expected = dit8.compare_outputs(checkpoints["source"], checkpoints["int8"], **SMALL)
     assert result["relative_error"] == expected.relative_error and result["cosine"] == expected.cosine
-    assert len(result["steps"]) == 4 and result["size"] == [64, 48]
+    assert len(result["steps"]) == 4 and result["size"] == [64, 48] and result["backend"] == "torch"
 
 
 def test_the_command_names_a_missing_file(checkpoints, tmp_path, capsys):
