@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -155,8 +156,13 @@ def _patterns(config: Mapping[str, Any], name: str, convert: Callable[[Any, str,
         raise CheckpointError(f"{source}: {name} is not an object")
     for pattern in patterns:
         try:
-            re.compile(rf"(.*\.)?({pattern})$")  # as _pattern_value matches it
-        except (re.error, RecursionError, OverflowError) as err:  # (deep nesting; a repeat count past C's int)
+            # Python 3.10 only warns of a flag such as (?i) inside the expression, then applies it to the whole
+            # of it; 3.11 and later refuse it. As an error, it is refused alike everywhere.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", DeprecationWarning)
+                re.compile(rf"(.*\.)?({pattern})$")  # as _pattern_value matches it
+        # (RecursionError: deep nesting; OverflowError: a repeat count past C's int.)
+        except (re.error, RecursionError, OverflowError, DeprecationWarning) as err:
             raise CheckpointError(f"{source}: {name} key {pattern!r} is not a regular expression: {err}") from None
     return {str(p): convert(v, f"{name}[{p!r}]", source) for p, v in patterns.items()}
 
