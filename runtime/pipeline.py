@@ -276,7 +276,7 @@ class I2VPipeline:
 
     @releases_frames
     def __call__(self, image: Any, prompt: str, *, seed: int = 0, frames: int = 81,
-                 size: tuple[int, int] | None = None, area: int | None = None, steps: int | None = None,
+                 size: tuple[int, int] | list[int] | None = None, area: int | None = None, steps: int | None = None,
                  sampler: str | None = None, guidance: float | None = None, shift: float | None = None,
                  negative_prompt: str | None = None, update: str = "deterministic",
                  callback: ProgressCallback | None = None, cancel: threading.Event | None = None,
@@ -289,7 +289,7 @@ class I2VPipeline:
             than being cut short silently as in the reference).
         seed: seeds the initial noise (and the re-noising of update="renoise", with seed + 1).
         frames: 4k + 1 (81 = 5 s at 16 fps).
-        size: (width, height), multiples of 16; default: the image's aspect ratio at `area` pixels
+        size: (width, height) as a tuple or list, multiples of 16; default: the image's aspect ratio at `area` pixels
             (default 480·832), by the official formula computed exactly (`dit8.conditioning.output_size`:
             a few aspect ratios, 832x480 among them, come out one patch larger than in the reference).
         sampler: "distilled" or "unipc"; default from the model (see `from_pretrained`). steps, guidance,
