@@ -94,7 +94,7 @@ def _scaled_mm_fused_torch(xq, x_scale, wq, w_scale, bias, out_dtype, activation
 def _scaled_mm_triton(xq, x_scale, wq, w_scale, bias, out_dtype):
     from . import scaled_mm_triton as impl  # lazy: triton is an optional dependency
 
-    return impl.scaled_mm(xq, x_scale, wq, w_scale, bias, out_dtype)
+    return impl.scaled_mm_op(xq, x_scale, wq, w_scale, bias, out_dtype, None, None, None, 1)
 
 
 @register("scaled_mm_fused", "triton", runs_on=triton_runs_on)
@@ -102,8 +102,7 @@ def _scaled_mm_fused_triton(xq, x_scale, wq, w_scale, bias, out_dtype, activatio
                             rows_per_batch):
     from . import scaled_mm_triton as impl
 
-    return impl.scaled_mm(xq, x_scale, wq, w_scale, bias, out_dtype, activation=activation,
-                          residual=residual, gate=gate, rows_per_batch=rows_per_batch)
+    return impl.scaled_mm_op(xq, x_scale, wq, w_scale, bias, out_dtype, activation, residual, gate, rows_per_batch)
 
 
 def _check_args(xq, x_scale, wq, w_scale, bias, out_dtype) -> None:

@@ -1,7 +1,9 @@
 """Triton kernels of the scaled GEMM (kernels/scaled_mm.py).
 
 Only the kernels/*_triton.py modules import triton; kernels/scaled_mm.py imports this one lazily from the
-registered functions.
+registered functions, which call the GEMM as the torch.library op `dit8::scaled_mm_triton` (`scaled_mm_op`,
+with a fake implementation): torch.compile then takes it whole, as it does the fused ops, instead of tracing
+the launch wrapper (configuration lookup, autotuning, TMA checks that read data pointers).
 
 out[m, n] = epilogue(acc[m, n]) with acc = Σ_k xq[m, k] · wq[n, k]:
 - int8 x int8: tensor-core int32 accumulation (exact: |acc| <= K · 2^14 < 2^31 for K < 131,072);
@@ -465,3 +467,21 @@ def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale
                 except OpArgumentError:
                     pass
         return launch(*args, **kwargs, config=cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library op
+# ----------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("dit8::scaled_mm_triton", mutates_args=())
+def scaled_mm_op(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None, out_dtype: torch.dtype, activation: str | None,
+                 residual: torch.Tensor | None, gate: torch.Tensor | None, rows_per_batch: int) -> torch.Tensor:
+    """The Triton GEMM as a torch.library op: `scaled_mm`, arguments checked by kernels/scaled_mm.py."""
+    return scaled_mm(xq, x_scale, wq, w_scale, bias, out_dtype, activation=activation, residual=residual,
+                     gate=gate, rows_per_batch=rows_per_batch)
+
+
+@scaled_mm_op.register_fake
+def _(xq, x_scale, wq, w_scale, bias, out_dtype, activation, residual, gate, rows_per_batch):
+    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)

@@ -537,6 +537,52 @@ def test_auto_backend_on_cpu_is_the_reference():
 
 
 # ----------------------------------------------------------------------------------------------------
+# torch.compile and the torch.library op
+# ----------------------------------------------------------------------------------------------------
+
+def test_the_gemm_op_passes_opcheck():
+    """dit8::scaled_mm_triton: schema, fake implementation (shape, dtype, strides, device of the real
+    output), no mutated input, for the plain GEMM and each epilogue."""
+    M, N, K = 9, 24, 32
+    for qdtype in QDTYPES:
+        xq, xs, wq, ws, bias = operands(M, N, K, qdtype, seed=40, bias_dtype=torch.bfloat16)
+        residual, gate = residual_and_gate(M, N, 3, seed=41)
+        # (opcheck's schema test compares inputs before and after with a multiplication, which torch
+        # has no float8_e4m3fn kernel for: the int8 operands run it, the fp8 ones the rest.)
+        utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+        utils = utils[qdtype == FP8:]
+
+        def check(*args):
+            torch.library.opcheck(torch.ops.dit8.scaled_mm_triton.default, args, test_utils=utils)
+
+        for out_dtype in OUT_DTYPES:
+            check(xq, xs, wq, ws, bias, out_dtype, None, None, None, 1)
+        check(xq, xs, wq, ws, None, torch.float32, "gelu_tanh", None, None, 1)
+        check(xq, xs, wq, ws, bias, torch.float32, None, residual, gate, 3)
+        check(xq[:, :K - 1], xs, wq[:, :K - 1], ws, None, torch.float32, None, residual.t().contiguous().t(), None, 1)
+
+
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=qname)
+def test_torch_compile_traces_the_gemm_whole(qdtype):
+    """torch.compile(fullgraph=True) takes the Triton GEMM as one op with a fake implementation: the
+    launch wrapper (its configuration lookup, the TMA checks that read data pointers, the autotuner)
+    and the kernel launch are not traced. Results equal eager's; a second token count runs too."""
+    N, K = 24, 32
+    _, _, wq, ws, bias = operands(1, N, K, qdtype, seed=42, bias_dtype=torch.float32)
+
+    def step(xq, xs, residual):
+        y = scaled_mm(xq, xs, wq, ws, bias, torch.bfloat16, backend="triton")
+        return y, scaled_mm(xq, xs, wq, ws, None, activation="gelu_tanh", residual=residual, backend="triton")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for M in (9, 13):
+        xq, xs, _, _, _ = operands(M, N, K, qdtype, seed=43 + M)
+        residual, _ = residual_and_gate(M, N, 1, seed=44 + M)
+        for a, b in zip(compiled(xq, xs, residual), step(xq, xs, residual)):
+            assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The config table (pure Python)
 # ----------------------------------------------------------------------------------------------------
 
