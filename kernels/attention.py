@@ -109,12 +109,12 @@ def _attention_torch(q, k, v, precision):
 def _attention_triton(q, k, v, precision):
     # lazy: triton is an optional dependency
     if precision == "bf16":
-        from .attention_triton import attention_bf16
+        from .attention_triton import attention_op
 
-        return attention_bf16(q, k, v)
-    from .attention_8bit_triton import attention_8bit
+        return attention_op(q, k, v)
+    from .attention_8bit_triton import attention_8bit_op
 
-    return attention_8bit(q, k, v, precision)
+    return attention_8bit_op(q, k, v, precision)
 
 
 def check_attention_runs(precision: str, backend: str, device: torch.device) -> None:
@@ -173,7 +173,7 @@ def _cross_attention_torch(q, k, v, k_img, v_img):
 def _cross_attention_triton(q, k, v, k_img, v_img):
     from . import attention_triton as impl  # lazy: triton is an optional dependency
 
-    return impl.cross_attention(q, k, v, k_img, v_img)
+    return impl.cross_attention_op(q, k, v, k_img, v_img)
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,

@@ -684,3 +684,19 @@ def attention_from_quantized(x: Quantized8bit, out_dtype: torch.dtype,
     out = new_output((B, Lq, H, D), out_dtype, x.q.device)
     with tensor_device(out):
         return _launch_8bit(x, out, cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library op (see attention_triton.py)
+# ----------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("dit8::attention_8bit_triton", mutates_args=())
+def attention_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: str) -> torch.Tensor:
+    """The 8-bit attention (its quantization and kernel launches) as a torch.library op: `attention_8bit`
+    with RECIPES[precision], arguments checked by kernels/attention.py."""
+    return attention_8bit(q, k, v, precision)
+
+
+@attention_8bit_op.register_fake
+def _(q, k, v, precision):
+    return q.new_empty(q.shape)

@@ -3,7 +3,10 @@ cross-attention; the launch configurations and the device functions the 8-bit pa
 (kernels/attention_8bit_triton.py) share with them.
 
 Only the kernels/*_triton.py modules import triton; kernels/attention.py imports this one lazily from the
-registered functions.
+registered functions, which call the kernels as torch.library ops (`dit8::attention_triton`,
+`dit8::cross_attention_triton`, and `dit8::attention_8bit_triton` in attention_8bit_triton.py) with fake
+implementations: torch.compile then takes each whole, as it does the fused ops, instead of tracing the
+launch wrappers (configuration lookup, TMA checks that read data pointers).
 
 Layout: q [B, Lq, H, D], k and v [B, Lk, H, D] are read through their strides, exactly as the QKV GEMMs
 (or RoPE) leave them: no transposes or copies around the kernels. A configuration with `tma` (bf16 and
@@ -606,3 +609,32 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: to
         DOT_FP32=_dot_fp32(q),
         INTERPRET=interpreting(), **cfg.launch_options())
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library ops
+# ----------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("dit8::attention_triton", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The flash attention kernel as a torch.library op: `attention_bf16`, arguments checked by
+    kernels/attention.py."""
+    return attention_bf16(q, k, v)
+
+
+@attention_op.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("dit8::cross_attention_triton", mutates_args=())
+def cross_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None,
+                       v_img: torch.Tensor | None) -> torch.Tensor:
+    """The fused cross-attention kernel as a torch.library op: `cross_attention`, arguments checked by
+    kernels/attention.py."""
+    return cross_attention(q, k, v, k_img, v_img)
+
+
+@cross_attention_op.register_fake
+def _(q, k, v, k_img, v_img):
+    return q.new_empty(q.shape)

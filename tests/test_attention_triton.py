@@ -861,6 +861,41 @@ def test_cross_attention_without_image_keys_is_attention():
 
 
 # ----------------------------------------------------------------------------------------------------
+# torch.compile and the torch.library ops
+# ----------------------------------------------------------------------------------------------------
+
+def test_the_attention_ops_pass_opcheck():
+    """dit8::attention_triton, dit8::attention_8bit_triton and dit8::cross_attention_triton: schemas, fake
+    implementations (shape, dtype, strides, device of the real output), no mutated input; strided views
+    (the QKV GEMM's output) and odd lengths."""
+    q, k, v = fused_qkv(21, 16, seed=51, dtype=torch.bfloat16)
+    _, k_img, v_img = make_qkv(1, 5, 16, seed=52, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.dit8.attention_triton.default, (q, k, v))
+    torch.library.opcheck(torch.ops.dit8.attention_triton.default, [t.float().contiguous() for t in (q, k, v)])
+    for precision in ("int8", "fp8"):
+        torch.library.opcheck(torch.ops.dit8.attention_8bit_triton.default, (q, k, v, precision))
+    torch.library.opcheck(torch.ops.dit8.cross_attention_triton.default, (q, k_img, v_img, k_img, v_img))
+    torch.library.opcheck(torch.ops.dit8.cross_attention_triton.default, (q, k_img, v_img, None, None))
+
+
+def test_torch_compile_traces_the_attention_kernels_whole():
+    """torch.compile(fullgraph=True) takes each attention kernel as one op with a fake implementation: the
+    launch wrappers (configuration lookup, the TMA checks that read data pointers, the 8-bit paths'
+    quantization launches) and the kernels are not traced. Results equal eager's; a second sequence
+    length runs too."""
+    def step(q, k, v, k_img, v_img):
+        return (ops.attention(q, k, v, backend="triton"), ops.attention(q, k, v, precision="int8", backend="triton"),
+                ops.cross_attention(q, k_img, v_img, k_img, v_img, backend="triton"))
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for lq in (21, 30):
+        q, k, v = fused_qkv(lq, 16, seed=53 + lq, dtype=torch.bfloat16)
+        _, k_img, v_img = make_qkv(1, 5, 16, seed=54 + lq, dtype=torch.bfloat16)
+        for a, b in zip(compiled(q, k, v, k_img, v_img), step(q, k, v, k_img, v_img)):
+            assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Every listed configuration: the tables', the small-shared-memory and wide ones, the sweeps' candidates
 # ----------------------------------------------------------------------------------------------------
 
@@ -1284,7 +1319,8 @@ def test_auto_gives_heads_wider_than_the_kernels_take_to_torch(monkeypatch):
         ops.attention(q, k, v, precision="int8")
     # A head of exactly MAX_HEAD_DIM is still the kernel's.
     called = []
-    monkeypatch.setattr(impl, "attention_bf16", lambda q, k, v: called.append(q.shape[-1]) or q)
+    # (a clone: the kernel runs as a torch.library op, whose output may not be one of its inputs)
+    monkeypatch.setattr(impl, "attention_bf16", lambda q, k, v: called.append(q.shape[-1]) or q.clone())
     q = torch.randn(1, 5, 2, MAX_HEAD_DIM, generator=gen).to(DEVICE)
     ops.attention(q, q, q)
     assert called == [MAX_HEAD_DIM]
