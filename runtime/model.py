@@ -333,19 +333,26 @@ class WanDiT(nn.Module):
     def positions(self, grid: tuple[int, int, int]) -> TokenPositions:
         """RoPE cos/sin of the tokens of a patch grid this process computes (all of them, or its slice
         under sequence parallelism); kept for the POSITION_TABLES_KEPT grids used last."""
+        if torch.compiler.is_compiling():
+            # torch.compile cannot enter the lock (a graph break, an error under fullgraph=True): a compiled
+            # forward builds the table in its graph, a few elementwise ops next to the blocks.
+            return self._build_positions(grid)
         with _POSITIONS_LOCK:
             positions = self._positions.pop(grid, None)
         if positions is None:  # (built outside the lock: other grids' forwards need not wait for it)
-            cos, sin = rope_table(grid, self.config.head_dim, device=self.setup.device)
-            tokens = cos.shape[0]
-            if self.setup.parallel is not None:
-                cos, sin = self.setup.parallel.shard(cos, 0), self.setup.parallel.shard(sin, 0)
-            positions = TokenPositions(cos, sin, tokens)
+            positions = self._build_positions(grid)
         with _POSITIONS_LOCK:
             self._positions[grid] = positions  # (the most recently used last)
             while len(self._positions) > POSITION_TABLES_KEPT:
                 del self._positions[next(iter(self._positions))]
         return positions
+
+    def _build_positions(self, grid: tuple[int, int, int]) -> TokenPositions:
+        cos, sin = rope_table(grid, self.config.head_dim, device=self.setup.device)
+        tokens = cos.shape[0]
+        if self.setup.parallel is not None:
+            cos, sin = self.setup.parallel.shard(cos, 0), self.setup.parallel.shard(sin, 0)
+        return TokenPositions(cos, sin, tokens)
 
     def patch_grid(self, x: torch.Tensor) -> tuple[int, int, int]:
         """The patch grid (frames, rows, columns) of a latent x [B, C, T, H, W]."""

@@ -175,6 +175,32 @@ def test_rope_tables_are_kept_for_the_last_grids_used(model):
     assert len(model._positions) == POSITION_TABLES_KEPT
 
 
+@pytest.mark.slow
+def test_a_compiled_forward_breaks_only_at_the_cpu_input_value_checks(model):
+    """torch.compile of the forward: its only graph breaks are the value checks of CPU inputs (NaN, Inf,
+    t's range: data-dependent, and skipped for GPU tensors). The RoPE table cache's lock was one more,
+    on every device, which fullgraph=True refused. The compiled forward gives eager's result, and a
+    second call of the same shapes compiles nothing more."""
+    import torch._dynamo.testing
+
+    inputs = random_inputs(model.config, latent_size=(2, 4, 6), seed=61)
+    with torch.inference_mode():
+        expected = model(**inputs)
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model)(**inputs)
+        checks = ("_check_finite", "_check_inputs")
+        outside = [r.reason.splitlines()[0] for r in explanation.break_reasons
+                   if not any(check in frame.name for frame in r.user_stack for check in checks)]
+        assert not outside, outside
+        torch._dynamo.reset()
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, backend=counter)
+        assert torch.equal(compiled(**inputs), expected)
+        frames = counter.frame_count
+        assert torch.equal(compiled(**inputs), expected) and counter.frame_count == frames
+    torch._dynamo.reset()
+
+
 def test_the_kept_rope_tables_take_forwards_from_several_threads(model, monkeypatch):
     # One model run from several threads (two pipelines over the same loaded models): two threads
     # evicting the same oldest grid raised KeyError, or "dictionary changed size during iteration".
