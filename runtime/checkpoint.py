@@ -118,7 +118,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
                     raise CheckpointError(f"{path}: not a safetensors file: {other}")
                 raise CheckpointError(f"{path}: corrupt or truncated: header length {n} exceeds the file")
             # Strict UTF-8, as safetensors reads it (json.loads of bytes would also take UTF-16 or a BOM).
-            header = json.loads(f.read(n).decode("utf-8"))
+            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
             # A \uXXXX escape of half a surrogate pair decodes to a lone surrogate, which is no UTF-8 text and
             # which safetensors refuses: encoding the header raises UnicodeEncodeError for one anywhere in it.
             json.dumps(header, ensure_ascii=False).encode("utf-8")
@@ -161,6 +161,17 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         raise CheckpointError(f"{path}: corrupt: {size - 8 - n - data_end} bytes past the end of the tensor "
                               f"data the header describes")
     return infos, metadata
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object as a dict, refusing a name given twice: json.loads keeps the last silently, where
+    another reader may keep the first, so the file would hold different tensors for different readers."""
+    obj: dict[str, object] = {}
+    for name, value in pairs:
+        if name in obj:
+            raise ValueError(f"the name {name!r} is given twice in one object"[:300])
+        obj[name] = value
+    return obj
 
 
 def _json_ints(values: object) -> tuple[int, ...]:

@@ -728,6 +728,29 @@ def test_headers_safetensors_would_refuse(tmp_path, weights, problem, message):
     assert str(path) in msg and message in msg
 
 
+@pytest.mark.parametrize("where", ["tensor", "entry", "metadata"])
+def test_a_header_giving_a_name_twice_is_corrupt(tmp_path, weights, where):
+    # json.loads keeps the last of the two silently; another reader may keep the first (the bytes still add
+    # up: both entries describe the same tensor).
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+    key = "head.head.bias"
+
+    def make(header: dict) -> str:
+        header["__metadata__"] = {"note": "x"}
+        text = json.dumps(header)
+        if where == "tensor":
+            return text[:-1] + f", {json.dumps(key)}: {json.dumps(header[key])}}}"
+        if where == "entry":
+            return text.replace(f'{json.dumps(key)}: {{"dtype": ', f'{json.dumps(key)}: {{"dtype": "I32", "dtype": ')
+        return text.replace('{"note": "x"}', '{"note": "x", "note": "y"}')
+
+    _with_raw_header(path, make)
+    name = {"tensor": key, "entry": "dtype", "metadata": "note"}[where]
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: corrupt safetensors header: .*"
+                                              f"{re.escape(repr(name))} is given twice"):
+        dit8.checkpoint.open_checkpoint(path)
+
+
 @pytest.mark.parametrize("where", ["metadata", "key"])
 def test_a_header_string_with_a_lone_surrogate_is_corrupt(tmp_path, weights, where):
     # safetensors refuses such a header; open_dit (and so `dit8 info` and convert, which reads the tensors
