@@ -141,6 +141,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             begin, end = _json_ints(entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r}: {entry!r}"[:500]) from None
+        if not _fits_int64(shape, dtype.itemsize):
+            raise CheckpointError(f"{path}: corrupt header: tensor {key!r} has shape {list(shape)}"[:500]
+                                  + ", whose element or byte count overflows 64 bits")
         info = TensorInfo(path, shape, dtype)
         if end - begin != info.nbytes or begin < 0:
             raise CheckpointError(f"{path}: corrupt header: tensor {key!r} of shape {shape} {entry['dtype']} "
@@ -172,6 +175,21 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
             raise ValueError(f"the name {name!r} is given twice in one object"[:300])
         obj[name] = value
     return obj
+
+
+_INT64_MAX = (1 << 63) - 1
+
+
+def _fits_int64(shape: tuple[int, ...], itemsize: int) -> bool:
+    """Whether every partial product of `shape` (left to right, as safetensors multiplies it) and the byte
+    count fit an int64: a zero among the dimensions makes the byte count 0, which a dimension of 2^70 before
+    it would pass, though neither safetensors nor torch can hold such a shape."""
+    count = itemsize
+    for dim in shape:
+        count *= dim
+        if dim > _INT64_MAX or count > _INT64_MAX:
+            return False
+    return True
 
 
 def _json_ints(values: object) -> tuple[int, ...]:

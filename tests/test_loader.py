@@ -751,6 +751,23 @@ def test_a_header_giving_a_name_twice_is_corrupt(tmp_path, weights, where):
         dit8.checkpoint.open_checkpoint(path)
 
 
+@pytest.mark.parametrize("shape", [[2**70, 0], [2**40, 2**40, 0], [0, 2**63]])
+def test_a_shape_whose_count_overflows_64_bits_is_corrupt(tmp_path, weights, shape):
+    # A zero dimension makes the byte count 0, so the data offsets add up; safetensors and torch cannot hold
+    # the shape, which was taken when the file was opened and only failed when the tensor was read.
+    path = write_checkpoint(weights, tmp_path / "m.safetensors")
+
+    def make(header: dict) -> str:
+        end = max(entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__")
+        header["huge"] = {"dtype": "F32", "shape": shape, "data_offsets": [end, end]}
+        return json.dumps(header)
+
+    _with_raw_header(path, make)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: corrupt header: tensor 'huge' has "
+                                              f"shape .*overflows 64 bits"):
+        dit8.checkpoint.open_checkpoint(path)
+
+
 @pytest.mark.parametrize("where", ["metadata", "key"])
 def test_a_header_string_with_a_lone_surrogate_is_corrupt(tmp_path, weights, where):
     # safetensors refuses such a header; open_dit (and so `dit8 info` and convert, which reads the tensors
