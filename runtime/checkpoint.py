@@ -382,6 +382,14 @@ class Checkpoint:
 
 
 def _file_infos(path: Path, handles: dict) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read: {err.strerror or err}") from None
+    if not stat.S_ISREG(mode):
+        # Reading a named pipe waits for a writer that may never come; a device may never end.
+        raise CheckpointError(f"{path}: {'a folder' if stat.S_ISDIR(mode) else 'not a regular file'}, where a "
+                              f"checkpoint file is expected")
     if path.suffix == SAFETENSORS_SUFFIX:
         return read_safetensors_header(path)
     if path.suffix in PICKLE_SUFFIXES:

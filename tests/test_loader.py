@@ -484,6 +484,35 @@ def test_pth_nested_state_dict_is_accepted(tmp_path, weights):
     assert dit8.load_dit(path).config.num_layers == 2
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+@pytest.mark.parametrize("given", ["file", "folder"])
+def test_a_named_pipe_is_refused_not_waited_on(tmp_path, weights, given):
+    import threading
+
+    write_checkpoint(weights, tmp_path / "a.safetensors")
+    pipe = tmp_path / "b.safetensors"
+    os.mkfifo(pipe)
+    result: list[BaseException | None] = []
+
+    def open_it() -> None:
+        try:
+            dit8.checkpoint.open_checkpoint(pipe if given == "file" else tmp_path)
+            result.append(None)
+        except BaseException as err:  # (collected, asserted on below)
+            result.append(err)
+
+    thread = threading.Thread(target=open_it, daemon=True)
+    thread.start()
+    thread.join(20)
+    waited = thread.is_alive()
+    if waited:  # open it for writing and close it, so that the reader sees the end and the thread ends
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(20)
+    assert not waited, "open_checkpoint waited on the named pipe"
+    assert isinstance(result[0], CheckpointError) and str(result[0]) == (f"{pipe}: not a regular file, where a "
+                                                                         f"checkpoint file is expected")
+
+
 def test_shard_named_in_index_is_missing(tmp_path, weights):
     path = write_checkpoint(weights, tmp_path / "s", fmt="sharded")
     (path / "diffusion_pytorch_model-00002-of-00003.safetensors").unlink()
