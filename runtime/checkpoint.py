@@ -304,7 +304,24 @@ def _check_storage_records(path: Path) -> None:
                                   f"{record.file_size} bytes, where its pickle declares {size}")
 
 
+def _refuse_compressed_records(path: Path) -> None:
+    """torch.save stores every record of its zip uncompressed; a compressed one (a checkpoint repacked by a
+    zip tool) is refused before torch.load: memory-mapped, a storage's compressed bytes were read as its
+    values, and a deflated data.pkl is inflated whole, whatever its size (2 MB of zip held 2 GiB)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except Exception:  # not a zip (a legacy pickle), or a broken one: torch.load says what it is
+        return
+    for record in records:
+        if record.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"{path}: the record {record.filename} is compressed ({record.file_size} bytes "
+                                  f"in {record.compress_size}), where torch.save stores records as they are: save "
+                                  f"the checkpoint again with torch.save, not repacked by a zip tool")
+
+
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    _refuse_compressed_records(path)
     mapped = True
     try:
         try:

@@ -389,6 +389,28 @@ def test_a_pth_whose_storage_records_disagree_with_its_pickle(tmp_path, weights,
     assert dit8.checkpoint.open_checkpoint(path).keys() == list(weights)  # rewritten unchanged, it loads
 
 
+@pytest.mark.parametrize("record", ["data/0", "data.pkl"])
+def test_a_pth_with_a_compressed_record_is_refused(tmp_path, weights, record):
+    # torch.save stores its records; a repacked zip may deflate them. Memory-mapped, a deflated storage was
+    # read as its compressed bytes (wrong values, no error); a deflated data.pkl is inflated whole however
+    # large (padded with zeros past its STOP, a few MB of file took gigabytes).
+    import zipfile
+
+    path = write_checkpoint({"w": torch.arange(64.0)}, tmp_path / "ok.pth", fmt="pth")
+    damaged = tmp_path / "m.pth"
+    with zipfile.ZipFile(path) as zin, zipfile.ZipFile(damaged, "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            deflate = name.endswith("/" + record)
+            if deflate and record == "data.pkl":
+                data += bytes(1 << 20)
+            zout.writestr(name, data, zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(damaged))}: the record \w+/{re.escape(record)} is "
+                                              rf"compressed \(\d+ bytes in \d+\), where torch.save stores"):
+        dit8.checkpoint.open_checkpoint(damaged).read("w")
+    assert torch.equal(dit8.checkpoint.open_checkpoint(path).read("w"), torch.arange(64.0))
+
+
 def test_a_pth_that_is_no_torch_file(tmp_path):
     path = tmp_path / "junk.pth"
     path.write_bytes(b"definitely not a pickle" * 10)
