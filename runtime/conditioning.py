@@ -14,10 +14,12 @@ The DiT pads the text to 512 rows with zeros itself. Initial noise is `dit8.init
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import numbers
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -129,15 +131,21 @@ def _decode_image(source: str | io.BytesIO, name: str) -> np.ndarray:
     """The first picture of `source` (an FFmpeg path or the file's bytes); `name` for the errors."""
     import av
 
+    # Opening a file decodes its first picture to learn its size: the decoder's own limit (FFmpeg's
+    # max_pixels) refuses a larger one before allocating it, where a check of the size afterwards came after
+    # the memory was taken (a 123-byte PNG declaring 15000x15000 took 650 MB and seconds).
+    limit = {"max_pixels": str(MAX_IMAGE_PIXELS)}
+    sized = True
     try:
-        with av.open(source) as container:
+        with av.open(source, options=limit) as container:
             if not container.streams.video:
                 raise InputError(f"{name}: not an image (no picture in it)")
             stream = container.streams.video[0]
             if stream.width * stream.height > MAX_IMAGE_PIXELS:
                 raise InputError(f"{name}: a picture of {stream.width}x{stream.height} pixels, more than the "
                                  f"{MAX_IMAGE_PIXELS:,} read; scale it down first")
-            stream.codec_context.options = {"err_detect": "explode"}  # a truncated file is an error
+            sized = stream.width * stream.height > 0  # (0 where the decoder refused the picture's size)
+            stream.codec_context.options = {"err_detect": "explode", **limit}  # a truncated file is an error
             for frame in container.decode(stream):
                 fmt = frame.format.name
                 if fmt in _HALF_WIDTH_CHROMA:
@@ -150,8 +158,36 @@ def _decode_image(source: str | io.BytesIO, name: str) -> np.ndarray:
         raise
     except Exception as err:  # PyAV raises its own error types for undecodable files
         why = getattr(err, "strerror", None) or str(err)  # without PyAV's "[Errno 1094995529]"
+        size = None if sized else _refused_size(source, limit)
+        if size is not None:
+            raise InputError(f"{name}: a picture of {size[0]}x{size[1]} pixels, more than the {MAX_IMAGE_PIXELS:,} "
+                             f"read; scale it down first") from None
         raise InputError(f"{name}: cannot read the image ({why}); give a PNG, JPEG or WebP file") from None
     raise InputError(f"{name}: not an image (no picture in it)")
+
+
+def _refused_size(source: str | io.BytesIO, options: dict[str, str]) -> tuple[int, int] | None:
+    """The width and height of the picture in `source` that FFmpeg's decoder refused for its pixel count, or
+    None where it refused none. PyAV reports only EINVAL for it: the size is in FFmpeg's log, which is
+    switched on (errors only) for this second open of the file, the one it takes to tell."""
+    import av
+    import av.logging
+
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    level, skip = av.logging.get_level(), av.logging.get_skip_repeated()
+    av.logging.set_level(av.logging.ERROR)
+    av.logging.set_skip_repeated(False)  # (else the message of a second such file is dropped as a repeat)
+    try:
+        with av.logging.Capture() as logs, contextlib.suppress(Exception), av.open(source, options=options):
+            pass
+    finally:
+        av.logging.set_level(level)
+        av.logging.set_skip_repeated(skip)
+    for _, _, message in logs:
+        if found := re.search(r"Picture size (\d+)x(\d+) (is invalid|exceeds)", message):
+            return int(found[1]), int(found[2])
+    return None
 
 
 def image_tensor(image: Any) -> torch.Tensor:

@@ -2,6 +2,8 @@
 image latent of the first frame + grey frames, the CLIP hand-off, the trimmed T5 text, image inputs."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -313,6 +315,47 @@ def test_pictures_past_the_pixel_limit_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(dit8.conditioning, "MAX_IMAGE_PIXELS", 40 * 56 - 1)
     with pytest.raises(InputError, match=r"a picture of 56x40 pixels, more than the 2,239 read"):
         read_image(png)
+
+
+_BOMB_CHECK = """
+import resource, struct, sys, zlib
+from dit8 import InputError
+from dit8.conditioning import decode_image, read_image
+
+def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+side = 15000  # 225 million pixels, past the limit; one row of data: a PNG of 123 bytes
+png = (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+       + chunk(b"IDAT", zlib.compress(bytes(3 * side + 1))) + chunk(b"IEND", b""))
+open(sys.argv[1], "wb").write(png)
+read_image(sys.argv[2])  # (FFmpeg's libraries loaded before the baseline)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for read in (lambda: read_image(sys.argv[1]), lambda: decode_image(png)):
+    try:
+        read()
+        raise SystemExit("read")
+    except InputError as err:
+        print(err)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB, as Linux counts it")
+def test_a_picture_past_the_pixel_limit_is_refused_before_it_is_decoded(tmp_path):
+    # FFmpeg decodes the first picture when the file is opened, to learn its size: the size was checked after
+    # a 123-byte PNG declaring 15000x15000 had taken 650 MB. The decoder's own limit now refuses it first.
+    (small,) = write_png_frames(tmp_path, image()[None])
+    result = subprocess.run([sys.executable, "-c", _BOMB_CHECK, str(tmp_path / "bomb.png"), str(small)],
+                            capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr
+    file_error, bytes_error, grown_mb = result.stdout.splitlines()
+    assert file_error == (f"{tmp_path / 'bomb.png'}: a picture of 15000x15000 pixels, more than the 178,956,970 "
+                          f"read; scale it down first")
+    assert bytes_error == ("the image bytes (123): a picture of 15000x15000 pixels, more than the 178,956,970 read; "
+                           "scale it down first")
+    assert int(grown_mb) < 100, f"reading it grew the memory by {grown_mb} MB"
 
 
 @pytest.mark.parametrize("bad, message", [
