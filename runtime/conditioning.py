@@ -14,12 +14,11 @@ The DiT pads the text to 512 rows with zeros itself. Initial noise is `dit8.init
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import io
 import math
 import numbers
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -158,36 +157,11 @@ def _decode_image(source: str | io.BytesIO, name: str) -> np.ndarray:
         raise
     except Exception as err:  # PyAV raises its own error types for undecodable files
         why = getattr(err, "strerror", None) or str(err)  # without PyAV's "[Errno 1094995529]"
-        size = None if sized else _refused_size(source, limit)
-        if size is not None:
-            raise InputError(f"{name}: a picture of {size[0]}x{size[1]} pixels, more than the {MAX_IMAGE_PIXELS:,} "
-                             f"read; scale it down first") from None
+        if not sized and getattr(err, "errno", None) == errno.EINVAL:  # how PyAV reports max_pixels' refusal
+            raise InputError(f"{name}: cannot read the image ({why}): a picture of more than the "
+                             f"{MAX_IMAGE_PIXELS:,} pixels read, or a damaged file") from None
         raise InputError(f"{name}: cannot read the image ({why}); give a PNG, JPEG or WebP file") from None
     raise InputError(f"{name}: not an image (no picture in it)")
-
-
-def _refused_size(source: str | io.BytesIO, options: dict[str, str]) -> tuple[int, int] | None:
-    """The width and height of the picture in `source` that FFmpeg's decoder refused for its pixel count, or
-    None where it refused none. PyAV reports only EINVAL for it: the size is in FFmpeg's log, which is
-    switched on (errors only) for this second open of the file, the one it takes to tell."""
-    import av
-    import av.logging
-
-    if isinstance(source, io.BytesIO):
-        source.seek(0)
-    level, skip = av.logging.get_level(), av.logging.get_skip_repeated()
-    av.logging.set_level(av.logging.ERROR)
-    av.logging.set_skip_repeated(False)  # (else the message of a second such file is dropped as a repeat)
-    try:
-        with av.logging.Capture() as logs, contextlib.suppress(Exception), av.open(source, options=options):
-            pass
-    finally:
-        av.logging.set_level(level)
-        av.logging.set_skip_repeated(skip)
-    for _, _, message in logs:
-        if found := re.search(r"Picture size (\d+)x(\d+) (is invalid|exceeds)", message):
-            return int(found[1]), int(found[2])
-    return None
 
 
 def image_tensor(image: Any) -> torch.Tensor:

@@ -313,7 +313,8 @@ def test_pictures_past_the_pixel_limit_are_refused(tmp_path, monkeypatch):
 
     (png,) = write_png_frames(tmp_path, image()[None])
     monkeypatch.setattr(dit8.conditioning, "MAX_IMAGE_PIXELS", 40 * 56 - 1)
-    with pytest.raises(InputError, match=r"a picture of 56x40 pixels, more than the 2,239 read"):
+    with pytest.raises(InputError, match=r"cannot read the image \(Invalid argument\): a picture of more than the "
+                                         r"2,239 pixels read, or a damaged file"):
         read_image(png)
 
 
@@ -351,10 +352,9 @@ def test_a_picture_past_the_pixel_limit_is_refused_before_it_is_decoded(tmp_path
                             text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert result.returncode == 0, result.stderr
     file_error, bytes_error, grown_mb = result.stdout.splitlines()
-    assert file_error == (f"{tmp_path / 'bomb.png'}: a picture of 15000x15000 pixels, more than the 178,956,970 "
-                          f"read; scale it down first")
-    assert bytes_error == ("the image bytes (123): a picture of 15000x15000 pixels, more than the 178,956,970 read; "
-                           "scale it down first")
+    for error, name in ((file_error, str(tmp_path / "bomb.png")), (bytes_error, "the image bytes (123)")):
+        assert error.startswith(f"{name}: cannot read the image (") and error.endswith(
+            "): a picture of more than the 178,956,970 pixels read, or a damaged file"), error
     assert int(grown_mb) < 100, f"reading it grew the memory by {grown_mb} MB"
 
 
