@@ -17,6 +17,10 @@ from .errors import CheckpointError, InputError
 # tensor shape, so it is derived from this unless a config.json or the file's metadata says otherwise.
 WAN_HEAD_DIM = 128
 
+# The most text rows a model may pad its context to (Wan2.1: 512). text_len is in no tensor shape, only in
+# a config.json: a bound turns a wrong value there into an error instead of an allocation of terabytes.
+MAX_TEXT_LEN = 65_536
+
 
 @dataclass(frozen=True)
 class WanConfig:
@@ -49,6 +53,9 @@ class WanConfig:
         for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "freq_dim", "text_dim",
                      "text_len"):
             object.__setattr__(self, name, positive_int(name, getattr(self, name)))
+        if self.text_len > MAX_TEXT_LEN:
+            raise InputError(f"text_len {self.text_len} is past the {MAX_TEXT_LEN:,} text rows taken (Wan2.1 pads "
+                             f"its text to 512)")
         if self.clip_dim is not None:
             object.__setattr__(self, "clip_dim", positive_int("clip_dim", self.clip_dim))
         patch = self.patch_size

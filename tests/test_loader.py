@@ -966,6 +966,7 @@ def test_shard_index_naming_a_file_too_long_for_the_file_system(tmp_path, weight
     ({"eps": "x"}, "eps must be a number"),
     ({"eps": -1}, "eps must be a number"),
     ({"text_len": -1}, "text_len must be a positive integer"),
+    ({"text_len": 10**12}, "text_len 1000000000000 is past the 65,536 text rows taken"),  # not a tokenizer's 8 TB
     ({"patch_size": 5}, "patch_size = 5 disagrees with the weights"),
 ])
 def test_config_json_values_of_the_wrong_kind(tmp_path, weights, stated, message):
