@@ -258,12 +258,33 @@ def test_the_kept_rope_tables_take_forwards_from_several_threads(model, monkeypa
     (lambda i: i["y"].view(-1)[7].fill_(float("inf")), "y contains Inf values"),
     (lambda i: i["context"].view(-1)[7].fill_(float("-inf")), "context contains Inf values"),
     (lambda i: i["clip_fea"].view(-1)[7].fill_(float("nan")), "clip_fea contains NaN values"),
+    # y of another batch than x, and a context without its batch dimension, are named by their shapes
+    # (rather than failing inside torch.cat or the unpacking of the context's shape).
+    (lambda i: i.update(y=i["y"][:1]), r"y has shape \(1, 20, 2, 4, 6\); expected \(2, 20, 2, 4, 6\)"),
+    (lambda i: i.update(context=i["context"][0]), r"context has shape \(7, 64\); expected \('\*', '\*', 64\)"),
 ])
 def test_bad_inputs_raise_input_error(model, change, match):
     inputs = random_inputs(model.config)
     change(inputs)
     with pytest.raises(InputError, match=match):
         model(**inputs)
+
+
+def test_an_encoded_context_of_another_batch_is_refused(model):
+    # Keys and values encoded for one prompt, given with latents of two: named as the context, not as a
+    # kernel argument (cross_attention's k) deep in the first block.
+    inputs = random_inputs(model.config)
+    encoded = model.encode_context(inputs["context"][:1], inputs["clip_fea"][:1])
+    with pytest.raises(InputError, match="^context has batch 1 but x has batch 2$"):
+        model(inputs["x"], inputs["t"], encoded, y=inputs["y"])
+
+
+def test_the_ends_of_the_input_ranges_are_taken(model):
+    # Timesteps 0 and 1000 are both in [0, 1000]; a context of exactly text_len rows needs no padding.
+    inputs = random_inputs(model.config, text_rows=model.config.text_len)
+    inputs["t"] = torch.tensor([0.0, 1000.0])
+    out = model(**inputs)
+    assert out.shape == inputs["x"].shape and torch.isfinite(out).all()
 
 
 def test_float64_inputs_are_taken_as_float32(model):
@@ -387,9 +408,14 @@ def test_config_takes_integer_likes_and_refuses_the_rest():
     assert type(config.dim) is int and config.patch_size == (1, 2, 2) and type(config.eps) is float
     for bad, message in [({"num_heads": 0}, "num_heads must be a positive integer"),
                          ({"dim": True}, "dim must be"), ({"patch_size": (1, 2)}, "patch_size must be"),
-                         ({"eps": "x"}, "eps must be"), ({"eps": float("nan")}, "eps must be")]:
+                         ({"eps": "x"}, "eps must be"), ({"eps": float("nan")}, "eps must be"),
+                         ({"eps": 0}, "eps must be a number in \\(0, 1\\), got 0"), ({"eps": 1}, "eps must be"),
+                         ({"dim": 258}, "head_dim 129 must be even for RoPE")]:
         with pytest.raises(ValueError, match=message):
             tiny_config("i2v", **bad)
+    # The packed format's header: a field this version does not know is named.
+    with pytest.raises(InputError, match=r"^unknown WanConfig fields: \['heads', 'variant'\]$"):
+        dit8.WanConfig.from_dict({**config.to_dict(), "variant": "i2v", "heads": 2})
 
 
 def test_sequences_past_the_attention_kernels_offsets_are_refused_by_the_model():
