@@ -710,6 +710,20 @@ def test_the_config_json_of_another_model(tmp_path, weights, raw, says):
     assert load_error(path) == f"{path / 'config.json'}: the config of {says}, not of a Wan2.1 DiT"
 
 
+def test_a_diffusers_config_json_is_checked_against_the_weights(tmp_path, weights):
+    """diffusers' config.json is told by its names (in_channels alone is enough), its dim is heads x
+    attention_head_dim, and its image_dim null (what it writes for T2V) beside I2V weights says nothing."""
+    path = write_checkpoint(weights, tmp_path / "transformer", layout="diffusers", fmt="sharded", config=CONFIG)
+    raw = json.loads((path / "config.json").read_text())
+    assert raw["num_attention_heads"] == 2 and raw["attention_head_dim"] == 128
+    for stated, message in [({**raw, "attention_head_dim": 64}, "dim = 128 disagrees with the weights (256)"),
+                            ({"in_channels": 16}, "in_dim = 16 disagrees with the weights (36)")]:
+        (path / "config.json").write_text(json.dumps(stated))
+        assert load_error(path) == f"{path / 'config.json'}: {message}"
+    (path / "config.json").write_text(json.dumps({**raw, "image_dim": None}))
+    assert dit8.load_dit(path).config == CONFIG
+
+
 def test_head_count_needed_when_dim_is_not_a_multiple_of_128(tmp_path):
     config = tiny_config("t2v", dim=96, num_heads=4, ffn_dim=160)
     path = write_checkpoint(random_weights(config), tmp_path / "m.safetensors")
