@@ -74,6 +74,45 @@ def test_time_embedding_residual_stream_and_head_compute_in_fp32_in_a_bf16_model
     assert out.dtype == torch.float32 and torch.equal(out, h)
 
 
+def test_an_8bit_linear_adds_to_the_fp32_residual_stream_in_a_bf16_model():
+    # Official: the gated residual add is fp32 whatever the matmul dtype. A W8A8 o or ffn.2 does it in its
+    # GEMM's epilogue, which must write fp32: a bf16 result would round the whole stream at every block.
+    from dit8.layers import QuantLinear, Setup
+
+    gen = torch.Generator().manual_seed(0)
+    layer = QuantLinear(64, 32, Setup(torch.device("cpu"), torch.bfloat16, "auto"), torch.int8)
+    layer.weight.copy_(torch.randint(-127, 128, (32, 64), generator=gen, dtype=torch.int8))
+    layer.weight_scale.fill_(1e-3)
+    layer.bias.zero_()
+    residual = torch.randn(2, 3, 32, generator=gen, dtype=torch.float64).float() * 100  # not bf16 values
+    out = layer(torch.randn(2, 3, 64, generator=gen).bfloat16(), residual, torch.zeros(2, 32))
+    assert out.dtype == torch.float32 and torch.equal(out, residual)  # residual + y · 0, bit for bit
+
+
+def test_a_norm_quantizes_its_output_only_for_linears_of_one_8bit_dtype():
+    # norm1 feeds q, k and v: it quantizes once for them only where all three hold weights of the same
+    # 8-bit dtype; otherwise each linear takes its input as it is (float rows to a float linear).
+    from dit8.layers import Setup
+
+    int8, fp8 = torch.int8, torch.float8_e4m3fn
+    setup = Setup(torch.device("cpu"), torch.float32, "auto", {"q": int8, "k": int8, "v": fp8})
+    assert setup.input_quantization("q", "k") == int8
+    assert setup.input_quantization("q", "k", "v") is None and setup.input_quantization("q", "o") is None
+    # A block whose q alone is 8-bit runs (its k and v are float linears given the norm's float rows).
+    config = tiny_config("t2v", num_layers=1)
+    model = WanDiT(config, quantized={"blocks.0.self_attn.q": int8})
+    assert model.blocks[0].norm1.quantize_to is None
+    gen = torch.Generator().manual_seed(0)
+    for buffer in model.buffers():
+        if buffer.dtype == int8:
+            buffer.copy_(torch.randint(-127, 128, buffer.shape, generator=gen, dtype=int8))
+        else:
+            buffer.copy_(torch.rand(buffer.shape, generator=gen) * 0.02)
+    inputs = random_inputs(config)
+    out = model(**inputs)
+    assert out.shape == inputs["x"].shape and torch.isfinite(out).all()
+
+
 def test_time_sinusoid_is_cos_first_and_float64():
     from dit8.model import sinusoidal_embedding
 
