@@ -1533,6 +1533,58 @@ def test_writer_checks_and_cleans_up(tmp_path):
         w.update_metadata("m", "y")
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata() == {"m": "y"}
+    with pytest.raises(ValueError, match="the writer is closed"):
+        w.write("a", torch.ones(2, 3))
+
+
+def test_writer_refuses_what_the_file_could_not_say(tmp_path):
+    # Each misuse is named as such, before anything is written: none is left to a shape error, an
+    # IndexError or a file that reads back other than written.
+    specs = [TensorSpec("a", (2, 3), torch.float32), TensorSpec("b", (4,), torch.bfloat16)]
+    path = tmp_path / "w.safetensors"
+    one = torch.tensor(1.0, dtype=torch.bfloat16)
+    cases = [
+        (lambda w: [w.write_rows("a", torch.zeros(1, 3)), w.write("a", torch.zeros(2, 3))], "'a'.* written whole"),
+        (lambda w: [w.write("a", torch.zeros(2, 3)), w.write_rows("b", one)], r"rows of tensor 'b' have shape \(\)"),
+        (lambda w: [w.write("a", torch.zeros(2, 3)), w.write("b", torch.zeros(4, dtype=torch.bfloat16)),
+                    w.write("c", torch.zeros(1))], "'c' written after the last declared tensor"),
+    ]
+    for action, match in cases:
+        with pytest.raises(ValueError, match=match):
+            with SafetensorsWriter(path, specs) as w:
+                action(w)
+        assert _listing(tmp_path) == []
+    for specs, metadata, match in [([TensorSpec("__metadata__", (1,), torch.float32)], {}, "reserved"),
+                                   (specs, {"m": 1}, "metadata must map strings to strings; 'm': 1")]:
+        with pytest.raises(ValueError, match=match):
+            SafetensorsWriter(path, specs, metadata)
+    assert _listing(tmp_path) == []
+
+
+def test_written_files_take_the_permissions_the_umask_gives(tmp_path):
+    # As any file the user creates: a converted model in a shared folder is readable by the group.
+    old = os.umask(0o022)
+    try:
+        with SafetensorsWriter(tmp_path / "w.safetensors", [TensorSpec("a", (1,), torch.float32)]) as w:
+            w.write("a", torch.zeros(1))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_write_json_leaves_the_previous_file_and_no_temporary_one(tmp_path, monkeypatch):
+    from dit8.converters.safetensors_writer import write_json
+
+    path = tmp_path / "r.json"
+    path.write_text("previous")
+
+    def refuse(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError, match="No space left"):
+        write_json(path, {"a": 1})
+    assert _listing(tmp_path) == ["r.json"] and path.read_text() == "previous"
 
 
 # ------------------------------------------------------------------------------------------ CLI
