@@ -283,6 +283,43 @@ def test_source_digest_of_folders_and_pickles(tmp_path, i2v_weights, form):
         assert digest == "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
 
 
+def test_a_folder_of_one_file_is_digested_as_a_folder(tmp_path, i2v_weights):
+    # The folder's digest is its manifest's, however many tensor files it holds; only a file given as
+    # the source is digested as its own sha256.
+    folder = tmp_path / "src"
+    folder.mkdir()
+    save_file(i2v_weights, str(folder / "model.safetensors"))
+    convert(folder, tmp_path / "o.safetensors", scheme="bf16", progress=False)
+    manifest = f"{hashlib.sha256((folder / 'model.safetensors').read_bytes()).hexdigest()}  model.safetensors\n"
+    assert _read(tmp_path / "o.safetensors")[1][fmt.KEY_SOURCE_DIGEST] == \
+        "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
+
+
+def test_a_header_listing_tensors_out_of_data_order_is_read_in_file_order(tmp_path, i2v_weights):
+    # safetensors writes its header in the order of the data; the format does not require it (other
+    # writers sort the keys). The source is read, and digested, in the order of its offsets.
+    src = tmp_path / "model.safetensors"
+    save_file(i2v_weights, str(src))
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    reordered = json.dumps(dict(reversed(header.items())), separators=(",", ":")).encode()
+    assert len(reordered) <= n and next(iter(json.loads(reordered))) != next(iter(header))
+    src.write_bytes(raw[:8] + reordered + b" " * (n - len(reordered)) + raw[8 + n:])
+    convert(src, tmp_path / "o.safetensors", scheme="bf16", progress=False)
+    got, meta = _read(tmp_path / "o.safetensors")
+    assert meta[fmt.KEY_SOURCE_DIGEST] == "sha256:" + hashlib.sha256(src.read_bytes()).hexdigest()
+    _assert_tensors(got, _expected(i2v_weights, I2V, "bf16"))
+
+
+def test_a_source_read_short_is_named_as_truncated():
+    from dit8.converters.source import read_at
+
+    with pytest.raises(CheckpointError, match=r"^m.safetensors: truncated inside tensor 'blocks.0.ffn.0.weight'$"):
+        read_at(io.BytesIO(b"0123456789"), 4, 8, Path("m.safetensors"), "blocks.0.ffn.0.weight")
+    assert read_at(io.BytesIO(b"0123456789"), 4, 6, Path("m.safetensors"), "k").tolist() == list(b"456789")
+
+
 def test_quality_report(tmp_path, i2v_weights):
     src = _source(tmp_path, i2v_weights, I2V)
     dst = tmp_path / "r.safetensors"
