@@ -41,6 +41,9 @@ def test_nothing_is_routed_off_hopper(monkeypatch):
     assert candidates.routed("gemm", torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
     assert candidates.routed("gemm", torch.device("cuda", 0)) is None
+    # Nor on a later generation: the candidates are sm_90 kernels (wgmma), asked for or not.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert candidates.routed("gemm", torch.device("cuda", 0)) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert candidates.routed("gemm", torch.device("cuda", 0)) == "ws"
     assert candidates.routed("gemm_fast", torch.device("cuda", 0)) == "default"
