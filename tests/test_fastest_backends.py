@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 _SPEC = importlib.util.spec_from_file_location(
     "fastest_backends", Path(__file__).resolve().parent.parent / "bench" / "fastest_backends.py")
 _MODULE = importlib.util.module_from_spec(_SPEC)
@@ -51,3 +53,27 @@ def test_smoke_results_give_no_entry(tmp_path, capsys):
     assert _MODULE.main([str(path), "--capability", "9.0"]) == 1
     captured = capsys.readouterr()
     assert "smoke-mode results" in captured.err and "FASTEST" not in captured.out
+
+
+def test_rows_of_no_registry_backend_take_no_part(tmp_path, capsys):
+    # FASTEST names backends the registry has: a row of another (a cuDNN baseline, say) is left out.
+    rows = [_row("test_fused_op[cuda-rms_bf16]", 1.0, op="rms_norm", backend="cuda"),
+            _row("test_fused_op[triton-rms_bf16]", 2.0, op="rms_norm", backend="triton"),
+            _row("test_fused_op[cudnn-rms_bf16]", 0.5, op="rms_norm", backend="cudnn")]
+    assert fastest(rows) == ({"rms_norm": {"cuda": 1.0, "triton": 2.0}}, {"rms_norm": "cuda"})
+    # Files without such rows give no entry, and say so.
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"benchmarks": [rows[2], _row("test_gemm[fp8]", 3.0)]}))
+    assert _MODULE.main([str(path), "--capability", "9.0"]) == 1
+    captured = capsys.readouterr()
+    assert "no rows with an op and a backend" in captured.err and "FASTEST" not in captured.out
+
+
+@pytest.mark.parametrize("text", ["9", "9.", ".0", "9.x", "sm90"])
+def test_a_capability_that_is_not_major_minor_is_a_usage_error(tmp_path, capsys, text):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"benchmarks": []}))
+    with pytest.raises(SystemExit) as exit_:
+        _MODULE.main([str(path), "--capability", text])
+    assert exit_.value.code == 2
+    assert f"--capability must be MAJOR.MINOR, e.g. 9.0, got {text!r}" in capsys.readouterr().err
