@@ -130,6 +130,30 @@ def test_kernels_whose_tests_did_not_all_run_are_not_verified(tmp_path):
     assert cpu.returncode == 1 and "no test recorded" in cpu.stderr
 
 
+def test_a_passed_test_that_recorded_nothing_vouches_for_nothing(tmp_path):
+    # A test records its kernels only where it ran them on a GPU: one that passed without them (its GPU
+    # part skipped inside it, say) does not verify the kernels the collected map gives it.
+    collected = tmp_path / "kernel_tests.json"
+    collected.write_text(json.dumps({"tests/t.py::t_ok": ["layer_norm:triton"],
+                                     "tests/t.py::t_quiet": ["rms_norm:triton"]}))
+    xml = tmp_path / "tests.xml"
+    xml.write_text('<testsuites><testsuite name="pytest">' + _case("t_ok", "layer_norm:triton")
+                   + _case("t_quiet", None) + "</testsuite></testsuites>")
+    run = subprocess.run([sys.executable, str(SCRIPT), str(xml), "--collected", str(collected),
+                          "--capability", "9.0"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "GPU_VERIFIED[(9, 0)] = frozenset({('layer_norm', 'triton')})"
+
+
+def test_junit_ids_are_pytests_for_tests_in_classes(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from verified_backends import junit_id
+
+    assert junit_id("tests/test_ops.py::TestNorms::test_rms[bf16-a::b]") == ("tests.test_ops.TestNorms",
+                                                                               "test_rms[bf16-a::b]")
+    assert junit_id("tests/sub/test_x.py::test_y") == ("tests.sub.test_x", "test_y")
+
+
 def _logged(nodeid: str, when: str, outcome: str, verifies: str | None) -> str:
     return json.dumps({"nodeid": nodeid, "when": when, "outcome": outcome, "verifies": [verifies] if verifies else []})
 
