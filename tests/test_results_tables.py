@@ -251,3 +251,56 @@ def test_a_profile_without_a_table_is_named_not_printed_empty(tmp_path):
     lines = _tables(folder).splitlines()
     assert "Nsight Compute, one launch each (bench/profile_kernels.py):" not in lines
     assert any(line.startswith("profile.txt: empty") and "ncu.csv" in line for line in lines), lines
+
+
+def _cells(lines: list[str], header_start: str, row_start: str) -> dict[str, str]:
+    """The row of a table that begins with `row_start`, keyed by the titles of its table's header."""
+    split = lambda line: [cell.strip() for cell in line[1:-1].split("|")]  # noqa: E731
+    header = next(line for line in lines if line.startswith(header_start))
+    return dict(zip(split(header), split(next(line for line in lines if line.startswith(row_start))), strict=True))
+
+
+def test_a_collection_error_under_xdist_is_counted_for_its_file(tmp_path):
+    # pytest-xdist reports a file that failed to collect with an empty classname and the file as its name.
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "tests.xml").write_text(
+        '<testsuites><testsuite name="pytest"><testcase classname="tests.test_a" name="x"/>'
+        '<testcase classname="" name="tests.test_c"><error message="collection failure"/></testcase>'
+        "</testsuite></testsuites>")
+    lines = _tables(folder).splitlines()
+    assert "| test_c | 0 | 0 | 1 | 0 |" in lines and "| **all** | 1 | 0 | 1 | 0 |" in lines
+
+
+def test_dit_rows_give_gib_and_the_speed_up_over_diffusers(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "dit_fp8_fp8.json").write_text(json.dumps({
+        "forward_ms": 812.34, "context_ms": 3.51, "peak_memory": {"forward": 3.5 * 2 ** 30}, "tflops": {"gemm": 612.4},
+        "diffusers": {"forward_ms": 1990.0, "ratio": 2.456, "peak_memory": 5 * 2 ** 30}}))
+    row = _cells(_tables(folder).splitlines(), "| run |", "| fp8_fp8 |")
+    assert row == {"run": "fp8_fp8", "forward ms": "812.3", "context ms": "3.5", "4-step loop ms": "",
+                   "peak GiB": "3.50", "graph ms": "", "GEMM TFLOP/s": "612", "attention TFLOP/s": "",
+                   "diffusers ms": "1990.0", "speed-up": "2.46x", "diffusers peak GiB": "5.00"}
+
+
+def test_clock_table_of_two_runs_in_one_folder(tmp_path):
+    """A rerun appends to clocks.csv and marks.csv: the time between one run's end mark and the next
+    run's first is no part of either; samples held for several reasons count for each of them."""
+    start = datetime.datetime(2026, 11, 27, 12, 0, 0)
+    stamp = lambda seconds: (start + datetime.timedelta(seconds=seconds)).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]  # noqa: E731
+    # 0x1 idle, 0x4 power cap: 0x5 is both, 0x4 power cap alone.
+    reasons = {range(0, 10): "0x0", range(10, 20): "0x1", range(20, 30): "0x5", range(30, 34): "0x4"}
+    lines = ["timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active"]
+    lines += [f"{stamp(s)}, 1500, 400.0, 60, {code}" for span, code in reasons.items() for s in span]
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "clocks.csv").write_text("\n".join(lines) + "\n")
+    (folder / "marks.csv").write_text(f"{stamp(0)},setup\n{stamp(10)},end\n{stamp(20)},setup\n{stamp(30)},dit x\n"
+                                      f"{stamp(34)},end\n")
+    text = _tables(folder).splitlines()
+    rows = [line for line in text[text.index("The GPU while each part ran (nvidia-smi, every 0.5 s):") + 3:]
+            if line.startswith("|")]
+    assert [row.split(" | ")[0] for row in rows] == ["| setup", "| setup", "| dit x"]
+    assert rows[0].endswith("| 60 |  |") and rows[1].endswith("| idle 100%, power cap 100% |")
+    assert rows[2].endswith("| power cap 100% |")
