@@ -363,10 +363,9 @@ class WanDiT(nn.Module):
     def check_tokens(self, tokens: int, what: str) -> None:
         """InputError unless this model's attention kernels take a forward over `tokens` video tokens
         (`check_attention_tokens`); `what` names the input in the message."""
-        setup = self.setup
-        check_attention_tokens(self.config, tokens, what, backend=setup.backend, device=setup.device,
-                               attention=self.blocks[0].self_attn.precision if len(self.blocks) else "bf16",
-                               world=1 if setup.parallel is None else setup.parallel.world)
+        attention = self.blocks[0].self_attn.precision if len(self.blocks) else "bf16"
+        world = 1 if self.setup.parallel is None else self.setup.parallel.world
+        _check_attention_tokens(self.config, tokens, what, self.setup, attention, world)  # (per-op backends cached)
 
     # -- forward ------------------------------------------------------------------------------------
 
@@ -553,7 +552,11 @@ def check_attention_tokens(config: WanConfig, tokens: int, what: str, *, backend
     `world` processes) takes a forward over `tokens` video tokens: the Triton attention kernels bound them
     (`kernels.attention.max_attention_tokens`). `what` names the input. A video too long for them is so
     refused before the encoders run, or before a command loads the model."""
-    setup = Setup(device, torch.float32, backend)
+    _check_attention_tokens(config, tokens, what, Setup(device, torch.float32, backend), attention, world)
+
+
+def _check_attention_tokens(config: WanConfig, tokens: int, what: str, setup: Setup, attention: str,
+                            world: int) -> None:
     # Under sequence parallelism self-attention sees every token of heads/world heads, cross-attention
     # 1/world of the tokens with all heads.
     self_limit = max_attention_tokens(attention, setup.backend_of("attention"), config.num_heads // world,
