@@ -16,6 +16,10 @@ ratio; ratio_range: the rounds' lowest and highest; bench/conftest.py paired_tim
                     accumulation; also ratio_fast_accum vs use_fast_accum=True.
 - fp8_fast_accum:   triton FP8 with Triton's default (unpromoted) accumulation, 128 x 256 tiles,
                     vs torch._scaled_mm use_fast_accum=True.
+- fp8_fast_accum_gelu (test_gemm_fast_accum_on_gelu_activations): the fast-accumulation tiles at the
+                    FFN down projection's shape on GELU(tanh) activations, its real input, vs
+                    torch._scaled_mm default accumulation; errors of the tiles, the table's
+                    configuration and cuBLAS (whether the table should take the tiles at K = 13,824).
 - bf16_in (test_gemm_bf16_in): bf16 activations in, bf16 out: the quantize_per_token op on its first kernel
                     backend here (cuda, then triton; extra_info quantize_backend) +
                     triton FP8 GEMM vs eager per-token quantization (the torch reference op) +
@@ -80,12 +84,15 @@ def shape_id(shape):
     return "x".join(map(str, shape))
 
 
-def operands(shape, kind, device, seed=0):
+def operands(shape, kind, device, seed=0, *, gelu=False):
     """Per-token quantized activations and per-channel quantized weights from random data (never
-    zeros), as the model produces them."""
+    zeros), as the model produces them. gelu: the activations are GELU(tanh) of Gaussian data, as the
+    FFN down projection's input is (non-negative but for a small tail)."""
     M, N, K = shape
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(M, K, device=device, generator=gen, dtype=torch.bfloat16)
+    if gelu:
+        x = torch.nn.functional.gelu(x.float(), approximate="tanh").to(torch.bfloat16)
     w = torch.randn(N, K, device=device, generator=gen, dtype=torch.bfloat16) / K ** 0.5
     qdtype = FP8 if kind == "fp8" else torch.int8
     xq, xs = ops.quantize_per_token(x, qdtype, backend="torch")
@@ -176,6 +183,44 @@ def test_gemm(case, shape, device, smoke, record, gpu_time, benchmark):
     ms = record(fn, flops=2 * M * N * K, baseline_fn=baseline, **info)
     if case == "fp8" and not smoke:
         benchmark.extra_info["ratio_fast_accum"] = round(info["ms_fast_accum_baseline"] / ms, 3)
+
+
+# The FFN down projection (K = 13,824) on its real input. There the table keeps promoted accumulation:
+# on Gaussian activations the fast-accumulation tiles were fast enough but erred 1.96x cuBLAS's error,
+# inside the 2x budget with no margin, and GELU output is another distribution.
+FFN_DOWN = (32760, 5120, 13824)
+
+
+@pytest.mark.parametrize("shape", SMOKE_SHAPES if not torch.cuda.is_available() else [FFN_DOWN], ids=shape_id)
+def test_gemm_fast_accum_on_gelu_activations(shape, device, record):
+    """fp8_fast_accum_gelu: the fast-accumulation tiles on GELU(tanh) activations vs torch._scaled_mm with
+    default accumulation, the op's contract. extra_info: rel_err (the fast tiles), rel_err_table (the
+    table's configuration), rel_err_baseline (cuBLAS), their ratios to cuBLAS's, and
+    fast_within_budget: whether the fast tiles keep the 2x budget here. Only the table's configuration
+    is held to that budget (the op's guarantee); the fast tiles' numbers decide whether it should change."""
+    if device == "cuda" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the fast-accumulation 128 x 256 x 128 tiles need Hopper's shared memory")
+    _, xq, xs, wq, ws = operands(shape, "fp8", device, gelu=True)
+    fast = functools.partial(impl.scaled_mm, xq, xs, wq, ws, None, torch.bfloat16, config=FAST_ACCUM)
+    table = functools.partial(impl.scaled_mm, xq, xs, wq, ws, None, torch.bfloat16)
+    ref = reference64(xq, xs, wq, ws)
+    errors = {}
+    for name, fn in (("fast", fast), ("table", table), ("baseline", cublas(xq, xs, wq, ws))):
+        with poisoned_outputs():  # the check call: every element written
+            out = fn()
+        assert torch.isfinite(out).all(), name
+        errors[name] = rel_err(out, ref)
+    del ref, out
+    assert errors["table"] <= 2 * errors["baseline"], errors
+    M, N, K = shape
+    record(fast, flops=2 * M * N * K, baseline_fn=cublas(xq, xs, wq, ws), shape=list(shape),
+           config=FAST_ACCUM.name(), table=config_name("fp8", shape, device),
+           rel_err=float(f"{errors['fast']:.4g}"), rel_err_table=float(f"{errors['table']:.4g}"),
+           rel_err_baseline=float(f"{errors['baseline']:.4g}"),
+           err_ratio=round(errors["fast"] / errors["baseline"], 3),
+           err_ratio_table=round(errors["table"] / errors["baseline"], 3),
+           fast_within_budget=errors["fast"] <= 2 * errors["baseline"],
+           baseline="torch._scaled_mm row-wise, default accumulation")
 
 
 # ----------------------------------------------------------------------------------------------------
