@@ -35,8 +35,9 @@ def print_summary(result: ConvertResult, stream: TextIO) -> None:
 def run_convert(args: argparse.Namespace, stream: TextIO | None = None) -> int:
     """Run `dit8 convert` from parsed arguments; returns the exit status."""
     # progress=True: a bar on a terminal, and in a log (stderr redirected) a line every LOG_INTERVAL
-    # seconds, so that a conversion of many minutes shows that it moves.
+    # seconds, so that a conversion of many minutes shows that it moves; none with --quiet.
     result = convert(args.src, args.dst, scheme=args.scheme, lora=args.lora, keep=args.keep,
-                     per_block=args.per_block, force=args.force, report=args.report, progress=True)
+                     per_block=args.per_block, force=args.force, report=args.report,
+                     progress=not getattr(args, "quiet", False))
     print_summary(result, stream or sys.stdout)
     return 0

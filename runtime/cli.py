@@ -74,7 +74,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}
     result = compare_outputs(args.reference, args.quantized, device=_device_or_default(args.device),
                              dtype=dtypes[args.dtype], frames=args.frames, size=args.size or (832, 480), seed=args.seed,
-                             backend=args.backend, attention=args.attention)
+                             backend=args.backend, attention=args.attention, progress=False if args.quiet else None)
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=2))
         return 0
@@ -160,7 +160,7 @@ def _run_generate(args: argparse.Namespace) -> int:
                                        attention=args.attention,
                                        backend=args.backend, offload_encoders=args.offload_encoders,
                                        vae_tile=args.vae_tile, parallel=parallel,
-                                       progress=not follower)  # (in a log: a line every LOG_INTERVAL s)
+                                       progress=not (follower or args.quiet))  # (log: a line every LOG_INTERVAL s)
     call = dict(seed=args.seed, frames=args.frames, size=args.size, area=args.area, steps=args.steps,
                 sampler=args.sampler, guidance=args.guidance, shift=args.shift,
                 negative_prompt=args.negative_prompt, update=args.update)
@@ -172,7 +172,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     for line in pipe.files.describe():
         print(line)
     print(f"loaded      in {pipe.load_seconds:.1f} s on {pipe.device}, DiT compute {pipe.dit.setup.dtype}")
-    video = pipe(image, args.prompt, **call, progress=True)
+    video = pipe(image, args.prompt, **call, progress=not args.quiet)
     path = video.save(args.out)
     s = video.settings
     print(f"video       {video.num_frames} frames {video.width}x{video.height} at {video.fps} fps -> {path} "
@@ -221,7 +221,7 @@ def _run_bench_dit(args: argparse.Namespace) -> int:
     first = not _follower(args)
     try:
         result = run_bench(settings, log=lambda line: print(f"dit8 bench dit: {line}", file=sys.stderr, flush=True)
-                           if first else None, measured=save if first else None)
+                           if first and not args.quiet else None, measured=save if first else None)
     except Exception as err:  # out of memory, say: the numbers so far stay (if any), with the error
         if first:
             # A file that cannot be written now (the save that failed, say) must not hide why the run stopped.
@@ -312,10 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe a DiT checkpoint (file or folder)")
     info.add_argument("path", help="checkpoint file or folder")
     info.add_argument("--json", action="store_true", help="print the description as JSON")
+    add_quiet_argument(info)
     info.set_defaults(run=_run_info)
 
     convert = commands.add_parser("convert", help="convert a float checkpoint to packed fp8/int8 (or bf16)")
     add_convert_arguments(convert)
+    add_quiet_argument(convert)
     convert.set_defaults(run=_run_convert)
 
     compare = commands.add_parser(
@@ -336,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--attention", choices=PRECISIONS, default="bf16",
                          help="the quantized model's self-attention (the reference runs bf16; default bf16)")
     compare.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_quiet_argument(compare)
     compare.set_defaults(run=_run_compare)
 
     _add_generate(commands.add_parser("generate", help="image + prompt -> mp4 with a model folder"))
@@ -347,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu", help="default cpu")
     demo.add_argument("--out", default="dit8-demo.mp4", type=_non_empty, help="output mp4 (default dit8-demo.mp4)")
     demo.add_argument("--frames-dir", type=_non_empty, help="also write every frame as a PNG into this folder")
+    add_quiet_argument(demo)
     demo.set_defaults(run=_run_demo)
 
     bench = commands.add_parser("bench", help="benchmarks on random weights (no checkpoint needed)")
@@ -355,6 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
         "dit", help="time the DiT forward and the 4-step loop on random I2V-14B weights built on the device; "
         "per-part time, peak memory, optional diffusers baseline"))
     return parser
+
+
+QUIET_HELP = ("no progress bars or progress messages on stderr, which then carries only errors and warnings "
+              "(the report on stdout is unchanged)")
+
+
+def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
+    """`-q/--quiet`, which every command takes: a script or service running several of them passes it to
+    each alike, also to those with nothing to silence (`info` and `demo` write only their report, on stdout)."""
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
 
 
 def _non_empty(text: str) -> str:
@@ -431,6 +445,7 @@ def _add_generate(generate: argparse.ArgumentParser) -> None:
     generate.add_argument("--sequence-parallel", action="store_true",
                           help="split the DiT over the processes of a launcher, one GPU each: torchrun "
                           "--nproc-per-node N -m dit8 generate ... --sequence-parallel")
+    add_quiet_argument(generate)
     generate.set_defaults(run=_run_generate)
 
 
@@ -463,6 +478,7 @@ def _add_bench_dit(dit: argparse.ArgumentParser) -> None:
     dit.add_argument("--sequence-parallel", action="store_true",
                      help="split the model over the processes of a launcher, one GPU each: torchrun "
                      "--nproc-per-node N -m dit8 bench dit ... --sequence-parallel")
+    add_quiet_argument(dit)
     dit.set_defaults(run=_run_bench_dit)
 
 

@@ -97,6 +97,53 @@ def test_convert_whose_progress_cannot_be_shown_still_converts(checkpoint, tmp_p
     assert dst.is_file() and f"wrote {dst}" in capsys.readouterr().out
 
 
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal: progress bars draw on it by default."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_every_command_takes_quiet():
+    """A script passes -q to each command alike, also to those that print nothing on stderr anyway."""
+    parser = build_parser()
+    for argv in (["info", "x"], ["convert", "a", "b"], ["compare", "a", "b"], ["demo"],
+                 ["generate", "--model", "m", "--image", "i", "--prompt", "p", "--out", "o.mp4"], ["bench", "dit"]):
+        assert parser.parse_args(argv).quiet is False
+        assert parser.parse_args([*argv, "-q"]).quiet is True
+        assert parser.parse_args([*argv, "--quiet"]).quiet is True
+
+
+def test_quiet_convert_and_compare_leave_stderr_to_errors(checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    dst = tmp_path / "q.safetensors"
+    assert main(["convert", str(checkpoint), str(dst), "--scheme", "int8"]) == 0
+    assert "converting" in sys.stderr.getvalue()  # the bar, without -q
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    assert main(["convert", str(checkpoint), str(dst), "--scheme", "int8", "--force", "-q"]) == 0
+    assert sys.stderr.getvalue() == ""
+    assert f"wrote {dst}" in capsys.readouterr().out  # the report stays
+    compare = ["compare", str(checkpoint), str(dst), "--frames", "1", "--size", "32x32", "--device", "cpu"]
+    assert main(compare) == 0
+    assert "loading" in sys.stderr.getvalue()  # each model's loading bar, on a terminal
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    assert main([*compare, "--quiet"]) == 0
+    assert sys.stderr.getvalue() == ""
+    assert "all steps" in capsys.readouterr().out
+    # Errors still print.
+    assert main(["convert", str(checkpoint), str(dst), "-q"]) == 1
+    assert sys.stderr.getvalue().startswith("dit8: error: ")
+
+
+def test_quiet_bench_prints_no_progress_messages(capsys):
+    bench = ["bench", "dit", "--device", "cpu", "--repeat", "1", "--steps", "0"]
+    assert main(bench) == 0
+    assert "dit8 bench dit: warm-up" in capsys.readouterr().err
+    assert main([*bench, "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "forward" in captured.out
+
+
 @pytest.mark.parametrize("flag", ["--keep", "--lora"])
 def test_empty_convert_arguments_are_usage_errors(flag, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -168,6 +215,20 @@ def test_generate_writes_the_video_and_a_summary(model_folder, tmp_path, capsys)
     assert [line.split()[0] for line in captured.err.splitlines()] == ["loading", "encode", "denoise", "decode"]
     video = read_video(out_path)
     assert (video.num_frames, video.width, video.height) == (5, 48, 32)
+
+
+def test_quiet_generate_leaves_stderr_to_errors(model_folder, tmp_path, capsys, monkeypatch):
+    """--quiet: no bars, neither on a terminal nor in a log (where each bar writes its last line)."""
+    image = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    (png,) = write_png_frames(tmp_path, image[None])
+    argv = ["generate", "--model", str(model_folder), "--image", str(png), "--prompt", "a cat walks", "--out",
+            str(tmp_path / "out.mp4"), "--frames", "1", "--area", "1536", "--device", "cpu", "-q"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "video       1 frames" in captured.out
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    assert main(argv) == 0
+    assert sys.stderr.getvalue() == ""
 
 
 def test_a_log_of_both_streams_has_the_report_in_order(model_folder, tmp_path):
