@@ -400,7 +400,8 @@ def _add_generate(generate: argparse.ArgumentParser) -> None:
     generate.add_argument("--model", required=True, type=_non_empty,
                           help="model folder (official Wan2.1-I2V-14B-480P or a LightX2V distilled release)")
     generate.add_argument("--image", required=True, type=_non_empty,
-                          help="input image (PNG, JPEG, ...): the first frame")
+                          help="input image (PNG, JPEG, WebP, ...; of an animation, its first frame): the "
+                          "video's first frame")
     generate.add_argument("--prompt", required=True, help="what the video shows: at most 511 T5 tokens (longer "
                           "is refused, not cut short)")
     generate.add_argument("--out", required=True, type=_non_empty, help="output .mp4 (H.264, yuv420p, 16 fps)")

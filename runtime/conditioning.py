@@ -20,7 +20,7 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -58,6 +58,11 @@ def read_image(path: str | Path) -> np.ndarray:
     conversion to RGB: within a few levels of Pillow's, whatever the sides' parity. A damaged file is
     refused, as Pillow refuses it, and so is a picture of more than MAX_IMAGE_PIXELS (Pillow's own limit
     against decompression bombs).
+
+    An animation (GIF, APNG, animated WebP) gives its first frame, as Pillow's `Image.open` does; an
+    animated WebP's first frame is placed on its canvas, black around it where it covers part of it.
+    A file that is no picture FFmpeg decodes (an SVG drawing, a PDF, an empty or a text file, whatever its
+    name) is refused with what it is.
     """
     from .video import ffmpeg_path
 
@@ -68,7 +73,7 @@ def read_image(path: str | Path) -> np.ndarray:
         raise InputError(f"{path}: is a folder; give an image file")
     if not path.is_file():
         raise InputError(f"{path}: image file not found")
-    return _decode_image(ffmpeg_path(path), str(path))
+    return _decode_image(ffmpeg_path(path), str(path), lambda: path.open("rb"))
 
 
 def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
@@ -76,7 +81,8 @@ def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
     `read_image` decodes the file."""
     if not len(data):
         raise InputError("the image bytes are empty")
-    return _decode_image(io.BytesIO(bytes(data)), f"the image bytes ({len(data):,})")
+    data = bytes(data)
+    return _decode_image(io.BytesIO(data), f"the image bytes ({len(data):,})", lambda: io.BytesIO(data))
 
 
 # 8-bit pictures whose chroma has half the width (and for 4:2:0 half the height): JPEG's and lossy
@@ -126,8 +132,121 @@ def _full_chroma(frame: Any) -> Any:
     return out
 
 
-def _decode_image(source: str | io.BytesIO, name: str) -> np.ndarray:
-    """The first picture of `source` (an FFmpeg path or the file's bytes); `name` for the errors."""
+def _decode_image(source: str | io.BytesIO, name: str, raw: Callable[[], BinaryIO]) -> np.ndarray:
+    """The first picture of `source` (an FFmpeg path or the file's bytes), or of an animated WebP, which
+    FFmpeg does not decode; `name` for the errors, `raw` opens the file's bytes to tell what else it is."""
+    try:
+        return _decode_picture(source, name)
+    except InputError as refused:
+        try:
+            with raw() as f:
+                first = _first_webp_frame(f, name)
+                f.seek(0)
+                what = _describe_non_image(f.read(_SNIFF_BYTES))
+        except OSError:  # the file cannot be read again to say more
+            raise refused from None
+        if first is not None:
+            return first
+        if what is not None:
+            raise InputError(f"{name}: {what}") from None
+        raise
+
+
+_SNIFF_BYTES = 1024
+
+
+def _describe_non_image(head: bytes) -> str | None:
+    """What a file FFmpeg decodes no picture from is, where its first bytes tell: empty, a PDF, an SVG
+    drawing (FFmpeg finds it but has no decoder for it), a web page or other text. None when they do not."""
+    if not head:
+        return "is empty (0 bytes); give a PNG, JPEG or WebP file"
+    if head.startswith(b"%PDF-"):
+        return "is a PDF document, not an image; export the page as a PNG or JPEG file"
+    for cut in range(4):  # the bytes read may end inside a character of up to 4 bytes
+        try:
+            text = head[:len(head) - cut].decode("utf-8").removeprefix("\ufeff")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        return None
+    if "<svg" in text.lower():
+        return "is an SVG drawing (vector graphics), which is not read; render it to a PNG file first"
+    if not all(c.isprintable() or c in "\t\r\n" for c in text):
+        return None
+    if text.lstrip().startswith("<"):
+        return ("is an HTML or XML page (what a server sends back for a failed download), not an image; "
+                "download the image again")
+    return f"is a text file, not an image (it begins {text.strip()[:40]!r}); give a PNG, JPEG or WebP file"
+
+
+def _webp_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(fourcc, payload) of each whole RIFF chunk of `data` (a chunk cut short ends the list)."""
+    chunks, at = [], 0
+    while at + 8 <= len(data):
+        size = int.from_bytes(data[at + 4:at + 8], "little")
+        if at + 8 + size > len(data):
+            break
+        chunks.append((data[at:at + 4], data[at + 8:at + 8 + size]))
+        at += 8 + size + (size & 1)  # payloads are padded to an even length
+    return chunks
+
+
+def _chunk(fourcc: bytes, payload: bytes) -> bytes:
+    return fourcc + len(payload).to_bytes(4, "little") + payload + b"\0" * (len(payload) & 1)
+
+
+def _first_webp_frame(f: BinaryIO, name: str) -> np.ndarray | None:
+    """An animated WebP's first frame on its canvas as [H, W, 3] uint8 RGB, as Pillow's (libwebp's)
+    animation decoder gives it, alpha dropped; None for a file that is no animated WebP. The frame's
+    bitstream is decoded as a still WebP: FFmpeg reads no animation chunks."""
+    head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:] != b"WEBP":
+        return None
+    vp8x = f.read(18)  # an animation's first chunk: VP8X, 10 bytes, with the animation flag
+    if len(vp8x) < 18 or vp8x[:4] != b"VP8X" or not vp8x[8] & 0x02:
+        return None
+    canvas_w, canvas_h = 1 + int.from_bytes(vp8x[12:15], "little"), 1 + int.from_bytes(vp8x[15:18], "little")
+    if canvas_w * canvas_h > MAX_IMAGE_PIXELS:
+        raise InputError(f"{name}: an animated WebP of {canvas_w}x{canvas_h} pixels, more than the "
+                         f"{MAX_IMAGE_PIXELS:,} read; scale it down first")
+    while True:  # to the first frame (ANIM, ICCP, EXIF chunks before it)
+        header = f.read(8)
+        if len(header) < 8:
+            raise InputError(f"{name}: an animated WebP without a frame (or cut short); give a still image")
+        size = int.from_bytes(header[4:], "little")
+        if header[:4] == b"ANMF":
+            frame = f.read(size)
+            break
+        f.seek(size + (size & 1), io.SEEK_CUR)
+    damaged = InputError(f"{name}: cannot read the image (a damaged animated WebP); give a PNG, JPEG or WebP file")
+    if len(frame) < 16:
+        raise damaged
+    x, y = (2 * int.from_bytes(frame[i:i + 3], "little") for i in (0, 3))
+    width, height = (1 + int.from_bytes(frame[i:i + 3], "little") for i in (6, 9))
+    parts = dict(_webp_chunks(frame[16:]))
+    if b"VP8L" in parts:  # lossless, alpha inside
+        still = _chunk(b"VP8L", parts[b"VP8L"])
+    elif b"VP8 " in parts and b"ALPH" in parts:  # lossy with an alpha plane: a still's extended layout
+        flags = b"\x10\0\0\0"  # alpha
+        size = (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+        still = _chunk(b"VP8X", flags + size) + _chunk(b"ALPH", parts[b"ALPH"]) + _chunk(b"VP8 ", parts[b"VP8 "])
+    elif b"VP8 " in parts:
+        still = _chunk(b"VP8 ", parts[b"VP8 "])
+    else:
+        raise damaged
+    picture = _decode_picture(io.BytesIO(b"RIFF" + (4 + len(still)).to_bytes(4, "little") + b"WEBP" + still), name)
+    if picture.shape[:2] != (height, width) or x + width > canvas_w or y + height > canvas_h:
+        raise damaged
+    if (x, y, width, height) == (0, 0, canvas_w, canvas_h):
+        return picture
+    canvas = np.zeros((canvas_h, canvas_w, 3), np.uint8)  # libwebp's canvas starts transparent: black in RGB
+    canvas[y:y + height, x:x + width] = picture
+    return canvas
+
+
+def _decode_picture(source: str | io.BytesIO, name: str) -> np.ndarray:
+    """The first picture FFmpeg decodes from `source`; `name` for the errors."""
     import av
 
     # Opening a file decodes its first picture to learn its size: the decoder's own limit (FFmpeg's

@@ -379,8 +379,116 @@ def test_bad_image_files(tmp_path):
         image_tensor(tmp_path / "missing.png")
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    with pytest.raises(InputError, match=r"notes\.png: cannot read the image \([^\[\]]+\); give a PNG"):
+    with pytest.raises(InputError, match=r"notes\.png: is a text file, not an image \(it begins 'not an image'\); "
+                       "give a PNG"):
         image_tensor(text)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(b"\x89PNG\r\n\x1a\n\0\0")  # binary, FFmpeg's own words
+    with pytest.raises(InputError, match=r"cut\.png: cannot read the image \([^\[\]]+\); give a PNG"):
+        image_tensor(cut)
+
+
+def _animation(path: Path, fmt: str, codec: str, pix_fmt: str, options: dict | None = None) -> list[np.ndarray]:
+    """Three frames, each its own colours (green 0, 90, 180 over a red ramp), a corner transparent, written
+    with PyAV; returns them as RGB."""
+    import av
+
+    frames = []
+    with av.open(str(path), "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=10, options=options or {})
+        stream.width, stream.height, stream.pix_fmt = 40, 24, pix_fmt
+        for i in range(3):
+            rgba = np.full((24, 40, 4), 255, np.uint8)
+            rgba[..., 0], rgba[..., 1], rgba[..., 2] = np.linspace(0, 255, 40).astype(np.uint8), 90 * i, 60
+            rgba[:4, :4, 3] = 0
+            frames.append(rgba[..., :3])
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgba, format="rgba")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return frames
+
+
+@pytest.mark.parametrize("form", ["gif", "apng", "webp", "webp alpha", "webp lossless"])
+def test_an_animation_gives_its_first_frame(tmp_path, form):
+    """As Pillow's Image.open in the reference, for every format; FFmpeg decodes no animated WebP (it was
+    refused as 'Invalid data found when processing input')."""
+    path = tmp_path / ("a.gif" if form == "gif" else "a.png" if form == "apng" else "a.webp")
+    codec, pix_fmt, options = {"gif": ("gif", "rgb8", None), "apng": ("apng", "rgba", None),
+                               "webp": ("libwebp_anim", "yuv420p", None),
+                               "webp alpha": ("libwebp_anim", "yuva420p", None),
+                               "webp lossless": ("libwebp_anim", "bgra", {"lossless": "1"})}[form]
+    frames = _animation(path, form.split()[0], codec, pix_fmt, options)
+    got = read_image(path).astype(int)
+    assert got.shape == frames[0].shape
+    opaque = np.s_[4:, 4:]  # (the transparent corner's colours are the encoder's)
+    # Frame 0's green, not 90 or 180 (GIF's 256 colours step the red ramp by 36).
+    assert np.abs(got[opaque][..., 1] - frames[0][opaque][..., 1]).mean() < 8
+    assert np.array_equal(decode_image(path.read_bytes()), got)
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    reference = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    diff = np.abs(got - reference)
+    assert diff.max() <= 4 and diff.mean() < 0.5, (diff.max(), diff.mean())
+
+
+def _riff_chunk(fourcc: bytes, payload: bytes) -> bytes:
+    return fourcc + len(payload).to_bytes(4, "little") + payload + b"\0" * (len(payload) % 2)
+
+
+def test_an_animated_webp_whose_first_frame_covers_part_of_its_canvas(tmp_path):
+    """The frame at its offset on the canvas, black around it (libwebp's canvas starts transparent)."""
+    import av
+
+    still = image(12, 16)
+    with av.open(str(tmp_path / "still.webp"), "w", format="webp") as container:
+        stream = container.add_stream("libwebp", rate=1, options={"lossless": "1"})
+        stream.width, stream.height, stream.pix_fmt = 16, 12, "bgra"
+        for packet in [*stream.encode(av.VideoFrame.from_ndarray(still, format="rgb24")), *stream.encode()]:
+            container.mux(packet)
+    data = (tmp_path / "still.webp").read_bytes()
+    assert data[12:16] == b"VP8L"
+    bitstream = data[20:20 + int.from_bytes(data[16:20], "little")]
+    u24 = lambda n: n.to_bytes(3, "little")  # noqa: E731
+    canvas = _riff_chunk(b"VP8X", b"\x02\0\0\0" + u24(40 - 1) + u24(24 - 1))  # animated, 40x24
+    frame = _riff_chunk(b"ANMF", u24(8 // 2) + u24(6 // 2) + u24(16 - 1) + u24(12 - 1) + u24(100) + b"\0"
+                        + _riff_chunk(b"VP8L", bitstream))
+    body = b"WEBP" + canvas + _riff_chunk(b"ANIM", b"\0" * 6) + frame
+    path = tmp_path / "part.webp"
+    path.write_bytes(b"RIFF" + len(body).to_bytes(4, "little") + body)
+    expected = np.zeros((24, 40, 3), np.uint8)
+    expected[6:18, 8:24] = still
+    assert np.array_equal(read_image(path), expected)
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), expected)
+    path.write_bytes(path.read_bytes()[:-20])  # the frame cut short
+    with pytest.raises(InputError, match="part.webp: cannot read the image"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("drawing.svg", b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="32" height="32">'
+     b'<rect width="32" height="32" fill="red"/></svg>', "is an SVG drawing \\(vector graphics\\), which is not read"),
+    ("drawing.png", b'<svg xmlns="http://www.w3.org/2000/svg"></svg>', "is an SVG drawing"),
+    ("page.pdf", b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n", "is a PDF document, not an image"),
+    ("empty.png", b"", "is empty \\(0 bytes\\)"),
+    ("page.jpg", b"<!DOCTYPE html><html><body>Not Found</body></html>", "is an HTML or XML page"),
+    ("notes.png", "a caf\u00e9 picture\n".encode(),
+     "is a text file, not an image \\(it begins 'a caf\u00e9 picture'\\)"),
+])
+def test_a_file_that_is_no_picture_says_what_it_is(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=f"^{path}: {message}"):
+        read_image(path)
+    if content:
+        with pytest.raises(InputError, match=f"^the image bytes \\({len(content):,}\\): {message}"):
+            decode_image(content)
 
 
 def test_the_smallest_image_is_documented():
