@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="describe a DiT checkpoint (file or folder)")
     info.add_argument("path", help="checkpoint file or folder")
-    info.add_argument("--json", action="store_true", help="print the description as JSON")
+    info.add_argument("--json", action="store_true", help="print the description as JSON on stdout, instead "
+                      "of the text (a switch; bench dit's --json names a file)")
     add_quiet_argument(info)
     info.set_defaults(run=_run_info)
 
@@ -337,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto", help=BACKEND_HELP)
     compare.add_argument("--attention", choices=PRECISIONS, default="bf16",
                          help="the quantized model's self-attention (the reference runs bf16; default bf16)")
-    compare.add_argument("--json", action="store_true", help="print the result as JSON")
+    compare.add_argument("--json", action="store_true", help="print the result as JSON on stdout, instead of "
+                         "the text (a switch; bench dit's --json names a file)")
     add_quiet_argument(compare)
     compare.set_defaults(run=_run_compare)
 
@@ -475,7 +477,10 @@ def _add_bench_dit(dit: argparse.ArgumentParser) -> None:
                      help="timed forwards after the warm-up, their median reported (default 3)")
     dit.add_argument("--cuda-graph", action="store_true",
                      help="also time the forward replayed from a CUDA graph (dit8.CapturedForward)")
-    dit.add_argument("--json", metavar="OUT", type=_non_empty, help="write every number to this JSON file")
+    dit.add_argument("--json", metavar="OUT", type=_non_empty,
+                     help="also write every number to the JSON file OUT, saved as each phase ends; the table "
+                     "still goes to stdout (unlike the --json switch of info and compare, which prints JSON "
+                     "there; '-' is refused)")
     dit.add_argument("--sequence-parallel", action="store_true",
                      help="split the model over the processes of a launcher, one GPU each: torchrun "
                      "--nproc-per-node N -m dit8 bench dit ... --sequence-parallel")

@@ -402,6 +402,18 @@ def test_bench_refuses_a_dash_for_json_first(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_each_json_help_says_where_the_json_goes():
+    """info's and compare's --json is a switch (JSON on stdout), bench dit's a file name: each help says which."""
+    helps = {prog: action for prog, parser in _parsers(build_parser()) for action in parser._actions
+             if "--json" in action.option_strings}
+    assert set(helps) == {"dit8 info", "dit8 compare", "dit8 bench dit"}
+    for prog in ("dit8 info", "dit8 compare"):
+        assert helps[prog].nargs == 0 and "on stdout" in helps[prog].help and "bench dit" in helps[prog].help
+    bench = helps["dit8 bench dit"]
+    assert bench.nargs is None and "file OUT" in bench.help and "stdout" in bench.help
+    assert "'-' is refused" in bench.help
+
+
 def test_bench_refuses_a_folder_for_json_first(tmp_path, capsys):
     tiny = ["--frames", "1", "--size", "16x16", "--layers", "1", "--repeat", "1", "--steps", "0"]
     assert main(["bench", "dit", "--device", "cpu", *tiny, "--json", str(tmp_path)]) == 1
