@@ -214,6 +214,29 @@ def test_weight_bytes_counts_what_quantizing_saves():
         assert weight_bytes(CONFIG, "bf16") - weight_bytes(CONFIG, scheme) == held("bf16") - held(scheme)
 
 
+def test_a_huge_layer_count_is_refused_without_listing_every_block(monkeypatch):
+    """`--layers 99999999999999` never ended: the memory floor listed the shapes of every block (time and
+    memory per block) before it could refuse them. The blocks are alike, so one is counted."""
+    from dit8 import bench_dit
+
+    real = bench_dit.expected_shapes
+
+    def shapes(config):
+        if config.num_layers > 1000:
+            pytest.fail(f"listed the shapes of all {config.num_layers} blocks")
+        return real(config)
+
+    monkeypatch.setattr(bench_dit, "expected_shapes", shapes)
+    monkeypatch.setattr(bench_dit, "available_host_memory", lambda: 2 ** 40)
+    huge = 10 ** 14
+    with pytest.raises(InputError, match=f"weights of this {huge}-block model take at least"):
+        check_bench_settings(_settings(layers=huge))
+    for scheme in ("bf16", "fp8"):  # a block more is the same bytes more, at any count
+        per_block = weight_bytes(CONFIG, scheme) - weight_bytes(tiny_config(num_layers=1), scheme)
+        expected = weight_bytes(CONFIG, scheme) + (huge - 2) * per_block
+        assert weight_bytes(tiny_config(num_layers=huge), scheme) == expected
+
+
 def test_a_cpu_without_the_memory_for_the_weights_is_refused_before_building(monkeypatch, capsys):
     """On a CPU the check takes the memory the system has available: I2V-14B (57 GB of weights) on a small
     machine ends in an InputError at once rather than in the OOM killer."""
