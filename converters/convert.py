@@ -487,6 +487,12 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
     Raises CheckpointError (bad source or LoRA, naming file and key) or ConvertError (bad request);
     in either case, and on any other error, nothing is left at or beside `dst`.
     """
+    # A string is truthy: force="no" replaced dst, per_block="no" wrote a folder.
+    for name, switch in (("per_block", per_block), ("force", force), ("report", report)):
+        if not isinstance(switch, bool):
+            raise ConvertError(f"{name} must be True or False, got {switch!r}")
+    if progress is not None and not isinstance(progress, bool):
+        raise ConvertError(f"progress must be True, False or None, got {progress!r}")
     for name, path in (("src", src), ("dst", dst)):
         if str(path) == "":  # Path("") is the current folder: a mistake, not a request for it
             raise ConvertError(f"{name}: the path is empty")

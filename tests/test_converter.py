@@ -1098,6 +1098,24 @@ def test_bad_requests(tmp_path, i2v_weights, monkeypatch):
         convert(tmp_path / "q.safetensors", tmp_path / "qq.safetensors", progress=False)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(force="no"), "force must be True or False, got 'no'"),
+    (dict(per_block="no"), "per_block must be True or False, got 'no'"),
+    (dict(per_block=1), "per_block must be True or False, got 1"),
+    (dict(report="no"), "report must be True or False, got 'no'"),
+    (dict(progress="yes"), "progress must be True, False or None, got 'yes'"),
+])
+def test_switches_are_booleans(tmp_path, i2v_weights, kwargs, message):
+    # A string is truthy: force="no" replaced the existing output, per_block="no" wrote a folder.
+    src = _source(tmp_path, i2v_weights, I2V)
+    dst = tmp_path / "o.safetensors"
+    dst.write_bytes(b"keep me")
+    with pytest.raises(ConvertError, match=f"^{message}$"):
+        convert(src, dst, **{"progress": False, **kwargs})
+    assert dst.read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.parent.name, dst.name])  # nothing else
+
+
 @pytest.mark.parametrize("form", ["comfyui_fp8", "comfyui_fp8_unprefixed", "lightx2v_int8_per_block", "dit8_fp8",
                                   "fp8_unscaled"])
 def test_an_8bit_source_names_its_format_and_its_readers(tmp_path, i2v_weights, form, capsys, monkeypatch):
