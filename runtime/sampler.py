@@ -116,14 +116,19 @@ class DistilledSampler:
         """Run every step from `noise` (fp32 latents at σ = 1; NaN or Inf: InputError); returns the final x0
         estimate.
 
-        seed: seeds the fresh noise of the "renoise" rule (unused by "deterministic").
+        seed: seeds the fresh noise of the "renoise" rule (unused by "deterministic"): an integer in
+            [0, 2**64) (the pipeline passes its own seed + 1); InputError otherwise.
         callback(step, num_steps, x0): called after each step with a copy of that step's x0 estimate
             (the last one is the result: a callback that changes what it is given changes nothing).
         """
         check_noise(noise)
+        # torch's manual_seed refused a float, a bool or a numpy integer with a RuntimeError or TypeError
+        # that named no argument, and wrapped a negative seed around.
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 64:
+            raise InputError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         sigmas = self.sigmas().tolist()
         # Drawn on the CPU, as initial_noise: a seed gives the same video on any device.
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(int(seed))
         x = noise.float()
         x0 = x
         for i, sigma in enumerate(sigmas):

@@ -159,6 +159,23 @@ def test_initial_noise_refuses_a_seed_the_pipeline_refuses(seed):
         initial_noise((2, 3), seed)
 
 
+@pytest.mark.parametrize("seed", [-1, 2 ** 64, 1.5, "3", True, None, np.float64(3.0)])
+def test_sample_refuses_a_seed_that_is_not_an_integer_in_range(seed):
+    # torch's manual_seed raised a RuntimeError naming no argument for most of these, and took -1.
+    calls = []
+    with pytest.raises(InputError, match=r"^seed must be an integer in \[0, 2\*\*64\)"):
+        DistilledSampler(update="renoise").sample(lambda x, t: calls.append(1) or x, initial_noise((1, 2), 0),
+                                                  seed=seed)
+    assert calls == []
+
+
+def test_sample_takes_numpy_seeds_and_the_pipelines_largest():
+    model = lambda x, t: 0.5 * x  # noqa: E731
+    noise, sampler = initial_noise((1, 4, 2, 2, 2), 0), DistilledSampler(update="renoise")
+    assert torch.equal(sampler.sample(model, noise, seed=np.int64(7)), sampler.sample(model, noise, seed=7))
+    assert torch.isfinite(sampler.sample(model, noise, seed=2 ** 63)).all()  # a call's seed 2**63 - 1, plus 1
+
+
 def test_initial_noise_refuses_a_bad_device():
     with pytest.raises(InputError, match="'bogus' is not a device name"):
         initial_noise((2, 3), 0, device="bogus")
