@@ -49,6 +49,12 @@ def check_noise(noise: object) -> None:
     on any device: once a sampling, not once a step."""
     if not isinstance(noise, torch.Tensor):
         raise InputError(f"noise must be a tensor, got {type(noise).__name__}")
+    # The samplers read the batch size from the first dimension (an IndexError for a 0-d tensor) and the
+    # values below (a meta tensor has none: a RuntimeError from torch).
+    if noise.dim() == 0:
+        raise InputError("noise must have a batch dimension first, got a 0-d tensor")
+    if noise.is_meta:
+        raise InputError("noise is a meta tensor, which holds no values; give noise on the cpu or a cuda device")
     if not torch.isfinite(noise).all():
         raise InputError(f"noise contains {'NaN' if torch.isnan(noise).any() else 'Inf'} values")
 

@@ -230,3 +230,13 @@ def test_noise_with_nan_or_inf_is_refused_naming_it(sampler, value, kind):
     with pytest.raises(InputError, match="^noise must be a tensor, got list"):
         sampler.sample(model, noise.tolist())
     assert calls == []
+
+
+@pytest.mark.parametrize("sampler", [DistilledSampler(), UniPCSampler(steps=4)], ids=["distilled", "unipc"])
+@pytest.mark.parametrize("noise, message", [(torch.tensor(0.5), "noise must have a batch dimension first"),
+                                            (torch.zeros(1, 4, 2, 2, 2, device="meta"), "noise is a meta tensor")])
+def test_noise_without_a_batch_dimension_or_values_is_refused(sampler, noise, message):
+    # An IndexError (the batch size is the first dimension) and a RuntimeError from torch (reading values
+    # of a meta tensor), naming no argument.
+    with pytest.raises(InputError, match=f"^{message}"):
+        sampler.sample(lambda x, t: x, noise)
