@@ -10,7 +10,7 @@ from __future__ import annotations
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -155,7 +155,11 @@ class DistilledSampler:
 
 def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Seeded fp32 Gaussian latents; the same seed gives the same noise on any machine (drawn on the CPU).
-    `seed` as the pipeline takes it (an integer in [0, 2**63)); InputError for a bad seed or device."""
+    `seed` as the pipeline takes it (an integer in [0, 2**63)); InputError for a bad shape, seed or device."""
+    # Checked here: torch.randn raised a RuntimeError for a negative size, a TypeError naming no argument else.
+    if (isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence)
+            or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0 for n in shape)):
+        raise InputError(f"shape must be a sequence of sizes (integers >= 0), got {shape!r}")
     device = resolve_device(device)
     generator = torch.Generator().manual_seed(check_seed(seed))
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)

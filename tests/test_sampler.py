@@ -176,6 +176,14 @@ def test_sample_takes_numpy_seeds_and_the_pipelines_largest():
     assert torch.isfinite(sampler.sample(model, noise, seed=2 ** 63)).all()  # a call's seed 2**63 - 1, plus 1
 
 
+@pytest.mark.parametrize("shape", [(1, -2), (True, 2), (1, 2.5), "12", None, 5, (1, None)])
+def test_initial_noise_refuses_a_bad_shape_naming_it(shape):
+    # torch.randn raised a RuntimeError (a negative size) or a TypeError that named no argument.
+    with pytest.raises(InputError, match="^shape must be a sequence of sizes"):
+        initial_noise(shape, 0)
+    assert initial_noise([np.int64(2), 3], 0).shape == initial_noise(torch.Size([2, 3]), 0).shape == (2, 3)
+
+
 def test_initial_noise_refuses_a_bad_device():
     with pytest.raises(InputError, match="'bogus' is not a device name"):
         initial_noise((2, 3), 0, device="bogus")
