@@ -368,6 +368,8 @@ def test_a_picture_past_the_pixel_limit_is_refused_before_it_is_decoded(tmp_path
     (torch.full((3, 40, 56), float("nan")), "finite"),
     (np.zeros((8, 56, 3), np.uint8), "at least 16"),
     ([[0, 0, 0]], "file path, an image file's bytes, a PIL image"),
+    (torch.zeros(40, 56, 3, dtype=torch.uint8, device="meta"), "^the image tensor is a meta tensor"),
+    (torch.zeros(3, 40, 56, device="meta"), "^the image tensor is a meta tensor"),
 ])
 def test_bad_images(bad, message):
     with pytest.raises(InputError, match=message):
