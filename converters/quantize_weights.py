@@ -31,10 +31,14 @@ def quantize_weight(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.T
 
 
 def _check_weight(w: torch.Tensor, scheme: str) -> None:
-    if scheme not in SCHEME_DTYPES:
+    if not isinstance(scheme, str) or scheme not in SCHEME_DTYPES:  # (a list was unhashable: a TypeError)
         raise ValueError(f"unknown quantization scheme {scheme!r}; expected one of {tuple(SCHEME_DTYPES)}")
+    if not isinstance(w, torch.Tensor):  # (a numpy array or None failed at .dim() with an AttributeError)
+        raise ValueError(f"quantize_weight expects the weight w as a torch.Tensor [out, in], got {type(w).__name__}")
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"quantize_weight expects a 2-D float weight [out, in], got {tuple(w.shape)} {w.dtype}")
+    if w.shape[1] == 0:  # a row of no values has no amax to scale it by (torch's reduction raised IndexError)
+        raise ValueError(f"quantize_weight expects a weight with at least one column (in > 0), got {tuple(w.shape)}")
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -1435,6 +1435,22 @@ def test_quantize_weight_recipe():
         quantize_weight(x, "int4")
 
 
+@pytest.mark.parametrize("w, scheme, message", [
+    (None, "fp8", "the weight w as a torch.Tensor \\[out, in\\], got NoneType"),
+    (torch.zeros(3, 4).numpy(), "int8", "the weight w as a torch.Tensor \\[out, in\\], got ndarray"),
+    (torch.zeros(3, 0), "fp8", "at least one column \\(in > 0\\), got \\(3, 0\\)"),
+    (torch.zeros(3, 0), "int8", "at least one column"),
+    (torch.zeros(3, 4), ["fp8"], "unknown quantization scheme \\['fp8'\\]"),
+])
+def test_quantize_weight_refuses_what_is_no_weight_by_name(w, scheme, message):
+    """Not a tensor, no columns to scale a row by, or a scheme that is no name: a ValueError saying which,
+    not an AttributeError or IndexError from inside torch."""
+    with pytest.raises(ValueError, match=message):
+        quantize_weight(w, scheme)
+    with pytest.raises(ValueError, match=message):
+        convert_module.quantize_weight_measured(w, scheme)
+
+
 def _e4m3_nearest(y: torch.Tensor) -> torch.Tensor:
     """Round float64 `y` (|y| <= 448) to the nearest e4m3fn value, ties to the even code, by search over
     the format's 254 finite values: independent of any cast."""
