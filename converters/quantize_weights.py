@@ -43,7 +43,25 @@ def _check_weight(w: torch.Tensor, scheme: str) -> None:
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """q [out, in] with scale [out, 1] (or [out], any float dtype) -> the fp32 weight q · scale."""
+    _check_quantized("dequantize_weight", q, scale)
     return q.float() * scale.float().reshape(-1, 1)
+
+
+def _check_quantized(fn: str, q: torch.Tensor, scale: torch.Tensor, *weight: torch.Tensor) -> None:
+    """ValueError naming the argument unless q is [out, in], scale [out, 1] or [out] and the weight w (if
+    given) shaped as q. (Broadcast, a 1-D q and its scale made an [out, out] product; other shapes failed
+    with torch's RuntimeError, None with an AttributeError, naming no argument.)"""
+    arguments = [("w", t) for t in weight] + [("q", q), ("scale", scale)]
+    for name, t in arguments:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{fn} expects {name} as a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 2:
+        raise ValueError(f"{fn} expects the codes q as [out, in], got shape {tuple(q.shape)}")
+    if tuple(scale.shape) not in ((q.shape[0], 1), (q.shape[0],)):
+        raise ValueError(f"{fn}: scale has shape {tuple(scale.shape)}, q {tuple(q.shape)} takes "
+                         f"[{q.shape[0]}, 1] or [{q.shape[0]}]")
+    if weight and weight[0].shape != q.shape:
+        raise ValueError(f"{fn}: the weight w has shape {tuple(weight[0].shape)}, its codes q {tuple(q.shape)}")
 
 
 def quantize_weight_measured(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
@@ -116,4 +134,5 @@ def errors_from_sums(signal: float, noise: float) -> tuple[float, float]:
 
 def quantization_error(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tuple[float, float]:
     """(relative Frobenius error ‖w - q·scale‖ / ‖w‖, SQNR in dB) of a quantized weight against its source."""
+    _check_quantized("quantization_error", q, scale, w)
     return errors_from_sums(*error_sums(w, q, scale))

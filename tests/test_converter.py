@@ -1451,6 +1451,28 @@ def test_quantize_weight_refuses_what_is_no_weight_by_name(w, scheme, message):
         convert_module.quantize_weight_measured(w, scheme)
 
 
+def test_dequantize_weight_and_quantization_error_refuse_mismatched_arguments_by_name():
+    w = torch.randn(4, 3)
+    q, s = quantize_weight(w, "int8")
+    assert torch.equal(dequantize_weight(q, s.reshape(-1)), dequantize_weight(q, s))  # [out] as [out, 1]
+    for args, message in [((None, s), "dequantize_weight expects q as a torch.Tensor, got NoneType"),
+                          ((q, None), "dequantize_weight expects scale as a torch.Tensor, got NoneType"),
+                          ((q, torch.ones(5, 1)), r"scale has shape \(5, 1\), q \(4, 3\) takes \[4, 1\] or \[4\]"),
+                          ((q, torch.ones(4, 2)), "scale has shape \\(4, 2\\)"),
+                          ((q, s.reshape(1, -1)), "scale has shape \\(1, 4\\)"),
+                          # Broadcast, these made a [4, 4] "weight" of a 1-D q.
+                          ((q[:, 0], s.reshape(-1)), "expects the codes q as \\[out, in\\], got shape \\(4,\\)")]:
+        with pytest.raises(ValueError, match=message):
+            dequantize_weight(*args)
+    for args, message in [((None, q, s), "quantization_error expects w as a torch.Tensor, got NoneType"),
+                          ((w, q.numpy(), s), "expects q as a torch.Tensor, got ndarray"),
+                          ((torch.randn(4, 4), q, s), "the weight w has shape \\(4, 4\\), its codes q \\(4, 3\\)"),
+                          ((torch.randn(5, 3), q, s), "the weight w has shape \\(5, 3\\)"),
+                          ((w, q, torch.ones(2, 1)), "quantization_error: scale has shape \\(2, 1\\)")]:
+        with pytest.raises(ValueError, match=message):
+            quantization_error(*args)
+
+
 def _e4m3_nearest(y: torch.Tensor) -> torch.Tensor:
     """Round float64 `y` (|y| <= 448) to the nearest e4m3fn value, ties to the even code, by search over
     the format's 254 finite values: independent of any cast."""
