@@ -65,8 +65,13 @@ def parse_lora(arg: LoraArg) -> LoraSpec:
             spec = LoraSpec(Path(path), float(strength))
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"a LoRA given as a tuple must be (path, strength), got {arg!r}: {err}") from None
+    elif not isinstance(arg, str):
+        # str() of anything is some text: None, 5 or b"x.safetensors" became a file named 'None', '5' or
+        # "b'x.safetensors'", refused much later as not found.
+        raise CheckpointError(f"a LoRA must be a path (str or os.PathLike), a (path, strength) pair or a LoraSpec, "
+                              f"got {type(arg).__name__} {arg!r}"[:300])
     else:
-        text = str(arg)
+        text = arg
         if not text:
             raise CheckpointError("a LoRA file name is empty")
         head, sep, tail = text.rpartition(":")
