@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -56,12 +57,20 @@ def parse_lora(arg: LoraArg) -> LoraSpec:
     """A LoraSpec from `FILE[:STRENGTH]` (a str), a (path, strength) pair, or a path (a Path: its name is
     all path, strength 1)."""
     if isinstance(arg, LoraSpec):
-        return arg
-    if isinstance(arg, os.PathLike):
+        # Made by the caller, unchecked: its fields are held to what the other forms give (a bool strength,
+        # NaN or a str path passed through to the merge).
+        if not isinstance(arg.path, (str, os.PathLike)):
+            raise CheckpointError(f"a LoraSpec's path must be a str or os.PathLike, got {type(arg.path).__name__}")
+        if isinstance(arg.strength, bool) or not isinstance(arg.strength, numbers.Real):
+            raise CheckpointError(f"{arg.path}: LoRA strength {arg.strength!r} is not a number")
+        spec = LoraSpec(Path(arg.path), float(arg.strength))
+    elif isinstance(arg, os.PathLike):
         spec = LoraSpec(Path(arg))
     elif isinstance(arg, tuple):
         try:
             path, strength = arg
+            if isinstance(strength, bool):  # float(True) is 1.0: a switch, not a strength
+                raise TypeError(f"strength {strength!r} is a bool, not a number")
             spec = LoraSpec(Path(path), float(strength))
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"a LoRA given as a tuple must be (path, strength), got {arg!r}: {err}") from None

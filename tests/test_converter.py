@@ -815,6 +815,17 @@ def test_parse_lora_arguments(tmp_path):
         with pytest.raises(CheckpointError, match=f"a LoRA must be a path \\(str or os.PathLike\\), a \\(path, "
                                                   f"strength\\) pair or a LoraSpec, got {type(bad).__name__}"):
             parse_lora(bad)
+    # A bool is no strength (float(True) counted as 1), in a pair or a LoraSpec; a LoraSpec's fields are
+    # checked as the other forms' are.
+    for bad in [("x.safetensors", True), ("x.safetensors", False)]:
+        with pytest.raises(CheckpointError, match=f"must be \\(path, strength\\).*strength {bad[1]} is a bool"):
+            parse_lora(bad)
+    for bad in (True, "0.5", None, math.nan):
+        with pytest.raises(CheckpointError, match="x.safetensors: LoRA strength .* not a "):
+            parse_lora(LoraSpec(Path("x.safetensors"), bad))
+    with pytest.raises(CheckpointError, match="a LoraSpec's path must be a str or os.PathLike, got NoneType"):
+        parse_lora(LoraSpec(None, 0.5))
+    assert parse_lora(LoraSpec("x.safetensors", 1)) == LoraSpec(Path("x.safetensors"), 1.0)
 
 
 # ----------------------------------------------------------------------------------------- safety
