@@ -493,13 +493,21 @@ def convert(src: str | Path, dst: str | Path, *, scheme: str = "fp8",
             raise ConvertError(f"{name} must be True or False, got {switch!r}")
     if progress is not None and not isinstance(progress, bool):
         raise ConvertError(f"progress must be True, False or None, got {progress!r}")
+    # Other types failed in Path() or list() with a TypeError naming no argument (and lora=0 was no LoRA).
     for name, path in (("src", src), ("dst", dst)):
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConvertError(f"{name} must be a path (str or os.PathLike), got {type(path).__name__}")
         if str(path) == "":  # Path("") is the current folder: a mistake, not a request for it
             raise ConvertError(f"{name}: the path is empty")
     src, dst = Path(src), Path(dst)
+    if not isinstance(keep, (str, Iterable)) or isinstance(keep, (bytes, bytearray)):
+        raise ConvertError(f"keep must be an fnmatch pattern (str) or a sequence of them, got {type(keep).__name__}")
     keep = [keep] if isinstance(keep, str) else list(keep)  # one pattern, not its characters
-    if isinstance(lora, (str, Path, LoraSpec)):  # one LoRA (a tuple is a sequence of them)
+    if isinstance(lora, (str, os.PathLike, LoraSpec)):  # one LoRA (a tuple is a sequence of them)
         lora = [lora]
+    elif lora is not None and (not isinstance(lora, Iterable) or isinstance(lora, (bytes, bytearray))):
+        raise ConvertError(f"lora must be a LoRA (a path, \"path:strength\" or a LoraSpec) or a sequence of "
+                           f"LoRAs, got {type(lora).__name__}")
     _check_options(scheme, out_dtype, keep)
     loras = [parse_lora(arg) for arg in lora or ()]
     try:

@@ -1132,6 +1132,25 @@ def test_switches_are_booleans(tmp_path, i2v_weights, kwargs, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.parent.name, dst.name])  # nothing else
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(src=5), "src must be a path \\(str or os.PathLike\\), got int"),
+    (dict(src=None), "src must be a path \\(str or os.PathLike\\), got NoneType"),
+    (dict(dst=b"o.safetensors"), "dst must be a path \\(str or os.PathLike\\), got bytes"),
+    (dict(keep=5), "keep must be an fnmatch pattern \\(str\\) or a sequence of them, got int"),
+    (dict(keep=b"blocks.*"), "keep must be an fnmatch pattern \\(str\\) or a sequence of them, got bytes"),
+    (dict(lora=5), "lora must be a LoRA \\(a path, \"path:strength\" or a LoraSpec\\) or a sequence of LoRAs, got int"),
+    (dict(lora=0), "lora must be a LoRA .* got int"),  # was no LoRA at all
+    (dict(lora=b"l.safetensors"), "lora must be a LoRA .* got bytes"),
+])
+def test_arguments_of_another_type_are_refused_by_name(tmp_path, i2v_weights, kwargs, message):
+    # They failed in Path() or list() with a TypeError naming no argument.
+    src = _source(tmp_path, i2v_weights, I2V)
+    dst = tmp_path / "o.safetensors"
+    with pytest.raises(ConvertError, match=f"^{message}$"):
+        convert(**{"src": src, "dst": dst, "progress": False, **kwargs})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.parent.name]  # nothing written
+
+
 @pytest.mark.parametrize("form", ["comfyui_fp8", "comfyui_fp8_unprefixed", "lightx2v_int8_per_block", "dit8_fp8",
                                   "fp8_unscaled"])
 def test_an_8bit_source_names_its_format_and_its_readers(tmp_path, i2v_weights, form, capsys, monkeypatch):
