@@ -45,6 +45,8 @@ def ffmpeg_path(path: str | Path) -> str:
 def to_uint8_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
     """[F, H, W, 3] uint8, or float in [-1, 1] (clamped), as a numpy uint8 array of the same shape."""
     if isinstance(frames, torch.Tensor):
+        if frames.is_meta:  # (torch's .item() or copy to the CPU failed on it, naming no input)
+            raise InputError("frames is a meta tensor, which holds no values; give it on the cpu or a cuda device")
         t = frames.detach()
         if t.is_floating_point():
             _check_finite(bool(torch.isfinite(t).all()))

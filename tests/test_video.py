@@ -152,6 +152,15 @@ def test_bad_frames(tmp_path, frames, words):
         write_mp4(tmp_path / "x.mp4", frames)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_meta_tensor_frames_are_refused_by_name(tmp_path, dtype):
+    frames = torch.zeros(2, 16, 16, 3, dtype=dtype, device="meta")
+    for write in (lambda: write_mp4(tmp_path / "x.mp4", frames), lambda: write_png_frames(tmp_path / "f", frames)):
+        with pytest.raises(InputError, match="^frames is a meta tensor, which holds no values"):
+            write()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_png_frames(tmp_path):
     frames = smooth_frames(3, 20, 30)
     paths = write_png_frames(tmp_path / "frames", frames)
