@@ -103,6 +103,8 @@ def _as_path(path: object, what: str) -> Path:
         raise InputError(f"the {what} must be a path (str or os.PathLike), got {type(path).__name__}")
     if not os.fspath(path):
         raise InputError(f"the {what} is empty")
+    if "\x00" in str(Path(path)):  # (the OS call raised "embedded null byte", naming no argument)
+        raise InputError(f"the {what} {str(path)!r} holds a null byte, which no file name can")
     return Path(path)
 
 
@@ -227,6 +229,8 @@ def write_png_frames(folder: str | Path, frames: torch.Tensor | np.ndarray, *,
     folder = _as_path(folder, "frames folder")
     if not isinstance(prefix, str):
         raise InputError(f"prefix must be a str, got {type(prefix).__name__}")
+    if "\x00" in prefix:  # (the OS call raised "embedded null byte", naming no argument)
+        raise InputError(f"prefix {prefix!r}: holds a null byte, which no file name can")
     if Path(prefix).name != prefix or prefix in (".", ".."):
         raise InputError(f"prefix {prefix!r}: must be the start of a file name, without folders")
     frames = to_uint8_frames(frames)

@@ -361,7 +361,14 @@ def test_empty_or_untyped_output_paths_are_refused(tmp_path, monkeypatch):
                           (lambda: check_output_paths(""), "the video path is empty"),
                           (lambda: write_mp4(3, frames), "the video path must be a path .*, got int"),
                           (lambda: write_png_frames(None, frames), "the frames folder must be a path .*, got NoneType"),
-                          (lambda: write_png_frames("f", frames, prefix=3), "prefix must be a str, got int")]:
+                          (lambda: write_png_frames("f", frames, prefix=3), "prefix must be a str, got int"),
+                          # Null bytes: the OS calls raised "embedded null byte", naming no argument.
+                          (lambda: write_png_frames("f", frames, prefix="\x00"), "prefix '\\\\x00': holds a null byte"),
+                          (lambda: write_png_frames("f", frames, prefix="a\x00b"), "prefix 'a\\\\x00b': holds a null"),
+                          (lambda: write_png_frames("f\x00g", frames), "the frames folder 'f\\\\x00g' holds a null"),
+                          (lambda: check_output_paths(frames_dir="f\x00"), "the frames folder .* holds a null byte"),
+                          (lambda: write_mp4("x\x00.mp4", frames), "the video path 'x\\\\x00.mp4' holds a null byte"),
+                          (lambda: check_output_paths("x\x00.mp4"), "the video path .* holds a null byte")]:
         with pytest.raises(InputError, match=message):
             call()
     assert list(tmp_path.iterdir()) == []
