@@ -13,6 +13,8 @@ its lifetime: drop the object when the generation is done.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .errors import InputError
@@ -26,6 +28,14 @@ class CapturedForward:
 
     def __init__(self, model: WanDiT, x: torch.Tensor, t: torch.Tensor, context: EncodedContext,
                  y: torch.Tensor | None = None, *, warmup: int = 2):
+        # Checked first, on any device: another type failed at its first attribute with an AttributeError.
+        if not isinstance(model, WanDiT):
+            raise InputError(f"model must be a WanDiT, got {type(model).__name__}")
+        for name, value in (("x", x), ("t", t), *((("y", y),) if y is not None else ())):
+            if not isinstance(value, torch.Tensor):
+                raise InputError(f"{name} must be a tensor, got {type(value).__name__}")
+        if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral):
+            raise InputError(f"warmup must be an integer, got {warmup!r}")
         if model.setup.parallel is not None:
             # Capturing the all-to-alls would rely on NCCL's support for graph capture, untested with dit8.
             raise InputError("CUDA-graph capture of a sequence-parallel model is not supported; run it eagerly")
@@ -64,6 +74,8 @@ class CapturedForward:
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The velocity for latents x at timesteps t (shapes as captured): replays the graph."""
         for name, new, static in (("x", x, self.x), ("t", t, self.t)):
+            if not isinstance(new, torch.Tensor):
+                raise InputError(f"{name} must be a tensor, got {type(new).__name__}")
             if new.shape != static.shape:
                 raise InputError(f"{name} has shape {tuple(new.shape)}; the graph was captured for "
                                  f"{tuple(static.shape)}")

@@ -28,6 +28,32 @@ def test_a_context_not_encoded_is_refused():
         CapturedForward(model, inputs["x"], inputs["t"], inputs["context"], inputs["y"])
 
 
+def test_arguments_of_another_type_are_refused_by_name():
+    """Checked before the device is: a CPU machine runs them. (None as the model raised an AttributeError.)"""
+    config = tiny_config("i2v")
+    model = build_model(config, device="cpu")
+    inputs = random_inputs(config)
+    context = model.encode_context(inputs["context"], inputs["clip_fea"])
+    x, t, y = inputs["x"], inputs["t"], inputs["y"]
+    for args, kwargs, message in [((None, x, t, context, y), {}, "model must be a WanDiT, got NoneType"),
+                                  ((model.blocks, x, t, context, y), {}, "model must be a WanDiT, got ModuleList"),
+                                  ((model, None, t, context, y), {}, "x must be a tensor, got NoneType"),
+                                  ((model, x, [0.5], context, y), {}, "t must be a tensor, got list"),
+                                  ((model, x, t, context, y.numpy()), {}, "y must be a tensor, got ndarray"),
+                                  ((model, x, t, context, y), {"warmup": "2"}, "warmup must be an integer, got '2'"),
+                                  ((model, x, t, context, y), {"warmup": True}, "warmup must be an integer, got True")]:
+        with pytest.raises(InputError, match=f"^{message}$"):
+            CapturedForward(*args, **kwargs)
+    # A replay's inputs are checked before the GPU is touched too: a captured forward's static inputs
+    # stand in for a capture here.
+    captured = object.__new__(CapturedForward)
+    captured.x, captured.t = x, t
+    for args, message in [((None, t), "x must be a tensor, got NoneType"), ((x, 0.5), "t must be a tensor, got float"),
+                          ((x[:1], t), "x has shape .*; the graph was captured for")]:
+        with pytest.raises(InputError, match=message):
+            captured(*args)
+
+
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
