@@ -10,6 +10,7 @@ compute dtype, or W8A8 where the checkpoint's block linears are 8-bit.
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 import warnings
 import weakref
@@ -365,6 +366,12 @@ class WanDiT(nn.Module):
     def check_tokens(self, tokens: int, what: str) -> None:
         """InputError unless this model's attention kernels take a forward over `tokens` video tokens
         (`check_attention_tokens`); `what` names the input in the message."""
+        _check_token_count(tokens)
+        self._check_token_limit(tokens, what)
+
+    def _check_token_limit(self, tokens: int, what: str) -> None:
+        # (The forward's own count, math.prod of its grid, needs no type check: under torch.compile with
+        # dynamic shapes it is a SymInt.)
         attention = self.blocks[0].self_attn.precision if len(self.blocks) else "bf16"
         world = 1 if self.setup.parallel is None else self.setup.parallel.world
         _check_attention_tokens(self.config, tokens, what, self.setup, attention, world)  # (per-op backends cached)
@@ -493,7 +500,7 @@ class WanDiT(nn.Module):
         if max(grid) > MAX_POSITIONS:
             raise InputError(f"x has a patch grid of {grid} (frames, rows, columns); the model's position encoding "
                              f"covers {MAX_POSITIONS} along each")
-        self.check_tokens(math.prod(grid), f"x (patch grid {grid})")
+        self._check_token_limit(math.prod(grid), f"x (patch grid {grid})")
         if not isinstance(t, torch.Tensor) or t.shape != (B,):
             raise InputError(f"t must be a tensor of shape ({B},), got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
@@ -558,7 +565,15 @@ def check_attention_tokens(config: WanConfig, tokens: int, what: str, *, backend
     `world` processes) takes a forward over `tokens` video tokens: the Triton attention kernels bound them
     (`kernels.attention.max_attention_tokens`). `what` names the input. A video too long for them is so
     refused before the encoders run, or before a command loads the model."""
+    _check_token_count(tokens)
     _check_attention_tokens(config, tokens, what, Setup(device, torch.float32, backend), attention, world)
+
+
+def _check_token_count(tokens: object) -> None:
+    """None, a bool, a float or a negative count passed the limit silently wherever the limit is None (torch
+    SDPA), and True counted as 1; another type failed in the comparison with a TypeError."""
+    if isinstance(tokens, bool) or not isinstance(tokens, numbers.Integral) or tokens < 0:
+        raise InputError(f"tokens must be a non-negative integer (a count of video tokens), got {tokens!r}")
 
 
 def _check_attention_tokens(config: WanConfig, tokens: int, what: str, setup: Setup, attention: str,

@@ -1,6 +1,7 @@
 """WanDiT structure, input checks, the context cache and the RoPE table cache."""
 
 import gc
+import re
 import traceback
 import weakref
 
@@ -481,6 +482,23 @@ def test_sequences_past_the_attention_kernels_offsets_are_refused_by_the_model()
     check_attention_tokens(I2V_14B, limit2, "x", backend="triton", attention="int8", device=cpu, world=2)
     with pytest.raises(InputError, match=f"self-attention.*at most {limit2:,}"):
         check_attention_tokens(I2V_14B, limit2 + 1, "x", backend="triton", attention="int8", device=cpu, world=2)
+
+
+@pytest.mark.parametrize("tokens", [None, -1, True, 1.5, "3"])
+def test_a_token_count_that_is_no_count_is_refused(tokens):
+    """check_tokens passed None, -1, True or 1.5 silently where the limit is torch SDPA's (none), and
+    failed with a TypeError comparing them with a Triton kernel's limit."""
+    from dit8.model import check_attention_tokens
+
+    model = WanDiT(tiny_config())
+    model.check_tokens(0, "x")  # no tokens is a count too
+    message = f"^tokens must be a non-negative integer \\(a count of video tokens\\), got {re.escape(repr(tokens))}$"
+    with pytest.raises(InputError, match=message):
+        model.check_tokens(tokens, "x")
+    for backend in ("auto", "triton"):
+        with pytest.raises(InputError, match=message):
+            check_attention_tokens(model.config, tokens, "x", backend=backend, attention="int8",
+                                   device=torch.device("cpu"))
 
 
 def test_a_forward_past_the_attention_kernels_offsets_is_refused_before_it_runs(monkeypatch):
