@@ -48,7 +48,7 @@ from .progress import Progress
 from .sampler import UPDATE_RULES, DistilledSampler, check_seed, check_shift, evenly_spaced_steps, initial_noise
 from .t5 import T5Encoder
 from .tokenizer import Tokenizer
-from .unipc import DEFAULT_NEGATIVE_PROMPT, UniPCSampler, guided
+from .unipc import DEFAULT_NEGATIVE_PROMPT, MAX_STEPS, UniPCSampler, guided
 from .vae import WanVAE
 from .video import FPS, FramesShape, video_to_frames, write_mp4, write_png_frames
 
@@ -125,8 +125,8 @@ def check_settings(*, seed: Any = 0, steps: Any = None, guidance: Any = None, sh
     if sampler is not None and sampler not in SAMPLERS:
         raise InputError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral)
-                              or not 1 <= steps <= 1000):
-        raise InputError(f"steps must be an integer in [1, 1000], got {steps!r}")
+                              or not 1 <= steps <= MAX_STEPS):
+        raise InputError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
     if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, numbers.Real)
                                  or not math.isfinite(guidance)):
         raise InputError(f"guidance must be a finite number, got {guidance!r}")

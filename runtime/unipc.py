@@ -82,6 +82,12 @@ def _combine(weights: list[float], tensors: list[torch.Tensor]) -> torch.Tensor 
     return out
 
 
+# A call's most steps, the pipeline's limit too. The model's timesteps are integers in [0, 1000]: past a
+# few hundred steps the grid repeats them (1,000 steps at shift 3 hold 732 distinct ones), and an
+# unbounded count such as 10**12 ended in a raw allocation error.
+MAX_STEPS = 1000
+
+
 @dataclass(frozen=True)
 class UniPCSampler:
     """steps: number of model evaluations; shift: the sigma shift (3.0 for 480P I2V, 5.0 for 720P);
@@ -95,8 +101,9 @@ class UniPCSampler:
     def __post_init__(self) -> None:
         # Integers as the pipeline and DistilledSampler take them (numpy's too); a bool is no count, and
         # True in (1, 2, 3) would pass for order 1.
-        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 1:
-            raise InputError(f"steps must be a positive integer, got {self.steps!r}")
+        if (isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral)
+                or not 1 <= self.steps <= MAX_STEPS):
+            raise InputError(f"steps must be an integer in [1, {MAX_STEPS}], got {self.steps!r}")
         if isinstance(self.order, bool) or not isinstance(self.order, numbers.Integral) or self.order not in (1, 2, 3):
             raise InputError(f"order must be 1, 2 or 3, got {self.order!r}")
         if not isinstance(self.corrector, bool):  # a string such as "no" would read as True

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dit8.errors import InputError
-from dit8.unipc import DEFAULT_NEGATIVE_PROMPT, UniPCSampler, guided, unipc_sigmas
+from dit8.pipeline import check_settings
+from dit8.unipc import DEFAULT_NEGATIVE_PROMPT, MAX_STEPS, UniPCSampler, guided, unipc_sigmas
 
 
 def official_grid(steps: int, shift: float):
@@ -153,10 +154,18 @@ def test_guidance():
 
 
 @pytest.mark.parametrize("kwargs", [{"steps": 0}, {"order": 4}, {"shift": 0.0}, {"steps": 2.5}, {"steps": True},
-                                    {"order": True}, {"order": 2.0}, {"corrector": "no"}])
+                                    {"steps": 1001}, {"steps": 10**12}, {"order": True}, {"order": 2.0},
+                                    {"corrector": "no"}])
 def test_invalid_settings(kwargs):
     with pytest.raises(InputError, match=next(iter(kwargs))):
         UniPCSampler(**kwargs)
+
+
+def test_the_sampler_takes_the_steps_a_pipeline_call_takes():
+    timesteps = UniPCSampler(steps=MAX_STEPS).timesteps()
+    assert MAX_STEPS == 1000 and timesteps.shape == (1000,) and 0 <= timesteps.min() <= timesteps.max() <= 1000
+    with pytest.raises(InputError, match=r"steps must be an integer in \[1, 1000\]"):
+        check_settings(steps=MAX_STEPS + 1)
 
 
 def test_numpy_integers_are_taken_as_ints():
