@@ -61,6 +61,8 @@ def parse_lora(arg: LoraArg) -> LoraSpec:
         # NaN or a str path passed through to the merge).
         if not isinstance(arg.path, (str, os.PathLike)):
             raise CheckpointError(f"a LoraSpec's path must be a str or os.PathLike, got {type(arg.path).__name__}")
+        if arg.path == "":  # Path("") is the current folder
+            raise CheckpointError("a LoRA file name is empty")
         if isinstance(arg.strength, bool) or not isinstance(arg.strength, numbers.Real):
             raise CheckpointError(f"{arg.path}: LoRA strength {arg.strength!r} is not a number")
         spec = LoraSpec(Path(arg.path), float(arg.strength))
@@ -71,6 +73,8 @@ def parse_lora(arg: LoraArg) -> LoraSpec:
             path, strength = arg
             if isinstance(strength, bool):  # float(True) is 1.0: a switch, not a strength
                 raise TypeError(f"strength {strength!r} is a bool, not a number")
+            if isinstance(path, str) and not path:  # Path("") is the current folder
+                raise ValueError("the file name is empty")
             spec = LoraSpec(Path(path), float(strength))
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"a LoRA given as a tuple must be (path, strength), got {arg!r}: {err}") from None

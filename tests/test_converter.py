@@ -810,6 +810,10 @@ def test_parse_lora_arguments(tmp_path):
         parse_lora(f"{tmp_path / 'l.safetensors'}:abc")
     with pytest.raises(CheckpointError, match="a LoRA file name is empty"):  # not the current folder
         parse_lora("")
+    with pytest.raises(CheckpointError, match="must be \\(path, strength\\).*the file name is empty"):
+        parse_lora(("", 0.5))
+    with pytest.raises(CheckpointError, match="a LoRA file name is empty"):
+        parse_lora(LoraSpec("", 0.5))
     # Not a path: refused by type, not read as a file named 'None', '5', '[]' or "b'x.safetensors'".
     for bad in (None, 5, [], b"x.safetensors", 0.5):
         with pytest.raises(CheckpointError, match=f"a LoRA must be a path \\(str or os.PathLike\\), a \\(path, "
