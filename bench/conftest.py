@@ -68,12 +68,24 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_configure_after_benchmark(config: pytest.Config) -> None:
     # pytest-benchmark's session is not public API (5.x names): where it differs, the checks step aside.
     session = getattr(config, "_benchmarksession", None)
+    if CUDA and session is not None:
+        check_compare_fail(compare=getattr(session, "compare", None),
+                           compare_fail=bool(getattr(session, "compare_fail", None)))
     compared = getattr(session, "compared_mapping", None)
     if CUDA and getattr(session, "compare", None) and compared is not None and hasattr(session, "logger"):
         for warning in check_compared_runs(compared, torch.cuda.get_device_name(), compare=session.compare,
                                            storage=str(getattr(session, "storage", "the benchmark storage")),
                                            fail=bool(getattr(session, "compare_fail", None))):
             session.logger.warning(warning)
+
+
+def check_compare_fail(*, compare: str | bool | None, compare_fail: bool) -> None:
+    """Raise a UsageError where --benchmark-compare-fail (`compare_fail`) can judge nothing: without
+    --benchmark-compare, which pytest-benchmark reports only after the whole suite ran."""
+    if compare_fail and not compare:
+        raise pytest.UsageError("--benchmark-compare-fail needs --benchmark-compare: name the saved run to judge "
+                                "this one against (e.g. --benchmark-storage=file://bench/baselines "
+                                "--benchmark-compare=Linux-CPython-3.12-64bit/0015 for an H100's GEMM run)")
 
 
 def check_compared_runs(compared: dict[str, dict], gpu: str, *, compare: str | bool, storage: str,

@@ -131,3 +131,23 @@ def test_the_suites_refuse_them(tmp_path, compare, message):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
     assert message in run.stderr, run.stderr
+
+
+def pytest_on_a_gpu(tmp_path: Path, options: list[str]) -> subprocess.CompletedProcess:
+    """pytest (collection only) with `options` in a subprocess whose torch reports a GPU, from tmp_path."""
+    (tmp_path / "fake_gpu.py").write_text(FAKE_GPU)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "fake_gpu", "-p", "no:cacheprovider", "-q",
+                           f"--rootdir={ROOT}", "-c", str(ROOT / "pyproject.toml"), "--collect-only",
+                           f"{__file__}::test_runs_of_the_same_gpu_compare", f"--benchmark-storage=file://{tmp_path}",
+                           *options], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("options, message", [
+    # pytest-benchmark refuses this only after the whole suite ran
+    (["--benchmark-compare-fail=median:10%"], "--benchmark-compare-fail needs --benchmark-compare"),
+])
+def test_a_regression_check_that_judges_nothing_is_refused(tmp_path, options, message):
+    run = pytest_on_a_gpu(tmp_path, options)
+    assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
+    assert message in run.stderr, run.stderr
