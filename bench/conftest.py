@@ -70,7 +70,8 @@ def pytest_configure_after_benchmark(config: pytest.Config) -> None:
     session = getattr(config, "_benchmarksession", None)
     if CUDA and session is not None:
         check_compare_fail(compare=getattr(session, "compare", None),
-                           compare_fail=bool(getattr(session, "compare_fail", None)))
+                           compare_fail=bool(getattr(session, "compare_fail", None)),
+                           disabled=bool(getattr(session, "disabled", False)))
     compared = getattr(session, "compared_mapping", None)
     if CUDA and getattr(session, "compare", None) and compared is not None and hasattr(session, "logger"):
         for warning in check_compared_runs(compared, torch.cuda.get_device_name(), compare=session.compare,
@@ -79,9 +80,15 @@ def pytest_configure_after_benchmark(config: pytest.Config) -> None:
             session.logger.warning(warning)
 
 
-def check_compare_fail(*, compare: str | bool | None, compare_fail: bool) -> None:
+def check_compare_fail(*, compare: str | bool | None, compare_fail: bool, disabled: bool = False) -> None:
     """Raise a UsageError where --benchmark-compare-fail (`compare_fail`) can judge nothing: without
-    --benchmark-compare, which pytest-benchmark reports only after the whole suite ran."""
+    --benchmark-compare, which pytest-benchmark reports only after the whole suite ran, or with the
+    benchmarks `disabled` (--benchmark-disable, or pytest-xdist's -n, which disables them): each function
+    then runs once untimed, and every regression check passes."""
+    if compare_fail and disabled:
+        raise pytest.UsageError("--benchmark-compare-fail with the benchmarks disabled (--benchmark-disable, or "
+                                "pytest-xdist's -n, under which pytest-benchmark times nothing) would pass "
+                                "whatever the times: run the suite without them")
     if compare_fail and not compare:
         raise pytest.UsageError("--benchmark-compare-fail needs --benchmark-compare: name the saved run to judge "
                                 "this one against (e.g. --benchmark-storage=file://bench/baselines "

@@ -134,8 +134,16 @@ def test_the_suites_refuse_them(tmp_path, compare, message):
 
 
 def pytest_on_a_gpu(tmp_path: Path, options: list[str]) -> subprocess.CompletedProcess:
-    """pytest (collection only) with `options` in a subprocess whose torch reports a GPU, from tmp_path."""
+    """pytest (collection only) with `options` in a subprocess whose torch reports a GPU, from tmp_path, which
+    holds a run of this GPU saved as 0001, with a row of the test collected."""
     (tmp_path / "fake_gpu.py").write_text(FAKE_GPU)
+    saved = tmp_path / MACHINE
+    saved.mkdir()
+    test_id = "bench/test_compare.py::test_runs_of_the_same_gpu_compare"
+    (saved / "0001_compare.json").write_text(json.dumps({
+        "machine_info": {}, "commit_info": {}, "datetime": "2026-11-26T00:00:00", "version": "5.1.0",
+        "benchmarks": [{"name": test_id.split("::")[1], "fullname": test_id, "group": None, "params": None,
+                        "param": None, "options": {}, "extra_info": {"device": GPU}, "stats": STATS}]}))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "fake_gpu", "-p", "no:cacheprovider", "-q",
                            f"--rootdir={ROOT}", "-c", str(ROOT / "pyproject.toml"), "--collect-only",
@@ -146,8 +154,15 @@ def pytest_on_a_gpu(tmp_path: Path, options: list[str]) -> subprocess.CompletedP
 @pytest.mark.parametrize("options, message", [
     # pytest-benchmark refuses this only after the whole suite ran
     (["--benchmark-compare-fail=median:10%"], "--benchmark-compare-fail needs --benchmark-compare"),
+    # pytest-benchmark times nothing, and a 10x slower run passes
+    ([f"--benchmark-compare={MACHINE}/0001", "--benchmark-compare-fail=median:10%", "--benchmark-disable"],
+     "with the benchmarks disabled"),
+    ([f"--benchmark-compare={MACHINE}/0001", "--benchmark-compare-fail=median:10%", "-n", "1"],
+     "with the benchmarks disabled"),
 ])
 def test_a_regression_check_that_judges_nothing_is_refused(tmp_path, options, message):
+    if "-n" in options:
+        pytest.importorskip("xdist", reason="pytest-xdist is not installed")
     run = pytest_on_a_gpu(tmp_path, options)
     assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
     assert message in run.stderr, run.stderr
