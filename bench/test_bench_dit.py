@@ -7,10 +7,13 @@ same weights where diffusers is installed.
 
 CUDA: I2V-14B (40 blocks unless DIT8_BENCH_DIT_LAYERS says otherwise), 480P, 81 frames (32,760 tokens),
 bf16 compute, backend "auto" (DIT8_BACKEND=triton picks the Triton kernels). extra_info of each row: ms
-(CUDA events, one forward after one warm-up forward), context_ms (the cross-attention k/v, once per
-generation), peak_memory (bytes, torch.cuda.max_memory_allocated over the timed forward) and peak_gib,
-weight_gib, layers, tokens; for dit8 rows also ratio = diffusers ms / ms when the diffusers row (first
-in this file) ran in the same session. The pytest-benchmark time is one more synchronized forward.
+(CUDA events, one forward after one warm-up forward), peak_memory (bytes, torch.cuda.max_memory_allocated
+over the timed forward) and peak_gib, layers, tokens; of the dit8 rows also scheme, context_ms (the
+cross-attention k/v, once per generation), weight_gib, and baseline_ms (diffusers') with ratio =
+diffusers ms / ms when the diffusers row (first in this file) ran in the same session; of the diffusers
+row rel_diff_dit8 (its output against dit8's on the same weights). The pytest-benchmark time is one more
+synchronized forward. The ids name neither the layer count nor the backend: compare saved runs made
+with the same DIT8_BENCH_DIT_LAYERS and DIT8_BACKEND.
 Without CUDA: smoke mode (tiny config, 1 block, 64x64, 5 frames, once each); the times mean nothing.
 """
 

@@ -4,7 +4,8 @@ tokens x 5120 channels (13,824 for the FFN hidden), bf16 activations, fp32 resid
 
     python -m pytest bench/test_bench_fused.py -q --benchmark-json=fused.json
 
-extra_info of each row: op and backend (the registry's names, for bench/fastest_backends.py), ms
+extra_info of each op's row: op and backend (the registry's names, for bench/fastest_backends.py; the
+device copy and the eager q/k baselines have neither), ms
 (do_bench median), gbps (bytes the op must move / time), copy_gbps (the
 device copy of this run) and copy_fraction = gbps / copy_gbps (issue 6 target: >= 0.85), ratio =
 eager torch ms / ms; for q/k RMSNorm + RoPE also speedup_vs_official (fp32 RMSNorm + float64 complex
