@@ -210,16 +210,20 @@ def _first_webp_frame(f: BinaryIO, name: str) -> np.ndarray | None:
     if canvas_w * canvas_h > MAX_IMAGE_PIXELS:
         raise InputError(f"{name}: an animated WebP of {canvas_w}x{canvas_h} pixels, more than the "
                          f"{MAX_IMAGE_PIXELS:,} read; scale it down first")
+    damaged = InputError(f"{name}: cannot read the image (a damaged animated WebP); give a PNG, JPEG or WebP file")
+    end = f.seek(0, io.SEEK_END)
+    f.seek(12 + 18)
     while True:  # to the first frame (ANIM, ICCP, EXIF chunks before it)
         header = f.read(8)
         if len(header) < 8:
             raise InputError(f"{name}: an animated WebP without a frame (or cut short); give a still image")
         size = int.from_bytes(header[4:], "little")
         if header[:4] == b"ANMF":
+            if size > end - f.tell():  # cut short, or a size that lies: read(size) would allocate all of it first
+                raise damaged
             frame = f.read(size)
             break
         f.seek(size + (size & 1), io.SEEK_CUR)
-    damaged = InputError(f"{name}: cannot read the image (a damaged animated WebP); give a PNG, JPEG or WebP file")
     if len(frame) < 16:
         raise damaged
     x, y = (2 * int.from_bytes(frame[i:i + 3], "little") for i in (0, 3))

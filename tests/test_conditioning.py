@@ -473,6 +473,26 @@ def test_an_animated_webp_whose_first_frame_covers_part_of_its_canvas(tmp_path):
         read_image(path)
 
 
+def test_an_animated_webp_frame_whose_size_passes_the_end_is_refused_without_reading_it(tmp_path):
+    """A frame chunk's size is 32 bits the file chooses: reading that much allocated it (4 GB here) first."""
+    import tracemalloc
+
+    path = tmp_path / "a.webp"
+    _animation(path, "webp", "libwebp_anim", "bgra", {"lossless": "1"})
+    data = path.read_bytes()
+    at = data.index(b"ANMF")
+    path.write_bytes(data[:at + 4] + (2**32 - 16).to_bytes(4, "little") + data[at + 8:])
+    for decode, source, name in [(read_image, path, "a.webp"), (decode_image, path.read_bytes(), "the image bytes")]:
+        tracemalloc.start()
+        try:
+            with pytest.raises(InputError, match=f"{name}.*: cannot read the image \\(a damaged animated WebP\\)"):
+                decode(source)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 2**26, f"{decode.__name__} took {peak:,} bytes"
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("drawing.svg", b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="32" height="32">'
      b'<rect width="32" height="32" fill="red"/></svg>', "is an SVG drawing \\(vector graphics\\), which is not read"),
