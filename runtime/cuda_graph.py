@@ -29,7 +29,9 @@ class CapturedForward:
     def __init__(self, model: WanDiT, x: torch.Tensor, t: torch.Tensor, context: EncodedContext,
                  y: torch.Tensor | None = None, *, warmup: int = 2):
         # Checked first, on any device: another type failed at its first attribute with an AttributeError.
-        if not isinstance(model, WanDiT):
+        # torch.compile(model) is taken as the model is: its wrapper runs the compiled forward and hands
+        # on every other attribute (setup, positions) to the WanDiT it holds.
+        if not isinstance(getattr(model, "_orig_mod", model), WanDiT):
             raise InputError(f"model must be a WanDiT, got {type(model).__name__}")
         for name, value in (("x", x), ("t", t), *((("y", y),) if y is not None else ())):
             if not isinstance(value, torch.Tensor):

@@ -20,6 +20,20 @@ def test_a_cpu_model_is_refused():
         CapturedForward(model, inputs["x"], inputs["t"], context, inputs["y"])
 
 
+def test_a_compiled_model_passes_the_type_check():
+    """torch.compile(model) wraps the WanDiT (an OptimizedModule that forwards its attributes): it is
+    captured as the model is, so it is held to the same checks, not refused as another type."""
+    config = tiny_config("i2v")
+    model = build_model(config, device="cpu")
+    inputs = random_inputs(config)
+    context = model.encode_context(inputs["context"], inputs["clip_fea"])
+    compiled = torch.compile(model)  # (compiles at its first call only: none here)
+    with pytest.raises(InputError, match="needs a model on a CUDA device"):
+        CapturedForward(compiled, inputs["x"], inputs["t"], context, inputs["y"])
+    with pytest.raises(InputError, match="^model must be a WanDiT, got OptimizedModule$"):
+        CapturedForward(torch.compile(model.blocks), inputs["x"], inputs["t"], context, inputs["y"])
+
+
 def test_a_context_not_encoded_is_refused():
     config = tiny_config("i2v")
     model = build_model(config, device="cpu")
