@@ -19,6 +19,7 @@ import io
 import math
 import numbers
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
@@ -162,6 +163,8 @@ def _describe_non_image(head: bytes) -> str | None:
         return "is empty (0 bytes); give a PNG, JPEG or WebP file"
     if head.startswith(b"%PDF-"):
         return "is a PDF document, not an image; export the page as a PNG or JPEG file"
+    if re.match(rb"P[1-7FfHh]\s", head) or head.startswith((b"/* XPM */", b"#define ")):
+        return None  # Netpbm (PPM, PGM, PAM, PFM), XPM and XBM pictures begin as text: FFmpeg's reason stands
     for cut in range(4):  # the bytes read may end inside a character of up to 4 bytes
         try:
             text = head[:len(head) - cut].decode("utf-8").removeprefix("\ufeff")

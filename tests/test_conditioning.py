@@ -513,6 +513,29 @@ def test_a_file_that_is_no_picture_says_what_it_is(tmp_path, name, content, mess
             decode_image(content)
 
 
+@pytest.mark.parametrize("name, content", [
+    ("cut.ppm", b"P3\n20 20\n255\n255 0 0\n"),  # ASCII PPM: a header and its values, all text
+    ("cut-binary.ppm", b"P6\n20 20\n255\n\xff\x00\x00"),
+    ("cut.pgm", b"P2 4 4 255 0 1 2"),
+    ("cut.xpm", b'/* XPM */\nstatic char * a_xpm[] = {\n"4 2 2 1",\n" \tc #FF0000",\n'),
+    ("cut.xbm", b"#define t_width 8\n#define t_height 2\nstatic unsigned"),
+], ids=["ppm", "binary ppm", "pgm", "xpm", "xbm"])
+def test_a_damaged_picture_of_a_text_format_is_not_called_a_text_file(tmp_path, name, content):
+    """Netpbm, XPM and XBM pictures, which FFmpeg reads, begin as text: a damaged one keeps FFmpeg's reason
+    instead of being called a text file, not an image."""
+    import av
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=f"^{path}: cannot read the image \\(") as refused:
+        read_image(path)
+    assert "text file" not in str(refused.value)
+    with pytest.raises(InputError, match="^the image bytes .*: cannot read the image \\("):
+        decode_image(content)
+    # Each is a format FFmpeg decodes: whole, such a file is a picture.
+    assert {"ppm", "pgm", "xpm", "xbm"} <= set(av.codecs_available)
+
+
 def test_the_smallest_image_is_documented():
     import dit8.conditioning
 
