@@ -209,11 +209,13 @@ def _first_webp_frame(f: BinaryIO, name: str) -> np.ndarray | None:
     vp8x = f.read(18)  # an animation's first chunk: VP8X, 10 bytes, with the animation flag
     if len(vp8x) < 18 or vp8x[:4] != b"VP8X" or not vp8x[8] & 0x02:
         return None
+    damaged = InputError(f"{name}: cannot read the image (a damaged animated WebP); give a PNG, JPEG or WebP file")
+    if int.from_bytes(vp8x[4:8], "little") != 10:  # else the canvas size below is read from other bytes
+        raise damaged
     canvas_w, canvas_h = 1 + int.from_bytes(vp8x[12:15], "little"), 1 + int.from_bytes(vp8x[15:18], "little")
     if canvas_w * canvas_h > MAX_IMAGE_PIXELS:
         raise InputError(f"{name}: an animated WebP of {canvas_w}x{canvas_h} pixels, more than the "
                          f"{MAX_IMAGE_PIXELS:,} read; scale it down first")
-    damaged = InputError(f"{name}: cannot read the image (a damaged animated WebP); give a PNG, JPEG or WebP file")
     end = f.seek(0, io.SEEK_END)
     f.seek(12 + 18)
     while True:  # to the first frame (ANIM, ICCP, EXIF chunks before it)

@@ -493,6 +493,18 @@ def test_an_animated_webp_frame_whose_size_passes_the_end_is_refused_without_rea
         assert peak < 2**26, f"{decode.__name__} took {peak:,} bytes"
 
 
+def test_an_animated_webp_whose_canvas_chunk_has_another_size_is_damaged(tmp_path):
+    """The canvas size is read at VP8X's fixed offsets: a chunk of another size holds other bytes there
+    (it was reported as a canvas of millions of pixels)."""
+    path = tmp_path / "a.webp"
+    _animation(path, "webp", "libwebp_anim", "bgra", {"lossless": "1"})
+    data = path.read_bytes()
+    assert data[12:20] == b"VP8X" + (10).to_bytes(4, "little")
+    path.write_bytes(data[:16] + (6).to_bytes(4, "little") + data[20:])
+    with pytest.raises(InputError, match="a.webp: cannot read the image \\(a damaged animated WebP\\)"):
+        read_image(path)
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("drawing.svg", b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="32" height="32">'
      b'<rect width="32" height="32" fill="red"/></svg>', "is an SVG drawing \\(vector graphics\\), which is not read"),
