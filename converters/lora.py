@@ -73,6 +73,8 @@ def parse_lora(arg: LoraArg) -> LoraSpec:
             path, strength = arg
             if isinstance(strength, bool):  # float(True) is 1.0: a switch, not a strength
                 raise TypeError(f"strength {strength!r} is a bool, not a number")
+            if not isinstance(strength, numbers.Real):  # as a LoraSpec's: "0.5" is text, not a number
+                raise TypeError(f"strength {strength!r} is not a number")
             if isinstance(path, str) and not path:  # Path("") is the current folder
                 raise ValueError("the file name is empty")
             spec = LoraSpec(Path(path), float(strength))

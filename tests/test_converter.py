@@ -20,6 +20,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -824,6 +825,10 @@ def test_parse_lora_arguments(tmp_path):
     for bad in [("x.safetensors", True), ("x.safetensors", False)]:
         with pytest.raises(CheckpointError, match=f"must be \\(path, strength\\).*strength {bad[1]} is a bool"):
             parse_lora(bad)
+    for bad in [("x.safetensors", np.True_), ("x.safetensors", "0.5")]:  # refused as in a LoraSpec
+        with pytest.raises(CheckpointError, match="must be \\(path, strength\\).*is not a number"):
+            parse_lora(bad)
+    assert parse_lora(("x.safetensors", np.float32(0.5))) == LoraSpec(Path("x.safetensors"), 0.5)
     for bad in (True, "0.5", None, math.nan):
         with pytest.raises(CheckpointError, match="x.safetensors: LoRA strength .* not a "):
             parse_lora(LoraSpec(Path("x.safetensors"), bad))
