@@ -880,10 +880,11 @@ def test_torch_library_ops_pass_opcheck():
 
 
 def _compile_check_inputs(backend: str, device: str):
-    """A step of two fused ops, and its inputs, for tracing under torch.compile."""
-    B, grid, H, D = 1, (2, 4, 6), 4, 64
+    """A step of two fused ops, and its inputs, for tracing under torch.compile. Few tokens: the trace does not
+    depend on them, and in the Triton interpreter every token is a program (48 tokens took 7 s a step)."""
+    B, grid, H, D = 1, (1, 2, 3), 4, 64
     q, k, wq, wk, cos, sin = _qk_inputs(B, grid, H, D, 5, device, torch.bfloat16)
-    x, shift, scale = _ln_inputs(1, 48, 256, 6, device, torch.float32)
+    x, shift, scale = _ln_inputs(1, 6, 256, 6, device, torch.float32)
 
     def step(x, q, k):
         xq, xs = layer_norm_modulate_quant(x, shift, scale, eps=1e-6, dtype=FP8, backend=backend)
