@@ -774,7 +774,8 @@ def test_8bit_tma_loads_give_the_pointer_loads_result(lq, lk, pv, operand_order)
     padding, poisoned by DIT8_POISON_OUTPUTS) are zeroed. Same quantized operands, same arithmetic: the
     same output, where a key lost or read from another head moves it by that key's weight, ~1-5%. Lk = 97:
     a tail of one key past a full group of 32 (operand order: 31 padding positions in the last block)."""
-    q, k, v = make_qkv(lq, lk, 32, seed=17, dtype=torch.bfloat16, offsets=True)
+    # Two heads of two batch rows: every head's rows have another (b, h)'s rows after or before them.
+    q, k, v = make_qkv(lq, lk, 32, seed=17, dtype=torch.bfloat16, offsets=True, heads=2)
     cfg = impl.pick_config("8bit", 32)
     x = impl8.quantize_for_attention(q, k, v, qk="int8", pv=pv, block_m=cfg.block_m, block_n=cfg.block_n,
                                      operand_order=operand_order)
