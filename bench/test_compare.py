@@ -97,7 +97,7 @@ def test_without_a_gpu_the_refusal_comes_first(tmp_path):
         "version": "5.1.0", "benchmarks": [{"name": "test_gemm", "fullname": ROW, "group": None, "params": None,
                                             "param": None, "options": {}, "extra_info": {"device": GPU},
                                             "stats": STATS}]}))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    env = subprocess_env(tmp_path)
     run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no_gpu", "-p", "no:cacheprovider", "-q",
                           f"--rootdir={ROOT}", "-c", str(ROOT / "pyproject.toml"), "--collect-only",
                           f"{__file__}::test_runs_of_the_same_gpu_compare", f"--benchmark-storage=file://{tmp_path}",
@@ -106,6 +106,15 @@ def test_without_a_gpu_the_refusal_comes_first(tmp_path):
     assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
     assert "--benchmark-compare needs a GPU" in run.stderr, run.stderr
     assert "machine_info is different" not in run.stdout + run.stderr, run.stderr
+
+
+def subprocess_env(tmp_path: Path) -> dict[str, str]:
+    """This process's environment with tmp_path's plugins importable, less pytest-xdist's worker
+    variables: pytest-benchmark takes PYTEST_XDIST_WORKER for a worker of its own and disables itself
+    (the subprocess is no worker, whether or not this suite runs under -n)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    return env
 
 
 @pytest.mark.parametrize("compare, message", [
@@ -122,7 +131,7 @@ def test_the_suites_refuse_them(tmp_path, compare, message):
         "benchmarks": [{"name": "test_x", "fullname": "bench/test_bench_attention.py::test_x", "group": None,
                         "params": None, "param": None, "options": {}, "extra_info": {"device": GPU},
                         "stats": STATS}]}))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    env = subprocess_env(tmp_path)
     # From tmp_path: pytest-benchmark names its storage relative to the working folder.
     run = subprocess.run([sys.executable, "-m", "pytest", "-p", "fake_gpu", "-p", "no:cacheprovider", "-q",
                           f"--rootdir={ROOT}", "-c", str(ROOT / "pyproject.toml"), "--collect-only",
@@ -144,7 +153,7 @@ def pytest_on_a_gpu(tmp_path: Path, options: list[str]) -> subprocess.CompletedP
         "machine_info": {}, "commit_info": {}, "datetime": "2026-11-26T00:00:00", "version": "5.1.0",
         "benchmarks": [{"name": test_id.split("::")[1], "fullname": test_id, "group": None, "params": None,
                         "param": None, "options": {}, "extra_info": {"device": GPU}, "stats": STATS}]}))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    env = subprocess_env(tmp_path)
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "fake_gpu", "-p", "no:cacheprovider", "-q",
                            f"--rootdir={ROOT}", "-c", str(ROOT / "pyproject.toml"), "--collect-only",
                            f"{__file__}::test_runs_of_the_same_gpu_compare", f"--benchmark-storage=file://{tmp_path}",
