@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .devices import check_not_meta
 from .errors import InputError
 from .rope import MAX_POSITIONS
 from .tokenizer import Tokenizer, clean_prompt
@@ -320,9 +321,7 @@ def image_tensor(image: Any) -> torch.Tensor:
     if not isinstance(image, torch.Tensor):
         raise InputError(f"image must be a file path, an image file's bytes, a PIL image, numpy array or torch "
                          f"tensor, got {type(image).__name__}")
-    if image.is_meta:  # (its copy to the CPU failed inside torch, naming no input)
-        raise InputError("the image tensor is a meta tensor, which holds no values; give it on the cpu or a cuda "
-                         "device")
+    check_not_meta(image, "the image tensor")
     if image.dtype == torch.uint8:
         if image.ndim != 3 or image.shape[2] != 3:
             raise InputError(f"a uint8 image tensor must be [height, width, 3] RGB, got {tuple(image.shape)}")

@@ -28,6 +28,13 @@ def resolve_device(device: torch.device | str) -> torch.device:
     return resolved
 
 
+def check_not_meta(tensor: torch.Tensor, what: str) -> None:
+    """InputError naming `what` for a meta tensor: it has a shape but no values, and reading them (a copy
+    to another device, .item()) failed inside torch with an error that named no input."""
+    if tensor.is_meta:
+        raise InputError(f"{what} is a meta tensor, which holds no values; give it on the cpu or a cuda device")
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for `device`'s queued work (CUDA); nothing to wait for on a CPU."""
     if device.type == "cuda":

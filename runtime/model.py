@@ -28,6 +28,7 @@ from dit8.kernels.registry import (BackendError, backend_runs_on, check_preferre
                                    unavailable_reason)
 
 from .config import WanConfig
+from .devices import check_not_meta
 from .errors import InputError, releases_frames
 from .layers import Activation, LayerNorm, Linear, ModulatedLayerNorm, QuantizedRows, RMSNorm, Setup, empty_buffer
 from .parallel import SequenceParallel, bits_fingerprint, checksums, fingerprint
@@ -310,7 +311,7 @@ class WanDiT(nn.Module):
         if L > cfg.text_len:
             raise InputError(f"context has {L} rows; the model takes at most text_len = {cfg.text_len}")
         _check_finite(context, "context", self.setup.dtype)  # (padded in the compute dtype)
-        _check_not_meta(context, "context")
+        check_not_meta(context, "context")
         # Zero rows pad the text to text_len; they become a constant vector and are attended to.
         padded = torch.zeros(B, cfg.text_len, cfg.text_dim, dtype=self.setup.dtype, device=self.setup.device)
         padded[:, :L] = context
@@ -323,7 +324,7 @@ class WanDiT(nn.Module):
             if clip_fea.shape[1] == 0:
                 raise InputError("clip_fea has no tokens; expected the CLIP features of the image [B, N, clip_dim]")
             _check_finite(clip_fea, "clip_fea", torch.float32)
-            _check_not_meta(clip_fea, "clip_fea")
+            check_not_meta(clip_fea, "clip_fea")
             # The image embedding's first norm takes the float dtypes of the kernels, not float64.
             image = self.img_emb(clip_fea.to(self.setup.device, torch.float32 if clip_fea.dtype == torch.float64
                                              else clip_fea.dtype))
@@ -421,7 +422,7 @@ class WanDiT(nn.Module):
             _expect(context, "context", (None, None, self.config.text_dim))
             if context.shape[0] != x.shape[0]:  # (before clip_fea's batch is held to the context's)
                 raise InputError(f"context has batch {context.shape[0]} but x has batch {x.shape[0]}")
-            _check_not_meta(context, "context")
+            check_not_meta(context, "context")
             context = self.encode_context(context.to(self.setup.device), clip_fea)
         elif clip_fea is not None:
             raise InputError("clip_fea goes to encode_context; an EncodedContext already holds the image keys")
@@ -514,12 +515,14 @@ class WanDiT(nn.Module):
                 raise InputError("y (mask + image latent) is required by an I2V model")
             _expect(y, "y", (B, cfg.in_dim - x_channels, T, H, W))
             _check_finite(y, "y", torch.float32)
-            _check_not_meta(y, "y")
+            check_not_meta(y, "y")
             y = y.to(dev, torch.float32)
         elif y is not None:
             raise InputError("y was given but this is a T2V model")
-        _check_not_meta(x, "x")
-        _check_not_meta(t, "t")
+        # (Meta tensors are refused after the shapes, which they have: a test of the size limits may pass
+        # one without allocating it.)
+        check_not_meta(x, "x")
+        check_not_meta(t, "t")
         return x.to(dev, torch.float32), y, t.to(dev)
 
     def _patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -608,14 +611,6 @@ def _expect(t: object, name: str, shape: tuple) -> None:
     if t.dim() != len(shape) or any(e is not None and s != e for s, e in zip(t.shape, shape)):
         want = tuple("*" if e is None else e for e in shape)
         raise InputError(f"{name} has shape {tuple(t.shape)}; expected {want}")
-
-
-def _check_not_meta(t: torch.Tensor, name: str) -> None:
-    """A meta tensor holds no values: moved to the model's device it failed inside torch with a
-    NotImplementedError that named no input. (Checked after the shapes, which a meta tensor has: a test
-    of the size limits may pass one without allocating it.)"""
-    if t.is_meta:
-        raise InputError(f"{name} is a meta tensor, which holds no values; give it on the cpu or a cuda device")
 
 
 def _check_finite(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from .choices import DETERMINISTIC, RENOISE, UPDATE_RULES  # noqa: F401 (RENOISE: its import path before choices.py)
-from .devices import resolve_device
+from .devices import check_not_meta, resolve_device
 from .errors import InputError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -53,8 +53,7 @@ def check_noise(noise: object) -> None:
     # values below (a meta tensor has none: a RuntimeError from torch).
     if noise.dim() == 0:
         raise InputError("noise must have a batch dimension first, got a 0-d tensor")
-    if noise.is_meta:
-        raise InputError("noise is a meta tensor, which holds no values; give noise on the cpu or a cuda device")
+    check_not_meta(noise, "noise")
     if not torch.isfinite(noise).all():
         raise InputError(f"noise contains {'NaN' if torch.isnan(noise).any() else 'Inf'} values")
 

@@ -26,6 +26,7 @@ import av
 import numpy as np
 import torch
 
+from .devices import check_not_meta
 from .errors import InputError
 
 __all__ = ["FPS", "VideoFile", "check_output_paths", "read_png", "read_video", "to_uint8_frames",
@@ -45,8 +46,7 @@ def ffmpeg_path(path: str | Path) -> str:
 def to_uint8_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
     """[F, H, W, 3] uint8, or float in [-1, 1] (clamped), as a numpy uint8 array of the same shape."""
     if isinstance(frames, torch.Tensor):
-        if frames.is_meta:  # (torch's .item() or copy to the CPU failed on it, naming no input)
-            raise InputError("frames is a meta tensor, which holds no values; give it on the cpu or a cuda device")
+        check_not_meta(frames, "frames")
         t = frames.detach()
         if t.is_floating_point():
             _check_finite(bool(torch.isfinite(t).all()))
