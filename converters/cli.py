@@ -38,6 +38,6 @@ def run_convert(args: argparse.Namespace, stream: TextIO | None = None) -> int:
     # seconds, so that a conversion of many minutes shows that it moves; none with --quiet.
     result = convert(args.src, args.dst, scheme=args.scheme, lora=args.lora, keep=args.keep,
                      per_block=args.per_block, force=args.force, report=args.report,
-                     progress=not getattr(args, "quiet", False))
+                     progress=not args.quiet)
     print_summary(result, stream or sys.stdout)
     return 0

@@ -318,7 +318,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser("convert", help="convert a float checkpoint to packed fp8/int8 (or bf16)")
     add_convert_arguments(convert)
-    add_quiet_argument(convert)
     convert.set_defaults(run=_run_convert)
 
     compare = commands.add_parser(
@@ -396,6 +395,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--no-report", dest="report", action="store_false",
                         help="do not write the per-layer quantization error report")
+    add_quiet_argument(parser)
 
 
 def _add_generate(generate: argparse.ArgumentParser) -> None:
