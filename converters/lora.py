@@ -63,21 +63,18 @@ def parse_lora(arg: LoraArg) -> LoraSpec:
             raise CheckpointError(f"a LoraSpec's path must be a str or os.PathLike, got {type(arg.path).__name__}")
         if arg.path == "":  # Path("") is the current folder
             raise CheckpointError("a LoRA file name is empty")
-        if isinstance(arg.strength, bool) or not isinstance(arg.strength, numbers.Real):
-            raise CheckpointError(f"{arg.path}: LoRA strength {arg.strength!r} is not a number")
-        spec = LoraSpec(Path(arg.path), float(arg.strength))
+        try:
+            spec = LoraSpec(Path(arg.path), _strength(arg.strength))
+        except TypeError as err:
+            raise CheckpointError(f"{arg.path}: LoRA {err}") from None
     elif isinstance(arg, os.PathLike):
         spec = LoraSpec(Path(arg))
     elif isinstance(arg, tuple):
         try:
             path, strength = arg
-            if isinstance(strength, bool):  # float(True) is 1.0: a switch, not a strength
-                raise TypeError(f"strength {strength!r} is a bool, not a number")
-            if not isinstance(strength, numbers.Real):  # as a LoraSpec's: "0.5" is text, not a number
-                raise TypeError(f"strength {strength!r} is not a number")
             if isinstance(path, str) and not path:  # Path("") is the current folder
                 raise ValueError("the file name is empty")
-            spec = LoraSpec(Path(path), float(strength))
+            spec = LoraSpec(Path(path), _strength(strength))
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"a LoRA given as a tuple must be (path, strength), got {arg!r}: {err}") from None
     elif not isinstance(arg, str):
@@ -99,6 +96,16 @@ def parse_lora(arg: LoraArg) -> LoraSpec:
     if not math.isfinite(spec.strength):
         raise CheckpointError(f"{spec.path}: LoRA strength {spec.strength} is not a finite number")
     return spec
+
+
+def _strength(value: object) -> float:
+    """A strength given as a number (TypeError else): float(True) is 1.0, a switch and not a strength, and
+    "0.5" is text."""
+    if isinstance(value, bool):
+        raise TypeError(f"strength {value!r} is a bool, not a number")
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"strength {value!r} is not a number")
+    return float(value)
 
 
 class _LoraFile:
